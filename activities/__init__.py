@@ -1,0 +1,1 @@
+"""Activities: thin adapters from a contract to an `app/` service."""

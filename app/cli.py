@@ -1,0 +1,193 @@
+"""The `nexus` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from app.logs import configure_logging
+from app.settings import Settings, get_settings
+
+cli = typer.Typer(
+    name="nexus",
+    help="flow-nexus: swarms, sandboxes, neural clusters and workflows on Temporal.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+
+def load_settings() -> Settings:
+    """Read the settings, or exit with the validation message and code 2."""
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        for item in error.errors(include_url=False):
+            field = ".".join(str(part) for part in item["loc"])
+            typer.echo(f"invalid setting {field}: {item['msg']}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level)
+    return settings
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Run a registered tool as the local user and return its result, or exit 1
+    with the tool's error message."""
+    from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+
+    settings = load_settings()
+    load_tools()
+
+    async def run() -> dict[str, Any]:
+        ctx = ToolContext(settings, user_id=f"cli:{getpass.getuser()}")
+        return await invoke_tool(ctx, name, arguments)
+
+    try:
+        return asyncio.run(run())
+    except ToolError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+@cli.command("config")
+def config_command() -> None:
+    """Print the effective settings, with secrets masked."""
+    print_json(load_settings().masked())
+
+
+@db_cli.command("upgrade")
+def db_upgrade_command() -> None:
+    """Apply every database migration."""
+    from app.db.migrate import upgrade
+
+    settings = load_settings()
+    heads = upgrade(settings.effective_database_url)
+    print_json({"database": settings.masked()["database_url"], "heads": heads})
+
+
+@cli.command("up")
+def up_command() -> None:
+    """Run the embedded Temporal server (unless NEXUS_TEMPORAL_ADDRESS is set),
+    every typed worker and the HTTP server until Ctrl-C or SIGTERM."""
+    from app.supervisor import run_up
+    from app.temporal.devserver import EmbeddedServerError
+
+    settings = load_settings()
+    try:
+        raise typer.Exit(run_up(settings))
+    except EmbeddedServerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@cli.command("server")
+def server_command() -> None:
+    """Run only the embedded Temporal dev server until Ctrl-C."""
+    import signal
+    import threading
+
+    from app.temporal.devserver import EmbeddedServerError, EmbeddedTemporal
+
+    settings = load_settings()
+    server = EmbeddedTemporal(settings)
+    try:
+        address = asyncio.run(server.start())
+    except EmbeddedServerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"Temporal at {address}, web UI {server.ui_url}", err=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            if server.process is not None and server.process.poll() is not None:
+                typer.echo("error: the Temporal server exited", err=True)
+                raise typer.Exit(1)
+    finally:
+        server.stop()
+
+
+@cli.command("worker")
+def worker_command(
+    queue: Annotated[
+        list[str], typer.Option("--queue", help="Task queue to poll; repeatable.")
+    ],
+) -> None:
+    """Run the typed worker of one or more task queues in this process."""
+    argv = [sys.executable, "-m", "workers"]
+    for name in queue:
+        argv += ["--queue", name]
+    # The worker package is imported only by its own process (the layering
+    # keeps app/ free of workers/), so this command becomes that process.
+    os.execv(sys.executable, argv)
+
+
+@cli.command("health")
+def health_command() -> None:
+    """Print system health as JSON; exit 1 when the platform is unhealthy."""
+    result = call_tool("system_health", {})
+    print_json(result)
+    if result["status"] == "unhealthy":
+        raise typer.Exit(1)
+
+
+@cli.command("audit")
+def audit_command(
+    limit: Annotated[int, typer.Option(help="Events to show, newest first.")] = 100,
+    user_id: Annotated[str | None, typer.Option(help="Only this caller.")] = None,
+    tool: Annotated[str | None, typer.Option(help="Only this tool.")] = None,
+) -> None:
+    """Print recent tool calls from the audit log."""
+    arguments: dict[str, Any] = {"limit": limit}
+    if user_id:
+        arguments["user_id"] = user_id
+    if tool:
+        arguments["tool"] = tool
+    print_json(call_tool("audit_log", arguments))
+
+
+@cli.command("tools")
+def tools_command() -> None:
+    """List every tool with its group and description."""
+    from app.tools import all_tools, load_tools
+
+    load_tools()
+    for spec in all_tools():
+        summary = spec.description.splitlines()[0]
+        typer.echo(f"{spec.group:10} {spec.name:28} {summary}")
+
+
+@cli.command("call")
+def call_command(
+    name: Annotated[str, typer.Argument(help="Tool name, as `nexus tools` lists it.")],
+    arguments: Annotated[
+        str, typer.Argument(help="The tool's arguments as a JSON object.")
+    ] = "{}",
+) -> None:
+    """Call any tool with JSON arguments and print its JSON result."""
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError as error:
+        typer.echo(f"error: the arguments are not valid JSON: {error}", err=True)
+        raise typer.Exit(2) from None
+    if not isinstance(parsed, dict):
+        typer.echo("error: the arguments must be a JSON object", err=True)
+        raise typer.Exit(2)
+    print_json(call_tool(name, parsed))
+
+
+def main() -> None:
+    cli()

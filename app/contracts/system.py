@@ -1,0 +1,114 @@
+"""Health, worker probe and audit models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["healthy", "degraded", "unhealthy"]
+
+
+class DatabaseHealth(BaseModel):
+    status: Status
+    backend: str
+    url: str = Field(description="Database URL with the password masked.")
+    latency_ms: float | None = None
+    revision: list[str] = Field(
+        default_factory=list, description="Applied migration heads."
+    )
+    error: str | None = None
+
+
+class TemporalHealth(BaseModel):
+    status: Status
+    address: str
+    namespace: str
+    namespace_state: str | None = None
+    server_version: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+class Poller(BaseModel):
+    identity: str
+    last_access_time: datetime | None = None
+
+
+class QueueHealth(BaseModel):
+    status: Status
+    workflow_pollers: list[Poller] = Field(default_factory=list)
+    activity_pollers: list[Poller] = Field(default_factory=list)
+    error: str | None = None
+
+
+class MemoryStats(BaseModel):
+    """Memory of the process that answered, in bytes.
+
+    `heapTotal` and `heapUsed` keep the Flow Nexus field names; here they are
+    the C heap of this process as glibc's `mallinfo2` reports it, which holds
+    Python's objects. They are None where mallinfo2 is not available.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    rss: int
+    vms: int
+    heap_total: int | None = Field(None, alias="heapTotal")
+    heap_used: int | None = Field(None, alias="heapUsed")
+    python_allocated_blocks: int
+
+
+class HealthReport(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    status: Status
+    database: DatabaseHealth
+    temporal: TemporalHealth
+    workers: dict[str, QueueHealth]
+    components: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Checks that capabilities add, such as sandbox isolation.",
+    )
+    timestamp: datetime
+    uptime: float = Field(description="Seconds since this process started.")
+    memory: MemoryStats
+    version: str
+
+
+class WorkerProbe(BaseModel):
+    """What one worker process reports about itself when asked on its queue."""
+
+    task_queue: str
+    identity: str
+    pid: int
+    hostname: str
+    rss: int
+    heap_used: int | None = None
+    uptime: float
+
+
+class ProbeRequest(BaseModel):
+    queues: list[str]
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class ProbeReport(BaseModel):
+    probes: list[WorkerProbe]
+    missing: dict[str, str] = Field(
+        default_factory=dict, description="Queue name to the error of its probe."
+    )
+
+
+class AuditRecord(BaseModel):
+    id: int
+    created_at: datetime
+    user_id: str
+    key_id: str | None = None
+    tool: str
+    arguments: dict[str, Any]
+    outcome: Literal["success", "error"]
+    error: str | None = None
+    duration_ms: float
+    ids: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,46 @@
+"""Alembic migrations, run from code so no alembic.ini has to be found."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from app.db.engine import get_engine
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+logger = logging.getLogger(__name__)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would read a % in a password as a reference.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str) -> list[str]:
+    """Apply every migration branch up to its head and return the heads."""
+    config = alembic_config(url)
+    with get_engine(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "heads")
+    heads = current_heads(url)
+    logger.info("database at migration heads %s", ",".join(heads))
+    return heads
+
+
+def current_heads(url: str) -> list[str]:
+    with get_engine(url).connect() as connection:
+        return sorted(MigrationContext.configure(connection).get_current_heads())
+
+
+def expected_heads() -> list[str]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return sorted(script.get_heads())

@@ -1,0 +1,1 @@
+"""Domain services behind the tools: health, audit and the capabilities."""

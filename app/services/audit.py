@@ -1,0 +1,95 @@
+"""The audit log: every tool call with its caller, masked arguments and outcome."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.contracts.system import AuditRecord
+from app.db import session_scope
+from app.db.models import AuditEvent
+
+logger = logging.getLogger(__name__)
+
+MASK = "********"
+# Argument names whose values are secrets wherever they appear.
+_SECRET_NAME = re.compile(
+    r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
+)
+# Mappings whose every value is treated as a secret, because users put API
+# keys in them (sandbox env vars).
+_SECRET_MAPPINGS = {"env_vars", "envs", "env"}
+
+
+def mask_secrets(value: Any, *, name: str = "") -> Any:
+    """Return a copy of `value` with secret values replaced by a mask."""
+    if isinstance(value, Mapping):
+        if name in _SECRET_MAPPINGS:
+            return {str(key): MASK for key in value}
+        return {
+            str(key): (
+                MASK
+                if _SECRET_NAME.search(str(key)) and _is_scalar(item)
+                else mask_secrets(item, name=str(key))
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [mask_secrets(item, name=name) for item in value]
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is not None and not isinstance(value, Mapping | list | tuple)
+
+
+def record_call(
+    database_url: str,
+    *,
+    user_id: str,
+    tool: str,
+    arguments: Mapping[str, Any],
+    outcome: str,
+    duration_ms: float,
+    error: str | None = None,
+    key_id: str | None = None,
+    ids: Mapping[str, str] | None = None,
+) -> int:
+    """Write one audit event and return its id."""
+    event = AuditEvent(
+        user_id=user_id,
+        key_id=key_id,
+        tool=tool,
+        arguments=mask_secrets(dict(arguments)),
+        outcome=outcome,
+        error=error,
+        duration_ms=round(duration_ms, 3),
+        ids=dict(ids or {}),
+    )
+    with session_scope(database_url) as session:
+        session.add(event)
+        session.flush()
+        assert event.id is not None
+        return event.id
+
+
+def list_calls(
+    database_url: str,
+    *,
+    limit: int = 100,
+    user_id: str | None = None,
+    tool: str | None = None,
+) -> list[AuditRecord]:
+    """Return the newest audit events first."""
+    query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
+    if user_id is not None:
+        query = query.where(AuditEvent.user_id == user_id)
+    if tool is not None:
+        query = query.where(AuditEvent.tool == tool)
+    with session_scope(database_url) as session:
+        rows = session.exec(query).all()
+        return [AuditRecord.model_validate(row, from_attributes=True) for row in rows]

@@ -1,0 +1,215 @@
+"""`system_health`: every figure read live when it is asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (
+    DescribeNamespaceRequest,
+    DescribeTaskQueueRequest,
+    GetSystemInfoRequest,
+)
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+import app
+from app.contracts.queues import ALL_QUEUES
+from app.contracts.system import (
+    DatabaseHealth,
+    HealthReport,
+    Poller,
+    QueueHealth,
+    Status,
+    TemporalHealth,
+)
+from app.db import get_engine
+from app.db.migrate import current_heads, expected_heads
+from app.services.memory import read_memory
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROCESS_STARTED = time.monotonic()
+_RPC_TIMEOUT = timedelta(seconds=5)
+
+ComponentCheck = Callable[[Settings], Awaitable[dict[str, Any]]]
+_component_checks: dict[str, ComponentCheck] = {}
+
+
+def register_component_check(name: str, check: ComponentCheck) -> None:
+    """Add a capability's check; its dict appears under `components[name]`.
+
+    A check returns at least {"status": "healthy"|"degraded"|"unhealthy"}.
+    """
+    _component_checks[name] = check
+
+
+def check_database(settings: Settings) -> DatabaseHealth:
+    url = settings.effective_database_url
+    parsed = make_url(url)
+    masked = parsed.render_as_string(hide_password=True)
+    started = time.perf_counter()
+    try:
+        with get_engine(url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+        latency = (time.perf_counter() - started) * 1000
+        heads = current_heads(url)
+    except Exception as error:  # any driver error means the database is down
+        logger.warning("database health check failed for %s: %s", masked, error)
+        return DatabaseHealth(
+            status="unhealthy",
+            backend=parsed.get_backend_name(),
+            url=masked,
+            error=str(error).splitlines()[0],
+        )
+    expected = expected_heads()
+    status: Status = "healthy" if heads == expected else "degraded"
+    return DatabaseHealth(
+        status=status,
+        backend=parsed.get_backend_name(),
+        url=masked,
+        latency_ms=round(latency, 3),
+        revision=heads,
+        error=None
+        if status == "healthy"
+        else f"migrations at {heads}, expected {expected}; run `nexus db upgrade`",
+    )
+
+
+async def check_temporal(
+    settings: Settings, client: Client | None, address: str
+) -> TemporalHealth:
+    if client is None:
+        return TemporalHealth(
+            status="unhealthy",
+            address=address,
+            namespace=settings.namespace,
+            error=f"not connected to Temporal at {address}; start it with `nexus up`",
+        )
+    started = time.perf_counter()
+    try:
+        namespace = await client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=settings.namespace), timeout=_RPC_TIMEOUT
+        )
+        latency = (time.perf_counter() - started) * 1000
+        info = await client.workflow_service.get_system_info(
+            GetSystemInfoRequest(), timeout=_RPC_TIMEOUT
+        )
+    except (RPCError, RuntimeError) as error:
+        return TemporalHealth(
+            status="unhealthy",
+            address=address,
+            namespace=settings.namespace,
+            error=str(error),
+        )
+    state = namespace.namespace_info.state
+    return TemporalHealth(
+        status="healthy",
+        address=address,
+        namespace=settings.namespace,
+        namespace_state=_namespace_state_name(state),
+        server_version=info.server_version or None,
+        latency_ms=round(latency, 3),
+    )
+
+
+def _namespace_state_name(state: int) -> str:
+    names = {0: "UNSPECIFIED", 1: "REGISTERED", 2: "DEPRECATED", 3: "DELETED"}
+    return names.get(state, str(state))
+
+
+async def describe_queue(client: Client, namespace: str, queue: str) -> QueueHealth:
+    try:
+        workflow, activity = await asyncio.gather(
+            *(
+                client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=namespace,
+                        task_queue=TaskQueue(name=queue),
+                        task_queue_type=kind,
+                    ),
+                    timeout=_RPC_TIMEOUT,
+                )
+                for kind in (
+                    TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+                    TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                )
+            )
+        )
+    except RPCError as error:
+        return QueueHealth(status="unhealthy", error=str(error))
+    workflow_pollers = [_poller(p) for p in workflow.pollers]
+    activity_pollers = [_poller(p) for p in activity.pollers]
+    status: Status = "healthy" if workflow_pollers or activity_pollers else "unhealthy"
+    return QueueHealth(
+        status=status,
+        workflow_pollers=workflow_pollers,
+        activity_pollers=activity_pollers,
+        error=None if status == "healthy" else f"no worker polls {queue}",
+    )
+
+
+def _poller(info: Any) -> Poller:
+    last = (
+        info.last_access_time.ToDatetime(tzinfo=UTC) if info.last_access_time else None
+    )
+    return Poller(identity=info.identity, last_access_time=last)
+
+
+async def system_health(
+    settings: Settings,
+    client: Client | None,
+    *,
+    queues: tuple[str, ...] = ALL_QUEUES,
+) -> HealthReport:
+    """Read the health of the database, Temporal, every queue and this process."""
+    address = settings.effective_temporal_address
+    database_task = asyncio.to_thread(check_database, settings)
+    temporal_task = check_temporal(settings, client, address)
+    database, temporal = await asyncio.gather(database_task, temporal_task)
+    workers: dict[str, QueueHealth] = {}
+    if client is not None and temporal.status == "healthy":
+        described = await asyncio.gather(
+            *(describe_queue(client, settings.namespace, q) for q in queues)
+        )
+        workers = dict(zip(queues, described, strict=True))
+    else:
+        workers = {
+            q: QueueHealth(status="unhealthy", error="Temporal is unreachable")
+            for q in queues
+        }
+    components: dict[str, dict[str, Any]] = {}
+    for name, check in _component_checks.items():
+        try:
+            components[name] = await check(settings)
+        except Exception as error:  # a broken check must not hide the others
+            logger.exception("health check %s failed", name)
+            components[name] = {"status": "unhealthy", "error": str(error)}
+    statuses: list[str] = [database.status, temporal.status]
+    statuses += [q.status for q in workers.values()]
+    statuses += [str(c.get("status", "unhealthy")) for c in components.values()]
+    overall: Status = "healthy"
+    if database.status == "unhealthy" or temporal.status == "unhealthy":
+        overall = "unhealthy"
+    elif any(s != "healthy" for s in statuses):
+        overall = "degraded"
+    return HealthReport(
+        status=overall,
+        database=database,
+        temporal=temporal,
+        workers=workers,
+        components=components,
+        timestamp=datetime.now(UTC),
+        uptime=round(time.monotonic() - PROCESS_STARTED, 3),
+        memory=read_memory(),
+        version=app.__version__,
+    )

@@ -1,0 +1,161 @@
+"""Process settings, read from `NEXUS_*` environment variables."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_DATABASE_SCHEMES = {
+    "sqlite": "sqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+}
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one flow-nexus process.
+
+    Capabilities add their own fields here, so `nexus config` shows everything
+    that can be set in one place.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEXUS_", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(
+        Path(".nexus"), description="Folder for the databases, keys and storage."
+    )
+    temporal_address: str | None = Field(
+        None,
+        description="host:port of a Temporal frontend; unset runs the embedded server.",
+    )
+    temporal_port: int = Field(
+        7233, ge=1, le=65535, description="gRPC port of the embedded server."
+    )
+    temporal_ui_port: int = Field(
+        8233, ge=1, le=65535, description="Web UI port of the embedded server."
+    )
+    namespace: str = Field("default", min_length=1)
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; unset means a SQLite file in the data folder.",
+    )
+    log_level: LogLevel = "INFO"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(3000, ge=1, le=65535)
+    sandbox_backend: Literal["local", "e2b"] = "local"
+    encryption_key: SecretStr | None = Field(
+        None, description="Base64 AES key for secrets; unset generates one once."
+    )
+    e2b_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("E2B_API_KEY", "NEXUS_E2B_API_KEY")
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("ANTHROPIC_API_KEY", "NEXUS_ANTHROPIC_API_KEY"),
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _check_temporal_address(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(
+                f"NEXUS_TEMPORAL_ADDRESS={value!r} is not host:port with a port "
+                "between 1 and 65535; use for example 127.0.0.1:7233, or unset it "
+                "to run the embedded server"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                f"NEXUS_DATABASE_URL={_mask_url(value)!r} is not a database URL; "
+                "use sqlite:///path/to/file.db or "
+                "postgresql+psycopg://user:password@host:5432/name"
+            ) from None
+        driver = _DATABASE_SCHEMES.get(url.drivername)
+        if driver is None:
+            raise ValueError(
+                f"NEXUS_DATABASE_URL uses {url.drivername!r}, which flow-nexus does "
+                "not support; use sqlite:/// or postgresql+psycopg://"
+            )
+        if driver.startswith("postgresql") and not url.database:
+            raise ValueError(
+                f"NEXUS_DATABASE_URL={_mask_url(value)!r} names no database; "
+                "add /DATABASE_NAME after the host"
+            )
+        return url.set(drivername=driver).render_as_string(hide_password=False)
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'nexus.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when this process should run or reuse the embedded server."""
+        return self.temporal_address is None
+
+    @property
+    def effective_temporal_address(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    def masked(self) -> dict[str, Any]:
+        """Return the effective settings with every secret replaced by a mask."""
+        values: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                values[name] = "********" if value.get_secret_value() else None
+            elif isinstance(value, Path):
+                values[name] = str(value)
+            else:
+                values[name] = value
+        values["database_url"] = _mask_url(self.effective_database_url)
+        values["temporal_address"] = self.effective_temporal_address
+        values["data_dir"] = str(self.resolved_data_dir)
+        return values
+
+
+def _mask_url(value: str) -> str:
+    try:
+        return make_url(value).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Return the settings of this process, read once from the environment."""
+    return Settings()

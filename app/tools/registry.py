@@ -1,0 +1,227 @@
+"""Tool declarations, input validation, invocation and auditing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
+
+from app.services.audit import record_call
+from app.settings import Settings
+from app.temporal.client import connect
+
+logger = logging.getLogger(__name__)
+
+ErrorKind = Literal[
+    "invalid_argument", "not_found", "unavailable", "conflict", "failed"
+]
+
+
+class ToolError(Exception):
+    """A tool call that failed; the message says what, on which value, and the fix.
+
+    Attributes:
+        kind: a coarse class that the HTTP API maps to a status code.
+    """
+
+    def __init__(self, message: str, *, kind: ErrorKind = "failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
+class ToolInputError(ToolError):
+    """Arguments that do not match the tool's input model."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(message, kind="invalid_argument")
+        self.errors = errors
+
+
+@dataclass
+class ToolContext:
+    """Who is calling, and the connections a tool may need."""
+
+    settings: Settings
+    user_id: str = "local"
+    key_id: str | None = None
+    temporal_client: Client | None = None
+    _connect_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.effective_database_url
+
+    async def client(self) -> Client:
+        """Return the Temporal client, connecting on first use.
+
+        Raises:
+            ToolError: Temporal is unreachable (kind "unavailable").
+        """
+        async with self._connect_lock:
+            if self.temporal_client is None:
+                try:
+                    self.temporal_client = await connect(self.settings)
+                except RuntimeError as error:
+                    raise ToolError(str(error), kind="unavailable") from error
+            return self.temporal_client
+
+    async def optional_client(self) -> Client | None:
+        try:
+            return await self.client()
+        except ToolError:
+            return None
+
+
+Handler = Callable[[ToolContext, Any], Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    group: str
+    description: str
+    input_model: type[BaseModel]
+    result_model: type[BaseModel]
+    handler: Handler
+
+
+_registry: dict[str, ToolSpec] = {}
+
+
+def tool(name: str, *, group: str) -> Callable[[Handler], Handler]:
+    """Register an async handler `(ctx, args: InputModel) -> ResultModel` as a tool.
+
+    The input and result models come from the handler's annotations, and the
+    description from its docstring, which MCP clients show to an LLM.
+    """
+
+    def register(handler: Handler) -> Handler:
+        hints = typing.get_type_hints(handler)
+        input_model = hints.get("args")
+        result_model = hints.get("return")
+        if not (isinstance(input_model, type) and issubclass(input_model, BaseModel)):
+            raise TypeError(f"tool {name}: the `args` parameter needs a pydantic model")
+        if not (isinstance(result_model, type) and issubclass(result_model, BaseModel)):
+            raise TypeError(
+                f"tool {name}: the return annotation needs a pydantic model"
+            )
+        if name in _registry:
+            raise ValueError(f"tool {name} is registered twice")
+        _registry[name] = ToolSpec(
+            name=name,
+            group=group,
+            description=(handler.__doc__ or name).strip(),
+            input_model=input_model,
+            result_model=result_model,
+            handler=handler,
+        )
+        return handler
+
+    return register
+
+
+def get_tool(name: str) -> ToolSpec:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise ToolError(
+            f"unknown tool {name!r}; list the tools with `nexus tools`",
+            kind="not_found",
+        ) from None
+
+
+def all_tools() -> list[ToolSpec]:
+    return sorted(_registry.values(), key=lambda spec: (spec.group, spec.name))
+
+
+def describe_validation_error(tool_name: str, error: ValidationError) -> ToolInputError:
+    """Turn pydantic's errors into one message naming each field, value and rule."""
+    details: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        path = ".".join(str(part) for part in item["loc"]) or "(arguments)"
+        value = item.get("input")
+        shown = "missing" if item["type"] == "missing" else f"{value!r}"
+        lines.append(f"{path}: {shown} is invalid: {item['msg']}")
+        details.append(
+            {"field": path, "value": _jsonable(value), "message": item["msg"]}
+        )
+    message = f"invalid arguments for {tool_name}: " + "; ".join(lines)
+    return ToolInputError(message, details)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, Mapping | list):
+        return value
+    return repr(value)
+
+
+def _result_ids(result: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        key: str(value)
+        for key, value in result.items()
+        if key.endswith("_id") and isinstance(value, str | int)
+    }
+
+
+async def invoke_tool(
+    ctx: ToolContext, name: str, arguments: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Validate `arguments`, run the tool, audit the call and return its result.
+
+    Raises:
+        ToolInputError: the arguments do not match the tool's input model.
+        ToolError: the tool failed; nothing reports success for it.
+    """
+    spec = get_tool(name)
+    raw = dict(arguments or {})
+    started = time.perf_counter()
+    outcome = "error"
+    error_text: str | None = None
+    result: dict[str, Any] = {}
+    try:
+        try:
+            args = spec.input_model.model_validate(raw)
+        except ValidationError as error:
+            raise describe_validation_error(name, error) from None
+        model = await spec.handler(ctx, args)
+        result = model.model_dump(mode="json", by_alias=True)
+        outcome = "success"
+        return result
+    except ToolError as error:
+        error_text = error.message
+        raise
+    except Exception as error:
+        logger.exception("tool %s failed", name)
+        error_text = f"{type(error).__name__}: {error}"
+        raise ToolError(
+            f"{name} failed: {error_text}; see the server log for the traceback"
+        ) from error
+    finally:
+        duration = (time.perf_counter() - started) * 1000
+        try:
+            await asyncio.to_thread(
+                record_call,
+                ctx.database_url,
+                user_id=ctx.user_id,
+                key_id=ctx.key_id,
+                tool=name,
+                arguments=raw,
+                outcome=outcome,
+                duration_ms=duration,
+                error=error_text,
+                ids=_result_ids(result),
+            )
+        except Exception:
+            # The call itself already ran; losing its audit row must be loud.
+            logger.exception("could not write the audit event for tool %s", name)

@@ -1,0 +1,52 @@
+"""System tools: `system_health` and `audit_log`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.contracts.system import AuditRecord, HealthReport
+from app.services.audit import list_calls
+from app.services.health import system_health
+from app.tools.registry import ToolContext, tool
+
+
+class SystemHealthInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@tool("system_health", group="system")
+async def system_health_tool(ctx: ToolContext, args: SystemHealthInput) -> HealthReport:
+    """Read the platform's health live: database, Temporal, pollers on every
+    task queue, uptime, memory and version."""
+    return await system_health(ctx.settings, await ctx.optional_client())
+
+
+class AuditLogInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(
+        100, ge=1, le=1000, description="Events to return, newest first."
+    )
+    user_id: str | None = Field(None, description="Only calls by this caller.")
+    tool: str | None = Field(None, description="Only calls of this tool.")
+
+
+class AuditLogResult(BaseModel):
+    events: list[AuditRecord]
+    count: int
+
+
+@tool("audit_log", group="system")
+async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResult:
+    """List recent tool calls: who called what, when, with masked arguments,
+    the outcome and the duration."""
+    events = await asyncio.to_thread(
+        list_calls,
+        ctx.database_url,
+        limit=args.limit,
+        user_id=args.user_id,
+        tool=args.tool,
+    )
+    return AuditLogResult(events=events, count=len(events))

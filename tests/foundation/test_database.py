@@ -1,0 +1,62 @@
+from sqlalchemy import inspect
+
+from app.db import get_engine
+from app.db.migrate import current_heads, expected_heads, upgrade
+from app.services.audit import MASK, list_calls, mask_secrets, record_call
+
+
+def test_migrations_reach_every_head(database_url: str) -> None:
+    assert current_heads(database_url) == expected_heads()
+    tables = inspect(get_engine(database_url)).get_table_names()
+    assert "audit_log" in tables
+    assert "alembic_version" in tables
+
+
+def test_upgrade_twice_is_a_no_op(database_url: str) -> None:
+    assert upgrade(database_url) == expected_heads()
+
+
+def test_audit_round_trip_newest_first(database_url: str) -> None:
+    first = record_call(
+        database_url,
+        user_id="alice",
+        tool="sandbox_create",
+        arguments={"template": "python", "env_vars": {"API_KEY": "sk-1"}},
+        outcome="success",
+        duration_ms=12.5,
+        ids={"sandbox_id": "sbx_1"},
+    )
+    second = record_call(
+        database_url,
+        user_id="bob",
+        tool="audit_log",
+        arguments={"limit": 5},
+        outcome="error",
+        duration_ms=1.0,
+        error="boom",
+    )
+    events = list_calls(database_url, limit=10)
+    assert [e.id for e in events] == [second, first]
+    assert events[1].arguments["env_vars"] == {"API_KEY": MASK}
+    assert events[1].ids == {"sandbox_id": "sbx_1"}
+    assert events[0].error == "boom"
+    assert [e.id for e in list_calls(database_url, user_id="alice")] == [first]
+    assert [e.id for e in list_calls(database_url, tool="audit_log")] == [second]
+    assert len(list_calls(database_url, limit=1)) == 1
+
+
+def test_mask_secrets_by_name_and_nesting() -> None:
+    masked = mask_secrets(
+        {
+            "anthropic_key": "sk-ant",
+            "config": {"api_token": "t0k", "name": "plain"},
+            "steps": [{"params": {"password": "pw"}}],
+            "envs": {"A": "1"},
+            "max_key_count": None,
+        }
+    )
+    assert masked["anthropic_key"] == MASK
+    assert masked["config"] == {"api_token": MASK, "name": "plain"}
+    assert masked["steps"][0]["params"]["password"] == MASK
+    assert masked["envs"] == {"A": MASK}
+    assert masked["max_key_count"] is None

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+def test_defaults_use_embedded_server_and_sqlite(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.embedded
+    assert settings.effective_temporal_address == "127.0.0.1:7233"
+    assert settings.effective_database_url == f"sqlite:///{tmp_path / 'nexus.db'}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("database_url", "mysql://db/x", "'mysql'"),
+        ("database_url", "not a url", "not a database URL"),
+        ("database_url", "postgresql+psycopg://u@h:5432", "names no database"),
+        ("temporal_address", "localhost", "'localhost' is not host:port"),
+        ("temporal_address", "localhost:99999", "between 1 and 65535"),
+        ("http_port", 70000, "less than or equal to 65535"),
+        ("temporal_port", 0, "greater than or equal to 1"),
+    ],
+)
+def test_invalid_setting_names_field(field: str, value: object, expected: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{field: value})
+    error = caught.value.errors()[0]
+    assert error["loc"] == (field,)
+    assert expected in error["msg"]
+
+
+def test_postgres_scheme_is_normalized() -> None:
+    settings = Settings(database_url="postgres://u:p@127.0.0.1:5432/nexus")
+    assert settings.effective_database_url == (
+        "postgresql+psycopg://u:p@127.0.0.1:5432/nexus"
+    )
+
+
+def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NEXUS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NEXUS_LOG_LEVEL", "debug")
+    monkeypatch.setenv("E2B_API_KEY", "e2b-secret")
+    settings = Settings()
+    assert settings.resolved_data_dir == tmp_path
+    assert settings.log_level == "DEBUG"
+    assert settings.e2b_api_key is not None
+
+
+def test_masked_hides_secrets_and_password() -> None:
+    settings = Settings(
+        database_url="postgresql+psycopg://nexus:hunter2@127.0.0.1:5432/nexus",
+        encryption_key="top-secret-key",  # type: ignore[arg-type]
+        anthropic_api_key="sk-ant-secret",  # type: ignore[arg-type]
+    )
+    masked = settings.masked()
+    text = repr(masked)
+    assert "hunter2" not in text
+    assert "top-secret-key" not in text
+    assert "sk-ant-secret" not in text
+    assert masked["encryption_key"] == "********"
+    assert masked["e2b_api_key"] is None

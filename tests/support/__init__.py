@@ -1,0 +1,1 @@
+"""Shared test helpers: real servers started by the test setup."""

@@ -1,0 +1,1 @@
+"""Typed workers: one per task queue, and the process that runs them."""

@@ -1,0 +1,99 @@
+"""What each task queue's worker runs, and how many tasks it takes at once.
+
+Capabilities add their workflows and activities through `Capability`
+entries in `CAPABILITIES`; a queue's worker registers what every capability
+contributes to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from activities.system import ProbeActivities, SystemActivities
+from app.contracts import queues
+from app.settings import Settings
+from workflows.system import SystemCheckWorkflow
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Slots of one worker; sized for the kind of work its queue gets."""
+
+    max_concurrent_workflow_tasks: int
+    max_concurrent_activities: int
+    max_concurrent_local_activities: int = 50
+
+
+QUEUE_LIMITS: dict[str, QueueLimits] = {
+    # Workflow tasks are cheap and must never wait behind heavy work.
+    queues.ORCHESTRATION: QueueLimits(100, 50),
+    # JAX training is CPU-bound: one step at a time per process.
+    queues.NEURAL: QueueLimits(5, 2),
+    # Sandbox calls mostly wait on child processes or the E2B API.
+    queues.SANDBOX: QueueLimits(10, 40),
+    queues.STREAMING: QueueLimits(10, 100),
+}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """Workflows and activity factories that one capability adds to queues."""
+
+    name: str
+    workflows: dict[str, Sequence[type]] = field(default_factory=dict)
+    activities: dict[str, Callable[[Settings], Sequence[Callable[..., Any]]]] = field(
+        default_factory=dict
+    )
+
+
+def _system_activities(settings: Settings) -> list[Callable[..., Any]]:
+    return [SystemActivities(settings).check_health]
+
+
+FOUNDATION = Capability(
+    name="foundation",
+    workflows={queues.ORCHESTRATION: [SystemCheckWorkflow]},
+    activities={queues.ORCHESTRATION: _system_activities},
+)
+
+CAPABILITIES: list[Capability] = [FOUNDATION]
+
+
+def all_workflows() -> list[type]:
+    """Every workflow class, for replay tests and the orchestration worker."""
+    found: list[type] = []
+    for capability in CAPABILITIES:
+        for classes in capability.workflows.values():
+            found += [c for c in classes if c not in found]
+    return found
+
+
+@dataclass
+class QueueSpec:
+    task_queue: str
+    limits: QueueLimits
+    workflows: list[type]
+    activities: list[Callable[..., Any]]
+
+
+def queue_spec(task_queue: str, settings: Settings) -> QueueSpec:
+    """Collect what the worker of `task_queue` registers.
+
+    Raises:
+        ValueError: `task_queue` is not one of the project's queues.
+    """
+    if task_queue not in QUEUE_LIMITS:
+        raise ValueError(
+            f"unknown task queue {task_queue!r}; choose one of "
+            f"{', '.join(QUEUE_LIMITS)}"
+        )
+    workflows: list[type] = []
+    activities: list[Callable[..., Any]] = [ProbeActivities(task_queue).probe_worker]
+    for capability in CAPABILITIES:
+        workflows += list(capability.workflows.get(task_queue, ()))
+        factory = capability.activities.get(task_queue)
+        if factory is not None:
+            activities += list(factory(settings))
+    return QueueSpec(task_queue, QUEUE_LIMITS[task_queue], workflows, activities)

@@ -1,0 +1,63 @@
+"""Build and run the worker of one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from app.processes import worker_identity
+from app.settings import Settings
+from workers.registry import queue_spec
+
+logger = logging.getLogger(__name__)
+
+
+def build_worker(client: Client, settings: Settings, task_queue: str) -> Worker:
+    """Create the typed worker of `task_queue` with its registered work."""
+    spec = queue_spec(task_queue, settings)
+    limits = spec.limits
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=spec.workflows,
+        activities=spec.activities,
+        identity=worker_identity(task_queue),
+        max_concurrent_workflow_tasks=limits.max_concurrent_workflow_tasks,
+        max_concurrent_activities=limits.max_concurrent_activities,
+        max_concurrent_local_activities=limits.max_concurrent_local_activities,
+        # Synchronous activities (JAX, blocking database calls) run here.
+        activity_executor=ThreadPoolExecutor(max(4, limits.max_concurrent_activities)),
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+
+
+async def run_workers(
+    client: Client, settings: Settings, task_queues: Sequence[str]
+) -> None:
+    """Run workers for `task_queues` until SIGINT or SIGTERM, then drain them."""
+    workers = [build_worker(client, settings, queue) for queue in task_queues]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    logger.info("workers polling %s (pid %d)", ", ".join(task_queues), os.getpid())
+    runs = [asyncio.create_task(worker.run()) for worker in workers]
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopped and task.exception() is not None:
+            logger.error("worker stopped with an error: %s", task.exception())
+    logger.info("shutting down workers for %s", ", ".join(task_queues))
+    await asyncio.gather(*(worker.shutdown() for worker in workers))
+    for task in runs:
+        if not task.done():
+            task.cancel()
+    logger.info("workers for %s stopped", ", ".join(task_queues))

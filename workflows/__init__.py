@@ -1,0 +1,2 @@
+"""Deterministic workflow definitions: no I/O, clock or randomness outside
+`workflow.*`."""
