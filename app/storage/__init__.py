@@ -1,0 +1,10 @@
+"""Object storage: buckets of byte-exact objects on the local filesystem."""
+
+from app.storage.local import (
+    LocalStorage,
+    ObjectInfo,
+    StorageError,
+    storage_for,
+)
+
+__all__ = ["LocalStorage", "ObjectInfo", "StorageError", "storage_for"]
