@@ -1,0 +1,172 @@
+"""`nexus up` as a user runs it: a subprocess, its own ports and data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from app.contracts.queues import ALL_QUEUES
+from app.temporal.devserver import temporal_binary
+from tests.support.postgres import free_port
+
+
+class NexusUp:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.ui_port = free_port()
+        self.env = {
+            **os.environ,
+            "NEXUS_DATA_DIR": str(data_dir),
+            "NEXUS_TEMPORAL_PORT": str(self.port),
+            "NEXUS_TEMPORAL_UI_PORT": str(self.ui_port),
+            "NEXUS_HTTP_PORT": str(free_port()),
+        }
+        self.env.pop("NEXUS_TEMPORAL_ADDRESS", None)
+        self.env.pop("NEXUS_DATABASE_URL", None)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = (self.data_dir / "up.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app", "up"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def nexus(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def wait_healthy(self, timeout: float = 120.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.log()
+            result = self.nexus("health")
+            last = result.stdout + result.stderr
+            if result.returncode == 0:
+                report = json.loads(result.stdout)
+                workers = report["workers"]
+                if all(workers[q]["activity_pollers"] for q in ALL_QUEUES):
+                    return report  # type: ignore[no-any-return]
+            time.sleep(1)
+        raise AssertionError(f"nexus up never became healthy: {last}\n{self.log()}")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def log(self) -> str:
+        path = self.data_dir / "up.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def temporal_cli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(temporal_binary()), *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def nexus_up(tmp_path: Path):  # type: ignore[no-untyped-def]
+    up = NexusUp(tmp_path)
+    yield up
+    if up.process is not None and up.process.poll() is None:
+        up.process.kill()
+
+
+def test_up_health_stop_restart_keeps_history(nexus_up: NexusUp) -> None:
+    nexus_up.start()
+    report = nexus_up.wait_healthy()
+    assert report["database"]["status"] == "healthy"  # type: ignore[index]
+
+    ui = httpx.get(f"http://127.0.0.1:{nexus_up.ui_port}/api/v1/namespaces", timeout=10)
+    assert ui.status_code == 200
+    assert "default" in ui.text
+
+    # A workflow started from outside, through the Temporal CLI.
+    run = temporal_cli(
+        nexus_up.address,
+        "workflow",
+        "execute",
+        "--type",
+        "SystemCheckWorkflow",
+        "--task-queue",
+        "nexus-orchestration",
+        "--workflow-id",
+        "up-check-1",
+        "--input",
+        json.dumps({"queues": list(ALL_QUEUES)}),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "COMPLETED" in run.stdout.upper()
+
+    assert nexus_up.process is not None
+    children = psutil.Process(nexus_up.process.pid).children(recursive=True)
+    assert len(children) >= len(ALL_QUEUES) + 1
+    assert nexus_up.stop() == 0
+    psutil.wait_procs(children, timeout=10)
+    alive = [c.pid for c in children if c.is_running() and c.status() != "zombie"]
+    assert alive == [], f"processes left behind: {alive}"
+    assert (nexus_up.data_dir / "temporal.db").exists()
+
+    nexus_up.start()
+    nexus_up.wait_healthy()
+    listed = temporal_cli(nexus_up.address, "workflow", "list")
+    assert "up-check-1" in listed.stdout, listed.stdout + listed.stderr
+    assert nexus_up.stop() == 0
+
+
+def test_config_masks_secrets(tmp_path: Path) -> None:
+    up = NexusUp(tmp_path)
+    up.env["NEXUS_ENCRYPTION_KEY"] = "very-secret-value"
+    up.env["NEXUS_DATABASE_URL"] = "postgresql://nexus:hunter2@127.0.0.1:5/nexus"
+    result = up.nexus("config")
+    assert result.returncode == 0, result.stderr
+    assert "very-secret-value" not in result.stdout
+    assert "hunter2" not in result.stdout
+    assert json.loads(result.stdout)["encryption_key"] == "********"
+
+
+def test_invalid_setting_exits_with_message(tmp_path: Path) -> None:
+    up = NexusUp(tmp_path)
+    up.env["NEXUS_HTTP_PORT"] = "99999"
+    result = up.nexus("config")
+    assert result.returncode == 2
+    assert "http_port" in result.stderr
+    assert "65535" in result.stderr
+
+
+def test_health_without_server_exits_nonzero(tmp_path: Path) -> None:
+    up = NexusUp(tmp_path)
+    result = up.nexus("health")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["temporal"]["status"] == "unhealthy"
+    # Nothing migrated this fresh data folder, and health says how to fix it.
+    assert report["database"]["status"] == "degraded"
+    assert "nexus db upgrade" in report["database"]["error"]
