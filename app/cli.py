@@ -25,6 +25,12 @@ db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 
 
+def _add_capability_commands() -> None:
+    from app.benchmark.cli import benchmark_cli
+
+    cli.add_typer(benchmark_cli, name="benchmark")
+
+
 def load_settings() -> Settings:
     """Read the settings, or exit with the validation message and code 2."""
     try:
@@ -187,6 +193,9 @@ def call_command(
         typer.echo("error: the arguments must be a JSON object", err=True)
         raise typer.Exit(2)
     print_json(call_tool(name, parsed))
+
+
+_add_capability_commands()
 
 
 def main() -> None:

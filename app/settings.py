@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("ANTHROPIC_API_KEY", "NEXUS_ANTHROPIC_API_KEY"),
     )
+    reports_dir: Path = Field(
+        Path("reports"), description="Folder for benchmark reports."
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

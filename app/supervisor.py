@@ -54,40 +54,64 @@ def api_process(settings: Settings, address: str) -> ManagedProcess | None:
     )
 
 
+class Stack:
+    """The embedded server (when no address is set), the workers and the HTTP
+    server, started and stopped as one unit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: EmbeddedTemporal | None = None
+        self.address = settings.effective_temporal_address
+        self.children: list[ManagedProcess] = []
+
+    def start(self) -> str:
+        """Migrate, start everything and return the Temporal address."""
+        upgrade(self.settings.effective_database_url)
+        if self.settings.embedded:
+            self.server = EmbeddedTemporal(self.settings)
+            self.address = asyncio.run(self.server.start())
+        self.children = worker_processes(self.settings, self.address)
+        api = api_process(self.settings, self.address)
+        if api is not None:
+            self.children.append(api)
+        for child in self.children:
+            child.start()
+        return self.address
+
+    def supervise(self) -> None:
+        """Restart children that died; call this about once a second."""
+        for child in self.children:
+            child.poll_and_restart()
+
+    def stop(self) -> None:
+        logger.info("stopping %d processes", len(self.children))
+        stop_all(self.children)
+        self.children = []
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run everything until SIGINT or SIGTERM (or `stop_event`), then stop it all."""
     stop = stop_event or threading.Event()
-    upgrade(settings.effective_database_url)
-    server: EmbeddedTemporal | None = None
-    address = settings.effective_temporal_address
-    if settings.embedded:
-        server = EmbeddedTemporal(settings)
-        address = asyncio.run(server.start())
-    children = worker_processes(settings, address)
-    api = api_process(settings, address)
-    if api is not None:
-        children.append(api)
+    stack = Stack(settings)
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        for child in children:
-            child.start()
+        address = stack.start()
         print(f"Temporal   {address} (namespace {settings.namespace})", file=sys.stderr)
-        if server is not None:
-            print(f"Web UI     {server.ui_url}", file=sys.stderr)
+        if stack.server is not None:
+            print(f"Web UI     {stack.server.ui_url}", file=sys.stderr)
         print(f"Database   {settings.masked()['database_url']}", file=sys.stderr)
         print(f"Logs       {settings.resolved_data_dir / 'logs'}", file=sys.stderr)
         print("Press Ctrl-C to stop.", file=sys.stderr)
         while not stop.wait(1.0):
-            for child in children:
-                child.poll_and_restart()
+            stack.supervise()
     finally:
-        logger.info("stopping %d processes", len(children))
-        stop_all(children)
-        if server is not None:
-            server.stop()
+        stack.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     logger.info("nexus up stopped")

@@ -11,9 +11,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from activities.benchmark import BenchmarkActivities
 from activities.system import ProbeActivities, SystemActivities
 from app.contracts import queues
 from app.settings import Settings
+from workflows.benchmark import (
+    BenchmarkPhaseWorkflow,
+    ExtendedDurationBenchmarkWorkflow,
+    LoadOperationWorkflow,
+    MetricsSamplerWorkflow,
+)
 from workflows.system import SystemCheckWorkflow
 
 
@@ -58,7 +65,39 @@ FOUNDATION = Capability(
     activities={queues.ORCHESTRATION: _system_activities},
 )
 
-CAPABILITIES: list[Capability] = [FOUNDATION]
+
+def _benchmark_orchestration(settings: Settings) -> list[Callable[..., Any]]:
+    benchmark = BenchmarkActivities(settings)
+    return [
+        benchmark.start_run,
+        benchmark.run_phase,
+        benchmark.record_phase,
+        benchmark.record_samples,
+        benchmark.finish_run,
+    ]
+
+
+def _benchmark_streaming(settings: Settings) -> list[Callable[..., Any]]:
+    return [BenchmarkActivities(settings).load_operation]
+
+
+BENCHMARK = Capability(
+    name="benchmark",
+    workflows={
+        queues.ORCHESTRATION: [
+            ExtendedDurationBenchmarkWorkflow,
+            BenchmarkPhaseWorkflow,
+            MetricsSamplerWorkflow,
+            LoadOperationWorkflow,
+        ]
+    },
+    activities={
+        queues.ORCHESTRATION: _benchmark_orchestration,
+        queues.STREAMING: _benchmark_streaming,
+    },
+)
+
+CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK]
 
 
 def all_workflows() -> list[type]:

@@ -1,5 +1,6 @@
 """Import every table module, so `SQLModel.metadata` is complete."""
 
+from app.benchmark import models as benchmark_models
 from app.db import models as foundation_models
 
-__all__ = ["foundation_models"]
+__all__ = ["benchmark_models", "foundation_models"]

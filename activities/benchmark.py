@@ -1,0 +1,121 @@
+"""Activities of the extended-duration benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+
+from sqlmodel import select
+from temporalio import activity
+
+from app.benchmark import recording
+from app.benchmark.models import ExtendedDurationTestEvent
+from app.benchmark.phases import run_phase
+from app.benchmark.report import build_metrics, run_summary, write_report
+from app.contracts.benchmark import (
+    LoadOperationInput,
+    PhaseInput,
+    PhaseRecord,
+    ReportRequest,
+    ReportResult,
+    SampleBatch,
+    StartRunRequest,
+)
+from app.db import session_scope
+from app.services.health import system_health
+from app.settings import Settings
+
+
+class BenchmarkActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.effective_database_url
+
+    @activity.defn(name="start_benchmark_run")
+    async def start_run(self, request: StartRunRequest) -> None:
+        await asyncio.to_thread(
+            recording.start_run, self.url, request.run_id, request.config
+        )
+
+    @activity.defn(name="run_benchmark_phase")
+    async def run_phase(self, request: PhaseInput) -> PhaseRecord:
+        activity.logger.info(
+            "benchmark %s cycle %d: phase %s starts",
+            request.run_id,
+            request.cycle,
+            request.phase,
+        )
+        heartbeat = asyncio.create_task(_heartbeat_every(10.0))
+        try:
+            return await run_phase(self.settings, activity.client(), request)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    @activity.defn(name="record_benchmark_phase")
+    async def record_phase(self, record: PhaseRecord) -> None:
+        await asyncio.to_thread(recording.record_phase, self.url, record)
+
+    @activity.defn(name="record_worker_samples")
+    async def record_samples(self, batch: SampleBatch) -> int:
+        return await asyncio.to_thread(recording.record_samples, self.url, batch)
+
+    @activity.defn(name="finish_benchmark_run")
+    async def finish_run(self, request: ReportRequest) -> ReportResult:
+        ended = request.ended_at or datetime.now(UTC)
+        await asyncio.to_thread(
+            recording.finish_run, self.url, request.run_id, ended, {}
+        )
+        health = await system_health(self.settings, activity.client())
+        health_json = health.model_dump(mode="json", by_alias=True)
+        report = await asyncio.to_thread(
+            write_report, self.settings, request.run_id, health_json
+        )
+        metrics = await asyncio.to_thread(
+            build_metrics, self.settings, request.run_id, health_json
+        )
+        await asyncio.to_thread(
+            recording.finish_run, self.url, request.run_id, ended, run_summary(metrics)
+        )
+        activity.logger.info(
+            "benchmark %s report at %s", request.run_id, report.report_dir
+        )
+        return report
+
+    @activity.defn(name="load_operation")
+    async def load_operation(self, request: LoadOperationInput) -> int:
+        """Write one row and read it back: the unit of the scalability load."""
+        return await asyncio.to_thread(self._write_and_read, request)
+
+    def _write_and_read(self, request: LoadOperationInput) -> int:
+        with session_scope(self.url) as session:
+            row = ExtendedDurationTestEvent(
+                run_id=request.run_id,
+                cycle=request.cycle,
+                test_phase="load",
+                sequence=request.index,
+                sent_at=time.time(),
+            )
+            session.add(row)
+            session.flush()
+            row_id = row.id
+        with session_scope(self.url) as session:
+            found = session.exec(
+                select(ExtendedDurationTestEvent).where(
+                    ExtendedDurationTestEvent.id == row_id
+                )
+            ).one()
+            assert found.id is not None
+            return found.id
+
+
+async def _heartbeat_every(seconds: float) -> None:
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(seconds)

@@ -1,0 +1,1 @@
+"""The extended-duration benchmark: phases, sampler, load and report."""

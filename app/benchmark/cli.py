@@ -1,0 +1,269 @@
+"""`nexus benchmark run/schedule/report`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleIntervalSpec,
+    ScheduleSpec,
+    WorkflowHandle,
+)
+
+from app.contracts.benchmark import (
+    PHASE_TITLES,
+    BenchmarkConfig,
+    BenchmarkProgress,
+    BenchmarkResult,
+    BenchmarkState,
+)
+from app.contracts.queues import ALL_QUEUES, ORCHESTRATION
+from app.settings import Settings
+
+benchmark_cli = typer.Typer(
+    help="The extended-duration benchmark: an operator's validation run.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Parse `90s`, `3m`, `2h`, `1d` or plain seconds into seconds.
+
+    Raises:
+        typer.BadParameter: the text is not such a duration.
+    """
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise typer.BadParameter(
+            f"{text!r} is not a positive duration; use for example 90s, 3m or 2h"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def web_ui_link(settings: Settings, workflow_id: str) -> str:
+    return (
+        f"http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
+        f"{settings.namespace}/workflows/{workflow_id}"
+    )
+
+
+async def _wait_for_workers(client: Client, settings: Settings) -> None:
+    from app.services.health import describe_queue
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        described = [
+            await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
+        ]
+        if all(q.activity_pollers for q in described):
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError("workers did not start polling every queue within 120 s")
+
+
+async def follow(handle: WorkflowHandle[object, BenchmarkResult]) -> BenchmarkResult:
+    """Show a progress bar per phase, driven by the workflow's query."""
+    columns = (
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task("Run", total=1.0, status="")
+        tasks = {
+            name: progress.add_task(title, total=1.0, status="waiting")
+            for name, title in PHASE_TITLES.items()
+        }
+        result_task = asyncio.create_task(handle.result())
+        while not result_task.done():
+            try:
+                state = await handle.query("progress", result_type=BenchmarkProgress)
+            except Exception:  # the run is between continue-as-new runs
+                state = None
+            if state is not None and state.duration_seconds:
+                fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
+                progress.update(
+                    overall, completed=fraction, status=f"cycle {state.cycle + 1}"
+                )
+                for name, task in tasks.items():
+                    if name == state.phase:
+                        progress.update(task, completed=0.5, status="running")
+                    elif name in state.completed:
+                        mark = "✅" if state.completed[name] else "❌"
+                        progress.update(task, completed=1.0, status=mark)
+            await asyncio.wait({result_task}, timeout=1.0)
+        progress.update(overall, completed=1.0, status="report written")
+        return result_task.result()
+
+
+async def run_benchmark(
+    settings: Settings, config: BenchmarkConfig, *, start_workers: bool
+) -> tuple[str, BenchmarkResult]:
+    from app.supervisor import Stack
+    from app.temporal.client import connect
+
+    stack: Stack | None = None
+    if start_workers:
+        stack = Stack(settings)
+        address = await asyncio.to_thread(stack.start)
+        settings = settings.model_copy(update={"temporal_address": address})
+    try:
+        client = await connect(settings, wait_seconds=30)
+        await _wait_for_workers(client, settings)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        run_id = f"benchmark-{stamp}-{uuid.uuid4().hex[:6]}"
+        handle = await client.start_workflow(
+            "ExtendedDurationBenchmarkWorkflow",
+            BenchmarkState(run_id=run_id, config=config),
+            id=run_id,
+            task_queue=ORCHESTRATION,
+            result_type=BenchmarkResult,
+        )
+        console.print(f"Benchmark {run_id}: {web_ui_link(settings, run_id)}")
+        return run_id, await follow(handle)
+    finally:
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+
+
+@benchmark_cli.command("run")
+def run_command(
+    duration: Annotated[
+        str, typer.Option(help="How long to keep starting cycles: 90s, 3m, 2h.")
+    ] = "3m",
+    interval: Annotated[str, typer.Option(help="Pause between cycles.")] = "0s",
+    load_multiplier: Annotated[int, typer.Option(help="Scaled load / baseline.")] = 10,
+    streams: Annotated[int, typer.Option(help="Realtime subscriptions.")] = 5,
+    epochs: Annotated[int, typer.Option(help="Training epochs per cycle.")] = 3,
+    start_workers: Annotated[
+        bool | None,
+        typer.Option(
+            help="Start the embedded server and workers for the run "
+            "(default: yes unless NEXUS_TEMPORAL_ADDRESS is set)."
+        ),
+    ] = None,
+) -> None:
+    """Run the benchmark, show progress per phase, then print the report path
+    and the run's web UI link."""
+    from app.cli import load_settings
+
+    settings = load_settings()
+    config = BenchmarkConfig(
+        duration_seconds=parse_duration(duration),
+        cycle_interval_seconds=0
+        if interval in ("0", "0s")
+        else parse_duration(interval),
+        load_multiplier=load_multiplier,
+        streams=streams,
+        epochs=epochs,
+    )
+    workers = settings.embedded if start_workers is None else start_workers
+    run_id, result = asyncio.run(run_benchmark(settings, config, start_workers=workers))
+    report = result.report
+    console.print(f"Report:  {report.markdown_path}")
+    console.print(f"Web UI:  {web_ui_link(settings, run_id)}")
+    console.print(
+        f"Cycles: {result.cycles}; success rate {report.success_rate}%; "
+        f"all phases passed: {report.all_phases_passed}"
+    )
+    if not report.all_phases_passed:
+        raise typer.Exit(1)
+
+
+async def create_schedule(
+    client: Client, schedule_id: str, every_seconds: float, config: BenchmarkConfig
+) -> None:
+    """Create a Temporal Schedule that starts a benchmark run every interval."""
+    config = config.model_copy(update={"schedule_id": schedule_id})
+    await client.create_schedule(
+        schedule_id,
+        Schedule(
+            action=ScheduleActionStartWorkflow(
+                "ExtendedDurationBenchmarkWorkflow",
+                BenchmarkState(run_id="", config=config),
+                id=f"{schedule_id}-run",
+                task_queue=ORCHESTRATION,
+            ),
+            spec=ScheduleSpec(
+                intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_seconds))]
+            ),
+        ),
+    )
+
+
+@benchmark_cli.command("schedule")
+def schedule_command(
+    every: Annotated[str, typer.Option(help="Interval between runs: 6h.")] = "6h",
+    duration: Annotated[str, typer.Option(help="Duration of each run: 2h.")] = "2h",
+    schedule_id: Annotated[
+        str, typer.Option("--id", help="Temporal Schedule id.")
+    ] = "nexus-benchmark",
+) -> None:
+    """Create a Temporal Schedule that runs the benchmark (pause and trigger it
+    with `temporal schedule`)."""
+    from app.cli import load_settings, print_json
+    from app.temporal.client import connect
+
+    settings = load_settings()
+    every_seconds = parse_duration(every)
+    config = BenchmarkConfig(
+        duration_seconds=parse_duration(duration), schedule_id=schedule_id
+    )
+
+    async def create() -> None:
+        client = await connect(settings)
+        await create_schedule(client, schedule_id, every_seconds, config)
+
+    asyncio.run(create())
+    print_json(
+        {
+            "schedule_id": schedule_id,
+            "every_seconds": every_seconds,
+            "config": config.model_dump(),
+        }
+    )
+
+
+@benchmark_cli.command("report")
+def report_command(
+    run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
+) -> None:
+    """Write the report of a finished run again, with the health read now."""
+    from app.benchmark.report import write_report
+    from app.cli import load_settings, print_json
+    from app.services.health import system_health
+    from app.temporal.client import connect
+
+    settings = load_settings()
+
+    async def health() -> dict[str, object]:
+        try:
+            client = await connect(settings)
+        except RuntimeError:
+            report = await system_health(settings, None)
+        else:
+            report = await system_health(settings, client)
+        return report.model_dump(mode="json", by_alias=True)
+
+    try:
+        result = write_report(settings, run_id, asyncio.run(health()))
+    except LookupError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    print_json(result.model_dump())

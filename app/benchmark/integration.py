@@ -1,0 +1,46 @@
+"""Parts of phases that reach into a capability beyond its tools: losing a
+sandbox from outside, waiting for training, the streaming load, and the
+cross-system checks."""
+
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.benchmark.phases import PhaseRunner
+
+
+def claude_code_ready(settings: Settings) -> bool:
+    """True where the `claude` command and an Anthropic key both exist."""
+    return shutil.which("claude") is not None and settings.anthropic_api_key is not None
+
+
+async def lose_sandbox(settings: Settings, sandbox_id: str) -> None:
+    from app.benchmark.phases import CapabilityUnavailable
+
+    raise CapabilityUnavailable(
+        "not available: losing a sandbox from outside needs the sandbox backend"
+    )
+
+
+async def wait_for_training(
+    runner: PhaseRunner, cluster_id: str, session_id: str
+) -> dict[str, Any]:
+    from app.benchmark.phases import CapabilityUnavailable
+
+    raise CapabilityUnavailable("not available: neural training is not installed")
+
+
+async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
+    from app.benchmark.phases import CapabilityUnavailable
+
+    raise CapabilityUnavailable("not available: realtime streams are not installed")
+
+
+async def cross_system(runner: PhaseRunner) -> None:
+    from app.benchmark.phases import CapabilityUnavailable
+
+    raise CapabilityUnavailable("not available: cross-system checks need storage")

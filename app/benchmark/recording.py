@@ -1,0 +1,142 @@
+"""Database writes and reads of benchmark runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.benchmark.models import (
+    BenchmarkOperation,
+    BenchmarkPhase,
+    BenchmarkRun,
+    BenchmarkSample,
+)
+from app.contracts.benchmark import BenchmarkConfig, PhaseRecord, SampleBatch
+from app.db import session_scope
+
+
+def start_run(url: str, run_id: str, config: BenchmarkConfig) -> None:
+    """Record a run's start; a retried or continued run keeps its first row."""
+    with session_scope(url) as session:
+        if session.get(BenchmarkRun, run_id) is None:
+            session.add(
+                BenchmarkRun(
+                    run_id=run_id,
+                    schedule_id=config.schedule_id,
+                    config=config.model_dump(mode="json"),
+                )
+            )
+
+
+def finish_run(
+    url: str, run_id: str, ended_at: datetime, summary: dict[str, Any]
+) -> None:
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        if run is None:
+            raise LookupError(f"benchmark run {run_id!r} not found")
+        run.status = "completed"
+        run.ended_at = ended_at
+        run.summary = summary
+        session.add(run)
+
+
+def record_phase(url: str, record: PhaseRecord) -> None:
+    result = record.result
+    with session_scope(url) as session:
+        session.add(
+            BenchmarkPhase(
+                run_id=record.run_id,
+                cycle=result.cycle,
+                phase=result.phase,
+                ok=result.ok,
+                error=result.error,
+                operations=result.operations,
+                succeeded=result.succeeded,
+                started_at=result.started_at,
+                ended_at=result.ended_at,
+                metrics=result.metrics,
+            )
+        )
+        for operation in record.operations:
+            session.add(
+                BenchmarkOperation(
+                    run_id=record.run_id,
+                    cycle=result.cycle,
+                    phase=result.phase,
+                    name=operation.name,
+                    ok=operation.ok,
+                    latency_ms=operation.latency_ms,
+                    error=operation.error,
+                )
+            )
+
+
+def record_samples(url: str, batch: SampleBatch) -> int:
+    with session_scope(url) as session:
+        for sample in batch.samples:
+            session.add(
+                BenchmarkSample(
+                    run_id=batch.run_id,
+                    taken_at=batch.taken_at,
+                    task_queue=sample.task_queue,
+                    pid=sample.pid,
+                    identity=sample.identity,
+                    rss=sample.rss,
+                    heap_used=sample.heap_used,
+                )
+            )
+    return len(batch.samples)
+
+
+def load_run(url: str, run_id: str) -> dict[str, Any]:
+    """Read everything recorded for one run, for the report."""
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        if run is None:
+            raise LookupError(
+                f"benchmark run {run_id!r} not found; list runs with "
+                "`temporal workflow list --query \"NexusExecutionKind='benchmark'\"`"
+            )
+        phases = session.exec(
+            select(BenchmarkPhase)
+            .where(BenchmarkPhase.run_id == run_id)
+            .order_by(col(BenchmarkPhase.cycle), col(BenchmarkPhase.id))
+        ).all()
+        operations = session.exec(
+            select(BenchmarkOperation)
+            .where(BenchmarkOperation.run_id == run_id)
+            .order_by(col(BenchmarkOperation.id))
+        ).all()
+        samples = session.exec(
+            select(BenchmarkSample)
+            .where(BenchmarkSample.run_id == run_id)
+            .order_by(col(BenchmarkSample.taken_at))
+        ).all()
+        previous_query = (
+            select(BenchmarkRun)
+            .where(BenchmarkRun.status == "completed")
+            .where(BenchmarkRun.run_id != run_id)
+            .where(col(BenchmarkRun.started_at) < _aware(run.started_at))
+            .order_by(col(BenchmarkRun.started_at).desc())
+            .limit(1)
+        )
+        if run.schedule_id:
+            previous_query = previous_query.where(
+                BenchmarkRun.schedule_id == run.schedule_id
+            )
+        previous = session.exec(previous_query).first()
+        return {
+            "run": run,
+            "phases": list(phases),
+            "operations": list(operations),
+            "samples": list(samples),
+            "previous": previous,
+        }
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite returns naive datetimes for timezone-aware columns.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,0 +1,399 @@
+"""The benchmark report: metrics.json first, then Markdown and PNG plots made
+only from it, so every figure in the report is a measured value."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.benchmark.recording import load_run
+from app.benchmark.stats import Regression, linear_regression, percentile
+from app.contracts.benchmark import ALL_PHASES, PHASE_TITLES, ReportResult
+from app.settings import Settings
+from app.storage import storage_for
+
+REPORT_BUCKET = "benchmark-reports"
+MB = 1024 * 1024
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _round(value: float, digits: int = 3) -> float | None:
+    if value is None or math.isnan(value) or math.isinf(value):
+        return None
+    return round(value, digits)
+
+
+def memory_growth(samples: list[Any]) -> list[dict[str, Any]]:
+    """Fit RSS in MB against minutes since the run's first sample, per worker."""
+    if not samples:
+        return []
+    origin = min(_aware(s.taken_at) for s in samples)
+    by_worker: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for sample in samples:
+        by_worker[(sample.task_queue, sample.pid)].append(sample)
+    workers: list[dict[str, Any]] = []
+    for (queue, pid), series in sorted(by_worker.items()):
+        minutes = [(_aware(s.taken_at) - origin).total_seconds() / 60 for s in series]
+        rss_mb = [s.rss / MB for s in series]
+        entry: dict[str, Any] = {
+            "task_queue": queue,
+            "pid": pid,
+            "samples": len(series),
+            "first_rss_mb": _round(rss_mb[0]),
+            "last_rss_mb": _round(rss_mb[-1]),
+            "growth_mb_per_min": None,
+            "ci95_mb_per_min": None,
+            "r_squared": None,
+        }
+        try:
+            fit: Regression = linear_regression(minutes, rss_mb)
+        except ValueError:
+            workers.append(entry)
+            continue
+        entry["growth_mb_per_min"] = _round(fit.slope, 5)
+        entry["ci95_mb_per_min"] = [_round(fit.ci95_low, 5), _round(fit.ci95_high, 5)]
+        entry["r_squared"] = _round(fit.r_squared)
+        workers.append(entry)
+    return workers
+
+
+def build_metrics(
+    settings: Settings, run_id: str, health: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Collect every figure of the report from the database."""
+    data = load_run(settings.effective_database_url, run_id)
+    run = data["run"]
+    phases = data["phases"]
+    operations = data["operations"]
+    started = _aware(run.started_at)
+    ended = _aware(run.ended_at) if run.ended_at else datetime.now(UTC)
+    total = len(operations)
+    succeeded = sum(1 for op in operations if op.ok)
+
+    phase_entries: list[dict[str, Any]] = []
+    issues: list[str] = []
+    for name in ALL_PHASES:
+        rows = [p for p in phases if p.phase == name]
+        if not rows:
+            continue
+        ops = [op for op in operations if op.phase == name]
+        ok_ops = sum(1 for op in ops if op.ok)
+        failed_rows = [p for p in rows if not p.ok]
+        seconds = sum(
+            (_aware(p.ended_at) - _aware(p.started_at)).total_seconds() for p in rows
+        )
+        errors = sorted({p.error for p in failed_rows if p.error})
+        issues += [f"{PHASE_TITLES[name]}: {error}" for error in errors]
+        phase_entries.append(
+            {
+                "phase": name,
+                "title": PHASE_TITLES[name],
+                "passed": not failed_rows,
+                "cycles": len(rows),
+                "cycles_failed": len(failed_rows),
+                "operations": len(ops),
+                "succeeded": ok_ops,
+                "success_rate_percent": _round(100 * ok_ops / len(ops), 2)
+                if ops
+                else None,
+                "seconds": _round(seconds),
+                "operations_per_second": _round(len(ops) / seconds)
+                if seconds
+                else None,
+                "errors": errors,
+                "metrics": rows[-1].metrics,
+            }
+        )
+
+    latency: dict[str, dict[str, Any]] = {}
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for op in operations:
+        if op.ok and op.latency_ms > 0:
+            by_name[op.name].append(op.latency_ms)
+    for operation_name, values in sorted(by_name.items()):
+        latency[operation_name] = {
+            "count": len(values),
+            "p50_ms": _round(percentile(values, 0.5)),
+            "p95_ms": _round(percentile(values, 0.95)),
+            "p99_ms": _round(percentile(values, 0.99)),
+        }
+
+    workers = memory_growth(data["samples"])
+    growths = [
+        w["growth_mb_per_min"] for w in workers if w["growth_mb_per_min"] is not None
+    ]
+    previous = data["previous"]
+    previous_entry = None
+    if previous is not None:
+        summary = previous.summary or {}
+        previous_entry = {
+            "run_id": previous.run_id,
+            "duration_seconds": summary.get("duration_seconds"),
+            "success_rate_percent": summary.get("success_rate_percent"),
+            "operations": summary.get("operations"),
+            "max_growth_mb_per_min": summary.get("max_growth_mb_per_min"),
+            "phases_passed": summary.get("phases_passed"),
+        }
+    cycles = sorted({p.cycle for p in phases})
+    return {
+        "run_id": run_id,
+        "schedule_id": run.schedule_id,
+        "config": run.config,
+        "timeline": {
+            "started_at": started.isoformat(),
+            "ended_at": ended.isoformat(),
+            "duration_seconds": _round((ended - started).total_seconds()),
+            "cycles": len(cycles),
+        },
+        "totals": {
+            "operations": total,
+            "succeeded": succeeded,
+            "failed": total - succeeded,
+            "success_rate_percent": _round(100 * succeeded / total, 2)
+            if total
+            else None,
+            "phases_passed": sum(1 for p in phase_entries if p["passed"]),
+            "phases_run": len(phase_entries),
+        },
+        "phases": phase_entries,
+        "latency": latency,
+        "memory": {
+            "samples": len(data["samples"]),
+            "workers": workers,
+            "max_growth_mb_per_min": max(growths) if growths else None,
+        },
+        "health": health,
+        "previous": previous_entry,
+        "issues": issues,
+    }
+
+
+def _cell(value: Any) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def render_markdown(metrics: dict[str, Any]) -> str:
+    """Render the report as a GitHub issue; every number comes from `metrics`."""
+    totals = metrics["totals"]
+    timeline = metrics["timeline"]
+    memory = metrics["memory"]
+    all_passed = (
+        totals["phases_passed"] == totals["phases_run"] and totals["phases_run"]
+    )
+    verdict = "all phases passed" if all_passed else "some phases failed"
+    lines = [
+        f"# Extended-duration benchmark {metrics['run_id']}: {verdict}",
+        "",
+        "## Executive summary",
+        "",
+        f"- Phases passed: {totals['phases_passed']} of {totals['phases_run']}",
+        f"- Operations: {totals['succeeded']} of {totals['operations']} succeeded "
+        f"({_cell(totals['success_rate_percent'])}%)",
+        f"- Cycles: {timeline['cycles']}",
+        f"- Largest worker memory growth: {_cell(memory['max_growth_mb_per_min'])} "
+        "MB/min",
+        "",
+        "## Timeline",
+        "",
+        "| start | end | duration (s) |",
+        "| --- | --- | --- |",
+        f"| {timeline['started_at']} | {timeline['ended_at']} "
+        f"| {timeline['duration_seconds']} |",
+        "",
+        "## Phases",
+        "",
+        "| phase | result | cycles | operations | succeeded | success (%) | ops/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for phase in metrics["phases"]:
+        mark = "✅" if phase["passed"] else "❌"
+        lines.append(
+            f"| {phase['title']} | {mark} | {phase['cycles']} | {phase['operations']} "
+            f"| {phase['succeeded']} | {_cell(phase['success_rate_percent'])} "
+            f"| {_cell(phase['operations_per_second'])} |"
+        )
+    lines += ["", "### Phase details", ""]
+    for phase in metrics["phases"]:
+        mark = "✅" if phase["passed"] else "❌"
+        lines.append(f"#### {mark} {phase['title']}")
+        lines.append("")
+        for error in phase["errors"]:
+            lines.append(f"- error: {error}")
+        lines.append("```json")
+        lines.append(json.dumps(phase["metrics"], indent=2, sort_keys=True))
+        lines.append("```")
+        lines.append("")
+    lines += [
+        "## Latency by operation",
+        "",
+        "| operation | count | p50 (ms) | p95 (ms) | p99 (ms) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in metrics["latency"].items():
+        lines.append(
+            f"| {name} | {entry['count']} | {_cell(entry['p50_ms'])} "
+            f"| {_cell(entry['p95_ms'])} | {_cell(entry['p99_ms'])} |"
+        )
+    lines += [
+        "",
+        "## Memory growth (linear regression of RSS over time)",
+        "",
+        f"Samples: {memory['samples']}",
+        "",
+        "| queue | pid | samples | first RSS (MB) | last RSS (MB) | growth (MB/min) "
+        "| 95% interval (MB/min) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for worker in memory["workers"]:
+        interval = worker["ci95_mb_per_min"]
+        shown = f"{interval[0]} to {interval[1]}" if interval else "n/a"
+        lines.append(
+            f"| {worker['task_queue']} | {worker['pid']} | {worker['samples']} "
+            f"| {_cell(worker['first_rss_mb'])} | {_cell(worker['last_rss_mb'])} "
+            f"| {_cell(worker['growth_mb_per_min'])} | {shown} |"
+        )
+    lines += ["", "## Comparison with the previous run", ""]
+    previous = metrics["previous"]
+    if previous is None:
+        lines.append("No earlier completed run to compare with.")
+    else:
+        lines += [
+            f"| figure | this run | previous run ({previous['run_id']}) |",
+            "| --- | --- | --- |",
+            f"| duration (s) | {timeline['duration_seconds']} "
+            f"| {_cell(previous['duration_seconds'])} |",
+            f"| operations | {totals['operations']} "
+            f"| {_cell(previous['operations'])} |",
+            f"| success (%) | {_cell(totals['success_rate_percent'])} "
+            f"| {_cell(previous['success_rate_percent'])} |",
+            f"| phases passed | {totals['phases_passed']} "
+            f"| {_cell(previous['phases_passed'])} |",
+            f"| max growth (MB/min) | {_cell(memory['max_growth_mb_per_min'])} "
+            f"| {_cell(previous['max_growth_mb_per_min'])} |",
+        ]
+    lines += ["", "## Final system health", "", "```json"]
+    lines.append(json.dumps(metrics["health"], indent=2, sort_keys=True))
+    lines += ["```", "", "## Issues found", ""]
+    lines += [f"- {issue}" for issue in metrics["issues"]] or ["None."]
+    lines += ["", "## Conclusion", ""]
+    if all_passed:
+        lines.append(
+            f"Every phase passed in each of {timeline['cycles']} cycles; "
+            f"{totals['succeeded']} of {totals['operations']} operations succeeded."
+        )
+    else:
+        lines.append(
+            f"{totals['phases_run'] - totals['phases_passed']} of "
+            f"{totals['phases_run']} phases failed; see the issues above."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list[Path]:
+    """Draw memory over time, the latency distribution and throughput per phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = load_run(settings.effective_database_url, metrics["run_id"])
+    paths: list[Path] = []
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    series: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for sample in data["samples"]:
+        series[(sample.task_queue, sample.pid)].append(sample)
+    origin = min((_aware(s.taken_at) for s in data["samples"]), default=None)
+    for (queue, pid), points in sorted(series.items()):
+        assert origin is not None
+        minutes = [(_aware(p.taken_at) - origin).total_seconds() / 60 for p in points]
+        axis.plot(minutes, [p.rss / MB for p in points], label=f"{queue} ({pid})")
+    axis.set_xlabel("minutes since start")
+    axis.set_ylabel("RSS (MB)")
+    axis.set_title("Worker memory")
+    if series:
+        axis.legend(fontsize="small")
+    paths.append(out / "memory.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1])
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    latencies = [
+        op.latency_ms for op in data["operations"] if op.ok and op.latency_ms > 0
+    ]
+    if latencies:
+        axis.hist(latencies, bins=min(50, max(5, len(latencies) // 5)))
+    axis.set_xlabel("latency (ms)")
+    axis.set_ylabel("operations")
+    axis.set_title("Operation latency")
+    paths.append(out / "latency.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1])
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    phases = metrics["phases"]
+    axis.bar(
+        [p["title"] for p in phases],
+        [p["operations_per_second"] or 0 for p in phases],
+        color=["tab:green" if p["passed"] else "tab:red" for p in phases],
+    )
+    axis.set_ylabel("operations per second")
+    axis.set_title("Throughput per phase")
+    axis.tick_params(axis="x", labelrotation=20, labelsize="small")
+    paths.append(out / "throughput.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1])
+    plt.close(figure)
+    return paths
+
+
+def write_report(
+    settings: Settings, run_id: str, health: dict[str, Any] | None
+) -> ReportResult:
+    """Write metrics.json, report.md and the plots to reports/RUN_ID/ and to the
+    `benchmark-reports` bucket."""
+    metrics = build_metrics(settings, run_id, health)
+    out = settings.reports_dir.expanduser().resolve() / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "metrics.json": json.dumps(metrics, indent=2, sort_keys=True).encode(),
+        "report.md": render_markdown(metrics).encode(),
+    }
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    for path in render_plots(metrics, settings, out):
+        files[path.name] = path.read_bytes()
+    storage = storage_for(settings)
+    for name, content in files.items():
+        storage.put(REPORT_BUCKET, f"{run_id}/{name}", content)
+    totals = metrics["totals"]
+    return ReportResult(
+        run_id=run_id,
+        report_dir=str(out),
+        markdown_path=str(out / "report.md"),
+        storage_prefix=f"{REPORT_BUCKET}/{run_id}/",
+        success_rate=totals["success_rate_percent"] or 0.0,
+        all_phases_passed=bool(totals["phases_run"])
+        and totals["phases_passed"] == totals["phases_run"],
+    )
+
+
+def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures a later run compares itself with."""
+    return {
+        "duration_seconds": metrics["timeline"]["duration_seconds"],
+        "operations": metrics["totals"]["operations"],
+        "success_rate_percent": metrics["totals"]["success_rate_percent"],
+        "phases_passed": metrics["totals"]["phases_passed"],
+        "max_growth_mb_per_min": metrics["memory"]["max_growth_mb_per_min"],
+    }

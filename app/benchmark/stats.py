@@ -1,0 +1,100 @@
+"""Percentiles and least-squares growth with its confidence interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Two-sided 95% Student t quantiles by degrees of freedom; 1.96 beyond 30.
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
+
+
+def t95(degrees_of_freedom: int) -> float:
+    if degrees_of_freedom > 30:
+        return 1.96
+    eligible = [df for df in _T95 if df <= degrees_of_freedom]
+    return _T95[max(eligible)] if eligible else _T95[1]
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Linear-interpolated percentile, as numpy's default method computes it."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * fraction
+    low = math.floor(position)
+    high = math.ceil(position)
+    if low == high:
+        return ordered[low]
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Ordinary least squares of y on x: slope, intercept and the slope's 95%
+    confidence interval."""
+
+    slope: float
+    intercept: float
+    slope_stderr: float
+    ci95_low: float
+    ci95_high: float
+    r_squared: float
+    samples: int
+
+
+def linear_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
+    """Fit y = intercept + slope * x.
+
+    Raises:
+        ValueError: fewer than two points, or all x equal.
+    """
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"x has {n} values but y has {len(y)}")
+    if n < 2:
+        raise ValueError(f"a regression needs at least 2 samples, got {n}")
+    mean_x = sum(x) / n
+    mean_y = sum(y) / n
+    sxx = sum((xi - mean_x) ** 2 for xi in x)
+    if sxx == 0:
+        raise ValueError("all samples were taken at the same time")
+    sxy = sum((xi - mean_x) * (yi - mean_y) for xi, yi in zip(x, y, strict=True))
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    residuals = [yi - (intercept + slope * xi) for xi, yi in zip(x, y, strict=True)]
+    sse = sum(r * r for r in residuals)
+    syy = sum((yi - mean_y) ** 2 for yi in y)
+    r_squared = 1.0 - sse / syy if syy > 0 else 1.0
+    if n > 2:
+        stderr = math.sqrt(sse / (n - 2) / sxx)
+        margin = t95(n - 2) * stderr
+    else:
+        stderr = math.inf
+        margin = math.inf
+    return Regression(
+        slope=slope,
+        intercept=intercept,
+        slope_stderr=stderr,
+        ci95_low=slope - margin,
+        ci95_high=slope + margin,
+        r_squared=r_squared,
+        samples=n,
+    )

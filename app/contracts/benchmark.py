@@ -1,0 +1,203 @@
+"""Inputs, results and progress of the extended-duration benchmark."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+PhaseName = Literal[
+    "sandbox_integration",
+    "multi_workflow_orchestration",
+    "neural_training",
+    "realtime_streaming",
+    "cross_system_integration",
+    "performance_scalability",
+]
+
+ALL_PHASES: tuple[PhaseName, ...] = (
+    "sandbox_integration",
+    "multi_workflow_orchestration",
+    "neural_training",
+    "realtime_streaming",
+    "cross_system_integration",
+    "performance_scalability",
+)
+
+PHASE_TITLES: dict[str, str] = {
+    "sandbox_integration": "Sandbox integration",
+    "multi_workflow_orchestration": "Multi-workflow orchestration",
+    "neural_training": "Neural training",
+    "realtime_streaming": "Realtime streaming load",
+    "cross_system_integration": "Cross-system integration",
+    "performance_scalability": "Performance and scalability",
+}
+
+
+class BenchmarkConfig(BaseModel):
+    """What one benchmark run does; every size is a real amount of work."""
+
+    duration_seconds: float = Field(180.0, gt=0, le=7 * 24 * 3600)
+    cycle_interval_seconds: float = Field(0.0, ge=0)
+    load_multiplier: int = Field(10, ge=1, le=100)
+    streams: int = Field(5, ge=1, le=20)
+    swarm_size: int = Field(3, ge=1, le=20)
+    epochs: int = Field(3, ge=1, le=100)
+    stream_events: int = Field(200, ge=1, le=100_000)
+    concurrent_executions: int = Field(3, ge=1, le=50)
+    baseline_operations: int = Field(10, ge=1, le=10_000)
+    baseline_concurrency: int = Field(2, ge=1, le=100)
+    sample_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    max_cycles: int | None = Field(
+        None, ge=1, description="Stop after this many cycles even if time remains."
+    )
+    phases: list[PhaseName] = Field(default_factory=lambda: list(ALL_PHASES))
+    schedule_id: str | None = Field(
+        None, description="Temporal Schedule that started the run, for comparisons."
+    )
+    inject_failure: list[PhaseName] = Field(
+        default_factory=list,
+        description="Fault injection for tests: these phases raise before working.",
+    )
+
+
+class PhaseResult(BaseModel):
+    phase: PhaseName
+    cycle: int
+    ok: bool
+    error: str | None = None
+    operations: int = 0
+    succeeded: int = 0
+    started_at: datetime
+    ended_at: datetime
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    carry: dict[str, Any] = Field(
+        default_factory=dict, description="Outputs that later phases reuse."
+    )
+
+
+class CycleAggregate(BaseModel):
+    cycle: int
+    ok: bool
+    phases: dict[str, bool]
+
+
+class BenchmarkState(BaseModel):
+    """Carried across continue-as-new: one run is a chain of cycles."""
+
+    run_id: str
+    config: BenchmarkConfig
+    started_at: datetime | None = None
+    cycle: int = 0
+    cycles: list[CycleAggregate] = Field(default_factory=list)
+    operations: int = 0
+    succeeded: int = 0
+    carry: dict[str, Any] = Field(
+        default_factory=dict, description="Phase outputs later cycles reuse."
+    )
+
+
+class PhaseInput(BaseModel):
+    run_id: str
+    phase: PhaseName
+    cycle: int
+    config: BenchmarkConfig
+    carry: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchmarkProgress(BaseModel):
+    run_id: str
+    cycle: int
+    phase: str | None
+    completed: dict[str, bool] = Field(default_factory=dict)
+    elapsed_seconds: float
+    duration_seconds: float
+    finished: bool = False
+
+
+class ReportRequest(BaseModel):
+    run_id: str
+    ended_at: datetime | None = None
+
+
+class ReportResult(BaseModel):
+    run_id: str
+    report_dir: str
+    markdown_path: str
+    storage_prefix: str
+    success_rate: float
+    all_phases_passed: bool
+
+
+class BenchmarkResult(BaseModel):
+    run_id: str
+    cycles: int
+    report: ReportResult
+
+
+class SamplerInput(BaseModel):
+    run_id: str
+    queues: list[str]
+    interval_seconds: float
+    samples_taken: int = 0
+
+
+class WorkerSample(BaseModel):
+    task_queue: str
+    pid: int
+    identity: str
+    rss: int
+    heap_used: int | None
+
+
+class SampleBatch(BaseModel):
+    run_id: str
+    taken_at: datetime
+    samples: list[WorkerSample]
+    missing: list[str] = Field(default_factory=list)
+
+
+class LoadRequest(BaseModel):
+    run_id: str
+    cycle: int
+    label: str
+    operations: int = Field(ge=1)
+    concurrency: int = Field(ge=1)
+
+
+class LoadResult(BaseModel):
+    label: str
+    operations: int
+    succeeded: int
+    concurrency: int
+    seconds: float
+    throughput_per_second: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    errors: list[str] = Field(default_factory=list)
+
+
+class OperationRecord(BaseModel):
+    name: str
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+class PhaseRecord(BaseModel):
+    run_id: str
+    result: PhaseResult
+    operations: list[OperationRecord] = Field(default_factory=list)
+
+
+class StartRunRequest(BaseModel):
+    run_id: str
+    config: BenchmarkConfig
+
+
+class LoadOperationInput(BaseModel):
+    run_id: str
+    cycle: int
+    index: int

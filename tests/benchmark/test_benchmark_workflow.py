@@ -1,0 +1,104 @@
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+from temporalio.client import Client
+
+from app.benchmark.cli import create_schedule
+from app.contracts.benchmark import (
+    ALL_PHASES,
+    BenchmarkConfig,
+    BenchmarkResult,
+    BenchmarkState,
+)
+from app.contracts.queues import ORCHESTRATION
+from app.settings import Settings
+from app.temporal.devserver import temporal_binary
+from tests.support.replay import replay_run
+from workers.registry import all_workflows
+
+
+def small_config(**overrides: object) -> BenchmarkConfig:
+    values: dict[str, object] = {
+        "duration_seconds": 600,
+        "max_cycles": 1,
+        "baseline_operations": 2,
+        "baseline_concurrency": 1,
+        "load_multiplier": 2,
+        "sample_interval_seconds": 0.5,
+        "stream_events": 20,
+        "epochs": 1,
+        "concurrent_executions": 2,
+    }
+    values.update(overrides)
+    return BenchmarkConfig.model_validate(values)
+
+
+async def run_benchmark(
+    client: Client, settings: Settings, config: BenchmarkConfig
+) -> tuple[str, BenchmarkResult]:
+    run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
+    result = await client.execute_workflow(
+        "ExtendedDurationBenchmarkWorkflow",
+        BenchmarkState(run_id=run_id, config=config),
+        id=run_id,
+        task_queue=ORCHESTRATION,
+        result_type=BenchmarkResult,
+    )
+    return run_id, result
+
+
+async def test_failing_phase_is_reported_and_others_run(
+    client: Client, workers: Settings, tmp_path: Path
+) -> None:
+    config = small_config(inject_failure=["sandbox_integration"])
+    run_id, result = await run_benchmark(client, workers, config)
+    metrics = json.loads((Path(result.report.report_dir) / "metrics.json").read_text())
+    phases = {p["phase"]: p for p in metrics["phases"]}
+    assert sorted(phases) == sorted(ALL_PHASES)
+    assert not phases["sandbox_integration"]["passed"]
+    assert "fault injected" in phases["sandbox_integration"]["errors"][0]
+    scalability = phases["performance_scalability"]
+    assert scalability["passed"], scalability
+    assert scalability["operations"] == 2 + 4
+    assert scalability["metrics"]["scaled"]["concurrency"] == 2
+    markdown = Path(result.report.markdown_path).read_text()
+    assert "❌ Sandbox integration" in markdown
+    assert "✅ Performance and scalability" in markdown
+    assert metrics["memory"]["samples"] >= 1
+    assert not result.report.all_phases_passed
+    await replay_run(client, run_id, all_workflows())
+    await replay_run(client, f"{run_id}-c0-performance_scalability", all_workflows())
+
+
+async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None:
+    config = small_config(max_cycles=2, phases=["performance_scalability"])
+    run_id, result = await run_benchmark(client, workers, config)
+    assert result.cycles == 2
+    history = await client.get_workflow_handle(run_id).fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    assert started.continued_execution_run_id, "the last cycle is not a new run"
+    metrics = json.loads((Path(result.report.report_dir) / "metrics.json").read_text())
+    assert metrics["timeline"]["cycles"] == 2
+    assert metrics["phases"][0]["cycles"] == 2
+    assert result.report.all_phases_passed
+    await replay_run(client, run_id, all_workflows())
+
+
+async def test_schedule_is_listed(client: Client, temporal_address: str) -> None:
+    schedule_id = f"bench-schedule-{uuid.uuid4().hex[:6]}"
+    await create_schedule(client, schedule_id, 6 * 3600, small_config())
+    try:
+        listed = subprocess.run(
+            [str(temporal_binary()), "schedule", "list", "--address", temporal_address],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert schedule_id in listed.stdout, listed.stdout + listed.stderr
+        described = await client.get_schedule_handle(schedule_id).describe()
+        action = described.schedule.action
+        assert action.workflow == "ExtendedDurationBenchmarkWorkflow"  # type: ignore[attr-defined]
+    finally:
+        await client.get_schedule_handle(schedule_id).delete()

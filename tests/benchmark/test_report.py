@@ -1,0 +1,121 @@
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from app.benchmark import recording
+from app.benchmark.report import build_metrics, render_markdown, write_report
+from app.contracts.benchmark import (
+    BenchmarkConfig,
+    OperationRecord,
+    PhaseRecord,
+    PhaseResult,
+    SampleBatch,
+    WorkerSample,
+)
+from app.settings import Settings
+
+MB = 1024 * 1024
+
+
+def _seed(settings: Settings, run_id: str) -> None:
+    url = settings.effective_database_url
+    recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
+    start = datetime.now(UTC)
+    for minute in range(6):
+        recording.record_samples(
+            url,
+            SampleBatch(
+                run_id=run_id,
+                taken_at=start + timedelta(minutes=minute),
+                samples=[
+                    WorkerSample(
+                        task_queue="nexus-orchestration",
+                        pid=11,
+                        identity="w",
+                        rss=int((200 + 2 * minute) * MB),
+                        heap_used=None,
+                    )
+                ],
+            ),
+        )
+    for phase, ok in (("performance_scalability", True), ("neural_training", False)):
+        recording.record_phase(
+            url,
+            PhaseRecord(
+                run_id=run_id,
+                result=PhaseResult(
+                    phase=phase,  # type: ignore[arg-type]
+                    cycle=0,
+                    ok=ok,
+                    error=None if ok else "loss went up",
+                    operations=2,
+                    succeeded=2 if ok else 1,
+                    started_at=start,
+                    ended_at=start + timedelta(seconds=4),
+                    metrics={"throughput_ratio": 7.25},
+                ),
+                operations=[
+                    OperationRecord(name=f"{phase}_op", ok=True, latency_ms=12.5),
+                    OperationRecord(
+                        name=f"{phase}_op", ok=ok, latency_ms=30.0, error=None
+                    ),
+                ],
+            ),
+        )
+    recording.finish_run(url, run_id, start + timedelta(minutes=6), {})
+
+
+def _scalars(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _scalars(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _scalars(item)]
+    return [str(value)]
+
+
+def test_growth_from_known_samples(settings: Settings) -> None:
+    _seed(settings, "run-growth")
+    metrics = build_metrics(settings, "run-growth", None)
+    worker = metrics["memory"]["workers"][0]
+    assert worker["growth_mb_per_min"] == 2.0
+    assert worker["ci95_mb_per_min"] == [2.0, 2.0]
+    assert worker["samples"] == 6
+    assert metrics["totals"]["operations"] == 4
+    assert metrics["totals"]["succeeded"] == 3
+    assert metrics["totals"]["success_rate_percent"] == 75.0
+
+
+def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:
+    _seed(settings, "run-figures")
+    metrics = build_metrics(
+        settings, "run-figures", {"status": "healthy", "uptime": 3.5}
+    )
+    markdown = render_markdown(metrics)
+    known = " ".join(_scalars(metrics))
+    # Column labels such as "p95 (ms)" and "95% interval" are names, not figures.
+    body = re.sub(r"\bp(50|95|99)\b|95% interval", "", markdown)
+    body = body.replace("run-figures", "")
+    for number in re.findall(r"\d+(?:\.\d+)?", body):
+        assert number in known, f"{number} in the report is not in metrics.json"
+    assert "✅ Performance and scalability" in markdown
+    assert "❌ Neural training" in markdown
+    assert "loss went up" in markdown
+
+
+def test_write_report_files_and_storage(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.model_copy(update={"reports_dir": tmp_path / "reports"})
+    _seed(settings, "run-files")
+    result = write_report(settings, "run-files", None)
+    out = Path(result.report_dir)
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.json",
+        "report.md",
+        "memory.png",
+        "latency.png",
+        "throughput.png",
+    }
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stored = settings.resolved_data_dir / "storage" / "benchmark-reports" / "run-files"
+    assert json.loads((stored / "metrics.json").read_text())["run_id"] == "run-files"
+    assert not result.all_phases_passed

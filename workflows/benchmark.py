@@ -1,0 +1,306 @@
+"""The extended-duration benchmark: cycles of six phases, a memory sampler and
+a report, as an operator's validation run of a deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+)
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from app.contracts.benchmark import (
+        BenchmarkProgress,
+        BenchmarkResult,
+        BenchmarkState,
+        CycleAggregate,
+        LoadOperationInput,
+        PhaseInput,
+        PhaseName,
+        PhaseRecord,
+        PhaseResult,
+        ReportRequest,
+        ReportResult,
+        SampleBatch,
+        SamplerInput,
+        StartRunRequest,
+        WorkerSample,
+    )
+    from app.contracts.queues import ALL_QUEUES, ORCHESTRATION, STREAMING
+    from app.contracts.system import WorkerProbe
+    from app.temporal.search_attributes import BENCHMARK_RUN_ID, EXECUTION_KIND
+
+_ONCE = RetryPolicy(maximum_attempts=1)
+_FEW = RetryPolicy(maximum_attempts=3)
+
+
+@workflow.defn
+class LoadOperationWorkflow:
+    """One unit of scalability load: a workflow whose activity writes a row and
+    reads it back."""
+
+    @workflow.run
+    async def run(self, request: LoadOperationInput) -> int:
+        return await workflow.execute_activity(
+            "load_operation",
+            request,
+            task_queue=STREAMING,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_FEW,
+            result_type=int,
+        )
+
+
+@workflow.defn
+class BenchmarkPhaseWorkflow:
+    """One phase of one cycle; a failure is returned as a result, not raised."""
+
+    @workflow.run
+    async def run(self, request: PhaseInput) -> PhaseResult:
+        started = workflow.now()
+        try:
+            record = await workflow.execute_activity(
+                "run_benchmark_phase",
+                request,
+                task_queue=ORCHESTRATION,
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=60),
+                # A phase is not idempotent (it creates sandboxes, clusters,
+                # definitions), so a lost attempt is a failed phase, not a retry.
+                retry_policy=_ONCE,
+                result_type=PhaseRecord,
+            )
+        except ActivityError as error:
+            record = PhaseRecord(
+                run_id=request.run_id,
+                result=PhaseResult(
+                    phase=request.phase,
+                    cycle=request.cycle,
+                    ok=False,
+                    error=f"the phase activity failed: {error.cause or error}",
+                    started_at=started,
+                    ended_at=workflow.now(),
+                ),
+            )
+        await workflow.execute_activity(
+            "record_benchmark_phase",
+            record,
+            task_queue=ORCHESTRATION,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=_FEW,
+        )
+        return record.result
+
+
+@workflow.defn
+class MetricsSamplerWorkflow:
+    """Every few seconds, ask one worker on each queue for its memory and
+    record the answers; stops on the `stop` signal."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    @workflow.signal
+    def stop(self) -> None:
+        self.stopping = True
+
+    @workflow.run
+    async def run(self, request: SamplerInput) -> int:
+        taken = request.samples_taken
+        while True:
+            await self._sample(request)
+            taken += 1
+            if self.stopping:
+                return taken
+            # A timeout means the interval passed without a stop request.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self.stopping,
+                    timeout=timedelta(seconds=request.interval_seconds),
+                )
+            if workflow.info().is_continue_as_new_suggested() or taken % 500 == 0:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    request.model_copy(update={"samples_taken": taken})
+                )
+
+    async def _sample(self, request: SamplerInput) -> None:
+        answers = await asyncio.gather(
+            *(
+                workflow.execute_activity(
+                    "probe_worker",
+                    task_queue=queue,
+                    schedule_to_close_timeout=timedelta(seconds=10),
+                    retry_policy=_ONCE,
+                    result_type=WorkerProbe,
+                )
+                for queue in request.queues
+            ),
+            return_exceptions=True,
+        )
+        samples: list[WorkerSample] = []
+        missing: list[str] = []
+        for queue, answer in zip(request.queues, answers, strict=True):
+            if isinstance(answer, WorkerProbe):
+                samples.append(
+                    WorkerSample(
+                        task_queue=answer.task_queue,
+                        pid=answer.pid,
+                        identity=answer.identity,
+                        rss=answer.rss,
+                        heap_used=answer.heap_used,
+                    )
+                )
+            elif isinstance(answer, ActivityError):
+                missing.append(queue)
+            elif isinstance(answer, BaseException):
+                raise answer
+        await workflow.execute_activity(
+            "record_worker_samples",
+            SampleBatch(
+                run_id=request.run_id,
+                taken_at=workflow.now(),
+                samples=samples,
+                missing=missing,
+            ),
+            task_queue=ORCHESTRATION,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_FEW,
+        )
+
+
+@workflow.defn
+class ExtendedDurationBenchmarkWorkflow:
+    """Run cycles of the six phases until the duration has passed, continuing
+    as new between cycles with the aggregates, then write the report."""
+
+    def __init__(self) -> None:
+        self.state: BenchmarkState | None = None
+        self.phase: str | None = None
+        self.completed: dict[str, bool] = {}
+        self.finished = False
+
+    @workflow.query
+    def progress(self) -> BenchmarkProgress:
+        state = self.state
+        if state is None or state.started_at is None:
+            return BenchmarkProgress(
+                run_id="", cycle=0, phase=None, elapsed_seconds=0, duration_seconds=0
+            )
+        return BenchmarkProgress(
+            run_id=state.run_id,
+            cycle=state.cycle,
+            phase=self.phase,
+            completed=dict(self.completed),
+            elapsed_seconds=(workflow.now() - state.started_at).total_seconds(),
+            duration_seconds=state.config.duration_seconds,
+            finished=self.finished,
+        )
+
+    @workflow.run
+    async def run(self, state: BenchmarkState) -> BenchmarkResult:
+        if not state.run_id:
+            # Schedules start runs with ids of their own; the id is the run id.
+            state = state.model_copy(update={"run_id": workflow.info().workflow_id})
+        self.state = state
+        config = state.config
+        workflow.upsert_search_attributes(
+            [
+                EXECUTION_KIND.value_set("benchmark"),
+                BENCHMARK_RUN_ID.value_set(state.run_id),
+            ]
+        )
+        if state.started_at is None:
+            state.started_at = workflow.now()
+            await workflow.execute_activity(
+                "start_benchmark_run",
+                StartRunRequest(run_id=state.run_id, config=config),
+                task_queue=ORCHESTRATION,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=_FEW,
+            )
+            await workflow.start_child_workflow(
+                MetricsSamplerWorkflow.run,
+                SamplerInput(
+                    run_id=state.run_id,
+                    queues=list(ALL_QUEUES),
+                    interval_seconds=config.sample_interval_seconds,
+                ),
+                id=f"{state.run_id}-sampler",
+                # The sampler outlives each continue-as-new of this workflow.
+                parent_close_policy=ParentClosePolicy.ABANDON,
+            )
+
+        workflow.logger.info("benchmark %s cycle %d starts", state.run_id, state.cycle)
+        results: dict[str, bool] = {}
+        for phase in config.phases:
+            self.phase = phase
+            result = await self._run_phase(state, phase)
+            results[phase] = result.ok
+            self.completed[phase] = result.ok
+            state.carry.update(result.carry)
+            state.operations += result.operations
+            state.succeeded += result.succeeded
+        self.phase = None
+        state.cycles.append(
+            CycleAggregate(cycle=state.cycle, ok=all(results.values()), phases=results)
+        )
+        state.cycle += 1
+
+        elapsed = workflow.now() - state.started_at
+        cycles_left = config.max_cycles is None or state.cycle < config.max_cycles
+        if cycles_left and elapsed < timedelta(seconds=config.duration_seconds):
+            if config.cycle_interval_seconds:
+                await workflow.sleep(timedelta(seconds=config.cycle_interval_seconds))
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(state)
+
+        sampler = workflow.get_external_workflow_handle(f"{state.run_id}-sampler")
+        try:
+            await sampler.signal(MetricsSamplerWorkflow.stop)
+        except ApplicationError as error:
+            workflow.logger.warning("could not stop the sampler: %s", error)
+        report = await workflow.execute_activity(
+            "finish_benchmark_run",
+            ReportRequest(run_id=state.run_id, ended_at=workflow.now()),
+            task_queue=ORCHESTRATION,
+            start_to_close_timeout=timedelta(minutes=5),
+            retry_policy=_FEW,
+            result_type=ReportResult,
+        )
+        self.finished = True
+        return BenchmarkResult(run_id=state.run_id, cycles=state.cycle, report=report)
+
+    async def _run_phase(self, state: BenchmarkState, phase: PhaseName) -> PhaseResult:
+        request = PhaseInput(
+            run_id=state.run_id,
+            phase=phase,
+            cycle=state.cycle,
+            config=state.config,
+            carry=state.carry,
+        )
+        try:
+            return await workflow.execute_child_workflow(
+                BenchmarkPhaseWorkflow.run,
+                request,
+                id=f"{state.run_id}-c{state.cycle}-{phase}",
+                task_queue=ORCHESTRATION,
+            )
+        except ChildWorkflowError as error:
+            now = workflow.now()
+            return PhaseResult(
+                phase=request.phase,
+                cycle=state.cycle,
+                ok=False,
+                error=f"the phase workflow failed: {error.cause or error}",
+                started_at=now,
+                ended_at=now,
+            )
