@@ -57,7 +57,7 @@ class NexusUp:
             timeout=120,
         )
 
-    def wait_healthy(self, timeout: float = 120.0) -> dict[str, object]:
+    def wait_healthy(self, timeout: float = 180.0) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -75,7 +75,7 @@ class NexusUp:
     def stop(self) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        return self.process.wait(120)
 
     def log(self) -> str:
         path = self.data_dir / "up.log"
