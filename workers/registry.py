@@ -13,6 +13,7 @@ from typing import Any
 
 from activities.benchmark import BenchmarkActivities
 from activities.system import ProbeActivities, SystemActivities
+from activities.workflows import WorkflowActivities
 from app.contracts import queues
 from app.settings import Settings
 from workflows.benchmark import (
@@ -21,6 +22,7 @@ from workflows.benchmark import (
     LoadOperationWorkflow,
     MetricsSamplerWorkflow,
 )
+from workflows.flow import FlowNexusWorkflow
 from workflows.system import SystemCheckWorkflow
 
 
@@ -97,7 +99,35 @@ BENCHMARK = Capability(
     },
 )
 
-CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK]
+
+def _workflow_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
+    # Persistence and the local-activity step types run in the workflow's
+    # worker, so they must be registered on the orchestration queue.
+    built = WorkflowActivities(settings)
+    return [
+        built.register_execution,
+        built.record_progress,
+        built.echo,
+        built.unavailable,
+        built.system_initialization,
+    ]
+
+
+def _workflow_streaming_activities(settings: Settings) -> list[Callable[..., Any]]:
+    built = WorkflowActivities(settings)
+    return [built.storage, built.reporting]
+
+
+WORKFLOWS = Capability(
+    name="workflows",
+    workflows={queues.ORCHESTRATION: [FlowNexusWorkflow]},
+    activities={
+        queues.ORCHESTRATION: _workflow_orchestration_activities,
+        queues.STREAMING: _workflow_streaming_activities,
+    },
+)
+
+CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS]
 
 
 def all_workflows() -> list[type]:

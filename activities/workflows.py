@@ -1,0 +1,295 @@
+"""Activities of user-defined workflows: persistence of executions and the
+step types built into this capability."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from app.contracts.workflows import (
+    ProgressRecord,
+    RegisteredExecution,
+    RegisterExecution,
+    StepOutcome,
+    StepRequest,
+)
+from app.services.health import system_health
+from app.settings import Settings
+from app.storage.local import StorageError, storage_for
+from app.workflows import store
+from app.workflows.agents import resolve_agent
+from app.workflows.steps import (
+    EchoParams,
+    ReportingParams,
+    StorageParams,
+    SystemInitializationParams,
+    get_step_type,
+)
+
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+
+
+def _attempt() -> int:
+    return activity.info().attempt
+
+
+def step_error(
+    request: StepRequest, message: str, *, kind: str, non_retryable: bool
+) -> ApplicationError:
+    """Build the error of a failed step attempt; details carry the attempt."""
+    return ApplicationError(
+        f"step {request.step!r} ({request.type}): {message}",
+        {"attempt": _attempt()},
+        type=kind,
+        non_retryable=non_retryable,
+    )
+
+
+def parse_params(request: StepRequest, model: type[ParamsT]) -> ParamsT:
+    """Validate a step's rendered params, or fail the step without retries."""
+    try:
+        return model.model_validate(request.params)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or 'params'}: {item['msg']}"
+            for item in error.errors(include_url=False)
+        )
+        raise step_error(
+            request,
+            f"invalid params: {problems}",
+            kind="InvalidStepParams",
+            non_retryable=True,
+        ) from None
+
+
+@contextlib.contextmanager
+def storage_errors(request: StepRequest) -> Iterator[None]:
+    try:
+        yield
+    except StorageError as error:
+        raise step_error(
+            request, str(error), kind="StorageError", non_retryable=True
+        ) from None
+
+
+class WorkflowActivities:
+    """Persistence and built-in steps; each method is one activity."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def url(self) -> str:
+        return self.settings.effective_database_url
+
+    @activity.defn(name="workflow_register_execution")
+    def register_execution(self, request: RegisterExecution) -> RegisteredExecution:
+        workflow_id, version = store.register_execution(
+            self.url, request.state, request.input.definition
+        )
+        agents = {
+            step.name: resolve_agent(self.settings, step.agent, step.agent_type)
+            for step in request.state.steps
+            if step.agent or step.agent_type
+        }
+        activity.logger.info(
+            "registered execution %s of workflow %s version %d",
+            request.state.execution_id,
+            workflow_id,
+            version,
+        )
+        return RegisteredExecution(
+            workflow_id=workflow_id, version=version, agents=agents
+        )
+
+    @activity.defn(name="workflow_record_progress")
+    def record_progress(self, record: ProgressRecord) -> None:
+        store.record_progress(self.url, record)
+
+    @activity.defn(name="step_echo")
+    def echo(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, EchoParams)
+        return StepOutcome(output=params.model_dump(), attempt=_attempt())
+
+    @activity.defn(name="step_unavailable")
+    def unavailable(self, request: StepRequest) -> StepOutcome:
+        step_type = get_step_type(request.type)
+        missing = step_type.missing if step_type else "the type is not registered"
+        raise step_error(
+            request,
+            f"step type {request.type!r} is not available: {missing}; remove the "
+            "step or run a build that includes that capability",
+            kind="StepTypeNotAvailable",
+            non_retryable=True,
+        )
+
+    @activity.defn(name="step_system_initialization")
+    async def system_initialization(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, SystemInitializationParams)
+        report = await system_health(self.settings, activity.client())
+        problems: list[str] = []
+        if report.database.status == "unhealthy":
+            problems.append(f"database unhealthy: {report.database.error}")
+        if report.temporal.status == "unhealthy":
+            problems.append(f"Temporal unhealthy: {report.temporal.error}")
+        for queue in params.queues:
+            health = report.workers.get(queue)
+            if health is None or not (
+                health.workflow_pollers or health.activity_pollers
+            ):
+                problems.append(f"no worker polls task queue {queue!r}")
+        if report.status == "degraded" and not params.allow_degraded:
+            problems.append("platform is degraded and allow_degraded is false")
+        if problems:
+            # Retryable: a worker or the database may come up before the
+            # attempts run out.
+            raise step_error(
+                request,
+                "system is not ready: " + "; ".join(problems),
+                kind="SystemNotReady",
+                non_retryable=False,
+            )
+        output = {
+            "status": report.status,
+            "database": report.database.status,
+            "temporal": report.temporal.status,
+            "server_version": report.temporal.server_version,
+            "queues": {
+                name: {
+                    "status": q.status,
+                    "workflow_pollers": len(q.workflow_pollers),
+                    "activity_pollers": len(q.activity_pollers),
+                }
+                for name, q in report.workers.items()
+            },
+            "database_latency_ms": report.database.latency_ms,
+            "temporal_latency_ms": report.temporal.latency_ms,
+        }
+        return StepOutcome(output=output, attempt=_attempt())
+
+    @activity.defn(name="step_storage")
+    def storage(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, StorageParams)
+        storage = storage_for(self.settings)
+        output: dict[str, Any]
+        with storage_errors(request):
+            if params.operation == "put":
+                data = self._content_bytes(request, params)
+                info = storage.put(
+                    params.bucket, params.path, data, params.content_type
+                )
+                output = {
+                    "bucket": info.bucket,
+                    "path": info.path,
+                    "size": info.size,
+                    "sha256": info.sha256,
+                    "content_type": info.content_type,
+                }
+            elif params.operation == "get":
+                data = storage.get(params.bucket, params.path)
+                info = storage.stat(params.bucket, params.path)
+                output = {
+                    "bucket": info.bucket,
+                    "path": info.path,
+                    "size": info.size,
+                    "sha256": info.sha256,
+                    "content": self._content_text(data, params),
+                    "encoding": params.encoding,
+                }
+            elif params.operation == "delete":
+                deleted = storage.delete(params.bucket, params.path)
+                output = {"bucket": params.bucket, "path": params.path}
+                output["deleted"] = deleted
+            else:
+                names = storage.list(params.bucket, params.prefix)
+                output = {"bucket": params.bucket, "paths": names}
+                output["count"] = len(names)
+        return StepOutcome(output=output, attempt=_attempt())
+
+    @staticmethod
+    def _content_bytes(request: StepRequest, params: StorageParams) -> bytes:
+        if params.content is None:
+            raise step_error(
+                request,
+                "operation put needs params.content",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            )
+        if params.encoding == "utf-8":
+            return params.content.encode()
+        try:
+            return base64.b64decode(params.content, validate=True)
+        except binascii.Error:
+            raise step_error(
+                request,
+                "params.content is not valid base64",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            ) from None
+
+    @staticmethod
+    def _content_text(data: bytes, params: StorageParams) -> str:
+        if params.encoding == "base64":
+            return base64.b64encode(data).decode()
+        return data.decode(errors="replace")
+
+    @activity.defn(name="step_reporting")
+    def reporting(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, ReportingParams)
+        names = params.steps if params.steps is not None else sorted(request.upstream)
+        unknown = [n for n in names if n not in request.upstream]
+        if unknown:
+            raise step_error(
+                request,
+                f"params.steps names {unknown}, which are not upstream steps with "
+                f"output; upstream: {sorted(request.upstream)}",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            )
+        markdown = render_report(request, params, names)
+        path = params.path or f"workflows/{request.execution_id}/{request.step}.md"
+        with storage_errors(request):
+            info = storage_for(self.settings).put(
+                params.bucket, path, markdown.encode(), "text/markdown"
+            )
+        output = {
+            "bucket": info.bucket,
+            "path": info.path,
+            "size": info.size,
+            "sha256": info.sha256,
+            "steps_reported": names,
+        }
+        return StepOutcome(output=output, attempt=_attempt())
+
+
+def render_report(
+    request: StepRequest, params: ReportingParams, names: list[str]
+) -> str:
+    """Render upstream outputs as Markdown: one section and table per step."""
+    lines = [f"# {params.title}", ""]
+    lines.append(f"- execution: `{request.execution_id}`")
+    if request.workflow_id:
+        lines.append(f"- workflow: `{request.workflow_id}`")
+    lines.append(f"- report step: `{request.step}`")
+    lines.append("")
+    if params.notes:
+        lines += [params.notes, ""]
+    for name in names:
+        output = request.upstream[name]
+        lines += [f"## {name}", "", "| field | value |", "| --- | --- |"]
+        for key, value in output.items():
+            shown = value if isinstance(value, str) else json.dumps(value)
+            shown = str(shown).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {key} | {shown} |")
+        if not output:
+            lines.append("| (no output) | |")
+        lines.append("")
+    return "\n".join(lines)

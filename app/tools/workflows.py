@@ -1,0 +1,531 @@
+"""Workflow tools: definitions, executions, agent assignment, queues, audit."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
+
+from app.contracts.queues import ALL_QUEUES
+from app.contracts.workflows import (
+    AgentAssignment,
+    AuditEntry,
+    ExecutionState,
+    WorkflowDefinition,
+)
+from app.tools.registry import ToolContext, ToolError, tool
+from app.workflows import engine, store
+from app.workflows.agents import resolve_agent
+from app.workflows.steps import step_type_names
+from app.workflows.validation import DefinitionError, validate_definition
+
+FEATURES = ["message_queues", "audit_trail", "agent_assignment"]
+
+
+def _not_found(error: store.NotFoundError) -> ToolError:
+    return ToolError(str(error), kind="not_found")
+
+
+class WorkflowCreateResult(BaseModel):
+    workflow_id: str
+    name: str
+    version: int
+    new_version: bool = Field(description="False when the body was unchanged.")
+    status: str
+    features: list[str]
+    steps: int
+    schedules: list[str] = Field(
+        default_factory=list, description="Temporal Schedule ids of the triggers."
+    )
+
+
+def check_definition(definition: WorkflowDefinition) -> None:
+    """Raise a ToolError naming every problem of `definition`."""
+    try:
+        validate_definition(definition, step_type_names())
+    except DefinitionError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
+
+
+@tool("workflow_create", group="workflows")
+async def workflow_create(
+    ctx: ToolContext, args: WorkflowDefinition
+) -> WorkflowCreateResult:
+    """Validate and store a workflow definition: steps (name, type, agent or
+    agent_type, depends_on, params with {{input.FIELD}} and
+    {{steps.NAME.output.FIELD}} references, timeout seconds, retry_attempts),
+    triggers ({type: schedule, cron} creates a Temporal Schedule), priority
+    0-10, description, metadata. The same name with a changed body makes a new
+    version. Returns workflow_id."""
+    return await _create(ctx, args)
+
+
+async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateResult:
+    check_definition(args)
+    url = ctx.database_url
+    previous = await asyncio.to_thread(_latest_by_name, url, args.name)
+    row, version, is_new = await asyncio.to_thread(store.save_definition, url, args)
+    schedules: list[str] = []
+    needs_schedules = engine.schedule_count(args) or engine.schedule_count(previous)
+    if needs_schedules:
+        schedules = await engine.sync_schedules(
+            await ctx.client(), row.id, version, args, engine.schedule_count(previous)
+        )
+    return WorkflowCreateResult(
+        workflow_id=row.id,
+        name=row.name,
+        version=version,
+        new_version=is_new,
+        status=row.status,
+        features=FEATURES,
+        steps=len(args.steps),
+        schedules=schedules,
+    )
+
+
+def _latest_by_name(url: str, name: str) -> WorkflowDefinition | None:
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.workflows.models import WorkflowDefinitionRow
+
+    with session_scope(url) as session:
+        row = session.exec(
+            select(WorkflowDefinitionRow).where(WorkflowDefinitionRow.name == name)
+        ).first()
+    if row is None or row.status != "active":
+        return None
+    return store.get_definition(url, row.id)[2]
+
+
+class WorkflowExecuteInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    workflow_id: str = Field(description="Id returned by workflow_create.")
+    input_data: dict[str, Any] = Field(
+        default_factory=dict, description="Values for {{input.FIELD}} references."
+    )
+    run_async: bool = Field(
+        True,
+        alias="async",
+        description="False waits for the run and returns its final state.",
+    )
+
+
+class WorkflowExecuteResult(BaseModel):
+    execution_id: str
+    workflow_id: str
+    version: int
+    status: str
+    run_id: str | None = None
+    result: ExecutionState | None = None
+
+
+@tool("workflow_execute", group="workflows")
+async def workflow_execute(
+    ctx: ToolContext, args: WorkflowExecuteInput
+) -> WorkflowExecuteResult:
+    """Start a Temporal run of the latest version of a stored workflow and
+    return execution_id. With async=false, wait for the run and return every
+    step's final state; a failed run is an error naming the failed step."""
+    try:
+        row, version, definition = await asyncio.to_thread(
+            store.get_definition, ctx.database_url, args.workflow_id
+        )
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+    if row.status != "active":
+        raise ToolError(
+            f"workflow {args.workflow_id!r} is {row.status}; create it again to run it",
+            kind="conflict",
+        )
+    client = await ctx.client()
+    handle = await engine.start_execution(
+        client, row.id, version, definition, args.input_data
+    )
+    result = WorkflowExecuteResult(
+        execution_id=handle.id,
+        workflow_id=row.id,
+        version=version,
+        status="running",
+        run_id=handle.result_run_id,
+    )
+    if args.run_async:
+        return result
+    try:
+        final = await handle.result()
+    except WorkflowFailureError as error:
+        cause = error.cause
+        raise ToolError(
+            f"execution {handle.id} of workflow {row.id} failed: "
+            f"{cause.message if hasattr(cause, 'message') else cause}; see the "
+            "steps with workflow_status",
+            kind="failed",
+        ) from None
+    result.status = final.status
+    result.result = final
+    return result
+
+
+class WorkflowStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow_id: str | None = None
+    execution_id: str | None = None
+    include_metrics: bool = False
+
+
+class ExecutionSummary(BaseModel):
+    execution_id: str
+    workflow_id: str
+    version: int
+    name: str
+    status: str
+    started_at: datetime | None = None
+    closed_at: datetime | None = None
+    error: str | None = None
+
+
+class WorkflowStatusResult(BaseModel):
+    execution: ExecutionState | None = None
+    source: Literal["live", "database"] | None = Field(
+        None, description="live: queried from the running workflow."
+    )
+    executions: list[ExecutionSummary] = Field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+
+
+def execution_metrics(state: ExecutionState) -> dict[str, Any]:
+    """Durations, attempt totals and step counts by status."""
+    counts: dict[str, int] = {}
+    durations: dict[str, float] = {}
+    for step in state.steps:
+        counts[step.status] = counts.get(step.status, 0) + 1
+        if step.started_at and step.finished_at:
+            durations[step.name] = round(
+                (step.finished_at - step.started_at).total_seconds() * 1000, 3
+            )
+    total = None
+    if state.started_at and state.closed_at:
+        total = round((state.closed_at - state.started_at).total_seconds() * 1000, 3)
+    return {
+        "duration_ms": total,
+        "step_duration_ms": durations,
+        "steps_by_status": counts,
+        "attempts": sum(s.attempts for s in state.steps),
+    }
+
+
+@tool("workflow_status", group="workflows")
+async def workflow_status(
+    ctx: ToolContext, args: WorkflowStatusInput
+) -> WorkflowStatusResult:
+    """Return one execution with per-step state (pending, running, completed,
+    failed, skipped, cancelled; times, attempts, outputs), read live from a
+    running workflow or from the database once it closed; or, without
+    execution_id, the recent executions of workflow_id (or of all workflows)."""
+    url = ctx.database_url
+    if args.execution_id is None:
+        rows = await asyncio.to_thread(
+            store.list_executions, url, workflow_id=args.workflow_id, limit=20
+        )
+        return WorkflowStatusResult(
+            executions=[
+                ExecutionSummary(
+                    execution_id=r.id,
+                    workflow_id=r.definition_id,
+                    version=r.version,
+                    name=r.name,
+                    status=r.status,
+                    started_at=r.started_at,
+                    closed_at=r.closed_at,
+                    error=r.error,
+                )
+                for r in rows
+            ]
+        )
+    state = await engine.live_state(await ctx.client(), args.execution_id)
+    source: Literal["live", "database"] = "live"
+    if state is None:
+        source = "database"
+        try:
+            state = await asyncio.to_thread(store.get_execution, url, args.execution_id)
+        except store.NotFoundError as error:
+            raise _not_found(error) from None
+    if args.workflow_id is not None and state.workflow_id != args.workflow_id:
+        raise ToolError(
+            f"execution {args.execution_id!r} belongs to workflow "
+            f"{state.workflow_id!r}, not {args.workflow_id!r}",
+            kind="invalid_argument",
+        )
+    metrics = execution_metrics(state) if args.include_metrics else None
+    return WorkflowStatusResult(execution=state, source=source, metrics=metrics)
+
+
+class WorkflowListInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+    status: str | None = Field(
+        None,
+        description="active or deleted (the definition), or running, completed, "
+        "failed, cancelled (its latest execution).",
+    )
+
+
+class WorkflowListResult(BaseModel):
+    workflows: list[dict[str, Any]]
+    count: int
+    limit: int
+    offset: int
+
+
+@tool("workflow_list", group="workflows")
+async def workflow_list(
+    ctx: ToolContext, args: WorkflowListInput
+) -> WorkflowListResult:
+    """List stored workflow definitions, newest first, with their latest
+    version and latest execution."""
+    listed = await asyncio.to_thread(
+        store.list_definitions,
+        ctx.database_url,
+        limit=args.limit,
+        offset=args.offset,
+        status=args.status,
+    )
+    return WorkflowListResult(
+        workflows=listed, count=len(listed), limit=args.limit, offset=args.offset
+    )
+
+
+class WorkflowAgentAssignInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(
+        description="EXECUTION_ID/STEP for a pending step of a running execution, "
+        "or WORKFLOW_ID/STEP to change the definition (a new version)."
+    )
+    agent_type: str | None = Field(None, description="e.g. coder, analyst.")
+
+
+class WorkflowAgentAssignResult(BaseModel):
+    task_id: str
+    step: str
+    agent_type: str | None
+    agent_id: str | None = Field(
+        description="The resolved swarm agent; None while no swarm agent matches."
+    )
+    execution_id: str | None = None
+    workflow_id: str
+    version: int | None = None
+
+
+@tool("workflow_agent_assign", group="workflows")
+async def workflow_agent_assign(
+    ctx: ToolContext, args: WorkflowAgentAssignInput
+) -> WorkflowAgentAssignResult:
+    """Assign a step to an agent type. For EXECUTION_ID/STEP the pending step of
+    the running execution changes now; for WORKFLOW_ID/STEP the definition gets
+    a new version that later runs use. The assignment is audited."""
+    owner, sep, step = args.task_id.partition("/")
+    if not sep or not owner or not step:
+        raise ToolError(
+            f"invalid task_id {args.task_id!r}: use EXECUTION_ID/STEP or "
+            "WORKFLOW_ID/STEP",
+            kind="invalid_argument",
+        )
+    url = ctx.database_url
+    agent_id = resolve_agent(ctx.settings, None, args.agent_type)
+    if owner.startswith("wf_"):
+        return await _assign_in_definition(ctx, owner, step, args, agent_id)
+    try:
+        state = await asyncio.to_thread(store.get_execution, url, owner)
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+    if state.status != "running":
+        raise ToolError(
+            f"execution {owner!r} is {state.status}; assign agents to a running "
+            f"execution, or use {state.workflow_id}/{step} to change the definition",
+            kind="conflict",
+        )
+    handle = (await ctx.client()).get_workflow_handle(owner)
+    try:
+        await handle.execute_update(
+            "assign_agent",
+            AgentAssignment(step=step, agent_type=args.agent_type, agent_id=agent_id),
+        )
+    except RPCError as error:
+        raise ToolError(
+            f"cannot assign step {step!r} of execution {owner!r}: {error.message}",
+            kind="conflict",
+        ) from None
+    except Exception as error:  # update rejected by the workflow's validator
+        raise ToolError(
+            f"cannot assign step {step!r} of execution {owner!r}: {error}",
+            kind="conflict",
+        ) from None
+    await asyncio.to_thread(
+        store.update_step_agent, url, owner, step, args.agent_type, agent_id
+    )
+    await asyncio.to_thread(
+        store.append_audit,
+        url,
+        AuditEntry(
+            execution_id=owner,
+            workflow_id=state.workflow_id,
+            step=step,
+            event="step.agent_assigned",
+            status="pending",
+            at=datetime.now().astimezone(),
+            details={"agent_type": args.agent_type, "agent_id": agent_id},
+        ),
+    )
+    assert state.workflow_id is not None
+    return WorkflowAgentAssignResult(
+        task_id=args.task_id,
+        step=step,
+        agent_type=args.agent_type,
+        agent_id=agent_id,
+        execution_id=owner,
+        workflow_id=state.workflow_id,
+        version=state.version,
+    )
+
+
+async def _assign_in_definition(
+    ctx: ToolContext,
+    workflow_id: str,
+    step: str,
+    args: WorkflowAgentAssignInput,
+    agent_id: str | None,
+) -> WorkflowAgentAssignResult:
+    try:
+        _, _, definition = await asyncio.to_thread(
+            store.get_definition, ctx.database_url, workflow_id
+        )
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+    names = [s.name for s in definition.steps]
+    if step not in names:
+        raise ToolError(
+            f"workflow {workflow_id!r} has no step {step!r}; its steps: {names}",
+            kind="not_found",
+        )
+    changed = definition.model_copy(deep=True)
+    for spec in changed.steps:
+        if spec.name == step:
+            spec.agent_type = args.agent_type
+            spec.agent = None
+    created = await _create(ctx, changed)
+    return WorkflowAgentAssignResult(
+        task_id=args.task_id,
+        step=step,
+        agent_type=args.agent_type,
+        agent_id=agent_id,
+        workflow_id=workflow_id,
+        version=created.version,
+    )
+
+
+class WorkflowQueueStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queue_name: str | None = Field(None, description="Default: every project queue.")
+    include_messages: bool = Field(
+        False, description="Also list the steps running on each queue."
+    )
+
+
+class WorkflowQueueStatusResult(BaseModel):
+    queues: list[dict[str, Any]]
+
+
+@tool("workflow_queue_status", group="workflows")
+async def workflow_queue_status(
+    ctx: ToolContext, args: WorkflowQueueStatusInput
+) -> WorkflowQueueStatusResult:
+    """Report each task queue's backlog (approximate count and age, add and
+    dispatch rates) and pollers for workflow and activity tasks, read live from
+    Temporal; include_messages adds the steps running on the queue."""
+    client = await ctx.client()
+    names = [args.queue_name] if args.queue_name else list(ALL_QUEUES)
+    described: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            queue = await engine.describe_queue_stats(
+                client, ctx.settings.namespace, name
+            )
+        except RPCError as error:
+            raise ToolError(
+                f"cannot describe task queue {name!r}: {error.message}",
+                kind="unavailable",
+            ) from None
+        if args.include_messages:
+            queue["messages"] = await asyncio.to_thread(
+                store.running_steps_on_queue, ctx.database_url, name, 100
+            )
+        described.append(queue)
+    return WorkflowQueueStatusResult(queues=described)
+
+
+class WorkflowAuditTrailInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow_id: str | None = Field(None, description="Default: every workflow.")
+    limit: int = Field(50, ge=1, le=10000)
+    start_time: datetime | None = Field(
+        None, description="ISO 8601; only transitions at or after it."
+    )
+
+
+class AuditTrailEvent(BaseModel):
+    id: int
+    at: datetime
+    workflow_id: str | None
+    execution_id: str
+    step: str | None
+    event: str
+    status: str
+    attempt: int | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkflowAuditTrailResult(BaseModel):
+    events: list[AuditTrailEvent]
+    count: int
+
+
+@tool("workflow_audit_trail", group="workflows")
+async def workflow_audit_trail(
+    ctx: ToolContext, args: WorkflowAuditTrailInput
+) -> WorkflowAuditTrailResult:
+    """Return the ordered transitions (execution started, step running,
+    completed, failed, skipped, cancelled, agent assigned) of every execution of
+    a workflow, oldest first, merged across executions."""
+    rows = await asyncio.to_thread(
+        store.audit_trail,
+        ctx.database_url,
+        workflow_id=args.workflow_id,
+        limit=args.limit,
+        start_time=args.start_time,
+    )
+    events = [
+        AuditTrailEvent(
+            id=r.id or 0,
+            at=r.at,
+            workflow_id=r.definition_id,
+            execution_id=r.execution_id,
+            step=r.step,
+            event=r.event,
+            status=r.status,
+            attempt=r.attempt,
+            details=r.details,
+        )
+        for r in rows
+    ]
+    return WorkflowAuditTrailResult(events=events, count=len(events))

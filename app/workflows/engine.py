@@ -1,0 +1,239 @@
+"""Temporal side of user-defined workflows: starting executions, reading
+their live state, schedules for triggers, and task queue statistics."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+)
+from temporalio.common import Priority, SearchAttributePair, TypedSearchAttributes
+from temporalio.service import RPCError, RPCStatusCode
+
+from app.contracts.queues import ORCHESTRATION
+from app.contracts.workflows import ExecutionState, FlowInput, WorkflowDefinition
+from app.temporal.search_attributes import (
+    DEFINITION_ID,
+    DEFINITION_NAME,
+    EXECUTION_KIND,
+)
+from workflows.flow import EXECUTION_KIND_VALUE, FlowNexusWorkflow, priority_key
+
+logger = logging.getLogger(__name__)
+
+_RPC_TIMEOUT = timedelta(seconds=5)
+
+
+def new_execution_id() -> str:
+    return f"wfx_{secrets.token_hex(8)}"
+
+
+def search_attributes(workflow_id: str, name: str) -> TypedSearchAttributes:
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(DEFINITION_ID, workflow_id),
+            SearchAttributePair(DEFINITION_NAME, name),
+            SearchAttributePair(EXECUTION_KIND, EXECUTION_KIND_VALUE),
+        ]
+    )
+
+
+def memo(workflow_id: str, version: int, definition: WorkflowDefinition) -> dict:
+    return {
+        "definition_name": definition.name,
+        "workflow_id": workflow_id,
+        "version": version,
+    }
+
+
+async def start_execution(
+    client: Client,
+    workflow_id: str,
+    version: int,
+    definition: WorkflowDefinition,
+    input_data: dict[str, Any],
+    *,
+    execution_id: str | None = None,
+) -> WorkflowHandle[FlowNexusWorkflow, ExecutionState]:
+    """Start one run of a stored definition version on the orchestration queue.
+
+    Eager start is requested: when this client's process also runs the
+    orchestration worker, the server hands the first workflow task straight
+    back, which saves a round trip through the task queue.
+    """
+    execution_id = execution_id or new_execution_id()
+    handle = await client.start_workflow(
+        FlowNexusWorkflow.run,
+        FlowInput(
+            definition=definition,
+            workflow_id=workflow_id,
+            version=version,
+            input_data=input_data,
+        ),
+        id=execution_id,
+        task_queue=ORCHESTRATION,
+        search_attributes=search_attributes(workflow_id, definition.name),
+        memo=memo(workflow_id, version, definition),
+        static_summary=f"{definition.name} (v{version})",
+        static_details=definition.description,
+        priority=Priority(priority_key=priority_key(definition.priority)),
+        request_eager_start=True,
+    )
+    logger.info(
+        "started execution %s of workflow %s v%d", execution_id, workflow_id, version
+    )
+    return handle
+
+
+async def live_state(client: Client, execution_id: str) -> ExecutionState | None:
+    """Query a running execution's state; None when it is closed or unknown."""
+    handle = client.get_workflow_handle(execution_id)
+    try:
+        description = await handle.describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return None
+    try:
+        return await handle.query("state", result_type=ExecutionState)
+    except RPCError as error:
+        logger.warning("query of execution %s failed: %s", execution_id, error)
+        return None
+
+
+def schedule_id(workflow_id: str, index: int) -> str:
+    return f"{workflow_id}-schedule-{index}"
+
+
+async def sync_schedules(
+    client: Client,
+    workflow_id: str,
+    version: int,
+    definition: WorkflowDefinition | None,
+    previous_count: int,
+) -> list[str]:
+    """Make the definition's Temporal Schedules match its schedule triggers.
+
+    Schedules are numbered by trigger position; a new version updates them in
+    place and deletes those past its last trigger. `definition=None` deletes
+    all of them. Returns the ids of the schedules that now exist.
+    """
+    triggers = (
+        [t for t in definition.triggers if t.type == "schedule"] if definition else []
+    )
+    kept: list[str] = []
+    for index, trigger in enumerate(triggers):
+        assert definition is not None and trigger.cron is not None
+        sid = schedule_id(workflow_id, index)
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(
+                FlowNexusWorkflow.run,
+                FlowInput(
+                    definition=definition,
+                    workflow_id=workflow_id,
+                    version=version,
+                    input_data=trigger.input_data,
+                ),
+                id=f"{workflow_id}-scheduled",
+                task_queue=ORCHESTRATION,
+                typed_search_attributes=search_attributes(workflow_id, definition.name),
+                memo=memo(workflow_id, version, definition),
+                static_summary=f"{definition.name} (v{version}, scheduled)",
+                priority=Priority(priority_key=priority_key(definition.priority)),
+            ),
+            spec=ScheduleSpec(cron_expressions=[trigger.cron]),
+        )
+        try:
+            await client.create_schedule(
+                sid,
+                schedule,
+                memo={"definition_name": definition.name, "workflow_id": workflow_id},
+            )
+            logger.info("created schedule %s (%s)", sid, trigger.cron)
+        except ScheduleAlreadyRunningError:
+
+            def replace(
+                _: ScheduleUpdateInput, new: Schedule = schedule
+            ) -> ScheduleUpdate:
+                return ScheduleUpdate(schedule=new)
+
+            await client.get_schedule_handle(sid).update(replace)
+            logger.info("updated schedule %s (%s)", sid, trigger.cron)
+        kept.append(sid)
+    for index in range(len(triggers), previous_count):
+        sid = schedule_id(workflow_id, index)
+        try:
+            await client.get_schedule_handle(sid).delete()
+            logger.info("deleted schedule %s", sid)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+    return kept
+
+
+def schedule_count(definition: WorkflowDefinition | None) -> int:
+    if definition is None:
+        return 0
+    return sum(1 for t in definition.triggers if t.type == "schedule")
+
+
+async def describe_queue_stats(
+    client: Client, namespace: str, queue: str
+) -> dict[str, Any]:
+    """Return pollers and backlog of `queue` for workflow and activity tasks."""
+    described: dict[str, Any] = {"task_queue": queue}
+    for label, kind in (
+        ("workflow", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+        ("activity", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY),
+    ):
+        response = await client.workflow_service.describe_task_queue(
+            DescribeTaskQueueRequest(
+                namespace=namespace,
+                task_queue=TaskQueue(name=queue),
+                task_queue_type=kind,
+                report_stats=True,
+            ),
+            timeout=_RPC_TIMEOUT,
+        )
+        stats = response.stats
+        backlog_age = (
+            stats.approximate_backlog_age.ToTimedelta().total_seconds()
+            if stats.HasField("approximate_backlog_age")
+            else 0.0
+        )
+        described[label] = {
+            "pollers": [
+                {
+                    "identity": p.identity,
+                    "last_access_time": (
+                        p.last_access_time.ToDatetime(tzinfo=UTC)
+                        if p.HasField("last_access_time")
+                        else None
+                    ),
+                }
+                for p in response.pollers
+            ],
+            "backlog": int(stats.approximate_backlog_count),
+            "backlog_age_seconds": backlog_age,
+            "tasks_add_rate": round(stats.tasks_add_rate, 3),
+            "tasks_dispatch_rate": round(stats.tasks_dispatch_rate, 3),
+        }
+    described["read_at"] = datetime.now(UTC)
+    return described

@@ -1,0 +1,414 @@
+"""Database access for definitions, executions, step states and audit events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.contracts.workflows import (
+    AuditEntry,
+    ExecutionState,
+    ProgressRecord,
+    StepState,
+    WorkflowDefinition,
+)
+from app.db import session_scope
+from app.db.models import utc_now
+from app.workflows.models import (
+    WorkflowAuditRow,
+    WorkflowDefinitionRow,
+    WorkflowExecutionRow,
+    WorkflowStepRow,
+    WorkflowVersionRow,
+)
+
+
+class NotFoundError(LookupError):
+    """A definition or execution id that the database does not contain."""
+
+
+def spec_hash(definition: WorkflowDefinition) -> str:
+    text = json.dumps(definition.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def new_definition_id() -> str:
+    return f"wf_{secrets.token_hex(6)}"
+
+
+def save_definition(
+    url: str, definition: WorkflowDefinition
+) -> tuple[WorkflowDefinitionRow, int, bool]:
+    """Store `definition` under its name; return (row, version, is_new_version).
+
+    The same name with a changed body makes a new version; an unchanged body
+    keeps the latest version.
+    """
+    digest = spec_hash(definition)
+    spec = definition.model_dump(mode="json")
+    with session_scope(url) as session:
+        row = session.exec(
+            select(WorkflowDefinitionRow).where(
+                WorkflowDefinitionRow.name == definition.name
+            )
+        ).first()
+        if row is None:
+            row = WorkflowDefinitionRow(
+                id=new_definition_id(),
+                name=definition.name,
+                description=definition.description,
+                priority=definition.priority,
+                latest_version=1,
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                WorkflowVersionRow(
+                    definition_id=row.id, version=1, spec=spec, spec_hash=digest
+                )
+            )
+            return row, 1, True
+        latest = _version_row(session, row.id, row.latest_version)
+        if latest.spec_hash == digest and row.status == "active":
+            return row, row.latest_version, False
+        row.latest_version += 1
+        row.description = definition.description
+        row.priority = definition.priority
+        row.status = "active"
+        row.updated_at = utc_now()
+        session.add(row)
+        session.add(
+            WorkflowVersionRow(
+                definition_id=row.id,
+                version=row.latest_version,
+                spec=spec,
+                spec_hash=digest,
+            )
+        )
+        return row, row.latest_version, True
+
+
+def _version_row(session: Any, definition_id: str, version: int) -> WorkflowVersionRow:
+    found = session.exec(
+        select(WorkflowVersionRow).where(
+            WorkflowVersionRow.definition_id == definition_id,
+            WorkflowVersionRow.version == version,
+        )
+    ).first()
+    if found is None:
+        raise NotFoundError(
+            f"workflow {definition_id!r} has no version {version}; list versions "
+            "with `nexus workflow list`"
+        )
+    return found
+
+
+def get_definition(
+    url: str, workflow_id: str, version: int | None = None
+) -> tuple[WorkflowDefinitionRow, int, WorkflowDefinition]:
+    """Return the definition row, the version number and that version's body.
+
+    Raises:
+        NotFoundError: no such workflow id or version.
+    """
+    with session_scope(url) as session:
+        row = session.get(WorkflowDefinitionRow, workflow_id)
+        if row is None:
+            raise NotFoundError(
+                f"workflow {workflow_id!r} not found; create it with "
+                "workflow_create or list ids with workflow_list"
+            )
+        chosen = version or row.latest_version
+        spec = _version_row(session, workflow_id, chosen).spec
+        return row, chosen, WorkflowDefinition.model_validate(spec)
+
+
+def delete_definition(url: str, workflow_id: str) -> WorkflowDefinitionRow:
+    with session_scope(url) as session:
+        row = session.get(WorkflowDefinitionRow, workflow_id)
+        if row is None:
+            raise NotFoundError(f"workflow {workflow_id!r} not found")
+        row.status = "deleted"
+        row.updated_at = utc_now()
+        session.add(row)
+        return row
+
+
+def list_definitions(
+    url: str, *, limit: int, offset: int, status: str | None
+) -> list[dict[str, Any]]:
+    """Return definitions, newest first, each with its latest execution."""
+    with session_scope(url) as session:
+        query = select(WorkflowDefinitionRow).order_by(
+            col(WorkflowDefinitionRow.created_at).desc(),
+            col(WorkflowDefinitionRow.id),
+        )
+        rows = session.exec(query).all()
+        listed: list[dict[str, Any]] = []
+        for row in rows:
+            last = session.exec(
+                select(WorkflowExecutionRow)
+                .where(WorkflowExecutionRow.definition_id == row.id)
+                .order_by(col(WorkflowExecutionRow.started_at).desc())
+                .limit(1)
+            ).first()
+            last_status = last.status if last else None
+            if status is not None and status not in (row.status, last_status):
+                continue
+            listed.append(
+                {
+                    "workflow_id": row.id,
+                    "name": row.name,
+                    "description": row.description,
+                    "priority": row.priority,
+                    "version": row.latest_version,
+                    "status": row.status,
+                    "created_at": row.created_at,
+                    "updated_at": row.updated_at,
+                    "last_execution_id": last.id if last else None,
+                    "last_execution_status": last_status,
+                }
+            )
+        return listed[offset : offset + limit]
+
+
+def register_execution(
+    url: str, state: ExecutionState, definition: WorkflowDefinition
+) -> tuple[str, int]:
+    """Insert the execution and its pending steps; bind an unsaved snapshot to
+    a stored definition first. Return (workflow_id, version).
+
+    Idempotent: an activity retry finds the rows it wrote and keeps them.
+    """
+    workflow_id, version = state.workflow_id, state.version
+    if workflow_id is None or version is None:
+        row, version, _ = save_definition(url, definition)
+        workflow_id = row.id
+    with session_scope(url) as session:
+        existing = session.get(WorkflowExecutionRow, state.execution_id)
+        if existing is None:
+            session.add(
+                WorkflowExecutionRow(
+                    id=state.execution_id,
+                    run_id=state.run_id,
+                    definition_id=workflow_id,
+                    version=version,
+                    name=state.name,
+                    status=state.status,
+                    priority=state.priority,
+                    input_data=state.input_data,
+                    started_at=state.started_at,
+                )
+            )
+            for position, step in enumerate(state.steps):
+                session.add(_step_row(state.execution_id, position, step))
+    return workflow_id, version
+
+
+def _step_row(execution_id: str, position: int, step: StepState) -> WorkflowStepRow:
+    row = WorkflowStepRow(
+        execution_id=execution_id,
+        position=position,
+        name=step.name,
+        type=step.type,
+        status=step.status,
+    )
+    _copy_step(row, step)
+    return row
+
+
+def _copy_step(row: WorkflowStepRow, step: StepState) -> None:
+    row.type = step.type
+    row.status = step.status
+    row.depends_on = list(step.depends_on)
+    row.task_queue = step.task_queue
+    row.agent = step.agent
+    row.agent_type = step.agent_type
+    row.agent_id = step.agent_id
+    row.attempts = step.attempts
+    row.started_at = step.started_at
+    row.finished_at = step.finished_at
+    row.output = step.output
+    row.error = step.error
+
+
+def record_progress(url: str, record: ProgressRecord) -> None:
+    """Update the execution row and the changed steps, and append the events,
+    in one transaction."""
+    state = record.state
+    with session_scope(url) as session:
+        execution = session.get(WorkflowExecutionRow, state.execution_id)
+        if execution is None:
+            raise NotFoundError(
+                f"execution {state.execution_id!r} was never registered"
+            )
+        execution.status = state.status
+        execution.error = state.error
+        execution.closed_at = state.closed_at
+        execution.updated_at = utc_now()
+        session.add(execution)
+        steps = {s.name: s for s in state.steps}
+        if record.changed_steps:
+            rows = session.exec(
+                select(WorkflowStepRow).where(
+                    WorkflowStepRow.execution_id == state.execution_id,
+                    col(WorkflowStepRow.name).in_(record.changed_steps),
+                )
+            ).all()
+            for row in rows:
+                _copy_step(row, steps[row.name])
+                session.add(row)
+        for entry in record.events:
+            session.add(_audit_row(entry, execution.definition_id))
+
+
+def _audit_row(entry: AuditEntry, definition_id: str | None) -> WorkflowAuditRow:
+    return WorkflowAuditRow(
+        definition_id=entry.workflow_id or definition_id,
+        execution_id=entry.execution_id,
+        step=entry.step,
+        event=entry.event,
+        status=entry.status,
+        at=entry.at,
+        attempt=entry.attempt,
+        details=entry.details,
+    )
+
+
+def append_audit(url: str, entry: AuditEntry) -> None:
+    with session_scope(url) as session:
+        session.add(_audit_row(entry, entry.workflow_id))
+
+
+def get_execution(url: str, execution_id: str) -> ExecutionState:
+    """Return an execution with its steps as last persisted.
+
+    Raises:
+        NotFoundError: no such execution.
+    """
+    with session_scope(url) as session:
+        row = session.get(WorkflowExecutionRow, execution_id)
+        if row is None:
+            raise NotFoundError(
+                f"execution {execution_id!r} not found; list executions with "
+                "workflow_status and a workflow_id"
+            )
+        steps = session.exec(
+            select(WorkflowStepRow)
+            .where(WorkflowStepRow.execution_id == execution_id)
+            .order_by(col(WorkflowStepRow.position))
+        ).all()
+        return ExecutionState(
+            execution_id=row.id,
+            run_id=row.run_id,
+            workflow_id=row.definition_id,
+            version=row.version,
+            name=row.name,
+            status=row.status,
+            priority=row.priority,
+            input_data=row.input_data,
+            started_at=row.started_at,
+            closed_at=row.closed_at,
+            error=row.error,
+            steps=[
+                StepState(
+                    name=s.name,
+                    type=s.type,
+                    status=s.status,
+                    depends_on=s.depends_on,
+                    task_queue=s.task_queue,
+                    agent=s.agent,
+                    agent_type=s.agent_type,
+                    agent_id=s.agent_id,
+                    attempts=s.attempts,
+                    started_at=s.started_at,
+                    finished_at=s.finished_at,
+                    output=s.output,
+                    error=s.error,
+                )
+                for s in steps
+            ],
+        )
+
+
+def list_executions(
+    url: str, *, workflow_id: str | None, limit: int
+) -> list[WorkflowExecutionRow]:
+    with session_scope(url) as session:
+        query = select(WorkflowExecutionRow).order_by(
+            col(WorkflowExecutionRow.started_at).desc()
+        )
+        if workflow_id is not None:
+            query = query.where(WorkflowExecutionRow.definition_id == workflow_id)
+        return list(session.exec(query.limit(limit)).all())
+
+
+def update_step_agent(
+    url: str,
+    execution_id: str,
+    step: str,
+    agent_type: str | None,
+    agent_id: str | None,
+) -> None:
+    with session_scope(url) as session:
+        row = session.exec(
+            select(WorkflowStepRow).where(
+                WorkflowStepRow.execution_id == execution_id,
+                WorkflowStepRow.name == step,
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError(f"execution {execution_id!r} has no step {step!r}")
+        row.agent_type = agent_type
+        row.agent = None
+        row.agent_id = agent_id
+        session.add(row)
+
+
+def audit_trail(
+    url: str,
+    *,
+    workflow_id: str | None,
+    limit: int,
+    start_time: datetime | None,
+) -> list[WorkflowAuditRow]:
+    """Return transitions in the order they were recorded, oldest first,
+    merged across every execution of `workflow_id` (or of all definitions)."""
+    with session_scope(url) as session:
+        query = select(WorkflowAuditRow).order_by(
+            col(WorkflowAuditRow.at), col(WorkflowAuditRow.id)
+        )
+        if workflow_id is not None:
+            query = query.where(WorkflowAuditRow.definition_id == workflow_id)
+        if start_time is not None:
+            query = query.where(col(WorkflowAuditRow.at) >= start_time)
+        return list(session.exec(query.limit(limit)).all())
+
+
+def running_steps_on_queue(url: str, queue: str, limit: int) -> list[dict[str, Any]]:
+    """Steps that are running on `queue` now, according to the database."""
+    with session_scope(url) as session:
+        rows = session.exec(
+            select(WorkflowStepRow)
+            .where(
+                WorkflowStepRow.task_queue == queue,
+                WorkflowStepRow.status == "running",
+            )
+            .order_by(col(WorkflowStepRow.started_at))
+            .limit(limit)
+        ).all()
+        return [
+            {
+                "execution_id": r.execution_id,
+                "step": r.name,
+                "type": r.type,
+                "started_at": r.started_at,
+                "agent_type": r.agent_type,
+            }
+            for r in rows
+        ]
