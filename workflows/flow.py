@@ -16,6 +16,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import Priority, RetryPolicy
+from temporalio.workflow import ActivityCancellationType
 from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 with workflow.unsafe.imports_passed_through():
@@ -345,6 +346,11 @@ class FlowNexusWorkflow:
             non_retryable_error_types=NON_RETRYABLE_TYPES,
         )
         timeout = timedelta(seconds=spec.timeout)
+        heartbeat = (
+            timedelta(seconds=step_type.heartbeat_timeout)
+            if step_type.heartbeat_timeout
+            else None
+        )
         if step_type.local:
             return await workflow.execute_local_activity(
                 step_type.activity,
@@ -364,6 +370,12 @@ class FlowNexusWorkflow:
             activity_id=spec.name,
             summary=f"{spec.name} ({spec.type})",
             priority=Priority(priority_key=priority_key(self._state.priority)),
+            heartbeat_timeout=heartbeat,
+            cancellation_type=(
+                ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+                if heartbeat
+                else ActivityCancellationType.TRY_CANCEL
+            ),
             result_type=StepOutcome,
         )
 

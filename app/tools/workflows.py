@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from app.contracts.queues import ALL_QUEUES
@@ -364,9 +364,11 @@ async def workflow_agent_assign(
             f"cannot assign step {step!r} of execution {owner!r}: {error.message}",
             kind="conflict",
         ) from None
-    except Exception as error:  # update rejected by the workflow's validator
+    except WorkflowUpdateFailedError as error:
+        # The workflow's validator rejected it; its message is the cause.
         raise ToolError(
-            f"cannot assign step {step!r} of execution {owner!r}: {error}",
+            f"cannot assign step {step!r} of execution {owner!r}: "
+            f"{error.cause.message if hasattr(error.cause, 'message') else error}",
             kind="conflict",
         ) from None
     await asyncio.to_thread(

@@ -45,6 +45,9 @@ class StepType:
         local: run as a local activity inside the workflow's worker, which
             saves two server round trips; only for short, cheap work.
         wants_upstream: pass every upstream step's output in the request.
+        heartbeat_timeout: seconds, for activities that heartbeat. A cancel
+            reaches an activity only through a heartbeat, so with this set a
+            cancelled run waits until the step's activity has stopped.
         missing: set when the capability behind the type is not installed;
             a step of this type then fails with this text, never succeeds.
     """
@@ -55,6 +58,7 @@ class StepType:
     params_model: type[BaseModel] = AnyParams
     local: bool = False
     wants_upstream: bool = False
+    heartbeat_timeout: float | None = None
     missing: str | None = None
 
     @property

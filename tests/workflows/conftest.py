@@ -29,7 +29,9 @@ async def flaky(request: StepRequest) -> StepOutcome:
     """Fail until attempt `params.succeed_on`, then return the attempt."""
     attempt = activity.info().attempt
     if attempt < int(request.params.get("succeed_on", 3)):
-        raise ApplicationError(f"flaky failure on attempt {attempt}", {"attempt": attempt})
+        raise ApplicationError(
+            f"flaky failure on attempt {attempt}", {"attempt": attempt}
+        )
     return StepOutcome(output={"succeeded_on": attempt}, attempt=attempt)
 
 
@@ -61,7 +63,7 @@ async def sleep(request: StepRequest) -> StepOutcome:
 
 for _name in ("test_flaky", "test_broken", "test_sleep"):
     if get_step_type(_name) is None:
-        register_step_type(StepType(_name, _name, TEST_QUEUE))
+        register_step_type(StepType(_name, _name, TEST_QUEUE, heartbeat_timeout=2))
 
 
 @pytest.fixture
@@ -83,5 +85,5 @@ def tools(client: Client, settings: Settings) -> ToolContext:
     return ToolContext(settings, user_id="tester", temporal_client=client)
 
 
-async def call(ctx: ToolContext, name: str, **arguments: Any) -> dict[str, Any]:
-    return await invoke_tool(ctx, name, arguments)
+async def call(ctx: ToolContext, tool_name: str, /, **arguments: Any) -> dict[str, Any]:
+    return await invoke_tool(ctx, tool_name, arguments)

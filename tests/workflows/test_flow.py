@@ -1,0 +1,409 @@
+"""FlowNexusWorkflow runs through the tools against a real dev server, on
+SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+
+from app.contracts.workflows import ExecutionState
+from app.settings import Settings
+from app.storage.local import storage_for
+from app.tools import ToolContext, ToolError
+from tests.support.replay import replay_run
+from tests.workflows.conftest import CANCELLED, call
+from workers.registry import all_workflows
+
+
+async def _create(
+    ctx: ToolContext, name: str, steps: list[dict[str, Any]], **extra: Any
+) -> str:
+    created = await call(ctx, "workflow_create", name=name, steps=steps, **extra)
+    return str(created["workflow_id"])
+
+
+async def _run(
+    ctx: ToolContext, workflow_id: str, input_data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    result = await call(
+        ctx,
+        "workflow_execute",
+        workflow_id=workflow_id,
+        input_data=input_data or {},
+        **{"async": False},
+    )
+    return result
+
+
+def _steps(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in state["steps"]}
+
+
+async def test_templates_pass_outputs(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "templating",
+        [
+            {"name": "first", "type": "echo", "params": {"n": "{{input.n}}"}},
+            {
+                "name": "second",
+                "type": "echo",
+                "depends_on": ["first"],
+                "params": {
+                    "copied": "{{steps.first.output.n}}",
+                    "text": "n is {{steps.first.output.n}} for {{input.who}}",
+                },
+            },
+        ],
+    )
+    result = await _run(tools, workflow_id, {"n": 41, "who": "ada"})
+    assert result["status"] == "completed"
+    steps = _steps(result["result"])
+    assert steps["first"]["output"] == {"n": 41}
+    assert steps["second"]["output"] == {"copied": 41, "text": "n is 41 for ada"}
+    assert steps["second"]["attempts"] == 1
+    stored = await call(
+        tools,
+        "workflow_status",
+        execution_id=result["execution_id"],
+        include_metrics=True,
+    )
+    assert stored["source"] == "database"
+    assert stored["execution"]["version"] == 1
+    assert _steps(stored["execution"])["second"]["status"] == "completed"
+    assert stored["metrics"]["steps_by_status"] == {"completed": 2}
+    await replay_run(client, result["execution_id"], all_workflows())
+
+
+async def test_independent_steps_overlap(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "parallel",
+        [
+            {"name": "start", "type": "echo"},
+            {
+                "name": "left",
+                "type": "test_sleep",
+                "depends_on": ["start"],
+                "params": {"seconds": 1.0},
+            },
+            {
+                "name": "right",
+                "type": "test_sleep",
+                "depends_on": ["start"],
+                "params": {"seconds": 1.0},
+            },
+            {"name": "join", "type": "echo", "depends_on": ["left", "right"]},
+        ],
+    )
+    result = await _run(tools, workflow_id)
+    steps = _steps(result["result"])
+    left, right, join = steps["left"], steps["right"], steps["join"]
+    # Overlap: each branch starts before the other one ends.
+    assert left["started_at"] < right["finished_at"]
+    assert right["started_at"] < left["finished_at"]
+    assert join["started_at"] >= max(left["finished_at"], right["finished_at"])
+    await replay_run(client, result["execution_id"], all_workflows())
+
+
+async def test_flaky_step_succeeds_on_retry(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "flaky",
+        [
+            {
+                "name": "flaky",
+                "type": "test_flaky",
+                "retry_attempts": 2,
+                "params": {"succeed_on": 3},
+            }
+        ],
+    )
+    result = await _run(tools, workflow_id)
+    step = _steps(result["result"])["flaky"]
+    assert step["status"] == "completed"
+    assert step["attempts"] == 3
+    assert step["output"] == {"succeeded_on": 3}
+
+
+async def test_failed_step_skips_dependents(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "failing",
+        [
+            {"name": "broken", "type": "test_broken", "retry_attempts": 1},
+            {"name": "after", "type": "echo", "depends_on": ["broken"]},
+            {"name": "later", "type": "echo", "depends_on": ["after"]},
+            {"name": "independent", "type": "echo"},
+        ],
+    )
+    with pytest.raises(ToolError) as caught:
+        await _run(tools, workflow_id)
+    assert "step 'broken' failed" in caught.value.message
+    assert "broken on purpose (attempt 2)" in caught.value.message
+    listed = await call(tools, "workflow_status", workflow_id=workflow_id)
+    execution_id = listed["executions"][0]["execution_id"]
+    status = await call(tools, "workflow_status", execution_id=execution_id)
+    execution = status["execution"]
+    steps = _steps(execution)
+    assert execution["status"] == "failed"
+    assert steps["broken"]["status"] == "failed"
+    assert steps["broken"]["attempts"] == 2
+    assert steps["after"]["status"] == "skipped"
+    assert "upstream step 'broken' failed" in steps["after"]["error"]
+    assert steps["later"]["status"] == "skipped"
+    assert steps["independent"]["status"] == "completed"
+    with pytest.raises(WorkflowFailureError):
+        await client.get_workflow_handle(execution_id).result()
+    await replay_run(client, execution_id, all_workflows())
+
+
+async def test_continue_on_failure_runs_dependents(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "tolerant",
+        [
+            {
+                "name": "broken",
+                "type": "test_broken",
+                "retry_attempts": 0,
+                "continue_on_failure": True,
+            },
+            {"name": "after", "type": "echo", "depends_on": ["broken"]},
+        ],
+    )
+    result = await _run(tools, workflow_id)
+    steps = _steps(result["result"])
+    assert result["status"] == "completed"
+    assert steps["broken"]["status"] == "failed"
+    assert steps["after"]["status"] == "completed"
+
+
+async def test_unavailable_type_fails_clearly(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools, "sandboxed", [{"name": "run code", "type": "sandbox_execution"}]
+    )
+    with pytest.raises(ToolError) as caught:
+        await _run(tools, workflow_id)
+    assert "step type 'sandbox_execution' is not available" in caught.value.message
+    assert "sandboxes capability is not installed" in caught.value.message
+
+
+async def test_cancel_stops_running_step(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "cancellable",
+        [
+            {"name": "long", "type": "test_sleep", "params": {"seconds": 60}},
+            {"name": "after", "type": "echo", "depends_on": ["long"]},
+        ],
+    )
+    started = await call(tools, "workflow_execute", workflow_id=workflow_id)
+    execution_id = started["execution_id"]
+    await _wait_for_step(tools, execution_id, "long", "running")
+    handle = client.get_workflow_handle(execution_id)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    status = await call(tools, "workflow_status", execution_id=execution_id)
+    steps = _steps(status["execution"])
+    assert status["source"] == "database"
+    assert status["execution"]["status"] == "cancelled"
+    assert steps["long"]["status"] == "cancelled"
+    assert steps["after"]["status"] == "skipped"
+    for _ in range(50):
+        if f"{execution_id}/long" in CANCELLED:
+            break
+        await asyncio.sleep(0.1)
+    assert f"{execution_id}/long" in CANCELLED
+    await replay_run(client, execution_id, all_workflows())
+
+
+async def _wait_for_step(
+    ctx: ToolContext, execution_id: str, step: str, wanted: str
+) -> dict[str, Any]:
+    for _ in range(100):
+        status = await call(ctx, "workflow_status", execution_id=execution_id)
+        if (
+            status["execution"]
+            and _steps(status["execution"])[step]["status"] == wanted
+        ):
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"step {step} of {execution_id} never became {wanted}")
+
+
+async def test_storage_and_reporting(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "store-and-report",
+        [
+            {"name": "health", "type": "system_initialization"},
+            {
+                "name": "put",
+                "type": "storage",
+                "depends_on": ["health"],
+                "params": {
+                    "operation": "put",
+                    "bucket": "data",
+                    "path": "in/{{input.name}}.txt",
+                    "content": "{{input.text}}",
+                },
+            },
+            {
+                "name": "get",
+                "type": "storage",
+                "depends_on": ["put"],
+                "params": {
+                    "operation": "get",
+                    "bucket": "data",
+                    "path": "{{steps.put.output.path}}",
+                },
+            },
+            {
+                "name": "report",
+                "type": "reporting",
+                "depends_on": ["get"],
+                "params": {"title": "Round trip", "path": "r/{{input.name}}.md"},
+            },
+        ],
+    )
+    result = await _run(tools, workflow_id, {"name": "hello", "text": "hi | there"})
+    steps = _steps(result["result"])
+    assert steps["health"]["output"]["database"] == "healthy"
+    assert steps["put"]["output"]["size"] == len("hi | there")
+    assert steps["get"]["output"]["content"] == "hi | there"
+    assert steps["report"]["output"]["steps_reported"] == ["get", "health", "put"]
+    report = storage_for(flow_workers).get("reports", "r/hello.md").decode()
+    assert report.startswith("# Round trip")
+    assert "## get" in report
+    assert "| content | hi \\| there |" in report
+
+
+async def test_versions_and_audit_trail(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    steps = [{"name": "a", "type": "echo"}]
+    first = await call(tools, "workflow_create", name="versioned", steps=steps)
+    same = await call(tools, "workflow_create", name="versioned", steps=steps)
+    assert same["version"] == 1
+    assert same["new_version"] is False
+    changed = await call(
+        tools,
+        "workflow_create",
+        name="versioned",
+        steps=[*steps, {"name": "b", "type": "echo", "depends_on": ["a"]}],
+    )
+    assert changed["workflow_id"] == first["workflow_id"]
+    assert changed["version"] == 2
+    assert first["features"] == ["message_queues", "audit_trail", "agent_assignment"]
+    run_one = await _run(tools, first["workflow_id"])
+    run_two = await _run(tools, first["workflow_id"])
+    assert run_one["version"] == 2
+    trail = await call(
+        tools, "workflow_audit_trail", workflow_id=first["workflow_id"], limit=100
+    )
+    events = [(e["execution_id"], e["step"], e["event"]) for e in trail["events"]]
+    one, two = run_one["execution_id"], run_two["execution_id"]
+    assert events == [
+        (one, None, "execution.started"),
+        (one, "a", "step.running"),
+        (one, "a", "step.completed"),
+        (one, "b", "step.running"),
+        (one, "b", "step.completed"),
+        (one, None, "execution.completed"),
+        (two, None, "execution.started"),
+        (two, "a", "step.running"),
+        (two, "a", "step.completed"),
+        (two, "b", "step.running"),
+        (two, "b", "step.completed"),
+        (two, None, "execution.completed"),
+    ]
+    listed = await call(tools, "workflow_list")
+    names = {w["name"]: w for w in listed["workflows"]}
+    assert names["versioned"]["version"] == 2
+    assert names["versioned"]["last_execution_status"] == "completed"
+
+
+async def test_agent_assignment(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "assigned",
+        [
+            {"name": "wait", "type": "test_sleep", "params": {"seconds": 2}},
+            {
+                "name": "code",
+                "type": "echo",
+                "agent_type": "coder",
+                "depends_on": ["wait"],
+            },
+        ],
+    )
+    started = await call(tools, "workflow_execute", workflow_id=workflow_id)
+    execution_id = started["execution_id"]
+    await _wait_for_step(tools, execution_id, "wait", "running")
+    assigned = await call(
+        tools,
+        "workflow_agent_assign",
+        task_id=f"{execution_id}/code",
+        agent_type="reviewer",
+    )
+    assert assigned["agent_type"] == "reviewer"
+    assert assigned["agent_id"] is None  # no swarm capability in this build
+    with pytest.raises(ToolError, match="only a pending step"):
+        await call(
+            tools,
+            "workflow_agent_assign",
+            task_id=f"{execution_id}/wait",
+            agent_type="coder",
+        )
+    handle = client.get_workflow_handle(execution_id, result_type=ExecutionState)
+    final = await handle.result()
+    assert _steps(final.model_dump(mode="json"))["code"]["agent_type"] == "reviewer"
+    in_definition = await call(
+        tools,
+        "workflow_agent_assign",
+        task_id=f"{workflow_id}/code",
+        agent_type="analyst",
+    )
+    assert in_definition["version"] == 2
+    trail = await call(tools, "workflow_audit_trail", workflow_id=workflow_id)
+    assert "step.agent_assigned" in [e["event"] for e in trail["events"]]
+
+
+async def test_queue_status_reports_pollers(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    result = await call(
+        tools,
+        "workflow_queue_status",
+        queue_name="nexus-orchestration",
+        include_messages=True,
+    )
+    queue = result["queues"][0]
+    assert queue["task_queue"] == "nexus-orchestration"
+    assert queue["workflow"]["pollers"]
+    assert queue["activity"]["pollers"]
+    assert queue["workflow"]["backlog"] >= 0
+    assert queue["messages"] == []
