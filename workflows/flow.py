@@ -17,7 +17,13 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import Priority, RetryPolicy
 from temporalio.workflow import ActivityCancellationType
-from temporalio.exceptions import ActivityError, ApplicationError, RetryState
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    RetryState,
+    TimeoutError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.workflows import (
@@ -396,7 +402,7 @@ class FlowNexusWorkflow:
             outputs[name] = outcome.output
             self._event(name, "step.completed", "completed", outcome.attempt)
             return
-        if not isinstance(error, ActivityError):
+        if not isinstance(error, FailureError):
             raise error
         message, attempts = _describe_failure(error)
         self._fail(name, message, attempts)
@@ -461,15 +467,23 @@ class FlowNexusWorkflow:
         workflow.logger.info("execution %s cancelled", self._state.execution_id)
 
 
-def _describe_failure(error: ActivityError) -> tuple[str, int]:
-    """Return the step's error message and the attempts it took."""
-    cause = error.cause
-    message = str(cause) if cause is not None else str(error)
+def _describe_failure(error: FailureError) -> tuple[str, int]:
+    """Return the step's error message and the attempts it took.
+
+    An activity's failure arrives as an ActivityError around the cause; a
+    local activity's failure arrives as the cause itself.
+    """
+    cause = error.cause if isinstance(error, ActivityError) else error
+    message = (cause.message if isinstance(cause, FailureError) else str(cause)) or (
+        error.message
+    )
     attempts = 1
     if isinstance(cause, ApplicationError) and cause.details:
         detail = cause.details[0]
         if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
             attempts = detail["attempt"]
-    elif error.retry_state == RetryState.TIMEOUT:
+    elif isinstance(cause, TimeoutError) or (
+        isinstance(error, ActivityError) and error.retry_state == RetryState.TIMEOUT
+    ):
         message = f"timed out: {message}"
     return message, attempts

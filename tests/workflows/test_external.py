@@ -1,0 +1,202 @@
+"""Runs started from outside the tools: the temporal CLI, a plain SDK
+client and a schedule; visibility by search attribute; a saved history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+
+from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleRange
+
+from app.contracts.workflows import ExecutionState
+from app.settings import Settings
+from app.temporal.devserver import temporal_binary
+from app.tools import ToolContext
+from app.workflows import store
+from tests.support.replay import replay_run, replay_saved
+from tests.workflows.conftest import call
+from workers.registry import all_workflows
+
+
+def _temporal(address: str, *args: str) -> str:
+    done = subprocess.run(
+        [str(temporal_binary()), *args, "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_cli_start_registers_and_is_listed(
+    client: Client, flow_workers: Settings, temporal_address: str
+) -> None:
+    name = f"external-{uuid.uuid4().hex[:6]}"
+    execution_id = f"cli-{uuid.uuid4().hex[:8]}"
+    flow_input = {
+        "definition": {
+            "name": name,
+            "steps": [
+                {"name": "a", "type": "echo", "params": {"v": "{{input.v}}"}},
+                {
+                    "name": "b",
+                    "type": "echo",
+                    "depends_on": ["a"],
+                    "params": {"w": "{{steps.a.output.v}}"},
+                },
+            ],
+        },
+        "input_data": {"v": 5},
+    }
+    _temporal(
+        temporal_address,
+        "workflow",
+        "start",
+        "--type",
+        "FlowNexusWorkflow",
+        "--task-queue",
+        "nexus-orchestration",
+        "--workflow-id",
+        execution_id,
+        "--input",
+        json.dumps(flow_input),
+    )
+    handle = client.get_workflow_handle(execution_id, result_type=ExecutionState)
+    final = await handle.result()
+    assert final.status == "completed"
+    assert final.steps[1].output == {"w": 5}
+    row, version, definition = store.get_definition(
+        flow_workers.effective_database_url, str(final.workflow_id)
+    )
+    assert row.name == name
+    assert version == 1
+    assert definition.steps[1].depends_on == ["a"]
+    stored = store.get_execution(flow_workers.effective_database_url, execution_id)
+    assert stored.status == "completed"
+    listed = ""
+    for _ in range(50):  # visibility is eventually consistent
+        listed = _temporal(
+            temporal_address,
+            "workflow",
+            "list",
+            "--query",
+            f"NexusDefinitionId = '{final.workflow_id}'",
+            "--output",
+            "json",
+        )
+        if execution_id in listed:
+            break
+        await asyncio.sleep(0.2)
+    assert execution_id in listed
+    description = await handle.describe()
+    assert await description.memo_value("definition_name") == name
+    await replay_run(client, execution_id, all_workflows())
+
+
+async def test_sdk_start_with_plain_dict(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    created = await call(
+        tools,
+        "workflow_create",
+        name="sdk-started",
+        steps=[{"name": "only", "type": "echo", "params": {"x": 1}}],
+    )
+    execution_id = f"sdk-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        "FlowNexusWorkflow",
+        {
+            "definition": {
+                "name": "sdk-started",
+                "steps": [{"name": "only", "type": "echo", "params": {"x": 1}}],
+            },
+            "workflow_id": created["workflow_id"],
+            "version": created["version"],
+        },
+        id=execution_id,
+        task_queue="nexus-orchestration",
+        result_type=ExecutionState,
+    )
+    final = await handle.result()
+    assert final.workflow_id == created["workflow_id"]
+    assert final.steps[0].output == {"x": 1}
+
+
+async def test_schedule_trigger_lifecycle(
+    client: Client, flow_workers: Settings, tools: ToolContext, temporal_address: str
+) -> None:
+    name = f"scheduled-{uuid.uuid4().hex[:6]}"
+    steps = [{"name": "tick", "type": "echo", "params": {"at": "{{input.label}}"}}]
+    created = await call(
+        tools,
+        "workflow_create",
+        name=name,
+        steps=steps,
+        triggers=[
+            {
+                "type": "schedule",
+                "cron": "0 3 * * *",
+                "input_data": {"label": "nightly"},
+            }
+        ],
+    )
+    schedule_id = created["schedules"][0]
+    handle = client.get_schedule_handle(schedule_id)
+    description = await handle.describe()
+    # The server stores a cron expression as a calendar spec.
+    calendar = description.schedule.spec.calendars[0]
+    assert list(calendar.hour) == [ScheduleRange(3, 3, 1)]
+    assert list(calendar.minute) == [ScheduleRange(0, 0, 1)]
+    action = description.schedule.action
+    assert isinstance(action, ScheduleActionStartWorkflow)
+    assert action.workflow == "FlowNexusWorkflow"
+    listed = _temporal(temporal_address, "schedule", "list", "--output", "json")
+    for _ in range(50):
+        if schedule_id in listed:
+            break
+        await asyncio.sleep(0.2)
+        listed = _temporal(temporal_address, "schedule", "list", "--output", "json")
+    assert schedule_id in listed
+    await handle.trigger()
+    execution_id = None
+    for _ in range(100):
+        rows = store.list_executions(
+            flow_workers.effective_database_url,
+            workflow_id=created["workflow_id"],
+            limit=5,
+        )
+        if rows and rows[0].status == "completed":
+            execution_id = rows[0].id
+            break
+        await asyncio.sleep(0.1)
+    assert execution_id is not None
+    stored = store.get_execution(flow_workers.effective_database_url, execution_id)
+    assert stored.steps[0].output == {"at": "nightly"}
+    updated = await call(
+        tools,
+        "workflow_create",
+        name=name,
+        steps=steps,
+        triggers=[{"type": "schedule", "cron": "*/30 * * * *"}],
+    )
+    assert updated["schedules"] == [schedule_id]
+    description = await handle.describe()
+    calendar = description.schedule.spec.calendars[0]
+    assert list(calendar.minute) == [ScheduleRange(0, 59, 30)]
+    removed = await call(tools, "workflow_create", name=name, steps=steps)
+    assert removed["schedules"] == []
+    schedule_ids = [s.id async for s in await client.list_schedules()]
+    for _ in range(50):
+        if schedule_id not in schedule_ids:
+            break
+        await asyncio.sleep(0.2)
+        schedule_ids = [s.id async for s in await client.list_schedules()]
+    assert schedule_id not in schedule_ids
+
+
+async def test_saved_history_replays(client: Client) -> None:
+    await replay_saved(client, "flow_nexus", all_workflows())
