@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from app.logs import configure_logging
 from app.settings import Settings, get_settings
+from app.workflows.cli import workflow_cli
 
 cli = typer.Typer(
     name="nexus",
@@ -23,6 +24,7 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+cli.add_typer(workflow_cli, name="workflow")
 
 
 def _add_capability_commands() -> None:

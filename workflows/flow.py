@@ -16,7 +16,6 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import Priority, RetryPolicy
-from temporalio.workflow import ActivityCancellationType
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -24,6 +23,7 @@ from temporalio.exceptions import (
     RetryState,
     TimeoutError,
 )
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.workflows import (

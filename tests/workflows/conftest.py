@@ -69,15 +69,17 @@ for _name in ("test_flaky", "test_broken", "test_sleep"):
 @pytest.fixture
 async def flow_workers(client: Client, settings: Settings) -> AsyncIterator[Settings]:
     """The project's workers on every queue plus the test step types' queue."""
-    async with running_workers(client, settings, ALL_QUEUES):
-        async with Worker(
+    async with (
+        running_workers(client, settings, ALL_QUEUES),
+        Worker(
             client,
             task_queue=TEST_QUEUE,
             activities=[flaky, broken, sleep],
             max_concurrent_activities=20,
-        ):
-            await wait_for_pollers(client, settings.namespace, [TEST_QUEUE])
-            yield settings
+        ),
+    ):
+        await wait_for_pollers(client, settings.namespace, [TEST_QUEUE])
+        yield settings
 
 
 @pytest.fixture
