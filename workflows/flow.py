@@ -4,7 +4,7 @@ The steps form a DAG through `depends_on`. Every step whose dependencies
 are done runs at once, as an activity on its type's task queue (or as a
 local activity for cheap types), with the step's `timeout` as the
 start-to-close timeout and `retry_attempts` retries. A failed step skips its
-dependents; independent branches still run, and the run then fails with the
+dependents, but independent branches still run. The run then fails with the
 first failed step's error, unless that step has `continue_on_failure`.
 """
 
