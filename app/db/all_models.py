@@ -2,5 +2,6 @@
 
 from app.benchmark import models as benchmark_models
 from app.db import models as foundation_models
+from app.sandbox import models as sandbox_models
 
-__all__ = ["benchmark_models", "foundation_models"]
+__all__ = ["benchmark_models", "foundation_models", "sandbox_models"]
