@@ -17,7 +17,6 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from temporalio.client import (
     Client,
