@@ -117,7 +117,6 @@ class SandboxSessionWorkflow:
         try:
             created = await self._create_backend("create")
         except ActivityError as error:
-            state.status = "failed"
             state.error = _cause_message(error)
             self._event("failed", detail=state.error)
             workflow.logger.warning(
@@ -125,7 +124,9 @@ class SandboxSessionWorkflow:
                 state.spec.sandbox_id,
                 state.error,
             )
+            # The mirror row is written before `ready` learns of the failure.
             await self._record("failed")
+            state.status = "failed"
             return
         state.status = "running"
         state.backend = created.backend
@@ -141,7 +142,7 @@ class SandboxSessionWorkflow:
             CreateInput(
                 spec=self._state.spec,
                 backend_id=self._next_backend_id(),
-                reason=reason,  # type: ignore[arg-type]
+                reason=reason,
             ),
             task_queue=SANDBOX,
             start_to_close_timeout=timedelta(minutes=20),

@@ -279,7 +279,7 @@ class LocalBackend(SandboxBackend):
             backend=self.name,
             backend_id=backend_id,
             alive=False,
-            state=kind,  # type: ignore[arg-type]
+            state=kind,
             expires_at=expires,
             detail=reason,
         )

@@ -206,7 +206,7 @@ async def execute(
         stdout=redact(output.stdout, secrets),
         stderr=redact(output.stderr, secrets),
         exit_code=output.exit_code,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         execution_time=round(output.execution_time, 6),
         stdout_dropped_bytes=output.stdout_dropped_bytes,
         stderr_dropped_bytes=output.stderr_dropped_bytes,
