@@ -122,14 +122,16 @@ async def main() -> None:
     baseline = p50(raw + raw_after)
     print(f"raw subprocess.run python3 -c       p50 {baseline:8.2f} ms")
     print(
-        f"backend create (local)              p50 {p50(b_create):8.2f} ms  target <= 100 ms"
+        f"backend create (local)              p50 {p50(b_create):8.2f} ms  "
+        "target <= 100 ms"
     )
     print(
         f"backend execute (local)             p50 {p50(b_exec):8.2f} ms  "
         f"ratio {p50(b_exec) / baseline:.2f}x  target <= 1.5x"
     )
     print(
-        f"tool sandbox_create (workflow)      p50 {p50(t_create):8.2f} ms  target <= 100 ms"
+        f"tool sandbox_create (workflow)      p50 {p50(t_create):8.2f} ms  "
+        "target <= 100 ms"
     )
     print(
         f"tool sandbox_execute (workflow)     p50 {p50(t_exec):8.2f} ms  "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shlex
 from collections.abc import Iterable, Mapping
 
@@ -158,7 +159,7 @@ async def apply_setup(
             output_limit=settings.sandbox_output_limit,
             network=network,
         )
-        text = redact(result.stdout + result.stderr, env.values())
+        text = redact(result.stdout + result.stderr, secret_values(env))
         outputs.append(f"$ {label}\n{text}")
         if result.timed_out or result.exit_code != 0:
             how = "timed out" if result.timed_out else f"exited {result.exit_code}"
@@ -195,7 +196,7 @@ async def execute(
         output_limit=settings.sandbox_output_limit,
         capture_output=request.capture_output,
     )
-    secrets = list(env.values())
+    secrets = secret_values(env)
     if output.timed_out:
         status = "timed_out"
     elif output.exit_code == 0:
@@ -211,6 +212,18 @@ async def execute(
         stdout_dropped_bytes=output.stdout_dropped_bytes,
         stderr_dropped_bytes=output.stderr_dropped_bytes,
     )
+
+
+# Env var names whose values are redacted from output, the same rule the
+# audit log uses for argument names.
+SECRET_NAME = re.compile(
+    r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
+)
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """Return the values of env vars whose names mark them as secrets."""
+    return [value for name, value in env.items() if SECRET_NAME.search(name)]
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

@@ -6,7 +6,9 @@ plain env var values and get back env var names only.
 
 Example:
     info = await create_sandbox(client, settings, CreateOptions(template="python"))
-    result = await execute(client, info.sandbox_id, ExecuteRequest(code="print(1)"))
+    result = await execute(
+        client, settings, info.sandbox_id, ExecuteRequest(code="print(1)")
+    )
     await stop_sandbox(client, info.sandbox_id)
 """
 
@@ -75,7 +77,7 @@ class SandboxServiceError(Exception):
 
 @dataclass
 class CreateOptions:
-    """What `create_sandbox` needs; env values are plain text here only."""
+    """Options of `create_sandbox`; env values are plain text only here."""
 
     template: Template
     name: str | None = None
@@ -315,3 +317,23 @@ async def list_sandboxes(
 async def wait_ended(client: Client, sandbox_id: str, timeout: float = 30.0) -> None:
     """Wait until the session workflow has completed (after stop/delete)."""
     await asyncio.wait_for(_handle(client, sandbox_id).result(), timeout)
+
+
+async def discard_backend_sandbox(
+    client: Client, settings: Settings, sandbox_id: str
+) -> str:
+    """Kill the sandbox on its backend without telling its session.
+
+    This is how a sandbox gets lost from outside (E2B ending it, a crash);
+    benchmarks and tests use it to prove that the next call recreates it.
+    Returns the backend id that was killed.
+
+    Raises:
+        SandboxServiceError: the session has no sandbox yet.
+    """
+    session = await info(client, sandbox_id)
+    if session.backend_id is None:
+        raise SandboxServiceError(f"sandbox {sandbox_id} has no backend sandbox yet")
+    await get_backend(settings).delete(session.backend_id)
+    logger.info("discarded backend sandbox %s of %s", session.backend_id, sandbox_id)
+    return session.backend_id

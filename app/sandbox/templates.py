@@ -45,7 +45,8 @@ TEMPLATE_FILES: dict[str, dict[str, str]] = {
             "http.createServer((req, res) => {\n"
             "  const file = req.url === '/' ? 'index.html' : req.url.slice(1);\n"
             "  fs.readFile(path.join(__dirname, file), (err, data) => {\n"
-            "    res.writeHead(err ? 404 : 200);\n    res.end(err ? 'not found' : data);\n"
+            "    res.writeHead(err ? 404 : 200);\n"
+            "    res.end(err ? 'not found' : data);\n"
             "  });\n}).listen(process.env.PORT || 3000);\n"
         ),
     },
@@ -60,7 +61,8 @@ TEMPLATE_FILES: dict[str, dict[str, str]] = {
             '<script type="module" src="/src/main.jsx"></script></body>\n</html>\n'
         ),
         "src/main.jsx": (
-            "import React from 'react';\nimport { createRoot } from 'react-dom/client';\n"
+            "import React from 'react';\n"
+            "import { createRoot } from 'react-dom/client';\n"
             "import App from './App.jsx';\n"
             "createRoot(document.getElementById('root')).render(<App />);\n"
         ),
@@ -77,6 +79,8 @@ TEMPLATE_FILES: dict[str, dict[str, str]] = {
             "export default function RootLayout({ children }) {\n"
             "  return <html><body>{children}</body></html>;\n}\n"
         ),
-        "app/page.js": "export default function Page() {\n  return <h1>Hello</h1>;\n}\n",
+        "app/page.js": (
+            "export default function Page() {\n  return <h1>Hello</h1>;\n}\n"
+        ),
     },
 }

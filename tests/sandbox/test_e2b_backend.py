@@ -3,7 +3,7 @@ real exception types, to prove the error mapping and recreation."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import e2b
 import pytest
@@ -35,8 +35,8 @@ class FakeHandle:
 class FakeSandbox:
     """Stands in for `e2b.AsyncSandbox`; `fault` forces the next command's error."""
 
-    live: dict[str, FakeSandbox] = {}
-    connects: list[tuple[str, int | None]] = []
+    live: ClassVar[dict[str, FakeSandbox]] = {}
+    connects: ClassVar[list[tuple[str, int | None]]] = []
     create_fault: BaseException | None = None
     counter = 0
 

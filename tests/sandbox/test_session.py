@@ -72,7 +72,6 @@ async def test_env_vars_and_configure_last(tool_ctx: ToolContext) -> None:
     sandbox_id = created["sandbox_id"]
     assert created["env_vars_configured"] == ["GREETING"]
     try:
-        # Output redacts every env var value, so the code prints comparisons.
         code = (
             "import os; e = os.environ; print(e.get('GREETING') == 'hello', "
             "e.get('ONCE') == 'x', e.get('LATER') == 'y')"
@@ -336,7 +335,8 @@ async def test_templates_and_failing_install(tool_ctx: ToolContext) -> None:
             "sandbox_execute",
             sandbox_id=sandbox_id,
             language="javascript",
-            code="console.log(require('./package.json').dependencies.react !== undefined)",
+            code="const deps = require('./package.json').dependencies;\n"
+            "console.log(deps.react !== undefined)",
         )
         assert result["stdout"].strip() == "true"
     finally:
