@@ -132,6 +132,8 @@ class LocalBackend(SandboxBackend):
         state = self._read_state(backend_id)
         reason = self._lost_reason(backend_id, state)
         if reason is not None:
+            # A sandbox that lost its folder may still have a live anchor.
+            self._kill_anchor(backend_id, state)
             raise SandboxLostError(f"sandbox {backend_id} is lost: {reason}")
         assert state is not None
         return state
