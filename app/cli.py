@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from app.logs import configure_logging
+from app.sandbox.cli import sandbox_cli
 from app.settings import Settings, get_settings
 from app.workflows.cli import workflow_cli
 
@@ -25,6 +26,7 @@ cli = typer.Typer(
 db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(workflow_cli, name="workflow")
+cli.add_typer(sandbox_cli, name="sandbox")
 
 
 def _add_capability_commands() -> None:

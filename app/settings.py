@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(3000, ge=1, le=65535)
     sandbox_backend: Literal["local", "e2b"] = "local"
+    sandbox_bwrap: bool | None = Field(
+        None,
+        description="Run local sandbox code under bubblewrap: unset uses it when "
+        "`bwrap` is installed, false never does, true requires it.",
+    )
+    sandbox_allow_network: bool = Field(
+        False, description="Let local sandbox code and installers use the network."
+    )
+    sandbox_package_index: str | None = Field(
+        None, description="Package index URL for pip and npm installs in sandboxes."
+    )
+    sandbox_output_limit: int = Field(
+        262144,
+        ge=1024,
+        le=4 * 1024 * 1024,
+        description="Bytes of stdout and of stderr kept per execution.",
+    )
+    sandbox_max_recreations: int = Field(
+        3, ge=0, le=20, description="Times one call may recreate a lost sandbox."
+    )
     encryption_key: SecretStr | None = Field(
         None, description="Base64 AES key for secrets; unset generates one once."
     )

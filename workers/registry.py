@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activities.benchmark import BenchmarkActivities
+from activities.sandbox import SandboxActivities, SandboxRecordActivities
 from activities.system import ProbeActivities, SystemActivities
 from activities.workflows import WorkflowActivities
 from app.contracts import queues
@@ -23,6 +24,7 @@ from workflows.benchmark import (
     MetricsSamplerWorkflow,
 )
 from workflows.flow import FlowNexusWorkflow
+from workflows.sandbox import SandboxSessionWorkflow
 from workflows.system import SystemCheckWorkflow
 
 
@@ -127,7 +129,35 @@ WORKFLOWS = Capability(
     },
 )
 
-CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS]
+
+def _sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
+    sandbox = SandboxActivities(settings)
+    return [
+        sandbox.create,
+        sandbox.execute,
+        sandbox.upload,
+        sandbox.configure,
+        sandbox.describe,
+        sandbox.stop,
+        sandbox.delete,
+    ]
+
+
+def _sandbox_record_activities(settings: Settings) -> list[Callable[..., Any]]:
+    return [SandboxRecordActivities(settings).record]
+
+
+SANDBOX = Capability(
+    name="sandbox",
+    workflows={queues.ORCHESTRATION: [SandboxSessionWorkflow]},
+    activities={
+        queues.SANDBOX: _sandbox_activities,
+        queues.ORCHESTRATION: _sandbox_record_activities,
+    },
+)
+
+
+CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS, SANDBOX]
 
 
 def all_workflows() -> list[type]:

@@ -15,7 +15,7 @@ from app.tools.registry import (
 )
 
 # One module per capability; each registers its tools when imported.
-TOOL_MODULES = ("app.tools.system", "app.tools.workflows")
+TOOL_MODULES = ("app.tools.system", "app.tools.workflows", "app.tools.sandbox")
 
 
 def load_tools() -> None:

@@ -1,0 +1,235 @@
+"""Sandbox activities: thin adapters from the contracts to the sandbox backend.
+
+They run on the `nexus-sandbox` queue (the mirror write runs on
+`nexus-orchestration`). Secret values are unsealed here, right before a
+process starts, and redacted from everything that goes back into history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from app.contracts.sandbox import (
+    CONFIGURATION_ERROR,
+    INVALID_ERROR,
+    LOST_ERROR,
+    RETRY_LATER_ERROR,
+    BackendRef,
+    BackendState,
+    ConfigureInput,
+    ConfigureResult,
+    CreateInput,
+    CreateResult,
+    ExecuteInput,
+    ExecuteResult,
+    RecordInput,
+    SandboxSpec,
+    UploadInput,
+    UploadResult,
+)
+from app.sandbox import runtime, store
+from app.sandbox.backend import (
+    SandboxBackend,
+    SandboxBackendError,
+    SandboxConfigurationError,
+    SandboxLostError,
+    SandboxRetryLaterError,
+)
+from app.sandbox.secrets import SealError, load_key, unseal_env
+from app.settings import Settings
+
+# Extra lifetime granted past an execution's own timeout, so the sandbox
+# cannot reach its end while code still runs.
+_EXECUTION_MARGIN = 30
+
+
+def _as_application_error(error: Exception) -> ApplicationError:
+    if isinstance(error, SandboxLostError):
+        return ApplicationError(str(error), type=LOST_ERROR, non_retryable=True)
+    if isinstance(error, SandboxRetryLaterError):
+        return ApplicationError(str(error), type=RETRY_LATER_ERROR)
+    if isinstance(error, SandboxConfigurationError | SealError):
+        return ApplicationError(
+            str(error), type=CONFIGURATION_ERROR, non_retryable=True
+        )
+    return ApplicationError(str(error), type=INVALID_ERROR, non_retryable=True)
+
+
+@contextlib.asynccontextmanager
+async def _backend_errors(backend_id: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (SandboxBackendError, SealError, ValueError) as error:
+        activity.logger.warning(
+            "sandbox call on %s failed: %s: %s",
+            backend_id,
+            type(error).__name__,
+            str(error).splitlines()[0],
+        )
+        raise _as_application_error(error) from None
+
+
+@contextlib.asynccontextmanager
+async def _heartbeats(every: float = 10.0) -> AsyncIterator[None]:
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+class SandboxActivities:
+    """Sandbox lifecycle and execution, on the backend the settings choose."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _backend(self) -> SandboxBackend:
+        try:
+            return runtime.get_backend(self.settings)
+        except SandboxConfigurationError as error:
+            raise _as_application_error(error) from None
+
+    def _env(
+        self, spec: SandboxSpec, extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        key = load_key(self.settings)
+        env = unseal_env(key, spec.sandbox_id, spec.sealed_env)
+        env.update(unseal_env(key, spec.sandbox_id, dict(extra or {})))
+        if spec.template == "claude-code" and "ANTHROPIC_API_KEY" not in env:
+            configured = self.settings.anthropic_api_key
+            if configured is not None and configured.get_secret_value():
+                env["ANTHROPIC_API_KEY"] = configured.get_secret_value()
+        return env
+
+    @activity.defn(name="sandbox_create")
+    async def create(self, request: CreateInput) -> CreateResult:
+        """Create the sandbox, install its packages and run its setup commands."""
+        spec = request.spec
+        backend = self._backend()
+        activity.logger.info(
+            "%s sandbox %s as %s (template %s)",
+            request.reason,
+            spec.sandbox_id,
+            request.backend_id,
+            spec.template,
+        )
+        async with _backend_errors(request.backend_id), _heartbeats():
+            env = self._env(spec)
+            created = await backend.create(
+                request.backend_id,
+                template=spec.template,
+                timeout=spec.timeout,
+                env=env,
+                metadata=spec.metadata,
+            )
+            commands = list(spec.setup_commands)
+            try:
+                output = await runtime.apply_setup(
+                    backend,
+                    created.backend_id,
+                    template=spec.template,
+                    packages=spec.install_packages,
+                    commands=commands,
+                    env=env,
+                    settings=self.settings,
+                )
+            except BaseException:
+                await backend.delete(created.backend_id)
+                raise
+        return CreateResult(
+            backend=backend.name, backend_id=created.backend_id, setup_output=output
+        )
+
+    @activity.defn(name="sandbox_execute")
+    async def execute(self, request: ExecuteInput) -> ExecuteResult:
+        """Run code in the sandbox, after extending its life past the timeout."""
+        backend = self._backend()
+        lifetime = max(
+            request.spec.timeout, int(request.request.timeout) + _EXECUTION_MARGIN
+        )
+        async with _backend_errors(request.backend_id), _heartbeats():
+            env = self._env(request.spec, request.request.sealed_env)
+            await backend.keep_alive(request.backend_id, lifetime)
+            return await runtime.execute(
+                backend, request.backend_id, request.request, env, self.settings
+            )
+
+    @activity.defn(name="sandbox_upload")
+    async def upload(self, request: UploadInput) -> UploadResult:
+        """Write one file into the sandbox folder."""
+        backend = self._backend()
+        data = request.request.content.encode()
+        async with _backend_errors(request.backend_id):
+            await backend.keep_alive(request.backend_id, request.spec.timeout)
+            path = await backend.write_file(
+                request.backend_id, request.request.file_path, data
+            )
+        return UploadResult(path=path, size=len(data))
+
+    @activity.defn(name="sandbox_configure")
+    async def configure(self, request: ConfigureInput) -> ConfigureResult:
+        """Install more packages and run commands; the workflow records them."""
+        backend = self._backend()
+        spec = request.spec
+        change = request.request
+        async with _backend_errors(request.backend_id), _heartbeats():
+            env = self._env(spec, change.sealed_env)
+            await backend.keep_alive(request.backend_id, spec.timeout)
+            output = await runtime.apply_setup(
+                backend,
+                request.backend_id,
+                template=spec.template,
+                packages=change.install_packages,
+                commands=change.run_commands,
+                env=env,
+                settings=self.settings,
+            )
+        names = sorted({*spec.sealed_env, *change.sealed_env})
+        return ConfigureResult(
+            env_vars_configured=names,
+            install_packages=[*spec.install_packages, *change.install_packages],
+            commands_run=len(change.run_commands),
+            output=output,
+        )
+
+    @activity.defn(name="sandbox_describe")
+    async def describe(self, ref: BackendRef) -> BackendState:
+        """Read the sandbox's live state from the backend."""
+        async with _backend_errors(ref.backend_id):
+            return await self._backend().describe(ref.backend_id)
+
+    @activity.defn(name="sandbox_stop")
+    async def stop(self, ref: BackendRef) -> None:
+        """Kill the sandbox's processes on the backend."""
+        async with _backend_errors(ref.backend_id):
+            await self._backend().stop(ref.backend_id)
+
+    @activity.defn(name="sandbox_delete")
+    async def delete(self, ref: BackendRef) -> None:
+        """Kill the sandbox and remove its files on the backend."""
+        async with _backend_errors(ref.backend_id):
+            await self._backend().delete(ref.backend_id)
+
+
+class SandboxRecordActivities:
+    """The database mirror write, a light activity on the orchestration queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @activity.defn(name="sandbox_record")
+    async def record(self, change: RecordInput) -> None:
+        await asyncio.to_thread(
+            store.record, self.settings.effective_database_url, change
+        )

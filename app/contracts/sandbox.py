@@ -1,0 +1,230 @@
+"""Models that cross the Temporal boundary for sandbox sessions.
+
+Secret values travel only as sealed strings (AES-GCM ciphertext made by
+`app.sandbox.secrets.seal`); a workflow never sees a plain env var value.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Template = Literal[
+    "base", "python", "node", "claude-code", "react", "nextjs", "vanilla"
+]
+Language = Literal["python", "javascript", "bash"]
+ExecutionStatus = Literal["completed", "failed", "timed_out"]
+SessionStatus = Literal["creating", "running", "failed", "stopped", "deleted"]
+
+TEMPLATES: tuple[str, ...] = (
+    "base",
+    "python",
+    "node",
+    "claude-code",
+    "react",
+    "nextjs",
+    "vanilla",
+)
+NODE_TEMPLATES = frozenset({"node", "react", "nextjs", "vanilla"})
+
+# Error types that sandbox activities raise, so the session workflow can tell
+# a lost sandbox (recreate it) from a configuration error (give up).
+LOST_ERROR = "SandboxLost"
+RETRY_LATER_ERROR = "SandboxRetryLater"
+CONFIGURATION_ERROR = "SandboxConfigurationError"
+INVALID_ERROR = "SandboxInvalidArgument"
+
+
+class SandboxSpec(BaseModel):
+    """The recorded configuration of a sandbox session, enough to recreate it.
+
+    Attributes:
+        sealed_env: env var name to its sealed value; names are plain text.
+        setup_commands: shell commands applied after the packages on every
+            (re)creation: the startup script, then `run_commands` of
+            `sandbox_configure` in call order.
+    """
+
+    sandbox_id: str
+    name: str | None = None
+    template: Template
+    timeout: int = Field(gt=0, description="Lifetime in seconds since the last call.")
+    sealed_env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    install_packages: list[str] = Field(default_factory=list)
+    startup_script: str | None = None
+    setup_commands: list[str] = Field(default_factory=list)
+
+    @property
+    def env_names(self) -> list[str]:
+        return sorted(self.sealed_env)
+
+
+class SessionEvent(BaseModel):
+    """One lifecycle event of a session (created, recreated, configured, ...)."""
+
+    kind: str
+    at: datetime
+    backend_id: str | None = None
+    detail: str | None = None
+    count: int | None = None
+
+
+class SessionState(BaseModel):
+    """All state of one `SandboxSessionWorkflow`, carried across continue-as-new."""
+
+    spec: SandboxSpec
+    status: SessionStatus = "creating"
+    backend: str = "local"
+    backend_id: str | None = None
+    generation: int = 0
+    recreated: int = 0
+    created_at: datetime | None = None
+    error: str | None = None
+    events: list[SessionEvent] = Field(default_factory=list)
+    log_lines: list[str] = Field(default_factory=list)
+    end_request: Literal["stop", "delete"] | None = None
+    max_recreations: int = Field(3, ge=0, description="Recreations allowed per call.")
+
+
+class SessionInput(BaseModel):
+    state: SessionState
+
+
+class SessionResult(BaseModel):
+    sandbox_id: str
+    status: SessionStatus
+    recreated: int
+    error: str | None = None
+
+
+class SessionInfo(BaseModel):
+    """What the `ready` update and the `info` query return."""
+
+    sandbox_id: str
+    name: str | None
+    template: str
+    status: SessionStatus
+    backend: str
+    backend_id: str | None
+    env_vars_configured: list[str]
+    timeout: int
+    metadata: dict[str, str]
+    install_packages: list[str]
+    recreated: int
+    created_at: datetime | None
+    error: str | None
+    events: list[SessionEvent]
+
+
+class ExecuteRequest(BaseModel):
+    code: str
+    language: Language = "python"
+    sealed_env: dict[str, str] = Field(default_factory=dict)
+    working_dir: str | None = None
+    timeout: float = Field(60, gt=0)
+    capture_output: bool = True
+
+
+class ExecuteResult(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    status: ExecutionStatus
+    execution_time: float = Field(description="Seconds the process ran.")
+    stdout_dropped_bytes: int = 0
+    stderr_dropped_bytes: int = 0
+    recreated: int = Field(0, description="Sandboxes recreated to serve this call.")
+
+
+class UploadRequest(BaseModel):
+    file_path: str
+    content: str
+
+
+class UploadResult(BaseModel):
+    path: str
+    size: int
+    recreated: int = 0
+
+
+class ConfigureRequest(BaseModel):
+    sealed_env: dict[str, str] = Field(default_factory=dict)
+    install_packages: list[str] = Field(default_factory=list)
+    run_commands: list[str] = Field(default_factory=list)
+
+
+class ConfigureResult(BaseModel):
+    env_vars_configured: list[str]
+    install_packages: list[str]
+    commands_run: int
+    output: str
+    recreated: int = 0
+
+
+class BackendState(BaseModel):
+    """Live state of one backend sandbox, read from the backend."""
+
+    backend: str
+    backend_id: str
+    alive: bool
+    state: Literal["running", "stopped", "expired", "lost"]
+    expires_at: datetime | None = None
+    detail: str | None = None
+
+
+class SandboxStatus(BaseModel):
+    session: SessionInfo
+    live: BackendState | None
+
+
+# Activity inputs and results.
+
+
+class CreateInput(BaseModel):
+    spec: SandboxSpec
+    backend_id: str
+    reason: Literal["create", "recreate"] = "create"
+
+
+class CreateResult(BaseModel):
+    backend: str
+    backend_id: str
+    setup_output: str
+
+
+class ExecuteInput(BaseModel):
+    spec: SandboxSpec
+    backend_id: str
+    request: ExecuteRequest
+
+
+class UploadInput(BaseModel):
+    spec: SandboxSpec
+    backend_id: str
+    request: UploadRequest
+
+
+class ConfigureInput(BaseModel):
+    spec: SandboxSpec
+    backend_id: str
+    request: ConfigureRequest
+
+
+class BackendRef(BaseModel):
+    sandbox_id: str
+    backend_id: str
+    timeout: int = 0
+
+
+class RecordInput(BaseModel):
+    """A change of the database mirror of one sandbox."""
+
+    spec: SandboxSpec
+    status: str
+    backend: str
+    backend_id: str | None = None
+    recreated: int = 0
+    delete: bool = False

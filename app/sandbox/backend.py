@@ -1,0 +1,147 @@
+"""The interface every sandbox backend implements, and its errors."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from app.contracts.sandbox import BackendState
+
+
+class SandboxBackendError(Exception):
+    """Base class of backend failures; the message names the sandbox and fix."""
+
+
+class SandboxLostError(SandboxBackendError):
+    """The sandbox is gone (expired, killed, not found): recreate it."""
+
+
+class SandboxRetryLaterError(SandboxBackendError):
+    """The backend is busy or rate limited: the same call may work later."""
+
+
+class SandboxConfigurationError(SandboxBackendError):
+    """A setting or request that no retry can fix (bad key, missing tool)."""
+
+
+@dataclass(frozen=True)
+class BackendSandbox:
+    """A sandbox as a backend created it.
+
+    Attributes:
+        home: the sandbox folder as code inside the sandbox sees it.
+    """
+
+    backend_id: str
+    home: str
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """The outcome of one process; output beyond the cap is already cut."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    timed_out: bool
+    execution_time: float
+    stdout_dropped_bytes: int = 0
+    stderr_dropped_bytes: int = 0
+
+
+class SandboxBackend(abc.ABC):
+    """Creates, runs code in and removes sandboxes of one kind.
+
+    Every method that addresses an existing sandbox raises `SandboxLostError`
+    when it no longer exists, so the session can recreate it.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    async def create(
+        self,
+        backend_id: str,
+        *,
+        template: str,
+        timeout: int,
+        env: Mapping[str, str],
+        metadata: Mapping[str, str],
+    ) -> BackendSandbox:
+        """Create an empty sandbox from `template` that lives `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def home(self, backend_id: str) -> str:
+        """Return the sandbox folder as processes inside see it."""
+
+    @abc.abstractmethod
+    async def run(
+        self,
+        backend_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        timeout: float,
+        output_limit: int,
+        capture_output: bool = True,
+        network: bool = False,
+    ) -> RunOutput:
+        """Run `argv` with exactly `env` (plus the backend's base variables).
+
+        `timeout` kills the whole process tree; output beyond `output_limit`
+        bytes per stream is dropped and counted. `network` grants network
+        access to this process even where the sandbox has none (installers).
+        """
+
+    @abc.abstractmethod
+    async def write_file(self, backend_id: str, path: str, content: bytes) -> str:
+        """Write `content` at `path` relative to the sandbox folder.
+
+        Returns the path as seen inside. Raises `ValueError` for a path that
+        leaves the sandbox folder.
+        """
+
+    @abc.abstractmethod
+    async def keep_alive(self, backend_id: str, timeout: int) -> None:
+        """Extend the sandbox's life to `timeout` seconds from now."""
+
+    @abc.abstractmethod
+    async def describe(self, backend_id: str) -> BackendState:
+        """Read the sandbox's live state; a lost sandbox is a state, not an error."""
+
+    @abc.abstractmethod
+    async def stop(self, backend_id: str) -> None:
+        """Kill the sandbox's processes; a sandbox already gone is not an error."""
+
+    @abc.abstractmethod
+    async def delete(self, backend_id: str) -> None:
+        """Kill the sandbox and remove everything it stored."""
+
+    def isolation(self) -> dict[str, object]:
+        """Describe how well this backend isolates code, for `system_health`."""
+        return {"status": "healthy", "backend": self.name}
+
+
+def resolve_inside(home: str, path: str) -> str:
+    """Join `path` to the sandbox folder `home`, rejecting traversal.
+
+    Raises:
+        ValueError: `path` is empty, contains a NUL byte, or leaves `home`
+            (through `..` or an absolute path outside it).
+    """
+    import posixpath
+
+    if not path or "\0" in path:
+        raise ValueError(f"file path {path!r} is empty or contains a NUL byte")
+    joined = posixpath.normpath(posixpath.join(home, path))
+    root = posixpath.normpath(home)
+    if joined != root and not joined.startswith(root + "/"):
+        raise ValueError(
+            f"file path {path!r} leaves the sandbox folder {root}; use a path "
+            "relative to it without '..'"
+        )
+    if joined == root:
+        raise ValueError(f"file path {path!r} names the sandbox folder itself")
+    return joined

@@ -1,0 +1,265 @@
+"""The E2B backend, through the `e2b` SDK's `AsyncSandbox` (e2b 2.x).
+
+Running it for real needs an E2B API key and network access to E2B; the
+tests drive it with a stand-in class that raises the SDK's own exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import e2b
+
+from app.contracts.sandbox import BackendState
+from app.sandbox.backend import (
+    BackendSandbox,
+    RunOutput,
+    SandboxBackend,
+    SandboxBackendError,
+    SandboxConfigurationError,
+    SandboxLostError,
+    SandboxRetryLaterError,
+    resolve_inside,
+)
+
+logger = logging.getLogger(__name__)
+
+E2B_HOME = "/home/user"
+# Our template names map to E2B's public templates.
+_E2B_TEMPLATES = {
+    "base": "base",
+    "python": "code-interpreter-v1",
+    "node": "base",
+    "react": "base",
+    "nextjs": "nextjs-developer",
+    "vanilla": "base",
+    "claude-code": "claude-code",
+}
+
+
+class E2BBackend(SandboxBackend):
+    """Sandboxes on E2B.
+
+    Args:
+        api_key: the E2B API key (E2B_API_KEY).
+        sandbox_class: `e2b.AsyncSandbox`, or a stand-in with its interface.
+    """
+
+    name = "e2b"
+
+    def __init__(self, api_key: str, sandbox_class: Any = None) -> None:
+        self.api_key = api_key
+        self.sandbox_class = sandbox_class or e2b.AsyncSandbox
+        # Connected sandboxes by E2B sandbox id; the backend id of an E2B
+        # sandbox is the id E2B gave it, so any worker can reconnect.
+        self._sandboxes: dict[str, Any] = {}
+        self._timeouts: dict[str, int] = {}
+
+    async def _translate(
+        self, error: BaseException, backend_id: str, sandbox: Any = None
+    ) -> SandboxBackendError:
+        """Map an SDK exception to the backend interface's errors."""
+        if isinstance(error, SandboxBackendError):
+            return error
+        message = f"E2B sandbox {backend_id}: {type(error).__name__}: {error}"
+        if isinstance(
+            error, e2b.SandboxNotFoundException | e2b.SandboxNotRunningException
+        ):
+            self._forget(backend_id)
+            return SandboxLostError(message)
+        if isinstance(error, e2b.AuthenticationException):
+            return SandboxConfigurationError(
+                f"{message}; check E2B_API_KEY (it was rejected)"
+            )
+        if isinstance(error, e2b.InvalidArgumentException | e2b.TemplateException):
+            return SandboxConfigurationError(f"{message}; fix the request")
+        if isinstance(error, e2b.RateLimitException | e2b.ServiceBusyException):
+            return SandboxRetryLaterError(f"{message}; retry later")
+        if isinstance(error, e2b.TimeoutException):
+            # A timeout is ambiguous: the sandbox may have ended at its own
+            # timeout, or one request was slow. Ask the sandbox.
+            if sandbox is not None:
+                try:
+                    running = await sandbox.is_running()
+                except Exception as probe:  # the probe failing means unreachable
+                    logger.warning(
+                        "is_running probe for %s failed: %s", backend_id, probe
+                    )
+                    running = False
+                if not running:
+                    self._forget(backend_id)
+                    return SandboxLostError(f"{message}; it is no longer running")
+            return SandboxRetryLaterError(f"{message}; retry later")
+        return SandboxRetryLaterError(message)
+
+    def _forget(self, backend_id: str) -> None:
+        self._sandboxes.pop(backend_id, None)
+
+    async def _sandbox(self, backend_id: str, timeout: int | None = None) -> Any:
+        sandbox = self._sandboxes.get(backend_id)
+        if sandbox is not None:
+            return sandbox
+        try:
+            # Without a timeout, connect resets a long-lived sandbox to 300 s.
+            sandbox = await self.sandbox_class.connect(
+                backend_id,
+                timeout=timeout or self._timeouts.get(backend_id, 3600),
+                api_key=self.api_key,
+            )
+        except Exception as error:
+            raise await self._translate(error, backend_id) from error
+        self._sandboxes[backend_id] = sandbox
+        return sandbox
+
+    async def create(
+        self,
+        backend_id: str,
+        *,
+        template: str,
+        timeout: int,
+        env: Mapping[str, str],
+        metadata: Mapping[str, str],
+    ) -> BackendSandbox:
+        try:
+            sandbox = await self.sandbox_class.create(
+                template=_E2B_TEMPLATES.get(template, template),
+                timeout=timeout,
+                envs=dict(env),
+                metadata={"nexus_backend_id": backend_id, **metadata},
+                api_key=self.api_key,
+            )
+        except Exception as error:
+            raise await self._translate(error, backend_id) from error
+        self._sandboxes[sandbox.sandbox_id] = sandbox
+        self._timeouts[sandbox.sandbox_id] = timeout
+        logger.info("created E2B sandbox %s as %s", backend_id, sandbox.sandbox_id)
+        return BackendSandbox(sandbox.sandbox_id, E2B_HOME)
+
+    async def home(self, backend_id: str) -> str:
+        await self._sandbox(backend_id)
+        return E2B_HOME
+
+    async def run(
+        self,
+        backend_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | None,
+        timeout: float,
+        output_limit: int,
+        capture_output: bool = True,
+        network: bool = False,
+    ) -> RunOutput:
+        sandbox = await self._sandbox(backend_id)
+        workdir = resolve_inside(E2B_HOME, cwd) if cwd else E2B_HOME
+        # setsid makes the process a group leader, so a timeout can kill the
+        # whole group with `kill -- -PID`.
+        command = "exec setsid " + shlex.join(argv)
+        started = time.perf_counter()
+        try:
+            handle = await sandbox.commands.run(
+                command, background=True, envs=dict(env), cwd=workdir, timeout=0
+            )
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+        timed_out = False
+        stdout = stderr = ""
+        exit_code: int | None = None
+        try:
+            result = await asyncio.wait_for(handle.wait(), timeout)
+            stdout, stderr, exit_code = result.stdout, result.stderr, result.exit_code
+        except e2b.CommandExitException as exited:
+            stdout, stderr, exit_code = exited.stdout, exited.stderr, exited.exit_code
+        except TimeoutError:
+            timed_out = True
+            try:
+                await sandbox.commands.run(f"kill -KILL -- -{handle.pid}", timeout=10)
+            except e2b.CommandExitException:
+                pass  # the group already ended
+            except Exception as error:
+                raise await self._translate(error, backend_id, sandbox) from error
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+        elapsed = time.perf_counter() - started
+        out, out_dropped = _cap(stdout or "", output_limit)
+        err, err_dropped = _cap(stderr or "", output_limit)
+        if not capture_output:
+            out, err = "", ""
+        return RunOutput(
+            stdout=out,
+            stderr=err,
+            exit_code=exit_code,
+            timed_out=timed_out,
+            execution_time=elapsed,
+            stdout_dropped_bytes=out_dropped,
+            stderr_dropped_bytes=err_dropped,
+        )
+
+    async def write_file(self, backend_id: str, path: str, content: bytes) -> str:
+        inside = resolve_inside(E2B_HOME, path)
+        sandbox = await self._sandbox(backend_id)
+        try:
+            await sandbox.files.write(inside, content)
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+        return inside
+
+    async def keep_alive(self, backend_id: str, timeout: int) -> None:
+        self._timeouts[backend_id] = timeout
+        sandbox = await self._sandbox(backend_id, timeout)
+        try:
+            await sandbox.set_timeout(timeout)
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+
+    async def describe(self, backend_id: str) -> BackendState:
+        try:
+            sandbox = await self._sandbox(backend_id)
+            running = await sandbox.is_running()
+        except SandboxLostError as error:
+            return BackendState(
+                backend=self.name,
+                backend_id=backend_id,
+                alive=False,
+                state="lost",
+                detail=str(error),
+            )
+        except Exception as error:
+            raise await self._translate(error, backend_id) from error
+        return BackendState(
+            backend=self.name,
+            backend_id=backend_id,
+            alive=bool(running),
+            state="running" if running else "lost",
+        )
+
+    async def stop(self, backend_id: str) -> None:
+        await self.delete(backend_id)
+
+    async def delete(self, backend_id: str) -> None:
+        self._forget(backend_id)
+        self._timeouts.pop(backend_id, None)
+        try:
+            await self.sandbox_class.kill(backend_id, api_key=self.api_key)
+        except e2b.SandboxNotFoundException:
+            return
+        except Exception as error:
+            raise await self._translate(error, backend_id) from error
+
+    def isolation(self) -> dict[str, object]:
+        return {"status": "healthy", "backend": self.name, "isolation": "e2b microVM"}
+
+
+def _cap(text: str, limit: int) -> tuple[str, int]:
+    data = text.encode()
+    if len(data) <= limit:
+        return text, 0
+    dropped = len(data) - limit
+    kept = data[:limit].decode("utf-8", errors="ignore")
+    return kept + f"\n[output truncated: {dropped} bytes dropped]", dropped

@@ -1,0 +1,234 @@
+"""Backend-independent sandbox work: choosing the backend, building commands
+per language, applying packages and setup commands, redacting secrets."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+
+from app.contracts.sandbox import NODE_TEMPLATES, ExecuteRequest, ExecuteResult
+from app.sandbox.backend import (
+    RunOutput,
+    SandboxBackend,
+    SandboxConfigurationError,
+)
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Code longer than this goes through a file, because Linux caps one argv
+# string at 128 KiB.
+_INLINE_CODE_LIMIT = 100_000
+_SETUP_TIMEOUT = 600.0
+REDACTED = "********"
+
+
+@functools.cache
+def _backend_for(
+    kind: str, root: str, allow_network: bool, use_bwrap: bool | None, api_key: str
+) -> SandboxBackend:
+    if kind == "e2b":
+        from app.sandbox.e2b import E2BBackend
+
+        return E2BBackend(api_key=api_key)
+    from pathlib import Path
+
+    from app.sandbox.local import LocalBackend
+
+    return LocalBackend(Path(root), use_bwrap=use_bwrap, allow_network=allow_network)
+
+
+def get_backend(settings: Settings) -> SandboxBackend:
+    """Return the process-wide backend that `NEXUS_SANDBOX_BACKEND` selects.
+
+    Raises:
+        SandboxConfigurationError: `e2b` is selected but E2B_API_KEY is unset.
+    """
+    api_key = ""
+    if settings.sandbox_backend == "e2b":
+        if settings.e2b_api_key is None or not settings.e2b_api_key.get_secret_value():
+            raise SandboxConfigurationError(
+                "NEXUS_SANDBOX_BACKEND=e2b needs E2B_API_KEY; set it, or set "
+                "NEXUS_SANDBOX_BACKEND=local"
+            )
+        api_key = settings.e2b_api_key.get_secret_value()
+    return _backend_for(
+        settings.sandbox_backend,
+        str(settings.resolved_data_dir / "sandboxes"),
+        settings.sandbox_allow_network,
+        settings.sandbox_bwrap,
+        api_key,
+    )
+
+
+def code_command(language: str, code: str, code_path: str | None = None) -> list[str]:
+    """Return the argv that runs `code` (or the file `code_path`) in `language`."""
+    if language == "python":
+        return ["python3", code_path] if code_path else ["python3", "-c", code]
+    if language == "javascript":
+        return ["node", code_path] if code_path else ["node", "-e", code]
+    if language == "bash":
+        return ["bash", code_path] if code_path else ["bash", "-c", code]
+    raise ValueError(f"unknown language {language!r}; use python, javascript or bash")
+
+
+_EXTENSIONS = {"python": "py", "javascript": "js", "bash": "sh"}
+
+
+def package_env(home: str) -> dict[str, str]:
+    """Variables that make installed packages importable in later executions."""
+    return {
+        "PYTHONPATH": f"{home}/.nexus/python",
+        "NODE_PATH": f"{home}/node_modules",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+
+
+def install_command(
+    template: str, packages: Iterable[str], index_url: str | None
+) -> list[list[str]]:
+    """Return the installer commands for `packages`.
+
+    A `pip:` or `npm:` prefix picks the installer; otherwise node templates
+    use npm and every other template uses pip (into `.nexus/python`).
+    """
+    pip: list[str] = []
+    npm: list[str] = []
+    for package in packages:
+        if package.startswith("pip:"):
+            pip.append(package[4:])
+        elif package.startswith("npm:"):
+            npm.append(package[4:])
+        elif template in NODE_TEMPLATES:
+            npm.append(package)
+        else:
+            pip.append(package)
+    commands: list[list[str]] = []
+    if pip:
+        command = ["python3", "-m", "pip", "install", "--no-input", "--retries", "1"]
+        command += ["--target", ".nexus/python", "--upgrade"]
+        if index_url:
+            command += ["--index-url", index_url]
+        commands.append([*command, *pip])
+    if npm:
+        command = ["npm", "install", "--no-audit", "--no-fund"]
+        if index_url:
+            command += ["--registry", index_url]
+        commands.append([*command, *npm])
+    return commands
+
+
+async def apply_setup(
+    backend: SandboxBackend,
+    backend_id: str,
+    *,
+    template: str,
+    packages: list[str],
+    commands: list[str],
+    env: Mapping[str, str],
+    settings: Settings,
+) -> str:
+    """Install `packages`, then run `commands`, in the sandbox folder.
+
+    Returns their combined output, secrets redacted.
+
+    Raises:
+        SandboxConfigurationError: an installer or command failed; the message
+            contains its output.
+    """
+    home = await backend.home(backend_id)
+    full_env = {**package_env(home), **env}
+    outputs: list[str] = []
+    # Installers need the package index, so they get the network even where
+    # the sandbox's own code has none; setup commands run like user code.
+    steps = [
+        (shlex.join(argv), argv, True)
+        for argv in install_command(template, packages, settings.sandbox_package_index)
+    ]
+    steps += [(command, ["bash", "-c", command], False) for command in commands]
+    for label, argv, network in steps:
+        result = await backend.run(
+            backend_id,
+            argv,
+            env=full_env,
+            cwd=None,
+            timeout=_SETUP_TIMEOUT,
+            output_limit=settings.sandbox_output_limit,
+            network=network,
+        )
+        text = redact(result.stdout + result.stderr, secret_values(env))
+        outputs.append(f"$ {label}\n{text}")
+        if result.timed_out or result.exit_code != 0:
+            how = "timed out" if result.timed_out else f"exited {result.exit_code}"
+            raise SandboxConfigurationError(
+                f"setup step `{label}` in sandbox {backend_id} {how}; fix the "
+                f"package or command and try again. Output:\n{text[-4000:]}"
+            )
+    return "\n".join(outputs)
+
+
+async def execute(
+    backend: SandboxBackend,
+    backend_id: str,
+    request: ExecuteRequest,
+    env: Mapping[str, str],
+    settings: Settings,
+) -> ExecuteResult:
+    """Run `request.code` with `env` and return measured, redacted output."""
+    home = await backend.home(backend_id)
+    code_path = None
+    if len(request.code.encode()) > _INLINE_CODE_LIMIT:
+        import hashlib
+
+        digest = hashlib.sha256(request.code.encode()).hexdigest()[:16]
+        name = f".nexus/code-{digest}.{_EXTENSIONS[request.language]}"
+        code_path = await backend.write_file(backend_id, name, request.code.encode())
+    argv = code_command(request.language, request.code, code_path)
+    output: RunOutput = await backend.run(
+        backend_id,
+        argv,
+        env={**package_env(home), **env},
+        cwd=request.working_dir,
+        timeout=request.timeout,
+        output_limit=settings.sandbox_output_limit,
+        capture_output=request.capture_output,
+    )
+    secrets = secret_values(env)
+    if output.timed_out:
+        status = "timed_out"
+    elif output.exit_code == 0:
+        status = "completed"
+    else:
+        status = "failed"
+    return ExecuteResult(
+        stdout=redact(output.stdout, secrets),
+        stderr=redact(output.stderr, secrets),
+        exit_code=output.exit_code,
+        status=status,
+        execution_time=round(output.execution_time, 6),
+        stdout_dropped_bytes=output.stdout_dropped_bytes,
+        stderr_dropped_bytes=output.stderr_dropped_bytes,
+    )
+
+
+# Env var names whose values are redacted from output, the same rule the
+# audit log uses for argument names.
+SECRET_NAME = re.compile(
+    r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
+)
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """Return the values of env vars whose names mark them as secrets."""
+    return [value for name, value in env.items() if SECRET_NAME.search(name)]
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret value of 4 or more characters in `text`."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,339 @@
+"""The sandbox service API: start and drive `SandboxSessionWorkflow`s.
+
+Tools, the CLI and other capabilities (swarm agents) use these functions;
+they seal secret values before anything enters Temporal, so callers pass
+plain env var values and get back env var names only.
+
+Example:
+    info = await create_sandbox(client, settings, CreateOptions(template="python"))
+    result = await execute(
+        client, settings, info.sandbox_id, ExecuteRequest(code="print(1)")
+    )
+    await stop_sandbox(client, info.sandbox_id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from app.contracts.queues import ORCHESTRATION
+from app.contracts.sandbox import (
+    BackendState,
+    ConfigureRequest,
+    ConfigureResult,
+    ExecuteRequest,
+    ExecuteResult,
+    SandboxSpec,
+    SandboxStatus,
+    SessionInfo,
+    SessionInput,
+    SessionState,
+    Template,
+    UploadRequest,
+    UploadResult,
+)
+from app.sandbox import store
+from app.sandbox.models import SandboxRecord
+from app.sandbox.runtime import get_backend
+from app.sandbox.secrets import load_key, seal_env
+from app.settings import Settings
+from app.temporal.search_attributes import SANDBOX_ID
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_PREFIX = "sandbox-"
+ANTHROPIC_ENV = "ANTHROPIC_API_KEY"
+
+
+class SandboxServiceError(Exception):
+    """A sandbox call that failed.
+
+    Attributes:
+        kind: `not_found`, `invalid_argument`, `configuration` or `failed`.
+    """
+
+    def __init__(self, message: str, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+
+@dataclass
+class CreateOptions:
+    """Options of `create_sandbox`; env values are plain text only here."""
+
+    template: Template
+    name: str | None = None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    anthropic_key: str | None = None
+    timeout: int = 3600
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    install_packages: list[str] = field(default_factory=list)
+    startup_script: str | None = None
+    sandbox_id: str | None = None
+
+
+def workflow_id(sandbox_id: str) -> str:
+    return f"{WORKFLOW_PREFIX}{sandbox_id}"
+
+
+def new_sandbox_id() -> str:
+    return f"sbx_{uuid.uuid4().hex[:12]}"
+
+
+def seal_for(
+    settings: Settings, sandbox_id: str, env: Mapping[str, str]
+) -> dict[str, str]:
+    """Seal plain env var values for one sandbox."""
+    if not env:
+        return {}
+    return seal_env(load_key(settings), sandbox_id, dict(env))
+
+
+def _handle(client: Client, sandbox_id: str) -> WorkflowHandle[object, object]:
+    return client.get_workflow_handle(workflow_id(sandbox_id))
+
+
+def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
+    if isinstance(error, WorkflowUpdateFailedError):
+        cause = error.cause
+        message = str(getattr(cause, "message", None) or cause or error)
+        kind = "failed"
+        if isinstance(cause, ApplicationError):
+            if cause.type == "SandboxConfigurationError":
+                kind = "configuration"
+            elif cause.type in ("SandboxInvalidArgument", "ValueError"):
+                kind = "invalid_argument"
+        return SandboxServiceError(message, kind)
+    if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
+        return SandboxServiceError(
+            f"sandbox {sandbox_id} has no running session; list sandboxes with "
+            "sandbox_list, or create one with sandbox_create",
+            "not_found",
+        )
+    return SandboxServiceError(f"sandbox {sandbox_id}: {error}")
+
+
+async def _update(
+    client: Client, sandbox_id: str, name: str, arg: object, result_type: type
+) -> object:
+    try:
+        if arg is None:
+            return await _handle(client, sandbox_id).execute_update(
+                name, result_type=result_type
+            )
+        return await _handle(client, sandbox_id).execute_update(
+            name, arg, result_type=result_type
+        )
+    except (WorkflowUpdateFailedError, RPCError) as error:
+        raise _translate(error, sandbox_id) from None
+
+
+async def create_sandbox(
+    client: Client, settings: Settings, options: CreateOptions
+) -> SessionInfo:
+    """Start a session workflow, wait until its sandbox exists, return its info.
+
+    Raises:
+        SandboxServiceError: creation failed (for example a package install);
+            the message contains the installer's output. The failed session
+            has ended by then.
+    """
+    sandbox_id = options.sandbox_id or new_sandbox_id()
+    env = dict(options.env_vars)
+    if options.anthropic_key:
+        env[ANTHROPIC_ENV] = options.anthropic_key
+    spec = SandboxSpec(
+        sandbox_id=sandbox_id,
+        name=options.name,
+        template=options.template,
+        timeout=options.timeout,
+        sealed_env=seal_for(settings, sandbox_id, env),
+        metadata={str(k): str(v) for k, v in options.metadata.items()},
+        install_packages=list(options.install_packages),
+        startup_script=options.startup_script,
+        setup_commands=[options.startup_script] if options.startup_script else [],
+    )
+    state = SessionState(
+        spec=spec,
+        backend=settings.sandbox_backend,
+        max_recreations=settings.sandbox_max_recreations,
+    )
+    logger.info("starting sandbox session %s (template %s)", sandbox_id, spec.template)
+    handle = await client.start_workflow(
+        "SandboxSessionWorkflow",
+        SessionInput(state=state),
+        id=workflow_id(sandbox_id),
+        task_queue=ORCHESTRATION,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(SANDBOX_ID, sandbox_id)]
+        ),
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+    )
+    try:
+        info = await handle.execute_update("ready", result_type=SessionInfo)
+    except WorkflowUpdateFailedError as error:
+        raise _translate(error, sandbox_id) from None
+    return info
+
+
+async def execute(
+    client: Client,
+    settings: Settings,
+    sandbox_id: str,
+    request: ExecuteRequest,
+    env_vars: Mapping[str, str] | None = None,
+) -> ExecuteResult:
+    """Run code in the sandbox; `env_vars` (plain) apply to this call only."""
+    if env_vars:
+        request = request.model_copy(
+            update={"sealed_env": seal_for(settings, sandbox_id, env_vars)}
+        )
+    result = await _update(client, sandbox_id, "execute", request, ExecuteResult)
+    assert isinstance(result, ExecuteResult)
+    return result
+
+
+async def upload(
+    client: Client, sandbox_id: str, path: str, content: str
+) -> UploadResult:
+    """Write a text file into the sandbox folder."""
+    request = UploadRequest(file_path=path, content=content)
+    result = await _update(client, sandbox_id, "upload", request, UploadResult)
+    assert isinstance(result, UploadResult)
+    return result
+
+
+async def configure(
+    client: Client,
+    settings: Settings,
+    sandbox_id: str,
+    *,
+    env_vars: Mapping[str, str] | None = None,
+    anthropic_key: str | None = None,
+    install_packages: list[str] | None = None,
+    run_commands: list[str] | None = None,
+) -> ConfigureResult:
+    """Change the sandbox so that later executions (and recreations) see it."""
+    env = dict(env_vars or {})
+    if anthropic_key:
+        env[ANTHROPIC_ENV] = anthropic_key
+    request = ConfigureRequest(
+        sealed_env=seal_for(settings, sandbox_id, env),
+        install_packages=list(install_packages or []),
+        run_commands=list(run_commands or []),
+    )
+    result = await _update(client, sandbox_id, "configure", request, ConfigureResult)
+    assert isinstance(result, ConfigureResult)
+    return result
+
+
+async def info(client: Client, sandbox_id: str) -> SessionInfo:
+    """Return the session's recorded state (a query; no backend call)."""
+    try:
+        return await _handle(client, sandbox_id).query("info", result_type=SessionInfo)
+    except RPCError as error:
+        raise _translate(error, sandbox_id) from None
+
+
+async def status(client: Client, sandbox_id: str) -> SandboxStatus:
+    """Return the session and the sandbox's live state read from the backend."""
+    session = await info(client, sandbox_id)
+    live: BackendState | None = None
+    if session.status == "running":
+        result = await _update(client, sandbox_id, "describe", None, BackendState)
+        live = result if isinstance(result, BackendState) else None
+    return SandboxStatus(session=session, live=live)
+
+
+async def logs(client: Client, sandbox_id: str, lines: int = 100) -> list[str]:
+    try:
+        return await _handle(client, sandbox_id).query(
+            "logs", lines, result_type=list[str]
+        )
+    except RPCError as error:
+        raise _translate(error, sandbox_id) from None
+
+
+async def stop_sandbox(client: Client, sandbox_id: str) -> SessionInfo:
+    """Kill the sandbox on the backend and end its session."""
+    result = await _update(client, sandbox_id, "stop", None, SessionInfo)
+    assert isinstance(result, SessionInfo)
+    return result
+
+
+async def delete_sandbox(
+    client: Client, settings: Settings, sandbox_id: str
+) -> SessionInfo:
+    """Kill the sandbox, remove its files and mirror row, and end its session.
+
+    A session that already ended (stopped, or failed to create) no longer
+    takes updates; its files are then removed from here, through the backend
+    this process is configured with.
+    """
+    try:
+        result = await _update(client, sandbox_id, "delete", None, SessionInfo)
+    except SandboxServiceError as error:
+        if error.kind != "not_found":
+            raise
+        session = await info(client, sandbox_id)  # queries work on closed runs
+        if session.backend_id is not None:
+            await get_backend(settings).delete(session.backend_id)
+        await asyncio.to_thread(
+            store.delete_record, settings.effective_database_url, sandbox_id
+        )
+        logger.info("deleted ended sandbox session %s", sandbox_id)
+        return session.model_copy(update={"status": "deleted"})
+    assert isinstance(result, SessionInfo)
+    return result
+
+
+async def list_sandboxes(
+    settings: Settings, status_filter: str = "all"
+) -> list[SandboxRecord]:
+    """Return the mirror rows (running|stopped|all)."""
+    return await asyncio.to_thread(
+        store.list_records, settings.effective_database_url, status_filter
+    )
+
+
+async def wait_ended(client: Client, sandbox_id: str, timeout: float = 30.0) -> None:
+    """Wait until the session workflow has completed (after stop/delete)."""
+    await asyncio.wait_for(_handle(client, sandbox_id).result(), timeout)
+
+
+async def discard_backend_sandbox(
+    client: Client, settings: Settings, sandbox_id: str
+) -> str:
+    """Kill the sandbox on its backend without telling its session.
+
+    This is how a sandbox gets lost from outside (E2B ending it, a crash);
+    benchmarks and tests use it to prove that the next call recreates it.
+    Returns the backend id that was killed.
+
+    Raises:
+        SandboxServiceError: the session has no sandbox yet.
+    """
+    session = await info(client, sandbox_id)
+    if session.backend_id is None:
+        raise SandboxServiceError(f"sandbox {sandbox_id} has no backend sandbox yet")
+    await get_backend(settings).delete(session.backend_id)
+    logger.info("discarded backend sandbox %s of %s", session.backend_id, sandbox_id)
+    return session.backend_id

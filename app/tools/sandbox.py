@@ -1,0 +1,395 @@
+"""Sandbox tools: durable sandboxes on the local or E2B backend."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.contracts.sandbox import (
+    BackendState,
+    ExecuteRequest,
+    ExecuteResult,
+    Language,
+    SessionEvent,
+    Template,
+)
+from app.sandbox import service
+from app.sandbox.backend import SandboxConfigurationError
+from app.sandbox.health import register_isolation_check
+from app.sandbox.service import CreateOptions, SandboxServiceError
+from app.tools.registry import ToolContext, ToolError, tool
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KINDS: dict[str, Any] = {
+    "not_found": "not_found",
+    "invalid_argument": "invalid_argument",
+    "configuration": "failed",
+    "failed": "failed",
+}
+
+register_isolation_check()
+
+
+def _check_env_names(value: dict[str, str] | None) -> dict[str, str] | None:
+    for name in value or {}:
+        if not _ENV_NAME.match(name):
+            raise ValueError(
+                f"env var name {name!r} is invalid; use letters, digits and _ "
+                "and do not start with a digit"
+            )
+    return value
+
+
+def _tool_error(error: SandboxServiceError) -> ToolError:
+    return ToolError(error.message, kind=_KINDS.get(error.kind, "failed"))
+
+
+class SandboxCreateInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    template: Template = Field(description="Sandbox template.")
+    name: str | None = Field(None, max_length=200)
+    env_vars: dict[str, str] | None = Field(
+        None, description="Environment variables; values are stored encrypted."
+    )
+    anthropic_key: str | None = Field(
+        None, description="Anthropic API key, set as ANTHROPIC_API_KEY (encrypted)."
+    )
+    timeout: int = Field(3600, gt=0, le=86400, description="Lifetime in seconds.")
+    metadata: dict[str, Any] | None = None
+    install_packages: list[str] | None = Field(
+        None, description="pip packages (npm for node templates; `npm:`/`pip:` prefix)."
+    )
+    startup_script: str | None = Field(None, description="bash run after installs.")
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_env_names(value)
+
+
+class SandboxCreateResult(BaseModel):
+    sandbox_id: str
+    name: str | None
+    template: str
+    status: str
+    backend: str
+    env_vars_configured: list[str]
+    timeout: int
+    metadata: dict[str, str]
+    install_packages: list[str]
+    created_at: datetime | None
+
+
+@tool("sandbox_create", group="sandbox")
+async def sandbox_create(
+    ctx: ToolContext, args: SandboxCreateInput
+) -> SandboxCreateResult:
+    """Create a sandbox from a template (base, python, node, claude-code, react,
+    nextjs, vanilla) on the configured backend, install its packages and run its
+    startup script. Returns sandbox_id; env var values are never returned. The
+    sandbox is durable: if it dies, the next call recreates it."""
+    options = CreateOptions(
+        template=args.template,
+        name=args.name,
+        env_vars=args.env_vars or {},
+        anthropic_key=args.anthropic_key,
+        timeout=args.timeout,
+        metadata={str(k): str(v) for k, v in (args.metadata or {}).items()},
+        install_packages=args.install_packages or [],
+        startup_script=args.startup_script,
+    )
+    try:
+        info = await service.create_sandbox(await ctx.client(), ctx.settings, options)
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    except SandboxConfigurationError as error:
+        raise ToolError(str(error)) from None
+    return SandboxCreateResult(
+        sandbox_id=info.sandbox_id,
+        name=info.name,
+        template=info.template,
+        status=info.status,
+        backend=info.backend,
+        env_vars_configured=info.env_vars_configured,
+        timeout=info.timeout,
+        metadata=info.metadata,
+        install_packages=info.install_packages,
+        created_at=info.created_at,
+    )
+
+
+class SandboxExecuteInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(min_length=1)
+    code: str = Field(min_length=1, description="Program text to run.")
+    language: Language = "python"
+    env_vars: dict[str, str] | None = Field(None, description="For this run only.")
+    working_dir: str | None = Field(None, description="Inside the sandbox folder.")
+    timeout: float = Field(60, gt=0, le=86400, description="Seconds; kills the run.")
+    capture_output: bool = True
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_env_names(value)
+
+    @field_validator("code")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("code is empty; pass the program to run")
+        return value
+
+
+@tool("sandbox_execute", group="sandbox")
+async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> ExecuteResult:
+    """Run code (python, javascript or bash) in a sandbox and return stdout,
+    stderr, exit_code, status (completed, failed, timed_out) and the measured
+    execution_time in seconds. A timeout kills the whole process group; long
+    output is cut with a marker. `recreated` counts sandboxes rebuilt because
+    the old one was lost."""
+    request = ExecuteRequest(
+        code=args.code,
+        language=args.language,
+        working_dir=args.working_dir,
+        timeout=args.timeout,
+        capture_output=args.capture_output,
+    )
+    try:
+        return await service.execute(
+            await ctx.client(), ctx.settings, args.sandbox_id, request, args.env_vars
+        )
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+
+
+class SandboxIdInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(min_length=1)
+
+
+class SandboxStatusResult(BaseModel):
+    sandbox_id: str
+    name: str | None
+    template: str
+    status: str = Field(description="Session status: running, stopped, failed, ...")
+    backend: str
+    backend_id: str | None
+    live: BackendState | None = Field(description="Read from the backend now.")
+    env_vars_configured: list[str]
+    timeout: int
+    recreated: int
+    created_at: datetime | None
+    events: list[SessionEvent]
+    error: str | None
+
+
+@tool("sandbox_status", group="sandbox")
+async def sandbox_status(ctx: ToolContext, args: SandboxIdInput) -> SandboxStatusResult:
+    """Read a sandbox's state live from its backend (alive, expired, lost) with
+    its session: template, env var names, recreation count and events."""
+    try:
+        status = await service.status(await ctx.client(), args.sandbox_id)
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    session = status.session
+    return SandboxStatusResult(
+        sandbox_id=session.sandbox_id,
+        name=session.name,
+        template=session.template,
+        status=session.status,
+        backend=session.backend,
+        backend_id=session.backend_id,
+        live=status.live,
+        env_vars_configured=session.env_vars_configured,
+        timeout=session.timeout,
+        recreated=session.recreated,
+        created_at=session.created_at,
+        events=session.events,
+        error=session.error,
+    )
+
+
+class SandboxListInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["running", "stopped", "all"] = "all"
+
+
+class SandboxSummary(BaseModel):
+    sandbox_id: str
+    name: str | None
+    template: str
+    status: str
+    backend: str
+    env_vars_configured: list[str]
+    metadata: dict[str, Any]
+    recreated: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class SandboxListResult(BaseModel):
+    sandboxes: list[SandboxSummary]
+    count: int
+
+
+@tool("sandbox_list", group="sandbox")
+async def sandbox_list(ctx: ToolContext, args: SandboxListInput) -> SandboxListResult:
+    """List sandboxes (running, stopped or all) from the database mirror;
+    use sandbox_status for live state."""
+    rows = await service.list_sandboxes(ctx.settings, args.status)
+    items = [
+        SandboxSummary(
+            sandbox_id=row.id,
+            name=row.name,
+            template=row.template,
+            status=row.status,
+            backend=row.backend,
+            env_vars_configured=list(row.env_var_names),
+            metadata=dict(row.sandbox_metadata),
+            recreated=row.recreated,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+    return SandboxListResult(sandboxes=items, count=len(items))
+
+
+class SandboxConfigureInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(min_length=1)
+    env_vars: dict[str, str] | None = None
+    anthropic_key: str | None = None
+    install_packages: list[str] | None = None
+    run_commands: list[str] | None = None
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_env_names(value)
+
+
+class SandboxConfigureResult(BaseModel):
+    sandbox_id: str
+    env_vars_configured: list[str]
+    install_packages: list[str]
+    commands_run: int
+    output: str
+    recreated: int
+
+
+@tool("sandbox_configure", group="sandbox")
+async def sandbox_configure(
+    ctx: ToolContext, args: SandboxConfigureInput
+) -> SandboxConfigureResult:
+    """Change a sandbox for all later executions: add env vars (encrypted),
+    an Anthropic key, packages, or run setup commands. The change is recorded
+    and reapplied if the sandbox is recreated."""
+    try:
+        result = await service.configure(
+            await ctx.client(),
+            ctx.settings,
+            args.sandbox_id,
+            env_vars=args.env_vars,
+            anthropic_key=args.anthropic_key,
+            install_packages=args.install_packages,
+            run_commands=args.run_commands,
+        )
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    return SandboxConfigureResult(sandbox_id=args.sandbox_id, **result.model_dump())
+
+
+class SandboxUploadInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(min_length=1)
+    file_path: str = Field(min_length=1, description="Relative to the sandbox folder.")
+    content: str
+
+
+class SandboxUploadResult(BaseModel):
+    sandbox_id: str
+    path: str
+    size: int
+    recreated: int
+
+
+@tool("sandbox_upload", group="sandbox")
+async def sandbox_upload(
+    ctx: ToolContext, args: SandboxUploadInput
+) -> SandboxUploadResult:
+    """Write a text file into a sandbox; paths that leave the sandbox folder
+    are rejected."""
+    try:
+        result = await service.upload(
+            await ctx.client(), args.sandbox_id, args.file_path, args.content
+        )
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    return SandboxUploadResult(sandbox_id=args.sandbox_id, **result.model_dump())
+
+
+class SandboxLogsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sandbox_id: str = Field(min_length=1)
+    lines: int = Field(100, ge=1, le=1000)
+
+
+class SandboxLogsResult(BaseModel):
+    sandbox_id: str
+    lines: list[str]
+    count: int
+
+
+@tool("sandbox_logs", group="sandbox")
+async def sandbox_logs(ctx: ToolContext, args: SandboxLogsInput) -> SandboxLogsResult:
+    """Return the most recent output lines of a sandbox (setup, stdout, stderr)."""
+    try:
+        lines = await service.logs(await ctx.client(), args.sandbox_id, args.lines)
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    return SandboxLogsResult(sandbox_id=args.sandbox_id, lines=lines, count=len(lines))
+
+
+class SandboxEndResult(BaseModel):
+    sandbox_id: str
+    status: str
+    recreated: int
+
+
+@tool("sandbox_stop", group="sandbox")
+async def sandbox_stop(ctx: ToolContext, args: SandboxIdInput) -> SandboxEndResult:
+    """Stop a sandbox: kill it on the backend and end its session."""
+    try:
+        info = await service.stop_sandbox(await ctx.client(), args.sandbox_id)
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    return SandboxEndResult(
+        sandbox_id=info.sandbox_id, status=info.status, recreated=info.recreated
+    )
+
+
+@tool("sandbox_delete", group="sandbox")
+async def sandbox_delete(ctx: ToolContext, args: SandboxIdInput) -> SandboxEndResult:
+    """Delete a sandbox: kill it, remove its files and its list entry, and end
+    its session."""
+    try:
+        info = await service.delete_sandbox(
+            await ctx.client(), ctx.settings, args.sandbox_id
+        )
+    except SandboxServiceError as error:
+        raise _tool_error(error) from None
+    return SandboxEndResult(
+        sandbox_id=info.sandbox_id, status=info.status, recreated=info.recreated
+    )

@@ -1,0 +1,143 @@
+"""Benchmark local sandboxes against a raw subprocess, in the same run.
+
+Prints p50 of `sandbox_create` and of `sandbox_execute` for a one-line
+Python program, at the backend level and through the full tool path (tool,
+workflow update, activity), next to `subprocess.run([python3, "-c", code])`.
+
+Run: python -m bench.sandbox [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CODE = "print(1)"
+
+
+def p50(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+async def backend_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
+    from app.sandbox.local import LocalBackend
+
+    backend = LocalBackend(root)
+    creates: list[float] = []
+    executes: list[float] = []
+    for index in range(runs):
+        started = time.perf_counter()
+        await backend.create(
+            f"b{index}", template="base", timeout=600, env={}, metadata={}
+        )
+        creates.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await backend.run(
+            f"b{index}",
+            ["python3", "-c", CODE],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=65536,
+        )
+        executes.append(time.perf_counter() - started)
+        await backend.delete(f"b{index}")
+    return creates, executes
+
+
+async def tool_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
+    from temporalio.testing import WorkflowEnvironment
+
+    from app.contracts.queues import ORCHESTRATION, SANDBOX
+    from app.db.migrate import upgrade
+    from app.settings import Settings
+    from app.temporal.client import build_data_converter
+    from app.temporal.devserver import temporal_binary
+    from app.temporal.search_attributes import dev_server_args
+    from app.tools import ToolContext, invoke_tool, load_tools
+    from tests.conftest import TEST_ENCRYPTION_KEY, running_workers
+
+    settings = Settings(
+        data_dir=root,
+        encryption_key=TEST_ENCRYPTION_KEY,
+        temporal_address="127.0.0.1:1",  # type: ignore[arg-type]
+    )
+    upgrade(settings.effective_database_url)
+    load_tools()
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(temporal_binary()),
+        data_converter=build_data_converter(settings),
+        dev_server_extra_args=dev_server_args(),
+    )
+    creates: list[float] = []
+    executes: list[float] = []
+    try:
+        client = env.client
+        async with running_workers(client, settings, [ORCHESTRATION, SANDBOX]):
+            ctx = ToolContext(settings, user_id="bench", temporal_client=client)
+            for _ in range(runs):
+                started = time.perf_counter()
+                created = await invoke_tool(ctx, "sandbox_create", {"template": "base"})
+                creates.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                await invoke_tool(
+                    ctx,
+                    "sandbox_execute",
+                    {"sandbox_id": created["sandbox_id"], "code": CODE},
+                )
+                executes.append(time.perf_counter() - started)
+                await invoke_tool(
+                    ctx, "sandbox_delete", {"sandbox_id": created["sandbox_id"]}
+                )
+    finally:
+        await env.shutdown()
+    return creates, executes
+
+
+def raw_subprocess(runs: int) -> list[float]:
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([python, "-c", CODE], capture_output=True, check=True)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        raw = raw_subprocess(args.runs)
+        b_create, b_exec = await backend_level(args.runs, Path(folder) / "backend")
+        t_create, t_exec = await tool_level(args.runs, Path(folder) / "tool")
+        raw_after = raw_subprocess(args.runs)
+    baseline = p50(raw + raw_after)
+    print(f"raw subprocess.run python3 -c       p50 {baseline:8.2f} ms")
+    print(
+        f"backend create (local)              p50 {p50(b_create):8.2f} ms  "
+        "target <= 100 ms"
+    )
+    print(
+        f"backend execute (local)             p50 {p50(b_exec):8.2f} ms  "
+        f"ratio {p50(b_exec) / baseline:.2f}x  target <= 1.5x"
+    )
+    print(
+        f"tool sandbox_create (workflow)      p50 {p50(t_create):8.2f} ms  "
+        "target <= 100 ms"
+    )
+    print(
+        f"tool sandbox_execute (workflow)     p50 {p50(t_exec):8.2f} ms  "
+        f"ratio {p50(t_exec) / baseline:.2f}x  target <= 1.5x"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

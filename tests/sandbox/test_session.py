@@ -1,0 +1,395 @@
+"""Sandbox tools end to end: real local sandboxes, real workflows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
+from tests.support.replay import replay_run
+from workflows.sandbox import SandboxSessionWorkflow
+
+SECRET = "sk-test-very-secret-value-7f3a"
+
+
+async def call(ctx: ToolContext, name: str, **arguments: Any) -> dict[str, Any]:
+    return await invoke_tool(ctx, name, arguments)
+
+
+def sandbox_home(ctx: ToolContext, backend_id: str) -> Path:
+    return ctx.settings.resolved_data_dir / "sandboxes" / backend_id / "home"
+
+
+async def test_execute_each_language(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="python")
+    sandbox_id = created["sandbox_id"]
+    try:
+        cases = {
+            "python": "import sys; print('py', sys.version_info[0])",
+            "javascript": "console.log('js', 1 + 1)",
+            "bash": "echo bash $((2 + 3))",
+        }
+        expected = {"python": "py 3", "javascript": "js 2", "bash": "bash 5"}
+        for language, code in cases.items():
+            result = await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code=code,
+                language=language,
+            )
+            assert result["status"] == "completed", result
+            assert result["exit_code"] == 0
+            assert result["stdout"].strip() == expected[language]
+            assert result["execution_time"] > 0
+        failed = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="import sys; sys.exit(3)",
+        )
+        assert failed["status"] == "failed"
+        assert failed["exit_code"] == 3
+        logs = await call(tool_ctx, "sandbox_logs", sandbox_id=sandbox_id, lines=2)
+        assert logs["count"] == 2
+        assert logs["lines"][-1] == "[stdout] bash 5"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_env_vars_and_configure_last(tool_ctx: ToolContext) -> None:
+    created = await call(
+        tool_ctx, "sandbox_create", template="base", env_vars={"GREETING": "hello"}
+    )
+    sandbox_id = created["sandbox_id"]
+    assert created["env_vars_configured"] == ["GREETING"]
+    try:
+        code = (
+            "import os; e = os.environ; print(e.get('GREETING') == 'hello', "
+            "e.get('ONCE') == 'x', e.get('LATER') == 'y')"
+        )
+        first = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            env_vars={"ONCE": "x"},
+        )
+        assert first["stdout"].strip() == "True True False"
+        configured = await call(
+            tool_ctx,
+            "sandbox_configure",
+            sandbox_id=sandbox_id,
+            env_vars={"LATER": "y"},
+            run_commands=["echo configured > marker.txt"],
+        )
+        assert configured["env_vars_configured"] == ["GREETING", "LATER"]
+        second = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=code
+        )
+        assert second["stdout"].strip() == "True False True"
+        marker = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="cat marker.txt",
+            language="bash",
+        )
+        assert marker["stdout"].strip() == "configured"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_timeout_kills_process_group(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        # A child in the background writes a file after 3 s unless killed.
+        code = "(sleep 3; echo late > late.txt) & sleep 30"
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            language="bash",
+            timeout=1,
+        )
+        assert result["status"] == "timed_out"
+        assert result["exit_code"] is None
+        check = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="sleep 3; ls late.txt",
+            language="bash",
+        )
+        assert check["status"] == "failed", check
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_output_cap_marks_dropped(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    limit = tool_ctx.settings.sandbox_output_limit
+    try:
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=f"print('a' * {limit + 5000}, end='')",
+        )
+        assert result["stdout_dropped_bytes"] == 5000
+        assert result["stdout"].endswith("[output truncated: 5000 bytes dropped]")
+        assert result["stdout"].split("\n")[0] == "a" * limit
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_lost_sandbox_is_recreated(tool_ctx: ToolContext, client: Client) -> None:
+    created = await call(
+        tool_ctx,
+        "sandbox_create",
+        template="python",
+        startup_script="echo started >> setup.log",
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["live"]["alive"] is True
+        shutil.rmtree(sandbox_home(tool_ctx, status["backend_id"]))
+        lost = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert lost["live"]["alive"] is False
+        assert lost["live"]["state"] == "lost"
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="print(open('setup.log').read().strip())",
+        )
+        assert result["status"] == "completed", result
+        assert result["recreated"] == 1
+        assert result["stdout"].strip() == "started"
+        after = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert after["recreated"] == 1
+        assert after["live"]["alive"] is True
+        kinds = [event["kind"] for event in after["events"]]
+        assert "recreated" in kinds
+        again = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(2)"
+        )
+        assert again["recreated"] == 0
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_killed_anchor_is_recreated(tool_ctx: ToolContext) -> None:
+    import asyncio
+    import os
+    import signal
+
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        state_file = sandbox_home(tool_ctx, status["backend_id"]).parent / "state.json"
+        pid = json.loads(state_file.read_text())["anchor_pid"]
+        os.killpg(pid, signal.SIGKILL)
+        # SIGKILL lands asynchronously; wait until the kernel shows it dead.
+        stat = Path(f"/proc/{pid}/stat")
+        while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            await asyncio.sleep(0.01)
+        result = await call(
+            tool_ctx,
+            "sandbox_upload",
+            sandbox_id=sandbox_id,
+            file_path="notes/a.txt",
+            content="hi",
+        )
+        assert result["recreated"] == 1
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_expired_sandbox_is_recreated(tool_ctx: ToolContext) -> None:
+    import asyncio
+
+    created = await call(tool_ctx, "sandbox_create", template="base", timeout=1)
+    sandbox_id = created["sandbox_id"]
+    try:
+        backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
+            "backend_id"
+        ]
+        home = sandbox_home(tool_ctx, backend_id)
+        for _ in range(100):
+            if not home.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert not home.exists(), "the anchor did not remove the expired sandbox"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["live"]["state"] == "expired"
+        result = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print('back')"
+        )
+        assert result["recreated"] == 1
+        assert result["stdout"].strip() == "back"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_secret_absent_from_history_and_logs(
+    tool_ctx: ToolContext, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = await call(
+        tool_ctx,
+        "sandbox_create",
+        template="claude-code" if shutil.which("claude") else "base",
+        env_vars={"API_TOKEN": SECRET},
+        anthropic_key=SECRET + "-anthropic",
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        assert SECRET not in json.dumps(created)
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="import os; t = os.environ['API_TOKEN']; print(t); print(len(t))",
+        )
+        assert result["stdout"].splitlines() == ["********", str(len(SECRET))]
+        await call(
+            tool_ctx,
+            "sandbox_configure",
+            sandbox_id=sandbox_id,
+            env_vars={"OTHER": SECRET + "-2"},
+        )
+        listed = await call(tool_ctx, "sandbox_list")
+        assert SECRET not in json.dumps(listed)
+        audit = await call(tool_ctx, "audit_log", limit=20)
+        assert SECRET not in json.dumps(audit)
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    history = await client.get_workflow_handle(f"sandbox-{sandbox_id}").fetch_history()
+    text = history.to_json()
+    # Payloads are base64 in the JSON form; search them decoded too.
+    decoded = "\n".join(
+        base64.b64decode(data).decode("utf-8", errors="replace")
+        for data in re.findall(r'"data": "([A-Za-z0-9+/=]+)"', text)
+    )
+    assert "API_TOKEN" in decoded
+    assert "sealed:v1:" in decoded
+    assert SECRET not in text
+    assert SECRET not in decoded
+    assert SECRET not in caplog.text
+
+
+async def test_bwrap_blocks_files_and_network(tool_ctx: ToolContext) -> None:
+    import asyncio
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        code = (
+            "import os, socket\n"
+            "for path in ('/etc/shadow', '/root', '" + str(Path.cwd()) + "'):\n"
+            "    print(path, os.path.exists(path))\n"
+            "try:\n"
+            f"    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "    print('connected')\n"
+            "except OSError as error:\n"
+            "    print('blocked', type(error).__name__)\n"
+        )
+        result = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=code
+        )
+        lines = result["stdout"].splitlines()
+        assert lines[0] == "/etc/shadow False"
+        assert lines[1] == "/root False"
+        assert lines[2].endswith(" False")
+        assert lines[3].startswith("blocked"), lines
+    finally:
+        server.close()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_templates_and_failing_install(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="react")
+    sandbox_id = created["sandbox_id"]
+    try:
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            language="javascript",
+            code="const deps = require('./package.json').dependencies;\n"
+            "console.log(deps.react !== undefined)",
+        )
+        assert result["stdout"].strip() == "true"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    with pytest.raises(ToolError) as failure:
+        await call(
+            tool_ctx,
+            "sandbox_create",
+            template="python",
+            install_packages=["nexus-no-such-package"],
+        )
+    assert "pip install" in failure.value.message
+    assert "nexus-no-such-package" in failure.value.message
+    listed = await call(tool_ctx, "sandbox_list", status="stopped")
+    assert [item["status"] for item in listed["sandboxes"]] == ["failed"]
+
+
+async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
+    with pytest.raises(ToolInputError):
+        await call(tool_ctx, "sandbox_create", template="windows")
+    with pytest.raises(ToolInputError):
+        await call(tool_ctx, "sandbox_create", template="base", timeout=0)
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        with pytest.raises(ToolInputError):
+            await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="  ")
+        with pytest.raises(ToolInputError):
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="1",
+                timeout=-1,
+            )
+        for path in ("../escape.txt", "a/../../escape.txt", "/etc/passwd"):
+            with pytest.raises(ToolError) as rejected:
+                await call(
+                    tool_ctx,
+                    "sandbox_upload",
+                    sandbox_id=sandbox_id,
+                    file_path=path,
+                    content="x",
+                )
+            assert "leaves the sandbox folder" in rejected.value.message
+        running = await call(tool_ctx, "sandbox_list", status="running")
+        assert [item["sandbox_id"] for item in running["sandboxes"]] == [sandbox_id]
+        stopped = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        assert stopped["status"] == "stopped"
+        with pytest.raises(ToolError):
+            await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="1")
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    with pytest.raises(ToolError) as missing:
+        await call(tool_ctx, "sandbox_status", sandbox_id="sbx_missing")
+    assert missing.value.kind == "not_found"

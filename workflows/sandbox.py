@@ -1,0 +1,450 @@
+"""`SandboxSessionWorkflow`: one durable session per sandbox.
+
+The session records the sandbox's configuration (template, env var names
+with sealed values, packages, startup script, later setup commands) in its
+history. When the backend reports the sandbox lost, the session recreates it
+from that record and retries the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from app.contracts.queues import ORCHESTRATION, SANDBOX
+    from app.contracts.sandbox import (
+        CONFIGURATION_ERROR,
+        INVALID_ERROR,
+        LOST_ERROR,
+        BackendRef,
+        BackendState,
+        ConfigureInput,
+        ConfigureRequest,
+        ConfigureResult,
+        CreateInput,
+        CreateResult,
+        ExecuteInput,
+        ExecuteRequest,
+        ExecuteResult,
+        RecordInput,
+        SessionEvent,
+        SessionInfo,
+        SessionInput,
+        SessionResult,
+        UploadInput,
+        UploadRequest,
+        UploadResult,
+    )
+
+T = TypeVar("T")
+
+LOG_LINES_KEPT = 1000
+_LOG_LINE_CHARS = 2000
+_EVENTS_KEPT = 100
+_CALL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=5,
+)
+
+
+def check_relative_path(path: str, what: str) -> None:
+    """Reject empty paths and relative paths that climb out with `..`."""
+    if not path or not path.strip() or "\0" in path:
+        raise ValueError(f"{what} {path!r} is empty or contains a NUL byte")
+    if not path.startswith("/") and posixpath.normpath(path).split("/")[0] == "..":
+        raise ValueError(
+            f"{what} {path!r} leaves the sandbox folder; use a path inside it"
+        )
+
+
+@workflow.defn
+class SandboxSessionWorkflow:
+    """Own one sandbox: create it, serve calls as updates, recreate it when lost.
+
+    Updates: `ready`, `execute`, `upload`, `configure`, `describe`, `stop`,
+    `delete`. Queries: `info`, `logs`.
+    """
+
+    @workflow.init
+    def __init__(self, request: SessionInput) -> None:
+        self._state = request.state
+        self._recreate_lock = asyncio.Lock()
+
+    @workflow.run
+    async def run(self, request: SessionInput) -> SessionResult:
+        state = self._state
+        if state.backend_id is None and state.status == "creating":
+            await self._create_first()
+        if state.status == "running":
+            await workflow.wait_condition(
+                lambda: (
+                    state.end_request is not None
+                    or workflow.info().is_continue_as_new_suggested()
+                )
+            )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if state.status == "running" and state.end_request is None:
+            workflow.logger.info(
+                "sandbox session %s continues as new", state.spec.sandbox_id
+            )
+            workflow.continue_as_new(SessionInput(state=state))
+        return SessionResult(
+            sandbox_id=state.spec.sandbox_id,
+            status=state.status,
+            recreated=state.recreated,
+            error=state.error,
+        )
+
+    # Lifecycle.
+
+    def _next_backend_id(self) -> str:
+        self._state.generation += 1
+        return f"{self._state.spec.sandbox_id}-g{self._state.generation}"
+
+    async def _create_first(self) -> None:
+        state = self._state
+        await self._record("creating")
+        try:
+            created = await self._create_backend("create")
+        except ActivityError as error:
+            state.error = _cause_message(error)
+            self._event("failed", detail=state.error)
+            workflow.logger.warning(
+                "sandbox %s could not be created: %s",
+                state.spec.sandbox_id,
+                state.error,
+            )
+            # The mirror row is written before `ready` learns of the failure.
+            await self._record("failed")
+            state.status = "failed"
+            return
+        state.status = "running"
+        state.backend = created.backend
+        state.backend_id = created.backend_id
+        state.created_at = workflow.now()
+        self._event("created", backend_id=created.backend_id)
+        self._log_output("setup", created.setup_output)
+        await self._record("running")
+
+    async def _create_backend(self, reason: str) -> CreateResult:
+        return await workflow.execute_activity(
+            "sandbox_create",
+            CreateInput(
+                spec=self._state.spec,
+                backend_id=self._next_backend_id(),
+                reason=reason,
+            ),
+            task_queue=SANDBOX,
+            start_to_close_timeout=timedelta(minutes=20),
+            heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=_CALL_RETRY,
+            result_type=CreateResult,
+        )
+
+    async def _recreate(self, lost_backend_id: str, reason: str) -> None:
+        async with self._recreate_lock:
+            state = self._state
+            if state.backend_id != lost_backend_id:
+                return  # a concurrent call already recreated it
+            workflow.logger.info(
+                "sandbox %s lost (%s); recreating it", state.spec.sandbox_id, reason
+            )
+            created = await self._create_backend("recreate")
+            state.backend_id = created.backend_id
+            state.recreated += 1
+            self._event(
+                "recreated",
+                backend_id=created.backend_id,
+                detail=reason,
+                count=state.recreated,
+            )
+            self._log_output("setup", created.setup_output)
+            await self._record("running")
+
+    async def _with_sandbox(self, call: Callable[[str], Awaitable[T]]) -> tuple[T, int]:
+        """Run `call(backend_id)`, recreating a lost sandbox a bounded number of
+        times; return its result and how many recreations it needed."""
+        recreated = 0
+        while True:
+            backend_id = self._state.backend_id
+            assert backend_id is not None
+            try:
+                return await call(backend_id), recreated
+            except ActivityError as error:
+                cause = error.cause
+                lost = isinstance(cause, ApplicationError) and cause.type == LOST_ERROR
+                if lost and recreated < self._state.max_recreations:
+                    try:
+                        await self._recreate(backend_id, _cause_message(error))
+                    except ActivityError as failure:
+                        raise _update_error(failure) from None
+                    recreated += 1
+                    continue
+                raise _update_error(error) from None
+
+    async def _record(self, status: str, *, delete: bool = False) -> None:
+        state = self._state
+        await workflow.execute_activity(
+            "sandbox_record",
+            RecordInput(
+                spec=state.spec,
+                status=status,
+                backend=state.backend,
+                backend_id=state.backend_id,
+                recreated=state.recreated,
+                delete=delete,
+            ),
+            task_queue=ORCHESTRATION,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=5),
+        )
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        backend_id: str | None = None,
+        detail: str | None = None,
+        count: int | None = None,
+    ) -> None:
+        events = self._state.events
+        events.append(
+            SessionEvent(
+                kind=kind,
+                at=workflow.now(),
+                backend_id=backend_id,
+                detail=detail,
+                count=count,
+            )
+        )
+        del events[:-_EVENTS_KEPT]
+
+    def _log_output(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        lines = self._state.log_lines
+        lines += [f"[{stream}] {line[:_LOG_LINE_CHARS]}" for line in text.splitlines()]
+        del lines[:-LOG_LINES_KEPT]
+
+    async def _wait_running(self) -> None:
+        await workflow.wait_condition(lambda: self._state.status != "creating")
+        if self._state.status != "running":
+            raise ApplicationError(
+                f"sandbox {self._state.spec.sandbox_id} is {self._state.status}"
+                + (f": {self._state.error}" if self._state.error else ""),
+                type=CONFIGURATION_ERROR,
+                non_retryable=True,
+            )
+
+    def _check_accepting(self) -> None:
+        if self._state.end_request is not None or self._state.status in (
+            "failed",
+            "stopped",
+            "deleted",
+        ):
+            raise ValueError(
+                f"sandbox {self._state.spec.sandbox_id} is "
+                f"{self._state.end_request or self._state.status}; create a new one"
+            )
+
+    # Updates.
+
+    @workflow.update
+    async def ready(self) -> SessionInfo:
+        """Wait until the first creation finished; fail if it failed."""
+        await self._wait_running()
+        return self.info()
+
+    @workflow.update
+    async def execute(self, request: ExecuteRequest) -> ExecuteResult:
+        await self._wait_running()
+        spec = self._state.spec
+
+        async def call(backend_id: str) -> ExecuteResult:
+            return await workflow.execute_activity(
+                "sandbox_execute",
+                ExecuteInput(spec=spec, backend_id=backend_id, request=request),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(seconds=request.timeout + 120),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=_CALL_RETRY,
+                result_type=ExecuteResult,
+            )
+
+        result, recreated = await self._with_sandbox(call)
+        result.recreated = recreated
+        self._log_output("stdout", result.stdout)
+        self._log_output("stderr", result.stderr)
+        return result
+
+    @execute.validator
+    def _validate_execute(self, request: ExecuteRequest) -> None:
+        self._check_accepting()
+        if not request.code.strip():
+            raise ValueError("code is empty; pass the program to run")
+        if request.timeout <= 0:
+            raise ValueError(f"timeout {request.timeout} must be positive")
+        if request.working_dir is not None:
+            check_relative_path(request.working_dir, "working_dir")
+
+    @workflow.update
+    async def upload(self, request: UploadRequest) -> UploadResult:
+        await self._wait_running()
+        spec = self._state.spec
+
+        async def call(backend_id: str) -> UploadResult:
+            return await workflow.execute_activity(
+                "sandbox_upload",
+                UploadInput(spec=spec, backend_id=backend_id, request=request),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(seconds=120),
+                retry_policy=_CALL_RETRY,
+                result_type=UploadResult,
+            )
+
+        result, recreated = await self._with_sandbox(call)
+        result.recreated = recreated
+        return result
+
+    @upload.validator
+    def _validate_upload(self, request: UploadRequest) -> None:
+        self._check_accepting()
+        check_relative_path(request.file_path, "file_path")
+
+    @workflow.update
+    async def configure(self, request: ConfigureRequest) -> ConfigureResult:
+        await self._wait_running()
+        spec = self._state.spec
+
+        async def call(backend_id: str) -> ConfigureResult:
+            return await workflow.execute_activity(
+                "sandbox_configure",
+                ConfigureInput(spec=spec, backend_id=backend_id, request=request),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(minutes=20),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=_CALL_RETRY,
+                result_type=ConfigureResult,
+            )
+
+        result, recreated = await self._with_sandbox(call)
+        # Record the change only once it worked, so recreation repeats it.
+        spec.sealed_env.update(request.sealed_env)
+        spec.install_packages += request.install_packages
+        spec.setup_commands += request.run_commands
+        self._event(
+            "configured",
+            detail=(
+                f"env {sorted(request.sealed_env)}, "
+                f"{len(request.install_packages)} packages, "
+                f"{len(request.run_commands)} commands"
+            ),
+        )
+        self._log_output("setup", result.output)
+        await self._record("running")
+        result.recreated = recreated
+        result.env_vars_configured = spec.env_names
+        return result
+
+    @configure.validator
+    def _validate_configure(self, request: ConfigureRequest) -> None:
+        self._check_accepting()
+        if not (request.sealed_env or request.install_packages or request.run_commands):
+            raise ValueError(
+                "nothing to configure; pass env_vars, anthropic_key, "
+                "install_packages or run_commands"
+            )
+
+    @workflow.update
+    async def describe(self) -> BackendState | None:
+        """Read the sandbox's live state from the backend (None before creation)."""
+        state = self._state
+        if state.backend_id is None:
+            return None
+        return await workflow.execute_activity(
+            "sandbox_describe",
+            BackendRef(sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id),
+            task_queue=SANDBOX,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=_CALL_RETRY,
+            result_type=BackendState,
+        )
+
+    @workflow.update
+    async def stop(self) -> SessionInfo:
+        """Kill the sandbox on the backend and end the session."""
+        return await self._end("stop")
+
+    @workflow.update
+    async def delete(self) -> SessionInfo:
+        """Kill the sandbox, remove its files and its mirror row, end the session."""
+        return await self._end("delete")
+
+    async def _end(self, how: str) -> SessionInfo:
+        state = self._state
+        await workflow.wait_condition(lambda: state.status != "creating")
+        if state.end_request is not None:
+            return self.info()
+        state.end_request = how  # type: ignore[assignment]
+        if state.backend_id is not None:
+            await workflow.execute_activity(
+                "sandbox_stop" if how == "stop" else "sandbox_delete",
+                BackendRef(
+                    sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id
+                ),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(seconds=120),
+                retry_policy=_CALL_RETRY,
+            )
+        state.status = "stopped" if how == "stop" else "deleted"
+        self._event(state.status, backend_id=state.backend_id)
+        await self._record(state.status, delete=how == "delete")
+        return self.info()
+
+    # Queries.
+
+    @workflow.query
+    def info(self) -> SessionInfo:
+        state = self._state
+        spec = state.spec
+        return SessionInfo(
+            sandbox_id=spec.sandbox_id,
+            name=spec.name,
+            template=spec.template,
+            status=state.status,
+            backend=state.backend,
+            backend_id=state.backend_id,
+            env_vars_configured=spec.env_names,
+            timeout=spec.timeout,
+            metadata=spec.metadata,
+            install_packages=spec.install_packages,
+            recreated=state.recreated,
+            created_at=state.created_at,
+            error=state.error,
+            events=state.events,
+        )
+
+    @workflow.query
+    def logs(self, lines: int) -> list[str]:
+        return self._state.log_lines[-lines:] if lines > 0 else []
+
+
+def _cause_message(error: ActivityError) -> str:
+    cause = error.cause
+    return str(cause.message if isinstance(cause, ApplicationError) else cause or error)
+
+
+def _update_error(error: ActivityError) -> ApplicationError:
+    cause = error.cause
+    kind = cause.type if isinstance(cause, ApplicationError) else INVALID_ERROR
+    return ApplicationError(_cause_message(error), type=kind, non_retryable=True)
