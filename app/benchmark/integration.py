@@ -18,12 +18,12 @@ def claude_code_ready(settings: Settings) -> bool:
     return shutil.which("claude") is not None and settings.anthropic_api_key is not None
 
 
-async def lose_sandbox(settings: Settings, sandbox_id: str) -> None:
-    from app.benchmark.phases import CapabilityUnavailable
+async def lose_sandbox(runner: PhaseRunner, sandbox_id: str) -> str:
+    """Kill the session's sandbox on its backend, as an expiry or a crash
+    would, without telling the session; return the backend id."""
+    from app.sandbox.service import discard_backend_sandbox
 
-    raise CapabilityUnavailable(
-        "not available: losing a sandbox from outside needs the sandbox backend"
-    )
+    return await discard_backend_sandbox(runner.client, runner.settings, sandbox_id)
 
 
 async def wait_for_training(

@@ -143,7 +143,7 @@ async def sandbox_integration(runner: PhaseRunner) -> None:
             f"sandbox printed {first['stdout']!r}, expected {expected!r}",
         )
         started = time.perf_counter()
-        await lose_sandbox(runner.settings, sandbox_id)
+        await lose_sandbox(runner, sandbox_id)
         runner.record("lose_sandbox", True, (time.perf_counter() - started) * 1000)
         second = await runner.call(
             "sandbox_execute",
