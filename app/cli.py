@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from app.logs import configure_logging
+from app.neural.cli import neural_cli
 from app.sandbox.cli import sandbox_cli
 from app.settings import Settings, get_settings
 from app.workflows.cli import workflow_cli
@@ -33,6 +34,9 @@ def _add_capability_commands() -> None:
     from app.benchmark.cli import benchmark_cli
 
     cli.add_typer(benchmark_cli, name="benchmark")
+
+
+cli.add_typer(neural_cli, name="neural")
 
 
 def load_settings() -> Settings:
@@ -133,13 +137,28 @@ def server_command() -> None:
 @cli.command("worker")
 def worker_command(
     queue: Annotated[
-        list[str], typer.Option("--queue", help="Task queue to poll; repeatable.")
-    ],
+        list[str] | None,
+        typer.Option("--queue", help="Task queue to poll; repeatable."),
+    ] = None,
+    neural_node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--neural-node",
+            help="Neural cluster node id whose queue nexus-neural-NODE_ID to "
+            "poll; repeatable.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the typed worker of one or more task queues in this process."""
+    """Run the typed worker of task queues, or of neural cluster nodes, in
+    this process."""
+    if not queue and not neural_node:
+        typer.echo("error: give at least one --queue or --neural-node", err=True)
+        raise typer.Exit(2)
     argv = [sys.executable, "-m", "workers"]
-    for name in queue:
+    for name in queue or []:
         argv += ["--queue", name]
+    for node_id in neural_node or []:
+        argv += ["--neural-node", node_id]
     # The worker package is imported only by its own process (the layering
     # keeps app/ free of workers/), so this command becomes that process.
     os.execv(sys.executable, argv)

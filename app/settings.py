@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     reports_dir: Path = Field(
         Path("reports"), description="Folder for benchmark reports."
     )
+    neural_embedded_nodes: bool = Field(
+        True,
+        description="Run every active cluster node's worker inside the "
+        "nexus-neural worker process; false leaves nodes to `nexus worker "
+        "--neural-node`.",
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

@@ -14,7 +14,7 @@ from app.processes import worker_identity
 from app.settings import get_settings
 from app.temporal.client import connect
 from workers.registry import QUEUE_LIMITS
-from workers.run import run_workers
+from workers.run import run_node_workers, run_workers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         "--queue",
         action="append",
         choices=sorted(QUEUE_LIMITS),
-        required=True,
+        default=[],
         help="Task queue to poll; repeat for several queues in one process.",
+    )
+    parser.add_argument(
+        "--neural-node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="Run the worker of this neural cluster node (queue "
+        "nexus-neural-NODE_ID); repeatable.",
     )
     parser.add_argument(
         "--connect-wait",
@@ -33,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         help="Seconds to keep retrying while Temporal is not up yet.",
     )
     options = parser.parse_args(argv)
+    if not options.queue and not options.neural_node:
+        parser.error("give at least one --queue or --neural-node")
     settings = get_settings()
     configure_logging(settings.log_level)
     upgrade(settings.effective_database_url)
@@ -41,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         client = await connect(
             settings,
             wait_seconds=options.connect_wait,
-            identity=worker_identity(options.queue[0]),
+            identity=worker_identity(
+                options.queue[0] if options.queue else f"node-{options.neural_node[0]}"
+            ),
         )
-        await run_workers(client, settings, options.queue)
+        if options.neural_node:
+            await run_node_workers(client, settings, options.queue, options.neural_node)
+        else:
+            await run_workers(client, settings, options.queue)
 
     asyncio.run(run())
     return 0

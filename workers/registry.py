@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activities.benchmark import BenchmarkActivities
+from activities.neural import neural_queue_activities, orchestration_activities
 from activities.sandbox import SandboxActivities, SandboxRecordActivities
 from activities.system import ProbeActivities, SystemActivities
 from activities.workflows import WorkflowActivities
@@ -24,6 +25,11 @@ from workflows.benchmark import (
     MetricsSamplerWorkflow,
 )
 from workflows.flow import FlowNexusWorkflow
+from workflows.neural import (
+    DistributedTrainingWorkflow,
+    NeuralMaintenanceWorkflow,
+    NeuralTrainWorkflow,
+)
 from workflows.sandbox import SandboxSessionWorkflow
 from workflows.system import SystemCheckWorkflow
 
@@ -157,7 +163,22 @@ SANDBOX = Capability(
 )
 
 
-CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS, SANDBOX]
+NEURAL = Capability(
+    name="neural",
+    workflows={
+        queues.ORCHESTRATION: [
+            NeuralTrainWorkflow,
+            DistributedTrainingWorkflow,
+            NeuralMaintenanceWorkflow,
+        ]
+    },
+    activities={
+        queues.ORCHESTRATION: orchestration_activities,
+        queues.NEURAL: neural_queue_activities,
+    },
+)
+
+CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS, SANDBOX, NEURAL]
 
 
 def all_workflows() -> list[type]:

@@ -13,6 +13,7 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from app.contracts.queues import NEURAL
 from app.processes import worker_identity
 from app.settings import Settings
 from workers.registry import queue_spec
@@ -50,14 +51,49 @@ async def run_workers(
         loop.add_signal_handler(signum, stop.set)
     logger.info("workers polling %s (pid %d)", ", ".join(task_queues), os.getpid())
     runs = [asyncio.create_task(worker.run()) for worker in workers]
+    node_pool = None
+    if NEURAL in task_queues and settings.neural_embedded_nodes:
+        # Cluster nodes run beside the nexus-neural worker, where JAX is
+        # already loaded (see workers/neural_nodes.py).
+        from workers.neural_nodes import NodeWorkerPool
+
+        node_pool = asyncio.create_task(NodeWorkerPool(client, settings).run(stop))
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *runs], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task is not stopped and task.exception() is not None:
             logger.error("worker stopped with an error: %s", task.exception())
     logger.info("shutting down workers for %s", ", ".join(task_queues))
+    stop.set()
+    if node_pool is not None:
+        await node_pool
     await asyncio.gather(*(worker.shutdown() for worker in workers))
     for task in runs:
         if not task.done():
             task.cancel()
     logger.info("workers for %s stopped", ", ".join(task_queues))
+
+
+async def run_node_workers(
+    client: Client,
+    settings: Settings,
+    task_queues: Sequence[str],
+    node_ids: Sequence[str],
+) -> None:
+    """Run neural cluster node workers (and any `task_queues`) until SIGINT
+    or SIGTERM."""
+    from workers.neural_nodes import run_node
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    tasks = [asyncio.create_task(run_node(client, settings, n, stop)) for n in node_ids]
+    if task_queues:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        queues_task = asyncio.create_task(run_workers(client, settings, task_queues))
+        await queues_task
+        stop.set()
+    await asyncio.gather(*tasks)
+    logger.info("node workers %s stopped", ", ".join(node_ids))

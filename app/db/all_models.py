@@ -2,7 +2,14 @@
 
 from app.benchmark import models as benchmark_models
 from app.db import models as foundation_models
+from app.neural import models as neural_models
 from app.workflows import models as workflow_models
 
-__all__ = ["benchmark_models", "foundation_models", "sandbox_models", "workflow_models"]
+__all__ = [
+    "benchmark_models",
+    "foundation_models",
+    "neural_models",
+    "sandbox_models",
+    "workflow_models",
+]
 from app.sandbox import models as sandbox_models

@@ -15,7 +15,13 @@ from app.tools.registry import (
 )
 
 # One module per capability; each registers its tools when imported.
-TOOL_MODULES = ("app.tools.system", "app.tools.workflows", "app.tools.sandbox")
+TOOL_MODULES = (
+    "app.tools.system",
+    "app.tools.workflows",
+    "app.tools.sandbox",
+    "app.tools.neural",
+    "app.tools.neural_cluster",
+)
 
 
 def load_tools() -> None:

@@ -1,0 +1,161 @@
+"""Neural activities: training jobs on `nexus-neural`, node work on each
+node's own queue, and database records on `nexus-orchestration`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from app.contracts.neural import (
+    AggregateInput,
+    AggregateResult,
+    FinishInput,
+    JobFailure,
+    MemoryCleanupReport,
+    NodeTrainInput,
+    NodeTrainResult,
+    PrepareInput,
+    PrepareResult,
+    RoundRecord,
+    SessionFailure,
+    SessionResult,
+    TrainJobInput,
+    TrainJobResult,
+    ValidateInput,
+    ValidateResult,
+)
+from app.neural import distributed, jobs, store
+from app.neural.data import DatasetError
+from app.settings import Settings
+from app.storage import StorageError
+
+T = TypeVar("T")
+
+
+def _heartbeat(details: dict[str, Any]) -> None:
+    activity.heartbeat(details)
+
+
+def _guard(work: Callable[[], T]) -> T:
+    """Run `work`; input errors become non-retryable, since a retry would
+    fail the same way."""
+    try:
+        return work()
+    except DatasetError as error:
+        raise ApplicationError(
+            str(error), type="InvalidDataset", non_retryable=True
+        ) from error
+    except (ValueError, LookupError, StorageError) as error:
+        raise ApplicationError(
+            str(error), type="InvalidInput", non_retryable=True
+        ) from error
+
+
+class NeuralActivities:
+    """CPU-bound work of the `nexus-neural` queue."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @activity.defn(name="neural_train_model")
+    def train_model(self, request: TrainJobInput) -> TrainJobResult:
+        activity.logger.info(
+            "training job %s (attempt %d)", request.job_id, activity.info().attempt
+        )
+        return _guard(lambda: jobs.run_job(self.settings, request, _heartbeat))
+
+    @activity.defn(name="neural_prepare_session")
+    def prepare_session(self, request: PrepareInput) -> PrepareResult:
+        return _guard(lambda: distributed.prepare_session(self.settings, request))
+
+    @activity.defn(name="neural_finish_session")
+    def finish_session(self, request: FinishInput) -> SessionResult:
+        return _guard(lambda: distributed.finish_session(self.settings, request))
+
+
+class NodeActivities:
+    """Work that a cluster node does on its own queue; `nexus-neural`
+    registers the same aggregation and validation activities for clusters
+    without a parameter server."""
+
+    def __init__(self, settings: Settings, node_id: str | None = None) -> None:
+        self.settings = settings
+        self.node_id = node_id
+
+    @activity.defn(name="neural_node_train")
+    def node_train(self, request: NodeTrainInput) -> NodeTrainResult:
+        info = activity.info()
+        activity.logger.info(
+            "node %s trains round %d (attempt %d)",
+            request.node_id,
+            request.round,
+            info.attempt,
+        )
+        return _guard(
+            lambda: distributed.train_node(
+                self.settings, request, _heartbeat, attempt=info.attempt
+            )
+        )
+
+    @activity.defn(name="neural_aggregate")
+    def aggregate(self, request: AggregateInput) -> AggregateResult:
+        return _guard(lambda: distributed.aggregate(self.settings, request))
+
+    @activity.defn(name="neural_validate")
+    def validate(self, request: ValidateInput) -> ValidateResult:
+        return _guard(lambda: distributed.validate(self.settings, request))
+
+    @activity.defn(name="neural_memory_cleanup")
+    def memory_cleanup(self) -> MemoryCleanupReport:
+        from app.neural.memory import cleanup
+
+        return cleanup(activity.info().task_queue)
+
+
+class NeuralRecordActivities:
+    """Light database writes of the neural workflows (orchestration queue)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @activity.defn(name="neural_record_round")
+    def record_round(self, record: RoundRecord) -> None:
+        distributed.record_round(self.settings, record)
+
+    @activity.defn(name="neural_fail_job")
+    def fail_job(self, failure: JobFailure) -> None:
+        store.update_job(
+            self.settings, failure.job_id, status="failed", error=failure.error
+        )
+
+    @activity.defn(name="neural_fail_session")
+    def fail_session(self, failure: SessionFailure) -> None:
+        store.update_session(
+            self.settings, failure.session_id, status="failed", error=failure.error
+        )
+
+
+def neural_queue_activities(settings: Settings) -> list[Callable[..., Any]]:
+    main = NeuralActivities(settings)
+    nodes = NodeActivities(settings)
+    return [
+        main.train_model,
+        main.prepare_session,
+        main.finish_session,
+        nodes.aggregate,
+        nodes.validate,
+        nodes.memory_cleanup,
+    ]
+
+
+def node_queue_activities(settings: Settings, node_id: str) -> list[Callable[..., Any]]:
+    nodes = NodeActivities(settings, node_id)
+    return [nodes.node_train, nodes.aggregate, nodes.validate, nodes.memory_cleanup]
+
+
+def orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
+    records = NeuralRecordActivities(settings)
+    return [records.record_round, records.fail_job, records.fail_session]

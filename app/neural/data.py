@@ -1,0 +1,260 @@
+"""Training data: scikit-learn's bundled data sets, inline JSON arrays and
+CSV or NPZ objects in storage, split deterministically and standardized."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.settings import Settings
+from app.storage import StorageError, storage_for
+
+BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+DEFAULT_DATASET = "digits"
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be loaded or does not fit a classifier."""
+
+
+@dataclass
+class Dataset:
+    """A standardized train/test split with labels numbered 0..classes-1."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    label_names: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+@functools.cache
+def _builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets
+
+    loader = {
+        "digits": datasets.load_digits,
+        "iris": datasets.load_iris,
+        "wine": datasets.load_wine,
+        "breast_cancer": datasets.load_breast_cancer,
+    }[name]
+    bunch = loader()
+    return np.asarray(bunch.data, dtype=np.float32), np.asarray(bunch.target)
+
+
+def clear_dataset_cache() -> int:
+    """Drop the cached built-in data sets; return how many were cached."""
+    count = _builtin.cache_info().currsize
+    _builtin.cache_clear()
+    return count
+
+
+def describe_source(source: Any) -> str:
+    """A short name of a data set source, for records and messages."""
+    if source is None:
+        return DEFAULT_DATASET
+    if isinstance(source, str):
+        return source
+    if isinstance(source, dict):
+        if "name" in source:
+            return str(source["name"])
+        if "bucket" in source:
+            return f"storage:{source['bucket']}/{source.get('path')}"
+        return "inline"
+    return type(source).__name__
+
+
+def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """Return features and raw labels of `source`.
+
+    `source` is a built-in name, `{"name": ...}`, inline `{"X": [[...]], "y":
+    [...]}` (or `data`/`labels`), or `{"bucket": ..., "path": ...}` naming a
+    CSV (label in the last column, or `label_column`) or NPZ (arrays `X` and
+    `y`) object in storage.
+
+    Raises:
+        DatasetError: the source is unknown, missing or malformed.
+    """
+    if source is None:
+        source = DEFAULT_DATASET
+    if isinstance(source, dict) and set(source) <= {"name", "seed", "test_fraction"}:
+        source = source.get("name", DEFAULT_DATASET)
+    if isinstance(source, str):
+        if source not in BUILTIN_DATASETS:
+            raise DatasetError(
+                f"unknown data set {source!r}; use one of "
+                f'{", ".join(BUILTIN_DATASETS)}, inline {{"X": ..., "y": ...}}, '
+                'or {"bucket": ..., "path": ...} for a CSV or NPZ object in storage'
+            )
+        x, y = _builtin(source)
+        return x.copy(), y.copy()
+    if not isinstance(source, dict):
+        raise DatasetError(
+            f"dataset {source!r} is neither a data set name nor an object; pass "
+            '"digits" or {"X": [[...]], "y": [...]}'
+        )
+    if "bucket" in source:
+        return _load_stored(source, settings)
+    features = source.get("X", source.get("data"))
+    labels = source.get("y", source.get("labels"))
+    if features is None or labels is None:
+        raise DatasetError(
+            f"inline dataset has keys {sorted(source)}; it needs features under "
+            '"X" (or "data") and labels under "y" (or "labels")'
+        )
+    return _to_features(features), np.asarray(labels)
+
+
+def _to_features(values: Any) -> np.ndarray:
+    try:
+        x = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise DatasetError(
+            f"features are not a rectangular array of numbers ({error}); give one "
+            "list of numbers per sample, all of the same length"
+        ) from None
+    return x
+
+
+def _load_stored(
+    source: dict[str, Any], settings: Settings
+) -> tuple[np.ndarray, np.ndarray]:
+    bucket, path = str(source["bucket"]), str(source.get("path", ""))
+    try:
+        blob = storage_for(settings).get(bucket, path)
+    except StorageError as error:
+        raise DatasetError(
+            f"dataset object {bucket}/{path} cannot be read: {error}; upload it "
+            "with storage_upload first"
+        ) from None
+    if path.endswith(".npz"):
+        with np.load(io.BytesIO(blob)) as archive:
+            keys = set(archive.files)
+            x_key = "X" if "X" in keys else "data"
+            y_key = "y" if "y" in keys else "labels"
+            if x_key not in keys or y_key not in keys:
+                raise DatasetError(
+                    f"NPZ object {bucket}/{path} has arrays {sorted(keys)}; it needs "
+                    "X and y (or data and labels)"
+                )
+            return _to_features(archive[x_key]), np.asarray(archive[y_key])
+    rows = list(csv.reader(io.StringIO(blob.decode("utf-8"))))
+    rows = [row for row in rows if row]
+    if not rows:
+        raise DatasetError(f"CSV object {bucket}/{path} is empty")
+    header: list[str] | None = None
+    try:
+        [float(value) for value in rows[0][:-1]]
+    except ValueError:
+        header, rows = rows[0], rows[1:]
+    label_column = source.get("label_column", -1)
+    if isinstance(label_column, str):
+        if header is None or label_column not in header:
+            raise DatasetError(
+                f"label_column {label_column!r} is not a column of {bucket}/{path} "
+                f"(columns: {header})"
+            )
+        label_column = header.index(label_column)
+    labels = [row[label_column] for row in rows]
+    features = [
+        [value for i, value in enumerate(row) if i != label_column % len(row)]
+        for row in rows
+    ]
+    return _to_features(features), np.asarray(labels)
+
+
+def prepare(
+    source: Any, settings: Settings, *, seed: int = 0, test_fraction: float = 0.2
+) -> Dataset:
+    """Load, check, split (a seeded permutation) and standardize a data set.
+
+    Raises:
+        DatasetError: shapes or labels do not fit a classifier; the message
+            names the value.
+    """
+    x, labels = load_arrays(source, settings)
+    if x.ndim != 2:
+        raise DatasetError(
+            f"features have shape {x.shape}; they must be 2-D (samples, features)"
+        )
+    if labels.ndim != 1:
+        raise DatasetError(f"labels have shape {labels.shape}; they must be 1-D")
+    if len(x) != len(labels):
+        raise DatasetError(
+            f"X has {len(x)} samples but y has {len(labels)} labels; give one "
+            "label per sample"
+        )
+    if len(x) < 4:
+        raise DatasetError(f"the data set has {len(x)} samples; at least 4 are needed")
+    if not np.isfinite(x).all():
+        raise DatasetError("features contain NaN or infinite values; remove them")
+    if labels.dtype.kind not in "iub":
+        labels = labels.astype(str)
+    names, y = np.unique(labels, return_inverse=True)
+    if len(names) < 2:
+        raise DatasetError(
+            f"labels have a single class {names[0]!r}; a classifier needs at least 2"
+        )
+    order = np.random.default_rng(seed).permutation(len(x))
+    test_count = max(1, int(round(len(x) * test_fraction)))
+    test, train = order[:test_count], order[test_count:]
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0)
+    std[std < 1e-6] = 1.0
+    standardized = ((x - mean) / std).astype(np.float32)
+    return Dataset(
+        name=describe_source(source),
+        x_train=standardized[train],
+        y_train=y[train].astype(np.int32),
+        x_test=standardized[test],
+        y_test=y[test].astype(np.int32),
+        classes=len(names),
+        label_names=[str(name) for name in names],
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+    )
+
+
+def save_dataset(dataset: Dataset) -> bytes:
+    """Serialize a prepared split as NPZ, for nodes that read it from storage."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        x_train=dataset.x_train,
+        y_train=dataset.y_train,
+        x_test=dataset.x_test,
+        y_test=dataset.y_test,
+        label_names=np.asarray(dataset.label_names),
+        mean=dataset.mean,
+        std=dataset.std,
+    )
+    return buffer.getvalue()
+
+
+def load_dataset(blob: bytes, name: str) -> Dataset:
+    with np.load(io.BytesIO(blob)) as archive:
+        labels = [str(v) for v in archive["label_names"]]
+        return Dataset(
+            name=name,
+            x_train=archive["x_train"],
+            y_train=archive["y_train"],
+            x_test=archive["x_test"],
+            y_test=archive["y_test"],
+            classes=len(labels),
+            label_names=labels,
+            mean=archive["mean"],
+            std=archive["std"],
+        )

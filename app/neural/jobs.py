@@ -1,0 +1,180 @@
+"""Single-model training jobs and predictions from stored models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from app.contracts.neural import TrainJobInput, TrainJobResult
+from app.neural import data, store
+from app.neural.models import NeuralModel
+from app.neural.nets import ModelSpec, Params, init_params
+from app.neural.training import (
+    dump_params,
+    dump_state,
+    get_trainer,
+    load_params,
+    load_state,
+)
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def model_path(model_id: str) -> str:
+    return f"models/{model_id}.npz"
+
+
+def checkpoint_paths(job_id: str) -> tuple[str, str]:
+    return f"jobs/{job_id}/checkpoint.npz", f"jobs/{job_id}/optimizer.npz"
+
+
+def run_job(
+    settings: Settings,
+    request: TrainJobInput,
+    heartbeat: Callable[[dict[str, Any]], None],
+) -> TrainJobResult:
+    """Train the job's model, recording each epoch and a checkpoint; a retry
+    resumes after the last checkpointed epoch."""
+    started = time.perf_counter()
+    store.update_job(settings, request.job_id, status="running")
+    dataset = data.prepare(request.dataset, settings, seed=request.seed)
+    spec = ModelSpec(
+        request.model.architecture,
+        dataset.features,
+        dataset.classes,
+        tuple(request.model.widths),
+    )
+    trainer = get_trainer(spec, request.optimizer, request.learning_rate, request.jit)
+    params: Params = init_params(spec, request.seed)
+    opt_state = trainer.init_state(params)
+    start_epoch = 0
+    params_path, state_path = checkpoint_paths(request.job_id)
+    if store.object_exists(settings, params_path):
+        saved, extra = load_params(store.get_object(settings, params_path))
+        params = saved
+        opt_state = load_state(store.get_object(settings, state_path), opt_state)
+        start_epoch = int(extra["epoch"])
+        logger.info("job %s resumes after epoch %d", request.job_id, start_epoch)
+
+    def on_epoch(metrics: Any, params: Params, opt_state: Any) -> None:
+        store.record_epoch(settings, request.job_id, metrics)
+        store.put_object(settings, state_path, dump_state(opt_state))
+        store.put_object(
+            settings,
+            params_path,
+            dump_params(params, {"epoch": np.asarray(metrics.epoch)}),
+        )
+        store.update_job(settings, request.job_id, epochs_completed=metrics.epoch)
+        heartbeat({"epoch": metrics.epoch, "checkpoint": params_path})
+
+    params, opt_state, history = trainer.train(
+        params,
+        opt_state,
+        dataset.x_train,
+        dataset.y_train,
+        dataset.x_test,
+        dataset.y_test,
+        epochs=request.epochs,
+        batch_size=request.batch_size,
+        seed=request.seed,
+        start_epoch=start_epoch,
+        on_epoch=on_epoch,
+    )
+    val_loss, accuracy = trainer.evaluate(params, dataset.x_test, dataset.y_test)
+    loss = history[-1].loss if history else val_loss
+    path = store.save_model_params(
+        settings, model_path(request.model_id), params, dataset.mean, dataset.std
+    )
+    seconds = time.perf_counter() - started
+    spec_record = {**spec.to_dict(), "label_names": dataset.label_names}
+    store.add_record(
+        settings,
+        NeuralModel(
+            id=request.model_id,
+            job_id=request.job_id,
+            architecture=spec.architecture,
+            spec=spec_record,
+            dataset=dataset.name,
+            storage_path=path,
+            loss=val_loss,
+            accuracy=accuracy,
+        ),
+    )
+    store.update_job(
+        settings,
+        request.job_id,
+        status="completed",
+        loss=loss,
+        accuracy=accuracy,
+        training_time=seconds,
+        epochs_completed=request.epochs,
+    )
+    return TrainJobResult(
+        job_id=request.job_id,
+        model_id=request.model_id,
+        loss=loss,
+        accuracy=accuracy,
+        val_loss=val_loss,
+        epochs_completed=request.epochs,
+        training_time=seconds,
+        resumed_from_epoch=start_epoch,
+        storage_path=path,
+        jit=request.jit,
+    )
+
+
+def parse_input(values: Any, features: int) -> np.ndarray:
+    """Turn one sample or a list of samples into a `(n, features)` array.
+
+    Raises:
+        ValueError: the input is not numeric or has the wrong width.
+    """
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "input is not a list of numbers (one sample) or a list of such lists"
+        ) from None
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != features:
+        raise ValueError(
+            f"input has shape {list(array.shape)} but the model takes {features} "
+            "features per sample"
+        )
+    return array
+
+
+def predict_logits(
+    spec: ModelSpec,
+    params: Params,
+    mean: np.ndarray,
+    std: np.ndarray,
+    values: Any,
+    jit: bool = True,
+) -> np.ndarray:
+    """Class probabilities of raw (unstandardized) samples."""
+    x = (parse_input(values, spec.features) - mean) / std
+    trainer = get_trainer(spec, "sgd", 0.1, jit)
+    logits = trainer.logits(params, x.astype(np.float32))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predict(settings: Settings, model_id: str, values: Any) -> dict[str, Any]:
+    record, spec, params, mean, std = store.load_model(settings, model_id)
+    probabilities = predict_logits(spec, params, mean, std, values)
+    labels = record.spec.get("label_names") or [str(i) for i in range(spec.classes)]
+    classes = probabilities.argmax(axis=1)
+    return {
+        "model_id": model_id,
+        "predictions": [labels[i] for i in classes],
+        "classes": [int(i) for i in classes],
+        "probabilities": probabilities.round(6).tolist(),
+        "label_names": labels,
+    }

@@ -1,0 +1,212 @@
+"""Database records and stored objects of the neural capability."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlmodel import col, select
+
+from app.contracts.neural import MODELS_BUCKET
+from app.db import session_scope
+from app.db.models import utc_now
+from app.neural.models import (
+    NeuralCluster,
+    NeuralEpoch,
+    NeuralJob,
+    NeuralModel,
+    NeuralNode,
+    NeuralRoundEvent,
+    NeuralSession,
+)
+from app.neural.nets import ModelSpec, Params
+from app.neural.training import dump_params, load_params
+from app.settings import Settings
+from app.storage import storage_for
+
+
+def new_id(prefix: str, length: int = 12) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:length]}"
+
+
+def put_object(settings: Settings, path: str, data: bytes) -> str:
+    storage_for(settings).put(MODELS_BUCKET, path, data, "application/octet-stream")
+    return path
+
+
+def get_object(settings: Settings, path: str) -> bytes:
+    return storage_for(settings).get(MODELS_BUCKET, path)
+
+
+def object_exists(settings: Settings, path: str) -> bool:
+    return storage_for(settings).list(MODELS_BUCKET, prefix=path, limit=1) == [path]
+
+
+def save_model_params(
+    settings: Settings, path: str, params: Params, mean: np.ndarray, std: np.ndarray
+) -> str:
+    return put_object(settings, path, dump_params(params, {"mean": mean, "std": std}))
+
+
+def load_model(
+    settings: Settings, model_id: str
+) -> tuple[NeuralModel, ModelSpec, Params, np.ndarray, np.ndarray]:
+    """Load a stored model's record, spec, parameters and input scaling.
+
+    Raises:
+        LookupError: no model has this id.
+    """
+    with session_scope(settings.effective_database_url) as session:
+        record = session.get(NeuralModel, model_id)
+    if record is None:
+        raise LookupError(
+            f"model {model_id!r} not found; list models with neural_list_models"
+        )
+    params, extra = load_params(get_object(settings, record.storage_path))
+    spec = ModelSpec.from_dict(record.spec)
+    return record, spec, params, extra["mean"], extra["std"]
+
+
+def add_record(settings: Settings, record: Any) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        session.add(record)
+
+
+def update_job(settings: Settings, job_id: str, **values: Any) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        job = session.get(NeuralJob, job_id)
+        if job is None:
+            return
+        for key, value in values.items():
+            setattr(job, key, value)
+        job.updated_at = utc_now()
+        session.add(job)
+
+
+def update_session(settings: Settings, session_id: str, **values: Any) -> None:
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get(NeuralSession, session_id)
+        if row is None:
+            return
+        for key, value in values.items():
+            setattr(row, key, value)
+        row.updated_at = utc_now()
+        session.add(row)
+
+
+def record_epoch(
+    settings: Settings,
+    run_id: str,
+    metrics: Any,
+    *,
+    node_id: str | None = None,
+    round_index: int | None = None,
+) -> None:
+    add_record(
+        settings,
+        NeuralEpoch(
+            run_id=run_id,
+            node_id=node_id,
+            round=round_index,
+            epoch=metrics.epoch,
+            loss=metrics.loss,
+            accuracy=metrics.accuracy,
+            val_loss=metrics.val_loss,
+            val_accuracy=metrics.val_accuracy,
+            seconds=metrics.seconds,
+        ),
+    )
+
+
+def get_job(
+    settings: Settings, job_id: str
+) -> tuple[NeuralJob | None, list[NeuralEpoch]]:
+    with session_scope(settings.effective_database_url) as session:
+        job = session.get(NeuralJob, job_id)
+        epochs = list(
+            session.exec(
+                select(NeuralEpoch)
+                .where(NeuralEpoch.run_id == job_id)
+                .order_by(col(NeuralEpoch.epoch), col(NeuralEpoch.id))
+            )
+        )
+    return job, epochs
+
+
+def list_models(settings: Settings, cluster_id: str | None = None) -> list[NeuralModel]:
+    with session_scope(settings.effective_database_url) as session:
+        query = select(NeuralModel).order_by(col(NeuralModel.created_at).desc())
+        if cluster_id is not None:
+            query = query.where(NeuralModel.cluster_id == cluster_id)
+        return list(session.exec(query))
+
+
+def get_cluster(settings: Settings, cluster_id: str) -> NeuralCluster:
+    """Raises:
+    LookupError: no cluster has this id.
+    """
+    with session_scope(settings.effective_database_url) as session:
+        cluster = session.get(NeuralCluster, cluster_id)
+    if cluster is None:
+        raise LookupError(
+            f"cluster {cluster_id!r} not found; create one with neural_cluster_init"
+        )
+    return cluster
+
+
+ROLE_ORDER = {"parameter_server": 0, "aggregator": 1, "worker": 2, "validator": 3}
+
+
+def cluster_nodes(settings: Settings, cluster_id: str) -> list[NeuralNode]:
+    """Active nodes in wiring order: parameter servers, aggregators, workers,
+    validators, each in deployment order."""
+    with session_scope(settings.effective_database_url) as session:
+        nodes = list(
+            session.exec(
+                select(NeuralNode)
+                .where(NeuralNode.cluster_id == cluster_id)
+                .where(NeuralNode.status != "terminated")
+                .order_by(col(NeuralNode.created_at), col(NeuralNode.id))
+            )
+        )
+    return sorted(nodes, key=lambda node: ROLE_ORDER.get(node.role, 9))
+
+
+def active_nodes(settings: Settings) -> list[NeuralNode]:
+    """Every node of every active cluster (what embedded node workers serve)."""
+    with session_scope(settings.effective_database_url) as session:
+        query = (
+            select(NeuralNode)
+            .join(NeuralCluster, col(NeuralCluster.id) == col(NeuralNode.cluster_id))
+            .where(NeuralCluster.status == "active")
+            .where(NeuralNode.status != "terminated")
+        )
+        return list(session.exec(query))
+
+
+def cluster_sessions(settings: Settings, cluster_id: str) -> list[NeuralSession]:
+    with session_scope(settings.effective_database_url) as session:
+        return list(
+            session.exec(
+                select(NeuralSession)
+                .where(NeuralSession.cluster_id == cluster_id)
+                .order_by(col(NeuralSession.created_at).desc())
+            )
+        )
+
+
+def session_events(settings: Settings, session_id: str) -> list[NeuralRoundEvent]:
+    with session_scope(settings.effective_database_url) as session:
+        return list(
+            session.exec(
+                select(NeuralRoundEvent)
+                .where(NeuralRoundEvent.session_id == session_id)
+                .order_by(col(NeuralRoundEvent.round), col(NeuralRoundEvent.id))
+            )
+        )
+
+
+def timestamp(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

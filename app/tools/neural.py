@@ -1,0 +1,398 @@
+"""Neural tools: training jobs, predictions, clusters, nodes and
+distributed training."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from temporalio.client import WorkflowFailureError
+
+from app.contracts.neural import (
+    DATASETS_BUCKET,
+    ModelConfig,
+    TrainJobInput,
+    TrainJobResult,
+)
+from app.contracts.queues import ORCHESTRATION
+from app.tools.registry import ToolContext, ToolError, tool
+
+logger = logging.getLogger(__name__)
+
+Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
+Tier = Literal["nano", "mini", "small", "medium", "large"]
+TRAIN_ARCHITECTURES = (
+    "feedforward",
+    "cnn",
+    "lstm",
+    "rnn",
+    "transformer",
+    "autoencoder",
+    "hybrid",
+    "gnn",
+)
+CLUSTER_ARCHITECTURES = {
+    "transformer": "transformer",
+    "cnn": "cnn",
+    "rnn": "lstm",
+    "gnn": "gnn",
+    "hybrid": "hybrid",
+    "feedforward": "feedforward",
+}
+
+
+def _check_architecture(value: str) -> str:
+    if value not in TRAIN_ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {value!r}; choose one of "
+            f"{', '.join(TRAIN_ARCHITECTURES)}"
+        )
+    return value
+
+
+class ArchitectureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(
+        description="feedforward, cnn, lstm, transformer, autoencoder, hybrid."
+    )
+    layers: list[Any] = Field(
+        default_factory=list,
+        description="Widths of the main stage (ints or {units: n}); empty uses the tier.",
+    )
+
+    _type = field_validator("type")(classmethod(lambda cls, v: _check_architecture(v)))
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=512)
+    learning_rate: float = Field(0.001, gt=0, le=10)
+    optimizer: Optimizer = "adam"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: ArchitectureConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+class NeuralTrainInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    config: TrainConfig
+    dataset: str | dict[str, Any] = Field(
+        "digits",
+        description="digits, iris, wine, breast_cancer; inline {X, y}; or "
+        "{bucket, path} of a CSV or NPZ object in storage.",
+    )
+    tier: Tier = "small"
+    seed: int = Field(0, ge=0)
+    wasm_optimization: bool = Field(
+        True, alias="wasmOptimization", description="jit-compile the training steps."
+    )
+    wait: bool = Field(True, description="Wait for training to finish.")
+
+
+class NeuralTrainResult(BaseModel):
+    job_id: str
+    model_id: str
+    status: str
+    architecture: str
+    tier: str
+    widths: list[int]
+    dataset: str
+    loss: float | None = None
+    accuracy: float | None = None
+    epochs_completed: int = 0
+    training_time: float | None = None
+    jit: bool
+    compilation: str
+
+
+async def _prepare_dataset(ctx: ToolContext, source: Any, owner: str) -> Any:
+    """Check the data set now, so a bad one fails the call; an inline data
+    set goes to storage, and the workflow gets its reference."""
+    from app.neural import data
+
+    try:
+        await asyncio.to_thread(data.prepare, source, ctx.settings)
+    except data.DatasetError as error:
+        raise ToolError(f"invalid dataset: {error}", kind="invalid_argument") from None
+    if isinstance(source, dict) and ("X" in source or "data" in source):
+        import numpy as np
+
+        x, y = data.load_arrays(source, ctx.settings)
+        buffer = io.BytesIO()
+        np.savez(buffer, X=x, y=y)
+        path = f"inline/{owner}.npz"
+        from app.storage import storage_for
+
+        storage_for(ctx.settings).put(DATASETS_BUCKET, path, buffer.getvalue())
+        return {"bucket": DATASETS_BUCKET, "path": path}
+    return source
+
+
+def _widths(tier: str, layers: list[Any]) -> list[int]:
+    from app.neural.nets import layer_widths
+
+    try:
+        return list(layer_widths(tier, layers))
+    except ValueError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
+
+
+@tool("neural_train", group="neural")
+async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainResult:
+    """Train a real JAX model (feedforward, cnn, lstm, transformer,
+    autoencoder or hybrid) on a data set as a Temporal job, record loss and
+    accuracy per epoch, and store the model. Returns job_id, model_id, the
+    final loss, test accuracy, epochs_completed and training_time (seconds)."""
+    from app.neural import store
+    from app.neural.data import describe_source
+    from app.neural.models import NeuralJob
+
+    job_id = store.new_id("job_")
+    model_id = store.new_id("model_")
+    architecture = args.config.architecture.type
+    widths = _widths(args.tier, args.config.architecture.layers)
+    dataset = await _prepare_dataset(ctx, args.dataset, job_id)
+    training = args.config.training
+    request = TrainJobInput(
+        job_id=job_id,
+        model_id=model_id,
+        model=ModelConfig(architecture=architecture, widths=widths, tier=args.tier),
+        dataset=dataset,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        optimizer=training.optimizer,
+        seed=args.seed,
+        jit=args.wasm_optimization,
+    )
+    workflow_id = f"neural-train-{job_id}"
+    await asyncio.to_thread(
+        store.add_record,
+        ctx.settings,
+        NeuralJob(
+            id=job_id,
+            workflow_id=workflow_id,
+            status="queued",
+            architecture=architecture,
+            tier=args.tier,
+            dataset=describe_source(args.dataset),
+            config=args.config.model_dump(),
+            model_id=model_id,
+            epochs_requested=training.epochs,
+            jit=args.wasm_optimization,
+        ),
+    )
+    client = await ctx.client()
+    handle = await client.start_workflow(
+        "NeuralTrainWorkflow",
+        request,
+        id=workflow_id,
+        task_queue=ORCHESTRATION,
+        result_type=TrainJobResult,
+    )
+    compilation = (
+        "jit (XLA-compiled)" if args.wasm_optimization else "eager (not jit-compiled)"
+    )
+    result = NeuralTrainResult(
+        job_id=job_id,
+        model_id=model_id,
+        status="running",
+        architecture=architecture,
+        tier=args.tier,
+        widths=widths,
+        dataset=describe_source(args.dataset),
+        jit=args.wasm_optimization,
+        compilation=compilation,
+    )
+    if not args.wait:
+        return result
+    try:
+        done: TrainJobResult = await handle.result()
+    except WorkflowFailureError as error:
+        cause = error.cause
+        raise ToolError(
+            f"training job {job_id} failed: {getattr(cause, 'message', cause)}",
+            kind="failed",
+        ) from None
+    return result.model_copy(
+        update={
+            "status": "completed",
+            "loss": done.loss,
+            "accuracy": done.accuracy,
+            "epochs_completed": done.epochs_completed,
+            "training_time": done.training_time,
+        }
+    )
+
+
+class NeuralPredictInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    input: list[Any] = Field(description="One sample (numbers) or a list of samples.")
+
+
+class NeuralPredictResult(BaseModel):
+    model_id: str
+    predictions: list[str]
+    classes: list[int]
+    probabilities: list[list[float]]
+    label_names: list[str]
+
+
+@tool("neural_predict", group="neural")
+async def neural_predict(
+    ctx: ToolContext, args: NeuralPredictInput
+) -> NeuralPredictResult:
+    """Predict classes for raw samples with a stored model (standardized the
+    way its training data was). Returns labels, class indices and
+    probabilities."""
+    from app.neural import jobs
+
+    try:
+        result = await asyncio.to_thread(
+            jobs.predict, ctx.settings, args.model_id, args.input
+        )
+    except LookupError as error:
+        raise ToolError(str(error.args[0]), kind="not_found") from None
+    except ValueError as error:
+        raise ToolError(
+            f"invalid input for model {args.model_id}: {error}", kind="invalid_argument"
+        ) from None
+    return NeuralPredictResult(**result)
+
+
+class JobStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+
+
+class EpochRecord(BaseModel):
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+class JobStatusResult(BaseModel):
+    job_id: str
+    model_id: str
+    status: str
+    architecture: str
+    dataset: str
+    epochs_requested: int
+    epochs_completed: int
+    loss: float | None
+    accuracy: float | None
+    training_time: float | None
+    jit: bool
+    error: str | None
+    epochs: list[EpochRecord]
+
+
+@tool("neural_training_status", group="neural")
+async def neural_training_status(
+    ctx: ToolContext, args: JobStatusInput
+) -> JobStatusResult:
+    """Read a training job's status and its per-epoch loss, accuracy and time
+    from the database."""
+    from app.neural import store
+
+    job, epochs = await asyncio.to_thread(store.get_job, ctx.settings, args.job_id)
+    if job is None:
+        raise ToolError(
+            f"training job {args.job_id!r} not found; neural_train returns job ids",
+            kind="not_found",
+        )
+    return JobStatusResult(
+        job_id=job.id,
+        model_id=job.model_id,
+        status=job.status,
+        architecture=job.architecture,
+        dataset=job.dataset,
+        epochs_requested=job.epochs_requested,
+        epochs_completed=job.epochs_completed,
+        loss=job.loss,
+        accuracy=job.accuracy,
+        training_time=job.training_time,
+        jit=job.jit,
+        error=job.error,
+        epochs=[
+            EpochRecord(
+                epoch=e.epoch,
+                loss=e.loss,
+                accuracy=e.accuracy,
+                val_loss=e.val_loss,
+                val_accuracy=e.val_accuracy,
+                seconds=e.seconds,
+            )
+            for e in epochs
+        ],
+    )
+
+
+class ListModelsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str | None = Field(None, description="Only models of this cluster.")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class ModelRecord(BaseModel):
+    model_id: str
+    architecture: str
+    dataset: str
+    job_id: str | None
+    session_id: str | None
+    cluster_id: str | None
+    node_id: str | None
+    loss: float | None
+    accuracy: float | None
+    widths: list[int]
+    created_at: str | None
+
+
+class ListModelsResult(BaseModel):
+    models: list[ModelRecord]
+    count: int
+
+
+@tool("neural_list_models", group="neural")
+async def neural_list_models(
+    ctx: ToolContext, args: ListModelsInput
+) -> ListModelsResult:
+    """List stored models, newest first, with their test loss and accuracy."""
+    from app.neural import store
+
+    rows = await asyncio.to_thread(store.list_models, ctx.settings, args.cluster_id)
+    models = [
+        ModelRecord(
+            model_id=row.id,
+            architecture=row.architecture,
+            dataset=row.dataset,
+            job_id=row.job_id,
+            session_id=row.session_id,
+            cluster_id=row.cluster_id,
+            node_id=row.node_id,
+            loss=row.loss,
+            accuracy=row.accuracy,
+            widths=list(row.spec.get("widths", [])),
+            created_at=store.timestamp(row.created_at),
+        )
+        for row in rows[: args.limit]
+    ]
+    return ListModelsResult(models=models, count=len(models))

@@ -1,0 +1,779 @@
+"""Neural cluster tools: clusters, nodes, wiring, distributed training,
+distributed predictions, optimization and termination."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
+
+from app.contracts.neural import (
+    MemoryCleanupInput,
+    MemoryCleanupReport,
+    MemoryCleanupResult,
+    ModelConfig,
+    NodeRef,
+    SessionInput,
+    SessionPlan,
+    SessionResult,
+)
+from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
+from app.tools.neural import CLUSTER_ARCHITECTURES, Optimizer, _prepare_dataset
+from app.tools.registry import ToolContext, ToolError, tool
+
+Topology = Literal["mesh", "ring", "star", "hierarchical"]
+Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
+Role = Literal["worker", "parameter_server", "aggregator", "validator"]
+
+
+def _cluster(ctx: ToolContext, cluster_id: str, *, active: bool = True) -> Any:
+    from app.neural import store
+
+    try:
+        cluster = store.get_cluster(ctx.settings, cluster_id)
+    except LookupError as error:
+        raise ToolError(str(error), kind="not_found") from None
+    if active and cluster.status != "active":
+        raise ToolError(
+            f"cluster {cluster_id} is {cluster.status}; create a new one with "
+            "neural_cluster_init",
+            kind="conflict",
+        )
+    return cluster
+
+
+class ClusterInitInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    topology: Topology = "mesh"
+    architecture: Literal[
+        "transformer", "cnn", "rnn", "gnn", "hybrid", "feedforward"
+    ] = "transformer"
+    wasm_optimization: bool = Field(
+        True, alias="wasmOptimization", description="jit-compile (XLA) training steps."
+    )
+    daa_enabled: bool = Field(True, alias="daaEnabled")
+    consensus: Consensus = "proof-of-learning"
+
+
+class ClusterInitResult(BaseModel):
+    cluster_id: str
+    name: str
+    status: str
+    topology: str
+    architecture: str
+    model_architecture: str
+    wasm_optimization: bool
+    daa_enabled: bool
+    consensus: str
+    created_at: str | None
+
+
+@tool("neural_cluster_init", group="neural")
+async def neural_cluster_init(
+    ctx: ToolContext, args: ClusterInitInput
+) -> ClusterInitResult:
+    """Create a neural cluster record (id dnc_ + 12 hex). Deploy nodes with
+    neural_node_deploy, then train with neural_train_distributed."""
+    from app.neural import store
+    from app.neural.models import NeuralCluster
+
+    cluster = NeuralCluster(
+        id=store.new_id("dnc_"),
+        name=args.name,
+        topology=args.topology,
+        architecture=args.architecture,
+        wasm_optimization=args.wasm_optimization,
+        daa_enabled=args.daa_enabled,
+        consensus=args.consensus,
+        status="active",
+    )
+    await asyncio.to_thread(store.add_record, ctx.settings, cluster)
+    return ClusterInitResult(
+        cluster_id=cluster.id,
+        name=cluster.name,
+        status=cluster.status,
+        topology=cluster.topology,
+        architecture=cluster.architecture,
+        model_architecture=CLUSTER_ARCHITECTURES[cluster.architecture],
+        wasm_optimization=cluster.wasm_optimization,
+        daa_enabled=cluster.daa_enabled,
+        consensus=cluster.consensus,
+        created_at=store.timestamp(cluster.created_at),
+    )
+
+
+class NodeDeployInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+    role: Role = "worker"
+    model: Literal["base", "large", "xl", "custom"] = "base"
+    capabilities: list[str] = Field(default_factory=lambda: ["training", "inference"])
+    autonomy: float = Field(0.8, ge=0, le=1)
+    layers: list[int] = Field(
+        default_factory=list, description="Layer widths of a `custom` model."
+    )
+
+
+class NodeRecord(BaseModel):
+    node_id: str
+    cluster_id: str
+    role: str
+    model: str
+    capabilities: list[str]
+    autonomy: float
+    status: str
+    task_queue: str
+    parent_id: str | None = None
+    connections: list[str] = Field(default_factory=list)
+    pollers: int | None = Field(
+        None, description="Workers polling the node's queue now."
+    )
+
+
+class NodeDeployResult(NodeRecord):
+    runs_in: str
+
+
+@tool("neural_node_deploy", group="neural")
+async def neural_node_deploy(
+    ctx: ToolContext, args: NodeDeployInput
+) -> NodeDeployResult:
+    """Add a node to a cluster: a worker slot polling its own task queue
+    nexus-neural-<node_id>. Roles: worker (trains a shard), parameter_server
+    (aggregates, owns the global model), aggregator (reduces a subtree),
+    validator (evaluates updates on held-out data)."""
+    from app.neural import store
+    from app.neural.models import NeuralNode
+
+    cluster = _cluster(ctx, args.cluster_id)
+    if args.model == "custom" and not args.layers:
+        raise ToolError(
+            "model 'custom' needs layers, e.g. [128, 64]", kind="invalid_argument"
+        )
+    if args.role == "parameter_server":
+        nodes = await asyncio.to_thread(store.cluster_nodes, ctx.settings, cluster.id)
+        if any(n.role == "parameter_server" for n in nodes):
+            raise ToolError(
+                f"cluster {cluster.id} already has a parameter server; deploy a "
+                "worker, aggregator or validator",
+                kind="conflict",
+            )
+    node_id = store.new_id("node_")
+    capabilities = list(args.capabilities)
+    if args.model == "custom":
+        capabilities = capabilities + [f"layers:{','.join(map(str, args.layers))}"]
+    node = NeuralNode(
+        id=node_id,
+        cluster_id=cluster.id,
+        role=args.role,
+        model=args.model,
+        capabilities=capabilities,
+        autonomy=args.autonomy,
+        status="deployed",
+        task_queue=neural_node_queue(node_id),
+    )
+    await asyncio.to_thread(store.add_record, ctx.settings, node)
+    runs_in = (
+        "the nexus-neural worker process (NEXUS_NEURAL_EMBEDDED_NODES=true)"
+        if ctx.settings.neural_embedded_nodes
+        else f"a process started with `nexus worker --neural-node {node_id}`"
+    )
+    return NodeDeployResult(**_node_record(node).model_dump(), runs_in=runs_in)
+
+
+def _node_record(node: Any, pollers: int | None = None) -> NodeRecord:
+    return NodeRecord(
+        node_id=node.id,
+        cluster_id=node.cluster_id,
+        role=node.role,
+        model=node.model,
+        capabilities=[c for c in node.capabilities if not c.startswith("layers:")],
+        autonomy=node.autonomy,
+        status=node.status,
+        task_queue=node.task_queue,
+        parent_id=node.parent_id,
+        connections=list(node.connections),
+        pollers=pollers,
+    )
+
+
+class ClusterConnectInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+    topology: Topology | None = Field(None, description="Default: the cluster's.")
+
+
+class ClusterConnectResult(BaseModel):
+    cluster_id: str
+    topology: str
+    nodes: list[NodeRecord]
+    links: int
+
+
+def _connect(ctx: ToolContext, cluster_id: str, topology: str) -> list[Any]:
+    from app.db import session_scope
+    from app.neural import store
+    from app.neural.cluster import wire
+    from app.neural.models import NeuralCluster, NeuralNode
+
+    nodes = store.cluster_nodes(ctx.settings, cluster_id)
+    wiring = wire(nodes, topology)
+    with session_scope(ctx.settings.effective_database_url) as session:
+        cluster = session.get(NeuralCluster, cluster_id)
+        if cluster is not None:
+            cluster.topology = topology
+            session.add(cluster)
+        for node in nodes:
+            row = session.get(NeuralNode, node.id)
+            if row is None:
+                continue
+            row.parent_id, row.connections = wiring[node.id]
+            row.status = "connected"
+            session.add(row)
+    return store.cluster_nodes(ctx.settings, cluster_id)
+
+
+@tool("neural_cluster_connect", group="neural")
+async def neural_cluster_connect(
+    ctx: ToolContext, args: ClusterConnectInput
+) -> ClusterConnectResult:
+    """Wire a cluster's nodes by topology: mesh (all pairs), ring (i to
+    i+1 mod n), star (all to the first node) or hierarchical (parent of node
+    i is (i-1)//2), the parameter server first."""
+    cluster = _cluster(ctx, args.cluster_id)
+    topology = args.topology or cluster.topology
+    nodes = await asyncio.to_thread(_connect, ctx, cluster.id, topology)
+    if not nodes:
+        raise ToolError(
+            f"cluster {cluster.id} has no nodes; deploy some with neural_node_deploy",
+            kind="conflict",
+        )
+    records = [_node_record(n) for n in nodes]
+    links = sum(len(r.connections) for r in records) // 2
+    return ClusterConnectResult(
+        cluster_id=cluster.id, topology=topology, nodes=records, links=links
+    )
+
+
+class TrainDistributedInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+    dataset: str | dict[str, Any]
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=512)
+    learning_rate: float = Field(0.001, gt=0, le=10)
+    optimizer: Optimizer = "adam"
+    federated: bool = False
+    rounds: int | None = Field(
+        None,
+        ge=1,
+        description="Federated rounds; must divide epochs. Default: the largest "
+        "divisor of epochs up to 5.",
+    )
+    round_timeout_seconds: float = Field(300, gt=0, le=86400)
+    validation_tolerance: float = Field(0.1, ge=0)
+    seed: int = Field(0, ge=0)
+    wait: bool = Field(False, description="Wait for the session to finish.")
+
+
+class TrainDistributedResult(BaseModel):
+    session_id: str
+    cluster_id: str
+    workflow_id: str
+    status: str
+    mode: str
+    rounds: int | None
+    local_epochs: int
+    workers: list[str]
+    validators: list[str]
+    parameter_server: str | None
+    result: SessionResult | None = None
+
+
+def _node_widths(node: Any) -> list[int]:
+    from app.neural.nets import NODE_MODEL_TIERS, layer_widths
+
+    for capability in node.capabilities:
+        if capability.startswith("layers:"):
+            return [int(v) for v in capability[7:].split(",")]
+    return list(layer_widths(NODE_MODEL_TIERS[node.model], None))
+
+
+def _plan(
+    ctx: ToolContext,
+    cluster: Any,
+    args: TrainDistributedInput,
+    session_id: str,
+    dataset: Any,
+) -> SessionPlan:
+    from app.neural import store
+    from app.neural.cluster import reducer_of
+
+    nodes = store.cluster_nodes(ctx.settings, cluster.id)
+    if any(n.parent_id is None and not n.connections for n in nodes) and len(nodes) > 1:
+        nodes = _connect(ctx, cluster.id, cluster.topology)
+    by_id = {n.id: n for n in nodes}
+    workers = [n for n in nodes if n.role == "worker" and "training" in n.capabilities]
+    if not workers:
+        raise ToolError(
+            f"cluster {cluster.id} has no worker node with the training capability; "
+            "deploy one with neural_node_deploy role=worker",
+            kind="conflict",
+        )
+    widths = {tuple(_node_widths(n)) for n in workers}
+    if len(widths) > 1:
+        raise ToolError(
+            f"worker nodes of cluster {cluster.id} have different models {sorted(widths)}; "
+            "averaging needs one model shape, so deploy workers with the same model",
+            kind="conflict",
+        )
+
+    def ref(node: Any) -> NodeRef:
+        reducer, depth = reducer_of(node, by_id)
+        return NodeRef(
+            node_id=node.id,
+            task_queue=node.task_queue,
+            role=node.role,
+            reducer=reducer if cluster.topology == "hierarchical" else None,
+            depth=depth,
+        )
+
+    rounds = 1
+    local_epochs = 1
+    if args.federated:
+        if args.rounds is not None:
+            if args.epochs % args.rounds:
+                raise ToolError(
+                    f"rounds={args.rounds} does not divide epochs={args.epochs}; each "
+                    "round trains epochs/rounds local epochs",
+                    kind="invalid_argument",
+                )
+            rounds = args.rounds
+        else:
+            rounds = max(d for d in range(1, 6) if args.epochs % d == 0)
+        local_epochs = args.epochs // rounds
+    servers = [n for n in nodes if n.role == "parameter_server"]
+    return SessionPlan(
+        session_id=session_id,
+        cluster_id=cluster.id,
+        model=ModelConfig(
+            architecture=CLUSTER_ARCHITECTURES[cluster.architecture],
+            widths=list(next(iter(widths))),
+            tier=workers[0].model,
+        ),
+        dataset=dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
+        federated=args.federated,
+        consensus=cluster.consensus,
+        jit=cluster.wasm_optimization,
+        seed=args.seed,
+        workers=[ref(n) for n in workers],
+        validators=[ref(n) for n in nodes if n.role == "validator"],
+        aggregators=[ref(n) for n in nodes if n.role == "aggregator"],
+        parameter_server=ref(servers[0]) if servers else None,
+        default_queue=NEURAL,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        round_timeout_seconds=args.round_timeout_seconds,
+        validation_tolerance=args.validation_tolerance,
+    )
+
+
+@tool("neural_train_distributed", group="neural")
+async def neural_train_distributed(
+    ctx: ToolContext, args: TrainDistributedInput
+) -> TrainDistributedResult:
+    """Train the cluster's model across its worker nodes in rounds (a Temporal
+    workflow). federated=true: local epochs per round and federated averaging
+    weighted by sample count; false: synchronous gradient averaging, one
+    optimizer step per round. Returns session_id; read progress with
+    neural_cluster_status."""
+    from app.neural import store
+    from app.neural.models import NeuralSession
+
+    cluster = _cluster(ctx, args.cluster_id)
+    session_id = store.new_id("session_")
+    dataset = await _prepare_dataset(ctx, args.dataset, session_id)
+    plan = await asyncio.to_thread(_plan, ctx, cluster, args, session_id, dataset)
+    workflow_id = f"neural-session-{session_id}"
+    await asyncio.to_thread(
+        store.add_record,
+        ctx.settings,
+        NeuralSession(
+            id=session_id,
+            cluster_id=cluster.id,
+            workflow_id=workflow_id,
+            status="running",
+            config=args.model_dump(exclude={"dataset"})
+            | {"dataset": str(args.dataset)[:200]},
+            rounds_total=plan.rounds if args.federated else 0,
+        ),
+    )
+    client = await ctx.client()
+    handle = await client.start_workflow(
+        "DistributedTrainingWorkflow",
+        SessionInput(plan=plan),
+        id=workflow_id,
+        task_queue=ORCHESTRATION,
+        result_type=SessionResult,
+    )
+    result = TrainDistributedResult(
+        session_id=session_id,
+        cluster_id=cluster.id,
+        workflow_id=workflow_id,
+        status="running",
+        mode="federated averaging"
+        if args.federated
+        else "synchronous gradient averaging",
+        rounds=plan.rounds if args.federated else None,
+        local_epochs=plan.local_epochs,
+        workers=[w.node_id for w in plan.workers],
+        validators=[v.node_id for v in plan.validators],
+        parameter_server=plan.parameter_server.node_id
+        if plan.parameter_server
+        else None,
+    )
+    if not args.wait:
+        return result
+    try:
+        done: SessionResult = await handle.result()
+    except WorkflowFailureError as error:
+        raise ToolError(
+            f"session {session_id} failed: {getattr(error.cause, 'message', error.cause)}"
+        ) from None
+    return result.model_copy(
+        update={"status": "completed", "rounds": done.rounds_completed, "result": done}
+    )
+
+
+class ClusterStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+
+
+class SessionRecord(BaseModel):
+    session_id: str
+    status: str
+    rounds_completed: int
+    rounds_rejected: int
+    model_id: str | None
+    loss: float | None
+    accuracy: float | None
+    samples_per_second: float | None
+    training_time: float | None
+    error: str | None
+    events: list[dict[str, Any]]
+
+
+class ClusterStatusResult(BaseModel):
+    cluster_id: str
+    name: str
+    status: str
+    topology: str
+    architecture: str
+    consensus: str
+    wasm_optimization: bool
+    daa_enabled: bool
+    nodes: list[NodeRecord]
+    sessions: list[SessionRecord]
+    metrics: dict[str, Any]
+
+
+@tool("neural_cluster_status", group="neural")
+async def neural_cluster_status(
+    ctx: ToolContext, args: ClusterStatusInput
+) -> ClusterStatusResult:
+    """Show a cluster: nodes (with live poller counts of their queues),
+    training sessions with round events (updates, missing nodes, accepted
+    and rejected aggregates) and metrics."""
+    from app.neural import store
+    from app.services.health import describe_queue
+
+    cluster = _cluster(ctx, args.cluster_id, active=False)
+    nodes = await asyncio.to_thread(store.cluster_nodes, ctx.settings, cluster.id)
+    client = await ctx.optional_client()
+    records: list[NodeRecord] = []
+    for node in nodes:
+        pollers = None
+        if client is not None:
+            health = await describe_queue(
+                client, ctx.settings.namespace, node.task_queue
+            )
+            pollers = len(health.activity_pollers)
+        records.append(_node_record(node, pollers))
+    sessions = await asyncio.to_thread(store.cluster_sessions, ctx.settings, cluster.id)
+    session_records = []
+    for session in sessions[:10]:
+        events = await asyncio.to_thread(store.session_events, ctx.settings, session.id)
+        session_records.append(
+            SessionRecord(
+                session_id=session.id,
+                status=session.status,
+                rounds_completed=session.rounds_completed,
+                rounds_rejected=session.rounds_rejected,
+                model_id=session.model_id,
+                loss=session.loss,
+                accuracy=session.accuracy,
+                samples_per_second=session.samples_per_second,
+                training_time=session.training_time,
+                error=session.error,
+                events=[
+                    {"round": e.round, "node_id": e.node_id, "kind": e.kind, **e.detail}
+                    for e in events
+                ],
+            )
+        )
+    completed = [s for s in sessions if s.status == "completed"]
+    metrics = {
+        "nodes": len(nodes),
+        "sessions": len(sessions),
+        "sessions_completed": len(completed),
+        "best_accuracy": max((s.accuracy or 0 for s in completed), default=None),
+        "rounds_rejected": sum(s.rounds_rejected for s in sessions),
+    }
+    return ClusterStatusResult(
+        cluster_id=cluster.id,
+        name=cluster.name,
+        status=cluster.status,
+        topology=cluster.topology,
+        architecture=cluster.architecture,
+        consensus=cluster.consensus,
+        wasm_optimization=cluster.wasm_optimization,
+        daa_enabled=cluster.daa_enabled,
+        nodes=records,
+        sessions=session_records,
+        metrics=metrics,
+    )
+
+
+class PredictDistributedInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+    input_data: list[Any] = Field(description="One sample or a list of samples.")
+    aggregation: Literal["mean", "majority", "weighted", "ensemble"] = "mean"
+    session_id: str | None = Field(None, description="Default: the newest completed.")
+
+
+class PredictDistributedResult(BaseModel):
+    cluster_id: str
+    session_id: str
+    aggregation: str
+    predictions: list[str]
+    classes: list[int]
+    probabilities: list[list[float]] | None
+    node_predictions: dict[str, list[int]]
+    weights: dict[str, float]
+
+
+def _predict_distributed(
+    ctx: ToolContext, args: PredictDistributedInput
+) -> PredictDistributedResult:
+    import numpy as np
+
+    from app.neural import jobs, store
+
+    sessions = [
+        s
+        for s in store.cluster_sessions(ctx.settings, args.cluster_id)
+        if s.status == "completed"
+    ]
+    if args.session_id:
+        sessions = [s for s in sessions if s.id == args.session_id]
+    if not sessions:
+        raise ToolError(
+            f"cluster {args.cluster_id} has no completed training session"
+            + (f" {args.session_id}" if args.session_id else "")
+            + "; run neural_train_distributed first",
+            kind="not_found",
+        )
+    session = sessions[0]
+    models = [
+        m
+        for m in store.list_models(ctx.settings, args.cluster_id)
+        if m.session_id == session.id and m.spec.get("role") == "node"
+    ]
+    probabilities: dict[str, np.ndarray] = {}
+    weights: dict[str, float] = {}
+    labels: list[str] = []
+    for record in sorted(models, key=lambda m: m.node_id or ""):
+        _, spec, params, mean, std = store.load_model(ctx.settings, record.id)
+        try:
+            probabilities[record.node_id or record.id] = jobs.predict_logits(
+                spec, params, mean, std, args.input_data
+            )
+        except ValueError as error:
+            raise ToolError(
+                f"invalid input_data: {error}", kind="invalid_argument"
+            ) from None
+        weights[record.node_id or record.id] = float(record.accuracy or 0.0)
+        labels = record.spec.get("label_names") or [str(i) for i in range(spec.classes)]
+    stacked = np.stack(list(probabilities.values()))
+    node_classes = stacked.argmax(axis=2)
+    combined: np.ndarray | None
+    if args.aggregation == "majority":
+        votes = np.stack(
+            [np.bincount(col, minlength=stacked.shape[2]) for col in node_classes.T]
+        )
+        classes = votes.argmax(axis=1)
+        combined = None
+    else:
+        if args.aggregation == "weighted":
+            w = np.asarray(list(weights.values()))
+            w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1 / len(w))
+            combined = np.tensordot(w, stacked, axes=1)
+        else:
+            combined = stacked.mean(axis=0)
+        classes = combined.argmax(axis=1)
+    return PredictDistributedResult(
+        cluster_id=args.cluster_id,
+        session_id=session.id,
+        aggregation=args.aggregation,
+        predictions=[labels[i] for i in classes],
+        classes=[int(i) for i in classes],
+        probabilities=combined.round(6).tolist() if combined is not None else None,
+        node_predictions={
+            node: [int(c) for c in row]
+            for node, row in zip(probabilities, node_classes, strict=True)
+        },
+        weights=weights,
+    )
+
+
+@tool("neural_predict_distributed", group="neural")
+async def neural_predict_distributed(
+    ctx: ToolContext, args: PredictDistributedInput
+) -> PredictDistributedResult:
+    """Predict with every worker node's model of the cluster's newest
+    completed session and combine them: mean (average probabilities),
+    majority (vote), weighted (by each model's validation accuracy) or
+    ensemble (average, plus every node's predictions)."""
+    _cluster(ctx, args.cluster_id, active=False)
+    return await asyncio.to_thread(_predict_distributed, ctx, args)
+
+
+class ClusterOptimizeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+    optimization: Literal["memory_cleanup"] = "memory_cleanup"
+
+
+class ClusterOptimizeResult(BaseModel):
+    cluster_id: str
+    optimization: str
+    processes: list[MemoryCleanupReport]
+    freed_bytes: int
+    missing: dict[str, str]
+
+
+@tool("neural_cluster_optimize", group="neural")
+async def neural_cluster_optimize(
+    ctx: ToolContext, args: ClusterOptimizeInput
+) -> ClusterOptimizeResult:
+    """memory_cleanup: in the nexus-neural worker and every node's worker
+    process, clear JAX's compiled-function caches and the cached data sets,
+    and report each process's resident memory measured before and after."""
+    cluster = _cluster(ctx, args.cluster_id, active=False)
+    from app.neural import store
+
+    nodes = await asyncio.to_thread(store.cluster_nodes, ctx.settings, cluster.id)
+    queues = [NEURAL] + [n.task_queue for n in nodes]
+    client = await ctx.client()
+    report = await client.execute_workflow(
+        "NeuralMaintenanceWorkflow",
+        MemoryCleanupInput(queues=queues),
+        id=f"neural-cleanup-{cluster.id}-{datetime.now(UTC).strftime('%Y%m%d%H%M%S%f')}",
+        task_queue=ORCHESTRATION,
+        result_type=MemoryCleanupResult,
+    )
+    by_pid: dict[tuple[str, int], MemoryCleanupReport] = {}
+    for process in report.processes:
+        by_pid.setdefault((process.hostname, process.pid), process)
+    processes = list(by_pid.values())
+    return ClusterOptimizeResult(
+        cluster_id=cluster.id,
+        optimization=args.optimization,
+        processes=processes,
+        freed_bytes=sum(max(0, p.rss_before - p.rss_after) for p in processes),
+        missing=report.missing,
+    )
+
+
+class ClusterTerminateInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_id: str
+
+
+class ClusterTerminateResult(BaseModel):
+    cluster_id: str
+    status: str
+    nodes_terminated: int
+    sessions_cancelled: list[str]
+
+
+@tool("neural_cluster_terminate", group="neural")
+async def neural_cluster_terminate(
+    ctx: ToolContext, args: ClusterTerminateInput
+) -> ClusterTerminateResult:
+    """Terminate a cluster: cancel its running sessions, mark its nodes
+    terminated (their embedded workers stop) and the cluster terminated."""
+    from app.db import session_scope
+    from app.neural import store
+    from app.neural.models import NeuralCluster, NeuralNode
+
+    cluster = _cluster(ctx, args.cluster_id, active=False)
+    sessions = await asyncio.to_thread(store.cluster_sessions, ctx.settings, cluster.id)
+    client = await ctx.client()
+    cancelled: list[str] = []
+    for session in sessions:
+        if session.status != "running":
+            continue
+        try:
+            await client.get_workflow_handle(session.workflow_id).terminate(
+                reason=f"cluster {cluster.id} terminated"
+            )
+        except RPCError:
+            pass  # the workflow already ended
+        await asyncio.to_thread(
+            store.update_session, ctx.settings, session.id, status="cancelled"
+        )
+        cancelled.append(session.id)
+
+    def mark() -> int:
+        count = 0
+        with session_scope(ctx.settings.effective_database_url) as db:
+            row = db.get(NeuralCluster, cluster.id)
+            if row is not None:
+                row.status = "terminated"
+                row.terminated_at = datetime.now(UTC)
+                db.add(row)
+            for node in store.cluster_nodes(ctx.settings, cluster.id):
+                node_row = db.get(NeuralNode, node.id)
+                if node_row is not None:
+                    node_row.status = "terminated"
+                    db.add(node_row)
+                    count += 1
+        return count
+
+    count = await asyncio.to_thread(mark)
+    return ClusterTerminateResult(
+        cluster_id=cluster.id,
+        status="terminated",
+        nodes_terminated=count,
+        sessions_cancelled=cancelled,
+    )

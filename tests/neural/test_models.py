@@ -1,0 +1,134 @@
+"""Architectures, data checks and federated averaging, without Temporal."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from app.neural import data, nets, training
+from app.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.prepare("digits", Settings(), seed=0)
+
+
+@pytest.mark.parametrize(
+    "architecture", ["feedforward", "cnn", "lstm", "transformer", "autoencoder", "hybrid", "gnn"]
+)
+def test_architecture_reduces_loss(architecture: str, digits: data.Dataset) -> None:
+    spec = nets.ModelSpec(
+        architecture, digits.features, digits.classes, nets.layer_widths("nano", None)
+    )
+    trainer = training.get_trainer(spec, "adam", 0.01)
+    params = nets.init_params(spec, 0)
+    initial_loss, _ = trainer.evaluate(params, digits.x_test, digits.y_test)
+    params, _, history = trainer.train(
+        params,
+        trainer.init_state(params),
+        digits.x_train,
+        digits.y_train,
+        digits.x_test,
+        digits.y_test,
+        epochs=2,
+        batch_size=64,
+        seed=0,
+    )
+    assert len(history) == 2
+    assert history[-1].val_loss < initial_loss
+
+
+def test_mlp_reaches_95_percent(digits: data.Dataset) -> None:
+    spec = nets.ModelSpec("feedforward", digits.features, digits.classes, (128,))
+    trainer = training.get_trainer(spec, "adam", 0.001)
+    params = nets.init_params(spec, 0)
+    params, _, _ = trainer.train(
+        params,
+        trainer.init_state(params),
+        digits.x_train,
+        digits.y_train,
+        digits.x_test,
+        digits.y_test,
+        epochs=20,
+        batch_size=32,
+        seed=0,
+    )
+    _, accuracy = trainer.evaluate(params, digits.x_test, digits.y_test)
+    assert accuracy >= 0.95
+
+
+def test_eager_matches_jit_step_count(digits: data.Dataset) -> None:
+    spec = nets.ModelSpec("feedforward", digits.features, digits.classes, (16,))
+    eager = training.Trainer(spec, "sgd", 0.1, jit=False)
+    params = nets.init_params(spec, 0)
+    _, _, loss, _, samples = eager.run_epoch(
+        params, eager.init_state(params), digits.x_train[:256], digits.y_train[:256], 64, 0
+    )
+    assert samples == 256
+    assert np.isfinite(loss)
+
+
+def test_federated_average_is_weighted() -> None:
+    first = {"dense": {"w": np.array([[1.0, 2.0]]), "b": np.array([0.0])}}
+    second = {"dense": {"w": np.array([[3.0, 6.0]]), "b": np.array([4.0])}}
+    averaged = training.weighted_average([first, second], [300.0, 100.0])
+    # By hand: (300 * a + 100 * b) / 400.
+    np.testing.assert_allclose(averaged["dense"]["w"], [[1.5, 3.0]])
+    np.testing.assert_allclose(averaged["dense"]["b"], [1.0])
+
+
+def test_federated_average_rejects_zero_weight() -> None:
+    tree = {"w": np.ones(2)}
+    with pytest.raises(ValueError, match="sum to 0"):
+        training.weighted_average([tree], [0.0])
+
+
+def test_params_roundtrip_npz(digits: data.Dataset) -> None:
+    spec = nets.ModelSpec("transformer", digits.features, digits.classes, (16,))
+    params = nets.init_params(spec, 3)
+    restored, extra = training.load_params(
+        training.dump_params(params, {"epoch": np.asarray(4)})
+    )
+    assert int(extra["epoch"]) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_split_is_deterministic() -> None:
+    first = data.prepare("iris", Settings(), seed=5)
+    second = data.prepare("iris", Settings(), seed=5)
+    np.testing.assert_array_equal(first.x_test, second.x_test)
+    assert first.classes == 3
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("mnist_fashion", "unknown data set 'mnist_fashion'"),
+        ({"X": [[1, 2], [3, 4], [5, 6], [7, 8]], "y": [0, 1, 0]}, "X has 4 samples but y has 3"),
+        ({"X": [[1], [2], [3], [4]]}, "needs features under"),
+        ({"X": [[1], [2], [3], [4]], "y": [1, 1, 1, 1]}, "single class"),
+        ({"bucket": "datasets", "path": "absent.csv"}, "absent.csv"),
+    ],
+)
+def test_bad_datasets_name_the_value(source: object, message: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(data.DatasetError, match=message):
+        data.prepare(source, Settings(data_dir=tmp_path))
+
+
+def test_csv_from_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app.storage import storage_for
+
+    settings = Settings(data_dir=tmp_path)
+    rows = "a,b,label\n" + "\n".join(f"{i},{i % 3},{'x' if i % 2 else 'y'}" for i in range(20))
+    storage_for(settings).put("datasets", "toy.csv", rows.encode())
+    dataset = data.prepare({"bucket": "datasets", "path": "toy.csv"}, settings)
+    assert dataset.features == 2
+    assert dataset.label_names == ["x", "y"]
+
+
+def test_unknown_architecture_named() -> None:
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
+        nets.check_architecture("resnet")
