@@ -26,7 +26,9 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def build_node_worker(client: Client, settings: Settings, node_id: str) -> Worker:
+def build_node_worker(
+    client: Client, settings: Settings, node_id: str, graceful_shutdown_seconds: float = 2.0
+) -> Worker:
     """Create the worker of one cluster node's queue."""
     queue = neural_node_queue(node_id)
     return Worker(
@@ -38,7 +40,7 @@ def build_node_worker(client: Client, settings: Settings, node_id: str) -> Worke
         # the same round may run beside it.
         max_concurrent_activities=2,
         activity_executor=ThreadPoolExecutor(2),
-        graceful_shutdown_timeout=timedelta(seconds=2),
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_seconds),
     )
 
 
