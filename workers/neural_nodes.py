@@ -27,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_node_worker(
-    client: Client, settings: Settings, node_id: str, graceful_shutdown_seconds: float = 2.0
+    client: Client,
+    settings: Settings,
+    node_id: str,
+    graceful_shutdown_seconds: float = 2.0,
 ) -> Worker:
     """Create the worker of one cluster node's queue."""
     queue = neural_node_queue(node_id)

@@ -229,6 +229,7 @@ class DistributedTrainingWorkflow:
                         optimizer=plan.optimizer,
                         jit=plan.jit,
                         seed=plan.seed,
+                        checkpoint_seconds=plan.checkpoint_seconds,
                     ),
                     task_queue=node.task_queue,
                     result_type=NodeTrainResult,

@@ -94,6 +94,9 @@ class SessionPlan(BaseModel):
     heartbeat_timeout_seconds: float = 15.0
     validation_tolerance: float = 0.1
     continue_every: int = 20
+    checkpoint_seconds: float = Field(
+        5.0, description="Least time between a node's checkpoints within a round."
+    )
 
 
 class SessionState(BaseModel):
@@ -166,6 +169,7 @@ class NodeTrainInput(BaseModel):
     optimizer: str
     jit: bool
     seed: int = 0
+    checkpoint_seconds: float = 5.0
 
 
 class NodeTrainResult(BaseModel):

@@ -209,7 +209,7 @@ def prepare(
             f"labels have a single class {names[0]!r}; a classifier needs at least 2"
         )
     order = np.random.default_rng(seed).permutation(len(x))
-    test_count = max(1, int(round(len(x) * test_fraction)))
+    test_count = max(1, round(len(x) * test_fraction))
     test, train = order[:test_count], order[test_count:]
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0)

@@ -227,21 +227,33 @@ def train_node(
             start_epoch,
         )
     x_test, y_test = session.split("test")
-    last: list[Any] = []
+    pending: list[Any] = []
+    last_checkpoint = time.monotonic()
 
     def on_epoch(metrics: Any, params: Params, opt_state: Any) -> None:
-        store.record_epoch(
-            settings,
-            request.session_id,
-            metrics,
-            node_id=request.node_id,
-            round_index=request.round,
-        )
+        # Checkpoints and epoch rows are written at most every
+        # `checkpoint_seconds` (and after the last epoch), because a write
+        # per epoch costs more than a small model's epoch.
+        nonlocal last_checkpoint
+        pending.append(metrics)
+        due = time.monotonic() - last_checkpoint >= request.checkpoint_seconds
+        if not due and metrics.epoch < request.local_epochs:
+            heartbeat({"round": request.round, "epoch": metrics.epoch})
+            return
+        for item in pending:
+            store.record_epoch(
+                settings,
+                request.session_id,
+                item,
+                node_id=request.node_id,
+                round_index=request.round,
+            )
+        pending.clear()
         store.put_object(settings, state_ckpt, dump_state(opt_state))
         store.put_object(
             settings, ckpt, dump_params(params, {"epoch": np.asarray(metrics.epoch)})
         )
-        last.append(metrics)
+        last_checkpoint = time.monotonic()
         heartbeat({"round": request.round, "epoch": metrics.epoch, "checkpoint": ckpt})
 
     params, _, history = trainer.train(

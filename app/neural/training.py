@@ -312,7 +312,8 @@ def weighted_average(trees: list[Params], weights: list[float]) -> Params:
     """
     if not trees or len(trees) != len(weights):
         raise ValueError(
-            f"need one weight per tree, got {len(trees)} trees and {len(weights)} weights"
+            f"need one weight per tree, got {len(trees)} trees and "
+            f"{len(weights)} weights"
         )
     total = float(sum(weights))
     if total <= 0:

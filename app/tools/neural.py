@@ -61,7 +61,8 @@ class ArchitectureConfig(BaseModel):
     )
     layers: list[Any] = Field(
         default_factory=list,
-        description="Widths of the main stage (ints or {units: n}); empty uses the tier.",
+        description="Widths of the main stage (ints or {units: n}); empty "
+        "uses the tier.",
     )
 
     _type = field_validator("type")(classmethod(lambda cls, v: _check_architecture(v)))

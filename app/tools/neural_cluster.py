@@ -4,6 +4,7 @@ distributed predictions, optimization and termination."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -168,7 +169,7 @@ async def neural_node_deploy(
     node_id = store.new_id("node_")
     capabilities = list(args.capabilities)
     if args.model == "custom":
-        capabilities = capabilities + [f"layers:{','.join(map(str, args.layers))}"]
+        capabilities = [*capabilities, f"layers:{','.join(map(str, args.layers))}"]
     node = NeuralNode(
         id=node_id,
         cluster_id=cluster.id,
@@ -280,7 +281,12 @@ class TrainDistributedInput(BaseModel):
         "divisor of epochs up to 5.",
     )
     round_timeout_seconds: float = Field(300, gt=0, le=86400)
-    validation_tolerance: float = Field(0.1, ge=0)
+    validation_tolerance: float = Field(
+        0.1, ge=0, description="Relative rise of validation loss that is rejected."
+    )
+    checkpoint_seconds: float = Field(
+        5.0, ge=0, description="Least seconds between a node's checkpoints."
+    )
     seed: int = Field(0, ge=0)
     wait: bool = Field(False, description="Wait for the session to finish.")
 
@@ -332,7 +338,8 @@ def _plan(
     widths = {tuple(_node_widths(n)) for n in workers}
     if len(widths) > 1:
         raise ToolError(
-            f"worker nodes of cluster {cluster.id} have different models {sorted(widths)}; "
+            f"worker nodes of cluster {cluster.id} have different models "
+            f"{sorted(widths)}; "
             "averaging needs one model shape, so deploy workers with the same model",
             kind="conflict",
         )
@@ -388,6 +395,7 @@ def _plan(
         local_epochs=local_epochs,
         round_timeout_seconds=args.round_timeout_seconds,
         validation_tolerance=args.validation_tolerance,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
 
 
@@ -450,9 +458,8 @@ async def neural_train_distributed(
     try:
         done: SessionResult = await handle.result()
     except WorkflowFailureError as error:
-        raise ToolError(
-            f"session {session_id} failed: {getattr(error.cause, 'message', error.cause)}"
-        ) from None
+        cause = getattr(error.cause, "message", error.cause)
+        raise ToolError(f"session {session_id} failed: {cause}") from None
     return result.model_copy(
         update={"status": "completed", "rounds": done.rounds_completed, "result": done}
     )
@@ -743,12 +750,11 @@ async def neural_cluster_terminate(
     for session in sessions:
         if session.status != "running":
             continue
-        try:
+        # RPCError: the workflow already ended.
+        with contextlib.suppress(RPCError):
             await client.get_workflow_handle(session.workflow_id).terminate(
                 reason=f"cluster {cluster.id} terminated"
             )
-        except RPCError:
-            pass  # the workflow already ended
         await asyncio.to_thread(
             store.update_session, ctx.settings, session.id, status="cancelled"
         )

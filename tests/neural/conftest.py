@@ -29,14 +29,19 @@ def neural_settings(tmp_path: Path, temporal_address: str) -> Iterator[Settings]
 
 
 @pytest.fixture
-async def neural_workers(client: Client, neural_settings: Settings) -> AsyncIterator[Settings]:
+async def neural_workers(
+    client: Client, neural_settings: Settings
+) -> AsyncIterator[Settings]:
     async with running_workers(client, neural_settings, [ORCHESTRATION, NEURAL]):
         yield neural_settings
 
 
 @contextlib.asynccontextmanager
 async def node_workers(
-    client: Client, settings: Settings, node_ids: list[str], activities: dict[str, list] | None = None
+    client: Client,
+    settings: Settings,
+    node_ids: list[str],
+    activities: dict[str, list] | None = None,
 ) -> AsyncIterator[dict[str, object]]:
     """Run node workers in this process; `activities` replaces a node's
     activities (to force a fault)."""
@@ -52,11 +57,15 @@ async def node_workers(
                     client,
                     task_queue=neural_node_queue(node_id),
                     activities=activities[node_id],
-                    activity_executor=__import__("concurrent.futures").futures.ThreadPoolExecutor(2),
+                    activity_executor=__import__(
+                        "concurrent.futures"
+                    ).futures.ThreadPoolExecutor(2),
                 )
             else:
                 worker = build_node_worker(client, settings, node_id)
             await stack.enter_async_context(worker)
             workers[node_id] = worker
-        await wait_for_pollers(client, settings.namespace, [neural_node_queue(n) for n in node_ids])
+        await wait_for_pollers(
+            client, settings.namespace, [neural_node_queue(n) for n in node_ids]
+        )
         yield workers

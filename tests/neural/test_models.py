@@ -16,7 +16,8 @@ def digits() -> data.Dataset:
 
 
 @pytest.mark.parametrize(
-    "architecture", ["feedforward", "cnn", "lstm", "transformer", "autoencoder", "hybrid", "gnn"]
+    "architecture",
+    ["feedforward", "cnn", "lstm", "transformer", "autoencoder", "hybrid", "gnn"],
 )
 def test_architecture_reduces_loss(architecture: str, digits: data.Dataset) -> None:
     spec = nets.ModelSpec(
@@ -64,7 +65,12 @@ def test_eager_matches_jit_step_count(digits: data.Dataset) -> None:
     eager = training.Trainer(spec, "sgd", 0.1, jit=False)
     params = nets.init_params(spec, 0)
     _, _, loss, _, samples = eager.run_epoch(
-        params, eager.init_state(params), digits.x_train[:256], digits.y_train[:256], 64, 0
+        params,
+        eager.init_state(params),
+        digits.x_train[:256],
+        digits.y_train[:256],
+        64,
+        0,
     )
     assert samples == 256
     assert np.isfinite(loss)
@@ -92,7 +98,11 @@ def test_params_roundtrip_npz(digits: data.Dataset) -> None:
         training.dump_params(params, {"epoch": np.asarray(4)})
     )
     assert int(extra["epoch"]) == 4
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restored), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_leaves(restored),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -107,7 +117,10 @@ def test_split_is_deterministic() -> None:
     ("source", "message"),
     [
         ("mnist_fashion", "unknown data set 'mnist_fashion'"),
-        ({"X": [[1, 2], [3, 4], [5, 6], [7, 8]], "y": [0, 1, 0]}, "X has 4 samples but y has 3"),
+        (
+            {"X": [[1, 2], [3, 4], [5, 6], [7, 8]], "y": [0, 1, 0]},
+            "X has 4 samples but y has 3",
+        ),
         ({"X": [[1], [2], [3], [4]]}, "needs features under"),
         ({"X": [[1], [2], [3], [4]], "y": [1, 1, 1, 1]}, "single class"),
         ({"bucket": "datasets", "path": "absent.csv"}, "absent.csv"),
@@ -122,7 +135,9 @@ def test_csv_from_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from app.storage import storage_for
 
     settings = Settings(data_dir=tmp_path)
-    rows = "a,b,label\n" + "\n".join(f"{i},{i % 3},{'x' if i % 2 else 'y'}" for i in range(20))
+    rows = "a,b,label\n" + "\n".join(
+        f"{i},{i % 3},{'x' if i % 2 else 'y'}" for i in range(20)
+    )
     storage_for(settings).put("datasets", "toy.csv", rows.encode())
     dataset = data.prepare({"bucket": "datasets", "path": "toy.csv"}, settings)
     assert dataset.features == 2

@@ -17,7 +17,9 @@ from workers.registry import all_workflows
 load_tools()
 
 
-def _config(architecture: str = "feedforward", epochs: int = 3, batch_size: int = 64) -> dict:
+def _config(
+    architecture: str = "feedforward", epochs: int = 3, batch_size: int = 64
+) -> dict:
     return {
         "architecture": {"type": architecture, "layers": [32]},
         "training": {"epochs": epochs, "batch_size": batch_size, "learning_rate": 0.01},
@@ -27,12 +29,16 @@ def _config(architecture: str = "feedforward", epochs: int = 3, batch_size: int 
 async def test_train_predict_status(client: Client, settings: Settings) -> None:
     async with running_workers(client, settings, [ORCHESTRATION, NEURAL]):
         ctx = ToolContext(settings, temporal_client=client)
-        result = await invoke_tool(ctx, "neural_train", {"config": _config(), "tier": "nano"})
+        result = await invoke_tool(
+            ctx, "neural_train", {"config": _config(), "tier": "nano"}
+        )
         assert result["status"] == "completed"
         assert result["epochs_completed"] == 3
         assert result["accuracy"] > 0.8
         assert result["jit"] is True
-        status = await invoke_tool(ctx, "neural_training_status", {"job_id": result["job_id"]})
+        status = await invoke_tool(
+            ctx, "neural_training_status", {"job_id": result["job_id"]}
+        )
         assert status["status"] == "completed"
         assert [e["epoch"] for e in status["epochs"]] == [1, 2, 3]
         assert status["epochs"][-1]["loss"] < status["epochs"][0]["loss"]
@@ -46,7 +52,7 @@ async def test_train_predict_status(client: Client, settings: Settings) -> None:
         predicted = await invoke_tool(
             ctx, "neural_predict", {"model_id": result["model_id"], "input": samples}
         )
-        record, spec, params, mean, std = store.load_model(settings, result["model_id"])
+        _, spec, params, mean, std = store.load_model(settings, result["model_id"])
         expected = jobs.predict_logits(spec, params, mean, std, samples).argmax(axis=1)
         assert predicted["classes"] == expected.tolist()
         assert np.mean(np.asarray(predicted["classes"]) == bunch.target[:20]) > 0.7
@@ -69,7 +75,9 @@ async def test_eager_training_says_so(client: Client, neural_workers: Settings) 
     assert result["compilation"] == "eager (not jit-compiled)"
 
 
-async def test_inline_dataset_goes_to_storage(client: Client, neural_workers: Settings) -> None:
+async def test_inline_dataset_goes_to_storage(
+    client: Client, neural_workers: Settings
+) -> None:
     ctx = ToolContext(neural_workers, temporal_client=client)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 3))
@@ -77,10 +85,15 @@ async def test_inline_dataset_goes_to_storage(client: Client, neural_workers: Se
     result = await invoke_tool(
         ctx,
         "neural_train",
-        {"config": _config(epochs=2, batch_size=16), "dataset": {"X": x.tolist(), "y": y.tolist()}},
+        {
+            "config": _config(epochs=2, batch_size=16),
+            "dataset": {"X": x.tolist(), "y": y.tolist()},
+        },
     )
     assert result["status"] == "completed"
-    history = await client.get_workflow_handle(f"neural-train-{result['job_id']}").fetch_history()
+    history = await client.get_workflow_handle(
+        f"neural-train-{result['job_id']}"
+    ).fetch_history()
     started = history.events[0].workflow_execution_started_event_attributes
     payload = started.input.payloads[0].data.decode()
     # The workflow input carries a storage reference, not the samples.
@@ -92,19 +105,35 @@ async def test_inline_dataset_goes_to_storage(client: Client, neural_workers: Se
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"config": {"architecture": {"type": "resnet"}}}, "unknown architecture 'resnet'"),
         (
-            {"config": {"architecture": {"type": "cnn"}, "training": {"batch_size": 0}}},
+            {"config": {"architecture": {"type": "resnet"}}},
+            "unknown architecture 'resnet'",
+        ),
+        (
+            {
+                "config": {
+                    "architecture": {"type": "cnn"},
+                    "training": {"batch_size": 0},
+                }
+            },
             "config.training.batch_size: 0",
         ),
-        ({"config": {"architecture": {"type": "cnn"}}, "dataset": "cifar"}, "unknown data set 'cifar'"),
         (
-            {"config": {"architecture": {"type": "cnn"}}, "dataset": {"X": [[1], [2], [3], [4]], "y": [0, 1]}},
+            {"config": {"architecture": {"type": "cnn"}}, "dataset": "cifar"},
+            "unknown data set 'cifar'",
+        ),
+        (
+            {
+                "config": {"architecture": {"type": "cnn"}},
+                "dataset": {"X": [[1], [2], [3], [4]], "y": [0, 1]},
+            },
             "X has 4 samples but y has 2",
         ),
     ],
 )
-async def test_bad_inputs_rejected(arguments: dict, message: str, neural_settings: Settings) -> None:
+async def test_bad_inputs_rejected(
+    arguments: dict, message: str, neural_settings: Settings
+) -> None:
     ctx = ToolContext(neural_settings)
     with pytest.raises(ToolError, match=message):
         await invoke_tool(ctx, "neural_train", arguments)
