@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from app.contracts.queues import ALL_QUEUES
+from app.contracts.queues import ALL_QUEUES, NEURAL
 from app.db import dispose_engines
 from app.db.migrate import upgrade
 from app.settings import Settings
@@ -173,6 +173,18 @@ async def running_workers(
         for worker in workers:
             await stack.enter_async_context(worker)
         await wait_for_pollers(client, settings.namespace, queues)
+        if NEURAL in queues and settings.neural_embedded_nodes:
+            # Cluster nodes deployed by the test get workers, as under nexus up.
+            from workers.neural_nodes import NodeWorkerPool
+
+            stop = asyncio.Event()
+            pool = asyncio.create_task(NodeWorkerPool(client, settings, 0.5).run(stop))
+            try:
+                yield
+            finally:
+                stop.set()
+                await pool
+            return
         yield
 
 

@@ -26,14 +26,6 @@ async def lose_sandbox(runner: PhaseRunner, sandbox_id: str) -> str:
     return await discard_backend_sandbox(runner.client, runner.settings, sandbox_id)
 
 
-async def wait_for_training(
-    runner: PhaseRunner, cluster_id: str, session_id: str
-) -> dict[str, Any]:
-    from app.benchmark.phases import CapabilityUnavailable
-
-    raise CapabilityUnavailable("not available: neural training is not installed")
-
-
 async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
     from app.benchmark.phases import CapabilityUnavailable
 

@@ -257,8 +257,6 @@ async def neural_training(runner: PhaseRunner) -> None:
         "neural_cluster_status",
         "neural_cluster_terminate",
     )
-    from app.benchmark.integration import wait_for_training
-
     cluster = await runner.call(
         "neural_cluster_init",
         {
@@ -283,14 +281,29 @@ async def neural_training(runner: PhaseRunner) -> None:
                 "dataset": "digits",
                 "epochs": runner.config.epochs,
                 "federated": True,
+                "wait": True,
             },
         )
-        started = time.perf_counter()
-        outcome = await wait_for_training(runner, cluster_id, session["session_id"])
-        runner.record("training_session", True, (time.perf_counter() - started) * 1000)
-        runner.metrics.update(outcome)
-        if "model_id" in outcome:
-            runner.carry["model_id"] = outcome["model_id"]
+        trained = session["result"]
+        runner.metrics.update(
+            {
+                "session_id": session["session_id"],
+                "mode": session["mode"],
+                "rounds": trained["rounds_completed"],
+                "rejections": trained["rounds_rejected"],
+                "loss": trained["loss"],
+                "accuracy": trained["accuracy"],
+                "samples_per_second": trained["samples_per_second"],
+                "training_time": trained["training_time"],
+            }
+        )
+        runner.check(
+            "model_learned",
+            trained["accuracy"] > 0.5,
+            f"accuracy {trained['accuracy']} on digits is below 0.5, so the "
+            "cluster did not learn (chance is 0.1)",
+        )
+        runner.carry["model_id"] = trained["model_id"]
     finally:
         await runner.call("neural_cluster_terminate", {"cluster_id": cluster_id})
 
