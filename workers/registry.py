@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activities.benchmark import BenchmarkActivities
+from activities.integration import IntegrationActivities
 from activities.neural import neural_queue_activities, orchestration_activities
 from activities.sandbox import SandboxActivities, SandboxRecordActivities
 from activities.system import ProbeActivities, SystemActivities
@@ -178,7 +179,31 @@ NEURAL = Capability(
     },
 )
 
-CAPABILITIES: list[Capability] = [FOUNDATION, BENCHMARK, WORKFLOWS, SANDBOX, NEURAL]
+
+def _integration_activities(settings: Settings) -> list[Callable[..., Any]]:
+    steps = IntegrationActivities(settings)
+    return [
+        steps.sandbox_execution,
+        steps.neural_computation,
+        steps.cross_system_integration,
+        steps.performance_optimization,
+        steps.scalability_validation,
+    ]
+
+
+INTEGRATION = Capability(
+    name="integration",
+    activities={queues.ORCHESTRATION: _integration_activities},
+)
+
+CAPABILITIES: list[Capability] = [
+    FOUNDATION,
+    BENCHMARK,
+    WORKFLOWS,
+    SANDBOX,
+    NEURAL,
+    INTEGRATION,
+]
 
 
 def all_workflows() -> list[type]:

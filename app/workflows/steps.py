@@ -24,7 +24,7 @@ from app.contracts.queues import ORCHESTRATION, STREAMING
 UNAVAILABLE_ACTIVITY = "step_unavailable"
 
 # Modules that register step types when imported, one per capability.
-STEP_TYPE_MODULES: tuple[str, ...] = ()
+STEP_TYPE_MODULES: tuple[str, ...] = ("app.integration.steps",)
 
 
 class AnyParams(BaseModel):

@@ -1,0 +1,243 @@
+"""Activities of the capability step types: each calls the capability's tools."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import uuid
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.workflows import parse_params, step_error
+from app.benchmark.load import run_load
+from app.contracts.benchmark import LoadRequest
+from app.contracts.workflows import StepOutcome, StepRequest
+from app.integration.steps import (
+    CrossSystemParams,
+    NeuralComputationParams,
+    PerformanceOptimizationParams,
+    SandboxExecutionParams,
+    ScalabilityParams,
+)
+from app.services.memory import read_memory
+from app.settings import Settings
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from app.tools.registry import _registry
+
+# The tool that proves each system answers, with harmless arguments.
+SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "sandbox": ("sandbox_list", {}),
+    "swarm": ("swarm_list", {"status": "all"}),
+    "neural": ("neural_list_models", {}),
+    "realtime": ("realtime_list", {}),
+    "storage": ("storage_list", {"bucket": "workflow-checks"}),
+    "workflows": ("workflow_list", {"limit": 1}),
+}
+
+
+class IntegrationActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _context(self, request: StepRequest) -> ToolContext:
+        return ToolContext(
+            self.settings,
+            user_id=f"workflow:{request.execution_id}",
+            temporal_client=activity.client(),
+        )
+
+    async def _call(
+        self, request: StepRequest, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any]:
+        load_tools()
+        if tool not in _registry:
+            raise step_error(
+                request,
+                f"not available: this installation has no {tool} tool",
+                kind="StepTypeNotAvailable",
+                non_retryable=True,
+            )
+        try:
+            return await invoke_tool(self._context(request), tool, arguments)
+        except ToolError as error:
+            raise step_error(
+                request,
+                f"{tool} failed: {error.message}",
+                kind="ToolFailed",
+                # Invalid or missing things stay wrong on a retry.
+                non_retryable=error.kind in ("invalid_argument", "not_found"),
+            ) from None
+
+    @activity.defn(name="step_sandbox_execution")
+    async def sandbox_execution(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, SandboxExecutionParams)
+        sandbox_id = params.sandbox_id
+        created = sandbox_id is None
+        if sandbox_id is None:
+            made = await self._call(
+                request,
+                "sandbox_create",
+                {"template": params.template, "env_vars": params.env_vars},
+            )
+            sandbox_id = made["sandbox_id"]
+        try:
+            result = await self._call(
+                request,
+                "sandbox_execute",
+                {
+                    "sandbox_id": sandbox_id,
+                    "code": params.code,
+                    "language": params.language,
+                    "timeout": params.timeout,
+                },
+            )
+        finally:
+            if created:
+                await self._call(request, "sandbox_delete", {"sandbox_id": sandbox_id})
+        output = {
+            "sandbox_id": sandbox_id,
+            "stdout": result["stdout"],
+            "stderr": result["stderr"],
+            "exit_code": result["exit_code"],
+            "status": result["status"],
+            "execution_time": result["execution_time"],
+            "recreated": result.get("recreated", 0),
+        }
+        if result["status"] != "completed":
+            raise ApplicationError(
+                f"step {request.step!r} (sandbox_execution): the code ended "
+                f"{result['status']} with exit code {result['exit_code']}: "
+                f"{result['stderr'][-500:]}",
+                output,
+                type="SandboxCodeFailed",
+                non_retryable=True,
+            )
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_neural_computation")
+    async def neural_computation(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, NeuralComputationParams)
+        if params.mode == "predict":
+            if not params.model_id or params.input is None:
+                raise step_error(
+                    request,
+                    "mode predict needs params model_id and input",
+                    kind="InvalidStepParams",
+                    non_retryable=True,
+                )
+            output = await self._call(
+                request,
+                "neural_predict",
+                {"model_id": params.model_id, "input": params.input},
+            )
+            return StepOutcome(output=output, attempt=activity.info().attempt)
+        heartbeat = asyncio.create_task(_heartbeat_every(20))
+        try:
+            output = await self._call(
+                request,
+                "neural_train",
+                {
+                    "config": {
+                        "architecture": {"type": params.architecture},
+                        "training": {
+                            "epochs": params.epochs,
+                            "batch_size": params.batch_size,
+                            "learning_rate": params.learning_rate,
+                        },
+                    },
+                    "dataset": params.dataset,
+                    "tier": params.tier,
+                },
+            )
+        finally:
+            heartbeat.cancel()
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_cross_system_integration")
+    async def cross_system_integration(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, CrossSystemParams)
+        checks: dict[str, dict[str, Any]] = {}
+        failures: list[str] = []
+        for system in params.systems:
+            tool, arguments = SYSTEM_PROBES[system]
+            started = time.perf_counter()
+            try:
+                await self._call(request, tool, arguments)
+            except ApplicationError as error:
+                failures.append(f"{system}: {error.message}")
+                checks[system] = {"ok": False, "error": error.message}
+                continue
+            checks[system] = {
+                "ok": True,
+                "tool": tool,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        output = {"systems": checks, "upstream_steps": sorted(request.upstream)}
+        if failures:
+            raise ApplicationError(
+                f"step {request.step!r} (cross_system_integration): "
+                + "; ".join(failures),
+                output,
+                type="SystemCheckFailed",
+                non_retryable=True,
+            )
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_performance_optimization")
+    async def performance_optimization(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, PerformanceOptimizationParams)
+        before = read_memory()
+        collected = gc.collect() if params.collect_garbage else 0
+        after = read_memory()
+        output = {
+            "objects_collected": collected,
+            "rss_before": before.rss,
+            "rss_after": after.rss,
+            "heap_used_before": before.heap_used,
+            "heap_used_after": after.heap_used,
+            "rss_freed": before.rss - after.rss,
+        }
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_scalability_validation")
+    async def scalability_validation(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, ScalabilityParams)
+        run_id = f"step-{request.execution_id}-{uuid.uuid4().hex[:6]}"
+        results = {}
+        for label, factor in (("baseline", 1), ("scaled", params.multiplier)):
+            result = await run_load(
+                activity.client(),
+                LoadRequest(
+                    run_id=run_id,
+                    cycle=0,
+                    label=label,
+                    operations=params.operations * factor,
+                    concurrency=params.concurrency * factor,
+                ),
+            )
+            if result.succeeded < result.operations:
+                raise step_error(
+                    request,
+                    f"{result.operations - result.succeeded} of {result.operations} "
+                    f"{label} operations failed: {result.errors[:1]}",
+                    kind="LoadFailed",
+                    non_retryable=False,
+                )
+            results[label] = result.model_dump(exclude={"errors"})
+        baseline = results["baseline"]["throughput_per_second"]
+        scaled = results["scaled"]["throughput_per_second"]
+        output = {
+            **results,
+            "multiplier": params.multiplier,
+            "throughput_ratio": round(scaled / baseline, 3) if baseline else 0.0,
+        }
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+
+async def _heartbeat_every(seconds: float) -> None:
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(seconds)

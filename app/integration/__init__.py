@@ -1,0 +1,1 @@
+"""Step types that join capabilities: each runs a capability through its tools."""

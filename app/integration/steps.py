@@ -1,0 +1,110 @@
+"""Step types of the capabilities, registered over the "not available"
+placeholders. Each step's activity drives its capability through the same
+tools that MCP and HTTP clients call (activities/integration.py).
+
+They all run on the orchestration queue: a step only waits on tools whose own
+activities run on the capability's queue, and a step that held a neural or
+sandbox slot while waiting could starve the work it waits for.
+
+This module imports only pydantic and the standard library, because the
+workflow reads the step registry inside the workflow sandbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.contracts.queues import ORCHESTRATION
+from app.workflows.steps import StepType, register_step_type
+
+
+class SandboxExecutionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(min_length=1)
+    language: Literal["python", "javascript", "bash"] = "python"
+    template: str = "python"
+    sandbox_id: str | None = Field(
+        None, description="Run in this sandbox; default: a new one, deleted after."
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    timeout: int = Field(60, gt=0, le=3600, description="Seconds for the code.")
+
+
+class NeuralComputationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["train", "predict"] = "train"
+    dataset: Any = "digits"
+    architecture: Literal[
+        "feedforward", "cnn", "lstm", "transformer", "autoencoder"
+    ] = "feedforward"
+    tier: Literal["nano", "mini", "small", "medium", "large"] = "nano"
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=512)
+    learning_rate: float = Field(0.01, gt=0)
+    model_id: str | None = Field(None, description="Model to predict with.")
+    input: list[Any] | None = Field(None, description="Rows to predict.")
+
+
+class CrossSystemParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    systems: list[
+        Literal["sandbox", "swarm", "neural", "realtime", "storage", "workflows"]
+    ] = Field(min_length=1)
+
+
+class PerformanceOptimizationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    collect_garbage: bool = Field(
+        True, description="Run the garbage collector in the worker and measure it."
+    )
+
+
+class ScalabilityParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operations: int = Field(4, ge=1, le=10_000)
+    concurrency: int = Field(2, ge=1, le=100)
+    multiplier: int = Field(2, ge=1, le=100)
+
+
+for _step_type in (
+    StepType(
+        "sandbox_execution",
+        "step_sandbox_execution",
+        ORCHESTRATION,
+        SandboxExecutionParams,
+    ),
+    StepType(
+        "neural_computation",
+        "step_neural_computation",
+        ORCHESTRATION,
+        NeuralComputationParams,
+        heartbeat_timeout=120,
+    ),
+    StepType(
+        "cross_system_integration",
+        "step_cross_system_integration",
+        ORCHESTRATION,
+        CrossSystemParams,
+        wants_upstream=True,
+    ),
+    StepType(
+        "performance_optimization",
+        "step_performance_optimization",
+        ORCHESTRATION,
+        PerformanceOptimizationParams,
+    ),
+    StepType(
+        "scalability_validation",
+        "step_scalability_validation",
+        ORCHESTRATION,
+        ScalabilityParams,
+    ),
+):
+    register_step_type(_step_type, replace=True)

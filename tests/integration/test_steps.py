@@ -1,0 +1,98 @@
+"""Capability step types inside user-defined workflows, end to end."""
+
+import pytest
+from temporalio.client import Client
+
+from app.settings import Settings
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+
+load_tools()
+
+
+async def run_definition(
+    ctx: ToolContext, name: str, steps: list[dict[str, object]]
+) -> dict[str, object]:
+    created = await invoke_tool(ctx, "workflow_create", {"name": name, "steps": steps})
+    return await invoke_tool(
+        ctx,
+        "workflow_execute",
+        {"workflow_id": created["workflow_id"], "async": False},
+    )
+
+
+def step_outputs(result: dict[str, object]) -> dict[str, dict[str, object]]:
+    status = result.get("result", result)
+    steps = status["steps"]  # type: ignore[index]
+    return {s["name"]: s["output"] for s in steps}  # type: ignore[index]
+
+
+async def test_capability_steps_run(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    result = await run_definition(
+        ctx,
+        "integration-steps",
+        [
+            {
+                "name": "code",
+                "type": "sandbox_execution",
+                "params": {"code": "print(6 * 7)"},
+            },
+            {
+                "name": "train",
+                "type": "neural_computation",
+                "params": {"dataset": "iris", "epochs": 2, "tier": "nano"},
+            },
+            {
+                "name": "predict",
+                "type": "neural_computation",
+                "depends_on": ["train"],
+                "params": {
+                    "mode": "predict",
+                    "model_id": "{{steps.train.output.model_id}}",
+                    "input": [[5.1, 3.5, 1.4, 0.2]],
+                },
+            },
+            {
+                "name": "integrate",
+                "type": "cross_system_integration",
+                "depends_on": ["code", "predict"],
+                "params": {"systems": ["sandbox", "neural", "workflows"]},
+            },
+            {
+                "name": "optimize",
+                "type": "performance_optimization",
+                "depends_on": ["integrate"],
+            },
+            {
+                "name": "scale",
+                "type": "scalability_validation",
+                "depends_on": ["optimize"],
+                "params": {"operations": 2, "concurrency": 1, "multiplier": 2},
+            },
+        ],
+    )
+    outputs = step_outputs(result)
+    assert outputs["code"]["stdout"].strip() == "42"  # type: ignore[union-attr]
+    assert outputs["train"]["model_id"]
+    assert len(outputs["predict"]["predictions"]) == 1  # type: ignore[arg-type]
+    systems = outputs["integrate"]["systems"]
+    assert all(check["ok"] for check in systems.values())  # type: ignore[union-attr]
+    assert outputs["optimize"]["rss_before"] > 0  # type: ignore[operator]
+    assert outputs["scale"]["scaled"]["operations"] == 4  # type: ignore[index]
+
+
+async def test_failing_code_fails_step(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    with pytest.raises(ToolError) as caught:
+        await run_definition(
+            ctx,
+            "integration-failing-code",
+            [
+                {
+                    "name": "code",
+                    "type": "sandbox_execution",
+                    "params": {"code": "import sys; sys.exit(3)"},
+                }
+            ],
+        )
+    assert "exit code 3" in caught.value.message
