@@ -155,6 +155,7 @@ def settings(database_url: str, tmp_path: Path, temporal_address: str) -> Settin
     the session's Temporal server."""
     return Settings(
         data_dir=tmp_path,
+        reports_dir=tmp_path / "reports",
         database_url=database_url,
         temporal_address=temporal_address,
         encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
