@@ -4,7 +4,9 @@ cross-system checks."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from typing import TYPE_CHECKING, Any
 
 from app.settings import Settings
@@ -26,13 +28,257 @@ async def lose_sandbox(runner: PhaseRunner, sandbox_id: str) -> str:
     return await discard_backend_sandbox(runner.client, runner.settings, sandbox_id)
 
 
-async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
-    from app.benchmark.phases import CapabilityUnavailable
+def _matches(filter_index: int, phase: str, sequence: int, half: int) -> bool:
+    """Whether a row passes STREAM_FILTERS[filter_index], evaluated here to
+    know how many events each subscription must receive."""
+    return [
+        phase in ("phase_1", "phase_2", "phase_3", "phase_4"),
+        phase == "phase_1",
+        phase != "phase_1",
+        sequence < half,
+        sequence >= half,
+    ][filter_index]
 
-    raise CapabilityUnavailable("not available: realtime streams are not installed")
+
+async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
+    """Insert rows while filtered subscriptions consume them; count what each
+    receives against what its filter admits."""
+    from app.benchmark.phases import STREAM_FILTERS, PhaseFailed
+    from app.benchmark.stats import percentile
+
+    request = runner.request
+    total = runner.config.stream_events
+    half = total // 2
+    scope = f"run_id=eq.{request.run_id},cycle=eq.{request.cycle}"
+    filters = [f.format(half=half) for f in STREAM_FILTERS][: runner.config.streams]
+    subscriptions = []
+    for text in filters:
+        created = await runner.call(
+            "realtime_subscribe",
+            {
+                "table": "extended_duration_test_events",
+                "event": "INSERT",
+                "filter": f"{scope},{text}",
+            },
+        )
+        subscriptions.append(created["subscription_id"])
+    phases = [f"phase_{1 + i % 5}" for i in range(total)]
+    expected = [
+        sum(_matches(k, phases[i], i, half) for i in range(total))
+        for k in range(len(filters))
+    ]
+    latencies: list[float] = []
+    received = [0] * len(filters)
+    duplicates = 0
+
+    async def consume(index: int, subscription_id: str) -> None:
+        nonlocal duplicates
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while received[index] < expected[index] and time.monotonic() < deadline:
+            batch = await runner.call(
+                "realtime_events",
+                {"subscription_id": subscription_id, "limit": 1000, "wait_ms": 1000},
+                name="realtime_events",
+            )
+            now = time.time()
+            for event in batch["events"]:
+                row = event["new"]
+                if row["sequence"] in seen:
+                    duplicates += 1
+                    continue
+                seen.add(row["sequence"])
+                received[index] += 1
+                latencies.append((now - row["sent_at"]) * 1000)
+
+    started = time.perf_counter()
+    consumers = [
+        asyncio.create_task(consume(i, sid)) for i, sid in enumerate(subscriptions)
+    ]
+    inserted = await asyncio.to_thread(_insert_events, runner, phases)
+    runner.record("insert_events", True, inserted * 1000)
+    await asyncio.gather(*consumers)
+    seconds = time.perf_counter() - started
+    for subscription_id in subscriptions:
+        await runner.call("realtime_unsubscribe", {"subscription_id": subscription_id})
+    delivered = sum(received)
+    lost = sum(expected) - delivered
+    outcome = {
+        "subscriptions": len(filters),
+        "events_inserted": total,
+        "events_expected": sum(expected),
+        "events_delivered": delivered,
+        "events_lost": lost,
+        "duplicates": duplicates,
+        "delivered_per_second": round(delivered / seconds, 3) if seconds else 0.0,
+        "latency_p50_ms": round(percentile(latencies, 0.5), 3) if latencies else None,
+        "latency_p99_ms": round(percentile(latencies, 0.99), 3) if latencies else None,
+    }
+    runner.metrics.update(outcome)
+    runner.check(
+        "no_events_lost",
+        lost == 0 and duplicates == 0,
+        f"{lost} events lost and {duplicates} delivered twice across "
+        f"{len(filters)} subscriptions",
+    )
+    if lost:
+        raise PhaseFailed(f"{lost} events lost")
+    return outcome
+
+
+def _insert_events(runner: PhaseRunner, phases: list[str]) -> float:
+    """Insert the phase's rows in small transactions; return the seconds taken."""
+    from app.benchmark.models import ExtendedDurationTestEvent
+    from app.db import session_scope
+
+    started = time.perf_counter()
+    url = runner.settings.effective_database_url
+    batch = 50
+    for offset in range(0, len(phases), batch):
+        with session_scope(url) as session:
+            for sequence in range(offset, min(offset + batch, len(phases))):
+                session.add(
+                    ExtendedDurationTestEvent(
+                        run_id=runner.request.run_id,
+                        cycle=runner.request.cycle,
+                        test_phase=phases[sequence],
+                        sequence=sequence,
+                        sent_at=time.time(),
+                    )
+                )
+    return time.perf_counter() - started
 
 
 async def cross_system(runner: PhaseRunner) -> None:
-    from app.benchmark.phases import CapabilityUnavailable
+    """Neural to workflow, swarm to realtime, storage to processing, and
+    health samples for the scalability phase."""
+    from app.benchmark.phases import PhaseFailed
 
-    raise CapabilityUnavailable("not available: cross-system checks need storage")
+    failures: list[str] = []
+    for part in (_model_in_workflow, _swarm_events, _checkpoint_round_trip, _health):
+        try:
+            await part(runner)
+        except PhaseFailed as error:
+            failures.append(f"{part.__name__.strip('_')}: {error}")
+    if failures:
+        raise PhaseFailed("; ".join(failures))
+
+
+async def _model_in_workflow(runner: PhaseRunner) -> None:
+    from app.benchmark.phases import PhaseFailed
+
+    model_id = runner.request.carry.get("model_id")
+    if not model_id:
+        raise PhaseFailed("no trained model: the neural training phase did not pass")
+    runner.require("workflow_create", "workflow_execute", "neural_predict")
+    created = await runner.call(
+        "workflow_create",
+        {
+            "name": f"benchmark-predict-{runner.request.run_id}-{runner.request.cycle}",
+            "steps": [
+                {
+                    "name": "predict",
+                    "type": "neural_computation",
+                    "params": {
+                        "mode": "predict",
+                        "model_id": model_id,
+                        "input": "{{input.rows}}",
+                    },
+                }
+            ],
+        },
+    )
+    rows = [[0.0] * 64, [8.0] * 64]
+    executed = await runner.call(
+        "workflow_execute",
+        {
+            "workflow_id": created["workflow_id"],
+            "input_data": {"rows": rows},
+            "async": False,
+        },
+    )
+    steps = executed.get("result", executed)["steps"]
+    predictions = steps[0]["output"].get("predictions", [])
+    runner.check(
+        "predictions_in_workflow",
+        len(predictions) == len(rows),
+        f"the workflow step returned {len(predictions)} predictions for "
+        f"{len(rows)} rows",
+    )
+    runner.metrics["predictions"] = predictions
+
+
+async def _swarm_events(runner: PhaseRunner) -> None:
+    runner.require("swarm_init", "agent_spawn", "swarm_destroy", "realtime_subscribe")
+    swarm = await runner.call(
+        "swarm_init", {"topology": "star", "maxAgents": runner.config.swarm_size}
+    )
+    swarm_id = swarm["swarm_id"]
+    try:
+        subscription = await runner.call(
+            "realtime_subscribe",
+            {"table": "swarm_events", "filter": f"swarm_id=eq.{swarm_id}"},
+        )
+        for _ in range(runner.config.swarm_size):
+            await runner.call("agent_spawn", {"type": "coder", "swarm_id": swarm_id})
+        seen = 0
+        deadline = time.monotonic() + 30
+        while seen < runner.config.swarm_size and time.monotonic() < deadline:
+            batch = await runner.call(
+                "realtime_events",
+                {
+                    "subscription_id": subscription["subscription_id"],
+                    "wait_ms": 1000,
+                },
+            )
+            seen += batch["count"]
+        await runner.call(
+            "realtime_unsubscribe",
+            {"subscription_id": subscription["subscription_id"]},
+        )
+        runner.metrics["swarm_events_seen"] = seen
+        runner.check(
+            "swarm_events_streamed",
+            seen >= runner.config.swarm_size,
+            f"saw {seen} swarm events for {runner.config.swarm_size} spawned agents",
+        )
+    finally:
+        await runner.call("swarm_destroy", {"swarm_id": swarm_id})
+
+
+async def _checkpoint_round_trip(runner: PhaseRunner) -> None:
+    import base64
+    import hashlib
+    import os
+
+    checkpoint = os.urandom(4096)
+    path = f"checkpoints/{runner.request.run_id}/cycle-{runner.request.cycle}.bin"
+    await runner.call(
+        "storage_upload",
+        {
+            "bucket": "benchmark-checkpoints",
+            "path": path,
+            "content": base64.b64encode(checkpoint).decode(),
+            "encoding": "base64",
+        },
+    )
+    downloaded = await runner.call(
+        "storage_download",
+        {"bucket": "benchmark-checkpoints", "path": path, "encoding": "base64"},
+    )
+    same = base64.b64decode(downloaded["content"]) == checkpoint
+    runner.check(
+        "checkpoint_verified",
+        same,
+        f"checkpoint {path} read back differs from what was written",
+    )
+    runner.metrics["checkpoint_sha256"] = hashlib.sha256(checkpoint).hexdigest()
+
+
+async def _health(runner: PhaseRunner) -> None:
+    samples = []
+    for _ in range(3):
+        health = await runner.call("system_health", {})
+        samples.append(round(health["memory"]["rss"] / (1024 * 1024), 3))
+    runner.metrics["health_rss_mb"] = samples
+    runner.carry["health_samples"] = samples
