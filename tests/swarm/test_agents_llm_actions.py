@@ -160,9 +160,12 @@ async def test_missing_capability_action_not_available(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("star", ["specialist"])
     with pytest.raises(ToolError) as caught:
         await swarms.call(
-            "task_orchestrate", task="train", action="train_model", swarm_id=swarm_id
+            "task_orchestrate",
+            task="store it",
+            action="storage_upload",
+            swarm_id=swarm_id,
         )
     assert "is not available" in caught.value.message
-    assert "neural_train" in caught.value.message
+    assert "'storage_upload' is not installed" in caught.value.message
     with pytest.raises(ToolError, match="unknown action 'fly'"):
         await swarms.call("task_orchestrate", task="x", action="fly", swarm_id=swarm_id)
