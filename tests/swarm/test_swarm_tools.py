@@ -87,7 +87,7 @@ async def test_failing_program_reports_exit_code(swarms: Swarms) -> None:
     assert "exit code 3" in result["error"]
 
 
-async def test_javascript_and_bash_languages(swarms: Swarms) -> None:
+async def test_bash_language_runs(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
     bash = await swarms.run_task(
         task="b", code="echo $((6*7))", language="bash", swarm_id=swarm_id
@@ -340,7 +340,7 @@ async def test_swarm_workflows_replay(swarms: Swarms) -> None:
     await replay_run(swarms.client, f"swarm-task-{result['task_id']}", all_workflows())
 
 
-async def test_tools_registered_in_swarm_group(swarms: Swarms) -> None:
+async def test_swarm_list_starts_empty(swarms: Swarms) -> None:
     ctx: ToolContext = swarms.ctx
     listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
     assert listed["count"] == 0
