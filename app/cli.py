@@ -16,6 +16,7 @@ from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.sandbox.cli import sandbox_cli
 from app.settings import Settings, get_settings
+from app.swarm.cli import swarm_cli
 from app.workflows.cli import workflow_cli
 
 cli = typer.Typer(
@@ -28,6 +29,7 @@ db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(sandbox_cli, name="sandbox")
+cli.add_typer(swarm_cli, name="swarm")
 
 
 def _add_capability_commands() -> None:

@@ -93,6 +93,16 @@ class Settings(BaseSettings):
         "nexus-neural worker process; false leaves nodes to `nexus worker "
         "--neural-node`.",
     )
+    anthropic_base_url: str = Field(
+        "https://api.anthropic.com",
+        description="Base URL of the Anthropic Messages API used by swarm agents.",
+    )
+    anthropic_model: str = Field(
+        "claude-sonnet-4-5", description="Model that swarm agents ask."
+    )
+    anthropic_max_tokens: int = Field(
+        1024, ge=1, le=64000, description="Output token limit of one agent reply."
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

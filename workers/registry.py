@@ -15,6 +15,7 @@ from activities.benchmark import BenchmarkActivities
 from activities.integration import IntegrationActivities
 from activities.neural import neural_queue_activities, orchestration_activities
 from activities.sandbox import SandboxActivities, SandboxRecordActivities
+from activities.swarm import SwarmActivities, SwarmMirrorActivities
 from activities.system import ProbeActivities, SystemActivities
 from activities.workflows import WorkflowActivities
 from app.contracts import queues
@@ -32,6 +33,7 @@ from workflows.neural import (
     NeuralTrainWorkflow,
 )
 from workflows.sandbox import SandboxSessionWorkflow
+from workflows.swarm import SwarmTaskWorkflow, SwarmWorkflow
 from workflows.system import SystemCheckWorkflow
 
 
@@ -196,6 +198,25 @@ INTEGRATION = Capability(
     activities={queues.ORCHESTRATION: _integration_activities},
 )
 
+
+def _swarm_sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
+    swarm = SwarmActivities(settings)
+    return [swarm.run_agent_step, swarm.stop_agent_sandboxes]
+
+
+def _swarm_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
+    return [SwarmMirrorActivities(settings).mirror_swarm]
+
+
+SWARM = Capability(
+    name="swarm",
+    workflows={queues.ORCHESTRATION: [SwarmWorkflow, SwarmTaskWorkflow]},
+    activities={
+        queues.ORCHESTRATION: _swarm_orchestration_activities,
+        queues.SANDBOX: _swarm_sandbox_activities,
+    },
+)
+
 CAPABILITIES: list[Capability] = [
     FOUNDATION,
     BENCHMARK,
@@ -203,6 +224,7 @@ CAPABILITIES: list[Capability] = [
     SANDBOX,
     NEURAL,
     INTEGRATION,
+    SWARM,
 ]
 
 

@@ -3,6 +3,8 @@
 from app.benchmark import models as benchmark_models
 from app.db import models as foundation_models
 from app.neural import models as neural_models
+from app.sandbox import models as sandbox_models
+from app.swarm import models as swarm_models
 from app.workflows import models as workflow_models
 
 __all__ = [
@@ -10,6 +12,6 @@ __all__ = [
     "foundation_models",
     "neural_models",
     "sandbox_models",
+    "swarm_models",
     "workflow_models",
 ]
-from app.sandbox import models as sandbox_models

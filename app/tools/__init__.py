@@ -21,6 +21,7 @@ TOOL_MODULES = (
     "app.tools.sandbox",
     "app.tools.neural",
     "app.tools.neural_cluster",
+    "app.tools.swarm",
 )
 
 

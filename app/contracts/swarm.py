@@ -1,0 +1,323 @@
+"""Swarm, agent and task models that cross the Temporal boundary.
+
+`SwarmState` is the whole state of one `SwarmWorkflow`; it is handed to
+`continue_as_new` unchanged, so every field here survives a new run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Topology = Literal["hierarchical", "mesh", "ring", "star"]
+SwarmStrategy = Literal["balanced", "specialized", "adaptive"]
+TaskStrategy = Literal["parallel", "sequential", "adaptive"]
+Priority = Literal["low", "medium", "high", "critical"]
+ExecutionKind = Literal["code", "shell", "action", "llm"]
+Language = Literal["python", "javascript", "bash"]
+SwarmStatus = Literal["active", "destroying", "destroyed"]
+AgentStatus = Literal["idle", "busy", "removing", "removed"]
+TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+AGENT_TYPES: tuple[str, ...] = (
+    "coordinator",
+    "researcher",
+    "coder",
+    "analyst",
+    "optimizer",
+    "architect",
+    "tester",
+    "reviewer",
+    "documenter",
+    "monitor",
+    "specialist",
+)
+
+# Lower rank is dispatched first.
+PRIORITY_RANK: dict[str, int] = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+
+
+class AgentState(BaseModel):
+    """One agent of a swarm."""
+
+    agent_id: str
+    type: str
+    name: str
+    capabilities: list[str] = Field(default_factory=list)
+    status: AgentStatus = "idle"
+    sandbox_id: str | None = Field(
+        None, description="Set once the agent first works and its sandbox exists."
+    )
+    current_task_id: str | None = None
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    joined_at: datetime
+    seq: int = Field(description="Spawn order inside the swarm.")
+
+
+class TaskWork(BaseModel):
+    """What the agents of one task execute."""
+
+    kind: ExecutionKind
+    task: str
+    code: str | None = None
+    language: Language = "python"
+    command: str | None = None
+    action: str | None = None
+    action_args: dict[str, object] = Field(default_factory=dict)
+    timeout_seconds: float = Field(300.0, gt=0)
+
+
+class TaskSpec(BaseModel):
+    """A task as submitted to a swarm."""
+
+    task_id: str
+    work: TaskWork
+    priority: Priority = "medium"
+    strategy: TaskStrategy = "adaptive"
+    max_agents: int | None = Field(None, ge=1, le=10)
+    dependencies: list[str] = Field(default_factory=list)
+    required_capabilities: list[str] = Field(default_factory=list)
+
+
+class TaskRecord(BaseModel):
+    """The swarm's bookkeeping of one task; the task workflow holds the output."""
+
+    spec: TaskSpec
+    status: TaskStatus = "queued"
+    workflow_id: str
+    assigned_agents: list[str] = Field(default_factory=list)
+    submitted_at: datetime
+    assigned_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    child_started: bool = False
+    seq: int
+
+
+class SwarmEvent(BaseModel):
+    """A change of a swarm, mirrored as a `swarm_events` row."""
+
+    event_id: str = Field(description="swarm_id:seq, so a retried write is a no-op.")
+    swarm_id: str
+    seq: int
+    kind: Literal[
+        "swarm_started",
+        "agent_joined",
+        "agent_left",
+        "task_submitted",
+        "task_assigned",
+        "task_completed",
+        "task_failed",
+        "task_cancelled",
+        "swarm_destroyed",
+    ]
+    agent_id: str | None = None
+    task_id: str | None = None
+    detail: dict[str, object] = Field(default_factory=dict)
+    at: datetime
+
+
+class Assignment(BaseModel):
+    """Signal from the swarm to a task workflow: these agents run it now, or,
+    with `abort` set, the task ends without running (a failed dependency, a
+    destroyed swarm)."""
+
+    agents: list[AgentState] = Field(default_factory=list)
+    topology: Topology
+    abort: str | None = None
+    abort_status: Literal["failed", "cancelled"] = "failed"
+
+
+class SwarmState(BaseModel):
+    """Everything a `SwarmWorkflow` knows; the workflow is the source of truth."""
+
+    swarm_id: str
+    topology: Topology
+    max_agents: int = Field(ge=1, le=100)
+    strategy: SwarmStrategy = "balanced"
+    status: SwarmStatus = "active"
+    created_at: datetime
+    destroyed_at: datetime | None = None
+    agents: list[AgentState] = Field(default_factory=list)
+    tasks: list[TaskRecord] = Field(default_factory=list)
+    next_agent_seq: int = 0
+    next_task_seq: int = 0
+    next_event_seq: int = 0
+    runs: int = Field(1, description="Workflow runs so far, 1 + continue-as-new count.")
+    unflushed_events: list[SwarmEvent] = Field(default_factory=list)
+    pending_assignments: list[str] = Field(
+        default_factory=list, description="Task ids whose Assignment is not sent yet."
+    )
+    pending_cancels: list[str] = Field(default_factory=list)
+    sandboxes_to_stop: list[str] = Field(default_factory=list)
+    mirror_dirty: bool = True
+
+
+class SwarmWorkflowInput(BaseModel):
+    state: SwarmState
+    continue_as_new_after_events: int | None = Field(
+        None,
+        description=(
+            "Continue as new once history has this many events, besides the "
+            "server's own suggestion; lets tests and small servers cut runs short."
+        ),
+    )
+
+
+class SpawnAgentRequest(BaseModel):
+    # A str rather than a Literal, so the validator can reject an unknown type
+    # with a message instead of failing payload conversion.
+    type: str
+    name: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+
+
+class ScaleRequest(BaseModel):
+    target_agents: int = Field(ge=1, le=100)
+
+
+class ScaleResult(BaseModel):
+    added: list[AgentState] = Field(default_factory=list)
+    removed: list[AgentState] = Field(default_factory=list)
+    draining: list[str] = Field(
+        default_factory=list,
+        description="Busy agents that leave as soon as their current task ends.",
+    )
+    agents: int
+
+
+class TaskFinished(BaseModel):
+    """Signal from a task workflow to its swarm when the task ends."""
+
+    task_id: str
+    status: TaskStatus
+    error: str | None = None
+    sandboxes: dict[str, str] = Field(
+        default_factory=dict, description="agent_id to the sandbox it worked in."
+    )
+
+
+class SwarmTaskInput(BaseModel):
+    swarm_id: str
+    spec: TaskSpec
+    assignment: Assignment | None = None
+
+
+class AgentStepRequest(BaseModel):
+    """One agent's piece of a task, executed by the `run_agent_step` activity."""
+
+    swarm_id: str
+    task_id: str
+    step: int
+    agent: AgentState
+    work: TaskWork
+    part_index: int
+    part_count: int
+    part: str
+    previous_output: str | None = None
+
+
+class StepResult(BaseModel):
+    """What one agent really produced for one step."""
+
+    step: int
+    agent_id: str
+    agent_name: str
+    agent_type: str
+    part_index: int
+    part: str
+    kind: ExecutionKind
+    status: Literal["running", "completed", "failed"]
+    stdout: str | None = None
+    stderr: str | None = None
+    exit_code: int | None = None
+    text: str | None = None
+    output: dict[str, object] | None = Field(
+        None, description="Result of a built-in action."
+    )
+    error: str | None = None
+    sandbox_id: str | None = None
+    attempt: int = 1
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+
+    def output_text(self) -> str:
+        """Return the output that a next agent receives."""
+        if self.text is not None:
+            return self.text
+        if self.stdout is not None:
+            return self.stdout
+        if self.output is not None:
+            import json
+
+            return json.dumps(self.output, sort_keys=True, default=str)
+        return ""
+
+
+class FlowEdge(BaseModel):
+    """One movement of work or results between agents, in the order it happened."""
+
+    kind: Literal["split", "delegate", "claim", "pass", "distribute", "collect"]
+    source: str = Field(description="Agent id, or `queue` for a shared mesh queue.")
+    target: str
+    part_index: int | None = None
+    note: str | None = None
+
+
+class TaskProgress(BaseModel):
+    """Live view of a task workflow, read by query."""
+
+    task_id: str
+    swarm_id: str
+    status: TaskStatus
+    priority: Priority
+    strategy: TaskStrategy
+    strategy_used: Literal["parallel", "sequential"] | None = None
+    strategy_reason: str | None = None
+    topology: Topology | None = None
+    kind: ExecutionKind
+    assigned_agents: list[str] = Field(default_factory=list)
+    waiting_for: list[str] = Field(
+        default_factory=list, description="Dependencies not finished yet."
+    )
+    steps_total: int = 0
+    steps_completed: int = 0
+    steps_failed: int = 0
+    steps: list[StepResult] = Field(default_factory=list)
+    flow: list[FlowEdge] = Field(default_factory=list)
+    output: str | None = None
+    error: str | None = None
+    submitted_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class SwarmMirror(BaseModel):
+    """What the `mirror_swarm` activity writes: the swarm row, its agents and
+    the events since the last write."""
+
+    swarm_id: str
+    workflow_id: str
+    topology: Topology
+    strategy: SwarmStrategy
+    max_agents: int
+    status: SwarmStatus
+    task_count: int
+    created_at: datetime
+    updated_at: datetime
+    destroyed_at: datetime | None = None
+    agents: list[AgentState]
+    events: list[SwarmEvent]
+
+
+class StopSandboxesRequest(BaseModel):
+    sandbox_ids: list[str]
+
+
+class StopSandboxesResult(BaseModel):
+    stopped: list[str]
+    already_stopped: list[str]

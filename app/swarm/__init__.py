@@ -1,0 +1,1 @@
+"""Swarms: durable multi-agent swarms whose tasks run in agent sandboxes."""

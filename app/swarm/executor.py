@@ -1,0 +1,181 @@
+"""Agent execution of code and shell commands in sandbox sessions.
+
+`AgentExecutor` is the interface that swarm activities use. Its
+implementation, `SandboxSessionExecutor`, gives each agent one sandbox of the
+sandbox capability (a `SandboxSessionWorkflow` on the configured backend),
+created the first time the agent works and recreated by its session when it
+is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from app.contracts.sandbox import ExecuteRequest, SessionInfo
+from app.sandbox import service as sandbox_service
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# `status` from the sandbox session: `running` (with the backend's live
+# state), `creating`, `stopped`, `deleted`, `failed`, or `not_created`.
+SandboxState = str
+
+
+@dataclass
+class ExecutionOutput:
+    stdout: str
+    stderr: str
+    exit_code: int
+    timed_out: bool
+    duration_ms: float
+
+
+class AgentExecutor(Protocol):
+    """Sandboxes of agents: created on first use, stopped when agents leave."""
+
+    backend: str
+
+    async def ensure_sandbox(self, agent_id: str) -> str:
+        """Return the agent's sandbox id, creating the sandbox if needed."""
+        ...
+
+    async def run_code(
+        self,
+        sandbox_id: str,
+        language: str,
+        code: str,
+        *,
+        env: Mapping[str, str],
+        timeout: float,
+    ) -> ExecutionOutput:
+        """Run `code` in the sandbox and return what it printed and its exit."""
+        ...
+
+    async def state(self, sandbox_id: str) -> SandboxState:
+        """Read the sandbox's state from its session and backend now."""
+        ...
+
+    async def stop(self, sandbox_id: str) -> bool:
+        """Stop the sandbox; return False when it was already stopped or absent."""
+        ...
+
+
+def agent_sandbox_id(agent_id: str) -> str:
+    """Return the fixed sandbox id of an agent, so creating it is idempotent."""
+    return f"sbx_{agent_id.removeprefix('agent_')}"
+
+
+class SandboxSessionExecutor:
+    """Agents' sandboxes as sandbox sessions, driven through the sandbox service."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.backend = f"sandbox-session:{settings.sandbox_backend}"
+        self._creating: dict[str, asyncio.Lock] = {}
+
+    async def ensure_sandbox(self, agent_id: str) -> str:
+        sandbox_id = agent_sandbox_id(agent_id)
+        lock = self._creating.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            try:
+                info = await sandbox_service.info(self.client, sandbox_id)
+            except sandbox_service.SandboxServiceError as error:
+                if error.kind != "not_found":
+                    raise
+                info = None
+            if info is None:
+                logger.info("creating sandbox %s for agent %s", sandbox_id, agent_id)
+                try:
+                    await sandbox_service.create_sandbox(
+                        self.client,
+                        self.settings,
+                        sandbox_service.CreateOptions(
+                            template="python",
+                            name=f"agent {agent_id}",
+                            metadata={"agent_id": agent_id, "purpose": "swarm agent"},
+                            sandbox_id=sandbox_id,
+                        ),
+                    )
+                    return sandbox_id
+                except WorkflowAlreadyStartedError:
+                    # Another step of this agent (maybe on another worker)
+                    # started the session first; wait for it below.
+                    info = await sandbox_service.info(self.client, sandbox_id)
+            if info.status == "creating":
+                info = await self._wait_ready(sandbox_id)
+            if info.status != "running":
+                raise RuntimeError(
+                    f"sandbox {sandbox_id} of agent {agent_id} is {info.status}"
+                    f"{': ' + info.error if info.error else ''}"
+                )
+            return sandbox_id
+
+    async def _wait_ready(self, sandbox_id: str) -> SessionInfo:
+        handle = self.client.get_workflow_handle(
+            sandbox_service.workflow_id(sandbox_id)
+        )
+        try:
+            return await handle.execute_update("ready", result_type=SessionInfo)
+        except (WorkflowUpdateFailedError, RPCError) as error:
+            raise RuntimeError(
+                f"sandbox {sandbox_id} did not become ready: {error}"
+            ) from error
+
+    async def run_code(
+        self,
+        sandbox_id: str,
+        language: str,
+        code: str,
+        *,
+        env: Mapping[str, str],
+        timeout: float,
+    ) -> ExecutionOutput:
+        result = await sandbox_service.execute(
+            self.client,
+            self.settings,
+            sandbox_id,
+            ExecuteRequest(code=code, language=language, timeout=timeout),
+            env_vars=env,
+        )
+        return ExecutionOutput(
+            stdout=result.stdout,
+            stderr=result.stderr,
+            exit_code=result.exit_code if result.exit_code is not None else -1,
+            timed_out=result.status == "timed_out",
+            duration_ms=result.execution_time * 1000,
+        )
+
+    async def state(self, sandbox_id: str) -> SandboxState:
+        try:
+            status = await sandbox_service.status(self.client, sandbox_id)
+        except sandbox_service.SandboxServiceError as error:
+            if error.kind == "not_found":
+                return "not_created"
+            raise
+        if status.live is not None:
+            return status.live.state
+        return status.session.status
+
+    async def stop(self, sandbox_id: str) -> bool:
+        try:
+            await sandbox_service.stop_sandbox(self.client, sandbox_id)
+        except sandbox_service.SandboxServiceError as error:
+            if error.kind == "not_found":
+                return False
+            raise
+        return True
+
+
+def build_executor(client: Client, settings: Settings) -> AgentExecutor:
+    """Return the executor of agents for this deployment."""
+    return SandboxSessionExecutor(client, settings)

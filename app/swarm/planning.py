@@ -1,0 +1,172 @@
+"""Deterministic planning of swarm work: agent selection, splitting a task into
+parts, the adaptive strategy choice and the hierarchical tree.
+
+Workflows import this module, so it uses only the standard library and the
+contracts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from app.contracts.swarm import PRIORITY_RANK, AgentState, TaskRecord, TaskSpec
+
+# Agent types that suit each kind of execution, best first; they break ties
+# after capability matches.
+KIND_PREFERENCES: dict[str, tuple[str, ...]] = {
+    "code": ("coder", "tester", "optimizer", "specialist"),
+    "shell": ("coder", "tester", "monitor", "specialist"),
+    "action": ("specialist", "coordinator", "monitor"),
+    "llm": ("researcher", "analyst", "architect", "reviewer", "documenter"),
+}
+
+# Types chosen in turn when `swarm_scale` adds agents, by swarm strategy.
+SCALE_TYPES: dict[str, tuple[str, ...]] = {
+    "balanced": ("coder", "researcher", "analyst", "tester", "reviewer"),
+    "specialized": ("specialist", "coder", "optimizer", "architect"),
+    "adaptive": ("coder", "analyst", "researcher", "optimizer", "tester"),
+}
+
+_ITEM_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+_WORD = re.compile(r"[a-z0-9_+#-]+")
+
+
+def split_items(text: str) -> list[str]:
+    """Split a task text into its items: one per non-empty line, list markers
+    removed. A text of one line is one item."""
+    items = [_ITEM_MARKER.sub("", line).strip() for line in text.splitlines()]
+    return [item for item in items if item] or [text.strip()]
+
+
+def split_parts(spec: TaskSpec, workers: int) -> list[str]:
+    """Return the parts of a task that agents work on.
+
+    A task text with several lines or list items is split into those items.
+    A one-item code or shell task becomes `workers` data-parallel parts (each
+    run reads its NEXUS_PART_INDEX and NEXUS_PART_COUNT). Any other one-item
+    task is one part.
+    """
+    items = split_items(spec.work.task)
+    if len(items) > 1:
+        return items
+    if spec.work.kind in ("code", "shell"):
+        return [items[0]] * max(1, workers)
+    return items
+
+
+def capability_score(agent: AgentState, spec: TaskSpec) -> int:
+    """Count the agent's capabilities named in the task or required by it."""
+    words = set(_WORD.findall(spec.work.task.lower()))
+    required = {c.lower() for c in spec.required_capabilities}
+    score = 0
+    for capability in agent.capabilities:
+        name = capability.lower()
+        if name in required:
+            score += 2
+        elif name in words or all(p in words for p in _WORD.findall(name)):
+            score += 1
+    return score
+
+
+def is_eligible(agent: AgentState, spec: TaskSpec) -> bool:
+    """An agent may take a task when it has every required capability."""
+    have = {c.lower() for c in agent.capabilities}
+    return all(c.lower() in have for c in spec.required_capabilities)
+
+
+def select_agents(
+    agents: Sequence[AgentState], spec: TaskSpec, limit: int
+) -> list[AgentState]:
+    """Pick the idle, eligible agents for a task, best first.
+
+    Order: capability score (higher first), then how well the agent type fits
+    the kind of execution, then load (fewer finished tasks first, which
+    spreads work), then spawn order.
+    """
+    preferences = KIND_PREFERENCES.get(spec.work.kind, ())
+    candidates = [a for a in agents if a.status == "idle" and is_eligible(a, spec)]
+
+    def rank(agent: AgentState) -> tuple[int, int, int, int]:
+        fit = (
+            preferences.index(agent.type)
+            if agent.type in preferences
+            else len(preferences)
+        )
+        load = agent.tasks_completed + agent.tasks_failed
+        return (-capability_score(agent, spec), fit, load, agent.seq)
+
+    ordered = sorted(candidates, key=rank)
+    return ordered[: max(1, limit)]
+
+
+def order_for_topology(agents: Sequence[AgentState], topology: str) -> list[AgentState]:
+    """Put a coordinator first for hierarchical and star swarms, since node 0
+    splits and aggregates there."""
+    ordered = list(agents)
+    if topology in ("hierarchical", "star"):
+        for index, agent in enumerate(ordered):
+            if agent.type == "coordinator":
+                ordered.insert(0, ordered.pop(index))
+                break
+    return ordered
+
+
+def dispatch_order(tasks: Sequence[TaskRecord]) -> list[TaskRecord]:
+    """Queued tasks in the order they get agents: critical, high, medium, low,
+    then submission order."""
+    queued = [t for t in tasks if t.status == "queued"]
+    return sorted(queued, key=lambda t: (PRIORITY_RANK[t.spec.priority], t.seq))
+
+
+def choose_strategy(
+    spec: TaskSpec, parts: Sequence[str], agent_count: int
+) -> tuple[str, str]:
+    """Resolve `adaptive` into `parallel` or `sequential`, with the reason.
+
+    Parts that build on each other (the text says "then" or "after", or each
+    step needs the previous output) run in sequence. Independent parts run in
+    parallel when more than one agent is free; with one free agent the parts
+    run one after another anyway.
+    """
+    if spec.strategy != "adaptive":
+        return spec.strategy, f"requested {spec.strategy}"
+    text = spec.work.task.lower()
+    chained = re.search(r"\b(then|after that|afterwards|pipeline|step by step)\b", text)
+    if chained:
+        word = chained.group(1)
+        return "sequential", f"task text says {word!r}: parts build on each other"
+    if agent_count <= 1:
+        return "sequential", "only 1 agent is free"
+    if len(parts) <= 1:
+        return "sequential", "the task has 1 part"
+    return (
+        "parallel",
+        f"{len(parts)} independent parts and {agent_count} free agents",
+    )
+
+
+def tree_parent(index: int) -> int | None:
+    """Parent of node `index` in the hierarchical tree; the root has none."""
+    return None if index == 0 else (index - 1) // 2
+
+
+def tree_path(index: int) -> list[int]:
+    """Nodes from the root down to `index`, both included."""
+    path = [index]
+    while path[-1] != 0:
+        parent = tree_parent(path[-1])
+        assert parent is not None
+        path.append(parent)
+    return list(reversed(path))
+
+
+def default_agent_count(spec: TaskSpec, topology: str) -> int:
+    """Agents a task asks for when `maxAgents` is not given: one per item of
+    the task text, plus the hub or coordinator in star and hierarchical
+    swarms when there is more than one item; at most 10."""
+    if spec.max_agents is not None:
+        return spec.max_agents
+    items = len(split_items(spec.work.task))
+    extra = 1 if items > 1 and topology in ("hierarchical", "star") else 0
+    return min(10, items + extra)

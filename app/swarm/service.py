@@ -1,0 +1,291 @@
+"""Swarm services: one agent step's execution, and the database mirror."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from temporalio.client import Client
+
+from app.contracts.swarm import AgentStepRequest, StepResult, SwarmMirror
+from app.db import session_scope
+from app.sandbox.service import SandboxServiceError
+from app.settings import Settings
+from app.swarm import llm
+from app.swarm.actions import ActionNotAvailableError, run_action
+from app.swarm.executor import AgentExecutor
+from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
+
+logger = logging.getLogger(__name__)
+
+LLM_SYSTEM_PROMPT = (
+    "You are {name}, a {type} agent in a multi-agent swarm. Your capabilities: "
+    "{capabilities}. Do the part of the task you are given and answer with the "
+    "result only."
+)
+
+
+class StepFailedError(Exception):
+    """A step that cannot succeed on retry; the message names the cause.
+
+    Attributes:
+        retryable: True when a later attempt may succeed (a rate limit).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def step_env(request: AgentStepRequest) -> dict[str, str]:
+    """Build the environment of a step's program: who runs it and on what part."""
+    return {
+        "NEXUS_SWARM_ID": request.swarm_id,
+        "NEXUS_TASK_ID": request.task_id,
+        "NEXUS_AGENT_ID": request.agent.agent_id,
+        "NEXUS_AGENT_NAME": request.agent.name,
+        "NEXUS_AGENT_TYPE": request.agent.type,
+        "NEXUS_PART_INDEX": str(request.part_index),
+        "NEXUS_PART_COUNT": str(request.part_count),
+        "NEXUS_PART": request.part,
+        "NEXUS_PREVIOUS_OUTPUT": request.previous_output or "",
+    }
+
+
+def llm_prompt(request: AgentStepRequest) -> str:
+    lines = [f"Task: {request.work.task}"]
+    if request.part_count > 1:
+        lines.append(
+            f"Your part ({request.part_index + 1} of {request.part_count}): "
+            f"{request.part}"
+        )
+    if request.previous_output:
+        lines.append(f"Output of the previous agent:\n{request.previous_output}")
+    return "\n\n".join(lines)
+
+
+async def run_step(
+    settings: Settings,
+    executor: AgentExecutor,
+    client: Client | None,
+    request: AgentStepRequest,
+    *,
+    attempt: int = 1,
+) -> StepResult:
+    """Execute one agent's step and return what really happened.
+
+    A program that exits non-zero is a failed step with its output, not an
+    exception: it ran, and a retry would run it again.
+
+    Raises:
+        StepFailedError: the step could not run (missing key, unknown action,
+            unknown language, an API error).
+    """
+    agent = request.agent
+    work = request.work
+    started = datetime.now(UTC)
+    result = StepResult(
+        step=request.step,
+        agent_id=agent.agent_id,
+        agent_name=agent.name,
+        agent_type=agent.type,
+        part_index=request.part_index,
+        part=request.part,
+        kind=work.kind,
+        status="completed",
+        attempt=attempt,
+        started_at=started,
+    )
+    if work.kind in ("code", "shell"):
+        language = work.language if work.kind == "code" else "bash"
+        program = (work.code if work.kind == "code" else work.command) or ""
+        try:
+            sandbox_id = await executor.ensure_sandbox(agent.agent_id)
+            result.sandbox_id = sandbox_id
+            output = await executor.run_code(
+                sandbox_id,
+                language,
+                program,
+                env=step_env(request),
+                timeout=work.timeout_seconds,
+            )
+        except SandboxServiceError as error:
+            permanent = error.kind in ("configuration", "invalid_argument")
+            raise StepFailedError(
+                f"sandbox call failed: {error.message}", retryable=not permanent
+            ) from error
+        except RuntimeError as error:
+            raise StepFailedError(str(error)) from error
+        result.stdout = output.stdout
+        result.stderr = output.stderr
+        result.exit_code = output.exit_code
+        if output.timed_out:
+            result.status = "failed"
+            result.error = (
+                f"timed out after {work.timeout_seconds:g} s; raise the task's "
+                "timeout or shorten the program"
+            )
+        elif output.exit_code != 0:
+            result.status = "failed"
+            last = output.stderr.strip().splitlines()[-1:] or [""]
+            result.error = f"exit code {output.exit_code}: {last[0][:300]}"
+    elif work.kind == "action":
+        arguments = dict(work.action_args)
+        try:
+            result.output = await run_action(
+                settings,
+                client,
+                work.action or "",
+                arguments,
+                caller=f"swarm:{request.swarm_id}:{agent.agent_id}",
+            )
+        except ActionNotAvailableError as error:
+            raise StepFailedError(str(error)) from error
+        except Exception as error:
+            message = getattr(error, "message", None) or str(error)
+            result.status = "failed"
+            result.error = f"action {work.action!r} failed: {message}"
+    else:
+        system = LLM_SYSTEM_PROMPT.format(
+            name=agent.name,
+            type=agent.type,
+            capabilities=", ".join(agent.capabilities) or "general",
+        )
+        try:
+            reply = await llm.ask(settings, system, llm_prompt(request))
+        except llm.LLMUnavailableError as error:
+            raise StepFailedError(str(error)) from error
+        except llm.LLMRequestError as error:
+            raise StepFailedError(str(error), retryable=error.retryable) from error
+        result.text = reply.text
+        result.output = {
+            "model": reply.model,
+            "input_tokens": reply.input_tokens,
+            "output_tokens": reply.output_tokens,
+            "stop_reason": reply.stop_reason,
+        }
+    finished = datetime.now(UTC)
+    result.finished_at = finished
+    result.duration_ms = round((finished - started).total_seconds() * 1000, 3)
+    return result
+
+
+def write_mirror(url: str, mirror: SwarmMirror) -> int:
+    """Upsert the swarm row and its agents, insert new events; return how many
+    events were new. Writing the same mirror twice changes nothing."""
+    # swarm_init and the workflow's first mirror write may insert the same
+    # row at once; the loser retries and then takes the update path.
+    for attempt in range(3):
+        try:
+            return _write_mirror_once(url, mirror)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            logger.info("mirror of swarm %s raced a writer; retrying", mirror.swarm_id)
+    raise AssertionError("unreachable")
+
+
+def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
+    with session_scope(url) as session:
+        row = session.get(SwarmRow, mirror.swarm_id)
+        if row is None:
+            row = SwarmRow(
+                swarm_id=mirror.swarm_id,
+                workflow_id=mirror.workflow_id,
+                topology=mirror.topology,
+                strategy=mirror.strategy,
+                max_agents=mirror.max_agents,
+                status=mirror.status,
+                created_at=mirror.created_at,
+                updated_at=mirror.updated_at,
+            )
+        row.status = mirror.status
+        row.max_agents = mirror.max_agents
+        row.task_count = mirror.task_count
+        row.updated_at = mirror.updated_at
+        row.destroyed_at = mirror.destroyed_at
+        row.agent_count = sum(1 for a in mirror.agents if a.status != "removed")
+        session.add(row)
+        for agent in mirror.agents:
+            agent_row = session.get(AgentRow, agent.agent_id) or AgentRow(
+                agent_id=agent.agent_id,
+                swarm_id=mirror.swarm_id,
+                type=agent.type,
+                name=agent.name,
+                joined_at=agent.joined_at,
+                status=agent.status,
+            )
+            agent_row.capabilities = list(agent.capabilities)
+            agent_row.status = agent.status
+            agent_row.sandbox_id = agent.sandbox_id
+            agent_row.tasks_completed = agent.tasks_completed
+            agent_row.tasks_failed = agent.tasks_failed
+            session.add(agent_row)
+        new = 0
+        for event in mirror.events:
+            if session.get(SwarmEventRow, event.event_id) is not None:
+                continue
+            session.add(
+                SwarmEventRow(
+                    event_id=event.event_id,
+                    swarm_id=event.swarm_id,
+                    seq=event.seq,
+                    kind=event.kind,
+                    agent_id=event.agent_id,
+                    task_id=event.task_id,
+                    detail=json.loads(json.dumps(event.detail, default=str)),
+                    created_at=event.at,
+                )
+            )
+            new += 1
+    return new
+
+
+def list_swarm_rows(url: str, status: str) -> list[SwarmRow]:
+    """Swarms from the mirror, newest first; `status` is active, destroyed or all."""
+    with session_scope(url) as session:
+        query = select(SwarmRow).order_by(col(SwarmRow.created_at).desc())
+        if status == "active":
+            query = query.where(col(SwarmRow.status).in_(["active", "destroying"]))
+        elif status == "destroyed":
+            query = query.where(SwarmRow.status == "destroyed")
+        return list(session.exec(query).all())
+
+
+def newest_active_swarm_id(url: str) -> str | None:
+    with session_scope(url) as session:
+        row = session.exec(
+            select(SwarmRow)
+            .where(SwarmRow.status == "active")
+            .order_by(col(SwarmRow.created_at).desc())
+            .limit(1)
+        ).first()
+        return row.swarm_id if row else None
+
+
+def list_events(url: str, swarm_id: str, after_seq: int = -1) -> list[SwarmEventRow]:
+    with session_scope(url) as session:
+        return list(
+            session.exec(
+                select(SwarmEventRow)
+                .where(SwarmEventRow.swarm_id == swarm_id)
+                .where(SwarmEventRow.seq > after_seq)
+                .order_by(col(SwarmEventRow.seq))
+            ).all()
+        )
+
+
+def count_agents(url: str, swarm_id: str) -> int:
+    with session_scope(url) as session:
+        return int(
+            session.exec(
+                select(func.count())
+                .select_from(AgentRow)
+                .where(AgentRow.swarm_id == swarm_id)
+                .where(AgentRow.status != "removed")
+            ).one()
+        )

@@ -1,0 +1,783 @@
+"""Swarm tools: swarms of agents whose orchestrated tasks really run."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from app.contracts.queues import ORCHESTRATION
+from app.contracts.swarm import (
+    AgentState,
+    Language,
+    Priority,
+    ScaleRequest,
+    ScaleResult,
+    SpawnAgentRequest,
+    StepResult,
+    SwarmMirror,
+    SwarmState,
+    SwarmStrategy,
+    SwarmWorkflowInput,
+    TaskProgress,
+    TaskRecord,
+    TaskSpec,
+    TaskStrategy,
+    TaskWork,
+    Topology,
+)
+from app.swarm import service
+from app.swarm.actions import ActionNotAvailableError, check_action
+from app.swarm.executor import build_executor
+from app.temporal.search_attributes import SWARM_ID
+from app.tools.registry import ToolContext, ToolError, tool
+
+AgentType = Literal[
+    "coordinator",
+    "researcher",
+    "coder",
+    "analyst",
+    "optimizer",
+    "architect",
+    "tester",
+    "reviewer",
+    "documenter",
+    "monitor",
+    "specialist",
+]
+
+T = TypeVar("T")
+
+UPDATE_RETRY_SECONDS = 60.0
+
+
+def swarm_workflow_id(swarm_id: str) -> str:
+    return f"swarm-{swarm_id}"
+
+
+def task_workflow_id(task_id: str) -> str:
+    return f"swarm-task-{task_id}"
+
+
+async def _resolve_swarm(ctx: ToolContext, swarm_id: str | None) -> str:
+    if swarm_id:
+        return swarm_id
+    found = await asyncio.to_thread(service.newest_active_swarm_id, ctx.database_url)
+    if found is None:
+        raise ToolError(
+            "no active swarm exists; start one with swarm_init or pass swarm_id",
+            kind="not_found",
+        )
+    return found
+
+
+async def _update(
+    ctx: ToolContext, swarm_id: str, call: Callable[[], Awaitable[T]], what: str
+) -> T:
+    """Run an update of a swarm workflow and turn its failures into tool errors.
+
+    The server limits in-flight updates per workflow (10 by default), so a
+    busy swarm returns RESOURCE_EXHAUSTED; the update is retried with backoff
+    for up to UPDATE_RETRY_SECONDS.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UPDATE_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            message = (
+                cause.message if isinstance(cause, ApplicationError) else str(cause)
+            )
+            raise ToolError(
+                f"{what} rejected: {message}", kind="invalid_argument"
+            ) from None
+        except RPCError as error:
+            busy = error.status == RPCStatusCode.RESOURCE_EXHAUSTED
+            if busy and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            raise _swarm_rpc_error(swarm_id, error) from None
+
+
+def _swarm_rpc_error(swarm_id: str, error: RPCError) -> ToolError:
+    if error.status == RPCStatusCode.NOT_FOUND:
+        if "completed" in error.message.lower():
+            return ToolError(
+                f"swarm {swarm_id} is destroyed; start a new one with swarm_init",
+                kind="conflict",
+            )
+        return ToolError(
+            f"swarm {swarm_id} not found; list swarms with swarm_list",
+            kind="not_found",
+        )
+    return ToolError(
+        f"Temporal call for swarm {swarm_id} failed: {error.message}",
+        kind="unavailable",
+    )
+
+
+async def _swarm_state(client: Client, swarm_id: str) -> SwarmState:
+    handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
+    try:
+        return await handle.query("status", result_type=SwarmState)
+    except RPCError as error:
+        raise _swarm_rpc_error(swarm_id, error) from None
+    except WorkflowQueryFailedError as error:
+        raise ToolError(f"could not read swarm {swarm_id}: {error}") from None
+
+
+# swarm_init
+
+
+class SwarmInitInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    topology: Topology = Field(description="How work flows between agents.")
+    max_agents: int = Field(
+        8, ge=1, le=100, alias="maxAgents", description="Most agents at once."
+    )
+    strategy: SwarmStrategy = Field(
+        "balanced", description="Which agent types swarm_scale adds."
+    )
+
+
+class SwarmInitResult(BaseModel):
+    swarm_id: str
+    workflow_id: str
+    topology: Topology
+    max_agents: int
+    strategy: SwarmStrategy
+    status: str
+    agents: list[AgentState]
+    created_at: datetime
+
+
+@tool("swarm_init", group="swarm")
+async def swarm_init(ctx: ToolContext, args: SwarmInitInput) -> SwarmInitResult:
+    """Start a swarm: a durable Temporal workflow that owns its agents and task
+    queue. Topology decides how tasks flow (hierarchical tree, mesh shared
+    queue, ring pass-along, star hub). Spawn agents next with agent_spawn."""
+    client = await ctx.client()
+    swarm_id = uuid.uuid4().hex[:12]
+    now = datetime.now(UTC)
+    state = SwarmState(
+        swarm_id=swarm_id,
+        topology=args.topology,
+        max_agents=args.max_agents,
+        strategy=args.strategy,
+        created_at=now,
+    )
+    workflow_id = swarm_workflow_id(swarm_id)
+    await client.start_workflow(
+        "SwarmWorkflow",
+        SwarmWorkflowInput(state=state),
+        id=workflow_id,
+        task_queue=ORCHESTRATION,
+        search_attributes=TypedSearchAttributes(
+            [SearchAttributePair(SWARM_ID, swarm_id)]
+        ),
+    )
+    # The workflow mirrors itself too; writing the row here lets swarm_list and
+    # the default swarm of agent_spawn see it at once.
+    await asyncio.to_thread(
+        service.write_mirror,
+        ctx.database_url,
+        SwarmMirror(
+            swarm_id=swarm_id,
+            workflow_id=workflow_id,
+            topology=args.topology,
+            strategy=args.strategy,
+            max_agents=args.max_agents,
+            status="active",
+            task_count=0,
+            created_at=now,
+            updated_at=now,
+            agents=[],
+            events=[],
+        ),
+    )
+    return SwarmInitResult(
+        swarm_id=swarm_id,
+        workflow_id=workflow_id,
+        topology=args.topology,
+        max_agents=args.max_agents,
+        strategy=args.strategy,
+        status="active",
+        agents=[],
+        created_at=now,
+    )
+
+
+# agent_spawn
+
+
+class AgentSpawnInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: AgentType
+    capabilities: list[str] = Field(default_factory=list)
+    name: str | None = Field(None, max_length=200)
+    swarm_id: str | None = Field(None, description="Default: newest active swarm.")
+
+
+class AgentSpawnResult(BaseModel):
+    agent_id: str
+    swarm_id: str
+    type: str
+    name: str
+    capabilities: list[str]
+    status: str
+    sandbox_id: str | None = Field(
+        description="None until the agent first works; then its sandbox."
+    )
+
+
+@tool("agent_spawn", group="swarm")
+async def agent_spawn(ctx: ToolContext, args: AgentSpawnInput) -> AgentSpawnResult:
+    """Add an agent to a swarm. Its sandbox is created when it first works.
+    Rejected once the swarm has maxAgents agents."""
+    client = await ctx.client()
+    swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
+    request = SpawnAgentRequest(
+        type=args.type, name=args.name, capabilities=args.capabilities
+    )
+    # One update id for every retry, so the server deduplicates retried spawns
+    # (within one run of the swarm workflow).
+    update_id = f"spawn-{uuid.uuid4().hex}"
+    agent = await _update(
+        ctx,
+        swarm_id,
+        lambda: handle.execute_update(
+            "spawn_agent", request, id=update_id, result_type=AgentState
+        ),
+        f"agent_spawn on swarm {swarm_id}",
+    )
+    return AgentSpawnResult(
+        agent_id=agent.agent_id,
+        swarm_id=swarm_id,
+        type=agent.type,
+        name=agent.name,
+        capabilities=agent.capabilities,
+        status=agent.status,
+        sandbox_id=agent.sandbox_id,
+    )
+
+
+# task_orchestrate
+
+
+class TaskOrchestrateInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    task: str = Field(
+        description="What to do; several lines or list items become parts."
+    )
+    priority: Priority = "medium"
+    strategy: TaskStrategy = "adaptive"
+    max_agents: int | None = Field(None, ge=1, le=10, alias="maxAgents")
+    dependencies: list[str] = Field(
+        default_factory=list, description="Task ids that must complete first."
+    )
+    swarm_id: str | None = None
+    code: str | None = Field(None, description="Program each agent runs.")
+    language: Language = "python"
+    command: str | None = Field(None, description="Shell command each agent runs.")
+    action: str | None = Field(None, description="Built-in action, e.g. system_health.")
+    action_args: dict[str, Any] = Field(default_factory=dict)
+    required_capabilities: list[str] = Field(default_factory=list)
+    timeout: float = Field(300.0, gt=0, le=86400, description="Seconds per step.")
+
+    @field_validator("task")
+    @classmethod
+    def _task_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("task is empty; describe what the agents should do")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TaskOrchestrateInput:
+        given = [n for n in ("code", "command", "action") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one of code, command and action, not {given}"
+            )
+        return self
+
+
+class TaskOrchestrateResult(BaseModel):
+    task_id: str
+    swarm_id: str
+    workflow_id: str
+    status: str
+    kind: str
+    priority: Priority
+    strategy: TaskStrategy
+    assigned_agents: list[str]
+    dependencies: list[str]
+
+
+def _work(args: TaskOrchestrateInput) -> TaskWork:
+    if args.code:
+        kind = "code"
+    elif args.command:
+        kind = "shell"
+    elif args.action:
+        kind = "action"
+    else:
+        kind = "llm"
+    return TaskWork(
+        kind=kind,
+        task=args.task,
+        code=args.code,
+        language=args.language,
+        command=args.command,
+        action=args.action,
+        action_args=args.action_args,
+        timeout_seconds=args.timeout,
+    )
+
+
+@tool("task_orchestrate", group="swarm")
+async def task_orchestrate(
+    ctx: ToolContext, args: TaskOrchestrateInput
+) -> TaskOrchestrateResult:
+    """Run a task on a swarm's agents. With `code` (and `language`) or
+    `command` each selected agent runs it in its sandbox; with `action` a
+    built-in platform action runs; otherwise the task text goes to an LLM
+    (needs ANTHROPIC_API_KEY). Agents are chosen by capability and load,
+    critical tasks first, after `dependencies` complete. Read the outcome
+    with task_status and task_results."""
+    if args.action:
+        try:
+            check_action(args.action)
+        except ActionNotAvailableError as error:
+            raise ToolError(str(error), kind="invalid_argument") from None
+    client = await ctx.client()
+    swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    spec = TaskSpec(
+        task_id=f"task_{uuid.uuid4().hex[:12]}",
+        work=_work(args),
+        priority=args.priority,
+        strategy=args.strategy,
+        max_agents=args.max_agents,
+        dependencies=args.dependencies,
+        required_capabilities=args.required_capabilities,
+    )
+    handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
+    record = await _update(
+        ctx,
+        swarm_id,
+        lambda: handle.execute_update(
+            "submit_task", spec, id=f"submit-{spec.task_id}", result_type=TaskRecord
+        ),
+        f"task_orchestrate on swarm {swarm_id}",
+    )
+    return TaskOrchestrateResult(
+        task_id=spec.task_id,
+        swarm_id=swarm_id,
+        workflow_id=record.workflow_id,
+        status=record.status,
+        kind=spec.work.kind,
+        priority=spec.priority,
+        strategy=spec.strategy,
+        assigned_agents=record.assigned_agents,
+        dependencies=spec.dependencies,
+    )
+
+
+# task_status and task_results
+
+
+class TaskIdInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    wait_seconds: float = Field(
+        0.0, ge=0, le=3600, description="Wait this long for the task to finish."
+    )
+
+
+async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
+    client = await ctx.client()
+    handle: WorkflowHandle[Any, TaskProgress] = client.get_workflow_handle(
+        task_workflow_id(args.task_id), result_type=TaskProgress
+    )
+    try:
+        if args.wait_seconds > 0:
+            try:
+                return await asyncio.wait_for(handle.result(), args.wait_seconds)
+            except TimeoutError:
+                pass
+        description = await handle.describe()
+        if description.status == WorkflowExecutionStatus.COMPLETED:
+            return await handle.result()
+        return await handle.query("status", result_type=TaskProgress)
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise ToolError(
+                f"task {args.task_id} not found; use a task_id that "
+                "task_orchestrate returned",
+                kind="not_found",
+            ) from None
+        raise ToolError(
+            f"could not read task {args.task_id}: {error.message}", kind="unavailable"
+        ) from None
+
+
+class TaskStatusResult(BaseModel):
+    task_id: str
+    swarm_id: str
+    status: str
+    priority: Priority
+    kind: str
+    strategy: TaskStrategy
+    strategy_used: str | None
+    strategy_reason: str | None
+    topology: str | None
+    assigned_agents: list[str]
+    waiting_for: list[str]
+    steps_total: int
+    steps_completed: int
+    steps_failed: int
+    progress: float = Field(description="Finished steps over all steps, 0 to 1.")
+    running: list[str] = Field(description="Agents working on a step now.")
+    error: str | None
+
+
+@tool("task_status", group="swarm")
+async def task_status(ctx: ToolContext, args: TaskIdInput) -> TaskStatusResult:
+    """Read an orchestrated task's progress live: status, steps done, which
+    agents are working now, the strategy chosen and why."""
+    progress = await _task_progress(ctx, args)
+    finished = progress.steps_completed + progress.steps_failed
+    total = progress.steps_total
+    return TaskStatusResult(
+        task_id=progress.task_id,
+        swarm_id=progress.swarm_id,
+        status=progress.status,
+        priority=progress.priority,
+        kind=progress.kind,
+        strategy=progress.strategy,
+        strategy_used=progress.strategy_used,
+        strategy_reason=progress.strategy_reason,
+        topology=progress.topology,
+        assigned_agents=progress.assigned_agents,
+        waiting_for=progress.waiting_for,
+        steps_total=total,
+        steps_completed=progress.steps_completed,
+        steps_failed=progress.steps_failed,
+        progress=round(finished / total, 4) if total else 0.0,
+        running=[s.agent_id for s in progress.steps if s.status == "running"],
+        error=progress.error,
+    )
+
+
+class TaskResultsResult(BaseModel):
+    task_id: str
+    swarm_id: str
+    status: str
+    output: str | None = Field(description="Aggregated output of the task.")
+    error: str | None
+    results: list[StepResult] = Field(description="Each agent's step, as it ran.")
+    flow: list[Any]
+    strategy_used: str | None
+    strategy_reason: str | None
+    topology: str | None
+    submitted_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: float | None
+
+
+@tool("task_results", group="swarm")
+async def task_results(ctx: ToolContext, args: TaskIdInput) -> TaskResultsResult:
+    """Return an orchestrated task's real output: per agent stdout, stderr and
+    exit code (code and shell), text (LLM) or action result, with timings and
+    errors, and how work flowed between agents. Set wait_seconds to wait for
+    the end."""
+    progress = await _task_progress(ctx, args)
+    duration = None
+    if progress.started_at and progress.finished_at:
+        duration = (progress.finished_at - progress.started_at).total_seconds() * 1000
+    return TaskResultsResult(
+        task_id=progress.task_id,
+        swarm_id=progress.swarm_id,
+        status=progress.status,
+        output=progress.output,
+        error=progress.error,
+        results=progress.steps,
+        flow=[edge.model_dump() for edge in progress.flow],
+        strategy_used=progress.strategy_used,
+        strategy_reason=progress.strategy_reason,
+        topology=progress.topology,
+        submitted_at=progress.submitted_at,
+        started_at=progress.started_at,
+        finished_at=progress.finished_at,
+        duration_ms=round(duration, 3) if duration is not None else None,
+    )
+
+
+# swarm_list and swarm_status
+
+
+class SwarmListInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["active", "destroyed", "all"] = "active"
+
+
+class SwarmSummary(BaseModel):
+    swarm_id: str
+    topology: str
+    strategy: str
+    max_agents: int
+    status: str
+    agent_count: int
+    task_count: int
+    created_at: datetime
+    destroyed_at: datetime | None
+
+
+class SwarmListResult(BaseModel):
+    swarms: list[SwarmSummary]
+    count: int
+
+
+@tool("swarm_list", group="swarm")
+async def swarm_list(ctx: ToolContext, args: SwarmListInput) -> SwarmListResult:
+    """List swarms, newest first, with agent and task counts (from the
+    database mirror that each swarm workflow keeps)."""
+    rows = await asyncio.to_thread(
+        service.list_swarm_rows, ctx.database_url, args.status
+    )
+    swarms = [
+        SwarmSummary(
+            swarm_id=row.swarm_id,
+            topology=row.topology,
+            strategy=row.strategy,
+            max_agents=row.max_agents,
+            status=row.status,
+            agent_count=row.agent_count,
+            task_count=row.task_count,
+            created_at=row.created_at,
+            destroyed_at=row.destroyed_at,
+        )
+        for row in rows
+    ]
+    return SwarmListResult(swarms=swarms, count=len(swarms))
+
+
+class SwarmIdInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    swarm_id: str | None = Field(None, description="Default: newest active swarm.")
+
+
+class AgentView(BaseModel):
+    agent_id: str
+    type: str
+    name: str
+    capabilities: list[str]
+    status: str
+    current_task_id: str | None
+    tasks_completed: int
+    tasks_failed: int
+    sandbox_id: str | None
+    sandbox_state: str = Field(description="Read live from the sandbox backend.")
+    sandbox_backend: str
+
+
+class TaskView(BaseModel):
+    task_id: str
+    status: str
+    priority: str
+    kind: str
+    assigned_agents: list[str]
+    dependencies: list[str]
+    submitted_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+
+class SwarmStatusResult(BaseModel):
+    swarm_id: str
+    topology: str
+    strategy: str
+    max_agents: int
+    status: str
+    agents: list[AgentView]
+    tasks: list[TaskView]
+    task_counts: dict[str, int]
+    created_at: datetime
+    runtime_seconds: float
+    workflow_runs: int
+
+
+@tool("swarm_status", group="swarm")
+async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResult:
+    """Read a swarm live from its workflow: agents (with each sandbox's state
+    read from the backend now), tasks and runtime."""
+    client = await ctx.client()
+    swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    state = await _swarm_state(client, swarm_id)
+    executor = build_executor(client, ctx.settings)
+    agents: list[AgentView] = []
+    for agent in state.agents:
+        sandbox_state = "not_created"
+        if agent.sandbox_id:
+            sandbox_state = await executor.state(agent.sandbox_id)
+        agents.append(
+            AgentView(
+                agent_id=agent.agent_id,
+                type=agent.type,
+                name=agent.name,
+                capabilities=agent.capabilities,
+                status=agent.status,
+                current_task_id=agent.current_task_id,
+                tasks_completed=agent.tasks_completed,
+                tasks_failed=agent.tasks_failed,
+                sandbox_id=agent.sandbox_id,
+                sandbox_state=sandbox_state,
+                sandbox_backend=executor.backend,
+            )
+        )
+    counts: dict[str, int] = {}
+    for task in state.tasks:
+        counts[task.status] = counts.get(task.status, 0) + 1
+    end = state.destroyed_at or datetime.now(UTC)
+    return SwarmStatusResult(
+        swarm_id=state.swarm_id,
+        topology=state.topology,
+        strategy=state.strategy,
+        max_agents=state.max_agents,
+        status=state.status,
+        agents=agents,
+        tasks=[
+            TaskView(
+                task_id=t.spec.task_id,
+                status=t.status,
+                priority=t.spec.priority,
+                kind=t.spec.work.kind,
+                assigned_agents=t.assigned_agents,
+                dependencies=t.spec.dependencies,
+                submitted_at=t.submitted_at,
+                finished_at=t.finished_at,
+                error=t.error,
+            )
+            for t in state.tasks
+        ],
+        task_counts=counts,
+        created_at=state.created_at,
+        runtime_seconds=round((end - state.created_at).total_seconds(), 3),
+        workflow_runs=state.runs,
+    )
+
+
+# swarm_scale and swarm_destroy
+
+
+class SwarmScaleInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target_agents: int = Field(ge=1, le=100)
+    swarm_id: str | None = None
+
+
+class SwarmScaleResult(BaseModel):
+    swarm_id: str
+    agents: int
+    added: list[str]
+    removed: list[str]
+    draining: list[str]
+    sandboxes_stopping: list[str]
+
+
+@tool("swarm_scale", group="swarm")
+async def swarm_scale(ctx: ToolContext, args: SwarmScaleInput) -> SwarmScaleResult:
+    """Grow or shrink a swarm to target_agents. New agents' types follow the
+    swarm strategy; idle agents leave first and their sandboxes are stopped,
+    busy ones leave when their task ends."""
+    client = await ctx.client()
+    swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
+    result = await _update(
+        ctx,
+        swarm_id,
+        lambda: handle.execute_update(
+            "scale",
+            ScaleRequest(target_agents=args.target_agents),
+            result_type=ScaleResult,
+        ),
+        f"swarm_scale on swarm {swarm_id}",
+    )
+    return SwarmScaleResult(
+        swarm_id=swarm_id,
+        agents=result.agents,
+        added=[a.agent_id for a in result.added],
+        removed=[a.agent_id for a in result.removed],
+        draining=result.draining,
+        sandboxes_stopping=[a.sandbox_id for a in result.removed if a.sandbox_id],
+    )
+
+
+class SwarmDestroyResult(BaseModel):
+    swarm_id: str
+    status: str
+    agents_removed: int
+    sandboxes_stopped: list[str]
+    tasks_cancelled: list[str]
+    destroyed_at: datetime | None
+
+
+@tool("swarm_destroy", group="swarm")
+async def swarm_destroy(ctx: ToolContext, args: SwarmIdInput) -> SwarmDestroyResult:
+    """Destroy a swarm: cancel its queued and running tasks, stop every agent's
+    sandbox and end the swarm workflow."""
+    client = await ctx.client()
+    swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
+    state = await _update(
+        ctx,
+        swarm_id,
+        lambda: handle.execute_update("destroy", result_type=SwarmState),
+        f"swarm_destroy on swarm {swarm_id}",
+    )
+    # Wait for the final mirror write, so swarm_list agrees at once.
+    try:
+        await client.get_workflow_handle(
+            swarm_workflow_id(swarm_id), result_type=SwarmState
+        ).result()
+    except Exception as error:
+        raise ToolError(f"swarm {swarm_id} did not finish cleanly: {error}") from None
+    cancelled = [
+        t.spec.task_id
+        for t in state.tasks
+        if t.status == "cancelled" and t.error and "destroyed" in t.error
+    ]
+    return SwarmDestroyResult(
+        swarm_id=swarm_id,
+        status=state.status,
+        agents_removed=len(state.agents),
+        sandboxes_stopped=[a.sandbox_id for a in state.agents if a.sandbox_id],
+        tasks_cancelled=cancelled,
+        destroyed_at=state.destroyed_at,
+    )

@@ -1,0 +1,171 @@
+"""Natural-language tasks against a local stand-in of the Messages API, and
+built-in actions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from temporalio.client import Client
+
+from app.settings import Settings
+from app.tools import ToolError
+from tests.conftest import running_workers
+from tests.swarm.conftest import SWARM_QUEUES, Swarms
+
+
+class MessagesStandIn(ThreadingHTTPServer):
+    """Answers POST /v1/messages like the Messages API, echoing the prompt, and
+    keeps every request for the test to inspect."""
+
+    requests: list[dict[str, Any]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MessagesStandIn
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.requests.append(
+            {"path": self.path, "headers": dict(self.headers), "body": body}
+        )
+        if self.headers.get("x-api-key") != "test-key":
+            self._send(
+                401, {"type": "error", "error": {"type": "authentication_error"}}
+            )
+            return
+        prompt = body["messages"][0]["content"]
+        reply = {
+            "id": "msg_test",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [
+                {"type": "text", "text": f"answer to: {prompt.splitlines()[0]}"}
+            ],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 11, "output_tokens": 5},
+        }
+        self._send(200, reply)
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def messages_api() -> Iterator[MessagesStandIn]:
+    server = MessagesStandIn(("127.0.0.1", 0), _Handler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_llm_task_uses_messages_api(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    host, port = messages_api.server_address[:2]
+    settings = swarm_settings.model_copy(
+        update={
+            "anthropic_api_key": SecretStr("test-key"),
+            "anthropic_base_url": f"http://{host}:{port}",
+            "anthropic_model": "stand-in-model",
+        }
+    )
+    helper = Swarms(client, settings)
+    try:
+        async with running_workers(client, settings, SWARM_QUEUES):
+            swarm_id, agents = await helper.swarm("ring", ["researcher", "analyst"])
+            result = await helper.run_task(
+                task="summarise the findings", strategy="sequential", swarm_id=swarm_id
+            )
+    finally:
+        await helper.cleanup()
+    assert result["status"] == "completed", result["error"]
+    [step] = result["results"]
+    # A one-line language task needs one agent; the researcher fits best.
+    assert step["agent_id"] == agents[0]["agent_id"]
+    assert step["text"] == "answer to: Task: summarise the findings"
+    assert step["output"]["model"] == "stand-in-model"
+    assert step["output"]["output_tokens"] == 5
+    [request] = messages_api.requests
+    assert request["path"] == "/v1/messages"
+    assert request["headers"]["anthropic-version"] == "2023-06-01"
+    assert request["body"]["model"] == "stand-in-model"
+    assert "researcher agent" in request["body"]["system"]
+    assert result["output"] == "answer to: Task: summarise the findings"
+
+
+async def test_llm_task_without_key_fails(swarms: Swarms) -> None:
+    assert swarms.settings.anthropic_api_key is None
+    swarm_id, _ = await swarms.swarm("mesh", ["researcher"])
+    result = await swarms.run_task(task="what is 2+2?", swarm_id=swarm_id)
+    assert result["status"] == "failed"
+    [step] = result["results"]
+    assert step["text"] is None
+    assert "needs an Anthropic API key" in step["error"]
+    assert "ANTHROPIC_API_KEY" in result["error"]
+
+
+async def test_llm_rejected_key_is_reported(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    host, port = messages_api.server_address[:2]
+    settings = swarm_settings.model_copy(
+        update={
+            "anthropic_api_key": SecretStr("wrong"),
+            "anthropic_base_url": f"http://{host}:{port}",
+        }
+    )
+    helper = Swarms(client, settings)
+    try:
+        async with running_workers(client, settings, SWARM_QUEUES):
+            swarm_id, _ = await helper.swarm("mesh", ["analyst"])
+            result = await helper.run_task(task="anything", swarm_id=swarm_id)
+    finally:
+        await helper.cleanup()
+    assert result["status"] == "failed"
+    assert "HTTP 401" in result["error"]
+
+
+async def test_builtin_action_runs_tool(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    result = await swarms.run_task(
+        task="check the platform", action="system_health", swarm_id=swarm_id
+    )
+    assert result["status"] == "completed", result["error"]
+    [step] = result["results"]
+    assert step["output"]["database"]["status"] == "healthy"
+    assert step["output"]["temporal"]["status"] == "healthy"
+
+
+async def test_missing_capability_action_not_available(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    with pytest.raises(ToolError) as caught:
+        await swarms.call(
+            "task_orchestrate",
+            task="store it",
+            action="storage_upload",
+            swarm_id=swarm_id,
+        )
+    assert "is not available" in caught.value.message
+    assert "'storage_upload' is not installed" in caught.value.message
+    with pytest.raises(ToolError, match="unknown action 'fly'"):
+        await swarms.call("task_orchestrate", task="x", action="fly", swarm_id=swarm_id)

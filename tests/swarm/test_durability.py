@@ -1,0 +1,131 @@
+"""Swarms and tasks survive workers that stop, and long swarms continue as new."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from app.contracts.queues import ORCHESTRATION, SANDBOX
+from app.contracts.swarm import SwarmState
+from app.settings import Settings
+from tests.conftest import running_workers
+from tests.swarm.conftest import (
+    GATED_PROGRAM,
+    SWARM_QUEUES,
+    Swarms,
+    agent_folder,
+    wait_for_file,
+)
+from workers.registry import queue_spec
+
+
+@contextlib.asynccontextmanager
+async def sandbox_worker(client: Client, settings: Settings) -> AsyncIterator[Worker]:
+    """A sandbox-queue worker that stops at once, cancelling what it runs, as a
+    crashed worker process would."""
+    spec = queue_spec(SANDBOX, settings)
+    worker = Worker(
+        client,
+        task_queue=SANDBOX,
+        activities=spec.activities,
+        graceful_shutdown_timeout=timedelta(0),
+    )
+    async with worker:
+        yield worker
+
+
+async def test_task_completes_after_worker_dies(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    try:
+        async with running_workers(client, swarm_settings, [ORCHESTRATION]):
+            async with sandbox_worker(client, swarm_settings):
+                swarm_id, agents = await helper.swarm("mesh", ["coder"])
+                task = await helper.call(
+                    "task_orchestrate",
+                    task="long",
+                    code=GATED_PROGRAM,
+                    swarm_id=swarm_id,
+                )
+                folder = await agent_folder(helper, agents[0]["agent_id"])
+                await wait_for_file(folder / "started")
+            # The worker is gone while the program ran; a new one takes over.
+            (folder / "started").unlink()
+            status = await helper.call("task_status", task_id=task["task_id"])
+            assert status["status"] == "running"
+            async with sandbox_worker(client, swarm_settings):
+                await wait_for_file(folder / "started")
+                (folder / "gate").write_text("open")
+                results = await helper.call(
+                    "task_results", task_id=task["task_id"], wait_seconds=120
+                )
+    finally:
+        await helper.cleanup()
+    assert results["status"] == "completed", results["error"]
+    [step] = results["results"]
+    assert step["stdout"] == "gate opened\n"
+    assert step["attempt"] >= 2
+    # The program started once per attempt that reached the sandbox.
+    assert len((folder / "attempts").read_text()) >= 2
+
+
+async def test_swarm_survives_worker_restart(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    try:
+        async with running_workers(client, swarm_settings, SWARM_QUEUES):
+            swarm_id, agents = await helper.swarm("star", ["coordinator", "coder"])
+            before = await helper.call("swarm_status", swarm_id=swarm_id)
+        # No worker runs now; a new set of workers picks the swarm up.
+        async with running_workers(client, swarm_settings, SWARM_QUEUES):
+            after = await helper.call("swarm_status", swarm_id=swarm_id)
+            assert [a["agent_id"] for a in after["agents"]] == [
+                a["agent_id"] for a in agents
+            ]
+            assert after["status"] == "active"
+            assert after["created_at"] == before["created_at"]
+            result = await helper.run_task(
+                task="- a\n- b", code="print('after restart')", swarm_id=swarm_id
+            )
+            assert result["status"] == "completed", result["error"]
+            assert result["output"] == "after restart\nafter restart"
+            listed = await helper.call("swarm_list")
+            [row] = [s for s in listed["swarms"] if s["swarm_id"] == swarm_id]
+            assert row["agent_count"] == 2
+    finally:
+        await helper.cleanup()
+
+
+async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
+    """A swarm whose history passes its limit continues as new; agents, tasks
+    and running work carry over."""
+    from app.contracts.swarm import SwarmWorkflowInput
+
+    swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    # Restart the swarm with a small history limit: terminate and start it
+    # again from its current state, as the server's suggestion would.
+    state = await handle.query("status", result_type=SwarmState)
+    await handle.terminate("restart with a history limit")
+    await swarms.client.start_workflow(
+        "SwarmWorkflow",
+        SwarmWorkflowInput(state=state, continue_as_new_after_events=40),
+        id=f"swarm-{swarm_id}",
+        task_queue=ORCHESTRATION,
+    )
+    results = [
+        await swarms.run_task(task=f"t{i}", code=f"print({i})", swarm_id=swarm_id)
+        for i in range(6)
+    ]
+    assert [r["output"] for r in results] == [f"{i}\n" for i in range(6)]
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["workflow_runs"] >= 2
+    assert [a["agent_id"] for a in status["agents"]] == [a["agent_id"] for a in agents]
+    assert status["task_counts"] == {"completed": 6}
+    assert sum(a["tasks_completed"] for a in status["agents"]) == 6

@@ -1,0 +1,367 @@
+"""Swarm lifecycle through the tools: limits, inputs, results, scaling,
+destruction and the database mirror."""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.client import Client, WorkflowUpdateFailedError
+
+from app.contracts.swarm import SpawnAgentRequest, TaskSpec, TaskWork
+from app.sandbox import service as sandbox_service
+from app.settings import Settings
+from app.swarm import service
+from app.swarm.executor import agent_sandbox_id, build_executor
+from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
+from tests.conftest import running_workers
+from tests.support.replay import replay_run
+from tests.swarm.conftest import (
+    GATED_PROGRAM,
+    SWARM_QUEUES,
+    Swarms,
+    agent_folder,
+    wait_for_file,
+)
+from workers.registry import all_workflows
+
+
+async def test_spawn_limit_rejects_past_max(swarms: Swarms) -> None:
+    swarm = await swarms.call("swarm_init", topology="mesh", maxAgents=2)
+    assert swarm["max_agents"] == 2
+    assert swarm["status"] == "active"
+    assert swarm["agents"] == []
+    for _ in range(2):
+        agent = await swarms.call("agent_spawn", type="coder")
+        assert agent["swarm_id"] == swarm["swarm_id"]
+        assert agent["sandbox_id"] is None
+    with pytest.raises(ToolError) as caught:
+        await swarms.call("agent_spawn", type="coder")
+    assert "already has 2 agents" in caught.value.message
+    assert "maxAgents is 2" in caught.value.message
+    status = await swarms.call("swarm_status", swarm_id=swarm["swarm_id"])
+    assert len(status["agents"]) == 2
+
+
+async def test_defaults_follow_tools_md(swarms: Swarms) -> None:
+    swarm = await swarms.call("swarm_init", topology="ring")
+    assert swarm["max_agents"] == 8
+    assert swarm["strategy"] == "balanced"
+    await swarms.call("agent_spawn", type="coder")
+    task = await swarms.call("task_orchestrate", task="x", code="print(1)")
+    assert task["priority"] == "medium"
+    assert task["strategy"] == "adaptive"
+
+
+async def test_result_has_real_stdout(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm("star", ["coder"])
+    result = await swarms.run_task(
+        task="compute",
+        code="import sys; print(sum(range(101))); print('warn', file=sys.stderr)",
+        swarm_id=swarm_id,
+    )
+    assert result["status"] == "completed"
+    [step] = result["results"]
+    assert step["stdout"] == "5050\n"
+    assert step["stderr"] == "warn\n"
+    assert step["exit_code"] == 0
+    assert step["agent_id"] == agents[0]["agent_id"]
+    assert step["duration_ms"] > 0
+    assert step["sandbox_id"]
+    assert result["output"] == "5050\n"
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    [agent] = status["agents"]
+    assert agent["sandbox_id"] == step["sandbox_id"]
+    assert agent["sandbox_state"] == "running"
+    assert agent["tasks_completed"] == 1
+
+
+async def test_failing_program_reports_exit_code(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    result = await swarms.run_task(
+        task="fail", command="echo out; echo broken >&2; exit 3", swarm_id=swarm_id
+    )
+    assert result["status"] == "failed"
+    [step] = result["results"]
+    assert step["exit_code"] == 3
+    assert step["stdout"] == "out\n"
+    assert "exit code 3: broken" in step["error"]
+    assert "exit code 3" in result["error"]
+
+
+async def test_bash_language_runs(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    bash = await swarms.run_task(
+        task="b", code="echo $((6*7))", language="bash", swarm_id=swarm_id
+    )
+    assert bash["results"][0]["stdout"] == "42\n"
+
+
+async def test_bad_inputs_are_rejected(swarms: Swarms) -> None:
+    with pytest.raises(ToolInputError, match="topology"):
+        await swarms.call("swarm_init", topology="blob")
+    with pytest.raises(ToolInputError, match="maxAgents"):
+        await swarms.call("swarm_init", topology="mesh", maxAgents=101)
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolInputError, match="type"):
+        await swarms.call("agent_spawn", type="wizard", swarm_id=swarm_id)
+    with pytest.raises(ToolInputError, match="task is empty"):
+        await swarms.call("task_orchestrate", task="   ", swarm_id=swarm_id)
+    with pytest.raises(ToolInputError, match="maxAgents"):
+        await swarms.call("task_orchestrate", task="a", maxAgents=11)
+    with pytest.raises(ToolInputError, match="at most one of code, command"):
+        await swarms.call("task_orchestrate", task="a", code="1", command="true")
+    with pytest.raises(ToolError, match="unknown dependencies"):
+        await swarms.call(
+            "task_orchestrate", task="a", code="1", dependencies=["task_nope"]
+        )
+    with pytest.raises(ToolError, match="not found"):
+        await swarms.call("task_status", task_id="task_missing")
+    with pytest.raises(ToolError, match="not found"):
+        await swarms.call("swarm_status", swarm_id="doesnotexist")
+    with pytest.raises(ToolError, match="above the swarm's maxAgents 8"):
+        await swarms.call("swarm_scale", target_agents=9, swarm_id=swarm_id)
+
+
+async def test_validators_reject_direct_updates(swarms: Swarms) -> None:
+    """Callers that skip the tools meet the workflow's own validators."""
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"], maxAgents=1)
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update("spawn_agent", SpawnAgentRequest(type="wizard"))
+    assert "unknown agent type 'wizard'" in str(caught.value.cause)
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update("spawn_agent", SpawnAgentRequest(type="coder"))
+    assert "maxAgents is 1" in str(caught.value.cause)
+    empty = TaskSpec(task_id="task_empty", work=TaskWork(kind="llm", task=" "))
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update("submit_task", empty)
+    assert "task is empty" in str(caught.value.cause)
+    # Rejected updates leave no trace in the state.
+    state = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert state["tasks"] == []
+    assert len(state["agents"]) == 1
+
+
+async def test_dependencies_wait(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder"])
+    first = await swarms.call(
+        "task_orchestrate", task="slow", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    second = await swarms.call(
+        "task_orchestrate",
+        task="after",
+        code="print('second done')",
+        dependencies=[first["task_id"]],
+        swarm_id=swarm_id,
+    )
+    # An agent is free, but the dependency has not finished.
+    assert second["status"] == "queued"
+    assert second["assigned_agents"] == []
+    status = await swarms.call("task_status", task_id=second["task_id"])
+    assert status["status"] == "queued"
+    assert status["waiting_for"] == [first["task_id"]]
+    folder = await agent_folder(swarms, first["assigned_agents"][0])
+    await wait_for_file(folder / "started")
+    still = await swarms.call("task_status", task_id=second["task_id"])
+    assert still["status"] == "queued"
+    (folder / "gate").write_text("open")
+    results = await swarms.call(
+        "task_results", task_id=second["task_id"], wait_seconds=60
+    )
+    first_results = await swarms.call("task_results", task_id=first["task_id"])
+    assert first_results["output"] == "gate opened\n"
+    assert results["status"] == "completed"
+    assert results["output"] == "second done\n"
+    assert results["started_at"] >= first_results["finished_at"]
+
+
+async def test_failed_dependency_fails_dependent(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    first = await swarms.call(
+        "task_orchestrate", task="boom", command="exit 1", swarm_id=swarm_id
+    )
+    second = await swarms.call(
+        "task_orchestrate",
+        task="after",
+        code="print(1)",
+        dependencies=[first["task_id"]],
+        swarm_id=swarm_id,
+    )
+    results = await swarms.call(
+        "task_results", task_id=second["task_id"], wait_seconds=60
+    )
+    assert results["status"] == "failed"
+    assert first["task_id"] in results["error"]
+    assert results["results"] == []
+
+
+async def test_priority_orders_queued_tasks(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    blocker = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    record = (
+        "import os; open('order.log', 'a').write(os.environ['NEXUS_TASK_ID'] + '\\n')"
+    )
+    submitted = {}
+    for priority in ("low", "medium", "critical", "high"):
+        task = await swarms.call(
+            "task_orchestrate",
+            task=priority,
+            code=record,
+            priority=priority,
+            swarm_id=swarm_id,
+        )
+        assert task["status"] == "queued"
+        submitted[task["task_id"]] = priority
+    folder = await agent_folder(swarms, agents[0]["agent_id"])
+    await wait_for_file(folder / "started")
+    (folder / "gate").write_text("open")
+    for task_id in submitted:
+        await swarms.call("task_results", task_id=task_id, wait_seconds=60)
+    await swarms.call("task_results", task_id=blocker["task_id"])
+    order = [submitted[t] for t in (folder / "order.log").read_text().split()]
+    assert order == ["critical", "high", "medium", "low"]
+
+
+async def test_capability_match_selects_agent(swarms: Swarms) -> None:
+    swarm = await swarms.call("swarm_init", topology="mesh")
+    await swarms.call("agent_spawn", type="coder", capabilities=["python"])
+    expert = await swarms.call("agent_spawn", type="coder", capabilities=["rust"])
+    result = await swarms.run_task(
+        task="compile the rust crate", command="echo built", maxAgents=1
+    )
+    assert [s["agent_id"] for s in result["results"]] == [expert["agent_id"]]
+    required = await swarms.run_task(
+        task="anything", command="echo ok", required_capabilities=["rust"]
+    )
+    assert [s["agent_id"] for s in required["results"]] == [expert["agent_id"]]
+    assert swarm["swarm_id"] == expert["swarm_id"]
+
+
+async def test_scale_and_destroy_stop_sandboxes(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder", "coder"])
+    result = await swarms.run_task(
+        task="touch", code="print('hi')", maxAgents=3, swarm_id=swarm_id
+    )
+    sandboxes = sorted({s["sandbox_id"] for s in result["results"]})
+    assert len(sandboxes) == 3
+    executor = build_executor(swarms.client, swarms.settings)
+    scaled = await swarms.call("swarm_scale", target_agents=1, swarm_id=swarm_id)
+    assert scaled["agents"] == 1
+    assert len(scaled["removed"]) == 2
+    assert len(scaled["sandboxes_stopping"]) == 2
+    grown = await swarms.call("swarm_scale", target_agents=4, swarm_id=swarm_id)
+    assert len(grown["added"]) == 3
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    states = {
+        a["sandbox_id"]: a["sandbox_state"] for a in status["agents"] if a["sandbox_id"]
+    }
+    assert sorted(s for s, v in states.items() if v == "stopped") == sorted(
+        scaled["sandboxes_stopping"]
+    )
+    # Balanced swarms add types in turn, continuing from the spawn count (3).
+    assert [a["type"] for a in status["agents"] if a["status"] == "idle"][1:] == [
+        "tester",
+        "reviewer",
+        "coder",
+    ]
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["status"] == "destroyed"
+    for sandbox_id in sandboxes:
+        assert await executor.state(sandbox_id) == "stopped"
+    with pytest.raises(ToolError, match="destroyed"):
+        await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
+    listed = await swarms.call("swarm_list", status="destroyed")
+    assert swarm_id in [s["swarm_id"] for s in listed["swarms"]]
+    active = await swarms.call("swarm_list")
+    assert swarm_id not in [s["swarm_id"] for s in active["swarms"]]
+
+
+async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    task = await swarms.call(
+        "task_orchestrate",
+        task="forever",
+        code="import time\nwhile True: time.sleep(0.1)",
+        swarm_id=swarm_id,
+    )
+    queued = await swarms.call(
+        "task_orchestrate", task="later", code="print(1)", swarm_id=swarm_id
+    )
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert sorted(destroyed["tasks_cancelled"]) == sorted(
+        [task["task_id"], queued["task_id"]]
+    )
+    for task_id in (task["task_id"], queued["task_id"]):
+        results = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
+        assert results["status"] == "cancelled"
+
+
+async def test_events_and_mirror_on_both_databases(
+    client: Client, settings: Settings
+) -> None:
+    helper = Swarms(client, settings)
+    async with running_workers(client, settings, SWARM_QUEUES):
+        try:
+            swarm_id, agents = await helper.swarm("ring", ["coder", "tester"])
+            done = await helper.run_task(task="a", code="print(1)", swarm_id=swarm_id)
+            failed = await helper.run_task(
+                task="b", command="exit 2", swarm_id=swarm_id
+            )
+            await helper.call("swarm_scale", target_agents=1, swarm_id=swarm_id)
+            await helper.call("swarm_destroy", swarm_id=swarm_id)
+        finally:
+            await helper.cleanup()
+    url = settings.effective_database_url
+    events = service.list_events(url, swarm_id)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "swarm_started"
+    assert kinds.count("agent_joined") == 2
+    assert ("task_completed", done["task_id"]) in [(e.kind, e.task_id) for e in events]
+    assert ("task_failed", failed["task_id"]) in [(e.kind, e.task_id) for e in events]
+    assert kinds.count("task_assigned") == 2
+    assert kinds.count("agent_left") == 2
+    assert kinds[-1] == "swarm_destroyed"
+    assert [e.seq for e in events] == list(range(len(events)))
+    [row] = service.list_swarm_rows(url, "all")
+    assert row.status == "destroyed"
+    assert row.task_count == 2
+    assert {a["agent_id"] for a in agents} <= {
+        e.agent_id for e in events if e.kind == "agent_joined"
+    }
+
+
+async def test_swarm_workflows_replay(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("hierarchical", ["coordinator", "coder", "coder"])
+    result = await swarms.run_task(task="- a\n- b", code="print(1)", swarm_id=swarm_id)
+    await swarms.call("swarm_scale", target_agents=2, swarm_id=swarm_id)
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+    await replay_run(swarms.client, f"swarm-task-{result['task_id']}", all_workflows())
+
+
+async def test_swarm_list_starts_empty(swarms: Swarms) -> None:
+    ctx: ToolContext = swarms.ctx
+    listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
+    assert listed["count"] == 0
+
+
+async def test_lost_sandbox_shows_live_and_recovers(swarms: Swarms) -> None:
+    """swarm_status reads the backend: a sandbox killed behind the session's
+    back shows as lost, and the agent's next step recreates it."""
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    first = await swarms.run_task(task="a", code="print('one')", swarm_id=swarm_id)
+    sandbox_id = first["results"][0]["sandbox_id"]
+    assert sandbox_id == agent_sandbox_id(agents[0]["agent_id"])
+    await sandbox_service.discard_backend_sandbox(
+        swarms.client, swarms.settings, sandbox_id
+    )
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["agents"][0]["sandbox_state"] in ("lost", "stopped")
+    second = await swarms.run_task(task="b", code="print('two')", swarm_id=swarm_id)
+    assert second["status"] == "completed", second["error"]
+    assert second["results"][0]["stdout"] == "two\n"
+    info = await sandbox_service.info(swarms.client, sandbox_id)
+    assert info.recreated == 1
+    again = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert again["agents"][0]["sandbox_state"] == "running"

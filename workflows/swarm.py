@@ -1,0 +1,901 @@
+"""`SwarmWorkflow`, one long-lived entity per swarm, and `SwarmTaskWorkflow`,
+one child per orchestrated task that runs the task through the swarm's
+topology."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from app.contracts.queues import ORCHESTRATION, SANDBOX
+    from app.contracts.swarm import (
+        AGENT_TYPES,
+        AgentState,
+        AgentStepRequest,
+        Assignment,
+        FlowEdge,
+        ScaleRequest,
+        ScaleResult,
+        SpawnAgentRequest,
+        StepResult,
+        StopSandboxesRequest,
+        StopSandboxesResult,
+        SwarmEvent,
+        SwarmMirror,
+        SwarmState,
+        SwarmTaskInput,
+        SwarmWorkflowInput,
+        TaskFinished,
+        TaskProgress,
+        TaskRecord,
+        TaskSpec,
+    )
+    from app.swarm import planning
+    from app.temporal.search_attributes import SWARM_ID
+
+
+def swarm_workflow_id(swarm_id: str) -> str:
+    return f"swarm-{swarm_id}"
+
+
+def task_workflow_id(task_id: str) -> str:
+    return f"swarm-task-{task_id}"
+
+
+MIRROR_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
+)
+
+
+@workflow.defn(sandboxed=False)
+class SwarmWorkflow:
+    """A swarm: its agents, its task queue and its dispatcher.
+
+    Agent spawn and removal and task submission are updates with validators;
+    `status` is a query. Tasks run in child workflows (abandoned on close, so
+    they outlive continue-as-new) that report back with the `task_finished`
+    signal. All state is in `SwarmState`, handed to the next run when the
+    history grows past the server's suggestion.
+    """
+
+    @workflow.init
+    def __init__(self, input: SwarmWorkflowInput) -> None:
+        self.state: SwarmState = input.state
+        self.continue_as_new_after = input.continue_as_new_after_events
+        self.mirror_busy = False
+
+    # Queries and signals
+
+    @workflow.query
+    def status(self) -> SwarmState:
+        return self.state
+
+    @workflow.signal
+    def task_finished(self, finished: TaskFinished) -> None:
+        task = self._find_task(finished.task_id)
+        if task is None or task.status not in ("running", "queued"):
+            return
+        task.status = finished.status
+        task.error = finished.error
+        task.finished_at = workflow.now()
+        for agent_id in task.assigned_agents:
+            agent = self._find_agent(agent_id)
+            if agent is None or agent.current_task_id != task.spec.task_id:
+                continue
+            agent.current_task_id = None
+            agent.sandbox_id = finished.sandboxes.get(agent_id, agent.sandbox_id)
+            if finished.status == "completed":
+                agent.tasks_completed += 1
+            else:
+                agent.tasks_failed += 1
+            if agent.status == "removing":
+                self._remove_agent(agent, reason="scaled down")
+            elif agent.status == "busy":
+                agent.status = "idle"
+        kind = {
+            "completed": "task_completed",
+            "failed": "task_failed",
+        }.get(finished.status, "task_cancelled")
+        self._event(
+            kind,
+            task_id=task.spec.task_id,
+            detail={"error": finished.error, "agents": task.assigned_agents},
+        )
+        self._dispatch()
+
+    # Updates
+
+    @workflow.update
+    async def spawn_agent(self, request: SpawnAgentRequest) -> AgentState:
+        agent = self._add_agent(request.type, request.name, request.capabilities)
+        self._dispatch()
+        return agent
+
+    @spawn_agent.validator
+    def _validate_spawn(self, request: SpawnAgentRequest) -> None:
+        self._require_active()
+        if request.type not in AGENT_TYPES:
+            raise ValueError(
+                f"unknown agent type {request.type!r}; choose one of "
+                f"{', '.join(AGENT_TYPES)}"
+            )
+        present = len(self._active_agents())
+        if present >= self.state.max_agents:
+            raise ValueError(
+                f"swarm {self.state.swarm_id} already has {present} agents, its "
+                f"maxAgents is {self.state.max_agents}; remove agents with "
+                "swarm_scale or start a larger swarm"
+            )
+
+    @workflow.update
+    async def submit_task(self, spec: TaskSpec) -> TaskRecord:
+        existing = self._find_task(spec.task_id)
+        if existing is not None:
+            # A retried submission of the same task returns the first record.
+            await workflow.wait_condition(lambda: existing.child_started)
+            return existing
+        record = TaskRecord(
+            spec=spec,
+            workflow_id=task_workflow_id(spec.task_id),
+            submitted_at=workflow.now(),
+            seq=self.state.next_task_seq,
+        )
+        self.state.next_task_seq += 1
+        self.state.tasks.append(record)
+        self._event(
+            "task_submitted",
+            task_id=spec.task_id,
+            detail={"priority": spec.priority, "kind": spec.work.kind},
+        )
+        await workflow.start_child_workflow(
+            SwarmTaskWorkflow.run,
+            SwarmTaskInput(swarm_id=self.state.swarm_id, spec=spec),
+            id=record.workflow_id,
+            task_queue=ORCHESTRATION,
+            # Tasks outlive this run when the swarm continues as new; destroy
+            # cancels the ones still running.
+            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(SWARM_ID, self.state.swarm_id)]
+            ),
+        )
+        record.child_started = True
+        self._dispatch()
+        return record
+
+    @submit_task.validator
+    def _validate_submit(self, spec: TaskSpec) -> None:
+        self._require_active()
+        work = spec.work
+        if not work.task.strip():
+            raise ValueError("task is empty; describe what the agents should do")
+        if work.kind == "code" and not (work.code or "").strip():
+            raise ValueError("code is empty; give the program to run")
+        if work.kind == "shell" and not (work.command or "").strip():
+            raise ValueError("command is empty; give the shell command to run")
+        existing = self._find_task(spec.task_id)
+        if existing is not None:
+            if existing.spec == spec:
+                return
+            raise ValueError(
+                f"task id {spec.task_id} is already used by another task; "
+                "submit with a new task id"
+            )
+        unknown = [d for d in spec.dependencies if self._find_task(d) is None]
+        if unknown:
+            raise ValueError(
+                f"unknown dependencies {unknown} in swarm {self.state.swarm_id}; "
+                "depend only on task ids that task_orchestrate returned for it"
+            )
+
+    @workflow.update
+    async def scale(self, request: ScaleRequest) -> ScaleResult:
+        result = ScaleResult(agents=0)
+        active = [a for a in self._active_agents() if a.status != "removing"]
+        if request.target_agents > len(active):
+            types = planning.SCALE_TYPES[self.state.strategy]
+            for _ in range(request.target_agents - len(active)):
+                agent_type = types[self.state.next_agent_seq % len(types)]
+                result.added.append(self._add_agent(agent_type, None, []))
+        else:
+            excess = len(active) - request.target_agents
+            idle = [a for a in reversed(active) if a.status == "idle"]
+            busy = [a for a in reversed(active) if a.status == "busy"]
+            for agent in idle[:excess]:
+                self._remove_agent(agent, reason="scaled down")
+                result.removed.append(agent)
+            for agent in busy[: max(0, excess - len(idle))]:
+                agent.status = "removing"
+                result.draining.append(agent.agent_id)
+        result.agents = len(
+            [a for a in self._active_agents() if a.status != "removing"]
+        )
+        self._dispatch()
+        # Return once the removed agents' sandboxes are really stopped.
+        stopping = {a.sandbox_id for a in result.removed if a.sandbox_id}
+        await workflow.wait_condition(
+            lambda: not stopping.intersection(self.state.sandboxes_to_stop)
+        )
+        return result
+
+    @scale.validator
+    def _validate_scale(self, request: ScaleRequest) -> None:
+        self._require_active()
+        if request.target_agents > self.state.max_agents:
+            raise ValueError(
+                f"target_agents {request.target_agents} is above the swarm's "
+                f"maxAgents {self.state.max_agents}; use at most "
+                f"{self.state.max_agents}"
+            )
+
+    @workflow.update
+    async def destroy(self) -> SwarmState:
+        if self.state.status == "active":
+            self.state.status = "destroying"
+            for task in self.state.tasks:
+                if task.status == "queued":
+                    task.status = "cancelled"
+                    task.error = "the swarm was destroyed before the task ran"
+                    task.finished_at = workflow.now()
+                    if task.child_started:
+                        self.state.pending_assignments.append(task.spec.task_id)
+                elif task.status == "running":
+                    task.status = "cancelled"
+                    task.error = "the swarm was destroyed while the task ran"
+                    task.finished_at = workflow.now()
+                    self.state.pending_cancels.append(task.spec.task_id)
+                else:
+                    continue
+                self._event("task_cancelled", task_id=task.spec.task_id)
+            for agent in self._active_agents():
+                self._remove_agent(agent, reason="swarm destroyed")
+        await workflow.wait_condition(lambda: self.state.status == "destroyed")
+        return self.state
+
+    # The run: deliver assignments, stop sandboxes, mirror, continue as new
+
+    @workflow.run
+    async def run(self, input: SwarmWorkflowInput) -> SwarmState:
+        workflow.logger.info(
+            "swarm %s running (run %d)", self.state.swarm_id, self.state.runs
+        )
+        if self.state.runs == 1 and self.state.next_event_seq == 0:
+            self._event(
+                "swarm_started",
+                detail={
+                    "topology": self.state.topology,
+                    "max_agents": self.state.max_agents,
+                },
+            )
+        mirror = asyncio.create_task(self._mirror_loop())
+        while True:
+            await workflow.wait_condition(
+                lambda: bool(
+                    self.state.pending_assignments
+                    or self.state.pending_cancels
+                    or self.state.sandboxes_to_stop
+                    or self.state.status == "destroying"
+                    or self._should_continue_as_new()
+                )
+            )
+            await self._deliver()
+            if self.state.status == "destroying" and not self._has_outbox():
+                self.state.status = "destroyed"
+                self.state.destroyed_at = workflow.now()
+                self._event("swarm_destroyed")
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                await workflow.wait_condition(self._mirror_idle)
+                mirror.cancel()
+                workflow.logger.info("swarm %s destroyed", self.state.swarm_id)
+                return self.state
+            if self._should_continue_as_new() and not self._has_outbox():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self._has_outbox():
+                    continue
+                mirror.cancel()
+                self.state.runs += 1
+                workflow.logger.info(
+                    "swarm %s continues as new (run %d)",
+                    self.state.swarm_id,
+                    self.state.runs,
+                )
+                workflow.continue_as_new(
+                    SwarmWorkflowInput(
+                        state=self.state,
+                        continue_as_new_after_events=self.continue_as_new_after,
+                    )
+                )
+
+    async def _deliver(self) -> None:
+        assignments = list(self.state.pending_assignments)
+        cancels = list(self.state.pending_cancels)
+        stops = list(self.state.sandboxes_to_stop)
+        sends: list[Awaitable[None]] = []
+        for task_id in assignments:
+            task = self._find_task(task_id)
+            if task is not None:
+                sends.append(self._send_assignment(task))
+        for task_id in cancels:
+            sends.append(self._cancel_task(task_id))
+        await asyncio.gather(*sends)
+        if stops:
+            await workflow.execute_activity(
+                "stop_agent_sandboxes",
+                StopSandboxesRequest(sandbox_ids=stops),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_attempts=5),
+                result_type=StopSandboxesResult,
+            )
+        self._drop(self.state.pending_assignments, assignments)
+        self._drop(self.state.pending_cancels, cancels)
+        self._drop(self.state.sandboxes_to_stop, stops)
+
+    async def _send_assignment(self, task: TaskRecord) -> None:
+        agents = [a for a in self.state.agents if a.agent_id in task.assigned_agents]
+        agents.sort(key=lambda a: task.assigned_agents.index(a.agent_id))
+        assignment = Assignment(agents=agents, topology=self.state.topology)
+        if task.status in ("failed", "cancelled"):
+            assignment = Assignment(
+                topology=self.state.topology,
+                abort=task.error,
+                abort_status="cancelled" if task.status == "cancelled" else "failed",
+            )
+        handle = workflow.get_external_workflow_handle(task.workflow_id)
+        try:
+            await handle.signal(SwarmTaskWorkflow.assign, assignment)
+        except ApplicationError as error:
+            workflow.logger.warning(
+                "could not signal task %s: %s", task.spec.task_id, error
+            )
+
+    async def _cancel_task(self, task_id: str) -> None:
+        handle = workflow.get_external_workflow_handle(task_workflow_id(task_id))
+        try:
+            await handle.cancel()
+        except ApplicationError as error:
+            workflow.logger.warning("could not cancel task %s: %s", task_id, error)
+
+    async def _mirror_loop(self) -> None:
+        while True:
+            await workflow.wait_condition(
+                lambda: self.state.mirror_dirty or bool(self.state.unflushed_events)
+            )
+            self.mirror_busy = True
+            events = list(self.state.unflushed_events)
+            self.state.mirror_dirty = False
+            try:
+                await workflow.execute_activity(
+                    "mirror_swarm",
+                    self._mirror(events),
+                    task_queue=ORCHESTRATION,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=MIRROR_RETRY,
+                    result_type=int,
+                )
+            finally:
+                self.mirror_busy = False
+            del self.state.unflushed_events[: len(events)]
+
+    def _mirror_idle(self) -> bool:
+        return not (
+            self.mirror_busy or self.state.mirror_dirty or self.state.unflushed_events
+        )
+
+    def _mirror(self, events: list[SwarmEvent]) -> SwarmMirror:
+        state = self.state
+        return SwarmMirror(
+            swarm_id=state.swarm_id,
+            workflow_id=workflow.info().workflow_id,
+            topology=state.topology,
+            strategy=state.strategy,
+            max_agents=state.max_agents,
+            status=state.status,
+            task_count=len(state.tasks),
+            created_at=state.created_at,
+            updated_at=workflow.now(),
+            destroyed_at=state.destroyed_at,
+            agents=state.agents,
+            events=events,
+        )
+
+    # State changes, all synchronous so each is atomic
+
+    def _dispatch(self) -> None:
+        """Give queued tasks whose dependencies are done to idle agents, in
+        priority order."""
+        for task in planning.dispatch_order(self.state.tasks):
+            if not task.child_started:
+                continue
+            dependencies = [self._find_task(d) for d in task.spec.dependencies]
+            broken = [
+                d.spec.task_id
+                for d in dependencies
+                if d is not None and d.status in ("failed", "cancelled")
+            ]
+            if broken:
+                task.status = "failed"
+                task.error = f"dependencies {broken} did not complete"
+                task.finished_at = workflow.now()
+                self.state.pending_assignments.append(task.spec.task_id)
+                self._event(
+                    "task_failed",
+                    task_id=task.spec.task_id,
+                    detail={"error": task.error},
+                )
+                continue
+            if any(d is None or d.status != "completed" for d in dependencies):
+                continue
+            limit = planning.default_agent_count(task.spec, self.state.topology)
+            chosen = planning.select_agents(self.state.agents, task.spec, limit)
+            if not chosen:
+                continue
+            chosen = planning.order_for_topology(chosen, self.state.topology)
+            for agent in chosen:
+                agent.status = "busy"
+                agent.current_task_id = task.spec.task_id
+            task.status = "running"
+            task.assigned_agents = [a.agent_id for a in chosen]
+            task.assigned_at = workflow.now()
+            self.state.pending_assignments.append(task.spec.task_id)
+            self._event(
+                "task_assigned",
+                task_id=task.spec.task_id,
+                detail={"agents": task.assigned_agents},
+            )
+
+    def _add_agent(
+        self, agent_type: str, name: str | None, capabilities: list[str]
+    ) -> AgentState:
+        seq = self.state.next_agent_seq
+        self.state.next_agent_seq += 1
+        agent = AgentState(
+            agent_id=f"agent_{workflow.uuid4().hex[:12]}",
+            type=agent_type,
+            name=name or f"{agent_type}-{seq}",
+            capabilities=capabilities,
+            joined_at=workflow.now(),
+            seq=seq,
+        )
+        self.state.agents.append(agent)
+        self._event(
+            "agent_joined",
+            agent_id=agent.agent_id,
+            detail={"type": agent.type, "name": agent.name},
+        )
+        return agent
+
+    def _remove_agent(self, agent: AgentState, *, reason: str) -> None:
+        agent.status = "removed"
+        agent.current_task_id = None
+        if agent.sandbox_id:
+            self.state.sandboxes_to_stop.append(agent.sandbox_id)
+        self._event("agent_left", agent_id=agent.agent_id, detail={"reason": reason})
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        agent_id: str | None = None,
+        task_id: str | None = None,
+        detail: dict[str, object] | None = None,
+    ) -> None:
+        seq = self.state.next_event_seq
+        self.state.next_event_seq += 1
+        self.state.mirror_dirty = True
+        self.state.unflushed_events.append(
+            SwarmEvent(
+                event_id=f"{self.state.swarm_id}:{seq}",
+                swarm_id=self.state.swarm_id,
+                seq=seq,
+                kind=kind,
+                agent_id=agent_id,
+                task_id=task_id,
+                detail=detail or {},
+                at=workflow.now(),
+            )
+        )
+
+    def _require_active(self) -> None:
+        if self.state.status != "active":
+            raise ValueError(
+                f"swarm {self.state.swarm_id} is {self.state.status}; start a new "
+                "one with swarm_init"
+            )
+
+    def _active_agents(self) -> list[AgentState]:
+        return [a for a in self.state.agents if a.status != "removed"]
+
+    def _find_agent(self, agent_id: str) -> AgentState | None:
+        return next((a for a in self.state.agents if a.agent_id == agent_id), None)
+
+    def _find_task(self, task_id: str) -> TaskRecord | None:
+        return next((t for t in self.state.tasks if t.spec.task_id == task_id), None)
+
+    def _has_outbox(self) -> bool:
+        return bool(
+            self.state.pending_assignments
+            or self.state.pending_cancels
+            or self.state.sandboxes_to_stop
+        )
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        if info.is_continue_as_new_suggested():
+            return True
+        limit = self.continue_as_new_after
+        return limit is not None and info.get_current_history_length() >= limit
+
+    @staticmethod
+    def _drop(items: list[str], sent: list[str]) -> None:
+        for item in sent:
+            if item in items:
+                items.remove(item)
+
+
+STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
+    non_retryable_error_types=["StepFailed"],
+)
+
+
+@workflow.defn(sandboxed=False)
+class SwarmTaskWorkflow:
+    """One task: wait for the swarm's assignment, run the parts on the agents
+    along the topology, report back to the swarm.
+
+    Strategies: `parallel` runs parts at once, `sequential` one after another
+    with each step given the previous output, `adaptive` picks one of them
+    (`planning.choose_strategy`) and records why.
+    """
+
+    @workflow.init
+    def __init__(self, input: SwarmTaskInput) -> None:
+        self.input = input
+        self.assignment: Assignment | None = input.assignment
+        self.progress = TaskProgress(
+            task_id=input.spec.task_id,
+            swarm_id=input.swarm_id,
+            status="queued",
+            priority=input.spec.priority,
+            strategy=input.spec.strategy,
+            kind=input.spec.work.kind,
+            waiting_for=list(input.spec.dependencies),
+            submitted_at=workflow.now(),
+        )
+        self.next_step = 0
+
+    @workflow.signal
+    def assign(self, assignment: Assignment) -> None:
+        if self.assignment is None:
+            self.assignment = assignment
+
+    @workflow.query
+    def status(self) -> TaskProgress:
+        return self.progress
+
+    @workflow.run
+    async def run(self, input: SwarmTaskInput) -> TaskProgress:
+        await workflow.wait_condition(lambda: self.assignment is not None)
+        assignment = self.assignment
+        assert assignment is not None
+        progress = self.progress
+        progress.waiting_for = []
+        progress.topology = assignment.topology
+        if assignment.abort is not None:
+            progress.status = assignment.abort_status
+            progress.error = assignment.abort
+            progress.finished_at = workflow.now()
+            return progress
+        progress.status = "running"
+        progress.started_at = workflow.now()
+        progress.assigned_agents = [a.agent_id for a in assignment.agents]
+        try:
+            await self._execute(assignment)
+        except asyncio.CancelledError:
+            progress.status = "cancelled"
+            progress.error = progress.error or "the task was cancelled"
+            progress.finished_at = workflow.now()
+            # The swarm cancelled this task (destroy) and has recorded that already.
+            return progress
+        progress.finished_at = workflow.now()
+        failed = [s for s in progress.steps if s.status == "failed"]
+        progress.steps_failed = len(failed)
+        if failed:
+            progress.status = "failed"
+            progress.error = "; ".join(
+                f"{s.agent_name} (part {s.part_index}): {s.error}" for s in failed
+            )
+        else:
+            progress.status = "completed"
+        await self._report()
+        return progress
+
+    async def _report(self) -> None:
+        sandboxes = {
+            s.agent_id: s.sandbox_id for s in self.progress.steps if s.sandbox_id
+        }
+        handle = workflow.get_external_workflow_handle(
+            swarm_workflow_id(self.input.swarm_id)
+        )
+        try:
+            await handle.signal(
+                SwarmWorkflow.task_finished,
+                TaskFinished(
+                    task_id=self.progress.task_id,
+                    status=self.progress.status,
+                    error=self.progress.error,
+                    sandboxes=sandboxes,
+                ),
+            )
+        except ApplicationError as error:
+            workflow.logger.warning(
+                "task %s could not report to swarm %s: %s",
+                self.progress.task_id,
+                self.input.swarm_id,
+                error,
+            )
+
+    async def _execute(self, assignment: Assignment) -> None:
+        spec = self.input.spec
+        agents = assignment.agents
+        topology = assignment.topology
+        workers = len(agents)
+        if topology in ("hierarchical", "star") and workers > 1:
+            workers -= 1
+        parts = planning.split_parts(spec, workers)
+        strategy, reason = planning.choose_strategy(spec, parts, len(agents))
+        self.progress.strategy_used = strategy  # type: ignore[assignment]
+        self.progress.strategy_reason = reason
+        self.progress.steps_total = len(parts)
+        runner: Callable[[list[AgentState], list[str], bool], Awaitable[list[str]]]
+        runner = {
+            "hierarchical": self._hierarchical,
+            "mesh": self._mesh,
+            "ring": self._ring,
+            "star": self._star,
+        }[topology]
+        outputs = await runner(agents, parts, strategy == "sequential")
+        if strategy == "sequential":
+            self.progress.output = outputs[-1] if outputs else ""
+        else:
+            self.progress.output = "\n".join(o.rstrip("\n") for o in outputs)
+
+    # Topologies. Each returns the outputs in part order (sequential: the
+    # chain's outputs in execution order).
+
+    async def _hierarchical(
+        self, agents: list[AgentState], parts: list[str], sequential: bool
+    ) -> list[str]:
+        root = agents[0]
+        nodes = list(range(1, len(agents))) or [0]
+        self._flow("split", root, root, note=f"{len(parts)} subtasks")
+        owners = [nodes[j % len(nodes)] for j in range(len(parts))]
+        for j, node in enumerate(owners):
+            path = planning.tree_path(node)
+            for upper, lower in itertools.pairwise(path):
+                self._flow("delegate", agents[upper], agents[lower], part_index=j)
+        outputs = await self._run_parts([agents[n] for n in owners], parts, sequential)
+        # Results flow up the tree, children before parents, to the root.
+        worked = set(owners)
+        for node in range(len(agents) - 1, 0, -1):
+            if self._subtree_worked(node, worked, len(agents)):
+                parent = planning.tree_parent(node)
+                assert parent is not None
+                self._flow("collect", agents[node], agents[parent], note="aggregate")
+        return outputs
+
+    @staticmethod
+    def _subtree_worked(node: int, worked: set[int], size: int) -> bool:
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current in worked:
+                return True
+            stack += [c for c in (2 * current + 1, 2 * current + 2) if c < size]
+        return False
+
+    async def _mesh(
+        self, agents: list[AgentState], parts: list[str], sequential: bool
+    ) -> list[str]:
+        queue = deque(enumerate(parts))
+        outputs = [""] * len(parts)
+        if sequential:
+            previous: str | None = None
+            turn = 0
+            chain: list[str] = []
+            while queue:
+                index, part = queue.popleft()
+                agent = agents[turn % len(agents)]
+                turn += 1
+                self._flow("claim", None, agent, part_index=index)
+                step = await self._step(agent, index, len(parts), part, previous)
+                previous = step.output_text()
+                chain.append(previous)
+                if step.status == "failed":
+                    break
+            return chain
+
+        async def claim_loop(agent: AgentState) -> None:
+            while queue:
+                index, part = queue.popleft()
+                self._flow("claim", None, agent, part_index=index)
+                step = await self._step(agent, index, len(parts), part, None)
+                outputs[index] = step.output_text()
+
+        await asyncio.gather(*(claim_loop(a) for a in agents))
+        return outputs
+
+    async def _ring(
+        self, agents: list[AgentState], parts: list[str], sequential: bool
+    ) -> list[str]:
+        n = len(agents)
+        if sequential:
+            outputs: list[str] = []
+            previous: str | None = None
+            for index, part in enumerate(parts):
+                agent = agents[index % n]
+                if index > 0:
+                    self._flow("pass", agents[(index - 1) % n], agent, part_index=index)
+                step = await self._step(agent, index, len(parts), part, previous)
+                previous = step.output_text()
+                outputs.append(previous)
+                if step.status == "failed":
+                    break
+            return outputs
+        outputs = await self._run_parts(
+            [agents[i % n] for i in range(len(parts))], parts, False
+        )
+        # Partial results travel once around the ring, 0 -> 1 -> ... -> 0.
+        members = min(n, len(parts))
+        if members > 1:
+            for i in range(members):
+                self._flow(
+                    "pass", agents[i], agents[(i + 1) % members], note="partial result"
+                )
+        return outputs
+
+    async def _star(
+        self, agents: list[AgentState], parts: list[str], sequential: bool
+    ) -> list[str]:
+        hub = agents[0]
+        spokes = agents[1:] or [hub]
+        owners = [spokes[j % len(spokes)] for j in range(len(parts))]
+        if sequential:
+            outputs: list[str] = []
+            previous: str | None = None
+            for index, (agent, part) in enumerate(zip(owners, parts, strict=True)):
+                self._flow("distribute", hub, agent, part_index=index)
+                step = await self._step(agent, index, len(parts), part, previous)
+                self._flow("collect", agent, hub, part_index=index)
+                previous = step.output_text()
+                outputs.append(previous)
+                if step.status == "failed":
+                    break
+            return outputs
+        for index, agent in enumerate(owners):
+            self._flow("distribute", hub, agent, part_index=index)
+        outputs = await self._run_parts(owners, parts, False)
+        for index, agent in enumerate(owners):
+            self._flow("collect", agent, hub, part_index=index)
+        return outputs
+
+    async def _run_parts(
+        self, owners: list[AgentState], parts: list[str], sequential: bool
+    ) -> list[str]:
+        if sequential:
+            outputs: list[str] = []
+            previous: str | None = None
+            for index, (agent, part) in enumerate(zip(owners, parts, strict=True)):
+                step = await self._step(agent, index, len(parts), part, previous)
+                previous = step.output_text()
+                outputs.append(previous)
+                if step.status == "failed":
+                    break
+            return outputs
+        steps = await asyncio.gather(
+            *(
+                self._step(agent, index, len(parts), part, None)
+                for index, (agent, part) in enumerate(zip(owners, parts, strict=True))
+            )
+        )
+        return [s.output_text() for s in steps]
+
+    async def _step(
+        self,
+        agent: AgentState,
+        part_index: int,
+        part_count: int,
+        part: str,
+        previous: str | None,
+    ) -> StepResult:
+        step_number = self.next_step
+        self.next_step += 1
+        placeholder = StepResult(
+            step=step_number,
+            agent_id=agent.agent_id,
+            agent_name=agent.name,
+            agent_type=agent.type,
+            part_index=part_index,
+            part=part,
+            kind=self.input.spec.work.kind,
+            status="running",
+            started_at=workflow.now(),
+        )
+        self.progress.steps.append(placeholder)
+        request = AgentStepRequest(
+            swarm_id=self.input.swarm_id,
+            task_id=self.input.spec.task_id,
+            step=step_number,
+            agent=agent,
+            work=self.input.spec.work,
+            part_index=part_index,
+            part_count=part_count,
+            part=part,
+            previous_output=previous,
+        )
+        try:
+            result: StepResult = await workflow.execute_activity(
+                "run_agent_step",
+                request,
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(
+                    seconds=self.input.spec.work.timeout_seconds + 60
+                ),
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=STEP_RETRY,
+                result_type=StepResult,
+            )
+        except ActivityError as error:
+            cause = error.cause
+            if isinstance(cause, CancelledError):
+                # The task itself was cancelled (swarm destroyed): stop, not fail.
+                raise asyncio.CancelledError() from error
+            message = (
+                cause.message
+                if isinstance(cause, ApplicationError)
+                else str(cause or error)
+            )
+            result = placeholder.model_copy(
+                update={
+                    "status": "failed",
+                    "error": message,
+                    "finished_at": workflow.now(),
+                }
+            )
+        index = self.progress.steps.index(placeholder)
+        self.progress.steps[index] = result
+        if result.status == "completed":
+            self.progress.steps_completed += 1
+        else:
+            self.progress.steps_failed += 1
+        return result
+
+    def _flow(
+        self,
+        kind: str,
+        source: AgentState | None,
+        target: AgentState,
+        *,
+        part_index: int | None = None,
+        note: str | None = None,
+    ) -> None:
+        self.progress.flow.append(
+            FlowEdge(
+                kind=kind,
+                source=source.agent_id if source else "queue",
+                target=target.agent_id,
+                part_index=part_index,
+                note=note,
+            )
+        )
