@@ -16,7 +16,12 @@ from app.contracts.queues import ALL_QUEUES
 from app.contracts.workflows import StepOutcome, StepRequest
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool, load_tools
-from app.workflows.steps import StepType, get_step_type, register_step_type
+from app.workflows.steps import (
+    UNAVAILABLE_ACTIVITY,
+    StepType,
+    get_step_type,
+    register_step_type,
+)
 from tests.conftest import running_workers, wait_for_pollers
 
 TEST_QUEUE = "nexus-test-steps"
@@ -64,6 +69,18 @@ async def sleep(request: StepRequest) -> StepOutcome:
 for _name in ("test_flaky", "test_broken", "test_sleep"):
     if get_step_type(_name) is None:
         register_step_type(StepType(_name, _name, TEST_QUEUE, heartbeat_timeout=2))
+
+# Every capability of this build is installed, so the test declares a type
+# whose capability is missing, the way a build without one declares its types.
+if get_step_type("test_missing") is None:
+    register_step_type(
+        StepType(
+            "test_missing",
+            UNAVAILABLE_ACTIVITY,
+            local=True,
+            missing="the test capability is not installed in this build",
+        )
+    )
 
 
 @pytest.fixture

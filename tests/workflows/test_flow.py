@@ -196,12 +196,12 @@ async def test_unavailable_type_fails_clearly(
     flow_workers: Settings, tools: ToolContext
 ) -> None:
     workflow_id = await _create(
-        tools, "sandboxed", [{"name": "run code", "type": "sandbox_execution"}]
+        tools, "missing-capability", [{"name": "run", "type": "test_missing"}]
     )
     with pytest.raises(ToolError) as caught:
         await _run(tools, workflow_id)
-    assert "step type 'sandbox_execution' is not available" in caught.value.message
-    assert "sandboxes capability is not installed" in caught.value.message
+    assert "step type 'test_missing' is not available" in caught.value.message
+    assert "test capability is not installed" in caught.value.message
 
 
 async def test_cancel_stops_running_step(
