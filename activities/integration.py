@@ -21,6 +21,7 @@ from app.integration.steps import (
     PerformanceOptimizationParams,
     SandboxExecutionParams,
     ScalabilityParams,
+    SwarmOrchestrationParams,
 )
 from app.services.memory import read_memory
 from app.settings import Settings
@@ -154,6 +155,80 @@ class IntegrationActivities:
             )
         finally:
             heartbeat.cancel()
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_swarm_orchestration")
+    async def swarm_orchestration(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, SwarmOrchestrationParams)
+        swarm_ids: list[str] = []
+        try:
+            for _ in range(params.swarms):
+                swarm = await self._call(
+                    request,
+                    "swarm_init",
+                    {"topology": params.topology, "maxAgents": params.agents},
+                )
+                swarm_ids.append(swarm["swarm_id"])
+                for index in range(params.agents):
+                    # A hierarchical swarm's root splits and delegates.
+                    kind = "coordinator" if index == 0 else "coder"
+                    await self._call(
+                        request,
+                        "agent_spawn",
+                        {"type": kind, "swarm_id": swarm["swarm_id"]},
+                    )
+            tasks = [
+                await self._call(
+                    request,
+                    "task_orchestrate",
+                    {
+                        "task": params.task,
+                        "swarm_id": swarm_id,
+                        "code": params.code,
+                        "language": params.language,
+                    },
+                )
+                for swarm_id in swarm_ids
+            ]
+            results = await asyncio.gather(
+                *(
+                    self._call(
+                        request,
+                        "task_results",
+                        {
+                            "task_id": task["task_id"],
+                            "wait_seconds": params.timeout_seconds,
+                        },
+                    )
+                    for task in tasks
+                )
+            )
+        finally:
+            for swarm_id in swarm_ids:
+                await self._call(request, "swarm_destroy", {"swarm_id": swarm_id})
+        failed = [r for r in results if r["status"] != "completed"]
+        output = {
+            "swarms": [
+                {
+                    "swarm_id": r["swarm_id"],
+                    "task_id": r["task_id"],
+                    "status": r["status"],
+                    "agents": len(r["results"]),
+                    "duration_ms": r["duration_ms"],
+                    "output": (r["output"] or "")[-2000:],
+                }
+                for r in results
+            ]
+        }
+        if failed:
+            raise ApplicationError(
+                f"step {request.step!r} (swarm_orchestration): "
+                f"{len(failed)} of {len(results)} swarm tasks ended "
+                f"{failed[0]['status']}: {failed[0]['error']}",
+                output,
+                type="SwarmTaskFailed",
+                non_retryable=True,
+            )
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
     @activity.defn(name="step_cross_system_integration")

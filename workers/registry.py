@@ -187,6 +187,7 @@ def _integration_activities(settings: Settings) -> list[Callable[..., Any]]:
     return [
         steps.sandbox_execution,
         steps.neural_computation,
+        steps.swarm_orchestration,
         steps.cross_system_integration,
         steps.performance_optimization,
         steps.scalability_validation,

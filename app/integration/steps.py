@@ -49,6 +49,22 @@ class NeuralComputationParams(BaseModel):
     input: list[Any] | None = Field(None, description="Rows to predict.")
 
 
+class SwarmOrchestrationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    swarms: int = Field(1, ge=1, le=10, description="Swarms to run the task in.")
+    topology: Literal["hierarchical", "mesh", "ring", "star"] = "hierarchical"
+    agents: int = Field(3, ge=1, le=20, description="Agents per swarm.")
+    task: str = Field("benchmark task", min_length=1)
+    code: str = Field(
+        "import os\nprint('agent', os.getpid())",
+        min_length=1,
+        description="Program each selected agent runs in its sandbox.",
+    )
+    language: Literal["python", "javascript", "bash"] = "python"
+    timeout_seconds: float = Field(300, gt=0, le=3600)
+
+
 class CrossSystemParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +102,12 @@ for _step_type in (
         ORCHESTRATION,
         NeuralComputationParams,
         heartbeat_timeout=120,
+    ),
+    StepType(
+        "swarm_orchestration",
+        "step_swarm_orchestration",
+        ORCHESTRATION,
+        SwarmOrchestrationParams,
     ),
     StepType(
         "cross_system_integration",

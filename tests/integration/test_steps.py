@@ -96,3 +96,31 @@ async def test_failing_code_fails_step(client: Client, workers: Settings) -> Non
             ],
         )
     assert "exit code 3" in caught.value.message
+
+
+async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    result = await run_definition(
+        ctx,
+        "integration-swarms",
+        [
+            {
+                "name": "swarms",
+                "type": "swarm_orchestration",
+                "params": {
+                    "swarms": 2,
+                    "agents": 2,
+                    "topology": "hierarchical",
+                    "code": "print('part done')",
+                },
+            }
+        ],
+    )
+    swarms = step_outputs(result)["swarms"]["swarms"]
+    assert len(swarms) == 2  # type: ignore[arg-type]
+    for swarm in swarms:  # type: ignore[union-attr]
+        assert swarm["status"] == "completed"
+        assert "part done" in swarm["output"]
+    listed = await invoke_tool(ctx, "swarm_list", {"status": "active"})
+    active = {s["swarm_id"] for s in listed["swarms"]}
+    assert not active & {s["swarm_id"] for s in swarms}  # type: ignore[union-attr]
