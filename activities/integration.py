@@ -12,15 +12,18 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.workflows import parse_params, step_error
+from app.benchmark.integration import run_stream_load
 from app.benchmark.load import run_load
 from app.contracts.benchmark import LoadRequest
 from app.contracts.workflows import StepOutcome, StepRequest
 from app.integration.steps import (
     CrossSystemParams,
+    MonitoringParams,
     NeuralComputationParams,
     PerformanceOptimizationParams,
     SandboxExecutionParams,
     ScalabilityParams,
+    StreamingParams,
     SwarmOrchestrationParams,
 )
 from app.services.memory import read_memory
@@ -229,6 +232,56 @@ class IntegrationActivities:
                 type="SwarmTaskFailed",
                 non_retryable=True,
             )
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_real_time_streaming")
+    async def real_time_streaming(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, StreamingParams)
+
+        async def call(tool: str, arguments: dict[str, Any], **_: Any) -> Any:
+            return await self._call(request, tool, arguments)
+
+        output = await run_stream_load(
+            call,
+            self.settings,
+            scope=(f"step-{request.execution_id}-{request.step}", 0),
+            total=params.events,
+            streams=params.streams,
+        )
+        if output["events_lost"] or output["duplicates"]:
+            raise ApplicationError(
+                f"step {request.step!r} (real_time_streaming): "
+                f"{output['events_lost']} events lost and {output['duplicates']} "
+                "delivered twice",
+                output,
+                type="EventsLost",
+                non_retryable=True,
+            )
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    @activity.defn(name="step_real_time_monitoring")
+    async def real_time_monitoring(self, request: StepRequest) -> StepOutcome:
+        params = parse_params(request, MonitoringParams)
+        arguments: dict[str, Any] = {"table": params.table, "event": params.event}
+        if params.filter:
+            arguments["filter"] = params.filter
+        subscription = await self._call(request, "realtime_subscribe", arguments)
+        subscription_id = subscription["subscription_id"]
+        try:
+            batch = await self._call(
+                request,
+                "realtime_events",
+                {
+                    "subscription_id": subscription_id,
+                    "limit": params.limit,
+                    "wait_ms": params.wait_ms,
+                },
+            )
+        finally:
+            await self._call(
+                request, "realtime_unsubscribe", {"subscription_id": subscription_id}
+            )
+        output = {"subscription_id": subscription_id, **batch}
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
     @activity.defn(name="step_cross_system_integration")

@@ -188,6 +188,8 @@ def _integration_activities(settings: Settings) -> list[Callable[..., Any]]:
         steps.sandbox_execution,
         steps.neural_computation,
         steps.swarm_orchestration,
+        steps.real_time_streaming,
+        steps.real_time_monitoring,
         steps.cross_system_integration,
         steps.performance_optimization,
         steps.scalability_validation,

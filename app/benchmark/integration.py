@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from app.settings import Settings
@@ -40,25 +41,59 @@ def _matches(filter_index: int, phase: str, sequence: int, half: int) -> bool:
     ][filter_index]
 
 
+ToolCall = Callable[..., Awaitable[dict[str, Any]]]
+
+
 async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
-    """Insert rows while filtered subscriptions consume them; count what each
-    receives against what its filter admits."""
-    from app.benchmark.phases import STREAM_FILTERS, PhaseFailed
+    """The streaming phase: the load below, with every call counted."""
+    from app.benchmark.phases import PhaseFailed
+
+    outcome = await run_stream_load(
+        runner.call,
+        runner.settings,
+        scope=(runner.request.run_id, runner.request.cycle),
+        total=runner.config.stream_events,
+        streams=runner.config.streams,
+    )
+    runner.metrics.update(outcome)
+    lost, duplicates = outcome["events_lost"], outcome["duplicates"]
+    runner.check(
+        "no_events_lost",
+        lost == 0 and duplicates == 0,
+        f"{lost} events lost and {duplicates} delivered twice across "
+        f"{outcome['subscriptions']} subscriptions",
+    )
+    if lost:
+        raise PhaseFailed(f"{lost} events lost")
+    return outcome
+
+
+async def run_stream_load(
+    call: ToolCall,
+    settings: Settings,
+    *,
+    scope: tuple[str, int],
+    total: int,
+    streams: int,
+) -> dict[str, Any]:
+    """Insert `total` rows into extended_duration_test_events while `streams`
+    filtered subscriptions consume them, and count what each receives against
+    what its filter admits. `scope` is the (run_id, cycle) the rows carry."""
+    from app.benchmark.phases import STREAM_FILTERS
     from app.benchmark.stats import percentile
 
-    request = runner.request
-    total = runner.config.stream_events
+    run_id, cycle = scope
     half = total // 2
-    scope = f"run_id=eq.{request.run_id},cycle=eq.{request.cycle}"
-    filters = [f.format(half=half) for f in STREAM_FILTERS][: runner.config.streams]
+    prefix = f"run_id=eq.{run_id},cycle=eq.{cycle}"
+    filters = [f.format(half=half) for f in STREAM_FILTERS][:streams]
     subscriptions = []
     for text in filters:
-        created = await runner.call(
+        created = await call(
             "realtime_subscribe",
             {
                 "table": "extended_duration_test_events",
                 "event": "INSERT",
-                "filter": f"{scope},{text}",
+                "filter": f"{prefix},{text}",
             },
         )
         subscriptions.append(created["subscription_id"])
@@ -76,10 +111,9 @@ async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
         seen: set[int] = set()
         deadline = time.monotonic() + 60
         while received[index] < expected[index] and time.monotonic() < deadline:
-            batch = await runner.call(
+            batch = await call(
                 "realtime_events",
                 {"subscription_id": subscription_id, "limit": 1000, "wait_ms": 1000},
-                name="realtime_events",
             )
             now = time.time()
             for event in batch["events"]:
@@ -95,52 +129,45 @@ async def stream_load(runner: PhaseRunner) -> dict[str, Any]:
     consumers = [
         asyncio.create_task(consume(i, sid)) for i, sid in enumerate(subscriptions)
     ]
-    inserted = await asyncio.to_thread(_insert_events, runner, phases)
-    runner.record("insert_events", True, inserted * 1000)
+    insert_seconds = await asyncio.to_thread(
+        _insert_events, settings, run_id, cycle, phases
+    )
     await asyncio.gather(*consumers)
     seconds = time.perf_counter() - started
     for subscription_id in subscriptions:
-        await runner.call("realtime_unsubscribe", {"subscription_id": subscription_id})
+        await call("realtime_unsubscribe", {"subscription_id": subscription_id})
     delivered = sum(received)
-    lost = sum(expected) - delivered
-    outcome = {
+    return {
         "subscriptions": len(filters),
         "events_inserted": total,
+        "insert_seconds": round(insert_seconds, 3),
         "events_expected": sum(expected),
         "events_delivered": delivered,
-        "events_lost": lost,
+        "events_lost": sum(expected) - delivered,
         "duplicates": duplicates,
         "delivered_per_second": round(delivered / seconds, 3) if seconds else 0.0,
         "latency_p50_ms": round(percentile(latencies, 0.5), 3) if latencies else None,
         "latency_p99_ms": round(percentile(latencies, 0.99), 3) if latencies else None,
     }
-    runner.metrics.update(outcome)
-    runner.check(
-        "no_events_lost",
-        lost == 0 and duplicates == 0,
-        f"{lost} events lost and {duplicates} delivered twice across "
-        f"{len(filters)} subscriptions",
-    )
-    if lost:
-        raise PhaseFailed(f"{lost} events lost")
-    return outcome
 
 
-def _insert_events(runner: PhaseRunner, phases: list[str]) -> float:
-    """Insert the phase's rows in small transactions; return the seconds taken."""
+def _insert_events(
+    settings: Settings, run_id: str, cycle: int, phases: list[str]
+) -> float:
+    """Insert the rows in small transactions; return the seconds taken."""
     from app.benchmark.models import ExtendedDurationTestEvent
     from app.db import session_scope
 
     started = time.perf_counter()
-    url = runner.settings.effective_database_url
+    url = settings.effective_database_url
     batch = 50
     for offset in range(0, len(phases), batch):
         with session_scope(url) as session:
             for sequence in range(offset, min(offset + batch, len(phases))):
                 session.add(
                     ExtendedDurationTestEvent(
-                        run_id=runner.request.run_id,
-                        cycle=runner.request.cycle,
+                        run_id=run_id,
+                        cycle=cycle,
                         test_phase=phases[sequence],
                         sequence=sequence,
                         sent_at=time.time(),

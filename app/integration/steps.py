@@ -65,6 +65,24 @@ class SwarmOrchestrationParams(BaseModel):
     timeout_seconds: float = Field(300, gt=0, le=3600)
 
 
+class StreamingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    streams: int = Field(5, ge=1, le=5, description="Filtered subscriptions.")
+    table: Literal["extended_duration_test_events"] = "extended_duration_test_events"
+    events: int = Field(50, ge=1, le=100_000, description="Rows to insert.")
+
+
+class MonitoringParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field(min_length=1)
+    event: Literal["INSERT", "UPDATE", "DELETE", "*"] = "*"
+    filter: str | None = None
+    wait_ms: int = Field(1000, ge=0, le=60_000)
+    limit: int = Field(100, ge=1, le=1000)
+
+
 class CrossSystemParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +126,18 @@ for _step_type in (
         "step_swarm_orchestration",
         ORCHESTRATION,
         SwarmOrchestrationParams,
+    ),
+    StepType(
+        "real_time_streaming",
+        "step_real_time_streaming",
+        ORCHESTRATION,
+        StreamingParams,
+    ),
+    StepType(
+        "real_time_monitoring",
+        "step_real_time_monitoring",
+        ORCHESTRATION,
+        MonitoringParams,
     ),
     StepType(
         "cross_system_integration",
