@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
+from app.realtime.cli import realtime_cli
 from app.sandbox.cli import sandbox_cli
 from app.settings import Settings, get_settings
+from app.storage.cli import storage_cli
 from app.swarm.cli import swarm_cli
 from app.workflows.cli import workflow_cli
 
@@ -39,6 +41,8 @@ def _add_capability_commands() -> None:
 
 
 cli.add_typer(neural_cli, name="neural")
+cli.add_typer(realtime_cli, name="realtime")
+cli.add_typer(storage_cli, name="storage")
 
 
 def load_settings() -> Settings:

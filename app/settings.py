@@ -103,6 +103,16 @@ class Settings(BaseSettings):
     anthropic_max_tokens: int = Field(
         1024, ge=1, le=64000, description="Output token limit of one agent reply."
     )
+    storage_signing_key: SecretStr | None = Field(
+        None,
+        description="Key that signs storage URLs; unset generates one once.",
+    )
+    realtime_retention_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="Minimum age in seconds before a change that every "
+        "subscription of its table has passed is pruned from the change log.",
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

@@ -14,6 +14,7 @@ from typing import Any
 from activities.benchmark import BenchmarkActivities
 from activities.integration import IntegrationActivities
 from activities.neural import neural_queue_activities, orchestration_activities
+from activities.realtime import RealtimeActivities
 from activities.sandbox import SandboxActivities, SandboxRecordActivities
 from activities.swarm import SwarmActivities, SwarmMirrorActivities
 from activities.system import ProbeActivities, SystemActivities
@@ -220,6 +221,17 @@ SWARM = Capability(
     },
 )
 
+
+def _realtime_activities(settings: Settings) -> list[Callable[..., Any]]:
+    realtime = RealtimeActivities(settings)
+    return [realtime.consume_changes, realtime.prune_realtime_changes]
+
+
+REALTIME = Capability(
+    name="realtime",
+    activities={queues.STREAMING: _realtime_activities},
+)
+
 CAPABILITIES: list[Capability] = [
     FOUNDATION,
     BENCHMARK,
@@ -228,6 +240,7 @@ CAPABILITIES: list[Capability] = [
     NEURAL,
     INTEGRATION,
     SWARM,
+    REALTIME,
 ]
 
 

@@ -31,6 +31,11 @@ def upgrade(url: str) -> list[str]:
     with get_engine(url).begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "heads")
+    # Capture triggers go on after every branch ran, since other branches
+    # create some of the default realtime tables.
+    from app.realtime.triggers import enable_default_tables
+
+    enable_default_tables(url)
     heads = current_heads(url)
     logger.info("database at migration heads %s", ",".join(heads))
     return heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 import os
 import re
@@ -11,7 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
 from app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # S3's rules, without dots, so a bucket name is always a plain folder name.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -58,10 +64,15 @@ def validate_path(path: str) -> str:
 
 class LocalStorage:
     """Byte-exact object storage in folders; each write is a temporary file
-    renamed into place, so a reader sees the old object or the new one."""
+    renamed into place, so a reader sees the old object or the new one.
 
-    def __init__(self, root: Path) -> None:
+    With a `database_url`, every put and delete also writes the object's size,
+    sha256 and content type to the `storage_objects` table.
+    """
+
+    def __init__(self, root: Path, database_url: str | None = None) -> None:
         self.root = root
+        self.database_url = database_url
 
     def _object_path(self, bucket: str, path: str) -> Path:
         target = (self.root / validate_bucket(bucket) / validate_path(path)).resolve()
@@ -85,7 +96,9 @@ class LocalStorage:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return self._info(bucket, path, target, data, content_type)
+        info = self._info(bucket, path, target, data, content_type)
+        self._record(info)
+        return info
 
     def get(self, bucket: str, path: str) -> bytes:
         target = self._object_path(bucket, path)
@@ -97,6 +110,9 @@ class LocalStorage:
         target = self._object_path(bucket, path)
         if not target.is_file():
             raise StorageError(f"object {path!r} not found in bucket {bucket!r}")
+        recorded = self._recorded(bucket, validate_path(path))
+        if recorded is not None and recorded.size == target.stat().st_size:
+            return recorded
         return self._info(bucket, path, target, target.read_bytes(), None)
 
     def delete(self, bucket: str, path: str) -> bool:
@@ -105,6 +121,7 @@ class LocalStorage:
         if not target.is_file():
             return False
         target.unlink()
+        self._forget(bucket, validate_path(path))
         return True
 
     def list(self, bucket: str, prefix: str = "", limit: int = 1000) -> list[str]:
@@ -140,6 +157,91 @@ class LocalStorage:
             modified_at=datetime.fromtimestamp(target.stat().st_mtime, UTC),
         )
 
+    def _record(self, info: ObjectInfo) -> None:
+        if self.database_url is None:
+            return
+        from app.db import get_engine
+
+        values = {
+            "bucket": info.bucket,
+            "path": info.path,
+            "size": info.size,
+            "sha256": info.sha256,
+            "content_type": info.content_type,
+            "now": datetime.now(UTC),
+        }
+        try:
+            with get_engine(self.database_url).begin() as connection:
+                connection.execute(
+                    text(
+                        "DELETE FROM storage_objects WHERE bucket = :bucket "
+                        "AND path = :path"
+                    ),
+                    values,
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO storage_objects (bucket, path, size, sha256, "
+                        "content_type, created_at, updated_at) VALUES (:bucket, "
+                        ":path, :size, :sha256, :content_type, :now, :now)"
+                    ),
+                    values,
+                )
+        except (OperationalError, ProgrammingError) as error:
+            # A database without the storage migration still stores bytes.
+            logger.warning(
+                "object %s/%s stored without metadata: %s; run `nexus db upgrade`",
+                info.bucket,
+                info.path,
+                error.orig,
+            )
+
+    def _recorded(self, bucket: str, path: str) -> ObjectInfo | None:
+        if self.database_url is None:
+            return None
+        from app.db import get_engine
+
+        try:
+            with get_engine(self.database_url).connect() as connection:
+                row = connection.execute(
+                    text(
+                        "SELECT size, sha256, content_type, updated_at FROM "
+                        "storage_objects WHERE bucket = :bucket AND path = :path"
+                    ),
+                    {"bucket": bucket, "path": path},
+                ).first()
+        except (OperationalError, ProgrammingError):
+            return None
+        if row is None:
+            return None
+        modified = row[3]
+        if not isinstance(modified, datetime):
+            modified = datetime.fromisoformat(str(modified))
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=UTC)
+        return ObjectInfo(bucket, path, int(row[0]), row[1], row[2], modified)
+
+    def _forget(self, bucket: str, path: str) -> None:
+        if self.database_url is None:
+            return
+        from app.db import get_engine
+
+        try:
+            with get_engine(self.database_url).begin() as connection:
+                connection.execute(
+                    text(
+                        "DELETE FROM storage_objects WHERE bucket = :bucket "
+                        "AND path = :path"
+                    ),
+                    {"bucket": bucket, "path": path},
+                )
+        except (OperationalError, ProgrammingError) as error:
+            logger.warning("metadata of %s/%s not removed: %s", bucket, path, error)
+
 
 def storage_for(settings: Settings) -> LocalStorage:
-    return LocalStorage(settings.resolved_data_dir / "storage")
+    """Return the storage of these settings, recording metadata in their
+    database."""
+    return LocalStorage(
+        settings.resolved_data_dir / "storage", settings.effective_database_url
+    )

@@ -22,6 +22,8 @@ TOOL_MODULES = (
     "app.tools.neural",
     "app.tools.neural_cluster",
     "app.tools.swarm",
+    "app.tools.realtime",
+    "app.tools.storage",
 )
 
 

@@ -1,0 +1,56 @@
+"""Contracts of realtime: subscriptions, change events and the streaming
+activity."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+EventType = Literal["INSERT", "UPDATE", "DELETE", "*"]
+
+
+class SubscriptionInfo(BaseModel):
+    """A subscription and its delivery state."""
+
+    subscription_id: str
+    table: str
+    event: EventType
+    filter: str
+    cursor: int = Field(description="Id of the last change passed to the subscriber.")
+    delivered: int = Field(description="Events delivered so far.")
+    batch_size: int
+    buffer_timeout: int = Field(description="Milliseconds.")
+    max_buffer_size: int
+    stream_kind: str | None = None
+    stream_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    head: int | None = Field(
+        None, description="Id of the newest change in the log, any table."
+    )
+    lag: int | None = Field(
+        None, description="Changes of the table after the cursor, not yet passed."
+    )
+
+
+class ConsumeChangesInput(BaseModel):
+    """Consume a subscription from a workflow: up to `max_events` events,
+    stopping early after `idle_ms` without a new change."""
+
+    subscription_id: str
+    # Collected events travel in heartbeat details, which Temporal limits in
+    # size, so one activity collects at most 10,000.
+    max_events: int = Field(1000, ge=1, le=10_000)
+    idle_ms: int = Field(2000, ge=0, le=600_000)
+
+
+class ConsumeChangesResult(BaseModel):
+    subscription_id: str
+    events: list[dict[str, Any]]
+    cursor: int
+    resumed_from: int = Field(
+        description="Cursor the activity started from: its heartbeat, else the "
+        "subscription's stored cursor."
+    )

@@ -1,0 +1,105 @@
+"""`nexus realtime ...`: enable tables, tail changes, list subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+from typing import Annotated, Any
+
+import typer
+
+realtime_cli = typer.Typer(help="Realtime change streams.", no_args_is_help=True)
+
+
+@realtime_cli.command("enable")
+def enable_command(
+    table: Annotated[str, typer.Argument(help="Table of the application database.")],
+) -> None:
+    """Install the capture triggers on TABLE, so it can be subscribed to."""
+    from app.cli import load_settings, print_json
+    from app.realtime.triggers import RealtimeTableError, enable_realtime
+
+    settings = load_settings()
+    try:
+        enable_realtime(settings.effective_database_url, table)
+    except RealtimeTableError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    print_json({"table": table, "realtime": "enabled"})
+
+
+@realtime_cli.command("list")
+def list_command() -> None:
+    """List subscriptions with their cursor, delivered count and lag."""
+    from app.cli import call_tool, print_json
+
+    print_json(call_tool("realtime_list", {}))
+
+
+@realtime_cli.command("prune")
+def prune_command() -> None:
+    """Delete changes every subscription has passed, past the retention."""
+    from app.cli import load_settings, print_json
+    from app.realtime.service import prune_changes
+
+    settings = load_settings()
+    deleted = prune_changes(
+        settings.effective_database_url, settings.realtime_retention_seconds
+    )
+    print_json({"deleted": deleted})
+
+
+@realtime_cli.command("tail")
+def tail_command(
+    table: Annotated[str, typer.Argument(help="Table to follow.")],
+    filter_text: Annotated[
+        str | None,
+        typer.Option("--filter", help="PostgREST filter, e.g. status=eq.active."),
+    ] = None,
+    event: Annotated[str, typer.Option(help="INSERT, UPDATE, DELETE or *.")] = "*",
+    count: Annotated[
+        int | None, typer.Option(help="Exit after this many events.")
+    ] = None,
+) -> None:
+    """Print each matching change of TABLE as one JSON line until Ctrl-C.
+
+    The subscription is created on start and deleted on exit.
+    """
+    from app.cli import load_settings
+    from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+
+    settings = load_settings()
+    load_tools()
+    ctx = ToolContext(settings, user_id=f"cli:{getpass.getuser()}")
+
+    async def follow() -> None:
+        arguments: dict[str, Any] = {"table": table, "event": event}
+        if filter_text:
+            arguments["filter"] = filter_text
+        created = await invoke_tool(ctx, "realtime_subscribe", arguments)
+        subscription_id = created["subscription_id"]
+        typer.echo(f"subscribed as {subscription_id}", err=True)
+        printed = 0
+        try:
+            while count is None or printed < count:
+                batch = await invoke_tool(
+                    ctx,
+                    "realtime_events",
+                    {"subscription_id": subscription_id, "wait_ms": 1000},
+                )
+                for item in batch["events"]:
+                    typer.echo(json.dumps(item, default=str))
+                    printed += 1
+        finally:
+            await invoke_tool(
+                ctx, "realtime_unsubscribe", {"subscription_id": subscription_id}
+            )
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(follow())
+    except ToolError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(1) from None

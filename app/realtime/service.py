@@ -1,0 +1,406 @@
+"""Subscriptions, their durable cursors, and reading the change log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from app.contracts.realtime import SubscriptionInfo
+from app.db import get_engine
+from app.realtime.filters import RowFilter, parse_filter
+from app.realtime.triggers import column_kinds, enabled_tables, validate_table_name
+
+logger = logging.getLogger(__name__)
+
+EVENT_TYPES = ("INSERT", "UPDATE", "DELETE", "*")
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_BUFFER_TIMEOUT_MS = 1000
+DEFAULT_MAX_BUFFER_SIZE = 10000
+# Rows read from the log per query; non-matching rows only move the cursor.
+SCAN_PAGE = 1000
+
+
+class SubscriptionError(ValueError):
+    """An invalid subscription request; the message names the value."""
+
+
+class SubscriptionNotFound(LookupError):
+    """The subscription id does not exist (never created, or unsubscribed)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the change log."""
+
+    id: int
+    schema: str
+    table: str
+    event_type: str
+    record: dict[str, Any] | None
+    old_record: dict[str, Any] | None
+    committed_at: str
+
+    def payload(self) -> dict[str, Any]:
+        """Return the event as subscribers see it."""
+        return {
+            "id": self.id,
+            "schema": self.schema,
+            "table": self.table,
+            "commit_timestamp": self.committed_at,
+            "eventType": self.event_type,
+            "new": self.record or {},
+            "old": self.old_record or {},
+        }
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """The event type and filter of one subscription, compiled."""
+
+    event: str
+    row_filter: RowFilter
+
+    def matches(self, change: Change) -> bool:
+        if self.event != "*" and change.event_type != self.event:
+            return False
+        record = change.old_record if change.event_type == "DELETE" else change.record
+        return self.row_filter.matches(record)
+
+
+def new_subscription_id() -> str:
+    return "sub_" + secrets.token_hex(8)
+
+
+def compile_matcher(url: str, table: str, event: str, filter_text: str) -> Matcher:
+    """Validate and compile a subscription's event type and filter.
+
+    Raises:
+        SubscriptionError: an unknown event type, column or operator, or a bad
+            value; the table is missing or not enabled.
+    """
+    if event not in EVENT_TYPES:
+        raise SubscriptionError(
+            f"invalid event {event!r}; use one of {', '.join(EVENT_TYPES)}"
+        )
+    try:
+        validate_table_name(table)
+        kinds = column_kinds(url, table)
+    except ValueError as error:
+        raise SubscriptionError(str(error)) from None
+    try:
+        row_filter = parse_filter(filter_text, kinds)
+    except ValueError as error:
+        raise SubscriptionError(
+            f"invalid filter for table {table!r}: {error}"
+        ) from None
+    return Matcher(event=event, row_filter=row_filter)
+
+
+def create_subscription(
+    url: str,
+    table: str,
+    *,
+    event: str = "*",
+    filter_text: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    buffer_timeout_ms: int = DEFAULT_BUFFER_TIMEOUT_MS,
+    max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE,
+    user_id: str = "local",
+    stream_kind: str | None = None,
+    stream_id: str | None = None,
+    from_start: bool = False,
+) -> SubscriptionInfo:
+    """Create a subscription whose cursor starts at the newest change (or at
+    the start of the log with `from_start`).
+
+    Raises:
+        SubscriptionError: see `compile_matcher`; also a table without realtime.
+    """
+    filter_text = (filter_text or "").strip()
+    compile_matcher(url, table, event, filter_text)
+    if table not in enabled_tables(url):
+        raise SubscriptionError(
+            f"realtime is not enabled on table {table!r}; run "
+            f"`nexus realtime enable {table}` first"
+        )
+    if max_buffer_size < batch_size:
+        raise SubscriptionError(
+            f"max_buffer_size {max_buffer_size} is smaller than batch_size "
+            f"{batch_size}; raise max_buffer_size or lower batch_size"
+        )
+    subscription_id = new_subscription_id()
+    now = datetime.now(UTC)
+    with get_engine(url).begin() as connection:
+        cursor = 0 if from_start else _head(connection)
+        connection.execute(
+            text(
+                "INSERT INTO realtime_subscriptions (id, table_name, event_type, "
+                "filter, cursor, delivered, batch_size, buffer_timeout_ms, "
+                "max_buffer_size, user_id, stream_kind, stream_id, created_at, "
+                "updated_at) VALUES (:id, :table, :event, :filter, :cursor, 0, "
+                ":batch_size, :buffer_timeout, :max_buffer, :user_id, :stream_kind, "
+                ":stream_id, :now, :now)"
+            ),
+            {
+                "id": subscription_id,
+                "table": table,
+                "event": event,
+                "filter": filter_text,
+                "cursor": cursor,
+                "batch_size": batch_size,
+                "buffer_timeout": buffer_timeout_ms,
+                "max_buffer": max_buffer_size,
+                "user_id": user_id,
+                "stream_kind": stream_kind,
+                "stream_id": stream_id,
+                "now": now,
+            },
+        )
+    logger.info(
+        "subscription %s created on %s (event %s, filter %r, cursor %d)",
+        subscription_id,
+        table,
+        event,
+        filter_text,
+        cursor,
+    )
+    return get_subscription(url, subscription_id)
+
+
+def _head(connection: Connection) -> int:
+    value = connection.execute(text("SELECT MAX(id) FROM realtime_changes")).scalar()
+    return int(value or 0)
+
+
+_SUBSCRIPTION_COLUMNS = (
+    "id, table_name, event_type, filter, cursor, delivered, batch_size, "
+    "buffer_timeout_ms, max_buffer_size, stream_kind, stream_id, created_at, "
+    "updated_at"
+)
+
+
+def _info(row: Sequence[Any]) -> SubscriptionInfo:
+    return SubscriptionInfo(
+        subscription_id=row[0],
+        table=row[1],
+        event=row[2],
+        filter=row[3],
+        cursor=int(row[4]),
+        delivered=int(row[5]),
+        batch_size=int(row[6]),
+        buffer_timeout=int(row[7]),
+        max_buffer_size=int(row[8]),
+        stream_kind=row[9],
+        stream_id=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+    )
+
+
+def get_subscription(url: str, subscription_id: str) -> SubscriptionInfo:
+    """Raises: SubscriptionNotFound."""
+    with get_engine(url).connect() as connection:
+        row = connection.execute(
+            text(
+                f"SELECT {_SUBSCRIPTION_COLUMNS} FROM realtime_subscriptions "
+                "WHERE id = :id"
+            ),
+            {"id": subscription_id},
+        ).first()
+    if row is None:
+        raise SubscriptionNotFound(
+            f"subscription {subscription_id!r} not found; list subscriptions with "
+            "realtime_list or create one with realtime_subscribe"
+        )
+    return _info(row)
+
+
+def list_subscriptions(url: str) -> list[SubscriptionInfo]:
+    """Every subscription with its lag: changes of its table after its cursor."""
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(
+            text(
+                f"SELECT {_SUBSCRIPTION_COLUMNS} FROM realtime_subscriptions "
+                "ORDER BY created_at, id"
+            )
+        ).all()
+        head = _head(connection)
+        infos: list[SubscriptionInfo] = []
+        for row in rows:
+            info = _info(row)
+            lag = connection.execute(
+                text(
+                    "SELECT COUNT(*) FROM realtime_changes "
+                    "WHERE table_name = :t AND id > :c"
+                ),
+                {"t": info.table, "c": info.cursor},
+            ).scalar()
+            infos.append(info.model_copy(update={"head": head, "lag": int(lag or 0)}))
+    return infos
+
+
+def delete_subscription(url: str, subscription_id: str) -> bool:
+    with get_engine(url).begin() as connection:
+        result = connection.execute(
+            text("DELETE FROM realtime_subscriptions WHERE id = :id"),
+            {"id": subscription_id},
+        )
+    deleted = bool(result.rowcount)
+    if deleted:
+        logger.info("subscription %s deleted", subscription_id)
+    return deleted
+
+
+def save_cursor(
+    url: str,
+    subscription_id: str,
+    cursor: int,
+    delivered: int,
+    *,
+    expected: int | None = None,
+) -> bool:
+    """Move the cursor forward (never back) and count delivered events.
+
+    With `expected`, the update only happens if the stored cursor still equals
+    it, so two readers of one subscription cannot both deliver a batch.
+
+    Returns:
+        False when the subscription no longer exists or `expected` did not match.
+    """
+    condition = "cursor = :expected" if expected is not None else "cursor <= :cursor"
+    with get_engine(url).begin() as connection:
+        result = connection.execute(
+            text(
+                "UPDATE realtime_subscriptions SET cursor = :cursor, "
+                "delivered = delivered + :delivered, updated_at = :now "
+                f"WHERE id = :id AND {condition}"
+            ),
+            {
+                "cursor": cursor,
+                "delivered": delivered,
+                "now": datetime.now(UTC),
+                "id": subscription_id,
+                "expected": expected,
+            },
+        )
+    return bool(result.rowcount)
+
+
+def _timestamp(value: Any) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _document(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        loaded = json.loads(value)
+        return loaded if isinstance(loaded, dict) else {"value": loaded}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {"value": value}
+
+
+def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
+    """Read up to `limit` changes of `table` with an id above `after`, in order."""
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT id, schema_name, event_type, record, old_record, committed_at "
+                "FROM realtime_changes WHERE table_name = :t AND id > :after "
+                "ORDER BY id LIMIT :limit"
+            ),
+            {"t": table, "after": after, "limit": limit},
+        ).all()
+    return [
+        Change(
+            id=int(row[0]),
+            schema=row[1],
+            table=table,
+            event_type=row[2],
+            record=_document(row[3]),
+            old_record=_document(row[4]),
+            committed_at=_timestamp(row[5]),
+        )
+        for row in rows
+    ]
+
+
+@dataclass
+class ScanResult:
+    events: list[dict[str, Any]]
+    cursor: int
+    exhausted: bool
+
+
+def scan(url: str, table: str, matcher: Matcher, after: int, limit: int) -> ScanResult:
+    """Collect up to `limit` matching events after `after`.
+
+    The returned cursor covers every row examined, so rows that did not match
+    are never read again; it stops at the `limit`-th event when there are more.
+    """
+    events: list[dict[str, Any]] = []
+    cursor = after
+    while True:
+        page = fetch_changes(url, table, cursor, SCAN_PAGE)
+        for change in page:
+            if matcher.matches(change):
+                events.append(change.payload())
+            cursor = change.id
+            if len(events) >= limit:
+                return ScanResult(events, cursor, exhausted=False)
+        if len(page) < SCAN_PAGE:
+            return ScanResult(events, cursor, exhausted=True)
+
+
+def prune_changes(url: str, retention_seconds: float) -> int:
+    """Delete changes older than the retention window that every subscription
+    of their table has passed; return how many were deleted."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=retention_seconds)
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            bound: Any = cutoff.strftime("%Y-%m-%dT%H:%M:%S.") + (
+                f"{cutoff.microsecond // 1000:03d}Z"
+            )
+        else:
+            bound = cutoff
+        result = connection.execute(
+            text(
+                "DELETE FROM realtime_changes WHERE committed_at < :cutoff AND id <= "
+                "COALESCE((SELECT MIN(s.cursor) FROM realtime_subscriptions s "
+                "WHERE s.table_name = realtime_changes.table_name), id)"
+            ),
+            {"cutoff": bound},
+        )
+    deleted = int(result.rowcount or 0)
+    if deleted:
+        logger.info("pruned %d realtime changes older than %s", deleted, cutoff)
+    return deleted
+
+
+_last_prune: dict[str, float] = {}
+
+
+def prune_if_due(url: str, retention_seconds: float, interval: float = 60.0) -> None:
+    """Prune at most once per `interval` seconds per process and database."""
+    now = time.monotonic()
+    if now - _last_prune.get(url, float("-inf")) < interval:
+        return
+    _last_prune[url] = now
+    try:
+        prune_changes(url, retention_seconds)
+    except Exception:
+        logger.exception("pruning the realtime change log failed; retrying later")

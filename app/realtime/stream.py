@@ -1,0 +1,422 @@
+"""Delivery: wake-ups (LISTEN/NOTIFY on PostgreSQL, polling and in-process
+signals on SQLite), the bounded async subscriber, and `next_events`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from app.db import get_engine
+from app.realtime.service import (
+    Matcher,
+    SubscriptionNotFound,
+    compile_matcher,
+    get_subscription,
+    save_cursor,
+    scan,
+)
+from app.realtime.triggers import NOTIFY_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+# How often SQLite subscribers look at the log for changes made by other
+# processes; changes made in this process wake them at once.
+SQLITE_POLL_SECONDS = 0.05
+_RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def is_postgresql(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"
+
+
+def libpq_conninfo(url: str) -> str:
+    parsed = make_url(url)
+    return psycopg.conninfo.make_conninfo(
+        host=parsed.host or "",
+        port=str(parsed.port or ""),
+        user=parsed.username or "",
+        password=parsed.password or "",
+        dbname=parsed.database or "",
+    )
+
+
+class _LocalCommits:
+    """Wakes waiters of a SQLite database when this process commits to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]]
+        self._waiters = {}
+        self._hooked: set[str] = set()
+
+    def add(
+        self, url: str, loop: asyncio.AbstractEventLoop, wake: asyncio.Event
+    ) -> None:
+        with self._lock:
+            if url not in self._hooked:
+                event.listen(get_engine(url), "commit", lambda _c: self._signal(url))
+                self._hooked.add(url)
+            self._waiters.setdefault(url, set()).add((loop, wake))
+
+    def remove(
+        self, url: str, loop: asyncio.AbstractEventLoop, wake: asyncio.Event
+    ) -> None:
+        with self._lock:
+            self._waiters.get(url, set()).discard((loop, wake))
+
+    def _signal(self, url: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.get(url, ()))
+        for loop, wake in waiters:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                loop.call_soon_threadsafe(wake.set)
+
+
+_local_commits = _LocalCommits()
+
+
+class ChangeWaiter:
+    """Wait for "the change log may have grown", never for a specific change:
+    the reader always re-reads the log after a wake-up or a timeout, so a lost
+    notification costs latency, never an event."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._postgresql = is_postgresql(url)
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._postgresql:
+            self._task = asyncio.create_task(self._listen())
+        else:
+            _local_commits.add(self.url, asyncio.get_running_loop(), self._wake)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if not self._postgresql:
+            _local_commits.remove(self.url, asyncio.get_running_loop(), self._wake)
+
+    def clear(self) -> None:
+        """Forget earlier wake-ups; call before reading the log."""
+        self._wake.clear()
+
+    async def wait(self, timeout: float) -> None:
+        if not self._postgresql:
+            timeout = min(timeout, SQLITE_POLL_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _listen(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    libpq_conninfo(self.url), autocommit=True
+                )
+                async with connection:
+                    await connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    if attempt:
+                        logger.info("realtime listener reconnected to PostgreSQL")
+                    attempt = 0
+                    self.connected.set()
+                    # Changes committed while disconnected sent no notification.
+                    self._wake.set()
+                    async for _notification in connection.notifies():
+                        self._wake.set()
+            except psycopg.OperationalError as error:
+                self.connected.clear()
+                delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
+                attempt += 1
+                logger.warning(
+                    "realtime listener lost PostgreSQL (%s); retry %d in %.1f s",
+                    error,
+                    attempt,
+                    delay,
+                )
+                self._wake.set()
+                await asyncio.sleep(delay)
+
+
+class SubscriptionClosed(Exception):
+    """The subscription was deleted while a stream was reading it."""
+
+
+class Subscriber:
+    """Async reader of one subscription with a bounded buffer.
+
+    A background task reads the change log after the cursor into a buffer of
+    at most `max_buffer_size` events and stops reading while the buffer is
+    full, so a slow consumer holds memory for that many events at most; the
+    rest waits in the change log. `batches()` yields up to `batch_size` events
+    as soon as any are buffered. The cursor of a batch is stored when the next
+    batch is requested or the stream closes, so a consumer that disconnects
+    resumes after the last batch it was given; with `store_cursor=False` the
+    caller stores it instead.
+
+    Example:
+        async with Subscriber(url, subscription_id) as subscriber:
+            async for batch in subscriber.batches():
+                ...
+    """
+
+    def __init__(
+        self,
+        url: str,
+        subscription_id: str,
+        *,
+        start_after: int | None = None,
+        batch_size: int | None = None,
+        buffer_timeout_ms: int | None = None,
+        max_buffer_size: int | None = None,
+        store_cursor: bool = True,
+    ) -> None:
+        self.url = url
+        self._store = store_cursor
+        self.subscription_id = subscription_id
+        self._start_after = start_after
+        self._batch_size = batch_size
+        self._buffer_timeout_ms = buffer_timeout_ms
+        self._max_buffer_size = max_buffer_size
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._space = asyncio.Event()
+        self._data = asyncio.Event()
+        self._waiter = ChangeWaiter(url)
+        self._reader: asyncio.Task[None] | None = None
+        self._scanned = 0
+        self._acked = 0
+        self._pending: tuple[int, int] | None = None
+        self._reader_error: BaseException | None = None
+        self.max_buffered = 0
+
+    @property
+    def cursor(self) -> int:
+        """Id of the last change whose event this consumer was given."""
+        return self._acked if self._pending is None else self._pending[0]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def __aenter__(self) -> Subscriber:
+        info = await asyncio.to_thread(get_subscription, self.url, self.subscription_id)
+        self.table = info.table
+        self.batch_size = self._batch_size or info.batch_size
+        self.buffer_timeout = (self._buffer_timeout_ms or info.buffer_timeout) / 1000
+        self.max_buffer_size = self._max_buffer_size or info.max_buffer_size
+        self.matcher: Matcher = await asyncio.to_thread(
+            compile_matcher, self.url, info.table, info.event, info.filter
+        )
+        start = info.cursor if self._start_after is None else self._start_after
+        self._scanned = self._acked = start
+        await self._waiter.start()
+        self._reader = asyncio.create_task(self._read_loop())
+        logger.info("subscriber %s started at cursor %d", self.subscription_id, start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        await self._waiter.close()
+        with contextlib.suppress(SubscriptionClosed):
+            await self.ack()
+        logger.info(
+            "subscriber %s stopped at cursor %d", self.subscription_id, self.cursor
+        )
+
+    async def ack(self) -> None:
+        """Store the cursor of the batches given out so far."""
+        if self._pending is None:
+            return
+        cursor, count = self._pending
+        if self._store:
+            await self._store_cursor(cursor, count)
+        self._pending = None
+        self._acked = cursor
+
+    async def _store_cursor(self, cursor: int, count: int) -> None:
+        attempt = 0
+        while True:
+            try:
+                stored = await asyncio.to_thread(
+                    save_cursor, self.url, self.subscription_id, cursor, count
+                )
+                break
+            except DBAPIError as error:
+                delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
+                attempt += 1
+                logger.warning(
+                    "storing cursor %d of %s failed (%s); retry in %.1f s",
+                    cursor,
+                    self.subscription_id,
+                    error.orig or error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        if not stored:
+            raise SubscriptionClosed(
+                f"subscription {self.subscription_id!r} was deleted"
+            )
+
+    async def _read_loop(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                self._waiter.clear()
+                try:
+                    result = await asyncio.to_thread(
+                        scan,
+                        self.url,
+                        self.table,
+                        self.matcher,
+                        self._scanned,
+                        min(self.max_buffer_size, max(self.batch_size, 1000)),
+                    )
+                    attempt = 0
+                except DBAPIError as error:
+                    delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
+                    attempt += 1
+                    logger.warning(
+                        "reading changes for %s failed (%s); retry in %.1f s",
+                        self.subscription_id,
+                        error.orig or error,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                for payload in result.events:
+                    while len(self._buffer) >= self.max_buffer_size:
+                        self._space.clear()
+                        await self._space.wait()
+                    self._buffer.append(payload)
+                    self.max_buffered = max(self.max_buffered, len(self._buffer))
+                    self._data.set()
+                self._scanned = result.cursor
+                self._data.set()
+                if result.exhausted:
+                    await self._waiter.wait(self.buffer_timeout)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            logger.exception("subscriber %s reader failed", self.subscription_id)
+            self._reader_error = error
+            self._data.set()
+
+    async def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Yield batches of events in change order, until the stream closes."""
+        while True:
+            await self.ack()
+            while not self._buffer:
+                if self._reader_error is not None:
+                    raise self._reader_error
+                self._data.clear()
+                if not self._buffer and self._scanned > self.cursor:
+                    # Nothing matched, but the cursor may pass what was read.
+                    self._pending = (self._scanned, 0)
+                    await self.ack()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._data.wait(), self.buffer_timeout)
+            count = min(self.batch_size, len(self._buffer))
+            batch = [self._buffer.popleft() for _ in range(count)]
+            self._space.set()
+            cursor = (
+                batch[-1]["id"] if self._buffer else max(self._scanned, batch[-1]["id"])
+            )
+            self._pending = (cursor, len(batch))
+            yield batch
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield events one at a time (batches flattened)."""
+        async for batch in self.batches():
+            for payload in batch:
+                yield payload
+
+
+async def next_events(
+    url: str, subscription_id: str, limit: int = 100, wait_ms: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """Return the next matching events after the subscription's cursor and
+    advance the cursor past them, waiting up to `wait_ms` for the first one.
+
+    Raises:
+        SubscriptionNotFound: the subscription does not exist.
+    """
+    info = await asyncio.to_thread(get_subscription, url, subscription_id)
+    matcher = await asyncio.to_thread(
+        compile_matcher, url, info.table, info.event, info.filter
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_ms / 1000
+    waiter: ChangeWaiter | None = None
+    cursor = info.cursor
+    try:
+        while True:
+            if waiter is not None:
+                waiter.clear()
+            result = await asyncio.to_thread(
+                scan, url, info.table, matcher, cursor, limit
+            )
+            if result.cursor != cursor:
+                stored = await asyncio.to_thread(
+                    save_cursor,
+                    url,
+                    subscription_id,
+                    result.cursor,
+                    len(result.events),
+                    expected=cursor,
+                )
+                if not stored:
+                    # Another reader moved the cursor: read again from there.
+                    info = await asyncio.to_thread(
+                        get_subscription, url, subscription_id
+                    )
+                    cursor = info.cursor
+                    continue
+                cursor = result.cursor
+            remaining = deadline - loop.time()
+            if result.events or remaining <= 0:
+                return result.events, cursor
+            if waiter is None:
+                waiter = ChangeWaiter(url)
+                await waiter.start()
+                continue
+            await waiter.wait(remaining)
+    finally:
+        if waiter is not None:
+            await waiter.close()
+
+
+__all__ = [
+    "ChangeWaiter",
+    "Subscriber",
+    "SubscriptionClosed",
+    "SubscriptionNotFound",
+    "next_events",
+]

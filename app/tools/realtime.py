@@ -1,0 +1,283 @@
+"""Realtime tools: filtered subscriptions to table changes and execution
+output streams."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.contracts.realtime import EventType, SubscriptionInfo
+from app.realtime.output import output_status
+from app.realtime.service import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUFFER_TIMEOUT_MS,
+    DEFAULT_MAX_BUFFER_SIZE,
+    SubscriptionError,
+    SubscriptionNotFound,
+    create_subscription,
+    delete_subscription,
+    get_subscription,
+    list_subscriptions,
+    prune_if_due,
+)
+from app.realtime.stream import next_events
+from app.tools.registry import ToolContext, ToolError, tool
+
+
+class RealtimeSubscribeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field(description="Table of the application database.")
+    event: EventType = Field("*", description="INSERT, UPDATE, DELETE or *.")
+    filter: str | None = Field(
+        None,
+        description="PostgREST filter such as `status=eq.active,score=gt.10`: eq, "
+        "neq, lt, lte, gt, gte, in.(a,b), is.null|true|false, like, ilike, not. "
+        "prefix; commas mean AND; double-quote values with commas or parentheses.",
+    )
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=10_000)
+    buffer_timeout: int = Field(
+        DEFAULT_BUFFER_TIMEOUT_MS,
+        ge=10,
+        le=60_000,
+        description="Milliseconds a stream waits for changes before it looks at "
+        "the log again (and an SSE stream sends a keep-alive).",
+    )
+    max_buffer_size: int = Field(DEFAULT_MAX_BUFFER_SIZE, ge=1, le=1_000_000)
+
+
+@tool("realtime_subscribe", group="realtime")
+async def realtime_subscribe(
+    ctx: ToolContext, args: RealtimeSubscribeInput
+) -> SubscriptionInfo:
+    """Subscribe to changes of a table, optionally filtered PostgREST-style
+    (`col=eq.v`, comma = AND). Returns subscription_id; read the matching
+    changes after that moment with realtime_events, each subscription with its
+    own durable cursor."""
+    try:
+        return await asyncio.to_thread(
+            create_subscription,
+            ctx.database_url,
+            args.table,
+            event=args.event,
+            filter_text=args.filter,
+            batch_size=args.batch_size,
+            buffer_timeout_ms=args.buffer_timeout,
+            max_buffer_size=args.max_buffer_size,
+            user_id=ctx.user_id,
+        )
+    except SubscriptionError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
+
+
+class RealtimeEventsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subscription_id: str
+    limit: int = Field(100, ge=1, le=1000, description="Events to return at most.")
+    wait_ms: int = Field(
+        0,
+        ge=0,
+        le=60_000,
+        description="Milliseconds to wait for a first event when none is ready.",
+    )
+
+
+class RealtimeEventsResult(BaseModel):
+    subscription_id: str
+    events: list[dict[str, Any]]
+    count: int
+    cursor: int = Field(description="The cursor after this batch.")
+
+
+def _not_found(error: SubscriptionNotFound) -> ToolError:
+    return ToolError(str(error), kind="not_found")
+
+
+@tool("realtime_events", group="realtime")
+async def realtime_events(
+    ctx: ToolContext, args: RealtimeEventsInput
+) -> RealtimeEventsResult:
+    """Read the next batch of matching changes after the subscription's cursor
+    and advance the cursor past them. Each event has schema, table,
+    commit_timestamp, eventType, new and old. Pass wait_ms to wait for changes
+    when none are ready."""
+    try:
+        events, cursor = await next_events(
+            ctx.database_url, args.subscription_id, args.limit, args.wait_ms
+        )
+    except SubscriptionNotFound as error:
+        raise _not_found(error) from None
+    await asyncio.to_thread(
+        prune_if_due, ctx.database_url, ctx.settings.realtime_retention_seconds
+    )
+    return RealtimeEventsResult(
+        subscription_id=args.subscription_id,
+        events=events,
+        count=len(events),
+        cursor=cursor,
+    )
+
+
+class SubscriptionIdInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subscription_id: str
+
+
+class RealtimeUnsubscribeResult(BaseModel):
+    subscription_id: str
+    unsubscribed: bool
+
+
+@tool("realtime_unsubscribe", group="realtime")
+async def realtime_unsubscribe(
+    ctx: ToolContext, args: SubscriptionIdInput
+) -> RealtimeUnsubscribeResult:
+    """Delete a subscription and its cursor; streams reading it stop."""
+    deleted = await asyncio.to_thread(
+        delete_subscription, ctx.database_url, args.subscription_id
+    )
+    if not deleted:
+        raise ToolError(
+            f"subscription {args.subscription_id!r} not found; realtime_list shows "
+            "the existing ones",
+            kind="not_found",
+        )
+    return RealtimeUnsubscribeResult(
+        subscription_id=args.subscription_id, unsubscribed=True
+    )
+
+
+class RealtimeListInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RealtimeListResult(BaseModel):
+    subscriptions: list[SubscriptionInfo]
+    count: int
+
+
+@tool("realtime_list", group="realtime")
+async def realtime_list(
+    ctx: ToolContext, args: RealtimeListInput
+) -> RealtimeListResult:
+    """List subscriptions with table, filter, cursor, delivered count and lag
+    (changes of the table after the cursor that the subscriber has not been
+    given yet)."""
+    subscriptions = await asyncio.to_thread(list_subscriptions, ctx.database_url)
+    return RealtimeListResult(subscriptions=subscriptions, count=len(subscriptions))
+
+
+class ExecutionStreamSubscribeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    sandbox_id: str | None = Field(None, description="Stream this sandbox's output.")
+    execution_id: str | None = Field(
+        None,
+        alias="workflow_id",
+        description="Stream the output of this workflow execution (its workflow id).",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ExecutionStreamSubscribeInput:
+        if (self.sandbox_id is None) == (self.execution_id is None):
+            raise ValueError("pass exactly one of sandbox_id and execution_id")
+        return self
+
+    def target(self) -> tuple[Literal["sandbox", "workflow"], str]:
+        if self.sandbox_id is not None:
+            return "sandbox", self.sandbox_id
+        assert self.execution_id is not None
+        return "workflow", self.execution_id
+
+
+@tool("execution_stream_subscribe", group="realtime")
+async def execution_stream_subscribe(
+    ctx: ToolContext, args: ExecutionStreamSubscribeInput
+) -> SubscriptionInfo:
+    """Subscribe to the live output of a sandbox (sandbox_id) or a workflow
+    execution (execution_id), from its first chunk. Read chunks with
+    realtime_events; each event's `new` has stream, text and final."""
+    kind, stream_id = args.target()
+    quoted = stream_id.replace("\\", "\\\\").replace('"', '\\"')
+    try:
+        return await asyncio.to_thread(
+            create_subscription,
+            ctx.database_url,
+            "execution_output",
+            event="INSERT",
+            filter_text=f'stream_kind=eq.{kind},stream_id=eq."{quoted}"',
+            user_id=ctx.user_id,
+            stream_kind=kind,
+            stream_id=stream_id,
+            from_start=True,
+        )
+    except SubscriptionError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
+
+
+class ExecutionStreamStatusInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    subscription_id: str | None = None
+    sandbox_id: str | None = None
+    execution_id: str | None = Field(None, alias="workflow_id")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ExecutionStreamStatusInput:
+        given = [self.subscription_id, self.sandbox_id, self.execution_id]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError(
+                "pass exactly one of subscription_id, sandbox_id and execution_id"
+            )
+        return self
+
+
+class ExecutionStreamStatusResult(BaseModel):
+    stream_kind: str
+    stream_id: str
+    chunks: int
+    characters: int
+    finished: bool
+    last_output_at: str | None
+    last_chunk: str | None
+    subscriptions: list[SubscriptionInfo]
+
+
+@tool("execution_stream_status", group="realtime")
+async def execution_stream_status(
+    ctx: ToolContext, args: ExecutionStreamStatusInput
+) -> ExecutionStreamStatusResult:
+    """Report an output stream: chunks and characters so far, whether the run
+    ended, its last chunk, and the subscriptions reading it with their lag."""
+    if args.subscription_id is not None:
+        try:
+            info = await asyncio.to_thread(
+                get_subscription, ctx.database_url, args.subscription_id
+            )
+        except SubscriptionNotFound as error:
+            raise _not_found(error) from None
+        if info.stream_kind is None or info.stream_id is None:
+            raise ToolError(
+                f"subscription {args.subscription_id!r} is a table subscription, "
+                "not an execution stream; use realtime_list for it",
+                kind="invalid_argument",
+            )
+        kind, stream_id = info.stream_kind, info.stream_id
+    elif args.sandbox_id is not None:
+        kind, stream_id = "sandbox", args.sandbox_id
+    else:
+        assert args.execution_id is not None
+        kind, stream_id = "workflow", args.execution_id
+    status = await asyncio.to_thread(output_status, ctx.database_url, kind, stream_id)
+    subscriptions = [
+        sub
+        for sub in await asyncio.to_thread(list_subscriptions, ctx.database_url)
+        if sub.stream_kind == kind and sub.stream_id == stream_id
+    ]
+    return ExecutionStreamStatusResult(
+        stream_kind=kind, stream_id=stream_id, subscriptions=subscriptions, **status
+    )

@@ -1,0 +1,235 @@
+"""Storage tools: byte-exact objects in buckets, and signed download URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.storage.local import ObjectInfo, StorageError, storage_for
+from app.storage.signing import MAX_EXPIRES_IN, sign_path, signing_key
+from app.tools.registry import ToolContext, ToolError, tool
+
+
+class ObjectResult(BaseModel):
+    bucket: str
+    path: str
+    size: int
+    sha256: str
+    content_type: str
+    modified_at: datetime
+
+    @classmethod
+    def of(cls, info: ObjectInfo) -> ObjectResult:
+        return cls(
+            bucket=info.bucket,
+            path=info.path,
+            size=info.size,
+            sha256=info.sha256,
+            content_type=info.content_type,
+            modified_at=info.modified_at,
+        )
+
+
+def _storage_error(error: StorageError) -> ToolError:
+    message = str(error)
+    return ToolError(
+        message, kind="not_found" if "not found" in message else "invalid_argument"
+    )
+
+
+class StorageUploadInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(description="3-63 lowercase letters, digits and hyphens.")
+    path: str = Field(description="Relative object path, such as reports/run-1.md.")
+    content: str = Field(description="Text, or base64 with encoding=base64.")
+    content_type: str | None = Field(
+        None, description="MIME type; guessed from the path when unset."
+    )
+    encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
+@tool("storage_upload", group="storage")
+async def storage_upload(ctx: ToolContext, args: StorageUploadInput) -> ObjectResult:
+    """Store an object exactly as given: text as UTF-8, or bytes decoded from
+    base64 when encoding is base64. Returns size, sha256 and content type."""
+    if args.encoding == "base64":
+        try:
+            data = base64.b64decode(args.content, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ToolError(
+                f"content is not valid base64 ({error}); send standard base64, or "
+                "encoding utf-8 for text",
+                kind="invalid_argument",
+            ) from None
+    else:
+        data = args.content.encode("utf-8")
+    storage = storage_for(ctx.settings)
+    try:
+        info = await asyncio.to_thread(
+            storage.put, args.bucket, args.path, data, args.content_type
+        )
+    except StorageError as error:
+        raise _storage_error(error) from None
+    return ObjectResult.of(info)
+
+
+class StorageDownloadInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str
+    path: str
+    encoding: Literal["utf-8", "base64"] | None = Field(
+        None,
+        description="How to return the bytes; unset returns UTF-8 text when the "
+        "bytes are valid UTF-8, else base64.",
+    )
+
+
+class StorageDownloadResult(ObjectResult):
+    content: str
+    encoding: Literal["utf-8", "base64"]
+
+
+@tool("storage_download", group="storage")
+async def storage_download(
+    ctx: ToolContext, args: StorageDownloadInput
+) -> StorageDownloadResult:
+    """Read an object's bytes, returned as UTF-8 text or base64 (see encoding)."""
+    storage = storage_for(ctx.settings)
+    try:
+        data = await asyncio.to_thread(storage.get, args.bucket, args.path)
+        info = await asyncio.to_thread(storage.stat, args.bucket, args.path)
+    except StorageError as error:
+        raise _storage_error(error) from None
+    encoding = args.encoding
+    text: str | None = None
+    if encoding != "base64":
+        try:
+            text = data.decode("utf-8")
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            if encoding == "utf-8":
+                raise ToolError(
+                    f"object {args.path!r} is not valid UTF-8; download it with "
+                    "encoding base64",
+                    kind="invalid_argument",
+                ) from None
+            encoding = "base64"
+    content = text if text is not None else base64.b64encode(data).decode("ascii")
+    return StorageDownloadResult(
+        **ObjectResult.of(info).model_dump(),
+        content=content,
+        encoding=encoding or "base64",
+    )
+
+
+class StorageListInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str
+    path: str = Field("", description="Only objects whose path starts with this.")
+    limit: int = Field(100, ge=1, le=10_000)
+
+
+class StorageListResult(BaseModel):
+    bucket: str
+    objects: list[ObjectResult]
+    count: int
+
+
+@tool("storage_list", group="storage")
+async def storage_list(ctx: ToolContext, args: StorageListInput) -> StorageListResult:
+    """List objects of a bucket, sorted by path, optionally under a path prefix,
+    with size, sha256 and content type."""
+    storage = storage_for(ctx.settings)
+
+    def collect() -> list[ObjectInfo]:
+        names = storage.list(args.bucket, prefix=args.path, limit=args.limit)
+        return [storage.stat(args.bucket, name) for name in names]
+
+    try:
+        infos = await asyncio.to_thread(collect)
+    except StorageError as error:
+        raise _storage_error(error) from None
+    objects = [ObjectResult.of(info) for info in infos]
+    return StorageListResult(bucket=args.bucket, objects=objects, count=len(objects))
+
+
+class StorageObjectInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str
+    path: str
+
+
+class StorageDeleteResult(BaseModel):
+    bucket: str
+    path: str
+    deleted: bool
+
+
+@tool("storage_delete", group="storage")
+async def storage_delete(
+    ctx: ToolContext, args: StorageObjectInput
+) -> StorageDeleteResult:
+    """Delete an object and its metadata."""
+    storage = storage_for(ctx.settings)
+    try:
+        deleted = await asyncio.to_thread(storage.delete, args.bucket, args.path)
+    except StorageError as error:
+        raise _storage_error(error) from None
+    if not deleted:
+        raise ToolError(
+            f"object {args.path!r} not found in bucket {args.bucket!r}; "
+            "storage_list shows what the bucket contains",
+            kind="not_found",
+        )
+    return StorageDeleteResult(bucket=args.bucket, path=args.path, deleted=True)
+
+
+class StorageGetUrlInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str
+    path: str
+    expires_in: int = Field(
+        3600, ge=1, le=MAX_EXPIRES_IN, description="Seconds the URL stays valid."
+    )
+
+
+class StorageGetUrlResult(BaseModel):
+    bucket: str
+    path: str
+    url: str
+    expires_at: int = Field(description="Unix time in seconds.")
+    expires_in: int
+
+
+@tool("storage_get_url", group="storage")
+async def storage_get_url(
+    ctx: ToolContext, args: StorageGetUrlInput
+) -> StorageGetUrlResult:
+    """Create a signed download URL for an object, valid for expires_in seconds;
+    the HTTP server checks the signature and the expiry on every GET."""
+    storage = storage_for(ctx.settings)
+    try:
+        info = await asyncio.to_thread(storage.stat, args.bucket, args.path)
+    except StorageError as error:
+        raise _storage_error(error) from None
+    key = await asyncio.to_thread(signing_key, ctx.settings)
+    location, expires = sign_path(key, info.bucket, info.path, args.expires_in)
+    scheme = "https" if ctx.settings.tls_cert else "http"
+    base = f"{scheme}://{ctx.settings.http_host}:{ctx.settings.http_port}"
+    return StorageGetUrlResult(
+        bucket=info.bucket,
+        path=info.path,
+        url=base + location,
+        expires_at=expires,
+        expires_in=args.expires_in,
+    )
