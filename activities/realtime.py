@@ -73,9 +73,8 @@ class RealtimeActivities:
             try:
                 while len(events) < request.max_events:
                     try:
-                        batch = await asyncio.wait_for(
-                            anext(batches), request.idle_ms / 1000 or None
-                        )
+                        async with asyncio.timeout(request.idle_ms / 1000 or None):
+                            batch = await anext(batches)
                     except (TimeoutError, StopAsyncIteration):
                         break
                     room = request.max_events - len(events)

@@ -36,6 +36,20 @@ SQLITE_POLL_SECONDS = 0.05
 _RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass; return whether set.
+
+    `asyncio.timeout` rather than `asyncio.wait_for`, because on Python 3.11
+    `wait_for` can swallow a cancellation that arrives as the event is set.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def is_postgresql(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
 
@@ -120,8 +134,7 @@ class ChangeWaiter:
     async def wait(self, timeout: float) -> None:
         if not self._postgresql:
             timeout = min(timeout, SQLITE_POLL_SECONDS)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        await wait_event(self._wake, timeout)
 
     async def _listen(self) -> None:
         attempt = 0
@@ -203,6 +216,7 @@ class Subscriber:
         self._acked = 0
         self._pending: tuple[int, int] | None = None
         self._reader_error: BaseException | None = None
+        self._closing = False
         self.max_buffered = 0
 
     @property
@@ -239,6 +253,7 @@ class Subscriber:
         await self.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -288,7 +303,7 @@ class Subscriber:
     async def _read_loop(self) -> None:
         attempt = 0
         try:
-            while True:
+            while not self._closing:
                 self._waiter.clear()
                 try:
                     result = await asyncio.to_thread(
@@ -341,8 +356,7 @@ class Subscriber:
                     # Nothing matched, but the cursor may pass what was read.
                     self._pending = (self._scanned, 0)
                     await self.ack()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._data.wait(), self.buffer_timeout)
+                await wait_event(self._data, self.buffer_timeout)
             count = min(self.batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(count)]
             self._space.set()

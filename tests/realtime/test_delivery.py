@@ -1,0 +1,212 @@
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.db import get_engine
+from app.realtime.service import (
+    create_subscription,
+    get_subscription,
+    list_subscriptions,
+    prune_changes,
+)
+from app.realtime.stream import Subscriber, next_events
+from tests.conftest import PostgresHandle
+from tests.realtime.helpers import (
+    create_items,
+    delete_items,
+    insert_items,
+    update_items,
+)
+
+
+def rows(start: int, stop: int) -> list[dict[str, Any]]:
+    return [{"name": f"row-{i}", "n": i} for i in range(start, stop)]
+
+
+async def collect(subscriber: Subscriber, count: int) -> list[dict[str, Any]]:
+    received: list[dict[str, Any]] = []
+    async for batch in subscriber.batches():
+        received.extend(batch)
+        if len(received) >= count:
+            break
+    return received
+
+
+async def test_two_filters_get_own_changes(database_url: str) -> None:
+    create_items(database_url)
+    low = create_subscription(database_url, "items", filter_text="n=lt.50")
+    even = create_subscription(
+        database_url, "items", filter_text="n=in.(0,10,20,30,40,50,60,70,80,90)"
+    )
+    async with (
+        Subscriber(database_url, low.subscription_id) as low_stream,
+        Subscriber(database_url, even.subscription_id) as even_stream,
+    ):
+        insert_items(database_url, rows(0, 100))
+        low_events = await collect(low_stream, 50)
+        even_events = await collect(even_stream, 10)
+    assert [e["new"]["n"] for e in low_events] == list(range(50))
+    assert [e["new"]["n"] for e in even_events] == list(range(0, 100, 10))
+    assert get_subscription(database_url, low.subscription_id).cursor > 0
+
+
+async def test_update_and_delete_events(database_url: str) -> None:
+    create_items(database_url)
+    insert_items(database_url, [{"name": "kept", "n": 1}, {"name": "gone", "n": 2}])
+    deletes = create_subscription(database_url, "items", event="DELETE")
+    updates = create_subscription(
+        database_url, "items", event="UPDATE", filter_text="n=gt.5"
+    )
+    update_items(database_url, "kept", n=10)
+    update_items(database_url, "gone", n=3)
+    delete_items(database_url, "gone")
+    deleted, _ = await next_events(database_url, deletes.subscription_id)
+    updated, _ = await next_events(database_url, updates.subscription_id)
+    assert len(deleted) == 1
+    assert deleted[0]["eventType"] == "DELETE"
+    assert deleted[0]["old"]["name"] == "gone"
+    assert deleted[0]["new"] == {}
+    assert deleted[0]["table"] == "items"
+    assert deleted[0]["commit_timestamp"]
+    assert [e["new"]["name"] for e in updated] == ["kept"]
+    assert updated[0]["old"]["n"] == 1
+
+
+async def test_resume_after_disconnect(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", batch_size=7)
+    insert_items(database_url, rows(0, 30))
+    async with Subscriber(database_url, sub.subscription_id) as first:
+        seen = await collect(first, 14)
+    insert_items(database_url, rows(30, 60))
+    async with Subscriber(database_url, sub.subscription_id) as second:
+        seen += await collect(second, 60 - len(seen))
+    numbers = [e["new"]["n"] for e in seen]
+    assert numbers == list(range(60))
+    assert get_subscription(database_url, sub.subscription_id).delivered == 60
+
+
+async def test_events_tool_resumes(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", filter_text="n=gte.10")
+    insert_items(database_url, rows(0, 40))
+    seen: list[int] = []
+    while True:
+        events, _ = await next_events(database_url, sub.subscription_id, limit=8)
+        if not events:
+            break
+        seen += [e["new"]["n"] for e in events]
+    assert seen == list(range(10, 40))
+    listed = {s.subscription_id: s for s in list_subscriptions(database_url)}
+    assert listed[sub.subscription_id].lag == 0
+
+
+async def test_events_wait_for_change(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items")
+
+    async def insert_later() -> None:
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(insert_items, database_url, rows(0, 1))
+
+    task = asyncio.create_task(insert_later())
+    events, _ = await next_events(database_url, sub.subscription_id, wait_ms=20_000)
+    await task
+    assert [e["new"]["name"] for e in events] == ["row-0"]
+
+
+async def test_stalled_subscriber_stays_bounded(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(
+        database_url, "items", batch_size=10, max_buffer_size=50
+    )
+    insert_items(database_url, rows(0, 600))
+    async with Subscriber(database_url, sub.subscription_id) as stream:
+        batches = stream.batches()
+        first = await anext(batches)
+        # The consumer stalls; the reader fills the buffer and must stop there.
+        while stream.buffered < 50:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert stream.buffered == 50
+        assert stream.max_buffered <= 50
+        lag = {s.subscription_id: s.lag for s in list_subscriptions(database_url)}
+        assert lag[sub.subscription_id] == 600
+        received = list(first)
+        async for batch in batches:
+            received.extend(batch)
+            if len(received) >= 600:
+                break
+        await batches.aclose()
+    assert [e["new"]["n"] for e in received] == list(range(600))
+    assert stream.max_buffered <= 50
+
+
+async def test_prune_keeps_unread_changes(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items")
+    insert_items(database_url, rows(0, 10))
+    assert prune_changes(database_url, retention_seconds=0) == 0
+    events, _ = await next_events(database_url, sub.subscription_id, limit=4)
+    assert len(events) == 4
+    assert prune_changes(database_url, retention_seconds=0) == 4
+    assert prune_changes(database_url, retention_seconds=3600) == 0
+    rest, _ = await next_events(database_url, sub.subscription_id)
+    assert [e["new"]["n"] for e in rest] == list(range(4, 10))
+
+
+@pytest.fixture
+def restartable(request: pytest.FixtureRequest) -> PostgresHandle:
+    handle: PostgresHandle = request.getfixturevalue("postgres")
+    if handle.server is None:
+        pytest.skip("needs a PostgreSQL started by the test setup, to restart it")
+    return handle
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_postgres_restart_loses_nothing(
+    database_url: str, restartable: PostgresHandle
+) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", batch_size=5)
+    received: list[dict[str, Any]] = []
+    async with Subscriber(database_url, sub.subscription_id) as stream:
+
+        async def consume() -> None:
+            async for batch in stream.batches():
+                received.extend(batch)
+                if len(received) >= 100:
+                    return
+
+        consumer = asyncio.create_task(consume())
+        insert_items(database_url, rows(0, 50))
+        while len(received) < 20:
+            await asyncio.sleep(0.05)
+        assert restartable.server is not None
+        await asyncio.to_thread(restartable.server.pg_ctl, "restart")
+        for attempt in range(50):
+            try:
+                await asyncio.to_thread(insert_items, database_url, rows(50, 100))
+                break
+            except Exception:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(consumer, 120)
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+    numbers = [e["new"]["n"] for e in received]
+    assert numbers == list(range(100))
+
+
+async def test_table_without_realtime_rejected(database_url: str) -> None:
+    with get_engine(database_url).begin() as connection:
+        connection.execute(text("CREATE TABLE plain (id INTEGER PRIMARY KEY)"))
+    with pytest.raises(ValueError, match="realtime is not enabled on table 'plain'"):
+        create_subscription(database_url, "plain")

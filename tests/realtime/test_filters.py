@@ -1,0 +1,109 @@
+import pytest
+
+from app.realtime.filters import FilterError, parse_filter, split_top_level
+from app.realtime.service import SubscriptionError, create_subscription
+from app.realtime.stream import next_events
+from tests.realtime.helpers import create_items, insert_items
+
+ROWS = [
+    {"name": "alpha", "n": 9, "price": 1.5, "flag": True, "code": "9"},
+    {"name": "beta", "n": 10, "price": 20.0, "flag": False, "code": "10"},
+    {"name": "gamma", "n": 100, "price": None, "flag": None, "code": "100"},
+    {"name": "a,b", "n": None, "price": 3.25, "flag": True, "code": None},
+    {"name": "x(y)", "n": 2, "price": 0.0, "flag": False, "code": "2"},
+    {"name": "Delta", "n": -5, "price": -1.0, "flag": True, "code": "-5"},
+]
+
+# (filter, names that match); numbers compare as numbers in `n`, as text in
+# `code` ("10" < "9" as text).
+CASES = [
+    ("n=eq.10", {"beta"}),
+    ("n=neq.10", {"alpha", "gamma", "x(y)", "Delta"}),
+    ("n=gt.9", {"beta", "gamma"}),
+    ("n=gte.9", {"alpha", "beta", "gamma"}),
+    ("n=lt.9", {"x(y)", "Delta"}),
+    ("n=lte.2", {"x(y)", "Delta"}),
+    ("code=gt.9", set()),
+    ("code=lt.9", {"beta", "gamma", "x(y)", "Delta"}),
+    ("code=eq.10", {"beta"}),
+    ("price=gt.1.5", {"beta", "a,b"}),
+    ("price=eq.0", {"x(y)"}),
+    ("n=in.(9,100)", {"alpha", "gamma"}),
+    ("n=not.in.(9,100)", {"beta", "x(y)", "Delta"}),
+    ('name=in.("a,b","x(y)")', {"a,b", "x(y)"}),
+    ('name=eq."a,b"', {"a,b"}),
+    ('name=eq."x(y)"', {"x(y)"}),
+    ("n=is.null", {"a,b"}),
+    ("n=not.is.null", {"alpha", "beta", "gamma", "x(y)", "Delta"}),
+    ("flag=is.true", {"alpha", "a,b", "Delta"}),
+    ("flag=is.false", {"beta", "x(y)"}),
+    ("flag=eq.true", {"alpha", "a,b", "Delta"}),
+    ("price=is.null", {"gamma"}),
+    ("name=like.*a", {"alpha", "beta", "gamma", "Delta"}),
+    ("name=like.d*", set()),
+    ("name=ilike.d*", {"Delta"}),
+    ("name=like.%mm%", {"gamma"}),
+    ("name=not.like.*a", {"a,b", "x(y)"}),
+    ("n=gt.0,flag=is.true", {"alpha"}),
+    ("n=gte.0,n=lte.10,name=neq.beta", {"alpha", "x(y)"}),
+    ("", {row["name"] for row in ROWS}),
+]
+
+
+async def test_filter_cases_on_database(database_url: str) -> None:
+    create_items(database_url)
+    subscriptions = {
+        text: create_subscription(database_url, "items", event="INSERT", filter_text=text)
+        for text, _ in CASES
+    }
+    insert_items(database_url, ROWS)
+    for text, expected in CASES:
+        events, _ = await next_events(
+            database_url, subscriptions[text].subscription_id, limit=100
+        )
+        names = {event["new"]["name"] for event in events}
+        assert names == expected, f"filter {text!r}"
+
+
+async def test_unknown_column_rejected(database_url: str) -> None:
+    create_items(database_url)
+    with pytest.raises(SubscriptionError, match="unknown column 'nope'"):
+        create_subscription(database_url, "items", filter_text="nope=eq.1")
+
+
+async def test_unknown_operator_rejected(database_url: str) -> None:
+    create_items(database_url)
+    with pytest.raises(SubscriptionError, match="unknown operator 'between'"):
+        create_subscription(database_url, "items", filter_text="n=between.1")
+
+
+async def test_number_value_checked(database_url: str) -> None:
+    create_items(database_url)
+    with pytest.raises(SubscriptionError, match="'abc' for column 'n' is not a number"):
+        create_subscription(database_url, "items", filter_text="n=gt.abc")
+
+
+KINDS = {"n": "number", "name": "text"}
+
+
+def test_in_list_limit() -> None:
+    values = ",".join(str(i) for i in range(100))
+    assert len(parse_filter(f"n=in.({values})", KINDS).conditions[0].value) == 100
+    with pytest.raises(FilterError, match="has 101 values; at most 100"):
+        parse_filter(f"n=in.({values},100)", KINDS)
+
+
+def test_quoted_split() -> None:
+    parts = split_top_level('name=eq."a,b",n=in.(1,2),name=eq."q\\"x"')
+    assert parts == ['name=eq."a,b"', "n=in.(1,2)", 'name=eq."q\\"x"']
+    condition = parse_filter('name=eq."q\\"x"', KINDS).conditions[0]
+    assert condition.value == 'q"x'
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["n", "n=eq", "=eq.1", 'name=eq."open', "n=in.1,2", "n=is.maybe"],
+)
+def test_malformed_filter_rejected(text: str) -> None:
+    with pytest.raises(FilterError):
+        parse_filter(text, KINDS)
