@@ -85,7 +85,7 @@ class RealtimeActivities:
                         if len(taken) < len(batch)
                         else (subscriber.cursor)
                     )
-                    activity.heartbeat(cursor, events)
+                    activity.heartbeat(cursor, list(events))
                     if len(taken) < len(batch):
                         break
             finally:

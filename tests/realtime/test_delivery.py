@@ -120,9 +120,7 @@ async def test_events_wait_for_change(database_url: str) -> None:
 
 async def test_stalled_subscriber_stays_bounded(database_url: str) -> None:
     create_items(database_url)
-    sub = create_subscription(
-        database_url, "items", batch_size=10, max_buffer_size=50
-    )
+    sub = create_subscription(database_url, "items", batch_size=10, max_buffer_size=50)
     insert_items(database_url, rows(0, 600))
     async with Subscriber(database_url, sub.subscription_id) as stream:
         batches = stream.batches()

@@ -53,7 +53,9 @@ CASES = [
 async def test_filter_cases_on_database(database_url: str) -> None:
     create_items(database_url)
     subscriptions = {
-        text: create_subscription(database_url, "items", event="INSERT", filter_text=text)
+        text: create_subscription(
+            database_url, "items", event="INSERT", filter_text=text
+        )
         for text, _ in CASES
     }
     insert_items(database_url, ROWS)

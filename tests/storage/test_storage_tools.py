@@ -1,0 +1,161 @@
+import base64
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app.db import get_engine
+from app.settings import Settings
+from app.storage.http import build_storage_router
+from app.storage.signing import signature, signing_key
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+
+load_tools()
+
+TEXT = "héllo\r\nwörld\n\ttabs and trailing spaces  \n"
+BINARY = bytes(range(256)) + b"\x00\xff\xfe"
+
+
+async def test_text_round_trip_byte_exact(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    uploaded = await invoke_tool(
+        ctx, "storage_upload", {"bucket": "docs", "path": "a/b.txt", "content": TEXT}
+    )
+    assert uploaded["size"] == len(TEXT.encode())
+    downloaded = await invoke_tool(
+        ctx, "storage_download", {"bucket": "docs", "path": "a/b.txt"}
+    )
+    assert downloaded["content"] == TEXT
+    assert downloaded["encoding"] == "utf-8"
+    assert downloaded["content_type"] == "text/plain"
+
+
+async def test_binary_round_trip_byte_exact(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    content = base64.b64encode(BINARY).decode()
+    uploaded = await invoke_tool(
+        ctx,
+        "storage_upload",
+        {
+            "bucket": "blobs",
+            "path": "raw.bin",
+            "content": content,
+            "encoding": "base64",
+            "content_type": "application/x-test",
+        },
+    )
+    downloaded = await invoke_tool(
+        ctx, "storage_download", {"bucket": "blobs", "path": "raw.bin"}
+    )
+    assert downloaded["encoding"] == "base64"
+    assert base64.b64decode(downloaded["content"]) == BINARY
+    assert downloaded["sha256"] == uploaded["sha256"]
+    assert downloaded["content_type"] == "application/x-test"
+    with get_engine(settings.effective_database_url).connect() as connection:
+        row = connection.execute(
+            text("SELECT size, sha256, content_type FROM storage_objects")
+        ).one()
+    assert row == (len(BINARY), uploaded["sha256"], "application/x-test")
+
+
+async def test_base64_is_validated(settings: Settings) -> None:
+    with pytest.raises(ToolError, match="not valid base64"):
+        await invoke_tool(
+            ToolContext(settings),
+            "storage_upload",
+            {"bucket": "blobs", "path": "x", "content": "@@@", "encoding": "base64"},
+        )
+
+
+async def test_list_and_delete(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    for path in ("r/1.json", "r/2.json", "other.txt"):
+        await invoke_tool(
+            ctx, "storage_upload", {"bucket": "runs", "path": path, "content": "{}"}
+        )
+    listed = await invoke_tool(
+        ctx, "storage_list", {"bucket": "runs", "path": "r/", "limit": 1}
+    )
+    assert [o["path"] for o in listed["objects"]] == ["r/1.json"]
+    assert listed["objects"][0]["content_type"] == "application/json"
+    await invoke_tool(ctx, "storage_delete", {"bucket": "runs", "path": "r/1.json"})
+    with pytest.raises(ToolError, match="not found"):
+        await invoke_tool(ctx, "storage_delete", {"bucket": "runs", "path": "r/1.json"})
+    with get_engine(settings.effective_database_url).connect() as connection:
+        paths = connection.execute(
+            text("SELECT path FROM storage_objects ORDER BY path")
+        ).scalars()
+        assert list(paths) == ["other.txt", "r/2.json"]
+
+
+@pytest.mark.parametrize("path", ["../x", "a/../../x", "/etc/passwd", "a\\b"])
+async def test_traversal_rejected(settings: Settings, path: str) -> None:
+    with pytest.raises(ToolError, match="invalid object path"):
+        await invoke_tool(
+            ToolContext(settings),
+            "storage_upload",
+            {"bucket": "docs", "path": path, "content": "x"},
+        )
+
+
+async def test_bad_bucket_rejected(settings: Settings) -> None:
+    with pytest.raises(ToolError, match="invalid bucket name"):
+        await invoke_tool(
+            ToolContext(settings),
+            "storage_upload",
+            {"bucket": "Bad.Name", "path": "x", "content": "x"},
+        )
+
+
+async def test_signed_url_checks(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    content = base64.b64encode(BINARY).decode()
+    await invoke_tool(
+        ctx,
+        "storage_upload",
+        {
+            "bucket": "share",
+            "path": "d/f.bin",
+            "content": content,
+            "encoding": "base64",
+        },
+    )
+    signed = await invoke_tool(
+        ctx, "storage_get_url", {"bucket": "share", "path": "d/f.bin", "expires_in": 60}
+    )
+    parts = urlsplit(signed["url"])
+    assert signed["expires_at"] - time.time() <= 60
+    app = FastAPI()
+    app.include_router(build_storage_router(settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        good = await http.get(f"{parts.path}?{parts.query}")
+        assert good.status_code == 200
+        assert good.content == BINARY
+        forged = parts.query[:-4] + "0000"
+        assert (await http.get(f"{parts.path}?{forged}")).status_code == 403
+        other = parts.path.replace("f.bin", "g.bin")
+        assert (await http.get(f"{other}?{parts.query}")).status_code == 403
+        key = signing_key(settings)
+        past = int(time.time()) - 10
+        token = signature(key, "share", "d/f.bin", past)
+        expired = await http.get(f"{parts.path}?expires={past}&signature={token}")
+        assert expired.status_code == 403
+        assert "expired" in expired.json()["detail"]
+        traversal = await http.get(
+            f"/storage/v1/object/sign/share/d/..%2F..%2Fx?expires={past}"
+            f"&signature={token}"
+        )
+        assert traversal.status_code in (400, 404)
+
+
+async def test_url_expiry_range(settings: Settings) -> None:
+    with pytest.raises(ToolError, match="expires_in"):
+        await invoke_tool(
+            ToolContext(settings),
+            "storage_get_url",
+            {"bucket": "share", "path": "x", "expires_in": 0},
+        )
