@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,8 +58,9 @@ class Change:
             "table": self.table,
             "commit_timestamp": self.committed_at,
             "eventType": self.event_type,
-            "new": self.record or {},
-            "old": self.old_record or {},
+            # Copies, because cached pages share these dicts between subscribers.
+            "new": dict(self.record or {}),
+            "old": dict(self.old_record or {}),
         }
 
 
@@ -313,6 +316,31 @@ def _document(value: Any) -> dict[str, Any] | None:
     return {"value": value}
 
 
+# Full pages of the log, shared by the subscribers of this process: change
+# ids become visible in id order, so a page that came back full never changes
+# (pruning only removes rows that every subscription has passed).
+_PAGE_CACHE_SIZE = 32
+_page_cache: OrderedDict[tuple[str, str, int], list[Change]] = OrderedDict()
+_page_lock = threading.Lock()
+
+
+def fetch_page(url: str, table: str, after: int) -> list[Change]:
+    """Read the page of `SCAN_PAGE` changes after `after`, cached when full."""
+    key = (url, table, after)
+    with _page_lock:
+        page = _page_cache.get(key)
+        if page is not None:
+            _page_cache.move_to_end(key)
+            return page
+    page = fetch_changes(url, table, after, SCAN_PAGE)
+    if len(page) == SCAN_PAGE:
+        with _page_lock:
+            _page_cache[key] = page
+            while len(_page_cache) > _PAGE_CACHE_SIZE:
+                _page_cache.popitem(last=False)
+    return page
+
+
 def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
     """Read up to `limit` changes of `table` with an id above `after`, in order."""
     with get_engine(url).connect() as connection:
@@ -345,8 +373,12 @@ class ScanResult:
     exhausted: bool
 
 
-def scan(url: str, table: str, matcher: Matcher, after: int, limit: int) -> ScanResult:
-    """Collect up to `limit` matching events after `after`.
+def scan(
+    url: str, table: str, matcher: Matcher, after: int, limit: int | None
+) -> ScanResult:
+    """Collect up to `limit` matching events after `after`, or with `limit`
+    None the matching events of exactly one page (which keeps subscribers on
+    shared page boundaries, so they hit the page cache).
 
     The returned cursor covers every row examined, so rows that did not match
     are never read again; it stops at the `limit`-th event when there are more.
@@ -354,15 +386,17 @@ def scan(url: str, table: str, matcher: Matcher, after: int, limit: int) -> Scan
     events: list[dict[str, Any]] = []
     cursor = after
     while True:
-        page = fetch_changes(url, table, cursor, SCAN_PAGE)
+        page = fetch_page(url, table, cursor)
         for change in page:
             if matcher.matches(change):
                 events.append(change.payload())
             cursor = change.id
-            if len(events) >= limit:
+            if limit is not None and len(events) >= limit:
                 return ScanResult(events, cursor, exhausted=False)
         if len(page) < SCAN_PAGE:
             return ScanResult(events, cursor, exhausted=True)
+        if limit is None:
+            return ScanResult(events, cursor, exhausted=False)
 
 
 def prune_changes(url: str, retention_seconds: float) -> int:

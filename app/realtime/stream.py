@@ -312,7 +312,7 @@ class Subscriber:
                         self.table,
                         self.matcher,
                         self._scanned,
-                        min(self.max_buffer_size, max(self.batch_size, 1000)),
+                        None,
                     )
                     attempt = 0
                 except DBAPIError as error:

@@ -54,7 +54,14 @@ BEGIN
         clock_timestamp()
     )
     RETURNING id INTO change_id;
-    PERFORM pg_notify('{NOTIFY_CHANNEL}', change_id::text);
+    -- One notification per transaction (its first change id) wakes every
+    -- listener, who then read the log; one per row would flood the queue.
+    IF current_setting('nexus.realtime_notified', true) IS DISTINCT FROM
+            pg_current_xact_id()::text THEN
+        PERFORM set_config(
+            'nexus.realtime_notified', pg_current_xact_id()::text, true);
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', change_id::text);
+    END IF;
     RETURN NULL;
 END
 $$
