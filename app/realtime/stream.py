@@ -217,6 +217,9 @@ class Subscriber:
         self._pending: tuple[int, int] | None = None
         self._reader_error: BaseException | None = None
         self._closing = False
+        self._saver: asyncio.Task[None] | None = None
+        self._unsaved = (0, 0)
+        self._saved = 0
         self.max_buffered = 0
 
     @property
@@ -238,7 +241,8 @@ class Subscriber:
             compile_matcher, self.url, info.table, info.event, info.filter
         )
         start = info.cursor if self._start_after is None else self._start_after
-        self._scanned = self._acked = start
+        self._scanned = self._acked = self._saved = start
+        self._unsaved = (start, 0)
         await self._waiter.start()
         self._reader = asyncio.create_task(self._read_loop())
         logger.info("subscriber %s started at cursor %d", self.subscription_id, start)
@@ -261,20 +265,39 @@ class Subscriber:
             self._reader = None
         await self._waiter.close()
         with contextlib.suppress(SubscriptionClosed):
-            await self.ack()
+            await self.ack(wait=False)
+            if self._saver is not None:
+                await self._saver
         logger.info(
             "subscriber %s stopped at cursor %d", self.subscription_id, self.cursor
         )
 
-    async def ack(self) -> None:
-        """Store the cursor of the batches given out so far."""
+    async def ack(self, *, wait: bool = True) -> None:
+        """Store the cursor of the batches given out so far.
+
+        With `wait=False` the write happens in the background and writes in
+        flight coalesce into one, so a consumer never waits on a database
+        commit between batches; `close()` waits for the last one.
+        """
         if self._pending is None:
             return
         cursor, count = self._pending
-        if self._store:
-            await self._store_cursor(cursor, count)
         self._pending = None
         self._acked = cursor
+        if not self._store:
+            return
+        self._unsaved = (cursor, self._unsaved[1] + count)
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.create_task(self._save_unsaved())
+        if wait:
+            await self._saver
+
+    async def _save_unsaved(self) -> None:
+        while self._unsaved[0] > self._saved:
+            cursor, count = self._unsaved
+            self._unsaved = (cursor, 0)
+            await self._store_cursor(cursor, count)
+            self._saved = cursor
 
     async def _store_cursor(self, cursor: int, count: int) -> None:
         attempt = 0
@@ -347,7 +370,9 @@ class Subscriber:
     async def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Yield batches of events in change order, until the stream closes."""
         while True:
-            await self.ack()
+            await self.ack(wait=False)
+            if self._saver is not None and self._saver.done():
+                self._saver.result()  # raises SubscriptionClosed
             while not self._buffer:
                 if self._reader_error is not None:
                     raise self._reader_error
@@ -355,7 +380,7 @@ class Subscriber:
                 if not self._buffer and self._scanned > self.cursor:
                     # Nothing matched, but the cursor may pass what was read.
                     self._pending = (self._scanned, 0)
-                    await self.ack()
+                    await self.ack(wait=False)
                 await wait_event(self._data, self.buffer_timeout)
             count = min(self.batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(count)]
