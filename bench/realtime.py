@@ -33,7 +33,7 @@ from app.realtime.triggers import enable_realtime
 
 CATEGORIES = ("a", "b", "c", "d")
 
-# Each filter next to an independent Python predicate that says which rows it
+# Each filter next to an independent Python predicate that selects the rows it
 # must deliver, so lost and duplicate events are counted, not assumed.
 FILTERS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
     ("value=gte.0", lambda r: r["value"] >= 0),

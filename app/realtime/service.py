@@ -227,7 +227,8 @@ def get_subscription(url: str, subscription_id: str) -> SubscriptionInfo:
 
 
 def list_subscriptions(url: str) -> list[SubscriptionInfo]:
-    """Every subscription with its lag: changes of its table after its cursor."""
+    """List every subscription with its lag: changes of its table after its
+    cursor."""
     with get_engine(url).connect() as connection:
         rows = connection.execute(
             text(
@@ -381,7 +382,7 @@ def scan(
     shared page boundaries, so they hit the page cache).
 
     The returned cursor covers every row examined, so rows that did not match
-    are never read again; it stops at the `limit`-th event when there are more.
+    are never read again. With a `limit`, it stops at the `limit`-th event.
     """
     events: list[dict[str, Any]] = []
     cursor = after

@@ -176,12 +176,12 @@ class Subscriber:
 
     A background task reads the change log after the cursor into a buffer of
     at most `max_buffer_size` events and stops reading while the buffer is
-    full, so a slow consumer holds memory for that many events at most; the
-    rest waits in the change log. `batches()` yields up to `batch_size` events
-    as soon as any are buffered. The cursor of a batch is stored when the next
-    batch is requested or the stream closes, so a consumer that disconnects
-    resumes after the last batch it was given; with `store_cursor=False` the
-    caller stores it instead.
+    full. A slow consumer therefore uses memory for at most that many
+    events, and the rest waits in the change log. `batches()` yields up to
+    `batch_size` events as soon as any are buffered. The cursor of a batch is
+    stored when the next batch is requested or the stream closes, so a
+    consumer that disconnects resumes after the last batch it was given. With
+    `store_cursor=False` the caller stores it instead.
 
     Example:
         async with Subscriber(url, subscription_id) as subscriber:
@@ -275,9 +275,9 @@ class Subscriber:
     async def ack(self, *, wait: bool = True) -> None:
         """Store the cursor of the batches given out so far.
 
-        With `wait=False` the write happens in the background and writes in
-        flight coalesce into one, so a consumer never waits on a database
-        commit between batches; `close()` waits for the last one.
+        With `wait=False` the write happens in the background, and writes in
+        flight coalesce into one, so a consumer does not wait on a database
+        commit between batches. `close()` waits for the last write.
         """
         if self._pending is None:
             return
