@@ -17,7 +17,15 @@ logger = logging.getLogger(__name__)
 # Tables of the platform that have realtime from the start. Capabilities add
 # their own table names here; `app.db.migrate.upgrade` enables each one that
 # exists after every migration branch has run.
-DEFAULT_TABLES: list[str] = ["audit_log", "execution_output"]
+DEFAULT_TABLES: list[str] = [
+    "audit_log",
+    "execution_output",
+    "workflow_executions",
+    "workflow_steps",
+    "sandboxes",
+    "neural_epochs",
+    "neural_round_events",
+]
 
 NOTIFY_CHANNEL = "nexus_realtime"
 # Held from a change's log append to its commit, so change ids become visible
@@ -159,7 +167,10 @@ def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
     for column in inspect(connection).get_columns(table):
         name = column["name"]
         value = f'{alias}."{name}"'
-        if isinstance(column["type"], sqltypes.JSON):
+        if isinstance(column["type"], sqltypes.LargeBinary):
+            # json_object rejects BLOB values, so bytes travel as hex text.
+            value = f"hex({value})"
+        elif isinstance(column["type"], sqltypes.JSON):
             # JSON columns hold text; json() embeds them as documents.
             value = f"CASE WHEN json_valid({value}) THEN json({value}) ELSE {value} END"
         pairs.append(f"'{name}', {value}")
