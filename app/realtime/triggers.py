@@ -153,7 +153,17 @@ def enable_realtime(url: str, table: str) -> None:
 def _enable_postgresql(connection: Connection, table: str) -> None:
     connection.execute(text(_PG_FUNCTION))
     trigger = f"nexus_realtime_{table}"
-    connection.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"'))
+    exists = connection.execute(
+        text(
+            "SELECT 1 FROM pg_trigger WHERE tgname = :trigger "
+            "AND tgrelid = to_regclass(:table)"
+        ),
+        {"trigger": trigger, "table": f'"{table}"'},
+    ).first()
+    if exists:
+        # The row trigger reads whole rows, so it survives column changes,
+        # and re-creating it would lock the table against running workers.
+        return
     connection.execute(
         text(
             f'CREATE TRIGGER "{trigger}" AFTER INSERT OR UPDATE OR DELETE '
