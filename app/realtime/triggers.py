@@ -25,6 +25,7 @@ DEFAULT_TABLES: list[str] = [
     "sandboxes",
     "neural_epochs",
     "neural_round_events",
+    "swarm_events",
 ]
 
 NOTIFY_CHANNEL = "nexus_realtime"

@@ -15,6 +15,7 @@ from temporalio.client import Client
 
 from app.settings import Settings
 from app.tools import ToolError
+from app.tools import registry as tool_registry
 from tests.conftest import running_workers
 from tests.swarm.conftest import SWARM_QUEUES, Swarms
 
@@ -156,7 +157,12 @@ async def test_builtin_action_runs_tool(swarms: Swarms) -> None:
     assert step["output"]["temporal"]["status"] == "healthy"
 
 
-async def test_missing_capability_action_not_available(swarms: Swarms) -> None:
+async def test_missing_capability_action_not_available(
+    swarms: Swarms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Storage is installed now, so the test removes its tool to stand for a
+    # deployment without that capability.
+    monkeypatch.delitem(tool_registry._registry, "storage_upload")
     swarm_id, _ = await swarms.swarm("star", ["specialist"])
     with pytest.raises(ToolError) as caught:
         await swarms.call(
