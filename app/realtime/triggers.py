@@ -26,6 +26,9 @@ DEFAULT_TABLES: list[str] = [
     "neural_epochs",
     "neural_round_events",
     "swarm_events",
+    "benchmark_samples",
+    "benchmark_operations",
+    "extended_duration_test_events",
 ]
 
 NOTIFY_CHANNEL = "nexus_realtime"

@@ -124,3 +124,31 @@ async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
     listed = await invoke_tool(ctx, "swarm_list", {"status": "active"})
     active = {s["swarm_id"] for s in listed["swarms"]}
     assert not active & {s["swarm_id"] for s in swarms}  # type: ignore[union-attr]
+
+
+async def test_streaming_step_loses_nothing(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    result = await run_definition(
+        ctx,
+        "integration-streaming",
+        [
+            {
+                "name": "stream",
+                "type": "real_time_streaming",
+                "params": {"streams": 5, "events": 40},
+            },
+            {
+                "name": "watch",
+                "type": "real_time_monitoring",
+                "depends_on": ["stream"],
+                "params": {"table": "workflow_steps", "wait_ms": 0},
+            },
+        ],
+    )
+    stream = step_outputs(result)["stream"]
+    # Filters: in.(phase_1..4), eq.phase_1, neq.phase_1, sequence<20, >=20.
+    assert stream["events_expected"] == 32 + 8 + 32 + 20 + 20
+    assert stream["events_delivered"] == stream["events_expected"]
+    assert stream["events_lost"] == 0
+    assert stream["duplicates"] == 0
+    assert step_outputs(result)["watch"]["subscription_id"]
