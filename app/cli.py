@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from app.api.cli import keys_cli, mcp_command
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.sandbox.cli import sandbox_cli
@@ -30,6 +31,8 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(sandbox_cli, name="sandbox")
 cli.add_typer(swarm_cli, name="swarm")
+cli.add_typer(keys_cli, name="keys")
+cli.command("mcp")(mcp_command)
 
 
 def _add_capability_commands() -> None:
