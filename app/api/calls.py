@@ -109,7 +109,7 @@ class ToolRunner:
                 key_id=principal.key_id,
                 tool=name,
                 arguments=dict(arguments or {}),
-                outcome="forbidden",
+                outcome="error",
                 duration_ms=0.0,
                 error=message,
             )
