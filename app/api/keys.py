@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlmodel import col, select
@@ -67,13 +67,22 @@ def _hash_secret(salt: str, secret: str) -> str:
     return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite drops the offset; every stored time is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def _info(row: ApiKey) -> KeyInfo:
+    created_at = _utc(row.created_at)
+    assert created_at is not None
     return KeyInfo(
         id=row.id,
         name=row.name,
         groups=list(row.groups) if row.groups is not None else None,
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
+        created_at=created_at,
+        revoked_at=_utc(row.revoked_at),
         replaced_by=row.replaced_by,
     )
 

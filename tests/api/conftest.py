@@ -112,9 +112,7 @@ async def api_server(
     port = free_port()
     async with running_workers(client, api_settings):
         with ThreadedServer(create_app(api_settings), port):
-            yield ApiServer(
-                f"http://127.0.0.1:{port}", api_settings, token, info.id
-            )
+            yield ApiServer(f"http://127.0.0.1:{port}", api_settings, token, info.id)
 
 
 @pytest.fixture
@@ -124,3 +122,10 @@ def key_factory(api_settings: Settings) -> Iterator[Any]:
         return token, info.id
 
     yield make
+
+
+@pytest.fixture(scope="session")
+def api_schema(api_server: ApiServer) -> Any:
+    import schemathesis
+
+    return schemathesis.openapi.from_url(f"{api_server.base_url}/openapi.json")

@@ -28,7 +28,11 @@ def one_call_per_group() -> dict[str, tuple[str, dict[str, Any]]]:
     for group in groups:
         specs = [spec for spec in all_tools() if spec.group == group]
         chosen = next(
-            ((s.name, EXAMPLE_ARGUMENTS[s.name]) for s in specs if s.name in EXAMPLE_ARGUMENTS),
+            (
+                (s.name, EXAMPLE_ARGUMENTS[s.name])
+                for s in specs
+                if s.name in EXAMPLE_ARGUMENTS
+            ),
             None,
         ) or next(((s.name, {}) for s in specs if _accepts_empty(s)), None)
         if chosen is None:

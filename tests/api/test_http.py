@@ -121,7 +121,9 @@ async def test_wrong_key_rejected(api_server: ApiServer) -> None:
 
 async def test_revoked_key_rejected(api_server: ApiServer, key_factory) -> None:
     token, key_id = key_factory("to-revoke")
-    assert (await post(api_server, "/api/tools/audit_log", {}, token)).status_code == 200
+    assert (
+        await post(api_server, "/api/tools/audit_log", {}, token)
+    ).status_code == 200
     revoke_key(api_server.settings.effective_database_url, key_id)
     response = await post(api_server, "/api/tools/audit_log", {}, token)
     assert response.status_code == 401
@@ -227,9 +229,7 @@ async def test_body_limit_413(api_server: ApiServer) -> None:
             for start in range(0, len(too_big), 65536):
                 yield too_big[start : start + 65536]
 
-        streamed = await http.post(
-            "/mcp", content=chunks(), headers=api_server.headers
-        )
+        streamed = await http.post("/mcp", content=chunks(), headers=api_server.headers)
     assert declared.status_code == 413
     assert streamed.status_code == 413
     assert "NEXUS_API_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
