@@ -95,7 +95,7 @@ def api_settings(
     settings = Settings(
         data_dir=data_dir,
         temporal_address=temporal_address,
-        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
+        encryption_key=TEST_ENCRYPTION_KEY,
         api_rate_limit=10_000,
         api_rate_burst=10_000,
     )

@@ -143,11 +143,13 @@ def _http_transport(server: ApiServer, http: httpx2.AsyncClient) -> Any:
 
 
 async def test_streamable_http_lists_and_calls(api_server: ApiServer) -> None:
-    async with create_mcp_http_client(headers=api_server.headers) as http:
-        async with Client(_http_transport(api_server, http)) as client:
-            check_listing(await client.list_tools())
-            await check_calls(client)
-            await check_invalid_arguments(client)
+    async with (
+        create_mcp_http_client(headers=api_server.headers) as http,
+        Client(_http_transport(api_server, http)) as client,
+    ):
+        check_listing(await client.list_tools())
+        await check_calls(client)
+        await check_invalid_arguments(client)
 
 
 async def test_streamable_http_group_filter(
@@ -155,11 +157,13 @@ async def test_streamable_http_group_filter(
 ) -> None:
     token, _ = key_factory("mcp-other-group", ["no-such-group"])
     headers = {"Authorization": f"Bearer {token}"}
-    async with create_mcp_http_client(headers=headers) as http:
-        async with Client(_http_transport(api_server, http)) as client:
-            assert (await client.list_tools()).tools == []
-            result = await client.call_tool("audit_log", {})
-            assert result.is_error
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        Client(_http_transport(api_server, http)) as client,
+    ):
+        assert (await client.list_tools()).tools == []
+        result = await client.call_tool("audit_log", {})
+        assert result.is_error
 
 
 async def test_jsonrpc_without_key_rejected(api_server: ApiServer) -> None:
