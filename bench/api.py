@@ -73,7 +73,7 @@ async def drive(
     width: int,
 ) -> tuple[list[float], int]:
     """Send `total` POSTs from `width` concurrent clients; return the
-    latencies in ms and the count of non-200 answers."""
+    latencies in ms and the count of non-200 responses."""
     latencies: list[float] = []
     failures = 0
     remaining = total

@@ -64,7 +64,7 @@ class BodyTooLargeError(Exception):
 
 
 class BodyLimitMiddleware:
-    """Answer 413 to requests whose body exceeds `limit` bytes, by the
+    """Reject with 413 a request whose body exceeds `limit` bytes, by its
     Content-Length header or by the bytes actually received."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -393,7 +393,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def _summary(description: str) -> str:
-    """The first paragraph of a docstring as one line."""
+    """Return the first paragraph of a docstring as one line."""
     return " ".join(description.split("\n\n")[0].split())
 
 

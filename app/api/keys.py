@@ -3,7 +3,7 @@
 A key reads `nxk_<id>_<secret>`. The id finds the row; the secret is checked
 against HMAC-SHA256 under the row's own salt with a constant-time comparison.
 A fast keyed hash is enough because the secret is 32 random bytes, so there
-is no dictionary to guess from; a slow hash would only add latency per call.
+is no dictionary to guess from. A slow hash would only add latency per call.
 """
 
 from __future__ import annotations

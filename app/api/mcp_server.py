@@ -25,7 +25,7 @@ PRINCIPAL_SCOPE_KEY = "nexus.principal"
 
 
 def tool_definitions() -> list[types.Tool]:
-    """Every registered tool with its input and output JSON schemas."""
+    """Return every registered tool with its input and output JSON schemas."""
     return [
         types.Tool(
             name=spec.name,

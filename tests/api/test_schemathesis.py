@@ -13,7 +13,7 @@ EXAMPLES_PER_OPERATION = 30
 
 
 def test_openapi_operations_conform(api_server: ApiServer) -> None:
-    """Every documented operation answers with a documented status and a body
+    """Every documented operation responds with a documented status and a body
     that matches its schema, and never with a 5xx."""
     schema = schemathesis.openapi.from_url(f"{api_server.base_url}/openapi.json")
     operations = [
