@@ -103,7 +103,9 @@ def api_settings(
     return settings
 
 
-@pytest.fixture(scope="session")
+# Module scope, because the workers of this fixture must stop before another
+# module's tests start their own on the same task queues.
+@pytest.fixture(scope="module")
 async def api_server(
     client: Client, api_settings: Settings
 ) -> AsyncIterator[ApiServer]:
@@ -122,10 +124,3 @@ def key_factory(api_settings: Settings) -> Iterator[Any]:
         return token, info.id
 
     yield make
-
-
-@pytest.fixture(scope="session")
-def api_schema(api_server: ApiServer) -> Any:
-    import schemathesis
-
-    return schemathesis.openapi.from_url(f"{api_server.base_url}/openapi.json")
