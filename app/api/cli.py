@@ -108,3 +108,105 @@ def mcp_command() -> None:
     from app.cli import load_settings
 
     asyncio.run(serve_stdio(load_settings()))
+
+
+def tool_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Tool name, as `nexus tools` lists it.")],
+) -> None:
+    """Call a tool with one `--FIELD VALUE` option per argument, for example
+    `nexus tool audit_log --limit 10`. `nexus tool NAME --help` lists the
+    fields. A value that parses as JSON (numbers, true, lists, objects) is
+    sent as JSON, any other value as a string."""
+    from app.cli import call_tool, print_json
+    from app.tools import ToolError, get_tool, load_tools
+
+    load_tools()
+    try:
+        spec = get_tool(name)
+    except ToolError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
+    extra = list(ctx.args)
+    if "--help" in extra or "-h" in extra:
+        typer.echo(describe_tool_fields(spec.input_model))
+        return
+    try:
+        arguments = parse_field_options(extra, spec.input_model)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    print_json(call_tool(name, arguments))
+
+
+def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
+    """Turn `--field value` and `--flag` tokens into arguments for `model`.
+
+    Dashes in a field name become underscores, so `--user-id` sets
+    `user_id`. A bare `--flag` sets true. A value of a string-only field
+    stays a string, so `--user-id 42` sends "42".
+
+    Raises:
+        ValueError: a token is not an option, or an option is repeated.
+    """
+    properties = model.model_json_schema(by_alias=True).get("properties", {})
+    arguments: dict[str, Any] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"{token!r} is not a --FIELD option")
+        field, sep, inline = token[2:].partition("=")
+        field = field.replace("-", "_")
+        if sep:
+            raw: str | None = inline
+        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            index += 1
+            raw = tokens[index]
+        else:
+            raw = None
+        if field in arguments:
+            raise ValueError(f"--{field} is given twice; give each field once")
+        if raw is None:
+            arguments[field] = True
+        elif _field_types(properties.get(field, {})) <= {"string", "null"}:
+            arguments[field] = raw
+        else:
+            arguments[field] = _parse_value(raw)
+        index += 1
+    return arguments
+
+
+def _field_types(details: dict[str, Any]) -> set[str]:
+    if "type" in details:
+        return {str(details["type"])}
+    options = details.get("anyOf", [])
+    if not options:
+        return {"any"}
+    return {str(option.get("type", "object")) for option in options}
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def describe_tool_fields(model: Any) -> str:
+    """List a tool's fields with their JSON types, defaults and descriptions."""
+    schema = model.model_json_schema(by_alias=True)
+    required = set(schema.get("required", []))
+    lines = [f"Fields of {schema.get('title', model.__name__)}:"]
+    for field, details in schema.get("properties", {}).items():
+        kind = details.get("type") or " | ".join(
+            str(option.get("type", "object")) for option in details.get("anyOf", [])
+        )
+        default = (
+            "required" if field in required else f"default {details.get('default')!r}"
+        )
+        description = details.get("description", "")
+        lines.append(f"  --{field.replace('_', '-')} ({kind}, {default}) {description}")
+    if len(lines) == 1:
+        lines.append("  (none)")
+    return "\n".join(lines)
