@@ -69,7 +69,6 @@ class ToolRunner:
 
     settings: Settings
     _base: ToolContext = field(init=False)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def __post_init__(self) -> None:
         self._base = ToolContext(self.settings)

@@ -372,11 +372,16 @@ def create_app(settings: Settings) -> FastAPI:
         admitted = await gate.admit(request)
         if isinstance(admitted, Response):
             return admitted
+        # Reached for unknown tools, which get_tool turns into a 404, and for
+        # a tool registered after the app was built, which runs normally.
+        arguments = await _read_json_object(request)
+        if isinstance(arguments, JSONResponse):
+            return arguments
         try:
-            await runner.call(tool, {}, principal=admitted)
+            result = await runner.call(tool, arguments, principal=admitted)
         except ToolError as error:
             return _tool_error_response(error)
-        raise AssertionError("a registered tool reached the fallback route")
+        return _tool_response(result)
 
     application.router.routes.append(
         Route(
