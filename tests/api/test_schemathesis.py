@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.api.conftest import ApiServer
 
@@ -32,6 +33,12 @@ def test_openapi_operations_conform(api_server: ApiServer) -> None:
             database=None,
         )
         def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(headers=api_server.headers)
+            # A tool may reject with 422 a value that its JSON schema cannot
+            # express (an id of the wrong shape), so schema-valid data is
+            # not required to succeed. Every other default check runs.
+            case.call_and_validate(
+                headers=api_server.headers,
+                excluded_checks=[positive_data_acceptance],
+            )
 
         check()
