@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from app.api.cli import keys_cli, mcp_command, tool_command
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -32,6 +33,13 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(sandbox_cli, name="sandbox")
 cli.add_typer(swarm_cli, name="swarm")
+cli.add_typer(keys_cli, name="keys")
+cli.command("mcp")(mcp_command)
+cli.command(
+    "tool",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)(tool_command)
 
 
 def _add_capability_commands() -> None:

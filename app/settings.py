@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     )
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    api_rate_limit: float = Field(
+        20.0, gt=0, description="Requests per second each API key may average."
+    )
+    api_rate_burst: int = Field(
+        40, ge=1, description="Requests an API key may make at once before waiting."
+    )
+    api_max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest HTTP request body accepted, in bytes."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from app.api.keys import ensure_default_key
 from app.contracts.queues import ALL_QUEUES
 from app.db.migrate import upgrade
 from app.processes import ManagedProcess, stop_all
@@ -67,6 +68,9 @@ class Stack:
     def start(self) -> str:
         """Migrate, start everything and return the Temporal address."""
         upgrade(self.settings.effective_database_url)
+        # Here rather than in the HTTP process, whose stderr goes to a log file:
+        # a new default key is shown once, on this terminal.
+        ensure_default_key(self.settings)
         if self.settings.embedded:
             self.server = EmbeddedTemporal(self.settings)
             self.address = asyncio.run(self.server.start())

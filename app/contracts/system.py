@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Status = Literal["healthy", "degraded", "unhealthy"]
 
@@ -112,3 +112,10 @@ class AuditRecord(BaseModel):
     error: str | None = None
     duration_ms: float
     ids: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("created_at")
+    @classmethod
+    def _assume_utc(cls, value: datetime) -> datetime:
+        # SQLite drops the offset of a stored datetime; the audit log writes
+        # UTC, so a naive value read back is UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value

@@ -175,7 +175,8 @@ class WorkflowStatusInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workflow_id: str | None = None
-    execution_id: str | None = None
+    # A blank id would reach Temporal as "WorkflowId is not set" (a 500).
+    execution_id: str | None = Field(None, min_length=1)
     include_metrics: bool = False
 
 

@@ -1,0 +1,1 @@
+"""The HTTP API and the MCP server, both generated from the tool registry."""

@@ -1,0 +1,212 @@
+"""`nexus keys ...` and `nexus mcp`."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Annotated, Any
+
+import typer
+
+keys_cli = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
+
+
+def _print(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _database_url() -> str:
+    from app.cli import load_settings
+    from app.db.migrate import upgrade
+
+    settings = load_settings()
+    upgrade(settings.effective_database_url)
+    return settings.effective_database_url
+
+
+@keys_cli.command("create")
+def create_command(
+    name: Annotated[str, typer.Argument(help="Who or what uses the key.")],
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group",
+            help="Tool group the key may call; repeatable. Default: every group.",
+        ),
+    ] = None,
+) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from app.api.keys import create_key
+    from app.tools import all_tools, load_tools
+
+    if group:
+        load_tools()
+        known = {spec.group for spec in all_tools()}
+        unknown = sorted(set(group) - known)
+        if unknown:
+            typer.echo(
+                f"error: unknown tool group(s) {', '.join(unknown)}; the groups are "
+                f"{', '.join(sorted(known))}",
+                err=True,
+            )
+            raise typer.Exit(2)
+    token, info = create_key(_database_url(), name, group or None)
+    _print({"key": token, **dataclasses.asdict(info)})
+    typer.echo("Store the key now: it cannot be shown again.", err=True)
+
+
+@keys_cli.command("list")
+def list_command(
+    all_keys: Annotated[
+        bool, typer.Option("--all", help="Include revoked keys.")
+    ] = False,
+) -> None:
+    """List API keys (ids, names, groups, dates; never the secrets)."""
+    from app.api.keys import list_keys
+
+    keys = list_keys(_database_url(), include_revoked=all_keys)
+    _print([dataclasses.asdict(info) for info in keys])
+
+
+@keys_cli.command("revoke")
+def revoke_command(
+    key_id: Annotated[str, typer.Argument(help="Key id, as `nexus keys list` shows.")],
+) -> None:
+    """Revoke an API key; requests with it are rejected from then on."""
+    from app.api.keys import KeyNotFoundError, revoke_key
+
+    try:
+        info = revoke_key(_database_url(), key_id)
+    except KeyNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    _print(dataclasses.asdict(info))
+
+
+@keys_cli.command("rotate")
+def rotate_command(
+    key_id: Annotated[str, typer.Argument(help="Key id, as `nexus keys list` shows.")],
+) -> None:
+    """Replace an API key by a new one with the same name and groups, and
+    revoke the old one."""
+    from app.api.keys import KeyNotFoundError, rotate_key
+
+    try:
+        token, info = rotate_key(_database_url(), key_id)
+    except KeyNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    _print({"key": token, "replaces": key_id, **dataclasses.asdict(info)})
+    typer.echo("Store the key now: it cannot be shown again.", err=True)
+
+
+def mcp_command() -> None:
+    """Serve every tool over MCP on stdin/stdout, as the local user (for
+    Claude Code and Claude Desktop). Logs go to stderr."""
+    from app.api.stdio import serve_stdio
+    from app.cli import load_settings
+
+    asyncio.run(serve_stdio(load_settings()))
+
+
+def tool_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Tool name, as `nexus tools` lists it.")],
+) -> None:
+    """Call a tool with one `--FIELD VALUE` option per argument, for example
+    `nexus tool audit_log --limit 10`. `nexus tool NAME --help` lists the
+    fields. A value that parses as JSON (numbers, true, lists, objects) is
+    sent as JSON, any other value as a string."""
+    from app.cli import call_tool, print_json
+    from app.tools import ToolError, get_tool, load_tools
+
+    load_tools()
+    try:
+        spec = get_tool(name)
+    except ToolError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
+    extra = list(ctx.args)
+    if "--help" in extra or "-h" in extra:
+        typer.echo(describe_tool_fields(spec.input_model))
+        return
+    try:
+        arguments = parse_field_options(extra, spec.input_model)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    print_json(call_tool(name, arguments))
+
+
+def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
+    """Turn `--field value` and `--flag` tokens into arguments for `model`.
+
+    Dashes in a field name become underscores, so `--user-id` sets
+    `user_id`. A bare `--flag` sets true. A value of a string-only field
+    stays a string, so `--user-id 42` sends "42".
+
+    Raises:
+        ValueError: a token is not an option, or an option is repeated.
+    """
+    properties = model.model_json_schema(by_alias=True).get("properties", {})
+    arguments: dict[str, Any] = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"{token!r} is not a --FIELD option")
+        field, sep, inline = token[2:].partition("=")
+        field = field.replace("-", "_")
+        if sep:
+            raw: str | None = inline
+        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            index += 1
+            raw = tokens[index]
+        else:
+            raw = None
+        if field in arguments:
+            raise ValueError(f"--{field} is given twice; give each field once")
+        if raw is None:
+            arguments[field] = True
+        elif _field_types(properties.get(field, {})) <= {"string", "null"}:
+            arguments[field] = raw
+        else:
+            arguments[field] = _parse_value(raw)
+        index += 1
+    return arguments
+
+
+def _field_types(details: dict[str, Any]) -> set[str]:
+    if "type" in details:
+        return {str(details["type"])}
+    options = details.get("anyOf", [])
+    if not options:
+        return {"any"}
+    return {str(option.get("type", "object")) for option in options}
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def describe_tool_fields(model: Any) -> str:
+    """List a tool's fields with their JSON types, defaults and descriptions."""
+    schema = model.model_json_schema(by_alias=True)
+    required = set(schema.get("required", []))
+    lines = [f"Fields of {schema.get('title', model.__name__)}:"]
+    for field, details in schema.get("properties", {}).items():
+        kind = details.get("type") or " | ".join(
+            str(option.get("type", "object")) for option in details.get("anyOf", [])
+        )
+        default = (
+            "required" if field in required else f"default {details.get('default')!r}"
+        )
+        description = details.get("description", "")
+        lines.append(f"  --{field.replace('_', '-')} ({kind}, {default}) {description}")
+    if len(lines) == 1:
+        lines.append("  (none)")
+    return "\n".join(lines)

@@ -1,0 +1,440 @@
+"""The FastAPI application: one typed operation per tool, streamable MCP at
+`/mcp`, API keys, rate limits and body size limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import app
+from app.api.calls import ErrorBody, ToolRunner, error_body, error_status
+from app.api.keys import Principal, verify_token
+from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
+from app.api.ratelimit import RateLimiter, retry_after_header
+from app.settings import Settings
+from app.tools import ToolError, ToolSpec, all_tools, load_tools
+
+logger = logging.getLogger(__name__)
+
+# Routers of other capabilities, mounted when their modules exist.
+OPTIONAL_ROUTERS = ("app.realtime.http", "app.storage.http")
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "The API key is missing, malformed, wrong or revoked.",
+        403: "The API key may not call this tool's group.",
+        404: "A record that the arguments name does not exist.",
+        409: "The request conflicts with the current state.",
+        413: "The request body is larger than NEXUS_API_MAX_BODY_BYTES.",
+        422: "The arguments do not match the tool's input schema.",
+        429: "The API key's rate limit is used up; retry after Retry-After.",
+        500: "The tool failed; the message says what failed.",
+        503: "A service that the tool needs (Temporal, the database) is down.",
+    }.items()
+}
+
+
+def _error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"kind": kind, "message": message}}, status, headers=headers
+    )
+
+
+class BodyTooLargeError(Exception):
+    """The request body grew past the limit while it was read."""
+
+
+class BodyLimitMiddleware:
+    """Reject with 413 a request whose body exceeds `limit` bytes, by its
+    Content-Length header or by the bytes actually received."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = _error_response(
+            413,
+            "payload_too_large",
+            f"the request body is larger than {self.limit} bytes; send less, or "
+            "raise NEXUS_API_MAX_BODY_BYTES on the server",
+        )
+        for name, value in scope["headers"]:
+            if (
+                name == b"content-length"
+                and value.isdigit()
+                and int(value) > self.limit
+            ):
+                await too_large(scope, receive, send)
+                return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLargeError
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await too_large(scope, receive, send)
+
+
+class Gate:
+    """Authentication and rate limiting of one application."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.limiter = RateLimiter(settings.api_rate_limit, settings.api_rate_burst)
+
+    async def admit(self, request: Request) -> Principal | Response:
+        """Return the caller of a valid key with a free token, or the 401 or
+        429 response to send instead."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error_response(
+                401,
+                "unauthorized",
+                "missing API key; send `Authorization: Bearer <key>` (create one "
+                "with `nexus keys create NAME`)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        principal = await asyncio.to_thread(
+            verify_token, self.settings.effective_database_url, token.strip()
+        )
+        if principal is None:
+            logger.warning("rejected an unknown, wrong or revoked API key")
+            return _error_response(
+                401,
+                "unauthorized",
+                "the API key is unknown, wrong or revoked; check it with "
+                "`nexus keys list` or create a new one",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        wait = self.limiter.acquire(principal.key_id)
+        if wait > 0:
+            retry = retry_after_header(wait)
+            return _error_response(
+                429,
+                "rate_limited",
+                f"API key {principal.key_id} exceeded {self.settings.api_rate_limit:g} "
+                f"requests per second (burst {self.settings.api_rate_burst}); "
+                f"retry after {retry} s",
+                {"Retry-After": retry},
+            )
+        return principal
+
+
+def _tool_response(result: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(result)
+
+
+def _tool_error_response(error: ToolError) -> JSONResponse:
+    return JSONResponse(error_body(error), error_status(error))
+
+
+async def _read_json_object(request: Request) -> dict[str, Any] | JSONResponse:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return _error_response(
+            422, "invalid_argument", f"the request body is not valid JSON: {error}"
+        )
+    if not isinstance(parsed, dict):
+        return _error_response(
+            422,
+            "invalid_argument",
+            f"the request body must be a JSON object of arguments, not "
+            f"{type(parsed).__name__}",
+        )
+    return parsed
+
+
+def _tool_endpoint(
+    spec: ToolSpec, gate: Gate, runner: ToolRunner
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        admitted = await gate.admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        arguments = await _read_json_object(request)
+        if isinstance(arguments, JSONResponse):
+            return arguments
+        try:
+            result = await runner.call(spec.name, arguments, principal=admitted)
+        except ToolError as error:
+            return _tool_error_response(error)
+        return _tool_response(result)
+
+    endpoint.__name__ = f"call_{spec.name}"
+    return endpoint
+
+
+class McpEndpoint:
+    """`/mcp`: JSON-RPC goes to the streamable HTTP transport; a body of the
+    form `{"tool": NAME, "args": {...}}` is a plain tool call."""
+
+    def __init__(
+        self, gate: Gate, runner: ToolRunner, manager: StreamableHTTPSessionManager
+    ) -> None:
+        self.gate = gate
+        self.runner = runner
+        self.manager = manager
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        admitted = await self.gate.admit(request)
+        if isinstance(admitted, Response):
+            await admitted(scope, receive, send)
+            return
+        scope[PRINCIPAL_SCOPE_KEY] = admitted
+        if scope["method"] != "POST":
+            await self.manager.handle_request(scope, receive, send)
+            return
+        body = await request.body()
+        plain = _plain_call(body)
+        if plain is not None:
+            response = await self._plain_call(admitted, *plain)
+            await response(scope, receive, send)
+            return
+        await self.manager.handle_request(scope, _replay(body, receive), send)
+
+    async def _plain_call(
+        self, principal: Principal, name: Any, arguments: Any
+    ) -> Response:
+        if not isinstance(name, str):
+            return _error_response(
+                422, "invalid_argument", f"tool: {name!r} is not a tool name"
+            )
+        if arguments is not None and not isinstance(arguments, dict):
+            return _error_response(
+                422,
+                "invalid_argument",
+                f"args: {arguments!r} is invalid: the arguments must be a JSON object",
+            )
+        try:
+            result = await self.runner.call(name, arguments, principal=principal)
+        except ToolError as error:
+            return _tool_error_response(error)
+        return _tool_response(result)
+
+
+def _plain_call(body: bytes) -> tuple[Any, Any] | None:
+    """Return (tool, args) of a body that is a plain call, else None."""
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed:
+        return parsed["tool"], parsed.get("args", parsed.get("arguments"))
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that first returns the body already read, then the client's
+    later messages (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _transport_security(settings: Settings) -> TransportSecuritySettings | None:
+    # The same DNS rebinding protection that the MCP SDK turns on for
+    # loopback servers; on other addresses the API key is the protection.
+    if settings.http_host not in _LOOPBACK_HOSTS:
+        return None
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=[
+            f"{scheme}://{host}:*"
+            for scheme in ("http", "https")
+            for host in ("127.0.0.1", "localhost", "[::1]")
+        ],
+    )
+
+
+def _include_optional_routers(application: FastAPI) -> list[str]:
+    mounted = []
+    for module_name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue
+            raise
+        application.include_router(module.router)
+        mounted.append(module_name)
+        logger.info("mounted the router of %s", module_name)
+    return mounted
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the HTTP application for every tool registered now."""
+    load_tools()
+    runner = ToolRunner(settings)
+    gate = Gate(settings)
+    mcp_server = build_mcp_server(runner, require_principal=True)
+    manager = StreamableHTTPSessionManager(
+        app=mcp_server,
+        json_response=True,
+        stateless=True,
+        security_settings=_transport_security(settings),
+        max_request_body_size=settings.api_max_body_bytes,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with manager.run():
+            logger.info("HTTP API serving %d tools", len(all_tools()))
+            yield
+
+    application = FastAPI(
+        title="flow-nexus",
+        version=app.__version__,
+        description=(
+            "Every flow-nexus tool as one POST operation. Send the tool's "
+            "arguments as the JSON body and `Authorization: Bearer <key>`."
+        ),
+        lifespan=lifespan,
+    )
+    application.state.gate = gate
+    application.state.runner = runner
+
+    @application.get("/health", tags=["health"], openapi_extra={"security": []})
+    async def health() -> dict[str, Any]:
+        """Liveness of this HTTP process only; call the `system_health` tool
+        for the platform's health."""
+        return {"status": "ok", "version": app.__version__, "tools": len(all_tools())}
+
+    for spec in all_tools():
+        application.add_api_route(
+            f"/api/tools/{spec.name}",
+            _tool_endpoint(spec, gate, runner),
+            methods=["POST"],
+            name=spec.name,
+            operation_id=spec.name,
+            summary=_summary(spec.description),
+            description=spec.description,
+            tags=[spec.group],
+            responses={200: {"model": spec.result_model}, **ERROR_RESPONSES},
+            openapi_extra={"requestBody": _request_body(spec)},
+        )
+
+    @application.post("/api/tools/{tool}", include_in_schema=False)
+    async def unknown_tool(tool: str, request: Request) -> Response:
+        admitted = await gate.admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        # Reached for unknown tools, which get_tool turns into a 404, and for
+        # a tool registered after the app was built, which runs normally.
+        arguments = await _read_json_object(request)
+        if isinstance(arguments, JSONResponse):
+            return arguments
+        try:
+            result = await runner.call(tool, arguments, principal=admitted)
+        except ToolError as error:
+            return _tool_error_response(error)
+        return _tool_response(result)
+
+    application.router.routes.append(
+        Route(
+            "/mcp",
+            endpoint=McpEndpoint(gate, runner, manager),
+            methods=["GET", "POST", "DELETE"],
+            include_in_schema=False,
+        )
+    )
+    _include_optional_routers(application)
+    application.openapi = lambda: _openapi(application)  # type: ignore[method-assign]
+    application.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body_bytes)
+    return application
+
+
+def _summary(description: str) -> str:
+    """Return the first paragraph of a docstring as one line."""
+    return " ".join(description.split("\n\n")[0].split())
+
+
+def _component_name(spec: ToolSpec) -> str:
+    return spec.input_model.__name__
+
+
+def _request_body(spec: ToolSpec) -> dict[str, Any]:
+    return {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": f"#/components/schemas/{_component_name(spec)}"}
+            }
+        },
+    }
+
+
+def _openapi(application: FastAPI) -> dict[str, Any]:
+    if application.openapi_schema:
+        return application.openapi_schema
+    schema = get_openapi(
+        title=application.title,
+        version=application.version,
+        description=application.description,
+        routes=application.routes,
+    )
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for spec in all_tools():
+        body = spec.input_model.model_json_schema(
+            by_alias=True, ref_template="#/components/schemas/{model}"
+        )
+        schemas.update(body.pop("$defs", {}))
+        schemas[_component_name(spec)] = body
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"bearer": []}]
+    application.openapi_schema = schema
+    return schema

@@ -1,0 +1,226 @@
+"""API keys: creation, verification, revocation and rotation.
+
+A key reads `nxk_<id>_<secret>`. The id finds the row; the secret is checked
+against HMAC-SHA256 under the row's own salt with a constant-time comparison.
+A fast keyed hash is enough because the secret is 32 random bytes, so there
+is no dictionary to guess from. A slow hash would only add latency per call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from app.api.models import ApiKey
+from app.db import session_scope
+from app.db.models import utc_now
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "nxk"
+DEFAULT_KEY_FILE = "api-key"
+
+
+class KeyNotFoundError(Exception):
+    """A key operation on an id that does not exist or is already revoked."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller behind a verified key."""
+
+    key_id: str
+    name: str
+    groups: tuple[str, ...] | None
+
+    @property
+    def user_id(self) -> str:
+        return f"key:{self.name}"
+
+    def may_call(self, group: str) -> bool:
+        return self.groups is None or group in self.groups
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as listed: everything but the secret, which is never stored."""
+
+    id: str
+    name: str
+    groups: list[str] | None
+    created_at: datetime
+    revoked_at: datetime | None
+    replaced_by: str | None
+
+
+def _hash_secret(salt: str, secret: str) -> str:
+    return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite drops the offset; every stored time is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _info(row: ApiKey) -> KeyInfo:
+    created_at = _utc(row.created_at)
+    assert created_at is not None
+    return KeyInfo(
+        id=row.id,
+        name=row.name,
+        groups=list(row.groups) if row.groups is not None else None,
+        created_at=created_at,
+        revoked_at=_utc(row.revoked_at),
+        replaced_by=row.replaced_by,
+    )
+
+
+def create_key(
+    database_url: str, name: str, groups: list[str] | None = None
+) -> tuple[str, KeyInfo]:
+    """Create a key and return its secret token (shown once) and its info."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_hex(16)
+    row = ApiKey(
+        id=key_id,
+        name=name,
+        salt=salt,
+        secret_hash=_hash_secret(salt, secret),
+        groups=sorted(set(groups)) if groups else None,
+    )
+    with session_scope(database_url) as session:
+        session.add(row)
+        session.flush()
+        info = _info(row)
+    logger.info("created API key %s (%s)", key_id, name)
+    return f"{KEY_PREFIX}_{key_id}_{secret}", info
+
+
+def list_keys(database_url: str, *, include_revoked: bool = True) -> list[KeyInfo]:
+    query = select(ApiKey).order_by(col(ApiKey.created_at))
+    if not include_revoked:
+        query = query.where(col(ApiKey.revoked_at).is_(None))
+    with session_scope(database_url) as session:
+        return [_info(row) for row in session.exec(query).all()]
+
+
+def revoke_key(database_url: str, key_id: str) -> KeyInfo:
+    """Revoke a key so that it is rejected from the next request on.
+
+    Raises:
+        KeyNotFoundError: no active key has this id.
+    """
+    with session_scope(database_url) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            raise KeyNotFoundError(
+                f"no active API key with id {key_id!r}; list the keys with "
+                "`nexus keys list`"
+            )
+        row.revoked_at = utc_now()
+        session.add(row)
+        session.flush()
+        info = _info(row)
+    logger.info("revoked API key %s", key_id)
+    return info
+
+
+def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
+    """Replace a key by a new one with the same name and groups, and revoke it.
+
+    Raises:
+        KeyNotFoundError: no active key has this id.
+    """
+    with session_scope(database_url) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            raise KeyNotFoundError(
+                f"no active API key with id {key_id!r}; list the keys with "
+                "`nexus keys list`"
+            )
+        name, groups = row.name, row.groups
+    token, info = create_key(database_url, name, groups)
+    with session_scope(database_url) as session:
+        row = session.get(ApiKey, key_id)
+        assert row is not None
+        row.revoked_at = utc_now()
+        row.replaced_by = info.id
+        session.add(row)
+    logger.info("rotated API key %s to %s", key_id, info.id)
+    return token, info
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    """Split `nxk_<id>_<secret>` into id and secret, or None when malformed."""
+    prefix, sep, rest = token.partition("_")
+    if prefix != KEY_PREFIX or not sep:
+        return None
+    key_id, sep, secret = rest.partition("_")
+    if not sep or not key_id or not secret:
+        return None
+    return key_id, secret
+
+
+def verify_token(database_url: str, token: str) -> Principal | None:
+    """Return the caller of an active key, or None for any unknown,
+    malformed, wrong or revoked token."""
+    parsed = parse_token(token)
+    if parsed is None:
+        return None
+    key_id, secret = parsed
+    with session_scope(database_url) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            return None
+        expected, salt = row.secret_hash, row.salt
+        revoked = row.revoked_at is not None
+        name, groups = row.name, row.groups
+    if not hmac.compare_digest(_hash_secret(salt, secret), expected):
+        return None
+    if revoked:
+        return None
+    return Principal(key_id, name, tuple(groups) if groups is not None else None)
+
+
+def ensure_default_key(settings: Settings) -> str | None:
+    """Create a key named `default` when no active key exists.
+
+    The token is printed once to stderr and written to `<data dir>/api-key`
+    with mode 0600; later starts find the key and print nothing. Returns the
+    new token, or None when an active key already existed.
+    """
+    url = settings.effective_database_url
+    if list_keys(url, include_revoked=False):
+        return None
+    token, info = create_key(url, "default")
+    path = default_key_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # O_CREAT with 0600 so the secret is never readable by others, not even
+    # between creating the file and a later chmod.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token + "\n")
+    os.chmod(path, 0o600)
+    print(
+        f"Created API key {info.id} (default). It is shown only this once and "
+        f"saved to {path}:\n{token}",
+        file=sys.stderr,
+    )
+    return token
+
+
+def default_key_path(settings: Settings) -> Path:
+    return settings.resolved_data_dir / DEFAULT_KEY_FILE

@@ -1,0 +1,110 @@
+"""The MCP server, generated from the tool registry with the low-level SDK
+server, so every registered tool is listed and callable without code here."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from typing import Any
+
+import mcp_types as types
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+
+import app
+from app.api.calls import ToolRunner
+from app.api.keys import Principal
+from app.tools import ToolError, all_tools
+
+logger = logging.getLogger(__name__)
+
+# Key under which the HTTP layer stores the verified caller in the ASGI scope,
+# where the MCP transport's request object can read it back.
+PRINCIPAL_SCOPE_KEY = "nexus.principal"
+
+
+def tool_definitions() -> list[types.Tool]:
+    """Return every registered tool with its input and output JSON schemas."""
+    return [
+        types.Tool(
+            name=spec.name,
+            description=spec.description,
+            input_schema=spec.input_model.model_json_schema(by_alias=True),
+            output_schema=spec.result_model.model_json_schema(
+                by_alias=True, mode="serialization"
+            ),
+        )
+        for spec in all_tools()
+    ]
+
+
+def _principal(ctx: ServerRequestContext[Any, Any]) -> Principal | None:
+    request = ctx.request
+    if request is None:
+        return None
+    principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    return principal if isinstance(principal, Principal) else None
+
+
+def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[Any]:
+    """Build a server whose tools are the registry's tools.
+
+    Args:
+        runner: runs the calls.
+        require_principal: True over HTTP, where every call must carry a key
+            that the HTTP layer verified; False on stdio, where the caller is
+            the local user who started the process.
+    """
+    definitions = tool_definitions()
+    local_user = f"mcp:{getpass.getuser()}"
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any],
+        params: types.PaginatedRequestParams | None,
+    ) -> types.ListToolsResult:
+        principal = _principal(ctx)
+        listed = [
+            tool
+            for tool, spec in zip(definitions, all_tools(), strict=True)
+            if principal is None or principal.may_call(spec.group)
+        ]
+        return types.ListToolsResult(tools=listed)
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        principal = _principal(ctx)
+        if require_principal and principal is None:
+            return _error_result("this MCP endpoint requires an API key")
+        try:
+            result = await runner.call(
+                params.name,
+                dict(params.arguments or {}),
+                principal=principal,
+                local_user=local_user,
+            )
+        except ToolError as error:
+            return _error_result(error.message)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=json.dumps(result))],
+            structured_content=result,
+        )
+
+    return Server(
+        "flow-nexus",
+        version=app.__version__,
+        instructions=(
+            "flow-nexus tools: swarms, sandboxes, neural clusters, workflows, "
+            "realtime, storage, health and audit. Errors name the invalid value "
+            "and the fix."
+        ),
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+def _error_result(message: str) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=message)], is_error=True
+    )

@@ -1,0 +1,255 @@
+"""The HTTP API against a real uvicorn server: tools, errors, keys, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from app.api.http import create_app
+from app.api.keys import revoke_key, rotate_key
+from app.services.audit import list_calls
+from app.tools import all_tools
+from tests.api.conftest import ApiServer
+from tests.api.examples import one_call_per_group
+
+
+async def post(
+    server: ApiServer, path: str, body: object = None, token: str | None = None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token or server.token}"}
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        return await http.post(path, json=body, headers=headers)
+
+
+async def test_openapi_one_operation_per_tool(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        schema = (await http.get("/openapi.json")).json()
+    for spec in all_tools():
+        operation = schema["paths"][f"/api/tools/{spec.name}"]["post"]
+        assert operation["operationId"] == spec.name
+        body_ref = operation["requestBody"]["content"]["application/json"]["schema"]
+        name = body_ref["$ref"].rsplit("/", 1)[1]
+        assert name in schema["components"]["schemas"]
+        ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["$ref"].endswith(spec.result_model.__name__)
+        assert "422" in operation["responses"]
+
+
+async def test_health_needs_no_key(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        response = await http.get("/health")
+    assert response.status_code == 200
+    assert response.json()["tools"] == len(all_tools())
+
+
+async def test_every_group_end_to_end(api_server: ApiServer) -> None:
+    for group, (name, arguments) in one_call_per_group().items():
+        response = await post(api_server, f"/api/tools/{name}", arguments)
+        assert response.status_code == 200, (group, response.text)
+        spec = next(spec for spec in all_tools() if spec.name == name)
+        spec.result_model.model_validate(response.json())
+
+
+async def test_system_health_reads_live_workers(api_server: ApiServer) -> None:
+    response = await post(api_server, "/api/tools/system_health", {})
+    assert response.status_code == 200
+    report = response.json()
+    assert report["temporal"]["status"] == "healthy"
+    assert report["database"]["status"] == "healthy"
+
+
+async def test_invalid_arguments_name_field(api_server: ApiServer) -> None:
+    response = await post(api_server, "/api/tools/audit_log", {"limit": 0})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert error["errors"][0]["field"] == "limit"
+    assert error["errors"][0]["value"] == 0
+    assert "greater than or equal to 1" in error["errors"][0]["message"]
+    assert "limit: 0" in error["message"]
+
+
+async def test_unexpected_field_rejected(api_server: ApiServer) -> None:
+    response = await post(api_server, "/api/tools/system_health", {"verbose": True})
+    assert response.status_code == 422
+    assert response.json()["error"]["errors"][0]["field"] == "verbose"
+
+
+async def test_body_not_json_object(api_server: ApiServer) -> None:
+    for body in ([1, 2], "text", 3):
+        response = await post(api_server, "/api/tools/audit_log", body)
+        assert response.status_code == 422, body
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        response = await http.post(
+            "/api/tools/audit_log", content=b"{not json", headers=api_server.headers
+        )
+    assert response.status_code == 422
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+async def test_unknown_tool_404(api_server: ApiServer) -> None:
+    response = await post(api_server, "/api/tools/no_such_tool", {})
+    assert response.status_code == 404
+    assert "no_such_tool" in response.json()["error"]["message"]
+
+
+async def test_missing_key_rejected(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        for path in ("/api/tools/audit_log", "/mcp"):
+            response = await http.post(path, json={"tool": "audit_log"})
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            response = await http.post(
+                path, json={}, headers={"Authorization": "Basic dXNlcjpwYXNz"}
+            )
+            assert response.status_code == 401, path
+
+
+async def test_wrong_key_rejected(api_server: ApiServer) -> None:
+    prefix, key_id, secret = api_server.token.split("_", 2)
+    wrong_secret = f"{prefix}_{key_id}_{'A' * len(secret)}"
+    for token in (wrong_secret, "nxk_000000000000_secret", "not-a-key"):
+        response = await post(api_server, "/api/tools/audit_log", {}, token)
+        assert response.status_code == 401, token
+        assert response.json()["error"]["kind"] == "unauthorized"
+
+
+async def test_revoked_key_rejected(api_server: ApiServer, key_factory) -> None:
+    token, key_id = key_factory("to-revoke")
+    assert (
+        await post(api_server, "/api/tools/audit_log", {}, token)
+    ).status_code == 200
+    revoke_key(api_server.settings.effective_database_url, key_id)
+    response = await post(api_server, "/api/tools/audit_log", {}, token)
+    assert response.status_code == 401
+
+
+async def test_rotated_key_replaces_old(api_server: ApiServer, key_factory) -> None:
+    old_token, key_id = key_factory("to-rotate", ["system"])
+    new_token, info = rotate_key(api_server.settings.effective_database_url, key_id)
+    assert info.groups == ["system"]
+    assert info.name == "to-rotate"
+    response = await post(api_server, "/api/tools/audit_log", {}, new_token)
+    assert response.status_code == 200
+    response = await post(api_server, "/api/tools/audit_log", {}, old_token)
+    assert response.status_code == 401
+
+
+async def test_group_limited_key(api_server: ApiServer, key_factory) -> None:
+    token, key_id = key_factory("other-group-only", ["no-such-group"])
+    response = await post(api_server, "/api/tools/audit_log", {}, token)
+    assert response.status_code == 403
+    assert response.json()["error"]["kind"] == "forbidden"
+    events = list_calls(
+        api_server.settings.effective_database_url, user_id="key:other-group-only"
+    )
+    assert events[0].outcome == "error"
+    assert events[0].error is not None
+    assert "may not call audit_log" in events[0].error
+    assert events[0].key_id == key_id
+
+
+async def test_audit_records_key_and_outcome(api_server: ApiServer) -> None:
+    await post(api_server, "/api/tools/audit_log", {"limit": 2, "api_key": "s3cret"})
+    await post(api_server, "/api/tools/audit_log", {"limit": 3})
+    events = list_calls(
+        api_server.settings.effective_database_url, user_id="key:tests", limit=2
+    )
+    assert events[0].tool == "audit_log"
+    assert events[0].key_id == api_server.key_id
+    assert events[0].outcome == "success"
+    assert events[0].duration_ms > 0
+    assert events[1].outcome == "error"
+    assert events[1].arguments["api_key"] == "********"
+
+
+async def test_curl_style_plain_calls(api_server: ApiServer) -> None:
+    headers = {**api_server.headers, "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=60) as http:
+        health = await http.post(
+            "/mcp", content=json.dumps({"tool": "system_health"}), headers=headers
+        )
+        audit = await http.post(
+            "/mcp",
+            content=json.dumps({"tool": "audit_log", "args": {"limit": 10}}),
+            headers=headers,
+        )
+        invalid = await http.post(
+            "/mcp",
+            content=json.dumps({"tool": "audit_log", "args": {"limit": 5000}}),
+            headers=headers,
+        )
+    assert health.status_code == 200
+    assert health.json()["temporal"]["status"] == "healthy"
+    assert audit.status_code == 200
+    assert audit.json()["count"] <= 10
+    assert invalid.status_code == 422
+    assert invalid.json()["error"]["errors"][0]["field"] == "limit"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_real_curl(api_server: ApiServer) -> None:
+    command = [
+        "curl",
+        "-sS",
+        "-X",
+        "POST",
+        f"{api_server.base_url}/mcp",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        f"Authorization: Bearer {api_server.token}",
+        "-d",
+        '{"tool": "audit_log", "args": {"limit": 10}}',
+        "-w",
+        "\n%{http_code}",
+    ]
+    completed = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
+    )
+    body, status = completed.stdout.rsplit("\n", 1)
+    assert status == "200", completed.stdout + completed.stderr
+    assert "events" in json.loads(body)
+
+
+async def test_body_limit_413(api_server: ApiServer) -> None:
+    too_big = b"{" + b" " * (api_server.settings.api_max_body_bytes + 1) + b"}"
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=60) as http:
+        declared = await http.post(
+            "/api/tools/audit_log", content=too_big, headers=api_server.headers
+        )
+
+        async def chunks():
+            # No Content-Length: the limit must hold on the bytes received.
+            for start in range(0, len(too_big), 65536):
+                yield too_big[start : start + 65536]
+
+        streamed = await http.post("/mcp", content=chunks(), headers=api_server.headers)
+    assert declared.status_code == 413
+    assert streamed.status_code == 413
+    assert "NEXUS_API_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
+
+
+async def test_rate_limit_429(api_server: ApiServer) -> None:
+    limited = api_server.settings.model_copy(
+        update={"api_rate_limit": 0.5, "api_rate_burst": 2}
+    )
+    transport = httpx.ASGITransport(app=create_app(limited))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1"
+    ) as http:
+        statuses = []
+        for _ in range(3):
+            response = await http.post(
+                "/api/tools/audit_log", json={"limit": 1}, headers=api_server.headers
+            )
+            statuses.append(response.status_code)
+    assert statuses == [200, 200, 429]
+    assert response.json()["error"]["kind"] == "rate_limited"
+    # A token refills in 2 s at 0.5 per second.
+    assert response.headers["retry-after"] == "2"

@@ -1,0 +1,173 @@
+"""API keys on SQLite and PostgreSQL, and the server's first start."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from sqlmodel import select
+
+from app.api.keys import (
+    KeyNotFoundError,
+    create_key,
+    ensure_default_key,
+    list_keys,
+    revoke_key,
+    rotate_key,
+    verify_token,
+)
+from app.api.models import ApiKey
+from app.api.server import uvicorn_options
+from app.db import session_scope
+from app.settings import Settings
+from tests.api.conftest import REPO_ROOT, free_port, server_env
+
+
+def test_secret_stored_only_as_hash(database_url: str) -> None:
+    token, info = create_key(database_url, "ci", ["system"])
+    secret = token.rsplit("_", 1)[1]
+    with session_scope(database_url) as session:
+        row = session.exec(select(ApiKey).where(ApiKey.id == info.id)).one()
+        stored = [row.salt, row.secret_hash, row.name]
+    assert all(secret not in value for value in stored)
+    principal = verify_token(database_url, token)
+    assert principal is not None
+    assert principal.key_id == info.id
+    assert principal.groups == ("system",)
+    assert info.created_at.tzinfo is not None
+
+
+def test_wrong_revoked_rotated_keys(database_url: str) -> None:
+    token, info = create_key(database_url, "ops")
+    assert (
+        verify_token(database_url, token[:-1] + ("A" if token[-1] != "A" else "B"))
+        is None
+    )
+    new_token, new_info = rotate_key(database_url, info.id)
+    assert verify_token(database_url, token) is None
+    assert verify_token(database_url, new_token) is not None
+    listed = {key.id: key for key in list_keys(database_url)}
+    assert listed[info.id].replaced_by == new_info.id
+    assert listed[info.id].revoked_at is not None
+    revoke_key(database_url, new_info.id)
+    assert verify_token(database_url, new_token) is None
+    assert list_keys(database_url, include_revoked=False) == []
+    with pytest.raises(KeyNotFoundError, match="no active API key"):
+        revoke_key(database_url, new_info.id)
+    with pytest.raises(KeyNotFoundError):
+        rotate_key(database_url, "missing")
+
+
+def test_default_key_created_once(settings: Settings) -> None:
+    token = ensure_default_key(settings)
+    assert token is not None
+    path = settings.resolved_data_dir / "api-key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == token
+    assert verify_token(settings.effective_database_url, token) is not None
+    assert ensure_default_key(settings) is None
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    with pytest.raises(ValueError, match="both NEXUS_TLS_CERT and NEXUS_TLS_KEY"):
+        uvicorn_options(Settings(data_dir=tmp_path, tls_cert=cert))
+    with pytest.raises(ValueError, match="is not a file"):
+        uvicorn_options(Settings(data_dir=tmp_path, tls_cert=cert, tls_key=cert))
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = directory / "cert.pem"
+    key_path = directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_first_start_with_tls(tmp_path: Path, temporal_address: str) -> None:
+    """`python -m app.api` migrates, prints a default key once to stderr,
+    and serves HTTPS with the configured certificate."""
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "data", temporal_address=temporal_address)
+    env = server_env(settings)
+    env.pop("NEXUS_DATABASE_URL")
+    env.update(
+        NEXUS_HTTP_PORT=str(port), NEXUS_TLS_CERT=str(cert), NEXUS_TLS_KEY=str(key)
+    )
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.api"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{url}/health", verify=str(cert))
+                break
+            except httpx.ConnectError:
+                assert process.poll() is None, stderr_path.read_text()
+                assert time.monotonic() < deadline, stderr_path.read_text()
+                time.sleep(0.2)
+        assert health.status_code == 200
+        key_file = tmp_path / "data" / "api-key"
+        token = key_file.read_text().strip()
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+        response = httpx.post(
+            f"{url}/api/tools/audit_log",
+            json={"limit": 1},
+            headers={"Authorization": f"Bearer {token}"},
+            verify=str(cert),
+        )
+        assert response.status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")  # the certificate is not trusted by default
+    finally:
+        process.terminate()
+        stdout, _ = process.communicate(timeout=30)
+    log = stderr_path.read_text()
+    assert token in log
+    assert log.count(token) == 1
+    assert stdout == b""
