@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -31,7 +31,12 @@ from app.tools import ToolError, ToolSpec, all_tools, load_tools
 logger = logging.getLogger(__name__)
 
 # Routers of other capabilities, mounted when their modules exist.
-OPTIONAL_ROUTERS = ("app.realtime.http", "app.storage.http")
+# Routers of other capabilities: module, builder, and whether the API key gate
+# guards them. Signed storage URLs carry their own HMAC, so they need no key.
+OPTIONAL_ROUTERS = (
+    ("app.realtime.http", "build_realtime_router", True),
+    ("app.storage.http", "build_storage_router", False),
+)
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -300,16 +305,35 @@ def _transport_security(settings: Settings) -> TransportSecuritySettings | None:
     )
 
 
-def _include_optional_routers(application: FastAPI) -> list[str]:
+def _key_dependency(gate: Gate) -> Any:
+    async def require_key(request: Request) -> None:
+        admitted = await gate.admit(request)
+        if isinstance(admitted, Response):
+            headers = {
+                name: value
+                for name, value in admitted.headers.items()
+                if name.lower() in ("www-authenticate", "retry-after")
+            }
+            detail = json.loads(bytes(admitted.body)).get("error", "rejected")
+            raise HTTPException(admitted.status_code, detail=detail, headers=headers)
+
+    return Depends(require_key)
+
+
+def _include_optional_routers(
+    application: FastAPI, settings: Settings, gate: Gate
+) -> list[str]:
     mounted = []
-    for module_name in OPTIONAL_ROUTERS:
+    for module_name, builder, needs_key in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
             if error.name is not None and module_name.startswith(error.name):
                 continue
             raise
-        application.include_router(module.router)
+        router = getattr(module, builder)(settings)
+        dependencies = [_key_dependency(gate)] if needs_key else []
+        application.include_router(router, dependencies=dependencies)
         mounted.append(module_name)
         logger.info("mounted the router of %s", module_name)
     return mounted
@@ -391,7 +415,7 @@ def create_app(settings: Settings) -> FastAPI:
             include_in_schema=False,
         )
     )
-    _include_optional_routers(application)
+    _include_optional_routers(application, settings, gate)
     application.openapi = lambda: _openapi(application)  # type: ignore[method-assign]
     application.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body_bytes)
     return application

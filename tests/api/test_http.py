@@ -253,3 +253,46 @@ async def test_rate_limit_429(api_server: ApiServer) -> None:
     assert response.json()["error"]["kind"] == "rate_limited"
     # A token refills in 2 s at 0.5 per second.
     assert response.headers["retry-after"] == "2"
+
+
+async def test_realtime_stream_needs_key(api_server: ApiServer) -> None:
+    created = await post(
+        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}
+    )
+    assert created.status_code == 200, created.text
+    path = (
+        f"/realtime/v1/subscriptions/{created.json()['subscription_id']}/stream"
+        "?max_batches=1"
+    )
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        rejected = await http.get(path)
+        assert rejected.status_code == 401
+        assert rejected.headers["www-authenticate"].startswith("Bearer")
+        # The subscribe call itself is audited, so a batch is waiting.
+        streamed = await http.get(path, headers=api_server.headers)
+    assert streamed.status_code == 200
+    assert "event: changes" in streamed.text
+
+
+async def test_signed_url_needs_no_key(api_server: ApiServer) -> None:
+    uploaded = await post(
+        api_server,
+        "/api/tools/storage_upload",
+        {"bucket": "signed-test", "path": "a.txt", "content": "signed body"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    signed = await post(
+        api_server,
+        "/api/tools/storage_get_url",
+        {"bucket": "signed-test", "path": "a.txt", "expires_in": 60},
+    )
+    assert signed.status_code == 200, signed.text
+    # The URL names NEXUS_HTTP_PORT; this test's server listens elsewhere.
+    parts = httpx.URL(signed.json()["url"])
+    url = f"{api_server.base_url}{parts.raw_path.decode()}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        fetched = await http.get(url)
+        assert fetched.status_code == 200
+        assert fetched.content == b"signed body"
+        forged = await http.get(url[:-4] + "0000")
+        assert forged.status_code == 403
