@@ -26,7 +26,9 @@ from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
 from app.tools.neural import CLUSTER_ARCHITECTURES, Optimizer, _prepare_dataset
 from app.tools.registry import ToolContext, ToolError, tool
 
-Topology = Literal["mesh", "ring", "star", "hierarchical"]
+# The same order as the swarm topologies: typing caches `Literal[...] | None`
+# by value set, so two orders would give schemas that differ between runs.
+Topology = Literal["hierarchical", "mesh", "ring", "star"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
 

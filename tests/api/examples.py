@@ -12,6 +12,8 @@ from app.tools import ToolSpec, all_tools, load_tools
 
 EXAMPLE_ARGUMENTS: dict[str, dict[str, Any]] = {
     "audit_log": {"limit": 5},
+    "storage_list": {"bucket": "examples"},
+    "realtime_list": {},
 }
 
 

@@ -36,7 +36,8 @@ def check_listing(listed: types.ListToolsResult) -> None:
     assert sorted(by_name) == sorted(spec.name for spec in all_tools())
     for spec in all_tools():
         tool = by_name[spec.name]
-        assert tool.input_schema == spec.input_model.model_json_schema(by_alias=True)
+        expected = spec.input_model.model_json_schema(by_alias=True)
+        assert tool.input_schema == expected, (spec.name, tool.input_schema, expected)
         assert tool.output_schema is not None
         assert tool.description == spec.description
 
