@@ -158,7 +158,7 @@ async def sandbox_integration(runner: PhaseRunner) -> None:
             f"printed {second['stdout']!r}",
         )
         runner.metrics["recreated"] = recreated
-        runner.metrics["execution_time_ms"] = second.get("execution_time")
+        runner.metrics["execution_time_seconds"] = second.get("execution_time")
     finally:
         await runner.call("sandbox_delete", {"sandbox_id": sandbox_id})
 
