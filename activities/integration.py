@@ -31,7 +31,7 @@ from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from app.tools.registry import _registry
 
-# The tool that proves each system answers, with harmless arguments.
+# The read-only tool call that proves each system responds.
 SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "sandbox": ("sandbox_list", {}),
     "swarm": ("swarm_list", {"status": "all"}),
@@ -81,12 +81,12 @@ class IntegrationActivities:
         sandbox_id = params.sandbox_id
         created = sandbox_id is None
         if sandbox_id is None:
-            made = await self._call(
+            new_sandbox = await self._call(
                 request,
                 "sandbox_create",
                 {"template": params.template, "env_vars": params.env_vars},
             )
-            sandbox_id = made["sandbox_id"]
+            sandbox_id = new_sandbox["sandbox_id"]
         try:
             result = await self._call(
                 request,

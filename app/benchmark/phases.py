@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class PhaseFailed(Exception):
-    """A phase's operation failed; the message says which and why."""
+    """A phase's operation failed; the message names it and the cause."""
 
 
 class CapabilityUnavailable(PhaseFailed):
