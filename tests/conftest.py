@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,30 @@ TEST_ENCRYPTION_KEY = "bmV4dXMtdGVzdC1rZXktMzItYnl0ZXMtbG9uZyEhISE="
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("nexus")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_leftover_sandboxes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """Kill the timeout anchors of local sandboxes that tests left behind.
+
+    A test that terminates a session workflow leaves its sandbox to expire at
+    its timeout, as E2B would; this stops those anchors when the suite ends.
+    """
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [word.decode(errors="replace") for word in argv]
+        if "nexus-sandbox-anchor" in words and any(w.startswith(base) for w in words):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(entry.name), signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
