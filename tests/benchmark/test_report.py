@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from app.contracts.benchmark import (
     SampleBatch,
     WorkerSample,
 )
+from app.db.migrate import upgrade
 from app.settings import Settings
 
 MB = 1024 * 1024
@@ -119,3 +123,44 @@ def test_write_report_files_and_storage(settings: Settings, tmp_path: Path) -> N
     stored = settings.resolved_data_dir / "storage" / "benchmark-reports" / "run-files"
     assert json.loads((stored / "metrics.json").read_text())["run_id"] == "run-files"
     assert not result.all_phases_passed
+
+
+def test_report_command_rewrites_report(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        reports_dir=tmp_path / "reports",
+        database_url=f"sqlite:///{tmp_path / 'nexus.db'}",
+    )
+    upgrade(settings.effective_database_url)
+    _seed(settings, "run-cli")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")
+    }
+    env.update(
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_REPORTS_DIR=str(tmp_path / "reports"),
+        NEXUS_DATABASE_URL=settings.effective_database_url,
+        NEXUS_TEMPORAL_ADDRESS="127.0.0.1:1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", "run-cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["run_id"] == "run-cli"
+    metrics = json.loads(
+        (tmp_path / "reports" / "run-cli" / "metrics.json").read_text()
+    )
+    assert metrics["health"]["temporal"]["status"] == "unhealthy"
+    missing = subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", "no-such-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1
+    assert "benchmark run 'no-such-run' not found" in missing.stderr
