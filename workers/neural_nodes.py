@@ -74,6 +74,11 @@ class NodeWorkerPool:
         await worker.shutdown()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        # The worker does not own the executor it was given, so its threads
+        # would outlive every terminated cluster without this.
+        executor = worker.config().get("activity_executor")
+        if executor is not None:
+            executor.shutdown(wait=False)
         logger.info("node worker for %s stopped", node_id)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,10 @@ class SessionData:
         return self.arrays[f"x_{part}"], self.arrays[f"y_{part}"]
 
 
-_session_data: dict[str, SessionData] = {}
+# Bounded, because every session has its own data and a long-running worker
+# (the benchmark starts a session per cycle) would otherwise keep them all.
+_SESSION_DATA_LIMIT = 8
+_session_data: OrderedDict[str, SessionData] = OrderedDict()
 _session_lock = threading.Lock()
 
 
@@ -73,6 +77,8 @@ def session_data(settings: Settings, path: str) -> SessionData:
     key = f"{settings.resolved_data_dir}:{path}"
     with _session_lock:
         cached = _session_data.get(key)
+        if cached is not None:
+            _session_data.move_to_end(key)
     if cached is not None:
         return cached
     blob = storage_for(settings).get(DATASETS_BUCKET, path)
@@ -80,6 +86,8 @@ def session_data(settings: Settings, path: str) -> SessionData:
         loaded = SessionData({name: archive[name] for name in archive.files})
     with _session_lock:
         _session_data[key] = loaded
+        while len(_session_data) > _SESSION_DATA_LIMIT:
+            _session_data.popitem(last=False)
     return loaded
 
 
