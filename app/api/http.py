@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -339,6 +341,47 @@ def _include_optional_routers(
     return mounted
 
 
+_STATUS_KINDS = {
+    400: "invalid_argument",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    413: "too_large",
+    429: "rate_limited",
+}
+
+
+def _install_error_handlers(application: FastAPI) -> None:
+    """Give the mounted routers' errors the same body as the tool routes."""
+
+    @application.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        detail = error.detail
+        if isinstance(detail, dict):
+            return JSONResponse(
+                {"error": detail}, error.status_code, headers=error.headers
+            )
+        kind = _STATUS_KINDS.get(error.status_code, "failed")
+        headers = dict(error.headers) if error.headers else None
+        return _error_response(error.status_code, kind, str(detail), headers)
+
+    @application.exception_handler(RequestValidationError)
+    async def invalid_request(
+        _: Request, error: RequestValidationError
+    ) -> JSONResponse:
+        errors = [
+            {
+                "field": ".".join(str(part) for part in item["loc"]),
+                "value": item.get("input"),
+                "message": item["msg"],
+            }
+            for item in error.errors()
+        ]
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        body = {"kind": "invalid_argument", "message": message, "errors": errors}
+        return JSONResponse({"error": jsonable_encoder(body)}, 422)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the HTTP application for every tool registered now."""
     load_tools()
@@ -416,6 +459,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
     )
     _include_optional_routers(application, settings, gate)
+    _install_error_handlers(application)
     application.openapi = lambda: _openapi(application)  # type: ignore[method-assign]
     application.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body_bytes)
     return application

@@ -296,3 +296,8 @@ async def test_signed_url_needs_no_key(api_server: ApiServer) -> None:
         assert fetched.content == b"signed body"
         forged = await http.get(url[:-4] + "0000")
         assert forged.status_code == 403
+        assert forged.json()["error"]["kind"] == "forbidden"
+        assert "storage_get_url" in forged.json()["error"]["message"]
+        short = await http.get(url.split("&signature=")[0] + "&signature=00")
+        assert short.status_code == 422
+        assert short.json()["error"]["errors"][0]["field"] == "query.signature"
