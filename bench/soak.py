@@ -49,6 +49,7 @@ def main() -> int:
             "NEXUS_TEMPORAL_PORT": str(options.port),
             "NEXUS_TEMPORAL_UI_PORT": str(options.port + 1000),
             "NEXUS_HTTP_PORT": str(options.port + 2000),
+            "NEXUS_REPORTS_DIR": str(data_dir / "reports"),
         }
     )
     configure_logging("WARNING")
