@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from sqlmodel import select
 from temporalio import activity
 
+from activities.heartbeat import heartbeat_every
 from app.benchmark import recording
 from app.benchmark.models import ExtendedDurationTestEvent
 from app.benchmark.phases import run_phase
@@ -50,7 +51,7 @@ class BenchmarkActivities:
             request.cycle,
             request.phase,
         )
-        heartbeat = asyncio.create_task(_heartbeat_every(10.0))
+        heartbeat = asyncio.create_task(heartbeat_every(10.0))
         try:
             return await run_phase(self.settings, activity.client(), request)
         finally:
@@ -113,9 +114,3 @@ class BenchmarkActivities:
             ).one()
             assert found.id is not None
             return found.id
-
-
-async def _heartbeat_every(seconds: float) -> None:
-    while True:
-        activity.heartbeat()
-        await asyncio.sleep(seconds)

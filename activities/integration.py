@@ -11,6 +11,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import heartbeat_every
 from activities.workflows import parse_params, step_error
 from app.benchmark.integration import run_stream_load
 from app.benchmark.load import run_load
@@ -138,7 +139,7 @@ class IntegrationActivities:
                 {"model_id": params.model_id, "input": params.input},
             )
             return StepOutcome(output=output, attempt=activity.info().attempt)
-        heartbeat = asyncio.create_task(_heartbeat_every(20))
+        heartbeat = asyncio.create_task(heartbeat_every(20))
         try:
             output = await self._call(
                 request,
@@ -363,9 +364,3 @@ class IntegrationActivities:
             "throughput_ratio": round(scaled / baseline, 3) if baseline else 0.0,
         }
         return StepOutcome(output=output, attempt=activity.info().attempt)
-
-
-async def _heartbeat_every(seconds: float) -> None:
-    while True:
-        activity.heartbeat()
-        await asyncio.sleep(seconds)
