@@ -21,7 +21,11 @@ from app.tools.registry import ToolContext, ToolError, tool
 from app.workflows import engine, store
 from app.workflows.agents import resolve_agent
 from app.workflows.steps import step_type_names
-from app.workflows.validation import DefinitionError, validate_definition
+from app.workflows.validation import (
+    DefinitionError,
+    check_step_params,
+    validate_definition,
+)
 
 FEATURES = ["message_queues", "audit_trail", "agent_assignment"]
 
@@ -47,6 +51,8 @@ def check_definition(definition: WorkflowDefinition) -> None:
     """Raise a ToolError naming every problem of `definition`."""
     try:
         validate_definition(definition, step_type_names())
+        # Only here, not in the workflow, so that recorded runs still replay.
+        check_step_params(definition)
     except DefinitionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
 

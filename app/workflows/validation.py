@@ -174,3 +174,38 @@ def _check_cron(index: int, cron: str | None) -> list[str]:
             "(minute hour day-of-month month day-of-week), e.g. '*/5 * * * *'"
         ]
     return []
+
+
+def check_step_params(definition: WorkflowDefinition) -> None:
+    """Validate each step's params against its type's params model, for steps
+    whose params hold no template; templated params are checked when the step
+    runs, once the references are filled in.
+
+    Raises:
+        DefinitionError: with one message per invalid field.
+    """
+    from pydantic import ValidationError
+
+    from app.workflows.steps import get_step_type
+
+    problems: list[str] = []
+    for step in definition.steps:
+        step_type = get_step_type(step.type)
+        if step_type is None or not step_type.available:
+            continue
+        try:
+            if find_references(step.params):
+                continue
+        except TemplateError:
+            continue  # validate_definition reports it
+        try:
+            step_type.params_model.model_validate(step.params)
+        except ValidationError as error:
+            for item in error.errors(include_url=False):
+                field = ".".join(str(part) for part in item["loc"]) or "params"
+                problems.append(
+                    f"step {step.name!r}: params.{field}: {item['msg']} "
+                    f"(step type {step.type})"
+                )
+    if problems:
+        raise DefinitionError(problems)

@@ -152,3 +152,43 @@ async def test_streaming_step_loses_nothing(client: Client, workers: Settings) -
     assert stream["events_lost"] == 0
     assert stream["duplicates"] == 0
     assert step_outputs(result)["watch"]["subscription_id"]
+
+
+async def test_create_rejects_bad_params(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx,
+            "workflow_create",
+            {
+                "name": "bad-params",
+                "steps": [
+                    {"name": "code", "type": "sandbox_execution", "params": {}},
+                    {
+                        "name": "scale",
+                        "type": "scalability_validation",
+                        "params": {"operations": 0},
+                    },
+                ],
+            },
+        )
+    message = caught.value.message
+    assert caught.value.kind == "invalid_argument"
+    assert "step 'code': params.code: Field required" in message
+    assert "step 'scale': params.operations" in message
+    # Templated params are checked when the step runs, once they are filled in.
+    created = await invoke_tool(
+        ctx,
+        "workflow_create",
+        {
+            "name": "templated-params",
+            "steps": [
+                {
+                    "name": "code",
+                    "type": "sandbox_execution",
+                    "params": {"code": "{{input.code}}"},
+                }
+            ],
+        },
+    )
+    assert created["workflow_id"]
