@@ -43,6 +43,19 @@ SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def failed_step(
+    request: StepRequest, message: str, output: dict[str, Any], kind: str
+) -> ApplicationError:
+    """Build the non-retryable error of a step whose work ran and failed; the
+    output travels in the error's details."""
+    return ApplicationError(
+        f"step {request.step!r} ({request.type}): {message}",
+        output,
+        type=kind,
+        non_retryable=True,
+    )
+
+
 class IntegrationActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -112,13 +125,12 @@ class IntegrationActivities:
             "recreated": result.get("recreated", 0),
         }
         if result["status"] != "completed":
-            raise ApplicationError(
-                f"step {request.step!r} (sandbox_execution): the code ended "
-                f"{result['status']} with exit code {result['exit_code']}: "
-                f"{result['stderr'][-500:]}",
+            raise failed_step(
+                request,
+                f"the code ended {result['status']} with exit code "
+                f"{result['exit_code']}: {result['stderr'][-500:]}",
                 output,
-                type="SandboxCodeFailed",
-                non_retryable=True,
+                "SandboxCodeFailed",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
@@ -225,13 +237,12 @@ class IntegrationActivities:
             ]
         }
         if failed:
-            raise ApplicationError(
-                f"step {request.step!r} (swarm_orchestration): "
+            raise failed_step(
+                request,
                 f"{len(failed)} of {len(results)} swarm tasks ended "
                 f"{failed[0]['status']}: {failed[0]['error']}",
                 output,
-                type="SwarmTaskFailed",
-                non_retryable=True,
+                "SwarmTaskFailed",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
@@ -250,13 +261,12 @@ class IntegrationActivities:
             streams=params.streams,
         )
         if output["events_lost"] or output["duplicates"]:
-            raise ApplicationError(
-                f"step {request.step!r} (real_time_streaming): "
+            raise failed_step(
+                request,
                 f"{output['events_lost']} events lost and {output['duplicates']} "
                 "delivered twice",
                 output,
-                type="EventsLost",
-                non_retryable=True,
+                "EventsLost",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
@@ -306,12 +316,11 @@ class IntegrationActivities:
             }
         output = {"systems": checks, "upstream_steps": sorted(request.upstream)}
         if failures:
-            raise ApplicationError(
-                f"step {request.step!r} (cross_system_integration): "
-                + "; ".join(failures),
+            raise failed_step(
+                request,
+                "; ".join(failures),
                 output,
-                type="SystemCheckFailed",
-                non_retryable=True,
+                "SystemCheckFailed",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
 

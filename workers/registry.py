@@ -245,7 +245,7 @@ CAPABILITIES: list[Capability] = [
 
 
 def all_workflows() -> list[type]:
-    """Every workflow class, for replay tests and the orchestration worker."""
+    """Return every workflow class, for replay tests and the orchestration worker."""
     found: list[type] = []
     for capability in CAPABILITIES:
         for classes in capability.workflows.values():

@@ -119,7 +119,7 @@ def load_run(url: str, run_id: str) -> dict[str, Any]:
             select(BenchmarkRun)
             .where(BenchmarkRun.status == "completed")
             .where(BenchmarkRun.run_id != run_id)
-            .where(col(BenchmarkRun.started_at) < _aware(run.started_at))
+            .where(col(BenchmarkRun.started_at) < as_utc(run.started_at))
             .order_by(col(BenchmarkRun.started_at).desc())
             .limit(1)
         )
@@ -137,6 +137,6 @@ def load_run(url: str, run_id: str) -> dict[str, Any]:
         }
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes for timezone-aware columns.
+def as_utc(value: datetime) -> datetime:
+    """Return `value` with UTC attached; SQLite returns naive datetimes."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.benchmark.recording import load_run
+from app.benchmark.recording import as_utc, load_run
 from app.benchmark.stats import Regression, linear_regression, percentile
 from app.contracts.benchmark import ALL_PHASES, PHASE_TITLES, ReportResult
 from app.settings import Settings
@@ -18,10 +18,6 @@ from app.storage import storage_for
 
 REPORT_BUCKET = "benchmark-reports"
 MB = 1024 * 1024
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _round(value: float, digits: int = 3) -> float | None:
@@ -34,13 +30,13 @@ def memory_growth(samples: list[Any]) -> list[dict[str, Any]]:
     """Fit RSS in MB against minutes since the run's first sample, per worker."""
     if not samples:
         return []
-    origin = min(_aware(s.taken_at) for s in samples)
+    origin = min(as_utc(s.taken_at) for s in samples)
     by_worker: dict[tuple[str, int], list[Any]] = defaultdict(list)
     for sample in samples:
         by_worker[(sample.task_queue, sample.pid)].append(sample)
     workers: list[dict[str, Any]] = []
     for (queue, pid), series in sorted(by_worker.items()):
-        minutes = [(_aware(s.taken_at) - origin).total_seconds() / 60 for s in series]
+        minutes = [(as_utc(s.taken_at) - origin).total_seconds() / 60 for s in series]
         rss_mb = [s.rss / MB for s in series]
         entry: dict[str, Any] = {
             "task_queue": queue,
@@ -72,8 +68,8 @@ def build_metrics(
     run = data["run"]
     phases = data["phases"]
     operations = data["operations"]
-    started = _aware(run.started_at)
-    ended = _aware(run.ended_at) if run.ended_at else datetime.now(UTC)
+    started = as_utc(run.started_at)
+    ended = as_utc(run.ended_at) if run.ended_at else datetime.now(UTC)
     total = len(operations)
     succeeded = sum(1 for op in operations if op.ok)
 
@@ -87,7 +83,7 @@ def build_metrics(
         ok_ops = sum(1 for op in ops if op.ok)
         failed_rows = [p for p in rows if not p.ok]
         seconds = sum(
-            (_aware(p.ended_at) - _aware(p.started_at)).total_seconds() for p in rows
+            (as_utc(p.ended_at) - as_utc(p.started_at)).total_seconds() for p in rows
         )
         errors = sorted({p.error for p in failed_rows if p.error})
         issues += [f"{PHASE_TITLES[name]}: {error}" for error in errors]
@@ -311,10 +307,10 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     series: dict[tuple[str, int], list[Any]] = defaultdict(list)
     for sample in data["samples"]:
         series[(sample.task_queue, sample.pid)].append(sample)
-    origin = min((_aware(s.taken_at) for s in data["samples"]), default=None)
+    origin = min((as_utc(s.taken_at) for s in data["samples"]), default=None)
     for (queue, pid), points in sorted(series.items()):
         assert origin is not None
-        minutes = [(_aware(p.taken_at) - origin).total_seconds() / 60 for p in points]
+        minutes = [(as_utc(p.taken_at) - origin).total_seconds() / 60 for p in points]
         axis.plot(minutes, [p.rss / MB for p in points], label=f"{queue} ({pid})")
     axis.set_xlabel("minutes since start")
     axis.set_ylabel("RSS (MB)")
@@ -389,7 +385,7 @@ def write_report(
 
 
 def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures a later run compares itself with."""
+    """Return the figures that a later run compares itself with."""
     return {
         "duration_seconds": metrics["timeline"]["duration_seconds"],
         "operations": metrics["totals"]["operations"],

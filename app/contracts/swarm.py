@@ -83,7 +83,7 @@ class TaskSpec(BaseModel):
 
 
 class TaskRecord(BaseModel):
-    """The swarm's bookkeeping of one task; the task workflow holds the output."""
+    """The swarm's record of one task; the task workflow stores the output."""
 
     spec: TaskSpec
     status: TaskStatus = "queued"
@@ -132,7 +132,7 @@ class Assignment(BaseModel):
 
 
 class SwarmState(BaseModel):
-    """Everything a `SwarmWorkflow` knows; the workflow is the source of truth."""
+    """All state of a `SwarmWorkflow`, which is the source of truth for its swarm."""
 
     swarm_id: str
     topology: Topology

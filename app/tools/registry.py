@@ -25,7 +25,7 @@ ErrorKind = Literal[
 
 
 class ToolError(Exception):
-    """A tool call that failed; the message says what, on which value, and the fix.
+    """A tool call that failed; its message names what failed, the value and the fix.
 
     Attributes:
         kind: a coarse class that the HTTP API maps to a status code.

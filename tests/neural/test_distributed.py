@@ -291,7 +291,7 @@ async def test_killed_node_resumes_from_checkpoint(
 async def test_silent_node_left_out(client: Client, neural_workers: Settings) -> None:
     ctx = ToolContext(neural_workers, temporal_client=client)
     cluster_id, nodes = await _cluster(ctx, ["worker", "worker"])
-    # Only the first worker runs; the second never answers.
+    # Only the first worker runs, so the second never returns a result.
     async with node_workers(client, neural_workers, nodes["worker"][:1]):
         started = await invoke_tool(
             ctx,
@@ -319,7 +319,8 @@ async def test_bad_role_rejected(role: str, neural_settings: Settings) -> None:
 
     ctx = ToolContext(neural_settings)
     cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "x"})
-    assert cluster["cluster_id"].startswith("dnc_") and len(cluster["cluster_id"]) == 16
+    assert cluster["cluster_id"].startswith("dnc_")
+    assert len(cluster["cluster_id"]) == 16
     with pytest.raises(ToolError, match="role: 'boss'"):
         await invoke_tool(
             ctx,
