@@ -71,6 +71,16 @@ class SwarmWorkflow:
         self.state: SwarmState = input.state
         self.continue_as_new_after = input.continue_as_new_after_events
         self.mirror_busy = False
+        # Here, not in run: an update that arrives with the first workflow task
+        # is handled before run starts, and the start must be event 0.
+        if self.state.runs == 1 and self.state.next_event_seq == 0:
+            self._event(
+                "swarm_started",
+                detail={
+                    "topology": self.state.topology,
+                    "max_agents": self.state.max_agents,
+                },
+            )
 
     # Queries and signals
 
@@ -267,14 +277,6 @@ class SwarmWorkflow:
         workflow.logger.info(
             "swarm %s running (run %d)", self.state.swarm_id, self.state.runs
         )
-        if self.state.runs == 1 and self.state.next_event_seq == 0:
-            self._event(
-                "swarm_started",
-                detail={
-                    "topology": self.state.topology,
-                    "max_agents": self.state.max_agents,
-                },
-            )
         mirror = asyncio.create_task(self._mirror_loop())
         while True:
             await workflow.wait_condition(
