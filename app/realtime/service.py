@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -317,29 +317,93 @@ def _document(value: Any) -> dict[str, Any] | None:
     return {"value": value}
 
 
-# Full pages of the log, shared by the subscribers of this process: change
-# ids become visible in id order, so a page that came back full never changes
-# (pruning only removes rows that every subscription has passed).
-_PAGE_CACHE_SIZE = 32
-_page_cache: OrderedDict[tuple[str, str, int], list[Change]] = OrderedDict()
-_page_lock = threading.Lock()
+# How many recent changes of one table a process keeps for its subscribers.
+WINDOW_CHANGES = 5 * SCAN_PAGE
+
+
+class _TailWindow:
+    """The most recent changes of one table, shared by this process's
+    subscribers, so that one read of the log serves all of them.
+
+    Change ids become visible in id order (the capture trigger holds a lock
+    from a change's append to its commit), so once the window holds the
+    changes in (low, high], no other change in that range can appear later:
+    serving a subscriber from the window misses nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the fields below
+        self._reading = threading.Lock()  # one tail read at a time
+        self._reads_begun = 0
+        self.low: int | None = None
+        self.high: int | None = None
+        self._ids: list[int] = []
+        self._changes: list[Change] = []
+
+    def page(self, url: str, table: str, after: int) -> list[Change]:
+        """Return up to `SCAN_PAGE` changes after `after`, in id order."""
+        with self._lock:
+            arrived = self._reads_begun
+            served = self._slice(after)
+            if served is None and (self.high is None or after > self.high):
+                # Nothing held yet, or a cursor moved past the window by
+                # another process: start the window at this cursor.
+                self.low = self.high = after
+                self._ids, self._changes = [], []
+                served = []
+        if served is None:
+            # Behind the window: read this subscriber's own page.
+            return fetch_changes(url, table, after, SCAN_PAGE)
+        if len(served) == SCAN_PAGE:
+            return served
+        self._extend(url, table, arrived)
+        with self._lock:
+            fresh = self._slice(after)
+        return fetch_changes(url, table, after, SCAN_PAGE) if fresh is None else fresh
+
+    def _slice(self, after: int) -> list[Change] | None:
+        if self.low is None or self.high is None or not self.low <= after <= self.high:
+            return None
+        first = bisect.bisect_right(self._ids, after)
+        return self._changes[first : first + SCAN_PAGE]
+
+    def _extend(self, url: str, table: str, arrived: int) -> None:
+        """Read the changes after the window's end, unless a read that began
+        after the caller arrived has already done so."""
+        with self._reading:
+            with self._lock:
+                if self._reads_begun > arrived:
+                    return
+                self._reads_begun += 1
+                high = self.high
+            assert high is not None
+            changes = fetch_changes(url, table, high, SCAN_PAGE)
+            with self._lock:
+                if self.high != high:  # reset meanwhile; the read is stale
+                    return
+                if changes:
+                    self._ids.extend(c.id for c in changes)
+                    self._changes.extend(changes)
+                    self.high = changes[-1].id
+                excess = len(self._ids) - WINDOW_CHANGES
+                if excess >= SCAN_PAGE:
+                    self.low = self._ids[excess - 1]
+                    del self._ids[:excess]
+                    del self._changes[:excess]
+
+
+_windows: dict[tuple[str, str], _TailWindow] = {}
+_windows_lock = threading.Lock()
 
 
 def fetch_page(url: str, table: str, after: int) -> list[Change]:
-    """Read the page of `SCAN_PAGE` changes after `after`, cached when full."""
-    key = (url, table, after)
-    with _page_lock:
-        page = _page_cache.get(key)
-        if page is not None:
-            _page_cache.move_to_end(key)
-            return page
-    page = fetch_changes(url, table, after, SCAN_PAGE)
-    if len(page) == SCAN_PAGE:
-        with _page_lock:
-            _page_cache[key] = page
-            while len(_page_cache) > _PAGE_CACHE_SIZE:
-                _page_cache.popitem(last=False)
-    return page
+    """Read up to `SCAN_PAGE` changes of `table` after `after`, through the
+    process's shared window of the table's most recent changes."""
+    with _windows_lock:
+        window = _windows.get((url, table))
+        if window is None:
+            window = _windows[(url, table)] = _TailWindow()
+    return window.page(url, table, after)
 
 
 def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:

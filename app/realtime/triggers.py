@@ -53,8 +53,17 @@ CREATE OR REPLACE FUNCTION nexus_realtime_capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     change_id bigint;
+    first_change boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
+    -- The first change of a transaction takes the append lock (held to the
+    -- commit) and sends the one notification of the transaction; one per
+    -- row would flood the queue, and later rows already hold the lock.
+    first_change := current_setting('nexus.realtime_xact', true)
+        IS DISTINCT FROM txid_current()::text;
+    IF first_change THEN
+        PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
+        PERFORM set_config('nexus.realtime_xact', txid_current()::text, true);
+    END IF;
     INSERT INTO realtime_changes
         (schema_name, table_name, event_type, record, old_record, committed_at)
     VALUES (
@@ -66,12 +75,7 @@ BEGIN
         clock_timestamp()
     )
     RETURNING id INTO change_id;
-    -- One notification per transaction (its first change id) wakes every
-    -- listener, who then read the log; one per row would flood the queue.
-    IF current_setting('nexus.realtime_notified', true) IS DISTINCT FROM
-            pg_current_xact_id()::text THEN
-        PERFORM set_config(
-            'nexus.realtime_notified', pg_current_xact_id()::text, true);
+    IF first_change THEN
         PERFORM pg_notify('{NOTIFY_CHANNEL}', change_id::text);
     END IF;
     RETURN NULL;
