@@ -108,6 +108,50 @@ def _latest_by_name(url: str, name: str) -> WorkflowDefinition | None:
     return store.get_definition(url, row.id)[2]
 
 
+class WorkflowDeleteInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow_id: str = Field(description="Id returned by workflow_create.")
+
+
+class WorkflowDeleteResult(BaseModel):
+    workflow_id: str
+    name: str
+    status: str
+    schedules_deleted: list[str] = Field(
+        description="Temporal Schedule ids of the triggers, now deleted."
+    )
+
+
+@tool("workflow_delete", group="workflows")
+async def workflow_delete(
+    ctx: ToolContext, args: WorkflowDeleteInput
+) -> WorkflowDeleteResult:
+    """Delete a stored workflow definition: it can no longer be executed, and
+    the Temporal Schedules of its schedule triggers are deleted. Its versions,
+    executions and audit trail stay readable; creating a definition of the
+    same name makes it active again as a new version."""
+    url = ctx.database_url
+    try:
+        _, version, definition = await asyncio.to_thread(
+            store.get_definition, url, args.workflow_id
+        )
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+    deleted: list[str] = []
+    count = engine.schedule_count(definition)
+    if count:
+        # Schedules first: a definition marked deleted must not start again.
+        await engine.sync_schedules(
+            await ctx.client(), args.workflow_id, version, None, count
+        )
+        deleted = [engine.schedule_id(args.workflow_id, i) for i in range(count)]
+    row = await asyncio.to_thread(store.delete_definition, url, args.workflow_id)
+    return WorkflowDeleteResult(
+        workflow_id=row.id, name=row.name, status=row.status, schedules_deleted=deleted
+    )
+
+
 class WorkflowExecuteInput(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

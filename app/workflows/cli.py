@@ -48,6 +48,12 @@ def create_command(
     _call("workflow_create", read_definition(file))
 
 
+@workflow_cli.command("delete")
+def delete_command(workflow_id: str) -> None:
+    """Delete a definition and its schedules; its runs stay readable."""
+    _call("workflow_delete", {"workflow_id": workflow_id})
+
+
 @workflow_cli.command("execute")
 def execute_command(
     workflow_id: str,

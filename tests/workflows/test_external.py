@@ -8,12 +8,13 @@ import json
 import subprocess
 import uuid
 
+import pytest
 from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleRange
 
 from app.contracts.workflows import ExecutionState
 from app.settings import Settings
 from app.temporal.devserver import temporal_binary
-from app.tools import ToolContext
+from app.tools import ToolContext, ToolError
 from app.workflows import store
 from tests.support.replay import replay_run, replay_saved
 from tests.workflows.conftest import call
@@ -200,3 +201,35 @@ async def test_schedule_trigger_lifecycle(
 
 async def test_saved_history_replays(client: Client) -> None:
     await replay_saved(client, "flow_nexus", all_workflows())
+
+
+async def test_delete_removes_schedules_and_stops_execution(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    name = f"deleted-{uuid.uuid4().hex[:6]}"
+    steps = [{"name": "tick", "type": "echo", "params": {"v": 1}}]
+    created = await call(
+        tools,
+        "workflow_create",
+        name=name,
+        steps=steps,
+        triggers=[{"type": "schedule", "cron": "0 4 * * *"}],
+    )
+    schedule_id = created["schedules"][0]
+    deleted = await call(tools, "workflow_delete", workflow_id=created["workflow_id"])
+    assert deleted["status"] == "deleted"
+    assert deleted["schedules_deleted"] == [schedule_id]
+    schedule_ids = [s.id async for s in await client.list_schedules()]
+    for _ in range(50):
+        if schedule_id not in schedule_ids:
+            break
+        await asyncio.sleep(0.2)
+        schedule_ids = [s.id async for s in await client.list_schedules()]
+    assert schedule_id not in schedule_ids
+    with pytest.raises(ToolError, match="is deleted; create it again"):
+        await call(tools, "workflow_execute", workflow_id=created["workflow_id"])
+    with pytest.raises(ToolError, match="'wf_nope' not found"):
+        await call(tools, "workflow_delete", workflow_id="wf_nope")
+    again = await call(tools, "workflow_create", name=name, steps=steps)
+    assert again["workflow_id"] == created["workflow_id"]
+    assert again["status"] == "active" and again["version"] == 2
