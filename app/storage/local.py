@@ -168,7 +168,8 @@ class LocalStorage:
             "size": info.size,
             "sha256": info.sha256,
             "content_type": info.content_type,
-            "now": datetime.now(UTC),
+            # The file's own time, so upload and download report the same.
+            "now": info.modified_at,
         }
         try:
             with get_engine(self.database_url).begin() as connection:

@@ -129,7 +129,10 @@ def validate_definition(
                     f"step {step.name!r}: depends_on names unknown step {dependency!r}"
                 )
             elif dependency == step.name:
-                problems.append(f"step {step.name!r}: depends on itself")
+                problems.append(
+                    f"step {step.name!r}: depends on itself; remove "
+                    f"{step.name!r} from its depends_on"
+                )
         if len(set(step.depends_on)) != len(step.depends_on):
             problems.append(f"step {step.name!r}: depends_on lists a step twice")
     for index, trigger in enumerate(definition.triggers):

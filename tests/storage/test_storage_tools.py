@@ -31,6 +31,7 @@ async def test_text_round_trip_byte_exact(settings: Settings) -> None:
     assert downloaded["content"] == TEXT
     assert downloaded["encoding"] == "utf-8"
     assert downloaded["content_type"] == "text/plain"
+    assert downloaded["modified_at"] == uploaded["modified_at"]
 
 
 async def test_binary_round_trip_byte_exact(settings: Settings) -> None:

@@ -28,7 +28,7 @@ BAD_DEFINITIONS = [
     (
         "self dependency",
         [{"name": "a", "type": "echo", "depends_on": ["a"]}],
-        "step 'a': depends on itself",
+        "step 'a': depends on itself; remove 'a' from its depends_on",
     ),
     (
         "cycle",
