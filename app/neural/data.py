@@ -52,7 +52,10 @@ def _builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
         "breast_cancer": datasets.load_breast_cancer,
     }[name]
     bunch = loader()
-    return np.asarray(bunch.data, dtype=np.float32), np.asarray(bunch.target)
+    names = np.asarray(bunch.target_names)
+    # Named classes (iris species, tumour kinds) keep their names in results.
+    labels = names[bunch.target] if names.dtype.kind in "US" else bunch.target
+    return np.asarray(bunch.data, dtype=np.float32), np.asarray(labels)
 
 
 def clear_dataset_cache() -> int:

@@ -111,6 +111,8 @@ def test_split_is_deterministic() -> None:
     second = data.prepare("iris", Settings(), seed=5)
     np.testing.assert_array_equal(first.x_test, second.x_test)
     assert first.classes == 3
+    assert first.label_names == ["setosa", "versicolor", "virginica"]
+    assert data.prepare("digits", Settings()).label_names == [str(d) for d in range(10)]
 
 
 @pytest.mark.parametrize(
