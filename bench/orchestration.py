@@ -1,11 +1,12 @@
 """Throughput and start-to-result latency of FlowNexusWorkflow against a
 hand-written Temporal workflow, on one dev server in one run.
 
-    python -m bench.orchestration [--executions N] [--rounds R]
+    python -m bench.orchestration [--executions 1,10,50] [--rounds R]
 
-Each round starts N executions at once of each kind and waits for every
-result: the engine runs a 4-step `echo` chain (local activities, database
-records of every transition, eager start), the baseline a workflow of 4
+For each concurrency N, each round starts N executions at once of each kind
+and waits for every result (at least 30 executions per kind and N). The
+engine runs a 4-step `echo` chain (local activities, every transition
+written to the database, eager start), the baseline a workflow of 4
 sequential activities started the usual way. Latency is measured per
 execution from the start call to its result.
 """
@@ -103,7 +104,7 @@ def summary(label: str, wall: float, latencies: list[float]) -> dict[str, float]
     return result
 
 
-async def main(executions: int, rounds: int) -> None:
+async def main(levels: list[int], rounds: int) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="nexus-bench-"))
     settings = Settings(data_dir=data_dir, temporal_address="127.0.0.1:1")
     upgrade(settings.effective_database_url)
@@ -143,38 +144,61 @@ async def main(executions: int, rounds: int) -> None:
         assert result["v"] == index
 
     print(
-        f"{executions} concurrent executions per kind, {rounds} rounds, "
-        f"Temporal dev server at {address}, SQLite at {data_dir}"
+        f"{rounds}+ rounds per concurrency, Temporal dev server at {address}, "
+        f"SQLite at {data_dir}"
     )
-    engine_all: list[float] = []
-    baseline_all: list[float] = []
-    engine_wall = baseline_wall = 0.0
+    rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(build_worker(client, settings, ORCHESTRATION))
         await stack.enter_async_context(baseline_worker)
         await measure(10, run_engine)  # warm up both paths
         await measure(10, run_baseline)
-        for _ in range(rounds):
-            wall, latencies = await measure(executions, run_baseline)
-            baseline_wall += wall
-            baseline_all += latencies
-            wall, latencies = await measure(executions, run_engine)
-            engine_wall += wall
-            engine_all += latencies
-    baseline = summary("baseline", baseline_wall, baseline_all)
-    flow = summary("engine", engine_wall, engine_all)
-    throughput_ratio = flow["throughput"] / baseline["throughput"]
+        for executions in levels:
+            engine_all: list[float] = []
+            baseline_all: list[float] = []
+            engine_wall = baseline_wall = 0.0
+            for _ in range(max(rounds, -(-30 // executions))):
+                wall, latencies = await measure(executions, run_baseline)
+                baseline_wall += wall
+                baseline_all += latencies
+                wall, latencies = await measure(executions, run_engine)
+                engine_wall += wall
+                engine_all += latencies
+            print(f"-- {executions} concurrent executions per kind")
+            baseline = summary("baseline", baseline_wall, baseline_all)
+            flow = summary("engine", engine_wall, engine_all)
+            print(
+                f"ratio engine/baseline: throughput "
+                f"{flow['throughput'] / baseline['throughput']:.2f}"
+                f"  p50 latency {flow['p50'] / baseline['p50']:.2f}"
+                f"  p95 latency {flow['p95'] / baseline['p95']:.2f}",
+                flush=True,
+            )
+            rows.append((executions, baseline, flow))
     print(
-        f"ratio engine/baseline: throughput {throughput_ratio:.2f}"
-        f"  p50 latency {flow['p50'] / baseline['p50']:.2f}"
-        f"  p95 latency {flow['p95'] / baseline['p95']:.2f}"
+        "\n| concurrent | baseline runs/s | engine runs/s | throughput ratio "
+        "| baseline p50 / p95 ms | engine p50 / p95 ms |"
     )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for executions, baseline, flow in rows:
+        print(
+            f"| {executions} | {baseline['throughput']:.1f} | "
+            f"{flow['throughput']:.1f} | "
+            f"{flow['throughput'] / baseline['throughput']:.2f} | "
+            f"{baseline['p50']:.0f} / {baseline['p95']:.0f} | "
+            f"{flow['p50']:.0f} / {flow['p95']:.0f} |"
+        )
     await env.shutdown()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--executions", type=int, default=50)
+    parser.add_argument(
+        "--executions",
+        default="1,10,50",
+        help="Comma-separated numbers of executions started at once.",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.executions, arguments.rounds))
+    levels = [int(n) for n in arguments.executions.split(",") if n.strip()]
+    asyncio.run(main(levels, arguments.rounds))
