@@ -127,6 +127,7 @@ async def run_realtime(url: str, rows: int, batch: int) -> dict[str, Any]:
                 return
 
     subscribers = [Subscriber(url, s.subscription_id) for s in subscriptions]
+    cpu_started = time.process_time()
     for subscriber in subscribers:
         await subscriber.__aenter__()
     try:
@@ -140,6 +141,7 @@ async def run_realtime(url: str, rows: int, batch: int) -> dict[str, Any]:
             for task in tasks:
                 task.cancel()
         finished = max(max(seen.values(), default=started) for seen in received)
+        consumer_cpu = time.process_time() - cpu_started
     finally:
         for subscriber in subscribers:
             await subscriber.close()
@@ -165,6 +167,8 @@ async def run_realtime(url: str, rows: int, batch: int) -> dict[str, Any]:
         "p99_ms": quantiles[98] if len(quantiles) > 98 else max(latencies),
         "lost": lost,
         "duplicates": sum(duplicates),
+        "consumer_cpu_s": consumer_cpu,
+        "consumer_wall_s": finished - started,
     }
 
 
@@ -211,6 +215,10 @@ def run_backend(name: str, url: str, rows: int, batch: int) -> None:
     print(f"latency commit->delivery p50:   {result['p50_ms']:10.1f} ms")
     print(f"latency commit->delivery p99:   {result['p99_ms']:10.1f} ms")
     print(f"events lost:                    {result['lost']:10d}")
+    print(
+        f"subscriber process CPU:         {result['consumer_cpu_s']:10.2f} s "
+        f"in {result['consumer_wall_s']:.2f} s"
+    )
     print(f"events delivered twice:         {result['duplicates']:10d}", flush=True)
     dispose_engines()
 

@@ -26,6 +26,25 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
+def get_stream_engine(url: str) -> Engine:
+    """Return the engine for realtime reads and cursor writes of `url`.
+
+    On PostgreSQL it skips the pool's pre-ping, a round trip per checkout
+    that doubled the cost of the many small reads a stream makes; stream
+    readers retry a query that fails on a dropped connection instead. On
+    SQLite it is the process-wide engine.
+    """
+    if make_url(url).get_backend_name() == "sqlite":
+        return get_engine(url)
+    key = f"stream:{url}"
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = create_engine(url, pool_size=10, max_overflow=20)
+            _engines[key] = engine
+        return engine
+
+
 def _create_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

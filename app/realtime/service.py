@@ -8,15 +8,16 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from app.contracts.realtime import SubscriptionInfo
-from app.db import get_engine
+from app.db import get_engine, get_stream_engine
 from app.realtime.filters import RowFilter, parse_filter
 from app.realtime.triggers import column_kinds, enabled_tables, validate_table_name
 
@@ -280,8 +281,9 @@ def save_cursor(
         False when the subscription no longer exists or `expected` did not match.
     """
     condition = "cursor = :expected" if expected is not None else "cursor <= :cursor"
-    with get_engine(url).begin() as connection:
-        result = connection.execute(
+    result = _on_stream_connection(
+        url,
+        lambda connection: connection.execute(
             text(
                 "UPDATE realtime_subscriptions SET cursor = :cursor, "
                 "delivered = delivered + :delivered, updated_at = :now "
@@ -294,7 +296,9 @@ def save_cursor(
                 "id": subscription_id,
                 "expected": expected,
             },
-        )
+        ),
+        commit=True,
+    )
     return bool(result.rowcount)
 
 
@@ -408,15 +412,17 @@ def fetch_page(url: str, table: str, after: int) -> list[Change]:
 
 def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
     """Read up to `limit` changes of `table` with an id above `after`, in order."""
-    with get_engine(url).connect() as connection:
-        rows = connection.execute(
+    rows = _on_stream_connection(
+        url,
+        lambda connection: connection.execute(
             text(
                 "SELECT id, schema_name, event_type, record, old_record, committed_at "
                 "FROM realtime_changes WHERE table_name = :t AND id > :after "
                 "ORDER BY id LIMIT :limit"
             ),
             {"t": table, "after": after, "limit": limit},
-        ).all()
+        ).all(),
+    )
     return [
         Change(
             id=int(row[0]),
@@ -429,6 +435,25 @@ def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
         )
         for row in rows
     ]
+
+
+ResultT = TypeVar("ResultT")
+
+
+def _on_stream_connection(
+    url: str, work: Callable[[Connection], ResultT], *, commit: bool = False
+) -> ResultT:
+    """Run `work` on a stream connection, once more if the connection had
+    dropped (a database restart): the stream engine does not pre-ping."""
+    for attempt in (1, 2):
+        engine = get_stream_engine(url)
+        try:
+            with engine.begin() if commit else engine.connect() as connection:
+                return work(connection)
+        except DBAPIError as error:
+            if attempt == 2 or not error.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # processes; changes made in this process wake them at once.
 SQLITE_POLL_SECONDS = 0.05
 _RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
+# Least time between two cursor writes of one subscriber while it streams.
+CURSOR_SAVE_INTERVAL = 0.1
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -218,6 +220,7 @@ class Subscriber:
         self._reader_error: BaseException | None = None
         self._closing = False
         self._saver: asyncio.Task[None] | None = None
+        self._save_now = asyncio.Event()
         self._unsaved = (0, 0)
         self._saved = 0
         self.max_buffered = 0
@@ -266,6 +269,7 @@ class Subscriber:
         await self._waiter.close()
         with contextlib.suppress(SubscriptionClosed):
             await self.ack(wait=False)
+            self._save_now.set()
             if self._saver is not None:
                 await self._saver
         logger.info(
@@ -288,7 +292,10 @@ class Subscriber:
             return
         self._unsaved = (cursor, self._unsaved[1] + count)
         if self._saver is None or self._saver.done():
+            self._save_now.clear()
             self._saver = asyncio.create_task(self._save_unsaved())
+        if wait or self._closing:
+            self._save_now.set()
         if wait:
             await self._saver
 
@@ -298,6 +305,10 @@ class Subscriber:
             self._unsaved = (cursor, 0)
             await self._store_cursor(cursor, count)
             self._saved = cursor
+            # A fast stream acks many batches a second; one write per
+            # interval carries them all. A waiting ack or close() cuts the
+            # pause short, so the last cursor is written at once.
+            await wait_event(self._save_now, CURSOR_SAVE_INTERVAL)
 
     async def _store_cursor(self, cursor: int, count: int) -> None:
         attempt = 0
