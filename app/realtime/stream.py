@@ -102,43 +102,21 @@ class _LocalCommits:
 _local_commits = _LocalCommits()
 
 
-class ChangeWaiter:
-    """Wait for "the change log may have grown", never for a specific change:
-    the reader always re-reads the log after a wake-up or a timeout, so a lost
-    notification costs latency, never an event."""
+class _SharedListener:
+    """One LISTEN connection per database and event loop, waking every
+    waiter of that database: a notification then costs the server one
+    delivery, not one per subscriber."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._postgresql = is_postgresql(url)
-        self.connected = asyncio.Event()
+        self.wakes: set[asyncio.Event] = set()
+        self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        if self._postgresql:
-            self._task = asyncio.create_task(self._listen())
-        else:
-            _local_commits.add(self.url, asyncio.get_running_loop(), self._wake)
+    def wake_all(self) -> None:
+        for wake in self.wakes:
+            wake.set()
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if not self._postgresql:
-            _local_commits.remove(self.url, asyncio.get_running_loop(), self._wake)
-
-    def clear(self) -> None:
-        """Forget earlier wake-ups; call before reading the log."""
-        self._wake.clear()
-
-    async def wait(self, timeout: float) -> None:
-        if not self._postgresql:
-            timeout = min(timeout, SQLITE_POLL_SECONDS)
-        await wait_event(self._wake, timeout)
-
-    async def _listen(self) -> None:
+    async def listen(self) -> None:
         attempt = 0
         while True:
             try:
@@ -150,13 +128,11 @@ class ChangeWaiter:
                     if attempt:
                         logger.info("realtime listener reconnected to PostgreSQL")
                     attempt = 0
-                    self.connected.set()
                     # Changes committed while disconnected sent no notification.
-                    self._wake.set()
+                    self.wake_all()
                     async for _notification in connection.notifies():
-                        self._wake.set()
+                        self.wake_all()
             except psycopg.OperationalError as error:
-                self.connected.clear()
                 delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
                 attempt += 1
                 logger.warning(
@@ -165,8 +141,72 @@ class ChangeWaiter:
                     attempt,
                     delay,
                 )
-                self._wake.set()
+                self.wake_all()
                 await asyncio.sleep(delay)
+
+
+_listeners: dict[tuple[asyncio.AbstractEventLoop, str], _SharedListener] = {}
+
+
+async def _join_listener(url: str, wake: asyncio.Event) -> None:
+    key = (asyncio.get_running_loop(), url)
+    listener = _listeners.get(key)
+    if listener is None:
+        listener = _listeners[key] = _SharedListener(url)
+    listener.wakes.add(wake)
+    if listener.task is None:
+        listener.task = asyncio.create_task(listener.listen())
+
+
+async def _leave_listener(url: str, wake: asyncio.Event) -> None:
+    key = (asyncio.get_running_loop(), url)
+    listener = _listeners.get(key)
+    if listener is None:
+        return
+    listener.wakes.discard(wake)
+    if listener.wakes or listener.task is None:
+        return
+    del _listeners[key]
+    listener.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener.task
+
+
+class ChangeWaiter:
+    """Wait for "the change log may have grown", never for a specific change:
+    the reader always re-reads the log after a wake-up or a timeout, so a lost
+    notification costs latency, never an event."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._wake = asyncio.Event()
+        self._postgresql = is_postgresql(url)
+        self._started = False
+
+    async def start(self) -> None:
+        self._started = True
+        if self._postgresql:
+            await _join_listener(self.url, self._wake)
+        else:
+            _local_commits.add(self.url, asyncio.get_running_loop(), self._wake)
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._postgresql:
+            await _leave_listener(self.url, self._wake)
+        else:
+            _local_commits.remove(self.url, asyncio.get_running_loop(), self._wake)
+
+    def clear(self) -> None:
+        """Forget earlier wake-ups; call before reading the log."""
+        self._wake.clear()
+
+    async def wait(self, timeout: float) -> None:
+        if not self._postgresql:
+            timeout = min(timeout, SQLITE_POLL_SECONDS)
+        await wait_event(self._wake, timeout)
 
 
 class SubscriptionClosed(Exception):
