@@ -26,8 +26,39 @@ def _round(value: float, digits: int = 3) -> float | None:
     return round(value, digits)
 
 
-def memory_growth(samples: list[Any]) -> list[dict[str, Any]]:
-    """Fit RSS in MB against minutes since the run's first sample, per worker."""
+def growth_fit(minutes: list[float], values_mb: list[float]) -> dict[str, Any]:
+    """Least-squares growth in MB/min of `values_mb` over `minutes`, with the
+    plain and the autocorrelation-adjusted 95% intervals (None when fewer
+    than two samples or one instant)."""
+    entry: dict[str, Any] = {
+        "samples": len(values_mb),
+        "growth_mb_per_min": None,
+        "ci95_mb_per_min": None,
+        "adjusted_ci95_mb_per_min": None,
+        "effective_samples": None,
+        "r_squared": None,
+    }
+    try:
+        fit: Regression = linear_regression(minutes, values_mb)
+    except ValueError:
+        return entry
+    entry["growth_mb_per_min"] = _round(fit.slope, 5)
+    entry["ci95_mb_per_min"] = [_round(fit.ci95_low, 5), _round(fit.ci95_high, 5)]
+    entry["adjusted_ci95_mb_per_min"] = [
+        _round(fit.adjusted_ci95_low, 5),
+        _round(fit.adjusted_ci95_high, 5),
+    ]
+    entry["effective_samples"] = _round(fit.effective_samples, 1)
+    entry["r_squared"] = _round(fit.r_squared)
+    return entry
+
+
+def memory_growth(
+    samples: list[Any], warmup_minutes: float = 0.0
+) -> list[dict[str, Any]]:
+    """Fit RSS (and the malloc heap, where sampled) in MB against minutes
+    since the run's first sample, per worker: over the whole run, and over the
+    samples taken `warmup_minutes` or more after that first sample."""
     if not samples:
         return []
     origin = min(as_utc(s.taken_at) for s in samples)
@@ -38,32 +69,50 @@ def memory_growth(samples: list[Any]) -> list[dict[str, Any]]:
     for (queue, pid), series in sorted(by_worker.items()):
         minutes = [(as_utc(s.taken_at) - origin).total_seconds() / 60 for s in series]
         rss_mb = [s.rss / MB for s in series]
+        whole = growth_fit(minutes, rss_mb)
         entry: dict[str, Any] = {
             "task_queue": queue,
             "pid": pid,
             "samples": len(series),
             "first_rss_mb": _round(rss_mb[0]),
             "last_rss_mb": _round(rss_mb[-1]),
-            "growth_mb_per_min": None,
-            "ci95_mb_per_min": None,
-            "r_squared": None,
+            "growth_mb_per_min": whole["growth_mb_per_min"],
+            "ci95_mb_per_min": whole["ci95_mb_per_min"],
+            "adjusted_ci95_mb_per_min": whole["adjusted_ci95_mb_per_min"],
+            "r_squared": whole["r_squared"],
+            "heap": _heap_fit(minutes, series),
         }
-        try:
-            fit: Regression = linear_regression(minutes, rss_mb)
-        except ValueError:
-            workers.append(entry)
-            continue
-        entry["growth_mb_per_min"] = _round(fit.slope, 5)
-        entry["ci95_mb_per_min"] = [_round(fit.ci95_low, 5), _round(fit.ci95_high, 5)]
-        entry["r_squared"] = _round(fit.r_squared)
+        late = [i for i, m in enumerate(minutes) if m >= warmup_minutes]
+        late_minutes = [minutes[i] for i in late]
+        entry["after_warmup"] = {
+            "warmup_minutes": warmup_minutes,
+            "rss": growth_fit(late_minutes, [rss_mb[i] for i in late]),
+            "heap": _heap_fit(late_minutes, [series[i] for i in late]),
+        }
         workers.append(entry)
     return workers
 
 
+def _heap_fit(minutes: list[float], series: list[Any]) -> dict[str, Any] | None:
+    pairs = [
+        (m, s.heap_used / MB)
+        for m, s in zip(minutes, series, strict=True)
+        if s.heap_used is not None
+    ]
+    if not pairs:
+        return None
+    return growth_fit([m for m, _ in pairs], [h for _, h in pairs])
+
+
 def build_metrics(
-    settings: Settings, run_id: str, health: dict[str, Any] | None
+    settings: Settings,
+    run_id: str,
+    health: dict[str, Any] | None,
+    *,
+    warmup_minutes: float = 0.0,
 ) -> dict[str, Any]:
-    """Collect every figure of the report from the database."""
+    """Collect every figure of the report from the database; memory growth
+    is also fitted after the first `warmup_minutes` of samples."""
     data = load_run(settings.effective_database_url, run_id)
     run = data["run"]
     phases = data["phases"]
@@ -121,7 +170,7 @@ def build_metrics(
             "p99_ms": _round(percentile(values, 0.99)),
         }
 
-    workers = memory_growth(data["samples"])
+    workers = memory_growth(data["samples"], warmup_minutes)
     growths = [
         w["growth_mb_per_min"] for w in workers if w["growth_mb_per_min"] is not None
     ]

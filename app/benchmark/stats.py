@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,15 @@ class Regression:
     ci95_high: float
     r_squared: float
     samples: int
+    # Memory sampled every few seconds follows the cycle's saw-tooth, so
+    # neighbouring residuals are correlated and the plain interval above is
+    # too narrow. The adjusted interval uses the effective sample size
+    # n (1 - r1) / (1 + r1) of lag-1 autocorrelated residuals (Santer et al.,
+    # 2000); it is infinite when fewer than 3 effective samples remain.
+    residual_lag1: float = 0.0
+    effective_samples: float = 0.0
+    adjusted_ci95_low: float = -math.inf
+    adjusted_ci95_high: float = math.inf
 
 
 def linear_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
@@ -89,6 +99,12 @@ def linear_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
     else:
         stderr = math.inf
         margin = math.inf
+    lag1 = lag1_autocorrelation(residuals)
+    effective = n * (1 - lag1) / (1 + lag1) if lag1 > 0 else float(n)
+    if effective > 2:
+        adjusted = t95(int(effective - 2)) * math.sqrt(sse / (effective - 2) / sxx)
+    else:
+        adjusted = math.inf
     return Regression(
         slope=slope,
         intercept=intercept,
@@ -97,4 +113,22 @@ def linear_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
         ci95_high=slope + margin,
         r_squared=r_squared,
         samples=n,
+        residual_lag1=lag1,
+        effective_samples=effective,
+        adjusted_ci95_low=slope - adjusted,
+        adjusted_ci95_high=slope + adjusted,
     )
+
+
+def lag1_autocorrelation(values: Sequence[float]) -> float:
+    """Lag-1 autocorrelation of `values` (0 for fewer than 3 or constant)."""
+    n = len(values)
+    if n < 3:
+        return 0.0
+    mean = sum(values) / n
+    centred = [v - mean for v in values]
+    denominator = sum(c * c for c in centred)
+    if denominator == 0:
+        return 0.0
+    numerator = sum(a * b for a, b in itertools.pairwise(centred))
+    return numerator / denominator

@@ -210,9 +210,13 @@ def _enable_sqlite(
     for event, (record, old) in bodies.items():
         trigger = f"nexus_realtime_{table}_{event.lower()}"
         connection.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}"'))
+        # pysqlite runs DDL outside a transaction, so workers that start
+        # together interleave these statements; IF NOT EXISTS keeps the one
+        # that loses the race from crashing on the other's trigger.
         connection.execute(
             text(
-                f'CREATE TRIGGER "{trigger}" AFTER {event} ON "{table}" BEGIN '
+                f'CREATE TRIGGER IF NOT EXISTS "{trigger}" AFTER {event} ON "{table}" '
+                "BEGIN "
                 "INSERT INTO realtime_changes (schema_name, table_name, event_type, "
                 "record, old_record, committed_at) "
                 f"VALUES ('main', '{table}', '{event}', {record}, {old}, {now}); END"

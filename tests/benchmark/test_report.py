@@ -90,6 +90,44 @@ def test_growth_from_known_samples(settings: Settings) -> None:
     assert metrics["totals"]["success_rate_percent"] == 75.0
 
 
+def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
+    url = settings.effective_database_url
+    run_id = "run-warmup"
+    recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
+    start = datetime.now(UTC)
+    for minute in range(20):
+        # 10 MB/min for the first 5 minutes, then flat RSS; the heap keeps
+        # growing at 0.5 MB/min throughout.
+        rss = 300 + 10 * min(minute, 5)
+        recording.record_samples(
+            url,
+            SampleBatch(
+                run_id=run_id,
+                taken_at=start + timedelta(minutes=minute),
+                samples=[
+                    WorkerSample(
+                        task_queue="nexus-neural",
+                        pid=12,
+                        identity="w",
+                        rss=int(rss * MB),
+                        heap_used=int((50 + 0.5 * minute) * MB),
+                    )
+                ],
+            ),
+        )
+    metrics = build_metrics(settings, run_id, None, warmup_minutes=5)
+    worker = metrics["memory"]["workers"][0]
+    assert worker["growth_mb_per_min"] > 1
+    assert worker["heap"]["growth_mb_per_min"] == 0.5
+    late = worker["after_warmup"]
+    assert late["warmup_minutes"] == 5
+    assert late["rss"]["samples"] == 15
+    assert late["rss"]["growth_mb_per_min"] == 0.0
+    assert late["rss"]["adjusted_ci95_mb_per_min"] == [0.0, 0.0]
+    assert late["heap"]["growth_mb_per_min"] == 0.5
+    assert late["heap"]["samples"] == 15
+
+
 def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:
     _seed(settings, "run-figures")
     metrics = build_metrics(

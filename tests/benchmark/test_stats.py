@@ -38,3 +38,29 @@ def test_percentile_interpolates() -> None:
     assert percentile([1, 2, 3, 4], 0.5) == 2.5
     assert percentile([5], 0.99) == 5
     assert percentile(list(range(101)), 0.95) == 95
+
+
+def test_autocorrelated_residuals_widen_the_interval() -> None:
+    # A flat series with a slow saw-tooth, as memory sampled within cycles
+    # looks: neighbouring residuals are alike, so the plain interval is too
+    # narrow and the adjusted one must be wider.
+    x = [i / 12 for i in range(240)]
+    y = [100 + (i % 24) * 0.1 for i in range(240)]
+    fit = linear_regression(x, y)
+    assert fit.residual_lag1 > 0.7
+    assert fit.effective_samples < fit.samples / 5
+    plain = fit.ci95_high - fit.ci95_low
+    adjusted = fit.adjusted_ci95_high - fit.adjusted_ci95_low
+    assert adjusted > 2 * plain
+    assert fit.adjusted_ci95_low < fit.slope < fit.adjusted_ci95_high
+
+
+def test_uncorrelated_residuals_keep_the_plain_interval() -> None:
+    # Alternating residuals have negative lag-1 correlation: no adjustment.
+    x = [float(i) for i in range(10)]
+    y = [2 * i + (1 if i % 2 else -1) for i in range(10)]
+    fit = linear_regression(x, y)
+    assert fit.residual_lag1 < 0
+    assert fit.effective_samples == 10
+    assert fit.adjusted_ci95_low == pytest.approx(fit.ci95_low)
+    assert fit.adjusted_ci95_high == pytest.approx(fit.ci95_high)
