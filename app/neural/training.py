@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,7 +217,12 @@ class Trainer:
         return params, opt_state, history
 
 
-_trainers: dict[tuple[Any, ...], Trainer] = {}
+# Each trainer holds the XLA executables of its model, a few MB each, and
+# the key includes the learning rate and layer widths a caller chooses, so a
+# long-running worker that sees many models would keep every one of them:
+# the least recently used trainer goes once this many are cached.
+TRAINER_CACHE_LIMIT = 16
+_trainers: OrderedDict[tuple[Any, ...], Trainer] = OrderedDict()
 _trainers_lock = threading.Lock()
 
 
@@ -230,7 +236,17 @@ def get_trainer(
         if trainer is None:
             trainer = Trainer(spec, optimizer, learning_rate, jit)
             _trainers[key] = trainer
+            while len(_trainers) > TRAINER_CACHE_LIMIT:
+                _trainers.popitem(last=False)
+        else:
+            _trainers.move_to_end(key)
         return trainer
+
+
+def cached_trainers() -> int:
+    """How many trainers (each with its compiled functions) are cached."""
+    with _trainers_lock:
+        return len(_trainers)
 
 
 def clear_compiled() -> int:
