@@ -153,13 +153,13 @@ def main() -> int:
     )
     print()
     print_table(
-        f"After a {warmup:g}-minute warm-up (samples from minute {warmup:g} on):",
+        f"After a {warmup:.1f}-minute warm-up (samples from minute {warmup:.1f} on):",
         [(w, w["after_warmup"]) for w in workers],
     )
     print()
     whole = _worst(workers)
     late = _worst([w["after_warmup"]["rss"] for w in workers])
-    for label, worst in (("whole run", whole), (f"after {warmup:g} min", late)):
+    for label, worst in (("whole run", whole), (f"after {warmup:.1f} min", late)):
         if worst is None:
             print(f"largest RSS growth, {label}: too few samples")
             continue
