@@ -100,10 +100,10 @@ class BenchmarkPhaseWorkflow:
         return record.result
 
 
-# The worker keeps a cached run's command state until the run ends, and the
-# sampler runs on the orchestration worker that it measures: continuing as
-# new every 60 samples (5 minutes at 5 s) keeps that state small, instead of
-# letting it grow until the server suggests continuing as new.
+# A worker keeps a cached run's command state until the run ends, and the
+# sampler runs on the orchestration worker that it measures. Continuing as
+# new every 60 samples (5 minutes at 5 s) keeps that state small, where it
+# would otherwise grow until the server suggests continuing as new.
 SAMPLES_PER_SAMPLER_RUN = 60
 
 

@@ -61,9 +61,9 @@ class Regression:
     samples: int
     # Memory sampled every few seconds follows the cycle's saw-tooth, so
     # neighbouring residuals are correlated and the plain interval above is
-    # too narrow. The adjusted interval uses the effective sample size
-    # n (1 - r1) / (1 + r1) of lag-1 autocorrelated residuals (Santer et al.,
-    # 2000); it is infinite when fewer than 3 effective samples remain.
+    # too narrow. The adjusted interval replaces n by the effective sample
+    # size n (1 - r1) / (1 + r1), where r1 is the residuals' lag-1
+    # autocorrelation. It is infinite below 3 effective samples.
     residual_lag1: float = 0.0
     effective_samples: float = 0.0
     adjusted_ci95_low: float = -math.inf
@@ -121,7 +121,8 @@ def linear_regression(x: Sequence[float], y: Sequence[float]) -> Regression:
 
 
 def lag1_autocorrelation(values: Sequence[float]) -> float:
-    """Lag-1 autocorrelation of `values` (0 for fewer than 3 or constant)."""
+    """Return the lag-1 autocorrelation of `values`, or 0 for fewer than 3
+    values or constant ones."""
     n = len(values)
     if n < 3:
         return 0.0

@@ -217,10 +217,10 @@ class Trainer:
         return params, opt_state, history
 
 
-# Each trainer holds the XLA executables of its model, a few MB each, and
-# the key includes the learning rate and layer widths a caller chooses, so a
-# long-running worker that sees many models would keep every one of them:
-# the least recently used trainer goes once this many are cached.
+# Each trainer keeps the XLA executables of its model, and the key includes
+# the learning rate and layer widths that a caller chooses. A long-running
+# worker that sees many models would otherwise keep every one of them, so
+# the least recently used trainer is dropped once this many are cached.
 TRAINER_CACHE_LIMIT = 16
 _trainers: OrderedDict[tuple[Any, ...], Trainer] = OrderedDict()
 _trainers_lock = threading.Lock()
@@ -244,7 +244,7 @@ def get_trainer(
 
 
 def cached_trainers() -> int:
-    """How many trainers (each with its compiled functions) are cached."""
+    """Return the number of cached trainers, each with its compiled functions."""
     with _trainers_lock:
         return len(_trainers)
 

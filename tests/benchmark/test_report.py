@@ -115,10 +115,12 @@ def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
                 ],
             ),
         )
+
     metrics = build_metrics(settings, run_id, None, warmup_minutes=5)
     worker = metrics["memory"]["workers"][0]
     assert worker["growth_mb_per_min"] > 1
     assert worker["heap"]["growth_mb_per_min"] == 0.5
+
     late = worker["after_warmup"]
     assert late["warmup_minutes"] == 5
     assert late["rss"]["samples"] == 15
