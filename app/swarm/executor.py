@@ -81,44 +81,62 @@ class SandboxSessionExecutor:
         self.client = client
         self.settings = settings
         self.backend = f"sandbox-session:{settings.sandbox_backend}"
-        self._creating: dict[str, asyncio.Lock] = {}
+        # One lock per sandbox being ensured, with the number of callers that
+        # use it. Agents get new ids with every swarm, so an entry goes when
+        # its last caller is done, or a long-running worker keeps them all.
+        self._creating: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def ensure_sandbox(self, agent_id: str) -> str:
         sandbox_id = agent_sandbox_id(agent_id)
-        lock = self._creating.setdefault(sandbox_id, asyncio.Lock())
-        async with lock:
+        lock, users = self._creating.get(sandbox_id, (asyncio.Lock(), 0))
+        self._creating[sandbox_id] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._ensure_locked(agent_id, sandbox_id)
+        finally:
+            lock, users = self._creating[sandbox_id]
+            if users == 1:
+                del self._creating[sandbox_id]
+            else:
+                self._creating[sandbox_id] = (lock, users - 1)
+
+    def ensuring(self) -> int:
+        """Return the number of sandboxes with an `ensure_sandbox` call in progress."""
+        return len(self._creating)
+
+    async def _ensure_locked(self, agent_id: str, sandbox_id: str) -> str:
+        try:
+            info = await sandbox_service.info(self.client, sandbox_id)
+        except sandbox_service.SandboxServiceError as error:
+            if error.kind != "not_found":
+                raise
+            info = None
+        if info is None:
+            logger.info("creating sandbox %s for agent %s", sandbox_id, agent_id)
             try:
-                info = await sandbox_service.info(self.client, sandbox_id)
-            except sandbox_service.SandboxServiceError as error:
-                if error.kind != "not_found":
-                    raise
-                info = None
-            if info is None:
-                logger.info("creating sandbox %s for agent %s", sandbox_id, agent_id)
-                try:
-                    await sandbox_service.create_sandbox(
-                        self.client,
-                        self.settings,
-                        sandbox_service.CreateOptions(
-                            template="python",
-                            name=f"agent {agent_id}",
-                            metadata={"agent_id": agent_id, "purpose": "swarm agent"},
-                            sandbox_id=sandbox_id,
-                        ),
-                    )
-                    return sandbox_id
-                except WorkflowAlreadyStartedError:
-                    # Another step of this agent (maybe on another worker)
-                    # started the session first; wait for it below.
-                    info = await sandbox_service.info(self.client, sandbox_id)
-            if info.status == "creating":
-                info = await self._wait_ready(sandbox_id)
-            if info.status != "running":
-                raise RuntimeError(
-                    f"sandbox {sandbox_id} of agent {agent_id} is {info.status}"
-                    f"{': ' + info.error if info.error else ''}"
+                await sandbox_service.create_sandbox(
+                    self.client,
+                    self.settings,
+                    sandbox_service.CreateOptions(
+                        template="python",
+                        name=f"agent {agent_id}",
+                        metadata={"agent_id": agent_id, "purpose": "swarm agent"},
+                        sandbox_id=sandbox_id,
+                    ),
                 )
-            return sandbox_id
+                return sandbox_id
+            except WorkflowAlreadyStartedError:
+                # Another step of this agent (maybe on another worker)
+                # started the session first; wait for it below.
+                info = await sandbox_service.info(self.client, sandbox_id)
+        if info.status == "creating":
+            info = await self._wait_ready(sandbox_id)
+        if info.status != "running":
+            raise RuntimeError(
+                f"sandbox {sandbox_id} of agent {agent_id} is {info.status}"
+                f"{': ' + info.error if info.error else ''}"
+            )
+        return sandbox_id
 
     async def _wait_ready(self, sandbox_id: str) -> SessionInfo:
         handle = self.client.get_workflow_handle(

@@ -1,11 +1,21 @@
-"""The caches a long-running worker fills: compiled trainers stay bounded and
-a repeated training on the same shapes compiles nothing new."""
+"""State that a long-running worker keeps between benchmark cycles: compiled
+trainers stay bounded, a repeated training on the same shapes compiles
+nothing new, and per-agent sandbox locks go once they are used."""
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+import uuid
 
+import numpy as np
+from temporalio.client import Client
+
+from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.neural import nets, training
+from app.sandbox import service as sandbox_service
+from app.settings import Settings
+from app.swarm.executor import SandboxSessionExecutor, agent_sandbox_id
+from tests.conftest import running_workers
 
 
 def _data(rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,3 +61,25 @@ def test_trainer_cache_has_a_bound() -> None:
     # The most recently used trainer stays cached.
     recent = training.get_trainer(spec, "sgd", 1e-5 + (limit + 4) * 1e-6)
     assert training.get_trainer(spec, "sgd", 1e-5 + (limit + 4) * 1e-6) is recent
+
+
+async def test_sandbox_locks_go_after_use(client: Client, settings: Settings) -> None:
+    settings = settings.model_copy(
+        # A closed local port: no sandbox install ever leaves the machine.
+        update={"sandbox_package_index": "http://127.0.0.1:9/simple"}
+    )
+    agent_id = f"agent_{uuid.uuid4().hex[:12]}"
+    sandbox_id = agent_sandbox_id(agent_id)
+    async with running_workers(client, settings, (ORCHESTRATION, SANDBOX)):
+        executor = SandboxSessionExecutor(client, settings)
+        try:
+            ensured = await asyncio.gather(
+                executor.ensure_sandbox(agent_id), executor.ensure_sandbox(agent_id)
+            )
+            assert ensured == [sandbox_id, sandbox_id]
+            assert executor.ensuring() == 0
+            # A sandbox that exists already is ensured without a new entry.
+            assert await executor.ensure_sandbox(agent_id) == sandbox_id
+            assert executor.ensuring() == 0
+        finally:
+            await sandbox_service.delete_sandbox(client, settings, sandbox_id)
