@@ -220,6 +220,14 @@ def build_metrics(
     }
 
 
+def _shown_interval(interval: list[float | None] | None) -> str:
+    if not interval:
+        return "n/a"
+    if interval[0] is None or interval[1] is None:
+        return "unbounded"  # fewer than 3 effective samples
+    return f"{interval[0]} to {interval[1]}"
+
+
 def _cell(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
@@ -290,19 +298,21 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         "## Memory growth (linear regression of RSS over time)",
         "",
-        f"Samples: {memory['samples']}",
+        f"Samples: {memory['samples']}. Growth is fitted over the whole run, "
+        "warm-up included. The adjusted interval widens the plain one for the "
+        "autocorrelation of samples taken seconds apart.",
         "",
         "| queue | pid | samples | first RSS (MB) | last RSS (MB) | growth (MB/min) "
-        "| 95% interval (MB/min) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| 95% interval (MB/min) | adjusted 95% interval (MB/min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for worker in memory["workers"]:
-        interval = worker["ci95_mb_per_min"]
-        shown = f"{interval[0]} to {interval[1]}" if interval else "n/a"
         lines.append(
             f"| {worker['task_queue']} | {worker['pid']} | {worker['samples']} "
             f"| {_cell(worker['first_rss_mb'])} | {_cell(worker['last_rss_mb'])} "
-            f"| {_cell(worker['growth_mb_per_min'])} | {shown} |"
+            f"| {_cell(worker['growth_mb_per_min'])} "
+            f"| {_shown_interval(worker['ci95_mb_per_min'])} "
+            f"| {_shown_interval(worker['adjusted_ci95_mb_per_min'])} |"
         )
     lines += ["", "## Comparison with the previous run", ""]
     previous = metrics["previous"]
