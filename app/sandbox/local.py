@@ -1,16 +1,21 @@
-"""The local backend: a sandbox is a folder under the data dir, its code runs
-in a fresh process group, under bubblewrap when `bwrap` is installed.
+"""The local backend: a sandbox is a folder under the data dir with a warm
+runner process, under bubblewrap when `bwrap` is installed.
 
-Each sandbox also has an anchor process, `sleep TIMEOUT` followed by removal
-of the folder, so a sandbox ends at its timeout like an E2B sandbox does even
-when nobody calls it. Killing the anchor or removing the folder loses the
-sandbox; the session workflow then recreates it.
+The runner (app/sandbox/runner.py) starts at creation inside the sandbox's
+namespaces and forks a process group per execution, so an execution costs
+two forks instead of a bubblewrap setup and an interpreter start. It also
+ends the sandbox at its timeout like an E2B sandbox ends, even when nobody
+calls it: it exits when its lifetime passes without a keep-alive, and its
+anchor (`/bin/sh`, the runner's parent) then removes the folder. Killing the
+anchor or the runner, or removing the folder, loses the sandbox; the session
+workflow then recreates it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -18,7 +23,10 @@ import os
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +45,12 @@ from app.sandbox.backend import (
 from app.sandbox.templates import TEMPLATE_FILES
 
 logger = logging.getLogger(__name__)
+
+_RUNNER_SOURCE = (Path(__file__).parent / "runner.py").read_text()
+# How long a new runner may take to answer its first request.
+_RUNNER_START_TIMEOUT = 30.0
+# How long past an execution's timeout the host waits for the runner's reply.
+_REPLY_MARGIN = 30.0
 
 # Where the sandbox folder appears inside bubblewrap (E2B's home folder).
 INSIDE_HOME = "/home/user"
@@ -176,12 +190,21 @@ class LocalBackend(SandboxBackend):
         await self.delete(backend_id)
         home = self.folder(backend_id)
         home.mkdir(parents=True)
-        (home / ".nexus").mkdir()
+        (home / ".nexus" / "tmp").mkdir(parents=True)
         for relative, text in TEMPLATE_FILES[template].items():
             target = home / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        self._start_anchor(backend_id, timeout, {"template": template, **metadata})
+        self._start_runner(backend_id, timeout, {"template": template, **metadata})
+        try:
+            await self._ping(backend_id, self._check(backend_id), None)
+        except SandboxLostError as error:
+            await self.delete(backend_id)
+            raise SandboxConfigurationError(
+                f"the runner of sandbox {backend_id} did not start ({error}); check "
+                "that python3 runs and, if bubblewrap is used, that `bwrap` works "
+                "for this user"
+            ) from None
         logger.info("created local sandbox %s (template %s)", backend_id, template)
         return BackendSandbox(backend_id, self._inside_home(backend_id))
 
@@ -197,36 +220,75 @@ class LocalBackend(SandboxBackend):
                 "anthropic_key, or set ANTHROPIC_API_KEY on the sandbox worker"
             )
 
-    def _start_anchor(
+    def _socket_path(self, backend_id: str) -> Path:
+        path = self.root / backend_id / "runner.sock"
+        if len(os.fsencode(path)) < 100:
+            return path
+        # Unix socket paths are limited to 108 bytes: use a private folder.
+        folder = Path(tempfile.gettempdir()) / f"nexus-sandbox-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+        return folder / f"{digest}.sock"
+
+    def _start_runner(
         self, backend_id: str, timeout: int, metadata: Mapping[str, str]
     ) -> None:
+        """Start the anchor and its runner, and wait until the runner answers."""
         folder = self.folder(backend_id)
         previous = self._read_state(backend_id)
-        anchor = subprocess.Popen(
-            [
-                "/bin/sh",
-                "-c",
-                'sleep "$1" && rm -rf -- "$2"',
-                "nexus-sandbox-anchor",
-                str(timeout),
-                str(folder),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        socket_path = self._socket_path(backend_id)
+        socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(socket_path))
+            listener.listen(64)
+            fd = listener.fileno()
+            runner = ["python3", "-c", _RUNNER_SOURCE, str(fd), str(timeout)]
+            env = self.base_env(backend_id)
+            if self.bwrap:
+                command = self._bwrap_prefix(backend_id, self.allow_network)
+                for name, value in env.items():
+                    command += ["--setenv", name, value]
+                command += ["--chdir", INSIDE_HOME, "--", *runner]
+            else:
+                command = runner
+            # The anchor removes the folder once the runner has ended; the
+            # runner ends at the sandbox's timeout.
+            anchor = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    'f="$1"; shift; "$@"; rm -rf -- "$f"',
+                    "nexus-sandbox-anchor",
+                    str(folder),
+                    *command,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=str(folder),
+                env=env,
+                start_new_session=True,
+                pass_fds=[fd],
+            )
+        finally:
+            listener.close()
         self._anchors[backend_id] = anchor
-        state = {
-            "backend_id": backend_id,
-            "anchor_pid": anchor.pid,
-            "anchor_start": _process_start(anchor.pid),
-            "timeout": timeout,
-            "expires_at": time.time() + timeout,
-            "metadata": dict(metadata),
-            "created_at": (previous or {}).get("created_at", time.time()),
-        }
+        self._write_state(
+            backend_id,
+            {
+                "backend_id": backend_id,
+                "anchor_pid": anchor.pid,
+                "anchor_start": _process_start(anchor.pid),
+                "socket": str(socket_path),
+                "timeout": timeout,
+                "expires_at": time.time() + timeout,
+                "metadata": dict(metadata),
+                "created_at": (previous or {}).get("created_at", time.time()),
+            },
+        )
+
+    def _write_state(self, backend_id: str, state: Mapping[str, object]) -> None:
         path = self._state_path(backend_id)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
@@ -234,24 +296,91 @@ class LocalBackend(SandboxBackend):
 
     def _kill_anchor(self, backend_id: str, state: Mapping[str, object] | None) -> None:
         anchor = self._anchors.pop(backend_id, None)
+        pids = []
         if state is not None:
             pid = int(state.get("anchor_pid", 0))  # type: ignore[call-overload]
             if _process_alive(pid, str(state.get("anchor_start", ""))):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                pids.append(pid)
+            socket_path = state.get("socket")
+            if isinstance(socket_path, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
+        if anchor is not None and anchor.pid not in pids and anchor.poll() is None:
+            pids.append(anchor.pid)
+        for pid in pids:
+            _kill_tree(pid)
         if anchor is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(anchor.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 anchor.wait(timeout=5)
 
+    async def _request(
+        self,
+        backend_id: str,
+        state: Mapping[str, object],
+        message: Mapping[str, object],
+        fds: Sequence[int] = (),
+    ) -> socket.socket:
+        """Connect to the sandbox's runner and send `message` with `fds`."""
+        path = state.get("socket")
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # A local connect only queues on the runner's backlog: no wait.
+            connection.connect(str(path))
+            body = json.dumps(message).encode()
+            data = struct.pack("!I", len(body)) + body
+            sent = socket.send_fds(connection, [data], list(fds))
+            if sent < len(data):
+                connection.sendall(data[sent:])
+        except OSError as error:
+            connection.close()
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner does not answer ({error})"
+            ) from None
+        connection.setblocking(False)
+        return connection
+
+    async def _reply(
+        self, connection: socket.socket, timeout: float | None
+    ) -> dict[str, object] | None:
+        """Read the runner's one-line reply; None when it closed without one."""
+        loop = asyncio.get_running_loop()
+        data = bytearray()
+
+        async def read() -> None:
+            while not data.endswith(b"\n"):
+                chunk = await loop.sock_recv(connection, 65536)
+                if not chunk:
+                    return
+                data.extend(chunk)
+
+        await asyncio.wait_for(read(), timeout)
+        if not data.endswith(b"\n"):
+            return None
+        reply = json.loads(data.decode())
+        return reply if isinstance(reply, dict) else None
+
+    async def _ping(
+        self, backend_id: str, state: Mapping[str, object], lifetime: int | None
+    ) -> None:
+        message: dict[str, object] = {"op": "ping"}
+        if lifetime is not None:
+            message["lifetime"] = lifetime
+        connection = await self._request(backend_id, state, message)
+        try:
+            reply = await self._reply(connection, _RUNNER_START_TIMEOUT)
+        except TimeoutError:
+            reply = None
+        finally:
+            connection.close()
+        if reply is None:
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner closed the connection"
+            )
+
     async def keep_alive(self, backend_id: str, timeout: int) -> None:
         state = self._check(backend_id)
-        self._kill_anchor(backend_id, state)
-        metadata = state.get("metadata")
-        self._start_anchor(
-            backend_id, timeout, metadata if isinstance(metadata, dict) else {}
-        )
+        await self._ping(backend_id, state, timeout)
+        self._write_state(backend_id, {**state, "expires_at": time.time() + timeout})
 
     async def home(self, backend_id: str) -> str:
         self._check(backend_id)
@@ -374,32 +503,101 @@ class LocalBackend(SandboxBackend):
         capture_output: bool = True,
         network: bool = False,
     ) -> RunOutput:
-        self._check(backend_id)
+        state = self._check(backend_id)
         home = self._inside_home(backend_id)
         workdir = home if not cwd else resolve_or_home(home, cwd)
         full_env = {**self.base_env(backend_id), **env}
-        if self.bwrap:
-            command = self._bwrap_prefix(backend_id, network or self.allow_network)
-            for name, value in full_env.items():
-                command += ["--setenv", name, value]
-            command += ["--chdir", workdir, "--", *argv]
-            host_cwd = str(self.folder(backend_id))
-            process_env: dict[str, str] | None = {}
+        if network and not self.allow_network and self.bwrap:
+            # The runner has no network; installers get a process that has.
+            return await self._spawn(
+                backend_id, argv, full_env, workdir, timeout, output_limit, True
+            )
+        message: dict[str, object] = {
+            "op": "exec",
+            "env": full_env,
+            "cwd": workdir,
+            "timeout": timeout,
+            "limits": _limit_values(self.limits, timeout),
+        }
+        if len(argv) == 3 and argv[0] == "python3" and argv[1] == "-c":
+            message["python"] = argv[2]
+        elif len(argv) == 2 and argv[0] == "python3" and not argv[1].startswith("-"):
+            message["file"] = argv[1]
         else:
-            Path(full_env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
-            command = list(argv)
-            host_cwd = workdir
-            process_env = full_env
-        Path(host_cwd).mkdir(parents=True, exist_ok=True)
-        output = subprocess.PIPE if capture_output else subprocess.DEVNULL
+            message["argv"] = list(argv)
+        loop = asyncio.get_running_loop()
+        pipes = [os.pipe(), os.pipe()] if capture_output else []
+        started = time.perf_counter()
+        try:
+            connection = await self._request(
+                backend_id, state, message, [write for _, write in pipes]
+            )
+        except BaseException:
+            for read, write in pipes:
+                os.close(read)
+                os.close(write)
+            raise
+        readers = []
+        for read, write in pipes:
+            os.close(write)
+            readers.append(
+                asyncio.create_task(_read_fd_capped(loop, read, output_limit))
+            )
+        try:
+            # The runner enforces `timeout`; this bound only covers a runner
+            # that hangs. Closing the connection makes it kill the program.
+            reply = await self._reply(connection, timeout + _REPLY_MARGIN)
+        except TimeoutError:
+            reply = {"exit_code": None, "timed_out": True}
+        finally:
+            connection.close()
+        elapsed = time.perf_counter() - started
+        outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
+        (out, out_dropped), (err, err_dropped) = outputs
+        if reply is None or "error" in reply:
+            why = "it ended" if reply is None else str(reply["error"])
+            logger.warning(
+                "runner of sandbox %s failed an execution: %s", backend_id, why
+            )
+            err += (
+                f"\n[sandbox runner failed during this execution: {why}; the next "
+                "call recreates the sandbox if it is lost]"
+            )
+            reply = {"exit_code": None, "timed_out": False}
+        exit_code = reply.get("exit_code")
+        return RunOutput(
+            stdout=out,
+            stderr=err,
+            exit_code=exit_code if isinstance(exit_code, int) else None,
+            timed_out=bool(reply.get("timed_out")),
+            execution_time=elapsed,
+            stdout_dropped_bytes=out_dropped,
+            stderr_dropped_bytes=err_dropped,
+        )
+
+    async def _spawn(
+        self,
+        backend_id: str,
+        argv: Sequence[str],
+        full_env: Mapping[str, str],
+        workdir: str,
+        timeout: float,
+        output_limit: int,
+        network: bool,
+    ) -> RunOutput:
+        """Run `argv` in a bubblewrap of its own (for installers' network)."""
+        command = self._bwrap_prefix(backend_id, network)
+        for name, value in full_env.items():
+            command += ["--setenv", name, value]
+        command += ["--chdir", workdir, "--", *argv]
         started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             *command,
             stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            cwd=host_cwd,
-            env=process_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(self.folder(backend_id)),
+            env={},
             start_new_session=True,
             preexec_fn=_limiter(self.limits, timeout),
         )
@@ -413,7 +611,8 @@ class LocalBackend(SandboxBackend):
         except TimeoutError:
             timed_out = True
         finally:
-            # The group may outlive its leader (background jobs); end it all.
+            # bubblewrap's own PID namespace ends every process in it with
+            # its first one; the group kill covers bwrap itself.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
         if timed_out:
@@ -458,17 +657,77 @@ def resolve_or_home(home: str, cwd: str) -> str:
     return resolve_inside(home, cwd)
 
 
-def _limiter(limits: ResourceLimits, timeout: float) -> Callable[[], None]:
+def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]]:
+    """The rlimits of one process, by `resource` constant name."""
     cpu = math.ceil(timeout) + 5
+    return {
+        "RLIMIT_CPU": [cpu, cpu + 1],
+        "RLIMIT_AS": [limits.memory_bytes] * 2,
+        "RLIMIT_FSIZE": [limits.file_size_bytes] * 2,
+        "RLIMIT_NPROC": [limits.processes] * 2,
+        "RLIMIT_NOFILE": [limits.open_files] * 2,
+    }
+
+
+def _limiter(limits: ResourceLimits, timeout: float) -> Callable[[], None]:
+    values = _limit_values(limits, timeout)
 
     def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
+        for name, (soft, hard) in values.items():
+            resource.setrlimit(getattr(resource, name), (soft, hard))
 
     return apply
+
+
+async def _read_fd_capped(
+    loop: asyncio.AbstractEventLoop, fd: int, limit: int
+) -> tuple[str, int]:
+    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes."""
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        return await _read_capped(reader, limit)
+    finally:
+        transport.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the group of `pid` and every process below `pid`.
+
+    Without bubblewrap's PID namespace, a program that called `setsid` is
+    in no group of ours; it is found through its parent links.
+    """
+    for _ in range(3):
+        found = _descendants(pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for child in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+        if not found:
+            return
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(b")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 async def _read_capped(
