@@ -77,10 +77,15 @@ async def _backend_errors(backend_id: str) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _heartbeats(every: float = 10.0) -> AsyncIterator[None]:
     async def beat() -> None:
+        # The first beat waits: a short call then sends none at all.
         while True:
-            activity.heartbeat()
             await asyncio.sleep(every)
+            activity.heartbeat()
 
+    if activity.info().is_local:
+        # Local activities have no heartbeat; their workflow task keeps them.
+        yield
+        return
     task = asyncio.create_task(beat())
     try:
         yield
