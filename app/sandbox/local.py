@@ -341,23 +341,21 @@ class LocalBackend(SandboxBackend):
 
     async def _reply(
         self, connection: socket.socket, timeout: float | None
-    ) -> dict[str, object] | None:
-        """Read the runner's one-line reply; None when it closed without one."""
+    ) -> list[dict[str, object]]:
+        """Read the runner's reply lines until it closes the connection."""
         loop = asyncio.get_running_loop()
         data = bytearray()
 
         async def read() -> None:
-            while not data.endswith(b"\n"):
-                chunk = await loop.sock_recv(connection, 65536)
-                if not chunk:
-                    return
-                data.extend(chunk)
+            # A runner that died leaves its socket to the anchor until that
+            # exits too: such a connection ends in a reset, with no reply.
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await loop.sock_recv(connection, 65536):
+                    data.extend(chunk)
 
         await asyncio.wait_for(read(), timeout)
-        if not data.endswith(b"\n"):
-            return None
-        reply = json.loads(data.decode())
-        return reply if isinstance(reply, dict) else None
+        lines = [json.loads(line) for line in bytes(data).splitlines() if line]
+        return [line for line in lines if isinstance(line, dict)]
 
     async def _ping(
         self, backend_id: str, state: Mapping[str, object], lifetime: int | None
@@ -367,12 +365,12 @@ class LocalBackend(SandboxBackend):
             message["lifetime"] = lifetime
         connection = await self._request(backend_id, state, message)
         try:
-            reply = await self._reply(connection, _RUNNER_START_TIMEOUT)
+            replies = await self._reply(connection, _RUNNER_START_TIMEOUT)
         except TimeoutError:
-            reply = None
+            replies = []
         finally:
             connection.close()
-        if reply is None:
+        if not replies:
             raise SandboxLostError(
                 f"sandbox {backend_id} is lost: its runner closed the connection"
             )
@@ -543,14 +541,31 @@ class LocalBackend(SandboxBackend):
             readers.append(
                 asyncio.create_task(_read_fd_capped(loop, read, output_limit))
             )
+        hung = False
         try:
             # The runner enforces `timeout`; this bound only covers a runner
             # that hangs. Closing the connection makes it kill the program.
-            reply = await self._reply(connection, timeout + _REPLY_MARGIN)
+            replies = await self._reply(connection, timeout + _REPLY_MARGIN)
         except TimeoutError:
-            reply = {"exit_code": None, "timed_out": True}
+            replies, hung = [], True
         finally:
             connection.close()
+        started_pid = next((r["pid"] for r in replies if "pid" in r), None)
+        reply = next((r for r in replies if "timed_out" in r or "error" in r), None)
+        if reply is None and isinstance(started_pid, int) and not self.bwrap:
+            # Its supervisor died with the runner; without bubblewrap's PID
+            # namespace the program's group would live on.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(started_pid, signal.SIGKILL)
+        if hung:
+            reply = {"exit_code": None, "timed_out": True}
+        elif started_pid is None and reply is None:
+            # Nothing started, so the call is safe to repeat on a new sandbox.
+            for reader in readers:
+                reader.cancel()
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner closed the connection"
+            )
         elapsed = time.perf_counter() - started
         outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
         (out, out_dropped), (err, err_dropped) = outputs

@@ -251,10 +251,15 @@ def wait_program(pid: int, conn: socket.socket, timeout: float) -> tuple[int, bo
     return status, timed_out
 
 
-def supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
+def supervise(conn: socket.socket, request: dict, fds: list[int], runner: int) -> None:
     """In the supervisor's process: run one execution; never returns."""
     try:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        # If the runner dies, so does this supervisor, and the host learns
+        # of it from the closed connection.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != runner:
+            os._exit(1)
         out, err = (fds[0], fds[1]) if len(fds) >= 2 else (-1, -1)
         pid = os.fork()
         if pid == 0:
@@ -262,6 +267,8 @@ def supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
             start_program(request, out, err)
         for fd in fds:
             os.close(fd)
+        # The program's group, for the host to kill should this process die.
+        send_reply(conn, {"pid": pid})
         status, timed_out = wait_program(pid, conn, float(request["timeout"]))
         kill_descendants()
         code = None if timed_out else os.waitstatus_to_exitcode(status)
@@ -302,9 +309,10 @@ def serve(listen_fd: int, lifetime: float) -> None:
                 deadline = time.monotonic() + float(request["lifetime"])
             if request.get("op") == "exec":
                 conn.settimeout(None)
+                runner = os.getpid()
                 if os.fork() == 0:
                     server.close()
-                    supervise(conn, request, fds)
+                    supervise(conn, request, fds, runner)
             elif request.get("op") == "stop":
                 send_reply(conn, {"stopped": True})
                 break
