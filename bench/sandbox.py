@@ -37,7 +37,8 @@ def p50(samples: list[float]) -> float:
 async def backend_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
     from app.sandbox.local import LocalBackend
 
-    backend = LocalBackend(root)
+    # One spare, as a sandbox worker keeps by default (NEXUS_SANDBOX_SPARES).
+    backend = LocalBackend(root, spares=1)
     creates: list[float] = []
     executes: list[float] = []
     for index in range(runs):
@@ -57,6 +58,7 @@ async def backend_level(runs: int, root: Path) -> tuple[list[float], list[float]
         )
         executes.append(time.perf_counter() - started)
         await backend.delete(f"b{index}")
+    await backend.close()
     return creates, executes
 
 

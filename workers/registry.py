@@ -161,6 +161,7 @@ def _sandbox_orchestration_activities(
     sandbox = SandboxActivities(settings)
     return [
         SandboxRecordActivities(settings).record,
+        sandbox.create,
         sandbox.execute,
         sandbox.upload,
         sandbox.describe,

@@ -151,13 +151,21 @@ class SandboxSessionWorkflow:
         await self._record("running")
 
     async def _create_backend(self, reason: str) -> CreateResult:
+        spec = self._state.spec
+        request = CreateInput(
+            spec=spec, backend_id=self._next_backend_id(), reason=reason
+        )
+        if self._state.local_calls and not (
+            spec.install_packages or spec.setup_commands
+        ):
+            # Without a setup, a local creation takes a spare runner and is
+            # as short as an execution.
+            return await self._call(
+                "sandbox_create", request, CreateResult, timedelta(minutes=2)
+            )
         return await workflow.execute_activity(
             "sandbox_create",
-            CreateInput(
-                spec=self._state.spec,
-                backend_id=self._next_backend_id(),
-                reason=reason,
-            ),
+            request,
             task_queue=SANDBOX,
             start_to_close_timeout=timedelta(minutes=20),
             heartbeat_timeout=timedelta(seconds=60),

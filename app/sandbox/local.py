@@ -28,6 +28,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 _RUNNER_SOURCE = (Path(__file__).parent / "runner.py").read_text()
 # How long a new runner may take to answer its first request.
 _RUNNER_START_TIMEOUT = 30.0
+# Seconds an unused spare runner lives before it ends itself.
+_SPARE_LIFETIME = 300
 # How long past an execution's timeout the host waits for the runner's reply.
 _REPLY_MARGIN = 30.0
 
@@ -98,6 +101,8 @@ class LocalBackend(SandboxBackend):
         use_bwrap: None detects `bwrap`; False forces plain subprocesses.
         allow_network: let code open network connections (bubblewrap only
             shares the host network when this is True).
+        spares: started, empty sandboxes kept ready, so that a creation
+            takes one instead of waiting for a runner to start.
     """
 
     name = "local"
@@ -109,6 +114,7 @@ class LocalBackend(SandboxBackend):
         use_bwrap: bool | None = None,
         allow_network: bool = False,
         limits: ResourceLimits | None = None,
+        spares: int = 0,
     ) -> None:
         self.root = root
         self.bwrap = find_bwrap() if use_bwrap in (None, True) else None
@@ -120,6 +126,8 @@ class LocalBackend(SandboxBackend):
         self.allow_network = allow_network
         self.limits = limits or ResourceLimits()
         self._anchors: dict[str, subprocess.Popen[bytes]] = {}
+        self.spares = spares
+        self._spares: list[str] = []
         self._bwrap_base: list[str] | None = None
 
     # Paths and state.
@@ -189,24 +197,89 @@ class LocalBackend(SandboxBackend):
             self._check_claude(env)
         await self.delete(backend_id)
         home = self.folder(backend_id)
-        home.mkdir(parents=True)
-        (home / ".nexus" / "tmp").mkdir(parents=True)
+        if not await self._take_spare(backend_id, timeout):
+            home.mkdir(parents=True)
+            (home / ".nexus" / "tmp").mkdir(parents=True)
+            self._start_runner(backend_id, timeout)
+            try:
+                await self._ping(backend_id, self._check(backend_id), None)
+            except SandboxLostError as error:
+                await self.delete(backend_id)
+                raise SandboxConfigurationError(
+                    f"the runner of sandbox {backend_id} did not start ({error}); "
+                    "check that python3 runs and, if bubblewrap is used, that "
+                    "`bwrap` works for this user"
+                ) from None
         for relative, text in TEMPLATE_FILES[template].items():
             target = home / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        self._start_runner(backend_id, timeout, {"template": template, **metadata})
-        try:
-            await self._ping(backend_id, self._check(backend_id), None)
-        except SandboxLostError as error:
-            await self.delete(backend_id)
-            raise SandboxConfigurationError(
-                f"the runner of sandbox {backend_id} did not start ({error}); check "
-                "that python3 runs and, if bubblewrap is used, that `bwrap` works "
-                "for this user"
-            ) from None
+        state = self._read_state(backend_id) or {}
+        self._write_state(
+            backend_id, {**state, "metadata": {"template": template, **metadata}}
+        )
+        if self.spares:
+            # After this call returns: the caller should not wait for it.
+            asyncio.get_running_loop().call_soon(self._refill_spares)
         logger.info("created local sandbox %s (template %s)", backend_id, template)
         return BackendSandbox(backend_id, self._inside_home(backend_id))
+
+    async def _take_spare(self, backend_id: str, timeout: int) -> bool:
+        """Turn a spare (a started, empty sandbox) into `backend_id`.
+
+        Renaming its folder keeps its runner: bubblewrap's bind mount, the
+        runner's cwd and its socket follow the folder, not its name.
+        """
+        while self._spares:
+            spare = self._spares.pop(0)
+            state = self._read_state(spare)
+            try:
+                if state is None or self._lost_reason(spare, state) is not None:
+                    raise SandboxLostError(f"spare {spare} ended")
+                await self._ping(spare, state, timeout)
+            except SandboxLostError:
+                await self.delete(spare)
+                continue
+            source, target = self.root / spare, self.root / backend_id
+            source.rename(target)
+            anchor = self._anchors.pop(spare, None)
+            if anchor is not None:
+                self._anchors[backend_id] = anchor
+            socket_path = str(state["socket"])
+            if socket_path.startswith(f"{source}/"):
+                socket_path = f"{target}{socket_path[len(str(source)) :]}"
+            now = time.time()
+            self._write_state(
+                backend_id,
+                {
+                    **state,
+                    "backend_id": backend_id,
+                    "socket": socket_path,
+                    "timeout": timeout,
+                    "expires_at": now + timeout,
+                    "created_at": now,
+                },
+            )
+            return True
+        return False
+
+    def _refill_spares(self) -> None:
+        while len(self._spares) < self.spares:
+            spare = f"_spare-{uuid.uuid4().hex[:12]}"
+            (self.folder(spare) / ".nexus" / "tmp").mkdir(parents=True)
+            try:
+                self._start_runner(spare, _SPARE_LIFETIME)
+            except OSError as error:
+                logger.warning("could not start a spare sandbox runner: %s", error)
+                shutil.rmtree(self.root / spare, ignore_errors=True)
+                return
+            self._spares.append(spare)
+
+    async def close(self) -> None:
+        """End the spare runners (sandboxes themselves stay until their end)."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            await self.delete(spare)
 
     def _check_claude(self, env: Mapping[str, str]) -> None:
         if shutil.which("claude") is None:
@@ -230,12 +303,9 @@ class LocalBackend(SandboxBackend):
         digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
         return folder / f"{digest}.sock"
 
-    def _start_runner(
-        self, backend_id: str, timeout: int, metadata: Mapping[str, str]
-    ) -> None:
-        """Start the anchor and its runner, and wait until the runner answers."""
+    def _start_runner(self, backend_id: str, timeout: int) -> None:
+        """Start the anchor and its runner; the runner answers once it is up."""
         folder = self.folder(backend_id)
-        previous = self._read_state(backend_id)
         socket_path = self._socket_path(backend_id)
         socket_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -254,11 +324,14 @@ class LocalBackend(SandboxBackend):
                 command = runner
             # The anchor removes the folder once the runner has ended; the
             # runner ends at the sandbox's timeout.
+            # The folder's path is read from the kernel, not taken from the
+            # arguments: a spare's folder is renamed when a sandbox takes it.
             anchor = subprocess.Popen(
                 [
                     "/bin/sh",
                     "-c",
-                    'f="$1"; shift; "$@"; rm -rf -- "$f"',
+                    'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
+                    'case "$f" in */home) rm -rf -- "$f";; esac',
                     "nexus-sandbox-anchor",
                     str(folder),
                     *command,
@@ -283,8 +356,7 @@ class LocalBackend(SandboxBackend):
                 "socket": str(socket_path),
                 "timeout": timeout,
                 "expires_at": time.time() + timeout,
-                "metadata": dict(metadata),
-                "created_at": (previous or {}).get("created_at", time.time()),
+                "created_at": time.time(),
             },
         )
 

@@ -155,7 +155,9 @@ def run_python(request: dict, env: dict) -> None:
         first, filename = "", "<string>"
     extra = [entry for entry in env.get("PYTHONPATH", "").split(":") if entry]
     sys.path[:] = [first, *extra, *_BASE_PATH]
-    user_site = site.getusersitepackages()
+    # From this execution's HOME: a spare runner started in another folder.
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    user_site = os.path.expanduser(f"~/.local/lib/{version}/site-packages")
     if site.ENABLE_USER_SITE and os.path.isdir(user_site):
         site.addsitedir(user_site)
     importlib.invalidate_caches()

@@ -165,3 +165,40 @@ async def test_keep_alive_keeps_the_runner(backend: LocalBackend) -> None:
     assert described.alive and described.state == "running"
     result = await run(backend, ["python3", "-c", "print(1)"])
     assert result.stdout == "1\n"
+
+
+@pytest.mark.parametrize("use_bwrap", MODES)
+async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> None:
+    local = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap, spares=1)
+    try:
+        await local.create("first", template="python", timeout=300, env={}, metadata={})
+        await asyncio.sleep(0)  # the refill runs after create returns
+        assert len(local._spares) == 1
+        spare = local._spares[0]
+        await local.create("second", template="base", timeout=1, env={}, metadata={})
+        assert not (tmp_path / "sandboxes" / spare).exists()
+        home = await local.home("second")
+        await local.write_file("second", "data.txt", b"mine")
+        result = await local.run(
+            "second",
+            ["python3", "-c", "import os; print(os.getcwd(), open('data.txt').read())"],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=1000,
+        )
+        assert result.stdout == f"{home} mine\n", result
+        # Its runner ends at the new timeout and the anchor removes the
+        # folder under its new name.
+        folder = local.folder("second")
+        for _ in range(200):
+            if not folder.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not folder.exists()
+        assert (await local.describe("second")).state == "expired"
+    finally:
+        await local.delete("first")
+        await local.delete("second")
+        await local.close()
+    assert list((tmp_path / "sandboxes").iterdir()) == []
