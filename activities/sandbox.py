@@ -165,9 +165,13 @@ class SandboxActivities:
         )
         async with _backend_errors(request.backend_id), _heartbeats():
             env = self._env(request.spec, request.request.sealed_env)
-            await backend.keep_alive(request.backend_id, lifetime)
             return await runtime.execute(
-                backend, request.backend_id, request.request, env, self.settings
+                backend,
+                request.backend_id,
+                request.request,
+                env,
+                self.settings,
+                keep_alive=lifetime,
             )
 
     @activity.defn(name="sandbox_upload")

@@ -572,13 +572,20 @@ class LocalBackend(SandboxBackend):
         output_limit: int,
         capture_output: bool = True,
         network: bool = False,
+        keep_alive: int | None = None,
     ) -> RunOutput:
         state = self._check(backend_id)
+        if keep_alive is not None:
+            # The runner takes the new lifetime with the request itself.
+            state = {**state, "expires_at": time.time() + keep_alive}
+            self._write_state(backend_id, state)
         home = self._inside_home(backend_id)
         workdir = home if not cwd else resolve_or_home(home, cwd)
         full_env = {**self.base_env(backend_id), **env}
         if network and not self.allow_network and self.bwrap:
             # The runner has no network; installers get a process that has.
+            if keep_alive is not None:
+                await self._ping(backend_id, state, keep_alive)
             return await self._spawn(
                 backend_id, argv, full_env, workdir, timeout, output_limit, True
             )
@@ -589,6 +596,8 @@ class LocalBackend(SandboxBackend):
             "timeout": timeout,
             "limits": _limit_values(self.limits, timeout),
         }
+        if keep_alive is not None:
+            message["lifetime"] = keep_alive
         if len(argv) == 3 and argv[0] == "python3" and argv[1] == "-c":
             message["python"] = argv[2]
         elif len(argv) == 2 and argv[0] == "python3" and not argv[1].startswith("-"):

@@ -184,8 +184,12 @@ async def execute(
     request: ExecuteRequest,
     env: Mapping[str, str],
     settings: Settings,
+    keep_alive: int | None = None,
 ) -> ExecuteResult:
-    """Run `request.code` with `env` and return measured, redacted output."""
+    """Run `request.code` with `env` and return measured, redacted output.
+
+    `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
+    """
     home = await backend.home(backend_id)
     code_path = None
     if len(request.code.encode()) > _INLINE_CODE_LIMIT:
@@ -203,6 +207,7 @@ async def execute(
         timeout=request.timeout,
         output_limit=settings.sandbox_output_limit,
         capture_output=request.capture_output,
+        keep_alive=keep_alive,
     )
     secrets = secret_values(env)
     if output.timed_out:
