@@ -67,8 +67,9 @@ def check_relative_path(path: str, what: str) -> None:
         )
 
 
-# The mirror write moved from an activity to a local activity and the
-# "creating" row to sessions with a long setup; runs begun before keep both.
+# Runs begun before this patch write the mirror row through an activity and
+# always write the "creating" row. Newer runs use a local activity and write
+# "creating" only for sessions with a setup.
 _LOCAL_RECORDS = "sandbox-local-records"
 
 
@@ -225,7 +226,7 @@ class SandboxSessionWorkflow:
         """Run one backend call: a local activity where the session allows it,
         else an activity on the sandbox queue."""
         if self._state.local_calls:
-            # The local backend's runner answers on a socket under the data
+            # The local backend's runner listens on a socket under the data
             # folder, so this worker can make the call itself and skip the
             # round trip through the server and the nexus-sandbox worker.
             return await workflow.execute_local_activity(

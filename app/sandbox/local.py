@@ -5,7 +5,7 @@ The runner (app/sandbox/runner.py) starts at creation inside the sandbox's
 namespaces and forks a process group per execution, so an execution costs
 two forks instead of a bubblewrap setup and an interpreter start. It also
 ends the sandbox at its timeout like an E2B sandbox ends, even when nobody
-calls it: it exits when its lifetime passes without a keep-alive, and its
+calls it. It exits when its lifetime passes without a keep-alive, and its
 anchor (`/bin/sh`, the runner's parent) then removes the folder. Killing the
 anchor or the runner, or removing the folder, loses the sandbox; the session
 workflow then recreates it.
@@ -48,7 +48,7 @@ from app.sandbox.templates import TEMPLATE_FILES
 logger = logging.getLogger(__name__)
 
 _RUNNER_SOURCE = (Path(__file__).parent / "runner.py").read_text()
-# How long a new runner may take to answer its first request.
+# How long a new runner may take to respond to its first request.
 _RUNNER_START_TIMEOUT = 30.0
 # Seconds an unused spare runner lives before it ends itself.
 _SPARE_LIFETIME = 300
@@ -304,7 +304,7 @@ class LocalBackend(SandboxBackend):
         return folder / f"{digest}.sock"
 
     def _start_runner(self, backend_id: str, timeout: int) -> None:
-        """Start the anchor and its runner; the runner answers once it is up."""
+        """Start the anchor and its runner, which responds once it is up."""
         folder = self.folder(backend_id)
         socket_path = self._socket_path(backend_id)
         socket_path.unlink(missing_ok=True)
@@ -406,7 +406,7 @@ class LocalBackend(SandboxBackend):
         except OSError as error:
             connection.close()
             raise SandboxLostError(
-                f"sandbox {backend_id} is lost: its runner does not answer ({error})"
+                f"sandbox {backend_id} is lost: its runner does not respond ({error})"
             ) from None
         connection.setblocking(False)
         return connection
@@ -754,7 +754,7 @@ def resolve_or_home(home: str, cwd: str) -> str:
 
 
 def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]]:
-    """The rlimits of one process, by `resource` constant name."""
+    """Build the rlimits of one process, keyed by `resource` constant name."""
     cpu = math.ceil(timeout) + 5
     return {
         "RLIMIT_CPU": [cpu, cpu + 1],
