@@ -47,7 +47,9 @@ from app.sandbox.templates import TEMPLATE_FILES
 
 logger = logging.getLogger(__name__)
 
-_RUNNER_SOURCE = (Path(__file__).parent / "runner.py").read_text()
+_RUNNER_PATH = Path(__file__).parent / "runner.py"
+# Where bubblewrap shows the runner's file (read-only) inside a sandbox.
+_INSIDE_RUNNER = "/run/nexus/runner.py"
 # How long a new runner may take to respond to its first request.
 _RUNNER_START_TIMEOUT = 30.0
 # Seconds an unused spare runner lives before it ends itself.
@@ -313,15 +315,17 @@ class LocalBackend(SandboxBackend):
             listener.bind(str(socket_path))
             listener.listen(64)
             fd = listener.fileno()
-            runner = ["python3", "-c", _RUNNER_SOURCE, str(fd), str(timeout)]
+            arguments = [str(fd), str(timeout)]
             env = self.base_env(backend_id)
             if self.bwrap:
                 command = self._bwrap_prefix(backend_id, self.allow_network)
+                command += ["--ro-bind", str(_RUNNER_PATH), _INSIDE_RUNNER]
                 for name, value in env.items():
                     command += ["--setenv", name, value]
-                command += ["--chdir", INSIDE_HOME, "--", *runner]
+                command += ["--chdir", INSIDE_HOME, "--"]
+                command += ["python3", _INSIDE_RUNNER, *arguments]
             else:
-                command = runner
+                command = ["python3", str(_RUNNER_PATH), *arguments]
             # The anchor removes the folder once the runner has ended; the
             # runner ends at the sandbox's timeout.
             # The folder's path is read from the kernel, not taken from the

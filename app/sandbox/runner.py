@@ -1,6 +1,6 @@
 """The warm runner: one long-lived process per local sandbox.
 
-The local backend starts this file as `python3 -c <source> LISTEN_FD LIFETIME`
+The local backend starts this file as `python3 runner.py LISTEN_FD LIFETIME`
 inside the sandbox (under bubblewrap when it is installed), so the namespace
 setup and the interpreter start are paid once per sandbox instead of once per
 execution. It accepts requests on an inherited, already listening Unix
@@ -37,7 +37,7 @@ _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct("!I")
 _LIBC = ctypes.CDLL(None, use_errno=True)
-# sys.path as `python3 -c` starts it, without the leading '' entry.
+# sys.path as `python3 -c` starts it, without the script's folder first.
 _BASE_PATH = [entry for entry in sys.path[1:]]
 
 
