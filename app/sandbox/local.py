@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -29,7 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +51,13 @@ _RUNNER_PATH = Path(__file__).parent / "runner.py"
 _INSIDE_RUNNER = "/run/nexus/runner.py"
 # How long a new runner may take to respond to its first request.
 _RUNNER_START_TIMEOUT = 30.0
+# Set the rlimits given as JSON in argv[1], then exec argv[2:].
+_LIMITED_EXEC = (
+    "import json, os, resource, sys\n"
+    "for name, (soft, hard) in json.loads(sys.argv[1]).items():\n"
+    "    resource.setrlimit(getattr(resource, name), (soft, hard))\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 # Seconds an unused spare runner lives before it ends itself.
 _SPARE_LIFETIME = 300
 # How long past an execution's timeout the host waits for the runner's reply.
@@ -689,7 +695,11 @@ class LocalBackend(SandboxBackend):
         command = self._bwrap_prefix(backend_id, network)
         for name, value in full_env.items():
             command += ["--setenv", name, value]
-        command += ["--chdir", workdir, "--", *argv]
+        # A small launcher inside sets the rlimits: a preexec_fn would make
+        # the worker fork instead of vfork, which JAX's threads warn about.
+        limits = json.dumps(_limit_values(self.limits, timeout))
+        command += ["--chdir", workdir, "--", "python3", "-c", _LIMITED_EXEC, limits]
+        command += list(argv)
         started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             *command,
@@ -699,7 +709,6 @@ class LocalBackend(SandboxBackend):
             cwd=str(self.folder(backend_id)),
             env={},
             start_new_session=True,
-            preexec_fn=_limiter(self.limits, timeout),
         )
         readers = [
             asyncio.create_task(_read_capped(stream, output_limit))
@@ -767,16 +776,6 @@ def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]
         "RLIMIT_NPROC": [limits.processes] * 2,
         "RLIMIT_NOFILE": [limits.open_files] * 2,
     }
-
-
-def _limiter(limits: ResourceLimits, timeout: float) -> Callable[[], None]:
-    values = _limit_values(limits, timeout)
-
-    def apply() -> None:
-        for name, (soft, hard) in values.items():
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-
-    return apply
 
 
 async def _read_fd_capped(
