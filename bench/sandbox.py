@@ -107,6 +107,12 @@ async def tool_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
                     ctx, "sandbox_delete", {"sandbox_id": created["sandbox_id"]}
                 )
     finally:
+        from app.sandbox.local import LocalBackend
+        from app.sandbox.runtime import get_backend
+
+        backend = get_backend(settings)
+        if isinstance(backend, LocalBackend):
+            await backend.close()  # the in-process workers' spare runner
         await env.shutdown()
     return creates, executes
 
