@@ -77,10 +77,15 @@ async def _backend_errors(backend_id: str) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _heartbeats(every: float = 10.0) -> AsyncIterator[None]:
     async def beat() -> None:
+        # The first beat waits: a short call then sends none at all.
         while True:
-            activity.heartbeat()
             await asyncio.sleep(every)
+            activity.heartbeat()
 
+    if activity.info().is_local:
+        # Local activities have no heartbeat; their workflow task keeps them.
+        yield
+        return
     task = asyncio.create_task(beat())
     try:
         yield
@@ -160,9 +165,13 @@ class SandboxActivities:
         )
         async with _backend_errors(request.backend_id), _heartbeats():
             env = self._env(request.spec, request.request.sealed_env)
-            await backend.keep_alive(request.backend_id, lifetime)
             return await runtime.execute(
-                backend, request.backend_id, request.request, env, self.settings
+                backend,
+                request.backend_id,
+                request.request,
+                env,
+                self.settings,
+                keep_alive=lifetime,
             )
 
     @activity.defn(name="sandbox_upload")

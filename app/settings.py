@@ -74,6 +74,19 @@ class Settings(BaseSettings):
     sandbox_max_recreations: int = Field(
         3, ge=0, le=20, description="Times one call may recreate a lost sandbox."
     )
+    sandbox_spares: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Started, empty local sandboxes each sandbox worker keeps "
+        "ready, so a creation does not wait for a runner to start.",
+    )
+    sandbox_local_calls: bool = Field(
+        True,
+        description="Serve executions, uploads and status reads of local "
+        "sandboxes as local activities of the session's own worker (one round "
+        "trip less); false sends them to the nexus-sandbox queue.",
+    )
     encryption_key: SecretStr | None = Field(
         None, description="Base64 AES key for secrets; unset generates one once."
     )

@@ -153,8 +153,19 @@ def _sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
     ]
 
 
-def _sandbox_record_activities(settings: Settings) -> list[Callable[..., Any]]:
-    return [SandboxRecordActivities(settings).record]
+def _sandbox_orchestration_activities(
+    settings: Settings,
+) -> list[Callable[..., Any]]:
+    # The mirror write and the short local-backend calls run as local
+    # activities of the session workflow, so they live on its queue.
+    sandbox = SandboxActivities(settings)
+    return [
+        SandboxRecordActivities(settings).record,
+        sandbox.create,
+        sandbox.execute,
+        sandbox.upload,
+        sandbox.describe,
+    ]
 
 
 SANDBOX = Capability(
@@ -162,7 +173,7 @@ SANDBOX = Capability(
     workflows={queues.ORCHESTRATION: [SandboxSessionWorkflow]},
     activities={
         queues.SANDBOX: _sandbox_activities,
-        queues.ORCHESTRATION: _sandbox_record_activities,
+        queues.ORCHESTRATION: _sandbox_orchestration_activities,
     },
 )
 

@@ -67,7 +67,17 @@ def check_relative_path(path: str, what: str) -> None:
         )
 
 
-@workflow.defn
+# Runs begun before this patch write the mirror row through an activity and
+# always write the "creating" row. Newer runs use a local activity and write
+# "creating" only for sessions with a setup.
+_LOCAL_RECORDS = "sandbox-local-records"
+
+
+# Unsandboxed: the workflow sandbox re-imports modules and wraps every
+# activation, which costs each execute and create call milliseconds per
+# workflow task. This module imports only the pure contracts, and the replay
+# tests keep it deterministic.
+@workflow.defn(sandboxed=False)
 class SandboxSessionWorkflow:
     """Own one sandbox: create it, serve calls as updates, recreate it when lost.
 
@@ -113,7 +123,12 @@ class SandboxSessionWorkflow:
 
     async def _create_first(self) -> None:
         state = self._state
-        await self._record("creating")
+        spec = state.spec
+        if not workflow.patched(_LOCAL_RECORDS) or (
+            spec.install_packages or spec.setup_commands
+        ):
+            # Only a setup can make creation slow enough for a list to see it.
+            await self._record("creating")
         try:
             created = await self._create_backend("create")
         except ActivityError as error:
@@ -137,13 +152,21 @@ class SandboxSessionWorkflow:
         await self._record("running")
 
     async def _create_backend(self, reason: str) -> CreateResult:
+        spec = self._state.spec
+        request = CreateInput(
+            spec=spec, backend_id=self._next_backend_id(), reason=reason
+        )
+        if self._state.local_calls and not (
+            spec.install_packages or spec.setup_commands
+        ):
+            # Without a setup, a local creation takes a spare runner and is
+            # as short as an execution.
+            return await self._call(
+                "sandbox_create", request, CreateResult, timedelta(minutes=2)
+            )
         return await workflow.execute_activity(
             "sandbox_create",
-            CreateInput(
-                spec=self._state.spec,
-                backend_id=self._next_backend_id(),
-                reason=reason,
-            ),
+            request,
             task_queue=SANDBOX,
             start_to_close_timeout=timedelta(minutes=20),
             heartbeat_timeout=timedelta(seconds=60),
@@ -180,9 +203,9 @@ class SandboxSessionWorkflow:
             assert backend_id is not None
             try:
                 return await call(backend_id), recreated
-            except ActivityError as error:
-                cause = error.cause
-                lost = isinstance(cause, ApplicationError) and cause.type == LOST_ERROR
+            except (ActivityError, ApplicationError) as error:
+                cause = _application_failure(error)
+                lost = cause is not None and cause.type == LOST_ERROR
                 if lost and recreated < self._state.max_recreations:
                     try:
                         await self._recreate(backend_id, _cause_message(error))
@@ -192,18 +215,60 @@ class SandboxSessionWorkflow:
                     continue
                 raise _update_error(error) from None
 
+    async def _call(
+        self,
+        name: str,
+        arg: object,
+        result_type: type[T],
+        timeout: timedelta,
+        heartbeat: bool = True,
+    ) -> T:
+        """Run one backend call: a local activity where the session allows it,
+        else an activity on the sandbox queue."""
+        if self._state.local_calls:
+            # The local backend's runner listens on a socket under the data
+            # folder, so this worker can make the call itself and skip the
+            # round trip through the server and the nexus-sandbox worker.
+            return await workflow.execute_local_activity(
+                name,
+                arg,
+                start_to_close_timeout=timeout,
+                retry_policy=_CALL_RETRY,
+                result_type=result_type,
+            )
+        return await workflow.execute_activity(
+            name,
+            arg,
+            task_queue=SANDBOX,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=timedelta(seconds=60) if heartbeat else None,
+            retry_policy=_CALL_RETRY,
+            result_type=result_type,
+        )
+
     async def _record(self, status: str, *, delete: bool = False) -> None:
         state = self._state
+        change = RecordInput(
+            spec=state.spec,
+            status=status,
+            backend=state.backend,
+            backend_id=state.backend_id,
+            recreated=state.recreated,
+            delete=delete,
+        )
+        if workflow.patched(_LOCAL_RECORDS):
+            # One database write, registered on this workflow's own worker:
+            # a local activity saves the round trip through the server.
+            await workflow.execute_local_activity(
+                "sandbox_record",
+                change,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=5),
+            )
+            return
         await workflow.execute_activity(
             "sandbox_record",
-            RecordInput(
-                spec=state.spec,
-                status=status,
-                backend=state.backend,
-                backend_id=state.backend_id,
-                recreated=state.recreated,
-                delete=delete,
-            ),
+            change,
             task_queue=ORCHESTRATION,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=5),
@@ -271,14 +336,11 @@ class SandboxSessionWorkflow:
         spec = self._state.spec
 
         async def call(backend_id: str) -> ExecuteResult:
-            return await workflow.execute_activity(
+            return await self._call(
                 "sandbox_execute",
                 ExecuteInput(spec=spec, backend_id=backend_id, request=request),
-                task_queue=SANDBOX,
-                start_to_close_timeout=timedelta(seconds=request.timeout + 120),
-                heartbeat_timeout=timedelta(seconds=60),
-                retry_policy=_CALL_RETRY,
-                result_type=ExecuteResult,
+                ExecuteResult,
+                timedelta(seconds=request.timeout + 120),
             )
 
         result, recreated = await self._with_sandbox(call)
@@ -303,13 +365,12 @@ class SandboxSessionWorkflow:
         spec = self._state.spec
 
         async def call(backend_id: str) -> UploadResult:
-            return await workflow.execute_activity(
+            return await self._call(
                 "sandbox_upload",
                 UploadInput(spec=spec, backend_id=backend_id, request=request),
-                task_queue=SANDBOX,
-                start_to_close_timeout=timedelta(seconds=120),
-                retry_policy=_CALL_RETRY,
-                result_type=UploadResult,
+                UploadResult,
+                timedelta(seconds=120),
+                heartbeat=False,
             )
 
         result, recreated = await self._with_sandbox(call)
@@ -371,13 +432,12 @@ class SandboxSessionWorkflow:
         state = self._state
         if state.backend_id is None:
             return None
-        return await workflow.execute_activity(
+        return await self._call(
             "sandbox_describe",
             BackendRef(sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id),
-            task_queue=SANDBOX,
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=_CALL_RETRY,
-            result_type=BackendState,
+            BackendState,
+            timedelta(seconds=60),
+            heartbeat=False,
         )
 
     @workflow.update
@@ -439,12 +499,24 @@ class SandboxSessionWorkflow:
         return self._state.log_lines[-lines:] if lines > 0 else []
 
 
-def _cause_message(error: ActivityError) -> str:
-    cause = error.cause
-    return str(cause.message if isinstance(cause, ApplicationError) else cause or error)
+def _application_failure(
+    error: ActivityError | ApplicationError,
+) -> ApplicationError | None:
+    """The activity's own error: an activity's failure arrives wrapped in
+    ActivityError, a local activity's non-retryable one arrives as itself."""
+    if isinstance(error, ApplicationError):
+        return error
+    return error.cause if isinstance(error.cause, ApplicationError) else None
 
 
-def _update_error(error: ActivityError) -> ApplicationError:
-    cause = error.cause
-    kind = cause.type if isinstance(cause, ApplicationError) else INVALID_ERROR
+def _cause_message(error: ActivityError | ApplicationError) -> str:
+    cause = _application_failure(error)
+    if cause is not None:
+        return str(cause.message)
+    return str(error.cause or error) if isinstance(error, ActivityError) else str(error)
+
+
+def _update_error(error: ActivityError | ApplicationError) -> ApplicationError:
+    cause = _application_failure(error)
+    kind = cause.type if cause is not None and cause.type else INVALID_ERROR
     return ApplicationError(_cause_message(error), type=kind, non_retryable=True)

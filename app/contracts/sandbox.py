@@ -87,6 +87,11 @@ class SessionState(BaseModel):
     log_lines: list[str] = Field(default_factory=list)
     end_request: Literal["stop", "delete"] | None = None
     max_recreations: int = Field(3, ge=0, description="Recreations allowed per call.")
+    local_calls: bool = Field(
+        False,
+        description="Run execute, upload and describe as local activities "
+        "(local backend: the runner is reachable from any worker on the machine).",
+    )
 
 
 class SessionInput(BaseModel):

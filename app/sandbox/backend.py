@@ -87,12 +87,15 @@ class SandboxBackend(abc.ABC):
         output_limit: int,
         capture_output: bool = True,
         network: bool = False,
+        keep_alive: int | None = None,
     ) -> RunOutput:
         """Run `argv` with exactly `env` (plus the backend's base variables).
 
         `timeout` kills the whole process tree; output beyond `output_limit`
         bytes per stream is dropped and counted. `network` grants network
         access to this process even where the sandbox has none (installers).
+        `keep_alive` first extends the sandbox's life to that many seconds,
+        as `keep_alive()` does, in the same request where the backend can.
         """
 
     @abc.abstractmethod

@@ -155,7 +155,10 @@ class E2BBackend(SandboxBackend):
         output_limit: int,
         capture_output: bool = True,
         network: bool = False,
+        keep_alive: int | None = None,
     ) -> RunOutput:
+        if keep_alive is not None:
+            await self.keep_alive(backend_id, keep_alive)
         sandbox = await self._sandbox(backend_id)
         workdir = resolve_inside(E2B_HOME, cwd) if cwd else E2B_HOME
         # setsid makes the process a group leader, so a timeout can kill the

@@ -1,26 +1,34 @@
-"""The local backend: a sandbox is a folder under the data dir, its code runs
-in a fresh process group, under bubblewrap when `bwrap` is installed.
+"""The local backend: a sandbox is a folder under the data dir with a warm
+runner process, under bubblewrap when `bwrap` is installed.
 
-Each sandbox also has an anchor process, `sleep TIMEOUT` followed by removal
-of the folder, so a sandbox ends at its timeout like an E2B sandbox does even
-when nobody calls it. Killing the anchor or removing the folder loses the
-sandbox; the session workflow then recreates it.
+The runner (app/sandbox/runner.py) starts at creation inside the sandbox's
+namespaces and forks a process group per execution, so an execution costs
+two forks instead of a bubblewrap setup and an interpreter start. It also
+ends the sandbox at its timeout like an E2B sandbox ends, even when nobody
+calls it. It exits when its lifetime passes without a keep-alive, and its
+anchor (`/bin/sh`, the runner's parent) then removes the folder. Killing the
+anchor or the runner, or removing the folder, loses the sandbox; the session
+workflow then recreates it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +45,23 @@ from app.sandbox.backend import (
 from app.sandbox.templates import TEMPLATE_FILES
 
 logger = logging.getLogger(__name__)
+
+_RUNNER_PATH = Path(__file__).parent / "runner.py"
+# Where bubblewrap shows the runner's file (read-only) inside a sandbox.
+_INSIDE_RUNNER = "/run/nexus/runner.py"
+# How long a new runner may take to respond to its first request.
+_RUNNER_START_TIMEOUT = 30.0
+# Set the rlimits given as JSON in argv[1], then exec argv[2:].
+_LIMITED_EXEC = (
+    "import json, os, resource, sys\n"
+    "for name, (soft, hard) in json.loads(sys.argv[1]).items():\n"
+    "    resource.setrlimit(getattr(resource, name), (soft, hard))\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+# Seconds an unused spare runner lives before it ends itself.
+_SPARE_LIFETIME = 300
+# How long past an execution's timeout the host waits for the runner's reply.
+_REPLY_MARGIN = 30.0
 
 # Where the sandbox folder appears inside bubblewrap (E2B's home folder).
 INSIDE_HOME = "/home/user"
@@ -84,6 +109,8 @@ class LocalBackend(SandboxBackend):
         use_bwrap: None detects `bwrap`; False forces plain subprocesses.
         allow_network: let code open network connections (bubblewrap only
             shares the host network when this is True).
+        spares: started, empty sandboxes kept ready, so that a creation
+            takes one instead of waiting for a runner to start.
     """
 
     name = "local"
@@ -95,6 +122,7 @@ class LocalBackend(SandboxBackend):
         use_bwrap: bool | None = None,
         allow_network: bool = False,
         limits: ResourceLimits | None = None,
+        spares: int = 0,
     ) -> None:
         self.root = root
         self.bwrap = find_bwrap() if use_bwrap in (None, True) else None
@@ -106,6 +134,8 @@ class LocalBackend(SandboxBackend):
         self.allow_network = allow_network
         self.limits = limits or ResourceLimits()
         self._anchors: dict[str, subprocess.Popen[bytes]] = {}
+        self.spares = spares
+        self._spares: list[str] = []
         self._bwrap_base: list[str] | None = None
 
     # Paths and state.
@@ -175,15 +205,89 @@ class LocalBackend(SandboxBackend):
             self._check_claude(env)
         await self.delete(backend_id)
         home = self.folder(backend_id)
-        home.mkdir(parents=True)
-        (home / ".nexus").mkdir()
+        if not await self._take_spare(backend_id, timeout):
+            home.mkdir(parents=True)
+            (home / ".nexus" / "tmp").mkdir(parents=True)
+            self._start_runner(backend_id, timeout)
+            try:
+                await self._ping(backend_id, self._check(backend_id), None)
+            except SandboxLostError as error:
+                await self.delete(backend_id)
+                raise SandboxConfigurationError(
+                    f"the runner of sandbox {backend_id} did not start ({error}); "
+                    "check that python3 runs and, if bubblewrap is used, that "
+                    "`bwrap` works for this user"
+                ) from None
         for relative, text in TEMPLATE_FILES[template].items():
             target = home / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        self._start_anchor(backend_id, timeout, {"template": template, **metadata})
+        state = self._read_state(backend_id) or {}
+        self._write_state(
+            backend_id, {**state, "metadata": {"template": template, **metadata}}
+        )
+        if self.spares:
+            # After this call returns: the caller should not wait for it.
+            asyncio.get_running_loop().call_soon(self._refill_spares)
         logger.info("created local sandbox %s (template %s)", backend_id, template)
         return BackendSandbox(backend_id, self._inside_home(backend_id))
+
+    async def _take_spare(self, backend_id: str, timeout: int) -> bool:
+        """Turn a spare (a started, empty sandbox) into `backend_id`.
+
+        Renaming its folder keeps its runner: bubblewrap's bind mount, the
+        runner's cwd and its socket follow the folder, not its name.
+        """
+        while self._spares:
+            spare = self._spares.pop(0)
+            state = self._read_state(spare)
+            try:
+                if state is None or self._lost_reason(spare, state) is not None:
+                    raise SandboxLostError(f"spare {spare} ended")
+                await self._ping(spare, state, timeout)
+            except SandboxLostError:
+                await self.delete(spare)
+                continue
+            source, target = self.root / spare, self.root / backend_id
+            source.rename(target)
+            anchor = self._anchors.pop(spare, None)
+            if anchor is not None:
+                self._anchors[backend_id] = anchor
+            socket_path = str(state["socket"])
+            if socket_path.startswith(f"{source}/"):
+                socket_path = f"{target}{socket_path[len(str(source)) :]}"
+            now = time.time()
+            self._write_state(
+                backend_id,
+                {
+                    **state,
+                    "backend_id": backend_id,
+                    "socket": socket_path,
+                    "timeout": timeout,
+                    "expires_at": now + timeout,
+                    "created_at": now,
+                },
+            )
+            return True
+        return False
+
+    def _refill_spares(self) -> None:
+        while len(self._spares) < self.spares:
+            spare = f"_spare-{uuid.uuid4().hex[:12]}"
+            (self.folder(spare) / ".nexus" / "tmp").mkdir(parents=True)
+            try:
+                self._start_runner(spare, _SPARE_LIFETIME)
+            except OSError as error:
+                logger.warning("could not start a spare sandbox runner: %s", error)
+                shutil.rmtree(self.root / spare, ignore_errors=True)
+                return
+            self._spares.append(spare)
+
+    async def close(self) -> None:
+        """End the spare runners (sandboxes themselves stay until their end)."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            await self.delete(spare)
 
     def _check_claude(self, env: Mapping[str, str]) -> None:
         if shutil.which("claude") is None:
@@ -197,36 +301,76 @@ class LocalBackend(SandboxBackend):
                 "anthropic_key, or set ANTHROPIC_API_KEY on the sandbox worker"
             )
 
-    def _start_anchor(
-        self, backend_id: str, timeout: int, metadata: Mapping[str, str]
-    ) -> None:
+    def _socket_path(self, backend_id: str) -> Path:
+        path = self.root / backend_id / "runner.sock"
+        if len(os.fsencode(path)) < 100:
+            return path
+        # Unix socket paths are limited to 108 bytes: use a private folder.
+        folder = Path(tempfile.gettempdir()) / f"nexus-sandbox-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+        return folder / f"{digest}.sock"
+
+    def _start_runner(self, backend_id: str, timeout: int) -> None:
+        """Start the anchor and its runner, which responds once it is up."""
         folder = self.folder(backend_id)
-        previous = self._read_state(backend_id)
-        anchor = subprocess.Popen(
-            [
-                "/bin/sh",
-                "-c",
-                'sleep "$1" && rm -rf -- "$2"',
-                "nexus-sandbox-anchor",
-                str(timeout),
-                str(folder),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        socket_path = self._socket_path(backend_id)
+        socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(socket_path))
+            listener.listen(64)
+            fd = listener.fileno()
+            arguments = [str(fd), str(timeout)]
+            env = self.base_env(backend_id)
+            if self.bwrap:
+                command = self._bwrap_prefix(backend_id, self.allow_network)
+                command += ["--ro-bind", str(_RUNNER_PATH), _INSIDE_RUNNER]
+                for name, value in env.items():
+                    command += ["--setenv", name, value]
+                command += ["--chdir", INSIDE_HOME, "--"]
+                command += ["python3", _INSIDE_RUNNER, *arguments]
+            else:
+                command = ["python3", str(_RUNNER_PATH), *arguments]
+            # The anchor removes the folder once the runner has ended; the
+            # runner ends at the sandbox's timeout.
+            # The folder's path is read from the kernel, not taken from the
+            # arguments: a spare's folder is renamed when a sandbox takes it.
+            anchor = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
+                    'case "$f" in */home) rm -rf -- "$f";; esac',
+                    "nexus-sandbox-anchor",
+                    str(folder),
+                    *command,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd=str(folder),
+                env=env,
+                start_new_session=True,
+                pass_fds=[fd],
+            )
+        finally:
+            listener.close()
         self._anchors[backend_id] = anchor
-        state = {
-            "backend_id": backend_id,
-            "anchor_pid": anchor.pid,
-            "anchor_start": _process_start(anchor.pid),
-            "timeout": timeout,
-            "expires_at": time.time() + timeout,
-            "metadata": dict(metadata),
-            "created_at": (previous or {}).get("created_at", time.time()),
-        }
+        self._write_state(
+            backend_id,
+            {
+                "backend_id": backend_id,
+                "anchor_pid": anchor.pid,
+                "anchor_start": _process_start(anchor.pid),
+                "socket": str(socket_path),
+                "timeout": timeout,
+                "expires_at": time.time() + timeout,
+                "created_at": time.time(),
+            },
+        )
+
+    def _write_state(self, backend_id: str, state: Mapping[str, object]) -> None:
         path = self._state_path(backend_id)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
@@ -234,24 +378,89 @@ class LocalBackend(SandboxBackend):
 
     def _kill_anchor(self, backend_id: str, state: Mapping[str, object] | None) -> None:
         anchor = self._anchors.pop(backend_id, None)
+        pids = []
         if state is not None:
             pid = int(state.get("anchor_pid", 0))  # type: ignore[call-overload]
             if _process_alive(pid, str(state.get("anchor_start", ""))):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+                pids.append(pid)
+            socket_path = state.get("socket")
+            if isinstance(socket_path, str):
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
+        if anchor is not None and anchor.pid not in pids and anchor.poll() is None:
+            pids.append(anchor.pid)
+        for pid in pids:
+            _kill_tree(pid)
         if anchor is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(anchor.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 anchor.wait(timeout=5)
 
+    async def _request(
+        self,
+        backend_id: str,
+        state: Mapping[str, object],
+        message: Mapping[str, object],
+        fds: Sequence[int] = (),
+    ) -> socket.socket:
+        """Connect to the sandbox's runner and send `message` with `fds`."""
+        path = state.get("socket")
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # A local connect only queues on the runner's backlog: no wait.
+            connection.connect(str(path))
+            body = json.dumps(message).encode()
+            data = struct.pack("!I", len(body)) + body
+            sent = socket.send_fds(connection, [data], list(fds))
+            if sent < len(data):
+                connection.sendall(data[sent:])
+        except OSError as error:
+            connection.close()
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner does not respond ({error})"
+            ) from None
+        connection.setblocking(False)
+        return connection
+
+    async def _reply(
+        self, connection: socket.socket, timeout: float | None
+    ) -> list[dict[str, object]]:
+        """Read the runner's reply lines until it closes the connection."""
+        loop = asyncio.get_running_loop()
+        data = bytearray()
+
+        async def read() -> None:
+            # A runner that died leaves its socket to the anchor until that
+            # exits too: such a connection ends in a reset, with no reply.
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await loop.sock_recv(connection, 65536):
+                    data.extend(chunk)
+
+        await asyncio.wait_for(read(), timeout)
+        lines = [json.loads(line) for line in bytes(data).splitlines() if line]
+        return [line for line in lines if isinstance(line, dict)]
+
+    async def _ping(
+        self, backend_id: str, state: Mapping[str, object], lifetime: int | None
+    ) -> None:
+        message: dict[str, object] = {"op": "ping"}
+        if lifetime is not None:
+            message["lifetime"] = lifetime
+        connection = await self._request(backend_id, state, message)
+        try:
+            replies = await self._reply(connection, _RUNNER_START_TIMEOUT)
+        except TimeoutError:
+            replies = []
+        finally:
+            connection.close()
+        if not replies:
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner closed the connection"
+            )
+
     async def keep_alive(self, backend_id: str, timeout: int) -> None:
         state = self._check(backend_id)
-        self._kill_anchor(backend_id, state)
-        metadata = state.get("metadata")
-        self._start_anchor(
-            backend_id, timeout, metadata if isinstance(metadata, dict) else {}
-        )
+        await self._ping(backend_id, state, timeout)
+        self._write_state(backend_id, {**state, "expires_at": time.time() + timeout})
 
     async def home(self, backend_id: str) -> str:
         self._check(backend_id)
@@ -373,35 +582,133 @@ class LocalBackend(SandboxBackend):
         output_limit: int,
         capture_output: bool = True,
         network: bool = False,
+        keep_alive: int | None = None,
     ) -> RunOutput:
-        self._check(backend_id)
+        state = self._check(backend_id)
+        if keep_alive is not None:
+            # The runner takes the new lifetime with the request itself.
+            state = {**state, "expires_at": time.time() + keep_alive}
+            self._write_state(backend_id, state)
         home = self._inside_home(backend_id)
         workdir = home if not cwd else resolve_or_home(home, cwd)
         full_env = {**self.base_env(backend_id), **env}
-        if self.bwrap:
-            command = self._bwrap_prefix(backend_id, network or self.allow_network)
-            for name, value in full_env.items():
-                command += ["--setenv", name, value]
-            command += ["--chdir", workdir, "--", *argv]
-            host_cwd = str(self.folder(backend_id))
-            process_env: dict[str, str] | None = {}
+        if network and not self.allow_network and self.bwrap:
+            # The runner has no network; installers get a process that has.
+            if keep_alive is not None:
+                await self._ping(backend_id, state, keep_alive)
+            return await self._spawn(
+                backend_id, argv, full_env, workdir, timeout, output_limit, True
+            )
+        message: dict[str, object] = {
+            "op": "exec",
+            "env": full_env,
+            "cwd": workdir,
+            "timeout": timeout,
+            "limits": _limit_values(self.limits, timeout),
+        }
+        if keep_alive is not None:
+            message["lifetime"] = keep_alive
+        if len(argv) == 3 and argv[0] == "python3" and argv[1] == "-c":
+            message["python"] = argv[2]
+        elif len(argv) == 2 and argv[0] == "python3" and not argv[1].startswith("-"):
+            message["file"] = argv[1]
         else:
-            Path(full_env["TMPDIR"]).mkdir(parents=True, exist_ok=True)
-            command = list(argv)
-            host_cwd = workdir
-            process_env = full_env
-        Path(host_cwd).mkdir(parents=True, exist_ok=True)
-        output = subprocess.PIPE if capture_output else subprocess.DEVNULL
+            message["argv"] = list(argv)
+        loop = asyncio.get_running_loop()
+        pipes = [os.pipe(), os.pipe()] if capture_output else []
+        started = time.perf_counter()
+        try:
+            connection = await self._request(
+                backend_id, state, message, [write for _, write in pipes]
+            )
+        except BaseException:
+            for read, write in pipes:
+                os.close(read)
+                os.close(write)
+            raise
+        readers = []
+        for read, write in pipes:
+            os.close(write)
+            readers.append(
+                asyncio.create_task(_read_fd_capped(loop, read, output_limit))
+            )
+        hung = False
+        try:
+            # The runner enforces `timeout`; this bound only covers a runner
+            # that hangs. Closing the connection makes it kill the program.
+            replies = await self._reply(connection, timeout + _REPLY_MARGIN)
+        except TimeoutError:
+            replies, hung = [], True
+        finally:
+            connection.close()
+        started_pid = next((r["pid"] for r in replies if "pid" in r), None)
+        reply = next((r for r in replies if "timed_out" in r or "error" in r), None)
+        if reply is None and isinstance(started_pid, int) and not self.bwrap:
+            # Its supervisor died with the runner; without bubblewrap's PID
+            # namespace the program's group would live on.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(started_pid, signal.SIGKILL)
+        if hung:
+            reply = {"exit_code": None, "timed_out": True}
+        elif started_pid is None and reply is None:
+            # Nothing started, so the call is safe to repeat on a new sandbox.
+            for reader in readers:
+                reader.cancel()
+            raise SandboxLostError(
+                f"sandbox {backend_id} is lost: its runner closed the connection"
+            )
+        elapsed = time.perf_counter() - started
+        outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
+        (out, out_dropped), (err, err_dropped) = outputs
+        if reply is None or "error" in reply:
+            why = "it ended" if reply is None else str(reply["error"])
+            logger.warning(
+                "runner of sandbox %s failed an execution: %s", backend_id, why
+            )
+            err += (
+                f"\n[sandbox runner failed during this execution: {why}; the next "
+                "call recreates the sandbox if it is lost]"
+            )
+            reply = {"exit_code": None, "timed_out": False}
+        exit_code = reply.get("exit_code")
+        return RunOutput(
+            stdout=out,
+            stderr=err,
+            exit_code=exit_code if isinstance(exit_code, int) else None,
+            timed_out=bool(reply.get("timed_out")),
+            execution_time=elapsed,
+            stdout_dropped_bytes=out_dropped,
+            stderr_dropped_bytes=err_dropped,
+        )
+
+    async def _spawn(
+        self,
+        backend_id: str,
+        argv: Sequence[str],
+        full_env: Mapping[str, str],
+        workdir: str,
+        timeout: float,
+        output_limit: int,
+        network: bool,
+    ) -> RunOutput:
+        """Run `argv` in a bubblewrap of its own (for installers' network)."""
+        command = self._bwrap_prefix(backend_id, network)
+        for name, value in full_env.items():
+            command += ["--setenv", name, value]
+        # A small launcher inside sets the rlimits: a preexec_fn would make
+        # the worker fork instead of vfork, which JAX's threads warn about.
+        limits = json.dumps(_limit_values(self.limits, timeout))
+        command += ["--chdir", workdir, "--", "python3", "-c", _LIMITED_EXEC, limits]
+        command += list(argv)
         started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             *command,
             stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            cwd=host_cwd,
-            env=process_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(self.folder(backend_id)),
+            env={},
             start_new_session=True,
-            preexec_fn=_limiter(self.limits, timeout),
         )
         readers = [
             asyncio.create_task(_read_capped(stream, output_limit))
@@ -413,7 +720,8 @@ class LocalBackend(SandboxBackend):
         except TimeoutError:
             timed_out = True
         finally:
-            # The group may outlive its leader (background jobs); end it all.
+            # bubblewrap's own PID namespace ends every process in it with
+            # its first one; the group kill covers bwrap itself.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
         if timed_out:
@@ -458,17 +766,67 @@ def resolve_or_home(home: str, cwd: str) -> str:
     return resolve_inside(home, cwd)
 
 
-def _limiter(limits: ResourceLimits, timeout: float) -> Callable[[], None]:
+def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]]:
+    """Build the rlimits of one process, keyed by `resource` constant name."""
     cpu = math.ceil(timeout) + 5
+    return {
+        "RLIMIT_CPU": [cpu, cpu + 1],
+        "RLIMIT_AS": [limits.memory_bytes] * 2,
+        "RLIMIT_FSIZE": [limits.file_size_bytes] * 2,
+        "RLIMIT_NPROC": [limits.processes] * 2,
+        "RLIMIT_NOFILE": [limits.open_files] * 2,
+    }
 
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
 
-    return apply
+async def _read_fd_capped(
+    loop: asyncio.AbstractEventLoop, fd: int, limit: int
+) -> tuple[str, int]:
+    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes."""
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        return await _read_capped(reader, limit)
+    finally:
+        transport.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the group of `pid` and every process below `pid`.
+
+    Without bubblewrap's PID namespace, a program that called `setsid` is
+    in no group of ours; it is found through its parent links.
+    """
+    for _ in range(3):
+        found = _descendants(pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for child in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+        if not found:
+            return
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(b")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 async def _read_capped(

@@ -28,7 +28,12 @@ REDACTED = "********"
 
 @functools.cache
 def _backend_for(
-    kind: str, root: str, allow_network: bool, use_bwrap: bool | None, api_key: str
+    kind: str,
+    root: str,
+    allow_network: bool,
+    use_bwrap: bool | None,
+    api_key: str,
+    spares: int = 0,
 ) -> SandboxBackend:
     if kind == "e2b":
         from app.sandbox.e2b import E2BBackend
@@ -38,7 +43,9 @@ def _backend_for(
 
     from app.sandbox.local import LocalBackend
 
-    return LocalBackend(Path(root), use_bwrap=use_bwrap, allow_network=allow_network)
+    return LocalBackend(
+        Path(root), use_bwrap=use_bwrap, allow_network=allow_network, spares=spares
+    )
 
 
 def get_backend(settings: Settings) -> SandboxBackend:
@@ -61,6 +68,7 @@ def get_backend(settings: Settings) -> SandboxBackend:
         settings.sandbox_allow_network,
         settings.sandbox_bwrap,
         api_key,
+        settings.sandbox_spares,
     )
 
 
@@ -176,8 +184,12 @@ async def execute(
     request: ExecuteRequest,
     env: Mapping[str, str],
     settings: Settings,
+    keep_alive: int | None = None,
 ) -> ExecuteResult:
-    """Run `request.code` with `env` and return measured, redacted output."""
+    """Run `request.code` with `env` and return measured, redacted output.
+
+    `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
+    """
     home = await backend.home(backend_id)
     code_path = None
     if len(request.code.encode()) > _INLINE_CODE_LIMIT:
@@ -195,6 +207,7 @@ async def execute(
         timeout=request.timeout,
         output_limit=settings.sandbox_output_limit,
         capture_output=request.capture_output,
+        keep_alive=keep_alive,
     )
     secrets = secret_values(env)
     if output.timed_out:

@@ -19,15 +19,18 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError
@@ -175,9 +178,13 @@ async def create_sandbox(
         spec=spec,
         backend=settings.sandbox_backend,
         max_recreations=settings.sandbox_max_recreations,
+        local_calls=settings.sandbox_backend == "local"
+        and settings.sandbox_local_calls,
     )
     logger.info("starting sandbox session %s (template %s)", sandbox_id, spec.template)
-    handle = await client.start_workflow(
+    # Update-with-start: the start and the wait for the sandbox are one call
+    # to the server, and the first workflow task already carries the update.
+    start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
         "SandboxSessionWorkflow",
         SessionInput(state=state),
         id=workflow_id(sandbox_id),
@@ -186,9 +193,12 @@ async def create_sandbox(
             [SearchAttributePair(SANDBOX_ID, sandbox_id)]
         ),
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
     )
     try:
-        info = await handle.execute_update("ready", result_type=SessionInfo)
+        info = await client.execute_update_with_start_workflow(
+            "ready", start_workflow_operation=start, result_type=SessionInfo
+        )
     except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
     return info

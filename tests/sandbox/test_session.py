@@ -393,3 +393,31 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
     with pytest.raises(ToolError) as missing:
         await call(tool_ctx, "sandbox_status", sandbox_id="sbx_missing")
     assert missing.value.kind == "not_found"
+
+
+async def test_local_calls_skip_sandbox_queue(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        result = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(3)"
+        )
+        assert result["stdout"] == "3\n"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    history = await client.get_workflow_handle(f"sandbox-{sandbox_id}").fetch_history()
+    scheduled = [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in history.events
+        if event.HasField("activity_task_scheduled_event_attributes")
+    ]
+    # Create (no setup) and execute ran as local activities: only the
+    # delete went through the nexus-sandbox queue.
+    assert scheduled == ["sandbox_delete"]
+    markers = [
+        e for e in history.events if e.HasField("marker_recorded_event_attributes")
+    ]
+    assert len(markers) >= 3
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])

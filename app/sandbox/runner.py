@@ -1,0 +1,335 @@
+"""The warm runner: one long-lived process per local sandbox.
+
+The local backend starts this file as `python3 runner.py LISTEN_FD LIFETIME`
+inside the sandbox (under bubblewrap when it is installed), so the namespace
+setup and the interpreter start are paid once per sandbox instead of once per
+execution. It accepts requests on an inherited, already listening Unix
+socket whose path only the host can see. Each execution is two forks:
+
+- a supervisor, a child subreaper, so every descendant of the execution
+  (even one that calls `setsid`) stays below it and is killed when the
+  execution ends or times out;
+- the program, which calls `setsid`, takes its env, cwd, rlimits and the
+  stdout/stderr pipes that the host passed over the socket, and then either
+  runs Python code in the forked interpreter (as `python3 -c` would) or execs
+  the command (node, bash, installers).
+
+The runner exits when its lifetime ends without a keep-alive, which ends the
+sandbox. It must run on the host's `python3` (3.9 or later) with the standard
+library only: nothing of the application is visible inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+_HEADER = struct.Struct("!I")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# sys.path as `python3 -c` starts it, without the script's folder first.
+_BASE_PATH = [entry for entry in sys.path[1:]]
+
+
+def _prctl(option: int, value: int) -> None:
+    _LIBC.prctl(option, value, 0, 0, 0)
+
+
+def read_message(conn: socket.socket) -> tuple[dict, list[int]]:
+    """Read one length-prefixed JSON message and the fds sent with it."""
+    data, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 4)
+    fds = list(fds)
+    while len(data) < _HEADER.size:
+        more = conn.recv(_HEADER.size - len(data))
+        if not more:
+            raise EOFError("connection closed inside a message header")
+        data += more
+    (length,) = _HEADER.unpack(data)
+    body = bytearray()
+    while len(body) < length:
+        more = conn.recv(min(65536, length - len(body)))
+        if not more:
+            raise EOFError("connection closed inside a message")
+        body += more
+    return json.loads(body.decode()), fds
+
+
+def send_reply(conn: socket.socket, reply: dict) -> None:
+    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def descendants(root: int) -> list[int]:
+    """Return every process below `root`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(b")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(name))
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_descendants() -> None:
+    """Kill and reap every process below this one (a child subreaper)."""
+    me = os.getpid()
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            # As a subreaper, no child means no descendant at all.
+            return
+        if pid:
+            continue
+        for pid in descendants(me):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _exit_code(error: SystemExit) -> int:
+    code = error.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _finish(code: int) -> None:
+    # What the interpreter does at exit: wait for threads, run atexit, flush.
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    os._exit(code)
+
+
+def run_python(request: dict, env: dict) -> None:
+    """Run Python code in this forked interpreter as `python3 -c` or a file."""
+    import builtins
+    import importlib
+    import site
+    import types
+
+    path = request.get("file")
+    if path:
+        with open(path, encoding="utf-8") as handle:
+            source = handle.read()
+        sys.argv = [path]
+        first, filename = os.path.dirname(os.path.abspath(path)), path
+    else:
+        source = request["python"]
+        sys.argv = ["-c"]
+        first, filename = "", "<string>"
+    extra = [entry for entry in env.get("PYTHONPATH", "").split(":") if entry]
+    sys.path[:] = [first, *extra, *_BASE_PATH]
+    # From this execution's HOME: a spare runner started in another folder.
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    user_site = os.path.expanduser(f"~/.local/lib/{version}/site-packages")
+    if site.ENABLE_USER_SITE and os.path.isdir(user_site):
+        site.addsitedir(user_site)
+    importlib.invalidate_caches()
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    if path:
+        main.__dict__["__file__"] = path
+    sys.modules["__main__"] = main
+    try:
+        exec(compile(source, filename, "exec"), main.__dict__)
+    except SystemExit as error:
+        _finish(_exit_code(error))
+    except BaseException as error:
+        # Leave out this function's frame, as `python3 -c` shows none.
+        trace = error.__traceback__
+        error.__traceback__ = trace.tb_next if trace else None
+        sys.excepthook(type(error), error, error.__traceback__)
+        _finish(1)
+    _finish(0)
+
+
+def start_program(request: dict, out: int, err: int) -> None:
+    """In the program's process: isolate it, then run its code; never returns."""
+    try:
+        os.setsid()
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(_PR_SET_DUMPABLE, 1)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(out if out >= 0 else devnull, 1)
+        os.dup2(err if err >= 0 else devnull, 2)
+        os.closerange(3, 65536)
+        import resource
+
+        for name, value in request["limits"].items():
+            limit = getattr(resource, name)
+            resource.setrlimit(limit, (value[0], value[1]))
+        env = {str(k): str(v) for k, v in request["env"].items()}
+        os.makedirs(request["cwd"], exist_ok=True)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, signal.SIG_DFL)
+        if request.get("argv"):
+            # An exec'd program starts with default signals, as under
+            # subprocess (Python itself ignores SIGPIPE and SIGXFSZ).
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            argv = request["argv"]
+            try:
+                os.execvpe(argv[0], argv, env)
+            except OSError as error:
+                os.write(2, f"cannot run {argv[0]}: {error}\n".encode())
+                os._exit(127)
+        run_python(request, env)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.write(
+                2, f"sandbox runner could not start the program: {error}\n".encode()
+            )
+    os._exit(127)
+
+
+def wait_program(pid: int, conn: socket.socket, timeout: float) -> tuple[int, bool]:
+    """Wait for the program; kill its group at the timeout or if the host
+    goes away. Returns its wait status and whether it timed out."""
+    pidfd = os.pidfd_open(pid)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(conn, select.POLLIN | select.POLLHUP)
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        events = dict(poller.poll(left * 1000))
+        if pidfd in events:
+            break
+        if conn.fileno() in events:
+            # The host closed the connection: the call was cancelled.
+            timed_out = True
+            break
+    if timed_out:
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(OSError):
+                kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    os.close(pidfd)
+    return status, timed_out
+
+
+def supervise(conn: socket.socket, request: dict, fds: list[int], runner: int) -> None:
+    """In the supervisor's process: run one execution; never returns."""
+    try:
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        # If the runner dies, so does this supervisor, and the host learns
+        # of it from the closed connection.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != runner:
+            os._exit(1)
+        out, err = (fds[0], fds[1]) if len(fds) >= 2 else (-1, -1)
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            start_program(request, out, err)
+        for fd in fds:
+            os.close(fd)
+        # The program's group, for the host to kill should this process die.
+        send_reply(conn, {"pid": pid})
+        status, timed_out = wait_program(pid, conn, float(request["timeout"]))
+        kill_descendants()
+        code = None if timed_out else os.waitstatus_to_exitcode(status)
+        send_reply(conn, {"exit_code": code, "timed_out": timed_out})
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            send_reply(conn, {"error": f"{type(error).__name__}: {error}"})
+    os._exit(0)
+
+
+def serve(listen_fd: int, lifetime: float) -> None:
+    """Accept requests until the lifetime ends without a keep-alive."""
+    server = socket.socket(fileno=listen_fd)
+    server.setblocking(True)
+    # Code in the sandbox runs as the same user; keep it out of this
+    # process's memory and fds (the listening socket).
+    _prctl(_PR_SET_DUMPABLE, 0)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    deadline = time.monotonic() + lifetime
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([server], [], [], min(left, 1.0))
+        if not ready:
+            continue
+        conn, _ = server.accept()
+        fds: list[int] = []
+        try:
+            conn.settimeout(10)
+            request, fds = read_message(conn)
+            if "lifetime" in request:
+                deadline = time.monotonic() + float(request["lifetime"])
+            if request.get("op") == "exec":
+                conn.settimeout(None)
+                runner = os.getpid()
+                if os.fork() == 0:
+                    server.close()
+                    supervise(conn, request, fds, runner)
+            elif request.get("op") == "stop":
+                send_reply(conn, {"stopped": True})
+                break
+            else:
+                send_reply(conn, {"ok": True})
+        except (OSError, ValueError, EOFError):
+            pass
+        finally:
+            conn.close()
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    server.close()
+    kill_descendants()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), float(sys.argv[2]))

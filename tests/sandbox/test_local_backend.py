@@ -1,0 +1,204 @@
+"""The local backend's warm runner, in both isolation modes, with real
+processes: Python semantics, process-tree kills, runner death."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from app.sandbox.backend import RunOutput, SandboxLostError
+from app.sandbox.local import LocalBackend, _descendants
+
+MODES = [
+    pytest.param(False, id="plain"),
+    pytest.param(
+        True,
+        id="bwrap",
+        marks=pytest.mark.skipif(
+            shutil.which("bwrap") is None, reason="bubblewrap is not installed"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=MODES)
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[LocalBackend]:
+    local = LocalBackend(tmp_path / "sandboxes", use_bwrap=request.param)
+    await local.create("box", template="base", timeout=300, env={}, metadata={})
+    try:
+        yield local
+    finally:
+        await local.delete("box")
+
+
+async def run(
+    backend: LocalBackend, argv: list[str], timeout: float = 30, **env: str
+) -> RunOutput:
+    return await backend.run(
+        "box", argv, env=env, cwd=None, timeout=timeout, output_limit=65536
+    )
+
+
+async def test_python_runs_as_python_dash_c(backend: LocalBackend) -> None:
+    code = (
+        "import os, sys\n"
+        "print(sys.argv, sys.path[0] == '', os.environ['GREETING'], os.getcwd())\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "sys.exit(7)\n"
+    )
+    result = await run(backend, ["python3", "-c", code], GREETING="hello")
+    home = await backend.home("box")
+    assert result.stdout == f"['-c'] True hello {home}\n"
+    assert result.stderr == "to stderr\n"
+    assert result.exit_code == 7
+    failed = await run(backend, ["python3", "-c", "x = 1\nraise ValueError('boom')"])
+    assert failed.exit_code == 1
+    assert failed.stderr.splitlines() == [
+        "Traceback (most recent call last):",
+        '  File "<string>", line 2, in <module>',
+        "ValueError: boom",
+    ]
+    # Each execution starts from a fresh __main__: nothing carries over.
+    first = await run(backend, ["python3", "-c", "leak = 1"])
+    second = await run(backend, ["python3", "-c", "print('leak' in globals())"])
+    assert (first.exit_code, second.stdout) == (0, "False\n")
+    threads = await run(
+        backend,
+        [
+            "python3",
+            "-c",
+            "import threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(0.2), print('t'))).start()",
+        ],
+    )
+    assert threads.stdout == "t\n"
+    message = await run(backend, ["python3", "-c", "raise SystemExit('bye')"])
+    assert (message.exit_code, message.stderr) == (1, "bye\n")
+
+
+async def test_commands_and_pythonpath(backend: LocalBackend) -> None:
+    home = await backend.home("box")
+    await backend.write_file("box", "lib/demo_mod.py", b"VALUE = 42\n")
+    imported = await run(
+        backend,
+        ["python3", "-c", "import demo_mod; print(demo_mod.VALUE)"],
+        PYTHONPATH=f"{home}/lib",
+    )
+    assert imported.stdout == "42\n", imported
+    bash = await run(backend, ["bash", "-c", "echo $WORD; exit 4"], WORD="bash")
+    assert (bash.stdout, bash.exit_code) == ("bash\n", 4)
+    missing = await run(backend, ["no-such-command-xyz"])
+    assert missing.exit_code == 127
+    assert "no-such-command-xyz" in missing.stderr
+    path = await backend.write_file("box", "script.py", b"import sys; print(sys.argv)")
+    script = await run(backend, ["python3", path])
+    assert script.stdout == f"['{path}']\n"
+
+
+async def test_setsid_escape_is_killed(backend: LocalBackend) -> None:
+    # A grandchild in a session of its own would survive a group kill.
+    escape = "setsid sh -c 'sleep 2; echo late > {name}' & "
+    timed = await run(
+        backend, ["bash", "-c", escape.format(name="late1.txt") + "sleep 30"], 1
+    )
+    assert timed.timed_out and timed.exit_code is None
+    detached = await run(
+        backend,
+        [
+            "python3",
+            "-c",
+            "import os, subprocess\n"
+            "subprocess.Popen(['sh', '-c', 'sleep 2; echo late > late2.txt'],"
+            " start_new_session=True)\n"
+            "print('started', flush=True)\n",
+        ],
+    )
+    assert (detached.stdout, detached.exit_code) == ("started\n", 0)
+    # Both would have written their file by now had they survived.
+    check = await run(backend, ["bash", "-c", "sleep 3; ls late1.txt late2.txt"])
+    assert check.exit_code != 0
+    assert "late1.txt" in check.stderr and "late2.txt" in check.stderr
+
+
+async def test_runner_death_loses_the_sandbox(backend: LocalBackend) -> None:
+    state = backend._read_state("box")
+    assert state is not None
+    anchor = int(state["anchor_pid"])  # type: ignore[call-overload]
+    # The runner is the anchor's python3 descendant (below bwrap if used).
+    runners = [
+        pid
+        for pid in _descendants(anchor)
+        if Path(f"/proc/{pid}/comm").read_text().strip().startswith("python3")
+    ]
+    assert runners
+    task = asyncio.create_task(
+        run(backend, ["bash", "-c", "touch started; sleep 30"], timeout=60)
+    )
+    home = backend.folder("box")
+    while not (home / "started").exists():
+        await asyncio.sleep(0.05)
+    os.kill(runners[0], signal.SIGKILL)
+    result = await task
+    assert result.exit_code is None and not result.timed_out
+    assert "sandbox runner failed during this execution" in result.stderr
+    with pytest.raises(SandboxLostError):
+        for _ in range(200):
+            await run(backend, ["true"])
+            await asyncio.sleep(0.05)
+    described = await backend.describe("box")
+    assert not described.alive
+
+
+async def test_keep_alive_keeps_the_runner(backend: LocalBackend) -> None:
+    await backend.keep_alive("box", 600)
+    state = backend._read_state("box")
+    assert state is not None
+    described = await backend.describe("box")
+    assert described.alive and described.state == "running"
+    result = await run(backend, ["python3", "-c", "print(1)"])
+    assert result.stdout == "1\n"
+
+
+@pytest.mark.parametrize("use_bwrap", MODES)
+async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> None:
+    local = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap, spares=1)
+    try:
+        await local.create("first", template="python", timeout=300, env={}, metadata={})
+        await asyncio.sleep(0)  # the refill runs after create returns
+        assert len(local._spares) == 1
+        spare = local._spares[0]
+        await local.create("second", template="base", timeout=1, env={}, metadata={})
+        assert not (tmp_path / "sandboxes" / spare).exists()
+        home = await local.home("second")
+        await local.write_file("second", "data.txt", b"mine")
+        result = await local.run(
+            "second",
+            ["python3", "-c", "import os; print(os.getcwd(), open('data.txt').read())"],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=1000,
+        )
+        assert result.stdout == f"{home} mine\n", result
+        # Its runner ends at the new timeout and the anchor removes the
+        # folder under its new name.
+        folder = local.folder("second")
+        for _ in range(200):
+            if not folder.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not folder.exists()
+        assert (await local.describe("second")).state == "expired"
+    finally:
+        await local.delete("first")
+        await local.delete("second")
+        await local.close()
+    assert list((tmp_path / "sandboxes").iterdir()) == []

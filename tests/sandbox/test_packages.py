@@ -1,0 +1,160 @@
+"""A successful `install_packages`, for real and without the internet: pip
+in the sandbox installs a wheel built here from a package index served on
+127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.db.migrate import upgrade
+from app.settings import Settings
+from app.tools import ToolContext, invoke_tool
+from tests.conftest import TEST_ENCRYPTION_KEY
+
+
+def build_wheel(folder: Path, name: str, version: str, module: str) -> Path:
+    """Write a pure-Python wheel holding `<name>.py` with `module` as source."""
+    distribution = name.replace("-", "_")
+    wheel = folder / f"{distribution}-{version}-py3-none-any.whl"
+    info = f"{distribution}-{version}.dist-info"
+    files = {
+        f"{distribution}.py": module,
+        f"{info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        ),
+        f"{info}/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: nexus-test\n"
+            "Root-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, text in files.items():
+        digest = hashlib.sha256(text.encode()).digest()
+        encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        record.append(f"{path},sha256={encoded},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = "\n".join(record) + "\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+@pytest.fixture
+def package_index(tmp_path: Path) -> Iterator[str]:
+    """A PEP 503 simple index on 127.0.0.1 with one package."""
+    root = tmp_path / "index"
+    project = root / "simple" / "nexus-demo-pkg"
+    project.mkdir(parents=True)
+    wheel = build_wheel(
+        project, "nexus-demo-pkg", "1.0", "VALUE = 'installed from the local index'\n"
+    )
+    (project / "index.html").write_text(
+        f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>'
+    )
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def sandbox_settings(
+    tmp_path: Path, temporal_address: str, package_index: str
+) -> Settings:
+    url = f"sqlite:///{tmp_path / 'nexus.db'}"
+    upgrade(url)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=url,
+        temporal_address=temporal_address,
+        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
+        sandbox_package_index=package_index,
+    )
+
+
+IMPORT = "import nexus_demo_pkg; print(nexus_demo_pkg.VALUE)"
+
+
+async def test_install_packages_from_local_index(tool_ctx: ToolContext) -> None:
+    created = await invoke_tool(
+        tool_ctx,
+        "sandbox_create",
+        {"template": "python", "install_packages": ["nexus-demo-pkg"]},
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        assert created["install_packages"] == ["nexus-demo-pkg"]
+        result = await invoke_tool(
+            tool_ctx, "sandbox_execute", {"sandbox_id": sandbox_id, "code": IMPORT}
+        )
+        assert result["status"] == "completed", result
+        assert result["stdout"] == "installed from the local index\n"
+        logs = await invoke_tool(tool_ctx, "sandbox_logs", {"sandbox_id": sandbox_id})
+        assert any("pip install" in line for line in logs["lines"]), logs
+    finally:
+        await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
+
+
+async def test_configure_installs_and_recreation_reinstalls(
+    tool_ctx: ToolContext,
+) -> None:
+    import shutil
+
+    created = await invoke_tool(tool_ctx, "sandbox_create", {"template": "python"})
+    sandbox_id = created["sandbox_id"]
+    try:
+        before = await invoke_tool(
+            tool_ctx, "sandbox_execute", {"sandbox_id": sandbox_id, "code": IMPORT}
+        )
+        assert before["status"] == "failed"
+        assert "ModuleNotFoundError" in before["stderr"]
+        configured = await invoke_tool(
+            tool_ctx,
+            "sandbox_configure",
+            {"sandbox_id": sandbox_id, "install_packages": ["nexus-demo-pkg"]},
+        )
+        assert configured["install_packages"] == ["nexus-demo-pkg"]
+        after = await invoke_tool(
+            tool_ctx, "sandbox_execute", {"sandbox_id": sandbox_id, "code": IMPORT}
+        )
+        assert after["stdout"] == "installed from the local index\n", after
+        # A lost sandbox comes back with the configured package installed.
+        status = await invoke_tool(
+            tool_ctx, "sandbox_status", {"sandbox_id": sandbox_id}
+        )
+        home = (
+            tool_ctx.settings.resolved_data_dir
+            / "sandboxes"
+            / status["backend_id"]
+            / "home"
+        )
+        shutil.rmtree(home)
+        again = await invoke_tool(
+            tool_ctx, "sandbox_execute", {"sandbox_id": sandbox_id, "code": IMPORT}
+        )
+        assert again["recreated"] == 1
+        assert again["stdout"] == "installed from the local index\n", again
+    finally:
+        await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
