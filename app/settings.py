@@ -137,6 +137,20 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest HTTP request body accepted, in bytes."
     )
+    api_key_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds an HTTP server process reuses a verified API key "
+        "before it reads the key again; a key revoked or rotated by another "
+        "process is rejected within this bound. 0 reads the key on every call.",
+    )
+    api_health_max_age_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds an HTTP server process reuses a system_health "
+        "reading; the report's age_seconds states the reading's age. 0 reads "
+        "live on every call.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

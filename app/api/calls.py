@@ -12,6 +12,8 @@ from temporalio.client import Client
 
 from app.api.keys import Principal
 from app.services.audit import record_call
+from app.services.audit_writer import AuditWriter
+from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, ToolInputError, get_tool, invoke_tool
 
@@ -65,9 +67,18 @@ def error_body(error: ToolError) -> dict[str, Any]:
 
 @dataclass
 class ToolRunner:
-    """Runs tools for callers, with one Temporal connection for the process."""
+    """Runs tools for callers, with one Temporal connection for the process.
+
+    Attributes:
+        audit_writer: the server's queue of audit events; None writes each
+            event before the call returns.
+        health_snapshots: the server's shared `system_health` reading; None
+            reads live on every call.
+    """
 
     settings: Settings
+    audit_writer: AuditWriter | None = None
+    health_snapshots: HealthSnapshots | None = None
     _base: ToolContext = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,22 +112,28 @@ class ToolRunner:
                 "key created with `nexus keys create --group "
                 f"{spec.group}`"
             )
-            await asyncio.to_thread(
-                record_call,
-                self.settings.effective_database_url,
-                user_id=principal.user_id,
-                key_id=principal.key_id,
-                tool=name,
-                arguments=dict(arguments or {}),
-                outcome="error",
-                duration_ms=0.0,
-                error=message,
-            )
+            event: dict[str, Any] = {
+                "user_id": principal.user_id,
+                "key_id": principal.key_id,
+                "tool": name,
+                "arguments": dict(arguments or {}),
+                "outcome": "error",
+                "duration_ms": 0.0,
+                "error": message,
+            }
+            if self.audit_writer is not None:
+                self.audit_writer.submit(**event)
+            else:
+                await asyncio.to_thread(
+                    record_call, self.settings.effective_database_url, **event
+                )
             raise ForbiddenToolError(message)
         ctx = ToolContext(
             self.settings,
             user_id=principal.user_id if principal else local_user,
             key_id=principal.key_id if principal else None,
             temporal_client=await self._client(),
+            audit_writer=self.audit_writer,
+            health_snapshots=self.health_snapshots,
         )
         return await invoke_tool(ctx, name, arguments)

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,9 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import app
 from app.api.calls import ErrorBody, ToolRunner, error_body, error_status
-from app.api.keys import Principal, verify_token
+from app.api.keys import Principal, VerifiedKeys, parse_token
 from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
 from app.api.ratelimit import RateLimiter, retry_after_header
+from app.services.audit_writer import AuditWriter
+from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.tools import ToolError, ToolSpec, all_tools, load_tools
 
@@ -122,50 +124,101 @@ class BodyLimitMiddleware:
             await too_large(scope, receive, send)
 
 
-class Gate:
-    """Authentication and rate limiting of one application."""
+# Caller recorded in the audit log for a request without a valid key.
+ANONYMOUS_USER = "anonymous"
 
-    def __init__(self, settings: Settings) -> None:
+
+class Gate:
+    """Authentication and rate limiting of one application.
+
+    Every rejected request is written to the audit log with outcome `error`
+    and the status in the message. The token is never written: a key id
+    appears only as the id part of a well-formed token.
+    """
+
+    def __init__(self, settings: Settings, audit_writer: AuditWriter) -> None:
         self.settings = settings
+        self.audit_writer = audit_writer
+        self.keys = VerifiedKeys(
+            settings.effective_database_url, settings.api_key_cache_seconds
+        )
         self.limiter = RateLimiter(settings.api_rate_limit, settings.api_rate_burst)
 
-    async def admit(self, request: Request) -> Principal | Response:
+    async def admit(self, request: Request, target: str) -> Principal | Response:
         """Return the caller of a valid key with a free token, or the 401 or
-        429 response to send instead."""
+        429 response to send instead.
+
+        Args:
+            request: the incoming request.
+            target: the tool name, or the path, that the audit log records.
+        """
+        started = time.perf_counter()
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _error_response(
-                401,
-                "unauthorized",
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            message = (
                 "missing API key; send `Authorization: Bearer <key>` (create one "
-                "with `nexus keys create NAME`)",
-                {"WWW-Authenticate": "Bearer"},
+                "with `nexus keys create NAME`)"
             )
-        principal = await asyncio.to_thread(
-            verify_token, self.settings.effective_database_url, token.strip()
-        )
+            self._audit_rejection(target, started, 401, message)
+            return _error_response(
+                401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}
+            )
+        principal = await self.keys.verify(token)
         if principal is None:
             logger.warning("rejected an unknown, wrong or revoked API key")
+            message = (
+                "the API key is unknown, wrong or revoked; check it with "
+                "`nexus keys list` or create a new one"
+            )
+            parsed = parse_token(token)
+            # The id part is not secret, but a malformed token may be a
+            # secret pasted whole, so only a short id-shaped part is kept.
+            key_id = parsed[0][:32] if parsed is not None else None
+            self._audit_rejection(target, started, 401, message, key_id=key_id)
             return _error_response(
                 401,
                 "unauthorized",
-                "the API key is unknown, wrong or revoked; check it with "
-                "`nexus keys list` or create a new one",
+                message,
                 {"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         wait = self.limiter.acquire(principal.key_id)
         if wait > 0:
             retry = retry_after_header(wait)
-            return _error_response(
-                429,
-                "rate_limited",
-                f"API key {principal.key_id} exceeded {self.settings.api_rate_limit:g} "
-                f"requests per second (burst {self.settings.api_rate_burst}); "
-                f"retry after {retry} s",
-                {"Retry-After": retry},
+            message = (
+                f"API key {principal.key_id} exceeded "
+                f"{self.settings.api_rate_limit:g} requests per second (burst "
+                f"{self.settings.api_rate_burst}); retry after {retry} s"
             )
+            self._audit_rejection(target, started, 429, message, principal=principal)
+            return _error_response(429, "rate_limited", message, {"Retry-After": retry})
         return principal
+
+    def _audit_rejection(
+        self,
+        target: str,
+        started: float,
+        status: int,
+        message: str,
+        *,
+        key_id: str | None = None,
+        principal: Principal | None = None,
+    ) -> None:
+        # NOTE: every rejected request adds a row, so a client without a key
+        # can grow the audit log at the rate the server answers it.
+        try:
+            self.audit_writer.submit(
+                user_id=principal.user_id if principal else ANONYMOUS_USER,
+                key_id=principal.key_id if principal else key_id,
+                tool=target,
+                arguments={},
+                outcome="error",
+                duration_ms=(time.perf_counter() - started) * 1000,
+                error=f"rejected with {status}: {message}",
+            )
+        except Exception:
+            logger.exception("could not queue the audit event of a rejected call")
 
 
 def _tool_response(result: dict[str, Any]) -> JSONResponse:
@@ -200,7 +253,7 @@ def _tool_endpoint(
     spec: ToolSpec, gate: Gate, runner: ToolRunner
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        admitted = await gate.admit(request)
+        admitted = await gate.admit(request, spec.name)
         if isinstance(admitted, Response):
             return admitted
         arguments = await _read_json_object(request)
@@ -229,7 +282,7 @@ class McpEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        admitted = await self.gate.admit(request)
+        admitted = await self.gate.admit(request, "mcp")
         if isinstance(admitted, Response):
             await admitted(scope, receive, send)
             return
@@ -309,7 +362,7 @@ def _transport_security(settings: Settings) -> TransportSecuritySettings | None:
 
 def _key_dependency(gate: Gate) -> Any:
     async def require_key(request: Request) -> None:
-        admitted = await gate.admit(request)
+        admitted = await gate.admit(request, request.url.path[:100])
         if isinstance(admitted, Response):
             headers = {
                 name: value
@@ -385,8 +438,13 @@ def _install_error_handlers(application: FastAPI) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """Build the HTTP application for every tool registered now."""
     load_tools()
-    runner = ToolRunner(settings)
-    gate = Gate(settings)
+    audit_writer = AuditWriter(settings.effective_database_url)
+    runner = ToolRunner(
+        settings,
+        audit_writer=audit_writer,
+        health_snapshots=HealthSnapshots(settings.api_health_max_age_seconds),
+    )
+    gate = Gate(settings, audit_writer)
     mcp_server = build_mcp_server(runner, require_principal=True)
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
@@ -398,9 +456,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with manager.run():
-            logger.info("HTTP API serving %d tools", len(all_tools()))
-            yield
+        try:
+            async with manager.run():
+                logger.info("HTTP API serving %d tools", len(all_tools()))
+                yield
+        finally:
+            # Every call answered before shutdown has its audit row.
+            await audit_writer.close()
 
     application = FastAPI(
         title="flow-nexus",
@@ -413,6 +475,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     application.state.gate = gate
     application.state.runner = runner
+    application.state.audit_writer = audit_writer
 
     @application.get("/health", tags=["health"], openapi_extra={"security": []})
     async def health() -> dict[str, Any]:
@@ -436,7 +499,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @application.post("/api/tools/{tool}", include_in_schema=False)
     async def unknown_tool(tool: str, request: Request) -> Response:
-        admitted = await gate.admit(request)
+        admitted = await gate.admit(request, tool[:100])
         if isinstance(admitted, Response):
             return admitted
         # Reached for unknown tools, which get_tool turns into a 404, and for

@@ -4,16 +4,24 @@ A key reads `nxk_<id>_<secret>`. The id finds the row; the secret is checked
 against HMAC-SHA256 under the row's own salt with a constant-time comparison.
 A fast keyed hash is enough because the secret is 32 random bytes, so there
 is no dictionary to guess from. A slow hash would only add latency per call.
+
+`VerifiedKeys` keeps the keys that an HTTP server process verified for a
+short time, so a call costs no database lookup. A revocation or rotation in
+the same process applies at once, and one made by another process (the
+`nexus keys` command) applies within `NEXUS_API_KEY_CACHE_SECONDS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "nxk"
 DEFAULT_KEY_FILE = "api-key"
+
+# Bumped by every revocation and rotation in this process; a cached key
+# verified under an older value is verified again.
+_revocations = itertools.count(1)
+_revocation = 0
+
+
+def _bump_revocation() -> None:
+    global _revocation
+    _revocation = next(_revocations)
 
 
 class KeyNotFoundError(Exception):
@@ -134,6 +152,7 @@ def revoke_key(database_url: str, key_id: str) -> KeyInfo:
         session.add(row)
         session.flush()
         info = _info(row)
+    _bump_revocation()
     logger.info("revoked API key %s", key_id)
     return info
 
@@ -159,6 +178,7 @@ def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
         row.revoked_at = utc_now()
         row.replaced_by = info.id
         session.add(row)
+    _bump_revocation()
     logger.info("rotated API key %s to %s", key_id, info.id)
     return token, info
 
@@ -193,6 +213,86 @@ def verify_token(database_url: str, token: str) -> Principal | None:
     if revoked:
         return None
     return Principal(key_id, name, tuple(groups) if groups is not None else None)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    principal: Principal
+    verified_at: float
+    revocation: int
+
+
+class VerifiedKeys:
+    """Keys verified by this process, reused for `ttl` seconds.
+
+    Entries are found by HMAC-SHA256 of the token under a random key of this
+    process, so neither the token nor a hash that could be checked offline
+    is kept in memory, and the time of a dictionary lookup reveals nothing
+    about a secret. A token is compared in constant time by `verify_token`
+    before it is cached. Only valid keys are cached, so every wrong or
+    revoked token is looked up in the database.
+
+    Use it from one event loop.
+
+    Args:
+        database_url: the database that holds the keys.
+        ttl: seconds a verified key is reused; 0 reads it on every call.
+        max_entries: cached keys kept at most; expired entries are dropped
+            when the cache is full.
+    """
+
+    def __init__(
+        self, database_url: str, ttl: float, *, max_entries: int = 10_000
+    ) -> None:
+        self.database_url = database_url
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._pepper = secrets.token_bytes(32)
+        self._entries: dict[bytes, _Verified] = {}
+        self._lookups: dict[bytes, asyncio.Task[Principal | None]] = {}
+
+    async def verify(self, token: str) -> Principal | None:
+        """Return the caller of an active key, or None; see `verify_token`."""
+        if self.ttl <= 0:
+            return await asyncio.to_thread(verify_token, self.database_url, token)
+        digest = hmac.new(self._pepper, token.encode(), hashlib.sha256).digest()
+        entry = self._entries.get(digest)
+        if (
+            entry is not None
+            and entry.revocation == _revocation
+            and time.monotonic() - entry.verified_at < self.ttl
+        ):
+            return entry.principal
+        # Concurrent calls with the same token share one database lookup.
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(
+                self._look_up(digest, token)
+            )
+            self._lookups[digest] = lookup
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, digest: bytes, token: str) -> Principal | None:
+        revocation = _revocation
+        started = time.monotonic()
+        try:
+            principal = await asyncio.to_thread(verify_token, self.database_url, token)
+        finally:
+            del self._lookups[digest]
+        if principal is None:
+            self._entries.pop(digest, None)
+            return None
+        if len(self._entries) >= self.max_entries:
+            self._drop_expired()
+        if len(self._entries) < self.max_entries:
+            self._entries[digest] = _Verified(principal, started, revocation)
+        return principal
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for digest, entry in list(self._entries.items()):
+            if now - entry.verified_at >= self.ttl or entry.revocation != _revocation:
+                del self._entries[digest]
 
 
 def ensure_default_key(settings: Settings) -> str | None:

@@ -75,6 +75,12 @@ class HealthReport(BaseModel):
     uptime: float = Field(description="Seconds since this process started.")
     memory: MemoryStats
     version: str
+    age_seconds: float = Field(
+        0.0,
+        description="Seconds between reading these figures and returning them: "
+        "0 for a live reading, up to NEXUS_API_HEALTH_MAX_AGE_SECONDS when the "
+        "HTTP server returns a recent reading again.",
+    )
 
 
 class WorkerProbe(BaseModel):

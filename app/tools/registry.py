@@ -14,6 +14,8 @@ from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
 from app.services.audit import record_call
+from app.services.audit_writer import AuditWriter
+from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.temporal.client import connect
 
@@ -47,13 +49,22 @@ class ToolInputError(ToolError):
 
 @dataclass
 class ToolContext:
-    """Who is calling, and the connections a tool may need."""
+    """Who is calling, and the connections a tool may need.
+
+    Attributes:
+        audit_writer: where a long-running server queues audit events; None
+            writes each event before the call returns.
+        health_snapshots: the server's shared `system_health` reading; None
+            reads live on every call.
+    """
 
     settings: Settings
     user_id: str = "local"
     key_id: str | None = None
     temporal_client: Client | None = None
     _connect_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    audit_writer: AuditWriter | None = None
+    health_snapshots: HealthSnapshots | None = None
 
     @property
     def database_url(self) -> str:
@@ -209,19 +220,21 @@ async def invoke_tool(
         ) from error
     finally:
         duration = (time.perf_counter() - started) * 1000
+        event: dict[str, Any] = {
+            "user_id": ctx.user_id,
+            "key_id": ctx.key_id,
+            "tool": name,
+            "arguments": raw,
+            "outcome": outcome,
+            "duration_ms": duration,
+            "error": error_text,
+            "ids": _result_ids(result),
+        }
         try:
-            await asyncio.to_thread(
-                record_call,
-                ctx.database_url,
-                user_id=ctx.user_id,
-                key_id=ctx.key_id,
-                tool=name,
-                arguments=raw,
-                outcome=outcome,
-                duration_ms=duration,
-                error=error_text,
-                ids=_result_ids(result),
-            )
+            if ctx.audit_writer is not None:
+                ctx.audit_writer.submit(**event)
+            else:
+                await asyncio.to_thread(record_call, ctx.database_url, **event)
         except Exception:
             # The call itself already ran; losing its audit row must be loud.
             logger.exception("could not write the audit event for tool %s", name)

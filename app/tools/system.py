@@ -18,9 +18,18 @@ class SystemHealthInput(BaseModel):
 
 @tool("system_health", group="system")
 async def system_health_tool(ctx: ToolContext, args: SystemHealthInput) -> HealthReport:
-    """Read the platform's health live: database, Temporal, pollers on every
-    task queue, uptime, memory and version."""
-    return await system_health(ctx.settings, await ctx.optional_client())
+    """Read the platform's health: database, Temporal, pollers on every
+    task queue, uptime, memory and version. `age_seconds` is how old the
+    figures are: 0 when read for this call, at most
+    NEXUS_API_HEALTH_MAX_AGE_SECONDS when the HTTP server returns its last
+    reading again."""
+
+    async def probe() -> HealthReport:
+        return await system_health(ctx.settings, await ctx.optional_client())
+
+    if ctx.health_snapshots is None:
+        return await probe()
+    return await ctx.health_snapshots.read(probe)
 
 
 class AuditLogInput(BaseModel):
@@ -42,6 +51,9 @@ class AuditLogResult(BaseModel):
 async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResult:
     """List recent tool calls: who called what, when, with masked arguments,
     the outcome and the duration."""
+    if ctx.audit_writer is not None:
+        # Calls that this server made before this one are in the result.
+        await ctx.audit_writer.flush()
     events = await asyncio.to_thread(
         list_calls,
         ctx.database_url,

@@ -1,0 +1,219 @@
+"""Audit events queued in memory and written in batches by one background task.
+
+A long-running server (the HTTP API) submits each call's event without
+waiting for the database. One task writes every event queued so far in one
+transaction, so under load a batch holds many events and a call costs no
+database round trip. Events are masked when they are submitted, so a secret
+never waits in the queue. A batch leaves the queue only after its
+transaction committed; a failed write is retried, and `close` writes what is
+left before the server exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import text
+
+from app.db import get_engine, session_scope
+from app.db.models import AuditEvent, utc_now
+from app.services.audit import mask_secrets
+
+logger = logging.getLogger(__name__)
+
+# Attempts at writing a batch once `close` was called, before the events
+# are given up and logged as lost.
+_CLOSE_ATTEMPTS = 3
+
+
+def audit_fields(
+    *,
+    user_id: str,
+    tool: str,
+    arguments: Mapping[str, Any],
+    outcome: str,
+    duration_ms: float,
+    error: str | None = None,
+    key_id: str | None = None,
+    ids: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Return the column values of one audit event, with secrets masked and
+    the time of the call as `created_at`."""
+    return {
+        "created_at": utc_now(),
+        "user_id": user_id,
+        "key_id": key_id,
+        "tool": tool,
+        "arguments": mask_secrets(dict(arguments)),
+        "outcome": outcome,
+        "error": error,
+        "duration_ms": round(duration_ms, 3),
+        "ids": dict(ids or {}),
+    }
+
+
+def write_events(database_url: str, events: list[dict[str, Any]]) -> None:
+    """Insert `events` (from `audit_fields`) in one transaction."""
+    with session_scope(database_url) as session:
+        session.add_all([AuditEvent(**fields) for fields in events])
+
+
+def _database_answers(database_url: str) -> bool:
+    try:
+        with get_engine(database_url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception:
+        return False
+    return True
+
+
+class AuditWriter:
+    """Queue of audit events and the task that writes them in batches.
+
+    Use it from one event loop. The task starts on the first `submit`.
+
+    Args:
+        database_url: the database that holds the audit log.
+        max_batch: most events written in one transaction.
+        retry_seconds: wait after a failed write before the next attempt.
+    """
+
+    def __init__(
+        self, database_url: str, *, max_batch: int = 1000, retry_seconds: float = 0.5
+    ) -> None:
+        self.database_url = database_url
+        self.max_batch = max_batch
+        self.retry_seconds = retry_seconds
+        self._pending: list[dict[str, Any]] = []
+        self._submitted = 0
+        self._written = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Events submitted but not yet committed."""
+        return len(self._pending)
+
+    def submit(self, **fields: Any) -> None:
+        """Queue one event; takes the keyword arguments of `audit_fields`.
+
+        After `close`, the event is written at once, because no task is left
+        to write it.
+        """
+        event = audit_fields(**fields)
+        if self._closed:
+            write_events(self.database_url, [event])
+            return
+        self._pending.append(event)
+        self._submitted += 1
+        self._start()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every event submitted before this call is committed."""
+        target = self._submitted
+        if self._written >= target:
+            return
+        self._start()
+        self._wake.set()
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target)
+
+    async def close(self) -> None:
+        """Write every queued event and stop the task."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._pending:
+            # Events queued while no task ran (submit outside a running loop).
+            await asyncio.to_thread(write_events, self.database_url, self._pending)
+            self._pending = []
+        logger.info("audit writer stopped after %d events", self._written)
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="audit-writer"
+            )
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = self._pending[: self.max_batch]
+            try:
+                await asyncio.to_thread(write_events, self.database_url, batch)
+            except Exception:
+                failures += 1
+                logger.exception(
+                    "could not write %d audit events (attempt %d); retrying",
+                    len(batch),
+                    failures,
+                )
+                if await asyncio.to_thread(self._write_one_by_one, batch):
+                    failures = 0
+                    self._done(len(batch))
+                    async with self._progress:
+                        self._progress.notify_all()
+                    continue
+                if self._closed and failures >= _CLOSE_ATTEMPTS:
+                    logger.error(
+                        "gave up on %d audit events at shutdown after %d attempts",
+                        len(self._pending),
+                        failures,
+                    )
+                    self._written += len(self._pending)
+                    self._pending = []
+                    async with self._progress:
+                        self._progress.notify_all()
+                    return
+                await asyncio.sleep(self.retry_seconds)
+                continue
+            failures = 0
+            # Only a committed batch leaves the queue, so none is lost when a
+            # write fails.
+            self._done(len(batch))
+            async with self._progress:
+                self._progress.notify_all()
+
+    def _done(self, count: int) -> None:
+        del self._pending[:count]
+        self._written += count
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> bool:
+        """Write each event of a failed batch alone; return True when the
+        database took at least one, so the batch is settled.
+
+        An event that the database rejects while it answers queries (a value
+        too long for its column) is logged and dropped, so that one event
+        cannot stop the audit log. When the database does not answer, the
+        batch stays queued.
+        """
+        rejected: list[dict[str, Any]] = []
+        for event in batch:
+            try:
+                write_events(self.database_url, [event])
+            except Exception:
+                rejected.append(event)
+        if len(rejected) == len(batch) and not _database_answers(self.database_url):
+            return False
+        for event in rejected:
+            logger.error(
+                "dropped the audit event of tool %r by %r: the database rejected it",
+                event["tool"],
+                event["user_id"],
+            )
+        return True
