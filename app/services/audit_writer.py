@@ -163,11 +163,13 @@ class AuditWriter:
                     len(batch),
                     failures,
                 )
-                if await asyncio.to_thread(self._write_one_by_one, batch):
+                kept = await asyncio.to_thread(self._write_one_by_one, batch)
+                self._pending[: len(batch)] = kept
+                self._written += len(batch) - len(kept)
+                async with self._progress:
+                    self._progress.notify_all()
+                if not kept:
                     failures = 0
-                    self._done(len(batch))
-                    async with self._progress:
-                        self._progress.notify_all()
                     continue
                 if self._closed and failures >= _CLOSE_ATTEMPTS:
                     logger.error(
@@ -193,27 +195,30 @@ class AuditWriter:
         del self._pending[:count]
         self._written += count
 
-    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> bool:
-        """Write each event of a failed batch alone; return True when the
-        database took at least one, so the batch is settled.
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write each event of a failed batch alone; return those that stay
+        queued."""
+        return [event for event in batch if not self._write_alone(event)]
 
-        An event that the database rejects while it answers queries (a value
-        too long for its column) is logged and dropped, so that one event
-        cannot stop the audit log. When the database does not answer, the
-        batch stays queued.
+    def _write_alone(self, event: dict[str, Any]) -> bool:
+        """Write one event; return False when it stays queued.
+
+        An event that fails twice while the database answers queries (a
+        value too long for its column) is logged and dropped, so that one
+        event cannot stop the audit log. While the database does not answer,
+        the event stays queued.
         """
-        rejected: list[dict[str, Any]] = []
-        for event in batch:
+        for _ in range(2):
             try:
                 write_events(self.database_url, [event])
             except Exception:
-                rejected.append(event)
-        if len(rejected) == len(batch) and not _database_answers(self.database_url):
+                continue
+            return True
+        if not _database_answers(self.database_url):
             return False
-        for event in rejected:
-            logger.error(
-                "dropped the audit event of tool %r by %r: the database rejected it",
-                event["tool"],
-                event["user_id"],
-            )
+        logger.error(
+            "dropped the audit event of tool %r by %r: the database rejected it",
+            event["tool"],
+            event["user_id"],
+        )
         return True

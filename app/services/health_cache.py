@@ -4,17 +4,21 @@ A reading makes about a dozen Temporal RPCs and a few database queries, so
 a server that answers many health calls a second would spend most of its
 time re-reading the same figures. `HealthSnapshots` keeps the last reading
 for `max_age` seconds and returns it with `age_seconds` set, so a caller
-sees how old the figures are. Callers that arrive while a reading is under
-way wait for that reading and start no new one.
+sees how old the figures are. A reading older than half of `max_age` is
+renewed in the background, and callers that find no reading young enough
+wait for the one under way instead of starting another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from app.contracts.system import HealthReport
+
+logger = logging.getLogger(__name__)
 
 
 class HealthSnapshots:
@@ -42,16 +46,26 @@ class HealthSnapshots:
         if self.max_age <= 0:
             return await probe()
         now = time.monotonic()
-        if self._report is not None and now - self._read_at <= self.max_age:
-            age = round(now - self._read_at, 3)
-            return self._report.model_copy(update={"age_seconds": age})
+        age = now - self._read_at
+        if self._report is not None and age <= self.max_age:
+            # Past half its life a reading is renewed in the background, so
+            # under steady traffic no caller waits for one.
+            if age > self.max_age / 2:
+                self._start_reading(probe)
+            return self._report.model_copy(update={"age_seconds": round(age, 3)})
+        # A caller that is cancelled must not cancel the reading that the
+        # other callers wait for.
+        return await asyncio.shield(self._start_reading(probe))
+
+    def _start_reading(
+        self, probe: Callable[[], Awaitable[HealthReport]]
+    ) -> asyncio.Task[HealthReport]:
         if self._reading is None:
             self._reading = asyncio.get_running_loop().create_task(
                 self._refresh(probe), name="system-health-reading"
             )
-        # A caller that is cancelled must not cancel the reading that the
-        # other callers wait for.
-        return await asyncio.shield(self._reading)
+            self._reading.add_done_callback(_log_failure)
+        return self._reading
 
     async def _refresh(
         self, probe: Callable[[], Awaitable[HealthReport]]
@@ -66,3 +80,10 @@ class HealthSnapshots:
             return report
         finally:
             self._reading = None
+
+
+def _log_failure(task: asyncio.Task[HealthReport]) -> None:
+    # Retrieves the error of a reading that no caller awaited (one renewed
+    # in the background), which asyncio would otherwise report as unhandled.
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("system_health reading failed: %s", task.exception())

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from app.api.cli import parse_field_options
 from app.settings import Settings
 from app.tools import get_tool, load_tools
-from tests.api.conftest import REPO_ROOT, server_env
+from tests.api.conftest import REPO_ROOT, ApiServer, server_env
 
 
 def nexus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -69,3 +72,37 @@ def test_tool_command_calls_and_rejects(api_settings: Settings) -> None:
     assert "limit: 0 is invalid" in invalid.stderr
     described = nexus(api_settings, "tool", "audit_log", "--help")
     assert "--limit (integer, default 100)" in described.stdout
+
+
+async def _status_until(
+    server: ApiServer, token: str, expected: int, deadline_seconds: float = 60
+) -> int:
+    """Call system_health with `token` until it answers `expected`, or the
+    deadline passes; return the last status."""
+    deadline = time.monotonic() + deadline_seconds
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        while True:
+            response = await http.post(
+                "/api/tools/system_health",
+                json={},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            if response.status_code == expected or time.monotonic() > deadline:
+                return response.status_code
+            await asyncio.sleep(0.1)
+
+
+async def test_cli_revoke_reaches_cached_server(api_server: ApiServer) -> None:
+    """A key that the server verified and cached is rejected after another
+    process revokes it, and a key rotated by another process works at once."""
+    settings = api_server.settings
+    created = json.loads(nexus(settings, "keys", "create", "cached-cli").stdout)
+    assert await _status_until(api_server, created["key"], 200) == 200
+    rotated = nexus(settings, "keys", "rotate", created["id"])
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    assert await _status_until(api_server, new["key"], 200, 0) == 200
+    assert await _status_until(api_server, created["key"], 401) == 401
+    revoked = nexus(settings, "keys", "revoke", new["id"])
+    assert revoked.returncode == 0, revoked.stderr
+    assert await _status_until(api_server, new["key"], 401) == 401

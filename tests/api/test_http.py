@@ -26,6 +26,14 @@ async def post(
         return await http.post(path, json=body, headers=headers)
 
 
+async def audit_events(server: ApiServer, **filters: object) -> list[dict]:
+    """Return audit events through the audit_log tool, which first waits for
+    the server's queued events to be written."""
+    response = await post(server, "/api/tools/audit_log", {"limit": 100, **filters})
+    assert response.status_code == 200, response.text
+    return response.json()["events"]
+
+
 async def test_openapi_one_operation_per_tool(api_server: ApiServer) -> None:
     async with httpx.AsyncClient(base_url=api_server.base_url) as http:
         schema = (await http.get("/openapi.json")).json()
@@ -129,6 +137,32 @@ async def test_revoked_key_rejected(api_server: ApiServer, key_factory) -> None:
     assert response.status_code == 401
 
 
+async def test_rejected_calls_audited(api_server: ApiServer, key_factory) -> None:
+    revoked_token, revoked_id = key_factory("audit-revoked")
+    assert (
+        await post(api_server, "/api/tools/system_health", {}, revoked_token)
+    ).status_code == 200
+    revoke_key(api_server.settings.effective_database_url, revoked_id)
+    prefix, key_id, secret = api_server.token.split("_", 2)
+    wrong_secret = f"{prefix}_{key_id}_{'B' * len(secret)}"
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        missing = await http.post("/api/tools/system_health", json={})
+    assert missing.status_code == 401
+    for token in (wrong_secret, revoked_token, "not-a-key-" + secret):
+        response = await post(api_server, "/api/tools/system_health", {}, token)
+        assert response.status_code == 401, token
+    events = await audit_events(api_server, user_id="anonymous", tool="system_health")
+    recent = events[:4]
+    assert [event["outcome"] for event in recent] == ["error"] * 4
+    assert [event["key_id"] for event in recent] == [None, revoked_id, key_id, None]
+    assert recent[3]["error"].startswith("rejected with 401: missing API key")
+    for event in recent[:3]:
+        assert event["error"].startswith("rejected with 401: the API key is unknown")
+    text = json.dumps(events)
+    assert secret not in text
+    assert revoked_token.rsplit("_", 1)[1] not in text
+
+
 async def test_rotated_key_replaces_old(api_server: ApiServer, key_factory) -> None:
     old_token, key_id = key_factory("to-rotate", ["system"])
     new_token, info = rotate_key(api_server.settings.effective_database_url, key_id)
@@ -145,6 +179,7 @@ async def test_group_limited_key(api_server: ApiServer, key_factory) -> None:
     response = await post(api_server, "/api/tools/audit_log", {}, token)
     assert response.status_code == 403
     assert response.json()["error"]["kind"] == "forbidden"
+    await audit_events(api_server, limit=1)
     events = list_calls(
         api_server.settings.effective_database_url, user_id="key:other-group-only"
     )
@@ -157,15 +192,14 @@ async def test_group_limited_key(api_server: ApiServer, key_factory) -> None:
 async def test_audit_records_key_and_outcome(api_server: ApiServer) -> None:
     await post(api_server, "/api/tools/audit_log", {"limit": 2, "api_key": "s3cret"})
     await post(api_server, "/api/tools/audit_log", {"limit": 3})
-    events = list_calls(
-        api_server.settings.effective_database_url, user_id="key:tests", limit=2
-    )
-    assert events[0].tool == "audit_log"
-    assert events[0].key_id == api_server.key_id
-    assert events[0].outcome == "success"
-    assert events[0].duration_ms > 0
-    assert events[1].outcome == "error"
-    assert events[1].arguments["api_key"] == "********"
+    events = await audit_events(api_server, user_id="key:tests", limit=2)
+    assert events[0]["tool"] == "audit_log"
+    assert events[0]["arguments"] == {"limit": 3}
+    assert events[0]["key_id"] == api_server.key_id
+    assert events[0]["outcome"] == "success"
+    assert events[0]["duration_ms"] > 0
+    assert events[1]["outcome"] == "error"
+    assert events[1]["arguments"]["api_key"] == "********"
 
 
 async def test_curl_style_plain_calls(api_server: ApiServer) -> None:
@@ -239,20 +273,35 @@ async def test_rate_limit_429(api_server: ApiServer) -> None:
     limited = api_server.settings.model_copy(
         update={"api_rate_limit": 0.5, "api_rate_burst": 2}
     )
-    transport = httpx.ASGITransport(app=create_app(limited))
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://127.0.0.1"
-    ) as http:
+    application = create_app(limited)
+    transport = httpx.ASGITransport(app=application)
+    # The lifespan runs as in a server, so its shutdown writes the audit log.
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http,
+    ):
         statuses = []
         for _ in range(3):
             response = await http.post(
-                "/api/tools/audit_log", json={"limit": 1}, headers=api_server.headers
+                "/api/tools/audit_log",
+                json={"limit": 1, "user_id": "rate-limit-test"},
+                headers=api_server.headers,
             )
             statuses.append(response.status_code)
     assert statuses == [200, 200, 429]
     assert response.json()["error"]["kind"] == "rate_limited"
     # A token refills in 2 s at 0.5 per second.
     assert response.headers["retry-after"] == "2"
+    events = list_calls(
+        api_server.settings.effective_database_url, user_id="key:tests", limit=10
+    )
+    # The module's server may write events of earlier tests after these.
+    rejected = next(e for e in events if (e.error or "").startswith("rejected with"))
+    assert rejected.outcome == "error"
+    assert rejected.error is not None
+    assert rejected.error.startswith("rejected with 429: ")
+    assert rejected.key_id == api_server.key_id
+    assert rejected.tool == "audit_log"
 
 
 async def test_realtime_stream_needs_key(api_server: ApiServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlmodel import select
 
+from app.api import keys
 from app.api.keys import (
     KeyNotFoundError,
     create_key,
@@ -171,3 +173,67 @@ def test_first_start_with_tls(tmp_path: Path, temporal_address: str) -> None:
     assert token in log
     assert log.count(token) == 1
     assert stdout == b""
+
+
+async def test_verified_key_reused_until_revoked(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, info = create_key(database_url, "cached")
+    lookups = 0
+
+    def counting_verify(url: str, presented: str) -> keys.Principal | None:
+        nonlocal lookups
+        lookups += 1
+        return verify_token(url, presented)
+
+    monkeypatch.setattr(keys, "verify_token", counting_verify)
+    cache = keys.VerifiedKeys(database_url, ttl=3600)
+    first = await cache.verify(token)
+    second = await cache.verify(token)
+    assert first is not None
+    assert second == first
+    assert lookups == 1
+    # A wrong token is looked up each time and never cached.
+    assert await cache.verify(token + "x") is None
+    assert await cache.verify(token + "x") is None
+    assert lookups == 3
+    # A revocation in this process applies to the next call.
+    revoke_key(database_url, info.id)
+    assert await cache.verify(token) is None
+    assert lookups == 4
+
+
+async def test_key_cache_disabled_reads_every_call(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, _ = create_key(database_url, "uncached")
+    lookups = 0
+
+    def counting_verify(url: str, presented: str) -> keys.Principal | None:
+        nonlocal lookups
+        lookups += 1
+        return verify_token(url, presented)
+
+    monkeypatch.setattr(keys, "verify_token", counting_verify)
+    cache = keys.VerifiedKeys(database_url, ttl=0)
+    for _ in range(3):
+        assert await cache.verify(token) is not None
+    assert lookups == 3
+
+
+async def test_concurrent_verifications_share_lookup(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, _ = create_key(database_url, "shared")
+    lookups = 0
+
+    def counting_verify(url: str, presented: str) -> keys.Principal | None:
+        nonlocal lookups
+        lookups += 1
+        return verify_token(url, presented)
+
+    monkeypatch.setattr(keys, "verify_token", counting_verify)
+    cache = keys.VerifiedKeys(database_url, ttl=3600)
+    results = await asyncio.gather(*(cache.verify(token) for _ in range(20)))
+    assert all(result is not None for result in results)
+    assert lookups == 1

@@ -1,0 +1,157 @@
+"""The batched audit writer against a real database, and its shutdown in a
+real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from app.api.http import create_app
+from app.db import get_engine
+from app.services import audit_writer
+from app.services.audit import MASK, list_calls
+from app.services.audit_writer import AuditWriter
+from tests.api.conftest import ApiServer, ThreadedServer, free_port
+
+
+def _event(tool: str = "system_health", **overrides: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "user_id": "key:writer-test",
+        "tool": tool,
+        "arguments": {},
+        "outcome": "success",
+        "duration_ms": 1.0,
+    }
+    fields.update(overrides)
+    return fields
+
+
+async def test_queued_events_share_one_transaction(database_url: str) -> None:
+    commits = 0
+
+    def count_commit(_: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    engine = get_engine(database_url)
+    event.listen(engine, "commit", count_commit)
+    writer = AuditWriter(database_url)
+    try:
+        # No await between the submits, so the task finds all 50 queued.
+        for index in range(50):
+            writer.submit(**_event(arguments={"index": index}))
+        assert writer.pending == 50
+        await writer.flush()
+    finally:
+        event.remove(engine, "commit", count_commit)
+        await writer.close()
+    assert commits == 1
+    assert writer.pending == 0
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    assert [row.arguments["index"] for row in rows] == list(range(49, -1, -1))
+
+
+async def test_secrets_masked_before_queueing(database_url: str) -> None:
+    writer = AuditWriter(database_url)
+    writer.submit(**_event(arguments={"api_key": "s3cret", "limit": 1}))
+    assert "s3cret" not in repr(writer._pending)
+    await writer.close()
+    row = list_calls(database_url, user_id="key:writer-test", limit=1)[0]
+    assert row.arguments == {"api_key": MASK, "limit": 1}
+
+
+async def test_close_writes_every_queued_event(database_url: str) -> None:
+    writer = AuditWriter(database_url, max_batch=7)
+    for index in range(40):
+        writer.submit(**_event(arguments={"index": index}))
+    await writer.close()
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    assert len(rows) == 40
+    # An event after close is written at once.
+    writer.submit(**_event(arguments={"index": 40}))
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    assert len(rows) == 41
+
+
+async def test_failed_write_is_retried(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = audit_writer.write_events
+    attempts = 0
+
+    def fail_twice(url: str, events: list[dict[str, Any]]) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise OSError("disk I/O error (forced by the test)")
+        real_write(url, events)
+
+    # The database does not answer either, so the batch stays queued.
+    monkeypatch.setattr(audit_writer, "write_events", fail_twice)
+    monkeypatch.setattr(audit_writer, "_database_answers", lambda _: False)
+    writer = AuditWriter(database_url, retry_seconds=0.01)
+    for index in range(3):
+        writer.submit(**_event(arguments={"index": index}))
+    await writer.flush()
+    await writer.close()
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    assert sorted(row.arguments["index"] for row in rows) == [0, 1, 2]
+    assert attempts >= 3
+
+
+async def test_rejected_event_does_not_block_others(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = audit_writer.write_events
+
+    def reject_bad(url: str, events: list[dict[str, Any]]) -> None:
+        if any(item["tool"] == "bad" for item in events):
+            raise ValueError("value too long for column (forced by the test)")
+        real_write(url, events)
+
+    monkeypatch.setattr(audit_writer, "write_events", reject_bad)
+    writer = AuditWriter(database_url)
+    writer.submit(**_event("good_before"))
+    writer.submit(**_event("bad"))
+    writer.submit(**_event("good_after"))
+    await writer.flush()
+    await writer.close()
+    tools = [row.tool for row in list_calls(database_url, user_id="key:writer-test")]
+    assert tools == ["good_after", "good_before"]
+
+
+async def test_server_shutdown_loses_no_event(api_server: ApiServer) -> None:
+    """Calls answered by a server are all in the audit log once it stopped."""
+    settings = api_server.settings
+    port = free_port()
+    calls = 60
+    with ThreadedServer(create_app(settings), port):
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=api_server.headers
+        ) as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/api/tools/audit_log",
+                        json={"limit": 1, "tool": f"shutdown-{index}"},
+                    )
+                    for index in range(calls)
+                )
+            )
+    assert [r.status_code for r in responses] == [200] * calls
+    rows = list_calls(
+        settings.effective_database_url,
+        tool="audit_log",
+        user_id="key:tests",
+        limit=1000,
+    )
+    recorded = {
+        row.arguments.get("tool")
+        for row in rows
+        if str(row.arguments.get("tool", "")).startswith("shutdown-")
+    }
+    assert recorded == {f"shutdown-{index}" for index in range(calls)}
