@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-from temporalio.client import Client
 
 from app.api.keys import Principal
 from app.services.audit import record_call
@@ -84,11 +83,6 @@ class ToolRunner:
     def __post_init__(self) -> None:
         self._base = ToolContext(self.settings)
 
-    async def _client(self) -> Client | None:
-        # A failed connection is retried on the next call, so a Temporal
-        # server that comes up later is found without a restart.
-        return await self._base.optional_client()
-
     async def call(
         self,
         name: str,
@@ -132,8 +126,15 @@ class ToolRunner:
             self.settings,
             user_id=principal.user_id if principal else local_user,
             key_id=principal.key_id if principal else None,
-            temporal_client=await self._client(),
+            temporal_client=self._base.temporal_client,
             audit_writer=self.audit_writer,
             health_snapshots=self.health_snapshots,
         )
-        return await invoke_tool(ctx, name, arguments)
+        try:
+            return await invoke_tool(ctx, name, arguments)
+        finally:
+            # A tool that needed Temporal connected through `ctx`; later calls
+            # reuse that connection. Tools that never need Temporal (the
+            # audit log) no longer wait for a connection attempt.
+            if self._base.temporal_client is None and ctx.temporal_client is not None:
+                self._base.temporal_client = ctx.temporal_client

@@ -438,6 +438,11 @@ def _install_error_handlers(application: FastAPI) -> None:
 def create_app(settings: Settings) -> FastAPI:
     """Build the HTTP application for every tool registered now."""
     load_tools()
+    # Pinned once, because resolving the data folder on every call costs a
+    # filesystem walk (Path.resolve) per call.
+    settings = settings.model_copy(
+        update={"database_url": settings.effective_database_url}
+    )
     audit_writer = AuditWriter(settings.effective_database_url)
     runner = ToolRunner(
         settings,
@@ -483,10 +488,11 @@ def create_app(settings: Settings) -> FastAPI:
         for the platform's health."""
         return {"status": "ok", "version": app.__version__, "tools": len(all_tools())}
 
+    endpoints = {spec.name: _tool_endpoint(spec, gate, runner) for spec in all_tools()}
     for spec in all_tools():
         application.add_api_route(
             f"/api/tools/{spec.name}",
-            _tool_endpoint(spec, gate, runner),
+            endpoints[spec.name],
             methods=["POST"],
             name=spec.name,
             operation_id=spec.name,
@@ -513,6 +519,25 @@ def create_app(settings: Settings) -> FastAPI:
             return _tool_error_response(error)
         return _tool_response(result)
 
+    async def dispatch(request: Request) -> Response:
+        name = request.path_params["tool"]
+        endpoint = endpoints.get(name)
+        if endpoint is None:
+            return await unknown_tool(name, request)
+        return await endpoint(request)
+
+    # The per-tool routes above describe the operations in /openapi.json.
+    # This route serves the calls with one dictionary lookup, because
+    # Starlette would otherwise try every tool's route in turn on each call.
+    application.router.routes.insert(
+        0,
+        Route(
+            "/api/tools/{tool}",
+            endpoint=dispatch,
+            methods=["POST"],
+            include_in_schema=False,
+        ),
+    )
     application.router.routes.append(
         Route(
             "/mcp",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,11 +55,12 @@ async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResul
     if ctx.audit_writer is not None:
         # Calls that this server made before this one are in the result.
         await ctx.audit_writer.flush()
-    events = await asyncio.to_thread(
+    read = functools.partial(
         list_calls,
         ctx.database_url,
         limit=args.limit,
         user_id=args.user_id,
         tool=args.tool,
     )
+    events = await asyncio.to_thread(read)
     return AuditLogResult(events=events, count=len(events))
