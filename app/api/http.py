@@ -206,7 +206,7 @@ class Gate:
         principal: Principal | None = None,
     ) -> None:
         # NOTE: every rejected request adds a row, so a client without a key
-        # can grow the audit log at the rate the server answers it.
+        # can grow the audit log as fast as the server responds.
         try:
             self.audit_writer.submit(
                 user_id=principal.user_id if principal else ANONYMOUS_USER,
@@ -466,7 +466,7 @@ def create_app(settings: Settings) -> FastAPI:
                 logger.info("HTTP API serving %d tools", len(all_tools()))
                 yield
         finally:
-            # Every call answered before shutdown has its audit row.
+            # Every call that got a response before shutdown has its audit row.
             await audit_writer.close()
 
     application = FastAPI(

@@ -235,9 +235,9 @@ class VerifiedKeys:
     Use it from one event loop.
 
     Args:
-        database_url: the database that holds the keys.
+        database_url: the database that contains the keys.
         ttl: seconds a verified key is reused; 0 reads it on every call.
-        max_entries: cached keys kept at most; expired entries are dropped
+        max_entries: maximum number of cached keys; expired entries are dropped
             when the cache is full.
     """
 

@@ -81,8 +81,8 @@ def record_call(
 
 @functools.cache
 def _list_query(by_user: bool, by_tool: bool) -> Select[Any]:
-    # Built once per filter combination, with bound parameters, because
-    # building the statement took about as long as running it.
+    # Built once per filter combination, with bound parameters, because in a
+    # profile building the statement cost more than half as much as running it.
     table = AuditEvent.__table__  # type: ignore[attr-defined]
     query = sa_select(table).order_by(table.c.id.desc()).limit(bindparam("limit"))
     if by_user:
@@ -100,8 +100,9 @@ def list_calls(
     tool: str | None = None,
 ) -> list[AuditRecord]:
     """Return the newest audit events first."""
-    # A Core query without ORM objects, because the HTTP API serves this on
-    # every audit_log call and the ORM took about half of its time.
+    # A Core query without ORM objects, because the HTTP API runs this on
+    # every audit_log call, and it took a third less time than the ORM query
+    # in a measurement on a 2-core machine.
     query = _list_query(user_id is not None, tool is not None)
     parameters: dict[str, Any] = {"limit": limit}
     if user_id is not None:

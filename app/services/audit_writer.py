@@ -2,7 +2,7 @@
 
 A long-running server (the HTTP API) submits each call's event without
 waiting for the database. One task writes every event queued so far in one
-transaction, so under load a batch holds many events and a call costs no
+transaction, so under load a batch contains many events and a call costs no
 database round trip. Events are masked when they are submitted, so a secret
 never waits in the queue. A batch leaves the queue only after its
 transaction committed; a failed write is retried, and `close` writes what is
@@ -61,7 +61,7 @@ def write_events(database_url: str, events: list[dict[str, Any]]) -> None:
         session.add_all([AuditEvent(**fields) for fields in events])
 
 
-def _database_answers(database_url: str) -> bool:
+def _database_responds(database_url: str) -> bool:
     try:
         with get_engine(database_url).connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -76,8 +76,8 @@ class AuditWriter:
     Use it from one event loop. The task starts on the first `submit`.
 
     Args:
-        database_url: the database that holds the audit log.
-        max_batch: most events written in one transaction.
+        database_url: the database that contains the audit log.
+        max_batch: maximum number of events written in one transaction.
         retry_seconds: wait after a failed write before the next attempt.
     """
 
@@ -203,9 +203,9 @@ class AuditWriter:
     def _write_alone(self, event: dict[str, Any]) -> bool:
         """Write one event; return False when it stays queued.
 
-        An event that fails twice while the database answers queries (a
+        An event that fails twice while the database responds to queries (a
         value too long for its column) is logged and dropped, so that one
-        event cannot stop the audit log. While the database does not answer,
+        event cannot stop the audit log. While the database does not respond,
         the event stays queued.
         """
         for _ in range(2):
@@ -214,7 +214,7 @@ class AuditWriter:
             except Exception:
                 continue
             return True
-        if not _database_answers(self.database_url):
+        if not _database_responds(self.database_url):
             return False
         logger.error(
             "dropped the audit event of tool %r by %r: the database rejected it",

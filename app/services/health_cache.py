@@ -1,7 +1,7 @@
 """A short-lived `system_health` reading shared by the calls of one process.
 
 A reading makes about a dozen Temporal RPCs and a few database queries, so
-a server that answers many health calls a second would spend most of its
+a server that serves many health calls a second would spend most of its
 time re-reading the same figures. `HealthSnapshots` keeps the last reading
 for `max_age` seconds and returns it with `age_seconds` set, so a caller
 sees how old the figures are. A reading older than half of `max_age` is

@@ -92,7 +92,7 @@ async def test_failed_write_is_retried(
 
     # The database does not answer either, so the batch stays queued.
     monkeypatch.setattr(audit_writer, "write_events", fail_twice)
-    monkeypatch.setattr(audit_writer, "_database_answers", lambda _: False)
+    monkeypatch.setattr(audit_writer, "_database_responds", lambda _: False)
     writer = AuditWriter(database_url, retry_seconds=0.01)
     for index in range(3):
         writer.submit(**_event(arguments={"index": index}))
