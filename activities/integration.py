@@ -16,6 +16,7 @@ from activities.workflows import parse_params, step_error
 from app.benchmark.integration import run_stream_load
 from app.benchmark.load import run_load
 from app.contracts.benchmark import LoadRequest
+from app.contracts.swarm import TaskWork
 from app.contracts.workflows import StepOutcome, StepRequest
 from app.integration.steps import (
     CrossSystemParams,
@@ -29,6 +30,8 @@ from app.integration.steps import (
 )
 from app.services.memory import read_memory
 from app.settings import Settings
+from app.swarm.agent_tasks import AgentTaskError, run_on_agent, step_task_id
+from app.swarm.resolver import find_agent
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from app.tools.registry import _registry
 
@@ -92,6 +95,8 @@ class IntegrationActivities:
     @activity.defn(name="step_sandbox_execution")
     async def sandbox_execution(self, request: StepRequest) -> StepOutcome:
         params = parse_params(request, SandboxExecutionParams)
+        if request.agent_id is not None:
+            return await self._sandbox_execution_on_agent(request, params)
         sandbox_id = params.sandbox_id
         created = sandbox_id is None
         if sandbox_id is None:
@@ -129,6 +134,75 @@ class IntegrationActivities:
                 request,
                 f"the code ended {result['status']} with exit code "
                 f"{result['exit_code']}: {result['stderr'][-500:]}",
+                output,
+                "SandboxCodeFailed",
+            )
+        return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    async def _sandbox_execution_on_agent(
+        self, request: StepRequest, params: SandboxExecutionParams
+    ) -> StepOutcome:
+        """Run the code as a task of the agent's swarm on that agent, in the
+        agent's sandbox, so the swarm's events and the agent's counters show
+        the step."""
+        assert request.agent_id is not None
+        if params.sandbox_id is not None or params.env_vars:
+            raise step_error(
+                request,
+                f"params sandbox_id and env_vars do not apply to a step run by "
+                f"agent {request.agent_id} (it runs in the agent's sandbox); "
+                "remove them or remove the step's agent",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            )
+        found = await asyncio.to_thread(find_agent, self.settings, request.agent_id)
+        if found is None:
+            raise step_error(
+                request,
+                f"agent {request.agent_id} is not in the swarm mirror; assign "
+                "another agent type with workflow_agent_assign",
+                kind="AgentNotFound",
+                non_retryable=True,
+            )
+        agent, swarm = found
+        work = TaskWork(
+            kind="code",
+            task=f"workflow step {request.step} of execution {request.execution_id}",
+            code=params.code,
+            language=params.language,
+            timeout_seconds=params.timeout,
+        )
+        try:
+            progress = await run_on_agent(
+                activity.client(),
+                swarm.swarm_id,
+                agent.agent_id,
+                step_task_id(request.execution_id, request.step),
+                work,
+            )
+        except AgentTaskError as error:
+            raise step_error(
+                request, str(error), kind="AgentUnavailable", non_retryable=True
+            ) from None
+        ran = progress.steps[0] if progress.steps else None
+        output = {
+            "agent_id": agent.agent_id,
+            "agent_name": agent.name,
+            "agent_type": agent.type,
+            "swarm_id": swarm.swarm_id,
+            "task_id": progress.task_id,
+            "sandbox_id": ran.sandbox_id if ran else None,
+            "stdout": ran.stdout if ran else "",
+            "stderr": ran.stderr if ran else "",
+            "exit_code": ran.exit_code if ran else None,
+            "status": progress.status,
+            "execution_time": (ran.duration_ms or 0.0) / 1000 if ran else 0.0,
+        }
+        if progress.status != "completed":
+            raise failed_step(
+                request,
+                f"agent {agent.name} ({agent.agent_id}) ran the code and the task "
+                f"ended {progress.status}: {progress.error}",
                 output,
                 "SandboxCodeFailed",
             )

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -15,6 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from app.contracts.workflows import (
+    AuditEntry,
     ProgressRecord,
     RegisteredExecution,
     RegisterExecution,
@@ -95,11 +97,30 @@ class WorkflowActivities:
         workflow_id, version = store.register_execution(
             self.url, request.state, request.input.definition
         )
-        agents = {
-            step.name: resolve_agent(self.settings, step.agent, step.agent_type)
-            for step in request.state.steps
-            if step.agent or step.agent_type
-        }
+        agents: dict[str, str | None] = {}
+        for step in request.state.steps:
+            if not (step.agent or step.agent_type):
+                continue
+            resolution = resolve_agent(self.settings, step.agent, step.agent_type)
+            agents[step.name] = resolution.agent_id
+            if resolution.agent_id is None:
+                # The step runs without an agent; the trail says why.
+                store.append_audit(
+                    self.url,
+                    AuditEntry(
+                        execution_id=request.state.execution_id,
+                        workflow_id=workflow_id,
+                        step=step.name,
+                        event="step.agent_unresolved",
+                        status="pending",
+                        at=datetime.now(UTC),
+                        details={
+                            "agent": step.agent,
+                            "agent_type": step.agent_type,
+                            "reason": resolution.reason,
+                        },
+                    ),
+                )
         activity.logger.info(
             "registered execution %s of workflow %s version %d",
             request.state.execution_id,

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
@@ -39,6 +40,37 @@ from app.temporal.client import build_data_converter
 from app.temporal.devserver import temporal_binary
 from app.temporal.search_attributes import dev_server_args
 from app.tools import ToolContext, invoke_tool, load_tools
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by this process tree, by role: the Temporal
+    server, each worker (with the sandbox programs it ran) and this client."""
+    me = psutil.Process()
+    usage = {"client": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        if "--queue" in command:
+            role = f"worker {command.split('--queue')[-1].strip()}"
+        elif "temporal" in command:
+            role = "temporal server"
+        else:
+            # Running sandbox programs; finished ones count in their worker.
+            role = "programs running"
+        total = times.user + times.system + times.children_user
+        usage[role] = usage.get(role, 0.0) + total + times.children_system
+    return usage
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> str:
+    return ", ".join(
+        f"{role} {after[role] - before.get(role, 0.0):.2f}"
+        for role in sorted(after)
+        if role != "programs running"
+    )
 
 
 def program(index: int, loop: int) -> str:
@@ -204,10 +236,13 @@ async def main() -> None:
             workers = start_workers(settings, data)
             await wait_for_pollers(client, settings)
             ctx = ToolContext(settings, user_id="bench", temporal_client=client)
+            start = cpu_seconds()
             direct = await run_direct(
                 client, settings, args.tasks, args.agents, args.loop
             )
+            middle = cpu_seconds()
             swarm = await run_swarm(ctx, args.tasks, args.agents, args.loop)
+            end = cpu_seconds()
         finally:
             for process in workers:
                 process.send_signal(signal.SIGTERM)
@@ -219,6 +254,10 @@ async def main() -> None:
         per_task = seconds / args.tasks * 1000
         print(f"{label:26} {seconds:.2f} s ({per_task:.1f} ms/task)")
     print(f"ratio swarm/direct: {swarm / direct:.2f} (target <= 1.30)")
+    # Both phases include setup outside the timed part (sandbox creation and
+    # stops; swarm start, warm-up tasks and destroy).
+    print(f"CPU s, direct phase: {cpu_delta(start, middle)}")
+    print(f"CPU s, swarm phase: {cpu_delta(middle, end)}")
 
 
 if __name__ == "__main__":

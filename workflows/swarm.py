@@ -54,6 +54,10 @@ MIRROR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )
 
+# Patch id of a change to the commands SwarmWorkflow issues, so runs started by
+# older code replay unchanged.
+_PATCH_ASSIGN_AT_START = "swarm-assign-at-start"
+
 
 @workflow.defn(sandboxed=False)
 class SwarmWorkflow:
@@ -165,9 +169,19 @@ class SwarmWorkflow:
             task_id=spec.task_id,
             detail={"priority": spec.priority, "kind": spec.work.kind},
         )
+        assignment: Assignment | None = None
+        if workflow.patched(_PATCH_ASSIGN_AT_START):
+            # A task that gets agents now takes its assignment in the child's
+            # input, which saves the assign signal and its workflow tasks.
+            self._dispatch(starting=spec.task_id)
+            if spec.task_id in self.state.pending_assignments:
+                self.state.pending_assignments.remove(spec.task_id)
+                assignment = self._assignment(record)
         await workflow.start_child_workflow(
             SwarmTaskWorkflow.run,
-            SwarmTaskInput(swarm_id=self.state.swarm_id, spec=spec),
+            SwarmTaskInput(
+                swarm_id=self.state.swarm_id, spec=spec, assignment=assignment
+            ),
             id=record.workflow_id,
             task_queue=ORCHESTRATION,
             # Tasks outlive this run when the swarm continues as new; destroy
@@ -199,6 +213,13 @@ class SwarmWorkflow:
                 f"task id {spec.task_id} is already used by another task; "
                 "submit with a new task id"
             )
+        if spec.agent_id is not None:
+            agent = self._find_agent(spec.agent_id)
+            if agent is None or agent.status in ("removed", "removing"):
+                raise ValueError(
+                    f"agent {spec.agent_id} is not an active agent of swarm "
+                    f"{self.state.swarm_id}; choose an agent from swarm_status"
+                )
         unknown = [d for d in spec.dependencies if self._find_task(d) is None]
         if unknown:
             raise ValueError(
@@ -341,16 +362,19 @@ class SwarmWorkflow:
         self._drop(self.state.pending_cancels, cancels)
         self._drop(self.state.sandboxes_to_stop, stops)
 
-    async def _send_assignment(self, task: TaskRecord) -> None:
-        agents = [a for a in self.state.agents if a.agent_id in task.assigned_agents]
-        agents.sort(key=lambda a: task.assigned_agents.index(a.agent_id))
-        assignment = Assignment(agents=agents, topology=self.state.topology)
+    def _assignment(self, task: TaskRecord) -> Assignment:
         if task.status in ("failed", "cancelled"):
-            assignment = Assignment(
+            return Assignment(
                 topology=self.state.topology,
                 abort=task.error,
                 abort_status="cancelled" if task.status == "cancelled" else "failed",
             )
+        agents = [a for a in self.state.agents if a.agent_id in task.assigned_agents]
+        agents.sort(key=lambda a: task.assigned_agents.index(a.agent_id))
+        return Assignment(agents=agents, topology=self.state.topology)
+
+    async def _send_assignment(self, task: TaskRecord) -> None:
+        assignment = self._assignment(task)
         handle = workflow.get_external_workflow_handle(task.workflow_id)
         try:
             await handle.signal(SwarmTaskWorkflow.assign, assignment)
@@ -360,6 +384,10 @@ class SwarmWorkflow:
             )
 
     async def _cancel_task(self, task_id: str) -> None:
+        task = self._find_task(task_id)
+        if task is not None and not task.child_started:
+            # Destroyed while submit_task was still starting the child.
+            await workflow.wait_condition(lambda: task.child_started)
         handle = workflow.get_external_workflow_handle(task_workflow_id(task_id))
         try:
             await handle.cancel()
@@ -411,11 +439,16 @@ class SwarmWorkflow:
 
     # State changes, all synchronous so each is atomic
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, starting: str | None = None) -> None:
         """Give queued tasks whose dependencies are done to idle agents, in
-        priority order."""
+        priority order.
+
+        Args:
+            starting: a task whose child workflow submit_task starts next; it
+                may get agents before its child exists.
+        """
         for task in planning.dispatch_order(self.state.tasks):
-            if not task.child_started:
+            if not task.child_started and task.spec.task_id != starting:
                 continue
             dependencies = [self._find_task(d) for d in task.spec.dependencies]
             broken = [
@@ -434,6 +467,20 @@ class SwarmWorkflow:
                     detail={"error": task.error},
                 )
                 continue
+            pinned = task.spec.agent_id
+            if pinned is not None:
+                agent = self._find_agent(pinned)
+                if agent is None or agent.status in ("removed", "removing"):
+                    task.status = "failed"
+                    task.error = f"agent {pinned} left the swarm before the task ran"
+                    task.finished_at = workflow.now()
+                    self.state.pending_assignments.append(task.spec.task_id)
+                    self._event(
+                        "task_failed",
+                        task_id=task.spec.task_id,
+                        detail={"error": task.error},
+                    )
+                    continue
             if any(d is None or d.status != "completed" for d in dependencies):
                 continue
             limit = planning.default_agent_count(task.spec, self.state.topology)

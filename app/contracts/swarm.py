@@ -80,6 +80,13 @@ class TaskSpec(BaseModel):
     max_agents: int | None = Field(None, ge=1, le=10)
     dependencies: list[str] = Field(default_factory=list)
     required_capabilities: list[str] = Field(default_factory=list)
+    agent_id: str | None = Field(
+        None,
+        description=(
+            "Run on this agent only, once it is idle (a workflow step assigned "
+            "to the agent); the task fails if the agent leaves first."
+        ),
+    )
 
 
 class TaskRecord(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +25,9 @@ from app.sandbox import service as sandbox_service
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Sandbox ids a worker remembers as running; each entry is one short string.
+RUNNING_CACHE_SIZE = 4096
 
 # `status` from the sandbox session: `running` (with the backend's live
 # state), `creating`, `stopped`, `deleted`, `failed`, or `not_created`.
@@ -85,9 +89,22 @@ class SandboxSessionExecutor:
         # use it. Agents get new ids with every swarm, so an entry goes when
         # its last caller is done, or a long-running worker keeps them all.
         self._creating: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Sandboxes seen running by this worker, oldest first, at most
+        # RUNNING_CACHE_SIZE. A step on one of them goes straight to
+        # `execute`, skipping the session query; `run_code` drops an id whose
+        # session is gone, and the next `ensure_sandbox` checks it.
+        self._running: OrderedDict[str, None] = OrderedDict()
+
+    def _remember_running(self, sandbox_id: str) -> None:
+        self._running[sandbox_id] = None
+        self._running.move_to_end(sandbox_id)
+        while len(self._running) > RUNNING_CACHE_SIZE:
+            self._running.popitem(last=False)
 
     async def ensure_sandbox(self, agent_id: str) -> str:
         sandbox_id = agent_sandbox_id(agent_id)
+        if sandbox_id in self._running:
+            return sandbox_id
         lock, users = self._creating.get(sandbox_id, (asyncio.Lock(), 0))
         self._creating[sandbox_id] = (lock, users + 1)
         try:
@@ -124,6 +141,7 @@ class SandboxSessionExecutor:
                         sandbox_id=sandbox_id,
                     ),
                 )
+                self._remember_running(sandbox_id)
                 return sandbox_id
             except WorkflowAlreadyStartedError:
                 # Another step of this agent (maybe on another worker)
@@ -136,6 +154,7 @@ class SandboxSessionExecutor:
                 f"sandbox {sandbox_id} of agent {agent_id} is {info.status}"
                 f"{': ' + info.error if info.error else ''}"
             )
+        self._remember_running(sandbox_id)
         return sandbox_id
 
     async def _wait_ready(self, sandbox_id: str) -> SessionInfo:
@@ -158,13 +177,17 @@ class SandboxSessionExecutor:
         env: Mapping[str, str],
         timeout: float,
     ) -> ExecutionOutput:
-        result = await sandbox_service.execute(
-            self.client,
-            self.settings,
-            sandbox_id,
-            ExecuteRequest(code=code, language=language, timeout=timeout),
-            env_vars=env,
-        )
+        try:
+            result = await sandbox_service.execute(
+                self.client,
+                self.settings,
+                sandbox_id,
+                ExecuteRequest(code=code, language=language, timeout=timeout),
+                env_vars=env,
+            )
+        except sandbox_service.SandboxServiceError:
+            self._running.pop(sandbox_id, None)
+            raise
         return ExecutionOutput(
             stdout=result.stdout,
             stderr=result.stderr,
@@ -185,6 +208,7 @@ class SandboxSessionExecutor:
         return status.session.status
 
     async def stop(self, sandbox_id: str) -> bool:
+        self._running.pop(sandbox_id, None)
         try:
             await sandbox_service.stop_sandbox(self.client, sandbox_id)
         except sandbox_service.SandboxServiceError as error:

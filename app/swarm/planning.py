@@ -78,7 +78,8 @@ def is_eligible(agent: AgentState, spec: TaskSpec) -> bool:
 def select_agents(
     agents: Sequence[AgentState], spec: TaskSpec, limit: int
 ) -> list[AgentState]:
-    """Pick the idle, eligible agents for a task, best first.
+    """Pick the idle, eligible agents for a task, best first; a task pinned to
+    an agent (`spec.agent_id`) gets only that agent.
 
     Order: capability score (higher first), then how well the agent type fits
     the kind of execution, then load (fewer finished tasks first, which
@@ -86,6 +87,8 @@ def select_agents(
     """
     preferences = KIND_PREFERENCES.get(spec.work.kind, ())
     candidates = [a for a in agents if a.status == "idle" and is_eligible(a, spec)]
+    if spec.agent_id is not None:
+        candidates = [a for a in candidates if a.agent_id == spec.agent_id]
 
     def rank(agent: AgentState) -> tuple[int, int, int, int]:
         fit = (

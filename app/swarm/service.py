@@ -56,6 +56,14 @@ def step_env(request: AgentStepRequest) -> dict[str, str]:
     }
 
 
+def exit_error(exit_code: int, stderr: str) -> str:
+    """Describe a program's non-zero exit by its code and last stderr line."""
+    lines = stderr.strip().splitlines()
+    if not lines:
+        return f"exit code {exit_code} (stderr was empty)"
+    return f"exit code {exit_code}: {lines[-1][:300]}"
+
+
 def llm_prompt(request: AgentStepRequest) -> str:
     lines = [f"Task: {request.work.task}"]
     if request.part_count > 1:
@@ -131,8 +139,7 @@ async def run_step(
             )
         elif output.exit_code != 0:
             result.status = "failed"
-            last = output.stderr.strip().splitlines()[-1:] or [""]
-            result.error = f"exit code {output.exit_code}: {last[0][:300]}"
+            result.error = exit_error(output.exit_code, output.stderr)
     elif work.kind == "action":
         arguments = dict(work.action_args)
         try:

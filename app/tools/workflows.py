@@ -19,7 +19,7 @@ from app.contracts.workflows import (
 )
 from app.tools.registry import ToolContext, ToolError, tool
 from app.workflows import engine, store
-from app.workflows.agents import resolve_agent
+from app.workflows.agents import AgentResolution, resolve_agent
 from app.workflows.steps import step_type_names
 from app.workflows.validation import (
     DefinitionError,
@@ -371,6 +371,10 @@ class WorkflowAgentAssignResult(BaseModel):
     agent_id: str | None = Field(
         description="The resolved swarm agent; None while no swarm agent matches."
     )
+    swarm_id: str | None = Field(None, description="The resolved agent's swarm.")
+    unresolved_reason: str | None = Field(
+        None, description="Why no swarm agent matches, when agent_id is None."
+    )
     execution_id: str | None = None
     workflow_id: str
     version: int | None = None
@@ -380,7 +384,9 @@ class WorkflowAgentAssignResult(BaseModel):
 async def workflow_agent_assign(
     ctx: ToolContext, args: WorkflowAgentAssignInput
 ) -> WorkflowAgentAssignResult:
-    """Assign a step to an agent type. For EXECUTION_ID/STEP the pending step of
+    """Assign a step to an agent type, resolved to the idle, least loaded agent
+    of that type in an active swarm (agent_id None and unresolved_reason when
+    none exists). For EXECUTION_ID/STEP the pending step of
     the running execution changes now; for WORKFLOW_ID/STEP the definition gets
     a new version that later runs use. The assignment is audited."""
     owner, sep, step = args.task_id.partition("/")
@@ -391,9 +397,12 @@ async def workflow_agent_assign(
             kind="invalid_argument",
         )
     url = ctx.database_url
-    agent_id = resolve_agent(ctx.settings, None, args.agent_type)
+    resolution = await asyncio.to_thread(
+        resolve_agent, ctx.settings, None, args.agent_type
+    )
+    agent_id = resolution.agent_id
     if owner.startswith("wf_"):
-        return await _assign_in_definition(ctx, owner, step, args, agent_id)
+        return await _assign_in_definition(ctx, owner, step, args, resolution)
     try:
         state = await asyncio.to_thread(store.get_execution, url, owner)
     except store.NotFoundError as error:
@@ -435,7 +444,12 @@ async def workflow_agent_assign(
             event="step.agent_assigned",
             status="pending",
             at=datetime.now().astimezone(),
-            details={"agent_type": args.agent_type, "agent_id": agent_id},
+            details={
+                "agent_type": args.agent_type,
+                "agent_id": agent_id,
+                "swarm_id": resolution.swarm_id,
+                "unresolved_reason": resolution.reason,
+            },
         ),
     )
     assert state.workflow_id is not None
@@ -444,6 +458,8 @@ async def workflow_agent_assign(
         step=step,
         agent_type=args.agent_type,
         agent_id=agent_id,
+        swarm_id=resolution.swarm_id,
+        unresolved_reason=resolution.reason,
         execution_id=owner,
         workflow_id=state.workflow_id,
         version=state.version,
@@ -455,7 +471,7 @@ async def _assign_in_definition(
     workflow_id: str,
     step: str,
     args: WorkflowAgentAssignInput,
-    agent_id: str | None,
+    resolution: AgentResolution,
 ) -> WorkflowAgentAssignResult:
     try:
         _, _, definition = await asyncio.to_thread(
@@ -479,7 +495,10 @@ async def _assign_in_definition(
         task_id=args.task_id,
         step=step,
         agent_type=args.agent_type,
-        agent_id=agent_id,
+        # Executions of the new version resolve the agent again when they start.
+        agent_id=resolution.agent_id,
+        swarm_id=resolution.swarm_id,
+        unresolved_reason=resolution.reason,
         workflow_id=workflow_id,
         version=created.version,
     )

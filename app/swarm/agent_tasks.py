@@ -1,0 +1,71 @@
+"""Tasks that run on one named swarm agent: how a workflow step assigned to
+an agent runs (`sandbox_execution` steps)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from app.contracts.swarm import TaskProgress, TaskRecord, TaskSpec, TaskWork
+
+UPDATE_RETRY_SECONDS = 60.0
+
+
+class AgentTaskError(Exception):
+    """A task could not be submitted to the agent's swarm; the message says why."""
+
+
+def step_task_id(execution_id: str, step: str) -> str:
+    """Return a task id fixed by the execution and step, so a retried
+    activity finds the task its first attempt submitted."""
+    digest = hashlib.sha256(f"{execution_id}/{step}".encode()).hexdigest()
+    return f"task_{digest[:12]}"
+
+
+async def run_on_agent(
+    client: Client, swarm_id: str, agent_id: str, task_id: str, work: TaskWork
+) -> TaskProgress:
+    """Submit `work` as a task of `swarm_id` pinned to `agent_id` and wait for
+    its end.
+
+    Raises:
+        AgentTaskError: the swarm rejected the task (the agent left, the swarm
+            is destroyed) or cannot be reached.
+    """
+    spec = TaskSpec(
+        task_id=task_id, work=work, strategy="parallel", max_agents=1, agent_id=agent_id
+    )
+    handle = client.get_workflow_handle(f"swarm-{swarm_id}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UPDATE_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            record = await handle.execute_update(
+                "submit_task", spec, id=f"submit-{task_id}", result_type=TaskRecord
+            )
+            break
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            message = cause.message if isinstance(cause, ApplicationError) else cause
+            raise AgentTaskError(
+                f"swarm {swarm_id} rejected the task: {message}"
+            ) from None
+        except RPCError as error:
+            # The server admits a bounded number of in-flight updates per
+            # workflow; a busy swarm answers RESOURCE_EXHAUSTED.
+            if error.status == RPCStatusCode.RESOURCE_EXHAUSTED and (
+                loop.time() < deadline
+            ):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            raise AgentTaskError(
+                f"swarm {swarm_id} cannot take tasks: {error.message}"
+            ) from None
+    task = client.get_workflow_handle(record.workflow_id, result_type=TaskProgress)
+    return await task.result()

@@ -1,0 +1,275 @@
+"""Workflow steps' agents: resolution from the swarm mirror and steps that run
+as tasks of the resolved agent, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio.client import Client
+
+from app.db import session_scope
+from app.settings import Settings
+from app.swarm.models import AgentRow, SwarmRow
+from app.swarm.resolver import resolve_swarm_agent
+from app.swarm.service import exit_error
+from app.tools import ToolContext, invoke_tool, load_tools
+from app.workflows.agents import resolve_agent
+
+load_tools()
+
+AGENT_PROGRAM = "import os\nprint(os.environ['NEXUS_AGENT_ID'])\n"
+
+
+def _mirror_rows(settings: Settings) -> None:
+    """Two swarms: `live` (active) and `gone` (destroyed), with agents in
+    every state the resolver must tell apart."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    with session_scope(settings.effective_database_url) as session:
+        for swarm_id, status in (("live", "active"), ("gone", "destroyed")):
+            session.add(
+                SwarmRow(
+                    swarm_id=swarm_id,
+                    workflow_id=f"swarm-{swarm_id}",
+                    topology="mesh",
+                    strategy="balanced",
+                    max_agents=10,
+                    status=status,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        rows = [
+            # (id, swarm, type, name, status, finished tasks, minutes after now)
+            ("agent_busy", "live", "coder", "busy-coder", "busy", 0, 0),
+            ("agent_loaded", "live", "coder", "loaded-coder", "idle", 5, 1),
+            ("agent_light", "live", "coder", "light-coder", "idle", 1, 2),
+            ("agent_twin", "live", "coder", "twin-coder", "idle", 1, 3),
+            ("agent_removed", "live", "analyst", "old-analyst", "removed", 0, 0),
+            ("agent_dead", "gone", "tester", "dead-tester", "idle", 0, 0),
+        ]
+        for agent_id, swarm_id, kind, name, status, done, minutes in rows:
+            session.add(
+                AgentRow(
+                    agent_id=agent_id,
+                    swarm_id=swarm_id,
+                    type=kind,
+                    name=name,
+                    status=status,
+                    tasks_completed=done,
+                    joined_at=now + timedelta(minutes=minutes),
+                )
+            )
+
+
+def test_resolver_choice_rule(settings: Settings) -> None:
+    _mirror_rows(settings)
+    by_type = resolve_swarm_agent(settings, None, "coder")
+    # Idle before busy, then fewest finished tasks, then the oldest.
+    assert by_type.agent_id == "agent_light"
+    assert by_type.swarm_id == "live"
+    assert resolve_swarm_agent(settings, "agent_busy", None).agent_id == "agent_busy"
+    assert resolve_swarm_agent(settings, "twin-coder", None).agent_id == "agent_twin"
+    both = resolve_swarm_agent(settings, "twin-coder", "coder")
+    assert both.agent_id == "agent_twin"
+
+
+def test_resolver_unresolved_reasons(settings: Settings) -> None:
+    _mirror_rows(settings)
+    removed = resolve_swarm_agent(settings, None, "analyst")
+    assert removed.agent_id is None
+    assert removed.reason is not None
+    assert "type 'analyst'" in removed.reason
+    destroyed = resolve_swarm_agent(settings, "agent_dead", None)
+    assert destroyed.agent_id is None
+    assert "agent_spawn" in (destroyed.reason or "")
+    mismatch = resolve_swarm_agent(settings, "twin-coder", "tester")
+    assert mismatch.agent_id is None
+    assert resolve_agent(settings, None, None).agent_id is None
+
+
+def test_exit_error_without_stderr() -> None:
+    assert exit_error(3, "") == "exit code 3 (stderr was empty)"
+    assert exit_error(3, "  \n") == "exit code 3 (stderr was empty)"
+    assert exit_error(1, "a\nValueError: bad\n") == "exit code 1: ValueError: bad"
+
+
+async def _call(ctx: ToolContext, tool: str, **arguments: Any) -> dict[str, Any]:
+    return await invoke_tool(ctx, tool, arguments)
+
+
+async def _swarm(ctx: ToolContext) -> tuple[str, list[dict[str, Any]]]:
+    swarm = await _call(ctx, "swarm_init", topology="mesh", maxAgents=4)
+    swarm_id = swarm["swarm_id"]
+    agents = [
+        await _call(ctx, "agent_spawn", type=kind, name=name, swarm_id=swarm_id)
+        for kind, name in (("coder", "first"), ("coder", "second"), ("analyst", "an"))
+    ]
+    await _mirrored(ctx, swarm_id, len(agents))
+    return swarm_id, agents
+
+
+async def _mirrored(ctx: ToolContext, swarm_id: str, agents: int) -> None:
+    """Wait until the swarm mirror lists `agents` agents of the swarm."""
+    for _ in range(300):
+        listed = await _call(ctx, "swarm_list")
+        counts = {s["swarm_id"]: s["agent_count"] for s in listed["swarms"]}
+        if counts.get(swarm_id) == agents:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"swarm {swarm_id} never showed {agents} agents")
+
+
+async def _execute(
+    ctx: ToolContext, name: str, steps: list[dict[str, Any]], wait: bool = True
+) -> dict[str, Any]:
+    created = await _call(ctx, "workflow_create", name=name, steps=steps)
+    return await _call(
+        ctx,
+        "workflow_execute",
+        workflow_id=created["workflow_id"],
+        **{"async": not wait},
+    )
+
+
+async def _wait_for_step(
+    ctx: ToolContext, execution_id: str, step: str, wanted: str
+) -> None:
+    for _ in range(300):
+        status = await _call(ctx, "workflow_status", execution_id=execution_id)
+        execution = status["execution"]
+        if execution and _outputs(execution)[step]["status"] == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"step {step} of {execution_id} never became {wanted}")
+
+
+def _outputs(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    status = result.get("result", result)
+    return {s["name"]: s for s in status["steps"]}
+
+
+async def test_step_runs_on_resolved_agent(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    swarm_id, agents = await _swarm(ctx)
+    first, second = agents[0]["agent_id"], agents[1]["agent_id"]
+    try:
+        result = await _execute(
+            ctx,
+            "agent-steps",
+            [
+                {
+                    "name": "by_type",
+                    "type": "sandbox_execution",
+                    "agent_type": "coder",
+                    "params": {"code": AGENT_PROGRAM},
+                },
+                {
+                    "name": "by_name",
+                    "type": "sandbox_execution",
+                    "agent": "second",
+                    "depends_on": ["by_type"],
+                    "params": {"code": AGENT_PROGRAM},
+                },
+            ],
+        )
+        steps = _outputs(result)
+        by_type = steps["by_type"]
+        # Both coders are idle with no tasks: the older one.
+        assert by_type["agent_id"] == first
+        assert by_type["output"]["agent_id"] == first
+        assert by_type["output"]["agent_name"] == "first"
+        assert by_type["output"]["stdout"].strip() == first
+        assert by_type["output"]["swarm_id"] == swarm_id
+        by_name = steps["by_name"]
+        assert by_name["agent_id"] == second
+        assert by_name["output"]["stdout"].strip() == second
+        status = await _call(ctx, "swarm_status", swarm_id=swarm_id)
+        counts = {a["agent_id"]: a["tasks_completed"] for a in status["agents"]}
+        assert counts[first] == 1
+        assert counts[second] == 1
+        task = await _call(ctx, "task_results", task_id=by_type["output"]["task_id"])
+        assert task["status"] == "completed"
+        assert [r["agent_id"] for r in task["results"]] == [first]
+    finally:
+        await _call(ctx, "swarm_destroy", swarm_id=swarm_id)
+
+
+async def test_unresolved_agent_is_recorded(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    result = await _execute(
+        ctx,
+        "unresolved-agent",
+        [
+            {
+                "name": "code",
+                "type": "sandbox_execution",
+                "agent_type": "optimizer",
+                "params": {"code": "print('no agent')"},
+            }
+        ],
+    )
+    step = _outputs(result)["code"]
+    assert step["status"] == "completed"
+    assert step["agent_id"] is None
+    assert step["output"]["stdout"] == "no agent\n"
+    assert "agent_id" not in step["output"]
+    trail = await _call(ctx, "workflow_audit_trail", workflow_id=result["workflow_id"])
+    [unresolved] = [e for e in trail["events"] if e["event"] == "step.agent_unresolved"]
+    assert unresolved["step"] == "code"
+    assert "type 'optimizer'" in unresolved["details"]["reason"]
+
+
+async def test_assign_resolves_pending_step(client: Client, workers: Settings) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    swarm_id, agents = await _swarm(ctx)
+    analyst = agents[2]["agent_id"]
+    try:
+        started = await _execute(
+            ctx,
+            "reassigned",
+            [
+                {
+                    "name": "wait",
+                    "type": "sandbox_execution",
+                    "params": {"code": "import time\ntime.sleep(3)"},
+                },
+                {
+                    "name": "code",
+                    "type": "sandbox_execution",
+                    "agent_type": "coder",
+                    "depends_on": ["wait"],
+                    "params": {"code": AGENT_PROGRAM},
+                },
+            ],
+            wait=False,
+        )
+        execution_id = started["execution_id"]
+        await _wait_for_step(ctx, execution_id, "wait", "running")
+        assigned = await _call(
+            ctx,
+            "workflow_agent_assign",
+            task_id=f"{execution_id}/code",
+            agent_type="analyst",
+        )
+        assert assigned["agent_id"] == analyst
+        assert assigned["swarm_id"] == swarm_id
+        assert assigned["unresolved_reason"] is None
+        missing = await _call(
+            ctx,
+            "workflow_agent_assign",
+            task_id=f"{started['workflow_id']}/code",
+            agent_type="documenter",
+        )
+        assert missing["agent_id"] is None
+        assert "type 'documenter'" in missing["unresolved_reason"]
+        handle = client.get_workflow_handle(execution_id)
+        await handle.result()
+        status = await _call(ctx, "workflow_status", execution_id=execution_id)
+        code = _outputs(status["execution"])["code"]
+        assert code["agent_type"] == "analyst"
+        assert code["agent_id"] == analyst
+        assert code["output"]["stdout"].strip() == analyst
+    finally:
+        await _call(ctx, "swarm_destroy", swarm_id=swarm_id)
