@@ -177,7 +177,7 @@ class IntegrationActivities:
                 activity.client(),
                 swarm.swarm_id,
                 agent.agent_id,
-                step_task_id(request.execution_id, request.step),
+                step_task_id(swarm.swarm_id, request.execution_id, request.step),
                 work,
             )
         except AgentTaskError as error:

@@ -5,6 +5,7 @@ topology."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -54,9 +55,21 @@ MIRROR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )
 
-# Patch id of a change to the commands SwarmWorkflow issues, so runs started by
+# Patch ids of changes to the commands SwarmWorkflow issues, so runs started by
 # older code replay unchanged.
-_PATCH_ASSIGN_AT_START = "swarm-assign-at-start"
+_PATCH_START_ON_ASSIGNMENT = "swarm-start-child-on-assignment"
+_PATCH_TASK_EVENT_BATCH = "swarm-task-event-batch"
+
+# Event kinds that each task produces; their mirror writes are batched.
+_TASK_EVENTS = frozenset(
+    (
+        "task_submitted",
+        "task_assigned",
+        "task_completed",
+        "task_failed",
+        "task_cancelled",
+    )
+)
 
 
 @workflow.defn(sandboxed=False)
@@ -75,6 +88,8 @@ class SwarmWorkflow:
         self.state: SwarmState = input.state
         self.continue_as_new_after = input.continue_as_new_after_events
         self.mirror_busy = False
+        # Tasks whose child workflow is being started now.
+        self.starting: set[str] = set()
         # Here, not in run: an update that arrives with the first workflow task
         # is handled before run starts, and the start must be event 0.
         if self.state.runs == 1 and self.state.next_event_seq == 0:
@@ -154,7 +169,12 @@ class SwarmWorkflow:
         existing = self._find_task(spec.task_id)
         if existing is not None:
             # A retried submission of the same task returns the first record.
-            await workflow.wait_condition(lambda: existing.child_started)
+            if self._starts_child_on_assignment():
+                await workflow.wait_condition(
+                    lambda: existing.spec.task_id not in self.starting
+                )
+            else:
+                await workflow.wait_condition(lambda: existing.child_started)
             return existing
         record = TaskRecord(
             spec=spec,
@@ -169,29 +189,16 @@ class SwarmWorkflow:
             task_id=spec.task_id,
             detail={"priority": spec.priority, "kind": spec.work.kind},
         )
-        assignment: Assignment | None = None
-        if workflow.patched(_PATCH_ASSIGN_AT_START):
-            # A task that gets agents now takes its assignment in the child's
-            # input, which saves the assign signal and its workflow tasks.
-            self._dispatch(starting=spec.task_id)
+        if self._starts_child_on_assignment():
+            # The child starts once the task has agents (or is aborted), with
+            # the assignment in its input: no assign signal and no workflow
+            # task of a child that only waits.
+            self._dispatch()
             if spec.task_id in self.state.pending_assignments:
                 self.state.pending_assignments.remove(spec.task_id)
-                assignment = self._assignment(record)
-        await workflow.start_child_workflow(
-            SwarmTaskWorkflow.run,
-            SwarmTaskInput(
-                swarm_id=self.state.swarm_id, spec=spec, assignment=assignment
-            ),
-            id=record.workflow_id,
-            task_queue=ORCHESTRATION,
-            # Tasks outlive this run when the swarm continues as new; destroy
-            # cancels the ones still running.
-            parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-            search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(SWARM_ID, self.state.swarm_id)]
-            ),
-        )
-        record.child_started = True
+                await self._start_child(record)
+            return record
+        await self._start_child(record, with_assignment=False)
         self._dispatch()
         return record
 
@@ -276,7 +283,7 @@ class SwarmWorkflow:
                     task.status = "cancelled"
                     task.error = "the swarm was destroyed before the task ran"
                     task.finished_at = workflow.now()
-                    if task.child_started:
+                    if task.child_started or self._starts_child_on_assignment():
                         self.state.pending_assignments.append(task.spec.task_id)
                 elif task.status == "running":
                     task.status = "cancelled"
@@ -373,7 +380,45 @@ class SwarmWorkflow:
         agents.sort(key=lambda a: task.assigned_agents.index(a.agent_id))
         return Assignment(agents=agents, topology=self.state.topology)
 
+    def _starts_child_on_assignment(self) -> bool:
+        # False only while replaying a run of older code, which started each
+        # task's child at submission and sent the assignment by signal.
+        return workflow.patched(_PATCH_START_ON_ASSIGNMENT)
+
+    async def _start_child(
+        self, task: TaskRecord, *, with_assignment: bool = True
+    ) -> None:
+        task_id = task.spec.task_id
+        self.starting.add(task_id)
+        try:
+            await workflow.start_child_workflow(
+                SwarmTaskWorkflow.run,
+                SwarmTaskInput(
+                    swarm_id=self.state.swarm_id,
+                    spec=task.spec,
+                    assignment=self._assignment(task) if with_assignment else None,
+                ),
+                id=task.workflow_id,
+                task_queue=ORCHESTRATION,
+                # Tasks outlive this run when the swarm continues as new;
+                # destroy cancels the ones still running.
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                search_attributes=TypedSearchAttributes(
+                    [SearchAttributePair(SWARM_ID, self.state.swarm_id)]
+                ),
+            )
+            task.child_started = True
+        finally:
+            self.starting.discard(task_id)
+
     async def _send_assignment(self, task: TaskRecord) -> None:
+        if not task.child_started:
+            if task.spec.task_id not in self.starting:
+                await self._start_child(task)
+                return
+            await workflow.wait_condition(lambda: task.child_started)
+        # Wait only for a child that is still starting: every await yields,
+        # and an extra yield would reorder the commands of older runs.
         assignment = self._assignment(task)
         handle = workflow.get_external_workflow_handle(task.workflow_id)
         try:
@@ -414,6 +459,20 @@ class SwarmWorkflow:
             finally:
                 self.mirror_busy = False
             del self.state.unflushed_events[: len(events)]
+            interval = self.state.task_event_batch_seconds
+            if interval > 0 and workflow.patched(_PATCH_TASK_EVENT_BATCH):
+                # Task events wait up to `interval` to share one write, since
+                # each write is an activity with its own events and workflow
+                # tasks; other changes are written at once.
+                with contextlib.suppress(TimeoutError):
+                    await workflow.wait_condition(self._flush_now, timeout=interval)
+
+    def _flush_now(self) -> bool:
+        return (
+            self.state.status != "active"
+            or self._should_continue_as_new()
+            or any(e.kind not in _TASK_EVENTS for e in self.state.unflushed_events)
+        )
 
     def _mirror_idle(self) -> bool:
         return not (
@@ -439,16 +498,12 @@ class SwarmWorkflow:
 
     # State changes, all synchronous so each is atomic
 
-    def _dispatch(self, starting: str | None = None) -> None:
+    def _dispatch(self) -> None:
         """Give queued tasks whose dependencies are done to idle agents, in
-        priority order.
-
-        Args:
-            starting: a task whose child workflow submit_task starts next; it
-                may get agents before its child exists.
-        """
+        priority order."""
+        starts_later = self._starts_child_on_assignment()
         for task in planning.dispatch_order(self.state.tasks):
-            if not task.child_started and task.spec.task_id != starting:
+            if not task.child_started and not starts_later:
                 continue
             dependencies = [self._find_task(d) for d in task.spec.dependencies]
             broken = [

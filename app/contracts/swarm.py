@@ -161,6 +161,15 @@ class SwarmState(BaseModel):
     pending_cancels: list[str] = Field(default_factory=list)
     sandboxes_to_stop: list[str] = Field(default_factory=list)
     mirror_dirty: bool = True
+    task_event_batch_seconds: float = Field(
+        0.2,
+        ge=0,
+        description=(
+            "Longest wait of task events (submitted, assigned, finished) for a "
+            "shared mirror write while the swarm is active; 0 writes each change "
+            "at once."
+        ),
+    )
 
 
 class SwarmWorkflowInput(BaseModel):

@@ -19,11 +19,12 @@ class AgentTaskError(Exception):
     """A task could not be submitted to the agent's swarm; the message says why."""
 
 
-def step_task_id(execution_id: str, step: str) -> str:
-    """Return a task id fixed by the execution and step, so a retried
-    activity finds the task its first attempt submitted."""
+def step_task_id(swarm_id: str, execution_id: str, step: str) -> str:
+    """Return a task id fixed by the swarm, execution and step, so a retried
+    activity finds the task its first attempt submitted. It has the form of
+    `service.new_task_id`."""
     digest = hashlib.sha256(f"{execution_id}/{step}".encode()).hexdigest()
-    return f"task_{digest[:12]}"
+    return f"task_{swarm_id}_{digest[:8]}"
 
 
 async def run_on_agent(

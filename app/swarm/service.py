@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import func
@@ -39,6 +40,21 @@ class StepFailedError(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+def new_task_id(swarm_id: str) -> str:
+    """Return a new task id that names its swarm (`task_<swarm_id>_<random>`),
+    so a task whose child workflow has not started yet can be found."""
+    return f"task_{swarm_id}_{uuid.uuid4().hex[:8]}"
+
+
+def swarm_of_task(task_id: str) -> str | None:
+    """Return the swarm id in a task id from `new_task_id`, else None."""
+    prefix, _, rest = task_id.partition("_")
+    swarm_id, separator, suffix = rest.rpartition("_")
+    if prefix != "task" or not separator or not swarm_id or not suffix:
+        return None
+    return swarm_id
 
 
 def step_env(request: AgentStepRequest) -> dict[str, str]:

@@ -374,7 +374,7 @@ async def task_orchestrate(
     client = await ctx.client()
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
     spec = TaskSpec(
-        task_id=f"task_{uuid.uuid4().hex[:12]}",
+        task_id=service.new_task_id(swarm_id),
         work=_work(args),
         priority=args.priority,
         strategy=args.strategy,
@@ -416,13 +416,70 @@ class TaskIdInput(BaseModel):
     )
 
 
+async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
+    """Progress of a task that waits for agents, read from its swarm, since
+    its child workflow starts only when agents are assigned; None when the
+    swarm does not know the task or it has a child already."""
+    swarm_id = service.swarm_of_task(task_id)
+    if swarm_id is None:
+        return None
+    try:
+        state = await _swarm_state(client, swarm_id)
+    except ToolError:
+        return None
+    record = next((t for t in state.tasks if t.spec.task_id == task_id), None)
+    if record is None or record.child_started:
+        return None
+    done = {t.spec.task_id for t in state.tasks if t.status == "completed"}
+    return TaskProgress(
+        task_id=task_id,
+        swarm_id=swarm_id,
+        status=record.status,
+        priority=record.spec.priority,
+        strategy=record.spec.strategy,
+        kind=record.spec.work.kind,
+        waiting_for=[d for d in record.spec.dependencies if d not in done],
+        submitted_at=record.submitted_at,
+        topology=state.topology,
+    )
+
+
+async def _child_exists(handle: WorkflowHandle[Any, TaskProgress]) -> bool:
+    try:
+        await handle.describe()
+    except RPCError as error:
+        # Other errors surface from the calls that follow.
+        return error.status != RPCStatusCode.NOT_FOUND
+    return True
+
+
+async def _wait_for_child(
+    handle: WorkflowHandle[Any, TaskProgress], deadline: float
+) -> bool:
+    """Poll until a queued task's child workflow exists; False at `deadline`."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        await asyncio.sleep(min(0.1, deadline - loop.time()))
+        if await _child_exists(handle):
+            return True
+    return False
+
+
 async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
     client = await ctx.client()
     handle: WorkflowHandle[Any, TaskProgress] = client.get_workflow_handle(
         task_workflow_id(args.task_id), result_type=TaskProgress
     )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.wait_seconds
+    if not await _child_exists(handle):
+        queued = await _queued_progress(client, args.task_id)
+        if queued is not None and not await _wait_for_child(handle, deadline):
+            return queued
     try:
         if args.wait_seconds > 0:
+            remaining = max(0.001, deadline - loop.time())
+            args = args.model_copy(update={"wait_seconds": remaining})
             try:
                 return await asyncio.wait_for(handle.result(), args.wait_seconds)
             except TimeoutError:

@@ -13,7 +13,7 @@ from app.swarm import service
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
 from tests.conftest import running_workers
-from tests.support.replay import replay_run
+from tests.support.replay import replay_run, replay_saved
 from tests.swarm.conftest import (
     GATED_PROGRAM,
     SWARM_QUEUES,
@@ -338,6 +338,13 @@ async def test_swarm_workflows_replay(swarms: Swarms) -> None:
     await swarms.call("swarm_destroy", swarm_id=swarm_id)
     await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
     await replay_run(swarms.client, f"swarm-task-{result['task_id']}", all_workflows())
+
+
+async def test_swarm_replays_run_of_older_code(client: Client) -> None:
+    """A swarm recorded before the patched changes (children started at
+    submission, assignments by signal, a mirror write per change): tasks
+    with a dependency, a failure, a queued task and destroy."""
+    await replay_saved(client, "swarm_before_patches", all_workflows())
 
 
 async def test_swarm_list_starts_empty(swarms: Swarms) -> None:

@@ -7,10 +7,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from temporalio.client import Client
 
+from app.contracts.swarm import TaskWork
 from app.db import session_scope
 from app.settings import Settings
+from app.swarm.agent_tasks import AgentTaskError, run_on_agent, step_task_id
 from app.swarm.models import AgentRow, SwarmRow
 from app.swarm.resolver import resolve_swarm_agent
 from app.swarm.service import exit_error
@@ -273,3 +276,29 @@ async def test_assign_resolves_pending_step(client: Client, workers: Settings) -
         assert code["output"]["stdout"].strip() == analyst
     finally:
         await _call(ctx, "swarm_destroy", swarm_id=swarm_id)
+
+
+async def test_pinned_task_runs_on_its_agent(swarms: Any) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
+    second = agents[1]["agent_id"]
+    work = TaskWork(kind="code", task="pinned", code=AGENT_PROGRAM)
+    progress = await run_on_agent(
+        swarms.client,
+        swarm_id,
+        second,
+        step_task_id(swarm_id, "exec_pin", "code"),
+        work,
+    )
+    swarms.workflow_ids.append(f"swarm-task-{progress.task_id}")
+    assert progress.status == "completed", progress.error
+    # The first coder was idle and older, but the pin wins.
+    assert [s.agent_id for s in progress.steps] == [second]
+    assert progress.steps[0].stdout.strip() == second
+    with pytest.raises(AgentTaskError, match="is not an active agent"):
+        await run_on_agent(
+            swarms.client,
+            swarm_id,
+            "agent_unknown",
+            step_task_id(swarm_id, "exec_pin", "other"),
+            work,
+        )
