@@ -155,6 +155,7 @@ class IntegrationActivities:
                 kind="InvalidStepParams",
                 non_retryable=True,
             )
+
         found = await asyncio.to_thread(find_agent, self.settings, request.agent_id)
         if found is None:
             raise step_error(
@@ -165,6 +166,7 @@ class IntegrationActivities:
                 non_retryable=True,
             )
         agent, swarm = found
+
         work = TaskWork(
             kind="code",
             task=f"workflow step {request.step} of execution {request.execution_id}",
@@ -184,6 +186,7 @@ class IntegrationActivities:
             raise step_error(
                 request, str(error), kind="AgentUnavailable", non_retryable=True
             ) from None
+
         ran = progress.steps[0] if progress.steps else None
         output = {
             "agent_id": agent.agent_id,

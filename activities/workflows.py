@@ -104,7 +104,7 @@ class WorkflowActivities:
             resolution = resolve_agent(self.settings, step.agent, step.agent_type)
             agents[step.name] = resolution.agent_id
             if resolution.agent_id is None:
-                # The step runs without an agent; the trail says why.
+                # The step runs without an agent; the audit trail has the reason.
                 store.append_audit(
                     self.url,
                     AuditEntry(

@@ -461,9 +461,9 @@ class SwarmWorkflow:
             del self.state.unflushed_events[: len(events)]
             interval = self.state.task_event_batch_seconds
             if interval > 0 and workflow.patched(_PATCH_TASK_EVENT_BATCH):
-                # Task events wait up to `interval` to share one write, since
-                # each write is an activity with its own events and workflow
-                # tasks; other changes are written at once.
+                # Each write is an activity with its own events and workflow
+                # tasks, so task events wait up to `interval` to share one.
+                # Other changes end the wait (see _flush_now).
                 with contextlib.suppress(TimeoutError):
                     await workflow.wait_condition(self._flush_now, timeout=interval)
 

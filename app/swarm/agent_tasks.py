@@ -16,7 +16,7 @@ UPDATE_RETRY_SECONDS = 60.0
 
 
 class AgentTaskError(Exception):
-    """A task could not be submitted to the agent's swarm; the message says why."""
+    """Submission to the agent's swarm failed; the message gives the reason."""
 
 
 def step_task_id(swarm_id: str, execution_id: str, step: str) -> str:
@@ -58,7 +58,7 @@ async def run_on_agent(
             ) from None
         except RPCError as error:
             # The server admits a bounded number of in-flight updates per
-            # workflow; a busy swarm answers RESOURCE_EXHAUSTED.
+            # workflow, and returns RESOURCE_EXHAUSTED to the others.
             if error.status == RPCStatusCode.RESOURCE_EXHAUSTED and (
                 loop.time() < deadline
             ):

@@ -384,9 +384,9 @@ class WorkflowAgentAssignResult(BaseModel):
 async def workflow_agent_assign(
     ctx: ToolContext, args: WorkflowAgentAssignInput
 ) -> WorkflowAgentAssignResult:
-    """Assign a step to an agent type, resolved to the idle, least loaded agent
-    of that type in an active swarm (agent_id None and unresolved_reason when
-    none exists). For EXECUTION_ID/STEP the pending step of
+    """Assign a step to an agent type, resolved to an agent of that type in an
+    active swarm, idle first, then least loaded (agent_id None and
+    unresolved_reason when none exists). For EXECUTION_ID/STEP the pending step of
     the running execution changes now; for WORKFLOW_ID/STEP the definition gets
     a new version that later runs use. The assignment is audited."""
     owner, sep, step = args.task_id.partition("/")

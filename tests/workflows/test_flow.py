@@ -370,7 +370,9 @@ async def test_agent_assignment(
         agent_type="reviewer",
     )
     assert assigned["agent_type"] == "reviewer"
-    assert assigned["agent_id"] is None  # no swarm capability in this build
+    # No swarm runs in this test, so nothing resolves and the reason is kept.
+    assert assigned["agent_id"] is None
+    assert "type 'reviewer'" in assigned["unresolved_reason"]
     with pytest.raises(ToolError, match="only a pending step"):
         await call(
             tools,
