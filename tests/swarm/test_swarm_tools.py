@@ -4,6 +4,7 @@ destruction and the database mirror."""
 from __future__ import annotations
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
 
 from app.contracts.swarm import SpawnAgentRequest, TaskSpec, TaskWork
@@ -372,3 +373,42 @@ async def test_lost_sandbox_shows_live_and_recovers(swarms: Swarms) -> None:
     assert info.recreated == 1
     again = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert again["agents"][0]["sandbox_state"] == "running"
+
+
+async def test_queued_tasks_start_with_assignment(swarms: Swarms) -> None:
+    """A queued task's child starts once it has its agent, so neither side
+    sends an assign signal; task_status reads it from the swarm meanwhile."""
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    gate = await swarms.call(
+        "task_orchestrate",
+        task="hold",
+        code="import time; time.sleep(2)",
+        swarm_id=swarm_id,
+    )
+    queued = await swarms.call(
+        "task_orchestrate", task="next", code="print('next')", swarm_id=swarm_id
+    )
+    assert queued["status"] == "queued"
+    status = await swarms.call("task_status", task_id=queued["task_id"])
+    assert status["status"] == "queued"
+    assert status["swarm_id"] == swarm_id
+    for task in (gate, queued):
+        result = await swarms.call(
+            "task_results", task_id=task["task_id"], wait_seconds=60
+        )
+        assert result["status"] == "completed", result["error"]
+    child_events = [
+        event.event_type
+        async for event in swarms.client.get_workflow_handle(
+            queued["workflow_id"]
+        ).fetch_history_events()
+    ]
+    assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED not in child_events
+    parent_events = [
+        event.event_type
+        async for event in swarms.client.get_workflow_handle(
+            f"swarm-{swarm_id}"
+        ).fetch_history_events()
+    ]
+    signal = EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    assert signal not in parent_events
