@@ -46,8 +46,9 @@ from app.tools import ToolContext, invoke_tool, load_tools
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by this process tree, by role: the Temporal
-    server, each worker (with the sandbox programs it ran) and this client."""
+    """CPU seconds used so far by this client, the Temporal server and each
+    worker process. The sandbox programs are not included, since they run
+    outside these processes' accounting."""
     me = psutil.Process()
     usage = {"client": sum(me.cpu_times()[:2])}
     for child in me.children(recursive=True):
@@ -61,8 +62,7 @@ def cpu_seconds() -> dict[str, float]:
         elif "temporal" in command:
             role = "temporal server"
         else:
-            # Running sandbox programs; finished ones count in their worker.
-            role = "programs running"
+            role = "other"
         total = times.user + times.system + times.children_user
         usage[role] = usage.get(role, 0.0) + total + times.children_system
     return usage
@@ -72,7 +72,7 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(
         f"{role} {after[role] - before.get(role, 0.0):.2f}"
         for role in sorted(after)
-        if role != "programs running"
+        if role != "other"
     )
 
 
