@@ -91,8 +91,8 @@ class SandboxSessionExecutor:
         self._creating: dict[str, tuple[asyncio.Lock, int]] = {}
         # Sandboxes seen running by this worker, oldest first, at most
         # RUNNING_CACHE_SIZE. A step on one of them goes straight to
-        # `execute`, skipping the session query; `run_code` drops an id whose
-        # session is gone, and the next `ensure_sandbox` checks it.
+        # `execute` without the session query. `run_code` drops an id whose
+        # session is gone, so the next `ensure_sandbox` checks it again.
         self._running: OrderedDict[str, None] = OrderedDict()
 
     def _remember_running(self, sandbox_id: str) -> None:
