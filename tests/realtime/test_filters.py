@@ -1,6 +1,11 @@
 import pytest
 
-from app.realtime.filters import FilterError, parse_filter, split_top_level
+from app.realtime.filters import (
+    ColumnKind,
+    FilterError,
+    parse_filter,
+    split_top_level,
+)
 from app.realtime.service import SubscriptionError, create_subscription
 from app.realtime.stream import next_events
 from tests.realtime.helpers import create_items, insert_items
@@ -109,3 +114,49 @@ def test_quoted_split() -> None:
 def test_malformed_filter_rejected(text: str) -> None:
     with pytest.raises(FilterError):
         parse_filter(text, KINDS)
+
+
+def test_compiled_checks_agree_with_evaluate() -> None:
+    kinds: dict[str, ColumnKind] = {"n": "number", "s": "text", "b": "boolean"}
+    filters = [
+        "n=eq.3",
+        "n=neq.3",
+        "n=lt.2.5",
+        "n=lte.2",
+        "n=gt.-1",
+        "n=gte.10",
+        "n=in.(1,2,3)",
+        "n=not.in.(1,2)",
+        "n=is.null",
+        "n=not.is.null",
+        "s=eq.a",
+        "s=not.eq.a",
+        's=in.(a,"b,c")',
+        "s=like.a*",
+        "s=ilike.*B%",
+        "s=gt.b",
+        "b=is.true",
+        "b=is.false",
+        "b=eq.true",
+        "b=not.eq.false",
+        "n=gte.1,s=neq.a",
+    ]
+    values: dict[str, list[object]] = {
+        "n": [None, 0, 1, 2, 2.5, 3, 3.0, "3", "x", True, False, 10, -2, 1e9],
+        "s": [None, "a", "b", "b,c", "ab", "AB", "", 1, True, 2.5],
+        "b": [None, True, False, 0, 1, "true", "false", ""],
+    }
+    checked = 0
+    for text in filters:
+        row_filter = parse_filter(text, kinds)
+        for n in values["n"]:
+            for s in values["s"]:
+                for b in values["b"]:
+                    record = {"n": n, "s": s, "b": b}
+                    expected = all(
+                        c.evaluate(record, kinds[c.column]) is True
+                        for c in row_filter.conditions
+                    )
+                    assert row_filter.matches(record) is expected, (text, record)
+                    checked += 1
+    assert checked == len(filters) * 14 * 10 * 8
