@@ -329,10 +329,10 @@ class _TailWindow:
     """The most recent changes of one table, shared by this process's
     subscribers, so that one read of the log serves all of them.
 
-    Change ids become visible in id order (the capture trigger holds a lock
-    from a change's append to its commit), so once the window holds the
-    changes in (low, high], no other change in that range can appear later:
-    serving a subscriber from the window misses nothing.
+    Change ids become visible in id order, because the capture trigger holds
+    a lock from a change's append to its commit. So once the window holds
+    the changes in (low, high], no other change in that range can appear
+    later, and serving a subscriber from the window misses nothing.
     """
 
     def __init__(self) -> None:

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # processes; changes made in this process wake them at once.
 SQLITE_POLL_SECONDS = 0.05
 _RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
-# Least time between two cursor writes of one subscriber while it streams.
+# Minimum seconds between two cursor writes of one subscriber while it streams.
 CURSOR_SAVE_INTERVAL = 0.1
 
 
