@@ -19,3 +19,5 @@ def configure_logging(level: str = "INFO") -> None:
     if level != "DEBUG":
         logging.getLogger("temporalio").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        # Alembic logs its setup lines on every command that checks the schema.
+        logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import getpass
 import json
+import signal
 from typing import Annotated, Any
 
 import typer
@@ -97,6 +98,12 @@ def tail_command(
                 ctx, "realtime_unsubscribe", {"subscription_id": subscription_id}
             )
 
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, a supervisor) ends the tail like Ctrl-C, so the
+    # subscription is still deleted.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(follow())

@@ -65,6 +65,13 @@ async def run_on_agent(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            if error.status == RPCStatusCode.NOT_FOUND:
+                # The update reached a closed swarm workflow.
+                raise AgentTaskError(
+                    f"swarm {swarm_id} was destroyed or has ended, so its agents "
+                    "take no more tasks; resolve the step to an agent of an "
+                    "active swarm"
+                ) from None
             raise AgentTaskError(
                 f"swarm {swarm_id} cannot take tasks: {error.message}"
             ) from None

@@ -133,13 +133,14 @@ async def workflow_delete(
     same name makes it active again as a new version."""
     url = ctx.database_url
     try:
-        _, version, definition = await asyncio.to_thread(
+        row, version, definition = await asyncio.to_thread(
             store.get_definition, url, args.workflow_id
         )
     except store.NotFoundError as error:
         raise _not_found(error) from None
     deleted: list[str] = []
-    count = engine.schedule_count(definition)
+    # A definition deleted before has no schedules left to delete.
+    count = engine.schedule_count(definition) if row.status == "active" else 0
     if count:
         # Schedules first: a definition marked deleted must not start again.
         await engine.sync_schedules(

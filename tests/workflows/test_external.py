@@ -226,6 +226,9 @@ async def test_delete_removes_schedules_and_stops_execution(
         await asyncio.sleep(0.2)
         schedule_ids = [s.id async for s in await client.list_schedules()]
     assert schedule_id not in schedule_ids
+    repeated = await call(tools, "workflow_delete", workflow_id=created["workflow_id"])
+    assert repeated["status"] == "deleted"
+    assert repeated["schedules_deleted"] == []
     with pytest.raises(ToolError, match="is deleted; create it again"):
         await call(tools, "workflow_execute", workflow_id=created["workflow_id"])
     with pytest.raises(ToolError, match="'wf_nope' not found"):

@@ -1,0 +1,58 @@
+"""`nexus realtime tail` deletes its subscription however it is stopped."""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from app.realtime.service import list_subscriptions
+from app.settings import Settings
+from tests.realtime.helpers import create_items
+
+
+def test_tail_sigterm_deletes_subscription(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    environment = {
+        **os.environ,
+        "NEXUS_DATA_DIR": str(settings.data_dir),
+        "NEXUS_DATABASE_URL": url,
+        "NEXUS_TEMPORAL_ADDRESS": settings.temporal_address or "",
+        "NEXUS_ENCRYPTION_KEY": settings.encryption_key.get_secret_value()
+        if settings.encryption_key
+        else "",
+    }
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "realtime",
+            "tail",
+            "items",
+            "--filter",
+            "n=gt.1",
+        ],
+        env=environment,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert tail.stderr is not None
+        deadline = time.monotonic() + 60
+        subscribed = ""
+        while "subscribed as" not in subscribed and time.monotonic() < deadline:
+            ready, _, _ = select.select([tail.stderr], [], [], 1.0)
+            if ready:
+                subscribed += tail.stderr.readline()
+        assert "subscribed as" in subscribed
+        assert [s.table for s in list_subscriptions(url)] == ["items"]
+        tail.send_signal(signal.SIGTERM)
+        assert tail.wait(timeout=60) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+    assert list_subscriptions(url) == []
