@@ -295,7 +295,7 @@ class FlowNexusWorkflow:
     def _flush_now(
         self, running: dict[asyncio.Task[StepOutcome], str], types: dict[str, StepType]
     ) -> bool:
-        """Whether to write progress before waiting on the running steps.
+        """Decide whether to write progress before waiting on the running steps.
 
         While only local (cheap) steps run, their transitions are written
         together with the next remote step's or at the end: the live query

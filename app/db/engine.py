@@ -29,8 +29,8 @@ def get_engine(url: str) -> Engine:
 def get_stream_engine(url: str) -> Engine:
     """Return the engine for realtime reads and cursor writes of `url`.
 
-    On PostgreSQL it skips the pool's pre-ping, a round trip per checkout
-    that doubled the cost of the many small reads a stream makes; stream
+    On PostgreSQL it skips the pool's pre-ping, because that round trip per
+    checkout doubled the cost of the many small reads a stream makes. Stream
     readers retry a query that fails on a dropped connection instead. On
     SQLite it is the process-wide engine.
     """

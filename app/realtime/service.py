@@ -330,7 +330,7 @@ class _TailWindow:
     subscribers, so that one read of the log serves all of them.
 
     Change ids become visible in id order, because the capture trigger holds
-    a lock from a change's append to its commit. So once the window holds
+    a lock from a change's append to its commit. So once the window contains
     the changes in (low, high], no other change in that range can appear
     later, and serving a subscriber from the window misses nothing.
     """

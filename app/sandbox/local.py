@@ -42,6 +42,7 @@ from app.sandbox.backend import (
     SandboxLostError,
     resolve_inside,
 )
+from app.sandbox.runner import descendants
 from app.sandbox.templates import TEMPLATE_FILES
 
 logger = logging.getLogger(__name__)
@@ -799,7 +800,7 @@ def _kill_tree(pid: int) -> None:
     in no group of ours; it is found through its parent links.
     """
     for _ in range(3):
-        found = _descendants(pid)
+        found = descendants(pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         for child in found:
@@ -807,26 +808,6 @@ def _kill_tree(pid: int) -> None:
                 os.kill(child, signal.SIGKILL)
         if not found:
             return
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(b")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found: list[int] = []
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 async def _read_capped(

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from app.sandbox.backend import RunOutput, SandboxLostError
-from app.sandbox.local import LocalBackend, _descendants
+from app.sandbox.local import LocalBackend
+from app.sandbox.runner import descendants
 
 MODES = [
     pytest.param(False, id="plain"),
@@ -135,7 +136,7 @@ async def test_runner_death_loses_the_sandbox(backend: LocalBackend) -> None:
     # The runner is the anchor's python3 descendant (below bwrap if used).
     runners = [
         pid
-        for pid in _descendants(anchor)
+        for pid in descendants(anchor)
         if Path(f"/proc/{pid}/comm").read_text().strip().startswith("python3")
     ]
     assert runners

@@ -235,4 +235,5 @@ async def test_delete_removes_schedules_and_stops_execution(
         await call(tools, "workflow_delete", workflow_id="wf_nope")
     again = await call(tools, "workflow_create", name=name, steps=steps)
     assert again["workflow_id"] == created["workflow_id"]
-    assert again["status"] == "active" and again["version"] == 2
+    assert again["status"] == "active"
+    assert again["version"] == 2
