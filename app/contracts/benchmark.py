@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from app.contracts.types import UtcDateTime
 
 PhaseName = Literal[
     "sandbox_integration",
@@ -69,8 +70,8 @@ class PhaseResult(BaseModel):
     error: str | None = None
     operations: int = 0
     succeeded: int = 0
-    started_at: datetime
-    ended_at: datetime
+    started_at: UtcDateTime
+    ended_at: UtcDateTime
     metrics: dict[str, Any] = Field(default_factory=dict)
     carry: dict[str, Any] = Field(
         default_factory=dict, description="Outputs that later phases reuse."
@@ -88,7 +89,7 @@ class BenchmarkState(BaseModel):
 
     run_id: str
     config: BenchmarkConfig
-    started_at: datetime | None = None
+    started_at: UtcDateTime | None = None
     cycle: int = 0
     cycles: list[CycleAggregate] = Field(default_factory=list)
     operations: int = 0
@@ -118,7 +119,7 @@ class BenchmarkProgress(BaseModel):
 
 class ReportRequest(BaseModel):
     run_id: str
-    ended_at: datetime | None = None
+    ended_at: UtcDateTime | None = None
 
 
 class ReportResult(BaseModel):
@@ -153,7 +154,7 @@ class WorkerSample(BaseModel):
 
 class SampleBatch(BaseModel):
     run_id: str
-    taken_at: datetime
+    taken_at: UtcDateTime
     samples: list[WorkerSample]
     missing: list[str] = Field(default_factory=list)
 

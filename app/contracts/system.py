@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.contracts.types import UtcDateTime
 
 Status = Literal["healthy", "degraded", "unhealthy"]
 
@@ -33,7 +34,7 @@ class TemporalHealth(BaseModel):
 
 class Poller(BaseModel):
     identity: str
-    last_access_time: datetime | None = None
+    last_access_time: UtcDateTime | None = None
 
 
 class QueueHealth(BaseModel):
@@ -71,7 +72,7 @@ class HealthReport(BaseModel):
         default_factory=dict,
         description="Checks that capabilities add, such as sandbox isolation.",
     )
-    timestamp: datetime
+    timestamp: UtcDateTime
     uptime: float = Field(description="Seconds since this process started.")
     memory: MemoryStats
     version: str
@@ -109,7 +110,7 @@ class ProbeReport(BaseModel):
 
 class AuditRecord(BaseModel):
     id: int
-    created_at: datetime
+    created_at: UtcDateTime
     user_id: str
     key_id: str | None = None
     tool: str
@@ -118,10 +119,3 @@ class AuditRecord(BaseModel):
     error: str | None = None
     duration_ms: float
     ids: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("created_at")
-    @classmethod
-    def _assume_utc(cls, value: datetime) -> datetime:
-        # SQLite drops the offset of a stored datetime; the audit log writes
-        # UTC, so a naive value read back is UTC.
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value

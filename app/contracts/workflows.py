@@ -8,10 +8,11 @@ database.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.contracts.types import UtcDateTime
 
 StepStatus = Literal[
     "pending", "running", "completed", "failed", "skipped", "cancelled"
@@ -101,8 +102,8 @@ class StepState(BaseModel):
     agent_type: str | None = None
     agent_id: str | None = Field(None, description="The resolved swarm agent.")
     attempts: int = 0
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
     output: dict[str, Any] | None = None
     error: str | None = None
 
@@ -118,8 +119,8 @@ class ExecutionState(BaseModel):
     status: ExecutionStatus = "running"
     priority: int = 5
     input_data: dict[str, Any] = Field(default_factory=dict)
-    started_at: datetime | None = None
-    closed_at: datetime | None = None
+    started_at: UtcDateTime | None = None
+    closed_at: UtcDateTime | None = None
     error: str | None = None
     steps: list[StepState] = Field(default_factory=list)
 
@@ -132,7 +133,7 @@ class AuditEntry(BaseModel):
     step: str | None = None
     event: str = Field(description="e.g. execution.started, step.completed")
     status: str
-    at: datetime
+    at: UtcDateTime
     attempt: int | None = None
     details: dict[str, Any] = Field(default_factory=dict)
 

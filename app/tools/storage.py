@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.contracts.types import UtcDateTime
 from app.storage.local import ObjectInfo, StorageError, storage_for
 from app.storage.signing import MAX_EXPIRES_IN, sign_path, signing_key
 from app.tools.registry import ToolContext, ToolError, tool
@@ -21,7 +21,7 @@ class ObjectResult(BaseModel):
     size: int
     sha256: str
     content_type: str
-    modified_at: datetime
+    modified_at: UtcDateTime
 
     @classmethod
     def of(cls, info: ObjectInfo) -> ObjectResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +11,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from app.contracts.queues import ALL_QUEUES
+from app.contracts.types import UtcDateTime
 from app.contracts.workflows import (
     AgentAssignment,
     AuditEntry,
@@ -237,8 +238,8 @@ class ExecutionSummary(BaseModel):
     version: int
     name: str
     status: str
-    started_at: datetime | None = None
-    closed_at: datetime | None = None
+    started_at: UtcDateTime | None = None
+    closed_at: UtcDateTime | None = None
     error: str | None = None
 
 
@@ -444,7 +445,7 @@ async def workflow_agent_assign(
             step=step,
             event="step.agent_assigned",
             status="pending",
-            at=datetime.now().astimezone(),
+            at=datetime.now(UTC),
             details={
                 "agent_type": args.agent_type,
                 "agent_id": agent_id,
@@ -551,14 +552,14 @@ class WorkflowAuditTrailInput(BaseModel):
 
     workflow_id: str | None = Field(None, description="Default: every workflow.")
     limit: int = Field(50, ge=1, le=10000)
-    start_time: datetime | None = Field(
+    start_time: UtcDateTime | None = Field(
         None, description="ISO 8601; only transitions at or after it."
     )
 
 
 class AuditTrailEvent(BaseModel):
     id: int
-    at: datetime
+    at: UtcDateTime
     workflow_id: str | None
     execution_id: str
     step: str | None

@@ -164,6 +164,14 @@ async def test_failed_step_skips_dependents(
     assert "upstream step 'broken' failed" in steps["after"]["error"]
     assert steps["later"]["status"] == "skipped"
     assert steps["independent"]["status"] == "completed"
+    # Timestamps read back from either database say they are UTC.
+    stamps = [
+        listed["executions"][0]["started_at"],
+        execution["started_at"],
+        execution["closed_at"],
+        steps["broken"]["finished_at"],
+    ]
+    assert all(stamp.endswith("Z") for stamp in stamps), stamps
     with pytest.raises(WorkflowFailureError):
         await client.get_workflow_handle(execution_id).result()
     await replay_run(client, execution_id, all_workflows())
@@ -338,6 +346,7 @@ async def test_versions_and_audit_trail(
         (two, "b", "step.completed"),
         (two, None, "execution.completed"),
     ]
+    assert all(e["at"].endswith("Z") for e in trail["events"])
     listed = await call(tools, "workflow_list")
     names = {w["name"]: w for w in listed["workflows"]}
     assert names["versioned"]["version"] == 2
