@@ -21,16 +21,27 @@ library only: nothing of the application is visible inside the sandbox.
 
 from __future__ import annotations
 
+import atexit
+import builtins
 import contextlib
 import ctypes
+import importlib
 import json
 import os
+import resource
 import select
 import signal
+import site
 import socket
 import struct
 import sys
 import time
+import types
+
+# Among the imports above, atexit, builtins, importlib (which imports
+# warnings), resource, site and types are used by the forked program. They
+# are imported here, once, because each execution would otherwise load them
+# from disk again.
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -125,8 +136,6 @@ def _finish(code: int) -> None:
     try:
         if "threading" in sys.modules:
             sys.modules["threading"]._shutdown()
-        import atexit
-
         atexit._run_exitfuncs()
     except BaseException:
         pass
@@ -138,11 +147,6 @@ def _finish(code: int) -> None:
 
 def run_python(request: dict, env: dict) -> None:
     """Run Python code in this forked interpreter as `python3 -c` or a file."""
-    import builtins
-    import importlib
-    import site
-    import types
-
     path = request.get("file")
     if path:
         with open(path, encoding="utf-8") as handle:
@@ -190,8 +194,6 @@ def start_program(request: dict, out: int, err: int) -> None:
         os.dup2(out if out >= 0 else devnull, 1)
         os.dup2(err if err >= 0 else devnull, 2)
         os.closerange(3, 65536)
-        import resource
-
         for name, value in request["limits"].items():
             limit = getattr(resource, name)
             resource.setrlimit(limit, (value[0], value[1]))
@@ -278,6 +280,9 @@ def supervise(conn: socket.socket, request: dict, fds: list[int], runner: int) -
     except BaseException as error:
         with contextlib.suppress(OSError):
             send_reply(conn, {"error": f"{type(error).__name__}: {error}"})
+    # The host reads until end of file. Closing here sends it now, instead
+    # of after the kernel has torn down this process's memory.
+    conn.close()
     os._exit(0)
 
 
