@@ -589,13 +589,13 @@ class LocalBackend(SandboxBackend):
         if keep_alive is not None:
             # The runner takes the new lifetime with the request itself.
             state = {**state, "expires_at": time.time() + keep_alive}
-            self._write_state(backend_id, state)
         home = self._inside_home(backend_id)
         workdir = home if not cwd else resolve_or_home(home, cwd)
         full_env = {**self.base_env(backend_id), **env}
         if network and not self.allow_network and self.bwrap:
             # The runner has no network; installers get a process that has.
             if keep_alive is not None:
+                self._write_state(backend_id, state)
                 await self._ping(backend_id, state, keep_alive)
             return await self._spawn(
                 backend_id, argv, full_env, workdir, timeout, output_limit, True
@@ -635,6 +635,11 @@ class LocalBackend(SandboxBackend):
             )
         hung = False
         try:
+            if keep_alive is not None:
+                # Written while the runner starts the program, on the other
+                # core where there is one. A failed write closes the
+                # connection below, which kills the program.
+                self._write_state(backend_id, state)
             # The runner enforces `timeout`; this bound only covers a runner
             # that hangs. Closing the connection makes it kill the program.
             replies = await self._reply(connection, timeout + _REPLY_MARGIN)
