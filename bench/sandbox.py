@@ -12,6 +12,10 @@ measured before and after them:
 The targets are: create p50 <= 100 ms, execute p50 <= 1.5x the raw
 subprocess p50.
 
+For reference it also prints the floor of the tool path on the same dev
+server: an update of a minimal workflow that returns at once, and one whose
+handler runs a no-op local activity, as `execute` runs the sandbox call.
+
 Run: python -m bench.sandbox [--runs N]
 """
 
@@ -25,9 +29,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
+from temporalio import activity, workflow
+from temporalio.client import Client
+
 CODE = "print(1)"
+_FLOOR_QUEUE = "bench-sandbox-floor"
 
 
 def p50(samples: list[float]) -> float:
@@ -62,7 +71,70 @@ async def backend_level(runs: int, root: Path) -> tuple[list[float], list[float]
     return creates, executes
 
 
-async def tool_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
+@activity.defn(name="bench_sandbox_noop")
+async def _noop(value: str) -> str:
+    return value
+
+
+@workflow.defn(name="BenchSandboxFloorWorkflow", sandboxed=False)
+class FloorWorkflow:
+    """A session-like workflow whose updates do no sandbox work."""
+
+    def __init__(self) -> None:
+        self._done = False
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: self._done)
+
+    @workflow.update
+    async def bare(self, value: str) -> str:
+        return value
+
+    @workflow.update
+    async def local_activity(self, value: str) -> str:
+        return await workflow.execute_local_activity(
+            _noop, value, start_to_close_timeout=timedelta(seconds=30)
+        )
+
+    @workflow.signal
+    def finish(self) -> None:
+        self._done = True
+
+
+async def update_floor(client: Client, runs: int) -> dict[str, list[float]]:
+    """Time `runs` updates of each kind on a minimal workflow."""
+    import uuid
+
+    from temporalio.worker import Worker
+
+    samples: dict[str, list[float]] = {"bare": [], "local_activity": []}
+    async with Worker(
+        client,
+        task_queue=_FLOOR_QUEUE,
+        workflows=[FloorWorkflow],
+        activities=[_noop],
+    ):
+        handle = await client.start_workflow(
+            FloorWorkflow.run,
+            id=f"bench-sandbox-floor-{uuid.uuid4().hex[:8]}",
+            task_queue=_FLOOR_QUEUE,
+        )
+        try:
+            for _ in range(runs):
+                for name, times in samples.items():
+                    started = time.perf_counter()
+                    await handle.execute_update(name, "x", result_type=str)
+                    times.append(time.perf_counter() - started)
+        finally:
+            await handle.signal(FloorWorkflow.finish)
+            await handle.result()
+    return samples
+
+
+async def tool_level(
+    runs: int, root: Path
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
     from temporalio.testing import WorkflowEnvironment
 
     from app.contracts.queues import ORCHESTRATION, SANDBOX
@@ -106,6 +178,7 @@ async def tool_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
                 await invoke_tool(
                     ctx, "sandbox_delete", {"sandbox_id": created["sandbox_id"]}
                 )
+        floor = await update_floor(client, runs)
     finally:
         from app.sandbox.local import LocalBackend
         from app.sandbox.runtime import get_backend
@@ -114,7 +187,7 @@ async def tool_level(runs: int, root: Path) -> tuple[list[float], list[float]]:
         if isinstance(backend, LocalBackend):
             await backend.close()  # the in-process workers' spare runner
         await env.shutdown()
-    return creates, executes
+    return creates, executes, floor
 
 
 def raw_subprocess(runs: int) -> list[float]:
@@ -135,7 +208,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         raw = raw_subprocess(args.runs)
         b_create, b_exec = await backend_level(args.runs, Path(folder) / "backend")
-        t_create, t_exec = await tool_level(args.runs, Path(folder) / "tool")
+        t_create, t_exec, floor = await tool_level(args.runs, Path(folder) / "tool")
         raw_after = raw_subprocess(args.runs)
     baseline = p50(raw + raw_after)
     from app.sandbox.local import find_bwrap
@@ -162,6 +235,12 @@ async def main() -> None:
                 f"{label:35s} p50 {value:8.2f} ms  ratio {ratio:.2f}x of raw  "
                 f"target <= 1.5x: {verdict}"
             )
+    print("floor of the tool path, same dev server (no sandbox work):")
+    print(f"{'  update, handler returns at once':35s} p50 {p50(floor['bare']):8.2f} ms")
+    print(
+        f"{'  update running a no-op local act.':35s} "
+        f"p50 {p50(floor['local_activity']):8.2f} ms"
+    )
 
 
 def _load() -> str:
