@@ -282,8 +282,10 @@ def supervise(conn: socket.socket, request: dict, fds: list[int], runner: int) -
             send_reply(conn, {"error": f"{type(error).__name__}: {error}"})
     # The host reads until end of file. Closing here sends it now, instead
     # of after the kernel has torn down this process's memory.
-    conn.close()
-    os._exit(0)
+    try:
+        conn.close()
+    finally:
+        os._exit(0)
 
 
 def serve(listen_fd: int, lifetime: float) -> None:
