@@ -72,6 +72,10 @@ def check_relative_path(path: str, what: str) -> None:
 # "creating" only for sessions with a setup.
 _LOCAL_RECORDS = "sandbox-local-records"
 
+# Runs begun before this patch leave a lost sandbox's remains (its folder on
+# the local backend) on the backend after recreating it.
+_CLEAN_LOST = "sandbox-delete-lost-backend"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -193,6 +197,28 @@ class SandboxSessionWorkflow:
             )
             self._log_output("setup", created.setup_output)
             await self._record("running")
+            if workflow.patched(_CLEAN_LOST):
+                await self._delete_lost(lost_backend_id)
+
+    async def _delete_lost(self, backend_id: str) -> None:
+        """Remove what is left of a lost sandbox; a failure only costs disk."""
+        try:
+            await workflow.execute_activity(
+                "sandbox_delete",
+                BackendRef(
+                    sandbox_id=self._state.spec.sandbox_id, backend_id=backend_id
+                ),
+                task_queue=SANDBOX,
+                start_to_close_timeout=timedelta(seconds=120),
+                retry_policy=RetryPolicy(maximum_attempts=2),
+            )
+        except ActivityError as error:
+            workflow.logger.warning(
+                "could not delete lost sandbox %s of %s: %s",
+                backend_id,
+                self._state.spec.sandbox_id,
+                _cause_message(error),
+            )
 
     async def _with_sandbox(self, call: Callable[[str], Awaitable[T]]) -> tuple[T, int]:
         """Run `call(backend_id)`, recreating a lost sandbox a bounded number of

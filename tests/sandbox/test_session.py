@@ -14,7 +14,7 @@ import pytest
 from temporalio.client import Client
 
 from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
-from tests.support.replay import replay_run
+from tests.support.replay import replay_run, replay_saved
 from workflows.sandbox import SandboxSessionWorkflow
 
 SECRET = "sk-test-very-secret-value-7f3a"
@@ -178,6 +178,8 @@ async def test_lost_sandbox_is_recreated(tool_ctx: ToolContext, client: Client) 
         assert result["status"] == "completed", result
         assert result["recreated"] == 1
         assert result["stdout"].strip() == "started"
+        lost_folder = sandbox_home(tool_ctx, status["backend_id"]).parent
+        assert not lost_folder.exists(), "the lost sandbox's files were left"
         after = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
         assert after["recreated"] == 1
         assert after["live"]["alive"] is True
@@ -190,6 +192,11 @@ async def test_lost_sandbox_is_recreated(tool_ctx: ToolContext, client: Client) 
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_recreation_before_cleanup_replays(client: Client) -> None:
+    # Recorded before recreation deleted the lost sandbox's files.
+    await replay_saved(client, "sandbox_before_lost_cleanup", [SandboxSessionWorkflow])
 
 
 async def test_killed_anchor_is_recreated(tool_ctx: ToolContext) -> None:
@@ -216,6 +223,7 @@ async def test_killed_anchor_is_recreated(tool_ctx: ToolContext) -> None:
             content="hi",
         )
         assert result["recreated"] == 1
+        assert not state_file.parent.exists(), "the lost sandbox's files were left"
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
@@ -242,6 +250,7 @@ async def test_expired_sandbox_is_recreated(tool_ctx: ToolContext) -> None:
         )
         assert result["recreated"] == 1
         assert result["stdout"].strip() == "back"
+        assert not home.parent.exists(), "the expired sandbox's state was left"
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
