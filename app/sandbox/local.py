@@ -357,6 +357,7 @@ class LocalBackend(SandboxBackend):
             )
         finally:
             listener.close()
+        self._reap_exited_anchors()
         self._anchors[backend_id] = anchor
         self._write_state(
             backend_id,
@@ -376,6 +377,18 @@ class LocalBackend(SandboxBackend):
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(state))
         temporary.replace(path)
+
+    def _reap_exited_anchors(self) -> None:
+        """Wait for anchors that ended on their own or were killed elsewhere.
+
+        An anchor is this process's child, so it stays a zombie until waited
+        for: one that expired, or that another worker process killed on delete
+        (the session's delete may run on the sandbox queue while its create ran
+        here as a local activity).
+        """
+        for backend_id, anchor in list(self._anchors.items()):
+            if anchor.poll() is not None:
+                del self._anchors[backend_id]
 
     def _kill_anchor(self, backend_id: str, state: Mapping[str, object] | None) -> None:
         anchor = self._anchors.pop(backend_id, None)

@@ -203,3 +203,33 @@ async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> Non
         await local.delete("second")
         await local.close()
     assert list((tmp_path / "sandboxes").iterdir()) == []
+
+
+def _zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_anchor_killed_elsewhere_is_reaped(tmp_path: Path) -> None:
+    creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=False)
+    other = LocalBackend(tmp_path / "sandboxes", use_bwrap=False)
+    await creator.create("first", template="base", timeout=300, env={}, metadata={})
+    state = creator._read_state("first")
+    assert state is not None
+    anchor = int(state["anchor_pid"])  # type: ignore[call-overload]
+    # Another worker process's backend deletes it, so nobody here waits.
+    await other.delete("first")
+    for _ in range(200):
+        if _zombie(anchor):
+            break
+        await asyncio.sleep(0.05)
+    assert _zombie(anchor)
+    await creator.create("second", template="base", timeout=300, env={}, metadata={})
+    try:
+        assert not _zombie(anchor)
+        assert "first" not in creator._anchors
+    finally:
+        await creator.delete("second")
