@@ -9,26 +9,17 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from app.db.migrate import upgrade
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool
-from tests.conftest import TEST_ENCRYPTION_KEY
 from tests.support.replay import replay_run
+from tests.support.sandboxes import sandbox_test_settings
 from workflows.sandbox import SandboxSessionWorkflow
 
 
 @pytest.fixture
 def sandbox_settings(tmp_path: Path, temporal_address: str) -> Settings:
-    url = f"sqlite:///{tmp_path / 'nexus.db'}"
-    upgrade(url)
-    return Settings(
-        data_dir=tmp_path,
-        database_url=url,
-        temporal_address=temporal_address,
-        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
-        sandbox_package_index="http://127.0.0.1:9/simple",
-        sandbox_local_calls=False,
-        sandbox_spares=0,
+    return sandbox_test_settings(
+        tmp_path, temporal_address, sandbox_local_calls=False, sandbox_spares=0
     )
 
 

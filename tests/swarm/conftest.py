@@ -14,14 +14,14 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from app.contracts.queues import ORCHESTRATION, SANDBOX
-from app.db.migrate import upgrade
 from app.sandbox import service as sandbox_service
 from app.sandbox.runtime import get_backend
 from app.sandbox.service import SandboxServiceError
 from app.settings import Settings
 from app.swarm.executor import agent_sandbox_id
 from app.tools import ToolContext, invoke_tool, load_tools
-from tests.conftest import TEST_ENCRYPTION_KEY, running_workers
+from tests.conftest import running_workers
+from tests.support.sandboxes import sandbox_test_settings
 
 load_tools()
 
@@ -30,16 +30,7 @@ SWARM_QUEUES = (ORCHESTRATION, SANDBOX)
 
 @pytest.fixture
 def swarm_settings(tmp_path: Path, temporal_address: str) -> Settings:
-    url = f"sqlite:///{tmp_path / 'nexus.db'}"
-    upgrade(url)
-    return Settings(
-        data_dir=tmp_path,
-        database_url=url,
-        temporal_address=temporal_address,
-        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
-        # A closed local port: no sandbox install ever leaves the machine.
-        sandbox_package_index="http://127.0.0.1:9/simple",
-    )
+    return sandbox_test_settings(tmp_path, temporal_address)
 
 
 class Swarms:

@@ -1,0 +1,27 @@
+"""Settings for tests whose sandboxes run on the local backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.db.migrate import upgrade
+from app.settings import Settings
+from tests.conftest import TEST_ENCRYPTION_KEY
+
+
+def sandbox_test_settings(
+    tmp_path: Path, temporal_address: str, **overrides: Any
+) -> Settings:
+    """Build settings with a migrated SQLite database under `tmp_path`."""
+    url = f"sqlite:///{tmp_path / 'nexus.db'}"
+    upgrade(url)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=url,
+        temporal_address=temporal_address,
+        encryption_key=TEST_ENCRYPTION_KEY,
+        # A closed local port: installs fail fast and never leave the machine.
+        sandbox_package_index="http://127.0.0.1:9/simple",
+        **overrides,
+    )
