@@ -6,10 +6,11 @@ Secret values travel only as sealed strings (AES-GCM ciphertext made by
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from app.contracts.types import UtcDateTime
 
 Template = Literal[
     "base", "python", "node", "claude-code", "react", "nextjs", "vanilla"
@@ -66,7 +67,7 @@ class SessionEvent(BaseModel):
     """One lifecycle event of a session (created, recreated, configured, ...)."""
 
     kind: str
-    at: datetime
+    at: UtcDateTime
     backend_id: str | None = None
     detail: str | None = None
     count: int | None = None
@@ -81,7 +82,7 @@ class SessionState(BaseModel):
     backend_id: str | None = None
     generation: int = 0
     recreated: int = 0
-    created_at: datetime | None = None
+    created_at: UtcDateTime | None = None
     error: str | None = None
     events: list[SessionEvent] = Field(default_factory=list)
     log_lines: list[str] = Field(default_factory=list)
@@ -119,7 +120,7 @@ class SessionInfo(BaseModel):
     metadata: dict[str, str]
     install_packages: list[str]
     recreated: int
-    created_at: datetime | None
+    created_at: UtcDateTime | None
     error: str | None
     events: list[SessionEvent]
 
@@ -176,7 +177,7 @@ class BackendState(BaseModel):
     backend_id: str
     alive: bool
     state: Literal["running", "stopped", "expired", "lost"]
-    expires_at: datetime | None = None
+    expires_at: UtcDateTime | None = None
     detail: str | None = None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +15,7 @@ from app.contracts.sandbox import (
     SessionEvent,
     Template,
 )
+from app.contracts.types import UtcDateTime
 from app.sandbox import service
 from app.sandbox.backend import SandboxConfigurationError
 from app.sandbox.health import register_isolation_check
@@ -81,7 +81,7 @@ class SandboxCreateResult(BaseModel):
     timeout: int
     metadata: dict[str, str]
     install_packages: list[str]
-    created_at: datetime | None
+    created_at: UtcDateTime | None
 
 
 @tool("sandbox_create", group="sandbox")
@@ -185,7 +185,7 @@ class SandboxStatusResult(BaseModel):
     env_vars_configured: list[str]
     timeout: int
     recreated: int
-    created_at: datetime | None
+    created_at: UtcDateTime | None
     events: list[SessionEvent]
     error: str | None
 
@@ -231,8 +231,8 @@ class SandboxSummary(BaseModel):
     env_vars_configured: list[str]
     metadata: dict[str, Any]
     recreated: int
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class SandboxListResult(BaseModel):

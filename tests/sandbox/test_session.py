@@ -185,6 +185,8 @@ async def test_lost_sandbox_is_recreated(tool_ctx: ToolContext, client: Client) 
         assert after["live"]["alive"] is True
         kinds = [event["kind"] for event in after["events"]]
         assert "recreated" in kinds
+        assert after["created_at"].endswith("Z")
+        assert all(event["at"].endswith("Z") for event in after["events"])
         again = await call(
             tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(2)"
         )
