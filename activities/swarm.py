@@ -97,6 +97,8 @@ class SwarmMirrorActivities:
 
 
 async def _heartbeat_until_done(step: int) -> None:
+    # The first heartbeat waits too: most steps end within HEARTBEAT_SECONDS,
+    # and each heartbeat is a call to the server.
     while True:
-        activity.heartbeat({"step": step})
         await asyncio.sleep(HEARTBEAT_SECONDS)
+        activity.heartbeat({"step": step})

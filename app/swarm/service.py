@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 from temporalio.client import Client
 
 from app.contracts.swarm import AgentStepRequest, StepResult, SwarmMirror
@@ -233,8 +233,17 @@ def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
         row.destroyed_at = mirror.destroyed_at
         row.agent_count = sum(1 for a in mirror.agents if a.status != "removed")
         session.add(row)
+        # One query for the swarm's agent rows and one for its events already
+        # written: a write happens every few tasks, with every agent in it.
+        agent_rows = {
+            agent_row.agent_id: agent_row
+            for agent_row in session.exec(
+                select(AgentRow).where(AgentRow.swarm_id == mirror.swarm_id)
+            )
+        }
+        written = _written_event_ids(session, mirror)
         for agent in mirror.agents:
-            agent_row = session.get(AgentRow, agent.agent_id) or AgentRow(
+            agent_row = agent_rows.get(agent.agent_id) or AgentRow(
                 agent_id=agent.agent_id,
                 swarm_id=mirror.swarm_id,
                 type=agent.type,
@@ -250,7 +259,7 @@ def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
             session.add(agent_row)
         new = 0
         for event in mirror.events:
-            if session.get(SwarmEventRow, event.event_id) is not None:
+            if event.event_id in written:
                 continue
             session.add(
                 SwarmEventRow(
@@ -266,6 +275,21 @@ def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
             )
             new += 1
     return new
+
+
+def _written_event_ids(session: Session, mirror: SwarmMirror) -> set[str]:
+    """Return the ids of `mirror.events` that the table has already."""
+    if not mirror.events:
+        return set()
+    seqs = [event.seq for event in mirror.events]
+    return set(
+        session.exec(
+            select(SwarmEventRow.event_id)
+            .where(SwarmEventRow.swarm_id == mirror.swarm_id)
+            .where(col(SwarmEventRow.seq) >= min(seqs))
+            .where(col(SwarmEventRow.seq) <= max(seqs))
+        )
+    )
 
 
 def list_swarm_rows(url: str, status: str) -> list[SwarmRow]:

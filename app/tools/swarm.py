@@ -465,6 +465,21 @@ async def _wait_for_child(
     return False
 
 
+async def _wait_result(
+    handle: WorkflowHandle[Any, TaskProgress], seconds: float
+) -> TaskProgress | None:
+    """Wait up to `seconds` for the child's result; None when the wait timed
+    out or the task has no child workflow yet."""
+    try:
+        return await asyncio.wait_for(handle.result(), seconds)
+    except TimeoutError:
+        return None
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+
+
 async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
     client = await ctx.client()
     handle: WorkflowHandle[Any, TaskProgress] = client.get_workflow_handle(
@@ -472,16 +487,24 @@ async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait_seconds
+    if args.wait_seconds > 0:
+        # A task waited for has a child workflow in most cases, so wait on
+        # its result first and look for the child only when that fails.
+        try:
+            progress = await _wait_result(handle, args.wait_seconds)
+        except RPCError as error:
+            raise _task_rpc_error(args.task_id, error) from None
+        if progress is not None:
+            return progress
     if not await _child_exists(handle):
         queued = await _queued_progress(client, args.task_id)
         if queued is not None and not await _wait_for_child(handle, deadline):
             return queued
     try:
-        if args.wait_seconds > 0:
-            remaining = max(0.001, deadline - loop.time())
-            args = args.model_copy(update={"wait_seconds": remaining})
+        remaining = deadline - loop.time()
+        if remaining > 0:
             try:
-                return await asyncio.wait_for(handle.result(), args.wait_seconds)
+                return await asyncio.wait_for(handle.result(), remaining)
             except TimeoutError:
                 pass
         description = await handle.describe()
@@ -489,15 +512,18 @@ async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
             return await handle.result()
         return await handle.query("status", result_type=TaskProgress)
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            raise ToolError(
-                f"task {args.task_id} not found; use a task_id that "
-                "task_orchestrate returned",
-                kind="not_found",
-            ) from None
-        raise ToolError(
-            f"could not read task {args.task_id}: {error.message}", kind="unavailable"
-        ) from None
+        raise _task_rpc_error(args.task_id, error) from None
+
+
+def _task_rpc_error(task_id: str, error: RPCError) -> ToolError:
+    if error.status == RPCStatusCode.NOT_FOUND:
+        return ToolError(
+            f"task {task_id} not found; use a task_id that task_orchestrate returned",
+            kind="not_found",
+        )
+    return ToolError(
+        f"could not read task {task_id}: {error.message}", kind="unavailable"
+    )
 
 
 class TaskStatusResult(BaseModel):
