@@ -8,15 +8,19 @@ import contextlib
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from app.contracts.swarm import (
     AgentStepRequest,
+    LastStepResult,
     StepResult,
     StopSandboxesRequest,
     StopSandboxesResult,
     SwarmMirror,
+    TaskFinished,
 )
 from app.settings import Settings
+from app.swarm import planning
 from app.swarm.executor import AgentExecutor, build_executor
 from app.swarm.service import StepFailedError, run_step, write_mirror
 
@@ -67,6 +71,36 @@ class SwarmActivities:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+
+    @activity.defn(name="run_last_agent_step")
+    async def run_last_agent_step(self, request: AgentStepRequest) -> LastStepResult:
+        """Run the only step of a task, then send the swarm `task_finished`.
+
+        The task workflow then completes without its own signal: one workflow
+        task and one signal less per task. The signal reaches the swarm
+        before the task workflow completes, as the workflow's would.
+        """
+        result = await self.run_agent_step(request)
+        status, error = planning.task_outcome([result])
+        finished = TaskFinished(
+            task_id=request.task_id,
+            status=status,
+            error=error,
+            sandboxes={result.agent_id: result.sandbox_id} if result.sandbox_id else {},
+        )
+        handle = activity.client().get_workflow_handle(f"swarm-{request.swarm_id}")
+        try:
+            await handle.signal("task_finished", finished)
+        except RPCError as error:
+            # The task workflow signals instead, and logs if that fails too.
+            activity.logger.warning(
+                "step of task %s could not report to swarm %s: %s",
+                request.task_id,
+                request.swarm_id,
+                error,
+            )
+            return LastStepResult(result=result)
+        return LastStepResult(result=result, reported=True)
 
     @activity.defn(name="stop_agent_sandboxes")
     async def stop_agent_sandboxes(

@@ -216,7 +216,7 @@ INTEGRATION = Capability(
 
 def _swarm_sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
     swarm = SwarmActivities(settings)
-    return [swarm.run_agent_step, swarm.stop_agent_sandboxes]
+    return [swarm.run_agent_step, swarm.run_last_agent_step, swarm.stop_agent_sandboxes]
 
 
 def _swarm_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         AgentStepRequest,
         Assignment,
         FlowEdge,
+        LastStepResult,
         ScaleRequest,
         ScaleResult,
         SpawnAgentRequest,
@@ -59,6 +60,10 @@ MIRROR_RETRY = RetryPolicy(
 # older code replay unchanged.
 _PATCH_START_ON_ASSIGNMENT = "swarm-start-child-on-assignment"
 _PATCH_TASK_EVENT_BATCH = "swarm-task-event-batch"
+_PATCH_LOCAL_MIRROR = "swarm-local-mirror-write"
+# Patch id of SwarmTaskWorkflow's change: a task's only step runs as
+# `run_last_agent_step`, which reports the task's end to the swarm.
+_PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
 
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
@@ -448,14 +453,26 @@ class SwarmWorkflow:
             events = list(self.state.unflushed_events)
             self.state.mirror_dirty = False
             try:
-                await workflow.execute_activity(
-                    "mirror_swarm",
-                    self._mirror(events),
-                    task_queue=ORCHESTRATION,
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=MIRROR_RETRY,
-                    result_type=int,
-                )
+                if workflow.patched(_PATCH_LOCAL_MIRROR):
+                    # The write is registered on this workflow's own worker,
+                    # so a local activity skips the activity task's round
+                    # trip through the server.
+                    await workflow.execute_local_activity(
+                        "mirror_swarm",
+                        self._mirror(events),
+                        start_to_close_timeout=timedelta(seconds=30),
+                        retry_policy=MIRROR_RETRY,
+                        result_type=int,
+                    )
+                else:
+                    await workflow.execute_activity(
+                        "mirror_swarm",
+                        self._mirror(events),
+                        task_queue=ORCHESTRATION,
+                        start_to_close_timeout=timedelta(seconds=30),
+                        retry_policy=MIRROR_RETRY,
+                        result_type=int,
+                    )
             finally:
                 self.mirror_busy = False
             del self.state.unflushed_events[: len(events)]
@@ -678,6 +695,9 @@ class SwarmTaskWorkflow:
             submitted_at=workflow.now(),
         )
         self.next_step = 0
+        # Set when the task has one step, which then reports the task's end.
+        self.last_step_reports = False
+        self.reported = False
 
     @workflow.signal
     def assign(self, assignment: Assignment) -> None:
@@ -715,14 +735,11 @@ class SwarmTaskWorkflow:
         progress.finished_at = workflow.now()
         failed = [s for s in progress.steps if s.status == "failed"]
         progress.steps_failed = len(failed)
-        if failed:
-            progress.status = "failed"
-            progress.error = "; ".join(
-                f"{s.agent_name} (part {s.part_index}): {s.error}" for s in failed
-            )
-        else:
-            progress.status = "completed"
-        await self._report()
+        progress.status, error = planning.task_outcome(progress.steps)
+        if error is not None:
+            progress.error = error
+        if not self.reported:
+            await self._report()
         return progress
 
     async def _report(self) -> None:
@@ -762,6 +779,9 @@ class SwarmTaskWorkflow:
         self.progress.strategy_used = strategy  # type: ignore[assignment]
         self.progress.strategy_reason = reason
         self.progress.steps_total = len(parts)
+        self.last_step_reports = len(parts) == 1 and workflow.patched(
+            _PATCH_LAST_STEP_REPORTS
+        )
         runner: Callable[[list[AgentState], list[str], bool], Awaitable[list[str]]]
         runner = {
             "hierarchical": self._hierarchical,
@@ -949,17 +969,7 @@ class SwarmTaskWorkflow:
             previous_output=previous,
         )
         try:
-            result: StepResult = await workflow.execute_activity(
-                "run_agent_step",
-                request,
-                task_queue=SANDBOX,
-                start_to_close_timeout=timedelta(
-                    seconds=self.input.spec.work.timeout_seconds + 60
-                ),
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=STEP_RETRY,
-                result_type=StepResult,
-            )
+            result = await self._run_step_activity(request)
         except ActivityError as error:
             cause = error.cause
             if isinstance(cause, CancelledError):
@@ -984,6 +994,31 @@ class SwarmTaskWorkflow:
         else:
             self.progress.steps_failed += 1
         return result
+
+    async def _run_step_activity(self, request: AgentStepRequest) -> StepResult:
+        timeout = timedelta(seconds=self.input.spec.work.timeout_seconds + 60)
+        if self.last_step_reports:
+            last: LastStepResult = await workflow.execute_activity(
+                "run_last_agent_step",
+                request,
+                task_queue=SANDBOX,
+                start_to_close_timeout=timeout,
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=STEP_RETRY,
+                result_type=LastStepResult,
+            )
+            self.reported = last.reported
+            return last.result
+        step: StepResult = await workflow.execute_activity(
+            "run_agent_step",
+            request,
+            task_queue=SANDBOX,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=STEP_RETRY,
+            result_type=StepResult,
+        )
+        return step
 
     def _flow(
         self,

@@ -274,6 +274,14 @@ class StepResult(BaseModel):
         return ""
 
 
+class LastStepResult(BaseModel):
+    """Result of `run_last_agent_step`: the step, and whether the activity has
+    sent the swarm the task's `task_finished` signal already."""
+
+    result: StepResult
+    reported: bool = False
+
+
 class FlowEdge(BaseModel):
     """One movement of work or results between agents, in the order it happened."""
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from app.contracts.swarm import PRIORITY_RANK, AgentState, TaskRecord, TaskSpec
+from app.contracts.swarm import (
+    PRIORITY_RANK,
+    AgentState,
+    StepResult,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+)
 
 # Agent types that suit each kind of execution, best first; they break ties
 # after capability matches.
@@ -173,3 +180,15 @@ def default_agent_count(spec: TaskSpec, topology: str) -> int:
     items = len(split_items(spec.work.task))
     extra = 1 if items > 1 and topology in ("hierarchical", "star") else 0
     return min(10, items + extra)
+
+
+def task_outcome(steps: Sequence[StepResult]) -> tuple[TaskStatus, str | None]:
+    """Return a task's status and error from its finished steps: failed, with
+    each failed step named, when any step failed, else completed."""
+    failed = [s for s in steps if s.status == "failed"]
+    if not failed:
+        return "completed", None
+    error = "; ".join(
+        f"{s.agent_name} (part {s.part_index}): {s.error}" for s in failed
+    )
+    return "failed", error

@@ -348,6 +348,14 @@ async def test_swarm_replays_run_of_older_code(client: Client) -> None:
     await replay_saved(client, "swarm_before_patches", all_workflows())
 
 
+async def test_swarm_replays_run_with_mirror_activity(client: Client) -> None:
+    """A swarm recorded while mirror writes were activities on the
+    orchestration queue: dependencies, a failure, queued tasks, a two-part
+    task, scale-down and destroy with a running and a queued task."""
+    await replay_saved(client, "swarm_before_local_mirror", all_workflows())
+    await replay_saved(client, "swarm_before_local_mirror_task", all_workflows())
+
+
 async def test_swarm_list_starts_empty(swarms: Swarms) -> None:
     ctx: ToolContext = swarms.ctx
     listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
