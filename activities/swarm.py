@@ -79,6 +79,10 @@ class SwarmActivities:
         The task workflow then completes without its own signal: one workflow
         task and one signal less per task. The signal reaches the swarm
         before the task workflow completes, as the workflow's would.
+
+        NOTE: when the worker dies after the signal and before the activity
+        completes, the retry runs the program again, and the swarm keeps the
+        status of the first attempt while `task_results` shows the retry.
         """
         result = await self.run_agent_step(request)
         status, error = planning.task_outcome([result])

@@ -61,7 +61,7 @@ MIRROR_RETRY = RetryPolicy(
 _PATCH_START_ON_ASSIGNMENT = "swarm-start-child-on-assignment"
 _PATCH_TASK_EVENT_BATCH = "swarm-task-event-batch"
 _PATCH_LOCAL_MIRROR = "swarm-local-mirror-write"
-# Patch id of SwarmTaskWorkflow's change: a task's only step runs as
+# Patch id of the SwarmTaskWorkflow change that runs a task's only step as
 # `run_last_agent_step`, which reports the task's end to the swarm.
 _PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
 

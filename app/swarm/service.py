@@ -233,8 +233,8 @@ def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
         row.destroyed_at = mirror.destroyed_at
         row.agent_count = sum(1 for a in mirror.agents if a.status != "removed")
         session.add(row)
-        # One query for the swarm's agent rows and one for its events already
-        # written: a write happens every few tasks, with every agent in it.
+        # Read the agent rows and the events written before with one query
+        # each, since every write carries every agent and a batch of events.
         agent_rows = {
             agent_row.agent_id: agent_row
             for agent_row in session.exec(
@@ -278,7 +278,7 @@ def _write_mirror_once(url: str, mirror: SwarmMirror) -> int:
 
 
 def _written_event_ids(session: Session, mirror: SwarmMirror) -> set[str]:
-    """Return the ids of `mirror.events` that the table has already."""
+    """Return the ids of `mirror.events` that the table contains already."""
     if not mirror.events:
         return set()
     seqs = [event.seq for event in mirror.events]

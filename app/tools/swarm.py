@@ -468,8 +468,8 @@ async def _wait_for_child(
 async def _wait_result(
     handle: WorkflowHandle[Any, TaskProgress], seconds: float
 ) -> TaskProgress | None:
-    """Wait up to `seconds` for the child's result; None when the wait timed
-    out or the task has no child workflow yet."""
+    """Wait up to `seconds` for the child's result. Return None when the wait
+    timed out or the task has no child workflow yet."""
     try:
         return await asyncio.wait_for(handle.result(), seconds)
     except TimeoutError:
