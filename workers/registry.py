@@ -220,7 +220,8 @@ def _swarm_sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
 
 
 def _swarm_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
-    return [SwarmMirrorActivities(settings).mirror_swarm]
+    mirror = SwarmMirrorActivities(settings)
+    return [mirror.mirror_swarm, mirror.start_swarm_task]
 
 
 SWARM = Capability(
