@@ -56,9 +56,6 @@ def task_workflow_id(task_id: str) -> str:
 MIRROR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )
-TASK_START_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10)
-)
 
 # Patch ids of changes to the commands SwarmWorkflow issues, so runs started by
 # older code replay unchanged.
@@ -414,7 +411,7 @@ class SwarmWorkflow:
                     "start_swarm_task",
                     StartTaskRequest(workflow_id=task.workflow_id, input=task_input),
                     start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=TASK_START_RETRY,
+                    retry_policy=MIRROR_RETRY,
                     result_type=bool,
                 )
                 task.child_started = True
