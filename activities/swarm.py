@@ -7,19 +7,12 @@ import asyncio
 import contextlib
 
 from temporalio import activity
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
     AgentStepRequest,
     LastStepResult,
-    StartTaskRequest,
     StepResult,
     StopSandboxesRequest,
     StopSandboxesResult,
@@ -30,7 +23,6 @@ from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import AgentExecutor, build_executor
 from app.swarm.service import StepFailedError, run_step, write_mirror
-from app.temporal.search_attributes import SWARM_ID
 
 HEARTBEAT_SECONDS = 2.0
 
@@ -130,8 +122,7 @@ class SwarmActivities:
 
 
 class SwarmMirrorActivities:
-    """The database mirror and task workflow starts, on the orchestration
-    queue, run by the swarm workflow as local activities."""
+    """The database mirror, on the orchestration queue."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -141,27 +132,6 @@ class SwarmMirrorActivities:
         return await asyncio.to_thread(
             write_mirror, self.settings.effective_database_url, mirror
         )
-
-    @activity.defn(name="start_swarm_task")
-    async def start_swarm_task(self, request: StartTaskRequest) -> bool:
-        """Start a task workflow; return False when a run with its id exists
-        already, as after a retried attempt."""
-        try:
-            await activity.client().start_workflow(
-                "SwarmTaskWorkflow",
-                request.input,
-                id=request.workflow_id,
-                task_queue=ORCHESTRATION,
-                # A closed run counts too: a retry must not run a task twice.
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                search_attributes=TypedSearchAttributes(
-                    [SearchAttributePair(SWARM_ID, request.input.swarm_id)]
-                ),
-            )
-        except WorkflowAlreadyStartedError:
-            activity.logger.info("task workflow %s exists already", request.workflow_id)
-            return False
-        return True
 
 
 async def _heartbeat_until_done(step: int) -> None:

@@ -220,8 +220,7 @@ def _swarm_sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
 
 
 def _swarm_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
-    mirror = SwarmMirrorActivities(settings)
-    return [mirror.mirror_swarm, mirror.start_swarm_task]
+    return [SwarmMirrorActivities(settings).mirror_swarm]
 
 
 SWARM = Capability(

@@ -27,7 +27,6 @@ with workflow.unsafe.imports_passed_through():
         ScaleRequest,
         ScaleResult,
         SpawnAgentRequest,
-        StartTaskRequest,
         StepResult,
         StopSandboxesRequest,
         StopSandboxesResult,
@@ -62,7 +61,6 @@ MIRROR_RETRY = RetryPolicy(
 _PATCH_START_ON_ASSIGNMENT = "swarm-start-child-on-assignment"
 _PATCH_TASK_EVENT_BATCH = "swarm-task-event-batch"
 _PATCH_LOCAL_MIRROR = "swarm-local-mirror-write"
-_PATCH_START_TASK_LOCALLY = "swarm-start-task-by-local-activity"
 # Patch id of the SwarmTaskWorkflow change that runs a task's only step as
 # `run_last_agent_step`, which reports the task's end to the swarm.
 _PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
@@ -397,28 +395,14 @@ class SwarmWorkflow:
     ) -> None:
         task_id = task.spec.task_id
         self.starting.add(task_id)
-        task_input = SwarmTaskInput(
-            swarm_id=self.state.swarm_id,
-            spec=task.spec,
-            assignment=self._assignment(task) if with_assignment else None,
-        )
         try:
-            if with_assignment and workflow.patched(_PATCH_START_TASK_LOCALLY):
-                # Not a child: the swarm learns of the end from the
-                # task_finished signal alone, so the server records no child
-                # started and completed events and wakes the swarm less.
-                await workflow.execute_local_activity(
-                    "start_swarm_task",
-                    StartTaskRequest(workflow_id=task.workflow_id, input=task_input),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    retry_policy=MIRROR_RETRY,
-                    result_type=bool,
-                )
-                task.child_started = True
-                return
             await workflow.start_child_workflow(
                 SwarmTaskWorkflow.run,
-                task_input,
+                SwarmTaskInput(
+                    swarm_id=self.state.swarm_id,
+                    spec=task.spec,
+                    assignment=self._assignment(task) if with_assignment else None,
+                ),
                 id=task.workflow_id,
                 task_queue=ORCHESTRATION,
                 # Tasks outlive this run when the swarm continues as new;

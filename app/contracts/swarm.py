@@ -222,13 +222,6 @@ class SwarmTaskInput(BaseModel):
     assignment: Assignment | None = None
 
 
-class StartTaskRequest(BaseModel):
-    """Input of the `start_swarm_task` activity: one task workflow to start."""
-
-    workflow_id: str
-    input: SwarmTaskInput
-
-
 class AgentStepRequest(BaseModel):
     """One agent's piece of a task, executed by the `run_agent_step` activity."""
 
