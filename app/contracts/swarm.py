@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from app.contracts.types import UtcDateTime
 
 Topology = Literal["hierarchical", "mesh", "ring", "star"]
 SwarmStrategy = Literal["balanced", "specialized", "adaptive"]
@@ -53,7 +54,7 @@ class AgentState(BaseModel):
     current_task_id: str | None = None
     tasks_completed: int = 0
     tasks_failed: int = 0
-    joined_at: datetime
+    joined_at: UtcDateTime
     seq: int = Field(description="Spawn order inside the swarm.")
 
 
@@ -96,9 +97,9 @@ class TaskRecord(BaseModel):
     status: TaskStatus = "queued"
     workflow_id: str
     assigned_agents: list[str] = Field(default_factory=list)
-    submitted_at: datetime
-    assigned_at: datetime | None = None
-    finished_at: datetime | None = None
+    submitted_at: UtcDateTime
+    assigned_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
     error: str | None = None
     child_started: bool = False
     seq: int
@@ -124,7 +125,7 @@ class SwarmEvent(BaseModel):
     agent_id: str | None = None
     task_id: str | None = None
     detail: dict[str, object] = Field(default_factory=dict)
-    at: datetime
+    at: UtcDateTime
 
 
 class Assignment(BaseModel):
@@ -146,8 +147,8 @@ class SwarmState(BaseModel):
     max_agents: int = Field(ge=1, le=100)
     strategy: SwarmStrategy = "balanced"
     status: SwarmStatus = "active"
-    created_at: datetime
-    destroyed_at: datetime | None = None
+    created_at: UtcDateTime
+    destroyed_at: UtcDateTime | None = None
     agents: list[AgentState] = Field(default_factory=list)
     tasks: list[TaskRecord] = Field(default_factory=list)
     next_agent_seq: int = 0
@@ -257,8 +258,8 @@ class StepResult(BaseModel):
     error: str | None = None
     sandbox_id: str | None = None
     attempt: int = 1
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
     duration_ms: float | None = None
 
     def output_text(self) -> str:
@@ -315,9 +316,9 @@ class TaskProgress(BaseModel):
     flow: list[FlowEdge] = Field(default_factory=list)
     output: str | None = None
     error: str | None = None
-    submitted_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    submitted_at: UtcDateTime
+    started_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
 
 
 class SwarmMirror(BaseModel):
@@ -331,9 +332,9 @@ class SwarmMirror(BaseModel):
     max_agents: int
     status: SwarmStatus
     task_count: int
-    created_at: datetime
-    updated_at: datetime
-    destroyed_at: datetime | None = None
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
+    destroyed_at: UtcDateTime | None = None
     agents: list[AgentState]
     events: list[SwarmEvent]
 

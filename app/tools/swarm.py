@@ -40,6 +40,7 @@ from app.contracts.swarm import (
     TaskWork,
     Topology,
 )
+from app.contracts.types import UtcDateTime
 from app.swarm import service
 from app.swarm.actions import ActionNotAvailableError, check_action
 from app.swarm.executor import build_executor
@@ -167,7 +168,7 @@ class SwarmInitResult(BaseModel):
     strategy: SwarmStrategy
     status: str
     agents: list[AgentState]
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 @tool("swarm_init", group="swarm")
@@ -585,9 +586,9 @@ class TaskResultsResult(BaseModel):
     strategy_used: str | None
     strategy_reason: str | None
     topology: str | None
-    submitted_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    submitted_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
     duration_ms: float | None
 
 
@@ -636,8 +637,8 @@ class SwarmSummary(BaseModel):
     status: str
     agent_count: int
     task_count: int
-    created_at: datetime
-    destroyed_at: datetime | None
+    created_at: UtcDateTime
+    destroyed_at: UtcDateTime | None
 
 
 class SwarmListResult(BaseModel):
@@ -696,8 +697,8 @@ class TaskView(BaseModel):
     kind: str
     assigned_agents: list[str]
     dependencies: list[str]
-    submitted_at: datetime
-    finished_at: datetime | None
+    submitted_at: UtcDateTime
+    finished_at: UtcDateTime | None
     error: str | None
 
 
@@ -710,7 +711,7 @@ class SwarmStatusResult(BaseModel):
     agents: list[AgentView]
     tasks: list[TaskView]
     task_counts: dict[str, int]
-    created_at: datetime
+    created_at: UtcDateTime
     runtime_seconds: float
     workflow_runs: int
 
@@ -828,7 +829,7 @@ class SwarmDestroyResult(BaseModel):
     agents_removed: int
     sandboxes_stopped: list[str]
     tasks_cancelled: list[str]
-    destroyed_at: datetime | None
+    destroyed_at: UtcDateTime | None
 
 
 @tool("swarm_destroy", group="swarm")
