@@ -48,40 +48,101 @@ class RealtimeTableError(ValueError):
     """A table that cannot be enabled: missing, internal, or a bad name."""
 
 
-_PG_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION nexus_realtime_capture() RETURNS trigger
+# PostgreSQL captures with statement-level triggers, one per event because a
+# trigger with transition tables may only fire on one event. One INSERT ...
+# SELECT over the transition table appends all rows of a statement, where a
+# row trigger ran its function and its own INSERT once per row. Change ids
+# follow the order of the transition table, which is the order in which the
+# statement processed its rows.
+_PG_EVENTS = ("INSERT", "UPDATE", "DELETE")
+_PG_FIRST_APPEND = f"""
+CREATE OR REPLACE FUNCTION nexus_realtime_first_append() RETURNS boolean
 LANGUAGE plpgsql AS $$
-DECLARE
-    change_id bigint;
-    first_change boolean;
 BEGIN
     -- The first change of a transaction takes the append lock (held to the
     -- commit) and sends the one notification of the transaction; one per
-    -- row would flood the queue, and later rows already hold the lock.
-    first_change := current_setting('nexus.realtime_xact', true)
-        IS DISTINCT FROM txid_current()::text;
-    IF first_change THEN
-        PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
-        PERFORM set_config('nexus.realtime_xact', txid_current()::text, true);
+    -- statement would flood the queue, and later statements hold the lock.
+    IF current_setting('nexus.realtime_xact', true)
+            IS NOT DISTINCT FROM txid_current()::text THEN
+        RETURN false;
     END IF;
-    INSERT INTO realtime_changes
-        (schema_name, table_name, event_type, record, old_record, committed_at)
-    VALUES (
-        TG_TABLE_SCHEMA,
-        TG_TABLE_NAME,
-        TG_OP,
-        CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE to_jsonb(NEW) END,
-        CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END,
-        clock_timestamp()
+    PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
+    PERFORM set_config('nexus.realtime_xact', txid_current()::text, true);
+    RETURN true;
+END
+$$
+"""
+# The rows each event appends, read from the transition tables `new_rows`
+# and `old_rows`. UPDATE pairs the old and new version of a row by position,
+# because PostgreSQL stores both versions of each updated row together, in
+# the same order, and a primary key may change in the update or be missing.
+_PG_CHANGES = {
+    "INSERT": (
+        "new_rows",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', to_jsonb(captured.*), NULL::jsonb, "
+        "clock_timestamp() FROM new_rows captured",
+    ),
+    "UPDATE": (
+        "old_rows",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'UPDATE', n.record, o.record, "
+        "clock_timestamp() "
+        "FROM (SELECT to_jsonb(captured.*) AS record, row_number() OVER () AS position "
+        "FROM new_rows captured) n "
+        "JOIN (SELECT to_jsonb(captured.*) AS record, row_number() OVER () AS position "
+        "FROM old_rows captured) o ON o.position = n.position "
+        "ORDER BY n.position",
+    ),
+    "DELETE": (
+        "old_rows",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', NULL::jsonb, to_jsonb(captured.*), "
+        "clock_timestamp() FROM old_rows captured",
+    ),
+}
+_PG_REFERENCING = {
+    "INSERT": "NEW TABLE AS new_rows",
+    "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "DELETE": "OLD TABLE AS old_rows",
+}
+
+
+def _pg_capture_function(event: str) -> str:
+    rows, select = _PG_CHANGES[event]
+    return f"""
+CREATE OR REPLACE FUNCTION nexus_realtime_capture_{event.lower()}() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    first_change boolean;
+    first_id bigint;
+BEGIN
+    -- A statement that changed no rows has nothing to log or announce.
+    PERFORM 1 FROM {rows} LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    first_change := nexus_realtime_first_append();
+    WITH appended AS (
+        INSERT INTO realtime_changes
+            (schema_name, table_name, event_type, record, old_record, committed_at)
+        {select}
+        RETURNING id
     )
-    RETURNING id INTO change_id;
+    SELECT min(id) INTO first_id FROM appended;
     IF first_change THEN
-        PERFORM pg_notify('{NOTIFY_CHANNEL}', change_id::text);
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', first_id::text);
     END IF;
     RETURN NULL;
 END
 $$
 """
+
+
+def _pg_trigger_names(table: str) -> dict[str, str]:
+    return {event: f"nexus_realtime_{table}_{event.lower()}" for event in _PG_EVENTS}
+
+
+# The per-row trigger and function that earlier versions installed on
+# PostgreSQL; `enable_realtime` replaces them with the statement triggers.
+_PG_ROW_FUNCTION = "nexus_realtime_capture"
 
 
 def validate_table_name(table: str) -> str:
@@ -159,25 +220,52 @@ def enable_realtime(url: str, table: str) -> None:
 
 
 def _enable_postgresql(connection: Connection, table: str) -> None:
-    connection.execute(text(_PG_FUNCTION))
-    trigger = f"nexus_realtime_{table}"
-    exists = connection.execute(
-        text(
-            "SELECT 1 FROM pg_trigger WHERE tgname = :trigger "
-            "AND tgrelid = to_regclass(:table)"
-        ),
-        {"trigger": trigger, "table": f'"{table}"'},
-    ).first()
-    if exists:
-        # The row trigger reads whole rows, so it survives column changes,
-        # and re-creating it would lock the table against running workers.
-        return
-    connection.execute(
-        text(
-            f'CREATE TRIGGER "{trigger}" AFTER INSERT OR UPDATE OR DELETE '
-            f'ON "{table}" FOR EACH ROW EXECUTE FUNCTION nexus_realtime_capture()'
-        )
+    connection.execute(text(_PG_FIRST_APPEND))
+    for event in _PG_EVENTS:
+        connection.execute(text(_pg_capture_function(event)))
+    row_trigger = f"nexus_realtime_{table}"
+    names = _pg_trigger_names(table)
+    present = set(
+        connection.execute(
+            text(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(:table) "
+                "AND tgname = ANY(:names)"
+            ),
+            {"table": f'"{table}"', "names": [row_trigger, *names.values()]},
+        ).scalars()
     )
+    if present == set(names.values()):
+        # The triggers read whole rows, so they survive column changes, and
+        # re-creating them would lock the table against running workers.
+        return
+    # One transaction swaps the row trigger of an older version for the
+    # statement triggers, so each change is logged exactly once.
+    connection.execute(text(f'DROP TRIGGER IF EXISTS "{row_trigger}" ON "{table}"'))
+    for event, trigger in names.items():
+        if trigger in present:
+            continue
+        connection.execute(
+            text(
+                f'CREATE TRIGGER "{trigger}" AFTER {event} ON "{table}" '
+                f"REFERENCING {_PG_REFERENCING[event]} FOR EACH STATEMENT "
+                f"EXECUTE FUNCTION nexus_realtime_capture_{event.lower()}()"
+            )
+        )
+    if row_trigger in present:
+        logger.info("realtime on table %s moved to statement triggers", table)
+    _drop_unused_row_function(connection)
+
+
+def _drop_unused_row_function(connection: Connection) -> None:
+    used = connection.execute(
+        text(
+            "SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE p.proname = :name LIMIT 1"
+        ),
+        {"name": _PG_ROW_FUNCTION},
+    ).first()
+    if used is None:
+        connection.execute(text(f"DROP FUNCTION IF EXISTS {_PG_ROW_FUNCTION}()"))
 
 
 def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
@@ -229,9 +317,13 @@ def disable_realtime(url: str, table: str) -> None:
     validate_table_name(table)
     with get_engine(url).begin() as connection:
         if connection.dialect.name == "postgresql":
-            connection.execute(
-                text(f'DROP TRIGGER IF EXISTS "nexus_realtime_{table}" ON "{table}"')
-            )
+            for trigger in (
+                f"nexus_realtime_{table}",
+                *_pg_trigger_names(table).values(),
+            ):
+                connection.execute(
+                    text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"')
+                )
         else:
             for event in ("insert", "update", "delete"):
                 connection.execute(
@@ -251,14 +343,21 @@ def enabled_tables(url: str) -> list[str]:
 
 
 def enable_default_tables(url: str) -> list[str]:
-    """Enable realtime on every table of `DEFAULT_TABLES` that exists."""
-    enabled: list[str] = []
+    """Enable realtime on every table of `DEFAULT_TABLES` that exists, and
+    reinstall the triggers of every other enabled table that exists, so that
+    an upgrade moves each one to the capture triggers of this version."""
     with get_engine(url).connect() as connection:
         inspector = inspect(connection)
         if not inspector.has_table("realtime_changes"):
-            return enabled
+            return []
         present = [t for t in DEFAULT_TABLES if inspector.has_table(t)]
+        if inspector.has_table("realtime_tables"):
+            recorded = connection.execute(
+                text("SELECT table_name FROM realtime_tables ORDER BY table_name")
+            ).scalars()
+            present += [
+                t for t in recorded if t not in present and inspector.has_table(t)
+            ]
     for table in present:
         enable_realtime(url, table)
-        enabled.append(table)
-    return enabled
+    return present
