@@ -31,8 +31,10 @@ def get_stream_engine(url: str) -> Engine:
 
     On PostgreSQL it skips the pool's pre-ping, because that round trip per
     checkout doubled the cost of the many small reads a stream makes. Stream
-    readers retry a query that fails on a dropped connection instead. On
-    SQLite it is the process-wide engine.
+    readers retry a query that fails on a dropped connection instead. Its
+    connections autocommit, so a read opens no transaction and returning the
+    connection to the pool sends no ROLLBACK; each cursor write is a single
+    UPDATE. On SQLite it is the process-wide engine.
     """
     if make_url(url).get_backend_name() == "sqlite":
         return get_engine(url)
@@ -40,7 +42,9 @@ def get_stream_engine(url: str) -> Engine:
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = create_engine(url, pool_size=10, max_overflow=20)
+            engine = create_engine(
+                url, pool_size=10, max_overflow=20, isolation_level="AUTOCOMMIT"
+            )
             _engines[key] = engine
         return engine
 

@@ -108,7 +108,10 @@ def _compile(
 
     def check(record: Mapping[str, Any]) -> bool:
         actual = record.get(column)
-        if actual is None or type(actual) is not exact:
+        if exact is float and type(actual) is int:
+            # JSON integers arrive as int; float() is what coercion returns.
+            actual = float(actual)
+        elif actual is None or type(actual) is not exact:
             actual = _coerce_record_value(actual, kind)
             if actual is None:
                 return False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
@@ -305,17 +306,48 @@ def save_cursor(
 def _timestamp(value: Any) -> str:
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
+            # Naive values are UTC, so this equals the aware form below.
+            return value.isoformat() + "Z"
         return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
     return str(value)
+
+
+# orjson returns a float for an integer outside the 64-bit range, where the
+# json module keeps the exact int; a float this large sends the document to
+# the json module. PostgreSQL writes numbers of any size without exponents.
+_INT64_LIMIT = 2.0**63
+
+
+def _exceeds_int64(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return not -_INT64_LIMIT < value < _INT64_LIMIT
+    if kind is dict:
+        return any(_exceeds_int64(item) for item in value.values())
+    if kind is list:
+        return any(_exceeds_int64(item) for item in value)
+    return False
+
+
+def _load_json(text: str | bytes) -> Any:
+    """Decode JSON with orjson, falling back to the json module where orjson
+    would round a large integer or rejects the text (a lone surrogate, a
+    number beyond the float range)."""
+    try:
+        loaded = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    if _exceeds_int64(loaded):
+        return json.loads(text)
+    return loaded
 
 
 def _document(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if isinstance(value, str | bytes):
-        loaded = json.loads(value)
-        return loaded if isinstance(loaded, dict) else {"value": loaded}
+    if type(value) is str or isinstance(value, str | bytes):
+        loaded = _load_json(value)
+        return loaded if type(loaded) is dict else {"value": loaded}
     if isinstance(value, Mapping):
         return dict(value)
     return {"value": value}
@@ -410,22 +442,45 @@ def fetch_page(url: str, table: str, after: int) -> list[Change]:
     return window.page(url, table, after)
 
 
+# Driver-level SQL per dialect: the tail read runs for every wake-up of every
+# stream, so it skips statement compilation and SQLAlchemy row objects.
+# PostgreSQL sends the documents as JSON text, decoded by `_document`, and
+# the commit time in UTC without a zone, which formats without a conversion.
+_CHANGES_SQL = {
+    "postgresql": (
+        "SELECT id, schema_name, event_type, record::text, old_record::text, "
+        "committed_at AT TIME ZONE 'UTC' FROM realtime_changes "
+        "WHERE table_name = %(t)s AND id > %(after)s ORDER BY id LIMIT %(limit)s"
+    ),
+    "sqlite": (
+        "SELECT id, schema_name, event_type, record, old_record, committed_at "
+        "FROM realtime_changes WHERE table_name = :t AND id > :after "
+        "ORDER BY id LIMIT :limit"
+    ),
+}
+
+
+def _select_changes(
+    connection: Connection, table: str, after: int, limit: int
+) -> list[Any]:
+    sql = _CHANGES_SQL[connection.dialect.name]
+    result = connection.exec_driver_sql(
+        sql, {"t": table, "after": after, "limit": limit}
+    )
+    # The DBAPI cursor's tuples, without a SQLAlchemy row object per change.
+    rows: list[Any] = result.cursor.fetchall()
+    result.close()
+    return rows
+
+
 def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
     """Read up to `limit` changes of `table` with an id above `after`, in order."""
     rows = _on_stream_connection(
-        url,
-        lambda connection: connection.execute(
-            text(
-                "SELECT id, schema_name, event_type, record, old_record, committed_at "
-                "FROM realtime_changes WHERE table_name = :t AND id > :after "
-                "ORDER BY id LIMIT :limit"
-            ),
-            {"t": table, "after": after, "limit": limit},
-        ).all(),
+        url, lambda connection: _select_changes(connection, table, after, limit)
     )
     return [
         Change(
-            id=int(row[0]),
+            id=row[0],
             schema=row[1],
             table=table,
             event_type=row[2],

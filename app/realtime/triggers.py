@@ -79,8 +79,8 @@ $$
 _PG_CHANGES = {
     "INSERT": (
         "new_rows",
-        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', to_jsonb(captured.*), NULL::jsonb, "
-        "clock_timestamp() FROM new_rows captured",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', to_jsonb(captured.*), "
+        "NULL::jsonb, clock_timestamp() FROM new_rows captured",
     ),
     "UPDATE": (
         "old_rows",
@@ -94,8 +94,8 @@ _PG_CHANGES = {
     ),
     "DELETE": (
         "old_rows",
-        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', NULL::jsonb, to_jsonb(captured.*), "
-        "clock_timestamp() FROM old_rows captured",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', NULL::jsonb, "
+        "to_jsonb(captured.*), clock_timestamp() FROM old_rows captured",
     ),
 }
 _PG_REFERENCING = {
