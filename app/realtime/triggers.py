@@ -105,14 +105,14 @@ _PG_REFERENCING = {
 }
 
 
-def _pg_capture_function(event: str) -> str:
+def _pg_capture_function(event: str, sequence: str) -> str:
     rows, select = _PG_CHANGES[event]
     return f"""
 CREATE OR REPLACE FUNCTION nexus_realtime_capture_{event.lower()}() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     first_change boolean;
-    first_id bigint;
+    appended bigint;
 BEGIN
     -- A statement that changed no rows has nothing to log or announce.
     PERFORM 1 FROM {rows} LIMIT 1;
@@ -120,15 +120,17 @@ BEGIN
         RETURN NULL;
     END IF;
     first_change := nexus_realtime_first_append();
-    WITH appended AS (
-        INSERT INTO realtime_changes
-            (schema_name, table_name, event_type, record, old_record, committed_at)
-        {select}
-        RETURNING id
-    )
-    SELECT min(id) INTO first_id FROM appended;
+    INSERT INTO realtime_changes
+        (schema_name, table_name, event_type, record, old_record, committed_at)
+    {select};
     IF first_change THEN
-        PERFORM pg_notify('{NOTIFY_CHANNEL}', first_id::text);
+        -- Appends hold the append lock, so this statement's rows took the
+        -- last `appended` values of the id sequence; this is cheaper than
+        -- collecting the ids with RETURNING.
+        GET DIAGNOSTICS appended = ROW_COUNT;
+        PERFORM pg_notify(
+            '{NOTIFY_CHANNEL}', (currval('{sequence}') - appended + 1)::text
+        );
     END IF;
     RETURN NULL;
 END
@@ -221,8 +223,11 @@ def enable_realtime(url: str, table: str) -> None:
 
 def _enable_postgresql(connection: Connection, table: str) -> None:
     connection.execute(text(_PG_FIRST_APPEND))
+    sequence = connection.execute(
+        text("SELECT pg_get_serial_sequence('realtime_changes', 'id')")
+    ).scalar_one()
     for event in _PG_EVENTS:
-        connection.execute(text(_pg_capture_function(event)))
+        connection.execute(text(_pg_capture_function(event, sequence)))
     row_trigger = f"nexus_realtime_{table}"
     names = _pg_trigger_names(table)
     present = set(
