@@ -376,10 +376,22 @@ class _TailWindow:
         self._ids: list[int] = []
         self._changes: list[Change] = []
 
-    def page(self, url: str, table: str, after: int) -> list[Change]:
-        """Return up to `SCAN_PAGE` changes after `after`, in id order."""
+    def ticket(self) -> int:
+        """Return the count of tail reads begun so far; see `page`."""
         with self._lock:
-            arrived = self._reads_begun
+            return self._reads_begun
+
+    def page(
+        self, url: str, table: str, after: int, ticket: int | None = None
+    ) -> list[Change]:
+        """Return up to `SCAN_PAGE` changes after `after`, in id order.
+
+        Without a `ticket` the page contains every change committed before
+        this call. With a `ticket` from `ticket()` it contains every change
+        committed before that call: a tail read begun since then suffices.
+        """
+        with self._lock:
+            arrived = self._reads_begun if ticket is None else ticket
             served = self._slice(after)
             if served is None and (self.high is None or after > self.high):
                 # Nothing held yet, or a cursor moved past the window by
@@ -432,14 +444,26 @@ _windows: dict[tuple[str, str], _TailWindow] = {}
 _windows_lock = threading.Lock()
 
 
-def fetch_page(url: str, table: str, after: int) -> list[Change]:
-    """Read up to `SCAN_PAGE` changes of `table` after `after`, through the
-    process's shared window of the table's most recent changes."""
+def _window(url: str, table: str) -> _TailWindow:
     with _windows_lock:
         window = _windows.get((url, table))
         if window is None:
             window = _windows[(url, table)] = _TailWindow()
-    return window.page(url, table, after)
+    return window
+
+
+def read_ticket(url: str, table: str) -> int:
+    """Return a ticket for `scan`: subscribers woken together that take
+    their tickets before any of them reads then share one tail read."""
+    return _window(url, table).ticket()
+
+
+def fetch_page(
+    url: str, table: str, after: int, ticket: int | None = None
+) -> list[Change]:
+    """Read up to `SCAN_PAGE` changes of `table` after `after`, through the
+    process's shared window of the table's most recent changes."""
+    return _window(url, table).page(url, table, after, ticket)
 
 
 # Driver-level SQL per dialect: the tail read runs for every wake-up of every
@@ -519,7 +543,12 @@ class ScanResult:
 
 
 def scan(
-    url: str, table: str, matcher: Matcher, after: int, limit: int | None
+    url: str,
+    table: str,
+    matcher: Matcher,
+    after: int,
+    limit: int | None,
+    ticket: int | None = None,
 ) -> ScanResult:
     """Collect up to `limit` matching events after `after`, or with `limit`
     None the matching events of exactly one page (which keeps subscribers on
@@ -527,11 +556,13 @@ def scan(
 
     The returned cursor covers every row examined, so rows that did not match
     are never read again. With a `limit`, it stops at the `limit`-th event.
+    A `ticket` from `read_ticket` applies to the first page.
     """
     events: list[dict[str, Any]] = []
     cursor = after
     while True:
-        page = fetch_page(url, table, cursor)
+        page = fetch_page(url, table, cursor, ticket)
+        ticket = None
         for change in page:
             if matcher.matches(change):
                 events.append(change.payload())

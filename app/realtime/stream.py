@@ -23,6 +23,7 @@ from app.realtime.service import (
     SubscriptionNotFound,
     compile_matcher,
     get_subscription,
+    read_ticket,
     save_cursor,
     scan,
 )
@@ -380,6 +381,10 @@ class Subscriber:
             while not self._closing:
                 self._waiter.clear()
                 try:
+                    # Taken here on the event loop, before the worker thread
+                    # starts, so that the subscribers one notification woke
+                    # share a single read of the log.
+                    ticket = read_ticket(self.url, self.table)
                     result = await asyncio.to_thread(
                         scan,
                         self.url,
@@ -387,6 +392,7 @@ class Subscriber:
                         self.matcher,
                         self._scanned,
                         None,
+                        ticket,
                     )
                     attempt = 0
                 except DBAPIError as error:
