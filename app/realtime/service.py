@@ -486,13 +486,13 @@ _CHANGES_SQL = {
 
 def _select_changes(
     connection: Connection, table: str, after: int, limit: int
-) -> list[Any]:
+) -> Sequence[Any]:
     sql = _CHANGES_SQL[connection.dialect.name]
     result = connection.exec_driver_sql(
         sql, {"t": table, "after": after, "limit": limit}
     )
     # The DBAPI cursor's tuples, without a SQLAlchemy row object per change.
-    rows: list[Any] = result.cursor.fetchall()
+    rows = result.cursor.fetchall()
     result.close()
     return rows
 
