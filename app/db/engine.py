@@ -33,8 +33,9 @@ def get_stream_engine(url: str) -> Engine:
     checkout doubled the cost of the many small reads a stream makes. Stream
     readers retry a query that fails on a dropped connection instead. Its
     connections autocommit, so a read opens no transaction and returning the
-    connection to the pool sends no ROLLBACK; each cursor write is a single
-    UPDATE. On SQLite it is the process-wide engine.
+    connection to the pool sends no ROLLBACK. Each cursor write is a single
+    UPDATE, so it needs no transaction either. On SQLite it is the
+    process-wide engine.
     """
     if make_url(url).get_backend_name() == "sqlite":
         return get_engine(url)

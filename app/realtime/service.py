@@ -313,8 +313,8 @@ def _timestamp(value: Any) -> str:
 
 
 # orjson returns a float for an integer outside the 64-bit range, where the
-# json module keeps the exact int; a float this large sends the document to
-# the json module. PostgreSQL writes numbers of any size without exponents.
+# json module keeps the exact int. So a float this large sends the document
+# to the json module (PostgreSQL writes numbers of any size as digits).
 _INT64_LIMIT = 2.0**63
 
 

@@ -74,8 +74,10 @@ $$
 """
 # The rows each event appends, read from the transition tables `new_rows`
 # and `old_rows`. UPDATE pairs the old and new version of a row by position,
-# because PostgreSQL stores both versions of each updated row together, in
-# the same order, and a primary key may change in the update or be missing.
+# because a primary key may change in the update or be missing.
+# NOTE: pairing by position relies on PostgreSQL filling both transition
+# tables row by row in the same order. Its documentation does not promise
+# that; tests/realtime/test_triggers.py checks it on PostgreSQL 15.
 _PG_CHANGES = {
     "INSERT": (
         "new_rows",
