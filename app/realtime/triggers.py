@@ -350,15 +350,20 @@ def enabled_tables(url: str) -> list[str]:
 
 
 def enable_default_tables(url: str) -> list[str]:
-    """Enable realtime on every table of `DEFAULT_TABLES` that exists, and
-    reinstall the triggers of every other enabled table that exists, so that
-    an upgrade moves each one to the capture triggers of this version."""
+    """Enable realtime on every table of `DEFAULT_TABLES` that exists.
+
+    On PostgreSQL it also re-enables every other table recorded in
+    `realtime_tables` that exists, which moves a table still on the row
+    trigger of an earlier version to the statement triggers. SQLite skips
+    those tables, because it re-creates its triggers on every enable, and
+    its trigger DDL runs outside a transaction.
+    """
     with get_engine(url).connect() as connection:
         inspector = inspect(connection)
         if not inspector.has_table("realtime_changes"):
             return []
         present = [t for t in DEFAULT_TABLES if inspector.has_table(t)]
-        if inspector.has_table("realtime_tables"):
+        if connection.dialect.name == "postgresql":
             recorded = connection.execute(
                 text("SELECT table_name FROM realtime_tables ORDER BY table_name")
             ).scalars()
