@@ -3,10 +3,11 @@ activity."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from app.contracts.types import UtcDateTime
 
 EventType = Literal["INSERT", "UPDATE", "DELETE", "*"]
 
@@ -25,8 +26,8 @@ class SubscriptionInfo(BaseModel):
     max_buffer_size: int
     stream_kind: str | None = None
     stream_id: str | None = None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
     head: int | None = Field(
         None, description="Id of the newest change in the log, any table."
     )

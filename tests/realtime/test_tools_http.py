@@ -38,6 +38,7 @@ async def test_tools_subscribe_read_unsubscribe(settings: Settings) -> None:
     ]
     assert mine[0]["lag"] == 0
     assert mine[0]["delivered"] == 3
+    assert mine[0]["created_at"].endswith("Z")
     await invoke_tool(
         ctx, "realtime_unsubscribe", {"subscription_id": created["subscription_id"]}
     )
