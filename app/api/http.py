@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import logging
@@ -84,19 +85,13 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = _error_response(
-            413,
-            "payload_too_large",
-            f"the request body is larger than {self.limit} bytes; send less, or "
-            "raise NEXUS_API_MAX_BODY_BYTES on the server",
-        )
         for name, value in scope["headers"]:
             if (
                 name == b"content-length"
                 and value.isdigit()
                 and int(value) > self.limit
             ):
-                await too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
                 return
         received = 0
         started = False
@@ -121,7 +116,15 @@ class BodyLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await too_large(scope, receive, send)
+            await self._too_large()(scope, receive, send)
+
+    def _too_large(self) -> Response:
+        return _error_response(
+            413,
+            "payload_too_large",
+            f"the request body is larger than {self.limit} bytes; send less, or "
+            "raise NEXUS_API_MAX_BODY_BYTES on the server",
+        )
 
 
 # Caller recorded in the audit log for a request without a valid key.
@@ -463,6 +466,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             async with manager.run():
+                # The modules and the app built so far live as long as the
+                # process. Freezing them keeps them out of the collector's
+                # full passes, which took up to 0.26 s with them on a loaded
+                # 2-core machine and stalled every request in flight.
+                gc.freeze()
                 logger.info("HTTP API serving %d tools", len(all_tools()))
                 yield
         finally:

@@ -257,20 +257,29 @@ class VerifiedKeys:
             return await asyncio.to_thread(verify_token, self.database_url, token)
         digest = hmac.new(self._pepper, token.encode(), hashlib.sha256).digest()
         entry = self._entries.get(digest)
-        if (
-            entry is not None
-            and entry.revocation == _revocation
-            and time.monotonic() - entry.verified_at < self.ttl
-        ):
-            return entry.principal
+        if entry is not None and entry.revocation == _revocation:
+            age = time.monotonic() - entry.verified_at
+            if age < self.ttl:
+                # Read again in the background past half the entry's life, so
+                # that under steady traffic no call waits for the database.
+                # The entry is still returned only until `ttl`.
+                if age > self.ttl / 2 and digest not in self._lookups:
+                    self._start_lookup(digest, token).add_done_callback(
+                        _log_lookup_failure
+                    )
+                return entry.principal
         # Concurrent calls with the same token share one database lookup.
         lookup = self._lookups.get(digest)
         if lookup is None:
-            lookup = asyncio.get_running_loop().create_task(
-                self._look_up(digest, token)
-            )
-            self._lookups[digest] = lookup
+            lookup = self._start_lookup(digest, token)
         return await asyncio.shield(lookup)
+
+    def _start_lookup(
+        self, digest: bytes, token: str
+    ) -> asyncio.Task[Principal | None]:
+        lookup = asyncio.get_running_loop().create_task(self._look_up(digest, token))
+        self._lookups[digest] = lookup
+        return lookup
 
     async def _look_up(self, digest: bytes, token: str) -> Principal | None:
         revocation = _revocation
@@ -293,6 +302,13 @@ class VerifiedKeys:
         for digest, entry in list(self._entries.items()):
             if now - entry.verified_at >= self.ttl or entry.revocation != _revocation:
                 del self._entries[digest]
+
+
+def _log_lookup_failure(task: asyncio.Task[Principal | None]) -> None:
+    # Retrieves the error of a background lookup that no call awaited; the
+    # cached entry then expires at its deadline and the next call reads again.
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("could not read an API key again: %s", task.exception())
 
 
 def ensure_default_key(settings: Settings) -> str | None:

@@ -16,9 +16,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
-from app.db import get_engine, session_scope
+from app.db import get_engine
 from app.db.models import AuditEvent, utc_now
 from app.services.audit import mask_secrets
 
@@ -57,8 +57,13 @@ def audit_fields(
 
 def write_events(database_url: str, events: list[dict[str, Any]]) -> None:
     """Insert `events` (from `audit_fields`) in one transaction."""
-    with session_scope(database_url) as session:
-        session.add_all([AuditEvent(**fields) for fields in events])
+    # One Core executemany, because the ORM's objects made a batch cost
+    # 0.14-0.18 ms of CPU per event against 0.04 ms for Core (SQLite,
+    # batches of 20, 2-core machine), and the HTTP server writes one event
+    # per call.
+    table = AuditEvent.__table__  # type: ignore[attr-defined]
+    with get_engine(database_url).begin() as connection:
+        connection.execute(insert(table), events)
 
 
 def _database_responds(database_url: str) -> bool:

@@ -4,9 +4,11 @@ A reading makes about a dozen Temporal RPCs and a few database queries, so
 a server that serves many health calls a second would spend most of its
 time re-reading the same figures. `HealthSnapshots` keeps the last reading
 for `max_age` seconds and returns it with `age_seconds` set, so a caller
-sees how old the figures are. A reading older than half of `max_age` is
-renewed in the background, and callers that find no reading young enough
-wait for the one under way instead of starting another.
+sees how old the figures are. A reading is renewed in the background once
+it is older than half of `max_age`, or earlier when the last reading took so
+long that a renewal started then would finish after `max_age`. Callers that
+find no reading young enough wait for the one under way instead of starting
+another.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ class HealthSnapshots:
         self.max_age = max_age
         self._report: HealthReport | None = None
         self._read_at = 0.0
+        self._last_duration = 0.0
         self._reading: asyncio.Task[HealthReport] | None = None
+
+    @property
+    def renew_after(self) -> float:
+        """Age in seconds past which a reading is renewed in the background."""
+        # Twice the last reading's duration, because a loaded machine
+        # (Temporal and this server sharing the cores) makes readings vary.
+        return max(0.0, min(self.max_age / 2, self.max_age - 2 * self._last_duration))
 
     async def read(self, probe: Callable[[], Awaitable[HealthReport]]) -> HealthReport:
         """Return a reading at most `max_age` seconds old, calling `probe` for
@@ -48,9 +58,9 @@ class HealthSnapshots:
         now = time.monotonic()
         age = now - self._read_at
         if self._report is not None and age <= self.max_age:
-            # Past half its life a reading is renewed in the background, so
-            # under steady traffic no caller waits for one.
-            if age > self.max_age / 2:
+            # Renewed in the background before it expires, so under steady
+            # traffic no caller waits for a reading.
+            if age > self.renew_after:
                 self._start_reading(probe)
             return self._report.model_copy(update={"age_seconds": round(age, 3)})
         # A caller that is cancelled must not cancel the reading that the
@@ -77,6 +87,7 @@ class HealthSnapshots:
             report = await probe()
             self._report = report
             self._read_at = started
+            self._last_duration = time.monotonic() - started
             return report
         finally:
             self._reading = None
