@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -224,8 +225,15 @@ class Gate:
             logger.exception("could not queue the audit event of a rejected call")
 
 
-def _tool_response(result: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(result)
+def _tool_response(result: dict[str, Any]) -> Response:
+    # orjson encodes a health report about ten times faster than the json
+    # module that JSONResponse uses. A result that orjson rejects (an
+    # integer wider than 64 bits) goes through JSONResponse.
+    try:
+        body = orjson.dumps(result)
+    except orjson.JSONEncodeError:
+        return JSONResponse(result)
+    return Response(body, media_type="application/json")
 
 
 def _tool_error_response(error: ToolError) -> JSONResponse:

@@ -12,15 +12,19 @@ left before the server exits.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, text
 
+from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.db.models import AuditEvent, utc_now
-from app.services.audit import mask_secrets
+from app.services.audit import list_calls, mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,20 @@ def _database_responds(database_url: str) -> bool:
     return True
 
 
+@dataclass
+class _SharedRead:
+    """An audit log query that concurrent calls may share.
+
+    Attributes:
+        after: calls with a lower arrival number arrived before it started.
+        written: events committed when it started.
+    """
+
+    after: int
+    written: int
+    task: asyncio.Task[list[AuditRecord]]
+
+
 class AuditWriter:
     """Queue of audit events and the task that writes them in batches.
 
@@ -99,6 +117,8 @@ class AuditWriter:
         self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._arrivals = itertools.count()
+        self._reads: dict[tuple[int, str | None, str | None], _SharedRead] = {}
 
     @property
     def pending(self) -> int:
@@ -129,6 +149,49 @@ class AuditWriter:
         self._wake.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._written >= target)
+
+    async def list_calls(
+        self, *, limit: int, user_id: str | None, tool: str | None
+    ) -> list[AuditRecord]:
+        """Return the newest audit events, including every event submitted
+        before this call.
+
+        Concurrent calls with the same filters share one query. A call joins
+        a query only if the query started after the call arrived and after
+        the call's events were committed, so the shared result is one that
+        the call's own query could have returned.
+        """
+        arrival = next(self._arrivals)
+        target = self._submitted
+        await self.flush()
+        key = (limit, user_id, tool)
+        shared = self._reads.get(key)
+        if shared is None or shared.after < arrival or shared.written < target:
+            read = functools.partial(
+                list_calls, self.database_url, limit=limit, user_id=user_id, tool=tool
+            )
+            shared = _SharedRead(
+                # The next arrival number: calls that arrived before now.
+                after=next(self._arrivals),
+                written=self._written,
+                task=asyncio.get_running_loop().create_task(asyncio.to_thread(read)),
+            )
+            self._reads[key] = shared
+            shared.task.add_done_callback(
+                functools.partial(self._forget_read, key, shared)
+            )
+        # A caller that is cancelled must not cancel the query that others
+        # wait for.
+        return await asyncio.shield(shared.task)
+
+    def _forget_read(
+        self,
+        key: tuple[int, str | None, str | None],
+        shared: _SharedRead,
+        _: asyncio.Task[list[AuditRecord]],
+    ) -> None:
+        if self._reads.get(key) is shared:
+            del self._reads[key]
 
     async def close(self) -> None:
         """Write every queued event and stop the task."""

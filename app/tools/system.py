@@ -54,13 +54,16 @@ async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResul
     the outcome and the duration."""
     if ctx.audit_writer is not None:
         # Calls that this server made before this one are in the result.
-        await ctx.audit_writer.flush()
-    read = functools.partial(
-        list_calls,
-        ctx.database_url,
-        limit=args.limit,
-        user_id=args.user_id,
-        tool=args.tool,
-    )
-    events = await asyncio.to_thread(read)
+        events = await ctx.audit_writer.list_calls(
+            limit=args.limit, user_id=args.user_id, tool=args.tool
+        )
+    else:
+        read = functools.partial(
+            list_calls,
+            ctx.database_url,
+            limit=args.limit,
+            user_id=args.user_id,
+            tool=args.tool,
+        )
+        events = await asyncio.to_thread(read)
     return AuditLogResult(events=events, count=len(events))

@@ -4,6 +4,7 @@ real uvicorn server."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import event
 
 from app.api.http import create_app
+from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.services import audit_writer
 from app.services.audit import MASK, list_calls
@@ -155,3 +157,71 @@ async def test_server_shutdown_loses_no_event(api_server: ApiServer) -> None:
         if str(row.arguments.get("tool", "")).startswith("shutdown-")
     }
     assert recorded == {f"shutdown-{index}" for index in range(calls)}
+
+
+async def test_concurrent_reads_share_query(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_list = audit_writer.list_calls
+    reads = 0
+
+    def counting_list(url: str, **filters: Any) -> list[AuditRecord]:
+        nonlocal reads
+        reads += 1
+        return real_list(url, **filters)
+
+    monkeypatch.setattr(audit_writer, "list_calls", counting_list)
+    writer = AuditWriter(database_url)
+    try:
+        writer.submit(**_event("shared"))
+        results = await asyncio.gather(
+            *(
+                writer.list_calls(limit=5, user_id="key:writer-test", tool="shared")
+                for _ in range(10)
+            )
+        )
+        assert reads == 1
+        assert all([row.tool for row in rows] == ["shared"] for rows in results)
+        # Other filters get their own query.
+        await writer.list_calls(limit=5, user_id=None, tool="shared")
+        assert reads == 2
+    finally:
+        await writer.close()
+
+
+async def test_read_started_earlier_not_shared(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_list = audit_writer.list_calls
+    release = threading.Event()
+    reads = 0
+
+    def first_read_waits(url: str, **filters: Any) -> list[AuditRecord]:
+        nonlocal reads
+        reads += 1
+        rows = real_list(url, **filters)
+        if reads == 1:
+            release.wait(timeout=30)
+        return rows
+
+    monkeypatch.setattr(audit_writer, "list_calls", first_read_waits)
+    writer = AuditWriter(database_url)
+    filters: dict[str, Any] = {"limit": 5, "user_id": "key:writer-test", "tool": None}
+    try:
+        early = asyncio.create_task(writer.list_calls(**filters))
+        while reads == 0:
+            await asyncio.sleep(0.01)
+        # Submitted after the first query started, so a later call must not
+        # get that query's result.
+        writer.submit(**_event("after_first_read"))
+        late = asyncio.create_task(writer.list_calls(**filters))
+        while reads < 2:
+            await asyncio.sleep(0.01)
+        release.set()
+        early_rows, late_rows = await asyncio.gather(early, late)
+    finally:
+        release.set()
+        await writer.close()
+    assert reads == 2
+    assert early_rows == []
+    assert [row.tool for row in late_rows] == ["after_first_read"]

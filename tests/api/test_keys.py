@@ -38,7 +38,10 @@ from tests.api.conftest import REPO_ROOT, free_port, server_env
 
 def test_secret_stored_only_as_hash(database_url: str) -> None:
     token, info = create_key(database_url, "ci", ["system"])
-    secret = token.rsplit("_", 1)[1]
+    # The secret itself may contain "_", so split the way the server does.
+    parsed = keys.parse_token(token)
+    assert parsed is not None
+    secret = parsed[1]
     with session_scope(database_url) as session:
         row = session.exec(select(ApiKey).where(ApiKey.id == info.id)).one()
         stored = [row.salt, row.secret_hash, row.name]
@@ -237,3 +240,36 @@ async def test_concurrent_verifications_share_lookup(
     results = await asyncio.gather(*(cache.verify(token) for _ in range(20)))
     assert all(result is not None for result in results)
     assert lookups == 1
+
+
+async def test_key_read_again_before_expiry(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token, info = create_key(database_url, "renewed")
+    lookups = 0
+
+    def counting_verify(url: str, presented: str) -> keys.Principal | None:
+        nonlocal lookups
+        lookups += 1
+        return verify_token(url, presented)
+
+    monkeypatch.setattr(keys, "verify_token", counting_verify)
+    cache = keys.VerifiedKeys(database_url, ttl=3600)
+    first = await cache.verify(token)
+    assert first is not None
+    # Revoked by another process: this process's counter does not move.
+    with session_scope(database_url) as session:
+        row = session.get(ApiKey, info.id)
+        assert row is not None
+        row.revoked_at = datetime.now(UTC)
+        session.add(row)
+    # Past half its life the entry is still returned, and read again in
+    # the background; that read finds the revocation.
+    for entry in cache._entries.values():
+        object.__setattr__(entry, "verified_at", entry.verified_at - 2000)
+    assert await cache.verify(token) == first
+    assert len(cache._lookups) == 1
+    await asyncio.gather(*cache._lookups.values())
+    assert lookups == 2
+    assert cache._entries == {}
+    assert await cache.verify(token) is None
