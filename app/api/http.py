@@ -226,9 +226,11 @@ class Gate:
 
 
 def _tool_response(result: dict[str, Any]) -> Response:
-    # orjson encodes a health report about ten times faster than the json
-    # module that JSONResponse uses. A result that orjson rejects (an
-    # integer wider than 64 bits) goes through JSONResponse.
+    # orjson encoded a 1.3 KB health report in 3-8 us against 70-96 us for
+    # the json module that JSONResponse uses (2-core machine), with the same
+    # bytes. Unlike JSONResponse it writes NaN as null, as pydantic's JSON
+    # does. A result that orjson rejects (an integer wider than 64 bits)
+    # goes through JSONResponse.
     try:
         body = orjson.dumps(result)
     except orjson.JSONEncodeError:
