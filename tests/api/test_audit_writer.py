@@ -225,3 +225,29 @@ async def test_read_started_earlier_not_shared(
     assert reads == 2
     assert early_rows == []
     assert [row.tool for row in late_rows] == ["after_first_read"]
+
+
+async def test_linger_gathers_batch_until_flush(database_url: str) -> None:
+    commits = 0
+
+    def count_commit(_: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    engine = get_engine(database_url)
+    event.listen(engine, "commit", count_commit)
+    # An hour of lingering: only the flush can make the task write.
+    writer = AuditWriter(database_url, linger_seconds=3600)
+    try:
+        for index in range(5):
+            writer.submit(**_event(arguments={"index": index}))
+            await asyncio.sleep(0.01)
+        assert commits == 0
+        await writer.flush()
+        assert commits == 1
+        assert writer.pending == 0
+    finally:
+        event.remove(engine, "commit", count_commit)
+        await writer.close()
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    assert [row.arguments["index"] for row in rows] == [4, 3, 2, 1, 0]
