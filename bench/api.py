@@ -10,8 +10,9 @@ the same number of concurrent httpx clients in total, split the same way,
 with the same headers and a JSON body. Each client process pauses its
 garbage collector during a turn, for every target alike. The targets take
 turns in rounds, so a change in machine load during the run falls on all of
-them alike. It prints p50 and p99 of each target and the ratio to the bare
-endpoint.
+them alike. It prints p50 and p99 of each target, the ratio to the bare
+endpoint, and the CPU time that the target's server process spent per
+request.
 
     python -m bench.api [--requests 2000] [--concurrency 50] [--rounds 4]
         [--processes 1] [--port-base 17700] [--profile FILE]
@@ -41,6 +42,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import httpx
+import psutil
 from fastapi import FastAPI
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -270,23 +272,47 @@ async def measure(args: argparse.Namespace) -> None:
         ]
         latencies: dict[str, list[float]] = {name: [] for name, _, _ in targets}
         failures: dict[str, int] = dict.fromkeys(latencies, 0)
+        # Server CPU seconds and requests (warm-up ones included) per target.
+        # The API server's background work (health readings, audit writes)
+        # counts on the target that caused it.
+        server_cpu: dict[str, float] = dict.fromkeys(latencies, 0.0)
+        served: dict[str, int] = dict.fromkeys(latencies, 0)
+        servers = {
+            "bare FastAPI": psutil.Process(bare.pid),
+            "system_health": psutil.Process(api.pid),
+            "audit_log": psutil.Process(api.pid),
+        }
         per_round = max(1, args.requests // args.rounds)
         for round_index in range(args.rounds):
             shift = round_index % len(targets)
             for name, url, body in targets[shift:] + targets[:shift]:
+                before = _cpu_seconds(servers[name])
                 measured, failed = await drivers.drive(
                     url, body, headers, per_round, args.concurrency
                 )
+                server_cpu[name] += _cpu_seconds(servers[name]) - before
+                served[name] += len(measured) + args.concurrency
                 latencies[name] += measured
                 failures[name] += failed
         print(stack_description(args))
         report(latencies, failures)
+        if not args.profile:  # under py-spy the pid is py-spy's
+            for name, seconds in server_cpu.items():
+                print(
+                    f"{name:14} server CPU per request: "
+                    f"{seconds * 1000 / served[name]:.3f} ms"
+                )
     finally:
         drivers.close()
         stop(api, signal.SIGINT if args.profile else signal.SIGTERM)
         stop(bare)
         temporal.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def stack_description(args: argparse.Namespace) -> str:
