@@ -107,7 +107,7 @@ async def drive(
                     failures += 1
 
     # The collector is paused while a turn runs, because its full passes
-    # over the driver's heap took up to 0.6 s on a loaded 2-core machine
+    # over the driver's heap took up to 0.66 s on a loaded 2-core machine
     # and landed on whichever target was being driven.
     gc.collect()
     gc.disable()

@@ -308,7 +308,7 @@ def _log_lookup_failure(task: asyncio.Task[Principal | None]) -> None:
     # Retrieves the error of a background lookup that no call awaited; the
     # cached entry then expires at its deadline and the next call reads again.
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("could not read an API key again: %s", task.exception())
+        logger.warning("background lookup of an API key failed: %s", task.exception())
 
 
 def ensure_default_key(settings: Settings) -> str | None:

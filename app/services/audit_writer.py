@@ -187,7 +187,7 @@ class AuditWriter:
                 list_calls, self.database_url, limit=limit, user_id=user_id, tool=tool
             )
             shared = _SharedRead(
-                # The next arrival number: calls that arrived before now.
+                # Calls with a lower arrival number arrived before this query.
                 after=next(self._arrivals),
                 written=self._written,
                 task=asyncio.get_running_loop().create_task(asyncio.to_thread(read)),

@@ -194,7 +194,7 @@ async def system_health(
     """Read the health of the database, Temporal, every queue and this process."""
     address = settings.effective_temporal_address
     # The queues are described while the namespace is checked, so that a
-    # reading waits for one round of RPCs instead of two; their results are
+    # reading waits for one round of RPCs instead of two. Their results are
     # dropped when the namespace check finds Temporal unreachable.
     database, temporal, described = await asyncio.gather(
         asyncio.to_thread(check_database, settings),
