@@ -76,6 +76,12 @@ def tail_command(
     ctx = ToolContext(settings, user_id=f"cli:{getpass.getuser()}")
 
     async def follow() -> None:
+        # SIGTERM (kill, a supervisor) cancels the tail like Ctrl-C does, at
+        # an await, so the subscription is still deleted. A handler that
+        # raised in the middle of the event loop's own code could skip that.
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
         arguments: dict[str, Any] = {"table": table, "event": event}
         if filter_text:
             arguments["filter"] = filter_text
@@ -98,14 +104,8 @@ def tail_command(
                 ctx, "realtime_unsubscribe", {"subscription_id": subscription_id}
             )
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # SIGTERM (kill, a supervisor) ends the tail like Ctrl-C, so the
-    # subscription is still deleted.
-    signal.signal(signal.SIGTERM, interrupt)
     try:
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
             asyncio.run(follow())
     except ToolError as error:
         typer.echo(f"error: {error.message}", err=True)
