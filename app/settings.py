@@ -128,6 +128,19 @@ class Settings(BaseSettings):
     )
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    worker_malloc_arena_max: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="glibc malloc arenas a worker process may create (0 keeps "
+        "glibc's default of 8 per core); fewer arenas keep less freed memory.",
+    )
+    worker_malloc_trim_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between the malloc_trim calls with which a worker "
+        "returns freed memory to the kernel (0 turns them off).",
+    )
     api_rate_limit: float = Field(
         20.0, gt=0, description="Requests per second each API key may average."
     )

@@ -13,6 +13,7 @@ from app.logs import configure_logging
 from app.processes import worker_identity
 from app.settings import get_settings
 from app.temporal.client import connect
+from workers.malloc import limit_malloc_arenas
 from workers.registry import QUEUE_LIMITS
 from workers.run import run_node_workers, run_workers
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if not options.queue and not options.neural_node:
         parser.error("give at least one --queue or --neural-node")
     settings = get_settings()
+    # Before the SDK core and the thread pools start their threads.
+    limit_malloc_arenas(settings.worker_malloc_arena_max)
     configure_logging(settings.log_level)
     upgrade(settings.effective_database_url)
 

@@ -16,6 +16,8 @@ from temporalio.worker import Worker
 from app.contracts.queues import NEURAL
 from app.processes import worker_identity
 from app.settings import Settings
+from workers.malloc import trim_malloc_every
+from workers.memory_debug import report_on_signal
 from workers.registry import queue_spec
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,19 @@ async def run_workers(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(
+        signal.SIGUSR1,
+        report_on_signal,
+        settings.resolved_data_dir / "logs",
+        "+".join(task_queues),
+    )
     logger.info("workers polling %s (pid %d)", ", ".join(task_queues), os.getpid())
     runs = [asyncio.create_task(worker.run()) for worker in workers]
+    trimmer = None
+    if settings.worker_malloc_trim_seconds:
+        trimmer = asyncio.create_task(
+            trim_malloc_every(settings.worker_malloc_trim_seconds, stop)
+        )
     node_pool = None
     if NEURAL in task_queues and settings.neural_embedded_nodes:
         # Cluster nodes run beside the nexus-neural worker, where JAX is
@@ -68,6 +81,8 @@ async def run_workers(
     if node_pool is not None:
         await node_pool
     await asyncio.gather(*(worker.shutdown() for worker in workers))
+    if trimmer is not None:
+        await trimmer
     for task in runs:
         if not task.done():
             task.cancel()

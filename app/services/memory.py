@@ -53,6 +53,15 @@ def heap_usage() -> tuple[int, int] | None:
     return info.arena + info.hblkhd, info.uordblks + info.hblkhd
 
 
+def mallinfo2_fields() -> dict[str, int] | None:
+    """Return every field of glibc's `mallinfo2` in bytes, or None without it."""
+    function = _mallinfo2()
+    if function is None:
+        return None
+    info = function()
+    return {field[0]: getattr(info, field[0]) for field in _MallInfo2._fields_}
+
+
 def read_memory() -> MemoryStats:
     info = psutil.Process().memory_info()
     heap = heap_usage()
