@@ -1,7 +1,8 @@
 """A memory report that a worker writes when it gets SIGUSR1, for finding what
 grows in a long run: `kill -USR1 PID`, then read the file named in its log.
 
-The report has the counts of live Python objects by type, glibc's `mallinfo2`
+The report has the counts of live Python objects by type, of imported
+modules by top-level package, glibc's `mallinfo2`
 fields, pymalloc's arena statistics (`sys._debugmallocstats`), the thread
 count and `/proc/self/smaps_rollup`. Nothing runs until the signal comes.
 """
@@ -32,6 +33,10 @@ def write_memory_report(folder: Path, label: str) -> Path:
         out.write(f"threads {threading.active_count()}\n")
         out.write(f"gc objects {sum(counts.values())}\n")
         for name, count in counts.most_common(60):
+            out.write(f"  {count:>9} {name}\n")
+        packages = collections.Counter(name.split(".")[0] for name in sys.modules)
+        out.write(f"modules {len(sys.modules)}\n")
+        for name, count in packages.most_common():
             out.write(f"  {count:>9} {name}\n")
         out.write("mallinfo2\n")
         for name, value in (mallinfo2_fields() or {}).items():
