@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     )
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    worker_warm_up: bool = Field(
+        True,
+        description="Import scikit-learn and start JAX's backend in the "
+        "orchestration and neural workers before they poll, so their memory "
+        "reaches its working size at startup rather than on first use.",
+    )
     worker_malloc_arena_max: int = Field(
         2,
         ge=0,

@@ -59,6 +59,23 @@ QUEUE_LIMITS: dict[str, QueueLimits] = {
 
 
 @dataclass(frozen=True)
+class QueueWarmUp:
+    """What a queue's worker imports and runs before it polls (see
+    workers/warmup.py): the first use of these happens in its tasks anyway."""
+
+    modules: tuple[str, ...] = ()
+    steps: tuple[str, ...] = ()
+
+
+QUEUE_WARM_UPS: dict[str, QueueWarmUp] = {
+    # Neural tools run in-process in phase and step activities here: dataset
+    # preparation imports scikit-learn, and predictions run jitted JAX code.
+    queues.ORCHESTRATION: QueueWarmUp(("sklearn.datasets",), ("jax",)),
+    queues.NEURAL: QueueWarmUp(("sklearn.datasets",), ("jax",)),
+}
+
+
+@dataclass(frozen=True)
 class Capability:
     """Workflows and activity factories that one capability adds to queues."""
 

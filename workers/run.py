@@ -18,7 +18,8 @@ from app.processes import worker_identity
 from app.settings import Settings
 from workers.malloc import trim_malloc_every
 from workers.memory_debug import report_on_signal
-from workers.registry import queue_spec
+from workers.registry import QUEUE_WARM_UPS, queue_spec
+from workers.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ async def run_workers(
     client: Client, settings: Settings, task_queues: Sequence[str]
 ) -> None:
     """Run workers for `task_queues` until SIGINT or SIGTERM, then drain them."""
+    if settings.worker_warm_up:
+        for queue in task_queues:
+            plan = QUEUE_WARM_UPS.get(queue)
+            if plan is not None:
+                await asyncio.to_thread(warm_up, queue, plan.modules, plan.steps)
     workers = [build_worker(client, settings, queue) for queue in task_queues]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
