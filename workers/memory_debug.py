@@ -59,10 +59,10 @@ def write_memory_report(folder: Path, label: str) -> Path:
 
 
 def report_on_signal(folder: Path, label: str) -> None:
-    """Write a memory report and log where it went; a signal handler."""
+    """Write a memory report and log its path (the SIGUSR1 handler)."""
     try:
         path = write_memory_report(folder, label)
     except OSError as error:
         logger.error("memory report of %s failed: %s", label, error)
         return
-    logger.warning("memory report of %s written to %s", label, path)
+    logger.info("memory report of %s written to %s", label, path)

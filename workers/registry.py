@@ -60,8 +60,8 @@ QUEUE_LIMITS: dict[str, QueueLimits] = {
 
 @dataclass(frozen=True)
 class QueueWarmUp:
-    """What a queue's worker imports and runs before it polls (see
-    workers/warmup.py): the first use of these happens in its tasks anyway."""
+    """Modules and warm-up steps that a queue's worker imports and runs before
+    it polls, because its tasks would otherwise do the same on first use."""
 
     modules: tuple[str, ...] = ()
     steps: tuple[str, ...] = ()

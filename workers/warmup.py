@@ -1,12 +1,11 @@
 """First-use work that a worker does before it polls, so that its memory
 reaches its working size at startup instead of during its first tasks.
 
-Two kinds of first use are large and happen in every deployment that trains
-models. The digits and iris datasets come from scikit-learn, whose import
-loads about 700 modules of scikit-learn and SciPy (about 50 MB in the
-orchestration worker, where the neural tools prepare datasets). JAX's first
-computation starts the CPU backend and LLVM, which adds about 45 MB
-(measured with a scratch script that read /proc/self/smaps before and after).
+Two kinds of first use are large. The built-in datasets (digits, iris, wine,
+breast_cancer) come from scikit-learn, whose import loads about 800 modules
+of scikit-learn, SciPy and joblib. JAX's first computation starts its CPU
+backend and LLVM. In a scratch process that had imported the worker registry,
+the two together raised RSS from 245 MB to 386 MB (2-core machine).
 """
 
 from __future__ import annotations
