@@ -141,6 +141,13 @@ class Settings(BaseSettings):
         description="glibc malloc arenas a worker process may create (0 keeps "
         "glibc's default of 8 per core); fewer arenas keep less freed memory.",
     )
+    worker_malloc_mmap_threshold: int = Field(
+        131072,
+        ge=0,
+        le=32 * 1024 * 1024,
+        description="Bytes from which a worker's malloc serves a block with its "
+        "own mmap, fixed instead of glibc's rising threshold (0 keeps glibc's).",
+    )
     worker_malloc_trim_seconds: float = Field(
         60.0,
         ge=0,

@@ -13,7 +13,7 @@ from app.logs import configure_logging
 from app.processes import worker_identity
 from app.settings import get_settings
 from app.temporal.client import connect
-from workers.malloc import limit_malloc_arenas
+from workers.malloc import fix_mmap_threshold, limit_malloc_arenas
 from workers.registry import QUEUE_LIMITS
 from workers.run import run_node_workers, run_workers
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     # Before the SDK core and the thread pools start their threads.
     limit_malloc_arenas(settings.worker_malloc_arena_max)
+    fix_mmap_threshold(settings.worker_malloc_mmap_threshold)
     configure_logging(settings.log_level)
     upgrade(settings.effective_database_url)
 

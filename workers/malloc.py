@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 # From glibc's malloc.h.
 _M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
@@ -46,6 +47,21 @@ def limit_malloc_arenas(count: int) -> bool:
     if libc is None or count <= 0:
         return False
     return bool(libc.mallopt(_M_ARENA_MAX, count))
+
+
+def fix_mmap_threshold(size: int) -> bool:
+    """Serve allocations of `size` bytes or more with their own mmap.
+
+    glibc starts at 128 KiB but raises the threshold (up to 32 MiB on 64-bit)
+    each time such a block is freed, after which large, short-lived buffers
+    come from the arenas and fragment them. Setting the threshold turns that
+    adjustment off, so a freed large block goes straight back to the kernel.
+    Returns False where the C library is not glibc or rejects the value.
+    """
+    libc = _libc()
+    if libc is None or size <= 0:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
 
 
 def trim_malloc() -> bool:

@@ -25,6 +25,12 @@ def test_arena_cap_accepts_positive_count() -> None:
 
 
 @glibc_only
+def test_mmap_threshold_accepts_size() -> None:
+    assert malloc.fix_mmap_threshold(128 * 1024) is True
+    assert malloc.fix_mmap_threshold(0) is False
+
+
+@glibc_only
 def test_trim_releases_freed_blocks() -> None:
     # 64 KiB blocks come from the heap (below the 128 KiB mmap threshold).
     # Freeing every other one leaves free pages between live blocks, which
