@@ -86,8 +86,8 @@ async def trim_malloc_every(interval_seconds: float, stop: asyncio.Event) -> Non
             await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
         except TimeoutError:
             started = time.perf_counter()
-            # In a thread: a trim walks every arena and takes a few ms, which
-            # the event loop of the workflow tasks should not wait for.
+            # In a thread, because a trim walks every arena under its lock and
+            # the event loop of the workflow tasks should not wait for that.
             released = await asyncio.to_thread(trim_malloc)
             logger.debug(
                 "malloc_trim took %.1f ms (released memory: %s)",
