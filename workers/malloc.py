@@ -2,11 +2,12 @@
 
 A worker has many threads: the SDK core's Tokio threads, the activity thread
 pool and asyncio's default executor. glibc gives each contending thread its
-own arena, up to 8 per core, and memory freed in one arena stays resident
-there until that arena's top is free. Over hours of short-lived workflow
-tasks this shows as slow RSS growth while the bytes in use stay flat. Fewer
-arenas and a periodic `malloc_trim(0)`, which hands free pages in every
-arena back to the kernel, keep RSS at what is in use.
+own arena, up to 8 per core, and free pages inside an arena stay resident
+until something trims them. In the neural worker this showed as RSS growth
+in the thread arenas while the bytes in use stayed flat. Fewer arenas and a
+periodic `malloc_trim(0)`, which hands the free pages of every arena back
+to the kernel, keep RSS closer to the bytes in use. Free pieces smaller
+than a page stay resident all the same.
 """
 
 from __future__ import annotations
