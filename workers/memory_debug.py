@@ -1,15 +1,17 @@
 """A memory report that a worker writes when it gets SIGUSR1, for finding what
 grows in a long run: `kill -USR1 PID`, then read the file named in its log.
 
-The report has the counts of live Python objects by type, of imported
-modules by top-level package, glibc's `mallinfo2`
-fields, pymalloc's arena statistics (`sys._debugmallocstats`), the thread
+The report has the counts of live Python objects by type and of imported
+modules by top-level package, glibc's `mallinfo2` fields, SQLite's allocated
+bytes, pymalloc's arena statistics (`sys._debugmallocstats`), the thread
 count and `/proc/self/smaps_rollup`. Nothing runs until the signal comes.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -21,6 +23,20 @@ from pathlib import Path
 from app.services.memory import mallinfo2_fields
 
 logger = logging.getLogger(__name__)
+
+
+def sqlite_memory_used() -> int | None:
+    """Return the bytes that SQLite has allocated in this process (its page
+    caches included), or None when the library cannot be loaded."""
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        return None
+    try:
+        library = ctypes.CDLL(name)
+    except OSError:
+        return None
+    library.sqlite3_memory_used.restype = ctypes.c_int64
+    return int(library.sqlite3_memory_used())
 
 
 def write_memory_report(folder: Path, label: str) -> Path:
@@ -41,6 +57,9 @@ def write_memory_report(folder: Path, label: str) -> Path:
         out.write("mallinfo2\n")
         for name, value in (mallinfo2_fields() or {}).items():
             out.write(f"  {name} {value}\n")
+        sqlite_bytes = sqlite_memory_used()
+        if sqlite_bytes is not None:
+            out.write(f"sqlite3_memory_used {sqlite_bytes}\n")
         rollup = Path("/proc/self/smaps_rollup")
         if rollup.exists():
             out.write(rollup.read_text())

@@ -92,6 +92,8 @@ def test_memory_report_has_every_section(tmp_path: Path) -> None:
     assert "arenas allocated current" in text
     if malloc._libc() is not None:
         assert "uordblks" in text
+    if memory_debug.sqlite_memory_used() is not None:
+        assert "sqlite3_memory_used" in text
 
 
 def test_memory_report_failure_is_logged(
