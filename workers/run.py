@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 
 from app.contracts.queues import NEURAL
 from app.processes import worker_identity
+from app.sandbox.runtime import close_local_backends
 from app.settings import Settings
 from workers.malloc import trim_malloc_every
 from workers.memory_debug import report_on_signal
@@ -87,6 +88,7 @@ async def run_workers(
     if node_pool is not None:
         await node_pool
     await asyncio.gather(*(worker.shutdown() for worker in workers))
+    await close_local_backends()
     if trimmer is not None:
         await trimmer
     for task in runs:

@@ -8,6 +8,7 @@ import logging
 import re
 import shlex
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from app.contracts.sandbox import NODE_TEMPLATES, ExecuteRequest, ExecuteResult
 from app.sandbox.backend import (
@@ -16,6 +17,9 @@ from app.sandbox.backend import (
     SandboxConfigurationError,
 )
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.sandbox.local import LocalBackend
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +47,24 @@ def _backend_for(
 
     from app.sandbox.local import LocalBackend
 
-    return LocalBackend(
+    local = LocalBackend(
         Path(root), use_bwrap=use_bwrap, allow_network=allow_network, spares=spares
     )
+    _local_backends.append(local)
+    return local
+
+
+_local_backends: list[LocalBackend] = []
+
+
+async def close_local_backends() -> None:
+    """End the spare runners of this process's local backends.
+
+    Sandboxes that sessions own keep running until their own end. A spare
+    belongs to no session, so nothing else ends it before its timeout.
+    """
+    for local in _local_backends:
+        await local.close()
 
 
 def get_backend(settings: Settings) -> SandboxBackend:

@@ -125,6 +125,15 @@ def test_up_health_stop_restart_keeps_history(nexus_up: NexusUp) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "COMPLETED" in run.stdout.upper()
 
+    # A sandbox leaves a spare runner behind, which belongs to no session.
+    created = nexus_up.nexus("sandbox", "create", "base")
+    assert created.returncode == 0, created.stdout + created.stderr
+    sandbox_id = json.loads(created.stdout)["sandbox_id"]
+    deleted = nexus_up.nexus("sandbox", "delete", sandbox_id)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    spares = nexus_up.data_dir / "sandboxes"
+    assert [f for f in spares.iterdir() if f.name.startswith("_spare-")]
+
     assert nexus_up.process is not None
     children = psutil.Process(nexus_up.process.pid).children(recursive=True)
     assert len(children) >= len(ALL_QUEUES) + 1
@@ -132,6 +141,7 @@ def test_up_health_stop_restart_keeps_history(nexus_up: NexusUp) -> None:
     psutil.wait_procs(children, timeout=10)
     alive = [c.pid for c in children if c.is_running() and c.status() != "zombie"]
     assert alive == [], f"processes left behind: {alive}"
+    assert not [f for f in spares.iterdir() if f.name.startswith("_spare-")]
     assert (nexus_up.data_dir / "temporal.db").exists()
 
     nexus_up.start()
