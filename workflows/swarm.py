@@ -515,6 +515,15 @@ class SwarmWorkflow:
 
     # State changes, all synchronous so each is atomic
 
+    def _fail_unstarted(self, task: TaskRecord, error: str) -> None:
+        """Fail a queued task before it gets agents, and queue the outcome
+        for its task workflow."""
+        task.status = "failed"
+        task.error = error
+        task.finished_at = workflow.now()
+        self.state.pending_assignments.append(task.spec.task_id)
+        self._event("task_failed", task_id=task.spec.task_id, detail={"error": error})
+
     def _dispatch(self) -> None:
         """Give queued tasks whose dependencies are done to idle agents, in
         priority order."""
@@ -529,28 +538,14 @@ class SwarmWorkflow:
                 if d is not None and d.status in ("failed", "cancelled")
             ]
             if broken:
-                task.status = "failed"
-                task.error = f"dependencies {broken} did not complete"
-                task.finished_at = workflow.now()
-                self.state.pending_assignments.append(task.spec.task_id)
-                self._event(
-                    "task_failed",
-                    task_id=task.spec.task_id,
-                    detail={"error": task.error},
-                )
+                self._fail_unstarted(task, f"dependencies {broken} did not complete")
                 continue
             pinned = task.spec.agent_id
             if pinned is not None:
                 agent = self._find_agent(pinned)
                 if agent is None or agent.status in ("removed", "removing"):
-                    task.status = "failed"
-                    task.error = f"agent {pinned} left the swarm before the task ran"
-                    task.finished_at = workflow.now()
-                    self.state.pending_assignments.append(task.spec.task_id)
-                    self._event(
-                        "task_failed",
-                        task_id=task.spec.task_id,
-                        detail={"error": task.error},
+                    self._fail_unstarted(
+                        task, f"agent {pinned} left the swarm before the task ran"
                     )
                     continue
             if any(d is None or d.status != "completed" for d in dependencies):
