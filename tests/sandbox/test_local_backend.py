@@ -220,7 +220,7 @@ async def test_anchor_killed_elsewhere_is_reaped(tmp_path: Path) -> None:
     state = creator._read_state("first")
     assert state is not None
     anchor = int(state["anchor_pid"])  # type: ignore[call-overload]
-    # Another worker process's backend deletes it, so nobody here waits.
+    # Another worker process's backend deletes it, so `creator` never waits.
     await other.delete("first")
     for _ in range(200):
         if _zombie(anchor):

@@ -98,7 +98,7 @@ async def test_swarm_survives_worker_restart(
             listed = await helper.call("swarm_list")
             [row] = [s for s in listed["swarms"] if s["swarm_id"] == swarm_id]
             assert row["agent_count"] == 2
-            # The mirror row read back from SQLite still says it is UTC.
+            # The mirror row read back from SQLite keeps the UTC zone.
             assert row["created_at"].endswith("Z")
             assert after["created_at"].endswith("Z")
     finally:

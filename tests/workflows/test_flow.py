@@ -164,7 +164,7 @@ async def test_failed_step_skips_dependents(
     assert "upstream step 'broken' failed" in steps["after"]["error"]
     assert steps["later"]["status"] == "skipped"
     assert steps["independent"]["status"] == "completed"
-    # Timestamps read back from either database say they are UTC.
+    # Timestamps read back from either database carry the UTC zone.
     stamps = [
         listed["executions"][0]["started_at"],
         execution["started_at"],
