@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,87 @@ async def test_setsid_escape_is_killed(backend: LocalBackend) -> None:
     assert "late1.txt" in check.stderr and "late2.txt" in check.stderr
 
 
+async def test_executions_extend_the_expiry(backend: LocalBackend) -> None:
+    created = (await backend.describe("box")).expires_at
+    assert created is not None
+    await backend.run(
+        "box", ["true"], env={}, cwd=None, timeout=5, output_limit=100, keep_alive=900
+    )
+    extended = (await backend.describe("box")).expires_at
+    assert extended is not None and extended - created > timedelta(seconds=500)
+    # A sandbox made before the expiry file reads the expiry from its state.
+    (backend.root / "box" / "expiry").unlink()
+    assert (await backend.describe("box")).expires_at == created
+
+
+def _runner_processes(backend: LocalBackend) -> tuple[int, list[int]]:
+    """Return the runner's pid and the pids of its warm pair."""
+    state = backend._read_state("box")
+    assert state is not None
+    pythons = []
+    for pid in descendants(int(state["anchor_pid"])):  # type: ignore[call-overload]
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("python3"):
+                pythons.append(pid)
+        except FileNotFoundError:
+            continue  # an execution that has just ended
+    # descendants() lists parents before their children: the runner first.
+    return pythons[0], pythons[1:]
+
+
+async def _warm_pair(backend: LocalBackend) -> tuple[int, list[int]]:
+    for _ in range(200):
+        runner, warm = _runner_processes(backend)
+        if len(warm) == 2:
+            return runner, warm
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no warm pair below runner {runner}: {warm}")
+
+
+async def test_concurrent_executions_keep_their_own_output(
+    backend: LocalBackend,
+) -> None:
+    # The first takes the warm pair; the others arrive while it is re-forked.
+    code = "import sys, time; time.sleep({delay}); print({n}); sys.exit({n})"
+    results = await asyncio.gather(
+        *(
+            run(backend, ["python3", "-c", code.format(delay=0.2 * (n % 2), n=n)])
+            for n in range(1, 6)
+        )
+    )
+    assert [(r.stdout, r.exit_code) for r in results] == [
+        (f"{n}\n", n) for n in range(1, 6)
+    ]
+
+
+async def test_killed_warm_pair_is_replaced(backend: LocalBackend) -> None:
+    _, warm = await _warm_pair(backend)
+    for pid in warm:
+        os.kill(pid, signal.SIGKILL)
+    # Its end is unnoticed until a request tries to hand over: that one
+    # starts its own pair, and the runner forks a new warm pair after it.
+    for expected in ("first", "second"):
+        result = await run(backend, ["python3", "-c", f"print('{expected}')"])
+        assert (result.stdout, result.exit_code) == (f"{expected}\n", 0)
+    _, replaced = await _warm_pair(backend)
+    assert set(replaced).isdisjoint(warm)
+
+
+async def test_warm_pair_holds_no_listening_socket(backend: LocalBackend) -> None:
+    runner, warm = await _warm_pair(backend)
+    listen_fd = Path(f"/proc/{runner}/cmdline").read_bytes().split(b"\0")[-3]
+    try:
+        listening = os.readlink(f"/proc/{runner}/fd/{int(listen_fd)}")
+    except PermissionError:
+        pytest.skip("reading another process's fds needs root here")
+    assert listening.startswith("socket:")
+    for pid in warm:
+        held = {
+            os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+        }
+        assert listening not in held, f"warm process {pid} holds the runner's socket"
+
+
 async def test_runner_death_loses_the_sandbox(backend: LocalBackend) -> None:
     state = backend._read_state("box")
     assert state is not None
@@ -173,7 +255,12 @@ async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> Non
     local = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap, spares=1)
     try:
         await local.create("first", template="python", timeout=300, env={}, metadata={})
-        await asyncio.sleep(0)  # the refill runs after create returns
+        # The refill waits until no call has run for a moment.
+        assert local._spares == []
+        for _ in range(100):
+            if local._spares:
+                break
+            await asyncio.sleep(0.05)
         assert len(local._spares) == 1
         spare = local._spares[0]
         await local.create("second", template="base", timeout=1, env={}, metadata={})
