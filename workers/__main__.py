@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
+
+import uvloop
 
 from app.db.migrate import upgrade
 from app.logs import configure_logging
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             await run_workers(client, settings, options.queue)
 
-    asyncio.run(run())
+    # uvloop's faster wake-ups matter here: a sandbox call crosses the loop
+    # about ten times (SDK core to Python and back, the runner's socket and
+    # pipes), and a bare update plus a local activity took about 7% less.
+    uvloop.run(run())
     return 0
 
 
