@@ -429,9 +429,9 @@ class LocalBackend(SandboxBackend):
     def _record_expiry(self, backend_id: str, expires_at: float) -> None:
         """Record when the sandbox ends as the mtime of its `expiry` file.
 
-        Every execution extends the sandbox's life; one `utime` call takes
-        microseconds, where rewriting the state file (a write and a rename)
-        took 0.2 to 0.8 ms of each execution.
+        Every execution extends the sandbox's life. One `utime` call takes
+        microseconds. Rewriting the state file (a write and a rename) took
+        0.2 to 0.8 ms of each execution.
         """
         path = self.root / backend_id / "expiry"
         try:

@@ -310,8 +310,8 @@ def _report_pid(conn: socket.socket, pid: int) -> None:
 
 
 def _finish_execution(conn: socket.socket, request: dict, pid: int) -> None:
-    """In a supervisor whose program `pid` has its request and whose pid the
-    host knows: wait, clean up and reply; never returns."""
+    """In a supervisor whose program `pid` has its request and has been
+    reported to the host: wait, clean up and reply; never returns."""
     try:
         status, timed_out = wait_program(pid, conn, float(request["timeout"]))
         kill_descendants()

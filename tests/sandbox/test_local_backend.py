@@ -205,10 +205,12 @@ async def test_warm_pair_holds_no_listening_socket(backend: LocalBackend) -> Non
         pytest.skip("reading another process's fds needs root here")
     assert listening.startswith("socket:")
     for pid in warm:
-        held = {
+        open_fds = {
             os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
         }
-        assert listening not in held, f"warm process {pid} holds the runner's socket"
+        assert listening not in open_fds, (
+            f"warm process {pid} holds the runner's socket"
+        )
 
 
 async def test_runner_death_loses_the_sandbox(backend: LocalBackend) -> None:
