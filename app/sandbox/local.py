@@ -579,11 +579,16 @@ class LocalBackend(SandboxBackend):
         )
 
     async def stop(self, backend_id: str) -> None:
+        """End the sandbox and remove its files, as E2B's kill does; its state
+        file stays until `delete`, so `describe` reports it stopped."""
         state = self._read_state(backend_id)
         self._kill_anchor(backend_id, state)
         if state is not None:
             state["stopped"] = True
-            self._state_path(backend_id).write_text(json.dumps(state))
+            self._write_state(backend_id, state)
+        # A killed anchor no longer removes the folder, as it does when its
+        # runner ends at the timeout.
+        await asyncio.to_thread(shutil.rmtree, self.folder(backend_id), True)
         logger.info("stopped local sandbox %s", backend_id)
 
     async def delete(self, backend_id: str) -> None:
@@ -622,6 +627,12 @@ class LocalBackend(SandboxBackend):
     def _bwrap_prefix(self, backend_id: str, network: bool) -> list[str]:
         if self._bwrap_base is None:
             base = [str(self.bwrap), "--unshare-all", "--die-with-parent"]
+            if os.geteuid() == 0:
+                # Run by root, bubblewrap keeps root's capabilities inside:
+                # with CAP_SYS_PTRACE, code could take the runner's listening
+                # socket (pidfd_getfd) and answer the host's requests. A user
+                # without privileges gets none by default.
+                base += ["--cap-drop", "ALL"]
             base += ["--ro-bind", "/usr", "/usr"]
             for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
                 path = Path("/") / top

@@ -390,6 +390,13 @@ def warm_supervisor(
         header, fds = read_message(control)
         if not fds:
             os._exit(1)
+        ended, _ = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if ended:
+            # Killed or stopped from inside the sandbox: without the
+            # acknowledgement the runner serves the request with a new pair.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            os._exit(1)
         conn = socket.socket(fileno=fds[0])
         # The host learns of the program before it can start, and the runner
         # sends the request only after this acknowledgement.
@@ -438,11 +445,57 @@ def _hand_over(
     except OSError:
         acknowledged = False
     if acknowledged:
-        # A program killed alone fails this execution with its signal.
         with contextlib.suppress(OSError):
             send_body(warm.program, body, fds)
+    else:
+        # A stopped or slow supervisor holds a copy of the host's connection,
+        # which would keep it open after the request's own supervisor ends.
+        with contextlib.suppress(OSError):
+            os.kill(warm.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(warm.pid, 0)
     warm.close()
     return acknowledged
+
+
+def _serve_connection(
+    conn: socket.socket, server: socket.socket, runner: int, warm: Warm | None
+) -> tuple[float | None, bool, Warm | None]:
+    """Serve one request; return its new lifetime, whether it asked the
+    runner to stop, and the warm pair left (None once used).
+
+    A function of its own, so that the request (its env included) is off the
+    runner's stack when the next warm pair is forked: a program runs on top
+    of that stack and could read it from the frames.
+    """
+    fds: list[int] = []
+    lifetime: float | None = None
+    try:
+        conn.settimeout(10)
+        body, fds = read_body(conn)
+        request = json.loads(body.decode())
+        if "lifetime" in request:
+            lifetime = float(request["lifetime"])
+        if request.get("op") == "exec":
+            conn.settimeout(None)
+            handed = warm is not None and _hand_over(warm, conn, body, request, fds)
+            warm = None
+            if not handed and os.fork() == 0:
+                server.close()
+                supervise(conn, request, fds, runner)
+        elif request.get("op") == "stop":
+            send_reply(conn, {"stopped": True})
+            return lifetime, True, warm
+        else:
+            send_reply(conn, {"ok": True})
+    except (OSError, ValueError, EOFError):
+        pass
+    finally:
+        conn.close()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return lifetime, False, warm
 
 
 def serve(listen_fd: int, lifetime: float) -> None:
@@ -474,32 +527,11 @@ def serve(listen_fd: int, lifetime: float) -> None:
                 warm = _fork_warm(server, runner)
             continue
         conn, _ = server.accept()
-        fds: list[int] = []
-        try:
-            conn.settimeout(10)
-            body, fds = read_body(conn)
-            request = json.loads(body.decode())
-            if "lifetime" in request:
-                deadline = time.monotonic() + float(request["lifetime"])
-            if request.get("op") == "exec":
-                conn.settimeout(None)
-                handed = warm is not None and _hand_over(warm, conn, body, request, fds)
-                warm = None
-                if not handed and os.fork() == 0:
-                    server.close()
-                    supervise(conn, request, fds, runner)
-            elif request.get("op") == "stop":
-                send_reply(conn, {"stopped": True})
-                break
-            else:
-                send_reply(conn, {"ok": True})
-        except (OSError, ValueError, EOFError):
-            pass
-        finally:
-            conn.close()
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        extended, stop, warm = _serve_connection(conn, server, runner, warm)
+        if extended is not None:
+            deadline = time.monotonic() + extended
+        if stop:
+            break
         if warm is None:
             # The next request's pair, forked while the program runs.
             warm = _fork_warm(server, runner)

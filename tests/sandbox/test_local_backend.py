@@ -130,6 +130,20 @@ async def test_setsid_escape_is_killed(backend: LocalBackend) -> None:
     assert "late1.txt" in check.stderr and "late2.txt" in check.stderr
 
 
+async def test_stop_removes_files_keeps_state(backend: LocalBackend) -> None:
+    await backend.write_file("box", "kept.txt", b"data")
+    await backend.stop("box")
+    assert not backend.folder("box").exists()
+    described = await backend.describe("box")
+    assert (described.alive, described.state) == (False, "stopped")
+    with pytest.raises(SandboxLostError, match="stopped"):
+        await backend.run(
+            "box", ["true"], env={}, cwd=None, timeout=5, output_limit=100
+        )
+    await backend.delete("box")
+    assert not (backend.root / "box").exists()
+
+
 async def test_executions_extend_the_expiry(backend: LocalBackend) -> None:
     created = (await backend.describe("box")).expires_at
     assert created is not None
