@@ -80,9 +80,12 @@ class SwarmActivities:
         task and one signal less per task. The signal reaches the swarm
         before the task workflow completes, as the workflow's would.
 
-        NOTE: when the worker dies after the signal and before the activity
-        completes, the retry runs the program again, and the swarm keeps the
-        status of the first attempt while `task_results` shows the retry.
+        When the worker dies after the signal and before the activity
+        completes, the retry sends the program's sandbox call with the same
+        id, so it gets the first attempt's output and status back instead of
+        running the program again (see `run_step`).
+        NOTE: the id only deduplicates within one run of the sandbox session;
+        had the session continued as new in between, the program runs again.
         """
         result = await self.run_agent_step(request)
         status, error = planning.task_outcome([result])

@@ -135,15 +135,20 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
 
 
 async def _update(
-    client: Client, sandbox_id: str, name: str, arg: object, result_type: type
+    client: Client,
+    sandbox_id: str,
+    name: str,
+    arg: object,
+    result_type: type,
+    update_id: str | None = None,
 ) -> object:
     try:
         if arg is None:
             return await _handle(client, sandbox_id).execute_update(
-                name, result_type=result_type
+                name, result_type=result_type, id=update_id
             )
         return await _handle(client, sandbox_id).execute_update(
-            name, arg, result_type=result_type
+            name, arg, result_type=result_type, id=update_id
         )
     except (WorkflowUpdateFailedError, RPCError) as error:
         raise _translate(error, sandbox_id) from None
@@ -210,13 +215,22 @@ async def execute(
     sandbox_id: str,
     request: ExecuteRequest,
     env_vars: Mapping[str, str] | None = None,
+    *,
+    call_id: str | None = None,
 ) -> ExecuteResult:
-    """Run code in the sandbox; `env_vars` (plain) apply to this call only."""
+    """Run code in the sandbox; `env_vars` (plain) apply to this call only.
+
+    A `call_id` already used with this session returns that call's result
+    without running the code again (Temporal deduplicates updates by id
+    within a workflow run), so a retried caller does not run a program twice.
+    """
     if env_vars:
         request = request.model_copy(
             update={"sealed_env": seal_for(settings, sandbox_id, env_vars)}
         )
-    result = await _update(client, sandbox_id, "execute", request, ExecuteResult)
+    result = await _update(
+        client, sandbox_id, "execute", request, ExecuteResult, update_id=call_id
+    )
     assert isinstance(result, ExecuteResult)
     return result
 

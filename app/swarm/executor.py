@@ -60,8 +60,10 @@ class AgentExecutor(Protocol):
         *,
         env: Mapping[str, str],
         timeout: float,
+        call_id: str | None = None,
     ) -> ExecutionOutput:
-        """Run `code` in the sandbox and return what it printed and its exit."""
+        """Run `code` in the sandbox and return what it printed and its exit;
+        a `call_id` used before returns that call's output instead."""
         ...
 
     async def state(self, sandbox_id: str) -> SandboxState:
@@ -176,6 +178,7 @@ class SandboxSessionExecutor:
         *,
         env: Mapping[str, str],
         timeout: float,
+        call_id: str | None = None,
     ) -> ExecutionOutput:
         try:
             result = await sandbox_service.execute(
@@ -184,6 +187,7 @@ class SandboxSessionExecutor:
                 sandbox_id,
                 ExecuteRequest(code=code, language=language, timeout=timeout),
                 env_vars=env,
+                call_id=call_id,
             )
         except sandbox_service.SandboxServiceError:
             self._running.pop(sandbox_id, None)

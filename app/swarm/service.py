@@ -18,7 +18,7 @@ from app.sandbox.service import SandboxServiceError
 from app.settings import Settings
 from app.swarm import llm
 from app.swarm.actions import ActionNotAvailableError, run_action
-from app.swarm.executor import AgentExecutor
+from app.swarm.executor import AgentExecutor, ExecutionOutput
 from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,45 @@ def llm_prompt(request: AgentStepRequest) -> str:
     return "\n\n".join(lines)
 
 
+async def _run_program(
+    executor: AgentExecutor,
+    sandbox_id: str,
+    language: str,
+    program: str,
+    request: AgentStepRequest,
+    attempt: int,
+) -> ExecutionOutput:
+    """Run the step's program once per step, not once per activity attempt.
+
+    Every attempt sends the sandbox call with the step's own id. When an
+    earlier attempt's call got through (the worker died after it), the
+    session returns that call's output and the program does not run twice.
+    When that call failed, the same id returns the failure again, so this
+    attempt then calls with an id of its own.
+    """
+    call_id = (
+        f"agent-step-{request.task_id}-{request.agent.agent_id}-"
+        f"{request.step}-{request.part_index}"
+    )
+    env = step_env(request)
+    timeout = request.work.timeout_seconds
+    try:
+        return await executor.run_code(
+            sandbox_id, language, program, env=env, timeout=timeout, call_id=call_id
+        )
+    except SandboxServiceError as error:
+        if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
+            raise
+    return await executor.run_code(
+        sandbox_id,
+        language,
+        program,
+        env=env,
+        timeout=timeout,
+        call_id=f"{call_id}-attempt-{attempt}",
+    )
+
+
 async def run_step(
     settings: Settings,
     executor: AgentExecutor,
@@ -130,12 +169,8 @@ async def run_step(
         try:
             sandbox_id = await executor.ensure_sandbox(agent.agent_id)
             result.sandbox_id = sandbox_id
-            output = await executor.run_code(
-                sandbox_id,
-                language,
-                program,
-                env=step_env(request),
-                timeout=work.timeout_seconds,
+            output = await _run_program(
+                executor, sandbox_id, language, program, request, attempt
             )
         except SandboxServiceError as error:
             permanent = error.kind in ("configuration", "invalid_argument")
