@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,29 +14,7 @@ import pytest
 from app.sandbox.backend import RunOutput, SandboxLostError
 from app.sandbox.local import LocalBackend
 from app.sandbox.runner import descendants
-
-MODES = [
-    pytest.param(False, id="plain"),
-    pytest.param(
-        True,
-        id="bwrap",
-        marks=pytest.mark.skipif(
-            shutil.which("bwrap") is None, reason="bubblewrap is not installed"
-        ),
-    ),
-]
-
-
-@pytest.fixture(params=MODES)
-async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[LocalBackend]:
-    local = LocalBackend(tmp_path / "sandboxes", use_bwrap=request.param)
-    await local.create("box", template="base", timeout=300, env={}, metadata={})
-    try:
-        yield local
-    finally:
-        await local.delete("box")
+from tests.support.sandboxes import ISOLATION_MODES
 
 
 async def run(
@@ -266,7 +242,7 @@ async def test_keep_alive_keeps_the_runner(backend: LocalBackend) -> None:
     assert result.stdout == "1\n"
 
 
-@pytest.mark.parametrize("use_bwrap", MODES)
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
 async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> None:
     local = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap, spares=1)
     try:

@@ -8,26 +8,12 @@ supervisor), then checks the execution that takes that pair.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from app.sandbox.backend import RunOutput
 from app.sandbox.local import LocalBackend
-
-MODES = [
-    pytest.param(False, id="plain"),
-    pytest.param(
-        True,
-        id="bwrap",
-        marks=pytest.mark.skipif(
-            shutil.which("bwrap") is None, reason="bubblewrap is not installed"
-        ),
-    ),
-]
 
 # Sandbox code that sets `warm_supervisors` and `warm_programs` to the pids
 # of the pair that the runner forked for the next execution.
@@ -73,18 +59,6 @@ while frame is not None:
         print(request.get("env", {}).get("API_TOKEN"))
     frame = frame.f_back
 """
-
-
-@pytest.fixture(params=MODES)
-async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[LocalBackend]:
-    local = LocalBackend(tmp_path / "sandboxes", use_bwrap=request.param)
-    await local.create("box", template="base", timeout=300, env={}, metadata={})
-    try:
-        yield local
-    finally:
-        await local.delete("box")
 
 
 async def run_python(

@@ -1,13 +1,29 @@
-"""Settings for tests whose sandboxes run on the local backend."""
+"""Settings for tests whose sandboxes run on the local backend, and the two
+isolation modes that local backend tests run in."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from app.db.migrate import upgrade
 from app.settings import Settings
 from tests.conftest import TEST_ENCRYPTION_KEY
+
+# Without bubblewrap (plain processes with rlimits) and under bubblewrap.
+ISOLATION_MODES = [
+    pytest.param(False, id="plain"),
+    pytest.param(
+        True,
+        id="bwrap",
+        marks=pytest.mark.skipif(
+            shutil.which("bwrap") is None, reason="bubblewrap is not installed"
+        ),
+    ),
+]
 
 
 def sandbox_test_settings(
