@@ -628,10 +628,10 @@ class LocalBackend(SandboxBackend):
         if self._bwrap_base is None:
             base = [str(self.bwrap), "--unshare-all", "--die-with-parent"]
             if os.geteuid() == 0:
-                # Run by root, bubblewrap keeps root's capabilities inside:
-                # with CAP_SYS_PTRACE, code could take the runner's listening
-                # socket (pidfd_getfd) and answer the host's requests. A user
-                # without privileges gets none by default.
+                # Run by root, bubblewrap keeps root's capabilities inside.
+                # With CAP_SYS_PTRACE, code could take the runner's listening
+                # socket (pidfd_getfd) and reply to the host's requests.
+                # Without privileges, bubblewrap grants none by default.
                 base += ["--cap-drop", "ALL"]
             base += ["--ro-bind", "/usr", "/usr"]
             for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -679,130 +679,110 @@ class LocalBackend(SandboxBackend):
         keep_alive: int | None = None,
     ) -> RunOutput:
         with self._call():
-            return await self._run(
-                backend_id,
-                argv,
-                env,
-                cwd,
-                timeout,
-                output_limit,
-                capture_output,
-                network,
-                keep_alive,
-            )
-
-    async def _run(
-        self,
-        backend_id: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        cwd: str | None,
-        timeout: float,
-        output_limit: int,
-        capture_output: bool,
-        network: bool,
-        keep_alive: int | None,
-    ) -> RunOutput:
-        state = self._check(backend_id)
-        # The runner takes the new lifetime with the request itself.
-        expires_at = None if keep_alive is None else time.time() + keep_alive
-        home = self._inside_home(backend_id)
-        workdir = home if not cwd else resolve_or_home(home, cwd)
-        full_env = {**self.base_env(backend_id), **env}
-        if network and not self.allow_network and self.bwrap:
-            # The runner has no network; installers get a process that has.
-            if expires_at is not None:
-                self._record_expiry(backend_id, expires_at)
-                await self._ping(backend_id, state, keep_alive)
-            return await self._spawn(
-                backend_id, argv, full_env, workdir, timeout, output_limit, True
-            )
-        message: dict[str, object] = {
-            "op": "exec",
-            "env": full_env,
-            "cwd": workdir,
-            "timeout": timeout,
-            "limits": _limit_values(self.limits, timeout),
-        }
-        if keep_alive is not None:
-            message["lifetime"] = keep_alive
-        if len(argv) == 3 and argv[0] == "python3" and argv[1] == "-c":
-            message["python"] = argv[2]
-        elif len(argv) == 2 and argv[0] == "python3" and not argv[1].startswith("-"):
-            message["file"] = argv[1]
-        else:
-            message["argv"] = list(argv)
-        loop = asyncio.get_running_loop()
-        pipes = [os.pipe(), os.pipe()] if capture_output else []
-        started = time.perf_counter()
-        try:
-            connection = await self._request(
-                backend_id, state, message, [write for _, write in pipes]
-            )
-        except BaseException:
+            state = self._check(backend_id)
+            # The runner takes the new lifetime with the request itself.
+            expires_at = None if keep_alive is None else time.time() + keep_alive
+            home = self._inside_home(backend_id)
+            workdir = home if not cwd else resolve_or_home(home, cwd)
+            full_env = {**self.base_env(backend_id), **env}
+            if network and not self.allow_network and self.bwrap:
+                # The runner has no network; installers get a process that has.
+                if expires_at is not None:
+                    self._record_expiry(backend_id, expires_at)
+                    await self._ping(backend_id, state, keep_alive)
+                return await self._spawn(
+                    backend_id, argv, full_env, workdir, timeout, output_limit, True
+                )
+            message: dict[str, object] = {
+                "op": "exec",
+                "env": full_env,
+                "cwd": workdir,
+                "timeout": timeout,
+                "limits": _limit_values(self.limits, timeout),
+            }
+            if keep_alive is not None:
+                message["lifetime"] = keep_alive
+            if len(argv) == 3 and argv[0] == "python3" and argv[1] == "-c":
+                message["python"] = argv[2]
+            elif (
+                len(argv) == 2 and argv[0] == "python3" and not argv[1].startswith("-")
+            ):
+                message["file"] = argv[1]
+            else:
+                message["argv"] = list(argv)
+            loop = asyncio.get_running_loop()
+            pipes = [os.pipe(), os.pipe()] if capture_output else []
+            started = time.perf_counter()
+            try:
+                connection = await self._request(
+                    backend_id, state, message, [write for _, write in pipes]
+                )
+            except BaseException:
+                for read, write in pipes:
+                    os.close(read)
+                    os.close(write)
+                raise
+            readers = []
             for read, write in pipes:
-                os.close(read)
                 os.close(write)
-            raise
-        readers = []
-        for read, write in pipes:
-            os.close(write)
-            readers.append(
-                asyncio.create_task(_read_fd_capped(loop, read, output_limit))
+                readers.append(
+                    asyncio.create_task(_read_fd_capped(loop, read, output_limit))
+                )
+            hung = False
+            try:
+                if expires_at is not None:
+                    # Recorded while the runner starts the program. A failure
+                    # closes the connection below, which kills the program.
+                    self._record_expiry(backend_id, expires_at)
+                # The runner enforces `timeout`; this bound only covers a runner
+                # that hangs. Closing the connection makes it kill the program.
+                replies = await self._reply(connection, timeout + _REPLY_MARGIN)
+            except TimeoutError:
+                replies, hung = [], True
+            finally:
+                connection.close()
+            # The last: a warm supervisor that died taking over may have sent one.
+            started_pid = next(
+                (r["pid"] for r in reversed(replies) if "pid" in r), None
             )
-        hung = False
-        try:
-            if expires_at is not None:
-                # Recorded while the runner starts the program. A failure
-                # closes the connection below, which kills the program.
-                self._record_expiry(backend_id, expires_at)
-            # The runner enforces `timeout`; this bound only covers a runner
-            # that hangs. Closing the connection makes it kill the program.
-            replies = await self._reply(connection, timeout + _REPLY_MARGIN)
-        except TimeoutError:
-            replies, hung = [], True
-        finally:
-            connection.close()
-        # The last: a warm supervisor that died taking over may have sent one.
-        started_pid = next((r["pid"] for r in reversed(replies) if "pid" in r), None)
-        reply = next((r for r in replies if "timed_out" in r or "error" in r), None)
-        if reply is None and isinstance(started_pid, int) and not self.bwrap:
-            # Its supervisor died with the runner; without bubblewrap's PID
-            # namespace the program's group would live on.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(started_pid, signal.SIGKILL)
-        if hung:
-            reply = {"exit_code": None, "timed_out": True}
-        elif started_pid is None and reply is None:
-            # Nothing started, so the call is safe to repeat on a new sandbox.
-            for reader in readers:
-                reader.cancel()
-            raise SandboxLostError(
-                f"sandbox {backend_id} is lost: its runner closed the connection"
+            reply = next((r for r in replies if "timed_out" in r or "error" in r), None)
+            if reply is None and isinstance(started_pid, int) and not self.bwrap:
+                # Its supervisor died with the runner; without bubblewrap's PID
+                # namespace the program's group would live on.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(started_pid, signal.SIGKILL)
+            if hung:
+                reply = {"exit_code": None, "timed_out": True}
+            elif started_pid is None and reply is None:
+                # Nothing started, so the call is safe to repeat on a new sandbox.
+                for reader in readers:
+                    reader.cancel()
+                raise SandboxLostError(
+                    f"sandbox {backend_id} is lost: its runner closed the connection"
+                )
+            elapsed = time.perf_counter() - started
+            outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
+            (out, out_dropped), (err, err_dropped) = outputs
+            if reply is None or "error" in reply:
+                why = "it ended" if reply is None else str(reply["error"])
+                logger.warning(
+                    "runner of sandbox %s failed an execution: %s", backend_id, why
+                )
+                err += (
+                    f"\n[sandbox runner failed during this execution: {why}; the next "
+                    "call recreates the sandbox if it is lost]"
+                )
+                reply = {"exit_code": None, "timed_out": False}
+            exit_code = reply.get("exit_code")
+            return RunOutput(
+                stdout=out,
+                stderr=err,
+                exit_code=exit_code if isinstance(exit_code, int) else None,
+                timed_out=bool(reply.get("timed_out")),
+                execution_time=elapsed,
+                stdout_dropped_bytes=out_dropped,
+                stderr_dropped_bytes=err_dropped,
             )
-        elapsed = time.perf_counter() - started
-        outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
-        (out, out_dropped), (err, err_dropped) = outputs
-        if reply is None or "error" in reply:
-            why = "it ended" if reply is None else str(reply["error"])
-            logger.warning(
-                "runner of sandbox %s failed an execution: %s", backend_id, why
-            )
-            err += (
-                f"\n[sandbox runner failed during this execution: {why}; the next "
-                "call recreates the sandbox if it is lost]"
-            )
-            reply = {"exit_code": None, "timed_out": False}
-        exit_code = reply.get("exit_code")
-        return RunOutput(
-            stdout=out,
-            stderr=err,
-            exit_code=exit_code if isinstance(exit_code, int) else None,
-            timed_out=bool(reply.get("timed_out")),
-            execution_time=elapsed,
-            stdout_dropped_bytes=out_dropped,
-            stderr_dropped_bytes=err_dropped,
-        )
 
     async def _spawn(
         self,

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from app.db.migrate import upgrade
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool
-from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.support.sandboxes import sandbox_test_settings
 
 
 def build_wheel(folder: Path, name: str, version: str, module: str) -> Path:
@@ -83,14 +82,8 @@ def package_index(tmp_path: Path) -> Iterator[str]:
 def sandbox_settings(
     tmp_path: Path, temporal_address: str, package_index: str
 ) -> Settings:
-    url = f"sqlite:///{tmp_path / 'nexus.db'}"
-    upgrade(url)
-    return Settings(
-        data_dir=tmp_path,
-        database_url=url,
-        temporal_address=temporal_address,
-        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
-        sandbox_package_index=package_index,
+    return sandbox_test_settings(
+        tmp_path, temporal_address, sandbox_package_index=package_index
     )
 
 

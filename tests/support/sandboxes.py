@@ -32,12 +32,12 @@ def sandbox_test_settings(
     """Build settings with a migrated SQLite database under `tmp_path`."""
     url = f"sqlite:///{tmp_path / 'nexus.db'}"
     upgrade(url)
-    return Settings(
-        data_dir=tmp_path,
-        database_url=url,
-        temporal_address=temporal_address,
-        encryption_key=TEST_ENCRYPTION_KEY,
+    fields: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "database_url": url,
+        "temporal_address": temporal_address,
+        "encryption_key": TEST_ENCRYPTION_KEY,
         # A closed local port: installs fail fast and never leave the machine.
-        sandbox_package_index="http://127.0.0.1:9/simple",
-        **overrides,
-    )
+        "sandbox_package_index": "http://127.0.0.1:9/simple",
+    }
+    return Settings(**{**fields, **overrides})
