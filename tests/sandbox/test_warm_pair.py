@@ -83,7 +83,7 @@ async def test_stopped_warm_supervisor_spares_next_run(
     )
     assert stopper.exit_code == 0, stopper.stderr
     # The runner waits 2 s for the stopped supervisor's acknowledgement,
-    # kills it (it holds a copy of the host's connection) and runs the
+    # kills it (it has a copy of the host's connection) and runs the
     # request on a pair of its own.
     started = time.monotonic()
     try:
