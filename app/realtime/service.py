@@ -303,15 +303,6 @@ def save_cursor(
     return bool(result.rowcount)
 
 
-def _timestamp(value: Any) -> str:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            # Naive values are UTC, so this equals the aware form below.
-            return value.isoformat() + "Z"
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(value)
-
-
 # orjson returns a float for an integer outside the 64-bit range, where the
 # json module keeps the exact int. So a float this large sends the document
 # to the json module (PostgreSQL writes numbers of any size as digits).
@@ -469,11 +460,13 @@ def fetch_page(
 # Driver-level SQL per dialect: the tail read runs for every wake-up of every
 # stream, so it skips statement compilation and SQLAlchemy row objects.
 # PostgreSQL sends the documents as JSON text, decoded by `_document`, and
-# the commit time in UTC without a zone, which formats without a conversion.
+# the commit time as ISO 8601 text in UTC, as SQLite's trigger stores it:
+# formatting it there costs less than a datetime object per change here.
 _CHANGES_SQL = {
     "postgresql": (
         "SELECT id, schema_name, event_type, record::text, old_record::text, "
-        "committed_at AT TIME ZONE 'UTC' FROM realtime_changes "
+        "to_char(committed_at AT TIME ZONE 'UTC', "
+        '\'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\') FROM realtime_changes '
         "WHERE table_name = %(t)s AND id > %(after)s ORDER BY id LIMIT %(limit)s"
     ),
     "sqlite": (
@@ -510,7 +503,7 @@ def fetch_changes(url: str, table: str, after: int, limit: int) -> list[Change]:
             event_type=row[2],
             record=_document(row[3]),
             old_record=_document(row[4]),
-            committed_at=_timestamp(row[5]),
+            committed_at=row[5],
         )
         for row in rows
     ]

@@ -406,11 +406,15 @@ class Subscriber:
                     )
                     await asyncio.sleep(delay)
                     continue
-                for payload in result.events:
-                    while len(self._buffer) >= self.max_buffer_size:
+                events, start = result.events, 0
+                while start < len(events):
+                    room = self.max_buffer_size - len(self._buffer)
+                    if room <= 0:
                         self._space.clear()
                         await self._space.wait()
-                    self._buffer.append(payload)
+                        continue
+                    self._buffer.extend(events[start : start + room])
+                    start += room
                     self.max_buffered = max(self.max_buffered, len(self._buffer))
                     self._data.set()
                 self._scanned = result.cursor

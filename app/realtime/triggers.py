@@ -55,23 +55,9 @@ class RealtimeTableError(ValueError):
 # follow the order of the transition table, which is the order in which the
 # statement processed its rows.
 _PG_EVENTS = ("INSERT", "UPDATE", "DELETE")
-_PG_FIRST_APPEND = f"""
-CREATE OR REPLACE FUNCTION nexus_realtime_first_append() RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    -- The first change of a transaction takes the append lock (held to the
-    -- commit) and sends the one notification of the transaction; one per
-    -- statement would flood the queue, and later statements hold the lock.
-    IF current_setting('nexus.realtime_xact', true)
-            IS NOT DISTINCT FROM txid_current()::text THEN
-        RETURN false;
-    END IF;
-    PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
-    PERFORM set_config('nexus.realtime_xact', txid_current()::text, true);
-    RETURN true;
-END
-$$
-"""
+# The function that earlier versions called from each capture; the capture
+# functions now test the transaction themselves, and `enable_realtime` drops it.
+_PG_OLD_HELPER = "nexus_realtime_first_append"
 # The rows each event appends, read from the transition tables `new_rows`
 # and `old_rows`. UPDATE pairs the old and new version of a row by position,
 # because a primary key may change in the update or be missing.
@@ -109,31 +95,41 @@ _PG_REFERENCING = {
 
 def _pg_capture_function(event: str, sequence: str) -> str:
     rows, select = _PG_CHANGES[event]
+    append = f"""INSERT INTO realtime_changes
+        (schema_name, table_name, event_type, record, old_record, committed_at)
+    {select};"""
     return f"""
 CREATE OR REPLACE FUNCTION nexus_realtime_capture_{event.lower()}() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    first_change boolean;
     appended bigint;
 BEGIN
+    -- Every statement after the transaction's first change only appends:
+    -- the first one took the append lock, held to the commit, and sent the
+    -- transaction's notification. A client that sends its rows as separate
+    -- statements (psycopg's executemany) runs this path once per row.
+    IF current_setting('nexus.realtime_xact', true)
+            IS NOT DISTINCT FROM txid_current()::text THEN
+        {append}
+        RETURN NULL;
+    END IF;
     -- A statement that changed no rows has nothing to log or announce.
     PERFORM 1 FROM {rows} LIMIT 1;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    first_change := nexus_realtime_first_append();
-    INSERT INTO realtime_changes
-        (schema_name, table_name, event_type, record, old_record, committed_at)
-    {select};
-    IF first_change THEN
-        -- Appends hold the append lock, so this statement's rows took the
-        -- last `appended` values of the id sequence; this is cheaper than
-        -- collecting the ids with RETURNING.
-        GET DIAGNOSTICS appended = ROW_COUNT;
-        PERFORM pg_notify(
-            '{NOTIFY_CHANNEL}', (currval('{sequence}') - appended + 1)::text
-        );
-    END IF;
+    -- One notification per transaction: one per statement would flood the
+    -- queue.
+    PERFORM pg_advisory_xact_lock({_APPEND_LOCK_KEY});
+    PERFORM set_config('nexus.realtime_xact', txid_current()::text, true);
+    {append}
+    -- Appends hold the append lock, so this statement's rows took the last
+    -- `appended` values of the id sequence; this is cheaper than collecting
+    -- the ids with RETURNING.
+    GET DIAGNOSTICS appended = ROW_COUNT;
+    PERFORM pg_notify(
+        '{NOTIFY_CHANNEL}', (currval('{sequence}') - appended + 1)::text
+    );
     RETURN NULL;
 END
 $$
@@ -224,12 +220,12 @@ def enable_realtime(url: str, table: str) -> None:
 
 
 def _enable_postgresql(connection: Connection, table: str) -> None:
-    connection.execute(text(_PG_FIRST_APPEND))
     sequence = connection.execute(
         text("SELECT pg_get_serial_sequence('realtime_changes', 'id')")
     ).scalar_one()
     for event in _PG_EVENTS:
         connection.execute(text(_pg_capture_function(event, sequence)))
+    connection.execute(text(f"DROP FUNCTION IF EXISTS {_PG_OLD_HELPER}()"))
     row_trigger = f"nexus_realtime_{table}"
     names = _pg_trigger_names(table)
     present = set(

@@ -1,5 +1,7 @@
 import asyncio
 import contextlib
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -54,6 +56,7 @@ async def test_two_filters_get_own_changes(database_url: str) -> None:
 
 
 async def test_update_and_delete_events(database_url: str) -> None:
+    started = datetime.now(UTC)
     create_items(database_url)
     insert_items(database_url, [{"name": "kept", "n": 1}, {"name": "gone", "n": 2}])
     deletes = create_subscription(database_url, "items", event="DELETE")
@@ -70,7 +73,10 @@ async def test_update_and_delete_events(database_url: str) -> None:
     assert deleted[0]["old"]["name"] == "gone"
     assert deleted[0]["new"] == {}
     assert deleted[0]["table"] == "items"
-    assert deleted[0]["commit_timestamp"]
+    # ISO 8601 in UTC on both databases, and not before the test started.
+    stamp = deleted[0]["commit_timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3,6}Z", stamp), stamp
+    assert datetime.fromisoformat(stamp) >= started - timedelta(seconds=5)
     assert [e["new"]["name"] for e in updated] == ["kept"]
     assert updated[0]["old"]["n"] == 1
 

@@ -153,6 +153,9 @@ def test_upgrade_replaces_row_trigger(database_url: str) -> None:
     run(
         database_url,
         LEGACY_ROW_FUNCTION,
+        # The helper that the first statement triggers called.
+        "CREATE FUNCTION nexus_realtime_first_append() RETURNS boolean "
+        "LANGUAGE sql AS 'SELECT true'",
         'CREATE TRIGGER "nexus_realtime_items" AFTER INSERT OR UPDATE OR DELETE '
         'ON "items" FOR EACH ROW EXECUTE FUNCTION nexus_realtime_capture()',
         "INSERT INTO realtime_tables (table_name, enabled_at) "
@@ -170,7 +173,10 @@ def test_upgrade_replaces_row_trigger(database_url: str) -> None:
     }
     with get_engine(database_url).connect() as connection:
         legacy = connection.execute(
-            text("SELECT 1 FROM pg_proc WHERE proname = 'nexus_realtime_capture'")
+            text(
+                "SELECT 1 FROM pg_proc WHERE proname IN "
+                "('nexus_realtime_capture', 'nexus_realtime_first_append')"
+            )
         ).first()
     assert legacy is None
     run(database_url, "INSERT INTO items (name) VALUES ('new')")
