@@ -17,7 +17,7 @@ from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
 from app.sandbox.cli import sandbox_cli
-from app.settings import Settings, get_settings
+from app.settings import Settings, get_settings, settings_error_lines
 from app.storage.cli import storage_cli
 from app.swarm.cli import swarm_cli
 from app.workflows.cli import workflow_cli
@@ -58,9 +58,8 @@ def load_settings() -> Settings:
     try:
         settings = get_settings()
     except ValidationError as error:
-        for item in error.errors(include_url=False):
-            field = ".".join(str(part) for part in item["loc"])
-            typer.echo(f"invalid setting {field}: {item['msg']}", err=True)
+        for line in settings_error_lines(error):
+            typer.echo(line, err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     return settings

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -170,6 +172,11 @@ class Settings(BaseSettings):
         "before it reads the key again; a key revoked or rotated by another "
         "process is rejected within this bound. 0 reads the key on every call.",
     )
+    api_docs: bool = Field(
+        False,
+        description="Serve the Swagger UI at /docs and ReDoc at /redoc, from "
+        "files installed with the server (no CDN); off by default.",
+    )
     api_health_max_age_seconds: float = Field(
         1.0,
         ge=0,
@@ -264,6 +271,83 @@ def _mask_url(value: str) -> str:
         return make_url(value).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparseable URL>"
+
+
+# Fields whose value an error message must not repeat, besides SecretStr ones.
+_SECRET_FIELDS = frozenset({"database_url"})
+# The password of `scheme://user:password@host` in any text.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):[^@/\s'\"]*@")
+
+
+def environment_variable(name: str) -> str:
+    """Return the environment variable that sets field `name` of `Settings`.
+
+    For a field with several accepted variables, the one set in the
+    environment, else the first.
+    """
+    field = Settings.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, AliasChoices):
+        choices = [str(choice) for choice in alias.choices]
+        present = [choice for choice in choices if choice in os.environ]
+        return (present or choices)[0]
+    return f"NEXUS_{name.upper()}"
+
+
+def _field_name(location: str) -> str:
+    """Map an error location (a field name or one of its aliases) to a field."""
+    if location in Settings.model_fields:
+        return location
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices) and location in alias.choices:
+            return name
+    return location
+
+
+def _is_secret(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return name in _SECRET_FIELDS or (
+        field is not None and "SecretStr" in str(field.annotation)
+    )
+
+
+def _shown_value(name: str, value: Any) -> str:
+    if _is_secret(name):
+        if name == "database_url" and isinstance(value, str):
+            return repr(_mask_url(value))
+        return "(hidden: a secret)"
+    # A URL such as a package index may carry a password.
+    return _URL_PASSWORD.sub(r"\1:***@", repr(value))
+
+
+def _default_text(name: str) -> str:
+    field = Settings.model_fields.get(name)
+    if field is None or field.default is None or _is_secret(name):
+        return "the default"
+    default = field.default
+    return f"the default {str(default) if isinstance(default, Path) else default!r}"
+
+
+def settings_error_lines(error: ValidationError) -> list[str]:
+    """Describe each invalid setting in one line: the environment variable,
+    the value it had (never the value of a secret) and what is accepted."""
+    lines = []
+    for item in error.errors(include_url=False):
+        location = str(item["loc"][0]) if item["loc"] else "settings"
+        name = _field_name(location)
+        variable = environment_variable(name)
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if message.startswith(variable):
+            # The field's own validator already named the variable and value.
+            lines.append(f"invalid setting: {message}")
+            continue
+        value = _shown_value(name, item.get("input"))
+        lines.append(
+            f"invalid setting {variable}={value}: {message}; set an accepted "
+            f"value, or unset {variable} for {_default_text(name)}"
+        )
+    return lines
 
 
 @functools.cache

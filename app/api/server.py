@@ -13,7 +13,7 @@ from app.api.http import create_app
 from app.api.keys import ensure_default_key
 from app.db.migrate import upgrade
 from app.logs import configure_logging
-from app.settings import Settings, get_settings
+from app.settings import Settings, get_settings, settings_error_lines
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,8 @@ def main() -> None:
     try:
         settings = get_settings()
     except ValidationError as error:
-        for item in error.errors(include_url=False):
-            field = ".".join(str(part) for part in item["loc"])
-            print(f"invalid setting {field}: {item['msg']}", file=sys.stderr)
+        for line in settings_error_lines(error):
+            print(line, file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
     try:

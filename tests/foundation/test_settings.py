@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings
+from app.settings import Settings, settings_error_lines
 
 
 def test_defaults_use_embedded_server_and_sqlite(tmp_path: Path) -> None:
@@ -63,3 +63,46 @@ def test_masked_hides_secrets_and_password() -> None:
     assert "sk-ant-secret" not in text
     assert masked["encryption_key"] == "********"
     assert masked["e2b_api_key"] is None
+
+
+def _error_lines(**values: object) -> list[str]:
+    with pytest.raises(ValidationError) as caught:
+        Settings(**values)  # type: ignore[arg-type]
+    return settings_error_lines(caught.value)
+
+
+def test_error_lines_name_variable_value_and_default() -> None:
+    (line,) = _error_lines(sandbox_backend="docker")
+    assert line == (
+        "invalid setting NEXUS_SANDBOX_BACKEND='docker': Input should be 'local' "
+        "or 'e2b'; set an accepted value, or unset NEXUS_SANDBOX_BACKEND for the "
+        "default 'local'"
+    )
+    # A validator of its own already names the variable and the value.
+    (line,) = _error_lines(temporal_address="localhost")
+    assert line.startswith("invalid setting: NEXUS_TEMPORAL_ADDRESS='localhost' ")
+
+
+def test_error_lines_hide_secret_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_API_KEY", "placeholder")
+    lines = _error_lines(
+        encryption_key=12345,
+        e2b_api_key=67890,
+        database_url="postgresql+psycopg://nexus:hunter2@127.0.0.1:5432",
+        sandbox_package_index=["https://u:tok3n@index.example/simple"],
+    )
+    text = "\n".join(lines)
+    assert "12345" not in text
+    assert "67890" not in text
+    assert "hunter2" not in text
+    assert "tok3n" not in text
+    assert "NEXUS_ENCRYPTION_KEY=(hidden: a secret)" in text
+    assert "E2B_API_KEY=(hidden: a secret)" in text
+    assert "NEXUS_DATABASE_URL='postgresql+psycopg://nexus:***@127.0.0.1:5432'" in text
+    assert "NEXUS_SANDBOX_PACKAGE_INDEX=" in text
+
+
+def test_error_lines_mask_url_credentials() -> None:
+    (line,) = _error_lines(anthropic_max_tokens="https://u:tok3n@host.example")
+    assert "tok3n" not in line
+    assert "'https://u:***@host.example'" in line
