@@ -51,7 +51,11 @@ def create_command(
                 err=True,
             )
             raise typer.Exit(2)
-    token, info = create_key(_database_url(), name, group or None)
+    try:
+        token, info = create_key(_database_url(), name, group or None)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
     _print({"key": token, **dataclasses.asdict(info)})
     typer.echo("Store the key now: it cannot be shown again.", err=True)
 

@@ -10,16 +10,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,15 +39,18 @@ from app.tools import ToolError, ToolSpec, all_tools, load_tools
 
 logger = logging.getLogger(__name__)
 
-# Routers of other capabilities, mounted when their modules exist.
-# Routers of other capabilities: module, builder, and whether the API key gate
-# guards them. Signed storage URLs carry their own HMAC, so they need no key.
-OPTIONAL_ROUTERS = (
-    ("app.realtime.http", "build_realtime_router", True),
-    ("app.storage.http", "build_storage_router", False),
+# Routers of other capabilities, mounted when their modules exist: module,
+# builder, and the tool group whose data the routes serve (a key must be
+# allowed that group), or None for routes without a key. Signed storage URLs
+# carry their own HMAC, so they need no key.
+OPTIONAL_ROUTERS: tuple[tuple[str, str, str | None], ...] = (
+    ("app.realtime.http", "build_realtime_router", "realtime"),
+    ("app.storage.http", "build_storage_router", None),
 )
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The same hosts as a Host or Origin header writes them.
+_LOOPBACK_HEADER_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -76,7 +82,8 @@ class BodyTooLargeError(Exception):
 
 class BodyLimitMiddleware:
     """Reject with 413 a request whose body exceeds `limit` bytes, by its
-    Content-Length header or by the bytes actually received."""
+    Content-Length header or by the bytes actually received, when the route
+    reads the body: the routes check the key first."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -86,19 +93,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if (
-                name == b"content-length"
-                and value.isdigit()
-                and int(value) > self.limit
-            ):
-                await self._too_large()(scope, receive, send)
-                return
+        declared_too_large = any(
+            name == b"content-length" and value.isdigit() and int(value) > self.limit
+            for name, value in scope["headers"]
+        )
         received = 0
         started = False
 
         async def counting_receive() -> Message:
             nonlocal received
+            # A body declared too large is refused when the route first reads
+            # it, which is after the route checked the key, so a request
+            # without a key gets 401 whatever its size. Nothing is read.
+            if declared_too_large:
+                raise BodyTooLargeError
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -165,7 +173,7 @@ class Gate:
                 "missing API key; send `Authorization: Bearer <key>` (create one "
                 "with `nexus keys create NAME`)"
             )
-            self._audit_rejection(target, started, 401, message)
+            self.audit_rejection(target, started, 401, message)
             return _error_response(
                 401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}
             )
@@ -180,7 +188,7 @@ class Gate:
             # The id part is not secret, but a malformed token may be a
             # secret pasted whole, so only a short id-shaped part is kept.
             key_id = parsed[0][:32] if parsed is not None else None
-            self._audit_rejection(target, started, 401, message, key_id=key_id)
+            self.audit_rejection(target, started, 401, message, key_id=key_id)
             return _error_response(
                 401,
                 "unauthorized",
@@ -195,11 +203,11 @@ class Gate:
                 f"{self.settings.api_rate_limit:g} requests per second (burst "
                 f"{self.settings.api_rate_burst}); retry after {retry} s"
             )
-            self._audit_rejection(target, started, 429, message, principal=principal)
+            self.audit_rejection(target, started, 429, message, principal=principal)
             return _error_response(429, "rate_limited", message, {"Retry-After": retry})
         return principal
 
-    def _audit_rejection(
+    def audit_rejection(
         self,
         target: str,
         started: float,
@@ -209,6 +217,16 @@ class Gate:
         key_id: str | None = None,
         principal: Principal | None = None,
     ) -> None:
+        """Queue the audit event of a request rejected before a tool ran.
+
+        Args:
+            target: the tool name, or the path, that the audit log records.
+            started: `time.perf_counter()` when the request arrived.
+            status: the HTTP status sent.
+            message: the message sent.
+            key_id: the id part of a well-formed but rejected token.
+            principal: the caller, when the key was valid.
+        """
         # NOTE: every rejected request adds a row, so a client without a key
         # can grow the audit log as fast as the server responds.
         try:
@@ -284,17 +302,33 @@ def _tool_endpoint(
 
 class McpEndpoint:
     """`/mcp`: JSON-RPC goes to the streamable HTTP transport; a body of the
-    form `{"tool": NAME, "args": {...}}` is a plain tool call."""
+    form `{"tool": NAME, "args": {...}}` is a plain tool call.
+
+    On a loopback address every request, JSON-RPC or plain, must carry a
+    loopback `Host` and, when it has one, a loopback `Origin`. This check
+    comes before the key's.
+    """
 
     def __init__(
-        self, gate: Gate, runner: ToolRunner, manager: StreamableHTTPSessionManager
+        self,
+        gate: Gate,
+        runner: ToolRunner,
+        manager: StreamableHTTPSessionManager,
+        *,
+        check_host: bool,
     ) -> None:
         self.gate = gate
         self.runner = runner
         self.manager = manager
+        self.check_host = check_host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        if self.check_host:
+            rejected = self._check_host_and_origin(request)
+            if rejected is not None:
+                await rejected(scope, receive, send)
+                return
         admitted = await self.gate.admit(request, "mcp")
         if isinstance(admitted, Response):
             await admitted(scope, receive, send)
@@ -304,25 +338,83 @@ class McpEndpoint:
             await self.manager.handle_request(scope, receive, send)
             return
         body = await request.body()
-        plain = _plain_call(body)
-        if plain is not None:
-            response = await self._plain_call(admitted, *plain)
+        parsed = _parse_json(body)
+        if isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed:
+            response = await self._plain_call(admitted, parsed)
             await response(scope, receive, send)
+            return
+        content_type = request.headers.get("content-type", "").lower()
+        if not content_type.startswith("application/json"):
+            # The MCP transport would reply in plain text.
+            message = (
+                f"Content-Type {content_type[:100]!r} is not application/json; "
+                "send JSON-RPC with Content-Type: application/json"
+            )
+            await _jsonrpc_error(message)(scope, receive, send)
+            return
+        if isinstance(parsed, list):
+            # The MCP transport would reply with pydantic's validation errors.
+            message = "JSON-RPC batches are not supported; send one request per POST"
+            await _jsonrpc_error(message)(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
 
+    def _check_host_and_origin(self, request: Request) -> Response | None:
+        started = time.perf_counter()
+        host = request.headers.get("host", "")
+        origin = request.headers.get("origin")
+        if not _is_loopback_host(host):
+            status, kind = 421, "misdirected_request"
+            message = (
+                f"Host header {host[:100]!r} is not a loopback address; this "
+                "server listens on a loopback address, so send Host 127.0.0.1, "
+                "localhost or [::1] (with the port), or set NEXUS_HTTP_HOST to "
+                "the address the clients use"
+            )
+        elif origin is not None and not _is_loopback_origin(origin):
+            status, kind = 403, "forbidden"
+            message = (
+                f"Origin header {origin[:100]!r} is not a loopback origin; this "
+                "server listens on a loopback address and accepts requests only "
+                "from pages served by 127.0.0.1, localhost or [::1]"
+            )
+        else:
+            return None
+        self.gate.audit_rejection("mcp", started, status, message)
+        return _error_response(status, kind, message)
+
     async def _plain_call(
-        self, principal: Principal, name: Any, arguments: Any
+        self, principal: Principal, parsed: dict[str, Any]
     ) -> Response:
+        name = parsed["tool"]
         if not isinstance(name, str):
             return _error_response(
                 422, "invalid_argument", f"tool: {name!r} is not a tool name"
             )
+        unknown = sorted(set(parsed) - _PLAIN_CALL_FIELDS)
+        if unknown:
+            return _error_response(
+                422,
+                "invalid_argument",
+                f"{', '.join(unknown)}: not a field of a plain call; a plain call "
+                'is {"tool": NAME, "args": {...}}, so put tool arguments inside '
+                '"args"',
+            )
+        if "args" in parsed and "arguments" in parsed:
+            return _error_response(
+                422,
+                "invalid_argument",
+                "args, arguments: both are given; send the tool arguments once, "
+                'in "args" (or "arguments")',
+            )
+        field = "args" if "args" in parsed else "arguments"
+        arguments = parsed.get(field)
         if arguments is not None and not isinstance(arguments, dict):
             return _error_response(
                 422,
                 "invalid_argument",
-                f"args: {arguments!r} is invalid: the arguments must be a JSON object",
+                f"{field}: {arguments!r} is invalid: the arguments must be a JSON "
+                "object",
             )
         try:
             result = await self.runner.call(name, arguments, principal=principal)
@@ -331,15 +423,46 @@ class McpEndpoint:
         return _tool_response(result)
 
 
-def _plain_call(body: bytes) -> tuple[Any, Any] | None:
-    """Return (tool, args) of a body that is a plain call, else None."""
+# Top-level fields of a plain `/mcp` call; "arguments" is accepted as an
+# alias of "args", the name MCP's tools/call uses.
+_PLAIN_CALL_FIELDS = frozenset({"tool", "args", "arguments"})
+
+
+def _parse_json(body: bytes) -> Any:
+    """Parse the body, or return None when it is not JSON, which the MCP
+    transport rejects with a JSON-RPC parse error."""
     try:
-        parsed = json.loads(body)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed:
-        return parsed["tool"], parsed.get("args", parsed.get("arguments"))
-    return None
+
+
+def _jsonrpc_error(message: str) -> Response:
+    """Build a 400 response with a JSON-RPC "invalid request" error, the
+    shape of the MCP transport's own rejections."""
+    return JSONResponse(
+        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}},
+        400,
+    )
+
+
+def _is_loopback_host(value: str) -> bool:
+    """True for `HOST` or `HOST:PORT` where HOST is a loopback host as a Host
+    header writes it (`[::1]` with brackets)."""
+    value = value.strip().lower()
+    for host in _LOOPBACK_HEADER_HOSTS:
+        if value == host:
+            return True
+        port = value.removeprefix(host + ":")
+        if port != value:
+            return port.isdigit()
+    return False
+
+
+def _is_loopback_origin(value: str) -> bool:
+    """True for `http://HOST[:PORT]` or `https://...` on a loopback host."""
+    scheme, sep, rest = value.strip().lower().partition("://")
+    return bool(sep) and scheme in ("http", "https") and _is_loopback_host(rest)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -357,25 +480,17 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _transport_security(settings: Settings) -> TransportSecuritySettings | None:
-    # The same DNS rebinding protection that the MCP SDK turns on for
-    # loopback servers; on other addresses the API key is the protection.
-    if settings.http_host not in _LOOPBACK_HOSTS:
-        return None
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-        allowed_origins=[
-            f"{scheme}://{host}:*"
-            for scheme in ("http", "https")
-            for host in ("127.0.0.1", "localhost", "[::1]")
-        ],
-    )
+def _key_dependency(gate: Gate, group: str) -> Any:
+    """Build a dependency that admits a request as a tool call of `group`
+    is admitted, so it needs a valid key with a free token that may call the
+    group. The dependency audits the request like a tool call, with the path
+    as the tool, the path and query parameters as the arguments, and the
+    route's outcome."""
 
-
-def _key_dependency(gate: Gate) -> Any:
-    async def require_key(request: Request) -> None:
-        admitted = await gate.admit(request, request.url.path[:100])
+    async def require_key(request: Request) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        target = request.url.path[:100]
+        admitted = await gate.admit(request, target)
         if isinstance(admitted, Response):
             headers = {
                 name: value
@@ -384,15 +499,53 @@ def _key_dependency(gate: Gate) -> Any:
             }
             detail = json.loads(bytes(admitted.body)).get("error", "rejected")
             raise HTTPException(admitted.status_code, detail=detail, headers=headers)
+        if not admitted.may_call(group):
+            message = _forbidden_message(admitted, target, group)
+            gate.audit_rejection(target, started, 403, message, principal=admitted)
+            raise HTTPException(403, detail={"kind": "forbidden", "message": message})
+        arguments = {**request.path_params, **request.query_params}
+        outcome, error = "success", None
+        try:
+            yield
+        except HTTPException as rejected:
+            outcome, error = "error", f"{rejected.status_code}: {rejected.detail}"
+            raise
+        except RequestValidationError as invalid:
+            outcome, error = "error", f"422: {_validation_message(invalid)}"
+            raise
+        except Exception as failed:
+            outcome, error = "error", f"{type(failed).__name__}: the route failed"
+            raise
+        finally:
+            gate.audit_writer.submit(
+                user_id=admitted.user_id,
+                key_id=admitted.key_id,
+                tool=target,
+                arguments=arguments,
+                outcome=outcome,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                error=error,
+            )
 
-    return Depends(require_key)
+    # Scope "function": the audit row is written once the route has accepted
+    # or rejected the request, not when a long-lived stream ends.
+    return Depends(require_key, scope="function")
+
+
+def _forbidden_message(principal: Principal, target: str, group: str) -> str:
+    allowed = ", ".join(principal.groups or ())
+    return (
+        f"API key {principal.key_id} may not read {target} (group {group}); it "
+        f"is limited to the groups: {allowed}. Use a key created with `nexus "
+        f"keys create --group {group}`"
+    )
 
 
 def _include_optional_routers(
     application: FastAPI, settings: Settings, gate: Gate
 ) -> list[str]:
     mounted = []
-    for module_name, builder, needs_key in OPTIONAL_ROUTERS:
+    for module_name, builder, group in OPTIONAL_ROUTERS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -400,7 +553,7 @@ def _include_optional_routers(
                 continue
             raise
         router = getattr(module, builder)(settings)
-        dependencies = [_key_dependency(gate)] if needs_key else []
+        dependencies = [_key_dependency(gate, group)] if group is not None else []
         application.include_router(router, dependencies=dependencies)
         mounted.append(module_name)
         logger.info("mounted the router of %s", module_name)
@@ -435,17 +588,28 @@ def _install_error_handlers(application: FastAPI) -> None:
     async def invalid_request(
         _: Request, error: RequestValidationError
     ) -> JSONResponse:
-        errors = [
-            {
-                "field": ".".join(str(part) for part in item["loc"]),
-                "value": item.get("input"),
-                "message": item["msg"],
-            }
-            for item in error.errors()
-        ]
-        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        body = {"kind": "invalid_argument", "message": message, "errors": errors}
+        errors = _validation_errors(error)
+        body = {
+            "kind": "invalid_argument",
+            "message": _validation_message(error),
+            "errors": errors,
+        }
         return JSONResponse({"error": jsonable_encoder(body)}, 422)
+
+
+def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {
+            "field": ".".join(str(part) for part in item["loc"]),
+            "value": item.get("input"),
+            "message": item["msg"],
+        }
+        for item in error.errors()
+    ]
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    return "; ".join(f"{e['field']}: {e['message']}" for e in _validation_errors(error))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -468,7 +632,9 @@ def create_app(settings: Settings) -> FastAPI:
         app=mcp_server,
         json_response=True,
         stateless=True,
-        security_settings=_transport_security(settings),
+        # McpEndpoint checks Host and Origin itself, so that plain calls get
+        # the same check and every rejection the API's error body.
+        security_settings=None,
         max_request_body_size=settings.api_max_body_bytes,
     )
 
@@ -495,6 +661,10 @@ def create_app(settings: Settings) -> FastAPI:
             "arguments as the JSON body and `Authorization: Bearer <key>`."
         ),
         lifespan=lifespan,
+        # Off by default, and served from installed files when on: FastAPI's
+        # pages load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     application.state.gate = gate
     application.state.runner = runner
@@ -559,16 +729,57 @@ def create_app(settings: Settings) -> FastAPI:
     application.router.routes.append(
         Route(
             "/mcp",
-            endpoint=McpEndpoint(gate, runner, manager),
+            endpoint=McpEndpoint(
+                gate,
+                runner,
+                manager,
+                check_host=settings.http_host in _LOOPBACK_HOSTS,
+            ),
             methods=["GET", "POST", "DELETE"],
             include_in_schema=False,
         )
     )
     _include_optional_routers(application, settings, gate)
+    if settings.api_docs:
+        _add_doc_pages(application)
     _install_error_handlers(application)
     application.openapi = lambda: _openapi(application)  # type: ignore[method-assign]
     application.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body_bytes)
     return application
+
+
+# URL prefix of the Swagger UI and ReDoc files.
+_DOC_ASSETS = "/docs-assets"
+
+
+def _add_doc_pages(application: FastAPI) -> None:
+    """Serve `/docs` (Swagger UI) and `/redoc` with their scripts from the
+    fastapi-offline package, so the pages load nothing from other hosts.
+    The pages hold no data: they read `/openapi.json`, which needs no key,
+    and send the key that the reader enters."""
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    application.mount(_DOC_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+    openapi_url = application.openapi_url or "/openapi.json"
+
+    @application.get("/docs", include_in_schema=False)
+    async def swagger_page() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{application.title} API",
+            swagger_js_url=f"{_DOC_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_DOC_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_DOC_ASSETS}/favicon.png",
+        )
+
+    @application.get("/redoc", include_in_schema=False)
+    async def redoc_page() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{application.title} API",
+            redoc_js_url=f"{_DOC_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{_DOC_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def _summary(description: str) -> str:

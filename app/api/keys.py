@@ -108,7 +108,16 @@ def _info(row: ApiKey) -> KeyInfo:
 def create_key(
     database_url: str, name: str, groups: list[str] | None = None
 ) -> tuple[str, KeyInfo]:
-    """Create a key and return its secret token (shown once) and its info."""
+    """Create a key and return its secret token (shown once) and its info.
+
+    Raises:
+        ValueError: `name` is empty or only whitespace.
+    """
+    if not name.strip():
+        raise ValueError(
+            f"key name {name!r} is empty; name the key after who or what uses "
+            "it, for example `nexus keys create ci-bot`"
+        )
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)

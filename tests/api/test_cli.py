@@ -106,3 +106,51 @@ async def test_cli_revoke_reaches_cached_server(api_server: ApiServer) -> None:
     revoked = nexus(settings, "keys", "revoke", new["id"])
     assert revoked.returncode == 0, revoked.stderr
     assert await _status_until(api_server, new["key"], 401) == 401
+
+
+@pytest.mark.parametrize("name", ["", "   "])
+def test_keys_create_rejects_empty_name(api_settings: Settings, name: str) -> None:
+    before = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
+    created = nexus(api_settings, "keys", "create", name)
+    assert created.returncode == 2
+    assert f"key name {name!r} is empty" in created.stderr
+    assert "nexus keys create ci-bot" in created.stderr
+    after = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
+    assert len(after) == len(before)
+
+
+@pytest.mark.parametrize(
+    ("module", "variable", "value", "expected"),
+    [
+        (
+            "app",
+            "NEXUS_API_RATE_LIMIT",
+            "-5",
+            "invalid setting NEXUS_API_RATE_LIMIT='-5': Input should be greater "
+            "than 0; set an accepted value, or unset NEXUS_API_RATE_LIMIT for the "
+            "default 20.0",
+        ),
+        (
+            "app.api",
+            "NEXUS_API_KEY_CACHE_SECONDS",
+            "abc",
+            "invalid setting NEXUS_API_KEY_CACHE_SECONDS='abc': Input should be a "
+            "valid number",
+        ),
+    ],
+)
+def test_invalid_setting_names_variable_and_value(
+    api_settings: Settings, module: str, variable: str, value: str, expected: str
+) -> None:
+    env = {**server_env(api_settings), variable: value}
+    args = ["config"] if module == "app" else []
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert expected in completed.stderr

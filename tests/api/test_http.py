@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 
@@ -12,6 +13,7 @@ import pytest
 
 from app.api.http import create_app
 from app.api.keys import revoke_key, rotate_key
+from app.realtime.service import get_subscription
 from app.services.audit import list_calls
 from app.tools import all_tools
 from tests.api.conftest import ApiServer
@@ -350,3 +352,209 @@ async def test_signed_url_needs_no_key(api_server: ApiServer) -> None:
         short = await http.get(url.split("&signature=")[0] + "&signature=00")
         assert short.status_code == 422
         assert short.json()["error"]["errors"][0]["field"] == "query.signature"
+
+
+async def test_realtime_stream_checks_group_and_audits(
+    api_server: ApiServer, key_factory
+) -> None:
+    url = api_server.settings.effective_database_url
+    created = await post(
+        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}
+    )
+    assert created.status_code == 200, created.text
+    subscription_id = created.json()["subscription_id"]
+    path = f"/realtime/v1/subscriptions/{subscription_id}/stream"
+    system_only, system_key_id = key_factory("stream-system-only", ["system"])
+    realtime_only, _ = key_factory("stream-realtime-only", ["realtime"])
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        # The tool and the route reject the key alike.
+        events = await post(
+            api_server,
+            "/api/tools/realtime_events",
+            {"subscription_id": subscription_id},
+            system_only,
+        )
+        assert events.status_code == 403
+        before = get_subscription(url, subscription_id).cursor
+        forbidden = await http.get(
+            path,
+            params={"max_batches": 1},
+            headers={"Authorization": f"Bearer {system_only}"},
+        )
+        assert forbidden.status_code == 403
+        error = forbidden.json()["error"]
+        assert error["kind"] == "forbidden"
+        assert "group realtime" in error["message"]
+        assert "--group realtime" in error["message"]
+        # The rejected read took nothing from the subscription's owner.
+        assert get_subscription(url, subscription_id).cursor == before
+        streamed = await http.get(
+            path,
+            params={"max_batches": 1},
+            headers={"Authorization": f"Bearer {realtime_only}"},
+        )
+        assert streamed.status_code == 200
+        assert "event: changes" in streamed.text
+        missing = await http.get(
+            "/realtime/v1/subscriptions/sub_missing/stream",
+            headers={"Authorization": f"Bearer {realtime_only}"},
+        )
+        assert missing.status_code == 404
+    await audit_events(api_server, limit=1)
+    rejected = list_calls(url, user_id="key:stream-system-only", tool=path)
+    assert [event.outcome for event in rejected] == ["error"]
+    assert rejected[0].key_id == system_key_id
+    assert (rejected[0].error or "").startswith("rejected with 403: ")
+    read = list_calls(url, user_id="key:stream-realtime-only")
+    by_tool = {event.tool: event for event in read}
+    assert by_tool[path].outcome == "success"
+    assert by_tool[path].arguments == {
+        "subscription_id": subscription_id,
+        "max_batches": "1",
+    }
+    not_found = by_tool["/realtime/v1/subscriptions/sub_missing/stream"]
+    assert not_found.outcome == "error"
+    assert (not_found.error or "").startswith("404: ")
+
+
+async def test_mcp_host_and_origin_checked_for_every_call(
+    api_server: ApiServer,
+) -> None:
+    plain = {"tool": "audit_log", "args": {"limit": 1}}
+    jsonrpc = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    accept = {"Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        for body in (plain, jsonrpc):
+            evil_origin = await http.post(
+                "/mcp",
+                json=body,
+                headers={
+                    **api_server.headers,
+                    **accept,
+                    "Origin": "http://evil.example",
+                },
+            )
+            assert evil_origin.status_code == 403, body
+            error = evil_origin.json()["error"]
+            assert error["kind"] == "forbidden"
+            assert "'http://evil.example'" in error["message"]
+            evil_host = await http.post(
+                "/mcp",
+                json=body,
+                headers={**api_server.headers, **accept, "Host": "evil.example"},
+            )
+            assert evil_host.status_code == 421, body
+            assert evil_host.json()["error"]["kind"] == "misdirected_request"
+            assert "'evil.example'" in evil_host.json()["error"]["message"]
+            local_origin = await http.post(
+                "/mcp",
+                json=body,
+                headers={
+                    **api_server.headers,
+                    **accept,
+                    "Origin": "http://localhost:5173",
+                },
+            )
+            assert local_origin.status_code == 200, local_origin.text
+    events = await audit_events(api_server, tool="mcp", limit=20)
+    assert any(
+        (event["error"] or "").startswith("rejected with 421: Host header")
+        for event in events
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tool": "audit_log", "limit": 1}, "limit"),
+        ({"tool": "audit_log", "args": {}, "arguments": {"limit": 1}}, "both"),
+        ({"tool": "audit_log", "arguments": [1]}, "arguments: [1]"),
+    ],
+)
+async def test_plain_call_rejects_misplaced_fields(
+    api_server: ApiServer, body: dict, field: str
+) -> None:
+    response = await post(api_server, "/mcp", body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert field in error["message"]
+
+
+async def test_plain_call_takes_arguments_alias(api_server: ApiServer) -> None:
+    response = await post(
+        api_server, "/mcp", {"tool": "audit_log", "arguments": {"limit": 1}}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["count"] == 1
+
+
+async def test_jsonrpc_rejections_are_short_jsonrpc_errors(
+    api_server: ApiServer,
+) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+    ]
+    headers = {**api_server.headers, "Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        batched = await http.post("/mcp", json=batch, headers=headers)
+        untyped = await http.post(
+            "/mcp",
+            content=json.dumps(batch[0]),
+            headers={**headers, "Content-Type": "text/plain"},
+        )
+    assert batched.status_code == 400
+    assert batched.json() == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": -32600,
+            "message": "JSON-RPC batches are not supported; send one request per POST",
+        },
+    }
+    assert untyped.status_code == 400
+    assert untyped.json()["error"]["message"] == (
+        "Content-Type 'text/plain' is not application/json; send JSON-RPC with "
+        "Content-Type: application/json"
+    )
+
+
+async def test_key_checked_before_body_size(api_server: ApiServer) -> None:
+    too_big = b"{" + b" " * (api_server.settings.api_max_body_bytes + 1) + b"}"
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=60) as http:
+        for path in ("/api/tools/audit_log", "/mcp"):
+            anonymous = await http.post(path, content=too_big)
+            assert anonymous.status_code == 401, path
+            keyed = await http.post(path, content=too_big, headers=api_server.headers)
+            assert keyed.status_code == 413, path
+
+
+async def test_doc_pages_off_by_default(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert (await http.get(path)).status_code == 404, path
+        # The OpenAPI description stays readable without a key.
+        assert (await http.get("/openapi.json")).status_code == 200
+
+
+async def test_doc_pages_load_nothing_from_other_hosts(
+    api_server: ApiServer,
+) -> None:
+    application = create_app(api_server.settings.model_copy(update={"api_docs": True}))
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1"
+    ) as http:
+        for path in ("/docs", "/redoc"):
+            page = await http.get(path)
+            assert page.status_code == 200, path
+            sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+            assert sources, path
+            for source in sources:
+                assert source.startswith("/"), (path, source)
+                asset = await http.get(source)
+                assert asset.status_code == 200, source
+                assert len(asset.content) > 1000, source
+            assert "http://" not in page.text
+            assert "https://" not in page.text

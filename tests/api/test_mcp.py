@@ -11,10 +11,12 @@ from typing import Any
 import httpx
 import httpx2
 import mcp_types as types
+import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError
 
 from app.settings import Settings
 from app.tools import all_tools
@@ -176,3 +178,19 @@ async def test_jsonrpc_without_key_rejected(api_server: ApiServer) -> None:
             headers={"Accept": "application/json, text/event-stream"},
         )
     assert response.status_code == 401
+
+
+async def test_streamable_http_origin_policy(api_server: ApiServer) -> None:
+    local = {**api_server.headers, "Origin": "http://localhost:8080"}
+    async with (
+        create_mcp_http_client(headers=local) as http,
+        Client(_http_transport(api_server, http)) as client,
+    ):
+        assert len((await client.list_tools()).tools) == len(all_tools())
+    evil = {**api_server.headers, "Origin": "http://evil.example"}
+    with pytest.RaisesGroup(MCPError, flatten_subgroups=True):
+        async with (
+            create_mcp_http_client(headers=evil) as http,
+            Client(_http_transport(api_server, http)) as client,
+        ):
+            await client.list_tools()
