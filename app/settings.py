@@ -258,6 +258,9 @@ class Settings(BaseSettings):
                 values[name] = "********" if value.get_secret_value() else None
             elif isinstance(value, Path):
                 values[name] = str(value)
+            elif isinstance(value, str):
+                # A URL setting such as a package index may carry a password.
+                values[name] = _URL_PASSWORD.sub(r"\1:***@", value)
             else:
                 values[name] = value
         values["database_url"] = _mask_url(self.effective_database_url)

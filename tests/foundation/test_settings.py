@@ -55,10 +55,13 @@ def test_masked_hides_secrets_and_password() -> None:
         database_url="postgresql+psycopg://nexus:hunter2@127.0.0.1:5432/nexus",
         encryption_key="top-secret-key",  # type: ignore[arg-type]
         anthropic_api_key="sk-ant-secret",  # type: ignore[arg-type]
+        sandbox_package_index="https://pkg:index-pass@127.0.0.1:3141/simple",
     )
     masked = settings.masked()
     text = repr(masked)
     assert "hunter2" not in text
+    assert "index-pass" not in text
+    assert masked["sandbox_package_index"] == "https://pkg:***@127.0.0.1:3141/simple"
     assert "top-secret-key" not in text
     assert "sk-ant-secret" not in text
     assert masked["encryption_key"] == "********"
