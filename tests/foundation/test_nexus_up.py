@@ -167,7 +167,7 @@ def test_invalid_setting_exits_with_message(tmp_path: Path) -> None:
     up.env["NEXUS_HTTP_PORT"] = "99999"
     result = up.nexus("config")
     assert result.returncode == 2
-    assert "http_port" in result.stderr
+    assert "NEXUS_HTTP_PORT='99999'" in result.stderr
     assert "65535" in result.stderr
 
 
