@@ -28,12 +28,15 @@ from app.integration.steps import (
     StreamingParams,
     SwarmOrchestrationParams,
 )
+from app.sandbox.runtime import redact
+from app.sandbox.secrets import SealError, load_key
 from app.services.memory import read_memory
 from app.settings import Settings
 from app.swarm.agent_tasks import AgentTaskError, run_on_agent, step_task_id
 from app.swarm.resolver import find_agent
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from app.tools.registry import _registry
+from app.workflows.secrets import unseal_values
 
 # The read-only tool call that proves each system responds.
 SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -97,15 +100,20 @@ class IntegrationActivities:
         params = parse_params(request, SandboxExecutionParams)
         if request.agent_id is not None:
             return await self._sandbox_execution_on_agent(request, params)
+        env = self._step_env(request, params)
         sandbox_id = params.sandbox_id
         created = sandbox_id is None
+        run: dict[str, Any] = {}
         if sandbox_id is None:
             new_sandbox = await self._call(
                 request,
                 "sandbox_create",
-                {"template": params.template, "env_vars": params.env_vars},
+                {"template": params.template, "env_vars": env},
             )
             sandbox_id = new_sandbox["sandbox_id"]
+        elif env:
+            # A sandbox of its own takes the step's env vars for this run only.
+            run["env_vars"] = env
         try:
             result = await self._call(
                 request,
@@ -115,15 +123,21 @@ class IntegrationActivities:
                     "code": params.code,
                     "language": params.language,
                     "timeout": params.timeout,
+                    **run,
                 },
             )
         finally:
             if created:
                 await self._call(request, "sandbox_delete", {"sandbox_id": sandbox_id})
+        # Every env var value of the step is a secret, whatever its name; the
+        # output and the error go into history and the database.
+        secrets = list(env.values())
+        stdout = redact(result["stdout"], secrets)
+        stderr = redact(result["stderr"], secrets)
         output = {
             "sandbox_id": sandbox_id,
-            "stdout": result["stdout"],
-            "stderr": result["stderr"],
+            "stdout": stdout,
+            "stderr": stderr,
             "exit_code": result["exit_code"],
             "status": result["status"],
             "execution_time": result["execution_time"],
@@ -133,11 +147,33 @@ class IntegrationActivities:
             raise failed_step(
                 request,
                 f"the code ended {result['status']} with exit code "
-                f"{result['exit_code']}: {result['stderr'][-500:]}",
+                f"{result['exit_code']}: {stderr[-500:]}",
                 output,
                 "SandboxCodeFailed",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    def _step_env(
+        self, request: StepRequest, params: SandboxExecutionParams
+    ) -> dict[str, str]:
+        """Unseal the step's env var values, right before a sandbox gets them."""
+        if not params.env_vars:
+            return {}
+        try:
+            return unseal_values(
+                load_key(self.settings),
+                request.workflow_id,
+                request.step,
+                params.env_vars,
+            )
+        except SealError as error:
+            raise step_error(
+                request,
+                f"params.env_vars: {error}; store the definition again with "
+                "workflow_create and the plain values",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            ) from None
 
     async def _sandbox_execution_on_agent(
         self, request: StepRequest, params: SandboxExecutionParams

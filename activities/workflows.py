@@ -23,6 +23,7 @@ from app.contracts.workflows import (
     StepOutcome,
     StepRequest,
 )
+from app.sandbox.secrets import load_key
 from app.services.health import system_health
 from app.settings import Settings
 from app.storage.local import StorageError, storage_for
@@ -95,7 +96,10 @@ class WorkflowActivities:
     @activity.defn(name="workflow_register_execution")
     def register_execution(self, request: RegisterExecution) -> RegisteredExecution:
         workflow_id, version = store.register_execution(
-            self.url, request.state, request.input.definition
+            self.url,
+            request.state,
+            request.input.definition,
+            key=load_key(self.settings),
         )
         agents: dict[str, str | None] = {}
         for step in request.state.steps:

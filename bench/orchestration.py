@@ -30,6 +30,7 @@ from temporalio.worker import Worker
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.workflows import WorkflowDefinition
 from app.db.migrate import upgrade
+from app.sandbox.secrets import load_key
 from app.settings import Settings
 from app.temporal.client import build_data_converter
 from app.temporal.devserver import temporal_binary
@@ -116,7 +117,9 @@ async def main(levels: list[int], rounds: int) -> None:
     client: Client = env.client
     address = str(client.service_client.config.target_host)
     settings = settings.model_copy(update={"temporal_address": address})
-    row, version, _ = store.save_definition(settings.effective_database_url, DEFINITION)
+    row, version, _, _ = store.save_definition(
+        settings.effective_database_url, DEFINITION, key=load_key(settings)
+    )
     limits = QUEUE_LIMITS[ORCHESTRATION]
     baseline_worker = Worker(
         client,

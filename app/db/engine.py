@@ -44,23 +44,37 @@ def get_stream_engine(url: str) -> Engine:
         engine = _engines.get(key)
         if engine is None:
             engine = create_engine(
-                url, pool_size=10, max_overflow=20, isolation_level="AUTOCOMMIT"
+                url,
+                pool_size=10,
+                max_overflow=20,
+                isolation_level="AUTOCOMMIT",
+                hide_parameters=True,
             )
             _engines[key] = engine
         return engine
 
 
 def _create_engine(url: str) -> Engine:
+    # hide_parameters: a database error's text (logged, or shown by a tool
+    # before it was caught) then carries no bound values, which can be secrets.
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
         )
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        hide_parameters=True,
+    )
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -28,25 +28,35 @@ _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
 
 
 def mask_secrets(value: Any, *, name: str = "") -> Any:
-    """Return a copy of `value` with secret values replaced by a mask."""
+    """Return a copy of `value` with secret values replaced by a mask.
+
+    A secret-named argument and every value of an env var mapping are masked
+    whatever their type: a list or mapping there keeps its shape (mapping
+    keys stay) with every leaf masked.
+    """
+    if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
+        return mask_all(value)
     if isinstance(value, Mapping):
-        if name in _SECRET_MAPPINGS:
-            return {str(key): MASK for key in value}
         return {
-            str(key): (
-                MASK
-                if _SECRET_NAME.search(str(key)) and _is_scalar(item)
-                else mask_secrets(item, name=str(key))
-            )
-            for key, item in value.items()
+            str(key): mask_secrets(item, name=str(key)) for key, item in value.items()
         }
     if isinstance(value, list | tuple):
         return [mask_secrets(item, name=name) for item in value]
     return value
 
 
-def _is_scalar(value: Any) -> bool:
-    return value is not None and not isinstance(value, Mapping | list | tuple)
+def mask_all(value: Any) -> Any:
+    """Mask every leaf of `value`, keeping mapping keys and list lengths."""
+    if isinstance(value, Mapping):
+        return {str(key): mask_all(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_all(item) for item in value]
+    return None if value is None else MASK
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument of this name holds secrets (see `mask_secrets`)."""
+    return name in _SECRET_MAPPINGS or bool(_SECRET_NAME.search(name))
 
 
 def audit_fields(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import secrets
 import time
 import typing
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
-from app.services.audit import record_call
+from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
@@ -153,13 +155,58 @@ def all_tools() -> list[ToolSpec]:
     return sorted(_registry.values(), key=lambda spec: (spec.group, spec.name))
 
 
-def describe_validation_error(tool_name: str, error: ValidationError) -> ToolInputError:
-    """Turn pydantic's errors into one message naming each field, value and rule."""
+@functools.cache
+def secret_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Names and aliases of the fields a tool marks secret with
+    `Field(json_schema_extra={"secret": True})`."""
+    names: set[str] = set()
+    for field_name, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("secret") is True:
+            names.add(field_name)
+            if info.alias:
+                names.add(info.alias)
+    return frozenset(names)
+
+
+def mask_arguments(
+    arguments: Mapping[str, Any], marked: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Mask the secret values of tool arguments: the fields the tool marks
+    secret and every argument `mask_secrets` treats as one."""
+    return {
+        str(key): mask_all(value) if key in marked else mask_secrets(value, name=key)
+        for key, value in arguments.items()
+    }
+
+
+def masked_input(
+    loc: tuple[int | str, ...], value: Any, marked: frozenset[str] = frozenset()
+) -> Any:
+    """The input of one validation error, fit to show: masked whole when any
+    part of its location is a secret field (an env var map, a key), else
+    with its secret-named parts masked."""
+    if any(
+        isinstance(part, str) and (part in marked or is_secret_name(part))
+        for part in loc
+    ):
+        return mask_all(value)
+    if not loc and isinstance(value, Mapping):
+        return mask_arguments(value, marked)
+    last = loc[-1] if loc and isinstance(loc[-1], str) else ""
+    return mask_secrets(value, name=last)
+
+
+def describe_validation_error(
+    tool_name: str, error: ValidationError, marked: frozenset[str] = frozenset()
+) -> ToolInputError:
+    """Turn pydantic's errors into one message naming each field, value and
+    rule; values of secret fields are masked there and in the details."""
     details: list[dict[str, Any]] = []
     lines: list[str] = []
     for item in error.errors(include_url=False):
         path = ".".join(str(part) for part in item["loc"]) or "(arguments)"
-        value = item.get("input")
+        value = masked_input(tuple(item["loc"]), item.get("input"), marked)
         shown = "missing" if item["type"] == "missing" else f"{value!r}"
         lines.append(f"{path}: {shown} is invalid: {item['msg']}")
         details.append(
@@ -204,7 +251,9 @@ async def invoke_tool(
         try:
             args = spec.input_model.model_validate(raw)
         except ValidationError as error:
-            raise describe_validation_error(name, error) from None
+            raise describe_validation_error(
+                name, error, secret_fields(spec.input_model)
+            ) from None
         model = await spec.handler(ctx, args)
         result = model.model_dump(mode="json", by_alias=True)
         outcome = "success"
@@ -213,18 +262,25 @@ async def invoke_tool(
         error_text = error.message
         raise
     except Exception as error:
-        logger.exception("tool %s failed", name)
-        error_text = f"{type(error).__name__}: {error}"
-        raise ToolError(
-            f"{name} failed: {error_text}; see the server log for the traceback"
-        ) from error
+        # The exception's text can hold SQL, bound parameters (secrets) or
+        # paths, so the caller and the audit row get its class and an id to
+        # find it in the log. The engines hide bound parameters, so the
+        # logged traceback carries the SQL but not the values.
+        reference = secrets.token_hex(4)
+        logger.exception("tool %s failed (error %s)", name, reference)
+        error_text = (
+            f"{name} failed with an unexpected {type(error).__name__}; retry "
+            "the call, and if it fails again, find the traceback in the server "
+            f"log under error {reference}"
+        )
+        raise ToolError(error_text) from error
     finally:
         duration = (time.perf_counter() - started) * 1000
         event: dict[str, Any] = {
             "user_id": ctx.user_id,
             "key_id": ctx.key_id,
             "tool": name,
-            "arguments": raw,
+            "arguments": mask_arguments(raw, secret_fields(spec.input_model)),
             "outcome": outcome,
             "duration_ms": duration,
             "error": error_text,

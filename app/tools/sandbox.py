@@ -56,7 +56,9 @@ class SandboxCreateInput(BaseModel):
         None, description="Environment variables; values are stored encrypted."
     )
     anthropic_key: str | None = Field(
-        None, description="Anthropic API key, set as ANTHROPIC_API_KEY (encrypted)."
+        None,
+        description="Anthropic API key, set as ANTHROPIC_API_KEY (encrypted).",
+        json_schema_extra={"secret": True},
     )
     timeout: int = Field(3600, gt=0, le=86400, description="Lifetime in seconds.")
     metadata: dict[str, Any] | None = None
@@ -268,7 +270,7 @@ class SandboxConfigureInput(BaseModel):
 
     sandbox_id: str = Field(min_length=1)
     env_vars: dict[str, str] | None = None
-    anthropic_key: str | None = None
+    anthropic_key: str | None = Field(None, json_schema_extra={"secret": True})
     install_packages: list[str] | None = None
     run_commands: list[str] | None = None
 

@@ -18,9 +18,15 @@ from app.contracts.workflows import (
     ExecutionState,
     WorkflowDefinition,
 )
+from app.sandbox.secrets import SealError, load_key
 from app.tools.registry import ToolContext, ToolError, tool
 from app.workflows import engine, store
 from app.workflows.agents import AgentResolution, resolve_agent
+from app.workflows.secrets import (
+    DefinitionSecretError,
+    has_plain_secrets,
+    seal_plain_values,
+)
 from app.workflows.steps import step_type_names
 from app.workflows.validation import (
     DefinitionError,
@@ -75,12 +81,23 @@ async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateR
     check_definition(args)
     url = ctx.database_url
     previous = await asyncio.to_thread(_latest_by_name, url, args.name)
-    row, version, is_new = await asyncio.to_thread(store.save_definition, url, args)
+    try:
+        key = load_key(ctx.settings)
+        row, version, is_new, stored = await asyncio.to_thread(
+            store.save_definition, url, args, key=key
+        )
+    except DefinitionSecretError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
+    except SealError as error:
+        raise ToolError(str(error), kind="failed") from None
+    except store.ConflictError as error:
+        raise ToolError(str(error), kind="conflict") from None
     schedules: list[str] = []
     needs_schedules = engine.schedule_count(args) or engine.schedule_count(previous)
     if needs_schedules:
+        # The sealed body, so that schedules and their runs carry no secret.
         schedules = await engine.sync_schedules(
-            await ctx.client(), row.id, version, args, engine.schedule_count(previous)
+            await ctx.client(), row.id, version, stored, engine.schedule_count(previous)
         )
     return WorkflowCreateResult(
         workflow_id=row.id,
@@ -195,6 +212,9 @@ async def workflow_execute(
             f"workflow {args.workflow_id!r} is {row.status}; create it again to run it",
             kind="conflict",
         )
+    # A definition stored before sealing existed: seal its values for the run.
+    if has_plain_secrets(definition):
+        definition = seal_plain_values(load_key(ctx.settings), row.id, definition)
     client = await ctx.client()
     handle = await engine.start_execution(
         client, row.id, version, definition, args.input_data

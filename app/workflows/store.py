@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from app.contracts.workflows import (
@@ -26,40 +26,85 @@ from app.workflows.models import (
     WorkflowStepRow,
     WorkflowVersionRow,
 )
+from app.workflows.secrets import seal_definition
+
+logger = logging.getLogger(__name__)
 
 
 class NotFoundError(LookupError):
     """A definition or execution id that the database does not contain."""
 
 
-def spec_hash(definition: WorkflowDefinition) -> str:
-    text = json.dumps(definition.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def new_definition_id() -> str:
     return f"wf_{secrets.token_hex(6)}"
 
 
+class ConflictError(RuntimeError):
+    """Concurrent writes of one definition kept winning over this one."""
+
+
+class SavedDefinition(NamedTuple):
+    """What `save_definition` stored: the row, the version number, whether
+    it is a new version, and the body as stored (secret values sealed)."""
+
+    row: WorkflowDefinitionRow
+    version: int
+    is_new: bool
+    definition: WorkflowDefinition
+
+
+# Each round of concurrent writers of one name lets at least one commit, so
+# this many attempts outlast that many writers at once.
+SAVE_ATTEMPTS = 12
+
+
 def save_definition(
-    url: str, definition: WorkflowDefinition
-) -> tuple[WorkflowDefinitionRow, int, bool]:
-    """Store `definition` under its name; return (row, version, is_new_version).
+    url: str, definition: WorkflowDefinition, *, key: bytes
+) -> SavedDefinition:
+    """Store `definition` under its name, its secret values sealed with `key`.
 
     The same name with a changed body makes a new version; an unchanged body
-    keeps the latest version.
+    keeps the latest version. A write that loses a race with a concurrent
+    write of the same name (both inserted the same version number) is
+    repeated on the newer state.
+
+    Raises:
+        DefinitionSecretError: a sealed value belongs to another definition.
+        ConflictError: concurrent writes won every attempt.
     """
-    digest = spec_hash(definition)
-    spec = definition.model_dump(mode="json")
-    with session_scope(url) as session:
-        row = session.exec(
-            select(WorkflowDefinitionRow).where(
-                WorkflowDefinitionRow.name == definition.name
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            return _save_once(url, definition, key)
+        except IntegrityError:
+            logger.info(
+                "workflow %r: a concurrent write took the same version; writing "
+                "again (attempt %d of %d)",
+                definition.name,
+                attempt,
+                SAVE_ATTEMPTS,
             )
+    raise ConflictError(
+        f"workflow {definition.name!r} was changed by {SAVE_ATTEMPTS} concurrent "
+        "writes while this one was stored; nothing of this call was stored, "
+        "send it again"
+    )
+
+
+def _save_once(url: str, definition: WorkflowDefinition, key: bytes) -> SavedDefinition:
+    with session_scope(url) as session:
+        # Row lock on PostgreSQL, so updates of one definition take turns;
+        # SQLite has one writer at a time and the unique version catches it.
+        row = session.exec(
+            select(WorkflowDefinitionRow)
+            .where(WorkflowDefinitionRow.name == definition.name)
+            .with_for_update()
         ).first()
+        definition_id = row.id if row is not None else new_definition_id()
+        sealed, digest = seal_definition(key, definition_id, definition)
+        spec = sealed.model_dump(mode="json")
         if row is None:
             row = WorkflowDefinitionRow(
-                id=new_definition_id(),
+                id=definition_id,
                 name=definition.name,
                 description=definition.description,
                 priority=definition.priority,
@@ -72,10 +117,12 @@ def save_definition(
                     definition_id=row.id, version=1, spec=spec, spec_hash=digest
                 )
             )
-            return row, 1, True
+            session.flush()
+            return SavedDefinition(row, 1, True, sealed)
         latest = _version_row(session, row.id, row.latest_version)
         if latest.spec_hash == digest and row.status == "active":
-            return row, row.latest_version, False
+            stored = WorkflowDefinition.model_validate(latest.spec)
+            return SavedDefinition(row, row.latest_version, False, stored)
         row.latest_version += 1
         row.description = definition.description
         row.priority = definition.priority
@@ -90,7 +137,8 @@ def save_definition(
                 spec_hash=digest,
             )
         )
-        return row, row.latest_version, True
+        session.flush()
+        return SavedDefinition(row, row.latest_version, True, sealed)
 
 
 def _version_row(session: Any, definition_id: str, version: int) -> WorkflowVersionRow:
@@ -178,7 +226,7 @@ def list_definitions(
 
 
 def register_execution(
-    url: str, state: ExecutionState, definition: WorkflowDefinition
+    url: str, state: ExecutionState, definition: WorkflowDefinition, *, key: bytes
 ) -> tuple[str, int]:
     """Insert the execution and its pending steps; bind an unsaved snapshot to
     a stored definition first. Return (workflow_id, version).
@@ -187,8 +235,8 @@ def register_execution(
     """
     workflow_id, version = state.workflow_id, state.version
     if workflow_id is None or version is None:
-        row, version, _ = save_definition(url, definition)
-        workflow_id = row.id
+        saved = save_definition(url, definition, key=key)
+        workflow_id, version = saved.row.id, saved.version
     with session_scope(url) as session:
         existing = session.get(WorkflowExecutionRow, state.execution_id)
         if existing is None:
