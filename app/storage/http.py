@@ -3,12 +3,61 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.settings import Settings
-from app.storage.local import StorageError, storage_for, validate_bucket, validate_path
+from app.storage.local import (
+    StorageError,
+    storage_for,
+    validate_bucket,
+    validate_content_type,
+    validate_path,
+)
 from app.storage.signing import URL_PREFIX, SignatureError, signing_key, verify
+
+# Types a browser displays without running code from them. Every other type
+# (HTML, SVG, XML, scripts, ...) is sent as an attachment, so that an uploaded
+# page never runs with the API server's origin.
+_INLINE_TYPES = frozenset(
+    {
+        "text/plain",
+        "text/csv",
+        "application/json",
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
+        "image/avif",
+    }
+)
+_INLINE_FAMILIES = ("audio/", "video/")
+
+
+def download_headers(path: str, content_type: str) -> tuple[str, dict[str, str]]:
+    """Choose the media type and headers that serve an object safely.
+
+    A stored type that is not a valid media type (written before types were
+    checked) is served as application/octet-stream.
+    """
+    try:
+        media_type = validate_content_type(content_type) or "application/octet-stream"
+    except StorageError:
+        media_type = "application/octet-stream"
+    headers = {"X-Content-Type-Options": "nosniff"}
+    essence = media_type.split(";", 1)[0].strip().lower()
+    if essence not in _INLINE_TYPES and not essence.startswith(_INLINE_FAMILIES):
+        name = path.rsplit("/", 1)[-1]
+        fallback = "".join(
+            c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+            for c in name
+        )
+        headers["Content-Disposition"] = (
+            f'attachment; filename="{fallback}"; '
+            f"filename*=UTF-8''{quote(name, safe='')}"
+        )
+    return media_type, headers
 
 
 def build_storage_router(settings: Settings) -> APIRouter:
@@ -39,10 +88,8 @@ def build_storage_router(settings: Settings) -> APIRouter:
             info = await asyncio.to_thread(storage.stat, bucket, normalized)
         except StorageError as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
-        return Response(
-            content=data,
-            media_type=info.content_type,
-            headers={"ETag": f'"{info.sha256}"', "Cache-Control": "private"},
-        )
+        media_type, headers = download_headers(normalized, info.content_type)
+        headers.update({"ETag": f'"{info.sha256}"', "Cache-Control": "private"})
+        return Response(content=data, media_type=media_type, headers=headers)
 
     return router

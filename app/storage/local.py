@@ -2,29 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mimetypes
 import os
 import re
+import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy import Connection, RootTransaction, inspect, text
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 # S3's rules, without dots, so a bucket name is always a plain folder name.
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
+# The widths of the storage_objects columns, checked before anything is written.
+MAX_PATH_LENGTH = 1024
+MAX_CONTENT_TYPE_LENGTH = 200
+# NAME_MAX of the common Linux filesystems, in bytes of the encoded name.
+MAX_SEGMENT_BYTES = 255
+
+# A media type as HTTP defines it: type/subtype, then `; name=value`
+# parameters whose values are tokens or quoted strings, ASCII only, so a
+# stored type is always a valid Content-Type header.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t !-~])*"'
+_CONTENT_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*"
+)
+
+# Temporary and backup files live in this folder of the storage root. Bucket
+# names cannot start with a dot, so it is never a bucket, and no object name
+# is reserved for them.
+TEMPORARY_FOLDER = ".tmp"
+
+_UPSERT = text(
+    "INSERT INTO storage_objects (bucket, path, size, sha256, content_type, "
+    "created_at, updated_at) VALUES (:bucket, :path, :size, :sha256, "
+    ":content_type, :now, :now) ON CONFLICT (bucket, path) DO UPDATE SET "
+    "size = excluded.size, sha256 = excluded.sha256, "
+    "content_type = excluded.content_type, updated_at = excluded.updated_at"
+)
 
 
 class StorageError(ValueError):
-    """Invalid bucket or path, or an object that does not exist."""
+    """Invalid bucket, path or content type, or an object that does not exist."""
+
+
+class StorageFailure(RuntimeError):
+    """A write that failed on the server side (disk, database); the previous
+    object and its metadata are unchanged, and a retry may succeed."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +74,8 @@ class ObjectInfo:
 
 
 def validate_bucket(bucket: str) -> str:
-    if not _BUCKET_NAME.match(bucket):
+    """Return `bucket`, or raise StorageError if it is not a valid bucket name."""
+    if not _BUCKET_NAME.fullmatch(bucket):
         raise StorageError(
             f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits "
             "and hyphens, starting and ending with a letter or digit"
@@ -47,27 +84,104 @@ def validate_bucket(bucket: str) -> str:
 
 
 def validate_path(path: str) -> str:
-    """Return the normalized object path, or raise if it could leave the bucket."""
+    """Return `path` if it names exactly one object inside a bucket.
+
+    Raises:
+        StorageError: the path could leave the bucket, has `.`, `..` or empty
+            segments (which would give one object several names), or is longer
+            than the metadata column or the filesystem allow.
+    """
     if not path or path.startswith("/") or "\\" in path or "\x00" in path:
         raise StorageError(
             f"invalid object path {path!r}: use a relative path such as "
             "'reports/run-1.md', without a leading slash or backslashes"
         )
-    parts = PurePosixPath(path).parts
-    if any(part in ("..", ".") for part in parts):
+    segments = path.split("/")
+    if ".." in segments:
         raise StorageError(
-            f"invalid object path {path!r}: '.' and '..' segments are not allowed, "
+            f"invalid object path {path!r}: '..' segments are not allowed, "
             "because they could reach outside the bucket"
         )
-    return "/".join(parts)
+    if any(segment in ("", ".") for segment in segments):
+        cleaned = "/".join(s for s in segments if s not in ("", "."))
+        raise StorageError(
+            f"invalid object path {path!r}: empty and '.' segments (such as '//', "
+            f"'/./' or a trailing '/') are not allowed, because they would give "
+            f"one object several names; write it as {cleaned!r}"
+        )
+    if len(path) > MAX_PATH_LENGTH:
+        raise StorageError(
+            f"invalid object path {path[:40]!r}... ({len(path)} characters): "
+            f"an object path is at most {MAX_PATH_LENGTH} characters"
+        )
+    for segment in segments:
+        try:
+            size = len(segment.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise StorageError(
+                f"invalid object path {path!r}: it is not valid Unicode text "
+                "(it holds a lone surrogate); send the path as UTF-8"
+            ) from None
+        if size > MAX_SEGMENT_BYTES:
+            raise StorageError(
+                f"invalid object path: segment {segment[:40]!r}... is {size} bytes "
+                f"in UTF-8; each '/'-separated segment is at most "
+                f"{MAX_SEGMENT_BYTES} bytes, as the filesystem allows"
+            )
+    return path
+
+
+def validate_content_type(content_type: str | None) -> str | None:
+    """Return `content_type` if it is a valid media type (None stays None).
+
+    Raises:
+        StorageError: the value is longer than the metadata column, or is not
+            `type/subtype` with optional `; name=value` parameters in ASCII.
+    """
+    if content_type is None:
+        return None
+    if len(content_type) > MAX_CONTENT_TYPE_LENGTH:
+        raise StorageError(
+            f"invalid content_type {content_type[:40]!r}... ({len(content_type)} "
+            f"characters): a content type is at most {MAX_CONTENT_TYPE_LENGTH} "
+            "characters"
+        )
+    if not _CONTENT_TYPE.fullmatch(content_type):
+        raise StorageError(
+            f"invalid content_type {content_type!r}: use a MIME type such as "
+            "'text/plain' or 'text/csv; charset=utf-8' (type/subtype with "
+            "optional name=value parameters, ASCII, no spaces around the '/' "
+            "and no line breaks), or leave it unset to guess it from the path"
+        )
+    return content_type
+
+
+def _write_row(connection: Connection, values: dict[str, object]) -> None:
+    """Insert or update one object's metadata row in the open transaction."""
+    connection.execute(_UPSERT, values)
+
+
+def _commit(transaction: RootTransaction) -> None:
+    transaction.commit()
+
+
+def _reason(error: OSError) -> str:
+    """Describe `error` without its file names, which are server paths."""
+    if error.errno is not None:
+        return os.strerror(error.errno)
+    return type(error).__name__
 
 
 class LocalStorage:
-    """Byte-exact object storage in folders; each write is a temporary file
-    renamed into place, so a reader sees the old object or the new one.
+    """Byte-exact object storage in folders.
 
-    With a `database_url`, every put and delete also writes the object's size,
-    sha256 and content type to the `storage_objects` table.
+    A put is all-or-nothing. It checks every limit first and writes the bytes
+    to a temporary file outside the buckets. It then writes the metadata row
+    in a transaction that stays open while the file is renamed into place,
+    and commits last. A failure at any step leaves the previous object and
+    its row as they were, and no new file behind. Readers see the old object
+    or the new one. With a `database_url`, every put and delete also writes
+    the object's size, sha256 and content type to the `storage_objects` table.
     """
 
     def __init__(self, root: Path, database_url: str | None = None) -> None:
@@ -84,21 +198,69 @@ class LocalStorage:
     def put(
         self, bucket: str, path: str, data: bytes, content_type: str | None = None
     ) -> ObjectInfo:
+        """Store `data` as object `path` of `bucket`, with its metadata row.
+
+        Raises:
+            StorageError: an invalid bucket, path or content type, or a path
+                that conflicts with an object or folder; nothing was written.
+            StorageFailure: the disk or the database failed; the previous
+                object and its metadata are unchanged.
+        """
+        chosen = validate_content_type(content_type or None)
         target = self._object_path(bucket, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        self._check_conflicts(bucket, path)
+        guessed = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        temporary_root = self.root / TEMPORARY_FOLDER
+        created: list[Path] = []
+        backup: Path | None = None
+        temporary: Path | None = None
+        done = False
         try:
+            temporary_root.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(dir=temporary_root, prefix="upload-")
+            temporary = Path(name)
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        info = self._info(bucket, path, target, data, content_type)
-        self._record(info)
-        return info
+            info = ObjectInfo(
+                bucket=bucket,
+                path=path,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                content_type=chosen or guessed,
+                # The file's own time, so upload and download report the same.
+                modified_at=datetime.fromtimestamp(temporary.stat().st_mtime, UTC),
+            )
+            connection, transaction = self._begin_record(info)
+            try:
+                _make_folders(self.root, bucket, path, created)
+                backup = self._keep_previous(target)
+                self._rename(temporary, target, bucket, path)
+                if transaction is not None:
+                    try:
+                        _commit(transaction)
+                    except SQLAlchemyError as error:
+                        restored = self._restore(target, backup)
+                        raise self._metadata_failure(info, error, restored) from None
+            finally:
+                if connection is not None:
+                    connection.close()
+            done = True
+            return info
+        except OSError as error:
+            logger.warning("object %s/%s not written: %s", bucket, path, error)
+            raise StorageFailure(
+                f"could not write object {path!r} in bucket {bucket!r}: "
+                f"{_reason(error)}; the previous object is unchanged"
+            ) from None
+        finally:
+            for leftover in (temporary, backup):
+                if leftover is not None:
+                    leftover.unlink(missing_ok=True)
+            if not done:
+                for folder in reversed(created):
+                    _remove_folder(folder)
 
     def get(self, bucket: str, path: str) -> bytes:
         target = self._object_path(bucket, path)
@@ -110,10 +272,10 @@ class LocalStorage:
         target = self._object_path(bucket, path)
         if not target.is_file():
             raise StorageError(f"object {path!r} not found in bucket {bucket!r}")
-        recorded = self._recorded(bucket, validate_path(path))
+        recorded = self._recorded(bucket, path)
         if recorded is not None and recorded.size == target.stat().st_size:
             return recorded
-        return self._info(bucket, path, target, target.read_bytes(), None)
+        return self._info(bucket, path, target, target.read_bytes())
 
     def delete(self, bucket: str, path: str) -> bool:
         """Delete an object; return False if it did not exist."""
@@ -121,7 +283,13 @@ class LocalStorage:
         if not target.is_file():
             return False
         target.unlink()
-        self._forget(bucket, validate_path(path))
+        self._forget(bucket, path)
+        # Folders the object leaves empty go too, so their names can become
+        # objects again.
+        bucket_root = self.root / bucket
+        folder = (bucket_root / path).parent
+        while folder != bucket_root and _remove_folder(folder):
+            folder = folder.parent
         return True
 
     def list(self, bucket: str, prefix: str = "", limit: int = 1000) -> list[str]:
@@ -130,7 +298,7 @@ class LocalStorage:
             return []
         names: list[str] = []
         for file in sorted(root.rglob("*")):
-            if not file.is_file() or file.name.startswith(".upload-"):
+            if not file.is_file():
                 continue
             name = file.relative_to(root).as_posix()
             if name.startswith(prefix):
@@ -139,27 +307,84 @@ class LocalStorage:
                     break
         return names
 
-    def _info(
-        self,
-        bucket: str,
-        path: str,
-        target: Path,
-        data: bytes,
-        content_type: str | None,
-    ) -> ObjectInfo:
+    def _info(self, bucket: str, path: str, target: Path, data: bytes) -> ObjectInfo:
         guessed = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return ObjectInfo(
             bucket=bucket,
-            path=validate_path(path),
+            path=path,
             size=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
-            content_type=content_type or guessed,
+            content_type=guessed,
             modified_at=datetime.fromtimestamp(target.stat().st_mtime, UTC),
         )
 
-    def _record(self, info: ObjectInfo) -> None:
+    def _check_conflicts(self, bucket: str, path: str) -> None:
+        """Raise StorageError if a folder of `path` is an object, or if `path`
+        is a folder that contains objects. An empty folder left on disk is
+        removed, so its name can become an object."""
+        segments = path.split("/")
+        folder = self.root / bucket
+        for depth, segment in enumerate(segments[:-1], start=1):
+            folder = folder / segment
+            if folder.exists() and not folder.is_dir():
+                raise _object_is_folder(path, "/".join(segments[:depth]))
+        target = self.root / bucket / path
+        if target.is_dir():
+            for walked, _folders, _files in os.walk(target, topdown=False):
+                _remove_folder(Path(walked))
+            if target.is_dir():
+                raise _folder_is_object(path, self._first_object(bucket, path))
+
+    def _first_object(self, bucket: str, folder: str) -> str | None:
+        names = self.list(bucket, prefix=folder + "/", limit=1)
+        return names[0] if names else None
+
+    def _keep_previous(self, target: Path) -> Path | None:
+        """Hard-link the object being replaced into the temporary folder, so a
+        failed commit can put it back; None when there is no such object."""
+        if not target.is_file():
+            return None
+        backup = self.root / TEMPORARY_FOLDER / f"previous-{secrets.token_hex(8)}"
+        try:
+            os.link(target, backup)
+        except PermissionError:
+            shutil.copy2(target, backup)  # a filesystem without hard links
+        return backup
+
+    def _rename(self, temporary: Path, target: Path, bucket: str, path: str) -> None:
+        try:
+            os.replace(temporary, target)
+        except IsADirectoryError:
+            # Another writer created objects under this name since the check.
+            raise _folder_is_object(path, self._first_object(bucket, path)) from None
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:
+                raise _name_too_long(path) from None
+            raise
+
+    def _restore(self, target: Path, backup: Path | None) -> bool:
+        """Put the replaced object back after a failed commit, or remove the
+        new one when there was none; return whether that worked."""
+        try:
+            if backup is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.replace(backup, target)
+        except OSError:
+            logger.exception(
+                "object file %s not restored after a failed commit", target
+            )
+            return False
+        return True
+
+    def _begin_record(
+        self, info: ObjectInfo
+    ) -> tuple[Connection | None, RootTransaction | None]:
+        """Write the metadata row in a transaction the caller commits; the row
+        lock also orders concurrent writers of one object. (None, None) when
+        there is no database or it lacks the storage table."""
         if self.database_url is None:
-            return
+            return None, None
         from app.db import get_engine
 
         values = {
@@ -168,34 +393,50 @@ class LocalStorage:
             "size": info.size,
             "sha256": info.sha256,
             "content_type": info.content_type,
-            # The file's own time, so upload and download report the same.
             "now": info.modified_at,
         }
+        engine = get_engine(self.database_url)
         try:
-            with get_engine(self.database_url).begin() as connection:
-                connection.execute(
-                    text(
-                        "DELETE FROM storage_objects WHERE bucket = :bucket "
-                        "AND path = :path"
-                    ),
-                    values,
-                )
-                connection.execute(
-                    text(
-                        "INSERT INTO storage_objects (bucket, path, size, sha256, "
-                        "content_type, created_at, updated_at) VALUES (:bucket, "
-                        ":path, :size, :sha256, :content_type, :now, :now)"
-                    ),
-                    values,
-                )
-        except (OperationalError, ProgrammingError) as error:
+            connection = engine.connect()
+        except SQLAlchemyError as error:
+            raise self._metadata_failure(info, error) from None
+        try:
+            transaction = connection.begin()
+            _write_row(connection, values)
+        except SQLAlchemyError as error:
+            connection.close()
+            try:
+                missing = not inspect(engine).has_table("storage_objects")
+            except SQLAlchemyError:
+                missing = False
+            if not missing:
+                raise self._metadata_failure(info, error) from None
             # A database without the storage migration still stores bytes.
             logger.warning(
-                "object %s/%s stored without metadata: %s; run `nexus db upgrade`",
+                "object %s/%s stored without metadata: the storage_objects table "
+                "is missing; run `nexus db upgrade`",
                 info.bucket,
                 info.path,
-                error.orig,
             )
+            return None, None
+        return connection, transaction
+
+    @staticmethod
+    def _metadata_failure(
+        info: ObjectInfo, error: SQLAlchemyError, restored: bool = True
+    ) -> StorageFailure:
+        logger.error("metadata of %s/%s not written: %s", info.bucket, info.path, error)
+        cause = getattr(error, "orig", None) or error
+        state = (
+            "the previous object is unchanged"
+            if restored
+            else "the object file could not be put back; see the server log"
+        )
+        return StorageFailure(
+            f"could not record the metadata of object {info.path!r} in bucket "
+            f"{info.bucket!r} ({type(cause).__name__}); {state}; retry, and see "
+            "the server log if it fails again"
+        )
 
     def _recorded(self, bucket: str, path: str) -> ObjectInfo | None:
         if self.database_url is None:
@@ -246,3 +487,56 @@ def storage_for(settings: Settings) -> LocalStorage:
     return LocalStorage(
         settings.resolved_data_dir / "storage", settings.effective_database_url
     )
+
+
+def _remove_folder(folder: Path) -> bool:
+    """Remove `folder` if it is empty; return whether it was removed."""
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _object_is_folder(path: str, prefix: str) -> StorageError:
+    return StorageError(
+        f"invalid object path {path!r}: {prefix!r} is an object, so it cannot "
+        f"also be a folder; choose another path, or delete {prefix!r} first"
+    )
+
+
+def _folder_is_object(path: str, example: str | None) -> StorageError:
+    contents = f"objects such as {example!r}" if example else "objects"
+    return StorageError(
+        f"invalid object path {path!r}: {path!r} is a folder that contains "
+        f"{contents}, "
+        f"so it cannot also be an object; choose another path, or delete the "
+        f"objects under {path + '/'!r} first"
+    )
+
+
+def _name_too_long(path: str) -> StorageError:
+    return StorageError(
+        f"invalid object path {path[:40]!r}...: the filesystem refuses a name "
+        "this long; use shorter segments or fewer folders"
+    )
+
+
+def _make_folders(root: Path, bucket: str, path: str, created: list[Path]) -> None:
+    """Create the missing folders of `path`, appending each one created to
+    `created` (outermost first) so a failed put can remove them."""
+    segments = path.split("/")
+    folder = root / bucket
+    for depth in range(len(segments)):
+        if depth:
+            folder = folder / segments[depth - 1]
+        try:
+            folder.mkdir()
+            created.append(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise _object_is_folder(path, "/".join(segments[:depth])) from None
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:
+                raise _name_too_long(path) from None
+            raise

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.contracts.types import UtcDateTime
-from app.storage.local import ObjectInfo, StorageError, storage_for
+from app.storage.local import ObjectInfo, StorageError, StorageFailure, storage_for
 from app.storage.signing import MAX_EXPIRES_IN, sign_path, signing_key
 from app.tools.registry import ToolContext, ToolError, tool
 
@@ -42,6 +42,23 @@ def _storage_error(error: StorageError) -> ToolError:
     )
 
 
+# The whitespace `base64` and most encoders put between and after lines.
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+
+
+def _decode_base64(content: str) -> bytes:
+    """Decode standard base64, ignoring ASCII whitespace and line breaks."""
+    try:
+        return base64.b64decode(content.translate(_ASCII_WHITESPACE), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ToolError(
+            f"content is not valid base64 ({error}); send standard base64 "
+            "(A-Z, a-z, 0-9, '+', '/', '=' padding; ASCII spaces and line breaks "
+            "are ignored), or encoding utf-8 for text",
+            kind="invalid_argument",
+        ) from None
+
+
 class StorageUploadInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,7 +66,9 @@ class StorageUploadInput(BaseModel):
     path: str = Field(description="Relative object path, such as reports/run-1.md.")
     content: str = Field(description="Text, or base64 with encoding=base64.")
     content_type: str | None = Field(
-        None, description="MIME type; guessed from the path when unset."
+        None,
+        description="MIME type such as text/csv or 'text/plain; charset=utf-8', "
+        "at most 200 characters; guessed from the path when unset.",
     )
     encoding: Literal["utf-8", "base64"] = "utf-8"
 
@@ -57,16 +76,11 @@ class StorageUploadInput(BaseModel):
 @tool("storage_upload", group="storage")
 async def storage_upload(ctx: ToolContext, args: StorageUploadInput) -> ObjectResult:
     """Store an object exactly as given: text as UTF-8, or bytes decoded from
-    base64 when encoding is base64. Returns size, sha256 and content type."""
+    base64 when encoding is base64 (line breaks and spaces in it are ignored).
+    The upload is all-or-nothing: on any error the previous object at the
+    path, if any, is unchanged. Returns size, sha256 and content type."""
     if args.encoding == "base64":
-        try:
-            data = base64.b64decode(args.content, validate=True)
-        except (binascii.Error, ValueError) as error:
-            raise ToolError(
-                f"content is not valid base64 ({error}); send standard base64, or "
-                "encoding utf-8 for text",
-                kind="invalid_argument",
-            ) from None
+        data = _decode_base64(args.content)
     else:
         data = args.content.encode("utf-8")
     storage = storage_for(ctx.settings)
@@ -76,6 +90,8 @@ async def storage_upload(ctx: ToolContext, args: StorageUploadInput) -> ObjectRe
         )
     except StorageError as error:
         raise _storage_error(error) from None
+    except StorageFailure as error:
+        raise ToolError(str(error), kind="failed") from None
     return ObjectResult.of(info)
 
 
