@@ -517,7 +517,7 @@ def _folder_is_object(path: str, example: str | None) -> StorageError:
 
 def _name_too_long(path: str) -> StorageError:
     return StorageError(
-        f"invalid object path {path[:40]!r}...: the filesystem refuses a name "
+        f"invalid object path {path[:40]!r}...: the filesystem rejects a name "
         "this long; use shorter segments or fewer folders"
     )
 
