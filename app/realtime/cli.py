@@ -20,12 +20,16 @@ def enable_command(
 ) -> None:
     """Install the capture triggers on TABLE, so it can be subscribed to."""
     from app.cli import load_settings, print_json
-    from app.realtime.triggers import RealtimeTableError, enable_realtime
+    from app.realtime.triggers import (
+        RealtimeEnableError,
+        RealtimeTableError,
+        enable_realtime,
+    )
 
     settings = load_settings()
     try:
         enable_realtime(settings.effective_database_url, table)
-    except RealtimeTableError as error:
+    except (RealtimeTableError, RealtimeEnableError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     print_json({"table": table, "realtime": "enabled"})

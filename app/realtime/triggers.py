@@ -8,6 +8,7 @@ import re
 
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy import types as sqltypes
+from sqlalchemy.exc import DBAPIError
 
 from app.db import get_engine
 from app.realtime.filters import ColumnKind
@@ -41,11 +42,15 @@ _INTERNAL_TABLES = {
     "realtime_tables",
     "alembic_version",
 }
-_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class RealtimeTableError(ValueError):
     """A table that cannot be enabled: missing, internal, or a bad name."""
+
+
+class RealtimeEnableError(RuntimeError):
+    """The database refused to install the capture triggers; nothing changed."""
 
 
 # PostgreSQL captures with statement-level triggers, one per event because a
@@ -146,7 +151,8 @@ _PG_ROW_FUNCTION = "nexus_realtime_capture"
 
 
 def validate_table_name(table: str) -> str:
-    if not _TABLE_NAME.match(table):
+    # fullmatch: `$` would also accept a name that ends in a newline.
+    if not _TABLE_NAME.fullmatch(table):
         raise RealtimeTableError(
             f"invalid table name {table!r}: use letters, digits and underscores, "
             "starting with a letter or underscore"
@@ -193,29 +199,52 @@ def _kind(column_type: sqltypes.TypeEngine[object]) -> ColumnKind:
 def enable_realtime(url: str, table: str) -> None:
     """Install the capture triggers on `table` (idempotent) and record it.
 
+    Everything happens in one transaction, so a failure leaves the triggers
+    and the `realtime_tables` entry as they were.
+
     Raises:
         RealtimeTableError: the table is missing, internal or badly named.
+        RealtimeEnableError: the database refused a statement.
     """
     validate_table_name(table)
     engine = get_engine(url)
-    with engine.begin() as connection:
-        kinds = _column_kinds(connection, table)
-        if connection.dialect.name == "postgresql":
-            # Workers that start together all run this; one at a time.
-            connection.execute(text("SELECT pg_advisory_xact_lock(7233003)"))
-            _enable_postgresql(connection, table)
-        else:
-            _enable_sqlite(connection, table, kinds)
-        connection.execute(
-            text("DELETE FROM realtime_tables WHERE table_name = :t"), {"t": table}
-        )
-        connection.execute(
-            text(
-                "INSERT INTO realtime_tables (table_name, enabled_at) "
-                "VALUES (:t, CURRENT_TIMESTAMP)"
-            ),
-            {"t": table},
-        )
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                # pysqlite autocommits DDL outside a transaction, so a change
+                # committed between a DROP TRIGGER and its CREATE TRIGGER
+                # would not be logged. The write lock makes other writers
+                # wait until the triggers are in place again.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            kinds = _column_kinds(connection, table)
+            if connection.dialect.name == "postgresql":
+                # Workers that start together all run this; one at a time.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7233003)"))
+                _enable_postgresql(connection, table)
+            else:
+                _enable_sqlite(connection, table, kinds)
+            connection.execute(
+                text("DELETE FROM realtime_tables WHERE table_name = :t"),
+                {"t": table},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO realtime_tables (table_name, enabled_at) "
+                    "VALUES (:t, CURRENT_TIMESTAMP)"
+                ),
+                {"t": table},
+            )
+    except DBAPIError as error:
+        # The driver's first line names the problem; the rest, and the
+        # statement SQLAlchemy appends, would only show trigger SQL.
+        lines = str(error.orig).strip().splitlines()
+        reason = lines[0] if lines else type(error.orig).__name__
+        logger.warning("enabling realtime on table %s failed: %s", table, reason)
+        raise RealtimeEnableError(
+            f"could not enable realtime on table {table!r}: the database said "
+            f"{reason!r}; nothing was changed. Check the table's definition "
+            "and that no other process holds a long write lock, then retry"
+        ) from None
     logger.info("realtime enabled on table %s", table)
 
 
@@ -271,26 +300,56 @@ def _drop_unused_row_function(connection: Connection) -> None:
         connection.execute(text(f"DROP FUNCTION IF EXISTS {_PG_ROW_FUNCTION}()"))
 
 
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
     pairs: list[str] = []
     for column in inspect(connection).get_columns(table):
         name = column["name"]
-        value = f'{alias}."{name}"'
-        if isinstance(column["type"], sqltypes.LargeBinary):
+        value = f"{alias}.{_quote_identifier(name)}"
+        column_type = column["type"]
+        if isinstance(column_type, sqltypes.LargeBinary):
             # json_object rejects BLOB values, so bytes travel as hex text.
             value = f"hex({value})"
-        elif isinstance(column["type"], sqltypes.JSON):
+        elif isinstance(column_type, sqltypes.JSON):
             # JSON columns hold text; json() embeds them as documents.
             value = f"CASE WHEN json_valid({value}) THEN json({value}) ELSE {value} END"
-        pairs.append(f"'{name}', {value}")
+        elif isinstance(column_type, sqltypes.Boolean):
+            # SQLite stores booleans as 0 and 1; PostgreSQL's to_jsonb writes
+            # true and false, and events carry the same on both.
+            value = (
+                f"CASE WHEN {value} IS NULL THEN NULL WHEN {value} "
+                "THEN json('true') ELSE json('false') END"
+            )
+        pairs.append(f"{_quote_literal(name)}, {value}")
     return f"json_object({', '.join(pairs)})"
+
+
+def _sqlite_trigger_sql(table: str, event: str, record: str, old: str) -> str:
+    """The CREATE TRIGGER statement, as SQLite also stores it in sqlite_master."""
+    now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+    trigger = _quote_identifier(f"nexus_realtime_{table}_{event.lower()}")
+    return (
+        f"CREATE TRIGGER {trigger} AFTER {event} ON {_quote_identifier(table)} "
+        "BEGIN "
+        "INSERT INTO realtime_changes (schema_name, table_name, event_type, "
+        "record, old_record, committed_at) "
+        f"VALUES ('main', {_quote_literal(table)}, '{event}', {record}, {old}, "
+        f"{now}); END"
+    )
 
 
 def _enable_sqlite(
     connection: Connection, table: str, kinds: dict[str, ColumnKind]
 ) -> None:
+    """Create or replace the triggers; the caller holds SQLite's write lock."""
     del kinds  # the column list is read again with its declared types
-    now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
     new_record = _sqlite_record(connection, table, "NEW")
     old_record = _sqlite_record(connection, table, "OLD")
     bodies = {
@@ -298,27 +357,37 @@ def _enable_sqlite(
         "UPDATE": (new_record, old_record),
         "DELETE": ("NULL", old_record),
     }
+    rows = connection.execute(
+        text(
+            "SELECT name, sql FROM sqlite_master "
+            "WHERE type = 'trigger' AND tbl_name = :t"
+        ),
+        {"t": table},
+    )
+    stored = {name: sql for name, sql in rows}
     for event, (record, old) in bodies.items():
         trigger = f"nexus_realtime_{table}_{event.lower()}"
-        connection.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}"'))
-        # pysqlite runs DDL outside a transaction, so workers that start
-        # together interleave these statements; IF NOT EXISTS keeps the one
-        # that loses the race from crashing on the other's trigger.
-        connection.execute(
-            text(
-                f'CREATE TRIGGER IF NOT EXISTS "{trigger}" AFTER {event} ON "{table}" '
-                "BEGIN "
-                "INSERT INTO realtime_changes (schema_name, table_name, event_type, "
-                "record, old_record, committed_at) "
-                f"VALUES ('main', '{table}', '{event}', {record}, {old}, {now}); END"
-            )
+        wanted = _sqlite_trigger_sql(table, event, record, old)
+        if stored.get(trigger) == wanted:
+            # Unchanged: every worker start runs this, and leaving the
+            # trigger alone changes neither the schema nor other writers.
+            continue
+        # Driver SQL: text() would read a colon in a column name as a
+        # bind parameter.
+        connection.exec_driver_sql(
+            f"DROP TRIGGER IF EXISTS {_quote_identifier(trigger)}"
         )
+        connection.exec_driver_sql(wanted)
 
 
 def disable_realtime(url: str, table: str) -> None:
     """Drop the capture triggers of `table`; the logged changes stay."""
     validate_table_name(table)
     with get_engine(url).begin() as connection:
+        if connection.dialect.name == "sqlite":
+            # One transaction, as in enable_realtime, so the three drops and
+            # the record go together.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         if connection.dialect.name == "postgresql":
             for trigger in (
                 f"nexus_realtime_{table}",
@@ -351,8 +420,8 @@ def enable_default_tables(url: str) -> list[str]:
     On PostgreSQL it also re-enables every other table recorded in
     `realtime_tables` that exists, which moves a table still on the row
     trigger of an earlier version to the statement triggers. SQLite skips
-    those tables, because it re-creates its triggers on every enable, and
-    its trigger DDL runs outside a transaction.
+    those tables: a user table enabled there may need `nexus realtime
+    enable` again after a column change, which stays the user's step.
     """
     with get_engine(url).connect() as connection:
         inspector = inspect(connection)
