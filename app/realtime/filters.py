@@ -7,9 +7,14 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
 from typing import Any, Literal
 
-ColumnKind = Literal["number", "boolean", "text"]
+# The comparison rules of a column, from its declared type. "json" columns
+# only take is.null: a document has no order, and comparing its text would
+# depend on key order and spacing, which differ between the backends.
+ColumnKind = Literal["number", "boolean", "text", "datetime", "date", "time", "json"]
 
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in", "is", "like", "ilike")
 MAX_IN_VALUES = 100
@@ -30,14 +35,23 @@ class Condition:
 
     def evaluate(self, record: Mapping[str, Any], kind: ColumnKind) -> bool | None:
         """Return True, False, or None where SQL would yield NULL (a NULL
-        column compared with anything), so `not.` of NULL stays unmatched."""
+        column compared with anything), so `not.` of NULL stays unmatched.
+
+        This is the plain statement of the rules; `RowFilter` runs compiled
+        checks that must agree with it.
+        """
         actual = _coerce_record_value(record.get(self.column), kind)
         if self.operator == "is":
             result: bool | None = _evaluate_is(actual, self.value)
         elif actual is None:
             return None
         else:
-            result = _compare(self.operator, actual, self.value)
+            value = self.value
+            if kind == "number" and type(actual) is float:
+                # A float column compares as floats, as PostgreSQL casts the
+                # literal to double precision.
+                value = _approximate(value)
+            result = _compare(self.operator, actual, value)
         if result is None:
             return None
         return not result if self.negated else result
@@ -103,15 +117,36 @@ def _compile(
 
         return check_is
     compare = _COMPARISONS[condition.operator]
+    if kind == "number":
+        # JSON integers arrive as int and compare exactly with the filter's
+        # int or Decimal; floats compare with the value as a float.
+        approximate = _approximate(value)
+
+        def check_number(record: Mapping[str, Any]) -> bool:
+            actual = record.get(column)
+            kind_of = type(actual)
+            if kind_of is int:
+                operand = value
+            elif kind_of is float:
+                operand = approximate
+            else:
+                actual = _coerce_record_value(actual, "number")
+                if actual is None:
+                    return False
+                operand = approximate if type(actual) is float else value
+            try:
+                result = bool(compare(actual, operand))
+            except TypeError:
+                return False
+            return not result if negated else result
+
+        return check_number
     # Record values of this type are already what _coerce_record_value returns.
-    exact: type = {"number": float, "text": str, "boolean": bool}[kind]
+    exact: type | None = {"text": str, "boolean": bool}.get(kind)
 
     def check(record: Mapping[str, Any]) -> bool:
         actual = record.get(column)
-        if exact is float and type(actual) is int:
-            # JSON integers arrive as int; float() is what coercion returns.
-            actual = float(actual)
-        elif actual is None or type(actual) is not exact:
+        if actual is None or type(actual) is not exact:
             actual = _coerce_record_value(actual, kind)
             if actual is None:
                 return False
@@ -212,7 +247,22 @@ def _parse_term(term: str, kinds: Mapping[str, ColumnKind]) -> Condition:
     return Condition(column=column, operator=operator, value=value, negated=negated)
 
 
+_KIND_NAMES: dict[str, str] = {
+    "number": "numeric",
+    "boolean": "boolean",
+    "datetime": "date and time",
+    "date": "date",
+    "time": "time",
+    "json": "JSON",
+}
+
+
 def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
+    if kind == "json" and not (operator == "is" and raw == "null"):
+        raise FilterError(
+            f"column {column!r} holds JSON, which a filter can only test with "
+            f"is.null or not.is.null, not {operator}; filter on another column"
+        )
     if operator == "is":
         if raw not in ("null", "true", "false"):
             raise FilterError(
@@ -220,6 +270,12 @@ def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
                 "is.true or is.false"
             )
         return raw
+    if operator in ("like", "ilike") and kind != "text":
+        raise FilterError(
+            f"{operator} matches text, but column {column!r} is a "
+            f"{_KIND_NAMES[kind]} column; compare it with eq, neq, lt, lte, gt, "
+            "gte or in"
+        )
     if operator == "in":
         if not (raw.startswith("(") and raw.endswith(")")):
             raise FilterError(
@@ -247,15 +303,79 @@ def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
     return _typed_value(column, unquote(raw), kind)
 
 
+# A decimal literal as SQL writes one: no nan, inf, underscores or hex.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Integers with more digits stay Decimal, which compares as exactly.
+_MAX_INT_DIGITS = 1000
+
+
+def _parse_number(text: str) -> int | Decimal | None:
+    """Parse a decimal literal exactly: int when integral, else Decimal."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    number = Decimal(text)
+    if number == number.to_integral_value() and number.adjusted() < _MAX_INT_DIGITS:
+        return int(number)
+    return number
+
+
+def _approximate(value: Any) -> Any:
+    """The filter value as float(s), for records that hold floats."""
+    if isinstance(value, tuple):
+        return tuple(_approximate(item) for item in value)
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        # float() of a Decimal beyond the float range gives inf, not an error.
+        return float(Decimal(value))
+    return value
+
+
+def _parse_datetime(text: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    # Naive values are UTC: SQLite stores timestamps without an offset, and
+    # PostgreSQL's timestamptz columns arrive with one.
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _parse_date(text: str) -> date | None:
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        return None
+
+
+def _parse_time(text: str) -> time | None:
+    try:
+        return time.fromisoformat(text.strip())
+    except ValueError:
+        return None
+
+
+_EXAMPLES = {
+    "datetime": "2026-01-01T12:00:00Z or 2026-01-01 12:00:00+02:00",
+    "date": "2026-01-01",
+    "time": "12:00:00",
+}
+_TEMPORAL_PARSERS: dict[str, Callable[[str], Any]] = {
+    "datetime": _parse_datetime,
+    "date": _parse_date,
+    "time": _parse_time,
+}
+
+
 def _typed_value(column: str, value: str, kind: ColumnKind) -> Any:
     if kind == "number":
-        try:
-            return float(value)
-        except ValueError:
+        number = _parse_number(value)
+        if number is None:
             raise FilterError(
                 f"value {value!r} for column {column!r} is not a number, but the "
-                "column is numeric"
-            ) from None
+                "column is numeric; write a decimal number such as 10, -2.5 or "
+                "1e3 (nan, inf and underscores are not accepted)"
+            )
+        return number
     if kind == "boolean":
         lowered = value.lower()
         if lowered in ("true", "t", "1"):
@@ -265,6 +385,15 @@ def _typed_value(column: str, value: str, kind: ColumnKind) -> Any:
         raise FilterError(
             f"value {value!r} for boolean column {column!r} is not true or false"
         )
+    if kind in _TEMPORAL_PARSERS:
+        parsed = _TEMPORAL_PARSERS[kind](value)
+        if parsed is None:
+            raise FilterError(
+                f"value {value!r} for column {column!r} is not a "
+                f"{_KIND_NAMES[kind]}, but the column holds one; write ISO 8601, "
+                f"for example {_EXAMPLES[kind]}"
+            )
+        return parsed
     return value
 
 
@@ -272,17 +401,21 @@ def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
     if value is None:
         return None
     if kind == "number":
-        if isinstance(value, bool):
-            return float(value)
-        if isinstance(value, int | float):
-            return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
+        kind_of = type(value)
+        if kind_of is int or kind_of is float or kind_of is Decimal:
+            return value
+        if kind_of is bool:
+            return int(value)
+        if isinstance(value, str):
+            return _parse_number(value)
+        return None
     if kind == "boolean":
-        # SQLite's json_object writes booleans as 0 and 1.
+        # Changes logged by earlier SQLite triggers hold booleans as 0 and 1.
         return bool(value)
+    if kind in _TEMPORAL_PARSERS:
+        return _TEMPORAL_PARSERS[kind](value) if isinstance(value, str) else None
+    if kind == "json":
+        return value
     if isinstance(value, str):
         return value
     if isinstance(value, bool):

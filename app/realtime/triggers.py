@@ -193,6 +193,14 @@ def _kind(column_type: sqltypes.TypeEngine[object]) -> ColumnKind:
         return "boolean"
     if isinstance(column_type, sqltypes.Integer | sqltypes.Numeric | sqltypes.Float):
         return "number"
+    if isinstance(column_type, sqltypes.DateTime):
+        return "datetime"
+    if isinstance(column_type, sqltypes.Date):
+        return "date"
+    if isinstance(column_type, sqltypes.Time):
+        return "time"
+    if isinstance(column_type, sqltypes.JSON):
+        return "json"
     return "text"
 
 

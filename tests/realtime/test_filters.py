@@ -160,3 +160,45 @@ def test_compiled_checks_agree_with_evaluate() -> None:
                     assert row_filter.matches(record) is expected, (text, record)
                     checked += 1
     assert checked == len(filters) * 14 * 10 * 8
+
+
+def test_compiled_checks_agree_with_evaluate_on_numbers_and_times() -> None:
+    kinds: dict[str, ColumnKind] = {"n": "number", "ts": "datetime"}
+    filters = [
+        "n=eq.9007199254740993",
+        "n=lt.9007199254740993",
+        "n=eq.0.1",
+        "n=gt.1.5",
+        "n=in.(1,0.1,9007199254740992)",
+        "n=not.eq.2",
+        "ts=gt.2026-01-01T11:00:00",
+        "ts=lte.2026-01-01 12:00:00+00:00",
+        "ts=in.(2026-01-01T10:00:00Z)",
+        "ts=not.lt.2026-01-01T12:00:00+01:00",
+    ]
+    values: dict[str, list[object]] = {
+        "n": [None, 0, 2, 0.1, 1.5, 9007199254740992, 9007199254740993, "0.1", "x"],
+        "ts": [
+            None,
+            "2026-01-01 10:00:00.000000",
+            "2026-01-01T12:00:00+00:00",
+            "2026-01-01T11:30:00",
+            "2026-01-01T13:00:00+02:00",
+            "not a time",
+            5,
+        ],
+    }
+    for text in filters:
+        row_filter = parse_filter(text, kinds)
+        for n in values["n"]:
+            for ts in values["ts"]:
+                record = {"n": n, "ts": ts}
+                expected = all(
+                    c.evaluate(record, kinds[c.column]) is True
+                    for c in row_filter.conditions
+                )
+                assert row_filter.matches(record) is expected, (text, record)
+    assert parse_filter("n=eq.9007199254740992", kinds).matches({"n": 9007199254740992})
+    assert not parse_filter("n=eq.9007199254740992", kinds).matches(
+        {"n": 9007199254740993}
+    )
