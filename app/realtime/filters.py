@@ -37,8 +37,8 @@ class Condition:
         """Return True, False, or None where SQL would yield NULL (a NULL
         column compared with anything), so `not.` of NULL stays unmatched.
 
-        This is the plain statement of the rules; `RowFilter` runs compiled
-        checks that must agree with it.
+        This states the rules plainly. `RowFilter` runs compiled checks that
+        must agree with it.
         """
         actual = _coerce_record_value(record.get(self.column), kind)
         if self.operator == "is":
@@ -260,7 +260,7 @@ _KIND_NAMES: dict[str, str] = {
 def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
     if kind == "json" and not (operator == "is" and raw == "null"):
         raise FilterError(
-            f"column {column!r} holds JSON, which a filter can only test with "
+            f"column {column!r} contains JSON, which a filter can only test with "
             f"is.null or not.is.null, not {operator}; filter on another column"
         )
     if operator == "is":
@@ -305,7 +305,8 @@ def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
 
 # A decimal literal as SQL writes one: no nan, inf, underscores or hex.
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-# Integers with more digits stay Decimal, which compares as exactly.
+# An integral value with more digits stays a Decimal, which compares just as
+# exactly without building a huge int.
 _MAX_INT_DIGITS = 1000
 
 
@@ -321,7 +322,7 @@ def _parse_number(text: str) -> int | Decimal | None:
 
 
 def _approximate(value: Any) -> Any:
-    """The filter value as float(s), for records that hold floats."""
+    """Convert a filter value, or each value of an in list, to float."""
     if isinstance(value, tuple):
         return tuple(_approximate(item) for item in value)
     if isinstance(value, int | Decimal) and not isinstance(value, bool):

@@ -50,7 +50,7 @@ class RealtimeTableError(ValueError):
 
 
 class RealtimeEnableError(RuntimeError):
-    """The database refused to install the capture triggers; nothing changed."""
+    """The database rejected a statement of an enable, which changed nothing."""
 
 
 # PostgreSQL captures with statement-level triggers, one per event because a
@@ -212,7 +212,7 @@ def enable_realtime(url: str, table: str) -> None:
 
     Raises:
         RealtimeTableError: the table is missing, internal or badly named.
-        RealtimeEnableError: the database refused a statement.
+        RealtimeEnableError: the database rejected a statement.
     """
     validate_table_name(table)
     engine = get_engine(url)
@@ -249,9 +249,9 @@ def enable_realtime(url: str, table: str) -> None:
         reason = lines[0] if lines else type(error.orig).__name__
         logger.warning("enabling realtime on table %s failed: %s", table, reason)
         raise RealtimeEnableError(
-            f"could not enable realtime on table {table!r}: the database said "
-            f"{reason!r}; nothing was changed. Check the table's definition "
-            "and that no other process holds a long write lock, then retry"
+            f"enabling realtime on table {table!r} failed with the database error "
+            f"{reason!r}. Nothing was changed. Check the table's definition and "
+            "that no other process holds a long write lock, then retry"
         ) from None
     logger.info("realtime enabled on table %s", table)
 
@@ -340,7 +340,7 @@ def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
 
 
 def _sqlite_trigger_sql(table: str, event: str, record: str, old: str) -> str:
-    """The CREATE TRIGGER statement, as SQLite also stores it in sqlite_master."""
+    """Build the CREATE TRIGGER statement, in the form sqlite_master stores."""
     now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
     trigger = _quote_identifier(f"nexus_realtime_{table}_{event.lower()}")
     return (

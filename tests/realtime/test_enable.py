@@ -156,9 +156,10 @@ def test_failed_enable_changes_nothing(
     with pytest.raises(RealtimeEnableError) as raised:
         enable_realtime(database_url, "items")
     message = str(raised.value)
-    assert "could not enable realtime on table 'items'" in message
-    assert "nothing was changed" in message
-    assert "INSERT INTO" not in message and "CREATE" not in message
+    assert "enabling realtime on table 'items' failed" in message
+    assert "Nothing was changed" in message
+    assert "INSERT INTO" not in message
+    assert "CREATE" not in message
     # The INSERT trigger was replaced before the UPDATE one failed; the
     # rollback restored it.
     assert sqlite_schema(database_url, "items") == before
@@ -178,7 +179,7 @@ def test_cli_enable_failure_is_one_line(
     _break_update_trigger(monkeypatch)
     result = CliRunner().invoke(cli, ["realtime", "enable", "items"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: could not enable realtime on table 'items'")
+    assert result.stderr.startswith("error: enabling realtime on table 'items' failed")
     assert "Traceback" not in result.output + result.stderr
     assert result.stdout == ""
 

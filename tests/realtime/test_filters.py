@@ -162,7 +162,7 @@ def test_compiled_checks_agree_with_evaluate() -> None:
     assert checked == len(filters) * 14 * 10 * 8
 
 
-def test_compiled_checks_agree_with_evaluate_on_numbers_and_times() -> None:
+def test_compiled_checks_agree_on_numbers_and_times() -> None:
     kinds: dict[str, ColumnKind] = {"n": "number", "ts": "datetime"}
     filters = [
         "n=eq.9007199254740993",
