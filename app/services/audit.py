@@ -25,6 +25,9 @@ _SECRET_NAME = re.compile(
 # Mappings whose every value is treated as a secret, because users put API
 # keys in them (sandbox env vars).
 _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
+# Longer argument strings are cut in the audit log, because an upload's
+# base64 content or a program would otherwise be stored once more there.
+AUDIT_STRING_LIMIT = 4096
 
 
 def mask_secrets(value: Any, *, name: str = "") -> Any:
@@ -32,7 +35,8 @@ def mask_secrets(value: Any, *, name: str = "") -> Any:
 
     A secret-named argument and every value of an env var mapping are masked
     whatever their type: a list or mapping there keeps its shape (mapping
-    keys stay) with every leaf masked.
+    keys stay) with every leaf masked. A string longer than
+    `AUDIT_STRING_LIMIT` keeps its start and says how much was cut.
     """
     if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
         return mask_all(value)
@@ -42,6 +46,9 @@ def mask_secrets(value: Any, *, name: str = "") -> Any:
         }
     if isinstance(value, list | tuple):
         return [mask_secrets(item, name=name) for item in value]
+    if isinstance(value, str) and len(value) > AUDIT_STRING_LIMIT:
+        dropped = len(value) - AUDIT_STRING_LIMIT
+        return f"{value[:AUDIT_STRING_LIMIT]}... [{dropped} more characters]"
     return value
 
 

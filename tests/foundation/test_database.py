@@ -2,7 +2,13 @@ from sqlalchemy import inspect
 
 from app.db import get_engine
 from app.db.migrate import current_heads, expected_heads, upgrade
-from app.services.audit import MASK, list_calls, mask_secrets, record_call
+from app.services.audit import (
+    AUDIT_STRING_LIMIT,
+    MASK,
+    list_calls,
+    mask_secrets,
+    record_call,
+)
 
 
 def test_migrations_reach_every_head(database_url: str) -> None:
@@ -60,3 +66,14 @@ def test_mask_secrets_by_name_and_nesting() -> None:
     assert masked["steps"][0]["params"]["password"] == MASK
     assert masked["envs"] == {"A": MASK}
     assert masked["max_key_count"] is None
+
+
+def test_mask_secrets_cuts_long_strings() -> None:
+    content = "x" * (AUDIT_STRING_LIMIT + 10)
+    masked = mask_secrets({"content": content, "path": "a.txt"})
+    assert masked["content"].startswith("x" * AUDIT_STRING_LIMIT)
+    assert masked["content"].endswith("... [10 more characters]")
+    assert masked["path"] == "a.txt"
+    assert mask_secrets({"code": "y" * AUDIT_STRING_LIMIT})["code"] == (
+        "y" * AUDIT_STRING_LIMIT
+    )
