@@ -95,10 +95,17 @@ def tail_command(
         printed = 0
         try:
             while count is None or printed < count:
+                # Ask for no more than are still to print, so the count is
+                # exact and the cursor passes only what was printed.
+                limit = 100 if count is None else min(100, count - printed)
                 batch = await invoke_tool(
                     ctx,
                     "realtime_events",
-                    {"subscription_id": subscription_id, "wait_ms": 1000},
+                    {
+                        "subscription_id": subscription_id,
+                        "limit": limit,
+                        "wait_ms": 1000,
+                    },
                 )
                 for item in batch["events"]:
                     typer.echo(json.dumps(item, default=str))

@@ -1,5 +1,6 @@
 """`nexus realtime tail` deletes its subscription however it is stopped."""
 
+import json
 import os
 import select
 import signal
@@ -9,7 +10,7 @@ import time
 
 from app.realtime.service import list_subscriptions
 from app.settings import Settings
-from tests.realtime.helpers import create_items
+from tests.realtime.helpers import create_items, insert_items
 
 
 def test_tail_sigterm_deletes_subscription(settings: Settings) -> None:
@@ -55,4 +56,44 @@ def test_tail_sigterm_deletes_subscription(settings: Settings) -> None:
     finally:
         if tail.poll() is None:
             tail.kill()
+    assert list_subscriptions(url) == []
+
+
+def test_tail_count_prints_exactly_that_many(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    environment = {
+        **os.environ,
+        "NEXUS_DATA_DIR": str(settings.data_dir),
+        "NEXUS_DATABASE_URL": url,
+        "NEXUS_TEMPORAL_ADDRESS": settings.temporal_address or "",
+        "NEXUS_ENCRYPTION_KEY": settings.encryption_key.get_secret_value()
+        if settings.encryption_key
+        else "",
+    }
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "app", "realtime", "tail", "items", "--count", "2"],
+        env=environment,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stderr is not None
+        deadline = time.monotonic() + 60
+        subscribed = ""
+        while "subscribed as" not in subscribed and time.monotonic() < deadline:
+            ready, _, _ = select.select([tail.stderr], [], [], 1.0)
+            if ready:
+                subscribed += tail.stderr.readline()
+        assert "subscribed as" in subscribed
+        # One transaction, so all four arrive in one batch.
+        insert_items(url, [{"name": f"tail-{i}", "n": i} for i in range(4)])
+        out, _ = tail.communicate(timeout=60)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+    assert tail.returncode == 0
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert [event["new"]["n"] for event in printed] == [0, 1]
     assert list_subscriptions(url) == []
