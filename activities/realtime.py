@@ -4,6 +4,7 @@ change log."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from typing import Any
 
@@ -13,9 +14,9 @@ from temporalio.exceptions import ApplicationError
 from app.contracts.realtime import ConsumeChangesInput, ConsumeChangesResult
 from app.realtime.service import (
     SubscriptionNotFound,
+    advance_cursor,
     get_subscription,
     prune_changes,
-    save_cursor,
 )
 from app.realtime.stream import Subscriber
 from app.settings import Settings
@@ -91,8 +92,14 @@ class RealtimeActivities:
             finally:
                 with contextlib.suppress(Exception):
                     await batches.aclose()
+        ids = [int(event["id"]) for event in events]
+
+        def counted(stored: int) -> int:
+            # Events at or before the stored cursor were delivered before.
+            return len(ids) - bisect.bisect_right(ids, stored)
+
         await asyncio.to_thread(
-            save_cursor, url, request.subscription_id, cursor, len(events)
+            advance_cursor, url, request.subscription_id, cursor, counted
         )
         return ConsumeChangesResult(
             subscription_id=request.subscription_id,

@@ -19,8 +19,14 @@ class SubscriptionInfo(BaseModel):
     table: str
     event: EventType
     filter: str
-    cursor: int = Field(description="Id of the last change passed to the subscriber.")
-    delivered: int = Field(description="Events delivered so far.")
+    cursor: int = Field(
+        description="Id of the last change the subscriber confirmed: the stored "
+        "cursor, where a stream without Last-Event-ID starts."
+    )
+    delivered: int = Field(
+        description="Distinct events the stored cursor has passed: each event "
+        "counts once, however often it was handed out."
+    )
     batch_size: int
     buffer_timeout: int = Field(description="Milliseconds.")
     max_buffer_size: int
@@ -32,7 +38,14 @@ class SubscriptionInfo(BaseModel):
         None, description="Id of the newest change in the log, any table."
     )
     lag: int | None = Field(
-        None, description="Changes of the table after the cursor, not yet passed."
+        None,
+        description="Events after the cursor that match the subscription's event "
+        "and filter, i.e. still to deliver. A filtered subscription counts them "
+        "among the first 10,000 changes of its table after the cursor; "
+        "`lag_exact` is false when more changes wait beyond those.",
+    )
+    lag_exact: bool | None = Field(
+        None, description="False when `lag` is a lower bound (see `lag`)."
     )
 
 

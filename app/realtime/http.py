@@ -1,4 +1,5 @@
-"""Server-Sent Events stream of a subscription; the HTTP server mounts it."""
+"""Server-Sent Events stream of a subscription and its acknowledgement route;
+the HTTP server mounts them."""
 
 from __future__ import annotations
 
@@ -10,28 +11,68 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.realtime.service import SubscriptionNotFound, get_subscription
+from app.contracts.realtime import SubscriptionInfo
+from app.realtime.service import (
+    SubscriptionError,
+    SubscriptionNotFound,
+    confirm_cursor,
+    get_subscription,
+)
 from app.realtime.stream import Subscriber, SubscriptionClosed
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
+class AckBody(BaseModel):
+    """Body of `POST /realtime/v1/subscriptions/{id}/ack`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cursor: int = Field(
+        ge=0, description="The `id:` of the last batch the client has processed."
+    )
+
+
 def build_realtime_router(settings: Settings) -> APIRouter:
-    """Return a router serving `GET /realtime/v1/subscriptions/{id}/stream`.
+    """Return a router serving `GET /realtime/v1/subscriptions/{id}/stream`
+    and `POST /realtime/v1/subscriptions/{id}/ack`.
 
     Each SSE message is one batch: `event: changes`, `id:` the cursor after
-    the batch, `data:` a JSON list of events. A reconnecting client sends the
-    last id as `Last-Event-ID` and resumes right after it; without one, the
-    stream starts at the subscription's stored cursor. With
+    the batch, `data:` a JSON list of events. Writing a batch to the socket
+    does not move the subscription's stored cursor; only the client's
+    confirmation does: the `Last-Event-ID` it sends when it (re)connects, or
+    an `ack` with the `id:` of a batch it has processed. A stream without
+    `Last-Event-ID` starts at the stored cursor, so events the client never
+    confirmed come again (at least once); with it, the stream starts right
+    after that id (exactly once). A comment (`: keep-alive`) goes out after
+    `buffer_timeout` without events, and `event: closed` when the
+    subscription is deleted, which ends the stream. With
     `Accept-Encoding: gzip` and `gzip=true` the stream is gzip-compressed,
-    flushed after every batch.
+    flushed after every message.
     """
     router = APIRouter(tags=["realtime"])
     url = settings.effective_database_url
 
-    @router.get("/realtime/v1/subscriptions/{subscription_id}/stream")
+    async def confirm(subscription_id: str, cursor: int, name: str) -> SubscriptionInfo:
+        try:
+            return await asyncio.to_thread(
+                confirm_cursor, url, subscription_id, cursor, name=name
+            )
+        except SubscriptionNotFound as error:
+            raise HTTPException(status_code=404, detail=str(error)) from None
+        except SubscriptionError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+
+    @router.get(
+        "/realtime/v1/subscriptions/{subscription_id}/stream",
+        responses={
+            400: {"description": "Last-Event-ID is not a change id of this log."},
+            404: {"description": "The subscription does not exist."},
+        },
+    )
     async def stream_subscription(
         request: Request,
         subscription_id: str,
@@ -42,18 +83,22 @@ def build_realtime_router(settings: Settings) -> APIRouter:
         last_event_id: str | None = Header(None),
         accept_encoding: str = Header(""),
     ) -> StreamingResponse:
-        try:
-            await asyncio.to_thread(get_subscription, url, subscription_id)
-        except SubscriptionNotFound as error:
-            raise HTTPException(status_code=404, detail=str(error)) from None
         start_after: int | None = None
         if last_event_id:
             if not last_event_id.isdigit():
                 raise HTTPException(
                     status_code=400,
-                    detail=f"Last-Event-ID {last_event_id!r} is not a change id",
+                    detail=f"Last-Event-ID {last_event_id!r} is not a change id; "
+                    "send the `id:` of the last batch received, or no header",
                 )
             start_after = int(last_event_id)
+            # The client proves it received everything up to this id.
+            await confirm(subscription_id, start_after, "Last-Event-ID")
+        else:
+            try:
+                await asyncio.to_thread(get_subscription, url, subscription_id)
+            except SubscriptionNotFound as error:
+                raise HTTPException(status_code=404, detail=str(error)) from None
         compress = gzip and "gzip" in accept_encoding.lower()
         body = _events(request, url, subscription_id, start_after, max_batches)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -61,6 +106,19 @@ def build_realtime_router(settings: Settings) -> APIRouter:
             headers["Content-Encoding"] = "gzip"
             body = _gzip(body)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+    @router.post(
+        "/realtime/v1/subscriptions/{subscription_id}/ack",
+        responses={
+            400: {"description": "The cursor is beyond the newest change."},
+            404: {"description": "The subscription does not exist."},
+        },
+    )
+    async def acknowledge(subscription_id: str, body: AckBody) -> SubscriptionInfo:
+        """Confirm every event up to `cursor`: the stored cursor moves there
+        (never back), so a later stream without Last-Event-ID starts after
+        it and pruning may delete what it passed."""
+        return await confirm(subscription_id, body.cursor, "cursor")
 
     return router
 
@@ -74,20 +132,33 @@ async def _events(
 ) -> AsyncIterator[bytes]:
     sent = 0
     yield b": connected\n\n"
-    async with Subscriber(url, subscription_id, start_after=start_after) as subscriber:
-        try:
-            async for batch in subscriber.batches():
-                data = json.dumps(batch, separators=(",", ":"), default=str)
-                cursor = subscriber.cursor
-                yield f"id: {cursor}\nevent: changes\ndata: {data}\n\n".encode()
-                sent += 1
-                if max_batches is not None and sent >= max_batches:
-                    await subscriber.ack()
-                    return
+    # store_cursor=False: only the client's confirmation moves the cursor.
+    subscriber = Subscriber(
+        url,
+        subscription_id,
+        start_after=start_after,
+        store_cursor=False,
+        store_skipped=True,
+    )
+    try:
+        async with subscriber:
+            async for batch in subscriber.batches(idle=True):
+                if not batch:
+                    yield b": keep-alive\n\n"
+                else:
+                    data = json.dumps(batch, separators=(",", ":"), default=str)
+                    cursor = subscriber.cursor
+                    yield f"id: {cursor}\nevent: changes\ndata: {data}\n\n".encode()
+                    sent += 1
+                    if max_batches is not None and sent >= max_batches:
+                        return
                 if await request.is_disconnected():
                     return
-        except SubscriptionClosed:
-            yield b"event: closed\ndata: {}\n\n"
+    except SubscriptionClosed:
+        yield b"event: closed\ndata: {}\n\n"
+    except SubscriptionNotFound:
+        # Deleted between the request's check and the stream's start.
+        yield b"event: closed\ndata: {}\n\n"
 
 
 async def _gzip(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -4,12 +4,16 @@ subscribers read like any other table's."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from app.db import get_engine
+
+logger = logging.getLogger(__name__)
 
 StreamKind = Literal["sandbox", "workflow"]
 STREAM_KINDS = ("sandbox", "workflow")
@@ -87,3 +91,37 @@ def output_status(url: str, stream_kind: str, stream_id: str) -> dict[str, Any]:
         "last_output_at": last.isoformat() if isinstance(last, datetime) else last,
         "last_chunk": tail,
     }
+
+
+# Tables that record each kind of run: sandboxes by `sandbox_create`, workflow
+# executions by `workflow_execute` (the id is the execution id).
+_RUN_TABLES = {"sandbox": "sandboxes", "workflow": "workflow_executions"}
+
+
+def stream_target_exists(url: str, stream_kind: str, stream_id: str) -> bool:
+    """Return whether the sandbox or workflow execution exists or has output.
+
+    A run counts as existing if its table contains it or if any chunk of its
+    output was appended, so output of a run recorded elsewhere still counts.
+    """
+    with get_engine(url).connect() as connection:
+        chunk = connection.execute(
+            text(
+                "SELECT 1 FROM execution_output WHERE stream_kind = :kind AND "
+                "stream_id = :sid LIMIT 1"
+            ),
+            {"kind": stream_kind, "sid": stream_id},
+        ).first()
+    if chunk is not None:
+        return True
+    table = _RUN_TABLES[stream_kind]
+    try:
+        with get_engine(url).connect() as connection:
+            row = connection.execute(
+                text(f"SELECT 1 FROM {table} WHERE id = :id"), {"id": stream_id}
+            ).first()
+    except DBAPIError:
+        # The capability that owns the table is not installed.
+        logger.warning("no %s table to look up %s %r", table, stream_kind, stream_id)
+        return False
+    return row is not None

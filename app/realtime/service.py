@@ -228,9 +228,95 @@ def get_subscription(url: str, subscription_id: str) -> SubscriptionInfo:
     return _info(row)
 
 
+def log_head(url: str) -> int:
+    """Return the id of the newest change in the log, any table (0 if empty)."""
+    with get_engine(url).connect() as connection:
+        return _head(connection)
+
+
+# The lag of a filtered subscription is counted by reading the changes after
+# its cursor through its filter. It reads at most this many per subscription,
+# so listing subscriptions stays cheap however far one has fallen behind.
+LAG_SCAN_CHANGES = 10 * SCAN_PAGE
+
+
+def count_matching(
+    url: str,
+    table: str,
+    matcher: Matcher,
+    after: int,
+    upto: int | None = None,
+    max_changes: int | None = None,
+) -> tuple[int, bool]:
+    """Count the changes in (`after`, `upto`] that `matcher` accepts.
+
+    Reads at most `max_changes` changes of the table (all with None).
+
+    Returns:
+        The count, and whether every change in the range was read.
+    """
+    count = read = 0
+    cursor = after
+    while True:
+        page = fetch_changes(url, table, cursor, SCAN_PAGE)
+        for change in page:
+            if upto is not None and change.id > upto:
+                return count, True
+            if max_changes is not None and read >= max_changes:
+                return count, False
+            read += 1
+            if matcher.matches(change):
+                count += 1
+            cursor = change.id
+        if len(page) < SCAN_PAGE:
+            return count, True
+
+
+def _lag(connection: Connection, url: str, info: SubscriptionInfo) -> tuple[int, bool]:
+    """Matching events after the cursor: counted in SQL without a row filter,
+    else through the filter over at most `LAG_SCAN_CHANGES` changes."""
+    if not info.filter:
+        condition = "" if info.event == "*" else " AND event_type = :e"
+        value = connection.execute(
+            text(
+                "SELECT COUNT(*) FROM realtime_changes "
+                f"WHERE table_name = :t AND id > :c{condition}"
+            ),
+            {"t": info.table, "c": info.cursor, "e": info.event},
+        ).scalar()
+        return int(value or 0), True
+    matcher = compile_matcher(url, info.table, info.event, info.filter)
+    return count_matching(
+        url, info.table, matcher, info.cursor, max_changes=LAG_SCAN_CHANGES
+    )
+
+
+def _with_lag(
+    connection: Connection, url: str, info: SubscriptionInfo, head: int
+) -> SubscriptionInfo:
+    try:
+        lag, exact = _lag(connection, url, info)
+    except SubscriptionError as error:
+        # The table changed under the filter (a column dropped): no count.
+        logger.warning("no lag for %s: %s", info.subscription_id, error)
+        return info.model_copy(update={"head": head})
+    return info.model_copy(update={"head": head, "lag": lag, "lag_exact": exact})
+
+
+def describe_subscription(url: str, subscription_id: str) -> SubscriptionInfo:
+    """Return one subscription with `head` and `lag` filled.
+
+    Raises:
+        SubscriptionNotFound: the subscription does not exist.
+    """
+    info = get_subscription(url, subscription_id)
+    with get_engine(url).connect() as connection:
+        return _with_lag(connection, url, info, _head(connection))
+
+
 def list_subscriptions(url: str) -> list[SubscriptionInfo]:
-    """List every subscription with its lag: changes of its table after its
-    cursor."""
+    """List every subscription with `head` and its lag: the matching events
+    after its cursor (see `describe_subscription`)."""
     with get_engine(url).connect() as connection:
         rows = connection.execute(
             text(
@@ -239,18 +325,20 @@ def list_subscriptions(url: str) -> list[SubscriptionInfo]:
             )
         ).all()
         head = _head(connection)
-        infos: list[SubscriptionInfo] = []
-        for row in rows:
-            info = _info(row)
-            lag = connection.execute(
-                text(
-                    "SELECT COUNT(*) FROM realtime_changes "
-                    "WHERE table_name = :t AND id > :c"
-                ),
-                {"t": info.table, "c": info.cursor},
-            ).scalar()
-            infos.append(info.model_copy(update={"head": head, "lag": int(lag or 0)}))
-    return infos
+        return [_with_lag(connection, url, _info(row), head) for row in rows]
+
+
+def subscription_exists(url: str, subscription_id: str) -> bool:
+    """Return whether the subscription still exists (read on a stream
+    connection)."""
+    row = _on_stream_connection(
+        url,
+        lambda connection: connection.execute(
+            text("SELECT 1 FROM realtime_subscriptions WHERE id = :id"),
+            {"id": subscription_id},
+        ).first(),
+    )
+    return row is not None
 
 
 def delete_subscription(url: str, subscription_id: str) -> bool:
@@ -301,6 +389,93 @@ def save_cursor(
         commit=True,
     )
     return bool(result.rowcount)
+
+
+def advance_cursor(
+    url: str,
+    subscription_id: str,
+    cursor: int,
+    counted: Callable[[int], int],
+) -> bool:
+    """Move the stored cursor forward to `cursor` (never back) and add to
+    `delivered` the events between the stored cursor and `cursor`, each event
+    once however often it was handed out.
+
+    Args:
+        counted: given the stored cursor, returns how many events in
+            (stored cursor, `cursor`] the move confirms.
+
+    Returns:
+        False when the subscription no longer exists.
+    """
+
+    def stored_cursor(connection: Connection) -> int | None:
+        value = connection.execute(
+            text("SELECT cursor FROM realtime_subscriptions WHERE id = :id"),
+            {"id": subscription_id},
+        ).scalar()
+        return None if value is None else int(value)
+
+    while True:
+        stored = _on_stream_connection(url, stored_cursor)
+        if stored is None:
+            return False
+        if cursor <= stored:
+            return True
+        if save_cursor(url, subscription_id, cursor, counted(stored), expected=stored):
+            return True
+        # Another reader moved the cursor meanwhile: count again from there.
+
+
+def confirm_cursor(
+    url: str, subscription_id: str, cursor: int, *, name: str = "cursor"
+) -> SubscriptionInfo:
+    """Record that a client received every event up to change id `cursor`:
+    the stored cursor moves there unless it is already further, and
+    `delivered` counts the matching events it passes.
+
+    Args:
+        name: what the client called the value, for the error message.
+
+    Raises:
+        SubscriptionNotFound: the subscription does not exist.
+        SubscriptionError: `cursor` is beyond the newest change of the log.
+    """
+    info = get_subscription(url, subscription_id)
+    check_client_cursor(url, info, cursor, name)
+    if cursor > info.cursor:
+        matcher = compile_matcher(url, info.table, info.event, info.filter)
+
+        def counted(stored: int) -> int:
+            return count_matching(url, info.table, matcher, stored, cursor)[0]
+
+        if not advance_cursor(url, subscription_id, cursor, counted):
+            raise SubscriptionNotFound(
+                f"subscription {subscription_id!r} was deleted; create a new one "
+                "with realtime_subscribe"
+            )
+        logger.info("subscription %s confirmed up to %d", subscription_id, cursor)
+    return get_subscription(url, subscription_id)
+
+
+def check_client_cursor(
+    url: str, info: SubscriptionInfo, cursor: int, name: str
+) -> None:
+    """Reject a change id from a client that no stream can have sent: one
+    beyond both the newest change of the log and the stored cursor.
+
+    Raises:
+        SubscriptionError: naming the value, the newest change and the fix.
+    """
+    if cursor < 0:
+        raise SubscriptionError(f"{name} {cursor} is negative; send a change id")
+    head = log_head(url)
+    if cursor > max(head, info.cursor):
+        raise SubscriptionError(
+            f"{name} {cursor} is beyond the log: the newest change is {head}. "
+            "Send the `id:` of the last batch the stream gave you, or reconnect "
+            f"without it to start at the stored cursor {info.cursor}"
+        )
 
 
 # orjson returns a float for an integer outside the 64-bit range, where the

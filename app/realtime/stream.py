@@ -4,6 +4,7 @@ signals on SQLite), the bounded async subscriber, and `next_events`."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import threading
@@ -21,11 +22,13 @@ from app.db import get_engine
 from app.realtime.service import (
     Matcher,
     SubscriptionNotFound,
+    advance_cursor,
     compile_matcher,
     get_subscription,
     read_ticket,
     save_cursor,
     scan,
+    subscription_exists,
 )
 from app.realtime.triggers import NOTIFY_CHANNEL
 
@@ -37,6 +40,10 @@ SQLITE_POLL_SECONDS = 0.05
 _RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0)
 # Minimum seconds between two cursor writes of one subscriber while it streams.
 CURSOR_SAVE_INTERVAL = 0.1
+# Seconds between two checks that a subscriber's subscription still exists,
+# so that a deletion by another process ends it. A deletion in this process
+# ends it at once (`close_streams`).
+SUBSCRIPTION_CHECK_SECONDS = 1.0
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -221,10 +228,21 @@ class Subscriber:
     at most `max_buffer_size` events and stops reading while the buffer is
     full. A slow consumer therefore uses memory for at most that many
     events, and the rest waits in the change log. `batches()` yields up to
-    `batch_size` events as soon as any are buffered. The cursor of a batch is
-    stored when the next batch is requested or the stream closes, so a
-    consumer that disconnects resumes after the last batch it was given. With
-    `store_cursor=False` the caller stores it instead.
+    `batch_size` events as soon as any are buffered.
+
+    Requesting the next batch acknowledges the previous one: its cursor is
+    then stored (coalesced, in the background), and on a normal close. A
+    close on an exception (the consumer failed, or was cancelled) does not
+    store the batch it was handling, so the next reader gets it again. With
+    `store_cursor=False` the caller stores the cursor instead; with
+    `store_skipped=True` as well, the subscriber still stores it past
+    changes that did not match, until it gives out its first event, which
+    loses nothing and lets pruning proceed.
+
+    Deleting the subscription ends `batches()` with `SubscriptionClosed`: at
+    once when `close_streams` is called in this process (as
+    `realtime_unsubscribe` does), otherwise within
+    `SUBSCRIPTION_CHECK_SECONDS`.
 
     Example:
         async with Subscriber(url, subscription_id) as subscriber:
@@ -242,9 +260,15 @@ class Subscriber:
         buffer_timeout_ms: int | None = None,
         max_buffer_size: int | None = None,
         store_cursor: bool = True,
+        store_skipped: bool = False,
     ) -> None:
         self.url = url
         self._store = store_cursor
+        self._store_skipped = store_skipped
+        self._gave_events = False
+        self._deleted = False
+        self._next_check = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.subscription_id = subscription_id
         self._start_after = start_after
         self._batch_size = batch_size
@@ -257,12 +281,13 @@ class Subscriber:
         self._reader: asyncio.Task[None] | None = None
         self._scanned = 0
         self._acked = 0
-        self._pending: tuple[int, int] | None = None
+        # Cursor and event ids of the batch given out last, not yet acked.
+        self._pending: tuple[int, list[int]] | None = None
         self._reader_error: BaseException | None = None
         self._closing = False
         self._saver: asyncio.Task[None] | None = None
         self._save_now = asyncio.Event()
-        self._unsaved = (0, 0)
+        self._unsaved: tuple[int, list[int]] = (0, [])
         self._saved = 0
         self.max_buffered = 0
 
@@ -286,7 +311,11 @@ class Subscriber:
         )
         start = info.cursor if self._start_after is None else self._start_after
         self._scanned = self._acked = self._saved = start
-        self._unsaved = (start, 0)
+        self._unsaved = (start, [])
+        self._loop = asyncio.get_running_loop()
+        self._next_check = self._loop.time() + SUBSCRIPTION_CHECK_SECONDS
+        with _open_lock:
+            _open.setdefault(self.subscription_id, set()).add(self)
         await self._waiter.start()
         self._reader = asyncio.create_task(self._read_loop())
         logger.info("subscriber %s started at cursor %d", self.subscription_id, start)
@@ -298,9 +327,15 @@ class Subscriber:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.close(store_pending=exc_type is None)
 
-    async def close(self) -> None:
+    async def close(self, *, store_pending: bool = True) -> None:
+        """Stop reading and store the cursor acknowledged so far.
+
+        Args:
+            store_pending: also store the batch given out last, which its
+                consumer has not acknowledged by asking for the next one.
+        """
         self._closing = True
         if self._reader is not None:
             self._reader.cancel()
@@ -308,6 +343,13 @@ class Subscriber:
                 await self._reader
             self._reader = None
         await self._waiter.close()
+        with _open_lock:
+            streams = _open.get(self.subscription_id, set())
+            streams.discard(self)
+            if not streams:
+                _open.pop(self.subscription_id, None)
+        if not store_pending or self._deleted:
+            self._pending = None
         with contextlib.suppress(SubscriptionClosed):
             await self.ack(wait=False)
             self._save_now.set()
@@ -326,12 +368,12 @@ class Subscriber:
         """
         if self._pending is None:
             return
-        cursor, count = self._pending
+        cursor, ids = self._pending
         self._pending = None
         self._acked = cursor
-        if not self._store:
+        if not self._store and not (self._store_skipped and not self._gave_events):
             return
-        self._unsaved = (cursor, self._unsaved[1] + count)
+        self._unsaved = (cursor, self._unsaved[1] + ids)
         if self._saver is None or self._saver.done():
             self._save_now.clear()
             self._saver = asyncio.create_task(self._save_unsaved())
@@ -342,21 +384,26 @@ class Subscriber:
 
     async def _save_unsaved(self) -> None:
         while self._unsaved[0] > self._saved:
-            cursor, count = self._unsaved
-            self._unsaved = (cursor, 0)
-            await self._store_cursor(cursor, count)
+            cursor, ids = self._unsaved
+            self._unsaved = (cursor, [])
+            await self._store_cursor(cursor, ids)
             self._saved = cursor
             # A fast stream acks many batches a second; one write per
             # interval carries them all. A waiting ack or close() cuts the
             # pause short, so the last cursor is written at once.
             await wait_event(self._save_now, CURSOR_SAVE_INTERVAL)
 
-    async def _store_cursor(self, cursor: int, count: int) -> None:
+    async def _store_cursor(self, cursor: int, ids: list[int]) -> None:
+        def counted(stored: int) -> int:
+            # Only events past the stored cursor are new deliveries; a
+            # subscriber started before it re-delivers the others.
+            return len(ids) - bisect.bisect_right(ids, stored)
+
         attempt = 0
         while True:
             try:
                 stored = await asyncio.to_thread(
-                    save_cursor, self.url, self.subscription_id, cursor, count
+                    advance_cursor, self.url, self.subscription_id, cursor, counted
                 )
                 break
             except DBAPIError as error:
@@ -371,14 +418,53 @@ class Subscriber:
                 )
                 await asyncio.sleep(delay)
         if not stored:
+            self._mark_deleted()
             raise SubscriptionClosed(
                 f"subscription {self.subscription_id!r} was deleted"
             )
 
+    def _mark_deleted(self) -> None:
+        """Note that the subscription is gone and wake the consumer."""
+        self._deleted = True
+        self._data.set()
+
+    def _check_closed(self) -> None:
+        if self._saver is not None and self._saver.done():
+            self._saver.result()  # raises SubscriptionClosed
+        if self._deleted:
+            raise SubscriptionClosed(
+                f"subscription {self.subscription_id!r} was deleted"
+            )
+
+    async def _still_subscribed(self) -> bool:
+        assert self._loop is not None
+        self._next_check = self._loop.time() + SUBSCRIPTION_CHECK_SECONDS
+        try:
+            return await asyncio.to_thread(
+                subscription_exists, self.url, self.subscription_id
+            )
+        except DBAPIError as error:
+            # Unknown for now, so the next check queries again.
+            logger.warning(
+                "checking subscription %s failed (%s)",
+                self.subscription_id,
+                error.orig or error,
+            )
+            return True
+
     async def _read_loop(self) -> None:
         attempt = 0
+        assert self._loop is not None
         try:
             while not self._closing:
+                due = self._loop.time() >= self._next_check
+                if due and not await self._still_subscribed():
+                    logger.info(
+                        "subscription %s was deleted; its stream ends",
+                        self.subscription_id,
+                    )
+                    self._mark_deleted()
+                    return
                 self._waiter.clear()
                 try:
                     # Taken here on the event loop, before the worker thread
@@ -420,7 +506,10 @@ class Subscriber:
                 self._scanned = result.cursor
                 self._data.set()
                 if result.exhausted:
-                    await self._waiter.wait(self.buffer_timeout)
+                    until_check = self._next_check - self._loop.time()
+                    await self._waiter.wait(
+                        max(0.0, min(self.buffer_timeout, until_check))
+                    )
         except asyncio.CancelledError:
             raise
         except BaseException as error:
@@ -428,28 +517,48 @@ class Subscriber:
             self._reader_error = error
             self._data.set()
 
-    async def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
-        """Yield batches of events in change order, until the stream closes."""
+    async def batches(
+        self, *, idle: bool = False
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Yield batches of events in change order, until the stream closes.
+
+        Args:
+            idle: also yield an empty batch after `buffer_timeout` without
+                events, so that the consumer can send a keep-alive.
+
+        Raises:
+            SubscriptionClosed: the subscription was deleted.
+        """
+        loop = asyncio.get_running_loop()
         while True:
             await self.ack(wait=False)
-            if self._saver is not None and self._saver.done():
-                self._saver.result()  # raises SubscriptionClosed
+            self._check_closed()
+            deadline = loop.time() + self.buffer_timeout
             while not self._buffer:
+                self._check_closed()
                 if self._reader_error is not None:
                     raise self._reader_error
                 self._data.clear()
                 if not self._buffer and self._scanned > self.cursor:
                     # Nothing matched, but the cursor may pass what was read.
-                    self._pending = (self._scanned, 0)
+                    self._pending = (self._scanned, [])
                     await self.ack(wait=False)
-                await wait_event(self._data, self.buffer_timeout)
+                remaining = deadline - loop.time()
+                if idle and remaining <= 0:
+                    break
+                await wait_event(self._data, remaining if idle else self.buffer_timeout)
+            self._check_closed()
+            if not self._buffer:
+                yield []
+                continue
             count = min(self.batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(count)]
             self._space.set()
             cursor = (
                 batch[-1]["id"] if self._buffer else max(self._scanned, batch[-1]["id"])
             )
-            self._pending = (cursor, len(batch))
+            self._pending = (cursor, [payload["id"] for payload in batch])
+            self._gave_events = True
             yield batch
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
@@ -457,6 +566,33 @@ class Subscriber:
         async for batch in self.batches():
             for payload in batch:
                 yield payload
+
+
+_open: dict[str, set[Subscriber]] = {}
+_open_lock = threading.Lock()
+
+
+def close_streams(subscription_id: str) -> int:
+    """End this process's open subscribers of a deleted subscription at once:
+    each raises `SubscriptionClosed` instead of giving out another batch.
+    Safe to call from any thread or event loop. Returns how many were notified.
+    """
+    with _open_lock:
+        subscribers = list(_open.get(subscription_id, ()))
+    try:
+        current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    for subscriber in subscribers:
+        loop = subscriber._loop
+        if loop is None:
+            continue
+        if loop is current:
+            subscriber._mark_deleted()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                loop.call_soon_threadsafe(subscriber._mark_deleted)
+    return len(subscribers)
 
 
 async def next_events(
@@ -518,5 +654,6 @@ __all__ = [
     "Subscriber",
     "SubscriptionClosed",
     "SubscriptionNotFound",
+    "close_streams",
     "next_events",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.contracts.realtime import EventType, SubscriptionInfo
-from app.realtime.output import output_status
+from app.realtime.output import output_status, stream_target_exists
 from app.realtime.service import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUFFER_TIMEOUT_MS,
@@ -18,11 +18,12 @@ from app.realtime.service import (
     SubscriptionNotFound,
     create_subscription,
     delete_subscription,
+    describe_subscription,
     get_subscription,
     list_subscriptions,
     prune_if_due,
 )
-from app.realtime.stream import next_events
+from app.realtime.stream import close_streams, next_events
 from app.tools.registry import ToolContext, ToolError, tool
 
 
@@ -43,7 +44,7 @@ class RealtimeSubscribeInput(BaseModel):
         ge=10,
         le=60_000,
         description="Milliseconds a stream waits for changes before it looks at "
-        "the log again (and an SSE stream sends a keep-alive).",
+        "the log again (and an SSE stream sends a keep-alive comment).",
     )
     max_buffer_size: int = Field(DEFAULT_MAX_BUFFER_SIZE, ge=1, le=1_000_000)
 
@@ -53,11 +54,11 @@ async def realtime_subscribe(
     ctx: ToolContext, args: RealtimeSubscribeInput
 ) -> SubscriptionInfo:
     """Subscribe to changes of a table, optionally filtered PostgREST-style
-    (`col=eq.v`, comma = AND). Returns subscription_id; read the matching
-    changes after that moment with realtime_events, each subscription with its
-    own durable cursor."""
+    (`col=eq.v`, comma = AND). Returns subscription_id with its cursor, head
+    and lag; read the matching changes after that moment with
+    realtime_events, each subscription with its own durable cursor."""
     try:
-        return await asyncio.to_thread(
+        created = await asyncio.to_thread(
             create_subscription,
             ctx.database_url,
             args.table,
@@ -70,6 +71,18 @@ async def realtime_subscribe(
         )
     except SubscriptionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
+    return await _described(ctx, created)
+
+
+async def _described(ctx: ToolContext, created: SubscriptionInfo) -> SubscriptionInfo:
+    """Return the new subscription with head and lag, as realtime_list
+    shows it."""
+    try:
+        return await asyncio.to_thread(
+            describe_subscription, ctx.database_url, created.subscription_id
+        )
+    except SubscriptionNotFound:
+        return created  # unsubscribed at once by another caller
 
 
 class RealtimeEventsInput(BaseModel):
@@ -101,9 +114,10 @@ async def realtime_events(
     ctx: ToolContext, args: RealtimeEventsInput
 ) -> RealtimeEventsResult:
     """Read the next batch of matching changes after the subscription's cursor
-    and advance the cursor past them. Each event has schema, table,
-    commit_timestamp, eventType, new and old. Pass wait_ms to wait for changes
-    when none are ready."""
+    and advance the cursor past them before returning: a caller that loses
+    the reply does not get that batch again. Each event has id, schema,
+    table, commit_timestamp, eventType, new and old. Pass wait_ms to wait for
+    changes when none are ready."""
     try:
         events, cursor = await next_events(
             ctx.database_url, args.subscription_id, args.limit, args.wait_ms
@@ -136,10 +150,13 @@ class RealtimeUnsubscribeResult(BaseModel):
 async def realtime_unsubscribe(
     ctx: ToolContext, args: SubscriptionIdInput
 ) -> RealtimeUnsubscribeResult:
-    """Delete a subscription and its cursor; streams reading it stop."""
+    """Delete a subscription and its cursor. Streams reading it stop: an SSE
+    stream sends `event: closed` and ends (at once on this server, within a
+    second on another process)."""
     deleted = await asyncio.to_thread(
         delete_subscription, ctx.database_url, args.subscription_id
     )
+    close_streams(args.subscription_id)
     if not deleted:
         raise ToolError(
             f"subscription {args.subscription_id!r} not found; realtime_list shows "
@@ -164,9 +181,12 @@ class RealtimeListResult(BaseModel):
 async def realtime_list(
     ctx: ToolContext, args: RealtimeListInput
 ) -> RealtimeListResult:
-    """List subscriptions with table, filter, cursor, delivered count and lag
-    (changes of the table after the cursor that the subscriber has not been
-    given yet)."""
+    """List subscriptions with table, filter, cursor (the last change the
+    subscriber confirmed), delivered (distinct events the cursor has passed),
+    head (newest change id of the log) and lag: events after the cursor that
+    match the event and filter. A filtered subscription's lag counts matches
+    among the first 10,000 changes of its table after the cursor, and
+    lag_exact is false when more changes wait beyond them."""
     subscriptions = await asyncio.to_thread(list_subscriptions, ctx.database_url)
     return RealtimeListResult(subscriptions=subscriptions, count=len(subscriptions))
 
@@ -198,13 +218,28 @@ class ExecutionStreamSubscribeInput(BaseModel):
 async def execution_stream_subscribe(
     ctx: ToolContext, args: ExecutionStreamSubscribeInput
 ) -> SubscriptionInfo:
-    """Subscribe to the live output of a sandbox (sandbox_id) or a workflow
-    execution (execution_id), from its first chunk. Read chunks with
-    realtime_events; each event's `new` has stream, text and final."""
+    """Subscribe to the live output of an existing sandbox (sandbox_id) or
+    workflow execution (execution_id), from its first chunk. Read chunks with
+    realtime_events; each event's `new` has stream, text and final. The run
+    must exist (sandbox_list, workflow_status list them) or have output."""
     kind, stream_id = args.target()
+    if not await asyncio.to_thread(
+        stream_target_exists, ctx.database_url, kind, stream_id
+    ):
+        if kind == "sandbox":
+            hint = "sandbox_list shows the sandboxes; sandbox_create makes one"
+            target = f"sandbox {stream_id!r}"
+        else:
+            hint = (
+                "workflow_status shows a workflow's executions; workflow_execute "
+                "starts one and returns its execution_id"
+            )
+            target = f"workflow execution {stream_id!r}"
+        field = "sandbox_id" if kind == "sandbox" else "execution_id"
+        raise ToolError(f"{field}: {target} not found; {hint}", kind="not_found")
     quoted = stream_id.replace("\\", "\\\\").replace('"', '\\"')
     try:
-        return await asyncio.to_thread(
+        created = await asyncio.to_thread(
             create_subscription,
             ctx.database_url,
             "execution_output",
@@ -217,6 +252,7 @@ async def execution_stream_subscribe(
         )
     except SubscriptionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
+    return await _described(ctx, created)
 
 
 class ExecutionStreamStatusInput(BaseModel):
@@ -252,7 +288,8 @@ async def execution_stream_status(
     ctx: ToolContext, args: ExecutionStreamStatusInput
 ) -> ExecutionStreamStatusResult:
     """Report an output stream: chunks and characters so far, whether the run
-    ended, its last chunk, and the subscriptions reading it with their lag."""
+    ended, its last chunk, and the subscriptions reading it with their lag
+    (chunks of this run after the subscription's cursor)."""
     if args.subscription_id is not None:
         try:
             info = await asyncio.to_thread(

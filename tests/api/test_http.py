@@ -323,6 +323,26 @@ async def test_realtime_stream_needs_key(api_server: ApiServer) -> None:
         streamed = await http.get(path, headers=api_server.headers)
     assert streamed.status_code == 200
     assert "event: changes" in streamed.text
+    # The client confirms the batch it read; the key gate covers this too.
+    batch_id = next(
+        int(line.removeprefix("id: "))
+        for line in streamed.text.splitlines()
+        if line.startswith("id: ")
+    )
+    ack_path = path.split("/stream")[0] + "/ack"
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        assert (await http.post(ack_path, json={"cursor": batch_id})).status_code == 401
+        acked = await http.post(
+            ack_path, json={"cursor": batch_id}, headers=api_server.headers
+        )
+        beyond = await http.post(
+            ack_path, json={"cursor": 10**12}, headers=api_server.headers
+        )
+    assert acked.status_code == 200, acked.text
+    assert acked.json()["cursor"] == batch_id
+    assert beyond.status_code == 400
+    assert beyond.json()["error"]["kind"] == "invalid_argument"
+    assert f"cursor {10**12} is beyond the log" in beyond.json()["error"]["message"]
 
 
 async def test_signed_url_needs_no_key(api_server: ApiServer) -> None:

@@ -8,13 +8,17 @@ import pytest
 from sqlalchemy import text
 
 from app.db import get_engine
+from app.realtime import service
 from app.realtime.service import (
     create_subscription,
+    delete_subscription,
     get_subscription,
     list_subscriptions,
     prune_changes,
 )
-from app.realtime.stream import Subscriber, next_events
+from app.realtime.stream import Subscriber, SubscriptionClosed, next_events
+from app.settings import Settings
+from app.tools import ToolContext, invoke_tool, load_tools
 from tests.conftest import PostgresHandle
 from tests.realtime.helpers import (
     create_items,
@@ -22,6 +26,8 @@ from tests.realtime.helpers import (
     insert_items,
     update_items,
 )
+
+load_tools()
 
 
 def rows(start: int, stop: int) -> list[dict[str, Any]]:
@@ -214,3 +220,95 @@ async def test_table_without_realtime_rejected(database_url: str) -> None:
         connection.execute(text("CREATE TABLE plain (id INTEGER PRIMARY KEY)"))
     with pytest.raises(ValueError, match="realtime is not enabled on table 'plain'"):
         create_subscription(database_url, "plain")
+
+
+async def test_failed_consumer_gets_its_batch_again(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", batch_size=3)
+    insert_items(database_url, rows(0, 9))
+    with pytest.raises(RuntimeError, match="processing failed"):
+        async with Subscriber(database_url, sub.subscription_id) as first:
+            async for batch in first.batches():
+                if batch[0]["new"]["n"] == 3:
+                    raise RuntimeError("processing failed")
+    # The first batch was acknowledged by asking for the second; the second
+    # was not, so it comes again.
+    stored = get_subscription(database_url, sub.subscription_id)
+    assert stored.delivered == 3
+    async with Subscriber(database_url, sub.subscription_id) as second:
+        again = await collect(second, 6)
+    assert [e["new"]["n"] for e in again] == list(range(3, 9))
+    assert get_subscription(database_url, sub.subscription_id).delivered == 9
+
+
+async def test_replay_counts_each_event_once(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", batch_size=4)
+    insert_items(database_url, rows(0, 8))
+    async with Subscriber(database_url, sub.subscription_id) as first:
+        await collect(first, 8)
+    assert get_subscription(database_url, sub.subscription_id).delivered == 8
+    insert_items(database_url, rows(8, 10))
+    # Start before the stored cursor: 8 events again, then 2 new ones.
+    async with Subscriber(
+        database_url, sub.subscription_id, start_after=sub.cursor
+    ) as replay:
+        seen = await collect(replay, 10)
+    assert [e["new"]["n"] for e in seen] == list(range(10))
+    stored = get_subscription(database_url, sub.subscription_id)
+    assert stored.delivered == 10
+    assert stored.cursor == seen[-1]["id"]
+
+
+async def test_unsubscribe_ends_subscriber(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    ctx = ToolContext(settings)
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "items"})
+    insert_items(url, rows(0, 1))
+    async with Subscriber(url, created["subscription_id"]) as stream:
+        batches = stream.batches()
+        assert [e["new"]["n"] for e in await anext(batches)] == [0]
+        await invoke_tool(
+            ctx, "realtime_unsubscribe", {"subscription_id": created["subscription_id"]}
+        )
+        insert_items(url, rows(1, 2))
+        with pytest.raises(SubscriptionClosed):
+            await anext(batches)
+
+
+async def test_deletion_elsewhere_ends_idle_subscriber(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items", filter_text="n=gt.100")
+    async with Subscriber(database_url, sub.subscription_id) as stream:
+        batches = stream.batches()
+        insert_items(database_url, rows(0, 3))  # nothing matches
+        # As another process would: no notice to this one.
+        delete_subscription(database_url, sub.subscription_id)
+        with pytest.raises(SubscriptionClosed):
+            await anext(batches)
+
+
+async def test_lag_counts_matching_events(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_items(database_url)
+    even = create_subscription(database_url, "items", filter_text="n=in.(0,2,4,6)")
+    inserts = create_subscription(database_url, "items", event="INSERT")
+    insert_items(database_url, rows(0, 10))
+    update_items(database_url, "row-1", n=2)
+
+    def listed() -> dict[str, Any]:
+        return {s.subscription_id: s for s in list_subscriptions(database_url)}
+
+    now = listed()
+    assert (now[even.subscription_id].lag, now[even.subscription_id].lag_exact) == (
+        5,
+        True,
+    )
+    assert now[inserts.subscription_id].lag == 10
+    assert now[even.subscription_id].head == now[inserts.subscription_id].head
+    # A filtered count reads a bounded number of changes and reports that.
+    monkeypatch.setattr(service, "LAG_SCAN_CHANGES", 4)
+    bounded = listed()[even.subscription_id]
+    assert (bounded.lag, bounded.lag_exact) == (2, False)

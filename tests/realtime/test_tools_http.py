@@ -8,9 +8,11 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.realtime import RealtimeActivities
 from app.contracts.realtime import ConsumeChangesInput
+from app.db import session_scope
 from app.realtime.http import build_realtime_router
 from app.realtime.output import append_output
 from app.realtime.service import create_subscription, get_subscription
+from app.sandbox.models import SandboxRecord
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from tests.realtime.helpers import create_items, insert_items
@@ -147,7 +149,9 @@ async def test_sse_stream_resumes(database_url: str, compressed: bool) -> None:
         assert rest == [4, 5, 6, 7, 8, 9]
         missing = await http.get("/realtime/v1/subscriptions/sub_nope/stream")
         assert missing.status_code == 404
-    assert get_subscription(database_url, sub.subscription_id).cursor >= 10
+    # Only the Last-Event-ID was confirmed; the second stream's batches wait
+    # for a confirmation.
+    assert get_subscription(database_url, sub.subscription_id).cursor == (batches[0][0])
     assert gzip_module  # decoding is done by httpx from Content-Encoding
 
 
@@ -184,3 +188,72 @@ async def test_consume_activity_resumes_from_heartbeat(database_url: str) -> Non
     assert get_subscription(database_url, sub.subscription_id).cursor == (
         retried.cursor
     )
+
+
+async def test_execution_stream_needs_an_existing_run(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    with pytest.raises(ToolError) as missing:
+        await invoke_tool(
+            ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_does_not_exist"}
+        )
+    assert missing.value.kind == "not_found"
+    assert "sandbox 'sbx_does_not_exist' not found" in missing.value.message
+    assert "sandbox_list" in missing.value.message
+    with pytest.raises(ToolError) as no_run:
+        await invoke_tool(ctx, "execution_stream_subscribe", {"workflow_id": "wf_x"})
+    assert no_run.value.kind == "not_found"
+    assert "workflow execution 'wf_x' not found" in no_run.value.message
+    assert "workflow_status" in no_run.value.message
+    assert await invoke_tool(ctx, "realtime_list", {}) == {
+        "subscriptions": [],
+        "count": 0,
+    }
+    # A recorded sandbox without output yet can be followed from its start.
+    with session_scope(settings.effective_database_url) as session:
+        session.add(
+            SandboxRecord(
+                id="sbx_quiet",
+                template="base",
+                status="running",
+                backend="local",
+                timeout=60,
+            )
+        )
+    created = await invoke_tool(
+        ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_quiet"}
+    )
+    assert created["stream_id"] == "sbx_quiet"
+
+
+async def test_execution_stream_lag_counts_its_own_chunks(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    url = settings.effective_database_url
+    append_output(url, "sandbox", "sbx_A", "start\n")
+    created = await invoke_tool(
+        ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_A"}
+    )
+    # The run's earlier chunk is still to read, and the result counts it.
+    assert created["lag"] == 1
+    assert created["head"] >= created["cursor"]
+    for i in range(3):
+        append_output(url, "sandbox", "sbx_A", f"a{i}\n")
+    for i in range(20):
+        append_output(url, "sandbox", "sbx_B", f"b{i}\n")
+    status = await invoke_tool(
+        ctx,
+        "execution_stream_status",
+        {"subscription_id": created["subscription_id"]},
+    )
+    assert status["subscriptions"][0]["lag"] == 4
+    assert status["subscriptions"][0]["lag_exact"] is True
+
+
+async def test_subscribe_reports_head_and_lag(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    url = settings.effective_database_url
+    create_items(url)
+    insert_items(url, [{"name": "old", "n": 1}])
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "items"})
+    assert created["head"] == created["cursor"]
+    assert created["head"] > 0
+    assert (created["lag"], created["lag_exact"]) == (0, True)
