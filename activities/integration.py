@@ -53,13 +53,29 @@ def failed_step(
     request: StepRequest, message: str, output: dict[str, Any], kind: str
 ) -> ApplicationError:
     """Build the non-retryable error of a step whose work ran and failed; the
-    output travels in the error's details."""
+    output and the attempt travel in the error's details."""
     return ApplicationError(
         f"step {request.step!r} ({request.type}): {message}",
         output,
+        {"attempt": activity.info().attempt},
         type=kind,
         non_retryable=True,
     )
+
+
+def describe_code_failure(
+    status: str, exit_code: int | None, stdout: str, stderr: str
+) -> str:
+    """Say how the code ended: the status, the exit code when there is one,
+    and the last 500 characters of stderr, or of stdout when stderr is empty."""
+    text = f"the code ended {status}"
+    if exit_code is not None:
+        text += f" with exit code {exit_code}"
+    if stderr.strip():
+        return f"{text}; stderr ends: {stderr.strip()[-500:]}"
+    if stdout.strip():
+        return f"{text}; stderr is empty, stdout ends: {stdout.strip()[-500:]}"
+    return f"{text}; it printed nothing to stdout or stderr"
 
 
 class IntegrationActivities:
@@ -146,8 +162,9 @@ class IntegrationActivities:
         if result["status"] != "completed":
             raise failed_step(
                 request,
-                f"the code ended {result['status']} with exit code "
-                f"{result['exit_code']}: {stderr[-500:]}",
+                describe_code_failure(
+                    result["status"], result["exit_code"], stdout, stderr
+                ),
                 output,
                 "SandboxCodeFailed",
             )

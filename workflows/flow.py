@@ -14,6 +14,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import Priority, RetryPolicy
 from temporalio.exceptions import (
@@ -49,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from app.workflows.validation import (
         DefinitionError,
         ancestors,
+        describe_input_errors,
         topological_order,
         validate_definition,
     )
@@ -84,6 +86,7 @@ class FlowNexusWorkflow:
         self._changed: list[str] = []
         self._events: list[AuditEntry] = []
         self._running: dict[asyncio.Task[StepOutcome], str] = {}
+        self._max_attempts: dict[str, int] = {}
 
     @workflow.query(name="state")
     def state(self) -> ExecutionState:
@@ -113,16 +116,29 @@ class FlowNexusWorkflow:
                 "get another agent"
             )
 
+    # The input is typed Any so that the SDK hands over any JSON: a FlowInput
+    # that fails its model would otherwise fail to decode, and the SDK retries
+    # a workflow task that cannot decode its input for ever.
     @workflow.run
-    async def run(self, request: FlowInput) -> ExecutionState:
-        definition = request.definition
+    async def run(self, raw: Any) -> ExecutionState:
+        """Run one execution of a `FlowInput` (or its JSON); an input that
+        does not fit the model fails the run, naming the field."""
         try:
-            validate_definition(definition, step_type_names())
+            request = FlowInput.model_validate(raw)
+            validate_definition(request.definition, step_type_names())
+        except ValidationError as error:
+            raise ApplicationError(
+                str(DefinitionError(describe_input_errors(error))),
+                type="InvalidDefinition",
+                non_retryable=True,
+            ) from None
         except DefinitionError as error:
             raise ApplicationError(
                 str(error), type="InvalidDefinition", non_retryable=True
             ) from None
+        definition = request.definition
         specs = {s.name: s for s in definition.steps}
+        self._max_attempts = {s.name: s.retry_attempts + 1 for s in definition.steps}
         types = {s.name: self._step_type(s) for s in definition.steps}
         info = workflow.info()
         state = ExecutionState(
@@ -426,7 +442,7 @@ class FlowNexusWorkflow:
             return
         if not isinstance(error, FailureError):
             raise error
-        message, attempts = _describe_failure(error)
+        message, attempts = _describe_failure(error, self._max_attempts[name])
         self._fail(name, message, attempts)
 
     def _fail(self, name: str, message: str, attempts: int) -> None:
@@ -489,21 +505,28 @@ class FlowNexusWorkflow:
         workflow.logger.info("execution %s cancelled", self._state.execution_id)
 
 
-def _describe_failure(error: FailureError) -> tuple[str, int]:
+def _describe_failure(error: FailureError, max_attempts: int) -> tuple[str, int]:
     """Return the step's error message and the attempts it took.
 
     An activity's failure arrives as an ActivityError around the cause; a
-    local activity's failure arrives as the cause itself.
+    local activity's failure arrives as the cause itself. The attempt comes
+    from the last attempt's error details; a timed-out attempt has none, so
+    when the retries ran out the count is the policy's maximum.
     """
     cause = error.cause if isinstance(error, ActivityError) else error
     message = (cause.message if isinstance(cause, FailureError) else str(cause)) or (
         error.message
     )
     attempts = 1
-    if isinstance(cause, ApplicationError) and cause.details:
-        detail = cause.details[0]
-        if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
-            attempts = detail["attempt"]
+    if isinstance(error, ActivityError) and (
+        error.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+    ):
+        attempts = max_attempts
+    if isinstance(cause, ApplicationError):
+        for detail in reversed(cause.details):
+            if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
+                attempts = detail["attempt"]
+                break
     elif isinstance(cause, TimeoutError) or (
         isinstance(error, ActivityError) and error.retry_state == RetryState.TIMEOUT
     ):

@@ -42,10 +42,12 @@ class StepSpec(BaseModel):
     agent_type: str | None = Field(None, description="A kind of agent, e.g. coder.")
     depends_on: list[str] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
-    timeout: float = DEFAULT_STEP_TIMEOUT_SECONDS
-    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    # Strict: "7" or true is an error, not a number.
+    timeout: float = Field(DEFAULT_STEP_TIMEOUT_SECONDS, strict=True)
+    retry_attempts: int = Field(DEFAULT_RETRY_ATTEMPTS, strict=True)
     continue_on_failure: bool = Field(
         False,
+        strict=True,
         description="A failure of this step neither skips its dependents nor "
         "fails the run.",
     )
@@ -72,7 +74,9 @@ class WorkflowDefinition(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     description: str | None = None
-    priority: int = Field(5, ge=0, le=10, description="10 is the most urgent.")
+    priority: int = Field(
+        5, ge=0, le=10, strict=True, description="10 is the most urgent."
+    )
     steps: list[StepSpec] = Field(min_length=1)
     triggers: list[TriggerSpec] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.contracts.queues import ORCHESTRATION
+from app.contracts.sandbox import Template
 from app.workflows.steps import StepType, register_step_type
 
 
@@ -25,7 +26,7 @@ class SandboxExecutionParams(BaseModel):
 
     code: str = Field(min_length=1)
     language: Literal["python", "javascript", "bash"] = "python"
-    template: str = "python"
+    template: Template = "python"
     sandbox_id: str | None = Field(
         None, description="Run in this sandbox; default: a new one, deleted after."
     )

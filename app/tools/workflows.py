@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ALL_QUEUES
+from app.contracts.swarm import AGENT_TYPES
 from app.contracts.types import UtcDateTime
 from app.contracts.workflows import (
     AgentAssignment,
@@ -30,9 +33,13 @@ from app.workflows.secrets import (
 from app.workflows.steps import step_type_names
 from app.workflows.validation import (
     DefinitionError,
+    agent_type_problem,
+    check_cron_fields,
     check_step_params,
     validate_definition,
 )
+
+logger = logging.getLogger(__name__)
 
 FEATURES = ["message_queues", "audit_trail", "agent_assignment"]
 
@@ -59,6 +66,7 @@ def check_definition(definition: WorkflowDefinition) -> None:
     try:
         validate_definition(definition, step_type_names())
         # Only here, not in the workflow, so that recorded runs still replay.
+        check_cron_fields(definition)
         check_step_params(definition)
     except DefinitionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
@@ -78,9 +86,12 @@ async def workflow_create(
 
 
 async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateResult:
+    """Store the definition and make its schedules, all or nothing: when a
+    schedule cannot be made, the new version and the schedules changed so far
+    are rolled back."""
     check_definition(args)
     url = ctx.database_url
-    previous = await asyncio.to_thread(_latest_by_name, url, args.name)
+    previous = await asyncio.to_thread(_previous_by_name, url, args.name)
     try:
         key = load_key(ctx.settings)
         row, version, is_new, stored = await asyncio.to_thread(
@@ -93,12 +104,18 @@ async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateR
     except store.ConflictError as error:
         raise ToolError(str(error), kind="conflict") from None
     schedules: list[str] = []
-    needs_schedules = engine.schedule_count(args) or engine.schedule_count(previous)
-    if needs_schedules:
-        # The sealed body, so that schedules and their runs carry no secret.
-        schedules = await engine.sync_schedules(
-            await ctx.client(), row.id, version, stored, engine.schedule_count(previous)
-        )
+    count = engine.schedule_count(args)
+    previous_count = engine.schedule_count(previous.definition)
+    if count or previous_count:
+        client = await ctx.client()
+        try:
+            # The sealed body, so that schedules and their runs carry no secret.
+            schedules = await engine.sync_schedules(
+                client, row.id, version, stored, previous_count
+            )
+        except (engine.ScheduleSyncError, RPCError) as error:
+            await _roll_back(ctx, row.id, version, is_new, previous, count)
+            raise _schedule_error(error) from None
     return WorkflowCreateResult(
         workflow_id=row.id,
         name=row.name,
@@ -111,7 +128,17 @@ async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateR
     )
 
 
-def _latest_by_name(url: str, name: str) -> WorkflowDefinition | None:
+@dataclass(frozen=True)
+class _Previous:
+    """The stored definition of a name before a create: its row's status, and
+    its latest version when it is active (which then has schedules)."""
+
+    status: str | None = None
+    version: int | None = None
+    definition: WorkflowDefinition | None = None
+
+
+def _previous_by_name(url: str, name: str) -> _Previous:
     from sqlmodel import select
 
     from app.db import session_scope
@@ -121,9 +148,75 @@ def _latest_by_name(url: str, name: str) -> WorkflowDefinition | None:
         row = session.exec(
             select(WorkflowDefinitionRow).where(WorkflowDefinitionRow.name == name)
         ).first()
-    if row is None or row.status != "active":
-        return None
-    return store.get_definition(url, row.id)[2]
+        if row is None:
+            return _Previous()
+        row_id, status = row.id, row.status
+    if status != "active":
+        return _Previous(status=status)
+    _, version, definition = store.get_definition(url, row_id)
+    return _Previous(status=status, version=version, definition=definition)
+
+
+async def _roll_back(
+    ctx: ToolContext,
+    workflow_id: str,
+    version: int,
+    is_new: bool,
+    previous: _Previous,
+    count: int,
+) -> None:
+    """Put the schedules back as the previous version had them, then drop the
+    new version. A failure here is only logged, because the caller reports
+    the error that caused the roll-back."""
+    total = max(count, engine.schedule_count(previous.definition))
+    try:
+        if previous.definition is not None and previous.version is not None:
+            await engine.sync_schedules(
+                await ctx.client(),
+                workflow_id,
+                previous.version,
+                previous.definition,
+                total,
+            )
+        else:
+            await engine.delete_schedules(await ctx.client(), workflow_id, range(total))
+    except (engine.ScheduleSyncError, RPCError):
+        logger.exception("cannot restore the schedules of workflow %s", workflow_id)
+    if is_new:
+        await asyncio.to_thread(
+            store.discard_version,
+            ctx.database_url,
+            workflow_id,
+            version,
+            previous.status,
+        )
+    logger.warning(
+        "rolled back version %d of workflow %s: a schedule failed", version, workflow_id
+    )
+
+
+def _schedule_error(error: Exception) -> ToolError:
+    if isinstance(error, engine.ScheduleSyncError):
+        rejected = error.error.status == RPCStatusCode.INVALID_ARGUMENT
+        return ToolError(
+            f"triggers.{error.index}.cron: the Temporal server "
+            f"{'rejected' if rejected else 'could not make'} the schedule for "
+            f"{error.cron!r}: {error.error.message}; nothing was stored and the "
+            "schedules are as before. "
+            + (
+                "Fix the cron and create the workflow again"
+                if rejected
+                else "Try again once the server is reachable"
+            ),
+            kind="invalid_argument" if rejected else "unavailable",
+        )
+    message = error.message if isinstance(error, RPCError) else str(error)
+    return ToolError(
+        f"cannot remove the schedules past the last trigger: {message}; nothing "
+        "was stored and the schedules are as before. Try again once the Temporal "
+        "server is reachable",
+        kind="unavailable",
+    )
 
 
 class WorkflowDeleteInput(BaseModel):
@@ -137,7 +230,8 @@ class WorkflowDeleteResult(BaseModel):
     name: str
     status: str
     schedules_deleted: list[str] = Field(
-        description="Temporal Schedule ids of the triggers, now deleted."
+        description="Temporal Schedule ids of the triggers that existed and "
+        "are now deleted."
     )
 
 
@@ -151,7 +245,7 @@ async def workflow_delete(
     same name makes it active again as a new version."""
     url = ctx.database_url
     try:
-        row, version, definition = await asyncio.to_thread(
+        row, _, definition = await asyncio.to_thread(
             store.get_definition, url, args.workflow_id
         )
     except store.NotFoundError as error:
@@ -161,10 +255,9 @@ async def workflow_delete(
     count = engine.schedule_count(definition) if row.status == "active" else 0
     if count:
         # Schedules first: a definition marked deleted must not start again.
-        await engine.sync_schedules(
-            await ctx.client(), args.workflow_id, version, None, count
+        deleted = await engine.delete_schedules(
+            await ctx.client(), args.workflow_id, range(count)
         )
-        deleted = [engine.schedule_id(args.workflow_id, i) for i in range(count)]
     row = await asyncio.to_thread(store.delete_definition, url, args.workflow_id)
     return WorkflowDeleteResult(
         workflow_id=row.id, name=row.name, status=row.status, schedules_deleted=deleted
@@ -181,6 +274,7 @@ class WorkflowExecuteInput(BaseModel):
     run_async: bool = Field(
         True,
         alias="async",
+        strict=True,
         description="False waits for the run and returns its final state.",
     )
 
@@ -249,7 +343,7 @@ class WorkflowStatusInput(BaseModel):
     workflow_id: str | None = None
     # A blank id would reach Temporal as "WorkflowId is not set" (a 500).
     execution_id: str | None = Field(None, min_length=1)
-    include_metrics: bool = False
+    include_metrics: bool = Field(False, strict=True)
 
 
 class ExecutionSummary(BaseModel):
@@ -302,6 +396,8 @@ async def workflow_status(
     running workflow or from the database once it closed; or, without
     execution_id, the recent executions of workflow_id (or of all workflows)."""
     url = ctx.database_url
+    if args.workflow_id is not None:
+        await _require_definition(url, args.workflow_id)
     if args.execution_id is None:
         rows = await asyncio.to_thread(
             store.list_executions, url, workflow_id=args.workflow_id, limit=20
@@ -339,12 +435,23 @@ async def workflow_status(
     return WorkflowStatusResult(execution=state, source=source, metrics=metrics)
 
 
+async def _require_definition(url: str, workflow_id: str) -> None:
+    """Raise not_found when no definition has this id."""
+    try:
+        await asyncio.to_thread(store.get_definition, url, workflow_id)
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+
+
 class WorkflowListInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
-    status: str | None = Field(
+    limit: int = Field(10, ge=1, le=1000, strict=True)
+    offset: int = Field(0, ge=0, strict=True)
+    status: (
+        Literal["active", "deleted", "running", "completed", "failed", "cancelled"]
+        | None
+    ) = Field(
         None,
         description="active or deleted (the definition), or running, completed, "
         "failed, cancelled (its latest execution).",
@@ -383,7 +490,11 @@ class WorkflowAgentAssignInput(BaseModel):
         description="EXECUTION_ID/STEP for a pending step of a running execution, "
         "or WORKFLOW_ID/STEP to change the definition (a new version)."
     )
-    agent_type: str | None = Field(None, description="e.g. coder, analyst.")
+    agent_type: str | None = Field(
+        None,
+        description="The agent type to run the step: "
+        f"{', '.join(AGENT_TYPES)}. A call without it is rejected.",
+    )
 
 
 class WorkflowAgentAssignResult(BaseModel):
@@ -416,6 +527,17 @@ async def workflow_agent_assign(
         raise ToolError(
             f"invalid task_id {args.task_id!r}: use EXECUTION_ID/STEP or "
             "WORKFLOW_ID/STEP",
+            kind="invalid_argument",
+        )
+    if args.agent_type is None:
+        raise ToolError(
+            f"agent_type is missing for step {step!r}: give the agent type to run "
+            f"it, one of {', '.join(AGENT_TYPES)}",
+            kind="invalid_argument",
+        )
+    if args.agent_type not in AGENT_TYPES:
+        raise ToolError(
+            agent_type_problem(f"agent_type of step {step!r}", args.agent_type),
             kind="invalid_argument",
         )
     url = ctx.database_url
@@ -531,7 +653,7 @@ class WorkflowQueueStatusInput(BaseModel):
 
     queue_name: str | None = Field(None, description="Default: every project queue.")
     include_messages: bool = Field(
-        False, description="Also list the steps running on each queue."
+        False, strict=True, description="Also list the steps running on each queue."
     )
 
 
@@ -571,7 +693,7 @@ class WorkflowAuditTrailInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     workflow_id: str | None = Field(None, description="Default: every workflow.")
-    limit: int = Field(50, ge=1, le=10000)
+    limit: int = Field(50, ge=1, le=10000, strict=True)
     start_time: UtcDateTime | None = Field(
         None, description="ISO 8601; only transitions at or after it."
     )
@@ -601,6 +723,8 @@ async def workflow_audit_trail(
     """Return the ordered transitions (execution started, step running,
     completed, failed, skipped, cancelled, agent assigned) of every execution of
     a workflow, oldest first, merged across executions."""
+    if args.workflow_id is not None:
+        await _require_definition(ctx.database_url, args.workflow_id)
     rows = await asyncio.to_thread(
         store.audit_trail,
         ctx.database_url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -122,6 +123,22 @@ def schedule_id(workflow_id: str, index: int) -> str:
     return f"{workflow_id}-schedule-{index}"
 
 
+class ScheduleSyncError(Exception):
+    """The server rejected the create or update of one trigger's schedule.
+
+    Attributes:
+        index: the trigger's position among the schedule triggers.
+        cron: its cron expression.
+        error: the server's error.
+    """
+
+    def __init__(self, index: int, cron: str, error: RPCError) -> None:
+        super().__init__(f"schedule of trigger {index} ({cron!r}): {error.message}")
+        self.index = index
+        self.cron = cron
+        self.error = error
+
+
 async def sync_schedules(
     client: Client,
     workflow_id: str,
@@ -134,6 +151,10 @@ async def sync_schedules(
     Schedules are numbered by trigger position; a new version updates them in
     place and deletes those past its last trigger. `definition=None` deletes
     all of them. Returns the ids of the schedules that now exist.
+
+    Raises:
+        ScheduleSyncError: a schedule could not be created or updated; the
+            schedules before it are already changed.
     """
     triggers = (
         [t for t in definition.triggers if t.type == "schedule"] if definition else []
@@ -161,31 +182,48 @@ async def sync_schedules(
             spec=ScheduleSpec(cron_expressions=[trigger.cron]),
         )
         try:
-            await client.create_schedule(
-                sid,
-                schedule,
-                memo={"definition_name": definition.name, "workflow_id": workflow_id},
-            )
-            logger.info("created schedule %s (%s)", sid, trigger.cron)
-        except ScheduleAlreadyRunningError:
-
-            def replace(
-                _: ScheduleUpdateInput, new: Schedule = schedule
-            ) -> ScheduleUpdate:
-                return ScheduleUpdate(schedule=new)
-
-            await client.get_schedule_handle(sid).update(replace)
-            logger.info("updated schedule %s (%s)", sid, trigger.cron)
+            await _put_schedule(client, sid, schedule, definition.name, workflow_id)
+        except RPCError as error:
+            raise ScheduleSyncError(index, trigger.cron, error) from error
+        logger.info("put schedule %s (%s)", sid, trigger.cron)
         kept.append(sid)
-    for index in range(len(triggers), previous_count):
+    await delete_schedules(client, workflow_id, range(len(triggers), previous_count))
+    return kept
+
+
+async def _put_schedule(
+    client: Client, sid: str, schedule: Schedule, name: str, workflow_id: str
+) -> None:
+    """Create the schedule, or replace the one with that id."""
+    try:
+        await client.create_schedule(
+            sid, schedule, memo={"definition_name": name, "workflow_id": workflow_id}
+        )
+    except ScheduleAlreadyRunningError:
+
+        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(sid).update(replace)
+
+
+async def delete_schedules(
+    client: Client, workflow_id: str, indexes: Iterable[int]
+) -> list[str]:
+    """Delete the schedules at `indexes`; return the ids of those that
+    existed (a missing one is skipped)."""
+    deleted: list[str] = []
+    for index in indexes:
         sid = schedule_id(workflow_id, index)
         try:
             await client.get_schedule_handle(sid).delete()
-            logger.info("deleted schedule %s", sid)
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise
-    return kept
+            continue
+        logger.info("deleted schedule %s", sid)
+        deleted.append(sid)
+    return deleted
 
 
 def schedule_count(definition: WorkflowDefinition | None) -> int:

@@ -14,10 +14,11 @@ workflow reads the registry inside the workflow sandbox.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.contracts.queues import ORCHESTRATION, STREAMING
 
@@ -106,6 +107,21 @@ def load_step_types() -> None:
 
 # Params of the step types built here.
 
+# The storage capability's rule for bucket names (S3's, without dots).
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+def _bucket_name(bucket: str) -> str:
+    if not _BUCKET_NAME.match(bucket):
+        raise ValueError(
+            f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits "
+            "and hyphens, starting and ending with a letter or digit"
+        )
+    return bucket
+
+
+BucketName = Annotated[str, AfterValidator(_bucket_name)]
+
 
 class EchoParams(BaseModel):
     """`echo` returns its params as its output; the cheapest real step."""
@@ -129,7 +145,7 @@ class StorageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     operation: Literal["put", "get", "delete", "list"]
-    bucket: str
+    bucket: BucketName
     path: str = ""
     content: str | None = Field(None, description="Object body for put.")
     encoding: Literal["utf-8", "base64"] = "utf-8"
@@ -141,7 +157,7 @@ class ReportingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: str = "Workflow report"
-    bucket: str = "reports"
+    bucket: BucketName = "reports"
     path: str | None = Field(
         None, description="Object path; default workflows/EXECUTION/STEP.md."
     )

@@ -460,3 +460,37 @@ def running_steps_on_queue(url: str, queue: str, limit: int) -> list[dict[str, A
             }
             for r in rows
         ]
+
+
+def discard_version(
+    url: str, workflow_id: str, version: int, previous_status: str | None
+) -> None:
+    """Undo `save_definition`'s new `version` of `workflow_id`, after its
+    schedules could not be made.
+
+    The definition row goes back to its previous latest version and
+    `previous_status`; a definition left without versions is removed. A
+    later version stored meanwhile by another call stays the latest.
+    """
+    with session_scope(url) as session:
+        row = session.get(WorkflowDefinitionRow, workflow_id)
+        if row is None:
+            return
+        session.delete(_version_row(session, workflow_id, version))
+        session.flush()
+        remaining = session.exec(
+            select(WorkflowVersionRow)
+            .where(WorkflowVersionRow.definition_id == workflow_id)
+            .order_by(col(WorkflowVersionRow.version).desc())
+        ).first()
+        if remaining is None:
+            session.delete(row)
+            return
+        if row.latest_version != version:
+            return
+        row.latest_version = remaining.version
+        row.description = remaining.spec.get("description")
+        row.priority = remaining.spec.get("priority", row.priority)
+        row.status = previous_status or row.status
+        row.updated_at = utc_now()
+        session.add(row)

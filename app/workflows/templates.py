@@ -66,6 +66,29 @@ def find_references(value: Any) -> list[Reference]:
     return found
 
 
+def unclosed_reference(value: Any, path: str = "") -> tuple[str, str] | None:
+    """Return (dotted path, text) of the first string in `value` with a `{{`
+    that no `}}` closes, or None.
+
+    Such text is not a reference, so `render` would pass it on unchanged and
+    the step would get the braces instead of a value.
+    """
+    if isinstance(value, str):
+        return (path, value) if "{{" in _REFERENCE.sub("", value) else None
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            items += [(child, key), (child, item)]
+    elif isinstance(value, list):
+        items = [(f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value)]
+    for item_path, item in items:
+        found = unclosed_reference(item, item_path)
+        if found is not None:
+            return found
+    return None
+
+
 def _lookup(reference: Reference, root: Any, where: str) -> Any:
     current = root
     for part in reference.path:

@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
+from pydantic import ValidationError
+
+from app.contracts.swarm import AGENT_TYPES
 from app.contracts.workflows import (
     MAX_RETRY_ATTEMPTS,
     MAX_STEP_TIMEOUT_SECONDS,
     StepSpec,
     WorkflowDefinition,
 )
-from app.workflows.templates import TemplateError, find_references
+from app.workflows.templates import TemplateError, find_references, unclosed_reference
 
 _STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\- ]{0,99}$")
 # Five fields (minute hour day month weekday) or a predefined @ descriptor.
 _CRON_DESCRIPTORS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly"}
+_MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN"]
+_MONTHS += ["JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+_WEEKDAYS = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"]
+# (field name, lowest, highest, names for lowest, lowest+1, ...); the ranges
+# are the Temporal server's, which also takes 7 for Sunday.
+_CRON_FIELDS: list[tuple[str, int, int, list[str]]] = [
+    ("minute", 0, 59, []),
+    ("hour", 0, 23, []),
+    ("day-of-month", 1, 31, []),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 7, _WEEKDAYS),
+]
+_CRON_ITEM = re.compile(r"^(?:(\*)|(\w+)(?:-(\w+))?)(?:/(\w+))?$")
 
 
 class DefinitionError(ValueError):
@@ -166,7 +183,7 @@ def validate_definition(
 
 
 def _check_cron(index: int, cron: str | None) -> list[str]:
-    label = f"trigger {index}"
+    label = f"triggers.{index}.cron"
     if not cron:
         return [f"{label}: a schedule trigger needs cron, e.g. '0 * * * *'"]
     if cron.strip() in _CRON_DESCRIPTORS:
@@ -179,36 +196,149 @@ def _check_cron(index: int, cron: str | None) -> list[str]:
     return []
 
 
-def check_step_params(definition: WorkflowDefinition) -> None:
-    """Validate each step's params against its type's params model, for steps
-    whose params hold no template; templated params are checked when the step
-    runs, once the references are filled in.
+def check_cron_fields(definition: WorkflowDefinition) -> None:
+    """Check every field of each schedule trigger's cron, as the Temporal
+    server would, so that a bad cron is rejected before anything is stored.
+
+    Kept out of `validate_definition`: schedules are made only by
+    `workflow_create`, and a run must not start failing on a cron that an
+    earlier, more lenient check let through.
 
     Raises:
         DefinitionError: with one message per invalid field.
     """
-    from pydantic import ValidationError
+    problems: list[str] = []
+    for index, trigger in enumerate(definition.triggers):
+        cron = trigger.cron
+        if trigger.type != "schedule" or not cron:
+            continue
+        fields = cron.split()
+        if cron.strip() in _CRON_DESCRIPTORS or len(fields) != 5:
+            continue  # validate_definition reports a wrong field count
+        for text, (field, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+            reason = _cron_field_problem(text, low, high, names)
+            if reason:
+                allowed = f"{low}-{high}"
+                if names:
+                    allowed += f" or {names[0]}-{names[-1]}"
+                problems.append(
+                    f"triggers.{index}.cron: invalid {field} {text!r} in {cron!r} "
+                    f"({reason}); use *, a value in {allowed}, a range A-B, a "
+                    "step */N or A-B/N, or a comma-separated list of these"
+                )
+    if problems:
+        raise DefinitionError(problems)
 
+
+def _cron_field_problem(text: str, low: int, high: int, names: list[str]) -> str:
+    """Return why one cron field is invalid, or "" when it is valid."""
+
+    def value(token: str) -> int | None:
+        if token.isdigit():
+            number = int(token)
+            return number if low <= number <= high else None
+        upper = token.upper()
+        return low + names.index(upper) if upper in names else None
+
+    for item in text.split(","):
+        match = _CRON_ITEM.match(item)
+        if not match:
+            return f"{item!r} is not *, a value, a range or a step"
+        star, start, end, step = match.groups()
+        if step is not None and not (step.isdigit() and int(step) >= 1):
+            return f"step {step!r} must be a whole number of at least 1"
+        if star:
+            continue
+        first = value(start)
+        if first is None:
+            return f"{start!r} is outside {low}-{high}"
+        if end is not None:
+            last = value(end)
+            if last is None:
+                return f"{end!r} is outside {low}-{high}"
+            if last < first:
+                return f"range {start}-{end} ends before it starts"
+    return ""
+
+
+def check_step_params(definition: WorkflowDefinition) -> None:
+    """Check what a step would otherwise reject only when it runs: each step's
+    params against its type's params model, unclosed references, and the
+    agent_type.
+
+    A params field whose value contains a reference such as `{{input.FIELD}}`
+    is checked when the step runs, once the reference is filled in. Every
+    other field is checked here. Kept out of `validate_definition`, so that
+    recorded runs still replay.
+
+    Raises:
+        DefinitionError: with one message per invalid field.
+    """
     from app.workflows.steps import get_step_type
 
     problems: list[str] = []
     for step in definition.steps:
+        label = f"step {step.name!r}"
+        if step.agent_type is not None and step.agent_type not in AGENT_TYPES:
+            problems.append(agent_type_problem(label, step.agent_type))
+        unclosed = unclosed_reference(step.params)
+        if unclosed is not None:
+            path, text = unclosed
+            problems.append(
+                f"{label}: params.{path}: {text!r} opens a reference with '{{{{' "
+                "that is never closed; end it with '}}', e.g. "
+                "'{{steps.NAME.output.FIELD}}'"
+            )
+            continue
         step_type = get_step_type(step.type)
         if step_type is None or not step_type.available:
             continue
         try:
-            if find_references(step.params):
-                continue
+            if any(find_references(key) for key in step.params):
+                continue  # a templated key: nothing to check before the run
+            templated = {k for k, v in step.params.items() if find_references(v)}
         except TemplateError:
             continue  # validate_definition reports it
         try:
             step_type.params_model.model_validate(step.params)
         except ValidationError as error:
             for item in error.errors(include_url=False):
+                if item["loc"] and item["loc"][0] in templated:
+                    continue
                 field = ".".join(str(part) for part in item["loc"]) or "params"
                 problems.append(
-                    f"step {step.name!r}: params.{field}: {item['msg']} "
+                    f"{label}: params.{field}: {item['msg']}{_shown(item)} "
                     f"(step type {step.type})"
                 )
     if problems:
         raise DefinitionError(problems)
+
+
+def describe_input_errors(error: ValidationError) -> list[str]:
+    """Return one message per field of a model that rejected its input, e.g.
+    "definition.priority: Input should be less than or equal to 10, got 99"."""
+    return [
+        f"{'.'.join(str(part) for part in item['loc']) or 'input'}: "
+        f"{item['msg']}{_shown(item)}"
+        for item in error.errors(include_url=False)
+    ]
+
+
+def _shown(item: Any) -> str:
+    """Return ", got VALUE" for a short scalar input; never for env_vars, whose
+    values may be secrets."""
+    value = item.get("input")
+    if "env_vars" in item["loc"] or not isinstance(value, str | int | float):
+        return ""
+    text = repr(value)
+    if len(text) > 80 or text in item["msg"]:
+        return ""
+    return f", got {text}"
+
+
+def agent_type_problem(label: str, agent_type: str) -> str:
+    """Return the message for an agent_type that no swarm agent can have."""
+    return (
+        f"{label}: unknown agent_type {agent_type!r}; use one of "
+        f"{', '.join(AGENT_TYPES)}"
+    )

@@ -91,11 +91,15 @@ async def test_failing_code_fails_step(client: Client, workers: Settings) -> Non
                 {
                     "name": "code",
                     "type": "sandbox_execution",
-                    "params": {"code": "import sys; sys.exit(3)"},
+                    "params": {"code": "import sys; print('out'); sys.exit(3)"},
                 }
             ],
         )
-    assert "exit code 3" in caught.value.message
+    # With nothing on stderr, the message ends with stdout.
+    assert caught.value.message.endswith(
+        "the code ended failed with exit code 3; stderr is empty, stdout ends: out; "
+        "see the steps with workflow_status"
+    )
 
 
 async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:

@@ -3,11 +3,18 @@
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from activities.integration import describe_code_failure
 from app.contracts.workflows import WorkflowDefinition
 from app.workflows.steps import step_type_names
 from app.workflows.templates import TemplateError, render
-from app.workflows.validation import DefinitionError, validate_definition
+from app.workflows.validation import (
+    DefinitionError,
+    check_cron_fields,
+    check_step_params,
+    validate_definition,
+)
 
 
 def _definition(steps: list[dict[str, Any]], **extra: Any) -> WorkflowDefinition:
@@ -108,7 +115,9 @@ def test_schedule_without_cron_rejected() -> None:
     definition = _definition(
         [{"name": "a", "type": "echo"}], triggers=[{"type": "schedule"}]
     )
-    with pytest.raises(DefinitionError, match="trigger 0: a schedule trigger needs"):
+    with pytest.raises(
+        DefinitionError, match=r"triggers\.0\.cron: a schedule trigger needs"
+    ):
         validate_definition(definition, step_type_names())
 
 
@@ -160,3 +169,152 @@ def test_render_missing_field_names_it() -> None:
         render("{{steps.a.output.missing}}", {}, {"a": {"v": 1}})
     with pytest.raises(TemplateError, match="not found in the execution's input"):
         render("{{input.n}}", {}, {})
+
+
+BAD_CRONS = [
+    ("99 99 * * *", "invalid minute '99' in '99 99 * * *' ('99' is outside 0-59)"),
+    ("0 99 * * *", "invalid hour '99'"),
+    ("61 * * * *", "invalid minute '61'"),
+    ("a b c d e", "invalid minute 'a'"),
+    ("0 0 0 * *", "invalid day-of-month '0' in '0 0 0 * *' ('0' is outside 1-31)"),
+    ("0 0 * 13 *", "invalid month '13'"),
+    ("0 0 * * 8", "invalid day-of-week '8'"),
+    ("*/0 * * * *", "step '0' must be a whole number of at least 1"),
+    ("10-5 * * * *", "range 10-5 ends before it starts"),
+    ("1,,2 * * * *", "'' is not *, a value, a range or a step"),
+    ("0 0 L * *", "invalid day-of-month 'L'"),
+    ("0 0 * * 1#2", "invalid day-of-week '1#2'"),
+]
+
+
+@pytest.mark.parametrize(("cron", "expected"), BAD_CRONS)
+def test_cron_fields_checked(cron: str, expected: str) -> None:
+    definition = _definition(
+        [{"name": "a", "type": "echo"}],
+        triggers=[{"type": "manual"}, {"type": "schedule", "cron": cron}],
+    )
+    with pytest.raises(DefinitionError) as caught:
+        check_cron_fields(definition)
+    message = str(caught.value)
+    assert message.startswith("invalid workflow definition: triggers.1.cron: ")
+    assert expected in message
+    assert "use *, a value in" in message
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "*/5 * * * *",
+        "0-59/15 * * * *",
+        "5/10 * * * *",
+        "0,30 1-3 * * *",
+        "0 0 * jan-mar mon-fri",
+        "0 0 * JAN SUN-SAT",
+        "0 0 * * 0-7",
+        "@daily",
+    ],
+)
+def test_valid_cron_fields_accepted(cron: str) -> None:
+    definition = _definition(
+        [{"name": "a", "type": "echo"}], triggers=[{"type": "schedule", "cron": cron}]
+    )
+    validate_definition(definition, step_type_names())
+    check_cron_fields(definition)
+
+
+BAD_PARAMS = [
+    (
+        {"type": "sandbox_execution", "params": {"code": "x", "template": "nope"}},
+        "step 's': params.template: Input should be 'base', 'python', 'node', "
+        "'claude-code', 'react', 'nextjs' or 'vanilla', got 'nope'",
+    ),
+    (
+        # A templated field waits for the run; the others are checked now.
+        {
+            "type": "sandbox_execution",
+            "params": {"code": "{{input.code}}", "template": "nope"},
+        },
+        "step 's': params.template: Input should be",
+    ),
+    (
+        {"type": "storage", "params": {"operation": "list", "bucket": "../../etc"}},
+        "step 's': params.bucket: Value error, invalid bucket name '../../etc': "
+        "use 3-63 lowercase letters",
+    ),
+    (
+        {"type": "reporting", "params": {"bucket": "Reports"}},
+        "step 's': params.bucket: Value error, invalid bucket name 'Reports'",
+    ),
+    (
+        {"type": "echo", "params": {"x": {"y": ["{{steps.a.output"]}}},
+        "step 's': params.x.y.0: '{{steps.a.output' opens a reference with '{{' "
+        "that is never closed",
+    ),
+    (
+        {"type": "echo", "agent_type": "wizard"},
+        "step 's': unknown agent_type 'wizard'; use one of coordinator, researcher",
+    ),
+]
+
+
+@pytest.mark.parametrize(("step", "expected"), BAD_PARAMS)
+def test_params_checked_at_create(step: dict[str, Any], expected: str) -> None:
+    definition = _definition([{"name": "s", **step}])
+    validate_definition(definition, step_type_names())
+    with pytest.raises(DefinitionError) as caught:
+        check_step_params(definition)
+    assert expected in str(caught.value)
+
+
+def test_env_var_values_are_not_echoed() -> None:
+    definition = _definition(
+        [
+            {
+                "name": "s",
+                "type": "sandbox_execution",
+                "params": {"code": "x", "env_vars": {"TOKEN": 12345}},
+            }
+        ]
+    )
+    with pytest.raises(DefinitionError) as caught:
+        check_step_params(definition)
+    assert "params.env_vars.TOKEN: Input should be a valid string" in str(caught.value)
+    assert "12345" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("priority", "7"), ("priority", True), ("priority", 7.0)],
+)
+def test_priority_must_be_an_integer(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError, match=f"{field}\n  Input should be a valid"):
+        _definition([{"name": "a", "type": "echo"}], **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout", "5"),
+        ("timeout", True),
+        ("retry_attempts", "1"),
+        ("retry_attempts", False),
+        ("continue_on_failure", "yes"),
+        ("continue_on_failure", 1),
+    ],
+)
+def test_step_numbers_and_flags_are_strict(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError, match=f"steps.0.{field}"):
+        _definition([{"name": "a", "type": "echo", field: value}])
+
+
+def test_code_failure_message_is_complete() -> None:
+    assert (
+        describe_code_failure("failed", 3, "out\n", "")
+        == "the code ended failed with exit code 3; stderr is empty, stdout ends: out"
+    )
+    assert (
+        describe_code_failure("timed_out", None, "", "")
+        == "the code ended timed_out; it printed nothing to stdout or stderr"
+    )
+    tail = describe_code_failure("failed", 1, "out", "x" * 600 + "boom\n")
+    assert tail.endswith("; stderr ends: " + ("x" * 496) + "boom")

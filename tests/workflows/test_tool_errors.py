@@ -1,0 +1,353 @@
+"""Bad input and faults of the workflow tools: errors name the field, the
+value and the fix, and a failed create leaves nothing half-written."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from temporalio.client import Client, ScheduleRange, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
+
+from app.contracts.workflows import ExecutionState
+from app.settings import Settings
+from app.tools import ToolContext, ToolError
+from app.workflows import engine
+from tests.support.replay import replay_run
+from tests.workflows.conftest import call
+from workers.registry import all_workflows
+
+STEPS = [{"name": "a", "type": "echo", "params": {}}]
+
+
+def _cron(hour: int) -> dict[str, Any]:
+    return {"type": "schedule", "cron": f"0 {hour} * * *"}
+
+
+async def _listed(ctx: ToolContext, name: str) -> list[dict[str, Any]]:
+    listed = await call(ctx, "workflow_list", limit=1000)
+    return [w for w in listed["workflows"] if w["name"] == name]
+
+
+async def _schedule_hours(client: Client, schedule_id: str) -> list[ScheduleRange]:
+    description = await client.get_schedule_handle(schedule_id).describe()
+    return list(description.schedule.spec.calendars[0].hour)
+
+
+async def _schedule_exists(client: Client, schedule_id: str) -> bool:
+    try:
+        await client.get_schedule_handle(schedule_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
+
+
+async def test_bad_cron_is_rejected_before_anything_is_stored(
+    tools: ToolContext,
+) -> None:
+    name = f"badcron-{uuid.uuid4().hex[:6]}"
+    for cron, expected in [
+        ("99 99 * * *", "invalid minute '99'"),
+        ("61 * * * *", "invalid minute '61'"),
+        ("a b c d e", "invalid minute 'a'"),
+    ]:
+        with pytest.raises(ToolError) as caught:
+            await call(
+                tools,
+                "workflow_create",
+                name=name,
+                steps=STEPS,
+                triggers=[{"type": "schedule", "cron": cron}],
+            )
+        assert caught.value.kind == "invalid_argument"
+        assert f"triggers.0.cron: {expected} in {cron!r}" in caught.value.message
+        assert "use *, a value in 0-59" in caught.value.message
+    assert await _listed(tools, name) == []
+
+
+@pytest.fixture
+def second_schedule_fails(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the server reject the second trigger's schedule, as it rejects a
+    spec that the cron check let through. Return the schedule ids put."""
+    real = engine._put_schedule
+    put_ids: list[str] = []
+
+    async def put(client: Client, sid: str, *args: Any) -> None:
+        put_ids.append(sid)
+        if sid.endswith("-schedule-1"):
+            raise RPCError(
+                "Invalid schedule spec: Hour is not in range [0-23]",
+                RPCStatusCode.INVALID_ARGUMENT,
+                b"",
+            )
+        await real(client, sid, *args)
+
+    monkeypatch.setattr(engine, "_put_schedule", put)
+    return put_ids
+
+
+async def test_failed_schedule_rolls_back_a_new_definition(
+    client: Client, tools: ToolContext, second_schedule_fails: list[str]
+) -> None:
+    name = f"rollnew-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=STEPS,
+            triggers=[_cron(1), _cron(2)],
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert caught.value.message.startswith(
+        "triggers.1.cron: the Temporal server rejected the schedule for '0 2 * * *'"
+    )
+    assert "nothing was stored" in caught.value.message
+    assert await _listed(tools, name) == []
+    # The first trigger's schedule was made, then removed again.
+    first, second = second_schedule_fails
+    assert first.endswith("-schedule-0")
+    assert not await _schedule_exists(client, first)
+    assert not await _schedule_exists(client, second)
+
+
+async def test_failed_schedule_rolls_back_an_update(
+    client: Client, tools: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"rollupd-{uuid.uuid4().hex[:6]}"
+    created = await call(
+        tools, "workflow_create", name=name, steps=STEPS, triggers=[_cron(1), _cron(2)]
+    )
+    workflow_id = created["workflow_id"]
+    first, second = created["schedules"]
+    real = engine._put_schedule
+
+    async def put(client: Client, sid: str, *args: Any) -> None:
+        if sid == second:
+            raise RPCError("Invalid schedule spec", RPCStatusCode.INVALID_ARGUMENT, b"")
+        await real(client, sid, *args)
+
+    monkeypatch.setattr(engine, "_put_schedule", put)
+    steps_v2 = [*STEPS, {"name": "b", "type": "echo", "depends_on": ["a"]}]
+    with pytest.raises(ToolError, match=r"triggers\.1\.cron: the Temporal server"):
+        await call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=steps_v2,
+            priority=9,
+            triggers=[_cron(5), _cron(7)],
+        )
+    monkeypatch.setattr(engine, "_put_schedule", real)
+    [listed] = await _listed(tools, name)
+    assert listed["version"] == 1
+    assert listed["priority"] == 5
+    assert await _schedule_hours(client, first) == [ScheduleRange(1, 1, 1)]
+    assert await _schedule_hours(client, second) == [ScheduleRange(2, 2, 1)]
+    # The next good version takes the number the failed one did not keep.
+    updated = await call(
+        tools,
+        "workflow_create",
+        name=name,
+        steps=steps_v2,
+        triggers=[_cron(5)],
+    )
+    assert updated["version"] == 2
+    assert updated["schedules"] == [first]
+    assert await _schedule_hours(client, first) == [ScheduleRange(5, 5, 1)]
+    assert not await _schedule_exists(client, second)
+    await client.get_schedule_handle(first).delete()
+    deleted = await call(tools, "workflow_delete", workflow_id=workflow_id)
+    # Only schedules that existed are reported as deleted.
+    assert deleted["schedules_deleted"] == []
+
+
+async def test_unknown_ids_and_bad_status(tools: ToolContext) -> None:
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_status", workflow_id="wf_nope")
+    assert caught.value.kind == "not_found"
+    assert "workflow 'wf_nope' not found" in caught.value.message
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_audit_trail", workflow_id="wf_nope")
+    assert caught.value.kind == "not_found"
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_list", status="bogus")
+    assert caught.value.kind == "invalid_argument"
+    assert "status" in caught.value.message
+    assert "'active', 'deleted', 'running'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field"),
+    [
+        (
+            "workflow_create",
+            {"name": "loose", "steps": STEPS, "priority": "7"},
+            "priority",
+        ),
+        (
+            "workflow_create",
+            {"name": "loose", "steps": STEPS, "priority": True},
+            "priority",
+        ),
+        (
+            "workflow_create",
+            {"name": "loose", "steps": [{"name": "a", "type": "echo", "timeout": "2"}]},
+            "steps.0.timeout",
+        ),
+        ("workflow_status", {"include_metrics": "yes"}, "include_metrics"),
+        ("workflow_list", {"limit": "5"}, "limit"),
+        ("workflow_execute", {"workflow_id": "wf_x", "async": "false"}, "async"),
+        ("workflow_queue_status", {"include_messages": 1}, "include_messages"),
+        ("workflow_audit_trail", {"limit": 2.0}, "limit"),
+    ],
+)
+async def test_loose_types_are_rejected(
+    tools: ToolContext, tool: str, arguments: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ToolError) as caught:
+        await call(tools, tool, **arguments)
+    assert caught.value.kind == "invalid_argument"
+    assert field in caught.value.message
+
+
+async def test_create_and_assign_check_agent_type_and_params(
+    tools: ToolContext,
+) -> None:
+    name = f"params-{uuid.uuid4().hex[:6]}"
+    for step, expected in [
+        (
+            {"type": "sandbox_execution", "params": {"code": "x", "template": "nope"}},
+            "step 's': params.template: Input should be 'base'",
+        ),
+        (
+            {"type": "storage", "params": {"operation": "list", "bucket": "../../etc"}},
+            "step 's': params.bucket: Value error, invalid bucket name '../../etc'",
+        ),
+        (
+            {"type": "echo", "params": {"x": "{{steps.a.output"}},
+            "step 's': params.x: '{{steps.a.output' opens a reference",
+        ),
+        ({"type": "echo", "agent_type": "wizard"}, "unknown agent_type 'wizard'"),
+    ]:
+        with pytest.raises(ToolError) as caught:
+            await call(
+                tools, "workflow_create", name=name, steps=[{"name": "s", **step}]
+            )
+        assert caught.value.kind == "invalid_argument"
+        assert expected in caught.value.message
+    assert await _listed(tools, name) == []
+    created = await call(
+        tools,
+        "workflow_create",
+        name=name,
+        steps=[{"name": "s", "type": "echo", "agent_type": "coder"}],
+    )
+    task_id = f"{created['workflow_id']}/s"
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_agent_assign", task_id=task_id, agent_type="wizard")
+    assert caught.value.kind == "invalid_argument"
+    assert "agent_type of step 's': unknown agent_type 'wizard'" in caught.value.message
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_agent_assign", task_id=task_id)
+    assert caught.value.kind == "invalid_argument"
+    assert "agent_type is missing for step 's'" in caught.value.message
+    [listed] = await _listed(tools, name)
+    assert listed["version"] == 1
+
+
+async def test_retried_timeout_reports_every_attempt(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    created = await call(
+        tools,
+        "workflow_create",
+        name=f"timeouts-{uuid.uuid4().hex[:6]}",
+        steps=[
+            {
+                "name": "slow",
+                "type": "test_sleep",
+                "timeout": 1,
+                "retry_attempts": 1,
+                "params": {"seconds": 30},
+            }
+        ],
+    )
+    started = await call(tools, "workflow_execute", workflow_id=created["workflow_id"])
+    execution_id = started["execution_id"]
+    handle = client.get_workflow_handle(execution_id, result_type=ExecutionState)
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    status = await call(
+        tools, "workflow_status", execution_id=execution_id, include_metrics=True
+    )
+    [step] = status["execution"]["steps"]
+    assert step["status"] == "failed"
+    assert step["error"].startswith("timed out:")
+    assert step["attempts"] == 2
+    assert status["metrics"]["attempts"] == 2
+    trail = await call(
+        tools, "workflow_audit_trail", workflow_id=created["workflow_id"]
+    )
+    failed = [e for e in trail["events"] if e["event"] == "step.failed"]
+    assert [e["attempt"] for e in failed] == [2]
+    await replay_run(client, execution_id, all_workflows())
+
+
+@pytest.mark.parametrize(
+    ("flow_input", "expected"),
+    [
+        (
+            {
+                "definition": {
+                    "name": "from-outside-bad",
+                    "priority": 99,
+                    "steps": [{"name": "a", "type": "echo"}],
+                },
+                "input_data": {},
+            },
+            "definition.priority: Input should be less than or equal to 10, got 99",
+        ),
+        (
+            {
+                "definition": {
+                    "name": "from-outside-bad",
+                    "steps": [
+                        {
+                            "name": "a",
+                            "type": "echo",
+                            "timeout": -1,
+                            "retry_attempts": 1000,
+                        }
+                    ],
+                }
+            },
+            "step 'a': invalid timeout -1",
+        ),
+        (
+            {"definition": {"name": "from-outside-bad", "steps": []}, "extra": 1},
+            "definition.steps: List should have at least 1 item",
+        ),
+        ("not an object", "input: Input should be a valid dictionary"),
+    ],
+)
+async def test_bad_external_start_fails_naming_the_field(
+    client: Client, flow_workers: Settings, flow_input: Any, expected: str
+) -> None:
+    execution_id = f"ext-bad-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        "FlowNexusWorkflow",
+        flow_input,
+        id=execution_id,
+        task_queue="nexus-orchestration",
+        result_type=ExecutionState,
+    )
+    with pytest.raises(WorkflowFailureError) as caught:
+        await handle.result()
+    cause = caught.value.cause
+    assert expected in str(getattr(cause, "message", cause))
+    assert getattr(cause, "non_retryable", False)
+    await replay_run(client, execution_id, all_workflows())
