@@ -4,16 +4,12 @@ workers on every queue, and a fresh SQLite database."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from temporalio.client import Client
 
 from app.api.http import create_app
@@ -21,14 +17,9 @@ from app.api.keys import create_key
 from app.db.migrate import upgrade
 from app.settings import Settings
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers
+from tests.support.servers import ThreadedServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -41,35 +32,6 @@ class ApiServer:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
-
-
-class ThreadedServer:
-    """uvicorn in a background thread with its own event loop."""
-
-    def __init__(self, app: Any, port: int, **options: Any) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            **options,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def server_env(settings: Settings) -> dict[str, str]:

@@ -5,53 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
 from app.realtime.http import build_realtime_router
 from app.settings import Settings
+from tests.support.servers import ThreadedServer, free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class RealtimeServer:
+class RealtimeServer(ThreadedServer):
     """uvicorn serving the realtime router in a background thread."""
 
     def __init__(self, settings: Settings) -> None:
         app = FastAPI()
         app.include_router(build_realtime_router(settings))
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        super().__init__(app, self.port)
 
     def __enter__(self) -> RealtimeServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
+        super().__enter__()
         return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
     def stream_path(self, subscription_id: str) -> str:
         return f"/realtime/v1/subscriptions/{subscription_id}/stream"
