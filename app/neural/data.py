@@ -209,7 +209,8 @@ def prepare(
     names, y = np.unique(labels, return_inverse=True)
     if len(names) < 2:
         raise DatasetError(
-            f"labels have a single class {names[0]!r}; a classifier needs at least 2"
+            f"labels have a single class {names[0].item()!r}; a classifier needs "
+            "at least 2"
         )
     order = np.random.default_rng(seed).permutation(len(x))
     test_count = max(1, round(len(x) * test_fraction))

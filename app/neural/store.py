@@ -159,17 +159,17 @@ def get_cluster(settings: Settings, cluster_id: str) -> NeuralCluster:
 ROLE_ORDER = {"parameter_server": 0, "aggregator": 1, "worker": 2, "validator": 3}
 
 
-def cluster_nodes(settings: Settings, cluster_id: str) -> list[NeuralNode]:
-    """Active nodes in wiring order: parameter servers, aggregators, workers,
-    validators, each in deployment order."""
+def cluster_nodes(
+    settings: Settings, cluster_id: str, *, include_terminated: bool = False
+) -> list[NeuralNode]:
+    """Nodes in wiring order: parameter servers, aggregators, workers,
+    validators, each in deployment order; terminated ones only when asked."""
     with session_scope(settings.effective_database_url) as session:
+        query = select(NeuralNode).where(NeuralNode.cluster_id == cluster_id)
+        if not include_terminated:
+            query = query.where(NeuralNode.status != "terminated")
         nodes = list(
-            session.exec(
-                select(NeuralNode)
-                .where(NeuralNode.cluster_id == cluster_id)
-                .where(NeuralNode.status != "terminated")
-                .order_by(col(NeuralNode.created_at), col(NeuralNode.id))
-            )
+            session.exec(query.order_by(col(NeuralNode.created_at), col(NeuralNode.id)))
         )
     return sorted(nodes, key=lambda node: ROLE_ORDER.get(node.role, 9))
 

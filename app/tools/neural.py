@@ -67,6 +67,16 @@ class ArchitectureConfig(BaseModel):
 
     _type = field_validator("type")(classmethod(lambda cls, v: _check_architecture(v)))
 
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: list[Any]) -> list[Any]:
+        from app.neural.nets import layer_widths
+
+        # The message names the entry (layers[i]); the field path comes from
+        # the validation error.
+        layer_widths("custom", value)
+        return value
+
 
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

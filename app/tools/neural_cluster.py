@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.client import WorkflowFailureError
@@ -119,7 +119,7 @@ class NodeDeployInput(BaseModel):
     model: Literal["base", "large", "xl", "custom"] = "base"
     capabilities: list[str] = Field(default_factory=lambda: ["training", "inference"])
     autonomy: float = Field(0.8, ge=0, le=1)
-    layers: list[int] = Field(
+    layers: list[Annotated[int, Field(gt=0)]] = Field(
         default_factory=list, description="Layer widths of a `custom` model."
     )
 
@@ -137,6 +137,13 @@ class NodeRecord(BaseModel):
     connections: list[str] = Field(default_factory=list)
     pollers: int | None = Field(
         None, description="Workers polling the node's queue now."
+    )
+    trains: bool = Field(
+        description="Whether neural_train_distributed gives this node a shard: "
+        "a worker with the training capability."
+    )
+    note: str | None = Field(
+        None, description="Why a worker node takes no part in training."
     )
 
 
@@ -191,6 +198,20 @@ async def neural_node_deploy(
     return NodeDeployResult(**_node_record(node).model_dump(), runs_in=runs_in)
 
 
+def _trains(node: Any) -> bool:
+    return bool(node.role == "worker" and "training" in node.capabilities)
+
+
+def _left_out_reason(node: Any) -> str | None:
+    if node.role != "worker" or _trains(node):
+        return None
+    return (
+        "worker without the training capability: neural_train_distributed "
+        "leaves it out; deploy a worker with capabilities including 'training' "
+        "to train on it"
+    )
+
+
 def _node_record(node: Any, pollers: int | None = None) -> NodeRecord:
     return NodeRecord(
         node_id=node.id,
@@ -204,6 +225,8 @@ def _node_record(node: Any, pollers: int | None = None) -> NodeRecord:
         parent_id=node.parent_id,
         connections=list(node.connections),
         pollers=pollers,
+        trains=_trains(node),
+        note=_left_out_reason(node),
     )
 
 
@@ -304,6 +327,10 @@ class TrainDistributedResult(BaseModel):
     workers: list[str]
     validators: list[str]
     parameter_server: str | None
+    left_out: dict[str, str] = Field(
+        default_factory=dict,
+        description="Worker nodes that train nothing in this session, and why.",
+    )
     result: SessionResult | None = None
 
 
@@ -330,7 +357,7 @@ def _plan(
     if any(n.parent_id is None and not n.connections for n in nodes) and len(nodes) > 1:
         nodes = _connect(ctx, cluster.id, cluster.topology)
     by_id = {n.id: n for n in nodes}
-    workers = [n for n in nodes if n.role == "worker" and "training" in n.capabilities]
+    workers = [n for n in nodes if _trains(n)]
     if not workers:
         raise ToolError(
             f"cluster {cluster.id} has no worker node with the training capability; "
@@ -417,6 +444,13 @@ async def neural_train_distributed(
     session_id = store.new_id("session_")
     dataset = await _prepare_dataset(ctx, args.dataset, session_id)
     plan = await asyncio.to_thread(_plan, ctx, cluster, args, session_id, dataset)
+    left_out = {
+        node.id: reason
+        for node in await asyncio.to_thread(
+            store.cluster_nodes, ctx.settings, cluster.id
+        )
+        if (reason := _left_out_reason(node)) is not None
+    }
     workflow_id = f"neural-session-{session_id}"
     await asyncio.to_thread(
         store.add_record,
@@ -454,6 +488,7 @@ async def neural_train_distributed(
         parameter_server=plan.parameter_server.node_id
         if plan.parameter_server
         else None,
+        left_out=left_out,
     )
     if not args.wait:
         return result
@@ -512,7 +547,10 @@ async def neural_cluster_status(
     from app.services.health import describe_queue
 
     cluster = _cluster(ctx, args.cluster_id, active=False)
-    nodes = await asyncio.to_thread(store.cluster_nodes, ctx.settings, cluster.id)
+    # A terminated cluster still shows its nodes, each marked terminated.
+    nodes = await asyncio.to_thread(
+        store.cluster_nodes, ctx.settings, cluster.id, include_terminated=True
+    )
     client = await ctx.optional_client()
     records: list[NodeRecord] = []
     for node in nodes:
@@ -670,7 +708,7 @@ async def neural_predict_distributed(
     completed session and combine them: mean (average probabilities),
     majority (vote), weighted (by each model's validation accuracy) or
     ensemble (average, plus every node's predictions)."""
-    _cluster(ctx, args.cluster_id, active=False)
+    _cluster(ctx, args.cluster_id)
     return await asyncio.to_thread(_predict_distributed, ctx, args)
 
 

@@ -327,3 +327,73 @@ async def test_bad_role_rejected(role: str, neural_settings: Settings) -> None:
             "neural_node_deploy",
             {"cluster_id": cluster["cluster_id"], "role": role},
         )
+
+
+async def test_inference_only_worker_and_terminated_cluster(
+    client: Client, neural_workers: Settings
+) -> None:
+    from app.tools import ToolError
+
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    cluster_id, nodes = await _cluster(ctx, ["worker"])
+    trainer = nodes["worker"][0]
+    idle = await invoke_tool(
+        ctx,
+        "neural_node_deploy",
+        {"cluster_id": cluster_id, "role": "worker", "capabilities": ["inference"]},
+    )
+    assert idle["trains"] is False
+    assert "without the training capability" in idle["note"]
+    async with node_workers(client, neural_workers, [trainer]):
+        started = await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {
+                "cluster_id": cluster_id,
+                "dataset": "iris",
+                "epochs": 1,
+                "batch_size": 64,
+                "federated": True,
+                "wait": True,
+            },
+        )
+    assert started["workers"] == [trainer]
+    assert list(started["left_out"]) == [idle["node_id"]]
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    trains = {n["node_id"]: n["trains"] for n in status["nodes"]}
+    assert trains == {trainer: True, idle["node_id"]: False}
+
+    ended = await invoke_tool(
+        ctx, "neural_cluster_terminate", {"cluster_id": cluster_id}
+    )
+    assert ended["nodes_terminated"] == 2
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert status["status"] == "terminated"
+    assert {n["node_id"]: n["status"] for n in status["nodes"]} == {
+        trainer: "terminated",
+        idle["node_id"]: "terminated",
+    }
+    with pytest.raises(ToolError, match=f"cluster {cluster_id} is terminated"):
+        await invoke_tool(
+            ctx,
+            "neural_predict_distributed",
+            {"cluster_id": cluster_id, "input_data": [[5.1, 3.5, 1.4, 0.2]]},
+        )
+
+
+async def test_custom_node_layers_must_be_positive(neural_settings: Settings) -> None:
+    from app.tools import ToolError
+
+    ctx = ToolContext(neural_settings)
+    cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "x"})
+    with pytest.raises(ToolError, match=r"layers\.1: 0 is invalid") as caught:
+        await invoke_tool(
+            ctx,
+            "neural_node_deploy",
+            {
+                "cluster_id": cluster["cluster_id"],
+                "model": "custom",
+                "layers": [8, 0],
+            },
+        )
+    assert caught.value.errors[0]["field"] == "layers.1"  # type: ignore[attr-defined]

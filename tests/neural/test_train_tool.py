@@ -129,11 +129,26 @@ async def test_inline_dataset_goes_to_storage(
             },
             "X has 4 samples but y has 2",
         ),
+        (
+            {
+                "config": {"architecture": {"type": "cnn"}},
+                "dataset": {"X": [[1], [2], [3], [4]], "y": [0, 0, 0, 0]},
+            },
+            r"labels have a single class 0;",
+        ),
+        (
+            {"config": {"architecture": {"type": "feedforward", "layers": [0]}}},
+            r"config\.architecture\.layers: \[0\] is invalid: .*layers\[0\]=0 has "
+            "no positive width",
+        ),
     ],
 )
 async def test_bad_inputs_rejected(
     arguments: dict, message: str, neural_settings: Settings
 ) -> None:
     ctx = ToolContext(neural_settings)
-    with pytest.raises(ToolError, match=message):
+    with pytest.raises(ToolError, match=message) as caught:
         await invoke_tool(ctx, "neural_train", arguments)
+    if "config" in message:
+        # Validation errors list each field with its value.
+        assert caught.value.errors[0]["field"].startswith("config.")  # type: ignore[attr-defined]
