@@ -41,9 +41,9 @@ class TrainJobInput(BaseModel):
 class TrainJobResult(BaseModel):
     job_id: str
     model_id: str
-    loss: float
-    accuracy: float
-    val_loss: float
+    loss: float = Field(description="Training loss of the last epoch.")
+    accuracy: float = Field(description="Accuracy on the test split.")
+    val_loss: float = Field(description="Loss on the test split.")
     epochs_completed: int
     training_time: float
     resumed_from_epoch: int = 0
@@ -130,8 +130,10 @@ class SessionResult(BaseModel):
     model_id: str
     rounds_completed: int
     rounds_rejected: int
-    loss: float
-    accuracy: float
+    loss: float = Field(description="Loss of the global model on the test split.")
+    accuracy: float = Field(
+        description="Accuracy of the global model on the test split."
+    )
     samples: int
     training_time: float
     samples_per_second: float
@@ -177,8 +179,8 @@ class NodeTrainResult(BaseModel):
     round: int
     update_path: str
     samples: int
-    loss: float
-    accuracy: float
+    loss: float = Field(description="Training loss of the node's last local epoch.")
+    accuracy: float = Field(description="Training accuracy of that epoch.")
     train_seconds: float
     processed_samples: int = Field(0, description="Samples of all steps run.")
     resumed_from_epoch: int = 0

@@ -403,8 +403,12 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
     session = session_data(settings, request.data_path)
     x_test, y_test = session.split("test")
     x_hold, y_hold = session.split("hold")
+    # Node models are scored on the validators' hold-out, or on the test
+    # split when the session has no validators.
+    node_split = "holdout"
     if len(x_hold) == 0:
         x_hold, y_hold = x_test, y_test
+        node_split = "test"
     labels = [str(v) for v in session.arrays["label_names"]]
     mean, std = session.arrays["mean"], session.arrays["std"]
     spec = spec_of(plan.model, x_test.shape[1], len(labels))
@@ -424,7 +428,7 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
             cluster_id=plan.cluster_id,
             node_id=owner,
             architecture=spec.architecture,
-            spec={**spec_record, "role": "global"},
+            spec={**spec_record, "role": "global", "evaluated_on": "test"},
             dataset=data.describe_source(plan.dataset),
             storage_path=path,
             loss=loss,
@@ -451,7 +455,7 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
                 cluster_id=plan.cluster_id,
                 node_id=node.node_id,
                 architecture=spec.architecture,
-                spec={**spec_record, "role": "node"},
+                spec={**spec_record, "role": "node", "evaluated_on": node_split},
                 dataset=data.describe_source(plan.dataset),
                 storage_path=node_path,
                 loss=node_loss,

@@ -86,6 +86,8 @@ def run_job(
         on_epoch=on_epoch,
     )
     val_loss, accuracy = trainer.evaluate(params, dataset.x_test, dataset.y_test)
+    # `loss` is the last epoch's training loss (the job row keeps it);
+    # `val_loss` and `accuracy` are measured on the test split.
     loss = history[-1].loss if history else val_loss
     path = store.save_model_params(
         settings, model_path(request.model_id), params, dataset.mean, dataset.std
@@ -98,7 +100,7 @@ def run_job(
             id=request.model_id,
             job_id=request.job_id,
             architecture=spec.architecture,
-            spec=spec_record,
+            spec={**spec_record, "evaluated_on": "test"},
             dataset=dataset.name,
             storage_path=path,
             loss=val_loss,

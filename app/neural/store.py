@@ -135,6 +135,22 @@ def get_job(
     return job, epochs
 
 
+def get_model_record(settings: Settings, model_id: str) -> NeuralModel | None:
+    with session_scope(settings.effective_database_url) as session:
+        return session.get(NeuralModel, model_id)
+
+
+def job_train_losses(settings: Settings, job_ids: list[str]) -> dict[str, float]:
+    """The last epoch's training loss of each completed job (`neural_jobs.loss`)."""
+    if not job_ids:
+        return {}
+    with session_scope(settings.effective_database_url) as session:
+        rows = session.exec(
+            select(NeuralJob.id, NeuralJob.loss).where(col(NeuralJob.id).in_(job_ids))
+        )
+        return {job_id: loss for job_id, loss in rows if loss is not None}
+
+
 def list_models(settings: Settings, cluster_id: str | None = None) -> list[NeuralModel]:
     with session_scope(settings.effective_database_url) as session:
         query = select(NeuralModel).order_by(col(NeuralModel.created_at).desc())

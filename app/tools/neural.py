@@ -119,8 +119,18 @@ class NeuralTrainResult(BaseModel):
     tier: str
     widths: list[int]
     dataset: str
-    loss: float | None = None
-    accuracy: float | None = None
+    loss: float | None = Field(
+        None,
+        description="Loss on the test split (the same as test_loss), measured "
+        "with the final model like accuracy.",
+    )
+    accuracy: float | None = Field(None, description="Accuracy on the test split.")
+    train_loss: float | None = Field(
+        None, description="Mean training loss of the last epoch."
+    )
+    test_loss: float | None = Field(
+        None, description="Loss of the final model on the test split."
+    )
     epochs_completed: int = 0
     training_time: float | None = None
     jit: bool
@@ -163,8 +173,10 @@ def _widths(tier: str, layers: list[Any]) -> list[int]:
 async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainResult:
     """Train a real JAX model (feedforward, cnn, lstm, transformer,
     autoencoder or hybrid) on a data set as a Temporal job, record loss and
-    accuracy per epoch, and store the model. Returns job_id, model_id, the
-    final loss, test accuracy, epochs_completed and training_time (seconds)."""
+    accuracy per epoch, and store the model. Returns job_id, model_id, loss
+    and accuracy of the final model on the test split, train_loss (last
+    epoch, training split), test_loss (= loss), epochs_completed and
+    training_time (seconds)."""
     from app.neural import store
     from app.neural.data import describe_source
     from app.neural.models import NeuralJob
@@ -239,8 +251,10 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     return result.model_copy(
         update={
             "status": "completed",
-            "loss": done.loss,
+            "loss": done.val_loss,
             "accuracy": done.accuracy,
+            "train_loss": done.loss,
+            "test_loss": done.val_loss,
             "epochs_completed": done.epochs_completed,
             "training_time": done.training_time,
         }
@@ -292,10 +306,10 @@ class JobStatusInput(BaseModel):
 
 class EpochRecord(BaseModel):
     epoch: int
-    loss: float
-    accuracy: float
-    val_loss: float | None
-    val_accuracy: float | None
+    loss: float = Field(description="Mean training loss over the epoch's batches.")
+    accuracy: float = Field(description="Mean training accuracy over the batches.")
+    val_loss: float | None = Field(description="Loss on the test split.")
+    val_accuracy: float | None = Field(description="Accuracy on the test split.")
     seconds: float
 
 
@@ -307,8 +321,18 @@ class JobStatusResult(BaseModel):
     dataset: str
     epochs_requested: int
     epochs_completed: int
-    loss: float | None
-    accuracy: float | None
+    loss: float | None = Field(
+        None,
+        description="Loss on the test split (the same as test_loss), measured "
+        "with the final model like accuracy.",
+    )
+    accuracy: float | None = Field(None, description="Accuracy on the test split.")
+    train_loss: float | None = Field(
+        None, description="Mean training loss of the last epoch."
+    )
+    test_loss: float | None = Field(
+        None, description="Loss of the final model on the test split."
+    )
     training_time: float | None
     jit: bool
     error: str | None
@@ -320,7 +344,10 @@ async def neural_training_status(
     ctx: ToolContext, args: JobStatusInput
 ) -> JobStatusResult:
     """Read a training job's status and its per-epoch loss, accuracy and time
-    from the database."""
+    from the database. loss and accuracy are the final model's on the test
+    split; train_loss is the last epoch's training loss. Per epoch, loss and
+    accuracy are on the training split, val_loss and val_accuracy on the test
+    split."""
     from app.neural import store
 
     job, epochs = await asyncio.to_thread(store.get_job, ctx.settings, args.job_id)
@@ -329,6 +356,14 @@ async def neural_training_status(
             f"training job {args.job_id!r} not found; neural_train returns job ids",
             kind="not_found",
         )
+    model = None
+    if job.status == "completed":
+        model = await asyncio.to_thread(
+            store.get_model_record, ctx.settings, job.model_id
+        )
+    # The job row keeps the last epoch's training loss; the model row keeps
+    # the final model's test loss, which list_models reports too.
+    test_loss = model.loss if model is not None else None
     return JobStatusResult(
         job_id=job.id,
         model_id=job.model_id,
@@ -337,8 +372,10 @@ async def neural_training_status(
         dataset=job.dataset,
         epochs_requested=job.epochs_requested,
         epochs_completed=job.epochs_completed,
-        loss=job.loss,
+        loss=test_loss,
         accuracy=job.accuracy,
+        train_loss=job.loss,
+        test_loss=test_loss,
         training_time=job.training_time,
         jit=job.jit,
         error=job.error,
@@ -371,8 +408,22 @@ class ModelRecord(BaseModel):
     session_id: str | None
     cluster_id: str | None
     node_id: str | None
-    loss: float | None
-    accuracy: float | None
+    loss: float | None = Field(
+        description="Loss of the model on the split named by evaluated_on."
+    )
+    accuracy: float | None = Field(
+        description="Accuracy of the model on the split named by evaluated_on."
+    )
+    evaluated_on: Literal["test", "holdout"] = Field(
+        description="test: the data set's test split; holdout: the validators' "
+        "hold-out shard (worker models of a distributed session)."
+    )
+    train_loss: float | None = Field(
+        None, description="Last epoch's training loss (neural_train models)."
+    )
+    test_loss: float | None = Field(
+        None, description="Loss on the test split (= loss when evaluated_on is test)."
+    )
     widths: list[int]
     created_at: str | None
 
@@ -386,24 +437,45 @@ class ListModelsResult(BaseModel):
 async def neural_list_models(
     ctx: ToolContext, args: ListModelsInput
 ) -> ListModelsResult:
-    """List stored models, newest first, with their test loss and accuracy."""
+    """List stored models, newest first, with loss and accuracy on the split
+    named by evaluated_on (test, or the validators' hold-out for worker
+    models of a distributed session), test_loss, and train_loss for
+    neural_train models."""
     from app.neural import store
 
     rows = await asyncio.to_thread(store.list_models, ctx.settings, args.cluster_id)
-    models = [
-        ModelRecord(
-            model_id=row.id,
-            architecture=row.architecture,
-            dataset=row.dataset,
-            job_id=row.job_id,
-            session_id=row.session_id,
-            cluster_id=row.cluster_id,
-            node_id=row.node_id,
-            loss=row.loss,
-            accuracy=row.accuracy,
-            widths=list(row.spec.get("widths", [])),
-            created_at=store.timestamp(row.created_at),
+    rows = rows[: args.limit]
+    train_losses = await asyncio.to_thread(
+        store.job_train_losses, ctx.settings, [r.job_id for r in rows if r.job_id]
+    )
+    models = []
+    for row in rows:
+        split = _evaluated_on(row)
+        models.append(
+            ModelRecord(
+                model_id=row.id,
+                architecture=row.architecture,
+                dataset=row.dataset,
+                job_id=row.job_id,
+                session_id=row.session_id,
+                cluster_id=row.cluster_id,
+                node_id=row.node_id,
+                loss=row.loss,
+                accuracy=row.accuracy,
+                evaluated_on=split,
+                train_loss=train_losses.get(row.job_id) if row.job_id else None,
+                test_loss=row.loss if split == "test" else None,
+                widths=list(row.spec.get("widths", [])),
+                created_at=store.timestamp(row.created_at),
+            )
         )
-        for row in rows[: args.limit]
-    ]
     return ListModelsResult(models=models, count=len(models))
+
+
+def _evaluated_on(row: Any) -> Literal["test", "holdout"]:
+    split = row.spec.get("evaluated_on")
+    if split in ("test", "holdout"):
+        return split
+    # Rows stored before the split was recorded: worker models of a session
+    # were scored on the hold-out, every other model on the test split.
+    return "holdout" if row.spec.get("role") == "node" else "test"

@@ -514,8 +514,13 @@ class SessionRecord(BaseModel):
     rounds_completed: int
     rounds_rejected: int
     model_id: str | None
-    loss: float | None
-    accuracy: float | None
+    loss: float | None = Field(
+        description="Loss of the session's global model on the test split."
+    )
+    accuracy: float | None = Field(
+        description="Accuracy of the global model on the test split."
+    )
+    test_loss: float | None = Field(description="The same as loss.")
     samples_per_second: float | None
     training_time: float | None
     error: str | None
@@ -574,6 +579,7 @@ async def neural_cluster_status(
                 model_id=session.model_id,
                 loss=session.loss,
                 accuracy=session.accuracy,
+                test_loss=session.loss,
                 samples_per_second=session.samples_per_second,
                 training_time=session.training_time,
                 error=session.error,

@@ -82,6 +82,17 @@ async def test_federated_session_and_predictions(
     events = status["sessions"][0]["events"]
     assert sum(e["kind"] == "update" for e in events) == 4
     assert sum(e["kind"] == "accepted" and e["validated"] for e in events) == 2
+    assert status["sessions"][0]["test_loss"] == result["loss"]
+    listed = await invoke_tool(ctx, "neural_list_models", {"cluster_id": cluster_id})
+    splits = {m["model_id"]: m["evaluated_on"] for m in listed["models"]}
+    # Worker models are scored on the validator's hold-out, the global on test.
+    assert splits == {
+        result["model_id"]: "test",
+        **{m: "holdout" for m in result["node_models"]},
+    }
+    test_losses = {m["model_id"]: m["test_loss"] for m in listed["models"]}
+    assert test_losses[result["model_id"]] == result["loss"]
+    assert all(test_losses[m] is None for m in result["node_models"])
 
     samples = np.asarray(
         __import__("sklearn.datasets").datasets.load_digits().data[:15]

@@ -42,8 +42,23 @@ async def test_train_predict_status(client: Client, settings: Settings) -> None:
         assert status["status"] == "completed"
         assert [e["epoch"] for e in status["epochs"]] == [1, 2, 3]
         assert status["epochs"][-1]["loss"] < status["epochs"][0]["loss"]
+        # Every tool pairs loss with accuracy on the same (test) split, and
+        # names the last epoch's training loss apart.
+        last = status["epochs"][-1]
+        assert result["train_loss"] == last["loss"]
+        assert result["test_loss"] == result["loss"]
+        assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+        assert result["accuracy"] == pytest.approx(last["val_accuracy"], rel=1e-5)
+        assert result["train_loss"] != result["test_loss"]
+        for key in ("loss", "accuracy", "train_loss", "test_loss"):
+            assert status[key] == result[key], key
         models = await invoke_tool(ctx, "neural_list_models", {})
-        assert result["model_id"] in [m["model_id"] for m in models["models"]]
+        record = next(
+            m for m in models["models"] if m["model_id"] == result["model_id"]
+        )
+        assert record["evaluated_on"] == "test"
+        for key in ("loss", "accuracy", "train_loss", "test_loss"):
+            assert record[key] == result[key], key
 
         from sklearn.datasets import load_digits
 
