@@ -141,7 +141,7 @@ def get_model_record(settings: Settings, model_id: str) -> NeuralModel | None:
 
 
 def job_train_losses(settings: Settings, job_ids: list[str]) -> dict[str, float]:
-    """The last epoch's training loss of each completed job (`neural_jobs.loss`)."""
+    """Return the last epoch's training loss of each completed job."""
     if not job_ids:
         return {}
     with session_scope(settings.effective_database_url) as session:

@@ -361,7 +361,7 @@ async def neural_training_status(
         model = await asyncio.to_thread(
             store.get_model_record, ctx.settings, job.model_id
         )
-    # The job row keeps the last epoch's training loss; the model row keeps
+    # The job row keeps the last epoch's training loss. The model row keeps
     # the final model's test loss, which list_models reports too.
     test_loss = model.loss if model is not None else None
     return JobStatusResult(

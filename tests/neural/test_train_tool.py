@@ -165,5 +165,5 @@ async def test_bad_inputs_rejected(
     with pytest.raises(ToolError, match=message) as caught:
         await invoke_tool(ctx, "neural_train", arguments)
     if "config" in message:
-        # Validation errors list each field with its value.
+        # Validation errors list each field under `errors`.
         assert caught.value.errors[0]["field"].startswith("config.")  # type: ignore[attr-defined]
