@@ -36,7 +36,8 @@ def mask_secrets(value: Any, *, name: str = "") -> Any:
     A secret-named argument and every value of an env var mapping are masked
     whatever their type: a list or mapping there keeps its shape (mapping
     keys stay) with every leaf masked. A string longer than
-    `AUDIT_STRING_LIMIT` keeps its start and says how much was cut.
+    `AUDIT_STRING_LIMIT` keeps its start and ends with the count of
+    characters cut.
     """
     if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
         return mask_all(value)
