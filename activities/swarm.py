@@ -113,14 +113,21 @@ class SwarmActivities:
     async def stop_agent_sandboxes(
         self, request: StopSandboxesRequest
     ) -> StopSandboxesResult:
-        stopped: list[str] = []
-        already: list[str] = []
         executor = self._executor()
-        for sandbox_id in request.sandbox_ids:
-            if await executor.stop(sandbox_id):
-                stopped.append(sandbox_id)
-            else:
-                already.append(sandbox_id)
+        # At once: a sandbox that runs a program answers its stop only once
+        # its session's workflow task ends, which takes seconds each.
+        results = await asyncio.gather(
+            *(executor.stop(sandbox_id) for sandbox_id in request.sandbox_ids)
+        )
+        stopped = [
+            s for s, done in zip(request.sandbox_ids, results, strict=True) if done
+        ]
+        already = [
+            s for s, done in zip(request.sandbox_ids, results, strict=True) if not done
+        ]
+        activity.logger.info(
+            "stopped sandboxes %s (already stopped: %s)", stopped, already
+        )
         return StopSandboxesResult(stopped=stopped, already_stopped=already)
 
 

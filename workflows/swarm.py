@@ -52,6 +52,11 @@ def task_workflow_id(task_id: str) -> str:
     return f"swarm-task-{task_id}"
 
 
+def agent_sandbox_id(agent_id: str) -> str:
+    """Return an agent's fixed sandbox id (as `app.swarm.executor` does)."""
+    return f"sbx_{agent_id.removeprefix('agent_')}"
+
+
 MIRROR_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )
@@ -64,6 +69,9 @@ _PATCH_LOCAL_MIRROR = "swarm-local-mirror-write"
 # Patch id of the SwarmTaskWorkflow change that runs a task's only step as
 # `run_last_agent_step`, which reports the task's end to the swarm.
 _PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
+# Patch id of the change that stops a removed agent's sandbox even when the
+# agent is still in its first task, whose sandbox the swarm has not seen yet.
+_PATCH_STOP_FIRST_TASK_SANDBOX = "swarm-stop-first-task-sandbox"
 
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
@@ -161,6 +169,13 @@ class SwarmWorkflow:
                 f"unknown agent type {request.type!r}; choose one of "
                 f"{', '.join(AGENT_TYPES)}"
             )
+        if request.name is not None:
+            taken = [a for a in self._active_agents() if a.name == request.name]
+            if taken:
+                raise ValueError(
+                    f"agent name {request.name!r} is taken by {taken[0].agent_id} "
+                    f"in swarm {self.state.swarm_id}; choose another name"
+                )
         present = len(self._active_agents())
         if present >= self.state.max_agents:
             raise ValueError(
@@ -232,6 +247,18 @@ class SwarmWorkflow:
                     f"agent {spec.agent_id} is not an active agent of swarm "
                     f"{self.state.swarm_id}; choose an agent from swarm_status"
                 )
+        active = [a for a in self._active_agents() if a.status != "removing"]
+        if (
+            spec.required_capabilities
+            and len(active) >= self.state.max_agents
+            and not any(planning.is_eligible(a, spec) for a in active)
+        ):
+            raise ValueError(
+                f"no agent of swarm {self.state.swarm_id} has the "
+                f"required_capabilities {spec.required_capabilities}, and it has "
+                f"maxAgents {self.state.max_agents} agents already; remove one "
+                "with swarm_scale and spawn one with those capabilities"
+            )
         unknown = [d for d in spec.dependencies if self._find_task(d) is None]
         if unknown:
             raise ValueError(
@@ -380,6 +407,7 @@ class SwarmWorkflow:
                 topology=self.state.topology,
                 abort=task.error,
                 abort_status="cancelled" if task.status == "cancelled" else "failed",
+                aborted_at=task.finished_at,
             )
         agents = [a for a in self.state.agents if a.agent_id in task.assigned_agents]
         agents.sort(key=lambda a: task.assigned_agents.index(a.agent_id))
@@ -402,6 +430,7 @@ class SwarmWorkflow:
                     swarm_id=self.state.swarm_id,
                     spec=task.spec,
                     assignment=self._assignment(task) if with_assignment else None,
+                    submitted_at=task.submitted_at,
                 ),
                 id=task.workflow_id,
                 task_queue=ORCHESTRATION,
@@ -590,7 +619,16 @@ class SwarmWorkflow:
         return agent
 
     def _remove_agent(self, agent: AgentState, *, reason: str) -> None:
+        if (
+            agent.sandbox_id is None
+            and agent.current_task_id is not None
+            and workflow.patched(_PATCH_STOP_FIRST_TASK_SANDBOX)
+        ):
+            # Busy in its first task: the sandbox may run already, and the
+            # task reports it only at its end, which a destroy cancels.
+            agent.sandbox_id = agent_sandbox_id(agent.agent_id)
         agent.status = "removed"
+        agent.left_reason = reason
         agent.current_task_id = None
         if agent.sandbox_id:
             self.state.sandboxes_to_stop.append(agent.sandbox_id)
@@ -687,7 +725,7 @@ class SwarmTaskWorkflow:
             strategy=input.spec.strategy,
             kind=input.spec.work.kind,
             waiting_for=list(input.spec.dependencies),
-            submitted_at=workflow.now(),
+            submitted_at=input.submitted_at or workflow.now(),
         )
         self.next_step = 0
         # Set when the task has one step, which then reports the task's end.
@@ -714,7 +752,7 @@ class SwarmTaskWorkflow:
         if assignment.abort is not None:
             progress.status = assignment.abort_status
             progress.error = assignment.abort
-            progress.finished_at = workflow.now()
+            progress.finished_at = assignment.aborted_at or workflow.now()
             return progress
         progress.status = "running"
         progress.started_at = workflow.now()
@@ -725,6 +763,16 @@ class SwarmTaskWorkflow:
             progress.status = "cancelled"
             progress.error = progress.error or "the task was cancelled"
             progress.finished_at = workflow.now()
+            # Steps cut short end with the task, not stay running.
+            for index, step in enumerate(progress.steps):
+                if step.status == "running":
+                    progress.steps[index] = step.model_copy(
+                        update={
+                            "status": "cancelled",
+                            "error": "the task was cancelled while the step ran",
+                            "finished_at": progress.finished_at,
+                        }
+                    )
             # The swarm cancelled this task (destroy) and has recorded that already.
             return progress
         progress.finished_at = workflow.now()

@@ -56,6 +56,9 @@ class AgentState(BaseModel):
     tasks_failed: int = 0
     joined_at: UtcDateTime
     seq: int = Field(description="Spawn order inside the swarm.")
+    left_reason: str | None = Field(
+        None, description="Why the agent left: scaled down or swarm destroyed."
+    )
 
 
 class TaskWork(BaseModel):
@@ -137,6 +140,9 @@ class Assignment(BaseModel):
     topology: Topology
     abort: str | None = None
     abort_status: Literal["failed", "cancelled"] = "failed"
+    aborted_at: UtcDateTime | None = Field(
+        None, description="When the swarm ended the task without running it."
+    )
 
 
 class SwarmState(BaseModel):
@@ -221,6 +227,13 @@ class SwarmTaskInput(BaseModel):
     swarm_id: str
     spec: TaskSpec
     assignment: Assignment | None = None
+    submitted_at: UtcDateTime | None = Field(
+        None,
+        description=(
+            "When the swarm accepted the task; the child starts later, once "
+            "the task has agents."
+        ),
+    )
 
 
 class AgentStepRequest(BaseModel):
@@ -247,7 +260,7 @@ class StepResult(BaseModel):
     part_index: int
     part: str
     kind: ExecutionKind
-    status: Literal["running", "completed", "failed"]
+    status: Literal["running", "completed", "failed", "cancelled"]
     stdout: str | None = None
     stderr: str | None = None
     exit_code: int | None = None
@@ -308,6 +321,9 @@ class TaskProgress(BaseModel):
     assigned_agents: list[str] = Field(default_factory=list)
     waiting_for: list[str] = Field(
         default_factory=list, description="Dependencies not finished yet."
+    )
+    waiting_reason: str | None = Field(
+        None, description="Why a queued task has no agents yet."
     )
     steps_total: int = 0
     steps_completed: int = 0

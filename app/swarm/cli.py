@@ -59,9 +59,9 @@ def spawn_command(
 def task_command(
     task: Annotated[str, typer.Argument(help="What to do; lines become parts.")],
     code: Annotated[str | None, typer.Option(help="Program each agent runs.")] = None,
-    language: Annotated[str, typer.Option(help="python, javascript or bash.")] = (
-        "python"
-    ),
+    language: Annotated[
+        str | None, typer.Option(help="python (default), javascript or bash.")
+    ] = None,
     command: Annotated[str | None, typer.Option(help="Shell command to run.")] = None,
     action: Annotated[str | None, typer.Option(help="Built-in action name.")] = None,
     priority: Annotated[str, typer.Option(help="low, medium, high, critical.")] = (

@@ -136,8 +136,8 @@ def choose_strategy(
 
     Parts that build on each other (the text says "then" or "after", or each
     step needs the previous output) run in sequence. Independent parts run in
-    parallel when more than one agent is free; with one free agent the parts
-    run one after another anyway.
+    parallel when the task has more than one agent; with one part, or one
+    agent, they run one after another anyway.
     """
     if spec.strategy != "adaptive":
         return spec.strategy, f"requested {spec.strategy}"
@@ -146,10 +146,10 @@ def choose_strategy(
     if chained:
         word = chained.group(1)
         return "sequential", f"task text says {word!r}: parts build on each other"
-    if agent_count <= 1:
-        return "sequential", "only 1 agent is free"
     if len(parts) <= 1:
         return "sequential", "the task has 1 part"
+    if agent_count <= 1:
+        return "sequential", f"{len(parts)} parts and only 1 agent is assigned"
     return (
         "parallel",
         f"{len(parts)} independent parts and {agent_count} free agents",

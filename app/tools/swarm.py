@@ -41,9 +41,9 @@ from app.contracts.swarm import (
     Topology,
 )
 from app.contracts.types import UtcDateTime
-from app.swarm import service
+from app.swarm import planning, service
 from app.swarm.actions import ActionNotAvailableError, check_action
-from app.swarm.executor import build_executor
+from app.swarm.executor import agent_sandbox_id, build_executor
 from app.temporal.search_attributes import SWARM_ID
 from app.tools.registry import ToolContext, ToolError, tool
 
@@ -238,6 +238,16 @@ class AgentSpawnInput(BaseModel):
     name: str | None = Field(None, max_length=200)
     swarm_id: str | None = Field(None, description="Default: newest active swarm.")
 
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "name is empty; give the agent a name, or leave name out for "
+                "one such as coder-1"
+            )
+        return value
+
 
 class AgentSpawnResult(BaseModel):
     agent_id: str
@@ -320,6 +330,16 @@ class TaskOrchestrateInput(BaseModel):
         if len(given) > 1:
             raise ValueError(
                 f"give at most one of code, command and action, not {given}"
+            )
+        if self.action_args and not self.action:
+            raise ValueError(
+                "action_args are given without action; name the built-in action "
+                "they are for, or leave action_args out"
+            )
+        if "language" in self.model_fields_set and not self.code:
+            raise ValueError(
+                f"language {self.language!r} is given without code; it is the "
+                "language of code, so give code or leave language out"
             )
         return self
 
@@ -432,6 +452,7 @@ async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
     if record is None or record.child_started:
         return None
     done = {t.spec.task_id for t in state.tasks if t.status == "completed"}
+    waiting_for = [d for d in record.spec.dependencies if d not in done]
     return TaskProgress(
         task_id=task_id,
         swarm_id=swarm_id,
@@ -439,10 +460,41 @@ async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
         priority=record.spec.priority,
         strategy=record.spec.strategy,
         kind=record.spec.work.kind,
-        waiting_for=[d for d in record.spec.dependencies if d not in done],
+        waiting_for=waiting_for,
+        waiting_reason=(
+            _waiting_reason(state, record, waiting_for)
+            if record.status == "queued"
+            else None
+        ),
         submitted_at=record.submitted_at,
         topology=state.topology,
     )
+
+
+def _waiting_reason(state: SwarmState, record: TaskRecord, waiting: list[str]) -> str:
+    """Say what a queued task waits for: dependencies, a capable agent, a
+    pinned agent or any free agent."""
+    if waiting:
+        return f"waiting for dependencies {waiting} to complete"
+    spec = record.spec
+    active = [a for a in state.agents if a.status in ("idle", "busy")]
+    if spec.agent_id is not None:
+        return f"waiting for agent {spec.agent_id} to be idle"
+    if spec.required_capabilities:
+        capable = [a for a in active if planning.is_eligible(a, spec)]
+        if not capable:
+            return (
+                f"no agent of swarm {state.swarm_id} has the required_capabilities "
+                f"{spec.required_capabilities}; spawn one with agent_spawn and "
+                "those capabilities"
+            )
+        return (
+            f"waiting for one of {len(capable)} agents with capabilities "
+            f"{spec.required_capabilities} to be idle"
+        )
+    if not active:
+        return f"swarm {state.swarm_id} has no agents; spawn one with agent_spawn"
+    return f"waiting for one of {len(active)} agents to be idle"
 
 
 async def _child_exists(handle: WorkflowHandle[Any, TaskProgress]) -> bool:
@@ -539,6 +591,9 @@ class TaskStatusResult(BaseModel):
     topology: str | None
     assigned_agents: list[str]
     waiting_for: list[str]
+    waiting_reason: str | None = Field(
+        None, description="Why a queued task has no agents yet."
+    )
     steps_total: int
     steps_completed: int
     steps_failed: int
@@ -566,6 +621,7 @@ async def task_status(ctx: ToolContext, args: TaskIdInput) -> TaskStatusResult:
         topology=progress.topology,
         assigned_agents=progress.assigned_agents,
         waiting_for=progress.waiting_for,
+        waiting_reason=progress.waiting_reason,
         steps_total=total,
         steps_completed=progress.steps_completed,
         steps_failed=progress.steps_failed,
@@ -727,8 +783,15 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
     agents: list[AgentView] = []
     for agent in state.agents:
         sandbox_state = "not_created"
-        if agent.sandbox_id:
-            sandbox_state = await executor.state(agent.sandbox_id)
+        sandbox_id = agent.sandbox_id
+        if sandbox_id is None and agent.current_task_id is not None:
+            # The swarm learns the sandbox only when the agent's first task
+            # ends; its id is fixed, so read it from the backend meanwhile.
+            sandbox_id = agent_sandbox_id(agent.agent_id)
+        if sandbox_id:
+            sandbox_state = await executor.state(sandbox_id)
+            if sandbox_state == "not_created":
+                sandbox_id = None
         agents.append(
             AgentView(
                 agent_id=agent.agent_id,
@@ -739,7 +802,7 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
                 current_task_id=agent.current_task_id,
                 tasks_completed=agent.tasks_completed,
                 tasks_failed=agent.tasks_failed,
-                sandbox_id=agent.sandbox_id,
+                sandbox_id=sandbox_id,
                 sandbox_state=sandbox_state,
                 sandbox_backend=executor.backend,
             )
@@ -857,11 +920,13 @@ async def swarm_destroy(ctx: ToolContext, args: SwarmIdInput) -> SwarmDestroyRes
         for t in state.tasks
         if t.status == "cancelled" and t.error and "destroyed" in t.error
     ]
+    # Agents that swarm_scale removed before are not counted again.
+    removed = [a for a in state.agents if a.left_reason == "swarm destroyed"]
     return SwarmDestroyResult(
         swarm_id=swarm_id,
         status=state.status,
-        agents_removed=len(state.agents),
-        sandboxes_stopped=[a.sandbox_id for a in state.agents if a.sandbox_id],
+        agents_removed=len(removed),
+        sandboxes_stopped=[a.sandbox_id for a in removed if a.sandbox_id],
         tasks_cancelled=cancelled,
         destroyed_at=state.destroyed_at,
     )

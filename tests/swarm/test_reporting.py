@@ -1,0 +1,159 @@
+"""What swarm tools report about queued, running and cancelled tasks and
+their agents' sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import pytest
+
+from app.contracts.swarm import StopSandboxesRequest, TaskSpec, TaskWork
+from app.swarm import planning
+from app.swarm.executor import agent_sandbox_id, build_executor
+from app.tools import ToolError, ToolInputError
+from tests.swarm.conftest import GATED_PROGRAM, Swarms, agent_folder, wait_for_file
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+async def test_queued_task_keeps_submission_time_and_first_sandbox_shows(
+    swarms: Swarms,
+) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    blocker = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    queued = await swarms.call(
+        "task_orchestrate", task="next", code="print('next')", swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    # The agent is in its first task, whose sandbox runs the program now.
+    [agent] = status["agents"]
+    assert agent["current_task_id"] == blocker["task_id"]
+    assert agent["sandbox_id"] == agent_sandbox_id(agent_id)
+    assert agent["sandbox_state"] == "running"
+    submitted = {t["task_id"]: t["submitted_at"] for t in status["tasks"]}
+    (folder / "gate").write_text("open")
+    result = await swarms.call(
+        "task_results", task_id=queued["task_id"], wait_seconds=60
+    )
+    assert result["status"] == "completed", result["error"]
+    assert _time(result["submitted_at"]) == _time(submitted[queued["task_id"]])
+    assert _time(result["submitted_at"]) < _time(result["started_at"])
+
+
+async def test_destroy_ends_steps_and_counts_only_its_own_removals(
+    swarms: Swarms,
+) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
+    scaled = await swarms.call("swarm_scale", target_agents=1, swarm_id=swarm_id)
+    assert scaled["removed"] == [agents[1]["agent_id"]]
+    remaining = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, remaining)
+    await wait_for_file(folder / "started")
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["agents_removed"] == 1
+    # The agent's first task had not reported its sandbox, which stops anyway.
+    assert destroyed["sandboxes_stopped"] == [agent_sandbox_id(remaining)]
+    executor = build_executor(swarms.client, swarms.settings)
+    assert await executor.state(agent_sandbox_id(remaining)) == "stopped"
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "cancelled"
+    [step] = result["results"]
+    assert step["status"] == "cancelled"
+    assert step["finished_at"] is not None
+    assert step["error"] == "the task was cancelled while the step ran"
+
+
+class _GatheringExecutor:
+    """Answers a stop only once every stop has been asked for, so sandboxes
+    stopped one at a time never finish."""
+
+    backend = "fake"
+
+    def __init__(self, count: int) -> None:
+        self.asked: list[str] = []
+        self.count = count
+        self.all_asked = asyncio.Event()
+
+    async def stop(self, sandbox_id: str) -> bool:
+        self.asked.append(sandbox_id)
+        if len(self.asked) == self.count:
+            self.all_asked.set()
+        await self.all_asked.wait()
+        return sandbox_id != "sbx_gone"
+
+
+async def test_stop_agent_sandboxes_stops_them_at_once(swarms: Swarms) -> None:
+    from activities.swarm import SwarmActivities
+
+    activities = SwarmActivities(swarms.settings)
+    ids = ["sbx_a", "sbx_b", "sbx_gone", "sbx_c"]
+    fake = _GatheringExecutor(len(ids))
+    activities.executor = fake  # type: ignore[assignment]
+    result = await asyncio.wait_for(
+        activities.stop_agent_sandboxes(StopSandboxesRequest(sandbox_ids=ids)), 30
+    )
+    assert result.stopped == ["sbx_a", "sbx_b", "sbx_c"]
+    assert result.already_stopped == ["sbx_gone"]
+
+
+async def test_ignored_arguments_and_names_are_rejected(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolInputError, match="action_args are given without action"):
+        await swarms.call(
+            "task_orchestrate", task="x", action_args={"a": 1}, swarm_id=swarm_id
+        )
+    with pytest.raises(ToolInputError, match="language 'bash' is given without code"):
+        await swarms.call(
+            "task_orchestrate", task="x", language="bash", swarm_id=swarm_id
+        )
+    with pytest.raises(ToolInputError, match="name is empty"):
+        await swarms.call("agent_spawn", type="coder", name=" ", swarm_id=swarm_id)
+    with pytest.raises(ToolError, match="agent name 'coder-0' is taken"):
+        await swarms.call(
+            "agent_spawn", type="tester", name="coder-0", swarm_id=swarm_id
+        )
+
+
+async def test_unmatched_capability_is_rejected_or_explained(swarms: Swarms) -> None:
+    full, _ = await swarms.swarm("mesh", ["coder"], maxAgents=1)
+    with pytest.raises(ToolError, match=r"required_capabilities \['gpu'\]"):
+        await swarms.call(
+            "task_orchestrate",
+            task="gpu job",
+            command="echo x",
+            required_capabilities=["gpu"],
+            swarm_id=full,
+        )
+    room, _ = await swarms.swarm("mesh", ["coder"], maxAgents=2)
+    task = await swarms.call(
+        "task_orchestrate",
+        task="gpu job",
+        command="echo x",
+        required_capabilities=["gpu"],
+        swarm_id=room,
+    )
+    status = await swarms.call("task_status", task_id=task["task_id"])
+    assert status["status"] == "queued"
+    assert "has the required_capabilities ['gpu']" in status["waiting_reason"]
+
+
+def test_adaptive_reason_names_the_single_part() -> None:
+    spec = TaskSpec(task_id="t", work=TaskWork(kind="shell", task="x", command="x"))
+    assert planning.choose_strategy(spec, ["x"], 1) == (
+        "sequential",
+        "the task has 1 part",
+    )
+    assert planning.choose_strategy(spec, ["a", "b"], 1)[1] == (
+        "2 parts and only 1 agent is assigned"
+    )
