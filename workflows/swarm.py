@@ -835,6 +835,10 @@ class SwarmTaskWorkflow:
         outputs = await runner(agents, parts, strategy == "sequential")
         if strategy == "sequential":
             self.progress.output = outputs[-1] if outputs else ""
+            done = [s for s in self.progress.steps if s.status == "completed"]
+            if len(done) < len(outputs):
+                # The chain broke: keep the last output that a step completed.
+                self.progress.output = done[-1].output_text() if done else ""
         else:
             self.progress.output = "\n".join(o.rstrip("\n") for o in outputs)
 
@@ -890,6 +894,8 @@ class SwarmTaskWorkflow:
                 previous = step.output_text()
                 chain.append(previous)
                 if step.status == "failed":
+                    for rest, (later, text) in enumerate(queue, start=turn):
+                        self._skip(agents[rest % len(agents)], later, text)
                     break
             return chain
 
@@ -918,6 +924,8 @@ class SwarmTaskWorkflow:
                 previous = step.output_text()
                 outputs.append(previous)
                 if step.status == "failed":
+                    for later in range(index + 1, len(parts)):
+                        self._skip(agents[later % n], later, parts[later])
                     break
             return outputs
         outputs = await self._run_parts(
@@ -948,6 +956,8 @@ class SwarmTaskWorkflow:
                 previous = step.output_text()
                 outputs.append(previous)
                 if step.status == "failed":
+                    for later in range(index + 1, len(parts)):
+                        self._skip(owners[later], later, parts[later])
                     break
             return outputs
         for index, agent in enumerate(owners):
@@ -968,6 +978,8 @@ class SwarmTaskWorkflow:
                 previous = step.output_text()
                 outputs.append(previous)
                 if step.status == "failed":
+                    for later in range(index + 1, len(parts)):
+                        self._skip(owners[later], later, parts[later])
                     break
             return outputs
         steps = await asyncio.gather(
@@ -977,6 +989,28 @@ class SwarmTaskWorkflow:
             )
         )
         return [s.output_text() for s in steps]
+
+    def _skip(self, agent: AgentState, part_index: int, part: str) -> None:
+        """Record a part that a sequential chain did not run, since an
+        earlier step failed."""
+        failed = next(s for s in self.progress.steps if s.status == "failed")
+        self.progress.steps.append(
+            StepResult(
+                step=self.next_step,
+                agent_id=agent.agent_id,
+                agent_name=agent.name,
+                agent_type=agent.type,
+                part_index=part_index,
+                part=part,
+                kind=self.input.spec.work.kind,
+                status="skipped",
+                error=(
+                    f"not run: step {failed.step} (part {failed.part_index}) "
+                    "failed before it"
+                ),
+            )
+        )
+        self.next_step += 1
 
     async def _step(
         self,

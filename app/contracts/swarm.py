@@ -260,7 +260,7 @@ class StepResult(BaseModel):
     part_index: int
     part: str
     kind: ExecutionKind
-    status: Literal["running", "completed", "failed", "cancelled"]
+    status: Literal["running", "completed", "failed", "cancelled", "skipped"]
     stdout: str | None = None
     stderr: str | None = None
     exit_code: int | None = None

@@ -157,3 +157,26 @@ def test_adaptive_reason_names_the_single_part() -> None:
     assert planning.choose_strategy(spec, ["a", "b"], 1)[1] == (
         "2 parts and only 1 agent is assigned"
     )
+
+
+@pytest.mark.parametrize("topology", ["ring", "mesh"])
+async def test_sequential_failure_skips_the_rest_and_keeps_output(
+    swarms: Swarms, topology: str
+) -> None:
+    swarm_id, agents = await swarms.swarm(topology, ["coder", "tester"])
+    result = await swarms.run_task(
+        task="1. ok\n2. bad\n3. after",
+        command='[ "$NEXUS_PART" = bad ] && exit 5; echo "$NEXUS_PART"',
+        strategy="sequential",
+        swarm_id=swarm_id,
+    )
+    assert result["status"] == "failed"
+    steps = result["results"]
+    assert [(s["part"], s["status"]) for s in steps] == [
+        ("ok", "completed"),
+        ("bad", "failed"),
+        ("after", "skipped"),
+    ]
+    assert steps[2]["error"] == "not run: step 1 (part 1) failed before it"
+    assert steps[2]["agent_id"] == agents[0]["agent_id"]
+    assert result["output"] == "ok\n"
