@@ -123,6 +123,15 @@ async def test_ignored_arguments_and_names_are_rejected(swarms: Swarms) -> None:
         await swarms.call(
             "agent_spawn", type="tester", name="coder-0", swarm_id=swarm_id
         )
+    spawns = await asyncio.gather(
+        *(
+            swarms.call("agent_spawn", type="coder", name="dup", swarm_id=swarm_id)
+            for _ in range(3)
+        ),
+        return_exceptions=True,
+    )
+    assert len([s for s in spawns if isinstance(s, dict)]) == 1
+    assert all("is taken" in str(s) for s in spawns if not isinstance(s, dict))
 
 
 async def test_unmatched_capability_is_rejected_or_explained(swarms: Swarms) -> None:
