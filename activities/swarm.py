@@ -114,8 +114,8 @@ class SwarmActivities:
         self, request: StopSandboxesRequest
     ) -> StopSandboxesResult:
         executor = self._executor()
-        # At once: a sandbox that runs a program answers its stop only once
-        # its session's workflow task ends, which takes seconds each.
+        # At once: the stop of a sandbox that runs a program completes only
+        # after its session's workflow task ends, which takes seconds each.
         results = await asyncio.gather(
             *(executor.stop(sandbox_id) for sandbox_id in request.sandbox_ids)
         )

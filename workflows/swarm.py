@@ -170,10 +170,10 @@ class SwarmWorkflow:
                 f"{', '.join(AGENT_TYPES)}"
             )
         if request.name is not None:
-            taken = [a for a in self._active_agents() if a.name == request.name]
-            if taken:
+            holder = [a for a in self._active_agents() if a.name == request.name]
+            if holder:
                 raise ValueError(
-                    f"agent name {request.name!r} is taken by {taken[0].agent_id} "
+                    f"agent name {request.name!r} is taken by {holder[0].agent_id} "
                     f"in swarm {self.state.swarm_id}; choose another name"
                 )
         present = len(self._active_agents())

@@ -472,8 +472,8 @@ async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
 
 
 def _waiting_reason(state: SwarmState, record: TaskRecord, waiting: list[str]) -> str:
-    """Say what a queued task waits for: dependencies, a capable agent, a
-    pinned agent or any free agent."""
+    """Return what a queued task waits for: dependencies, an agent with the
+    required capabilities, the pinned agent or any idle agent."""
     if waiting:
         return f"waiting for dependencies {waiting} to complete"
     spec = record.spec

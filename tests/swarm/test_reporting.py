@@ -19,7 +19,7 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-async def test_queued_task_keeps_submission_time_and_first_sandbox_shows(
+async def test_queued_submission_time_and_first_sandbox(
     swarms: Swarms,
 ) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
@@ -48,7 +48,7 @@ async def test_queued_task_keeps_submission_time_and_first_sandbox_shows(
     assert _time(result["submitted_at"]) < _time(result["started_at"])
 
 
-async def test_destroy_ends_steps_and_counts_only_its_own_removals(
+async def test_destroy_counts_and_cancelled_steps(
     swarms: Swarms,
 ) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
@@ -75,21 +75,21 @@ async def test_destroy_ends_steps_and_counts_only_its_own_removals(
 
 
 class _GatheringExecutor:
-    """Answers a stop only once every stop has been asked for, so sandboxes
-    stopped one at a time never finish."""
+    """Executor whose stops complete only once every stop is requested, so
+    stopping sandboxes one at a time never finishes."""
 
     backend = "fake"
 
     def __init__(self, count: int) -> None:
-        self.asked: list[str] = []
+        self.requested: list[str] = []
         self.count = count
-        self.all_asked = asyncio.Event()
+        self.all_requested = asyncio.Event()
 
     async def stop(self, sandbox_id: str) -> bool:
-        self.asked.append(sandbox_id)
-        if len(self.asked) == self.count:
-            self.all_asked.set()
-        await self.all_asked.wait()
+        self.requested.append(sandbox_id)
+        if len(self.requested) == self.count:
+            self.all_requested.set()
+        await self.all_requested.wait()
         return sandbox_id != "sbx_gone"
 
 
@@ -107,7 +107,7 @@ async def test_stop_agent_sandboxes_stops_them_at_once(swarms: Swarms) -> None:
     assert result.already_stopped == ["sbx_gone"]
 
 
-async def test_ignored_arguments_and_names_are_rejected(swarms: Swarms) -> None:
+async def test_ignored_arguments_and_bad_names(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
     with pytest.raises(ToolInputError, match="action_args are given without action"):
         await swarms.call(
@@ -134,7 +134,7 @@ async def test_ignored_arguments_and_names_are_rejected(swarms: Swarms) -> None:
     assert all("is taken" in str(s) for s in spawns if not isinstance(s, dict))
 
 
-async def test_unmatched_capability_is_rejected_or_explained(swarms: Swarms) -> None:
+async def test_unmatched_capability_rejected_or_explained(swarms: Swarms) -> None:
     full, _ = await swarms.swarm("mesh", ["coder"], maxAgents=1)
     with pytest.raises(ToolError, match=r"required_capabilities \['gpu'\]"):
         await swarms.call(
@@ -157,7 +157,7 @@ async def test_unmatched_capability_is_rejected_or_explained(swarms: Swarms) -> 
     assert "has the required_capabilities ['gpu']" in status["waiting_reason"]
 
 
-def test_adaptive_reason_names_the_single_part() -> None:
+def test_adaptive_reason_single_part() -> None:
     spec = TaskSpec(task_id="t", work=TaskWork(kind="shell", task="x", command="x"))
     assert planning.choose_strategy(spec, ["x"], 1) == (
         "sequential",
@@ -169,9 +169,7 @@ def test_adaptive_reason_names_the_single_part() -> None:
 
 
 @pytest.mark.parametrize("topology", ["ring", "mesh"])
-async def test_sequential_failure_skips_the_rest_and_keeps_output(
-    swarms: Swarms, topology: str
-) -> None:
+async def test_sequential_failure_skips_rest(swarms: Swarms, topology: str) -> None:
     swarm_id, agents = await swarms.swarm(topology, ["coder", "tester"])
     result = await swarms.run_task(
         task="1. ok\n2. bad\n3. after",
