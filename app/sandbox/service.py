@@ -19,7 +19,6 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from temporalio.client import (
@@ -92,11 +91,6 @@ class CreateOptions:
     install_packages: list[str] = field(default_factory=list)
     startup_script: str | None = None
     sandbox_id: str | None = None
-    # The session's workflow task timeout (server default 10 s). A local
-    # activity that runs longer keeps the task open until the worker extends
-    # it at 80% of this timeout, and only then do waiting calls reach the
-    # session, a stop included.
-    workflow_task_timeout: timedelta | None = None
 
 
 def workflow_id(sandbox_id: str) -> str:
@@ -205,7 +199,6 @@ async def create_sandbox(
         ),
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-        task_timeout=options.workflow_task_timeout,
     )
     try:
         info = await client.execute_update_with_start_workflow(

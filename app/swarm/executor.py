@@ -14,7 +14,6 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Protocol
 
 from temporalio.client import Client, WorkflowUpdateFailedError
@@ -29,12 +28,6 @@ logger = logging.getLogger(__name__)
 
 # Sandbox ids a worker remembers as running; each entry is one short string.
 RUNNING_CACHE_SIZE = 4096
-
-# Workflow task timeout of agent sessions. A step's program runs as a local
-# activity of the session, which keeps its workflow task open until the
-# worker extends the task at 80% of this timeout (2.4 s instead of 8 s). Only
-# then does a stop reach a busy agent's session.
-AGENT_SESSION_TASK_TIMEOUT = timedelta(seconds=3)
 
 # `status` from the sandbox session: `running` (with the backend's live
 # state), `creating`, `stopped`, `deleted`, `failed`, or `not_created`.
@@ -148,7 +141,6 @@ class SandboxSessionExecutor:
                         name=f"agent {agent_id}",
                         metadata={"agent_id": agent_id, "purpose": "swarm agent"},
                         sandbox_id=sandbox_id,
-                        workflow_task_timeout=AGENT_SESSION_TASK_TIMEOUT,
                     ),
                 )
                 self._remember_running(sandbox_id)
