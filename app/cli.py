@@ -10,14 +10,13 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from app.api.cli import keys_cli, mcp_command, tool_command
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
 from app.sandbox.cli import sandbox_cli
-from app.settings import Settings, get_settings, settings_error_lines
+from app.settings import Settings, settings_or_exit
 from app.storage.cli import storage_cli
 from app.swarm.cli import swarm_cli
 from app.workflows.cli import workflow_cli
@@ -55,12 +54,7 @@ cli.add_typer(storage_cli, name="storage")
 
 def load_settings() -> Settings:
     """Read the settings, or exit with the validation message and code 2."""
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        for line in settings_error_lines(error):
-            typer.echo(line, err=True)
-        raise typer.Exit(2) from None
+    settings = settings_or_exit()
     configure_logging(settings.log_level)
     return settings
 

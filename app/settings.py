@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,6 +331,17 @@ def _default_text(name: str) -> str:
         return "the default"
     default = field.default
     return f"the default {str(default) if isinstance(default, Path) else default!r}"
+
+
+def settings_or_exit() -> Settings:
+    """Return this process's settings, or print each invalid setting to stderr
+    (see `settings_error_lines`) and exit with code 2."""
+    try:
+        return get_settings()
+    except ValidationError as error:
+        for line in settings_error_lines(error):
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def settings_error_lines(error: ValidationError) -> list[str]:

@@ -12,7 +12,7 @@ import uvloop
 from app.db.migrate import upgrade
 from app.logs import configure_logging
 from app.processes import worker_identity
-from app.settings import get_settings
+from app.settings import settings_or_exit
 from app.temporal.client import connect
 from workers.malloc import fix_mmap_threshold, limit_malloc_arenas
 from workers.registry import QUEUE_LIMITS
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if not options.queue and not options.neural_node:
         parser.error("give at least one --queue or --neural-node")
-    settings = get_settings()
+    settings = settings_or_exit()
     # Before the SDK core and the thread pools start their threads.
     limit_malloc_arenas(settings.worker_malloc_arena_max)
     fix_mmap_threshold(settings.worker_malloc_mmap_threshold)

@@ -7,13 +7,12 @@ import sys
 from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
 
 from app.api.http import create_app
 from app.api.keys import ensure_default_key
 from app.db.migrate import upgrade
 from app.logs import configure_logging
-from app.settings import Settings, get_settings, settings_error_lines
+from app.settings import Settings, settings_or_exit
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +41,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def main() -> None:
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        for line in settings_error_lines(error):
-            print(line, file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = settings_or_exit()
     configure_logging(settings.log_level)
     try:
         options = uvicorn_options(settings)

@@ -137,13 +137,20 @@ def test_keys_create_rejects_empty_name(api_settings: Settings, name: str) -> No
             "invalid setting NEXUS_API_KEY_CACHE_SECONDS='abc': Input should be a "
             "valid number",
         ),
+        (
+            "workers",
+            "NEXUS_HTTP_PORT",
+            "99999",
+            "invalid setting NEXUS_HTTP_PORT='99999': Input should be less than or "
+            "equal to 65535",
+        ),
     ],
 )
 def test_invalid_setting_names_variable_and_value(
     api_settings: Settings, module: str, variable: str, value: str, expected: str
 ) -> None:
     env = {**server_env(api_settings), variable: value}
-    args = ["config"] if module == "app" else []
+    args = {"app": ["config"], "workers": ["--queue", "nexus-sandbox"]}.get(module, [])
     completed = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
