@@ -884,15 +884,44 @@ def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]
 async def _read_fd_capped(
     loop: asyncio.AbstractEventLoop, fd: int, limit: int
 ) -> tuple[str, int]:
-    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes."""
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
+    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes.
+
+    It reads with `add_reader` and `os.read`, not `connect_read_pipe`:
+    uvloop's `connect_read_pipe` closes the descriptor twice (libuv and the
+    file object each close it), and in a worker with threads the second
+    close can hit a descriptor that another thread opened in between.
+    """
+    kept = bytearray()
+    dropped = 0
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        nonlocal dropped
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            if not ended.done():
+                ended.set_exception(error)
+            return
+        if not chunk:
+            if not ended.done():
+                ended.set_result(None)
+            return
+        room = limit - len(kept)
+        if room > 0:
+            kept.extend(chunk[:room])
+        dropped += max(0, len(chunk) - max(room, 0))
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
     try:
-        return await _read_capped(reader, limit)
+        await ended
     finally:
-        transport.close()
+        loop.remove_reader(fd)
+        os.close(fd)
+    return _captured(kept, dropped)
 
 
 def _kill_tree(pid: int) -> None:
@@ -925,6 +954,11 @@ async def _read_capped(
         if room > 0:
             kept += chunk[:room]
         dropped += max(0, len(chunk) - max(room, 0))
+    return _captured(kept, dropped)
+
+
+def _captured(kept: bytearray, dropped: int) -> tuple[str, int]:
+    """Return the kept output as text, with a marker when bytes were dropped."""
     text = kept.decode("utf-8", errors="replace")
     if dropped:
         text += f"\n[output truncated: {dropped} bytes dropped]"
