@@ -10,6 +10,7 @@ import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -995,14 +996,11 @@ class SwarmTaskWorkflow:
         earlier step failed."""
         failed = next(s for s in self.progress.steps if s.status == "failed")
         self.progress.steps.append(
-            StepResult(
-                step=self.next_step,
-                agent_id=agent.agent_id,
-                agent_name=agent.name,
-                agent_type=agent.type,
-                part_index=part_index,
-                part=part,
-                kind=self.input.spec.work.kind,
+            self._step_record(
+                self.next_step,
+                agent,
+                part_index,
+                part,
                 status="skipped",
                 error=(
                     f"not run: step {failed.step} (part {failed.part_index}) "
@@ -1011,6 +1009,26 @@ class SwarmTaskWorkflow:
             )
         )
         self.next_step += 1
+
+    def _step_record(
+        self,
+        step: int,
+        agent: AgentState,
+        part_index: int,
+        part: str,
+        **fields: Any,
+    ) -> StepResult:
+        """Build the record of one step of `agent` on one part of the task."""
+        return StepResult(
+            step=step,
+            agent_id=agent.agent_id,
+            agent_name=agent.name,
+            agent_type=agent.type,
+            part_index=part_index,
+            part=part,
+            kind=self.input.spec.work.kind,
+            **fields,
+        )
 
     async def _step(
         self,
@@ -1022,14 +1040,11 @@ class SwarmTaskWorkflow:
     ) -> StepResult:
         step_number = self.next_step
         self.next_step += 1
-        placeholder = StepResult(
-            step=step_number,
-            agent_id=agent.agent_id,
-            agent_name=agent.name,
-            agent_type=agent.type,
-            part_index=part_index,
-            part=part,
-            kind=self.input.spec.work.kind,
+        placeholder = self._step_record(
+            step_number,
+            agent,
+            part_index,
+            part,
             status="running",
             started_at=workflow.now(),
         )

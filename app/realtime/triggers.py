@@ -375,8 +375,8 @@ def _enable_sqlite(
     stored = {name: sql for name, sql in rows}
     for event, (record, old) in bodies.items():
         trigger = f"nexus_realtime_{table}_{event.lower()}"
-        wanted = _sqlite_trigger_sql(table, event, record, old)
-        if stored.get(trigger) == wanted:
+        expected_sql = _sqlite_trigger_sql(table, event, record, old)
+        if stored.get(trigger) == expected_sql:
             # Unchanged: every worker start runs this, and leaving the
             # trigger alone changes neither the schema nor other writers.
             continue
@@ -385,7 +385,7 @@ def _enable_sqlite(
         connection.exec_driver_sql(
             f"DROP TRIGGER IF EXISTS {_quote_identifier(trigger)}"
         )
-        connection.exec_driver_sql(wanted)
+        connection.exec_driver_sql(expected_sql)
 
 
 def disable_realtime(url: str, table: str) -> None:

@@ -886,9 +886,9 @@ async def _read_fd_capped(
 ) -> tuple[str, int]:
     """Read the pipe `fd` to its end (closing it), keeping `limit` bytes.
 
-    It reads with `add_reader` and `os.read`, not `connect_read_pipe`:
-    uvloop's `connect_read_pipe` closes the descriptor twice (libuv and the
-    file object each close it), and in a worker with threads the second
+    It reads with `add_reader` and `os.read`, not `connect_read_pipe`,
+    because uvloop's `connect_read_pipe` closes the descriptor twice (libuv
+    and the file object each close it). In a worker with threads, the second
     close can hit a descriptor that another thread opened in between.
     """
     kept = bytearray()

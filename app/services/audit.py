@@ -63,7 +63,8 @@ def mask_all(value: Any) -> Any:
 
 
 def is_secret_name(name: str) -> bool:
-    """Whether an argument of this name holds secrets (see `mask_secrets`)."""
+    """Return whether an argument of this name contains secrets (see
+    `mask_secrets`)."""
     return name in _SECRET_MAPPINGS or bool(_SECRET_NAME.search(name))
 
 

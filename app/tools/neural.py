@@ -111,14 +111,9 @@ class NeuralTrainInput(BaseModel):
     wait: bool = Field(True, description="Wait for training to finish.")
 
 
-class NeuralTrainResult(BaseModel):
-    job_id: str
-    model_id: str
-    status: str
-    architecture: str
-    tier: str
-    widths: list[int]
-    dataset: str
+class TrainingScores(BaseModel):
+    """Scores of a training job's final model, each named by its split."""
+
     loss: float | None = Field(
         None,
         description="Loss on the test split (the same as test_loss), measured "
@@ -131,6 +126,16 @@ class NeuralTrainResult(BaseModel):
     test_loss: float | None = Field(
         None, description="Loss of the final model on the test split."
     )
+
+
+class NeuralTrainResult(TrainingScores):
+    job_id: str
+    model_id: str
+    status: str
+    architecture: str
+    tier: str
+    widths: list[int]
+    dataset: str
     epochs_completed: int = 0
     training_time: float | None = None
     jit: bool
@@ -313,7 +318,7 @@ class EpochRecord(BaseModel):
     seconds: float
 
 
-class JobStatusResult(BaseModel):
+class JobStatusResult(TrainingScores):
     job_id: str
     model_id: str
     status: str
@@ -321,18 +326,6 @@ class JobStatusResult(BaseModel):
     dataset: str
     epochs_requested: int
     epochs_completed: int
-    loss: float | None = Field(
-        None,
-        description="Loss on the test split (the same as test_loss), measured "
-        "with the final model like accuracy.",
-    )
-    accuracy: float | None = Field(None, description="Accuracy on the test split.")
-    train_loss: float | None = Field(
-        None, description="Mean training loss of the last epoch."
-    )
-    test_loss: float | None = Field(
-        None, description="Loss of the final model on the test split."
-    )
     training_time: float | None
     jit: bool
     error: str | None

@@ -183,9 +183,11 @@ def mask_arguments(
 def masked_input(
     loc: tuple[int | str, ...], value: Any, marked: frozenset[str] = frozenset()
 ) -> Any:
-    """The input of one validation error, fit to show: masked whole when any
-    part of its location is a secret field (an env var map, a key), else
-    with its secret-named parts masked."""
+    """Return the input of one validation error, fit to show.
+
+    The input is masked whole when any part of its location is a secret
+    field (an env var map, a key), else only its secret-named parts are.
+    """
     if any(
         isinstance(part, str) and (part in marked or is_secret_name(part))
         for part in loc

@@ -44,7 +44,7 @@ class ConflictError(RuntimeError):
 
 
 class SavedDefinition(NamedTuple):
-    """What `save_definition` stored: the row, the version number, whether
+    """The result of `save_definition`: the row, the version number, whether
     it is a new version, and the body as stored (secret values sealed)."""
 
     row: WorkflowDefinitionRow
