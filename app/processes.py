@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -15,6 +16,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now out of the garbage collector's reach.
+
+    Call it once a long-lived process has imported its modules and built
+    its app, right before it serves. Those objects live as long as the
+    process, yet a full collection scans them all: about 120,000 in a
+    realtime subscriber, whose full collections then took 70 to 110 ms on
+    the 2-core development machine and held back every event in flight.
+    Frozen, a full collection scans only what was made since. Garbage is
+    collected first, since a frozen cycle would never be freed.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def worker_identity(task_queue: str) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy import text as sql_text
 
 from app.db import dispose_engines, get_engine
 from app.db.migrate import upgrade
+from app.processes import freeze_startup_objects
 from app.realtime.service import create_subscription
 from app.realtime.stream import Subscriber
 from app.realtime.triggers import enable_realtime
@@ -127,6 +128,9 @@ async def run_realtime(url: str, rows: int, batch: int) -> dict[str, Any]:
                 return
 
     subscribers = [Subscriber(url, s.subscription_id) for s in subscriptions]
+    # This process serves the subscriptions as the HTTP server and the
+    # workers serve theirs, with the startup objects frozen.
+    freeze_startup_objects()
     cpu_started = time.process_time()
     for subscriber in subscribers:
         await subscriber.__aenter__()

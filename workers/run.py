@@ -14,7 +14,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from app.contracts.queues import NEURAL
-from app.processes import worker_identity
+from app.processes import freeze_startup_objects, worker_identity
 from app.sandbox.runtime import close_local_backends
 from app.settings import Settings
 from workers.malloc import trim_malloc_every
@@ -54,6 +54,9 @@ async def run_workers(
             if plan is not None:
                 await asyncio.to_thread(warm_up, queue, plan.modules, plan.steps)
     workers = [build_worker(client, settings, queue) for queue in task_queues]
+    # Imports and the warm-up are done: what exists now lives as long as the
+    # process, and full collections need not scan it again.
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -73,10 +73,13 @@ def tail_command(
     The subscription is created on start and deleted on exit.
     """
     from app.cli import load_settings
+    from app.processes import freeze_startup_objects
     from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 
     settings = load_settings()
     load_tools()
+    # A tail can follow a busy table for hours; see freeze_startup_objects.
+    freeze_startup_objects()
     ctx = ToolContext(settings, user_id=f"cli:{getpass.getuser()}")
 
     async def follow() -> None:
