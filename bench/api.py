@@ -87,24 +87,55 @@ async def drive(
     headers: dict[str, str],
     total: int,
     width: int,
+    rate: float = 0.0,
 ) -> tuple[list[float], int]:
     """Send `total` POSTs from `width` concurrent clients; return the
-    latencies in ms and the count of non-200 responses."""
+    latencies in ms and the count of non-200 responses.
+
+    With `rate` 0 each client sends its next request as soon as the last
+    one is answered. Otherwise the clients together send `rate` requests a
+    second on a fixed schedule, each client every `width / rate` seconds,
+    staggered evenly. A latency then runs from the request's scheduled
+    time, so a server that falls behind is charged for the wait of every
+    request queued behind it.
+    """
     latencies: list[float] = []
     failures = 0
     remaining = total
+    interval = width / rate if rate > 0 else 0.0
+    start = 0.0
 
-    async def one_client() -> None:
+    async def one_client(index: int) -> None:
         nonlocal remaining, failures
         async with httpx.AsyncClient(headers=headers, timeout=60) as http:
             await http.post(url, json=body)  # connection setup is not measured
+            connected.release()
+            await ready.wait()
+            due = start + index * interval / width
             while remaining > 0:
                 remaining -= 1
-                started = time.perf_counter()
+                if interval:
+                    await asyncio.sleep(due - time.perf_counter())
+                    started = due
+                    due += interval
+                else:
+                    started = time.perf_counter()
                 response = await http.post(url, json=body)
                 latencies.append((time.perf_counter() - started) * 1000)
                 if response.status_code != 200:
                     failures += 1
+
+    ready = asyncio.Event()
+    connected = asyncio.Semaphore(0)
+
+    async def begin() -> None:
+        nonlocal start
+        for _ in range(width):
+            await connected.acquire()
+        # Every client has connected; the schedule starts a little later.
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        ready.set()
 
     # The collector is paused while a turn runs, because its full passes
     # over the driver's heap took up to 0.66 s on a loaded 2-core machine
@@ -112,13 +143,13 @@ async def drive(
     gc.collect()
     gc.disable()
     try:
-        await asyncio.gather(*(one_client() for _ in range(width)))
+        await asyncio.gather(begin(), *(one_client(i) for i in range(width)))
     finally:
         gc.enable()
     return latencies, failures
 
 
-Job = tuple[str, Mapping[str, object], dict[str, str], int, int]
+Job = tuple[str, Mapping[str, object], dict[str, str], int, int, float]
 
 
 def driver_process(connection: Connection) -> None:
@@ -152,15 +183,20 @@ class Drivers:
         headers: dict[str, str],
         total: int,
         width: int,
+        rate: float = 0.0,
     ) -> tuple[list[float], int]:
-        """Split `width` clients and `total` requests over the processes
-        and return the latencies and failures of all of them."""
+        """Split `width` clients, `total` requests and the offered `rate`
+        over the processes and return the latencies and failures of all of
+        them."""
         count = len(self.connections)
         jobs: list[Job] = []
         for index in range(count):
             share_width = width // count + (index < width % count)
             share_total = total // count + (index < total % count)
-            jobs.append((url, dict(body), headers, share_total, share_width))
+            share_rate = rate * share_width / width
+            jobs.append(
+                (url, dict(body), headers, share_total, share_width, share_rate)
+            )
         for connection, job in zip(self.connections, jobs, strict=True):
             connection.send(job)
         latencies: list[float] = []
@@ -288,7 +324,7 @@ async def measure(args: argparse.Namespace) -> None:
             for name, url, body in targets[shift:] + targets[:shift]:
                 before = _cpu_seconds(servers[name])
                 measured, failed = await drivers.drive(
-                    url, body, headers, per_round, args.concurrency
+                    url, body, headers, per_round, args.concurrency, args.rate
                 )
                 server_cpu[name] += _cpu_seconds(servers[name]) - before
                 served[name] += len(measured) + args.concurrency
@@ -319,10 +355,15 @@ def stack_description(args: argparse.Namespace) -> str:
     """Return the server stack and client split that this run uses."""
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    load = (
+        f"together sending {args.rate:g} requests/s on a fixed schedule"
+        if args.rate
+        else "each sending its next request when the last is answered"
+    )
     return (
         f"servers: uvicorn, loop {loop}, HTTP parser {parser}; clients: "
         f"{args.concurrency} httpx clients in {args.processes} process(es), the "
-        "same for every target"
+        f"same for every target, {load}"
     )
 
 
@@ -364,6 +405,13 @@ def main() -> None:
         help="Client processes that the concurrent clients are spread over.",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="Requests per second that all clients send together, on a fixed "
+        "schedule; 0 (the default) sends each request when the last is answered.",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=4,
@@ -383,6 +431,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.processes <= args.concurrency:
         parser.error("--processes must be between 1 and --concurrency")
+    if args.rate < 0:
+        parser.error(f"--rate {args.rate:g} is negative; give 0 or more")
     asyncio.run(measure(args))
 
 
