@@ -15,7 +15,10 @@ endpoint, and the CPU time that the target's server process spent per
 request.
 
     python -m bench.api [--requests 2000] [--concurrency 50] [--rounds 4]
-        [--processes 1] [--port-base 17700] [--profile FILE]
+        [--processes 1] [--rate 0] [--port-base 17700] [--profile FILE]
+
+With `--rate R` the clients together send R requests per second on a fixed
+schedule instead of saturating the servers (see `drive`).
 
 Ports: Temporal gRPC on BASE, its UI on BASE+1, the API on BASE+2 and the
 bare app on BASE+3.
@@ -92,12 +95,12 @@ async def drive(
     """Send `total` POSTs from `width` concurrent clients; return the
     latencies in ms and the count of non-200 responses.
 
-    With `rate` 0 each client sends its next request as soon as the last
-    one is answered. Otherwise the clients together send `rate` requests a
-    second on a fixed schedule, each client every `width / rate` seconds,
-    staggered evenly. A latency then runs from the request's scheduled
-    time, so a server that falls behind is charged for the wait of every
-    request queued behind it.
+    With `rate` 0 each client sends its next request as soon as the
+    response to the last one arrives. Otherwise the clients together send
+    `rate` requests a second on a fixed schedule, each client every
+    `width / rate` seconds, staggered evenly. A latency then runs from
+    the request's scheduled time, so a server that falls behind is charged
+    for the wait of every request queued behind it.
     """
     latencies: list[float] = []
     failures = 0
@@ -358,7 +361,7 @@ def stack_description(args: argparse.Namespace) -> str:
     load = (
         f"together sending {args.rate:g} requests/s on a fixed schedule"
         if args.rate
-        else "each sending its next request when the last is answered"
+        else "each sending its next request when the last response arrives"
     )
     return (
         f"servers: uvicorn, loop {loop}, HTTP parser {parser}; clients: "
@@ -409,7 +412,8 @@ def main() -> None:
         type=float,
         default=0.0,
         help="Requests per second that all clients send together, on a fixed "
-        "schedule; 0 (the default) sends each request when the last is answered.",
+        "schedule; 0 (the default) sends each request when the response to the "
+        "last one arrives.",
     )
     parser.add_argument(
         "--rounds",
