@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,24 @@ def _database_responds(database_url: str) -> bool:
     except Exception:
         return False
     return True
+
+
+_ReadKey = tuple[int, str | None, str | None]
+
+
+@dataclass
+class _ReadAfterWrite:
+    """A query that the writer runs right after its next commit, in the same
+    thread call, for the calls waiting on that commit.
+
+    Attributes:
+        target: events that must be committed before the query runs, the
+            highest target of the calls that wait on it.
+        future: the query's rows, or its error.
+    """
+
+    target: int
+    future: asyncio.Future[list[AuditRecord]]
 
 
 @dataclass
@@ -100,7 +119,8 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._arrivals = itertools.count()
-        self._reads: dict[tuple[int, str | None, str | None], _SharedRead] = {}
+        self._reads: dict[_ReadKey, _SharedRead] = {}
+        self._reads_after_write: dict[_ReadKey, _ReadAfterWrite] = {}
 
     @property
     def pending(self) -> int:
@@ -150,8 +170,10 @@ class AuditWriter:
         """
         arrival = next(self._arrivals)
         target = self._submitted
-        await self.flush()
         key = (limit, user_id, tool)
+        if self._written < target and not self._closed:
+            return await self._read_after_write(key, target)
+        await self.flush()
         shared = self._reads.get(key)
         if shared is None or shared.after < arrival or shared.written < target:
             read = functools.partial(
@@ -171,9 +193,74 @@ class AuditWriter:
         # wait for.
         return await asyncio.shield(shared.task)
 
+    async def _read_after_write(self, key: _ReadKey, target: int) -> list[AuditRecord]:
+        """Wait for the commit that covers `target` and the query the writer
+        runs right after it. One thread call then does both, where a flush
+        followed by a query took two."""
+        queued = self._reads_after_write.get(key)
+        if queued is None:
+            future = asyncio.get_running_loop().create_future()
+            queued = self._reads_after_write[key] = _ReadAfterWrite(target, future)
+        else:
+            # The query has not started (it leaves this dict when it does),
+            # so it starts after this call arrived.
+            queued.target = max(queued.target, target)
+        self._start()
+        self._wake.set()
+        self._urgent.set()
+        # A caller that is cancelled must not cancel the query that others
+        # wait for.
+        return await asyncio.shield(queued.future)
+
+    def _take_reads(self, committed: int) -> dict[_ReadKey, _ReadAfterWrite]:
+        """Remove and return the queued queries whose calls wait for no more
+        than `committed` events."""
+        ready = {
+            key: read
+            for key, read in self._reads_after_write.items()
+            if read.target <= committed
+        }
+        for key in ready:
+            del self._reads_after_write[key]
+        return ready
+
+    def _write_and_read(
+        self, batch: list[dict[str, Any]], reads: Sequence[_ReadKey]
+    ) -> dict[_ReadKey, list[AuditRecord] | Exception]:
+        """Commit `batch`, then run the queries `reads` (a failed query is
+        returned as its exception, so the commit still counts)."""
+        write_events(self.database_url, batch)
+        results: dict[_ReadKey, list[AuditRecord] | Exception] = {}
+        for limit, user_id, tool in reads:
+            try:
+                results[(limit, user_id, tool)] = list_calls(
+                    self.database_url, limit=limit, user_id=user_id, tool=tool
+                )
+            except Exception as error:
+                results[(limit, user_id, tool)] = error
+        return results
+
+    async def _serve_reads(self) -> None:
+        """Run, one thread call each, the queued queries that the events
+        committed so far already satisfy (after a failed batch, or at the
+        end)."""
+        for (limit, user_id, tool), read in self._take_reads(self._written).items():
+            try:
+                rows = await asyncio.to_thread(
+                    list_calls,
+                    self.database_url,
+                    limit=limit,
+                    user_id=user_id,
+                    tool=tool,
+                )
+            except Exception as error:
+                _settle(read.future, error)
+            else:
+                _settle(read.future, rows)
+
     def _forget_read(
         self,
-        key: tuple[int, str | None, str | None],
+        key: _ReadKey,
         shared: _SharedRead,
         _: asyncio.Task[list[AuditRecord]],
     ) -> None:
@@ -191,7 +278,9 @@ class AuditWriter:
         if self._pending:
             # Events queued while no task ran (submit outside a running loop).
             await asyncio.to_thread(write_events, self.database_url, self._pending)
+            self._written += len(self._pending)
             self._pending = []
+        await self._serve_reads()
         logger.info("audit writer stopped after %d events", self._written)
 
     def _start(self) -> None:
@@ -204,6 +293,11 @@ class AuditWriter:
         failures = 0
         while True:
             if not self._pending:
+                if self._reads_after_write:
+                    # Their events were in a batch that was being written
+                    # when they were queued.
+                    await self._serve_reads()
+                    continue
                 if self._closed:
                     return
                 await self._wake.wait()
@@ -211,9 +305,19 @@ class AuditWriter:
                 continue
             await self._linger()
             batch = self._pending[: self.max_batch]
+            # Taken with the batch, so each query's calls arrived before it.
+            reads = self._take_reads(self._written + len(batch))
             try:
-                await asyncio.to_thread(write_events, self.database_url, batch)
+                results = await asyncio.to_thread(
+                    self._write_and_read, batch, list(reads)
+                )
             except Exception:
+                # The queries wait for a commit that covers them again.
+                for key, read in reads.items():
+                    queued = self._reads_after_write.setdefault(key, read)
+                    if queued is not read:
+                        queued.target = max(queued.target, read.target)
+                        _chain(read.future, queued.future)
                 failures += 1
                 logger.exception(
                     "could not write %d audit events (attempt %d); retrying",
@@ -225,6 +329,7 @@ class AuditWriter:
                 self._written += len(batch) - len(kept)
                 async with self._progress:
                     self._progress.notify_all()
+                await self._serve_reads()
                 if not kept:
                     failures = 0
                     continue
@@ -238,6 +343,7 @@ class AuditWriter:
                     self._pending = []
                     async with self._progress:
                         self._progress.notify_all()
+                    await self._serve_reads()
                     return
                 await asyncio.sleep(self.retry_seconds)
                 continue
@@ -245,6 +351,8 @@ class AuditWriter:
             # Only a committed batch leaves the queue, so none is lost when a
             # write fails.
             self._done(len(batch))
+            for key, read in reads.items():
+                _settle(read.future, results[key])
             async with self._progress:
                 self._progress.notify_all()
 
@@ -257,6 +365,7 @@ class AuditWriter:
             self.linger_seconds <= 0
             or self._closed
             or self._flush_waiters
+            or self._reads_after_write
             or len(self._pending) >= self.max_batch
         ):
             return
@@ -295,3 +404,34 @@ class AuditWriter:
             event["user_id"],
         )
         return True
+
+
+def _settle(
+    future: asyncio.Future[list[AuditRecord]], outcome: list[AuditRecord] | Exception
+) -> None:
+    """Give `future` its rows or error, unless every caller left already."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _chain(
+    source: asyncio.Future[list[AuditRecord]],
+    target: asyncio.Future[list[AuditRecord]],
+) -> None:
+    """Settle `source` with the outcome of `target` when it has one."""
+
+    def copy(done: asyncio.Future[list[AuditRecord]]) -> None:
+        if source.done():
+            return
+        if done.cancelled():
+            source.cancel()
+        elif (error := done.exception()) is not None:
+            source.set_exception(error)
+        else:
+            source.set_result(done.result())
+
+    target.add_done_callback(copy)

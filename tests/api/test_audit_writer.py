@@ -79,30 +79,43 @@ async def test_close_writes_every_queued_event(database_url: str) -> None:
     assert len(rows) == 41
 
 
+class _FailingWrites:
+    """`write_events` that raises for its first `failures` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts = 0
+        self._real = audit_writer.write_events
+
+    def __call__(self, url: str, events: list[dict[str, Any]]) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise OSError("disk I/O error (forced by the test)")
+        self._real(url, events)
+
+
+def _writer_failing_first(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, failures: int
+) -> tuple[AuditWriter, _FailingWrites]:
+    """A writer whose first `failures` writes fail while the database does
+    respond either, so each failed batch stays queued."""
+    writes = _FailingWrites(failures)
+    monkeypatch.setattr(audit_writer, "write_events", writes)
+    monkeypatch.setattr(audit_writer, "_database_responds", lambda _: False)
+    return AuditWriter(database_url, retry_seconds=0.01), writes
+
+
 async def test_failed_write_is_retried(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = audit_writer.write_events
-    attempts = 0
-
-    def fail_twice(url: str, events: list[dict[str, Any]]) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts <= 2:
-            raise OSError("disk I/O error (forced by the test)")
-        real_write(url, events)
-
-    # The database does not answer either, so the batch stays queued.
-    monkeypatch.setattr(audit_writer, "write_events", fail_twice)
-    monkeypatch.setattr(audit_writer, "_database_responds", lambda _: False)
-    writer = AuditWriter(database_url, retry_seconds=0.01)
+    writer, writes = _writer_failing_first(monkeypatch, database_url, 2)
     for index in range(3):
         writer.submit(**_event(arguments={"index": index}))
     await writer.flush()
     await writer.close()
     rows = list_calls(database_url, user_id="key:writer-test", limit=100)
     assert sorted(row.arguments["index"] for row in rows) == [0, 1, 2]
-    assert attempts >= 3
+    assert writes.attempts >= 3
 
 
 async def test_rejected_event_does_not_block_others(
@@ -251,3 +264,79 @@ async def test_linger_gathers_batch_until_flush(database_url: str) -> None:
         await writer.close()
     rows = list_calls(database_url, user_id="key:writer-test", limit=100)
     assert [row.arguments["index"] for row in rows] == [4, 3, 2, 1, 0]
+
+
+async def test_read_shares_thread_call_with_commit(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_to_thread = asyncio.to_thread
+    thread_calls: list[str] = []
+
+    async def counting_to_thread(function: Any, /, *args: Any, **kwargs: Any) -> Any:
+        # Only the writer's calls: servers of earlier tests may still run.
+        called = getattr(function, "func", function)
+        if called.__module__ in (audit_writer.__name__, "app.services.audit"):
+            thread_calls.append(called.__name__)
+        return await real_to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    writer = AuditWriter(database_url)
+    try:
+        writer.submit(**_event("before_read"))
+        rows = await writer.list_calls(limit=5, user_id="key:writer-test", tool=None)
+    finally:
+        await writer.close()
+    assert [row.tool for row in rows] == ["before_read"]
+    # The commit of the pending event and the query: one thread call.
+    assert thread_calls == ["_write_and_read"]
+
+
+async def test_read_queued_during_write_served(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = audit_writer.write_events
+    writing = threading.Event()
+    release = threading.Event()
+
+    def held_write(url: str, events: list[dict[str, Any]]) -> None:
+        writing.set()
+        release.wait(timeout=30)
+        real_write(url, events)
+
+    monkeypatch.setattr(audit_writer, "write_events", held_write)
+    writer = AuditWriter(database_url, linger_seconds=0)
+    try:
+        writer.submit(**_event("in_flight"))
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        # Its event is in the batch being written, and nothing else is
+        # pending when that write ends.
+        read = asyncio.create_task(
+            writer.list_calls(limit=5, user_id="key:writer-test", tool=None)
+        )
+        await asyncio.sleep(0.05)
+        release.set()
+        rows = await asyncio.wait_for(read, timeout=10)
+    finally:
+        release.set()
+        await writer.close()
+    assert [row.tool for row in rows] == ["in_flight"]
+
+
+async def test_read_waits_through_failed_write(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, writes = _writer_failing_first(monkeypatch, database_url, 3)
+    filters: dict[str, Any] = {"limit": 5, "user_id": "key:writer-test", "tool": None}
+    try:
+        writer.submit(**_event("retried"))
+        first = asyncio.create_task(writer.list_calls(**filters))
+        while writes.attempts == 0:
+            await asyncio.sleep(0.001)
+        # Queued while the first batch fails, for the same query.
+        second = asyncio.create_task(writer.list_calls(**filters))
+        rows = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+    finally:
+        await writer.close()
+    assert writes.attempts >= 4
+    assert [[row.tool for row in result] for result in rows] == [["retried"]] * 2
