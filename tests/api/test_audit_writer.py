@@ -97,7 +97,7 @@ class _FailingWrites:
 def _writer_failing_first(
     monkeypatch: pytest.MonkeyPatch, database_url: str, failures: int
 ) -> tuple[AuditWriter, _FailingWrites]:
-    """A writer whose first `failures` writes fail while the database does
+    """A writer whose first `failures` writes fail while the database does not
     respond either, so each failed batch stays queued."""
     writes = _FailingWrites(failures)
     monkeypatch.setattr(audit_writer, "write_events", writes)
