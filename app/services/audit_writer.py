@@ -61,8 +61,8 @@ class _ReadAfterWrite:
     thread call, for the calls waiting on that commit.
 
     Attributes:
-        target: events that must be committed before the query runs, the
-            highest target of the calls that wait on it.
+        target: events that must be committed before the query runs: the
+            events submitted before its calls arrived.
         future: the query's rows, or its error.
     """
 
@@ -120,7 +120,9 @@ class AuditWriter:
         self._closed = False
         self._arrivals = itertools.count()
         self._reads: dict[_ReadKey, _SharedRead] = {}
-        self._reads_after_write: dict[_ReadKey, _ReadAfterWrite] = {}
+        # Keyed by the filters and the call's target: a later call with a
+        # higher target must not hold back the calls queued before it.
+        self._reads_after_write: dict[tuple[_ReadKey, int], _ReadAfterWrite] = {}
 
     @property
     def pending(self) -> int:
@@ -197,14 +199,14 @@ class AuditWriter:
         """Wait for the commit that covers `target` and the query the writer
         runs right after it. One thread call then does both, where a flush
         followed by a query took two."""
-        queued = self._reads_after_write.get(key)
+        # The query has not started (it leaves this dict when it does), so
+        # it starts after this call arrived.
+        queued = self._reads_after_write.get((key, target))
         if queued is None:
             future = asyncio.get_running_loop().create_future()
-            queued = self._reads_after_write[key] = _ReadAfterWrite(target, future)
-        else:
-            # The query has not started (it leaves this dict when it does),
-            # so it starts after this call arrived.
-            queued.target = max(queued.target, target)
+            queued = self._reads_after_write[(key, target)] = _ReadAfterWrite(
+                target, future
+            )
         self._start()
         self._wake.set()
         self._urgent.set()
@@ -212,7 +214,9 @@ class AuditWriter:
         # wait for.
         return await asyncio.shield(queued.future)
 
-    def _take_reads(self, committed: int) -> dict[_ReadKey, _ReadAfterWrite]:
+    def _take_reads(
+        self, committed: int
+    ) -> dict[tuple[_ReadKey, int], _ReadAfterWrite]:
         """Remove and return the queued queries whose calls wait for no more
         than `committed` events."""
         ready = {
@@ -244,7 +248,9 @@ class AuditWriter:
         """Run, one thread call each, the queued queries that the events
         committed so far already satisfy (after a failed batch, or at the
         end)."""
-        for (limit, user_id, tool), read in self._take_reads(self._written).items():
+        for ((limit, user_id, tool), _), read in self._take_reads(
+            self._written
+        ).items():
             try:
                 rows = await asyncio.to_thread(
                     list_calls,
@@ -309,14 +315,13 @@ class AuditWriter:
             reads = self._take_reads(self._written + len(batch))
             try:
                 results = await asyncio.to_thread(
-                    self._write_and_read, batch, list(reads)
+                    self._write_and_read, batch, list({key for key, _ in reads})
                 )
             except Exception:
                 # The queries wait for a commit that covers them again.
                 for key, read in reads.items():
                     queued = self._reads_after_write.setdefault(key, read)
                     if queued is not read:
-                        queued.target = max(queued.target, read.target)
                         _chain(read.future, queued.future)
                 failures += 1
                 logger.exception(
@@ -351,8 +356,8 @@ class AuditWriter:
             # Only a committed batch leaves the queue, so none is lost when a
             # write fails.
             self._done(len(batch))
-            for key, read in reads.items():
-                _settle(read.future, results[key])
+            for (filters, _), read in reads.items():
+                _settle(read.future, results[filters])
             async with self._progress:
                 self._progress.notify_all()
 
@@ -378,9 +383,16 @@ class AuditWriter:
         self._written += count
 
     def _write_one_by_one(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Write each event of a failed batch alone; return those that stay
-        queued."""
-        return [event for event in batch if not self._write_alone(event)]
+        """Write each event of a failed batch alone, in order, until one stays
+        queued; return it and the events after it.
+
+        Stopping there keeps `_written` a count of the events at the head of
+        the queue, which `flush` and the queued reads compare with.
+        """
+        for index, event in enumerate(batch):
+            if not self._write_alone(event):
+                return batch[index:]
+        return []
 
     def _write_alone(self, event: dict[str, Any]) -> bool:
         """Write one event; return False when it stays queued.

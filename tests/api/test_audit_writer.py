@@ -340,3 +340,61 @@ async def test_read_waits_through_failed_write(
         await writer.close()
     assert writes.attempts >= 4
     assert [[row.tool for row in result] for result in rows] == [["retried"]] * 2
+
+
+async def test_later_reads_hold_back_none(database_url: str) -> None:
+    writer = AuditWriter(database_url, max_batch=2)
+    filters: dict[str, Any] = {"limit": 5, "user_id": "key:writer-test", "tool": None}
+    later: list[asyncio.Task[list[AuditRecord]]] = []
+    try:
+        writer.submit(**_event("first"))
+        first = asyncio.create_task(writer.list_calls(**filters))
+        await asyncio.sleep(0)  # its query waits for 1 committed event
+        # More events per write than a batch holds, and calls with the same
+        # filters, each waiting for more events than the one before.
+        index = 0
+        while writer.pending < 200 and not first.done():
+            for _ in range(20):
+                writer.submit(**_event("load", arguments={"index": index}))
+                index += 1
+            later.append(asyncio.create_task(writer.list_calls(**filters)))
+            await asyncio.sleep(0.002)
+        served_under_load = first.done()
+        await asyncio.wait_for(asyncio.gather(first, *later), timeout=60)
+    finally:
+        for task in later:
+            task.cancel()
+        await writer.close()
+    assert served_under_load
+    assert "first" in [row.tool for row in first.result()]
+
+
+async def test_partial_retry_keeps_order(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = audit_writer.write_events
+    failures_left = 4
+
+    def first_event_fails(url: str, events: list[dict[str, Any]]) -> None:
+        nonlocal failures_left
+        if failures_left and any(event["tool"] == "first" for event in events):
+            failures_left -= 1
+            raise OSError("disk I/O error (forced by the test)")
+        real_write(url, events)
+
+    monkeypatch.setattr(audit_writer, "write_events", first_event_fails)
+    monkeypatch.setattr(audit_writer, "_database_responds", lambda _: False)
+    writer = AuditWriter(database_url, retry_seconds=0.05)
+    try:
+        writer.submit(**_event("first"))
+        read = asyncio.create_task(
+            writer.list_calls(limit=5, user_id="key:writer-test", tool=None)
+        )
+        await asyncio.sleep(0)  # the call arrives after "first" only
+        writer.submit(**_event("second"))
+        rows = await asyncio.wait_for(read, timeout=10)
+    finally:
+        await writer.close()
+    # The event queued before the call is in its result, although a later
+    # one could be written while it still failed.
+    assert "first" in [row.tool for row in rows]
