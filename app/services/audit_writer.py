@@ -16,7 +16,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,22 +52,12 @@ def _database_responds(database_url: str) -> bool:
     return True
 
 
+# The filters of an audit log query: limit, user_id and tool.
 _ReadKey = tuple[int, str | None, str | None]
-
-
-@dataclass
-class _ReadAfterWrite:
-    """A query that the writer runs right after its next commit, in the same
-    thread call, for the calls waiting on that commit.
-
-    Attributes:
-        target: events that must be committed before the query runs: the
-            events submitted before its calls arrived.
-        future: the query's rows, or its error.
-    """
-
-    target: int
-    future: asyncio.Future[list[AuditRecord]]
+# A query that the writer runs right after a commit: its filters, and the
+# events that must be committed first (those submitted before its calls).
+_QueuedRead = tuple[_ReadKey, int]
+_Rows = asyncio.Future[list[AuditRecord]]
 
 
 @dataclass
@@ -120,9 +110,9 @@ class AuditWriter:
         self._closed = False
         self._arrivals = itertools.count()
         self._reads: dict[_ReadKey, _SharedRead] = {}
-        # Keyed by the filters and the call's target: a later call with a
-        # higher target must not hold back the calls queued before it.
-        self._reads_after_write: dict[tuple[_ReadKey, int], _ReadAfterWrite] = {}
+        # Keyed by the target too, so that a later call with a higher target
+        # does not hold back the calls queued before it.
+        self._reads_after_write: dict[_QueuedRead, _Rows] = {}
 
     @property
     def pending(self) -> int:
@@ -201,68 +191,58 @@ class AuditWriter:
         followed by a query took two."""
         # The query has not started (it leaves this dict when it does), so
         # it starts after this call arrived.
-        queued = self._reads_after_write.get((key, target))
-        if queued is None:
+        future = self._reads_after_write.get((key, target))
+        if future is None:
             future = asyncio.get_running_loop().create_future()
-            queued = self._reads_after_write[(key, target)] = _ReadAfterWrite(
-                target, future
-            )
+            self._reads_after_write[(key, target)] = future
         self._start()
         self._wake.set()
         self._urgent.set()
         # A caller that is cancelled must not cancel the query that others
         # wait for.
-        return await asyncio.shield(queued.future)
+        return await asyncio.shield(future)
 
-    def _take_reads(
-        self, committed: int
-    ) -> dict[tuple[_ReadKey, int], _ReadAfterWrite]:
+    def _take_reads(self, committed: int) -> dict[_QueuedRead, _Rows]:
         """Remove and return the queued queries whose calls wait for no more
         than `committed` events."""
         ready = {
-            key: read
-            for key, read in self._reads_after_write.items()
-            if read.target <= committed
+            queued: future
+            for queued, future in self._reads_after_write.items()
+            if queued[1] <= committed
         }
-        for key in ready:
-            del self._reads_after_write[key]
+        for queued in ready:
+            del self._reads_after_write[queued]
         return ready
 
     def _write_and_read(
-        self, batch: list[dict[str, Any]], reads: Sequence[_ReadKey]
+        self, batch: list[dict[str, Any]], reads: Iterable[_QueuedRead]
     ) -> dict[_ReadKey, list[AuditRecord] | Exception]:
-        """Commit `batch`, then run the queries `reads` (a failed query is
-        returned as its exception, so the commit still counts)."""
-        write_events(self.database_url, batch)
+        """Commit `batch` (if any), then run each distinct query of `reads`
+        once. A failed query is returned as its exception, so the commit
+        still counts."""
+        if batch:
+            write_events(self.database_url, batch)
         results: dict[_ReadKey, list[AuditRecord] | Exception] = {}
-        for limit, user_id, tool in reads:
+        for filters, _ in reads:
+            if filters in results:
+                continue
+            limit, user_id, tool = filters
             try:
-                results[(limit, user_id, tool)] = list_calls(
+                results[filters] = list_calls(
                     self.database_url, limit=limit, user_id=user_id, tool=tool
                 )
             except Exception as error:
-                results[(limit, user_id, tool)] = error
+                results[filters] = error
         return results
 
     async def _serve_reads(self) -> None:
-        """Run, one thread call each, the queued queries that the events
-        committed so far already satisfy (after a failed batch, or at the
-        end)."""
-        for ((limit, user_id, tool), _), read in self._take_reads(
-            self._written
-        ).items():
-            try:
-                rows = await asyncio.to_thread(
-                    list_calls,
-                    self.database_url,
-                    limit=limit,
-                    user_id=user_id,
-                    tool=tool,
-                )
-            except Exception as error:
-                _settle(read.future, error)
-            else:
-                _settle(read.future, rows)
+        """Run, in one thread call, the queued queries that the events
+        committed so far already satisfy (after a failed batch, when nothing
+        is pending, or at the end)."""
+        reads = self._take_reads(self._written)
+        if reads:
+            results = await asyncio.to_thread(self._write_and_read, [], list(reads))
+            _settle_reads(reads, results)
 
     def _forget_read(
         self,
@@ -315,14 +295,14 @@ class AuditWriter:
             reads = self._take_reads(self._written + len(batch))
             try:
                 results = await asyncio.to_thread(
-                    self._write_and_read, batch, list({key for key, _ in reads})
+                    self._write_and_read, batch, list(reads)
                 )
             except Exception:
                 # The queries wait for a commit that covers them again.
-                for key, read in reads.items():
-                    queued = self._reads_after_write.setdefault(key, read)
-                    if queued is not read:
-                        _chain(read.future, queued.future)
+                for queued, future in reads.items():
+                    waiting = self._reads_after_write.setdefault(queued, future)
+                    if waiting is not future:
+                        _chain(future, waiting)
                 failures += 1
                 logger.exception(
                     "could not write %d audit events (attempt %d); retrying",
@@ -356,8 +336,7 @@ class AuditWriter:
             # Only a committed batch leaves the queue, so none is lost when a
             # write fails.
             self._done(len(batch))
-            for (filters, _), read in reads.items():
-                _settle(read.future, results[filters])
+            _settle_reads(reads, results)
             async with self._progress:
                 self._progress.notify_all()
 
@@ -418,25 +397,26 @@ class AuditWriter:
         return True
 
 
-def _settle(
-    future: asyncio.Future[list[AuditRecord]], outcome: list[AuditRecord] | Exception
+def _settle_reads(
+    reads: dict[_QueuedRead, _Rows],
+    results: dict[_ReadKey, list[AuditRecord] | Exception],
 ) -> None:
-    """Give `future` its rows or error, unless every caller left already."""
-    if future.done():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+    """Give each queued query's future the rows or error of its filters,
+    unless every caller left already."""
+    for (filters, _), future in reads.items():
+        if future.done():
+            continue
+        outcome = results[filters]
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
-def _chain(
-    source: asyncio.Future[list[AuditRecord]],
-    target: asyncio.Future[list[AuditRecord]],
-) -> None:
+def _chain(source: _Rows, target: _Rows) -> None:
     """Settle `source` with the outcome of `target` when it has one."""
 
-    def copy(done: asyncio.Future[list[AuditRecord]]) -> None:
+    def copy(done: _Rows) -> None:
         if source.done():
             return
         if done.cancelled():

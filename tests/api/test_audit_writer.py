@@ -350,7 +350,7 @@ async def test_later_reads_hold_back_none(database_url: str) -> None:
         writer.submit(**_event("first"))
         first = asyncio.create_task(writer.list_calls(**filters))
         await asyncio.sleep(0)  # its query waits for 1 committed event
-        # More events per write than a batch holds, and calls with the same
+        # More events per write than a batch takes, and calls with the same
         # filters, each waiting for more events than the one before.
         index = 0
         while writer.pending < 200 and not first.done():
