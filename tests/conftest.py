@@ -156,22 +156,36 @@ def _drop_postgres_database(admin_url: str, name: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database on each backend."""
+def _fresh_database(
+    request: pytest.FixtureRequest, tmp_path: Path, *, migrate: bool
+) -> Iterator[str]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'nexus.db'}"
-        upgrade(url)
+        if migrate:
+            upgrade(url)
         yield url
         return
     admin_url = request.getfixturevalue("postgres").admin_url
     name, url = _fresh_postgres_database(admin_url)
-    upgrade(url)
+    if migrate:
+        upgrade(url)
     try:
         yield url
     finally:
         dispose_engines()
         _drop_postgres_database(admin_url, name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database on each backend."""
+    yield from _fresh_database(request, tmp_path, migrate=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database on each backend that no migration has touched."""
+    yield from _fresh_database(request, tmp_path, migrate=False)
 
 
 @pytest.fixture

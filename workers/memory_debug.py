@@ -3,8 +3,9 @@ grows in a long run: `kill -USR1 PID`, then read the file named in its log.
 
 The report has the counts of live Python objects by type and of imported
 modules by top-level package, glibc's `mallinfo2` fields, SQLite's allocated
-bytes, pymalloc's arena statistics (`sys._debugmallocstats`), the thread
-count and `/proc/self/smaps_rollup`. Nothing runs until the signal comes.
+bytes, the entries in each engine's compiled statement cache, pymalloc's
+arena statistics (`sys._debugmallocstats`), the thread count and
+`/proc/self/smaps_rollup`. Nothing runs until the signal comes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from app.db.engine import compiled_cache_sizes
 from app.services.memory import mallinfo2_fields
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ def write_memory_report(folder: Path, label: str) -> Path:
         sqlite_bytes = sqlite_memory_used()
         if sqlite_bytes is not None:
             out.write(f"sqlite3_memory_used {sqlite_bytes}\n")
+        for url, entries in compiled_cache_sizes():
+            out.write(f"sqlalchemy compiled cache {entries} entries ({url})\n")
         rollup = Path("/proc/self/smaps_rollup")
         if rollup.exists():
             out.write(rollup.read_text())

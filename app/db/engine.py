@@ -99,6 +99,21 @@ def session_scope(url: str) -> Iterator[Session]:
             raise
 
 
+def compiled_cache_sizes() -> list[tuple[str, int]]:
+    """Return each engine's URL without its password and the entries in its
+    compiled statement cache. A count that keeps rising names a statement
+    that is built anew on every call (the cache keeps up to 500)."""
+    with _lock:
+        engines = list(_engines.values())
+    return [
+        (
+            engine.url.render_as_string(hide_password=True),
+            len(engine._compiled_cache or {}),
+        )
+        for engine in engines
+    ]
+
+
 def dispose_engines() -> None:
     """Close every pooled connection, for tests and process shutdown."""
     with _lock:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import column, inspect, select, table
 
 from app.db.engine import get_engine
 
@@ -42,9 +42,20 @@ def upgrade(url: str) -> list[str]:
     return heads
 
 
+# Alembic's default version table. `MigrationContext` builds a new `Table` for
+# it on every call, and the engine's compiled cache keeps each one (a new key
+# per call, up to the cache's 500 entries). The health check reads the heads
+# on every `system_health`, so it selects from this one table instead.
+_VERSION_TABLE = table("alembic_version", column("version_num"))
+
+
 def current_heads(url: str) -> list[str]:
+    """Return the migration heads recorded in the database ([] before any)."""
     with get_engine(url).connect() as connection:
-        return sorted(MigrationContext.configure(connection).get_current_heads())
+        if not inspect(connection).has_table(_VERSION_TABLE.name):
+            return []
+        rows = connection.execute(select(_VERSION_TABLE.c.version_num))
+        return sorted(row[0] for row in rows)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from app.db import get_engine
 from workers import malloc, memory_debug, warmup
 from workers.registry import QUEUE_LIMITS, QUEUE_WARM_UPS
 
@@ -82,6 +83,7 @@ def test_jax_warm_up_runs() -> None:
 
 
 def test_memory_report_has_every_section(tmp_path: Path) -> None:
+    get_engine(f"sqlite:///{tmp_path / 'report.db'}")
     path = memory_debug.write_memory_report(tmp_path / "logs", "nexus-test")
     text = path.read_text()
     assert path.parent == tmp_path / "logs"
@@ -94,6 +96,7 @@ def test_memory_report_has_every_section(tmp_path: Path) -> None:
         assert "uordblks" in text
     if memory_debug.sqlite_memory_used() is not None:
         assert "sqlite3_memory_used" in text
+    assert f"sqlalchemy compiled cache 0 entries (sqlite:///{tmp_path}" in text
 
 
 def test_memory_report_failure_is_logged(

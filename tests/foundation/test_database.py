@@ -22,6 +22,24 @@ def test_upgrade_twice_is_a_no_op(database_url: str) -> None:
     assert upgrade(database_url) == expected_heads()
 
 
+def test_heads_of_a_database_before_migrations(empty_database_url: str) -> None:
+    assert current_heads(empty_database_url) == []
+    upgrade(empty_database_url)
+    assert current_heads(empty_database_url) == expected_heads()
+
+
+def test_reading_the_heads_reuses_one_compiled_statement(database_url: str) -> None:
+    # `system_health` reads the heads on every call. A statement built anew
+    # each time (alembic builds a new version `Table` per call) adds an entry
+    # to the engine's compiled cache that keeps that table alive.
+    engine = get_engine(database_url)
+    current_heads(database_url)
+    cached = len(engine._compiled_cache)  # type: ignore[arg-type]
+    for _ in range(20):
+        assert current_heads(database_url) == expected_heads()
+    assert len(engine._compiled_cache) == cached  # type: ignore[arg-type]
+
+
 def test_audit_round_trip_newest_first(database_url: str) -> None:
     first = record_call(
         database_url,
