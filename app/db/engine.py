@@ -100,17 +100,19 @@ def session_scope(url: str) -> Iterator[Session]:
 
 
 def compiled_cache_sizes() -> list[tuple[str, int]]:
-    """Return each engine's URL without its password and the entries in its
-    compiled statement cache. A count that keeps rising names a statement
-    that is built anew on every call (the cache keeps up to 500)."""
+    """Return each engine, named by its URL without the password (and
+    `stream` for a stream engine), with the entries in its compiled statement
+    cache. A count that keeps rising names a statement that is built anew on
+    every call; the cache grows to 750 entries before it prunes back to 500."""
     with _lock:
-        engines = list(_engines.values())
+        engines = list(_engines.items())
     return [
         (
-            engine.url.render_as_string(hide_password=True),
+            ("stream " if key.startswith("stream:") else "")
+            + engine.url.render_as_string(hide_password=True),
             len(engine._compiled_cache or {}),
         )
-        for engine in engines
+        for key, engine in engines
     ]
 
 

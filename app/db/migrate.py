@@ -44,8 +44,9 @@ def upgrade(url: str) -> list[str]:
 
 # Alembic's default version table. `MigrationContext` builds a new `Table` for
 # it on every call, and the engine's compiled cache keeps each one (a new key
-# per call, up to the cache's 500 entries). The health check reads the heads
-# on every `system_health`, so it selects from this one table instead.
+# per call; the cache grows to 750 entries before it prunes back to 500). The
+# health check reads the heads on every `system_health`, so it selects from
+# this one table instead.
 _VERSION_TABLE = table("alembic_version", column("version_num"))
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from sqlalchemy import inspect
 
 from app.db import get_engine
@@ -9,6 +11,8 @@ from app.services.audit import (
     mask_secrets,
     record_call,
 )
+from app.services.health import check_database
+from app.settings import Settings
 
 
 def test_migrations_reach_every_head(database_url: str) -> None:
@@ -28,15 +32,19 @@ def test_heads_of_a_database_before_migrations(empty_database_url: str) -> None:
     assert current_heads(empty_database_url) == expected_heads()
 
 
-def test_reading_the_heads_reuses_one_compiled_statement(database_url: str) -> None:
+def test_reading_the_heads_reuses_one_compiled_statement(
+    database_url: str, tmp_path: Path
+) -> None:
     # `system_health` reads the heads on every call. A statement built anew
     # each time (alembic builds a new version `Table` per call) adds an entry
     # to the engine's compiled cache that keeps that table alive.
     engine = get_engine(database_url)
-    current_heads(database_url)
+    settings = Settings(data_dir=tmp_path, database_url=database_url)
+    assert check_database(settings).status == "healthy"
     cached = len(engine._compiled_cache)  # type: ignore[arg-type]
     for _ in range(20):
         assert current_heads(database_url) == expected_heads()
+        assert check_database(settings).status == "healthy"
     assert len(engine._compiled_cache) == cached  # type: ignore[arg-type]
 
 
