@@ -125,6 +125,11 @@ def tool_command(
     from app.cli import call_tool, print_json
     from app.tools import ToolError, get_tool, load_tools
 
+    if name in ("--help", "-h"):
+        # The command takes its options from the tool, so click's own help
+        # option is off; without a tool name, show the command's help.
+        typer.echo(ctx.get_help())
+        return
     load_tools()
     try:
         spec = get_tool(name)

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from app.neural.architectures import CLUSTER_ARCHITECTURES, TRAIN_ARCHITECTURES
+
 neural_cli = typer.Typer(help="Neural networks and clusters.", no_args_is_help=True)
 cluster_cli = typer.Typer(help="Neural clusters.", no_args_is_help=True)
 neural_cli.add_typer(cluster_cli, name="cluster")
@@ -34,7 +36,7 @@ def _dataset(value: str) -> Any:
 def train_command(
     architecture: Annotated[
         str,
-        typer.Option(help="feedforward, cnn, lstm, transformer, autoencoder, hybrid."),
+        typer.Option(help=f"{', '.join(TRAIN_ARCHITECTURES)}."),
     ] = "feedforward",
     dataset: Annotated[
         str, typer.Option(help="digits, iris, wine, breast_cancer or a JSON object.")
@@ -110,7 +112,7 @@ def cluster_init_command(
         str, typer.Option(help="mesh, ring, star, hierarchical.")
     ] = "mesh",
     architecture: Annotated[
-        str, typer.Option(help="transformer, cnn, rnn, gnn, hybrid.")
+        str, typer.Option(help=f"{', '.join(CLUSTER_ARCHITECTURES)}.")
     ] = "transformer",
     consensus: Annotated[
         str, typer.Option(help="proof-of-learning, byzantine, raft, gossip.")

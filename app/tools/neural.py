@@ -18,30 +18,13 @@ from app.contracts.neural import (
     TrainJobResult,
 )
 from app.contracts.queues import ORCHESTRATION
+from app.neural.architectures import TRAIN_ARCHITECTURES
 from app.tools.registry import ToolContext, ToolError, tool
 
 logger = logging.getLogger(__name__)
 
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Tier = Literal["nano", "mini", "small", "medium", "large"]
-TRAIN_ARCHITECTURES = (
-    "feedforward",
-    "cnn",
-    "lstm",
-    "rnn",
-    "transformer",
-    "autoencoder",
-    "hybrid",
-    "gnn",
-)
-CLUSTER_ARCHITECTURES = {
-    "transformer": "transformer",
-    "cnn": "cnn",
-    "rnn": "lstm",
-    "gnn": "gnn",
-    "hybrid": "hybrid",
-    "feedforward": "feedforward",
-}
 
 
 def _check_architecture(value: str) -> str:

@@ -23,7 +23,8 @@ from app.contracts.neural import (
     SessionResult,
 )
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
-from app.tools.neural import CLUSTER_ARCHITECTURES, Optimizer, _prepare_dataset
+from app.neural.architectures import CLUSTER_ARCHITECTURES
+from app.tools.neural import Optimizer, _prepare_dataset
 from app.tools.registry import ToolContext, ToolError, tool
 
 # The same order as the swarm topologies: typing caches `Literal[...] | None`

@@ -72,6 +72,10 @@ def test_tool_command_calls_and_rejects(api_settings: Settings) -> None:
     assert "limit: 0 is invalid" in invalid.stderr
     described = nexus(api_settings, "tool", "audit_log", "--help")
     assert "--limit (integer, default 100)" in described.stdout
+    usage = nexus(api_settings, "tool", "--help")
+    assert usage.returncode == 0, usage.stderr
+    assert "Usage: python -m app tool" in usage.stdout
+    assert "nexus tools" in usage.stdout
 
 
 async def _status_until(
