@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -606,22 +607,7 @@ class LocalBackend(SandboxBackend):
         inside_home = self._inside_home(backend_id)
         inside = resolve_inside(inside_home, path)
         relative = inside[len(inside_home) + 1 :]
-        host_home = self.folder(backend_id).resolve()
-        target = host_home / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Code in the sandbox can plant symlinks; refuse any that lead outside.
-        real_parent = target.parent.resolve()
-        if real_parent != host_home and host_home not in real_parent.parents:
-            raise ValueError(
-                f"file path {path!r} goes through a symlink out of the sandbox folder"
-            )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-        try:
-            fd = os.open(real_parent / target.name, flags, 0o644)
-        except OSError as error:
-            raise ValueError(f"cannot write file path {path!r}: {error}") from error
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
+        _write_below(self.folder(backend_id), relative, content, path)
         return inside
 
     def _bwrap_prefix(self, backend_id: str, network: bool) -> list[str]:
@@ -860,6 +846,68 @@ class LocalBackend(SandboxBackend):
                 "and use its network; install the bubblewrap package"
             ),
         }
+
+
+def _write_below(
+    root: Path, relative: str, content: bytes, requested_path: str
+) -> None:
+    """Write `content` at `relative` below `root`, creating its folders.
+
+    Each folder is opened relative to its parent with `O_NOFOLLOW`, so a
+    symlink that code in the sandbox planted, or swaps in during the walk,
+    cannot lead the write or a created folder out of `root`. Symlinks are
+    therefore never followed, even ones that point inside the sandbox.
+
+    Raises:
+        ValueError: a part of the path is a symlink or a file, or the write
+            failed. The message names `requested_path`, the caller's path.
+    """
+    *folders, name = relative.split("/")
+    parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        walked: list[str] = []
+        for folder in folders:
+            walked.append(folder)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o755, dir_fd=parent)
+            try:
+                child = os.open(
+                    folder,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                    dir_fd=parent,
+                )
+            except OSError as error:
+                raise _write_error(
+                    requested_path, "/".join(walked), parent, folder, error
+                ) from None
+            os.close(parent)
+            parent = child
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=parent)
+        except OSError as error:
+            raise _write_error(requested_path, relative, parent, name, error) from None
+    finally:
+        os.close(parent)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+
+
+def _write_error(
+    requested_path: str, part: str, parent: int, name: str, error: OSError
+) -> ValueError:
+    """Build the error for `part` of `requested_path`, which could not be opened."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode):
+            return ValueError(
+                f"file path {requested_path!r} goes through the symlink "
+                f"{part!r}, and uploads do not follow symlinks; use a path "
+                "without symlinks"
+            )
+    return ValueError(
+        f"cannot write file path {requested_path!r}: {part!r} failed with "
+        f"{error.strerror}; use a path whose folders are folders"
+    )
 
 
 def resolve_or_home(home: str, cwd: str) -> str:

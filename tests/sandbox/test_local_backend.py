@@ -312,3 +312,33 @@ async def test_anchor_killed_elsewhere_is_reaped(tmp_path: Path) -> None:
         assert "first" not in creator._anchors
     finally:
         await creator.delete("second")
+
+
+async def test_upload_never_follows_symlinks(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    home = backend.folder("box")
+    (home / "link").symlink_to(outside)
+    (home / "file_link").symlink_to(outside / "target.txt")
+    (home / "real").mkdir()
+    (home / "inner").symlink_to("real")
+    (home / "plain.txt").write_text("x")
+    for path, part in [
+        ("link/sub/deep/f.txt", "link"),
+        ("link/f.txt", "link"),
+        ("file_link", "file_link"),
+        ("inner/f.txt", "inner"),
+    ]:
+        with pytest.raises(ValueError) as rejected:
+            await backend.write_file("box", path, b"escaped")
+        assert f"goes through the symlink {part!r}" in str(rejected.value)
+    # Nothing was created outside the sandbox folder, not even a folder.
+    assert list(outside.iterdir()) == []
+    with pytest.raises(ValueError) as not_folder:
+        await backend.write_file("box", "plain.txt/f.txt", b"x")
+    assert "'plain.txt'" in str(not_folder.value)
+    written = await backend.write_file("box", "real/a/b.txt", b"kept")
+    assert written.endswith("/real/a/b.txt")
+    assert (home / "real" / "a" / "b.txt").read_bytes() == b"kept"
