@@ -77,6 +77,11 @@ _LOCAL_RECORDS = "sandbox-local-records"
 _CLEAN_LOST = "sandbox-delete-lost-backend"
 
 
+# Runs begun before this patch fail as a whole, without a mirror row, when a
+# creation without a setup (a local activity) fails.
+_LOCAL_CREATE_FAILURE = "sandbox-local-create-failure"
+
+
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
 # workflow task. This module imports only the pure contracts, and the replay
@@ -135,7 +140,13 @@ class SandboxSessionWorkflow:
             await self._record("creating")
         try:
             created = await self._create_backend("create")
-        except ActivityError as error:
+        except (ActivityError, ApplicationError) as error:
+            # A local activity's non-retryable failure arrives as the
+            # ApplicationError itself, not wrapped in an ActivityError.
+            if isinstance(error, ApplicationError) and not workflow.patched(
+                _LOCAL_CREATE_FAILURE
+            ):
+                raise
             state.error = _cause_message(error)
             self._event("failed", detail=state.error)
             workflow.logger.warning(

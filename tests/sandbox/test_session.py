@@ -365,6 +365,26 @@ async def test_templates_and_failing_install(tool_ctx: ToolContext) -> None:
     assert [item["status"] for item in listed["sandboxes"]] == ["failed"]
 
 
+async def test_claude_code_failure_names_cause(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    if shutil.which("claude") and tool_ctx.settings.anthropic_api_key:
+        pytest.skip("claude and an Anthropic key are present, so creation works")
+    # Without a setup, the creation runs as a local activity of the session.
+    with pytest.raises(ToolError) as failure:
+        await call(tool_ctx, "sandbox_create", template="claude-code")
+    message = failure.value.message
+    assert "template claude-code needs" in message, message
+    assert "completed before the Update" not in message
+    listed = await call(tool_ctx, "sandbox_list", status="stopped")
+    assert [item["template"] for item in listed["sandboxes"]] == ["claude-code"]
+    assert [item["status"] for item in listed["sandboxes"]] == ["failed"]
+    sandbox_id = listed["sandboxes"][0]["sandbox_id"]
+    handle = client.get_workflow_handle(f"sandbox-{sandbox_id}")
+    assert (await handle.result())["status"] == "failed"
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
 async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
     with pytest.raises(ToolInputError):
         await call(tool_ctx, "sandbox_create", template="windows")
