@@ -104,9 +104,22 @@ def new_sandbox_id() -> str:
 def seal_for(
     settings: Settings, sandbox_id: str, env: Mapping[str, str]
 ) -> dict[str, str]:
-    """Seal plain env var values for one sandbox."""
+    """Seal plain env var values for one sandbox.
+
+    Raises:
+        SandboxServiceError: a value contains a NUL byte (`invalid_argument`).
+    """
     if not env:
         return {}
+    for name, value in env.items():
+        if "\0" in value:
+            # No process environment can carry a NUL byte, so every later
+            # execution of the sandbox would fail to start its program.
+            raise SandboxServiceError(
+                f"env var {name!r} is invalid: its value contains a NUL byte, "
+                "which an environment variable cannot hold; remove it",
+                "invalid_argument",
+            )
     return seal_env(load_key(settings), sandbox_id, dict(env))
 
 

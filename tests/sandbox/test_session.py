@@ -426,6 +426,48 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
     assert missing.value.kind == "not_found"
 
 
+async def test_nul_env_value_rejected(tool_ctx: ToolContext) -> None:
+    with pytest.raises(ToolError) as at_create:
+        await call(
+            tool_ctx, "sandbox_create", template="base", env_vars={"BAD": "a\0b"}
+        )
+    assert at_create.value.kind == "invalid_argument"
+    assert "env var 'BAD'" in at_create.value.message
+    assert "NUL byte" in at_create.value.message
+    # Rejected before a session started: nothing to list.
+    listed = await call(tool_ctx, "sandbox_list")
+    assert listed["count"] == 0
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        with pytest.raises(ToolError) as at_execute:
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="print(1)",
+                env_vars={"ONCE": "x\0"},
+            )
+        assert at_execute.value.kind == "invalid_argument"
+        assert "env var 'ONCE'" in at_execute.value.message
+        with pytest.raises(ToolError) as at_configure:
+            await call(
+                tool_ctx,
+                "sandbox_configure",
+                sandbox_id=sandbox_id,
+                env_vars={"KEPT": "\0"},
+            )
+        assert at_configure.value.kind == "invalid_argument"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["env_vars_configured"] == []
+        result = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(1)"
+        )
+        assert result["stdout"] == "1\n"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_local_calls_skip_sandbox_queue(
     tool_ctx: ToolContext, client: Client
 ) -> None:
