@@ -15,6 +15,24 @@ def _call(name: str, arguments: dict[str, object]) -> None:
     print_json(call_tool(name, {k: v for k, v in arguments.items() if v is not None}))
 
 
+def parse_env(items: list[str]) -> dict[str, str]:
+    """Parse `NAME=VALUE` items; the value may contain `=` and may be empty.
+
+    Raises:
+        typer.BadParameter: an item has no `=` or an empty name.
+    """
+    env: dict[str, str] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise typer.BadParameter(
+                f"{item!r} is not NAME=VALUE; write for example --env API_URL=x",
+                param_hint="'--env'",
+            )
+        env[name] = value
+    return env
+
+
 @sandbox_cli.command("create")
 def create_command(
     template: Annotated[
@@ -36,7 +54,7 @@ def create_command(
     ] = None,
 ) -> None:
     """Create a sandbox."""
-    env_vars = dict(item.split("=", 1) for item in env or [])
+    env_vars = parse_env(env or [])
     _call(
         "sandbox_create",
         {
