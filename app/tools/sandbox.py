@@ -43,6 +43,19 @@ def _check_env_names(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+def _check_packages(value: list[str] | None) -> list[str] | None:
+    for package in value or []:
+        name = package.removeprefix("pip:").removeprefix("npm:")
+        # pip and npm read an item that starts with "-" as an option.
+        if not name.strip() or name.lstrip().startswith("-"):
+            raise ValueError(
+                f"package {package!r} is invalid; give one package name or "
+                "requirement per item (for example requests==2.32.3 or "
+                "npm:lodash), not an installer option"
+            )
+    return value
+
+
 def _tool_error(error: SandboxServiceError) -> ToolError:
     return ToolError(error.message, kind=_KINDS.get(error.kind, "failed"))
 
@@ -66,6 +79,11 @@ class SandboxCreateInput(BaseModel):
         None, description="pip packages (npm for node templates; `npm:`/`pip:` prefix)."
     )
     startup_script: str | None = Field(None, description="bash run after installs.")
+
+    @field_validator("install_packages")
+    @classmethod
+    def _packages(cls, value: list[str] | None) -> list[str] | None:
+        return _check_packages(value)
 
     @field_validator("env_vars")
     @classmethod
@@ -273,6 +291,11 @@ class SandboxConfigureInput(BaseModel):
     anthropic_key: str | None = Field(None, json_schema_extra={"secret": True})
     install_packages: list[str] | None = None
     run_commands: list[str] | None = None
+
+    @field_validator("install_packages")
+    @classmethod
+    def _packages(cls, value: list[str] | None) -> list[str] | None:
+        return _check_packages(value)
 
     @field_validator("env_vars")
     @classmethod

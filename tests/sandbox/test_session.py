@@ -390,6 +390,15 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_create", template="windows")
     with pytest.raises(ToolInputError):
         await call(tool_ctx, "sandbox_create", template="base", timeout=0)
+    for package in ("--index-url=http://127.0.0.1:9/", "", "pip:-rfile", "npm: "):
+        with pytest.raises(ToolInputError) as bad_package:
+            await call(
+                tool_ctx, "sandbox_create", template="base", install_packages=[package]
+            )
+        assert "install_packages" in bad_package.value.message
+        assert f"package {package!r} is invalid" in bad_package.value.message
+    # Rejected before any session started.
+    assert (await call(tool_ctx, "sandbox_list"))["count"] == 0
     created = await call(tool_ctx, "sandbox_create", template="base")
     sandbox_id = created["sandbox_id"]
     try:
@@ -415,6 +424,14 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
             assert "leaves the sandbox folder" in rejected.value.message
         running = await call(tool_ctx, "sandbox_list", status="running")
         assert [item["sandbox_id"] for item in running["sandboxes"]] == [sandbox_id]
+        with pytest.raises(ToolInputError) as bad_configure:
+            await call(
+                tool_ctx,
+                "sandbox_configure",
+                sandbox_id=sandbox_id,
+                install_packages=["-e."],
+            )
+        assert "package '-e.' is invalid" in bad_configure.value.message
         stopped = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
         assert stopped["status"] == "stopped"
         with pytest.raises(ToolError):
