@@ -148,3 +148,25 @@ def resolve_inside(home: str, path: str) -> str:
     if joined == root:
         raise ValueError(f"file path {path!r} names the sandbox folder itself")
     return joined
+
+
+def resolve_workdir(home: str, cwd: str) -> str:
+    """Resolve the working directory `cwd`, absolute or relative to the
+    sandbox folder `home`, to a path inside `home` or `home` itself.
+
+    Raises:
+        ValueError: `cwd` is empty, contains a NUL byte or leaves `home`.
+            The message names the `working_dir` field and the fix.
+    """
+    import posixpath
+
+    if not cwd or "\0" in cwd:
+        raise ValueError(f"working_dir {cwd!r} is empty or contains a NUL byte")
+    joined = posixpath.normpath(posixpath.join(home, cwd))
+    root = posixpath.normpath(home)
+    if joined != root and not joined.startswith(root + "/"):
+        raise ValueError(
+            f"working_dir {cwd!r} is outside the sandbox folder {root}; use a "
+            f"path inside it ({root}/...) or a path relative to it without '..'"
+        )
+    return joined

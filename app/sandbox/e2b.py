@@ -25,6 +25,7 @@ from app.sandbox.backend import (
     SandboxLostError,
     SandboxRetryLaterError,
     resolve_inside,
+    resolve_workdir,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class E2BBackend(SandboxBackend):
         if keep_alive is not None:
             await self.keep_alive(backend_id, keep_alive)
         sandbox = await self._sandbox(backend_id)
-        workdir = resolve_inside(E2B_HOME, cwd) if cwd else E2B_HOME
+        workdir = resolve_workdir(E2B_HOME, cwd) if cwd else E2B_HOME
         # setsid makes the process a group leader, so a timeout can kill the
         # whole group with `kill -- -PID`.
         command = "exec setsid " + shlex.join(argv)

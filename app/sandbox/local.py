@@ -42,6 +42,7 @@ from app.sandbox.backend import (
     SandboxConfigurationError,
     SandboxLostError,
     resolve_inside,
+    resolve_workdir,
 )
 from app.sandbox.runner import descendants
 from app.sandbox.templates import TEMPLATE_FILES
@@ -669,7 +670,7 @@ class LocalBackend(SandboxBackend):
             # The runner takes the new lifetime with the request itself.
             expires_at = None if keep_alive is None else time.time() + keep_alive
             home = self._inside_home(backend_id)
-            workdir = home if not cwd else resolve_or_home(home, cwd)
+            workdir = home if not cwd else resolve_workdir(home, cwd)
             full_env = {**self.base_env(backend_id), **env}
             if network and not self.allow_network and self.bwrap:
                 # The runner has no network; installers get a process that has.
@@ -908,13 +909,6 @@ def _write_error(
         f"cannot write file path {requested_path!r}: {part!r} failed with "
         f"{error.strerror}; use a path whose folders are folders"
     )
-
-
-def resolve_or_home(home: str, cwd: str) -> str:
-    """Return `cwd` inside the sandbox folder; absolute paths must stay inside."""
-    if cwd in (home, home + "/"):
-        return home
-    return resolve_inside(home, cwd)
 
 
 def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]]:

@@ -443,6 +443,47 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
     assert missing.value.kind == "not_found"
 
 
+async def test_working_dir_outside_rejected(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        with pytest.raises(ToolError) as outside:
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="print(1)",
+                working_dir="/etc",
+            )
+        message = outside.value.message
+        assert outside.value.kind == "invalid_argument"
+        assert "working_dir '/etc'" in message, message
+        assert "file path" not in message
+        assert "relative" in message
+        home = (
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="pwd",
+                language="bash",
+            )
+        )["stdout"].strip()
+        assert f"({home}/...)" in message, message
+        for working_dir in (".", home, "sub/.."):
+            result = await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="pwd",
+                language="bash",
+                working_dir=working_dir,
+            )
+            assert result["stdout"].strip() == home, (working_dir, result)
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_nul_env_value_rejected(tool_ctx: ToolContext) -> None:
     with pytest.raises(ToolError) as at_create:
         await call(
