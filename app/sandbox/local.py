@@ -584,10 +584,12 @@ class LocalBackend(SandboxBackend):
         """End the sandbox and remove its files, as E2B's kill does; its state
         file stays until `delete`, so `describe` reports it stopped."""
         state = self._read_state(backend_id)
-        self._kill_anchor(backend_id, state)
         if state is not None:
+            # Marked before the kill, so that an execution the kill ends can
+            # report that the sandbox was stopped.
             state["stopped"] = True
             self._write_state(backend_id, state)
+        self._kill_anchor(backend_id, state)
         # A killed anchor no longer removes the folder, as it does when its
         # runner ends at the timeout.
         await asyncio.to_thread(shutil.rmtree, self.folder(backend_id), True)
@@ -751,14 +753,7 @@ class LocalBackend(SandboxBackend):
             outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
             (out, out_dropped), (err, err_dropped) = outputs
             if reply is None or "error" in reply:
-                why = "it ended" if reply is None else str(reply["error"])
-                logger.warning(
-                    "runner of sandbox %s failed an execution: %s", backend_id, why
-                )
-                err += (
-                    f"\n[sandbox runner failed during this execution: {why}; the next "
-                    "call recreates the sandbox if it is lost]"
-                )
+                err += self._runner_failure_note(backend_id, reply)
                 reply = {"exit_code": None, "timed_out": False}
             exit_code = reply.get("exit_code")
             return RunOutput(
@@ -770,6 +765,24 @@ class LocalBackend(SandboxBackend):
                 stdout_dropped_bytes=out_dropped,
                 stderr_dropped_bytes=err_dropped,
             )
+
+    def _runner_failure_note(
+        self, backend_id: str, reply: Mapping[str, object] | None
+    ) -> str:
+        """Build the stderr note of an execution whose runner failed or ended."""
+        state = self._read_state(backend_id)
+        if state is not None and state.get("stopped"):
+            logger.info("sandbox %s was stopped during an execution", backend_id)
+            return (
+                f"\n[sandbox {backend_id} was stopped during this execution. A "
+                "stopped sandbox is not recreated; create a new one]"
+            )
+        why = "it ended" if reply is None else str(reply["error"])
+        logger.warning("runner of sandbox %s failed an execution: %s", backend_id, why)
+        return (
+            f"\n[sandbox runner failed during this execution: {why}; the next "
+            "call recreates the sandbox if it is lost]"
+        )
 
     async def _spawn(
         self,

@@ -120,6 +120,22 @@ async def test_stop_removes_files_keeps_state(backend: LocalBackend) -> None:
     assert not (backend.root / "box").exists()
 
 
+async def test_stop_during_execution_says_stopped(backend: LocalBackend) -> None:
+    task = asyncio.create_task(
+        run(backend, ["bash", "-c", "touch started; sleep 30"], timeout=60)
+    )
+    home = backend.folder("box")
+    while not (home / "started").exists():
+        await asyncio.sleep(0.05)
+    await backend.stop("box")
+    result = await task
+    assert result.exit_code is None
+    assert not result.timed_out
+    assert "sandbox box was stopped during this execution" in result.stderr
+    assert "not recreated; create a new one" in result.stderr
+    assert "recreates the sandbox" not in result.stderr
+
+
 async def test_executions_extend_the_expiry(backend: LocalBackend) -> None:
     created = (await backend.describe("box")).expires_at
     assert created is not None
