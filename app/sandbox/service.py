@@ -290,13 +290,23 @@ async def info(client: Client, sandbox_id: str) -> SessionInfo:
         raise _translate(error, sandbox_id) from None
 
 
-async def status(client: Client, sandbox_id: str) -> SandboxStatus:
-    """Return the session and the sandbox's live state read from the backend."""
+async def status(client: Client, settings: Settings, sandbox_id: str) -> SandboxStatus:
+    """Return the session and the sandbox's live state read from the backend.
+
+    A stopped or failed sandbox that was deleted afterwards reports `deleted`.
+    """
     session = await info(client, sandbox_id)
     live: BackendState | None = None
     if session.status == "running":
         result = await _update(client, sandbox_id, "describe", None, BackendState)
         live = result if isinstance(result, BackendState) else None
+    elif session.status in ("stopped", "failed") and not await asyncio.to_thread(
+        store.has_record, settings.effective_database_url, sandbox_id
+    ):
+        # An ended session takes no update, so deleting a stopped or failed
+        # sandbox cannot change the status it recorded. Every stopped or
+        # failed session has a mirror row, and only the delete removes it.
+        session = session.model_copy(update={"status": "deleted"})
     return SandboxStatus(session=session, live=live)
 
 

@@ -202,7 +202,9 @@ class SandboxSessionExecutor:
 
     async def state(self, sandbox_id: str) -> SandboxState:
         try:
-            status = await sandbox_service.status(self.client, sandbox_id)
+            status = await sandbox_service.status(
+                self.client, self.settings, sandbox_id
+            )
         except sandbox_service.SandboxServiceError as error:
             if error.kind == "not_found":
                 return "not_created"

@@ -215,7 +215,7 @@ async def sandbox_status(ctx: ToolContext, args: SandboxIdInput) -> SandboxStatu
     """Read a sandbox's state live from its backend (alive, expired, lost) with
     its session: template, env var names, recreation count and events."""
     try:
-        status = await service.status(await ctx.client(), args.sandbox_id)
+        status = await service.status(await ctx.client(), ctx.settings, args.sandbox_id)
     except SandboxServiceError as error:
         raise _tool_error(error) from None
     session = status.session

@@ -484,6 +484,30 @@ async def test_working_dir_outside_rejected(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
+async def test_delete_after_stop_shows_deleted(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    running = await call(tool_ctx, "sandbox_create", template="base")
+    try:
+        await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        stopped = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert stopped["status"] == "stopped"
+        deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+        assert deleted["status"] == "deleted"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["status"] == "deleted"
+        assert status["live"] is None
+        listed = await call(tool_ctx, "sandbox_list", status="all")
+        ids = [item["sandbox_id"] for item in listed["sandboxes"]]
+        assert ids == [running["sandbox_id"]]
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=running["sandbox_id"])
+    # A running sandbox that is deleted reads the same.
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=running["sandbox_id"])
+    assert status["status"] == "deleted"
+    assert (await call(tool_ctx, "sandbox_list", status="all"))["count"] == 0
+
+
 async def test_nul_env_value_rejected(tool_ctx: ToolContext) -> None:
     with pytest.raises(ToolError) as at_create:
         await call(
