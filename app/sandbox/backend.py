@@ -107,6 +107,14 @@ class SandboxBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def remove_file(self, backend_id: str, path: str) -> None:
+        """Remove the file at `path` relative to the sandbox folder.
+
+        A missing file or sandbox is not an error. Raises `ValueError` for a
+        path that leaves the sandbox folder.
+        """
+
+    @abc.abstractmethod
     async def keep_alive(self, backend_id: str, timeout: int) -> None:
         """Extend the sandbox's life to `timeout` seconds from now."""
 

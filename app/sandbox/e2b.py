@@ -214,6 +214,16 @@ class E2BBackend(SandboxBackend):
             raise await self._translate(error, backend_id, sandbox) from error
         return inside
 
+    async def remove_file(self, backend_id: str, path: str) -> None:
+        inside = resolve_inside(E2B_HOME, path)
+        sandbox = await self._sandbox(backend_id)
+        try:
+            await sandbox.files.remove(inside)
+        except e2b.NotFoundException:
+            return
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+
     async def keep_alive(self, backend_id: str, timeout: int) -> None:
         self._timeouts[backend_id] = timeout
         sandbox = await self._sandbox(backend_id, timeout)

@@ -613,6 +613,11 @@ class LocalBackend(SandboxBackend):
         _write_below(self.folder(backend_id), relative, content, path)
         return inside
 
+    async def remove_file(self, backend_id: str, path: str) -> None:
+        inside_home = self._inside_home(backend_id)
+        relative = resolve_inside(inside_home, path)[len(inside_home) + 1 :]
+        _remove_below(self.folder(backend_id), relative)
+
     def _bwrap_prefix(self, backend_id: str, network: bool) -> list[str]:
         if self._bwrap_base is None:
             base = [str(self.bwrap), "--unshare-all", "--die-with-parent"]
@@ -905,6 +910,36 @@ def _write_below(
         os.close(parent)
     with os.fdopen(fd, "wb") as handle:
         handle.write(content)
+
+
+def _remove_below(root: Path, relative: str) -> None:
+    """Remove the file `relative` below `root` if it is there.
+
+    As in `_write_below`, no folder symlink is followed, because code in the
+    sandbox could plant one that leads out of `root`. A symlink at the end
+    of the path is removed itself, not its target.
+    """
+    *folders, name = relative.split("/")
+    try:
+        parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return  # the sandbox's folder is gone, and the file with it
+    try:
+        for folder in folders:
+            try:
+                child = os.open(
+                    folder,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                    dir_fd=parent,
+                )
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            os.close(parent)
+            parent = child
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 def _write_error(

@@ -7,6 +7,7 @@ import functools
 import logging
 import re
 import shlex
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from app.contracts.sandbox import NODE_TEMPLATES, ExecuteRequest, ExecuteResult
 from app.sandbox.backend import (
     RunOutput,
     SandboxBackend,
+    SandboxBackendError,
     SandboxConfigurationError,
 )
 from app.settings import Settings
@@ -210,24 +212,30 @@ async def execute(
     `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
     """
     home = await backend.home(backend_id)
+    code_name = None
     code_path = None
     if len(request.code.encode()) > _INLINE_CODE_LIMIT:
-        import hashlib
-
-        digest = hashlib.sha256(request.code.encode()).hexdigest()[:16]
-        name = f".nexus/code-{digest}.{_EXTENSIONS[request.language]}"
-        code_path = await backend.write_file(backend_id, name, request.code.encode())
+        # A name of its own per execution, so that removing the file cannot
+        # take it from a concurrent execution of the same program.
+        code_name = f".nexus/code-{uuid.uuid4().hex}.{_EXTENSIONS[request.language]}"
+        code_path = await backend.write_file(
+            backend_id, code_name, request.code.encode()
+        )
     argv = code_command(request.language, request.code, code_path)
-    output: RunOutput = await backend.run(
-        backend_id,
-        argv,
-        env={**package_env(home), **env},
-        cwd=request.working_dir,
-        timeout=request.timeout,
-        output_limit=settings.sandbox_output_limit,
-        capture_output=request.capture_output,
-        keep_alive=keep_alive,
-    )
+    try:
+        output: RunOutput = await backend.run(
+            backend_id,
+            argv,
+            env={**package_env(home), **env},
+            cwd=request.working_dir,
+            timeout=request.timeout,
+            output_limit=settings.sandbox_output_limit,
+            capture_output=request.capture_output,
+            keep_alive=keep_alive,
+        )
+    finally:
+        if code_name is not None:
+            await _remove_code_file(backend, backend_id, code_name)
     secrets = secret_values(env)
     if output.timed_out:
         status = "timed_out"
@@ -244,6 +252,21 @@ async def execute(
         stdout_dropped_bytes=output.stdout_dropped_bytes,
         stderr_dropped_bytes=output.stderr_dropped_bytes,
     )
+
+
+async def _remove_code_file(
+    backend: SandboxBackend, backend_id: str, code_name: str
+) -> None:
+    """Remove an execution's program file; a failure costs only disk space."""
+    try:
+        await backend.remove_file(backend_id, code_name)
+    except (SandboxBackendError, OSError, ValueError) as error:
+        logger.warning(
+            "could not remove program file %s of sandbox %s: %s",
+            code_name,
+            backend_id,
+            error,
+        )
 
 
 # Env var names whose values are redacted from output, the same rule the

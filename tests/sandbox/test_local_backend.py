@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from app.contracts.sandbox import ExecuteRequest
+from app.sandbox import runtime
 from app.sandbox.backend import RunOutput, SandboxLostError
 from app.sandbox.local import LocalBackend
 from app.sandbox.runner import descendants
+from app.settings import Settings
 from tests.support.sandboxes import ISOLATION_MODES
 
 
@@ -134,6 +137,32 @@ async def test_stop_during_execution_says_stopped(backend: LocalBackend) -> None
     assert "sandbox box was stopped during this execution" in result.stderr
     assert "not recreated; create a new one" in result.stderr
     assert "recreates the sandbox" not in result.stderr
+
+
+async def test_large_program_files_removed(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    # Longer than the inline limit, so each program goes through a file.
+    padding = "#" + "x" * 100_001 + "\n"
+    cases = [
+        ("completed", "print('done')", 30.0),
+        ("failed", "raise SystemExit(3)", 30.0),
+        ("timed_out", "import time; time.sleep(30)", 1.0),
+    ]
+    for status, body, timeout in cases:
+        request = ExecuteRequest(code=padding + body, timeout=timeout)
+        result = await runtime.execute(backend, "box", request, {}, settings)
+        assert result.status == status, result
+    # Two runs of the same program at once: neither may lose its file.
+    same = ExecuteRequest(code=padding + "import time; time.sleep(0.5); print(1)")
+    results = await asyncio.gather(
+        runtime.execute(backend, "box", same, {}, settings),
+        runtime.execute(backend, "box", same, {}, settings),
+    )
+    assert [result.stdout for result in results] == ["1\n", "1\n"]
+    left = sorted(path.name for path in backend.folder("box").glob(".nexus/code-*"))
+    assert left == []
 
 
 async def test_executions_extend_the_expiry(backend: LocalBackend) -> None:
