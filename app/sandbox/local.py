@@ -372,12 +372,16 @@ class LocalBackend(SandboxBackend):
             fd = listener.fileno()
             arguments = [str(fd), str(timeout)]
             env = self.base_env(backend_id)
+            inherited = [fd]
             if self.bwrap:
-                command = self._bwrap_prefix(backend_id, self.allow_network)
-                command += ["--ro-bind", str(_RUNNER_PATH), _INSIDE_RUNNER]
+                options = self._bwrap_options(backend_id, self.allow_network)
+                options += ["--ro-bind", str(_RUNNER_PATH), _INSIDE_RUNNER]
                 for name, value in env.items():
-                    command += ["--setenv", name, value]
-                command += ["--chdir", INSIDE_HOME, "--"]
+                    options += ["--setenv", name, value]
+                options += ["--chdir", INSIDE_HOME]
+                options_fd = _options_file(options)
+                inherited.append(options_fd)
+                command = [str(self.bwrap), "--args", str(options_fd), "--"]
                 command += ["python3", _INSIDE_RUNNER, *arguments]
             else:
                 command = ["python3", str(_RUNNER_PATH), *arguments]
@@ -401,10 +405,12 @@ class LocalBackend(SandboxBackend):
                 cwd=str(folder),
                 env=env,
                 start_new_session=True,
-                pass_fds=[fd],
+                pass_fds=inherited,
             )
         finally:
             listener.close()
+            for passed in inherited[1:]:
+                os.close(passed)
         self._reap_exited_anchors()
         self._anchors[backend_id] = anchor
         now = time.time()
@@ -618,9 +624,15 @@ class LocalBackend(SandboxBackend):
         relative = resolve_inside(inside_home, path)[len(inside_home) + 1 :]
         _remove_below(self.folder(backend_id), relative)
 
-    def _bwrap_prefix(self, backend_id: str, network: bool) -> list[str]:
+    def _bwrap_options(self, backend_id: str, network: bool) -> list[str]:
+        """Build bubblewrap's options, which name host paths.
+
+        They go to bubblewrap through `--args FD` (see `_options_file`), not
+        its command line, because every process in the sandbox can read the
+        command line of its PID 1, a copy of bubblewrap.
+        """
         if self._bwrap_base is None:
-            base = [str(self.bwrap), "--unshare-all", "--die-with-parent"]
+            base = ["--unshare-all", "--die-with-parent"]
             if os.geteuid() == 0:
                 # Run by root, bubblewrap keeps root's capabilities inside.
                 # With CAP_SYS_PTRACE, code could take the runner's listening
@@ -800,24 +812,30 @@ class LocalBackend(SandboxBackend):
         network: bool,
     ) -> RunOutput:
         """Run `argv` in a bubblewrap of its own (for installers' network)."""
-        command = self._bwrap_prefix(backend_id, network)
+        options = self._bwrap_options(backend_id, network)
         for name, value in full_env.items():
-            command += ["--setenv", name, value]
+            options += ["--setenv", name, value]
+        options += ["--chdir", workdir]
         # A small launcher inside sets the rlimits: a preexec_fn would make
         # the worker fork instead of vfork, which JAX's threads warn about.
         limits = json.dumps(_limit_values(self.limits, timeout))
-        command += ["--chdir", workdir, "--", "python3", "-c", _LIMITED_EXEC, limits]
-        command += list(argv)
+        options_fd = _options_file(options)
+        command = [str(self.bwrap), "--args", str(options_fd), "--"]
+        command += ["python3", "-c", _LIMITED_EXEC, limits, *argv]
         started = time.perf_counter()
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=str(self.folder(backend_id)),
-            env={},
-            start_new_session=True,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=str(self.folder(backend_id)),
+                env={},
+                start_new_session=True,
+                pass_fds=[options_fd],
+            )
+        finally:
+            os.close(options_fd)
         readers = [
             asyncio.create_task(_read_capped(stream, output_limit))
             for stream in (process.stdout, process.stderr)
@@ -865,6 +883,25 @@ class LocalBackend(SandboxBackend):
                 "and use its network; install the bubblewrap package"
             ),
         }
+
+
+def _options_file(options: Sequence[str]) -> int:
+    """Write NUL-terminated `options` to an in-memory file for `bwrap --args`.
+
+    Returns the file's descriptor, positioned at the start. The caller
+    passes it to bubblewrap, which closes it once read, and closes its own
+    copy.
+    """
+    data = b"".join(os.fsencode(option) + b"\0" for option in options)
+    fd = os.memfd_create("nexus-bwrap-args", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_below(

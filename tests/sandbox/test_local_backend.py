@@ -165,6 +165,27 @@ async def test_large_program_files_removed(
     assert left == []
 
 
+async def test_bwrap_arguments_stay_hidden(backend: LocalBackend) -> None:
+    if not backend.bwrap:
+        pytest.skip("only bubblewrap hides the host's paths from the sandbox")
+    code = (
+        "import os\n"
+        "for pid in sorted(p for p in os.listdir('/proc') if p.isdigit()):\n"
+        "    try:\n"
+        "        data = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    print(pid, data.replace(b'\\0', b' ').decode())\n"
+    )
+    result = await run(backend, ["python3", "-c", code])
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("1 "), result
+    assert len(lines) >= 3, result
+    for line in lines:
+        assert str(backend.root) not in line, line
+        assert "--bind" not in line, line
+
+
 async def test_executions_extend_the_expiry(backend: LocalBackend) -> None:
     created = (await backend.describe("box")).expires_at
     assert created is not None
