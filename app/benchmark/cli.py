@@ -245,12 +245,28 @@ def report_command(
     run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
 ) -> None:
     """Write the report of a finished run again, with the health read now."""
+    from app.benchmark import recording
     from app.benchmark.report import write_report
     from app.cli import load_settings, print_json
     from app.services.health import system_health
     from app.temporal.client import connect
 
     settings = load_settings()
+    try:
+        status = recording.run_status(settings.effective_database_url, run_id)
+    except LookupError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    if status != "completed":
+        # A report of a run in progress would show its first phases as the
+        # whole run, with an end time of now and a verdict on partial data.
+        typer.echo(
+            f"error: benchmark run {run_id!r} has not finished (status "
+            f"{status!r}), so it has no final figures yet. The run writes its "
+            "report when it ends; run this command again after that.",
+            err=True,
+        )
+        raise typer.Exit(1)
 
     async def health() -> dict[str, object]:
         try:

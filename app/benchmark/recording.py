@@ -43,6 +43,19 @@ def finish_run(
         session.add(run)
 
 
+def run_status(url: str, run_id: str) -> str:
+    """Return the recorded status of a run: `running` or `completed`.
+
+    Raises:
+        LookupError: no run has that id.
+    """
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        if run is None:
+            raise LookupError(_not_found(run_id))
+        return run.status
+
+
 def record_phase(url: str, record: PhaseRecord) -> None:
     result = record.result
     with session_scope(url) as session:
@@ -96,10 +109,7 @@ def load_run(url: str, run_id: str) -> dict[str, Any]:
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)
         if run is None:
-            raise LookupError(
-                f"benchmark run {run_id!r} not found; list runs with "
-                "`temporal workflow list --query \"NexusExecutionKind='benchmark'\"`"
-            )
+            raise LookupError(_not_found(run_id))
         phases = session.exec(
             select(BenchmarkPhase)
             .where(BenchmarkPhase.run_id == run_id)
@@ -135,6 +145,13 @@ def load_run(url: str, run_id: str) -> dict[str, Any]:
             "samples": list(samples),
             "previous": previous,
         }
+
+
+def _not_found(run_id: str) -> str:
+    return (
+        f"benchmark run {run_id!r} not found; list runs with "
+        "`temporal workflow list --query \"NexusExecutionKind='benchmark'\"`"
+    )
 
 
 def as_utc(value: datetime) -> datetime:

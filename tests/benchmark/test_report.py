@@ -204,3 +204,33 @@ def test_report_command_rewrites_report(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1
     assert "benchmark run 'no-such-run' not found" in missing.stderr
+
+
+def test_report_command_rejects_running_run(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        reports_dir=tmp_path / "reports",
+        database_url=f"sqlite:///{tmp_path / 'nexus.db'}",
+    )
+    url = settings.effective_database_url
+    upgrade(url)
+    recording.start_run(url, "run-live", BenchmarkConfig(duration_seconds=60))
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")
+    }
+    env.update(
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_REPORTS_DIR=str(tmp_path / "reports"),
+        NEXUS_DATABASE_URL=url,
+        NEXUS_TEMPORAL_ADDRESS="127.0.0.1:1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", "run-live"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "'run-live' has not finished" in done.stderr
+    assert not (tmp_path / "reports" / "run-live").exists()
