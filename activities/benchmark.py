@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 
 from sqlmodel import select
 from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
 
 from activities.heartbeat import heartbeat_every
 from app.benchmark import recording
 from app.benchmark.models import ExtendedDurationTestEvent
 from app.benchmark.phases import run_phase
-from app.benchmark.report import build_metrics, run_summary, write_report
+from app.benchmark.report import build_metrics, run_summary, save_report
 from app.contracts.benchmark import (
     LoadOperationInput,
     PhaseInput,
@@ -27,6 +29,10 @@ from app.contracts.benchmark import (
 from app.db import session_scope
 from app.services.health import system_health
 from app.settings import Settings
+
+# The sampler takes one last sample after its stop signal. A probe may
+# wait up to 10 s for a worker, and the record activity up to 30 s.
+SAMPLER_STOP_SECONDS = 60.0
 
 
 class BenchmarkActivities:
@@ -73,14 +79,15 @@ class BenchmarkActivities:
         await asyncio.to_thread(
             recording.finish_run, self.url, request.run_id, ended, {}
         )
+        await self._wait_for_sampler(request.run_id)
         health = await system_health(self.settings, activity.client())
         health_json = health.model_dump(mode="json", by_alias=True)
-        report = await asyncio.to_thread(
-            write_report, self.settings, request.run_id, health_json
-        )
+        # One set of metrics feeds both the report and the summary that the
+        # next run compares with, so the two show the same figures.
         metrics = await asyncio.to_thread(
             build_metrics, self.settings, request.run_id, health_json
         )
+        report = await asyncio.to_thread(save_report, self.settings, metrics)
         await asyncio.to_thread(
             recording.finish_run, self.url, request.run_id, ended, run_summary(metrics)
         )
@@ -88,6 +95,21 @@ class BenchmarkActivities:
             "benchmark %s report at %s", request.run_id, report.report_dir
         )
         return report
+
+    async def _wait_for_sampler(self, run_id: str) -> None:
+        """Wait for the stopped sampler to record its last sample, so that a
+        report written later from the same rows shows the same figures."""
+        handle = activity.client().get_workflow_handle(f"{run_id}-sampler")
+        try:
+            await asyncio.wait_for(handle.result(), SAMPLER_STOP_SECONDS)
+        except (TimeoutError, WorkflowFailureError, RPCError) as error:
+            activity.logger.warning(
+                "benchmark %s: sampler %s did not finish, so the report may "
+                "miss its last samples: %s",
+                run_id,
+                handle.id,
+                str(error) or type(error).__name__,
+            )
 
     @activity.defn(name="load_operation")
     async def load_operation(self, request: LoadOperationInput) -> int:

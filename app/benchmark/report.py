@@ -417,7 +417,12 @@ def write_report(
 ) -> ReportResult:
     """Write metrics.json, report.md and the plots to reports/RUN_ID/ and to the
     `benchmark-reports` bucket."""
-    metrics = build_metrics(settings, run_id, health)
+    return save_report(settings, build_metrics(settings, run_id, health))
+
+
+def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
+    """Write the files of `write_report` from metrics already built."""
+    run_id = metrics["run_id"]
     out = settings.reports_dir.expanduser().resolve() / run_id
     out.mkdir(parents=True, exist_ok=True)
     files = {

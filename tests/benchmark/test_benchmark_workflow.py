@@ -5,6 +5,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from app.benchmark import recording
 from app.benchmark.cli import create_schedule
 from app.contracts.benchmark import (
     ALL_PHASES,
@@ -99,6 +100,19 @@ async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None
     assert scalability["operations"] == 2 * (2 + 4)
     assert scalability["metrics"]["scaled"]["concurrency"] == 2
     await replay_run(client, run_id, all_workflows())
+
+
+async def test_report_has_every_sample(client: Client, workers: Settings) -> None:
+    config = small_config(phases=["performance_scalability"])
+    run_id, result = await run_benchmark(client, workers, config)
+    # Once the sampler has ended, no sample can be recorded after the report.
+    await client.get_workflow_handle(f"{run_id}-sampler").result()
+    metrics = json.loads((Path(result.report.report_dir) / "metrics.json").read_text())
+    data = recording.load_run(workers.effective_database_url, run_id)
+    assert metrics["memory"]["samples"] == len(data["samples"])
+    summary = data["run"].summary
+    growth = metrics["memory"]["max_growth_mb_per_min"]
+    assert summary["max_growth_mb_per_min"] == growth
 
 
 async def test_schedule_is_listed(client: Client, temporal_address: str) -> None:
