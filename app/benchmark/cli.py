@@ -7,9 +7,10 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from temporalio.client import (
@@ -41,18 +42,55 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(
+    text: str, option: str = "--duration", *, allow_zero: bool = False
+) -> float:
     """Parse `90s`, `3m`, `2h`, `1d` or plain seconds into seconds.
 
     Raises:
-        typer.BadParameter: the text is not such a duration.
+        typer.BadParameter: the text is not such a duration, or it is zero
+            where `allow_zero` is false; the message names `option`.
     """
     match = _DURATION.match(text.strip())
-    if not match or float(match.group(1)) <= 0:
+    if match and (allow_zero or float(match.group(1)) > 0):
+        return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    kind = "a duration of 0 or more" if allow_zero else "a positive duration"
+    raise typer.BadParameter(
+        f"{text!r} is not {kind}; use a number with an optional unit s, m, h "
+        "or d, for example 90s, 3m or 2h",
+        param_hint=f"'{option}'",
+    )
+
+
+# The command-line option of each config field that the commands expose.
+_OPTIONS = {
+    "duration_seconds": "--duration",
+    "cycle_interval_seconds": "--interval",
+    "load_multiplier": "--load-multiplier",
+    "streams": "--streams",
+    "epochs": "--epochs",
+}
+
+
+def build_config(typed: dict[str, str], **fields: Any) -> BenchmarkConfig:
+    """Build the run's config. `typed` maps a field to the text the operator
+    typed, so that an error shows the value as given.
+
+    Raises:
+        typer.BadParameter: a field is out of the range BenchmarkConfig allows.
+    """
+    try:
+        return BenchmarkConfig(**fields)
+    except ValidationError as error:
+        detail = error.errors()[0]
+        field = str(detail["loc"][0])
+        unit = " seconds" if field.endswith("_seconds") else ""
+        bound = str(detail["msg"]).removeprefix("Input should be ")
         raise typer.BadParameter(
-            f"{text!r} is not a positive duration; use for example 90s, 3m or 2h"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+            f"{typed.get(field, detail['input'])!r} is out of range: the value "
+            f"must be {bound}{unit}; pass a value within that range",
+            param_hint=f"'{_OPTIONS.get(field, field)}'",
+        ) from None
 
 
 def web_ui_link(settings: Settings, workflow_id: str) -> str:
@@ -163,16 +201,15 @@ def run_command(
     and the run's web UI link."""
     from app.cli import load_settings
 
-    settings = load_settings()
-    config = BenchmarkConfig(
+    config = build_config(
+        {"duration_seconds": duration, "cycle_interval_seconds": interval},
         duration_seconds=parse_duration(duration),
-        cycle_interval_seconds=0
-        if interval in ("0", "0s")
-        else parse_duration(interval),
+        cycle_interval_seconds=parse_duration(interval, "--interval", allow_zero=True),
         load_multiplier=load_multiplier,
         streams=streams,
         epochs=epochs,
     )
+    settings = load_settings()
     workers = settings.embedded if start_workers is None else start_workers
     run_id, result = asyncio.run(run_benchmark(settings, config, start_workers=workers))
     report = result.report
@@ -220,11 +257,13 @@ def schedule_command(
     from app.cli import load_settings, print_json
     from app.temporal.client import connect
 
-    settings = load_settings()
-    every_seconds = parse_duration(every)
-    config = BenchmarkConfig(
-        duration_seconds=parse_duration(duration), schedule_id=schedule_id
+    every_seconds = parse_duration(every, "--every")
+    config = build_config(
+        {"duration_seconds": duration},
+        duration_seconds=parse_duration(duration),
+        schedule_id=schedule_id,
     )
+    settings = load_settings()
 
     async def create() -> None:
         client = await connect(settings)
