@@ -85,7 +85,10 @@ async def run_stream_load(
     run_id, cycle = scope
     half = total // 2
     prefix = f"run_id=eq.{run_id},cycle=eq.{cycle}"
-    filters = [f.format(half=half) for f in STREAM_FILTERS][:streams]
+    # Past the five filters, subscriptions reuse them in turn, so every
+    # requested subscription exists and consumes its share of the load.
+    kinds = [index % len(STREAM_FILTERS) for index in range(streams)]
+    filters = [STREAM_FILTERS[kind].format(half=half) for kind in kinds]
     subscriptions = []
     for text in filters:
         created = await call(
@@ -99,8 +102,7 @@ async def run_stream_load(
         subscriptions.append(created["subscription_id"])
     phases = [f"phase_{1 + i % 5}" for i in range(total)]
     expected = [
-        sum(_matches(k, phases[i], i, half) for i in range(total))
-        for k in range(len(filters))
+        sum(_matches(kind, phases[i], i, half) for i in range(total)) for kind in kinds
     ]
     latencies: list[float] = []
     received = [0] * len(filters)
