@@ -17,6 +17,7 @@ from temporalio.client import (
     Client,
     Schedule,
     ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleSpec,
     WorkflowHandle,
@@ -269,7 +270,16 @@ def schedule_command(
         client = await connect(settings)
         await create_schedule(client, schedule_id, every_seconds, config)
 
-    asyncio.run(create())
+    try:
+        asyncio.run(create())
+    except ScheduleAlreadyRunningError:
+        typer.echo(
+            f"error: a schedule with id {schedule_id!r} already exists; pass "
+            "another --id, or delete it with `temporal schedule delete "
+            f"--schedule-id {schedule_id}`",
+            err=True,
+        )
+        raise typer.Exit(1) from None
     print_json(
         {
             "schedule_id": schedule_id,

@@ -1,12 +1,17 @@
-"""`nexus benchmark ...` option checks, before anything starts."""
+"""`nexus benchmark ...`: option checks and command errors."""
 
 from __future__ import annotations
 
+import subprocess
+import uuid
+
 import pytest
+from temporalio.client import ScheduleAlreadyRunningError
 from typer.testing import CliRunner
 
 from app.benchmark.cli import parse_duration
 from app.cli import cli
+from app.temporal.devserver import temporal_binary
 
 # Each row: the command line, then the option and the value the message names.
 REJECTED = [
@@ -44,3 +49,24 @@ def test_durations_parsed() -> None:
     assert parse_duration("1.5m") == 90.0
     assert parse_duration("2h") == 7200.0
     assert parse_duration("1d") == 86400.0
+
+
+def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
+    schedule_id = f"bench-duplicate-{uuid.uuid4().hex[:6]}"
+    command = ["benchmark", "schedule", "--every", "6h", "--id", schedule_id]
+    env = {"NEXUS_TEMPORAL_ADDRESS": temporal_address}
+    try:
+        first = CliRunner().invoke(cli, command, env=env)
+        assert first.exit_code == 0, first.output
+        second = CliRunner().invoke(cli, command, env=env)
+        assert second.exit_code == 1
+        assert f"schedule with id {schedule_id!r} already exists" in second.output
+        assert not isinstance(second.exception, ScheduleAlreadyRunningError)
+    finally:
+        delete = ["schedule", "delete", "--schedule-id", schedule_id]
+        done = subprocess.run(
+            [str(temporal_binary()), *delete, "--address", temporal_address],
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
