@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import uuid
@@ -57,6 +58,22 @@ def stop_leftover_sandboxes(
         if "nexus-sandbox-anchor" in words and any(w.startswith(base) for w in words):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(entry.name), signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """Put back the root logger's handlers and level after each test.
+
+    A CLI command run through `CliRunner` calls `configure_logging`, which
+    binds a handler to the runner's stderr. That stream is closed once the
+    command returns, so later tests' log records would print a logging
+    error into whatever stderr they capture.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
