@@ -18,6 +18,7 @@ from app.benchmark.models import ExtendedDurationTestEvent
 from app.benchmark.phases import run_phase
 from app.benchmark.report import build_metrics, run_summary, save_report
 from app.contracts.benchmark import (
+    CancelRunRequest,
     LoadOperationInput,
     PhaseInput,
     PhaseRecord,
@@ -57,6 +58,9 @@ class BenchmarkActivities:
             request.cycle,
             request.phase,
         )
+        # NOTE: a cancellation reaches this activity with its next heartbeat,
+        # but tool calls that catch it as an error can keep the phase going
+        # until it ends or its worker stops.
         heartbeat = asyncio.create_task(heartbeat_every(10.0))
         try:
             return await run_phase(self.settings, activity.client(), request)
@@ -64,6 +68,20 @@ class BenchmarkActivities:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+
+    @activity.defn(name="cancel_benchmark_run")
+    async def cancel_run(self, request: CancelRunRequest) -> None:
+        """Record the run as cancelled once its stopped sampler has ended, so
+        that nothing of the run is left running when the workflow ends."""
+        await self._wait_for_sampler(request.run_id)
+        await asyncio.to_thread(
+            recording.cancel_run,
+            self.url,
+            request.run_id,
+            request.config,
+            request.ended_at,
+        )
+        activity.logger.info("benchmark %s recorded as cancelled", request.run_id)
 
     @activity.defn(name="record_benchmark_phase")
     async def record_phase(self, record: PhaseRecord) -> None:

@@ -101,6 +101,7 @@ def _benchmark_orchestration(settings: Settings) -> list[Callable[..., Any]]:
     benchmark = BenchmarkActivities(settings)
     return [
         benchmark.start_run,
+        benchmark.cancel_run,
         benchmark.run_phase,
         benchmark.record_phase,
         benchmark.record_samples,

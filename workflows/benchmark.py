@@ -13,6 +13,7 @@ from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     ChildWorkflowError,
+    is_cancelled_exception,
 )
 from temporalio.workflow import ParentClosePolicy
 
@@ -21,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         BenchmarkProgress,
         BenchmarkResult,
         BenchmarkState,
+        CancelRunRequest,
         CycleAggregate,
         LoadOperationInput,
         PhaseInput,
@@ -40,6 +42,10 @@ with workflow.unsafe.imports_passed_through():
 
 _ONCE = RetryPolicy(maximum_attempts=1)
 _FEW = RetryPolicy(maximum_attempts=3)
+
+# Before this patch a cancelled phase was recorded as failed and the run went
+# on with its next phase, so a cancelled run never ended.
+CANCELLED_RUN_PATCH = "benchmark-cancelled-run-ends"
 
 
 @workflow.defn
@@ -79,6 +85,8 @@ class BenchmarkPhaseWorkflow:
                 result_type=PhaseRecord,
             )
         except ActivityError as error:
+            if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
+                raise
             record = PhaseRecord(
                 run_id=request.run_id,
                 result=PhaseResult(
@@ -221,13 +229,42 @@ class ExtendedDurationBenchmarkWorkflow:
             # Schedules start runs with ids of their own; the id is the run id.
             state = state.model_copy(update={"run_id": workflow.info().workflow_id})
         self.state = state
-        config = state.config
         workflow.upsert_search_attributes(
             [
                 EXECUTION_KIND.value_set("benchmark"),
                 BENCHMARK_RUN_ID.value_set(state.run_id),
             ]
         )
+        try:
+            await self._run_cycle(state)
+            await self._stop_sampler(state.run_id)
+        except (asyncio.CancelledError, ActivityError, ChildWorkflowError) as error:
+            if not (
+                is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH)
+            ):
+                raise
+            await self._record_cancellation(state)
+            raise
+        report_activity = workflow.start_activity(
+            "finish_benchmark_run",
+            ReportRequest(run_id=state.run_id, ended_at=workflow.now()),
+            task_queue=ORCHESTRATION,
+            start_to_close_timeout=timedelta(minutes=5),
+            retry_policy=_FEW,
+            result_type=ReportResult,
+        )
+        try:
+            report = await asyncio.shield(report_activity)
+        except asyncio.CancelledError:
+            # Every cycle has ended, so a cancellation that arrives while the
+            # report is written lets the report finish and the run complete.
+            report = await report_activity
+        self.finished = True
+        return BenchmarkResult(run_id=state.run_id, cycles=state.cycle, report=report)
+
+    async def _run_cycle(self, state: BenchmarkState) -> None:
+        """Run one cycle, then continue as new unless it was the last one."""
+        config = state.config
         if state.started_at is None:
             state.started_at = workflow.now()
             await workflow.execute_activity(
@@ -273,21 +310,28 @@ class ExtendedDurationBenchmarkWorkflow:
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(state)
 
-        sampler = workflow.get_external_workflow_handle(f"{state.run_id}-sampler")
+    async def _stop_sampler(self, run_id: str) -> None:
+        sampler = workflow.get_external_workflow_handle(f"{run_id}-sampler")
         try:
             await sampler.signal(MetricsSamplerWorkflow.stop)
         except ApplicationError as error:
             workflow.logger.warning("could not stop the sampler: %s", error)
-        report = await workflow.execute_activity(
-            "finish_benchmark_run",
-            ReportRequest(run_id=state.run_id, ended_at=workflow.now()),
+
+    async def _record_cancellation(self, state: BenchmarkState) -> None:
+        """Stop the sampler and record the run as cancelled. A cancelled run
+        gets no report, since its last cycle did not finish."""
+        self.phase = None
+        await self._stop_sampler(state.run_id)
+        await workflow.execute_activity(
+            "cancel_benchmark_run",
+            CancelRunRequest(
+                run_id=state.run_id, config=state.config, ended_at=workflow.now()
+            ),
             task_queue=ORCHESTRATION,
-            start_to_close_timeout=timedelta(minutes=5),
+            start_to_close_timeout=timedelta(minutes=2),
             retry_policy=_FEW,
-            result_type=ReportResult,
         )
-        self.finished = True
-        return BenchmarkResult(run_id=state.run_id, cycles=state.cycle, report=report)
+        workflow.logger.info("benchmark %s cancelled", state.run_id)
 
     async def _run_phase(self, state: BenchmarkState, phase: PhaseName) -> PhaseResult:
         request = PhaseInput(
@@ -305,6 +349,8 @@ class ExtendedDurationBenchmarkWorkflow:
                 task_queue=ORCHESTRATION,
             )
         except ChildWorkflowError as error:
+            if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
+                raise
             now = workflow.now()
             return PhaseResult(
                 phase=request.phase,

@@ -20,8 +20,10 @@ from temporalio.client import (
     ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleSpec,
+    WorkflowFailureError,
     WorkflowHandle,
 )
+from temporalio.exceptions import CancelledError
 
 from app.contracts.benchmark import (
     PHASE_TITLES,
@@ -130,25 +132,77 @@ async def follow(handle: WorkflowHandle[object, BenchmarkResult]) -> BenchmarkRe
             for name, title in PHASE_TITLES.items()
         }
         result_task = asyncio.create_task(handle.result())
-        while not result_task.done():
-            try:
-                state = await handle.query("progress", result_type=BenchmarkProgress)
-            except Exception:  # the run is between continue-as-new runs
-                state = None
-            if state is not None and state.duration_seconds:
-                fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
-                progress.update(
-                    overall, completed=fraction, status=f"cycle {state.cycle + 1}"
-                )
-                for name, task in tasks.items():
-                    if name == state.phase:
-                        progress.update(task, completed=0.5, status="running")
-                    elif name in state.completed:
-                        mark = "✅" if state.completed[name] else "❌"
-                        progress.update(task, completed=1.0, status=mark)
-            await asyncio.wait({result_task}, timeout=1.0)
+        try:
+            while not result_task.done():
+                try:
+                    state = await handle.query(
+                        "progress", result_type=BenchmarkProgress
+                    )
+                except Exception:  # the run is between continue-as-new runs
+                    state = None
+                if state is not None and state.duration_seconds:
+                    fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
+                    progress.update(
+                        overall, completed=fraction, status=f"cycle {state.cycle + 1}"
+                    )
+                    for name, task in tasks.items():
+                        if name == state.phase:
+                            progress.update(task, completed=0.5, status="running")
+                        elif name in state.completed:
+                            mark = "✅" if state.completed[name] else "❌"
+                            progress.update(task, completed=1.0, status=mark)
+                await asyncio.wait({result_task}, timeout=1.0)
+        finally:
+            # An interrupt leaves the result poll behind otherwise.
+            result_task.cancel()
         progress.update(overall, completed=1.0, status="report written")
         return result_task.result()
+
+
+async def cancel_run(
+    handle: WorkflowHandle[object, BenchmarkResult], timeout: float = 60.0
+) -> None:
+    """Cancel the run and wait for it to end, so that the run, its sampler and
+    its phase workflows are closed before the embedded server stops. Without
+    that, the next embedded start resumes the run beside the new one."""
+    run_id = handle.id
+    console.print(
+        f"Interrupted: cancelling benchmark {run_id} "
+        "(press Ctrl-C again to exit without waiting)"
+    )
+    await handle.cancel()
+    try:
+        result = await asyncio.wait_for(handle.result(), timeout)
+    except TimeoutError:
+        console.print(
+            f"Benchmark {run_id} was asked to cancel but had not ended after "
+            f"{timeout:.0f} s; the next embedded start resumes it"
+        )
+    except WorkflowFailureError as error:
+        if isinstance(error.cause, CancelledError):
+            console.print(f"Benchmark {run_id} cancelled; it has no report")
+        else:
+            console.print(f"Benchmark {run_id} failed: {error.cause or error}")
+    else:
+        # The cancellation came while the report was written, which finishes.
+        console.print(
+            f"Benchmark {run_id} completed before the cancellation took effect; "
+            f"report: {result.report.markdown_path}"
+        )
+
+
+def print_run_continues(settings: Settings, run_id: str) -> None:
+    """Tell how to follow, report or cancel a run left on a server that this
+    command did not start."""
+    address = settings.effective_temporal_address
+    server = f"--address {address} --namespace {settings.namespace}"
+    console.print(
+        f"Interrupted: benchmark {run_id} continues on the Temporal server at "
+        f"{address}. Follow it with `temporal workflow "
+        f"show --follow --workflow-id {run_id} {server}`, write its report again "
+        f"after it ends with `nexus benchmark report {run_id}`, or cancel it with "
+        f"`temporal workflow cancel --workflow-id {run_id} {server}`."
+    )
 
 
 async def run_benchmark(
@@ -175,7 +229,16 @@ async def run_benchmark(
             result_type=BenchmarkResult,
         )
         console.print(f"Benchmark {run_id}: {web_ui_link(settings, run_id)}")
-        return run_id, await follow(handle)
+        try:
+            return run_id, await follow(handle)
+        except asyncio.CancelledError:
+            # asyncio.run cancels this task on the first Ctrl-C, and raises
+            # KeyboardInterrupt at once on the second.
+            if stack is not None and stack.server and not stack.server.reused:
+                await cancel_run(handle)
+            else:
+                print_run_continues(settings, run_id)
+            raise
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop)
@@ -212,7 +275,12 @@ def run_command(
     )
     settings = load_settings()
     workers = settings.embedded if start_workers is None else start_workers
-    run_id, result = asyncio.run(run_benchmark(settings, config, start_workers=workers))
+    try:
+        run_id, result = asyncio.run(
+            run_benchmark(settings, config, start_workers=workers)
+        )
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     report = result.report
     console.print(f"Report:  {report.markdown_path}")
     console.print(f"Web UI:  {web_ui_link(settings, run_id)}")
@@ -306,6 +374,13 @@ def report_command(
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+    if status == "cancelled":
+        typer.echo(
+            f"error: benchmark run {run_id!r} was cancelled before its last cycle "
+            "ended, so it has no report; start a new run with `nexus benchmark run`",
+            err=True,
+        )
+        raise typer.Exit(1)
     if status != "completed":
         # A report of a run in progress would show its first phases as the
         # whole run, with an end time of now and a verdict on partial data.

@@ -43,8 +43,27 @@ def finish_run(
         session.add(run)
 
 
+def cancel_run(
+    url: str, run_id: str, config: BenchmarkConfig, ended_at: datetime
+) -> None:
+    """Record a cancelled run. The row is created when missing, because the
+    cancellation may have stopped the run before its start was recorded."""
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        if run is None:
+            run = BenchmarkRun(
+                run_id=run_id,
+                schedule_id=config.schedule_id,
+                config=config.model_dump(mode="json"),
+            )
+        run.status = "cancelled"
+        run.ended_at = ended_at
+        session.add(run)
+
+
 def run_status(url: str, run_id: str) -> str:
-    """Return the recorded status of a run: `running` or `completed`.
+    """Return the recorded status of a run: `running`, `completed` or
+    `cancelled`.
 
     Raises:
         LookupError: no run has that id.

@@ -198,6 +198,12 @@ class StartRunRequest(BaseModel):
     config: BenchmarkConfig
 
 
+class CancelRunRequest(BaseModel):
+    run_id: str
+    config: BenchmarkConfig
+    ended_at: UtcDateTime
+
+
 class LoadOperationInput(BaseModel):
     run_id: str
     cycle: int

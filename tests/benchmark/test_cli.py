@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
-from temporalio.client import ScheduleAlreadyRunningError
+from temporalio.client import (
+    Client,
+    ScheduleAlreadyRunningError,
+    WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
+)
+from temporalio.service import RPCError
 from typer.testing import CliRunner
 
+from app.benchmark import recording
 from app.benchmark.cli import parse_duration
 from app.cli import cli
-from app.temporal.devserver import temporal_binary
+from app.contracts.benchmark import BenchmarkProgress
+from app.settings import Settings
+from app.temporal.devserver import EmbeddedTemporal, temporal_binary
 
 # Each row: the command line, then the option and the value the message names.
 REJECTED = [
@@ -70,3 +89,174 @@ def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")
+    }
+    env.update(
+        NEXUS_DATA_DIR=str(data_dir),
+        NEXUS_REPORTS_DIR=str(data_dir / "reports"),
+        NEXUS_TEMPORAL_PORT=str(_free_port()),
+        NEXUS_TEMPORAL_UI_PORT=str(_free_port()),
+        NEXUS_HTTP_PORT=str(_free_port()),
+        NEXUS_WORKER_WARM_UP="false",
+        **extra,
+    )
+    return env
+
+
+class _Output:
+    """Lines of a child's stderr, read on a thread so the test can wait."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.text)
+            if found:
+                return found
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{pattern!r} not in the output:\n{self.text}")
+
+
+_RUN = [
+    sys.executable,
+    "-m",
+    "app",
+    "benchmark",
+    "run",
+    "--duration",
+    "30s",
+    "--load-multiplier",
+    "1",
+    "--streams",
+    "1",
+    "--epochs",
+    "1",
+]
+
+
+async def _running_phase(client: Client, run_id: str, timeout: float) -> str:
+    """Wait until the run is inside a phase and return that phase's workflow id."""
+    handle = client.get_workflow_handle(run_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RPCError, WorkflowQueryFailedError):
+            progress = await handle.query("progress", result_type=BenchmarkProgress)
+            if progress.phase:
+                return f"{run_id}-c{progress.cycle}-{progress.phase}"
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"no phase of {run_id} started within {timeout} s")
+
+
+@pytest.mark.timeout(420)
+async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    process = subprocess.Popen(
+        _RUN,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    output = _Output(process)
+    address = f"127.0.0.1:{env['NEXUS_TEMPORAL_PORT']}"
+    try:
+        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        client = await Client.connect(address)
+        phase_id = await _running_phase(client, run_id, 120)
+        # A terminal sends SIGINT to the whole foreground process group.
+        os.killpg(process.pid, signal.SIGINT)
+        exit_code = await asyncio.to_thread(process.wait, 120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert exit_code == 130, output.text
+    assert f"Benchmark {run_id} cancelled" in output.text
+    url = Settings(data_dir=tmp_path).effective_database_url
+    assert recording.run_status(url, run_id) == "cancelled"
+
+    # The stack is down, so read the run's history from its own database.
+    server = EmbeddedTemporal(Settings(data_dir=tmp_path, temporal_port=_free_port()))
+    server.ui_port = _free_port()
+    client = await Client.connect(await server.start())
+    try:
+        run = await client.get_workflow_handle(run_id).describe()
+        assert run.status == WorkflowExecutionStatus.CANCELED
+        phase = await client.get_workflow_handle(phase_id).describe()
+        assert phase.status == WorkflowExecutionStatus.CANCELED
+        sampler = await client.get_workflow_handle(f"{run_id}-sampler").describe()
+        assert sampler.status == WorkflowExecutionStatus.COMPLETED
+        running = [
+            w.id async for w in client.list_workflows("ExecutionStatus='Running'")
+        ]
+        assert running == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_interrupt_leaves_external_run(
+    client: Client, temporal_address: str, tmp_path: Path
+) -> None:
+    env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
+    # The command's own workers run the run, so that nothing in this process
+    # waits for its phase activity when the test ends.
+    process = subprocess.Popen(
+        [*_RUN, "--start-workers"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    output = _Output(process)
+    run_id = ""
+    try:
+        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        await _running_phase(client, run_id, 120)
+        os.killpg(process.pid, signal.SIGINT)
+        exit_code = await asyncio.to_thread(process.wait, 120)
+        text = " ".join(output.text.split())
+        assert exit_code == 130, text
+        assert f"benchmark {run_id} continues on the Temporal server" in text
+        assert f"nexus benchmark report {run_id}" in text
+        assert f"temporal workflow cancel --workflow-id {run_id}" in text
+        handle = client.get_workflow_handle(run_id)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+        url = Settings(data_dir=tmp_path).effective_database_url
+        assert recording.run_status(url, run_id) == "running"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for workflow_id in (run_id, f"{run_id}-sampler"):
+            if run_id:
+                with contextlib.suppress(RPCError):
+                    await client.get_workflow_handle(workflow_id).terminate()
