@@ -187,6 +187,7 @@ def build_metrics(
             "phases_passed": summary.get("phases_passed"),
         }
     cycles = sorted({p.cycle for p in phases})
+    phases_passed = sum(1 for p in phase_entries if p["passed"])
     return {
         "run_id": run_id,
         "schedule_id": run.schedule_id,
@@ -204,7 +205,8 @@ def build_metrics(
             "success_rate_percent": _round(100 * succeeded / total, 2)
             if total
             else None,
-            "phases_passed": sum(1 for p in phase_entries if p["passed"]),
+            "phases_passed": phases_passed,
+            "phases_failed": len(phase_entries) - phases_passed,
             "phases_run": len(phase_entries),
         },
         "phases": phase_entries,
@@ -345,7 +347,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         )
     else:
         lines.append(
-            f"{totals['phases_run'] - totals['phases_passed']} of "
+            f"{totals['phases_failed']} of "
             f"{totals['phases_run']} phases failed; see the issues above."
         )
     lines.append("")

@@ -78,6 +78,26 @@ def _scalars(value: object) -> list[str]:
     return [str(value)]
 
 
+def _mark_numbers(value: object, markers: list[int]) -> object:
+    """Return `value` with each number replaced by a distinct marker number."""
+    if isinstance(value, dict):
+        return {key: _mark_numbers(item, markers) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mark_numbers(item, markers) for item in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        markers.append(900_001 + len(markers))
+        return markers[-1]
+    return value
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
 def test_growth_from_known_samples(settings: Settings) -> None:
     _seed(settings, "run-growth")
     metrics = build_metrics(settings, "run-growth", None)
@@ -142,6 +162,17 @@ def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:
     body = body.replace("run-figures", "")
     for number in re.findall(r"\d+(?:\.\d+)?", body):
         assert number in known, f"{number} in the report is not in metrics.json"
+
+    # A figure that the renderer computes from other figures, instead of
+    # copying it from metrics.json, shows up as a number that is no marker.
+    markers: list[int] = []
+    marked = _mark_numbers(metrics, markers)
+    assert isinstance(marked, dict)
+    marked_body = re.sub(r"\bp(50|95|99)\b|95% interval", "", render_markdown(marked))
+    for text in sorted(_strings(marked), key=len, reverse=True):
+        marked_body = marked_body.replace(text, "")
+    rendered = {int(n) for n in re.findall(r"\d+", marked_body)}
+    assert rendered - set(markers) == set(), "figures not copied from metrics.json"
     assert "✅ Performance and scalability" in markdown
     assert "❌ Neural training" in markdown
     assert "loss went up" in markdown
