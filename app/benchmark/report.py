@@ -171,6 +171,12 @@ def build_metrics(
         }
 
     workers = memory_growth(data["samples"], warmup_minutes)
+    sample_times = [as_utc(s.taken_at) for s in data["samples"]]
+    sampled_minutes = (
+        _round((max(sample_times) - min(sample_times)).total_seconds() / 60, 2)
+        if sample_times
+        else None
+    )
     growths = [
         w["growth_mb_per_min"] for w in workers if w["growth_mb_per_min"] is not None
     ]
@@ -215,6 +221,7 @@ def build_metrics(
             "samples": len(data["samples"]),
             "workers": workers,
             "max_growth_mb_per_min": max(growths) if growths else None,
+            "sampled_minutes": sampled_minutes,
         },
         "health": health,
         "previous": previous_entry,
@@ -252,8 +259,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         f"- Operations: {totals['succeeded']} of {totals['operations']} succeeded "
         f"({_cell(totals['success_rate_percent'])}%)",
         f"- Cycles: {timeline['cycles']}",
+        # A short run's growth is mostly its warm-up, so the span is shown.
         f"- Largest worker memory growth: {_cell(memory['max_growth_mb_per_min'])} "
-        "MB/min",
+        f"MB/min, fitted over {_cell(memory['sampled_minutes'])} minutes of "
+        "samples, warm-up included",
         "",
         "## Timeline",
         "",

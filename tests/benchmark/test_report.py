@@ -105,6 +105,10 @@ def test_growth_from_known_samples(settings: Settings) -> None:
     assert worker["growth_mb_per_min"] == 2.0
     assert worker["ci95_mb_per_min"] == [2.0, 2.0]
     assert worker["samples"] == 6
+    assert metrics["memory"]["sampled_minutes"] == 5.0
+    summary = render_markdown(metrics).split("## Timeline")[0]
+    assert "2.0 MB/min, fitted over 5.0 minutes of samples" in summary
+    assert "warm-up included" in summary
     assert metrics["totals"]["operations"] == 4
     assert metrics["totals"]["succeeded"] == 3
     assert metrics["totals"]["success_rate_percent"] == 75.0
