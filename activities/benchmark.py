@@ -63,11 +63,18 @@ class BenchmarkActivities:
         # until it ends or its worker stops.
         heartbeat = asyncio.create_task(heartbeat_every(10.0))
         try:
-            return await run_phase(self.settings, activity.client(), request)
+            record = await run_phase(self.settings, activity.client(), request)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        if activity.is_cancelled():
+            # The phase records a cancellation that reached a tool call as a
+            # failed operation and returns. Completing with that record would
+            # end the phase normally, and the run would not see that it was
+            # cancelled.
+            raise asyncio.CancelledError()
+        return record
 
     @activity.defn(name="cancel_benchmark_run")
     async def cancel_run(self, request: CancelRunRequest) -> None:

@@ -41,6 +41,12 @@ def build_worker(client: Client, settings: Settings, task_queue: str) -> Worker:
         # Synchronous activities (JAX, blocking database calls) run here.
         activity_executor=ThreadPoolExecutor(max(4, limits.max_concurrent_activities)),
         graceful_shutdown_timeout=timedelta(seconds=10),
+        # The SDK sends a heartbeat at most every 0.8 x the heartbeat timeout
+        # by default (48 s for a benchmark phase), and a cancellation reaches
+        # an activity only in a heartbeat's response. A cancelled benchmark
+        # run waits for its phase activity to clean up, so it would wait that
+        # long too.
+        max_heartbeat_throttle_interval=timedelta(seconds=5),
     )
 
 

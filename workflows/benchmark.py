@@ -15,7 +15,7 @@ from temporalio.exceptions import (
     ChildWorkflowError,
     is_cancelled_exception,
 )
-from temporalio.workflow import ParentClosePolicy
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.benchmark import (
@@ -46,6 +46,23 @@ _FEW = RetryPolicy(maximum_attempts=3)
 # Before this patch a cancelled phase was recorded as failed and the run went
 # on with its next phase, so a cancelled run never ended.
 CANCELLED_RUN_PATCH = "benchmark-cancelled-run-ends"
+_PHASE_CLEANUP_PATCH = "benchmark-phase-waits-for-cleanup"
+
+
+def _raise_if_cancel_requested() -> None:
+    """Raise CancelledError if this workflow was asked to cancel while it
+    waited for an activity or child that still completed.
+
+    With a cancellation type that waits, the awaited call can complete
+    normally after the request, and the request would then be lost.
+    """
+    task = asyncio.current_task()
+    if (
+        task is not None
+        and task.cancelling()
+        and workflow.patched(_PHASE_CLEANUP_PATCH)
+    ):
+        raise asyncio.CancelledError()
 
 
 @workflow.defn
@@ -72,6 +89,13 @@ class BenchmarkPhaseWorkflow:
     @workflow.run
     async def run(self, request: PhaseInput) -> PhaseResult:
         started = workflow.now()
+        # A cancelled phase waits until its activity has deleted what it
+        # created (a sandbox session would otherwise run on to its timeout).
+        cancellation = (
+            ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+            if workflow.patched(_PHASE_CLEANUP_PATCH)
+            else ActivityCancellationType.TRY_CANCEL
+        )
         try:
             record = await workflow.execute_activity(
                 "run_benchmark_phase",
@@ -83,7 +107,9 @@ class BenchmarkPhaseWorkflow:
                 # definitions), so a lost attempt is a failed phase, not a retry.
                 retry_policy=_ONCE,
                 result_type=PhaseRecord,
+                cancellation_type=cancellation,
             )
+            _raise_if_cancel_requested()
         except ActivityError as error:
             if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
                 raise
@@ -342,12 +368,14 @@ class ExtendedDurationBenchmarkWorkflow:
             carry=state.carry,
         )
         try:
-            return await workflow.execute_child_workflow(
+            result = await workflow.execute_child_workflow(
                 BenchmarkPhaseWorkflow.run,
                 request,
                 id=f"{state.run_id}-c{state.cycle}-{phase}",
                 task_queue=ORCHESTRATION,
             )
+            _raise_if_cancel_requested()
+            return result
         except ChildWorkflowError as error:
             if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
                 raise

@@ -4,6 +4,7 @@ tools that MCP and HTTP clients call, and counts every operation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -110,19 +111,30 @@ async def sandbox_integration(runner: PhaseRunner) -> None:
 
     template = "claude-code" if claude_code_ready(runner.settings) else "python"
     runner.metrics["template"] = template
-    created = await runner.call(
-        "sandbox_create",
-        {
-            "template": template,
-            "name": f"bench-{runner.request.run_id}-{runner.request.cycle}",
-            "env_vars": {
-                "BENCH_RUN": runner.request.run_id,
-                "BENCH_CYCLE": str(runner.request.cycle),
-                "BENCH_API_KEY": "bench-secret-value",
+    creation = asyncio.ensure_future(
+        runner.call(
+            "sandbox_create",
+            {
+                "template": template,
+                "name": f"bench-{runner.request.run_id}-{runner.request.cycle}",
+                "env_vars": {
+                    "BENCH_RUN": runner.request.run_id,
+                    "BENCH_CYCLE": str(runner.request.cycle),
+                    "BENCH_API_KEY": "bench-secret-value",
+                },
+                "timeout": 7200,
             },
-            "timeout": 7200,
-        },
+        )
     )
+    try:
+        created = await asyncio.shield(creation)
+    except asyncio.CancelledError:
+        # A creation in flight finishes, so that its sandbox can be deleted;
+        # its session would otherwise run on until the 2-hour timeout.
+        with contextlib.suppress(Exception):
+            leftover = await creation
+            await runner.call("sandbox_delete", {"sandbox_id": leftover["sandbox_id"]})
+        raise
     sandbox_id = created["sandbox_id"]
     code = (
         "import os\n"

@@ -221,9 +221,16 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-async def test_interrupt_leaves_external_run(
-    client: Client, temporal_address: str, tmp_path: Path
-) -> None:
+async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
+    # The "external" server is one of this test's own, so that the sandbox
+    # sessions and other workflows that the interrupted run leaves behind
+    # cannot reach the workers of later tests on the shared server.
+    server = EmbeddedTemporal(
+        Settings(data_dir=tmp_path / "external", temporal_port=_free_port())
+    )
+    server.ui_port = _free_port()
+    temporal_address = await server.start()
+    client = await Client.connect(temporal_address)
     env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
     # The command's own workers run the run, so that nothing in this process
     # waits for its phase activity when the test ends.
@@ -256,7 +263,4 @@ async def test_interrupt_leaves_external_run(
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        for workflow_id in (run_id, f"{run_id}-sampler"):
-            if run_id:
-                with contextlib.suppress(RPCError):
-                    await client.get_workflow_handle(workflow_id).terminate()
+        server.stop()
