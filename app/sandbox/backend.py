@@ -142,12 +142,9 @@ def resolve_inside(home: str, path: str) -> str:
         ValueError: `path` is empty, contains a NUL byte, or leaves `home`
             (through `..` or an absolute path outside it).
     """
-    import posixpath
-
     if not path or "\0" in path:
         raise ValueError(f"file path {path!r} is empty or contains a NUL byte")
-    joined = posixpath.normpath(posixpath.join(home, path))
-    root = posixpath.normpath(home)
+    joined, root = _join_normalized(home, path)
     if joined != root and not joined.startswith(root + "/"):
         raise ValueError(
             f"file path {path!r} leaves the sandbox folder {root}; use a path "
@@ -166,15 +163,19 @@ def resolve_workdir(home: str, cwd: str) -> str:
         ValueError: `cwd` is empty, contains a NUL byte or leaves `home`.
             The message names the `working_dir` field and the fix.
     """
-    import posixpath
-
     if not cwd or "\0" in cwd:
         raise ValueError(f"working_dir {cwd!r} is empty or contains a NUL byte")
-    joined = posixpath.normpath(posixpath.join(home, cwd))
-    root = posixpath.normpath(home)
+    joined, root = _join_normalized(home, cwd)
     if joined != root and not joined.startswith(root + "/"):
         raise ValueError(
             f"working_dir {cwd!r} is outside the sandbox folder {root}; use a "
             f"path inside it ({root}/...) or a path relative to it without '..'"
         )
     return joined
+
+
+def _join_normalized(home: str, path: str) -> tuple[str, str]:
+    """Return `path` joined to `home` and normalized, and `home` normalized."""
+    import posixpath
+
+    return posixpath.normpath(posixpath.join(home, path)), posixpath.normpath(home)
