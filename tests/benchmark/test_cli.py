@@ -208,8 +208,13 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
     try:
         run = await client.get_workflow_handle(run_id).describe()
         assert run.status == WorkflowExecutionStatus.CANCELED
+        # The phase seen running may have completed before the cancellation
+        # arrived, and the run was then cancelled in its next phase.
         phase = await client.get_workflow_handle(phase_id).describe()
-        assert phase.status == WorkflowExecutionStatus.CANCELED
+        assert phase.status in (
+            WorkflowExecutionStatus.CANCELED,
+            WorkflowExecutionStatus.COMPLETED,
+        )
         sampler = await client.get_workflow_handle(f"{run_id}-sampler").describe()
         assert sampler.status == WorkflowExecutionStatus.COMPLETED
         running = [
