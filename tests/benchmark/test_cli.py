@@ -158,6 +158,23 @@ _RUN = [
 ]
 
 
+def _start_cli(
+    command: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[str], _Output]:
+    """Start the CLI in a session of its own, as a terminal's foreground job,
+    and read its stderr."""
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return process, _Output(process)
+
+
 async def _running_phase(client: Client, run_id: str, timeout: float) -> str:
     """Wait until the run is inside a phase and return that phase's workflow id."""
     handle = client.get_workflow_handle(run_id)
@@ -174,16 +191,7 @@ async def _running_phase(client: Client, run_id: str, timeout: float) -> str:
 @pytest.mark.timeout(420)
 async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
     env = _cli_env(tmp_path)
-    process = subprocess.Popen(
-        _RUN,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    output = _Output(process)
+    process, output = _start_cli(_RUN, env)
     address = f"127.0.0.1:{env['NEXUS_TEMPORAL_PORT']}"
     try:
         run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
@@ -239,16 +247,7 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
     env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
     # The command's own workers run the run, so that nothing in this process
     # waits for its phase activity when the test ends.
-    process = subprocess.Popen(
-        [*_RUN, "--start-workers"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    output = _Output(process)
+    process, output = _start_cli([*_RUN, "--start-workers"], env)
     run_id = ""
     try:
         run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
