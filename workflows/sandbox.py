@@ -191,7 +191,7 @@ class SandboxSessionWorkflow:
 
     async def _recreate(self, lost_backend_id: str, reason: str) -> None:
         # NOTE: a stop or delete that kills the sandbox while a call is on its
-        # way to it makes that call see a lost sandbox, and nothing here checks
+        # way to it makes that call see a lost sandbox. Nothing here checks
         # that the session is ending, so the call can recreate a sandbox that
         # outlives the stop until its timeout. No test covers that order yet.
         async with self._recreate_lock:

@@ -243,15 +243,16 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
     )
     server.ui_port = _free_port()
     temporal_address = await server.start()
-    client = await Client.connect(temporal_address)
-    env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
-    # The command's own workers run the run, so that nothing in this process
-    # waits for its phase activity when the test ends.
-    process, output = _start_cli([*_RUN, "--start-workers"], env)
-    run_id = ""
+    process: subprocess.Popen[str] | None = None
     try:
+        client = await Client.connect(temporal_address)
+        env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
+        # The command's own workers run the run, so that nothing in this
+        # process waits for its phase activity when the test ends.
+        process, output = _start_cli([*_RUN, "--start-workers"], env)
         run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
         await _running_phase(client, run_id, 120)
+
         os.killpg(process.pid, signal.SIGINT)
         exit_code = await asyncio.to_thread(process.wait, 120)
         text = " ".join(output.text.split())
@@ -259,12 +260,13 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
         assert f"benchmark {run_id} continues on the Temporal server" in text
         assert f"nexus benchmark report {run_id}" in text
         assert f"temporal workflow cancel --workflow-id {run_id}" in text
+
         handle = client.get_workflow_handle(run_id)
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
         url = Settings(data_dir=tmp_path).effective_database_url
         assert recording.run_status(url, run_id) == "running"
     finally:
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         server.stop()
