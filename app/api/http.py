@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
@@ -31,6 +32,7 @@ from app.api.calls import ErrorBody, ToolRunner, error_body, error_status
 from app.api.keys import Principal, VerifiedKeys, parse_token
 from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
 from app.api.ratelimit import RateLimiter, retry_after_header
+from app.db.engine import BackgroundCheckpoints
 from app.processes import freeze_startup_objects
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
@@ -639,8 +641,11 @@ def create_app(settings: Settings) -> FastAPI:
         max_request_body_size=settings.api_max_body_bytes,
     )
 
+    checkpoints = BackgroundCheckpoints(settings.effective_database_url)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        checkpoints.start()
         try:
             async with manager.run():
                 # Full collections over the app's objects took up to 0.26 s
@@ -651,6 +656,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             # Every call that got a response before shutdown has its audit row.
             await audit_writer.close()
+            await asyncio.to_thread(checkpoints.stop)
 
     application = FastAPI(
         title="flow-nexus",

@@ -172,6 +172,31 @@ async def test_server_shutdown_loses_no_event(api_server: ApiServer) -> None:
     assert recorded == {f"shutdown-{index}" for index in range(calls)}
 
 
+async def test_server_checkpoints_sqlite_in_background(api_server: ApiServer) -> None:
+    """While the server runs, its commits leave WAL checkpoints to a thread,
+    and connections opened after it stopped checkpoint on commit again."""
+    settings = api_server.settings
+    url = settings.effective_database_url
+
+    def autocheckpoint() -> int:
+        with get_engine(url).connect() as connection:
+            return int(
+                connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+            )
+
+    if not url.startswith("sqlite"):
+        pytest.skip("checkpoints are SQLite's")
+    port = free_port()
+    with ThreadedServer(create_app(settings), port):
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=api_server.headers
+        ) as http:
+            response = await http.post("/api/tools/audit_log", json={"limit": 1})
+        assert response.status_code == 200
+        assert autocheckpoint() == 0
+    assert autocheckpoint() == 1000
+
+
 async def test_concurrent_reads_share_query(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

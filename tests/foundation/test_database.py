@@ -1,8 +1,10 @@
+import time
 from pathlib import Path
 
 from sqlalchemy import inspect
 
 from app.db import get_engine
+from app.db.engine import BackgroundCheckpoints
 from app.db.migrate import current_heads, expected_heads, upgrade
 from app.services.audit import (
     AUDIT_STRING_LIMIT,
@@ -103,3 +105,43 @@ def test_mask_secrets_cuts_long_strings() -> None:
     assert mask_secrets({"code": "y" * AUDIT_STRING_LIMIT})["code"] == (
         "y" * AUDIT_STRING_LIMIT
     )
+
+
+def _autocheckpoint(url: str) -> int:
+    with get_engine(url).connect() as connection:
+        return int(connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one())
+
+
+def test_background_checkpoints_take_over_from_commits(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    assert _autocheckpoint(url) == 1000
+    checkpoints = BackgroundCheckpoints(url, interval=0.05)
+    checkpoints.start()
+    try:
+        assert _autocheckpoint(url) == 0
+        size = path.stat().st_size
+        # Rows land in the WAL; only a checkpoint copies them into the file.
+        for index in range(300):
+            record_call(
+                url,
+                user_id="checkpoints",
+                tool="system_health",
+                arguments={"padding": "x" * 2000, "index": index},
+                outcome="success",
+                duration_ms=1.0,
+            )
+        deadline = time.monotonic() + 10
+        while path.stat().st_size == size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size > size
+    finally:
+        checkpoints.stop()
+    assert _autocheckpoint(url) == 1000
+    assert len(list_calls(url, user_id="checkpoints", limit=1000)) == 300
+
+
+def test_background_checkpoints_only_for_sqlite_files() -> None:
+    assert not BackgroundCheckpoints("sqlite://").start()
+    assert not BackgroundCheckpoints("postgresql+psycopg://nexus@127.0.0.1/x").start()
