@@ -45,5 +45,7 @@ class ProbeActivities:
             hostname=socket.gethostname(),
             rss=memory.rss,
             heap_used=memory.heap_used,
+            python_heap_used=memory.python_heap_used,
+            python_arenas=memory.python_arenas,
             uptime=round(time.monotonic() - self.started, 3),
         )

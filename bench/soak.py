@@ -5,7 +5,8 @@ memory growth in MB per minute, over the whole run and after a warm-up.
 
 It starts its own embedded server and workers (ports from --port) in its own
 data folder, so it does not touch a running `nexus up`. Growth is the least
-squares slope of RSS (and of the malloc heap) against minutes. Two fits are
+squares slope of RSS, of the malloc heap and of the Python heap (pymalloc's
+allocated blocks) against minutes. Two fits are
 printed and labelled: one over every sample of the run, and one over the
 samples taken after the stated warm-up (imports, JAX compilation and first-use
 caches fill in the first minutes). The target applies to the whole run.
@@ -49,20 +50,24 @@ def _slope(fit: dict[str, Any] | None) -> str:
 
 
 def print_table(title: str, rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-    """Print one fit per worker: (worker entry, {"rss": fit, "heap": fit})."""
+    """Print one fit per worker: (worker entry, {"rss": fit, "heap": fit,
+    "python_heap": fit}), where `heap` is the malloc heap."""
     print(title)
     print(
         f"  {'queue':20} {'pid':>7} {'n':>5} {'RSS MB/min':>11} "
-        f"{'95% (OLS)':>22} {'95% (autocorr.)':>22} {'heap MB/min':>11} "
-        f"{'heap 95% (autocorr.)':>22}"
+        f"{'95% (OLS)':>22} {'95% (autocorr.)':>22} {'malloc MB/min':>13} "
+        f"{'malloc 95% (autocorr.)':>22} {'Python MB/min':>13} "
+        f"{'Python 95% (autocorr.)':>22}"
     )
     for worker, fits in rows:
-        rss, heap = fits["rss"], fits["heap"]
+        rss, heap, python_heap = fits["rss"], fits["heap"], fits["python_heap"]
         print(
             f"  {worker['task_queue']:20} {worker['pid']:>7} {rss['samples']:>5} "
             f"{_slope(rss):>11} {_interval(rss, 'ci95_mb_per_min'):>22} "
-            f"{_interval(rss, 'adjusted_ci95_mb_per_min'):>22} {_slope(heap):>11} "
-            f"{_interval(heap, 'adjusted_ci95_mb_per_min'):>22}"
+            f"{_interval(rss, 'adjusted_ci95_mb_per_min'):>22} {_slope(heap):>13} "
+            f"{_interval(heap, 'adjusted_ci95_mb_per_min'):>22} "
+            f"{_slope(python_heap):>13} "
+            f"{_interval(python_heap, 'adjusted_ci95_mb_per_min'):>22}"
         )
 
 
@@ -144,12 +149,17 @@ def main() -> int:
     )
     print(
         "95% (OLS) is the plain regression interval; 95% (autocorr.) widens it "
-        "for the lag-1 autocorrelation of the residuals, and is the one to read."
+        "for the lag-1 autocorrelation of the residuals, and is the one to read. "
+        "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
+        "allocated blocks."
     )
     print()
     print_table(
         "Whole run (every sample):",
-        [(w, {"rss": w, "heap": w["heap"]}) for w in workers],
+        [
+            (w, {"rss": w, "heap": w["heap"], "python_heap": w["python_heap"]})
+            for w in workers
+        ],
     )
     print()
     print_table(

@@ -201,6 +201,8 @@ class MetricsSamplerWorkflow:
                         identity=answer.identity,
                         rss=answer.rss,
                         heap_used=answer.heap_used,
+                        python_heap_used=answer.python_heap_used,
+                        python_arenas=answer.python_arenas,
                     )
                 )
             elif isinstance(answer, ActivityError):

@@ -76,7 +76,13 @@ class BenchmarkSample(SQLModel, table=True):
     pid: int
     identity: str = Field(max_length=300)
     rss: int
-    heap_used: int | None = None
+    heap_used: int | None = Field(
+        default=None, description="glibc malloc's in-use bytes."
+    )
+    python_heap_used: int | None = Field(
+        default=None, description="Bytes in pymalloc's allocated blocks."
+    )
+    python_arenas: int | None = None
 
 
 class ExtendedDurationTestEvent(SQLModel, table=True):

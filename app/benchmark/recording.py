@@ -118,6 +118,8 @@ def record_samples(url: str, batch: SampleBatch) -> int:
                     identity=sample.identity,
                     rss=sample.rss,
                     heap_used=sample.heap_used,
+                    python_heap_used=sample.python_heap_used,
+                    python_arenas=sample.python_arenas,
                 )
             )
     return len(batch.samples)

@@ -56,9 +56,10 @@ def growth_fit(minutes: list[float], values_mb: list[float]) -> dict[str, Any]:
 def memory_growth(
     samples: list[Any], warmup_minutes: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Fit RSS (and the malloc heap, where sampled) in MB against minutes
-    since the run's first sample, per worker: over the whole run, and over the
-    samples taken `warmup_minutes` or more after that first sample."""
+    """Fit RSS, and where sampled the malloc heap (`heap`) and the Python heap
+    (`python_heap`), in MB against minutes since the run's first sample, per
+    worker: over the whole run, and over the samples taken `warmup_minutes`
+    or more after that first sample."""
     if not samples:
         return []
     origin = min(as_utc(s.taken_at) for s in samples)
@@ -80,28 +81,52 @@ def memory_growth(
             "ci95_mb_per_min": whole["ci95_mb_per_min"],
             "adjusted_ci95_mb_per_min": whole["adjusted_ci95_mb_per_min"],
             "r_squared": whole["r_squared"],
-            "heap": _heap_fit(minutes, series),
+            "heap": _heap_fit(minutes, series, "heap_used"),
+            "python_heap": _heap_fit(minutes, series, "python_heap_used"),
+            **_first_and_last(series),
         }
         late = [i for i, m in enumerate(minutes) if m >= warmup_minutes]
         late_minutes = [minutes[i] for i in late]
+        late_series = [series[i] for i in late]
         entry["after_warmup"] = {
             "warmup_minutes": warmup_minutes,
             "rss": growth_fit(late_minutes, [rss_mb[i] for i in late]),
-            "heap": _heap_fit(late_minutes, [series[i] for i in late]),
+            "heap": _heap_fit(late_minutes, late_series, "heap_used"),
+            "python_heap": _heap_fit(late_minutes, late_series, "python_heap_used"),
         }
         workers.append(entry)
     return workers
 
 
-def _heap_fit(minutes: list[float], series: list[Any]) -> dict[str, Any] | None:
+def _heap_fit(
+    minutes: list[float], series: list[Any], field: str
+) -> dict[str, Any] | None:
+    """Fit the samples' `field` (bytes, None where not sampled) in MB."""
     pairs = [
-        (m, s.heap_used / MB)
+        (m, getattr(s, field) / MB)
         for m, s in zip(minutes, series, strict=True)
-        if s.heap_used is not None
+        if getattr(s, field) is not None
     ]
     if not pairs:
         return None
     return growth_fit([m for m, _ in pairs], [h for _, h in pairs])
+
+
+def _first_and_last(series: list[Any]) -> dict[str, Any]:
+    """Return the first and last sampled malloc heap, Python heap (both MB)
+    and pymalloc arena count of one worker, None where never sampled."""
+    entry: dict[str, Any] = {}
+    for key, field in (
+        ("heap_mb", "heap_used"),
+        ("python_heap_mb", "python_heap_used"),
+    ):
+        values = [getattr(s, field) for s in series if getattr(s, field) is not None]
+        entry[f"first_{key}"] = _round(values[0] / MB) if values else None
+        entry[f"last_{key}"] = _round(values[-1] / MB) if values else None
+    arenas = [s.python_arenas for s in series if s.python_arenas is not None]
+    entry["first_python_arenas"] = arenas[0] if arenas else None
+    entry["last_python_arenas"] = arenas[-1] if arenas else None
+    return entry
 
 
 def build_metrics(
@@ -325,6 +350,34 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"| {_shown_interval(worker['ci95_mb_per_min'])} "
             f"| {_shown_interval(worker['adjusted_ci95_mb_per_min'])} |"
         )
+    lines += [
+        "",
+        "### Heaps",
+        "",
+        # No digits in this text: every number in the report is a figure.
+        "The malloc heap is the bytes in use in glibc's malloc: C allocations "
+        "and large Python objects. The Python heap is the bytes in pymalloc's "
+        "allocated blocks, which hold Python's small objects. pymalloc maps its "
+        "arenas outside malloc, so neither heap contains the other.",
+        "",
+        "| queue | pid | malloc heap, first / last (MB) | malloc growth (MB/min) "
+        "| Python heap, first / last (MB) | Python heap growth (MB/min) "
+        "| pymalloc arenas, first / last |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for worker in memory["workers"]:
+        heap = worker["heap"] or {}
+        python_heap = worker["python_heap"] or {}
+        lines.append(
+            f"| {worker['task_queue']} | {worker['pid']} "
+            f"| {_cell(worker['first_heap_mb'])} / {_cell(worker['last_heap_mb'])} "
+            f"| {_cell(heap.get('growth_mb_per_min'))} "
+            f"| {_cell(worker['first_python_heap_mb'])} / "
+            f"{_cell(worker['last_python_heap_mb'])} "
+            f"| {_cell(python_heap.get('growth_mb_per_min'))} "
+            f"| {_cell(worker['first_python_arenas'])} / "
+            f"{_cell(worker['last_python_arenas'])} |"
+        )
     lines += ["", "## Comparison with the previous run", ""]
     previous = metrics["previous"]
     if previous is None:
@@ -363,6 +416,43 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Each panel of memory.png: the sample field (bytes) and the axis label.
+_MEMORY_PANELS = (
+    ("rss", "RSS (MB)"),
+    ("heap_used", "malloc heap (MB)"),
+    ("python_heap_used", "Python heap (MB)"),
+)
+
+
+def _plot_memory(samples: list[Any], path: Path) -> Path:
+    """Draw RSS, the malloc heap and the Python heap of each worker over time."""
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for sample in samples:
+        series[(sample.task_queue, sample.pid)].append(sample)
+    origin = min((as_utc(s.taken_at) for s in samples), default=None)
+    figure, axes = plt.subplots(len(_MEMORY_PANELS), 1, figsize=(8, 9), sharex=True)
+    for axis, (field, label) in zip(axes, _MEMORY_PANELS, strict=True):
+        for (queue, pid), points in sorted(series.items()):
+            assert origin is not None
+            sampled = [p for p in points if getattr(p, field) is not None]
+            minutes = [
+                (as_utc(p.taken_at) - origin).total_seconds() / 60 for p in sampled
+            ]
+            values = [getattr(p, field) / MB for p in sampled]
+            axis.plot(minutes, values, label=f"{queue} ({pid})")
+        axis.set_ylabel(label)
+    axes[0].set_title("Worker memory")
+    axes[-1].set_xlabel("minutes since start")
+    if series:
+        axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list[Path]:
     """Draw memory over time, the latency distribution and throughput per phase."""
     import matplotlib
@@ -373,24 +463,7 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     data = load_run(settings.effective_database_url, metrics["run_id"])
     paths: list[Path] = []
 
-    figure, axis = plt.subplots(figsize=(8, 4))
-    series: dict[tuple[str, int], list[Any]] = defaultdict(list)
-    for sample in data["samples"]:
-        series[(sample.task_queue, sample.pid)].append(sample)
-    origin = min((as_utc(s.taken_at) for s in data["samples"]), default=None)
-    for (queue, pid), points in sorted(series.items()):
-        assert origin is not None
-        minutes = [(as_utc(p.taken_at) - origin).total_seconds() / 60 for p in points]
-        axis.plot(minutes, [p.rss / MB for p in points], label=f"{queue} ({pid})")
-    axis.set_xlabel("minutes since start")
-    axis.set_ylabel("RSS (MB)")
-    axis.set_title("Worker memory")
-    if series:
-        axis.legend(fontsize="small")
-    paths.append(out / "memory.png")
-    figure.tight_layout()
-    figure.savefig(paths[-1])
-    plt.close(figure)
+    paths.append(_plot_memory(data["samples"], out / "memory.png"))
 
     figure, axis = plt.subplots(figsize=(8, 4))
     latencies = [

@@ -149,7 +149,11 @@ class WorkerSample(BaseModel):
     pid: int
     identity: str
     rss: int
-    heap_used: int | None
+    heap_used: int | None = Field(description="glibc malloc's in-use bytes.")
+    python_heap_used: int | None = Field(
+        None, description="Bytes in pymalloc's allocated blocks."
+    )
+    python_arenas: int | None = None
 
 
 class SampleBatch(BaseModel):

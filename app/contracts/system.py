@@ -48,8 +48,10 @@ class MemoryStats(BaseModel):
     """Memory of the process that answered, in bytes.
 
     `heapTotal` and `heapUsed` keep the Flow Nexus field names; here they are
-    the C heap of this process as glibc's `mallinfo2` reports it, which holds
-    Python's objects. They are None where mallinfo2 is not available.
+    the C heap of this process as glibc's `mallinfo2` reports it: C
+    allocations and Python objects over 512 bytes, but not pymalloc's arenas,
+    which hold the smaller Python objects. They are None where mallinfo2 is
+    not available. The `python_*` fields are pymalloc's own figures.
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -58,6 +60,14 @@ class MemoryStats(BaseModel):
     vms: int
     heap_total: int | None = Field(None, alias="heapTotal")
     heap_used: int | None = Field(None, alias="heapUsed")
+    python_heap_used: int | None = Field(
+        None,
+        description="Bytes in pymalloc's allocated blocks; None where pymalloc "
+        "is off or its statistics cannot be read.",
+    )
+    python_arenas: int | None = Field(
+        None, description="pymalloc arenas currently mapped."
+    )
     python_allocated_blocks: int
 
 
@@ -92,7 +102,11 @@ class WorkerProbe(BaseModel):
     pid: int
     hostname: str
     rss: int
-    heap_used: int | None = None
+    heap_used: int | None = Field(None, description="glibc malloc's in-use bytes.")
+    python_heap_used: int | None = Field(
+        None, description="Bytes in pymalloc's allocated blocks."
+    )
+    python_arenas: int | None = None
     uptime: float
 
 

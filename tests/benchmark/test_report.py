@@ -39,6 +39,8 @@ def _seed(settings: Settings, run_id: str) -> None:
                         identity="w",
                         rss=int((200 + 2 * minute) * MB),
                         heap_used=None,
+                        python_heap_used=int((40 + 0.25 * minute) * MB),
+                        python_arenas=45 + minute,
                     )
                 ],
             ),
@@ -114,6 +116,27 @@ def test_growth_from_known_samples(settings: Settings) -> None:
     assert metrics["totals"]["success_rate_percent"] == 75.0
 
 
+def test_python_heap_in_metrics_and_markdown(settings: Settings) -> None:
+    _seed(settings, "run-python-heap")
+    metrics = build_metrics(settings, "run-python-heap", None)
+    worker = metrics["memory"]["workers"][0]
+    assert worker["python_heap"]["growth_mb_per_min"] == 0.25
+    assert worker["python_heap"]["samples"] == 6
+    assert worker["first_python_heap_mb"] == 40.0
+    assert worker["last_python_heap_mb"] == 41.25
+    assert worker["first_python_arenas"] == 45
+    assert worker["last_python_arenas"] == 50
+    # The seeded samples have no malloc heap.
+    assert worker["heap"] is None
+    assert worker["first_heap_mb"] is None
+    markdown = render_markdown(metrics)
+    heaps = markdown.split("### Heaps")[1].split("## Comparison")[0]
+    assert (
+        "| nexus-orchestration | 11 | n/a / n/a | n/a | 40.0 / 41.25 | 0.25 |" in heaps
+    )
+    assert "| 45 / 50 |" in heaps
+
+
 def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
     url = settings.effective_database_url
     run_id = "run-warmup"
@@ -135,6 +158,8 @@ def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
                         identity="w",
                         rss=int(rss * MB),
                         heap_used=int((50 + 0.5 * minute) * MB),
+                        python_heap_used=int((30 + 0.125 * minute) * MB),
+                        python_arenas=31,
                     )
                 ],
             ),
@@ -152,6 +177,9 @@ def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
     assert late["rss"]["adjusted_ci95_mb_per_min"] == [0.0, 0.0]
     assert late["heap"]["growth_mb_per_min"] == 0.5
     assert late["heap"]["samples"] == 15
+    assert worker["python_heap"]["growth_mb_per_min"] == 0.125
+    assert late["python_heap"]["growth_mb_per_min"] == 0.125
+    assert late["python_heap"]["samples"] == 15
 
 
 def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:

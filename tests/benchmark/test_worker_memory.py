@@ -1,16 +1,20 @@
 """Memory settings and tools of long-running workers: the malloc arena cap,
-the periodic malloc_trim, the warm-up before polling and the SIGUSR1 report."""
+the periodic malloc_trim, the warm-up before polling, the SIGUSR1 report and
+the Python heap reading that the benchmark sampler records."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from app.db import get_engine
+from app.services import memory
 from workers import malloc, memory_debug, warmup
 from workers.registry import QUEUE_LIMITS, QUEUE_WARM_UPS
 
@@ -107,3 +111,54 @@ def test_memory_report_failure_is_logged(
     with caplog.at_level(logging.ERROR, logger="workers.memory_debug"):
         memory_debug.report_on_signal(blocker, "nexus-test")
     assert "memory report of nexus-test failed" in caplog.text
+
+
+def test_python_heap_counts_small_objects(capfd: pytest.CaptureFixture[str]) -> None:
+    before = memory.python_heap()
+    malloc_before = memory.heap_usage()
+    # 200,000 tuples of 56 bytes each come from pymalloc's arenas; only the
+    # list's 1.6 MB array of pointers comes from malloc.
+    objects = [(i, i + 1, i + 2) for i in range(200_000)]
+    after = memory.python_heap()
+    malloc_after = memory.heap_usage()
+    assert before is not None
+    assert after is not None
+    python_growth = after.used - before.used
+    assert python_growth >= 200_000 * 56
+    assert after.arenas > before.arenas
+    if malloc_before is not None and malloc_after is not None:
+        assert malloc_after[1] - malloc_before[1] < python_growth / 2
+    assert len(objects) == 200_000
+    # The statistics went to a memory stream, not to this process's stderr.
+    assert capfd.readouterr().err == ""
+
+
+def test_python_heap_without_pymalloc_is_none() -> None:
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from app.services.memory import python_heap; print(python_heap())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+
+
+def test_python_heap_without_symbols_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_malloc_stats_reader", lambda: None)
+    assert memory.python_heap() is None
+    assert memory.read_memory().python_heap_used is None
+
+
+def test_memory_reading_has_python_heap() -> None:
+    reading = memory.read_memory()
+    assert reading.python_heap_used is not None
+    assert reading.python_heap_used > 0
+    assert reading.python_arenas is not None
+    assert reading.python_arenas >= 1
