@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from app.db.engine import compiled_cache_sizes
-from app.services.memory import mallinfo2_fields
+from app.services.memory import mallinfo2_fields, pymalloc_stats_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +68,7 @@ def write_memory_report(folder: Path, label: str) -> Path:
         if rollup.exists():
             out.write(rollup.read_text())
         out.write("sys._debugmallocstats\n")
-        out.flush()
-        # _debugmallocstats prints to the C stderr, so point fd 2 at the file
-        # for the call. Other threads' stderr lines in that window land there too.
-        saved = os.dup(2)
-        try:
-            os.dup2(out.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        out.write(pymalloc_stats_text() or "pymalloc statistics not available\n")
     return path
 
 
