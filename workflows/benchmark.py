@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         PhaseName,
         PhaseRecord,
         PhaseResult,
+        PhaseTimes,
         ReportRequest,
         ReportResult,
         SampleBatch,
@@ -228,10 +229,15 @@ class ExtendedDurationBenchmarkWorkflow:
     """Run cycles of the six phases until the duration has passed, continuing
     as new between cycles with the aggregates, then write the report."""
 
+    # The attributes below only feed the `progress` query. Setting them issues
+    # no command, so they need no patch.
     def __init__(self) -> None:
         self.state: BenchmarkState | None = None
         self.phase: str | None = None
+        self.phase_started_at: datetime | None = None
+        self.cycle: int | None = None
         self.completed: dict[str, bool] = {}
+        self.phase_times: dict[str, PhaseTimes] = {}
         self.finished = False
 
     @workflow.query
@@ -243,13 +249,30 @@ class ExtendedDurationBenchmarkWorkflow:
             )
         return BenchmarkProgress(
             run_id=state.run_id,
-            cycle=state.cycle,
+            # state.cycle moves to the next cycle as soon as this one ends.
+            cycle=state.cycle if self.cycle is None else self.cycle,
             phase=self.phase,
             completed=dict(self.completed),
             elapsed_seconds=(workflow.now() - state.started_at).total_seconds(),
             duration_seconds=state.config.duration_seconds,
             finished=self.finished,
+            phase_started_at=self.phase_started_at,
+            phase_times=dict(self.phase_times),
+            failed_cycles=self._failed_cycles(state),
         )
+
+    def _failed_cycles(self, state: BenchmarkState) -> dict[str, int]:
+        """Count, per phase, the failed cycles before this run's cycle (from
+        the carried aggregates) and this cycle's failure."""
+        failed: dict[str, int] = {}
+        earlier = [
+            a for a in state.cycles if self.cycle is None or a.cycle < self.cycle
+        ]
+        outcomes = [a.phases for a in earlier] + [self.completed]
+        for phases in outcomes:
+            for name, ok in phases.items():
+                failed[name] = failed.get(name, 0) + (not ok)
+        return failed
 
     @workflow.run
     async def run(self, state: BenchmarkState) -> BenchmarkResult:
@@ -315,16 +338,22 @@ class ExtendedDurationBenchmarkWorkflow:
             )
 
         workflow.logger.info("benchmark %s cycle %d starts", state.run_id, state.cycle)
+        self.cycle = state.cycle
         results: dict[str, bool] = {}
         for phase in config.phases:
             self.phase = phase
+            self.phase_started_at = workflow.now()
             result = await self._run_phase(state, phase)
             results[phase] = result.ok
             self.completed[phase] = result.ok
+            self.phase_times[phase] = PhaseTimes(
+                started_at=result.started_at, ended_at=result.ended_at
+            )
             state.carry.update(result.carry)
             state.operations += result.operations
             state.succeeded += result.succeeded
         self.phase = None
+        self.phase_started_at = None
         state.cycles.append(
             CycleAggregate(cycle=state.cycle, ok=all(results.values()), phases=results)
         )
@@ -349,6 +378,7 @@ class ExtendedDurationBenchmarkWorkflow:
         """Stop the sampler and record the run as cancelled. A cancelled run
         gets no report, since its last cycle did not finish."""
         self.phase = None
+        self.phase_started_at = None
         await self._stop_sampler(state.run_id)
         await workflow.execute_activity(
             "cancel_benchmark_run",
@@ -369,6 +399,7 @@ class ExtendedDurationBenchmarkWorkflow:
             config=state.config,
             carry=state.carry,
         )
+        started = workflow.now()
         try:
             result = await workflow.execute_child_workflow(
                 BenchmarkPhaseWorkflow.run,
@@ -381,12 +412,11 @@ class ExtendedDurationBenchmarkWorkflow:
         except ChildWorkflowError as error:
             if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
                 raise
-            now = workflow.now()
             return PhaseResult(
                 phase=request.phase,
                 cycle=state.cycle,
                 ok=False,
                 error=f"the phase workflow failed: {error.cause or error}",
-                started_at=now,
-                ended_at=now,
+                started_at=started,
+                ended_at=workflow.now(),
             )

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from temporalio.client import (
     Client,
     Schedule,
@@ -117,46 +117,151 @@ async def _wait_for_workers(client: Client, settings: Settings) -> None:
     raise RuntimeError("workers did not start polling every queue within 120 s")
 
 
-async def follow(handle: WorkflowHandle[object, BenchmarkResult]) -> BenchmarkResult:
-    """Show a progress bar per phase, driven by the workflow's query."""
+def format_seconds(seconds: float) -> str:
+    """Format a duration for a progress bar: `4.2 s`, `3 min 05 s`, `2 h 07 min`."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def _phase_mark(name: str, state: BenchmarkProgress) -> str:
+    """Return ✅ or ❌ for a phase that ran. As in the report, a phase passed
+    only if it passed in every cycle, so the mark names the failed cycles
+    unless the only failure is this cycle's."""
+    failed = state.failed_cycles.get(name, 0)
+    failed_now = not state.completed.get(name, True)
+    if failed == 0 and not failed_now:
+        return "✅"
+    if failed <= 1 and failed_now:
+        return "❌"
+    return f"❌ failed in {failed} cycle{'s' if failed > 1 else ''}"
+
+
+_NOT_RUN = "not run"
+
+
+class PhaseBars:
+    """A rich progress bar per phase, and one for the whole run, drawn from
+    the `progress` query's answers."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.overall = progress.add_task("Run", total=1.0, status="", elapsed="")
+        self.tasks = {
+            name: progress.add_task(title, total=1.0, status="waiting", elapsed="")
+            for name, title in PHASE_TITLES.items()
+        }
+        self.running: str | None = None
+
+    def update(self, state: BenchmarkProgress, now: datetime) -> None:
+        """Show `state`; `now` times the running phase, because the query's own
+        times stand still while a phase runs."""
+        if state.duration_seconds:
+            fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
+            self.progress.update(
+                self.overall, completed=fraction, status=f"cycle {state.cycle + 1}"
+            )
+        shown_running = self.running
+        if shown_running is not None and shown_running not in (
+            state.phase,
+            *state.completed,
+        ):
+            # The phase ended and its cycle continued as new between two
+            # polls. Its outcome is in the failed cycles, its time is not.
+            self._show(shown_running, _phase_mark(shown_running, state), "")
+        self.running = state.phase
+        for name in self.tasks:
+            if name == state.phase:
+                started = state.phase_started_at
+                elapsed = (now - started).total_seconds() if started else 0.0
+                self._show(name, "running", format_seconds(max(0.0, elapsed)))
+            elif name in state.completed:
+                times = state.phase_times.get(name)
+                elapsed_text = format_seconds(times.seconds) if times else ""
+                self._show(name, _phase_mark(name, state), elapsed_text)
+
+    def _show(self, name: str, status: str, elapsed: str) -> None:
+        """Draw a phase's bar: pulsing while it runs, full once it ran, empty
+        if it did not run."""
+        running = status == "running"
+        # rich pulses the bar of a task that is not started, which fits a
+        # phase that has no measure of how far it has got.
+        self.progress.reset(
+            self.tasks[name],
+            start=not running,
+            total=1.0,
+            completed=0 if running or status == _NOT_RUN else 1,
+            status=status,
+            elapsed=elapsed,
+        )
+
+    def finish(self, state: BenchmarkProgress | None, result: BenchmarkResult) -> None:
+        """Show every bar as the run left it: each phase of the last cycle
+        with its outcome, and a phase that did not run as such."""
+        if state is not None:
+            self.update(state, datetime.now(UTC))
+            for name in self.tasks:
+                if name not in state.completed:
+                    self._show(name, _NOT_RUN, "")
+        cycles = f"{result.cycles} cycle{'s' if result.cycles != 1 else ''}"
+        self.progress.update(
+            self.overall, completed=1.0, status=f"{cycles}, report written"
+        )
+
+
+async def _query_progress(
+    handle: WorkflowHandle[object, BenchmarkResult],
+) -> BenchmarkProgress:
+    return await handle.query("progress", result_type=BenchmarkProgress)
+
+
+async def follow(
+    handle: WorkflowHandle[object, BenchmarkResult], poll_seconds: float = 1.0
+) -> BenchmarkResult:
+    """Show a progress bar per phase, driven by the workflow's query, and
+    once the run ends, every bar in its final state."""
     columns = (
         TextColumn("{task.description}", justify="left"),
         BarColumn(),
         TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
+        TextColumn("{task.fields[elapsed]}"),
     )
+    started = time.monotonic()
     with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("Run", total=1.0, status="")
-        tasks = {
-            name: progress.add_task(title, total=1.0, status="waiting")
-            for name, title in PHASE_TITLES.items()
-        }
+        bars = PhaseBars(progress)
         result_task = asyncio.create_task(handle.result())
         try:
             while not result_task.done():
                 try:
-                    state = await handle.query(
-                        "progress", result_type=BenchmarkProgress
-                    )
+                    state: BenchmarkProgress | None = await _query_progress(handle)
                 except Exception:  # the run is between continue-as-new runs
                     state = None
-                if state is not None and state.duration_seconds:
-                    fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
-                    progress.update(
-                        overall, completed=fraction, status=f"cycle {state.cycle + 1}"
-                    )
-                    for name, task in tasks.items():
-                        if name == state.phase:
-                            progress.update(task, completed=0.5, status="running")
-                        elif name in state.completed:
-                            mark = "✅" if state.completed[name] else "❌"
-                            progress.update(task, completed=1.0, status=mark)
-                await asyncio.wait({result_task}, timeout=1.0)
+                if state is not None:
+                    bars.update(state, datetime.now(UTC))
+                progress.update(
+                    bars.overall,
+                    elapsed=format_seconds(time.monotonic() - started),
+                )
+                await asyncio.wait({result_task}, timeout=poll_seconds)
         finally:
             # An interrupt leaves the result poll behind otherwise.
             result_task.cancel()
-        progress.update(overall, completed=1.0, status="report written")
-        return result_task.result()
+        result = result_task.result()
+        # The last poll may predate the last phase's end. A closed workflow
+        # still answers queries while a worker of its queue polls.
+        try:
+            final: BenchmarkProgress | None = await _query_progress(handle)
+        except Exception as error:
+            final = None
+            console.print(f"Could not read the phases' final outcomes: {error}")
+        bars.finish(final, result)
+        progress.update(
+            bars.overall, elapsed=format_seconds(time.monotonic() - started)
+        )
+        return result
 
 
 async def cancel_run(

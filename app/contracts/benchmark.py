@@ -107,14 +107,40 @@ class PhaseInput(BaseModel):
     carry: dict[str, Any] = Field(default_factory=dict)
 
 
+class PhaseTimes(BaseModel):
+    started_at: UtcDateTime
+    ended_at: UtcDateTime
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended_at - self.started_at).total_seconds()
+
+
 class BenchmarkProgress(BaseModel):
+    """What the `progress` query returns. Times are workflow times, which a
+    query sees as of the run's last workflow task, so `elapsed_seconds` stays
+    still while a phase runs."""
+
     run_id: str
-    cycle: int
+    cycle: int = Field(description="The cycle that the run works on, from 0.")
     phase: str | None
-    completed: dict[str, bool] = Field(default_factory=dict)
+    completed: dict[str, bool] = Field(
+        default_factory=dict, description="Outcome of each phase of this cycle."
+    )
     elapsed_seconds: float
     duration_seconds: float
     finished: bool = False
+    phase_started_at: UtcDateTime | None = Field(
+        None, description="When the running phase started; None between phases."
+    )
+    phase_times: dict[str, PhaseTimes] = Field(
+        default_factory=dict,
+        description="Start and end of each phase completed in this cycle.",
+    )
+    failed_cycles: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per phase, the cycles of the run so far in which it failed.",
+    )
 
 
 class ReportRequest(BaseModel):

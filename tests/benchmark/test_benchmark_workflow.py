@@ -1,6 +1,9 @@
+import asyncio
 import json
 import subprocess
+import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from temporalio.client import Client
@@ -10,13 +13,14 @@ from app.benchmark.cli import create_schedule
 from app.contracts.benchmark import (
     ALL_PHASES,
     BenchmarkConfig,
+    BenchmarkProgress,
     BenchmarkResult,
     BenchmarkState,
 )
 from app.contracts.queues import ORCHESTRATION
 from app.settings import Settings
 from app.temporal.devserver import temporal_binary
-from tests.support.replay import replay_run
+from tests.support.replay import replay_run, replay_saved
 from workers.registry import all_workflows
 
 
@@ -113,6 +117,76 @@ async def test_report_has_every_sample(client: Client, workers: Settings) -> Non
     summary = data["run"].summary
     growth = metrics["memory"]["max_growth_mb_per_min"]
     assert summary["max_growth_mb_per_min"] == growth
+    for sample in data["samples"]:
+        assert sample.python_heap_used is not None
+        assert sample.python_heap_used > 0
+        assert sample.python_arenas is not None
+        assert sample.python_arenas > 0
+    worker = metrics["memory"]["workers"][0]
+    assert worker["first_python_heap_mb"] is not None
+    assert worker["first_python_arenas"] is not None
+
+
+async def test_progress_has_phase_times(client: Client, workers: Settings) -> None:
+    config = small_config(
+        max_cycles=2,
+        phases=["neural_training", "performance_scalability"],
+        inject_failure=["performance_scalability"],
+    )
+    run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        "ExtendedDurationBenchmarkWorkflow",
+        BenchmarkState(run_id=run_id, config=config),
+        id=run_id,
+        task_queue=ORCHESTRATION,
+        result_type=BenchmarkResult,
+    )
+    running: BenchmarkProgress | None = None
+    deadline = time.monotonic() + 120
+    while running is None and time.monotonic() < deadline:
+        progress = await handle.query("progress", result_type=BenchmarkProgress)
+        if progress.phase == "neural_training":
+            running = progress
+        await asyncio.sleep(0.05)
+    assert running is not None, "neural training was never seen running"
+    assert running.phase_started_at is not None
+    assert running.phase_started_at <= datetime.now(UTC)
+    assert "neural_training" not in running.phase_times
+
+    result = await handle.result()
+    final = await handle.query("progress", result_type=BenchmarkProgress)
+    assert final.finished
+    assert final.cycle == result.cycles - 1
+    assert final.phase is None
+    assert final.phase_started_at is None
+    assert final.completed == {
+        "neural_training": True,
+        "performance_scalability": False,
+    }
+    # Both cycles' failures count once each, the last one included.
+    assert final.failed_cycles == {
+        "neural_training": 0,
+        "performance_scalability": 2,
+    }
+    # The times are those the phases recorded in the last cycle.
+    data = recording.load_run(workers.effective_database_url, run_id)
+    last_cycle = {p.phase: p for p in data["phases"] if p.cycle == result.cycles - 1}
+    assert sorted(final.phase_times) == sorted(last_cycle)
+    for name, times in final.phase_times.items():
+        assert times.started_at == recording.as_utc(last_cycle[name].started_at)
+        assert times.ended_at == recording.as_utc(last_cycle[name].ended_at)
+        assert times.seconds >= 0
+    neural = final.phase_times["neural_training"]
+    assert final.phase_times["performance_scalability"].started_at >= neural.ended_at
+    await replay_run(client, run_id, all_workflows())
+
+
+async def test_runs_before_progress_times_replay(client: Client) -> None:
+    # Recorded before the progress query returned phase times and before
+    # samples had the Python heap: the second cycle of a two-cycle run, and
+    # its sampler.
+    await replay_saved(client, "benchmark_before_phase_times", all_workflows())
+    await replay_saved(client, "benchmark_sampler_before_python_heap", all_workflows())
 
 
 async def test_schedule_is_listed(client: Client, temporal_address: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import signal
@@ -13,22 +14,30 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from temporalio.client import (
     Client,
     ScheduleAlreadyRunningError,
     WorkflowExecutionStatus,
     WorkflowQueryFailedError,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from typer.testing import CliRunner
 
+from app.benchmark import cli as benchmark_cli
 from app.benchmark import recording
-from app.benchmark.cli import parse_duration
+from app.benchmark.cli import format_seconds, parse_duration
 from app.cli import cli
-from app.contracts.benchmark import BenchmarkProgress
+from app.contracts.benchmark import (
+    BenchmarkProgress,
+    BenchmarkResult,
+    PhaseTimes,
+    ReportResult,
+)
 from app.settings import Settings
 from app.temporal.devserver import EmbeddedTemporal, temporal_binary
 
@@ -68,6 +77,190 @@ def test_durations_parsed() -> None:
     assert parse_duration("1.5m") == 90.0
     assert parse_duration("2h") == 7200.0
     assert parse_duration("1d") == 86400.0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0.0 s"),
+        (4.25, "4.2 s"),
+        (59.94, "59.9 s"),
+        (65, "1 min 05 s"),
+        (7620, "2 h 07 min"),
+    ],
+)
+def test_phase_times_formatted(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text
+
+
+_START = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+_BASE = {"run_id": "run", "elapsed_seconds": 30.0, "duration_seconds": 60.0}
+
+
+def _times(start: float, end: float) -> PhaseTimes:
+    return PhaseTimes(
+        started_at=_START + timedelta(seconds=start),
+        ended_at=_START + timedelta(seconds=end),
+    )
+
+
+def _result(cycles: int) -> BenchmarkResult:
+    report = ReportResult(
+        run_id="run",
+        report_dir="/reports/run",
+        markdown_path="/reports/run/report.md",
+        storage_prefix="benchmark-reports/run/",
+        success_rate=90.0,
+        all_phases_passed=False,
+    )
+    return BenchmarkResult(run_id="run", cycles=cycles, report=report)
+
+
+class _ScriptedRun:
+    """A workflow handle whose `progress` answers come from a list. Its result
+    is ready once the list is used up; later queries get `final`, or raise
+    when `final` is None, as for a run that no worker can answer for."""
+
+    def __init__(
+        self,
+        answers: list[BenchmarkProgress],
+        final: BenchmarkProgress | None,
+        result: BenchmarkResult,
+    ) -> None:
+        self.answers = answers
+        self.final = final
+        self.outcome = result
+        self.ended = asyncio.Event()
+
+    async def query(self, name: str, result_type: type) -> BenchmarkProgress:
+        assert name == "progress"
+        if self.answers:
+            return self.answers.pop(0)
+        self.ended.set()
+        if self.final is None:
+            raise RPCError("no worker polls the queue", RPCStatusCode.UNAVAILABLE, b"")
+        return self.final
+
+    async def result(self) -> BenchmarkResult:
+        await self.ended.wait()
+        return self.outcome
+
+
+async def _follow_output(
+    monkeypatch: pytest.MonkeyPatch, run: _ScriptedRun
+) -> dict[str, str]:
+    """Follow `run` and return the last line that names each bar, keyed by
+    the bar's title, as a terminal shows them once the command ends."""
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
+    await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+    lines: dict[str, str] = {}
+    for line in out.getvalue().splitlines():
+        for title in ("Run", *benchmark_cli.PHASE_TITLES.values()):
+            if line.startswith(f"{title} "):
+                lines[title] = " ".join(line.replace("━", " ").split())
+    return lines
+
+
+async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last poll sees performance and scalability running; the run ends
+    # before the next one, so only the final query has its outcome.
+    answers = [
+        BenchmarkProgress(
+            cycle=0,
+            phase="sandbox_integration",
+            phase_started_at=datetime.now(UTC) - timedelta(seconds=5),
+            **_BASE,
+        ),
+        BenchmarkProgress(
+            cycle=0,
+            phase="performance_scalability",
+            phase_started_at=_START + timedelta(seconds=18),
+            completed={"sandbox_integration": True, "neural_training": False},
+            phase_times={
+                "sandbox_integration": _times(0, 4.2),
+                "neural_training": _times(5, 17),
+            },
+            failed_cycles={"sandbox_integration": 0, "neural_training": 1},
+            **_BASE,
+        ),
+    ]
+    final = BenchmarkProgress(
+        cycle=1,
+        phase=None,
+        finished=True,
+        completed={
+            "sandbox_integration": True,
+            "neural_training": False,
+            "performance_scalability": True,
+        },
+        phase_times={
+            "sandbox_integration": _times(0, 4.2),
+            "neural_training": _times(5, 17),
+            "performance_scalability": _times(18, 30.5),
+        },
+        failed_cycles={
+            "sandbox_integration": 0,
+            "neural_training": 1,
+            "performance_scalability": 0,
+        },
+        **_BASE,
+    )
+    lines = await _follow_output(
+        monkeypatch, _ScriptedRun(answers, final, _result(cycles=1))
+    )
+    assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
+    assert lines["Neural training"] == "Neural training ❌ 12.0 s"
+    assert lines["Performance and scalability"] == (
+        "Performance and scalability ✅ 12.5 s"
+    )
+    assert lines["Realtime streaming load"] == "Realtime streaming load not run"
+    assert lines["Run"].startswith("Run 1 cycle, report written ")
+
+
+async def test_bar_of_phase_ended_between_polls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Performance and scalability ends, failed, and the run continues as new
+    # into cycle 1 between two polls; only the failed cycles record it.
+    answers = [
+        BenchmarkProgress(
+            cycle=0,
+            phase="performance_scalability",
+            phase_started_at=datetime.now(UTC),
+            completed={"sandbox_integration": True},
+            phase_times={"sandbox_integration": _times(0, 3)},
+            failed_cycles={"sandbox_integration": 0},
+            **_BASE,
+        ),
+        BenchmarkProgress(
+            cycle=1,
+            phase="sandbox_integration",
+            phase_started_at=datetime.now(UTC) - timedelta(seconds=65),
+            failed_cycles={"sandbox_integration": 0, "performance_scalability": 1},
+            **_BASE,
+        ),
+    ]
+    run = _ScriptedRun(answers, None, _result(cycles=2))
+    lines = await _follow_output(monkeypatch, run)
+    assert lines["Performance and scalability"] == (
+        "Performance and scalability ❌ failed in 1 cycle"
+    )
+    # Without the final progress, the last poll's state is what is known.
+    assert lines["Sandbox integration"].startswith("Sandbox integration running 1 min")
+    assert lines["Run"].startswith("Run 2 cycles, report written ")
+
+
+async def test_final_progress_failure_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
+    run = _ScriptedRun([], None, _result(cycles=1))
+    result = await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+    assert result.cycles == 1
+    assert "Could not read the phases' final outcomes" in out.getvalue()
+    assert "no worker polls the queue" in out.getvalue()
 
 
 def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
