@@ -129,7 +129,8 @@ def main() -> int:
         sample_interval_seconds=options.sample_seconds,
     )
     load_before = os.getloadavg()
-    run_id, result = asyncio.run(run_benchmark(settings, config, start_workers=True))
+    finished = asyncio.run(run_benchmark(settings, config, start_workers=True))
+    run_id, result = finished.run_id, finished.result
     load_after = os.getloadavg()
     metrics = build_metrics(settings, run_id, None, warmup_minutes=warmup)
     workers = metrics["memory"]["workers"]

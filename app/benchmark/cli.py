@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from pydantic import ValidationError
@@ -33,7 +36,7 @@ from app.contracts.benchmark import (
     BenchmarkState,
 )
 from app.contracts.queues import ALL_QUEUES, ORCHESTRATION
-from app.settings import Settings
+from app.settings import Settings, environment_variable
 
 benchmark_cli = typer.Typer(
     help="The extended-duration benchmark: an operator's validation run.",
@@ -101,6 +104,58 @@ def web_ui_link(settings: Settings, workflow_id: str) -> str:
         f"http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
         f"{settings.namespace}/workflows/{workflow_id}"
     )
+
+
+class FinishedRun(NamedTuple):
+    run_id: str
+    result: BenchmarkResult
+    stopped_server_history: Path | None
+    """History file of the embedded server that the command started, and
+    stopped when the run ended; None when the server outlives the command."""
+
+
+# The settings that decide which history `nexus up` serves, and where.
+_SERVER_SETTINGS = ("data_dir", "temporal_port", "temporal_ui_port", "namespace")
+
+
+def serve_again_command(settings: Settings) -> str:
+    """Return the `nexus up` command line that serves the history of an
+    embedded server with `settings` again: the program as it was started,
+    after the settings that differ from their defaults."""
+    words: list[str] = []
+    for name in _SERVER_SETTINGS:
+        value = getattr(settings, name)
+        if value == Settings.model_fields[name].default:
+            continue
+        if name == "data_dir":
+            value = settings.resolved_data_dir
+        # The name of a shell assignment must stay unquoted.
+        words.append(f"{environment_variable(name)}={shlex.quote(str(value))}")
+    program = sys.argv[0] if Path(sys.argv[0]).name == "nexus" else "nexus"
+    return " ".join([*words, shlex.quote(program), "up"])
+
+
+def print_web_ui_link(settings: Settings, finished: FinishedRun) -> None:
+    """Print the run's web UI link, and when this command's own server has
+    stopped, what serves the link again."""
+    link = web_ui_link(settings, finished.run_id)
+    history = finished.stopped_server_history
+    lines = [f"Web UI:  {link}"]
+    if history is not None and history.exists():
+        lines = [
+            f"Web UI:  {link} (works while `{serve_again_command(settings)}` runs)",
+            "         The Temporal server that this command started has stopped. "
+            f"It kept the run's history in {history}.",
+        ]
+    elif history is not None:
+        lines = [
+            f"Web UI:  {link} (not served: the run's history is gone)",
+            "         The Temporal server that this command started has stopped, "
+            f"and its history file {history} no longer exists.",
+        ]
+    for line in lines:
+        # soft_wrap keeps a link longer than the terminal on one line.
+        console.print(line, soft_wrap=True, markup=False)
 
 
 async def _wait_for_workers(client: Client, settings: Settings) -> None:
@@ -312,7 +367,7 @@ def print_run_continues(settings: Settings, run_id: str) -> None:
 
 async def run_benchmark(
     settings: Settings, config: BenchmarkConfig, *, start_workers: bool
-) -> tuple[str, BenchmarkResult]:
+) -> FinishedRun:
     from app.supervisor import Stack
     from app.temporal.client import connect
 
@@ -321,6 +376,8 @@ async def run_benchmark(
         stack = Stack(settings)
         address = await asyncio.to_thread(stack.start)
         settings = settings.model_copy(update={"temporal_address": address})
+    server = stack.server if stack is not None else None
+    started_server = server is not None and not server.reused
     try:
         client = await connect(settings, wait_seconds=30)
         await _wait_for_workers(client, settings)
@@ -335,11 +392,11 @@ async def run_benchmark(
         )
         console.print(f"Benchmark {run_id}: {web_ui_link(settings, run_id)}")
         try:
-            return run_id, await follow(handle)
+            result = await follow(handle)
         except asyncio.CancelledError:
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.
-            if stack is not None and stack.server and not stack.server.reused:
+            if started_server:
                 await cancel_run(handle)
             else:
                 print_run_continues(settings, run_id)
@@ -347,6 +404,8 @@ async def run_benchmark(
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop)
+    history = server.db_path if server is not None and started_server else None
+    return FinishedRun(run_id, result, history)
 
 
 @benchmark_cli.command("run")
@@ -381,14 +440,13 @@ def run_command(
     settings = load_settings()
     workers = settings.embedded if start_workers is None else start_workers
     try:
-        run_id, result = asyncio.run(
-            run_benchmark(settings, config, start_workers=workers)
-        )
+        finished = asyncio.run(run_benchmark(settings, config, start_workers=workers))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    result = finished.result
     report = result.report
-    console.print(f"Report:  {report.markdown_path}")
-    console.print(f"Web UI:  {web_ui_link(settings, run_id)}")
+    console.print(f"Report:  {report.markdown_path}", soft_wrap=True, markup=False)
+    print_web_ui_link(settings, finished)
     console.print(
         f"Cycles: {result.cycles}; success rate {report.success_rate}%; "
         f"all phases passed: {report.all_phases_passed}"

@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from rich.console import Console
 from temporalio.client import (
@@ -38,8 +39,8 @@ from app.contracts.benchmark import (
     PhaseTimes,
     ReportResult,
 )
-from app.settings import Settings
-from app.temporal.devserver import EmbeddedTemporal, temporal_binary
+from app.settings import Settings, get_settings
+from app.temporal.devserver import EmbeddedTemporal, port_is_open, temporal_binary
 
 # Each row: the command line, then the option and the value the message names.
 REJECTED = [
@@ -263,6 +264,85 @@ async def test_final_progress_failure_is_reported(
     assert "no worker polls the queue" in out.getvalue()
 
 
+def _finished_run(history: Path | None) -> benchmark_cli.FinishedRun:
+    return benchmark_cli.FinishedRun("benchmark-x", _result(cycles=1), history)
+
+
+def _invoke_run(
+    monkeypatch: pytest.MonkeyPatch, finished: benchmark_cli.FinishedRun, **env: str
+) -> str:
+    """Run `nexus benchmark run` with a run that has already ended, and return
+    its output with the lines joined."""
+
+    async def ended_run(*args: object, **kwargs: object) -> benchmark_cli.FinishedRun:
+        return finished
+
+    monkeypatch.setattr(benchmark_cli, "run_benchmark", ended_run)
+    environment: dict[str, str | None] = {
+        key: None for key in os.environ if key.startswith("NEXUS_")
+    }
+    environment.update(env)
+    # The process's settings are read once and cached; this run has its own.
+    get_settings.cache_clear()
+    try:
+        done = CliRunner().invoke(cli, ["benchmark", "run"], env=environment)
+    finally:
+        get_settings.cache_clear()
+    assert done.exit_code == 1, done.output  # the run's report has a failed phase
+    return done.output
+
+
+def test_link_after_own_server_names_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    history = tmp_path / "temporal.db"
+    history.write_bytes(b"")
+    output = _invoke_run(
+        monkeypatch,
+        _finished_run(history),
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_TEMPORAL_UI_PORT="18233",
+    )
+    link = "http://127.0.0.1:18233/namespaces/default/workflows/benchmark-x"
+    command = f"NEXUS_DATA_DIR={tmp_path} NEXUS_TEMPORAL_UI_PORT=18233 nexus up"
+    assert f"Web UI:  {link} (works while `{command}` runs)" in output
+    assert "The Temporal server that this command started has stopped." in output
+    assert f"It kept the run's history in {history}." in output
+
+
+def test_link_after_own_server_without_history(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    history = tmp_path / "temporal.db"
+    output = _invoke_run(
+        monkeypatch, _finished_run(history), NEXUS_DATA_DIR=str(tmp_path)
+    )
+    link = "http://127.0.0.1:8233/namespaces/default/workflows/benchmark-x"
+    assert f"Web UI:  {link} (not served: the run's history is gone)" in output
+    assert f"its history file {history} no longer exists" in output
+    assert "works while" not in output
+
+
+def test_link_on_server_that_outlives_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    output = _invoke_run(monkeypatch, _finished_run(None), NEXUS_DATA_DIR=str(tmp_path))
+    link = "http://127.0.0.1:8233/namespaces/default/workflows/benchmark-x"
+    assert f"Web UI:  {link}\n" in output
+    assert "has stopped" not in output
+    assert "Report:  /reports/run/report.md" in output
+
+
+def test_serve_again_command_spells_changed_settings(tmp_path: Path) -> None:
+    assert benchmark_cli.serve_again_command(Settings()) == "nexus up"
+    folder = tmp_path / "data dir"
+    settings = Settings(data_dir=folder, temporal_port=17233, namespace="bench")
+    assert benchmark_cli.serve_again_command(settings) == (
+        f"NEXUS_DATA_DIR='{folder}' NEXUS_TEMPORAL_PORT=17233 "
+        "NEXUS_NAMESPACE=bench nexus up"
+    )
+
+
 def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
     schedule_id = f"bench-duplicate-{uuid.uuid4().hex[:6]}"
     command = ["benchmark", "schedule", "--every", "6h", "--id", schedule_id]
@@ -379,6 +459,88 @@ async def _running_phase(client: Client, run_id: str, timeout: float) -> str:
                 return f"{run_id}-c{progress.cycle}-{progress.phase}"
         await asyncio.sleep(0.5)
     raise AssertionError(f"no phase of {run_id} started within {timeout} s")
+
+
+async def _wait_for_json(url: str, timeout: float) -> dict[str, object]:
+    """GET `url` until it answers 200 with JSON, and return that JSON."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < deadline:
+            try:
+                response = await http.get(url)
+            except httpx.TransportError as error:
+                last = repr(error)
+            else:
+                if response.status_code == 200:
+                    return dict(response.json())
+                last = f"{response.status_code} {response.text[:200]}"
+            await asyncio.sleep(1.0)
+    raise AssertionError(f"{url} did not answer with JSON in {timeout} s: {last}")
+
+
+@pytest.mark.timeout(600)
+async def test_embedded_run_ends_with_bars_and_link(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = ["1s" if word == "30s" else word for word in _RUN]  # one cycle
+    process, output = _start_cli(command, env)
+    try:
+        exit_code = await asyncio.to_thread(process.wait, 480)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = output.text
+    assert exit_code == 0, text
+    bars = {
+        line.split("━")[0].strip(): " ".join(line.replace("━", " ").split())
+        for line in text.splitlines()
+        if "━" in line
+    }
+    for title in benchmark_cli.PHASE_TITLES.values():
+        assert re.fullmatch(rf"{title} ✅ \d+\.\d s", bars[title]), bars.get(title)
+    assert bars["Run"].startswith("Run 1 cycle, report written "), bars["Run"]
+
+    # The command stopped the server it started, so the link needs `nexus up`.
+    shown = re.search(r"Web UI: +(\S+) \(works while `(.+)` runs\)", text)
+    assert shown is not None, text
+    link, serve_again = shown[1], shown[2]
+    ui_port, temporal_port = env["NEXUS_TEMPORAL_UI_PORT"], env["NEXUS_TEMPORAL_PORT"]
+    assert serve_again == (
+        f"NEXUS_DATA_DIR={tmp_path} NEXUS_TEMPORAL_PORT={temporal_port} "
+        f"NEXUS_TEMPORAL_UI_PORT={ui_port} nexus up"
+    )
+    run_id = link.rsplit("/", 1)[1]
+    assert link == f"http://127.0.0.1:{ui_port}/namespaces/default/workflows/{run_id}"
+    assert not port_is_open("127.0.0.1", int(ui_port))
+
+    up = subprocess.Popen(
+        serve_again,
+        shell=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # The web UI's own API, which the page at the link reads.
+        api = f"http://127.0.0.1:{ui_port}/api/v1/namespaces/default/workflows/{run_id}"
+        described = await _wait_for_json(api, 120)
+        execution = described["workflowExecutionInfo"]
+        assert isinstance(execution, dict)
+        assert execution["status"] == "WORKFLOW_EXECUTION_STATUS_COMPLETED"
+        async with httpx.AsyncClient(timeout=10) as http:
+            page = await http.get(link)
+        assert page.status_code == 200
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            await asyncio.to_thread(up.wait, 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
 
 
 @pytest.mark.timeout(420)
