@@ -110,8 +110,8 @@ class FinishedRun(NamedTuple):
     run_id: str
     result: BenchmarkResult
     stopped_server_history: Path | None
-    """History file of the embedded server that the command started, and
-    stopped when the run ended; None when the server outlives the command."""
+    """History file of the embedded server that the command started and then
+    stopped when the run ended, or None when the server outlives the command."""
 
 
 # The settings that decide which history `nexus up` serves, and where.
@@ -200,7 +200,7 @@ _NOT_RUN = "not run"
 
 class PhaseBars:
     """A rich progress bar per phase, and one for the whole run, drawn from
-    the `progress` query's answers."""
+    the results of the `progress` query."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -212,8 +212,8 @@ class PhaseBars:
         self.running: str | None = None
 
     def update(self, state: BenchmarkProgress, now: datetime) -> None:
-        """Show `state`; `now` times the running phase, because the query's own
-        times stand still while a phase runs."""
+        """Show `state`. The running phase is timed against `now`, because the
+        query's own times stand still while a phase runs."""
         if state.duration_seconds:
             fraction = min(1.0, state.elapsed_seconds / state.duration_seconds)
             self.progress.update(
@@ -306,7 +306,7 @@ async def follow(
             result_task.cancel()
         result = result_task.result()
         # The last poll may predate the last phase's end. A closed workflow
-        # still answers queries while a worker of its queue polls.
+        # still returns query results while a worker polls its queue.
         try:
             final: BenchmarkProgress | None = await _query_progress(handle)
         except Exception as error:

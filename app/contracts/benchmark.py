@@ -117,8 +117,8 @@ class PhaseTimes(BaseModel):
 
 
 class BenchmarkProgress(BaseModel):
-    """What the `progress` query returns. Times are workflow times, which a
-    query sees as of the run's last workflow task, so `elapsed_seconds` stays
+    """The result of the `progress` query. Times are workflow times, which a
+    query reads as of the run's last workflow task, so `elapsed_seconds` stays
     still while a phase runs."""
 
     run_id: str
@@ -131,7 +131,7 @@ class BenchmarkProgress(BaseModel):
     duration_seconds: float
     finished: bool = False
     phase_started_at: UtcDateTime | None = Field(
-        None, description="When the running phase started; None between phases."
+        None, description="When the running phase started, or None between phases."
     )
     phase_times: dict[str, PhaseTimes] = Field(
         default_factory=dict,

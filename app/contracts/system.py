@@ -62,7 +62,7 @@ class MemoryStats(BaseModel):
     heap_used: int | None = Field(None, alias="heapUsed")
     python_heap_used: int | None = Field(
         None,
-        description="Bytes in pymalloc's allocated blocks; None where pymalloc "
+        description="Bytes in pymalloc's allocated blocks, or None where pymalloc "
         "is off or its statistics cannot be read.",
     )
     python_arenas: int | None = Field(

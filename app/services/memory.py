@@ -69,7 +69,7 @@ class PythonHeap(NamedTuple):
     used: int
     """Bytes in allocated blocks: the small objects that are alive."""
     arenas: int
-    """Arenas currently mapped; 1 MiB each on 64-bit CPython 3.11."""
+    """Arenas currently mapped, 1 MiB each on 64-bit CPython 3.11."""
 
 
 class _MallocStatsReader(NamedTuple):

@@ -118,9 +118,9 @@ def _result(cycles: int) -> BenchmarkResult:
 
 
 class _ScriptedRun:
-    """A workflow handle whose `progress` answers come from a list. Its result
-    is ready once the list is used up; later queries get `final`, or raise
-    when `final` is None, as for a run that no worker can answer for."""
+    """A workflow handle whose `progress` results come from a list. Its result
+    is ready once the list is used up. Later queries return `final`, or raise
+    when `final` is None, as for a run that no worker can query."""
 
     def __init__(
         self,
@@ -164,8 +164,8 @@ async def _follow_output(
 
 
 async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The last poll sees performance and scalability running; the run ends
-    # before the next one, so only the final query has its outcome.
+    # The last poll finds performance and scalability running, and the run
+    # ends before the next poll, so only the final query has its outcome.
     answers = [
         BenchmarkProgress(
             cycle=0,
@@ -222,8 +222,8 @@ async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> 
 async def test_bar_of_phase_ended_between_polls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Performance and scalability ends, failed, and the run continues as new
-    # into cycle 1 between two polls; only the failed cycles record it.
+    # Performance and scalability fails and the run continues as new into
+    # cycle 1 between two polls, so only the failed cycles record it.
     answers = [
         BenchmarkProgress(
             cycle=0,
@@ -272,7 +272,7 @@ def _invoke_run(
     monkeypatch: pytest.MonkeyPatch, finished: benchmark_cli.FinishedRun, **env: str
 ) -> str:
     """Run `nexus benchmark run` with a run that has already ended, and return
-    its output with the lines joined."""
+    the command's output."""
 
     async def ended_run(*args: object, **kwargs: object) -> benchmark_cli.FinishedRun:
         return finished
@@ -462,7 +462,7 @@ async def _running_phase(client: Client, run_id: str, timeout: float) -> str:
 
 
 async def _wait_for_json(url: str, timeout: float) -> dict[str, object]:
-    """GET `url` until it answers 200 with JSON, and return that JSON."""
+    """GET `url` until it returns 200 with JSON, and return that JSON."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     async with httpx.AsyncClient(timeout=10) as http:
