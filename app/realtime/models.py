@@ -7,14 +7,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer
-from sqlalchemy.dialects import postgresql
 from sqlmodel import Field, SQLModel
 
 from app.db.models import utc_now
 
 # SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-JsonDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+# Plain `json` on PostgreSQL too: see migration realtime_0002.
+JsonDocument = JSON()
 
 
 class RealtimeChange(SQLModel, table=True):

@@ -72,23 +72,23 @@ _PG_OLD_HELPER = "nexus_realtime_first_append"
 _PG_CHANGES = {
     "INSERT": (
         "new_rows",
-        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', to_jsonb(captured.*), "
-        "NULL::jsonb, clock_timestamp() FROM new_rows captured",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'INSERT', to_json(captured.*), "
+        "NULL::json, clock_timestamp() FROM new_rows captured",
     ),
     "UPDATE": (
         "old_rows",
         "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'UPDATE', n.record, o.record, "
         "clock_timestamp() "
-        "FROM (SELECT to_jsonb(captured.*) AS record, row_number() OVER () AS position "
+        "FROM (SELECT to_json(captured.*) AS record, row_number() OVER () AS position "
         "FROM new_rows captured) n "
-        "JOIN (SELECT to_jsonb(captured.*) AS record, row_number() OVER () AS position "
+        "JOIN (SELECT to_json(captured.*) AS record, row_number() OVER () AS position "
         "FROM old_rows captured) o ON o.position = n.position "
         "ORDER BY n.position",
     ),
     "DELETE": (
         "old_rows",
-        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', NULL::jsonb, "
-        "to_jsonb(captured.*), clock_timestamp() FROM old_rows captured",
+        "SELECT TG_TABLE_SCHEMA, TG_TABLE_NAME, 'DELETE', NULL::json, "
+        "to_json(captured.*), clock_timestamp() FROM old_rows captured",
     ),
 }
 _PG_REFERENCING = {
@@ -329,7 +329,7 @@ def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
             # JSON columns hold text; json() embeds them as documents.
             value = f"CASE WHEN json_valid({value}) THEN json({value}) ELSE {value} END"
         elif isinstance(column_type, sqltypes.Boolean):
-            # SQLite stores booleans as 0 and 1; PostgreSQL's to_jsonb writes
+            # SQLite stores booleans as 0 and 1; PostgreSQL's to_json writes
             # true and false, and events carry the same on both.
             value = (
                 f"CASE WHEN {value} IS NULL THEN NULL WHEN {value} "

@@ -194,3 +194,49 @@ def test_enable_twice_keeps_triggers(database_url: str) -> None:
     assert len(logged(database_url)) == 1
     disable_realtime(database_url, "items")
     assert triggers_of(database_url, "items") == set()
+
+
+def _document_types(url: str) -> set[str]:
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT data_type FROM information_schema.columns WHERE "
+                "table_name = 'realtime_changes' "
+                "AND column_name IN ('record', 'old_record')"
+            )
+        ).scalars()
+        return set(rows)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_upgrade_stores_documents_as_json(database_url: str) -> None:
+    """A change log from before documents were `json` keeps its changes, and
+    captures that the earlier functions make still land while the new ones
+    are not installed yet."""
+    assert _document_types(database_url) == {"json"}
+    create_items(database_url)
+    run(database_url, "INSERT INTO items (name, n, flag) VALUES ('before', 1, true)")
+    run(
+        database_url,
+        "ALTER TABLE realtime_changes ALTER COLUMN record TYPE jsonb "
+        "USING record::jsonb",
+        "ALTER TABLE realtime_changes ALTER COLUMN old_record TYPE jsonb "
+        "USING old_record::jsonb",
+        "UPDATE alembic_version SET version_num = 'realtime_0001' "
+        "WHERE version_num = 'realtime_0002'",
+    )
+    run(database_url, "UPDATE items SET n = 2")
+
+    upgrade(database_url)
+
+    assert _document_types(database_url) == {"json"}
+    run(database_url, "DELETE FROM items")
+    changes = [(event, new, old) for _, event, new, old in logged(database_url)]
+    before = {"id": 1, "name": "before", "n": 1, "price": None, "flag": True}
+    before["code"] = None
+    updated = {**before, "n": 2}
+    assert changes == [
+        ("INSERT", before, None),
+        ("UPDATE", updated, before),
+        ("DELETE", None, updated),
+    ]
