@@ -285,6 +285,11 @@ async def measure(args: argparse.Namespace) -> None:
     api_command = uvicorn_command("bench.api:nexus_app", api_port)
     if args.profile:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(py_spy).exists():
+            sys.exit(
+                "error: --profile needs py-spy, which is not installed; install "
+                "it with `.venv/bin/pip install py-spy` or leave out --profile"
+            )
         api_command = [py_spy, "record", "-f", "raw", "-o", args.profile, "--"]
         api_command += uvicorn_command("bench.api:nexus_app", api_port)
     api = subprocess.Popen(api_command, cwd=REPO_ROOT, env=env)
