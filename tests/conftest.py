@@ -21,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from app.contracts.queues import ALL_QUEUES, NEURAL
 from app.db import dispose_engines
 from app.db.migrate import upgrade
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from app.temporal.client import build_data_converter, connect
 from app.temporal.devserver import temporal_binary
 from app.temporal.search_attributes import dev_server_args
@@ -74,6 +74,19 @@ def restore_root_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_settings() -> Iterator[None]:
+    """Make each test's CLI commands read the environment again.
+
+    `get_settings` reads it once per process, so a command run in process by
+    `CliRunner(env=...)` would otherwise get the settings of the first test
+    that ran one: its data folder, database and ports.
+    """
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
