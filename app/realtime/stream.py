@@ -44,6 +44,10 @@ CURSOR_SAVE_INTERVAL = 0.1
 # so that a deletion by another process ends it. A deletion in this process
 # ends it at once (`close_streams`).
 SUBSCRIPTION_CHECK_SECONDS = 1.0
+# Least seconds between two wake-ups by PostgreSQL notifications: a
+# notification that comes sooner after the last wake-up is held until then,
+# together with any that follow it. See `_SharedListener`.
+NOTIFY_COALESCE_SECONDS = 0.01
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
@@ -119,10 +123,39 @@ class _SharedListener:
         self.url = url
         self.wakes: set[asyncio.Event] = set()
         self.task: asyncio.Task[None] | None = None
+        self._last_wake = float("-inf")
+        self._held: asyncio.TimerHandle | None = None
 
     def wake_all(self) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+        self._last_wake = asyncio.get_running_loop().time()
         for wake in self.wakes:
             wake.set()
+
+    def notified(self) -> None:
+        """Wake every waiter, or, within `NOTIFY_COALESCE_SECONDS` of the
+        last wake-up, once that interval has passed.
+
+        Under a stream of commits each wake-up starts a read of the log by
+        every subscriber, and with one wake-up per commit the subscribers'
+        process spent its CPU on reads of a few rows each, beside the
+        inserting clients. A change after a quiet spell is still read at once.
+        """
+        if self._held is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_wake + NOTIFY_COALESCE_SECONDS
+        if loop.time() >= due:
+            self.wake_all()
+        else:
+            self._held = loop.call_at(due, self.wake_all)
+
+    def stop(self) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
 
     async def listen(self) -> None:
         attempt = 0
@@ -139,7 +172,7 @@ class _SharedListener:
                     # Changes committed while disconnected sent no notification.
                     self.wake_all()
                     async for _notification in connection.notifies():
-                        self.wake_all()
+                        self.notified()
             except psycopg.OperationalError as error:
                 delay = _RETRY_SECONDS[min(attempt, len(_RETRY_SECONDS) - 1)]
                 attempt += 1
@@ -175,6 +208,7 @@ async def _leave_listener(url: str, wake: asyncio.Event) -> None:
     if listener.wakes or listener.task is None:
         return
     del _listeners[key]
+    listener.stop()
     listener.task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await listener.task

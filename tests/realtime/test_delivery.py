@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from app.db import get_engine
-from app.realtime import service
+from app.realtime import service, stream
 from app.realtime.service import (
     create_subscription,
     delete_subscription,
@@ -312,3 +312,49 @@ async def test_lag_counts_matching_events(
     monkeypatch.setattr(service, "LAG_SCAN_CHANGES", 4)
     bounded = listed()[even.subscription_id]
     assert (bounded.lag, bounded.lag_exact) == (2, False)
+
+
+async def test_notifications_coalesce_into_held_wake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Notifications within the interval after a wake-up give one more
+    wake-up once it has passed; the first one after a quiet spell wakes at
+    once."""
+    # Long enough that a stalled test process cannot pass it by accident.
+    monkeypatch.setattr(stream, "NOTIFY_COALESCE_SECONDS", 0.3)
+    listener = stream._SharedListener("postgresql+psycopg://unused")
+    wake = asyncio.Event()
+    listener.wakes.add(wake)
+    loop = asyncio.get_running_loop()
+
+    listener.notified()
+    assert wake.is_set()
+    first = loop.time()
+    wake.clear()
+    for _ in range(20):
+        listener.notified()
+    assert not wake.is_set()
+
+    await asyncio.wait_for(wake.wait(), 5.0)
+    assert loop.time() - first >= 0.29
+    wake.clear()
+    await asyncio.sleep(0.6)
+    assert not wake.is_set()  # the 20 notifications gave one wake-up
+    listener.notified()
+    assert wake.is_set()
+    listener.stop()
+
+
+async def test_stopped_listener_drops_held_wake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream, "NOTIFY_COALESCE_SECONDS", 0.3)
+    listener = stream._SharedListener("postgresql+psycopg://unused")
+    wake = asyncio.Event()
+    listener.wakes.add(wake)
+    listener.notified()
+    wake.clear()
+    listener.notified()
+    listener.stop()
+    await asyncio.sleep(0.6)
+    assert not wake.is_set()
