@@ -20,6 +20,7 @@ from app.tools import ToolContext, ToolError, ToolInputError, get_tool, invoke_t
 STATUS_BY_KIND: dict[str, int] = {
     "invalid_argument": 422,
     "not_found": 404,
+    "forbidden": 403,
     "conflict": 409,
     "unavailable": 503,
     "failed": 500,
@@ -126,6 +127,7 @@ class ToolRunner:
             self.settings,
             user_id=principal.user_id if principal else local_user,
             key_id=principal.key_id if principal else None,
+            groups=principal.groups if principal else None,
             temporal_client=self._base.temporal_client,
             audit_writer=self.audit_writer,
             health_snapshots=self.health_snapshots,

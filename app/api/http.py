@@ -506,6 +506,8 @@ def _key_dependency(gate: Gate, group: str) -> Any:
             message = _forbidden_message(admitted, target, group)
             gate.audit_rejection(target, started, 403, message, principal=admitted)
             raise HTTPException(403, detail={"kind": "forbidden", "message": message})
+        # Routes that serve a caller's own records (subscriptions) read it.
+        request.state.principal = admitted
         arguments = {**request.path_params, **request.query_params}
         outcome, error = "success", None
         try:

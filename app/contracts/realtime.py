@@ -32,6 +32,9 @@ class SubscriptionInfo(BaseModel):
     max_buffer_size: int
     stream_kind: str | None = None
     stream_id: str | None = None
+    user_id: str = Field(
+        "local", description="The caller that created it, who alone may use it."
+    )
     created_at: UtcDateTime
     updated_at: UtcDateTime
     head: int | None = Field(

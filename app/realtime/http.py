@@ -56,6 +56,23 @@ def build_realtime_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["realtime"])
     url = settings.effective_database_url
 
+    async def owned(request: Request, subscription_id: str) -> SubscriptionInfo:
+        """Return the caller's subscription; 404 for a missing one and for
+        another caller's, which may not be read, confirmed or learned of."""
+        try:
+            info = await asyncio.to_thread(get_subscription, url, subscription_id)
+        except SubscriptionNotFound as error:
+            raise HTTPException(status_code=404, detail=str(error)) from None
+        # Set by the API's key check; absent only where no key is required.
+        principal = getattr(request.state, "principal", None)
+        if principal is not None and info.user_id != principal.user_id:
+            raise HTTPException(
+                status_code=404,
+                detail=f"subscription {subscription_id!r} not found; realtime_list "
+                "shows your subscriptions",
+            )
+        return info
+
     async def confirm(subscription_id: str, cursor: int, name: str) -> SubscriptionInfo:
         try:
             return await asyncio.to_thread(
@@ -83,6 +100,7 @@ def build_realtime_router(settings: Settings) -> APIRouter:
         last_event_id: str | None = Header(None),
         accept_encoding: str = Header(""),
     ) -> StreamingResponse:
+        await owned(request, subscription_id)
         start_after: int | None = None
         if last_event_id:
             if not last_event_id.isdigit():
@@ -94,11 +112,6 @@ def build_realtime_router(settings: Settings) -> APIRouter:
             start_after = int(last_event_id)
             # The client proves it received everything up to this id.
             await confirm(subscription_id, start_after, "Last-Event-ID")
-        else:
-            try:
-                await asyncio.to_thread(get_subscription, url, subscription_id)
-            except SubscriptionNotFound as error:
-                raise HTTPException(status_code=404, detail=str(error)) from None
         compress = gzip and "gzip" in accept_encoding.lower()
         body = _events(request, url, subscription_id, start_after, max_batches)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -114,10 +127,13 @@ def build_realtime_router(settings: Settings) -> APIRouter:
             404: {"description": "The subscription does not exist."},
         },
     )
-    async def acknowledge(subscription_id: str, body: AckBody) -> SubscriptionInfo:
+    async def acknowledge(
+        request: Request, subscription_id: str, body: AckBody
+    ) -> SubscriptionInfo:
         """Confirm every event up to `cursor`: the stored cursor moves there
         (never back), so a later stream without Last-Event-ID starts after
         it and pruning may delete what it passed."""
+        await owned(request, subscription_id)
         return await confirm(subscription_id, body.cursor, "cursor")
 
     return router

@@ -188,7 +188,7 @@ def _head(connection: Connection) -> int:
 _SUBSCRIPTION_COLUMNS = (
     "id, table_name, event_type, filter, cursor, delivered, batch_size, "
     "buffer_timeout_ms, max_buffer_size, stream_kind, stream_id, created_at, "
-    "updated_at"
+    "updated_at, user_id"
 )
 
 
@@ -207,6 +207,7 @@ def _info(row: Sequence[Any]) -> SubscriptionInfo:
         stream_id=row[10],
         created_at=row[11],
         updated_at=row[12],
+        user_id=row[13],
     )
 
 

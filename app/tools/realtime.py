@@ -9,6 +9,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.contracts.realtime import EventType, SubscriptionInfo
+from app.realtime.access import (
+    check_stream,
+    check_table,
+    not_found_unless_owned,
+    owns,
+)
 from app.realtime.output import output_status, stream_target_exists
 from app.realtime.service import (
     DEFAULT_BATCH_SIZE,
@@ -57,6 +63,7 @@ async def realtime_subscribe(
     (`col=eq.v`, comma = AND). Returns subscription_id with its cursor, head
     and lag; read the matching changes after that moment with
     realtime_events, each subscription with its own durable cursor."""
+    check_table(ctx, args.table)
     try:
         created = await asyncio.to_thread(
             create_subscription,
@@ -109,6 +116,19 @@ def _not_found(error: SubscriptionNotFound) -> ToolError:
     return ToolError(str(error), kind="not_found")
 
 
+async def _owned(ctx: ToolContext, subscription_id: str) -> SubscriptionInfo:
+    """Return the caller's subscription, or raise not found for a missing
+    one or another caller's."""
+    try:
+        info = await asyncio.to_thread(
+            get_subscription, ctx.database_url, subscription_id
+        )
+    except SubscriptionNotFound as error:
+        raise _not_found(error) from None
+    not_found_unless_owned(ctx, info)
+    return info
+
+
 @tool("realtime_events", group="realtime")
 async def realtime_events(
     ctx: ToolContext, args: RealtimeEventsInput
@@ -118,6 +138,7 @@ async def realtime_events(
     the reply does not get that batch again. Each event has id, schema,
     table, commit_timestamp, eventType, new and old. Pass wait_ms to wait for
     changes when none are ready."""
+    await _owned(ctx, args.subscription_id)
     try:
         events, cursor = await next_events(
             ctx.database_url, args.subscription_id, args.limit, args.wait_ms
@@ -153,10 +174,15 @@ async def realtime_unsubscribe(
     """Delete a subscription and its cursor. Streams reading it stop: an SSE
     stream sends `event: closed` and ends (at once on this server, within a
     second on another process)."""
-    deleted = await asyncio.to_thread(
-        delete_subscription, ctx.database_url, args.subscription_id
-    )
-    close_streams(args.subscription_id)
+    try:
+        await _owned(ctx, args.subscription_id)
+    except ToolError:
+        deleted = False
+    else:
+        deleted = await asyncio.to_thread(
+            delete_subscription, ctx.database_url, args.subscription_id
+        )
+        close_streams(args.subscription_id)
     if not deleted:
         raise ToolError(
             f"subscription {args.subscription_id!r} not found; realtime_list shows "
@@ -187,7 +213,11 @@ async def realtime_list(
     match the event and filter. A filtered subscription's lag counts matches
     among the first 10,000 changes of its table after the cursor, and
     lag_exact is false when more changes wait beyond them."""
-    subscriptions = await asyncio.to_thread(list_subscriptions, ctx.database_url)
+    subscriptions = [
+        info
+        for info in await asyncio.to_thread(list_subscriptions, ctx.database_url)
+        if owns(ctx, info)
+    ]
     return RealtimeListResult(subscriptions=subscriptions, count=len(subscriptions))
 
 
@@ -223,6 +253,7 @@ async def execution_stream_subscribe(
     realtime_events; each event's `new` has stream, text and final. The run
     must exist (sandbox_list, workflow_status list them) or have output."""
     kind, stream_id = args.target()
+    check_stream(ctx, kind, "sandbox_id" if kind == "sandbox" else "execution_id")
     if not await asyncio.to_thread(
         stream_target_exists, ctx.database_url, kind, stream_id
     ):
@@ -291,12 +322,7 @@ async def execution_stream_status(
     ended, its last chunk, and the subscriptions reading it with their lag
     (chunks of this run after the subscription's cursor)."""
     if args.subscription_id is not None:
-        try:
-            info = await asyncio.to_thread(
-                get_subscription, ctx.database_url, args.subscription_id
-            )
-        except SubscriptionNotFound as error:
-            raise _not_found(error) from None
+        info = await _owned(ctx, args.subscription_id)
         if info.stream_kind is None or info.stream_id is None:
             raise ToolError(
                 f"subscription {args.subscription_id!r} is a table subscription, "
@@ -309,11 +335,17 @@ async def execution_stream_status(
     else:
         assert args.execution_id is not None
         kind, stream_id = "workflow", args.execution_id
+    field = (
+        "subscription_id"
+        if args.subscription_id is not None
+        else ("sandbox_id" if kind == "sandbox" else "execution_id")
+    )
+    check_stream(ctx, kind, field)
     status = await asyncio.to_thread(output_status, ctx.database_url, kind, stream_id)
     subscriptions = [
         sub
         for sub in await asyncio.to_thread(list_subscriptions, ctx.database_url)
-        if sub.stream_kind == kind and sub.stream_id == stream_id
+        if sub.stream_kind == kind and sub.stream_id == stream_id and owns(ctx, sub)
     ]
     return ExecutionStreamStatusResult(
         stream_kind=kind, stream_id=stream_id, subscriptions=subscriptions, **status

@@ -24,7 +24,7 @@ from app.temporal.client import connect
 logger = logging.getLogger(__name__)
 
 ErrorKind = Literal[
-    "invalid_argument", "not_found", "unavailable", "conflict", "failed"
+    "invalid_argument", "not_found", "forbidden", "unavailable", "conflict", "failed"
 ]
 
 
@@ -63,6 +63,8 @@ class ToolContext:
     settings: Settings
     user_id: str = "local"
     key_id: str | None = None
+    # The tool groups the caller's key may call; None for every group.
+    groups: tuple[str, ...] | None = None
     temporal_client: Client | None = None
     _connect_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     audit_writer: AuditWriter | None = None

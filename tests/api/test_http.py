@@ -378,14 +378,14 @@ async def test_realtime_stream_checks_group_and_audits(
     api_server: ApiServer, key_factory
 ) -> None:
     url = api_server.settings.effective_database_url
+    system_only, system_key_id = key_factory("stream-system-only", ["system"])
+    reader, _ = key_factory("stream-reader", ["realtime", "system"])
     created = await post(
-        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}
+        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}, reader
     )
     assert created.status_code == 200, created.text
     subscription_id = created.json()["subscription_id"]
     path = f"/realtime/v1/subscriptions/{subscription_id}/stream"
-    system_only, system_key_id = key_factory("stream-system-only", ["system"])
-    realtime_only, _ = key_factory("stream-realtime-only", ["realtime"])
     async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
         # The tool and the route reject the key alike.
         events = await post(
@@ -411,13 +411,13 @@ async def test_realtime_stream_checks_group_and_audits(
         streamed = await http.get(
             path,
             params={"max_batches": 1},
-            headers={"Authorization": f"Bearer {realtime_only}"},
+            headers={"Authorization": f"Bearer {reader}"},
         )
         assert streamed.status_code == 200
         assert "event: changes" in streamed.text
         missing = await http.get(
             "/realtime/v1/subscriptions/sub_missing/stream",
-            headers={"Authorization": f"Bearer {realtime_only}"},
+            headers={"Authorization": f"Bearer {reader}"},
         )
         assert missing.status_code == 404
     await audit_events(api_server, limit=1)
@@ -425,7 +425,7 @@ async def test_realtime_stream_checks_group_and_audits(
     assert [event.outcome for event in rejected] == ["error"]
     assert rejected[0].key_id == system_key_id
     assert (rejected[0].error or "").startswith("rejected with 403: ")
-    read = list_calls(url, user_id="key:stream-realtime-only")
+    read = list_calls(url, user_id="key:stream-reader")
     by_tool = {event.tool: event for event in read}
     assert by_tool[path].outcome == "success"
     assert by_tool[path].arguments == {
@@ -435,6 +435,75 @@ async def test_realtime_stream_checks_group_and_audits(
     not_found = by_tool["/realtime/v1/subscriptions/sub_missing/stream"]
     assert not_found.outcome == "error"
     assert (not_found.error or "").startswith("404: ")
+
+
+async def test_realtime_keeps_groups_and_owners(
+    api_server: ApiServer, key_factory
+) -> None:
+    """A key limited to realtime cannot read another group's table through a
+    subscription, nor use another caller's subscription."""
+    realtime_only, _ = key_factory("realtime-only", ["realtime"])
+    denied = await post(
+        api_server,
+        "/api/tools/realtime_subscribe",
+        {"table": "audit_log"},
+        realtime_only,
+    )
+    assert denied.status_code == 403, denied.text
+    error = denied.json()["error"]
+    assert error["kind"] == "forbidden"
+    assert "'audit_log'" in error["message"]
+    assert "--group system" in error["message"]
+    stream = await post(
+        api_server,
+        "/api/tools/execution_stream_subscribe",
+        {"sandbox_id": "sbx_any"},
+        realtime_only,
+    )
+    assert stream.status_code == 403, stream.text
+    assert "--group sandbox" in stream.json()["error"]["message"]
+
+    created = await post(
+        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}
+    )
+    assert created.status_code == 200, created.text
+    theirs = created.json()["subscription_id"]
+    assert created.json()["user_id"] == "key:tests"
+    url = api_server.settings.effective_database_url
+    before = get_subscription(url, theirs).cursor
+    for tool in ("realtime_events", "realtime_unsubscribe"):
+        response = await post(
+            api_server, f"/api/tools/{tool}", {"subscription_id": theirs}, realtime_only
+        )
+        assert response.status_code == 404, (tool, response.text)
+    status = await post(
+        api_server,
+        "/api/tools/execution_stream_status",
+        {"subscription_id": theirs},
+        realtime_only,
+    )
+    assert status.status_code == 404, status.text
+    listed = await post(api_server, "/api/tools/realtime_list", {}, realtime_only)
+    assert theirs not in {s["subscription_id"] for s in listed.json()["subscriptions"]}
+    owner_list = await post(api_server, "/api/tools/realtime_list", {})
+    assert theirs in {s["subscription_id"] for s in owner_list.json()["subscriptions"]}
+    headers = {"Authorization": f"Bearer {realtime_only}"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        path = f"/realtime/v1/subscriptions/{theirs}"
+        streamed = await http.get(
+            f"{path}/stream",
+            params={"max_batches": 1},
+            headers={**headers, "Last-Event-ID": "1"},
+        )
+        assert streamed.status_code == 404, streamed.text
+        acked = await http.post(f"{path}/ack", json={"cursor": 1}, headers=headers)
+        assert acked.status_code == 404, acked.text
+    # Nothing the other key tried moved or removed the owner's subscription.
+    assert get_subscription(url, theirs).cursor == before
+    events = await post(
+        api_server, "/api/tools/realtime_events", {"subscription_id": theirs}
+    )
+    assert events.status_code == 200, events.text
 
 
 async def test_mcp_host_and_origin_checked_for_every_call(
