@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
+import signal
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -156,6 +158,40 @@ def print_web_ui_link(settings: Settings, finished: FinishedRun) -> None:
     for line in lines:
         # soft_wrap keeps a link longer than the terminal on one line.
         console.print(line, soft_wrap=True, markup=False)
+
+
+async def _deployment_serves(settings: Settings) -> bool:
+    """Return whether a Temporal server answers at the configured address with
+    workers polling every queue, as under `nexus up`."""
+    from app.services.health import describe_queue
+    from app.temporal.client import connect
+    from app.temporal.devserver import port_is_open
+
+    host, _, port = settings.effective_temporal_address.rpartition(":")
+    if not port.isdigit() or not port_is_open(host, int(port)):
+        return False
+    try:
+        client = await connect(settings)
+        described = [
+            await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
+        ]
+    except Exception:
+        return False
+    return all(q.activity_pollers for q in described)
+
+
+async def _cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedRun:
+    """Await `run`, cancelling it on SIGTERM as asyncio.run does on Ctrl-C,
+    so that a `kill` or `timeout` ends the run it started instead of leaving
+    it to come back with the next start of the workers."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _wait_for_workers(client: Client, settings: Settings) -> None:
@@ -372,6 +408,16 @@ async def run_benchmark(
     from app.temporal.client import connect
 
     stack: Stack | None = None
+    if start_workers and await _deployment_serves(settings):
+        # A second set of workers would poll the same queues, and the sampler
+        # would then measure whichever process took its probe.
+        console.print(
+            "Using the workers of the deployment already serving at "
+            f"{settings.effective_temporal_address} (`nexus up`).",
+            soft_wrap=True,
+            markup=False,
+        )
+        start_workers = False
     if start_workers:
         stack = Stack(settings)
         address = await asyncio.to_thread(stack.start)
@@ -440,9 +486,13 @@ def run_command(
     settings = load_settings()
     workers = settings.embedded if start_workers is None else start_workers
     try:
-        finished = asyncio.run(run_benchmark(settings, config, start_workers=workers))
+        finished = asyncio.run(
+            _cancel_on_sigterm(run_benchmark(settings, config, start_workers=workers))
+        )
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except asyncio.CancelledError:  # SIGTERM
+        raise typer.Exit(128 + signal.SIGTERM) from None
     result = finished.result
     report = result.report
     console.print(f"Report:  {report.markdown_path}", soft_wrap=True, markup=False)

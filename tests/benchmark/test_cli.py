@@ -41,6 +41,7 @@ from app.contracts.benchmark import (
 )
 from app.settings import Settings, get_settings
 from app.temporal.devserver import EmbeddedTemporal, port_is_open, temporal_binary
+from tests.conftest import running_workers
 
 # Each row: the command line, then the option and the value the message names.
 REJECTED = [
@@ -544,7 +545,8 @@ async def test_embedded_run_ends_with_bars_and_link(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+async def test_interrupt_cancels_embedded_run(tmp_path: Path, stop: str) -> None:
     env = _cli_env(tmp_path)
     process, output = _start_cli(_RUN, env)
     address = f"127.0.0.1:{env['NEXUS_TEMPORAL_PORT']}"
@@ -552,14 +554,18 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path) -> None:
         run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
         client = await Client.connect(address)
         phase_id = await _running_phase(client, run_id, 120)
-        # A terminal sends SIGINT to the whole foreground process group.
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            # A terminal sends SIGINT to the whole foreground process group.
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            # `kill PID` and `timeout` send SIGTERM to the command alone.
+            process.send_signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(process.wait, 120)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert exit_code == 130, output.text
+    assert exit_code == (130 if stop == "ctrl-c" else 143), output.text
     assert f"Benchmark {run_id} cancelled" in output.text
     url = Settings(data_dir=tmp_path).effective_database_url
     assert recording.run_status(url, run_id) == "cancelled"
@@ -625,3 +631,16 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         server.stop()
+
+
+async def test_run_uses_running_deployment(
+    client: Client, shared_settings: Settings
+) -> None:
+    """With workers already on every queue, `benchmark run` starts none of its
+    own; with nothing listening it starts the stack."""
+    closed = shared_settings.model_copy(
+        update={"temporal_address": f"127.0.0.1:{_free_port()}"}
+    )
+    assert not await benchmark_cli._deployment_serves(closed)
+    async with running_workers(client, shared_settings):
+        assert await benchmark_cli._deployment_serves(shared_settings)
