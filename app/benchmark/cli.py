@@ -116,8 +116,15 @@ class FinishedRun(NamedTuple):
     stopped when the run ended, or None when the server outlives the command."""
 
 
-# The settings that decide which history `nexus up` serves, and where.
-_SERVER_SETTINGS = ("data_dir", "temporal_port", "temporal_ui_port", "namespace")
+# The settings that decide which history `nexus up` serves, and where; the
+# HTTP port too, since `nexus up` fails when its port is taken.
+_SERVER_SETTINGS = (
+    "data_dir",
+    "temporal_port",
+    "temporal_ui_port",
+    "http_port",
+    "namespace",
+)
 
 
 def serve_again_command(settings: Settings) -> str:
@@ -133,7 +140,10 @@ def serve_again_command(settings: Settings) -> str:
             value = settings.resolved_data_dir
         # The name of a shell assignment must stay unquoted.
         words.append(f"{environment_variable(name)}={shlex.quote(str(value))}")
-    program = sys.argv[0] if Path(sys.argv[0]).name == "nexus" else "nexus"
+    program = "nexus"
+    if Path(sys.argv[0]).name == "nexus" and "/" in sys.argv[0]:
+        # Absolute, so that the command works from any folder.
+        program = str(Path(sys.argv[0]).absolute())
     return " ".join([*words, shlex.quote(program), "up"])
 
 

@@ -337,10 +337,12 @@ def test_link_on_server_that_outlives_command(
 def test_serve_again_command_spells_changed_settings(tmp_path: Path) -> None:
     assert benchmark_cli.serve_again_command(Settings()) == "nexus up"
     folder = tmp_path / "data dir"
-    settings = Settings(data_dir=folder, temporal_port=17233, namespace="bench")
+    settings = Settings(
+        data_dir=folder, temporal_port=17233, http_port=13000, namespace="bench"
+    )
     assert benchmark_cli.serve_again_command(settings) == (
         f"NEXUS_DATA_DIR='{folder}' NEXUS_TEMPORAL_PORT=17233 "
-        "NEXUS_NAMESPACE=bench nexus up"
+        "NEXUS_HTTP_PORT=13000 NEXUS_NAMESPACE=bench nexus up"
     )
 
 
@@ -510,7 +512,8 @@ async def test_embedded_run_ends_with_bars_and_link(tmp_path: Path) -> None:
     ui_port, temporal_port = env["NEXUS_TEMPORAL_UI_PORT"], env["NEXUS_TEMPORAL_PORT"]
     assert serve_again == (
         f"NEXUS_DATA_DIR={tmp_path} NEXUS_TEMPORAL_PORT={temporal_port} "
-        f"NEXUS_TEMPORAL_UI_PORT={ui_port} nexus up"
+        f"NEXUS_TEMPORAL_UI_PORT={ui_port} NEXUS_HTTP_PORT={env['NEXUS_HTTP_PORT']} "
+        "nexus up"
     )
     run_id = link.rsplit("/", 1)[1]
     assert link == f"http://127.0.0.1:{ui_port}/namespaces/default/workflows/{run_id}"
