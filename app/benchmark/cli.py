@@ -46,6 +46,12 @@ benchmark_cli = typer.Typer(
 )
 console = Console(stderr=True)
 
+# Bounds of `schedule --every`: runs more often than a minute would mostly be
+# skipped as overlapping, and an interval of 999999 days gave a schedule
+# without a next run time.
+_MIN_EVERY = 60.0
+_MAX_EVERY = 365 * 86400.0
+_SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -550,6 +556,19 @@ def schedule_command(
     from app.temporal.client import connect
 
     every_seconds = parse_duration(every, "--every")
+    if not _MIN_EVERY <= every_seconds <= _MAX_EVERY:
+        raise typer.BadParameter(
+            f"{every!r} is outside 1m to 365d; a schedule starts a run every "
+            "--every, so pass a value in that range, for example 6h",
+            param_hint="'--every'",
+        )
+    if not _SCHEDULE_ID.fullmatch(schedule_id):
+        raise typer.BadParameter(
+            f"{schedule_id!r} is not a schedule id; use a name of 1 to 100 "
+            "letters, digits, '.', '_' or '-' that starts with a letter or digit "
+            "(run ids and report folders are made from it)",
+            param_hint="'--id'",
+        )
     config = build_config(
         {"duration_seconds": duration},
         duration_seconds=parse_duration(duration),
@@ -563,6 +582,9 @@ def schedule_command(
 
     try:
         asyncio.run(create())
+    except RuntimeError as error:  # no Temporal server; the message says so
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     except ScheduleAlreadyRunningError:
         typer.echo(
             f"error: a schedule with id {schedule_id!r} already exists; pass "

@@ -56,6 +56,10 @@ REJECTED = [
     (["run", "--epochs", "-3"], "'--epochs'", "-3"),
     (["schedule", "--every", "0s"], "'--every'", "'0s'"),
     (["schedule", "--duration", "8d"], "'--duration'", "'8d'"),
+    (["schedule", "--every", "30s"], "'--every'", "'30s'"),
+    (["schedule", "--every", "999999d"], "'--every'", "'999999d'"),
+    (["schedule", "--id", ""], "'--id'", "''"),
+    (["schedule", "--id", "a b/c"], "'--id'", "'a b/c'"),
 ]
 
 
@@ -344,6 +348,17 @@ def test_serve_again_command_spells_changed_settings(tmp_path: Path) -> None:
         f"NEXUS_DATA_DIR='{folder}' NEXUS_TEMPORAL_PORT=17233 "
         "NEXUS_HTTP_PORT=13000 NEXUS_NAMESPACE=bench nexus up"
     )
+
+
+def test_schedule_without_server_names_it() -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    result = CliRunner().invoke(
+        cli, ["benchmark", "schedule"], env={"NEXUS_TEMPORAL_ADDRESS": address}
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: "), result.output
+    assert address in result.output
+    assert "Traceback" not in result.output
 
 
 def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
