@@ -606,9 +606,10 @@ def schedule_command(
 def report_command(
     run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
 ) -> None:
-    """Write the report of a finished run again, with the health read now."""
+    """Write the report of a finished run again, keeping the system health
+    recorded as it ended."""
     from app.benchmark import recording
-    from app.benchmark.report import write_report
+    from app.benchmark.report import recorded_health, write_report
     from app.cli import load_settings, print_json
     from app.services.health import system_health
     from app.temporal.client import connect
@@ -646,8 +647,21 @@ def report_command(
             report = await system_health(settings, client)
         return report.model_dump(mode="json", by_alias=True)
 
+    # The health read as the run ended stays; a health read now would show
+    # this command's process and the deployment as it is today.
+    recorded = recorded_health(settings, run_id)
+    kept: dict[str, Any]
+    note: str | None
+    if recorded is None:
+        kept = asyncio.run(health())
+        note = (
+            "Read when this report was written again, after the run: the "
+            "health recorded at the end of the run was not found."
+        )
+    else:
+        kept, note = recorded
     try:
-        result = write_report(settings, run_id, asyncio.run(health()))
+        result = write_report(settings, run_id, kept, health_note=note)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

@@ -14,7 +14,7 @@ from app.benchmark.recording import as_utc, load_run
 from app.benchmark.stats import Regression, linear_regression, percentile
 from app.contracts.benchmark import ALL_PHASES, PHASE_TITLES, ReportResult
 from app.settings import Settings
-from app.storage import storage_for
+from app.storage import StorageError, storage_for
 
 REPORT_BUCKET = "benchmark-reports"
 MB = 1024 * 1024
@@ -397,7 +397,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"| max growth (MB/min) | {_cell(memory['max_growth_mb_per_min'])} "
             f"| {_cell(previous['max_growth_mb_per_min'])} |",
         ]
-    lines += ["", "## Final system health", "", "```json"]
+    if metrics.get("health_note"):
+        lines += ["", "## System health", "", metrics["health_note"], "", "```json"]
+    else:
+        lines += ["", "## Final system health", "", "```json"]
     lines.append(json.dumps(metrics["health"], indent=2, sort_keys=True))
     lines += ["```", "", "## Issues found", ""]
     lines += [f"- {issue}" for issue in metrics["issues"]] or ["None."]
@@ -497,11 +500,40 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
 
 
 def write_report(
-    settings: Settings, run_id: str, health: dict[str, Any] | None
+    settings: Settings,
+    run_id: str,
+    health: dict[str, Any] | None,
+    *,
+    health_note: str | None = None,
 ) -> ReportResult:
     """Write metrics.json, report.md and the plots to reports/RUN_ID/ and to the
-    `benchmark-reports` bucket."""
-    return save_report(settings, build_metrics(settings, run_id, health))
+    `benchmark-reports` bucket.
+
+    Args:
+        health_note: where `health` comes from, when it is not the health
+            read as the run ended; the report shows it under its heading.
+    """
+    metrics = build_metrics(settings, run_id, health)
+    metrics["health_note"] = health_note
+    return save_report(settings, metrics)
+
+
+def recorded_health(
+    settings: Settings, run_id: str
+) -> tuple[dict[str, Any], str | None] | None:
+    """Return the system health in the run's stored metrics.json with its
+    note (None for the health read as the run ended), or None when there is
+    no such file or health."""
+    try:
+        stored = json.loads(
+            storage_for(settings).get(REPORT_BUCKET, f"{run_id}/metrics.json")
+        )
+        health, note = stored.get("health"), stored.get("health_note")
+    except (StorageError, ValueError, AttributeError):
+        return None
+    if not isinstance(health, dict):
+        return None
+    return health, note if isinstance(note, str) else None
 
 
 def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:

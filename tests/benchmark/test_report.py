@@ -258,6 +258,29 @@ def test_report_command_rewrites_report(tmp_path: Path) -> None:
         (tmp_path / "reports" / "run-cli" / "metrics.json").read_text()
     )
     assert metrics["health"]["temporal"]["status"] == "unhealthy"
+    # No health was recorded at the end of this seeded run, so the report says
+    # when its health was read.
+    markdown = (tmp_path / "reports" / "run-cli" / "report.md").read_text()
+    assert "## System health\n\nRead when this report was written again" in markdown
+    assert "## Final system health" not in markdown
+
+    ended = {"status": "healthy", "marker": 41}
+    write_report(settings, "run-cli", ended)
+    again = subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", "run-cli"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads(
+        (tmp_path / "reports" / "run-cli" / "metrics.json").read_text()
+    )
+    assert metrics["health"] == ended
+    assert metrics["health_note"] is None
+    markdown = (tmp_path / "reports" / "run-cli" / "report.md").read_text()
+    assert "## Final system health" in markdown
     missing = subprocess.run(
         [sys.executable, "-m", "app", "benchmark", "report", "no-such-run"],
         env=env,
