@@ -250,6 +250,28 @@ def _phase_mark(name: str, state: BenchmarkProgress) -> str:
 _NOT_RUN = "not run"
 
 
+class PhaseLines:
+    """One printed line per phase as it ends, for output that is not a
+    terminal, where rich draws the bars only once, when the run has ended."""
+
+    def __init__(self) -> None:
+        self.printed: set[tuple[int, str]] = set()
+
+    def update(self, state: BenchmarkProgress) -> None:
+        for name, title in PHASE_TITLES.items():
+            if name not in state.completed or (state.cycle, name) in self.printed:
+                continue
+            self.printed.add((state.cycle, name))
+            mark = "✅" if state.completed[name] else "❌"
+            times = state.phase_times.get(name)
+            took = f" {format_seconds(times.seconds)}" if times is not None else ""
+            console.print(
+                f"Cycle {state.cycle + 1}: {title} {mark}{took}",
+                soft_wrap=True,
+                markup=False,
+            )
+
+
 class PhaseBars:
     """A rich progress bar per phase, and one for the whole run, drawn from
     the results of the `progress` query."""
@@ -337,6 +359,7 @@ async def follow(
         TextColumn("{task.fields[elapsed]}"),
     )
     started = time.monotonic()
+    lines = None if console.is_terminal else PhaseLines()
     with Progress(*columns, console=console) as progress:
         bars = PhaseBars(progress)
         result_task = asyncio.create_task(handle.result())
@@ -348,6 +371,8 @@ async def follow(
                     state = None
                 if state is not None:
                     bars.update(state, datetime.now(UTC))
+                    if lines is not None:
+                        lines.update(state)
                 progress.update(
                     bars.overall,
                     elapsed=format_seconds(time.monotonic() - started),
@@ -452,7 +477,11 @@ async def run_benchmark(
             task_queue=ORCHESTRATION,
             result_type=BenchmarkResult,
         )
-        console.print(f"Benchmark {run_id}: {web_ui_link(settings, run_id)}")
+        console.print(
+            f"Benchmark {run_id}: {web_ui_link(settings, run_id)}",
+            soft_wrap=True,
+            markup=False,
+        )
         try:
             result = await follow(handle)
         except asyncio.CancelledError:

@@ -224,6 +224,30 @@ async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> 
     assert lines["Run"].startswith("Run 1 cycle, report written ")
 
 
+async def test_piped_output_prints_each_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output that is not a terminal gets a line per phase as it ends, since
+    rich draws the bars there only once the run has ended."""
+    answers = [
+        BenchmarkProgress(
+            cycle=0,
+            phase="realtime_streaming",
+            completed={"sandbox_integration": True, "neural_training": False},
+            phase_times={
+                "sandbox_integration": _times(0, 4.2),
+                "neural_training": _times(5, 17),
+            },
+            **_BASE,
+        )
+    ]
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=80))
+    run = _ScriptedRun(answers, answers[-1], _result(cycles=1))
+    await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+    printed = out.getvalue().splitlines()
+    assert printed.count("Cycle 1: Sandbox integration ✅ 4.2 s") == 1
+    assert printed.count("Cycle 1: Neural training ❌ 12.0 s") == 1
+
+
 async def test_bar_of_phase_ended_between_polls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
