@@ -134,10 +134,11 @@ def build_metrics(
     run_id: str,
     health: dict[str, Any] | None,
     *,
-    warmup_minutes: float = 0.0,
+    warmup_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Collect every figure of the report from the database; memory growth
-    is also fitted after the first `warmup_minutes` of samples."""
+    is also fitted after the first `warmup_minutes` of samples (default: a
+    third of the sampled time, at most 10 minutes, as `bench.soak` does)."""
     data = load_run(settings.effective_database_url, run_id)
     run = data["run"]
     phases = data["phases"]
@@ -195,13 +196,17 @@ def build_metrics(
             "p99_ms": _round(percentile(values, 0.99)),
         }
 
-    workers = memory_growth(data["samples"], warmup_minutes)
     sample_times = [as_utc(s.taken_at) for s in data["samples"]]
-    sampled_minutes = (
-        _round((max(sample_times) - min(sample_times)).total_seconds() / 60, 2)
+    span = (
+        (max(sample_times) - min(sample_times)).total_seconds() / 60
         if sample_times
         else None
     )
+    sampled_minutes = _round(span, 2) if span is not None else None
+    if warmup_minutes is None:
+        # Imports, compilations and first-use caches fill in the first minutes.
+        warmup_minutes = round(min(10.0, (span or 0.0) / 3), 2)
+    workers = memory_growth(data["samples"], warmup_minutes)
     growths = [
         w["growth_mb_per_min"] for w in workers if w["growth_mb_per_min"] is not None
     ]
