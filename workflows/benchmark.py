@@ -48,6 +48,9 @@ _FEW = RetryPolicy(maximum_attempts=3)
 # on with its next phase, so a cancelled run never ended.
 CANCELLED_RUN_PATCH = "benchmark-cancelled-run-ends"
 _PHASE_CLEANUP_PATCH = "benchmark-phase-waits-for-cleanup"
+# Before this patch a phase whose activity failed returned 0 operations, so
+# the run's counts in its state did not include the failure.
+_FAILED_PHASE_OPERATION_PATCH = "benchmark-failed-phase-counts-operation"
 
 
 def _raise_if_cancel_requested() -> None:
@@ -125,6 +128,8 @@ class BenchmarkPhaseWorkflow:
                     ended_at=workflow.now(),
                 ),
             )
+            if workflow.patched(_FAILED_PHASE_OPERATION_PATCH):
+                record = record.with_failure_counted()
         await workflow.execute_activity(
             "record_benchmark_phase",
             record,

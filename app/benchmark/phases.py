@@ -426,7 +426,8 @@ async def run_phase(
         metrics=json.loads(json.dumps(runner.metrics, default=str)),
         carry=runner.carry,
     )
-    return PhaseRecord(run_id=request.run_id, result=result, operations=operations)
+    record = PhaseRecord(run_id=request.run_id, result=result, operations=operations)
+    return record.with_failure_counted()
 
 
 __all__ = ["PHASES", "PhaseName", "run_phase"]

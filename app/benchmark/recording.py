@@ -76,6 +76,10 @@ def run_status(url: str, run_id: str) -> str:
 
 
 def record_phase(url: str, record: PhaseRecord) -> None:
+    """Record a phase and its operations. A failed phase gets a failed
+    operation when it has none, also for records that a workflow built after
+    the phase's activity failed."""
+    record = record.with_failure_counted()
     result = record.result
     with session_scope(url) as session:
         session.add(

@@ -222,6 +222,29 @@ class PhaseRecord(BaseModel):
     result: PhaseResult
     operations: list[OperationRecord] = Field(default_factory=list)
 
+    def with_failure_counted(self) -> PhaseRecord:
+        """Return this record with one failed operation, named for the phase
+        and carrying its error, when the phase failed without recording one.
+
+        A phase can fail outside its counted calls (an activity timeout, a
+        missing input from an earlier phase, an exception in the phase's own
+        code), and without this operation it would show a 100% success rate.
+        """
+        result = self.result
+        if result.ok or any(not operation.ok for operation in self.operations):
+            return self
+        failure = OperationRecord(
+            name=result.phase, ok=False, latency_ms=0.0, error=result.error
+        )
+        return self.model_copy(
+            update={
+                "operations": [*self.operations, failure],
+                "result": result.model_copy(
+                    update={"operations": result.operations + 1}
+                ),
+            }
+        )
+
 
 class StartRunRequest(BaseModel):
     run_id: str

@@ -10,12 +10,14 @@ from temporalio.client import Client
 
 from app.benchmark import recording
 from app.benchmark.cli import create_schedule
+from app.benchmark.phases import run_phase
 from app.contracts.benchmark import (
     ALL_PHASES,
     BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
     BenchmarkState,
+    PhaseInput,
 )
 from app.contracts.queues import ORCHESTRATION
 from app.settings import Settings
@@ -65,6 +67,9 @@ async def test_failing_phase_is_reported_and_others_run(
     failed = phases.pop("performance_scalability")
     assert not failed["passed"]
     assert "fault injected" in failed["errors"][0]
+    assert failed["operations"] == 1
+    assert failed["succeeded"] == 0
+    assert metrics["totals"]["success_rate_percent"] < 100
     for name, phase in phases.items():
         assert phase["passed"], f"{name}: {phase['errors']}"
         assert phase["operations"] == phase["succeeded"] > 0
@@ -87,6 +92,23 @@ async def test_failing_phase_is_reported_and_others_run(
     assert not result.report.all_phases_passed
     await replay_run(client, run_id, all_workflows())
     await replay_run(client, f"{run_id}-c0-neural_training", all_workflows())
+
+
+async def test_failed_phase_records_failed_operation(
+    client: Client, settings: Settings
+) -> None:
+    config = small_config(inject_failure=["neural_training"])
+    request = PhaseInput(
+        run_id="benchmark-test-phase", phase="neural_training", cycle=0, config=config
+    )
+    record = await run_phase(settings, client, request)
+    assert not record.result.ok
+    assert record.result.operations == 1
+    assert record.result.succeeded == 0
+    [operation] = record.operations
+    assert operation.name == "neural_training"
+    assert not operation.ok
+    assert operation.error == record.result.error
 
 
 async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None:

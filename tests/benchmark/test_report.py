@@ -182,6 +182,89 @@ def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
     assert late["python_heap"]["samples"] == 15
 
 
+def test_failed_phase_counts_failed_operation(settings: Settings) -> None:
+    url = settings.effective_database_url
+    run_id = "run-failed-phases"
+    recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
+    start = datetime.now(UTC)
+    end = start + timedelta(seconds=30)
+    timeout = "the phase activity failed: activity StartToClose timeout"
+    no_model = "no trained model: the neural training phase did not pass"
+    records = [
+        # What the phase workflow records when the phase's activity timed out.
+        PhaseRecord(
+            run_id=run_id,
+            result=PhaseResult(
+                phase="neural_training",
+                cycle=0,
+                ok=False,
+                error=timeout,
+                started_at=start,
+                ended_at=end,
+            ),
+        ),
+        # A phase that failed after every operation it counted succeeded.
+        PhaseRecord(
+            run_id=run_id,
+            result=PhaseResult(
+                phase="cross_system_integration",
+                cycle=0,
+                ok=False,
+                error=no_model,
+                operations=1,
+                succeeded=1,
+                started_at=start,
+                ended_at=end,
+            ),
+            operations=[OperationRecord(name="storage_upload", ok=True, latency_ms=5)],
+        ),
+        PhaseRecord(
+            run_id=run_id,
+            result=PhaseResult(
+                phase="performance_scalability",
+                cycle=0,
+                ok=True,
+                operations=2,
+                succeeded=2,
+                started_at=start,
+                ended_at=end,
+            ),
+            operations=[
+                OperationRecord(name="load_baseline", ok=True, latency_ms=3),
+                OperationRecord(name="load_baseline", ok=True, latency_ms=4),
+            ],
+        ),
+    ]
+    for record in records:
+        recording.record_phase(url, record)
+    recording.finish_run(url, run_id, end, {})
+
+    data = recording.load_run(url, run_id)
+    failed = sorted((op.name, op.error) for op in data["operations"] if not op.ok)
+    assert failed == [
+        ("cross_system_integration", no_model),
+        ("neural_training", timeout),
+    ]
+    rows = {row.phase: row for row in data["phases"]}
+    assert rows["neural_training"].operations == 1
+    assert rows["neural_training"].succeeded == 0
+    assert rows["cross_system_integration"].operations == 2
+    assert rows["cross_system_integration"].succeeded == 1
+
+    metrics = build_metrics(settings, run_id, None)
+    phases = {phase["phase"]: phase for phase in metrics["phases"]}
+    assert phases["neural_training"]["success_rate_percent"] == 0.0
+    assert phases["cross_system_integration"]["success_rate_percent"] == 50.0
+    assert phases["performance_scalability"]["success_rate_percent"] == 100.0
+    assert metrics["totals"]["operations"] == 5
+    assert metrics["totals"]["succeeded"] == 3
+    assert metrics["totals"]["success_rate_percent"] == 60.0
+    markdown = render_markdown(metrics)
+    assert "Operations: 3 of 5 succeeded (60.0%)" in markdown
+    assert "| Neural training | ❌ | 1 | 1 | 0 | 0.0 |" in markdown
+    assert "| Cross-system integration | ❌ | 1 | 2 | 1 | 50.0 |" in markdown
+
+
 def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:
     _seed(settings, "run-figures")
     metrics = build_metrics(
