@@ -51,6 +51,9 @@ _PHASE_CLEANUP_PATCH = "benchmark-phase-waits-for-cleanup"
 # Before this patch a phase whose activity failed returned 0 operations, so
 # the run's counts in its state did not include the failure.
 _FAILED_PHASE_OPERATION_PATCH = "benchmark-failed-phase-counts-operation"
+# Before this patch the run slept the whole cycle interval and then started
+# the next cycle, even when the duration had passed during the sleep.
+_INTERVAL_ENDS_AT_DURATION_PATCH = "benchmark-interval-ends-at-duration"
 
 
 def _raise_if_cancel_requested() -> None:
@@ -364,11 +367,21 @@ class ExtendedDurationBenchmarkWorkflow:
         )
         state.cycle += 1
 
+        duration = timedelta(seconds=config.duration_seconds)
         elapsed = workflow.now() - state.started_at
         cycles_left = config.max_cycles is None or state.cycle < config.max_cycles
-        if cycles_left and elapsed < timedelta(seconds=config.duration_seconds):
+        if cycles_left and elapsed < duration:
             if config.cycle_interval_seconds:
-                await workflow.sleep(timedelta(seconds=config.cycle_interval_seconds))
+                interval = timedelta(seconds=config.cycle_interval_seconds)
+                if workflow.patched(_INTERVAL_ENDS_AT_DURATION_PATCH):
+                    # No cycle starts after the duration, so the sleep ends
+                    # with the duration when that comes first, and the run
+                    # then ends with its report.
+                    await workflow.sleep(min(interval, duration - elapsed))
+                    if workflow.now() - state.started_at >= duration:
+                        return
+                else:
+                    await workflow.sleep(interval)
             await workflow.wait_condition(workflow.all_handlers_finished)
             workflow.continue_as_new(state)
 

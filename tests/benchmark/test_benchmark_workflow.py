@@ -128,6 +128,34 @@ async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None
     await replay_run(client, run_id, all_workflows())
 
 
+async def test_interval_ends_at_duration(client: Client, workers: Settings) -> None:
+    # The injected fault ends the cycle at once, well within the duration, and
+    # the interval outlasts the duration.
+    config = small_config(
+        duration_seconds=15,
+        cycle_interval_seconds=60,
+        max_cycles=None,
+        phases=["performance_scalability"],
+        inject_failure=["performance_scalability"],
+    )
+    started = time.monotonic()
+    run_id, result = await run_benchmark(client, workers, config)
+    assert time.monotonic() - started < 60, "the run slept the whole interval"
+    assert result.cycles == 1
+    metrics = json.loads((Path(result.report.report_dir) / "metrics.json").read_text())
+    assert metrics["timeline"]["cycles"] == 1
+    # The run waits out the duration. The recorded start is the start
+    # activity's time, a moment after the workflow's, so the figure is a
+    # little under 15.
+    assert metrics["timeline"]["duration_seconds"] > 10
+    data = recording.load_run(workers.effective_database_url, run_id)
+    run_started = recording.as_utc(data["run"].started_at)
+    for phase in data["phases"]:
+        seconds = (recording.as_utc(phase.started_at) - run_started).total_seconds()
+        assert seconds < 15, f"cycle {phase.cycle} started after the duration"
+    await replay_run(client, run_id, all_workflows())
+
+
 async def test_report_has_every_sample(client: Client, workers: Settings) -> None:
     config = small_config(phases=["performance_scalability"])
     run_id, result = await run_benchmark(client, workers, config)
