@@ -180,6 +180,8 @@ def build_metrics(
                 else None,
                 "errors": errors,
                 "metrics": rows[-1].metrics,
+                # Counted from 1, as the report shows it.
+                "metrics_cycle": rows[-1].cycle + 1,
             }
         )
 
@@ -317,6 +319,11 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     for phase in metrics["phases"]:
         mark = "✅" if phase["passed"] else "❌"
         lines.append(f"#### {mark} {phase['title']}")
+        lines.append("")
+        lines.append(
+            f"Figures of the last cycle that ran it, cycle {phase['metrics_cycle']} "
+            "of the run."
+        )
         lines.append("")
         for error in phase["errors"]:
             lines.append(f"- error: {error}")
