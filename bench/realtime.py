@@ -209,7 +209,7 @@ def run_backend(name: str, url: str, rows: int, batch: int) -> None:
     print(f"raw inserts (no realtime):      {raw:10.0f} rows/s")
     print(f"inserts with triggers, no subscribers: {captured:10.0f} rows/s")
     print(f"inserts with realtime:          {result['insert_rows_per_s']:10.0f} rows/s")
-    print(f"ratio realtime/raw:             {ratio:10.2f}")
+    print(f"ratio realtime/raw:             {ratio:10.3f}")
     print(f"changes logged:                 {logged:10d}")
     print(
         f"delivered events:               {result['delivered']:10d} "

@@ -47,7 +47,7 @@ SUBSCRIPTION_CHECK_SECONDS = 1.0
 # Least seconds between two wake-ups by PostgreSQL notifications: a
 # notification that comes sooner after the last wake-up is held until then,
 # together with any that follow it. See `_SharedListener`.
-NOTIFY_COALESCE_SECONDS = 0.01
+NOTIFY_COALESCE_SECONDS = 0.02
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
