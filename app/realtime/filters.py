@@ -3,6 +3,7 @@ parsed once at subscribe time and evaluated against change records."""
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -11,10 +12,15 @@ from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any, Literal
 
-# The comparison rules of a column, from its declared type. "json" columns
-# only take is.null: a document has no order, and comparing its text would
-# depend on key order and spacing, which differ between the backends.
-ColumnKind = Literal["number", "boolean", "text", "datetime", "date", "time", "json"]
+# The comparison rules of a column, from its declared type. "number" covers
+# integer and numeric columns, which compare exactly, and "float" the
+# floating-point ones, which compare as 64-bit floats. "json" columns only
+# take is.null: a document has no order, and comparing its text would depend
+# on key order and spacing, which differ between the backends.
+ColumnKind = Literal[
+    "number", "float", "boolean", "text", "datetime", "date", "time", "json"
+]
+_NUMERIC_KINDS = ("number", "float")
 
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in", "is", "like", "ilike")
 MAX_IN_VALUES = 100
@@ -47,9 +53,9 @@ class Condition:
             return None
         else:
             value = self.value
-            if kind == "number" and type(actual) is float:
-                # A float column compares as floats, as PostgreSQL casts the
-                # literal to double precision.
+            if kind in _NUMERIC_KINDS and type(actual) is float:
+                # A float compares as floats, as PostgreSQL casts the literal
+                # to double precision for a float column.
                 value = _approximate(value)
             result = _compare(self.operator, actual, value)
         if result is None:
@@ -117,6 +123,19 @@ def _compile(
 
         return check_is
     compare = _COMPARISONS[condition.operator]
+    if kind == "float":
+        approximate = _approximate(value)
+
+        def check_float(record: Mapping[str, Any]) -> bool:
+            actual = record.get(column)
+            if type(actual) is not float:
+                actual = _coerce_record_value(actual, "float")
+                if actual is None:
+                    return False
+            result = bool(compare(actual, approximate))
+            return not result if negated else result
+
+        return check_float
     if kind == "number":
         # JSON integers arrive as int and compare exactly with the filter's
         # int or Decimal; floats compare with the value as a float.
@@ -249,6 +268,7 @@ def _parse_term(term: str, kinds: Mapping[str, ColumnKind]) -> Condition:
 
 _KIND_NAMES: dict[str, str] = {
     "number": "numeric",
+    "float": "floating-point",
     "boolean": "boolean",
     "datetime": "date and time",
     "date": "date",
@@ -368,7 +388,7 @@ _TEMPORAL_PARSERS: dict[str, Callable[[str], Any]] = {
 
 
 def _typed_value(column: str, value: str, kind: ColumnKind) -> Any:
-    if kind == "number":
+    if kind in _NUMERIC_KINDS:
         number = _parse_number(value)
         if number is None:
             raise FilterError(
@@ -398,6 +418,11 @@ def _typed_value(column: str, value: str, kind: ColumnKind) -> Any:
     return value
 
 
+# The strings PostgreSQL's to_json writes for a float8 infinity, and the
+# capture on SQLite for a REAL one, because JSON has no infinities.
+_INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+
+
 def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
     if value is None:
         return None
@@ -408,8 +433,11 @@ def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
         if kind_of is bool:
             return int(value)
         if isinstance(value, str):
-            return _parse_number(value)
+            number = _parse_number(value)
+            return _INFINITIES.get(value) if number is None else number
         return None
+    if kind == "float":
+        return _to_float(_coerce_record_value(value, "number"))
     if kind == "boolean":
         # Changes logged by earlier SQLite triggers hold booleans as 0 and 1.
         return bool(value)
@@ -422,6 +450,16 @@ def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _to_float(value: int | float | Decimal | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        # An int beyond the float range; a Decimal gives an infinity itself.
+        return math.inf if value > 0 else -math.inf
 
 
 def _evaluate_is(actual: Any, value: str) -> bool:

@@ -191,7 +191,9 @@ def _column_kinds(connection: Connection, table: str) -> dict[str, ColumnKind]:
 def _kind(column_type: sqltypes.TypeEngine[object]) -> ColumnKind:
     if isinstance(column_type, sqltypes.Boolean):
         return "boolean"
-    if isinstance(column_type, sqltypes.Integer | sqltypes.Numeric | sqltypes.Float):
+    if isinstance(column_type, sqltypes.Float):
+        return "float"
+    if isinstance(column_type, sqltypes.Integer | sqltypes.Numeric):
         return "number"
     if isinstance(column_type, sqltypes.DateTime):
         return "datetime"

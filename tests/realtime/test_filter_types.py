@@ -173,7 +173,7 @@ def test_column_kinds_follow_declared_types(database_url: str) -> None:
         "name": "text",
         "big": "number",
         "amount": "number",
-        "price": "number",
+        "price": "float",
         "ts": "datetime",
         "day": "date",
         "at": "time",

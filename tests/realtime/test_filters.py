@@ -202,3 +202,60 @@ def test_compiled_checks_agree_on_numbers_and_times() -> None:
     assert not parse_filter("n=eq.9007199254740992", kinds).matches(
         {"n": 9007199254740993}
     )
+
+
+def test_float_column_compares_as_floats() -> None:
+    kinds: dict[str, ColumnKind] = {"f": "float", "n": "number"}
+    filters = [
+        "f=eq.3.0000000000000001",
+        "f=eq.0.30000000000000004",
+        "f=gt.1e300",
+        "f=lt.-1e300",
+        "f=neq.3",
+        "f=in.(3,0.1)",
+        "f=is.null",
+        "f=not.gte.0",
+        "n=eq.3.0000000000000001",
+        "n=gt.1e300",
+    ]
+    values: list[object] = [
+        None,
+        3,
+        3.0,
+        0.1,
+        0.1 + 0.2,
+        1e20,
+        10**400,
+        "3",
+        "Infinity",
+        "-Infinity",
+        "NaN",
+        "x",
+        True,
+    ]
+
+    for text in filters:
+        row_filter = parse_filter(text, kinds)
+        for value in values:
+            for column in ("f", "n"):
+                record = {column: value}
+                expected = all(
+                    c.evaluate(record, kinds[c.column]) is True
+                    for c in row_filter.conditions
+                )
+                assert row_filter.matches(record) is expected, (text, record)
+
+    # PostgreSQL casts the literal to double precision for a float column,
+    # and compares it exactly with an integer or numeric one.
+    assert parse_filter("f=eq.3.0000000000000001", kinds).matches({"f": 3})
+    assert not parse_filter("n=eq.3.0000000000000001", kinds).matches({"n": 3})
+
+    infinite = parse_filter("f=gt.1e300", kinds)
+    assert infinite.matches({"f": "Infinity"})
+    assert infinite.matches({"f": 10**400})
+    assert not infinite.matches({"f": "-Infinity"})
+    assert parse_filter("n=gt.1e300", kinds).matches({"n": "Infinity"})
+
+    # NaN matches no comparison, as NULL does.
+    assert not parse_filter("f=neq.3", kinds).matches({"f": "NaN"})
+    assert not parse_filter("f=not.eq.3", kinds).matches({"f": "NaN"})
