@@ -1,8 +1,12 @@
 """Filters by column type on both backends: timestamps as instants, exact
-integers, operators a type does not support, and the values events carry."""
+integers, floats, binary columns, operators a type does not support, and the
+values events carry."""
 
 from __future__ import annotations
 
+import math
+import random
+import struct
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
@@ -17,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -74,7 +79,28 @@ ROWS: list[dict[str, Any]] = [
     },
 ]
 
-# (filter, ids that match); the same on both backends.
+measures = Table(
+    "measures",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("price", Float),
+    Column("whole", Numeric(30, 0)),
+    Column("data", LargeBinary),
+    Column("doc", JSON),
+)
+
+MEASURE_ROWS: list[dict[str, Any]] = [
+    {"id": 1, "price": 0.1 + 0.2, "data": None},
+    {"id": 2, "price": 1 / 3, "data": b""},
+    {"id": 3, "price": 123456789.123456789, "data": b"\x01\xff"},
+    {"id": 4, "price": 3.0, "data": None},
+    {"id": 5, "price": math.inf, "data": None},
+    {"id": 6, "price": None, "data": None},
+    {"id": 7, "price": 1e20, "data": None},
+    {"id": 8, "price": -math.inf, "data": None},
+]
+
+# (filter, ids that match) on `typed`; the same on both backends.
 CASES = [
     ("ts=gt.2026-01-01T11:00:00", {2}),
     ("ts=gt.2026-01-01 11:00:00", {2}),
@@ -100,27 +126,64 @@ CASES = [
     ("flag=eq.false", {2}),
 ]
 
+# (filter, ids that match) on `measures`; the same on both backends, and the
+# rows PostgreSQL's WHERE would select.
+MEASURE_CASES = [
+    ("price=eq.0.30000000000000004", {1}),
+    ("price=eq.0.3", set()),
+    ("price=eq.0.3333333333333333", {2}),
+    ("price=eq.0.333333333333333", set()),
+    ("price=eq.123456789.12345679", {3}),
+    ("price=eq.123456789.123457", set()),
+    ("price=in.(0.30000000000000004,3)", {1, 4}),
+    ("price=eq.3", {4}),
+    # The literal rounds to the float 3.0, as PostgreSQL casts it for a
+    # double precision column.
+    ("price=eq.3.0000000000000001", {4}),
+    ("price=eq.1e20", {7}),
+    ("price=gte.100000000000000000000", {5, 7}),
+    ("price=gt.1e300", {5}),
+    ("price=lt.-1e300", {8}),
+    ("price=neq.3", {1, 2, 3, 5, 7, 8}),
+    ("price=is.null", {6}),
+    ("data=is.null", {1, 4, 5, 6, 7, 8}),
+    ("data=not.is.null", {2, 3}),
+    ("data=eq.\\x", {2}),
+    ("data=eq.\\x01ff", {3}),
+]
+
 
 def create_typed(url: str) -> None:
     metadata.create_all(get_engine(url))
     enable_realtime(url, "typed")
+    enable_realtime(url, "measures")
 
 
-async def test_typed_filters_match_on_both_backends(database_url: str) -> None:
+@pytest.mark.parametrize(
+    ("table", "rows", "cases"),
+    [(typed, ROWS, CASES), (measures, MEASURE_ROWS, MEASURE_CASES)],
+    ids=["typed", "measures"],
+)
+async def test_typed_filters_match_on_both_backends(
+    database_url: str,
+    table: Table,
+    rows: list[dict[str, Any]],
+    cases: list[tuple[str, set[int]]],
+) -> None:
     create_typed(database_url)
     subscriptions = {
-        text: create_subscription(
-            database_url, "typed", event="INSERT", filter_text=text
+        filter_text: create_subscription(
+            database_url, table.name, event="INSERT", filter_text=filter_text
         )
-        for text, _ in CASES
+        for filter_text, _ in cases
     }
     with get_engine(database_url).begin() as connection:
-        connection.execute(insert(typed), ROWS)
-    for text, expected in CASES:
+        connection.execute(insert(table), rows)
+    for filter_text, expected in cases:
         events, _ = await next_events(
-            database_url, subscriptions[text].subscription_id, limit=100
+            database_url, subscriptions[filter_text].subscription_id, limit=100
         )
-        assert {event["new"]["id"] for event in events} == expected, text
+        assert {event["new"]["id"] for event in events} == expected, filter_text
 
 
 async def test_events_carry_booleans_and_exact_integers(database_url: str) -> None:
@@ -138,6 +201,95 @@ async def test_events_carry_booleans_and_exact_integers(database_url: str) -> No
         9007199254740992,
     ]
     assert events[0]["new"]["doc"] == {"a": 1}
+
+
+async def measure_events(url: str, rows: list[dict[str, Any]]) -> dict[int, Any]:
+    """Insert `rows` into `measures` and return each row's event by id."""
+    subscription = create_subscription(url, "measures")
+    with get_engine(url).begin() as connection:
+        connection.execute(insert(measures), rows)
+    events, _ = await next_events(url, subscription.subscription_id, limit=1000)
+    assert len(events) == len(rows)
+    return {event["new"]["id"]: event["new"] for event in events}
+
+
+async def test_events_carry_floats_as_postgresql_writes(database_url: str) -> None:
+    create_typed(database_url)
+    new = await measure_events(database_url, MEASURE_ROWS)
+    assert new[1]["price"] == 0.1 + 0.2
+    assert new[2]["price"] == 1 / 3
+    assert new[3]["price"] == 123456789.123456789
+    # PostgreSQL writes a float8 without fraction below 1e15 as an integer.
+    assert new[4]["price"] == 3
+    assert type(new[4]["price"]) is int
+    assert new[7]["price"] == 1e20
+    assert type(new[7]["price"]) is float
+    # JSON has no infinities; PostgreSQL's to_json writes these strings.
+    assert new[5]["price"] == "Infinity"
+    assert new[8]["price"] == "-Infinity"
+    assert new[6]["price"] is None
+
+
+async def test_events_carry_binary_as_bytea_text(database_url: str) -> None:
+    create_typed(database_url)
+    new = await measure_events(database_url, MEASURE_ROWS)
+    assert new[1]["data"] is None
+    assert new[2]["data"] == "\\x"
+    assert new[3]["data"] == "\\x01ff"
+
+
+# Doubles whose 17-digit printf is wrong on SQLite 3.40.1, then the extremes.
+HARD_FLOATS = [
+    -1.1545580616824966e232,
+    -1.566228692651259e302,
+    1.4523142177899403e308,
+    1.074903261319722e307,
+    -1.0605571031729485e214,
+    1.0650601789129527e229,
+    1.7976931348623157e308,
+    2.2250738585072014e-308,
+    5e-324,
+    -0.0,
+    999999999999999.9,
+    1e15,
+    2.0**53 + 2,
+]
+
+
+async def test_events_carry_floats_exactly(database_url: str) -> None:
+    create_typed(database_url)
+    generator = random.Random(20261205)
+    values = list(HARD_FLOATS)
+    while len(values) < 600:
+        bits = generator.getrandbits(64)
+        value = struct.unpack("<d", struct.pack("<Q", bits))[0]
+        if math.isfinite(value):
+            values.append(value)
+    rows = [{"id": i, "price": value} for i, value in enumerate(values)]
+    new = await measure_events(database_url, rows)
+    wrong = [
+        (value, new[i]["price"])
+        for i, value in enumerate(values)
+        if new[i]["price"] != value
+    ]
+    assert wrong == []
+
+
+async def test_numeric_beyond_64_bits_rounds_on_sqlite(database_url: str) -> None:
+    create_typed(database_url)
+    rows = [
+        {"id": 1, "whole": Decimal(2**64 + 1)},
+        {"id": 2, "whole": Decimal(5)},
+    ]
+    new = await measure_events(database_url, rows)
+    assert new[2]["whole"] == 5
+    assert type(new[2]["whole"]) is int
+    if database_url.startswith("sqlite"):
+        # SQLite stores the integer as REAL; see the NOTE in triggers.py.
+        assert new[1]["whole"] == 1.8446744073709552e19
+        assert type(new[1]["whole"]) is float
+    else:
+        assert new[1]["whole"] == 2**64 + 1
 
 
 @pytest.mark.parametrize(
