@@ -5,12 +5,15 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
@@ -496,6 +499,37 @@ def _exceeds_int64(value: Any) -> bool:
     return False
 
 
+def _parse_json_float(text: str) -> float | int | None:
+    """Decode a JSON number that has a fraction or an exponent.
+
+    A number beyond the float range, such as `1e400` in a `json` column,
+    would decode to an infinity, which JSON output cannot write. It becomes
+    the exact int instead, as `jsonb` documents carried it before, or None
+    when it has a fraction or more digits than Python prints in an int
+    (`sys.get_int_max_str_digits()`).
+    """
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    exact = Decimal(text)
+    limit = sys.get_int_max_str_digits()
+    if exact != exact.to_integral_value() or (limit and exact.adjusted() >= limit):
+        return None
+    return int(exact)
+
+
+def _parse_json_int(text: str) -> int | None:
+    # int() rejects more digits than sys.get_int_max_str_digits().
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _load_json_exactly(text: str | bytes) -> Any:
+    return json.loads(text, parse_float=_parse_json_float, parse_int=_parse_json_int)
+
+
 def _load_json(text: str | bytes) -> Any:
     """Decode JSON with orjson, falling back to the json module where orjson
     would round a large integer or rejects the text (a lone surrogate, a
@@ -503,9 +537,9 @@ def _load_json(text: str | bytes) -> Any:
     try:
         loaded = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        return _load_json_exactly(text)
     if _exceeds_int64(loaded):
-        return json.loads(text)
+        return _load_json_exactly(text)
     return loaded
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Time,
     insert,
 )
+from sqlalchemy import text as sql_text
 
 from app.db import get_engine
 from app.realtime.filters import FilterError, parse_filter
@@ -290,6 +291,27 @@ async def test_numeric_beyond_64_bits_rounds_on_sqlite(database_url: str) -> Non
         assert type(new[1]["whole"]) is float
     else:
         assert new[1]["whole"] == 2**64 + 1
+
+
+async def test_json_numbers_beyond_float_range(database_url: str) -> None:
+    create_typed(database_url)
+    subscription = create_subscription(database_url, "measures")
+    cast = "CAST(:doc AS json)" if database_url.startswith("postgresql") else ":doc"
+    document = '{"x": 1e400, "y": -2.5e400, "z": 0.5, "w": 1e5000, "v": 1.5e-400}'
+    with get_engine(database_url).begin() as connection:
+        connection.execute(
+            sql_text(f"INSERT INTO measures (id, doc) VALUES (1, {cast})"),
+            {"doc": document},
+        )
+    events, _ = await next_events(database_url, subscription.subscription_id)
+    doc = events[0]["new"]["doc"]
+    assert doc["x"] == 10**400
+    assert type(doc["x"]) is int
+    assert doc["y"] == -25 * 10**399
+    assert doc["z"] == 0.5
+    # More digits than Python prints in an int.
+    assert doc["w"] is None
+    assert doc["v"] == 0.0
 
 
 @pytest.mark.parametrize(
