@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy import select as sa_select
 from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.db.models import AuditEvent, utc_now
+from app.jsonsafe import replace_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +40,37 @@ def mask_secrets(value: Any, *, name: str = "") -> Any:
     keys stay) with every leaf masked. A string longer than
     `AUDIT_STRING_LIMIT` keeps its start and ends with the count of
     characters cut.
+
+    The copy is valid JSON for every database: lone surrogates in strings
+    and keys become U+FFFD, and a non-finite float becomes its text
+    (`"inf"`, `"nan"`), which PostgreSQL's json type would reject as a number.
     """
     if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
         return mask_all(value)
     if isinstance(value, Mapping):
         return {
-            str(key): mask_secrets(item, name=str(key)) for key, item in value.items()
+            _text(key): mask_secrets(item, name=str(key)) for key, item in value.items()
         }
     if isinstance(value, list | tuple):
         return [mask_secrets(item, name=name) for item in value]
-    if isinstance(value, str) and len(value) > AUDIT_STRING_LIMIT:
-        dropped = len(value) - AUDIT_STRING_LIMIT
-        return f"{value[:AUDIT_STRING_LIMIT]}... [{dropped} more characters]"
+    if isinstance(value, str):
+        if len(value) > AUDIT_STRING_LIMIT:
+            dropped = len(value) - AUDIT_STRING_LIMIT
+            value = f"{value[:AUDIT_STRING_LIMIT]}... [{dropped} more characters]"
+        return replace_lone_surrogates(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     return value
+
+
+def _text(value: Any) -> str:
+    return replace_lone_surrogates(str(value))
 
 
 def mask_all(value: Any) -> Any:
     """Mask every leaf of `value`, keeping mapping keys and list lengths."""
     if isinstance(value, Mapping):
-        return {str(key): mask_all(item) for key, item in value.items()}
+        return {_text(key): mask_all(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [mask_all(item) for item in value]
     return None if value is None else MASK
@@ -80,17 +94,21 @@ def audit_fields(
     ids: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Return the column values of one audit event, with secrets masked and
-    the time of the call as `created_at`."""
+    the time of the call as `created_at`.
+
+    Every string is made storable: a lone surrogate, which a request can
+    send as a JSON escape, becomes U+FFFD (see `mask_secrets`).
+    """
     return {
         "created_at": utc_now(),
-        "user_id": user_id,
-        "key_id": key_id,
-        "tool": tool,
+        "user_id": replace_lone_surrogates(user_id),
+        "key_id": None if key_id is None else replace_lone_surrogates(key_id),
+        "tool": replace_lone_surrogates(tool),
         "arguments": mask_secrets(dict(arguments)),
         "outcome": outcome,
-        "error": error,
+        "error": None if error is None else replace_lone_surrogates(error),
         "duration_ms": round(duration_ms, 3),
-        "ids": dict(ids or {}),
+        "ids": {_text(key): _text(value) for key, value in (ids or {}).items()},
     }
 
 

@@ -66,6 +66,30 @@ async def test_secrets_masked_before_queueing(database_url: str) -> None:
     assert row.arguments == {"api_key": MASK, "limit": 1}
 
 
+async def test_unencodable_values_made_storable(database_url: str) -> None:
+    writer = AuditWriter(database_url)
+    writer.submit(
+        **_event(
+            arguments={
+                "user_id": "a\ud800b",
+                "limit": float("inf"),
+                "\udc00name": [float("nan"), float("-inf")],
+            },
+            error="invalid \ud800",
+            ids={"run_id": "r\udfff"},
+        )
+    )
+    await writer.close()
+    row = list_calls(database_url, user_id="key:writer-test", limit=1)[0]
+    assert row.arguments == {
+        "user_id": "a\ufffdb",
+        "limit": "inf",
+        "\ufffdname": ["nan", "-inf"],
+    }
+    assert row.error == "invalid \ufffd"
+    assert row.ids == {"run_id": "r\ufffd"}
+
+
 async def test_close_writes_every_queued_event(database_url: str) -> None:
     writer = AuditWriter(database_url, max_batch=7)
     for index in range(40):
