@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import fastapi_offline
-import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.responses import Response
@@ -33,12 +32,14 @@ from app.api.keys import Principal, VerifiedKeys, parse_token
 from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
 from app.api.ratelimit import RateLimiter, retry_after_header
 from app.db.engine import BackgroundCheckpoints
+from app.jsonsafe import InvalidJSONError, dumps, load_strict
 from app.processes import freeze_startup_objects
+from app.services.audit import is_secret_name
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.tools import ToolError, ToolSpec, all_tools, load_tools
-from app.tools.registry import masked_input
+from app.tools.registry import masked_input, secret_fields
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +72,28 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error_response(
-    status: int, kind: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"kind": kind, "message": message}}, status, headers=headers
+def _json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """Build a JSON response that cannot fail to encode: JSONResponse raises
+    on a lone surrogate or a non-finite float (see `app.jsonsafe.dumps`)."""
+    return Response(
+        dumps(content), status, headers=headers, media_type="application/json"
     )
+
+
+def _error_response(
+    status: int,
+    kind: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+) -> Response:
+    info: dict[str, Any] = {"kind": kind, "message": message}
+    if errors is not None:
+        info["errors"] = errors
+    return _json_response({"error": info}, status, headers=headers)
 
 
 class BodyTooLargeError(Exception):
@@ -247,39 +264,60 @@ class Gate:
 
 
 def _tool_response(result: dict[str, Any]) -> Response:
-    # orjson encoded a 1.3 KB health report in 3-8 us against 70-96 us for
-    # the json module that JSONResponse uses (2-core machine), with the same
-    # bytes. Unlike JSONResponse it writes NaN as null, as pydantic's JSON
-    # does. A result that orjson rejects (an integer wider than 64 bits)
-    # goes through JSONResponse.
-    try:
-        body = orjson.dumps(result)
-    except orjson.JSONEncodeError:
-        return JSONResponse(result)
-    return Response(body, media_type="application/json")
+    # `dumps` tries orjson first, which encoded a 1.3 KB health report in
+    # 3-8 us against 70-96 us for the json module that JSONResponse uses
+    # (2-core machine), with the same bytes. Unlike JSONResponse it writes
+    # NaN as null, as pydantic's JSON does, and it does not fail on a lone
+    # surrogate that a stored row may hold.
+    return _json_response(result)
 
 
-def _tool_error_response(error: ToolError) -> JSONResponse:
-    return JSONResponse(error_body(error), error_status(error))
+def _tool_error_response(error: ToolError) -> Response:
+    return _json_response(error_body(error), error_status(error))
 
 
-async def _read_json_object(request: Request) -> dict[str, Any] | JSONResponse:
+def _invalid_json_response(error: InvalidJSONError) -> Response:
+    errors = None
+    if error.field is not None:
+        errors = [
+            {"field": error.field, "value": error.value, "message": error.problem}
+        ]
+    return _error_response(422, "invalid_argument", error.message, errors=errors)
+
+
+async def _read_json_object(
+    request: Request,
+    gate: Gate,
+    target: str,
+    principal: Principal,
+    marked: frozenset[str] = frozenset(),
+) -> dict[str, Any] | Response:
+    """Read the body as a JSON object of tool arguments, or return the 422
+    response for a body that is not one. The rejection is audited here,
+    because no tool call will audit it.
+
+    Args:
+        marked: the tool's secret fields, whose values a message must not show.
+    """
+    started = time.perf_counter()
     body = await request.body()
     if not body.strip():
         return {}
     try:
-        parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return _error_response(
-            422, "invalid_argument", f"the request body is not valid JSON: {error}"
+        parsed = load_strict(
+            body, is_secret=lambda name: name in marked or is_secret_name(name)
         )
+    except InvalidJSONError as error:
+        response = _invalid_json_response(error)
+        gate.audit_rejection(target, started, 422, error.message, principal=principal)
+        return response
     if not isinstance(parsed, dict):
-        return _error_response(
-            422,
-            "invalid_argument",
+        message = (
             f"the request body must be a JSON object of arguments, not "
-            f"{type(parsed).__name__}",
+            f"{type(parsed).__name__}"
         )
+        gate.audit_rejection(target, started, 422, message, principal=principal)
+        return _error_response(422, "invalid_argument", message)
     return parsed
 
 
@@ -290,8 +328,10 @@ def _tool_endpoint(
         admitted = await gate.admit(request, spec.name)
         if isinstance(admitted, Response):
             return admitted
-        arguments = await _read_json_object(request)
-        if isinstance(arguments, JSONResponse):
+        arguments = await _read_json_object(
+            request, gate, spec.name, admitted, secret_fields(spec.input_model)
+        )
+        if isinstance(arguments, Response):
             return arguments
         try:
             result = await runner.call(spec.name, arguments, principal=admitted)
@@ -340,10 +380,25 @@ class McpEndpoint:
         if scope["method"] != "POST":
             await self.manager.handle_request(scope, receive, send)
             return
+        started = time.perf_counter()
         body = await request.body()
-        parsed = _parse_json(body)
-        if isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed:
-            response = await self._plain_call(admitted, parsed)
+        invalid: InvalidJSONError | None = None
+        try:
+            parsed = load_strict(body, is_secret=is_secret_name)
+        except InvalidJSONError as error:
+            # The json module's reading of the body still shows whether it is
+            # a plain call or JSON-RPC, so the error comes in the form the
+            # client reads.
+            invalid = error
+            parsed = error.document if error.lenient else _NOT_JSON
+        if _is_plain_call(parsed):
+            if invalid is not None:
+                self.gate.audit_rejection(
+                    "mcp", started, 422, invalid.message, principal=admitted
+                )
+                response = _invalid_json_response(invalid)
+            else:
+                response = await self._plain_call(admitted, parsed)
             await response(scope, receive, send)
             return
         content_type = request.headers.get("content-type", "").lower()
@@ -359,6 +414,14 @@ class McpEndpoint:
             # The MCP transport would reply with pydantic's validation errors.
             message = "JSON-RPC batches are not supported; send one request per POST"
             await _jsonrpc_error(message)(scope, receive, send)
+            return
+        if invalid is not None and invalid.lenient:
+            # The MCP transport's parser accepts NaN and lone surrogates.
+            self.gate.audit_rejection(
+                "mcp", started, 400, invalid.message, principal=admitted
+            )
+            message = f"Parse error: {invalid.message}"
+            await _jsonrpc_error(message, PARSE_ERROR)(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
 
@@ -429,22 +492,25 @@ class McpEndpoint:
 # Top-level fields of a plain `/mcp` call; "arguments" is accepted as an
 # alias of "args", the name MCP's tools/call uses.
 _PLAIN_CALL_FIELDS = frozenset({"tool", "args", "arguments"})
+# A body that not even the json module parses. The MCP transport replies to
+# it with a JSON-RPC parse error.
+_NOT_JSON = object()
+# JSON-RPC 2.0 error codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
 
 
-def _parse_json(body: bytes) -> Any:
-    """Parse the body, or return None when it is not JSON, which the MCP
-    transport rejects with a JSON-RPC parse error."""
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+def _is_plain_call(parsed: Any) -> bool:
+    """Return whether a parsed `/mcp` body is a plain call: an object with
+    `tool` and without `jsonrpc`."""
+    return isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed
 
 
-def _jsonrpc_error(message: str) -> Response:
-    """Build a 400 response with a JSON-RPC "invalid request" error, the
-    shape of the MCP transport's own rejections."""
-    return JSONResponse(
-        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": message}},
+def _jsonrpc_error(message: str, code: int = INVALID_REQUEST) -> Response:
+    """Build a 400 response with a JSON-RPC error (by default "invalid
+    request"), the shape of the MCP transport's own rejections."""
+    return _json_response(
+        {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}},
         400,
     )
 
@@ -571,6 +637,7 @@ _STATUS_KINDS = {
     403: "forbidden",
     404: "not_found",
     413: "too_large",
+    422: "invalid_argument",
     429: "rate_limited",
 }
 
@@ -579,27 +646,23 @@ def _install_error_handlers(application: FastAPI) -> None:
     """Give the mounted routers' errors the same body as the tool routes."""
 
     @application.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(_: Request, error: HTTPException) -> Response:
         detail = error.detail
-        if isinstance(detail, dict):
-            return JSONResponse(
-                {"error": detail}, error.status_code, headers=error.headers
-            )
-        kind = _STATUS_KINDS.get(error.status_code, "failed")
         headers = dict(error.headers) if error.headers else None
+        if isinstance(detail, dict):
+            return _json_response({"error": detail}, error.status_code, headers)
+        kind = _STATUS_KINDS.get(error.status_code, "failed")
         return _error_response(error.status_code, kind, str(detail), headers)
 
     @application.exception_handler(RequestValidationError)
-    async def invalid_request(
-        _: Request, error: RequestValidationError
-    ) -> JSONResponse:
+    async def invalid_request(_: Request, error: RequestValidationError) -> Response:
         errors = _validation_errors(error)
         body = {
             "kind": "invalid_argument",
             "message": _validation_message(error),
             "errors": errors,
         }
-        return JSONResponse({"error": jsonable_encoder(body)}, 422)
+        return _json_response({"error": jsonable_encoder(body)}, 422)
 
 
 def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
@@ -705,8 +768,8 @@ def create_app(settings: Settings) -> FastAPI:
             return admitted
         # Reached for unknown tools, which get_tool turns into a 404, and for
         # a tool registered after the app was built, which runs normally.
-        arguments = await _read_json_object(request)
-        if isinstance(arguments, JSONResponse):
+        arguments = await _read_json_object(request, gate, tool[:100], admitted)
+        if isinstance(arguments, Response):
             return arguments
         try:
             result = await runner.call(tool, arguments, principal=admitted)

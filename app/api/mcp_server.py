@@ -15,6 +15,7 @@ from mcp.server.context import ServerRequestContext
 import app
 from app.api.calls import ToolRunner
 from app.api.keys import Principal
+from app.jsonsafe import encodable
 from app.tools import ToolError, all_tools
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
             )
         except ToolError as error:
             return _error_result(error.message)
+        # A row stored before the audit log replaced lone surrogates would
+        # otherwise fail pydantic's serialization of the whole response.
+        result = encodable(result)
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=json.dumps(result))],
             structured_content=result,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import secrets
 import time
 import typing
@@ -221,6 +222,8 @@ def describe_validation_error(
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # "inf" or "nan": JSON has no such number
     if value is None or isinstance(value, str | int | float | bool):
         return value
     if isinstance(value, Mapping | list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -14,6 +15,7 @@ from sqlalchemy import (
     Table,
     delete,
     insert,
+    text,
     update,
 )
 
@@ -52,3 +54,23 @@ def update_items(url: str, name: str, **values: Any) -> None:
 def delete_items(url: str, name: str) -> None:
     with get_engine(url).begin() as connection:
         connection.execute(delete(items).where(items.c.name == name))
+
+
+def insert_audit_row_with_lone_surrogate(url: str, user_id: str) -> None:
+    """Store an audit row whose arguments hold a lone surrogate, as servers
+    did before the audit log replaced them: the JSON text carries the escape
+    `\\ud800`, which the json module reads back as a lone surrogate."""
+    arguments = "CAST(:arguments AS json)" if "postgresql" in url else ":arguments"
+    with get_engine(url).begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO audit_log (created_at, user_id, tool, arguments, "
+                f"outcome, duration_ms, ids) VALUES (:now, :user_id, 'audit_log', "
+                f"{arguments}, 'error', 1.0, '{{}}')"
+            ),
+            {
+                "now": datetime.now(UTC),
+                "user_id": user_id,
+                "arguments": '{"user_id": "\\ud800"}',
+            },
+        )

@@ -1,0 +1,165 @@
+"""Request bodies that Python's json module accepts but JSON does not allow
+(lone surrogates, NaN, 1e400), stored rows that hold such values, and the
+shapes of `/mcp` plain calls, against a real uvicorn server.
+
+The tools called here (audit_log, realtime) need no Temporal, so the server
+runs without workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from app.api.http import create_app
+from app.api.keys import create_key
+from app.settings import Settings
+from tests.api.conftest import ApiServer
+from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.realtime.helpers import insert_audit_row_with_lone_surrogate
+from tests.support.servers import ThreadedServer, free_port
+
+JSONRPC_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json, text/event-stream",
+}
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[ApiServer]:
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        # Nothing listens there; no tool called here connects to Temporal.
+        temporal_address="127.0.0.1:1",
+        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
+        api_rate_limit=10_000,
+        api_rate_burst=10_000,
+    )
+    token, info = create_key(database_url, "json-tests")
+    port = free_port()
+    with ThreadedServer(create_app(settings), port):
+        yield ApiServer(f"http://127.0.0.1:{port}", settings, token, info.id)
+
+
+async def send(
+    server: ApiServer,
+    path: str,
+    content: str | bytes,
+    headers: dict[str, str] | None = None,
+    token: str | None = None,
+) -> httpx.Response:
+    """POST `content` as it is, so the test controls every byte of the body."""
+    sent = {"Authorization": f"Bearer {token or server.token}", **(headers or {})}
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        return await http.post(path, content=content, headers=sent)
+
+
+async def audit_log(server: ApiServer, limit: int = 20) -> list[dict]:
+    response = await send(server, "/api/tools/audit_log", f'{{"limit": {limit}}}')
+    assert response.status_code == 200, response.text
+    return response.json()["events"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_lone_surrogate_rejected_up_front(server: ApiServer) -> None:
+    response = await send(server, "/api/tools/audit_log", '{"user_id":"\\ud800"}')
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert "lone UTF-16 surrogate" in error["message"]
+    assert "line 1 column" in error["message"]
+    assert error["errors"][0]["field"] == "user_id"
+    assert error["errors"][0]["value"] == '"\\ud800"'
+    events = await audit_log(server)
+    rejected = [e for e in events if e["outcome"] == "error"]
+    assert rejected[0]["tool"] == "audit_log"
+    assert "rejected with 422" in rejected[0]["error"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_lone_surrogate_from_other_group_key(
+    server: ApiServer, database_url: str
+) -> None:
+    token, _ = create_key(database_url, "realtime-only", ["realtime"])
+    response = await send(
+        server, "/api/tools/audit_log", '{"user_id":"\\ud800"}', token=token
+    )
+    assert response.status_code == 422, response.text
+    for event in await audit_log(server):
+        assert "\ud800" not in orjson.dumps(event).decode()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_stored_lone_surrogate_still_served(
+    server: ApiServer, database_url: str
+) -> None:
+    insert_audit_row_with_lone_surrogate(database_url, "older-server")
+    events = await audit_log(server)
+    stored = next(e for e in events if e["user_id"] == "older-server")
+    assert stored["arguments"] == {"user_id": "\ufffd"}
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "audit_log", "arguments": {"limit": 20}},
+    }
+    response = await send(server, "/mcp", orjson.dumps(call), JSONRPC_HEADERS)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert not result.get("isError"), result
+    events = result["structuredContent"]["events"]
+    stored = next(e for e in events if e["user_id"] == "older-server")
+    assert stored["arguments"] == {"user_id": "\ufffd"}
+
+
+NON_FINITE = [("1e400", "1e400"), ("NaN", "NaN"), ("-Infinity", "-Infinity")]
+
+
+@pytest.mark.parametrize("number, shown", NON_FINITE)
+async def test_non_finite_number_is_422(
+    server: ApiServer, number: str, shown: str
+) -> None:
+    response = await send(server, "/api/tools/audit_log", f'{{"limit":{number}}}')
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["errors"][0]["field"] == "limit"
+    assert error["errors"][0]["value"] == shown
+    assert "send a finite number" in error["message"]
+    plain = await send(
+        server, "/mcp", f'{{"tool": "audit_log", "args": {{"limit": {number}}}}}'
+    )
+    assert plain.status_code == 422, plain.text
+    assert plain.json()["error"]["errors"][0]["field"] == "args.limit"
+    # The rejections are in the audit log, on PostgreSQL too.
+    rejected = [e for e in await audit_log(server) if e["outcome"] == "error"]
+    assert [e["tool"] for e in rejected[:2]] == ["mcp", "audit_log"]
+    assert all(shown in e["error"] for e in rejected[:2])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_jsonrpc_with_nan_is_parse_error(server: ApiServer) -> None:
+    body = (
+        '{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": '
+        '{"name": "audit_log", "arguments": {"limit": NaN}}}'
+    )
+    response = await send(server, "/mcp", body, JSONRPC_HEADERS)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32700
+    assert "params.arguments.limit: NaN" in error["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_integer_beyond_64_bits_stays_exact(server: ApiServer) -> None:
+    response = await send(
+        server, "/api/tools/audit_log", '{"limit": 18446744073709551616}'
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]["errors"][0]
+    assert error["field"] == "limit"
+    assert error["value"] == 18446744073709551616
+    assert "less than or equal to 1000" in error["message"]
