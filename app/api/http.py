@@ -449,9 +449,22 @@ class McpEndpoint:
         self.gate.audit_rejection("mcp", started, status, message)
         return _error_response(status, kind, message)
 
-    async def _plain_call(
-        self, principal: Principal, parsed: dict[str, Any]
-    ) -> Response:
+    async def _plain_call(self, principal: Principal, parsed: Any) -> Response:
+        if not isinstance(parsed, dict):
+            return _error_response(
+                422,
+                "invalid_argument",
+                f"the body must be a JSON object, not {type(parsed).__name__}: a "
+                f"plain call is {_PLAIN_CALL_SHAPE}, and a JSON-RPC message has "
+                '"jsonrpc": "2.0"',
+            )
+        if "tool" not in parsed:
+            return _error_response(
+                422,
+                "invalid_argument",
+                f"tool: missing; a plain call is {_PLAIN_CALL_SHAPE}, and a "
+                'JSON-RPC message has "jsonrpc": "2.0"',
+            )
         name = parsed["tool"]
         if not isinstance(name, str):
             return _error_response(
@@ -463,8 +476,7 @@ class McpEndpoint:
                 422,
                 "invalid_argument",
                 f"{', '.join(unknown)}: not a field of a plain call; a plain call "
-                'is {"tool": NAME, "args": {...}}, so put tool arguments inside '
-                '"args"',
+                f'is {_PLAIN_CALL_SHAPE}, so put tool arguments inside "args"',
             )
         if "args" in parsed and "arguments" in parsed:
             return _error_response(
@@ -492,6 +504,7 @@ class McpEndpoint:
 # Top-level fields of a plain `/mcp` call; "arguments" is accepted as an
 # alias of "args", the name MCP's tools/call uses.
 _PLAIN_CALL_FIELDS = frozenset({"tool", "args", "arguments"})
+_PLAIN_CALL_SHAPE = '{"tool": NAME, "args": {...}}'
 # A body that not even the json module parses. The MCP transport replies to
 # it with a JSON-RPC parse error.
 _NOT_JSON = object()
@@ -501,9 +514,11 @@ INVALID_REQUEST = -32600
 
 
 def _is_plain_call(parsed: Any) -> bool:
-    """Return whether a parsed `/mcp` body is a plain call: an object with
-    `tool` and without `jsonrpc`."""
-    return isinstance(parsed, dict) and "jsonrpc" not in parsed and "tool" in parsed
+    """Return whether a parsed `/mcp` body is a plain call: JSON without
+    `jsonrpc`, except a list, which is a JSON-RPC batch."""
+    if parsed is _NOT_JSON or isinstance(parsed, list):
+        return False
+    return not (isinstance(parsed, dict) and "jsonrpc" in parsed)
 
 
 def _jsonrpc_error(message: str, code: int = INVALID_REQUEST) -> Response:

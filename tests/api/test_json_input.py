@@ -163,3 +163,25 @@ async def test_integer_beyond_64_bits_stays_exact(server: ApiServer) -> None:
     assert error["field"] == "limit"
     assert error["value"] == 18446744073709551616
     assert "less than or equal to 1000" in error["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("{}", "tool: missing"),
+        ('"hello"', "must be a JSON object, not str"),
+        ("3", "must be a JSON object, not int"),
+        ('{"args": {"limit": 1}}', "tool: missing"),
+    ],
+)
+async def test_plain_call_shape_errors(
+    server: ApiServer, body: str, expected: str
+) -> None:
+    response = await send(server, "/mcp", body, {"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert expected in error["message"]
+    assert '{"tool": NAME, "args": {...}}' in error["message"]
+    assert "pydantic" not in error["message"]
