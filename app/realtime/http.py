@@ -8,12 +8,15 @@ import json
 import logging
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.contracts.realtime import SubscriptionInfo
+from app.jsonsafe import InvalidJSONError, load_strict
 from app.realtime.service import (
     SubscriptionError,
     SubscriptionNotFound,
@@ -125,18 +128,56 @@ def build_realtime_router(settings: Settings) -> APIRouter:
         responses={
             400: {"description": "The cursor is beyond the newest change."},
             404: {"description": "The subscription does not exist."},
+            422: {"description": "The body is not JSON of the form {cursor: ID}."},
         },
+        openapi_extra={"requestBody": _ACK_REQUEST_BODY},
     )
-    async def acknowledge(
-        request: Request, subscription_id: str, body: AckBody
-    ) -> SubscriptionInfo:
+    async def acknowledge(subscription_id: str, request: Request) -> SubscriptionInfo:
         """Confirm every event up to `cursor`: the stored cursor moves there
         (never back), so a later stream without Last-Event-ID starts after
         it and pruning may delete what it passed."""
         await owned(request, subscription_id)
+        body = await _read_ack_body(request)
         return await confirm(subscription_id, body.cursor, "cursor")
 
     return router
+
+
+_ACK_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": AckBody.model_json_schema()}},
+}
+
+
+async def _read_ack_body(request: Request) -> AckBody:
+    """Parse the ack body as strict JSON whatever its Content-Type, as the
+    tool routes do: FastAPI reads a body model only from a JSON Content-Type,
+    and its parser lets NaN and 1e400 through to an error it cannot encode.
+
+    Raises:
+        HTTPException: 422, the body is not strict JSON.
+        RequestValidationError: the JSON is not an `AckBody`.
+    """
+    raw = await request.body()
+    try:
+        parsed = load_strict(raw) if raw.strip() else {}
+    except InvalidJSONError as error:
+        detail: dict[str, Any] = {"kind": "invalid_argument", "message": error.message}
+        if error.field is not None:
+            # Located under "body", as FastAPI locates a body model's errors.
+            field = "body" if error.field == "(body)" else f"body.{error.field}"
+            detail["errors"] = [
+                {"field": field, "value": error.value, "message": error.problem}
+            ]
+        raise HTTPException(status_code=422, detail=detail) from None
+    try:
+        return AckBody.model_validate(parsed)
+    except ValidationError as error:
+        errors = [
+            {**item, "loc": ("body", *item["loc"])}
+            for item in error.errors(include_url=False, include_context=False)
+        ]
+        raise RequestValidationError(errors, body=parsed) from None
 
 
 async def _events(

@@ -16,6 +16,7 @@ import pytest
 
 from app.api.http import create_app
 from app.api.keys import create_key
+from app.realtime.service import create_subscription, get_subscription, log_head
 from app.settings import Settings
 from tests.api.conftest import ApiServer
 from tests.conftest import TEST_ENCRYPTION_KEY
@@ -185,3 +186,47 @@ async def test_plain_call_shape_errors(
     assert expected in error["message"]
     assert '{"tool": NAME, "args": {...}}' in error["message"]
     assert "pydantic" not in error["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_ack_reads_json_of_any_content_type(
+    server: ApiServer, database_url: str
+) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    missing = await send(
+        server, "/realtime/v1/subscriptions/sub_nope/ack", '{"cursor": 1}', form
+    )
+    assert missing.status_code == 404, missing.text
+    sub = create_subscription(database_url, "audit_log", from_start=True)
+    for _ in range(3):  # each call's audit row is a change in the log
+        await audit_log(server)
+    assert log_head(database_url) >= 2
+    path = f"/realtime/v1/subscriptions/{sub.subscription_id}/ack"
+    acked = await send(server, path, '{"cursor": 1}', form)
+    assert acked.status_code == 200, acked.text
+    assert acked.json()["cursor"] == 1
+    untyped = await send(server, path, '{"cursor": 2}')
+    assert untyped.status_code == 200, untyped.text
+    assert get_subscription(database_url, sub.subscription_id).cursor == 2
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "body, field, text",
+    [
+        ('{"cursor": 1e400}', "body.cursor", "1e400 is beyond the range"),
+        ('{"cursor": NaN}', "body.cursor", "NaN is not a JSON number"),
+        ('{"cursor": -1}', "body.cursor", "greater than or equal to 0"),
+        ('{"cursor": 1, "extra": 2}', "body.extra", "Extra inputs"),
+        ("", "body.cursor", "Field required"),
+    ],
+)
+async def test_ack_invalid_body_is_422(
+    server: ApiServer, body: str, field: str, text: str
+) -> None:
+    response = await send(server, "/realtime/v1/subscriptions/sub_nope/ack", body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert error["errors"][0]["field"] == field
+    assert text in error["message"]
