@@ -4,7 +4,6 @@ the HTTP server mounts them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import zlib
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.contracts.realtime import SubscriptionInfo
-from app.jsonsafe import InvalidJSONError, load_strict
+from app.jsonsafe import InvalidJSONError, dumps, load_strict
 from app.realtime.service import (
     SubscriptionError,
     SubscriptionNotFound,
@@ -203,7 +202,10 @@ async def _events(
                 if not batch:
                     yield b": keep-alive\n\n"
                 else:
-                    data = json.dumps(batch, separators=(",", ":"), default=str)
+                    # `dumps` writes a lone surrogate that a stored row may
+                    # hold as U+FFFD and a non-finite number as null, so every
+                    # client's JSON parser reads the batch.
+                    data = dumps(batch).decode()
                     cursor = subscriber.cursor
                     yield f"id: {cursor}\nevent: changes\ndata: {data}\n\n".encode()
                     sent += 1

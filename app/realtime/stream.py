@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from app.db import get_engine
+from app.jsonsafe import encodable
 from app.realtime.service import (
     Matcher,
     SubscriptionNotFound,
@@ -635,6 +636,9 @@ async def next_events(
     """Return the next matching events after the subscription's cursor and
     advance the cursor past them, waiting up to `wait_ms` for the first one.
 
+    The events are made encodable (`app.jsonsafe.encodable`) before the
+    cursor moves, so no encoder can fail on a batch the cursor has passed.
+
     Raises:
         SubscriptionNotFound: the subscription does not exist.
     """
@@ -653,13 +657,14 @@ async def next_events(
             result = await asyncio.to_thread(
                 scan, url, info.table, matcher, cursor, limit
             )
+            events = encodable(result.events)
             if result.cursor != cursor:
                 stored = await asyncio.to_thread(
                     save_cursor,
                     url,
                     subscription_id,
                     result.cursor,
-                    len(result.events),
+                    len(events),
                     expected=cursor,
                 )
                 if not stored:
@@ -671,8 +676,8 @@ async def next_events(
                     continue
                 cursor = result.cursor
             remaining = deadline - loop.time()
-            if result.events or remaining <= 0:
-                return result.events, cursor
+            if events or remaining <= 0:
+                return events, cursor
             if waiter is None:
                 waiter = ChangeWaiter(url)
                 await waiter.start()

@@ -230,3 +230,25 @@ async def test_ack_invalid_body_is_422(
     assert error["kind"] == "invalid_argument"
     assert error["errors"][0]["field"] == field
     assert text in error["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_events_with_stored_lone_surrogate(
+    server: ApiServer, database_url: str
+) -> None:
+    sub = create_subscription(
+        database_url,
+        "audit_log",
+        filter_text="user_id=in.(older-server,older-server-2)",
+    )
+    insert_audit_row_with_lone_surrogate(database_url, "older-server")
+    insert_audit_row_with_lone_surrogate(database_url, "older-server-2")
+    arguments = f'{{"subscription_id": "{sub.subscription_id}"}}'
+    response = await send(server, "/api/tools/realtime_events", arguments)
+    assert response.status_code == 200, response.text
+    events = response.json()["events"]
+    assert [e["new"]["user_id"] for e in events] == ["older-server", "older-server-2"]
+    assert events[0]["new"]["arguments"] == {"user_id": "\ufffd"}
+    stored = get_subscription(database_url, sub.subscription_id)
+    assert stored.cursor == events[-1]["id"]
+    assert stored.delivered == 2

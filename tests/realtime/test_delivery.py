@@ -4,6 +4,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import text
 
@@ -23,6 +24,7 @@ from tests.conftest import PostgresHandle
 from tests.realtime.helpers import (
     create_items,
     delete_items,
+    insert_audit_row_with_lone_surrogate,
     insert_items,
     update_items,
 )
@@ -287,6 +289,17 @@ async def test_deletion_elsewhere_ends_idle_subscriber(database_url: str) -> Non
         delete_subscription(database_url, sub.subscription_id)
         with pytest.raises(SubscriptionClosed):
             await anext(batches)
+
+
+async def test_events_with_lone_surrogate_encodable(database_url: str) -> None:
+    sub = create_subscription(database_url, "audit_log")
+    insert_audit_row_with_lone_surrogate(database_url, "first")
+    insert_audit_row_with_lone_surrogate(database_url, "second")
+    events, cursor = await next_events(database_url, sub.subscription_id)
+    assert [e["new"]["user_id"] for e in events] == ["first", "second"]
+    assert events[0]["new"]["arguments"] == {"user_id": "\ufffd"}
+    assert orjson.loads(orjson.dumps(events)) == events
+    assert get_subscription(database_url, sub.subscription_id).cursor == cursor
 
 
 async def test_lag_counts_matching_events(

@@ -14,7 +14,11 @@ from app.realtime.service import (
 )
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool, load_tools
-from tests.realtime.helpers import create_items, insert_items
+from tests.realtime.helpers import (
+    create_items,
+    insert_audit_row_with_lone_surrogate,
+    insert_items,
+)
 from tests.realtime.sse import Message, RealtimeServer, SseReader
 
 load_tools()
@@ -165,3 +169,17 @@ async def test_stream_of_missing_subscription(database_url: str) -> None:
             )
             assert ack.status_code == 404
             assert "realtime_list" in ack.json()["detail"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_stream_replaces_stored_lone_surrogate(database_url: str) -> None:
+    sub = create_subscription(database_url, "audit_log")
+    insert_audit_row_with_lone_surrogate(database_url, "older-server")
+    with RealtimeServer(Settings(database_url=database_url)) as server:
+        path = server.stream_path(sub.subscription_id)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as http:
+            (batch,) = await read_batches(http, path, 1, {})
+        await server.wait_idle()
+    assert batch.data[0]["new"]["user_id"] == "older-server"
+    # As a strict JSON parser reads it: no lone surrogate escape is left.
+    assert batch.data[0]["new"]["arguments"] == {"user_id": "\ufffd"}
