@@ -246,6 +246,10 @@ class ChangeWaiter:
         """Forget earlier wake-ups; call before reading the log."""
         self._wake.clear()
 
+    def wake(self) -> None:
+        """End the current or next `wait` at once."""
+        self._wake.set()
+
     async def wait(self, timeout: float) -> None:
         if not self._postgresql:
             timeout = min(timeout, SQLITE_POLL_SECONDS)
@@ -603,14 +607,30 @@ class Subscriber:
                 yield payload
 
 
-_open: dict[str, set[Subscriber]] = {}
+class _EventsWait:
+    """A `next_events` call of this process that waits for changes, so that
+    `close_streams` can end its wait as it ends a `Subscriber`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = loop
+        self.deleted = False
+        self.waiter: ChangeWaiter | None = None
+
+    def _mark_deleted(self) -> None:
+        self.deleted = True
+        if self.waiter is not None:
+            self.waiter.wake()
+
+
+_open: dict[str, set[Subscriber | _EventsWait]] = {}
 _open_lock = threading.Lock()
 
 
 def close_streams(subscription_id: str) -> int:
     """End this process's open subscribers of a deleted subscription at once:
-    each raises `SubscriptionClosed` instead of giving out another batch.
-    Safe to call from any thread or event loop. Returns how many were notified.
+    each raises `SubscriptionClosed` instead of giving out another batch, and
+    a waiting `next_events` raises `SubscriptionNotFound`. Safe to call from
+    any thread or event loop. Returns how many were notified.
     """
     with _open_lock:
         subscribers = list(_open.get(subscription_id, ()))
@@ -630,6 +650,13 @@ def close_streams(subscription_id: str) -> int:
     return len(subscribers)
 
 
+def _deleted_while_waiting(subscription_id: str) -> SubscriptionNotFound:
+    return SubscriptionNotFound(
+        f"subscription {subscription_id!r} was deleted while realtime_events "
+        "waited for changes; create a new one with realtime_subscribe"
+    )
+
+
 async def next_events(
     url: str, subscription_id: str, limit: int = 100, wait_ms: int = 0
 ) -> tuple[list[dict[str, Any]], int]:
@@ -638,9 +665,12 @@ async def next_events(
 
     The events are made encodable (`app.jsonsafe.encodable`) before the
     cursor moves, so no encoder can fail on a batch the cursor has passed.
+    A deletion ends the wait: at once through `close_streams` in this
+    process, otherwise within `SUBSCRIPTION_CHECK_SECONDS`.
 
     Raises:
-        SubscriptionNotFound: the subscription does not exist.
+        SubscriptionNotFound: the subscription does not exist, or was deleted
+            during the wait.
     """
     info = await asyncio.to_thread(get_subscription, url, subscription_id)
     matcher = await asyncio.to_thread(
@@ -648,12 +678,18 @@ async def next_events(
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_ms / 1000
+    next_check = loop.time() + SUBSCRIPTION_CHECK_SECONDS
     waiter: ChangeWaiter | None = None
+    watch = _EventsWait(loop)
     cursor = info.cursor
+    with _open_lock:
+        _open.setdefault(subscription_id, set()).add(watch)
     try:
         while True:
             if waiter is not None:
                 waiter.clear()
+            if watch.deleted:
+                raise _deleted_while_waiting(subscription_id)
             result = await asyncio.to_thread(
                 scan, url, info.table, matcher, cursor, limit
             )
@@ -679,11 +715,23 @@ async def next_events(
             if events or remaining <= 0:
                 return events, cursor
             if waiter is None:
-                waiter = ChangeWaiter(url)
+                waiter = watch.waiter = ChangeWaiter(url)
                 await waiter.start()
                 continue
-            await waiter.wait(remaining)
+            if loop.time() >= next_check:
+                next_check = loop.time() + SUBSCRIPTION_CHECK_SECONDS
+                exists = await asyncio.to_thread(
+                    subscription_exists, url, subscription_id
+                )
+                if not exists:  # deleted by another process
+                    raise _deleted_while_waiting(subscription_id)
+            await waiter.wait(min(remaining, max(0.0, next_check - loop.time())))
     finally:
+        with _open_lock:
+            waits = _open.get(subscription_id, set())
+            waits.discard(watch)
+            if not waits:
+                _open.pop(subscription_id, None)
         if waiter is not None:
             await waiter.close()
 

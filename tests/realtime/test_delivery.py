@@ -11,6 +11,7 @@ from sqlalchemy import text
 from app.db import get_engine
 from app.realtime import service, stream
 from app.realtime.service import (
+    SubscriptionNotFound,
     create_subscription,
     delete_subscription,
     get_subscription,
@@ -289,6 +290,40 @@ async def test_deletion_elsewhere_ends_idle_subscriber(database_url: str) -> Non
         delete_subscription(database_url, sub.subscription_id)
         with pytest.raises(SubscriptionClosed):
             await anext(batches)
+
+
+async def test_unsubscribe_ends_events_wait(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    ctx = ToolContext(settings)
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "items"})
+    subscription_id = created["subscription_id"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = asyncio.create_task(next_events(url, subscription_id, wait_ms=10_000))
+    await asyncio.sleep(0.5)
+    await invoke_tool(ctx, "realtime_unsubscribe", {"subscription_id": subscription_id})
+    with pytest.raises(SubscriptionNotFound, match="was deleted while"):
+        await waiting
+    assert loop.time() - started < 2.0
+    assert subscription_id not in stream._open
+
+
+async def test_deletion_elsewhere_ends_events_wait(database_url: str) -> None:
+    create_items(database_url)
+    sub = create_subscription(database_url, "items")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waiting = asyncio.create_task(
+        next_events(database_url, sub.subscription_id, wait_ms=10_000)
+    )
+    await asyncio.sleep(0.3)
+    # As another process would: no notice to this one.
+    delete_subscription(database_url, sub.subscription_id)
+    with pytest.raises(SubscriptionNotFound, match="was deleted while"):
+        await waiting
+    elapsed = loop.time() - started
+    assert elapsed < stream.SUBSCRIPTION_CHECK_SECONDS + 2.0
 
 
 async def test_events_with_lone_surrogate_encodable(database_url: str) -> None:
