@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +16,8 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+logger = logging.getLogger(__name__)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -365,7 +370,59 @@ def settings_error_lines(error: ValidationError) -> list[str]:
     return lines
 
 
+# NEXUS_ variables that are read outside `Settings`: the test suite's
+# PostgreSQL server.
+_OTHER_VARIABLES = frozenset({"NEXUS_TEST_DATABASE_URL"})
+# Minimum difflib similarity for a known name to be suggested: it matched
+# NEXUS_API_PORT to NEXUS_HTTP_PORT (0.83) and NEXUS_DB_URL to
+# NEXUS_DATABASE_URL (0.8), and suggested nothing for NEXUS_FOO.
+_SUGGESTION_CUTOFF = 0.75
+
+
+def known_variables() -> frozenset[str]:
+    """Return every NEXUS_ environment variable that flow-nexus reads."""
+    names = set(_OTHER_VARIABLES)
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(
+                str(choice).upper()
+                for choice in alias.choices
+                if str(choice).upper().startswith("NEXUS_")
+            )
+        else:
+            names.add(f"NEXUS_{name.upper()}")
+    return frozenset(names)
+
+
+def unknown_variable_lines(environ: Mapping[str, str]) -> list[str]:
+    """Describe each NEXUS_ variable of `environ` that no setting reads, in
+    one line with the closest known name when one is close."""
+    known = known_variables()
+    lines = []
+    # Settings match names case-insensitively, so a lowercase name is known.
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("NEXUS_") or upper in known:
+            continue
+        close = difflib.get_close_matches(
+            upper, sorted(known), n=1, cutoff=_SUGGESTION_CUTOFF
+        )
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(
+            f"unknown setting {variable} is ignored{hint} (`nexus config` shows "
+            "the settings)"
+        )
+    return lines
+
+
 @functools.cache
 def get_settings() -> Settings:
-    """Return the settings of this process, read once from the environment."""
+    """Return the settings of this process, read once from the environment.
+
+    Logs a warning for each NEXUS_ variable that no setting reads, since a
+    misspelled name would otherwise leave its setting at the default.
+    """
+    for line in unknown_variable_lines(os.environ):
+        logger.warning("%s", line)
     return Settings()

@@ -171,6 +171,18 @@ def test_invalid_setting_exits_with_message(tmp_path: Path) -> None:
     assert "65535" in result.stderr
 
 
+def test_unknown_variable_warned_on_stderr(tmp_path: Path) -> None:
+    up = NexusUp(tmp_path)
+    up.env["NEXUS_API_PORT"] = "3001"
+    result = up.nexus("config")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "unknown setting NEXUS_API_PORT is ignored; did you mean NEXUS_HTTP_PORT?"
+        in result.stderr
+    )
+    json.loads(result.stdout)  # stdout holds only the settings
+
+
 def test_health_without_server_exits_nonzero(tmp_path: Path) -> None:
     up = NexusUp(tmp_path)
     result = up.nexus("health")

@@ -1,9 +1,16 @@
+import logging
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from app.settings import Settings, settings_error_lines
+from app.settings import (
+    Settings,
+    get_settings,
+    settings_error_lines,
+    unknown_variable_lines,
+)
 
 
 def test_defaults_use_embedded_server_and_sqlite(tmp_path: Path) -> None:
@@ -109,3 +116,37 @@ def test_error_lines_mask_url_credentials() -> None:
     (line,) = _error_lines(anthropic_max_tokens="https://u:tok3n@host.example")
     assert "tok3n" not in line
     assert "'https://u:***@host.example'" in line
+
+
+def test_unknown_variables_named_with_closest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("NEXUS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NEXUS_API_PORT", "3001")
+    monkeypatch.setenv("NEXUS_DATADIR", "/tmp/elsewhere")
+    monkeypatch.setenv("NEXUS_FOO", "1")
+    monkeypatch.setenv("NEXUS_E2B_API_KEY", "known-alias")
+    with caplog.at_level(logging.WARNING, logger="app.settings"):
+        settings = get_settings()
+    assert settings.http_port == 3000
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        "unknown setting NEXUS_API_PORT is ignored; did you mean NEXUS_HTTP_PORT? "
+        "(`nexus config` shows the settings)",
+        "unknown setting NEXUS_DATADIR is ignored; did you mean NEXUS_DATA_DIR? "
+        "(`nexus config` shows the settings)",
+        "unknown setting NEXUS_FOO is ignored (`nexus config` shows the settings)",
+    ]
+
+
+def test_known_variables_not_reported() -> None:
+    environ = {
+        "NEXUS_HTTP_PORT": "3000",
+        "nexus_log_level": "info",
+        "NEXUS_ANTHROPIC_API_KEY": "x",
+        "NEXUS_TEST_DATABASE_URL": "postgresql://127.0.0.1/x",
+        "PATH": "/bin",
+    }
+    assert unknown_variable_lines(environ) == []
