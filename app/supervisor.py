@@ -64,6 +64,7 @@ class Stack:
         self.server: EmbeddedTemporal | None = None
         self.address = settings.effective_temporal_address
         self.children: list[ManagedProcess] = []
+        self.serves_api = False
 
     def start(self) -> str:
         """Migrate, start everything and return the Temporal address."""
@@ -78,6 +79,7 @@ class Stack:
         api = api_process(self.settings, self.address)
         if api is not None:
             self.children.append(api)
+            self.serves_api = True
         for child in self.children:
             child.start()
         return self.address
@@ -96,6 +98,29 @@ class Stack:
             self.server = None
 
 
+def http_url(settings: Settings) -> str:
+    """Return the base URL of the HTTP API that `nexus up` serves."""
+    scheme = "https" if settings.tls_cert and settings.tls_key else "http"
+    host = settings.http_host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{settings.http_port}"
+
+
+def address_lines(settings: Settings, stack: Stack) -> list[str]:
+    """Return the lines that tell where each part of a started stack is."""
+    lines = [f"Temporal   {stack.address} (namespace {settings.namespace})"]
+    if stack.server is not None:
+        lines.append(f"Web UI     {stack.server.ui_url}")
+    if stack.serves_api:
+        base = http_url(settings)
+        lines.append(f"HTTP API   {base} (POST /api/tools/TOOL, /openapi.json)")
+        lines.append(f"MCP        {base}/mcp")
+    lines.append(f"Database   {settings.masked()['database_url']}")
+    lines.append(f"Logs       {settings.resolved_data_dir / 'logs'}")
+    return lines
+
+
 def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run everything until SIGINT or SIGTERM (or `stop_event`), then stop it all."""
     stop = stop_event or threading.Event()
@@ -105,12 +130,9 @@ def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> 
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        address = stack.start()
-        print(f"Temporal   {address} (namespace {settings.namespace})", file=sys.stderr)
-        if stack.server is not None:
-            print(f"Web UI     {stack.server.ui_url}", file=sys.stderr)
-        print(f"Database   {settings.masked()['database_url']}", file=sys.stderr)
-        print(f"Logs       {settings.resolved_data_dir / 'logs'}", file=sys.stderr)
+        stack.start()
+        for line in address_lines(settings, stack):
+            print(line, file=sys.stderr)
         print("Press Ctrl-C to stop.", file=sys.stderr)
         while not stop.wait(1.0):
             stack.supervise()

@@ -15,6 +15,8 @@ import psutil
 import pytest
 
 from app.contracts.queues import ALL_QUEUES
+from app.settings import Settings
+from app.supervisor import Stack, address_lines, http_url
 from app.temporal.devserver import temporal_binary
 from tests.support.postgres import free_port
 
@@ -181,6 +183,30 @@ def test_unknown_variable_warned_on_stderr(tmp_path: Path) -> None:
         in result.stderr
     )
     json.loads(result.stdout)  # stdout holds only the settings
+
+
+def test_addresses_include_http_api_and_mcp(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, http_port=3100)
+    stack = Stack(settings)
+    stack.serves_api = True
+    lines = address_lines(settings, stack)
+    assert (
+        "HTTP API   http://127.0.0.1:3100 (POST /api/tools/TOOL, /openapi.json)"
+        in lines
+    )
+    assert "MCP        http://127.0.0.1:3100/mcp" in lines
+    secure = settings.model_copy(
+        update={
+            "http_host": "::1",
+            "tls_cert": tmp_path / "cert.pem",
+            "tls_key": tmp_path / "key.pem",
+        }
+    )
+    assert http_url(secure) == "https://[::1]:3100"
+    assert not any(
+        line.startswith(("HTTP API", "MCP"))
+        for line in address_lines(secure, Stack(secure))
+    )
 
 
 def test_health_without_server_exits_nonzero(tmp_path: Path) -> None:
