@@ -135,8 +135,8 @@ def build_realtime_router(settings: Settings) -> APIRouter:
         """Confirm every event up to `cursor`: the stored cursor moves there
         (never back), so a later stream without Last-Event-ID starts after
         it and pruning may delete what it passed."""
-        await owned(request, subscription_id)
         body = await _read_ack_body(request)
+        await owned(request, subscription_id)
         return await confirm(subscription_id, body.cursor, "cursor")
 
     return router

@@ -197,7 +197,9 @@ async def test_ack_reads_json_of_any_content_type(
         server, "/realtime/v1/subscriptions/sub_nope/ack", '{"cursor": 1}', form
     )
     assert missing.status_code == 404, missing.text
-    sub = create_subscription(database_url, "audit_log", from_start=True)
+    sub = create_subscription(
+        database_url, "audit_log", from_start=True, user_id="key:json-tests"
+    )
     for _ in range(3):  # each call's audit row is a change in the log
         await audit_log(server)
     assert log_head(database_url) >= 2
@@ -240,6 +242,7 @@ async def test_events_with_stored_lone_surrogate(
         database_url,
         "audit_log",
         filter_text="user_id=in.(older-server,older-server-2)",
+        user_id="key:json-tests",
     )
     insert_audit_row_with_lone_surrogate(database_url, "older-server")
     insert_audit_row_with_lone_surrogate(database_url, "older-server-2")
