@@ -284,6 +284,7 @@ class PhaseBars:
             for name, title in PHASE_TITLES.items()
         }
         self.running: str | None = None
+        self.cycle = 0
 
     def update(self, state: BenchmarkProgress, now: datetime) -> None:
         """Show `state`. The running phase is timed against `now`, because the
@@ -293,15 +294,23 @@ class PhaseBars:
             self.progress.update(
                 self.overall, completed=fraction, status=f"cycle {state.cycle + 1}"
             )
-        shown_running = self.running
-        if shown_running is not None and shown_running not in (
+        ended_unseen = self.running
+        if ended_unseen is not None and ended_unseen not in (
             state.phase,
             *state.completed,
         ):
             # The phase ended and its cycle continued as new between two
             # polls. Its outcome is in the failed cycles, its time is not.
-            self._show(shown_running, _phase_mark(shown_running, state), "")
+            self._show(ended_unseen, _phase_mark(ended_unseen, state), "")
+        else:
+            ended_unseen = None
         self.running = state.phase
+        if state.cycle != self.cycle:
+            # A new cycle: the other bars still show the last cycle's outcomes.
+            self.cycle = state.cycle
+            for name in self.tasks:
+                if name not in (state.phase, ended_unseen, *state.completed):
+                    self._show(name, "waiting", "")
         for name in self.tasks:
             if name == state.phase:
                 started = state.phase_started_at

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from rich.console import Console
+from rich.progress import Progress
 from temporalio.client import (
     Client,
     ScheduleAlreadyRunningError,
@@ -222,6 +223,31 @@ async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> 
     )
     assert lines["Realtime streaming load"] == "Realtime streaming load not run"
     assert lines["Run"].startswith("Run 1 cycle, report written ")
+
+
+def test_new_cycle_clears_last_outcomes() -> None:
+    progress = Progress(console=Console(file=io.StringIO()))
+    bars = benchmark_cli.PhaseBars(progress)
+    done = {name: True for name in benchmark_cli.PHASE_TITLES}
+    times = {name: _times(0, 1) for name in benchmark_cli.PHASE_TITLES}
+    now = datetime.now(UTC)
+    bars.update(
+        BenchmarkProgress(
+            cycle=0, phase=None, completed=done, phase_times=times, **_BASE
+        ),
+        now,
+    )
+    assert {task.fields["status"] for task in progress.tasks[1:]} == {"✅"}
+    bars.update(
+        BenchmarkProgress(
+            cycle=1, phase="sandbox_integration", phase_started_at=now, **_BASE
+        ),
+        now,
+    )
+    statuses = {task.description: task.fields["status"] for task in progress.tasks}
+    assert statuses.pop("Sandbox integration") == "running"
+    assert statuses.pop("Run") == "cycle 2"
+    assert set(statuses.values()) == {"waiting"}
 
 
 async def test_piped_output_prints_each_phase(monkeypatch: pytest.MonkeyPatch) -> None:
