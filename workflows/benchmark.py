@@ -54,6 +54,10 @@ _FAILED_PHASE_OPERATION_PATCH = "benchmark-failed-phase-counts-operation"
 # Before this patch the run slept the whole cycle interval and then started
 # the next cycle, even when the duration had passed during the sleep.
 _INTERVAL_ENDS_AT_DURATION_PATCH = "benchmark-interval-ends-at-duration"
+# Before this patch a phase whose workflow failed (rather than its activity)
+# was counted in the run's state but wrote no phase row, so the report left
+# it out.
+_FAILED_PHASE_WORKFLOW_RECORDED_PATCH = "benchmark-failed-phase-workflow-recorded"
 
 
 def _raise_if_cancel_requested() -> None:
@@ -96,6 +100,10 @@ class BenchmarkPhaseWorkflow:
     @workflow.run
     async def run(self, request: PhaseInput) -> PhaseResult:
         started = workflow.now()
+        if request.phase in request.config.inject_workflow_failure:
+            raise ApplicationError(
+                "fault injected in the phase workflow", non_retryable=True
+            )
         # A cancelled phase waits until its activity has deleted what it
         # created (a sandbox session would otherwise run on to its timeout).
         cancellation = (
@@ -430,7 +438,7 @@ class ExtendedDurationBenchmarkWorkflow:
         except ChildWorkflowError as error:
             if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
                 raise
-            return PhaseResult(
+            failed = PhaseResult(
                 phase=request.phase,
                 cycle=state.cycle,
                 ok=False,
@@ -438,3 +446,24 @@ class ExtendedDurationBenchmarkWorkflow:
                 started_at=started,
                 ended_at=workflow.now(),
             )
+            if not workflow.patched(_FAILED_PHASE_WORKFLOW_RECORDED_PATCH):
+                return failed
+            record = PhaseRecord(run_id=state.run_id, result=failed)
+            record = record.with_failure_counted()
+            try:
+                await workflow.execute_activity(
+                    "record_benchmark_phase",
+                    record,
+                    task_queue=ORCHESTRATION,
+                    start_to_close_timeout=timedelta(seconds=60),
+                    retry_policy=_FEW,
+                )
+            except ActivityError as recording:
+                # The run goes on; its report then lacks this phase's row.
+                workflow.logger.warning(
+                    "could not record failed phase %s of %s: %s",
+                    request.phase,
+                    state.run_id,
+                    recording.cause or recording,
+                )
+            return record.result

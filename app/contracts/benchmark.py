@@ -61,6 +61,11 @@ class BenchmarkConfig(BaseModel):
         default_factory=list,
         description="Fault injection for tests: these phases raise before working.",
     )
+    inject_workflow_failure: list[PhaseName] = Field(
+        default_factory=list,
+        description="Fault injection for tests: the workflows of these phases "
+        "fail before their activity runs.",
+    )
 
 
 class PhaseResult(BaseModel):

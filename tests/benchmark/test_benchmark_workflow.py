@@ -94,6 +94,29 @@ async def test_failing_phase_is_reported_and_others_run(
     await replay_run(client, f"{run_id}-c0-neural_training", all_workflows())
 
 
+async def test_failed_phase_workflow_is_reported(
+    client: Client, workers: Settings
+) -> None:
+    """A phase whose workflow fails, not its activity, still gets its row in
+    the report, with the error and a failed operation."""
+    config = small_config(
+        phases=["realtime_streaming", "performance_scalability"],
+        inject_workflow_failure=["realtime_streaming"],
+    )
+    run_id, result = await run_benchmark(client, workers, config)
+    metrics = json.loads((Path(result.report.report_dir) / "metrics.json").read_text())
+    phases = {p["phase"]: p for p in metrics["phases"]}
+    failed = phases["realtime_streaming"]
+    assert not failed["passed"]
+    assert "the phase workflow failed" in failed["errors"][0]
+    assert "fault injected in the phase workflow" in failed["errors"][0]
+    assert failed["operations"] == 1
+    assert failed["succeeded"] == 0
+    assert phases["performance_scalability"]["passed"]
+    assert "❌ Realtime streaming load" in Path(result.report.markdown_path).read_text()
+    await replay_run(client, run_id, all_workflows())
+
+
 async def test_failed_phase_records_failed_operation(
     client: Client, settings: Settings
 ) -> None:
