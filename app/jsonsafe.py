@@ -139,7 +139,7 @@ def load_strict(
 
     Args:
         body: the request body.
-        is_secret: returns whether a field name holds a secret, whose value
+        is_secret: returns whether a field name is that of a secret, whose value
             an error message must not repeat.
 
     Raises:
@@ -151,19 +151,21 @@ def load_strict(
         loaded = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         return _load_rejected(body, error, is_secret)
-    if _has_wide_float(loaded):
+    if has_wide_float(loaded):
         return json.loads(body)
     return loaded
 
 
-def _has_wide_float(value: Any) -> bool:
+def has_wide_float(value: Any) -> bool:
+    """Return whether a value decoded by orjson contains a float beyond the
+    64-bit integer range, which may be an integer that orjson rounded."""
     kind = type(value)
     if kind is float:
         return not -_INT64_LIMIT < value < _INT64_LIMIT
     if kind is dict:
-        return any(_has_wide_float(item) for item in value.values())
+        return any(has_wide_float(item) for item in value.values())
     if kind is list:
-        return any(_has_wide_float(item) for item in value)
+        return any(has_wide_float(item) for item in value)
     return False
 
 

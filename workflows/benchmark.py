@@ -93,6 +93,17 @@ class LoadOperationWorkflow:
         )
 
 
+async def _record_phase(record: PhaseRecord) -> None:
+    """Write a phase's row and its operations to the benchmark tables."""
+    await workflow.execute_activity(
+        "record_benchmark_phase",
+        record,
+        task_queue=ORCHESTRATION,
+        start_to_close_timeout=timedelta(seconds=60),
+        retry_policy=_FEW,
+    )
+
+
 @workflow.defn
 class BenchmarkPhaseWorkflow:
     """One phase of one cycle; a failure is returned as a result, not raised."""
@@ -141,13 +152,7 @@ class BenchmarkPhaseWorkflow:
             )
             if workflow.patched(_FAILED_PHASE_OPERATION_PATCH):
                 record = record.with_failure_counted()
-        await workflow.execute_activity(
-            "record_benchmark_phase",
-            record,
-            task_queue=ORCHESTRATION,
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=_FEW,
-        )
+        await _record_phase(record)
         return record.result
 
 
@@ -451,13 +456,7 @@ class ExtendedDurationBenchmarkWorkflow:
             record = PhaseRecord(run_id=state.run_id, result=failed)
             record = record.with_failure_counted()
             try:
-                await workflow.execute_activity(
-                    "record_benchmark_phase",
-                    record,
-                    task_queue=ORCHESTRATION,
-                    start_to_close_timeout=timedelta(seconds=60),
-                    retry_policy=_FEW,
-                )
+                await _record_phase(record)
             except ActivityError as recording:
                 # The run goes on; its report then lacks this phase's row.
                 workflow.logger.warning(

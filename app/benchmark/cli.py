@@ -177,9 +177,8 @@ def print_web_ui_link(settings: Settings, finished: FinishedRun) -> None:
 
 
 async def _deployment_serves(settings: Settings) -> bool:
-    """Return whether a Temporal server answers at the configured address with
+    """Return whether a Temporal server responds at the configured address with
     workers polling every queue, as under `nexus up`."""
-    from app.services.health import describe_queue
     from app.temporal.client import connect
     from app.temporal.devserver import port_is_open
 
@@ -187,12 +186,17 @@ async def _deployment_serves(settings: Settings) -> bool:
     if not port.isdigit() or not port_is_open(host, int(port)):
         return False
     try:
-        client = await connect(settings)
-        described = [
-            await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
-        ]
+        return await _every_queue_polled(await connect(settings), settings)
     except Exception:
         return False
+
+
+async def _every_queue_polled(client: Client, settings: Settings) -> bool:
+    from app.services.health import describe_queue
+
+    described = [
+        await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
+    ]
     return all(q.activity_pollers for q in described)
 
 
@@ -211,14 +215,9 @@ async def _cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedR
 
 
 async def _wait_for_workers(client: Client, settings: Settings) -> None:
-    from app.services.health import describe_queue
-
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        described = [
-            await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
-        ]
-        if all(q.activity_pollers for q in described):
+        if await _every_queue_polled(client, settings):
             return
         await asyncio.sleep(0.5)
     raise RuntimeError("workers did not start polling every queue within 120 s")
@@ -620,7 +619,7 @@ def schedule_command(
 
     try:
         asyncio.run(create())
-    except RuntimeError as error:  # no Temporal server; the message says so
+    except RuntimeError as error:  # no Temporal server; the message names it
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except ScheduleAlreadyRunningError:
@@ -688,18 +687,18 @@ def report_command(
     # The health read as the run ended stays; a health read now would show
     # this command's process and the deployment as it is today.
     recorded = recorded_health(settings, run_id)
-    kept: dict[str, Any]
+    final_health: dict[str, Any]
     note: str | None
     if recorded is None:
-        kept = asyncio.run(health())
+        final_health = asyncio.run(health())
         note = (
             "Read when this report was written again, after the run: the "
             "health recorded at the end of the run was not found."
         )
     else:
-        kept, note = recorded
+        final_health, note = recorded
     try:
-        result = write_report(settings, run_id, kept, health_note=note)
+        result = write_report(settings, run_id, final_health, health_note=note)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

@@ -103,7 +103,7 @@ class BackgroundCheckpoints:
 
     By default the commit that takes the WAL past 1000 pages copies them all
     back into the database before it returns. In the HTTP server that was
-    one audit write in about 125, every 0.3 s at 400 calls a second, and it
+    one audit write in about 125, every 0.3 s at 400 calls a second. It
     took 3 to 5 ms where a write takes 0.2 ms, so the `audit_log` calls
     waiting for that write made up the slowest percent. Here this process's
     connections never checkpoint; a thread runs a passive checkpoint every

@@ -42,7 +42,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
     missing = _missing(ctx, TABLE_GROUPS.get(table, ()))
     if missing:
         raise ToolError(
-            f"table: {table!r} holds data of the tool group(s) "
+            f"table: {table!r} contains data of the tool group(s) "
             f"{', '.join(missing)}, which API key {ctx.key_id} may not call; "
             "subscribe with a key created with `nexus keys create --group "
             f"{missing[0]}` (and the realtime group)",

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.contracts.realtime import SubscriptionInfo
 from app.db import get_engine, get_stream_engine
+from app.jsonsafe import has_wide_float
 from app.realtime.filters import RowFilter, parse_filter
 from app.realtime.triggers import column_kinds, enabled_tables, validate_table_name
 
@@ -482,23 +483,6 @@ def check_client_cursor(
         )
 
 
-# orjson returns a float for an integer outside the 64-bit range, where the
-# json module keeps the exact int. So a float this large sends the document
-# to the json module (PostgreSQL writes numbers of any size as digits).
-_INT64_LIMIT = 2.0**63
-
-
-def _exceeds_int64(value: Any) -> bool:
-    kind = type(value)
-    if kind is float:
-        return not -_INT64_LIMIT < value < _INT64_LIMIT
-    if kind is dict:
-        return any(_exceeds_int64(item) for item in value.values())
-    if kind is list:
-        return any(_exceeds_int64(item) for item in value)
-    return False
-
-
 def _parse_json_float(text: str) -> float | int | None:
     """Decode a JSON number that has a fraction or an exponent.
 
@@ -538,7 +522,8 @@ def _load_json(text: str | bytes) -> Any:
         loaded = orjson.loads(text)
     except orjson.JSONDecodeError:
         return _load_json_exactly(text)
-    if _exceeds_int64(loaded):
+    # PostgreSQL writes numbers of any size as digits, which orjson rounds.
+    if has_wide_float(loaded):
         return _load_json_exactly(text)
     return loaded
 

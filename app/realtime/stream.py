@@ -45,7 +45,7 @@ CURSOR_SAVE_INTERVAL = 0.1
 # so that a deletion by another process ends it. A deletion in this process
 # ends it at once (`close_streams`).
 SUBSCRIPTION_CHECK_SECONDS = 1.0
-# Least seconds between two wake-ups by PostgreSQL notifications: a
+# Minimum seconds between two wake-ups by PostgreSQL notifications: a
 # notification that comes sooner after the last wake-up is held until then,
 # together with any that follow it. See `_SharedListener`.
 NOTIFY_COALESCE_SECONDS = 0.02
@@ -125,12 +125,12 @@ class _SharedListener:
         self.wakes: set[asyncio.Event] = set()
         self.task: asyncio.Task[None] | None = None
         self._last_wake = float("-inf")
-        self._held: asyncio.TimerHandle | None = None
+        self._held_wake: asyncio.TimerHandle | None = None
 
     def wake_all(self) -> None:
-        if self._held is not None:
-            self._held.cancel()
-            self._held = None
+        if self._held_wake is not None:
+            self._held_wake.cancel()
+            self._held_wake = None
         self._last_wake = asyncio.get_running_loop().time()
         for wake in self.wakes:
             wake.set()
@@ -144,19 +144,19 @@ class _SharedListener:
         process spent its CPU on reads of a few rows each, beside the
         inserting clients. A change after a quiet spell is still read at once.
         """
-        if self._held is not None:
+        if self._held_wake is not None:
             return
         loop = asyncio.get_running_loop()
         due = self._last_wake + NOTIFY_COALESCE_SECONDS
         if loop.time() >= due:
             self.wake_all()
         else:
-            self._held = loop.call_at(due, self.wake_all)
+            self._held_wake = loop.call_at(due, self.wake_all)
 
     def stop(self) -> None:
-        if self._held is not None:
-            self._held.cancel()
-            self._held = None
+        if self._held_wake is not None:
+            self._held_wake.cancel()
+            self._held_wake = None
 
     async def listen(self) -> None:
         attempt = 0

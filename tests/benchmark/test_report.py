@@ -341,7 +341,7 @@ def test_report_command_rewrites_report(tmp_path: Path) -> None:
         (tmp_path / "reports" / "run-cli" / "metrics.json").read_text()
     )
     assert metrics["health"]["temporal"]["status"] == "unhealthy"
-    # No health was recorded at the end of this seeded run, so the report says
+    # No health was recorded at the end of this seeded run, so the report states
     # when its health was read.
     markdown = (tmp_path / "reports" / "run-cli" / "report.md").read_text()
     assert "## System health\n\nRead when this report was written again" in markdown
