@@ -73,6 +73,9 @@ _PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
 # Patch id of the change that stops a removed agent's sandbox even when the
 # agent is still in its first task, whose sandbox the swarm has not seen yet.
 _PATCH_STOP_FIRST_TASK_SANDBOX = "swarm-stop-first-task-sandbox"
+# Patch id of the change that ends a task cancelled before its first workflow
+# task ran with a "cancelled" result, where older code ended it as cancelled.
+_PATCH_CANCEL_BEFORE_START = "swarm-task-cancel-before-start"
 
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
@@ -744,7 +747,14 @@ class SwarmTaskWorkflow:
 
     @workflow.run
     async def run(self, input: SwarmTaskInput) -> TaskProgress:
-        await workflow.wait_condition(lambda: self.assignment is not None)
+        try:
+            await workflow.wait_condition(lambda: self.assignment is not None)
+        except asyncio.CancelledError:
+            # A destroy can cancel a task whose child has not run yet: the
+            # cancel then arrives with the start, before this wait ends.
+            if not workflow.patched(_PATCH_CANCEL_BEFORE_START):
+                raise
+            return self._cancelled_before_start()
         assignment = self.assignment
         assert assignment is not None
         progress = self.progress
@@ -784,6 +794,16 @@ class SwarmTaskWorkflow:
             progress.error = error
         if not self.reported:
             await self._report()
+        return progress
+
+    def _cancelled_before_start(self) -> TaskProgress:
+        progress = self.progress
+        progress.waiting_for = []
+        if self.assignment is not None:
+            progress.topology = self.assignment.topology
+        progress.status = "cancelled"
+        progress.error = "the task was cancelled before it started"
+        progress.finished_at = workflow.now()
         return progress
 
     async def _report(self) -> None:

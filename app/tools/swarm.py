@@ -12,12 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
+    WorkflowFailureError,
     WorkflowHandle,
+    WorkflowHistoryEventFilterType,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ORCHESTRATION
@@ -518,13 +520,53 @@ async def _wait_for_child(
     return False
 
 
+async def _termination_reason(handle: WorkflowHandle[Any, TaskProgress]) -> str:
+    # The failure of a terminated run names only who terminated it; the
+    # reason given is on the close event.
+    async for event in handle.fetch_history_events(
+        event_filter_type=WorkflowHistoryEventFilterType.CLOSE_EVENT
+    ):
+        if event.HasField("workflow_execution_terminated_event_attributes"):
+            reason = event.workflow_execution_terminated_event_attributes.reason
+            return reason or "no reason given"
+    return "no reason given"
+
+
+async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
+    """The child's result; for a child that ended without one (cancelled before
+    it ran, terminated, timed out), its last progress with how it ended."""
+    try:
+        return await handle.result()
+    except WorkflowFailureError as failure:
+        cause = failure.cause
+        try:
+            progress = await handle.query("status", result_type=TaskProgress)
+        except WorkflowQueryFailedError as query_error:
+            raise ToolError(
+                f"the task's workflow {handle.id} ended ({cause}) and its "
+                f"progress could not be read: {query_error}; see the workflow "
+                "in the Temporal web UI",
+                kind="unavailable",
+            ) from None
+        if isinstance(cause, CancelledError):
+            status, ending = "cancelled", "the task's workflow was cancelled"
+        elif isinstance(cause, TerminatedError):
+            reason = await _termination_reason(handle)
+            status, ending = "failed", f"the task's workflow was terminated: {reason}"
+        else:
+            status, ending = "failed", f"the task's workflow failed: {cause}"
+        return progress.model_copy(
+            update={"status": status, "error": progress.error or ending}
+        )
+
+
 async def _wait_result(
     handle: WorkflowHandle[Any, TaskProgress], seconds: float
 ) -> TaskProgress | None:
     """Wait up to `seconds` for the child's result. Return None when the wait
     timed out or the task has no child workflow yet."""
     try:
-        return await asyncio.wait_for(handle.result(), seconds)
+        return await asyncio.wait_for(_result(handle), seconds)
     except TimeoutError:
         return None
     except RPCError as error:
@@ -557,12 +599,12 @@ async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
         remaining = deadline - loop.time()
         if remaining > 0:
             try:
-                return await asyncio.wait_for(handle.result(), remaining)
+                return await asyncio.wait_for(_result(handle), remaining)
             except TimeoutError:
                 pass
         description = await handle.describe()
-        if description.status == WorkflowExecutionStatus.COMPLETED:
-            return await handle.result()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return await _result(handle)
         return await handle.query("status", result_type=TaskProgress)
     except RPCError as error:
         raise _task_rpc_error(args.task_id, error) from None

@@ -3,11 +3,20 @@ destruction and the database mirror."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
 
-from app.contracts.swarm import SpawnAgentRequest, TaskSpec, TaskWork
+from app.contracts.queues import ORCHESTRATION
+from app.contracts.swarm import (
+    Assignment,
+    SpawnAgentRequest,
+    SwarmTaskInput,
+    TaskSpec,
+    TaskWork,
+)
 from app.sandbox import service as sandbox_service
 from app.settings import Settings
 from app.swarm import service
@@ -23,6 +32,7 @@ from tests.swarm.conftest import (
     wait_for_file,
 )
 from workers.registry import all_workflows
+from workflows.swarm import SwarmTaskWorkflow, task_workflow_id
 
 
 async def test_spawn_limit_rejects_past_max(swarms: Swarms) -> None:
@@ -296,6 +306,63 @@ async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
     for task_id in (task["task_id"], queued["task_id"]):
         results = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
         assert results["status"] == "cancelled"
+
+
+async def _start_lone_task(client: Client, assignment: Assignment | None) -> str:
+    """Start a task workflow that no swarm knows, with no worker polling yet."""
+    task_id = f"lone-{uuid.uuid4().hex[:8]}"
+    spec = TaskSpec(
+        task_id=task_id, work=TaskWork(kind="code", task="lone", code="print(1)")
+    )
+    await client.start_workflow(
+        SwarmTaskWorkflow.run,
+        SwarmTaskInput(swarm_id="lone", spec=spec, assignment=assignment),
+        id=task_workflow_id(task_id),
+        task_queue=ORCHESTRATION,
+    )
+    return task_id
+
+
+async def test_task_cancelled_before_it_ran_reads_cancelled(
+    client: Client, swarm_settings: Settings
+) -> None:
+    # A destroy can cancel a task whose child has not run its first workflow
+    # task: the start and the cancel then reach the child together.
+    task_id = await _start_lone_task(client, Assignment(topology="mesh"))
+    await client.get_workflow_handle(task_workflow_id(task_id)).cancel()
+    helper = Swarms(client, swarm_settings)
+    async with running_workers(client, swarm_settings, SWARM_QUEUES):
+        results = await helper.call("task_results", task_id=task_id, wait_seconds=60)
+        assert results["status"] == "cancelled"
+        assert results["error"] == "the task was cancelled before it started"
+        assert results["finished_at"] is not None
+        status = await helper.call("task_status", task_id=task_id)
+        assert status["status"] == "cancelled"
+    await replay_run(client, task_workflow_id(task_id), all_workflows())
+
+
+async def test_task_cancelled_before_it_ran_by_older_code_replays(
+    client: Client,
+) -> None:
+    # Older code let the cancel end the workflow as cancelled, with no result.
+    await replay_saved(client, "swarm_task_cancelled_before_start", all_workflows())
+
+
+async def test_terminated_task_reads_failed_with_its_reason(
+    client: Client, swarm_settings: Settings
+) -> None:
+    task_id = await _start_lone_task(client, None)
+    handle = client.get_workflow_handle(task_workflow_id(task_id))
+    helper = Swarms(client, swarm_settings)
+    async with running_workers(client, swarm_settings, SWARM_QUEUES):
+        waiting = await helper.call("task_status", task_id=task_id)
+        assert waiting["status"] == "queued"
+        await handle.terminate(reason="operator stopped it")
+        results = await helper.call("task_results", task_id=task_id, wait_seconds=5)
+    assert results["status"] == "failed"
+    assert results["error"] == (
+        "the task's workflow was terminated: operator stopped it"
+    )
 
 
 async def test_events_and_mirror_on_both_databases(
