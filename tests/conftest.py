@@ -60,6 +60,19 @@ def stop_leftover_sandboxes(
                 os.killpg(int(entry.name), signal.SIGKILL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def interruptible_commands() -> None:
+    """Let the commands that tests start take Ctrl-C.
+
+    A shell starts a background job (`make test &`) with SIGINT ignored, and
+    every program started below inherits that, so a CLI would ignore the
+    SIGINT a test sends it as a terminal's Ctrl-C. A handler, unlike an
+    ignored signal, is reset to the default in a started program.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def restore_root_logging() -> Iterator[None]:
     """Put back the root logger's handlers and level after each test.
