@@ -96,7 +96,10 @@ class PhaseRunner:
         return result
 
     def check(self, name: str, condition: bool, message: str) -> None:
-        """Record a verification as an operation; fail the phase if it is false."""
+        """Record a verification as an operation; fail the phase if it is false.
+
+        A check has latency 0, which keeps it out of the phase's calls per
+        second and the latency figures."""
         self.record(name, condition, 0.0, None if condition else message)
         if not condition:
             raise PhaseFailed(message)

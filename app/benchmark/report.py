@@ -156,6 +156,9 @@ def build_metrics(
             continue
         ops = [op for op in operations if op.phase == name]
         ok_ops = sum(1 for op in ops if op.ok)
+        # A verification check is recorded with no latency; only timed calls
+        # make a phase's rate.
+        calls = sum(1 for op in ops if op.latency_ms > 0)
         failed_rows = [p for p in rows if not p.ok]
         seconds = sum(
             (as_utc(p.ended_at) - as_utc(p.started_at)).total_seconds() for p in rows
@@ -170,14 +173,13 @@ def build_metrics(
                 "cycles": len(rows),
                 "cycles_failed": len(failed_rows),
                 "operations": len(ops),
+                "checks": len(ops) - calls,
                 "succeeded": ok_ops,
                 "success_rate_percent": _round(100 * ok_ops / len(ops), 2)
                 if ops
                 else None,
                 "seconds": _round(seconds),
-                "operations_per_second": _round(len(ops) / seconds)
-                if seconds
-                else None,
+                "calls_per_second": _round(calls / seconds) if seconds else None,
                 "errors": errors,
                 "metrics": rows[-1].metrics,
                 # Counted from 1, as the report shows it.
@@ -209,9 +211,8 @@ def build_metrics(
         # Imports, compilations and first-use caches fill in the first minutes.
         warmup_minutes = round(min(10.0, (span or 0.0) / 3), 2)
     workers = memory_growth(data["samples"], warmup_minutes)
-    growths = [
-        w["growth_mb_per_min"] for w in workers if w["growth_mb_per_min"] is not None
-    ]
+    fitted = [w for w in workers if w["growth_mb_per_min"] is not None]
+    largest = max(fitted, key=lambda w: w["growth_mb_per_min"], default=None)
     previous = data["previous"]
     previous_entry = None
     if previous is not None:
@@ -252,7 +253,11 @@ def build_metrics(
         "memory": {
             "samples": len(data["samples"]),
             "workers": workers,
-            "max_growth_mb_per_min": max(growths) if growths else None,
+            "max_growth_mb_per_min": largest["growth_mb_per_min"] if largest else None,
+            "max_growth_task_queue": largest["task_queue"] if largest else None,
+            "max_growth_adjusted_ci95_mb_per_min": (
+                largest["adjusted_ci95_mb_per_min"] if largest else None
+            ),
             "sampled_minutes": sampled_minutes,
         },
         "health": health,
@@ -293,8 +298,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         f"- Cycles: {timeline['cycles']}",
         # A short run's growth is mostly its warm-up, so the span is shown.
         f"- Largest worker memory growth: {_cell(memory['max_growth_mb_per_min'])} "
-        f"MB/min, fitted over {_cell(memory['sampled_minutes'])} minutes of "
-        "samples, warm-up included",
+        f"MB/min ({_cell(memory['max_growth_task_queue'])}, adjusted 95% interval "
+        f"{_shown_interval(memory['max_growth_adjusted_ci95_mb_per_min'])}), "
+        f"fitted over {_cell(memory['sampled_minutes'])} minutes of samples, "
+        "warm-up included",
         "",
         "## Timeline",
         "",
@@ -305,15 +312,17 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         "## Phases",
         "",
-        "| phase | result | cycles | operations | succeeded | success (%) | ops/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| phase | result | cycles | operations | of them checks | succeeded "
+        "| success (%) | calls/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for phase in metrics["phases"]:
         mark = "✅" if phase["passed"] else "❌"
         lines.append(
             f"| {phase['title']} | {mark} | {phase['cycles']} | {phase['operations']} "
-            f"| {phase['succeeded']} | {_cell(phase['success_rate_percent'])} "
-            f"| {_cell(phase['operations_per_second'])} |"
+            f"| {phase['checks']} | {phase['succeeded']} "
+            f"| {_cell(phase['success_rate_percent'])} "
+            f"| {_cell(phase['calls_per_second'])} |"
         )
     lines += ["", "### Phase details", ""]
     for phase in metrics["phases"]:
@@ -498,10 +507,10 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     phases = metrics["phases"]
     axis.bar(
         [p["title"] for p in phases],
-        [p["operations_per_second"] or 0 for p in phases],
+        [p["calls_per_second"] or 0 for p in phases],
         color=["tab:green" if p["passed"] else "tab:red" for p in phases],
     )
-    axis.set_ylabel("operations per second")
+    axis.set_ylabel("timed calls per second")
     axis.set_title("Throughput per phase")
     axis.tick_params(axis="x", labelrotation=20, labelsize="small")
     paths.append(out / "throughput.png")

@@ -109,7 +109,10 @@ def test_growth_from_known_samples(settings: Settings) -> None:
     assert worker["samples"] == 6
     assert metrics["memory"]["sampled_minutes"] == 5.0
     summary = render_markdown(metrics).split("## Timeline")[0]
-    assert "2.0 MB/min, fitted over 5.0 minutes of samples" in summary
+    assert (
+        "2.0 MB/min (nexus-orchestration, adjusted 95% interval 2.0 to 2.0), "
+        "fitted over 5.0 minutes of samples"
+    ) in summary
     assert "warm-up included" in summary
     assert metrics["totals"]["operations"] == 4
     assert metrics["totals"]["succeeded"] == 3
@@ -261,8 +264,46 @@ def test_failed_phase_counts_failed_operation(settings: Settings) -> None:
     assert metrics["totals"]["success_rate_percent"] == 60.0
     markdown = render_markdown(metrics)
     assert "Operations: 3 of 5 succeeded (60.0%)" in markdown
-    assert "| Neural training | ❌ | 1 | 1 | 0 | 0.0 |" in markdown
-    assert "| Cross-system integration | ❌ | 1 | 2 | 1 | 50.0 |" in markdown
+    # The operation counted for the failed phase has no latency of its own.
+    assert "| Neural training | ❌ | 1 | 1 | 1 | 0 | 0.0 | 0.0 |" in markdown
+    assert "| Cross-system integration | ❌ | 1 | 2 | 1 | 1 | 50.0 |" in markdown
+
+
+def test_checks_stay_out_of_calls_per_second(settings: Settings) -> None:
+    url = settings.effective_database_url
+    recording.start_run(url, "run-checks", BenchmarkConfig(duration_seconds=60))
+    start = datetime.now(UTC)
+    recording.record_phase(
+        url,
+        PhaseRecord(
+            run_id="run-checks",
+            result=PhaseResult(
+                phase="sandbox_integration",
+                cycle=0,
+                ok=True,
+                operations=5,
+                succeeded=5,
+                started_at=start,
+                ended_at=start + timedelta(seconds=2),
+            ),
+            operations=[
+                OperationRecord(name="sandbox_create", ok=True, latency_ms=70.0),
+                OperationRecord(name="sandbox_execute", ok=True, latency_ms=12.0),
+                OperationRecord(name="env_vars_read", ok=True, latency_ms=0.0),
+                OperationRecord(name="secret_hidden", ok=True, latency_ms=0.0),
+                OperationRecord(name="recreated", ok=True, latency_ms=0.0),
+            ],
+        ),
+    )
+    recording.finish_run(url, "run-checks", start + timedelta(seconds=2), {})
+    metrics = build_metrics(settings, "run-checks", None)
+    (phase,) = metrics["phases"]
+    assert phase["operations"] == 5
+    assert phase["checks"] == 3
+    assert phase["calls_per_second"] == 1.0
+    assert sorted(metrics["latency"]) == ["sandbox_create", "sandbox_execute"]
+    markdown = render_markdown(metrics)
+    assert "| Sandbox integration | ✅ | 1 | 5 | 3 | 5 | 100.0 | 1.0 |" in markdown
 
 
 def test_every_markdown_number_is_in_metrics(settings: Settings) -> None:
