@@ -100,11 +100,13 @@ def _malloc_stats_reader() -> _MallocStatsReader | None:
     open_memstream.restype = ctypes.c_void_p
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.fclose.restype = ctypes.c_int
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.free.restype = None
-    return _MallocStatsReader(
-        debug_malloc_stats, open_memstream, libc.fclose, libc.free
-    )
+    # The stream's buffer comes from whichever malloc the process uses, which
+    # is not libc's own when another allocator is preloaded (LD_PRELOAD of
+    # jemalloc): the global `free`, not libc's, must release it.
+    free = ctypes.CDLL(None).free
+    free.argtypes = [ctypes.c_void_p]
+    free.restype = None
+    return _MallocStatsReader(debug_malloc_stats, open_memstream, libc.fclose, free)
 
 
 def pymalloc_stats_text() -> str | None:

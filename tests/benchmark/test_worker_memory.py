@@ -162,3 +162,30 @@ def test_memory_reading_has_python_heap() -> None:
     assert reading.python_heap_used > 0
     assert reading.python_arenas is not None
     assert reading.python_arenas >= 1
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@glibc_only
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="needs Debian's libjemalloc2")
+def test_python_heap_with_preloaded_allocator() -> None:
+    # An operator may preload another malloc into the workers; the memory
+    # stream's buffer then comes from it and must go back to it.
+    env = {**os.environ, "LD_PRELOAD": str(JEMALLOC)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from app.services.memory import python_heap\n"
+            "for _ in range(50):\n"
+            "    heap = python_heap()\n"
+            "print(heap.arenas > 0 and heap.used > 0)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
