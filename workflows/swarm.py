@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,9 @@ with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
     from app.contracts.swarm import (
         AGENT_TYPES,
+        MAX_QUEUED_WORK_BYTES,
+        MAX_TASK_TEXT_BYTES,
+        MAX_TASK_WORK_BYTES,
         AgentState,
         AgentStepRequest,
         Assignment,
@@ -40,9 +44,36 @@ with workflow.unsafe.imports_passed_through():
         TaskProgress,
         TaskRecord,
         TaskSpec,
+        work_bytes,
     )
     from app.swarm import planning
     from app.temporal.search_attributes import SWARM_ID
+
+
+# Characters of a started task's text that the swarm's record keeps.
+_TRIMMED_TEXT_CHARS = 200
+
+
+def _spec_digest(spec: TaskSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+def _trim_work(task: TaskRecord) -> None:
+    """Drop a started task's text and code from the swarm's state: the task
+    workflow's input holds them, and the state rides in every status query
+    and continue-as-new, where a few large tasks would pass Temporal's 2 MB
+    payload limit."""
+    work = task.spec.work
+    trimmed = work.model_copy(
+        update={
+            "task": work.task[:_TRIMMED_TEXT_CHARS],
+            "code": None,
+            "command": None,
+            "action_args": {},
+        }
+    )
+    task.spec = task.spec.model_copy(update={"work": trimmed})
+    task.work_trimmed = True
 
 
 def swarm_workflow_id(swarm_id: str) -> str:
@@ -188,6 +219,35 @@ class SwarmWorkflow:
                 "swarm_scale or start a larger swarm"
             )
 
+    def _check_work_size(self, spec: TaskSpec) -> None:
+        text = len(spec.work.task.encode())
+        if text > MAX_TASK_TEXT_BYTES:
+            raise ValueError(
+                f"task is {text} bytes; at most {MAX_TASK_TEXT_BYTES} are "
+                "allowed: put large inputs in a file (sandbox_upload or "
+                "storage_upload) and name it in the task"
+            )
+        size = work_bytes(spec.work)
+        if size > MAX_TASK_WORK_BYTES:
+            raise ValueError(
+                f"task, code, command and action_args take {size} bytes as "
+                f"JSON; at most {MAX_TASK_WORK_BYTES} are allowed: put large "
+                "inputs in a file (sandbox_upload or storage_upload) and read "
+                "it from the program"
+            )
+        queued = sum(
+            work_bytes(t.spec.work)
+            for t in self.state.tasks
+            if not t.child_started and not t.work_trimmed
+        )
+        if queued + size > MAX_QUEUED_WORK_BYTES:
+            raise ValueError(
+                f"swarm {self.state.swarm_id} already holds {queued} bytes of "
+                "tasks that have not started, and this one would pass the "
+                f"{MAX_QUEUED_WORK_BYTES} bytes allowed; wait for queued tasks "
+                "to start, or add agents with swarm_scale"
+            )
+
     @workflow.update
     async def submit_task(self, spec: TaskSpec) -> TaskRecord:
         existing = self._find_task(spec.task_id)
@@ -205,6 +265,7 @@ class SwarmWorkflow:
             workflow_id=task_workflow_id(spec.task_id),
             submitted_at=workflow.now(),
             seq=self.state.next_task_seq,
+            work_digest=_spec_digest(spec),
         )
         self.state.next_task_seq += 1
         self.state.tasks.append(record)
@@ -236,9 +297,10 @@ class SwarmWorkflow:
             raise ValueError("code is empty; give the program to run")
         if work.kind == "shell" and not (work.command or "").strip():
             raise ValueError("command is empty; give the shell command to run")
+        self._check_work_size(spec)
         existing = self._find_task(spec.task_id)
         if existing is not None:
-            if existing.spec == spec:
+            if existing.spec == spec or existing.work_digest == _spec_digest(spec):
                 return
             raise ValueError(
                 f"task id {spec.task_id} is already used by another task; "
@@ -446,6 +508,10 @@ class SwarmWorkflow:
                 ),
             )
             task.child_started = True
+            if with_assignment:
+                # Runs of older code started the child before choosing its
+                # agents, which reads the text, so they keep it.
+                _trim_work(task)
         finally:
             self.starting.discard(task_id)
 

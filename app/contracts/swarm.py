@@ -74,6 +74,23 @@ class TaskWork(BaseModel):
     timeout_seconds: float = Field(300.0, gt=0)
 
 
+# Limits on what one task carries. A part of the task text reaches a program
+# in the NEXUS_PART environment variable, where Linux allows 128 KiB per
+# variable. Text, code, command and action_args travel in the submission, the
+# task workflow's input and, until the task starts, the swarm's state, which
+# every status query and continue-as-new carries: Temporal refuses a payload
+# over 2 MB, and a swarm whose state passed that could no longer run.
+MAX_TASK_TEXT_BYTES = 100_000
+MAX_TASK_WORK_BYTES = 256 * 1024
+# Text and code of a swarm's tasks that have not started, all together.
+MAX_QUEUED_WORK_BYTES = 1024 * 1024
+
+
+def work_bytes(work: TaskWork) -> int:
+    """Bytes that a task's work takes as JSON, as it travels in payloads."""
+    return len(work.model_dump_json().encode())
+
+
 class TaskSpec(BaseModel):
     """A task as submitted to a swarm."""
 
@@ -106,6 +123,21 @@ class TaskRecord(BaseModel):
     error: str | None = None
     child_started: bool = False
     seq: int
+    work_digest: str | None = Field(
+        None,
+        description=(
+            "sha256 of the submitted spec, which tells a retried submission "
+            "apart from another task once the text is trimmed."
+        ),
+    )
+    work_trimmed: bool = Field(
+        False,
+        description=(
+            "The task's child has started with the whole spec, so this record "
+            "keeps only the start of the text and no code, command or "
+            "action_args."
+        ),
+    )
 
 
 class SwarmEvent(BaseModel):

@@ -13,7 +13,9 @@ from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
     Assignment,
     SpawnAgentRequest,
+    SwarmState,
     SwarmTaskInput,
+    TaskRecord,
     TaskSpec,
     TaskWork,
 )
@@ -306,6 +308,77 @@ async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
     for task_id in (task["task_id"], queued["task_id"]):
         results = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
         assert results["status"] == "cancelled"
+
+
+async def test_task_size_limits_keep_the_swarm_running(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolError) as caught:
+        await swarms.call(
+            "task_orchestrate", task="x" * 100_001, command="true", swarm_id=swarm_id
+        )
+    assert "task is 100001 bytes; at most 100000" in caught.value.message
+    with pytest.raises(ToolError) as caught:
+        await swarms.call(
+            "task_orchestrate",
+            task="big",
+            code=f"DATA = {'z' * 300_000!r}\nprint(len(DATA))",
+            swarm_id=swarm_id,
+        )
+    assert "take 300" in caught.value.message
+    assert "at most 262144" in caught.value.message
+
+    # The only agent is busy, so the next tasks queue with their code in
+    # the swarm's state, up to its budget.
+    gated = await swarms.call(
+        "task_orchestrate", task="gate", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    program = f"DATA = {'z' * 250_000!r}\nprint(len(DATA))"
+    queued = [
+        await swarms.call(
+            "task_orchestrate", task=f"q{i}", code=program, swarm_id=swarm_id
+        )
+        for i in range(4)
+    ]
+    assert [q["status"] for q in queued] == ["queued"] * 4
+    with pytest.raises(ToolError) as caught:
+        await swarms.call(
+            "task_orchestrate", task="q4", code=program, swarm_id=swarm_id
+        )
+    assert "tasks that have not started" in caught.value.message
+    assert "1048576 bytes allowed" in caught.value.message
+
+    folder = await agent_folder(swarms, agents[0]["agent_id"])
+    await wait_for_file(folder / "started")
+    (folder / "gate").write_text("open")
+    for task in queued:
+        results = await swarms.call(
+            "task_results", task_id=task["task_id"], wait_seconds=120
+        )
+        assert results["status"] == "completed", results
+        # The agent ran the whole program, which the swarm no longer keeps.
+        assert results["output"] == "250000\n"
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    state = await handle.query("status", result_type=SwarmState)
+    records = {t.spec.task_id: t for t in state.tasks}
+    for task in [gated, *queued]:
+        record = records[task["task_id"]]
+        assert record.work_trimmed
+        assert record.spec.work.code is None
+    assert len(state.model_dump_json()) < 20_000
+    # A retried submission of a task whose record was trimmed still returns
+    # the first record instead of clashing with it.
+    spec = TaskSpec(
+        task_id=f"retry-{swarm_id}",
+        work=TaskWork(kind="code", task="retry", code=program),
+    )
+    first = await handle.execute_update("submit_task", spec, result_type=TaskRecord)
+    results = await swarms.call("task_results", task_id=spec.task_id, wait_seconds=120)
+    assert results["output"] == "250000\n"
+    again = await handle.execute_update("submit_task", spec, result_type=TaskRecord)
+    assert again.seq == first.seq
+    assert again.work_trimmed
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
 
 
 async def _start_lone_task(client: Client, assignment: Assignment | None) -> str:
