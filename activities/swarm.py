@@ -26,6 +26,10 @@ from app.swarm.service import StepFailedError, run_step, write_mirror
 
 HEARTBEAT_SECONDS = 2.0
 
+# Error type of a step failure that a later attempt may not meet, such as a
+# rate limit, a server error or a lost connection. STEP_RETRY retries it.
+RETRYABLE_STEP_ERROR = "StepFailedRetryable"
+
 
 class SwarmActivities:
     """Activities of swarms, built from the worker's settings."""
@@ -61,11 +65,23 @@ class SwarmActivities:
                 attempt=info.attempt,
             )
         except StepFailedError as error:
-            raise ApplicationError(
+            message = (
                 f"agent {request.agent.agent_id} could not run step "
-                f"{request.step} of task {request.task_id}: {error}",
+                f"{request.step} of task {request.task_id} "
+                f"(attempt {info.attempt}): {error}"
+            )
+            if error.retryable:
+                # STEP_RETRY lists "StepFailed" as non-retryable, so a
+                # retryable failure needs a type of its own to be retried.
+                activity.logger.warning("retryable step failure: %s", message)
+                raise ApplicationError(
+                    message, {"attempt": info.attempt}, type=RETRYABLE_STEP_ERROR
+                ) from error
+            raise ApplicationError(
+                message,
+                {"attempt": info.attempt},
                 type="StepFailed",
-                non_retryable=not error.retryable,
+                non_retryable=True,
             ) from error
         finally:
             heartbeat.cancel()

@@ -773,6 +773,16 @@ STEP_RETRY = RetryPolicy(
 )
 
 
+def _failed_attempt(cause: BaseException | None) -> int:
+    """Return the attempt that a step activity's failure reports in its
+    details, or 1 for failures without one (timeouts, older workers)."""
+    if isinstance(cause, ApplicationError):
+        for detail in cause.details:
+            if isinstance(detail, dict) and isinstance(detail.get("attempt"), int):
+                return detail["attempt"]
+    return 1
+
+
 @workflow.defn(sandboxed=False)
 class SwarmTaskWorkflow:
     """One task: wait for the swarm's assignment, run the parts on the agents
@@ -1162,6 +1172,7 @@ class SwarmTaskWorkflow:
                 update={
                     "status": "failed",
                     "error": message,
+                    "attempt": _failed_attempt(cause),
                     "finished_at": workflow.now(),
                 }
             )

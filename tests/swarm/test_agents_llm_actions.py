@@ -22,9 +22,15 @@ from tests.swarm.conftest import SWARM_QUEUES, Swarms
 
 class MessagesStandIn(ThreadingHTTPServer):
     """Answers POST /v1/messages like the Messages API, echoing the prompt, and
-    keeps every request for the test to inspect."""
+    keeps every request for the test to inspect.
+
+    Attributes:
+        failures: HTTP statuses to answer with, one per request in order,
+            before it answers normally.
+    """
 
     requests: list[dict[str, Any]]
+    failures: list[int]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,6 +45,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(
                 401, {"type": "error", "error": {"type": "authentication_error"}}
             )
+            return
+        if self.server.failures:
+            status = self.server.failures.pop(0)
+            self._send(status, {"type": "error", "error": {"type": "api_error"}})
             return
         prompt = body["messages"][0]["content"]
         reply = {
@@ -70,6 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
 def messages_api() -> Iterator[MessagesStandIn]:
     server = MessagesStandIn(("127.0.0.1", 0), _Handler)
     server.requests = []
+    server.failures = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -144,6 +155,69 @@ async def test_llm_rejected_key_is_reported(
         await helper.cleanup()
     assert result["status"] == "failed"
     assert "HTTP 401" in result["error"]
+
+
+def stand_in_settings(settings: Settings, messages_api: MessagesStandIn) -> Settings:
+    """Return `settings` with the test key and the stand-in's address."""
+    host, port = messages_api.server_address[:2]
+    return settings.model_copy(
+        update={
+            "anthropic_api_key": SecretStr("test-key"),
+            "anthropic_base_url": f"http://{host}:{port}",
+        }
+    )
+
+
+async def run_llm_task(client: Client, settings: Settings, task: str) -> dict[str, Any]:
+    """Run a natural-language task on a one-agent swarm; return its results."""
+    helper = Swarms(client, settings)
+    try:
+        async with running_workers(client, settings, SWARM_QUEUES):
+            swarm_id, _ = await helper.swarm("mesh", ["analyst"])
+            return await helper.run_task(task=task, swarm_id=swarm_id)
+    finally:
+        await helper.cleanup()
+
+
+async def test_llm_server_errors_are_retried(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    messages_api.failures = [500, 529]
+    settings = stand_in_settings(swarm_settings, messages_api)
+    result = await run_llm_task(client, settings, "retry me")
+    assert result["status"] == "completed", result["error"]
+    assert len(messages_api.requests) == 3
+    [step] = result["results"]
+    assert step["attempt"] == 3
+    assert step["error"] is None
+    assert step["text"] == "answer to: Task: retry me"
+
+
+async def test_llm_server_errors_stop_after_five_attempts(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    messages_api.failures = [500] * 6
+    settings = stand_in_settings(swarm_settings, messages_api)
+    result = await run_llm_task(client, settings, "never answered")
+    assert result["status"] == "failed"
+    assert len(messages_api.requests) == 5
+    [step] = result["results"]
+    assert step["attempt"] == 5
+    assert "HTTP 500" in step["error"]
+    assert "(attempt 5)" in step["error"]
+
+
+async def test_llm_client_error_is_not_retried(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    messages_api.failures = [400, 400]
+    settings = stand_in_settings(swarm_settings, messages_api)
+    result = await run_llm_task(client, settings, "bad request")
+    assert result["status"] == "failed"
+    assert len(messages_api.requests) == 1
+    [step] = result["results"]
+    assert step["attempt"] == 1
+    assert "HTTP 400" in step["error"]
 
 
 async def test_builtin_action_runs_tool(swarms: Swarms) -> None:
