@@ -297,6 +297,8 @@ class SwarmWorkflow:
             raise ValueError("code is empty; give the program to run")
         if work.kind == "shell" and not (work.command or "").strip():
             raise ValueError("command is empty; give the shell command to run")
+        if work.kind == "action" and not (work.action or "").strip():
+            raise ValueError("action is empty; name the built-in action to run")
         self._check_work_size(spec)
         existing = self._find_task(spec.task_id)
         if existing is not None:

@@ -8,7 +8,14 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -44,7 +51,11 @@ from app.contracts.swarm import (
 )
 from app.contracts.types import UtcDateTime
 from app.swarm import planning, service
-from app.swarm.actions import ActionNotAvailableError, check_action
+from app.swarm.actions import (
+    BUILTIN_ACTIONS,
+    ActionNotAvailableError,
+    check_action,
+)
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.temporal.search_attributes import SWARM_ID
 from app.tools.registry import ToolContext, ToolError, tool
@@ -326,9 +337,28 @@ class TaskOrchestrateInput(BaseModel):
             raise ValueError("task is empty; describe what the agents should do")
         return value
 
+    @field_validator("code", "command", "action")
+    @classmethod
+    def _work_not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # An empty value must not fall through to a natural-language task,
+        # which would send the task text to the Messages API.
+        if value is not None and not value.strip():
+            fix = {
+                "code": "give the program to run",
+                "command": "give the shell command to run",
+                "action": f"name a built-in action ({', '.join(BUILTIN_ACTIONS)})",
+            }[info.field_name or ""]
+            raise ValueError(
+                f"{info.field_name} is empty ({value!r}); {fix}, or leave "
+                f"{info.field_name} out for a natural-language task"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> TaskOrchestrateInput:
-        given = [n for n in ("code", "command", "action") if getattr(self, n)]
+        given = [
+            n for n in ("code", "command", "action") if getattr(self, n) is not None
+        ]
         if len(given) > 1:
             raise ValueError(
                 f"give at most one of code, command and action, not {given}"
@@ -338,7 +368,7 @@ class TaskOrchestrateInput(BaseModel):
                 "action_args are given without action; name the built-in action "
                 "they are for, or leave action_args out"
             )
-        if "language" in self.model_fields_set and not self.code:
+        if "language" in self.model_fields_set and self.code is None:
             raise ValueError(
                 f"language {self.language!r} is given without code; it is the "
                 "language of code, so give code or leave language out"
@@ -359,11 +389,11 @@ class TaskOrchestrateResult(BaseModel):
 
 
 def _work(args: TaskOrchestrateInput) -> TaskWork:
-    if args.code:
+    if args.code is not None:
         kind = "code"
-    elif args.command:
+    elif args.command is not None:
         kind = "shell"
-    elif args.action:
+    elif args.action is not None:
         kind = "action"
     else:
         kind = "llm"
@@ -389,7 +419,7 @@ async def task_orchestrate(
     (needs ANTHROPIC_API_KEY). Agents are chosen by capability and load,
     critical tasks first, after `dependencies` complete. Read the outcome
     with task_status and task_results."""
-    if args.action:
+    if args.action is not None:
         try:
             check_action(args.action)
         except ActionNotAvailableError as error:

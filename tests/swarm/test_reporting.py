@@ -7,8 +7,11 @@ import asyncio
 from datetime import datetime
 
 import pytest
+from typer.testing import CliRunner
 
+from app.cli import cli
 from app.contracts.swarm import StopSandboxesRequest, TaskSpec, TaskWork
+from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.tools import ToolError, ToolInputError
@@ -187,3 +190,38 @@ async def test_sequential_failure_skips_rest(swarms: Swarms, topology: str) -> N
     assert steps[2]["error"] == "not run: step 1 (part 1) failed before it"
     assert steps[2]["agent_id"] == agents[0]["agent_id"]
     assert result["output"] == "ok\n"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"code": ""}, "code is empty ('')"),
+        ({"code": "   "}, "code is empty ('   ')"),
+        ({"code": "", "language": "bash"}, "code is empty ('')"),
+        ({"command": ""}, "command is empty ('')"),
+        ({"action": ""}, "action is empty ('')"),
+    ],
+)
+async def test_empty_work_is_rejected(
+    swarms: Swarms, arguments: dict[str, str], message: str
+) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolInputError) as caught:
+        await swarms.call("task_orchestrate", task="x", swarm_id=swarm_id, **arguments)
+    assert message in caught.value.message
+    assert "or leave" in caught.value.message
+    state = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert state["tasks"] == []
+
+
+def test_cli_empty_code_is_rejected(swarm_settings: Settings) -> None:
+    environment = {
+        "NEXUS_DATA_DIR": str(swarm_settings.data_dir),
+        "NEXUS_DATABASE_URL": swarm_settings.effective_database_url,
+        "NEXUS_TEMPORAL_ADDRESS": swarm_settings.effective_temporal_address,
+    }
+    result = CliRunner().invoke(
+        cli, ["swarm", "task", "x", "--code", ""], env=environment
+    )
+    assert result.exit_code == 1
+    assert "code is empty ('')" in result.output

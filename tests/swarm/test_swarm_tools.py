@@ -148,6 +148,12 @@ async def test_validators_reject_direct_updates(swarms: Swarms) -> None:
     with pytest.raises(WorkflowUpdateFailedError) as caught:
         await handle.execute_update("submit_task", empty)
     assert "task is empty" in str(caught.value.cause)
+    no_action = TaskSpec(
+        task_id="task_no_action", work=TaskWork(kind="action", task="x", action="")
+    )
+    with pytest.raises(WorkflowUpdateFailedError) as caught:
+        await handle.execute_update("submit_task", no_action)
+    assert "action is empty" in str(caught.value.cause)
     # Rejected updates leave no trace in the state.
     state = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert state["tasks"] == []
