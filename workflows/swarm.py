@@ -677,7 +677,7 @@ class SwarmWorkflow:
         agent = AgentState(
             agent_id=f"agent_{workflow.uuid4().hex[:12]}",
             type=agent_type,
-            name=name or f"{agent_type}-{seq}",
+            name=name or self._free_name(agent_type, seq),
             capabilities=capabilities,
             joined_at=workflow.now(),
             seq=seq,
@@ -689,6 +689,15 @@ class SwarmWorkflow:
             detail={"type": agent.type, "name": agent.name},
         )
         return agent
+
+    def _free_name(self, agent_type: str, seq: int) -> str:
+        """Return `<type>-<n>` for the first n from `seq` that no active agent
+        is named, since a user may have chosen such a name already."""
+        taken = {a.name for a in self._active_agents()}
+        number = seq
+        while f"{agent_type}-{number}" in taken:
+            number += 1
+        return f"{agent_type}-{number}"
 
     def _remove_agent(self, agent: AgentState, *, reason: str) -> None:
         if (

@@ -54,6 +54,28 @@ async def test_spawn_limit_rejects_past_max(swarms: Swarms) -> None:
     assert len(status["agents"]) == 2
 
 
+async def test_generated_names_skip_taken_names(swarms: Swarms) -> None:
+    swarm = await swarms.call("swarm_init", topology="mesh", strategy="balanced")
+    swarm_id = swarm["swarm_id"]
+    # Agent 0 takes the name that agent 1 would be given.
+    chosen = await swarms.call(
+        "agent_spawn", type="coder", name="coder-1", swarm_id=swarm_id
+    )
+    generated = await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
+    assert chosen["name"] == "coder-1"
+    assert generated["name"] == "coder-2"
+    # Agent 3 of a balanced swarm is a tester, and swarm_scale names it too.
+    await swarms.call(
+        "agent_spawn", type="reviewer", name="tester-3", swarm_id=swarm_id
+    )
+    await swarms.call("swarm_scale", target_agents=4, swarm_id=swarm_id)
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    names = [a["name"] for a in status["agents"]]
+    assert names == ["coder-1", "coder-2", "tester-3", "tester-4"]
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
 async def test_defaults_follow_tools_md(swarms: Swarms) -> None:
     swarm = await swarms.call("swarm_init", topology="ring")
     assert swarm["max_agents"] == 8
