@@ -203,14 +203,25 @@ def masked_input(
 
 
 def describe_validation_error(
-    tool_name: str, error: ValidationError, marked: frozenset[str] = frozenset()
+    tool_name: str,
+    error: ValidationError,
+    marked: frozenset[str] = frozenset(),
+    *,
+    prefix: tuple[str, ...] = (),
 ) -> ToolInputError:
     """Turn pydantic's errors into one message naming each field, value and
-    rule; values of secret fields are masked there and in the details."""
+    rule; values of secret fields are masked there and in the details.
+
+    Args:
+        prefix: the location of the validated value among the tool's
+            arguments, put in front of each field path (`action_args` for
+            the arguments of a swarm action).
+    """
     details: list[dict[str, Any]] = []
     lines: list[str] = []
     for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"]) or "(arguments)"
+        path = ".".join(str(part) for part in (*prefix, *item["loc"]))
+        path = path or "(arguments)"
         value = masked_input(tuple(item["loc"]), item.get("input"), marked)
         shown = "missing" if item["type"] == "missing" else f"{value!r}"
         lines.append(f"{path}: {shown} is invalid: {item['msg']}")

@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -54,11 +55,19 @@ from app.swarm import planning, service
 from app.swarm.actions import (
     BUILTIN_ACTIONS,
     ActionNotAvailableError,
+    BuiltinAction,
     check_action,
 )
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.temporal.search_attributes import SWARM_ID
-from app.tools.registry import ToolContext, ToolError, tool
+from app.tools.registry import (
+    ToolContext,
+    ToolError,
+    describe_validation_error,
+    get_tool,
+    secret_fields,
+    tool,
+)
 
 AgentType = Literal[
     "coordinator",
@@ -409,6 +418,22 @@ def _work(args: TaskOrchestrateInput) -> TaskWork:
     )
 
 
+def _check_action_args(action: BuiltinAction, arguments: dict[str, Any]) -> None:
+    """Validate `action_args` against the input model of the action's tool, so
+    that bad arguments fail the submission, not the task when it runs.
+
+    Raises:
+        ToolInputError: an argument does not match that model.
+    """
+    model = get_tool(action.tool).input_model
+    try:
+        model.model_validate(arguments)
+    except ValidationError as error:
+        raise describe_validation_error(
+            "task_orchestrate", error, secret_fields(model), prefix=("action_args",)
+        ) from None
+
+
 @tool("task_orchestrate", group="swarm")
 async def task_orchestrate(
     ctx: ToolContext, args: TaskOrchestrateInput
@@ -421,9 +446,10 @@ async def task_orchestrate(
     with task_status and task_results."""
     if args.action is not None:
         try:
-            check_action(args.action)
+            action = check_action(args.action)
         except ActionNotAvailableError as error:
             raise ToolError(str(error), kind="invalid_argument") from None
+        _check_action_args(action, args.action_args)
     client = await ctx.client()
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
     spec = TaskSpec(

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from app.settings import Settings
-from app.tools import ToolError
+from app.tools import ToolError, ToolInputError
 from app.tools import registry as tool_registry
 from tests.conftest import running_workers
 from tests.swarm.conftest import SWARM_QUEUES, Swarms
@@ -249,3 +249,56 @@ async def test_missing_capability_action_not_available(
     assert "'storage_upload' is not installed" in caught.value.message
     with pytest.raises(ToolError, match="unknown action 'fly'"):
         await swarms.call("task_orchestrate", task="x", action="fly", swarm_id=swarm_id)
+
+
+@pytest.mark.parametrize(
+    ("action_args", "field", "message"),
+    [
+        (
+            {"limit": "lots"},
+            "action_args.limit",
+            "action_args.limit: 'lots' is invalid: Input should be a valid integer",
+        ),
+        (
+            {"limit": 0},
+            "action_args.limit",
+            "action_args.limit: 0 is invalid: Input should be greater than or "
+            "equal to 1",
+        ),
+        (
+            {"bogus_field": 1},
+            "action_args.bogus_field",
+            "action_args.bogus_field: 1 is invalid: Extra inputs are not permitted",
+        ),
+    ],
+)
+async def test_bad_action_args_rejected_at_submission(
+    swarms: Swarms, action_args: dict[str, Any], field: str, message: str
+) -> None:
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    with pytest.raises(ToolInputError) as caught:
+        await swarms.call(
+            "task_orchestrate",
+            task="read the log",
+            action="audit_log",
+            action_args=action_args,
+            swarm_id=swarm_id,
+        )
+    assert message in caught.value.message
+    assert caught.value.message.startswith("invalid arguments for task_orchestrate")
+    assert [e["field"] for e in caught.value.errors] == [field]
+    state = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert state["tasks"] == []
+
+
+async def test_valid_action_args_run(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    result = await swarms.run_task(
+        task="read the log",
+        action="audit_log",
+        action_args={"limit": 2},
+        swarm_id=swarm_id,
+    )
+    assert result["status"] == "completed", result["error"]
+    [step] = result["results"]
+    assert step["output"]["count"] == 2
