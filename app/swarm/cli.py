@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import typer
 
 swarm_cli = typer.Typer(help="Swarms of agents that run tasks.", no_args_is_help=True)
+
+# Exit codes of `swarm task --wait` and `swarm results`, after 1 (a tool call
+# failed) and 2 (invalid usage).
+EXIT_TASK_FAILED = 3
+EXIT_TASK_NOT_ENDED = 4
 
 SwarmOption = Annotated[
     str | None, typer.Option("--swarm", help="Swarm id; default: newest active swarm.")
@@ -55,6 +61,53 @@ def spawn_command(
     )
 
 
+def parse_action_args(value: str | None) -> dict[str, Any] | None:
+    """Parse `--action-args` as a JSON object, or raise a usage error."""
+    if value is None:
+        return None
+    expected = """use a JSON object, e.g. '{"limit": 10}'"""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise typer.BadParameter(
+            f"{value!r} is not valid JSON ({error.msg}); {expected}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter(f"{value!r} is not a JSON object; {expected}")
+    return parsed
+
+
+def check_timeout(value: float) -> float:
+    if not 0 < value <= 86400:
+        raise typer.BadParameter(
+            f"{value:g} is out of range; use seconds above 0 and at most 86400"
+        )
+    return value
+
+
+def exit_for_outcome(result: dict[str, Any], waited: float) -> None:
+    """Exit with the code for a task's status, as the docs list them: return
+    for completed, exit 3 for failed or cancelled, exit 4 when it has not
+    ended, each after a line on stderr."""
+    status = result["status"]
+    task_id = result["task_id"]
+    if status == "completed":
+        return
+    if status in ("failed", "cancelled"):
+        typer.echo(f"error: task {task_id} {status}: {result.get('error')}", err=True)
+        raise typer.Exit(EXIT_TASK_FAILED)
+    if waited > 0:
+        ending = f"is still {status} after waiting {waited:g} s"
+    else:
+        ending = f"has not ended (status {status})"
+    typer.echo(
+        f"error: task {task_id} {ending}; wait longer with --wait SECONDS or run "
+        f"`nexus swarm results {task_id} --wait SECONDS`",
+        err=True,
+    )
+    raise typer.Exit(EXIT_TASK_NOT_ENDED)
+
+
 @swarm_cli.command("task")
 def task_command(
     task: Annotated[str, typer.Argument(help="What to do; lines become parts.")],
@@ -74,12 +127,44 @@ def task_command(
     depends_on: Annotated[
         list[str] | None, typer.Option("--depends-on", help="Task id; repeatable.")
     ] = None,
+    required_capability: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--required-capability",
+            help="Capability every assigned agent must have; repeatable.",
+        ),
+    ] = None,
+    action_args: Annotated[
+        dict[str, Any] | None,
+        typer.Option(
+            "--action-args",
+            parser=parse_action_args,
+            metavar="JSON",
+            help="""Arguments of --action as a JSON object, e.g. '{"limit": 10}'.""",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            callback=check_timeout, help="Seconds each step may run, up to 86400."
+        ),
+    ] = 300.0,
     wait: Annotated[
-        float, typer.Option(help="Seconds to wait for the results; 0 returns at once.")
+        float,
+        typer.Option(
+            min=0,
+            max=3600,
+            help="Seconds to wait for the results; 0 returns at once.",
+        ),
     ] = 0.0,
     swarm: SwarmOption = None,
 ) -> None:
-    """Orchestrate a task; with --wait, print its results when it ends."""
+    """Orchestrate a task; with --wait, print its results when it ends.
+
+    With --wait the exit code is 0 for a completed task, 3 for a failed or
+    cancelled one and 4 when the wait ran out first. Without --wait it is 0
+    once the task is submitted.
+    """
     from app.cli import call_tool, print_json
 
     arguments = {
@@ -92,6 +177,9 @@ def task_command(
         "strategy": strategy,
         "maxAgents": max_agents,
         "dependencies": depends_on or [],
+        "required_capabilities": required_capability or [],
+        "action_args": action_args,
+        "timeout": timeout,
         "swarm_id": swarm,
     }
     result = call_tool(
@@ -102,15 +190,27 @@ def task_command(
             "task_results", {"task_id": result["task_id"], "wait_seconds": wait}
         )
     print_json(result)
+    if wait > 0:
+        exit_for_outcome(result, wait)
 
 
 @swarm_cli.command("results")
 def results_command(
     task_id: Annotated[str, typer.Argument(help="Task id from `swarm task`.")],
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the end.")] = 0.0,
+    wait: Annotated[
+        float, typer.Option(min=0, max=3600, help="Seconds to wait for the end.")
+    ] = 0.0,
 ) -> None:
-    """Print a task's results: each agent's output, timings and errors."""
-    _call("task_results", {"task_id": task_id, "wait_seconds": wait})
+    """Print a task's results: each agent's output, timings and errors.
+
+    The exit code is 0 for a completed task, 3 for a failed or cancelled one
+    and 4 for one that has not ended (yet, or within --wait).
+    """
+    from app.cli import call_tool, print_json
+
+    result = call_tool("task_results", {"task_id": task_id, "wait_seconds": wait})
+    print_json(result)
+    exit_for_outcome(result, wait)
 
 
 @swarm_cli.command("status")
