@@ -152,21 +152,26 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
     """Turn `--field value` and `--flag` tokens into arguments for `model`.
 
     Dashes in a field name become underscores, so `--user-id` sets
-    `user_id`. A bare `--flag` sets true. A value of a string-only field
-    stays a string, so `--user-id 42` sends "42".
+    `user_id`, and a field with an alias takes either spelling
+    (`--max-agents` or `--maxAgents`). A bare `--flag` sets true. A value of
+    a string-only field stays a string, so `--user-id 42` sends "42". A list
+    field takes one item per option, repeated, or a JSON list.
 
     Raises:
-        ValueError: a token is not an option, or an option is repeated.
+        ValueError: a token is not an option, a non-list option is repeated,
+            or a list or object field gets a value of another form.
     """
     properties = model.model_json_schema(by_alias=True).get("properties", {})
+    keys = _field_keys(model)
     arguments: dict[str, Any] = {}
     index = 0
     while index < len(tokens):
         token = tokens[index]
         if not token.startswith("--") or token == "--":
             raise ValueError(f"{token!r} is not a --FIELD option")
-        field, sep, inline = token[2:].partition("=")
-        field = field.replace("-", "_")
+        option, sep, inline = token.partition("=")
+        field = option[2:].replace("-", "_")
+        key = keys.get(field, field)
         if sep:
             raw: str | None = inline
         elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
@@ -174,16 +179,32 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
             raw = tokens[index]
         else:
             raw = None
-        if field in arguments:
-            raise ValueError(f"--{field} is given twice; give each field once")
-        if raw is None:
-            arguments[field] = True
-        elif _field_types(properties.get(field, {})) <= {"string", "null"}:
-            arguments[field] = raw
+        details = properties.get(key, {})
+        types = _field_types(details)
+        if "array" in types and raw is not None:
+            arguments[key] = arguments.get(key, []) + _list_items(option, raw, details)
+        elif key in arguments:
+            raise ValueError(f"{option} is given twice; give each field once")
+        elif raw is None:
+            arguments[key] = True
+        elif types <= {"string", "null"}:
+            arguments[key] = raw
+        elif "object" in types and "any" not in types:
+            arguments[key] = _json_object(option, raw)
         else:
-            arguments[field] = _parse_value(raw)
+            arguments[key] = _parse_value(raw)
         index += 1
     return arguments
+
+
+def _field_keys(model: Any) -> dict[str, str]:
+    """Map each field name and alias to the key of the JSON schema."""
+    keys: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        keys[name] = key
+        keys[key] = key
+    return keys
 
 
 def _field_types(details: dict[str, Any]) -> set[str]:
@@ -202,20 +223,71 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def _list_items(option: str, raw: str, details: dict[str, Any]) -> list[Any]:
+    """Read one value of a list option: a JSON list gives its items, any
+    other value is one item."""
+    if raw.lstrip().startswith("["):
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{option} {raw!r} is not a valid JSON list ({error.msg}); repeat "
+                f"""{option} once per item, or give a JSON list like '["a", "b"]'"""
+            ) from None
+        if isinstance(parsed, list):
+            return parsed
+    item_types = _field_types(_list_item_schema(details))
+    if item_types <= {"string", "null"}:
+        return [raw]
+    return [_parse_value(raw)]
+
+
+def _list_item_schema(details: dict[str, Any]) -> dict[str, Any]:
+    if "items" in details:
+        return dict(details["items"])
+    for option in details.get("anyOf", []):
+        if "items" in option:
+            return dict(option["items"])
+    return {}
+
+
+def _json_object(option: str, raw: str) -> dict[str, Any]:
+    expected = """give a JSON object like '{"key": "value"}'"""
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{option} {raw!r} is not valid JSON ({error.msg}); {expected}"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{option} {raw!r} is not a JSON object; {expected}")
+    return parsed
+
+
 def describe_tool_fields(model: Any) -> str:
     """List a tool's fields with their JSON types, defaults and descriptions."""
     schema = model.model_json_schema(by_alias=True)
     required = set(schema.get("required", []))
+    properties = schema.get("properties", {})
     lines = [f"Fields of {schema.get('title', model.__name__)}:"]
-    for field, details in schema.get("properties", {}).items():
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        details = properties.get(key, {})
         kind = details.get("type") or " | ".join(
             str(option.get("type", "object")) for option in details.get("anyOf", [])
         )
-        default = (
-            "required" if field in required else f"default {details.get('default')!r}"
-        )
+        if key in required:
+            default = "required"
+        else:
+            default = f"default {info.get_default(call_default_factory=True)!r}"
+        spelling = f"--{name.replace('_', '-')}"
+        if key != name:
+            spelling += f", --{key}"
+        notes = [kind, default]
+        if "array" in _field_types(details):
+            notes.append("repeatable, or a JSON list")
         description = details.get("description", "")
-        lines.append(f"  --{field.replace('_', '-')} ({kind}, {default}) {description}")
+        lines.append(f"  {spelling} ({', '.join(notes)}) {description}".rstrip())
     if len(lines) == 1:
         lines.append("  (none)")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from app.api.cli import parse_field_options
+from app.api.cli import describe_tool_fields, parse_field_options
 from app.settings import Settings
 from app.tools import get_tool, load_tools
 from tests.api.conftest import REPO_ROOT, ApiServer, server_env
@@ -39,6 +39,42 @@ def test_field_options_follow_schema() -> None:
         parse_field_options(["--limit", "1", "--limit", "2"], model)
     with pytest.raises(ValueError, match="not a --FIELD option"):
         parse_field_options(["limit"], model)
+
+
+def test_field_options_take_lists_and_aliases() -> None:
+    load_tools()
+    model = get_tool("task_orchestrate").input_model
+    repeated = parse_field_options(
+        [
+            "--required-capabilities",
+            "gpu",
+            "--required-capabilities=fast",
+            "--dependencies",
+            '["task_a", "task_b"]',
+            "--action-args",
+            '{"limit": 1}',
+        ],
+        model,
+    )
+    assert repeated["required_capabilities"] == ["gpu", "fast"]
+    assert repeated["dependencies"] == ["task_a", "task_b"]
+    assert repeated["action_args"] == {"limit": 1}
+    assert parse_field_options(["--maxAgents", "3"], model) == {"maxAgents": 3}
+    assert parse_field_options(["--max-agents", "3"], model) == {"maxAgents": 3}
+    with pytest.raises(ValueError, match="given twice"):
+        parse_field_options(["--maxAgents", "3", "--max-agents", "4"], model)
+    with pytest.raises(ValueError, match=r"""JSON list like '\["a", "b"\]'"""):
+        parse_field_options(["--dependencies", "[task_a"], model)
+    with pytest.raises(ValueError, match=r"'gpu' is not valid JSON.*JSON object"):
+        parse_field_options(["--action-args", "gpu"], model)
+
+
+def test_tool_help_spells_fields_one_way() -> None:
+    load_tools()
+    described = describe_tool_fields(get_tool("task_orchestrate").input_model)
+    assert "--max-agents, --maxAgents (integer | null, default None)" in described
+    assert "--swarm-id (string | null, default None)" in described
+    assert "--required-capabilities (array, default [], repeatable" in described
 
 
 def test_keys_commands_round_trip(api_settings: Settings) -> None:
