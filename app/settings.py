@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -16,6 +15,8 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from app.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -373,10 +374,6 @@ def settings_error_lines(error: ValidationError) -> list[str]:
 # NEXUS_ variables that are read outside `Settings`: the test suite's
 # PostgreSQL server.
 _OTHER_VARIABLES = frozenset({"NEXUS_TEST_DATABASE_URL"})
-# Minimum difflib similarity for a known name to be suggested: it matched
-# NEXUS_API_PORT to NEXUS_HTTP_PORT (0.83) and NEXUS_DB_URL to
-# NEXUS_DATABASE_URL (0.8), and suggested nothing for NEXUS_FOO.
-_SUGGESTION_CUTOFF = 0.75
 
 
 def known_variables() -> frozenset[str]:
@@ -405,10 +402,7 @@ def unknown_variable_lines(environ: Mapping[str, str]) -> list[str]:
         upper = variable.upper()
         if not upper.startswith("NEXUS_") or upper in known:
             continue
-        close = difflib.get_close_matches(
-            upper, sorted(known), n=1, cutoff=_SUGGESTION_CUTOFF
-        )
-        hint = f"; did you mean {close[0]}?" if close else ""
+        hint = did_you_mean(upper, known)
         lines.append(
             f"unknown setting {variable} is ignored{hint} (`nexus config` shows "
             "the settings)"
