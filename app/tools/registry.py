@@ -20,6 +20,7 @@ from app.services.audit import is_secret_name, mask_all, mask_secrets, record_ca
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
+from app.suggest import did_you_mean
 from app.temporal.client import connect
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,9 @@ def get_tool(name: str) -> ToolSpec:
     try:
         return _registry[name]
     except KeyError:
+        hint = did_you_mean(name, _registry)
         raise ToolError(
-            f"unknown tool {name!r}; list the tools with `nexus tools`",
+            f"unknown tool {name!r}{hint}; list the tools with `nexus tools`",
             kind="not_found",
         ) from None
 

@@ -112,6 +112,9 @@ def test_tool_command_calls_and_rejects(api_settings: Settings) -> None:
     assert usage.returncode == 0, usage.stderr
     assert "Usage: python -m app tool" in usage.stdout
     assert "nexus tools" in usage.stdout
+    mistyped = nexus(api_settings, "tool", "swarm_lst")
+    assert mistyped.returncode == 2
+    assert "did you mean swarm_list?" in mistyped.stderr
 
 
 async def _status_until(

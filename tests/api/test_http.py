@@ -106,6 +106,9 @@ async def test_unknown_tool_404(api_server: ApiServer) -> None:
     response = await post(api_server, "/api/tools/no_such_tool", {})
     assert response.status_code == 404
     assert "no_such_tool" in response.json()["error"]["message"]
+    mistyped = await post(api_server, "/api/tools/swarm_lst", {})
+    assert mistyped.status_code == 404
+    assert "did you mean swarm_list?" in mistyped.json()["error"]["message"]
 
 
 async def test_missing_key_rejected(api_server: ApiServer) -> None:

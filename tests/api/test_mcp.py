@@ -68,6 +68,11 @@ async def test_stdio_lists_and_calls(api_server: ApiServer) -> None:
         await check_invalid_arguments(client)
         unknown = await client.call_tool("no_such_tool", {})
         assert unknown.is_error
+        mistyped = await client.call_tool("swarm_lst", {})
+        assert mistyped.is_error
+        text = mistyped.content[0]
+        assert isinstance(text, types.TextContent)
+        assert "did you mean swarm_list?" in text.text
 
 
 def _exchange(process: subprocess.Popen[str], message: dict[str, Any]) -> None:

@@ -40,6 +40,14 @@ async def test_unknown_tool_is_not_found(settings: Settings) -> None:
     with pytest.raises(ToolError) as caught:
         await invoke_tool(ToolContext(settings), "no_such_tool", {})
     assert caught.value.kind == "not_found"
+    assert "did you mean" not in caught.value.message
+
+
+async def test_unknown_tool_suggests_close_name(settings: Settings) -> None:
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(ToolContext(settings), "swarm_lst", {})
+    assert caught.value.kind == "not_found"
+    assert "unknown tool 'swarm_lst'; did you mean swarm_list?" in caught.value.message
 
 
 async def test_audit_log_tool_filters(client: Client, settings: Settings) -> None:
