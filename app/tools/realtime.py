@@ -30,7 +30,7 @@ from app.realtime.service import (
     prune_if_due,
 )
 from app.realtime.stream import close_streams, next_events
-from app.tools.registry import ToolContext, ToolError, tool
+from app.tools.registry import ToolContext, ToolError, arguments_error, tool
 
 
 class RealtimeSubscribeInput(BaseModel):
@@ -234,7 +234,11 @@ class ExecutionStreamSubscribeInput(BaseModel):
     @model_validator(mode="after")
     def _one_target(self) -> ExecutionStreamSubscribeInput:
         if (self.sandbox_id is None) == (self.execution_id is None):
-            raise ValueError("pass exactly one of sandbox_id and execution_id")
+            raise arguments_error(
+                "pass exactly one of sandbox_id and execution_id",
+                "sandbox_id",
+                "execution_id",
+            )
         return self
 
     def target(self) -> tuple[Literal["sandbox", "workflow"], str]:
@@ -297,8 +301,11 @@ class ExecutionStreamStatusInput(BaseModel):
     def _one_target(self) -> ExecutionStreamStatusInput:
         given = [self.subscription_id, self.sandbox_id, self.execution_id]
         if sum(value is not None for value in given) != 1:
-            raise ValueError(
-                "pass exactly one of subscription_id, sandbox_id and execution_id"
+            raise arguments_error(
+                "pass exactly one of subscription_id, sandbox_id and execution_id",
+                "subscription_id",
+                "sandbox_id",
+                "execution_id",
             )
         return self
 

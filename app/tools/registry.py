@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 from temporalio.client import Client
 
 from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
@@ -204,12 +206,33 @@ def masked_input(
     return mask_secrets(value, name=last)
 
 
+# The pydantic error type of a rule across arguments; see `arguments_error`.
+ARGUMENTS_ERROR = "invalid_arguments"
+
+
+def arguments_error(message: str, *fields: str) -> PydanticCustomError:
+    """Build the error a model validator raises for a rule across arguments.
+
+    `describe_validation_error` reports it under the named fields with only
+    their given values, where a plain ValueError from a model validator would
+    be reported against the whole argument dict.
+
+    Args:
+        message: what is wrong and the fix. Braces around a name are
+            placeholders for pydantic, so the message must not contain
+            `{fields}`.
+        fields: the fields the rule involves, by field name.
+    """
+    return PydanticCustomError(ARGUMENTS_ERROR, message, {"fields": fields})
+
+
 def describe_validation_error(
     tool_name: str,
     error: ValidationError,
     marked: frozenset[str] = frozenset(),
     *,
     prefix: tuple[str, ...] = (),
+    model: type[BaseModel] | None = None,
 ) -> ToolInputError:
     """Turn pydantic's errors into one message naming each field, value and
     rule; values of secret fields are masked there and in the details.
@@ -218,20 +241,113 @@ def describe_validation_error(
         prefix: the location of the validated value among the tool's
             arguments, put in front of each field path (`action_args` for
             the arguments of a swarm action).
+        model: the validated model, whose field names and aliases are
+            suggested for an unknown argument.
     """
     details: list[dict[str, Any]] = []
     lines: list[str] = []
     for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in (*prefix, *item["loc"]))
+        loc = tuple(item["loc"])
+        message = item["msg"]
+        if item["type"] == ARGUMENTS_ERROR:
+            fields = tuple(item.get("ctx", {}).get("fields", ()))
+            path = ", ".join(
+                ".".join(str(part) for part in (*prefix, *loc, name)) for name in fields
+            )
+            value = _given_values(item.get("input"), fields, loc, marked, model)
+        else:
+            path = ".".join(str(part) for part in (*prefix, *loc))
+            value = masked_input(loc, item.get("input"), marked)
         path = path or "(arguments)"
-        value = masked_input(tuple(item["loc"]), item.get("input"), marked)
-        shown = "missing" if item["type"] == "missing" else f"{value!r}"
-        lines.append(f"{path}: {shown} is invalid: {item['msg']}")
-        details.append(
-            {"field": path, "value": _jsonable(value), "message": item["msg"]}
-        )
+        if item["type"] == "missing":
+            # Pydantic reports the object that lacks the field as its input,
+            # so showing it would echo every other argument.
+            value = None
+            lines.append(f"{path} is required: the arguments have no {loc[-1]}")
+        elif item["type"] == "extra_forbidden":
+            message += _suggest_field(model, loc)
+            lines.append(f"{path}: {value!r} is invalid: {message}")
+        elif value is None and item["type"] == ARGUMENTS_ERROR:
+            lines.append(f"{path}: {message}")
+        else:
+            lines.append(f"{path}: {value!r} is invalid: {message}")
+        details.append({"field": path, "value": _jsonable(value), "message": message})
     message = f"invalid arguments for {tool_name}: " + "; ".join(lines)
     return ToolInputError(message, details)
+
+
+def _given_values(
+    arguments: Any,
+    fields: tuple[str, ...],
+    loc: tuple[int | str, ...],
+    marked: frozenset[str],
+    model: type[BaseModel] | None,
+) -> Any:
+    """Return the values given for `fields`: the value of the one given field,
+    a dict of several, or None when none was given."""
+    if not isinstance(arguments, Mapping):
+        return None
+    target = _model_at(model, loc)
+    given: dict[str, Any] = {}
+    for name in fields:
+        info = target.model_fields.get(name) if target else None
+        for key in (name, info.alias if info else None):
+            if key is not None and key in arguments:
+                given[key] = masked_input((*loc, name), arguments[key], marked)
+                break
+    if not given:
+        return None
+    if len(given) == 1:
+        return next(iter(given.values()))
+    return given
+
+
+def _suggest_field(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
+    """Return "; did you mean NAME?" for an unknown argument at `loc`, naming
+    the closest field or alias of the model that rejected it."""
+    target = _model_at(model, loc[:-1])
+    if target is None or not loc or not isinstance(loc[-1], str):
+        return ""
+    known = set(target.model_fields)
+    known.update(info.alias for info in target.model_fields.values() if info.alias)
+    return did_you_mean(loc[-1], known)
+
+
+def _model_at(
+    model: type[BaseModel] | None, loc: tuple[int | str, ...]
+) -> type[BaseModel] | None:
+    """Return the model validated at `loc` inside `model`, following nested
+    model fields and list items. Return None where the path leaves models."""
+    current = model
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue  # an item of a list field, whose model is already known
+        info = _field_named(current, part)
+        current = _model_in(info.annotation) if info else None
+    return current
+
+
+def _field_named(model: type[BaseModel], name: str) -> FieldInfo | None:
+    """Return the field of `model` with this name or alias, or None."""
+    if name in model.model_fields:
+        return model.model_fields[name]
+    for info in model.model_fields.values():
+        if info.alias == name:
+            return info
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """Return the model in a field's annotation (`M`, `M | None`, `list[M]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _model_in(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -272,7 +388,7 @@ async def invoke_tool(
             args = spec.input_model.model_validate(raw)
         except ValidationError as error:
             raise describe_validation_error(
-                name, error, secret_fields(spec.input_model)
+                name, error, secret_fields(spec.input_model), model=spec.input_model
             ) from None
         model = await spec.handler(ctx, args)
         result = model.model_dump(mode="json", by_alias=True)

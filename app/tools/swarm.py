@@ -63,6 +63,7 @@ from app.temporal.search_attributes import SWARM_ID
 from app.tools.registry import (
     ToolContext,
     ToolError,
+    arguments_error,
     describe_validation_error,
     get_tool,
     secret_fields,
@@ -369,18 +370,20 @@ class TaskOrchestrateInput(BaseModel):
             n for n in ("code", "command", "action") if getattr(self, n) is not None
         ]
         if len(given) > 1:
-            raise ValueError(
-                f"give at most one of code, command and action, not {given}"
+            raise arguments_error(
+                f"give at most one of code, command and action, not {given}", *given
             )
         if self.action_args and not self.action:
-            raise ValueError(
+            raise arguments_error(
                 "action_args are given without action; name the built-in action "
-                "they are for, or leave action_args out"
+                "they are for, or leave action_args out",
+                "action_args",
             )
         if "language" in self.model_fields_set and self.code is None:
-            raise ValueError(
+            raise arguments_error(
                 f"language {self.language!r} is given without code; it is the "
-                "language of code, so give code or leave language out"
+                "language of code, so give code or leave language out",
+                "language",
             )
         return self
 
@@ -430,7 +433,11 @@ def _check_action_args(action: BuiltinAction, arguments: dict[str, Any]) -> None
         model.model_validate(arguments)
     except ValidationError as error:
         raise describe_validation_error(
-            "task_orchestrate", error, secret_fields(model), prefix=("action_args",)
+            "task_orchestrate",
+            error,
+            secret_fields(model),
+            prefix=("action_args",),
+            model=model,
         ) from None
 
 

@@ -84,6 +84,18 @@ async def test_invalid_arguments_name_field(api_server: ApiServer) -> None:
     assert "limit: 0" in error["message"]
 
 
+async def test_cross_field_error_names_fields(api_server: ApiServer) -> None:
+    arguments = {"task": "x", "language": "bash", "priority": "medium"}
+    response = await post(api_server, "/api/tools/task_orchestrate", arguments)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["kind"] == "invalid_argument"
+    assert error["errors"][0]["field"] == "language"
+    assert error["errors"][0]["value"] == "bash"
+    assert "without code" in error["errors"][0]["message"]
+    assert "language: 'bash' is invalid" in error["message"]
+
+
 async def test_unexpected_field_rejected(api_server: ApiServer) -> None:
     response = await post(api_server, "/api/tools/system_health", {"verbose": True})
     assert response.status_code == 422

@@ -36,6 +36,85 @@ async def test_unknown_argument_rejected(settings: Settings) -> None:
         await invoke_tool(ToolContext(settings), "audit_log", {"limt": 5})
 
 
+async def test_unknown_argument_suggests_field(settings: Settings) -> None:
+    arguments = {"topology": "mesh", "maxAgent": 5}
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "swarm_init", arguments)
+    assert "maxAgent: 5 is invalid" in caught.value.message
+    assert "did you mean maxAgents?" in caught.value.message
+    assert caught.value.errors[0]["field"] == "maxAgent"
+    assert "did you mean maxAgents?" in caught.value.errors[0]["message"]
+
+
+async def test_unknown_argument_far_from_fields(settings: Settings) -> None:
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "audit_log", {"colour": "red"})
+    assert "did you mean" not in caught.value.message
+
+
+async def test_missing_argument_is_required(settings: Settings) -> None:
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "task_status", {})
+    assert "task_id is required" in caught.value.message
+    assert "missing is invalid" not in caught.value.message
+    assert caught.value.errors[0]["field"] == "task_id"
+    assert caught.value.errors[0]["value"] is None
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field", "value"),
+    [
+        (
+            "task_orchestrate",
+            {
+                "task": "x",
+                "language": "bash",
+                "priority": "medium",
+                "strategy": "adaptive",
+                "dependencies": [],
+            },
+            "language",
+            "bash",
+        ),
+        (
+            "task_orchestrate",
+            {"task": "x", "code": "echo", "command": "ls", "priority": "high"},
+            "code, command",
+            {"code": "echo", "command": "ls"},
+        ),
+        (
+            "task_orchestrate",
+            {"task": "x", "action_args": {"limit": 1}},
+            "action_args",
+            {"limit": 1},
+        ),
+        ("execution_stream_subscribe", {}, "sandbox_id, execution_id", None),
+        (
+            "execution_stream_subscribe",
+            {"sandbox_id": "s", "workflow_id": "w"},
+            "sandbox_id, execution_id",
+            {"sandbox_id": "s", "workflow_id": "w"},
+        ),
+    ],
+)
+async def test_cross_field_error_names_fields(
+    settings: Settings,
+    tool: str,
+    arguments: dict[str, object],
+    field: str,
+    value: object,
+) -> None:
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), tool, arguments)
+    error = caught.value.errors[0]
+    assert error["field"] == field
+    assert error["value"] == value
+    assert f"{tool}: {field}: " in caught.value.message
+    assert "(arguments)" not in caught.value.message
+    assert "priority" not in caught.value.message
+    assert "Value error" not in error["message"]
+
+
 async def test_unknown_tool_is_not_found(settings: Settings) -> None:
     with pytest.raises(ToolError) as caught:
         await invoke_tool(ToolContext(settings), "no_such_tool", {})
