@@ -819,6 +819,9 @@ class SwarmTaskWorkflow:
             submitted_at=input.submitted_at or workflow.now(),
         )
         self.next_step = 0
+        # The task's parts once `_execute` has split it, so that a cancelled
+        # task can list the parts that never ran.
+        self.parts: list[str] = []
         # Set when the task has one step, which then reports the task's end.
         self.last_step_reports = False
         self.reported = False
@@ -858,21 +861,8 @@ class SwarmTaskWorkflow:
         try:
             await self._execute(assignment)
         except asyncio.CancelledError:
-            progress.status = "cancelled"
-            progress.error = progress.error or "the task was cancelled"
-            progress.finished_at = workflow.now()
-            # Steps cut short end with the task, not stay running.
-            for index, step in enumerate(progress.steps):
-                if step.status == "running":
-                    progress.steps[index] = step.model_copy(
-                        update={
-                            "status": "cancelled",
-                            "error": "the task was cancelled while the step ran",
-                            "finished_at": progress.finished_at,
-                        }
-                    )
             # The swarm cancelled this task (destroy) and has recorded that already.
-            return progress
+            return self._cancelled(assignment)
         progress.finished_at = workflow.now()
         failed = [s for s in progress.steps if s.status == "failed"]
         progress.steps_failed = len(failed)
@@ -882,6 +872,64 @@ class SwarmTaskWorkflow:
         if not self.reported:
             await self._report()
         return progress
+
+    def _cancelled(self, assignment: Assignment) -> TaskProgress:
+        """End a task cancelled while it ran. Its result keeps the steps that
+        completed and their aggregated output, and lists each part that never
+        ran as skipped. This changes only the result, not the commands."""
+        progress = self.progress
+        progress.status = "cancelled"
+        progress.error = progress.error or "the task was cancelled"
+        progress.finished_at = workflow.now()
+
+        # Steps cut short end with the task, not stay running. Their partial
+        # stdout never came back from the activity, so it stays unset.
+        for index, step in enumerate(progress.steps):
+            if step.status == "running":
+                progress.steps[index] = step.model_copy(
+                    update={
+                        "status": "cancelled",
+                        "error": "the task was cancelled while the step ran",
+                        "finished_at": progress.finished_at,
+                    }
+                )
+
+        self._skip_unstarted(assignment)
+        progress.output = self._completed_output()
+        return progress
+
+    def _skip_unstarted(self, assignment: Assignment) -> None:
+        """Record each part that no step started before the task was cancelled."""
+        started = {s.part_index for s in self.progress.steps}
+        owners = planning.part_owners(
+            assignment.topology, len(assignment.agents), len(self.parts)
+        )
+        for part_index, part in enumerate(self.parts):
+            if part_index in started:
+                continue
+            self.progress.steps.append(
+                self._step_record(
+                    self.next_step,
+                    assignment.agents[owners[part_index]],
+                    part_index,
+                    part,
+                    status="skipped",
+                    error="not run: the task was cancelled before this part started",
+                )
+            )
+            self.next_step += 1
+
+    def _completed_output(self) -> str | None:
+        """Return the completed steps' output: the last one's for a sequential
+        task, else all of them joined in part order, like a finished task's
+        output. Return None when no step completed."""
+        done = [s for s in self.progress.steps if s.status == "completed"]
+        if not done:
+            return None
+        if self.progress.strategy_used == "sequential":
+            return done[-1].output_text()
+        done.sort(key=lambda s: s.part_index)
+        return "\n".join(s.output_text().rstrip("\n") for s in done)
 
     def _cancelled_before_start(self) -> TaskProgress:
         progress = self.progress
@@ -926,6 +974,7 @@ class SwarmTaskWorkflow:
         if topology in ("hierarchical", "star") and workers > 1:
             workers -= 1
         parts = planning.split_parts(spec, workers)
+        self.parts = parts
         strategy, reason = planning.choose_strategy(spec, parts, len(agents))
         self.progress.strategy_used = strategy  # type: ignore[assignment]
         self.progress.strategy_reason = reason
@@ -957,9 +1006,8 @@ class SwarmTaskWorkflow:
         self, agents: list[AgentState], parts: list[str], sequential: bool
     ) -> list[str]:
         root = agents[0]
-        nodes = list(range(1, len(agents))) or [0]
         self._flow("split", root, root, note=f"{len(parts)} subtasks")
-        owners = [nodes[j % len(nodes)] for j in range(len(parts))]
+        owners = planning.part_owners("hierarchical", len(agents), len(parts))
         for j, node in enumerate(owners):
             path = planning.tree_path(node)
             for upper, lower in itertools.pairwise(path):
@@ -1052,8 +1100,9 @@ class SwarmTaskWorkflow:
         self, agents: list[AgentState], parts: list[str], sequential: bool
     ) -> list[str]:
         hub = agents[0]
-        spokes = agents[1:] or [hub]
-        owners = [spokes[j % len(spokes)] for j in range(len(parts))]
+        owners = [
+            agents[i] for i in planning.part_owners("star", len(agents), len(parts))
+        ]
         if sequential:
             outputs: list[str] = []
             previous: str | None = None

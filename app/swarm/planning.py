@@ -156,6 +156,23 @@ def choose_strategy(
     )
 
 
+def part_owners(topology: str, agent_count: int, part_count: int) -> list[int]:
+    """Return the index of the agent that each part goes to, in part order.
+
+    Star and hierarchical swarms keep agent 0 as hub or root and give the
+    parts in turn to the others, unless it is the only agent. Ring and mesh
+    give part k to agent k mod n.
+
+    NOTE: a parallel mesh task has no fixed owners, because each agent claims
+    the next part when it is free, so there the result is only the order in
+    which a first round of claims goes.
+    """
+    workers = list(range(agent_count))
+    if topology in ("hierarchical", "star") and agent_count > 1:
+        workers = workers[1:]
+    return [workers[j % len(workers)] for j in range(part_count)]
+
+
 def tree_parent(index: int) -> int | None:
     """Parent of node `index` in the hierarchical tree; the root has none."""
     return None if index == 0 else (index - 1) // 2

@@ -338,6 +338,50 @@ async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
         assert results["status"] == "cancelled"
 
 
+# Prints its part, but waits at part c until the test writes `gate`.
+_GATED_AT_C = (
+    'if [ "$NEXUS_PART" = c ]; then touch started; '
+    "while [ ! -f gate ]; do sleep 0.05; done; fi; "
+    'echo "$NEXUS_PART"'
+)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "output"), [("sequential", "b\n"), ("parallel", "a\nb")]
+)
+async def test_destroy_keeps_finished_steps(
+    swarms: Swarms, strategy: str, output: str
+) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    task = await swarms.call(
+        "task_orchestrate",
+        task="a\nb\nc\nd",
+        strategy=strategy,
+        command=_GATED_AT_C,
+        swarm_id=swarm_id,
+    )
+    folder = await agent_folder(swarms, agents[0]["agent_id"])
+    await wait_for_file(folder / "started")
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    results = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=60
+    )
+    assert results["status"] == "cancelled"
+    assert results["output"] == output
+    steps = sorted(results["results"], key=lambda s: s["part_index"])
+    assert [s["part"] for s in steps] == ["a", "b", "c", "d"]
+    assert [s["status"] for s in steps] == [
+        "completed",
+        "completed",
+        "cancelled",
+        "skipped",
+    ]
+    assert [s["stdout"] for s in steps] == ["a\n", "b\n", None, None]
+    assert steps[3]["agent_id"] == agents[0]["agent_id"]
+    assert "cancelled" in steps[3]["error"]
+    await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
+
+
 async def test_task_size_limits_keep_the_swarm_running(swarms: Swarms) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     with pytest.raises(ToolError) as caught:
