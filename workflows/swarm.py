@@ -59,10 +59,11 @@ def _spec_digest(spec: TaskSpec) -> str:
 
 
 def _trim_work(task: TaskRecord) -> None:
-    """Drop a started task's text and code from the swarm's state: the task
-    workflow's input holds them, and the state rides in every status query
-    and continue-as-new, where a few large tasks would pass Temporal's 2 MB
-    payload limit."""
+    """Drop a started task's text and code from the swarm's state.
+
+    The task workflow's input contains them. The state is sent with every
+    status query and continue-as-new, where a few large tasks would pass the
+    2 MB payload limit of the Temporal server's default configuration."""
     work = task.spec.work
     trimmed = work.model_copy(
         update={
@@ -242,7 +243,7 @@ class SwarmWorkflow:
         )
         if queued + size > MAX_QUEUED_WORK_BYTES:
             raise ValueError(
-                f"swarm {self.state.swarm_id} already holds {queued} bytes of "
+                f"swarm {self.state.swarm_id} already contains {queued} bytes of "
                 "tasks that have not started, and this one would pass the "
                 f"{MAX_QUEUED_WORK_BYTES} bytes allowed; wait for queued tasks "
                 "to start, or add agents with swarm_scale"

@@ -77,9 +77,10 @@ class TaskWork(BaseModel):
 # Limits on what one task carries. A part of the task text reaches a program
 # in the NEXUS_PART environment variable, where Linux allows 128 KiB per
 # variable. Text, code, command and action_args travel in the submission, the
-# task workflow's input and, until the task starts, the swarm's state, which
-# every status query and continue-as-new carries: Temporal refuses a payload
-# over 2 MB, and a swarm whose state passed that could no longer run.
+# task workflow's input and, until the task starts, the swarm's state. Every
+# status query and continue-as-new sends that state. The Temporal server's
+# default configuration rejects a payload over 2 MB, and a swarm whose state
+# passed that could no longer run.
 MAX_TASK_TEXT_BYTES = 100_000
 MAX_TASK_WORK_BYTES = 256 * 1024
 # Text and code of a swarm's tasks that have not started, all together.

@@ -100,9 +100,9 @@ def _malloc_stats_reader() -> _MallocStatsReader | None:
     open_memstream.restype = ctypes.c_void_p
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.fclose.restype = ctypes.c_int
-    # The stream's buffer comes from whichever malloc the process uses, which
+    # The stream's buffer comes from the malloc that the process uses, which
     # is not libc's own when another allocator is preloaded (LD_PRELOAD of
-    # jemalloc): the global `free`, not libc's, must release it.
+    # jemalloc). So the global `free` releases it, not libc's.
     free = ctypes.CDLL(None).free
     free.argtypes = [ctypes.c_void_p]
     free.restype = None

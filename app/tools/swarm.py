@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -87,6 +88,8 @@ AgentType = Literal[
 T = TypeVar("T")
 
 UPDATE_RETRY_SECONDS = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 def swarm_workflow_id(swarm_id: str) -> str:
@@ -596,8 +599,9 @@ async def _termination_reason(handle: WorkflowHandle[Any, TaskProgress]) -> str:
 
 
 async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
-    """The child's result; for a child that ended without one (cancelled before
-    it ran, terminated, timed out), its last progress with how it ended."""
+    """Return the child's result. For a child that ended without one
+    (cancelled before it ran, terminated, timed out), return its last
+    progress with the status and error of how it ended."""
     try:
         return await handle.result()
     except WorkflowFailureError as failure:
@@ -618,6 +622,7 @@ async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
             status, ending = "failed", f"the task's workflow was terminated: {reason}"
         else:
             status, ending = "failed", f"the task's workflow failed: {cause}"
+        logger.info("task workflow %s ended without a result: %s", handle.id, ending)
         return progress.model_copy(
             update={"status": status, "error": progress.error or ending}
         )

@@ -269,10 +269,11 @@ def test_failed_phase_counts_failed_operation(settings: Settings) -> None:
     assert "| Cross-system integration | ❌ | 1 | 2 | 1 | 1 | 50.0 |" in markdown
 
 
-def test_checks_stay_out_of_calls_per_second(settings: Settings) -> None:
+def test_checks_excluded_from_call_rate(settings: Settings) -> None:
     url = settings.effective_database_url
     recording.start_run(url, "run-checks", BenchmarkConfig(duration_seconds=60))
     start = datetime.now(UTC)
+
     recording.record_phase(
         url,
         PhaseRecord(
@@ -296,12 +297,14 @@ def test_checks_stay_out_of_calls_per_second(settings: Settings) -> None:
         ),
     )
     recording.finish_run(url, "run-checks", start + timedelta(seconds=2), {})
+
     metrics = build_metrics(settings, "run-checks", None)
     (phase,) = metrics["phases"]
     assert phase["operations"] == 5
     assert phase["checks"] == 3
     assert phase["calls_per_second"] == 1.0
     assert sorted(metrics["latency"]) == ["sandbox_create", "sandbox_execute"]
+
     markdown = render_markdown(metrics)
     assert "| Sandbox integration | ✅ | 1 | 5 | 3 | 5 | 100.0 | 1.0 |" in markdown
 

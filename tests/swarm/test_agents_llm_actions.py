@@ -25,8 +25,8 @@ class MessagesStandIn(ThreadingHTTPServer):
     keeps every request for the test to inspect.
 
     Attributes:
-        failures: HTTP statuses to answer with, one per request in order,
-            before it answers normally.
+        failures: HTTP statuses to respond with, one per request in order,
+            before the normal responses.
     """
 
     requests: list[dict[str, Any]]

@@ -382,7 +382,7 @@ async def test_destroy_keeps_finished_steps(
     await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
 
 
-async def test_task_size_limits_keep_the_swarm_running(swarms: Swarms) -> None:
+async def test_task_size_limits(swarms: Swarms) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     with pytest.raises(ToolError) as caught:
         await swarms.call(
@@ -454,7 +454,7 @@ async def test_task_size_limits_keep_the_swarm_running(swarms: Swarms) -> None:
 
 
 async def _start_lone_task(client: Client, assignment: Assignment | None) -> str:
-    """Start a task workflow that no swarm knows, with no worker polling yet."""
+    """Start a task workflow outside any swarm, with no worker polling yet."""
     task_id = f"lone-{uuid.uuid4().hex[:8]}"
     spec = TaskSpec(
         task_id=task_id, work=TaskWork(kind="code", task="lone", code="print(1)")
@@ -468,7 +468,7 @@ async def _start_lone_task(client: Client, assignment: Assignment | None) -> str
     return task_id
 
 
-async def test_task_cancelled_before_it_ran_reads_cancelled(
+async def test_cancel_before_start_reads_cancelled(
     client: Client, swarm_settings: Settings
 ) -> None:
     # A destroy can cancel a task whose child has not run its first workflow
@@ -486,14 +486,14 @@ async def test_task_cancelled_before_it_ran_reads_cancelled(
     await replay_run(client, task_workflow_id(task_id), all_workflows())
 
 
-async def test_task_cancelled_before_it_ran_by_older_code_replays(
+async def test_cancel_before_start_older_replays(
     client: Client,
 ) -> None:
     # Older code let the cancel end the workflow as cancelled, with no result.
     await replay_saved(client, "swarm_task_cancelled_before_start", all_workflows())
 
 
-async def test_terminated_task_reads_failed_with_its_reason(
+async def test_terminated_task_reads_failed(
     client: Client, swarm_settings: Settings
 ) -> None:
     task_id = await _start_lone_task(client, None)
