@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         TaskProgress,
         TaskRecord,
         TaskSpec,
+        task_workflow_id,
         work_bytes,
     )
     from app.swarm import planning
@@ -79,10 +80,6 @@ def _trim_work(task: TaskRecord) -> None:
 
 def swarm_workflow_id(swarm_id: str) -> str:
     return f"swarm-{swarm_id}"
-
-
-def task_workflow_id(task_id: str) -> str:
-    return f"swarm-task-{task_id}"
 
 
 def agent_sandbox_id(agent_id: str) -> str:
@@ -930,7 +927,7 @@ class SwarmTaskWorkflow:
         if self.progress.strategy_used == "sequential":
             return done[-1].output_text()
         done.sort(key=lambda s: s.part_index)
-        return "\n".join(s.output_text().rstrip("\n") for s in done)
+        return planning.join_outputs([s.output_text() for s in done])
 
     def _cancelled_before_start(self) -> TaskProgress:
         progress = self.progress
@@ -998,7 +995,7 @@ class SwarmTaskWorkflow:
                 # The chain broke: keep the last output that a step completed.
                 self.progress.output = done[-1].output_text() if done else ""
         else:
-            self.progress.output = "\n".join(o.rstrip("\n") for o in outputs)
+            self.progress.output = planning.join_outputs(outputs)
 
     # Topologies. Each returns the outputs in part order (sequential: the
     # chain's outputs in execution order).
@@ -1216,6 +1213,7 @@ class SwarmTaskWorkflow:
             part_count=part_count,
             part=part,
             previous_output=previous,
+            dependencies=list(self.input.spec.dependencies),
         )
         try:
             result = await self._run_step_activity(request)

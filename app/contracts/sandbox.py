@@ -132,6 +132,15 @@ class ExecuteRequest(BaseModel):
     working_dir: str | None = None
     timeout: float = Field(60, gt=0)
     capture_output: bool = True
+    file_env: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Inputs passed as files: each value is written to a file of this "
+            "call, and the variable holds the file's path. For inputs too "
+            "large for the environment, where execve refuses a variable of "
+            "128 KiB or more."
+        ),
+    )
 
 
 class ExecuteResult(BaseModel):

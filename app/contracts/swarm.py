@@ -92,6 +92,11 @@ def work_bytes(work: TaskWork) -> int:
     return len(work.model_dump_json().encode())
 
 
+def task_workflow_id(task_id: str) -> str:
+    """Return the id of the `SwarmTaskWorkflow` that runs a task."""
+    return f"swarm-task-{task_id}"
+
+
 class TaskSpec(BaseModel):
     """A task as submitted to a swarm."""
 
@@ -281,6 +286,10 @@ class AgentStepRequest(BaseModel):
     part_count: int
     part: str
     previous_output: str | None = None
+    dependencies: list[str] = Field(
+        default_factory=list,
+        description="Task ids whose outputs the step receives; all completed.",
+    )
 
 
 class StepResult(BaseModel):

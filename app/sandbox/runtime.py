@@ -222,11 +222,13 @@ async def execute(
             backend_id, code_name, request.code.encode()
         )
     argv = code_command(request.language, request.code, code_path)
+    inputs: list[str] = []
     try:
+        file_env = await _write_input_files(backend, backend_id, request, inputs)
         output: RunOutput = await backend.run(
             backend_id,
             argv,
-            env={**package_env(home), **env},
+            env={**package_env(home), **env, **file_env},
             cwd=request.working_dir,
             timeout=request.timeout,
             output_limit=settings.sandbox_output_limit,
@@ -234,8 +236,9 @@ async def execute(
             keep_alive=keep_alive,
         )
     finally:
-        if code_name is not None:
-            await _remove_code_file(backend, backend_id, code_name)
+        for name in [code_name, *inputs]:
+            if name is not None:
+                await _remove_code_file(backend, backend_id, name)
     secrets = secret_values(env)
     if output.timed_out:
         status = "timed_out"
@@ -254,10 +257,30 @@ async def execute(
     )
 
 
+async def _write_input_files(
+    backend: SandboxBackend,
+    backend_id: str,
+    request: ExecuteRequest,
+    written: list[str],
+) -> dict[str, str]:
+    """Write each `file_env` value to a file of this execution; return the
+    variables that name them. Each name written is appended to `written`,
+    so the caller removes even the files of a write that failed halfway."""
+    # Files directly in `.nexus`, since removing a file leaves its folder.
+    prefix = f".nexus/input-{uuid.uuid4().hex}"
+    paths: dict[str, str] = {}
+    for variable, content in request.file_env.items():
+        name = f"{prefix}-{variable}"
+        written.append(name)
+        paths[variable] = await backend.write_file(backend_id, name, content.encode())
+    return paths
+
+
 async def _remove_code_file(
     backend: SandboxBackend, backend_id: str, code_name: str
 ) -> None:
-    """Remove an execution's program file; a failure costs only disk space."""
+    """Remove an execution's program or input file; a failure costs only
+    disk space."""
     try:
         await backend.remove_file(backend_id, code_name)
     except (SandboxBackendError, OSError, ValueError) as error:

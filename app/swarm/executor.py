@@ -61,9 +61,11 @@ class AgentExecutor(Protocol):
         env: Mapping[str, str],
         timeout: float,
         call_id: str | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> ExecutionOutput:
         """Run `code` in the sandbox and return what it printed and its exit;
-        a `call_id` used before returns that call's output instead."""
+        a `call_id` used before returns that call's output instead. Each
+        `files` value goes to a file whose path is in that variable."""
         ...
 
     async def state(self, sandbox_id: str) -> SandboxState:
@@ -179,13 +181,19 @@ class SandboxSessionExecutor:
         env: Mapping[str, str],
         timeout: float,
         call_id: str | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> ExecutionOutput:
         try:
             result = await sandbox_service.execute(
                 self.client,
                 self.settings,
                 sandbox_id,
-                ExecuteRequest(code=code, language=language, timeout=timeout),
+                ExecuteRequest(
+                    code=code,
+                    language=language,
+                    timeout=timeout,
+                    file_env=dict(files or {}),
+                ),
                 env_vars=env,
                 call_id=call_id,
             )

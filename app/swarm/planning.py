@@ -209,3 +209,19 @@ def task_outcome(steps: Sequence[StepResult]) -> tuple[TaskStatus, str | None]:
         f"{s.agent_name} (part {s.part_index}): {s.error}" for s in failed
     )
     return "failed", error
+
+
+def join_outputs(outputs: Sequence[str]) -> str:
+    """Join the outputs of a task's parts in part order, as `cat` would.
+
+    A newline goes between two outputs only where the first does not end
+    with one, so every part starts on a line of its own, and the task's
+    output ends the way its last part's output ends. A task of one part has
+    that part's output unchanged, whatever its strategy.
+    """
+    joined: list[str] = []
+    for output in outputs:
+        if joined and not joined[-1].endswith("\n"):
+            joined.append("\n")
+        joined.append(output)
+    return "".join(joined)

@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError, RPCStatusCode
 
-from app.contracts.swarm import AgentStepRequest, StepResult, SwarmMirror
+from app.contracts.swarm import (
+    AgentStepRequest,
+    StepResult,
+    SwarmMirror,
+    TaskProgress,
+    task_workflow_id,
+)
 from app.db import session_scope
 from app.sandbox.service import SandboxServiceError
 from app.settings import Settings
@@ -57,9 +65,18 @@ def swarm_of_task(task_id: str) -> str | None:
     return swarm_id
 
 
-def step_env(request: AgentStepRequest) -> dict[str, str]:
-    """Build the environment of a step's program: who runs it and on what part."""
-    return {
+# Largest input passed in the environment itself, in UTF-8 bytes. execve
+# refuses a variable of 128 KiB or more, and all of them together share the
+# argument space; larger inputs are only in their files.
+INLINE_INPUT_BYTES = 65_536
+
+
+def step_env(
+    request: AgentStepRequest, dependency_outputs: Mapping[str, str]
+) -> dict[str, str]:
+    """Build the environment of a step's program: who runs it, on what part,
+    and the inputs small enough to inline (see `step_input_files`)."""
+    env = {
         "NEXUS_SWARM_ID": request.swarm_id,
         "NEXUS_TASK_ID": request.task_id,
         "NEXUS_AGENT_ID": request.agent.agent_id,
@@ -68,8 +85,73 @@ def step_env(request: AgentStepRequest) -> dict[str, str]:
         "NEXUS_PART_INDEX": str(request.part_index),
         "NEXUS_PART_COUNT": str(request.part_count),
         "NEXUS_PART": request.part,
-        "NEXUS_PREVIOUS_OUTPUT": request.previous_output or "",
     }
+    previous = request.previous_output or ""
+    if len(previous.encode()) <= INLINE_INPUT_BYTES:
+        env["NEXUS_PREVIOUS_OUTPUT"] = previous
+    if request.dependencies:
+        outputs = _dependencies_json(dependency_outputs)
+        if len(outputs.encode()) <= INLINE_INPUT_BYTES:
+            env["NEXUS_DEPENDENCY_OUTPUTS"] = outputs
+    return env
+
+
+def step_input_files(
+    request: AgentStepRequest, dependency_outputs: Mapping[str, str]
+) -> dict[str, str]:
+    """Return the step's inputs that go to files, by the variable that names
+    each file: every previous output and dependency output, whatever its size."""
+    files: dict[str, str] = {}
+    if request.previous_output is not None:
+        files["NEXUS_PREVIOUS_OUTPUT_FILE"] = request.previous_output
+    if request.dependencies:
+        files["NEXUS_DEPENDENCY_OUTPUTS_FILE"] = _dependencies_json(dependency_outputs)
+    return files
+
+
+def _dependencies_json(outputs: Mapping[str, str]) -> str:
+    return json.dumps(dict(outputs), ensure_ascii=False)
+
+
+async def dependency_outputs(
+    client: Client | None, request: AgentStepRequest
+) -> dict[str, str]:
+    """Read the outputs of the tasks that the step's task depends on, from
+    their task workflows' results, in the order the task listed them.
+
+    The swarm starts a task only once every dependency has completed, so
+    each result is there.
+
+    Raises:
+        StepFailedError: a dependency's result cannot be read, or the
+            dependency did not complete.
+    """
+    if not request.dependencies:
+        return {}
+    if client is None:
+        raise StepFailedError("no Temporal client to read the dependencies' outputs")
+    outputs: dict[str, str] = {}
+    for task_id in request.dependencies:
+        handle = client.get_workflow_handle(
+            task_workflow_id(task_id), result_type=TaskProgress
+        )
+        try:
+            progress = await handle.result()
+        except RPCError as error:
+            raise StepFailedError(
+                f"could not read the output of dependency {task_id}: {error.message}",
+                retryable=error.status != RPCStatusCode.NOT_FOUND,
+            ) from error
+        except WorkflowFailureError as error:
+            raise StepFailedError(
+                f"dependency {task_id} did not complete: {error.cause or error}"
+            ) from error
+        if progress.status != "completed":
+            raise StepFailedError(
+                f"dependency {task_id} is {progress.status}, not completed"
+            )
+        outputs[task_id] = progress.output or ""
+    return outputs
 
 
 def exit_error(exit_code: int, stderr: str) -> str:
@@ -80,8 +162,12 @@ def exit_error(exit_code: int, stderr: str) -> str:
     return f"exit code {exit_code}: {lines[-1][:300]}"
 
 
-def llm_prompt(request: AgentStepRequest) -> str:
+def llm_prompt(
+    request: AgentStepRequest, dependency_outputs: Mapping[str, str] | None = None
+) -> str:
     lines = [f"Task: {request.work.task}"]
+    for task_id, output in (dependency_outputs or {}).items():
+        lines.append(f"Output of task {task_id}, which this task depends on:\n{output}")
     if request.part_count > 1:
         lines.append(
             f"Your part ({request.part_index + 1} of {request.part_count}): "
@@ -99,6 +185,7 @@ async def _run_program(
     program: str,
     request: AgentStepRequest,
     attempt: int,
+    dependency_outputs: Mapping[str, str],
 ) -> ExecutionOutput:
     """Run the step's program once per step, not once per activity attempt.
 
@@ -112,11 +199,18 @@ async def _run_program(
         f"agent-step-{request.task_id}-{request.agent.agent_id}-"
         f"{request.step}-{request.part_index}"
     )
-    env = step_env(request)
+    env = step_env(request, dependency_outputs)
+    files = step_input_files(request, dependency_outputs)
     timeout = request.work.timeout_seconds
     try:
         return await executor.run_code(
-            sandbox_id, language, program, env=env, timeout=timeout, call_id=call_id
+            sandbox_id,
+            language,
+            program,
+            env=env,
+            files=files,
+            timeout=timeout,
+            call_id=call_id,
         )
     except SandboxServiceError as error:
         if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
@@ -126,6 +220,7 @@ async def _run_program(
         language,
         program,
         env=env,
+        files=files,
         timeout=timeout,
         call_id=f"{call_id}-attempt-{attempt}",
     )
@@ -167,10 +262,11 @@ async def run_step(
         language = work.language if work.kind == "code" else "bash"
         program = (work.code if work.kind == "code" else work.command) or ""
         try:
+            inputs = await dependency_outputs(client, request)
             sandbox_id = await executor.ensure_sandbox(agent.agent_id)
             result.sandbox_id = sandbox_id
             output = await _run_program(
-                executor, sandbox_id, language, program, request, attempt
+                executor, sandbox_id, language, program, request, attempt, inputs
             )
         except SandboxServiceError as error:
             permanent = error.kind in ("configuration", "invalid_argument")
@@ -213,8 +309,9 @@ async def run_step(
             type=agent.type,
             capabilities=", ".join(agent.capabilities) or "general",
         )
+        inputs = await dependency_outputs(client, request)
         try:
-            reply = await llm.ask(settings, system, llm_prompt(request))
+            reply = await llm.ask(settings, system, llm_prompt(request, inputs))
         except llm.LLMUnavailableError as error:
             raise StepFailedError(str(error)) from error
         except llm.LLMRequestError as error:

@@ -50,6 +50,7 @@ from app.contracts.swarm import (
     TaskStrategy,
     TaskWork,
     Topology,
+    task_workflow_id,
 )
 from app.contracts.types import UtcDateTime
 from app.swarm import planning, service
@@ -94,10 +95,6 @@ logger = logging.getLogger(__name__)
 
 def swarm_workflow_id(swarm_id: str) -> str:
     return f"swarm-{swarm_id}"
-
-
-def task_workflow_id(task_id: str) -> str:
-    return f"swarm-task-{task_id}"
 
 
 async def _resolve_swarm(ctx: ToolContext, swarm_id: str | None) -> str:

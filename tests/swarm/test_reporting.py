@@ -171,6 +171,23 @@ def test_adaptive_reason_single_part() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("outputs", "joined"),
+    [
+        (["a\n"], "a\n"),
+        (["a"], "a"),
+        (["a\n", "b\n"], "a\nb\n"),
+        (["a", "b"], "a\nb"),
+        (["a\n\n", "", "c"], "a\n\n\nc"),
+        ([], ""),
+    ],
+)
+def test_part_outputs_join_like_cat(outputs: list[str], joined: str) -> None:
+    # A one-part task keeps its output as it is, whichever strategy ran it;
+    # more parts each start on a line of their own.
+    assert planning.join_outputs(outputs) == joined
+
+
 @pytest.mark.parametrize("topology", ["ring", "mesh"])
 async def test_sequential_failure_skips_rest(swarms: Swarms, topology: str) -> None:
     swarm_id, agents = await swarms.swarm(topology, ["coder", "tester"])

@@ -81,6 +81,7 @@ class FailsFirstCall:
         env: Mapping[str, str],
         timeout: float,
         call_id: str | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> ExecutionOutput:
         self.call_ids.append(call_id)
         if len(self.call_ids) == 1:

@@ -3,6 +3,7 @@ destruction and the database mirror."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -18,6 +19,7 @@ from app.contracts.swarm import (
     TaskRecord,
     TaskSpec,
     TaskWork,
+    task_workflow_id,
 )
 from app.sandbox import service as sandbox_service
 from app.settings import Settings
@@ -34,7 +36,7 @@ from tests.swarm.conftest import (
     wait_for_file,
 )
 from workers.registry import all_workflows
-from workflows.swarm import SwarmTaskWorkflow, task_workflow_id
+from workflows.swarm import SwarmTaskWorkflow
 
 
 async def test_spawn_limit_rejects_past_max(swarms: Swarms) -> None:
@@ -215,6 +217,66 @@ async def test_dependencies_wait(swarms: Swarms) -> None:
     assert results["started_at"] >= first_results["finished_at"]
 
 
+# Prints what the program got from the tasks it depends on: the variable,
+# then the file, then whether both agree.
+_READ_DEPENDENCIES = (
+    "import json, os\n"
+    "inline = json.loads(os.environ['NEXUS_DEPENDENCY_OUTPUTS'])\n"
+    "with open(os.environ['NEXUS_DEPENDENCY_OUTPUTS_FILE']) as f:\n"
+    "    from_file = json.load(f)\n"
+    "print(json.dumps(from_file, sort_keys=True))\n"
+    "print(inline == from_file)\n"
+)
+
+
+async def test_dependent_task_reads_dependency_outputs(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder"])
+    first = await swarms.call(
+        "task_orchestrate", task="a", code="print('alpha')", swarm_id=swarm_id
+    )
+    second = await swarms.call(
+        "task_orchestrate", task="b", command="echo beta", swarm_id=swarm_id
+    )
+    third = await swarms.call(
+        "task_orchestrate",
+        task="combine",
+        code=_READ_DEPENDENCIES,
+        dependencies=[second["task_id"], first["task_id"]],
+        swarm_id=swarm_id,
+    )
+    results = await swarms.call(
+        "task_results", task_id=third["task_id"], wait_seconds=60
+    )
+    assert results["status"] == "completed", results["error"]
+    expected = {first["task_id"]: "alpha\n", second["task_id"]: "beta\n"}
+    assert results["output"] == f"{json.dumps(expected, sort_keys=True)}\nTrue\n"
+
+
+async def test_large_previous_output_goes_to_a_file(swarms: Swarms) -> None:
+    # 150,000 characters: execve refuses a variable of 128 KiB or more.
+    swarm_id, _ = await swarms.swarm("ring", ["coder", "coder"])
+    program = (
+        "import os\n"
+        "if os.environ['NEXUS_PART'] == 'first':\n"
+        "    print('x' * 150000)\n"
+        "else:\n"
+        "    print('inline' if 'NEXUS_PREVIOUS_OUTPUT' in os.environ else 'file')\n"
+        "    with open(os.environ['NEXUS_PREVIOUS_OUTPUT_FILE']) as f:\n"
+        "        print(len(f.read()))\n"
+    )
+    results = await swarms.run_task(
+        task="first\nsecond",
+        strategy="sequential",
+        code=program,
+        swarm_id=swarm_id,
+    )
+    assert results["status"] == "completed", results["error"]
+    assert results["output"] == "file\n150001\n"
+    # The input files of each call are removed after it.
+    folder = await agent_folder(swarms, results["results"][1]["agent_id"])
+    assert not list((folder / ".nexus").glob("input-*"))
+
+
 async def test_failed_dependency_fails_dependent(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
     first = await swarms.call(
@@ -347,7 +409,7 @@ _GATED_AT_C = (
 
 
 @pytest.mark.parametrize(
-    ("strategy", "output"), [("sequential", "b\n"), ("parallel", "a\nb")]
+    ("strategy", "output"), [("sequential", "b\n"), ("parallel", "a\nb\n")]
 )
 async def test_destroy_keeps_finished_steps(
     swarms: Swarms, strategy: str, output: str
