@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -55,7 +56,8 @@ class SwarmActivities:
             request.task_id,
             info.attempt,
         )
-        heartbeat = asyncio.create_task(_heartbeat_until_done(request.step))
+        started = first_start(info)
+        heartbeat = asyncio.create_task(_heartbeat_until_done(request.step, started))
         try:
             return await run_step(
                 self.settings,
@@ -63,6 +65,7 @@ class SwarmActivities:
                 activity.client(),
                 request,
                 attempt=info.attempt,
+                started_at=started,
             )
         except StepFailedError as error:
             message = (
@@ -160,9 +163,27 @@ class SwarmMirrorActivities:
         )
 
 
-async def _heartbeat_until_done(step: int) -> None:
+def first_start(info: activity.Info) -> datetime:
+    """Return when the step's first attempt started.
+
+    Each attempt's heartbeats carry that time, and the server hands the last
+    ones to the next attempt. A first attempt that died before its first
+    heartbeat left none; the time the step was first scheduled is then the
+    closest known, at most a queue wait earlier.
+    """
+    if info.attempt == 1:
+        return datetime.now(UTC)
+    for details in info.heartbeat_details[-1:]:
+        if isinstance(details, dict) and isinstance(details.get("started_at"), str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(details["started_at"])
+    return info.scheduled_time
+
+
+async def _heartbeat_until_done(step: int, started: datetime) -> None:
     # The first heartbeat waits too: most steps end within HEARTBEAT_SECONDS,
     # and each heartbeat is a call to the server.
+    details = {"step": step, "started_at": started.isoformat()}
     while True:
         await asyncio.sleep(HEARTBEAT_SECONDS)
-        activity.heartbeat({"step": step})
+        activity.heartbeat(details)

@@ -233,8 +233,12 @@ async def run_step(
     request: AgentStepRequest,
     *,
     attempt: int = 1,
+    started_at: datetime | None = None,
 ) -> StepResult:
     """Execute one agent's step and return what really happened.
+
+    `started_at` is when the step's first attempt started (default: now);
+    the result's `started_at` and `duration_ms` count from it.
 
     A program that exits non-zero is a failed step with its output, not an
     exception: it ran, and a retry would run it again.
@@ -245,7 +249,7 @@ async def run_step(
     """
     agent = request.agent
     work = request.work
-    started = datetime.now(UTC)
+    started = started_at or datetime.now(UTC)
     result = StepResult(
         step=request.step,
         agent_id=agent.agent_id,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.swarm import HEARTBEAT_SECONDS
 from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import SwarmState
 from app.settings import Settings
@@ -54,6 +56,9 @@ async def test_task_completes_after_worker_dies(
                 )
                 folder = await agent_folder(helper, agents[0]["agent_id"])
                 await wait_for_file(folder / "started")
+                seen_running = datetime.now(UTC)
+                # Past the first heartbeat, which carries the step's start.
+                await asyncio.sleep(HEARTBEAT_SECONDS + 0.5)
             # The worker is gone while the program runs on in the sandbox
             # session; a new one takes the step over.
             status = await helper.call("task_status", task_id=task["task_id"])
@@ -69,6 +74,10 @@ async def test_task_completes_after_worker_dies(
     [step] = results["results"]
     assert step["stdout"] == "gate opened\n"
     assert step["attempt"] >= 2
+    # The step started with its first attempt, before that worker died.
+    started = datetime.fromisoformat(step["started_at"])
+    assert started <= seen_running
+    assert step["duration_ms"] >= (HEARTBEAT_SECONDS + 0.5) * 1000
     # The retried step sent the same sandbox call, so it got the output of
     # the program that was still running instead of starting another one.
     assert (folder / "attempts").read_text() == "x"
