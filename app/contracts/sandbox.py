@@ -132,6 +132,13 @@ class ExecuteRequest(BaseModel):
     working_dir: str | None = None
     timeout: float = Field(60, gt=0)
     capture_output: bool = True
+    call_id: str | None = Field(
+        None,
+        description=(
+            "The caller's id for this call. With one, the sandbox counts the "
+            "starts of the program for it, in `ExecuteResult.runs`."
+        ),
+    )
     file_env: dict[str, str] = Field(
         default_factory=dict,
         description=(
@@ -152,6 +159,15 @@ class ExecuteResult(BaseModel):
     stdout_dropped_bytes: int = 0
     stderr_dropped_bytes: int = 0
     recreated: int = Field(0, description="Sandboxes recreated to serve this call.")
+    runs: int = Field(
+        1,
+        description=(
+            "Starts of the program for this call in this sandbox, counted when "
+            "the request has a `call_id`. Above 1 when a start was cut short, "
+            "as by a worker that died while the program ran, and the call was "
+            "made again."
+        ),
+    )
 
 
 class UploadRequest(BaseModel):

@@ -313,6 +313,14 @@ class StepResult(BaseModel):
     error: str | None = None
     sandbox_id: str | None = None
     attempt: int = 1
+    program_runs: int | None = Field(
+        None,
+        description=(
+            "Code and shell steps: how many times the sandbox started the "
+            "program for the output shown. Above 1 when a worker died while "
+            "the program ran and the sandbox ran it again."
+        ),
+    )
     started_at: UtcDateTime | None = None
     finished_at: UtcDateTime | None = None
     duration_ms: float | None = None

@@ -107,6 +107,14 @@ class SandboxBackend(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def read_file(self, backend_id: str, path: str, limit: int) -> bytes | None:
+        """Return up to `limit` bytes of the file at `path` relative to the
+        sandbox folder, or None when it is not there.
+
+        Raises `ValueError` for a path that leaves the sandbox folder.
+        """
+
+    @abc.abstractmethod
     async def remove_file(self, backend_id: str, path: str) -> None:
         """Remove the file at `path` relative to the sandbox folder.
 

@@ -214,6 +214,17 @@ class E2BBackend(SandboxBackend):
             raise await self._translate(error, backend_id, sandbox) from error
         return inside
 
+    async def read_file(self, backend_id: str, path: str, limit: int) -> bytes | None:
+        inside = resolve_inside(E2B_HOME, path)
+        sandbox = await self._sandbox(backend_id)
+        try:
+            content = await sandbox.files.read(inside, format="bytes")
+        except e2b.NotFoundException:
+            return None
+        except Exception as error:
+            raise await self._translate(error, backend_id, sandbox) from error
+        return bytes(content[:limit])
+
     async def remove_file(self, backend_id: str, path: str) -> None:
         inside = resolve_inside(E2B_HOME, path)
         sandbox = await self._sandbox(backend_id)

@@ -619,6 +619,11 @@ class LocalBackend(SandboxBackend):
         _write_below(self.folder(backend_id), relative, content, path)
         return inside
 
+    async def read_file(self, backend_id: str, path: str, limit: int) -> bytes | None:
+        inside_home = self._inside_home(backend_id)
+        relative = resolve_inside(inside_home, path)[len(inside_home) + 1 :]
+        return _read_below(self.folder(backend_id), relative, limit)
+
     async def remove_file(self, backend_id: str, path: str) -> None:
         inside_home = self._inside_home(backend_id)
         relative = resolve_inside(inside_home, path)[len(inside_home) + 1 :]
@@ -947,6 +952,45 @@ def _write_below(
         os.close(parent)
     with os.fdopen(fd, "wb") as handle:
         handle.write(content)
+
+
+def _read_below(root: Path, relative: str, limit: int) -> bytes | None:
+    """Return up to `limit` bytes of the file `relative` below `root`, or None
+    when it is not there. No symlink is followed, as in `_write_below`."""
+    *folders, name = relative.split("/")
+    try:
+        parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        for folder in folders:
+            try:
+                child = os.open(
+                    folder,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                    dir_fd=parent,
+                )
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            os.close(parent)
+            parent = child
+        # O_NONBLOCK: code in the sandbox could put a FIFO there, whose open
+        # would wait for a writer.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise ValueError(
+                f"cannot read {relative} in the sandbox: {error}"
+            ) from None
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise ValueError(f"{relative} in the sandbox is not a regular file")
+            return file.read(limit)
+    finally:
+        os.close(parent)
 
 
 def _remove_below(root: Path, relative: str) -> None:

@@ -4,6 +4,7 @@ per language, applying packages and setup commands, redacting secrets."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import shlex
@@ -223,7 +224,11 @@ async def execute(
         )
     argv = code_command(request.language, request.code, code_path)
     inputs: list[str] = []
+    counter = None
+    runs = 1
     try:
+        if request.call_id is not None:
+            counter, runs = await _count_start(backend, backend_id, request.call_id)
         file_env = await _write_input_files(backend, backend_id, request, inputs)
         output: RunOutput = await backend.run(
             backend_id,
@@ -239,6 +244,10 @@ async def execute(
         for name in [code_name, *inputs]:
             if name is not None:
                 await _remove_code_file(backend, backend_id, name)
+    if counter is not None:
+        # Only once the program ended: a start cut short keeps its count
+        # for the call that is made again.
+        await _remove_code_file(backend, backend_id, counter)
     secrets = secret_values(env)
     if output.timed_out:
         status = "timed_out"
@@ -254,7 +263,23 @@ async def execute(
         execution_time=round(output.execution_time, 6),
         stdout_dropped_bytes=output.stdout_dropped_bytes,
         stderr_dropped_bytes=output.stderr_dropped_bytes,
+        runs=runs,
     )
+
+
+async def _count_start(
+    backend: SandboxBackend, backend_id: str, call_id: str
+) -> tuple[str, int]:
+    """Count one more start of the program of `call_id`, in a file of the
+    sandbox; return the file's name and the starts so far, this one included."""
+    name = f".nexus/calls/{hashlib.sha256(call_id.encode()).hexdigest()[:32]}"
+    previous = await backend.read_file(backend_id, name, 32)
+    try:
+        starts = int(previous or b"0")
+    except ValueError:
+        starts = 0  # not ours: code in the sandbox wrote it
+    await backend.write_file(backend_id, name, str(starts + 1).encode())
+    return name, starts + 1
 
 
 async def _write_input_files(

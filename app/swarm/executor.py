@@ -41,6 +41,8 @@ class ExecutionOutput:
     exit_code: int
     timed_out: bool
     duration_ms: float
+    # Starts of the program for this call (see `ExecuteResult.runs`).
+    runs: int = 1
 
 
 class AgentExecutor(Protocol):
@@ -192,6 +194,7 @@ class SandboxSessionExecutor:
                     code=code,
                     language=language,
                     timeout=timeout,
+                    call_id=call_id,
                     file_env=dict(files or {}),
                 ),
                 env_vars=env,
@@ -206,6 +209,7 @@ class SandboxSessionExecutor:
             exit_code=result.exit_code if result.exit_code is not None else -1,
             timed_out=result.status == "timed_out",
             duration_ms=result.execution_time * 1000,
+            runs=result.runs,
         )
 
     async def state(self, sandbox_id: str) -> SandboxState:

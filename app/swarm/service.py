@@ -282,6 +282,7 @@ async def run_step(
         result.stdout = output.stdout
         result.stderr = output.stderr
         result.exit_code = output.exit_code
+        result.program_runs = output.runs
         if output.timed_out:
             result.status = "failed"
             result.error = (

@@ -165,6 +165,70 @@ async def test_large_program_files_removed(
     assert left == []
 
 
+async def test_call_counts_starts_cut_short(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    gated = ExecuteRequest(
+        code=(
+            "import pathlib, time\n"
+            "pathlib.Path('started').touch()\n"
+            "while not pathlib.Path('gate').exists():\n    time.sleep(0.05)\n"
+            "print('done')\n"
+        ),
+        call_id="step-1",
+    )
+    folder = backend.folder("box")
+    first = asyncio.create_task(runtime.execute(backend, "box", gated, {}, settings))
+    while not (folder / "started").exists():
+        await asyncio.sleep(0.05)
+    # As a worker that dies while the program runs: the call is cut short,
+    # and the same call is made again.
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    (folder / "gate").touch()
+    again = await runtime.execute(backend, "box", gated, {}, settings)
+    assert (again.stdout, again.runs) == ("done\n", 2)
+    # A finished call leaves no count behind, and other calls count their own.
+    other = gated.model_copy(update={"call_id": "step-2"})
+    assert (await runtime.execute(backend, "box", other, {}, settings)).runs == 1
+    assert list((folder / ".nexus" / "calls").iterdir()) == []
+    plain = gated.model_copy(update={"call_id": None})
+    assert (await runtime.execute(backend, "box", plain, {}, settings)).runs == 1
+
+
+async def test_file_env_inputs(backend: LocalBackend, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    large = "y" * 200_000
+    request = ExecuteRequest(
+        code=(
+            "import os\n"
+            "print(open(os.environ['BIG_FILE']).read() == 'y' * 200000)\n"
+            "print(os.path.basename(os.environ['BIG_FILE']).startswith('input-'))\n"
+        ),
+        file_env={"BIG_FILE": large},
+    )
+    result = await runtime.execute(backend, "box", request, {}, settings)
+    assert result.stdout == "True\nTrue\n", result.stderr
+    assert list(backend.folder("box").glob(".nexus/input-*")) == []
+
+
+async def test_read_file_follows_no_links(backend: LocalBackend) -> None:
+    folder = backend.folder("box")
+    await backend.write_file("box", "data/plain.txt", b"abcdef")
+    assert await backend.read_file("box", "data/plain.txt", 4) == b"abcd"
+    assert await backend.read_file("box", "data/missing.txt", 4) is None
+    os.symlink("/etc/hostname", folder / "data" / "link")
+    with pytest.raises(ValueError, match="cannot read"):
+        await backend.read_file("box", "data/link", 100)
+    os.mkfifo(folder / "data" / "pipe")
+    with pytest.raises(ValueError, match="not a regular file"):
+        await backend.read_file("box", "data/pipe", 100)
+    with pytest.raises(ValueError):
+        await backend.read_file("box", "../outside", 100)
+
+
 async def test_bwrap_arguments_stay_hidden(backend: LocalBackend) -> None:
     if not backend.bwrap:
         pytest.skip("only bubblewrap hides the host's paths from the sandbox")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -14,7 +18,7 @@ from activities.swarm import HEARTBEAT_SECONDS
 from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import SwarmState
 from app.settings import Settings
-from tests.conftest import running_workers
+from tests.conftest import TEST_ENCRYPTION_KEY, running_workers, wait_for_pollers
 from tests.swarm.conftest import (
     GATED_PROGRAM,
     SWARM_QUEUES,
@@ -81,6 +85,74 @@ async def test_task_completes_after_worker_dies(
     # The retried step sent the same sandbox call, so it got the output of
     # the program that was still running instead of starting another one.
     assert (folder / "attempts").read_text() == "x"
+
+
+@contextlib.contextmanager
+def orchestration_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """An orchestration worker in a process of its own, killed at the end.
+    It runs the sandbox sessions' calls as local activities."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(
+        NEXUS_DATA_DIR=str(settings.data_dir),
+        NEXUS_DATABASE_URL=settings.effective_database_url,
+        NEXUS_TEMPORAL_ADDRESS=settings.effective_temporal_address,
+        NEXUS_ENCRYPTION_KEY=TEST_ENCRYPTION_KEY,
+        NEXUS_SANDBOX_PACKAGE_INDEX=str(settings.sandbox_package_index),
+        NEXUS_WORKER_WARM_UP="false",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers", "--queue", ORCHESTRATION],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+async def test_program_runs_counted_after_session_worker_dies(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    try:
+        async with running_workers(client, swarm_settings, [SANDBOX]):
+            with orchestration_process(swarm_settings):
+                await wait_for_pollers(
+                    client, swarm_settings.namespace, [ORCHESTRATION]
+                )
+                swarm_id, agents = await helper.swarm("mesh", ["coder"])
+                task = await helper.call(
+                    "task_orchestrate",
+                    task="long",
+                    code=GATED_PROGRAM,
+                    swarm_id=swarm_id,
+                )
+                folder = await agent_folder(helper, agents[0]["agent_id"])
+                await wait_for_file(folder / "started")
+            # The program's call died with that worker; the session makes it
+            # again on the next one, which starts the program again.
+            with orchestration_process(swarm_settings):
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 90
+                while (folder / "attempts").read_text() != "xx":
+                    assert loop.time() < deadline, "the program did not start again"
+                    await asyncio.sleep(0.1)
+                (folder / "gate").write_text("open")
+                results = await helper.call(
+                    "task_results", task_id=task["task_id"], wait_seconds=120
+                )
+    finally:
+        await helper.cleanup()
+    assert results["status"] == "completed", results["error"]
+    [step] = results["results"]
+    assert step["stdout"] == "gate opened\n"
+    # The step's own activity never failed, but its program ran twice.
+    assert step["attempt"] == 1
+    assert step["program_runs"] == 2
 
 
 async def test_swarm_survives_worker_restart(
