@@ -236,11 +236,14 @@ async def execute(
     A `call_id` already used with this session returns that call's result
     without running the code again (Temporal deduplicates updates by id
     within a workflow run), so a retried caller does not run a program twice.
+    With a `call_id`, the result's `runs` counts the program's starts.
     """
     if env_vars:
         request = request.model_copy(
             update={"sealed_env": seal_for(settings, sandbox_id, env_vars)}
         )
+    if call_id is not None:
+        request = request.model_copy(update={"call_id": call_id})
     result = await _update(
         client, sandbox_id, "execute", request, ExecuteResult, update_id=call_id
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -172,7 +173,8 @@ async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> Execut
     stderr, exit_code, status (completed, failed, timed_out) and the measured
     execution_time in seconds. A timeout kills the whole process group; long
     output is cut with a marker. `recreated` counts sandboxes rebuilt because
-    the old one was lost."""
+    the old one was lost, and `runs` the starts of the program: above 1 when
+    a worker died while it ran and the sandbox ran it again."""
     request = ExecuteRequest(
         code=args.code,
         language=args.language,
@@ -182,7 +184,12 @@ async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> Execut
     )
     try:
         return await service.execute(
-            await ctx.client(), ctx.settings, args.sandbox_id, request, args.env_vars
+            await ctx.client(),
+            ctx.settings,
+            args.sandbox_id,
+            request,
+            args.env_vars,
+            call_id=f"execute-{uuid.uuid4().hex}",
         )
     except SandboxServiceError as error:
         raise _tool_error(error) from None

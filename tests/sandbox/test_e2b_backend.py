@@ -32,6 +32,26 @@ class FakeHandle:
         return e2b.CommandResult(stdout="ok\n", stderr="", exit_code=0, error=None)
 
 
+class FakeFiles:
+    """Stands in for a sandbox's `files`: a dict from path to content."""
+
+    def __init__(self) -> None:
+        self.content: dict[str, bytes] = {}
+
+    async def write(self, path: str, data: bytes) -> None:
+        self.content[path] = data
+
+    async def read(self, path: str, format: str = "text") -> bytes:
+        if path not in self.content:
+            raise e2b.NotFoundException(f"file {path} not found")
+        return self.content[path]
+
+    async def remove(self, path: str) -> None:
+        if path not in self.content:
+            raise e2b.NotFoundException(f"file {path} not found")
+        del self.content[path]
+
+
 class FakeSandbox:
     """Stands in for `e2b.AsyncSandbox`; `fault` forces the next command's error."""
 
@@ -48,6 +68,7 @@ class FakeSandbox:
         self.fault: BaseException | None = None
         self.exit_code = 0
         self.commands = self
+        self.files = FakeFiles()
         self.timeout: int | None = None
 
     @classmethod
