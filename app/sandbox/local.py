@@ -26,6 +26,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,6 +40,7 @@ from app.sandbox.backend import (
     BackendSandbox,
     RunOutput,
     SandboxBackend,
+    SandboxBackendError,
     SandboxConfigurationError,
     SandboxLostError,
     resolve_inside,
@@ -587,8 +589,12 @@ class LocalBackend(SandboxBackend):
         )
 
     async def stop(self, backend_id: str) -> None:
-        """End the sandbox and remove its files, as E2B's kill does; its state
-        file stays until `delete`, so `describe` reports it stopped."""
+        """End the sandbox and remove its files, as E2B's kill does.
+
+        Its state file, marked stopped, stays until `delete`: an execution
+        that the stop ends reads the mark to say so. The session deletes the
+        stopped sandbox once no call of it is running.
+        """
         state = self._read_state(backend_id)
         if state is not None:
             # Marked before the kill, so that an execution the kill ends can
@@ -598,16 +604,42 @@ class LocalBackend(SandboxBackend):
         self._kill_anchor(backend_id, state)
         # A killed anchor no longer removes the folder, as it does when its
         # runner ends at the timeout.
-        await asyncio.to_thread(shutil.rmtree, self.folder(backend_id), True)
+        with contextlib.suppress(SandboxBackendError):
+            # Logged by `_remove`. The sandbox is stopped all the same, and
+            # the `delete` that follows tries the removal again.
+            await self._remove(backend_id, self.folder(backend_id))
         logger.info("stopped local sandbox %s", backend_id)
 
     async def delete(self, backend_id: str) -> None:
+        """Kill the sandbox and remove its folder, state file included.
+
+        Raises:
+            SandboxBackendError: a file could not be removed. The state file
+                is then kept, so `describe` still finds the sandbox and a
+                later `delete` can finish the removal.
+        """
         state = self._read_state(backend_id)
         self._kill_anchor(backend_id, state)
         folder = self.root / backend_id
         if folder.exists():
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+            await self._remove(backend_id, self.folder(backend_id))
+            await self._remove(backend_id, folder)
             logger.info("deleted local sandbox %s", backend_id)
+
+    async def _remove(self, backend_id: str, path: Path) -> None:
+        try:
+            await asyncio.to_thread(_remove_tree, path)
+        except OSError as error:
+            where = path.relative_to(self.root)
+            logger.warning(
+                "could not remove %s of sandbox %s: %s", where, backend_id, error
+            )
+            raise SandboxBackendError(
+                f"sandbox {backend_id} could not be fully removed: "
+                f"{error.strerror} on {Path(error.filename or path).name!r} below "
+                f"{str(where)!r} in the sandboxes folder; delete the sandbox again, "
+                "or remove that folder by hand"
+            ) from error
 
     # Files and processes.
 
@@ -1093,6 +1125,60 @@ async def _read_fd_capped(
         loop.remove_reader(fd)
         os.close(fd)
     return _captured(kept, dropped)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the folder `path` with everything below it; a missing one is fine.
+
+    Code in a sandbox owns its files and may leave folders without write or
+    search permission (`chmod -w`, as Go's module cache does), whose entries
+    a worker that is not root cannot remove. Such folders are given their
+    owner's permissions back and the removal runs once more. Symlinks are
+    removed, never followed.
+
+    Raises:
+        OSError: the first entry that the second pass could not remove.
+    """
+    failures: list[OSError] = []
+
+    def record(error: BaseException) -> None:
+        # An entry removed meanwhile (by the sandbox's anchor) is no failure.
+        if isinstance(error, FileNotFoundError):
+            return
+        if not isinstance(error, OSError):
+            raise error
+        failures.append(error)
+
+    for attempt in range(2):
+        if attempt:
+            _restore_owner_permissions(path)
+        failures.clear()
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda _f, _p, error: record(error))
+        else:
+            shutil.rmtree(path, onerror=lambda _f, _p, info: record(info[1]))
+        if not failures:
+            return
+    raise failures[0]
+
+
+def _restore_owner_permissions(path: Path) -> None:
+    """Give `path` and every folder below it read, write and search
+    permission for its owner, without following symlinks.
+
+    The sandbox's processes are dead by the time its files are removed, so
+    nothing can swap a symlink in between the `lstat` and the `chmod`.
+    """
+    folders = [str(path)]
+    while folders:
+        folder = folders.pop()
+        with contextlib.suppress(OSError):
+            mode = os.lstat(folder).st_mode
+            if not stat.S_ISDIR(mode):
+                continue
+            os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
+            with os.scandir(folder) as entries:
+                folders += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
 
 
 def _kill_tree(pid: int) -> None:

@@ -53,6 +53,7 @@ from app.contracts.sandbox import (
     UploadResult,
 )
 from app.sandbox import store
+from app.sandbox.backend import SandboxBackendError
 from app.sandbox.models import SandboxRecord
 from app.sandbox.runtime import get_backend
 from app.sandbox.secrets import load_key, seal_env
@@ -345,7 +346,12 @@ async def delete_sandbox(
             raise
         session = await info(client, sandbox_id)  # queries work on closed runs
         if session.backend_id is not None:
-            await get_backend(settings).delete(session.backend_id)
+            try:
+                await get_backend(settings).delete(session.backend_id)
+            except SandboxBackendError as failure:
+                # The mirror row stays, so the sandbox is still listed and
+                # another delete can finish the removal.
+                raise SandboxServiceError(str(failure)) from None
         await asyncio.to_thread(
             store.delete_record, settings.effective_database_url, sandbox_id
         )

@@ -4,16 +4,21 @@ processes: Python semantics, process-tree kills, runner death."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import stat
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from app.contracts.sandbox import ExecuteRequest
 from app.sandbox import runtime
-from app.sandbox.backend import RunOutput, SandboxLostError
+from app.sandbox.backend import RunOutput, SandboxBackendError, SandboxLostError
 from app.sandbox.local import LocalBackend
 from app.sandbox.runner import descendants
 from app.settings import Settings
@@ -121,6 +126,107 @@ async def test_stop_removes_files_keeps_state(backend: LocalBackend) -> None:
         )
     await backend.delete("box")
     assert not (backend.root / "box").exists()
+
+
+def fail_unlink_of(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every `os.unlink` of a file called `name` fail."""
+    unlink = os.unlink
+
+    def fail_on_name(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fsdecode(path) == name:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", fail_on_name)
+
+
+async def test_failed_removal_keeps_state(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.write_file("box", "stuck.txt", b"data")
+    fail_unlink_of("stuck.txt", monkeypatch)
+    with pytest.raises(SandboxBackendError) as failure:
+        await backend.delete("box")
+    message = str(failure.value)
+    assert "sandbox box could not be fully removed" in message, message
+    assert "'stuck.txt'" in message, message
+    assert "delete the sandbox again" in message, message
+    # The state file stays, so the sandbox is still found and reads as lost.
+    assert (backend.root / "box" / "state.json").exists()
+    assert (backend.folder("box") / "stuck.txt").exists()
+    assert (await backend.describe("box")).state == "lost"
+    monkeypatch.undo()
+    await backend.delete("box")
+    assert not (backend.root / "box").exists()
+
+
+async def test_stop_with_stuck_file_stops(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.write_file("box", "stuck.txt", b"data")
+    fail_unlink_of("stuck.txt", monkeypatch)
+    await backend.stop("box")
+    described = await backend.describe("box")
+    assert (described.alive, described.state) == (False, "stopped")
+    assert (backend.folder("box") / "stuck.txt").exists()
+    monkeypatch.undo()
+    await backend.delete("box")
+    assert not (backend.root / "box").exists()
+
+
+# Build a sandbox folder whose code took its own write and search
+# permissions away, then remove it with the backend's removal.
+_REMOVE_READ_ONLY = """
+import os, sys
+from pathlib import Path
+from app.sandbox.local import _remove_tree
+base = Path(sys.argv[1])
+box = base / "box"
+(box / "locked").mkdir(parents=True)
+(box / "locked" / "file.txt").write_text("x")
+(box / "sealed" / "inner").mkdir(parents=True)
+(box / "sealed" / "inner" / "file.txt").write_text("x")
+(box / "link").symlink_to(base / "outside")
+os.chmod(box / "locked", 0o500)
+os.chmod(box / "sealed", 0)
+os.chmod(box, 0o500)
+_remove_tree(box)
+"""
+
+
+def _without_root_permissions() -> list[str]:
+    """Return a command prefix under which file permissions bind this user.
+
+    Root passes every permission check through CAP_DAC_OVERRIDE and its
+    kin, so a root run drops them from its capability bounding set.
+    """
+    if os.geteuid() != 0:
+        return []
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    try:
+        subprocess.run([*drop, "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"cannot drop root's file capabilities with setpriv: {error}")
+    return drop
+
+
+def test_read_only_folders_removed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "kept.txt").write_text("kept")
+    outside.chmod(0o500)
+    command = [*_without_root_permissions(), sys.executable, "-c"]
+    result = subprocess.run(
+        [*command, _REMOVE_READ_ONLY, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "box").exists()
+    # The symlink was removed, and neither followed nor its target changed.
+    assert (outside / "kept.txt").read_text() == "kept"
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o500
 
 
 async def test_stop_during_execution_says_stopped(backend: LocalBackend) -> None:
