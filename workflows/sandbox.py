@@ -81,6 +81,10 @@ _CLEAN_LOST = "sandbox-delete-lost-backend"
 # creation without a setup (a local activity) fails.
 _LOCAL_CREATE_FAILURE = "sandbox-local-create-failure"
 
+# Runs begun before this patch leave a stopped sandbox's remains on the
+# backend (on the local backend, its state file) until `sandbox_delete`.
+_DELETE_STOPPED = "sandbox-delete-stopped-backend"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -117,6 +121,21 @@ class SandboxSessionWorkflow:
                 "sandbox session %s continues as new", state.spec.sandbox_id
             )
             workflow.continue_as_new(SessionInput(state=state))
+        if (
+            state.end_request is not None
+            and state.status != "deleted"
+            and state.backend_id is not None
+            and workflow.patched(_DELETE_STOPPED)
+        ):
+            # A stopped session takes no more calls and never recreates its
+            # sandbox. Its status, events and logs live in this workflow and
+            # the mirror row, so nothing needs what the stop left on the
+            # backend. The delete waits for the calls in flight, because an
+            # execution that the stop ended reads the local backend's stopped
+            # mark to say so. After a stop or delete whose activity failed,
+            # this delete is the next try.
+            await self._delete_backend(state.backend_id, "ended")
+            await workflow.wait_condition(workflow.all_handlers_finished)
         return SessionResult(
             sandbox_id=state.spec.sandbox_id,
             status=state.status,
@@ -192,8 +211,9 @@ class SandboxSessionWorkflow:
     async def _recreate(self, lost_backend_id: str, reason: str) -> None:
         # NOTE: a stop or delete that kills the sandbox while a call is on its
         # way to it makes that call see a lost sandbox. Nothing here checks
-        # that the session is ending, so the call can recreate a sandbox that
-        # outlives the stop until its timeout. No test covers that order yet.
+        # that the session is ending, so the call can recreate the sandbox and
+        # write a `running` mirror row after the stop's. The session deletes
+        # that sandbox when it ends. No test covers that order yet.
         async with self._recreate_lock:
             state = self._state
             if state.backend_id != lost_backend_id:
@@ -213,10 +233,15 @@ class SandboxSessionWorkflow:
             self._log_output("setup", created.setup_output)
             await self._record("running")
             if workflow.patched(_CLEAN_LOST):
-                await self._delete_lost(lost_backend_id)
+                await self._delete_backend(lost_backend_id, "lost")
 
-    async def _delete_lost(self, backend_id: str) -> None:
-        """Remove what is left of a lost sandbox; a failure only costs disk."""
+    async def _delete_backend(self, backend_id: str, kind: str) -> None:
+        """Remove what is left of a lost or ended sandbox on the backend.
+
+        A failure is logged and costs only disk. The local backend then keeps
+        the sandbox's state file, and for a stopped sandbox `sandbox_delete`
+        tries again.
+        """
         try:
             await workflow.execute_activity(
                 "sandbox_delete",
@@ -229,7 +254,8 @@ class SandboxSessionWorkflow:
             )
         except ActivityError as error:
             workflow.logger.warning(
-                "could not delete lost sandbox %s of %s: %s",
+                "could not delete %s sandbox %s of %s: %s",
+                kind,
                 backend_id,
                 self._state.spec.sandbox_id,
                 _cause_message(error),

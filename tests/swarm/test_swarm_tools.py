@@ -372,6 +372,12 @@ async def test_scale_and_destroy_stop_sandboxes(swarms: Swarms) -> None:
     assert destroyed["status"] == "destroyed"
     for sandbox_id in sandboxes:
         assert await executor.state(sandbox_id) == "stopped"
+        await sandbox_service.wait_ended(swarms.client, sandbox_id)
+    # Each stopped session deleted its sandbox's folder when it ended; only
+    # the workers' spare sandboxes are left.
+    folder = swarms.settings.resolved_data_dir / "sandboxes"
+    left = [p.name for p in folder.iterdir() if not p.name.startswith("_spare-")]
+    assert left == []
     with pytest.raises(ToolError, match="destroyed"):
         await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
     listed = await swarms.call("swarm_list", status="destroyed")

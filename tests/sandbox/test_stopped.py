@@ -1,0 +1,109 @@
+"""Stopped sandboxes: what the tools still return, and what stays on disk."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import Client
+
+from app.sandbox import service
+from app.tools import ToolContext, ToolError, invoke_tool
+from tests.support.replay import replay_run, replay_saved
+from workflows.sandbox import SandboxSessionWorkflow
+
+
+async def call(ctx: ToolContext, name: str, **arguments: Any) -> dict[str, Any]:
+    return await invoke_tool(ctx, name, arguments)
+
+
+def sandboxes_folder(ctx: ToolContext) -> Path:
+    return ctx.settings.resolved_data_dir / "sandboxes"
+
+
+def entries_of(ctx: ToolContext, sandbox_id: str) -> list[str]:
+    """Return the names under the sandboxes folder that belong to `sandbox_id`."""
+    folder = sandboxes_folder(ctx)
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(sandbox_id))
+
+
+async def test_stop_removes_backend_folder(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print('hello')"
+        )
+        backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
+            "backend_id"
+        ]
+        assert entries_of(tool_ctx, sandbox_id) == [backend_id]
+        stopped = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        assert stopped["status"] == "stopped"
+        await service.wait_ended(client, sandbox_id)
+        assert entries_of(tool_ctx, sandbox_id) == []
+        # What the tools promise for a stopped sandbox comes from the session
+        # and the mirror row, not from the backend.
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["status"] == "stopped"
+        assert status["backend_id"] == backend_id
+        assert status["live"] is None
+        assert [e["kind"] for e in status["events"]][-1] == "stopped"
+        logs = await call(tool_ctx, "sandbox_logs", sandbox_id=sandbox_id)
+        assert logs["lines"] == ["[stdout] hello"]
+        listed = await call(tool_ctx, "sandbox_list", status="stopped")
+        assert [s["sandbox_id"] for s in listed["sandboxes"]] == [sandbox_id]
+        with pytest.raises(ToolError) as rejected:
+            await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="1")
+        assert rejected.value.kind == "not_found"
+    finally:
+        deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    assert deleted["status"] == "deleted"
+    assert (await call(tool_ctx, "sandbox_list", status="all"))["count"] == 0
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_stop_during_execution_then_removed(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
+        "backend_id"
+    ]
+    started = sandboxes_folder(tool_ctx) / backend_id / "home" / "started"
+    execution = asyncio.create_task(
+        call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="touch started; sleep 30",
+            language="bash",
+        )
+    )
+    try:
+        while not started.exists():
+            await asyncio.sleep(0.05)
+        await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        result = await execution
+        # The session removes the folder only after this execution has read
+        # the stopped mark in the state file.
+        assert result["exit_code"] is None
+        assert "was stopped during this execution" in result["stderr"]
+        await service.wait_ended(client, sandbox_id)
+        assert entries_of(tool_ctx, sandbox_id) == []
+    finally:
+        execution.cancel()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_stopped_before_cleanup_replays(client: Client) -> None:
+    # Recorded before a stopped session deleted its backend's remains.
+    await replay_saved(
+        client, "sandbox_stopped_before_cleanup", [SandboxSessionWorkflow]
+    )
