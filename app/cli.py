@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from app.api.cli import keys_cli, mcp_command, tool_command
+from app.cli_group import NexusGroup
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -24,11 +25,12 @@ from app.workflows.cli import workflow_cli
 
 cli = typer.Typer(
     name="nexus",
+    cls=NexusGroup,
     help="flow-nexus: swarms, sandboxes, neural clusters and workflows on Temporal.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-db_cli = typer.Typer(help="Application database.", no_args_is_help=True)
+db_cli = typer.Typer(cls=NexusGroup, help="Application database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(workflow_cli, name="workflow")
 cli.add_typer(sandbox_cli, name="sandbox")

@@ -9,7 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-keys_cli = typer.Typer(help="API keys of the HTTP API.", no_args_is_help=True)
+from app.cli_group import NexusGroup
+
+keys_cli = typer.Typer(
+    cls=NexusGroup, help="API keys of the HTTP API.", no_args_is_help=True
+)
 
 
 def _print(value: Any) -> None:
@@ -159,11 +163,14 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
 
     Raises:
         ValueError: a token is not an option, a non-list option is repeated,
-            or a list or object field gets a value of another form.
+            a list option has no value, or a list or object field gets a
+            value of another form.
     """
     properties = model.model_json_schema(by_alias=True).get("properties", {})
     keys = _field_keys(model)
     arguments: dict[str, Any] = {}
+    # The option spelling and raw value that first set each field.
+    first_given: dict[str, tuple[str, str | None]] = {}
     index = 0
     while index < len(tokens):
         token = tokens[index]
@@ -183,8 +190,12 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
         types = _field_types(details)
         if "array" in types and raw is not None:
             arguments[key] = arguments.get(key, []) + _list_items(option, raw, details)
+        elif "array" in types:
+            raise ValueError(
+                f"{option} has no value; give one item per {option}, or a JSON list"
+            )
         elif key in arguments:
-            raise ValueError(f"{option} is given twice; give each field once")
+            raise ValueError(_repeated_field(key, first_given[key], (option, raw)))
         elif raw is None:
             arguments[key] = True
         elif types <= {"string", "null"}:
@@ -193,8 +204,23 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
             arguments[key] = _json_object(option, raw)
         else:
             arguments[key] = _parse_value(raw)
+        first_given.setdefault(key, (option, raw))
         index += 1
     return arguments
+
+
+def _repeated_field(
+    key: str, first: tuple[str, str | None], second: tuple[str, str | None]
+) -> str:
+    """Build the error for a field that takes one value and is given twice."""
+    values = " and ".join(
+        "a bare flag" if raw is None else repr(raw) for _, raw in (first, second)
+    )
+    if first[0] == second[0]:
+        problem = f"{second[0]} is given twice"
+    else:
+        problem = f"{first[0]} and {second[0]} both set {key}"
+    return f"{problem}, as {values}, but it takes one value; give it once"
 
 
 def _field_keys(model: Any) -> dict[str, str]:

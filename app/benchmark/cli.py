@@ -30,6 +30,7 @@ from temporalio.client import (
 )
 from temporalio.exceptions import CancelledError
 
+from app.cli_group import NexusGroup
 from app.contracts.benchmark import (
     PHASE_TITLES,
     BenchmarkConfig,
@@ -41,6 +42,7 @@ from app.contracts.queues import ALL_QUEUES, ORCHESTRATION
 from app.settings import Settings, environment_variable
 
 benchmark_cli = typer.Typer(
+    cls=NexusGroup,
     help="The extended-duration benchmark: an operator's validation run.",
     no_args_is_help=True,
 )

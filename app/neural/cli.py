@@ -7,10 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+from app.cli_group import NexusGroup
 from app.neural.architectures import CLUSTER_ARCHITECTURES, TRAIN_ARCHITECTURES
 
-neural_cli = typer.Typer(help="Neural networks and clusters.", no_args_is_help=True)
-cluster_cli = typer.Typer(help="Neural clusters.", no_args_is_help=True)
+neural_cli = typer.Typer(
+    cls=NexusGroup, help="Neural networks and clusters.", no_args_is_help=True
+)
+cluster_cli = typer.Typer(cls=NexusGroup, help="Neural clusters.", no_args_is_help=True)
 neural_cli.add_typer(cluster_cli, name="cluster")
 
 

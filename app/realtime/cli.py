@@ -11,7 +11,11 @@ from typing import Annotated, Any
 
 import typer
 
-realtime_cli = typer.Typer(help="Realtime change streams.", no_args_is_help=True)
+from app.cli_group import NexusGroup
+
+realtime_cli = typer.Typer(
+    cls=NexusGroup, help="Realtime change streams.", no_args_is_help=True
+)
 
 
 @realtime_cli.command("enable")

@@ -6,7 +6,11 @@ from typing import Annotated
 
 import typer
 
-sandbox_cli = typer.Typer(help="Durable code sandboxes.", no_args_is_help=True)
+from app.cli_group import NexusGroup
+
+sandbox_cli = typer.Typer(
+    cls=NexusGroup, help="Durable code sandboxes.", no_args_is_help=True
+)
 
 
 def _call(name: str, arguments: dict[str, object]) -> None:

@@ -9,7 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-storage_cli = typer.Typer(help="Object storage buckets.", no_args_is_help=True)
+from app.cli_group import NexusGroup
+
+storage_cli = typer.Typer(
+    cls=NexusGroup, help="Object storage buckets.", no_args_is_help=True
+)
 
 
 @storage_cli.command("upload")

@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-swarm_cli = typer.Typer(help="Swarms of agents that run tasks.", no_args_is_help=True)
+from app.cli_group import NexusGroup
+
+swarm_cli = typer.Typer(
+    cls=NexusGroup, help="Swarms of agents that run tasks.", no_args_is_help=True
+)
 
 # Exit codes of `swarm task --wait` and `swarm results`, after 1 (a tool call
 # failed) and 2 (invalid usage).

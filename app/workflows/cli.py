@@ -9,8 +9,10 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from app.cli_group import NexusGroup
+
 workflow_cli = typer.Typer(
-    help="User-defined workflows on Temporal.", no_args_is_help=True
+    cls=NexusGroup, help="User-defined workflows on Temporal.", no_args_is_help=True
 )
 
 

@@ -35,7 +35,7 @@ def test_field_options_follow_schema() -> None:
         ["--limit", "5", "--user-id", "42", "--tool=system_health"], model
     )
     assert parsed == {"limit": 5, "user_id": "42", "tool": "system_health"}
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(ValueError, match="given twice, as '1' and '2'"):
         parse_field_options(["--limit", "1", "--limit", "2"], model)
     with pytest.raises(ValueError, match="not a --FIELD option"):
         parse_field_options(["limit"], model)
@@ -61,8 +61,10 @@ def test_field_options_take_lists_and_aliases() -> None:
     assert repeated["action_args"] == {"limit": 1}
     assert parse_field_options(["--maxAgents", "3"], model) == {"maxAgents": 3}
     assert parse_field_options(["--max-agents", "3"], model) == {"maxAgents": 3}
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(ValueError, match="--maxAgents and --max-agents both set"):
         parse_field_options(["--maxAgents", "3", "--max-agents", "4"], model)
+    with pytest.raises(ValueError, match="--dependencies has no value"):
+        parse_field_options(["--dependencies"], model)
     with pytest.raises(ValueError, match=r"""JSON list like '\["a", "b"\]'"""):
         parse_field_options(["--dependencies", "[task_a"], model)
     with pytest.raises(ValueError, match=r"'gpu' is not valid JSON.*JSON object"):
