@@ -323,9 +323,11 @@ def _log_lookup_failure(task: asyncio.Task[Principal | None]) -> None:
 def ensure_default_key(settings: Settings) -> str | None:
     """Create a key named `default` when no active key exists.
 
-    The token is printed once to stderr and written to `<data dir>/api-key`
-    with mode 0600; later starts find the key and print nothing. Returns the
-    new token, or None when an active key already existed.
+    The token is written to `<data dir>/api-key` with mode 0600, and stderr
+    names that file; the token itself never goes to output, where terminal
+    scrollback and CI logs would keep it. Later starts find the key and
+    print nothing. Returns the new token, or None when an active key already
+    existed.
     """
     url = settings.effective_database_url
     if list_keys(url, include_revoked=False):
@@ -340,8 +342,9 @@ def ensure_default_key(settings: Settings) -> str | None:
         handle.write(token + "\n")
     os.chmod(path, 0o600)
     print(
-        f"Created API key {info.id} (default). It is shown only this once and "
-        f"saved to {path}:\n{token}",
+        f"Created API key {info.id} (default); its token is in {path} "
+        "(readable by this user only). Send it as `Authorization: Bearer "
+        f"$(cat {path})`.",
         file=sys.stderr,
     )
     return token

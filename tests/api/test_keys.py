@@ -74,10 +74,16 @@ def test_wrong_revoked_rotated_keys(database_url: str) -> None:
         rotate_key(database_url, "missing")
 
 
-def test_default_key_created_once(settings: Settings) -> None:
+def test_default_key_created_once(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
     token = ensure_default_key(settings)
     assert token is not None
     path = settings.resolved_data_dir / "api-key"
+    # Output names the file, never the secret.
+    printed = capsys.readouterr()
+    assert str(path) in printed.err
+    assert token not in printed.err + printed.out
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() == token
     assert verify_token(settings.effective_database_url, token) is not None
@@ -173,8 +179,9 @@ def test_first_start_with_tls(tmp_path: Path, temporal_address: str) -> None:
         process.terminate()
         stdout, _ = process.communicate(timeout=30)
     log = stderr_path.read_text()
-    assert token in log
-    assert log.count(token) == 1
+    # The first start names the key's file once and never shows the token.
+    assert token not in log
+    assert log.count(str(key_file)) == 2
     assert stdout == b""
 
 
