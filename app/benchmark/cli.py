@@ -253,24 +253,41 @@ _NOT_RUN = "not run"
 
 class PhaseLines:
     """One printed line per phase as it ends, for output that is not a
-    terminal, where rich draws the bars only once, when the run has ended."""
+    terminal, where rich draws the bars only once, when the run has ended.
+
+    A phase can end between two polls together with its cycle, which then
+    continues as new: the last phase nearly always does. So when a poll finds
+    a new cycle, every phase of the last one not printed yet gets its line,
+    marked from the failed-cycle counts, without its time.
+    """
 
     def __init__(self) -> None:
         self.printed: set[tuple[int, str]] = set()
+        self.cycle: int | None = None
+        self.failed: dict[str, int] = {}
 
     def update(self, state: BenchmarkProgress) -> None:
+        if self.cycle is not None and state.cycle != self.cycle:
+            for name, title in PHASE_TITLES.items():
+                if (self.cycle, name) in self.printed:
+                    continue
+                failed = state.failed_cycles.get(name, 0) > self.failed.get(name, 0)
+                self._print(self.cycle, name, title, "❌" if failed else "✅", "")
+        self.cycle = state.cycle
+        self.failed = dict(state.failed_cycles)
         for name, title in PHASE_TITLES.items():
             if name not in state.completed or (state.cycle, name) in self.printed:
                 continue
-            self.printed.add((state.cycle, name))
             mark = "✅" if state.completed[name] else "❌"
             times = state.phase_times.get(name)
             took = f" {format_seconds(times.seconds)}" if times is not None else ""
-            console.print(
-                f"Cycle {state.cycle + 1}: {title} {mark}{took}",
-                soft_wrap=True,
-                markup=False,
-            )
+            self._print(state.cycle, name, title, mark, took)
+
+    def _print(self, cycle: int, name: str, title: str, mark: str, took: str) -> None:
+        self.printed.add((cycle, name))
+        console.print(
+            f"Cycle {cycle + 1}: {title} {mark}{took}", soft_wrap=True, markup=False
+        )
 
 
 class PhaseBars:
@@ -400,6 +417,8 @@ async def follow(
             final = None
             console.print(f"Could not read the phases' final outcomes: {error}")
         bars.finish(final, result)
+        if lines is not None and final is not None:
+            lines.update(final)
         progress.update(
             bars.overall, elapsed=format_seconds(time.monotonic() - started)
         )

@@ -274,6 +274,41 @@ async def test_piped_output_prints_each_phase(monkeypatch: pytest.MonkeyPatch) -
     assert printed.count("Cycle 1: Neural training ❌ 12.0 s") == 1
 
 
+async def test_piped_output_prints_phases_ended_with_their_cycle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The last phases of cycle 1 end, the second of them failing, and the
+    # run continues as new into cycle 2 between two polls.
+    everything_but_last = {name: True for name in list(benchmark_cli.PHASE_TITLES)[:-2]}
+    answers = [
+        BenchmarkProgress(
+            cycle=0,
+            phase="cross_system_integration",
+            phase_started_at=datetime.now(UTC),
+            completed=everything_but_last,
+            **_BASE,
+        ),
+        BenchmarkProgress(
+            cycle=1,
+            phase="sandbox_integration",
+            phase_started_at=datetime.now(UTC),
+            failed_cycles={"performance_scalability": 1},
+            **_BASE,
+        ),
+    ]
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=80))
+    run = _ScriptedRun(answers, answers[-1], _result(cycles=2))
+    await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+    printed = out.getvalue().splitlines()
+    titles = benchmark_cli.PHASE_TITLES
+    for name in everything_but_last:
+        assert sum(f"Cycle 1: {titles[name]} ✅" in line for line in printed) == 1
+    assert printed.count(f"Cycle 1: {titles['cross_system_integration']} ✅") == 1
+    assert printed.count(f"Cycle 1: {titles['performance_scalability']} ❌") == 1
+    assert not any(line.startswith("Cycle 2:") for line in printed)
+
+
 async def test_bar_of_phase_ended_between_polls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
