@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from app.contracts.queues import ALL_QUEUES
 from app.db.migrate import upgrade
 from app.processes import ManagedProcess, stop_all
 from app.settings import Settings
-from app.temporal.devserver import EmbeddedTemporal
+from app.temporal.devserver import EmbeddedServerError, EmbeddedTemporal
 
 logger = logging.getLogger(__name__)
 
@@ -55,34 +56,64 @@ def api_process(settings: Settings, address: str) -> ManagedProcess | None:
     )
 
 
+class HttpPortInUseError(EmbeddedServerError):
+    """The HTTP server's port is taken; the message names it and the fix."""
+
+
 class Stack:
     """The embedded server (when no address is set), the workers and the HTTP
-    server, started and stopped as one unit."""
+    server, started and stopped as one unit. `serve_api=False` leaves the
+    HTTP server out, for commands that use only the workers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, serve_api: bool = True) -> None:
         self.settings = settings
         self.server: EmbeddedTemporal | None = None
         self.address = settings.effective_temporal_address
         self.children: list[ManagedProcess] = []
+        self.want_api = serve_api
         self.serves_api = False
 
     def start(self) -> str:
-        """Migrate, start everything and return the Temporal address."""
+        """Migrate, start everything and return the Temporal address.
+
+        Raises:
+            EmbeddedServerError: a port is taken (the HTTP port included,
+                checked before anything starts) or the server did not start.
+        """
+        if self.want_api:
+            self._check_http_port()
         upgrade(self.settings.effective_database_url)
-        # Here rather than in the HTTP process, whose stderr goes to a log file:
-        # a new default key is shown once, on this terminal.
-        ensure_default_key(self.settings)
+        if self.want_api:
+            # Here rather than in the HTTP process, whose stderr goes to a
+            # log file, so that this terminal says where a new key is.
+            ensure_default_key(self.settings)
         if self.settings.embedded:
             self.server = EmbeddedTemporal(self.settings)
             self.address = asyncio.run(self.server.start())
         self.children = worker_processes(self.settings, self.address)
-        api = api_process(self.settings, self.address)
+        api = api_process(self.settings, self.address) if self.want_api else None
         if api is not None:
             self.children.append(api)
             self.serves_api = True
         for child in self.children:
             child.start()
         return self.address
+
+    def _check_http_port(self) -> None:
+        # The HTTP server would die at its bind with the error only in its
+        # log, while everything else ran on without it.
+        host, port = self.settings.http_host, self.settings.http_port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise HttpPortInUseError(
+                    f"the HTTP port {port} on {host} cannot be used "
+                    f"({error.strerror}); stop the process that listens there, or "
+                    "set NEXUS_HTTP_PORT to a free port"
+                ) from None
 
     def supervise(self) -> None:
         """Restart children that died; call this about once a second."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import os
 import re
 import shlex
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -188,7 +192,9 @@ async def _deployment_serves(settings: Settings) -> bool:
     if not port.isdigit() or not port_is_open(host, int(port)):
         return False
     try:
-        return await _every_queue_polled(await connect(settings), settings)
+        # Bounded: a listener that is not Temporal may never answer.
+        client = await asyncio.wait_for(connect(settings), 5.0)
+        return await asyncio.wait_for(_every_queue_polled(client, settings), 5.0)
     except Exception:
         return False
 
@@ -426,24 +432,27 @@ async def follow(
 
 
 async def cancel_run(
-    handle: WorkflowHandle[object, BenchmarkResult], timeout: float = 60.0
-) -> None:
+    handle: WorkflowHandle[Any, Any], timeout: float = 60.0, *, announce: bool = True
+) -> bool:
     """Cancel the run and wait for it to end, so that the run, its sampler and
     its phase workflows are closed before the embedded server stops. Without
-    that, the next embedded start resumes the run beside the new one."""
+    that, the next embedded start resumes the run beside the new one. Return
+    whether it ended within `timeout`."""
     run_id = handle.id
-    console.print(
-        f"Interrupted: cancelling benchmark {run_id} "
-        "(press Ctrl-C again to exit without waiting)"
-    )
+    if announce:
+        console.print(
+            f"Interrupted: cancelling benchmark {run_id} "
+            "(press Ctrl-C again to exit without waiting)"
+        )
     await handle.cancel()
     try:
         result = await asyncio.wait_for(handle.result(), timeout)
     except TimeoutError:
         console.print(
             f"Benchmark {run_id} was asked to cancel but had not ended after "
-            f"{timeout:.0f} s; the next embedded start resumes it"
+            f"{timeout:.0f} s; it ends once a worker takes the cancellation"
         )
+        return False
     except WorkflowFailureError as error:
         if isinstance(error.cause, CancelledError):
             console.print(f"Benchmark {run_id} cancelled; it has no report")
@@ -455,6 +464,20 @@ async def cancel_run(
             f"Benchmark {run_id} completed before the cancellation took effect; "
             f"report: {result.report.markdown_path}"
         )
+    return True
+
+
+def print_left_running(settings: Settings, run_id: str) -> None:
+    """Say what becomes of a run on this command's own server that a second
+    Ctrl-C left without waiting for its cancellation."""
+    console.print(
+        f"Exited without waiting: benchmark {run_id} was not cancelled and stays "
+        f"open in the history of {settings.resolved_data_dir}. The next `nexus "
+        "benchmark run` there cancels it first; under `nexus up` it runs on "
+        f"until `nexus benchmark cancel {run_id}`.",
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 def print_run_continues(settings: Settings, run_id: str) -> None:
@@ -467,12 +490,112 @@ def print_run_continues(settings: Settings, run_id: str) -> None:
         f"{address}. Follow it with `temporal workflow "
         f"show --follow --workflow-id {run_id} {server}`, write its report again "
         f"after it ends with `nexus benchmark report {run_id}`, or cancel it with "
-        f"`temporal workflow cancel --workflow-id {run_id} {server}`."
+        f"`nexus benchmark cancel {run_id}`."
     )
 
 
+class BenchmarkStartError(RuntimeError):
+    """A run cannot start; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class StartedRun:
+    """A run that this command started, as an interrupt leaves it."""
+
+    run_id: str
+    own_server: bool
+    ended: bool = False
+
+
+_BENCHMARK_RUNNING = (
+    'WorkflowType="ExtendedDurationBenchmarkWorkflow" AND ExecutionStatus="Running"'
+)
+
+
+async def running_benchmarks(client: Client) -> list[str]:
+    """Return the ids of the benchmark runs open on the server, oldest first."""
+    runs = [
+        (execution.start_time, execution.id)
+        async for execution in client.list_workflows(_BENCHMARK_RUNNING)
+    ]
+    return [run_id for _, run_id in sorted(runs)]
+
+
+@contextlib.contextmanager
+def _embedded_run_lock(settings: Settings) -> Iterator[Path]:
+    """Hold the data dir's benchmark lock while this command runs a server of
+    its own there. Another `benchmark run` on the same data dir would reuse
+    that server and die when this command stops it at its end."""
+    path = settings.resolved_data_dir / "benchmark-run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+            raise BenchmarkStartError(
+                f"another `nexus benchmark run` ({holder or 'starting'}) runs on "
+                f"the embedded server of {settings.resolved_data_dir}, and stops "
+                "that server when it ends; wait for it, or give this run its own "
+                "NEXUS_DATA_DIR and ports"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"process {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        os.close(descriptor)  # which releases the lock
+
+
+async def _check_no_other_run(client: Client, address: str, own_server: bool) -> None:
+    """Refuse to start beside a running benchmark, whose load each run would
+    measure as its own. On a server that this command started, a run that
+    an earlier `benchmark run` left behind (killed, or interrupted twice)
+    has nobody following it, so it is cancelled first."""
+    running = await running_benchmarks(client)
+    if own_server:
+        for run_id in [r for r in running if r.startswith("benchmark-")]:
+            console.print(
+                f"Benchmark {run_id} was left running by an earlier "
+                "`nexus benchmark run` that ended without waiting for it; "
+                "cancelling it first.",
+                soft_wrap=True,
+                markup=False,
+            )
+            await cancel_run(client.get_workflow_handle(run_id), announce=False)
+        running = await running_benchmarks(client)
+    if running:
+        raise BenchmarkStartError(
+            f"benchmark run {', '.join(running)} is running on the Temporal server "
+            f"at {address}; two runs at once would each measure the other's load. "
+            f"Wait for it to end, or cancel it with `nexus benchmark cancel "
+            f"{running[0]}`"
+        )
+
+
 async def run_benchmark(
-    settings: Settings, config: BenchmarkConfig, *, start_workers: bool
+    settings: Settings,
+    config: BenchmarkConfig,
+    *,
+    start_workers: bool,
+    started: list[StartedRun] | None = None,
+) -> FinishedRun:
+    """Start a run and follow it to its end. Once it has started, it is
+    appended to `started`."""
+    async with contextlib.AsyncExitStack() as scope:
+        if start_workers:
+            scope.enter_context(_embedded_run_lock(settings))
+        return await _run_benchmark(
+            settings, config, start_workers=start_workers, started=started
+        )
+
+
+async def _run_benchmark(
+    settings: Settings,
+    config: BenchmarkConfig,
+    *,
+    start_workers: bool,
+    started: list[StartedRun] | None,
 ) -> FinishedRun:
     from app.supervisor import Stack
     from app.temporal.client import connect
@@ -489,14 +612,24 @@ async def run_benchmark(
         )
         start_workers = False
     if start_workers:
-        stack = Stack(settings)
-        address = await asyncio.to_thread(stack.start)
+        # The benchmark calls the tools through the workers; the HTTP
+        # server would only take a port and print where its key is.
+        stack = Stack(settings, serve_api=False)
+        try:
+            address = await asyncio.to_thread(stack.start)
+        except BaseException:
+            await asyncio.to_thread(stack.stop)
+            raise
         settings = settings.model_copy(update={"temporal_address": address})
     server = stack.server if stack is not None else None
     started_server = server is not None and not server.reused
     try:
-        client = await connect(settings, wait_seconds=30)
+        # A server that this command did not start is up already, or absent.
+        client = await connect(settings, wait_seconds=30 if stack else 3)
         await _wait_for_workers(client, settings)
+        await _check_no_other_run(
+            client, settings.effective_temporal_address, started_server
+        )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         run_id = f"benchmark-{stamp}-{uuid.uuid4().hex[:6]}"
         handle = await client.start_workflow(
@@ -506,6 +639,9 @@ async def run_benchmark(
             task_queue=ORCHESTRATION,
             result_type=BenchmarkResult,
         )
+        this_run = StartedRun(run_id, started_server)
+        if started is not None:
+            started.append(this_run)
         console.print(
             f"Benchmark {run_id}: {web_ui_link(settings, run_id)}",
             soft_wrap=True,
@@ -517,7 +653,7 @@ async def run_benchmark(
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.
             if started_server:
-                await cancel_run(handle)
+                this_run.ended = await cancel_run(handle)
             else:
                 print_run_continues(settings, run_id)
             raise
@@ -557,16 +693,33 @@ def run_command(
         streams=streams,
         epochs=epochs,
     )
+    from app.temporal.devserver import EmbeddedServerError
+
     settings = load_settings()
     workers = settings.embedded if start_workers is None else start_workers
+    started: list[StartedRun] = []
     try:
         finished = asyncio.run(
-            _cancel_on_sigterm(run_benchmark(settings, config, start_workers=workers))
+            _cancel_on_sigterm(
+                run_benchmark(settings, config, start_workers=workers, started=started)
+            )
         )
     except KeyboardInterrupt:
+        if started and started[0].own_server and not started[0].ended:
+            # On another server the first Ctrl-C said that the run goes on.
+            print_left_running(settings, started[0].run_id)
         raise typer.Exit(130) from None
     except asyncio.CancelledError:  # SIGTERM
         raise typer.Exit(128 + signal.SIGTERM) from None
+    except (BenchmarkStartError, EmbeddedServerError) as error:
+        console.print(f"error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from None
+    except RuntimeError as error:
+        # connect() and the wait for workers: the message names the address.
+        if started:
+            raise
+        console.print(f"error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from None
     result = finished.result
     report = result.report
     console.print(f"Report:  {report.markdown_path}", soft_wrap=True, markup=False)
@@ -577,6 +730,52 @@ def run_command(
     )
     if not report.all_phases_passed:
         raise typer.Exit(1)
+
+
+@benchmark_cli.command("cancel")
+def cancel_command(
+    run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
+) -> None:
+    """Cancel a running benchmark on the configured Temporal server (under
+    `nexus up`) and wait up to a minute for it to end. A cancelled run has no
+    report."""
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from app.cli import load_settings
+    from app.temporal.client import connect
+
+    settings = load_settings()
+
+    async def cancel() -> None:
+        client = await connect(settings, wait_seconds=3)
+        handle = client.get_workflow_handle(run_id)
+        try:
+            description = await handle.describe()
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise BenchmarkStartError(
+                f"no run {run_id!r} on the Temporal server at "
+                f"{settings.effective_temporal_address}; the runs open there: "
+                f"{', '.join(await running_benchmarks(client)) or 'none'}"
+            ) from None
+        if description.workflow_type != "ExtendedDurationBenchmarkWorkflow":
+            raise BenchmarkStartError(
+                f"{run_id!r} is a {description.workflow_type}, not a benchmark run"
+            )
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            status = description.status.name.lower() if description.status else "?"
+            raise BenchmarkStartError(
+                f"benchmark run {run_id!r} has ended already (status {status})"
+            )
+        await cancel_run(handle, announce=False)
+
+    try:
+        asyncio.run(cancel())
+    except (BenchmarkStartError, RuntimeError) as error:
+        console.print(f"error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from None
 
 
 async def create_schedule(

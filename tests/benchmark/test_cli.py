@@ -723,7 +723,7 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
         assert exit_code == 130, text
         assert f"benchmark {run_id} continues on the Temporal server" in text
         assert f"nexus benchmark report {run_id}" in text
-        assert f"temporal workflow cancel --workflow-id {run_id}" in text
+        assert f"nexus benchmark cancel {run_id}" in text
 
         handle = client.get_workflow_handle(run_id)
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
@@ -747,3 +747,168 @@ async def test_run_uses_running_deployment(
     assert not await benchmark_cli._deployment_serves(closed)
     async with running_workers(client, shared_settings):
         assert await benchmark_cli._deployment_serves(shared_settings)
+
+
+@pytest.mark.timeout(600)
+async def test_second_run_refused_and_orphan_cancelled(tmp_path: Path) -> None:
+    """A second run on the same data dir is refused while the first one holds
+    its server. A run that a killed command left behind is cancelled by the
+    next run there before that one starts."""
+    env = _cli_env(tmp_path)
+    address = f"127.0.0.1:{env['NEXUS_TEMPORAL_PORT']}"
+    first, first_output = _start_cli(_RUN, env)
+    later: subprocess.Popen[str] | None = None
+    try:
+        run_id = (await first_output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        second = await asyncio.to_thread(
+            subprocess.run, _RUN, env=env, capture_output=True, text=True, timeout=120
+        )
+        refusal = " ".join(second.stderr.split())
+        assert second.returncode == 1, refusal
+        assert "another `nexus benchmark run` (process" in refusal
+        assert "Traceback" not in refusal
+
+        client = await Client.connect(address)
+        await _running_phase(client, run_id, 120)
+        # Killed with its server and workers, the command leaves the run open
+        # in the data dir's history.
+        os.killpg(first.pid, signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 60)
+
+        later, later_output = _start_cli(_RUN, env)
+        await later_output.wait_for(
+            f"Benchmark {run_id} was left running .* cancelling it first", 240
+        )
+        await later_output.wait_for(f"Benchmark {run_id} cancelled", 120)
+        new_id = (await later_output.wait_for(r"Benchmark (benchmark-\S+):", 120))[1]
+        assert new_id != run_id
+        os.killpg(later.pid, signal.SIGINT)
+        assert await asyncio.to_thread(later.wait, 120) == 130
+    finally:
+        for process in (first, later):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    url = Settings(data_dir=tmp_path).effective_database_url
+    assert recording.run_status(url, run_id) == "cancelled"
+    assert recording.run_status(url, new_id) == "cancelled"
+
+
+def test_busy_ports_give_one_line_errors(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env["NEXUS_TEMPORAL_UI_PORT"])))
+        holder.listen()
+        started = time.monotonic()
+        done = subprocess.run(
+            _RUN, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"web UI port {env['NEXUS_TEMPORAL_UI_PORT']}" in done.stderr
+    assert time.monotonic() - started < 60
+    # A closed address given with --no-start-workers fails within seconds.
+    closed = {**env, "NEXUS_TEMPORAL_ADDRESS": f"127.0.0.1:{_free_port()}"}
+    done = subprocess.run(
+        [*_RUN, "--no-start-workers"],
+        env=closed,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "cannot reach Temporal at" in done.stderr
+
+
+def test_http_port_in_use_stops_nexus_up_before_it_starts(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env["NEXUS_HTTP_PORT"])))
+        holder.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "app", "up"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"the HTTP port {env['NEXUS_HTTP_PORT']} on 127.0.0.1" in done.stderr
+    assert "NEXUS_HTTP_PORT" in done.stderr
+    # Nothing was started: no Temporal server answers on its port.
+    assert not port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"]))
+
+
+@pytest.mark.timeout(300)
+async def test_cancel_command_and_run_beside_deployment(
+    tmp_path: Path, shared_settings: Settings
+) -> None:
+    server = EmbeddedTemporal(
+        Settings(data_dir=tmp_path / "deployment", temporal_port=_free_port())
+    )
+    server.ui_port = _free_port()
+    address = await server.start()
+    settings = shared_settings.model_copy(update={"temporal_address": address})
+    env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=address)
+    env["NEXUS_DATABASE_URL"] = settings.effective_database_url
+    cancel = [sys.executable, "-m", "app", "benchmark", "cancel"]
+    try:
+        client = await Client.connect(address)
+        run_id = f"test-cancel-{uuid.uuid4().hex[:6]}"
+        async with running_workers(client, settings):
+            handle = await client.start_workflow(
+                "ExtendedDurationBenchmarkWorkflow",
+                benchmark_cli.BenchmarkState(
+                    run_id=run_id,
+                    config=benchmark_cli.build_config(
+                        {},
+                        duration_seconds=60,
+                        cycle_interval_seconds=0,
+                        load_multiplier=1,
+                        streams=1,
+                        epochs=1,
+                    ),
+                ),
+                id=run_id,
+                task_queue="nexus-orchestration",
+            )
+            with pytest.raises(benchmark_cli.BenchmarkStartError) as refused:
+                await benchmark_cli._check_no_other_run(
+                    client, address, own_server=False
+                )
+            assert f"benchmark run {handle.id} is running" in str(refused.value)
+            unknown = await asyncio.to_thread(
+                subprocess.run,
+                [*cancel, "no-such-run"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert unknown.returncode == 1
+            assert f"the runs open there: {handle.id}" in unknown.stderr
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [*cancel, handle.id],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert f"Benchmark {handle.id} cancelled" in done.stderr
+            described = await handle.describe()
+            assert described.status == WorkflowExecutionStatus.CANCELED
+            again = await asyncio.to_thread(
+                subprocess.run,
+                [*cancel, handle.id],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert again.returncode == 1
+            assert "has ended already (status canceled)" in again.stderr
+    finally:
+        server.stop()
