@@ -925,9 +925,11 @@ class SwarmTaskWorkflow:
         if not done:
             return None
         if self.progress.strategy_used == "sequential":
-            return done[-1].output_text()
+            return planning.kept_output(done[-1].output_text())
         done.sort(key=lambda s: s.part_index)
-        return planning.join_outputs([s.output_text() for s in done])
+        return planning.kept_output(
+            planning.join_outputs([s.output_text() for s in done])
+        )
 
     def _cancelled_before_start(self) -> TaskProgress:
         progress = self.progress
@@ -988,14 +990,20 @@ class SwarmTaskWorkflow:
             "star": self._star,
         }[topology]
         outputs = await runner(agents, parts, strategy == "sequential")
+        done = [s for s in self.progress.steps if s.status == "completed"]
         if strategy == "sequential":
-            self.progress.output = outputs[-1] if outputs else ""
-            done = [s for s in self.progress.steps if s.status == "completed"]
+            output = outputs[-1] if outputs else ""
             if len(done) < len(outputs):
                 # The chain broke: keep the last output that a step completed.
-                self.progress.output = done[-1].output_text() if done else ""
+                output = done[-1].output_text() if done else ""
         else:
-            self.progress.output = planning.join_outputs(outputs)
+            # The completed parts only, as for a sequential or cancelled task;
+            # a failed part's output is in its step.
+            completed = {s.part_index for s in done}
+            output = planning.join_outputs(
+                [o for index, o in enumerate(outputs) if index in completed]
+            )
+        self.progress.output = planning.kept_output(output)
 
     # Topologies. Each returns the outputs in part order (sequential: the
     # chain's outputs in execution order).
@@ -1236,7 +1244,11 @@ class SwarmTaskWorkflow:
                 }
             )
         index = self.progress.steps.index(placeholder)
-        self.progress.steps[index] = result
+        # The record keeps a bounded copy; the caller gets the whole result,
+        # whose output the next step of a chain receives.
+        self.progress.steps[index] = planning.kept_step(
+            result, max(self.progress.steps_total, 1)
+        )
         if result.status == "completed":
             self.progress.steps_completed += 1
         else:

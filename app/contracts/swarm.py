@@ -87,6 +87,20 @@ MAX_TASK_WORK_BYTES = 256 * 1024
 MAX_QUEUED_WORK_BYTES = 1024 * 1024
 
 
+# Limits on what a task's record keeps, for the same 2 MB payload limit: the
+# record is the task workflow's state, its status query and its result. A
+# step's activity result in the task workflow's history keeps all of it.
+# Stdout, stderr and LLM text of all steps together:
+MAX_STEPS_TEXT_BYTES = 768 * 1024
+# The task's aggregated output, which dependent tasks receive:
+MAX_TASK_OUTPUT_BYTES = 256 * 1024
+# The part text shown with each step (the task's input holds it whole):
+MAX_STEP_PART_CHARS = 2_000
+# A step's previous output and dependency outputs together. They travel in
+# the sandbox call's arguments, beside the program and its environment.
+MAX_STEP_INPUT_BYTES = 1024 * 1024
+
+
 def work_bytes(work: TaskWork) -> int:
     """Bytes that a task's work takes as JSON, as it travels in payloads."""
     return len(work.model_dump_json().encode())
@@ -313,6 +327,15 @@ class StepResult(BaseModel):
     error: str | None = None
     sandbox_id: str | None = None
     attempt: int = 1
+    trimmed_bytes: int = Field(
+        0,
+        description=(
+            "Bytes of stdout, stderr and text, and characters of the part, "
+            "left out of the task's record to keep it within Temporal's "
+            "payload limit. The step's activity result in the task workflow's "
+            "history has them."
+        ),
+    )
     program_runs: int | None = Field(
         None,
         description=(

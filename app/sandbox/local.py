@@ -1002,8 +1002,8 @@ def _read_below(root: Path, relative: str, limit: int) -> bytes | None:
                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                     dir_fd=parent,
                 )
-            except (FileNotFoundError, NotADirectoryError):
-                return None
+            except OSError:
+                return None  # missing, a file, or a symlink not followed
             os.close(parent)
             parent = child
         # O_NONBLOCK: code in the sandbox could put a FIFO there, whose open

@@ -3,6 +3,7 @@ per language, applying packages and setup commands, redacting secrets."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -219,8 +220,8 @@ async def execute(
         # A name of its own per execution, so that removing the file cannot
         # take it from a concurrent execution of the same program.
         code_name = f".nexus/code-{uuid.uuid4().hex}.{_EXTENSIONS[request.language]}"
-        code_path = await backend.write_file(
-            backend_id, code_name, request.code.encode()
+        code_path = await _write_nexus_file(
+            backend, backend_id, code_name, request.code.encode()
         )
     argv = code_command(request.language, request.code, code_path)
     inputs: list[str] = []
@@ -272,13 +273,13 @@ async def _count_start(
 ) -> tuple[str, int]:
     """Count one more start of the program of `call_id`, in a file of the
     sandbox; return the file's name and the starts so far, this one included."""
-    name = f".nexus/calls/{hashlib.sha256(call_id.encode()).hexdigest()[:32]}"
-    previous = await backend.read_file(backend_id, name, 32)
+    name = f".nexus/calls/{_call_digest(call_id)}"
     try:
+        previous = await backend.read_file(backend_id, name, 32)
         starts = int(previous or b"0")
     except ValueError:
-        starts = 0  # not ours: code in the sandbox wrote it
-    await backend.write_file(backend_id, name, str(starts + 1).encode())
+        starts = 0  # not ours: code in the sandbox put something else there
+    await _write_nexus_file(backend, backend_id, name, str(starts + 1).encode())
     return name, starts + 1
 
 
@@ -292,13 +293,43 @@ async def _write_input_files(
     variables that name them. Each name written is appended to `written`,
     so the caller removes even the files of a write that failed halfway."""
     # Files directly in `.nexus`, since removing a file leaves its folder.
-    prefix = f".nexus/input-{uuid.uuid4().hex}"
+    # A call made again (its worker died) writes the same names, so the
+    # files of the start cut short go with this one's.
+    if request.call_id is not None:
+        prefix = f".nexus/input-{_call_digest(request.call_id)}"
+    else:
+        prefix = f".nexus/input-{uuid.uuid4().hex}"
     paths: dict[str, str] = {}
     for variable, content in request.file_env.items():
         name = f"{prefix}-{variable}"
         written.append(name)
-        paths[variable] = await backend.write_file(backend_id, name, content.encode())
+        paths[variable] = await _write_nexus_file(
+            backend, backend_id, name, content.encode()
+        )
     return paths
+
+
+def _call_digest(call_id: str) -> str:
+    return hashlib.sha256(call_id.encode()).hexdigest()[:32]
+
+
+async def _write_nexus_file(
+    backend: SandboxBackend, backend_id: str, name: str, content: bytes
+) -> str:
+    """Write a file of the platform under `.nexus/` in the sandbox.
+
+    Code in the sandbox may have put a file or a symlink where the `.nexus`
+    folder goes. The platform owns that name, so such an entry is removed
+    and the write tried once more, rather than every later call failing.
+    """
+    try:
+        return await backend.write_file(backend_id, name, content)
+    except ValueError:
+        folders = name.split("/")[:-1]
+        for depth in range(1, len(folders) + 1):
+            with contextlib.suppress(OSError, ValueError, SandboxBackendError):
+                await backend.remove_file(backend_id, "/".join(folders[:depth]))
+        return await backend.write_file(backend_id, name, content)
 
 
 async def _remove_code_file(

@@ -11,6 +11,9 @@ import re
 from collections.abc import Sequence
 
 from app.contracts.swarm import (
+    MAX_STEP_PART_CHARS,
+    MAX_STEPS_TEXT_BYTES,
+    MAX_TASK_OUTPUT_BYTES,
     PRIORITY_RANK,
     AgentState,
     StepResult,
@@ -212,16 +215,59 @@ def task_outcome(steps: Sequence[StepResult]) -> tuple[TaskStatus, str | None]:
 
 
 def join_outputs(outputs: Sequence[str]) -> str:
-    """Join the outputs of a task's parts in part order, as `cat` would.
+    """Join the outputs of a task's parts in part order.
 
-    A newline goes between two outputs only where the first does not end
-    with one, so every part starts on a line of its own, and the task's
-    output ends the way its last part's output ends. A task of one part has
-    that part's output unchanged, whatever its strategy.
+    They are concatenated, with a newline added between two outputs only
+    where the first does not end with one, so every part starts on a line of
+    its own; an empty output adds nothing. The task's output ends the way
+    its last part's output ends, and a task of one part has that part's
+    output unchanged, whatever its strategy.
     """
     joined: list[str] = []
     for output in outputs:
+        if not output:
+            continue
         if joined and not joined[-1].endswith("\n"):
             joined.append("\n")
         joined.append(output)
     return "".join(joined)
+
+
+def cut_text(text: str, limit: int) -> tuple[str, int]:
+    """Return `text` cut to at most `limit` UTF-8 bytes, with a line that
+    says how much was left out, and the number of bytes left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text, 0
+    kept = data[:limit].decode(errors="ignore")
+    dropped = len(data) - len(kept.encode())
+    return f"{kept}\n[{dropped} bytes left out of the task's record]\n", dropped
+
+
+def kept_output(output: str) -> str:
+    """Return a task's output as its record keeps it (MAX_TASK_OUTPUT_BYTES)."""
+    return cut_text(output, MAX_TASK_OUTPUT_BYTES)[0]
+
+
+def kept_step(step: StepResult, part_count: int) -> StepResult:
+    """Return `step` as the task's record keeps it: its stdout, stderr and
+    text within an equal share of MAX_STEPS_TEXT_BYTES, and its part within
+    MAX_STEP_PART_CHARS. `trimmed_bytes` counts what was left out."""
+    share = MAX_STEPS_TEXT_BYTES // max(1, part_count)
+    update: dict[str, object] = {}
+    trimmed = 0
+    for field, limit in (("stdout", share * 3 // 4), ("stderr", share // 4)):
+        value = getattr(step, field)
+        if value:
+            update[field], dropped = cut_text(value, limit)
+            trimmed += dropped
+    if step.text:
+        update["text"], dropped = cut_text(step.text, share)
+        trimmed += dropped
+    if len(step.part) > MAX_STEP_PART_CHARS:
+        trimmed += len(step.part) - MAX_STEP_PART_CHARS
+        update["part"] = step.part[:MAX_STEP_PART_CHARS] + "…"
+    if not trimmed:
+        return step
+    update["trimmed_bytes"] = step.trimmed_bytes + trimmed
+    return step.model_copy(update=update)

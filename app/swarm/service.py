@@ -15,6 +15,7 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.swarm import (
+    MAX_STEP_INPUT_BYTES,
     AgentStepRequest,
     StepResult,
     SwarmMirror,
@@ -87,13 +88,18 @@ def step_env(
         "NEXUS_PART": request.part,
     }
     previous = request.previous_output or ""
-    if len(previous.encode()) <= INLINE_INPUT_BYTES:
+    if _inlinable(previous):
         env["NEXUS_PREVIOUS_OUTPUT"] = previous
     if request.dependencies:
         outputs = _dependencies_json(dependency_outputs)
-        if len(outputs.encode()) <= INLINE_INPUT_BYTES:
+        if _inlinable(outputs):
             env["NEXUS_DEPENDENCY_OUTPUTS"] = outputs
     return env
+
+
+def _inlinable(value: str) -> bool:
+    # No environment variable can hold a NUL byte; the file still can.
+    return len(value.encode()) <= INLINE_INPUT_BYTES and "\0" not in value
 
 
 def step_input_files(
@@ -106,6 +112,14 @@ def step_input_files(
         files["NEXUS_PREVIOUS_OUTPUT_FILE"] = request.previous_output
     if request.dependencies:
         files["NEXUS_DEPENDENCY_OUTPUTS_FILE"] = _dependencies_json(dependency_outputs)
+    size = sum(len(content.encode()) for content in files.values())
+    if size > MAX_STEP_INPUT_BYTES:
+        raise StepFailedError(
+            f"the step's inputs (previous output and dependency outputs) are "
+            f"{size} bytes, over the {MAX_STEP_INPUT_BYTES} bytes that a step can "
+            "receive; have those tasks print less, or store large results "
+            "(storage_upload) and print where they are"
+        )
     return files
 
 

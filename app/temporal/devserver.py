@@ -113,6 +113,7 @@ class EmbeddedTemporal:
         self.address = f"{self.host}:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.reused = False
+        self._log_start = 0
 
     @property
     def ui_url(self) -> str:
@@ -173,25 +174,33 @@ class EmbeddedTemporal:
                 "process, or set NEXUS_TEMPORAL_UI_PORT to a free port"
             )
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
         logger.info(
             "starting the embedded Temporal server at %s (web UI %s, history in %s)",
             self.address,
             self.ui_url,
             self.db_path,
         )
-        self.process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+        self._spawn()
+        assert self.process is not None
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             if self.process.poll() is not None:
+                if self._history_locked() and (
+                    asyncio.get_running_loop().time() + 1 < deadline
+                ):
+                    # A server of this data dir that was just stopped or lost
+                    # its parent closes its port first and its database last.
+                    logger.info("the history is still locked; starting again")
+                    await asyncio.sleep(0.5)
+                    self._spawn()
+                    continue
+                if self._history_locked():
+                    raise EmbeddedServerError(
+                        f"the Temporal history {self.db_path} stayed locked for "
+                        f"{timeout:.0f} s; another Temporal server of this data "
+                        "dir may run on other ports: stop it, or set "
+                        "NEXUS_DATA_DIR to another folder"
+                    )
                 raise EmbeddedServerError(
                     f"the Temporal server exited with code {self.process.returncode}; "
                     f"its log is {self.log_path}"
@@ -207,6 +216,25 @@ class EmbeddedTemporal:
             f"the Temporal server did not answer on {self.address} within "
             f"{timeout:.0f} s; its log is {self.log_path}"
         )
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._log_start = log.tell()
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    def _history_locked(self) -> bool:
+        """Return whether the server that just exited found its SQLite
+        history locked by another process."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return b"database is locked" in log.read()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server this object started; a reused server is left running."""

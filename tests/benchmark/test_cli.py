@@ -774,6 +774,12 @@ async def test_second_run_refused_and_orphan_cancelled(tmp_path: Path) -> None:
         # in the data dir's history.
         os.killpg(first.pid, signal.SIGKILL)
         await asyncio.to_thread(first.wait, 60)
+        # Its server, in a session of its own, exits when the kernel tells it
+        # that its parent died.
+        deadline = time.monotonic() + 60
+        while port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"])):
+            assert time.monotonic() < deadline, "the killed run's server stayed up"
+            await asyncio.sleep(0.2)
 
         later, later_output = _start_cli(_RUN, env)
         await later_output.wait_for(

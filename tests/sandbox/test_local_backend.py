@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -318,6 +319,36 @@ async def test_file_env_inputs(backend: LocalBackend, tmp_path: Path) -> None:
     result = await runtime.execute(backend, "box", request, {}, settings)
     assert result.stdout == "True\nTrue\n", result.stderr
     assert list(backend.folder("box").glob(".nexus/input-*")) == []
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink", "calls file"])
+async def test_platform_folder_taken_back(
+    backend: LocalBackend, tmp_path: Path, planted: str
+) -> None:
+    # Code in the sandbox put something where the platform's `.nexus` goes.
+    folder = backend.folder("box")
+    target = tmp_path / "target"
+    target.mkdir()
+    nexus = folder / ".nexus"
+    if nexus.is_dir():
+        shutil.rmtree(nexus)
+    if planted == "file":
+        nexus.write_text("mine")
+    elif planted == "symlink":
+        nexus.symlink_to(target)
+    else:
+        nexus.mkdir()
+        (nexus / "calls").write_text("mine")
+    settings = Settings(data_dir=tmp_path)
+    request = ExecuteRequest(
+        code="import os; print(open(os.environ['IN']).read())",
+        call_id="step-1",
+        file_env={"IN": "input"},
+    )
+    result = await runtime.execute(backend, "box", request, {}, settings)
+    assert (result.stdout, result.runs) == ("input\n", 1), result.stderr
+    assert (folder / ".nexus").is_dir()
+    assert list(target.iterdir()) == []
 
 
 async def test_read_file_follows_no_links(backend: LocalBackend) -> None:

@@ -10,7 +10,15 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.contracts.swarm import StopSandboxesRequest, TaskSpec, TaskWork
+from app.contracts.swarm import (
+    MAX_STEP_PART_CHARS,
+    MAX_STEPS_TEXT_BYTES,
+    MAX_TASK_OUTPUT_BYTES,
+    StepResult,
+    StopSandboxesRequest,
+    TaskSpec,
+    TaskWork,
+)
 from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import agent_sandbox_id, build_executor
@@ -178,14 +186,47 @@ def test_adaptive_reason_single_part() -> None:
         (["a"], "a"),
         (["a\n", "b\n"], "a\nb\n"),
         (["a", "b"], "a\nb"),
-        (["a\n\n", "", "c"], "a\n\n\nc"),
+        (["a\n\n", "", "c"], "a\n\nc"),
+        (["", "a", "", "b"], "a\nb"),
+        (["", ""], ""),
         ([], ""),
     ],
 )
-def test_part_outputs_join_like_cat(outputs: list[str], joined: str) -> None:
+def test_part_outputs_join_on_lines_of_their_own(
+    outputs: list[str], joined: str
+) -> None:
     # A one-part task keeps its output as it is, whichever strategy ran it;
-    # more parts each start on a line of their own.
+    # more parts each start on a line of their own, and empty ones add nothing.
     assert planning.join_outputs(outputs) == joined
+
+
+def test_record_keeps_steps_within_budget() -> None:
+    step = StepResult(
+        step=0,
+        agent_id="agent_1",
+        agent_name="coder-1",
+        agent_type="coder",
+        part_index=0,
+        part="p" * 5_000,
+        kind="code",
+        status="completed",
+        stdout="é" * 400_000,
+        stderr="e" * 10,
+    )
+    kept = planning.kept_step(step, part_count=4)
+    share = MAX_STEPS_TEXT_BYTES // 4
+    assert kept.stdout is not None
+    assert kept.stdout.endswith(" bytes left out of the task's record]\n")
+    kept_bytes = len(kept.stdout.split("\n[")[0].encode())
+    assert share * 3 // 4 - 1 <= kept_bytes <= share * 3 // 4
+    assert kept.stderr == "e" * 10
+    assert kept.part == "p" * MAX_STEP_PART_CHARS + "…"
+    dropped = 800_000 - kept_bytes + 5_000 - MAX_STEP_PART_CHARS
+    assert kept.trimmed_bytes == dropped
+    # Small steps are kept as they are.
+    assert planning.kept_step(kept.model_copy(update={"stdout": "x"}), 4).stdout == "x"
+    output = planning.kept_output("o" * (MAX_TASK_OUTPUT_BYTES + 10))
+    assert output.startswith("o" * MAX_TASK_OUTPUT_BYTES + "\n[10 bytes left out")
 
 
 @pytest.mark.parametrize("topology", ["ring", "mesh"])

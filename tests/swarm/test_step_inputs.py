@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.contracts.swarm import MAX_STEP_INPUT_BYTES
 from app.swarm.service import (
     INLINE_INPUT_BYTES,
     StepFailedError,
@@ -69,3 +70,20 @@ async def test_unknown_dependency_fails_the_step(swarms: Swarms) -> None:
         await dependency_outputs(swarms.client, request)
     assert "task_swarm_x_00000000" in str(caught.value)
     assert not caught.value.retryable
+
+
+def test_nul_byte_goes_only_to_the_file() -> None:
+    request = step_request("swarm_x", "agent_1", step=1).model_copy(
+        update={"previous_output": "x\0y\n"}
+    )
+    assert "NEXUS_PREVIOUS_OUTPUT" not in step_env(request, {})
+    assert step_input_files(request, {}) == {"NEXUS_PREVIOUS_OUTPUT_FILE": "x\0y\n"}
+
+
+def test_inputs_over_the_limit_fail_the_step() -> None:
+    half = "z" * (MAX_STEP_INPUT_BYTES // 2)
+    request = step_request("swarm_x", "agent_1", step=1).model_copy(
+        update={"previous_output": half, "dependencies": ["task_a"]}
+    )
+    with pytest.raises(StepFailedError, match="over the 1048576 bytes"):
+        step_input_files(request, {"task_a": half})

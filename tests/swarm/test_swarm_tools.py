@@ -277,6 +277,56 @@ async def test_large_previous_output_goes_to_a_file(swarms: Swarms) -> None:
     assert not list((folder / ".nexus").glob("input-*"))
 
 
+async def test_large_parallel_outputs_stay_within_payload_limit(
+    swarms: Swarms,
+) -> None:
+    # Five parts of 250,000 bytes: whole, the record would pass the 2 MB
+    # that Temporal takes in one payload, and the task could not end.
+    swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder"])
+    first = await swarms.call(
+        "task_orchestrate",
+        task="a\nb\nc\nd\ne",
+        strategy="parallel",
+        code="import os; print(os.environ['NEXUS_PART'] * 250000)",
+        swarm_id=swarm_id,
+    )
+    results = await swarms.call(
+        "task_results", task_id=first["task_id"], wait_seconds=120
+    )
+    assert results["status"] == "completed", results["error"]
+    assert len(results["output"].encode()) < 270_000
+    assert results["output"].startswith("a" * 250_000 + "\nbbb")
+    assert results["output"].endswith(" bytes left out of the task's record]\n")
+    assert all(step["trimmed_bytes"] > 0 for step in results["results"])
+    # A dependent task receives that kept output.
+    reader = await swarms.run_task(
+        task="size",
+        code=(
+            "import json, os\n"
+            "with open(os.environ['NEXUS_DEPENDENCY_OUTPUTS_FILE']) as f:\n"
+            "    print(len(next(iter(json.load(f).values()))))\n"
+        ),
+        dependencies=[first["task_id"]],
+        swarm_id=swarm_id,
+    )
+    assert reader["status"] == "completed", reader["error"]
+    assert reader["output"] == f"{len(results['output'])}\n"
+
+
+async def test_failed_part_left_out_of_parallel_output(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder"])
+    results = await swarms.run_task(
+        task="p0\np1\np2",
+        strategy="parallel",
+        command='echo "$NEXUS_PART"; [ "$NEXUS_PART" != p1 ]',
+        swarm_id=swarm_id,
+    )
+    assert results["status"] == "failed"
+    assert results["output"] == "p0\np2\n"
+    [failed] = [s for s in results["results"] if s["status"] == "failed"]
+    assert failed["stdout"] == "p1\n"
+
+
 async def test_failed_dependency_fails_dependent(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
     first = await swarms.call(
