@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,25 @@ from app.storage import StorageError, storage_for
 
 REPORT_BUCKET = "benchmark-reports"
 MB = 1024 * 1024
+_UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def report_folder_name(run_id: str) -> str:
+    """Return the name of the run's report folder and storage prefix: the run
+    id with each character other than a letter, digit, `.`, `_` or `-`
+    replaced by `-`, and a leading `.` by `_`.
+
+    A scheduled run's id ends in the time the schedule started it, such as
+    `nexus-benchmark-run-2026-12-05T07:01:00Z`, and a colon in a path breaks
+    scp and rsync `host:path` arguments, Windows and some archivers.
+
+    NOTE: two run ids that differ only in replaced characters share a folder.
+    """
+    name = _UNSAFE_IN_FOLDER_NAME.sub("-", run_id)
+    if name.startswith("."):
+        # A hidden folder, or `..`, which is the parent folder.
+        name = "_" + name[1:]
+    return name or "_"
 
 
 def _round(value: float, digits: int = 3) -> float | None:
@@ -527,8 +547,9 @@ def write_report(
     *,
     health_note: str | None = None,
 ) -> ReportResult:
-    """Write metrics.json, report.md and the plots to reports/RUN_ID/ and to the
-    `benchmark-reports` bucket.
+    """Write metrics.json, report.md and the plots to the run's report folder,
+    `reports/<report_folder_name(run_id)>/`, and to the `benchmark-reports`
+    bucket under the same name.
 
     Args:
         health_note: where `health` comes from, when it is not the health
@@ -545,22 +566,33 @@ def recorded_health(
     """Return the system health in the run's stored metrics.json with its
     note (None for the health read as the run ended), or None when there is
     no such file or health."""
-    try:
-        stored = json.loads(
-            storage_for(settings).get(REPORT_BUCKET, f"{run_id}/metrics.json")
-        )
-        health, note = stored.get("health"), stored.get("health_note")
-    except (StorageError, ValueError, AttributeError):
+    stored = _stored_metrics(settings, run_id)
+    if stored is None or not isinstance(stored.get("health"), dict):
         return None
-    if not isinstance(health, dict):
-        return None
-    return health, note if isinstance(note, str) else None
+    note = stored.get("health_note")
+    return stored["health"], note if isinstance(note, str) else None
+
+
+def _stored_metrics(settings: Settings, run_id: str) -> dict[str, Any] | None:
+    """Return the run's metrics.json from the report bucket, or None."""
+    storage = storage_for(settings)
+    # Reports written before folder names were made safe are stored under
+    # the run id itself.
+    for prefix in dict.fromkeys((report_folder_name(run_id), run_id)):
+        try:
+            stored = json.loads(storage.get(REPORT_BUCKET, f"{prefix}/metrics.json"))
+        except (StorageError, ValueError):
+            continue
+        if isinstance(stored, dict):
+            return stored
+    return None
 
 
 def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
     """Write the files of `write_report` from metrics already built."""
     run_id = metrics["run_id"]
-    out = settings.reports_dir.expanduser().resolve() / run_id
+    folder = report_folder_name(run_id)
+    out = settings.reports_dir.expanduser().resolve() / folder
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "metrics.json": json.dumps(metrics, indent=2, sort_keys=True).encode(),
@@ -572,13 +604,13 @@ def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
         files[path.name] = path.read_bytes()
     storage = storage_for(settings)
     for name, content in files.items():
-        storage.put(REPORT_BUCKET, f"{run_id}/{name}", content)
+        storage.put(REPORT_BUCKET, f"{folder}/{name}", content)
     totals = metrics["totals"]
     return ReportResult(
         run_id=run_id,
         report_dir=str(out),
         markdown_path=str(out / "report.md"),
-        storage_prefix=f"{REPORT_BUCKET}/{run_id}/",
+        storage_prefix=f"{REPORT_BUCKET}/{folder}/",
         success_rate=totals["success_rate_percent"] or 0.0,
         all_phases_passed=bool(totals["phases_run"])
         and totals["phases_passed"] == totals["phases_run"],

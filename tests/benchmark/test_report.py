@@ -6,8 +6,15 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from app.benchmark import recording
-from app.benchmark.report import build_metrics, render_markdown, write_report
+from app.benchmark.report import (
+    build_metrics,
+    render_markdown,
+    report_folder_name,
+    write_report,
+)
 from app.contracts.benchmark import (
     BenchmarkConfig,
     OperationRecord,
@@ -70,6 +77,39 @@ def _seed(settings: Settings, run_id: str) -> None:
             ),
         )
     recording.finish_run(url, run_id, start + timedelta(minutes=6), {})
+
+
+def _cli_settings(tmp_path: Path) -> tuple[Settings, dict[str, str]]:
+    """Return migrated settings in `tmp_path` and the environment that gives a
+    `nexus` subprocess the same settings, with no Temporal server."""
+    settings = Settings(
+        data_dir=tmp_path,
+        reports_dir=tmp_path / "reports",
+        database_url=f"sqlite:///{tmp_path / 'nexus.db'}",
+    )
+    upgrade(settings.effective_database_url)
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("NEXUS_")
+    }
+    env.update(
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_REPORTS_DIR=str(tmp_path / "reports"),
+        NEXUS_DATABASE_URL=settings.effective_database_url,
+        NEXUS_TEMPORAL_ADDRESS="127.0.0.1:1",
+    )
+    return settings, env
+
+
+def _report_command(
+    env: dict[str, str], run_id: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", run_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _scalars(value: object) -> list[str]:
@@ -447,3 +487,45 @@ def test_report_command_rejects_running_run(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout
     assert "'run-live' has not finished" in done.stderr
     assert not (tmp_path / "reports" / "run-live").exists()
+
+
+FOLDER_NAMES = [
+    ("benchmark-20261204T100824-65a797", "benchmark-20261204T100824-65a797"),
+    (
+        "nexus-benchmark-run-2026-12-05T07:01:00Z",
+        "nexus-benchmark-run-2026-12-05T07-01-00Z",
+    ),
+    ("a/b\\c d", "a-b-c-d"),
+    ("..", "_."),
+    (".hidden", "_hidden"),
+    ("run_1.2", "run_1.2"),
+]
+
+
+@pytest.mark.parametrize(("run_id", "folder"), FOLDER_NAMES)
+def test_report_folder_name_is_safe(run_id: str, folder: str) -> None:
+    assert report_folder_name(run_id) == folder
+
+
+def test_scheduled_run_report_folder(tmp_path: Path) -> None:
+    settings, env = _cli_settings(tmp_path)
+    run_id = "nexus-benchmark-run-2026-12-05T07:01:00Z"
+    folder = "nexus-benchmark-run-2026-12-05T07-01-00Z"
+    _seed(settings, run_id)
+    ended = {"status": "healthy", "marker": 43}
+    result = write_report(settings, run_id, ended)
+    out = tmp_path / "reports" / folder
+    assert Path(result.report_dir) == out
+    assert result.storage_prefix == f"benchmark-reports/{folder}/"
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [folder]
+    stored = settings.resolved_data_dir / "storage" / "benchmark-reports" / folder
+    assert json.loads((stored / "metrics.json").read_text())["run_id"] == run_id
+
+    # The command finds the folder, and the health recorded in it, from the
+    # run id with its colons.
+    done = _report_command(env, run_id)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["report_dir"] == str(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["health"] == ended
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [folder]
