@@ -859,6 +859,31 @@ def schedule_command(
     )
 
 
+def unknown_run_lines(settings: Settings, run_id: str) -> list[str]:
+    """Return the error lines for a run id that `benchmark_runs` does not
+    contain. They name the database that was read and list its most recent
+    runs, since the intended run may be among them."""
+    from app.benchmark import recording
+
+    database = settings.masked()["database_url"]
+    runs = recording.recent_runs(settings.effective_database_url, limit=5)
+    if not runs:
+        return [
+            f"error: benchmark run {run_id!r} not found: the database {database} "
+            "has no benchmark runs. Start one with `nexus benchmark run`, or set "
+            "NEXUS_DATA_DIR or NEXUS_DATABASE_URL to the deployment that ran it."
+        ]
+    width = max(len(run.run_id) for run in runs)
+    lines = [
+        f"error: benchmark run {run_id!r} not found in the database {database}. "
+        f"Its {len(runs)} most recent runs, newest first:"
+    ]
+    for run in runs:
+        started = run.started_at.isoformat(timespec="seconds")
+        lines.append(f"  {run.run_id:{width}}  {run.status:9}  started {started}")
+    return lines
+
+
 @benchmark_cli.command("report")
 def report_command(
     run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
@@ -874,8 +899,8 @@ def report_command(
     settings = load_settings()
     try:
         status = recording.run_status(settings.effective_database_url, run_id)
-    except LookupError as error:
-        typer.echo(f"error: {error}", err=True)
+    except LookupError:
+        typer.echo("\n".join(unknown_run_lines(settings, run_id)), err=True)
         raise typer.Exit(1) from None
     if status == "cancelled":
         typer.echo(

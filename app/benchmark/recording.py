@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlmodel import col, select
 
@@ -73,6 +73,23 @@ def run_status(url: str, run_id: str) -> str:
         if run is None:
             raise LookupError(_not_found(run_id))
         return run.status
+
+
+class RecentRun(NamedTuple):
+    run_id: str
+    status: str
+    started_at: datetime
+
+
+def recent_runs(url: str, limit: int = 5) -> list[RecentRun]:
+    """Return the `limit` runs that started last, newest first."""
+    with session_scope(url) as session:
+        runs = session.exec(
+            select(BenchmarkRun)
+            .order_by(col(BenchmarkRun.started_at).desc())
+            .limit(limit)
+        ).all()
+        return [RecentRun(r.run_id, r.status, as_utc(r.started_at)) for r in runs]
 
 
 def record_phase(url: str, record: PhaseRecord) -> None:
@@ -173,10 +190,7 @@ def load_run(url: str, run_id: str) -> dict[str, Any]:
 
 
 def _not_found(run_id: str) -> str:
-    return (
-        f"benchmark run {run_id!r} not found; list runs with "
-        "`temporal workflow list --query \"NexusExecutionKind='benchmark'\"`"
-    )
+    return f"benchmark run {run_id!r} not found"
 
 
 def as_utc(value: datetime) -> datetime:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.benchmark import recording
+from app.benchmark.models import BenchmarkRun
 from app.benchmark.report import (
     build_metrics,
     render_markdown,
@@ -23,6 +24,7 @@ from app.contracts.benchmark import (
     SampleBatch,
     WorkerSample,
 )
+from app.db import session_scope
 from app.db.migrate import upgrade
 from app.settings import Settings
 
@@ -529,3 +531,47 @@ def test_scheduled_run_report_folder(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["health"] == ended
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [folder]
+
+
+def test_unknown_run_lists_recent_runs(tmp_path: Path) -> None:
+    settings, env = _cli_settings(tmp_path)
+    start = datetime(2026, 12, 5, 7, 0, tzinfo=UTC)
+    statuses = ["completed", "cancelled", "running"]
+    with session_scope(settings.effective_database_url) as session:
+        for index in range(7):
+            session.add(
+                BenchmarkRun(
+                    run_id=f"benchmark-listed-{index}",
+                    status=statuses[index % 3],
+                    started_at=start + timedelta(minutes=index),
+                )
+            )
+    done = _report_command(env, "no-such-run")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("error: benchmark run 'no-such-run' not found in")
+    assert str(tmp_path / "nexus.db") in lines[0]
+    assert lines[0].endswith("Its 5 most recent runs, newest first:")
+    assert [line.split() for line in lines[1:]] == [
+        [f"benchmark-listed-{index}", statuses[index % 3], "started", started]
+        for index, started in (
+            (6, "2026-12-05T07:06:00+00:00"),
+            (5, "2026-12-05T07:05:00+00:00"),
+            (4, "2026-12-05T07:04:00+00:00"),
+            (3, "2026-12-05T07:03:00+00:00"),
+            (2, "2026-12-05T07:02:00+00:00"),
+        )
+    ]
+    assert "temporal workflow list" not in done.stderr
+    assert not (tmp_path / "reports").exists()
+
+
+def test_unknown_run_without_runs(tmp_path: Path) -> None:
+    _, env = _cli_settings(tmp_path)
+    done = _report_command(env, "no-such-run")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "error: benchmark run 'no-such-run' not found: the database" in done.stderr
+    assert "has no benchmark runs. Start one with `nexus benchmark run`" in (
+        done.stderr
+    )
