@@ -1,5 +1,6 @@
 """Soak: run the benchmark workflow for N minutes and print each worker's
-memory growth in MB per minute, over the whole run and after a warm-up.
+memory growth in MB (10**6 bytes) per minute, over the whole run and after a
+warm-up.
 
     flock /work/wt/bench.lock .venv/bin/python -m bench.soak --minutes 60
 
@@ -152,7 +153,7 @@ def main() -> int:
         "95% (OLS) is the plain regression interval; 95% (autocorr.) widens it "
         "for the lag-1 autocorrelation of the residuals, and is the one to read. "
         "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
-        "allocated blocks."
+        "allocated blocks. MB is 10**6 bytes."
     )
     print()
     print_table(

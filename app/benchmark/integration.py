@@ -305,9 +305,11 @@ async def _checkpoint_round_trip(runner: PhaseRunner) -> None:
 
 
 async def _health(runner: PhaseRunner) -> None:
+    from app.benchmark.report import MB
+
     samples = []
     for _ in range(3):
         health = await runner.call("system_health", {})
-        samples.append(round(health["memory"]["rss"] / (1024 * 1024), 3))
+        samples.append(round(health["memory"]["rss"] / MB, 3))
     runner.metrics["health_rss_mb"] = samples
     runner.carry["health_samples"] = samples

@@ -18,7 +18,10 @@ from app.settings import Settings
 from app.storage import StorageError, storage_for
 
 REPORT_BUCKET = "benchmark-reports"
-MB = 1024 * 1024
+# Every "MB" in metrics.json, report.md and bench.soak is 10**6 bytes. Until
+# 2026-12-05 it was 2**20 bytes (a MiB), and summaries of runs written then
+# have no `mb_bytes` field.
+MB = 1_000_000
 _UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -243,6 +246,7 @@ def build_metrics(
             "success_rate_percent": summary.get("success_rate_percent"),
             "operations": summary.get("operations"),
             "max_growth_mb_per_min": summary.get("max_growth_mb_per_min"),
+            "mb_bytes": summary.get("mb_bytes"),
             "phases_passed": summary.get("phases_passed"),
         }
     cycles = sorted({p.cycle for p in phases})
@@ -271,6 +275,7 @@ def build_metrics(
         "phases": phase_entries,
         "latency": latency,
         "memory": {
+            "mb_bytes": MB,
             "samples": len(data["samples"]),
             "workers": workers,
             "max_growth_mb_per_min": largest["growth_mb_per_min"] if largest else None,
@@ -296,6 +301,15 @@ def _shown_interval(interval: list[float | None] | None) -> str:
 
 def _cell(value: Any) -> str:
     return "n/a" if value is None else str(value)
+
+
+def _previous_growth(previous: dict[str, Any]) -> str:
+    """Format the previous run's largest growth, labelled MiB/min where its
+    summary predates decimal megabytes."""
+    growth = previous["max_growth_mb_per_min"]
+    if growth is not None and previous.get("mb_bytes") != MB:
+        return f"{growth} MiB/min"
+    return _cell(growth)
 
 
 def render_markdown(metrics: dict[str, Any]) -> str:
@@ -377,7 +391,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         f"Samples: {memory['samples']}. Growth is fitted over the whole run, "
         "warm-up included. The adjusted interval widens the plain one for the "
-        "autocorrelation of samples taken seconds apart.",
+        "autocorrelation of samples taken seconds apart. MB is a million bytes "
+        "in this report, not a MiB.",
         "",
         "| queue | pid | samples | first RSS (MB) | last RSS (MB) | growth (MB/min) "
         "| 95% interval (MB/min) | adjusted 95% interval (MB/min) |",
@@ -436,7 +451,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"| phases passed | {totals['phases_passed']} "
             f"| {_cell(previous['phases_passed'])} |",
             f"| max growth (MB/min) | {_cell(memory['max_growth_mb_per_min'])} "
-            f"| {_cell(previous['max_growth_mb_per_min'])} |",
+            f"| {_previous_growth(previous)} |",
         ]
     if metrics.get("health_note"):
         lines += ["", "## System health", "", metrics["health_note"], "", "```json"]
@@ -625,4 +640,5 @@ def run_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "success_rate_percent": metrics["totals"]["success_rate_percent"],
         "phases_passed": metrics["totals"]["phases_passed"],
         "max_growth_mb_per_min": metrics["memory"]["max_growth_mb_per_min"],
+        "mb_bytes": metrics["memory"]["mb_bytes"],
     }

@@ -28,7 +28,7 @@ from app.db import session_scope
 from app.db.migrate import upgrade
 from app.settings import Settings
 
-MB = 1024 * 1024
+MB = 1_000_000
 
 
 def _seed(settings: Settings, run_id: str) -> None:
@@ -575,3 +575,60 @@ def test_unknown_run_without_runs(tmp_path: Path) -> None:
     assert "has no benchmark runs. Start one with `nexus benchmark run`" in (
         done.stderr
     )
+
+
+def test_memory_in_decimal_megabytes(settings: Settings) -> None:
+    url = settings.effective_database_url
+    run_id = "run-decimal-mb"
+    recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
+    start = datetime.now(UTC)
+    for second in (0, 60):
+        recording.record_samples(
+            url,
+            SampleBatch(
+                run_id=run_id,
+                taken_at=start + timedelta(seconds=second),
+                samples=[
+                    WorkerSample(
+                        task_queue="nexus-orchestration",
+                        pid=13,
+                        identity="w",
+                        # 484.109 MiB, which the report showed as MB.
+                        rss=507_641_856 + 1_000_000 * second // 60,
+                        heap_used=2**20,
+                        python_heap_used=3 * 2**20,
+                        python_arenas=3,
+                    )
+                ],
+            ),
+        )
+    metrics = build_metrics(settings, run_id, None)
+    assert metrics["memory"]["mb_bytes"] == 1_000_000
+    worker = metrics["memory"]["workers"][0]
+    assert worker["first_rss_mb"] == 507.642
+    assert worker["last_rss_mb"] == 508.642
+    assert worker["growth_mb_per_min"] == 1.0
+    assert worker["first_heap_mb"] == 1.049
+    assert worker["first_python_heap_mb"] == 3.146
+    assert "MB is a million bytes" in render_markdown(metrics)
+
+
+def test_previous_growth_in_mib_labelled(settings: Settings) -> None:
+    url = settings.effective_database_url
+    start = datetime.now(UTC)
+    older = {"max_growth_mb_per_min": 0.52, "duration_seconds": 60.0}
+    for run_id, summary in (
+        ("run-mib", older),
+        ("run-mb", {**older, "mb_bytes": 1_000_000}),
+    ):
+        recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
+        recording.finish_run(url, run_id, start, summary)
+        recording.start_run(url, f"{run_id}-next", BenchmarkConfig(duration_seconds=60))
+        recording.finish_run(url, f"{run_id}-next", start, {})
+        metrics = build_metrics(settings, f"{run_id}-next", None)
+        assert metrics["previous"]["run_id"] == run_id
+        comparison = render_markdown(metrics).split("## Comparison")[1]
+        if run_id == "run-mib":
+            assert "| max growth (MB/min) | n/a | 0.52 MiB/min |" in comparison
+        else:
+            assert "| max growth (MB/min) | n/a | 0.52 |" in comparison
