@@ -22,6 +22,10 @@ REPORT_BUCKET = "benchmark-reports"
 # 2026-12-05 it was 2**20 bytes (a MiB), and summaries of runs written then
 # have no `mb_bytes` field.
 MB = 1_000_000
+# A worker's growth is shown only when fitted over this many samples. A
+# worker that started late (a restart) can have 4 samples over seconds, and
+# their slope does not measure steady growth.
+MIN_FIT_SAMPLES = 10
 _UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -98,6 +102,7 @@ def memory_growth(
             "task_queue": queue,
             "pid": pid,
             "samples": len(series),
+            "sampled_minutes": _round(minutes[-1] - minutes[0], 2),
             "first_rss_mb": _round(rss_mb[0]),
             "last_rss_mb": _round(rss_mb[-1]),
             "growth_mb_per_min": whole["growth_mb_per_min"],
@@ -234,7 +239,11 @@ def build_metrics(
         # Imports, compilations and first-use caches fill in the first minutes.
         warmup_minutes = round(min(10.0, (span or 0.0) / 3), 2)
     workers = memory_growth(data["samples"], warmup_minutes)
-    fitted = [w for w in workers if w["growth_mb_per_min"] is not None]
+    fitted = [
+        w
+        for w in workers
+        if w["growth_mb_per_min"] is not None and w["samples"] >= MIN_FIT_SAMPLES
+    ]
     largest = max(fitted, key=lambda w: w["growth_mb_per_min"], default=None)
     previous = data["previous"]
     previous_entry = None
@@ -283,6 +292,12 @@ def build_metrics(
             "max_growth_adjusted_ci95_mb_per_min": (
                 largest["adjusted_ci95_mb_per_min"] if largest else None
             ),
+            "max_growth_samples": largest["samples"] if largest else None,
+            "max_growth_sampled_minutes": (
+                largest["sampled_minutes"] if largest else None
+            ),
+            "min_fit_samples": MIN_FIT_SAMPLES,
+            "max_worker_samples": max((w["samples"] for w in workers), default=0),
             "sampled_minutes": sampled_minutes,
         },
         "health": health,
@@ -301,6 +316,44 @@ def _shown_interval(interval: list[float | None] | None) -> str:
 
 def _cell(value: Any) -> str:
     return "n/a" if value is None else str(value)
+
+
+def _growth_summary(memory: dict[str, Any]) -> str:
+    """Return the summary line of the largest worker memory growth, with the
+    span and count of that worker's own samples."""
+    title = "- Largest worker memory growth:"
+    if not memory["samples"]:
+        return f"{title} no worker was sampled"
+    if memory["max_growth_mb_per_min"] is None:
+        return (
+            f"{title} too few samples to fit. A fit needs "
+            f"{memory['min_fit_samples']} samples of one worker, and the most "
+            f"that any worker has is {memory['max_worker_samples']}"
+        )
+    # A short run's growth is mostly its warm-up, so the span is shown.
+    return (
+        f"{title} {memory['max_growth_mb_per_min']} MB/min "
+        f"({memory['max_growth_task_queue']}, adjusted 95% interval "
+        f"{_shown_interval(memory['max_growth_adjusted_ci95_mb_per_min'])}), "
+        f"fitted over {_cell(memory['max_growth_sampled_minutes'])} minutes of "
+        f"its {memory['max_growth_samples']} samples, warm-up included"
+    )
+
+
+def _shown_growth(fit: dict[str, Any] | None, min_samples: int) -> str:
+    """Format a fit's growth, or "too few samples to fit" for a fit of fewer
+    than `min_samples` samples."""
+    if fit is None or fit["growth_mb_per_min"] is None:
+        return "n/a"
+    if fit["samples"] < min_samples:
+        return "too few samples to fit"
+    return str(fit["growth_mb_per_min"])
+
+
+def _shown_fit_interval(fit: dict[str, Any], key: str, min_samples: int) -> str:
+    if fit["samples"] < min_samples:
+        return "n/a"
+    return _shown_interval(fit[key])
 
 
 def _previous_growth(previous: dict[str, Any]) -> str:
@@ -330,12 +383,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         f"- Operations: {totals['succeeded']} of {totals['operations']} succeeded "
         f"({_cell(totals['success_rate_percent'])}%)",
         f"- Cycles: {timeline['cycles']}",
-        # A short run's growth is mostly its warm-up, so the span is shown.
-        f"- Largest worker memory growth: {_cell(memory['max_growth_mb_per_min'])} "
-        f"MB/min ({_cell(memory['max_growth_task_queue'])}, adjusted 95% interval "
-        f"{_shown_interval(memory['max_growth_adjusted_ci95_mb_per_min'])}), "
-        f"fitted over {_cell(memory['sampled_minutes'])} minutes of samples, "
-        "warm-up included",
+        _growth_summary(memory),
         "",
         "## Timeline",
         "",
@@ -389,22 +437,26 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         "## Memory growth (linear regression of RSS over time)",
         "",
-        f"Samples: {memory['samples']}. Growth is fitted over the whole run, "
-        "warm-up included. The adjusted interval widens the plain one for the "
-        "autocorrelation of samples taken seconds apart. MB is a million bytes "
-        "in this report, not a MiB.",
+        f"Samples: {memory['samples']}. Each worker's growth is fitted over all "
+        "of its samples, warm-up included, and is shown only for a fit of "
+        f"{memory['min_fit_samples']} samples or more. The adjusted interval "
+        "widens the plain one for the autocorrelation of samples taken seconds "
+        "apart. MB is a million bytes in this report, not a MiB.",
         "",
-        "| queue | pid | samples | first RSS (MB) | last RSS (MB) | growth (MB/min) "
-        "| 95% interval (MB/min) | adjusted 95% interval (MB/min) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| queue | pid | samples | sampled (min) | first RSS (MB) | last RSS (MB) "
+        "| growth (MB/min) | 95% interval (MB/min) "
+        "| adjusted 95% interval (MB/min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    least = memory["min_fit_samples"]
     for worker in memory["workers"]:
         lines.append(
             f"| {worker['task_queue']} | {worker['pid']} | {worker['samples']} "
+            f"| {_cell(worker['sampled_minutes'])} "
             f"| {_cell(worker['first_rss_mb'])} | {_cell(worker['last_rss_mb'])} "
-            f"| {_cell(worker['growth_mb_per_min'])} "
-            f"| {_shown_interval(worker['ci95_mb_per_min'])} "
-            f"| {_shown_interval(worker['adjusted_ci95_mb_per_min'])} |"
+            f"| {_shown_growth(worker, least)} "
+            f"| {_shown_fit_interval(worker, 'ci95_mb_per_min', least)} "
+            f"| {_shown_fit_interval(worker, 'adjusted_ci95_mb_per_min', least)} |"
         )
     lines += [
         "",
@@ -422,15 +474,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for worker in memory["workers"]:
-        heap = worker["heap"] or {}
-        python_heap = worker["python_heap"] or {}
         lines.append(
             f"| {worker['task_queue']} | {worker['pid']} "
             f"| {_cell(worker['first_heap_mb'])} / {_cell(worker['last_heap_mb'])} "
-            f"| {_cell(heap.get('growth_mb_per_min'))} "
+            f"| {_shown_growth(worker['heap'], least)} "
             f"| {_cell(worker['first_python_heap_mb'])} / "
             f"{_cell(worker['last_python_heap_mb'])} "
-            f"| {_cell(python_heap.get('growth_mb_per_min'))} "
+            f"| {_shown_growth(worker['python_heap'], least)} "
             f"| {_cell(worker['first_python_arenas'])} / "
             f"{_cell(worker['last_python_arenas'])} |"
         )

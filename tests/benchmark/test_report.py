@@ -35,7 +35,7 @@ def _seed(settings: Settings, run_id: str) -> None:
     url = settings.effective_database_url
     recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
     start = datetime.now(UTC)
-    for minute in range(6):
+    for minute in range(11):
         recording.record_samples(
             url,
             SampleBatch(
@@ -78,7 +78,7 @@ def _seed(settings: Settings, run_id: str) -> None:
                 ],
             ),
         )
-    recording.finish_run(url, run_id, start + timedelta(minutes=6), {})
+    recording.finish_run(url, run_id, start + timedelta(minutes=10), {})
 
 
 def _cli_settings(tmp_path: Path) -> tuple[Settings, dict[str, str]]:
@@ -148,12 +148,13 @@ def test_growth_from_known_samples(settings: Settings) -> None:
     worker = metrics["memory"]["workers"][0]
     assert worker["growth_mb_per_min"] == 2.0
     assert worker["ci95_mb_per_min"] == [2.0, 2.0]
-    assert worker["samples"] == 6
-    assert metrics["memory"]["sampled_minutes"] == 5.0
+    assert worker["samples"] == 11
+    assert worker["sampled_minutes"] == 10.0
+    assert metrics["memory"]["sampled_minutes"] == 10.0
     summary = render_markdown(metrics).split("## Timeline")[0]
     assert (
         "2.0 MB/min (nexus-orchestration, adjusted 95% interval 2.0 to 2.0), "
-        "fitted over 5.0 minutes of samples"
+        "fitted over 10.0 minutes of its 11 samples"
     ) in summary
     assert "warm-up included" in summary
     assert metrics["totals"]["operations"] == 4
@@ -166,20 +167,20 @@ def test_python_heap_in_metrics_and_markdown(settings: Settings) -> None:
     metrics = build_metrics(settings, "run-python-heap", None)
     worker = metrics["memory"]["workers"][0]
     assert worker["python_heap"]["growth_mb_per_min"] == 0.25
-    assert worker["python_heap"]["samples"] == 6
+    assert worker["python_heap"]["samples"] == 11
     assert worker["first_python_heap_mb"] == 40.0
-    assert worker["last_python_heap_mb"] == 41.25
+    assert worker["last_python_heap_mb"] == 42.5
     assert worker["first_python_arenas"] == 45
-    assert worker["last_python_arenas"] == 50
+    assert worker["last_python_arenas"] == 55
     # The seeded samples have no malloc heap.
     assert worker["heap"] is None
     assert worker["first_heap_mb"] is None
     markdown = render_markdown(metrics)
     heaps = markdown.split("### Heaps")[1].split("## Comparison")[0]
     assert (
-        "| nexus-orchestration | 11 | n/a / n/a | n/a | 40.0 / 41.25 | 0.25 |" in heaps
+        "| nexus-orchestration | 11 | n/a / n/a | n/a | 40.0 / 42.5 | 0.25 |" in heaps
     )
-    assert "| 45 / 50 |" in heaps
+    assert "| 45 / 55 |" in heaps
 
 
 def test_growth_after_warmup_is_fitted_separately(settings: Settings) -> None:
@@ -546,6 +547,7 @@ def test_unknown_run_lists_recent_runs(tmp_path: Path) -> None:
                     started_at=start + timedelta(minutes=index),
                 )
             )
+
     done = _report_command(env, "no-such-run")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -602,6 +604,7 @@ def test_memory_in_decimal_megabytes(settings: Settings) -> None:
                 ],
             ),
         )
+
     metrics = build_metrics(settings, run_id, None)
     assert metrics["memory"]["mb_bytes"] == 1_000_000
     worker = metrics["memory"]["workers"][0]
@@ -632,3 +635,91 @@ def test_previous_growth_in_mib_labelled(settings: Settings) -> None:
             assert "| max growth (MB/min) | n/a | 0.52 MiB/min |" in comparison
         else:
             assert "| max growth (MB/min) | n/a | 0.52 |" in comparison
+
+
+def _record_rss(
+    settings: Settings,
+    run_id: str,
+    queue: str,
+    pid: int,
+    points: list[tuple[float, float]],
+) -> None:
+    """Record one worker's RSS samples: (seconds after the start, MB) pairs."""
+    start = datetime(2026, 12, 5, 7, 0, tzinfo=UTC)
+    for seconds, rss_mb in points:
+        recording.record_samples(
+            settings.effective_database_url,
+            SampleBatch(
+                run_id=run_id,
+                taken_at=start + timedelta(seconds=seconds),
+                samples=[
+                    WorkerSample(
+                        task_queue=queue,
+                        pid=pid,
+                        identity="w",
+                        rss=int(rss_mb * MB),
+                        heap_used=int(rss_mb * MB / 2),
+                        python_heap_used=None,
+                        python_arenas=None,
+                    )
+                ],
+            ),
+        )
+
+
+def test_growth_skips_worker_with_few_samples(settings: Settings) -> None:
+    run_id = "run-restarted-worker"
+    recording.start_run(
+        settings.effective_database_url, run_id, BenchmarkConfig(duration_seconds=60)
+    )
+    # 21 samples over 10 minutes at 0.5 MB/min, and a worker restarted in the
+    # last minute with 4 samples over 30 seconds that grow by 491 MB/min.
+    steady = [(30 * i, 300 + 0.25 * i) for i in range(21)]
+    restarted = [(570 + 10 * i, 200 + 81.84 * i) for i in range(4)]
+    _record_rss(settings, run_id, "nexus-orchestration", 21, steady)
+    _record_rss(settings, run_id, "nexus-neural", 22, restarted)
+
+    memory = build_metrics(settings, run_id, None)["memory"]
+    workers = {w["pid"]: w for w in memory["workers"]}
+    assert workers[22]["samples"] == 4
+    assert workers[22]["sampled_minutes"] == 0.5
+    assert workers[22]["growth_mb_per_min"] == 491.04
+    assert memory["sampled_minutes"] == 10.0
+    assert memory["min_fit_samples"] == 10
+    assert memory["max_growth_mb_per_min"] == 0.5
+    assert memory["max_growth_task_queue"] == "nexus-orchestration"
+    assert memory["max_growth_samples"] == 21
+    assert memory["max_growth_sampled_minutes"] == 10.0
+
+    markdown = render_markdown(build_metrics(settings, run_id, None))
+    summary = markdown.split("## Timeline")[0]
+    assert "0.5 MB/min (nexus-orchestration," in summary
+    assert "fitted over 10.0 minutes of its 21 samples" in summary
+    assert "491" not in summary
+    table = markdown.split("## Memory growth")[1].split("### Heaps")[0]
+    assert (
+        "| nexus-neural | 22 | 4 | 0.5 | 200.0 | 445.52 | too few samples to fit "
+        "| n/a | n/a |"
+    ) in table
+    assert "| nexus-orchestration | 21 | 21 | 10.0 | 300.0 | 305.0 | 0.5 |" in table
+    heaps = markdown.split("### Heaps")[1].split("## Comparison")[0]
+    assert "| nexus-neural | 22 | 100.0 / 222.76 | too few samples to fit |" in heaps
+
+
+def test_growth_of_few_samples_not_shown(settings: Settings) -> None:
+    run_id = "run-few-samples"
+    recording.start_run(
+        settings.effective_database_url, run_id, BenchmarkConfig(duration_seconds=60)
+    )
+    _record_rss(settings, run_id, "nexus-neural", 23, [(0, 200), (20, 300)])
+
+    metrics = build_metrics(settings, run_id, None)
+    memory = metrics["memory"]
+    assert memory["max_growth_mb_per_min"] is None
+    assert memory["max_worker_samples"] == 2
+    summary = render_markdown(metrics).split("## Timeline")[0]
+    assert (
+        "- Largest worker memory growth: too few samples to fit. A fit needs 10 "
+        "samples of one worker, and the most that any worker has is 2"
+    ) in summary
+    assert "MB/min" not in summary
