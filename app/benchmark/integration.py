@@ -179,12 +179,11 @@ def _insert_events(
 
 
 async def cross_system(runner: PhaseRunner) -> None:
-    """Neural to workflow, swarm to realtime, storage to processing, and
-    health samples for the scalability phase."""
+    """Neural to workflow, swarm to realtime, storage to processing."""
     from app.benchmark.phases import PhaseFailed
 
     failures: list[str] = []
-    for part in (_model_in_workflow, _swarm_events, _checkpoint_round_trip, _health):
+    for part in (_model_in_workflow, _swarm_events, _checkpoint_round_trip):
         try:
             await part(runner)
         except PhaseFailed as error:
@@ -302,14 +301,3 @@ async def _checkpoint_round_trip(runner: PhaseRunner) -> None:
         f"checkpoint {path} read back differs from what was written",
     )
     runner.metrics["checkpoint_sha256"] = hashlib.sha256(checkpoint).hexdigest()
-
-
-async def _health(runner: PhaseRunner) -> None:
-    from app.benchmark.report import MB
-
-    samples = []
-    for _ in range(3):
-        health = await runner.call("system_health", {})
-        samples.append(round(health["memory"]["rss"] / MB, 3))
-    runner.metrics["health_rss_mb"] = samples
-    runner.carry["health_samples"] = samples

@@ -350,21 +350,33 @@ async def performance_scalability(runner: PhaseRunner) -> None:
     config = runner.config
     request = runner.request
     results: list[LoadResult] = []
-    for label, multiplier in (("baseline", 1), ("scaled", config.load_multiplier)):
-        name = f"load_{label}"
-        result = await run_load(
-            runner.client,
-            LoadRequest(
-                run_id=request.run_id,
-                cycle=request.cycle,
-                label=label,
-                operations=config.baseline_operations * multiplier,
-                concurrency=config.baseline_concurrency * multiplier,
-            ),
-            on_operation=functools.partial(runner.record, name),
-        )
-        results.append(result)
-        runner.metrics[label] = result.model_dump(exclude={"errors"})
+    stop = asyncio.Event()
+    # The readings run beside both loads, so their RSS is this worker's under
+    # load, since this worker runs the phase and the load's workflows.
+    sampler = asyncio.create_task(
+        sample_health(runner, stop, config.health_sample_seconds)
+    )
+    try:
+        for label, multiplier in (("baseline", 1), ("scaled", config.load_multiplier)):
+            name = f"load_{label}"
+            result = await run_load(
+                runner.client,
+                LoadRequest(
+                    run_id=request.run_id,
+                    cycle=request.cycle,
+                    label=label,
+                    operations=config.baseline_operations * multiplier,
+                    concurrency=config.baseline_concurrency * multiplier,
+                ),
+                on_operation=functools.partial(runner.record, name),
+            )
+            results.append(result)
+            runner.metrics[label] = result.model_dump(exclude={"errors"})
+    finally:
+        stop.set()
+        health_samples, health_failure = await sampler
+    runner.metrics["health_samples_rss_mb"] = health_samples
+    runner.metrics["health_sample_seconds"] = config.health_sample_seconds
     baseline, scaled = results
     runner.metrics["load_multiplier"] = config.load_multiplier
     runner.metrics["throughput_ratio"] = (
@@ -372,12 +384,39 @@ async def performance_scalability(runner: PhaseRunner) -> None:
         if baseline.throughput_per_second
         else 0.0
     )
-    health = request.carry.get("health_samples")
-    if health:
-        runner.metrics["health_samples_rss_mb"] = health
+    failures = []
     failed = sum(r.operations - r.succeeded for r in results)
     if failed:
-        raise PhaseFailed(f"{failed} load operations failed: {results[-1].errors[:1]}")
+        failures.append(f"{failed} load operations failed: {results[-1].errors[:1]}")
+    if health_failure is not None:
+        failures.append(f"health readings stopped: {health_failure}")
+    if failures:
+        raise PhaseFailed("; ".join(failures))
+
+
+async def sample_health(
+    runner: PhaseRunner, stop: asyncio.Event, interval: float
+) -> tuple[list[float], PhaseFailed | None]:
+    """Call `system_health` at once and then every `interval` seconds until
+    `stop` is set.
+
+    Returns:
+        The RSS of each reading in MB, and the failed call that ended the
+        readings early, or None.
+    """
+    from app.benchmark.report import MB
+
+    samples: list[float] = []
+    while True:
+        try:
+            health = await runner.call("system_health", {})
+        except PhaseFailed as failure:
+            return samples, failure
+        samples.append(round(health["memory"]["rss"] / MB, 3))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return samples, None
 
 
 PHASES: dict[str, PhaseFunction] = {

@@ -50,6 +50,13 @@ class BenchmarkConfig(BaseModel):
     baseline_operations: int = Field(10, ge=1, le=10_000)
     baseline_concurrency: int = Field(2, ge=1, le=100)
     sample_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    health_sample_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the system_health readings that the "
+        "performance phase takes while its loads run.",
+    )
     max_cycles: int | None = Field(
         None, ge=1, description="Stop after this many cycles even if time remains."
     )

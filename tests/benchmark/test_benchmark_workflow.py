@@ -134,6 +134,37 @@ async def test_failed_phase_records_failed_operation(
     assert operation.error == record.result.error
 
 
+async def test_performance_health_read_during_load(
+    client: Client, workers: Settings
+) -> None:
+    config = small_config(
+        baseline_operations=4,
+        load_multiplier=2,
+        health_sample_seconds=0.05,
+    )
+    request = PhaseInput(
+        run_id=f"benchmark-test-{uuid.uuid4().hex[:8]}",
+        phase="performance_scalability",
+        cycle=0,
+        config=config,
+    )
+    record = await run_phase(workers, client, request)
+    assert record.result.ok, record.result.error
+    metrics = record.result.metrics
+    samples = metrics["health_samples_rss_mb"]
+    assert metrics["health_sample_seconds"] == 0.05
+    assert len(samples) >= 2
+    assert all(rss > 0 for rss in samples)
+    names = [operation.name for operation in record.operations]
+    assert names.count("system_health") == len(samples)
+    # A reading recorded between the first and the last load operation was
+    # taken while the load ran.
+    loads = [i for i, name in enumerate(names) if name.startswith("load_")]
+    assert len(loads) == 4 + 8
+    readings = [i for i, name in enumerate(names) if name == "system_health"]
+    assert any(loads[0] < i < loads[-1] for i in readings), names
+
+
 async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None:
     config = small_config(max_cycles=2, phases=["performance_scalability"])
     run_id, result = await run_benchmark(client, workers, config)
@@ -146,7 +177,13 @@ async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None
     assert metrics["phases"][0]["cycles"] == 2
     assert result.report.all_phases_passed
     scalability = metrics["phases"][0]
-    assert scalability["operations"] == 2 * (2 + 4)
+    operations = recording.load_run(workers.effective_database_url, run_id)
+    names = [operation.name for operation in operations["operations"]]
+    assert sum(name.startswith("load_") for name in names) == 2 * (2 + 4)
+    # At least one health reading per cycle, taken while the load ran.
+    readings = names.count("system_health")
+    assert readings >= 2
+    assert scalability["operations"] == 2 * (2 + 4) + readings
     assert scalability["metrics"]["scaled"]["concurrency"] == 2
     await replay_run(client, run_id, all_workflows())
 
