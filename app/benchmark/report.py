@@ -162,11 +162,18 @@ def build_metrics(
     run_id: str,
     health: dict[str, Any] | None,
     *,
+    health_note: str | None = None,
     warmup_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Collect every figure of the report from the database; memory growth
     is also fitted after the first `warmup_minutes` of samples (default: a
-    third of the sampled time, at most 10 minutes, as `bench.soak` does)."""
+    third of the sampled time, at most 10 minutes, as `bench.soak` does).
+
+    Args:
+        health_note: where `health` comes from, when it is not the health
+            read as the run ended. The key is always present, so a report
+            written again from the recorded health has the same keys.
+    """
     data = load_run(settings.effective_database_url, run_id)
     run = data["run"]
     phases = data["phases"]
@@ -301,6 +308,7 @@ def build_metrics(
             "sampled_minutes": sampled_minutes,
         },
         "health": health,
+        "health_note": health_note,
         "previous": previous_entry,
         "issues": issues,
     }
@@ -620,8 +628,7 @@ def write_report(
         health_note: where `health` comes from, when it is not the health
             read as the run ended; the report shows it under its heading.
     """
-    metrics = build_metrics(settings, run_id, health)
-    metrics["health_note"] = health_note
+    metrics = build_metrics(settings, run_id, health, health_note=health_note)
     return save_report(settings, metrics)
 
 

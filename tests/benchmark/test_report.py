@@ -14,6 +14,7 @@ from app.benchmark.report import (
     build_metrics,
     render_markdown,
     report_folder_name,
+    save_report,
     write_report,
 )
 from app.contracts.benchmark import (
@@ -723,3 +724,20 @@ def test_growth_of_few_samples_not_shown(settings: Settings) -> None:
         "samples of one worker, and the most that any worker has is 2"
     ) in summary
     assert "MB/min" not in summary
+
+
+def test_rewritten_report_is_identical(tmp_path: Path) -> None:
+    settings, env = _cli_settings(tmp_path)
+    _seed(settings, "run-same")
+    health = {"status": "healthy", "uptime": 12.345, "memory": {"rss": 507641856}}
+    # As the activity that ends the run writes it.
+    first = save_report(settings, build_metrics(settings, "run-same", health))
+    out = Path(first.report_dir)
+    files = ("metrics.json", "report.md", "memory.png")
+    written = {name: (out / name).read_bytes() for name in files}
+
+    done = _report_command(env, "run-same")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["report_dir"] == str(out)
+    for name in files:
+        assert (out / name).read_bytes() == written[name], name
