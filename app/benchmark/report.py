@@ -26,6 +26,10 @@ MB = 1_000_000
 # worker that started late (a restart) can have 4 samples over seconds, and
 # their slope does not measure steady growth.
 MIN_FIT_SAMPLES = 10
+# The plots that render_plots writes beside report.md, which links them.
+MEMORY_PLOT = "memory.png"
+LATENCY_PLOT = "latency.png"
+THROUGHPUT_PLOT = "throughput.png"
 _UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -414,7 +418,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"| {_cell(phase['success_rate_percent'])} "
             f"| {_cell(phase['calls_per_second'])} |"
         )
-    lines += ["", "### Phase details", ""]
+    lines += [
+        "",
+        f"![Timed calls per second of each phase]({THROUGHPUT_PLOT})",
+        "",
+        "### Phase details",
+        "",
+    ]
     for phase in metrics["phases"]:
         mark = "✅" if phase["passed"] else "❌"
         lines.append(f"#### {mark} {phase['title']}")
@@ -443,6 +453,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        f"![Latency of the successful timed operations]({LATENCY_PLOT})",
+    ]
+    lines += [
+        "",
         "## Memory growth (linear regression of RSS over time)",
         "",
         f"Samples: {memory['samples']}. Each worker's growth is fitted over all "
@@ -466,6 +480,10 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             f"| {_shown_fit_interval(worker, 'ci95_mb_per_min', least)} "
             f"| {_shown_fit_interval(worker, 'adjusted_ci95_mb_per_min', least)} |"
         )
+    lines += [
+        "",
+        f"![RSS, malloc heap and Python heap of each worker over time]({MEMORY_PLOT})",
+    ]
     lines += [
         "",
         "### Heaps",
@@ -580,7 +598,7 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     data = load_run(settings.effective_database_url, metrics["run_id"])
     paths: list[Path] = []
 
-    paths.append(_plot_memory(data["samples"], out / "memory.png"))
+    paths.append(_plot_memory(data["samples"], out / MEMORY_PLOT))
 
     figure, axis = plt.subplots(figsize=(8, 4))
     latencies = [
@@ -591,7 +609,7 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     axis.set_xlabel("latency (ms)")
     axis.set_ylabel("operations")
     axis.set_title("Operation latency")
-    paths.append(out / "latency.png")
+    paths.append(out / LATENCY_PLOT)
     figure.tight_layout()
     figure.savefig(paths[-1])
     plt.close(figure)
@@ -606,7 +624,7 @@ def render_plots(metrics: dict[str, Any], settings: Settings, out: Path) -> list
     axis.set_ylabel("timed calls per second")
     axis.set_title("Throughput per phase")
     axis.tick_params(axis="x", labelrotation=20, labelsize="small")
-    paths.append(out / "throughput.png")
+    paths.append(out / THROUGHPUT_PLOT)
     figure.tight_layout()
     figure.savefig(paths[-1])
     plt.close(figure)

@@ -394,6 +394,11 @@ def test_write_report_files_and_storage(settings: Settings, tmp_path: Path) -> N
         "throughput.png",
     }
     assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    linked = re.findall(r"^!\[[^\]]+\]\(([^)]+)\)$", markdown, flags=re.MULTILINE)
+    assert sorted(linked) == ["latency.png", "memory.png", "throughput.png"]
+    for name in linked:
+        assert (out / name).is_file(), name
     stored = settings.resolved_data_dir / "storage" / "benchmark-reports" / "run-files"
     assert json.loads((stored / "metrics.json").read_text())["run_id"] == "run-files"
     assert not result.all_phases_passed
