@@ -4,13 +4,16 @@ warm-up.
 
     flock /work/wt/bench.lock .venv/bin/python -m bench.soak --minutes 60
 
-It starts its own embedded server and workers (ports from --port) in its own
-data folder, so it does not touch a running `nexus up`. Growth is the least
-squares slope of RSS, of the malloc heap and of the Python heap (pymalloc's
-allocated blocks) against minutes. Two fits are
+It starts its own embedded Temporal server, workers and HTTP API in its own
+data folder, so it does not touch a running `nexus up`. The server listens
+on --port, its web UI on --port + 1000 and the HTTP API on --port + 2000.
+
+Growth is the least squares slope of RSS, of the malloc heap and of the
+Python heap (pymalloc's allocated blocks) against minutes. Two fits are
 printed and labelled: one over every sample of the run, and one over the
-samples taken after the stated warm-up (imports, JAX compilation and first-use
-caches fill in the first minutes). The target applies to the whole run.
+samples taken after the stated warm-up (imports, JAX compilation and
+first-use caches fill in the first minutes). The target applies to the whole
+run.
 """
 
 from __future__ import annotations
@@ -79,11 +82,71 @@ def _worst(fits: list[dict[str, Any]]) -> float | None:
     return max(slopes) if slopes else None
 
 
+# The soak's HTTP API listens on --port + 2000, which must be a port too.
+_MAX_PORT = 65535 - 2000
+# The limits of BenchmarkConfig's duration_seconds and sample_interval_seconds.
+_MAX_MINUTES = 7 * 24 * 60
+_MAX_SAMPLE_SECONDS = 3600
+
+
+def invalid_option(options: argparse.Namespace) -> str | None:
+    """Return the error message for the first invalid option, or None.
+
+    The checks run before anything is created, so a rejected command leaves
+    no data folder behind.
+    """
+    minutes, warmup = options.minutes, options.warmup_minutes
+    if not 0 < minutes <= _MAX_MINUTES:
+        return (
+            f"--minutes {minutes:g} is invalid: the run must last more than 0 and "
+            f"at most {_MAX_MINUTES:g} minutes; pass for example --minutes 60"
+        )
+    if not 1 <= options.port <= _MAX_PORT:
+        return (
+            f"--port {options.port} is invalid: the soak listens on it, on "
+            f"--port + 1000 (web UI) and on --port + 2000 (HTTP API), so it must "
+            f"be from 1 to {_MAX_PORT}; pass for example --port 27233"
+        )
+    if not 0 < options.sample_seconds <= _MAX_SAMPLE_SECONDS:
+        return (
+            f"--sample-seconds {options.sample_seconds:g} is invalid: it must be "
+            f"more than 0 and at most {_MAX_SAMPLE_SECONDS}; pass for example "
+            "--sample-seconds 5"
+        )
+    if warmup is not None and not 0 <= warmup < minutes:
+        return (
+            f"--warmup-minutes {warmup:g} is invalid: it must be 0 or more and "
+            f"less than --minutes ({minutes:g}), or left out for a third of the "
+            "run, at most 10"
+        )
+    return None
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--port", type=int, default=27233, help="Temporal gRPC port.")
-    parser.add_argument("--sample-seconds", type=float, default=5.0)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="How long to keep starting cycles, in minutes (default: 10).",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=27233,
+        help="gRPC port of the embedded Temporal server. The web UI uses "
+        "PORT + 1000 and the HTTP API PORT + 2000 (default: 27233).",
+    )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=5.0,
+        help="Seconds between two memory samples of each worker (default: 5).",
+    )
     parser.add_argument(
         "--warmup-minutes",
         type=float,
@@ -98,6 +161,9 @@ def main() -> int:
         help="Data folder (default: a new /tmp/soak-* folder).",
     )
     options = parser.parse_args()
+    message = invalid_option(options)
+    if message is not None:
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     warmup = (
         options.warmup_minutes
         if options.warmup_minutes is not None
