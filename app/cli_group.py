@@ -6,6 +6,9 @@ with b. `NexusGroup` rejects that as a usage error (exit code 2) that names
 the option, every value given and the fix. Options declared repeatable
 (`list[...]` types), counters and flags are left alone.
 
+It also joins the lines of each help paragraph (`unwrap_help`), so that
+rich wraps help text to the terminal's width.
+
 Every `typer.Typer(...)` of the command line passes `cls=NexusGroup`, and a
 test walks the command tree to check that.
 """
@@ -13,7 +16,9 @@ test walks the command tree to check that.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import typer
 
@@ -31,6 +36,12 @@ class NexusGroup(TyperGroup):
     that is a `NexusGroup` checks itself.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = unwrap_help(self.help)
+        for command in self.commands.values():
+            command.help = unwrap_help(command.help)
+
     def parse_args(self, ctx: _click.Context, args: list[str]) -> list[str]:
         reject_repeated_options(self, ctx, args)
         return super().parse_args(ctx, args)
@@ -47,6 +58,31 @@ class NexusGroup(TyperGroup):
             )
             reject_repeated_options(command, command_ctx, rest)
         return name, command, rest
+
+
+def unwrap_help(text: str | None) -> str | None:
+    """Join the lines of each paragraph of a help text into one line.
+
+    typer 0.29's rich help keeps a docstring's line breaks in a group's list
+    of commands and in every paragraph after the first, so text wrapped at
+    88 columns in the source showed ragged in a terminal of another width.
+    On one line, rich wraps it to the terminal. A paragraph that starts with
+    click's no-rewrap marker `\\b` keeps its lines, and so does one with an
+    indented or bulleted line, and everything after `\\f`.
+    """
+    if not text:
+        return text
+    visible, marker, hidden = text.partition("\f")
+    paragraphs = inspect.cleandoc(visible).split("\n\n")
+    joined = [p if _keeps_lines(p) else " ".join(p.split()) for p in paragraphs]
+    return "\n\n".join(joined) + marker + hidden
+
+
+def _keeps_lines(paragraph: str) -> bool:
+    lines = paragraph.splitlines()
+    return paragraph.startswith("\b") or any(
+        line[:1].isspace() or line.startswith(("- ", "* ")) for line in lines[1:]
+    )
 
 
 def reject_repeated_options(

@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.cli_group import NexusGroup
+from app.cli_group import NexusGroup, unwrap_help
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,3 +190,39 @@ def test_every_group_checks_repeats() -> None:
         found.append(group.name)
         groups += [c for c in group.commands.values() if hasattr(c, "commands")]
     assert {"swarm", "sandbox", "cluster", "benchmark", "db", "keys"} <= set(found)
+
+
+def test_help_paragraphs_joined() -> None:
+    result = CliRunner().invoke(cli, ["benchmark", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = [line.strip("│ ") for line in result.output.splitlines()]
+    assert (
+        "run       Run the benchmark, show progress per phase, then print the "
+        "report path and the run's web UI link."
+    ) in lines, result.output
+
+    task = CliRunner().invoke(cli, ["swarm", "task", "--help"], env={"COLUMNS": "200"})
+    assert task.exit_code == 0, task.output
+    assert (
+        "With --wait the exit code is 0 for a completed task, 3 for a failed or "
+        "cancelled one and 4 when the wait ran out first. Without --wait it is 0 "
+        "once the task is submitted."
+    ) in [line.strip() for line in task.output.splitlines()], task.output
+
+
+def test_unwrap_help_keeps_marked_paragraphs() -> None:
+    text = (
+        "First line\ncontinues.\n\n"
+        "\bkept\nas is\n\n"
+        "Steps:\n- one\n- two\n\n"
+        "Example:\n    nexus up\n\n"
+        "Last\nparagraph.\f\nhidden\ntext"
+    )
+    assert unwrap_help(text) == (
+        "First line continues.\n\n"
+        "\bkept\nas is\n\n"
+        "Steps:\n- one\n- two\n\n"
+        "Example:\n    nexus up\n\n"
+        "Last paragraph.\f\nhidden\ntext"
+    )
+    assert unwrap_help(None) is None
