@@ -279,8 +279,11 @@ async def _checkpoint_round_trip(runner: PhaseRunner) -> None:
     import hashlib
     import os
 
+    from app.benchmark.report import run_folder_name
+
     checkpoint = os.urandom(4096)
-    path = f"checkpoints/{runner.request.run_id}/cycle-{runner.request.cycle}.bin"
+    folder = run_folder_name(runner.request.run_id)
+    path = f"checkpoints/{folder}/cycle-{runner.request.cycle}.bin"
     await runner.call(
         "storage_upload",
         {

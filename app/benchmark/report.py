@@ -33,10 +33,11 @@ THROUGHPUT_PLOT = "throughput.png"
 _UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def report_folder_name(run_id: str) -> str:
-    """Return the name of the run's report folder and storage prefix: the run
-    id with each character other than a letter, digit, `.`, `_` or `-`
-    replaced by `-`, and a leading `.` by `_`.
+def run_folder_name(run_id: str) -> str:
+    """Return the folder name of a run's files: its report folder, and its
+    prefix in the report and checkpoint buckets. It is the run id with each
+    character other than a letter, digit, `.`, `_` or `-` replaced by `-`,
+    and a leading `.` by `_`.
 
     A scheduled run's id ends in the time the schedule started it, such as
     `nexus-benchmark-run-2026-12-05T07:01:00Z`, and a colon in a path breaks
@@ -639,7 +640,7 @@ def write_report(
     health_note: str | None = None,
 ) -> ReportResult:
     """Write metrics.json, report.md and the plots to the run's report folder,
-    `reports/<report_folder_name(run_id)>/`, and to the `benchmark-reports`
+    `reports/<run_folder_name(run_id)>/`, and to the `benchmark-reports`
     bucket under the same name.
 
     Args:
@@ -668,7 +669,7 @@ def _stored_metrics(settings: Settings, run_id: str) -> dict[str, Any] | None:
     storage = storage_for(settings)
     # Reports written before folder names were made safe are stored under
     # the run id itself.
-    for prefix in dict.fromkeys((report_folder_name(run_id), run_id)):
+    for prefix in dict.fromkeys((run_folder_name(run_id), run_id)):
         try:
             stored = json.loads(storage.get(REPORT_BUCKET, f"{prefix}/metrics.json"))
         except (StorageError, ValueError):
@@ -681,7 +682,7 @@ def _stored_metrics(settings: Settings, run_id: str) -> dict[str, Any] | None:
 def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
     """Write the files of `write_report` from metrics already built."""
     run_id = metrics["run_id"]
-    folder = report_folder_name(run_id)
+    folder = run_folder_name(run_id)
     out = settings.reports_dir.expanduser().resolve() / folder
     out.mkdir(parents=True, exist_ok=True)
     files = {

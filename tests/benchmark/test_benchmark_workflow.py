@@ -10,7 +10,8 @@ from temporalio.client import Client
 
 from app.benchmark import recording
 from app.benchmark.cli import create_schedule
-from app.benchmark.phases import run_phase
+from app.benchmark.integration import _checkpoint_round_trip
+from app.benchmark.phases import PhaseRunner, run_phase
 from app.contracts.benchmark import (
     ALL_PHASES,
     BenchmarkConfig,
@@ -163,6 +164,31 @@ async def test_performance_health_read_during_load(
     assert len(loads) == 4 + 8
     readings = [i for i, name in enumerate(names) if name == "system_health"]
     assert any(loads[0] < i < loads[-1] for i in readings), names
+
+
+async def test_scheduled_run_checkpoint_path(
+    client: Client, settings: Settings
+) -> None:
+    run_id = "nexus-benchmark-run-2026-12-05T07:01:00Z"
+    request = PhaseInput(
+        run_id=run_id,
+        phase="cross_system_integration",
+        cycle=3,
+        config=small_config(),
+    )
+    runner = PhaseRunner(settings, client, request)
+    await _checkpoint_round_trip(runner)
+    assert [op.name for op in runner.operations] == [
+        "storage_upload",
+        "storage_download",
+        "checkpoint_verified",
+    ]
+    assert all(op.ok for op in runner.operations)
+    bucket = settings.resolved_data_dir / "storage" / "benchmark-checkpoints"
+    stored = [p.relative_to(bucket) for p in bucket.rglob("*") if p.is_file()]
+    assert stored == [
+        Path("checkpoints/nexus-benchmark-run-2026-12-05T07-01-00Z/cycle-3.bin")
+    ]
 
 
 async def test_cycles_continue_as_new(client: Client, workers: Settings) -> None:

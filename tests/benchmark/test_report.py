@@ -13,7 +13,7 @@ from app.benchmark.models import BenchmarkRun
 from app.benchmark.report import (
     build_metrics,
     render_markdown,
-    report_folder_name,
+    run_folder_name,
     save_report,
     write_report,
 )
@@ -512,8 +512,8 @@ FOLDER_NAMES = [
 
 
 @pytest.mark.parametrize(("run_id", "folder"), FOLDER_NAMES)
-def test_report_folder_name_is_safe(run_id: str, folder: str) -> None:
-    assert report_folder_name(run_id) == folder
+def test_run_folder_name_is_safe(run_id: str, folder: str) -> None:
+    assert run_folder_name(run_id) == folder
 
 
 def test_scheduled_run_report_folder(tmp_path: Path) -> None:
