@@ -58,6 +58,36 @@ _INTERVAL_ENDS_AT_DURATION_PATCH = "benchmark-interval-ends-at-duration"
 # was counted in the run's state but wrote no phase row, so the report left
 # it out.
 _FAILED_PHASE_WORKFLOW_RECORDED_PATCH = "benchmark-failed-phase-workflow-recorded"
+# A cancellation that arrives while a phase workflow is being started waits
+# for the start and then cancels the phase like a running one.
+_PHASE_START_SHIELDED_PATCH = "benchmark-phase-start-shielded"
+
+
+async def _run_phase_child(request: PhaseInput, child_id: str) -> PhaseResult:
+    """Run a phase's workflow as a child and return its result.
+
+    A child whose start the run cancels after the start was sent still
+    starts, and is then terminated when the run closes, without the phase's
+    cleanup (a sandbox session left running). So the start is shielded from
+    the run's cancellation: the run waits for it, then cancels the started
+    child and waits for its end, as for a child cancelled while it runs.
+    """
+    start = asyncio.ensure_future(
+        workflow.start_child_workflow(
+            BenchmarkPhaseWorkflow.run,
+            request,
+            id=child_id,
+            task_queue=ORCHESTRATION,
+        )
+    )
+    try:
+        handle = await asyncio.shield(start)
+    except asyncio.CancelledError:
+        handle = await start
+        handle.cancel()
+        await handle  # raises ChildWorkflowError when the child was cancelled
+        raise
+    return await handle
 
 
 def _raise_if_cancel_requested() -> None:
@@ -431,13 +461,17 @@ class ExtendedDurationBenchmarkWorkflow:
             carry=state.carry,
         )
         started = workflow.now()
+        child_id = f"{state.run_id}-c{state.cycle}-{phase}"
         try:
-            result = await workflow.execute_child_workflow(
-                BenchmarkPhaseWorkflow.run,
-                request,
-                id=f"{state.run_id}-c{state.cycle}-{phase}",
-                task_queue=ORCHESTRATION,
-            )
+            if workflow.patched(_PHASE_START_SHIELDED_PATCH):
+                result = await _run_phase_child(request, child_id)
+            else:
+                result = await workflow.execute_child_workflow(
+                    BenchmarkPhaseWorkflow.run,
+                    request,
+                    id=child_id,
+                    task_queue=ORCHESTRATION,
+                )
             _raise_if_cancel_requested()
             return result
         except ChildWorkflowError as error:

@@ -879,6 +879,11 @@ async def test_cancel_command_and_run_beside_deployment(
                 id=run_id,
                 task_queue="nexus-orchestration",
             )
+            # The server's list of workflows lags behind their starts.
+            deadline = time.monotonic() + 60
+            while handle.id not in await benchmark_cli.running_benchmarks(client):
+                assert time.monotonic() < deadline, "the run was never listed"
+                await asyncio.sleep(0.2)
             with pytest.raises(benchmark_cli.BenchmarkStartError) as refused:
                 await benchmark_cli._check_no_other_run(
                     client, address, own_server=False
