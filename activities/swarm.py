@@ -168,7 +168,7 @@ def first_start(info: activity.Info) -> datetime:
 
     Each attempt's heartbeats carry that time, and the server hands the last
     ones to the next attempt. A first attempt that died before its first
-    heartbeat left none; the time the step was first scheduled is then the
+    heartbeat left none. The time the step was first scheduled is then the
     closest known, at most a queue wait earlier.
     """
     if info.attempt == 1:

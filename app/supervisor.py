@@ -85,7 +85,7 @@ class Stack:
         upgrade(self.settings.effective_database_url)
         if self.want_api:
             # Here rather than in the HTTP process, whose stderr goes to a
-            # log file, so that this terminal says where a new key is.
+            # log file, so that this terminal shows where a new key is.
             ensure_default_key(self.settings)
         if self.settings.embedded:
             self.server = EmbeddedTemporal(self.settings)

@@ -925,9 +925,9 @@ class SwarmTaskWorkflow:
         if not done:
             return None
         if self.progress.strategy_used == "sequential":
-            return planning.kept_output(done[-1].output_text())
+            return planning.trimmed_output(done[-1].output_text())
         done.sort(key=lambda s: s.part_index)
-        return planning.kept_output(
+        return planning.trimmed_output(
             planning.join_outputs([s.output_text() for s in done])
         )
 
@@ -1003,7 +1003,7 @@ class SwarmTaskWorkflow:
             output = planning.join_outputs(
                 [o for index, o in enumerate(outputs) if index in completed]
             )
-        self.progress.output = planning.kept_output(output)
+        self.progress.output = planning.trimmed_output(output)
 
     # Topologies. Each returns the outputs in part order (sequential: the
     # chain's outputs in execution order).
@@ -1246,7 +1246,7 @@ class SwarmTaskWorkflow:
         index = self.progress.steps.index(placeholder)
         # The record keeps a bounded copy; the caller gets the whole result,
         # whose output the next step of a chain receives.
-        self.progress.steps[index] = planning.kept_step(
+        self.progress.steps[index] = planning.trimmed_step(
             result, max(self.progress.steps_total, 1)
         )
         if result.status == "completed":

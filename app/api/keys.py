@@ -324,7 +324,7 @@ def ensure_default_key(settings: Settings) -> str | None:
     """Create a key named `default` when no active key exists.
 
     The token is written to `<data dir>/api-key` with mode 0600, and stderr
-    names that file; the token itself never goes to output, where terminal
+    names that file. The token itself is not printed, because terminal
     scrollback and CI logs would keep it. Later starts find the key and
     print nothing. Returns the new token, or None when an active key already
     existed.

@@ -192,7 +192,7 @@ async def _deployment_serves(settings: Settings) -> bool:
     if not port.isdigit() or not port_is_open(host, int(port)):
         return False
     try:
-        # Bounded: a listener that is not Temporal may never answer.
+        # Bounded, because a listener that is not Temporal may never reply.
         client = await asyncio.wait_for(connect(settings), 5.0)
         return await asyncio.wait_for(_every_queue_polled(client, settings), 5.0)
     except Exception:
@@ -495,7 +495,7 @@ def print_run_continues(settings: Settings, run_id: str) -> None:
 
 
 class BenchmarkStartError(RuntimeError):
-    """A run cannot start; the message says why and what to do."""
+    """Error raised when a run cannot start, with the reason and the fix."""
 
 
 @dataclasses.dataclass
@@ -548,10 +548,11 @@ def _embedded_run_lock(settings: Settings) -> Iterator[Path]:
 
 
 async def _check_no_other_run(client: Client, address: str, own_server: bool) -> None:
-    """Refuse to start beside a running benchmark, whose load each run would
-    measure as its own. On a server that this command started, a run that
-    an earlier `benchmark run` left behind (killed, or interrupted twice)
-    has nobody following it, so it is cancelled first."""
+    """Raise BenchmarkStartError when a benchmark runs on the server, because
+    each run would measure the other's load as its own. On a server that
+    this command started, a run that an earlier `benchmark run` left behind
+    (killed, or interrupted twice) has no command following it, so it is
+    cancelled first."""
     running = await running_benchmarks(client)
     if own_server:
         for run_id in [r for r in running if r.startswith("benchmark-")]:
@@ -706,7 +707,7 @@ def run_command(
         )
     except KeyboardInterrupt:
         if started and started[0].own_server and not started[0].ended:
-            # On another server the first Ctrl-C said that the run goes on.
+            # On another server the first Ctrl-C printed that the run goes on.
             print_left_running(settings, started[0].run_id)
         raise typer.Exit(130) from None
     except asyncio.CancelledError:  # SIGTERM

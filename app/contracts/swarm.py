@@ -94,7 +94,7 @@ MAX_QUEUED_WORK_BYTES = 1024 * 1024
 MAX_STEPS_TEXT_BYTES = 768 * 1024
 # The task's aggregated output, which dependent tasks receive:
 MAX_TASK_OUTPUT_BYTES = 256 * 1024
-# The part text shown with each step (the task's input holds it whole):
+# The part text shown with each step (the task's input contains all of it):
 MAX_STEP_PART_CHARS = 2_000
 # A step's previous output and dependency outputs together. They travel in
 # the sandbox call's arguments, beside the program and its environment.

@@ -271,8 +271,8 @@ async def execute(
 async def _count_start(
     backend: SandboxBackend, backend_id: str, call_id: str
 ) -> tuple[str, int]:
-    """Count one more start of the program of `call_id`, in a file of the
-    sandbox; return the file's name and the starts so far, this one included."""
+    """Count one more start of the program of `call_id` in a file of the
+    sandbox. Return the file's name and the starts so far, this one included."""
     name = f".nexus/calls/{_call_digest(call_id)}"
     try:
         previous = await backend.read_file(backend_id, name, 32)

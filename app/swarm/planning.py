@@ -219,7 +219,7 @@ def join_outputs(outputs: Sequence[str]) -> str:
 
     They are concatenated, with a newline added between two outputs only
     where the first does not end with one, so every part starts on a line of
-    its own; an empty output adds nothing. The task's output ends the way
+    its own. An empty output adds nothing. The task's output ends the way
     its last part's output ends, and a task of one part has that part's
     output unchanged, whatever its strategy.
     """
@@ -234,8 +234,8 @@ def join_outputs(outputs: Sequence[str]) -> str:
 
 
 def cut_text(text: str, limit: int) -> tuple[str, int]:
-    """Return `text` cut to at most `limit` UTF-8 bytes, with a line that
-    says how much was left out, and the number of bytes left out."""
+    """Cut `text` to at most `limit` UTF-8 bytes and append a line with the
+    number of bytes left out. Return the text and that number."""
     data = text.encode()
     if len(data) <= limit:
         return text, 0
@@ -244,12 +244,12 @@ def cut_text(text: str, limit: int) -> tuple[str, int]:
     return f"{kept}\n[{dropped} bytes left out of the task's record]\n", dropped
 
 
-def kept_output(output: str) -> str:
+def trimmed_output(output: str) -> str:
     """Return a task's output as its record keeps it (MAX_TASK_OUTPUT_BYTES)."""
     return cut_text(output, MAX_TASK_OUTPUT_BYTES)[0]
 
 
-def kept_step(step: StepResult, part_count: int) -> StepResult:
+def trimmed_step(step: StepResult, part_count: int) -> StepResult:
     """Return `step` as the task's record keeps it: its stdout, stderr and
     text within an equal share of MAX_STEPS_TEXT_BYTES, and its part within
     MAX_STEP_PART_CHARS. `trimmed_bytes` counts what was left out."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -215,29 +216,21 @@ async def _run_program(
     )
     env = step_env(request, dependency_outputs)
     files = step_input_files(request, dependency_outputs)
-    timeout = request.work.timeout_seconds
-    try:
-        return await executor.run_code(
-            sandbox_id,
-            language,
-            program,
-            env=env,
-            files=files,
-            timeout=timeout,
-            call_id=call_id,
-        )
-    except SandboxServiceError as error:
-        if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
-            raise
-    return await executor.run_code(
+    run = functools.partial(
+        executor.run_code,
         sandbox_id,
         language,
         program,
         env=env,
         files=files,
-        timeout=timeout,
-        call_id=f"{call_id}-attempt-{attempt}",
+        timeout=request.work.timeout_seconds,
     )
+    try:
+        return await run(call_id=call_id)
+    except SandboxServiceError as error:
+        if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
+            raise
+    return await run(call_id=f"{call_id}-attempt-{attempt}")
 
 
 async def run_step(

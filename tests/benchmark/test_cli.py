@@ -274,7 +274,7 @@ async def test_piped_output_prints_each_phase(monkeypatch: pytest.MonkeyPatch) -
     assert printed.count("Cycle 1: Neural training ❌ 12.0 s") == 1
 
 
-async def test_piped_output_prints_phases_ended_with_their_cycle(
+async def test_piped_lines_after_cycle_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The last phases of cycle 1 end, the second of them failing, and the
@@ -296,10 +296,12 @@ async def test_piped_output_prints_phases_ended_with_their_cycle(
             **_BASE,
         ),
     ]
+
     out = io.StringIO()
     monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=80))
     run = _ScriptedRun(answers, answers[-1], _result(cycles=2))
     await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+
     printed = out.getvalue().splitlines()
     titles = benchmark_cli.PHASE_TITLES
     for name in everything_but_last:
@@ -751,7 +753,7 @@ async def test_run_uses_running_deployment(
 
 @pytest.mark.timeout(600)
 async def test_second_run_refused_and_orphan_cancelled(tmp_path: Path) -> None:
-    """A second run on the same data dir is refused while the first one holds
+    """A second run on the same data dir is rejected while the first one runs
     its server. A run that a killed command left behind is cancelled by the
     next run there before that one starts."""
     env = _cli_env(tmp_path)
@@ -774,8 +776,8 @@ async def test_second_run_refused_and_orphan_cancelled(tmp_path: Path) -> None:
         # in the data dir's history.
         os.killpg(first.pid, signal.SIGKILL)
         await asyncio.to_thread(first.wait, 60)
-        # Its server, in a session of its own, exits when the kernel tells it
-        # that its parent died.
+        # Its server, in a session of its own, exits on the SIGTERM that the
+        # kernel sends when its parent dies.
         deadline = time.monotonic() + 60
         while port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"])):
             assert time.monotonic() < deadline, "the killed run's server stayed up"
@@ -827,7 +829,7 @@ def test_busy_ports_give_one_line_errors(tmp_path: Path) -> None:
     assert "cannot reach Temporal at" in done.stderr
 
 
-def test_http_port_in_use_stops_nexus_up_before_it_starts(tmp_path: Path) -> None:
+def test_up_busy_http_port(tmp_path: Path) -> None:
     env = _cli_env(tmp_path)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", int(env["NEXUS_HTTP_PORT"])))
@@ -842,7 +844,7 @@ def test_http_port_in_use_stops_nexus_up_before_it_starts(tmp_path: Path) -> Non
     assert done.returncode == 1, done.stderr
     assert f"the HTTP port {env['NEXUS_HTTP_PORT']} on 127.0.0.1" in done.stderr
     assert "NEXUS_HTTP_PORT" in done.stderr
-    # Nothing was started: no Temporal server answers on its port.
+    # Nothing was started, so no Temporal server listens on its port.
     assert not port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"]))
 
 

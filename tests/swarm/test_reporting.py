@@ -195,8 +195,8 @@ def test_adaptive_reason_single_part() -> None:
 def test_part_outputs_join_on_lines_of_their_own(
     outputs: list[str], joined: str
 ) -> None:
-    # A one-part task keeps its output as it is, whichever strategy ran it;
-    # more parts each start on a line of their own, and empty ones add nothing.
+    # A one-part task keeps its output as it is, whichever strategy ran it.
+    # More parts each start on a line of their own, and empty ones add nothing.
     assert planning.join_outputs(outputs) == joined
 
 
@@ -213,7 +213,7 @@ def test_record_keeps_steps_within_budget() -> None:
         stdout="é" * 400_000,
         stderr="e" * 10,
     )
-    kept = planning.kept_step(step, part_count=4)
+    kept = planning.trimmed_step(step, part_count=4)
     share = MAX_STEPS_TEXT_BYTES // 4
     assert kept.stdout is not None
     assert kept.stdout.endswith(" bytes left out of the task's record]\n")
@@ -224,8 +224,10 @@ def test_record_keeps_steps_within_budget() -> None:
     dropped = 800_000 - kept_bytes + 5_000 - MAX_STEP_PART_CHARS
     assert kept.trimmed_bytes == dropped
     # Small steps are kept as they are.
-    assert planning.kept_step(kept.model_copy(update={"stdout": "x"}), 4).stdout == "x"
-    output = planning.kept_output("o" * (MAX_TASK_OUTPUT_BYTES + 10))
+    assert (
+        planning.trimmed_step(kept.model_copy(update={"stdout": "x"}), 4).stdout == "x"
+    )
+    output = planning.trimmed_output("o" * (MAX_TASK_OUTPUT_BYTES + 10))
     assert output.startswith("o" * MAX_TASK_OUTPUT_BYTES + "\n[10 bytes left out")
 
 

@@ -277,7 +277,7 @@ async def test_large_previous_output_goes_to_a_file(swarms: Swarms) -> None:
     assert not list((folder / ".nexus").glob("input-*"))
 
 
-async def test_large_parallel_outputs_stay_within_payload_limit(
+async def test_large_parallel_outputs_trimmed(
     swarms: Swarms,
 ) -> None:
     # Five parts of 250,000 bytes: whole, the record would pass the 2 MB
@@ -293,6 +293,7 @@ async def test_large_parallel_outputs_stay_within_payload_limit(
     results = await swarms.call(
         "task_results", task_id=first["task_id"], wait_seconds=120
     )
+
     assert results["status"] == "completed", results["error"]
     assert len(results["output"].encode()) < 270_000
     assert results["output"].startswith("a" * 250_000 + "\nbbb")
