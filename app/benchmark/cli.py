@@ -29,10 +29,12 @@ from temporalio.client import (
     ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
     ScheduleSpec,
+    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
 )
 from temporalio.exceptions import CancelledError
+from temporalio.service import RPCError, RPCStatusCode
 
 from app.cli_group import NexusGroup
 from app.contracts.benchmark import (
@@ -513,12 +515,24 @@ _BENCHMARK_RUNNING = (
 
 
 async def running_benchmarks(client: Client) -> list[str]:
-    """Return the ids of the benchmark runs open on the server, oldest first."""
+    """Return the ids of the benchmark runs open on the server, oldest first.
+    The visibility store can list a run as Running for a moment after it has
+    closed, so each listed run is confirmed from its own state."""
     runs = [
         (execution.start_time, execution.id)
         async for execution in client.list_workflows(_BENCHMARK_RUNNING)
     ]
-    return [run_id for _, run_id in sorted(runs)]
+    open_runs = []
+    for _, run_id in sorted(runs):
+        try:
+            described = await client.get_workflow_handle(run_id).describe()
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                continue  # removed since it was listed
+            raise
+        if described.status == WorkflowExecutionStatus.RUNNING:
+            open_runs.append(run_id)
+    return open_runs
 
 
 @contextlib.contextmanager
@@ -740,8 +754,6 @@ def cancel_command(
     """Cancel a running benchmark on the configured Temporal server (under
     `nexus up`) and wait up to a minute for it to end. A cancelled run has no
     report."""
-    from temporalio.client import WorkflowExecutionStatus
-    from temporalio.service import RPCError, RPCStatusCode
 
     from app.cli import load_settings
     from app.temporal.client import connect
