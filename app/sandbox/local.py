@@ -986,26 +986,47 @@ def _write_below(
         handle.write(content)
 
 
-def _read_below(root: Path, relative: str, limit: int) -> bytes | None:
-    """Return up to `limit` bytes of the file `relative` below `root`, or None
-    when it is not there. No symlink is followed, as in `_write_below`."""
-    *folders, name = relative.split("/")
+@contextlib.contextmanager
+def _folder_below(
+    root: Path, folders: list[str], absent: tuple[type[OSError], ...]
+) -> Iterator[int | None]:
+    """Open the folder `folders` below `root` and yield its descriptor, or
+    None when `root` is missing or opening a folder raises one of `absent`.
+    No symlink is followed, as in `_write_below`."""
     try:
         parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        return None
+        yield None  # the sandbox's folder is gone, and all below it
+        return
     try:
         for folder in folders:
+            child: int | None
             try:
                 child = os.open(
                     folder,
                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
                     dir_fd=parent,
                 )
-            except OSError:
-                return None  # missing, a file, or a symlink not followed
+            except absent:
+                child = None
+            if child is None:
+                yield None
+                return
             os.close(parent)
             parent = child
+        yield parent
+    finally:
+        os.close(parent)
+
+
+def _read_below(root: Path, relative: str, limit: int) -> bytes | None:
+    """Return up to `limit` bytes of the file `relative` below `root`, or None
+    when it is not there. No symlink is followed, as in `_write_below`."""
+    *folders, name = relative.split("/")
+    # Any error on a folder (missing, a file, a symlink) means no such file.
+    with _folder_below(root, folders, absent=(OSError,)) as parent:
+        if parent is None:
+            return None
         # O_NONBLOCK: code in the sandbox could put a FIFO there, whose open
         # would wait for a writer.
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -1017,42 +1038,26 @@ def _read_below(root: Path, relative: str, limit: int) -> bytes | None:
             raise ValueError(
                 f"cannot read {relative} in the sandbox: {error}"
             ) from None
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise ValueError(f"{relative} in the sandbox is not a regular file")
-            return file.read(limit)
-    finally:
-        os.close(parent)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{relative} in the sandbox is not a regular file")
+        return file.read(limit)
 
 
 def _remove_below(root: Path, relative: str) -> None:
     """Remove the file `relative` below `root` if it is there.
 
     As in `_write_below`, no folder symlink is followed, because code in the
-    sandbox could plant one that leads out of `root`. A symlink at the end
-    of the path is removed itself, not its target.
+    sandbox could plant one that leads out of `root`. A path through such a
+    link removes nothing (opening it as a folder fails with ENOTDIR). A
+    symlink at the end of the path is removed itself, not its target.
     """
     *folders, name = relative.split("/")
-    try:
-        parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return  # the sandbox's folder is gone, and the file with it
-    try:
-        for folder in folders:
-            try:
-                child = os.open(
-                    folder,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                    dir_fd=parent,
-                )
-            except (FileNotFoundError, NotADirectoryError):
-                return
-            os.close(parent)
-            parent = child
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=parent)
-    finally:
-        os.close(parent)
+    absent = (FileNotFoundError, NotADirectoryError)
+    with _folder_below(root, folders, absent) as parent:
+        if parent is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
 
 
 def _write_error(

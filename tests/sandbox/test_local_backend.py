@@ -366,6 +366,25 @@ async def test_read_file_follows_no_links(backend: LocalBackend) -> None:
         await backend.read_file("box", "../outside", 100)
 
 
+async def test_read_and_remove_through_folder_links(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """A folder symlink planted in the sandbox reads as no file, and a removal
+    through it removes nothing, so neither reaches the folder it points to."""
+    folder = backend.folder("box")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "kept.txt").write_text("kept")
+    os.symlink(outside, folder / "linked")
+    assert await backend.read_file("box", "linked/kept.txt", 10) is None
+    await backend.remove_file("box", "linked/kept.txt")
+    assert (outside / "kept.txt").read_text() == "kept"
+    await backend.remove_file("box", "missing/kept.txt")
+    await backend.remove_file("box", "linked")  # the link, not its target
+    assert not (folder / "linked").exists()
+    assert (outside / "kept.txt").exists()
+
+
 async def test_bwrap_arguments_stay_hidden(backend: LocalBackend) -> None:
     if not backend.bwrap:
         pytest.skip("only bubblewrap hides the host's paths from the sandbox")
