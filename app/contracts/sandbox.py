@@ -209,6 +209,14 @@ class BackendState(BaseModel):
 class SandboxStatus(BaseModel):
     session: SessionInfo
     live: BackendState | None
+    busy: bool = Field(
+        False,
+        description=(
+            "The session was running a call and did not answer in time, so "
+            "`session` comes from the database mirror, without events or "
+            "packages."
+        ),
+    )
 
 
 # Activity inputs and results.

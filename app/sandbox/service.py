@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import (
@@ -286,32 +287,102 @@ async def configure(
     return result
 
 
-async def info(client: Client, sandbox_id: str) -> SessionInfo:
-    """Return the session's recorded state (a query; no backend call)."""
+async def info(
+    client: Client, sandbox_id: str, timeout: float | None = None
+) -> SessionInfo:
+    """Return the session's recorded state (a query; no backend call).
+
+    Raises:
+        SandboxBusyError: the session did not answer within `timeout` seconds.
+    """
     try:
-        return await _handle(client, sandbox_id).query("info", result_type=SessionInfo)
+        return await _handle(client, sandbox_id).query(
+            "info",
+            result_type=SessionInfo,
+            rpc_timeout=None if timeout is None else timedelta(seconds=timeout),
+        )
     except RPCError as error:
+        if timeout is not None and error.status in _TIMED_OUT:
+            raise SandboxBusyError(sandbox_id) from None
         raise _translate(error, sandbox_id) from None
+
+
+class SandboxBusyError(Exception):
+    """The session did not answer a query in time; it is running a call."""
+
+
+_TIMED_OUT = (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+
+# How long a status read waits for the session's answer. A session answers
+# queries between workflow tasks, and a program that runs as a local activity
+# keeps its task open until the worker's task heartbeat, about 8 s later.
+STATUS_QUERY_SECONDS = 2.0
 
 
 async def status(client: Client, settings: Settings, sandbox_id: str) -> SandboxStatus:
     """Return the session and the sandbox's live state read from the backend.
 
     A stopped or failed sandbox that was deleted afterwards reports `deleted`.
+    A session busy with a call answers from its mirror row (`busy`), and the
+    live state is read from the backend in this process where it can be, so
+    a status read does not wait for the call's task heartbeat.
     """
-    session = await info(client, sandbox_id)
+    database_url = settings.effective_database_url
+    busy = False
+    try:
+        session = await info(client, sandbox_id, STATUS_QUERY_SECONDS)
+    except SandboxBusyError:
+        row = await asyncio.to_thread(store.get_record, database_url, sandbox_id)
+        if row is None:
+            session = await info(client, sandbox_id)  # nothing else knows it
+        else:
+            session, busy = _mirrored_info(row), True
     live: BackendState | None = None
-    if session.status == "running":
-        result = await _update(client, sandbox_id, "describe", None, BackendState)
-        live = result if isinstance(result, BackendState) else None
+    if session.status == "running" and session.backend_id is not None:
+        if _backend_here(settings, session.backend):
+            live = await get_backend(settings).describe(session.backend_id)
+        else:
+            result = await _update(client, sandbox_id, "describe", None, BackendState)
+            live = result if isinstance(result, BackendState) else None
     elif session.status in ("stopped", "failed") and not await asyncio.to_thread(
-        store.has_record, settings.effective_database_url, sandbox_id
+        store.has_record, database_url, sandbox_id
     ):
         # An ended session takes no update, so deleting a stopped or failed
         # sandbox cannot change the status it recorded. Every stopped or
         # failed session has a mirror row, and only the delete removes it.
         session = session.model_copy(update={"status": "deleted"})
-    return SandboxStatus(session=session, live=live)
+    return SandboxStatus(session=session, live=live, busy=busy)
+
+
+def _backend_here(settings: Settings, backend: str) -> bool:
+    """Whether this process can read the session's backend itself: E2B with
+    its key, or local sandboxes whose calls any worker on this machine
+    makes (`NEXUS_SANDBOX_LOCAL_CALLS`)."""
+    if backend != settings.sandbox_backend:
+        return False
+    if backend == "e2b":
+        key = settings.e2b_api_key
+        return key is not None and bool(key.get_secret_value())
+    return settings.sandbox_local_calls
+
+
+def _mirrored_info(row: SandboxRecord) -> SessionInfo:
+    return SessionInfo(
+        sandbox_id=row.id,
+        name=row.name,
+        template=row.template,
+        status=row.status,
+        backend=row.backend,
+        backend_id=row.backend_id,
+        env_vars_configured=list(row.env_var_names),
+        timeout=row.timeout,
+        metadata={k: str(v) for k, v in row.sandbox_metadata.items()},
+        install_packages=[],
+        recreated=row.recreated,
+        created_at=row.created_at,
+        error=None,
+        events=[],
+    )
 
 
 async def logs(client: Client, sandbox_id: str, lines: int = 100) -> list[str]:

@@ -50,6 +50,14 @@ def list_records(database_url: str, status: str = "all") -> list[SandboxRecord]:
         return list(session.exec(query).all())
 
 
+def get_record(database_url: str, sandbox_id: str) -> SandboxRecord | None:
+    with session_scope(database_url) as session:
+        row = session.get(SandboxRecord, sandbox_id)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
 def has_record(database_url: str, sandbox_id: str) -> bool:
     with session_scope(database_url) as session:
         return session.get(SandboxRecord, sandbox_id) is not None

@@ -215,6 +215,13 @@ class SandboxStatusResult(BaseModel):
     created_at: UtcDateTime | None
     events: list[SessionEvent]
     error: str | None
+    busy: bool = Field(
+        description=(
+            "True when the sandbox was running a program and its session did "
+            "not answer within 2 s. The session fields then come from the "
+            "database mirror, and `events` is empty; `live` is still read now."
+        )
+    )
 
 
 @tool("sandbox_status", group="sandbox")
@@ -240,6 +247,7 @@ async def sandbox_status(ctx: ToolContext, args: SandboxIdInput) -> SandboxStatu
         created_at=session.created_at,
         events=session.events,
         error=session.error,
+        busy=status.busy,
     )
 
 

@@ -887,18 +887,24 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
     state = await _swarm_state(client, swarm_id)
     executor = build_executor(client, ctx.settings)
-    agents: list[AgentView] = []
-    for agent in state.agents:
-        sandbox_state = "not_created"
+
+    async def sandbox_of(agent: AgentState) -> tuple[str | None, str]:
         sandbox_id = agent.sandbox_id
         if sandbox_id is None and agent.current_task_id is not None:
             # The swarm learns the sandbox only when the agent's first task
             # ends; its id is fixed, so read it from the backend meanwhile.
             sandbox_id = agent_sandbox_id(agent.agent_id)
-        if sandbox_id:
-            sandbox_state = await executor.state(sandbox_id)
-            if sandbox_state == "not_created":
-                sandbox_id = None
+        if not sandbox_id:
+            return None, "not_created"
+        sandbox_state = await executor.state(sandbox_id)
+        if sandbox_state == "not_created":
+            return None, sandbox_state
+        return sandbox_id, sandbox_state
+
+    # All at once: a busy agent's sandbox answers only after a short wait.
+    sandboxes = await asyncio.gather(*(sandbox_of(a) for a in state.agents))
+    agents: list[AgentView] = []
+    for agent, (sandbox_id, sandbox_state) in zip(state.agents, sandboxes, strict=True):
         agents.append(
             AgentView(
                 agent_id=agent.agent_id,

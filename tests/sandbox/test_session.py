@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -576,3 +577,43 @@ async def test_local_calls_skip_sandbox_queue(
     ]
     assert len(markers) >= 3
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_status_answers_while_a_program_runs(tool_ctx: ToolContext) -> None:
+    """The program's local activity keeps the session's workflow task open,
+    so its queries wait for the task heartbeat. The status read answers from
+    the mirror row and reads the live state from the backend meanwhile."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    before = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    assert before["busy"] is False
+    home = sandbox_home(tool_ctx, before["backend_id"])
+    gated = (
+        "import pathlib, time\n"
+        "pathlib.Path('started').touch()\n"
+        "while not pathlib.Path('gate').exists():\n"
+        "    time.sleep(0.05)\n"
+        "print('done')\n"
+    )
+    running = asyncio.create_task(
+        call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=gated)
+    )
+    try:
+        while not (home / "started").exists():
+            assert not running.done(), running.result()
+            await asyncio.sleep(0.05)
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["busy"] is True
+        assert (status["status"], status["events"]) == ("running", [])
+        assert status["live"]["state"] == "running"
+        assert status["backend_id"] == before["backend_id"]
+        (home / "gate").write_text("open")
+        result = await running
+        assert result["stdout"] == "done\n"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["busy"] is False
+        assert status["events"] and status["live"]["state"] == "running"
+    finally:
+        (home / "gate").write_text("open")
+        await asyncio.gather(running, return_exceptions=True)
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
