@@ -293,7 +293,7 @@ async def info(
     """Return the session's recorded state (a query; no backend call).
 
     Raises:
-        SandboxBusyError: the session did not answer within `timeout` seconds.
+        SandboxBusyError: the query timed out after `timeout` seconds.
     """
     try:
         return await _handle(client, sandbox_id).query(
@@ -308,14 +308,16 @@ async def info(
 
 
 class SandboxBusyError(Exception):
-    """The session did not answer a query in time; it is running a call."""
+    """Error raised when a session's query timed out, because the session is
+    running a call."""
 
 
 _TIMED_OUT = (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
 
-# How long a status read waits for the session's answer. A session answers
-# queries between workflow tasks, and a program that runs as a local activity
-# keeps its task open until the worker's task heartbeat, about 8 s later.
+# Seconds a status read waits for the session's query result. A session
+# handles queries between workflow tasks, and a program that runs as a local
+# activity keeps its task open until the worker's task heartbeat, about 8 s
+# later.
 STATUS_QUERY_SECONDS = 2.0
 
 
@@ -323,9 +325,10 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
     """Return the session and the sandbox's live state read from the backend.
 
     A stopped or failed sandbox that was deleted afterwards reports `deleted`.
-    A session busy with a call answers from its mirror row (`busy`), and the
-    live state is read from the backend in this process where it can be, so
-    a status read does not wait for the call's task heartbeat.
+    For a session busy with a call, the session fields come from its mirror
+    row (`busy`). The live state is read from the backend in this process
+    where it can be, so a status read does not wait for the call's task
+    heartbeat.
     """
     database_url = settings.effective_database_url
     busy = False
@@ -355,9 +358,9 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
 
 
 def _backend_here(settings: Settings, backend: str) -> bool:
-    """Whether this process can read the session's backend itself: E2B with
-    its key, or local sandboxes whose calls any worker on this machine
-    makes (`NEXUS_SANDBOX_LOCAL_CALLS`)."""
+    """Return whether this process can read the session's backend itself:
+    E2B with its key, or local sandboxes whose calls any worker on this
+    machine makes (`NEXUS_SANDBOX_LOCAL_CALLS`)."""
     if backend != settings.sandbox_backend:
         return False
     if backend == "e2b":

@@ -901,7 +901,8 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
             return None, sandbox_state
         return sandbox_id, sandbox_state
 
-    # All at once: a busy agent's sandbox answers only after a short wait.
+    # All at once, because the status read of a busy agent's sandbox waits
+    # 2 s for the session's query.
     sandboxes = await asyncio.gather(*(sandbox_of(a) for a in state.agents))
     agents: list[AgentView] = []
     for agent, (sandbox_id, sandbox_state) in zip(state.agents, sandboxes, strict=True):

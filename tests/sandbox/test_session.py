@@ -579,10 +579,10 @@ async def test_local_calls_skip_sandbox_queue(
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
 
 
-async def test_status_answers_while_a_program_runs(tool_ctx: ToolContext) -> None:
+async def test_status_while_program_runs(tool_ctx: ToolContext) -> None:
     """The program's local activity keeps the session's workflow task open,
-    so its queries wait for the task heartbeat. The status read answers from
-    the mirror row and reads the live state from the backend meanwhile."""
+    so its queries wait for the task heartbeat. The status read meanwhile
+    returns the mirror row and the live state read from the backend."""
     created = await call(tool_ctx, "sandbox_create", template="base")
     sandbox_id = created["sandbox_id"]
     before = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
