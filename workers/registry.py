@@ -183,6 +183,8 @@ def _sandbox_orchestration_activities(
         sandbox.execute,
         sandbox.upload,
         sandbox.describe,
+        sandbox.stop,
+        sandbox.delete,
     ]
 
 

@@ -85,6 +85,10 @@ _LOCAL_CREATE_FAILURE = "sandbox-local-create-failure"
 # backend (on the local backend, its state file) until `sandbox_delete`.
 _DELETE_STOPPED = "sandbox-delete-stopped-backend"
 
+# Runs begun before this patch stop and delete their sandbox through the
+# sandbox queue, even where the session makes its other calls itself.
+_LOCAL_END = "sandbox-local-end"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -524,15 +528,26 @@ class SandboxSessionWorkflow:
             return self.info()
         state.end_request = how  # type: ignore[assignment]
         if state.backend_id is not None:
-            await workflow.execute_activity(
-                "sandbox_stop" if how == "stop" else "sandbox_delete",
-                BackendRef(
-                    sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id
-                ),
-                task_queue=SANDBOX,
-                start_to_close_timeout=timedelta(seconds=120),
-                retry_policy=_CALL_RETRY,
+            name = "sandbox_stop" if how == "stop" else "sandbox_delete"
+            ref = BackendRef(
+                sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id
             )
+            if state.local_calls and workflow.patched(_LOCAL_END):
+                # A local activity starts in the workflow task that accepted
+                # this update, so it kills a program that another local
+                # activity runs. An activity on the sandbox queue could only
+                # be scheduled when that task ends, at its next heartbeat.
+                await self._call(
+                    name, ref, type(None), timedelta(seconds=120), heartbeat=False
+                )
+            else:
+                await workflow.execute_activity(
+                    name,
+                    ref,
+                    task_queue=SANDBOX,
+                    start_to_close_timeout=timedelta(seconds=120),
+                    retry_policy=_CALL_RETRY,
+                )
         state.status = "stopped" if how == "stop" else "deleted"
         self._event(state.status, backend_id=state.backend_id)
         await self._record(state.status, delete=how == "delete")

@@ -418,21 +418,39 @@ async def delete_sandbox(
     except SandboxServiceError as error:
         if error.kind != "not_found":
             raise
-        session = await info(client, sandbox_id)  # queries work on closed runs
-        if session.backend_id is not None:
-            try:
-                await get_backend(settings).delete(session.backend_id)
-            except SandboxBackendError as failure:
-                # The mirror row stays, so the sandbox is still listed and
-                # another delete can finish the removal.
-                raise SandboxServiceError(str(failure)) from None
-        await asyncio.to_thread(
-            store.delete_record, settings.effective_database_url, sandbox_id
-        )
-        logger.info("deleted ended sandbox session %s", sandbox_id)
-        return session.model_copy(update={"status": "deleted"})
+        return await _delete_ended(client, settings, sandbox_id)
     assert isinstance(result, SessionInfo)
+    if result.status != "deleted":
+        # The session was ending after a stop, and the update returned that
+        # stop. The delete goes on once the session has ended.
+        try:
+            await wait_ended(client, sandbox_id)
+        except TimeoutError:
+            raise SandboxServiceError(
+                f"sandbox {sandbox_id} is still ending after its stop; run "
+                "the delete again in a minute"
+            ) from None
+        return await _delete_ended(client, settings, sandbox_id)
     return result
+
+
+async def _delete_ended(
+    client: Client, settings: Settings, sandbox_id: str
+) -> SessionInfo:
+    """Remove the files and the mirror row of a session that has ended."""
+    session = await info(client, sandbox_id)  # queries work on closed runs
+    if session.backend_id is not None:
+        try:
+            await get_backend(settings).delete(session.backend_id)
+        except SandboxBackendError as failure:
+            # The mirror row stays, so the sandbox is still listed and
+            # another delete can finish the removal.
+            raise SandboxServiceError(str(failure)) from None
+    await asyncio.to_thread(
+        store.delete_record, settings.effective_database_url, sandbox_id
+    )
+    logger.info("deleted ended sandbox session %s", sandbox_id)
+    return session.model_copy(update={"status": "deleted"})
 
 
 async def list_sandboxes(
