@@ -994,8 +994,10 @@ class SwarmTaskWorkflow:
         if strategy == "sequential":
             output = outputs[-1] if outputs else ""
             if len(done) < len(outputs):
-                # The chain broke: keep the last output that a step completed.
-                output = done[-1].output_text() if done else ""
+                # The chain broke at its last step, so every step before it
+                # completed. Take that output from `outputs`, since the
+                # records in `done` keep only a trimmed share of it.
+                output = outputs[len(done) - 1] if done else ""
         else:
             # The completed parts only, as for a sequential or cancelled task;
             # a failed part's output is in its step.

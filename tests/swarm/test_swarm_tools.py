@@ -314,6 +314,30 @@ async def test_large_parallel_outputs_trimmed(
     assert reader["output"] == f"{len(results['output'])}\n"
 
 
+async def test_broken_chain_keeps_whole_last_output(swarms: Swarms) -> None:
+    # Three parts give each step a 196,608-byte share of the record's
+    # stdout, so the record of a 250,000-byte step is trimmed. The task's
+    # output is capped at 262,144 bytes, so it keeps that output whole.
+    swarm_id, _ = await swarms.swarm("ring", ["coder", "coder"])
+    results = await swarms.run_task(
+        task="first\nsecond\nthird",
+        strategy="sequential",
+        code=(
+            "import os, sys\n"
+            "if os.environ['NEXUS_PART'] == 'second':\n"
+            "    sys.exit(2)\n"
+            "sys.stdout.write('x' * 250000)\n"
+        ),
+        swarm_id=swarm_id,
+    )
+
+    assert results["status"] == "failed"
+    statuses = [step["status"] for step in results["results"]]
+    assert statuses == ["completed", "failed", "skipped"]
+    assert results["results"][0]["trimmed_bytes"] > 0
+    assert results["output"] == "x" * 250_000
+
+
 async def test_failed_part_left_out_of_parallel_output(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder", "coder"])
     results = await swarms.run_task(
