@@ -106,6 +106,10 @@ _PATCH_STOP_FIRST_TASK_SANDBOX = "swarm-stop-first-task-sandbox"
 # task ran with a "cancelled" result, where older code ended it as cancelled.
 _PATCH_CANCEL_BEFORE_START = "swarm-task-cancel-before-start"
 
+# Patch id of the change that makes a scale-up keep agents that are still
+# draining from an earlier scale-down, before it adds new agents.
+_PATCH_SCALE_KEEPS_DRAINING = "swarm-scale-keeps-draining-agents"
+
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
     (
@@ -337,8 +341,17 @@ class SwarmWorkflow:
         result = ScaleResult(agents=0)
         active = [a for a in self._active_agents() if a.status != "removing"]
         if request.target_agents > len(active):
+            missing = request.target_agents - len(active)
+            draining = [a for a in self._active_agents() if a.status == "removing"]
+            if draining and workflow.patched(_PATCH_SCALE_KEEPS_DRAINING):
+                # Agents that a scale-down marked are still present and busy,
+                # so keep them before adding new agents next to them, which
+                # would pass maxAgents once counted with them.
+                for agent in draining[:missing]:
+                    agent.status = "busy" if agent.current_task_id else "idle"
+                missing -= min(missing, len(draining))
             types = planning.SCALE_TYPES[self.state.strategy]
-            for _ in range(request.target_agents - len(active)):
+            for _ in range(missing):
                 agent_type = types[self.state.next_agent_seq % len(types)]
                 result.added.append(self._add_agent(agent_type, None, []))
         else:

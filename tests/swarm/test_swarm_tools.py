@@ -461,6 +461,42 @@ async def test_scale_and_destroy_stop_sandboxes(swarms: Swarms) -> None:
     assert swarm_id not in [s["swarm_id"] for s in active["swarms"]]
 
 
+async def test_scale_up_keeps_draining_agents(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm(
+        "mesh", ["coder", "coder", "coder"], maxAgents=3
+    )
+    task = await swarms.call(
+        "task_orchestrate",
+        task="wait",
+        code=GATED_PROGRAM,
+        maxAgents=3,
+        swarm_id=swarm_id,
+    )
+    folders = [await agent_folder(swarms, a["agent_id"]) for a in agents]
+    for folder in folders:
+        await wait_for_file(folder / "started")
+    shrunk = await swarms.call("swarm_scale", target_agents=1, swarm_id=swarm_id)
+    assert len(shrunk["draining"]) == 2
+
+    # Agents that have not left yet are kept, rather than new ones added
+    # next to them past maxAgents.
+    grown = await swarms.call("swarm_scale", target_agents=3, swarm_id=swarm_id)
+    assert grown["agents"] == 3
+    assert grown["added"] == []
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len([a for a in status["agents"] if a["status"] != "removed"]) == 3
+    assert [a["status"] for a in status["agents"]] == ["busy", "busy", "busy"]
+
+    for folder in folders:
+        (folder / "gate").touch()
+    results = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=60
+    )
+    assert results["status"] == "completed", results["error"]
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [a["status"] for a in status["agents"]] == ["idle", "idle", "idle"]
+
+
 async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
     task = await swarms.call(
