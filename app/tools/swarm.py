@@ -269,6 +269,13 @@ class AgentSpawnInput(BaseModel):
                 "name is empty; give the agent a name, or leave name out for "
                 "one such as coder-1"
             )
+        if value is not None and "\0" in value:
+            # The agent's programs get the name in NEXUS_AGENT_NAME, so every
+            # code and shell step of the agent would fail to start.
+            raise ValueError(
+                f"name {value!r} contains a NUL byte, which the environment "
+                "variable NEXUS_AGENT_NAME cannot hold; remove it"
+            )
         return value
 
 
@@ -372,6 +379,15 @@ class TaskOrchestrateInput(BaseModel):
         if len(given) > 1:
             raise arguments_error(
                 f"give at most one of code, command and action, not {given}", *given
+            )
+        if "\0" in self.task and (self.code is not None or self.command is not None):
+            # Each part of the text reaches the program as NEXUS_PART, so the
+            # program could never start.
+            raise arguments_error(
+                f"task {self.task[:80]!r} contains a NUL byte, which the "
+                "environment variable NEXUS_PART cannot hold; remove it, or pass "
+                "such data in a file",
+                "task",
             )
         if self.action_args and not self.action:
             raise arguments_error(

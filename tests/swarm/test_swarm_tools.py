@@ -158,6 +158,22 @@ async def test_bad_inputs_are_rejected(swarms: Swarms) -> None:
         await swarms.call("swarm_scale", target_agents=9, swarm_id=swarm_id)
 
 
+async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
+    # A NUL byte cannot reach a program's environment, so these could
+    # never run: the name is NEXUS_AGENT_NAME and a part is NEXUS_PART.
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolInputError, match=r"name 'a\\x00b' contains a NUL byte"):
+        await swarms.call("agent_spawn", type="coder", name="a\0b", swarm_id=swarm_id)
+    for work in ({"code": "print(1)"}, {"command": "true"}):
+        with pytest.raises(ToolInputError, match=r"task 'x\\x00y' contains a NUL"):
+            await swarms.call(
+                "task_orchestrate", task="x\0y", swarm_id=swarm_id, **work
+            )
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["agents"]) == 1
+    assert status["tasks"] == []
+
+
 async def test_validators_reject_direct_updates(swarms: Swarms) -> None:
     """Callers that skip the tools meet the workflow's own validators."""
     swarm_id, _ = await swarms.swarm("mesh", ["coder"], maxAgents=1)
