@@ -226,6 +226,45 @@ def arguments_error(message: str, *fields: str) -> PydanticCustomError:
     return PydanticCustomError(ARGUMENTS_ERROR, message, {"fields": fields})
 
 
+def _reject_lone_surrogates(
+    tool_name: str, arguments: Mapping[str, Any], marked: frozenset[str]
+) -> None:
+    """Reject a string argument that contains a lone UTF-16 surrogate.
+
+    JSON can encode one (`"\\ud800"`) and Python decodes it, but it is not
+    valid Unicode text, so the call would fail later at an unexpected spot,
+    such as encoding a Temporal payload.
+
+    Raises:
+        ToolInputError: naming the first such argument and its value.
+    """
+    pending: list[tuple[tuple[int | str, ...], Any]] = [((), arguments)]
+    while pending:
+        loc, value = pending.pop(0)
+        if isinstance(value, Mapping):
+            pending += [((*loc, str(key)), item) for key, item in value.items()]
+        elif isinstance(value, list | tuple):
+            pending += [((*loc, index), item) for index, item in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError as error:
+                path = ".".join(str(part) for part in loc)
+                # The masked value is valid JSON, with U+FFFD for the
+                # surrogate, so the message names the surrogate by its escape.
+                masked = masked_input(loc, value, marked)
+                message = (
+                    f"it contains the lone UTF-16 surrogate "
+                    f"{value[error.start]!r} at character {error.start}, which "
+                    "is not valid Unicode text; send valid UTF-8 text"
+                )
+                raise ToolInputError(
+                    f"invalid arguments for {tool_name}: {path}: {masked!r} is "
+                    f"invalid: {message}",
+                    [{"field": path, "value": masked, "message": message}],
+                ) from None
+
+
 def describe_validation_error(
     tool_name: str,
     error: ValidationError,
@@ -385,6 +424,7 @@ async def invoke_tool(
     result: dict[str, Any] = {}
     try:
         try:
+            _reject_lone_surrogates(name, raw, secret_fields(spec.input_model))
             args = spec.input_model.model_validate(raw)
         except ValidationError as error:
             raise describe_validation_error(

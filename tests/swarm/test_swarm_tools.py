@@ -174,6 +174,30 @@ async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
     assert status["tasks"] == []
 
 
+async def test_lone_surrogates_rejected(swarms: Swarms) -> None:
+    # JSON can carry "\\ud800", which is not valid Unicode text.
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    with pytest.raises(ToolInputError) as caught:
+        await swarms.call(
+            "task_orchestrate", task="\ud800", code="print(1)", swarm_id=swarm_id
+        )
+    assert "task: '\ufffd' is invalid: it contains the lone UTF-16 surrogate" in (
+        caught.value.message
+    )
+    assert "'\\ud800' at character 0" in caught.value.message
+    assert caught.value.errors[0]["field"] == "task"
+    with pytest.raises(ToolInputError, match=r"capabilities\.1: 'b"):
+        await swarms.call(
+            "agent_spawn",
+            type="coder",
+            capabilities=["a", "b\udc80"],
+            swarm_id=swarm_id,
+        )
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["agents"]) == 1
+    assert status["tasks"] == []
+
+
 async def test_validators_reject_direct_updates(swarms: Swarms) -> None:
     """Callers that skip the tools meet the workflow's own validators."""
     swarm_id, _ = await swarms.swarm("mesh", ["coder"], maxAgents=1)
