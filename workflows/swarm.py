@@ -833,6 +833,9 @@ class SwarmTaskWorkflow:
         # The task's parts once `_execute` has split it, so that a cancelled
         # task can list the parts that never ran.
         self.parts: list[str] = []
+        # Whole outputs of the completed steps by part index, since the step
+        # records keep trimmed copies. A cancelled task's output uses them.
+        self.completed_outputs: dict[int, str] = {}
         # Set when the task has one step, which then reports the task's end.
         self.last_step_reports = False
         self.reported = False
@@ -937,11 +940,11 @@ class SwarmTaskWorkflow:
         done = [s for s in self.progress.steps if s.status == "completed"]
         if not done:
             return None
+        outputs = self.completed_outputs
         if self.progress.strategy_used == "sequential":
-            return planning.trimmed_output(done[-1].output_text())
-        done.sort(key=lambda s: s.part_index)
+            return planning.trimmed_output(outputs[done[-1].part_index])
         return planning.trimmed_output(
-            planning.join_outputs([s.output_text() for s in done])
+            planning.join_outputs([outputs[index] for index in sorted(outputs)])
         )
 
     def _cancelled_before_start(self) -> TaskProgress:
@@ -1265,6 +1268,7 @@ class SwarmTaskWorkflow:
             result, max(self.progress.steps_total, 1)
         )
         if result.status == "completed":
+            self.completed_outputs[part_index] = result.output_text()
             self.progress.steps_completed += 1
         else:
             self.progress.steps_failed += 1

@@ -601,6 +601,42 @@ async def test_destroy_keeps_finished_steps(
     await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
 
 
+@pytest.mark.parametrize("strategy", ["sequential", "parallel"])
+async def test_destroy_keeps_whole_finished_outputs(
+    swarms: Swarms, strategy: str
+) -> None:
+    # Four parts give each step a 147,456-byte share of the record's stdout,
+    # so the records of the two finished steps are trimmed. The output
+    # comes from the whole outputs, as for a task that was not cancelled.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    task = await swarms.call(
+        "task_orchestrate",
+        task="a\nb\nc\nd",
+        strategy=strategy,
+        command=(
+            'if [ "$NEXUS_PART" = c ]; then touch started; '
+            "while [ ! -f gate ]; do sleep 0.05; done; fi; "
+            "head -c 250000 /dev/zero | tr '\\0' \"$NEXUS_PART\""
+        ),
+        swarm_id=swarm_id,
+    )
+    folder = await agent_folder(swarms, agents[0]["agent_id"])
+    await wait_for_file(folder / "started")
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    results = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=60
+    )
+
+    assert results["status"] == "cancelled"
+    finished = [s for s in results["results"] if s["status"] == "completed"]
+    assert [s["trimmed_bytes"] > 0 for s in finished] == [True, True]
+    if strategy == "sequential":
+        assert results["output"] == "b" * 250_000
+    else:
+        assert results["output"].startswith("a" * 250_000 + "\n" + "b" * 12_000)
+        assert len(results["output"].encode()) < 262_144 + 100
+
+
 async def test_task_size_limits(swarms: Swarms) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     with pytest.raises(ToolError) as caught:
