@@ -225,7 +225,7 @@ def status_command(
     swarm: SwarmOption = None,
 ) -> None:
     """Print a swarm's agents, sandboxes and tasks, or one task's progress."""
-    if task:
+    if task is not None:
         _call("task_status", {"task_id": task})
     else:
         _call("swarm_status", {"swarm_id": swarm})

@@ -517,6 +517,15 @@ class TaskIdInput(BaseModel):
         0.0, ge=0, le=3600, description="Wait this long for the task to finish."
     )
 
+    @field_validator("task_id")
+    @classmethod
+    def _task_id_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(
+                "task_id is empty; give the task_id that task_orchestrate returned"
+            )
+        return value
+
 
 async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
     """Progress of a task that waits for agents, read from its swarm, since

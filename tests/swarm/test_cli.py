@@ -13,6 +13,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from app.cli import cli
+from app.settings import Settings
 from tests.api.conftest import REPO_ROOT, server_env
 from tests.swarm.conftest import GATED_PROGRAM, Swarms, agent_folder, wait_for_file
 
@@ -145,3 +146,17 @@ def test_malformed_action_args_rejected() -> None:
         assert f"Invalid value for '--action-args': {value!r} {problem}" in output
         assert """e.g. '{"limit": 10}'""" in output
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_status_of_empty_task_id_rejected(swarm_settings: Settings) -> None:
+    # An empty --task is a task id that is missing, not a request for the
+    # swarm's status.
+    result = CliRunner().invoke(
+        cli, ["swarm", "status", "--task", ""], env=server_env(swarm_settings)
+    )
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    assert "task_id: '' is invalid" in output
+    assert "task_id is empty; give the task_id that task_orchestrate returned" in (
+        output
+    )
