@@ -984,8 +984,20 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
 class SwarmScaleInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target_agents: int = Field(ge=1, le=100)
+    # The lower bound is checked below, for a message that names the fix;
+    # the schema still shows it.
+    target_agents: int = Field(le=100, json_schema_extra={"minimum": 1})
     swarm_id: str | None = None
+
+    @field_validator("target_agents")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                "a swarm keeps at least 1 agent; to stop every agent and end "
+                "the swarm, call swarm_destroy"
+            )
+        return value
 
 
 class SwarmScaleResult(BaseModel):

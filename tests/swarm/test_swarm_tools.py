@@ -156,6 +156,8 @@ async def test_bad_inputs_are_rejected(swarms: Swarms) -> None:
         await swarms.call("swarm_status", swarm_id="doesnotexist")
     with pytest.raises(ToolError, match="above the swarm's maxAgents 8"):
         await swarms.call("swarm_scale", target_agents=9, swarm_id=swarm_id)
+    with pytest.raises(ToolInputError, match=r"target_agents: 0 .*swarm_destroy"):
+        await swarms.call("swarm_scale", target_agents=0, swarm_id=swarm_id)
 
 
 async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
