@@ -40,7 +40,10 @@ class BenchmarkConfig(BaseModel):
     """What one benchmark run does; every size is a real amount of work."""
 
     duration_seconds: float = Field(180.0, gt=0, le=7 * 24 * 3600)
-    cycle_interval_seconds: float = Field(0.0, ge=0)
+    # Bounded like the duration, since the run never waits longer than that.
+    # An unbounded value overflowed the workflow's timedelta, or was infinite
+    # and could not be decoded, and the run could then never end.
+    cycle_interval_seconds: float = Field(0.0, ge=0, le=7 * 24 * 3600)
     load_multiplier: int = Field(10, ge=1, le=100)
     streams: int = Field(5, ge=1, le=20)
     swarm_size: int = Field(3, ge=1, le=20)

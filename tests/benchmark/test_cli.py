@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import typer
 from rich.console import Console
 from rich.progress import Progress
 from temporalio.client import (
@@ -51,6 +52,8 @@ REJECTED = [
     (["run", "--duration", "-1m"], "'--duration'", "'-1m'"),
     (["run", "--duration", "99999d"], "'--duration'", "'99999d'"),
     (["run", "--interval", "-5s"], "'--interval'", "'-5s'"),
+    (["run", "--interval", "8d"], "'--interval'", "'8d'"),
+    (["run", "--interval", "9999999999d"], "'--interval'", "'9999999999d'"),
     (["run", "--load-multiplier", "0"], "'--load-multiplier'", "0"),
     (["run", "--load-multiplier", "1000"], "'--load-multiplier'", "1000"),
     (["run", "--streams", "0"], "'--streams'", "0"),
@@ -72,6 +75,16 @@ def test_bad_option_rejected(arguments: list[str], option: str, value: str) -> N
     assert f"Invalid value for {option}: {value} " in output
     assert "use a" in output or "pass a value" in output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_infinite_interval_rejected() -> None:
+    # 400 digits parse to an infinite float, which the workflow cannot decode.
+    text = "9" * 400
+    with pytest.raises(typer.BadParameter, match="out of range"):
+        benchmark_cli.build_config(
+            {"cycle_interval_seconds": text},
+            cycle_interval_seconds=parse_duration(text, "--interval"),
+        )
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("0s", 0.0), ("0m", 0.0)])
