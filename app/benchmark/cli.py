@@ -11,6 +11,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -500,6 +501,34 @@ class BenchmarkStartError(RuntimeError):
     """Error raised when a run cannot start, with the reason and the fix."""
 
 
+def check_reports_dir(settings: Settings) -> None:
+    """Raise BenchmarkStartError unless a file can be created in the reports
+    folder. The workers write the report there only after the last cycle,
+    which can be hours after the start.
+
+    NOTE: the check reads this command's settings, which are those of the
+    workers that it starts, but not necessarily those of `nexus up`.
+    """
+    folder = settings.reports_dir.expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BenchmarkStartError(
+            f"the reports folder {folder} is not writable ({error}); set "
+            f"{environment_variable('reports_dir')} to a folder that you can "
+            "write to"
+        ) from None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """Return the innermost cause of a Temporal failure chain."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause  # type: ignore[attr-defined]
+    return error
+
+
 @dataclasses.dataclass
 class StartedRun:
     """A run that this command started, as an interrupt leaves it."""
@@ -714,6 +743,8 @@ def run_command(
     workers = settings.embedded if start_workers is None else start_workers
     started: list[StartedRun] = []
     try:
+        if workers:
+            check_reports_dir(settings)
         finished = asyncio.run(
             _cancel_on_sigterm(
                 run_benchmark(settings, config, start_workers=workers, started=started)
@@ -728,6 +759,21 @@ def run_command(
         raise typer.Exit(128 + signal.SIGTERM) from None
     except (BenchmarkStartError, EmbeddedServerError) as error:
         console.print(f"error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(1) from None
+    except WorkflowFailureError as error:
+        # The phases record their own failures, so this is the run's own
+        # step, such as the report, which cannot be written to a full disk.
+        run_id = started[0].run_id if started else "?"
+        if isinstance(error.cause, CancelledError):
+            # By `nexus benchmark cancel` from another shell.
+            message = f"benchmark run {run_id} was cancelled; it has no report"
+        else:
+            message = (
+                f"benchmark run {run_id} failed: {_root_cause(error)}. Its "
+                "cycles are recorded; once the cause is fixed, write its report "
+                f"with `nexus benchmark report {run_id}`"
+            )
+        console.print(f"error: {message}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     except RuntimeError as error:
         # connect() and the wait for workers: the message names the address.
@@ -959,5 +1005,13 @@ def report_command(
         result = write_report(settings, run_id, final_health, health_note=note)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as error:
+        typer.echo(
+            f"error: the report of benchmark run {run_id!r} could not be written: "
+            f"{error}; set {environment_variable('reports_dir')} to a folder that "
+            "you can write to, or free space there, and run this command again",
+            err=True,
+        )
         raise typer.Exit(1) from None
     print_json(result.model_dump())

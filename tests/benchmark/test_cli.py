@@ -26,10 +26,13 @@ from temporalio.client import (
     Client,
     ScheduleAlreadyRunningError,
     WorkflowExecutionStatus,
+    WorkflowFailureError,
     WorkflowQueryFailedError,
 )
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 from temporalio.service import RPCError, RPCStatusCode
 from typer.testing import CliRunner
+from typer.testing import Result as CliResult
 
 from app.benchmark import cli as benchmark_cli
 from app.benchmark import recording
@@ -69,7 +72,11 @@ REJECTED = [
 
 @pytest.mark.parametrize(("arguments", "option", "value"), REJECTED)
 def test_bad_option_rejected(arguments: list[str], option: str, value: str) -> None:
-    result = CliRunner().invoke(cli, ["benchmark", *arguments])
+    # A closed address, so that an option accepted by mistake fails at once
+    # instead of starting a run on the default ports.
+    closed = {key: None for key in os.environ if key.startswith("NEXUS_")}
+    closed["NEXUS_TEMPORAL_ADDRESS"] = "127.0.0.1:1"
+    result = CliRunner().invoke(cli, ["benchmark", *arguments], env=closed)
     output = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2, output
     assert f"Invalid value for {option}: {value} " in output
@@ -387,6 +394,9 @@ def _invoke_run(
         key: None for key in os.environ if key.startswith("NEXUS_")
     }
     environment.update(env)
+    # The command checks that it can write there before it starts.
+    data_dir = Path(env.get("NEXUS_DATA_DIR", "."))
+    environment["NEXUS_REPORTS_DIR"] = str(data_dir / "reports")
     # The process's settings are read once and cached; this run has its own.
     get_settings.cache_clear()
     try:
@@ -840,6 +850,83 @@ def test_busy_ports_give_one_line_errors(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "cannot reach Temporal at" in done.stderr
+
+
+def test_unwritable_reports_dir_rejected_first(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    reports = blocker / "reports"
+    env = {**_cli_env(tmp_path), "NEXUS_REPORTS_DIR": str(reports)}
+    started = time.monotonic()
+    done = subprocess.run(_RUN, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"the reports folder {reports} is not writable" in done.stderr
+    assert "set NEXUS_REPORTS_DIR to a folder" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    # The check comes before the server, so nothing was started.
+    assert not (tmp_path / "temporal.db").exists()
+    assert time.monotonic() - started < 30
+
+
+def _invoke_failed_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cause: BaseException
+) -> CliResult:
+    """Run `nexus benchmark run` with a run that fails with `cause`."""
+
+    async def failed_run(
+        *args: object, started: list[benchmark_cli.StartedRun], **kwargs: object
+    ) -> benchmark_cli.FinishedRun:
+        started.append(benchmark_cli.StartedRun("benchmark-x", own_server=True))
+        raise WorkflowFailureError(cause=cause)
+
+    monkeypatch.setattr(benchmark_cli, "run_benchmark", failed_run)
+    environment: dict[str, str | None] = {
+        key: None for key in os.environ if key.startswith("NEXUS_")
+    }
+    environment.update(
+        NEXUS_DATA_DIR=str(tmp_path), NEXUS_REPORTS_DIR=str(tmp_path / "reports")
+    )
+    return CliRunner().invoke(cli, ["benchmark", "run"], env=environment)
+
+
+def test_failed_run_gives_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As the run fails when its report cannot be written.
+    cause = ActivityError(
+        "Activity task failed",
+        scheduled_event_id=1,
+        started_event_id=2,
+        identity="worker",
+        activity_type="finish_benchmark_run",
+        activity_id="1",
+        retry_state=None,
+    )
+    cause.__cause__ = ApplicationError(
+        "[Errno 28] No space left on device", type="OSError"
+    )
+    done = _invoke_failed_run(monkeypatch, tmp_path, cause)
+    assert done.exit_code == 1, done.output
+    assert isinstance(done.exception, SystemExit)
+    output = " ".join(done.output.split())
+    assert (
+        "error: benchmark run benchmark-x failed: OSError: [Errno 28] No space "
+        "left on device." in output
+    )
+    assert "`nexus benchmark report benchmark-x`" in output
+
+
+def test_cancelled_run_gives_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    done = _invoke_failed_run(
+        monkeypatch, tmp_path, CancelledError("Workflow cancelled")
+    )
+    assert done.exit_code == 1, done.output
+    assert isinstance(done.exception, SystemExit)
+    output = " ".join(done.output.split())
+    assert "error: benchmark run benchmark-x was cancelled; it has no report" in output
 
 
 def test_up_busy_http_port(tmp_path: Path) -> None:

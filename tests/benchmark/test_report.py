@@ -746,3 +746,20 @@ def test_rewritten_report_is_identical(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["report_dir"] == str(out)
     for name in files:
         assert (out / name).read_bytes() == written[name], name
+
+
+def test_report_command_unwritable_folder(tmp_path: Path) -> None:
+    settings, env = _cli_settings(tmp_path)
+    _seed(settings, "run-blocked")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env["NEXUS_REPORTS_DIR"] = str(blocker / "reports")
+    done = _report_command(env, "run-blocked")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        "error: the report of benchmark run 'run-blocked' could not be written: "
+        in done.stderr
+    )
+    assert "Not a directory" in done.stderr
+    assert "set NEXUS_REPORTS_DIR to a folder" in done.stderr
