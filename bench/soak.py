@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.benchmark.cli import run_benchmark
+from app.benchmark.cli import cancel_on_sigterm, run_benchmark
 from app.benchmark.report import build_metrics
 from app.contracts.benchmark import BenchmarkConfig
 from app.logs import configure_logging
@@ -170,8 +170,16 @@ def main() -> int:
         else min(10.0, options.minutes / 3)
     )
 
-    data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="soak-"))
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="soak-"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        folder = options.data_dir or f"a new folder in {tempfile.gettempdir()}"
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --data-dir {folder} cannot be created: "
+            f"{error}; pass a --data-dir that you can write to\n",
+        )
     os.environ.pop("NEXUS_TEMPORAL_ADDRESS", None)
     settings = Settings(
         data_dir=data_dir,
@@ -196,7 +204,14 @@ def main() -> int:
         sample_interval_seconds=options.sample_seconds,
     )
     load_before = os.getloadavg()
-    finished = asyncio.run(run_benchmark(settings, config, start_workers=True))
+    try:
+        finished = asyncio.run(
+            cancel_on_sigterm(run_benchmark(settings, config, start_workers=True))
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError) as error:
+        # run_benchmark has cancelled the run (unless Ctrl-C came twice).
+        print(f"{parser.prog}: interrupted; no growth is printed", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else 143
     run_id, result = finished.run_id, finished.result
     load_after = os.getloadavg()
     metrics = build_metrics(settings, run_id, None, warmup_minutes=warmup)

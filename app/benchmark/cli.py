@@ -211,7 +211,7 @@ async def _every_queue_polled(client: Client, settings: Settings) -> bool:
     return all(q.activity_pollers for q in described)
 
 
-async def _cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedRun:
+async def cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedRun:
     """Await `run`, cancelling it on SIGTERM as asyncio.run does on Ctrl-C,
     so that a `kill` or `timeout` ends the run it started instead of leaving
     it to come back with the next start of the workers."""
@@ -746,7 +746,7 @@ def run_command(
         if workers:
             check_reports_dir(settings)
         finished = asyncio.run(
-            _cancel_on_sigterm(
+            cancel_on_sigterm(
                 run_benchmark(settings, config, start_workers=workers, started=started)
             )
         )

@@ -1,14 +1,22 @@
 """`python -m bench.soak`: option checks and help, which run before any
-server starts."""
+server starts, and interrupts of a run."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from app.benchmark import recording
+from app.settings import Settings
+from app.temporal.devserver import port_is_open
+from tests.benchmark.test_cli import _start_cli
 
 # Each row: the arguments, then the text that the error must start with.
 REJECTED = [
@@ -69,3 +77,60 @@ def test_help_describes_ports(tmp_path: Path) -> None:
     ) in text
     assert "web UI on --port + 1000 and the HTTP API on --port + 2000" in text
     assert "The web UI uses PORT + 1000 and the HTTP API PORT + 2000" in text
+
+
+def test_unusable_data_dir_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data_dir = blocker / "soak-data"
+    done = _soak(["--data-dir", str(data_dir)], tmp_path / "tmp")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(
+        f"python -m bench.soak: error: --data-dir {data_dir} cannot be created: "
+    )
+    assert done.stderr.count("\n") == 1
+
+
+def _free_soak_port() -> int:
+    """Return a port that is free, with the two that the soak adds to it."""
+    while True:
+        port = random.randrange(20000, 40000)
+        if not any(port_is_open("127.0.0.1", port + k) for k in (0, 1000, 2000)):
+            return port
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+async def test_interrupt_cancels_soak_run(tmp_path: Path, stop: str) -> None:
+    env = {key: value for key, value in os.environ.items() if "NEXUS_" not in key}
+    env["NEXUS_WORKER_WARM_UP"] = "false"
+    data_dir = tmp_path / "soak"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.soak",
+        "--minutes",
+        "1",
+        "--port",
+        str(_free_soak_port()),
+        "--data-dir",
+        str(data_dir),
+    ]
+    process, output = _start_cli(command, env)
+    try:
+        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(process.wait, 120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert exit_code == (130 if stop == "ctrl-c" else 143), output.text
+    assert "Traceback" not in output.text
+    assert "python -m bench.soak: interrupted; no growth is printed" in output.text
+    url = Settings(data_dir=data_dir).effective_database_url
+    assert recording.run_status(url, run_id) == "cancelled"
