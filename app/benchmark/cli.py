@@ -806,7 +806,7 @@ def cancel_command(
 
     settings = load_settings()
 
-    async def cancel() -> None:
+    async def cancel() -> bool:
         client = await connect(settings, wait_seconds=3)
         handle = client.get_workflow_handle(run_id)
         try:
@@ -828,13 +828,17 @@ def cancel_command(
             raise BenchmarkStartError(
                 f"benchmark run {run_id!r} has ended already (status {status})"
             )
-        await cancel_run(handle, announce=False)
+        return await cancel_run(handle, announce=False)
 
     try:
-        asyncio.run(cancel())
+        ended = asyncio.run(cancel())
     except (BenchmarkStartError, RuntimeError) as error:
         console.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
+    if not ended:
+        # cancel_run has said so. A script that starts the next run after
+        # this command would otherwise find this one still open.
+        raise typer.Exit(1)
 
 
 async def create_schedule(

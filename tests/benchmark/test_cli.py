@@ -16,6 +16,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,8 +40,10 @@ from app.benchmark import recording
 from app.benchmark.cli import format_seconds, parse_duration
 from app.cli import cli
 from app.contracts.benchmark import (
+    BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
+    BenchmarkState,
     PhaseTimes,
     ReportResult,
 )
@@ -490,6 +493,35 @@ def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
+
+
+async def test_cancel_not_ended_exits_1(
+    monkeypatch: pytest.MonkeyPatch, client: Client, temporal_address: str
+) -> None:
+    # No worker polls this queue, so the run cannot take the cancellation.
+    run_id = f"benchmark-unpolled-{uuid.uuid4().hex[:6]}"
+    handle = await client.start_workflow(
+        "ExtendedDurationBenchmarkWorkflow",
+        BenchmarkState(run_id=run_id, config=BenchmarkConfig()),
+        id=run_id,
+        task_queue=f"unpolled-{uuid.uuid4().hex[:6]}",
+    )
+    real_cancel_run = benchmark_cli.cancel_run
+
+    async def cancel_run_briefly(*args: Any, **kwargs: Any) -> bool:
+        return await real_cancel_run(*args, **{**kwargs, "timeout": 1.0})
+
+    monkeypatch.setattr(benchmark_cli, "cancel_run", cancel_run_briefly)
+    env = {"NEXUS_TEMPORAL_ADDRESS": temporal_address}
+    try:
+        done = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["benchmark", "cancel", run_id], env=env
+        )
+    finally:
+        await handle.terminate("test cleanup")
+    output = " ".join(done.output.split())
+    assert done.exit_code == 1, output
+    assert f"Benchmark {run_id} was asked to cancel but had not ended" in output
 
 
 def _free_port() -> int:
