@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -683,16 +685,24 @@ def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
     """Write the files of `write_report` from metrics already built."""
     run_id = metrics["run_id"]
     folder = run_folder_name(run_id)
-    out = settings.reports_dir.expanduser().resolve() / folder
-    out.mkdir(parents=True, exist_ok=True)
+    reports = settings.reports_dir.expanduser().resolve()
+    out = reports / folder
+    reports.mkdir(parents=True, exist_ok=True)
     files = {
         "metrics.json": json.dumps(metrics, indent=2, sort_keys=True).encode(),
         "report.md": render_markdown(metrics).encode(),
     }
-    for name, content in files.items():
-        (out / name).write_bytes(content)
-    for path in render_plots(metrics, settings, out):
-        files[path.name] = path.read_bytes()
+    # Every file is written to a scratch folder first, so that a full disk
+    # leaves no truncated file and no report that mixes two writes.
+    with tempfile.TemporaryDirectory(prefix=f".{folder}-", dir=reports) as scratch:
+        staged = Path(scratch)
+        for name, content in files.items():
+            (staged / name).write_bytes(content)
+        for path in render_plots(metrics, settings, staged):
+            files[path.name] = path.read_bytes()
+        out.mkdir(exist_ok=True)
+        for name in files:
+            os.replace(staged / name, out / name)
     storage = storage_for(settings)
     for name, content in files.items():
         storage.put(REPORT_BUCKET, f"{folder}/{name}", content)

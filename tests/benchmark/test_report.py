@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.benchmark import recording
+from app.benchmark import report as report_module
 from app.benchmark.models import BenchmarkRun
 from app.benchmark.report import (
     build_metrics,
@@ -763,3 +764,23 @@ def test_report_command_unwritable_folder(tmp_path: Path) -> None:
     )
     assert "Not a directory" in done.stderr
     assert "set NEXUS_REPORTS_DIR to a folder" in done.stderr
+
+
+def test_failed_write_keeps_earlier_report(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings.model_copy(update={"reports_dir": tmp_path / "reports"})
+    _seed(settings, "run-full")
+    out = Path(write_report(settings, "run-full", {"status": "healthy"}).report_dir)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def full_disk(*args: object) -> list[Path]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module, "render_plots", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(settings, "run-full", {"status": "degraded"})
+    after = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert after == before
+    # No scratch folder is left beside the reports.
+    assert [path.name for path in (tmp_path / "reports").iterdir()] == ["run-full"]
