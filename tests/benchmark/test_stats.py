@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from app.benchmark.stats import linear_regression, percentile
+from app.benchmark.stats import linear_regression, percentile, t95
 
 
 def test_regression_recovers_known_slope() -> None:
@@ -64,3 +64,13 @@ def test_uncorrelated_residuals_keep_the_plain_interval() -> None:
     assert fit.effective_samples == 10
     assert fit.adjusted_ci95_low == pytest.approx(fit.ci95_low)
     assert fit.adjusted_ci95_high == pytest.approx(fit.ci95_high)
+
+
+@pytest.mark.parametrize(
+    ("degrees_of_freedom", "quantile"),
+    [(1, 12.706), (11, 2.201), (30, 2.042), (31, 2.0395), (40, 2.0211), (120, 1.9799)],
+)
+def test_t95_matches_student_table(degrees_of_freedom: int, quantile: float) -> None:
+    # Beyond 30 degrees of freedom the quantile is still above the normal's
+    # 1.96, so a fit of 31 to 40 samples has a wider interval than 1.96 gives.
+    assert t95(degrees_of_freedom) == pytest.approx(quantile, abs=1e-4)
