@@ -590,6 +590,11 @@ def _embedded_run_lock(settings: Settings) -> Iterator[Path]:
         os.close(descriptor)  # which releases the lock
 
 
+# Seconds that a run left open on this command's own server has to end after
+# its cancellation, before it is terminated.
+ORPHAN_CANCEL_SECONDS = 60.0
+
+
 async def _check_no_other_run(client: Client, address: str, own_server: bool) -> None:
     """Raise BenchmarkStartError when a benchmark runs on the server, because
     each run would measure the other's load as its own. On a server that
@@ -606,7 +611,15 @@ async def _check_no_other_run(client: Client, address: str, own_server: bool) ->
                 soft_wrap=True,
                 markup=False,
             )
-            await cancel_run(client.get_workflow_handle(run_id), announce=False)
+            handle = client.get_workflow_handle(run_id)
+            if not await cancel_run(handle, ORPHAN_CANCEL_SECONDS, announce=False):
+                # No command follows it, and a run whose workflow task fails
+                # on every attempt never takes a cancellation.
+                await handle.terminate(
+                    reason="left open by an earlier `nexus benchmark run`, and "
+                    "did not end when cancelled"
+                )
+                console.print(f"Benchmark {run_id} terminated; it has no report")
         running = await running_benchmarks(client)
     if running:
         raise BenchmarkStartError(

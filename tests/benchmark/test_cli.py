@@ -980,6 +980,35 @@ def test_up_busy_http_port(tmp_path: Path) -> None:
     assert not port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"]))
 
 
+async def test_orphan_that_ignores_cancel_is_terminated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run left open on the command's own server that no worker serves
+    (as one whose workflow task fails on every attempt) ends by termination
+    when its cancellation does not take effect."""
+    server = EmbeddedTemporal(Settings(data_dir=tmp_path, temporal_port=_free_port()))
+    server.ui_port = _free_port()
+    address = await server.start()
+    monkeypatch.setattr(benchmark_cli, "ORPHAN_CANCEL_SECONDS", 1.0)
+    try:
+        client = await Client.connect(address)
+        handle = await client.start_workflow(
+            "ExtendedDurationBenchmarkWorkflow",
+            {"run_id": "benchmark-stuck"},
+            id="benchmark-stuck",
+            task_queue="no-worker-polls-this",
+        )
+        deadline = time.monotonic() + 60
+        while handle.id not in await benchmark_cli.running_benchmarks(client):
+            assert time.monotonic() < deadline, "the run was never listed"
+            await asyncio.sleep(0.2)
+        await benchmark_cli._check_no_other_run(client, address, own_server=True)
+        described = await handle.describe()
+        assert described.status == WorkflowExecutionStatus.TERMINATED
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(300)
 async def test_cancel_command_and_run_beside_deployment(
     tmp_path: Path, shared_settings: Settings
