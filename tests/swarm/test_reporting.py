@@ -207,7 +207,7 @@ def test_record_keeps_steps_within_budget() -> None:
         agent_name="coder-1",
         agent_type="coder",
         part_index=0,
-        part="p" * 5_000,
+        part="ü" * 5_000,
         kind="code",
         status="completed",
         stdout="é" * 400_000,
@@ -220,8 +220,9 @@ def test_record_keeps_steps_within_budget() -> None:
     kept_bytes = len(kept.stdout.split("\n[")[0].encode())
     assert share * 3 // 4 - 1 <= kept_bytes <= share * 3 // 4
     assert kept.stderr == "e" * 10
-    assert kept.part == "p" * MAX_STEP_PART_CHARS + "…"
-    dropped = 800_000 - kept_bytes + 5_000 - MAX_STEP_PART_CHARS
+    assert kept.part == "ü" * MAX_STEP_PART_CHARS + "…"
+    # The part's cut counts bytes too: "ü" takes 2 in UTF-8.
+    dropped = 800_000 - kept_bytes + 2 * (5_000 - MAX_STEP_PART_CHARS)
     assert kept.trimmed_bytes == dropped
     # Small steps are kept as they are.
     assert (
