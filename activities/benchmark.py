@@ -101,9 +101,7 @@ class BenchmarkActivities:
     @activity.defn(name="finish_benchmark_run")
     async def finish_run(self, request: ReportRequest) -> ReportResult:
         ended = request.ended_at or datetime.now(UTC)
-        await asyncio.to_thread(
-            recording.finish_run, self.url, request.run_id, ended, {}
-        )
+        await asyncio.to_thread(recording.end_run, self.url, request.run_id, ended)
         await self._wait_for_sampler(request.run_id)
         health = await system_health(self.settings, activity.client())
         health_json = health.model_dump(mode="json", by_alias=True)
@@ -114,7 +112,7 @@ class BenchmarkActivities:
         )
         report = await asyncio.to_thread(save_report, self.settings, metrics)
         await asyncio.to_thread(
-            recording.finish_run, self.url, request.run_id, ended, run_summary(metrics)
+            recording.complete_run, self.url, request.run_id, run_summary(metrics)
         )
         activity.logger.info(
             "benchmark %s report at %s", request.run_id, report.report_dir

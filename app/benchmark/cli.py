@@ -967,7 +967,12 @@ def report_command(
     """Write the report of a finished run again, keeping the system health
     recorded as it ended."""
     from app.benchmark import recording
-    from app.benchmark.report import recorded_health, write_report
+    from app.benchmark.report import (
+        build_metrics,
+        recorded_health,
+        run_summary,
+        save_report,
+    )
     from app.cli import load_settings, print_json
     from app.services.health import system_health
     from app.temporal.client import connect
@@ -985,7 +990,7 @@ def report_command(
             err=True,
         )
         raise typer.Exit(1)
-    if status != "completed":
+    if status not in ("completed", "ended"):
         # A report of a run in progress would show its first phases as the
         # whole run, with an end time of now and a verdict on partial data.
         typer.echo(
@@ -1019,7 +1024,8 @@ def report_command(
     else:
         final_health, note = recorded
     try:
-        result = write_report(settings, run_id, final_health, health_note=note)
+        metrics = build_metrics(settings, run_id, final_health, health_note=note)
+        result = save_report(settings, metrics)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
@@ -1031,4 +1037,9 @@ def report_command(
             err=True,
         )
         raise typer.Exit(1) from None
+    if status == "ended":
+        # Its own report write failed, so the run is completed only now.
+        recording.complete_run(
+            settings.effective_database_url, run_id, run_summary(metrics)
+        )
     print_json(result.model_dump())

@@ -30,15 +30,26 @@ def start_run(url: str, run_id: str, config: BenchmarkConfig) -> None:
             )
 
 
-def finish_run(
-    url: str, run_id: str, ended_at: datetime, summary: dict[str, Any]
-) -> None:
+def end_run(url: str, run_id: str, ended_at: datetime) -> None:
+    """Record that the run's cycles have ended. The status is `ended` until
+    its report is written, so a run whose report failed is not taken as the
+    previous run to compare with."""
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        if run is None:
+            raise LookupError(f"benchmark run {run_id!r} not found")
+        run.status = "ended"
+        run.ended_at = ended_at
+        session.add(run)
+
+
+def complete_run(url: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Record the run as completed with the summary of its written report."""
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)
         if run is None:
             raise LookupError(f"benchmark run {run_id!r} not found")
         run.status = "completed"
-        run.ended_at = ended_at
         run.summary = summary
         session.add(run)
 
@@ -62,8 +73,8 @@ def cancel_run(
 
 
 def run_status(url: str, run_id: str) -> str:
-    """Return the recorded status of a run: `running`, `completed` or
-    `cancelled`.
+    """Return the recorded status of a run: `running`, `ended` (its report
+    is not written yet), `completed` or `cancelled`.
 
     Raises:
         LookupError: no run has that id.

@@ -33,7 +33,9 @@ from app.settings import Settings
 MB = 1_000_000
 
 
-def _seed(settings: Settings, run_id: str) -> None:
+def _seed(settings: Settings, run_id: str, *, reported: bool = True) -> None:
+    """Record a run of two phases; `reported=False` leaves it ended with no
+    report written, as a failed report write does."""
     url = settings.effective_database_url
     recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
     start = datetime.now(UTC)
@@ -80,7 +82,9 @@ def _seed(settings: Settings, run_id: str) -> None:
                 ],
             ),
         )
-    recording.finish_run(url, run_id, start + timedelta(minutes=10), {})
+    recording.end_run(url, run_id, start + timedelta(minutes=10))
+    if reported:
+        recording.complete_run(url, run_id, {})
 
 
 def _cli_settings(tmp_path: Path) -> tuple[Settings, dict[str, str]]:
@@ -285,7 +289,8 @@ def test_failed_phase_counts_failed_operation(settings: Settings) -> None:
     ]
     for record in records:
         recording.record_phase(url, record)
-    recording.finish_run(url, run_id, end, {})
+    recording.end_run(url, run_id, end)
+    recording.complete_run(url, run_id, {})
 
     data = recording.load_run(url, run_id)
     failed = sorted((op.name, op.error) for op in data["operations"] if not op.ok)
@@ -341,7 +346,8 @@ def test_checks_excluded_from_call_rate(settings: Settings) -> None:
             ],
         ),
     )
-    recording.finish_run(url, "run-checks", start + timedelta(seconds=2), {})
+    recording.end_run(url, "run-checks", start + timedelta(seconds=2))
+    recording.complete_run(url, "run-checks", {})
 
     metrics = build_metrics(settings, "run-checks", None)
     (phase,) = metrics["phases"]
@@ -467,6 +473,27 @@ def test_report_command_rewrites_report(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1
     assert "benchmark run 'no-such-run' not found" in missing.stderr
+
+
+def test_report_command_completes_ended_run(tmp_path: Path) -> None:
+    """A run whose own report write failed stays `ended`, so the next run
+    does not compare with it, and writing its report again completes it."""
+    settings, env = _cli_settings(tmp_path)
+    url = settings.effective_database_url
+    _seed(settings, "run-before")
+    _seed(settings, "run-ended", reported=False)
+    recording.start_run(url, "run-next", BenchmarkConfig(duration_seconds=60))
+    assert recording.run_status(url, "run-ended") == "ended"
+    previous = build_metrics(settings, "run-next", None)["previous"]
+    assert previous["run_id"] == "run-before"
+
+    done = _report_command(env, "run-ended")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "reports" / "run-ended" / "report.md").is_file()
+    assert recording.run_status(url, "run-ended") == "completed"
+    previous = build_metrics(settings, "run-next", None)["previous"]
+    assert previous["run_id"] == "run-ended"
+    assert previous["operations"] == 4
 
 
 def test_report_command_rejects_running_run(tmp_path: Path) -> None:
@@ -632,9 +659,11 @@ def test_previous_growth_in_mib_labelled(settings: Settings) -> None:
         ("run-mb", {**older, "mb_bytes": 1_000_000}),
     ):
         recording.start_run(url, run_id, BenchmarkConfig(duration_seconds=60))
-        recording.finish_run(url, run_id, start, summary)
+        recording.end_run(url, run_id, start)
+        recording.complete_run(url, run_id, summary)
         recording.start_run(url, f"{run_id}-next", BenchmarkConfig(duration_seconds=60))
-        recording.finish_run(url, f"{run_id}-next", start, {})
+        recording.end_run(url, f"{run_id}-next", start)
+        recording.complete_run(url, f"{run_id}-next", {})
         metrics = build_metrics(settings, f"{run_id}-next", None)
         assert metrics["previous"]["run_id"] == run_id
         comparison = render_markdown(metrics).split("## Comparison")[1]
