@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -567,18 +568,18 @@ _GATED_AT_C = (
 )
 
 
-@pytest.mark.parametrize(
-    ("strategy", "output"), [("sequential", "b\n"), ("parallel", "a\nb\n")]
-)
-async def test_destroy_keeps_finished_steps(
-    swarms: Swarms, strategy: str, output: str
-) -> None:
+async def _destroy_at_part_c(
+    swarms: Swarms, strategy: str, command: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Run a task of parts a to d on one agent, destroy the swarm while the
+    agent waits at part c, and return the agent id, the task and its
+    results."""
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     task = await swarms.call(
         "task_orchestrate",
         task="a\nb\nc\nd",
         strategy=strategy,
-        command=_GATED_AT_C,
+        command=command,
         swarm_id=swarm_id,
     )
     folder = await agent_folder(swarms, agents[0]["agent_id"])
@@ -587,6 +588,16 @@ async def test_destroy_keeps_finished_steps(
     results = await swarms.call(
         "task_results", task_id=task["task_id"], wait_seconds=60
     )
+    return agents[0]["agent_id"], task, results
+
+
+@pytest.mark.parametrize(
+    ("strategy", "output"), [("sequential", "b\n"), ("parallel", "a\nb\n")]
+)
+async def test_destroy_keeps_finished_steps(
+    swarms: Swarms, strategy: str, output: str
+) -> None:
+    agent_id, task, results = await _destroy_at_part_c(swarms, strategy, _GATED_AT_C)
     assert results["status"] == "cancelled"
     assert results["output"] == output
     steps = sorted(results["results"], key=lambda s: s["part_index"])
@@ -598,7 +609,7 @@ async def test_destroy_keeps_finished_steps(
         "skipped",
     ]
     assert [s["stdout"] for s in steps] == ["a\n", "b\n", None, None]
-    assert steps[3]["agent_id"] == agents[0]["agent_id"]
+    assert steps[3]["agent_id"] == agent_id
     assert "cancelled" in steps[3]["error"]
     await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
 
@@ -610,24 +621,12 @@ async def test_destroy_keeps_whole_finished_outputs(
     # Four parts give each step a 147,456-byte share of the record's stdout,
     # so the records of the two finished steps are trimmed. The output
     # comes from the whole outputs, as for a task that was not cancelled.
-    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
-    task = await swarms.call(
-        "task_orchestrate",
-        task="a\nb\nc\nd",
-        strategy=strategy,
-        command=(
-            'if [ "$NEXUS_PART" = c ]; then touch started; '
-            "while [ ! -f gate ]; do sleep 0.05; done; fi; "
-            "head -c 250000 /dev/zero | tr '\\0' \"$NEXUS_PART\""
-        ),
-        swarm_id=swarm_id,
+    command = (
+        'if [ "$NEXUS_PART" = c ]; then touch started; '
+        "while [ ! -f gate ]; do sleep 0.05; done; fi; "
+        "head -c 250000 /dev/zero | tr '\\0' \"$NEXUS_PART\""
     )
-    folder = await agent_folder(swarms, agents[0]["agent_id"])
-    await wait_for_file(folder / "started")
-    await swarms.call("swarm_destroy", swarm_id=swarm_id)
-    results = await swarms.call(
-        "task_results", task_id=task["task_id"], wait_seconds=60
-    )
+    _, _, results = await _destroy_at_part_c(swarms, strategy, command)
 
     assert results["status"] == "cancelled"
     finished = [s for s in results["results"] if s["status"] == "completed"]
