@@ -619,6 +619,12 @@ class LocalBackend(SandboxBackend):
                 later `delete` can finish the removal.
         """
         state = self._read_state(backend_id)
+        if state is not None:
+            # Marked before the kill, as `stop` does, so that an execution the
+            # kill ends reports the delete even if it reads the state file
+            # before its removal.
+            state["deleted"] = True
+            self._write_state(backend_id, state)
         self._kill_anchor(backend_id, state)
         folder = self.root / backend_id
         if folder.exists():
@@ -825,7 +831,15 @@ class LocalBackend(SandboxBackend):
     ) -> str:
         """Build the stderr note of an execution whose runner failed or ended."""
         state = self._read_state(backend_id)
-        if state is not None and state.get("stopped"):
+        if state is None or state.get("deleted"):
+            # The execution found the state file before it started, so only a
+            # delete can have removed or marked it since.
+            logger.info("sandbox %s was deleted during an execution", backend_id)
+            return (
+                f"\n[sandbox {backend_id} was deleted during this execution. A "
+                "deleted sandbox is not recreated; create a new one]"
+            )
+        if state.get("stopped"):
             logger.info("sandbox %s was stopped during an execution", backend_id)
             return (
                 f"\n[sandbox {backend_id} was stopped during this execution. A "

@@ -246,6 +246,22 @@ async def test_stop_during_execution_says_stopped(backend: LocalBackend) -> None
     assert "recreates the sandbox" not in result.stderr
 
 
+async def test_delete_during_execution_says_deleted(backend: LocalBackend) -> None:
+    task = asyncio.create_task(
+        run(backend, ["bash", "-c", "touch started; sleep 30"], timeout=60)
+    )
+    home = backend.folder("box")
+    while not (home / "started").exists():
+        await asyncio.sleep(0.05)
+    await backend.delete("box")
+    result = await task
+    assert result.exit_code is None
+    assert not result.timed_out
+    assert "sandbox box was deleted during this execution" in result.stderr
+    assert "runner failed" not in result.stderr
+    assert "recreates the sandbox" not in result.stderr
+
+
 async def test_large_program_files_removed(
     backend: LocalBackend, tmp_path: Path
 ) -> None:
