@@ -398,9 +398,28 @@ async def logs(client: Client, sandbox_id: str, lines: int = 100) -> list[str]:
 
 
 async def stop_sandbox(client: Client, sandbox_id: str) -> SessionInfo:
-    """Kill the sandbox on the backend and end its session."""
+    """Kill the sandbox on the backend and end its session.
+
+    A stop that arrives while another stop or delete is ending the session
+    waits for that end and returns the session's state after it.
+
+    Raises:
+        SandboxServiceError: the session has already ended (`not_found`), or
+            the other end is still running after 30 s.
+    """
     result = await _update(client, sandbox_id, "stop", None, SessionInfo)
     assert isinstance(result, SessionInfo)
+    if result.status == "running":
+        # The session returns its state at once when an end is already in
+        # progress, and that state is still `running` until the end finishes.
+        try:
+            await wait_ended(client, sandbox_id)
+        except TimeoutError:
+            raise SandboxServiceError(
+                f"sandbox {sandbox_id} is still ending after another stop or "
+                "delete; read its state with sandbox_status in a minute"
+            ) from None
+        return await info(client, sandbox_id)
     return result
 
 

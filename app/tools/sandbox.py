@@ -411,10 +411,18 @@ class SandboxEndResult(BaseModel):
 @tool("sandbox_stop", group="sandbox")
 async def sandbox_stop(ctx: ToolContext, args: SandboxIdInput) -> SandboxEndResult:
     """Stop a sandbox: kill it on the backend and end its session."""
+    client = await ctx.client()
     try:
-        info = await service.stop_sandbox(await ctx.client(), args.sandbox_id)
+        info = await service.stop_sandbox(client, args.sandbox_id)
     except SandboxServiceError as error:
-        raise _tool_error(error) from None
+        if error.kind != "not_found":
+            raise _tool_error(error) from None
+        # The session has ended. A sandbox that was stopped, deleted or failed
+        # to create returns that status, and an unknown id is still not found.
+        try:
+            info = (await service.status(client, ctx.settings, args.sandbox_id)).session
+        except SandboxServiceError as unknown:
+            raise _tool_error(unknown) from None
     return SandboxEndResult(
         sandbox_id=info.sandbox_id, status=info.status, recreated=info.recreated
     )

@@ -102,6 +102,62 @@ async def test_stop_during_execution_then_removed(
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
 
 
+async def test_stop_twice_returns_stopped(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        first = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        assert first["status"] == "stopped"
+        await service.wait_ended(client, sandbox_id)
+        again = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        assert again["status"] == "stopped"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    after_delete = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+    assert after_delete["status"] == "deleted"
+    with pytest.raises(ToolError) as unknown:
+        await call(tool_ctx, "sandbox_stop", sandbox_id="sbx_000000000000")
+    assert unknown.value.kind == "not_found"
+
+
+async def test_concurrent_stops_both_stopped(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
+        "backend_id"
+    ]
+    started = sandboxes_folder(tool_ctx) / backend_id / "home" / "started"
+    execution = asyncio.create_task(
+        call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="trap '' TERM; touch started; sleep 30",
+            language="bash",
+        )
+    )
+    try:
+        while not started.exists():
+            assert not execution.done(), execution.result()
+            await asyncio.sleep(0.05)
+        # Both updates reach the busy session in the same workflow task, so
+        # the second finds the first's stop in progress.
+        stops = await asyncio.gather(
+            call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id),
+            call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id),
+        )
+        assert [stop["status"] for stop in stops] == ["stopped", "stopped"]
+        result = await execution
+        assert "was stopped during this execution" in result["stderr"]
+    finally:
+        execution.cancel()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_stopped_before_cleanup_replays(client: Client) -> None:
     # Recorded before a stopped session deleted its backend's remains.
     await replay_saved(
