@@ -54,7 +54,7 @@ from app.contracts.sandbox import (
     UploadResult,
 )
 from app.sandbox import store
-from app.sandbox.backend import SandboxBackendError
+from app.sandbox.backend import SandboxBackendError, SandboxConfigurationError
 from app.sandbox.models import SandboxRecord
 from app.sandbox.runtime import get_backend
 from app.sandbox.secrets import load_key, seal_env
@@ -343,7 +343,7 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
     live: BackendState | None = None
     if session.status == "running" and session.backend_id is not None:
         if _backend_here(settings, session.backend):
-            live = await get_backend(settings).describe(session.backend_id)
+            live = await _describe_here(settings, sandbox_id, session.backend_id)
         else:
             result = await _update(client, sandbox_id, "describe", None, BackendState)
             live = result if isinstance(result, BackendState) else None
@@ -367,6 +367,27 @@ def _backend_here(settings: Settings, backend: str) -> bool:
         key = settings.e2b_api_key
         return key is not None and bool(key.get_secret_value())
     return settings.sandbox_local_calls
+
+
+async def _describe_here(
+    settings: Settings, sandbox_id: str, backend_id: str
+) -> BackendState:
+    """Read the live state from the backend in this process.
+
+    Raises:
+        SandboxServiceError: the backend call failed, with the backend's
+            message, as the `describe` update reports it.
+    """
+    try:
+        return await get_backend(settings).describe(backend_id)
+    except SandboxBackendError as failure:
+        logger.warning("could not describe sandbox %s: %s", sandbox_id, failure)
+        kind = (
+            "configuration"
+            if isinstance(failure, SandboxConfigurationError)
+            else "failed"
+        )
+        raise SandboxServiceError(str(failure), kind) from None
 
 
 def _mirrored_info(row: SandboxRecord) -> SessionInfo:

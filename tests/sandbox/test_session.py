@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
+from app.sandbox.backend import SandboxBackendError
+from app.sandbox.local import LocalBackend
 from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
 from tests.support.replay import replay_run, replay_saved
 from workflows.sandbox import SandboxSessionWorkflow
@@ -616,4 +618,25 @@ async def test_status_while_program_runs(tool_ctx: ToolContext) -> None:
     finally:
         (home / "gate").write_text("open")
         await asyncio.gather(running, return_exceptions=True)
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_status_backend_failure_named(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+
+    async def failing_describe(self: LocalBackend, backend_id: str) -> None:
+        raise SandboxBackendError(f"backend API timed out describing {backend_id}")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(LocalBackend, "describe", failing_describe)
+            with pytest.raises(ToolError) as failed:
+                await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert failed.value.kind == "failed"
+        assert "backend API timed out describing" in failed.value.message
+        assert "unexpected" not in failed.value.message
+    finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
