@@ -15,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from app.contracts.sandbox import (
+    BACKEND_ERROR,
     CONFIGURATION_ERROR,
     INVALID_ERROR,
     LOST_ERROR,
@@ -57,6 +58,8 @@ def _as_application_error(error: Exception) -> ApplicationError:
         return ApplicationError(
             str(error), type=CONFIGURATION_ERROR, non_retryable=True
         )
+    if isinstance(error, SandboxBackendError):
+        return ApplicationError(str(error), type=BACKEND_ERROR, non_retryable=True)
     return ApplicationError(str(error), type=INVALID_ERROR, non_retryable=True)
 
 

@@ -36,6 +36,8 @@ LOST_ERROR = "SandboxLost"
 RETRY_LATER_ERROR = "SandboxRetryLater"
 CONFIGURATION_ERROR = "SandboxConfigurationError"
 INVALID_ERROR = "SandboxInvalidArgument"
+# The backend failed to carry out a valid request (a file it could not remove).
+BACKEND_ERROR = "SandboxBackendFailure"
 
 
 class SandboxSpec(BaseModel):

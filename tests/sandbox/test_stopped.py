@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 from typing import Any
 
 import pytest
 from temporalio.client import Client
 
-from app.sandbox import service
+from app.sandbox import local, service
 from app.tools import ToolContext, ToolError, invoke_tool
 from tests.support.replay import replay_run, replay_saved
 from workflows.sandbox import SandboxSessionWorkflow
@@ -163,3 +164,24 @@ async def test_stopped_before_cleanup_replays(client: Client) -> None:
     await replay_saved(
         client, "sandbox_stopped_before_cleanup", [SandboxSessionWorkflow]
     )
+
+
+async def test_delete_removal_failure_kind(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+
+    def failing_removal(path: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(local, "_remove_tree", failing_removal)
+        with pytest.raises(ToolError) as failed:
+            await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    # The request was valid, and the backend failed to carry it out.
+    assert failed.value.kind == "failed"
+    assert "could not be fully removed" in failed.value.message
+    deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    assert deleted["status"] == "deleted"
+    assert entries_of(tool_ctx, sandbox_id) == []
