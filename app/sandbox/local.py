@@ -160,6 +160,10 @@ class LocalBackend(SandboxBackend):
     def _state_path(self, backend_id: str) -> Path:
         return self.root / backend_id / "state.json"
 
+    def has_state(self, backend_id: str) -> bool:
+        """Return whether the sandbox's state file is in this backend's folder."""
+        return self._state_path(backend_id).is_file()
+
     def _read_state(self, backend_id: str) -> dict[str, object] | None:
         try:
             data = json.loads(self._state_path(backend_id).read_text())

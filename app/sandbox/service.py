@@ -55,6 +55,7 @@ from app.contracts.sandbox import (
 )
 from app.sandbox import store
 from app.sandbox.backend import SandboxBackendError, SandboxConfigurationError
+from app.sandbox.local import LocalBackend
 from app.sandbox.models import SandboxRecord
 from app.sandbox.runtime import get_backend
 from app.sandbox.secrets import load_key, seal_env
@@ -326,9 +327,9 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
 
     A stopped or failed sandbox that was deleted afterwards reports `deleted`.
     For a session busy with a call, the session fields come from its mirror
-    row (`busy`). The live state is read from the backend in this process
-    where it can be, so a status read does not wait for the call's task
-    heartbeat.
+    row (`busy`), and the live state is read from the backend in this
+    process where it can be, so a status read does not wait for the call's
+    task heartbeat. Where it cannot, `live` is None.
     """
     database_url = settings.effective_database_url
     busy = False
@@ -342,11 +343,11 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
             session, busy = _mirrored_info(row), True
     live: BackendState | None = None
     if session.status == "running" and session.backend_id is not None:
-        if _backend_here(settings, session.backend):
-            live = await _describe_here(settings, sandbox_id, session.backend_id)
-        else:
+        if not busy:
             result = await _update(client, sandbox_id, "describe", None, BackendState)
             live = result if isinstance(result, BackendState) else None
+        elif _backend_here(settings, session.backend, session.backend_id):
+            live = await _describe_here(settings, sandbox_id, session.backend_id)
     elif session.status in ("stopped", "failed") and not await asyncio.to_thread(
         store.has_record, database_url, sandbox_id
     ):
@@ -357,16 +358,18 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
     return SandboxStatus(session=session, live=live, busy=busy)
 
 
-def _backend_here(settings: Settings, backend: str) -> bool:
+def _backend_here(settings: Settings, backend: str, backend_id: str) -> bool:
     """Return whether this process can read the session's backend itself:
-    E2B with its key, or local sandboxes whose calls any worker on this
-    machine makes (`NEXUS_SANDBOX_LOCAL_CALLS`)."""
+    E2B with its key, or a local sandbox whose state file this process sees.
+    A process with another data folder than the workers' does not see it,
+    and would otherwise report a live sandbox as lost."""
     if backend != settings.sandbox_backend:
         return False
     if backend == "e2b":
         key = settings.e2b_api_key
         return key is not None and bool(key.get_secret_value())
-    return settings.sandbox_local_calls
+    local = get_backend(settings)
+    return isinstance(local, LocalBackend) and local.has_state(backend_id)
 
 
 async def _describe_here(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
+from app.sandbox import service
 from app.sandbox.backend import SandboxBackendError
 from app.sandbox.local import LocalBackend
 from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
@@ -609,6 +610,16 @@ async def test_status_while_program_runs(tool_ctx: ToolContext) -> None:
         assert (status["status"], status["events"]) == ("running", [])
         assert status["live"]["state"] == "running"
         assert status["backend_id"] == before["backend_id"]
+        # A process with another data folder does not see the sandbox, so it
+        # reads no live state rather than calling the sandbox lost.
+        elsewhere = tool_ctx.settings.model_copy(
+            update={
+                "data_dir": tool_ctx.settings.resolved_data_dir / "elsewhere",
+                "database_url": tool_ctx.settings.effective_database_url,
+            }
+        )
+        other = await service.status(await tool_ctx.client(), elsewhere, sandbox_id)
+        assert (other.busy, other.live) == (True, None)
         (home / "gate").write_text("open")
         result = await running
         assert result["stdout"] == "done\n"
