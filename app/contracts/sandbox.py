@@ -214,9 +214,9 @@ class SandboxStatus(BaseModel):
     busy: bool = Field(
         False,
         description=(
-            "The session was running a call and did not answer in time, so "
-            "`session` comes from the database mirror, without events or "
-            "packages."
+            "The session's query timed out after 2 s, mostly because the "
+            "session was running a program. `session` then comes from the "
+            "database mirror, without events or packages."
         ),
     )
 

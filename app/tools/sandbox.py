@@ -217,9 +217,10 @@ class SandboxStatusResult(BaseModel):
     error: str | None
     busy: bool = Field(
         description=(
-            "True when the sandbox was running a program and its session did "
-            "not answer within 2 s. The session fields then come from the "
-            "database mirror, and `events` is empty; `live` is still read now."
+            "True when the session's query timed out after 2 s, mostly because "
+            "the sandbox was running a program. The session fields then come "
+            "from the database mirror and `events` is empty. `live` is read "
+            "from the backend here where this process can, else null."
         )
     )
 
