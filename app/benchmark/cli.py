@@ -849,7 +849,7 @@ def cancel_command(
         console.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     if not ended:
-        # cancel_run has said so. A script that starts the next run after
+        # cancel_run has printed why. A script that starts the next run after
         # this command would otherwise find this one still open.
         raise typer.Exit(1)
 

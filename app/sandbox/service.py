@@ -338,7 +338,7 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
     except SandboxBusyError:
         row = await asyncio.to_thread(store.get_record, database_url, sandbox_id)
         if row is None:
-            session = await info(client, sandbox_id)  # nothing else knows it
+            session = await info(client, sandbox_id)  # no other record of it
         else:
             session, busy = _mirrored_info(row), True
     live: BackendState | None = None
@@ -360,9 +360,9 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
 
 def _backend_here(settings: Settings, backend: str, backend_id: str) -> bool:
     """Return whether this process can read the session's backend itself:
-    E2B with its key, or a local sandbox whose state file this process sees.
-    A process with another data folder than the workers' does not see it,
-    and would otherwise report a live sandbox as lost."""
+    E2B with its key, or a local sandbox whose state file is in this
+    process's data folder. A process with another data folder than the
+    workers' would otherwise report a live sandbox as lost."""
     if backend != settings.sandbox_backend:
         return False
     if backend == "e2b":

@@ -265,9 +265,9 @@ def trimmed_step(step: StepResult, part_count: int) -> StepResult:
         update["text"], dropped = cut_text(step.text, share)
         trimmed += dropped
     if len(step.part) > MAX_STEP_PART_CHARS:
-        kept = step.part[:MAX_STEP_PART_CHARS]
-        trimmed += len(step.part.encode()) - len(kept.encode())
-        update["part"] = kept + "…"
+        part_start = step.part[:MAX_STEP_PART_CHARS]
+        trimmed += len(step.part.encode()) - len(part_start.encode())
+        update["part"] = part_start + "…"
     if not trimmed:
         return step
     update["trimmed_bytes"] = step.trimmed_bytes + trimmed
