@@ -89,6 +89,10 @@ _DELETE_STOPPED = "sandbox-delete-stopped-backend"
 # sandbox queue, even where the session makes its other calls itself.
 _LOCAL_END = "sandbox-local-end"
 
+# Runs begun before this patch keep the status `running` after a stop or
+# delete whose backend call failed.
+_END_FAILURE = "sandbox-end-failure-recorded"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -532,22 +536,34 @@ class SandboxSessionWorkflow:
             ref = BackendRef(
                 sandbox_id=state.spec.sandbox_id, backend_id=state.backend_id
             )
-            if state.local_calls and workflow.patched(_LOCAL_END):
-                # A local activity starts in the workflow task that accepted
-                # this update, so it kills a program that another local
-                # activity runs. An activity on the sandbox queue could only
-                # be scheduled when that task ends, at its next heartbeat.
-                await self._call(
-                    name, ref, type(None), timedelta(seconds=120), heartbeat=False
-                )
-            else:
-                await workflow.execute_activity(
-                    name,
-                    ref,
-                    task_queue=SANDBOX,
-                    start_to_close_timeout=timedelta(seconds=120),
-                    retry_policy=_CALL_RETRY,
-                )
+            try:
+                if state.local_calls and workflow.patched(_LOCAL_END):
+                    # A local activity starts in the workflow task that
+                    # accepted this update, so it kills a program that another
+                    # local activity runs. An activity on the sandbox queue
+                    # could only be scheduled when that task ends, at its next
+                    # heartbeat.
+                    await self._call(
+                        name, ref, type(None), timedelta(seconds=120), heartbeat=False
+                    )
+                else:
+                    await workflow.execute_activity(
+                        name,
+                        ref,
+                        task_queue=SANDBOX,
+                        start_to_close_timeout=timedelta(seconds=120),
+                        retry_policy=_CALL_RETRY,
+                    )
+            except (ActivityError, ApplicationError) as error:
+                if not workflow.patched(_END_FAILURE):
+                    raise
+                # The session ends anyway, and its end tries the delete once
+                # more. Until now its status and mirror row stayed `running`.
+                state.status = "failed"
+                state.error = f"the {how} failed: {_cause_message(error)}"
+                self._event("failed", detail=state.error)
+                await self._record("failed")
+                raise
         state.status = "stopped" if how == "stop" else "deleted"
         self._event(state.status, backend_id=state.backend_id)
         await self._record(state.status, delete=how == "delete")

@@ -11,6 +11,7 @@ import pytest
 from temporalio.client import Client
 
 from app.sandbox import local, service
+from app.sandbox.backend import SandboxBackendError
 from app.tools import ToolContext, ToolError, invoke_tool
 from tests.support.replay import replay_run, replay_saved
 from workflows.sandbox import SandboxSessionWorkflow
@@ -182,6 +183,42 @@ async def test_delete_removal_failure_kind(
     # The request was valid, and the backend failed to carry it out.
     assert failed.value.kind == "failed"
     assert "could not be fully removed" in failed.value.message
+    # The session ended with the failure recorded, not `running`.
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    assert status["status"] == "failed"
+    assert status["error"].startswith("the delete failed: ")
+    listed = await call(tool_ctx, "sandbox_list", status="running")
+    assert sandbox_id not in [s["sandbox_id"] for s in listed["sandboxes"]]
     deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
     assert deleted["status"] == "deleted"
     assert entries_of(tool_ctx, sandbox_id) == []
+
+
+async def test_failed_stop_recorded(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop whose backend call fails ends the session as `failed` with the
+    cause, and the session's end removes the sandbox on the backend."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+
+    async def failing_stop(self: local.LocalBackend, backend_id: str) -> None:
+        raise SandboxBackendError(f"could not kill the processes of {backend_id}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(local.LocalBackend, "stop", failing_stop)
+        with pytest.raises(ToolError) as failed:
+            await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+    assert failed.value.kind == "failed"
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    assert status["status"] == "failed"
+    assert status["error"] == (
+        f"the stop failed: could not kill the processes of {status['backend_id']}"
+    )
+    await service.wait_ended(tool_ctx.temporal_client, sandbox_id)
+    assert entries_of(tool_ctx, sandbox_id) == []
+    await replay_run(
+        tool_ctx.temporal_client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow]
+    )
+    deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    assert deleted["status"] == "deleted"
