@@ -69,23 +69,26 @@ async def test_stop_removes_backend_folder(
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
 
 
+async def _start_program(
+    ctx: ToolContext, code: str
+) -> tuple[str, Path, asyncio.Task[dict[str, Any]]]:
+    """Create a sandbox and start the bash `code` in it, which touches
+    `started`. Return the sandbox id, that file's path and the execution."""
+    created = await call(ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    status = await call(ctx, "sandbox_status", sandbox_id=sandbox_id)
+    started = sandboxes_folder(ctx) / status["backend_id"] / "home" / "started"
+    execution = asyncio.create_task(
+        call(ctx, "sandbox_execute", sandbox_id=sandbox_id, code=code, language="bash")
+    )
+    return sandbox_id, started, execution
+
+
 async def test_stop_during_execution_then_removed(
     tool_ctx: ToolContext, client: Client
 ) -> None:
-    created = await call(tool_ctx, "sandbox_create", template="base")
-    sandbox_id = created["sandbox_id"]
-    backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
-        "backend_id"
-    ]
-    started = sandboxes_folder(tool_ctx) / backend_id / "home" / "started"
-    execution = asyncio.create_task(
-        call(
-            tool_ctx,
-            "sandbox_execute",
-            sandbox_id=sandbox_id,
-            code="touch started; sleep 30",
-            language="bash",
-        )
+    sandbox_id, started, execution = await _start_program(
+        tool_ctx, "touch started; sleep 30"
     )
     try:
         while not started.exists():
@@ -127,20 +130,8 @@ async def test_stop_twice_returns_stopped(
 async def test_concurrent_stops_both_stopped(
     tool_ctx: ToolContext, client: Client
 ) -> None:
-    created = await call(tool_ctx, "sandbox_create", template="base")
-    sandbox_id = created["sandbox_id"]
-    backend_id = (await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id))[
-        "backend_id"
-    ]
-    started = sandboxes_folder(tool_ctx) / backend_id / "home" / "started"
-    execution = asyncio.create_task(
-        call(
-            tool_ctx,
-            "sandbox_execute",
-            sandbox_id=sandbox_id,
-            code="trap '' TERM; touch started; sleep 30",
-            language="bash",
-        )
+    sandbox_id, started, execution = await _start_program(
+        tool_ctx, "trap '' TERM; touch started; sleep 30"
     )
     try:
         while not started.exists():
