@@ -110,6 +110,15 @@ _PATCH_CANCEL_BEFORE_START = "swarm-task-cancel-before-start"
 # draining from an earlier scale-down, before it adds new agents.
 _PATCH_SCALE_KEEPS_DRAINING = "swarm-scale-keeps-draining-agents"
 
+# Patch id of the change that gives a destroy's cancel of a running task its
+# reason, and makes a task cancelled from outside its swarm report its end.
+_PATCH_CANCEL_REASON = "swarm-task-cancel-reason"
+
+# The error of a task that a destroy cancelled while it ran. The swarm records
+# it and sends it as the cancel's reason, so the task's own result says the
+# same, and a task cancelled for any other reason knows to tell its swarm.
+DESTROYED_WHILE_RUNNING = "the swarm was destroyed while the task ran"
+
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
     (
@@ -398,7 +407,7 @@ class SwarmWorkflow:
                         self.state.pending_assignments.append(task.spec.task_id)
                 elif task.status == "running":
                     task.status = "cancelled"
-                    task.error = "the swarm was destroyed while the task ran"
+                    task.error = DESTROYED_WHILE_RUNNING
                     task.finished_at = workflow.now()
                     self.state.pending_cancels.append(task.spec.task_id)
                 else:
@@ -551,8 +560,11 @@ class SwarmWorkflow:
             # Destroyed while submit_task was still starting the child.
             await workflow.wait_condition(lambda: task.child_started)
         handle = workflow.get_external_workflow_handle(task_workflow_id(task_id))
+        reason = (
+            DESTROYED_WHILE_RUNNING if workflow.patched(_PATCH_CANCEL_REASON) else ""
+        )
         try:
-            await handle.cancel()
+            await handle.cancel(reason=reason)
         except ApplicationError as error:
             workflow.logger.warning("could not cancel task %s: %s", task_id, error)
 
@@ -795,6 +807,18 @@ STEP_RETRY = RetryPolicy(
 )
 
 
+def _cancel_reason() -> str:
+    """The reason of the cancel request this workflow got, as its sender gave
+    it. The server prefixes a reason that another workflow sent with that
+    workflow's run id."""
+    reason = workflow.cancellation_reason() or ""
+    if reason.startswith("Cancel requested by workflow"):
+        _, marker, sent = reason.partition(" with reason: ")
+        if marker:
+            return sent
+    return reason
+
+
 def _failed_attempt(cause: BaseException | None) -> int:
     """Return the attempt that a step activity's failure reports in its
     details, or 1 for failures without one (timeouts, older workers)."""
@@ -858,7 +882,9 @@ class SwarmTaskWorkflow:
             # cancel then arrives with the start, before this wait ends.
             if not workflow.patched(_PATCH_CANCEL_BEFORE_START):
                 raise
-            return self._cancelled_before_start()
+            progress = self._cancelled_before_start()
+            await self._report_outside_cancel()
+            return progress
         assignment = self.assignment
         assert assignment is not None
         progress = self.progress
@@ -875,8 +901,9 @@ class SwarmTaskWorkflow:
         try:
             await self._execute(assignment)
         except asyncio.CancelledError:
-            # The swarm cancelled this task (destroy) and has recorded that already.
-            return self._cancelled(assignment)
+            progress = self._cancelled(assignment)
+            await self._report_outside_cancel()
+            return progress
         progress.finished_at = workflow.now()
         failed = [s for s in progress.steps if s.status == "failed"]
         progress.steps_failed = len(failed)
@@ -893,7 +920,7 @@ class SwarmTaskWorkflow:
         ran as skipped. This changes only the result, not the commands."""
         progress = self.progress
         progress.status = "cancelled"
-        progress.error = progress.error or "the task was cancelled"
+        progress.error = progress.error or _cancel_reason() or "the task was cancelled"
         progress.finished_at = workflow.now()
 
         # Steps cut short end with the task, not stay running. Their partial
@@ -953,9 +980,18 @@ class SwarmTaskWorkflow:
         if self.assignment is not None:
             progress.topology = self.assignment.topology
         progress.status = "cancelled"
-        progress.error = "the task was cancelled before it started"
+        progress.error = _cancel_reason() or "the task was cancelled before it started"
         progress.finished_at = workflow.now()
         return progress
+
+    async def _report_outside_cancel(self) -> None:
+        """Tell the swarm about a cancel that did not come from its destroy
+        (one from the web UI or `temporal workflow cancel`), which the swarm
+        would otherwise never hear of, keeping the task's agents busy."""
+        if self.reported or _cancel_reason() == DESTROYED_WHILE_RUNNING:
+            return  # the swarm knows already
+        if workflow.patched(_PATCH_CANCEL_REASON):
+            await self._report()
 
     async def _report(self) -> None:
         sandboxes = {

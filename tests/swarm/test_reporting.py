@@ -18,12 +18,16 @@ from app.contracts.swarm import (
     StopSandboxesRequest,
     TaskSpec,
     TaskWork,
+    task_workflow_id,
 )
 from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.tools import ToolError, ToolInputError
+from tests.support.replay import replay_run
 from tests.swarm.conftest import GATED_PROGRAM, Swarms, agent_folder, wait_for_file
+from workers.registry import all_workflows
+from workflows.swarm import DESTROYED_WHILE_RUNNING
 
 
 def _time(value: str) -> datetime:
@@ -83,6 +87,46 @@ async def test_destroy_counts_and_cancelled_steps(
     assert step["status"] == "cancelled"
     assert step["finished_at"] is not None
     assert step["error"] == "the task was cancelled while the step ran"
+    # The task's own result and its swarm's record give the same reason.
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    [record] = status["tasks"]
+    assert result["error"] == record["error"] == DESTROYED_WHILE_RUNNING
+
+
+async def test_task_cancelled_outside_swarm_frees_its_agent(
+    swarms: Swarms,
+) -> None:
+    # A cancel from the web UI or `temporal workflow cancel` reaches only the
+    # task's workflow; the swarm must still hear of it and free the agent.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    await swarms.client.get_workflow_handle(task_workflow_id(task["task_id"])).cancel(
+        reason="stopped by an operator"
+    )
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "cancelled"
+    assert result["error"] == "stopped by an operator"
+    after = await swarms.call(
+        "task_orchestrate", task="next", code="print('next')", swarm_id=swarm_id
+    )
+    done = await swarms.call("task_results", task_id=after["task_id"], wait_seconds=60)
+    assert done["status"] == "completed", done["error"]
+    assert done["output"] == "next\n"
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    records = {t["task_id"]: t for t in status["tasks"]}
+    assert records[task["task_id"]]["status"] == "cancelled"
+    assert records[task["task_id"]]["error"] == "stopped by an operator"
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    assert agent["tasks_completed"] == 1
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+    await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
 
 
 class _GatheringExecutor:
