@@ -10,14 +10,22 @@ from datetime import UTC, datetime
 from sqlmodel import select
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.heartbeat import heartbeat_every
 from app.benchmark import recording
 from app.benchmark.models import ExtendedDurationTestEvent
 from app.benchmark.phases import run_phase
-from app.benchmark.report import build_metrics, run_summary, save_report
+from app.benchmark.report import (
+    ReportsFolderError,
+    build_metrics,
+    check_reports_writable,
+    run_summary,
+    save_report,
+)
 from app.contracts.benchmark import (
+    REPORTS_FOLDER_ERROR,
     CancelRunRequest,
     LoadOperationInput,
     PhaseInput,
@@ -46,6 +54,14 @@ class BenchmarkActivities:
 
     @activity.defn(name="start_benchmark_run")
     async def start_run(self, request: StartRunRequest) -> None:
+        # This worker writes the report after the last cycle, so its own
+        # reports folder is checked now, before the run is recorded.
+        try:
+            await asyncio.to_thread(check_reports_writable, self.settings)
+        except ReportsFolderError as error:
+            raise ApplicationError(
+                str(error), type=REPORTS_FOLDER_ERROR, non_retryable=True
+            ) from None
         await asyncio.to_thread(
             recording.start_run, self.url, request.run_id, request.config
         )

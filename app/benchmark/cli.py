@@ -11,7 +11,6 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -34,12 +33,14 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.exceptions import CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from app.benchmark.report import ReportsFolderError, check_reports_writable
 from app.cli_group import NexusGroup
 from app.contracts.benchmark import (
     PHASE_TITLES,
+    REPORTS_FOLDER_ERROR,
     BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
@@ -312,6 +313,7 @@ class PhaseBars:
         }
         self.running: str | None = None
         self.cycle = 0
+        self.statuses = dict.fromkeys(self.tasks, "waiting")
 
     def update(self, state: BenchmarkProgress, now: datetime) -> None:
         """Show `state`. The running phase is timed against `now`, because the
@@ -352,6 +354,7 @@ class PhaseBars:
         """Draw a phase's bar: pulsing while it runs, full once it ran, empty
         if it did not run."""
         running = status == "running"
+        self.statuses[name] = status
         # rich pulses the bar of a task that is not started, which fits a
         # phase that has no measure of how far it has got.
         self.progress.reset(
@@ -362,6 +365,17 @@ class PhaseBars:
             status=status,
             elapsed=elapsed,
         )
+
+    def stop(self, how: str) -> None:
+        """Show a run that ended without a result (`how`: cancelled,
+        terminated, failed or interrupted): the running phase ends with it,
+        and a phase still waiting in this cycle did not run."""
+        for name, status in self.statuses.items():
+            if status == "running":
+                self._show(name, how, "")
+            elif status == "waiting":
+                self._show(name, _NOT_RUN, "")
+        self.progress.update(self.overall, status=how)
 
     def finish(self, state: BenchmarkProgress | None, result: BenchmarkResult) -> None:
         """Show every bar as the run left it: each phase of the last cycle
@@ -375,6 +389,16 @@ class PhaseBars:
         self.progress.update(
             self.overall, completed=1.0, status=f"{cycles}, report written"
         )
+
+
+def _ending(error: BaseException) -> str:
+    """How a run that gave no result ended, for its bars."""
+    cause = error.cause if isinstance(error, WorkflowFailureError) else None
+    if isinstance(cause, CancelledError):
+        return "cancelled"
+    if isinstance(cause, TerminatedError):
+        return "terminated"
+    return "failed"
 
 
 async def _query_progress(
@@ -414,10 +438,17 @@ async def follow(
                     elapsed=format_seconds(time.monotonic() - started),
                 )
                 await asyncio.wait({result_task}, timeout=poll_seconds)
+        except BaseException:
+            bars.stop("interrupted")  # Ctrl-C or SIGTERM, which cancel the run next
+            raise
         finally:
             # An interrupt leaves the result poll behind otherwise.
             result_task.cancel()
-        result = result_task.result()
+        try:
+            result = result_task.result()
+        except BaseException as error:
+            bars.stop(_ending(error))
+            raise
         # The last poll may predate the last phase's end. A closed workflow
         # still returns query results while a worker polls its queue.
         try:
@@ -502,24 +533,14 @@ class BenchmarkStartError(RuntimeError):
 
 
 def check_reports_dir(settings: Settings) -> None:
-    """Raise BenchmarkStartError unless a file can be created in the reports
-    folder. The workers write the report there only after the last cycle,
-    which can be hours after the start.
-
-    NOTE: the check reads this command's settings, which are those of the
-    workers that it starts, but not necessarily those of `nexus up`.
-    """
-    folder = settings.reports_dir.expanduser().resolve()
+    """Raise BenchmarkStartError unless this command's reports folder takes a
+    file. The command checks before it starts the workers that it runs with
+    these settings; a run on `nexus up` is checked by its worker instead, as
+    the run's first step (`start_benchmark_run`)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise BenchmarkStartError(
-            f"the reports folder {folder} is not writable ({error}); set "
-            f"{environment_variable('reports_dir')} to a folder that you can "
-            "write to"
-        ) from None
+        check_reports_writable(settings)
+    except ReportsFolderError as error:
+        raise BenchmarkStartError(str(error)) from None
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -777,12 +798,16 @@ def run_command(
         # The phases record their own failures, so this is the run's own
         # step, such as the report, which cannot be written to a full disk.
         run_id = started[0].run_id if started else "?"
+        cause = _root_cause(error)
         if isinstance(error.cause, CancelledError):
             # By `nexus benchmark cancel` from another shell.
             message = f"benchmark run {run_id} was cancelled; it has no report"
+        elif isinstance(cause, ApplicationError) and cause.type == REPORTS_FOLDER_ERROR:
+            # The workers' reports folder, checked before any cycle ran.
+            message = f"benchmark run {run_id} did not start: {cause.message}"
         else:
             message = (
-                f"benchmark run {run_id} failed: {_root_cause(error)}. Its "
+                f"benchmark run {run_id} failed: {cause}. Its "
                 "cycles are recorded; once the cause is fixed, write its report "
                 f"with `nexus benchmark report {run_id}`"
             )

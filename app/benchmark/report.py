@@ -16,7 +16,7 @@ from typing import Any
 from app.benchmark.recording import as_utc, load_run
 from app.benchmark.stats import Regression, linear_regression, percentile
 from app.contracts.benchmark import ALL_PHASES, PHASE_TITLES, ReportResult
-from app.settings import Settings
+from app.settings import Settings, environment_variable
 from app.storage import StorageError, storage_for
 
 REPORT_BUCKET = "benchmark-reports"
@@ -33,6 +33,27 @@ MEMORY_PLOT = "memory.png"
 LATENCY_PLOT = "latency.png"
 THROUGHPUT_PLOT = "throughput.png"
 _UNSAFE_IN_FOLDER_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class ReportsFolderError(OSError):
+    """The reports folder cannot take a file."""
+
+
+def check_reports_writable(settings: Settings) -> None:
+    """Raise ReportsFolderError unless a file can be created in the reports
+    folder. Reports are written after the last cycle, which can be hours
+    after the start, so a run checks first."""
+    folder = settings.reports_dir.expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ReportsFolderError(
+            f"the reports folder {folder} is not writable ({error}); set "
+            f"{environment_variable('reports_dir')} to a folder that you can "
+            "write to"
+        ) from None
 
 
 def run_folder_name(run_id: str) -> str:

@@ -35,6 +35,10 @@ PHASE_TITLES: dict[str, str] = {
     "performance_scalability": "Performance and scalability",
 }
 
+# The error type of a run whose worker cannot write its reports folder. The
+# run fails at its first step, before any cycle, and the CLI says so.
+REPORTS_FOLDER_ERROR = "ReportsFolderNotWritable"
+
 
 class BenchmarkConfig(BaseModel):
     """What one benchmark run does; every size is a real amount of work."""

@@ -40,6 +40,7 @@ from app.benchmark import recording
 from app.benchmark.cli import format_seconds, parse_duration
 from app.cli import cli
 from app.contracts.benchmark import (
+    REPORTS_FOLDER_ERROR,
     BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
@@ -155,7 +156,7 @@ class _ScriptedRun:
         self,
         answers: list[BenchmarkProgress],
         final: BenchmarkProgress | None,
-        result: BenchmarkResult,
+        result: BenchmarkResult | BaseException,
     ) -> None:
         self.answers = answers
         self.final = final
@@ -173,6 +174,8 @@ class _ScriptedRun:
 
     async def result(self) -> BenchmarkResult:
         await self.ended.wait()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
         return self.outcome
 
 
@@ -184,8 +187,12 @@ async def _follow_output(
     out = io.StringIO()
     monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
     await benchmark_cli.follow(run, poll_seconds=0.01)  # type: ignore[arg-type]
+    return _bar_lines(out.getvalue())
+
+
+def _bar_lines(out: str) -> dict[str, str]:
     lines: dict[str, str] = {}
-    for line in out.getvalue().splitlines():
+    for line in out.splitlines():
         for title in ("Run", *benchmark_cli.PHASE_TITLES.values()):
             if line.startswith(f"{title} "):
                 lines[title] = " ".join(line.replace("━", " ").split())
@@ -246,6 +253,52 @@ async def test_bars_end_with_final_outcomes(monkeypatch: pytest.MonkeyPatch) -> 
     )
     assert lines["Realtime streaming load"] == "Realtime streaming load not run"
     assert lines["Run"].startswith("Run 1 cycle, report written ")
+
+
+async def test_bars_show_cancelled_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `nexus benchmark cancel` from another shell, while neural training runs.
+    running = BenchmarkProgress(
+        cycle=0,
+        phase="neural_training",
+        phase_started_at=datetime.now(UTC) - timedelta(seconds=3),
+        completed={"sandbox_integration": True},
+        phase_times={"sandbox_integration": _times(0, 4.2)},
+        **_BASE,
+    )
+    cancelled = WorkflowFailureError(cause=CancelledError("cancelled"))
+    with pytest.raises(WorkflowFailureError):
+        await _follow_output(monkeypatch, _ScriptedRun([running], None, cancelled))
+    out = benchmark_cli.console.file.getvalue()  # type: ignore[attr-defined]
+    lines = _bar_lines(out)
+    assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
+    assert lines["Neural training"] == "Neural training cancelled"
+    assert lines["Realtime streaming load"] == "Realtime streaming load not run"
+    assert lines["Run"].startswith("Run cancelled ")
+
+
+async def test_bars_show_interrupted_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while neural training runs: asyncio cancels the follow.
+    running = BenchmarkProgress(
+        cycle=0,
+        phase="neural_training",
+        phase_started_at=datetime.now(UTC),
+        completed={"sandbox_integration": True},
+        phase_times={"sandbox_integration": _times(0, 4.2)},
+        **_BASE,
+    )
+    run = _ScriptedRun([running] * 1000, running, _result(cycles=1))
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
+    follow = asyncio.create_task(benchmark_cli.follow(run, poll_seconds=0.01))  # type: ignore[arg-type]
+    while len(run.answers) > 990:
+        await asyncio.sleep(0.01)
+    follow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follow
+    lines = _bar_lines(out.getvalue())
+    assert lines["Neural training"] == "Neural training interrupted"
+    assert lines["Realtime streaming load"] == "Realtime streaming load not run"
+    assert lines["Run"].startswith("Run interrupted ")
 
 
 def test_new_cycle_clears_last_outcomes() -> None:
@@ -947,6 +1000,35 @@ def test_failed_run_gives_one_line_error(
         "left on device." in output
     )
     assert "`nexus benchmark report benchmark-x`" in output
+
+
+def test_workers_reports_folder_refusal_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Under `nexus up` the worker checks its own reports folder first.
+    cause = ActivityError(
+        "Activity task failed",
+        scheduled_event_id=1,
+        started_event_id=2,
+        identity="worker",
+        activity_type="start_benchmark_run",
+        activity_id="1",
+        retry_state=None,
+    )
+    cause.__cause__ = ApplicationError(
+        "the reports folder /srv/reports is not writable ([Errno 13] Permission "
+        "denied); set NEXUS_REPORTS_DIR to a folder that you can write to",
+        type=REPORTS_FOLDER_ERROR,
+        non_retryable=True,
+    )
+    done = _invoke_failed_run(monkeypatch, tmp_path, cause)
+    assert done.exit_code == 1, done.output
+    output = " ".join(done.output.split())
+    assert output == (
+        "error: benchmark run benchmark-x did not start: the reports folder "
+        "/srv/reports is not writable ([Errno 13] Permission denied); set "
+        "NEXUS_REPORTS_DIR to a folder that you can write to"
+    )
 
 
 def test_cancelled_run_gives_one_line_error(

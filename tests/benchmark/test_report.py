@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from app.benchmark import recording
 from app.benchmark import report as report_module
@@ -19,11 +21,13 @@ from app.benchmark.report import (
     write_report,
 )
 from app.contracts.benchmark import (
+    REPORTS_FOLDER_ERROR,
     BenchmarkConfig,
     OperationRecord,
     PhaseRecord,
     PhaseResult,
     SampleBatch,
+    StartRunRequest,
     WorkerSample,
 )
 from app.db import session_scope
@@ -813,3 +817,31 @@ def test_failed_write_keeps_earlier_report(
     assert after == before
     # No scratch folder is left beside the reports.
     assert [path.name for path in (tmp_path / "reports").iterdir()] == ["run-full"]
+
+
+async def test_worker_checks_its_reports_folder_first(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A run on `nexus up` is checked by the worker that writes its report,
+    # whose settings can differ from those of the command that started it.
+    from activities.benchmark import BenchmarkActivities
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    unwritable = settings.model_copy(update={"reports_dir": blocker / "reports"})
+    activities = BenchmarkActivities(unwritable)
+    request = StartRunRequest(
+        run_id="refused", config=BenchmarkConfig(duration_seconds=60)
+    )
+    with pytest.raises(ApplicationError) as refused:
+        await ActivityEnvironment().run(activities.start_run, request)
+    assert refused.value.non_retryable
+    assert refused.value.type == REPORTS_FOLDER_ERROR
+    assert refused.value.message.startswith(
+        f"the reports folder {blocker / 'reports'} is not writable ("
+    )
+    # Nothing is recorded for a run that did not start.
+    with pytest.raises(LookupError):
+        recording.load_run(settings.effective_database_url, "refused")
+    await ActivityEnvironment().run(BenchmarkActivities(settings).start_run, request)
+    assert recording.load_run(settings.effective_database_url, "refused")
