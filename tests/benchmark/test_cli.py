@@ -975,21 +975,28 @@ def _invoke_failed_run(
     return CliRunner().invoke(cli, ["benchmark", "run"], env=environment)
 
 
-def test_failed_run_gives_one_line_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # As the run fails when its report cannot be written.
-    cause = ActivityError(
+def _activity_failure(activity_type: str, cause: ApplicationError) -> ActivityError:
+    """The failure of a run's own activity, as the workflow raises it."""
+    failure = ActivityError(
         "Activity task failed",
         scheduled_event_id=1,
         started_event_id=2,
         identity="worker",
-        activity_type="finish_benchmark_run",
+        activity_type=activity_type,
         activity_id="1",
         retry_state=None,
     )
-    cause.__cause__ = ApplicationError(
-        "[Errno 28] No space left on device", type="OSError"
+    failure.__cause__ = cause
+    return failure
+
+
+def test_failed_run_gives_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As the run fails when its report cannot be written.
+    cause = _activity_failure(
+        "finish_benchmark_run",
+        ApplicationError("[Errno 28] No space left on device", type="OSError"),
     )
     done = _invoke_failed_run(monkeypatch, tmp_path, cause)
     assert done.exit_code == 1, done.output
@@ -1006,20 +1013,15 @@ def test_workers_reports_folder_refusal_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Under `nexus up` the worker checks its own reports folder first.
-    cause = ActivityError(
-        "Activity task failed",
-        scheduled_event_id=1,
-        started_event_id=2,
-        identity="worker",
-        activity_type="start_benchmark_run",
-        activity_id="1",
-        retry_state=None,
-    )
-    cause.__cause__ = ApplicationError(
-        "the reports folder /srv/reports is not writable ([Errno 13] Permission "
-        "denied); set NEXUS_REPORTS_DIR to a folder that you can write to",
-        type=REPORTS_FOLDER_ERROR,
-        non_retryable=True,
+    cause = _activity_failure(
+        "start_benchmark_run",
+        ApplicationError(
+            "the reports folder /srv/reports is not writable ([Errno 13] "
+            "Permission denied); set NEXUS_REPORTS_DIR to a folder that you can "
+            "write to",
+            type=REPORTS_FOLDER_ERROR,
+            non_retryable=True,
+        ),
     )
     done = _invoke_failed_run(monkeypatch, tmp_path, cause)
     assert done.exit_code == 1, done.output
