@@ -7,9 +7,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -87,6 +88,24 @@ AgentType = Literal[
 ]
 
 T = TypeVar("T")
+
+
+def _check_swarm_id(value: str | None) -> str | None:
+    # An empty id must not fall back to the newest active swarm, because a
+    # script whose swarm id variable is unset would then act on another swarm.
+    if value is not None and not value.strip():
+        raise ValueError(
+            "swarm_id is empty; give the swarm_id that swarm_init returned, or "
+            "leave swarm_id out for the newest active swarm"
+        )
+    return value
+
+
+SwarmIdArgument = Annotated[
+    str | None,
+    AfterValidator(_check_swarm_id),
+    Field(description="Default: newest active swarm."),
+]
 
 UPDATE_RETRY_SECONDS = 60.0
 
@@ -259,7 +278,7 @@ class AgentSpawnInput(BaseModel):
     type: AgentType
     capabilities: list[str] = Field(default_factory=list)
     name: str | None = Field(None, max_length=200)
-    swarm_id: str | None = Field(None, description="Default: newest active swarm.")
+    swarm_id: SwarmIdArgument = None
 
     @field_validator("name")
     @classmethod
@@ -338,7 +357,7 @@ class TaskOrchestrateInput(BaseModel):
     dependencies: list[str] = Field(
         default_factory=list, description="Task ids that must complete first."
     )
-    swarm_id: str | None = None
+    swarm_id: SwarmIdArgument = None
     code: str | None = Field(None, description="Program each agent runs.")
     language: Language = "python"
     command: str | None = Field(None, description="Shell command each agent runs.")
@@ -861,7 +880,7 @@ async def swarm_list(ctx: ToolContext, args: SwarmListInput) -> SwarmListResult:
 class SwarmIdInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    swarm_id: str | None = Field(None, description="Default: newest active swarm.")
+    swarm_id: SwarmIdArgument = None
 
 
 class AgentView(BaseModel):
@@ -987,7 +1006,7 @@ class SwarmScaleInput(BaseModel):
     # The lower bound is checked below, for a message that names the fix;
     # the schema still shows it.
     target_agents: int = Field(le=100, json_schema_extra={"minimum": 1})
-    swarm_id: str | None = None
+    swarm_id: SwarmIdArgument = None
 
     @field_validator("target_agents")
     @classmethod

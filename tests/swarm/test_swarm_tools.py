@@ -161,6 +161,31 @@ async def test_bad_inputs_are_rejected(swarms: Swarms) -> None:
         await swarms.call("swarm_scale", target_agents=0, swarm_id=swarm_id)
 
 
+async def test_empty_swarm_id_rejected(swarms: Swarms) -> None:
+    # Only a missing swarm_id means the newest active swarm; an empty one
+    # (an unset shell variable) must not destroy or change that swarm.
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("agent_spawn", {"type": "coder"}),
+        ("task_orchestrate", {"task": "x", "command": "true"}),
+        ("swarm_status", {}),
+        ("swarm_scale", {"target_agents": 2}),
+        ("swarm_destroy", {}),
+    ]
+    for tool, arguments in calls:
+        for empty in ("", "  "):
+            with pytest.raises(ToolInputError) as caught:
+                await swarms.call(tool, swarm_id=empty, **arguments)
+            assert caught.value.errors[0]["field"] == "swarm_id"
+            assert f"swarm_id: {empty!r} is invalid" in caught.value.message
+            assert "swarm_id is empty" in caught.value.message
+            assert "leave swarm_id out" in caught.value.message
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["status"] == "active"
+    assert len(status["agents"]) == 1
+    assert status["tasks"] == []
+
+
 async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
     # A NUL byte cannot reach a program's environment, so these could
     # never run: the name is NEXUS_AGENT_NAME and a part is NEXUS_PART.
