@@ -82,10 +82,25 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             f"{response.text[:500]}",
             retryable=retryable,
         )
-    data = response.json()
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        # Another server at the base URL, such as a proxy's error page, may
+        # respond with 200 too, and its body would otherwise fail with a bare
+        # parser error that names neither the URL nor the setting.
+        raise LLMRequestError(
+            f"Messages API at {url} returned HTTP 200 with a body that is not a "
+            f"JSON object: {response.text[:200]!r}; check that "
+            "NEXUS_ANTHROPIC_BASE_URL is the base URL of the Messages API",
+            retryable=False,
+        )
+    content = data.get("content")
+    blocks = content if isinstance(content, list) else []
     texts = [
-        block.get("text", "")
-        for block in data.get("content", [])
+        str(block.get("text", ""))
+        for block in blocks
         if isinstance(block, dict) and block.get("type") == "text"
     ]
     if not texts:
@@ -94,7 +109,9 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             f"{data.get('stop_reason')!r})",
             retryable=False,
         )
-    usage = data.get("usage") or {}
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     return LLMReply(
         text="".join(texts),
         model=str(data.get("model", settings.anthropic_model)),

@@ -27,10 +27,13 @@ class MessagesStandIn(ThreadingHTTPServer):
     Attributes:
         failures: HTTP statuses to respond with, one per request in order,
             before the normal responses.
+        bodies: raw bodies to send with HTTP 200, one per request in order,
+            after the failures and before the normal responses.
     """
 
     requests: list[dict[str, Any]]
     failures: list[int]
+    bodies: list[bytes]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -50,6 +53,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = self.server.failures.pop(0)
             self._send(status, {"type": "error", "error": {"type": "api_error"}})
             return
+        if self.server.bodies:
+            self._send_raw(200, self.server.bodies.pop(0))
+            return
         prompt = body["messages"][0]["content"]
         reply = {
             "id": "msg_test",
@@ -65,7 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, reply)
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
+        self._send_raw(status, json.dumps(payload).encode())
+
+    def _send_raw(self, status: int, data: bytes) -> None:
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
@@ -81,6 +89,7 @@ def messages_api() -> Iterator[MessagesStandIn]:
     server = MessagesStandIn(("127.0.0.1", 0), _Handler)
     server.requests = []
     server.failures = []
+    server.bodies = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -218,6 +227,32 @@ async def test_llm_client_error_is_not_retried(
     [step] = result["results"]
     assert step["attempt"] == 1
     assert "HTTP 400" in step["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [(b"<html>gateway</html>", "'<html>gateway</html>'"), (b"[1, 2]", "'[1, 2]'")],
+)
+async def test_llm_reply_not_json_object(
+    client: Client,
+    swarm_settings: Settings,
+    messages_api: MessagesStandIn,
+    body: bytes,
+    quoted: str,
+) -> None:
+    # Such a reply comes from another server at the base URL, which a retry
+    # does not fix.
+    messages_api.bodies = [body, body]
+    settings = stand_in_settings(swarm_settings, messages_api)
+    result = await run_llm_task(client, settings, "misrouted")
+    assert result["status"] == "failed"
+    assert len(messages_api.requests) == 1
+    [step] = result["results"]
+    assert step["attempt"] == 1
+    assert "returned HTTP 200 with a body that is not a JSON object" in step["error"]
+    assert quoted in step["error"]
+    assert settings.anthropic_base_url in step["error"]
+    assert "NEXUS_ANTHROPIC_BASE_URL" in step["error"]
 
 
 async def test_builtin_action_runs_tool(swarms: Swarms) -> None:
