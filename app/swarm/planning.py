@@ -39,7 +39,9 @@ SCALE_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 _ITEM_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
-_WORD = re.compile(r"[a-z0-9_+#-]+")
+# Letters of every script count, so that a capability such as "日本語" is
+# matched by its words and not taken for a capability without any.
+_WORD = re.compile(r"[\w+#-]+")
 
 
 def split_items(text: str) -> list[str]:
@@ -72,9 +74,10 @@ def capability_score(agent: AgentState, spec: TaskSpec) -> int:
     score = 0
     for capability in agent.capabilities:
         name = capability.lower()
+        parts = _WORD.findall(name)
         if name in required:
             score += 2
-        elif name in words or all(p in words for p in _WORD.findall(name)):
+        elif name in words or (parts and all(p in words for p in parts)):
             score += 1
     return score
 
