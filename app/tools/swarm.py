@@ -107,6 +107,19 @@ SwarmIdArgument = Annotated[
     Field(description="Default: newest active swarm."),
 ]
 
+
+def _check_capability(value: str) -> str:
+    # A blank capability names nothing, so no task could require it on purpose.
+    if not value.strip():
+        raise ValueError(
+            f"capability {value!r} is empty; name a capability such as gpu, or "
+            "leave the empty entry out"
+        )
+    return value
+
+
+Capability = Annotated[str, AfterValidator(_check_capability)]
+
 UPDATE_RETRY_SECONDS = 60.0
 
 logger = logging.getLogger(__name__)
@@ -276,7 +289,7 @@ class AgentSpawnInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: AgentType
-    capabilities: list[str] = Field(default_factory=list)
+    capabilities: list[Capability] = Field(default_factory=list)
     name: str | None = Field(None, max_length=200)
     swarm_id: SwarmIdArgument = None
 
@@ -363,7 +376,7 @@ class TaskOrchestrateInput(BaseModel):
     command: str | None = Field(None, description="Shell command each agent runs.")
     action: str | None = Field(None, description="Built-in action, e.g. system_health.")
     action_args: dict[str, Any] = Field(default_factory=dict)
-    required_capabilities: list[str] = Field(default_factory=list)
+    required_capabilities: list[Capability] = Field(default_factory=list)
     timeout: float = Field(300.0, gt=0, le=86400, description="Seconds per step.")
 
     @field_validator("task")

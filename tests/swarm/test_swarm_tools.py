@@ -186,6 +186,34 @@ async def test_empty_swarm_id_rejected(swarms: Swarms) -> None:
     assert status["tasks"] == []
 
 
+async def test_blank_capabilities_rejected(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"], maxAgents=2)
+    for blank in ("", " "):
+        with pytest.raises(ToolInputError) as caught:
+            await swarms.call(
+                "agent_spawn",
+                type="coder",
+                capabilities=["gpu", blank],
+                swarm_id=swarm_id,
+            )
+        assert caught.value.errors[0]["field"] == "capabilities.1"
+        assert f"capabilities.1: {blank!r} is invalid" in caught.value.message
+        assert f"capability {blank!r} is empty" in caught.value.message
+        with pytest.raises(ToolInputError) as caught:
+            await swarms.call(
+                "task_orchestrate",
+                task="x",
+                command="true",
+                required_capabilities=[blank],
+                swarm_id=swarm_id,
+            )
+        assert caught.value.errors[0]["field"] == "required_capabilities.0"
+        assert f"capability {blank!r} is empty" in caught.value.message
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["agents"]) == 1
+    assert status["tasks"] == []
+
+
 async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
     # A NUL byte cannot reach a program's environment, so these could
     # never run: the name is NEXUS_AGENT_NAME and a part is NEXUS_PART.
