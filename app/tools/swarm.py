@@ -41,6 +41,7 @@ from app.contracts.swarm import (
     ScaleResult,
     SpawnAgentRequest,
     StepResult,
+    SwarmEvent,
     SwarmMirror,
     SwarmState,
     SwarmStrategy,
@@ -72,6 +73,7 @@ from app.tools.registry import (
     secret_fields,
     tool,
 )
+from workflows.swarm import DESTROYED_WHILE_RUNNING
 
 AgentType = Literal[
     "coordinator",
@@ -170,7 +172,51 @@ async def _update(
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            raise _swarm_rpc_error(swarm_id, error) from None
+            tool_error = _swarm_rpc_error(swarm_id, error)
+            if tool_error.kind == "conflict":
+                ended = await _ended_workflow(await ctx.client(), swarm_id)
+                if ended is not None:
+                    raise SwarmEndedError(swarm_id, ended[0]) from None
+            raise tool_error from None
+
+
+class SwarmEndedError(ToolError):
+    """A swarm whose workflow closed without swarm_destroy (terminated,
+    failed, timed out or cancelled), so that it takes no more updates."""
+
+    def __init__(self, swarm_id: str, workflow_status: str) -> None:
+        super().__init__(
+            f"swarm {swarm_id} ended without swarm_destroy, since its workflow "
+            f"is {workflow_status}, and takes no more changes; call "
+            "swarm_destroy to stop its agents' sandboxes, and start a new "
+            "swarm with swarm_init",
+            kind="conflict",
+        )
+        self.workflow_status = workflow_status
+
+
+async def _ended_workflow(
+    client: Client, swarm_id: str
+) -> tuple[str, datetime | None] | None:
+    """Return how a swarm's workflow closed, such as "terminated", and when,
+    if it closed without swarm_destroy. Return None while it runs, after a
+    destroy, or when it cannot be described."""
+    try:
+        description = await client.get_workflow_handle(
+            swarm_workflow_id(swarm_id)
+        ).describe()
+    except RPCError:
+        return None
+    status = description.status
+    # A destroyed swarm's workflow completes, and a run that continued as new
+    # is followed by the running one, which describe returns.
+    if status is None or status in (
+        WorkflowExecutionStatus.RUNNING,
+        WorkflowExecutionStatus.COMPLETED,
+        WorkflowExecutionStatus.CONTINUED_AS_NEW,
+    ):
+        return None
+    return status.name.lower().replace("_", " "), description.close_time
 
 
 def _swarm_rpc_error(swarm_id: str, error: RPCError) -> ToolError:
@@ -944,6 +990,15 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
     state = await _swarm_state(client, swarm_id)
     executor = build_executor(client, ctx.settings)
+    status: str = state.status
+    end = state.destroyed_at or datetime.now(UTC)
+    if state.status != "destroyed":
+        # The state of a workflow that an operator terminated, or that failed,
+        # still reads active.
+        ended = await _ended_workflow(client, swarm_id)
+        if ended is not None:
+            status = ended[0]
+            end = ended[1] or end
 
     async def sandbox_of(agent: AgentState) -> tuple[str | None, str]:
         sandbox_id = agent.sandbox_id
@@ -981,13 +1036,12 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
     counts: dict[str, int] = {}
     for task in state.tasks:
         counts[task.status] = counts.get(task.status, 0) + 1
-    end = state.destroyed_at or datetime.now(UTC)
     return SwarmStatusResult(
         swarm_id=state.swarm_id,
         topology=state.topology,
         strategy=state.strategy,
         max_agents=state.max_agents,
-        status=state.status,
+        status=status,
         agents=agents,
         tasks=[
             TaskView(
@@ -1085,12 +1139,15 @@ async def swarm_destroy(ctx: ToolContext, args: SwarmIdInput) -> SwarmDestroyRes
     client = await ctx.client()
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
     handle = client.get_workflow_handle(swarm_workflow_id(swarm_id))
-    state = await _update(
-        ctx,
-        swarm_id,
-        lambda: handle.execute_update("destroy", result_type=SwarmState),
-        f"swarm_destroy on swarm {swarm_id}",
-    )
+    try:
+        state = await _update(
+            ctx,
+            swarm_id,
+            lambda: handle.execute_update("destroy", result_type=SwarmState),
+            f"swarm_destroy on swarm {swarm_id}",
+        )
+    except SwarmEndedError as ended:
+        return await _destroy_ended_swarm(ctx, client, swarm_id, ended)
     # Wait for the final mirror write, so swarm_list agrees at once.
     try:
         await client.get_workflow_handle(
@@ -1113,3 +1170,134 @@ async def swarm_destroy(ctx: ToolContext, args: SwarmIdInput) -> SwarmDestroyRes
         tasks_cancelled=cancelled,
         destroyed_at=state.destroyed_at,
     )
+
+
+async def _destroy_ended_swarm(
+    ctx: ToolContext, client: Client, swarm_id: str, ended: SwarmEndedError
+) -> SwarmDestroyResult:
+    """Destroy a swarm whose workflow ended without swarm_destroy, doing what
+    that workflow no longer can: cancel the running tasks, stop the agents'
+    sandboxes and mark the swarm destroyed in the database mirror.
+
+    Raises:
+        ToolError: the mirror shows the swarm destroyed already, or its last
+            state cannot be read.
+    """
+    rows = await asyncio.to_thread(service.list_swarm_rows, ctx.database_url, "all")
+    if any(r.swarm_id == swarm_id and r.status == "destroyed" for r in rows):
+        raise ToolError(
+            f"swarm {swarm_id} is destroyed; start a new one with swarm_init",
+            kind="conflict",
+        )
+    # A query of a closed workflow replays its history, so the last state
+    # is still readable.
+    state = await _swarm_state(client, swarm_id)
+    now = datetime.now(UTC)
+    logger.info(
+        "destroying swarm %s, whose workflow is %s", swarm_id, ended.workflow_status
+    )
+    # NOTE: a task still queued has no workflow to cancel, and its record in
+    # the closed workflow's state stays queued.
+    cancelled = await asyncio.gather(
+        *(
+            _cancel_task_workflow(client, task)
+            for task in state.tasks
+            if task.status == "running"
+            or (task.status == "queued" and task.child_started)
+        )
+    )
+    leaving = [a for a in state.agents if a.status != "removed"]
+    executor = build_executor(client, ctx.settings)
+    # An agent in its first task has a sandbox that the state does not name
+    # yet, and stopping a sandbox that was never created stops nothing.
+    sandbox_ids = [a.sandbox_id or agent_sandbox_id(a.agent_id) for a in leaving]
+    stopped = await asyncio.gather(*(executor.stop(s) for s in sandbox_ids))
+    events = list(state.unflushed_events)
+    agents = []
+    for agent in state.agents:
+        if agent.status == "removed":
+            agents.append(agent)
+            continue
+        agents.append(
+            agent.model_copy(
+                update={
+                    "status": "removed",
+                    "left_reason": "swarm destroyed",
+                    "current_task_id": None,
+                }
+            )
+        )
+        events.append(
+            _mirror_event(
+                state, len(events), "agent_left", now, agent_id=agent.agent_id
+            )
+        )
+    events.append(_mirror_event(state, len(events), "swarm_destroyed", now))
+    await asyncio.to_thread(
+        service.write_mirror,
+        ctx.database_url,
+        SwarmMirror(
+            swarm_id=swarm_id,
+            workflow_id=swarm_workflow_id(swarm_id),
+            topology=state.topology,
+            strategy=state.strategy,
+            max_agents=state.max_agents,
+            status="destroyed",
+            task_count=len(state.tasks),
+            created_at=state.created_at,
+            updated_at=now,
+            destroyed_at=now,
+            agents=agents,
+            events=events,
+        ),
+    )
+    return SwarmDestroyResult(
+        swarm_id=swarm_id,
+        status="destroyed",
+        agents_removed=len(leaving),
+        sandboxes_stopped=[
+            s for s, done in zip(sandbox_ids, stopped, strict=True) if done
+        ],
+        tasks_cancelled=[task_id for task_id in cancelled if task_id],
+        destroyed_at=now,
+    )
+
+
+def _mirror_event(
+    state: SwarmState,
+    offset: int,
+    kind: Literal["agent_left", "swarm_destroyed"],
+    at: datetime,
+    *,
+    agent_id: str | None = None,
+) -> SwarmEvent:
+    """Build the event at `offset` of a list that starts with the unflushed
+    events of an ended swarm's last state, numbered on from those."""
+    seq = state.next_event_seq - len(state.unflushed_events) + offset
+    detail: dict[str, object] = {"reason": "swarm destroyed"} if agent_id else {}
+    return SwarmEvent(
+        event_id=f"{state.swarm_id}:{seq}",
+        swarm_id=state.swarm_id,
+        seq=seq,
+        kind=kind,
+        agent_id=agent_id,
+        detail=detail,
+        at=at,
+    )
+
+
+async def _cancel_task_workflow(client: Client, task: TaskRecord) -> str | None:
+    """Cancel a task's workflow with the reason a destroy gives; return the
+    task id, or None when the workflow has ended already."""
+    handle = client.get_workflow_handle(task_workflow_id(task.spec.task_id))
+    try:
+        await handle.cancel(reason=DESTROYED_WHILE_RUNNING)
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise ToolError(
+            f"could not cancel task {task.spec.task_id}: {error.message}; call "
+            "swarm_destroy again",
+            kind="unavailable",
+        ) from None
+    return task.spec.task_id

@@ -613,6 +613,54 @@ async def test_destroy_cancels_running_task(swarms: Swarms, tmp_path) -> None:
         assert results["status"] == "cancelled"
 
 
+async def test_destroy_after_workflow_terminated(swarms: Swarms) -> None:
+    # An operator may terminate the swarm's workflow in the web UI. Its
+    # state then still reads active, and only the tools can clean up.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    await swarms.client.get_workflow_handle(f"swarm-{swarm_id}").terminate("operator")
+
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["status"] == "terminated"
+    with pytest.raises(ToolError) as caught:
+        await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
+    assert caught.value.kind == "conflict"
+    assert f"swarm {swarm_id} ended without swarm_destroy" in caught.value.message
+    assert "its workflow is terminated" in caught.value.message
+    assert "call swarm_destroy" in caught.value.message
+
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["status"] == "destroyed"
+    assert destroyed["agents_removed"] == 1
+    assert destroyed["sandboxes_stopped"] == [agent_sandbox_id(agent_id)]
+    assert destroyed["tasks_cancelled"] == [task["task_id"]]
+    results = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=60
+    )
+    assert results["status"] == "cancelled"
+    assert results["error"] == "the swarm was destroyed while the task ran"
+    info = await sandbox_service.info(swarms.client, agent_sandbox_id(agent_id))
+    assert info.status == "stopped"
+
+    url = swarms.settings.effective_database_url
+    [row] = service.list_swarm_rows(url, "destroyed")
+    assert row.swarm_id == swarm_id
+    assert row.agent_count == 0
+    assert service.newest_active_swarm_id(url) is None
+    kinds = [e.kind for e in service.list_events(url, swarm_id)]
+    assert kinds[-2:] == ["agent_left", "swarm_destroyed"]
+    seqs = [e.seq for e in service.list_events(url, swarm_id)]
+    assert seqs == list(range(len(seqs)))
+
+    with pytest.raises(ToolError, match=f"swarm {swarm_id} is destroyed"):
+        await swarms.call("swarm_destroy", swarm_id=swarm_id)
+
+
 # Prints its part, but waits at part c until the test writes `gate`.
 _GATED_AT_C = (
     'if [ "$NEXUS_PART" = c ]; then touch started; '
