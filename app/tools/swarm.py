@@ -432,6 +432,16 @@ class TaskOrchestrateInput(BaseModel):
             raise ValueError("task is empty; describe what the agents should do")
         return value
 
+    @field_validator("dependencies")
+    @classmethod
+    def _dependencies_once(cls, value: list[str]) -> list[str]:
+        repeated = sorted({d for d in value if value.count(d) > 1})
+        if repeated:
+            raise ValueError(
+                f"dependencies name {repeated} more than once; list each task once"
+            )
+        return value
+
     @field_validator("code", "command", "action")
     @classmethod
     def _work_not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:

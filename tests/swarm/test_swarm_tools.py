@@ -151,6 +151,16 @@ async def test_bad_inputs_are_rejected(swarms: Swarms) -> None:
         await swarms.call(
             "task_orchestrate", task="a", code="1", dependencies=["task_nope"]
         )
+    with pytest.raises(ToolInputError) as caught:
+        await swarms.call(
+            "task_orchestrate",
+            task="a",
+            code="1",
+            dependencies=["task_a", "task_b", "task_a"],
+        )
+    assert caught.value.errors[0]["field"] == "dependencies"
+    assert "dependencies name ['task_a'] more than once" in caught.value.message
+    assert "list each task once" in caught.value.message
     with pytest.raises(ToolError, match="not found"):
         await swarms.call("task_status", task_id="task_missing")
     with pytest.raises(ToolError, match="not found"):
