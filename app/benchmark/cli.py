@@ -324,12 +324,15 @@ class PhaseBars:
                 self.overall, completed=fraction, status=f"cycle {state.cycle + 1}"
             )
         ended_unseen = self.running
-        if ended_unseen is not None and ended_unseen not in (
-            state.phase,
-            *state.completed,
+        if (
+            ended_unseen is not None
+            and state.cycle != self.cycle
+            and ended_unseen not in (state.phase, *state.completed)
         ):
             # The phase ended and its cycle continued as new between two
             # polls. Its outcome is in the failed cycles, its time is not.
+            # In the same cycle, a running phase that is gone without an
+            # outcome was cancelled, and its bar stays running until stop().
             self._show(ended_unseen, _phase_mark(ended_unseen, state), "")
         else:
             ended_unseen = None

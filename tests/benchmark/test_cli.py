@@ -276,6 +276,33 @@ async def test_bars_show_cancelled_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lines["Run"].startswith("Run cancelled ")
 
 
+async def test_bars_show_phase_cancelled_between_polls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While the run records its cancellation, the query still returns a
+    # result, with no running phase and no outcome for the cancelled one.
+    running = BenchmarkProgress(
+        cycle=0,
+        phase="neural_training",
+        phase_started_at=datetime.now(UTC) - timedelta(seconds=3),
+        completed={"sandbox_integration": True},
+        phase_times={"sandbox_integration": _times(0, 4.2)},
+        failed_cycles={"sandbox_integration": 0},
+        **_BASE,
+    )
+    cancelling = running.model_copy(update={"phase": None, "phase_started_at": None})
+    cancelled = WorkflowFailureError(cause=CancelledError("cancelled"))
+    with pytest.raises(WorkflowFailureError):
+        await _follow_output(
+            monkeypatch, _ScriptedRun([running, cancelling], None, cancelled)
+        )
+    out = benchmark_cli.console.file.getvalue()  # type: ignore[attr-defined]
+    lines = _bar_lines(out)
+    assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
+    assert lines["Neural training"] == "Neural training cancelled"
+    assert lines["Realtime streaming load"] == "Realtime streaming load not run"
+
+
 async def test_bars_show_interrupted_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Ctrl-C while neural training runs: asyncio cancels the follow.
     running = BenchmarkProgress(
