@@ -259,6 +259,7 @@ def _phase_mark(name: str, state: BenchmarkProgress) -> str:
 
 
 _NOT_RUN = "not run"
+_STILL_RUNNING = "still running"
 
 
 class PhaseLines:
@@ -354,8 +355,8 @@ class PhaseBars:
                 self._show(name, _phase_mark(name, state), elapsed_text)
 
     def _show(self, name: str, status: str, elapsed: str) -> None:
-        """Draw a phase's bar: pulsing while it runs, full once it ran, empty
-        if it did not run."""
+        """Draw a phase's bar: pulsing while it runs, full once it has an
+        outcome (✅ or ❌), empty otherwise."""
         running = status == "running"
         self.statuses[name] = status
         # rich pulses the bar of a task that is not started, which fits a
@@ -364,7 +365,7 @@ class PhaseBars:
             self.tasks[name],
             start=not running,
             total=1.0,
-            completed=0 if running or status == _NOT_RUN else 1,
+            completed=1 if status.startswith(("✅", "❌")) else 0,
             status=status,
             elapsed=elapsed,
         )
@@ -379,6 +380,14 @@ class PhaseBars:
             elif status == "waiting":
                 self._show(name, _NOT_RUN, "")
         self.progress.update(self.overall, status=how)
+
+    def leave(self) -> None:
+        """Show a run that goes on after this command stops following it:
+        the running phase still runs, and the waiting ones still wait."""
+        for name, status in self.statuses.items():
+            if status == "running":
+                self._show(name, _STILL_RUNNING, "")
+        self.progress.update(self.overall, status=f"{_STILL_RUNNING} on the server")
 
     def finish(self, state: BenchmarkProgress | None, result: BenchmarkResult) -> None:
         """Show every bar as the run left it: each phase of the last cycle
@@ -411,10 +420,15 @@ async def _query_progress(
 
 
 async def follow(
-    handle: WorkflowHandle[object, BenchmarkResult], poll_seconds: float = 1.0
+    handle: WorkflowHandle[object, BenchmarkResult],
+    poll_seconds: float = 1.0,
+    *,
+    interrupt_cancels: bool = True,
 ) -> BenchmarkResult:
     """Show a progress bar per phase, driven by the workflow's query, and
-    once the run ends, every bar in its final state."""
+    once the run ends, every bar in its final state. `interrupt_cancels` is
+    true when the caller cancels the run after Ctrl-C or SIGTERM stops this
+    function, and false when the run goes on."""
     columns = (
         TextColumn("{task.description}", justify="left"),
         BarColumn(),
@@ -441,8 +455,11 @@ async def follow(
                     elapsed=format_seconds(time.monotonic() - started),
                 )
                 await asyncio.wait({result_task}, timeout=poll_seconds)
-        except BaseException:
-            bars.stop("interrupted")  # Ctrl-C or SIGTERM, which cancel the run next
+        except BaseException:  # Ctrl-C or SIGTERM
+            if interrupt_cancels:
+                bars.stop("interrupted")
+            else:
+                bars.leave()
             raise
         finally:
             # An interrupt leaves the result poll behind otherwise.
@@ -729,7 +746,7 @@ async def _run_benchmark(
             markup=False,
         )
         try:
-            result = await follow(handle)
+            result = await follow(handle, interrupt_cancels=started_server)
         except asyncio.CancelledError:
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.

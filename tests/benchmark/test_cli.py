@@ -328,6 +328,35 @@ async def test_bars_show_interrupted_run(monkeypatch: pytest.MonkeyPatch) -> Non
     assert lines["Run"].startswith("Run interrupted ")
 
 
+async def test_bars_show_run_left_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C on a server that this command did not start: the run goes on,
+    # so its phases have neither ended nor been skipped.
+    running = BenchmarkProgress(
+        cycle=0,
+        phase="neural_training",
+        phase_started_at=datetime.now(UTC),
+        completed={"sandbox_integration": True},
+        phase_times={"sandbox_integration": _times(0, 4.2)},
+        **_BASE,
+    )
+    run = _ScriptedRun([running] * 1000, running, _result(cycles=1))
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
+    follow = asyncio.create_task(
+        benchmark_cli.follow(run, poll_seconds=0.01, interrupt_cancels=False)  # type: ignore[arg-type]
+    )
+    while len(run.answers) > 990:
+        await asyncio.sleep(0.01)
+    follow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follow
+    lines = _bar_lines(out.getvalue())
+    assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
+    assert lines["Neural training"] == "Neural training still running"
+    assert lines["Realtime streaming load"] == "Realtime streaming load waiting"
+    assert lines["Run"].startswith("Run still running on the server ")
+
+
 def test_new_cycle_clears_last_outcomes() -> None:
     progress = Progress(console=Console(file=io.StringIO()))
     bars = benchmark_cli.PhaseBars(progress)
@@ -351,6 +380,8 @@ def test_new_cycle_clears_last_outcomes() -> None:
     assert statuses.pop("Sandbox integration") == "running"
     assert statuses.pop("Run") == "cycle 2"
     assert set(statuses.values()) == {"waiting"}
+    # A waiting bar is empty, like one that has not run in the first cycle.
+    assert {task.completed for task in progress.tasks[2:]} == {0}
 
 
 async def test_piped_output_prints_each_phase(monkeypatch: pytest.MonkeyPatch) -> None:
