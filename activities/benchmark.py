@@ -24,8 +24,10 @@ from app.benchmark.report import (
     run_summary,
     save_report,
 )
+from app.benchmark.runs import runs_in_the_way
 from app.contracts.benchmark import (
     REPORTS_FOLDER_ERROR,
+    RUN_OPEN_ERROR,
     CancelRunRequest,
     LoadOperationInput,
     PhaseInput,
@@ -62,8 +64,31 @@ class BenchmarkActivities:
             raise ApplicationError(
                 str(error), type=REPORTS_FOLDER_ERROR, non_retryable=True
             ) from None
+        if request.config.schedule_id is not None:
+            # `nexus benchmark run` checks before it starts a run, but a
+            # schedule starts its runs with no command in front.
+            await self._check_no_other_run(request.run_id)
         await asyncio.to_thread(
             recording.start_run, self.url, request.run_id, request.config
+        )
+
+    async def _check_no_other_run(self, run_id: str) -> None:
+        others = await runs_in_the_way(activity.client(), self.url, run_id)
+        if not others:
+            return
+        activity.logger.warning(
+            "benchmark %s does not start: benchmark %s is running",
+            run_id,
+            ", ".join(others),
+        )
+        raise ApplicationError(
+            f"benchmark run {', '.join(others)} is running on this Temporal "
+            "server, and two runs at once would each measure the other's load. "
+            f"Scheduled run {run_id} does not start; let that run end before "
+            f"the schedule's next run, or cancel it with `nexus benchmark "
+            f"cancel {others[0]}`",
+            type=RUN_OPEN_ERROR,
+            non_retryable=True,
         )
 
     @activity.defn(name="run_benchmark_phase")

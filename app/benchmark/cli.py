@@ -37,6 +37,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, TerminatedEr
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.benchmark.report import ReportsFolderError, check_reports_writable
+from app.benchmark.runs import running_benchmarks
 from app.cli_group import NexusGroup
 from app.contracts.benchmark import (
     PHASE_TITLES,
@@ -577,32 +578,6 @@ class StartedRun:
     run_id: str
     own_server: bool
     ended: bool = False
-
-
-_BENCHMARK_RUNNING = (
-    'WorkflowType="ExtendedDurationBenchmarkWorkflow" AND ExecutionStatus="Running"'
-)
-
-
-async def running_benchmarks(client: Client) -> list[str]:
-    """Return the ids of the benchmark runs open on the server, oldest first.
-    The visibility store can list a run as Running for a moment after it has
-    closed, so each listed run is confirmed from its own state."""
-    runs = [
-        (execution.start_time, execution.id)
-        async for execution in client.list_workflows(_BENCHMARK_RUNNING)
-    ]
-    open_runs = []
-    for _, run_id in sorted(runs):
-        try:
-            described = await client.get_workflow_handle(run_id).describe()
-        except RPCError as error:
-            if error.status == RPCStatusCode.NOT_FOUND:
-                continue  # removed since it was listed
-            raise
-        if described.status == WorkflowExecutionStatus.RUNNING:
-            open_runs.append(run_id)
-    return open_runs
 
 
 @contextlib.contextmanager

@@ -38,6 +38,9 @@ PHASE_TITLES: dict[str, str] = {
 # The error type of a run whose worker cannot write its reports folder. The
 # run fails at its first step, before any cycle, and the CLI says so.
 REPORTS_FOLDER_ERROR = "ReportsFolderNotWritable"
+# The error type of a scheduled run that starts while another benchmark run
+# is open on its server. It fails at its first step, as the other would.
+RUN_OPEN_ERROR = "BenchmarkRunOpen"
 
 
 class BenchmarkConfig(BaseModel):

@@ -3,10 +3,12 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -22,7 +24,9 @@ from app.benchmark.report import (
 )
 from app.contracts.benchmark import (
     REPORTS_FOLDER_ERROR,
+    RUN_OPEN_ERROR,
     BenchmarkConfig,
+    BenchmarkState,
     OperationRecord,
     PhaseRecord,
     PhaseResult,
@@ -845,3 +849,68 @@ async def test_worker_checks_its_reports_folder_first(
         recording.load_run(settings.effective_database_url, "refused")
     await ActivityEnvironment().run(BenchmarkActivities(settings).start_run, request)
     assert recording.load_run(settings.effective_database_url, "refused")
+
+
+async def _open_run(client: Client, run_id: str) -> WorkflowHandle[object, object]:
+    """Start a benchmark workflow that stays open: no worker polls its queue."""
+    return await client.start_workflow(
+        "ExtendedDurationBenchmarkWorkflow",
+        BenchmarkState(run_id=run_id, config=BenchmarkConfig()),
+        id=run_id,
+        task_queue=f"unpolled-{uuid.uuid4().hex[:6]}",
+    )
+
+
+async def test_scheduled_run_rejected_while_other_open(
+    settings: Settings, client: Client
+) -> None:
+    # A schedule starts its runs without the command's check, so its run
+    # checks in its first step that no other benchmark run is open.
+    from activities.benchmark import BenchmarkActivities
+
+    suffix = uuid.uuid4().hex[:6]
+    running = await _open_run(client, f"benchmark-open-{suffix}")
+    scheduled = f"nexus-benchmark-run-{suffix}"
+    request = StartRunRequest(
+        run_id=scheduled,
+        config=BenchmarkConfig(duration_seconds=60, schedule_id="nexus-benchmark"),
+    )
+    environment = ActivityEnvironment(client=client)
+    activities = BenchmarkActivities(settings)
+    try:
+        with pytest.raises(ApplicationError) as refused:
+            await environment.run(activities.start_run, request)
+    finally:
+        await running.terminate("test cleanup")
+    assert refused.value.non_retryable
+    assert refused.value.type == RUN_OPEN_ERROR
+    assert refused.value.message.startswith(f"benchmark run {running.id} is running")
+    assert f"nexus benchmark cancel {running.id}" in refused.value.message
+    # Nothing is recorded for a run that did not start.
+    with pytest.raises(LookupError):
+        recording.load_run(settings.effective_database_url, scheduled)
+
+
+async def test_simultaneous_scheduled_runs_pick_one(
+    settings: Settings, client: Client
+) -> None:
+    # Two schedules with the same interval start their runs together. Both
+    # are in their first step, so the one that started first goes on.
+    from app.benchmark.runs import runs_in_the_way
+
+    url = settings.effective_database_url
+    suffix = uuid.uuid4().hex[:6]
+    first = await _open_run(client, f"first-run-{suffix}")
+    second = await _open_run(client, f"second-run-{suffix}")
+    try:
+        before_first = await runs_in_the_way(client, url, first.id)
+        before_second = await runs_in_the_way(client, url, second.id)
+        # Past its first step, the second run is in the way of the first.
+        recording.start_run(url, second.id, BenchmarkConfig(duration_seconds=60))
+        recorded_second = await runs_in_the_way(client, url, first.id)
+    finally:
+        await first.terminate("test cleanup")
+        await second.terminate("test cleanup")
+    assert second.id not in before_first
+    assert first.id in before_second
+    assert second.id in recorded_second
