@@ -87,6 +87,26 @@ def parse_duration(
     )
 
 
+def parse_whole_number(text: str | int) -> int:
+    """Parse an option's whole number, such as `--streams 5`. typer passes
+    the option's default unparsed, as an int.
+
+    typer 0.29 rejects `--streams 2.5` with pydantic's message alone, which
+    names neither the value nor a fix.
+
+    Raises:
+        typer.BadParameter: the text is not a whole number.
+    """
+    if isinstance(text, int):
+        return text
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a whole number; use a whole number, for example 5"
+        ) from None
+
+
 # The command-line option of each config field that the commands expose.
 _OPTIONS = {
     "duration_seconds": "--duration",
@@ -743,9 +763,17 @@ def run_command(
         str, typer.Option(help="How long to keep starting cycles: 90s, 3m, 2h.")
     ] = "3m",
     interval: Annotated[str, typer.Option(help="Pause between cycles.")] = "0s",
-    load_multiplier: Annotated[int, typer.Option(help="Scaled load / baseline.")] = 10,
-    streams: Annotated[int, typer.Option(help="Realtime subscriptions.")] = 5,
-    epochs: Annotated[int, typer.Option(help="Training epochs per cycle.")] = 3,
+    load_multiplier: Annotated[
+        int,
+        typer.Option(help="Scaled load / baseline.", parser=parse_whole_number),
+    ] = 10,
+    streams: Annotated[
+        int, typer.Option(help="Realtime subscriptions.", parser=parse_whole_number)
+    ] = 5,
+    epochs: Annotated[
+        int,
+        typer.Option(help="Training epochs per cycle.", parser=parse_whole_number),
+    ] = 3,
     start_workers: Annotated[
         bool | None,
         typer.Option(
