@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
     from app.contracts.swarm import (
         AGENT_TYPES,
+        DESTROYED_WHILE_RUNNING,
         MAX_QUEUED_WORK_BYTES,
         MAX_TASK_TEXT_BYTES,
         MAX_TASK_WORK_BYTES,
@@ -113,11 +114,6 @@ _PATCH_SCALE_KEEPS_DRAINING = "swarm-scale-keeps-draining-agents"
 # Patch id of the change that gives a destroy's cancel of a running task its
 # reason, and makes a task cancelled from outside its swarm report its end.
 _PATCH_CANCEL_REASON = "swarm-task-cancel-reason"
-
-# The error of a task that a destroy cancelled while it ran. The swarm records
-# it and sends it as the cancel's reason, so the task's own result says the
-# same, and a task cancelled for any other reason knows to tell its swarm.
-DESTROYED_WHILE_RUNNING = "the swarm was destroyed while the task ran"
 
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(

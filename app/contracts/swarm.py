@@ -86,6 +86,11 @@ MAX_TASK_WORK_BYTES = 256 * 1024
 # Text and code of a swarm's tasks that have not started, all together.
 MAX_QUEUED_WORK_BYTES = 1024 * 1024
 
+# The error of a task that a destroy cancelled while it ran. The swarm records
+# it and sends it as the cancel's reason, so the task's own result says the
+# same, and a task cancelled for any other reason knows to tell its swarm.
+DESTROYED_WHILE_RUNNING = "the swarm was destroyed while the task ran"
+
 
 # Limits on what a task's record keeps, for the same 2 MB payload limit: the
 # record is the task workflow's state, its status query and its result. A

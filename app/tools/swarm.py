@@ -34,6 +34,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
+    DESTROYED_WHILE_RUNNING,
     AgentState,
     Language,
     Priority,
@@ -73,7 +74,6 @@ from app.tools.registry import (
     secret_fields,
     tool,
 )
-from workflows.swarm import DESTROYED_WHILE_RUNNING
 
 AgentType = Literal[
     "coordinator",

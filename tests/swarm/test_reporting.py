@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.contracts.swarm import (
+    DESTROYED_WHILE_RUNNING,
     MAX_STEP_PART_CHARS,
     MAX_STEPS_TEXT_BYTES,
     MAX_TASK_OUTPUT_BYTES,
@@ -27,7 +28,6 @@ from app.tools import ToolError, ToolInputError
 from tests.support.replay import replay_run
 from tests.swarm.conftest import GATED_PROGRAM, Swarms, agent_folder, wait_for_file
 from workers.registry import all_workflows
-from workflows.swarm import DESTROYED_WHILE_RUNNING
 
 
 def _time(value: str) -> datetime:
