@@ -59,7 +59,7 @@ class BenchmarkActivities:
         # This worker writes the report after the last cycle, so its own
         # reports folder is checked now, before the run is recorded.
         try:
-            await asyncio.to_thread(check_reports_writable, self.settings)
+            await asyncio.to_thread(check_reports_writable, self.settings, workers=True)
         except ReportsFolderError as error:
             raise ApplicationError(
                 str(error), type=REPORTS_FOLDER_ERROR, non_retryable=True

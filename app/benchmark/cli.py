@@ -28,6 +28,7 @@ from temporalio.client import (
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
     ScheduleIntervalSpec,
+    SchedulePolicy,
     ScheduleSpec,
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -516,8 +517,10 @@ async def cancel_run(
     run_id = handle.id
     if announce:
         console.print(
-            f"Interrupted: cancelling benchmark {run_id} "
-            "(press Ctrl-C again to exit without waiting)"
+            f"Interrupted: cancelling benchmark {run_id} (a second Ctrl-C or "
+            "SIGTERM exits without waiting)",
+            soft_wrap=True,
+            markup=False,
         )
     await handle.cancel()
     try:
@@ -565,7 +568,10 @@ def print_run_continues(settings: Settings, run_id: str) -> None:
         f"{address}. Follow it with `temporal workflow "
         f"show --follow --workflow-id {run_id} {server}`, write its report again "
         f"after it ends with `nexus benchmark report {run_id}`, or cancel it with "
-        f"`nexus benchmark cancel {run_id}`."
+        f"`nexus benchmark cancel {run_id}`.",
+        # Unwrapped and unstyled, so that the commands paste whole.
+        soft_wrap=True,
+        markup=False,
     )
 
 
@@ -902,6 +908,10 @@ def cancel_command(
         raise typer.Exit(1)
 
 
+# How late a scheduled run may still start, after the server was down.
+SCHEDULE_CATCHUP = timedelta(minutes=1)
+
+
 async def create_schedule(
     client: Client, schedule_id: str, every_seconds: float, config: BenchmarkConfig
 ) -> None:
@@ -919,6 +929,9 @@ async def create_schedule(
             spec=ScheduleSpec(
                 intervals=[ScheduleIntervalSpec(every=timedelta(seconds=every_seconds))]
             ),
+            # A run due while the server was down is skipped, not started
+            # when it comes back (the SDK's default window is a year).
+            policy=SchedulePolicy(catchup_window=SCHEDULE_CATCHUP),
         ),
     )
 
@@ -955,6 +968,15 @@ def schedule_command(
         duration_seconds=parse_duration(duration),
         schedule_id=schedule_id,
     )
+    if config.duration_seconds >= every_seconds:
+        # Each run would still be open when the next is due, and the next
+        # would be skipped (one benchmark run at a time).
+        raise typer.BadParameter(
+            f"{duration!r} is not shorter than --every {every!r}, so every "
+            "other run would be skipped while the one before runs; pass a "
+            "value shorter than --every, for example half of it",
+            param_hint="'--duration'",
+        )
     settings = load_settings()
 
     async def create() -> None:

@@ -39,20 +39,29 @@ class ReportsFolderError(OSError):
     """The reports folder cannot take a file."""
 
 
-def check_reports_writable(settings: Settings) -> None:
+def check_reports_writable(settings: Settings, *, workers: bool = False) -> None:
     """Raise ReportsFolderError unless a file can be created in the reports
     folder. Reports are written after the last cycle, which can be hours
-    after the start, so a run checks first."""
+    after the start, so a run checks first. `workers` says that the folder
+    is a worker's, whose settings come from the environment that started it
+    (`nexus up`), not from the command that started the run."""
     folder = settings.reports_dir.expanduser().resolve()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
+        variable = environment_variable("reports_dir")
+        fix = (
+            f"set {variable} in the environment of `nexus up` (or of the worker "
+            "processes) to a folder that they can write to, and restart them"
+            if workers
+            else f"set {variable} to a folder that you can write to"
+        )
         raise ReportsFolderError(
-            f"the reports folder {folder} is not writable ({error}); set "
-            f"{environment_variable('reports_dir')} to a folder that you can "
-            "write to"
+            f"the workers' reports folder {folder} is not writable ({error}); {fix}"
+            if workers
+            else f"the reports folder {folder} is not writable ({error}); {fix}"
         ) from None
 
 

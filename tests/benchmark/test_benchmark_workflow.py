@@ -9,7 +9,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from app.benchmark import recording
-from app.benchmark.cli import create_schedule
+from app.benchmark.cli import SCHEDULE_CATCHUP, create_schedule
 from app.benchmark.integration import _checkpoint_round_trip
 from app.benchmark.phases import PhaseRunner, run_phase
 from app.contracts.benchmark import (
@@ -339,5 +339,6 @@ async def test_schedule_is_listed(client: Client, temporal_address: str) -> None
         described = await client.get_schedule_handle(schedule_id).describe()
         action = described.schedule.action
         assert action.workflow == "ExtendedDurationBenchmarkWorkflow"  # type: ignore[attr-defined]
+        assert described.schedule.policy.catchup_window == SCHEDULE_CATCHUP
     finally:
         await client.get_schedule_handle(schedule_id).delete()

@@ -74,6 +74,8 @@ REJECTED = [
     (["schedule", "--every", "999999d"], "'--every'", "'999999d'"),
     (["schedule", "--id", ""], "'--id'", "''"),
     (["schedule", "--id", "a b/c"], "'--id'", "'a b/c'"),
+    (["schedule", "--every", "1h", "--duration", "2h"], "'--duration'", "'2h'"),
+    (["schedule", "--every", "1h", "--duration", "1h"], "'--duration'", "'1h'"),
 ]
 
 

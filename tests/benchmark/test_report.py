@@ -842,7 +842,11 @@ async def test_worker_checks_its_reports_folder_first(
     assert refused.value.non_retryable
     assert refused.value.type == REPORTS_FOLDER_ERROR
     assert refused.value.message.startswith(
-        f"the reports folder {blocker / 'reports'} is not writable ("
+        f"the workers' reports folder {blocker / 'reports'} is not writable ("
+    )
+    assert refused.value.message.endswith(
+        "set NEXUS_REPORTS_DIR in the environment of `nexus up` (or of the "
+        "worker processes) to a folder that they can write to, and restart them"
     )
     # Nothing is recorded for a run that did not start.
     with pytest.raises(LookupError):
