@@ -34,7 +34,7 @@ class StepSpec(BaseModel):
     step.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     type: str
@@ -60,7 +60,7 @@ class TriggerSpec(BaseModel):
     time with `input_data`; `manual` only documents that runs start on demand.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["schedule", "manual"]
     cron: str | None = None
@@ -70,7 +70,7 @@ class TriggerSpec(BaseModel):
 class WorkflowDefinition(BaseModel):
     """A user-defined workflow, as `workflow_create` receives it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=200)
     description: str | None = None

@@ -37,7 +37,7 @@ def _check_architecture(value: str) -> str:
 
 
 class ArchitectureConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: str = Field(
         description="feedforward, cnn, lstm, transformer, autoencoder, hybrid."
@@ -62,7 +62,7 @@ class ArchitectureConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=512)
@@ -71,14 +71,16 @@ class TrainingConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     architecture: ArchitectureConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
 class NeuralTrainInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     config: TrainConfig
     dataset: str | dict[str, Any] = Field(
@@ -250,7 +252,7 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
 
 
 class NeuralPredictInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_id: str
     input: list[Any] = Field(description="One sample (numbers) or a list of samples.")
@@ -287,7 +289,7 @@ async def neural_predict(
 
 
 class JobStatusInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     job_id: str
 
@@ -370,7 +372,7 @@ async def neural_training_status(
 
 
 class ListModelsInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str | None = Field(None, description="Only models of this cluster.")
     limit: int = Field(100, ge=1, le=1000)

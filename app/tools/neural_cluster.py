@@ -51,7 +51,9 @@ def _cluster(ctx: ToolContext, cluster_id: str, *, active: bool = True) -> Any:
 
 
 class ClusterInitInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     name: str = Field(min_length=1, max_length=200)
     topology: Topology = "mesh"
@@ -113,7 +115,7 @@ async def neural_cluster_init(
 
 
 class NodeDeployInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
     role: Role = "worker"
@@ -232,7 +234,7 @@ def _node_record(node: Any, pollers: int | None = None) -> NodeRecord:
 
 
 class ClusterConnectInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
     topology: Topology | None = Field(None, description="Default: the cluster's.")
@@ -291,7 +293,7 @@ async def neural_cluster_connect(
 
 
 class TrainDistributedInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
     dataset: str | dict[str, Any]
@@ -504,7 +506,7 @@ async def neural_train_distributed(
 
 
 class ClusterStatusInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
 
@@ -614,7 +616,7 @@ async def neural_cluster_status(
 
 
 class PredictDistributedInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
     input_data: list[Any] = Field(description="One sample or a list of samples.")
@@ -720,7 +722,7 @@ async def neural_predict_distributed(
 
 
 class ClusterOptimizeInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
     optimization: Literal["memory_cleanup"] = "memory_cleanup"
@@ -768,7 +770,7 @@ async def neural_cluster_optimize(
 
 
 class ClusterTerminateInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
 

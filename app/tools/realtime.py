@@ -34,7 +34,7 @@ from app.tools.registry import ToolContext, ToolError, arguments_error, tool
 
 
 class RealtimeSubscribeInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     table: str = Field(description="Table of the application database.")
     event: EventType = Field("*", description="INSERT, UPDATE, DELETE or *.")
@@ -93,7 +93,7 @@ async def _described(ctx: ToolContext, created: SubscriptionInfo) -> Subscriptio
 
 
 class RealtimeEventsInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     subscription_id: str
     limit: int = Field(100, ge=1, le=1000, description="Events to return at most.")
@@ -157,7 +157,7 @@ async def realtime_events(
 
 
 class SubscriptionIdInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     subscription_id: str
 
@@ -195,7 +195,7 @@ async def realtime_unsubscribe(
 
 
 class RealtimeListInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RealtimeListResult(BaseModel):
@@ -222,7 +222,9 @@ async def realtime_list(
 
 
 class ExecutionStreamSubscribeInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     sandbox_id: str | None = Field(None, description="Stream this sandbox's output.")
     execution_id: str | None = Field(
@@ -291,7 +293,9 @@ async def execution_stream_subscribe(
 
 
 class ExecutionStreamStatusInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     subscription_id: str | None = None
     sandbox_id: str | None = None

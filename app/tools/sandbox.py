@@ -62,7 +62,7 @@ def _tool_error(error: SandboxServiceError) -> ToolError:
 
 
 class SandboxCreateInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     template: Template = Field(description="Sandbox template.")
     name: str | None = Field(None, max_length=200)
@@ -144,7 +144,7 @@ async def sandbox_create(
 
 
 class SandboxExecuteInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sandbox_id: str = Field(min_length=1)
     code: str = Field(min_length=1, description="Program text to run.")
@@ -196,7 +196,7 @@ async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> Execut
 
 
 class SandboxIdInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sandbox_id: str = Field(min_length=1)
 
@@ -253,7 +253,7 @@ async def sandbox_status(ctx: ToolContext, args: SandboxIdInput) -> SandboxStatu
 
 
 class SandboxListInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     status: Literal["running", "stopped", "all"] = "all"
 
@@ -300,7 +300,7 @@ async def sandbox_list(ctx: ToolContext, args: SandboxListInput) -> SandboxListR
 
 
 class SandboxConfigureInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sandbox_id: str = Field(min_length=1)
     env_vars: dict[str, str] | None = None
@@ -351,7 +351,7 @@ async def sandbox_configure(
 
 
 class SandboxUploadInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sandbox_id: str = Field(min_length=1)
     file_path: str = Field(min_length=1, description="Relative to the sandbox folder.")
@@ -381,7 +381,7 @@ async def sandbox_upload(
 
 
 class SandboxLogsInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sandbox_id: str = Field(min_length=1)
     lines: int = Field(100, ge=1, le=1000)

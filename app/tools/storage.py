@@ -60,7 +60,7 @@ def _decode_base64(content: str) -> bytes:
 
 
 class StorageUploadInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str = Field(description="3-63 lowercase letters, digits and hyphens.")
     path: str = Field(description="Relative object path, such as reports/run-1.md.")
@@ -96,7 +96,7 @@ async def storage_upload(ctx: ToolContext, args: StorageUploadInput) -> ObjectRe
 
 
 class StorageDownloadInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str
     path: str
@@ -146,7 +146,7 @@ async def storage_download(
 
 
 class StorageListInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str
     path: str = Field("", description="Only objects whose path starts with this.")
@@ -178,7 +178,7 @@ async def storage_list(ctx: ToolContext, args: StorageListInput) -> StorageListR
 
 
 class StorageObjectInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str
     path: str
@@ -210,7 +210,7 @@ async def storage_delete(
 
 
 class StorageGetUrlInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bucket: str
     path: str

@@ -250,7 +250,9 @@ async def _swarm_state(client: Client, swarm_id: str) -> SwarmState:
 
 
 class SwarmInitInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     topology: Topology = Field(description="How work flows between agents.")
     max_agents: int = Field(
@@ -332,7 +334,7 @@ async def swarm_init(ctx: ToolContext, args: SwarmInitInput) -> SwarmInitResult:
 
 
 class AgentSpawnInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: AgentType
     capabilities: list[Capability] = Field(default_factory=list)
@@ -405,7 +407,9 @@ async def agent_spawn(ctx: ToolContext, args: AgentSpawnInput) -> AgentSpawnResu
 
 
 class TaskOrchestrateInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     task: str = Field(
         description="What to do; several lines or list items become parts."
@@ -598,7 +602,7 @@ async def task_orchestrate(
 
 
 class TaskIdInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task_id: str
     wait_seconds: float = Field(
@@ -900,7 +904,7 @@ async def task_results(ctx: ToolContext, args: TaskIdInput) -> TaskResultsResult
 
 
 class SwarmListInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     status: Literal["active", "destroyed", "all"] = "active"
 
@@ -947,7 +951,7 @@ async def swarm_list(ctx: ToolContext, args: SwarmListInput) -> SwarmListResult:
 
 
 class SwarmIdInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     swarm_id: SwarmIdArgument = None
 
@@ -1078,7 +1082,7 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
 
 
 class SwarmScaleInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # The lower bound is checked below, for a message that names the fix;
     # the schema still shows it.

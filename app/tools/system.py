@@ -14,7 +14,7 @@ from app.tools.registry import ToolContext, tool
 
 
 class SystemHealthInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @tool("system_health", group="system")
@@ -34,7 +34,7 @@ async def system_health_tool(ctx: ToolContext, args: SystemHealthInput) -> Healt
 
 
 class AuditLogInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     limit: int = Field(
         100, ge=1, le=1000, description="Events to return, newest first."

@@ -220,7 +220,7 @@ def _schedule_error(error: Exception) -> ToolError:
 
 
 class WorkflowDeleteInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workflow_id: str = Field(description="Id returned by workflow_create.")
 
@@ -265,7 +265,9 @@ async def workflow_delete(
 
 
 class WorkflowExecuteInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     workflow_id: str = Field(description="Id returned by workflow_create.")
     input_data: dict[str, Any] = Field(
@@ -338,7 +340,7 @@ async def workflow_execute(
 
 
 class WorkflowStatusInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workflow_id: str | None = None
     # A blank id would reach Temporal as "WorkflowId is not set" (a 500).
@@ -444,7 +446,7 @@ async def _require_definition(url: str, workflow_id: str) -> None:
 
 
 class WorkflowListInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     limit: int = Field(10, ge=1, le=1000, strict=True)
     offset: int = Field(0, ge=0, strict=True)
@@ -484,7 +486,7 @@ async def workflow_list(
 
 
 class WorkflowAgentAssignInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task_id: str = Field(
         description="EXECUTION_ID/STEP for a pending step of a running execution, "
@@ -649,7 +651,7 @@ async def _assign_in_definition(
 
 
 class WorkflowQueueStatusInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     queue_name: str | None = Field(None, description="Default: every project queue.")
     include_messages: bool = Field(
@@ -690,7 +692,7 @@ async def workflow_queue_status(
 
 
 class WorkflowAuditTrailInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workflow_id: str | None = Field(None, description="Default: every workflow.")
     limit: int = Field(50, ge=1, le=10000, strict=True)

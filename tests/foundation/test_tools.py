@@ -1,3 +1,5 @@
+import typing
+
 import pytest
 from temporalio.client import Client
 
@@ -29,6 +31,46 @@ async def test_invalid_argument_names_field(settings: Settings) -> None:
     events = list_calls(settings.effective_database_url, tool="audit_log")
     assert events[0].outcome == "error"
     assert "limit" in (events[0].error or "")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", float("nan"), float("-inf")])
+async def test_non_finite_number_rejected(settings: Settings, value: object) -> None:
+    # pydantic parses "nan" to a float whose every bound check fails, which
+    # read as if the value were too large.
+    arguments = {"task_id": "task_x", "wait_seconds": value}
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "task_results", arguments)
+    assert caught.value.errors[0]["field"] == "wait_seconds"
+    assert "finite number" in caught.value.message
+    assert "less than or equal" not in caught.value.message
+
+
+def test_every_tool_input_rejects_non_finite_numbers() -> None:
+    from pydantic import BaseModel
+
+    from app.tools.registry import all_tools
+
+    def nested_models(model: type[BaseModel]) -> set[type[BaseModel]]:
+        found = {model}
+        for field in model.model_fields.values():
+            for kind in _types_in(field.annotation):
+                nested = isinstance(kind, type) and issubclass(kind, BaseModel)
+                if nested and kind not in found:
+                    found |= nested_models(kind)  # type: ignore[arg-type]
+        return found
+
+    for spec in all_tools():
+        for model in nested_models(spec.input_model):
+            config = model.model_config
+            assert config.get("allow_inf_nan") is False, (spec.name, model.__name__)
+
+
+def _types_in(annotation: object) -> list[object]:
+    """Return `annotation` and every type argument inside it."""
+    found = [annotation]
+    for argument in typing.get_args(annotation):
+        found += _types_in(argument)
+    return found
 
 
 async def test_unknown_argument_rejected(settings: Settings) -> None:
