@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -170,11 +171,19 @@ async def dependency_outputs(
 
 
 def exit_error(exit_code: int, stderr: str) -> str:
-    """Describe a program's non-zero exit by its code and last stderr line."""
+    """Describe a program's non-zero exit by its code and last stderr line.
+    A negative code is the signal that killed the program, as subprocess
+    reports it, and the signal is named."""
+    code = f"exit code {exit_code}"
+    if exit_code < 0:
+        try:
+            code += f" (killed by {signal.Signals(-exit_code).name})"
+        except ValueError:
+            code += f" (killed by signal {-exit_code})"
     lines = stderr.strip().splitlines()
     if not lines:
-        return f"exit code {exit_code} (stderr was empty)"
-    return f"exit code {exit_code}: {lines[-1][:300]}"
+        return f"{code} (stderr was empty)"
+    return f"{code}: {lines[-1][:300]}"
 
 
 def llm_prompt(

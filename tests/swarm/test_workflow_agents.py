@@ -98,6 +98,15 @@ def test_exit_error_without_stderr() -> None:
     assert exit_error(1, "a\nValueError: bad\n") == "exit code 1: ValueError: bad"
 
 
+def test_exit_error_names_signal() -> None:
+    assert exit_error(-9, "") == "exit code -9 (killed by SIGKILL) (stderr was empty)"
+    assert exit_error(-15, "bye\n") == "exit code -15 (killed by SIGTERM): bye"
+    assert (
+        exit_error(-200, "")
+        == "exit code -200 (killed by signal 200) (stderr was empty)"
+    )
+
+
 async def _call(ctx: ToolContext, tool: str, **arguments: Any) -> dict[str, Any]:
     return await invoke_tool(ctx, tool, arguments)
 
