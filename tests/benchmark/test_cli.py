@@ -308,9 +308,24 @@ async def test_bars_show_phase_cancelled_between_polls(
     assert lines["Realtime streaming load"] == "Realtime streaming load not run"
 
 
-async def test_bars_show_interrupted_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Ctrl-C while neural training runs: asyncio cancels the follow.
-    running = BenchmarkProgress(
+@pytest.mark.parametrize(
+    ("interrupt_cancels", "running", "later", "run"),
+    [
+        # Ctrl-C on this command's own server, which cancels the run next.
+        (True, "interrupted", "not run", "interrupted"),
+        # Ctrl-C on a server that this command did not start: the run goes
+        # on, so its phases have neither ended nor been skipped.
+        (False, "still running", "waiting", "still running on the server"),
+    ],
+)
+async def test_bars_after_interrupt(
+    monkeypatch: pytest.MonkeyPatch,
+    interrupt_cancels: bool,
+    running: str,
+    later: str,
+    run: str,
+) -> None:
+    state = BenchmarkProgress(
         cycle=0,
         phase="neural_training",
         phase_started_at=datetime.now(UTC),
@@ -318,48 +333,26 @@ async def test_bars_show_interrupted_run(monkeypatch: pytest.MonkeyPatch) -> Non
         phase_times={"sandbox_integration": _times(0, 4.2)},
         **_BASE,
     )
-    run = _ScriptedRun([running] * 1000, running, _result(cycles=1))
-    out = io.StringIO()
-    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
-    follow = asyncio.create_task(benchmark_cli.follow(run, poll_seconds=0.01))  # type: ignore[arg-type]
-    while len(run.answers) > 990:
-        await asyncio.sleep(0.01)
-    follow.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await follow
-    lines = _bar_lines(out.getvalue())
-    assert lines["Neural training"] == "Neural training interrupted"
-    assert lines["Realtime streaming load"] == "Realtime streaming load not run"
-    assert lines["Run"].startswith("Run interrupted ")
-
-
-async def test_bars_show_run_left_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Ctrl-C on a server that this command did not start: the run goes on,
-    # so its phases have neither ended nor been skipped.
-    running = BenchmarkProgress(
-        cycle=0,
-        phase="neural_training",
-        phase_started_at=datetime.now(UTC),
-        completed={"sandbox_integration": True},
-        phase_times={"sandbox_integration": _times(0, 4.2)},
-        **_BASE,
-    )
-    run = _ScriptedRun([running] * 1000, running, _result(cycles=1))
+    scripted = _ScriptedRun([state] * 1000, state, _result(cycles=1))
     out = io.StringIO()
     monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=140))
     follow = asyncio.create_task(
-        benchmark_cli.follow(run, poll_seconds=0.01, interrupt_cancels=False)  # type: ignore[arg-type]
+        benchmark_cli.follow(
+            scripted,  # type: ignore[arg-type]
+            poll_seconds=0.01,
+            interrupt_cancels=interrupt_cancels,
+        )
     )
-    while len(run.answers) > 990:
+    while len(scripted.answers) > 990:
         await asyncio.sleep(0.01)
-    follow.cancel()
+    follow.cancel()  # as asyncio.run does on Ctrl-C
     with pytest.raises(asyncio.CancelledError):
         await follow
     lines = _bar_lines(out.getvalue())
     assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
-    assert lines["Neural training"] == "Neural training still running"
-    assert lines["Realtime streaming load"] == "Realtime streaming load waiting"
-    assert lines["Run"].startswith("Run still running on the server ")
+    assert lines["Neural training"] == f"Neural training {running}"
+    assert lines["Realtime streaming load"] == f"Realtime streaming load {later}"
+    assert lines["Run"].startswith(f"Run {run} ")
 
 
 def test_new_cycle_clears_last_outcomes() -> None:
