@@ -143,6 +143,13 @@ class Settings(BaseSettings):
         "orchestration and neural workers before they poll, so their memory "
         "reaches its working size at startup rather than on first use.",
     )
+    worker_allocator: Literal["system", "jemalloc"] = Field(
+        "system",
+        description="Memory allocator of worker processes: system (glibc's "
+        "malloc with pymalloc) or jemalloc (preloaded, with PYTHONMALLOC=malloc, "
+        "returning freed pages to the kernel; falls back to system where "
+        "libjemalloc is not installed).",
+    )
     worker_malloc_arena_max: int = Field(
         2,
         ge=0,

@@ -1,83 +1,24 @@
-"""`python -m workers --queue NAME [--queue NAME ...]`: one worker process."""
+"""`python -m workers --queue NAME [--queue NAME ...]`: one worker process.
 
-from __future__ import annotations
+The process first takes the configured memory allocator, which may run it
+again from the start (see workers/allocator.py), so only light modules are
+imported before that.
+"""
 
-import argparse
 import logging
 import os
 import sys
 
-import uvloop
+from workers.allocator import exec_with_allocator
 
-from app.db.migrate import upgrade
-from app.logs import configure_logging
-from app.processes import worker_identity
-from app.settings import settings_or_exit
-from app.temporal.client import connect
-from workers.malloc import fix_mmap_threshold, limit_malloc_arenas
-from workers.registry import QUEUE_LIMITS
-from workers.run import run_node_workers, run_workers
+exec_with_allocator()
 
+from workers.main import main  # noqa: E402
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers")
-    parser.add_argument(
-        "--queue",
-        action="append",
-        choices=sorted(QUEUE_LIMITS),
-        default=[],
-        help="Task queue to poll; repeat for several queues in one process.",
-    )
-    parser.add_argument(
-        "--neural-node",
-        action="append",
-        default=[],
-        metavar="NODE_ID",
-        help="Run the worker of this neural cluster node (queue "
-        "nexus-neural-NODE_ID); repeatable.",
-    )
-    parser.add_argument(
-        "--connect-wait",
-        type=float,
-        default=60.0,
-        help="Seconds to keep retrying while Temporal is not up yet.",
-    )
-    options = parser.parse_args(argv)
-    if not options.queue and not options.neural_node:
-        parser.error("give at least one --queue or --neural-node")
-    settings = settings_or_exit()
-    # Before the SDK core and the thread pools start their threads.
-    limit_malloc_arenas(settings.worker_malloc_arena_max)
-    fix_mmap_threshold(settings.worker_malloc_mmap_threshold)
-    configure_logging(settings.log_level)
-    upgrade(settings.effective_database_url)
-
-    async def run() -> None:
-        client = await connect(
-            settings,
-            wait_seconds=options.connect_wait,
-            identity=worker_identity(
-                options.queue[0] if options.queue else f"node-{options.neural_node[0]}"
-            ),
-        )
-        if options.neural_node:
-            await run_node_workers(client, settings, options.queue, options.neural_node)
-        else:
-            await run_workers(client, settings, options.queue)
-
-    # uvloop's faster wake-ups matter here, because a sandbox call crosses
-    # the loop many times (SDK core to Python and back, the runner's socket
-    # and pipes). An update running a local activity took about 8% less in
-    # three alternated runs on the 2-core development machine.
-    uvloop.run(run())
-    return 0
-
-
-if __name__ == "__main__":
-    code = main()
-    # The workers have drained; skip interpreter finalization, during which
-    # the SDK core's threads can still call into Python and abort the process.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+code = main()
+# The workers have drained; skip interpreter finalization, during which
+# the SDK core's threads can still call into Python and abort the process.
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)

@@ -17,6 +17,7 @@ from app.contracts.queues import NEURAL
 from app.processes import freeze_startup_objects, worker_identity
 from app.sandbox.runtime import close_local_backends
 from app.settings import Settings
+from workers.allocator import jemalloc_loaded
 from workers.malloc import trim_malloc_every
 from workers.memory_debug import report_on_signal
 from workers.registry import QUEUE_WARM_UPS, queue_spec
@@ -76,7 +77,8 @@ async def run_workers(
     logger.info("workers polling %s (pid %d)", ", ".join(task_queues), os.getpid())
     runs = [asyncio.create_task(worker.run()) for worker in workers]
     trimmer = None
-    if settings.worker_malloc_trim_seconds:
+    if settings.worker_malloc_trim_seconds and not jemalloc_loaded():
+        # jemalloc purges freed pages itself; malloc_trim is glibc's.
         trimmer = asyncio.create_task(
             trim_malloc_every(settings.worker_malloc_trim_seconds, stop)
         )

@@ -197,7 +197,10 @@ class WorkerSample(BaseModel):
     pid: int
     identity: str
     rss: int
-    heap_used: int | None = Field(description="glibc malloc's in-use bytes.")
+    heap_used: int | None = Field(
+        description="The malloc heap's in-use bytes: jemalloc's allocated bytes, "
+        "or glibc's mallinfo2 in-use bytes."
+    )
     python_heap_used: int | None = Field(
         None, description="Bytes in pymalloc's allocated blocks."
     )

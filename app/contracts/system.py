@@ -48,10 +48,13 @@ class MemoryStats(BaseModel):
     """Memory of the process that answered, in bytes.
 
     `heapTotal` and `heapUsed` keep the Flow Nexus field names; here they are
-    the C heap of this process as glibc's `mallinfo2` reports it: C
-    allocations and Python objects over 512 bytes, but not pymalloc's arenas,
-    which hold the smaller Python objects. They are None where mallinfo2 is
-    not available. The `python_*` fields are pymalloc's own figures.
+    the malloc heap of this process. Under jemalloc (a worker setting)
+    they are its active and allocated bytes, which with `PYTHONMALLOC=malloc`
+    include every Python object. Under glibc they are what `mallinfo2`
+    reports: C allocations and Python objects over 512 bytes, but not
+    pymalloc's arenas, which hold the smaller Python objects. They are None
+    where neither is available. The `python_*` fields are pymalloc's own
+    figures, None where pymalloc is off.
     """
 
     model_config = ConfigDict(populate_by_name=True)

@@ -44,8 +44,58 @@ def _mallinfo2() -> Any:
     return function
 
 
+@functools.cache
+def _mallctl() -> Any:
+    """Return jemalloc's `mallctl` where jemalloc is this process's malloc
+    (preloaded by the worker allocator setting), else None."""
+    function = getattr(ctypes.CDLL(None), "mallctl", None)
+    if function is None:
+        return None
+    function.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _jemalloc_stat(mallctl: Any, name: str) -> int | None:
+    value = ctypes.c_size_t()
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    if mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0):
+        return None
+    return value.value
+
+
+def jemalloc_usage() -> tuple[int, int] | None:
+    """Return jemalloc's (active, allocated) bytes, or None without jemalloc.
+
+    `stats.allocated` counts the bytes that the process has allocated and not
+    freed; `stats.active` the pages those allocations occupy. jemalloc
+    refreshes its statistics only when the `epoch` control is written.
+    """
+    mallctl = _mallctl()
+    if mallctl is None:
+        return None
+    epoch = ctypes.c_uint64(1)
+    mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+    active = _jemalloc_stat(mallctl, "stats.active")
+    allocated = _jemalloc_stat(mallctl, "stats.allocated")
+    if active is None or allocated is None:
+        return None
+    return active, allocated
+
+
 def heap_usage() -> tuple[int, int] | None:
-    """Return (heap total, heap used) in bytes from glibc, or None."""
+    """Return (heap total, heap used) in bytes of the process's malloc:
+    jemalloc's active and allocated bytes where it is in use, else glibc's
+    arena and in-use bytes, or None without either."""
+    jemalloc = jemalloc_usage()
+    if jemalloc is not None:
+        return jemalloc
     function = _mallinfo2()
     if function is None:
         return None

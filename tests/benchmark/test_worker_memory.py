@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from app.db import get_engine
 from app.services import memory
-from workers import malloc, memory_debug, warmup
+from workers import allocator, malloc, memory_debug, warmup
 from workers.registry import QUEUE_LIMITS, QUEUE_WARM_UPS
 
 glibc_only = pytest.mark.skipif(
@@ -189,3 +191,127 @@ def test_python_heap_with_preloaded_allocator() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def test_allocator_environment_for_jemalloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: "libjemalloc.so.2")
+    chosen = {"NEXUS_WORKER_ALLOCATOR": "jemalloc"}
+    environment = allocator.allocator_environment(
+        {**chosen, "LD_PRELOAD": "libother.so"}
+    )
+    assert environment is not None
+    assert environment["LD_PRELOAD"] == "libjemalloc.so.2 libother.so"
+    assert environment["PYTHONMALLOC"] == "malloc"
+    assert environment["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    # The user's own values are kept.
+    mine = allocator.allocator_environment(
+        {**chosen, "PYTHONMALLOC": "debug", "MALLOC_CONF": "narenas:1"}
+    )
+    assert mine is not None
+    assert mine["PYTHONMALLOC"] == "debug"
+    assert mine["MALLOC_CONF"] == "narenas:1"
+
+
+def test_allocator_environment_keeps_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: False)
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: "libjemalloc.so.2")
+    chosen = {"NEXUS_WORKER_ALLOCATOR": "jemalloc"}
+    assert allocator.allocator_environment({}) is None
+    assert allocator.allocator_environment({"NEXUS_WORKER_ALLOCATOR": "system"}) is None
+    assert capsys.readouterr().err == ""
+    # Run again already, and the library still did not load: no loop.
+    ran_again = allocator.allocator_environment(
+        {**chosen, "NEXUS_WORKER_ALLOCATOR_EXEC": "1"}
+    )
+    assert ran_again is None
+    assert "jemalloc could not be preloaded" in capsys.readouterr().err
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
+    assert allocator.allocator_environment(chosen) is None
+    assert "apt-get install libjemalloc2" in capsys.readouterr().err
+    monkeypatch.setattr(allocator, "jemalloc_loaded", lambda: True)
+    assert allocator.allocator_environment(chosen) is None
+
+
+def _worker_maps(environment: dict[str, str], loaded: str) -> tuple[str, str]:
+    """Start a worker process that cannot reach Temporal, wait until its
+    memory map names `loaded`, and return its map and environment."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers", "--queue", "nexus-streaming"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        maps = ""
+        deadline = time.monotonic() + 120
+        while loaded not in maps:
+            assert process.poll() is None, "the worker exited"
+            assert time.monotonic() < deadline, f"{loaded} never loaded"
+            time.sleep(0.2)
+            maps = Path(f"/proc/{process.pid}/maps").read_text()
+        environ = Path(f"/proc/{process.pid}/environ").read_text()
+        return maps, environ
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+def _unreachable_worker_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    env.update(
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_TEMPORAL_ADDRESS=f"127.0.0.1:{closed}",
+        NEXUS_WORKER_WARM_UP="false",
+    )
+    env.pop("LD_PRELOAD", None)
+    env.pop("PYTHONMALLOC", None)
+    return env
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="needs Debian's libjemalloc2")
+def test_worker_runs_under_jemalloc(tmp_path: Path) -> None:
+    environment = _unreachable_worker_env(tmp_path)
+    environment["NEXUS_WORKER_ALLOCATOR"] = "jemalloc"
+    # The SDK's native module loads after the allocator choice.
+    maps, environ = _worker_maps(environment, "temporal_sdk_bridge")
+    assert "libjemalloc" in maps
+    assert "PYTHONMALLOC=malloc\0" in environ
+
+
+def test_worker_on_system_allocator(tmp_path: Path) -> None:
+    # The default.
+    environment = _unreachable_worker_env(tmp_path)
+    maps, environ = _worker_maps(environment, "temporal_sdk_bridge")
+    assert "libjemalloc" not in maps
+    assert "PYTHONMALLOC=" not in environ
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="needs Debian's libjemalloc2")
+def test_heap_read_from_jemalloc() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from app.services.memory import heap_usage\n"
+            "before = heap_usage()[1]\n"
+            "blocks = [bytes(1000) for _ in range(100_000)]\n"
+            "after = heap_usage()[1]\n"
+            "del blocks\n"
+            "print(after - before, heap_usage()[1] - before)",
+        ],
+        env={**os.environ, "LD_PRELOAD": str(JEMALLOC), "PYTHONMALLOC": "malloc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    grown, left = (int(value) for value in done.stdout.split())
+    # 100,000 objects of about 1 KB each, all freed again.
+    assert grown >= 100_000_000
+    assert left < 10_000_000
