@@ -226,14 +226,19 @@ def arguments_error(message: str, *fields: str) -> PydanticCustomError:
     return PydanticCustomError(ARGUMENTS_ERROR, message, {"fields": fields})
 
 
-def _reject_lone_surrogates(
+def _reject_unencodable_values(
     tool_name: str, arguments: Mapping[str, Any], marked: frozenset[str]
 ) -> None:
-    """Reject a string argument that contains a lone UTF-16 surrogate.
+    """Reject an argument, at any depth, that JSON cannot carry: a string
+    with a lone UTF-16 surrogate, or a NaN or infinite float.
 
-    JSON can encode one (`"\\ud800"`) and Python decodes it, but it is not
-    valid Unicode text, so the call would fail later at an unexpected spot,
-    such as encoding a Temporal payload.
+    JSON can encode a lone surrogate (`"\\ud800"`) and Python decodes it, but
+    it is not valid Unicode text, so the call would fail later at an
+    unexpected spot, such as encoding a Temporal payload. The JSON parsers
+    of `nexus call` and of MCP over stdio accept `NaN` and `Infinity`. The
+    input models' float fields reject them, but free-form objects and lists
+    (a step's `params`, an inline `dataset`) are not typed, and their
+    results would show such a value as null.
 
     Raises:
         ToolInputError: naming the first such argument and its value.
@@ -245,6 +250,18 @@ def _reject_lone_surrogates(
             pending += [((*loc, str(key)), item) for key, item in value.items()]
         elif isinstance(value, list | tuple):
             pending += [((*loc, index), item) for index, item in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            path = ".".join(str(part) for part in loc)
+            shown_value = _jsonable(masked_input(loc, value, marked))
+            message = (
+                "Input should be a finite number: JSON has no NaN or Infinity; "
+                "send a finite number within ±1.8e308"
+            )
+            raise ToolInputError(
+                f"invalid arguments for {tool_name}: {path}: {shown_value!r} is "
+                f"invalid: {message}",
+                [{"field": path, "value": shown_value, "message": message}],
+            )
         elif isinstance(value, str):
             try:
                 value.encode()
@@ -424,7 +441,7 @@ async def invoke_tool(
     result: dict[str, Any] = {}
     try:
         try:
-            _reject_lone_surrogates(name, raw, secret_fields(spec.input_model))
+            _reject_unencodable_values(name, raw, secret_fields(spec.input_model))
             args = spec.input_model.model_validate(raw)
         except ValidationError as error:
             raise describe_validation_error(

@@ -45,6 +45,22 @@ async def test_non_finite_number_rejected(settings: Settings, value: object) -> 
     assert "less than or equal" not in caught.value.message
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_non_finite_number_in_object_rejected(
+    settings: Settings, value: float
+) -> None:
+    # Step params are a free-form object, which no float field types.
+    arguments = {
+        "name": "nested",
+        "steps": [{"name": "a", "type": "echo", "params": {"x": [1, value]}}],
+    }
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "workflow_create", arguments)
+    assert caught.value.errors[0]["field"] == "steps.0.params.x.1"
+    assert caught.value.errors[0]["value"] == repr(value)
+    assert "finite number" in caught.value.message
+
+
 def test_every_tool_input_rejects_non_finite_numbers() -> None:
     from pydantic import BaseModel
 
