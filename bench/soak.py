@@ -6,7 +6,8 @@ warm-up.
 
 It starts its own embedded Temporal server, workers and HTTP API in its own
 data folder, so it does not touch a running `nexus up`. The server listens
-on --port, its web UI on --port + 1000 and the HTTP API on --port + 2000.
+on --port, its web UI on --port + 1000 and the HTTP API on --port + 2000,
+or on --ui-port and --http-port.
 
 Growth is the least squares slope of RSS, of the malloc heap and of the
 Python heap (pymalloc's allocated blocks) against minutes. Two fits are
@@ -82,8 +83,7 @@ def _worst(fits: list[dict[str, Any]]) -> float | None:
     return max(slopes) if slopes else None
 
 
-# The soak's HTTP API listens on --port + 2000, which must be a port too.
-_MAX_PORT = 65535 - 2000
+_MAX_PORT = 65535
 # The limits of BenchmarkConfig's duration_seconds and sample_interval_seconds.
 _MAX_MINUTES = 7 * 24 * 60
 _MAX_SAMPLE_SECONDS = 3600
@@ -103,10 +103,33 @@ def invalid_option(options: argparse.Namespace) -> str | None:
         )
     if not 1 <= options.port <= _MAX_PORT:
         return (
-            f"--port {options.port} is invalid: the soak listens on it, on "
-            f"--port + 1000 (web UI) and on --port + 2000 (HTTP API), so it must "
-            f"be from 1 to {_MAX_PORT}; pass for example --port 27233"
+            f"--port {options.port} is invalid: it must be from 1 to {_MAX_PORT}; "
+            "pass for example --port 27233"
         )
+    ports = {"--port": options.port}
+    for name, offset, value in (
+        ("--ui-port", 1000, options.ui_port),
+        ("--http-port", 2000, options.http_port),
+    ):
+        if value is None and options.port + offset > _MAX_PORT:
+            return (
+                f"--port {options.port} is invalid: without {name} the soak "
+                f"also listens on --port + {offset}, which must be at most "
+                f"{_MAX_PORT}; pass a lower --port, or {name}"
+            )
+        port = options.port + offset if value is None else value
+        if not 1 <= port <= _MAX_PORT:
+            return (
+                f"{name} {port} is invalid: it must be from 1 to {_MAX_PORT}; "
+                f"pass for example {name} {27233 + offset}"
+            )
+        for other_option, other_port in ports.items():
+            if port == other_port:
+                return (
+                    f"{name} {port} is invalid: {other_option} is that port too; "
+                    f"pass a port of its own to {name}"
+                )
+        ports[name] = port
     if not 0 < options.sample_seconds <= _MAX_SAMPLE_SECONDS:
         return (
             f"--sample-seconds {options.sample_seconds:g} is invalid: it must be "
@@ -122,7 +145,14 @@ def invalid_option(options: argparse.Namespace) -> str | None:
     return None
 
 
-def main() -> int:
+def listen_ports(options: argparse.Namespace) -> tuple[int, int, int]:
+    """Return the ports of the Temporal server, its web UI and the HTTP API."""
+    ui_port = options.port + 1000 if options.ui_port is None else options.ui_port
+    http_port = options.port + 2000 if options.http_port is None else options.http_port
+    return options.port, ui_port, http_port
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak",
         description=__doc__,
@@ -139,7 +169,20 @@ def main() -> int:
         type=int,
         default=27233,
         help="gRPC port of the embedded Temporal server. The web UI uses "
-        "PORT + 1000 and the HTTP API PORT + 2000 (default: 27233).",
+        "PORT + 1000 and the HTTP API PORT + 2000 unless --ui-port and "
+        "--http-port are given (default: 27233).",
+    )
+    parser.add_argument(
+        "--ui-port",
+        type=int,
+        default=None,
+        help="Port of the embedded server's web UI (default: PORT + 1000).",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="Port of the HTTP API (default: PORT + 2000).",
     )
     parser.add_argument(
         "--sample-seconds",
@@ -160,6 +203,15 @@ def main() -> int:
         default=None,
         help="Data folder (default: a new /tmp/soak-* folder).",
     )
+    return parser
+
+
+def parse_options(arguments: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(arguments)
+
+
+def main() -> int:
+    parser = build_parser()
     options = parser.parse_args()
     message = invalid_option(options)
     if message is not None:
@@ -181,20 +233,21 @@ def main() -> int:
             f"{error}; pass a --data-dir that you can write to\n",
         )
     os.environ.pop("NEXUS_TEMPORAL_ADDRESS", None)
+    _, ui_port, http_port = listen_ports(options)
     settings = Settings(
         data_dir=data_dir,
         reports_dir=data_dir / "reports",
         temporal_port=options.port,
-        temporal_ui_port=options.port + 1000,
-        http_port=options.port + 2000,
+        temporal_ui_port=ui_port,
+        http_port=http_port,
     )
     # Child worker processes read their settings from the environment.
     os.environ.update(
         {
             "NEXUS_DATA_DIR": str(data_dir),
             "NEXUS_TEMPORAL_PORT": str(options.port),
-            "NEXUS_TEMPORAL_UI_PORT": str(options.port + 1000),
-            "NEXUS_HTTP_PORT": str(options.port + 2000),
+            "NEXUS_TEMPORAL_UI_PORT": str(ui_port),
+            "NEXUS_HTTP_PORT": str(http_port),
             "NEXUS_REPORTS_DIR": str(data_dir / "reports"),
         }
     )

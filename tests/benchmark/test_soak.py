@@ -16,6 +16,7 @@ import pytest
 from app.benchmark import recording
 from app.settings import Settings
 from app.temporal.devserver import port_is_open
+from bench import soak
 from tests.benchmark.test_cli import _start_cli
 
 # Each row: the arguments, then the text that the error must start with.
@@ -27,6 +28,11 @@ REJECTED = [
     (["--port", "70000"], "--port 70000 is invalid"),
     # Its HTTP API would listen on 65536.
     (["--port", "63536"], "--port 63536 is invalid"),
+    (["--port", "63536", "--ui-port", "3000"], "--port 63536 is invalid"),
+    (["--ui-port", "0"], "--ui-port 0 is invalid"),
+    (["--http-port", "70000"], "--http-port 70000 is invalid"),
+    (["--port", "33000", "--ui-port", "33000"], "--ui-port 33000 is invalid"),
+    (["--ui-port", "33001", "--http-port", "33001"], "--http-port 33001 is invalid"),
     (["--sample-seconds", "0"], "--sample-seconds 0 is invalid"),
     (["--warmup-minutes", "-1"], "--warmup-minutes -1 is invalid"),
     (["--minutes", "5", "--warmup-minutes", "5"], "--warmup-minutes 5 is invalid"),
@@ -77,6 +83,21 @@ def test_help_describes_ports(tmp_path: Path) -> None:
     ) in text
     assert "web UI on --port + 1000 and the HTTP API on --port + 2000" in text
     assert "The web UI uses PORT + 1000 and the HTTP API PORT + 2000" in text
+    assert "--ui-port UI_PORT" in text
+    assert "--http-port HTTP_PORT" in text
+
+
+def test_ports_in_one_range_accepted() -> None:
+    # An operator limited to one range of ports can place all three in it.
+    arguments = ["--port", "65000", "--ui-port", "65001", "--http-port", "65002"]
+    options = soak.parse_options(arguments)
+    assert soak.invalid_option(options) is None
+    assert soak.listen_ports(options) == (65000, 65001, 65002)
+    assert soak.listen_ports(soak.parse_options(["--port", "30000"])) == (
+        30000,
+        31000,
+        32000,
+    )
 
 
 def test_unusable_data_dir_rejected(tmp_path: Path) -> None:
