@@ -152,6 +152,23 @@ def listen_ports(options: argparse.Namespace) -> tuple[int, int, int]:
     return options.port, ui_port, http_port
 
 
+def heap_legend(allocator: str) -> str:
+    """Describe the malloc and Python columns for the workers' allocator
+    setting (`NEXUS_WORKER_ALLOCATOR`)."""
+    if allocator == "jemalloc":
+        # NOTE: a worker that cannot preload jemalloc logs a warning and uses
+        # glibc, and this legend does not reflect that.
+        return (
+            "Workers ran with NEXUS_WORKER_ALLOCATOR=jemalloc: malloc is "
+            "jemalloc's allocated bytes, Python objects included, and Python is "
+            "n/a since PYTHONMALLOC=malloc turns pymalloc off."
+        )
+    return (
+        "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
+        "allocated blocks."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak",
@@ -286,8 +303,7 @@ def main() -> int:
     print(
         "95% (OLS) is the plain regression interval; 95% (autocorr.) widens it "
         "for the lag-1 autocorrelation of the residuals, and is the one to read. "
-        "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
-        "allocated blocks. MB is 10**6 bytes."
+        f"{heap_legend(settings.worker_allocator)} MB is 10**6 bytes."
     )
     print()
     print_table(

@@ -100,6 +100,16 @@ def test_ports_in_one_range_accepted() -> None:
     )
 
 
+def test_heap_legend_names_allocator() -> None:
+    glibc = soak.heap_legend("system")
+    jemalloc = soak.heap_legend("jemalloc")
+    assert "glibc's in-use bytes" in glibc
+    assert "jemalloc" not in glibc
+    assert "glibc" not in jemalloc
+    assert "jemalloc's allocated bytes" in jemalloc
+    assert "PYTHONMALLOC=malloc" in jemalloc
+
+
 def test_unusable_data_dir_rejected(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
