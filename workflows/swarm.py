@@ -115,6 +115,10 @@ _PATCH_SCALE_KEEPS_DRAINING = "swarm-scale-keeps-draining-agents"
 # reason, and makes a task cancelled from outside its swarm report its end.
 _PATCH_CANCEL_REASON = "swarm-task-cancel-reason"
 
+# Patch id of the change that gives an agent its fixed sandbox id when its
+# first program task ends without reporting one (cancelled or failed).
+_PATCH_UNREPORTED_SANDBOX = "swarm-unreported-first-sandbox"
+
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
     (
@@ -176,6 +180,16 @@ class SwarmWorkflow:
                 continue
             agent.current_task_id = None
             agent.sandbox_id = finished.sandboxes.get(agent_id, agent.sandbox_id)
+            if (
+                agent.sandbox_id is None
+                and finished.status != "completed"
+                and task.spec.work.kind in ("code", "shell")
+                and workflow.patched(_PATCH_UNREPORTED_SANDBOX)
+            ):
+                # A step cut short or failed reports no sandbox, though it
+                # may have created one. With the fixed id recorded, a later
+                # scale-down or destroy stops that sandbox.
+                agent.sandbox_id = agent_sandbox_id(agent_id)
             if finished.status == "completed":
                 agent.tasks_completed += 1
             else:

@@ -129,6 +129,35 @@ async def test_task_cancelled_outside_swarm_frees_its_agent(
     await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
 
 
+async def test_destroy_after_outside_cancel_stops_sandbox(
+    swarms: Swarms,
+) -> None:
+    # The agent's first task is cancelled before its step reports the
+    # sandbox, which was created and still runs the program.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    await swarms.client.get_workflow_handle(task_workflow_id(task["task_id"])).cancel(
+        reason="stopped by an operator"
+    )
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "cancelled"
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    assert agent["sandbox_id"] == agent_sandbox_id(agent_id)
+    assert agent["sandbox_state"] == "running"
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["sandboxes_stopped"] == [agent_sandbox_id(agent_id)]
+    executor = build_executor(swarms.client, swarms.settings)
+    assert await executor.state(agent_sandbox_id(agent_id)) == "stopped"
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
 class _GatheringExecutor:
     """Executor whose stops complete only once every stop is requested, so
     stopping sandboxes one at a time never finishes."""
