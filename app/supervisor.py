@@ -152,6 +152,19 @@ def address_lines(settings: Settings, stack: Stack) -> list[str]:
     return lines
 
 
+def reports_folder_warning(settings: Settings) -> str | None:
+    """Return why the workers cannot write benchmark reports, or None. The
+    workers take this process's settings, and every benchmark run on them
+    would fail at its first step."""
+    from app.benchmark.report import ReportsFolderError, check_reports_writable
+
+    try:
+        check_reports_writable(settings, workers=True)
+    except ReportsFolderError as error:
+        return f"{error}; until then every benchmark run fails at its start"
+    return None
+
+
 def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> int:
     """Run everything until SIGINT or SIGTERM (or `stop_event`), then stop it all."""
     stop = stop_event or threading.Event()
@@ -164,6 +177,9 @@ def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> 
         stack.start()
         for line in address_lines(settings, stack):
             print(line, file=sys.stderr)
+        warning = reports_folder_warning(settings)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         print("Press Ctrl-C to stop.", file=sys.stderr)
         while not stop.wait(1.0):
             stack.supervise()

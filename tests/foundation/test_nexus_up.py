@@ -16,7 +16,7 @@ import pytest
 
 from app.contracts.queues import ALL_QUEUES
 from app.settings import Settings
-from app.supervisor import Stack, address_lines, http_url
+from app.supervisor import Stack, address_lines, http_url, reports_folder_warning
 from app.temporal.devserver import temporal_binary
 from tests.support.postgres import free_port
 
@@ -151,6 +151,18 @@ def test_up_health_stop_restart_keeps_history(nexus_up: NexusUp) -> None:
     listed = temporal_cli(nexus_up.address, "workflow", "list")
     assert "up-check-1" in listed.stdout, listed.stdout + listed.stderr
     assert nexus_up.stop() == 0
+
+
+def test_unwritable_reports_folder_warned(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = Settings(data_dir=tmp_path, reports_dir=blocker / "reports")
+    warning = reports_folder_warning(settings)
+    assert warning is not None
+    assert warning.startswith(f"the workers' reports folder {blocker / 'reports'}")
+    assert warning.endswith("until then every benchmark run fails at its start")
+    writable = Settings(data_dir=tmp_path, reports_dir=tmp_path / "reports")
+    assert reports_folder_warning(writable) is None
 
 
 def test_config_masks_secrets(tmp_path: Path) -> None:
