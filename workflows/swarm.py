@@ -818,7 +818,7 @@ STEP_RETRY = RetryPolicy(
 
 
 def _cancel_reason() -> str:
-    """The reason of the cancel request this workflow got, as its sender gave
+    """Return the reason of this workflow's cancel request, as its sender gave
     it. The server prefixes a reason that another workflow sent with that
     workflow's run id."""
     reason = workflow.cancellation_reason() or ""
@@ -999,7 +999,7 @@ class SwarmTaskWorkflow:
         (one from the web UI or `temporal workflow cancel`), which the swarm
         would otherwise never hear of, keeping the task's agents busy."""
         if self.reported or _cancel_reason() == DESTROYED_WHILE_RUNNING:
-            return  # the swarm knows already
+            return  # the swarm has recorded it already
         if workflow.patched(_PATCH_CANCEL_REASON):
             await self._report()
 

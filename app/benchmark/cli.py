@@ -426,7 +426,7 @@ class PhaseBars:
 
 
 def _ending(error: BaseException) -> str:
-    """How a run that gave no result ended, for its bars."""
+    """Return how a run that gave no result ended, for its bars."""
     cause = error.cause if isinstance(error, WorkflowFailureError) else None
     if isinstance(cause, CancelledError):
         return "cancelled"
