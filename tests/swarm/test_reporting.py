@@ -93,11 +93,10 @@ async def test_destroy_counts_and_cancelled_steps(
     assert result["error"] == record["error"] == DESTROYED_WHILE_RUNNING
 
 
-async def test_task_cancelled_outside_swarm_frees_its_agent(
-    swarms: Swarms,
-) -> None:
-    # A cancel from the web UI or `temporal workflow cancel` reaches only the
-    # task's workflow; the swarm must still hear of it and free the agent.
+async def _cancel_first_task_outside(swarms: Swarms) -> tuple[str, str, str]:
+    """Start a one-agent swarm whose first task runs a gated program, and
+    cancel that task's workflow through the SDK, as an operator would.
+    Return the swarm id, the agent id and the task id."""
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     agent_id = agents[0]["agent_id"]
     task = await swarms.call(
@@ -105,10 +104,18 @@ async def test_task_cancelled_outside_swarm_frees_its_agent(
     )
     folder = await agent_folder(swarms, agent_id)
     await wait_for_file(folder / "started")
-    await swarms.client.get_workflow_handle(task_workflow_id(task["task_id"])).cancel(
-        reason="stopped by an operator"
-    )
-    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
+    await handle.cancel(reason="stopped by an operator")
+    return swarm_id, agent_id, task["task_id"]
+
+
+async def test_task_cancelled_outside_swarm_frees_its_agent(
+    swarms: Swarms,
+) -> None:
+    # A cancel from the web UI or `temporal workflow cancel` reaches only the
+    # task's workflow; the swarm must still hear of it and free the agent.
+    swarm_id, _, task_id = await _cancel_first_task_outside(swarms)
+    result = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
     assert result["status"] == "cancelled"
     assert result["error"] == "stopped by an operator"
     after = await swarms.call(
@@ -119,14 +126,14 @@ async def test_task_cancelled_outside_swarm_frees_its_agent(
     assert done["output"] == "next\n"
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     records = {t["task_id"]: t for t in status["tasks"]}
-    assert records[task["task_id"]]["status"] == "cancelled"
-    assert records[task["task_id"]]["error"] == "stopped by an operator"
+    assert records[task_id]["status"] == "cancelled"
+    assert records[task_id]["error"] == "stopped by an operator"
     [agent] = status["agents"]
     assert agent["status"] == "idle"
     assert agent["tasks_completed"] == 1
     await swarms.call("swarm_destroy", swarm_id=swarm_id)
     await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
-    await replay_run(swarms.client, task_workflow_id(task["task_id"]), all_workflows())
+    await replay_run(swarms.client, task_workflow_id(task_id), all_workflows())
 
 
 async def test_destroy_after_outside_cancel_stops_sandbox(
@@ -134,17 +141,8 @@ async def test_destroy_after_outside_cancel_stops_sandbox(
 ) -> None:
     # The agent's first task is cancelled before its step reports the
     # sandbox, which was created and still runs the program.
-    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
-    agent_id = agents[0]["agent_id"]
-    task = await swarms.call(
-        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
-    )
-    folder = await agent_folder(swarms, agent_id)
-    await wait_for_file(folder / "started")
-    await swarms.client.get_workflow_handle(task_workflow_id(task["task_id"])).cancel(
-        reason="stopped by an operator"
-    )
-    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    swarm_id, agent_id, task_id = await _cancel_first_task_outside(swarms)
+    result = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
     assert result["status"] == "cancelled"
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     [agent] = status["agents"]
