@@ -84,7 +84,7 @@ def allocator_environment(environ: dict[str, str]) -> dict[str, str] | None:
 
 def exec_with_allocator() -> None:
     """Replace this process with the same command under jemalloc, when the
-    setting asks for jemalloc and this process does not use it yet."""
+    setting requests jemalloc and this process does not use it yet."""
     environment = allocator_environment(dict(os.environ))
     if environment is None:
         return

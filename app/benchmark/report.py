@@ -42,8 +42,8 @@ class ReportsFolderError(OSError):
 def check_reports_writable(settings: Settings, *, workers: bool = False) -> None:
     """Raise ReportsFolderError unless a file can be created in the reports
     folder. Reports are written after the last cycle, which can be hours
-    after the start, so a run checks first. `workers` says that the folder
-    is a worker's, whose settings come from the environment that started it
+    after the start, so a run checks first. `workers` marks the folder
+    as a worker's, whose settings come from the environment that started it
     (`nexus up`), not from the command that started the run."""
     folder = settings.reports_dir.expanduser().resolve()
     try:

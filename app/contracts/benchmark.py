@@ -36,7 +36,8 @@ PHASE_TITLES: dict[str, str] = {
 }
 
 # The error type of a run whose worker cannot write its reports folder. The
-# run fails at its first step, before any cycle, and the CLI says so.
+# run fails at its first step, before any cycle, and the CLI prints that it
+# did not start.
 REPORTS_FOLDER_ERROR = "ReportsFolderNotWritable"
 # The error type of a scheduled run that starts while another benchmark run
 # is open on its server. It fails at its first step, as the other would.

@@ -87,8 +87,8 @@ MAX_TASK_WORK_BYTES = 256 * 1024
 MAX_QUEUED_WORK_BYTES = 1024 * 1024
 
 # The error of a task that a destroy cancelled while it ran. The swarm records
-# it and sends it as the cancel's reason, so the task's own result says the
-# same, and a task cancelled for any other reason knows to tell its swarm.
+# it and sends it as the cancel's reason, so the task's own result gives the
+# same error. A task cancelled for any other reason reports to its swarm.
 DESTROYED_WHILE_RUNNING = "the swarm was destroyed while the task ran"
 
 
