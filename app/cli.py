@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.api.cli import keys_cli, mcp_command, tool_command
+from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
@@ -63,7 +63,7 @@ def load_settings() -> Settings:
 
 
 def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+    typer.echo(json_text(value))
 
 
 def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:

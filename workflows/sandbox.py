@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
     from app.contracts.sandbox import (
         CONFIGURATION_ERROR,
+        INTERRUPTED_ERROR,
         INVALID_ERROR,
         LOST_ERROR,
         BackendRef,
@@ -49,6 +50,8 @@ T = TypeVar("T")
 LOG_LINES_KEPT = 1000
 _LOG_LINE_CHARS = 2000
 _EVENTS_KEPT = 100
+# Interrupts that arrived before their execution, kept in case it comes.
+_EARLY_INTERRUPTS_KEPT = 100
 _CALL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -103,13 +106,17 @@ class SandboxSessionWorkflow:
     """Own one sandbox: create it, serve calls as updates, recreate it when lost.
 
     Updates: `ready`, `execute`, `upload`, `configure`, `describe`, `stop`,
-    `delete`. Queries: `info`, `logs`.
+    `delete`. Signal: `interrupt`. Queries: `info`, `logs`.
     """
 
     @workflow.init
     def __init__(self, request: SessionInput) -> None:
         self._state = request.state
         self._recreate_lock = asyncio.Lock()
+        # The handler of each execution that runs its program now, by call id.
+        self._executing: dict[str, asyncio.Task[object]] = {}
+        self._interrupted: set[str] = set()
+        self._early_interrupts: list[str] = []
 
     @workflow.run
     async def run(self, request: SessionInput) -> SessionResult:
@@ -405,24 +412,91 @@ class SandboxSessionWorkflow:
         await self._wait_running()
         return self.info()
 
+    @workflow.signal
+    def interrupt(self, call_id: str) -> None:
+        """Stop the program of the execution with `call_id`: its call is
+        cancelled, which kills the program, and the execution fails.
+
+        A caller that stops waiting for an execution (a cancelled swarm task)
+        sends this, since the program would otherwise run to its timeout.
+        The server takes the signal at once. While a program runs as a local
+        activity, the session handles it at the workflow task's next
+        heartbeat, about 8 s later."""
+        handler = self._executing.get(call_id)
+        if handler is None:
+            # Its execution may be delivered after this signal.
+            self._early_interrupts.append(call_id)
+            del self._early_interrupts[:-_EARLY_INTERRUPTS_KEPT]
+            return
+        if call_id not in self._interrupted:
+            self._interrupted.add(call_id)
+            handler.cancel()
+
     @workflow.update
     async def execute(self, request: ExecuteRequest) -> ExecuteResult:
         await self._wait_running()
         spec = self._state.spec
+        call_id = request.call_id
 
         async def call(backend_id: str) -> ExecuteResult:
-            return await self._call(
-                "sandbox_execute",
-                ExecuteInput(spec=spec, backend_id=backend_id, request=request),
-                ExecuteResult,
-                timedelta(seconds=request.timeout + 120),
-            )
+            execute = ExecuteInput(spec=spec, backend_id=backend_id, request=request)
+            if call_id is None:
+                return await self._execute_call(execute)
+            if call_id in self._early_interrupts:
+                raise self._interrupted_error(call_id, started=False)
+            # Registered only around the backend call, so an interrupt never
+            # cuts short a recreation.
+            handler = asyncio.current_task()
+            assert handler is not None
+            self._executing[call_id] = handler
+            try:
+                return await self._execute_call(execute)
+            except ActivityError as error:
+                # The cancelled call resolves as a cancelled activity.
+                if not self._take_interrupt(call_id):
+                    raise
+                raise self._interrupted_error(call_id) from error
+            finally:
+                self._executing.pop(call_id, None)
 
-        result, recreated = await self._with_sandbox(call)
+        try:
+            result, recreated = await self._with_sandbox(call)
+        except asyncio.CancelledError:
+            if call_id is None or not self._take_interrupt(call_id):
+                raise
+            raise self._interrupted_error(call_id) from None
         result.recreated = recreated
         self._log_output("stdout", result.stdout)
         self._log_output("stderr", result.stderr)
         return result
+
+    async def _execute_call(self, execute: ExecuteInput) -> ExecuteResult:
+        return await self._call(
+            "sandbox_execute",
+            execute,
+            ExecuteResult,
+            timedelta(seconds=execute.request.timeout + 120),
+        )
+
+    def _take_interrupt(self, call_id: str) -> bool:
+        """Return whether an interrupt for `call_id` cancelled its execution,
+        and consume that interrupt."""
+        if call_id not in self._interrupted:
+            return False
+        self._interrupted.discard(call_id)
+        return True
+
+    def _interrupted_error(
+        self, call_id: str, *, started: bool = True
+    ) -> ApplicationError:
+        self._event("interrupted", detail=f"execution {call_id}")
+        outcome = "its program was stopped" if started else "it did not run"
+        return ApplicationError(
+            f"execution {call_id} in sandbox {self._state.spec.sandbox_id} was "
+            f"interrupted, and {outcome}",
+            type=INTERRUPTED_ERROR,
+            non_retryable=True,
+        )
 
     @execute.validator
     def _validate_execute(self, request: ExecuteRequest) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -16,8 +17,20 @@ keys_cli = typer.Typer(
 )
 
 
+def json_text(value: Any, encoding: str | None = None) -> str:
+    """Return `value` as indented JSON that the output's `encoding` (default:
+    stdout's) can write, with text such as "Grüße" as is. Characters that
+    the encoding lacks, and lone surrogates, are escaped (`\\u00fc`)."""
+    text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
+    try:
+        text.encode(encoding or getattr(sys.stdout, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return json.dumps(value, indent=2, default=str)
+    return text
+
+
 def _print(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+    typer.echo(json_text(value))
 
 
 def _database_url() -> str:

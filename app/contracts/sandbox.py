@@ -38,6 +38,8 @@ CONFIGURATION_ERROR = "SandboxConfigurationError"
 INVALID_ERROR = "SandboxInvalidArgument"
 # The backend failed to carry out a valid request (a file it could not remove).
 BACKEND_ERROR = "SandboxBackendFailure"
+# An execution that the session's `interrupt` signal cut short.
+INTERRUPTED_ERROR = "SandboxCallInterrupted"
 
 
 class SandboxSpec(BaseModel):

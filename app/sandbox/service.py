@@ -254,6 +254,22 @@ async def execute(
     return result
 
 
+async def interrupt(client: Client, sandbox_id: str, call_id: str) -> bool:
+    """Ask the session to stop the program of the execution with `call_id`,
+    if it runs. Return False when the session has ended.
+
+    The signal returns at once; the program is stopped when the session
+    handles it (see `SandboxSessionWorkflow.interrupt`), and its execution
+    fails."""
+    try:
+        await _handle(client, sandbox_id).signal("interrupt", call_id)
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise _translate(error, sandbox_id) from None
+    return True
+
+
 async def upload(
     client: Client, sandbox_id: str, path: str, content: str
 ) -> UploadResult:

@@ -70,6 +70,11 @@ class AgentExecutor(Protocol):
         `files` value goes to a file whose path is in that variable."""
         ...
 
+    async def interrupt(self, sandbox_id: str, call_id: str) -> None:
+        """Stop the program of the `run_code` call with `call_id`, whose
+        caller no longer waits for it."""
+        ...
+
     async def state(self, sandbox_id: str) -> SandboxState:
         """Read the sandbox's state from its session and backend now."""
         ...
@@ -211,6 +216,9 @@ class SandboxSessionExecutor:
             duration_ms=result.execution_time * 1000,
             runs=result.runs,
         )
+
+    async def interrupt(self, sandbox_id: str, call_id: str) -> None:
+        await sandbox_service.interrupt(self.client, sandbox_id, call_id)
 
     async def state(self, sandbox_id: str) -> SandboxState:
         try:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
 import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.swarm import (
@@ -33,6 +38,9 @@ from app.swarm.executor import AgentExecutor, ExecutionOutput
 from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
 
 logger = logging.getLogger(__name__)
+
+# How long a cancelled step waits for the server to take its interrupt.
+INTERRUPT_SECONDS = 10.0
 
 LLM_SYSTEM_PROMPT = (
     "You are {name}, a {type} agent in a multi-agent swarm. Your capabilities: "
@@ -235,11 +243,45 @@ async def _run_program(
         timeout=request.work.timeout_seconds,
     )
     try:
-        return await run(call_id=call_id)
+        return await _interruptible(executor, sandbox_id, call_id, run)
     except SandboxServiceError as error:
         if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
             raise
-    return await run(call_id=f"{call_id}-attempt-{attempt}")
+    return await _interruptible(
+        executor, sandbox_id, f"{call_id}-attempt-{attempt}", run
+    )
+
+
+async def _interruptible(
+    executor: AgentExecutor,
+    sandbox_id: str,
+    call_id: str,
+    run: Callable[..., Awaitable[ExecutionOutput]],
+) -> ExecutionOutput:
+    """Run the call, and stop its program when the step is cancelled meanwhile.
+
+    A cancelled task cancels its step. Without the interrupt, the program
+    would run on in the agent's sandbox next to the agent's later tasks."""
+    try:
+        return await run(call_id=call_id)
+    except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            raise  # an update that timed out, not a cancelled step
+        try:
+            await asyncio.wait_for(
+                executor.interrupt(sandbox_id, call_id), INTERRUPT_SECONDS
+            )
+        except Exception as error:
+            logger.warning(
+                "could not stop the program of call %s in sandbox %s: %s",
+                call_id,
+                sandbox_id,
+                error,
+            )
+        # The client turns the cancel into its own error; the step stops
+        # as cancelled all the same.
+        raise asyncio.CancelledError() from None
 
 
 async def run_step(

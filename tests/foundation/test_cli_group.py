@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from app.api.cli import json_text
 from app.cli import cli
 from app.cli_group import NexusGroup, unwrap_help
 
@@ -226,3 +227,25 @@ def test_unwrap_help_keeps_marked_paragraphs() -> None:
         "Last paragraph.\f\nhidden\ntext"
     )
     assert unwrap_help(None) is None
+
+
+def test_json_output_keeps_non_ascii(tmp_path: Path) -> None:
+    folder = tmp_path / "Grüße"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_DATA_DIR"] = str(folder)
+    for encoding, shown in (("utf-8", str(folder)), ("ascii", "Gr\\u00fc\\u00dfe")):
+        env["PYTHONIOENCODING"] = encoding
+        completed = subprocess.run(
+            [sys.executable, "-m", "app", "config"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert shown in completed.stdout.decode(encoding)
+
+
+def test_json_text_escapes_lone_surrogate() -> None:
+    assert json_text({"text": "a\ud800"}, "utf-8") == '{\n  "text": "a\\ud800"\n}'
+    assert json_text({"text": "日本"}, "utf-8") == '{\n  "text": "日本"\n}'

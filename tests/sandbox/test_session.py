@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
+from app.contracts.sandbox import ExecuteRequest
 from app.sandbox import service
 from app.sandbox.backend import SandboxBackendError
 from app.sandbox.local import LocalBackend
@@ -651,3 +652,59 @@ async def test_status_backend_failure_named(
         assert "unexpected" not in failed.value.message
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_interrupt_stops_the_program(tool_ctx: ToolContext) -> None:
+    client = await tool_ctx.client()
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    before = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    home = sandbox_home(tool_ctx, before["backend_id"])
+    ticking = (
+        "import pathlib, time\n"
+        "n = 0\n"
+        "while True:\n"
+        "    n += 1\n"
+        "    pathlib.Path('ticks').write_text(str(n))\n"
+        "    time.sleep(0.1)\n"
+    )
+    request = ExecuteRequest(code=ticking, timeout=600)
+    running = asyncio.create_task(
+        service.execute(
+            client, tool_ctx.settings, sandbox_id, request, call_id="call-ticks"
+        )
+    )
+    try:
+        while not (home / "ticks").exists():
+            assert not running.done(), running.result()
+            await asyncio.sleep(0.05)
+        assert await service.interrupt(client, sandbox_id, "call-other") is True
+        assert await service.interrupt(client, sandbox_id, "call-ticks") is True
+        with pytest.raises(service.SandboxServiceError, match="interrupted"):
+            await asyncio.wait_for(running, 40)
+        ticks = (home / "ticks").read_text()
+        await asyncio.sleep(1.0)
+        assert (home / "ticks").read_text() == ticks
+        # An interrupt that came before its execution stops it at once, and
+        # the session goes on serving other calls.
+        early = ExecuteRequest(code="print('never')", timeout=60)
+        with pytest.raises(service.SandboxServiceError, match="interrupted"):
+            await service.execute(
+                client, tool_ctx.settings, sandbox_id, early, call_id="call-other"
+            )
+        after = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print('next')"
+        )
+        assert after["stdout"] == "next\n"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        interrupted = [e for e in status["events"] if e["kind"] == "interrupted"]
+        assert [e["detail"] for e in interrupted] == [
+            "execution call-ticks",
+            "execution call-other",
+        ]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    assert await service.interrupt(client, sandbox_id, "call-ticks") is False
+    await replay_run(client, service.workflow_id(sandbox_id), [SandboxSessionWorkflow])
