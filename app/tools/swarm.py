@@ -633,6 +633,11 @@ async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
     record = next((t for t in state.tasks if t.spec.task_id == task_id), None)
     if record is None or record.child_started:
         return None
+    if record.status == "queued":
+        ended = await _ended_workflow(client, swarm_id)
+        if ended is not None:
+            state = _settle_queued(state, *ended)
+            record = next(t for t in state.tasks if t.spec.task_id == task_id)
     done = {t.spec.task_id for t in state.tasks if t.status == "completed"}
     waiting_for = [d for d in record.spec.dependencies if d not in done]
     return TaskProgress(
@@ -649,8 +654,34 @@ async def _queued_progress(client: Client, task_id: str) -> TaskProgress | None:
             else None
         ),
         submitted_at=record.submitted_at,
+        finished_at=record.finished_at,
+        error=record.error,
         topology=state.topology,
     )
+
+
+def _settle_queued(
+    state: SwarmState, workflow_status: str, closed_at: datetime | None
+) -> SwarmState:
+    """Return the state of a swarm whose workflow ended without swarm_destroy
+    (`workflow_status`, such as "terminated"), with its queued tasks
+    cancelled. That workflow's last state still lists them as queued, and
+    nothing will run them."""
+    tasks = [
+        task.model_copy(
+            update={
+                "status": "cancelled",
+                "error": (
+                    f"the task never ran: its swarm's workflow is {workflow_status}"
+                ),
+                "finished_at": closed_at,
+            }
+        )
+        if task.status == "queued"
+        else task
+        for task in state.tasks
+    ]
+    return state.model_copy(update={"tasks": tasks})
 
 
 def _waiting_reason(state: SwarmState, record: TaskRecord, waiting: list[str]) -> str:
@@ -775,6 +806,8 @@ async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
             return progress
     if not await _child_exists(handle):
         queued = await _queued_progress(client, args.task_id)
+        if queued is not None and queued.status != "queued":
+            return queued  # its swarm's workflow ended, so no child will start
         if queued is not None and not await _wait_for_child(handle, deadline):
             return queued
     try:
@@ -1013,6 +1046,7 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
         if ended is not None:
             status = ended[0]
             end = ended[1] or end
+            state = _settle_queued(state, *ended)
 
     async def sandbox_of(agent: AgentState) -> tuple[str | None, str]:
         sandbox_id = agent.sandbox_id
@@ -1210,8 +1244,13 @@ async def _destroy_ended_swarm(
     logger.info(
         "destroying swarm %s, whose workflow is %s", swarm_id, ended.workflow_status
     )
-    # NOTE: a task still queued has no workflow to cancel, and its record in
-    # the closed workflow's state stays queued.
+    # A task still queued without a workflow needs no cancel: the status
+    # tools report it cancelled once its swarm's workflow has ended.
+    never_ran = [
+        task.spec.task_id
+        for task in state.tasks
+        if task.status == "queued" and not task.child_started
+    ]
     cancelled = await asyncio.gather(
         *(
             _cancel_task_workflow(client, task)
@@ -1272,7 +1311,7 @@ async def _destroy_ended_swarm(
         sandboxes_stopped=[
             s for s, done in zip(sandbox_ids, stopped, strict=True) if done
         ],
-        tasks_cancelled=[task_id for task_id in cancelled if task_id],
+        tasks_cancelled=[task_id for task_id in cancelled if task_id] + never_ran,
         destroyed_at=now,
     )
 

@@ -631,12 +631,27 @@ async def test_destroy_after_workflow_terminated(swarms: Swarms) -> None:
     task = await swarms.call(
         "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
     )
+    queued = await swarms.call(
+        "task_orchestrate", task="next", code="print('next')", swarm_id=swarm_id
+    )
     folder = await agent_folder(swarms, agent_id)
     await wait_for_file(folder / "started")
     await swarms.client.get_workflow_handle(f"swarm-{swarm_id}").terminate("operator")
 
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert status["status"] == "terminated"
+    # The terminated workflow will never run the queued task.
+    never_ran = "the task never ran: its swarm's workflow is terminated"
+    records = {t["task_id"]: t for t in status["tasks"]}
+    assert records[queued["task_id"]]["status"] == "cancelled"
+    assert records[queued["task_id"]]["error"] == never_ran
+    assert status["task_counts"] == {"running": 1, "cancelled": 1}
+    waited = await swarms.call(
+        "task_status", task_id=queued["task_id"], wait_seconds=600
+    )
+    assert waited["status"] == "cancelled"
+    assert waited["error"] == never_ran
+    assert waited["waiting_reason"] is None
     with pytest.raises(ToolError) as caught:
         await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
     assert caught.value.kind == "conflict"
@@ -648,12 +663,15 @@ async def test_destroy_after_workflow_terminated(swarms: Swarms) -> None:
     assert destroyed["status"] == "destroyed"
     assert destroyed["agents_removed"] == 1
     assert destroyed["sandboxes_stopped"] == [agent_sandbox_id(agent_id)]
-    assert destroyed["tasks_cancelled"] == [task["task_id"]]
+    assert destroyed["tasks_cancelled"] == [task["task_id"], queued["task_id"]]
     results = await swarms.call(
         "task_results", task_id=task["task_id"], wait_seconds=60
     )
     assert results["status"] == "cancelled"
     assert results["error"] == "the swarm was destroyed while the task ran"
+    results = await swarms.call("task_results", task_id=queued["task_id"])
+    assert results["status"] == "cancelled"
+    assert results["error"] == never_ran
     info = await sandbox_service.info(swarms.client, agent_sandbox_id(agent_id))
     assert info.status == "stopped"
 
