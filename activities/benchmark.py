@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 from sqlmodel import select
 from temporalio import activity
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.heartbeat import heartbeat_every
 from app.benchmark import recording
@@ -44,6 +44,54 @@ from app.settings import Settings
 # The sampler takes one last sample after its stop signal. A probe may
 # wait up to 10 s for a worker, and the record activity up to 30 s.
 SAMPLER_STOP_SECONDS = 60.0
+# Claims of the benchmark slot that one start makes before it gives up. A try
+# fails only when another run replaced the same stale holder first.
+CLAIM_TRIES = 3
+
+
+async def _workflow_status(run_id: str) -> WorkflowExecutionStatus | None:
+    """Return the status of run `run_id`'s workflow, None when not found."""
+    try:
+        described = await activity.client().get_workflow_handle(run_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return described.status
+
+
+def _is_last_attempt(error: Exception) -> bool:
+    """Return whether Temporal does not retry this activity after `error`."""
+    if isinstance(error, ApplicationError) and error.non_retryable:
+        return True
+    info = activity.info()
+    policy = info.retry_policy
+    if policy is None:
+        return False
+    # Temporal names an ApplicationError by its type, other errors by class.
+    error_type = (
+        error.type
+        if isinstance(error, ApplicationError) and error.type
+        else type(error).__name__
+    )
+    if error_type in (policy.non_retryable_error_types or ()):
+        return True
+    return bool(policy.maximum_attempts) and info.attempt >= policy.maximum_attempts
+
+
+def _run_open_error(run_id: str, others: list[str]) -> ApplicationError:
+    activity.logger.warning(
+        "benchmark %s does not start: benchmark %s is running",
+        run_id,
+        ", ".join(others),
+    )
+    return ApplicationError(
+        f"benchmark run {', '.join(others)} is running on this Temporal server, "
+        "and two runs at once would each measure the other's load. Wait for it "
+        f"to end, or cancel it with `nexus benchmark cancel {others[0]}`",
+        type=RUN_OPEN_ERROR,
+        non_retryable=True,
+    )
 
 
 class BenchmarkActivities:
@@ -64,31 +112,52 @@ class BenchmarkActivities:
             raise ApplicationError(
                 str(error), type=REPORTS_FOLDER_ERROR, non_retryable=True
             ) from None
-        if request.config.schedule_id is not None:
-            # `nexus benchmark run` checks before it starts a run, but a
-            # schedule starts its runs with no command in front.
-            await self._check_no_other_run(request.run_id)
-        await asyncio.to_thread(
-            recording.start_run, self.url, request.run_id, request.config
-        )
+        run_id = request.run_id
+        holder = await asyncio.to_thread(recording.slot_holder, self.url)
+        if request.config.schedule_id is not None and holder != run_id:
+            # `nexus benchmark run` checks the server before it starts a run,
+            # but a schedule starts its runs with no command in front. This
+            # check also sees runs that record to another database. It comes
+            # before the claim, and a run that holds the claim already skips
+            # it, so a run that it rejects holds no claim that could reject
+            # another run in turn.
+            others = await runs_in_the_way(activity.client(), self.url, run_id)
+            if others:
+                raise _run_open_error(run_id, others)
+        await self._claim_slot(run_id)
+        await asyncio.to_thread(recording.start_run, self.url, run_id, request.config)
 
-    async def _check_no_other_run(self, run_id: str) -> None:
-        others = await runs_in_the_way(activity.client(), self.url, run_id)
-        if not others:
-            return
-        activity.logger.warning(
-            "benchmark %s does not start: benchmark %s is running",
-            run_id,
-            ", ".join(others),
-        )
+    async def _claim_slot(self, run_id: str) -> None:
+        """Claim the database's benchmark slot for run `run_id`.
+
+        A holder whose workflow is still running keeps the slot, and this run
+        fails with RUN_OPEN_ERROR. A holder whose workflow has closed or is
+        unknown to this server left a stale claim: it was terminated, or it
+        ran on another server that records to the same database. This run
+        takes such a claim over.
+        """
+        for _ in range(CLAIM_TRIES):
+            holder = await asyncio.to_thread(recording.claim_slot, self.url, run_id)
+            if holder == run_id:
+                return
+            status = await _workflow_status(holder)
+            if status == WorkflowExecutionStatus.RUNNING:
+                raise _run_open_error(run_id, [holder])
+            activity.logger.warning(
+                "benchmark %s takes over the claim of benchmark %s, whose "
+                "workflow is %s on this server",
+                run_id,
+                holder,
+                "not found" if status is None else status.name.lower(),
+            )
+            if await asyncio.to_thread(
+                recording.take_over_slot, self.url, run_id, holder
+            ):
+                return
+        # Each try saw a stale holder that another run then replaced.
         raise ApplicationError(
-            f"benchmark run {', '.join(others)} is running on this Temporal "
-            "server, and two runs at once would each measure the other's load. "
-            f"Scheduled run {run_id} does not start; let that run end before "
-            f"the schedule's next run, or cancel it with `nexus benchmark "
-            f"cancel {others[0]}`",
-            type=RUN_OPEN_ERROR,
-            non_retryable=True,
+            f"benchmark run {run_id} could not claim the benchmark slot in "
+            f"{CLAIM_TRIES} tries, because other runs claimed it at the same time"
         )
 
     @activity.defn(name="run_benchmark_phase")
@@ -141,6 +210,19 @@ class BenchmarkActivities:
 
     @activity.defn(name="finish_benchmark_run")
     async def finish_run(self, request: ReportRequest) -> ReportResult:
+        """Write the run's report. The run's claim is released once the run
+        is completed, or when this activity fails on its last attempt, since
+        the run then ends with no report."""
+        try:
+            return await self._finish_run(request)
+        except Exception as error:
+            if _is_last_attempt(error):
+                await asyncio.to_thread(
+                    recording.release_slot, self.url, request.run_id
+                )
+            raise
+
+    async def _finish_run(self, request: ReportRequest) -> ReportResult:
         ended = request.ended_at or datetime.now(UTC)
         await asyncio.to_thread(recording.end_run, self.url, request.run_id, ended)
         await self._wait_for_sampler(request.run_id)

@@ -97,3 +97,16 @@ class ExtendedDurationTestEvent(SQLModel, table=True):
     sequence: int
     sent_at: float = Field(description="Unix time in seconds when inserted.")
     payload: str = ""
+
+
+class BenchmarkClaim(SQLModel, table=True):
+    """The run that holds a slot. The primary key lets one run at a time hold
+    the slot, whatever the lag of Temporal's visibility store."""
+
+    __tablename__ = "benchmark_claims"
+
+    slot: str = Field(primary_key=True, max_length=50)
+    run_id: str = Field(max_length=200)
+    claimed_at: datetime = Field(
+        default_factory=utc_now, sa_column=Column(DateTime(timezone=True))
+    )

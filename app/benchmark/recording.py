@@ -5,16 +5,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from sqlalchemy import Connection, delete, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col, select
 
 from app.benchmark.models import (
+    BenchmarkClaim,
     BenchmarkOperation,
     BenchmarkPhase,
     BenchmarkRun,
     BenchmarkSample,
 )
 from app.contracts.benchmark import BenchmarkConfig, PhaseRecord, SampleBatch
-from app.db import session_scope
+from app.db import get_engine, session_scope
+
+# The claim slot of benchmark runs. One slot for every run that records to a
+# database, because a run on any server would load the same database.
+RUN_SLOT = "benchmark"
 
 
 def start_run(url: str, run_id: str, config: BenchmarkConfig) -> None:
@@ -44,7 +51,8 @@ def end_run(url: str, run_id: str, ended_at: datetime) -> None:
 
 
 def complete_run(url: str, run_id: str, summary: dict[str, Any]) -> None:
-    """Record the run as completed with the summary of its written report."""
+    """Record the run as completed with the summary of its written report,
+    and release its claim."""
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)
         if run is None:
@@ -52,13 +60,15 @@ def complete_run(url: str, run_id: str, summary: dict[str, Any]) -> None:
         run.status = "completed"
         run.summary = summary
         session.add(run)
+        _release(session.connection(), run_id)
 
 
 def cancel_run(
     url: str, run_id: str, config: BenchmarkConfig, ended_at: datetime
 ) -> None:
-    """Record a cancelled run. The row is created when missing, because the
-    cancellation may have stopped the run before its start was recorded."""
+    """Record a cancelled run and release its claim. The row is created when
+    missing, because the cancellation may have stopped the run before its
+    start was recorded."""
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)
         if run is None:
@@ -70,6 +80,84 @@ def cancel_run(
         run.status = "cancelled"
         run.ended_at = ended_at
         session.add(run)
+        _release(session.connection(), run_id)
+
+
+def claim_slot(url: str, run_id: str, slot: str = RUN_SLOT) -> str:
+    """Claim `slot` for run `run_id` and return the run that holds it.
+
+    The result is `run_id` when this call claimed the slot, or when the run
+    held it already, as a retried or continued run does. Otherwise it is the
+    holder's id, and the slot is left as it was.
+    """
+    with get_engine(url).begin() as connection:
+        # On PostgreSQL a holder can release between the conflict and the
+        # read, so the insert is tried again.
+        for _ in range(3):
+            inserted = connection.execute(
+                _insert_claim(connection, slot, run_id).on_conflict_do_nothing()
+            )
+            if inserted.rowcount == 1:
+                return run_id
+            holder = connection.execute(
+                select(BenchmarkClaim.run_id).where(BenchmarkClaim.slot == slot)
+            ).scalar_one_or_none()
+            if holder is not None:
+                return holder
+    raise RuntimeError(
+        f"benchmark run {run_id} could not claim slot {slot!r}: its holder "
+        "released it and another run claimed it again, three times"
+    )
+
+
+def _insert_claim(
+    connection: Connection, slot: str, run_id: str
+) -> postgresql.Insert | sqlite.Insert:
+    values = {"slot": slot, "run_id": run_id, "claimed_at": datetime.now(UTC)}
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(BenchmarkClaim).values(values)
+    if dialect == "sqlite":
+        return sqlite.insert(BenchmarkClaim).values(values)
+    raise NotImplementedError(f"claims need SQLite or PostgreSQL, not {dialect}")
+
+
+def take_over_slot(
+    url: str, run_id: str, stale_holder: str, slot: str = RUN_SLOT
+) -> bool:
+    """Move `slot` from `stale_holder` to run `run_id`; return whether it moved.
+
+    It moves only while `stale_holder` still holds it, so of several runs
+    that take over the same stale claim, one gets it.
+    """
+    with get_engine(url).begin() as connection:
+        moved = connection.execute(
+            update(BenchmarkClaim)
+            .where(col(BenchmarkClaim.slot) == slot)
+            .where(col(BenchmarkClaim.run_id) == stale_holder)
+            .values(run_id=run_id, claimed_at=datetime.now(UTC))
+        )
+        return moved.rowcount == 1
+
+
+def release_slot(url: str, run_id: str) -> bool:
+    """Release every slot that run `run_id` holds; return whether it held one."""
+    with get_engine(url).begin() as connection:
+        return _release(connection, run_id)
+
+
+def _release(connection: Connection, run_id: str) -> bool:
+    released = connection.execute(
+        delete(BenchmarkClaim).where(col(BenchmarkClaim.run_id) == run_id)
+    )
+    return released.rowcount > 0
+
+
+def slot_holder(url: str, slot: str = RUN_SLOT) -> str | None:
+    """Return the id of the run that holds `slot`, or None when it is free."""
+    with session_scope(url) as session:
+        claim = session.get(BenchmarkClaim, slot)
+        return None if claim is None else claim.run_id
 
 
 def run_status(url: str, run_id: str) -> str:
