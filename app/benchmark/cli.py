@@ -43,6 +43,7 @@ from app.cli_group import NexusGroup
 from app.contracts.benchmark import (
     PHASE_TITLES,
     REPORTS_FOLDER_ERROR,
+    RUN_OPEN_ERROR,
     BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
@@ -831,8 +832,13 @@ def run_command(
         if isinstance(error.cause, CancelledError):
             # By `nexus benchmark cancel` from another shell.
             message = f"benchmark run {run_id} was cancelled; it has no report"
-        elif isinstance(cause, ApplicationError) and cause.type == REPORTS_FOLDER_ERROR:
-            # The workers' reports folder, checked before any cycle ran.
+        elif isinstance(cause, ApplicationError) and cause.type in (
+            REPORTS_FOLDER_ERROR,
+            RUN_OPEN_ERROR,
+        ):
+            # The run's first step rejected it before any cycle ran: the
+            # workers' reports folder, or another run that started since
+            # this command's own check.
             message = f"benchmark run {run_id} did not start: {cause.message}"
         else:
             message = (

@@ -55,10 +55,15 @@ async def runs_in_the_way(client: Client, url: str, run_id: str) -> list[str]:
     new, so its start time decides nothing.
 
     NOTE: a run that this one does not see yet in the visibility store is
-    not in the way, so two runs started within that lag can both go on.
+    not in the way, so two runs started within that lag can both pass this
+    check. The claim in `benchmark_claims` then decides between runs that
+    record to the same database, but two runs on different databases can
+    both go on.
     """
     open_runs = await open_benchmarks(client)
     own = next((start for start, other in open_runs if other == run_id), None)
+    if own is None:
+        own = await _start_time(client, run_id)
     in_the_way = []
     for start, other in open_runs:
         if other == run_id:
@@ -70,3 +75,15 @@ async def runs_in_the_way(client: Client, url: str, run_id: str) -> list[str]:
         if status == "running" or own is None or (start, other) < (own, run_id):
             in_the_way.append(other)
     return in_the_way
+
+
+async def _start_time(client: Client, run_id: str) -> datetime | None:
+    """Return the start time of run `run_id` from its own state, which does
+    not lag like the visibility store; None when the server has no such run."""
+    try:
+        described = await client.get_workflow_handle(run_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return described.start_time

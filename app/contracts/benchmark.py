@@ -39,8 +39,9 @@ PHASE_TITLES: dict[str, str] = {
 # run fails at its first step, before any cycle, and the CLI prints that it
 # did not start.
 REPORTS_FOLDER_ERROR = "ReportsFolderNotWritable"
-# The error type of a scheduled run that starts while another benchmark run
-# is open on its server. It fails at its first step, as the other would.
+# The error type of a run that starts while another benchmark run is open on
+# its server or holds the database's benchmark claim. It fails at its first
+# step, and the CLI prints that it did not start.
 RUN_OPEN_ERROR = "BenchmarkRunOpen"
 
 
