@@ -285,11 +285,14 @@ async def test_progress_has_phase_times(client: Client, workers: Settings) -> No
             running = progress
         await asyncio.sleep(0.05)
     assert running is not None, "neural training was never seen running"
+    url = workers.effective_database_url
+    assert recording.slot_holder(url) == run_id
     assert running.phase_started_at is not None
     assert running.phase_started_at <= datetime.now(UTC)
     assert "neural_training" not in running.phase_times
 
     result = await handle.result()
+    assert recording.slot_holder(url) is None, "the completed run kept its claim"
     final = await handle.query("progress", result_type=BenchmarkProgress)
     assert final.finished
     assert final.cycle == result.cycles - 1

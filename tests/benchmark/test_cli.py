@@ -41,6 +41,7 @@ from app.benchmark.cli import format_seconds, parse_duration
 from app.cli import cli
 from app.contracts.benchmark import (
     REPORTS_FOLDER_ERROR,
+    RUN_OPEN_ERROR,
     BenchmarkConfig,
     BenchmarkProgress,
     BenchmarkResult,
@@ -1089,6 +1090,32 @@ def test_workers_reports_folder_refusal_named(
     )
 
 
+def test_run_open_refusal_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A run that started after this command's own check holds the claim.
+    cause = _activity_failure(
+        "start_benchmark_run",
+        ApplicationError(
+            "benchmark run nexus-benchmark-run-1 is running on this Temporal "
+            "server, and two runs at once would each measure the other's load. "
+            "Wait for it to end, or cancel it with `nexus benchmark cancel "
+            "nexus-benchmark-run-1`",
+            type=RUN_OPEN_ERROR,
+            non_retryable=True,
+        ),
+    )
+    done = _invoke_failed_run(monkeypatch, tmp_path, cause)
+    assert done.exit_code == 1, done.output
+    assert len(done.output.strip().splitlines()) == 1, done.output
+    assert done.output.strip() == (
+        "error: benchmark run benchmark-x did not start: benchmark run "
+        "nexus-benchmark-run-1 is running on this Temporal server, and two runs "
+        "at once would each measure the other's load. Wait for it to end, or "
+        "cancel it with `nexus benchmark cancel nexus-benchmark-run-1`"
+    )
+
+
 def test_cancelled_run_gives_one_line_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1187,6 +1214,10 @@ async def test_cancel_command_and_run_beside_deployment(
             while handle.id not in await benchmark_cli.running_benchmarks(client):
                 assert time.monotonic() < deadline, "the run was never listed"
                 await asyncio.sleep(0.2)
+            url = settings.effective_database_url
+            while recording.slot_holder(url) != handle.id:
+                assert time.monotonic() < deadline, "the run never claimed the slot"
+                await asyncio.sleep(0.2)
             with pytest.raises(benchmark_cli.BenchmarkStartError) as refused:
                 await benchmark_cli._check_no_other_run(
                     client, address, own_server=False
@@ -1214,6 +1245,7 @@ async def test_cancel_command_and_run_beside_deployment(
             assert f"Benchmark {handle.id} cancelled" in done.stderr
             described = await handle.describe()
             assert described.status == WorkflowExecutionStatus.CANCELED
+            assert recording.slot_holder(url) is None
             again = await asyncio.to_thread(
                 subprocess.run,
                 [*cancel, handle.id],
