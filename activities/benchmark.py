@@ -45,7 +45,7 @@ from app.settings import Settings
 # wait up to 10 s for a worker, and the record activity up to 30 s.
 SAMPLER_STOP_SECONDS = 60.0
 # Claims of the benchmark slot that one start makes before it gives up. A try
-# fails only when another run replaced the same stale holder first.
+# fails only when another run took over the same stale claim first.
 CLAIM_TRIES = 3
 
 
@@ -81,7 +81,7 @@ def _is_last_attempt(error: Exception) -> bool:
 
 def _run_open_error(run_id: str, others: list[str]) -> ApplicationError:
     activity.logger.warning(
-        "benchmark %s does not start: benchmark %s is running",
+        "benchmark %s rejected at its start: benchmark %s is running",
         run_id,
         ", ".join(others),
     )
@@ -117,7 +117,7 @@ class BenchmarkActivities:
         if request.config.schedule_id is not None and holder != run_id:
             # `nexus benchmark run` checks the server before it starts a run,
             # but a schedule starts its runs with no command in front. This
-            # check also sees runs that record to another database. It comes
+            # check also covers runs that record to another database. It comes
             # before the claim, and a run that holds the claim already skips
             # it, so a run that it rejects holds no claim that could reject
             # another run in turn.
@@ -154,7 +154,7 @@ class BenchmarkActivities:
                 recording.take_over_slot, self.url, run_id, holder
             ):
                 return
-        # Each try saw a stale holder that another run then replaced.
+        # Each try found a stale claim that another run took over first.
         raise ApplicationError(
             f"benchmark run {run_id} could not claim the benchmark slot in "
             f"{CLAIM_TRIES} tries, because other runs claimed it at the same time"

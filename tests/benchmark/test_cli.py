@@ -1090,7 +1090,7 @@ def test_workers_reports_folder_refusal_named(
     )
 
 
-def test_run_open_refusal_named(
+def test_run_open_rejection_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # A run that started after this command's own check holds the claim.
