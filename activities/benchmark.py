@@ -189,7 +189,13 @@ class BenchmarkActivities:
     @activity.defn(name="cancel_benchmark_run")
     async def cancel_run(self, request: CancelRunRequest) -> None:
         """Record the run as cancelled once its stopped sampler has ended, so
-        that nothing of the run is left running when the workflow ends."""
+        that nothing of the run is left running when the workflow ends. The
+        record releases the run's claim.
+
+        NOTE: the workflow does not wait for a cancelled `start_benchmark_run`
+        attempt, which can claim the slot after this release. That claim is
+        stale once the run has closed, and the next run takes it over.
+        """
         await self._wait_for_sampler(request.run_id)
         await asyncio.to_thread(
             recording.cancel_run,
