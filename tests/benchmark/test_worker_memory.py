@@ -105,6 +105,23 @@ def test_memory_report_has_every_section(tmp_path: Path) -> None:
     assert f"sqlalchemy compiled cache 0 entries (sqlite:///{tmp_path}" in text
 
 
+class _Holder:
+    pass
+
+
+def test_memory_report_names_largest_objects(tmp_path: Path) -> None:
+    # A dict of numbers only is not tracked by the collector, so the report
+    # must find it among the referents of its holder.
+    holder = _Holder()
+    holder.cache = {index: index for index in range(200_000)}  # type: ignore[attr-defined]
+    path = memory_debug.write_memory_report(tmp_path / "logs", "nexus-test")
+    lines = path.read_text().split("largest objects")[1].splitlines()[1:]
+    shown = lines[: memory_debug.MAX_LARGEST_SHOWN]
+    assert all(line.startswith("  ") for line in shown)
+    expected = "dict len 200000 first key 0; in: attribute 'cache' of a _Holder"
+    assert any(expected in line for line in shown)
+
+
 def test_memory_report_failure_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
