@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from app.db.engine import compiled_cache_sizes
@@ -45,9 +46,8 @@ def sqlite_memory_used() -> int | None:
 # Objects the report lists by size, and the referrers it names for each.
 MAX_LARGEST_SHOWN = 25
 MAX_REFERRERS_SHOWN = 3
-# Objects that the collector does not track, such as bytes and text, are
-# listed from this size on, when a tracked object refers to them.
-UNTRACKED_MIN_BYTES = 256 * 1024
+# Smaller objects are not listed, whatever their number.
+LARGE_OBJECT_BYTES = 4096
 
 
 def _describe(obj: object) -> str:
@@ -85,53 +85,66 @@ def _referrer_name(referrer: object, target: object) -> str:
     return kind
 
 
-def largest_objects(objects: list[object]) -> list[str]:
+def _walk(roots: list[object]) -> Iterator[object]:
+    """Yield every object reachable from `roots`, each once.
+
+    Objects without referents (numbers, text, bytes) are yielded each time
+    they are reached, since remembering them all would take more memory
+    than the report may add."""
+    seen: set[int] = set()
+    stack = list(roots)
+    seen.update((id(seen), id(stack), id(roots)))
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, int | float | str | bytes):
+            yield obj
+            continue
+        key = id(obj)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield obj
+        stack.extend(gc.get_referents(obj))
+
+
+def largest_objects() -> list[str]:
     """Return one line for each of the largest objects by `sys.getsizeof`,
-    with where their referrers keep them. `objects` are the ones the
-    collector tracks. Large objects it does not track (bytes, text, and
-    containers of numbers or text only) are found among their referents."""
-    sizes: dict[int, int] = {}
-    found: dict[int, object] = {}
-    for obj in objects:
-        candidates = [obj]
-        candidates += [
-            r
-            for r in gc.get_referents(obj)
-            if not gc.is_tracked(r) and sys.getsizeof(r, 0) >= UNTRACKED_MIN_BYTES
-        ]
-        for candidate in candidates:
-            size = sys.getsizeof(candidate, 0)
-            key = id(candidate)
-            if key not in sizes and (len(sizes) < 4 * MAX_LARGEST_SHOWN or size > 4096):
-                sizes[key] = size
-                found[key] = candidate
+    with where their referrers keep them.
 
-    largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:MAX_LARGEST_SHOWN]
-    top = [found[key] for key in largest]
+    The objects are those reachable from the modules and from what the
+    collector tracks. A worker freezes its startup objects, which the
+    collector then no longer lists, so a module-level cache that grows is
+    found only through its module."""
+    roots: list[object] = [vars(m) for m in list(sys.modules.values())]
+    roots += gc.get_objects()
+    found: dict[int, tuple[int, object]] = {}
+    for obj in _walk(roots):
+        size = sys.getsizeof(obj, 0)
+        if size >= LARGE_OBJECT_BYTES:
+            found[id(obj)] = (size, obj)
+    largest = sorted(found, key=lambda key: found[key][0], reverse=True)
+    top = {key: found[key] for key in largest[:MAX_LARGEST_SHOWN]}
     found.clear()
-
-    this_frame = sys._getframe()
-    lines = []
-    for index in range(len(top)):
-        obj = top[index]
-        names = []
-        for referrer in gc.get_referrers(obj):
-            if referrer is top or referrer is objects or referrer is this_frame:
-                continue
-            names.append(_referrer_name(referrer, obj))
-            if len(names) == MAX_REFERRERS_SHOWN:
-                break
-        size = sizes[largest[index]]
-        lines.append(f"  {size:>11} {_describe(obj)}; in: {', '.join(names)}")
-    return lines
+    holders: dict[int, list[str]] = {key: [] for key in top}
+    for container in _walk(roots):
+        if isinstance(container, int | float | str | bytes):
+            continue
+        for referent in gc.get_referents(container):
+            names = holders.get(id(referent))
+            if names is not None and len(names) < MAX_REFERRERS_SHOWN:
+                names.append(_referrer_name(container, referent))
+    del roots
+    return [
+        f"  {size:>11} {_describe(obj)}; in: {', '.join(holders[key])}"
+        for key, (size, obj) in top.items()
+    ]
 
 
 def write_memory_report(folder: Path, label: str) -> Path:
     """Write one memory report of this process into `folder` and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"memory-{label}-{os.getpid()}-{time.strftime('%H%M%S')}.txt"
-    objects = gc.get_objects()
-    counts = collections.Counter(type(o).__qualname__ for o in objects)
+    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
     with path.open("w") as out:
         out.write(f"pid {os.getpid()} at {time.time():.0f}\n")
         out.write(f"threads {threading.active_count()}\n")
@@ -139,9 +152,8 @@ def write_memory_report(folder: Path, label: str) -> Path:
         for name, count in counts.most_common(60):
             out.write(f"  {count:>9} {name}\n")
         out.write("largest objects (bytes by sys.getsizeof)\n")
-        for line in largest_objects(objects):
+        for line in largest_objects():
             out.write(line + "\n")
-        del objects
         packages = collections.Counter(name.split(".")[0] for name in sys.modules)
         out.write(f"modules {len(sys.modules)}\n")
         for name, count in packages.most_common():
