@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         TaskProgress,
         TaskRecord,
         TaskSpec,
+        capability_error,
         task_workflow_id,
         work_bytes,
     )
@@ -232,6 +233,9 @@ class SwarmWorkflow:
                     f"agent name {request.name!r} is taken by {holder[0].agent_id} "
                     f"in swarm {self.state.swarm_id}; choose another name"
                 )
+        too_large = capability_error("capabilities", request.capabilities)
+        if too_large is not None:
+            raise ValueError(too_large)
         present = len(self._active_agents())
         if present >= self.state.max_agents:
             raise ValueError(
@@ -241,6 +245,11 @@ class SwarmWorkflow:
             )
 
     def _check_work_size(self, spec: TaskSpec) -> None:
+        too_large = capability_error(
+            "required_capabilities", spec.required_capabilities
+        )
+        if too_large is not None:
+            raise ValueError(too_large)
         text = len(spec.work.task.encode())
         if text > MAX_TASK_TEXT_BYTES:
             raise ValueError(

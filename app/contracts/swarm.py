@@ -85,6 +85,29 @@ MAX_TASK_TEXT_BYTES = 100_000
 MAX_TASK_WORK_BYTES = 256 * 1024
 # Text and code of a swarm's tasks that have not started, all together.
 MAX_QUEUED_WORK_BYTES = 1024 * 1024
+# An agent's capabilities and a task's required capabilities: each list, and
+# each name. Both stay in the swarm's state for the swarm's lifetime.
+MAX_CAPABILITIES = 32
+MAX_CAPABILITY_CHARS = 100
+
+
+def capability_error(field: str, capabilities: list[str]) -> str | None:
+    """Return why `capabilities` (the value of `field`) is too large for the
+    swarm's state, or None when it fits."""
+    if len(capabilities) > MAX_CAPABILITIES:
+        return (
+            f"{field} has {len(capabilities)} entries; at most {MAX_CAPABILITIES} "
+            "are allowed: name the capabilities that tell agents apart"
+        )
+    for name in capabilities:
+        if len(name) > MAX_CAPABILITY_CHARS:
+            return (
+                f"{field} entry {name[:40]!r}... has {len(name)} characters; at "
+                f"most {MAX_CAPABILITY_CHARS} are allowed: use a short name such "
+                "as gpu or python"
+            )
+    return None
+
 
 # The error of a task that a destroy cancelled while it ran. The swarm records
 # it and sends it as the cancel's reason, so the task's own result gives the

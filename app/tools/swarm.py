@@ -53,6 +53,7 @@ from app.contracts.swarm import (
     TaskStrategy,
     TaskWork,
     Topology,
+    capability_error,
     task_workflow_id,
 )
 from app.contracts.types import UtcDateTime
@@ -117,10 +118,21 @@ def _check_capability(value: str) -> str:
             f"capability {value!r} is empty; name a capability such as gpu, or "
             "leave the empty entry out"
         )
+    too_large = capability_error("capability", [value])
+    if too_large is not None:
+        raise ValueError(too_large)
+    return value
+
+
+def _check_capabilities(value: list[str]) -> list[str]:
+    too_large = capability_error("the list", value)
+    if too_large is not None:
+        raise ValueError(too_large)
     return value
 
 
 Capability = Annotated[str, AfterValidator(_check_capability)]
+Capabilities = Annotated[list[Capability], AfterValidator(_check_capabilities)]
 
 UPDATE_RETRY_SECONDS = 60.0
 
@@ -337,7 +349,7 @@ class AgentSpawnInput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: AgentType
-    capabilities: list[Capability] = Field(default_factory=list)
+    capabilities: Capabilities = Field(default_factory=list)
     name: str | None = Field(None, max_length=200)
     swarm_id: SwarmIdArgument = None
 
@@ -426,7 +438,7 @@ class TaskOrchestrateInput(BaseModel):
     command: str | None = Field(None, description="Shell command each agent runs.")
     action: str | None = Field(None, description="Built-in action, e.g. system_health.")
     action_args: dict[str, Any] = Field(default_factory=dict)
-    required_capabilities: list[Capability] = Field(default_factory=list)
+    required_capabilities: Capabilities = Field(default_factory=list)
     timeout: float = Field(300.0, gt=0, le=86400, description="Seconds per step.")
 
     @field_validator("task")

@@ -13,6 +13,9 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
+    MAX_CAPABILITIES,
+    MAX_CAPABILITY_CHARS,
+    AgentState,
     Assignment,
     SpawnAgentRequest,
     SwarmState,
@@ -219,6 +222,38 @@ async def test_blank_capabilities_rejected(swarms: Swarms) -> None:
             )
         assert caught.value.errors[0]["field"] == "required_capabilities.0"
         assert f"capability {blank!r} is empty" in caught.value.message
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["agents"]) == 1
+    assert status["tasks"] == []
+
+
+async def test_large_capabilities_rejected(swarms: Swarms) -> None:
+    # Capabilities stay in the swarm's state, which must stay below the
+    # server's 2 MB payload limit, so both their count and length are capped.
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"], maxAgents=2)
+    too_many = [f"cap-{index}" for index in range(MAX_CAPABILITIES + 1)]
+    too_long = "y" * (MAX_CAPABILITY_CHARS + 1)
+    for field, tool, extra in (
+        ("capabilities", "agent_spawn", {"type": "coder"}),
+        ("required_capabilities", "task_orchestrate", {"task": "x", "command": "true"}),
+    ):
+        with pytest.raises(ToolInputError) as caught:
+            await swarms.call(tool, **{field: too_many}, **extra, swarm_id=swarm_id)
+        assert caught.value.errors[0]["field"] == field
+        assert f"the list has {MAX_CAPABILITIES + 1} entries" in caught.value.message
+        with pytest.raises(ToolInputError) as caught:
+            await swarms.call(tool, **{field: [too_long]}, **extra, swarm_id=swarm_id)
+        assert caught.value.errors[0]["field"] == f"{field}.0"
+        assert f"has {MAX_CAPABILITY_CHARS + 1} characters" in caught.value.message
+    # The swarm's own validators check clients that bypass the tools.
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    with pytest.raises(WorkflowUpdateFailedError) as failed:
+        await handle.execute_update(
+            "spawn_agent",
+            SpawnAgentRequest(type="coder", capabilities=[too_long]),
+            result_type=AgentState,
+        )
+    assert "has 101 characters" in str(failed.value.cause)
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert len(status["agents"]) == 1
     assert status["tasks"] == []
