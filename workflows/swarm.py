@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 from collections import deque
@@ -15,7 +16,16 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+    TerminatedError,
+)
+from temporalio.exceptions import (
+    TimeoutError as WorkflowTimeoutError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
@@ -119,6 +129,11 @@ _PATCH_CANCEL_REASON = "swarm-task-cancel-reason"
 # Patch id of the change that gives an agent its fixed sandbox id when its
 # first program task ends without reporting one (cancelled or failed).
 _PATCH_UNREPORTED_SANDBOX = "swarm-unreported-first-sandbox"
+
+# Patch id of the change that ends the record of a task whose workflow
+# closed without reporting to the swarm (terminated, timed out), freeing its
+# agents.
+_PATCH_WATCH_CHILD_CLOSE = "swarm-watch-task-close"
 
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
@@ -531,7 +546,7 @@ class SwarmWorkflow:
         task_id = task.spec.task_id
         self.starting.add(task_id)
         try:
-            await workflow.start_child_workflow(
+            handle = await workflow.start_child_workflow(
                 SwarmTaskWorkflow.run,
                 SwarmTaskInput(
                     swarm_id=self.state.swarm_id,
@@ -549,12 +564,54 @@ class SwarmWorkflow:
                 ),
             )
             task.child_started = True
+            if workflow.patched(_PATCH_WATCH_CHILD_CLOSE):
+                handle.add_done_callback(functools.partial(self._task_closed, task_id))
             if with_assignment:
                 # Runs of older code started the child before choosing its
                 # agents, which reads the text, so they keep it.
                 _trim_work(task)
         finally:
             self.starting.discard(task_id)
+
+    def _task_closed(self, task_id: str, handle: asyncio.Task[Any]) -> None:
+        """End the record of a task whose workflow closed without telling
+        this swarm, and free its agents.
+
+        A task that completes, fails or is cancelled reports first. One that
+        is terminated (web UI, `temporal workflow terminate`) or timed out
+        never does, and its agents would otherwise stay busy for good.
+
+        Only this run learns of the close of the children it started. A task
+        started by an earlier run of this swarm, before a continue-as-new,
+        that closes this way keeps its agents busy."""
+        if handle.cancelled():
+            return  # this run ended first
+        error = handle.exception()
+        task = self._find_task(task_id)
+        if error is None or task is None or task.status not in ("running", "queued"):
+            return
+        cause = error.__cause__ if isinstance(error, ChildWorkflowError) else error
+        if isinstance(cause, TerminatedError):
+            ending = "terminated"
+        elif isinstance(cause, WorkflowTimeoutError):
+            ending = "timed out"
+        elif isinstance(cause, CancelledError):
+            ending = "cancelled"
+        else:
+            ending = f"failed: {cause}"
+        workflow.logger.warning(
+            "task %s of swarm %s ended without reporting: its workflow was %s",
+            task_id,
+            self.state.swarm_id,
+            ending,
+        )
+        self.task_finished(
+            TaskFinished(
+                task_id=task_id,
+                status="cancelled" if ending == "cancelled" else "failed",
+                error=f"the task's workflow was {ending}",
+            )
+        )
 
     async def _send_assignment(self, task: TaskRecord) -> None:
         if not task.child_started:

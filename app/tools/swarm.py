@@ -135,6 +135,8 @@ Capability = Annotated[str, AfterValidator(_check_capability)]
 Capabilities = Annotated[list[Capability], AfterValidator(_check_capabilities)]
 
 UPDATE_RETRY_SECONDS = 60.0
+# How often a wait for a queued task checks that its swarm's workflow runs.
+SWARM_CHECK_SECONDS = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -696,6 +698,85 @@ def _settle_queued(
     return state.model_copy(update={"tasks": tasks})
 
 
+async def _settle_ended(
+    ctx: ToolContext,
+    client: Client,
+    state: SwarmState,
+    workflow_status: str,
+    closed_at: datetime | None,
+) -> tuple[SwarmState, bool]:
+    """Return the current state of a swarm whose workflow ended without
+    swarm_destroy, and whether swarm_destroy has run since.
+
+    That workflow's last state stopped when it ended. In the state returned,
+    queued tasks are cancelled, and running tasks have the outcome of their
+    own workflows, which outlive the swarm's. Agents are idle once their
+    task has ended, and removed once swarm_destroy has run."""
+    state = _settle_queued(state, workflow_status, closed_at)
+
+    running = [t for t in state.tasks if t.status == "running"]
+    outcomes = await asyncio.gather(*(_task_outcome(client, t) for t in running))
+    ended = {
+        task.spec.task_id: outcome
+        for task, outcome in zip(running, outcomes, strict=True)
+        if outcome is not None
+    }
+    tasks = [
+        task.model_copy(
+            update={
+                "status": ended[task.spec.task_id].status,
+                "error": ended[task.spec.task_id].error,
+                "finished_at": ended[task.spec.task_id].finished_at,
+            }
+        )
+        if task.spec.task_id in ended
+        else task
+        for task in state.tasks
+    ]
+
+    rows = await asyncio.to_thread(service.list_swarm_rows, ctx.database_url, "all")
+    destroyed = any(
+        r.swarm_id == state.swarm_id and r.status == "destroyed" for r in rows
+    )
+    agents = []
+    for agent in state.agents:
+        if agent.status == "removed":
+            agents.append(agent)
+        elif destroyed:
+            agents.append(
+                agent.model_copy(
+                    update={
+                        "status": "removed",
+                        "left_reason": "swarm destroyed",
+                        "current_task_id": None,
+                    }
+                )
+            )
+        elif agent.current_task_id in ended:
+            agents.append(
+                agent.model_copy(update={"status": "idle", "current_task_id": None})
+            )
+        else:
+            agents.append(agent)
+    return state.model_copy(update={"tasks": tasks, "agents": agents}), destroyed
+
+
+async def _task_outcome(client: Client, task: TaskRecord) -> TaskProgress | None:
+    """Return the outcome of a task whose workflow has closed, or None while
+    it runs or when it cannot be read."""
+    handle: WorkflowHandle[Any, TaskProgress] = client.get_workflow_handle(
+        task.workflow_id, result_type=TaskProgress
+    )
+    try:
+        description = await handle.describe()
+        if description.status == WorkflowExecutionStatus.RUNNING:
+            return None
+        return await _result(handle)
+    except (RPCError, ToolError) as error:
+        logger.warning("could not read task %s: %s", task.spec.task_id, error)
+        return None
+
+
 def _waiting_reason(state: SwarmState, record: TaskRecord, waiting: list[str]) -> str:
     """Return what a queued task waits for: dependencies, an agent with the
     required capabilities, the pinned agent or any idle agent."""
@@ -732,14 +813,29 @@ async def _child_exists(handle: WorkflowHandle[Any, TaskProgress]) -> bool:
 
 
 async def _wait_for_child(
-    handle: WorkflowHandle[Any, TaskProgress], deadline: float
+    client: Client,
+    handle: WorkflowHandle[Any, TaskProgress],
+    swarm_id: str,
+    deadline: float,
 ) -> bool:
-    """Poll until a queued task's child workflow exists; False at `deadline`."""
+    """Poll until a queued task's child workflow exists. Return False at
+    `deadline`, or once the swarm's workflow has ended, since no child
+    starts then.
+
+    Polls every 0.1 s for the first 10 s, when most queued tasks start, and
+    every second after that."""
     loop = asyncio.get_running_loop()
+    started = loop.time()
+    next_swarm_check = started + SWARM_CHECK_SECONDS
     while loop.time() < deadline:
-        await asyncio.sleep(min(0.1, deadline - loop.time()))
+        delay = 0.1 if loop.time() - started < 10 else 1.0
+        await asyncio.sleep(min(delay, deadline - loop.time()))
         if await _child_exists(handle):
             return True
+        if loop.time() >= next_swarm_check:
+            if await _ended_workflow(client, swarm_id) is not None:
+                return False
+            next_swarm_check = loop.time() + SWARM_CHECK_SECONDS
     return False
 
 
@@ -779,9 +875,28 @@ async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
             status, ending = "failed", f"the task's workflow was terminated: {reason}"
         else:
             status, ending = "failed", f"the task's workflow failed: {cause}"
-        logger.info("task workflow %s ended without a result: %s", handle.id, ending)
+        logger.debug("task workflow %s ended without a result: %s", handle.id, ending)
+        closed_at = progress.finished_at or (await handle.describe()).close_time
+        # Steps that ran when the workflow ended never finish.
+        steps = [
+            step.model_copy(
+                update={
+                    "status": "cancelled",
+                    "error": "the task's workflow ended while the step ran",
+                    "finished_at": closed_at,
+                }
+            )
+            if step.status == "running"
+            else step
+            for step in progress.steps
+        ]
         return progress.model_copy(
-            update={"status": status, "error": progress.error or ending}
+            update={
+                "status": status,
+                "error": progress.error or ending,
+                "finished_at": closed_at,
+                "steps": steps,
+            }
         )
 
 
@@ -818,10 +933,15 @@ async def _task_progress(ctx: ToolContext, args: TaskIdInput) -> TaskProgress:
             return progress
     if not await _child_exists(handle):
         queued = await _queued_progress(client, args.task_id)
-        if queued is not None and queued.status != "queued":
-            return queued  # its swarm's workflow ended, so no child will start
-        if queued is not None and not await _wait_for_child(handle, deadline):
+        if queued is not None and queued.status in ("completed", "failed", "cancelled"):
+            # Its swarm's workflow ended, or aborted it; either way it has
+            # reached its end.
             return queued
+        if queued is not None and not await _wait_for_child(
+            client, handle, queued.swarm_id, deadline
+        ):
+            # Read again, since the swarm's workflow may have ended meanwhile.
+            return await _queued_progress(client, args.task_id) or queued
     try:
         remaining = deadline - loop.time()
         if remaining > 0:
@@ -1056,9 +1176,9 @@ async def swarm_status(ctx: ToolContext, args: SwarmIdInput) -> SwarmStatusResul
         # still reads active.
         ended = await _ended_workflow(client, swarm_id)
         if ended is not None:
-            status = ended[0]
             end = ended[1] or end
-            state = _settle_queued(state, *ended)
+            state, destroyed = await _settle_ended(ctx, client, state, *ended)
+            status = "destroyed" if destroyed else ended[0]
 
     async def sandbox_of(agent: AgentState) -> tuple[str | None, str]:
         sandbox_id = agent.sandbox_id
@@ -1356,6 +1476,11 @@ async def _cancel_task_workflow(client: Client, task: TaskRecord) -> str | None:
     task id, or None when the workflow has ended already."""
     handle = client.get_workflow_handle(task_workflow_id(task.spec.task_id))
     try:
+        # The server accepts a cancel request of a task workflow that has
+        # completed, so look first.
+        description = await handle.describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return None
         await handle.cancel(reason=DESTROYED_WHILE_RUNNING)
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:

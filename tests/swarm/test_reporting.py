@@ -157,6 +157,43 @@ async def test_destroy_after_outside_cancel_stops_sandbox(
     await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
 
 
+async def test_terminated_task_frees_its_agent(swarms: Swarms) -> None:
+    # A terminate (web UI, `temporal workflow terminate`) lets the task's
+    # workflow report nothing, so the swarm learns of it from the close.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    queued = await swarms.call(
+        "task_orchestrate", task="next", code="print('next')", swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agents[0]["agent_id"])
+    await wait_for_file(folder / "started")
+    handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
+    await handle.terminate(reason="operator")
+    done = await swarms.call("task_results", task_id=queued["task_id"], wait_seconds=60)
+    assert done["status"] == "completed", done["error"]
+
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    records = {t["task_id"]: t for t in status["tasks"]}
+    assert records[task["task_id"]]["status"] == "failed"
+    assert records[task["task_id"]]["error"] == "the task's workflow was terminated"
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    assert agent["tasks_failed"] == 1
+    progress = await swarms.call("task_status", task_id=task["task_id"])
+    assert progress["status"] == "failed"
+    assert progress["running"] == []
+    result = await swarms.call("task_results", task_id=task["task_id"])
+    assert result["error"] == "the task's workflow was terminated: operator"
+    [step] = result["results"]
+    assert step["status"] == "cancelled"
+    assert step["error"] == "the task's workflow ended while the step ran"
+    assert step["finished_at"] is not None
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
 # Counts in `ticks` until it is stopped.
 _TICKING_PROGRAM = (
     "import pathlib, time\n"

@@ -724,6 +724,41 @@ async def test_destroy_after_workflow_terminated(swarms: Swarms) -> None:
         await swarms.call("swarm_destroy", swarm_id=swarm_id)
 
 
+async def test_terminated_swarm_reads_task_outcomes(swarms: Swarms) -> None:
+    # Task workflows outlive their swarm's workflow, so the status tools read
+    # what became of the tasks that ran when it was terminated.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    await swarms.client.get_workflow_handle(f"swarm-{swarm_id}").terminate("operator")
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [t["status"] for t in status["tasks"]] == ["running"]
+    assert [a["status"] for a in status["agents"]] == ["busy"]
+
+    (folder / "gate").write_text("open")
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "completed", result["error"]
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["status"] == "terminated"
+    [record] = status["tasks"]
+    assert record["status"] == "completed"
+    assert record["finished_at"] is not None
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    assert agent["current_task_id"] is None
+
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["tasks_cancelled"] == []
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert status["status"] == "destroyed"
+    assert [a["status"] for a in status["agents"]] == ["removed"]
+    assert [t["status"] for t in status["tasks"]] == ["completed"]
+
+
 # Prints its part, but waits at part c until the test writes `gate`.
 _GATED_AT_C = (
     'if [ "$NEXUS_PART" = c ]; then touch started; '
