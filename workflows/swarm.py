@@ -1133,7 +1133,8 @@ class SwarmTaskWorkflow:
             output = planning.join_outputs(
                 [o for index, o in enumerate(outputs) if index in completed]
             )
-        self.progress.output = planning.trimmed_output(output)
+        # As for a cancelled task, no completed step means no output.
+        self.progress.output = planning.trimmed_output(output) if done else None
 
     # Topologies. Each returns the outputs in part order (sequential: the
     # chain's outputs in execution order).
@@ -1142,7 +1143,8 @@ class SwarmTaskWorkflow:
         self, agents: list[AgentState], parts: list[str], sequential: bool
     ) -> list[str]:
         root = agents[0]
-        self._flow("split", root, root, note=f"{len(parts)} subtasks")
+        plural = "" if len(parts) == 1 else "s"
+        self._flow("split", root, root, note=f"{len(parts)} subtask{plural}")
         owners = planning.part_owners("hierarchical", len(agents), len(parts))
         for j, node in enumerate(owners):
             path = planning.tree_path(node)

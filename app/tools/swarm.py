@@ -495,7 +495,7 @@ class TaskOrchestrateInput(BaseModel):
                 "such data in a file",
                 "task",
             )
-        if self.action_args and not self.action:
+        if "action_args" in self.model_fields_set and not self.action:
             raise arguments_error(
                 "action_args are given without action; name the built-in action "
                 "they are for, or leave action_args out",
@@ -789,10 +789,17 @@ def _waiting_reason(state: SwarmState, record: TaskRecord, waiting: list[str]) -
     if spec.required_capabilities:
         capable = [a for a in active if planning.is_eligible(a, spec)]
         if not capable:
+            full = len(active) >= state.max_agents
             return (
                 f"no agent of swarm {state.swarm_id} has the required_capabilities "
-                f"{spec.required_capabilities}; spawn one with agent_spawn and "
-                "those capabilities"
+                f"{spec.required_capabilities}; "
+                + (
+                    f"the swarm has maxAgents {state.max_agents} agents, so "
+                    "remove one with swarm_scale, then spawn one with agent_spawn "
+                    "and those capabilities"
+                    if full
+                    else "spawn one with agent_spawn and those capabilities"
+                )
             )
         return (
             f"waiting for one of {len(capable)} agents with capabilities "

@@ -285,10 +285,14 @@ async def test_stop_agent_sandboxes_stops_them_at_once(swarms: Swarms) -> None:
 
 async def test_ignored_arguments_and_bad_names(swarms: Swarms) -> None:
     swarm_id, _ = await swarms.swarm("mesh", ["coder"])
-    with pytest.raises(ToolInputError, match="action_args are given without action"):
-        await swarms.call(
-            "task_orchestrate", task="x", action_args={"a": 1}, swarm_id=swarm_id
-        )
+    for action_args in ({"a": 1}, {}):
+        with pytest.raises(ToolInputError, match="action_args are given without"):
+            await swarms.call(
+                "task_orchestrate",
+                task="x",
+                action_args=action_args,
+                swarm_id=swarm_id,
+            )
     with pytest.raises(ToolInputError, match="language 'bash' is given without code"):
         await swarms.call(
             "task_orchestrate", task="x", language="bash", swarm_id=swarm_id
@@ -331,6 +335,16 @@ async def test_unmatched_capability_rejected_or_explained(swarms: Swarms) -> Non
     status = await swarms.call("task_status", task_id=task["task_id"])
     assert status["status"] == "queued"
     assert "has the required_capabilities ['gpu']" in status["waiting_reason"]
+    assert status["waiting_reason"].endswith(
+        "spawn one with agent_spawn and those capabilities"
+    )
+    # Once the swarm is full, an agent must leave before one can be spawned.
+    await swarms.call("agent_spawn", type="tester", swarm_id=room)
+    status = await swarms.call("task_status", task_id=task["task_id"])
+    assert (
+        "has maxAgents 2 agents, so remove one with swarm_scale"
+        in (status["waiting_reason"])
+    )
 
 
 def test_adaptive_reason_single_part() -> None:

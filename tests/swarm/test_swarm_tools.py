@@ -126,6 +126,8 @@ async def test_failing_program_reports_exit_code(swarms: Swarms) -> None:
     assert step["stdout"] == "out\n"
     assert "exit code 3: broken" in step["error"]
     assert "exit code 3" in result["error"]
+    # The step's stdout stays in the step, since no step completed.
+    assert result["output"] is None
 
 
 async def test_bash_language_runs(swarms: Swarms) -> None:

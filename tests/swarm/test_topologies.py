@@ -90,6 +90,10 @@ async def test_hierarchical_splits_delegates_aggregates(swarms: Swarms) -> None:
         "DELTA",
         "EPSILON",
     ]
+    single = await swarms.run_task(
+        task="one part", command="echo one", swarm_id=swarm_id, maxAgents=2
+    )
+    assert single["flow"][0]["note"] == "1 subtask"
 
 
 async def test_ring_passes_output_along(swarms: Swarms) -> None:
