@@ -44,6 +44,12 @@ from app.settings import Settings
 # The sampler takes one last sample after its stop signal. A probe may
 # wait up to 10 s for a worker, and the record activity up to 30 s.
 SAMPLER_STOP_SECONDS = 60.0
+# Ways a run's workflow can close without stopping its sampler.
+_RUN_CLOSED_WITHOUT_SAMPLER_STOP = (
+    WorkflowExecutionStatus.TERMINATED,
+    WorkflowExecutionStatus.FAILED,
+    WorkflowExecutionStatus.TIMED_OUT,
+)
 # Claims of the benchmark slot that one start makes before it gives up. A try
 # fails only when another run took over the same stale claim first.
 CLAIM_TRIES = 3
@@ -212,7 +218,42 @@ class BenchmarkActivities:
 
     @activity.defn(name="record_worker_samples")
     async def record_samples(self, batch: SampleBatch) -> int:
-        return await asyncio.to_thread(recording.record_samples, self.url, batch)
+        written = await asyncio.to_thread(recording.record_samples, self.url, batch)
+        await self._stop_orphaned_sampler(batch.run_id)
+        return written
+
+    async def _stop_orphaned_sampler(self, run_id: str) -> None:
+        """Stop the sampler of a run whose workflow closed without stopping it.
+
+        A run stops its sampler as it completes or is cancelled. A run that
+        was terminated, failed or timed out cannot, and its sampler would
+        sample for good, loading every later run. Such a run is recorded as
+        `ended`, so that `nexus benchmark report` can write its report from
+        the cycles it recorded."""
+        try:
+            described = await activity.client().get_workflow_handle(run_id).describe()
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                activity.logger.warning(
+                    "could not read benchmark run %s for its sampler: %s",
+                    run_id,
+                    error,
+                )
+            return
+        if described.status not in _RUN_CLOSED_WITHOUT_SAMPLER_STOP:
+            return
+        assert described.status is not None
+        how = described.status.name.lower().replace("_", " ")
+        ended_at = described.close_time or datetime.now(UTC)
+        await asyncio.to_thread(recording.end_orphaned_run, self.url, run_id, ended_at)
+        activity.logger.warning(
+            "benchmark %s is %s, so its sampler stops; write its report with "
+            "`nexus benchmark report %s`",
+            run_id,
+            how,
+            run_id,
+        )
+        await activity.client().get_workflow_handle(f"{run_id}-sampler").signal("stop")
 
     @activity.defn(name="finish_benchmark_run")
     async def finish_run(self, request: ReportRequest) -> ReportResult:

@@ -50,6 +50,22 @@ def end_run(url: str, run_id: str, ended_at: datetime) -> None:
         session.add(run)
 
 
+def end_orphaned_run(url: str, run_id: str, ended_at: datetime) -> bool:
+    """Record as `ended` a run whose workflow closed in none of its own ways
+    (terminated, failed, timed out), and release its claim. Return whether
+    the run's row still said `running`, so that a later report can be
+    written from its recorded cycles."""
+    with session_scope(url) as session:
+        run = session.get(BenchmarkRun, run_id)
+        _release(session.connection(), run_id)
+        if run is None or run.status != "running":
+            return False
+        run.status = "ended"
+        run.ended_at = ended_at
+        session.add(run)
+        return True
+
+
 def complete_run(url: str, run_id: str, summary: dict[str, Any]) -> None:
     """Record the run as completed with the summary of its written report,
     and release its claim."""

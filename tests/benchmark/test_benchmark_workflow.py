@@ -12,6 +12,7 @@ from app.benchmark import recording
 from app.benchmark.cli import SCHEDULE_CATCHUP, create_schedule
 from app.benchmark.integration import _checkpoint_round_trip
 from app.benchmark.phases import PhaseRunner, run_phase
+from app.benchmark.report import write_report
 from app.contracts.benchmark import (
     ALL_PHASES,
     BenchmarkConfig,
@@ -318,6 +319,40 @@ async def test_progress_has_phase_times(client: Client, workers: Settings) -> No
     neural = final.phase_times["neural_training"]
     assert final.phase_times["performance_scalability"].started_at >= neural.ended_at
     await replay_run(client, run_id, all_workflows())
+
+
+async def test_terminated_run_stops_its_sampler(
+    client: Client, workers: Settings
+) -> None:
+    # A terminated run cannot stop its sampler, which would sample for good.
+    config = small_config(max_cycles=50, phases=["performance_scalability"])
+    run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        "ExtendedDurationBenchmarkWorkflow",
+        BenchmarkState(run_id=run_id, config=config),
+        id=run_id,
+        task_queue=ORCHESTRATION,
+        result_type=BenchmarkResult,
+    )
+    url = workers.effective_database_url
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "the sampler recorded nothing"
+        try:
+            if recording.load_run(url, run_id)["samples"]:
+                break
+        except LookupError:
+            pass  # the run's first step has not recorded it yet
+        await asyncio.sleep(0.2)
+    await handle.terminate(reason="operator")
+    sampler = client.get_workflow_handle(f"{run_id}-sampler")
+    taken = await asyncio.wait_for(sampler.result(), 60)
+    assert taken > 0
+    assert recording.run_status(url, run_id) == "ended"
+    assert recording.slot_holder(url) is None
+    # Its recorded cycles give a report, as the command's message says.
+    report = write_report(workers, run_id, None)
+    assert Path(report.markdown_path).exists()
 
 
 async def test_runs_before_progress_times_replay(client: Client) -> None:
