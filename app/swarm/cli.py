@@ -81,12 +81,29 @@ def parse_action_args(value: str | None) -> dict[str, Any] | None:
     return parsed
 
 
-def check_timeout(value: float) -> float:
-    if not 0 < value <= 86400:
-        raise typer.BadParameter(
-            f"{value:g} is out of range; use seconds above 0 and at most 86400"
-        )
-    return value
+def _seconds(value: str | float, *, above_zero: bool, maximum: float) -> float:
+    """Parse a number of seconds, naming the value and the range when it is
+    not one, not finite or out of range."""
+    lowest = "above 0" if above_zero else "from 0"
+    expected = f"use a number of seconds {lowest} and at most {maximum:g}"
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number; {expected}") from None
+    in_range = (seconds > 0 if above_zero else seconds >= 0) and seconds <= maximum
+    if not in_range:  # NaN compares false, so it lands here too
+        raise typer.BadParameter(f"{value} is out of range; {expected}")
+    return seconds
+
+
+def parse_timeout(value: str | float) -> float:
+    """Parse `--timeout`: seconds each step may run."""
+    return _seconds(value, above_zero=True, maximum=86400)
+
+
+def parse_wait(value: str | float) -> float:
+    """Parse `--wait`: seconds to wait for a task's end."""
+    return _seconds(value, above_zero=False, maximum=3600)
 
 
 def exit_for_outcome(result: dict[str, Any], waited: float) -> None:
@@ -150,15 +167,17 @@ def task_command(
     timeout: Annotated[
         float,
         typer.Option(
-            callback=check_timeout, help="Seconds each step may run, up to 86400."
+            parser=parse_timeout,
+            metavar="SECONDS",
+            help="Seconds each step may run, up to 86400.",
         ),
     ] = 300.0,
     wait: Annotated[
         float,
         typer.Option(
-            min=0,
-            max=3600,
-            help="Seconds to wait for the results; 0 returns at once.",
+            parser=parse_wait,
+            metavar="SECONDS",
+            help="Seconds to wait for the results, up to 3600; 0 returns at once.",
         ),
     ] = 0.0,
     swarm: SwarmOption = None,
@@ -202,7 +221,12 @@ def task_command(
 def results_command(
     task_id: Annotated[str, typer.Argument(help="Task id from `swarm task`.")],
     wait: Annotated[
-        float, typer.Option(min=0, max=3600, help="Seconds to wait for the end.")
+        float,
+        typer.Option(
+            parser=parse_wait,
+            metavar="SECONDS",
+            help="Seconds to wait for the end, up to 3600.",
+        ),
     ] = 0.0,
 ) -> None:
     """Print a task's results: each agent's output, timings and errors.

@@ -148,6 +148,38 @@ def test_malformed_action_args_rejected() -> None:
         assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_bad_seconds_named() -> None:
+    wait_range = "use a number of seconds from 0 and at most 3600"
+    timeout_range = "use a number of seconds above 0 and at most 86400"
+    for arguments, message in (
+        (
+            ["results", "t", "--wait", "nan"],
+            f"'--wait': nan is out of range; {wait_range}",
+        ),
+        (
+            ["results", "t", "--wait", "inf"],
+            f"'--wait': inf is out of range; {wait_range}",
+        ),
+        (
+            ["results", "t", "--wait", "abc"],
+            f"'--wait': 'abc' is not a number; {wait_range}",
+        ),
+        (
+            ["task", "x", "--wait", "3601"],
+            f"'--wait': 3601 is out of range; {wait_range}",
+        ),
+        (
+            ["task", "x", "--timeout", "0"],
+            f"'--timeout': 0 is out of range; {timeout_range}",
+        ),
+        (["task", "x", "--timeout", "abc"], "'--timeout': 'abc' is not a number"),
+    ):
+        result = CliRunner().invoke(cli, ["swarm", *arguments])
+        output = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2, output
+        assert f"Invalid value for {message}" in output
+
+
 def test_status_of_empty_task_id_rejected(swarm_settings: Settings) -> None:
     # An empty --task is a task id that is missing, not a request for the
     # swarm's status.
