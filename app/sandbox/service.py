@@ -27,6 +27,7 @@ from temporalio.client import (
     WithStartWorkflowOperation,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -359,11 +360,23 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
             session, busy = _mirrored_info(row), True
     live: BackendState | None = None
     if session.status == "running" and session.backend_id is not None:
-        if not busy:
-            result = await _update(client, sandbox_id, "describe", None, BackendState)
-            live = result if isinstance(result, BackendState) else None
-        elif _backend_here(settings, session.backend, session.backend_id):
+        if _backend_here(settings, session.backend, session.backend_id):
+            # Read here even when the session answered: a call that starts
+            # after its answer would hold a `describe` update until the
+            # call's task heartbeat.
             live = await _describe_here(settings, sandbox_id, session.backend_id)
+        elif not busy:
+            try:
+                result = await asyncio.wait_for(
+                    _update(client, sandbox_id, "describe", None, BackendState),
+                    STATUS_QUERY_SECONDS,
+                )
+            except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+                # A call started after the session answered. The client turns
+                # the timeout's cancel into its own error.
+                busy = True
+            else:
+                live = result if isinstance(result, BackendState) else None
     elif session.status in ("stopped", "failed") and not await asyncio.to_thread(
         store.has_record, database_url, sandbox_id
     ):

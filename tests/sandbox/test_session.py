@@ -633,6 +633,61 @@ async def test_status_while_program_runs(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
+async def test_status_after_answer_does_not_wait(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call can start between the session's answer and the live read. The
+    read must then not wait for the call's task heartbeat."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    client = await tool_ctx.client()
+    idle = await service.info(client, sandbox_id)
+    home = sandbox_home(tool_ctx, idle.backend_id or "")
+    gated = (
+        "import pathlib, time\n"
+        "pathlib.Path('started').touch()\n"
+        "while not pathlib.Path('gate').exists():\n"
+        "    time.sleep(0.05)\n"
+    )
+    running = asyncio.create_task(
+        call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=gated)
+    )
+    try:
+        while not (home / "started").exists():
+            await asyncio.sleep(0.05)
+
+        async def answered_before_the_call(*args: object) -> service.SessionInfo:
+            return idle
+
+        updates: list[str] = []
+        real_update = service._update
+
+        async def recorded_update(*args: Any, **kwargs: Any) -> object:
+            updates.append(args[2])
+            return await real_update(*args, **kwargs)
+
+        monkeypatch.setattr(service, "info", answered_before_the_call)
+        monkeypatch.setattr(service, "_update", recorded_update)
+        here = await service.status(client, tool_ctx.settings, sandbox_id)
+        assert here.live is not None and here.live.state == "running"
+        assert updates == []
+        # A process that cannot read the backend sends the update, and stops
+        # waiting for it after the status read's bound.
+        elsewhere = tool_ctx.settings.model_copy(
+            update={
+                "data_dir": tool_ctx.settings.resolved_data_dir / "elsewhere",
+                "database_url": tool_ctx.settings.effective_database_url,
+            }
+        )
+        other = await service.status(client, elsewhere, sandbox_id)
+        assert updates == ["describe"]
+        assert (other.busy, other.live) == (True, None)
+    finally:
+        (home / "gate").write_text("open")
+        await asyncio.gather(running, return_exceptions=True)
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_status_backend_failure_named(
     tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
