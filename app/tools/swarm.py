@@ -743,15 +743,7 @@ async def _settle_ended(
         if agent.status == "removed":
             agents.append(agent)
         elif destroyed:
-            agents.append(
-                agent.model_copy(
-                    update={
-                        "status": "removed",
-                        "left_reason": "swarm destroyed",
-                        "current_task_id": None,
-                    }
-                )
-            )
+            agents.append(_removed_by_destroy(agent))
         elif agent.current_task_id in ended:
             agents.append(
                 agent.model_copy(update={"status": "idle", "current_task_id": None})
@@ -759,6 +751,17 @@ async def _settle_ended(
         else:
             agents.append(agent)
     return state.model_copy(update={"tasks": tasks, "agents": agents}), destroyed
+
+
+def _removed_by_destroy(agent: AgentState) -> AgentState:
+    """Return the agent as swarm_destroy leaves it."""
+    return agent.model_copy(
+        update={
+            "status": "removed",
+            "left_reason": "swarm destroyed",
+            "current_task_id": None,
+        }
+    )
 
 
 async def _task_outcome(client: Client, task: TaskRecord) -> TaskProgress | None:
@@ -1410,15 +1413,7 @@ async def _destroy_ended_swarm(
         if agent.status == "removed":
             agents.append(agent)
             continue
-        agents.append(
-            agent.model_copy(
-                update={
-                    "status": "removed",
-                    "left_reason": "swarm destroyed",
-                    "current_task_id": None,
-                }
-            )
-        )
+        agents.append(_removed_by_destroy(agent))
         events.append(
             _mirror_event(
                 state, len(events), "agent_left", now, agent_id=agent.agent_id

@@ -5,8 +5,9 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from app.benchmark import recording
 from app.benchmark.cli import SCHEDULE_CATCHUP, create_schedule
@@ -44,18 +45,26 @@ def small_config(**overrides: object) -> BenchmarkConfig:
     return BenchmarkConfig.model_validate(values)
 
 
-async def run_benchmark(
-    client: Client, settings: Settings, config: BenchmarkConfig
-) -> tuple[str, BenchmarkResult]:
+async def start_run(
+    client: Client, config: BenchmarkConfig
+) -> tuple[str, WorkflowHandle[Any, BenchmarkResult]]:
+    """Start a benchmark run with a new id; return the id and its handle."""
     run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
-    result = await client.execute_workflow(
+    handle = await client.start_workflow(
         "ExtendedDurationBenchmarkWorkflow",
         BenchmarkState(run_id=run_id, config=config),
         id=run_id,
         task_queue=ORCHESTRATION,
         result_type=BenchmarkResult,
     )
-    return run_id, result
+    return run_id, handle
+
+
+async def run_benchmark(
+    client: Client, settings: Settings, config: BenchmarkConfig
+) -> tuple[str, BenchmarkResult]:
+    run_id, handle = await start_run(client, config)
+    return run_id, await handle.result()
 
 
 async def test_failing_phase_is_reported_and_others_run(
@@ -270,14 +279,7 @@ async def test_progress_has_phase_times(client: Client, workers: Settings) -> No
         phases=["neural_training", "performance_scalability"],
         inject_failure=["performance_scalability"],
     )
-    run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
-    handle = await client.start_workflow(
-        "ExtendedDurationBenchmarkWorkflow",
-        BenchmarkState(run_id=run_id, config=config),
-        id=run_id,
-        task_queue=ORCHESTRATION,
-        result_type=BenchmarkResult,
-    )
+    run_id, handle = await start_run(client, config)
     running: BenchmarkProgress | None = None
     deadline = time.monotonic() + 120
     while running is None and time.monotonic() < deadline:
@@ -326,14 +328,7 @@ async def test_terminated_run_stops_its_sampler(
 ) -> None:
     # A terminated run cannot stop its sampler, which would sample for good.
     config = small_config(max_cycles=50, phases=["performance_scalability"])
-    run_id = f"benchmark-test-{uuid.uuid4().hex[:8]}"
-    handle = await client.start_workflow(
-        "ExtendedDurationBenchmarkWorkflow",
-        BenchmarkState(run_id=run_id, config=config),
-        id=run_id,
-        task_queue=ORCHESTRATION,
-        result_type=BenchmarkResult,
-    )
+    run_id, handle = await start_run(client, config)
     url = workers.effective_database_url
     deadline = time.monotonic() + 120
     while True:
