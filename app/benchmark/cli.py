@@ -426,6 +426,15 @@ class PhaseBars:
         )
 
 
+def server_unreachable(error: RPCError) -> bool:
+    """Return whether `error` means that the server did not respond, as when
+    `nexus up` stops, rather than that it rejected the call."""
+    return error.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+    )
+
+
 def _ending(error: BaseException) -> str:
     """Return how a run that gave no result ended, for its bars."""
     cause = error.cause if isinstance(error, WorkflowFailureError) else None
@@ -490,7 +499,11 @@ async def follow(
         try:
             result = result_task.result()
         except BaseException as error:
-            bars.stop(_ending(error))
+            if isinstance(error, RPCError) and server_unreachable(error):
+                # The server is gone, not the run, which resumes when it is back.
+                bars.leave()
+            else:
+                bars.stop(_ending(error))
             raise
         # The last poll may predate the last phase's end. A closed workflow
         # still returns query results while a worker polls its queue.
@@ -559,17 +572,44 @@ def print_left_running(settings: Settings, run_id: str) -> None:
     )
 
 
+def run_commands(settings: Settings, run_id: str) -> str:
+    """Return the sentence that names the commands to follow, report or
+    cancel a run on the configured server."""
+    address = settings.effective_temporal_address
+    server = f"--address {address} --namespace {settings.namespace}"
+    return (
+        f"Follow it with `temporal workflow show --follow --workflow-id {run_id} "
+        f"{server}`, write its report again after it ends with `nexus benchmark "
+        f"report {run_id}`, or cancel it with `nexus benchmark cancel {run_id}`."
+    )
+
+
+def server_lost_message(settings: Settings, run_id: str, own_server: bool) -> str:
+    """Return the error message for a run whose server stopped responding
+    while this command followed it."""
+    address = settings.effective_temporal_address
+    if own_server:
+        return (
+            f"the Temporal server at {address} that this command started stopped "
+            f"responding. Benchmark {run_id} stays open in the history of "
+            f"{settings.resolved_data_dir}: the next `nexus benchmark run` there "
+            f"cancels it first, and under `nexus up` it resumes until `nexus "
+            f"benchmark cancel {run_id}`."
+        )
+    return (
+        f"the Temporal server at {address} stopped responding while this command "
+        f"followed benchmark {run_id}. The run stays open there and resumes when "
+        f"the server is back. {run_commands(settings, run_id)}"
+    )
+
+
 def print_run_continues(settings: Settings, run_id: str) -> None:
     """Tell how to follow, report or cancel a run left on a server that this
     command did not start."""
     address = settings.effective_temporal_address
-    server = f"--address {address} --namespace {settings.namespace}"
     console.print(
         f"Interrupted: benchmark {run_id} continues on the Temporal server at "
-        f"{address}. Follow it with `temporal workflow "
-        f"show --follow --workflow-id {run_id} {server}`, write its report again "
-        f"after it ends with `nexus benchmark report {run_id}`, or cancel it with "
-        f"`nexus benchmark cancel {run_id}`.",
+        f"{address}. {run_commands(settings, run_id)}",
         # Unwrapped and unstyled, so that the commands paste whole.
         soft_wrap=True,
         markup=False,
@@ -578,6 +618,11 @@ def print_run_continues(settings: Settings, run_id: str) -> None:
 
 class BenchmarkStartError(RuntimeError):
     """Error raised when a run cannot start, with the reason and the fix."""
+
+
+class ServerLostError(RuntimeError):
+    """Error raised when the server of a started run stops responding. Its
+    message states what becomes of the run."""
 
 
 def check_reports_dir(settings: Settings) -> None:
@@ -698,7 +743,7 @@ async def _run_benchmark(
     started: list[StartedRun] | None,
 ) -> FinishedRun:
     from app.supervisor import Stack
-    from app.temporal.client import connect
+    from app.temporal.client import connect, quiet_runtime
 
     stack: Stack | None = None
     if start_workers and await _deployment_serves(settings):
@@ -725,7 +770,9 @@ async def _run_benchmark(
     started_server = server is not None and not server.reused
     try:
         # A server that this command did not start is up already, or absent.
-        client = await connect(settings, wait_seconds=30 if stack else 3)
+        client = await connect(
+            settings, wait_seconds=30 if stack else 3, runtime=quiet_runtime()
+        )
         await _wait_for_workers(client, settings)
         await _check_no_other_run(
             client, settings.effective_temporal_address, started_server
@@ -757,6 +804,12 @@ async def _run_benchmark(
             else:
                 print_run_continues(settings, run_id)
             raise
+        except RPCError as error:
+            if not server_unreachable(error):
+                raise
+            raise ServerLostError(
+                server_lost_message(settings, run_id, started_server)
+            ) from None
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop)
@@ -821,7 +874,7 @@ def run_command(
         raise typer.Exit(130) from None
     except asyncio.CancelledError:  # SIGTERM
         raise typer.Exit(128 + signal.SIGTERM) from None
-    except (BenchmarkStartError, EmbeddedServerError) as error:
+    except (BenchmarkStartError, EmbeddedServerError, ServerLostError) as error:
         console.print(f"error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     except WorkflowFailureError as error:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from app.settings import Settings
 
@@ -33,12 +35,22 @@ def build_data_converter(settings: Settings) -> DataConverter:
     return converter
 
 
+@functools.cache
+def quiet_runtime() -> Runtime:
+    """Return a runtime whose SDK core logs errors only. The default runtime
+    prints a coloured WARN line to stderr for every retried gRPC call, which
+    breaks into the progress bars of a command while its server is down."""
+    quiet = TelemetryFilter(core_level="ERROR", other_level="ERROR")
+    return Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=quiet)))
+
+
 async def connect(
     settings: Settings,
     *,
     address: str | None = None,
     wait_seconds: float = 0.0,
     identity: str | None = None,
+    runtime: Runtime | None = None,
 ) -> Client:
     """Connect to the configured Temporal frontend.
 
@@ -47,6 +59,7 @@ async def connect(
         address: overrides the settings' address (tests pass their server's).
         wait_seconds: keep retrying this long while the server is not up yet.
         identity: worker or client identity shown in the web UI.
+        runtime: the SDK runtime of the client; None uses the default one.
 
     Raises:
         RuntimeError: the frontend did not answer in time; the message names
@@ -63,6 +76,7 @@ async def connect(
                 target,
                 namespace=settings.namespace,
                 data_converter=build_data_converter(settings),
+                runtime=runtime,
                 **kwargs,  # type: ignore[arg-type]
             )
         except RuntimeError as error:

@@ -356,6 +356,31 @@ async def test_bars_after_interrupt(
     assert lines["Run"].startswith(f"Run {run} ")
 
 
+async def test_bars_when_server_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The run's result cannot be read while `nexus up` is down, but the run
+    # resumes when the server is back, so nothing has failed.
+    state = BenchmarkProgress(
+        cycle=0,
+        phase="neural_training",
+        phase_started_at=datetime.now(UTC),
+        completed={"sandbox_integration": True},
+        phase_times={"sandbox_integration": _times(0, 4.2)},
+        **_BASE,
+    )
+    unreachable = RPCError("tcp connect error", RPCStatusCode.UNAVAILABLE, b"")
+    with pytest.raises(RPCError):
+        await _follow_output(monkeypatch, _ScriptedRun([state], None, unreachable))
+    out = benchmark_cli.console.file.getvalue()  # type: ignore[attr-defined]
+    lines = _bar_lines(out)
+    assert lines["Sandbox integration"] == "Sandbox integration ✅ 4.2 s"
+    assert lines["Neural training"] == "Neural training still running"
+    assert lines["Realtime streaming load"] == "Realtime streaming load waiting"
+    assert lines["Run"].startswith("Run still running on the server ")
+    assert "failed" not in out
+
+
 def test_new_cycle_clears_last_outcomes() -> None:
     progress = Progress(console=Console(file=io.StringIO()))
     bars = benchmark_cli.PhaseBars(progress)
@@ -901,6 +926,53 @@ async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         server.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_stopped_server_leaves_run_open(tmp_path: Path) -> None:
+    """A server that stops while the command follows a run on it, as when
+    `nexus up` stops, ends the command with one error line: the run stays
+    open, with the commands that follow, report or cancel it."""
+    server = EmbeddedTemporal(
+        Settings(data_dir=tmp_path / "external", temporal_port=_free_port())
+    )
+    server.ui_port = _free_port()
+    temporal_address = await server.start()
+    process: subprocess.Popen[str] | None = None
+    try:
+        client = await Client.connect(temporal_address)
+        env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=temporal_address)
+        process, output = _start_cli([*_RUN, "--start-workers"], env)
+        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        await _running_phase(client, run_id, 120)
+
+        server.stop()
+        exit_code = await asyncio.to_thread(process.wait, 120)
+    finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        server.stop()
+
+    text = output.text
+    assert exit_code == 1, text
+    assert "Traceback" not in text
+    # The SDK's coloured WARN line of each retried gRPC call.
+    assert "retried" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, text
+    assert errors[0] == (
+        f"error: the Temporal server at {temporal_address} stopped responding while "
+        f"this command followed benchmark {run_id}. The run stays open there and "
+        "resumes when the server is back. Follow it with `temporal workflow show "
+        f"--follow --workflow-id {run_id} --address {temporal_address} "
+        "--namespace default`, write its report again after it ends with "
+        f"`nexus benchmark report {run_id}`, or cancel it with "
+        f"`nexus benchmark cancel {run_id}`."
+    )
+    bars = _bar_lines(text)
+    assert bars["Run"].startswith("Run still running on the server"), bars
+    assert not any(line.endswith(" failed") for line in bars.values()), bars
 
 
 async def test_run_uses_running_deployment(
