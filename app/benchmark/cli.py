@@ -685,17 +685,29 @@ ORPHAN_CANCEL_SECONDS = 60.0
 
 async def _check_no_other_run(client: Client, address: str, own_server: bool) -> None:
     """Raise BenchmarkStartError when a benchmark runs on the server, because
-    each run would measure the other's load as its own. On a server that
-    this command started, a run that an earlier `benchmark run` left behind
-    (killed, or interrupted twice) has no command following it, so it is
+    each run would measure the other's load as its own.
+
+    On a server that this command started, an open run was left there by a
+    server that stopped before the run ended: an earlier `benchmark run`
+    that was killed or interrupted twice, or `nexus up` while a scheduled
+    run ran. No command follows such a run, and it would keep every run on
+    this data dir from starting until `nexus up` serves it again, so it is
     cancelled first."""
     running = await running_benchmarks(client)
     if own_server:
-        for run_id in [r for r in running if r.startswith("benchmark-")]:
+        for run_id in running:
+            if run_id.startswith("benchmark-"):
+                origin = (
+                    "by an earlier `nexus benchmark run` that ended without "
+                    "waiting for it"
+                )
+            else:
+                origin = (
+                    "when the server that ran it stopped, as a scheduled run "
+                    "is when `nexus up` stops"
+                )
             console.print(
-                f"Benchmark {run_id} was left running by an earlier "
-                "`nexus benchmark run` that ended without waiting for it; "
-                "cancelling it first.",
+                f"Benchmark {run_id} was left running {origin}; cancelling it first.",
                 soft_wrap=True,
                 markup=False,
             )
@@ -704,8 +716,8 @@ async def _check_no_other_run(client: Client, address: str, own_server: bool) ->
                 # No command follows it, and a run whose workflow task fails
                 # on every attempt never takes a cancellation.
                 await handle.terminate(
-                    reason="left open by an earlier `nexus benchmark run`, and "
-                    "did not end when cancelled"
+                    reason="left open when its server stopped, and did not end "
+                    "when cancelled"
                 )
                 console.print(f"Benchmark {run_id} terminated; it has no report")
         running = await running_benchmarks(client)

@@ -1219,8 +1219,16 @@ def test_up_busy_http_port(tmp_path: Path) -> None:
     assert not port_is_open("127.0.0.1", int(env["NEXUS_TEMPORAL_PORT"]))
 
 
+@pytest.mark.parametrize(
+    ("run_id", "origin"),
+    [
+        ("benchmark-stuck", "by an earlier `nexus benchmark run`"),
+        # A schedule's run, left open when `nexus up` stopped.
+        ("two-run-2026-12-05T15:52:30Z", "when the server that ran it stopped"),
+    ],
+)
 async def test_orphan_that_ignores_cancel_is_terminated(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_id: str, origin: str
 ) -> None:
     """A run left open on the command's own server that no worker serves
     (as one whose workflow task fails on every attempt) ends by termination
@@ -1229,23 +1237,32 @@ async def test_orphan_that_ignores_cancel_is_terminated(
     server.ui_port = _free_port()
     address = await server.start()
     monkeypatch.setattr(benchmark_cli, "ORPHAN_CANCEL_SECONDS", 1.0)
+    out = io.StringIO()
+    monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=400))
     try:
         client = await Client.connect(address)
         handle = await client.start_workflow(
             "ExtendedDurationBenchmarkWorkflow",
-            {"run_id": "benchmark-stuck"},
-            id="benchmark-stuck",
+            {"run_id": run_id},
+            id=run_id,
             task_queue="no-worker-polls-this",
         )
         deadline = time.monotonic() + 60
         while handle.id not in await benchmark_cli.running_benchmarks(client):
             assert time.monotonic() < deadline, "the run was never listed"
             await asyncio.sleep(0.2)
+        # On a server that the command did not start, the run is not its own.
+        with pytest.raises(benchmark_cli.BenchmarkStartError):
+            await benchmark_cli._check_no_other_run(client, address, own_server=False)
         await benchmark_cli._check_no_other_run(client, address, own_server=True)
         described = await handle.describe()
         assert described.status == WorkflowExecutionStatus.TERMINATED
     finally:
         server.stop()
+    text = " ".join(out.getvalue().split())
+    assert f"Benchmark {run_id} was left running {origin}" in text
+    assert "cancelling it first." in text
+    assert f"Benchmark {run_id} terminated; it has no report" in text
 
 
 @pytest.mark.timeout(300)
