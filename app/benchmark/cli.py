@@ -628,7 +628,7 @@ class ServerLostError(RuntimeError):
 def check_reports_dir(settings: Settings) -> None:
     """Raise BenchmarkStartError unless this command's reports folder takes a
     file. The command checks before it starts the workers that it runs with
-    these settings; a run on `nexus up` is checked by its worker instead, as
+    these settings. A run on `nexus up` is checked by its worker instead, as
     the run's first step (`start_benchmark_run`)."""
     try:
         check_reports_writable(settings)
@@ -739,12 +739,42 @@ async def run_benchmark(
 ) -> FinishedRun:
     """Start a run and follow it to its end. Once it has started, it is
     appended to `started`."""
-    async with contextlib.AsyncExitStack() as scope:
+    with contextlib.ExitStack() as scope:
         if start_workers:
-            scope.enter_context(_embedded_run_lock(settings))
+            start_workers = await _prepare_own_workers(settings, scope)
         return await _run_benchmark(
             settings, config, start_workers=start_workers, started=started
         )
+
+
+async def _prepare_own_workers(settings: Settings, scope: contextlib.ExitStack) -> bool:
+    """Decide whether this command starts its own server and workers, and
+    return that decision. Before it starts them, check the reports folder
+    and take the data dir's lock in `scope`.
+
+    The lock is held only by a command that runs a stack of its own, so on
+    a server that serves every queue, a held lock means that the server is
+    that command's, and not one of `nexus up`.
+
+    Raises:
+        BenchmarkStartError: the reports folder is not writable, or another
+            command runs its own stack on this data dir.
+    """
+    if not await _deployment_serves(settings):
+        check_reports_dir(settings)
+        scope.enter_context(_embedded_run_lock(settings))
+        return True
+    with _embedded_run_lock(settings):
+        pass
+    # A second set of workers would poll the same queues, and the sampler
+    # would then measure whichever process took its probe.
+    console.print(
+        "Using the workers of the deployment already serving at "
+        f"{settings.effective_temporal_address} (`nexus up`).",
+        soft_wrap=True,
+        markup=False,
+    )
+    return False
 
 
 async def _run_benchmark(
@@ -758,16 +788,6 @@ async def _run_benchmark(
     from app.temporal.client import connect, quiet_runtime
 
     stack: Stack | None = None
-    if start_workers and await _deployment_serves(settings):
-        # A second set of workers would poll the same queues, and the sampler
-        # would then measure whichever process took its probe.
-        console.print(
-            "Using the workers of the deployment already serving at "
-            f"{settings.effective_temporal_address} (`nexus up`).",
-            soft_wrap=True,
-            markup=False,
-        )
-        start_workers = False
     if start_workers:
         # The benchmark calls the tools through the workers; the HTTP
         # server would only take a port and print where its key is.
@@ -872,8 +892,6 @@ def run_command(
     workers = settings.embedded if start_workers is None else start_workers
     started: list[StartedRun] = []
     try:
-        if workers:
-            check_reports_dir(settings)
         finished = asyncio.run(
             cancel_on_sigterm(
                 run_benchmark(settings, config, start_workers=workers, started=started)

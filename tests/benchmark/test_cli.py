@@ -988,6 +988,81 @@ async def test_run_uses_running_deployment(
         assert await benchmark_cli._deployment_serves(shared_settings)
 
 
+@pytest.mark.timeout(300)
+async def test_run_on_deployment_takes_no_lock(
+    client: Client,
+    shared_settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the workers of `nexus up` the command starts no server of its own,
+    so it holds no lock on the data dir and leaves the reports folder to the
+    workers, which write the report."""
+    reports = tmp_path / "file" / "reports"
+    (tmp_path / "file").write_text("")
+    settings = shared_settings.model_copy(
+        update={"data_dir": tmp_path, "reports_dir": reports}
+    )
+    env = _cli_env(tmp_path, NEXUS_TEMPORAL_ADDRESS=settings.effective_temporal_address)
+    env["NEXUS_REPORTS_DIR"] = str(reports)
+    run = [*_RUN, "--start-workers"]
+
+    def run_command() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+
+    open_id = f"benchmark-open-{uuid.uuid4().hex[:6]}"
+    async with running_workers(client, shared_settings):
+        # A command that runs its own stack on this data dir holds the lock,
+        # and the workers that serve the queues are then that command's.
+        with benchmark_cli._embedded_run_lock(settings):
+            locked = await asyncio.to_thread(run_command)
+        assert locked.returncode == 1, locked.stderr
+        assert "another `nexus benchmark run` (process" in locked.stderr
+
+        # A run open on the deployment is named, whatever the reports folder
+        # of this command.
+        handle = await client.start_workflow(
+            "ExtendedDurationBenchmarkWorkflow",
+            {"run_id": open_id},
+            id=open_id,
+            task_queue=f"unpolled-{uuid.uuid4().hex[:6]}",
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while open_id not in await benchmark_cli.running_benchmarks(client):
+                assert time.monotonic() < deadline, "the run was never listed"
+                await asyncio.sleep(0.2)
+            rejected = await asyncio.to_thread(run_command)
+        finally:
+            await handle.terminate("test cleanup")
+        output = " ".join(rejected.stderr.split())
+        assert rejected.returncode == 1, output
+        assert f"error: benchmark run {open_id} is running on the Temporal" in output
+        assert f"`nexus benchmark cancel {open_id}`" in output
+        assert "reports folder" not in output
+        assert "another `nexus benchmark run`" not in output
+
+        # While the run goes on, another command can take the lock. No worker
+        # polls the run's queue, so the run itself does nothing.
+        monkeypatch.setattr(benchmark_cli, "ORCHESTRATION", f"unpolled-{open_id}")
+
+        async def follow_takes_lock(
+            handle: Any, *args: object, **kwargs: object
+        ) -> BenchmarkResult:
+            try:
+                with benchmark_cli._embedded_run_lock(settings):
+                    pass
+            finally:
+                await handle.terminate("test cleanup")
+            return _result(cycles=1)
+
+        monkeypatch.setattr(benchmark_cli, "follow", follow_takes_lock)
+        finished = await benchmark_cli.run_benchmark(
+            settings, BenchmarkConfig(), start_workers=True
+        )
+        assert finished.stopped_server_history is None
+
+
 @pytest.mark.timeout(600)
 async def test_second_run_refused_and_orphan_cancelled(tmp_path: Path) -> None:
     """A second run on the same data dir is rejected while the first one runs
