@@ -1078,10 +1078,14 @@ def schedule_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except ScheduleAlreadyRunningError:
+        # Without --address and --namespace, the temporal CLI deletes on
+        # localhost:7233, which may be another deployment's server.
         typer.echo(
             f"error: a schedule with id {schedule_id!r} already exists; pass "
             "another --id, or delete it with `temporal schedule delete "
-            f"--schedule-id {schedule_id}`",
+            f"--schedule-id {schedule_id} --address "
+            f"{settings.effective_temporal_address} --namespace "
+            f"{settings.namespace}`",
             err=True,
         )
         raise typer.Exit(1) from None

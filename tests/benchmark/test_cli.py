@@ -619,6 +619,12 @@ def test_duplicate_schedule_id_rejected(temporal_address: str) -> None:
         second = CliRunner().invoke(cli, command, env=env)
         assert second.exit_code == 1
         assert f"schedule with id {schedule_id!r} already exists" in second.output
+        # The hint deletes the schedule on this server, not on localhost:7233.
+        hint = (
+            f"`temporal schedule delete --schedule-id {schedule_id} --address "
+            f"{temporal_address} --namespace default`"
+        )
+        assert hint in " ".join(second.output.split())
         assert not isinstance(second.exception, ScheduleAlreadyRunningError)
     finally:
         delete = ["schedule", "delete", "--schedule-id", schedule_id]
