@@ -960,6 +960,13 @@ def cancel_command(
     from app.cli import load_settings
     from app.temporal.client import connect
 
+    if not run_id.strip():
+        # The server would reject the request with "WorkflowId is not set".
+        raise typer.BadParameter(
+            f"{run_id!r} is not a run id; use a run id that `nexus benchmark "
+            "run` printed, such as benchmark-20261204T100824-65a797",
+            param_hint="'RUN_ID'",
+        )
     settings = load_settings()
 
     async def cancel() -> bool:

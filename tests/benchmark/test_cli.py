@@ -77,6 +77,8 @@ REJECTED = [
     (["schedule", "--id", "a b/c"], "'--id'", "'a b/c'"),
     (["schedule", "--every", "1h", "--duration", "2h"], "'--duration'", "'2h'"),
     (["schedule", "--every", "1h", "--duration", "1h"], "'--duration'", "'1h'"),
+    (["cancel", ""], "'RUN_ID'", "''"),
+    (["cancel", " "], "'RUN_ID'", "' '"),
 ]
 
 
