@@ -82,13 +82,15 @@ class Stack:
         """
         if self.want_api:
             self._check_http_port()
+        if self.settings.embedded:
+            self.server = EmbeddedTemporal(self.settings)
+            self.server.check_ports()
         upgrade(self.settings.effective_database_url)
         if self.want_api:
             # Here rather than in the HTTP process, whose stderr goes to a
             # log file, so that this terminal shows where a new key is.
             ensure_default_key(self.settings)
-        if self.settings.embedded:
-            self.server = EmbeddedTemporal(self.settings)
+        if self.server is not None:
             self.address = asyncio.run(self.server.start())
         self.children = worker_processes(self.settings, self.address)
         api = api_process(self.settings, self.address) if self.want_api else None

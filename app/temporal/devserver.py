@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,25 @@ async def ensure_search_attributes(client: Client, namespace: str) -> None:
         )
 
 
+def _log_error_message(line: str) -> str | None:
+    """Return the message of a log line of the dev server at level ERROR or
+    FATAL, or None for any other line. The server logs JSON objects, and
+    text (`level=ERROR msg=...`) from some of its parts."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        if str(record.get("level", "")).upper() not in ("ERROR", "FATAL"):
+            return None
+        return str(record.get("message") or record.get("msg") or line)
+    if "level=ERROR" in line or "level=FATAL" in line:
+        return line
+    return None
+
+
 class EmbeddedTemporal:
     """Start `temporal server start-dev`, or reuse a server already listening.
 
@@ -147,6 +167,17 @@ class EmbeddedTemporal:
             *dev_server_args(),
         ]
 
+    def check_ports(self) -> None:
+        """Raise EmbeddedServerError when the web UI port is the server's
+        port. The server would bind the port, then fail to bind it again for
+        the web UI and exit with the cause only in its log."""
+        if self.ui_port == self.port:
+            raise EmbeddedServerError(
+                f"the web UI port and the Temporal port are both {self.port}; "
+                "the server and its web UI need a port each, so set "
+                "NEXUS_TEMPORAL_UI_PORT to another free port"
+            )
+
     async def start(self, timeout: float = 60.0) -> str:
         """Start or reuse the server and return its gRPC address.
 
@@ -155,6 +186,7 @@ class EmbeddedTemporal:
                 Temporal, or the server did not come up in `timeout` seconds.
         """
         namespace = self.settings.namespace
+        self.check_ports()
         if port_is_open(self.host, self.port):
             if not await is_temporal(self.address, namespace):
                 raise EmbeddedServerError(
@@ -201,9 +233,11 @@ class EmbeddedTemporal:
                         "dir may run on other ports: stop it, or set "
                         "NEXUS_DATA_DIR to another folder"
                     )
+                error = self._last_log_error()
+                detail = f" ({error})" if error else ""
                 raise EmbeddedServerError(
-                    f"the Temporal server exited with code {self.process.returncode}; "
-                    f"its log is {self.log_path}"
+                    f"the Temporal server exited with code {self.process.returncode}"
+                    f"{detail}; its log is {self.log_path}"
                 )
             if port_is_open(self.host, self.port) and await is_temporal(
                 self.address, namespace, timeout=2.0
@@ -228,6 +262,19 @@ class EmbeddedTemporal:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
+
+    def _last_log_error(self) -> str | None:
+        """Return the message of the last error that the server that just
+        exited logged, or None when it logged none."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            lines = log.read().decode(errors="replace").splitlines()
+        for line in reversed(lines):
+            message = _log_error_message(line.strip())
+            if message:
+                # A bound on what a stack trace in one line adds to the error.
+                return message[:300]
+        return None
 
     def _history_locked(self) -> bool:
         """Return whether the server that just exited found its SQLite

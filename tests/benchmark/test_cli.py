@@ -1149,6 +1149,38 @@ def test_busy_ports_give_one_line_errors(tmp_path: Path) -> None:
     assert "cannot reach Temporal at" in done.stderr
 
 
+def test_ui_port_equal_to_server_port(tmp_path: Path) -> None:
+    port = str(_free_port())
+    env = {**_cli_env(tmp_path), "NEXUS_TEMPORAL_PORT": port}
+    env["NEXUS_TEMPORAL_UI_PORT"] = port
+    done = subprocess.run(_RUN, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, done.stderr
+    assert f"the web UI port and the Temporal port are both {port}" in errors[0]
+    assert "set NEXUS_TEMPORAL_UI_PORT to another free port" in done.stderr
+    # The check comes before the server starts.
+    assert not (tmp_path / "temporal.db").exists()
+
+
+def test_server_exit_names_logged_error(tmp_path: Path) -> None:
+    server = EmbeddedTemporal(Settings(data_dir=tmp_path))
+    server.log_path.write_text(
+        "an earlier start's line\n"
+        '{"level":"FATAL","message":"listen tcp 127.0.0.1:7233: bind: address '
+        'already in use"}\n'
+        '{"level":"INFO","message":"stopping"}\n'
+    )
+    assert server._last_log_error() == (
+        "listen tcp 127.0.0.1:7233: bind: address already in use"
+    )
+    server.log_path.write_text('time=1 level=ERROR msg="no database"\n')
+    assert server._last_log_error() == 'time=1 level=ERROR msg="no database"'
+    server.log_path.write_text('{"level":"WARN","message":"slow"}\nplain text\n')
+    assert server._last_log_error() is None
+
+
 def test_unwritable_reports_dir_rejected_first(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
