@@ -403,7 +403,7 @@ def write_mirror(url: str, mirror: SwarmMirror) -> int:
         except IntegrityError:
             if attempt == 2:
                 raise
-            logger.info("mirror of swarm %s raced a writer; retrying", mirror.swarm_id)
+            logger.debug("mirror of swarm %s raced a writer; retrying", mirror.swarm_id)
     raise AssertionError("unreachable")
 
 
