@@ -141,6 +141,14 @@ def build_config(typed: dict[str, str], **fields: Any) -> BenchmarkConfig:
 
 
 def web_ui_link(settings: Settings, workflow_id: str) -> str:
+    """Return the workflow's page in the embedded server's web UI. For a
+    server set by NEXUS_TEMPORAL_ADDRESS, whose web UI this process does not
+    know, say where to look instead."""
+    if not settings.embedded:
+        return (
+            f"workflow {workflow_id} in namespace {settings.namespace}, in the "
+            f"web UI of the Temporal server at {settings.effective_temporal_address}"
+        )
     return (
         f"http://127.0.0.1:{settings.temporal_ui_port}/namespaces/"
         f"{settings.namespace}/workflows/{workflow_id}"

@@ -578,6 +578,23 @@ def test_link_after_own_server_without_history(
     assert "works while" not in output
 
 
+def test_link_on_external_server_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The web UI of a server set by address is not on this machine's UI port.
+    output = _invoke_run(
+        monkeypatch,
+        _finished_run(None),
+        NEXUS_DATA_DIR=str(tmp_path),
+        NEXUS_TEMPORAL_ADDRESS="127.0.0.1:44233",
+    )
+    assert (
+        "Web UI:  workflow benchmark-x in namespace default, in the web UI of the "
+        "Temporal server at 127.0.0.1:44233\n"
+    ) in output
+    assert "8233" not in output
+
+
 def test_link_on_server_that_outlives_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
