@@ -1008,6 +1008,13 @@ class SwarmTaskWorkflow:
                         "status": "cancelled",
                         "error": "the task was cancelled while the step ran",
                         "finished_at": progress.finished_at,
+                        # A program step ran in its agent's fixed sandbox.
+                        "sandbox_id": step.sandbox_id
+                        or (
+                            agent_sandbox_id(step.agent_id)
+                            if step.kind in ("code", "shell")
+                            else None
+                        ),
                     }
                 )
 

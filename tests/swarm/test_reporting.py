@@ -88,6 +88,7 @@ async def test_destroy_counts_and_cancelled_steps(
     assert step["status"] == "cancelled"
     assert step["finished_at"] is not None
     assert step["error"] == "the task was cancelled while the step ran"
+    assert step["sandbox_id"] == agent_sandbox_id(remaining)
     # The task's own result and its swarm's record give the same reason.
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     [record] = status["tasks"]
