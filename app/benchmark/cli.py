@@ -1163,7 +1163,7 @@ def report_command(
         raise typer.Exit(1) from None
     if status == "cancelled":
         typer.echo(
-            f"error: benchmark run {run_id!r} was cancelled before its last cycle "
+            f"error: benchmark run {run_id!r} was cancelled before its duration "
             "ended, so it has no report; start a new run with `nexus benchmark run`",
             err=True,
         )

@@ -532,6 +532,19 @@ def test_report_command_rejects_running_run(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout
     assert "'run-live' has not finished" in done.stderr
     assert not (tmp_path / "reports" / "run-live").exists()
+    # A run cancelled between two cycles has whole cycles, but no report.
+    recording.cancel_run(
+        url, "run-live", BenchmarkConfig(duration_seconds=60), datetime.now(UTC)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "benchmark", "report", "run-live"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "'run-live' was cancelled before its duration ended" in done.stderr
 
 
 FOLDER_NAMES = [
