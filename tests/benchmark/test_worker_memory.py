@@ -135,21 +135,27 @@ def test_memory_report_failure_is_logged(
 def test_python_heap_counts_small_objects(capfd: pytest.CaptureFixture[str]) -> None:
     before = memory.python_heap()
     malloc_before = memory.heap_usage()
-    # 200,000 tuples of 64 bytes and their 600,000 ints of 28 bytes come from
-    # pymalloc's arenas. Only the list's 1.6 MB array of pointers is malloc's.
-    objects = [(i, i + 1, i + 2) for i in range(200_000)]
+    assert before is not None
+    # Tuples of 64 bytes and their ints of 28 bytes come from pymalloc's
+    # arenas; only the list's array of pointers is malloc's. Enough of them
+    # to pass the free space that earlier tests left in the arenas, so that
+    # new arenas are needed.
+    free = before.arenas * 2**20 - before.used
+    count = max(200_000, (free + 4 * 2**20) // 64)
+    objects = [(i, i + 1, i + 2) for i in range(count)]
     after = memory.python_heap()
     malloc_after = memory.heap_usage()
-    assert before is not None
     assert after is not None
     python_growth = after.used - before.used
-    assert python_growth >= 200_000 * 64
+    assert python_growth >= count * 64
     assert after.arenas > before.arenas
     if malloc_before is not None and malloc_after is not None:
         assert malloc_after[1] - malloc_before[1] < python_growth / 2
-    assert len(objects) == 200_000
+    assert len(objects) == count
     # The statistics went to a memory stream, not to this process's stderr.
-    assert capfd.readouterr().err == ""
+    # Other threads of the test process, such as the SDK's core, may still
+    # write their own lines there.
+    assert "arenas allocated" not in capfd.readouterr().err
 
 
 def test_python_heap_without_pymalloc_is_none() -> None:
