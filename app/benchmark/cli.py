@@ -436,7 +436,11 @@ class PhaseBars:
 
 def server_unreachable(error: RPCError) -> bool:
     """Return whether `error` means that the server did not respond, as when
-    `nexus up` stops, rather than that it rejected the call."""
+    `nexus up` stops, rather than that it rejected the call. A connection
+    that breaks in the middle of a call ends it with UNKNOWN and a transport
+    error."""
+    if error.status == RPCStatusCode.UNKNOWN:
+        return "transport error" in error.message or "connect error" in error.message
     return error.status in (
         RPCStatusCode.UNAVAILABLE,
         RPCStatusCode.DEADLINE_EXCEEDED,

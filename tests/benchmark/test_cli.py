@@ -358,8 +358,16 @@ async def test_bars_after_interrupt(
     assert lines["Run"].startswith(f"Run {run} ")
 
 
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        ("tcp connect error", RPCStatusCode.UNAVAILABLE),
+        # A connection that breaks during the call.
+        ("transport error", RPCStatusCode.UNKNOWN),
+    ],
+)
 async def test_bars_when_server_unreachable(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, message: str, status: RPCStatusCode
 ) -> None:
     # The run's result cannot be read while `nexus up` is down, but the run
     # resumes when the server is back, so nothing has failed.
@@ -371,7 +379,7 @@ async def test_bars_when_server_unreachable(
         phase_times={"sandbox_integration": _times(0, 4.2)},
         **_BASE,
     )
-    unreachable = RPCError("tcp connect error", RPCStatusCode.UNAVAILABLE, b"")
+    unreachable = RPCError(message, status, b"")
     with pytest.raises(RPCError):
         await _follow_output(monkeypatch, _ScriptedRun([state], None, unreachable))
     out = benchmark_cli.console.file.getvalue()  # type: ignore[attr-defined]
