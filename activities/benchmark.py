@@ -245,7 +245,9 @@ class BenchmarkActivities:
         assert described.status is not None
         how = described.status.name.lower().replace("_", " ")
         ended_at = described.close_time or datetime.now(UTC)
-        await asyncio.to_thread(recording.end_orphaned_run, self.url, run_id, ended_at)
+        await asyncio.to_thread(
+            recording.end_orphaned_run, self.url, run_id, ended_at, how
+        )
         activity.logger.warning(
             "benchmark %s is %s, so its sampler stops; write its report with "
             "`nexus benchmark report %s`",

@@ -1219,8 +1219,10 @@ def report_command(
             err=True,
         )
         raise typer.Exit(1) from None
-    if status == "ended":
-        # Its own report write failed, so the run is completed only now.
+    if status == "ended" and not metrics["workflow_closed"]:
+        # Its own report write failed, so the run is completed only now. A
+        # run whose workflow closed early stays `ended`, so that no later
+        # run compares itself with its partial figures.
         recording.complete_run(
             settings.effective_database_url, run_id, run_summary(metrics)
         )

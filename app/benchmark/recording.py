@@ -50,10 +50,15 @@ def end_run(url: str, run_id: str, ended_at: datetime) -> None:
         session.add(run)
 
 
-def end_orphaned_run(url: str, run_id: str, ended_at: datetime) -> bool:
+# The key of a run's summary that says how its workflow closed, when it
+# closed in none of its own ways; its report says so, and it stays `ended`.
+WORKFLOW_CLOSED = "workflow_closed"
+
+
+def end_orphaned_run(url: str, run_id: str, ended_at: datetime, how: str) -> bool:
     """Record as `ended` a run whose workflow closed in none of its own ways
-    (terminated, failed, timed out), and release its claim. Return whether
-    the run's row still said `running`, so that a later report can be
+    (`how`: terminated, failed, timed out), and release its claim. Return
+    whether the run's row still said `running`, so that a later report can be
     written from its recorded cycles."""
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)
@@ -62,6 +67,7 @@ def end_orphaned_run(url: str, run_id: str, ended_at: datetime) -> bool:
             return False
         run.status = "ended"
         run.ended_at = ended_at
+        run.summary = {WORKFLOW_CLOSED: how}
         session.add(run)
         return True
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.benchmark.recording import as_utc, load_run
+from app.benchmark.recording import WORKFLOW_CLOSED, as_utc, load_run
 from app.benchmark.stats import Regression, linear_regression, percentile
 from app.contracts.benchmark import ALL_PHASES, PHASE_TITLES, ReportResult
 from app.settings import Settings, environment_variable
@@ -304,9 +304,17 @@ def build_metrics(
         }
     cycles = sorted({p.cycle for p in phases})
     phases_passed = sum(1 for p in phase_entries if p["passed"])
+    workflow_closed = (run.summary or {}).get(WORKFLOW_CLOSED)
+    if workflow_closed is not None:
+        issues.insert(
+            0,
+            f"The run's workflow was {workflow_closed} before its duration ended, "
+            "so the phase that ran then recorded nothing",
+        )
     return {
         "run_id": run_id,
         "schedule_id": run.schedule_id,
+        "workflow_closed": workflow_closed,
         "config": run.config,
         "timeline": {
             "started_at": started.isoformat(),
@@ -419,6 +427,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         totals["phases_passed"] == totals["phases_run"] and totals["phases_run"]
     )
     verdict = "all phases passed" if all_passed else "some phases failed"
+    if metrics.get("workflow_closed"):
+        verdict = f"{metrics['workflow_closed']} before its end, {verdict}"
     lines = [
         f"# Extended-duration benchmark {metrics['run_id']}: {verdict}",
         "",
@@ -744,7 +754,8 @@ def save_report(settings: Settings, metrics: dict[str, Any]) -> ReportResult:
         storage_prefix=f"{REPORT_BUCKET}/{folder}/",
         success_rate=totals["success_rate_percent"] or 0.0,
         all_phases_passed=bool(totals["phases_run"])
-        and totals["phases_passed"] == totals["phases_run"],
+        and totals["phases_passed"] == totals["phases_run"]
+        and not metrics.get("workflow_closed"),
     )
 
 

@@ -345,9 +345,15 @@ async def test_terminated_run_stops_its_sampler(
     assert taken > 0
     assert recording.run_status(url, run_id) == "ended"
     assert recording.slot_holder(url) is None
-    # Its recorded cycles give a report, as the command's message says.
+    # Its recorded cycles give a report, as the command's message says, and
+    # the report says how the run ended.
     report = write_report(workers, run_id, None)
-    assert Path(report.markdown_path).exists()
+    assert not report.all_phases_passed
+    markdown = Path(report.markdown_path).read_text()
+    assert ": terminated before its end, " in markdown.splitlines()[0]
+    assert "The run's workflow was terminated before its duration ended" in markdown
+    metrics = json.loads(Path(report.report_dir, "metrics.json").read_text())
+    assert metrics["workflow_closed"] == "terminated"
 
 
 async def test_runs_before_progress_times_replay(client: Client) -> None:

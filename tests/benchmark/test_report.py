@@ -504,6 +504,27 @@ def test_report_command_completes_ended_run(tmp_path: Path) -> None:
     assert previous["operations"] == 4
 
 
+def test_report_of_terminated_run_stays_ended(tmp_path: Path) -> None:
+    # A run whose workflow was terminated has partial figures, which no later
+    # run may take as its previous run.
+    settings, env = _cli_settings(tmp_path)
+    url = settings.effective_database_url
+    _seed(settings, "run-before")
+    recording.start_run(url, "run-cut", BenchmarkConfig(duration_seconds=60))
+    assert recording.end_orphaned_run(url, "run-cut", datetime.now(UTC), "terminated")
+    done = _report_command(env, "run-cut")
+    assert done.returncode == 0, done.stderr
+    markdown = (tmp_path / "reports" / "run-cut" / "report.md").read_text()
+    assert markdown.splitlines()[0] == (
+        "# Extended-duration benchmark run-cut: terminated before its end, "
+        "some phases failed"
+    )
+    assert recording.run_status(url, "run-cut") == "ended"
+    recording.start_run(url, "run-next", BenchmarkConfig(duration_seconds=60))
+    previous = build_metrics(settings, "run-next", None)["previous"]
+    assert previous["run_id"] == "run-before"
+
+
 def test_report_command_rejects_running_run(tmp_path: Path) -> None:
     settings = Settings(
         data_dir=tmp_path,
