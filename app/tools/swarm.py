@@ -745,8 +745,27 @@ async def _settle_ended(
         elif destroyed:
             agents.append(_removed_by_destroy(agent))
         elif agent.current_task_id in ended:
+            outcome = ended[agent.current_task_id]
+            completed = outcome.status == "completed"
+            # The task's steps name the sandbox an agent in its first task got.
+            sandbox_id = agent.sandbox_id or next(
+                (
+                    step.sandbox_id
+                    for step in outcome.steps
+                    if step.agent_id == agent.agent_id and step.sandbox_id
+                ),
+                None,
+            )
             agents.append(
-                agent.model_copy(update={"status": "idle", "current_task_id": None})
+                agent.model_copy(
+                    update={
+                        "status": "idle",
+                        "current_task_id": None,
+                        "sandbox_id": sandbox_id,
+                        "tasks_completed": agent.tasks_completed + completed,
+                        "tasks_failed": agent.tasks_failed + (not completed),
+                    }
+                )
             )
         else:
             agents.append(agent)

@@ -752,6 +752,10 @@ async def test_terminated_swarm_reads_task_outcomes(swarms: Swarms) -> None:
     [agent] = status["agents"]
     assert agent["status"] == "idle"
     assert agent["current_task_id"] is None
+    # The agent got its sandbox in that first task, which its step names.
+    assert agent["sandbox_id"] == agent_sandbox_id(agent_id)
+    assert agent["sandbox_state"] == "running"
+    assert agent["tasks_completed"] == 1
 
     destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
     assert destroyed["tasks_cancelled"] == []
