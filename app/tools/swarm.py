@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -35,6 +36,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
     DESTROYED_WHILE_RUNNING,
+    MAX_CAPABILITIES,
     AgentState,
     Language,
     Priority,
@@ -124,15 +126,18 @@ def _check_capability(value: str) -> str:
     return value
 
 
-def _check_capabilities(value: list[str]) -> list[str]:
-    too_large = capability_error("the list", value)
-    if too_large is not None:
+def _check_capability_count(value: Any) -> Any:
+    # Before the entries are validated, so that a long list of bad entries
+    # gets one short error rather than one per entry.
+    if isinstance(value, list) and len(value) > MAX_CAPABILITIES:
+        too_large = capability_error("the list", value)
+        assert too_large is not None
         raise ValueError(too_large)
     return value
 
 
 Capability = Annotated[str, AfterValidator(_check_capability)]
-Capabilities = Annotated[list[Capability], AfterValidator(_check_capabilities)]
+Capabilities = Annotated[list[Capability], BeforeValidator(_check_capability_count)]
 
 UPDATE_RETRY_SECONDS = 60.0
 # How often a wait for a queued task checks that its swarm's workflow runs.

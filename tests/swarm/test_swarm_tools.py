@@ -243,6 +243,13 @@ async def test_large_capabilities_rejected(swarms: Swarms) -> None:
             await swarms.call(tool, **{field: too_many}, **extra, swarm_id=swarm_id)
         assert caught.value.errors[0]["field"] == field
         assert f"the list has {MAX_CAPABILITIES + 1} entries" in caught.value.message
+        # Too many bad entries give one error, not one per entry.
+        with pytest.raises(ToolInputError) as caught:
+            await swarms.call(
+                tool, **{field: [too_long] * 2000}, **extra, swarm_id=swarm_id
+            )
+        assert len(caught.value.errors) == 1
+        assert "the list has 2000 entries" in caught.value.message
         with pytest.raises(ToolInputError) as caught:
             await swarms.call(tool, **{field: [too_long]}, **extra, swarm_id=swarm_id)
         assert caught.value.errors[0]["field"] == f"{field}.0"
