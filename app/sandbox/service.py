@@ -40,6 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import (
+    INTERRUPTED_ERROR,
     BackendState,
     ConfigureRequest,
     ConfigureResult,
@@ -73,7 +74,8 @@ class SandboxServiceError(Exception):
     """A sandbox call that failed.
 
     Attributes:
-        kind: `not_found`, `invalid_argument`, `configuration` or `failed`.
+        kind: `not_found`, `invalid_argument`, `configuration`,
+            `interrupted` (the session's `interrupt` signal) or `failed`.
     """
 
     def __init__(self, message: str, kind: str = "failed") -> None:
@@ -141,6 +143,8 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
                 kind = "configuration"
             elif cause.type in ("SandboxInvalidArgument", "ValueError"):
                 kind = "invalid_argument"
+            elif cause.type == INTERRUPTED_ERROR:
+                kind = "interrupted"
         return SandboxServiceError(message, kind)
     if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
         return SandboxServiceError(

@@ -39,6 +39,9 @@ from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
 
 logger = logging.getLogger(__name__)
 
+# Kinds of sandbox call failures that a later attempt would meet again. An
+# interrupted program was stopped on purpose, so it does not run again.
+_PERMANENT_SANDBOX_ERRORS = ("configuration", "invalid_argument", "interrupted")
 # How long a cancelled step waits for the server to take its interrupt.
 INTERRUPT_SECONDS = 10.0
 
@@ -245,7 +248,7 @@ async def _run_program(
     try:
         return await _interruptible(executor, sandbox_id, call_id, run)
     except SandboxServiceError as error:
-        if attempt == 1 or error.kind in ("configuration", "invalid_argument"):
+        if attempt == 1 or error.kind in _PERMANENT_SANDBOX_ERRORS:
             raise
     return await _interruptible(
         executor, sandbox_id, f"{call_id}-attempt-{attempt}", run
@@ -331,7 +334,11 @@ async def run_step(
                 executor, sandbox_id, language, program, request, attempt, inputs
             )
         except SandboxServiceError as error:
-            permanent = error.kind in ("configuration", "invalid_argument")
+            permanent = error.kind in (
+                "configuration",
+                "invalid_argument",
+                "interrupted",
+            )
             raise StepFailedError(
                 f"sandbox call failed: {error.message}", retryable=not permanent
             ) from error

@@ -22,6 +22,7 @@ from app.contracts.swarm import (
     TaskWork,
     task_workflow_id,
 )
+from app.sandbox import service as sandbox_service
 from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import agent_sandbox_id, build_executor
@@ -156,6 +157,27 @@ async def test_destroy_after_outside_cancel_stops_sandbox(
     executor = build_executor(swarms.client, swarms.settings)
     assert await executor.state(agent_sandbox_id(agent_id)) == "stopped"
     await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
+async def test_interrupted_step_fails_without_retry(swarms: Swarms) -> None:
+    # An operator who interrupts a step's call wants the program stopped, not
+    # started again by a retry.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    call_id = f"agent-step-{task['task_id']}-{agent_id}-0-0"
+    await sandbox_service.interrupt(swarms.client, agent_sandbox_id(agent_id), call_id)
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "failed"
+    [step] = result["results"]
+    assert "was interrupted, and its program was stopped" in step["error"]
+    assert step["attempt"] == 1
+    assert (folder / "attempts").read_text() == "x"
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
 
 
 async def test_terminated_task_frees_its_agent(swarms: Swarms) -> None:
