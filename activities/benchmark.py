@@ -51,7 +51,8 @@ _RUN_CLOSED_WITHOUT_SAMPLER_STOP = (
     WorkflowExecutionStatus.TIMED_OUT,
 )
 # Claims of the benchmark slot that one start makes before it gives up. A try
-# fails only when another run took over the same stale claim first.
+# fails only when another run took over the same stale claim first, and the
+# loop in `_claim_slot` stops after this many.
 CLAIM_TRIES = 3
 
 
@@ -123,10 +124,10 @@ class BenchmarkActivities:
         if request.config.schedule_id is not None and holder != run_id:
             # `nexus benchmark run` checks the server before it starts a run,
             # but a schedule starts its runs with no command in front. This
-            # check also covers runs that record to another database. It comes
-            # before the claim, and a run that holds the claim already skips
-            # it, so a run that it rejects holds no claim that could reject
-            # another run in turn.
+            # check also covers runs that record to another database. It runs
+            # before the claim and is skipped by a run that has the claim
+            # already. So a run that it rejects has no claim that could
+            # reject another run in turn.
             others = await runs_in_the_way(activity.client(), self.url, run_id)
             if others:
                 raise _run_open_error(run_id, others)

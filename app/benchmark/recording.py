@@ -50,15 +50,16 @@ def end_run(url: str, run_id: str, ended_at: datetime) -> None:
         session.add(run)
 
 
-# The key of a run's summary that says how its workflow closed, when it
-# closed in none of its own ways; its report says so, and it stays `ended`.
+# The key of a run's summary that records how its workflow closed, when it
+# closed in none of its own ways. The run's report shows it, and the run
+# stays `ended`.
 WORKFLOW_CLOSED = "workflow_closed"
 
 
 def end_orphaned_run(url: str, run_id: str, ended_at: datetime, how: str) -> bool:
     """Record as `ended` a run whose workflow closed in none of its own ways
     (`how`: terminated, failed, timed out), and release its claim. Return
-    whether the run's row still said `running`, so that a later report can be
+    whether the run's row still had the status `running`, so that a later report can be
     written from its recorded cycles."""
     with session_scope(url) as session:
         run = session.get(BenchmarkRun, run_id)

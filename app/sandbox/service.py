@@ -365,9 +365,9 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
     live: BackendState | None = None
     if session.status == "running" and session.backend_id is not None:
         if _backend_here(settings, session.backend, session.backend_id):
-            # Read here even when the session answered: a call that starts
-            # after its answer would hold a `describe` update until the
-            # call's task heartbeat.
+            # Read here even after the session's query returned, because a
+            # call that starts after the query would hold a `describe`
+            # update until the call's task heartbeat.
             live = await _describe_here(settings, sandbox_id, session.backend_id)
         elif not busy:
             try:
@@ -376,8 +376,8 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
                     STATUS_QUERY_SECONDS,
                 )
             except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-                # A call started after the session answered. The client turns
-                # the timeout's cancel into its own error.
+                # A call started after the session's query returned. The
+                # client turns the timeout's cancel into its own error.
                 busy = True
             else:
                 live = result if isinstance(result, BackendState) else None

@@ -345,8 +345,8 @@ async def test_terminated_run_stops_its_sampler(
     assert taken > 0
     assert recording.run_status(url, run_id) == "ended"
     assert recording.slot_holder(url) is None
-    # Its recorded cycles give a report, as the command's message says, and
-    # the report says how the run ended.
+    # Its recorded cycles give a report, as the command's message promises,
+    # and the report shows how the run ended.
     report = write_report(workers, run_id, None)
     assert not report.all_phases_passed
     markdown = Path(report.markdown_path).read_text()

@@ -636,7 +636,7 @@ async def test_status_while_program_runs(tool_ctx: ToolContext) -> None:
 async def test_status_after_answer_does_not_wait(
     tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A call can start between the session's answer and the live read. The
+    """A call can start between the session's query and the live read. The
     read must then not wait for the call's task heartbeat."""
     created = await call(tool_ctx, "sandbox_create", template="base")
     sandbox_id = created["sandbox_id"]
