@@ -125,6 +125,20 @@ GATED_PROGRAM = (
 )
 
 
+async def start_gated_task(swarms: Swarms) -> tuple[str, str, dict[str, Any], Path]:
+    """Start a one-agent mesh swarm whose first task runs GATED_PROGRAM, and
+    wait until the program runs. Return the swarm id, the agent id, the
+    task and the agent's sandbox folder."""
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    return swarm_id, agent_id, task, folder
+
+
 @pytest.fixture
 async def swarms(client: Client, swarm_settings: Settings) -> AsyncIterator[Swarms]:
     """Workers for the swarm queues and a `Swarms` helper bound to them."""

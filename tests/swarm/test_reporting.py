@@ -28,7 +28,13 @@ from app.swarm import planning
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.tools import ToolError, ToolInputError
 from tests.support.replay import replay_run
-from tests.swarm.conftest import GATED_PROGRAM, Swarms, agent_folder, wait_for_file
+from tests.swarm.conftest import (
+    GATED_PROGRAM,
+    Swarms,
+    agent_folder,
+    start_gated_task,
+    wait_for_file,
+)
 from workers.registry import all_workflows
 
 
@@ -100,13 +106,7 @@ async def _cancel_first_task_outside(swarms: Swarms) -> tuple[str, str, str]:
     """Start a one-agent swarm whose first task runs a gated program, and
     cancel that task's workflow through the SDK, as an operator would.
     Return the swarm id, the agent id and the task id."""
-    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
-    agent_id = agents[0]["agent_id"]
-    task = await swarms.call(
-        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
-    )
-    folder = await agent_folder(swarms, agent_id)
-    await wait_for_file(folder / "started")
+    swarm_id, agent_id, task, _ = await start_gated_task(swarms)
     handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
     await handle.cancel(reason="stopped by an operator")
     return swarm_id, agent_id, task["task_id"]
@@ -162,13 +162,7 @@ async def test_destroy_after_outside_cancel_stops_sandbox(
 async def test_interrupted_step_fails_without_retry(swarms: Swarms) -> None:
     # An operator who interrupts a step's call wants the program stopped, not
     # started again by a retry.
-    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
-    agent_id = agents[0]["agent_id"]
-    task = await swarms.call(
-        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
-    )
-    folder = await agent_folder(swarms, agent_id)
-    await wait_for_file(folder / "started")
+    swarm_id, agent_id, task, folder = await start_gated_task(swarms)
     call_id = f"agent-step-{task['task_id']}-{agent_id}-0-0"
     await sandbox_service.interrupt(swarms.client, agent_sandbox_id(agent_id), call_id)
     result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)

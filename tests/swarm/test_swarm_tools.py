@@ -37,6 +37,7 @@ from tests.swarm.conftest import (
     SWARM_QUEUES,
     Swarms,
     agent_folder,
+    start_gated_task,
     wait_for_file,
 )
 from workers.registry import all_workflows
@@ -736,13 +737,7 @@ async def test_destroy_after_workflow_terminated(swarms: Swarms) -> None:
 async def test_terminated_swarm_reads_task_outcomes(swarms: Swarms) -> None:
     # Task workflows outlive their swarm's workflow, so the status tools read
     # what became of the tasks that ran when it was terminated.
-    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
-    agent_id = agents[0]["agent_id"]
-    task = await swarms.call(
-        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
-    )
-    folder = await agent_folder(swarms, agent_id)
-    await wait_for_file(folder / "started")
+    swarm_id, agent_id, task, folder = await start_gated_task(swarms)
     await swarms.client.get_workflow_handle(f"swarm-{swarm_id}").terminate("operator")
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert [t["status"] for t in status["tasks"]] == ["running"]
