@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from app.suggest import did_you_mean
+from workers.allocator import parse_allocator_setting
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +144,15 @@ class Settings(BaseSettings):
         "orchestration and neural workers before they poll, so their memory "
         "reaches its working size at startup rather than on first use.",
     )
-    worker_allocator: Literal["system", "jemalloc"] = Field(
+    worker_allocator: str = Field(
         "system",
         description="Memory allocator of worker processes: system (glibc's "
-        "malloc with pymalloc) or jemalloc (preloaded, with PYTHONMALLOC=malloc, "
-        "returning freed pages to the kernel; falls back to system where "
-        "libjemalloc is not installed).",
+        "malloc with pymalloc), glibc (glibc's malloc for Python's objects "
+        "too, PYTHONMALLOC=malloc) or jemalloc (preloaded, with "
+        "PYTHONMALLOC=malloc, returning freed pages to the kernel; falls back "
+        "to system where libjemalloc is not installed). One for every worker, "
+        "or a default followed by QUEUE=ALLOCATOR entries: "
+        "system,nexus-orchestration=glibc.",
     )
     worker_malloc_arena_max: int = Field(
         2,
@@ -203,6 +207,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("worker_allocator")
+    @classmethod
+    def _check_worker_allocator(cls, value: str) -> str:
+        parse_allocator_setting(value)
+        return value
 
     @field_validator("temporal_address")
     @classmethod

@@ -33,6 +33,7 @@ from app.benchmark.report import build_metrics
 from app.contracts.benchmark import BenchmarkConfig
 from app.logs import configure_logging
 from app.settings import Settings
+from workers.allocator import parse_allocator_setting
 
 TARGET_MB_PER_MIN = 0.005
 TARGET_MINUTES = 60.0
@@ -152,20 +153,29 @@ def listen_ports(options: argparse.Namespace) -> tuple[int, int, int]:
     return options.port, ui_port, http_port
 
 
-def heap_legend(allocator: str) -> str:
+def heap_legend(setting: str) -> str:
     """Describe the malloc and Python columns for the workers' allocator
     setting (`NEXUS_WORKER_ALLOCATOR`)."""
-    if allocator == "jemalloc":
-        # NOTE: a worker that cannot preload jemalloc logs a warning and uses
-        # glibc, and this legend does not reflect that.
+    default, per_queue = parse_allocator_setting(setting)
+    if {default, *per_queue.values()} == {"system"}:
         return (
-            "Workers ran with NEXUS_WORKER_ALLOCATOR=jemalloc: malloc is "
-            "jemalloc's allocated bytes, Python objects included, and Python is "
-            "n/a since PYTHONMALLOC=malloc turns pymalloc off."
+            "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
+            "allocated blocks."
         )
+    # NOTE: a worker that cannot preload jemalloc logs a warning and uses
+    # glibc, and this legend does not reflect that.
+    kinds = {
+        "system": "glibc's in-use bytes without Python's small objects",
+        "glibc": "glibc's in-use bytes, Python objects included",
+        "jemalloc": "jemalloc's allocated bytes, Python objects included",
+    }
+    used = [
+        kinds[choice] for choice in kinds if choice in {default, *per_queue.values()}
+    ]
     return (
-        "malloc is glibc's in-use bytes; Python is the bytes in pymalloc's "
-        "allocated blocks."
+        f"Workers ran with NEXUS_WORKER_ALLOCATOR={setting}: malloc is "
+        f"{' or '.join(used)}, and Python is n/a where PYTHONMALLOC=malloc "
+        "turns pymalloc off."
     )
 
 

@@ -1,5 +1,7 @@
-"""The memory allocator of worker processes: glibc's malloc with pymalloc
-(the default), or jemalloc, chosen with `NEXUS_WORKER_ALLOCATOR=jemalloc`.
+"""The memory allocator of worker processes, chosen with
+`NEXUS_WORKER_ALLOCATOR`: `system` (glibc's malloc with pymalloc, the
+default), `glibc` (glibc's malloc for Python's objects too) or `jemalloc`,
+for every worker or per task queue (`system,nexus-orchestration=glibc`).
 
 With CPython's defaults a worker keeps memory that it no longer uses:
 pymalloc returns an arena to the kernel only when every object in it is
@@ -9,13 +11,15 @@ hands freed pages back to the kernel on a timer (`dirty_decay_ms`), and
 60-minute soaks it held the neural worker's RSS flat after the warm-up
 (0.009 MB/min against 0.10 with glibc), but the orchestration worker grew
 faster (0.24 against 0.12 MB/min), so it is not the default
-(docs/benchmark.md).
+(docs/benchmark.md). `glibc` halved the orchestration worker's growth
+after the warm-up in another pair, but raised the sandbox worker's almost
+fourfold, hence the choice per queue.
 
 Both must be in place before the interpreter starts, so a worker process
-that should use jemalloc and does not yet runs itself again with
-`LD_PRELOAD`, `PYTHONMALLOC` and `MALLOC_CONF` set. Only the standard
-library is imported here, because the process may be replaced before it
-does anything else.
+whose allocator differs from the one it runs with runs itself again with
+`PYTHONMALLOC` (and for jemalloc `LD_PRELOAD` and `MALLOC_CONF`) set. Only
+the standard library is imported here, because the process may be replaced
+before it does anything else.
 """
 
 from __future__ import annotations
@@ -37,6 +41,60 @@ JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 # dynamic loader could not preload does not make it run itself once more.
 _RAN_AGAIN_VARIABLE = "NEXUS_WORKER_ALLOCATOR_EXEC"
 
+ALLOCATORS = ("system", "glibc", "jemalloc")
+
+
+def parse_allocator_setting(value: str) -> tuple[str, dict[str, str]]:
+    """Return the default allocator and the allocator of each named queue of
+    a setting such as `system` or `system,nexus-orchestration=glibc`.
+
+    Raises ValueError with a message that names the bad entry and the fix.
+    """
+    default = "system"
+    per_queue: dict[str, str] = {}
+    for position, entry in enumerate(value.split(",")):
+        queue, _, choice = entry.strip().rpartition("=")
+        queue = queue.strip()
+        if choice not in ALLOCATORS:
+            raise ValueError(
+                f"{ALLOCATOR_VARIABLE} entry {entry.strip()!r} names no allocator: "
+                f"use one of {', '.join(ALLOCATORS)}, alone or as QUEUE=ALLOCATOR "
+                "after a comma (system,nexus-orchestration=glibc)"
+            )
+        if not queue and position == 0:
+            default = choice
+        elif not queue:
+            raise ValueError(
+                f"{ALLOCATOR_VARIABLE} entry {entry.strip()!r} has no queue: only "
+                "the first entry may stand alone, the others are QUEUE=ALLOCATOR"
+            )
+        elif queue in per_queue:
+            raise ValueError(
+                f"{ALLOCATOR_VARIABLE} names queue {queue!r} twice: give each "
+                "queue one allocator"
+            )
+        else:
+            per_queue[queue] = choice
+    return default, per_queue
+
+
+def process_queues(argv: list[str]) -> list[str]:
+    """Return the task queues named by `--queue` in a worker's arguments."""
+    queues = []
+    for index, argument in enumerate(argv):
+        if argument == "--queue" and index + 1 < len(argv):
+            queues.append(argv[index + 1])
+        elif argument.startswith("--queue="):
+            queues.append(argument.removeprefix("--queue="))
+    return queues
+
+
+def chosen_allocator(setting: str, queues: list[str]) -> str:
+    """Return the allocator of a worker process polling `queues`: that of
+    its first queue, since one process has one allocator."""
+    default, per_queue = parse_allocator_setting(setting)
+    return per_queue.get(queues[0], default) if queues else default
+
 
 def jemalloc_loaded() -> bool:
     """Return True when jemalloc is this process's malloc."""
@@ -48,12 +106,27 @@ def jemalloc_library() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def allocator_environment(environ: dict[str, str]) -> dict[str, str] | None:
-    """Return the environment to run this worker again with, or None to go
-    on in this process: jemalloc is not wanted, is in use already, or is not
-    installed (which is logged to stderr)."""
-    if environ.get(ALLOCATOR_VARIABLE, "system") != "jemalloc":
+def allocator_environment(
+    environ: dict[str, str], queues: list[str] | None = None
+) -> dict[str, str] | None:
+    """Return the environment to run a worker of `queues` again with, or
+    None to go on in this process: the chosen allocator is in use already,
+    or jemalloc is chosen and not installed (which is logged to stderr).
+    A setting that cannot be read is left to the settings check, which
+    names it."""
+    try:
+        choice = chosen_allocator(
+            environ.get(ALLOCATOR_VARIABLE, "system"), queues or []
+        )
+    except ValueError:
         return None
+    if choice == "system":
+        return None
+    if choice == "glibc":
+        if environ.get("PYTHONMALLOC") or environ.get(_RAN_AGAIN_VARIABLE):
+            # Set already, by this module or by the user (`debug`, say).
+            return None
+        return {**environ, "PYTHONMALLOC": "malloc", _RAN_AGAIN_VARIABLE: "1"}
     if jemalloc_loaded():
         return None
     if environ.get(_RAN_AGAIN_VARIABLE):
@@ -83,9 +156,9 @@ def allocator_environment(environ: dict[str, str]) -> dict[str, str] | None:
 
 
 def exec_with_allocator() -> None:
-    """Replace this process with the same command under jemalloc, when the
-    setting requests jemalloc and this process does not use it yet."""
-    environment = allocator_environment(dict(os.environ))
+    """Replace this process with the same command under the allocator that
+    the setting chooses for its queues, when it does not use it yet."""
+    environment = allocator_environment(dict(os.environ), process_queues(sys.argv[1:]))
     if environment is None:
         return
     sys.stdout.flush()

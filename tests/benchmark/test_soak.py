@@ -108,6 +108,10 @@ def test_heap_legend_names_allocator() -> None:
     assert "glibc" not in jemalloc
     assert "jemalloc's allocated bytes" in jemalloc
     assert "PYTHONMALLOC=malloc" in jemalloc
+    mixed = soak.heap_legend("system,nexus-orchestration=glibc")
+    assert "without Python's small objects" in mixed
+    assert "glibc's in-use bytes, Python objects included" in mixed
+    assert "jemalloc" not in mixed
 
 
 def test_unusable_data_dir_rejected(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from app.db import get_engine
 from app.services import memory
+from app.settings import Settings
 from workers import allocator, malloc, memory_debug, warmup
 from workers.registry import QUEUE_LIMITS, QUEUE_WARM_UPS
 
@@ -258,6 +260,50 @@ def test_allocator_environment_keeps_process(
     assert allocator.allocator_environment(chosen) is None
 
 
+def test_allocator_setting_per_queue() -> None:
+    setting = "system, nexus-orchestration=glibc,nexus-neural=jemalloc"
+    assert allocator.parse_allocator_setting(setting) == (
+        "system",
+        {"nexus-orchestration": "glibc", "nexus-neural": "jemalloc"},
+    )
+    assert allocator.chosen_allocator(setting, ["nexus-orchestration"]) == "glibc"
+    # A process of several queues takes its first queue's allocator.
+    both = ["nexus-sandbox", "nexus-orchestration"]
+    assert allocator.chosen_allocator(setting, both) == "system"
+    assert allocator.chosen_allocator("glibc", []) == "glibc"
+    argv = ["--queue", "nexus-neural", "--queue=nexus-sandbox", "--connect-wait", "1"]
+    assert allocator.process_queues(argv) == ["nexus-neural", "nexus-sandbox"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("tcmalloc", "entry 'tcmalloc' names no allocator"),
+        ("system,glibc", "entry 'glibc' has no queue"),
+        ("system,q=glibc,q=system", "names queue 'q' twice"),
+    ],
+)
+def test_allocator_setting_rejected(setting: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        allocator.parse_allocator_setting(setting)
+    with pytest.raises(ValidationError, match=message):
+        Settings(worker_allocator=setting)
+    # The worker goes on in this process and the settings check names it.
+    assert allocator.allocator_environment({"NEXUS_WORKER_ALLOCATOR": setting}) is None
+
+
+def test_allocator_environment_for_glibc() -> None:
+    chosen = {"NEXUS_WORKER_ALLOCATOR": "jemalloc,nexus-streaming=glibc"}
+    environment = allocator.allocator_environment(chosen, ["nexus-streaming"])
+    assert environment is not None
+    assert environment["PYTHONMALLOC"] == "malloc"
+    assert "LD_PRELOAD" not in environment
+    # Run again, or the user's own value: no second run.
+    assert allocator.allocator_environment(environment, ["nexus-streaming"]) is None
+    mine = {**chosen, "PYTHONMALLOC": "debug"}
+    assert allocator.allocator_environment(mine, ["nexus-streaming"]) is None
+
+
 def _worker_maps(environment: dict[str, str], loaded: str) -> tuple[str, str]:
     """Start a worker process that cannot reach Temporal, wait until its
     memory map names `loaded`, and return its map and environment."""
@@ -304,6 +350,14 @@ def test_worker_runs_under_jemalloc(tmp_path: Path) -> None:
     # The SDK's native module loads after the allocator choice.
     maps, environ = _worker_maps(environment, "temporal_sdk_bridge")
     assert "libjemalloc" in maps
+    assert "PYTHONMALLOC=malloc\0" in environ
+
+
+def test_worker_of_glibc_queue_runs_again(tmp_path: Path) -> None:
+    environment = _unreachable_worker_env(tmp_path)
+    environment["NEXUS_WORKER_ALLOCATOR"] = "system,nexus-streaming=glibc"
+    maps, environ = _worker_maps(environment, "temporal_sdk_bridge")
+    assert "libjemalloc" not in maps
     assert "PYTHONMALLOC=malloc\0" in environ
 
 
