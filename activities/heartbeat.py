@@ -1,12 +1,14 @@
 """Heartbeats for activities that wait on long work they do not drive."""
 
 import asyncio
+from typing import Any
 
 from temporalio import activity
 
 
-async def heartbeat_every(seconds: float) -> None:
-    """Heartbeat until cancelled, so the server sees the activity alive."""
+async def heartbeat_every(seconds: float, *details: Any) -> None:
+    """Heartbeat with `details` until cancelled, so the server sees the
+    activity alive."""
     while True:
-        activity.heartbeat()
+        activity.heartbeat(*details)
         await asyncio.sleep(seconds)

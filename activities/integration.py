@@ -48,6 +48,10 @@ SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "workflows": ("workflow_list", {"limit": 1}),
 }
 
+# Seconds between the swarm step's heartbeats; its step type's heartbeat
+# timeout is several times this.
+SWARM_HEARTBEAT_SECONDS = 10.0
+
 
 def failed_step(
     request: StepRequest, message: str, output: dict[str, Any], kind: str
@@ -303,10 +307,36 @@ class IntegrationActivities:
             heartbeat.cancel()
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
+    async def _destroy_earlier_swarms(self, request: StepRequest) -> None:
+        """Destroy the swarms that an earlier attempt of this step created and
+        could not destroy, since its worker died: their ids are the attempt's
+        last heartbeat details. A swarm destroyed already is skipped."""
+        details = activity.info().heartbeat_details
+        earlier = details[0] if details and isinstance(details[0], list) else []
+        for swarm_id in earlier:
+            try:
+                await invoke_tool(
+                    self._context(request), "swarm_destroy", {"swarm_id": swarm_id}
+                )
+            except ToolError as error:
+                if error.kind != "not_found":
+                    raise step_error(
+                        request,
+                        f"swarm_destroy of {swarm_id}, left by attempt "
+                        f"{activity.info().attempt - 1}, failed: {error.message}",
+                        kind="ToolFailed",
+                        non_retryable=False,
+                    ) from None
+            activity.logger.info(
+                "destroyed swarm %s left by an earlier attempt", swarm_id
+            )
+
     @activity.defn(name="step_swarm_orchestration")
     async def swarm_orchestration(self, request: StepRequest) -> StepOutcome:
         params = parse_params(request, SwarmOrchestrationParams)
+        await self._destroy_earlier_swarms(request)
         swarm_ids: list[str] = []
+        heartbeat: asyncio.Task[None] | None = None
         try:
             for _ in range(params.swarms):
                 swarm = await self._call(
@@ -315,13 +345,22 @@ class IntegrationActivities:
                     {"topology": params.topology, "maxAgents": params.agents},
                 )
                 swarm_ids.append(swarm["swarm_id"])
+            # The SDK sends an attempt's first heartbeat at once and delays
+            # later ones for most of the heartbeat timeout, so the ids
+            # go out together, right after the swarms exist. The next attempt
+            # reads them if this one's worker dies; the beats after them let
+            # a cancel reach this attempt.
+            heartbeat = asyncio.create_task(
+                heartbeat_every(SWARM_HEARTBEAT_SECONDS, list(swarm_ids))
+            )
+            for swarm_id in swarm_ids:
                 for index in range(params.agents):
                     # A hierarchical swarm's root splits and delegates.
                     kind = "coordinator" if index == 0 else "coder"
                     await self._call(
                         request,
                         "agent_spawn",
-                        {"type": kind, "swarm_id": swarm["swarm_id"]},
+                        {"type": kind, "swarm_id": swarm_id},
                     )
             tasks = [
                 await self._call(
@@ -350,6 +389,8 @@ class IntegrationActivities:
                 )
             )
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             for swarm_id in swarm_ids:
                 await self._call(request, "swarm_destroy", {"swarm_id": swarm_id})
         failed = [r for r in results if r["status"] != "completed"]

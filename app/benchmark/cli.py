@@ -37,6 +37,7 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from app.benchmark.leftovers import end_phase_leftovers
 from app.benchmark.report import ReportsFolderError, check_reports_writable
 from app.benchmark.runs import running_benchmarks
 from app.cli_group import NexusGroup
@@ -695,7 +696,9 @@ def _embedded_run_lock(settings: Settings) -> Iterator[Path]:
 ORPHAN_CANCEL_SECONDS = 60.0
 
 
-async def _check_no_other_run(client: Client, address: str, own_server: bool) -> None:
+async def _check_no_other_run(
+    client: Client, settings: Settings, own_server: bool
+) -> None:
     """Raise BenchmarkStartError when a benchmark runs on the server, because
     each run would measure the other's load as its own.
 
@@ -704,7 +707,8 @@ async def _check_no_other_run(client: Client, address: str, own_server: bool) ->
     that was killed or interrupted twice, or `nexus up` while a scheduled
     run ran. No command follows such a run, and it would keep every run on
     this data dir from starting until `nexus up` serves it again, so it is
-    cancelled first."""
+    cancelled first, with what its orchestration phase left open."""
+    address = settings.effective_temporal_address
     running = await running_benchmarks(client)
     if own_server:
         for run_id in running:
@@ -732,6 +736,15 @@ async def _check_no_other_run(client: Client, address: str, own_server: bool) ->
                     "when cancelled"
                 )
                 console.print(f"Benchmark {run_id} terminated; it has no report")
+            executions, swarms = await end_phase_leftovers(client, settings, run_id)
+            if executions or swarms:
+                console.print(
+                    f"Cancelled {len(executions)} orchestration execution(s) and "
+                    f"destroyed {len(swarms)} swarm(s) that benchmark {run_id} "
+                    "left open.",
+                    soft_wrap=True,
+                    markup=False,
+                )
         running = await running_benchmarks(client)
     if running:
         raise BenchmarkStartError(
@@ -818,9 +831,7 @@ async def _run_benchmark(
             settings, wait_seconds=30 if stack else 3, runtime=quiet_runtime()
         )
         await _wait_for_workers(client, settings)
-        await _check_no_other_run(
-            client, settings.effective_temporal_address, started_server
-        )
+        await _check_no_other_run(client, settings, started_server)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         run_id = f"benchmark-{stamp}-{uuid.uuid4().hex[:6]}"
         handle = await client.start_workflow(

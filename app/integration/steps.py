@@ -127,6 +127,7 @@ for _step_type in (
         "step_swarm_orchestration",
         ORCHESTRATION,
         SwarmOrchestrationParams,
+        heartbeat_timeout=60,
     ),
     StepType(
         "real_time_streaming",

@@ -38,6 +38,7 @@ from typer.testing import Result as CliResult
 from app.benchmark import cli as benchmark_cli
 from app.benchmark import recording
 from app.benchmark.cli import format_seconds, parse_duration
+from app.benchmark.leftovers import phase_executions_query
 from app.cli import cli
 from app.contracts.benchmark import (
     REPORTS_FOLDER_ERROR,
@@ -49,8 +50,10 @@ from app.contracts.benchmark import (
     PhaseTimes,
     ReportResult,
 )
+from app.db.migrate import upgrade
 from app.settings import Settings, get_settings
 from app.temporal.devserver import EmbeddedTemporal, port_is_open, temporal_binary
+from app.workflows.engine import search_attributes
 from tests.conftest import running_workers
 
 # Each row: the command line, then the option and the value the message names.
@@ -1376,6 +1379,8 @@ async def test_orphan_that_ignores_cancel_is_terminated(
     server = EmbeddedTemporal(Settings(data_dir=tmp_path, temporal_port=_free_port()))
     server.ui_port = _free_port()
     address = await server.start()
+    settings = Settings(data_dir=tmp_path, temporal_address=address)
+    upgrade(settings.effective_database_url)
     monkeypatch.setattr(benchmark_cli, "ORPHAN_CANCEL_SECONDS", 1.0)
     out = io.StringIO()
     monkeypatch.setattr(benchmark_cli, "console", Console(file=out, width=400))
@@ -1387,19 +1392,40 @@ async def test_orphan_that_ignores_cancel_is_terminated(
             id=run_id,
             task_queue="no-worker-polls-this",
         )
+        # An execution of its orchestration phase, left open too.
+        leftover = await client.start_workflow(
+            "FlowNexusWorkflow",
+            id=f"left-{run_id}",
+            task_queue="no-worker-polls-this",
+            search_attributes=search_attributes(
+                "definition-left", f"benchmark-orchestration-{run_id}-1"
+            ),
+        )
         deadline = time.monotonic() + 60
-        while handle.id not in await benchmark_cli.running_benchmarks(client):
+        query = phase_executions_query(run_id)
+        while handle.id not in await benchmark_cli.running_benchmarks(client) or not [
+            e async for e in client.list_workflows(query)
+        ]:
             assert time.monotonic() < deadline, "the run was never listed"
             await asyncio.sleep(0.2)
         # On a server that the command did not start, the run is not its own.
         with pytest.raises(benchmark_cli.BenchmarkStartError):
-            await benchmark_cli._check_no_other_run(client, address, own_server=False)
-        await benchmark_cli._check_no_other_run(client, address, own_server=True)
+            await benchmark_cli._check_no_other_run(client, settings, own_server=False)
+        await benchmark_cli._check_no_other_run(client, settings, own_server=True)
         described = await handle.describe()
         assert described.status == WorkflowExecutionStatus.TERMINATED
+        history = await leftover.fetch_history()
+        assert any(
+            event.HasField("workflow_execution_cancel_requested_event_attributes")
+            for event in history.events
+        )
     finally:
         server.stop()
     text = " ".join(out.getvalue().split())
+    assert (
+        f"Cancelled 1 orchestration execution(s) and destroyed 0 swarm(s) that "
+        f"benchmark {run_id} left open." in text
+    )
     assert f"Benchmark {run_id} was left running {origin}" in text
     assert "cancelling it first." in text
     assert f"Benchmark {run_id} terminated; it has no report" in text
@@ -1449,7 +1475,7 @@ async def test_cancel_command_and_run_beside_deployment(
                 await asyncio.sleep(0.2)
             with pytest.raises(benchmark_cli.BenchmarkStartError) as refused:
                 await benchmark_cli._check_no_other_run(
-                    client, address, own_server=False
+                    client, settings, own_server=False
                 )
             assert f"benchmark run {handle.id} is running" in str(refused.value)
             unknown = await asyncio.to_thread(

@@ -1,8 +1,14 @@
 """Capability step types inside user-defined workflows, end to end."""
 
+import dataclasses
+import uuid
+
 import pytest
 from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
 
+from activities.integration import IntegrationActivities
+from app.contracts.workflows import StepRequest
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 
@@ -128,6 +134,39 @@ async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
     listed = await invoke_tool(ctx, "swarm_list", {"status": "active"})
     active = {s["swarm_id"] for s in listed["swarms"]}
     assert not active & {s["swarm_id"] for s in swarms}  # type: ignore[union-attr]
+
+
+async def test_swarm_step_retry_destroys_earlier_swarms(
+    client: Client, workers: Settings
+) -> None:
+    # An attempt whose worker died left a swarm, named in its last heartbeat;
+    # the next attempt destroys it before it creates its own.
+    ctx = ToolContext(workers, temporal_client=client)
+    left = await invoke_tool(ctx, "swarm_init", {"topology": "mesh", "maxAgents": 2})
+    beats: list[tuple[object, ...]] = []
+    environment = ActivityEnvironment(client=client)
+    environment.info = dataclasses.replace(
+        environment.info, attempt=2, heartbeat_details=[[left["swarm_id"]]]
+    )
+    environment.on_heartbeat = lambda *details: beats.append(details)
+    request = StepRequest(
+        execution_id=f"retry-{uuid.uuid4().hex[:8]}",
+        step="swarms",
+        type="swarm_orchestration",
+        params={"swarms": 1, "agents": 1, "topology": "mesh", "code": "print(7)"},
+    )
+    outcome = await environment.run(
+        IntegrationActivities(workers).swarm_orchestration, request
+    )
+    (ran,) = outcome.output["swarms"]
+    assert ran["status"] == "completed"
+    assert ran["swarm_id"] != left["swarm_id"]
+    # The new swarm's id went out in the attempt's heartbeats.
+    assert ([ran["swarm_id"]],) in beats
+    listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
+    status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
+    assert status[left["swarm_id"]] == "destroyed"
+    assert status[ran["swarm_id"]] == "destroyed"
 
 
 async def test_streaming_step_loses_nothing(client: Client, workers: Settings) -> None:

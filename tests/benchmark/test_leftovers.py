@@ -1,0 +1,63 @@
+"""What a benchmark run cut short in its orchestration phase leaves open is
+ended when the next run cancels that run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from temporalio.client import Client
+
+from app.benchmark.leftovers import end_phase_leftovers, swarms_started_by
+from app.settings import Settings
+from app.tools import ToolContext, invoke_tool, load_tools
+from app.workflows.engine import search_attributes
+
+load_tools()
+
+
+async def test_leftover_execution_and_its_swarms_end(
+    client: Client, workers: Settings
+) -> None:
+    run_id = f"benchmark-left-{uuid.uuid4().hex[:6]}"
+    # An execution of the phase whose worker died: open, and served by no
+    # worker, so only the clean-up can destroy what its step created.
+    execution_id = f"left-{uuid.uuid4().hex[:8]}"
+    handle = await client.start_workflow(
+        "FlowNexusWorkflow",
+        id=execution_id,
+        task_queue="no-worker-polls-this",
+        search_attributes=search_attributes(
+            "definition-left", f"benchmark-orchestration-{run_id}-1"
+        ),
+    )
+    step = ToolContext(
+        workers, user_id=f"workflow:{execution_id}", temporal_client=client
+    )
+    left = await invoke_tool(step, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    other = ToolContext(workers, user_id="workflow:another", temporal_client=client)
+    kept = await invoke_tool(other, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    url = workers.effective_database_url
+    assert swarms_started_by(url, execution_id) == [left["swarm_id"]]
+    # The server's list of workflows lags behind their starts.
+    deadline = time.monotonic() + 60
+    while True:
+        executions, destroyed = await end_phase_leftovers(client, workers, run_id)
+        if executions:
+            break
+        assert time.monotonic() < deadline, "the execution was never listed"
+        await asyncio.sleep(0.2)
+    assert executions == [execution_id]
+    assert destroyed == [left["swarm_id"]]
+    history = await handle.fetch_history()
+    assert any(
+        event.HasField("workflow_execution_cancel_requested_event_attributes")
+        for event in history.events
+    )
+    listed = await invoke_tool(other, "swarm_list", {"status": "all"})
+    status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
+    assert status[left["swarm_id"]] == "destroyed"
+    assert status[kept["swarm_id"]] == "active"
+    await invoke_tool(other, "swarm_destroy", {"swarm_id": kept["swarm_id"]})
+    await handle.terminate("test cleanup")
