@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from app.services.audit import list_calls
 from app.settings import Settings
@@ -22,13 +23,37 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+_OPEN_EXECUTIONS = 'WorkflowType = "FlowNexusWorkflow" AND ExecutionStatus = "Running"'
+
+
 def phase_executions_query(run_id: str) -> str:
     """Return the visibility query of a run's open orchestration executions,
     whose definitions the phase names `benchmark-orchestration-<run id>-<cycle>`."""
     return (
-        'WorkflowType = "FlowNexusWorkflow" AND ExecutionStatus = "Running" AND '
+        f"{_OPEN_EXECUTIONS} AND "
         f'NexusDefinitionName STARTS_WITH "benchmark-orchestration-{run_id}-"'
     )
+
+
+def definition_executions_query(name: str) -> str:
+    """Return the visibility query of the open executions of definition `name`."""
+    return f'{_OPEN_EXECUTIONS} AND NexusDefinitionName = "{name}"'
+
+
+async def cancel_executions(client: Client, query: str) -> list[str]:
+    """Ask every execution that `query` lists to cancel; return their ids.
+
+    NOTE: the visibility store lists an execution a moment after its start,
+    so one started just before this call can be missed."""
+    executions = [execution.id async for execution in client.list_workflows(query)]
+    for execution_id in executions:
+        try:
+            await client.get_workflow_handle(execution_id).cancel()
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # It closed after it was listed.
+    return executions
 
 
 def swarms_started_by(database_url: str, execution_id: str) -> list[str]:
@@ -54,13 +79,9 @@ async def end_phase_leftovers(
 ) -> tuple[list[str], list[str]]:
     """Cancel run `run_id`'s open orchestration executions and destroy the
     active swarms that they created. Return the ids of both."""
-    executions = [
-        execution.id
-        async for execution in client.list_workflows(phase_executions_query(run_id))
-    ]
+    executions = await cancel_executions(client, phase_executions_query(run_id))
     created: list[str] = []
     for execution_id in executions:
-        await client.get_workflow_handle(execution_id).cancel()
         created += await asyncio.to_thread(
             swarms_started_by, settings.effective_database_url, execution_id
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from temporalio.client import Client
 
+from app.benchmark.leftovers import cancel_executions, definition_executions_query
 from app.benchmark.load import run_load
 from app.contracts.benchmark import (
     LoadRequest,
@@ -236,25 +237,33 @@ def orchestration_definition(run_id: str, cycle: int) -> dict[str, Any]:
 async def multi_workflow_orchestration(runner: PhaseRunner) -> None:
     runner.require("workflow_create", "workflow_execute")
     request = runner.request
-    created = await runner.call(
-        "workflow_create", orchestration_definition(request.run_id, request.cycle)
-    )
+    definition = orchestration_definition(request.run_id, request.cycle)
+    created = await runner.call("workflow_create", definition)
     workflow_id = created["workflow_id"]
     executions = runner.config.concurrent_executions
-    results = await asyncio.gather(
-        *(
-            runner.call(
-                "workflow_execute",
-                {
-                    "workflow_id": workflow_id,
-                    "input_data": {"execution": index},
-                    "async": False,
-                },
+    try:
+        results = await asyncio.gather(
+            *(
+                runner.call(
+                    "workflow_execute",
+                    {
+                        "workflow_id": workflow_id,
+                        "input_data": {"execution": index},
+                        "async": False,
+                    },
+                )
+                for index in range(executions)
+            ),
+            return_exceptions=True,
+        )
+    except asyncio.CancelledError:
+        # The executions are not children of this phase, so they would run
+        # on, and stop half done once the workers stop.
+        with contextlib.suppress(Exception):
+            await cancel_executions(
+                runner.client, definition_executions_query(definition["name"])
             )
-            for index in range(executions)
-        ),
-        return_exceptions=True,
-    )
+        raise
     failures = [r for r in results if isinstance(r, BaseException)]
     runner.metrics["executions"] = executions
     runner.metrics["executions_failed"] = len(failures)

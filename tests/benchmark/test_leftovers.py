@@ -7,9 +7,16 @@ import asyncio
 import time
 import uuid
 
-from temporalio.client import Client
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
 
-from app.benchmark.leftovers import end_phase_leftovers, swarms_started_by
+from app.benchmark.leftovers import (
+    definition_executions_query,
+    end_phase_leftovers,
+    swarms_started_by,
+)
+from app.benchmark.phases import PhaseRunner, multi_workflow_orchestration
+from app.contracts.benchmark import BenchmarkConfig, PhaseInput
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool, load_tools
 from app.workflows.engine import search_attributes
@@ -61,3 +68,40 @@ async def test_leftover_execution_and_its_swarms_end(
     assert status[kept["swarm_id"]] == "active"
     await invoke_tool(other, "swarm_destroy", {"swarm_id": kept["swarm_id"]})
     await handle.terminate("test cleanup")
+
+
+async def test_cancelled_phase_cancels_its_executions(
+    client: Client, workers: Settings
+) -> None:
+    run_id = f"benchmark-phase-{uuid.uuid4().hex[:6]}"
+    request = PhaseInput(
+        run_id=run_id,
+        phase="multi_workflow_orchestration",
+        cycle=1,
+        config=BenchmarkConfig(duration_seconds=60, concurrent_executions=2),
+    )
+    phase = asyncio.create_task(
+        multi_workflow_orchestration(PhaseRunner(workers, client, request))
+    )
+    query = definition_executions_query(f"benchmark-orchestration-{run_id}-1")
+    deadline = time.monotonic() + 120
+    while len([e async for e in client.list_workflows(query)]) < 2:
+        assert not phase.done(), "the phase ended before its executions were listed"
+        assert time.monotonic() < deadline, "the executions were never listed"
+        await asyncio.sleep(0.2)
+    phase.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await phase
+    listed = [
+        e.id
+        async for e in client.list_workflows(
+            query.replace('ExecutionStatus = "Running" AND ', "")
+        )
+    ]
+    assert len(listed) == 2
+    for execution_id in listed:
+        handle = client.get_workflow_handle(execution_id)
+        while (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            assert time.monotonic() < deadline, f"{execution_id} still runs"
+            await asyncio.sleep(0.5)
+        assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
