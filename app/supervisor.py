@@ -60,6 +60,11 @@ class HttpPortInUseError(EmbeddedServerError):
     """The HTTP server's port is taken; the message names it and the fix."""
 
 
+# Seconds that a stopping worker has to finish its activities (its graceful
+# shutdown takes 10 s) before it is killed.
+STOP_SECONDS = 20.0
+
+
 class Stack:
     """The embedded server (when no address is set), the workers and the HTTP
     server, started and stopped as one unit. `serve_api=False` leaves the
@@ -122,9 +127,11 @@ class Stack:
         for child in self.children:
             child.poll_and_restart()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop every child, killing those that have not drained their work
+        within `timeout` seconds, then the embedded server."""
         logger.info("stopping %d processes", len(self.children))
-        stop_all(self.children)
+        stop_all(self.children, timeout)
         self.children = []
         if self.server is not None:
             self.server.stop()

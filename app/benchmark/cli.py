@@ -691,6 +691,10 @@ def _embedded_run_lock(settings: Settings) -> Iterator[Path]:
         os.close(descriptor)  # which releases the lock
 
 
+# Seconds that the workers have to stop after a second Ctrl-C, before they
+# are killed.
+LEAVING_STOP_SECONDS = 3.0
+
 # Seconds that a run left open on this command's own server has to end after
 # its cancellation, before it is terminated.
 ORPHAN_CANCEL_SECONDS = 60.0
@@ -809,10 +813,11 @@ async def _run_benchmark(
     start_workers: bool,
     started: list[StartedRun] | None,
 ) -> FinishedRun:
-    from app.supervisor import Stack
+    from app.supervisor import STOP_SECONDS, Stack
     from app.temporal.client import connect, quiet_runtime
 
     stack: Stack | None = None
+    leaving = False  # between a first and a second Ctrl-C
     if start_workers:
         # The benchmark calls the tools through the workers; the HTTP
         # server would only take a port and print where its key is.
@@ -855,7 +860,9 @@ async def _run_benchmark(
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.
             if started_server:
+                leaving = True
                 this_run.ended = await cancel_run(handle)
+                leaving = False
             else:
                 print_run_continues(settings, run_id)
             raise
@@ -867,7 +874,12 @@ async def _run_benchmark(
             ) from None
     finally:
         if stack is not None:
-            await asyncio.to_thread(stack.stop)
+            # After a second Ctrl-C the run is left open anyway, and the next
+            # run on this data dir cancels it with what it left, so the
+            # workers get a few seconds rather than the time to drain.
+            await asyncio.to_thread(
+                stack.stop, LEAVING_STOP_SECONDS if leaving else STOP_SECONDS
+            )
     history = server.db_path if server is not None and started_server else None
     return FinishedRun(run_id, result, history)
 

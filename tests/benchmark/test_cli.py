@@ -925,6 +925,32 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path, stop: str) -> None
         server.stop()
 
 
+@pytest.mark.timeout(420)
+async def test_second_interrupt_leaves_embedded_run(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    process, output = _start_cli(_RUN, env)
+    port = int(env["NEXUS_TEMPORAL_PORT"])
+    try:
+        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        client = await Client.connect(f"127.0.0.1:{port}")
+        await _running_phase(client, run_id, 120)
+        os.killpg(process.pid, signal.SIGINT)
+        await output.wait_for(r"Interrupted: cancelling", 60)
+        os.killpg(process.pid, signal.SIGINT)
+        exit_code = await asyncio.to_thread(process.wait, 120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = " ".join(output.text.split())
+    assert exit_code == 130, text
+    assert f"Exited without waiting: benchmark {run_id} was not cancelled" in text
+    # The command stopped its server and workers before it exited.
+    assert not port_is_open("127.0.0.1", port)
+    url = Settings(data_dir=tmp_path).effective_database_url
+    assert recording.run_status(url, run_id) == "running"
+
+
 @pytest.mark.timeout(300)
 async def test_interrupt_leaves_external_run(tmp_path: Path) -> None:
     # The "external" server is one of this test's own, so that the sandbox
