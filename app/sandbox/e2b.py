@@ -7,6 +7,7 @@ tests drive it with a stand-in class that raises the SDK's own exceptions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import time
@@ -183,11 +184,15 @@ class E2BBackend(SandboxBackend):
         except TimeoutError:
             timed_out = True
             try:
-                await sandbox.commands.run(f"kill -KILL -- -{handle.pid}", timeout=10)
-            except e2b.CommandExitException:
-                pass  # the group already ended
+                await self._kill_group(sandbox, handle.pid)
             except Exception as error:
                 raise await self._translate(error, backend_id, sandbox) from error
+        except asyncio.CancelledError:
+            # An interrupt or a cancelled call: without the kill, the command
+            # would run on in the sandbox until it exits or the sandbox ends.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kill_group(sandbox, handle.pid), 15)
+            raise
         except Exception as error:
             raise await self._translate(error, backend_id, sandbox) from error
         elapsed = time.perf_counter() - started
@@ -204,6 +209,13 @@ class E2BBackend(SandboxBackend):
             stdout_dropped_bytes=out_dropped,
             stderr_dropped_bytes=err_dropped,
         )
+
+    @staticmethod
+    async def _kill_group(sandbox: Any, pid: int) -> None:
+        """Kill the process group that `run` started with setsid."""
+        # A group that has ended already makes `kill` exit non-zero.
+        with contextlib.suppress(e2b.CommandExitException):
+            await sandbox.commands.run(f"kill -KILL -- -{pid}", timeout=10)
 
     async def write_file(self, backend_id: str, path: str, content: bytes) -> str:
         inside = resolve_inside(E2B_HOME, path)

@@ -3,6 +3,7 @@ real exception types, to prove the error mapping and recreation."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar
 
 import e2b
@@ -17,7 +18,9 @@ from app.sandbox.e2b import E2BBackend
 
 
 class FakeHandle:
-    def __init__(self, pid: int, fault: BaseException | None, exit_code: int) -> None:
+    def __init__(
+        self, pid: int, fault: BaseException | None, exit_code: int | None
+    ) -> None:
         self.pid = pid
         self.fault = fault
         self.exit_code = exit_code
@@ -25,6 +28,9 @@ class FakeHandle:
     async def wait(self) -> Any:
         if self.fault is not None:
             raise self.fault
+        if self.exit_code is None:
+            # A command that never ends on its own.
+            await asyncio.Event().wait()
         if self.exit_code:
             raise e2b.CommandExitException(
                 stderr="boom", stdout="", exit_code=self.exit_code, error=None
@@ -66,7 +72,8 @@ class FakeSandbox:
         self.template = template
         self.running = True
         self.fault: BaseException | None = None
-        self.exit_code = 0
+        self.exit_code: int | None = 0
+        self.commands_run: list[str] = []
         self.commands = self
         self.files = FakeFiles()
         self.timeout: int | None = None
@@ -109,8 +116,9 @@ class FakeSandbox:
         cwd: str | None = None,
         timeout: float = 60,
     ) -> FakeHandle:
+        self.commands_run.append(command)
         fault, self.fault = self.fault, None
-        return FakeHandle(1, fault, self.exit_code)
+        return FakeHandle(len(self.commands_run), fault, self.exit_code)
 
     async def is_running(self) -> bool:
         return self.running
@@ -152,6 +160,22 @@ async def test_run_and_exit_code(backend: E2BBackend) -> None:
     failed = await run(backend, created.backend_id)
     assert failed.exit_code == 2
     assert failed.stderr == "boom"
+
+
+async def test_cancelled_run_kills_its_command(backend: E2BBackend) -> None:
+    created = await backend.create(
+        "x", template="python", timeout=600, env={}, metadata={}
+    )
+    sandbox = FakeSandbox.live[created.backend_id]
+    sandbox.exit_code = None
+    call = asyncio.create_task(run(backend, created.backend_id))
+    while not sandbox.commands_run:
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The command's process group (pid 1 here) is killed, not left running.
+    assert sandbox.commands_run[1:] == ["kill -KILL -- -1"]
 
 
 async def test_errors_map_to_interface(backend: E2BBackend) -> None:
