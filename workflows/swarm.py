@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         SwarmState,
         SwarmTaskInput,
         SwarmWorkflowInput,
+        TaskClose,
         TaskFinished,
         TaskProgress,
         TaskRecord,
@@ -998,7 +999,52 @@ class SwarmTaskWorkflow:
         progress.status = "cancelled"
         progress.error = progress.error or _cancel_reason() or "the task was cancelled"
         progress.finished_at = workflow.now()
+        self._close_steps(
+            progress,
+            assignment,
+            step_error="the task was cancelled while the step ran",
+            skip_error="not run: the task was cancelled before this part started",
+        )
+        return progress
 
+    @workflow.query
+    def closed_progress(self, close: TaskClose) -> TaskProgress:
+        """Return the result of a task whose workflow closed without one
+        (terminated, timed out), built as a cancelled task builds its own.
+
+        The whole outputs of the completed steps are the results of their
+        activities in this workflow's history. A query of a closed workflow
+        replays that history, so they are back in `completed_outputs`, where
+        the `status` query's step records keep only a trimmed share, and the
+        swarm keeps no output at all.
+        NOTE: the replay stops at the last workflow task that completed. A
+        step whose activity completed after it, just before the close, is
+        reported as cut short."""
+        progress = self.progress.model_copy(deep=True)
+        progress.status = close.status
+        progress.error = progress.error or close.error
+        if progress.finished_at is not None:
+            return progress  # the task had ended and only its report was left
+        progress.finished_at = close.closed_at
+        self._close_steps(
+            progress,
+            self.assignment,
+            step_error="the task's workflow ended while the step ran",
+            skip_error="not run: the task's workflow ended before this part started",
+        )
+        return progress
+
+    def _close_steps(
+        self,
+        progress: TaskProgress,
+        assignment: Assignment | None,
+        *,
+        step_error: str,
+        skip_error: str,
+    ) -> None:
+        """End the steps of `progress` that were running at its `finished_at`,
+        list each part that no step started as skipped, and set the output of
+        the completed steps."""
         # Steps cut short end with the task, not stay running. Their partial
         # stdout never came back from the activity, so it stays unset.
         for index, step in enumerate(progress.steps):
@@ -1006,7 +1052,7 @@ class SwarmTaskWorkflow:
                 progress.steps[index] = step.model_copy(
                     update={
                         "status": "cancelled",
-                        "error": "the task was cancelled while the step ran",
+                        "error": step_error,
                         "finished_at": progress.finished_at,
                         # A program step ran in its agent's fixed sandbox.
                         "sandbox_id": step.sandbox_id
@@ -1017,41 +1063,43 @@ class SwarmTaskWorkflow:
                         ),
                     }
                 )
+        if assignment is not None:
+            self._skip_unstarted(progress, assignment, skip_error)
+        progress.output = self._completed_output(progress)
 
-        self._skip_unstarted(assignment)
-        progress.output = self._completed_output()
-        return progress
-
-    def _skip_unstarted(self, assignment: Assignment) -> None:
-        """Record each part that no step started before the task was cancelled."""
-        started = {s.part_index for s in self.progress.steps}
+    def _skip_unstarted(
+        self, progress: TaskProgress, assignment: Assignment, error: str
+    ) -> None:
+        """Record each part that no step of `progress` started as skipped."""
+        started = {s.part_index for s in progress.steps}
         owners = planning.part_owners(
             assignment.topology, len(assignment.agents), len(self.parts)
         )
+        step = self.next_step
         for part_index, part in enumerate(self.parts):
             if part_index in started:
                 continue
-            self.progress.steps.append(
+            progress.steps.append(
                 self._step_record(
-                    self.next_step,
+                    step,
                     assignment.agents[owners[part_index]],
                     part_index,
                     part,
                     status="skipped",
-                    error="not run: the task was cancelled before this part started",
+                    error=error,
                 )
             )
-            self.next_step += 1
+            step += 1
 
-    def _completed_output(self) -> str | None:
+    def _completed_output(self, progress: TaskProgress) -> str | None:
         """Return the completed steps' output: the last one's for a sequential
         task, else all of them joined in part order, like a finished task's
         output. Return None when no step completed."""
-        done = [s for s in self.progress.steps if s.status == "completed"]
+        done = [s for s in progress.steps if s.status == "completed"]
         if not done:
             return None
         outputs = self.completed_outputs
-        if self.progress.strategy_used == "sequential":
+        if progress.strategy_used == "sequential":
             return planning.trimmed_output(outputs[done[-1].part_index])
         return planning.trimmed_output(
             planning.join_outputs([outputs[index] for index in sorted(outputs)])

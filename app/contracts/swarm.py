@@ -303,6 +303,15 @@ class TaskFinished(BaseModel):
     )
 
 
+class TaskClose(BaseModel):
+    """The close of a task workflow that ended without a result (terminated,
+    timed out), which the tool layer passes to the `closed_progress` query."""
+
+    status: TaskStatus
+    error: str
+    closed_at: UtcDateTime
+
+
 class SwarmTaskInput(BaseModel):
     swarm_id: str
     spec: TaskSpec

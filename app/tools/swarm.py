@@ -49,6 +49,7 @@ from app.contracts.swarm import (
     SwarmState,
     SwarmStrategy,
     SwarmWorkflowInput,
+    TaskClose,
     TaskProgress,
     TaskRecord,
     TaskSpec,
@@ -887,21 +888,13 @@ async def _termination_reason(handle: WorkflowHandle[Any, TaskProgress]) -> str:
 
 async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
     """Return the child's result. For a child that ended without one
-    (cancelled before it ran, terminated, timed out), return its last
-    progress with the status and error of how it ended."""
+    (cancelled before it ran, terminated, timed out), return what it had
+    done, as a cancelled task reports it: its completed steps with their
+    output, the steps it cut short and the parts it never started."""
     try:
         return await handle.result()
     except WorkflowFailureError as failure:
         cause = failure.cause
-        try:
-            progress = await handle.query("status", result_type=TaskProgress)
-        except WorkflowQueryFailedError as query_error:
-            raise ToolError(
-                f"the task's workflow {handle.id} ended ({cause}) and its "
-                f"progress could not be read: {query_error}; see the workflow "
-                "in the Temporal web UI",
-                kind="unavailable",
-            ) from None
         if isinstance(cause, CancelledError):
             status, ending = "cancelled", "the task's workflow was cancelled"
         elif isinstance(cause, TerminatedError):
@@ -910,28 +903,20 @@ async def _result(handle: WorkflowHandle[Any, TaskProgress]) -> TaskProgress:
         else:
             status, ending = "failed", f"the task's workflow failed: {cause}"
         logger.debug("task workflow %s ended without a result: %s", handle.id, ending)
-        closed_at = progress.finished_at or (await handle.describe()).close_time
-        # Steps that ran when the workflow ended never finish.
-        steps = [
-            step.model_copy(
-                update={
-                    "status": "cancelled",
-                    "error": "the task's workflow ended while the step ran",
-                    "finished_at": closed_at,
-                }
+        closed_at = (await handle.describe()).close_time or datetime.now(UTC)
+        close = TaskClose(status=status, error=ending, closed_at=closed_at)
+        try:
+            # A worker replays the closed workflow's history to run the query.
+            return await handle.query(
+                "closed_progress", close, result_type=TaskProgress
             )
-            if step.status == "running"
-            else step
-            for step in progress.steps
-        ]
-        return progress.model_copy(
-            update={
-                "status": status,
-                "error": progress.error or ending,
-                "finished_at": closed_at,
-                "steps": steps,
-            }
-        )
+        except WorkflowQueryFailedError as query_error:
+            raise ToolError(
+                f"the task's workflow {handle.id} ended ({cause}) and its "
+                f"progress could not be read: {query_error}; see the workflow "
+                "in the Temporal web UI",
+                kind="unavailable",
+            ) from None
 
 
 async def _wait_result(

@@ -211,6 +211,54 @@ async def test_terminated_task_frees_its_agent(swarms: Swarms) -> None:
     await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
 
 
+# Prints its part, but waits at part b until the test writes `gate`.
+_GATED_AT_B = (
+    'if [ "$NEXUS_PART" = b ]; then touch started; '
+    "while [ ! -f gate ]; do sleep 0.05; done; fi; "
+    'echo "$NEXUS_PART"'
+)
+
+
+async def test_terminated_sequential_task_keeps_steps(swarms: Swarms) -> None:
+    # A terminate ends the workflow with no result, yet the task's result
+    # keeps what it did, as a cancelled task's does.
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    task = await swarms.call(
+        "task_orchestrate",
+        task="a\nb\nc",
+        strategy="sequential",
+        command=_GATED_AT_B,
+        swarm_id=swarm_id,
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
+    await handle.terminate(reason="operator")
+
+    result = await swarms.call("task_results", task_id=task["task_id"])
+    assert result["status"] == "failed"
+    assert result["error"] == "the task's workflow was terminated: operator"
+    assert result["output"] == "a\n"
+    assert result["finished_at"] is not None
+    steps = sorted(result["results"], key=lambda s: s["part_index"])
+    assert [s["part"] for s in steps] == ["a", "b", "c"]
+    assert [s["status"] for s in steps] == ["completed", "cancelled", "skipped"]
+    assert [s["stdout"] for s in steps] == ["a\n", None, None]
+    assert steps[1]["error"] == "the task's workflow ended while the step ran"
+    assert steps[1]["sandbox_id"] == agent_sandbox_id(agent_id)
+    assert steps[1]["finished_at"] == result["finished_at"]
+    assert steps[2]["agent_id"] == agent_id
+    assert steps[2]["error"] == (
+        "not run: the task's workflow ended before this part started"
+    )
+    progress = await swarms.call("task_status", task_id=task["task_id"])
+    assert progress["status"] == "failed"
+    assert progress["steps_completed"] == 1
+    assert progress["running"] == []
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+
+
 # Counts in `ticks` until it is stopped.
 _TICKING_PROGRAM = (
     "import pathlib, time\n"
