@@ -1,5 +1,6 @@
-"""Swarm activities: agent steps (sandbox queue), the database mirror and
-sandbox stops."""
+"""Swarm activities: agent steps and sandbox stops (sandbox queue), the
+database mirror and the wait on a task workflow's close (orchestration
+queue)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import contextlib
 from datetime import UTC, datetime
 
 from temporalio import activity
+from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
+from activities.heartbeat import heartbeat_every
 from app.contracts.swarm import (
     AgentStepRequest,
     LastStepResult,
@@ -19,13 +22,20 @@ from app.contracts.swarm import (
     StopSandboxesResult,
     SwarmMirror,
     TaskFinished,
+    TaskWatchRequest,
+    TaskWatchResult,
 )
 from app.settings import Settings
 from app.swarm import planning
 from app.swarm.executor import AgentExecutor, build_executor
 from app.swarm.service import StepFailedError, run_step, write_mirror
+from app.temporal.endings import workflow_ending
 
 HEARTBEAT_SECONDS = 2.0
+
+# Heartbeat interval of `watch_task_close`, a third of the heartbeat timeout
+# that `SwarmWorkflow` gives it.
+WATCH_HEARTBEAT_SECONDS = 10.0
 
 # Error type of a step failure that a later attempt may not meet, such as a
 # rate limit, a server error or a lost connection. STEP_RETRY retries it.
@@ -161,6 +171,42 @@ class SwarmMirrorActivities:
         return await asyncio.to_thread(
             write_mirror, self.settings.effective_database_url, mirror
         )
+
+
+@activity.defn(name="watch_task_close")
+async def watch_task_close(request: TaskWatchRequest) -> TaskWatchResult:
+    """Wait until a task workflow closes, and return how, for a swarm run
+    that did not start it and so has no child handle to it.
+
+    The wait is the client's long poll of the workflow's history for its
+    close event: each call waits on the server until that event or the
+    poll's timeout. The heartbeats let the server see a dead worker, and let
+    the worker see that the swarm run that scheduled this activity has
+    closed, which cancels it."""
+    handle = activity.client().get_workflow_handle(request.workflow_id)
+    heartbeat = asyncio.create_task(heartbeat_every(WATCH_HEARTBEAT_SECONDS))
+    try:
+        await handle.result(follow_runs=False)
+    except WorkflowFailureError as failure:
+        ending = workflow_ending(failure.cause)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # Gone past its namespace's retention: it can report nothing more.
+        ending = "not found"
+    else:
+        return TaskWatchResult()
+    finally:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+    activity.logger.info(
+        "task workflow %s of task %s closed without a result: %s",
+        request.workflow_id,
+        request.task_id,
+        ending,
+    )
+    return TaskWatchResult(ending=ending)
 
 
 def first_start(info: activity.Info) -> datetime:

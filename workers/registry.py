@@ -16,7 +16,11 @@ from activities.integration import IntegrationActivities
 from activities.neural import neural_queue_activities, orchestration_activities
 from activities.realtime import RealtimeActivities
 from activities.sandbox import SandboxActivities, SandboxRecordActivities
-from activities.swarm import SwarmActivities, SwarmMirrorActivities
+from activities.swarm import (
+    SwarmActivities,
+    SwarmMirrorActivities,
+    watch_task_close,
+)
 from activities.system import ProbeActivities, SystemActivities
 from activities.workflows import WorkflowActivities
 from app.contracts import queues
@@ -240,7 +244,7 @@ def _swarm_sandbox_activities(settings: Settings) -> list[Callable[..., Any]]:
 
 
 def _swarm_orchestration_activities(settings: Settings) -> list[Callable[..., Any]]:
-    return [SwarmMirrorActivities(settings).mirror_swarm]
+    return [SwarmMirrorActivities(settings).mirror_swarm, watch_task_close]
 
 
 SWARM = Capability(

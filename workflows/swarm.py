@@ -21,10 +21,6 @@ from temporalio.exceptions import (
     ApplicationError,
     CancelledError,
     ChildWorkflowError,
-    TerminatedError,
-)
-from temporalio.exceptions import (
-    TimeoutError as WorkflowTimeoutError,
 )
 
 with workflow.unsafe.imports_passed_through():
@@ -56,11 +52,14 @@ with workflow.unsafe.imports_passed_through():
         TaskProgress,
         TaskRecord,
         TaskSpec,
+        TaskWatchRequest,
+        TaskWatchResult,
         capability_error,
         task_workflow_id,
         work_bytes,
     )
     from app.swarm import planning
+    from app.temporal.endings import workflow_ending
     from app.temporal.search_attributes import SWARM_ID
 
 
@@ -136,6 +135,15 @@ _PATCH_UNREPORTED_SANDBOX = "swarm-unreported-first-sandbox"
 # agents.
 _PATCH_WATCH_CHILD_CLOSE = "swarm-watch-task-close"
 
+# Patch id of the change that makes a run also watch, through the
+# `watch_task_close` activity, the task workflows that an earlier run of the
+# swarm started and that still run.
+_PATCH_WATCH_CARRIED_TASKS = "swarm-watch-carried-tasks"
+
+# Heartbeat timeout of `watch_task_close`: a worker that dies during the
+# wait is noticed after this long, and the retry waits on.
+WATCH_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+
 # Event kinds that each task produces; their mirror writes are batched.
 _TASK_EVENTS = frozenset(
     (
@@ -166,6 +174,9 @@ class SwarmWorkflow:
         self.mirror_busy = False
         # Tasks whose child workflow is being started now.
         self.starting: set[str] = set()
+        # Waits on the task workflows that an earlier run started, kept here
+        # because the event loop holds only weak references to tasks.
+        self.watches: list[asyncio.Task[None]] = []
         # Here, not in run: an update that arrives with the first workflow task
         # is handled before run starts, and the start must be event 0.
         if self.state.runs == 1 and self.state.next_event_seq == 0:
@@ -461,6 +472,7 @@ class SwarmWorkflow:
             "swarm %s running (run %d)", self.state.swarm_id, self.state.runs
         )
         mirror = asyncio.create_task(self._mirror_loop())
+        self._watch_carried_tasks()
         while True:
             await workflow.wait_condition(
                 lambda: bool(
@@ -575,31 +587,64 @@ class SwarmWorkflow:
             self.starting.discard(task_id)
 
     def _task_closed(self, task_id: str, handle: asyncio.Task[Any]) -> None:
-        """End the record of a task whose workflow closed without telling
-        this swarm, and free its agents.
+        """End the record of a task whose workflow, started by this run,
+        closed without telling this swarm.
 
         A task that completes, fails or is cancelled reports first. One that
         is terminated (web UI, `temporal workflow terminate`) or timed out
-        never does, and its agents would otherwise stay busy for good.
-
-        Only this run learns of the close of the children it started. A task
-        started by an earlier run of this swarm, before a continue-as-new,
-        that closes this way keeps its agents busy."""
+        never does, and its agents would otherwise stay busy for good."""
         if handle.cancelled():
             return  # this run ended first
         error = handle.exception()
-        task = self._find_task(task_id)
-        if error is None or task is None or task.status not in ("running", "queued"):
+        if error is None:
             return
         cause = error.__cause__ if isinstance(error, ChildWorkflowError) else error
-        if isinstance(cause, TerminatedError):
-            ending = "terminated"
-        elif isinstance(cause, WorkflowTimeoutError):
-            ending = "timed out"
-        elif isinstance(cause, CancelledError):
-            ending = "cancelled"
-        else:
-            ending = f"failed: {cause}"
+        self._end_unreported(task_id, workflow_ending(cause))
+
+    def _watch_carried_tasks(self) -> None:
+        """Watch the task workflows that an earlier run of this swarm started
+        and that still run.
+
+        Only the run that starts a child has the handle whose close
+        `_task_closed` hears of. A later run waits on the others by workflow
+        id in the `watch_task_close` activity, one per task, which completes
+        when the task workflow closes."""
+        carried = [
+            task
+            for task in self.state.tasks
+            if task.child_started and task.status in ("running", "queued")
+        ]
+        if not carried or not workflow.patched(_PATCH_WATCH_CARRIED_TASKS):
+            return
+        for task in carried:
+            self.watches.append(
+                asyncio.create_task(
+                    self._watch_task(task.spec.task_id, task.workflow_id)
+                )
+            )
+
+    async def _watch_task(self, task_id: str, workflow_id: str) -> None:
+        result: TaskWatchResult = await workflow.execute_activity(
+            "watch_task_close",
+            TaskWatchRequest(task_id=task_id, workflow_id=workflow_id),
+            task_queue=ORCHESTRATION,
+            # A task can run for longer than one attempt's timeout, so the
+            # retry policy has no attempt limit and the retry waits on.
+            start_to_close_timeout=timedelta(hours=1),
+            heartbeat_timeout=WATCH_HEARTBEAT_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+            result_type=TaskWatchResult,
+        )
+        if result.ending is not None:
+            self._end_unreported(task_id, result.ending)
+
+    def _end_unreported(self, task_id: str, ending: str) -> None:
+        """Record a task whose workflow closed as `ending` ("terminated",
+        "timed out", ...) without reporting to this swarm, and free its
+        agents. A task that reported is left as it is."""
+        task = self._find_task(task_id)
+        if task is None or task.status not in ("running", "queued"):
+            return
         workflow.logger.warning(
             "task %s of swarm %s ended without reporting: its workflow was %s",
             task_id,

@@ -312,6 +312,24 @@ class TaskClose(BaseModel):
     closed_at: UtcDateTime
 
 
+class TaskWatchRequest(BaseModel):
+    """A task workflow that the `watch_task_close` activity waits on."""
+
+    task_id: str
+    workflow_id: str
+
+
+class TaskWatchResult(BaseModel):
+    ending: str | None = Field(
+        None,
+        description=(
+            'How the task workflow closed without a result: "terminated", '
+            '"timed out", "cancelled", "not found" or "failed: <cause>". '
+            "None when it completed."
+        ),
+    )
+
+
 class SwarmTaskInput(BaseModel):
     swarm_id: str
     spec: TaskSpec

@@ -1,2 +1,2 @@
-"""Temporal plumbing: the client factory, the embedded dev server and the
-project's search attributes."""
+"""Temporal plumbing: the client factory, the embedded dev server, the
+project's search attributes and the words for how a workflow closed."""

@@ -16,9 +16,10 @@ from temporalio.worker import Worker
 
 from activities.swarm import HEARTBEAT_SECONDS
 from app.contracts.queues import ORCHESTRATION, SANDBOX
-from app.contracts.swarm import SwarmState
+from app.contracts.swarm import SwarmState, SwarmWorkflowInput, task_workflow_id
 from app.settings import Settings
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers, wait_for_pollers
+from tests.support.replay import replay_run
 from tests.swarm.conftest import (
     GATED_PROGRAM,
     SWARM_QUEUES,
@@ -26,7 +27,7 @@ from tests.swarm.conftest import (
     agent_folder,
     wait_for_file,
 )
-from workers.registry import queue_spec
+from workers.registry import all_workflows, queue_spec
 
 
 @contextlib.asynccontextmanager
@@ -189,8 +190,6 @@ async def test_swarm_survives_worker_restart(
 async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
     """A swarm whose history passes its limit continues as new; agents, tasks
     and running work carry over."""
-    from app.contracts.swarm import SwarmWorkflowInput
-
     swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
     handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
     # Restart the swarm with a small history limit: terminate and start it
@@ -213,3 +212,62 @@ async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
     assert [a["agent_id"] for a in status["agents"]] == [a["agent_id"] for a in agents]
     assert status["task_counts"] == {"completed": 6}
     assert sum(a["tasks_completed"] for a in status["agents"]) == 6
+
+
+async def test_terminated_task_after_continue_as_new(swarms: Swarms) -> None:
+    # The run that started the task continues as new before the terminate,
+    # so only the new run can free the agent.
+    swarm = await swarms.call("swarm_init", topology="mesh", maxAgents=20)
+    swarm_id = swarm["swarm_id"]
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    # Restart the empty swarm with a small history limit, as in
+    # test_swarm_continues_as_new_with_state.
+    state = await handle.query("status", result_type=SwarmState)
+    await handle.terminate("restart with a history limit")
+    await swarms.client.start_workflow(
+        "SwarmWorkflow",
+        SwarmWorkflowInput(state=state, continue_as_new_after_events=40),
+        id=f"swarm-{swarm_id}",
+        task_queue=ORCHESTRATION,
+    )
+    coder = await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
+    task = await swarms.call(
+        "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
+    )
+    folder = await agent_folder(swarms, coder["agent_id"])
+    await wait_for_file(folder / "started")
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    started_in_run = status["workflow_runs"]
+    # Each spawn is an update that adds events, until the history passes its
+    # limit and the swarm continues as new.
+    for _ in range(18):
+        await swarms.call("agent_spawn", type="tester", swarm_id=swarm_id)
+        status = await swarms.call("swarm_status", swarm_id=swarm_id)
+        if status["workflow_runs"] > started_in_run:
+            break
+    assert status["workflow_runs"] > started_in_run
+    [record] = status["tasks"]
+    assert record["status"] == "running"
+
+    task_handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
+    await task_handle.terminate(reason="operator")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        status = await swarms.call("swarm_status", swarm_id=swarm_id)
+        agents = {a["agent_id"]: a for a in status["agents"]}
+        if agents[coder["agent_id"]]["status"] == "idle" or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    agent = agents[coder["agent_id"]]
+    assert agent["status"] == "idle"
+    assert agent["current_task_id"] is None
+    assert agent["tasks_failed"] == 1
+    [record] = status["tasks"]
+    assert record["status"] == "failed"
+    assert record["error"] == "the task's workflow was terminated"
+    result = await swarms.call("task_results", task_id=task["task_id"])
+    assert result["status"] == "failed"
+    assert result["error"] == "the task's workflow was terminated: operator"
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
