@@ -313,6 +313,9 @@ class IntegrationActivities:
         last heartbeat details. A swarm destroyed already is skipped."""
         details = activity.info().heartbeat_details
         earlier = details[0] if details and isinstance(details[0], list) else []
+        # A restarted worker may not have loaded the tools yet, and an unknown
+        # tool's error would pass for a swarm that is gone already.
+        load_tools()
         for swarm_id in earlier:
             try:
                 await invoke_tool(
@@ -327,8 +330,12 @@ class IntegrationActivities:
                         kind="ToolFailed",
                         non_retryable=False,
                     ) from None
-            activity.logger.info(
-                "destroyed swarm %s left by an earlier attempt", swarm_id
+                continue
+            activity.logger.warning(
+                "destroyed swarm %s, left by attempt %d of step %s",
+                swarm_id,
+                activity.info().attempt - 1,
+                request.step,
             )
 
     @activity.defn(name="step_swarm_orchestration")
@@ -349,7 +356,8 @@ class IntegrationActivities:
             # later ones for most of the heartbeat timeout, so the ids
             # go out together, right after the swarms exist. The next attempt
             # reads them if this one's worker dies; the beats after them let
-            # a cancel reach this attempt.
+            # a cancel reach this attempt. NOTE: a worker that dies between
+            # two swarm_init calls leaves the swarms created so far unnamed.
             heartbeat = asyncio.create_task(
                 heartbeat_every(SWARM_HEARTBEAT_SECONDS, list(swarm_ids))
             )

@@ -18,8 +18,8 @@ fourfold, hence the choice per queue.
 Both must be in place before the interpreter starts, so a worker process
 whose allocator differs from the one it runs with runs itself again with
 `PYTHONMALLOC` (and for jemalloc `LD_PRELOAD` and `MALLOC_CONF`) set. Only
-the standard library is imported here, because the process may be replaced
-before it does anything else.
+the standard library and the queue names are imported here, because the
+process may be replaced before it does anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+from app.contracts.queues import ALL_QUEUES, NEURAL_NODE_PREFIX
 
 # Environment variable of the allocator setting (`Settings.worker_allocator`),
 # read here before the settings module is imported.
@@ -39,9 +41,16 @@ JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
 # Set in the environment of the process run again, so a library that the
 # dynamic loader could not preload does not make it run itself once more.
-_RAN_AGAIN_VARIABLE = "NEXUS_WORKER_ALLOCATOR_EXEC"
+# Outside the NEXUS_ names, which the settings check warns about when unknown.
+_RAN_AGAIN_VARIABLE = "FLOW_NEXUS_ALLOCATOR_RAN_AGAIN"
 
 ALLOCATORS = ("system", "glibc", "jemalloc")
+
+
+def _known_queue(queue: str) -> bool:
+    return queue in ALL_QUEUES or (
+        queue.startswith(NEURAL_NODE_PREFIX) and len(queue) > len(NEURAL_NODE_PREFIX)
+    )
 
 
 def parse_allocator_setting(value: str) -> tuple[str, dict[str, str]]:
@@ -50,23 +59,37 @@ def parse_allocator_setting(value: str) -> tuple[str, dict[str, str]]:
 
     Raises ValueError with a message that names the bad entry and the fix.
     """
+    example = "system,nexus-orchestration=glibc"
     default = "system"
     per_queue: dict[str, str] = {}
-    for position, entry in enumerate(value.split(",")):
-        queue, _, choice = entry.strip().rpartition("=")
-        queue = queue.strip()
+    for position, raw in enumerate(value.split(",")):
+        entry = raw.strip()
+        if not entry:
+            raise ValueError(
+                f"{ALLOCATOR_VARIABLE}={value!r} has an empty entry: separate "
+                f"entries with one comma, as in {example}"
+            )
+        has_queue = "=" in entry
+        queue, _, choice = (part.strip() for part in entry.rpartition("="))
+        choice = choice.lower()
         if choice not in ALLOCATORS:
             raise ValueError(
-                f"{ALLOCATOR_VARIABLE} entry {entry.strip()!r} names no allocator: "
-                f"use one of {', '.join(ALLOCATORS)}, alone or as QUEUE=ALLOCATOR "
-                "after a comma (system,nexus-orchestration=glibc)"
+                f"{ALLOCATOR_VARIABLE} entry {entry!r} names no allocator: use "
+                f"one of {', '.join(ALLOCATORS)}, alone or as QUEUE=ALLOCATOR "
+                f"after a comma ({example})"
             )
-        if not queue and position == 0:
+        if not has_queue and position == 0:
             default = choice
-        elif not queue:
+        elif not has_queue or not queue:
             raise ValueError(
-                f"{ALLOCATOR_VARIABLE} entry {entry.strip()!r} has no queue: only "
-                "the first entry may stand alone, the others are QUEUE=ALLOCATOR"
+                f"{ALLOCATOR_VARIABLE} entry {entry!r} has no queue: only the "
+                "first entry is a bare allocator, the others are QUEUE=ALLOCATOR"
+            )
+        elif not _known_queue(queue):
+            raise ValueError(
+                f"{ALLOCATOR_VARIABLE} entry {entry!r} names an unknown queue: "
+                f"use one of {', '.join(ALL_QUEUES)}, or "
+                f"{NEURAL_NODE_PREFIX}NODE_ID for a neural cluster node"
             )
         elif queue in per_queue:
             raise ValueError(
@@ -79,13 +102,18 @@ def parse_allocator_setting(value: str) -> tuple[str, dict[str, str]]:
 
 
 def process_queues(argv: list[str]) -> list[str]:
-    """Return the task queues named by `--queue` in a worker's arguments."""
+    """Return the task queues that a worker's arguments name: `--queue NAME`
+    and `--neural-node NODE_ID`, whose queue is nexus-neural-NODE_ID."""
     queues = []
+    options = {"--queue": "", "--neural-node": NEURAL_NODE_PREFIX}
     for index, argument in enumerate(argv):
-        if argument == "--queue" and index + 1 < len(argv):
-            queues.append(argv[index + 1])
-        elif argument.startswith("--queue="):
-            queues.append(argument.removeprefix("--queue="))
+        name, equals, inline = argument.partition("=")
+        if name not in options:
+            continue
+        if equals:
+            queues.append(options[name] + inline)
+        elif index + 1 < len(argv):
+            queues.append(options[name] + argv[index + 1])
     return queues
 
 

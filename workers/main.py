@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import uvloop
 
@@ -51,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         limit_malloc_arenas(settings.worker_malloc_arena_max)
         fix_mmap_threshold(settings.worker_malloc_mmap_threshold)
     configure_logging(settings.log_level)
+    python_objects = (
+        "pymalloc"
+        if os.environ.get("PYTHONMALLOC", "pymalloc").startswith("pymalloc")
+        else f"PYTHONMALLOC={os.environ['PYTHONMALLOC']}"
+    )
     logging.getLogger(__name__).info(
-        "memory allocator: %s", "glibc malloc" if glibc_malloc else "jemalloc"
+        "memory allocator: %s, Python objects: %s",
+        "glibc malloc" if glibc_malloc else "jemalloc",
+        python_objects,
     )
     upgrade(settings.effective_database_url)
 

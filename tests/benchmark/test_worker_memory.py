@@ -249,7 +249,7 @@ def test_allocator_environment_keeps_process(
     assert capsys.readouterr().err == ""
     # Run again already, and the library still did not load: no loop.
     ran_again = allocator.allocator_environment(
-        {**chosen, "NEXUS_WORKER_ALLOCATOR_EXEC": "1"}
+        {**chosen, "FLOW_NEXUS_ALLOCATOR_RAN_AGAIN": "1"}
     )
     assert ran_again is None
     assert "jemalloc could not be preloaded" in capsys.readouterr().err
@@ -261,11 +261,13 @@ def test_allocator_environment_keeps_process(
 
 
 def test_allocator_setting_per_queue() -> None:
-    setting = "system, nexus-orchestration=glibc,nexus-neural=jemalloc"
+    setting = "system, nexus-orchestration = GLIBC,nexus-neural=jemalloc"
     assert allocator.parse_allocator_setting(setting) == (
         "system",
         {"nexus-orchestration": "glibc", "nexus-neural": "jemalloc"},
     )
+    node = "system,nexus-neural-n1=glibc"
+    assert allocator.chosen_allocator(node, ["nexus-neural-n1"]) == "glibc"
     assert allocator.chosen_allocator(setting, ["nexus-orchestration"]) == "glibc"
     # A process of several queues takes its first queue's allocator.
     both = ["nexus-sandbox", "nexus-orchestration"]
@@ -273,6 +275,8 @@ def test_allocator_setting_per_queue() -> None:
     assert allocator.chosen_allocator("glibc", []) == "glibc"
     argv = ["--queue", "nexus-neural", "--queue=nexus-sandbox", "--connect-wait", "1"]
     assert allocator.process_queues(argv) == ["nexus-neural", "nexus-sandbox"]
+    nodes = ["--neural-node", "n1", "--neural-node=n2"]
+    assert allocator.process_queues(nodes) == ["nexus-neural-n1", "nexus-neural-n2"]
 
 
 @pytest.mark.parametrize(
@@ -280,7 +284,15 @@ def test_allocator_setting_per_queue() -> None:
     [
         ("tcmalloc", "entry 'tcmalloc' names no allocator"),
         ("system,glibc", "entry 'glibc' has no queue"),
-        ("system,q=glibc,q=system", "names queue 'q' twice"),
+        ("=glibc", "entry '=glibc' has no queue"),
+        ("system,", "has an empty entry"),
+        ("system,nexus-orch=glibc", "entry 'nexus-orch=glibc' names an unknown queue"),
+        ("a=b=glibc", "entry 'a=b=glibc' names an unknown queue"),
+        ("nexus-neural-=glibc", "names an unknown queue"),
+        (
+            "system,nexus-neural=glibc,nexus-neural=system",
+            "names queue 'nexus-neural' twice",
+        ),
     ],
 )
 def test_allocator_setting_rejected(setting: str, message: str) -> None:
@@ -304,15 +316,25 @@ def test_allocator_environment_for_glibc() -> None:
     assert allocator.allocator_environment(mine, ["nexus-streaming"]) is None
 
 
-def _worker_maps(environment: dict[str, str], loaded: str) -> tuple[str, str]:
+def _worker_maps(
+    environment: dict[str, str], loaded: str, stderr: Path | None = None
+) -> tuple[str, str]:
     """Start a worker process that cannot reach Temporal, wait until its
-    memory map names `loaded`, and return its map and environment."""
+    memory map names `loaded`, and return its map and environment. With
+    `stderr`, its stderr goes to that file, and the wait lasts until the
+    worker has logged its allocator there too."""
     process = subprocess.Popen(
         [sys.executable, "-m", "workers", "--queue", "nexus-streaming"],
         env=environment,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if stderr is None else stderr.open("w"),
     )
+    if stderr is not None:
+        deadline = time.monotonic() + 120
+        while "memory allocator" not in stderr.read_text():
+            assert process.poll() is None, "the worker exited"
+            assert time.monotonic() < deadline, "the allocator was never logged"
+            time.sleep(0.2)
     try:
         maps = ""
         deadline = time.monotonic() + 120
@@ -356,9 +378,15 @@ def test_worker_runs_under_jemalloc(tmp_path: Path) -> None:
 def test_worker_of_glibc_queue_runs_again(tmp_path: Path) -> None:
     environment = _unreachable_worker_env(tmp_path)
     environment["NEXUS_WORKER_ALLOCATOR"] = "system,nexus-streaming=glibc"
-    maps, environ = _worker_maps(environment, "temporal_sdk_bridge")
+    environment["NEXUS_LOG_LEVEL"] = "INFO"
+    stderr = tmp_path / "stderr.txt"
+    maps, environ = _worker_maps(environment, "temporal_sdk_bridge", stderr)
     assert "libjemalloc" not in maps
     assert "PYTHONMALLOC=malloc\0" in environ
+    logged = stderr.read_text()
+    assert "Python objects: PYTHONMALLOC=malloc" in logged
+    # The marker of the second run is not taken for a mistyped setting.
+    assert "unknown setting" not in logged
 
 
 def test_worker_on_system_allocator(tmp_path: Path) -> None:

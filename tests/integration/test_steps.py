@@ -1,6 +1,10 @@
 """Capability step types inside user-defined workflows, end to end."""
 
+import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -167,6 +171,57 @@ async def test_swarm_step_retry_destroys_earlier_swarms(
     status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
     assert status[left["swarm_id"]] == "destroyed"
     assert status[ran["swarm_id"]] == "destroyed"
+
+
+# The retry runs in a worker that a restart left without its tools loaded.
+_FRESH_RETRY = """
+import asyncio, dataclasses, sys
+from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
+from activities.integration import IntegrationActivities
+from app.contracts.workflows import StepRequest
+from app.settings import Settings
+
+async def main():
+    settings = Settings()
+    client = await Client.connect(settings.effective_temporal_address)
+    environment = ActivityEnvironment(client=client)
+    environment.info = dataclasses.replace(
+        environment.info, attempt=2, heartbeat_details=[[sys.argv[1]]]
+    )
+    request = StepRequest(
+        execution_id="fresh", step="swarms", type="swarm_orchestration"
+    )
+    activities = IntegrationActivities(settings)
+    await environment.run(activities._destroy_earlier_swarms, request)
+
+asyncio.run(main())
+"""
+
+
+async def test_fresh_worker_retry_destroys_swarms(
+    client: Client, workers: Settings
+) -> None:
+    ctx = ToolContext(workers, temporal_client=client)
+    left = await invoke_tool(ctx, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(
+        NEXUS_DATA_DIR=str(workers.resolved_data_dir),
+        NEXUS_DATABASE_URL=workers.effective_database_url,
+        NEXUS_TEMPORAL_ADDRESS=workers.effective_temporal_address,
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _FRESH_RETRY, left["swarm_id"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
+    status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
+    assert status[left["swarm_id"]] == "destroyed"
 
 
 async def test_streaming_step_loses_nothing(client: Client, workers: Settings) -> None:
