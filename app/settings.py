@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from app.suggest import did_you_mean
-from workers.allocator import parse_allocator_setting
+from workers.allocator import DEFAULT_SETTING, parse_allocator_setting
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         "reaches its working size at startup rather than on first use.",
     )
     worker_allocator: str = Field(
-        "system",
+        DEFAULT_SETTING,
         description="Memory allocator of worker processes: system (glibc's "
         "malloc with pymalloc), glibc (glibc's malloc for Python's objects "
         "too, PYTHONMALLOC=malloc) or jemalloc (preloaded, with "

@@ -165,17 +165,18 @@ def heap_legend(setting: str) -> str:
     # NOTE: a worker that cannot preload jemalloc logs a warning and uses
     # glibc, and this legend does not reflect that.
     kinds = {
-        "system": "glibc's in-use bytes without Python's small objects",
-        "glibc": "glibc's in-use bytes, Python objects included",
-        "jemalloc": "jemalloc's allocated bytes, Python objects included",
+        "system": "glibc's in-use bytes without Python's objects of 512 bytes "
+        "or less (pymalloc's)",
+        "glibc": "glibc's in-use bytes with every Python object",
+        "jemalloc": "jemalloc's allocated bytes with every Python object",
     }
     used = [
         kinds[choice] for choice in kinds if choice in {default, *per_queue.values()}
     ]
     return (
-        f"Workers ran with NEXUS_WORKER_ALLOCATOR={setting}: malloc is "
-        f"{' or '.join(used)}, and Python is n/a where PYTHONMALLOC=malloc "
-        "turns pymalloc off."
+        f"Workers ran with NEXUS_WORKER_ALLOCATOR={setting}. malloc is "
+        f"{'; or '.join(used)}, by the worker's allocator. Python is n/a where "
+        "PYTHONMALLOC=malloc turns pymalloc off."
     )
 
 

@@ -1,7 +1,7 @@
 """The memory allocator of worker processes, chosen with
-`NEXUS_WORKER_ALLOCATOR`: `system` (glibc's malloc with pymalloc, the
-default), `glibc` (glibc's malloc for Python's objects too) or `jemalloc`,
-for every worker or per task queue (`system,nexus-orchestration=glibc`).
+`NEXUS_WORKER_ALLOCATOR`: `system` (glibc's malloc with pymalloc), `glibc`
+(glibc's malloc for Python's objects too) or `jemalloc`, for every worker
+or per task queue (the default, `system,nexus-orchestration=glibc`).
 
 With CPython's defaults a worker keeps memory that it no longer uses:
 pymalloc returns an arena to the kernel only when every object in it is
@@ -45,6 +45,13 @@ JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 _RAN_AGAIN_VARIABLE = "FLOW_NEXUS_ALLOCATOR_RAN_AGAIN"
 
 ALLOCATORS = ("system", "glibc", "jemalloc")
+
+# The setting's default. In two pairs of 60-minute soaks, glibc for Python's
+# objects gave the orchestration worker, the one that grows most, 0.140 and
+# 0.132 MB/min of RSS growth against 0.196 and 0.170 with pymalloc. The
+# neural worker was lower in one pair and higher in the other, and the
+# sandbox worker grew faster, so they keep pymalloc (docs/benchmark.md).
+DEFAULT_SETTING = "system,nexus-orchestration=glibc"
 
 
 def _known_queue(queue: str) -> bool:
@@ -143,9 +150,8 @@ def allocator_environment(
     A setting that cannot be read is left to the settings check, which
     names it."""
     try:
-        choice = chosen_allocator(
-            environ.get(ALLOCATOR_VARIABLE, "system"), queues or []
-        )
+        setting = environ.get(ALLOCATOR_VARIABLE, DEFAULT_SETTING)
+        choice = chosen_allocator(setting, queues or [])
     except ValueError:
         return None
     if choice == "system":

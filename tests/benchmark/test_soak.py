@@ -109,8 +109,8 @@ def test_heap_legend_names_allocator() -> None:
     assert "jemalloc's allocated bytes" in jemalloc
     assert "PYTHONMALLOC=malloc" in jemalloc
     mixed = soak.heap_legend("system,nexus-orchestration=glibc")
-    assert "without Python's small objects" in mixed
-    assert "glibc's in-use bytes, Python objects included" in mixed
+    assert "without Python's objects of 512 bytes or less" in mixed
+    assert "glibc's in-use bytes with every Python object" in mixed
     assert "jemalloc" not in mixed
 
 

@@ -304,6 +304,16 @@ def test_allocator_setting_rejected(setting: str, message: str) -> None:
     assert allocator.allocator_environment({"NEXUS_WORKER_ALLOCATOR": setting}) is None
 
 
+def test_default_allocator_per_queue() -> None:
+    # By default the orchestration worker alone takes glibc for Python objects.
+    orchestration = allocator.allocator_environment({}, ["nexus-orchestration"])
+    assert orchestration is not None
+    assert orchestration["PYTHONMALLOC"] == "malloc"
+    for queue in ("nexus-neural", "nexus-sandbox", "nexus-streaming"):
+        assert allocator.allocator_environment({}, [queue]) is None
+    assert Settings().worker_allocator == allocator.DEFAULT_SETTING
+
+
 def test_allocator_environment_for_glibc() -> None:
     chosen = {"NEXUS_WORKER_ALLOCATOR": "jemalloc,nexus-streaming=glibc"}
     environment = allocator.allocator_environment(chosen, ["nexus-streaming"])
