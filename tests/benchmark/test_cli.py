@@ -206,7 +206,10 @@ def _bar_lines(out: str) -> dict[str, str]:
     for line in out.splitlines():
         for title in ("Run", *benchmark_cli.PHASE_TITLES.values()):
             if line.startswith(f"{title} "):
-                lines[title] = " ".join(line.replace("━", " ").split())
+                # rich draws a bar with full cells and, at a part-filled
+                # end, a half cell.
+                drawn = line.translate(str.maketrans("━╸╺", "   "))
+                lines[title] = " ".join(drawn.split())
     return lines
 
 
