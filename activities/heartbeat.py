@@ -7,8 +7,8 @@ from temporalio import activity
 
 
 async def heartbeat_every(seconds: float, *details: Any) -> None:
-    """Heartbeat with `details` until cancelled, so the server sees the
-    activity alive."""
+    """Heartbeat with `details` until cancelled, so the server records the
+    activity as alive."""
     while True:
         activity.heartbeat(*details)
         await asyncio.sleep(seconds)

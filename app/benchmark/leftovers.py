@@ -41,7 +41,8 @@ def definition_executions_query(name: str) -> str:
 
 
 async def cancel_executions(client: Client, query: str) -> list[str]:
-    """Ask every execution that `query` lists to cancel; return their ids.
+    """Request cancellation of every execution that `query` lists, and
+    return their ids.
 
     NOTE: the visibility store lists an execution a moment after its start,
     so one started just before this call can be missed."""
@@ -104,7 +105,12 @@ async def end_phase_leftovers(
         try:
             await invoke_tool(ctx, "swarm_destroy", {"swarm_id": swarm_id})
         except ToolError as error:
-            logger.warning("could not destroy swarm %s: %s", swarm_id, error.message)
+            logger.warning(
+                "swarm_destroy of swarm %s, left by benchmark run %s, failed: %s",
+                swarm_id,
+                run_id,
+                error.message,
+            )
             continue
         destroyed.append(swarm_id)
     return executions, destroyed

@@ -44,7 +44,10 @@ async def test_leftover_execution_and_its_swarms_end(
     )
     left = await invoke_tool(step, "swarm_init", {"topology": "mesh", "maxAgents": 1})
     other = ToolContext(workers, user_id="workflow:another", temporal_client=client)
-    kept = await invoke_tool(other, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    other_swarm = await invoke_tool(
+        other, "swarm_init", {"topology": "mesh", "maxAgents": 1}
+    )
+
     url = workers.effective_database_url
     assert swarms_started_by(url, execution_id) == [left["swarm_id"]]
     # The server's list of workflows lags behind their starts.
@@ -57,6 +60,7 @@ async def test_leftover_execution_and_its_swarms_end(
         await asyncio.sleep(0.2)
     assert executions == [execution_id]
     assert destroyed == [left["swarm_id"]]
+
     history = await handle.fetch_history()
     assert any(
         event.HasField("workflow_execution_cancel_requested_event_attributes")
@@ -65,8 +69,8 @@ async def test_leftover_execution_and_its_swarms_end(
     listed = await invoke_tool(other, "swarm_list", {"status": "all"})
     status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
     assert status[left["swarm_id"]] == "destroyed"
-    assert status[kept["swarm_id"]] == "active"
-    await invoke_tool(other, "swarm_destroy", {"swarm_id": kept["swarm_id"]})
+    assert status[other_swarm["swarm_id"]] == "active"
+    await invoke_tool(other, "swarm_destroy", {"swarm_id": other_swarm["swarm_id"]})
     await handle.terminate("test cleanup")
 
 

@@ -187,13 +187,11 @@ async def test_swarm_survives_worker_restart(
         await helper.cleanup()
 
 
-async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
-    """A swarm whose history passes its limit continues as new; agents, tasks
-    and running work carry over."""
-    swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
+async def restart_with_history_limit(swarms: Swarms, swarm_id: str) -> None:
+    """Restart a swarm with a history limit of 40 events: terminate it and
+    start it again from its current state, as the server's suggestion would,
+    so that a few updates make it continue as new."""
     handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
-    # Restart the swarm with a small history limit: terminate and start it
-    # again from its current state, as the server's suggestion would.
     state = await handle.query("status", result_type=SwarmState)
     await handle.terminate("restart with a history limit")
     await swarms.client.start_workflow(
@@ -202,6 +200,13 @@ async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
         id=f"swarm-{swarm_id}",
         task_queue=ORCHESTRATION,
     )
+
+
+async def test_swarm_continues_as_new_with_state(swarms: Swarms) -> None:
+    """A swarm whose history passes its limit continues as new; agents, tasks
+    and running work carry over."""
+    swarm_id, agents = await swarms.swarm("mesh", ["coder", "coder"])
+    await restart_with_history_limit(swarms, swarm_id)
     results = [
         await swarms.run_task(task=f"t{i}", code=f"print({i})", swarm_id=swarm_id)
         for i in range(6)
@@ -219,17 +224,7 @@ async def test_terminated_task_after_continue_as_new(swarms: Swarms) -> None:
     # so only the new run can free the agent.
     swarm = await swarms.call("swarm_init", topology="mesh", maxAgents=20)
     swarm_id = swarm["swarm_id"]
-    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
-    # Restart the empty swarm with a small history limit, as in
-    # test_swarm_continues_as_new_with_state.
-    state = await handle.query("status", result_type=SwarmState)
-    await handle.terminate("restart with a history limit")
-    await swarms.client.start_workflow(
-        "SwarmWorkflow",
-        SwarmWorkflowInput(state=state, continue_as_new_after_events=40),
-        id=f"swarm-{swarm_id}",
-        task_queue=ORCHESTRATION,
-    )
+    await restart_with_history_limit(swarms, swarm_id)
     coder = await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
     task = await swarms.call(
         "task_orchestrate", task="block", code=GATED_PROGRAM, swarm_id=swarm_id
