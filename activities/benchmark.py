@@ -15,6 +15,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.heartbeat import heartbeat_every
 from app.benchmark import recording
+from app.benchmark.leftovers import end_phase_leftovers
 from app.benchmark.models import ExtendedDurationTestEvent
 from app.benchmark.phases import run_phase
 from app.benchmark.report import (
@@ -44,6 +45,9 @@ from app.settings import Settings
 # The sampler takes one last sample after its stop signal. A probe may
 # wait up to 10 s for a worker, and the record activity up to 30 s.
 SAMPLER_STOP_SECONDS = 60.0
+# The cancel activity's time for the second pass over what the orchestration
+# phase left open; its own timeout is 2 minutes.
+LEFTOVERS_SECONDS = 45.0
 # Ways a run's workflow can close without stopping its sampler.
 _RUN_CLOSED_WITHOUT_SAMPLER_STOP = (
     WorkflowExecutionStatus.TERMINATED,
@@ -212,6 +216,38 @@ class BenchmarkActivities:
             request.ended_at,
         )
         activity.logger.info("benchmark %s recorded as cancelled", request.run_id)
+        await self._end_leftovers(request.run_id)
+
+    async def _end_leftovers(self, run_id: str) -> None:
+        """Cancel the orchestration executions that the cancelled phase missed
+        and destroy their swarms.
+
+        The phase cancels its executions as it is cancelled, from the
+        server's list of workflows, which lags behind their starts. By now
+        the phase has ended, so an execution started just before its
+        cancellation is listed. This is a second pass, so its failure is
+        logged and the cancellation stays recorded."""
+        try:
+            executions, swarms = await asyncio.wait_for(
+                end_phase_leftovers(activity.client(), self.settings, run_id),
+                LEFTOVERS_SECONDS,
+            )
+        except Exception as error:  # a second pass; see the docstring
+            activity.logger.warning(
+                "benchmark %s: ending what its orchestration phase left open "
+                "failed: %s",
+                run_id,
+                str(error) or type(error).__name__,
+            )
+            return
+        if executions or swarms:
+            activity.logger.warning(
+                "benchmark %s: cancelled %d orchestration execution(s) and "
+                "destroyed %d swarm(s) that its cancelled phase left open",
+                run_id,
+                len(executions),
+                len(swarms),
+            )
 
     @activity.defn(name="record_benchmark_phase")
     async def record_phase(self, record: PhaseRecord) -> None:

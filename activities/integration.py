@@ -30,6 +30,7 @@ from app.integration.steps import (
 )
 from app.sandbox.runtime import redact
 from app.sandbox.secrets import SealError, load_key
+from app.services.audit import list_calls
 from app.services.memory import read_memory
 from app.settings import Settings
 from app.swarm.agent_tasks import AgentTaskError, run_on_agent, step_task_id
@@ -47,6 +48,12 @@ SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "storage": ("storage_list", {"bucket": "workflow-checks"}),
     "workflows": ("workflow_list", {"limit": 1}),
 }
+
+
+def step_user(execution_id: str, step: str) -> str:
+    """Return the user that a step's tool calls run as, in the audit log."""
+    return f"workflow:{execution_id}/{step}"
+
 
 # Seconds between the swarm step's heartbeats; its step type's heartbeat
 # timeout is several times this.
@@ -89,7 +96,7 @@ class IntegrationActivities:
     def _context(self, request: StepRequest) -> ToolContext:
         return ToolContext(
             self.settings,
-            user_id=f"workflow:{request.execution_id}",
+            user_id=step_user(request.execution_id, request.step),
             temporal_client=activity.client(),
         )
 
@@ -308,15 +315,39 @@ class IntegrationActivities:
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
     async def _destroy_earlier_swarms(self, request: StepRequest) -> None:
-        """Destroy the swarms that an earlier attempt of this step created and
-        could not destroy, since its worker died: their ids are the attempt's
-        last heartbeat details. A swarm destroyed already is skipped."""
-        details = activity.info().heartbeat_details
-        earlier = details[0] if details and isinstance(details[0], list) else []
+        """Destroy the swarms that earlier attempts of this step created and
+        could not destroy, since their worker died.
+
+        The audit log names them: each `swarm_init` of the step runs as the
+        step's user, and its audit row is written before the call returns.
+        NOTE: a worker that dies between the swarm's start and that write
+        leaves the swarm unnamed, until its timeout ends it."""
+        if activity.info().attempt == 1:
+            return
         # A restarted worker may not have loaded the tools yet, and an unknown
         # tool's error would pass for a swarm that is gone already.
         load_tools()
+        calls = await asyncio.to_thread(
+            list_calls,
+            self.settings.effective_database_url,
+            user_id=step_user(request.execution_id, request.step),
+            tool="swarm_init",
+            limit=10_000,
+        )
+        earlier = [
+            call.ids["swarm_id"]
+            for call in calls
+            if call.outcome == "success" and "swarm_id" in call.ids
+        ]
+        if not earlier:
+            return
+        listed = await invoke_tool(
+            self._context(request), "swarm_list", {"status": "active"}
+        )
+        active = {swarm["swarm_id"] for swarm in listed["swarms"]}
         for swarm_id in earlier:
+            if swarm_id not in active:
+                continue  # destroyed by the attempt that created it
             try:
                 await invoke_tool(
                     self._context(request), "swarm_destroy", {"swarm_id": swarm_id}
@@ -325,16 +356,15 @@ class IntegrationActivities:
                 if error.kind != "not_found":
                     raise step_error(
                         request,
-                        f"swarm_destroy of {swarm_id}, left by attempt "
-                        f"{activity.info().attempt - 1}, failed: {error.message}",
+                        f"swarm_destroy of {swarm_id}, left by an earlier "
+                        f"attempt, failed: {error.message}",
                         kind="ToolFailed",
                         non_retryable=False,
                     ) from None
                 continue
             activity.logger.warning(
-                "destroyed swarm %s, left by attempt %d of step %s",
+                "destroyed swarm %s, left by an earlier attempt of step %s",
                 swarm_id,
-                activity.info().attempt - 1,
                 request.step,
             )
 
@@ -352,15 +382,8 @@ class IntegrationActivities:
                     {"topology": params.topology, "maxAgents": params.agents},
                 )
                 swarm_ids.append(swarm["swarm_id"])
-            # The SDK sends an attempt's first heartbeat at once and delays
-            # later ones for most of the heartbeat timeout, so the ids
-            # go out together, right after the swarms exist. The next attempt
-            # reads them if this one's worker dies; the beats after them let
-            # a cancel reach this attempt. NOTE: a worker that dies between
-            # two swarm_init calls leaves the swarms created so far unnamed.
-            heartbeat = asyncio.create_task(
-                heartbeat_every(SWARM_HEARTBEAT_SECONDS, list(swarm_ids))
-            )
+            # Heartbeats let a cancel reach this attempt while it waits.
+            heartbeat = asyncio.create_task(heartbeat_every(SWARM_HEARTBEAT_SECONDS))
             for swarm_id in swarm_ids:
                 for index in range(params.agents):
                     # A hierarchical swarm's root splits and delegates.

@@ -59,18 +59,16 @@ async def cancel_executions(client: Client, query: str) -> list[str]:
 
 def swarms_started_by(database_url: str, execution_id: str) -> list[str]:
     """Return the swarms that an execution's steps created, from the audit
-    log: every tool call of a step runs as user `workflow:<execution id>`,
-    and the audit row of a `swarm_init` is written before its result
-    returns, so a swarm is found even when its step died right after."""
-    calls = list_calls(
-        database_url,
-        user_id=f"workflow:{execution_id}",
-        tool="swarm_init",
-        limit=10_000,
-    )
+    log: a step's tool calls run as user `workflow:<execution id>/<step>`
+    (`workflow:<execution id>` before steps had users of their own), and the
+    audit row of a `swarm_init` is written before its result returns, so a
+    swarm is found even when its step died right after."""
+    user = f"workflow:{execution_id}"
+    calls = list_calls(database_url, user_prefix=user, tool="swarm_init", limit=10_000)
+    own = [c for c in calls if c.user_id == user or c.user_id.startswith(f"{user}/")]
     return [
         call.ids["swarm_id"]
-        for call in calls
+        for call in own
         if call.outcome == "success" and "swarm_id" in call.ids
     ]
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Insert, Select, bindparam, insert
+from sqlalchemy import Insert, Select, bindparam, func, insert
 from sqlalchemy import select as sa_select
 
 from app.contracts.system import AuditRecord
@@ -132,7 +132,7 @@ def insert_statement() -> Insert:
 
 
 @functools.cache
-def _list_query(by_user: bool, by_tool: bool) -> Select[Any]:
+def _list_query(by_user: bool, by_tool: bool, by_prefix: bool) -> Select[Any]:
     # Built once per filter combination, with bound parameters, because in a
     # profile building the statement cost more than half as much as running it.
     table = AuditEvent.__table__  # type: ignore[attr-defined]
@@ -141,6 +141,10 @@ def _list_query(by_user: bool, by_tool: bool) -> Select[Any]:
         query = query.where(table.c.user_id == bindparam("user_id"))
     if by_tool:
         query = query.where(table.c.tool == bindparam("tool"))
+    if by_prefix:
+        # Not LIKE, which ignores case on SQLite and takes `_` as a wildcard.
+        start = func.substr(table.c.user_id, 1, bindparam("prefix_length"))
+        query = query.where(start == bindparam("user_prefix"))
     return query
 
 
@@ -150,15 +154,20 @@ def list_calls(
     limit: int = 100,
     user_id: str | None = None,
     tool: str | None = None,
+    user_prefix: str | None = None,
 ) -> list[AuditRecord]:
-    """Return the newest audit events first."""
+    """Return the newest audit events first. `user_prefix` keeps the callers
+    whose user id starts with it."""
     # A Core query without ORM objects, because the HTTP API runs this on
     # every audit_log call, and it took a third less time than the ORM query
     # in a measurement on a 2-core machine.
-    query = _list_query(user_id is not None, tool is not None)
+    query = _list_query(user_id is not None, tool is not None, user_prefix is not None)
     parameters: dict[str, Any] = {"limit": limit}
     if user_id is not None:
         parameters["user_id"] = user_id
+    if user_prefix is not None:
+        parameters["user_prefix"] = user_prefix
+        parameters["prefix_length"] = len(user_prefix)
     if tool is not None:
         parameters["tool"] = tool
     with get_engine(database_url).connect() as connection:

@@ -5,12 +5,14 @@ the Python heap reading that the benchmark sampler records."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,34 @@ def test_memory_report_names_largest_objects(tmp_path: Path) -> None:
     assert all(line.startswith("  ") for line in shown)
     expected = "dict len 200000 first key 0; in: attribute 'cache' of a _Holder"
     assert any(expected in line for line in shown)
+
+
+def _grow(kept: list[bytes]) -> None:
+    kept.extend(bytes(1000) for _ in range(2000))
+
+
+def test_memory_report_traces_growth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_debug, "_previous_snapshot", None)
+    assert memory_debug.traced_allocation_lines() == []
+    tracemalloc.start(3)
+    try:
+        first = memory_debug.traced_allocation_lines()
+        kept: list[bytes] = []
+        _grow(kept)
+        second = memory_debug.traced_allocation_lines()
+    finally:
+        tracemalloc.stop()
+    assert "tracemalloc largest sites (top 30)" in first
+    assert not any("growth since the previous report" in line for line in first)
+    header = next(
+        i for i, line in enumerate(second) if "growth since the previous" in line
+    )
+    site, *rest = second[header + 1 :]
+    frames = "\n".join(itertools.takewhile(lambda line: line[:6] == " " * 6, rest))
+    # About 2 MB in 2,000 blocks, allocated in _grow.
+    assert site.startswith("  +2")
+    assert "+2000 blocks" in site
+    assert "kept.extend(bytes(1000)" in frames
 
 
 def test_memory_report_failure_is_logged(

@@ -11,7 +11,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
-from activities.integration import IntegrationActivities
+from activities.integration import IntegrationActivities, step_user
 from app.contracts.workflows import StepRequest
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
@@ -143,18 +143,27 @@ async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
 async def test_swarm_step_retry_destroys_earlier_swarms(
     client: Client, workers: Settings
 ) -> None:
-    # An attempt whose worker died left a swarm, named in its last heartbeat;
-    # the next attempt destroys it before it creates its own.
-    ctx = ToolContext(workers, temporal_client=client)
-    left = await invoke_tool(ctx, "swarm_init", {"topology": "mesh", "maxAgents": 2})
-    beats: list[tuple[object, ...]] = []
-    environment = ActivityEnvironment(client=client)
-    environment.info = dataclasses.replace(
-        environment.info, attempt=2, heartbeat_details=[[left["swarm_id"]]]
+    # An attempt whose worker died left two swarms, named in the audit log
+    # under the step's user; the next attempt destroys them before it creates
+    # its own, and leaves the swarms of the execution's other steps.
+    execution_id = f"retry-{uuid.uuid4().hex[:8]}"
+    step = ToolContext(
+        workers, user_id=step_user(execution_id, "swarms"), temporal_client=client
     )
-    environment.on_heartbeat = lambda *details: beats.append(details)
+    left = [
+        await invoke_tool(step, "swarm_init", {"topology": "mesh", "maxAgents": 2})
+        for _ in range(2)
+    ]
+    sibling = ToolContext(
+        workers, user_id=step_user(execution_id, "more"), temporal_client=client
+    )
+    kept = await invoke_tool(
+        sibling, "swarm_init", {"topology": "mesh", "maxAgents": 1}
+    )
+    environment = ActivityEnvironment(client=client)
+    environment.info = dataclasses.replace(environment.info, attempt=2)
     request = StepRequest(
-        execution_id=f"retry-{uuid.uuid4().hex[:8]}",
+        execution_id=execution_id,
         step="swarms",
         type="swarm_orchestration",
         params={"swarms": 1, "agents": 1, "topology": "mesh", "code": "print(7)"},
@@ -164,13 +173,35 @@ async def test_swarm_step_retry_destroys_earlier_swarms(
     )
     (ran,) = outcome.output["swarms"]
     assert ran["status"] == "completed"
-    assert ran["swarm_id"] != left["swarm_id"]
-    # The new swarm's id went out in the attempt's heartbeats.
-    assert ([ran["swarm_id"]],) in beats
-    listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
+    listed = await invoke_tool(step, "swarm_list", {"status": "all"})
     status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
-    assert status[left["swarm_id"]] == "destroyed"
+    for swarm in left:
+        assert status[swarm["swarm_id"]] == "destroyed"
     assert status[ran["swarm_id"]] == "destroyed"
+    assert status[kept["swarm_id"]] == "active"
+    await invoke_tool(sibling, "swarm_destroy", {"swarm_id": kept["swarm_id"]})
+
+
+async def test_first_attempt_destroys_nothing(
+    client: Client, workers: Settings
+) -> None:
+    # The step's user may have swarms of an earlier run of the same step,
+    # such as one that a user's definition repeats; only a retry looks.
+    execution_id = f"first-{uuid.uuid4().hex[:8]}"
+    step = ToolContext(
+        workers, user_id=step_user(execution_id, "swarms"), temporal_client=client
+    )
+    own = await invoke_tool(step, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    request = StepRequest(
+        execution_id=execution_id, step="swarms", type="swarm_orchestration"
+    )
+    await ActivityEnvironment(client=client).run(
+        IntegrationActivities(workers)._destroy_earlier_swarms, request
+    )
+    listed = await invoke_tool(step, "swarm_list", {"status": "all"})
+    status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
+    assert status[own["swarm_id"]] == "active"
+    await invoke_tool(step, "swarm_destroy", {"swarm_id": own["swarm_id"]})
 
 
 # The retry runs in a worker that a restart left without its tools loaded.
@@ -186,11 +217,9 @@ async def main():
     settings = Settings()
     client = await Client.connect(settings.effective_temporal_address)
     environment = ActivityEnvironment(client=client)
-    environment.info = dataclasses.replace(
-        environment.info, attempt=2, heartbeat_details=[[sys.argv[1]]]
-    )
+    environment.info = dataclasses.replace(environment.info, attempt=2)
     request = StepRequest(
-        execution_id="fresh", step="swarms", type="swarm_orchestration"
+        execution_id=sys.argv[1], step="swarms", type="swarm_orchestration"
     )
     activities = IntegrationActivities(settings)
     await environment.run(activities._destroy_earlier_swarms, request)
@@ -202,8 +231,11 @@ asyncio.run(main())
 async def test_fresh_worker_retry_destroys_swarms(
     client: Client, workers: Settings
 ) -> None:
-    ctx = ToolContext(workers, temporal_client=client)
-    left = await invoke_tool(ctx, "swarm_init", {"topology": "mesh", "maxAgents": 1})
+    execution_id = f"fresh-{uuid.uuid4().hex[:8]}"
+    step = ToolContext(
+        workers, user_id=step_user(execution_id, "swarms"), temporal_client=client
+    )
+    left = await invoke_tool(step, "swarm_init", {"topology": "mesh", "maxAgents": 1})
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
     env.update(
         NEXUS_DATA_DIR=str(workers.resolved_data_dir),
@@ -212,14 +244,14 @@ async def test_fresh_worker_retry_destroys_swarms(
     )
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-c", _FRESH_RETRY, left["swarm_id"]],
+        [sys.executable, "-c", _FRESH_RETRY, execution_id],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
+    listed = await invoke_tool(step, "swarm_list", {"status": "all"})
     status = {s["swarm_id"]: s["status"] for s in listed["swarms"]}
     assert status[left["swarm_id"]] == "destroyed"
 
