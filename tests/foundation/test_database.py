@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +147,28 @@ def test_background_checkpoints_take_over_from_commits(tmp_path: Path) -> None:
 def test_background_checkpoints_only_for_sqlite_files() -> None:
     assert not BackgroundCheckpoints("sqlite://").start()
     assert not BackgroundCheckpoints("postgresql+psycopg://nexus@127.0.0.1/x").start()
+
+
+_UPGRADE = """
+import sys
+from app.db.migrate import upgrade
+upgrade(sys.argv[1])
+"""
+
+
+def test_workers_starting_together_migrate_once(tmp_path: Path) -> None:
+    # Every worker migrates on start; on a new SQLite file, those that start
+    # together must wait for the first instead of creating the same tables.
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UPGRADE, url],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+    assert current_heads(url) == expected_heads()

@@ -1,4 +1,5 @@
-"""Alembic environment: one metadata, batch mode on SQLite, a lock on PostgreSQL."""
+"""Alembic environment: one metadata, batch mode on SQLite, and a lock that
+lets one of several starting processes migrate at a time."""
 
 from alembic import context
 from sqlalchemy import Connection, text
@@ -19,9 +20,17 @@ def _run(connection: Connection) -> None:
         render_as_batch=is_sqlite,
     )
     with context.begin_transaction():
+        # Several workers may start at once; one migrates, the rest wait, and
+        # then find the version table at its heads.
         if connection.dialect.name == "postgresql":
-            # Several workers may start at once; one migrates, the rest wait.
             connection.execute(text("SELECT pg_advisory_xact_lock(7233001)"))
+        elif is_sqlite and not getattr(
+            connection.connection.dbapi_connection, "in_transaction", True
+        ):
+            # pysqlite begins a transaction only at its first write, so two
+            # processes would both read an empty version table. The write
+            # lock makes the others wait, up to the engine's busy timeout.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         context.run_migrations()
 
 
