@@ -141,6 +141,11 @@ class IntegrationActivities:
         elif env:
             # A sandbox of its own takes the step's env vars for this run only.
             run["env_vars"] = env
+        if env:
+            # Every env var value of the step is a secret, whatever its name.
+            # The sandbox masks them before its result reaches the session's
+            # history and logs.
+            run["mask_env_vars"] = sorted(env)
         try:
             result = await self._call(
                 request,
@@ -156,8 +161,9 @@ class IntegrationActivities:
         finally:
             if created:
                 await self._call(request, "sandbox_delete", {"sandbox_id": sandbox_id})
-        # Every env var value of the step is a secret, whatever its name; the
-        # output and the error go into history and the database.
+        # The sandbox masked them already. Masking again keeps the step's
+        # output and error, which go into history and the database, free of
+        # them even from a sandbox worker older than `mask_env_vars`.
         secrets = list(env.values())
         stdout = redact(result["stdout"], secrets)
         stderr = redact(result["stderr"], secrets)

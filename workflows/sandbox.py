@@ -507,6 +507,14 @@ class SandboxSessionWorkflow:
             raise ValueError(f"timeout {request.timeout} must be positive")
         if request.working_dir is not None:
             check_relative_path(request.working_dir, "working_dir")
+        known = {*self._state.spec.sealed_env, *request.sealed_env}
+        unknown = sorted(set(request.mask_env) - known)
+        if unknown:
+            raise ValueError(
+                f"mask_env_vars {unknown} are not env vars of this execution "
+                f"or of sandbox {self._state.spec.sandbox_id} (it has "
+                f"{sorted(known)}); name only env vars that are set"
+            )
 
     @workflow.update
     async def upload(self, request: UploadRequest) -> UploadResult:

@@ -152,6 +152,16 @@ class ExecuteRequest(BaseModel):
             "128 KiB or more."
         ),
     )
+    mask_env: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Names of env vars, of this call or of the sandbox, whose values "
+            "the sandbox activity replaces with the mask in this call's "
+            "stdout and stderr, whatever their names. Only the names travel "
+            "here, because the values stay sealed in `sealed_env` and the "
+            "session's spec."
+        ),
+    )
 
 
 class ExecuteResult(BaseModel):

@@ -211,6 +211,9 @@ async def execute(
 ) -> ExecuteResult:
     """Run `request.code` with `env` and return measured, redacted output.
 
+    The output masks the values of secret-named env vars (see
+    `secret_values`) and of the env vars that `request.mask_env` names.
+
     `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
     """
     home = await backend.home(backend_id)
@@ -249,7 +252,12 @@ async def execute(
         # Only once the program ended: a start cut short keeps its count
         # for the call that is made again.
         await _remove_code_file(backend, backend_id, counter)
-    secrets = secret_values(env)
+    # The env vars that the caller names are masked too, because a workflow
+    # step's env vars are secrets whatever their names. This result goes
+    # into the session's history and logs.
+    secrets = secret_values(env) + [
+        env[name] for name in request.mask_env if name in env
+    ]
     if output.timed_out:
         status = "timed_out"
     elif output.exit_code == 0:

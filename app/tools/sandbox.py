@@ -150,6 +150,14 @@ class SandboxExecuteInput(BaseModel):
     code: str = Field(min_length=1, description="Program text to run.")
     language: Language = "python"
     env_vars: dict[str, str] | None = Field(None, description="For this run only.")
+    mask_env_vars: list[str] | None = Field(
+        None,
+        description=(
+            "Names of env vars, of this run or of the sandbox, whose values are "
+            "replaced with ******** in stdout, stderr and the sandbox's logs, "
+            "whatever their names."
+        ),
+    )
     working_dir: str | None = Field(None, description="Inside the sandbox folder.")
     timeout: float = Field(60, gt=0, le=86400, description="Seconds; kills the run.")
     capture_output: bool = True
@@ -158,6 +166,12 @@ class SandboxExecuteInput(BaseModel):
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return _check_env_names(value)
+
+    @field_validator("mask_env_vars")
+    @classmethod
+    def _mask_names(cls, value: list[str] | None) -> list[str] | None:
+        _check_env_names(dict.fromkeys(value or [], ""))
+        return value
 
     @field_validator("code")
     @classmethod
@@ -181,6 +195,7 @@ async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> Execut
         working_dir=args.working_dir,
         timeout=args.timeout,
         capture_output=args.capture_output,
+        mask_env=list(args.mask_env_vars or []),
     )
     try:
         return await service.execute(

@@ -113,6 +113,56 @@ async def test_env_vars_and_configure_last(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
+async def test_mask_env_vars_masks_any_name(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    created = await call(
+        tool_ctx, "sandbox_create", template="base", env_vars={"KEPT": "kept-value"}
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            language="bash",
+            code='echo "$KEPT $ONCE $SHOWN"',
+            env_vars={"ONCE": "once-value", "SHOWN": "shown-value"},
+            mask_env_vars=["KEPT", "ONCE"],
+        )
+        assert result["stdout"] == "******** ******** shown-value\n"
+        logs = await call(tool_ctx, "sandbox_logs", sandbox_id=sandbox_id)
+        assert logs["lines"] == ["[stdout] ******** ******** shown-value"]
+        with pytest.raises(ToolError) as unknown:
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="print(1)",
+                mask_env_vars=["MISSING"],
+            )
+        assert unknown.value.kind == "invalid_argument"
+        assert "mask_env_vars ['MISSING']" in unknown.value.message
+        assert "['KEPT']" in unknown.value.message
+        with pytest.raises(ToolInputError) as bad_name:
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code="print(1)",
+                mask_env_vars=["1BAD"],
+            )
+        assert "mask_env_vars" in bad_name.value.message
+        assert "'1BAD' is invalid" in bad_name.value.message
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    history = await client.get_workflow_handle(f"sandbox-{sandbox_id}").fetch_history()
+    stored = b"".join(event.SerializeToString() for event in history.events)
+    assert b"kept-value" not in stored
+    assert b"once-value" not in stored
+    assert b"shown-value" in stored
+
+
 async def test_timeout_kills_process_group(tool_ctx: ToolContext) -> None:
     created = await call(tool_ctx, "sandbox_create", template="base")
     sandbox_id = created["sandbox_id"]

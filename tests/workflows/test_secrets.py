@@ -56,6 +56,13 @@ def history_text(events_json: str) -> str:
     return events_json + "\n" + decoded
 
 
+def payload_bytes(events: Any) -> bytes:
+    """Every event of a history serialized, so every payload's bytes are
+    searched as they are stored: update requests and results, local activity
+    markers, activity inputs and results."""
+    return b"".join(event.SerializeToString() for event in events)
+
+
 def stored_specs(settings: Settings, workflow_id: str) -> list[dict[str, Any]]:
     with session_scope(settings.effective_database_url) as session:
         rows = session.exec(
@@ -105,6 +112,76 @@ async def test_step_env_sealed_everywhere(client: Client, workers: Settings) -> 
     assert SECRET not in text
     audit = await call(ctx, "workflow_audit_trail", workflow_id=workflow_id)
     assert SECRET not in json.dumps(audit)
+
+
+async def test_step_secret_kept_out_of_session(
+    client: Client, workers: Settings
+) -> None:
+    """The sandbox session and its logs get masked output only, also for env
+    var names that the sandboxes' own rule does not mask."""
+    given_secret = "Tt4RunOnly-given-sandbox"
+    own_secret = "Zq9SuperSecretValue-own"
+    program = 'echo "out $PLAIN_NAME"; echo "err $PLAIN_NAME" >&2'
+    ctx = ToolContext(workers, temporal_client=client)
+    given = await call(ctx, "sandbox_create", template="base")
+    given_id = given["sandbox_id"]
+    try:
+        created = await call(
+            ctx,
+            "workflow_create",
+            name="secrets-in-session",
+            steps=[
+                {
+                    "name": "given",
+                    "type": "sandbox_execution",
+                    "retry_attempts": 0,
+                    "params": {
+                        "sandbox_id": "{{input.sid}}",
+                        "language": "bash",
+                        "code": program,
+                        "env_vars": {"PLAIN_NAME": given_secret},
+                    },
+                },
+                {
+                    "name": "own",
+                    "type": "sandbox_execution",
+                    "retry_attempts": 0,
+                    "params": {
+                        "template": "base",
+                        "language": "bash",
+                        "code": program,
+                        "env_vars": {"PLAIN_NAME": own_secret},
+                    },
+                },
+            ],
+        )
+        run = await call(
+            ctx,
+            "workflow_execute",
+            workflow_id=created["workflow_id"],
+            input_data={"sid": given_id},
+            **{"async": False},
+        )
+        assert run["status"] == "completed"
+        outputs = {s["name"]: s["output"] for s in run["result"]["steps"]}
+        assert outputs["given"]["stdout"] == "out ********\n"
+        assert outputs["own"]["stdout"] == "out ********\n"
+        own_id = outputs["own"]["sandbox_id"]
+        assert own_id != given_id
+
+        for sandbox_id, secret in ((given_id, given_secret), (own_id, own_secret)):
+            logs = await call(ctx, "sandbox_logs", sandbox_id=sandbox_id)
+            assert "[stdout] out ********" in logs["lines"]
+            assert "[stderr] err ********" in logs["lines"]
+            assert secret not in json.dumps(logs)
+            handle = client.get_workflow_handle(f"sandbox-{sandbox_id}")
+            history = await handle.fetch_history()
+            stored = payload_bytes(history.events)
+            assert b"out ********" in stored
+            assert b"PLAIN_NAME" in stored
+            assert secret.encode() not in stored
+    finally:
+        await call(ctx, "sandbox_delete", sandbox_id=given_id)
 
 
 async def test_unchanged_body_keeps_its_version(
