@@ -75,7 +75,8 @@ class SandboxServiceError(Exception):
 
     Attributes:
         kind: `not_found`, `invalid_argument`, `configuration`,
-            `interrupted` (the session's `interrupt` signal) or `failed`.
+            `interrupted` (the session's `interrupt` signal), `timed_out`
+            (no reply from the session within the RPC deadline) or `failed`.
     """
 
     def __init__(self, message: str, kind: str = "failed") -> None:
@@ -155,6 +156,37 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
     return SandboxServiceError(f"sandbox {sandbox_id}: {error}")
 
 
+def _unanswered(sandbox_id: str, name: str) -> BaseException:
+    """Return the error for an update whose reply did not come.
+
+    The client turns a cancel of the waiting task into
+    `WorkflowUpdateRPCTimeoutOrCancelledError`. A cancelled caller (a
+    workflow step at its timeout, a worker that stops) gets a CancelledError
+    back, so its cancellation goes on as asyncio expects, and the call is
+    logged at INFO without a traceback. Otherwise the RPC deadline passed.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        logger.info(
+            "the %s call to sandbox %s was cancelled while it waited for the "
+            "session's reply",
+            name,
+            sandbox_id,
+        )
+        return asyncio.CancelledError()
+    logger.warning(
+        "the %s call to sandbox %s timed out waiting for the session's reply",
+        name,
+        sandbox_id,
+    )
+    return SandboxServiceError(
+        f"the {name} call to sandbox {sandbox_id} timed out before its session "
+        "replied, and the call may still run; read its progress with "
+        "sandbox_status and sandbox_logs before you call again",
+        "timed_out",
+    )
+
+
 async def _update(
     client: Client,
     sandbox_id: str,
@@ -173,6 +205,8 @@ async def _update(
         )
     except (WorkflowUpdateFailedError, RPCError) as error:
         raise _translate(error, sandbox_id) from None
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise _unanswered(sandbox_id, name) from None
 
 
 async def create_sandbox(
@@ -227,6 +261,8 @@ async def create_sandbox(
         )
     except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise _unanswered(sandbox_id, "create") from None
     return info
 
 
@@ -375,9 +411,12 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
                     _update(client, sandbox_id, "describe", None, BackendState),
                     STATUS_QUERY_SECONDS,
                 )
-            except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
-                # A call started after the session's query returned. The
-                # client turns the timeout's cancel into its own error.
+            except TimeoutError:
+                # A call started after the session's query returned.
+                busy = True
+            except SandboxServiceError as error:
+                if error.kind != "timed_out":
+                    raise
                 busy = True
             else:
                 live = result if isinstance(result, BackendState) else None

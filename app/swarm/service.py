@@ -248,7 +248,9 @@ async def _run_program(
     try:
         return await _interruptible(executor, sandbox_id, call_id, run)
     except SandboxServiceError as error:
-        if attempt == 1 or error.kind in _PERMANENT_SANDBOX_ERRORS:
+        # A call that timed out may still run its program, which a call with
+        # another id would start a second time.
+        if attempt == 1 or error.kind in (*_PERMANENT_SANDBOX_ERRORS, "timed_out"):
             raise
     return await _interruptible(
         executor, sandbox_id, f"{call_id}-attempt-{attempt}", run

@@ -454,6 +454,11 @@ async def invoke_tool(
     except ToolError as error:
         error_text = error.message
         raise
+    except asyncio.CancelledError:
+        # The caller stopped waiting, as a workflow step at its timeout or
+        # a stopping worker does.
+        error_text = f"{name} was cancelled before it finished"
+        raise
     except Exception as error:
         # The exception's text can hold SQL, bound parameters (secrets) or
         # paths, so the caller and the audit row get its class and an id to

@@ -28,6 +28,7 @@ _KINDS: dict[str, Any] = {
     "not_found": "not_found",
     "invalid_argument": "invalid_argument",
     "configuration": "failed",
+    "timed_out": "unavailable",
     "failed": "failed",
 }
 

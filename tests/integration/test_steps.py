@@ -2,7 +2,9 @@
 
 import asyncio
 import dataclasses
+import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -12,7 +14,9 @@ from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
 from activities.integration import IntegrationActivities, step_user
+from app.contracts.system import AuditRecord
 from app.contracts.workflows import StepRequest
+from app.services.audit import list_calls
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 
@@ -110,6 +114,61 @@ async def test_failing_code_fails_step(client: Client, workers: Settings) -> Non
         "the code ended failed with exit code 3; stderr is empty, stdout ends: out; "
         "see the steps with workflow_status"
     )
+
+
+async def test_step_timeout_logs_no_error(
+    client: Client, workers: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ctx = ToolContext(workers, temporal_client=client)
+    with pytest.raises(ToolError) as caught:
+        await run_definition(
+            ctx,
+            "integration-step-timeout",
+            [
+                {
+                    "name": "slow",
+                    "type": "sandbox_execution",
+                    "timeout": 3,
+                    "retry_attempts": 0,
+                    "params": {
+                        "template": "base",
+                        "language": "bash",
+                        "code": "sleep 10",
+                    },
+                }
+            ],
+        )
+    assert "timed out" in caught.value.message
+    execution_id = re.search(r"execution (wfx_\w+)", caught.value.message)
+    assert execution_id is not None
+    user = step_user(execution_id.group(1), "slow")
+
+    # The attempt learns of its timeout on its worker, after the run failed.
+    audited: list[AuditRecord] = []
+    for _ in range(100):
+        audited = await asyncio.to_thread(
+            list_calls,
+            workers.effective_database_url,
+            user_id=user,
+            tool="sandbox_execute",
+        )
+        if audited:
+            break
+        await asyncio.sleep(0.1)
+    (execute,) = audited
+    assert execute.outcome == "error"
+    assert execute.error == "sandbox_execute was cancelled before it finished"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    cancelled = [
+        r
+        for r in caplog.records
+        if r.name == "app.sandbox.service" and "was cancelled" in r.getMessage()
+    ]
+    assert len(cancelled) == 1
+    assert cancelled[0].levelno == logging.INFO
+    assert cancelled[0].exc_info is None
 
 
 async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
@@ -211,6 +270,8 @@ from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 from activities.integration import IntegrationActivities
 from app.contracts.workflows import StepRequest
+from app.contracts.system import AuditRecord
+from app.services.audit import list_calls
 from app.settings import Settings
 
 async def main():

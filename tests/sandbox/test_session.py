@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 
 from app.contracts.sandbox import ExecuteRequest
 from app.sandbox import service
@@ -161,6 +165,30 @@ async def test_mask_env_vars_masks_any_name(
     assert b"kept-value" not in stored
     assert b"once-value" not in stored
     assert b"shown-value" in stored
+
+
+async def test_unanswered_call_times_out(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+
+    async def no_reply(*args: object, **kwargs: object) -> object:
+        # What the client raises when the RPC deadline passes without a reply.
+        raise WorkflowUpdateRPCTimeoutOrCancelledError()
+
+    try:
+        monkeypatch.setattr(WorkflowHandle, "execute_update", no_reply)
+        with pytest.raises(ToolError) as caught:
+            await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="1")
+        monkeypatch.undo()
+        assert caught.value.kind == "unavailable"
+        message = caught.value.message
+        assert f"the execute call to sandbox {sandbox_id} timed out" in message
+        assert "may still run" in message
+    finally:
+        monkeypatch.undo()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
 async def test_timeout_kills_process_group(tool_ctx: ToolContext) -> None:
