@@ -20,6 +20,7 @@ from app.contracts.sandbox import (
     INVALID_ERROR,
     LOST_ERROR,
     RETRY_LATER_ERROR,
+    SETUP_ERROR,
     BackendRef,
     BackendState,
     ConfigureInput,
@@ -40,6 +41,7 @@ from app.sandbox.backend import (
     SandboxConfigurationError,
     SandboxLostError,
     SandboxRetryLaterError,
+    SandboxSetupError,
 )
 from app.sandbox.secrets import SealError, load_key, unseal_env
 from app.settings import Settings
@@ -50,6 +52,8 @@ _EXECUTION_MARGIN = 30
 
 
 def _as_application_error(error: Exception) -> ApplicationError:
+    if isinstance(error, SandboxSetupError):
+        return ApplicationError(str(error), type=SETUP_ERROR, non_retryable=True)
     if isinstance(error, SandboxLostError):
         return ApplicationError(str(error), type=LOST_ERROR, non_retryable=True)
     if isinstance(error, SandboxRetryLaterError):
@@ -94,6 +98,25 @@ async def _heartbeats(every: float = 10.0) -> AsyncIterator[None]:
         yield
     finally:
         task.cancel()
+
+
+_CREATE_ADVICE = {
+    "create": "Fix the packages or the startup script and create the sandbox "
+    "again; this one was not created.",
+    "recreate": "The sandbox was lost, and its setup failed when it was "
+    "recreated; create a new sandbox.",
+}
+
+
+def _setup_command_names(spec: SandboxSpec) -> list[str]:
+    """Name the setup commands of a creation as its errors call them."""
+    names = [
+        f"setup command {index + 1} {runtime.quote_command(command)}"
+        for index, command in enumerate(spec.setup_commands)
+    ]
+    if spec.startup_script and spec.setup_commands[:1] == [spec.startup_script]:
+        names[0] = "the startup script"
+    return names
 
 
 class SandboxActivities:
@@ -141,17 +164,25 @@ class SandboxActivities:
                 env=env,
                 metadata=spec.metadata,
             )
-            commands = list(spec.setup_commands)
             try:
                 output = await runtime.apply_setup(
                     backend,
                     created.backend_id,
                     template=spec.template,
                     packages=spec.install_packages,
-                    commands=commands,
+                    commands=list(spec.setup_commands),
                     env=env,
                     settings=self.settings,
+                    command_names=_setup_command_names(spec),
                 )
+            except SandboxSetupError as failure:
+                await backend.delete(created.backend_id)
+                raise SandboxSetupError(
+                    failure.failure,
+                    failure.output,
+                    failure.completed,
+                    advice=_CREATE_ADVICE[request.reason],
+                ) from None
             except BaseException:
                 await backend.delete(created.backend_id)
                 raise
@@ -198,15 +229,27 @@ class SandboxActivities:
         async with _backend_errors(request.backend_id), _heartbeats():
             env = self._env(spec, change.sealed_env)
             await backend.keep_alive(request.backend_id, spec.timeout)
-            output = await runtime.apply_setup(
-                backend,
-                request.backend_id,
-                template=spec.template,
-                packages=change.install_packages,
-                commands=change.run_commands,
-                env=env,
-                settings=self.settings,
-            )
+            try:
+                output = await runtime.apply_setup(
+                    backend,
+                    request.backend_id,
+                    template=spec.template,
+                    packages=change.install_packages,
+                    commands=change.run_commands,
+                    env=env,
+                    settings=self.settings,
+                    command_names=[
+                        f"run_commands[{index}] {runtime.quote_command(command)}"
+                        for index, command in enumerate(change.run_commands)
+                    ],
+                )
+            except SandboxSetupError as failure:
+                raise SandboxSetupError(
+                    failure.failure,
+                    failure.output,
+                    failure.completed,
+                    advice=_configure_advice(failure.completed),
+                ) from None
         names = sorted({*spec.sealed_env, *change.sealed_env})
         return ConfigureResult(
             env_vars_configured=names,
@@ -232,6 +275,24 @@ class SandboxActivities:
         """Kill the sandbox and remove its files on the backend."""
         async with _backend_errors(ref.backend_id):
             await self._backend().delete(ref.backend_id)
+
+
+def _configure_advice(completed: list[str]) -> str:
+    """Say what a configure that failed partway kept: nothing in the
+    session, but the changes of the steps that ran, which cannot be undone."""
+    if completed:
+        ran = (
+            f"Before it, {', '.join(completed)} ran, and their changes to the "
+            "sandbox's files stay. "
+        )
+    else:
+        ran = "Nothing of this configure ran before it. "
+    return (
+        ran + "The session recorded nothing of this configure: its env vars "
+        "are not set, and a recreation repeats none of its packages or "
+        "commands. Fix the failing step and send the configure again; the "
+        "steps that ran then run once more."
+    )
 
 
 class SandboxRecordActivities:

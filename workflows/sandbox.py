@@ -96,6 +96,10 @@ _LOCAL_END = "sandbox-local-end"
 # delete whose backend call failed.
 _END_FAILURE = "sandbox-end-failure-recorded"
 
+# Runs begun before this patch keep a `failed` mirror row after their
+# creation failed, until `sandbox_delete`.
+_FAILED_CREATE_UNLISTED = "sandbox-failed-create-unlisted"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -117,6 +121,10 @@ class SandboxSessionWorkflow:
         self._executing: dict[str, asyncio.Task[object]] = {}
         self._interrupted: set[str] = set()
         self._early_interrupts: list[str] = []
+        # The error type of a failed creation, which `ready` passes on, so a
+        # failed setup reads as the caller's error. A failed session never
+        # continues as new, so this needs no place in the state.
+        self._create_failure_type = CONFIGURATION_ERROR
 
     @workflow.run
     async def run(self, request: SessionInput) -> SessionResult:
@@ -167,9 +175,10 @@ class SandboxSessionWorkflow:
     async def _create_first(self) -> None:
         state = self._state
         spec = state.spec
-        if not workflow.patched(_LOCAL_RECORDS) or (
+        listed = not workflow.patched(_LOCAL_RECORDS) or bool(
             spec.install_packages or spec.setup_commands
-        ):
+        )
+        if listed:
             # Only a setup can make creation slow enough for a list to see it.
             await self._record("creating")
         try:
@@ -182,14 +191,22 @@ class SandboxSessionWorkflow:
             ):
                 raise
             state.error = _cause_message(error)
+            cause = _application_failure(error)
+            if cause is not None and cause.type:
+                self._create_failure_type = cause.type
             self._event("failed", detail=state.error)
             workflow.logger.warning(
                 "sandbox %s could not be created: %s",
                 state.spec.sandbox_id,
                 state.error,
             )
-            # The mirror row is written before `ready` learns of the failure.
-            await self._record("failed")
+            # The mirror row changes before `ready` learns of the failure.
+            if not workflow.patched(_FAILED_CREATE_UNLISTED):
+                await self._record("failed")
+            elif listed:
+                # The backend sandbox is gone already, so a failed creation
+                # leaves no row either. This history keeps the error.
+                await self._record("failed", delete=True)
             state.status = "failed"
             return
         state.status = "running"
@@ -389,7 +406,7 @@ class SandboxSessionWorkflow:
             raise ApplicationError(
                 f"sandbox {self._state.spec.sandbox_id} is {self._state.status}"
                 + (f": {self._state.error}" if self._state.error else ""),
-                type=CONFIGURATION_ERROR,
+                type=self._create_failure_type,
                 non_retryable=True,
             )
 

@@ -36,6 +36,8 @@ LOST_ERROR = "SandboxLost"
 RETRY_LATER_ERROR = "SandboxRetryLater"
 CONFIGURATION_ERROR = "SandboxConfigurationError"
 INVALID_ERROR = "SandboxInvalidArgument"
+# An installer or setup command of the caller's failed in the sandbox.
+SETUP_ERROR = "SandboxSetupFailed"
 # The backend failed to carry out a valid request (a file it could not remove).
 BACKEND_ERROR = "SandboxBackendFailure"
 # An execution that the session's `interrupt` signal cut short.

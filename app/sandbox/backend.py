@@ -25,6 +25,42 @@ class SandboxConfigurationError(SandboxBackendError):
     """A setting or request that no retry can fix (bad key, missing tool)."""
 
 
+# Characters of a failed setup step's output that its error quotes.
+SETUP_OUTPUT_TAIL = 4000
+
+
+class SandboxSetupError(SandboxConfigurationError):
+    """An installer or setup command that failed in the sandbox: an error in
+    the caller's packages or commands, which no retry fixes.
+
+    Attributes:
+        failure: the step and how it ended ("the startup script exited with
+            code 7").
+        output: the step's stdout and stderr, secrets masked.
+        completed: the steps that ran before it, named as in `failure`.
+    """
+
+    def __init__(
+        self,
+        failure: str,
+        output: str,
+        completed: Sequence[str],
+        advice: str = "Fix it and try again.",
+    ) -> None:
+        self.failure = failure
+        self.output = output
+        self.completed = list(completed)
+        super().__init__(self.explain(advice))
+
+    def explain(self, advice: str) -> str:
+        """Return the message: the failure, `advice` (whole sentences) and
+        the end of the step's output."""
+        tail = self.output.strip()[-SETUP_OUTPUT_TAIL:]
+        if tail:
+            return f"{self.failure}. {advice} Its output ends:\n{tail}"
+        return f"{self.failure}. {advice} It printed no output."
+
+
 @dataclass(frozen=True)
 class BackendSandbox:
     """A sandbox as a backend created it.

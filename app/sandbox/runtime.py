@@ -10,7 +10,7 @@ import logging
 import re
 import shlex
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from app.contracts.sandbox import NODE_TEMPLATES, ExecuteRequest, ExecuteResult
@@ -19,6 +19,7 @@ from app.sandbox.backend import (
     SandboxBackend,
     SandboxBackendError,
     SandboxConfigurationError,
+    SandboxSetupError,
 )
 from app.settings import Settings
 
@@ -161,14 +162,20 @@ async def apply_setup(
     commands: list[str],
     env: Mapping[str, str],
     settings: Settings,
+    command_names: Sequence[str] = (),
 ) -> str:
     """Install `packages`, then run `commands`, in the sandbox folder.
 
     Returns their combined output, secrets redacted.
 
+    Args:
+        command_names: what errors call each of `commands` ("the startup
+            script"); a command without one is "setup command N" with its
+            text.
+
     Raises:
-        SandboxConfigurationError: an installer or command failed; the message
-            contains its output.
+        SandboxSetupError: an installer or command failed or timed out. The
+            steps before it ran, and their changes to the sandbox stay.
     """
     home = await backend.home(backend_id)
     full_env = {**package_env(home), **env}
@@ -176,11 +183,17 @@ async def apply_setup(
     # Installers need the package index, so they get the network even where
     # the sandbox's own code has none; setup commands run like user code.
     steps = [
-        (shlex.join(argv), argv, True)
+        (f"the installer `{shlex.join(argv)}`", shlex.join(argv), argv, True)
         for argv in install_command(template, packages, settings.sandbox_package_index)
     ]
-    steps += [(command, ["bash", "-c", command], False) for command in commands]
-    for label, argv, network in steps:
+    for index, command in enumerate(commands):
+        if index < len(command_names):
+            name = command_names[index]
+        else:
+            name = f"setup command {index + 1} {quote_command(command)}"
+        steps.append((name, command, ["bash", "-c", command], False))
+    completed: list[str] = []
+    for name, command_text, argv, network in steps:
         result = await backend.run(
             backend_id,
             argv,
@@ -191,14 +204,24 @@ async def apply_setup(
             network=network,
         )
         text = redact(result.stdout + result.stderr, secret_values(env))
-        outputs.append(f"$ {label}\n{text}")
+        outputs.append(f"$ {command_text}\n{text}")
         if result.timed_out or result.exit_code != 0:
-            how = "timed out" if result.timed_out else f"exited {result.exit_code}"
-            raise SandboxConfigurationError(
-                f"setup step `{label}` in sandbox {backend_id} {how}; fix the "
-                f"package or command and try again. Output:\n{text[-4000:]}"
-            )
+            if result.timed_out:
+                outcome = f"timed out after {_SETUP_TIMEOUT:g} s"
+            else:
+                outcome = f"exited with code {result.exit_code}"
+            raise SandboxSetupError(f"{name} {outcome}", text, completed)
+        completed.append(name)
     return "\n".join(outputs)
+
+
+def quote_command(command: str, limit: int = 120) -> str:
+    """Return `command` in backticks for a message, cut to its first line
+    and `limit` characters."""
+    line = command.strip().splitlines()[0] if command.strip() else ""
+    if len(line) > limit or line != command.strip():
+        line = line[:limit] + "..."
+    return f"`{line}`"
 
 
 async def execute(

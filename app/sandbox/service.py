@@ -40,7 +40,10 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import (
+    CONFIGURATION_ERROR,
     INTERRUPTED_ERROR,
+    INVALID_ERROR,
+    SETUP_ERROR,
     BackendState,
     ConfigureRequest,
     ConfigureResult,
@@ -140,9 +143,11 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
         message = str(getattr(cause, "message", None) or cause or error)
         kind = "failed"
         if isinstance(cause, ApplicationError):
-            if cause.type == "SandboxConfigurationError":
+            if cause.type == CONFIGURATION_ERROR:
                 kind = "configuration"
-            elif cause.type in ("SandboxInvalidArgument", "ValueError"):
+            elif cause.type in (INVALID_ERROR, SETUP_ERROR, "ValueError"):
+                # A failed installer or setup command is an error in the
+                # caller's packages or commands.
                 kind = "invalid_argument"
             elif cause.type == INTERRUPTED_ERROR:
                 kind = "interrupted"
@@ -382,7 +387,8 @@ STATUS_QUERY_SECONDS = 2.0
 async def status(client: Client, settings: Settings, sandbox_id: str) -> SandboxStatus:
     """Return the session and the sandbox's live state read from the backend.
 
-    A stopped or failed sandbox that was deleted afterwards reports `deleted`.
+    A stopped or failed sandbox that was deleted afterwards reports `deleted`,
+    and a sandbox whose creation failed reports `failed` with its error.
     For a session busy with a call, the session fields come from its mirror
     row (`busy`), and the live state is read from the backend in this
     process where it can be, so a status read does not wait for the call's
@@ -420,12 +426,16 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
                 busy = True
             else:
                 live = result if isinstance(result, BackendState) else None
-    elif session.status in ("stopped", "failed") and not await asyncio.to_thread(
-        store.has_record, database_url, sandbox_id
+    elif (
+        session.status in ("stopped", "failed")
+        and session.backend_id is not None
+        and not await asyncio.to_thread(store.has_record, database_url, sandbox_id)
     ):
         # An ended session takes no update, so deleting a stopped or failed
         # sandbox cannot change the status it recorded. Every stopped or
-        # failed session has a mirror row, and only the delete removes it.
+        # failed session that had a sandbox keeps its mirror row until the
+        # delete removes it. A failed creation leaves no row, and stays
+        # `failed`.
         session = session.model_copy(update={"status": "deleted"})
     return SandboxStatus(session=session, live=live, busy=busy)
 

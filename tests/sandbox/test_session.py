@@ -442,10 +442,79 @@ async def test_templates_and_failing_install(tool_ctx: ToolContext) -> None:
             template="python",
             install_packages=["nexus-no-such-package"],
         )
+    assert failure.value.kind == "invalid_argument"
     assert "pip install" in failure.value.message
     assert "nexus-no-such-package" in failure.value.message
-    listed = await call(tool_ctx, "sandbox_list", status="stopped")
-    assert [item["status"] for item in listed["sandboxes"]] == ["failed"]
+    assert (await call(tool_ctx, "sandbox_list", status="all"))["count"] == 0
+
+
+async def test_failed_startup_script_leaves_nothing(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    with pytest.raises(ToolError) as failure:
+        await call(
+            tool_ctx,
+            "sandbox_create",
+            template="base",
+            startup_script="echo boom; echo oops >&2; exit 7",
+        )
+    message = failure.value.message
+    assert failure.value.kind == "invalid_argument"
+    assert "the startup script exited with code 7." in message, message
+    assert "create the sandbox again" in message
+    assert message.endswith("Its output ends:\nboom\noops")
+    named = re.search(r"sandbox (sbx_\w+)", message)
+    assert named is not None
+    sandbox_id = named.group(1)
+
+    assert (await call(tool_ctx, "sandbox_list", status="all"))["count"] == 0
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    assert status["status"] == "failed"
+    assert "exited with code 7" in status["error"]
+    sandboxes = tool_ctx.settings.resolved_data_dir / "sandboxes"
+    assert list(sandboxes.glob(f"{sandbox_id}-*")) == []
+    deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    assert deleted["status"] == "deleted"
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_failed_configure_names_command(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        with pytest.raises(ToolError) as failure:
+            await call(
+                tool_ctx,
+                "sandbox_configure",
+                sandbox_id=sandbox_id,
+                env_vars={"NEW_PASSWORD": "configured-pw"},
+                run_commands=[
+                    "echo $NEW_PASSWORD > pw.txt",
+                    "echo half done; exit 3",
+                    "touch never.txt",
+                ],
+            )
+        message = failure.value.message
+        assert failure.value.kind == "invalid_argument"
+        assert "run_commands[1] `echo half done; exit 3` exited with code 3" in message
+        assert "Before it, run_commands[0] `echo $NEW_PASSWORD > pw.txt` ran" in message
+        assert "its env vars are not set" in message
+        assert message.endswith("Its output ends:\nhalf done")
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=(
+                "import os; print(os.environ.get('NEW_PASSWORD'), "
+                "os.path.exists('pw.txt'), os.path.exists('never.txt'))"
+            ),
+        )
+        assert result["stdout"] == "None True False\n"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["env_vars_configured"] == []
+        assert [e["kind"] for e in status["events"]] == ["created"]
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
 async def test_claude_code_failure_names_cause(
@@ -459,10 +528,14 @@ async def test_claude_code_failure_names_cause(
     message = failure.value.message
     assert "template claude-code needs" in message, message
     assert "completed before the Update" not in message
-    listed = await call(tool_ctx, "sandbox_list", status="stopped")
-    assert [item["template"] for item in listed["sandboxes"]] == ["claude-code"]
-    assert [item["status"] for item in listed["sandboxes"]] == ["failed"]
-    sandbox_id = listed["sandboxes"][0]["sandbox_id"]
+    # Without a setup, no row was written, and the failure writes none.
+    assert (await call(tool_ctx, "sandbox_list", status="all"))["count"] == 0
+    named = re.search(r"sandbox (sbx_\w+)", message)
+    assert named is not None
+    sandbox_id = named.group(1)
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    assert status["status"] == "failed"
+    assert status["template"] == "claude-code"
     handle = client.get_workflow_handle(f"sandbox-{sandbox_id}")
     assert (await handle.result())["status"] == "failed"
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
