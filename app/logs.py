@@ -21,3 +21,6 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         # Alembic logs its setup lines on every command that checks the schema.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # JAX logs each backend it could not start (such as 'tpu' without
+        # libtpu) at INFO whenever it picks one.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
