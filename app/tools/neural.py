@@ -55,9 +55,11 @@ class ArchitectureConfig(BaseModel):
     def _check_layers(cls, value: list[Any]) -> list[Any]:
         from app.neural.nets import layer_widths
 
-        # The message names the entry (layers[i]); the field path comes from
-        # the validation error.
-        layer_widths("custom", value)
+        # An empty list selects the tier's widths, which neural_train checks
+        # with the tier. The message names the entry (layers[i]); the field
+        # path comes from the validation error.
+        if value:
+            layer_widths("custom", value)
         return value
 
 

@@ -29,6 +29,19 @@ def neural_settings(tmp_path: Path, temporal_address: str) -> Iterator[Settings]
 
 
 @pytest.fixture
+def offline_settings(database_url: str, tmp_path: Path) -> Settings:
+    """Settings on each database backend whose Temporal address is a port
+    where nothing listens."""
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        temporal_address="127.0.0.1:1",
+        encryption_key=TEST_ENCRYPTION_KEY,
+        neural_embedded_nodes=False,
+    )
+
+
+@pytest.fixture
 async def neural_workers(
     client: Client, neural_settings: Settings
 ) -> AsyncIterator[Settings]:

@@ -167,3 +167,25 @@ async def test_bad_inputs_rejected(
     if "config" in message:
         # Validation errors list each field under `errors`.
         assert caught.value.errors[0]["field"].startswith("config.")  # type: ignore[attr-defined]
+
+
+async def test_empty_layers_use_tier(offline_settings: Settings) -> None:
+    ctx = ToolContext(offline_settings)
+    config = {
+        "architecture": {"type": "feedforward", "layers": []},
+        "training": {"epochs": 0},
+    }
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx, "neural_train", {"config": config, "dataset": "iris", "tier": "nano"}
+        )
+    # Only the real error: empty layers select the tier's widths.
+    assert [e["field"] for e in caught.value.errors] == [  # type: ignore[attr-defined]
+        "config.training.epochs"
+    ]
+    assert "unknown tier" not in caught.value.message
+    config["training"] = {"epochs": 1}
+    with pytest.raises(ToolError, match="cannot reach Temporal"):
+        await invoke_tool(
+            ctx, "neural_train", {"config": config, "dataset": "iris", "tier": "nano"}
+        )
