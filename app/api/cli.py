@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import sys
 from typing import Annotated, Any
 
@@ -20,13 +21,26 @@ keys_cli = typer.Typer(
 def json_text(value: Any, encoding: str | None = None) -> str:
     """Return `value` as indented JSON that the output's `encoding` (default:
     stdout's) can write, with text such as "Grüße" as is. Characters that
-    the encoding lacks, and lone surrogates, are escaped (`\\u00fc`)."""
+    the encoding lacks, and lone surrogates, are escaped (`\\u00fc`). A NaN
+    or infinite float is written as null, as the HTTP API does, because JSON
+    has no such number."""
+    value = _replace_non_finite(value)
     text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
     try:
         text.encode(encoding or getattr(sys.stdout, "encoding", None) or "ascii")
     except (UnicodeEncodeError, LookupError):
         return json.dumps(value, indent=2, default=str)
     return text
+
+
+def _replace_non_finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _replace_non_finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_non_finite(item) for item in value]
+    return value
 
 
 def _print(value: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from app.storage import StorageError, storage_for
 
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 DEFAULT_DATASET = "digits"
+# Models compute in float32, so a larger feature value would become infinite.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DatasetError(ValueError):
@@ -119,6 +122,58 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
             '"X" (or "data") and labels under "y" (or "labels")'
         )
     return _to_features(features), np.asarray(labels)
+
+
+def find_invalid_feature(
+    values: Any,
+) -> tuple[tuple[int, ...], Any, str] | None:
+    """Find the first feature value of one sample or a list of samples that
+    a model cannot take.
+
+    Null, booleans, strings and objects are not numbers, and a number beyond
+    the float32 range would become infinite. Lists nested deeper than a list
+    of samples are left to the shape checks. Returns the entry's indices, its
+    value and what is wrong with it, or None when every entry is valid.
+    """
+    if not isinstance(values, list | tuple):
+        return None
+    for i, item in enumerate(values):
+        if isinstance(item, list | tuple):
+            for j, value in enumerate(item):
+                if isinstance(value, list | tuple):
+                    continue
+                problem = _feature_problem(value)
+                if problem is not None:
+                    return (i, j), value, problem
+            continue
+        problem = _feature_problem(item)
+        if problem is not None:
+            return (i,), item, problem
+    return None
+
+
+def _feature_problem(value: Any) -> str | None:
+    if value is None:
+        return "Input should be a number, not null"
+    if isinstance(value, bool | np.bool_):
+        return "Input should be a number, not a boolean; send 1 or 0"
+    if isinstance(value, str):
+        return 'Input should be a number, not a string; send 1.5, not "1.5"'
+    if not isinstance(value, numbers.Real):
+        return "Input should be a number"
+    # An integer of any size compares with the limit exactly, where float()
+    # of a huge one would overflow.
+    if isinstance(value, numbers.Integral):
+        magnitude: float | int = abs(int(value))
+    else:
+        magnitude = abs(float(value))
+        if not np.isfinite(magnitude):
+            return "Input should be a finite number: JSON has no NaN or Infinity"
+    if magnitude > FLOAT32_MAX:
+        return (
+            "Input should be within ±3.4e38, the float32 range that models compute in"
+        )
+    return None
 
 
 def _to_features(values: Any) -> np.ndarray:

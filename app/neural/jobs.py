@@ -130,12 +130,34 @@ def run_job(
     )
 
 
+class InvalidFeatureError(ValueError):
+    """A feature value of a prediction input that a model cannot take.
+
+    Attributes:
+        index: the value's indices in the input: (sample, feature), or
+            (feature,) for a single sample.
+        value: the value as given.
+        problem: what is wrong with it and the fix.
+    """
+
+    def __init__(self, index: tuple[int, ...], value: Any, problem: str) -> None:
+        position = "".join(f"[{i}]" for i in index)
+        super().__init__(f"input{position} = {value!r} is invalid: {problem}")
+        self.index = index
+        self.value = value
+        self.problem = problem
+
+
 def parse_input(values: Any, features: int) -> np.ndarray:
     """Turn one sample or a list of samples into a `(n, features)` array.
 
     Raises:
+        InvalidFeatureError: a value is not a number, or is beyond float32.
         ValueError: the input is not numeric or has the wrong width.
     """
+    found = data.find_invalid_feature(values)
+    if found is not None:
+        raise InvalidFeatureError(*found)
     try:
         array = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError):
@@ -160,12 +182,30 @@ def predict_logits(
     values: Any,
     jit: bool = True,
 ) -> np.ndarray:
-    """Class probabilities of raw (unstandardized) samples."""
-    x = (parse_input(values, spec.features) - mean) / std
+    """Class probabilities of raw (unstandardized) samples.
+
+    Raises:
+        ValueError: the input is invalid, or the model's outputs for a sample
+            are not finite, so that no NaN reaches a result.
+    """
+    samples = parse_input(values, spec.features)
     trainer = get_trainer(spec, "sgd", 0.1, jit)
-    logits = trainer.logits(params, x.astype(np.float32))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    # Overflows surface below as non-finite probabilities, with a message.
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = (samples - mean) / std
+        logits = np.asarray(trainer.logits(params, x.astype(np.float32)))
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    broken = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if broken.size:
+        samples_named = ", ".join(f"input[{i}]" for i in broken[:10])
+        raise ValueError(
+            f"the model's outputs for {samples_named} are not finite numbers: "
+            "the values lie too far outside the range of the training data, or "
+            "the model's training diverged (then train it again with a lower "
+            "learning rate)"
+        )
+    return probabilities
 
 
 def predict(settings: Settings, model_id: str, values: Any) -> dict[str, Any]:

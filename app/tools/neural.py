@@ -19,7 +19,7 @@ from app.contracts.neural import (
 )
 from app.contracts.queues import ORCHESTRATION
 from app.neural.architectures import TRAIN_ARCHITECTURES
-from app.tools.registry import ToolContext, ToolError, tool
+from app.tools.registry import ToolContext, ToolError, ToolInputError, tool
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,27 @@ async def _prepare_dataset(ctx: ToolContext, source: Any, owner: str) -> Any:
     return source
 
 
+def check_features(tool_name: str, field: str, values: Any) -> None:
+    """Reject a feature value that a model cannot take (null, a boolean, a
+    string, an object, a number beyond float32), naming its path such as
+    `input.0.1`.
+
+    Raises:
+        ToolInputError: for the first such value.
+    """
+    from app.neural.data import find_invalid_feature
+
+    found = find_invalid_feature(values)
+    if found is None:
+        return
+    index, value, problem = found
+    path = ".".join([field, *(str(i) for i in index)])
+    raise ToolInputError(
+        f"invalid arguments for {tool_name}: {path}: {value!r} is invalid: {problem}",
+        [{"field": path, "value": value, "message": problem}],
+    )
+
+
 def _widths(tier: str, layers: list[Any]) -> list[int]:
     from app.neural.nets import layer_widths
 
@@ -277,6 +298,7 @@ async def neural_predict(
     probabilities."""
     from app.neural import jobs
 
+    check_features("neural_predict", "input", args.input)
     try:
         result = await asyncio.to_thread(
             jobs.predict, ctx.settings, args.model_id, args.input

@@ -24,7 +24,7 @@ from app.contracts.neural import (
 )
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
 from app.neural.architectures import CLUSTER_ARCHITECTURES
-from app.tools.neural import Optimizer, _prepare_dataset
+from app.tools.neural import Optimizer, _prepare_dataset, check_features
 from app.tools.registry import ToolContext, ToolError, tool
 
 # The same order as the swarm topologies: typing caches `Literal[...] | None`
@@ -717,6 +717,7 @@ async def neural_predict_distributed(
     completed session and combine them: mean (average probabilities),
     majority (vote), weighted (by each model's validation accuracy) or
     ensemble (average, plus every node's predictions)."""
+    check_features("neural_predict_distributed", "input_data", args.input_data)
     _cluster(ctx, args.cluster_id)
     return await asyncio.to_thread(_predict_distributed, ctx, args)
 

@@ -3,6 +3,8 @@ twice is a usage error, repeatable options and flags still repeat."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -249,3 +251,17 @@ def test_json_output_keeps_non_ascii(tmp_path: Path) -> None:
 def test_json_text_escapes_lone_surrogate() -> None:
     assert json_text({"text": "a\ud800"}, "utf-8") == '{\n  "text": "a\\ud800"\n}'
     assert json_text({"text": "日本"}, "utf-8") == '{\n  "text": "日本"\n}'
+
+
+def test_json_text_writes_null_for_nan() -> None:
+    value = {"probabilities": [[float("nan"), float("inf"), 0.5]], "loss": -math.inf}
+    text = json_text(value, "utf-8")
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    # Strict JSON: a parser that rejects NaN and Infinity reads it.
+    assert json.loads(text, parse_constant=reject) == {
+        "probabilities": [[None, None, 0.5]],
+        "loss": None,
+    }
