@@ -7,10 +7,13 @@ import csv
 import functools
 import io
 import numbers
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from app.settings import Settings
 from app.storage import StorageError, storage_for
@@ -19,6 +22,13 @@ BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 DEFAULT_DATASET = "digits"
 # Models compute in float32, so a larger feature value would become infinite.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Errors that numpy.load and reading an archive's members raise for bytes
+# that are not a valid NPZ archive of plain (non-object) arrays.
+_NPZ_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+# A ZIP archive starts with a local file header, or is empty (only the end
+# record); numpy.load tests the same two signatures.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class DatasetError(ValueError):
@@ -114,14 +124,21 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
         )
     if "bucket" in source:
         return _load_stored(source, settings)
-    features = source.get("X", source.get("data"))
-    labels = source.get("y", source.get("labels"))
+    x_key = "X" if "X" in source else "data"
+    y_key = "y" if "y" in source else "labels"
+    features = source.get(x_key)
+    labels = source.get(y_key)
     if features is None or labels is None:
         raise DatasetError(
             f"inline dataset has keys {sorted(source)}; it needs features under "
             '"X" (or "data") and labels under "y" (or "labels")'
         )
-    return _to_features(features), np.asarray(labels)
+    found = find_invalid_feature(features)
+    if found is not None:
+        index, value, problem = found
+        position = "".join(f"[{i}]" for i in index)
+        raise DatasetError(f"{x_key}{position} = {value!r} is invalid: {problem}")
+    return _to_features(features), _inline_labels(labels, y_key)
 
 
 def find_invalid_feature(
@@ -176,6 +193,59 @@ def _feature_problem(value: Any) -> str | None:
     return None
 
 
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, float) and value.is_integer()
+
+
+def _inline_labels(values: Any, key: str) -> np.ndarray:
+    """Return inline labels as an integer or a string array.
+
+    Every label must be an integer (1.0 counts as 1, as in JSON Schema) or
+    every label a string, so the array never contains Python objects, which
+    NPZ stores only by pickling.
+
+    Raises:
+        DatasetError: naming the first label that breaks the rule.
+    """
+    if not isinstance(values, list | tuple):
+        # A scalar or an object fails the shape check in `prepare`.
+        return np.asarray(values)
+    rule = "labels must be all integers or all strings (class names), one per sample"
+    first_kind: str | None = None
+    converted: list[int | str] = []
+    for index, value in enumerate(values):
+        if isinstance(value, str):
+            kind = "a string"
+            converted.append(value)
+        elif _is_integer(value):
+            kind = "an integer"
+            converted.append(int(value))
+        else:
+            raise DatasetError(
+                f"{key}[{index}] = {value!r} is neither an integer nor a string; {rule}"
+            )
+        if first_kind is None:
+            first_kind = kind
+        elif kind != first_kind:
+            raise DatasetError(
+                f"{key}[{index}] = {value!r} is {kind} but {key}[0] = {values[0]!r} "
+                f"is {first_kind}; {rule}"
+            )
+    if first_kind == "a string":
+        return np.asarray(converted, dtype=str)
+    try:
+        return np.asarray(converted, dtype=np.int64)
+    except OverflowError:
+        raise DatasetError(
+            f"labels of {key} include integers beyond the 64-bit range; number "
+            "the classes 0, 1, 2, ... or name them with strings"
+        ) from None
+
+
 def _to_features(values: Any) -> np.ndarray:
     try:
         x = np.asarray(values, dtype=np.float32)
@@ -199,17 +269,16 @@ def _load_stored(
             "with storage_upload first"
         ) from None
     if path.endswith(".npz"):
-        with np.load(io.BytesIO(blob)) as archive:
-            keys = set(archive.files)
-            x_key = "X" if "X" in keys else "data"
-            y_key = "y" if "y" in keys else "labels"
-            if x_key not in keys or y_key not in keys:
-                raise DatasetError(
-                    f"NPZ object {bucket}/{path} has arrays {sorted(keys)}; it needs "
-                    "X and y (or data and labels)"
-                )
-            return _to_features(archive[x_key]), np.asarray(archive[y_key])
-    rows = list(csv.reader(io.StringIO(blob.decode("utf-8"))))
+        return _load_npz(blob, f"{bucket}/{path}")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"CSV object {bucket}/{path} cannot be read: it is not UTF-8 text "
+            f"({error}); store comma-separated UTF-8 text, or an NPZ object "
+            "named .npz"
+        ) from None
+    rows = list(csv.reader(io.StringIO(text)))
     rows = [row for row in rows if row]
     if not rows:
         raise DatasetError(f"CSV object {bucket}/{path} is empty")
@@ -232,6 +301,66 @@ def _load_stored(
         for row in rows
     ]
     return _to_features(features), np.asarray(labels)
+
+
+def _load_npz(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def unreadable(problem: str) -> DatasetError:
+        return DatasetError(
+            f"NPZ object {name} cannot be read: {problem}; store it with "
+            "numpy.savez(file, X=features, y=labels), with numeric features and "
+            "integer or string labels"
+        )
+
+    # numpy.load reads anything that is neither ZIP nor .npy as a pickle,
+    # which it rejects with a message about allow_pickle.
+    if blob.startswith(_NPY_MAGIC):
+        raise unreadable("it is a single .npy array, not an NPZ archive")
+    if not blob.startswith(_ZIP_MAGIC):
+        raise unreadable("it is not an NPZ (ZIP) archive")
+    try:
+        # allow_pickle stays False: a pickle runs code of the uploader's choice.
+        loaded = np.load(io.BytesIO(blob))
+    except _NPZ_READ_ERRORS as error:
+        raise unreadable(f"the archive is damaged or truncated ({error})") from None
+    if not isinstance(loaded, NpzFile):
+        raise unreadable("it is not an NPZ (ZIP) archive")
+    with loaded as archive:
+        keys = set(archive.files)
+        x_key = "X" if "X" in keys else "data"
+        y_key = "y" if "y" in keys else "labels"
+        if x_key not in keys or y_key not in keys:
+            raise DatasetError(
+                f"NPZ object {name} has arrays {sorted(keys)}; it needs "
+                "X and y (or data and labels)"
+            )
+        arrays = []
+        for key in (x_key, y_key):
+            try:
+                arrays.append(archive[key])
+            except _NPZ_READ_ERRORS as error:
+                if _holds_objects(archive, key):
+                    raise unreadable(
+                        f"array {key} contains Python objects (dtype object), which "
+                        "NPZ stores only as a pickle, and pickles are not loaded"
+                    ) from None
+                raise unreadable(f"array {key} is damaged ({error})") from None
+    return _to_features(arrays[0]), np.asarray(arrays[1])
+
+
+def _holds_objects(archive: NpzFile, key: str) -> bool:
+    """Return whether an NPZ member's header declares an object dtype."""
+    if archive.zip is None:
+        return False
+    try:
+        with archive.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                header = np.lib.format.read_array_header_1_0(member)
+            else:
+                header = np.lib.format.read_array_header_2_0(member)
+    except _NPZ_READ_ERRORS:
+        return False
+    return bool(header[2].hasobject)
 
 
 def prepare(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -149,3 +152,104 @@ def test_csv_from_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_unknown_architecture_named() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
         nets.check_architecture("resnet")
+
+
+_FEATURES = [[1, 2], [3, 4], [5, 6], [7, 8], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (["a", "b", "a", "b", None], r"y\[4\] = None is neither an integer nor a"),
+        ([0, "b", 0, 1, [1]], r"y\[1\] = 'b' is a string but y\[0\] = 0 is an"),
+        ([0, 1, 0, 1, [1]], r"y\[4\] = \[1\] is neither an integer nor a string"),
+        ([True, False, True, False, True], r"y\[0\] = True is neither"),
+        ([0, 1, 0, 1, 1.5], r"y\[4\] = 1.5 is neither"),
+        ([0, 1, 0, 1, 2**64], "beyond the 64-bit range"),
+    ],
+)
+def test_inline_labels_integers_or_strings(labels: list, message: str) -> None:
+    with pytest.raises(data.DatasetError, match=message) as caught:
+        data.prepare({"X": _FEATURES, "y": labels}, Settings())
+    if "neither" in message or "is a string" in message:
+        assert "labels must be all integers or all strings" in str(caught.value)
+
+
+def test_inline_labels_keep_plain_arrays() -> None:
+    _, y = data.load_arrays({"X": _FEATURES, "y": [0, 1.0, 0, 1, 1]}, Settings())
+    # 1.0 is an integer in JSON, and neither array needs pickling in NPZ.
+    assert y.dtype == np.int64
+    assert y.tolist() == [0, 1, 0, 1, 1]
+    _, names = data.load_arrays(
+        {"X": _FEATURES, "labels": ["a", "b", "a", "b", "c"]}, Settings()
+    )
+    assert names.dtype.kind == "U"
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ([[1, None], [3, 4], [5, 6], [7, 8]], r"X\[0\]\[1\] = None is invalid: .*null"),
+        ([[1, 2], [True, 4], [5, 6], [7, 8]], r"X\[1\]\[0\] = True is invalid"),
+        ([[1, 2], [3, "4"], [5, 6], [7, 8]], r"X\[1\]\[1\] = '4' is invalid"),
+    ],
+)
+def test_inline_features_must_be_numbers(features: list, message: str) -> None:
+    with pytest.raises(data.DatasetError, match=message):
+        data.prepare({"X": features, "y": [0, 1, 0, 1]}, Settings())
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+_VALID_NPZ = _npz(X=np.ones((6, 2)), y=np.array([0, 1, 0, 1, 0, 1]))
+_NPY = io.BytesIO()
+np.save(_NPY, np.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (b"not a zip", "it is not an NPZ \\(ZIP\\) archive"),
+        (b"", "it is not an NPZ \\(ZIP\\) archive"),
+        (_VALID_NPZ[: len(_VALID_NPZ) // 2], "the archive is damaged or truncated"),
+        (_NPY.getvalue(), "it is a single .npy array"),
+        (
+            _npz(X=np.ones((6, 2)), y=np.array([0, None, 1, 0, 1, 0], dtype=object)),
+            "array y contains Python objects",
+        ),
+    ],
+)
+def test_unreadable_npz_named(blob: bytes, message: str, tmp_path: Path) -> None:
+    from app.storage import storage_for
+
+    settings = Settings(data_dir=tmp_path)
+    storage_for(settings).put("datasets", "junk.npz", blob)
+    with pytest.raises(
+        data.DatasetError,
+        match=f"NPZ object datasets/junk.npz cannot be read: {message}",
+    ):
+        data.prepare({"bucket": "datasets", "path": "junk.npz"}, settings)
+
+
+def test_stored_npz_loads(tmp_path: Path) -> None:
+    from app.storage import storage_for
+
+    settings = Settings(data_dir=tmp_path)
+    storage_for(settings).put("datasets", "ok.npz", _VALID_NPZ)
+    dataset = data.prepare({"bucket": "datasets", "path": "ok.npz"}, settings)
+    assert dataset.classes == 2
+
+
+def test_binary_csv_named(tmp_path: Path) -> None:
+    from app.storage import storage_for
+
+    settings = Settings(data_dir=tmp_path)
+    storage_for(settings).put("datasets", "bad.csv", b"\xff\xfe\x00binary")
+    with pytest.raises(
+        data.DatasetError, match=r"bad\.csv cannot be read: it is not UTF-8"
+    ):
+        data.prepare({"bucket": "datasets", "path": "bad.csv"}, settings)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlmodel import select
 from temporalio.client import Client
 
 from app.contracts.queues import NEURAL, ORCHESTRATION
+from app.db import session_scope
 from app.neural import jobs, store
+from app.neural.models import NeuralJob, NeuralSession
 from app.settings import Settings
+from app.storage import storage_for
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from tests.conftest import running_workers
 from tests.support.replay import replay_run
@@ -167,6 +171,70 @@ async def test_bad_inputs_rejected(
     if "config" in message:
         # Validation errors list each field under `errors`.
         assert caught.value.errors[0]["field"].startswith("config.")  # type: ignore[attr-defined]
+
+
+_INLINE = {"X": [[1, 2], [3, 4], [5, 6], [7, 8], [1, 1]], "y": [0, 1, 0, 1, 0]}
+
+
+def _leftovers(settings: Settings) -> dict[str, list[str]]:
+    """Job and session rows and stored data sets: what a failed call must
+    not leave behind."""
+    with session_scope(settings.effective_database_url) as session:
+        jobs_left = [job.id for job in session.exec(select(NeuralJob))]
+        sessions_left = [row.id for row in session.exec(select(NeuralSession))]
+    return {
+        "jobs": jobs_left,
+        "sessions": sessions_left,
+        "datasets": storage_for(settings).list("datasets"),
+    }
+
+
+_NOTHING: dict[str, list[str]] = {"jobs": [], "sessions": [], "datasets": []}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        (
+            {**_INLINE, "y": ["a", "b", "a", "b", None]},
+            r"invalid dataset: y\[4\] = None is neither an integer nor a string; "
+            "labels must be all integers or all strings",
+        ),
+        (
+            {**_INLINE, "y": [0, "b", 0, 1, [1]]},
+            r"invalid dataset: y\[1\] = 'b' is a string but y\[0\] = 0 is an "
+            "integer",
+        ),
+        (
+            {**_INLINE, "X": [[1, 2], [3, True], [5, 6], [7, 8], [1, 1]]},
+            r"invalid dataset: X\[1\]\[1\] = True is invalid",
+        ),
+        (
+            {"bucket": "datasets", "path": "junk.npz"},
+            "invalid dataset: NPZ object datasets/junk.npz cannot be read: it is not "
+            r"an NPZ \(ZIP\) archive",
+        ),
+    ],
+)
+async def test_bad_dataset_writes_nothing(
+    dataset: dict, message: str, offline_settings: Settings
+) -> None:
+    storage_for(offline_settings).put("datasets", "junk.npz", b"not a zip")
+    ctx = ToolContext(offline_settings)
+    arguments = {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"}
+    with pytest.raises(ToolError, match=message) as caught:
+        await invoke_tool(ctx, "neural_train", arguments)
+    assert caught.value.kind == "invalid_argument"
+    cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "bad data"})
+    await invoke_tool(ctx, "neural_node_deploy", {"cluster_id": cluster["cluster_id"]})
+    with pytest.raises(ToolError, match=message) as caught:
+        await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {"cluster_id": cluster["cluster_id"], "dataset": dataset},
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert _leftovers(offline_settings) == {**_NOTHING, "datasets": ["junk.npz"]}
 
 
 async def test_empty_layers_use_tier(offline_settings: Settings) -> None:
