@@ -9,7 +9,9 @@ import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from app.contracts.neural import (
     DATASETS_BUCKET,
@@ -129,27 +131,123 @@ class NeuralTrainResult(TrainingScores):
     compilation: str
 
 
-async def _prepare_dataset(ctx: ToolContext, source: Any, owner: str) -> Any:
-    """Check the data set now, so a bad one fails the call; an inline data
-    set goes to storage, and the workflow gets its reference."""
+async def check_dataset(ctx: ToolContext, source: Any) -> None:
+    """Load and check a data set, so that a bad one fails the call before
+    anything is written."""
     from app.neural import data
 
     try:
         await asyncio.to_thread(data.prepare, source, ctx.settings)
     except data.DatasetError as error:
         raise ToolError(f"invalid dataset: {error}", kind="invalid_argument") from None
-    if isinstance(source, dict) and ("X" in source or "data" in source):
-        import numpy as np
 
-        x, y = data.load_arrays(source, ctx.settings)
-        buffer = io.BytesIO()
-        np.savez(buffer, X=x, y=y)
-        path = f"inline/{owner}.npz"
-        from app.storage import storage_for
 
-        storage_for(ctx.settings).put(DATASETS_BUCKET, path, buffer.getvalue())
-        return {"bucket": DATASETS_BUCKET, "path": path}
-    return source
+def dataset_reference(source: Any, owner: str) -> Any:
+    """Return the storage reference that workflows get for an inline data set
+    (stored by `store_inline_dataset` under the owner's id), or any other
+    source unchanged."""
+    if not is_inline(source):
+        return source
+    return {"bucket": DATASETS_BUCKET, "path": _inline_path(owner)}
+
+
+async def store_inline_dataset(ctx: ToolContext, source: Any, owner: str) -> None:
+    """Store an inline data set as NPZ at its `dataset_reference`, so that
+    workflow payloads carry a path and not the samples."""
+    from app.neural import data
+
+    if not is_inline(source):
+        return
+    import numpy as np
+
+    from app.storage import storage_for
+
+    x, y = await asyncio.to_thread(data.load_arrays, source, ctx.settings)
+    buffer = io.BytesIO()
+    np.savez(buffer, X=x, y=y)
+    await asyncio.to_thread(
+        storage_for(ctx.settings).put,
+        DATASETS_BUCKET,
+        _inline_path(owner),
+        buffer.getvalue(),
+    )
+
+
+def is_inline(source: Any) -> bool:
+    return isinstance(source, dict) and ("X" in source or "data" in source)
+
+
+def _inline_path(owner: str) -> str:
+    return f"inline/{owner}.npz"
+
+
+async def start_recorded_workflow(
+    ctx: ToolContext,
+    client: Client,
+    record: Any,
+    source: Any,
+    workflow: str,
+    argument: Any,
+    result_type: type,
+) -> WorkflowHandle[Any, Any]:
+    """Add `record` (a job or session row whose `workflow_id` names the
+    workflow) and start the workflow. If the start fails, delete the row and
+    the inline data set stored under the record's id, so that the failed
+    call leaves nothing behind.
+
+    NOTE: a start that Temporal accepted but whose reply was lost (a
+    deadline exceeded) is deleted too. That workflow then fails to read its
+    inline data set, or trains without a job row.
+
+    Raises:
+        ToolError: Temporal did not accept the start (kind "unavailable").
+    """
+    from app.neural import store
+
+    try:
+        await asyncio.to_thread(store.add_record, ctx.settings, record)
+        return await client.start_workflow(
+            workflow,
+            argument,
+            id=record.workflow_id,
+            task_queue=ORCHESTRATION,
+            result_type=result_type,
+        )
+    except Exception as error:
+        logger.warning(
+            "workflow %s not started, deleting its record %s: %s",
+            record.workflow_id,
+            record.id,
+            error,
+        )
+        try:
+            await asyncio.to_thread(_discard_unstarted, ctx, record, source)
+        except Exception:
+            # The caller gets the start's error, so this one is only logged.
+            logger.exception(
+                "could not delete record %s of the unstarted workflow %s",
+                record.id,
+                record.workflow_id,
+            )
+        if isinstance(error, RPCError):
+            raise ToolError(
+                f"workflow {workflow} could not be started: {error.message}; "
+                "check that Temporal runs (`nexus health`) and retry",
+                kind="unavailable",
+            ) from error
+        raise
+
+
+def _discard_unstarted(ctx: ToolContext, record: Any, source: Any) -> None:
+    from app.db import session_scope
+    from app.storage import storage_for
+
+    with session_scope(ctx.settings.effective_database_url) as session:
+        stored = session.get(type(record), record.id)
+        if stored is not None:
+            session.delete(stored)
+    if is_inline(source):
+        storage_for(ctx.settings).delete(DATASETS_BUCKET, _inline_path(record.id))
 
 
 def check_features(tool_name: str, field: str, values: Any) -> None:
@@ -171,6 +269,15 @@ def check_features(tool_name: str, field: str, values: Any) -> None:
         f"invalid arguments for {tool_name}: {path}: {value!r} is invalid: {problem}",
         [{"field": path, "value": value, "message": problem}],
     )
+
+
+def failure_message(error: WorkflowFailureError) -> str:
+    """Return why a workflow failed. The neural workflows' own failure
+    already names the job or session, so its message is returned as is."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == "TrainingFailed":
+        return cause.message
+    return str(getattr(cause, "message", cause))
 
 
 def _widths(tier: str, layers: list[Any]) -> list[int]:
@@ -198,7 +305,12 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     model_id = store.new_id("model_")
     architecture = args.config.architecture.type
     widths = _widths(args.tier, args.config.architecture.layers)
-    dataset = await _prepare_dataset(ctx, args.dataset, job_id)
+    await check_dataset(ctx, args.dataset)
+    # Connect before writing anything, so that an unreachable Temporal
+    # leaves no job row or data set file behind.
+    client = await ctx.client()
+    await store_inline_dataset(ctx, args.dataset, job_id)
+    dataset = dataset_reference(args.dataset, job_id)
     training = args.config.training
     request = TrainJobInput(
         job_id=job_id,
@@ -213,29 +325,20 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
         jit=args.wasm_optimization,
     )
     workflow_id = f"neural-train-{job_id}"
-    await asyncio.to_thread(
-        store.add_record,
-        ctx.settings,
-        NeuralJob(
-            id=job_id,
-            workflow_id=workflow_id,
-            status="queued",
-            architecture=architecture,
-            tier=args.tier,
-            dataset=describe_source(args.dataset),
-            config=args.config.model_dump(),
-            model_id=model_id,
-            epochs_requested=training.epochs,
-            jit=args.wasm_optimization,
-        ),
+    job = NeuralJob(
+        id=job_id,
+        workflow_id=workflow_id,
+        status="queued",
+        architecture=architecture,
+        tier=args.tier,
+        dataset=describe_source(args.dataset),
+        config=args.config.model_dump(),
+        model_id=model_id,
+        epochs_requested=training.epochs,
+        jit=args.wasm_optimization,
     )
-    client = await ctx.client()
-    handle = await client.start_workflow(
-        "NeuralTrainWorkflow",
-        request,
-        id=workflow_id,
-        task_queue=ORCHESTRATION,
-        result_type=TrainJobResult,
+    handle = await start_recorded_workflow(
+        ctx, client, job, args.dataset, "NeuralTrainWorkflow", request, TrainJobResult
     )
     compilation = (
         "jit (XLA-compiled)" if args.wasm_optimization else "eager (not jit-compiled)"
@@ -256,11 +359,7 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     try:
         done: TrainJobResult = await handle.result()
     except WorkflowFailureError as error:
-        cause = error.cause
-        raise ToolError(
-            f"training job {job_id} failed: {getattr(cause, 'message', cause)}",
-            kind="failed",
-        ) from None
+        raise ToolError(failure_message(error), kind="failed") from None
     return result.model_copy(
         update={
             "status": "completed",

@@ -24,7 +24,15 @@ from app.contracts.neural import (
 )
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
 from app.neural.architectures import CLUSTER_ARCHITECTURES
-from app.tools.neural import Optimizer, _prepare_dataset, check_features
+from app.tools.neural import (
+    Optimizer,
+    check_dataset,
+    check_features,
+    dataset_reference,
+    failure_message,
+    start_recorded_workflow,
+    store_inline_dataset,
+)
 from app.tools.registry import ToolContext, ToolError, tool
 
 # The same order as the swarm topologies: typing caches `Literal[...] | None`
@@ -445,8 +453,13 @@ async def neural_train_distributed(
 
     cluster = _cluster(ctx, args.cluster_id)
     session_id = store.new_id("session_")
-    dataset = await _prepare_dataset(ctx, args.dataset, session_id)
+    await check_dataset(ctx, args.dataset)
+    dataset = dataset_reference(args.dataset, session_id)
     plan = await asyncio.to_thread(_plan, ctx, cluster, args, session_id, dataset)
+    # Connect before writing the data set or the session, so that an
+    # unreachable Temporal leaves neither behind.
+    client = await ctx.client()
+    await store_inline_dataset(ctx, args.dataset, session_id)
     left_out = {
         node.id: reason
         for node in await asyncio.to_thread(
@@ -455,26 +468,23 @@ async def neural_train_distributed(
         if (reason := _left_out_reason(node)) is not None
     }
     workflow_id = f"neural-session-{session_id}"
-    await asyncio.to_thread(
-        store.add_record,
-        ctx.settings,
-        NeuralSession(
-            id=session_id,
-            cluster_id=cluster.id,
-            workflow_id=workflow_id,
-            status="running",
-            config=args.model_dump(exclude={"dataset"})
-            | {"dataset": str(args.dataset)[:200]},
-            rounds_total=plan.rounds if args.federated else 0,
-        ),
+    session = NeuralSession(
+        id=session_id,
+        cluster_id=cluster.id,
+        workflow_id=workflow_id,
+        status="running",
+        config=args.model_dump(exclude={"dataset"})
+        | {"dataset": str(args.dataset)[:200]},
+        rounds_total=plan.rounds if args.federated else 0,
     )
-    client = await ctx.client()
-    handle = await client.start_workflow(
+    handle = await start_recorded_workflow(
+        ctx,
+        client,
+        session,
+        args.dataset,
         "DistributedTrainingWorkflow",
         SessionInput(plan=plan),
-        id=workflow_id,
-        task_queue=ORCHESTRATION,
-        result_type=SessionResult,
+        SessionResult,
     )
     result = TrainDistributedResult(
         session_id=session_id,
@@ -498,8 +508,7 @@ async def neural_train_distributed(
     try:
         done: SessionResult = await handle.result()
     except WorkflowFailureError as error:
-        cause = getattr(error.cause, "message", error.cause)
-        raise ToolError(f"session {session_id} failed: {cause}") from None
+        raise ToolError(failure_message(error)) from None
     return result.model_copy(
         update={"status": "completed", "rounds": done.rounds_completed, "result": done}
     )

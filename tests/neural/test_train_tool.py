@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from sqlmodel import select
+from temporalio import activity
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
 
+from app.contracts.neural import TrainJobInput, TrainJobResult
 from app.contracts.queues import NEURAL, ORCHESTRATION
 from app.db import session_scope
 from app.neural import jobs, store
@@ -14,7 +21,7 @@ from app.neural.models import NeuralJob, NeuralSession
 from app.settings import Settings
 from app.storage import storage_for
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
-from tests.conftest import running_workers
+from tests.conftest import running_workers, wait_for_pollers
 from tests.support.replay import replay_run
 from workers.registry import all_workflows
 
@@ -235,6 +242,88 @@ async def test_bad_dataset_writes_nothing(
         )
     assert caught.value.kind == "invalid_argument"
     assert _leftovers(offline_settings) == {**_NOTHING, "datasets": ["junk.npz"]}
+
+
+async def _train_both(ctx: ToolContext) -> list[ToolError]:
+    """Call neural_train and neural_train_distributed with an inline data set
+    and return their errors."""
+    errors = []
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx,
+            "neural_train",
+            {"config": _config(epochs=1), "dataset": _INLINE, "tier": "nano"},
+        )
+    errors.append(caught.value)
+    cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "no temporal"})
+    await invoke_tool(ctx, "neural_node_deploy", {"cluster_id": cluster["cluster_id"]})
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {"cluster_id": cluster["cluster_id"], "dataset": _INLINE},
+        )
+    errors.append(caught.value)
+    return errors
+
+
+async def test_unreachable_temporal_writes_nothing(
+    offline_settings: Settings,
+) -> None:
+    errors = await _train_both(ToolContext(offline_settings))
+    for error in errors:
+        assert error.kind == "unavailable"
+        assert "cannot reach Temporal at 127.0.0.1:1" in error.message
+    assert _leftovers(offline_settings) == _NOTHING
+
+
+class _StartFails:
+    """A Temporal client whose workflow starts fail, to force that fault."""
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> Any:
+        raise RPCError("frontend went away", RPCStatusCode.UNAVAILABLE, b"")
+
+
+async def test_failed_start_removes_records(offline_settings: Settings) -> None:
+    ctx = ToolContext(offline_settings, temporal_client=_StartFails())  # type: ignore[arg-type]
+    errors = await _train_both(ctx)
+    assert "workflow NeuralTrainWorkflow could not be started: frontend went away" in (
+        errors[0].message
+    )
+    assert "workflow DistributedTrainingWorkflow could not be started" in (
+        errors[1].message
+    )
+    for error in errors:
+        assert error.kind == "unavailable"
+    assert _leftovers(offline_settings) == _NOTHING
+
+
+@activity.defn(name="neural_train_model")
+async def _failing_train(request: TrainJobInput) -> TrainJobResult:
+    raise ApplicationError("injected fault", type="InvalidInput", non_retryable=True)
+
+
+async def test_failed_job_named_once(client: Client, neural_settings: Settings) -> None:
+    ctx = ToolContext(neural_settings, temporal_client=client)
+    async with (
+        running_workers(client, neural_settings, [ORCHESTRATION]),
+        Worker(client, task_queue=NEURAL, activities=[_failing_train]),
+    ):
+        await wait_for_pollers(client, neural_settings.namespace, [NEURAL])
+        with pytest.raises(ToolError) as caught:
+            await invoke_tool(
+                ctx,
+                "neural_train",
+                {"config": _config(epochs=1), "dataset": "iris", "tier": "nano"},
+            )
+    message = caught.value.message
+    assert message.startswith("training job job_")
+    assert message.count("failed:") == 1, message
+    assert "injected fault" in message
+    with session_scope(neural_settings.effective_database_url) as session:
+        job = session.exec(select(NeuralJob)).one()
+    assert job.status == "failed"
+    assert message.startswith(f"training job {job.id} failed: ")
 
 
 async def test_empty_layers_use_tier(offline_settings: Settings) -> None:
