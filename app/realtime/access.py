@@ -4,31 +4,74 @@ A key limited to tool groups must not read through a subscription what the
 tools of those groups would not show it: the platform's tables belong to
 the group whose tools serve their data. A subscription and its cursor
 belong to the caller that created it. The local user (the CLI and MCP over
-stdio) may use every table and subscription.
+stdio) may use every subscription and every table but those that no caller
+may subscribe to (see `app.realtime.triggers.validate_table_name`).
 """
 
 from __future__ import annotations
 
+import functools
+
+from sqlmodel import SQLModel
+
 from app.contracts.realtime import SubscriptionInfo
+from app.realtime.triggers import (
+    INTERNAL_TABLES,
+    SECRET_TABLES,
+    RealtimeTableError,
+    validate_table_name,
+)
 from app.tools.registry import ToolContext, ToolError
 
-# The groups a key needs, beside "realtime", to subscribe to each of the
-# platform's tables. Tables not listed (user tables) need "realtime" only.
+# The groups a key needs, beside "realtime", to subscribe to each table of the
+# platform: the groups whose tools show that table's data. Every other table
+# the platform owns is in `INTERNAL_TABLES` or `SECRET_TABLES`, which no
+# caller may subscribe to; tests/realtime/test_access.py checks that each
+# table of the metadata has one of these rules. Only tables the platform does
+# not own (user tables) need "realtime" alone.
 TABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "audit_log": ("system",),
-    "benchmark_samples": ("system",),
+    "benchmark_claims": ("system",),
     "benchmark_operations": ("system",),
+    "benchmark_phases": ("system",),
+    "benchmark_runs": ("system",),
+    "benchmark_samples": ("system",),
     "extended_duration_test_events": ("system",),
     "execution_output": ("sandbox", "workflows"),
+    "neural_clusters": ("neural",),
+    "neural_epochs": ("neural",),
+    "neural_jobs": ("neural",),
+    "neural_models": ("neural",),
+    "neural_nodes": ("neural",),
+    "neural_round_events": ("neural",),
+    "neural_sessions": ("neural",),
+    "sandboxes": ("sandbox",),
+    "storage_objects": ("storage",),
+    "agents": ("swarm",),
+    "swarms": ("swarm",),
+    "swarm_events": ("swarm",),
+    "workflow_audit_events": ("workflows",),
+    "workflow_definitions": ("workflows",),
     "workflow_executions": ("workflows",),
     "workflow_steps": ("workflows",),
-    "sandboxes": ("sandbox",),
-    "neural_epochs": ("neural",),
-    "neural_round_events": ("neural",),
-    "swarm_events": ("swarm",),
 }
 # The group that serves the output of each kind of execution stream.
 STREAM_GROUPS: dict[str, str] = {"sandbox": "sandbox", "workflow": "workflows"}
+
+
+@functools.cache
+def platform_tables() -> frozenset[str]:
+    """Return the names of every table the platform owns: the SQLModel tables
+    of the project and the migration version table."""
+    import app.db.all_models  # noqa: F401  (fills the metadata)
+
+    return frozenset(SQLModel.metadata.tables) | {"alembic_version"}
+
+
+def unruled_tables() -> list[str]:
+    """Return the platform's tables that have no access rule."""
+    ruled = INTERNAL_TABLES | SECRET_TABLES.keys() | TABLE_GROUPS.keys()
+    return sorted(platform_tables() - ruled)
 
 
 def _missing(ctx: ToolContext, needed: tuple[str, ...]) -> list[str]:
@@ -38,8 +81,25 @@ def _missing(ctx: ToolContext, needed: tuple[str, ...]) -> list[str]:
 
 
 def check_table(ctx: ToolContext, table: str) -> None:
-    """Raise a forbidden ToolError unless the caller may read `table`."""
-    missing = _missing(ctx, TABLE_GROUPS.get(table, ()))
+    """Raise a ToolError unless the caller may read `table`: invalid_argument
+    for a table that no caller may subscribe to, forbidden for a table of a
+    group the caller's key may not call."""
+    try:
+        validate_table_name(table)
+    except RealtimeTableError as error:
+        # The message names the table already.
+        raise ToolError(str(error), kind="invalid_argument") from None
+    needed = TABLE_GROUPS.get(table)
+    if needed is None and table in platform_tables() and ctx.groups is not None:
+        # A table added to the platform without a rule: only a key with
+        # every group may read it until it gets one.
+        raise ToolError(
+            f"table: {table!r} belongs to the platform and has no realtime access "
+            f"rule, so API key {ctx.key_id} may not subscribe to it; use a key "
+            "created without --group",
+            kind="forbidden",
+        )
+    missing = _missing(ctx, needed or ())
     if missing:
         raise ToolError(
             f"table: {table!r} contains data of the tool group(s) "

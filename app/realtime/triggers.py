@@ -36,11 +36,18 @@ NOTIFY_CHANNEL = "nexus_realtime"
 # Held from a change's log append to its commit, so change ids become visible
 # in id order and a cursor never skips a change committed late.
 _APPEND_LOCK_KEY = 7233002
-_INTERNAL_TABLES = {
-    "realtime_changes",
-    "realtime_subscriptions",
-    "realtime_tables",
-    "alembic_version",
+# Tables of realtime itself and Alembic's version table.
+INTERNAL_TABLES = frozenset(
+    {"realtime_changes", "realtime_subscriptions", "realtime_tables", "alembic_version"}
+)
+# Tables that contain credentials or secrets, each with what it contains.
+# Realtime is never enabled on them, because the change log would keep a copy
+# of every row and stream it to subscribers.
+SECRET_TABLES: dict[str, str] = {
+    "api_keys": "the salts and secret hashes of API keys",
+    "workflow_definition_versions": (
+        "workflow definitions with the secret env var values of their steps"
+    ),
 }
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -157,9 +164,15 @@ def validate_table_name(table: str) -> str:
             f"invalid table name {table!r}: use letters, digits and underscores, "
             "starting with a letter or underscore"
         )
-    if table in _INTERNAL_TABLES:
+    if table in INTERNAL_TABLES:
         raise RealtimeTableError(
             f"table {table!r} belongs to realtime itself and cannot be subscribed to"
+        )
+    if table in SECRET_TABLES:
+        raise RealtimeTableError(
+            f"table {table!r} contains {SECRET_TABLES[table]}, so realtime cannot "
+            "be enabled on it or subscribed to, because the change log would keep "
+            "a copy of every row"
         )
     return table
 
@@ -446,22 +459,104 @@ def disable_realtime(url: str, table: str) -> None:
             # One transaction, as in enable_realtime, so the three drops and
             # the record go together.
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        if connection.dialect.name == "postgresql":
-            for trigger in (
-                f"nexus_realtime_{table}",
-                *_pg_trigger_names(table).values(),
-            ):
-                connection.execute(
-                    text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"')
-                )
-        else:
-            for event in ("insert", "update", "delete"):
-                connection.execute(
-                    text(f'DROP TRIGGER IF EXISTS "nexus_realtime_{table}_{event}"')
-                )
+        _drop_triggers(connection, table)
         connection.execute(
             text("DELETE FROM realtime_tables WHERE table_name = :t"), {"t": table}
         )
+
+
+# The suffixes of the SQLite capture triggers' names.
+_SQLITE_EVENTS = ("insert", "update", "delete")
+
+
+def _drop_triggers(connection: Connection, table: str) -> None:
+    if connection.dialect.name == "postgresql":
+        for trigger in (f"nexus_realtime_{table}", *_pg_trigger_names(table).values()):
+            connection.execute(text(f'DROP TRIGGER IF EXISTS "{trigger}" ON "{table}"'))
+    else:
+        for event in _SQLITE_EVENTS:
+            connection.execute(
+                text(f'DROP TRIGGER IF EXISTS "nexus_realtime_{table}_{event}"')
+            )
+
+
+def _has_capture_triggers(connection: Connection, table: str) -> bool:
+    if connection.dialect.name == "postgresql":
+        names = [f"nexus_realtime_{table}", *_pg_trigger_names(table).values()]
+        return (
+            connection.execute(
+                text(
+                    "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:table) "
+                    "AND tgname = ANY(:names) LIMIT 1"
+                ),
+                {"table": f'"{table}"', "names": names},
+            ).first()
+            is not None
+        )
+    stored = connection.execute(
+        text("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"),
+        {"t": table},
+    ).scalars()
+    triggers = {f"nexus_realtime_{table}_{event}" for event in _SQLITE_EVENTS}
+    return not triggers.isdisjoint(stored)
+
+
+def _captured(connection: Connection, table: str) -> bool:
+    """Return whether realtime left anything of `table` behind: triggers,
+    the enabled record, logged changes or subscriptions."""
+    for statement in (
+        "SELECT 1 FROM realtime_tables WHERE table_name = :t",
+        "SELECT 1 FROM realtime_changes WHERE table_name = :t LIMIT 1",
+        "SELECT 1 FROM realtime_subscriptions WHERE table_name = :t LIMIT 1",
+    ):
+        if connection.execute(text(statement), {"t": table}).first() is not None:
+            return True
+    return inspect(connection).has_table(table) and _has_capture_triggers(
+        connection, table
+    )
+
+
+def remove_secret_tables(url: str) -> list[str]:
+    """Remove realtime from every table of `SECRET_TABLES`: drop its capture
+    triggers and delete its record, its logged changes and its subscriptions.
+
+    Earlier versions let `nexus realtime enable` capture these tables, so the
+    change log may contain copies of their rows. Each table is cleaned in one
+    transaction.
+
+    Returns:
+        The tables that had anything to remove.
+    """
+    engine = get_engine(url)
+    with engine.connect() as connection:
+        found = [table for table in SECRET_TABLES if _captured(connection, table)]
+    for table in found:
+        with engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            if inspect(connection).has_table(table):
+                _drop_triggers(connection, table)
+            changes = connection.execute(
+                text("DELETE FROM realtime_changes WHERE table_name = :t"),
+                {"t": table},
+            ).rowcount
+            subscriptions = connection.execute(
+                text("DELETE FROM realtime_subscriptions WHERE table_name = :t"),
+                {"t": table},
+            ).rowcount
+            connection.execute(
+                text("DELETE FROM realtime_tables WHERE table_name = :t"),
+                {"t": table},
+            )
+        logger.warning(
+            "realtime removed from table %s, which contains %s: dropped its "
+            "triggers, %d logged changes and %d subscriptions",
+            table,
+            SECRET_TABLES[table],
+            changes,
+            subscriptions,
+        )
+    return found
 
 
 def enabled_tables(url: str) -> list[str]:
@@ -473,7 +568,8 @@ def enabled_tables(url: str) -> list[str]:
 
 
 def enable_default_tables(url: str) -> list[str]:
-    """Enable realtime on every table of `DEFAULT_TABLES` that exists.
+    """Enable realtime on every table of `DEFAULT_TABLES` that exists, after
+    `remove_secret_tables`.
 
     On PostgreSQL it also re-enables every other table recorded in
     `realtime_tables` that exists, which moves a table still on the row
@@ -482,9 +578,13 @@ def enable_default_tables(url: str) -> list[str]:
     enable` again after a column change, which stays the user's step.
     """
     with get_engine(url).connect() as connection:
-        inspector = inspect(connection)
-        if not inspector.has_table("realtime_changes"):
+        if not inspect(connection).has_table("realtime_changes"):
             return []
+    # First, so that a secret table recorded by an earlier version is not
+    # enabled again below.
+    remove_secret_tables(url)
+    with get_engine(url).connect() as connection:
+        inspector = inspect(connection)
         present = [t for t in DEFAULT_TABLES if inspector.has_table(t)]
         if connection.dialect.name == "postgresql":
             recorded = connection.execute(

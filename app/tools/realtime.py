@@ -145,6 +145,10 @@ async def realtime_events(
         )
     except SubscriptionNotFound as error:
         raise _not_found(error) from None
+    except SubscriptionError as error:
+        # The table no longer accepts the subscription: it was dropped, lost
+        # a filtered column, or may no longer be subscribed to.
+        raise ToolError(str(error), kind="invalid_argument") from None
     await asyncio.to_thread(
         prune_if_due, ctx.database_url, ctx.settings.realtime_retention_seconds
     )

@@ -1,0 +1,221 @@
+"""Which tables a caller may enable and subscribe to: every table of the
+platform has a rule, tables with secrets are never captured, and a key
+limited to tool groups reads only the tables of its groups."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import SQLModel
+from typer.testing import CliRunner
+
+from app.api.keys import create_key
+from app.cli import cli
+from app.db import get_engine
+from app.realtime import triggers
+from app.realtime.access import (
+    STREAM_GROUPS,
+    TABLE_GROUPS,
+    platform_tables,
+    unruled_tables,
+)
+from app.realtime.service import create_subscription
+from app.realtime.triggers import (
+    DEFAULT_TABLES,
+    INTERNAL_TABLES,
+    SECRET_TABLES,
+    RealtimeTableError,
+    enable_default_tables,
+    enable_realtime,
+    enabled_tables,
+)
+from app.settings import Settings
+from app.tools import ToolContext, ToolError, all_tools, invoke_tool, load_tools
+from tests.realtime.helpers import create_items, items
+
+load_tools()
+
+# Column names that mark a secret, the audit log's rule plus salts and hashes.
+SECRET_COLUMN = re.compile(
+    r"(key|secret|token|password|passwd|credential|authorization|salt|hash)",
+    re.IGNORECASE,
+)
+# Columns outside `SECRET_TABLES` whose names match `SECRET_COLUMN` but
+# contain no secret, each checked by hand.
+REVIEWED_COLUMNS = {
+    ("audit_log", "key_id"),  # the public id of the calling key
+}
+
+
+def realtime_only(settings: Settings) -> ToolContext:
+    return ToolContext(settings, user_id="key:rt", key_id="k_rt", groups=("realtime",))
+
+
+def test_every_platform_table_has_rule() -> None:
+    assert "api_keys" in platform_tables()
+    assert "alembic_version" in platform_tables()
+    assert unruled_tables() == []
+
+
+def test_rules_name_tool_groups() -> None:
+    groups = {spec.group for spec in all_tools()}
+    for table, needed in TABLE_GROUPS.items():
+        assert set(needed) <= groups, table
+    assert set(STREAM_GROUPS.values()) <= groups
+    assert not TABLE_GROUPS.keys() & (INTERNAL_TABLES | SECRET_TABLES.keys())
+
+
+def test_default_tables_are_subscribable() -> None:
+    for table in DEFAULT_TABLES:
+        assert table in TABLE_GROUPS, table
+
+
+def test_secret_columns_only_in_secret_tables() -> None:
+    import app.db.all_models  # noqa: F401  (fills the metadata)
+
+    for name, table in SQLModel.metadata.tables.items():
+        if name in SECRET_TABLES:
+            continue
+        for column in table.columns:
+            if SECRET_COLUMN.search(column.name):
+                assert (name, column.name) in REVIEWED_COLUMNS, (name, column.name)
+
+
+@pytest.mark.parametrize("table", sorted(SECRET_TABLES))
+def test_secret_table_cannot_be_enabled(table: str) -> None:
+    with pytest.raises(RealtimeTableError, match="cannot be enabled") as raised:
+        triggers.validate_table_name(table)
+    assert repr(table) in str(raised.value)
+    assert SECRET_TABLES[table] in str(raised.value)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cli_enable_rejects_api_keys(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = settings.effective_database_url
+    monkeypatch.setattr("app.cli.load_settings", lambda: settings)
+    result = CliRunner().invoke(cli, ["realtime", "enable", "api_keys"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: table 'api_keys' contains the salts")
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert "api_keys" not in enabled_tables(url)
+    create_key(url, "after-enable")
+    with get_engine(url).connect() as connection:
+        logged = connection.execute(
+            text("SELECT COUNT(*) FROM realtime_changes WHERE table_name = 'api_keys'")
+        ).scalar_one()
+    assert logged == 0
+
+
+async def test_realtime_only_key_reads_only_user_tables(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    for table in ("neural_jobs", "storage_objects", "benchmark_runs", "agents"):
+        enable_realtime(url, table)
+    ctx = realtime_only(settings)
+    for table in ("neural_jobs", "storage_objects", "benchmark_runs", "agents"):
+        with pytest.raises(ToolError) as denied:
+            await invoke_tool(ctx, "realtime_subscribe", {"table": table})
+        assert denied.value.kind == "forbidden", table
+        group = TABLE_GROUPS[table][0]
+        assert f"--group {group}" in denied.value.message
+    for table in ("api_keys", "workflow_definition_versions", "realtime_changes"):
+        with pytest.raises(ToolError) as rejected:
+            await invoke_tool(ctx, "realtime_subscribe", {"table": table})
+        assert rejected.value.kind == "invalid_argument", table
+        assert rejected.value.message.startswith(f"table {table!r} ")
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "items"})
+    assert created["user_id"] == "key:rt"
+
+
+async def test_group_key_reads_its_group_tables(settings: Settings) -> None:
+    url = settings.effective_database_url
+    enable_realtime(url, "neural_jobs")
+    ctx = ToolContext(
+        settings, user_id="key:nn", key_id="k_nn", groups=("realtime", "neural")
+    )
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "neural_jobs"})
+    assert created["table"] == "neural_jobs"
+    with pytest.raises(ToolError) as denied:
+        await invoke_tool(ctx, "realtime_subscribe", {"table": "storage_objects"})
+    assert denied.value.kind == "forbidden"
+
+
+async def test_unruled_platform_table_needs_every_group(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = settings.effective_database_url
+    enable_realtime(url, "neural_jobs")
+    # A platform table without a rule yet.
+    monkeypatch.delitem(TABLE_GROUPS, "neural_jobs")
+    limited = ToolContext(
+        settings, user_id="key:nn", key_id="k_nn", groups=("realtime", "neural")
+    )
+    with pytest.raises(ToolError) as denied:
+        await invoke_tool(limited, "realtime_subscribe", {"table": "neural_jobs"})
+    assert denied.value.kind == "forbidden"
+    assert "no realtime access rule" in denied.value.message
+    created = await invoke_tool(
+        ToolContext(settings), "realtime_subscribe", {"table": "neural_jobs"}
+    )
+    assert created["table"] == "neural_jobs"
+
+
+def _left_of(url: str, table: str) -> dict[str, int]:
+    with get_engine(url).connect() as connection:
+        return {
+            name: connection.execute(
+                text(f"SELECT COUNT(*) FROM {name} WHERE table_name = :t"),
+                {"t": table},
+            ).scalar_one()
+            for name in (
+                "realtime_tables",
+                "realtime_changes",
+                "realtime_subscriptions",
+            )
+        }
+
+
+def test_upgrade_removes_captured_api_keys(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An earlier version enabled api_keys on request.
+    monkeypatch.delitem(SECRET_TABLES, "api_keys")
+    enable_realtime(database_url, "api_keys")
+    create_subscription(database_url, "api_keys", from_start=True)
+    create_key(database_url, "before-upgrade")
+    monkeypatch.undo()
+    assert _left_of(database_url, "api_keys") == {
+        "realtime_tables": 1,
+        "realtime_changes": 1,
+        "realtime_subscriptions": 1,
+    }
+
+    enable_default_tables(database_url)
+
+    assert _left_of(database_url, "api_keys") == {
+        "realtime_tables": 0,
+        "realtime_changes": 0,
+        "realtime_subscriptions": 0,
+    }
+    create_key(database_url, "after-upgrade")
+    assert _left_of(database_url, "api_keys")["realtime_changes"] == 0
+    assert "audit_log" in enabled_tables(database_url)
+
+
+async def test_events_of_dropped_table_rejected(settings: Settings) -> None:
+    url = settings.effective_database_url
+    create_items(url)
+    ctx = ToolContext(settings)
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "items"})
+    items.drop(get_engine(url))
+    with pytest.raises(ToolError) as rejected:
+        await invoke_tool(
+            ctx, "realtime_events", {"subscription_id": created["subscription_id"]}
+        )
+    assert rejected.value.kind == "invalid_argument"
+    assert "'items' not found" in rejected.value.message
