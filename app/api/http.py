@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -651,6 +653,7 @@ _STATUS_KINDS = {
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
+    405: "method_not_allowed",
     413: "too_large",
     422: "invalid_argument",
     429: "rate_limited",
@@ -660,14 +663,19 @@ _STATUS_KINDS = {
 def _install_error_handlers(application: FastAPI) -> None:
     """Give the mounted routers' errors the same body as the tool routes."""
 
-    @application.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> Response:
+    # Starlette's class, a base of FastAPI's, so that the router's own 404
+    # for an unknown path and 405 for a wrong method get this body too.
+    @application.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         detail = error.detail
         headers = dict(error.headers) if error.headers else None
         if isinstance(detail, dict):
             return _json_response({"error": detail}, error.status_code, headers)
         kind = _STATUS_KINDS.get(error.status_code, "failed")
-        return _error_response(error.status_code, kind, str(detail), headers)
+        message = str(detail)
+        if error.status_code in (404, 405) and detail == _phrase(error.status_code):
+            message = _routing_message(request, error.status_code, headers)
+        return _error_response(error.status_code, kind, message, headers)
 
     @application.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> Response:
@@ -678,6 +686,30 @@ def _install_error_handlers(application: FastAPI) -> None:
             "errors": errors,
         }
         return _json_response({"error": jsonable_encoder(body)}, 422)
+
+
+def _phrase(status: int) -> str:
+    return HTTPStatus(status).phrase
+
+
+def _routing_message(
+    request: Request, status: int, headers: dict[str, str] | None
+) -> str:
+    """Describe the router's 404 for an unknown path or 405 for a method the
+    route does not take, which carry only the status phrase."""
+    # The decoded path of the request: `request.url` drops line breaks and
+    # tabs, as urllib's parser does.
+    path = request.scope["path"]
+    if status == 404:
+        return (
+            f"no route matches {request.method} {path!r}; tools are called with "
+            "POST /api/tools/TOOL, and GET /openapi.json lists every route"
+        )
+    allowed = {name.lower(): value for name, value in (headers or {}).items()}
+    return (
+        f"method {request.method} is not allowed on {path!r}; use "
+        f"{allowed.get('allow') or 'another method'}"
+    )
 
 
 def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:

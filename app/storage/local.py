@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 # S3's rules, without dots, so a bucket name is always a plain folder name.
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 
+# C0 controls and DEL. A signed URL's route does not match a newline, and
+# these characters garble shells and logs.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
 # The widths of the storage_objects columns, checked before anything is written.
 MAX_PATH_LENGTH = 1024
 MAX_CONTENT_TYPE_LENGTH = 200
@@ -88,10 +92,19 @@ def validate_path(path: str) -> str:
 
     Raises:
         StorageError: the path could leave the bucket, has `.`, `..` or empty
-            segments (which would give one object several names), or is longer
-            than the metadata column or the filesystem allow.
+            segments (which would give one object several names), contains a
+            control character, or is longer than the metadata column or the
+            filesystem allow.
     """
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+    control = _CONTROL_CHARACTER.search(path)
+    if control is not None:
+        raise StorageError(
+            f"invalid object path {path!r}: it contains the control character "
+            f"U+{ord(control.group()):04X} at position {control.start()}; control "
+            "characters (U+0000 to U+001F and U+007F) break URLs, shells and logs, "
+            "so remove it"
+        )
+    if not path or path.startswith("/") or "\\" in path:
         raise StorageError(
             f"invalid object path {path!r}: use a relative path such as "
             "'reports/run-1.md', without a leading slash or backslashes"
@@ -301,10 +314,20 @@ class LocalStorage:
             if not file.is_file():
                 continue
             name = file.relative_to(root).as_posix()
-            if name.startswith(prefix):
-                names.append(name)
-                if len(names) >= limit:
-                    break
+            if not name.startswith(prefix):
+                continue
+            try:
+                validate_path(name)
+            except StorageError as error:
+                # No tool can read or delete a file put there by hand, or by
+                # a version that allowed control characters.
+                logger.warning(
+                    "bucket %s: file left out of the list: %s", bucket, error
+                )
+                continue
+            names.append(name)
+            if len(names) >= limit:
+                break
         return names
 
     def _info(self, bucket: str, path: str, target: Path, data: bytes) -> ObjectInfo:

@@ -57,6 +57,32 @@ async def test_health_needs_no_key(api_server: ApiServer) -> None:
     assert response.json()["tools"] == len(all_tools())
 
 
+async def test_unknown_route_uses_error_body(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        # The signed-URL route does not match a path with a line break.
+        unmatched = await http.get(
+            "/storage/v1/object/sign/reports/nl%0Ax.txt",
+            params={"expires": 1, "signature": "0" * 64},
+        )
+        nowhere = await http.get("/nowhere", headers=api_server.headers)
+        wrong_method = await http.get(
+            "/api/tools/audit_log", headers=api_server.headers
+        )
+    assert unmatched.status_code == 404, unmatched.text
+    error = unmatched.json()["error"]
+    assert error["kind"] == "not_found"
+    assert "GET '/storage/v1/object/sign/reports/nl\\nx.txt'" in error["message"]
+    assert nowhere.status_code == 404, nowhere.text
+    assert nowhere.json()["error"]["kind"] == "not_found"
+    assert "POST /api/tools/TOOL" in nowhere.json()["error"]["message"]
+    assert wrong_method.status_code == 405, wrong_method.text
+    error = wrong_method.json()["error"]
+    assert error["kind"] == "method_not_allowed"
+    assert error["message"] == (
+        "method GET is not allowed on '/api/tools/audit_log'; use POST"
+    )
+
+
 async def test_every_group_end_to_end(api_server: ApiServer) -> None:
     for group, (name, arguments) in one_call_per_group().items():
         response = await post(api_server, f"/api/tools/{name}", arguments)

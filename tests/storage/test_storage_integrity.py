@@ -376,6 +376,41 @@ def test_dot_and_empty_segments_rejected(path: str) -> None:
     assert "several names" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("path", "character"),
+    [
+        ("nl\nx.txt", "U+000A at position 2"),
+        ("a/b\r.txt", "U+000D at position 3"),
+        ("tab\there.txt", "U+0009 at position 3"),
+        ("nul\x00.txt", "U+0000 at position 3"),
+        ("esc\x1b[31m.txt", "U+001B at position 3"),
+        ("del\x7f.txt", "U+007F at position 3"),
+    ],
+)
+async def test_control_character_in_path_rejected(
+    settings: Settings, path: str, character: str
+) -> None:
+    error = await upload_error(settings, bucket="bkt", path=path, content="hi")
+    assert error.kind == "invalid_argument"
+    assert repr(path) in error.message
+    assert f"control character {character}" in error.message
+    assert "leading slash" not in error.message
+    assert files(settings) == []
+    assert rows(settings) == []
+
+
+async def test_list_leaves_out_invalid_file_names(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    await upload(settings, bucket="bkt", path="ok.txt", content="hi")
+    # As an earlier version stored a path with a tab.
+    (settings.resolved_data_dir / "storage/bkt/tab\tx.txt").write_bytes(b"old")
+    listed = await invoke_tool(ToolContext(settings), "storage_list", {"bucket": "bkt"})
+    assert [item["path"] for item in listed["objects"]] == ["ok.txt"]
+    assert "file left out of the list" in caplog.text
+    assert "U+0009" in caplog.text
+
+
 async def test_upload_with_empty_segment_rejected(settings: Settings) -> None:
     await upload(settings, bucket="bkt", path="a/b.txt", content="first")
     error = await upload_error(settings, bucket="bkt", path="a//b.txt", content="2nd")
