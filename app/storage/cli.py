@@ -28,7 +28,7 @@ def upload_command(
     """Upload FILE's bytes exactly as object PATH of BUCKET."""
     from app.cli import call_tool, print_json
 
-    data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    data = sys.stdin.buffer.read() if str(file) == "-" else _read_local(file)
     arguments: dict[str, Any] = {
         "bucket": bucket,
         "path": path,
@@ -52,6 +52,9 @@ def download_command(
     """Write object PATH of BUCKET byte-exact to a file or stdout."""
     from app.cli import call_tool
 
+    if output is not None:
+        # Before the download, so that a mistyped path costs no transfer.
+        _check_writable(output)
     result = call_tool(
         "storage_download", {"bucket": bucket, "path": path, "encoding": "base64"}
     )
@@ -59,9 +62,51 @@ def download_command(
     if output is None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    else:
+        return
+    try:
         output.write_bytes(data)
-        typer.echo(f"wrote {len(data)} bytes to {output}", err=True)
+    except OSError as error:
+        typer.echo(
+            f"error: could not write {output}: {_reason(error)}; the object was "
+            "downloaded but not saved",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {len(data)} bytes to {output}", err=True)
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or type(error).__name__).lower()
+
+
+def _read_local(file: Path) -> bytes:
+    """Read FILE, or exit 2 with one line naming it and what is wrong."""
+    try:
+        return file.read_bytes()
+    except OSError as error:
+        typer.echo(
+            f"error: cannot read {file}: {_reason(error)}; pass an existing "
+            "readable file, or - for stdin",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def _check_writable(output: Path) -> None:
+    """Exit 2 with one line when OUTPUT is a folder or not in one."""
+    problem = None
+    if output.is_dir():
+        problem = "it is a folder; pass a file path"
+    elif output.parent.exists() and not output.parent.is_dir():
+        problem = f"{output.parent} is not a folder; pass a path in a folder"
+    elif not output.parent.exists():
+        problem = (
+            f"its folder {output.parent} does not exist; create it first or pass "
+            "a path in an existing folder"
+        )
+    if problem is not None:
+        typer.echo(f"error: cannot write {output}: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 @storage_cli.command("list")
