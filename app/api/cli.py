@@ -193,7 +193,11 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
             a list option has no value, or a list or object field gets a
             value of another form.
     """
-    properties = model.model_json_schema(by_alias=True).get("properties", {})
+    schema = model.model_json_schema(by_alias=True)
+    properties = {
+        key: _resolve(details, schema)
+        for key, details in schema.get("properties", {}).items()
+    }
     keys = _field_keys(model)
     arguments: dict[str, Any] = {}
     # The option spelling and raw value that first set each field.
@@ -258,6 +262,18 @@ def _field_keys(model: Any) -> dict[str, str]:
         keys[name] = key
         keys[key] = key
     return keys
+
+
+def _resolve(details: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Return the definition that a field's `$ref` points to, with the
+    field's own keys (description, default) kept; other fields as they are.
+    Pydantic writes a field typed with a model as such a reference."""
+    reference = details.get("$ref")
+    if not isinstance(reference, str) or not reference.startswith("#/$defs/"):
+        return details
+    target = schema.get("$defs", {}).get(reference.removeprefix("#/$defs/"), {})
+    own = {key: value for key, value in details.items() if key != "$ref"}
+    return {**target, **own}
 
 
 def _field_types(details: dict[str, Any]) -> set[str]:
@@ -325,7 +341,7 @@ def describe_tool_fields(model: Any) -> str:
     lines = [f"Fields of {schema.get('title', model.__name__)}:"]
     for name, info in model.model_fields.items():
         key = info.alias or name
-        details = properties.get(key, {})
+        details = _resolve(properties.get(key, {}), schema)
         kind = details.get("type") or " | ".join(
             str(option.get("type", "object")) for option in details.get("anyOf", [])
         )

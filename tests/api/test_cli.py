@@ -79,6 +79,16 @@ def test_tool_help_spells_fields_one_way() -> None:
     assert "--required-capabilities (array, default [], repeatable" in described
 
 
+def test_model_typed_field_is_object() -> None:
+    load_tools()
+    model = get_tool("neural_train").input_model
+    assert "  --config (object, required)" in describe_tool_fields(model)
+    parsed = parse_field_options(["--config", '{"epochs": 2}'], model)
+    assert parsed["config"] == {"epochs": 2}
+    with pytest.raises(ValueError, match="--config '5' is not a JSON object"):
+        parse_field_options(["--config", "5"], model)
+
+
 def test_keys_commands_round_trip(api_settings: Settings) -> None:
     created = nexus(api_settings, "keys", "create", "cli-key", "--group", "system")
     assert created.returncode == 0, created.stderr
