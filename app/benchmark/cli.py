@@ -984,6 +984,20 @@ def run_command(
         raise typer.Exit(1)
 
 
+def check_run_id(run_id: str) -> None:
+    """Raise a usage error for an empty or blank RUN_ID, before any lookup.
+
+    Raises:
+        typer.BadParameter: `run_id` is empty or only whitespace.
+    """
+    if not run_id.strip():
+        raise typer.BadParameter(
+            f"{run_id!r} is not a run id; use a run id that `nexus benchmark "
+            "run` printed, such as benchmark-20261204T100824-65a797",
+            param_hint="'RUN_ID'",
+        )
+
+
 @benchmark_cli.command("cancel")
 def cancel_command(
     run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
@@ -995,13 +1009,8 @@ def cancel_command(
     from app.cli import load_settings
     from app.temporal.client import connect
 
-    if not run_id.strip():
-        # The server would reject the request with "WorkflowId is not set".
-        raise typer.BadParameter(
-            f"{run_id!r} is not a run id; use a run id that `nexus benchmark "
-            "run` printed, such as benchmark-20261204T100824-65a797",
-            param_hint="'RUN_ID'",
-        )
+    # The server would reject the request with "WorkflowId is not set".
+    check_run_id(run_id)
     settings = load_settings()
 
     async def cancel() -> bool:
@@ -1182,6 +1191,7 @@ def report_command(
     from app.services.health import system_health
     from app.temporal.client import connect
 
+    check_run_id(run_id)
     settings = load_settings()
     try:
         status = recording.run_status(settings.effective_database_url, run_id)

@@ -82,6 +82,8 @@ REJECTED = [
     (["schedule", "--every", "1h", "--duration", "1h"], "'--duration'", "'1h'"),
     (["cancel", ""], "'RUN_ID'", "''"),
     (["cancel", " "], "'RUN_ID'", "' '"),
+    (["report", ""], "'RUN_ID'", "''"),
+    (["report", " "], "'RUN_ID'", "' '"),
 ]
 
 
