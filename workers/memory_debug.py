@@ -12,8 +12,9 @@ A worker started with Python's `PYTHONTRACEMALLOC=FRAMES` traces its
 allocations from the start. Its reports then also list the allocation sites
 that hold the most memory and, from the second report on, the sites whose
 memory grew most since the previous report, with up to FRAMES frames each.
-Tracing slows the worker and adds to its memory, so it is for diagnosis. A
-report of a worker under tracing took about 30 s.
+Tracing slows the worker and adds to its memory, so it is for diagnosis:
+a report took about 30 s in a small process, and had not finished after
+10 minutes in a soak's 800 MB orchestration worker traced with 8 frames.
 """
 
 from __future__ import annotations
