@@ -11,6 +11,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -246,12 +247,26 @@ def settings(database_url: str, tmp_path: Path, temporal_address: str) -> Settin
 
 @contextlib.asynccontextmanager
 async def running_workers(
-    client: Client, settings: Settings, queues: Sequence[str] = ALL_QUEUES
+    client: Client,
+    settings: Settings,
+    queues: Sequence[str] = ALL_QUEUES,
+    *,
+    graceful_shutdown_timeout: timedelta | None = None,
 ) -> AsyncIterator[None]:
-    """Run the project's typed workers for `queues` in this process."""
-    from workers.run import build_worker
+    """Run the project's typed workers for `queues` in this process. At the
+    end they stop as under `nexus up`, with the running activities cancelled
+    after `graceful_shutdown_timeout` (default: the workers' own)."""
+    from workers.run import GRACEFUL_SHUTDOWN_TIMEOUT, build_worker
 
-    workers = [build_worker(client, settings, queue) for queue in queues]
+    grace = (
+        GRACEFUL_SHUTDOWN_TIMEOUT
+        if graceful_shutdown_timeout is None
+        else graceful_shutdown_timeout
+    )
+    workers = [
+        build_worker(client, settings, queue, graceful_shutdown_timeout=grace)
+        for queue in queues
+    ]
     async with contextlib.AsyncExitStack() as stack:
         for worker in workers:
             await stack.enter_async_context(worker)

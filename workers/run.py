@@ -26,7 +26,18 @@ from workers.warmup import warm_up
 logger = logging.getLogger(__name__)
 
 
-def build_worker(client: Client, settings: Settings, task_queue: str) -> Worker:
+# How long a stopping worker lets its running activities go on before it
+# cancels them; the server then retries them on another worker.
+GRACEFUL_SHUTDOWN_TIMEOUT = timedelta(seconds=10)
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    task_queue: str,
+    *,
+    graceful_shutdown_timeout: timedelta = GRACEFUL_SHUTDOWN_TIMEOUT,
+) -> Worker:
     """Create the typed worker of `task_queue` with its registered work."""
     spec = queue_spec(task_queue, settings)
     limits = spec.limits
@@ -41,7 +52,7 @@ def build_worker(client: Client, settings: Settings, task_queue: str) -> Worker:
         max_concurrent_local_activities=limits.max_concurrent_local_activities,
         # Synchronous activities (JAX, blocking database calls) run here.
         activity_executor=ThreadPoolExecutor(max(4, limits.max_concurrent_activities)),
-        graceful_shutdown_timeout=timedelta(seconds=10),
+        graceful_shutdown_timeout=graceful_shutdown_timeout,
         # The SDK sends a heartbeat at most every 0.8 x the heartbeat timeout
         # by default (48 s for a benchmark phase), and a cancellation reaches
         # an activity only in a heartbeat's response. A cancelled benchmark

@@ -36,6 +36,7 @@ from app.swarm import llm
 from app.swarm.actions import ActionNotAvailableError, run_action
 from app.swarm.executor import AgentExecutor, ExecutionOutput
 from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
+from app.temporal.cancels import cancelled_by_worker_shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +267,25 @@ async def _interruptible(
     """Run the call, and stop its program when the step is cancelled meanwhile.
 
     A cancelled task cancels its step. Without the interrupt, the program
-    would run on in the agent's sandbox next to the agent's later tasks."""
+    would run on in the agent's sandbox next to the agent's later tasks.
+    A cancel by the worker's shutdown sends no interrupt. The step's next
+    attempt sends the same call id and gets the outcome of the same call,
+    which an interrupt would fail: the session stops the program, or keeps
+    the interrupt for a call that it has not received yet."""
     try:
         return await run(call_id=call_id)
     except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
         task = asyncio.current_task()
         if task is None or not task.cancelling():
             raise  # an update that timed out, not a cancelled step
+        if cancelled_by_worker_shutdown():
+            logger.info(
+                "worker shutting down: the program of call %s in sandbox %s "
+                "is left to the step's next attempt",
+                call_id,
+                sandbox_id,
+            )
+            raise asyncio.CancelledError() from None
         try:
             await asyncio.wait_for(
                 executor.interrupt(sandbox_id, call_id), INTERRUPT_SECONDS

@@ -107,6 +107,17 @@ async def agent_folder(swarms: Swarms, agent_id: str, timeout: float = 60.0) -> 
         await asyncio.sleep(0.05)
 
 
+async def mirrored(ctx: ToolContext, swarm_id: str, agents: int) -> None:
+    """Wait until the swarm mirror lists `agents` agents of the swarm."""
+    for _ in range(300):
+        listed = await invoke_tool(ctx, "swarm_list", {})
+        counts = {s["swarm_id"]: s["agent_count"] for s in listed["swarms"]}
+        if counts.get(swarm_id) == agents:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"swarm {swarm_id} never showed {agents} agents")
+
+
 async def wait_for_file(path: Path, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not path.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ from activities.swarm import HEARTBEAT_SECONDS
 from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import SwarmState, SwarmWorkflowInput, task_workflow_id
 from app.settings import Settings
+from app.swarm.agent_tasks import step_task_id
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers, wait_for_pollers
 from tests.support.replay import replay_run
 from tests.swarm.conftest import (
@@ -25,6 +27,8 @@ from tests.swarm.conftest import (
     SWARM_QUEUES,
     Swarms,
     agent_folder,
+    mirrored,
+    start_gated_task,
     wait_for_file,
 )
 from workers.registry import all_workflows, queue_spec
@@ -86,6 +90,16 @@ async def test_task_completes_after_worker_dies(
     # The retried step sent the same sandbox call, so it got the output of
     # the program that was still running instead of starting another one.
     assert (folder / "attempts").read_text() == "x"
+
+
+async def wait_for_runs(folder: Path, runs: int, timeout: float = 90.0) -> None:
+    """Wait until GATED_PROGRAM has started `runs` times in `folder`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    path = folder / "attempts"
+    while not path.exists() or path.read_text() != "x" * runs:
+        assert loop.time() < deadline, f"the program did not start {runs} times"
+        await asyncio.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -154,6 +168,120 @@ async def test_program_runs_counted_after_session_worker_dies(
     # The step's own activity never failed, but its program ran twice.
     assert step["attempt"] == 1
     assert step["program_runs"] == 2
+
+
+async def test_task_runs_again_after_graceful_stop(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    grace = timedelta(seconds=1)
+    try:
+        with orchestration_process(swarm_settings):
+            async with running_workers(
+                client, swarm_settings, [SANDBOX], graceful_shutdown_timeout=grace
+            ):
+                await wait_for_pollers(
+                    client, swarm_settings.namespace, [ORCHESTRATION]
+                )
+                _, _, task, folder = await start_gated_task(helper)
+            # The sandbox worker stopped as under `nexus up`: it cancelled the
+            # step after its grace period. The orchestration worker, which
+            # runs the program's call, dies next and kills the program.
+        # That cancel was no cancel of the task, so on the new workers the
+        # step's next attempt gets the program run again from the start.
+        with orchestration_process(swarm_settings):
+            async with running_workers(client, swarm_settings, [SANDBOX]):
+                await wait_for_runs(folder, 2)
+                (folder / "gate").write_text("open")
+                results = await helper.call(
+                    "task_results", task_id=task["task_id"], wait_seconds=120
+                )
+    finally:
+        await helper.cleanup()
+    assert results["status"] == "completed", results["error"]
+    [step] = results["results"]
+    assert step["stdout"] == "gate opened\n"
+    assert step["attempt"] >= 2
+    assert (folder / "attempts").read_text() == "xx"
+
+
+async def _wait_for_retry(client: Client, execution_id: str, step: str) -> None:
+    """Wait until the server has scheduled a second attempt of a step's
+    activity, after the first one failed."""
+    handle = client.get_workflow_handle(execution_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        description = await handle.describe()
+        attempts = [
+            pending.attempt
+            for pending in description.raw_description.pending_activities
+            if pending.activity_id == step
+        ]
+        if attempts and attempts[0] >= 2:
+            return
+        assert loop.time() < deadline, f"step {step} was not retried"
+        await asyncio.sleep(0.2)
+
+
+async def test_agent_step_runs_again_after_graceful_stop(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    grace = timedelta(seconds=1)
+    try:
+        with orchestration_process(swarm_settings) as orchestration:
+            async with running_workers(
+                client, swarm_settings, [SANDBOX], graceful_shutdown_timeout=grace
+            ):
+                await wait_for_pollers(
+                    client, swarm_settings.namespace, [ORCHESTRATION]
+                )
+                swarm_id, agents = await helper.swarm("mesh", ["coder"])
+                agent_id = agents[0]["agent_id"]
+                await mirrored(helper.ctx, swarm_id, 1)
+                created = await helper.call(
+                    "workflow_create",
+                    name="agent-step-restart",
+                    steps=[
+                        {
+                            "name": "code",
+                            "type": "sandbox_execution",
+                            "agent": agent_id,
+                            "params": {"code": GATED_PROGRAM},
+                        }
+                    ],
+                )
+                started = await helper.call(
+                    "workflow_execute",
+                    workflow_id=created["workflow_id"],
+                    **{"async": True},
+                )
+                execution_id = started["execution_id"]
+                helper.workflow_ids.append(execution_id)
+                folder = await agent_folder(helper, agent_id)
+                await wait_for_file(folder / "started")
+            # As under `nexus up`: SIGTERM, and SIGKILL once the worker has
+            # cancelled the step's activity after its own grace period, while
+            # it still waits for the session's call that runs the program.
+            orchestration.send_signal(signal.SIGTERM)
+            await _wait_for_retry(client, execution_id, "code")
+        # Neither shutdown cancelled the step's task, so the next attempt
+        # waits for the same task, whose program runs again from the start.
+        with orchestration_process(swarm_settings):
+            async with running_workers(client, swarm_settings, [SANDBOX]):
+                await wait_for_runs(folder, 2)
+                (folder / "gate").write_text("open")
+                await client.get_workflow_handle(execution_id).result()
+                status = await helper.call("workflow_status", execution_id=execution_id)
+    finally:
+        await helper.cleanup()
+    [step] = status["execution"]["steps"]
+    assert step["status"] == "completed", step["error"]
+    assert step["attempts"] >= 2
+    assert step["output"]["stdout"] == "gate opened\n"
+    assert step["output"]["task_id"] == step_task_id(swarm_id, execution_id, "code")
+    assert (folder / "attempts").read_text() == "xx"
 
 
 async def test_swarm_survives_worker_restart(

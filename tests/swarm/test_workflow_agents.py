@@ -19,6 +19,7 @@ from app.swarm.resolver import resolve_swarm_agent
 from app.swarm.service import exit_error
 from app.tools import ToolContext, invoke_tool, load_tools
 from app.workflows.agents import resolve_agent
+from tests.swarm.conftest import mirrored
 
 load_tools()
 
@@ -118,19 +119,8 @@ async def _swarm(ctx: ToolContext) -> tuple[str, list[dict[str, Any]]]:
         await _call(ctx, "agent_spawn", type=kind, name=name, swarm_id=swarm_id)
         for kind, name in (("coder", "first"), ("coder", "second"), ("analyst", "an"))
     ]
-    await _mirrored(ctx, swarm_id, len(agents))
+    await mirrored(ctx, swarm_id, len(agents))
     return swarm_id, agents
-
-
-async def _mirrored(ctx: ToolContext, swarm_id: str, agents: int) -> None:
-    """Wait until the swarm mirror lists `agents` agents of the swarm."""
-    for _ in range(300):
-        listed = await _call(ctx, "swarm_list")
-        counts = {s["swarm_id"]: s["agent_count"] for s in listed["swarms"]}
-        if counts.get(swarm_id) == agents:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"swarm {swarm_id} never showed {agents} agents")
 
 
 async def _execute(
