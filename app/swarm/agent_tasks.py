@@ -6,13 +6,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from app.contracts.swarm import TaskProgress, TaskRecord, TaskSpec, TaskWork
+from app.contracts.swarm import (
+    TaskProgress,
+    TaskRecord,
+    TaskSpec,
+    TaskWork,
+    task_workflow_id,
+)
+from app.temporal.endings import workflow_ending
 
 UPDATE_RETRY_SECONDS = 60.0
+# Maximum pause between two checks for the workflow of a queued task, which
+# starts once the task's agent is idle.
+QUEUED_POLL_SECONDS = 2.0
 
 
 class AgentTaskError(Exception):
@@ -28,28 +44,44 @@ def step_task_id(swarm_id: str, execution_id: str, step: str) -> str:
 
 
 async def run_on_agent(
-    client: Client, swarm_id: str, agent_id: str, task_id: str, work: TaskWork
+    client: Client,
+    swarm_id: str,
+    agent_id: str,
+    task_id: str,
+    work: TaskWork,
 ) -> TaskProgress:
     """Submit `work` as a task of `swarm_id` pinned to `agent_id` and wait for
-    its end.
+    its end, first while the swarm queues it until the agent is idle, then
+    while it runs.
+
+    A second call with the same `task_id` waits for the task that the first
+    call submitted.
 
     Raises:
         AgentTaskError: the swarm rejected the task (the agent left, the swarm
-            is destroyed) or cannot be reached.
+            is destroyed) or cannot be reached, or the swarm or the task's
+            workflow ended without the task's result.
     """
     spec = TaskSpec(
         task_id=task_id, work=work, strategy="parallel", max_agents=1, agent_id=agent_id
     )
+    await _submit(client, swarm_id, spec)
+    return await _wait_for_end(client, swarm_id, task_id)
+
+
+async def _submit(client: Client, swarm_id: str, spec: TaskSpec) -> TaskRecord:
     handle = client.get_workflow_handle(f"swarm-{swarm_id}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + UPDATE_RETRY_SECONDS
     delay = 0.05
     while True:
         try:
-            record = await handle.execute_update(
-                "submit_task", spec, id=f"submit-{task_id}", result_type=TaskRecord
+            return await handle.execute_update(
+                "submit_task",
+                spec,
+                id=f"submit-{spec.task_id}",
+                result_type=TaskRecord,
             )
-            break
         except WorkflowUpdateFailedError as error:
             cause = error.cause
             message = cause.message if isinstance(cause, ApplicationError) else cause
@@ -75,5 +107,50 @@ async def run_on_agent(
             raise AgentTaskError(
                 f"swarm {swarm_id} cannot take tasks: {error.message}"
             ) from None
-    task = client.get_workflow_handle(record.workflow_id, result_type=TaskProgress)
-    return await task.result()
+
+
+async def _wait_for_end(client: Client, swarm_id: str, task_id: str) -> TaskProgress:
+    """Return the task's result once its workflow completes.
+
+    A queued task has no workflow yet: the swarm starts it once the task's
+    agent is idle. Until then, check for it again after pauses that grow to
+    QUEUED_POLL_SECONDS, and check that the swarm's workflow still runs,
+    since a swarm that ended without a destroy starts no more tasks."""
+    handle: WorkflowHandle[object, TaskProgress] = client.get_workflow_handle(
+        task_workflow_id(task_id), result_type=TaskProgress
+    )
+    delay = 0.1
+    swarm_ended = False
+    while True:
+        try:
+            return await handle.result()
+        except WorkflowFailureError as failure:
+            raise AgentTaskError(
+                f"the workflow of task {task_id} ended without a result "
+                f"({workflow_ending(failure.cause)})"
+            ) from None
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+        if swarm_ended:
+            raise AgentTaskError(
+                f"swarm {swarm_id} ended before its task {task_id} started, so "
+                "the task will not run; resolve the step to an agent of an "
+                "active swarm"
+            )
+        # A destroy starts the workflows of the queued tasks it cancels before
+        # the swarm's workflow completes, so check for the task's once more.
+        swarm_ended = not await _workflow_running(client, f"swarm-{swarm_id}")
+        if not swarm_ended:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, QUEUED_POLL_SECONDS)
+
+
+async def _workflow_running(client: Client, workflow_id: str) -> bool:
+    try:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return description.status == WorkflowExecutionStatus.RUNNING

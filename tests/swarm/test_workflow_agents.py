@@ -19,7 +19,7 @@ from app.swarm.resolver import resolve_swarm_agent
 from app.swarm.service import exit_error
 from app.tools import ToolContext, invoke_tool, load_tools
 from app.workflows.agents import resolve_agent
-from tests.swarm.conftest import mirrored
+from tests.swarm.conftest import Swarms, mirrored, start_gated_task
 
 load_tools()
 
@@ -301,3 +301,65 @@ async def test_pinned_task_runs_on_its_agent(swarms: Any) -> None:
             step_task_id(swarm_id, "exec_pin", "other"),
             work,
         )
+
+
+async def _pinned_step(
+    swarms: Swarms, swarm_id: str, agent_id: str, name: str, code: str
+) -> tuple[str, str]:
+    """Start a run of a one-step workflow whose `sandbox_execution` step is
+    pinned to `agent_id`. Return the execution id and the step's task id."""
+    await mirrored(swarms.ctx, swarm_id, 1)
+    started = await _execute(
+        swarms.ctx,
+        name,
+        [
+            {
+                "name": "step",
+                "type": "sandbox_execution",
+                "agent": agent_id,
+                "params": {"code": code},
+            }
+        ],
+        wait=False,
+    )
+    execution_id = started["execution_id"]
+    swarms.workflow_ids.append(execution_id)
+    return execution_id, step_task_id(swarm_id, execution_id, "step")
+
+
+async def _wait_for_task(
+    swarms: Swarms, swarm_id: str, task_id: str, wanted: str
+) -> dict[str, Any]:
+    """Wait until the swarm lists the task with status `wanted`."""
+    for _ in range(300):
+        status = await swarms.call("swarm_status", swarm_id=swarm_id)
+        tasks = {t["task_id"]: t for t in status["tasks"]}
+        if task_id in tasks and tasks[task_id]["status"] == wanted:
+            return tasks[task_id]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} of swarm {swarm_id} never became {wanted}")
+
+
+async def test_step_waits_for_busy_agent(swarms: Swarms) -> None:
+    swarm_id, agent_id, busy, folder = await start_gated_task(swarms)
+    execution_id, task_id = await _pinned_step(
+        swarms, swarm_id, agent_id, "pinned-busy", "print('pinned')"
+    )
+    await _wait_for_task(swarms, swarm_id, task_id, "queued")
+    # Several of the step's retry intervals pass: the step keeps waiting and
+    # submits nothing again.
+    await asyncio.sleep(5)
+    status = await swarms.call("workflow_status", execution_id=execution_id)
+    assert _outputs(status["execution"])["step"]["status"] == "running"
+
+    (folder / "gate").write_text("open")
+    await swarms.client.get_workflow_handle(execution_id).result()
+    status = await swarms.call("workflow_status", execution_id=execution_id)
+    step = _outputs(status["execution"])["step"]
+    assert step["status"] == "completed", step["error"]
+    assert step["attempts"] == 1
+    assert step["output"]["task_id"] == task_id
+    assert step["output"]["stdout"] == "pinned\n"
+    swarm = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [t["task_id"] for t in swarm["tasks"]] == [busy["task_id"], task_id]
+    assert [t["status"] for t in swarm["tasks"]] == ["completed", "completed"]
