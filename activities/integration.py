@@ -58,6 +58,11 @@ def step_user(execution_id: str, step: str) -> str:
 # Seconds between the swarm step's heartbeats; its step type's heartbeat
 # timeout is several times this.
 SWARM_HEARTBEAT_SECONDS = 10.0
+# Seconds between the heartbeats of a `sandbox_execution` step that runs on
+# an agent. A cancel of the step reaches it only in the response to a
+# heartbeat, and the worker sends at most one per
+# max_heartbeat_throttle_interval (5 s, see workers/run.py).
+AGENT_STEP_HEARTBEAT_SECONDS = 2.0
 
 
 def failed_step(
@@ -244,6 +249,9 @@ class IntegrationActivities:
             language=params.language,
             timeout_seconds=params.timeout,
         )
+        # The step type has no heartbeat timeout, so the heartbeats serve
+        # only to receive a cancel of the step, which then cancels the task.
+        heartbeat = asyncio.create_task(heartbeat_every(AGENT_STEP_HEARTBEAT_SECONDS))
         try:
             progress = await run_on_agent(
                 activity.client(),
@@ -251,11 +259,17 @@ class IntegrationActivities:
                 agent.agent_id,
                 step_task_id(swarm.swarm_id, request.execution_id, request.step),
                 work,
+                cancel_reason=(
+                    f"workflow step {request.step!r} of execution "
+                    f"{request.execution_id} was cancelled"
+                ),
             )
         except AgentTaskError as error:
             raise step_error(
                 request, str(error), kind="AgentUnavailable", non_retryable=True
             ) from None
+        finally:
+            heartbeat.cancel()
 
         ran = progress.steps[0] if progress.steps else None
         output = {

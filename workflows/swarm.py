@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         SwarmState,
         SwarmTaskInput,
         SwarmWorkflowInput,
+        TaskCancelRequest,
         TaskClose,
         TaskFinished,
         TaskProgress,
@@ -160,11 +161,11 @@ _TASK_EVENTS = frozenset(
 class SwarmWorkflow:
     """A swarm: its agents, its task queue and its dispatcher.
 
-    Agent spawn and removal and task submission are updates with validators;
-    `status` is a query. Tasks run in child workflows (abandoned on close, so
-    they outlive continue-as-new) that report back with the `task_finished`
-    signal. All state is in `SwarmState`, handed to the next run when the
-    history grows past the server's suggestion.
+    Agent spawn and removal, task submission and task cancel are updates
+    with validators; `status` is a query. Tasks run in child workflows
+    (abandoned on close, so they outlive continue-as-new) that report back
+    with the `task_finished` signal. All state is in `SwarmState`, handed to
+    the next run when the history grows past the server's suggestion.
     """
 
     @workflow.init
@@ -389,6 +390,33 @@ class SwarmWorkflow:
             raise ValueError(
                 f"unknown dependencies {unknown} in swarm {self.state.swarm_id}; "
                 "depend only on task ids that task_orchestrate returned for it"
+            )
+
+    @workflow.update
+    async def cancel_task(self, request: TaskCancelRequest) -> TaskRecord:
+        """Cancel a queued task, so that it never runs, and return its record.
+
+        A running task is left to the caller, which cancels the task's
+        workflow as a cancel from outside the swarm. The update returns once
+        that workflow has started, so that the cancel finds it. A task that
+        has ended is returned unchanged."""
+        task = self._find_task(request.task_id)
+        assert task is not None  # checked by the validator
+        if task.status == "queued":
+            self._cancel_unstarted(task, request.reason)
+            # Tasks that depend on this one fail now, without running.
+            self._dispatch()
+        elif task.status == "running":
+            await workflow.wait_condition(lambda: task.child_started)
+        return task
+
+    @cancel_task.validator
+    def _validate_cancel(self, request: TaskCancelRequest) -> None:
+        if self._find_task(request.task_id) is None:
+            raise ValueError(
+                f"task {request.task_id} is not a task of swarm "
+                f"{self.state.swarm_id}; give a task id that task_orchestrate "
+                "returned for this swarm"
             )
 
     @workflow.update
@@ -769,6 +797,18 @@ class SwarmWorkflow:
         task.finished_at = workflow.now()
         self.state.pending_assignments.append(task.spec.task_id)
         self._event("task_failed", task_id=task.spec.task_id, detail={"error": error})
+
+    def _cancel_unstarted(self, task: TaskRecord, error: str) -> None:
+        """Cancel a queued task before it gets agents, and queue the outcome
+        for its task workflow, which then ends without running anything."""
+        task.status = "cancelled"
+        task.error = error
+        task.finished_at = workflow.now()
+        if task.child_started or self._starts_child_on_assignment():
+            self.state.pending_assignments.append(task.spec.task_id)
+        self._event(
+            "task_cancelled", task_id=task.spec.task_id, detail={"error": error}
+        )
 
     def _dispatch(self) -> None:
         """Give queued tasks whose dependencies are done to idle agents, in

@@ -303,6 +303,14 @@ class TaskFinished(BaseModel):
     )
 
 
+class TaskCancelRequest(BaseModel):
+    """A request to the swarm's `cancel_task` update, from a caller that no
+    longer waits for a task it submitted (a cancelled workflow step)."""
+
+    task_id: str
+    reason: str = Field(description="The error that the cancelled task reports.")
+
+
 class TaskClose(BaseModel):
     """The close of a task workflow that ended without a result (terminated,
     timed out), which the tool layer passes to the `closed_progress` query."""

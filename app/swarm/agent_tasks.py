@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 
 from temporalio.client import (
     Client,
@@ -12,23 +13,30 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.swarm import (
+    TaskCancelRequest,
     TaskProgress,
     TaskRecord,
     TaskSpec,
     TaskWork,
     task_workflow_id,
 )
+from app.temporal.cancels import cancelled_by_worker_shutdown
 from app.temporal.endings import workflow_ending
+
+logger = logging.getLogger(__name__)
 
 UPDATE_RETRY_SECONDS = 60.0
 # Maximum pause between two checks for the workflow of a queued task, which
 # starts once the task's agent is idle.
 QUEUED_POLL_SECONDS = 2.0
+# How long a cancelled caller waits for its task's cancel to reach the server.
+CANCEL_SECONDS = 10.0
 
 
 class AgentTaskError(Exception):
@@ -49,13 +57,20 @@ async def run_on_agent(
     agent_id: str,
     task_id: str,
     work: TaskWork,
+    *,
+    cancel_reason: str = "the caller that waited for the task was cancelled",
 ) -> TaskProgress:
     """Submit `work` as a task of `swarm_id` pinned to `agent_id` and wait for
     its end, first while the swarm queues it until the agent is idle, then
     while it runs.
 
     A second call with the same `task_id` waits for the task that the first
-    call submitted.
+    call submitted. When the caller is cancelled, the task is cancelled too,
+    with `cancel_reason` as its error: a queued task never runs, and a
+    running task's program is stopped. A cancel by the worker's shutdown
+    leaves the task alone, for the caller's next attempt to wait for.
+    NOTE: the cancel of an activity attempt that timed out cancels the task
+    too, so the retry that follows finds the task cancelled and fails.
 
     Raises:
         AgentTaskError: the swarm rejected the task (the agent left, the swarm
@@ -65,8 +80,37 @@ async def run_on_agent(
     spec = TaskSpec(
         task_id=task_id, work=work, strategy="parallel", max_agents=1, agent_id=agent_id
     )
-    await _submit(client, swarm_id, spec)
-    return await _wait_for_end(client, swarm_id, task_id)
+    try:
+        await _submit(client, swarm_id, spec)
+        return await _wait_for_end(client, swarm_id, task_id)
+    except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        current = asyncio.current_task()
+        if current is None or not current.cancelling():
+            raise  # an update that timed out, not a cancelled caller
+        if cancelled_by_worker_shutdown():
+            logger.info(
+                "worker shutting down: task %s of swarm %s goes on, and the "
+                "next attempt waits for it",
+                task_id,
+                swarm_id,
+            )
+        else:
+            await _cancel_quietly(client, swarm_id, task_id, cancel_reason)
+        # The client turns a cancel during an update into its own error.
+        raise asyncio.CancelledError() from None
+
+
+async def _cancel_quietly(
+    client: Client, swarm_id: str, task_id: str, reason: str
+) -> None:
+    try:
+        await asyncio.wait_for(
+            cancel_task(client, swarm_id, task_id, reason), CANCEL_SECONDS
+        )
+    except (TimeoutError, RPCError) as error:
+        logger.warning(
+            "could not cancel task %s of swarm %s: %s", task_id, swarm_id, error
+        )
 
 
 async def _submit(client: Client, swarm_id: str, spec: TaskSpec) -> TaskRecord:
@@ -154,3 +198,40 @@ async def _workflow_running(client: Client, workflow_id: str) -> bool:
             return False
         raise
     return description.status == WorkflowExecutionStatus.RUNNING
+
+
+async def cancel_task(client: Client, swarm_id: str, task_id: str, reason: str) -> None:
+    """Cancel a task of a swarm, with `reason` as its error.
+
+    The swarm drops a queued task, which then never runs. A running task's
+    workflow is cancelled as from outside the swarm: it stops its program
+    and reports the cancel to the swarm. A task that has ended is left as
+    it is.
+
+    Raises:
+        RPCError: the swarm's or the task's workflow could not be reached.
+    """
+    swarm = client.get_workflow_handle(f"swarm-{swarm_id}")
+    try:
+        record = await swarm.execute_update(
+            "cancel_task",
+            TaskCancelRequest(task_id=task_id, reason=reason),
+            result_type=TaskRecord,
+        )
+    except WorkflowUpdateFailedError:
+        return  # the swarm has no such task, since its submission never arrived
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # The swarm's workflow has ended, but a task that runs outlives it.
+    else:
+        if record.status != "running":
+            return
+    task = client.get_workflow_handle(task_workflow_id(task_id))
+    if not await _workflow_running(client, task.id):
+        return
+    try:
+        await task.cancel(reason=reason)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise

@@ -136,6 +136,32 @@ GATED_PROGRAM = (
 )
 
 
+# Counts in `ticks` until it is stopped.
+TICKING_PROGRAM = (
+    "import pathlib, time\n"
+    "pathlib.Path('started').touch()\n"
+    "n = 0\n"
+    "while True:\n"
+    "    n += 1\n"
+    "    pathlib.Path('ticks').write_text(str(n))\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+async def wait_until_still(path: Path, timeout: float) -> None:
+    """Wait until the file `path` stops changing for 2 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, since = path.read_text(), loop.time()
+    while loop.time() - since < 2.0:
+        if loop.time() > deadline:
+            raise TimeoutError(f"{path} still changed after {timeout} s")
+        await asyncio.sleep(0.2)
+        current = path.read_text()
+        if current != last:
+            last, since = current, loop.time()
+
+
 async def start_gated_task(swarms: Swarms) -> tuple[str, str, dict[str, Any], Path]:
     """Start a one-agent mesh swarm whose first task runs GATED_PROGRAM, and
     wait until the program runs. Return the swarm id, the agent id, the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -30,10 +29,12 @@ from app.tools import ToolError, ToolInputError
 from tests.support.replay import replay_run
 from tests.swarm.conftest import (
     GATED_PROGRAM,
+    TICKING_PROGRAM,
     Swarms,
     agent_folder,
     start_gated_task,
     wait_for_file,
+    wait_until_still,
 )
 from workers.registry import all_workflows
 
@@ -259,38 +260,12 @@ async def test_terminated_sequential_task_keeps_steps(swarms: Swarms) -> None:
     await swarms.call("swarm_destroy", swarm_id=swarm_id)
 
 
-# Counts in `ticks` until it is stopped.
-_TICKING_PROGRAM = (
-    "import pathlib, time\n"
-    "pathlib.Path('started').touch()\n"
-    "n = 0\n"
-    "while True:\n"
-    "    n += 1\n"
-    "    pathlib.Path('ticks').write_text(str(n))\n"
-    "    time.sleep(0.1)\n"
-)
-
-
-async def _wait_until_still(path: Path, timeout: float) -> None:
-    """Wait until the file `path` stops changing for 2 s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last, since = path.read_text(), loop.time()
-    while loop.time() - since < 2.0:
-        if loop.time() > deadline:
-            raise TimeoutError(f"{path} still changed after {timeout} s")
-        await asyncio.sleep(0.2)
-        current = path.read_text()
-        if current != last:
-            last, since = current, loop.time()
-
-
 async def test_outside_cancel_stops_the_program(swarms: Swarms) -> None:
     swarm_id, agents = await swarms.swarm("mesh", ["coder"])
     task = await swarms.call(
         "task_orchestrate",
         task="tick",
-        code=_TICKING_PROGRAM,
+        code=TICKING_PROGRAM,
         timeout=600,
         swarm_id=swarm_id,
     )
@@ -299,7 +274,7 @@ async def test_outside_cancel_stops_the_program(swarms: Swarms) -> None:
     handle = swarms.client.get_workflow_handle(task_workflow_id(task["task_id"]))
     await handle.cancel(reason="stopped by an operator")
     # The session takes the interrupt at its workflow task's heartbeat.
-    await _wait_until_still(folder / "ticks", timeout=40)
+    await wait_until_still(folder / "ticks", timeout=40)
     result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
     assert result["status"] == "cancelled"
     info = await swarms.call(

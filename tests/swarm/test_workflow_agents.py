@@ -4,22 +4,43 @@ as tasks of the resolved agent, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio import activity, workflow
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import RetryPolicy
+from temporalio.worker import Worker
 
+from activities.heartbeat import heartbeat_every
 from app.contracts.swarm import TaskWork
 from app.db import session_scope
 from app.settings import Settings
-from app.swarm.agent_tasks import AgentTaskError, run_on_agent, step_task_id
+from app.swarm.agent_tasks import (
+    AgentTaskError,
+    cancel_task,
+    run_on_agent,
+    step_task_id,
+)
 from app.swarm.models import AgentRow, SwarmRow
 from app.swarm.resolver import resolve_swarm_agent
 from app.swarm.service import exit_error
 from app.tools import ToolContext, invoke_tool, load_tools
 from app.workflows.agents import resolve_agent
-from tests.swarm.conftest import Swarms, mirrored, start_gated_task
+from tests.support.replay import replay_run
+from tests.swarm.conftest import (
+    TICKING_PROGRAM,
+    Swarms,
+    agent_folder,
+    mirrored,
+    start_gated_task,
+    wait_for_file,
+    wait_until_still,
+)
+from workers.registry import all_workflows
 
 load_tools()
 
@@ -363,3 +384,147 @@ async def test_step_waits_for_busy_agent(swarms: Swarms) -> None:
     swarm = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert [t["task_id"] for t in swarm["tasks"]] == [busy["task_id"], task_id]
     assert [t["status"] for t in swarm["tasks"]] == ["completed", "completed"]
+
+
+async def test_cancel_drops_queued_step_task(swarms: Swarms) -> None:
+    swarm_id, agent_id, busy, folder = await start_gated_task(swarms)
+    execution_id, task_id = await _pinned_step(
+        swarms, swarm_id, agent_id, "pinned-cancel", "print('never')"
+    )
+    await _wait_for_task(swarms, swarm_id, task_id, "queued")
+    await swarms.client.get_workflow_handle(execution_id).cancel()
+
+    reason = f"workflow step 'step' of execution {execution_id} was cancelled"
+    record = await _wait_for_task(swarms, swarm_id, task_id, "cancelled")
+    assert record["error"] == reason
+    assert record["assigned_agents"] == []
+    (folder / "gate").write_text("open")
+    done = await swarms.call("task_results", task_id=busy["task_id"], wait_seconds=60)
+    assert done["status"] == "completed", done["error"]
+    dropped = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
+    assert dropped["status"] == "cancelled"
+    assert dropped["error"] == reason
+    assert dropped["results"] == []
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    assert agent["tasks_completed"] == 1
+    assert agent["tasks_failed"] == 0
+    # A second cancel, and one of a task the swarm never had, change nothing.
+    await cancel_task(swarms.client, swarm_id, task_id, "again")
+    await cancel_task(swarms.client, swarm_id, f"task_{swarm_id}_00000000", "none")
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [t["error"] for t in status["tasks"]] == [None, reason]
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
+async def test_cancel_stops_step_program(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    execution_id, task_id = await _pinned_step(
+        swarms, swarm_id, agent_id, "pinned-ticks", TICKING_PROGRAM
+    )
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "ticks")
+    await swarms.client.get_workflow_handle(execution_id).cancel()
+
+    # The step learns of the cancel at a heartbeat and cancels its task,
+    # whose step interrupts the program.
+    await wait_until_still(folder / "ticks", timeout=60)
+    result = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
+    assert result["status"] == "cancelled"
+    assert result["error"] == (
+        f"workflow step 'step' of execution {execution_id} was cancelled"
+    )
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    [agent] = status["agents"]
+    assert agent["status"] == "idle"
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+
+
+@activity.defn(name="test_wait_on_agent")
+async def _wait_on_agent(request: list[str]) -> str:
+    """Wait for a task pinned to an agent, as a workflow step on an agent does."""
+    swarm_id, agent_id, task_id = request
+    heartbeat = asyncio.create_task(heartbeat_every(0.5))
+    try:
+        progress = await run_on_agent(
+            activity.client(),
+            swarm_id,
+            agent_id,
+            task_id,
+            TaskWork(kind="code", task="wait", code="print('ran')"),
+            cancel_reason="the waiting activity was cancelled",
+        )
+    finally:
+        heartbeat.cancel()
+    return progress.status
+
+
+@workflow.defn(name="TestWaitOnAgent", sandboxed=False)
+class _WaitOnAgentWorkflow:
+    @workflow.run
+    async def run(self, request: list[str]) -> str:
+        result: str = await workflow.execute_activity(
+            "test_wait_on_agent",
+            request,
+            start_to_close_timeout=timedelta(minutes=5),
+            heartbeat_timeout=timedelta(seconds=5),
+            retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=200)),
+            result_type=str,
+        )
+        return result
+
+
+async def _wait_for_attempt(handle: WorkflowHandle[Any, Any], attempt: int) -> None:
+    """Wait until the workflow's only activity runs attempt `attempt`."""
+    for _ in range(300):
+        description = await handle.describe()
+        pending = description.raw_description.pending_activities
+        if (
+            pending
+            and pending[0].attempt == attempt
+            and pending[0].state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        ):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"attempt {attempt} of {handle.id}'s activity never started")
+
+
+async def test_worker_shutdown_keeps_agent_task(swarms: Swarms) -> None:
+    swarm_id, agent_id, _, _ = await start_gated_task(swarms)
+    task_id = step_task_id(swarm_id, "exec_shutdown", "step")
+    queue = f"wait-on-agent-{uuid.uuid4().hex[:8]}"
+
+    def wait_worker() -> Worker:
+        return Worker(
+            swarms.client,
+            task_queue=queue,
+            workflows=[_WaitOnAgentWorkflow],
+            activities=[_wait_on_agent],
+            graceful_shutdown_timeout=timedelta(0),
+        )
+
+    async with wait_worker():
+        handle = await swarms.client.start_workflow(
+            _WaitOnAgentWorkflow.run,
+            [swarm_id, agent_id, task_id],
+            id=queue,
+            task_queue=queue,
+        )
+        swarms.workflow_ids.append(queue)
+        await _wait_for_task(swarms, swarm_id, task_id, "queued")
+    # The shutdown cancelled the activity, but not the task it waited for.
+    await asyncio.sleep(1)
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [t["status"] for t in status["tasks"]] == ["running", "queued"]
+
+    async with wait_worker():
+        await _wait_for_attempt(handle, 2)
+        # A cancel from the server does cancel the task.
+        await handle.cancel()
+        record = await _wait_for_task(swarms, swarm_id, task_id, "cancelled")
+    assert record["error"] == "the waiting activity was cancelled"
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["tasks"]) == 2
