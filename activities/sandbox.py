@@ -34,6 +34,7 @@ from app.contracts.sandbox import (
     UploadInput,
     UploadResult,
 )
+from app.realtime.output import OutputWriter
 from app.sandbox import runtime, store
 from app.sandbox.backend import (
     SandboxBackend,
@@ -43,6 +44,7 @@ from app.sandbox.backend import (
     SandboxRetryLaterError,
     SandboxSetupError,
 )
+from app.sandbox.output_stream import ExecutionStream
 from app.sandbox.secrets import SealError, load_key, unseal_env
 from app.settings import Settings
 
@@ -192,13 +194,26 @@ class SandboxActivities:
 
     @activity.defn(name="sandbox_execute")
     async def execute(self, request: ExecuteInput) -> ExecuteResult:
-        """Run code in the sandbox, after extending its life past the timeout."""
+        """Run code in the sandbox, after extending its life past the timeout.
+
+        Its output goes to the sandbox's output stream while it runs.
+        """
         backend = self._backend()
         lifetime = max(
             request.spec.timeout, int(request.request.timeout) + _EXECUTION_MARGIN
         )
         async with _backend_errors(request.backend_id), _heartbeats():
             env = self._env(request.spec, request.request.sealed_env)
+            writer = OutputWriter(
+                self.settings.effective_database_url,
+                "sandbox",
+                request.spec.sandbox_id,
+            )
+            stream = ExecutionStream(
+                writer,
+                runtime.masked_values(env, request.request),
+                request.request.call_id,
+            )
             return await runtime.execute(
                 backend,
                 request.backend_id,
@@ -206,6 +221,7 @@ class SandboxActivities:
                 env,
                 self.settings,
                 keep_alive=lifetime,
+                stream=stream,
             )
 
     @activity.defn(name="sandbox_upload")

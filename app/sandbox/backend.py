@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from app.contracts.sandbox import BackendState
@@ -73,6 +73,11 @@ class BackendSandbox:
     home: str
 
 
+# Receives output while a program runs: the stream ("stdout" or "stderr")
+# and the bytes just read. Called on the event loop, so it must not block.
+OutputSink = Callable[[str, bytes], None]
+
+
 @dataclass(frozen=True)
 class RunOutput:
     """The outcome of one process; output beyond the cap is already cut."""
@@ -94,6 +99,9 @@ class SandboxBackend(abc.ABC):
     """
 
     name: str
+    # Whether `run` calls its `on_output` while the program runs. A backend
+    # without live output never calls it.
+    live_output: bool = False
 
     @abc.abstractmethod
     async def create(
@@ -124,6 +132,7 @@ class SandboxBackend(abc.ABC):
         capture_output: bool = True,
         network: bool = False,
         keep_alive: int | None = None,
+        on_output: OutputSink | None = None,
     ) -> RunOutput:
         """Run `argv` with exactly `env` (plus the backend's base variables).
 
@@ -132,6 +141,10 @@ class SandboxBackend(abc.ABC):
         access to this process even where the sandbox has none (installers).
         `keep_alive` first extends the sandbox's life to that many seconds,
         as `keep_alive()` does, in the same request where the backend can.
+        A backend with `live_output` passes each piece of output that it
+        keeps to `on_output` as it is read, so the pieces of one stream add up
+        to the start of that stream in the result. The result may hold more:
+        a truncation marker, a note on a failed runner.
         """
 
     @abc.abstractmethod

@@ -19,6 +19,7 @@ import e2b
 from app.contracts.sandbox import BackendState
 from app.sandbox.backend import (
     BackendSandbox,
+    OutputSink,
     RunOutput,
     SandboxBackend,
     SandboxBackendError,
@@ -158,7 +159,11 @@ class E2BBackend(SandboxBackend):
         capture_output: bool = True,
         network: bool = False,
         keep_alive: int | None = None,
+        on_output: OutputSink | None = None,
     ) -> RunOutput:
+        # NOTE: `on_output` is never called (no `live_output`), so the output
+        # of an E2B command reaches the stream at its end. The `on_stdout` and
+        # `on_stderr` callbacks of `commands.run` (e2b 2.x) could stream it.
         if keep_alive is not None:
             await self.keep_alive(backend_id, keep_alive)
         sandbox = await self._sandbox(backend_id)

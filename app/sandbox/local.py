@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from pathlib import Path
 from app.contracts.sandbox import BackendState
 from app.sandbox.backend import (
     BackendSandbox,
+    OutputSink,
     RunOutput,
     SandboxBackend,
     SandboxBackendError,
@@ -123,6 +124,7 @@ class LocalBackend(SandboxBackend):
     """
 
     name = "local"
+    live_output = True
 
     def __init__(
         self,
@@ -730,6 +732,7 @@ class LocalBackend(SandboxBackend):
         capture_output: bool = True,
         network: bool = False,
         keep_alive: int | None = None,
+        on_output: OutputSink | None = None,
     ) -> RunOutput:
         with self._call():
             state = self._check(backend_id)
@@ -776,10 +779,11 @@ class LocalBackend(SandboxBackend):
                     os.close(write)
                 raise
             readers = []
-            for read, write in pipes:
+            for (read, write), stream in zip(pipes, ("stdout", "stderr"), strict=False):
                 os.close(write)
+                sink = _labelled(on_output, stream)
                 readers.append(
-                    asyncio.create_task(_read_fd_capped(loop, read, output_limit))
+                    asyncio.create_task(_read_fd_capped(loop, read, output_limit, sink))
                 )
             hung = False
             try:
@@ -1107,10 +1111,20 @@ def _limit_values(limits: ResourceLimits, timeout: float) -> dict[str, list[int]
     }
 
 
+def _labelled(sink: OutputSink | None, stream: str) -> Callable[[bytes], None] | None:
+    if sink is None:
+        return None
+    return lambda data: sink(stream, data)
+
+
 async def _read_fd_capped(
-    loop: asyncio.AbstractEventLoop, fd: int, limit: int
+    loop: asyncio.AbstractEventLoop,
+    fd: int,
+    limit: int,
+    on_kept: Callable[[bytes], None] | None = None,
 ) -> tuple[str, int]:
-    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes.
+    """Read the pipe `fd` to its end (closing it), keeping `limit` bytes and
+    passing each piece it keeps to `on_kept`.
 
     It reads with `add_reader` and `os.read`, not `connect_read_pipe`,
     because uvloop's `connect_read_pipe` closes the descriptor twice (libuv
@@ -1138,6 +1152,8 @@ async def _read_fd_capped(
         room = limit - len(kept)
         if room > 0:
             kept.extend(chunk[:room])
+            if on_kept is not None:
+                on_kept(chunk[:room])
         dropped += max(0, len(chunk) - max(room, 0))
 
     os.set_blocking(fd, False)

@@ -13,7 +13,12 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from app.contracts.sandbox import NODE_TEMPLATES, ExecuteRequest, ExecuteResult
+from app.contracts.sandbox import (
+    NODE_TEMPLATES,
+    ExecuteRequest,
+    ExecuteResult,
+    ExecutionStatus,
+)
 from app.sandbox.backend import (
     RunOutput,
     SandboxBackend,
@@ -25,6 +30,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.sandbox.local import LocalBackend
+    from app.sandbox.output_stream import ExecutionStream
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +237,7 @@ async def execute(
     env: Mapping[str, str],
     settings: Settings,
     keep_alive: int | None = None,
+    stream: ExecutionStream | None = None,
 ) -> ExecuteResult:
     """Run `request.code` with `env` and return measured, redacted output.
 
@@ -238,7 +245,31 @@ async def execute(
     `secret_values`) and of the env vars that `request.mask_env` names.
 
     `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
+    `stream` gets the output while the program runs, and is closed before
+    this returns or raises (its last chunks are then being written).
     """
+    try:
+        return await _execute(
+            backend, backend_id, request, env, settings, keep_alive, stream
+        )
+    except BaseException as error:
+        if stream is not None:
+            stream.fail(error)
+        raise
+    finally:
+        if stream is not None:
+            await stream.close()
+
+
+async def _execute(
+    backend: SandboxBackend,
+    backend_id: str,
+    request: ExecuteRequest,
+    env: Mapping[str, str],
+    settings: Settings,
+    keep_alive: int | None,
+    stream: ExecutionStream | None,
+) -> ExecuteResult:
     home = await backend.home(backend_id)
     code_name = None
     code_path = None
@@ -257,6 +288,8 @@ async def execute(
         if request.call_id is not None:
             counter, runs = await _count_start(backend, backend_id, request.call_id)
         file_env = await _write_input_files(backend, backend_id, request, inputs)
+        if stream is not None:
+            stream.start(runs)
         output: RunOutput = await backend.run(
             backend_id,
             argv,
@@ -266,7 +299,13 @@ async def execute(
             output_limit=settings.sandbox_output_limit,
             capture_output=request.capture_output,
             keep_alive=keep_alive,
+            on_output=(
+                stream.feed if stream is not None and backend.live_output else None
+            ),
         )
+        status = _status(output)
+        if stream is not None:
+            stream.finish(output, status)
     finally:
         for name in [code_name, *inputs]:
             if name is not None:
@@ -275,18 +314,7 @@ async def execute(
         # Only once the program ended: a start cut short keeps its count
         # for the call that is made again.
         await _remove_code_file(backend, backend_id, counter)
-    # The env vars that the caller names are masked too, because a workflow
-    # step's env vars are secrets whatever their names. This result goes
-    # into the session's history and logs.
-    secrets = secret_values(env) + [
-        env[name] for name in request.mask_env if name in env
-    ]
-    if output.timed_out:
-        status = "timed_out"
-    elif output.exit_code == 0:
-        status = "completed"
-    else:
-        status = "failed"
+    secrets = masked_values(env, request)
     return ExecuteResult(
         stdout=redact(output.stdout, secrets),
         stderr=redact(output.stderr, secrets),
@@ -297,6 +325,14 @@ async def execute(
         stderr_dropped_bytes=output.stderr_dropped_bytes,
         runs=runs,
     )
+
+
+def _status(output: RunOutput) -> ExecutionStatus:
+    if output.timed_out:
+        return "timed_out"
+    if output.exit_code == 0:
+        return "completed"
+    return "failed"
 
 
 async def _count_start(
@@ -389,6 +425,14 @@ SECRET_NAME = re.compile(
 def secret_values(env: Mapping[str, str]) -> list[str]:
     """Return the values of env vars whose names mark them as secrets."""
     return [value for name, value in env.items() if SECRET_NAME.search(name)]
+
+
+def masked_values(env: Mapping[str, str], request: ExecuteRequest) -> list[str]:
+    """Return the env var values that an execution's output masks: the
+    secret-named ones, and those of the env vars that `request.mask_env`
+    names, because a workflow step's env vars are secrets whatever their
+    names. The output goes into the session's history, logs and stream."""
+    return secret_values(env) + [env[name] for name in request.mask_env if name in env]
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

@@ -260,8 +260,9 @@ async def execution_stream_subscribe(
 ) -> SubscriptionInfo:
     """Subscribe to the live output of an existing sandbox (sandbox_id) or
     workflow execution (execution_id), from its first chunk. Read chunks with
-    realtime_events; each event's `new` has stream, text and final. The run
-    must exist (sandbox_list, workflow_status list them) or have output."""
+    realtime_events; each event's `new` has stream (stdout, stderr, or an
+    event label such as start, exit, step), text and final. The run must
+    exist (sandbox_list, workflow_status list them) or have output."""
     kind, stream_id = args.target()
     check_stream(ctx, kind, "sandbox_id" if kind == "sandbox" else "execution_id")
     if not await asyncio.to_thread(
@@ -333,9 +334,11 @@ class ExecutionStreamStatusResult(BaseModel):
 async def execution_stream_status(
     ctx: ToolContext, args: ExecutionStreamStatusInput
 ) -> ExecutionStreamStatusResult:
-    """Report an output stream: chunks and characters so far, whether the run
-    ended, its last chunk, and the subscriptions reading it with their lag
-    (chunks of this run after the subscription's cursor)."""
+    """Report an output stream: chunks and characters so far, whether it is
+    finished, its last chunk, and the subscriptions reading it with their lag
+    (chunks of this run after the subscription's cursor). A stream is
+    finished when its newest chunk is final, so when the run ended, or for a
+    sandbox when its latest execution ended."""
     if args.subscription_id is not None:
         info = await _owned(ctx, args.subscription_id)
         if info.stream_kind is None or info.stream_id is None:

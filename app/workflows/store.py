@@ -19,6 +19,7 @@ from app.contracts.workflows import (
 )
 from app.db import session_scope
 from app.db.models import utc_now
+from app.realtime.output import insert_chunks
 from app.workflows.models import (
     WorkflowAuditRow,
     WorkflowDefinitionRow,
@@ -27,6 +28,7 @@ from app.workflows.models import (
     WorkflowVersionRow,
 )
 from app.workflows.secrets import seal_definition
+from app.workflows.stream import progress_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +288,9 @@ def _copy_step(row: WorkflowStepRow, step: StepState) -> None:
 
 
 def record_progress(url: str, record: ProgressRecord) -> None:
-    """Update the execution row and the changed steps, and append the events,
-    in one transaction."""
+    """Update the execution row and the changed steps, and append the events
+    to the audit trail and the execution's output stream, in one
+    transaction."""
     state = record.state
     with session_scope(url) as session:
         execution = session.get(WorkflowExecutionRow, state.execution_id)
@@ -313,6 +316,12 @@ def record_progress(url: str, record: ProgressRecord) -> None:
                 session.add(row)
         for entry in record.events:
             session.add(_audit_row(entry, execution.definition_id))
+        insert_chunks(
+            session.connection(),
+            "workflow",
+            state.execution_id,
+            progress_chunks(record),
+        )
 
 
 def _audit_row(entry: AuditEntry, definition_id: str | None) -> WorkflowAuditRow:
