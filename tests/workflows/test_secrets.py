@@ -15,6 +15,7 @@ from sqlmodel import select
 from temporalio.client import Client
 
 from app.db import session_scope
+from app.realtime.models import ExecutionOutput
 from app.settings import Settings
 from app.tools import ToolContext, ToolError
 from app.workflows import store
@@ -180,8 +181,32 @@ async def test_step_secret_kept_out_of_session(
             assert b"out ********" in stored
             assert b"PLAIN_NAME" in stored
             assert secret.encode() not in stored
+            streamed = await streamed_text(workers, sandbox_id)
+            assert "out ********" in streamed["stdout"]
+            assert "err ********" in streamed["stderr"]
+            assert secret not in json.dumps(streamed)
     finally:
         await call(ctx, "sandbox_delete", sandbox_id=given_id)
+
+
+async def streamed_text(settings: Settings, sandbox_id: str) -> dict[str, str]:
+    """Return a sandbox's output stream by `stream` (stdout, stderr, the
+    start and exit events) once its last chunk is written, since the writes
+    go out after the call returns."""
+    query = select(ExecutionOutput).where(
+        ExecutionOutput.stream_kind == "sandbox",
+        ExecutionOutput.stream_id == sandbox_id,
+    )
+    for _ in range(100):
+        with session_scope(settings.effective_database_url) as session:
+            rows = session.exec(query.order_by(ExecutionOutput.id)).all()
+            if rows and rows[-1].final:
+                texts: dict[str, str] = {}
+                for row in rows:
+                    texts[row.stream] = texts.get(row.stream, "") + row.text
+                return texts
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the stream of {sandbox_id} has no final chunk")
 
 
 async def test_unchanged_body_keeps_its_version(
