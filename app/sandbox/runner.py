@@ -49,6 +49,9 @@ _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct("!I")
 # Seconds the runner waits for a warm supervisor to take a request.
 _ACK_TIMEOUT = 2.0
+# Seconds a warm supervisor waits for its program to answer, within the
+# runner's wait for the supervisor.
+_PROBE_TIMEOUT = 1.0
 _LIBC = ctypes.CDLL(None, use_errno=True)
 # sys.path as `python3 -c` starts it, without the script's folder first.
 _BASE_PATH = [entry for entry in sys.path[1:]]
@@ -388,27 +391,32 @@ def warm_supervisor(
     """
     try:
         _become_supervisor(runner)
+        probe, their_probe = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             control.close()
+            probe.close()
             prepare_program()
             rehearse_program()
             try:
+                _answer_probe(their_probe)
                 request, fds = read_message(program)
             except (OSError, ValueError, EOFError):
                 os._exit(127)  # the runner went away, or dropped this pair
             start_program(request, *_pipes(fds))
         program.close()
+        their_probe.close()
         header, fds = read_message(control)
         if not fds:
             os._exit(1)
         ended, _ = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
-        if ended:
+        if ended or not _program_answers(probe):
             # Killed or stopped from inside the sandbox: without the
             # acknowledgement the runner serves the request with a new pair.
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
             os._exit(1)
+        probe.close()
         conn = socket.socket(fileno=fds[0])
         # The host learns of the program before it can start, and the runner
         # sends the request only after this acknowledgement.
@@ -419,6 +427,28 @@ def warm_supervisor(
         # The runner gets no acknowledgement and serves the request itself.
         os._exit(1)
     _finish_execution(conn, header, pid)
+
+
+def _answer_probe(probe: socket.socket) -> None:
+    """Wait in the warm program for its supervisor's probe, and answer it."""
+    if probe.recv(1) != b"?":
+        raise EOFError("the supervisor went away")
+    probe.sendall(b"!")
+    probe.close()
+
+
+def _program_answers(probe: socket.socket) -> bool:
+    """Return whether the warm program answers a probe in time.
+
+    A program killed from inside the sandbox can still look alive to
+    `waitpid` for a while on a loaded machine, until the kernel has run its
+    exit. It can no longer answer, so the pair is not used."""
+    try:
+        probe.settimeout(_PROBE_TIMEOUT)
+        probe.sendall(b"?")
+        return probe.recv(1) == b"!"
+    except OSError:
+        return False
 
 
 def _fork_warm(server: socket.socket, runner: int) -> Warm | None:
