@@ -65,6 +65,7 @@ from app.sandbox.models import SandboxRecord
 from app.sandbox.runtime import get_backend
 from app.sandbox.secrets import load_key, seal_env
 from app.settings import Settings
+from app.temporal.cancels import current_task_cancelling
 from app.temporal.search_attributes import SANDBOX_ID
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,7 @@ def _unanswered(sandbox_id: str, name: str) -> BaseException:
     back, so its cancellation goes on as asyncio expects, and the call is
     logged at INFO without a traceback. Otherwise the RPC deadline passed.
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if current_task_cancelling():
         logger.info(
             "the %s call to sandbox %s was cancelled while it waited for the "
             "session's reply",

@@ -26,7 +26,7 @@ from app.contracts.swarm import (
     TaskWork,
     task_workflow_id,
 )
-from app.temporal.cancels import cancelled_by_worker_shutdown
+from app.temporal.cancels import cancelled_by_worker_shutdown, current_task_cancelling
 from app.temporal.endings import workflow_ending
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ async def run_on_agent(
         await _submit(client, swarm_id, spec)
         return await _wait_for_end(client, swarm_id, task_id)
     except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
-        current = asyncio.current_task()
-        if current is None or not current.cancelling():
+        if not current_task_cancelling():
             raise  # an update that timed out, not a cancelled caller
         if cancelled_by_worker_shutdown():
             logger.info(

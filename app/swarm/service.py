@@ -36,7 +36,7 @@ from app.swarm import llm
 from app.swarm.actions import ActionNotAvailableError, run_action
 from app.swarm.executor import AgentExecutor, ExecutionOutput
 from app.swarm.models import AgentRow, SwarmEventRow, SwarmRow
-from app.temporal.cancels import cancelled_by_worker_shutdown
+from app.temporal.cancels import cancelled_by_worker_shutdown, current_task_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ async def _interruptible(
     try:
         return await run(call_id=call_id)
     except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
-        task = asyncio.current_task()
-        if task is None or not task.cancelling():
+        if not current_task_cancelling():
             raise  # an update that timed out, not a cancelled step
         if cancelled_by_worker_shutdown():
             logger.info(

@@ -3,7 +3,19 @@ server."""
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import activity
+
+
+def current_task_cancelling() -> bool:
+    """Return whether the running asyncio task is being cancelled.
+
+    The Temporal client raises `WorkflowUpdateRPCTimeoutOrCancelledError`
+    both when its caller is cancelled and when the update's RPC deadline
+    passes. This tells the two apart."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def cancelled_by_worker_shutdown() -> bool:
