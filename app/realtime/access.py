@@ -26,7 +26,7 @@ from app.tools.registry import ToolContext, ToolError
 # The groups a key needs, beside "realtime", to subscribe to each table of the
 # platform: the groups whose tools show that table's data. Every other table
 # the platform owns is in `INTERNAL_TABLES` or `SECRET_TABLES`, which no
-# caller may subscribe to; tests/realtime/test_access.py checks that each
+# caller may subscribe to. tests/realtime/test_access.py checks that each
 # table of the metadata has one of these rules. Only tables the platform does
 # not own (user tables) need "realtime" alone.
 TABLE_GROUPS: dict[str, tuple[str, ...]] = {

@@ -49,8 +49,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct("!I")
 # Seconds the runner waits for a warm supervisor to take a request.
 _ACK_TIMEOUT = 2.0
-# Seconds a warm supervisor waits for its program to answer, within the
-# runner's wait for the supervisor.
+# Seconds a warm supervisor waits for its program's reply to a probe, within
+# the runner's wait for the supervisor.
 _PROBE_TIMEOUT = 1.0
 _LIBC = ctypes.CDLL(None, use_errno=True)
 # sys.path as `python3 -c` starts it, without the script's folder first.
@@ -430,7 +430,7 @@ def warm_supervisor(
 
 
 def _answer_probe(probe: socket.socket) -> None:
-    """Wait in the warm program for its supervisor's probe, and answer it."""
+    """Wait in the warm program for its supervisor's probe, and reply to it."""
     if probe.recv(1) != b"?":
         raise EOFError("the supervisor went away")
     probe.sendall(b"!")
@@ -438,11 +438,11 @@ def _answer_probe(probe: socket.socket) -> None:
 
 
 def _program_answers(probe: socket.socket) -> bool:
-    """Return whether the warm program answers a probe in time.
+    """Return whether the warm program replies to a probe in time.
 
     A program killed from inside the sandbox can still look alive to
     `waitpid` for a while on a loaded machine, until the kernel has run its
-    exit. It can no longer answer, so the pair is not used."""
+    exit. It can no longer reply, so the pair is not used."""
     try:
         probe.settimeout(_PROBE_TIMEOUT)
         probe.sendall(b"?")

@@ -202,9 +202,9 @@ async def test_swarm_step_runs_tasks(client: Client, workers: Settings) -> None:
 async def test_swarm_step_retry_destroys_earlier_swarms(
     client: Client, workers: Settings
 ) -> None:
-    # An attempt whose worker died left two swarms, named in the audit log
-    # under the step's user; the next attempt destroys them before it creates
-    # its own, and leaves the swarms of the execution's other steps.
+    # An attempt whose worker died left two swarms, which the audit log names
+    # under the step's user. The next attempt destroys them before it creates
+    # its own, and leaves the swarms of the execution's other steps alone.
     execution_id = f"retry-{uuid.uuid4().hex[:8]}"
     step = ToolContext(
         workers, user_id=step_user(execution_id, "swarms"), temporal_client=client
@@ -244,8 +244,8 @@ async def test_swarm_step_retry_destroys_earlier_swarms(
 async def test_first_attempt_destroys_nothing(
     client: Client, workers: Settings
 ) -> None:
-    # The step's user may have swarms of an earlier run of the same step,
-    # such as one that a user's definition repeats; only a retry looks.
+    # The step's user may have swarms of an earlier run of the same step, such
+    # as one that a user's definition repeats. So only a retry destroys them.
     execution_id = f"first-{uuid.uuid4().hex[:8]}"
     step = ToolContext(
         workers, user_id=step_user(execution_id, "swarms"), temporal_client=client
