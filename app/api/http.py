@@ -98,6 +98,10 @@ def _error_response(
     return _json_response({"error": info}, status, headers=headers)
 
 
+# Error kind of every 413 response, whichever check rejects the body.
+PAYLOAD_TOO_LARGE = "payload_too_large"
+
+
 class BodyTooLargeError(Exception):
     """The request body grew past the limit while it was read."""
 
@@ -152,7 +156,7 @@ class BodyLimitMiddleware:
     def _too_large(self) -> Response:
         return _error_response(
             413,
-            "payload_too_large",
+            PAYLOAD_TOO_LARGE,
             f"the request body is larger than {self.limit} bytes; send less, or "
             "raise NEXUS_API_MAX_BODY_BYTES on the server",
         )
@@ -379,11 +383,14 @@ class McpEndpoint:
             await admitted(scope, receive, send)
             return
         scope[PRINCIPAL_SCOPE_KEY] = admitted
+        # Read here, so that BodyLimitMiddleware rejects a body over the limit
+        # with the API's error body. The transport would check the
+        # Content-Length itself and reply to a GET or DELETE in plain text.
+        body = await request.body()
         if scope["method"] != "POST":
-            await self.manager.handle_request(scope, receive, send)
+            await self.manager.handle_request(scope, _replay(body, receive), send)
             return
         started = time.perf_counter()
-        body = await request.body()
         invalid: InvalidJSONError | None = None
         try:
             parsed = load_strict(body, is_secret=is_secret_name)
@@ -654,7 +661,7 @@ _STATUS_KINDS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
-    413: "too_large",
+    413: PAYLOAD_TOO_LARGE,
     422: "invalid_argument",
     429: "rate_limited",
 }

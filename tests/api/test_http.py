@@ -10,6 +10,7 @@ import subprocess
 
 import httpx
 import pytest
+from fastapi import HTTPException
 
 from app.api.http import create_app
 from app.api.keys import revoke_key, rotate_key
@@ -295,7 +296,11 @@ async def test_real_curl(api_server: ApiServer) -> None:
 
 
 async def test_body_limit_413(api_server: ApiServer) -> None:
-    too_big = b"{" + b" " * (api_server.settings.api_max_body_bytes + 1) + b"}"
+    limit = api_server.settings.api_max_body_bytes
+    too_big = b"{" + b" " * (limit + 1) + b"}"
+    upload = json.dumps(
+        {"bucket": "reports", "path": "big.txt", "content": "x" * limit}
+    ).encode()
     async with httpx.AsyncClient(base_url=api_server.base_url, timeout=60) as http:
         declared = await http.post(
             "/api/tools/audit_log", content=too_big, headers=api_server.headers
@@ -307,9 +312,50 @@ async def test_body_limit_413(api_server: ApiServer) -> None:
                 yield too_big[start : start + 65536]
 
         streamed = await http.post("/mcp", content=chunks(), headers=api_server.headers)
-    assert declared.status_code == 413
-    assert streamed.status_code == 413
-    assert "NEXUS_API_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
+        uploaded = await http.post(
+            "/api/tools/storage_upload", content=upload, headers=api_server.headers
+        )
+        # The MCP transport checks the Content-Length of a GET or DELETE itself.
+        mcp_get = await http.request(
+            "GET", "/mcp", content=too_big, headers=api_server.headers
+        )
+        mcp_delete = await http.request(
+            "DELETE", "/mcp", content=too_big, headers=api_server.headers
+        )
+    responses = {
+        "declared": declared,
+        "streamed": streamed,
+        "storage upload": uploaded,
+        "mcp GET": mcp_get,
+        "mcp DELETE": mcp_delete,
+    }
+    for name, response in responses.items():
+        assert response.status_code == 413, name
+        assert response.headers["content-type"] == "application/json", name
+        error = response.json()["error"]
+        assert error["kind"] == "payload_too_large", name
+        assert "NEXUS_API_MAX_BODY_BYTES" in error["message"], name
+
+
+async def test_http_exception_413_kind(api_server: ApiServer) -> None:
+    application = create_app(api_server.settings)
+
+    async def reject() -> None:
+        raise HTTPException(413, "the upload is larger than the limit")
+
+    application.add_api_route("/too-large", reject, methods=["POST"])
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1"
+    ) as http:
+        response = await http.post("/too-large")
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": {
+            "kind": "payload_too_large",
+            "message": "the upload is larger than the limit",
+        }
+    }
 
 
 async def test_rate_limit_429(api_server: ApiServer) -> None:
