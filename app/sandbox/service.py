@@ -80,7 +80,9 @@ class SandboxServiceError(Exception):
     Attributes:
         kind: `not_found`, `invalid_argument`, `configuration`,
             `interrupted` (the session's `interrupt` signal), `timed_out`
-            (no reply from the session within the RPC deadline) or `failed`.
+            (no reply from the session within the RPC deadline),
+            `connection_lost` (the Temporal server went away during the
+            call) or `failed`.
     """
 
     def __init__(self, message: str, kind: str = "failed") -> None:
@@ -208,10 +210,62 @@ async def _update(
         return await _handle(client, sandbox_id).execute_update(
             name, arg, result_type=result_type, id=update_id
         )
-    except (WorkflowUpdateFailedError, RPCError) as error:
+    except RPCError as error:
+        if error.status == RPCStatusCode.UNAVAILABLE:
+            raise _connection_lost(client, sandbox_id, name, update_id, error) from None
+        raise _translate(error, sandbox_id) from None
+    except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError:
         raise _unanswered(sandbox_id, name) from None
+
+
+def _connection_lost(
+    client: Client,
+    sandbox_id: str,
+    name: str,
+    call_id: str | None,
+    error: RPCError,
+) -> SandboxServiceError:
+    """Build the error for an update whose connection to Temporal broke.
+
+    The Temporal client (temporalio 1.35) retries an UNAVAILABLE call for a
+    few seconds, then raises RPCError with the transport's bare message, such
+    as "tcp connect error". Whether the session recorded the update before
+    the server went away is unknown here. A recorded update is durable and
+    runs again, from the start, when the server and the workers are back.
+    """
+    address = client.service_client.config.target_host
+    logger.warning(
+        "the connection to Temporal at %s was lost during the %s call to "
+        "sandbox %s (call id %s): %s",
+        address,
+        name,
+        sandbox_id,
+        call_id,
+        error.message,
+    )
+    lost = (
+        f"the connection to the platform (Temporal at {address}) was lost during "
+        f"the {name} call to sandbox {sandbox_id} ({error.message})"
+    )
+    if name != "execute":
+        return SandboxServiceError(
+            f"{lost}. If the session recorded the call, it completes once the "
+            "platform is back (`nexus up`); check with sandbox_status before you "
+            "send it again",
+            "connection_lost",
+        )
+    call = f" with call_id {call_id}" if call_id else ""
+    return SandboxServiceError(
+        f"{lost}. The execution is durable: if the session recorded it, it "
+        "runs again, from the start, once the platform is back (`nexus up`), "
+        "without a new call. Read its output with sandbox_logs, or with "
+        f"execution_stream_subscribe on sandbox_id {sandbox_id}, where the "
+        f"`exit` chunk{call} carries its status and exit code. Check there "
+        "before you send the program again",
+        "connection_lost",
+    )
 
 
 async def create_sandbox(
@@ -264,6 +318,8 @@ async def create_sandbox(
         info = await client.execute_update_with_start_workflow(
             "ready", start_workflow_operation=start, result_type=SessionInfo
         )
+    # NOTE: a lost connection (RPCError UNAVAILABLE) still reaches the caller
+    # with the transport's bare message here, unlike in `_update`.
     except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError:

@@ -29,6 +29,7 @@ _KINDS: dict[str, Any] = {
     "invalid_argument": "invalid_argument",
     "configuration": "failed",
     "timed_out": "unavailable",
+    "connection_lost": "unavailable",
     "failed": "failed",
 }
 
