@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -318,8 +319,14 @@ async def create_sandbox(
         info = await client.execute_update_with_start_workflow(
             "ready", start_workflow_operation=start, result_type=SessionInfo
         )
-    # NOTE: a lost connection (RPCError UNAVAILABLE) still reaches the caller
-    # with the transport's bare message here, unlike in `_update`.
+    except RPCError as error:
+        # The start operation's handle holds the same error; reading it keeps
+        # the event loop from logging it as never retrieved.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(start.workflow_handle(), 1)
+        if error.status == RPCStatusCode.UNAVAILABLE:
+            raise _connection_lost(client, sandbox_id, "create", None, error) from None
+        raise
     except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
     except WorkflowUpdateRPCTimeoutOrCancelledError:

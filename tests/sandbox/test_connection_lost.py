@@ -80,3 +80,28 @@ async def test_execute_names_lost_connection(tmp_path: Path) -> None:
     assert "sandbox_logs" in message
     assert f"execution_stream_subscribe on sandbox_id {sandbox_id}" in message
     assert "with call_id execute-" in message
+
+
+async def test_create_names_lost_connection(tmp_path: Path) -> None:
+    port, ui_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    settings = sandbox_test_settings(
+        tmp_path, address, temporal_port=port, temporal_ui_port=ui_port
+    )
+    server = EmbeddedTemporal(settings)
+    await server.start()
+    try:
+        client = await connect(settings)
+    finally:
+        server.stop()
+    load_tools()
+    ctx = ToolContext(settings, user_id="test", temporal_client=client)
+    with pytest.raises(ToolError) as caught:
+        await call(ctx, "sandbox_create", template="base")
+
+    assert caught.value.kind == "unavailable"
+    assert (
+        f"the connection to the platform (Temporal at {address}) was lost during "
+        "the create call to sandbox"
+    ) in caught.value.message
+    assert "check with sandbox_status before you send it again" in caught.value.message
