@@ -151,13 +151,25 @@ class SwarmActivities:
         stopped = [
             s for s, done in zip(request.sandbox_ids, results, strict=True) if done
         ]
-        already = [
+        not_stopped = [
             s for s, done in zip(request.sandbox_ids, results, strict=True) if not done
         ]
+        states = await asyncio.gather(*(executor.state(s) for s in not_stopped))
+        absent = [
+            s
+            for s, state in zip(not_stopped, states, strict=True)
+            if state == "not_created"
+        ]
+        already = [s for s in not_stopped if s not in absent]
         activity.logger.info(
-            "stopped sandboxes %s (already stopped: %s)", stopped, already
+            "stopped sandboxes %s (already stopped: %s, never created: %s)",
+            stopped,
+            already,
+            absent,
         )
-        return StopSandboxesResult(stopped=stopped, already_stopped=already)
+        return StopSandboxesResult(
+            stopped=stopped, already_stopped=already, absent=absent
+        )
 
 
 class SwarmMirrorActivities:

@@ -552,7 +552,7 @@ class SwarmWorkflow:
             sends.append(self._cancel_task(task_id))
         await asyncio.gather(*sends)
         if stops:
-            await workflow.execute_activity(
+            result: StopSandboxesResult = await workflow.execute_activity(
                 "stop_agent_sandboxes",
                 StopSandboxesRequest(sandbox_ids=stops),
                 task_queue=SANDBOX,
@@ -560,9 +560,22 @@ class SwarmWorkflow:
                 retry_policy=RetryPolicy(maximum_attempts=5),
                 result_type=StopSandboxesResult,
             )
+            self._forget_absent_sandboxes(result.absent)
         self._drop(self.state.pending_assignments, assignments)
         self._drop(self.state.pending_cancels, cancels)
         self._drop(self.state.sandboxes_to_stop, stops)
+
+    def _forget_absent_sandboxes(self, absent: list[str]) -> None:
+        """Clear the sandbox id of each removed agent whose sandbox the stop
+        found never created, so that `swarm_destroy` and `swarm_status` do
+        not report it. Such an id is the fixed one guessed for an agent
+        removed in its first task (`_remove_agent`, `task_finished`), while
+        the agent had no step to run: the hub of a star, the root of a
+        hierarchy, or an agent whose part had not started. This changes
+        only the state, not the commands."""
+        for agent in self.state.agents:
+            if agent.status == "removed" and agent.sandbox_id in absent:
+                agent.sandbox_id = None
 
     def _assignment(self, task: TaskRecord) -> Assignment:
         if task.status in ("failed", "cancelled"):

@@ -497,4 +497,8 @@ class StopSandboxesRequest(BaseModel):
 
 class StopSandboxesResult(BaseModel):
     stopped: list[str]
+    # Sandboxes whose session had ended before the stop.
     already_stopped: list[str]
+    # Sandboxes that were never created, such as the fixed sandbox id of an
+    # agent that had no step to run in its first task.
+    absent: list[str] = Field(default_factory=list)

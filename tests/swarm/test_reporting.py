@@ -103,6 +103,48 @@ async def test_destroy_counts_and_cancelled_steps(
     assert result["error"] == record["error"] == DESTROYED_WHILE_RUNNING
 
 
+async def _running_step_agent(swarms: Swarms, task_id: str) -> str:
+    """Wait until a step of the task runs, and return its agent's id."""
+    for _ in range(600):
+        status = await swarms.call("task_status", task_id=task_id)
+        if status["running"]:
+            return str(status["running"][0])
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no step of task {task_id} started")
+
+
+@pytest.mark.parametrize("topology", ["star", "hierarchical"])
+async def test_destroy_skips_hub_without_sandbox(swarms: Swarms, topology: str) -> None:
+    # Agent 0 of a star or hierarchical task only hands parts out and
+    # collects them, so it never gets a sandbox, even in its first task.
+    swarm_id, agents = await swarms.swarm(topology, ["coordinator", "coder"])
+    task = await swarms.call(
+        "task_orchestrate",
+        task="block",
+        code=GATED_PROGRAM,
+        maxAgents=2,
+        swarm_id=swarm_id,
+    )
+    worker = await _running_step_agent(swarms, task["task_id"])
+    [hub] = [a["agent_id"] for a in agents if a["agent_id"] != worker]
+    folder = await agent_folder(swarms, worker)
+    await wait_for_file(folder / "started")
+    destroyed = await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    assert destroyed["agents_removed"] == 2
+    assert destroyed["sandboxes_stopped"] == [agent_sandbox_id(worker)]
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    sandboxes = {a["agent_id"]: a["sandbox_id"] for a in status["agents"]}
+    assert sandboxes[hub] is None
+    assert sandboxes[worker] == agent_sandbox_id(worker)
+    executor = build_executor(swarms.client, swarms.settings)
+    assert await executor.state(agent_sandbox_id(hub)) == "not_created"
+    assert await executor.state(agent_sandbox_id(worker)) == "stopped"
+    result = await swarms.call("task_results", task_id=task["task_id"], wait_seconds=60)
+    assert result["status"] == "cancelled"
+    assert [s["agent_id"] for s in result["results"]] == [worker]
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
 async def _cancel_first_task_outside(swarms: Swarms) -> tuple[str, str, str]:
     """Start a one-agent swarm whose first task runs a gated program, and
     cancel that task's workflow through the SDK, as an operator would.
@@ -306,14 +348,17 @@ class _GatheringExecutor:
         if len(self.requested) == self.count:
             self.all_requested.set()
         await self.all_requested.wait()
-        return sandbox_id != "sbx_gone"
+        return sandbox_id not in ("sbx_gone", "sbx_never")
+
+    async def state(self, sandbox_id: str) -> str:
+        return "not_created" if sandbox_id == "sbx_never" else "stopped"
 
 
 async def test_stop_agent_sandboxes_stops_them_at_once(swarms: Swarms) -> None:
     from activities.swarm import SwarmActivities
 
     activities = SwarmActivities(swarms.settings)
-    ids = ["sbx_a", "sbx_b", "sbx_gone", "sbx_c"]
+    ids = ["sbx_a", "sbx_b", "sbx_gone", "sbx_c", "sbx_never"]
     fake = _GatheringExecutor(len(ids))
     activities.executor = fake  # type: ignore[assignment]
     result = await asyncio.wait_for(
@@ -321,6 +366,7 @@ async def test_stop_agent_sandboxes_stops_them_at_once(swarms: Swarms) -> None:
     )
     assert result.stopped == ["sbx_a", "sbx_b", "sbx_c"]
     assert result.already_stopped == ["sbx_gone"]
+    assert result.absent == ["sbx_never"]
 
 
 async def test_ignored_arguments_and_bad_names(swarms: Swarms) -> None:
