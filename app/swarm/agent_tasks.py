@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 
+from temporalio import activity
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -67,10 +68,10 @@ async def run_on_agent(
     A second call with the same `task_id` waits for the task that the first
     call submitted. When the caller is cancelled, the task is cancelled too,
     with `cancel_reason` as its error: a queued task never runs, and a
-    running task's program is stopped. A cancel by the worker's shutdown
-    leaves the task alone, for the caller's next attempt to wait for.
-    NOTE: the cancel of an activity attempt that timed out cancels the task
-    too, so the retry that follows finds the task cancelled and fails.
+    running task's program is stopped. An activity attempt cancelled for
+    any reason other than a cancel request (its worker's shutdown, its
+    start-to-close or heartbeat timeout) leaves the task alone while its
+    activity has a next attempt to wait for it (see `_task_outlives_cancel`).
 
     Raises:
         AgentTaskError: the swarm rejected the task (the agent left, the swarm
@@ -86,17 +87,93 @@ async def run_on_agent(
     except (asyncio.CancelledError, WorkflowUpdateRPCTimeoutOrCancelledError):
         if not current_task_cancelling():
             raise  # an update that timed out, not a cancelled caller
-        if cancelled_by_worker_shutdown():
+        if await _task_outlives_cancel(client):
             logger.info(
-                "worker shutting down: task %s of swarm %s goes on, and the "
-                "next attempt waits for it",
+                "activity attempt cancelled (%s): task %s of swarm %s goes on, "
+                "and the next attempt waits for it",
+                _cancel_source(),
                 task_id,
                 swarm_id,
             )
         else:
+            logger.info(
+                "caller cancelled (%s): cancelling task %s of swarm %s",
+                _cancel_source(),
+                task_id,
+                swarm_id,
+            )
             await _cancel_quietly(client, swarm_id, task_id, cancel_reason)
         # The client turns a cancel during an update into its own error.
         raise asyncio.CancelledError() from None
+
+
+async def _task_outlives_cancel(client: Client) -> bool:
+    """Return whether a cancelled activity attempt must leave its task
+    running, because a next attempt of the activity will wait for it.
+
+    A cancel request, or a cancel outside an activity, ends the wait for
+    good. A worker's shutdown is followed by a retry on another worker. Any
+    other cancel (a start-to-close or heartbeat timeout, a pause, a reset, a
+    heartbeat that found the attempt gone) keeps the task while the caller's
+    workflow execution runs and lists the activity as pending, since the
+    server has then scheduled the next attempt. A heartbeat also finds the
+    attempt gone when the workflow execution closed right after its cancel
+    request, and then no attempt follows.
+    """
+    if not activity.in_activity():
+        return False
+    details = activity.cancellation_details()
+    if cancelled_by_worker_shutdown():
+        return True
+    if details is None or details.cancel_requested:
+        return False
+    info = activity.info()
+    if info.workflow_id is None:
+        return False  # an activity started without a workflow
+    handle = client.get_workflow_handle(info.workflow_id, run_id=info.workflow_run_id)
+    try:
+        description = await asyncio.wait_for(handle.describe(), CANCEL_SECONDS)
+    except (TimeoutError, RPCError) as error:
+        if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        # Keeping a task that nobody waits for costs only its agent's time,
+        # while cancelling one that a retry waits for fails the step.
+        logger.warning(
+            "could not read workflow %s to see whether activity %s is retried, "
+            "so its task goes on: %s",
+            info.workflow_id,
+            info.activity_id,
+            error,
+        )
+        return True
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return False
+    return any(
+        pending.activity_id == info.activity_id
+        for pending in description.raw_description.pending_activities
+    )
+
+
+def _cancel_source() -> str:
+    """Name what cancelled the running activity attempt, for the log."""
+    if not activity.in_activity():
+        return "not in an activity"
+    details = activity.cancellation_details()
+    if details is None:
+        return "no details"
+    sources = [
+        name
+        for name in (
+            "cancel_requested",
+            "timed_out",
+            "not_found",
+            "worker_shutdown",
+            "paused",
+            "reset",
+        )
+        if getattr(details, name)
+    ]
+    return ", ".join(sources) or "no details"
 
 
 async def _cancel_quietly(

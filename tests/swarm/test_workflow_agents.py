@@ -4,6 +4,7 @@ as tasks of the resolved agent, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import PendingActivityState
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
 
@@ -32,6 +33,7 @@ from app.tools import ToolContext, invoke_tool, load_tools
 from app.workflows.agents import resolve_agent
 from tests.support.replay import replay_run
 from tests.swarm.conftest import (
+    GATED_PROGRAM,
     TICKING_PROGRAM,
     Swarms,
     agent_folder,
@@ -440,6 +442,82 @@ async def test_cancel_stops_step_program(swarms: Swarms) -> None:
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     [agent] = status["agents"]
     assert agent["status"] == "idle"
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+
+
+async def test_timed_out_attempt_keeps_agent_task(
+    swarms: Swarms, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.swarm.agent_tasks")
+    swarm_id, agents = await swarms.swarm("mesh", ["coder"])
+    agent_id = agents[0]["agent_id"]
+    await mirrored(swarms.ctx, swarm_id, 1)
+    started = await _execute(
+        swarms.ctx,
+        "pinned-timeout",
+        [
+            {
+                "name": "step",
+                "type": "sandbox_execution",
+                "agent": agent_id,
+                # Each attempt of the step's activity times out after 5 s,
+                # while the program waits for its gate for longer.
+                "timeout": 5,
+                "retry_attempts": 10,
+                "params": {"code": GATED_PROGRAM, "timeout": 300},
+            }
+        ],
+        wait=False,
+    )
+    execution_id = started["execution_id"]
+    swarms.workflow_ids.append(execution_id)
+    task_id = step_task_id(swarm_id, execution_id, "step")
+    folder = await agent_folder(swarms, agent_id)
+    await wait_for_file(folder / "started")
+    handle = swarms.client.get_workflow_handle(execution_id)
+    # Wait for the second attempt, or for the run's end, which comes first
+    # when that attempt finds the task cancelled.
+    for _ in range(600):
+        description = await handle.describe()
+        pending = description.raw_description.pending_activities
+        if description.status != WorkflowExecutionStatus.RUNNING or (
+            pending and pending[0].attempt >= 2
+        ):
+            break
+        await asyncio.sleep(0.1)
+    # The worker learns of the first attempt's timeout at that attempt's next
+    # heartbeat, and cancels it. Open the gate only after that cancel, which
+    # the worker logs, or which cancels the task.
+    for _ in range(300):
+        logged = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "app.swarm.agent_tasks" and task_id in r.getMessage()
+        ]
+        swarm = await swarms.call("swarm_status", swarm_id=swarm_id)
+        [record] = [t for t in swarm["tasks"] if t["task_id"] == task_id]
+        if logged or record["status"] != "running":
+            break
+        await asyncio.sleep(0.1)
+    assert record["status"] == "running", record["error"]
+    assert logged, "the cancel of the first attempt was never logged"
+    assert "goes on" in logged[0]
+    (folder / "gate").write_text("open")
+
+    await handle.result()
+    status = await swarms.call("workflow_status", execution_id=execution_id)
+    step = _outputs(status["execution"])["step"]
+    assert step["status"] == "completed", step["error"]
+    assert step["attempts"] >= 2
+    assert step["output"]["task_id"] == task_id
+    assert step["output"]["stdout"] == "gate opened\n"
+    # The program ran once, to its end, in the task that every attempt
+    # waited for.
+    assert (folder / "attempts").read_text() == "x"
+    result = await swarms.call("task_results", task_id=task_id, wait_seconds=60)
+    assert result["status"] == "completed", result["error"]
+    swarm = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert [t["task_id"] for t in swarm["tasks"]] == [task_id]
     await swarms.call("swarm_destroy", swarm_id=swarm_id)
 
 
