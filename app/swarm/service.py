@@ -249,9 +249,14 @@ async def _run_program(
     try:
         return await _interruptible(executor, sandbox_id, call_id, run)
     except SandboxServiceError as error:
-        # A call that timed out may still run its program, which a call with
-        # another id would start a second time.
-        if attempt == 1 or error.kind in (*_PERMANENT_SANDBOX_ERRORS, "timed_out"):
+        # A call that timed out or lost its connection to Temporal may still
+        # run its program, which a call with another id would start a second
+        # time.
+        if attempt == 1 or error.kind in (
+            *_PERMANENT_SANDBOX_ERRORS,
+            "timed_out",
+            "connection_lost",
+        ):
             raise
     return await _interruptible(
         executor, sandbox_id, f"{call_id}-attempt-{attempt}", run
@@ -348,13 +353,9 @@ async def run_step(
                 executor, sandbox_id, language, program, request, attempt, inputs
             )
         except SandboxServiceError as error:
-            permanent = error.kind in (
-                "configuration",
-                "invalid_argument",
-                "interrupted",
-            )
             raise StepFailedError(
-                f"sandbox call failed: {error.message}", retryable=not permanent
+                f"sandbox call failed: {error.message}",
+                retryable=error.kind not in _PERMANENT_SANDBOX_ERRORS,
             ) from error
         except RuntimeError as error:
             raise StepFailedError(str(error)) from error

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+import pytest
+
 from app.contracts.swarm import AgentState, AgentStepRequest, TaskWork
 from app.sandbox.service import SandboxServiceError
 from app.swarm.executor import ExecutionOutput, build_executor
-from app.swarm.service import run_step
+from app.swarm.service import StepFailedError, run_step
 from tests.swarm.conftest import Swarms
 
 # Appends a line to a file in the agent's sandbox and prints the line count,
@@ -66,7 +68,8 @@ class FailsFirstCall:
     """An executor whose first call fails, as the repeated id of an earlier
     attempt's failed call returns that failure again."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "failed") -> None:
+        self.kind = kind
         self.call_ids: list[str | None] = []
 
     async def ensure_sandbox(self, agent_id: str) -> str:
@@ -85,7 +88,7 @@ class FailsFirstCall:
     ) -> ExecutionOutput:
         self.call_ids.append(call_id)
         if len(self.call_ids) == 1:
-            raise SandboxServiceError("sandbox busy, retry later")
+            raise SandboxServiceError("sandbox busy, retry later", self.kind)
         return ExecutionOutput(
             stdout="ran\n", stderr="", exit_code=0, timed_out=False, duration_ms=1.0
         )
@@ -104,3 +107,24 @@ async def test_retry_after_failed_call_runs_again(swarms: Swarms) -> None:
     assert result.stdout == "ran\n"
     step_id = "agent-step-task_retried-agent_1-0-0"
     assert executor.call_ids == [step_id, f"{step_id}-attempt-3"]
+
+
+@pytest.mark.parametrize("kind", ["timed_out", "connection_lost"])
+async def test_retry_keeps_call_that_may_still_run(swarms: Swarms, kind: str) -> None:
+    # The session may have recorded such a call and run its program later,
+    # so a call with a new id could run it a second time: the attempt fails
+    # and the next one sends the same id again.
+    executor = FailsFirstCall(kind)
+    request = step_request("swarm_x", "agent_1", step=0)
+    with pytest.raises(StepFailedError) as caught:
+        await run_step(
+            swarms.settings,
+            executor,  # type: ignore[arg-type]
+            swarms.client,
+            request,
+            attempt=3,
+        )
+    assert caught.value.retryable
+    assert isinstance(caught.value.__cause__, SandboxServiceError)
+    assert caught.value.__cause__.kind == kind
+    assert executor.call_ids == ["agent-step-task_retried-agent_1-0-0"]
