@@ -8,16 +8,17 @@ import logging
 from collections.abc import Callable
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 from app.settings import Settings
+from app.temporal.converter import nexus_data_converter
 
 logger = logging.getLogger(__name__)
 
 # Capabilities that need a payload codec (the secrets codec) register a
-# factory here; `build_data_converter` applies it to the pydantic converter.
+# factory here; `build_data_converter` applies it to the pydantic converter
+# of app/temporal/converter.py.
 _codec_factories: list[Callable[[Settings, DataConverter], DataConverter]] = []
 
 
@@ -29,7 +30,7 @@ def register_converter_hook(
 
 
 def build_data_converter(settings: Settings) -> DataConverter:
-    converter = pydantic_data_converter
+    converter = nexus_data_converter
     for hook in _codec_factories:
         converter = hook(settings, converter)
     return converter
