@@ -85,7 +85,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
     for a table that no caller may subscribe to, forbidden for a table of a
     group the caller's key may not call."""
     try:
-        validate_table_name(table)
+        table = validate_table_name(table)
     except RealtimeTableError as error:
         # The message names the table already.
         raise ToolError(str(error), kind="invalid_argument") from None

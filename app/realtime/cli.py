@@ -32,11 +32,11 @@ def enable_command(
 
     settings = load_settings()
     try:
-        enable_realtime(settings.effective_database_url, table)
+        enabled = enable_realtime(settings.effective_database_url, table)
     except (RealtimeTableError, RealtimeEnableError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    print_json({"table": table, "realtime": "enabled"})
+    print_json({"table": enabled, "realtime": "enabled"})
 
 
 @realtime_cli.command("list")

@@ -134,6 +134,10 @@ def create_subscription(
         SubscriptionError: see `compile_matcher`; also a table without realtime.
     """
     filter_text = (filter_text or "").strip()
+    try:
+        table = validate_table_name(table)
+    except ValueError as error:
+        raise SubscriptionError(str(error)) from None
     compile_matcher(url, table, event, filter_text)
     if table not in enabled_tables(url):
         raise SubscriptionError(

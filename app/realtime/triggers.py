@@ -3,6 +3,7 @@ the transaction of the change, so no committed change can be missed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -158,23 +159,34 @@ _PG_ROW_FUNCTION = "nexus_realtime_capture"
 
 
 def validate_table_name(table: str) -> str:
+    """Return `table` in lower case, the name realtime stores and matches.
+
+    Realtime folds table names to lower case, as PostgreSQL folds unquoted
+    identifiers and as SQLite matches names in any case, so that `API_KEYS`
+    meets the rules of `api_keys`.
+
+    Raises:
+        RealtimeTableError: a bad name, or a table of `INTERNAL_TABLES` or
+            `SECRET_TABLES` in any letter case.
+    """
     # fullmatch: `$` would also accept a name that ends in a newline.
     if not _TABLE_NAME.fullmatch(table):
         raise RealtimeTableError(
             f"invalid table name {table!r}: use letters, digits and underscores, "
             "starting with a letter or underscore"
         )
-    if table in INTERNAL_TABLES:
+    folded = table.lower()
+    if folded in INTERNAL_TABLES:
         raise RealtimeTableError(
             f"table {table!r} belongs to realtime itself and cannot be subscribed to"
         )
-    if table in SECRET_TABLES:
+    if folded in SECRET_TABLES:
         raise RealtimeTableError(
-            f"table {table!r} contains {SECRET_TABLES[table]}, so realtime cannot "
+            f"table {table!r} contains {SECRET_TABLES[folded]}, so realtime cannot "
             "be enabled on it or subscribed to, because the change log would keep "
             "a copy of every row"
         )
-    return table
+    return folded
 
 
 def column_kinds(url: str, table: str) -> dict[str, ColumnKind]:
@@ -183,7 +195,7 @@ def column_kinds(url: str, table: str) -> dict[str, ColumnKind]:
     Raises:
         RealtimeTableError: the table does not exist.
     """
-    validate_table_name(table)
+    table = validate_table_name(table)
     with get_engine(url).connect() as connection:
         return _column_kinds(connection, table)
 
@@ -219,8 +231,9 @@ def _kind(column_type: sqltypes.TypeEngine[object]) -> ColumnKind:
     return "text"
 
 
-def enable_realtime(url: str, table: str) -> None:
-    """Install the capture triggers on `table` (idempotent) and record it.
+def enable_realtime(url: str, table: str) -> str:
+    """Install the capture triggers on `table` (idempotent) and record it;
+    return the name it is recorded under (see `validate_table_name`).
 
     Everything happens in one transaction, so a failure leaves the triggers
     and the `realtime_tables` entry as they were.
@@ -229,7 +242,7 @@ def enable_realtime(url: str, table: str) -> None:
         RealtimeTableError: the table is missing, internal or badly named.
         RealtimeEnableError: the database rejected a statement.
     """
-    validate_table_name(table)
+    table = validate_table_name(table)
     engine = get_engine(url)
     try:
         with engine.begin() as connection:
@@ -269,6 +282,7 @@ def enable_realtime(url: str, table: str) -> None:
             "that no other process holds a long write lock, then retry"
         ) from None
     logger.info("realtime enabled on table %s", table)
+    return table
 
 
 def _enable_postgresql(connection: Connection, table: str) -> None:
@@ -453,7 +467,7 @@ def _enable_sqlite(
 
 def disable_realtime(url: str, table: str) -> None:
     """Drop the capture triggers of `table`; the logged changes stay."""
-    validate_table_name(table)
+    table = validate_table_name(table)
     with get_engine(url).begin() as connection:
         if connection.dialect.name == "sqlite":
             # One transaction, as in enable_realtime, so the three drops and
@@ -493,8 +507,13 @@ def _has_capture_triggers(connection: Connection, table: str) -> bool:
             ).first()
             is not None
         )
+    # SQLite matches table and trigger names in any letter case, and an
+    # earlier version named the triggers after the table as the user typed it.
     stored = connection.execute(
-        text("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"),
+        text(
+            "SELECT lower(name) FROM sqlite_master "
+            "WHERE type = 'trigger' AND lower(tbl_name) = :t"
+        ),
         {"t": table},
     ).scalars()
     triggers = {f"nexus_realtime_{table}_{event}" for event in _SQLITE_EVENTS}
@@ -503,11 +522,16 @@ def _has_capture_triggers(connection: Connection, table: str) -> bool:
 
 def _captured(connection: Connection, table: str) -> bool:
     """Return whether realtime left anything of `table` behind: triggers,
-    the enabled record, logged changes or subscriptions."""
+    the enabled record, logged changes or subscriptions. The record and the
+    subscriptions count under the name in any letter case."""
+    # NOTE: the change log is searched by the exact name only, because
+    # lower() would scan the whole log on every worker start. Changes logged
+    # under another letter case whose record is gone (an earlier version's
+    # `disable_realtime`) stay until pruning deletes them.
     for statement in (
-        "SELECT 1 FROM realtime_tables WHERE table_name = :t",
+        "SELECT 1 FROM realtime_tables WHERE lower(table_name) = :t",
         "SELECT 1 FROM realtime_changes WHERE table_name = :t LIMIT 1",
-        "SELECT 1 FROM realtime_subscriptions WHERE table_name = :t LIMIT 1",
+        "SELECT 1 FROM realtime_subscriptions WHERE lower(table_name) = :t LIMIT 1",
     ):
         if connection.execute(text(statement), {"t": table}).first() is not None:
             return True
@@ -520,9 +544,9 @@ def remove_secret_tables(url: str) -> list[str]:
     """Remove realtime from every table of `SECRET_TABLES`: drop its capture
     triggers and delete its record, its logged changes and its subscriptions.
 
-    Earlier versions let `nexus realtime enable` capture these tables, so the
-    change log may contain copies of their rows. Each table is cleaned in one
-    transaction.
+    Earlier versions let `nexus realtime enable` capture these tables, also
+    under their names in other letter case, so the change log may contain
+    copies of their rows. Each table is cleaned in one transaction.
 
     Returns:
         The tables that had anything to remove.
@@ -537,15 +561,15 @@ def remove_secret_tables(url: str) -> list[str]:
             if inspect(connection).has_table(table):
                 _drop_triggers(connection, table)
             changes = connection.execute(
-                text("DELETE FROM realtime_changes WHERE table_name = :t"),
+                text("DELETE FROM realtime_changes WHERE lower(table_name) = :t"),
                 {"t": table},
             ).rowcount
             subscriptions = connection.execute(
-                text("DELETE FROM realtime_subscriptions WHERE table_name = :t"),
+                text("DELETE FROM realtime_subscriptions WHERE lower(table_name) = :t"),
                 {"t": table},
             ).rowcount
             connection.execute(
-                text("DELETE FROM realtime_tables WHERE table_name = :t"),
+                text("DELETE FROM realtime_tables WHERE lower(table_name) = :t"),
                 {"t": table},
             )
         logger.warning(
@@ -557,6 +581,68 @@ def remove_secret_tables(url: str) -> list[str]:
             subscriptions,
         )
     return found
+
+
+def fold_table_names(url: str) -> list[str]:
+    """Move realtime off each table name that an earlier version recorded in
+    other than lower case, and return those names.
+
+    For each such name it drops the capture triggers, deletes its
+    `realtime_tables` entry and its subscriptions, and files its logged
+    changes under the lower-case name. The subscriptions go because their
+    access check compared the name as typed, so `AUDIT_LOG` got past the
+    rule of `audit_log`. On SQLite the table is then enabled again under
+    its lower-case name, unless no caller may subscribe to it.
+    """
+    with get_engine(url).connect() as connection:
+        recorded = connection.execute(
+            text(
+                "SELECT table_name FROM realtime_tables UNION "
+                "SELECT table_name FROM realtime_subscriptions"
+            )
+        ).scalars()
+        names = sorted({name for name in recorded if name != name.lower()})
+    for name in names:
+        _fold_table_name(url, name)
+    return names
+
+
+def _fold_table_name(url: str, name: str) -> None:
+    folded = name.lower()
+    with get_engine(url).begin() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if _TABLE_NAME.fullmatch(name) and inspect(connection).has_table(name):
+            _drop_triggers(connection, name)
+        subscriptions = connection.execute(
+            text("DELETE FROM realtime_subscriptions WHERE table_name = :t"),
+            {"t": name},
+        ).rowcount
+        connection.execute(
+            text("DELETE FROM realtime_tables WHERE table_name = :t"), {"t": name}
+        )
+        connection.execute(
+            text("UPDATE realtime_changes SET table_name = :f WHERE table_name = :t"),
+            {"f": folded, "t": name},
+        )
+        present = inspect(connection).has_table(folded)
+    logger.warning(
+        "realtime table name %r is not in lower case: dropped its triggers and "
+        "%d subscriptions; subscribe to %r instead",
+        name,
+        subscriptions,
+        folded,
+    )
+    if not (sqlite and present):
+        # NOTE: on PostgreSQL a name with upper-case letters is a table
+        # created with a quoted name, which realtime cannot capture; rename
+        # the table to lower case and enable it again.
+        return
+    # A secret or internal table is rejected here; `remove_secret_tables`
+    # cleans it.
+    with contextlib.suppress(RealtimeTableError):
+        enable_realtime(url, folded)
 
 
 def enabled_tables(url: str) -> list[str]:
@@ -583,6 +669,7 @@ def enable_default_tables(url: str) -> list[str]:
     # First, so that a secret table recorded by an earlier version is not
     # enabled again below.
     remove_secret_tables(url)
+    fold_table_names(url)
     with get_engine(url).connect() as connection:
         inspector = inspect(connection)
         present = [t for t in DEFAULT_TABLES if inspector.has_table(t)]

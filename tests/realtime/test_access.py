@@ -31,6 +31,7 @@ from app.realtime.triggers import (
     enable_realtime,
     enabled_tables,
 )
+from app.services.audit import record_call
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, all_tools, invoke_tool, load_tools
 from tests.realtime.helpers import create_items, items
@@ -219,3 +220,113 @@ async def test_events_of_dropped_table_rejected(settings: Settings) -> None:
         )
     assert rejected.value.kind == "invalid_argument"
     assert "'items' not found" in rejected.value.message
+
+
+def _audit_call(url: str) -> None:
+    record_call(
+        url,
+        user_id="key:case",
+        tool="system_health",
+        arguments={},
+        outcome="success",
+        duration_ms=1.0,
+    )
+
+
+async def test_table_rules_ignore_letter_case(settings: Settings) -> None:
+    url = settings.effective_database_url
+    limited = realtime_only(settings)
+    local = ToolContext(settings)
+    for table in ("API_KEYS", "Api_Keys", "Workflow_Definition_Versions"):
+        with pytest.raises(RealtimeTableError, match="cannot be enabled"):
+            enable_realtime(url, table)
+        for ctx in (limited, local):
+            with pytest.raises(ToolError) as rejected:
+                await invoke_tool(ctx, "realtime_subscribe", {"table": table})
+            assert rejected.value.kind == "invalid_argument", table
+            assert "cannot be enabled" in rejected.value.message
+    for table in ("AUDIT_LOG", "Audit_Log"):
+        with pytest.raises(ToolError) as denied:
+            await invoke_tool(limited, "realtime_subscribe", {"table": table})
+        assert denied.value.kind == "forbidden", table
+        assert "--group system" in denied.value.message
+    create_items(url)
+    assert enable_realtime(url, "ITEMS") == "items"
+    assert "ITEMS" not in enabled_tables(url)
+    created = await invoke_tool(limited, "realtime_subscribe", {"table": "Items"})
+    assert created["table"] == "items"
+
+
+async def test_enable_in_upper_case_keeps_events(settings: Settings) -> None:
+    url = settings.effective_database_url
+    ctx = ToolContext(settings)
+    created = await invoke_tool(ctx, "realtime_subscribe", {"table": "audit_log"})
+    assert enable_realtime(url, "AUDIT_LOG") == "audit_log"
+    upper = await invoke_tool(ctx, "realtime_subscribe", {"table": "AUDIT_LOG"})
+    assert upper["table"] == "audit_log"
+    _audit_call(url)
+    for subscription in (created, upper):
+        batch = await invoke_tool(
+            ctx,
+            "realtime_events",
+            {"subscription_id": subscription["subscription_id"]},
+        )
+        # Tool calls are audited too, so the batch has more events.
+        assert {event["table"] for event in batch["events"]} == {"audit_log"}
+        callers = [event["new"]["user_id"] for event in batch["events"]]
+        assert callers.count("key:case") == 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cli_enable_folds_letter_case(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.cli.load_settings", lambda: settings)
+    rejected = CliRunner().invoke(cli, ["realtime", "enable", "API_KEYS"])
+    assert rejected.exit_code == 1
+    assert rejected.stderr.startswith("error: table 'API_KEYS' contains the salts")
+    enabled = CliRunner().invoke(cli, ["realtime", "enable", "AUDIT_LOG"])
+    assert enabled.exit_code == 0, enabled.output
+    assert '"table": "audit_log"' in enabled.stdout
+
+
+def _as_typed(table: str) -> str:
+    """The table name check of earlier versions, which kept the letter case."""
+    if table in INTERNAL_TABLES or table in SECRET_TABLES:
+        raise RealtimeTableError(f"table {table!r} cannot be enabled")
+    return table
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_upgrade_folds_upper_case_names(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL an earlier version found no table `AUDIT_LOG`, because
+    # it quoted the name; SQLite matched `audit_log`.
+    monkeypatch.setattr(triggers, "validate_table_name", _as_typed)
+    monkeypatch.setattr("app.realtime.service.validate_table_name", _as_typed)
+    enable_realtime(database_url, "API_KEYS")
+    enable_realtime(database_url, "AUDIT_LOG")
+    create_subscription(database_url, "API_KEYS", from_start=True)
+    create_subscription(database_url, "AUDIT_LOG", from_start=True)
+    create_key(database_url, "before-upgrade")
+    _audit_call(database_url)
+    monkeypatch.undo()
+    assert _left_of(database_url, "API_KEYS")["realtime_changes"] == 1
+    assert _left_of(database_url, "AUDIT_LOG")["realtime_changes"] == 1
+
+    enable_default_tables(database_url)
+
+    for table in ("API_KEYS", "AUDIT_LOG"):
+        assert _left_of(database_url, table) == {
+            "realtime_tables": 0,
+            "realtime_changes": 0,
+            "realtime_subscriptions": 0,
+        }, table
+    # The audit event logged under `AUDIT_LOG` is filed under `audit_log`.
+    assert _left_of(database_url, "audit_log")["realtime_changes"] == 1
+    create_key(database_url, "after-upgrade")
+    _audit_call(database_url)
+    assert _left_of(database_url, "api_keys")["realtime_changes"] == 0
+    assert _left_of(database_url, "audit_log")["realtime_changes"] == 2
+    assert "audit_log" in enabled_tables(database_url)
