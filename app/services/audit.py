@@ -30,6 +30,10 @@ _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
 # Longer argument strings are cut in the audit log, because an upload's
 # base64 content or a program would otherwise be stored once more there.
 AUDIT_STRING_LIMIT = 4096
+# The end of a value shortened to fit its column.
+TRUNCATION_MARKER = "...[truncated]"
+# The columns whose truncation was logged; each is logged once per process.
+_truncation_logged: set[str] = set()
 
 
 def mask_secrets(value: Any, *, name: str = "") -> Any:
@@ -101,15 +105,44 @@ def audit_fields(
     """
     return {
         "created_at": utc_now(),
-        "user_id": replace_lone_surrogates(user_id),
-        "key_id": None if key_id is None else replace_lone_surrogates(key_id),
-        "tool": replace_lone_surrogates(tool),
+        "user_id": _fit_column("user_id", replace_lone_surrogates(user_id)),
+        "key_id": None
+        if key_id is None
+        else _fit_column("key_id", replace_lone_surrogates(key_id)),
+        "tool": _fit_column("tool", replace_lone_surrogates(tool)),
         "arguments": mask_secrets(dict(arguments)),
-        "outcome": outcome,
+        "outcome": _fit_column("outcome", outcome),
         "error": None if error is None else replace_lone_surrogates(error),
         "duration_ms": round(duration_ms, 3),
         "ids": {_text(key): _text(value) for key, value in (ids or {}).items()},
     }
+
+
+@functools.cache
+def _column_length(column: str) -> int:
+    length = AuditEvent.__table__.c[column].type.length  # type: ignore[attr-defined]
+    assert isinstance(length, int)
+    return length
+
+
+def _fit_column(column: str, value: str) -> str:
+    """Return `value`, or its start ending in `TRUNCATION_MARKER` where it is
+    longer than the column. PostgreSQL rejects an over-long value, and the
+    event would be lost, so the call would go unaudited."""
+    length = _column_length(column)
+    if len(value) <= length:
+        return value
+    if column not in _truncation_logged:
+        _truncation_logged.add(column)
+        logger.warning(
+            "audit_log.%s: shortened a %d-character value to the column's %d "
+            "characters; later values of this column are shortened without a "
+            "message",
+            column,
+            len(value),
+            length,
+        )
+    return value[: length - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
 
 
 def record_call(database_url: str, **fields: Any) -> int:

@@ -15,7 +15,7 @@ from app.api.http import create_app
 from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.services import audit_writer
-from app.services.audit import MASK, list_calls
+from app.services.audit import MASK, TRUNCATION_MARKER, list_calls
 from app.services.audit_writer import AuditWriter
 from tests.api.conftest import ApiServer, ThreadedServer, free_port
 
@@ -101,6 +101,22 @@ async def test_close_writes_every_queued_event(database_url: str) -> None:
     writer.submit(**_event(arguments={"index": 40}))
     rows = list_calls(database_url, user_id="key:writer-test", limit=100)
     assert len(rows) == 41
+
+
+async def test_overlong_caller_shortened_not_dropped(database_url: str) -> None:
+    """PostgreSQL rejects a user id longer than its column, so the event
+    is shortened to fit instead of being lost."""
+    user_id = "key:" + "n" * 300
+    writer = AuditWriter(database_url)
+    writer.submit(**_event("long_caller", user_id=user_id, key_id="k" * 150))
+    await writer.close()
+    rows = list_calls(database_url, tool="long_caller")
+    assert len(rows) == 1
+    assert len(rows[0].user_id) == 200
+    assert rows[0].user_id.startswith("key:nnn")
+    assert rows[0].user_id.endswith(TRUNCATION_MARKER)
+    assert rows[0].key_id is not None
+    assert len(rows[0].key_id) == 100
 
 
 class _FailingWrites:
