@@ -22,6 +22,7 @@ import os
 import secrets
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,13 +31,24 @@ from sqlmodel import col, select
 
 from app.api.models import ApiKey
 from app.db import session_scope
-from app.db.models import utc_now
+from app.db.models import AuditEvent, utc_now
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "nxk"
 DEFAULT_KEY_FILE = "api-key"
+# The audit log records a key's calls under the user id `key:<name>`, so a
+# name may be only as long as that column leaves room for.
+USER_ID_PREFIX = "key:"
+MAX_KEY_NAME_LENGTH = AuditEvent.model_fields["user_id"].metadata[0].max_length - len(
+    USER_ID_PREFIX
+)
+# Unicode categories rejected in key names: control characters (Cc), format
+# characters such as bidirectional overrides (Cf), surrogates (Cs), and the
+# line and paragraph separators (Zl, Zp). Each would split or disguise the
+# log lines and audit entries that show the name.
+_REJECTED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 # Bumped by every revocation and rotation in this process; a cached key
 # verified under an older value is verified again.
@@ -63,7 +75,7 @@ class Principal:
 
     @property
     def user_id(self) -> str:
-        return f"key:{self.name}"
+        return f"{USER_ID_PREFIX}{self.name}"
 
     def may_call(self, group: str) -> bool:
         return self.groups is None or group in self.groups
@@ -105,19 +117,45 @@ def _info(row: ApiKey) -> KeyInfo:
     )
 
 
+def validate_key_name(name: str) -> None:
+    """Raise a ValueError naming the problem and the fix unless `name` is a
+    valid key name: not blank, at most `MAX_KEY_NAME_LENGTH` characters, and
+    without control or format characters."""
+    if not name.strip():
+        raise ValueError(
+            f"key name {name!r} is empty; name the key after who or what uses "
+            "it, for example `nexus keys create ci-bot`"
+        )
+    if len(name) > MAX_KEY_NAME_LENGTH:
+        raise ValueError(
+            f"key name {name[:40]!r}... is {len(name)} characters long, over the "
+            f"maximum of {MAX_KEY_NAME_LENGTH}, because the audit log records the "
+            f"caller as `{USER_ID_PREFIX}<name>`; choose a shorter name"
+        )
+    for position, character in enumerate(name):
+        if unicodedata.category(character) in _REJECTED_CATEGORIES:
+            raise ValueError(
+                f"key name {name!r} contains the control or format character "
+                f"U+{ord(character):04X} at position {position}; use printable "
+                "characters only, for example `nexus keys create ci-bot`"
+            )
+
+
 def create_key(
     database_url: str, name: str, groups: list[str] | None = None
 ) -> tuple[str, KeyInfo]:
     """Create a key and return its secret token (shown once) and its info.
 
     Raises:
-        ValueError: `name` is empty or only whitespace.
+        ValueError: an invalid `name` (see `validate_key_name`).
     """
-    if not name.strip():
-        raise ValueError(
-            f"key name {name!r} is empty; name the key after who or what uses "
-            "it, for example `nexus keys create ci-bot`"
-        )
+    validate_key_name(name)
+    return _insert_key(database_url, name, groups)
+
+
+def _insert_key(
+    database_url: str, name: str, groups: list[str] | None
+) -> tuple[str, KeyInfo]:
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
@@ -132,7 +170,8 @@ def create_key(
         session.add(row)
         session.flush()
         info = _info(row)
-    logger.info("created API key %s (%s)", key_id, name)
+    # repr: a name stored by an earlier version may contain a line break.
+    logger.info("created API key %s (%r)", key_id, name)
     return f"{KEY_PREFIX}_{key_id}_{secret}", info
 
 
@@ -180,7 +219,9 @@ def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
                 "`nexus keys list`"
             )
         name, groups = row.name, row.groups
-    token, info = create_key(database_url, name, groups)
+    # Not `create_key`: a name that an earlier version accepted stays valid
+    # for its key, and the audit log shortens an over-long caller id.
+    token, info = _insert_key(database_url, name, groups)
     with session_scope(database_url) as session:
         row = session.get(ApiKey, key_id)
         assert row is not None

@@ -175,6 +175,25 @@ def test_keys_create_rejects_empty_name(api_settings: Settings, name: str) -> No
 
 
 @pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("n" * 300, "is 300 characters long, over the maximum of 196"),
+        ("evil\nname", "contains the control or format character U+000A"),
+    ],
+)
+def test_keys_create_rejects_invalid_name(
+    api_settings: Settings, name: str, expected: str
+) -> None:
+    before = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
+    created = nexus(api_settings, "keys", "create", name)
+    assert created.returncode == 2
+    assert expected in created.stderr
+    assert "Traceback" not in created.stderr
+    after = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
+    assert len(after) == len(before)
+
+
+@pytest.mark.parametrize(
     ("module", "variable", "value", "expected"),
     [
         (

@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from app.api import keys
 from app.api.keys import (
+    MAX_KEY_NAME_LENGTH,
     KeyNotFoundError,
     create_key,
     ensure_default_key,
@@ -32,6 +33,7 @@ from app.api.keys import (
 from app.api.models import ApiKey
 from app.api.server import uvicorn_options
 from app.db import session_scope
+from app.services.audit import list_calls, record_call
 from app.settings import Settings
 from tests.api.conftest import REPO_ROOT, free_port, server_env
 
@@ -72,6 +74,58 @@ def test_wrong_revoked_rotated_keys(database_url: str) -> None:
         revoke_key(database_url, new_info.id)
     with pytest.raises(KeyNotFoundError):
         rotate_key(database_url, "missing")
+
+
+def test_key_name_fits_audit_column(database_url: str) -> None:
+    """A key's calls are audited as `key:<name>` in a 200-character column,
+    so a longer name is rejected before anything is stored."""
+    assert MAX_KEY_NAME_LENGTH == 196
+    for length in (197, 300, 5000):
+        with pytest.raises(ValueError) as raised:
+            create_key(database_url, "n" * length)
+        message = str(raised.value)
+        assert message.startswith("key name 'nnn")
+        assert f"is {length} characters long" in message
+        assert "over the maximum of 196" in message
+        assert "choose a shorter name" in message
+    assert list_keys(database_url) == []
+    token, info = create_key(database_url, "n" * MAX_KEY_NAME_LENGTH)
+    principal = verify_token(database_url, token)
+    assert principal is not None
+    record_call(
+        database_url,
+        user_id=principal.user_id,
+        tool="system_health",
+        arguments={},
+        outcome="success",
+        duration_ms=1.0,
+        key_id=info.id,
+    )
+    rows = list_calls(database_url, user_id=principal.user_id)
+    assert len(rows) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "position"),
+    [
+        ("evil\nname", "U+000A", 4),
+        ("tab\there", "U+0009", 3),
+        ("\x00", "U+0000", 0),
+        ("bell\x07", "U+0007", 4),
+        ("ok\u202eevil", "U+202E", 2),
+        ("line\u2028break", "U+2028", 4),
+    ],
+)
+def test_key_name_control_characters_rejected(
+    database_url: str, name: str, code: str, position: int
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        create_key(database_url, name)
+    message = str(raised.value)
+    assert f"key name {name!r}" in message
+    assert f"control or format character {code} at position {position}" in message
+    assert "use printable characters only" in message
+    assert list_keys(database_url) == []
 
 
 def test_default_key_created_once(
