@@ -48,6 +48,11 @@ def _principal(ctx: ServerRequestContext[Any, Any]) -> Principal | None:
     return principal if isinstance(principal, Principal) else None
 
 
+def local_user_name() -> str:
+    """Return the user id that the audit log records for calls over stdio."""
+    return f"mcp:{getpass.getuser()}"
+
+
 def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[Any]:
     """Build a server whose tools are the registry's tools.
 
@@ -58,7 +63,7 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
             the local user who started the process.
     """
     definitions = tool_definitions()
-    local_user = f"mcp:{getpass.getuser()}"
+    local_user = local_user_name()
 
     async def list_tools(
         ctx: ServerRequestContext[Any, Any],

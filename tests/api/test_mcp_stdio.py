@@ -1,0 +1,175 @@
+"""`python -m app mcp` driven line by line over pipes: lines the SDK cannot
+parse, and stdin closing while a call runs.
+
+The tools called here (audit_log, storage) need no Temporal, so no worker
+runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.services.audit import list_calls
+from app.settings import Settings
+from app.storage.local import storage_for
+from tests.api.conftest import REPO_ROOT, server_env
+from tests.conftest import TEST_ENCRYPTION_KEY
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        # Nothing listens there; no tool called here connects to Temporal.
+        temporal_address="127.0.0.1:1",
+        encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
+    )
+
+
+def start_server(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "mcp"],
+        cwd=REPO_ROOT,
+        env=server_env(settings),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def responses(stdout: bytes) -> dict[Any, dict[str, Any]]:
+    parsed = [json.loads(text) for text in stdout.splitlines()]
+    return {message.get("id"): message for message in parsed}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_lone_surrogate_line_answered(settings: Settings) -> None:
+    call = (
+        b'{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":'
+        b'"audit_log","arguments":{"tool":"\\ud800"}}}\n'
+    )
+    ping = line({"jsonrpc": "2.0", "id": 4, "method": "ping"})
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + call + ping, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    by_id = responses(stdout)
+    error = by_id[3]["error"]
+    assert error["code"] == -32700
+    assert "params.arguments.tool" in error["message"]
+    assert "lone UTF-16 surrogate" in error["message"]
+    assert "line 1 column" in error["message"]
+    assert error["data"]["errors"][0]["field"] == "params.arguments.tool"
+    assert by_id[4]["result"] == {}
+    events = list_calls(settings.effective_database_url, tool="mcp")
+    assert len(events) == 1
+    assert events[0].outcome == "error"
+    assert events[0].error is not None
+    assert events[0].error.startswith("rejected with -32700: ")
+    assert "params.arguments.tool" in events[0].error
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_invalid_lines_answered(settings: Settings) -> None:
+    sent = b"not json\n" + b'{"jsonrpc":"2.0","id":5,"method":"ping"' + b"\n"
+    sent += b'{"jsonrpc":"2.0","id":"\xff","method":"ping"}\n'
+    sent += line({"id": 6, "method": "ping"})
+    sent += line({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + b"\n" + sent, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    answered = [json.loads(text) for text in stdout.splitlines()]
+    # Each line got exactly one response, in order; the blank line none.
+    assert len(answered) == 6
+    not_json, truncated, not_utf8, not_jsonrpc = answered[1:5]
+    assert not_json["id"] is None
+    assert not_json["error"]["code"] == -32700
+    assert "line 1 column 1" in not_json["error"]["message"]
+    assert truncated["id"] is None
+    assert truncated["error"]["code"] == -32700
+    assert not_utf8["error"]["code"] == -32700
+    assert "not valid UTF-8" in not_utf8["error"]["message"]
+    assert not_jsonrpc["id"] == 6
+    assert not_jsonrpc["error"]["code"] == -32600
+    assert answered[5] == {"jsonrpc": "2.0", "id": 7, "result": {}}
+    events = list_calls(settings.effective_database_url, tool="mcp")
+    assert len(events) == 4
+    assert all(event.outcome == "error" for event in events)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_call_in_flight_finishes_at_eof(settings: Settings) -> None:
+    upload = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {
+            "name": "storage_upload",
+            "arguments": {
+                "bucket": "tst-bucket",
+                "path": "eof-test.txt",
+                "content": "written?",
+            },
+        },
+    }
+    process = start_server(settings)
+    # communicate() closes stdin right after the call, while it runs.
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + line(upload), timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    result = responses(stdout)[3]["result"]
+    assert result["isError"] is False
+    assert result["structuredContent"]["size"] == len("written?")
+    stored = storage_for(settings).get("tst-bucket", "eof-test.txt")
+    assert stored == b"written?"
+    events = list_calls(settings.effective_database_url, tool="storage_upload")
+    assert [event.outcome for event in events] == ["success"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_call_finishes_after_stdout_closed(settings: Settings) -> None:
+    upload = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {
+            "name": "storage_upload",
+            "arguments": {"bucket": "tst-bucket", "path": "gone.txt", "content": "x"},
+        },
+    }
+    process = start_server(settings)
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + line(upload), timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    assert storage_for(settings).get("tst-bucket", "gone.txt") == b"x"
+    events = list_calls(settings.effective_database_url, tool="storage_upload")
+    assert [event.outcome for event in events] == ["success"]
