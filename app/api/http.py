@@ -106,14 +106,21 @@ class BodyTooLargeError(Exception):
     """The request body grew past the limit while it was read."""
 
 
+# Key under which `Gate.admit` stores the audited target and the caller of
+# an admitted request in the ASGI scope, for BodyLimitMiddleware's audit event.
+ADMITTED_SCOPE_KEY = "nexus.admitted"
+
+
 class BodyLimitMiddleware:
     """Reject with 413 a request whose body exceeds `limit` bytes, by its
     Content-Length header or by the bytes actually received, when the route
-    reads the body: the routes check the key first."""
+    reads the body: the routes check the key first. Each rejection is in the
+    audit log."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, gate: Gate) -> None:
         self.app = app
         self.limit = limit
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,6 +132,7 @@ class BodyLimitMiddleware:
         )
         received = 0
         started = False
+        arrived = time.perf_counter()
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -151,15 +159,19 @@ class BodyLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await self._too_large()(scope, receive, send)
-
-    def _too_large(self) -> Response:
-        return _error_response(
-            413,
-            PAYLOAD_TOO_LARGE,
-            f"the request body is larger than {self.limit} bytes; send less, or "
-            "raise NEXUS_API_MAX_BODY_BYTES on the server",
-        )
+            message = (
+                f"the request body is larger than {self.limit} bytes; send less, "
+                "or raise NEXUS_API_MAX_BODY_BYTES on the server"
+            )
+            # A route that needs no key, or that read the body before it
+            # checked the key, stored no caller, so the event names the path.
+            target, principal = scope.get(
+                ADMITTED_SCOPE_KEY, (scope["path"][:100], None)
+            )
+            self.gate.audit_rejection(
+                target, arrived, 413, message, principal=principal
+            )
+            await _error_response(413, PAYLOAD_TOO_LARGE, message)(scope, receive, send)
 
 
 # Caller recorded in the audit log for a request without a valid key.
@@ -231,6 +243,7 @@ class Gate:
             )
             self.audit_rejection(target, started, 429, message, principal=principal)
             return _error_response(429, "rate_limited", message, {"Retry-After": retry})
+        request.scope[ADMITTED_SCOPE_KEY] = (target, principal)
         return principal
 
     def audit_rejection(
@@ -383,12 +396,22 @@ class McpEndpoint:
             await admitted(scope, receive, send)
             return
         scope[PRINCIPAL_SCOPE_KEY] = admitted
-        # Read here, so that BodyLimitMiddleware rejects a body over the limit
-        # with the API's error body. The transport would check the
-        # Content-Length itself and reply to a GET or DELETE in plain text.
+        # Read here, whatever the method, so that BodyLimitMiddleware rejects
+        # a body over the limit with the API's error body before a 405.
         body = await request.body()
         if scope["method"] != "POST":
-            await self.manager.handle_request(scope, _replay(body, receive), send)
+            # In stateless mode a GET stream would never carry a message,
+            # and there is no session for DELETE to end. The MCP streamable
+            # HTTP transport lets a server without an SSE stream respond 405.
+            message = (
+                f"method {scope['method'][:20]} is not allowed on '/mcp': this "
+                "server is stateless and offers no SSE stream or session; send "
+                "each JSON-RPC message or plain call with POST"
+            )
+            response = _error_response(
+                405, "method_not_allowed", message, {"Allow": "POST"}
+            )
+            await response(scope, receive, send)
             return
         started = time.perf_counter()
         invalid: InvalidJSONError | None = None
@@ -407,7 +430,7 @@ class McpEndpoint:
                 )
                 response = _invalid_json_response(invalid)
             else:
-                response = await self._plain_call(admitted, parsed)
+                response = await self._plain_call(admitted, parsed, started)
             await response(scope, receive, send)
             return
         content_type = request.headers.get("content-type", "").lower()
@@ -424,8 +447,10 @@ class McpEndpoint:
             message = "JSON-RPC batches are not supported; send one request per POST"
             await _jsonrpc_error(message)(scope, receive, send)
             return
-        if invalid is not None and invalid.lenient:
-            # The MCP transport's parser accepts NaN and lone surrogates.
+        if invalid is not None:
+            # Rejected here, not by the MCP transport, because its parser
+            # accepts NaN and lone surrogates, and its parse errors would
+            # not reach the audit log.
             self.gate.audit_rejection(
                 "mcp", started, 400, invalid.message, principal=admitted
             )
@@ -458,51 +483,15 @@ class McpEndpoint:
         self.gate.audit_rejection("mcp", started, status, message)
         return _error_response(status, kind, message)
 
-    async def _plain_call(self, principal: Principal, parsed: Any) -> Response:
-        if not isinstance(parsed, dict):
-            return _error_response(
-                422,
-                "invalid_argument",
-                f"the body must be a JSON object, not {type(parsed).__name__}: a "
-                f"plain call is {_PLAIN_CALL_SHAPE}, and a JSON-RPC message has "
-                '"jsonrpc": "2.0"',
-            )
-        if "tool" not in parsed:
-            return _error_response(
-                422,
-                "invalid_argument",
-                f"tool: missing; a plain call is {_PLAIN_CALL_SHAPE}, and a "
-                'JSON-RPC message has "jsonrpc": "2.0"',
-            )
+    async def _plain_call(
+        self, principal: Principal, parsed: Any, started: float
+    ) -> Response:
+        invalid = _plain_call_shape_error(parsed)
+        if invalid is not None:
+            self.gate.audit_rejection("mcp", started, 422, invalid, principal=principal)
+            return _error_response(422, "invalid_argument", invalid)
         name = parsed["tool"]
-        if not isinstance(name, str):
-            return _error_response(
-                422, "invalid_argument", f"tool: {name!r} is not a tool name"
-            )
-        unknown = sorted(set(parsed) - _PLAIN_CALL_FIELDS)
-        if unknown:
-            return _error_response(
-                422,
-                "invalid_argument",
-                f"{', '.join(unknown)}: not a field of a plain call; a plain call "
-                f'is {_PLAIN_CALL_SHAPE}, so put tool arguments inside "args"',
-            )
-        if "args" in parsed and "arguments" in parsed:
-            return _error_response(
-                422,
-                "invalid_argument",
-                "args, arguments: both are given; send the tool arguments once, "
-                'in "args" (or "arguments")',
-            )
-        field = "args" if "args" in parsed else "arguments"
-        arguments = parsed.get(field)
-        if arguments is not None and not isinstance(arguments, dict):
-            return _error_response(
-                422,
-                "invalid_argument",
-                f"{field}: {arguments!r} is invalid: the arguments must be a JSON "
-                "object",
-            )
+        arguments = parsed.get("args" if "args" in parsed else "arguments")
         try:
             result = await self.runner.call(name, arguments, principal=principal)
         except ToolError as error:
@@ -520,6 +509,68 @@ _NOT_JSON = object()
 # JSON-RPC 2.0 error codes.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+
+
+def _plain_call_shape_error(parsed: Any) -> str | None:
+    """Return why a plain `/mcp` call does not have the shape
+    `{"tool": NAME, "args": {...}}`, or None when it does.
+
+    The messages show a value only where it cannot be a secret (a tool
+    name that is a number, for example), because they reach the audit log.
+    """
+    if not isinstance(parsed, dict):
+        return (
+            f"the body must be a JSON object, not {type(parsed).__name__}: a "
+            f"plain call is {_PLAIN_CALL_SHAPE}, and a JSON-RPC message has "
+            '"jsonrpc": "2.0"'
+        )
+    if "tool" not in parsed:
+        return (
+            f"tool: missing; a plain call is {_PLAIN_CALL_SHAPE}, and a "
+            'JSON-RPC message has "jsonrpc": "2.0"'
+        )
+    name = parsed["tool"]
+    if not isinstance(name, str):
+        shown_value = repr(name) if _is_scalar(name) else f"a JSON {_json_type(name)}"
+        return f"tool: {shown_value} is not a tool name; send the name as a string"
+    unknown = sorted(set(parsed) - _PLAIN_CALL_FIELDS)
+    if unknown:
+        return (
+            f"{', '.join(unknown)}: not a field of a plain call; a plain call "
+            f'is {_PLAIN_CALL_SHAPE}, so put tool arguments inside "args"'
+        )
+    if "args" in parsed and "arguments" in parsed:
+        return (
+            "args, arguments: both are given; send the tool arguments once, "
+            'in "args" (or "arguments")'
+        )
+    field = "args" if "args" in parsed else "arguments"
+    arguments = parsed.get(field)
+    if arguments is not None and not isinstance(arguments, dict):
+        return (
+            f"{field}: a JSON {_json_type(arguments)} is invalid: the arguments "
+            "must be a JSON object"
+        )
+    return None
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float)
+
+
+def _json_type(value: Any) -> str:
+    """Return the JSON type name of a value parsed from JSON."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
 
 
 def _is_plain_call(parsed: Any) -> bool:
@@ -600,8 +651,13 @@ def _key_dependency(gate: Gate, group: str) -> Any:
         request.state.principal = admitted
         arguments = {**request.path_params, **request.query_params}
         outcome, error = "success", None
+        audited_elsewhere = False
         try:
             yield
+        except BodyTooLargeError:
+            # BodyLimitMiddleware responds with 413 and writes the event.
+            audited_elsewhere = True
+            raise
         except HTTPException as rejected:
             outcome, error = "error", f"{rejected.status_code}: {rejected.detail}"
             raise
@@ -612,15 +668,16 @@ def _key_dependency(gate: Gate, group: str) -> Any:
             outcome, error = "error", f"{type(failed).__name__}: the route failed"
             raise
         finally:
-            gate.audit_writer.submit(
-                user_id=admitted.user_id,
-                key_id=admitted.key_id,
-                tool=target,
-                arguments=arguments,
-                outcome=outcome,
-                duration_ms=(time.perf_counter() - started) * 1000,
-                error=error,
-            )
+            if not audited_elsewhere:
+                gate.audit_writer.submit(
+                    user_id=admitted.user_id,
+                    key_id=admitted.key_id,
+                    tool=target,
+                    arguments=arguments,
+                    outcome=outcome,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    error=error,
+                )
 
     # Scope "function": the audit row is written once the route has accepted
     # or rejected the request, not when a long-lived stream ends.
@@ -800,6 +857,12 @@ def create_app(settings: Settings) -> FastAPI:
         for the platform's health."""
         return {"status": "ok", "version": app.__version__, "tools": len(all_tools())}
 
+    # HEAD, for monitors that check liveness without a body: uvicorn sends
+    # the headers of the GET response and drops its body.
+    application.add_api_route(
+        "/health", health, methods=["HEAD"], include_in_schema=False
+    )
+
     endpoints = {spec.name: _tool_endpoint(spec, gate, runner) for spec in all_tools()}
     for spec in all_tools():
         application.add_api_route(
@@ -859,7 +922,9 @@ def create_app(settings: Settings) -> FastAPI:
                 manager,
                 check_host=settings.http_host in _LOOPBACK_HOSTS,
             ),
-            methods=["GET", "POST", "DELETE"],
+            # Every method reaches the endpoint, which rejects all but POST
+            # with 405 after the key and body checks.
+            methods=None,
             include_in_schema=False,
         )
     )
@@ -868,7 +933,9 @@ def create_app(settings: Settings) -> FastAPI:
         _add_doc_pages(application)
     _install_error_handlers(application)
     application.openapi = lambda: _openapi(application)  # type: ignore[method-assign]
-    application.add_middleware(BodyLimitMiddleware, limit=settings.api_max_body_bytes)
+    application.add_middleware(
+        BodyLimitMiddleware, limit=settings.api_max_body_bytes, gate=gate
+    )
     return application
 
 

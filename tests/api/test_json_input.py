@@ -255,3 +255,65 @@ async def test_events_with_stored_lone_surrogate(
     stored = get_subscription(database_url, sub.subscription_id)
     assert stored.cursor == events[-1]["id"]
     assert stored.delivered == 2
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_mcp_rejections_audited(server: ApiServer) -> None:
+    plain = {"Content-Type": "application/json"}
+    deep = '{"jsonrpc": "2.0", "params": ' + "[" * 5000 + "]" * 5000 + "}"
+    too_large = b'{"tool": "' + b"x" * server.settings.api_max_body_bytes + b'"}'
+    requests = [
+        ('{"tool": "audit_log", "limit": 1}', plain, 422),
+        ("{}", plain, 422),
+        ('"hello"', plain, 422),
+        ('{"tool": 5}', plain, 422),
+        ('{"tool": {"password": "hunter2"}}', plain, 422),
+        ('{"tool": "audit_log", "args": "hunter2"}', plain, 422),
+        ('{"tool": "audit_log", "args": [1]}', plain, 422),
+        ('{"jsonrpc": "2.0", "id": 1,', JSONRPC_HEADERS, 400),
+        (deep, JSONRPC_HEADERS, 400),
+        (too_large, plain, 413),
+    ]
+    for body, headers, status in requests:
+        response = await send(server, "/mcp", body, headers)
+        assert response.status_code == status, (body, response.text)
+        assert "hunter2" not in response.text
+    events = await audit_log(server, limit=len(requests) + 1)
+    rejected = [event for event in events if event["outcome"] == "error"]
+    assert len(rejected) == len(requests)
+    # The newest event comes first.
+    for event, (_, _, status) in zip(rejected, reversed(requests), strict=True):
+        assert event["tool"] == "mcp"
+        assert event["error"].startswith(f"rejected with {status}: "), event
+        assert event["arguments"] == {}
+        assert "hunter2" not in event["error"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_mcp_get_and_delete_405(server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        for method in ("GET", "DELETE"):
+            response = await http.request(
+                method,
+                "/mcp",
+                headers={**server.headers, "Accept": "text/event-stream"},
+            )
+            assert response.status_code == 405, response.text
+            assert response.headers["allow"] == "POST"
+            assert response.headers["content-type"] == "application/json"
+            error = response.json()["error"]
+            assert error["kind"] == "method_not_allowed"
+            assert "stateless" in error["message"]
+        without_key = await http.get("/mcp")
+        assert without_key.status_code == 401, without_key.text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_health_head_without_body(server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        get = await http.get("/health")
+        head = await http.head("/health")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert head.headers["content-length"] == str(len(get.content))
