@@ -116,6 +116,11 @@ def _claim_standard_streams() -> Iterator[tuple[BinaryIO, BinaryIO]]:
         os.close(wire_out)
 
 
+# How long the server goes on after stdin closed, for the requests already
+# read. A client that has gone away must not keep the process alive forever.
+EOF_DRAIN_SECONDS = 900
+
+
 class _OpenRequests:
     """Ids of the requests handed to the server and not yet responded to."""
 
@@ -214,7 +219,15 @@ async def _read_lines(
             logger.info(
                 "stdin closed; finishing %d request(s) in flight", len(requests)
             )
-        await requests.wait_idle()
+        with anyio.move_on_after(EOF_DRAIN_SECONDS):
+            await requests.wait_idle()
+        if len(requests):
+            logger.warning(
+                "stdin closed %d s ago and %d request(s) are still running; "
+                "stopping the server, which cancels them",
+                EOF_DRAIN_SECONDS,
+                len(requests),
+            )
 
 
 def _session_message(

@@ -6,14 +6,17 @@ runs."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from app.api import stdio
 from app.services.audit import list_calls
 from app.settings import Settings
 from app.storage.local import storage_for
@@ -173,3 +176,22 @@ def test_call_finishes_after_stdout_closed(settings: Settings) -> None:
     assert storage_for(settings).get("tst-bucket", "gone.txt") == b"x"
     events = list_calls(settings.effective_database_url, tool="storage_upload")
     assert [event.outcome for event in events] == ["success"]
+
+
+async def test_unanswered_request_stops_after_drain(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A request the server never answers must not keep the transport open
+    # forever once stdin has closed.
+    monkeypatch.setattr(stdio, "EOF_DRAIN_SECONDS", 0.2)
+    ping = line({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+    wire_in = io.BytesIO(ping)
+    wire_out = io.BytesIO()
+    audit = stdio._RejectionAudit("sqlite:///unused.db", "test")
+    received = []
+    with anyio.fail_after(30):
+        async with stdio.stdio_transport(wire_in, wire_out, audit) as (read, _):
+            async for message in read:
+                received.append(message)
+    assert len(received) == 1
+    assert "1 request(s) are still running" in caplog.text
