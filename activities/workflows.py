@@ -167,9 +167,8 @@ class WorkflowActivities:
             problems.append(f"Temporal unhealthy: {report.temporal.error}")
         for queue in params.queues:
             health = report.workers.get(queue)
-            if health is None or not (
-                health.workflow_pollers or health.activity_pollers
-            ):
+            # Unhealthy means no poller, or none that polled recently.
+            if health is None or health.status == "unhealthy":
                 problems.append(f"no worker polls task queue {queue!r}")
         if report.status == "degraded" and not params.allow_degraded:
             problems.append("platform is degraded and allow_degraded is false")

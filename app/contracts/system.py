@@ -35,6 +35,8 @@ class TemporalHealth(BaseModel):
 class Poller(BaseModel):
     identity: str
     last_access_time: UtcDateTime | None = None
+    # True when the last poll is older than the health check's threshold.
+    stale: bool = False
 
 
 class QueueHealth(BaseModel):

@@ -41,6 +41,13 @@ logger = logging.getLogger(__name__)
 PROCESS_STARTED = time.monotonic()
 _RPC_TIMEOUT = timedelta(seconds=5)
 
+# Temporal stores a poller's last access when its poll arrives and keeps
+# listing the poller for minutes after it stops. A live idle worker starts a
+# new long poll about every 60 to 70 s (an estimate from Temporal's default
+# long-poll timeout), so an older entry belongs to a worker that is stopped,
+# frozen or busy in all its task slots.
+POLLER_STALE_AFTER = timedelta(seconds=90)
+
 ComponentCheck = Callable[[Settings], Awaitable[dict[str, Any]]]
 _component_checks: dict[str, ComponentCheck] = {}
 
@@ -137,7 +144,12 @@ def _namespace_state_name(state: int) -> str:
     return names.get(state, str(state))
 
 
-async def describe_queue(client: Client, namespace: str, queue: str) -> QueueHealth:
+async def describe_queue(
+    client: Client,
+    namespace: str,
+    queue: str,
+    stale_after: timedelta = POLLER_STALE_AFTER,
+) -> QueueHealth:
     try:
         workflow, activity = await asyncio.gather(
             *(
@@ -157,14 +169,40 @@ async def describe_queue(client: Client, namespace: str, queue: str) -> QueueHea
         )
     except (RPCError, RuntimeError) as error:
         return QueueHealth(status="unhealthy", error=str(error))
-    workflow_pollers = [_poller(p) for p in workflow.pollers]
-    activity_pollers = [_poller(p) for p in activity.pollers]
-    status: Status = "healthy" if workflow_pollers or activity_pollers else "unhealthy"
+    now = datetime.now(UTC)
+    workflow_pollers = [_poller(p, now, stale_after) for p in workflow.pollers]
+    activity_pollers = [_poller(p, now, stale_after) for p in activity.pollers]
+    return queue_health(queue, workflow_pollers, activity_pollers, stale_after)
+
+
+def queue_health(
+    queue: str,
+    workflow_pollers: list[Poller],
+    activity_pollers: list[Poller],
+    stale_after: timedelta = POLLER_STALE_AFTER,
+) -> QueueHealth:
+    """Rate a queue by its pollers: unhealthy when none polled within
+    `stale_after`, degraded when some did and others did not."""
+    pollers = workflow_pollers + activity_pollers
+    stale = sorted({p.identity for p in pollers if p.stale})
+    live = [p for p in pollers if not p.stale]
+    status: Status = "healthy"
+    error = None
+    if not pollers:
+        status = "unhealthy"
+        error = f"no worker polls {queue}"
+    elif stale:
+        status = "degraded" if live else "unhealthy"
+        seconds = int(stale_after.total_seconds())
+        error = (
+            f"no poll on {queue} for over {seconds} s from {', '.join(stale)}; "
+            "such a worker is stopped, frozen or busy in all its task slots"
+        )
     return QueueHealth(
         status=status,
         workflow_pollers=workflow_pollers,
         activity_pollers=activity_pollers,
-        error=None if status == "healthy" else f"no worker polls {queue}",
+        error=error,
     )
 
 
@@ -178,11 +216,14 @@ async def _describe_queues(
     )
 
 
-def _poller(info: Any) -> Poller:
+def _poller(info: Any, now: datetime, stale_after: timedelta) -> Poller:
     last = (
-        info.last_access_time.ToDatetime(tzinfo=UTC) if info.last_access_time else None
+        info.last_access_time.ToDatetime(tzinfo=UTC)
+        if info.HasField("last_access_time")
+        else None
     )
-    return Poller(identity=info.identity, last_access_time=last)
+    stale = last is not None and now - last > stale_after
+    return Poller(identity=info.identity, last_access_time=last, stale=stale)
 
 
 async def system_health(

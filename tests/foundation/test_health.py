@@ -1,7 +1,19 @@
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from temporalio import activity
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from app.contracts.queues import ALL_QUEUES
-from app.services.health import system_health
+from app.contracts.system import Poller
+from app.services.health import (
+    POLLER_STALE_AFTER,
+    describe_queue,
+    queue_health,
+    system_health,
+)
 from app.settings import Settings
 
 
@@ -42,3 +54,45 @@ async def test_health_with_dead_database(tmp_path, client: Client) -> None:
     assert report.database.status == "unhealthy"
     assert report.database.error
     assert "nobody@127.0.0.1:1" in report.database.url
+
+
+@activity.defn(name="health_test_noop")
+async def _noop() -> None:
+    return None
+
+
+async def test_health_marks_silent_poller_stale(client: Client) -> None:
+    queue = f"health-stale-{uuid.uuid4().hex[:8]}"
+    async with Worker(client, task_queue=queue, activities=[_noop]):
+        for _ in range(100):
+            if (await describe_queue(client, "default", queue)).activity_pollers:
+                break
+            await asyncio.sleep(0.1)
+    # Temporal keeps listing the stopped worker, with its last poll aging.
+    await asyncio.sleep(1.5)
+    live = await describe_queue(client, "default", queue)
+    assert live.status == "healthy", live
+    assert not live.activity_pollers[0].stale
+    stale = await describe_queue(
+        client, "default", queue, stale_after=timedelta(seconds=1)
+    )
+    assert stale.status == "unhealthy", stale
+    assert stale.activity_pollers[0].stale
+    assert stale.error is not None
+    assert f"no poll on {queue} for over 1 s" in stale.error
+    assert stale.activity_pollers[0].identity in stale.error
+
+
+def test_queue_health_with_some_stale_pollers() -> None:
+    now = datetime.now(UTC)
+    live = Poller(identity="live@host:1", last_access_time=now)
+    stale = Poller(
+        identity="frozen@host:2",
+        last_access_time=now - POLLER_STALE_AFTER * 2,
+        stale=True,
+    )
+    health = queue_health("nexus-q", [], [live, stale])
+    assert health.status == "degraded"
+    assert health.error is not None
+    assert "frozen@host:2" in health.error
+    assert "live@host:1" not in health.error
