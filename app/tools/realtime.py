@@ -254,6 +254,24 @@ class ExecutionStreamSubscribeInput(BaseModel):
         return "workflow", self.execution_id
 
 
+async def _require_stream_target(ctx: ToolContext, kind: str, stream_id: str) -> None:
+    """Raise not_found unless the sandbox or workflow execution exists or
+    has output."""
+    if await asyncio.to_thread(stream_target_exists, ctx.database_url, kind, stream_id):
+        return
+    if kind == "sandbox":
+        hint = "sandbox_list shows the sandboxes; sandbox_create makes one"
+        target = f"sandbox {stream_id!r}"
+    else:
+        hint = (
+            "workflow_status shows a workflow's executions; workflow_execute "
+            "starts one and returns its execution_id"
+        )
+        target = f"workflow execution {stream_id!r}"
+    field = "sandbox_id" if kind == "sandbox" else "execution_id"
+    raise ToolError(f"{field}: {target} not found; {hint}", kind="not_found")
+
+
 @tool("execution_stream_subscribe", group="realtime")
 async def execution_stream_subscribe(
     ctx: ToolContext, args: ExecutionStreamSubscribeInput
@@ -265,20 +283,7 @@ async def execution_stream_subscribe(
     exist (sandbox_list, workflow_status list them) or have output."""
     kind, stream_id = args.target()
     check_stream(ctx, kind, "sandbox_id" if kind == "sandbox" else "execution_id")
-    if not await asyncio.to_thread(
-        stream_target_exists, ctx.database_url, kind, stream_id
-    ):
-        if kind == "sandbox":
-            hint = "sandbox_list shows the sandboxes; sandbox_create makes one"
-            target = f"sandbox {stream_id!r}"
-        else:
-            hint = (
-                "workflow_status shows a workflow's executions; workflow_execute "
-                "starts one and returns its execution_id"
-            )
-            target = f"workflow execution {stream_id!r}"
-        field = "sandbox_id" if kind == "sandbox" else "execution_id"
-        raise ToolError(f"{field}: {target} not found; {hint}", kind="not_found")
+    await _require_stream_target(ctx, kind, stream_id)
     quoted = stream_id.replace("\\", "\\\\").replace('"', '\\"')
     try:
         created = await asyncio.to_thread(
@@ -338,7 +343,8 @@ async def execution_stream_status(
     finished, its last chunk, and the subscriptions reading it with their lag
     (chunks of this run after the subscription's cursor). A stream is
     finished when its newest chunk is final, so when the run ended, or for a
-    sandbox when its latest execution ended."""
+    sandbox when its latest execution ended. The run must exist or have
+    output."""
     if args.subscription_id is not None:
         info = await _owned(ctx, args.subscription_id)
         if info.stream_kind is None or info.stream_id is None:
@@ -359,6 +365,8 @@ async def execution_stream_status(
         else ("sandbox_id" if kind == "sandbox" else "execution_id")
     )
     check_stream(ctx, kind, field)
+    if args.subscription_id is None:
+        await _require_stream_target(ctx, kind, stream_id)
     status = await asyncio.to_thread(output_status, ctx.database_url, kind, stream_id)
     subscriptions = [
         sub

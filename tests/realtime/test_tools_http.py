@@ -225,6 +225,28 @@ async def test_execution_stream_needs_an_existing_run(settings: Settings) -> Non
     assert created["stream_id"] == "sbx_quiet"
 
 
+async def test_execution_stream_status_unknown_run(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    with pytest.raises(ToolError) as missing:
+        await invoke_tool(
+            ctx, "execution_stream_status", {"sandbox_id": "sbx_does_not_exist"}
+        )
+    assert missing.value.kind == "not_found"
+    assert "sandbox_id: sandbox 'sbx_does_not_exist' not found" in (
+        missing.value.message
+    )
+    with pytest.raises(ToolError) as no_run:
+        await invoke_tool(ctx, "execution_stream_status", {"execution_id": "wf_x"})
+    assert no_run.value.kind == "not_found"
+    assert "execution_id: workflow execution 'wf_x' not found" in (no_run.value.message)
+    # A run with output but no record is still a stream to report.
+    append_output(settings.effective_database_url, "sandbox", "sbx_out", "hi\n")
+    status = await invoke_tool(
+        ctx, "execution_stream_status", {"sandbox_id": "sbx_out"}
+    )
+    assert status["chunks"] == 1
+
+
 async def test_execution_stream_lag_counts_its_own_chunks(settings: Settings) -> None:
     ctx = ToolContext(settings)
     url = settings.effective_database_url
