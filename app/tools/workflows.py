@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -22,7 +22,7 @@ from app.contracts.workflows import (
     WorkflowDefinition,
 )
 from app.sandbox.secrets import SealError, load_key
-from app.tools.registry import ToolContext, ToolError, tool
+from app.tools.registry import ToolContext, ToolError, arguments_error, tool
 from app.workflows import engine, store
 from app.workflows.agents import AgentResolution, resolve_agent
 from app.workflows.secrets import (
@@ -347,6 +347,17 @@ class WorkflowStatusInput(BaseModel):
     execution_id: str | None = Field(None, min_length=1)
     include_metrics: bool = Field(False, strict=True)
 
+    @model_validator(mode="after")
+    def _needs_target(self) -> WorkflowStatusInput:
+        if self.workflow_id is None and self.execution_id is None:
+            raise arguments_error(
+                "pass workflow_id to list a workflow's recent executions, or "
+                "execution_id for one execution's steps",
+                "workflow_id",
+                "execution_id",
+            )
+        return self
+
 
 class ExecutionSummary(BaseModel):
     execution_id: str
@@ -396,7 +407,7 @@ async def workflow_status(
     """Return one execution with per-step state (pending, running, completed,
     failed, skipped, cancelled; times, attempts, outputs), read live from a
     running workflow or from the database once it closed; or, without
-    execution_id, the recent executions of workflow_id (or of all workflows)."""
+    execution_id, the recent executions of workflow_id."""
     url = ctx.database_url
     if args.workflow_id is not None:
         await _require_definition(url, args.workflow_id)

@@ -171,6 +171,11 @@ async def test_unknown_ids_and_bad_status(tools: ToolContext) -> None:
     assert caught.value.kind == "not_found"
     assert "workflow 'wf_nope' not found" in caught.value.message
     with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_status")
+    assert caught.value.kind == "invalid_argument"
+    assert "workflow_id" in caught.value.message
+    assert "execution_id" in caught.value.message
+    with pytest.raises(ToolError) as caught:
         await call(tools, "workflow_audit_trail", workflow_id="wf_nope")
     assert caught.value.kind == "not_found"
     with pytest.raises(ToolError) as caught:
