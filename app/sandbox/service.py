@@ -158,11 +158,46 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
         return SandboxServiceError(message, kind)
     if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
         return SandboxServiceError(
-            f"sandbox {sandbox_id} has no running session; list sandboxes with "
-            "sandbox_list, or create one with sandbox_create",
+            f"sandbox {sandbox_id} has no running session: it was stopped, "
+            "deleted or failed to start; read its state with sandbox_status, or "
+            "create a new sandbox with sandbox_create",
             "not_found",
         )
     return SandboxServiceError(f"sandbox {sandbox_id}: {error}")
+
+
+def _unknown_sandbox(sandbox_id: str) -> SandboxServiceError:
+    return SandboxServiceError(
+        f"sandbox {sandbox_id} not found; list sandboxes with sandbox_list, or "
+        "create one with sandbox_create",
+        "not_found",
+    )
+
+
+async def _no_session(
+    client: Client, sandbox_id: str, error: RPCError
+) -> SandboxServiceError:
+    """Build the error for an update that found no running session, telling
+    a session that ended from one that never existed."""
+    try:
+        await _handle(client, sandbox_id).describe()
+    except RPCError as described:
+        if described.status == RPCStatusCode.NOT_FOUND:
+            return _unknown_sandbox(sandbox_id)
+        logger.warning(
+            "could not describe the session of sandbox %s: %s",
+            sandbox_id,
+            described.message,
+        )
+    return _translate(error, sandbox_id)
+
+
+def _query_error(error: RPCError, sandbox_id: str) -> SandboxServiceError:
+    # A closed workflow still handles queries, so NOT_FOUND here means the
+    # session never existed (or Temporal's retention removed it).
+    if error.status == RPCStatusCode.NOT_FOUND:
+        return _unknown_sandbox(sandbox_id)
+    return _translate(error, sandbox_id)
 
 
 def _unanswered(sandbox_id: str, name: str) -> BaseException:
@@ -214,6 +249,8 @@ async def _update(
     except RPCError as error:
         if error.status == RPCStatusCode.UNAVAILABLE:
             raise _connection_lost(client, sandbox_id, name, update_id, error) from None
+        if error.status == RPCStatusCode.NOT_FOUND:
+            raise await _no_session(client, sandbox_id, error) from None
         raise _translate(error, sandbox_id) from None
     except WorkflowUpdateFailedError as error:
         raise _translate(error, sandbox_id) from None
@@ -430,7 +467,7 @@ async def info(
     except RPCError as error:
         if timeout is not None and error.status in _TIMED_OUT:
             raise SandboxBusyError(sandbox_id) from None
-        raise _translate(error, sandbox_id) from None
+        raise _query_error(error, sandbox_id) from None
 
 
 class SandboxBusyError(Exception):
@@ -563,7 +600,7 @@ async def logs(client: Client, sandbox_id: str, lines: int = 100) -> list[str]:
             "logs", lines, result_type=list[str]
         )
     except RPCError as error:
-        raise _translate(error, sandbox_id) from None
+        raise _query_error(error, sandbox_id) from None
 
 
 async def stop_sandbox(client: Client, sandbox_id: str) -> SessionInfo:

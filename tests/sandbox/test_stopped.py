@@ -62,6 +62,9 @@ async def test_stop_removes_backend_folder(
         with pytest.raises(ToolError) as rejected:
             await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="1")
         assert rejected.value.kind == "not_found"
+        assert f"sandbox {sandbox_id} has no running session" in (
+            rejected.value.message
+        )
     finally:
         deleted = await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
     assert deleted["status"] == "deleted"
@@ -125,6 +128,28 @@ async def test_stop_twice_returns_stopped(
     with pytest.raises(ToolError) as unknown:
         await call(tool_ctx, "sandbox_stop", sandbox_id="sbx_000000000000")
     assert unknown.value.kind == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("sandbox_execute", {"code": "1"}),
+        ("sandbox_configure", {"run_commands": ["true"]}),
+        ("sandbox_upload", {"file_path": "a.txt", "content": "a"}),
+        ("sandbox_logs", {}),
+        ("sandbox_status", {}),
+        ("sandbox_stop", {}),
+        ("sandbox_delete", {}),
+    ],
+)
+async def test_unknown_sandbox_is_not_found(
+    tool_ctx: ToolContext, tool: str, arguments: dict[str, Any]
+) -> None:
+    with pytest.raises(ToolError) as unknown:
+        await call(tool_ctx, tool, sandbox_id="sbx_000000000000", **arguments)
+    assert unknown.value.kind == "not_found"
+    assert "sandbox sbx_000000000000 not found" in unknown.value.message
+    assert "no running session" not in unknown.value.message
 
 
 async def test_concurrent_stops_both_stopped(
