@@ -14,6 +14,7 @@ import typer
 
 from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
+from app.jsonsafe import DuplicateKeyError, unique_object
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -218,9 +219,12 @@ def call_command(
 ) -> None:
     """Call any tool with JSON arguments and print its JSON result."""
     try:
-        parsed = json.loads(arguments)
+        parsed = json.loads(arguments, object_pairs_hook=unique_object)
     except json.JSONDecodeError as error:
         typer.echo(f"error: the arguments are not valid JSON: {error}", err=True)
+        raise typer.Exit(2) from None
+    except DuplicateKeyError as error:
+        typer.echo(f"error: the arguments are invalid: {error}", err=True)
         raise typer.Exit(2) from None
     if not isinstance(parsed, dict):
         typer.echo("error: the arguments must be a JSON object", err=True)

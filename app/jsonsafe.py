@@ -146,14 +146,60 @@ def load_strict(
         InvalidJSONError: the body is not JSON, or contains a lone surrogate,
             NaN, Infinity or a number beyond the double range; the message
             names the field, the value as written and the line and column.
+            Also raised for an object that repeats a key, naming the key.
     """
     try:
         loaded = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        return _load_rejected(body, error, is_secret)
-    if has_wide_float(loaded):
-        return json.loads(body)
+        loaded = _load_rejected(body, error, is_secret)
+    else:
+        if has_wide_float(loaded):
+            loaded = json.loads(body)
+    if isinstance(loaded, dict | list):
+        _reject_duplicate_keys(body, loaded)
     return loaded
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object that contains the same key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the key {key!r} appears more than once in one object; send each key once"
+        )
+        self.key = key
+
+
+def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a dict from a JSON object's pairs, for `json.loads`'s
+    `object_pairs_hook`.
+
+    Raises:
+        DuplicateKeyError: a key appears twice. RFC 8259 leaves the meaning
+            of such an object to the parser, and most keep the last value.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
+    # orjson keeps the last of repeated keys without telling, so the body is
+    # parsed again with a hook that receives every pair.
+    try:
+        json.loads(body, object_pairs_hook=unique_object)
+    except DuplicateKeyError as duplicate:
+        field = replace_lone_surrogates(duplicate.key)
+        raise InvalidJSONError(
+            f"the request body is invalid: {duplicate}",
+            field=field,
+            problem=str(duplicate),
+            document=_cleaned(document),
+            lenient=True,
+        ) from None
 
 
 def has_wide_float(value: Any) -> bool:

@@ -24,6 +24,7 @@ from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.suggest import did_you_mean
 from app.temporal.client import connect
+from app.tools.numbers import boolean_number_errors
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +443,11 @@ async def invoke_tool(
     try:
         try:
             _reject_unencodable_values(name, raw, secret_fields(spec.input_model))
+            booleans = boolean_number_errors(spec.input_model, raw)
+            if booleans:
+                raise ValidationError.from_exception_data(
+                    spec.input_model.__name__, booleans
+                )
             args = spec.input_model.model_validate(raw)
         except ValidationError as error:
             raise describe_validation_error(

@@ -129,6 +129,15 @@ def test_tool_command_calls_and_rejects(api_settings: Settings) -> None:
     assert "did you mean swarm_list?" in mistyped.stderr
 
 
+def test_call_rejects_boolean_and_repeated_key(api_settings: Settings) -> None:
+    boolean = nexus(api_settings, "call", "audit_log", '{"limit": true}')
+    assert boolean.returncode == 1, boolean.stdout
+    assert "limit: True is invalid: Input should be a valid integer" in (boolean.stderr)
+    repeated = nexus(api_settings, "call", "audit_log", '{"limit": 1, "limit": 2}')
+    assert repeated.returncode == 2, repeated.stdout
+    assert "the key 'limit' appears more than once" in repeated.stderr
+
+
 async def _status_until(
     server: ApiServer, token: str, expected: int, deadline_seconds: float = 60
 ) -> int:

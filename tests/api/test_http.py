@@ -141,6 +141,53 @@ async def test_body_not_json_object(api_server: ApiServer) -> None:
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
+async def test_boolean_for_integer_rejected(api_server: ApiServer) -> None:
+    response = await post(api_server, "/api/tools/audit_log", {"limit": True})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["errors"][0]["field"] == "limit"
+    assert error["errors"][0]["value"] is True
+    assert (
+        "limit: True is invalid: Input should be a valid integer" in (error["message"])
+    )
+    plain = await post(
+        api_server, "/mcp", {"tool": "audit_log", "args": {"limit": True}}
+    )
+    assert plain.status_code == 422, plain.text
+    assert plain.json()["error"]["errors"][0]["field"] == "limit"
+
+
+async def test_repeated_key_rejected(api_server: ApiServer) -> None:
+    headers = {**api_server.headers, "Content-Type": "application/json"}
+    jsonrpc = (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": '
+        b'{"name": "audit_log", "arguments": {"limit": 1, "limit": 2}}}'
+    )
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        tool = await http.post(
+            "/api/tools/audit_log", content=b'{"limit": 1, "limit": 2}', headers=headers
+        )
+        plain = await http.post(
+            "/mcp",
+            content=b'{"tool": "audit_log", "args": {"limit": 1, "limit": 2}}',
+            headers=headers,
+        )
+        rpc = await http.post(
+            "/mcp",
+            content=jsonrpc,
+            headers={**headers, "Accept": "application/json, text/event-stream"},
+        )
+    for response in (tool, plain):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["kind"] == "invalid_argument"
+        assert error["errors"][0]["field"] == "limit"
+        assert "the key 'limit' appears more than once" in error["message"]
+    assert rpc.status_code == 400, rpc.text
+    assert rpc.json()["error"]["code"] == -32700
+    assert "the key 'limit' appears more than once" in rpc.json()["error"]["message"]
+
+
 async def test_unknown_tool_404(api_server: ApiServer) -> None:
     response = await post(api_server, "/api/tools/no_such_tool", {})
     assert response.status_code == 404

@@ -5,7 +5,15 @@ from temporalio.client import Client
 
 from app.services.audit import list_calls
 from app.settings import Settings
-from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool, load_tools
+from app.tools import (
+    ToolContext,
+    ToolError,
+    ToolInputError,
+    get_tool,
+    invoke_tool,
+    load_tools,
+)
+from app.tools.numbers import boolean_number_errors
 
 load_tools()
 
@@ -59,6 +67,37 @@ async def test_non_finite_number_in_object_rejected(
     assert caught.value.errors[0]["field"] == "steps.0.params.x.1"
     assert caught.value.errors[0]["value"] == repr(value)
     assert "finite number" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field"),
+    [
+        ("audit_log", {"limit": True}, "limit"),
+        ("task_results", {"task_id": "task_x", "wait_seconds": False}, "wait_seconds"),
+        ("neural_node_deploy", {"cluster_id": "c", "layers": [3, True]}, "layers.1"),
+        (
+            "workflow_create",
+            {
+                "name": "loose",
+                "steps": [{"name": "a", "type": "echo", "retry_attempts": True}],
+            },
+            "steps.0.retry_attempts",
+        ),
+    ],
+)
+async def test_boolean_for_number_rejected(
+    settings: Settings, tool: str, arguments: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), tool, arguments)
+    assert [e["field"] for e in caught.value.errors] == [field]
+    assert "Input should be a valid" in caught.value.errors[0]["message"]
+
+
+def test_float_field_still_takes_integer() -> None:
+    model = get_tool("neural_train").input_model
+    config = {"training": {"learning_rate": 1, "epochs": 2}}
+    assert boolean_number_errors(model, {"config": config, "seed": 3}) == []
 
 
 def test_every_tool_input_rejects_non_finite_numbers() -> None:
