@@ -322,7 +322,7 @@ def describe_validation_error(
             value = None
             lines.append(f"{path} is required: the arguments have no {loc[-1]}")
         elif item["type"] == "extra_forbidden":
-            message += _suggest_field(model, loc)
+            message = _extra_field_message(model, loc, message)
             lines.append(f"{path}: {value!r} is invalid: {message}")
         elif value is None and item["type"] == ARGUMENTS_ERROR:
             lines.append(f"{path}: {message}")
@@ -368,6 +368,31 @@ def _suggest_field(model: type[BaseModel] | None, loc: tuple[int | str, ...]) ->
     known = set(target.model_fields)
     known.update(info.alias for info in target.model_fields.values() if info.alias)
     return did_you_mean(loc[-1], known)
+
+
+def _extra_field_message(
+    model: type[BaseModel] | None, loc: tuple[int | str, ...], message: str
+) -> str:
+    """Explain an unknown argument at `loc`. A field name or alias is
+    reported as unknown when the field's other spelling was also given, or
+    when the model accepts only the alias."""
+    target = _model_at(model, loc[:-1])
+    name = loc[-1] if loc else None
+    info = _field_named(target, name) if target and isinstance(name, str) else None
+    if target is None or info is None or info.alias is None:
+        return message + _suggest_field(model, loc)
+    field_name = next(
+        key for key, field in target.model_fields.items() if field is info
+    )
+    other = info.alias if name == field_name else field_name
+    config = target.model_config
+    by_name = config.get("populate_by_name") or config.get("validate_by_name")
+    if name == field_name and not by_name:
+        return f"{message}; send it as {other}"
+    return (
+        f"{name} and {other} are two spellings of one argument, and both were "
+        "given; send only one"
+    )
 
 
 def _model_at(

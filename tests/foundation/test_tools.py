@@ -143,6 +143,20 @@ async def test_unknown_argument_suggests_field(settings: Settings) -> None:
     assert "did you mean maxAgents?" in caught.value.errors[0]["message"]
 
 
+async def test_both_spellings_of_argument(settings: Settings) -> None:
+    arguments = {"topology": "mesh", "max_agents": 3, "maxAgents": 4}
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(settings), "swarm_init", arguments)
+    expected = (
+        "max_agents and maxAgents are two spellings of one argument, and both "
+        "were given; send only one"
+    )
+    assert expected in caught.value.message
+    assert "did you mean" not in caught.value.message
+    assert caught.value.errors[0]["field"] == "max_agents"
+    assert caught.value.errors[0]["message"] == expected
+
+
 async def test_unknown_argument_far_from_fields(settings: Settings) -> None:
     with pytest.raises(ToolInputError) as caught:
         await invoke_tool(ToolContext(settings), "audit_log", {"colour": "red"})
