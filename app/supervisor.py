@@ -82,14 +82,16 @@ class Stack:
         """Migrate, start everything and return the Temporal address.
 
         Raises:
-            EmbeddedServerError: a port is taken (the HTTP port included,
-                checked before anything starts) or the server did not start.
+            EmbeddedServerError: a port is taken (checked before anything is
+                written or started) or the server did not start.
         """
         if self.want_api:
             self._check_http_port()
         if self.settings.embedded:
             self.server = EmbeddedTemporal(self.settings)
-            self.server.check_ports()
+            # Every port is checked before the database is migrated or a key
+            # is written, so that a failed start leaves the data folder as it was.
+            asyncio.run(self.server.check_startable())
         upgrade(self.settings.effective_database_url)
         if self.want_api:
             # Here rather than in the HTTP process, whose stderr goes to a

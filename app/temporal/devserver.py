@@ -178,6 +178,31 @@ class EmbeddedTemporal:
                 "NEXUS_TEMPORAL_UI_PORT to another free port"
             )
 
+    async def check_startable(self) -> bool:
+        """Check the ports that `start` needs, without writing anything, and
+        return whether a Temporal server already listens on the port.
+
+        Raises:
+            EmbeddedServerError: the port is held by something that is not
+                Temporal, or no server runs and the web UI port is in use.
+        """
+        self.check_ports()
+        if port_is_open(self.host, self.port):
+            if not await is_temporal(self.address, self.settings.namespace):
+                raise EmbeddedServerError(
+                    f"port {self.port} on {self.host} is in use by a process that is "
+                    "not a Temporal server; stop that process, or set "
+                    "NEXUS_TEMPORAL_PORT to a free port"
+                )
+            # A running server that is reused keeps its own web UI.
+            return True
+        if port_is_open(self.host, self.ui_port):
+            raise EmbeddedServerError(
+                f"the web UI port {self.ui_port} on {self.host} is in use; stop that "
+                "process, or set NEXUS_TEMPORAL_UI_PORT to a free port"
+            )
+        return False
+
     async def start(self, timeout: float = 60.0) -> str:
         """Start or reuse the server and return its gRPC address.
 
@@ -186,25 +211,13 @@ class EmbeddedTemporal:
                 Temporal, or the server did not come up in `timeout` seconds.
         """
         namespace = self.settings.namespace
-        self.check_ports()
-        if port_is_open(self.host, self.port):
-            if not await is_temporal(self.address, namespace):
-                raise EmbeddedServerError(
-                    f"port {self.port} on {self.host} is in use by a process that is "
-                    "not a Temporal server; stop that process, or set "
-                    "NEXUS_TEMPORAL_PORT to a free port"
-                )
+        if await self.check_startable():
             logger.info("reusing the Temporal server already at %s", self.address)
             self.reused = True
             await ensure_search_attributes(
                 await Client.connect(self.address), namespace
             )
             return self.address
-        if port_is_open(self.host, self.ui_port):
-            raise EmbeddedServerError(
-                f"the web UI port {self.ui_port} on {self.host} is in use; stop that "
-                "process, or set NEXUS_TEMPORAL_UI_PORT to a free port"
-            )
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info(
             "starting the embedded Temporal server at %s (web UI %s, history in %s)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -230,3 +231,20 @@ def test_health_without_server_exits_nonzero(tmp_path: Path) -> None:
     # Nothing migrated this fresh data folder, and health says how to fix it.
     assert report["database"]["status"] == "degraded"
     assert "nexus db upgrade" in report["database"]["error"]
+
+
+@pytest.mark.parametrize("port", ["NEXUS_TEMPORAL_UI_PORT", "NEXUS_TEMPORAL_PORT"])
+def test_up_busy_port_writes_nothing(tmp_path: Path, port: str) -> None:
+    up = NexusUp(tmp_path / "data")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(up.env[port])))
+        holder.listen()
+        done = up.nexus("up")
+    assert done.returncode == 1, done.stderr
+    assert f"port {up.env[port]} on 127.0.0.1" in done.stderr
+    assert port in done.stderr
+    # Nothing was migrated or written: no database and no API key.
+    written = (
+        sorted(p.name for p in up.data_dir.rglob("*")) if up.data_dir.exists() else []
+    )
+    assert written == []
