@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -22,7 +24,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     NEXUS_TLS_KEY.
 
     Raises:
-        ValueError: only one of the two TLS settings is set, or a file is missing.
+        ValueError: only one of the two TLS settings is set, or a file is
+            missing or invalid.
     """
     options: dict[str, Any] = {"host": settings.http_host, "port": settings.http_port}
     cert, key = settings.tls_cert, settings.tls_key
@@ -35,9 +38,48 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         for name, path in (("NEXUS_TLS_CERT", cert), ("NEXUS_TLS_KEY", key)):
             if not path.is_file():
                 raise ValueError(f"{name}={path} is not a file; point it at a PEM file")
+        _check_tls_files(cert, key)
         options["ssl_certfile"] = str(cert)
         options["ssl_keyfile"] = str(key)
     return options
+
+
+def _check_tls_files(cert: Path, key: Path) -> None:
+    """Load the certificate and key as uvicorn will, so that a bad file is a
+    one-line error naming its setting instead of a traceback at startup.
+
+    Raises:
+        ValueError: a file cannot be read, is not PEM of its kind, or the
+            key does not belong to the certificate.
+    """
+    markers = (
+        ("NEXUS_TLS_CERT", cert, "-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+        ("NEXUS_TLS_KEY", key, "PRIVATE KEY-----", "a PEM private key"),
+    )
+    for name, path, marker, kind in markers:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as error:
+            raise ValueError(
+                f"{name}={path} cannot be read ({error.strerror}); make it "
+                "readable by this user"
+            ) from None
+        if marker not in text:
+            raise ValueError(
+                f"{name}={path} is not {kind} (no {marker!r} line); point it at "
+                f"{kind} file"
+            )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password makes an encrypted key fail here instead of
+        # prompting on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as error:
+        raise ValueError(
+            f"NEXUS_TLS_CERT={cert} and NEXUS_TLS_KEY={key} cannot be loaded "
+            f"together ({error.reason or error}); the key must be the "
+            "certificate's unencrypted private key"
+        ) from None
 
 
 def main() -> None:

@@ -185,6 +185,39 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def test_invalid_tls_file_one_line_error(tmp_path: Path) -> None:
+    text = tmp_path / "hostname"
+    text.write_text("somehost\n")
+    env = server_env(Settings(data_dir=tmp_path / "data"))
+    env.update(NEXUS_TLS_CERT=str(text), NEXUS_TLS_KEY=str(text))
+    done = subprocess.run(
+        [sys.executable, "-m", "app.api"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"error: NEXUS_TLS_CERT={text} is not a PEM certificate (no "
+        "'-----BEGIN CERTIFICATE-----' line); point it at a PEM certificate file"
+    )
+
+
+def test_tls_key_of_another_certificate(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, _ = _self_signed(tmp_path / "one")
+    _, other_key = _self_signed(tmp_path / "two")
+    settings = Settings(data_dir=tmp_path, tls_cert=cert, tls_key=other_key)
+    with pytest.raises(ValueError, match="cannot be loaded together"):
+        uvicorn_options(settings)
+    with pytest.raises(ValueError, match=r"NEXUS_TLS_KEY=.* is not a PEM private key"):
+        uvicorn_options(Settings(data_dir=tmp_path, tls_cert=cert, tls_key=cert))
+
+
 def test_first_start_with_tls(tmp_path: Path, temporal_address: str) -> None:
     """`python -m app.api` migrates, prints a default key once to stderr,
     and serves HTTPS with the configured certificate."""
