@@ -167,7 +167,7 @@ class WorkflowActivities:
             problems.append(f"Temporal unhealthy: {report.temporal.error}")
         for queue in params.queues:
             health = report.workers.get(queue)
-            # Unhealthy means no poller, or none that polled recently.
+            # Unhealthy: no poller, or the queue could not be described.
             if health is None or health.status == "unhealthy":
                 problems.append(f"no worker polls task queue {queue!r}")
         if report.status == "degraded" and not params.allow_degraded:

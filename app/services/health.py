@@ -181,18 +181,21 @@ def queue_health(
     activity_pollers: list[Poller],
     stale_after: timedelta = POLLER_STALE_AFTER,
 ) -> QueueHealth:
-    """Rate a queue by its pollers: unhealthy when none polled within
-    `stale_after`, degraded when some did and others did not."""
+    """Rate a queue by its pollers: unhealthy with none, degraded when any
+    did not poll within `stale_after`.
+
+    A stale poller makes the queue degraded, never unhealthy, because a
+    worker whose task slots are all busy stops polling as a frozen one does.
+    """
     pollers = workflow_pollers + activity_pollers
     stale = sorted({p.identity for p in pollers if p.stale})
-    live = [p for p in pollers if not p.stale]
     status: Status = "healthy"
     error = None
     if not pollers:
         status = "unhealthy"
         error = f"no worker polls {queue}"
     elif stale:
-        status = "degraded" if live else "unhealthy"
+        status = "degraded"
         seconds = int(stale_after.total_seconds())
         error = (
             f"no poll on {queue} for over {seconds} s from {', '.join(stale)}; "

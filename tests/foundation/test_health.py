@@ -76,7 +76,8 @@ async def test_health_marks_silent_poller_stale(client: Client) -> None:
     stale = await describe_queue(
         client, "default", queue, stale_after=timedelta(seconds=1)
     )
-    assert stale.status == "unhealthy", stale
+    # Degraded, not unhealthy: a worker busy in all its slots looks the same.
+    assert stale.status == "degraded", stale
     assert stale.activity_pollers[0].stale
     assert stale.error is not None
     assert f"no poll on {queue} for over 1 s" in stale.error
