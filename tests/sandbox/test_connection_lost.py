@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from app.contracts.queues import ORCHESTRATION, SANDBOX
+from app.settings import Settings
 from app.temporal.client import connect
 from app.temporal.devserver import EmbeddedTemporal
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
@@ -33,12 +34,18 @@ async def call(ctx: ToolContext, name: str, **arguments: Any) -> dict[str, Any]:
     return await invoke_tool(ctx, name, arguments)
 
 
-async def test_execute_names_lost_connection(tmp_path: Path) -> None:
+def own_server_settings(tmp_path: Path) -> tuple[Settings, str]:
+    """Return settings for a Temporal server of the test's own, and its address."""
     port, ui_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     settings = sandbox_test_settings(
         tmp_path, address, temporal_port=port, temporal_ui_port=ui_port
     )
+    return settings, address
+
+
+async def test_execute_names_lost_connection(tmp_path: Path) -> None:
+    settings, address = own_server_settings(tmp_path)
     server = EmbeddedTemporal(settings)
     await server.start()
     try:
@@ -83,11 +90,7 @@ async def test_execute_names_lost_connection(tmp_path: Path) -> None:
 
 
 async def test_create_names_lost_connection(tmp_path: Path) -> None:
-    port, ui_port = free_port(), free_port()
-    address = f"127.0.0.1:{port}"
-    settings = sandbox_test_settings(
-        tmp_path, address, temporal_port=port, temporal_ui_port=ui_port
-    )
+    settings, address = own_server_settings(tmp_path)
     server = EmbeddedTemporal(settings)
     await server.start()
     try:
