@@ -662,7 +662,14 @@ class SandboxSessionWorkflow:
                 state.error = f"the {how} failed: {_cause_message(error)}"
                 self._event("failed", detail=state.error)
                 await self._record("failed")
-                raise
+                # The bare activity failure reads "Activity task failed"; the
+                # caller needs the cause and what to do.
+                cause = _application_failure(error)
+                raise ApplicationError(
+                    f"{state.error}. Call sandbox_{how} again to retry it.",
+                    type=cause.type if cause is not None and cause.type else None,
+                    non_retryable=True,
+                ) from None
         state.status = "stopped" if how == "stop" else "deleted"
         self._event(state.status, backend_id=state.backend_id)
         await self._record(state.status, delete=how == "delete")

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import e2b
+import httpx
 
 from app.contracts.sandbox import BackendState
 from app.sandbox.backend import (
@@ -62,6 +63,9 @@ class E2BBackend(SandboxBackend):
         # sandbox is the id E2B gave it, so any worker can reconnect.
         self._sandboxes: dict[str, Any] = {}
         self._timeouts: dict[str, int] = {}
+        # The platform's backend id (`sbx_...-gN`) by E2B sandbox id, for
+        # messages. A worker that only reconnected does not know it.
+        self._owners: dict[str, str] = {}
 
     async def _translate(
         self, error: BaseException, backend_id: str, sandbox: Any = None
@@ -69,15 +73,18 @@ class E2BBackend(SandboxBackend):
         """Map an SDK exception to the backend interface's errors."""
         if isinstance(error, SandboxBackendError):
             return error
-        message = f"E2B sandbox {backend_id}: {type(error).__name__}: {error}"
+        message = f"E2B sandbox {self._describe_id(backend_id)}: {_reason(error)}"
         if isinstance(
             error, e2b.SandboxNotFoundException | e2b.SandboxNotRunningException
         ):
             self._forget(backend_id)
             return SandboxLostError(message)
-        if isinstance(error, e2b.AuthenticationException):
+        if isinstance(error, e2b.AuthenticationException) or _status(error) in (
+            401,
+            403,
+        ):
             return SandboxConfigurationError(
-                f"{message}; check E2B_API_KEY (it was rejected)"
+                f"{message}; E2B rejected the API key, so set a valid E2B_API_KEY"
             )
         if isinstance(error, e2b.InvalidArgumentException | e2b.TemplateException):
             return SandboxConfigurationError(f"{message}; fix the request")
@@ -89,16 +96,41 @@ class E2BBackend(SandboxBackend):
             if sandbox is not None:
                 try:
                     running = await sandbox.is_running()
-                except Exception as probe:  # the probe failing means unreachable
+                except Exception as probe:
+                    # A failed probe leaves the state unknown. Recreating
+                    # here would kill a live sandbox and its files.
                     logger.warning(
                         "is_running probe for %s failed: %s", backend_id, probe
                     )
-                    running = False
+                    return SandboxRetryLaterError(
+                        f"{message}; E2B could not be reached to check whether "
+                        "the sandbox still runs, so it was kept. Retry later."
+                    )
                 if not running:
                     self._forget(backend_id)
                     return SandboxLostError(f"{message}; it is no longer running")
             return SandboxRetryLaterError(f"{message}; retry later")
-        return SandboxRetryLaterError(message)
+        status = _status(error)
+        if status is not None and status >= 500:
+            return SandboxRetryLaterError(
+                f"{message}; E2B failed with HTTP {status}, so retry later"
+            )
+        if isinstance(error, httpx.TransportError | OSError):
+            return SandboxRetryLaterError(
+                f"{message}; E2B could not be reached, so retry later"
+            )
+        if not isinstance(error, e2b.SandboxException):
+            # The SDK raises plain exceptions (KeyError, "Body of the
+            # request is None") when a response does not parse.
+            return SandboxRetryLaterError(
+                f"{message}; E2B sent an invalid response, so retry later"
+            )
+        return SandboxRetryLaterError(f"{message}; retry later")
+
+    def _describe_id(self, backend_id: str) -> str:
+        """Name an E2B sandbox with the platform's id where this worker knows it."""
+        owner = self._owners.get(backend_id)
+        return f"{backend_id} ({owner})" if owner else backend_id
 
     def _forget(self, backend_id: str) -> None:
         self._sandboxes.pop(backend_id, None)
@@ -128,6 +160,11 @@ class E2BBackend(SandboxBackend):
         env: Mapping[str, str],
         metadata: Mapping[str, str],
     ) -> BackendSandbox:
+        # An earlier attempt whose outcome was unclear may have created the
+        # sandbox after all. Adopting it keeps one billed sandbox per id.
+        adopted = await self._adopt_earlier(backend_id, timeout)
+        if adopted is not None:
+            return adopted
         try:
             sandbox = await self.sandbox_class.create(
                 template=_E2B_TEMPLATES.get(template, template),
@@ -136,12 +173,94 @@ class E2BBackend(SandboxBackend):
                 metadata={"nexus_backend_id": backend_id, **metadata},
                 api_key=self.api_key,
             )
+            sandbox_id = sandbox.sandbox_id
+            if not isinstance(sandbox_id, str) or not sandbox_id:
+                raise ValueError(f"no sandbox id in the response: {sandbox_id!r}")
         except Exception as error:
-            raise await self._translate(error, backend_id) from error
+            translated = await self._translate(error, backend_id)
+            if _rejected(error):
+                raise translated from error
+            # The request may have created a sandbox that nothing refers to.
+            cleanup = await self._kill_created(backend_id)
+            raise type(translated)(f"{translated}{cleanup}") from error
+        self._remember(sandbox, backend_id, timeout)
+        logger.info("created E2B sandbox %s as %s", backend_id, sandbox_id)
+        return BackendSandbox(sandbox_id, E2B_HOME)
+
+    def _remember(self, sandbox: Any, backend_id: str, timeout: int) -> None:
         self._sandboxes[sandbox.sandbox_id] = sandbox
         self._timeouts[sandbox.sandbox_id] = timeout
-        logger.info("created E2B sandbox %s as %s", backend_id, sandbox.sandbox_id)
-        return BackendSandbox(sandbox.sandbox_id, E2B_HOME)
+        self._owners[sandbox.sandbox_id] = backend_id
+
+    async def _created_ids(self, backend_id: str) -> list[str]:
+        """Return the ids of the E2B sandboxes created for `backend_id`."""
+        paginator = self.sandbox_class.list(
+            query=e2b.SandboxQuery(metadata={"nexus_backend_id": backend_id}),
+            api_key=self.api_key,
+        )
+        found: list[str] = []
+        while paginator.has_next:
+            found.extend(info.sandbox_id for info in await paginator.next_items())
+        return found
+
+    async def _adopt_earlier(
+        self, backend_id: str, timeout: int
+    ) -> BackendSandbox | None:
+        """Connect to a sandbox an earlier create made for `backend_id`, and
+        kill any more of them; return None when there is none."""
+        try:
+            found = await self._created_ids(backend_id)
+        except Exception as error:
+            translated = await self._translate(error, backend_id)
+            raise type(translated)(
+                "could not list E2B sandboxes to check for one that an earlier "
+                f"create of {backend_id} made: {translated}"
+            ) from error
+        if not found:
+            return None
+        keep, *extra = found
+        for sandbox_id in extra:
+            await self._kill_quietly(sandbox_id, backend_id)
+        try:
+            sandbox = await self.sandbox_class.connect(
+                keep, timeout=timeout, api_key=self.api_key
+            )
+        except Exception as error:
+            raise await self._translate(error, keep) from error
+        self._remember(sandbox, backend_id, timeout)
+        logger.info("adopted E2B sandbox %s created earlier for %s", keep, backend_id)
+        return BackendSandbox(keep, E2B_HOME)
+
+    async def _kill_created(self, backend_id: str) -> str:
+        """Kill the sandboxes a failed create may have made for `backend_id`;
+        return a sentence for the error when that could not be checked."""
+        try:
+            found = await self._created_ids(backend_id)
+        except Exception as error:
+            logger.warning(
+                "could not list E2B sandboxes created for %s: %s", backend_id, error
+            )
+            return (
+                f". Listing E2B sandboxes to remove one this create may have "
+                f"made also failed ({_reason(error)}); the next create "
+                "checks again"
+            )
+        for sandbox_id in found:
+            await self._kill_quietly(sandbox_id, backend_id)
+        return ""
+
+    async def _kill_quietly(self, sandbox_id: str, backend_id: str) -> None:
+        try:
+            await self.sandbox_class.kill(sandbox_id, api_key=self.api_key)
+        except Exception as error:
+            logger.warning(
+                "could not kill E2B sandbox %s created for %s: %s",
+                sandbox_id,
+                backend_id,
+                error,
+            )
+        else:
+            logger.info("killed E2B sandbox %s created for %s", sandbox_id, backend_id)
 
     async def home(self, backend_id: str) -> str:
         await self._sandbox(backend_id)
@@ -296,6 +415,28 @@ class E2BBackend(SandboxBackend):
 
     def isolation(self) -> dict[str, object]:
         return {"status": "healthy", "backend": self.name, "isolation": "e2b microVM"}
+
+
+def _rejected(error: BaseException) -> bool:
+    """Return whether E2B clearly rejected a request, so it created nothing."""
+    rejections = (
+        e2b.AuthenticationException,
+        e2b.InvalidArgumentException,
+        e2b.TemplateException,
+        e2b.RateLimitException,
+    )
+    status = _status(error)
+    return isinstance(error, rejections) or (status is not None and status < 500)
+
+
+def _status(error: BaseException) -> int | None:
+    status = getattr(error, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _cap(text: str, limit: int) -> tuple[str, int]:

@@ -60,7 +60,11 @@ from app.contracts.sandbox import (
     UploadResult,
 )
 from app.sandbox import store
-from app.sandbox.backend import SandboxBackendError, SandboxConfigurationError
+from app.sandbox.backend import (
+    SandboxBackendError,
+    SandboxConfigurationError,
+    SandboxRetryLaterError,
+)
 from app.sandbox.local import LocalBackend
 from app.sandbox.models import SandboxRecord
 from app.sandbox.runtime import get_backend
@@ -521,9 +525,16 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
                 # A call started after the session's query returned.
                 busy = True
             except SandboxServiceError as error:
-                if error.kind != "timed_out":
+                if error.kind == "failed":
+                    # The backend could not be reached or failed: the
+                    # recorded state stands, without a live part.
+                    logger.warning(
+                        "could not describe sandbox %s: %s", sandbox_id, error
+                    )
+                elif error.kind == "timed_out":
+                    busy = True
+                else:
                     raise
-                busy = True
             else:
                 live = result if isinstance(result, BackendState) else None
     elif (
@@ -556,8 +567,9 @@ def _backend_here(settings: Settings, backend: str, backend_id: str) -> bool:
 
 async def _describe_here(
     settings: Settings, sandbox_id: str, backend_id: str
-) -> BackendState:
-    """Read the live state from the backend in this process.
+) -> BackendState | None:
+    """Read the live state from the backend in this process; return None
+    when the backend cannot be reached or fails for now.
 
     Raises:
         SandboxServiceError: the backend call failed, with the backend's
@@ -565,6 +577,9 @@ async def _describe_here(
     """
     try:
         return await get_backend(settings).describe(backend_id)
+    except SandboxRetryLaterError as failure:
+        logger.warning("could not describe sandbox %s: %s", sandbox_id, failure)
+        return None
     except SandboxBackendError as failure:
         logger.warning("could not describe sandbox %s: %s", sandbox_id, failure)
         kind = (

@@ -58,12 +58,33 @@ class FakeFiles:
         del self.content[path]
 
 
+class FakePages:
+    """Stands in for `AsyncSandboxPaginator`: one page of sandboxes."""
+
+    def __init__(self, found: list[Any], fault: BaseException | None) -> None:
+        self.found = found
+        self.fault = fault
+        self.has_next = True
+
+    async def next_items(self) -> list[Any]:
+        if self.fault is not None:
+            raise self.fault
+        self.has_next = False
+        return self.found
+
+
 class FakeSandbox:
     """Stands in for `e2b.AsyncSandbox`; `fault` forces the next command's error."""
 
     live: ClassVar[dict[str, FakeSandbox]] = {}
     connects: ClassVar[list[tuple[str, int | None]]] = []
     create_fault: BaseException | None = None
+    # A create that makes its sandbox and then fails, as a POST that timed
+    # out after E2B acted on it.
+    create_fault_after: BaseException | None = None
+    list_fault: BaseException | None = None
+    probe_fault: BaseException | None = None
+    kill_fault: BaseException | None = None
     counter = 0
 
     def __init__(self, template: str) -> None:
@@ -77,6 +98,7 @@ class FakeSandbox:
         self.commands = self
         self.files = FakeFiles()
         self.timeout: int | None = None
+        self.metadata: dict[str, str] = {}
 
     @classmethod
     async def create(
@@ -91,8 +113,21 @@ class FakeSandbox:
             raise cls.create_fault
         sandbox = cls(template)
         sandbox.timeout = timeout
+        sandbox.metadata = dict(metadata)
         cls.live[sandbox.sandbox_id] = sandbox
+        if cls.create_fault_after is not None:
+            raise cls.create_fault_after
         return sandbox
+
+    @classmethod
+    def list(cls, query: e2b.SandboxQuery, api_key: str = "") -> FakePages:
+        wanted = (query.metadata or {}).items()
+        found = [
+            sandbox
+            for sandbox in cls.live.values()
+            if wanted <= sandbox.metadata.items()
+        ]
+        return FakePages(found, cls.list_fault)
 
     @classmethod
     async def connect(
@@ -106,6 +141,8 @@ class FakeSandbox:
 
     @classmethod
     async def kill(cls, sandbox_id: str, api_key: str = "") -> bool:
+        if cls.kill_fault is not None:
+            raise cls.kill_fault
         return cls.live.pop(sandbox_id, None) is not None
 
     async def run(
@@ -121,6 +158,8 @@ class FakeSandbox:
         return FakeHandle(len(self.commands_run), fault, self.exit_code)
 
     async def is_running(self) -> bool:
+        if FakeSandbox.probe_fault is not None:
+            raise FakeSandbox.probe_fault
         return self.running
 
     async def set_timeout(self, timeout: int) -> None:
@@ -134,6 +173,10 @@ def backend() -> E2BBackend:
     FakeSandbox.live = {}
     FakeSandbox.connects = []
     FakeSandbox.create_fault = None
+    FakeSandbox.create_fault_after = None
+    FakeSandbox.list_fault = None
+    FakeSandbox.probe_fault = None
+    FakeSandbox.kill_fault = None
     return E2BBackend(api_key="test-key", sandbox_class=FakeSandbox)
 
 
@@ -240,4 +283,120 @@ async def test_session_recreates_lost_e2b_sandbox(
         assert after["backend_id"] != first
         assert after["live"]["alive"] is True
     finally:
+        await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
+
+
+async def test_unreachable_sandbox_is_kept(backend: E2BBackend) -> None:
+    created = await backend.create(
+        "sbx_a-g1", template="base", timeout=600, env={}, metadata={}
+    )
+    sandbox = FakeSandbox.live[created.backend_id]
+    # The sandbox's own endpoint drops connections; the probe fails too.
+    sandbox.fault = e2b.SandboxUnreachableException("connection reset")
+    FakeSandbox.probe_fault = e2b.SandboxUnreachableException("connection reset")
+    with pytest.raises(SandboxRetryLaterError) as raised:
+        await run(backend, created.backend_id)
+    assert "could not be reached" in str(raised.value)
+    assert "sbx_a-g1" in str(raised.value)
+    assert created.backend_id in FakeSandbox.live
+    FakeSandbox.probe_fault = None
+    ok = await run(backend, created.backend_id)
+    assert ok.exit_code == 0
+
+
+async def test_unclear_create_kills_orphan(backend: E2BBackend) -> None:
+    FakeSandbox.create_fault_after = e2b.TimeoutException("request timed out")
+    with pytest.raises(SandboxRetryLaterError) as raised:
+        await backend.create(
+            "sbx_b-g1", template="base", timeout=60, env={}, metadata={}
+        )
+    assert "sbx_b-g1" in str(raised.value)
+    assert FakeSandbox.live == {}
+    FakeSandbox.create_fault_after = ValueError("malformed body")
+    with pytest.raises(SandboxRetryLaterError) as raised:
+        await backend.create(
+            "sbx_b-g1", template="base", timeout=60, env={}, metadata={}
+        )
+    assert "invalid response" in str(raised.value)
+    assert FakeSandbox.live == {}
+
+
+async def test_retried_create_adopts_earlier(backend: E2BBackend) -> None:
+    # A hung create made its sandbox after the failure was handled.
+    earlier = await FakeSandbox.create(
+        "base", 60, {}, {"nexus_backend_id": "sbx_c-g1"}, "test-key"
+    )
+    extra = await FakeSandbox.create(
+        "base", 60, {}, {"nexus_backend_id": "sbx_c-g1"}, "test-key"
+    )
+    other = await FakeSandbox.create(
+        "base", 60, {}, {"nexus_backend_id": "sbx_d-g1"}, "test-key"
+    )
+    created = await backend.create(
+        "sbx_c-g1", template="base", timeout=60, env={}, metadata={}
+    )
+    assert created.backend_id == earlier.sandbox_id
+    assert extra.sandbox_id not in FakeSandbox.live
+    assert other.sandbox_id in FakeSandbox.live
+    assert len(FakeSandbox.live) == 2
+
+
+async def test_create_lookup_failure_named(backend: E2BBackend) -> None:
+    FakeSandbox.list_fault = e2b.SandboxException("500: upstream failed")
+    FakeSandbox.list_fault.status_code = 500
+    with pytest.raises(SandboxRetryLaterError) as raised:
+        await backend.create(
+            "sbx_e-g1", template="base", timeout=60, env={}, metadata={}
+        )
+    assert "could not list E2B sandboxes" in str(raised.value)
+    assert "retry later" in str(raised.value)
+    assert FakeSandbox.live == {}
+
+
+async def test_error_texts_name_cause(backend: E2BBackend) -> None:
+    rejected = e2b.SandboxException("403: forbidden")
+    rejected.status_code = 403
+    FakeSandbox.create_fault = rejected
+    with pytest.raises(SandboxConfigurationError) as configuration:
+        await backend.create(
+            "sbx_f-g1", template="base", timeout=60, env={}, metadata={}
+        )
+    assert "E2B_API_KEY" in str(configuration.value)
+    failed = e2b.SandboxException("502: bad gateway")
+    failed.status_code = 502
+    FakeSandbox.create_fault = failed
+    with pytest.raises(SandboxRetryLaterError) as server:
+        await backend.create(
+            "sbx_f-g1", template="base", timeout=60, env={}, metadata={}
+        )
+    assert "E2B failed with HTTP 502, so retry later" in str(server.value)
+
+
+async def test_session_when_e2b_is_down(
+    backend: E2BBackend, tool_ctx: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.sandbox import runtime
+    from app.tools import invoke_tool
+
+    monkeypatch.setattr(runtime, "get_backend", lambda settings: backend)
+    created = await invoke_tool(tool_ctx, "sandbox_create", {"template": "base"})
+    sandbox_id = created["sandbox_id"]
+    down = e2b.SandboxException("500: internal error")
+    down.status_code = 500
+    try:
+        FakeSandbox.probe_fault = down
+        status = await invoke_tool(
+            tool_ctx, "sandbox_status", {"sandbox_id": sandbox_id}
+        )
+        assert status["status"] == "running"
+        assert status["live"] is None
+        FakeSandbox.probe_fault = None
+        FakeSandbox.kill_fault = down
+        with pytest.raises(Exception) as raised:
+            await invoke_tool(tool_ctx, "sandbox_stop", {"sandbox_id": sandbox_id})
+        assert "the stop failed: E2B sandbox" in str(raised.value)
+        assert "500" in str(raised.value)
+        assert "again to retry" in str(raised.value)
+    finally:
+        FakeSandbox.kill_fault = None
         await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
