@@ -58,6 +58,9 @@ def step_user(execution_id: str, step: str) -> str:
 # Seconds between the swarm step's heartbeats; its step type's heartbeat
 # timeout is several times this.
 SWARM_HEARTBEAT_SECONDS = 10.0
+# Seconds between the heartbeats of a `sandbox_execution` step that runs in
+# a sandbox of its own. Its step type's heartbeat timeout is several times this.
+SANDBOX_STEP_HEARTBEAT_SECONDS = 5.0
 # Seconds between the heartbeats of a `sandbox_execution` step that runs on
 # an agent. A cancel of the step reaches it only in the response to a
 # heartbeat, and the worker sends at most one per
@@ -136,36 +139,46 @@ class IntegrationActivities:
         sandbox_id = params.sandbox_id
         created = sandbox_id is None
         run: dict[str, Any] = {}
-        if sandbox_id is None:
-            new_sandbox = await self._call(
-                request,
-                "sandbox_create",
-                {"template": params.template, "env_vars": env},
-            )
-            sandbox_id = new_sandbox["sandbox_id"]
-        elif env:
-            # A sandbox of its own takes the step's env vars for this run only.
-            run["env_vars"] = env
-        if env:
-            # Every env var value of the step is a secret, whatever its name.
-            # The sandbox masks them before its result reaches the session's
-            # history and logs.
-            run["mask_env_vars"] = sorted(env)
+        # Heartbeats let the server retry the step soon after its worker
+        # dies, and let a cancel reach this attempt while it waits.
+        heartbeat = asyncio.create_task(heartbeat_every(SANDBOX_STEP_HEARTBEAT_SECONDS))
         try:
-            result = await self._call(
-                request,
-                "sandbox_execute",
-                {
-                    "sandbox_id": sandbox_id,
-                    "code": params.code,
-                    "language": params.language,
-                    "timeout": params.timeout,
-                    **run,
-                },
-            )
+            if sandbox_id is None:
+                await self._delete_earlier_sandboxes(request)
+                new_sandbox = await self._call(
+                    request,
+                    "sandbox_create",
+                    {"template": params.template, "env_vars": env},
+                )
+                sandbox_id = new_sandbox["sandbox_id"]
+            elif env:
+                # A sandbox of its own takes the step's env vars for this run
+                # only.
+                run["env_vars"] = env
+            if env:
+                # Every env var value of the step is a secret, whatever its
+                # name. The sandbox masks them before its result reaches the
+                # session's history and logs.
+                run["mask_env_vars"] = sorted(env)
+            try:
+                result = await self._call(
+                    request,
+                    "sandbox_execute",
+                    {
+                        "sandbox_id": sandbox_id,
+                        "code": params.code,
+                        "language": params.language,
+                        "timeout": params.timeout,
+                        **run,
+                    },
+                )
+            finally:
+                if created:
+                    await self._call(
+                        request, "sandbox_delete", {"sandbox_id": sandbox_id}
+                    )
         finally:
-            if created:
-                await self._call(request, "sandbox_delete", {"sandbox_id": sandbox_id})
+            heartbeat.cancel()
         # The sandbox masked them already. Masking again keeps the step's
         # output and error, which go into history and the database, free of
         # them even from a sandbox worker older than `mask_env_vars`.
@@ -191,6 +204,66 @@ class IntegrationActivities:
                 "SandboxCodeFailed",
             )
         return StepOutcome(output=output, attempt=activity.info().attempt)
+
+    async def _delete_earlier_sandboxes(self, request: StepRequest) -> None:
+        """Delete the sandboxes that earlier attempts of this step created and
+        could not delete, since their worker died, which also stops the
+        programs still running in them.
+
+        The audit log names them: each `sandbox_create` of the step runs as
+        the step's user, and its audit row is written before the call
+        returns. A sandbox that the step's params name is never created by
+        the step, so it is never deleted here.
+        NOTE: a worker that dies between the sandbox's start and that write
+        leaves the sandbox unnamed, until its timeout ends it."""
+        if activity.info().attempt == 1:
+            return
+        # A restarted worker may not have loaded the tools yet.
+        load_tools()
+        calls = await asyncio.to_thread(
+            list_calls,
+            self.settings.effective_database_url,
+            user_id=step_user(request.execution_id, request.step),
+            tool="sandbox_create",
+            limit=10_000,
+        )
+        earlier = [
+            call.ids["sandbox_id"]
+            for call in calls
+            if call.outcome == "success" and "sandbox_id" in call.ids
+        ]
+        if not earlier:
+            return
+        # A deleted sandbox leaves the list, and a stopped one still contains
+        # its files, which the attempt that created it would have deleted.
+        listed = await invoke_tool(
+            self._context(request), "sandbox_list", {"status": "all"}
+        )
+        present = {sandbox["sandbox_id"] for sandbox in listed["sandboxes"]}
+        for sandbox_id in earlier:
+            if sandbox_id not in present:
+                continue  # deleted by the attempt that created it
+            try:
+                await invoke_tool(
+                    self._context(request),
+                    "sandbox_delete",
+                    {"sandbox_id": sandbox_id},
+                )
+            except ToolError as error:
+                if error.kind != "not_found":
+                    raise step_error(
+                        request,
+                        f"sandbox_delete of {sandbox_id}, left by an earlier "
+                        f"attempt, failed: {error.message}",
+                        kind="ToolFailed",
+                        non_retryable=False,
+                    ) from None
+                continue
+            activity.logger.warning(
+                "deleted sandbox %s, left by an earlier attempt of step %s",
+                sandbox_id,
+                request.step,
+            )
 
     def _step_env(
         self, request: StepRequest, params: SandboxExecutionParams
@@ -249,8 +322,8 @@ class IntegrationActivities:
             language=params.language,
             timeout_seconds=params.timeout,
         )
-        # The step type has no heartbeat timeout, so the heartbeats serve
-        # only to receive a cancel of the step, which then cancels the task.
+        # The heartbeats let the server retry the step soon after its worker
+        # dies, and receive a cancel of the step, which then cancels the task.
         heartbeat = asyncio.create_task(heartbeat_every(AGENT_STEP_HEARTBEAT_SECONDS))
         try:
             progress = await run_on_agent(

@@ -61,6 +61,9 @@ NON_RETRYABLE_TYPES = ["InvalidStepParams", "StepTypeNotAvailable"]
 _RECORD_TIMEOUT = timedelta(seconds=30)
 # Executions started before this patch wrote progress before every wait.
 _PATCH_BATCH_LOCAL_PROGRESS = "batch-local-step-progress"
+# Executions started before this patch ran `sandbox_execution` steps with no
+# heartbeat timeout, so a cancel did not wait for the step's activity.
+_PATCH_SANDBOX_STEP_HEARTBEAT = "sandbox-step-heartbeat"
 _RECORD_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), maximum_attempts=10
 )
@@ -395,6 +398,12 @@ class FlowNexusWorkflow:
             if step_type.heartbeat_timeout
             else None
         )
+        if (
+            heartbeat is not None
+            and step_type.name == "sandbox_execution"
+            and not workflow.patched(_PATCH_SANDBOX_STEP_HEARTBEAT)
+        ):
+            heartbeat = None
         if step_type.local:
             return await workflow.execute_local_activity(
                 step_type.activity,

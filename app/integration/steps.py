@@ -114,6 +114,9 @@ for _step_type in (
         "step_sandbox_execution",
         ORCHESTRATION,
         SandboxExecutionParams,
+        # So a dead worker's attempt is retried within this many seconds,
+        # not after the step's whole timeout.
+        heartbeat_timeout=30,
     ),
     StepType(
         "neural_computation",

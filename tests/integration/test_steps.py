@@ -241,6 +241,48 @@ async def test_swarm_step_retry_destroys_earlier_swarms(
     await invoke_tool(sibling, "swarm_destroy", {"swarm_id": kept["swarm_id"]})
 
 
+async def test_sandbox_step_retry_deletes_earlier(
+    client: Client, workers: Settings
+) -> None:
+    # An attempt whose worker died left a sandbox, which the audit log names
+    # under the step's user. Only a retry deletes it, and the sandboxes of
+    # the execution's other steps stay.
+    execution_id = f"retry-{uuid.uuid4().hex[:8]}"
+    step = ToolContext(
+        workers, user_id=step_user(execution_id, "code"), temporal_client=client
+    )
+    left = await invoke_tool(step, "sandbox_create", {"template": "python"})
+    sibling = ToolContext(
+        workers, user_id=step_user(execution_id, "more"), temporal_client=client
+    )
+    kept = await invoke_tool(sibling, "sandbox_create", {"template": "python"})
+    request = StepRequest(
+        execution_id=execution_id,
+        step="code",
+        type="sandbox_execution",
+        params={"code": "print(7)"},
+    )
+    activities = IntegrationActivities(workers)
+    try:
+        await ActivityEnvironment(client=client).run(
+            activities._delete_earlier_sandboxes, request
+        )
+        listed = await invoke_tool(step, "sandbox_list", {"status": "all"})
+        assert left["sandbox_id"] in {s["sandbox_id"] for s in listed["sandboxes"]}
+
+        environment = ActivityEnvironment(client=client)
+        environment.info = dataclasses.replace(environment.info, attempt=2)
+        outcome = await environment.run(activities.sandbox_execution, request)
+        assert outcome.output["stdout"] == "7\n"
+        listed = await invoke_tool(step, "sandbox_list", {"status": "all"})
+        present = {s["sandbox_id"] for s in listed["sandboxes"]}
+        assert left["sandbox_id"] not in present
+        assert outcome.output["sandbox_id"] not in present
+        assert kept["sandbox_id"] in present
+    finally:
+        await invoke_tool(sibling, "sandbox_delete", {"sandbox_id": kept["sandbox_id"]})
+
+
 async def test_first_attempt_destroys_nothing(
     client: Client, workers: Settings
 ) -> None:

@@ -15,9 +15,13 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.integration import step_user
 from activities.swarm import HEARTBEAT_SECONDS
 from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import SwarmState, SwarmWorkflowInput, task_workflow_id
+from app.sandbox import service as sandbox_service
+from app.sandbox.runtime import get_backend
+from app.services.audit import list_calls
 from app.settings import Settings
 from app.swarm.agent_tasks import step_task_id
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers, wait_for_pollers
@@ -282,6 +286,96 @@ async def test_agent_step_runs_again_after_graceful_stop(
     assert step["output"]["stdout"] == "gate opened\n"
     assert step["output"]["task_id"] == step_task_id(swarm_id, execution_id, "code")
     assert (folder / "attempts").read_text() == "xx"
+
+
+async def step_sandbox(
+    settings: Settings, execution_id: str, step: str, known: set[str]
+) -> str:
+    """Wait for a sandbox that the step created and that is not in `known`,
+    as its audit log names it, and return its id."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        calls = await asyncio.to_thread(
+            list_calls,
+            settings.effective_database_url,
+            user_id=step_user(execution_id, step),
+            tool="sandbox_create",
+        )
+        created = {call.ids["sandbox_id"] for call in calls if "sandbox_id" in call.ids}
+        if created - known:
+            (sandbox_id,) = created - known
+            return sandbox_id
+        assert loop.time() < deadline, f"step {step} created no new sandbox"
+        await asyncio.sleep(0.2)
+
+
+async def sandbox_folder(client: Client, settings: Settings, sandbox_id: str) -> Path:
+    """Host folder of a local sandbox, which programs see as their working
+    folder."""
+    info = await sandbox_service.info(client, sandbox_id)
+    assert info.backend_id is not None
+    return get_backend(settings).folder(info.backend_id)  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_sandbox_step_retry_deletes_earlier_sandbox(
+    client: Client, swarm_settings: Settings
+) -> None:
+    helper = Swarms(client, swarm_settings)
+    try:
+        async with running_workers(client, swarm_settings, [SANDBOX]):
+            with orchestration_process(swarm_settings) as orchestration:
+                await wait_for_pollers(
+                    client, swarm_settings.namespace, [ORCHESTRATION]
+                )
+                created = await helper.call(
+                    "workflow_create",
+                    name="sandbox-step-kill",
+                    steps=[
+                        {
+                            "name": "a",
+                            "type": "sandbox_execution",
+                            "params": {"code": GATED_PROGRAM},
+                            "retry_attempts": 2,
+                            "timeout": 300,
+                        }
+                    ],
+                )
+                started = await helper.call(
+                    "workflow_execute",
+                    workflow_id=created["workflow_id"],
+                    **{"async": True},
+                )
+                execution_id = started["execution_id"]
+                helper.workflow_ids.append(execution_id)
+                first = await step_sandbox(swarm_settings, execution_id, "a", set())
+                first_folder = await sandbox_folder(client, swarm_settings, first)
+                await wait_for_file(first_folder / "started")
+                orchestration.kill()
+                orchestration.wait(timeout=30)
+                # The step's heartbeat timeout, not its 300 s timeout, ends
+                # the dead worker's attempt.
+                await _wait_for_retry(client, execution_id, "a")
+            with orchestration_process(swarm_settings):
+                second = await step_sandbox(swarm_settings, execution_id, "a", {first})
+                second_folder = await sandbox_folder(client, swarm_settings, second)
+                await wait_for_file(second_folder / "started")
+                listed = await helper.call("sandbox_list", status="all")
+                assert first not in {s["sandbox_id"] for s in listed["sandboxes"]}
+                (second_folder / "gate").write_text("open")
+                await client.get_workflow_handle(execution_id).result()
+                status = await helper.call("workflow_status", execution_id=execution_id)
+    finally:
+        await helper.cleanup()
+    [step] = status["execution"]["steps"]
+    assert step["status"] == "completed", step["error"]
+    assert step["attempts"] >= 2
+    assert step["output"]["sandbox_id"] == second
+    assert step["output"]["stdout"] == "gate opened\n"
+    listed = await helper.call("sandbox_list", status="all")
+    ids = {s["sandbox_id"] for s in listed["sandboxes"]}
+    assert first not in ids
+    assert second not in ids
 
 
 async def test_swarm_survives_worker_restart(
