@@ -216,22 +216,9 @@ class IntegrationActivities:
         the step, so it is never deleted here.
         NOTE: a worker that dies between the sandbox's start and that write
         leaves the sandbox unnamed, until its timeout ends it."""
-        if activity.info().attempt == 1:
-            return
-        # A restarted worker may not have loaded the tools yet.
-        load_tools()
-        calls = await asyncio.to_thread(
-            list_calls,
-            self.settings.effective_database_url,
-            user_id=step_user(request.execution_id, request.step),
-            tool="sandbox_create",
-            limit=10_000,
+        earlier = await self._created_by_earlier_attempts(
+            request, "sandbox_create", "sandbox_id"
         )
-        earlier = [
-            call.ids["sandbox_id"]
-            for call in calls
-            if call.outcome == "success" and "sandbox_id" in call.ids
-        ]
         if not earlier:
             return
         # A deleted sandbox leaves the list, and a stopped one still contains
@@ -407,6 +394,29 @@ class IntegrationActivities:
             heartbeat.cancel()
         return StepOutcome(output=output, attempt=activity.info().attempt)
 
+    async def _created_by_earlier_attempts(
+        self, request: StepRequest, tool: str, id_field: str
+    ) -> list[str]:
+        """Return the ids that successful `tool` calls of this step's earlier
+        attempts created, from the audit log; none on the first attempt."""
+        if activity.info().attempt == 1:
+            return []
+        # A restarted worker may not have loaded the tools yet, and an unknown
+        # tool's error would pass for a resource that is gone already.
+        load_tools()
+        calls = await asyncio.to_thread(
+            list_calls,
+            self.settings.effective_database_url,
+            user_id=step_user(request.execution_id, request.step),
+            tool=tool,
+            limit=10_000,
+        )
+        return [
+            call.ids[id_field]
+            for call in calls
+            if call.outcome == "success" and id_field in call.ids
+        ]
+
     async def _destroy_earlier_swarms(self, request: StepRequest) -> None:
         """Destroy the swarms that earlier attempts of this step created and
         could not destroy, since their worker died.
@@ -415,23 +425,9 @@ class IntegrationActivities:
         step's user, and its audit row is written before the call returns.
         NOTE: a worker that dies between the swarm's start and that write
         leaves the swarm unnamed, until its timeout ends it."""
-        if activity.info().attempt == 1:
-            return
-        # A restarted worker may not have loaded the tools yet, and an unknown
-        # tool's error would pass for a swarm that is gone already.
-        load_tools()
-        calls = await asyncio.to_thread(
-            list_calls,
-            self.settings.effective_database_url,
-            user_id=step_user(request.execution_id, request.step),
-            tool="swarm_init",
-            limit=10_000,
+        earlier = await self._created_by_earlier_attempts(
+            request, "swarm_init", "swarm_id"
         )
-        earlier = [
-            call.ids["swarm_id"]
-            for call in calls
-            if call.outcome == "success" and "swarm_id" in call.ids
-        ]
         if not earlier:
             return
         listed = await invoke_tool(

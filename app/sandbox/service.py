@@ -361,7 +361,7 @@ async def create_sandbox(
             "ready", start_workflow_operation=start, result_type=SessionInfo
         )
     except RPCError as error:
-        # The start operation's handle holds the same error; reading it keeps
+        # The start operation's handle contains the same error. Reading it keeps
         # the event loop from logging it as never retrieved.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(start.workflow_handle(), 1)
@@ -526,8 +526,8 @@ async def status(client: Client, settings: Settings, sandbox_id: str) -> Sandbox
                 busy = True
             except SandboxServiceError as error:
                 if error.kind == "failed":
-                    # The backend could not be reached or failed: the
-                    # recorded state stands, without a live part.
+                    # The backend could not be reached or failed, so the
+                    # status is the recorded state without a live part.
                     logger.warning(
                         "could not describe sandbox %s: %s", sandbox_id, error
                     )
