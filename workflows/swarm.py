@@ -109,6 +109,13 @@ MIRROR_RETRY = RetryPolicy(
 _PATCH_START_ON_ASSIGNMENT = "swarm-start-child-on-assignment"
 _PATCH_TASK_EVENT_BATCH = "swarm-task-event-batch"
 _PATCH_LOCAL_MIRROR = "swarm-local-mirror-write"
+# Patch id of the change that takes the two mirror decisions above once, as
+# the mirror loop starts. The older call of `swarm-task-event-batch` came right
+# after a local activity, and a replay whose loop was cancelled before that
+# activity's result (destroy, continue-as-new) never reached it where the
+# original run had: a nondeterminism error. The loop's first step runs in the
+# run's first workflow task, which the original and every replay share.
+_PATCH_MIRROR_DECIDED_AT_START = "swarm-mirror-decided-at-start"
 # Patch id of the SwarmTaskWorkflow change that runs a task's only step as
 # `run_last_agent_step`, which reports the task's end to the swarm.
 _PATCH_LAST_STEP_REPORTS = "swarm-last-step-reports-task"
@@ -732,6 +739,7 @@ class SwarmWorkflow:
             workflow.logger.warning("could not cancel task %s: %s", task_id, error)
 
     async def _mirror_loop(self) -> None:
+        decided_at_start = workflow.patched(_PATCH_MIRROR_DECIDED_AT_START)
         while True:
             await workflow.wait_condition(
                 lambda: self.state.mirror_dirty or bool(self.state.unflushed_events)
@@ -740,7 +748,7 @@ class SwarmWorkflow:
             events = list(self.state.unflushed_events)
             self.state.mirror_dirty = False
             try:
-                if workflow.patched(_PATCH_LOCAL_MIRROR):
+                if decided_at_start or workflow.patched(_PATCH_LOCAL_MIRROR):
                     # The write is registered on this workflow's own worker,
                     # so a local activity skips the activity task's round
                     # trip through the server.
@@ -764,7 +772,9 @@ class SwarmWorkflow:
                 self.mirror_busy = False
             del self.state.unflushed_events[: len(events)]
             interval = self.state.task_event_batch_seconds
-            if interval > 0 and workflow.patched(_PATCH_TASK_EVENT_BATCH):
+            if interval > 0 and (
+                decided_at_start or workflow.patched(_PATCH_TASK_EVENT_BATCH)
+            ):
                 # Each write is an activity with its own events and workflow
                 # tasks, so task events wait up to `interval` to share one.
                 # Other changes end the wait (see _flush_now).

@@ -1031,6 +1031,59 @@ async def test_swarm_replays_run_with_mirror_activity(client: Client) -> None:
     await replay_saved(client, "swarm_before_local_mirror_task", all_workflows())
 
 
+async def test_swarm_replays_run_with_mirror_patches_after_write(
+    client: Client,
+) -> None:
+    """A swarm recorded while the batching patch was decided after the first
+    mirror write: tasks, a dependency, a failure, a two-part task,
+    scale-down and destroy with a running task."""
+    await replay_saved(client, "swarm_before_mirror_decided_at_start", all_workflows())
+
+
+def _patch_ids(events: list[Any]) -> list[tuple[int, str]]:
+    found = []
+    for event in events:
+        attributes = event.marker_recorded_event_attributes
+        if event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED and (
+            attributes.marker_name == "core_patch"
+        ):
+            [payload] = attributes.details["patch-data"].payloads
+            found.append((event.event_id, json.loads(payload.data)["id"]))
+    return found
+
+
+async def test_mirror_patch_decided_in_first_workflow_task(swarms: Swarms) -> None:
+    """Each run takes its mirror decision in its first workflow task, which a
+    replay reaches whatever became of the run's later local activities."""
+    swarm_id, _ = await swarms.swarm("mesh", ["coder"])
+    await swarms.run_task(task="a", code="print(1)", swarm_id=swarm_id)
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
+    handle = swarms.client.get_workflow_handle(f"swarm-{swarm_id}")
+    events = list((await handle.fetch_history()).events)
+    first_completed = next(
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    )
+    second_scheduled = next(
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED
+        and e.event_id > first_completed
+    )
+    patches = _patch_ids(events)
+    [decided_at] = [
+        event_id
+        for event_id, patch_id in patches
+        if patch_id == "swarm-mirror-decided-at-start"
+    ]
+    assert first_completed < decided_at < second_scheduled
+    assert {patch_id for _, patch_id in patches}.isdisjoint(
+        {"swarm-task-event-batch", "swarm-local-mirror-write"}
+    )
+    await replay_run(swarms.client, f"swarm-{swarm_id}", all_workflows())
+
+
 async def test_swarm_list_starts_empty(swarms: Swarms) -> None:
     ctx: ToolContext = swarms.ctx
     listed = await invoke_tool(ctx, "swarm_list", {"status": "all"})
