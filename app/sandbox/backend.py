@@ -191,6 +191,13 @@ class SandboxBackend(abc.ABC):
         """Describe how well this backend isolates code, for `system_health`."""
         return {"status": "healthy", "backend": self.name}
 
+    async def health(self) -> dict[str, object]:
+        """Report this backend's `sandbox` component of `system_health`.
+
+        A backend behind a remote service checks that the service answers.
+        """
+        return self.isolation()
+
 
 def resolve_inside(home: str, path: str) -> str:
     """Join `path` to the sandbox folder `home`, rejecting traversal.

@@ -34,6 +34,8 @@ from app.sandbox.backend import (
 logger = logging.getLogger(__name__)
 
 E2B_HOME = "/home/user"
+# Seconds `system_health` waits for E2B to list sandboxes.
+HEALTH_PROBE_SECONDS = 5.0
 # Our template names map to E2B's public templates.
 _E2B_TEMPLATES = {
     "base": "base",
@@ -415,6 +417,38 @@ class E2BBackend(SandboxBackend):
 
     def isolation(self) -> dict[str, object]:
         return {"status": "healthy", "backend": self.name, "isolation": "e2b microVM"}
+
+    async def health(self) -> dict[str, object]:
+        """List one sandbox, so a rejected key or an unreachable E2B shows as
+        unhealthy before a sandbox call fails on it."""
+        report = self.isolation()
+        started = time.perf_counter()
+        try:
+            paginator = self.sandbox_class.list(limit=1, api_key=self.api_key)
+            await asyncio.wait_for(paginator.next_items(), HEALTH_PROBE_SECONDS)
+        except TimeoutError:
+            problem = (
+                f"E2B did not answer a sandbox listing within "
+                f"{HEALTH_PROBE_SECONDS:g} s, so sandbox calls may fail; "
+                "check the network path to E2B"
+            )
+        except Exception as error:
+            problem = f"E2B failed a sandbox listing: {_reason(error)}"
+            if isinstance(error, e2b.AuthenticationException) or _status(error) in (
+                401,
+                403,
+            ):
+                problem += "; E2B rejected the API key, so set a valid E2B_API_KEY"
+            elif isinstance(error, httpx.TransportError | OSError):
+                problem += "; check the network path to E2B"
+        else:
+            problem = ""
+        report["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        if problem:
+            logger.warning("E2B health check failed: %s", problem)
+            report["status"] = "unhealthy"
+            report["error"] = problem
+        return report
 
 
 def _rejected(error: BaseException) -> bool:

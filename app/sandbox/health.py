@@ -11,7 +11,8 @@ from app.settings import Settings
 
 
 async def check_sandbox(settings: Settings) -> dict[str, Any]:
-    """Report the backend and whether local code runs isolated (degraded if not)."""
+    """Report the backend, whether local code runs isolated (degraded if not)
+    and, for E2B, whether E2B accepts the key."""
     try:
         backend = get_backend(settings)
     except SandboxConfigurationError as error:
@@ -20,7 +21,7 @@ async def check_sandbox(settings: Settings) -> dict[str, Any]:
             "backend": settings.sandbox_backend,
             "error": str(error),
         }
-    return dict(backend.isolation())
+    return dict(await backend.health())
 
 
 def register_isolation_check() -> None:

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any, ClassVar
 
 import e2b
+import httpx
 import pytest
 
 from app.sandbox.backend import (
@@ -120,8 +121,13 @@ class FakeSandbox:
         return sandbox
 
     @classmethod
-    def list(cls, query: e2b.SandboxQuery, api_key: str = "") -> FakePages:
-        wanted = (query.metadata or {}).items()
+    def list(
+        cls,
+        query: e2b.SandboxQuery | None = None,
+        limit: int | None = None,
+        api_key: str = "",
+    ) -> FakePages:
+        wanted = ((query.metadata if query else None) or {}).items()
         found = [
             sandbox
             for sandbox in cls.live.values()
@@ -400,3 +406,41 @@ async def test_session_when_e2b_is_down(
     finally:
         FakeSandbox.kill_fault = None
         await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
+
+
+async def test_health_lists_one_sandbox(backend: E2BBackend) -> None:
+    report = await backend.health()
+    assert report["status"] == "healthy"
+    assert report["backend"] == "e2b"
+    assert isinstance(report["latency_ms"], float)
+    assert "error" not in report
+
+
+async def test_health_rejected_key(backend: E2BBackend) -> None:
+    FakeSandbox.list_fault = e2b.AuthenticationException("Invalid API key")
+    report = await backend.health()
+    assert report["status"] == "unhealthy"
+    assert "set a valid E2B_API_KEY" in str(report["error"])
+    assert "Invalid API key" in str(report["error"])
+    assert "test-key" not in str(report)
+
+
+async def test_health_unreachable_e2b(backend: E2BBackend) -> None:
+    FakeSandbox.list_fault = httpx.ConnectError("connection refused")
+    report = await backend.health()
+    assert report["status"] == "unhealthy"
+    assert "network path to E2B" in str(report["error"])
+
+
+async def test_health_silent_e2b(
+    backend: E2BBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def hang(self: FakePages) -> list[Any]:
+        await asyncio.sleep(60)
+        return []
+
+    monkeypatch.setattr(FakePages, "next_items", hang)
+    monkeypatch.setattr("app.sandbox.e2b.HEALTH_PROBE_SECONDS", 0.2)
+    report = await backend.health()
+    assert report["status"] == "unhealthy"
+    assert "did not answer a sandbox listing within 0.2 s" in str(report["error"])
