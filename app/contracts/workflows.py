@@ -23,6 +23,9 @@ DEFAULT_STEP_TIMEOUT_SECONDS = 300.0
 DEFAULT_RETRY_ATTEMPTS = 2
 MAX_STEP_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 MAX_RETRY_ATTEMPTS = 100
+# Step params whose mapping values are secrets, in every step type: stored
+# sealed, masked in the audit log and never shown in an error message.
+SECRET_PARAMS = ("env_vars",)
 
 
 class StepSpec(BaseModel):

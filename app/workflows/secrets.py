@@ -19,11 +19,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from app.contracts.workflows import WorkflowDefinition
+from app.contracts.workflows import SECRET_PARAMS, WorkflowDefinition
 from app.sandbox.secrets import PREFIX, SealError, seal, unseal
 
-# Step params whose mapping values are secrets, in every step type.
-SECRET_PARAMS = ("env_vars",)
 _REFERENCE_START = "{{"
 
 

@@ -16,6 +16,7 @@ from app.contracts.swarm import AGENT_TYPES
 from app.contracts.workflows import (
     MAX_RETRY_ATTEMPTS,
     MAX_STEP_TIMEOUT_SECONDS,
+    SECRET_PARAMS,
     StepSpec,
     WorkflowDefinition,
 )
@@ -162,7 +163,7 @@ def validate_definition(
         try:
             references = find_references(step.params)
         except TemplateError as error:
-            problems.append(f"step {step.name!r}: {error}")
+            problems.append(f"step {step.name!r}: {_template_problem(step, error)}")
             continue
         for reference in references:
             if reference.step is None:
@@ -284,8 +285,9 @@ def check_step_params(definition: WorkflowDefinition) -> None:
         unclosed = unclosed_reference(step.params)
         if unclosed is not None:
             path, text = unclosed
+            quoted = "the value" if _is_secret_path(path) else repr(text)
             problems.append(
-                f"{label}: params.{path}: {text!r} opens a reference with '{{{{' "
+                f"{label}: params.{path}: {quoted} opens a reference with '{{{{' "
                 "that is never closed; end it with '}}', e.g. "
                 "'{{steps.NAME.output.FIELD}}'"
             )
@@ -314,6 +316,28 @@ def check_step_params(definition: WorkflowDefinition) -> None:
         raise DefinitionError(problems)
 
 
+def _is_secret_path(path: str) -> bool:
+    """Return whether a dotted params path is inside a secret param, whose
+    values an error message must not show."""
+    return path.split(".", 1)[0] in SECRET_PARAMS
+
+
+def _template_problem(step: StepSpec, error: TemplateError) -> str:
+    """Return the message of a malformed reference, without the reference's
+    text when it is in a secret param's value."""
+    public = {k: v for k, v in step.params.items() if k not in SECRET_PARAMS}
+    try:
+        find_references(public)
+    except TemplateError:
+        return str(error)
+    names = ", ".join(k for k in step.params if k in SECRET_PARAMS)
+    return (
+        f"params.{names}: a value contains an invalid reference (the value is "
+        "not shown, since it may be a secret); use {{input.FIELD}} or "
+        "{{steps.NAME.output.FIELD}}"
+    )
+
+
 def describe_input_errors(error: ValidationError) -> list[str]:
     """Return one message per field of a model that rejected its input, e.g.
     "definition.priority: Input should be less than or equal to 10, got 99"."""
@@ -328,7 +352,8 @@ def _shown(item: Any) -> str:
     """Return ", got VALUE" for a short scalar input; never for env_vars, whose
     values may be secrets."""
     value = item.get("input")
-    if "env_vars" in item["loc"] or not isinstance(value, str | int | float):
+    secret = any(part in SECRET_PARAMS for part in item["loc"])
+    if secret or not isinstance(value, str | int | float):
         return ""
     text = repr(value)
     if len(text) > 80 or text in item["msg"]:

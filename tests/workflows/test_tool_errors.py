@@ -356,3 +356,32 @@ async def test_bad_external_start_fails_naming_the_field(
     assert expected in str(getattr(cause, "message", cause))
     assert getattr(cause, "non_retryable", False)
     await replay_run(client, execution_id, all_workflows())
+
+
+async def test_env_var_value_kept_out_of_errors(tools: ToolContext) -> None:
+    secret = f"s3cr3t-{uuid.uuid4().hex[:8]}"
+    for value, expected in [
+        (f"{secret}-{{{{x", "params.env_vars.TOKEN: the value opens a reference"),
+        (
+            f"{{{{{secret}}}}}",
+            "params.env_vars: a value contains an invalid reference",
+        ),
+    ]:
+        step = {
+            "name": "a",
+            "type": "sandbox_execution",
+            "params": {"code": "print(1)", "env_vars": {"TOKEN": value}},
+        }
+        with pytest.raises(ToolError) as caught:
+            await call(tools, "workflow_create", name="leak", steps=[step])
+        assert caught.value.kind == "invalid_argument"
+        assert expected in caught.value.message
+        assert secret not in caught.value.message
+    assert await _listed(tools, "leak") == []
+
+
+async def test_public_param_reference_shown(tools: ToolContext) -> None:
+    step = {"name": "a", "type": "echo", "params": {"x": "{{nope}}"}}
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_create", name="shown", steps=[step])
+    assert "invalid reference {{nope}}" in caught.value.message
