@@ -33,8 +33,11 @@ class AckBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Strict, so that true or "5" is rejected instead of read as a cursor.
     cursor: int = Field(
-        ge=0, description="The `id:` of the last batch the client has processed."
+        ge=0,
+        strict=True,
+        description="The `id:` of the last batch the client has processed.",
     )
 
 

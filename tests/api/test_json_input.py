@@ -220,6 +220,8 @@ async def test_ack_reads_json_of_any_content_type(
         ('{"cursor": NaN}', "body.cursor", "NaN is not a JSON number"),
         ('{"cursor": -1}', "body.cursor", "greater than or equal to 0"),
         ('{"cursor": 1, "extra": 2}', "body.extra", "Extra inputs"),
+        ('{"cursor": true}', "body.cursor", "Input should be a valid integer"),
+        ('{"cursor": "5"}', "body.cursor", "Input should be a valid integer"),
         ("", "body.cursor", "Field required"),
     ],
 )
