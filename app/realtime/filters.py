@@ -313,14 +313,36 @@ def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
             _typed_value(column, unquote(item.strip()), kind) for item in items
         )
     if operator in ("like", "ilike"):
-        pattern = unquote(raw)
-        regex = "".join(
-            ".*" if ch in "*%" else "." if ch == "_" else re.escape(ch)
-            for ch in pattern
-        )
+        regex = _like_regex(column, unquote(raw))
         flags = re.IGNORECASE | re.DOTALL if operator == "ilike" else re.DOTALL
         return re.compile(regex, flags)
     return _typed_value(column, unquote(raw), kind)
+
+
+def _like_regex(column: str, pattern: str) -> str:
+    """Translate a LIKE pattern to a regular expression: `*` or `%` any
+    characters, `_` one, and, as in PostgreSQL, a backslash makes the next
+    character literal (`\\_` an underscore, `\\\\` a backslash)."""
+    parts: list[str] = []
+    escaped = False
+    for ch in pattern:
+        if escaped:
+            parts.append(re.escape(ch))
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "*%":
+            parts.append(".*")
+        elif ch == "_":
+            parts.append(".")
+        else:
+            parts.append(re.escape(ch))
+    if escaped:
+        raise FilterError(
+            f"the pattern {pattern!r} on column {column!r} ends with a backslash, "
+            "which escapes nothing; write \\\\ for a literal backslash"
+        )
+    return "".join(parts)
 
 
 # A decimal literal as SQL writes one: no nan, inf, underscores or hex.

@@ -116,6 +116,31 @@ def test_malformed_filter_rejected(text: str) -> None:
         parse_filter(text, KINDS)
 
 
+@pytest.mark.parametrize(
+    "text, matching, other",
+    [
+        (r"s=like.*\_*", ["under_score", "_"], ["underscore", "under-score"]),
+        (r"s=like.100\%", ["100%"], ["1000", "100"]),
+        (r"s=like.a\*b", ["a*b"], ["axb", "ab"]),
+        (r"s=like.a\\b", ["a\\b"], ["ab", "a\\\\b"]),
+        (r"s=ilike.A\_*", ["a_z", "A_"], ["az"]),
+    ],
+)
+def test_like_backslash_escapes(
+    text: str, matching: list[str], other: list[str]
+) -> None:
+    row_filter = parse_filter(text, {"s": "text"})
+    for value in matching:
+        assert row_filter.matches({"s": value}), value
+    for value in other:
+        assert not row_filter.matches({"s": value}), value
+
+
+def test_like_trailing_backslash_rejected() -> None:
+    with pytest.raises(FilterError, match="ends with a backslash"):
+        parse_filter("s=like.ab\\", {"s": "text"})
+
+
 def test_compiled_checks_agree_with_evaluate() -> None:
     kinds: dict[str, ColumnKind] = {"n": "number", "s": "text", "b": "boolean"}
     filters = [
