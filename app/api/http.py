@@ -296,12 +296,12 @@ def _tool_error_response(error: ToolError) -> Response:
 
 
 def _invalid_json_response(error: InvalidJSONError) -> Response:
-    errors = None
+    # A syntax error that no value explains is an error of the whole body.
     if error.field is not None:
-        errors = [
-            {"field": error.field, "value": error.value, "message": error.problem}
-        ]
-    return _error_response(422, "invalid_argument", error.message, errors=errors)
+        detail = {"field": error.field, "value": error.value, "message": error.problem}
+    else:
+        detail = {"field": "body", "value": None, "message": error.message}
+    return _error_response(422, "invalid_argument", error.message, errors=[detail])
 
 
 async def _read_json_object(
@@ -336,7 +336,8 @@ async def _read_json_object(
             f"{type(parsed).__name__}"
         )
         gate.audit_rejection(target, started, 422, message, principal=principal)
-        return _error_response(422, "invalid_argument", message)
+        detail = {"field": "body", "value": type(parsed).__name__, "message": message}
+        return _error_response(422, "invalid_argument", message, errors=[detail])
     return parsed
 
 
@@ -486,10 +487,12 @@ class McpEndpoint:
     async def _plain_call(
         self, principal: Principal, parsed: Any, started: float
     ) -> Response:
-        invalid = _plain_call_shape_error(parsed)
-        if invalid is not None:
+        shape_error = _plain_call_shape_error(parsed)
+        if shape_error is not None:
+            field, invalid = shape_error
             self.gate.audit_rejection("mcp", started, 422, invalid, principal=principal)
-            return _error_response(422, "invalid_argument", invalid)
+            detail = {"field": field, "value": None, "message": invalid}
+            return _error_response(422, "invalid_argument", invalid, errors=[detail])
         name = parsed["tool"]
         arguments = parsed.get("args" if "args" in parsed else "arguments")
         try:
@@ -511,43 +514,45 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 
 
-def _plain_call_shape_error(parsed: Any) -> str | None:
-    """Return why a plain `/mcp` call does not have the shape
-    `{"tool": NAME, "args": {...}}`, or None when it does.
+def _plain_call_shape_error(parsed: Any) -> tuple[str, str] | None:
+    """Return the field and the reason why a plain `/mcp` call does not have
+    the shape `{"tool": NAME, "args": {...}}`, or None when it does.
 
     The messages show a value only where it cannot be a secret (a tool
     name that is a number, for example), because they reach the audit log.
     """
     if not isinstance(parsed, dict):
-        return (
+        return "body", (
             f"the body must be a JSON object, not {type(parsed).__name__}: a "
             f"plain call is {_PLAIN_CALL_SHAPE}, and a JSON-RPC message has "
             '"jsonrpc": "2.0"'
         )
     if "tool" not in parsed:
-        return (
+        return "tool", (
             f"tool: missing; a plain call is {_PLAIN_CALL_SHAPE}, and a "
             'JSON-RPC message has "jsonrpc": "2.0"'
         )
     name = parsed["tool"]
     if not isinstance(name, str):
         shown_value = repr(name) if _is_scalar(name) else f"a JSON {_json_type(name)}"
-        return f"tool: {shown_value} is not a tool name; send the name as a string"
+        return "tool", (
+            f"tool: {shown_value} is not a tool name; send the name as a string"
+        )
     unknown = sorted(set(parsed) - _PLAIN_CALL_FIELDS)
     if unknown:
-        return (
+        return unknown[0], (
             f"{', '.join(unknown)}: not a field of a plain call; a plain call "
             f'is {_PLAIN_CALL_SHAPE}, so put tool arguments inside "args"'
         )
     if "args" in parsed and "arguments" in parsed:
-        return (
+        return "arguments", (
             "args, arguments: both are given; send the tool arguments once, "
             'in "args" (or "arguments")'
         )
     field = "args" if "args" in parsed else "arguments"
     arguments = parsed.get(field)
     if arguments is not None and not isinstance(arguments, dict):
-        return (
+        return field, (
             f"{field}: a JSON {_json_type(arguments)} is invalid: the arguments "
             "must be a JSON object"
         )

@@ -168,22 +168,24 @@ async def test_integer_beyond_64_bits_stays_exact(server: ApiServer) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize(
-    "body, expected",
+    "body, field, expected",
     [
-        ("{}", "tool: missing"),
-        ('"hello"', "must be a JSON object, not str"),
-        ("3", "must be a JSON object, not int"),
-        ('{"args": {"limit": 1}}', "tool: missing"),
+        ("{}", "tool", "tool: missing"),
+        ('"hello"', "body", "must be a JSON object, not str"),
+        ("3", "body", "must be a JSON object, not int"),
+        ('{"args": {"limit": 1}}', "tool", "tool: missing"),
+        ('{"tool": "audit_log", "x": 1}', "x", "x: not a field of a plain call"),
     ],
 )
 async def test_plain_call_shape_errors(
-    server: ApiServer, body: str, expected: str
+    server: ApiServer, body: str, field: str, expected: str
 ) -> None:
     response = await send(server, "/mcp", body, {"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["kind"] == "invalid_argument"
     assert expected in error["message"]
+    assert error["errors"][0]["field"] == field
     assert '{"tool": NAME, "args": {...}}' in error["message"]
     assert "pydantic" not in error["message"]
 
@@ -319,3 +321,23 @@ async def test_health_head_without_body(server: ApiServer) -> None:
     assert head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
     assert head.headers["content-length"] == str(len(get.content))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "body, value, expected",
+    [
+        ("[1]", "list", "must be a JSON object of arguments, not list"),
+        ('{"limit": 1', None, "line 1 column"),
+    ],
+)
+async def test_tool_body_errors_name_body(
+    server: ApiServer, body: str, value: str | None, expected: str
+) -> None:
+    response = await send(server, "/api/tools/audit_log", body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert expected in error["message"]
+    [detail] = error["errors"]
+    assert detail["field"] == "body"
+    assert detail["value"] == value
