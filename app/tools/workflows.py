@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,7 +25,7 @@ from app.contracts.workflows import (
 )
 from app.sandbox.secrets import SealError, load_key
 from app.tools.registry import ToolContext, ToolError, arguments_error, tool
-from app.workflows import engine, store
+from app.workflows import engine, locks, store
 from app.workflows.agents import AgentResolution, resolve_agent
 from app.workflows.secrets import (
     DefinitionSecretError,
@@ -82,14 +84,26 @@ async def workflow_create(
     triggers ({type: schedule, cron} creates a Temporal Schedule), priority
     0-10, description, metadata. The same name with a changed body makes a new
     version. Returns workflow_id."""
-    return await _create(ctx, args)
+    check_definition(args)
+    async with _definition_locked(ctx, args.name):
+        return await _create(ctx, args)
+
+
+@contextlib.asynccontextmanager
+async def _definition_locked(ctx: ToolContext, name: str) -> AsyncIterator[None]:
+    """Hold the lock of definition `name` (see app.workflows.locks), or raise
+    a conflict when another call keeps it."""
+    try:
+        async with locks.definition_lock(ctx.database_url, name):
+            yield
+    except locks.DefinitionBusyError as error:
+        raise ToolError(str(error), kind="conflict") from None
 
 
 async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateResult:
-    """Store the definition and make its schedules, all or nothing: when a
-    schedule cannot be made, the new version and the schedules changed so far
-    are rolled back."""
-    check_definition(args)
+    """Store the checked definition and make its schedules, all or nothing:
+    when a schedule cannot be made, the new version and the schedules changed
+    so far are rolled back. The caller holds the definition's lock."""
     url = ctx.database_url
     previous = await asyncio.to_thread(_previous_by_name, url, args.name)
     try:
@@ -245,20 +259,24 @@ async def workflow_delete(
     same name makes it active again as a new version."""
     url = ctx.database_url
     try:
+        row, _, _ = await asyncio.to_thread(store.get_definition, url, args.workflow_id)
+    except store.NotFoundError as error:
+        raise _not_found(error) from None
+    async with _definition_locked(ctx, row.name):
+        # Read again under the lock: a create may have added a version with
+        # more schedule triggers meanwhile.
         row, _, definition = await asyncio.to_thread(
             store.get_definition, url, args.workflow_id
         )
-    except store.NotFoundError as error:
-        raise _not_found(error) from None
-    deleted: list[str] = []
-    # A definition deleted before has no schedules left to delete.
-    count = engine.schedule_count(definition) if row.status == "active" else 0
-    if count:
-        # Schedules first: a definition marked deleted must not start again.
-        deleted = await engine.delete_schedules(
-            await ctx.client(), args.workflow_id, range(count)
-        )
-    row = await asyncio.to_thread(store.delete_definition, url, args.workflow_id)
+        deleted: list[str] = []
+        # A definition deleted before has no schedules left to delete.
+        count = engine.schedule_count(definition) if row.status == "active" else 0
+        if count:
+            # Schedules first: a definition marked deleted must not start again.
+            deleted = await engine.delete_schedules(
+                await ctx.client(), args.workflow_id, range(count)
+            )
+        row = await asyncio.to_thread(store.delete_definition, url, args.workflow_id)
     return WorkflowDeleteResult(
         workflow_id=row.id, name=row.name, status=row.status, schedules_deleted=deleted
     )
@@ -630,24 +648,28 @@ async def _assign_in_definition(
     args: WorkflowAgentAssignInput,
     resolution: AgentResolution,
 ) -> WorkflowAgentAssignResult:
+    url = ctx.database_url
     try:
-        _, _, definition = await asyncio.to_thread(
-            store.get_definition, ctx.database_url, workflow_id
-        )
+        row, _, _ = await asyncio.to_thread(store.get_definition, url, workflow_id)
     except store.NotFoundError as error:
         raise _not_found(error) from None
-    names = [s.name for s in definition.steps]
-    if step not in names:
-        raise ToolError(
-            f"workflow {workflow_id!r} has no step {step!r}; its steps: {names}",
-            kind="not_found",
+    async with _definition_locked(ctx, row.name):
+        row, _, definition = await asyncio.to_thread(
+            store.get_definition, url, workflow_id
         )
-    changed = definition.model_copy(deep=True)
-    for spec in changed.steps:
-        if spec.name == step:
-            spec.agent_type = args.agent_type
-            spec.agent = None
-    created = await _create(ctx, changed)
+        names = [s.name for s in definition.steps]
+        if step not in names:
+            raise ToolError(
+                f"workflow {workflow_id!r} has no step {step!r}; its steps: {names}",
+                kind="not_found",
+            )
+        changed = definition.model_copy(deep=True)
+        for spec in changed.steps:
+            if spec.name == step:
+                spec.agent_type = args.agent_type
+                spec.agent = None
+        check_definition(changed)
+        created = await _create(ctx, changed)
     return WorkflowAgentAssignResult(
         task_id=args.task_id,
         step=step,

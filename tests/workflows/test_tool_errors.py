@@ -3,6 +3,7 @@ value and the fix, and a failed create leaves nothing half-written."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -163,6 +164,94 @@ async def test_failed_schedule_rolls_back_an_update(
     deleted = await call(tools, "workflow_delete", workflow_id=workflow_id)
     # Only schedules that existed are reported as deleted.
     assert deleted["schedules_deleted"] == []
+
+
+async def test_delete_waits_for_running_create(
+    client: Client, tools: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"delcreate-{uuid.uuid4().hex[:6]}"
+    created = await call(
+        tools, "workflow_create", name=name, steps=STEPS, triggers=[_cron(1)]
+    )
+    real = engine._put_schedule
+    putting, release = asyncio.Event(), asyncio.Event()
+
+    async def put(client: Client, sid: str, *args: Any) -> None:
+        putting.set()
+        await release.wait()
+        await real(client, sid, *args)
+
+    monkeypatch.setattr(engine, "_put_schedule", put)
+    create = asyncio.create_task(
+        call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=STEPS,
+            triggers=[_cron(1), _cron(2), _cron(3)],
+        )
+    )
+    await asyncio.wait_for(putting.wait(), 10)
+    delete = asyncio.create_task(
+        call(tools, "workflow_delete", workflow_id=created["workflow_id"])
+    )
+    # Time for a delete that does not wait to finish before the schedules exist.
+    await asyncio.wait([delete], timeout=1)
+    release.set()
+    updated = await create
+    deleted = await delete
+    assert updated["version"] == 2
+    assert deleted["status"] == "deleted"
+    assert deleted["schedules_deleted"] == updated["schedules"]
+    for schedule_id in updated["schedules"]:
+        assert not await _schedule_exists(client, schedule_id)
+    [listed] = await _listed(tools, name)
+    assert listed["status"] == "deleted"
+
+
+async def test_create_waits_for_running_delete(
+    client: Client, tools: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"createdel-{uuid.uuid4().hex[:6]}"
+    created = await call(
+        tools, "workflow_create", name=name, steps=STEPS, triggers=[_cron(1)]
+    )
+    real = engine.delete_schedules
+    deleting, release = asyncio.Event(), asyncio.Event()
+
+    async def delete_schedules(*args: Any) -> list[str]:
+        deleting.set()
+        await release.wait()
+        return await real(*args)
+
+    monkeypatch.setattr(engine, "delete_schedules", delete_schedules)
+    delete = asyncio.create_task(
+        call(tools, "workflow_delete", workflow_id=created["workflow_id"])
+    )
+    await asyncio.wait_for(deleting.wait(), 10)
+    create = asyncio.create_task(
+        call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=STEPS,
+            triggers=[_cron(1), _cron(2), _cron(3)],
+        )
+    )
+    await asyncio.wait([create], timeout=1)
+    release.set()
+    deleted = await delete
+    updated = await create
+    assert deleted["schedules_deleted"] == created["schedules"]
+    # The create came last, so the definition is active with all its schedules.
+    assert updated["version"] == 2
+    assert updated["status"] == "active"
+    assert len(updated["schedules"]) == 3
+    for schedule_id in updated["schedules"]:
+        assert await _schedule_exists(client, schedule_id)
+    [listed] = await _listed(tools, name)
+    assert listed["status"] == "active"
+    await call(tools, "workflow_delete", workflow_id=created["workflow_id"])
 
 
 async def test_unknown_ids_and_bad_status(tools: ToolContext) -> None:
