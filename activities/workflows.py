@@ -95,12 +95,20 @@ class WorkflowActivities:
 
     @activity.defn(name="workflow_register_execution")
     def register_execution(self, request: RegisterExecution) -> RegisteredExecution:
-        workflow_id, version = store.register_execution(
-            self.url,
-            request.state,
-            request.input.definition,
-            key=load_key(self.settings),
-        )
+        try:
+            workflow_id, version = store.register_execution(
+                self.url,
+                request.state,
+                request.input.definition,
+                key=load_key(self.settings),
+            )
+        except store.DefinitionDeletedError as error:
+            activity.logger.warning(
+                "rejected execution %s: %s", request.state.execution_id, error
+            )
+            raise ApplicationError(
+                str(error), type="DefinitionDeleted", non_retryable=True
+            ) from None
         agents: dict[str, str | None] = {}
         for step in request.state.steps:
             if not (step.agent or step.agent_type):

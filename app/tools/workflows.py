@@ -269,8 +269,9 @@ async def workflow_delete(
             store.get_definition, url, args.workflow_id
         )
         deleted: list[str] = []
-        # A definition deleted before has no schedules left to delete.
-        count = engine.schedule_count(definition) if row.status == "active" else 0
+        # Also for a definition deleted before, so that deleting it again
+        # removes schedules that outlived it (a failed roll-back can leave some).
+        count = engine.schedule_count(definition)
         if count:
             # Schedules first: a definition marked deleted must not start again.
             deleted = await engine.delete_schedules(

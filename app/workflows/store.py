@@ -41,6 +41,10 @@ def new_definition_id() -> str:
     return f"wf_{secrets.token_hex(6)}"
 
 
+class DefinitionDeletedError(RuntimeError):
+    """A run names a stored definition that was deleted, so it must not start."""
+
+
 class ConflictError(RuntimeError):
     """Concurrent writes of one definition kept winning over this one."""
 
@@ -234,13 +238,21 @@ def register_execution(
     a stored definition first. Return (workflow_id, version).
 
     Idempotent: an activity retry finds the rows it wrote and keeps them.
+
+    Raises:
+        DefinitionDeletedError: the run names a stored definition that is
+            deleted, for example through a schedule left from before the
+            delete; nothing is written.
     """
     workflow_id, version = state.workflow_id, state.version
+    bound = workflow_id is not None and version is not None
     if workflow_id is None or version is None:
         saved = save_definition(url, definition, key=key)
         workflow_id, version = saved.row.id, saved.version
     with session_scope(url) as session:
         existing = session.get(WorkflowExecutionRow, state.execution_id)
+        if existing is None and bound:
+            _require_active(session, workflow_id, version)
         if existing is None:
             session.add(
                 WorkflowExecutionRow(
@@ -258,6 +270,16 @@ def register_execution(
             for position, step in enumerate(state.steps):
                 session.add(_step_row(state.execution_id, position, step))
     return workflow_id, version
+
+
+def _require_active(session: Any, workflow_id: str, version: int) -> None:
+    row = session.get(WorkflowDefinitionRow, workflow_id)
+    if row is not None and row.status == "deleted":
+        raise DefinitionDeletedError(
+            f"workflow {workflow_id!r} ({row.name!r}) was deleted, so this run of "
+            f"its version {version} is rejected; create the definition again with "
+            "workflow_create to run it"
+        )
 
 
 def _step_row(execution_id: str, position: int, step: StepState) -> WorkflowStepRow:

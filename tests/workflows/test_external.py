@@ -9,7 +9,14 @@ import subprocess
 import uuid
 
 import pytest
-from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleRange
+from temporalio.client import (
+    Client,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleActionStartWorkflow,
+    ScheduleRange,
+    WorkflowFailureError,
+)
+from temporalio.exceptions import ApplicationError
 
 from app.contracts.workflows import ExecutionState
 from app.settings import Settings
@@ -237,3 +244,50 @@ async def test_delete_removes_schedules_and_stops_execution(
     assert again["workflow_id"] == created["workflow_id"]
     assert again["status"] == "active"
     assert again["version"] == 2
+
+
+async def test_scheduled_run_of_deleted_definition_rejected(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    url = flow_workers.effective_database_url
+    created = await call(
+        tools,
+        "workflow_create",
+        name=f"orphan-{uuid.uuid4().hex[:6]}",
+        steps=[{"name": "tick", "type": "echo"}],
+        triggers=[{"type": "schedule", "cron": "0 5 * * *"}],
+    )
+    workflow_id = created["workflow_id"]
+    # Mark the definition deleted but keep its schedule, so the schedule
+    # outlives the delete.
+    store.delete_definition(url, workflow_id)
+
+    handle = client.get_schedule_handle(created["schedules"][0])
+    await handle.trigger()
+    execution_id = None
+    for _ in range(100):
+        actions = (await handle.describe()).info.recent_actions
+        if actions:
+            action = actions[-1].action
+            assert isinstance(action, ScheduleActionExecutionStartWorkflow)
+            execution_id = action.workflow_id
+            break
+        await asyncio.sleep(0.1)
+    assert execution_id is not None
+
+    run = client.get_workflow_handle(execution_id, result_type=ExecutionState)
+    with pytest.raises(WorkflowFailureError) as caught:
+        await run.result()
+    cause = caught.value.cause
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == "DefinitionDeleted"
+    assert cause.message == (
+        f"workflow {workflow_id!r} ({created['name']!r}) was deleted, so this run "
+        "of its version 1 is rejected; create the definition again with "
+        "workflow_create to run it"
+    )
+    assert store.list_executions(url, workflow_id=workflow_id, limit=5) == []
+    # Deleting the definition again removes the schedule that outlived it.
+    repeated = await call(tools, "workflow_delete", workflow_id=workflow_id)
+    assert repeated["schedules_deleted"] == created["schedules"]
+    await replay_run(client, execution_id, all_workflows())
