@@ -658,6 +658,14 @@ async def _assign_in_definition(
         row, _, definition = await asyncio.to_thread(
             store.get_definition, url, workflow_id
         )
+        # A new version would make a deleted definition active again and
+        # bring back the schedules that workflow_delete removed.
+        if row.status != "active":
+            raise ToolError(
+                f"workflow {workflow_id!r} is {row.status}; create it again with "
+                "workflow_create before assigning agents to its steps",
+                kind="conflict",
+            )
         names = [s.name for s in definition.steps]
         if step not in names:
             raise ToolError(

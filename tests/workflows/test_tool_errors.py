@@ -254,6 +254,32 @@ async def test_create_waits_for_running_delete(
     await call(tools, "workflow_delete", workflow_id=created["workflow_id"])
 
 
+async def test_assign_on_deleted_definition_conflicts(
+    client: Client, tools: ToolContext
+) -> None:
+    name = f"assigndel-{uuid.uuid4().hex[:6]}"
+    created = await call(
+        tools, "workflow_create", name=name, steps=STEPS, triggers=[_cron(3)]
+    )
+    workflow_id = created["workflow_id"]
+    await call(tools, "workflow_delete", workflow_id=workflow_id)
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_agent_assign",
+            task_id=f"{workflow_id}/a",
+            agent_type="coder",
+        )
+    assert caught.value.kind == "conflict"
+    assert caught.value.message.startswith(
+        f"workflow {workflow_id!r} is deleted; create it again with workflow_create"
+    )
+    [listed] = await _listed(tools, name)
+    assert listed["status"] == "deleted"
+    assert listed["version"] == 1
+    assert not await _schedule_exists(client, created["schedules"][0])
+
+
 async def test_unknown_ids_and_bad_status(tools: ToolContext) -> None:
     with pytest.raises(ToolError) as caught:
         await call(tools, "workflow_status", workflow_id="wf_nope")
