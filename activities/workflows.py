@@ -36,6 +36,7 @@ from app.workflows.steps import (
     SystemInitializationParams,
     get_step_type,
 )
+from app.workflows.validation import DefinitionError, workflow_name_problems
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
@@ -95,6 +96,19 @@ class WorkflowActivities:
 
     @activity.defn(name="workflow_register_execution")
     def register_execution(self, request: RegisterExecution) -> RegisteredExecution:
+        # A run started from outside stores its snapshot under its name, which
+        # workflow_create would have checked.
+        problems = (
+            workflow_name_problems(request.input.definition.name)
+            if request.state.workflow_id is None or request.state.version is None
+            else []
+        )
+        if problems:
+            raise ApplicationError(
+                str(DefinitionError(problems)),
+                type="InvalidDefinition",
+                non_retryable=True,
+            )
         try:
             workflow_id, version = store.register_execution(
                 self.url,

@@ -39,6 +39,7 @@ from app.workflows.validation import (
     check_cron_fields,
     check_step_params,
     validate_definition,
+    workflow_name_problems,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,14 @@ class WorkflowCreateResult(BaseModel):
 
 def check_definition(definition: WorkflowDefinition) -> None:
     """Raise a ToolError naming every problem of `definition`."""
+    problems = workflow_name_problems(definition.name)
     try:
         validate_definition(definition, step_type_names())
+    except DefinitionError as error:
+        problems += error.problems
+    if problems:
+        raise ToolError(str(DefinitionError(problems)), kind="invalid_argument")
+    try:
         # Only here, not in the workflow, so that recorded runs still replay.
         check_cron_fields(definition)
         check_step_params(definition)

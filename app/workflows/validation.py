@@ -262,6 +262,34 @@ def _cron_field_problem(text: str, low: int, high: int, names: list[str]) -> str
     return ""
 
 
+def workflow_name_problems(name: str) -> list[str]:
+    """Return why a definition name is invalid: one message, or none when it
+    is printable and not padded with spaces. The model checks its length
+    (1-200).
+
+    Kept out of `validate_definition`, so that recorded runs still replay.
+    """
+    reason = ""
+    if not name.strip():
+        reason = "it is blank"
+    else:
+        for position, character in enumerate(name):
+            if not character.isprintable():
+                reason = (
+                    f"character {character!r} at position {position} is not printable"
+                )
+                break
+    if not reason and name != name.strip():
+        reason = "it starts or ends with a space"
+    if not reason:
+        return []
+    return [
+        f"name: invalid workflow name {name!r} ({reason}); use 1-200 printable "
+        "characters, without tabs, newlines or other control characters, that "
+        "do not start or end with a space"
+    ]
+
+
 def check_step_params(definition: WorkflowDefinition) -> None:
     """Check what a step would otherwise reject only when it runs: each step's
     params against its type's params model, unclosed references, and the

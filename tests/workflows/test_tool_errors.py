@@ -69,6 +69,21 @@ async def test_bad_cron_is_rejected_before_anything_is_stored(
     assert await _listed(tools, name) == []
 
 
+async def test_create_rejects_bad_names(tools: ToolContext) -> None:
+    for name in ["   ", "bad\u0007name\n1", "tab\tname\n"]:
+        with pytest.raises(ToolError) as caught:
+            await call(
+                tools,
+                "workflow_create",
+                name=name,
+                steps=[{"name": "a", "type": "teleport"}],
+            )
+        assert caught.value.kind == "invalid_argument"
+        # The name and the steps are reported together.
+        assert f"name: invalid workflow name {name!r}" in caught.value.message
+        assert "step 'a': unknown step type 'teleport'" in caught.value.message
+
+
 @pytest.fixture
 def second_schedule_fails(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the server reject the second trigger's schedule, as it rejects a
@@ -452,6 +467,15 @@ async def test_retried_timeout_reports_every_attempt(
             "definition.steps: List should have at least 1 item",
         ),
         ("not an object", "input: Input should be a valid dictionary"),
+        (
+            {
+                "definition": {
+                    "name": "tab\tname\n",
+                    "steps": [{"name": "a", "type": "echo"}],
+                }
+            },
+            "name: invalid workflow name 'tab\\tname\\n'",
+        ),
     ],
 )
 async def test_bad_external_start_fails_naming_the_field(

@@ -14,6 +14,7 @@ from app.workflows.validation import (
     check_cron_fields,
     check_step_params,
     validate_definition,
+    workflow_name_problems,
 )
 
 
@@ -109,6 +110,30 @@ def test_bad_definition_rejected(steps: list[dict[str, Any]], expected: str) -> 
     with pytest.raises(DefinitionError) as caught:
         validate_definition(_definition(steps), step_type_names())
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("   ", "it is blank"),
+        ("bad\u0007name\n1", "character '\\x07' at position 3 is not printable"),
+        ("tab\tname\n", "character '\\t' at position 3 is not printable"),
+        ("line\u2028break", "character '\\u2028' at position 4 is not printable"),
+        (" padded", "it starts or ends with a space"),
+        ("padded ", "it starts or ends with a space"),
+    ],
+)
+def test_bad_workflow_name_rejected(name: str, reason: str) -> None:
+    [problem] = workflow_name_problems(name)
+    assert problem.startswith(f"name: invalid workflow name {name!r} ({reason}); ")
+    assert "use 1-200 printable characters" in problem
+
+
+@pytest.mark.parametrize(
+    "name", ["nightly-report", "My workflow (v2)", "data.pipeline/daily", "報告"]
+)
+def test_printable_workflow_names_accepted(name: str) -> None:
+    assert workflow_name_problems(name) == []
 
 
 def test_schedule_without_cron_rejected() -> None:
