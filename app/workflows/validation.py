@@ -141,7 +141,9 @@ def validate_definition(
                 f"0 to {MAX_RETRY_ATTEMPTS} retries after the first attempt"
             )
     for step in definition.steps:
-        for dependency in step.depends_on:
+        # Each listed step once, so a repeated entry is reported once below
+        # and not again as unknown or as the step itself.
+        for dependency in dict.fromkeys(step.depends_on):
             if dependency not in names:
                 problems.append(
                     f"step {step.name!r}: depends_on names unknown step {dependency!r}"
@@ -151,8 +153,15 @@ def validate_definition(
                     f"step {step.name!r}: depends on itself; remove "
                     f"{step.name!r} from its depends_on"
                 )
-        if len(set(step.depends_on)) != len(step.depends_on):
-            problems.append(f"step {step.name!r}: depends_on lists a step twice")
+        repeated = [
+            d for d in dict.fromkeys(step.depends_on) if step.depends_on.count(d) > 1
+        ]
+        if repeated:
+            problems.append(
+                f"step {step.name!r}: depends_on lists "
+                f"{', '.join(repr(d) for d in repeated)} more than once; list each "
+                "step once"
+            )
     for index, trigger in enumerate(definition.triggers):
         if trigger.type == "schedule":
             problems += _check_cron(index, trigger.cron)

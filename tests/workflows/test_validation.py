@@ -39,6 +39,14 @@ BAD_DEFINITIONS = [
         "step 'a': depends on itself; remove 'a' from its depends_on",
     ),
     (
+        "repeated dependency",
+        [
+            {"name": "a", "type": "echo"},
+            {"name": "b", "type": "echo", "depends_on": ["a", "a"]},
+        ],
+        "step 'b': depends_on lists 'a' more than once; list each step once",
+    ),
+    (
         "cycle",
         [
             {"name": "a", "type": "echo", "depends_on": ["c"]},
@@ -110,6 +118,16 @@ def test_bad_definition_rejected(steps: list[dict[str, Any]], expected: str) -> 
     with pytest.raises(DefinitionError) as caught:
         validate_definition(_definition(steps), step_type_names())
     assert expected in str(caught.value)
+
+
+def test_repeated_self_dependency_reported_once() -> None:
+    definition = _definition([{"name": "a", "type": "echo", "depends_on": ["a", "a"]}])
+    with pytest.raises(DefinitionError) as caught:
+        validate_definition(definition, step_type_names())
+    assert caught.value.problems == [
+        "step 'a': depends on itself; remove 'a' from its depends_on",
+        "step 'a': depends_on lists 'a' more than once; list each step once",
+    ]
 
 
 @pytest.mark.parametrize(
