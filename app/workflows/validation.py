@@ -40,6 +40,10 @@ _CRON_FIELDS: list[tuple[str, int, int, list[str]]] = [
 _CRON_ITEM = re.compile(r"^(?:(\*)|(\w+)(?:-(\w+))?)(?:/(\w+))?$")
 
 
+# The maximum number of days of each month; February has 29 in leap years.
+_DAYS_IN_MONTH = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+
+
 class DefinitionError(ValueError):
     """A definition that cannot run; `problems` lists every reason."""
 
@@ -225,6 +229,7 @@ def check_cron_fields(definition: WorkflowDefinition) -> None:
         fields = cron.split()
         if cron.strip() in _CRON_DESCRIPTORS or len(fields) != 5:
             continue  # validate_definition reports a wrong field count
+        found = len(problems)
         for text, (field, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
             reason = _cron_field_problem(text, low, high, names)
             if reason:
@@ -236,8 +241,49 @@ def check_cron_fields(definition: WorkflowDefinition) -> None:
                     f"({reason}); use *, a value in {allowed}, a range A-B, a "
                     "step */N or A-B/N, or a comma-separated list of these"
                 )
+        if len(problems) == found:
+            problems += _never_fires(index, cron, fields[2], fields[3])
     if problems:
         raise DefinitionError(problems)
+
+
+def _never_fires(index: int, cron: str, days_text: str, months_text: str) -> list[str]:
+    """Return a problem when no listed month has any listed day of the month,
+    such as 31 February. The Temporal server accepts that schedule, but it
+    never starts a run. The day of the week cannot help, because the server
+    matches a time only when both the day of the month and the day of the
+    week match."""
+    days = _cron_values(days_text, *_CRON_FIELDS[2][1:])
+    months = _cron_values(months_text, *_CRON_FIELDS[3][1:])
+    if any(min(days) <= _DAYS_IN_MONTH[month - 1] for month in months):
+        return []
+    lengths = ", ".join(
+        f"{_MONTHS[month - 1]}: {_DAYS_IN_MONTH[month - 1]} days"
+        for month in sorted(months)
+    )
+    return [
+        f"triggers.{index}.cron: {cron!r} never fires, because day-of-month "
+        f"{days_text!r} is past the last day of every listed month ({lengths}); "
+        "use a day-of-month that one of these months has, or other months"
+    ]
+
+
+def _cron_values(text: str, low: int, high: int, names: list[str]) -> set[int]:
+    """Return the values that one valid cron field matches."""
+
+    def value(token: str) -> int:
+        return int(token) if token.isdigit() else low + names.index(token.upper())
+
+    values: set[int] = set()
+    for item in text.split(","):
+        match = _CRON_ITEM.match(item)
+        assert match is not None  # checked by _cron_field_problem
+        star, start, end, step = match.groups()
+        first = low if star else value(start)
+        # "A/N" runs from A to the field's highest value, as "A-high/N".
+        last = high if star or (end is None and step) else value(end or start)
+        values.update(range(first, last + 1, int(step or 1)))
+    return values
 
 
 def _cron_field_problem(text: str, low: int, high: int, names: list[str]) -> str:

@@ -84,6 +84,21 @@ async def test_create_rejects_bad_names(tools: ToolContext) -> None:
         assert "step 'a': unknown step type 'teleport'" in caught.value.message
 
 
+async def test_never_firing_cron_stores_nothing(tools: ToolContext) -> None:
+    name = f"feb31-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=STEPS,
+            triggers=[{"type": "schedule", "cron": "0 3 31 2 *"}],
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert "triggers.0.cron: '0 3 31 2 *' never fires" in caught.value.message
+    assert await _listed(tools, name) == []
+
+
 @pytest.fixture
 def second_schedule_fails(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the server reject the second trigger's schedule, as it rejects a

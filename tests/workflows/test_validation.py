@@ -245,8 +245,35 @@ def test_cron_fields_checked(cron: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("cron", "months"),
+    [
+        ("0 3 31 2 *", "FEB: 29 days"),
+        ("0 3 30 feb mon", "FEB: 29 days"),
+        ("0 0 31 2,4,6 *", "FEB: 29 days, APR: 30 days, JUN: 30 days"),
+        ("0 0 31 apr-jun/2 *", "APR: 30 days, JUN: 30 days"),
+        ("0 0 30-31/1 2 *", "FEB: 29 days"),
+    ],
+)
+def test_cron_that_never_fires_rejected(cron: str, months: str) -> None:
+    definition = _definition(
+        [{"name": "a", "type": "echo"}], triggers=[{"type": "schedule", "cron": cron}]
+    )
+    with pytest.raises(DefinitionError) as caught:
+        check_cron_fields(definition)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"triggers.0.cron: {cron!r} never fires, because ")
+    assert f"is past the last day of every listed month ({months})" in problem
+    assert "use a day-of-month that one of these months has" in problem
+
+
+@pytest.mark.parametrize(
     "cron",
     [
+        "0 3 29 2 *",
+        "0 0 31 2,3 *",
+        "0 0 31 */2 *",
+        "0 0 30-31 feb-apr *",
+        "0 0 31 2/1 *",
         "*/5 * * * *",
         "0-59/15 * * * *",
         "5/10 * * * *",
