@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from app.contracts.queues import ALL_QUEUES
+from app.contracts.queues import ALL_QUEUES, NEURAL_NODE_PREFIX
 from app.contracts.swarm import AGENT_TYPES
 from app.contracts.types import UtcDateTime
 from app.contracts.workflows import (
@@ -24,6 +24,7 @@ from app.contracts.workflows import (
     WorkflowDefinition,
 )
 from app.sandbox.secrets import SealError, load_key
+from app.suggest import closest_name
 from app.tools.registry import ToolContext, ToolError, arguments_error, tool
 from app.workflows import engine, locks, store
 from app.workflows.agents import AgentResolution, resolve_agent
@@ -32,7 +33,7 @@ from app.workflows.secrets import (
     has_plain_secrets,
     seal_plain_values,
 )
-from app.workflows.steps import step_type_names
+from app.workflows.steps import describe_step_types, step_type_names
 from app.workflows.validation import (
     DefinitionError,
     agent_type_problem,
@@ -702,7 +703,11 @@ async def _assign_in_definition(
 class WorkflowQueueStatusInput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    queue_name: str | None = Field(None, description="Default: every project queue.")
+    queue_name: str | None = Field(
+        None,
+        description="A project queue, a step type's queue, or nexus-neural-NODE_ID "
+        "for a neural cluster node. Default: every project queue.",
+    )
     include_messages: bool = Field(
         False, strict=True, description="Also list the steps running on each queue."
     )
@@ -719,6 +724,8 @@ async def workflow_queue_status(
     """Report each task queue's backlog (approximate count and age, add and
     dispatch rates) and pollers for workflow and activity tasks, read live from
     Temporal; include_messages adds the steps running on the queue."""
+    if args.queue_name:
+        _require_known_queue(args.queue_name)
     client = await ctx.client()
     names = [args.queue_name] if args.queue_name else list(ALL_QUEUES)
     described: list[dict[str, Any]] = []
@@ -738,6 +745,24 @@ async def workflow_queue_status(
             )
         described.append(queue)
     return WorkflowQueueStatusResult(queues=described)
+
+
+def _require_known_queue(name: str) -> None:
+    """Reject a queue that no worker of this platform polls: the server
+    describes any name, so a mistyped one would report no pollers and no
+    backlog as if it were an idle queue."""
+    known = sorted(set(ALL_QUEUES) | {t["task_queue"] for t in describe_step_types()})
+    node_id = name.removeprefix(NEURAL_NODE_PREFIX)
+    if name in known or (node_id and node_id != name):
+        return
+    close = closest_name(name, known)
+    hint = f" (did you mean {close}?)" if close else ""
+    raise ToolError(
+        f"queue_name: unknown task queue {name!r}{hint}; use one of "
+        f"{', '.join(known)}, {NEURAL_NODE_PREFIX}NODE_ID for a neural cluster "
+        "node, or leave queue_name out for the project queues",
+        kind="invalid_argument",
+    )
 
 
 class WorkflowAuditTrailInput(BaseModel):

@@ -310,6 +310,24 @@ async def test_assign_on_deleted_definition_conflicts(
     assert not await _schedule_exists(client, created["schedules"][0])
 
 
+async def test_queue_status_rejects_unknown_queue(tools: ToolContext) -> None:
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_queue_status", queue_name="nexus-orchestratoin")
+    assert caught.value.kind == "invalid_argument"
+    message = caught.value.message
+    assert message.startswith(
+        "queue_name: unknown task queue 'nexus-orchestratoin' "
+        "(did you mean nexus-orchestration?); use one of "
+    )
+    for queue in ["nexus-orchestration", "nexus-streaming", "nexus-test-steps"]:
+        assert queue in message
+    assert "nexus-neural-NODE_ID for a neural cluster node" in message
+    with pytest.raises(ToolError, match="'nexus-neural-'"):
+        await call(tools, "workflow_queue_status", queue_name="nexus-neural-")
+    node = await call(tools, "workflow_queue_status", queue_name="nexus-neural-n1")
+    assert node["queues"][0]["task_queue"] == "nexus-neural-n1"
+
+
 async def test_unknown_ids_and_bad_status(tools: ToolContext) -> None:
     with pytest.raises(ToolError) as caught:
         await call(tools, "workflow_status", workflow_id="wf_nope")
