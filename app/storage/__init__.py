@@ -3,8 +3,15 @@
 from app.storage.local import (
     LocalStorage,
     ObjectInfo,
+    ObjectNotFound,
     StorageError,
     storage_for,
 )
 
-__all__ = ["LocalStorage", "ObjectInfo", "StorageError", "storage_for"]
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "StorageError",
+    "storage_for",
+]

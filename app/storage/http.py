@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 
 from app.settings import Settings
 from app.storage.local import (
+    ObjectNotFound,
     StorageError,
     storage_for,
     validate_bucket,
@@ -86,8 +87,10 @@ def build_storage_router(settings: Settings) -> APIRouter:
         try:
             data = await asyncio.to_thread(storage.get, bucket, normalized)
             info = await asyncio.to_thread(storage.stat, bucket, normalized)
-        except StorageError as error:
+        except ObjectNotFound as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
+        except StorageError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
         media_type, headers = download_headers(normalized, info.content_type)
         headers.update({"ETag": f'"{info.sha256}"', "Cache-Control": "private"})
         return Response(content=data, media_type=media_type, headers=headers)

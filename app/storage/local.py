@@ -62,6 +62,10 @@ class StorageError(ValueError):
     """Invalid bucket, path or content type, or an object that does not exist."""
 
 
+class ObjectNotFound(StorageError):
+    """A missing object: the bucket has no file at the path."""
+
+
 class StorageFailure(RuntimeError):
     """A write that failed on the server side (disk, database); the previous
     object and its metadata are unchanged, and a retry may succeed."""
@@ -278,13 +282,13 @@ class LocalStorage:
     def get(self, bucket: str, path: str) -> bytes:
         target = self._object_path(bucket, path)
         if not target.is_file():
-            raise StorageError(f"object {path!r} not found in bucket {bucket!r}")
+            raise _not_found(bucket, path)
         return target.read_bytes()
 
     def stat(self, bucket: str, path: str) -> ObjectInfo:
         target = self._object_path(bucket, path)
         if not target.is_file():
-            raise StorageError(f"object {path!r} not found in bucket {bucket!r}")
+            raise _not_found(bucket, path)
         recorded = self._recorded(bucket, path)
         if recorded is not None and recorded.size == target.stat().st_size:
             return recorded
@@ -510,6 +514,10 @@ def storage_for(settings: Settings) -> LocalStorage:
     return LocalStorage(
         settings.resolved_data_dir / "storage", settings.effective_database_url
     )
+
+
+def _not_found(bucket: str, path: str) -> ObjectNotFound:
+    return ObjectNotFound(f"object {path!r} not found in bucket {bucket!r}")
 
 
 def _remove_folder(folder: Path) -> bool:

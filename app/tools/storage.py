@@ -10,7 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.contracts.types import UtcDateTime
-from app.storage.local import ObjectInfo, StorageError, StorageFailure, storage_for
+from app.storage.local import (
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    StorageFailure,
+    storage_for,
+)
 from app.storage.signing import MAX_EXPIRES_IN, sign_path, signing_key
 from app.tools.registry import ToolContext, ToolError, tool
 
@@ -36,10 +42,9 @@ class ObjectResult(BaseModel):
 
 
 def _storage_error(error: StorageError) -> ToolError:
-    message = str(error)
-    return ToolError(
-        message, kind="not_found" if "not found" in message else "invalid_argument"
-    )
+    if isinstance(error, ObjectNotFound):
+        return ToolError(str(error), kind="not_found")
+    return ToolError(str(error), kind="invalid_argument")
 
 
 # The whitespace `base64` and most encoders put between and after lines.

@@ -160,3 +160,42 @@ async def test_url_expiry_range(settings: Settings) -> None:
             "storage_get_url",
             {"bucket": "share", "path": "x", "expires_in": 0},
         )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "fragment"),
+    [
+        (
+            None,
+            {"path": "q", "content": "hi", "content_type": "not found"},
+            "invalid content_type 'not found'",
+        ),
+        (
+            {"path": "x/not found", "content": "a"},
+            {"path": "x/not found/y", "content": "b"},
+            "'x/not found' is an object",
+        ),
+    ],
+)
+async def test_invalid_upload_mentioning_not_found(
+    settings: Settings,
+    first: dict[str, str] | None,
+    second: dict[str, str],
+    fragment: str,
+) -> None:
+    ctx = ToolContext(settings)
+    if first is not None:
+        await invoke_tool(ctx, "storage_upload", {"bucket": "data", **first})
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(ctx, "storage_upload", {"bucket": "data", **second})
+    assert caught.value.kind == "invalid_argument"
+    assert fragment in caught.value.message
+
+
+async def test_missing_object_is_not_found(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    for tool in ("storage_download", "storage_get_url"):
+        with pytest.raises(ToolError) as caught:
+            await invoke_tool(ctx, tool, {"bucket": "data", "path": "missing.txt"})
+        assert caught.value.kind == "not_found"
+        assert "'missing.txt' not found in bucket 'data'" in caught.value.message
