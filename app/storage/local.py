@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,22 @@ _UPSERT = text(
     ":content_type, :now, :now) ON CONFLICT (bucket, path) DO UPDATE SET "
     "size = excluded.size, sha256 = excluded.sha256, "
     "content_type = excluded.content_type, updated_at = excluded.updated_at"
+)
+
+# Takes the row lock of one object whether or not its row exists, as the
+# upsert of a put does. On PostgreSQL an upsert waits for every open
+# transaction that inserted, updated or deleted that key, where a SELECT ...
+# FOR UPDATE would not wait for an uncommitted insert. On SQLite any write
+# waits for the database's write lock. The placeholder values are never
+# committed: the caller deletes the row or rolls back.
+_LOCK_ROW = text(
+    "INSERT INTO storage_objects (bucket, path, size, sha256, content_type, "
+    "created_at, updated_at) VALUES (:bucket, :path, 0, '', '', :now, :now) "
+    "ON CONFLICT (bucket, path) DO UPDATE SET size = storage_objects.size"
+)
+
+_DELETE_ROW = text(
+    "DELETE FROM storage_objects WHERE bucket = :bucket AND path = :path"
 )
 
 
@@ -178,6 +195,12 @@ def _write_row(connection: Connection, values: dict[str, object]) -> None:
     connection.execute(_UPSERT, values)
 
 
+def _lock_row(connection: Connection, bucket: str, path: str) -> None:
+    connection.execute(
+        _LOCK_ROW, {"bucket": bucket, "path": path, "now": datetime.now(UTC)}
+    )
+
+
 def _commit(transaction: RootTransaction) -> None:
     transaction.commit()
 
@@ -199,6 +222,7 @@ class LocalStorage:
     its row as they were, and no new file behind. Readers see the old object
     or the new one. With a `database_url`, every put and delete also writes
     the object's size, sha256 and content type to the `storage_objects` table.
+    A delete holds the same row lock as a put until it commits.
     """
 
     def __init__(self, root: Path, database_url: str | None = None) -> None:
@@ -295,19 +319,38 @@ class LocalStorage:
         return self._info(bucket, path, target, target.read_bytes())
 
     def delete(self, bucket: str, path: str) -> bool:
-        """Delete an object; return False if it did not exist."""
+        """Delete an object and its metadata row. Return False if it did not
+        exist.
+
+        The delete holds the object's row lock, as a put does, from before it
+        checks the file until it commits. A put of the same path therefore
+        runs wholly before or wholly after it, and the file and the row are
+        both kept or both deleted.
+
+        Raises:
+            StorageError: an invalid bucket or path.
+            StorageFailure: the disk or the database failed; the object and
+                its metadata are unchanged.
+        """
         target = self._object_path(bucket, path)
-        if not target.is_file():
-            return False
-        target.unlink()
-        self._forget(bucket, path)
-        # Folders the object leaves empty go too, so their names can become
-        # objects again.
-        bucket_root = self.root / bucket
-        folder = (bucket_root / path).parent
-        while folder != bucket_root and _remove_folder(folder):
-            folder = folder.parent
-        return True
+        try:
+            connection, transaction = self._begin(
+                bucket, path, lambda opened: _lock_row(opened, bucket, path)
+            )
+        except SQLAlchemyError as error:
+            raise _delete_failure(bucket, path, error) from None
+        try:
+            if not target.is_file():
+                return False
+            if connection is None or transaction is None:
+                target.unlink(missing_ok=True)
+                self._remove_empty_folders(bucket, path)
+                return True
+            self._delete_locked(connection, transaction, bucket, path, target)
+            return True
+        finally:
+            if connection is not None:
+                connection.close()
 
     def list(self, bucket: str, prefix: str = "", limit: int = 1000) -> list[str]:
         root = self.root / validate_bucket(bucket)
@@ -410,10 +453,6 @@ class LocalStorage:
         """Write the metadata row in a transaction the caller commits; the row
         lock also orders concurrent writers of one object. (None, None) when
         there is no database or it lacks the storage table."""
-        if self.database_url is None:
-            return None, None
-        from app.db import get_engine
-
         values = {
             "bucket": info.bucket,
             "path": info.path,
@@ -422,31 +461,106 @@ class LocalStorage:
             "content_type": info.content_type,
             "now": info.modified_at,
         }
-        engine = get_engine(self.database_url)
         try:
-            connection = engine.connect()
+            return self._begin(
+                info.bucket,
+                info.path,
+                lambda connection: _write_row(connection, values),
+            )
         except SQLAlchemyError as error:
             raise self._metadata_failure(info, error) from None
+
+    def _begin(
+        self, bucket: str, path: str, write: Callable[[Connection], None]
+    ) -> tuple[Connection | None, RootTransaction | None]:
+        """Open a transaction whose first statement, `write`, writes the
+        object's row and so takes its row lock. (None, None) when there is no
+        database or it lacks the storage table.
+
+        Raises:
+            SQLAlchemyError: the database failed.
+        """
+        if self.database_url is None:
+            return None, None
+        from app.db import get_engine
+
+        engine = get_engine(self.database_url)
+        connection = engine.connect()
         try:
             transaction = connection.begin()
-            _write_row(connection, values)
-        except SQLAlchemyError as error:
+            write(connection)
+        except SQLAlchemyError:
             connection.close()
             try:
                 missing = not inspect(engine).has_table("storage_objects")
             except SQLAlchemyError:
                 missing = False
             if not missing:
-                raise self._metadata_failure(info, error) from None
+                raise
             # A database without the storage migration still stores bytes.
             logger.warning(
-                "object %s/%s stored without metadata: the storage_objects table "
-                "is missing; run `nexus db upgrade`",
-                info.bucket,
-                info.path,
+                "object %s/%s has no metadata row: the storage_objects table is "
+                "missing; run `nexus db upgrade`",
+                bucket,
+                path,
             )
             return None, None
         return connection, transaction
+
+    def _delete_locked(
+        self,
+        connection: Connection,
+        transaction: RootTransaction,
+        bucket: str,
+        path: str,
+        target: Path,
+    ) -> None:
+        """Delete the file and the row of an object whose row lock the open
+        `transaction` holds, and commit. A failed commit puts the file back."""
+        backup = self.root / TEMPORARY_FOLDER / f"deleted-{secrets.token_hex(8)}"
+        try:
+            backup.parent.mkdir(exist_ok=True)
+            os.replace(target, backup)
+        except OSError as error:
+            logger.warning("object %s/%s not deleted: %s", bucket, path, error)
+            raise StorageFailure(
+                f"could not delete object {path!r} in bucket {bucket!r}: "
+                f"{_reason(error)}; the object is unchanged"
+            ) from None
+        try:
+            connection.execute(_DELETE_ROW, {"bucket": bucket, "path": path})
+            # Before the commit, while the lock still keeps out a put of this
+            # path, which could otherwise find its folder gone.
+            self._remove_empty_folders(bucket, path)
+            _commit(transaction)
+        except SQLAlchemyError as error:
+            restored = self._put_back(bucket, path, backup, target)
+            raise _delete_failure(bucket, path, error, restored) from None
+        backup.unlink(missing_ok=True)
+
+    def _remove_empty_folders(self, bucket: str, path: str) -> None:
+        """Remove the folders that deleting `path` left empty, so their names
+        can become objects again."""
+        # NOTE: on PostgreSQL a put of another path in such a folder holds
+        # another row lock. If it created its folders just before this removes
+        # them, its rename fails and it reports a failed write; a retry works.
+        bucket_root = self.root / bucket
+        folder = (bucket_root / path).parent
+        while folder != bucket_root and _remove_folder(folder):
+            folder = folder.parent
+
+    def _put_back(self, bucket: str, path: str, backup: Path, target: Path) -> bool:
+        """Move a deleted object's file back after a failed commit; return
+        whether that worked."""
+        try:
+            _make_folders(self.root, bucket, path, [])
+            os.replace(backup, target)
+        except (OSError, StorageError):
+            logger.exception(
+                "object file %s not put back after a failed delete", target
+            )
+            return False
+        return True
 
     @staticmethod
     def _metadata_failure(
@@ -490,23 +604,6 @@ class LocalStorage:
             modified = modified.replace(tzinfo=UTC)
         return ObjectInfo(bucket, path, int(row[0]), row[1], row[2], modified)
 
-    def _forget(self, bucket: str, path: str) -> None:
-        if self.database_url is None:
-            return
-        from app.db import get_engine
-
-        try:
-            with get_engine(self.database_url).begin() as connection:
-                connection.execute(
-                    text(
-                        "DELETE FROM storage_objects WHERE bucket = :bucket "
-                        "AND path = :path"
-                    ),
-                    {"bucket": bucket, "path": path},
-                )
-        except (OperationalError, ProgrammingError) as error:
-            logger.warning("metadata of %s/%s not removed: %s", bucket, path, error)
-
 
 def storage_for(settings: Settings) -> LocalStorage:
     """Return the storage of these settings, recording metadata in their
@@ -518,6 +615,23 @@ def storage_for(settings: Settings) -> LocalStorage:
 
 def _not_found(bucket: str, path: str) -> ObjectNotFound:
     return ObjectNotFound(f"object {path!r} not found in bucket {bucket!r}")
+
+
+def _delete_failure(
+    bucket: str, path: str, error: SQLAlchemyError, restored: bool = True
+) -> StorageFailure:
+    logger.error("metadata of %s/%s not deleted: %s", bucket, path, error)
+    cause = getattr(error, "orig", None) or error
+    state = (
+        "the object is unchanged"
+        if restored
+        else "its row is kept but its file could not be put back; see the server log"
+    )
+    return StorageFailure(
+        f"could not delete the metadata of object {path!r} in bucket {bucket!r} "
+        f"({type(cause).__name__}); {state}; retry, and see the server log if it "
+        "fails again"
+    )
 
 
 def _remove_folder(folder: Path) -> bool:

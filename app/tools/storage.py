@@ -205,6 +205,8 @@ async def storage_delete(
         deleted = await asyncio.to_thread(storage.delete, args.bucket, args.path)
     except StorageError as error:
         raise _storage_error(error) from None
+    except StorageFailure as error:
+        raise ToolError(str(error), kind="failed") from None
     if not deleted:
         raise ToolError(
             f"object {args.path!r} not found in bucket {args.bucket!r}; "
