@@ -85,8 +85,7 @@ def build_storage_router(settings: Settings) -> APIRouter:
         except SignatureError as error:
             raise HTTPException(status_code=403, detail=str(error)) from None
         try:
-            data = await asyncio.to_thread(storage.get, bucket, normalized)
-            info = await asyncio.to_thread(storage.stat, bucket, normalized)
+            data, info = await asyncio.to_thread(storage.read, bucket, normalized)
         except ObjectNotFound as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
         except StorageError as error:

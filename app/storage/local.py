@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import logging
@@ -11,10 +12,12 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
+from stat import S_ISREG
 
 from sqlalchemy import Connection, RootTransaction, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
@@ -68,6 +71,11 @@ _LOCK_ROW = text(
     "INSERT INTO storage_objects (bucket, path, size, sha256, content_type, "
     "created_at, updated_at) VALUES (:bucket, :path, 0, '', '', :now, :now) "
     "ON CONFLICT (bucket, path) DO UPDATE SET size = storage_objects.size"
+)
+
+_SELECT_ROW = text(
+    "SELECT size, sha256, content_type, updated_at FROM storage_objects "
+    "WHERE bucket = :bucket AND path = :path"
 )
 
 _DELETE_ROW = text(
@@ -222,7 +230,9 @@ class LocalStorage:
     its row as they were, and no new file behind. Readers see the old object
     or the new one. With a `database_url`, every put and delete also writes
     the object's size, sha256 and content type to the `storage_objects` table.
-    A delete holds the same row lock as a put until it commits.
+    A delete holds the same row lock as a put until it commits. A read whose
+    row does not record the bytes it read reads the file and the row again
+    under that lock.
     """
 
     def __init__(self, root: Path, database_url: str | None = None) -> None:
@@ -304,19 +314,58 @@ class LocalStorage:
                     _remove_folder(folder)
 
     def get(self, bucket: str, path: str) -> bytes:
+        """Return an object's bytes.
+
+        Raises:
+            ObjectNotFound: the bucket has no object at `path`.
+            StorageError: an invalid bucket or path.
+        """
         target = self._object_path(bucket, path)
-        if not target.is_file():
-            raise _not_found(bucket, path)
-        return target.read_bytes()
+        return _read_file(bucket, path, target)[0]
+
+    def read(self, bucket: str, path: str) -> tuple[bytes, ObjectInfo]:
+        """Return an object's bytes and the metadata of that same version.
+
+        Size and sha256 are always those of the returned bytes. Content type
+        and modified time are those of the put that wrote them. For a file
+        written by hand, the content type is guessed from the path and the
+        modified time is the file's.
+
+        Raises:
+            ObjectNotFound: the bucket has no object at `path`.
+            StorageError: an invalid bucket or path.
+        """
+        target = self._object_path(bucket, path)
+        data, status = _read_file(bucket, path, target)
+        info = _describe(bucket, path, data, status)
+        recorded = self._recorded(bucket, path)
+        if recorded is not None and _records(recorded, info):
+            return data, recorded
+        if self.database_url is None:
+            return data, info
+        # The row is missing or records other bytes: a put or delete is
+        # between its file change and its commit, or the file changed by hand.
+        return self._read_locked(bucket, path, target)
 
     def stat(self, bucket: str, path: str) -> ObjectInfo:
+        """Return an object's metadata, reading its bytes only when its row is
+        missing or records another size.
+
+        Raises:
+            ObjectNotFound: the bucket has no object at `path`.
+            StorageError: an invalid bucket or path.
+        """
         target = self._object_path(bucket, path)
-        if not target.is_file():
+        try:
+            status = target.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise _not_found(bucket, path) from None
+        if not S_ISREG(status.st_mode):
             raise _not_found(bucket, path)
         recorded = self._recorded(bucket, path)
-        if recorded is not None and recorded.size == target.stat().st_size:
+        if recorded is not None and recorded.size == status.st_size:
             return recorded
-        return self._info(bucket, path, target, target.read_bytes())
+        return self.read(bucket, path)[1]
 
     def delete(self, bucket: str, path: str) -> bool:
         """Delete an object and its metadata row. Return False if it did not
@@ -353,15 +402,36 @@ class LocalStorage:
                 connection.close()
 
     def list(self, bucket: str, prefix: str = "", limit: int = 1000) -> list[str]:
-        root = self.root / validate_bucket(bucket)
-        if not root.is_dir():
-            return []
-        names: list[str] = []
-        for file in sorted(root.rglob("*")):
-            if not file.is_file():
+        """Return the paths of up to `limit` objects that start with `prefix`,
+        sorted by their `/`-separated segments."""
+        return list(islice(self._paths(bucket, prefix), limit))
+
+    def list_objects(
+        self, bucket: str, prefix: str = "", limit: int = 1000
+    ) -> builtins.list[ObjectInfo]:
+        """Return the metadata of up to `limit` objects in the order of `list`,
+        leaving out the objects deleted after the walk found them."""
+        infos: builtins.list[ObjectInfo] = []
+        for path in self._paths(bucket, prefix):
+            if len(infos) >= limit:
+                break
+            try:
+                infos.append(self.stat(bucket, path))
+            except ObjectNotFound:
                 continue
-            name = file.relative_to(root).as_posix()
-            if not name.startswith(prefix):
+        return infos
+
+    def _paths(self, bucket: str, prefix: str) -> Iterator[str]:
+        root = self.root / validate_bucket(bucket)
+        names: builtins.list[str] = []
+        # os.walk skips a folder that a delete removes while it walks, where
+        # Path.rglob of Python 3.11 raises FileNotFoundError.
+        for folder, _folders, files in os.walk(root):
+            relative = Path(folder).relative_to(root)
+            names.extend((relative / file).as_posix() for file in files)
+        names.sort(key=lambda name: name.split("/"))
+        for name in names:
+            if not name.startswith(prefix) or not (root / name).is_file():
                 continue
             try:
                 validate_path(name)
@@ -372,21 +442,7 @@ class LocalStorage:
                     "bucket %s: file left out of the list: %s", bucket, error
                 )
                 continue
-            names.append(name)
-            if len(names) >= limit:
-                break
-        return names
-
-    def _info(self, bucket: str, path: str, target: Path, data: bytes) -> ObjectInfo:
-        guessed = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return ObjectInfo(
-            bucket=bucket,
-            path=path,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            content_type=guessed,
-            modified_at=datetime.fromtimestamp(target.stat().st_mtime, UTC),
-        )
+            yield name
 
     def _check_conflicts(self, bucket: str, path: str) -> None:
         """Raise StorageError if a folder of `path` is an object, or if `path`
@@ -562,6 +618,35 @@ class LocalStorage:
             return False
         return True
 
+    def _read_locked(
+        self, bucket: str, path: str, target: Path
+    ) -> tuple[bytes, ObjectInfo]:
+        """Read an object's file and row while holding its row lock, so that
+        no put or delete is between its file change and its commit."""
+        assert self.database_url is not None
+        from app.db import get_engine
+
+        try:
+            with get_engine(self.database_url).connect() as connection:
+                transaction = connection.begin()
+                try:
+                    _lock_row(connection, bucket, path)
+                    data, status = _read_file(bucket, path, target)
+                    recorded = _select_recorded(connection, bucket, path)
+                finally:
+                    # Rolling back drops the placeholder row of the lock.
+                    transaction.rollback()
+        except (OperationalError, ProgrammingError) as error:
+            logger.warning(
+                "object %s/%s read without its metadata row: %s", bucket, path, error
+            )
+            data, status = _read_file(bucket, path, target)
+            return data, _describe(bucket, path, data, status)
+        info = _describe(bucket, path, data, status)
+        if recorded is not None and _records(recorded, info):
+            return data, recorded
+        return data, info
+
     @staticmethod
     def _metadata_failure(
         info: ObjectInfo, error: SQLAlchemyError, restored: bool = True
@@ -586,23 +671,9 @@ class LocalStorage:
 
         try:
             with get_engine(self.database_url).connect() as connection:
-                row = connection.execute(
-                    text(
-                        "SELECT size, sha256, content_type, updated_at FROM "
-                        "storage_objects WHERE bucket = :bucket AND path = :path"
-                    ),
-                    {"bucket": bucket, "path": path},
-                ).first()
+                return _select_recorded(connection, bucket, path)
         except (OperationalError, ProgrammingError):
             return None
-        if row is None:
-            return None
-        modified = row[3]
-        if not isinstance(modified, datetime):
-            modified = datetime.fromisoformat(str(modified))
-        if modified.tzinfo is None:
-            modified = modified.replace(tzinfo=UTC)
-        return ObjectInfo(bucket, path, int(row[0]), row[1], row[2], modified)
 
 
 def storage_for(settings: Settings) -> LocalStorage:
@@ -611,6 +682,59 @@ def storage_for(settings: Settings) -> LocalStorage:
     return LocalStorage(
         settings.resolved_data_dir / "storage", settings.effective_database_url
     )
+
+
+def _read_file(bucket: str, path: str, target: Path) -> tuple[bytes, os.stat_result]:
+    """Return the bytes of the file at `target` and its status, both from one
+    open file, so they describe the same version even while a put replaces it.
+
+    Raises:
+        ObjectNotFound: `target` is missing or is not a regular file.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO put there by hand must not wait for a writer.
+        descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _not_found(bucket, path) from None
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not S_ISREG(status.st_mode):
+            raise _not_found(bucket, path)
+        return file.read(), status
+
+
+def _describe(
+    bucket: str, path: str, data: bytes, status: os.stat_result
+) -> ObjectInfo:
+    """Describe bytes that no metadata row records, guessing the content type
+    from the path."""
+    return ObjectInfo(
+        bucket=bucket,
+        path=path,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        content_type=mimetypes.guess_type(path)[0] or "application/octet-stream",
+        modified_at=datetime.fromtimestamp(status.st_mtime, UTC),
+    )
+
+
+def _records(recorded: ObjectInfo, info: ObjectInfo) -> bool:
+    """Return whether a metadata row records the bytes that `info` describes."""
+    return recorded.size == info.size and recorded.sha256 == info.sha256
+
+
+def _select_recorded(
+    connection: Connection, bucket: str, path: str
+) -> ObjectInfo | None:
+    row = connection.execute(_SELECT_ROW, {"bucket": bucket, "path": path}).first()
+    if row is None:
+        return None
+    modified = row[3]
+    if not isinstance(modified, datetime):
+        modified = datetime.fromisoformat(str(modified))
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=UTC)
+    return ObjectInfo(bucket, path, int(row[0]), row[1], row[2], modified)
 
 
 def _not_found(bucket: str, path: str) -> ObjectNotFound:

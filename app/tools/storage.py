@@ -124,8 +124,7 @@ async def storage_download(
     """Read an object's bytes, returned as UTF-8 text or base64 (see encoding)."""
     storage = storage_for(ctx.settings)
     try:
-        data = await asyncio.to_thread(storage.get, args.bucket, args.path)
-        info = await asyncio.to_thread(storage.stat, args.bucket, args.path)
+        data, info = await asyncio.to_thread(storage.read, args.bucket, args.path)
     except StorageError as error:
         raise _storage_error(error) from None
     encoding = args.encoding
@@ -169,13 +168,10 @@ async def storage_list(ctx: ToolContext, args: StorageListInput) -> StorageListR
     """List objects of a bucket, sorted by path, optionally under a path prefix,
     with size, sha256 and content type."""
     storage = storage_for(ctx.settings)
-
-    def collect() -> list[ObjectInfo]:
-        names = storage.list(args.bucket, prefix=args.path, limit=args.limit)
-        return [storage.stat(args.bucket, name) for name in names]
-
     try:
-        infos = await asyncio.to_thread(collect)
+        infos = await asyncio.to_thread(
+            storage.list_objects, args.bucket, args.path, args.limit
+        )
     except StorageError as error:
         raise _storage_error(error) from None
     objects = [ObjectResult.of(info) for info in infos]

@@ -1,24 +1,30 @@
-"""Storage operations on one object at once: an upload and a delete leave
-file and row together. Hooks pause one operation at the racy point, so each
-interleaving happens on every run."""
+"""Storage operations on one object at once: a list skips objects deleted
+meanwhile, an upload and a delete leave file and row together, and a download
+describes the bytes it returns. Hooks pause one operation at the racy point,
+so each interleaving happens on every run."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
 
 import app.storage.local as local
 from app.db import get_engine
 from app.settings import Settings
-from app.storage.local import StorageFailure, storage_for
+from app.storage.http import build_storage_router
+from app.storage.local import LocalStorage, StorageFailure, storage_for
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 
 load_tools()
@@ -39,6 +45,15 @@ def row(settings: Settings, bucket: str, path: str) -> tuple[Any, ...] | None:
     return None if found is None else tuple(found)
 
 
+def row_count(settings: Settings) -> int:
+    with get_engine(settings.effective_database_url).connect() as connection:
+        return int(
+            connection.execute(
+                text("SELECT count(*) FROM storage_objects")
+            ).scalar_one()
+        )
+
+
 def object_file(settings: Settings, bucket: str, path: str) -> Path:
     return settings.resolved_data_dir / "storage" / bucket / path
 
@@ -50,6 +65,68 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+async def list_paths(settings: Settings, bucket: str) -> list[str]:
+    listed = await invoke_tool(
+        ToolContext(settings), "storage_list", {"bucket": bucket}
+    )
+    return [item["path"] for item in listed["objects"]]
+
+
+async def test_list_skips_object_deleted_after_walk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = storage_for(settings)
+    for path in ("a.txt", "b/gone.txt", "c.txt"):
+        storage.put("bkt", path, b"x")
+    stat = LocalStorage.stat
+
+    def deleting_first(self: LocalStorage, bucket: str, path: str) -> Any:
+        if path == "b/gone.txt":
+            storage.delete(bucket, path)
+        return stat(self, bucket, path)
+
+    monkeypatch.setattr(LocalStorage, "stat", deleting_first)
+    assert await list_paths(settings, "bkt") == ["a.txt", "c.txt"]
+
+
+async def test_list_skips_object_deleted_during_stat(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = storage_for(settings)
+    for path in ("a.txt", "b/gone.txt", "c.txt"):
+        storage.put("bkt", path, b"x")
+    recorded = LocalStorage._recorded
+
+    # The file exists when stat checks it, and is gone when stat reads it.
+    def deleting_first(self: LocalStorage, bucket: str, path: str) -> Any:
+        if path == "b/gone.txt":
+            storage.delete(bucket, path)
+        return recorded(self, bucket, path)
+
+    monkeypatch.setattr(LocalStorage, "_recorded", deleting_first)
+    assert await list_paths(settings, "bkt") == ["a.txt", "c.txt"]
+
+
+async def test_list_skips_folder_deleted_during_walk(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = storage_for(settings)
+    for path in ("a.txt", "b/gone.txt", "c.txt"):
+        storage.put("bkt", path, b"x")
+    folder = object_file(settings, "bkt", "b")
+    scandir = os.scandir
+
+    # Deleting the folder's last object removes the folder just before the
+    # walk lists it.
+    def deleting_first(path: Any = ".") -> Any:
+        if Path(path) == folder and folder.exists():
+            storage.delete("bkt", "b/gone.txt")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deleting_first)
+    assert await list_paths(settings, "bkt") == ["a.txt", "c.txt"]
 
 
 def test_delete_waits_for_upload_in_progress(
@@ -155,3 +232,81 @@ async def test_failed_delete_is_failed_error(
         )
     assert caught.value.kind == "failed"
     assert "COMMIT" not in caught.value.message
+
+
+def replace_during_metadata_read(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upload NEW as text/csv once, right before the first metadata read, so a
+    reader has OLD's bytes in hand when it looks up the metadata."""
+    storage = storage_for(settings)
+    recorded = LocalStorage._recorded
+    replaced = threading.Event()
+
+    def replacing_first(self: LocalStorage, bucket: str, path: str) -> Any:
+        if not replaced.is_set():
+            replaced.set()
+            storage.put(bucket, path, NEW, "text/csv")
+        return recorded(self, bucket, path)
+
+    monkeypatch.setattr(LocalStorage, "_recorded", replacing_first)
+
+
+async def test_download_describes_returned_bytes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage_for(settings).put("race", "obj.txt", OLD, "text/plain")
+    replace_during_metadata_read(settings, monkeypatch)
+    result = await invoke_tool(
+        ToolContext(settings), "storage_download", {"bucket": "race", "path": "obj.txt"}
+    )
+    content = result["content"].encode()
+    assert result["sha256"] == hashlib.sha256(content).hexdigest()
+    assert result["size"] == len(content)
+    assert result["content_type"] == ("text/csv" if content == NEW else "text/plain")
+
+
+async def test_signed_download_etag_matches_bytes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage_for(settings).put("race", "obj.txt", OLD, "text/plain")
+    signed = await invoke_tool(
+        ToolContext(settings), "storage_get_url", {"bucket": "race", "path": "obj.txt"}
+    )
+    parts = urlsplit(signed["url"])
+    replace_during_metadata_read(settings, monkeypatch)
+    app = FastAPI()
+    app.include_router(build_storage_router(settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        response = await http.get(f"{parts.path}?{parts.query}")
+    assert response.status_code == 200
+    sha256 = hashlib.sha256(response.content).hexdigest()
+    assert response.headers["etag"] == f'"{sha256}"'
+    expected_type = "text/csv" if response.content == NEW else "text/plain"
+    assert response.headers["content-type"].startswith(expected_type)
+
+
+async def test_file_changed_by_hand_is_described(settings: Settings) -> None:
+    storage_for(settings).put("hand", "edited.csv", OLD, "text/plain")
+    object_file(settings, "hand", "edited.csv").write_bytes(b"edited by hand")
+    object_file(settings, "hand", "added.txt").write_bytes(b"added by hand")
+    ctx = ToolContext(settings)
+    for path, data in (
+        ("edited.csv", b"edited by hand"),
+        ("added.txt", b"added by hand"),
+    ):
+        result = await invoke_tool(
+            ctx, "storage_download", {"bucket": "hand", "path": path}
+        )
+        assert result["content"].encode() == data
+        assert result["sha256"] == hashlib.sha256(data).hexdigest()
+        assert result["size"] == len(data)
+    listed = await invoke_tool(ctx, "storage_list", {"bucket": "hand"})
+    assert [(o["path"], o["size"], o["content_type"]) for o in listed["objects"]] == [
+        ("added.txt", 13, "text/plain"),
+        ("edited.csv", 14, "text/csv"),
+    ]
+    # Reading takes the object's lock without leaving a row behind.
+    assert row(settings, "hand", "added.txt") is None
+    assert row_count(settings) == 1
