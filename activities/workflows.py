@@ -240,8 +240,9 @@ class WorkflowActivities:
                     "content_type": info.content_type,
                 }
             elif params.operation == "get":
-                data = storage.get(params.bucket, params.path)
-                info = storage.stat(params.bucket, params.path)
+                # One read, so that size and sha256 describe the bytes even
+                # while another upload replaces the object.
+                data, info = storage.read(params.bucket, params.path)
                 output = {
                     "bucket": info.bucket,
                     "path": info.path,
