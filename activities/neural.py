@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import ThreadHeartbeat
 from app.contracts.neural import (
     AggregateInput,
     AggregateResult,
@@ -33,6 +34,10 @@ from app.settings import Settings
 from app.storage import StorageError
 
 T = TypeVar("T")
+
+# Seconds between the repeated heartbeats of a training job; its workflow's
+# heartbeat timeout is a few times this.
+TRAIN_HEARTBEAT_SECONDS = 10.0
 
 
 def _heartbeat(details: dict[str, Any]) -> None:
@@ -65,7 +70,8 @@ class NeuralActivities:
         activity.logger.info(
             "training job %s (attempt %d)", request.job_id, activity.info().attempt
         )
-        return _guard(lambda: jobs.run_job(self.settings, request, _heartbeat))
+        with ThreadHeartbeat(TRAIN_HEARTBEAT_SECONDS) as heartbeat:
+            return _guard(lambda: jobs.run_job(self.settings, request, heartbeat))
 
     @activity.defn(name="neural_prepare_session")
     def prepare_session(self, request: PrepareInput) -> PrepareResult:

@@ -63,7 +63,9 @@ class NeuralTrainWorkflow:
                 request,
                 task_queue=NEURAL,
                 start_to_close_timeout=timedelta(hours=6),
-                heartbeat_timeout=timedelta(minutes=5),
+                # The activity heartbeats every 10 s while it runs, so a
+                # killed worker is noticed within a minute.
+                heartbeat_timeout=timedelta(seconds=60),
                 retry_policy=RetryPolicy(
                     maximum_attempts=3, non_retryable_error_types=_INPUT_ERRORS
                 ),
