@@ -105,7 +105,13 @@ def db_upgrade_command() -> None:
 @cli.command("up")
 def up_command() -> None:
     """Run the embedded Temporal server (unless NEXUS_TEMPORAL_ADDRESS is set),
-    every typed worker and the HTTP server until Ctrl-C or SIGTERM."""
+    every typed worker and the HTTP server until Ctrl-C or SIGTERM.
+
+    Environment variables set where it listens and stores:
+    NEXUS_DATA_DIR (default .nexus), NEXUS_TEMPORAL_PORT (7233),
+    NEXUS_TEMPORAL_UI_PORT (8233) and NEXUS_HTTP_PORT (3000). `nexus config`
+    prints the effective settings.
+    """
     from app.supervisor import run_up
     from app.temporal.devserver import EmbeddedServerError
 

@@ -32,7 +32,9 @@ def _call(name: str, arguments: dict[str, Any]) -> None:
 @swarm_cli.command("init")
 def init_command(
     topology: Annotated[str, typer.Argument(help="hierarchical, mesh, ring or star.")],
-    max_agents: Annotated[int, typer.Option(help="Most agents, 1-100.")] = 8,
+    max_agents: Annotated[
+        int, typer.Option(min=1, max=100, help="Maximum agents, 1-100.")
+    ] = 8,
     strategy: Annotated[
         str, typer.Option(help="balanced, specialized or adaptive.")
     ] = "balanced",
@@ -144,7 +146,9 @@ def task_command(
     strategy: Annotated[str, typer.Option(help="parallel, sequential, adaptive.")] = (
         "adaptive"
     ),
-    max_agents: Annotated[int | None, typer.Option(help="Agents, 1-10.")] = None,
+    max_agents: Annotated[
+        int | None, typer.Option(min=1, max=10, help="Agents, 1-10.")
+    ] = None,
     depends_on: Annotated[
         list[str] | None, typer.Option("--depends-on", help="Task id; repeatable.")
     ] = None,

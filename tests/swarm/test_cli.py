@@ -192,3 +192,15 @@ def test_status_of_empty_task_id_rejected(swarm_settings: Settings) -> None:
     assert "task_id is empty; give the task_id that task_orchestrate returned" in (
         output
     )
+
+
+def test_max_agents_range_names_flag() -> None:
+    runner = CliRunner()
+    for args in (
+        ["swarm", "init", "mesh", "--max-agents", "0"],
+        ["swarm", "init", "mesh", "--max-agents", "101"],
+        ["swarm", "task", "x", "--swarm", "s", "--max-agents", "11"],
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--max-agents'" in result.output
