@@ -11,6 +11,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import ThreadHeartbeat
 from app.contracts.neural import (
+    TRAINING_DIVERGED,
     AggregateInput,
     AggregateResult,
     FinishInput,
@@ -30,6 +31,7 @@ from app.contracts.neural import (
 )
 from app.neural import distributed, jobs, store
 from app.neural.data import DatasetError
+from app.neural.training import TrainingDivergedError
 from app.settings import Settings
 from app.storage import StorageError
 
@@ -45,10 +47,14 @@ def _heartbeat(details: dict[str, Any]) -> None:
 
 
 def _guard(work: Callable[[], T]) -> T:
-    """Run `work`; input errors become non-retryable, since a retry would
-    fail the same way."""
+    """Run `work`; input errors and diverged training become non-retryable,
+    since a retry would fail the same way."""
     try:
         return work()
+    except TrainingDivergedError as error:
+        raise ApplicationError(
+            str(error), error.problem, type=TRAINING_DIVERGED, non_retryable=True
+        ) from error
     except DatasetError as error:
         raise ApplicationError(
             str(error), type="InvalidDataset", non_retryable=True

@@ -13,6 +13,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.neural import (
+        TRAINING_DIVERGED,
         AggregateInput,
         AggregateResult,
         FinishInput,
@@ -42,11 +43,29 @@ with workflow.unsafe.imports_passed_through():
 
 # Errors that a retry repeats: bad data sets and arguments.
 _INPUT_ERRORS = ["InvalidDataset", "InvalidInput"]
+# Runs that started before this patch left a diverged worker out of the
+# round as missing, and went on training without it.
+_PATCH_DIVERGED_NODE_FAILS_SESSION = "diverged-node-fails-session"
 
 
 def _error_text(error: BaseException) -> str:
-    cause = error.cause if isinstance(error, ActivityError) else None
+    cause = error.cause if isinstance(error, ActivityError) else error
+    # A divergence's message starts with "training diverged", so its type
+    # would only repeat it.
+    if isinstance(cause, ApplicationError) and cause.type == TRAINING_DIVERGED:
+        return cause.message
     return str(cause or error)
+
+
+def _divergence(error: BaseException) -> str | None:
+    """Return the problem of a node whose training diverged, such as "loss
+    is NaN at local epoch 1 of round 0", or None for any other error."""
+    if not isinstance(error, ActivityError):
+        return None
+    cause = error.cause
+    if not isinstance(cause, ApplicationError) or cause.type != TRAINING_DIVERGED:
+        return None
+    return str(cause.details[0]) if cause.details else cause.message
 
 
 @workflow.defn
@@ -242,6 +261,7 @@ class DistributedTrainingWorkflow:
             return_exceptions=True,
         )
         contributions: dict[str, list[WeightedRef]] = {}
+        diverged: dict[str, str] = {}
         for node, answer in zip(plan.workers, answers, strict=True):
             if isinstance(answer, NodeTrainResult):
                 reducer = self._reducer(plan, node)
@@ -265,7 +285,34 @@ class DistributedTrainingWorkflow:
                     )
                 )
             elif isinstance(answer, BaseException):
-                events.append(self._missing(plan, state, node, answer))
+                problem = _divergence(answer)
+                if problem is not None and workflow.patched(
+                    _PATCH_DIVERGED_NODE_FAILS_SESSION
+                ):
+                    diverged[node.node_id] = problem
+                    events.append(
+                        RoundEventRecord(
+                            node_id=node.node_id,
+                            kind="diverged",
+                            detail={"reason": _error_text(answer)},
+                        )
+                    )
+                else:
+                    events.append(self._missing(plan, state, node, answer))
+        if diverged:
+            # Every worker trains at the same learning rate, so the others'
+            # updates are suspect too, and the round stops here.
+            await self._record_round(plan, state, round_index, events)
+            label = "worker node" if len(diverged) == 1 else "worker nodes"
+            nodes = ", ".join(
+                f"{node} ({problem})" for node, problem in diverged.items()
+            )
+            raise ApplicationError(
+                f"training diverged on {label} {nodes}; lower learning_rate "
+                f"(now {plan.learning_rate:g})",
+                type=TRAINING_DIVERGED,
+                non_retryable=True,
+            )
         if not contributions:
             raise ApplicationError(
                 f"no worker node answered in round {round_index}; check that the "
@@ -282,6 +329,22 @@ class DistributedTrainingWorkflow:
             state.rejected += 1
         state.round += 1
         state.train_seconds += workflow.time() - started
+        await self._record_round(plan, state, round_index, events)
+        workflow.logger.info(
+            "session %s round %d/%d %s",
+            plan.session_id,
+            round_index + 1,
+            total,
+            "accepted" if accepted else "rejected",
+        )
+
+    @staticmethod
+    async def _record_round(
+        plan: SessionPlan,
+        state: SessionState,
+        round_index: int,
+        events: list[RoundEventRecord],
+    ) -> None:
         await workflow.execute_activity(
             "neural_record_round",
             RoundRecord(
@@ -293,13 +356,6 @@ class DistributedTrainingWorkflow:
             ),
             task_queue=ORCHESTRATION,
             start_to_close_timeout=timedelta(seconds=30),
-        )
-        workflow.logger.info(
-            "session %s round %d/%d %s",
-            plan.session_id,
-            round_index + 1,
-            total,
-            "accepted" if accepted else "rejected",
         )
 
     @staticmethod

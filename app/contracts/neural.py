@@ -13,6 +13,10 @@ from pydantic import BaseModel, Field
 MODELS_BUCKET = "models"
 DATASETS_BUCKET = "datasets"
 
+# ApplicationError type of a training run whose loss became NaN or infinite.
+# Its first detail is the problem, such as "loss is NaN at epoch 1".
+TRAINING_DIVERGED = "TrainingDiverged"
+
 NodeRole = Literal["worker", "parameter_server", "aggregator", "validator"]
 Aggregation = Literal["mean", "median"]
 

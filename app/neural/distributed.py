@@ -33,11 +33,13 @@ from app.neural import data, store
 from app.neural.models import NeuralModel, NeuralRoundEvent
 from app.neural.nets import ModelSpec, Params, init_params
 from app.neural.training import (
+    TrainingDivergedError,
     dump_params,
     dump_state,
     get_trainer,
     load_params,
     load_state,
+    non_finite_name,
     weighted_average,
 )
 from app.settings import Settings
@@ -207,6 +209,12 @@ def train_node(
         order = np.random.default_rng(seed).permutation(len(x))
         chosen = order[offset * batch : (offset + 1) * batch]
         grads, loss, accuracy = trainer.gradient(params, x[chosen], y[chosen])
+        if not np.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss is {non_finite_name(loss)}",
+                f"the gradient step of round {request.round}",
+                request.learning_rate,
+            )
         store.put_object(settings, out_path, dump_params(grads))
         return NodeTrainResult(
             node_id=request.node_id,
@@ -238,6 +246,17 @@ def train_node(
     pending: list[Any] = []
     last_checkpoint = time.monotonic()
 
+    def record_pending() -> None:
+        for item in pending:
+            store.record_epoch(
+                settings,
+                request.session_id,
+                item,
+                node_id=request.node_id,
+                round_index=request.round,
+            )
+        pending.clear()
+
     def on_epoch(metrics: Any, params: Params, opt_state: Any) -> None:
         # Checkpoints and epoch rows are written at most every
         # `checkpoint_seconds` (and after the last epoch), because a write
@@ -248,15 +267,7 @@ def train_node(
         if not due and metrics.epoch < request.local_epochs:
             heartbeat({"round": request.round, "epoch": metrics.epoch})
             return
-        for item in pending:
-            store.record_epoch(
-                settings,
-                request.session_id,
-                item,
-                node_id=request.node_id,
-                round_index=request.round,
-            )
-        pending.clear()
+        record_pending()
         store.put_object(settings, state_ckpt, dump_state(opt_state))
         store.put_object(
             settings, ckpt, dump_params(params, {"epoch": np.asarray(metrics.epoch)})
@@ -264,19 +275,29 @@ def train_node(
         last_checkpoint = time.monotonic()
         heartbeat({"round": request.round, "epoch": metrics.epoch, "checkpoint": ckpt})
 
-    params, _, history = trainer.train(
-        params,
-        opt_state,
-        x,
-        y,
-        x_test,
-        y_test,
-        epochs=request.local_epochs,
-        batch_size=request.batch_size,
-        seed=request.seed * 7919 + request.round * 31 + request.shard,
-        start_epoch=start_epoch,
-        on_epoch=on_epoch,
-    )
+    try:
+        params, _, history = trainer.train(
+            params,
+            opt_state,
+            x,
+            y,
+            x_test,
+            y_test,
+            epochs=request.local_epochs,
+            batch_size=request.batch_size,
+            seed=request.seed * 7919 + request.round * 31 + request.shard,
+            start_epoch=start_epoch,
+            on_epoch=on_epoch,
+        )
+    except TrainingDivergedError as error:
+        # The finite epochs since the last checkpoint are still recorded.
+        record_pending()
+        raise TrainingDivergedError(
+            error.metric,
+            f"local epoch {error.epoch} of round {request.round}",
+            error.learning_rate,
+            error.epoch,
+        ) from None
     store.put_object(settings, out_path, dump_params(params))
     # A retry that resumed after the last local epoch trained nothing more;
     # its metrics come from the checkpointed epochs already recorded.
@@ -416,6 +437,14 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
     spec_record = {**spec.to_dict(), "label_names": labels}
     params, _ = load_params(store.get_object(settings, request.global_path))
     loss, accuracy = trainer.evaluate(params, x_test, y_test)
+    if not np.isfinite(loss):
+        # An optimizer step of the last round can overflow the global model
+        # after every node reported a finite loss.
+        raise TrainingDivergedError(
+            f"test loss is {non_finite_name(loss)}",
+            f"the global model after {request.rounds_completed} rounds",
+            plan.learning_rate,
+        )
     model_id = store.new_id("model_")
     path = store.save_model_params(
         settings, f"models/{model_id}.npz", params, mean, std

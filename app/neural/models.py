@@ -153,7 +153,7 @@ class NeuralSession(SQLModel, table=True):
 
 class NeuralRoundEvent(SQLModel, table=True):
     """What happened to one node or to the aggregate in one round: `update`,
-    `missing`, `accepted`, `rejected`."""
+    `missing`, `diverged`, `aggregated`, `accepted`, `rejected`."""
 
     __tablename__ = "neural_round_events"
     __table_args__ = (Index("ix_neural_round_events_session_id", "session_id"),)

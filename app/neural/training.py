@@ -8,6 +8,7 @@ op by op through the same functions, without compilation.
 from __future__ import annotations
 
 import io
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -60,6 +61,35 @@ def loss_and_accuracy(
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == y)
     return loss, accuracy
+
+
+class TrainingDivergedError(ValueError):
+    """A loss that became NaN or infinite, after which training cannot recover.
+
+    Attributes:
+        metric: which loss is not finite, such as "loss is NaN".
+        problem: the metric and where it happened, such as "loss is NaN at
+            epoch 1".
+        epoch: the epoch (1-based) whose loss is not finite, or None.
+        learning_rate: the learning rate of the run, named in the fix.
+    """
+
+    def __init__(
+        self, metric: str, where: str, learning_rate: float, epoch: int | None = None
+    ) -> None:
+        self.metric = metric
+        self.problem = f"{metric} at {where}"
+        self.epoch = epoch
+        self.learning_rate = learning_rate
+        super().__init__(
+            f"training diverged: {self.problem}; lower learning_rate "
+            f"(now {learning_rate:g})"
+        )
+
+
+def non_finite_name(value: float) -> str:
+    """Name a non-finite value for a message: NaN or infinite."""
+    return "NaN" if math.isnan(value) else "infinite"
 
 
 @dataclass
@@ -194,7 +224,13 @@ class Trainer:
         start_epoch: int = 0,
         on_epoch: Callable[[EpochMetrics, Params, Any], None] | None = None,
     ) -> tuple[Params, Any, list[EpochMetrics]]:
-        """Train epochs `start_epoch`..`epochs - 1`, calling `on_epoch` after each."""
+        """Train epochs `start_epoch`..`epochs - 1`, calling `on_epoch` after each.
+
+        Raises:
+            TrainingDivergedError: an epoch's training or test loss is NaN or
+                infinite. That epoch never reaches `on_epoch`, so only the
+                epochs before it are recorded.
+        """
         history: list[EpochMetrics] = []
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
@@ -211,6 +247,14 @@ class Trainer:
                 seconds=time.perf_counter() - started,
                 samples=samples,
             )
+            for name, value in (("loss", loss), ("test loss", val_loss)):
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"{name} is {non_finite_name(value)}",
+                        f"epoch {epoch + 1}",
+                        self.learning_rate,
+                        epoch + 1,
+                    )
             history.append(metrics)
             if on_epoch is not None:
                 on_epoch(metrics, params, opt_state)

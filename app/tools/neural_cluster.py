@@ -558,8 +558,8 @@ async def neural_cluster_status(
     ctx: ToolContext, args: ClusterStatusInput
 ) -> ClusterStatusResult:
     """Show a cluster: nodes (with live poller counts of their queues),
-    training sessions with round events (updates, missing nodes, accepted
-    and rejected aggregates) and metrics."""
+    training sessions with round events (updates, missing and diverged
+    nodes, accepted and rejected aggregates) and metrics."""
     from app.neural import store
     from app.services.health import describe_queue
 
