@@ -138,7 +138,13 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
         index, value, problem = found
         position = "".join(f"[{i}]" for i in index)
         raise DatasetError(f"{x_key}{position} = {value!r} is invalid: {problem}")
-    return _to_features(features), _inline_labels(labels, y_key)
+    x = _to_features(features)
+    if x.ndim == 2 and x.shape[1] == 0:
+        raise DatasetError(
+            f"{x_key} has 0 features per sample ({x_key}[0] = []); give every "
+            "sample at least one feature value"
+        )
+    return x, _inline_labels(labels, y_key)
 
 
 def find_invalid_feature(
@@ -278,29 +284,95 @@ def _load_stored(
             f"({error}); store comma-separated UTF-8 text, or an NPZ object "
             "named .npz"
         ) from None
-    rows = list(csv.reader(io.StringIO(text)))
-    rows = [row for row in rows if row]
-    if not rows:
-        raise DatasetError(f"CSV object {bucket}/{path} is empty")
-    header: list[str] | None = None
-    try:
-        [float(value) for value in rows[0][:-1]]
-    except ValueError:
-        header, rows = rows[0], rows[1:]
-    label_column = source.get("label_column", -1)
-    if isinstance(label_column, str):
-        if header is None or label_column not in header:
+    return _parse_csv(text, f"{bucket}/{path}", source.get("label_column", -1))
+
+
+def _parse_csv(
+    text: str, name: str, label_column: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split CSV text into features and labels.
+
+    A first row whose feature columns are not all numbers is a header.
+    `label_column` is a column index (negative counts from the end) or a
+    header name.
+
+    Raises:
+        DatasetError: ragged rows, a single column, or an invalid
+            `label_column`.
+    """
+    reader = csv.reader(io.StringIO(text))
+    numbered = [(reader.line_num, row) for row in reader if row]
+    if not numbered:
+        raise DatasetError(f"CSV object {name} is empty")
+    first_line, first = numbered[0]
+    columns = len(first)
+    for line, row in numbered:
+        if len(row) != columns:
             raise DatasetError(
-                f"label_column {label_column!r} is not a column of {bucket}/{path} "
-                f"(columns: {header})"
+                f"CSV object {name} has {len(row)} columns on line {line} but "
+                f"{columns} on line {first_line}; give every row the same columns"
             )
-        label_column = header.index(label_column)
-    labels = [row[label_column] for row in rows]
-    features = [
-        [value for i, value in enumerate(row) if i != label_column % len(row)]
-        for row in rows
-    ]
+    if columns < 2:
+        raise DatasetError(
+            f"CSV object {name} has 1 column, so each row is a label without "
+            "features; separate the values with commas, as in 5.1,3.5,0"
+        )
+    rows = [row for _, row in numbered]
+    if isinstance(label_column, str):
+        # A label column given by name makes the first row the header.
+        header = rows.pop(0)
+        if label_column not in header:
+            raise DatasetError(
+                f"label_column {label_column!r} is not a column of {name}, whose "
+                f"first row is {header}; give a header name or a column index "
+                f"from {-columns} to {columns - 1}"
+            )
+        index = header.index(label_column)
+    else:
+        index = _column_index(label_column, columns, name)
+        if not all(_is_number(v) for i, v in enumerate(rows[0]) if i != index):
+            rows.pop(0)
+    if not rows:
+        raise DatasetError(f"CSV object {name} has a header row but no data rows")
+    labels = [row[index] for row in rows]
+    features = [[value for i, value in enumerate(row) if i != index] for row in rows]
     return _to_features(features), np.asarray(labels)
+
+
+def _column_index(value: Any, columns: int, name: str) -> int:
+    """Return the 0-based index of the column that `label_column` names.
+
+    Raises:
+        DatasetError: `value` is not an integer (booleans are not) or is
+            outside the columns.
+    """
+    fix = (
+        f"give a column index from 0 to {columns - 1} (or {-columns} to -1 from "
+        "the end) or a header name"
+    )
+    if isinstance(value, bool):
+        raise DatasetError(
+            f"label_column {value!r} is invalid: a boolean is not a column index; {fix}"
+        )
+    if not _is_integer(value):
+        raise DatasetError(
+            f"label_column {value!r} is invalid: it is neither an integer column "
+            f"index nor a header name; {fix}"
+        )
+    index = int(value)
+    if not -columns <= index < columns:
+        raise DatasetError(
+            f"label_column {value!r} is invalid: {name} has {columns} columns; {fix}"
+        )
+    return index % columns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_npz(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -376,6 +448,11 @@ def prepare(
     if x.ndim != 2:
         raise DatasetError(
             f"features have shape {x.shape}; they must be 2-D (samples, features)"
+        )
+    if x.shape[1] == 0:
+        raise DatasetError(
+            f"features have shape {x.shape}, so the samples have no features; "
+            "give every sample at least one feature value"
         )
     if labels.ndim != 1:
         raise DatasetError(f"labels have shape {labels.shape}; they must be 1-D")

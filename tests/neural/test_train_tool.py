@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from app.contracts.neural import TrainJobInput, TrainJobResult
 from app.contracts.queues import NEURAL, ORCHESTRATION
 from app.db import session_scope
 from app.neural import jobs, store
+from app.neural.data import load_arrays
 from app.neural.models import NeuralJob, NeuralSession
 from app.settings import Settings
 from app.storage import storage_for
@@ -181,6 +183,8 @@ async def test_bad_inputs_rejected(
 
 
 _INLINE = {"X": [[1, 2], [3, 4], [5, 6], [7, 8], [1, 1]], "y": [0, 1, 0, 1, 0]}
+_CSV = b"1,2,0\n3,4,1\n5,6,0\n7,8,1\n1,1,0\n2,2,1\n"
+_SEMICOLONS = _CSV.replace(b",", b";")
 
 
 def _leftovers(settings: Settings) -> dict[str, list[str]]:
@@ -221,12 +225,23 @@ _NOTHING: dict[str, list[str]] = {"jobs": [], "sessions": [], "datasets": []}
             "invalid dataset: NPZ object datasets/junk.npz cannot be read: it is not "
             r"an NPZ \(ZIP\) archive",
         ),
+        (
+            {**_INLINE, "X": [[], [], [], [], []]},
+            r"invalid dataset: X has 0 features per sample \(X\[0\] = \[\]\); give "
+            "every sample at least one feature value",
+        ),
+        (
+            {"bucket": "uploads", "path": "semicolons.csv"},
+            "invalid dataset: CSV object uploads/semicolons.csv has 1 column, so "
+            "each row is a label without features; separate the values with commas",
+        ),
     ],
 )
 async def test_bad_dataset_writes_nothing(
     dataset: dict, message: str, offline_settings: Settings
 ) -> None:
     storage_for(offline_settings).put("datasets", "junk.npz", b"not a zip")
+    storage_for(offline_settings).put("uploads", "semicolons.csv", _SEMICOLONS)
     ctx = ToolContext(offline_settings)
     arguments = {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"}
     with pytest.raises(ToolError, match=message) as caught:
@@ -242,6 +257,58 @@ async def test_bad_dataset_writes_nothing(
         )
     assert caught.value.kind == "invalid_argument"
     assert _leftovers(offline_settings) == {**_NOTHING, "datasets": ["junk.npz"]}
+
+
+_COLUMN_FIX = (
+    r"give a column index from 0 to 2 \(or -3 to -1 from the end\) or a header name"
+)
+
+
+@pytest.mark.parametrize(
+    ("label_column", "problem"),
+    [
+        (7, "uploads/a.csv has 3 columns"),
+        (3, "uploads/a.csv has 3 columns"),
+        (-4, "uploads/a.csv has 3 columns"),
+        (1.5, "it is neither an integer column index nor a header name"),
+        (None, "it is neither an integer column index nor a header name"),
+        ([0], "it is neither an integer column index nor a header name"),
+        (True, "a boolean is not a column index"),
+    ],
+)
+async def test_bad_label_column_rejected(
+    label_column: Any, problem: str, offline_settings: Settings
+) -> None:
+    storage_for(offline_settings).put("uploads", "a.csv", _CSV)
+    ctx = ToolContext(offline_settings)
+    dataset = {"bucket": "uploads", "path": "a.csv", "label_column": label_column}
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx,
+            "neural_train",
+            {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"},
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert re.fullmatch(
+        rf"invalid dataset: label_column {re.escape(repr(label_column))} is "
+        rf"invalid: {problem}; {_COLUMN_FIX}",
+        caught.value.message,
+    ), caught.value.message
+    assert _leftovers(offline_settings) == _NOTHING
+
+
+@pytest.mark.parametrize(
+    ("label_column", "labels"),
+    [(-1, ["0", "1", "0"]), (0, ["1", "3", "5"]), (1.0, ["2", "4", "6"])],
+)
+def test_label_column_picks_column(
+    label_column: Any, labels: list[str], offline_settings: Settings
+) -> None:
+    storage_for(offline_settings).put("uploads", "a.csv", _CSV)
+    source = {"bucket": "uploads", "path": "a.csv", "label_column": label_column}
+    x, y = load_arrays(source, offline_settings)
+    assert y[:3].tolist() == labels
+    assert x.shape == (6, 2)
 
 
 async def _train_both(ctx: ToolContext) -> list[ToolError]:
