@@ -1,5 +1,6 @@
-"""The architectures that training jobs and clusters accept, in a module
-without imports so that the CLI can list them without loading the tools."""
+"""The architectures and model sizes that training jobs and clusters accept,
+in a module without imports so that the CLI and the tools' input models can
+name them without loading JAX."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ CLUSTER_ARCHITECTURES = {
     "hybrid": "hybrid",
     "feedforward": "feedforward",
 }
+
+# Bounds on a model's size, checked when a request is validated. 20 million
+# float32 parameters take 80 MB, and training with Adam keeps about four
+# times that (parameters, gradients and two moments). That estimate fits
+# beside the other models that a shared nexus-neural worker trains.
+# NOTE: activations are not bounded. For cnn, hybrid, gnn and transformer
+# models they grow with batch size x features x width, so a data set with
+# thousands of features can still exhaust a worker's memory.
+MAX_LAYER_WIDTH = 4096
+MAX_PARAMETERS = 20_000_000

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from app.neural.architectures import MAX_LAYER_WIDTH, MAX_PARAMETERS
+
 Params = dict[str, Any]
 
 ARCHITECTURES = (
@@ -74,7 +76,8 @@ def layer_widths(tier: str, layers: list[Any] | None) -> tuple[int, ...]:
     the tier's width and depth.
 
     Raises:
-        ValueError: an unknown tier or a layer without a positive width.
+        ValueError: an unknown tier, or a layer without a positive width or
+            wider than `MAX_LAYER_WIDTH`.
     """
     if layers:
         widths: list[int] = []
@@ -88,6 +91,11 @@ def layer_widths(tier: str, layers: list[Any] | None) -> tuple[int, ...]:
                 raise ValueError(
                     f"layers[{index}]={layer!r} has no positive width; give an "
                     'integer such as 64 or an object such as {"units": 64}'
+                )
+            if units > MAX_LAYER_WIDTH:
+                raise ValueError(
+                    f"layers[{index}]={layer!r} is wider than the maximum of "
+                    f"{MAX_LAYER_WIDTH} units; give at most {MAX_LAYER_WIDTH}"
                 )
             widths.append(units)
         return tuple(widths)
@@ -465,6 +473,29 @@ def init_params(spec: ModelSpec, seed: int) -> Params:
     """Create the parameter tree of `spec` from `seed`."""
     check_architecture(spec.architecture)
     return _INIT[spec.architecture](jax.random.PRNGKey(seed), spec)
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Count the parameters of `spec`'s model from their shapes alone, without
+    allocating them."""
+    shapes = jax.eval_shape(lambda: init_params(spec, 0))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+
+
+def check_model_size(spec: ModelSpec) -> None:
+    """Reject a model with more than `MAX_PARAMETERS` parameters.
+
+    Raises:
+        ValueError: naming the model, its parameter count and the fix.
+    """
+    count = parameter_count(spec)
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"the {spec.architecture} model with layers {list(spec.widths)} on "
+            f"{spec.features} features and {spec.classes} classes has {count:,} "
+            f"parameters, more than the maximum of {MAX_PARAMETERS:,}; use fewer "
+            "or narrower layers"
+        )
 
 
 def apply_model(params: Params, x: jax.Array, spec: ModelSpec) -> jax.Array:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -20,8 +20,15 @@ from app.contracts.neural import (
     TrainJobResult,
 )
 from app.contracts.queues import ORCHESTRATION
-from app.neural.architectures import TRAIN_ARCHITECTURES
+from app.neural.architectures import (
+    MAX_LAYER_WIDTH,
+    MAX_PARAMETERS,
+    TRAIN_ARCHITECTURES,
+)
 from app.tools.registry import ToolContext, ToolError, ToolInputError, tool
+
+if TYPE_CHECKING:
+    from app.neural.data import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +53,9 @@ class ArchitectureConfig(BaseModel):
     )
     layers: list[Any] = Field(
         default_factory=list,
-        description="Widths of the main stage (ints or {units: n}); empty "
-        "uses the tier.",
+        description="Widths of the main stage (ints or {units: n}, each at most "
+        f"{MAX_LAYER_WIDTH}); empty uses the tier. The model may have at most "
+        f"{MAX_PARAMETERS:,} parameters.",
     )
 
     _type = field_validator("type")(classmethod(lambda cls, v: _check_architecture(v)))
@@ -131,15 +139,30 @@ class NeuralTrainResult(TrainingScores):
     compilation: str
 
 
-async def check_dataset(ctx: ToolContext, source: Any) -> None:
+async def check_dataset(ctx: ToolContext, source: Any) -> Dataset:
     """Load and check a data set, so that a bad one fails the call before
-    anything is written."""
+    anything is written. Return the prepared data set."""
     from app.neural import data
 
     try:
-        await asyncio.to_thread(data.prepare, source, ctx.settings)
+        return await asyncio.to_thread(data.prepare, source, ctx.settings)
     except data.DatasetError as error:
         raise ToolError(f"invalid dataset: {error}", kind="invalid_argument") from None
+
+
+def model_size_problem(
+    architecture: str, widths: list[int], dataset: Dataset
+) -> str | None:
+    """Return why a model of `widths` on `dataset` is too large to train, or
+    None when it fits."""
+    from app.neural.nets import ModelSpec, check_model_size
+
+    spec = ModelSpec(architecture, dataset.features, dataset.classes, tuple(widths))
+    try:
+        check_model_size(spec)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def dataset_reference(source: Any, owner: str) -> Any:
@@ -305,7 +328,20 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     model_id = store.new_id("model_")
     architecture = args.config.architecture.type
     widths = _widths(args.tier, args.config.architecture.layers)
-    await check_dataset(ctx, args.dataset)
+    prepared = await check_dataset(ctx, args.dataset)
+    problem = await asyncio.to_thread(
+        model_size_problem, architecture, widths, prepared
+    )
+    if problem is not None:
+        layers = args.config.architecture.layers
+        field, value = (
+            ("config.architecture.layers", layers) if layers else ("tier", args.tier)
+        )
+        raise ToolInputError(
+            f"invalid arguments for neural_train: {field}: {value!r} is invalid: "
+            f"{problem}",
+            [{"field": field, "value": value, "message": problem}],
+        )
     # Connect before writing anything, so that an unreachable Temporal
     # leaves no job row or data set file behind.
     client = await ctx.client()

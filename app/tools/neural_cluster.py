@@ -23,13 +23,14 @@ from app.contracts.neural import (
     SessionResult,
 )
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
-from app.neural.architectures import CLUSTER_ARCHITECTURES
+from app.neural.architectures import CLUSTER_ARCHITECTURES, MAX_LAYER_WIDTH
 from app.tools.neural import (
     Optimizer,
     check_dataset,
     check_features,
     dataset_reference,
     failure_message,
+    model_size_problem,
     start_recorded_workflow,
     store_inline_dataset,
 )
@@ -130,8 +131,10 @@ class NodeDeployInput(BaseModel):
     model: Literal["base", "large", "xl", "custom"] = "base"
     capabilities: list[str] = Field(default_factory=lambda: ["training", "inference"])
     autonomy: float = Field(0.8, ge=0, le=1)
-    layers: list[Annotated[int, Field(gt=0)]] = Field(
-        default_factory=list, description="Layer widths of a `custom` model."
+    layers: list[Annotated[int, Field(gt=0, le=MAX_LAYER_WIDTH)]] = Field(
+        default_factory=list,
+        description=f"Layer widths of a `custom` model, each at most "
+        f"{MAX_LAYER_WIDTH}.",
     )
 
 
@@ -453,9 +456,18 @@ async def neural_train_distributed(
 
     cluster = _cluster(ctx, args.cluster_id)
     session_id = store.new_id("session_")
-    await check_dataset(ctx, args.dataset)
+    prepared = await check_dataset(ctx, args.dataset)
     dataset = dataset_reference(args.dataset, session_id)
     plan = await asyncio.to_thread(_plan, ctx, cluster, args, session_id, dataset)
+    problem = await asyncio.to_thread(
+        model_size_problem, plan.model.architecture, plan.model.widths, prepared
+    )
+    if problem is not None:
+        raise ToolError(
+            f"the worker nodes of cluster {cluster.id} have a model too large "
+            f"for this data set: {problem}",
+            kind="invalid_argument",
+        )
     # Connect before writing the data set or the session, so that an
     # unreachable Temporal leaves neither behind.
     client = await ctx.client()

@@ -408,3 +408,43 @@ async def test_custom_node_layers_must_be_positive(neural_settings: Settings) ->
             },
         )
     assert caught.value.errors[0]["field"] == "layers.1"  # type: ignore[attr-defined]
+
+
+async def test_node_model_size_bounded(neural_settings: Settings) -> None:
+    from app.tools import ToolError
+
+    ctx = ToolContext(neural_settings)
+    cluster = await invoke_tool(
+        ctx, "neural_cluster_init", {"name": "x", "architecture": "feedforward"}
+    )
+    cluster_id = cluster["cluster_id"]
+    with pytest.raises(
+        ToolError,
+        match=r"layers\.0: 100000000 is invalid: Input should be less than or equal "
+        "to 4096",
+    ):
+        await invoke_tool(
+            ctx,
+            "neural_node_deploy",
+            {"cluster_id": cluster_id, "model": "custom", "layers": [100000000]},
+        )
+    # Each width is within bounds, so the deploy passes, but the parameter
+    # count depends on the data set and is checked when training starts.
+    await invoke_tool(
+        ctx,
+        "neural_node_deploy",
+        {"cluster_id": cluster_id, "model": "custom", "layers": [4096, 4096, 4096]},
+    )
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {"cluster_id": cluster_id, "dataset": "digits"},
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert caught.value.message == (
+        f"the worker nodes of cluster {cluster_id} have a model too large for this "
+        "data set: the feedforward model with layers [4096, 4096, 4096] on 64 "
+        "features and 10 classes has 33,869,834 parameters, more than the maximum "
+        "of 20,000,000; use fewer or narrower layers"
+    )

@@ -169,6 +169,26 @@ async def test_inline_dataset_goes_to_storage(
             r"config\.architecture\.layers: \[0\] is invalid: .*layers\[0\]=0 has "
             "no positive width",
         ),
+        (
+            {
+                "config": {
+                    "architecture": {"type": "feedforward", "layers": [64, 100000000]}
+                }
+            },
+            r"config\.architecture\.layers: \[64, 100000000\] is invalid: .*"
+            r"layers\[1\]=100000000 is wider than the maximum of 4096 units; give at "
+            "most 4096",
+        ),
+        (
+            {
+                "config": {"architecture": {"type": "cnn", "layers": [4096, 4096]}},
+                "dataset": "iris",
+            },
+            r"config\.architecture\.layers: \[4096, 4096\] is invalid: the cnn "
+            "model with layers \\[4096, 4096\\] on 4 features and 3 classes has "
+            "151,052,291 parameters, more than the maximum of 20,000,000; use "
+            "fewer or narrower layers",
+        ),
     ],
 )
 async def test_bad_inputs_rejected(
