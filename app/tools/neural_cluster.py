@@ -24,6 +24,7 @@ from app.contracts.neural import (
 )
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
 from app.neural.architectures import CLUSTER_ARCHITECTURES, MAX_LAYER_WIDTH
+from app.services.health import POLLER_STALE_AFTER
 from app.tools.neural import (
     Optimizer,
     check_dataset,
@@ -41,6 +42,7 @@ from app.tools.registry import ToolContext, ToolError, tool
 Topology = Literal["hierarchical", "mesh", "ring", "star"]
 Consensus = Literal["proof-of-learning", "byzantine", "raft", "gossip"]
 Role = Literal["worker", "parameter_server", "aggregator", "validator"]
+_FRESH_SECONDS = int(POLLER_STALE_AFTER.total_seconds())
 
 
 def _cluster(ctx: ToolContext, cluster_id: str, *, active: bool = True) -> Any:
@@ -150,7 +152,10 @@ class NodeRecord(BaseModel):
     parent_id: str | None = None
     connections: list[str] = Field(default_factory=list)
     pollers: int | None = Field(
-        None, description="Workers polling the node's queue now."
+        None,
+        description="Workers that polled the node's queue within the last "
+        f"{_FRESH_SECONDS} s, so a stopped worker leaves the count within "
+        f"{_FRESH_SECONDS} s.",
     )
     trains: bool = Field(
         description="Whether neural_train_distributed gives this node a shard: "
@@ -573,7 +578,7 @@ async def neural_cluster_status(
     training sessions with round events (updates, missing and diverged
     nodes, accepted and rejected aggregates) and metrics."""
     from app.neural import store
-    from app.services.health import describe_queue
+    from app.services import health
 
     cluster = _cluster(ctx, args.cluster_id, active=False)
     # A terminated cluster still shows its nodes, each marked terminated.
@@ -585,10 +590,15 @@ async def neural_cluster_status(
     for node in nodes:
         pollers = None
         if client is not None:
-            health = await describe_queue(
-                client, ctx.settings.namespace, node.task_queue
+            queue = await health.describe_queue(
+                client,
+                ctx.settings.namespace,
+                node.task_queue,
+                stale_after=health.POLLER_STALE_AFTER,
             )
-            pollers = len(health.activity_pollers)
+            # Temporal lists a stopped worker's poller for minutes after its
+            # last poll, marked stale here.
+            pollers = sum(1 for p in queue.activity_pollers if not p.stale)
         records.append(_node_record(node, pollers))
     sessions = await asyncio.to_thread(store.cluster_sessions, ctx.settings, cluster.id)
     session_records = []

@@ -448,3 +448,25 @@ async def test_node_model_size_bounded(neural_settings: Settings) -> None:
         "features and 10 classes has 33,869,834 parameters, more than the maximum "
         "of 20,000,000; use fewer or narrower layers"
     )
+
+
+async def test_stopped_node_not_counted(
+    client: Client, neural_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from app.services import health
+
+    ctx = ToolContext(neural_settings, temporal_client=client)
+    cluster_id, nodes = await _cluster(ctx, ["worker"])
+    async with node_workers(client, neural_settings, nodes["worker"]):
+        status = await invoke_tool(
+            ctx, "neural_cluster_status", {"cluster_id": cluster_id}
+        )
+        assert status["nodes"][0]["pollers"] == 1
+    # Temporal still lists the stopped worker's poller. A short staleness
+    # limit makes its last poll old enough without waiting 90 s.
+    monkeypatch.setattr(health, "POLLER_STALE_AFTER", timedelta(seconds=1))
+    await asyncio.sleep(1.5)
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert status["nodes"][0]["pollers"] == 0
