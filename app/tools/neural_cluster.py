@@ -8,7 +8,7 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
@@ -35,7 +35,7 @@ from app.tools.neural import (
     start_recorded_workflow,
     store_inline_dataset,
 )
-from app.tools.registry import ToolContext, ToolError, tool
+from app.tools.registry import ToolContext, ToolError, arguments_error, tool
 
 # The same order as the swarm topologies: typing caches `Literal[...] | None`
 # by value set, so two orders would give schemas that differ between runs.
@@ -321,8 +321,8 @@ class TrainDistributedInput(BaseModel):
     rounds: int | None = Field(
         None,
         ge=1,
-        description="Federated rounds; must divide epochs. Default: the largest "
-        "divisor of epochs up to 5.",
+        description="Federated rounds (only with federated=true); must divide "
+        "epochs. Default: the largest divisor of epochs up to 5.",
     )
     round_timeout_seconds: float = Field(300, gt=0, le=86400)
     validation_tolerance: float = Field(
@@ -333,6 +333,18 @@ class TrainDistributedInput(BaseModel):
     )
     seed: int = Field(0, ge=0)
     wait: bool = Field(False, description="Wait for the session to finish.")
+
+    @model_validator(mode="after")
+    def _rounds_need_federated(self) -> TrainDistributedInput:
+        if self.rounds is not None and not self.federated:
+            raise arguments_error(
+                "rounds applies only to federated training, because a "
+                "synchronous session runs one gradient step per round (epochs x "
+                "steps per epoch rounds in all); leave rounds out or set "
+                "federated to true",
+                "rounds",
+            )
+        return self
 
 
 class TrainDistributedResult(BaseModel):

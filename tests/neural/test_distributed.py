@@ -470,3 +470,30 @@ async def test_stopped_node_not_counted(
     await asyncio.sleep(1.5)
     status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
     assert status["nodes"][0]["pollers"] == 0
+
+
+async def test_rounds_need_federated(offline_settings: Settings) -> None:
+    from app.tools import ToolError
+
+    ctx = ToolContext(offline_settings)
+    cluster_id, _ = await _cluster(ctx, ["worker"])
+    arguments = {"cluster_id": cluster_id, "dataset": "iris", "epochs": 4, "rounds": 2}
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(ctx, "neural_train_distributed", arguments)
+    problem = (
+        "rounds applies only to federated training, because a synchronous "
+        "session runs one gradient step per round (epochs x steps per epoch "
+        "rounds in all); leave rounds out or set federated to true"
+    )
+    assert caught.value.kind == "invalid_argument"
+    assert caught.value.message == (
+        f"invalid arguments for neural_train_distributed: rounds: 2 is invalid: "
+        f"{problem}"
+    )
+    assert caught.value.errors[0]["field"] == "rounds"  # type: ignore[attr-defined]
+    # With federated, the same rounds pass validation, and the call fails
+    # only because this Temporal address is unreachable.
+    with pytest.raises(ToolError, match="cannot reach Temporal"):
+        await invoke_tool(
+            ctx, "neural_train_distributed", {**arguments, "federated": True}
+        )
