@@ -144,11 +144,19 @@ def cluster_deploy_command(
         str, typer.Option(help="worker, parameter_server, aggregator, validator.")
     ] = "worker",
     model: Annotated[str, typer.Option(help="base, large, xl, custom.")] = "base",
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layer widths of a custom model as JSON, e.g. [128, 64]; "
+            "each at most 4096."
+        ),
+    ] = None,
 ) -> None:
     """Deploy a node."""
-    _call(
-        "neural_node_deploy", {"cluster_id": cluster_id, "role": role, "model": model}
-    )
+    arguments: dict[str, Any] = {"cluster_id": cluster_id, "role": role, "model": model}
+    if layers is not None:
+        arguments["layers"] = _json(layers, "--layers")
+    _call("neural_node_deploy", arguments)
 
 
 @cluster_cli.command("connect")

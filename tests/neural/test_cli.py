@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.db.migrate import upgrade
+from app.neural import store
 from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,3 +50,28 @@ def test_jax_backend_probe_not_logged() -> None:
         check=True,
     )
     assert "xla_bridge" not in completed.stderr, completed.stderr
+
+
+def test_cluster_deploy_takes_layers(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    upgrade(settings.effective_database_url)
+    env = {"NEXUS_DATA_DIR": str(tmp_path), "NEXUS_TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    runner = CliRunner()
+    created = runner.invoke(cli, ["neural", "cluster", "init", "layers"], env=env)
+    assert created.exit_code == 0, created.output
+    cluster_id = json.loads(created.stdout)["cluster_id"]
+    deploy = ["neural", "cluster", "deploy", cluster_id, "--model", "custom"]
+
+    deployed = runner.invoke(cli, [*deploy, "--layers", "[32, 16]"], env=env)
+    assert deployed.exit_code == 0, deployed.output
+    node_id = json.loads(deployed.stdout)["node_id"]
+    [node] = store.cluster_nodes(settings, cluster_id)
+    assert node.id == node_id
+    assert "layers:32,16" in node.capabilities
+
+    missing = runner.invoke(cli, deploy, env=env)
+    assert missing.exit_code == 1
+    assert "model 'custom' needs layers" in missing.stderr
+    malformed = runner.invoke(cli, [*deploy, "--layers", "[32,"], env=env)
+    assert malformed.exit_code == 2
+    assert "--layers is not valid JSON" in malformed.stderr
