@@ -153,8 +153,13 @@ def parse_input(values: Any, features: int) -> np.ndarray:
 
     Raises:
         InvalidFeatureError: a value is not a number, or is beyond float32.
-        ValueError: the input is not numeric or has the wrong width.
+        ValueError: the input is empty, is not numeric or has the wrong width.
     """
+    if isinstance(values, list | tuple) and not values:
+        raise ValueError(
+            f"input has no samples; give one sample of {features} numbers, or a "
+            "list of such samples"
+        )
     found = data.find_invalid_feature(values)
     if found is not None:
         raise InvalidFeatureError(*found)

@@ -580,6 +580,13 @@ async def neural_list_models(
     neural_train models."""
     from app.neural import store
 
+    if args.cluster_id is not None:
+        # An unknown cluster id is not found, as in neural_cluster_status,
+        # because an empty list would suggest a cluster without models.
+        try:
+            await asyncio.to_thread(store.get_cluster, ctx.settings, args.cluster_id)
+        except LookupError as error:
+            raise ToolError(str(error), kind="not_found") from None
     rows = await asyncio.to_thread(store.list_models, ctx.settings, args.cluster_id)
     rows = rows[: args.limit]
     train_losses = await asyncio.to_thread(

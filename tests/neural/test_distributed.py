@@ -497,3 +497,18 @@ async def test_rounds_need_federated(offline_settings: Settings) -> None:
         await invoke_tool(
             ctx, "neural_train_distributed", {**arguments, "federated": True}
         )
+
+
+async def test_list_models_unknown_cluster(offline_settings: Settings) -> None:
+    from app.tools import ToolError
+
+    ctx = ToolContext(offline_settings)
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(ctx, "neural_list_models", {"cluster_id": "dnc_nope"})
+    assert caught.value.kind == "not_found"
+    assert caught.value.message == (
+        "cluster 'dnc_nope' not found; create one with neural_cluster_init"
+    )
+    cluster_id, _ = await _cluster(ctx, ["worker"])
+    listed = await invoke_tool(ctx, "neural_list_models", {"cluster_id": cluster_id})
+    assert listed == {"models": [], "count": 0}

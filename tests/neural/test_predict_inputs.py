@@ -88,6 +88,18 @@ async def test_predict_distributed_rejects_non_numbers(
     assert problem in caught.value.errors[0]["message"]
 
 
+async def test_predict_empty_input_rejected(offline_settings: Settings) -> None:
+    model_id = _stored_model(offline_settings)
+    ctx = ToolContext(offline_settings)
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(ctx, "neural_predict", {"model_id": model_id, "input": []})
+    assert caught.value.kind == "invalid_argument"
+    assert caught.value.message == (
+        f"invalid input for model {model_id}: input has no samples; give one "
+        "sample of 4 numbers, or a list of such samples"
+    )
+
+
 def test_parse_input_rejects_non_numbers() -> None:
     # Callers other than the tools get the same check.
     with pytest.raises(jobs.InvalidFeatureError, match=r"input\[0\]\[0\] = None"):
