@@ -13,6 +13,10 @@ sandbox_cli = typer.Typer(
 )
 
 
+# Exit code of `nexus sandbox exec` by execution status.
+EXEC_EXIT_CODES = {"completed": 0, "failed": 3, "timed_out": 4}
+
+
 def _call(name: str, arguments: dict[str, object]) -> None:
     from app.cli import call_tool, print_json
 
@@ -83,8 +87,15 @@ def exec_command(
         float, typer.Option(help="Seconds before the run is killed.")
     ] = 60,
 ) -> None:
-    """Run code in a sandbox."""
-    _call(
+    """Run code in a sandbox and print the result.
+
+    The exit code is 0 when the program completed, 3 when it failed (a
+    nonzero exit code or a signal) and 4 when it timed out, as for
+    `nexus swarm task --wait`; 1 when the call itself failed.
+    """
+    from app.cli import call_tool, print_json
+
+    result = call_tool(
         "sandbox_execute",
         {
             "sandbox_id": sandbox_id,
@@ -93,6 +104,8 @@ def exec_command(
             "timeout": timeout,
         },
     )
+    print_json(result)
+    raise typer.Exit(EXEC_EXIT_CODES.get(str(result.get("status")), 0))
 
 
 @sandbox_cli.command("status")

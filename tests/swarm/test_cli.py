@@ -204,3 +204,23 @@ def test_max_agents_range_names_flag() -> None:
         result = runner.invoke(cli, args)
         assert result.exit_code == 2, result.output
         assert "Invalid value for '--max-agents'" in result.output
+
+
+async def test_sandbox_exec_exit_codes(swarms: Swarms) -> None:
+    # Here for this module's subprocess helper and the sandbox queue's workers.
+    created = await swarms.call("sandbox_create", template="python")
+    sandbox_id = created["sandbox_id"]
+    swarms.workflow_ids.append(f"sandbox-{sandbox_id}")
+    exec_ = ("sandbox", "exec", sandbox_id)
+
+    completed = await nexus(swarms, *exec_, "print('ok')")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.json()["stdout"] == "ok\n"
+    failed = await nexus(swarms, *exec_, "import sys; sys.exit(2)")
+    assert failed.returncode == 3, failed.stderr
+    assert failed.json()["exit_code"] == 2
+    timed_out = await nexus(
+        swarms, *exec_, "import time; time.sleep(30)", "--timeout", "1"
+    )
+    assert timed_out.returncode == 4, timed_out.stderr
+    assert timed_out.json()["status"] == "timed_out"
