@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -148,9 +149,12 @@ def test_memory_report_traces_growth(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     site, *rest = second[header + 1 :]
     frames = "\n".join(itertools.takewhile(lambda line: line[:6] == " " * 6, rest))
-    # About 2 MB in 2,000 blocks, allocated in _grow.
+    # About 2 MB in the 2,000 bytes objects of _grow, and sometimes one more
+    # block there: the list's own buffer, grown by the same line.
     assert site.startswith("  +2")
-    assert "+2000 blocks" in site
+    blocks = re.search(r"\+(\d+) blocks", site)
+    assert blocks is not None, site
+    assert int(blocks.group(1)) in (2000, 2001), site
     assert "kept.extend(bytes(1000)" in frames
 
 
