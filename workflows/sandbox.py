@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
     from app.contracts.sandbox import (
         CONFIGURATION_ERROR,
+        ENDED_ERROR,
         INTERRUPTED_ERROR,
         INVALID_ERROR,
         LOST_ERROR,
@@ -99,6 +100,11 @@ _END_FAILURE = "sandbox-end-failure-recorded"
 # Runs begun before this patch keep a `failed` mirror row after their
 # creation failed, until `sandbox_delete`.
 _FAILED_CREATE_UNLISTED = "sandbox-failed-create-unlisted"
+
+# Runs begun before this patch let a call that finds its sandbox lost after a
+# stop or delete recreate it, and fail a call that the end cut short with the
+# backend's own error.
+_NO_RECREATE_AFTER_END = "sandbox-no-recreate-after-end"
 
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
@@ -241,19 +247,25 @@ class SandboxSessionWorkflow:
         )
 
     async def _recreate(self, lost_backend_id: str, reason: str) -> None:
-        # NOTE: a stop or delete that kills the sandbox while a call is on its
-        # way to it makes that call see a lost sandbox. Nothing here checks
-        # that the session is ending, so the call can recreate the sandbox and
-        # write a `running` mirror row after the stop's. The session deletes
-        # that sandbox when it ends. No test covers that order yet.
+        # A stop or delete that kills the sandbox while a call is on its way
+        # to it makes that call see a lost sandbox. An ended session never
+        # recreates it, so the call fails with ENDED_ERROR instead.
         async with self._recreate_lock:
             state = self._state
+            if self._ended():
+                raise self._ended_error()
             if state.backend_id != lost_backend_id:
                 return  # a concurrent call already recreated it
             workflow.logger.info(
                 "sandbox %s lost (%s); recreating it", state.spec.sandbox_id, reason
             )
             created = await self._create_backend("recreate")
+            if self._ended():
+                # The stop or delete came during the creation and ended the
+                # old sandbox. The new one gets no mirror row and is removed
+                # here, and the session's end removes the old one.
+                await self._delete_backend(created.backend_id, "ended")
+                raise self._ended_error()
             state.backend_id = created.backend_id
             state.recreated += 1
             self._event(
@@ -303,6 +315,19 @@ class SandboxSessionWorkflow:
             try:
                 return await call(backend_id), recreated
             except (ActivityError, ApplicationError) as error:
+                interrupted = (
+                    isinstance(error, ApplicationError)
+                    and error.type == INTERRUPTED_ERROR
+                )
+                if not interrupted and self._ended():
+                    # The stop or delete killed the sandbox under this call.
+                    workflow.logger.info(
+                        "a call to sandbox %s ended with its %s: %s",
+                        self._state.spec.sandbox_id,
+                        self._state.end_request,
+                        _cause_message(error),
+                    )
+                    raise self._ended_error(cut_short=True) from None
                 cause = _application_failure(error)
                 lost = cause is not None and cause.type == LOST_ERROR
                 if lost and recreated < self._state.max_recreations:
@@ -411,15 +436,44 @@ class SandboxSessionWorkflow:
             )
 
     def _check_accepting(self) -> None:
-        if self._state.end_request is not None or self._state.status in (
-            "failed",
-            "stopped",
-            "deleted",
-        ):
+        state = self._state
+        if state.end_request is not None:
+            raise self._ended_error()
+        if state.status in ("failed", "stopped", "deleted"):
             raise ValueError(
-                f"sandbox {self._state.spec.sandbox_id} is "
-                f"{self._state.end_request or self._state.status}; create a new one"
+                f"sandbox {state.spec.sandbox_id} is {state.status}; create a new one"
             )
+
+    def _ended(self) -> bool:
+        """Return whether a stop or delete was accepted, so no call may
+        recreate the sandbox. Runs from before the patch return False."""
+        return self._state.end_request is not None and workflow.patched(
+            _NO_RECREATE_AFTER_END
+        )
+
+    def _ended_error(self, *, cut_short: bool = False) -> ApplicationError:
+        """Build the error for a call that a stop or delete turned away or,
+        with `cut_short`, ended before it finished."""
+        state = self._state
+        how = "stopped" if state.end_request == "stop" else "deleted"
+        if state.status in ("creating", "running"):
+            where = f"sandbox {state.spec.sandbox_id} is being {how}"
+        else:
+            where = f"sandbox {state.spec.sandbox_id} is {state.status}"
+        if cut_short:
+            # The backend's own error (a lost sandbox, a setup command killed
+            # without an exit code) would blame the caller's request.
+            message = (
+                f"{where}, which ended this call before it finished. A {how} "
+                "sandbox is not recreated"
+            )
+        else:
+            message = f"{where}, so it takes no more calls"
+        return ApplicationError(
+            f"{message}; create a new sandbox with sandbox_create",
+            type=ENDED_ERROR,
+            non_retryable=True,
+        )
 
     # Updates.
 

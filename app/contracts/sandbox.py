@@ -42,6 +42,8 @@ SETUP_ERROR = "SandboxSetupFailed"
 BACKEND_ERROR = "SandboxBackendFailure"
 # An execution that the session's `interrupt` signal cut short.
 INTERRUPTED_ERROR = "SandboxCallInterrupted"
+# A call that a stop or delete of its sandbox ended or turned away.
+ENDED_ERROR = "SandboxEnded"
 
 
 class SandboxSpec(BaseModel):

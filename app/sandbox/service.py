@@ -42,6 +42,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import (
     CONFIGURATION_ERROR,
+    ENDED_ERROR,
     INTERRUPTED_ERROR,
     INVALID_ERROR,
     SETUP_ERROR,
@@ -159,6 +160,9 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
                 kind = "invalid_argument"
             elif cause.type == INTERRUPTED_ERROR:
                 kind = "interrupted"
+            elif cause.type == ENDED_ERROR:
+                # As for any call to a stopped or deleted sandbox.
+                kind = "not_found"
         return SandboxServiceError(message, kind)
     if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
         return SandboxServiceError(
