@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -141,5 +142,53 @@ async def test_configure_cut_by_stop_not_found(
         assert "Fix the failing step" not in failed.value.message
     finally:
         configure.cancel()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
+
+
+async def test_stop_during_recreation_not_recreated(
+    tool_ctx: ToolContext, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that arrives while a call recreates its lost sandbox removes
+    the new sandbox too, and the call fails as not_found."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    folder = tool_ctx.settings.resolved_data_dir / "sandboxes" / status["backend_id"]
+    shutil.rmtree(folder / "home")
+    entered = asyncio.Event()
+    released = asyncio.Event()
+    real_create = local.LocalBackend.create
+
+    async def slow_recreate(
+        self: local.LocalBackend, backend_id: str, **kwargs: Any
+    ) -> Any:
+        if backend_id.endswith("-g2"):
+            entered.set()
+            await released.wait()
+        return await real_create(self, backend_id, **kwargs)
+
+    monkeypatch.setattr(local.LocalBackend, "create", slow_recreate)
+    execution = asyncio.create_task(
+        call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(1)")
+    )
+    try:
+        await entered.wait()
+        stopped = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
+        assert stopped["status"] == "stopped"
+        released.set()
+        with pytest.raises(ToolError) as rejected:
+            await execution
+        assert rejected.value.kind == "not_found"
+        assert f"sandbox {sandbox_id} is stopped" in rejected.value.message
+        await service.wait_ended(client, sandbox_id)
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["status"] == "stopped"
+        assert status["recreated"] == 0
+        assert sandbox_id not in await running_ids(tool_ctx)
+        assert entries_of(tool_ctx, sandbox_id) == []
+    finally:
+        released.set()
+        execution.cancel()
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
     await replay_run(client, f"sandbox-{sandbox_id}", [SandboxSessionWorkflow])
