@@ -660,7 +660,11 @@ class LocalBackend(SandboxBackend):
         inside_home = self._inside_home(backend_id)
         inside = resolve_inside(inside_home, path)
         relative = inside[len(inside_home) + 1 :]
-        _write_below(self.folder(backend_id), relative, content, path)
+        # In a thread: a write of a large file on a slow disk would stall
+        # every other call that this worker's event loop serves.
+        await asyncio.to_thread(
+            _write_below, self.folder(backend_id), relative, content, path
+        )
         return inside
 
     async def read_file(self, backend_id: str, path: str, limit: int) -> bytes | None:
@@ -973,9 +977,14 @@ def _write_below(
     cannot lead the write or a created folder out of `root`. Symlinks are
     therefore never followed, even ones that point inside the sandbox.
 
+    The file itself is opened with `O_NONBLOCK` and must be a regular file:
+    opening a FIFO that code in the sandbox made would otherwise wait for a
+    reader.
+
     Raises:
-        ValueError: a part of the path is a symlink or a file, or the write
-            failed. The message names `requested_path`, the caller's path.
+        ValueError: a part of the path is a symlink or a file, the path names
+            something other than a regular file, or the write failed. The
+            message names `requested_path`, the caller's path.
     """
     *folders, name = relative.split("/")
     parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -997,7 +1006,8 @@ def _write_below(
                 ) from None
             os.close(parent)
             parent = child
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        _reject_special_file(requested_path, parent, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
             fd = os.open(name, flags, 0o644, dir_fd=parent)
         except OSError as error:
@@ -1005,7 +1015,31 @@ def _write_below(
     finally:
         os.close(parent)
     with os.fdopen(fd, "wb") as handle:
+        # Checked again on the open file: code in the sandbox can swap a
+        # FIFO in after the `lstat`.
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise _not_regular_error(requested_path)
+        os.set_blocking(handle.fileno(), True)
         handle.write(content)
+
+
+def _reject_special_file(requested_path: str, parent: int, name: str) -> None:
+    """Raise if `name` in the folder `parent` exists and is neither a regular
+    file nor a symlink (which the `O_NOFOLLOW` open rejects on its own)."""
+    try:
+        mode = os.lstat(name, dir_fd=parent).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise _not_regular_error(requested_path)
+
+
+def _not_regular_error(requested_path: str) -> ValueError:
+    return ValueError(
+        f"file_path {requested_path!r} names something in the sandbox that is "
+        "not a regular file (a folder, FIFO, socket or device); remove it "
+        "first or upload to another path"
+    )
 
 
 @contextlib.contextmanager

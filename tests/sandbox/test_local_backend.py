@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -644,3 +645,42 @@ async def test_upload_never_follows_symlinks(
     written = await backend.write_file("box", "real/a/b.txt", b"kept")
     assert written.endswith("/real/a/b.txt")
     assert (home / "real" / "a" / "b.txt").read_bytes() == b"kept"
+
+
+async def test_upload_rejects_fifo_without_blocking(backend: LocalBackend) -> None:
+    """An upload onto a FIFO made in the sandbox is rejected at once. A
+    blocking open would wait for a reader: the watchdog thread opens the
+    read end after 10 s so that a failing test ends."""
+    await run(backend, ["bash", "-c", "mkfifo trap.txt && mkdir folder"])
+    fifo = backend.folder("box") / "trap.txt"
+    released = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(10):
+            released.set()
+            with open(fifo, "rb") as reader:
+                reader.read()
+
+    done = threading.Event()
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ValueError) as rejected:
+            await backend.write_file("box", "trap.txt", b"x")
+    finally:
+        done.set()
+        thread.join()
+    assert not released.is_set(), "the upload waited for a reader of the FIFO"
+    assert "file_path 'trap.txt'" in str(rejected.value)
+    assert "not a regular file" in str(rejected.value)
+    # With a reader present, an open would succeed: nothing is written.
+    reader_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(ValueError, match="not a regular file"):
+            await backend.write_file("box", "trap.txt", b"x")
+        assert os.read(reader_fd, 10) == b""
+    finally:
+        os.close(reader_fd)
+    with pytest.raises(ValueError, match="file_path 'folder'"):
+        await backend.write_file("box", "folder", b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
