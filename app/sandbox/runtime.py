@@ -125,6 +125,19 @@ def package_env(home: str) -> dict[str, str]:
     }
 
 
+def installer_env() -> dict[str, str]:
+    """Variables of installers, which get none of the sandbox's env vars.
+
+    Sandbox code can set what those name (PYTHONPATH, NODE_OPTIONS), and an
+    installer runs with the network. `PIP_CONFIG_FILE=/dev/null` makes pip
+    skip its config files, which lie in the sandbox folder.
+    """
+    return {
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_CONFIG_FILE": "/dev/null",
+    }
+
+
 def install_command(
     template: str, packages: Iterable[str], index_url: str | None
 ) -> list[list[str]]:
@@ -145,14 +158,28 @@ def install_command(
         else:
             pip.append(package)
     commands: list[list[str]] = []
+    # Installers get the network, which the sandbox's code may lack, so they
+    # must run no code that the sandbox can write. `-I` keeps the sandbox
+    # folder (the cwd), PYTHONPATH and the user site off pip's sys.path, so a
+    # planted `sitecustomize.py` or `pip/` does not load. Without a cache,
+    # pip takes no planted archive from `~/.cache/pip`.
     if pip:
-        command = ["python3", "-m", "pip", "install", "--no-input", "--retries", "1"]
+        command = ["python3", "-I", "-m", "pip", "install", "--no-input"]
+        command += ["--retries", "1", "--no-cache-dir"]
         command += ["--target", ".nexus/python", "--upgrade"]
         if index_url:
             command += ["--index-url", index_url]
         commands.append([*command, *pip])
     if npm:
+        # Options on the command line take precedence over the `.npmrc` files
+        # in the sandbox folder (project and user config). These are the
+        # options of npm 11 that make an install run a program or preload
+        # code. The cache is not the sandbox's `~/.npm`, which its code
+        # could fill.
         command = ["npm", "install", "--no-audit", "--no-fund"]
+        command += ["--userconfig", "/dev/null", "--script-shell", "/bin/sh"]
+        command += ["--node-options=", "--git", "git"]
+        command += ["--cache", "/tmp/nexus-npm-cache"]
         if index_url:
             command += ["--registry", index_url]
         commands.append([*command, *npm])
@@ -203,7 +230,7 @@ async def apply_setup(
         result = await backend.run(
             backend_id,
             argv,
-            env=full_env,
+            env=installer_env() if network else full_env,
             cwd=None,
             timeout=_SETUP_TIMEOUT,
             output_limit=settings.sandbox_output_limit,

@@ -4,6 +4,7 @@ processes: Python semantics, process-tree kills, runner death."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shutil
@@ -20,7 +21,12 @@ import pytest
 
 from app.contracts.sandbox import ExecuteRequest
 from app.sandbox import runtime
-from app.sandbox.backend import RunOutput, SandboxBackendError, SandboxLostError
+from app.sandbox.backend import (
+    RunOutput,
+    SandboxBackendError,
+    SandboxLostError,
+    SandboxSetupError,
+)
 from app.sandbox.local import LocalBackend
 from app.sandbox.runner import descendants
 from app.settings import Settings
@@ -684,3 +690,67 @@ async def test_upload_rejects_fifo_without_blocking(backend: LocalBackend) -> No
     with pytest.raises(ValueError, match="file_path 'folder'"):
         await backend.write_file("box", "folder", b"x")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+async def test_installers_run_no_planted_code(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """Code planted by the sandbox's own code must not run inside an
+    installer, which gets the network even where the sandbox has none."""
+    settings = Settings(
+        data_dir=tmp_path, sandbox_package_index="http://127.0.0.1:9/simple"
+    )
+    home = await backend.home("box")
+    marker = "import pathlib; pathlib.Path({!r}).touch()\n"
+    files = {
+        ".nexus/python/sitecustomize.py": marker.format(f"{home}/SITE"),
+        "pip/__init__.py": "",
+        "pip/__main__.py": marker.format(f"{home}/PIP"),
+        "evil.js": f"require('fs').writeFileSync('{home}/NODE', '')",
+        "evil.sh": f"#!/bin/sh\ntouch {home}/SHELL\n",
+        ".npmrc": f"script-shell={home}/evil.sh\n",
+        "dep/package.json": (
+            '{"name": "dep", "version": "1.0.0", '
+            f'"scripts": {{"postinstall": "touch {home}/DEP"}}}}'
+        ),
+    }
+    plant = (
+        "import os, pathlib\n"
+        f"for name, text in {files!r}.items():\n"
+        "    os.makedirs(os.path.dirname(name) or '.', exist_ok=True)\n"
+        "    pathlib.Path(name).write_text(text)\n"
+        "os.chmod('evil.sh', 0o755)\n"
+    )
+    planted = await run(backend, ["python3", "-c", plant])
+    assert planted.exit_code == 0, planted.stderr
+    env = {"NODE_OPTIONS": f"--require {home}/evil.js"}
+    # The package is missing, so pip fails once it runs.
+    with contextlib.suppress(SandboxSetupError):
+        await runtime.apply_setup(
+            backend,
+            "box",
+            template="base",
+            packages=["./no-such-dir"],
+            commands=[],
+            env=env,
+            settings=settings,
+        )
+    if shutil.which("npm") is not None:
+        await runtime.apply_setup(
+            backend,
+            "box",
+            template="node",
+            packages=["./dep"],
+            commands=[],
+            env=env,
+            settings=settings,
+        )
+    ran = sorted(
+        name
+        for name in ("SITE", "PIP", "NODE", "SHELL")
+        if (backend.folder("box") / name).exists()
+    )
+    assert ran == []
+    if shutil.which("npm") is not None:
+        # The package's own script ran, with the standard shell.
+        assert (backend.folder("box") / "DEP").exists()
