@@ -151,6 +151,7 @@ class LocalBackend(SandboxBackend):
         self._calls_running = 0
         self._last_call = 0.0
         self._bwrap_base: list[str] | None = None
+        self._warned_no_pids_cgroup = False
 
     # Paths and state.
 
@@ -397,16 +398,19 @@ class LocalBackend(SandboxBackend):
             # runner ends at the sandbox's timeout.
             # The folder's path is read from the kernel, not taken from the
             # arguments: a spare's folder is renamed when a sandbox takes it.
+            script = (
+                'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
+                'case "$f" in */home) rm -rf -- "$f";; esac'
+            )
+            anchor_args = [str(folder), *command]
+            procs = self._make_pids_cgroup()
+            if procs is not None:
+                # The anchor joins the cgroup before it starts anything, so
+                # every process of the sandbox counts against its limit.
+                script = f'echo $$ > "$1" || exit 1; shift; {script}'
+                anchor_args = [str(procs), *anchor_args]
             anchor = subprocess.Popen(
-                [
-                    "/bin/sh",
-                    "-c",
-                    'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
-                    'case "$f" in */home) rm -rf -- "$f";; esac',
-                    "nexus-sandbox-anchor",
-                    str(folder),
-                    *command,
-                ],
+                ["/bin/sh", "-c", script, "nexus-sandbox-anchor", *anchor_args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -435,6 +439,53 @@ class LocalBackend(SandboxBackend):
             },
         )
         self._record_expiry(backend_id, now + timeout)
+
+    def _make_pids_cgroup(self) -> Path | None:
+        """Create a pids cgroup whose `pids.max` is the process limit, and
+        return its `cgroup.procs` file. Returns None for a worker that is not
+        root, which RLIMIT_NPROC limits, or where cgroups are not writable.
+
+        The kernel does not apply RLIMIT_NPROC to root, and a worker run by
+        root runs sandbox code as host root, so only the cgroup limits its
+        processes there. Empty cgroups of earlier sandboxes are removed here
+        (`rmdir` fails on one that has processes), because a killed anchor
+        cannot remove its own.
+        """
+        if os.geteuid() != 0:
+            return None  # RLIMIT_NPROC applies
+        root = _pids_cgroup_root()
+        if root is None:
+            self._warn_no_pids_cgroup("no writable pids cgroup hierarchy")
+            return None
+        now = time.time()
+        for old in root.glob("nexus-sandbox-*"):
+            # A young one may be a new sandbox's whose anchor has not joined yet.
+            with contextlib.suppress(OSError):
+                if now - old.stat().st_mtime > 60:
+                    old.rmdir()
+        cgroup = root / f"nexus-sandbox-{uuid.uuid4().hex}"
+        try:
+            cgroup.mkdir()
+        except OSError as error:
+            self._warn_no_pids_cgroup(f"creating {cgroup} failed: {error}")
+            return None
+        try:
+            (cgroup / "pids.max").write_text(f"{self.limits.processes}\n")
+        except OSError as error:
+            self._warn_no_pids_cgroup(f"writing {cgroup}/pids.max failed: {error}")
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+            return None
+        return cgroup / "cgroup.procs"
+
+    def _warn_no_pids_cgroup(self, reason: str) -> None:
+        if not self._warned_no_pids_cgroup:
+            self._warned_no_pids_cgroup = True
+            logger.warning(
+                "sandboxes have no process limit: the worker runs as root, "
+                "which RLIMIT_NPROC does not limit, and %s",
+                reason,
+            )
 
     def _write_state(self, backend_id: str, state: Mapping[str, object]) -> None:
         path = self._state_path(backend_id)
@@ -885,6 +936,12 @@ class LocalBackend(SandboxBackend):
         options_fd = _options_file(options)
         command = [str(self.bwrap), "--args", str(options_fd), "--"]
         command += ["python3", "-c", _LIMITED_EXEC, limits, *argv]
+        procs = self._make_pids_cgroup()
+        if procs is not None:
+            # As in `_start_runner`. With `exec`, bubblewrap stays the leader
+            # of the process group that the timeout kills.
+            join = 'echo $$ > "$1" || exit 1; shift; exec "$@"'
+            command = ["/bin/sh", "-c", join, "nexus-installer", str(procs), *command]
         started = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -946,6 +1003,25 @@ class LocalBackend(SandboxBackend):
                 "and use its network; install the bubblewrap package"
             ),
         }
+
+
+def _pids_cgroup_root() -> Path | None:
+    """Return the folder that sandboxes' pids cgroups go in, or None.
+
+    That is the cgroup v1 `pids` hierarchy's root or, on cgroup v2, this
+    process's own cgroup where its `pids` controller is enabled for children.
+    """
+    v1 = Path("/sys/fs/cgroup/pids")
+    if (v1 / "cgroup.procs").is_file():
+        return v1
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        own = next(line[3:] for line in lines if line.startswith("0::"))
+        folder = Path("/sys/fs/cgroup") / own.lstrip("/")
+        enabled = (folder / "cgroup.subtree_control").read_text().split()
+    except (OSError, StopIteration):
+        return None
+    return folder if "pids" in enabled else None
 
 
 def _options_file(options: Sequence[str]) -> int:

@@ -27,7 +27,7 @@ from app.sandbox.backend import (
     SandboxLostError,
     SandboxSetupError,
 )
-from app.sandbox.local import LocalBackend
+from app.sandbox.local import LocalBackend, ResourceLimits, _pids_cgroup_root
 from app.sandbox.runner import descendants
 from app.settings import Settings
 from tests.support.sandboxes import ISOLATION_MODES
@@ -754,3 +754,46 @@ async def test_installers_run_no_planted_code(
     if shutil.which("npm") is not None:
         # The package's own script ran, with the standard shell.
         assert (backend.folder("box") / "DEP").exists()
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_process_limit_holds_for_root(use_bwrap: bool, tmp_path: Path) -> None:
+    """The process limit holds even where the worker runs as root, whom the
+    kernel exempts from RLIMIT_NPROC, in executions and in installers."""
+    if os.geteuid() == 0 and _pids_cgroup_root() is None:
+        pytest.skip("run by root, only a writable pids cgroup limits processes")
+    limited = LocalBackend(
+        tmp_path / "sandboxes",
+        use_bwrap=use_bwrap,
+        limits=ResourceLimits(processes=64),
+    )
+    await limited.create("box", template="base", timeout=300, env={}, metadata={})
+    code = (
+        "import os, time\n"
+        "started = 0\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(5)\n"
+        "        os._exit(0)\n"
+        "    started += 1\n"
+        "print(started)\n"
+    )
+    try:
+        for network in (False, True):
+            result = await limited.run(
+                "box",
+                ["python3", "-c", code],
+                env={},
+                cwd=None,
+                timeout=30,
+                output_limit=65536,
+                network=network,
+            )
+            assert result.exit_code == 0, result.stderr
+            assert 0 < int(result.stdout) < 64, (network, result.stdout)
+    finally:
+        await limited.delete("box")
