@@ -208,6 +208,7 @@ def resolve_inside(home: str, path: str) -> str:
     """
     if not path or "\0" in path:
         raise ValueError(f"file path {path!r} is empty or contains a NUL byte")
+    _check_name_lengths("file_path", path)
     joined, root = _join_normalized(home, path)
     if joined != root and not joined.startswith(root + "/"):
         raise ValueError(
@@ -229,6 +230,7 @@ def resolve_workdir(home: str, cwd: str) -> str:
     """
     if not cwd or "\0" in cwd:
         raise ValueError(f"working_dir {cwd!r} is empty or contains a NUL byte")
+    _check_name_lengths("working_dir", cwd)
     joined, root = _join_normalized(home, cwd)
     if joined != root and not joined.startswith(root + "/"):
         raise ValueError(
@@ -236,6 +238,22 @@ def resolve_workdir(home: str, cwd: str) -> str:
             f"path inside it ({root}/...) or a path relative to it without '..'"
         )
     return joined
+
+
+# Linux's NAME_MAX: the max bytes of one file name (a path component).
+_NAME_MAX = 255
+
+
+def _check_name_lengths(field: str, path: str) -> None:
+    """Raise ValueError naming `field` if a component of `path` is longer
+    than a file name can be, which `open` would reject with ENAMETOOLONG."""
+    for part in path.split("/"):
+        if len(part.encode()) > _NAME_MAX:
+            raise ValueError(
+                f"{field} {path!r} is invalid: its component {part[:40]!r}... "
+                f"is {len(part.encode())} bytes, and a file name can be at most "
+                f"{_NAME_MAX} bytes; use shorter names"
+            )
 
 
 def _join_normalized(home: str, path: str) -> tuple[str, str]:

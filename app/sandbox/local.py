@@ -795,6 +795,8 @@ class LocalBackend(SandboxBackend):
             expires_at = None if keep_alive is None else time.time() + keep_alive
             home = self._inside_home(backend_id)
             workdir = home if not cwd else resolve_workdir(home, cwd)
+            if cwd:
+                _check_workdir(self.folder(backend_id), home, workdir, cwd)
             full_env = {**self.base_env(backend_id), **env}
             if network and not self.allow_network and self.bwrap:
                 # The runner has no network; installers get a process that has.
@@ -1003,6 +1005,53 @@ class LocalBackend(SandboxBackend):
                 "and use its network; install the bubblewrap package"
             ),
         }
+
+
+def _check_workdir(folder: Path, inside_home: str, workdir: str, cwd: str) -> None:
+    """Raise ValueError if the working directory `workdir` (as seen inside)
+    runs into a file, or ends in a dangling symlink, below `folder`.
+
+    The runner creates a missing working directory, and its `makedirs` would
+    fail with EEXIST or ENOTDIR there. A symlink is read one level, with a
+    target inside the sandbox mapped to `folder`. A symlink before the last
+    component, or one that leads outside the sandbox folder, is left to the
+    runner.
+    """
+    if workdir == inside_home:
+        return
+    parts = workdir[len(inside_home) + 1 :].split("/")
+    path = folder
+    for index, part in enumerate(parts):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode):
+            if index == len(parts) - 1:
+                _check_workdir_link(folder, inside_home, path, cwd)
+            return
+        if not stat.S_ISDIR(mode):
+            raise _workdir_error(cwd, "runs into a file")
+
+
+def _check_workdir_link(folder: Path, inside_home: str, link: Path, cwd: str) -> None:
+    target = os.readlink(link)
+    if target == inside_home or target.startswith(inside_home + "/"):
+        resolved = folder / target[len(inside_home) + 1 :]
+    elif target.startswith("/"):
+        return  # outside the sandbox folder: only the runner can tell
+    else:
+        resolved = link.parent / target
+    if not os.path.lexists(resolved):
+        raise _workdir_error(cwd, "is a dangling symlink")
+
+
+def _workdir_error(cwd: str, problem: str) -> ValueError:
+    return ValueError(
+        f"working_dir {cwd!r} is invalid: it {problem} in the sandbox; use a "
+        "folder, or a path that does not exist yet"
+    )
 
 
 def _pids_cgroup_root() -> Path | None:

@@ -112,6 +112,11 @@ class CreateOptions:
     sandbox_id: str | None = None
 
 
+# Linux's MAX_ARG_STRLEN: the max bytes of one argv or environment string,
+# its NUL terminator included.
+ENV_STRING_LIMIT = 131072
+
+
 def workflow_id(sandbox_id: str) -> str:
     return f"{WORKFLOW_PREFIX}{sandbox_id}"
 
@@ -126,11 +131,22 @@ def seal_for(
     """Seal plain env var values for one sandbox.
 
     Raises:
-        SandboxServiceError: a value contains a NUL byte (`invalid_argument`).
+        SandboxServiceError: a value contains a NUL byte, or an env var is
+            longer than Linux allows (`invalid_argument`).
     """
     if not env:
         return {}
     for name, value in env.items():
+        size = len(f"{name}={value}".encode()) + 1
+        if size > ENV_STRING_LIMIT:
+            # Every later exec of the sandbox would fail with E2BIG.
+            raise SandboxServiceError(
+                f"env var {name!r} is invalid: NAME=value takes {size} bytes, "
+                f"over Linux's limit of {ENV_STRING_LIMIT} bytes for one "
+                "environment string; upload a long value as a file with "
+                "sandbox_upload and read it from there",
+                "invalid_argument",
+            )
         if "\0" in value:
             # No process environment can carry a NUL byte, so every later
             # execution of the sandbox would fail to start its program.

@@ -77,7 +77,9 @@ class SandboxCreateInput(BaseModel):
         json_schema_extra={"secret": True},
     )
     timeout: int = Field(3600, gt=0, le=86400, description="Lifetime in seconds.")
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = Field(
+        None, description="String keys and string values."
+    )
     install_packages: list[str] | None = Field(
         None, description="pip packages (npm for node templates; `npm:`/`pip:` prefix)."
     )

@@ -914,3 +914,79 @@ async def test_interrupt_stops_the_program(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
     assert await service.interrupt(client, sandbox_id, "call-ticks") is False
     await replay_run(client, service.workflow_id(sandbox_id), [SandboxSessionWorkflow])
+
+
+async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) -> None:
+    """Inputs that every later call would fail on are rejected up front,
+    naming the field: a too long env var, a too long file name, a
+    working_dir that is a file or a dangling symlink, and metadata that is
+    not text."""
+    with pytest.raises(ToolError) as long_env:
+        await call(
+            tool_ctx,
+            "sandbox_create",
+            template="base",
+            env_vars={"BIG": "x" * 131072},
+        )
+    assert long_env.value.kind == "invalid_argument"
+    assert "env var 'BIG'" in long_env.value.message
+    assert "131072 bytes" in long_env.value.message
+    for metadata in ({"flag": True}, {"none": None}, {"count": 3}):
+        with pytest.raises(ToolInputError) as bad_metadata:
+            await call(tool_ctx, "sandbox_create", template="base", metadata=metadata)
+        assert "metadata" in bad_metadata.value.message
+    assert (await call(tool_ctx, "sandbox_list"))["count"] == 0
+    created = await call(
+        tool_ctx,
+        "sandbox_create",
+        template="base",
+        env_vars={"FITS": "x" * 131000},
+        metadata={"team": "a"},
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        assert created["metadata"]["team"] == "a"
+        with pytest.raises(ToolError) as long_name:
+            await call(
+                tool_ctx,
+                "sandbox_upload",
+                sandbox_id=sandbox_id,
+                file_path="dir/" + "n" * 300,
+                content="x",
+            )
+        assert long_name.value.kind == "invalid_argument"
+        assert "file_path 'dir/nnn" in long_name.value.message
+        assert "255 bytes" in long_name.value.message
+        await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="touch plain && ln -s missing dangling",
+            language="bash",
+        )
+        for working_dir, problem in [
+            ("plain", "runs into a file"),
+            ("plain/sub", "runs into a file"),
+            ("dangling", "dangling symlink"),
+        ]:
+            with pytest.raises(ToolError) as bad_dir:
+                await call(
+                    tool_ctx,
+                    "sandbox_execute",
+                    sandbox_id=sandbox_id,
+                    code="print(1)",
+                    working_dir=working_dir,
+                )
+            assert bad_dir.value.kind == "invalid_argument"
+            assert f"working_dir {working_dir!r}" in bad_dir.value.message
+            assert problem in bad_dir.value.message
+        made = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="import os; print(len(os.environ['FITS']))",
+            working_dir="new/sub",
+        )
+        assert made["stdout"] == "131000\n", made
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
