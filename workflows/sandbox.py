@@ -455,16 +455,16 @@ class SandboxSessionWorkflow:
         """Build the error for a call that a stop or delete turned away or,
         with `cut_short`, ended before it finished."""
         state = self._state
-        how = "stopped" if state.end_request == "stop" else "deleted"
+        ended_as = "stopped" if state.end_request == "stop" else "deleted"
         if state.status in ("creating", "running"):
-            where = f"sandbox {state.spec.sandbox_id} is being {how}"
+            where = f"sandbox {state.spec.sandbox_id} is being {ended_as}"
         else:
             where = f"sandbox {state.spec.sandbox_id} is {state.status}"
         if cut_short:
             # The backend's own error (a lost sandbox, a setup command killed
             # without an exit code) would blame the caller's request.
             message = (
-                f"{where}, which ended this call before it finished. A {how} "
+                f"{where}, which ended this call before it finished. A {ended_as} "
                 "sandbox is not recreated"
             )
         else:

@@ -194,7 +194,7 @@ class SandboxBackend(abc.ABC):
     async def health(self) -> dict[str, object]:
         """Report this backend's `sandbox` component of `system_health`.
 
-        A backend behind a remote service checks that the service answers.
+        A backend behind a remote service checks that the service responds.
         """
         return self.isolation()
 

@@ -127,11 +127,11 @@ class FakeSandbox:
         limit: int | None = None,
         api_key: str = "",
     ) -> FakePages:
-        wanted = ((query.metadata if query else None) or {}).items()
+        expected = ((query.metadata if query else None) or {}).items()
         found = [
             sandbox
             for sandbox in cls.live.values()
-            if wanted <= sandbox.metadata.items()
+            if expected <= sandbox.metadata.items()
         ]
         return FakePages(found, cls.list_fault)
 

@@ -758,8 +758,8 @@ async def test_installers_run_no_planted_code(
 
 @pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
 async def test_process_limit_holds_for_root(use_bwrap: bool, tmp_path: Path) -> None:
-    """The process limit holds even where the worker runs as root, whom the
-    kernel exempts from RLIMIT_NPROC, in executions and in installers."""
+    """The process limit applies in executions and in installers even where
+    the worker runs as root, whom the kernel exempts from RLIMIT_NPROC."""
     if os.geteuid() == 0 and _pids_cgroup_root() is None:
         pytest.skip("run by root, only a writable pids cgroup limits processes")
     limited = LocalBackend(

@@ -917,10 +917,10 @@ async def test_interrupt_stops_the_program(tool_ctx: ToolContext) -> None:
 
 
 async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) -> None:
-    """Inputs that every later call would fail on are rejected up front,
-    naming the field: a too long env var, a too long file name, a
-    working_dir that is a file or a dangling symlink, and metadata that is
-    not text."""
+    """Inputs that every later call would fail on are rejected up front, and
+    the error names the field. They are a too long env var, a too long file
+    name, a working_dir that is a file or a dangling symlink, and metadata
+    that is not text."""
     with pytest.raises(ToolError) as long_env:
         await call(
             tool_ctx,
