@@ -70,9 +70,11 @@ def print_json(value: Any) -> None:
 def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """Run a registered tool as the local user and return its result, or exit 1
     with the tool's error message."""
+    from app.db.migrate import ensure_current
     from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 
     settings = load_settings()
+    ensure_current(settings.effective_database_url)
     load_tools()
 
     async def run() -> dict[str, Any]:

@@ -331,3 +331,18 @@ def _shown_string(text: str) -> str:
     if len(text) > _SHOWN_VALUE_CHARACTERS:
         shown += f" (first {_SHOWN_VALUE_CHARACTERS} characters)"
     return shown
+
+
+def json_type(value: Any) -> str:
+    """Return the JSON type name of a value parsed from JSON."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"

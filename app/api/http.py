@@ -34,7 +34,7 @@ from app.api.keys import Principal, VerifiedKeys, parse_token
 from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
 from app.api.ratelimit import RateLimiter, retry_after_header
 from app.db.engine import BackgroundCheckpoints
-from app.jsonsafe import InvalidJSONError, dumps, load_strict
+from app.jsonsafe import InvalidJSONError, dumps, json_type, load_strict
 from app.processes import freeze_startup_objects
 from app.services.audit import is_secret_name
 from app.services.audit_writer import AuditWriter
@@ -534,7 +534,7 @@ def _plain_call_shape_error(parsed: Any) -> tuple[str, str] | None:
         )
     name = parsed["tool"]
     if not isinstance(name, str):
-        shown_value = repr(name) if _is_scalar(name) else f"a JSON {_json_type(name)}"
+        shown_value = repr(name) if _is_scalar(name) else f"a JSON {json_type(name)}"
         return "tool", (
             f"tool: {shown_value} is not a tool name; send the name as a string"
         )
@@ -553,7 +553,7 @@ def _plain_call_shape_error(parsed: Any) -> tuple[str, str] | None:
     arguments = parsed.get(field)
     if arguments is not None and not isinstance(arguments, dict):
         return field, (
-            f"{field}: a JSON {_json_type(arguments)} is invalid: the arguments "
+            f"{field}: a JSON {json_type(arguments)} is invalid: the arguments "
             "must be a JSON object"
         )
     return None
@@ -561,21 +561,6 @@ def _plain_call_shape_error(parsed: Any) -> tuple[str, str] | None:
 
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float)
-
-
-def _json_type(value: Any) -> str:
-    """Return the JSON type name of a value parsed from JSON."""
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    return "number"
 
 
 def _is_plain_call(parsed: Any) -> bool:

@@ -9,13 +9,15 @@ import logging
 from typing import Any
 
 import mcp_types as types
+from mcp import MCPError
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from pydantic import ValidationError
 
 import app
 from app.api.calls import ToolRunner
 from app.api.keys import Principal
-from app.jsonsafe import encodable
+from app.jsonsafe import encodable, json_type
 from app.tools import ToolError, all_tools
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
             structured_content=result,
         )
 
-    return Server(
+    server: Server[Any] = Server(
         "flow-nexus",
         version=app.__version__,
         instructions=(
@@ -111,6 +113,49 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+    server.middleware.append(_explain_invalid_params)
+    return server
+
+
+# The shape of each method's params that an error repeats as the fix.
+_PARAMS_SHAPES = {
+    "tools/call": '{"name": TOOL, "arguments": {...}}',
+    "tools/list": '{} or {"cursor": CURSOR}',
+    "initialize": (
+        '{"protocolVersion": VERSION, "capabilities": {...}, '
+        '"clientInfo": {"name": NAME, "version": VERSION}}'
+    ),
+}
+
+
+async def _explain_invalid_params(ctx: Any, call_next: Any) -> Any:
+    """Answer params that fail the SDK's validation with the field, the JSON
+    type it got and the shape expected, where the SDK sends an empty
+    -32602. The value itself is left out: tool arguments may hold secrets."""
+    try:
+        return await call_next(ctx)
+    except ValidationError as error:
+        method = str(getattr(ctx, "method", ""))
+        errors = []
+        for item in error.errors():
+            # The SDK's first check validates the whole request, its second
+            # the params alone, so a location may or may not start there.
+            where = [str(part) for part in item["loc"]]
+            field = ".".join(where if where[:1] == ["params"] else ["params", *where])
+            got = (
+                "it is missing"
+                if item["type"] == "missing"
+                else f"a JSON {json_type(item['input'])} is invalid"
+            )
+            errors.append({"field": field, "message": f"{got}: {item['msg']}"})
+        shape = _PARAMS_SHAPES.get(method)
+        fix = f"; {method} params are {shape}" if shape else ""
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise MCPError(
+            code=types.INVALID_PARAMS,
+            message=f"Invalid params of {method}: {summary}{fix}",
+            data={"errors": errors},
+        ) from None
 
 
 def _error_result(message: str) -> types.CallToolResult:

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from app.api.calls import ToolRunner
 from app.api.mcp_server import build_mcp_server, local_user_name
+from app.db.migrate import ensure_current
 from app.jsonsafe import InvalidJSONError, load_strict
 from app.services.audit import is_secret_name, record_call
 from app.settings import Settings
@@ -50,6 +51,7 @@ _TRANSPORT_REPLY = ServerMessageMetadata()
 async def serve_stdio(settings: Settings) -> None:
     """Serve MCP on this process's stdin and stdout until stdin closes and
     every request read from it has its response."""
+    ensure_current(settings.effective_database_url)
     load_tools()
     server = build_mcp_server(ToolRunner(settings), require_principal=False)
     audit = _RejectionAudit(settings.effective_database_url, local_user_name())

@@ -42,6 +42,24 @@ def upgrade(url: str) -> list[str]:
     return heads
 
 
+def ensure_current(url: str) -> None:
+    """Migrate the database unless it is at the heads of this code already.
+
+    Commands that call tools without `nexus up` (`nexus call`, `nexus mcp`)
+    may be the first to open a data folder; without the tables every tool
+    that reads the database failed with "no such table". Reading the heads
+    costs one query, where an upgrade that finds nothing to do takes longer.
+    """
+    heads = current_heads(url)
+    if heads == expected_heads():
+        return
+    # A database that newer code migrated has heads this code does not know,
+    # and alembic would refuse to upgrade it; `system_health` reports that.
+    if not set(heads) <= _script_revisions():
+        return
+    upgrade(url)
+
+
 # Alembic's default version table. `MigrationContext` builds a new `Table` for
 # it on every call, and the engine's compiled cache keeps each one (a new key
 # per call; the cache grows to 750 entries before it prunes back to 500). The
@@ -65,6 +83,12 @@ def _script_heads() -> tuple[str, ...]:
     # and parsing them costs milliseconds, so one read per process suffices.
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     return tuple(sorted(script.get_heads()))
+
+
+@functools.cache
+def _script_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(revision.revision for revision in script.walk_revisions())
 
 
 def expected_heads() -> list[str]:

@@ -59,6 +59,23 @@ def _check_packages(value: list[str] | None) -> list[str] | None:
     return value
 
 
+def _check_commands(value: list[str] | None) -> list[str] | None:
+    for index, command in enumerate(value or []):
+        # bash runs an empty command as success, so a blank item would be
+        # counted in `commands_run` without running anything.
+        if not command.strip():
+            raise ValueError(
+                f"run_commands[{index}] is empty; give one shell command per "
+                "item or leave the item out"
+            )
+        if "\x00" in command:
+            raise ValueError(
+                f"run_commands[{index}] contains a NUL character, which a "
+                "shell command cannot hold; remove it"
+            )
+    return value
+
+
 def _tool_error(error: SandboxServiceError) -> ToolError:
     return ToolError(error.message, kind=_KINDS.get(error.kind, "failed"))
 
@@ -331,6 +348,11 @@ class SandboxConfigureInput(BaseModel):
     @classmethod
     def _packages(cls, value: list[str] | None) -> list[str] | None:
         return _check_packages(value)
+
+    @field_validator("run_commands")
+    @classmethod
+    def _commands(cls, value: list[str] | None) -> list[str] | None:
+        return _check_commands(value)
 
     @field_validator("env_vars")
     @classmethod

@@ -195,3 +195,71 @@ async def test_unanswered_request_stops_after_drain(
                 received.append(message)
     assert len(received) == 1
     assert "1 request(s) are still running" in caplog.text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_invalid_params_name_the_field(settings: Settings) -> None:
+    secret = "sk-ant-not-to-be-repeated"
+    calls = [
+        {"name": "audit_log", "arguments": [secret]},
+        {"arguments": {}},
+        "audit_log",
+    ]
+    sent = b"".join(
+        line({"jsonrpc": "2.0", "id": 10 + index, "method": "tools/call", "params": p})
+        for index, p in enumerate(calls)
+    )
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + sent, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    answered = responses(stdout)
+    array, missing, not_object = (answered[10 + index]["error"] for index in range(3))
+    assert array["code"] == -32602
+    assert "params.arguments: a JSON array is invalid" in array["message"]
+    assert '{"name": TOOL, "arguments": {...}}' in array["message"]
+    assert array["data"]["errors"][0]["field"] == "params.arguments"
+    assert secret not in stdout.decode() + stderr.decode()
+    assert missing["code"] == -32602
+    assert "params.name: it is missing" in missing["message"]
+    # JSON-RPC itself requires params to be an object or an array.
+    assert not_object["code"] == -32600
+    assert '"params": {...}' in not_object["message"]
+
+
+def test_fresh_data_folder_gets_its_tables(tmp_path: Path) -> None:
+    """`nexus mcp` and `nexus call` on a data folder that `nexus up` never
+    opened create the tables before the first tool reads them."""
+    for command in ("mcp", "call"):
+        fresh = Settings(
+            data_dir=tmp_path / command,
+            temporal_address="127.0.0.1:1",
+            encryption_key=TEST_ENCRYPTION_KEY,  # type: ignore[arg-type]
+        )
+        argv = [sys.executable, "-m", "app", command]
+        sent = b""
+        if command == "call":
+            argv += ["storage_list", '{"bucket": "fresh"}']
+        else:
+            call = {"name": "storage_list", "arguments": {"bucket": "fresh"}}
+            sent = line(INITIALIZE) + line(INITIALIZED)
+            sent += line(
+                {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}
+            )
+        process = subprocess.run(
+            argv,
+            cwd=REPO_ROOT,
+            env=server_env(fresh),
+            input=sent,
+            capture_output=True,
+            timeout=60,
+        )
+        assert process.returncode == 0, process.stderr.decode()
+        if command == "call":
+            result = json.loads(process.stdout)
+        else:
+            reply = responses(process.stdout)[2]["result"]
+            assert not reply.get("isError"), reply
+            result = reply["structuredContent"]
+        assert result["count"] == 0, result

@@ -588,6 +588,18 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
                 install_packages=["-e."],
             )
         assert "package '-e.' is invalid" in bad_configure.value.message
+        for commands, problem in (
+            (["echo a", "  "], "run_commands[1] is empty"),
+            (["echo \x00"], "run_commands[0] contains a NUL"),
+        ):
+            with pytest.raises(ToolInputError) as bad_command:
+                await call(
+                    tool_ctx,
+                    "sandbox_configure",
+                    sandbox_id=sandbox_id,
+                    run_commands=commands,
+                )
+            assert problem in bad_command.value.message
         stopped = await call(tool_ctx, "sandbox_stop", sandbox_id=sandbox_id)
         assert stopped["status"] == "stopped"
         with pytest.raises(ToolError):
