@@ -176,6 +176,7 @@ class SandboxActivities:
                     env=env,
                     settings=self.settings,
                     command_names=_setup_command_names(spec),
+                    lifetime=spec.timeout,
                 )
             except SandboxSetupError as failure:
                 await backend.delete(created.backend_id)
@@ -258,6 +259,7 @@ class SandboxActivities:
                         f"run_commands[{index}] {runtime.quote_command(command)}"
                         for index, command in enumerate(change.run_commands)
                     ],
+                    lifetime=spec.timeout,
                 )
             except SandboxSetupError as failure:
                 raise SandboxSetupError(

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 import shlex
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -196,6 +197,7 @@ async def apply_setup(
     env: Mapping[str, str],
     settings: Settings,
     command_names: Sequence[str] = (),
+    lifetime: int | None = None,
 ) -> str:
     """Install `packages`, then run `commands`, in the sandbox folder.
 
@@ -205,6 +207,8 @@ async def apply_setup(
         command_names: what errors call each of `commands` ("the startup
             script"); a command without one is "setup command N" with its
             text.
+        lifetime: the sandbox's timeout, counted from the start of setup,
+            so that a step cut short by it is blamed on the timeout.
 
     Raises:
         SandboxSetupError: an installer or command failed or timed out. The
@@ -226,6 +230,7 @@ async def apply_setup(
             name = f"setup command {index + 1} {quote_command(command)}"
         steps.append((name, command, ["bash", "-c", command], False))
     completed: list[str] = []
+    started = time.monotonic()
     for name, command_text, argv, network in steps:
         result = await backend.run(
             backend_id,
@@ -241,8 +246,16 @@ async def apply_setup(
         if result.timed_out or result.exit_code != 0:
             if result.timed_out:
                 outcome = f"timed out after {_SETUP_TIMEOUT:g} s"
-            else:
+            elif result.exit_code is not None:
                 outcome = f"exited with code {result.exit_code}"
+            elif lifetime is not None and time.monotonic() - started >= lifetime - 1:
+                outcome = (
+                    f"was cut short when the sandbox reached its timeout of "
+                    f"{lifetime} s, which counts setup too; give a timeout "
+                    "longer than the setup takes"
+                )
+            else:
+                outcome = "was cut short: the sandbox ended while it ran"
             raise SandboxSetupError(f"{name} {outcome}", text, completed)
         completed.append(name)
     return "\n".join(outputs)

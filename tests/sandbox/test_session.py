@@ -1002,3 +1002,18 @@ async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) ->
         assert made["stdout"] == "131000\n", made
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_startup_script_cut_short_by_timeout(tool_ctx: ToolContext) -> None:
+    with pytest.raises(ToolError) as failed:
+        await call(
+            tool_ctx,
+            "sandbox_create",
+            template="base",
+            timeout=3,
+            startup_script="sleep 10; echo done",
+        )
+    message = failed.value.message
+    assert "the startup script was cut short" in message, message
+    assert "timeout of 3 s, which counts setup too" in message
+    assert "exited with code None" not in message
