@@ -279,11 +279,13 @@ async def workflow_delete(
         deleted: list[str] = []
         # Also for a definition deleted before, so that deleting it again
         # removes schedules that outlived it (a failed roll-back can leave some).
-        count = engine.schedule_count(definition)
-        if count:
+        client = await ctx.client()
+        indexes = set(range(engine.schedule_count(definition)))
+        indexes |= await engine.listed_schedule_indexes(client, args.workflow_id)
+        if indexes:
             # Schedules first: a definition marked deleted must not start again.
             deleted = await engine.delete_schedules(
-                await ctx.client(), args.workflow_id, range(count)
+                client, args.workflow_id, sorted(indexes)
             )
         row = await asyncio.to_thread(store.delete_definition, url, args.workflow_id)
     return WorkflowDeleteResult(

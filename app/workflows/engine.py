@@ -226,6 +226,23 @@ async def delete_schedules(
     return deleted
 
 
+async def listed_schedule_indexes(client: Client, workflow_id: str) -> set[int]:
+    """Return the indexes of the definition's schedules that Temporal lists.
+
+    A version that was rolled back is no longer stored, so its trigger count
+    cannot say which schedules a failed roll-back left; the list can. The
+    list comes from visibility and lags a create by up to a second, so
+    callers add the indexes of the stored version too.
+    """
+    prefix = schedule_id(workflow_id, 0).removesuffix("0")
+    found: set[int] = set()
+    async for listed in await client.list_schedules():
+        suffix = listed.id.removeprefix(prefix)
+        if listed.id.startswith(prefix) and suffix.isdigit():
+            found.add(int(suffix))
+    return found
+
+
 def schedule_count(definition: WorkflowDefinition | None) -> int:
     if definition is None:
         return 0

@@ -17,12 +17,13 @@ from temporalio.client import (
     WorkflowFailureError,
 )
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from app.contracts.workflows import ExecutionState
 from app.settings import Settings
 from app.temporal.devserver import temporal_binary
 from app.tools import ToolContext, ToolError
-from app.workflows import store
+from app.workflows import engine, store
 from tests.support.replay import replay_run, replay_saved
 from tests.workflows.conftest import call
 from workers.registry import all_workflows
@@ -291,3 +292,30 @@ async def test_scheduled_run_of_deleted_definition_rejected(
     repeated = await call(tools, "workflow_delete", workflow_id=workflow_id)
     assert repeated["schedules_deleted"] == created["schedules"]
     await replay_run(client, execution_id, all_workflows())
+
+
+async def test_delete_finds_schedules_of_discarded_versions(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    """A schedule whose version is no longer stored (a roll-back that could
+    not delete it) is found by its id and deleted with the definition."""
+    created = await call(
+        tools,
+        "workflow_create",
+        name=f"leftover-{uuid.uuid4().hex[:6]}",
+        steps=[{"name": "tick", "type": "echo"}],
+        triggers=[{"type": "schedule", "cron": "0 5 * * *"}],
+    )
+    workflow_id = created["workflow_id"]
+    leftover = engine.schedule_id(workflow_id, 3)
+    first = await client.get_schedule_handle(created["schedules"][0]).describe()
+    await client.create_schedule(leftover, first.schedule)
+    for _ in range(100):
+        if 3 in await engine.listed_schedule_indexes(client, workflow_id):
+            break
+        await asyncio.sleep(0.1)
+    deleted = await call(tools, "workflow_delete", workflow_id=workflow_id)
+    assert deleted["schedules_deleted"] == [*created["schedules"], leftover]
+    for sid in deleted["schedules_deleted"]:
+        with pytest.raises(RPCError):
+            await client.get_schedule_handle(sid).describe()
