@@ -2,11 +2,12 @@
 one database.
 
 `workflow_create`, `workflow_delete` and `workflow_agent_assign` change a
-definition's rows and then its Temporal Schedules. Two of them interleaved on
-one name leave schedules that the definition's final state does not have, for
-example a deleted definition whose schedules still start runs. So each call
-holds this lock from its first read of the definition to its last schedule
-change.
+definition's rows and then its Temporal Schedules, and a run started from
+outside with a definition snapshot stores that snapshot as a version. Two
+of them interleaved on one name leave schedules that the definition's final
+state does not have, for example a deleted definition whose schedules still
+start runs. So each call holds this lock from its first read of the
+definition to its last schedule change.
 
 The CLI runs tools in its own process, so an in-process lock is not enough.
 On PostgreSQL the lock is a session advisory lock on a connection held for
@@ -25,7 +26,8 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from sqlalchemy import Connection, text
@@ -79,6 +81,52 @@ async def definition_lock(
         yield
 
 
+@contextlib.contextmanager
+def definition_lock_blocking(
+    url: str, name: str, *, wait: float = LOCK_WAIT_SECONDS
+) -> Iterator[None]:
+    """`definition_lock` for synchronous code, such as an activity that runs
+    in a thread: it sleeps between attempts instead of awaiting.
+
+    Raises:
+        DefinitionBusyError: the lock stayed taken for `wait` seconds.
+    """
+    parsed = make_url(url)
+    deadline = time.monotonic() + wait
+    if parsed.get_backend_name() == "postgresql":
+        key = _advisory_key(name)
+        while (connection := _try_advisory_lock(url, key)) is None:
+            if time.monotonic() >= deadline:
+                raise DefinitionBusyError(name, wait)
+            time.sleep(_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            _advisory_unlock(connection, key)
+        return
+    path = _lock_path(parsed.database, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while not _try_flock(descriptor):
+            if time.monotonic() >= deadline:
+                raise DefinitionBusyError(name, wait)
+            time.sleep(_POLL_SECONDS)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _try_flock(descriptor: int) -> bool:
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise
+        return False
+    return True
+
+
 def _lock_path(database: str | None, name: str) -> Path:
     if database and database != ":memory:":
         folder = Path(database).with_name(Path(database).name + "-workflow-locks")
@@ -97,13 +145,7 @@ async def _file_lock(path: Path, name: str, wait: float) -> AsyncIterator[None]:
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = asyncio.get_running_loop().time() + wait
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise
+        while not _try_flock(descriptor):
             if asyncio.get_running_loop().time() >= deadline:
                 raise DefinitionBusyError(name, wait)
             await asyncio.sleep(_POLL_SECONDS)

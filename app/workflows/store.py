@@ -20,6 +20,7 @@ from app.contracts.workflows import (
 from app.db import session_scope
 from app.db.models import utc_now
 from app.realtime.output import insert_chunks
+from app.workflows.locks import definition_lock_blocking
 from app.workflows.models import (
     WorkflowAuditRow,
     WorkflowDefinitionRow,
@@ -240,6 +241,8 @@ def register_execution(
     Idempotent: an activity retry finds the rows it wrote and keeps them.
 
     Raises:
+        DefinitionBusyError: another call held the lock of the snapshot's
+            name for longer than the wait.
         DefinitionDeletedError: the run names a stored definition that is
             deleted, for example through a schedule left from before the
             delete; nothing is written.
@@ -247,7 +250,10 @@ def register_execution(
     workflow_id, version = state.workflow_id, state.version
     bound = workflow_id is not None and version is not None
     if workflow_id is None or version is None:
-        saved = save_definition(url, definition, key=key)
+        # Under the name's lock, so that a create or delete of that name does
+        # not interleave with this new version.
+        with definition_lock_blocking(url, definition.name):
+            saved = save_definition(url, definition, key=key)
         workflow_id, version = saved.row.id, saved.version
     with session_scope(url) as session:
         existing = session.get(WorkflowExecutionRow, state.execution_id)

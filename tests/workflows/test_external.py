@@ -23,7 +23,7 @@ from app.contracts.workflows import ExecutionState
 from app.settings import Settings
 from app.temporal.devserver import temporal_binary
 from app.tools import ToolContext, ToolError
-from app.workflows import engine, store
+from app.workflows import engine, locks, store
 from tests.support.replay import replay_run, replay_saved
 from tests.workflows.conftest import call
 from workers.registry import all_workflows
@@ -319,3 +319,27 @@ async def test_delete_finds_schedules_of_discarded_versions(
     for sid in deleted["schedules_deleted"]:
         with pytest.raises(RPCError):
             await client.get_schedule_handle(sid).describe()
+
+
+async def test_snapshot_run_waits_for_definition_lock(
+    client: Client, flow_workers: Settings
+) -> None:
+    """A run started with a snapshot stores it as a version of its name only
+    while no create, delete or assign of that name holds the lock."""
+    name = f"locked-{uuid.uuid4().hex[:6]}"
+    url = flow_workers.effective_database_url
+    async with locks.definition_lock(url, name):
+        handle = await client.start_workflow(
+            "FlowNexusWorkflow",
+            {"definition": {"name": name, "steps": [{"name": "a", "type": "echo"}]}},
+            id=f"snapshot-{uuid.uuid4().hex[:8]}",
+            task_queue="nexus-orchestration",
+            result_type=ExecutionState,
+        )
+        await asyncio.sleep(1.5)
+        listed = store.list_definitions(url, limit=500, offset=0, status=None)
+        assert name not in [item["name"] for item in listed]
+    final = await asyncio.wait_for(handle.result(), 60)
+    assert final.status == "completed"
+    row, version, _ = store.get_definition(url, str(final.workflow_id))
+    assert (row.name, version) == (name, 1)
