@@ -4,6 +4,8 @@ MCP: group permission, invocation through `invoke_tool`, and error shapes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,15 +76,65 @@ class ToolRunner:
             event before the call returns.
         health_snapshots: the server's shared `system_health` reading; None
             reads live on every call.
+        stop_grace_seconds: how long a call may still run once `begin_stop`
+            was called before it is answered as unavailable; None leaves
+            calls alone (stdio, which finishes its calls itself).
     """
 
     settings: Settings
     audit_writer: AuditWriter | None = None
     health_snapshots: HealthSnapshots | None = None
+    stop_grace_seconds: float | None = None
     _base: ToolContext = field(init=False)
+    _stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._base = ToolContext(self.settings)
+
+    def begin_stop(self) -> None:
+        """Start the stop grace of the calls in flight and of later ones.
+
+        Safe to call from a signal handler: the event is set on the loop
+        that runs the calls.
+        """
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def _unless_stopped(
+        self, name: str, call: Coroutine[Any, Any, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Await `call`; once a stop began and `stop_grace_seconds` passed
+        without its result, cancel it and raise an unavailable ToolError.
+
+        Without this, a call that waits on workers which stop at the same
+        time (a sandbox call's update) kept the HTTP server from exiting
+        until the supervisor killed it, and its caller got no reply at all.
+        """
+        assert self.stop_grace_seconds is not None
+        running = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                await asyncio.wait({running}, timeout=self.stop_grace_seconds)
+            if running.done():
+                return running.result()
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            raise ToolError(
+                f"the server is stopping, and {name} had not finished "
+                f"{self.stop_grace_seconds:g} s after the stop began, so it was "
+                "left unanswered. It may still take effect: work that runs on "
+                "Temporal goes on when the workers run again. Read the current "
+                "state (a status or list tool) before you call it again",
+                kind="unavailable",
+            )
+        finally:
+            stopping.cancel()
+            if not running.done():
+                running.cancel()
 
     async def call(
         self,
@@ -133,7 +185,10 @@ class ToolRunner:
             health_snapshots=self.health_snapshots,
         )
         try:
-            return await invoke_tool(ctx, name, arguments)
+            if self.stop_grace_seconds is None:
+                return await invoke_tool(ctx, name, arguments)
+            self._loop = asyncio.get_running_loop()
+            return await self._unless_stopped(name, invoke_tool(ctx, name, arguments))
         finally:
             # A tool that needed Temporal connected through `ctx`; later calls
             # reuse that connection. Tools that never need Temporal (the

@@ -781,6 +781,13 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(f"{e['field']}: {e['message']}" for e in _validation_errors(error))
 
 
+# How long a call may still run after the server got SIGTERM or SIGINT. The
+# workers stop at the same time and drain their activities for 10 s, and the
+# supervisor kills what still runs after 20 s; a call still waiting after
+# this is answered 503 so that its caller does not get a dropped connection.
+STOP_GRACE_SECONDS = 10.0
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the HTTP application for every tool registered now."""
     load_tools()
@@ -794,6 +801,7 @@ def create_app(settings: Settings) -> FastAPI:
         settings,
         audit_writer=audit_writer,
         health_snapshots=HealthSnapshots(settings.api_health_max_age_seconds),
+        stop_grace_seconds=STOP_GRACE_SECONDS,
     )
     gate = Gate(settings, audit_writer)
     mcp_server = build_mcp_server(runner, require_principal=True)

@@ -6,10 +6,12 @@ import logging
 import ssl
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from app.api.calls import ToolRunner
 from app.api.http import create_app
 from app.api.keys import ensure_default_key
 from app.db.migrate import upgrade
@@ -99,10 +101,26 @@ def main() -> None:
         settings.http_host,
         settings.http_port,
     )
-    uvicorn.run(
-        create_app(settings),
+    application = create_app(settings)
+    config = uvicorn.Config(
+        application,
         log_config=None,
         log_level=settings.log_level.lower(),
         access_log=False,
         **options,
     )
+    StoppingServer(config, application.state.runner).run()
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, which also tells the tool runner when a stop signal
+    arrives: uvicorn waits for every request in flight before it exits, and
+    the runner answers those that outlast its grace (see `ToolRunner`)."""
+
+    def __init__(self, config: uvicorn.Config, runner: ToolRunner) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.runner.begin_stop()
+        super().handle_exit(sig, frame)
