@@ -243,6 +243,7 @@ class SandboxActivities:
         backend = self._backend()
         spec = request.spec
         change = request.request
+        info = activity.info()
         async with _backend_errors(request.backend_id), _heartbeats():
             env = self._env(spec, change.sealed_env)
             await backend.keep_alive(request.backend_id, spec.timeout)
@@ -260,6 +261,9 @@ class SandboxActivities:
                         for index, command in enumerate(change.run_commands)
                     ],
                     lifetime=spec.timeout,
+                    # The same for every attempt of this activity, so that a
+                    # retry after a dead worker resumes instead of repeating.
+                    progress_key=f"configure:{info.workflow_run_id}:{info.activity_id}",
                 )
             except SandboxSetupError as failure:
                 raise SandboxSetupError(

@@ -198,6 +198,7 @@ async def apply_setup(
     settings: Settings,
     command_names: Sequence[str] = (),
     lifetime: int | None = None,
+    progress_key: str | None = None,
 ) -> str:
     """Install `packages`, then run `commands`, in the sandbox folder.
 
@@ -209,9 +210,15 @@ async def apply_setup(
             text.
         lifetime: the sandbox's timeout, counted from the start of setup,
             so that a step cut short by it is blamed on the timeout.
+        progress_key: names a file in the sandbox that records the steps
+            done and the step started, under a key that a retry of the same
+            call repeats. A retry skips the steps done, and refuses to start
+            a step that an earlier attempt started without finishing (its
+            worker died), since a command may not be safe to run twice.
 
     Raises:
-        SandboxSetupError: an installer or command failed or timed out. The
+        SandboxSetupError: an installer or command failed or timed out, or
+            an earlier attempt was cut short in the middle of a step. The
             steps before it ran, and their changes to the sandbox stay.
     """
     home = await backend.home(backend_id)
@@ -230,8 +237,20 @@ async def apply_setup(
             name = f"setup command {index + 1} {quote_command(command)}"
         steps.append((name, command, ["bash", "-c", command], False))
     completed: list[str] = []
+    progress = None
+    done = 0
+    if progress_key is not None:
+        progress = f".nexus/calls/setup-{_call_digest(progress_key)}"
+        done = await _resume_setup(backend, backend_id, progress, steps)
+        completed = [name for name, *_ in steps[:done]]
     started = time.monotonic()
-    for name, command_text, argv, network in steps:
+    for position, (name, command_text, argv, network) in enumerate(steps):
+        if position < done:
+            outputs.append(f"$ {command_text}\n(ran before the worker restarted)")
+            continue
+        if progress is not None:
+            record = f"{position} {position + 1}".encode()
+            await _write_nexus_file(backend, backend_id, progress, record)
         result = await backend.run(
             backend_id,
             argv,
@@ -256,9 +275,45 @@ async def apply_setup(
                 )
             else:
                 outcome = "was cut short: the sandbox ended while it ran"
+            if progress is not None:
+                # A failed step ends the call: nothing is left to resume.
+                await _remove_code_file(backend, backend_id, progress)
             raise SandboxSetupError(f"{name} {outcome}", text, completed)
         completed.append(name)
+        if progress is not None:
+            record = f"{position + 1} {position + 1}".encode()
+            await _write_nexus_file(backend, backend_id, progress, record)
+    if progress is not None:
+        await _remove_code_file(backend, backend_id, progress)
     return "\n".join(outputs)
+
+
+async def _resume_setup(
+    backend: SandboxBackend,
+    backend_id: str,
+    progress: str,
+    steps: Sequence[tuple[str, str, list[str], bool]],
+) -> int:
+    """Return how many steps an earlier attempt finished, from its progress
+    file ("DONE STARTED"); raise when it started one it did not finish."""
+    recorded = await backend.read_file(backend_id, progress, 64)
+    try:
+        done, begun = (int(part) for part in (recorded or b"0 0").split())
+    except ValueError:
+        return 0  # not ours: code in the sandbox put something else there
+    if not 0 <= done <= begun <= len(steps):
+        return 0
+    if begun > done:
+        name = steps[begun - 1][0]
+        completed = [step[0] for step in steps[: begun - 1]]
+        await _remove_code_file(backend, backend_id, progress)
+        raise SandboxSetupError(
+            f"{name} was cut short when the worker that ran it stopped, and "
+            "is not run again because it may have run in part",
+            "",
+            completed,
+        )
+    return done
 
 
 def quote_command(command: str, limit: int = 120) -> str:

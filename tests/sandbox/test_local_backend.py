@@ -797,3 +797,50 @@ async def test_process_limit_holds_for_root(use_bwrap: bool, tmp_path: Path) -> 
             assert 0 < int(result.stdout) < 64, (network, result.stdout)
     finally:
         await limited.delete("box")
+
+
+async def test_setup_retry_resumes_and_refuses_step_cut_short(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """A retried configure (its worker died) skips the steps that finished and
+    does not run again a step that had started."""
+    settings = Settings(data_dir=tmp_path / "data")
+    commands = ["echo one >> log", "echo two >> log", "echo three >> log"]
+
+    async def setup(key: str) -> str:
+        return await runtime.apply_setup(
+            backend,
+            "box",
+            template="base",
+            packages=[],
+            commands=commands,
+            env={},
+            settings=settings,
+            progress_key=key,
+        )
+
+    log = backend.folder("box") / "log"
+    await setup("first")
+    assert log.read_text() == "one\ntwo\nthree\n"
+    # Nothing stays behind of a setup that finished.
+    assert not any((backend.folder("box") / ".nexus" / "calls").iterdir())
+
+    progress = ".nexus/calls/setup-" + runtime._call_digest("second")
+    log.unlink()
+    # An attempt that finished step 1 and died before step 2 started.
+    await backend.write_file("box", progress, b"1 1")
+    output = await setup("second")
+    assert log.read_text() == "two\nthree\n"
+    assert "ran before the worker restarted" in output
+
+    # An attempt that died while step 2 ran.
+    log.unlink()
+    await backend.write_file("box", progress, b"1 2")
+    with pytest.raises(SandboxSetupError) as cut:
+        await setup("second")
+    assert "setup command 2 `echo two >> log` was cut short" in cut.value.failure
+    assert cut.value.completed == ["setup command 1 `echo one >> log`"]
+    assert not log.exists()
+    # The refusal ends the call: the same key starts afresh next time.
+    await setup("second")
+    assert log.read_text() == "one\ntwo\nthree\n"
