@@ -180,11 +180,45 @@ def install_command(
         command = ["npm", "install", "--no-audit", "--no-fund"]
         command += ["--userconfig", "/dev/null", "--script-shell", "/bin/sh"]
         command += ["--node-options=", "--git", "git"]
-        command += ["--cache", "/tmp/nexus-npm-cache"]
+        command += ["--cache", "/tmp/nexus-npm-cache", "--install-links"]
         if index_url:
             command += ["--registry", index_url]
         commands.append([*command, *npm])
     return commands
+
+
+# npm reads the `.npmrc`, `package.json` and lock file of the project it
+# installs into, and any of them can name a registry, a proxy or a tarball
+# URL. In the sandbox folder, sandbox code could write them and make an
+# installer, which has the network, fetch from a host of its choosing. So
+# npm installs into an empty folder of its own, and the packages are copied
+# into the sandbox's `node_modules` afterwards.
+_NPM_IN_SCRATCH = r"""
+set -e
+home=$1; shift
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/nexus-npm.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+cd "$scratch"
+"$@" --prefix "$scratch"
+mkdir -p "$home/node_modules"
+if [ -d "$scratch/node_modules" ]; then
+  cp -a "$scratch/node_modules/." "$home/node_modules/"
+fi
+"""
+
+
+def in_scratch_project(command: list[str], home: str) -> list[str]:
+    """Wrap an `npm install` command so that it runs in an empty project and
+    copies what it installed into `home`'s `node_modules`. A package given
+    as a relative folder or tarball (`./pkg`) still names one in `home`;
+    `--install-links` copies a folder package instead of linking to it."""
+    absolute = [
+        f"{home}/{argument.removeprefix('file:')}"
+        if argument.removeprefix("file:").startswith(("./", "../"))
+        else argument
+        for argument in command
+    ]
+    return ["bash", "-c", _NPM_IN_SCRATCH, "nexus-npm", home, *absolute]
 
 
 async def apply_setup(
@@ -227,7 +261,12 @@ async def apply_setup(
     # Installers need the package index, so they get the network even where
     # the sandbox's own code has none; setup commands run like user code.
     steps = [
-        (f"the installer `{shlex.join(argv)}`", shlex.join(argv), argv, True)
+        (
+            f"the installer `{shlex.join(argv)}`",
+            shlex.join(argv),
+            in_scratch_project(argv, home) if argv[0] == "npm" else argv,
+            True,
+        )
         for argv in install_command(template, packages, settings.sandbox_package_index)
     ]
     for index, command in enumerate(commands):

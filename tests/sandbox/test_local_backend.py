@@ -708,7 +708,12 @@ async def test_installers_run_no_planted_code(
         "pip/__main__.py": marker.format(f"{home}/PIP"),
         "evil.js": f"require('fs').writeFileSync('{home}/NODE', '')",
         "evil.sh": f"#!/bin/sh\ntouch {home}/SHELL\n",
-        ".npmrc": f"script-shell={home}/evil.sh\n",
+        ".npmrc": f"script-shell={home}/evil.sh\nregistry=http://127.0.0.1:9/\n",
+        # A dependency that npm would fetch from a host of the code's choosing.
+        "package.json": (
+            '{"name": "planted", "version": "1.0.0", '
+            '"dependencies": {"evil": "http://127.0.0.1:9/evil.tgz"}}'
+        ),
         "dep/package.json": (
             '{"name": "dep", "version": "1.0.0", '
             f'"scripts": {{"postinstall": "touch {home}/DEP"}}}}'
@@ -752,8 +757,12 @@ async def test_installers_run_no_planted_code(
     )
     assert ran == []
     if shutil.which("npm") is not None:
-        # The package's own script ran, with the standard shell.
+        # The package's own script ran, with the standard shell, and the
+        # package is in the sandbox's node_modules.
         assert (backend.folder("box") / "DEP").exists()
+        installed = backend.folder("box") / "node_modules" / "dep" / "package.json"
+        assert installed.is_file() and not installed.is_symlink()
+        assert not (backend.folder("box") / "node_modules" / "evil").exists()
 
 
 @pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
