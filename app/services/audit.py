@@ -6,10 +6,10 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Insert, Select, bindparam, func, insert
+from sqlalchemy import Insert, Select, bindparam, func, insert, or_
 from sqlalchemy import select as sa_select
 
 from app.contracts.system import AuditRecord
@@ -165,7 +165,9 @@ def insert_statement() -> Insert:
 
 
 @functools.cache
-def _list_query(by_user: bool, by_tool: bool, by_prefix: bool) -> Select[Any]:
+def _list_query(
+    by_user: bool, by_tool: bool, by_prefix: bool, by_visibility: bool = False
+) -> Select[Any]:
     # Built once per filter combination, with bound parameters, because in a
     # profile building the statement cost more than half as much as running it.
     table = AuditEvent.__table__  # type: ignore[attr-defined]
@@ -178,6 +180,13 @@ def _list_query(by_user: bool, by_tool: bool, by_prefix: bool) -> Select[Any]:
         # Not LIKE, which ignores case on SQLite and takes `_` as a wildcard.
         start = func.substr(table.c.user_id, 1, bindparam("prefix_length"))
         query = query.where(start == bindparam("user_prefix"))
+    if by_visibility:
+        query = query.where(
+            or_(
+                table.c.tool.in_(bindparam("visible_tools", expanding=True)),
+                table.c.key_id == bindparam("own_key_id"),
+            )
+        )
     return query
 
 
@@ -188,14 +197,25 @@ def list_calls(
     user_id: str | None = None,
     tool: str | None = None,
     user_prefix: str | None = None,
+    visible_tools: Sequence[str] | None = None,
+    own_key_id: str | None = None,
 ) -> list[AuditRecord]:
     """Return the newest audit events first. `user_prefix` keeps the callers
-    whose user id starts with it."""
+    whose user id starts with it. `visible_tools` keeps the calls of those
+    tools and the calls made with the key `own_key_id`."""
     # A Core query without ORM objects, because the HTTP API runs this on
     # every audit_log call, and it took a third less time than the ORM query
     # in a measurement on a 2-core machine.
-    query = _list_query(user_id is not None, tool is not None, user_prefix is not None)
+    query = _list_query(
+        user_id is not None,
+        tool is not None,
+        user_prefix is not None,
+        visible_tools is not None,
+    )
     parameters: dict[str, Any] = {"limit": limit}
+    if visible_tools is not None:
+        parameters["visible_tools"] = list(visible_tools)
+        parameters["own_key_id"] = own_key_id
     if user_id is not None:
         parameters["user_id"] = user_id
     if user_prefix is not None:

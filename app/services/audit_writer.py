@@ -53,7 +53,8 @@ def _database_responds(database_url: str) -> bool:
 
 
 # The filters of an audit log query: limit, user_id and tool.
-_ReadKey = tuple[int, str | None, str | None]
+# limit, user_id, tool, the tools a group-limited key may see and its key id.
+_ReadKey = tuple[int, str | None, str | None, tuple[str, ...] | None, str | None]
 # A query that the writer runs right after a commit: its filters, and the
 # events that must be committed first (those submitted before its calls).
 _QueuedRead = tuple[_ReadKey, int]
@@ -150,7 +151,13 @@ class AuditWriter:
             self._flush_waiters -= 1
 
     async def list_calls(
-        self, *, limit: int, user_id: str | None, tool: str | None
+        self,
+        *,
+        limit: int,
+        user_id: str | None,
+        tool: str | None,
+        visible_tools: tuple[str, ...] | None = None,
+        own_key_id: str | None = None,
     ) -> list[AuditRecord]:
         """Return the newest audit events, including every event submitted
         before this call.
@@ -162,15 +169,13 @@ class AuditWriter:
         """
         arrival = next(self._arrivals)
         target = self._submitted
-        key = (limit, user_id, tool)
+        key = (limit, user_id, tool, visible_tools, own_key_id)
         if self._written < target and not self._closed:
             return await self._read_after_write(key, target)
         await self.flush()
         shared = self._reads.get(key)
         if shared is None or shared.after < arrival or shared.written < target:
-            read = functools.partial(
-                list_calls, self.database_url, limit=limit, user_id=user_id, tool=tool
-            )
+            read = functools.partial(_list_by_key, self.database_url, key)
             shared = _SharedRead(
                 # Calls with a lower arrival number arrived before this query.
                 after=next(self._arrivals),
@@ -226,11 +231,8 @@ class AuditWriter:
         for filters, _ in reads:
             if filters in results:
                 continue
-            limit, user_id, tool = filters
             try:
-                results[filters] = list_calls(
-                    self.database_url, limit=limit, user_id=user_id, tool=tool
-                )
+                results[filters] = _list_by_key(self.database_url, filters)
             except Exception as error:
                 results[filters] = error
         return results
@@ -395,6 +397,18 @@ class AuditWriter:
             event["user_id"],
         )
         return True
+
+
+def _list_by_key(database_url: str, key: _ReadKey) -> list[AuditRecord]:
+    limit, user_id, tool, visible_tools, own_key_id = key
+    return list_calls(
+        database_url,
+        limit=limit,
+        user_id=user_id,
+        tool=tool,
+        visible_tools=visible_tools,
+        own_key_id=own_key_id,
+    )
 
 
 def _settle_reads(

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.contracts.system import AuditRecord, HealthReport
 from app.services.audit import list_calls
 from app.services.health import system_health
-from app.tools.registry import ToolContext, tool
+from app.tools.registry import ToolContext, all_tools, tool
 
 
 class SystemHealthInput(BaseModel):
@@ -51,11 +51,23 @@ class AuditLogResult(BaseModel):
 @tool("audit_log", group="system")
 async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResult:
     """List recent tool calls: who called what, when, with masked arguments,
-    the outcome and the duration."""
+    the outcome and the duration. A key limited to some groups sees the
+    calls of those groups' tools and its own calls."""
+    visible: tuple[str, ...] | None = None
+    if ctx.groups is not None:
+        # Arguments keep up to 4096 characters of every string, such as an
+        # upload's content, so a key sees only what it could have sent.
+        visible = tuple(
+            sorted(spec.name for spec in all_tools() if spec.group in ctx.groups)
+        )
     if ctx.audit_writer is not None:
         # Calls that this server made before this one are in the result.
         events = await ctx.audit_writer.list_calls(
-            limit=args.limit, user_id=args.user_id, tool=args.tool
+            limit=args.limit,
+            user_id=args.user_id,
+            tool=args.tool,
+            visible_tools=visible,
+            own_key_id=ctx.key_id,
         )
     else:
         read = functools.partial(
@@ -64,6 +76,8 @@ async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResul
             limit=args.limit,
             user_id=args.user_id,
             tool=args.tool,
+            visible_tools=visible,
+            own_key_id=ctx.key_id,
         )
         events = await asyncio.to_thread(read)
     return AuditLogResult(events=events, count=len(events))

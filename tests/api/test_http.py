@@ -280,6 +280,32 @@ async def test_group_limited_key(api_server: ApiServer, key_factory) -> None:
     assert events[0].key_id == key_id
 
 
+async def test_group_limited_key_sees_only_its_groups_calls(
+    api_server: ApiServer, key_factory
+) -> None:
+    """Audit rows keep string arguments, such as an upload's content, so a
+    key limited to `system` must not read the calls of other groups."""
+    content = "only-for-storage-keys-" + "x" * 20
+    uploaded = await post(
+        api_server,
+        "/api/tools/storage_upload",
+        {"bucket": "audit-groups", "path": "a.txt", "content": content},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    token, key_id = key_factory("system-only", ["system"])
+    first = await post(api_server, "/api/tools/system_health", {}, token)
+    assert first.status_code == 200
+    response = await post(api_server, "/api/tools/audit_log", {"limit": 1000}, token)
+    assert response.status_code == 200, response.text
+    events = response.json()["events"]
+    assert content not in response.text
+    assert {event["tool"] for event in events} <= {"system_health", "audit_log"}
+    assert any(event["key_id"] == key_id for event in events)
+    # A key for every group still sees the upload.
+    everything = await audit_events(api_server, tool="storage_upload", limit=5)
+    assert any(event["arguments"].get("content") == content for event in everything)
+
+
 async def test_audit_records_key_and_outcome(api_server: ApiServer) -> None:
     await post(api_server, "/api/tools/audit_log", {"limit": 2, "api_key": "s3cret"})
     await post(api_server, "/api/tools/audit_log", {"limit": 3})
