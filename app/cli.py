@@ -14,7 +14,7 @@ import typer
 
 from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
-from app.jsonsafe import DuplicateKeyError, unique_object
+from app.jsonsafe import MAX_JSON_DEPTH, DuplicateKeyError, unique_object
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -233,6 +233,13 @@ def call_command(
         raise typer.Exit(2) from None
     except DuplicateKeyError as error:
         typer.echo(f"error: the arguments are invalid: {error}", err=True)
+        raise typer.Exit(2) from None
+    except RecursionError:
+        typer.echo(
+            "error: the arguments nest objects and arrays too deep to read; "
+            f"send at most {MAX_JSON_DEPTH} levels",
+            err=True,
+        )
         raise typer.Exit(2) from None
     if not isinstance(parsed, dict):
         typer.echo("error: the arguments must be a JSON object", err=True)

@@ -28,6 +28,11 @@ REPLACEMENT_CHARACTER = "\ufffd"
 _INT64_LIMIT = 2.0**63
 # Maximum characters of a value that an error message repeats.
 _SHOWN_VALUE_CHARACTERS = 100
+# The deepest nesting of objects and arrays that a request may send. No tool
+# input needs more than a few levels, and the walks over a value (checks,
+# masking, serialization) would otherwise each meet Python's and pydantic's
+# recursion limits at a different depth.
+MAX_JSON_DEPTH = 64
 # Mask that an error message shows in place of a secret value, as the audit log does.
 _MASK = "********"
 
@@ -153,6 +158,7 @@ def load_strict(
     except orjson.JSONDecodeError as error:
         loaded = _load_rejected(body, error, is_secret)
     else:
+        _reject_too_deep(loaded, valid=True)
         if has_wide_float(loaded):
             loaded = json.loads(body)
     if isinstance(loaded, dict | list):
@@ -205,14 +211,64 @@ def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
 def has_wide_float(value: Any) -> bool:
     """Return whether a value decoded by orjson contains a float beyond the
     64-bit integer range, which may be an integer that orjson rounded."""
-    kind = type(value)
-    if kind is float:
-        return not -_INT64_LIMIT < value < _INT64_LIMIT
-    if kind is dict:
-        return any(has_wide_float(item) for item in value.values())
-    if kind is list:
-        return any(has_wide_float(item) for item in value)
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is float:
+            if not -_INT64_LIMIT < item < _INT64_LIMIT:
+                return True
+        elif kind is dict:
+            pending.extend(item.values())
+        elif kind is list:
+            pending.extend(item)
     return False
+
+
+def too_deep(value: Any) -> tuple[str, ...] | None:
+    """Return the path to the first object or array nested deeper than
+    `MAX_JSON_DEPTH` levels (the value itself is level 1), or None."""
+    pending: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, dict):
+            children: list[tuple[Any, tuple[str, ...]]] = [
+                (child, (*path, str(key))) for key, child in item.items()
+            ]
+        elif isinstance(item, list | tuple):
+            children = [(child, (*path, str(i))) for i, child in enumerate(item)]
+        else:
+            continue
+        if len(path) >= MAX_JSON_DEPTH:
+            return path
+        pending.extend(children)
+    return None
+
+
+def depth_problem() -> str:
+    """Say what is wrong with a value that `too_deep` found."""
+    return (
+        f"it is nested more than {MAX_JSON_DEPTH} levels deep (objects and "
+        f"arrays inside each other); send at most {MAX_JSON_DEPTH} levels"
+    )
+
+
+def _reject_too_deep(document: Any, *, valid: bool) -> None:
+    """Raise for a document nested too deep. `valid`: the document holds no
+    rejected value, so the error may carry it for the caller to read its
+    shape (a JSON-RPC id, a plain `/mcp` call)."""
+    path = too_deep(document)
+    if path is None:
+        return
+    field = ".".join(replace_lone_surrogates(part) for part in path)
+    problem = depth_problem()
+    raise InvalidJSONError(
+        f"the request body is invalid: {field}: {problem}",
+        field=field,
+        problem=problem,
+        document=document if valid else None,
+        lenient=valid,
+    )
 
 
 def _load_rejected(
@@ -242,12 +298,21 @@ def _load_rejected(
             parse_float=_parse_float,
             parse_constant=_Rejected,
         )
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError) as lenient_error:
+        if isinstance(lenient_error, RecursionError) or "depth" in error.msg:
+            # Beyond orjson's limit of 1024 levels and the json module's.
+            problem = f"{depth_problem()} (stopped at {position})"
+            raise InvalidJSONError(
+                f"the request body is invalid: {problem}",
+                field="(body)",
+                problem=problem,
+            ) from None
         # orjson's message names the position, and reads better than the
         # json module's for the same text.
         raise InvalidJSONError(
             f"the request body is not valid JSON: {error.msg} at {position}"
         ) from None
+    _reject_too_deep(document, valid=False)
     found = _first_invalid(document, ())
     if found is None:
         return document

@@ -322,13 +322,9 @@ def parse_line(line: bytes) -> types.JSONRPCMessage | Rejection | None:
     """
     if not line.strip():
         return None
-    try:
-        return types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-    except ValidationError:
-        pass
-    # The SDK's parser rejects a lone surrogate escape and invalid UTF-8 but
-    # names neither the field nor the position, so the line is parsed again
-    # to explain why.
+    # The line is checked as the HTTP API checks a body first: the SDK's
+    # parser keeps the last of repeated keys, and names neither the field nor
+    # the position of a lone surrogate escape or invalid UTF-8.
     try:
         document = load_strict(line, is_secret=is_secret_name)
     except InvalidJSONError as error:
@@ -339,6 +335,10 @@ def parse_line(line: bytes) -> types.JSONRPCMessage | Rejection | None:
             ]
         request_id = _request_id(error.document) if error.lenient else None
         return Rejection(request_id, PARSE_ERROR, error.message, errors)
+    try:
+        return types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+    except ValidationError:
+        pass
     return Rejection(
         _request_id(document),
         INVALID_REQUEST,

@@ -15,7 +15,7 @@ from sqlalchemy import select as sa_select
 from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.db.models import AuditEvent, utc_now
-from app.jsonsafe import replace_lone_surrogates
+from app.jsonsafe import MAX_JSON_DEPTH, replace_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,15 @@ _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
 # Longer argument strings are cut in the audit log, because an upload's
 # base64 content or a program would otherwise be stored once more there.
 AUDIT_STRING_LIMIT = 4096
+# What the log stores in place of an object or array nested too deep.
+_TOO_DEEP = f"[nested deeper than {MAX_JSON_DEPTH} levels]"
 # The end of a value shortened to fit its column.
 TRUNCATION_MARKER = "...[truncated]"
 # The columns whose truncation was logged; each is logged once per process.
 _truncation_logged: set[str] = set()
 
 
-def mask_secrets(value: Any, *, name: str = "") -> Any:
+def mask_secrets(value: Any, *, name: str = "", depth: int = 0) -> Any:
     """Return a copy of `value` with secret values replaced by a mask.
 
     A secret-named argument and every value of an env var mapping are masked
@@ -48,15 +50,20 @@ def mask_secrets(value: Any, *, name: str = "") -> Any:
     The copy is valid JSON for every database: lone surrogates in strings
     and keys become U+FFFD, and a non-finite float becomes its text
     (`"inf"`, `"nan"`), which PostgreSQL's json type would reject as a number.
+    An object or array nested deeper than `MAX_JSON_DEPTH` levels is
+    replaced by a note, so that every stored event can be read back.
     """
     if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
-        return mask_all(value)
+        return mask_all(value, depth=depth)
+    if isinstance(value, Mapping | list | tuple) and depth >= MAX_JSON_DEPTH:
+        return _TOO_DEEP
     if isinstance(value, Mapping):
         return {
-            _text(key): mask_secrets(item, name=str(key)) for key, item in value.items()
+            _text(key): mask_secrets(item, name=str(key), depth=depth + 1)
+            for key, item in value.items()
         }
     if isinstance(value, list | tuple):
-        return [mask_secrets(item, name=name) for item in value]
+        return [mask_secrets(item, name=name, depth=depth + 1) for item in value]
     if isinstance(value, str):
         if len(value) > AUDIT_STRING_LIMIT:
             dropped = len(value) - AUDIT_STRING_LIMIT
@@ -71,12 +78,16 @@ def _text(value: Any) -> str:
     return replace_lone_surrogates(str(value))
 
 
-def mask_all(value: Any) -> Any:
+def mask_all(value: Any, *, depth: int = 0) -> Any:
     """Mask every leaf of `value`, keeping mapping keys and list lengths."""
+    if isinstance(value, Mapping | list | tuple) and depth >= MAX_JSON_DEPTH:
+        return _TOO_DEEP
     if isinstance(value, Mapping):
-        return {_text(key): mask_all(item) for key, item in value.items()}
+        return {
+            _text(key): mask_all(item, depth=depth + 1) for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
-        return [mask_all(item) for item in value]
+        return [mask_all(item, depth=depth + 1) for item in value]
     return None if value is None else MASK
 
 

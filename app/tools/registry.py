@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client
 
+from app.jsonsafe import MAX_JSON_DEPTH, depth_problem, dumps
 from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
@@ -231,7 +232,8 @@ def _reject_unencodable_values(
     tool_name: str, arguments: Mapping[str, Any], marked: frozenset[str]
 ) -> None:
     """Reject an argument, at any depth, that JSON cannot carry: a string
-    with a lone UTF-16 surrogate, or a NaN or infinite float.
+    with a lone UTF-16 surrogate, or a NaN or infinite float; and objects
+    and arrays nested deeper than `MAX_JSON_DEPTH` levels.
 
     JSON can encode a lone surrogate (`"\\ud800"`) and Python decodes it, but
     it is not valid Unicode text, so the call would fail later at an
@@ -247,6 +249,13 @@ def _reject_unencodable_values(
     pending: list[tuple[tuple[int | str, ...], Any]] = [((), arguments)]
     while pending:
         loc, value = pending.pop(0)
+        if isinstance(value, Mapping | list | tuple) and len(loc) >= MAX_JSON_DEPTH:
+            path = ".".join(str(part) for part in loc)
+            message = depth_problem()
+            raise ToolInputError(
+                f"invalid arguments for {tool_name}: {path}: {message}",
+                [{"field": path, "value": None, "message": message}],
+            )
         if isinstance(value, Mapping):
             pending += [((*loc, str(key)), item) for key, item in value.items()]
         elif isinstance(value, list | tuple):
@@ -316,6 +325,7 @@ def describe_validation_error(
             path = ".".join(str(part) for part in (*prefix, *loc))
             value = masked_input(loc, item.get("input"), marked)
         path = path or "(arguments)"
+        value = _brief(value)
         if item["type"] == "missing":
             # Pydantic reports the object that lacks the field as its input,
             # so showing it would echo every other argument.
@@ -331,6 +341,25 @@ def describe_validation_error(
         details.append({"field": path, "value": _jsonable(value), "message": message})
     message = f"invalid arguments for {tool_name}: " + "; ".join(lines)
     return ToolInputError(message, details)
+
+
+# Longest value that an error repeats; a long string is cut, and a long
+# array or object is described, so that a 1 MB argument is not echoed in
+# the message, its details and the audit row.
+_SHOWN_LIMIT = 1000
+
+
+def _brief(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _SHOWN_LIMIT:
+        cut = len(value) - _SHOWN_LIMIT
+        return f"{value[:_SHOWN_LIMIT]}... [{cut} more characters]"
+    if isinstance(value, Mapping | list | tuple):
+        size = len(dumps(value))
+        if size > _SHOWN_LIMIT:
+            if isinstance(value, Mapping):
+                return f"(a JSON object of {len(value)} keys, {size} bytes)"
+            return f"(a JSON array of {len(value)} items, {size} bytes)"
+    return value
 
 
 def _given_values(

@@ -341,3 +341,50 @@ async def test_tool_body_errors_name_body(
     [detail] = error["errors"]
     assert detail["field"] == "body"
     assert detail["value"] == value
+
+
+def nested(levels: int) -> str:
+    """An argument `user_id` whose value is `levels` arrays inside each other."""
+    return '{"user_id": ' + "[" * levels + "]" * levels + "}"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_deep_nesting_rejected_with_json_error(server: ApiServer) -> None:
+    for levels in (70, 450, 5000):
+        for path in ("/api/tools/audit_log", "/mcp"):
+            body = nested(levels)
+            if path == "/mcp":
+                body = '{"tool": "audit_log", "args": ' + body + "}"
+            response = await send(
+                server, path, body, {"Content-Type": "application/json"}
+            )
+            if path == "/mcp" and levels >= 1024:
+                # Beyond every parser's limit, nothing tells a plain call
+                # from JSON-RPC, so the answer is JSON-RPC's parse error.
+                assert response.status_code == 400, response.text
+                assert response.json()["error"]["code"] == -32700
+                assert "more than 64 levels deep" in response.text
+                continue
+            assert response.status_code == 422, (levels, path, response.text)
+            error = response.json()["error"]
+            assert "nested more than 64 levels deep" in error["message"], error
+            if levels < 1024:  # orjson's own limit
+                assert error["errors"][0]["field"].startswith(
+                    "user_id.0.0" if path != "/mcp" else "args.user_id.0"
+                )
+    # Each rejection is audited, and the log still reads back.
+    events = await audit_log(server, limit=6)
+    assert len(events) == 6
+    assert all(event["outcome"] == "error" for event in events)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_long_invalid_value_described_not_echoed(server: ApiServer) -> None:
+    body = '{"user_id": [' + ",".join(["1234567890"] * 80_000) + "]}"
+    response = await send(server, "/api/tools/audit_log", body)
+    assert response.status_code == 422
+    assert len(response.content) < 5000
+    error = response.json()["error"]
+    assert error["errors"][0]["value"] == (
+        "(a JSON array of 80000 items, 880001 bytes)"
+    )

@@ -263,3 +263,40 @@ def test_fresh_data_folder_gets_its_tables(tmp_path: Path) -> None:
             assert not reply.get("isError"), reply
             result = reply["structuredContent"]
         assert result["count"] == 0, result
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
+    """Over stdio the whole line is checked; through `nexus call` the tool
+    layer rejects the arguments, and the audit log keeps 64 levels."""
+    too_deep = (
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":'
+        b'"audit_log","arguments":{"tool":' + b"[" * 450 + b"]" * 450 + b"}}}\n"
+    )
+    ping = line({"jsonrpc": "2.0", "id": 3, "method": "ping"})
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + too_deep + ping, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    answered = responses(stdout)
+    assert answered[2]["error"]["code"] == -32700
+    assert "more than 64 levels deep" in answered[2]["error"]["message"]
+    assert answered[3] == {"jsonrpc": "2.0", "id": 3, "result": {}}
+
+    arguments = '{"user_id": ' + "[" * 70 + "]" * 70 + "}"
+    called = subprocess.run(
+        [sys.executable, "-m", "app", "call", "audit_log", arguments],
+        cwd=REPO_ROOT,
+        env=server_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert called.returncode == 1
+    assert "more than 64 levels deep" in called.stderr
+    stored = list_calls(settings.effective_database_url, tool="audit_log", limit=1)[0]
+    value = stored.arguments["user_id"]
+    for _ in range(63):
+        value = value[0]
+    assert value == "[nested deeper than 64 levels]"
