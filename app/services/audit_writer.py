@@ -1,12 +1,12 @@
 """Audit events queued in memory and written in batches by one background task.
 
-A long-running server (the HTTP API) submits each call's event without
-waiting for the database. One task writes every event queued so far in one
-transaction, so under load a batch contains many events and a call costs no
-database round trip. Events are masked when they are submitted, so a secret
-never waits in the queue. A batch leaves the queue only after its
-transaction committed; a failed write is retried, and `close` writes what is
-left before the server exits.
+A long-running server (the HTTP API) submits each call's event and waits
+for the commit that covers it. One task writes every event queued so far in
+one transaction, so under load a batch contains many events and a call
+shares its database round trip with the calls beside it. Events are masked
+when they are submitted, so a secret never waits in the queue. A batch
+leaves the queue only after its transaction committed; a failed write is
+retried, and `close` writes what is left before the server exits.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from app.services.audit import audit_fields, insert_statement, list_calls
 
 logger = logging.getLogger(__name__)
 
+# How long a call's response waits for its audit event's commit (see
+# `AuditWriter.committed`) while the database does not answer.
+COMMIT_WAIT_SECONDS = 5.0
 # Attempts at writing a batch once `close` was called, before the events
 # are given up and logged as lost.
 _CLOSE_ATTEMPTS = 3
@@ -149,6 +152,26 @@ class AuditWriter:
                 await self._progress.wait_for(lambda: self._written >= target)
         finally:
             self._flush_waiters -= 1
+
+    async def committed(self, timeout: float = COMMIT_WAIT_SECONDS) -> bool:
+        """Wait until every event submitted so far is committed, for at most
+        `timeout` seconds; return whether it was.
+
+        A call's response waits for this, so that a call that got its answer
+        has its audit row even if the server is killed right after. Waiting
+        calls share commits: the writer writes at once, without lingering,
+        and a commit covers every event queued before it.
+        """
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            logger.warning(
+                "audit events not committed within %g s; answering the call "
+                "anyway, the writer keeps retrying",
+                timeout,
+            )
+            return False
+        return True
 
     async def list_calls(
         self,

@@ -492,6 +492,7 @@ async def invoke_tool(
     raw = dict(arguments or {})
     started = time.perf_counter()
     outcome = "error"
+    cancelled = False
     error_text: str | None = None
     result: dict[str, Any] = {}
     try:
@@ -518,6 +519,7 @@ async def invoke_tool(
         # The caller stopped waiting, as a workflow step at its timeout or
         # a stopping worker does.
         error_text = f"{name} was cancelled before it finished"
+        cancelled = True
         raise
     except Exception as error:
         # The exception's text can hold SQL, bound parameters (secrets) or
@@ -547,6 +549,10 @@ async def invoke_tool(
         try:
             if ctx.audit_writer is not None:
                 ctx.audit_writer.submit(**event)
+                if not cancelled:
+                    # Answered only once its row is stored, so that a server
+                    # killed after the answer has not lost the row.
+                    await ctx.audit_writer.committed()
             else:
                 await asyncio.to_thread(record_call, ctx.database_url, **event)
         except Exception:

@@ -14,6 +14,7 @@ from temporalio.client import Client
 
 from app.api.http import STOP_GRACE_SECONDS
 from app.api.keys import create_key
+from app.services.audit import list_calls
 from app.settings import Settings
 from app.tools import ToolContext
 from tests.api.conftest import REPO_ROOT, server_env
@@ -84,3 +85,73 @@ async def test_stop_answers_call_in_flight(
             f"NexusDefinitionId = '{created['workflow_id']}'"
         ):
             await client.get_workflow_handle(listed.id).terminate()
+
+
+async def test_killed_server_keeps_audit_rows_of_answered_calls(
+    api_settings: Settings,
+) -> None:
+    """A call answered 200 has its audit row even when the server is killed
+    (SIGKILL, no shutdown) while other calls run."""
+    token, info = create_key(api_settings.effective_database_url, "kill-test")
+    port = free_port()
+    env = {
+        **server_env(api_settings),
+        "NEXUS_HTTP_PORT": str(port),
+        "NEXUS_API_RATE_LIMIT": "10000",
+        "NEXUS_API_RATE_BURST": "10000",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.api"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    answered: list[str] = []
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=30
+        ) as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+            async def upload(index: int) -> None:
+                path = f"kill/{index}.txt"
+                try:
+                    response = await http.post(
+                        "/api/tools/storage_upload",
+                        json={"bucket": "kill-test", "path": path, "content": "x"},
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
+                except httpx.TransportError:
+                    return
+                if response.status_code == 200:
+                    answered.append(path)
+                    if len(answered) == 150:
+                        server.send_signal(signal.SIGKILL)
+
+            lanes = asyncio.Semaphore(20)
+
+            async def limited(index: int) -> None:
+                async with lanes:
+                    await upload(index)
+
+            await asyncio.gather(*(limited(index) for index in range(400)))
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    assert len(answered) >= 150
+    audited = {
+        event.arguments["path"]
+        for event in list_calls(
+            api_settings.effective_database_url, tool="storage_upload", limit=1000
+        )
+        if event.key_id == info.id and event.outcome == "success"
+    }
+    assert set(answered) <= audited, sorted(set(answered) - audited)
