@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     that can be set in one place.
     """
 
+    # No setting means anything as infinite: `inf` for a cache time would
+    # keep a revoked key working in a running server.
     model_config = SettingsConfigDict(
-        env_prefix="NEXUS_", extra="ignore", validate_default=True
+        env_prefix="NEXUS_", extra="ignore", validate_default=True, allow_inf_nan=False
     )
 
     data_dir: Path = Field(

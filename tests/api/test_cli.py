@@ -221,6 +221,13 @@ def test_keys_create_rejects_invalid_name(
             "valid number",
         ),
         (
+            "app",
+            "NEXUS_API_KEY_CACHE_SECONDS",
+            "inf",
+            "invalid setting NEXUS_API_KEY_CACHE_SECONDS='inf': Input should be a "
+            "finite number",
+        ),
+        (
             "workers",
             "NEXUS_HTTP_PORT",
             "99999",
