@@ -109,7 +109,13 @@ def revoke_command(
     key_id: Annotated[str, typer.Argument(help="Key id, as `nexus keys list` shows.")],
 ) -> None:
     """Revoke an API key; requests with it are rejected from then on."""
-    from app.api.keys import KeyNotFoundError, revoke_key
+    from app.api.keys import (
+        KeyNotFoundError,
+        default_key_file_id,
+        default_key_path,
+        revoke_key,
+    )
+    from app.cli import load_settings
 
     try:
         info = revoke_key(_database_url(), key_id)
@@ -117,6 +123,13 @@ def revoke_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     _print(dataclasses.asdict(info))
+    settings = load_settings()
+    if default_key_file_id(settings) == key_id:
+        typer.echo(
+            f"warning: {default_key_path(settings)} holds this key's token, which "
+            "no longer works; rotate another key into it or delete the file",
+            err=True,
+        )
 
 
 @keys_cli.command("rotate")
@@ -125,7 +138,14 @@ def rotate_command(
 ) -> None:
     """Replace an API key by a new one with the same name and groups, and
     revoke the old one."""
-    from app.api.keys import KeyNotFoundError, rotate_key
+    from app.api.keys import (
+        KeyNotFoundError,
+        default_key_file_id,
+        default_key_path,
+        rotate_key,
+        write_default_key_file,
+    )
+    from app.cli import load_settings
 
     try:
         token, info = rotate_key(_database_url(), key_id)
@@ -133,7 +153,14 @@ def rotate_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     _print({"key": token, "replaces": key_id, **dataclasses.asdict(info)})
-    typer.echo("Store the key now: it cannot be shown again.", err=True)
+    settings = load_settings()
+    if default_key_file_id(settings) == key_id:
+        # The README's requests read the token from this file.
+        path = default_key_path(settings)
+        write_default_key_file(path, token)
+        typer.echo(f"The new token replaces the old one in {path}.", err=True)
+    else:
+        typer.echo("Store the key now: it cannot be shown again.", err=True)
 
 
 def mcp_command() -> None:

@@ -371,17 +371,20 @@ def ensure_default_key(settings: Settings) -> str | None:
     existed.
     """
     url = settings.effective_database_url
+    path = default_key_path(settings)
     if list_keys(url, include_revoked=False):
+        held = default_key_file_id(settings)
+        if held is not None and verify_token(url, _read_token(path)) is None:
+            print(
+                f"warning: {path} holds the token of key {held}, which is revoked "
+                "or unknown, so requests sent with it get 401. Rotate an active "
+                "key with `nexus keys rotate KEY_ID` and write its token there, "
+                "or delete the file",
+                file=sys.stderr,
+            )
         return None
     token, info = create_key(url, "default")
-    path = default_key_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # O_CREAT with 0600 so the secret is never readable by others, not even
-    # between creating the file and a later chmod.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(token + "\n")
-    os.chmod(path, 0o600)
+    write_default_key_file(path, token)
     print(
         f"Created API key {info.id} (default); its token is in {path} "
         "(readable by this user only). Send it as `Authorization: Bearer "
@@ -393,3 +396,31 @@ def ensure_default_key(settings: Settings) -> str | None:
 
 def default_key_path(settings: Settings) -> Path:
     return settings.resolved_data_dir / DEFAULT_KEY_FILE
+
+
+def write_default_key_file(path: Path, token: str) -> None:
+    """Write `token` to `path`, readable by this user only, replacing the
+    file in one rename so that a reader never sees half a token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    # O_CREAT with 0600 so the secret is never readable by others, not even
+    # between creating the file and a later chmod.
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(token + "\n")
+    os.chmod(scratch, 0o600)
+    os.replace(scratch, path)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def default_key_file_id(settings: Settings) -> str | None:
+    """Return the id of the key whose token `<data dir>/api-key` holds, or
+    None when there is no such file or it holds no token."""
+    parsed = parse_token(_read_token(default_key_path(settings)))
+    return None if parsed is None else parsed[0]

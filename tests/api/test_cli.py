@@ -7,14 +7,23 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from app.api.cli import describe_tool_fields, parse_field_options
+from app.api.keys import (
+    default_key_file_id,
+    default_key_path,
+    ensure_default_key,
+    verify_token,
+)
+from app.db.migrate import upgrade
 from app.settings import Settings
 from app.tools import get_tool, load_tools
 from tests.api.conftest import REPO_ROOT, ApiServer, server_env
+from tests.conftest import TEST_ENCRYPTION_KEY
 
 
 def nexus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -251,3 +260,35 @@ def test_invalid_setting_names_variable_and_value(
     )
     assert completed.returncode == 2
     assert expected in completed.stderr
+
+
+def test_rotating_default_key_rewrites_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, encryption_key=TEST_ENCRYPTION_KEY, temporal_address="x:1"
+    )
+    url = settings.effective_database_url
+    upgrade(url)
+    first = ensure_default_key(settings)
+    assert first is not None
+    path = default_key_path(settings)
+    old_id = default_key_file_id(settings)
+    rotated = nexus(settings, "keys", "rotate", str(old_id))
+    assert rotated.returncode == 0, rotated.stderr
+    assert f"replaces the old one in {path}" in rotated.stderr
+    token = path.read_text().strip()
+    assert token == json.loads(rotated.stdout)["key"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert verify_token(url, token) is not None
+    assert verify_token(url, first) is None
+
+    new_id = default_key_file_id(settings)
+    revoked = nexus(settings, "keys", "revoke", str(new_id))
+    assert revoked.returncode == 0
+    assert "holds this key's token, which no longer works" in revoked.stderr
+    # Another active key exists, so a start creates none and warns instead.
+    nexus(settings, "keys", "create", "other")
+    capsys.readouterr()
+    assert ensure_default_key(settings) is None
+    assert f"{path} holds the token of key {new_id}" in capsys.readouterr().err
