@@ -226,25 +226,45 @@ def call_command(
     ] = "{}",
 ) -> None:
     """Call any tool with JSON arguments and print its JSON result."""
+    problem = None
     try:
         parsed = json.loads(arguments, object_pairs_hook=unique_object)
     except json.JSONDecodeError as error:
-        typer.echo(f"error: the arguments are not valid JSON: {error}", err=True)
-        raise typer.Exit(2) from None
+        problem = f"the arguments are not valid JSON: {error}"
     except DuplicateKeyError as error:
-        typer.echo(f"error: the arguments are invalid: {error}", err=True)
-        raise typer.Exit(2) from None
+        problem = f"the arguments are invalid: {error}"
     except RecursionError:
-        typer.echo(
-            "error: the arguments nest objects and arrays too deep to read; "
-            f"send at most {MAX_JSON_DEPTH} levels",
-            err=True,
+        problem = (
+            "the arguments nest objects and arrays too deep to read; send at "
+            f"most {MAX_JSON_DEPTH} levels"
         )
-        raise typer.Exit(2) from None
-    if not isinstance(parsed, dict):
-        typer.echo("error: the arguments must be a JSON object", err=True)
+    else:
+        if not isinstance(parsed, dict):
+            problem = "the arguments must be a JSON object"
+    if problem is not None:
+        _audit_rejected(name, problem)
+        typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(2)
     print_json(call_tool(name, parsed))
+
+
+def _audit_rejected(name: str, problem: str) -> None:
+    """Record a call that no tool saw, as the HTTP API records a body it
+    cannot read."""
+    from app.db.migrate import ensure_current
+    from app.services.audit import record_call
+
+    settings = load_settings()
+    ensure_current(settings.effective_database_url)
+    record_call(
+        settings.effective_database_url,
+        user_id=f"cli:{getpass.getuser()}",
+        tool=name,
+        arguments={},
+        outcome="error",
+        duration_ms=0.0,
+        error=f"rejected: {problem}",
+    )
 
 
 _add_capability_commands()

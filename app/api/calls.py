@@ -16,7 +16,7 @@ from app.services.audit import record_call
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
-from app.tools import ToolContext, ToolError, ToolInputError, get_tool, invoke_tool
+from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool, known_tool
 
 # HTTP status of each ToolError kind; "invalid_argument" is pydantic's 422.
 STATUS_BY_KIND: dict[str, int] = {
@@ -150,8 +150,12 @@ class ToolRunner:
             ToolError: the tool is unknown, forbidden to this key, was called
                 with invalid arguments, or failed.
         """
-        spec = get_tool(name)
-        if principal is not None and not principal.may_call(spec.group):
+        spec = known_tool(name)
+        if (
+            spec is not None
+            and principal is not None
+            and not principal.may_call(spec.group)
+        ):
             allowed = ", ".join(principal.groups or ())
             message = (
                 f"API key {principal.key_id} may not call {name} (group "

@@ -11,6 +11,7 @@ from app.tools.registry import (
     all_tools,
     get_tool,
     invoke_tool,
+    known_tool,
     tool,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "all_tools",
     "get_tool",
     "invoke_tool",
+    "known_tool",
     "load_tools",
     "tool",
 ]

@@ -160,6 +160,11 @@ def get_tool(name: str) -> ToolSpec:
         ) from None
 
 
+def known_tool(name: str) -> ToolSpec | None:
+    """Return the tool registered as `name`, or None."""
+    return _registry.get(name)
+
+
 def all_tools() -> list[ToolSpec]:
     return sorted(_registry.values(), key=lambda spec: (spec.group, spec.name))
 
@@ -488,8 +493,22 @@ async def invoke_tool(
         ToolInputError: the arguments do not match the tool's input model.
         ToolError: the tool failed; nothing reports success for it.
     """
-    spec = get_tool(name)
     raw = dict(arguments or {})
+    try:
+        spec = get_tool(name)
+    except ToolError as unknown:
+        # Audited too: a key that probes for tool names leaves a trace.
+        rejected = {
+            "user_id": ctx.user_id,
+            "key_id": ctx.key_id,
+            "tool": name,
+            "arguments": mask_arguments(raw),
+            "outcome": "error",
+            "duration_ms": 0.0,
+            "error": unknown.message,
+        }
+        await _record(ctx, rejected, wait=True)
+        raise
     started = time.perf_counter()
     outcome = "error"
     cancelled = False
@@ -546,15 +565,21 @@ async def invoke_tool(
             "error": error_text,
             "ids": _result_ids(result),
         }
-        try:
-            if ctx.audit_writer is not None:
-                ctx.audit_writer.submit(**event)
-                if not cancelled:
-                    # Answered only once its row is stored, so that a server
-                    # killed after the answer has not lost the row.
-                    await ctx.audit_writer.committed()
-            else:
-                await asyncio.to_thread(record_call, ctx.database_url, **event)
-        except Exception:
-            # The call itself already ran; losing its audit row must be loud.
-            logger.exception("could not write the audit event for tool %s", name)
+        await _record(ctx, event, wait=not cancelled)
+
+
+async def _record(ctx: ToolContext, event: dict[str, Any], *, wait: bool) -> None:
+    """Write or queue one call's audit event; with `wait`, return once a
+    queued event is committed."""
+    try:
+        if ctx.audit_writer is not None:
+            ctx.audit_writer.submit(**event)
+            if wait:
+                # Answered only once its row is stored, so that a server
+                # killed after the answer has not lost the row.
+                await ctx.audit_writer.committed()
+        else:
+            await asyncio.to_thread(record_call, ctx.database_url, **event)
+    except Exception:
+        # The call itself already ran; losing its audit row must be loud.
+        logger.exception("could not write the audit event for tool %s", event["tool"])

@@ -20,6 +20,7 @@ from app.api.keys import (
     verify_token,
 )
 from app.db.migrate import upgrade
+from app.services.audit import list_calls
 from app.settings import Settings
 from app.tools import get_tool, load_tools
 from tests.api.conftest import REPO_ROOT, ApiServer, server_env
@@ -292,3 +293,22 @@ def test_rotating_default_key_rewrites_its_file(
     capsys.readouterr()
     assert ensure_default_key(settings) is None
     assert f"{path} holds the token of key {new_id}" in capsys.readouterr().err
+
+
+def test_calls_that_reach_no_tool_are_audited(api_settings: Settings) -> None:
+    url = api_settings.effective_database_url
+    repeated = nexus(api_settings, "call", "audit_log", '{"limit": 1, "limit": 2}')
+    assert repeated.returncode == 2
+    unknown = nexus(api_settings, "call", "nope_tool_w", '{"x": 1}')
+    assert unknown.returncode == 1
+    assert "unknown tool 'nope_tool_w'" in unknown.stderr
+    [probe] = list_calls(url, tool="nope_tool_w", limit=5)
+    assert probe.outcome == "error"
+    assert probe.arguments == {"x": 1}
+    assert probe.user_id.startswith("cli:")
+    rejected = list_calls(url, tool="audit_log", limit=5)
+    assert any(
+        event.error == "rejected: the arguments are invalid: the key 'limit' "
+        "appears more than once in one object; send each key once"
+        for event in rejected
+    )

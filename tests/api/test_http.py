@@ -195,6 +195,10 @@ async def test_unknown_tool_404(api_server: ApiServer) -> None:
     mistyped = await post(api_server, "/api/tools/swarm_lst", {})
     assert mistyped.status_code == 404
     assert "did you mean swarm_list?" in mistyped.json()["error"]["message"]
+    # Probes for tool names are in the audit log.
+    [probe] = await audit_events(api_server, tool="swarm_lst")
+    assert probe["outcome"] == "error"
+    assert "did you mean swarm_list?" in probe["error"]
 
 
 async def test_missing_key_rejected(api_server: ApiServer) -> None:
