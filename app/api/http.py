@@ -31,7 +31,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import app
 from app.api.calls import ErrorBody, ToolRunner, error_body, error_status
 from app.api.keys import Principal, VerifiedKeys, parse_token
-from app.api.mcp_server import PRINCIPAL_SCOPE_KEY, build_mcp_server
+from app.api.mcp_server import (
+    PRINCIPAL_SCOPE_KEY,
+    build_mcp_server,
+    jsonrpc_shape_problem,
+)
 from app.api.ratelimit import RateLimiter, retry_after_header
 from app.db.engine import BackgroundCheckpoints
 from app.jsonsafe import InvalidJSONError, dumps, json_type, load_strict
@@ -457,6 +461,12 @@ class McpEndpoint:
             )
             message = f"Parse error: {invalid.message}"
             await _jsonrpc_error(message, PARSE_ERROR)(scope, receive, send)
+            return
+        shape = jsonrpc_shape_problem(parsed)
+        if shape is not None:
+            # The MCP transport would reply with pydantic's raw errors.
+            self.gate.audit_rejection("mcp", started, 400, shape, principal=admitted)
+            await _jsonrpc_error(f"Invalid request: {shape}")(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
 

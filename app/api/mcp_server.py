@@ -117,6 +117,46 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
     return server
 
 
+JSONRPC_SHAPE = (
+    'a request is {"jsonrpc": "2.0", "id": ID, "method": NAME, "params": {...}}, '
+    "one message per line or POST"
+)
+
+
+def jsonrpc_shape_problem(document: Any) -> str | None:
+    """Say why a parsed JSON document is not a JSON-RPC 2.0 message, naming
+    the field, or return None when it is one. The SDK's own error is a dump
+    of pydantic's errors for every kind of message at once."""
+    if not isinstance(document, dict):
+        return (
+            f"a JSON {json_type(document)} is not a JSON-RPC message; {JSONRPC_SHAPE}"
+        )
+    version = document.get("jsonrpc")
+    if version != "2.0":
+        shown = (
+            repr(version)
+            if isinstance(version, str)
+            else f"a JSON {json_type(version)}"
+        )
+        if "jsonrpc" not in document:
+            shown = "missing"
+        return f'jsonrpc: {shown[:100]} is invalid: send "2.0"; {JSONRPC_SHAPE}'
+    if "method" in document and not isinstance(document["method"], str):
+        kind = json_type(document["method"])
+        return f"method: a JSON {kind} is invalid: send the method name as a string"
+    if "params" in document and not isinstance(document["params"], dict | list):
+        kind = json_type(document["params"])
+        return f"params: a JSON {kind} is invalid: send an object; {JSONRPC_SHAPE}"
+    try:
+        types.jsonrpc_message_adapter.validate_python(document, by_name=False)
+    except ValidationError:
+        return (
+            "the message is not a JSON-RPC 2.0 request, notification or "
+            f"response; {JSONRPC_SHAPE}"
+        )
+    return None
+
+
 # The shape of each method's params that an error repeats as the fix.
 _PARAMS_SHAPES = {
     "tools/call": '{"name": TOOL, "arguments": {...}}',

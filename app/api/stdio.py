@@ -30,7 +30,12 @@ from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from pydantic import ValidationError
 
 from app.api.calls import ToolRunner
-from app.api.mcp_server import build_mcp_server, local_user_name
+from app.api.mcp_server import (
+    JSONRPC_SHAPE,
+    build_mcp_server,
+    jsonrpc_shape_problem,
+    local_user_name,
+)
 from app.db.migrate import ensure_current
 from app.jsonsafe import InvalidJSONError, load_strict
 from app.services.audit import is_secret_name, record_call
@@ -339,12 +344,10 @@ def parse_line(line: bytes) -> types.JSONRPCMessage | Rejection | None:
         return types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValidationError:
         pass
-    return Rejection(
-        _request_id(document),
-        INVALID_REQUEST,
-        'the line is not a JSON-RPC 2.0 message; a request is {"jsonrpc": "2.0", '
-        '"id": ID, "method": NAME, "params": {...}}, one message per line',
+    problem = jsonrpc_shape_problem(document) or (
+        f"the line is not a JSON-RPC 2.0 message; {JSONRPC_SHAPE}"
     )
+    return Rejection(_request_id(document), INVALID_REQUEST, problem)
 
 
 def _request_id(document: Any) -> str | int | None:

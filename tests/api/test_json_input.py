@@ -388,3 +388,14 @@ async def test_long_invalid_value_described_not_echoed(server: ApiServer) -> Non
     assert error["errors"][0]["value"] == (
         "(a JSON array of 80000 items, 880001 bytes)"
     )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_jsonrpc_version_named_on_mcp(server: ApiServer) -> None:
+    body = '{"jsonrpc": "1.0", "id": 1, "method": "tools/list"}'
+    response = await send(server, "/mcp", body, JSONRPC_HEADERS)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32600
+    assert error["message"].startswith("Invalid request: jsonrpc: '1.0' is invalid")
+    assert "errors.pydantic.dev" not in response.text

@@ -300,3 +300,21 @@ def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
     for _ in range(63):
         value = value[0]
     assert value == "[nested deeper than 64 levels]"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_wrong_version_and_repeated_keys_named(settings: Settings) -> None:
+    old = b'{"jsonrpc":"1.0","id":8,"method":"ping"}\n'
+    repeated = b'{"jsonrpc":"2.0","id":9,"method":"ping","id":10}\n'
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + old + repeated, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    answered = [json.loads(text) for text in stdout.splitlines()]
+    version, twice = answered[1]["error"], answered[2]["error"]
+    assert version["code"] == -32600
+    assert "jsonrpc: '1.0' is invalid: send \"2.0\"" in version["message"]
+    assert "pydantic" not in version["message"]
+    assert twice["code"] == -32700
+    assert "the key 'id' appears more than once" in twice["message"]
