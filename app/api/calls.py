@@ -160,7 +160,7 @@ class ToolRunner:
             message = (
                 f"API key {principal.key_id} may not call {name} (group "
                 f"{spec.group}); it is limited to the groups: {allowed}. Use a "
-                "key created with `nexus keys create --group "
+                "key created with `nexus keys create NAME --group "
                 f"{spec.group}`"
             )
             event: dict[str, Any] = {

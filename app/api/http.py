@@ -336,11 +336,11 @@ async def _read_json_object(
         return response
     if not isinstance(parsed, dict):
         message = (
-            f"the request body must be a JSON object of arguments, not "
-            f"{type(parsed).__name__}"
+            f"the request body must be a JSON object of arguments, not a JSON "
+            f"{json_type(parsed)}"
         )
         gate.audit_rejection(target, started, 422, message, principal=principal)
-        detail = {"field": "body", "value": type(parsed).__name__, "message": message}
+        detail = {"field": "body", "value": json_type(parsed), "message": message}
         return _error_response(422, "invalid_argument", message, errors=[detail])
     return parsed
 
@@ -533,7 +533,7 @@ def _plain_call_shape_error(parsed: Any) -> tuple[str, str] | None:
     """
     if not isinstance(parsed, dict):
         return "body", (
-            f"the body must be a JSON object, not {type(parsed).__name__}: a "
+            f"the body must be a JSON object, not a JSON {json_type(parsed)}: a "
             f"plain call is {_PLAIN_CALL_SHAPE}, and a JSON-RPC message has "
             '"jsonrpc": "2.0"'
         )
@@ -689,7 +689,7 @@ def _forbidden_message(principal: Principal, target: str, group: str) -> str:
     return (
         f"API key {principal.key_id} may not read {target} (group {group}); it "
         f"is limited to the groups: {allowed}. Use a key created with `nexus "
-        f"keys create --group {group}`"
+        f"keys create NAME --group {group}`"
     )
 
 

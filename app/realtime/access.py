@@ -104,7 +104,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
         raise ToolError(
             f"table: {table!r} contains data of the tool group(s) "
             f"{', '.join(missing)}, which API key {ctx.key_id} may not call; "
-            "subscribe with a key created with `nexus keys create --group "
+            "subscribe with a key created with `nexus keys create NAME --group "
             f"{missing[0]}` (and the realtime group)",
             kind="forbidden",
         )
@@ -118,7 +118,7 @@ def check_stream(ctx: ToolContext, kind: str, field: str) -> None:
         raise ToolError(
             f"{field}: the output of a {kind} belongs to the tool group "
             f"{missing[0]}, which API key {ctx.key_id} may not call; use a key "
-            f"created with `nexus keys create --group {missing[0]}`",
+            f"created with `nexus keys create NAME --group {missing[0]}`",
             kind="forbidden",
         )
 

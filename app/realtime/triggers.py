@@ -177,8 +177,13 @@ def validate_table_name(table: str) -> str:
         )
     folded = table.lower()
     if folded in INTERNAL_TABLES:
+        owner = (
+            "Alembic's migration table"
+            if folded == "alembic_version"
+            else ("a table of realtime itself")
+        )
         raise RealtimeTableError(
-            f"table {table!r} belongs to realtime itself and cannot be subscribed to"
+            f"table {table!r} is {owner} and cannot be subscribed to"
         )
     if folded in SECRET_TABLES:
         raise RealtimeTableError(

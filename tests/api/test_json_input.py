@@ -171,8 +171,8 @@ async def test_integer_beyond_64_bits_stays_exact(server: ApiServer) -> None:
     "body, field, expected",
     [
         ("{}", "tool", "tool: missing"),
-        ('"hello"', "body", "must be a JSON object, not str"),
-        ("3", "body", "must be a JSON object, not int"),
+        ('"hello"', "body", "must be a JSON object, not a JSON string"),
+        ("3", "body", "must be a JSON object, not a JSON number"),
         ('{"args": {"limit": 1}}', "tool", "tool: missing"),
         ('{"tool": "audit_log", "x": 1}', "x", "x: not a field of a plain call"),
     ],
@@ -327,7 +327,7 @@ async def test_health_head_without_body(server: ApiServer) -> None:
 @pytest.mark.parametrize(
     "body, value, expected",
     [
-        ("[1]", "list", "must be a JSON object of arguments, not list"),
+        ("[1]", "array", "must be a JSON object of arguments, not a JSON array"),
         ('{"limit": 1', None, "line 1 column"),
     ],
 )
