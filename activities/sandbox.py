@@ -223,6 +223,7 @@ class SandboxActivities:
                 self.settings,
                 keep_alive=lifetime,
                 stream=stream,
+                settled_call_ids=request.settled_call_ids,
             )
 
     @activity.defn(name="sandbox_upload")

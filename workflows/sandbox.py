@@ -127,6 +127,11 @@ class SandboxSessionWorkflow:
         self._executing: dict[str, asyncio.Task[object]] = {}
         self._interrupted: set[str] = set()
         self._early_interrupts: list[str] = []
+        # Calls whose results this run recorded, each with the history length
+        # of the workflow task that recorded it. Their start counts in the
+        # sandbox go with the next execution whose task comes later, when
+        # the recording is sure to be committed (see `runtime.execute`).
+        self._settled: list[tuple[str, int]] = []
         # The error type of a failed creation, which `ready` passes on, so a
         # failed setup reads as the caller's error. A failed session never
         # continues as new, so this needs no place in the state.
@@ -510,7 +515,12 @@ class SandboxSessionWorkflow:
         call_id = request.call_id
 
         async def call(backend_id: str) -> ExecuteResult:
-            execute = ExecuteInput(spec=spec, backend_id=backend_id, request=request)
+            execute = ExecuteInput(
+                spec=spec,
+                backend_id=backend_id,
+                request=request,
+                settled_call_ids=self._take_settled(),
+            )
             if call_id is None:
                 return await self._execute_call(execute)
             if call_id in self._early_interrupts:
@@ -537,9 +547,20 @@ class SandboxSessionWorkflow:
                 raise
             raise self._interrupted_error(call_id) from None
         result.recreated = recreated
+        if call_id is not None:
+            length = workflow.info().get_current_history_length()
+            self._settled.append((call_id, length))
         self._log_output("stdout", result.stdout)
         self._log_output("stderr", result.stderr)
         return result
+
+    def _take_settled(self) -> list[str]:
+        """Remove and return the settled calls recorded in earlier workflow
+        tasks than this one."""
+        length = workflow.info().get_current_history_length()
+        taken = [call for call, at in self._settled if at < length]
+        self._settled = [(call, at) for call, at in self._settled if at >= length]
+        return taken
 
     async def _execute_call(self, execute: ExecuteInput) -> ExecuteResult:
         return await self._call(

@@ -256,6 +256,13 @@ class ExecuteInput(BaseModel):
     spec: SandboxSpec
     backend_id: str
     request: ExecuteRequest
+    settled_call_ids: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Calls whose results the session recorded in an earlier workflow "
+            "task, so their start counts are no longer needed."
+        ),
+    )
 
 
 class UploadInput(BaseModel):

@@ -372,6 +372,7 @@ async def execute(
     settings: Settings,
     keep_alive: int | None = None,
     stream: ExecutionStream | None = None,
+    settled_call_ids: Sequence[str] = (),
 ) -> ExecuteResult:
     """Run `request.code` with `env` and return measured, redacted output.
 
@@ -381,7 +382,13 @@ async def execute(
     `keep_alive` extends the sandbox's life first (see `SandboxBackend.run`).
     `stream` gets the output while the program runs, and is closed before
     this returns or raises (its last chunks are then being written).
+    `settled_call_ids` name calls whose results are recorded, whose start
+    counts are removed first. A call's own count stays after its program
+    ended: the result is not recorded until the caller's workflow task
+    completes, and a worker that dies before that makes the call again.
     """
+    for settled in settled_call_ids:
+        await _remove_code_file(backend, backend_id, _counter_name(settled))
     try:
         return await _execute(
             backend, backend_id, request, env, settings, keep_alive, stream
@@ -416,11 +423,10 @@ async def _execute(
         )
     argv = code_command(request.language, request.code, code_path)
     inputs: list[str] = []
-    counter = None
     runs = 1
     try:
         if request.call_id is not None:
-            counter, runs = await _count_start(backend, backend_id, request.call_id)
+            runs = await _count_start(backend, backend_id, request.call_id)
         file_env = await _write_input_files(backend, backend_id, request, inputs)
         if stream is not None:
             stream.start(runs)
@@ -444,10 +450,6 @@ async def _execute(
         for name in [code_name, *inputs]:
             if name is not None:
                 await _remove_code_file(backend, backend_id, name)
-    if counter is not None:
-        # Only once the program ended: a start cut short keeps its count
-        # for the call that is made again.
-        await _remove_code_file(backend, backend_id, counter)
     secrets = masked_values(env, request)
     return ExecuteResult(
         stdout=redact(output.stdout, secrets),
@@ -469,19 +471,17 @@ def _status(output: RunOutput) -> ExecutionStatus:
     return "failed"
 
 
-async def _count_start(
-    backend: SandboxBackend, backend_id: str, call_id: str
-) -> tuple[str, int]:
+async def _count_start(backend: SandboxBackend, backend_id: str, call_id: str) -> int:
     """Count one more start of the program of `call_id` in a file of the
-    sandbox. Return the file's name and the starts so far, this one included."""
-    name = f".nexus/calls/{_call_digest(call_id)}"
+    sandbox. Return the starts so far, this one included."""
+    name = _counter_name(call_id)
     try:
         previous = await backend.read_file(backend_id, name, 32)
         starts = int(previous or b"0")
     except ValueError:
         starts = 0  # not ours: code in the sandbox put something else there
     await _write_nexus_file(backend, backend_id, name, str(starts + 1).encode())
-    return name, starts + 1
+    return starts + 1
 
 
 async def _write_input_files(
@@ -508,6 +508,10 @@ async def _write_input_files(
             backend, backend_id, name, content.encode()
         )
     return paths
+
+
+def _counter_name(call_id: str) -> str:
+    return f".nexus/calls/{_call_digest(call_id)}"
 
 
 def _call_digest(call_id: str) -> str:

@@ -320,10 +320,18 @@ async def test_call_counts_starts_cut_short(
     (folder / "gate").touch()
     again = await runtime.execute(backend, "box", gated, {}, settings)
     assert (again.stdout, again.runs) == ("done\n", 2)
-    # A finished call leaves no count behind, and other calls count their own.
+    # A finished call keeps its count until the caller says its result is
+    # recorded: a worker that died after the program ended, before the
+    # result reached the server, makes the call once more.
+    after_finish = await runtime.execute(backend, "box", gated, {}, settings)
+    assert after_finish.runs == 3
+    # Other calls count their own, and remove the counts of settled calls.
     other = gated.model_copy(update={"call_id": "step-2"})
-    assert (await runtime.execute(backend, "box", other, {}, settings)).runs == 1
-    assert list((folder / ".nexus" / "calls").iterdir()) == []
+    settled = await runtime.execute(
+        backend, "box", other, {}, settings, settled_call_ids=["step-1"]
+    )
+    assert settled.runs == 1
+    assert len(list((folder / ".nexus" / "calls").iterdir())) == 1
     plain = gated.model_copy(update={"call_id": None})
     assert (await runtime.execute(backend, "box", plain, {}, settings)).runs == 1
 

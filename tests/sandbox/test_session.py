@@ -1017,3 +1017,32 @@ async def test_startup_script_cut_short_by_timeout(tool_ctx: ToolContext) -> Non
     assert "the startup script was cut short" in message, message
     assert "timeout of 3 s, which counts setup too" in message
     assert "exited with code None" not in message
+
+
+async def test_settled_call_counts_removed_by_later_calls(
+    tool_ctx: ToolContext,
+) -> None:
+    """A call's start count stays in the sandbox until a later execution,
+    in a later workflow task, knows its result was recorded."""
+    client = await tool_ctx.client()
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+    calls = sandbox_home(tool_ctx, status["backend_id"]) / ".nexus" / "calls"
+    request = ExecuteRequest(code="print(1)")
+    try:
+        first = await service.execute(
+            client, tool_ctx.settings, sandbox_id, request, call_id="call-a"
+        )
+        assert first.runs == 1
+        assert len(list(calls.iterdir())) == 1
+        second = await service.execute(
+            client, tool_ctx.settings, sandbox_id, request, call_id="call-b"
+        )
+        assert second.runs == 1
+        # call-a's count went with call-b; call-b's waits for the next call.
+        assert len(list(calls.iterdir())) == 1
+        handle = client.get_workflow_handle(f"sandbox-{sandbox_id}")
+        await replay_run(client, handle.id, [SandboxSessionWorkflow])
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
