@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import typing
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
 from app.cli_group import NexusGroup
+from app.contracts.swarm import (
+    Language,
+    Priority,
+    SwarmStrategy,
+    TaskStrategy,
+    Topology,
+)
 
 swarm_cli = typer.Typer(
     cls=NexusGroup, help="Swarms of agents that run tasks.", no_args_is_help=True
@@ -23,6 +32,19 @@ SwarmOption = Annotated[
 ]
 
 
+def _one_of(values: Any) -> Callable[[str | None], str | None]:
+    """Check a value against the tool's own Literal type, so that a typo is a
+    usage error (exit 2) that lists the allowed values."""
+    allowed = typing.get_args(values)
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
 def _call(name: str, arguments: dict[str, Any]) -> None:
     from app.cli import call_tool, print_json
 
@@ -31,12 +53,20 @@ def _call(name: str, arguments: dict[str, Any]) -> None:
 
 @swarm_cli.command("init")
 def init_command(
-    topology: Annotated[str, typer.Argument(help="hierarchical, mesh, ring or star.")],
+    topology: Annotated[
+        str,
+        typer.Argument(
+            help="hierarchical, mesh, ring or star.", callback=_one_of(Topology)
+        ),
+    ],
     max_agents: Annotated[
         int, typer.Option(min=1, max=100, help="Maximum agents, 1-100.")
     ] = 8,
     strategy: Annotated[
-        str, typer.Option(help="balanced, specialized or adaptive.")
+        str,
+        typer.Option(
+            help="balanced, specialized or adaptive.", callback=_one_of(SwarmStrategy)
+        ),
     ] = "balanced",
 ) -> None:
     """Start a swarm."""
@@ -136,16 +166,23 @@ def task_command(
     task: Annotated[str, typer.Argument(help="What to do; lines become parts.")],
     code: Annotated[str | None, typer.Option(help="Program each agent runs.")] = None,
     language: Annotated[
-        str | None, typer.Option(help="python (default), javascript or bash.")
+        str | None,
+        typer.Option(
+            help="python (default), javascript or bash.", callback=_one_of(Language)
+        ),
     ] = None,
     command: Annotated[str | None, typer.Option(help="Shell command to run.")] = None,
     action: Annotated[str | None, typer.Option(help="Built-in action name.")] = None,
-    priority: Annotated[str, typer.Option(help="low, medium, high, critical.")] = (
-        "medium"
-    ),
-    strategy: Annotated[str, typer.Option(help="parallel, sequential, adaptive.")] = (
-        "adaptive"
-    ),
+    priority: Annotated[
+        str,
+        typer.Option(help="low, medium, high, critical.", callback=_one_of(Priority)),
+    ] = "medium",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="parallel, sequential, adaptive.", callback=_one_of(TaskStrategy)
+        ),
+    ] = "adaptive",
     max_agents: Annotated[
         int | None, typer.Option(min=1, max=10, help="Agents, 1-10.")
     ] = None,

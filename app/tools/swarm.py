@@ -481,6 +481,13 @@ class TaskOrchestrateInput(BaseModel):
                 f"{info.field_name} is empty ({value!r}); {fix}, or leave "
                 f"{info.field_name} out for a natural-language task"
             )
+        if value is not None and "\0" in value:
+            # Neither Python's compiler nor a shell command line can hold one,
+            # so the task would be accepted and every step would fail.
+            raise ValueError(
+                f"{info.field_name} contains a NUL byte at character "
+                f"{value.index(chr(0))}, which no program text can hold; remove it"
+            )
         return value
 
     @model_validator(mode="after")

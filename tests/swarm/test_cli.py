@@ -206,6 +206,21 @@ def test_max_agents_range_names_flag() -> None:
         assert "Invalid value for '--max-agents'" in result.output
 
 
+def test_choice_flags_are_usage_errors() -> None:
+    runner = CliRunner()
+    for args, flag, allowed in (
+        (["swarm", "init", "rings"], "'topology'", "hierarchical, mesh, ring, star"),
+        (["swarm", "init", "mesh", "--strategy", "x"], "'--strategy'", "balanced"),
+        (["swarm", "task", "x", "--priority", "urgent"], "'--priority'", "critical"),
+        (["swarm", "task", "x", "--strategy", "fast"], "'--strategy'", "adaptive"),
+        (["swarm", "task", "x", "--language", "ruby"], "'--language'", "bash"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for {flag}" in result.output
+        assert allowed in result.output
+
+
 async def test_sandbox_exec_exit_codes(swarms: Swarms) -> None:
     # Here for this module's subprocess helper and the sandbox queue's workers.
     created = await swarms.call("sandbox_create", template="python")

@@ -280,6 +280,11 @@ async def test_nul_bytes_rejected_at_submission(swarms: Swarms) -> None:
             await swarms.call(
                 "task_orchestrate", task="x\0y", swarm_id=swarm_id, **work
             )
+    for field, work in (("code", "print(1)\0"), ("command", "echo a\0b")):
+        with pytest.raises(ToolInputError, match=f"{field} contains a NUL byte"):
+            await swarms.call(
+                "task_orchestrate", task="x", swarm_id=swarm_id, **{field: work}
+            )
     status = await swarms.call("swarm_status", swarm_id=swarm_id)
     assert len(status["agents"]) == 1
     assert status["tasks"] == []
