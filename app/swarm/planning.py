@@ -236,15 +236,31 @@ def join_outputs(outputs: Sequence[str]) -> str:
     return "".join(joined)
 
 
+# The note that the sandbox appends to output beyond its limit.
+_SANDBOX_CUT = re.compile(r"\n\[output truncated: (\d+) bytes dropped\]\s*$")
+
+
 def cut_text(text: str, limit: int) -> tuple[str, int]:
     """Cut `text` to at most `limit` UTF-8 bytes and append a line with the
-    number of bytes left out. Return the text and that number."""
+    number of bytes left out. Return the text and that number.
+
+    Output that the sandbox already cut ends with the sandbox's note; the
+    line then counts those bytes too, since the note itself is cut away.
+    """
     data = text.encode()
     if len(data) <= limit:
         return text, 0
     kept = data[:limit].decode(errors="ignore")
     dropped = len(data) - len(kept.encode())
-    return f"{kept}\n[{dropped} bytes left out of the task's record]\n", dropped
+    earlier = _SANDBOX_CUT.search(text)
+    if earlier is None:
+        return f"{kept}\n[{dropped} bytes left out of the task's record]\n", dropped
+    before = int(earlier.group(1))
+    return (
+        f"{kept}\n[{dropped} bytes left out of the task's record, and "
+        f"{before} bytes before that by the sandbox's output limit]\n",
+        dropped,
+    )
 
 
 def trimmed_output(output: str) -> str:

@@ -551,3 +551,16 @@ def test_cli_empty_code_is_rejected(swarm_settings: Settings) -> None:
     )
     assert result.exit_code == 1
     assert "code is empty ('')" in result.output
+
+
+def test_cut_of_sandbox_cut_output_counts_both() -> None:
+    output = "x" * 300 + "\n[output truncated: 37856 bytes dropped]"
+    kept, dropped = planning.cut_text(output, 200)
+    assert dropped == len(output) - 200
+    assert kept == (
+        "x" * 200 + f"\n[{dropped} bytes left out of the task's record, and 37856 "
+        "bytes before that by the sandbox's output limit]\n"
+    )
+    # Output that the sandbox did not cut names only the record's cut.
+    plain, _ = planning.cut_text("y" * 300, 200)
+    assert plain.endswith("\n[100 bytes left out of the task's record]\n")
