@@ -198,7 +198,10 @@ def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
     try:
         json.loads(body, object_pairs_hook=unique_object)
     except DuplicateKeyError as duplicate:
-        field = replace_lone_surrogates(duplicate.key)
+        field = ".".join(
+            replace_lone_surrogates(part)
+            for part in _path_to_key(document, duplicate.key)
+        )
         raise InvalidJSONError(
             f"the request body is invalid: {duplicate}",
             field=field,
@@ -206,6 +209,23 @@ def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
             document=_cleaned(document),
             lenient=True,
         ) from None
+
+
+def _path_to_key(document: Any, key: str) -> tuple[str, ...]:
+    """Return the path to the first object, breadth first, that has `key`,
+    with the key at its end. The parser's hook that found the repeated key
+    does not know where its object lies; an object with the key is the
+    likely one."""
+    pending: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while pending:
+        item, path = pending.pop(0)
+        if isinstance(item, dict):
+            if key in item:
+                return (*path, key)
+            pending += [(child, (*path, str(name))) for name, child in item.items()]
+        elif isinstance(item, list):
+            pending += [(child, (*path, str(i))) for i, child in enumerate(item)]
+    return (key,)
 
 
 def has_wide_float(value: Any) -> bool:

@@ -177,11 +177,11 @@ async def test_repeated_key_rejected(api_server: ApiServer) -> None:
             content=jsonrpc,
             headers={**headers, "Accept": "application/json, text/event-stream"},
         )
-    for response in (tool, plain):
+    for response, field in ((tool, "limit"), (plain, "args.limit")):
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["kind"] == "invalid_argument"
-        assert error["errors"][0]["field"] == "limit"
+        assert error["errors"][0]["field"] == field
         assert "the key 'limit' appears more than once" in error["message"]
     assert rpc.status_code == 400, rpc.text
     assert rpc.json()["error"]["code"] == -32700

@@ -399,3 +399,11 @@ async def test_jsonrpc_version_named_on_mcp(server: ApiServer) -> None:
     assert error["code"] == -32600
     assert error["message"].startswith("Invalid request: jsonrpc: '1.0' is invalid")
     assert "errors.pydantic.dev" not in response.text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_repeated_nested_key_named_by_path(server: ApiServer) -> None:
+    body = '{"limit": 5, "tool": "x", "user_id": null, "meta": {"A": "x", "A": "y"}}'
+    response = await send(server, "/api/tools/audit_log", body)
+    assert response.status_code == 422
+    assert response.json()["error"]["errors"][0]["field"] == "meta.A"
