@@ -323,6 +323,16 @@ async def _read_json_object(
         marked: the tool's secret fields, whose values a message must not show.
     """
     started = time.perf_counter()
+    if request.query_params:
+        # Read nowhere, so a call with `?limit=3` would run with defaults.
+        names = ", ".join(sorted({name[:100] for name in request.query_params}))
+        message = (
+            f"the query string ({names}) is not read on tool routes; send the "
+            'arguments as a JSON object in the body, as in {"limit": 3}'
+        )
+        gate.audit_rejection(target, started, 422, message, principal=principal)
+        detail = {"field": "query", "value": None, "message": message}
+        return _error_response(422, "invalid_argument", message, errors=[detail])
     body = await request.body()
     if not body.strip():
         return {}

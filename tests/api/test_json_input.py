@@ -407,3 +407,12 @@ async def test_repeated_nested_key_named_by_path(server: ApiServer) -> None:
     response = await send(server, "/api/tools/audit_log", body)
     assert response.status_code == 422
     assert response.json()["error"]["errors"][0]["field"] == "meta.A"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_query_string_on_tool_route_rejected(server: ApiServer) -> None:
+    response = await send(server, "/api/tools/audit_log?limit=3&tool=x", b"")
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["errors"][0]["field"] == "query"
+    assert "the query string (limit, tool) is not read" in error["message"]
