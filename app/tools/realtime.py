@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from app.contracts.realtime import EventType, SubscriptionInfo
 from app.realtime.access import (
@@ -231,10 +231,15 @@ class ExecutionStreamSubscribeInput(BaseModel):
     )
 
     sandbox_id: str | None = Field(None, description="Stream this sandbox's output.")
+    # The schema names it execution_id, as the docs and errors do, and
+    # workflow_id is accepted too.
     execution_id: str | None = Field(
         None,
-        alias="workflow_id",
-        description="Stream the output of this workflow execution (its workflow id).",
+        validation_alias=AliasChoices("execution_id", "workflow_id"),
+        description=(
+            "Stream the output of this workflow execution (its workflow id; "
+            "also accepted as workflow_id)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -309,7 +314,11 @@ class ExecutionStreamStatusInput(BaseModel):
 
     subscription_id: str | None = None
     sandbox_id: str | None = None
-    execution_id: str | None = Field(None, alias="workflow_id")
+    execution_id: str | None = Field(
+        None,
+        validation_alias=AliasChoices("execution_id", "workflow_id"),
+        description="A workflow execution's id (also accepted as workflow_id).",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> ExecutionStreamStatusInput:

@@ -14,7 +14,7 @@ from app.realtime.output import append_output
 from app.realtime.service import create_subscription, get_subscription
 from app.sandbox.models import SandboxRecord
 from app.settings import Settings
-from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from app.tools import ToolContext, ToolError, get_tool, invoke_tool, load_tools
 from tests.realtime.helpers import create_items, insert_items
 
 load_tools()
@@ -204,6 +204,13 @@ async def test_execution_stream_needs_an_existing_run(settings: Settings) -> Non
     assert no_run.value.kind == "not_found"
     assert "workflow execution 'wf_x' not found" in no_run.value.message
     assert "workflow_status" in no_run.value.message
+    # The published schema names the argument as the docs and errors do.
+    for name in ("execution_stream_subscribe", "execution_stream_status"):
+        schema = get_tool(name).input_model.model_json_schema(by_alias=True)
+        assert "execution_id" in schema["properties"], schema
+    with pytest.raises(ToolError) as by_name:
+        await invoke_tool(ctx, "execution_stream_subscribe", {"execution_id": "wf_y"})
+    assert "workflow execution 'wf_y' not found" in by_name.value.message
     assert await invoke_tool(ctx, "realtime_list", {}) == {
         "subscriptions": [],
         "count": 0,
