@@ -35,8 +35,11 @@ class TemporalHealth(BaseModel):
 class Poller(BaseModel):
     identity: str
     last_access_time: UtcDateTime | None = None
-    # True when the last poll is older than the health check's threshold.
+    # True when the last poll is older than the health check's threshold,
+    # or when the poller's process on this host is gone.
     stale: bool = False
+    # True when the identity names a process of this host that no longer runs.
+    gone: bool = False
 
 
 class QueueHealth(BaseModel):

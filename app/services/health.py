@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -188,19 +190,25 @@ def queue_health(
     worker whose task slots are all busy stops polling as a frozen one does.
     """
     pollers = workflow_pollers + activity_pollers
-    stale = sorted({p.identity for p in pollers if p.stale})
+    gone = sorted({p.identity for p in pollers if p.gone})
+    stale = sorted({p.identity for p in pollers if p.stale and not p.gone})
     status: Status = "healthy"
     error = None
-    if not pollers:
-        status = "unhealthy"
-        error = f"no worker polls {queue}"
-    elif stale:
-        status = "degraded"
+    problems = []
+    if gone:
+        problems.append(f"the process of {', '.join(gone)} no longer runs on this host")
+    if stale:
         seconds = int(stale_after.total_seconds())
-        error = (
+        problems.append(
             f"no poll on {queue} for over {seconds} s from {', '.join(stale)}; "
             "such a worker is stopped, frozen or busy in all its task slots"
         )
+    if all(p.gone for p in pollers):
+        status = "unhealthy"
+        error = "; ".join([f"no worker polls {queue}", *problems])
+    elif problems:
+        status = "degraded"
+        error = "; ".join(problems)
     return QueueHealth(
         status=status,
         workflow_pollers=workflow_pollers,
@@ -225,8 +233,29 @@ def _poller(info: Any, now: datetime, stale_after: timedelta) -> Poller:
         if info.HasField("last_access_time")
         else None
     )
-    stale = last is not None and now - last > stale_after
-    return Poller(identity=info.identity, last_access_time=last, stale=stale)
+    gone = process_gone(info.identity)
+    stale = gone or (last is not None and now - last > stale_after)
+    return Poller(identity=info.identity, last_access_time=last, stale=stale, gone=gone)
+
+
+def process_gone(identity: str) -> bool:
+    """Return whether a worker identity (`QUEUE@HOST:PID`, see
+    `worker_identity`) names a process of this host that no longer runs.
+
+    Temporal lists a poller for minutes after its last poll, so a killed
+    worker would otherwise count as live until `POLLER_STALE_AFTER`.
+    """
+    _, _, where = identity.rpartition("@")
+    host, _, pid = where.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists, owned by another user
+    return False
 
 
 async def system_health(

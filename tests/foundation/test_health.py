@@ -1,4 +1,7 @@
 import asyncio
+import os
+import socket
+import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -11,6 +14,7 @@ from app.contracts.system import Poller
 from app.services.health import (
     POLLER_STALE_AFTER,
     describe_queue,
+    process_gone,
     queue_health,
     system_health,
 )
@@ -97,3 +101,35 @@ def test_queue_health_with_some_stale_pollers() -> None:
     assert health.error is not None
     assert "frozen@host:2" in health.error
     assert "live@host:1" not in health.error
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_process_gone_reads_identity() -> None:
+    host = socket.gethostname()
+    dead = _dead_pid()
+    assert process_gone(f"nexus-q@{host}:{dead}")
+    assert not process_gone(f"nexus-q@{host}:{os.getpid()}")
+    assert not process_gone(f"nexus-q@other-host:{dead}")
+    assert not process_gone("1234@some-host")
+
+
+async def test_poller_of_dead_process_is_not_live(client: Client) -> None:
+    """A worker killed with SIGKILL stays listed by Temporal for minutes; a
+    poller whose process on this host is gone does not count as live."""
+    queue = f"health-gone-{uuid.uuid4().hex[:8]}"
+    identity = f"{queue}@{socket.gethostname()}:{_dead_pid()}"
+    async with Worker(client, task_queue=queue, activities=[_noop], identity=identity):
+        for _ in range(100):
+            if (await describe_queue(client, "default", queue)).activity_pollers:
+                break
+            await asyncio.sleep(0.1)
+        health = await describe_queue(client, "default", queue)
+    assert health.status == "unhealthy", health
+    assert health.activity_pollers[0].gone
+    assert health.error is not None
+    assert f"the process of {identity} no longer runs on this host" in health.error
