@@ -1,5 +1,6 @@
-"""Stopping the HTTP server while a call waits on work that cannot finish:
-the caller gets a 503 that says so, not a dropped connection."""
+"""The HTTP server as its own process, stopped or killed while calls run:
+a call still waiting at a stop gets a 503 that says so, not a dropped
+connection, and a call that got its answer keeps its audit row."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 from temporalio.client import Client
@@ -22,6 +25,43 @@ from tests.support.servers import free_port
 from tests.workflows.conftest import call
 
 
+@asynccontextmanager
+async def http_server(
+    settings: Settings,
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
+    """Start `python -m app.api` and yield it with a client once it answers;
+    kill it afterwards unless the test ended it."""
+    port = free_port()
+    env = {
+        **server_env(settings),
+        "NEXUS_HTTP_PORT": str(port),
+        "NEXUS_API_RATE_LIMIT": "10000",
+        "NEXUS_API_RATE_BURST": "10000",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.api"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            for _ in range(300):
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            yield server, http
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
 async def test_stop_answers_call_in_flight(
     client: Client, api_settings: Settings
 ) -> None:
@@ -33,25 +73,8 @@ async def test_stop_answers_call_in_flight(
         steps=[{"name": "a", "type": "echo"}],
     )
     token, _ = create_key(api_settings.effective_database_url, "stop-test")
-    port = free_port()
-    env = {**server_env(api_settings), "NEXUS_HTTP_PORT": str(port)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.api"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            for _ in range(300):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+        async with http_server(api_settings) as (server, http):
             # No worker polls the orchestration queue in this module, so the
             # run never ends and the call waits until the stop.
             waiting = asyncio.create_task(
@@ -66,25 +89,20 @@ async def test_stop_answers_call_in_flight(
             stopped_at = time.monotonic()
             server.send_signal(signal.SIGTERM)
             response = await waiting
-        answered_after = time.monotonic() - stopped_at
-        assert response.status_code == 503, response.text
-        error = response.json()["error"]
-        assert error["kind"] == "unavailable"
-        assert (
-            "the server is stopping, and workflow_execute had not" in error["message"]
-        )
-        assert "It may still take effect" in error["message"]
-        assert answered_after >= STOP_GRACE_SECONDS - 0.5
-        # uvicorn raises the signal again once it has shut down.
-        assert server.wait(timeout=30) == -signal.SIGTERM
+            answered_after = time.monotonic() - stopped_at
+            # uvicorn raises the signal again once it has shut down.
+            assert server.wait(timeout=30) == -signal.SIGTERM
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
         async for listed in client.list_workflows(
             f"NexusDefinitionId = '{created['workflow_id']}'"
         ):
             await client.get_workflow_handle(listed.id).terminate()
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["kind"] == "unavailable"
+    assert "the server is stopping, and workflow_execute had not" in error["message"]
+    assert "It may still take effect" in error["message"]
+    assert answered_after >= STOP_GRACE_SECONDS - 0.5
 
 
 async def test_killed_server_keeps_audit_rows_of_answered_calls(
@@ -93,59 +111,31 @@ async def test_killed_server_keeps_audit_rows_of_answered_calls(
     """A call answered 200 has its audit row even when the server is killed
     (SIGKILL, no shutdown) while other calls run."""
     token, info = create_key(api_settings.effective_database_url, "kill-test")
-    port = free_port()
-    env = {
-        **server_env(api_settings),
-        "NEXUS_HTTP_PORT": str(port),
-        "NEXUS_API_RATE_LIMIT": "10000",
-        "NEXUS_API_RATE_BURST": "10000",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.api"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     answered: list[str] = []
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=30
-        ) as http:
-            for _ in range(300):
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+    async with http_server(api_settings) as (server, http):
 
-            async def upload(index: int) -> None:
-                path = f"kill/{index}.txt"
-                try:
-                    response = await http.post(
-                        "/api/tools/storage_upload",
-                        json={"bucket": "kill-test", "path": path, "content": "x"},
-                        headers={"Authorization": f"Bearer {token}"},
-                    )
-                except httpx.TransportError:
-                    return
-                if response.status_code == 200:
-                    answered.append(path)
-                    if len(answered) == 150:
-                        server.send_signal(signal.SIGKILL)
+        async def upload(index: int) -> None:
+            path = f"kill/{index}.txt"
+            try:
+                response = await http.post(
+                    "/api/tools/storage_upload",
+                    json={"bucket": "kill-test", "path": path, "content": "x"},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except httpx.TransportError:
+                return
+            if response.status_code == 200:
+                answered.append(path)
+                if len(answered) == 150:
+                    server.send_signal(signal.SIGKILL)
 
-            lanes = asyncio.Semaphore(20)
+        lanes = asyncio.Semaphore(20)
 
-            async def limited(index: int) -> None:
-                async with lanes:
-                    await upload(index)
+        async def limited(index: int) -> None:
+            async with lanes:
+                await upload(index)
 
-            await asyncio.gather(*(limited(index) for index in range(400)))
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+        await asyncio.gather(*(limited(index) for index in range(400)))
     assert len(answered) >= 150
     audited = {
         event.arguments["path"]
