@@ -373,13 +373,13 @@ def ensure_default_key(settings: Settings) -> str | None:
     url = settings.effective_database_url
     path = default_key_path(settings)
     if list_keys(url, include_revoked=False):
-        held = default_key_file_id(settings)
-        if held is not None and verify_token(url, _read_token(path)) is None:
+        file_key_id = default_key_file_id(settings)
+        if file_key_id is not None and verify_token(url, _read_token(path)) is None:
             print(
-                f"warning: {path} holds the token of key {held}, which is revoked "
-                "or unknown, so requests sent with it get 401. Rotate an active "
-                "key with `nexus keys rotate KEY_ID` and write its token there, "
-                "or delete the file",
+                f"warning: {path} holds the token of key {file_key_id}, which is "
+                "revoked or unknown, so requests sent with it get 401. Rotate an "
+                "active key with `nexus keys rotate KEY_ID` and write its token "
+                "there, or delete the file",
                 file=sys.stderr,
             )
         return None
@@ -420,7 +420,7 @@ def _read_token(path: Path) -> str:
 
 
 def default_key_file_id(settings: Settings) -> str | None:
-    """Return the id of the key whose token `<data dir>/api-key` holds, or
-    None when there is no such file or it holds no token."""
+    """Return the id of the key whose token `<data dir>/api-key` contains,
+    or None when there is no such file or it contains no token."""
     parsed = parse_token(_read_token(default_key_path(settings)))
     return None if parsed is None else parsed[0]

@@ -133,14 +133,14 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
         )
     version = document.get("jsonrpc")
     if version != "2.0":
-        shown = (
+        shown_version = (
             repr(version)
             if isinstance(version, str)
             else f"a JSON {json_type(version)}"
         )
         if "jsonrpc" not in document:
-            shown = "missing"
-        return f'jsonrpc: {shown[:100]} is invalid: send "2.0"; {JSONRPC_SHAPE}'
+            shown_version = "missing"
+        return f'jsonrpc: {shown_version[:100]} is invalid: send "2.0"; {JSONRPC_SHAPE}'
     if "method" in document and not isinstance(document["method"], str):
         kind = json_type(document["method"])
         return f"method: a JSON {kind} is invalid: send the method name as a string"
@@ -169,7 +169,7 @@ _PARAMS_SHAPES = {
 
 
 async def _explain_invalid_params(ctx: Any, call_next: Any) -> Any:
-    """Answer params that fail the SDK's validation with the field, the JSON
+    """Reply to params that fail the SDK's validation with the field, the JSON
     type it got and the shape expected, where the SDK sends an empty
     -32602. The value itself is left out: tool arguments may hold secrets."""
     try:

@@ -38,8 +38,8 @@ class Poller(BaseModel):
     # True when the last poll is older than the health check's threshold,
     # or when the poller's process on this host is gone.
     stale: bool = False
-    # True when the identity names a process of this host that no longer runs.
-    gone: bool = False
+    # True when the identity names a process of this host that has exited.
+    process_exited: bool = False
 
 
 class QueueHealth(BaseModel):

@@ -30,7 +30,7 @@ _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
 # Longer argument strings are cut in the audit log, because an upload's
 # base64 content or a program would otherwise be stored once more there.
 AUDIT_STRING_LIMIT = 4096
-# What the log stores in place of an object or array nested too deep.
+# The note that the log stores in place of an object or array nested too deep.
 _TOO_DEEP = f"[nested deeper than {MAX_JSON_DEPTH} levels]"
 # The end of a value shortened to fit its column.
 TRUNCATION_MARKER = "...[truncated]"

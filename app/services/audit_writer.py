@@ -166,7 +166,7 @@ class AuditWriter:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
             logger.warning(
-                "audit events not committed within %g s; answering the call "
+                "audit events not committed within %g s; returning the call's result "
                 "anyway, the writer keeps retrying",
                 timeout,
             )

@@ -190,20 +190,22 @@ def queue_health(
     worker whose task slots are all busy stops polling as a frozen one does.
     """
     pollers = workflow_pollers + activity_pollers
-    gone = sorted({p.identity for p in pollers if p.gone})
-    stale = sorted({p.identity for p in pollers if p.stale and not p.gone})
+    exited = sorted({p.identity for p in pollers if p.process_exited})
+    stale = sorted({p.identity for p in pollers if p.stale and not p.process_exited})
     status: Status = "healthy"
     error = None
     problems = []
-    if gone:
-        problems.append(f"the process of {', '.join(gone)} no longer runs on this host")
+    if exited:
+        problems.append(
+            f"the process of {', '.join(exited)} no longer runs on this host"
+        )
     if stale:
         seconds = int(stale_after.total_seconds())
         problems.append(
             f"no poll on {queue} for over {seconds} s from {', '.join(stale)}; "
             "such a worker is stopped, frozen or busy in all its task slots"
         )
-    if all(p.gone for p in pollers):
+    if all(p.process_exited for p in pollers):
         status = "unhealthy"
         error = "; ".join([f"no worker polls {queue}", *problems])
     elif problems:
@@ -233,12 +235,17 @@ def _poller(info: Any, now: datetime, stale_after: timedelta) -> Poller:
         if info.HasField("last_access_time")
         else None
     )
-    gone = process_gone(info.identity)
-    stale = gone or (last is not None and now - last > stale_after)
-    return Poller(identity=info.identity, last_access_time=last, stale=stale, gone=gone)
+    exited = worker_process_exited(info.identity)
+    stale = exited or (last is not None and now - last > stale_after)
+    return Poller(
+        identity=info.identity,
+        last_access_time=last,
+        stale=stale,
+        process_exited=exited,
+    )
 
 
-def process_gone(identity: str) -> bool:
+def worker_process_exited(identity: str) -> bool:
     """Return whether a worker identity (`QUEUE@HOST:PID`, see
     `worker_identity`) names a process of this host that no longer runs.
 

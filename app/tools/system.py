@@ -51,12 +51,12 @@ class AuditLogResult(BaseModel):
 @tool("audit_log", group="system")
 async def audit_log_tool(ctx: ToolContext, args: AuditLogInput) -> AuditLogResult:
     """List recent tool calls: who called what, when, with masked arguments,
-    the outcome and the duration. A key limited to some groups sees the
+    the outcome and the duration. A key limited to some groups reads the
     calls of those groups' tools and its own calls."""
     visible: tuple[str, ...] | None = None
     if ctx.groups is not None:
         # Arguments keep up to 4096 characters of every string, such as an
-        # upload's content, so a key sees only what it could have sent.
+        # upload's content, so a key reads only what it could have sent.
         visible = tuple(
             sorted(spec.name for spec in all_tools() if spec.group in ctx.groups)
         )

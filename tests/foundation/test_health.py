@@ -14,9 +14,9 @@ from app.contracts.system import Poller
 from app.services.health import (
     POLLER_STALE_AFTER,
     describe_queue,
-    process_gone,
     queue_health,
     system_health,
+    worker_process_exited,
 )
 from app.settings import Settings
 
@@ -109,13 +109,13 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def test_process_gone_reads_identity() -> None:
+def test_worker_process_exited_reads_identity() -> None:
     host = socket.gethostname()
     dead = _dead_pid()
-    assert process_gone(f"nexus-q@{host}:{dead}")
-    assert not process_gone(f"nexus-q@{host}:{os.getpid()}")
-    assert not process_gone(f"nexus-q@other-host:{dead}")
-    assert not process_gone("1234@some-host")
+    assert worker_process_exited(f"nexus-q@{host}:{dead}")
+    assert not worker_process_exited(f"nexus-q@{host}:{os.getpid()}")
+    assert not worker_process_exited(f"nexus-q@other-host:{dead}")
+    assert not worker_process_exited("1234@some-host")
 
 
 async def test_poller_of_dead_process_is_not_live(client: Client) -> None:
@@ -130,6 +130,6 @@ async def test_poller_of_dead_process_is_not_live(client: Client) -> None:
             await asyncio.sleep(0.1)
         health = await describe_queue(client, "default", queue)
     assert health.status == "unhealthy", health
-    assert health.activity_pollers[0].gone
+    assert health.activity_pollers[0].process_exited
     assert health.error is not None
     assert f"the process of {identity} no longer runs on this host" in health.error
