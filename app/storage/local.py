@@ -696,10 +696,16 @@ def _read_file(bucket: str, path: str, target: Path) -> tuple[bytes, os.stat_res
         descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
         raise _not_found(bucket, path) from None
-    with os.fdopen(descriptor, "rb") as file:
-        status = os.fstat(file.fileno())
+    try:
+        # Checked on the descriptor, before `fdopen`, which raises for a
+        # folder and would leave the descriptor open.
+        status = os.fstat(descriptor)
         if not S_ISREG(status.st_mode):
             raise _not_found(bucket, path)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with os.fdopen(descriptor, "rb") as file:
         return file.read(), status
 
 

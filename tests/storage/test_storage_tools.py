@@ -1,4 +1,5 @@
 import base64
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -199,3 +200,18 @@ async def test_missing_object_is_not_found(settings: Settings) -> None:
             await invoke_tool(ctx, tool, {"bucket": "data", "path": "missing.txt"})
         assert caught.value.kind == "not_found"
         assert "'missing.txt' not found in bucket 'data'" in caught.value.message
+
+
+async def test_folder_path_download_not_found_no_leak(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    await invoke_tool(
+        ctx, "storage_upload", {"bucket": "dirs", "path": "a/b/c.txt", "content": "x"}
+    )
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(ToolError) as caught:
+            await invoke_tool(ctx, "storage_download", {"bucket": "dirs", "path": "a"})
+        assert caught.value.kind == "not_found", caught.value.message
+    # No descriptor of the folder stays open (a few may come and go with
+    # the thread pool, but not one per call).
+    assert len(os.listdir("/proc/self/fd")) < before + 5
