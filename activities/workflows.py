@@ -248,7 +248,7 @@ class WorkflowActivities:
                     "path": info.path,
                     "size": info.size,
                     "sha256": info.sha256,
-                    "content": self._content_text(data, params),
+                    "content": self._content_text(request, data, params),
                     "encoding": params.encoding,
                 }
             elif params.operation == "delete":
@@ -283,10 +283,21 @@ class WorkflowActivities:
             ) from None
 
     @staticmethod
-    def _content_text(data: bytes, params: StorageParams) -> str:
+    def _content_text(request: StepRequest, data: bytes, params: StorageParams) -> str:
         if params.encoding == "base64":
             return base64.b64encode(data).decode()
-        return data.decode(errors="replace")
+        try:
+            return data.decode()
+        except UnicodeDecodeError as error:
+            # Replacing the bytes would return text that the step's own size
+            # and sha256 do not describe.
+            raise step_error(
+                request,
+                f"object {params.path!r} is not valid UTF-8 (byte {error.start}); "
+                "get it with params.encoding base64",
+                kind="InvalidStepParams",
+                non_retryable=True,
+            ) from None
 
     @activity.defn(name="step_reporting")
     def reporting(self, request: StepRequest) -> StepOutcome:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.contracts.queues import ORCHESTRATION, STREAMING
 
@@ -151,6 +151,21 @@ class StorageParams(BaseModel):
     encoding: Literal["utf-8", "base64"] = "utf-8"
     content_type: str | None = None
     prefix: str = Field("", description="Path prefix for list.")
+
+    @model_validator(mode="after")
+    def _path_fits_operation(self) -> StorageParams:
+        if self.operation == "list":
+            if self.path:
+                raise ValueError(
+                    f"path {self.path!r} is not read by list; give the folder "
+                    "to list as prefix"
+                )
+        elif not self.path:
+            raise ValueError(
+                f"path is missing; {self.operation} needs the object's path, "
+                "such as reports/run-1.md"
+            )
+        return self
 
 
 class ReportingParams(BaseModel):

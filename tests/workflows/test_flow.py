@@ -4,6 +4,7 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -305,6 +306,54 @@ async def test_storage_and_reporting(
     assert report.startswith("# Round trip")
     assert "## get" in report
     assert "| content | hi \\| there |" in report
+
+
+async def test_storage_step_binary_get(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    """A `get` returns base64 when asked, and fails rather than return text
+    that its size and sha256 do not describe."""
+    storage_for(flow_workers).put("data", "bin/raw.bin", b"\x00\x01\x02\xff", None)
+    get = {"operation": "get", "bucket": "data", "path": "bin/raw.bin"}
+    workflow_id = await _create(
+        tools,
+        "binary-get",
+        [
+            {"name": "b64", "type": "storage", "params": {**get, "encoding": "base64"}},
+            {"name": "text", "type": "storage", "params": get},
+        ],
+    )
+    with pytest.raises(ToolError) as failed:
+        await _run(tools, workflow_id)
+    assert (
+        "step 'text' (storage): object 'bin/raw.bin' is not valid UTF-8 (byte 3)"
+        in (failed.value.message)
+    )
+    assert "params.encoding base64" in failed.value.message
+    named = re.search(r"execution (wfx_\w+)", failed.value.message)
+    assert named is not None
+    stored = await call(tools, "workflow_status", execution_id=named.group(1))
+    steps = _steps(stored["execution"])
+    assert steps["b64"]["output"]["content"] == "AAEC/w=="
+    assert steps["text"]["status"] == "failed"
+
+
+async def test_storage_step_path_checked_at_create(tools: ToolContext) -> None:
+    for params, problem in (
+        ({"operation": "put", "bucket": "data", "content": "x"}, "path is missing"),
+        (
+            {"operation": "list", "bucket": "data", "path": "keep/"},
+            "path 'keep/' is not read by list; give the folder to list as prefix",
+        ),
+    ):
+        with pytest.raises(ToolError) as caught:
+            await call(
+                tools,
+                "workflow_create",
+                name="bad-storage",
+                steps=[{"name": "s", "type": "storage", "params": params}],
+            )
+        assert problem in caught.value.message, caught.value.message
 
 
 async def test_versions_and_audit_trail(
