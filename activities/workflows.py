@@ -123,6 +123,13 @@ class WorkflowActivities:
             raise ApplicationError(
                 str(error), type="DefinitionDeleted", non_retryable=True
             ) from None
+        except store.DefinitionMismatchError as error:
+            activity.logger.warning(
+                "rejected execution %s: %s", request.state.execution_id, error
+            )
+            raise ApplicationError(
+                str(error), type="InvalidDefinition", non_retryable=True
+            ) from None
         agents: dict[str, str | None] = {}
         for step in request.state.steps:
             if not (step.agent or step.agent_type):

@@ -28,7 +28,7 @@ from app.workflows.models import (
     WorkflowStepRow,
     WorkflowVersionRow,
 )
-from app.workflows.secrets import seal_definition
+from app.workflows.secrets import DefinitionSecretError, seal_definition
 from app.workflows.stream import progress_chunks
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ def new_definition_id() -> str:
 
 class DefinitionDeletedError(RuntimeError):
     """A run names a stored definition that was deleted, so it must not start."""
+
+
+class DefinitionMismatchError(ValueError):
+    """A run names a definition id and version that are not stored, or whose
+    stored body differs from the run's definition."""
 
 
 class ConflictError(RuntimeError):
@@ -243,6 +248,8 @@ def register_execution(
     Raises:
         DefinitionBusyError: another call held the lock of the snapshot's
             name for longer than the wait.
+        DefinitionMismatchError: the run names a definition id or version
+            that is not stored, or its definition is not that version's body.
         DefinitionDeletedError: the run names a stored definition that is
             deleted, for example through a schedule left from before the
             delete; nothing is written.
@@ -259,6 +266,7 @@ def register_execution(
         existing = session.get(WorkflowExecutionRow, state.execution_id)
         if existing is None and bound:
             _require_active(session, workflow_id, version)
+            _require_same_body(session, workflow_id, version, definition, key)
         if existing is None:
             session.add(
                 WorkflowExecutionRow(
@@ -285,6 +293,56 @@ def _require_active(session: Any, workflow_id: str, version: int) -> None:
             f"workflow {workflow_id!r} ({row.name!r}) was deleted, so this run of "
             f"its version {version} is rejected; create the definition again with "
             "workflow_create to run it"
+        )
+
+
+def _require_same_body(
+    session: Any,
+    workflow_id: str,
+    version: int,
+    definition: WorkflowDefinition,
+    key: bytes,
+) -> None:
+    """Reject a run that claims a definition id and version that do not exist,
+    or whose definition is not that version's body. Such a run would be
+    listed among that definition's executions with steps it does not have."""
+    fix = (
+        "start it with that version's definition, as workflow_execute does, or "
+        "give only the definition to store it as a version of its name"
+    )
+    row = session.get(WorkflowDefinitionRow, workflow_id)
+    if row is None:
+        raise DefinitionMismatchError(
+            f"workflow {workflow_id!r} not found, so this run cannot be one of its "
+            f"executions; {fix}"
+        )
+    stored = session.exec(
+        select(WorkflowVersionRow).where(
+            WorkflowVersionRow.definition_id == workflow_id,
+            WorkflowVersionRow.version == version,
+        )
+    ).first()
+    if stored is None:
+        raise DefinitionMismatchError(
+            f"workflow {workflow_id!r} ({row.name!r}) has no version {version} "
+            f"(its latest is {row.latest_version}); {fix}"
+        )
+    # Compared by the hash that versions use, through the model, so that
+    # fields added since the version was stored compare as their defaults,
+    # and secret values compare by their plain value, sealed or not (a
+    # version stored before sealing runs with its values sealed).
+    body = WorkflowDefinition.model_validate(stored.spec)
+    try:
+        same = (
+            seal_definition(key, workflow_id, body)[1]
+            == seal_definition(key, workflow_id, definition)[1]
+        )
+    except DefinitionSecretError:
+        same = False
+    if not same:
+        raise DefinitionMismatchError(
+            f"the definition of this run is not version {version} of workflow "
+            f"{workflow_id!r} ({row.name!r}); {fix}"
         )
 
 

@@ -343,3 +343,43 @@ async def test_snapshot_run_waits_for_definition_lock(
     assert final.status == "completed"
     row, version, _ = store.get_definition(url, str(final.workflow_id))
     assert (row.name, version) == (name, 1)
+
+
+async def test_run_claiming_other_definition_rejected(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    """A run started from outside that names a definition id and version
+    must carry that version's own body."""
+    url = flow_workers.effective_database_url
+    created = await call(
+        tools,
+        "workflow_create",
+        name=f"claimed-{uuid.uuid4().hex[:6]}",
+        steps=[{"name": "a", "type": "echo"}],
+    )
+    forged = {"name": "other", "steps": [{"name": "zzz", "type": "echo"}]}
+    for claim, expected in (
+        (
+            {"workflow_id": created["workflow_id"], "version": 1},
+            "the definition of this run is not version 1 of workflow",
+        ),
+        (
+            {"workflow_id": created["workflow_id"], "version": 7},
+            "has no version 7 (its latest is 1)",
+        ),
+        ({"workflow_id": "wf_000000000000", "version": 1}, "not found"),
+    ):
+        handle = await client.start_workflow(
+            "FlowNexusWorkflow",
+            {"definition": forged, **claim},
+            id=f"forged-{uuid.uuid4().hex[:8]}",
+            task_queue="nexus-orchestration",
+            result_type=ExecutionState,
+        )
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+        cause = caught.value.cause
+        assert isinstance(cause, ApplicationError)
+        assert cause.type == "InvalidDefinition"
+        assert expected in cause.message, cause.message
+    assert store.list_executions(url, workflow_id=created["workflow_id"], limit=5) == []
