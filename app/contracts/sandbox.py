@@ -6,6 +6,7 @@ Secret values travel only as sealed strings (AES-GCM ciphertext made by
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -16,6 +17,22 @@ Template = Literal[
     "base", "python", "node", "claude-code", "react", "nextjs", "vanilla"
 ]
 Language = Literal["python", "javascript", "bash"]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_names(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Return `value`; raise for a name that a program's environment cannot
+    take, for pydantic validators of env var mappings."""
+    for name in value or {}:
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(
+                f"env var name {name!r} is invalid; use letters, digits and _ "
+                "and do not start with a digit"
+            )
+    return value
+
+
 ExecutionStatus = Literal["completed", "failed", "timed_out"]
 SessionStatus = Literal["creating", "running", "failed", "stopped", "deleted"]
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.contracts.queues import ORCHESTRATION
-from app.contracts.sandbox import Template
+from app.contracts.sandbox import Template, check_env_names
 from app.workflows.steps import StepType, register_step_type
 
 
@@ -32,6 +32,10 @@ class SandboxExecutionParams(BaseModel):
     )
     env_vars: dict[str, str] = Field(default_factory=dict)
     timeout: int = Field(60, gt=0, le=3600, description="Seconds for the code.")
+
+    # The same rule as sandbox_create, checked when the definition is stored
+    # rather than at every run.
+    _env_names = field_validator("env_vars")(check_env_names)
 
 
 class NeuralComputationParams(BaseModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from app.contracts.sandbox import (
     Language,
     SessionEvent,
     Template,
+    check_env_names,
 )
 from app.contracts.types import UtcDateTime
 from app.sandbox import service
@@ -23,7 +23,6 @@ from app.sandbox.health import register_isolation_check
 from app.sandbox.service import CreateOptions, SandboxServiceError
 from app.tools.registry import ToolContext, ToolError, tool
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KINDS: dict[str, Any] = {
     "not_found": "not_found",
     "invalid_argument": "invalid_argument",
@@ -34,16 +33,6 @@ _KINDS: dict[str, Any] = {
 }
 
 register_isolation_check()
-
-
-def _check_env_names(value: dict[str, str] | None) -> dict[str, str] | None:
-    for name in value or {}:
-        if not _ENV_NAME.match(name):
-            raise ValueError(
-                f"env var name {name!r} is invalid; use letters, digits and _ "
-                "and do not start with a digit"
-            )
-    return value
 
 
 def _check_packages(value: list[str] | None) -> list[str] | None:
@@ -110,7 +99,7 @@ class SandboxCreateInput(BaseModel):
     @field_validator("env_vars")
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return _check_env_names(value)
+        return check_env_names(value)
 
 
 class SandboxCreateResult(BaseModel):
@@ -186,12 +175,12 @@ class SandboxExecuteInput(BaseModel):
     @field_validator("env_vars")
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return _check_env_names(value)
+        return check_env_names(value)
 
     @field_validator("mask_env_vars")
     @classmethod
     def _mask_names(cls, value: list[str] | None) -> list[str] | None:
-        _check_env_names(dict.fromkeys(value or [], ""))
+        check_env_names(dict.fromkeys(value or [], ""))
         return value
 
     @field_validator("code")
@@ -357,7 +346,7 @@ class SandboxConfigureInput(BaseModel):
     @field_validator("env_vars")
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        return _check_env_names(value)
+        return check_env_names(value)
 
 
 class SandboxConfigureResult(BaseModel):

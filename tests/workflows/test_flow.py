@@ -467,3 +467,15 @@ async def test_queue_status_reports_pollers(
     assert queue["activity"]["pollers"]
     assert queue["workflow"]["backlog"] >= 0
     assert queue["messages"] == []
+
+
+async def test_sandbox_step_env_names_checked_at_create(tools: ToolContext) -> None:
+    step = {
+        "name": "run",
+        "type": "sandbox_execution",
+        "params": {"code": "print(1)", "env_vars": {"bad name": "SpaceNameSecret"}},
+    }
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_create", name="bad-env", steps=[step])
+    assert "env var name 'bad name' is invalid" in caught.value.message
+    assert "SpaceNameSecret" not in caught.value.message
