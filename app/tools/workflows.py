@@ -218,6 +218,21 @@ async def _roll_back(
 
 
 def _schedule_error(error: Exception) -> ToolError:
+    if (
+        isinstance(error, engine.ScheduleSyncError)
+        and error.error.status == RPCStatusCode.RESOURCE_EXHAUSTED
+    ):
+        # Each schedule carries the whole definition, with the input_data of
+        # every trigger, so a large one fails at its first schedule.
+        return ToolError(
+            f"triggers.{error.index}: the Temporal server refused the schedule "
+            f"as too large ({error.error.message}). Every schedule carries the "
+            "whole definition, including each trigger's input_data; nothing was "
+            "stored and the schedules are as before. Make the definition or the "
+            "triggers' input_data smaller, and pass large inputs as storage "
+            "objects that a step reads",
+            kind="invalid_argument",
+        )
     if isinstance(error, engine.ScheduleSyncError):
         rejected = error.error.status == RPCStatusCode.INVALID_ARGUMENT
         return ToolError(

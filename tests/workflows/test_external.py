@@ -383,3 +383,32 @@ async def test_run_claiming_other_definition_rejected(
         assert cause.type == "InvalidDefinition"
         assert expected in cause.message, cause.message
     assert store.list_executions(url, workflow_id=created["workflow_id"], limit=5) == []
+
+
+async def test_oversized_schedule_named_as_too_large(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    name = f"too-large-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_create",
+            name=name,
+            steps=[{"name": "a", "type": "echo"}],
+            triggers=[
+                {"type": "schedule", "cron": "0 5 * * *"},
+                {
+                    "type": "schedule",
+                    "cron": "0 6 * * *",
+                    "input_data": {"blob": "x" * 5_000_000},
+                },
+            ],
+        )
+    message = caught.value.message
+    assert caught.value.kind == "invalid_argument", message
+    assert "refused the schedule as too large" in message
+    assert "Try again once the server is reachable" not in message
+    listed = store.list_definitions(
+        flow_workers.effective_database_url, limit=500, offset=0, status=None
+    )
+    assert name not in [item["name"] for item in listed]
