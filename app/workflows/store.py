@@ -179,6 +179,16 @@ def get_definition(
     with session_scope(url) as session:
         row = session.get(WorkflowDefinitionRow, workflow_id)
         if row is None:
+            named = session.exec(
+                select(WorkflowDefinitionRow).where(
+                    WorkflowDefinitionRow.name == workflow_id
+                )
+            ).first()
+            if named is not None:
+                raise NotFoundError(
+                    f"workflow {workflow_id!r} not found: that is the name of "
+                    f"workflow {named.id!r}; pass its id as workflow_id"
+                )
             raise NotFoundError(
                 f"workflow {workflow_id!r} not found; create it with "
                 "workflow_create or list ids with workflow_list"

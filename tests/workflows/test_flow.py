@@ -479,3 +479,19 @@ async def test_sandbox_step_env_names_checked_at_create(tools: ToolContext) -> N
         await call(tools, "workflow_create", name="bad-env", steps=[step])
     assert "env var name 'bad name' is invalid" in caught.value.message
     assert "SpaceNameSecret" not in caught.value.message
+
+
+async def test_name_given_as_id_points_to_id(tools: ToolContext) -> None:
+    created = await call(
+        tools,
+        "workflow_create",
+        name="named-run",
+        steps=[{"name": "a", "type": "echo"}],
+    )
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_execute", workflow_id="named-run")
+    assert caught.value.kind == "not_found"
+    assert (
+        f"that is the name of workflow {created['workflow_id']!r}; pass its id"
+        in caught.value.message
+    )
