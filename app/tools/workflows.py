@@ -515,8 +515,23 @@ class WorkflowListInput(BaseModel):
     )
 
 
+class WorkflowListItem(BaseModel):
+    workflow_id: str
+    name: str
+    description: str | None = None
+    priority: int
+    version: int
+    status: str
+    # Typed, so that a time read back from SQLite without its offset is
+    # written as UTC with `Z`, as every other tool writes times.
+    created_at: UtcDateTime | None = None
+    updated_at: UtcDateTime | None = None
+    last_execution_id: str | None = None
+    last_execution_status: str | None = None
+
+
 class WorkflowListResult(BaseModel):
-    workflows: list[dict[str, Any]]
+    workflows: list[WorkflowListItem]
     count: int
     limit: int
     offset: int
@@ -536,7 +551,10 @@ async def workflow_list(
         status=args.status,
     )
     return WorkflowListResult(
-        workflows=listed, count=len(listed), limit=args.limit, offset=args.offset
+        workflows=[WorkflowListItem.model_validate(item) for item in listed],
+        count=len(listed),
+        limit=args.limit,
+        offset=args.offset,
     )
 
 

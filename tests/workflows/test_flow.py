@@ -400,6 +400,8 @@ async def test_versions_and_audit_trail(
     names = {w["name"]: w for w in listed["workflows"]}
     assert names["versioned"]["version"] == 2
     assert names["versioned"]["last_execution_status"] == "completed"
+    assert names["versioned"]["created_at"].endswith("Z")
+    assert names["versioned"]["updated_at"].endswith("Z")
 
 
 async def test_agent_assignment(
