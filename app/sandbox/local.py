@@ -937,7 +937,11 @@ class LocalBackend(SandboxBackend):
         limits = json.dumps(_limit_values(self.limits, timeout))
         options_fd = _options_file(options)
         command = [str(self.bwrap), "--args", str(options_fd), "--"]
-        command += ["python3", "-c", _LIMITED_EXEC, limits, *argv]
+        # -I keeps the working directory (the sandbox folder) and the user
+        # site off the launcher's path, and -S skips `site` and its `.pth`
+        # files: with the network granted, the launcher must import nothing
+        # that sandbox code could have written.
+        command += ["python3", "-I", "-S", "-c", _LIMITED_EXEC, limits, *argv]
         procs = self._make_pids_cgroup()
         if procs is not None:
             # As in `_start_runner`. With `exec`, bubblewrap stays the leader

@@ -33,6 +33,15 @@ from app.settings import Settings
 from tests.support.sandboxes import ISOLATION_MODES
 
 
+# The sandbox's python3 is the host's, whose user site folder is named by it.
+PYTHON_VERSION = subprocess.run(
+    ["python3", "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+    capture_output=True,
+    text=True,
+    check=True,
+).stdout.strip()
+
+
 async def run(
     backend: LocalBackend, argv: list[str], timeout: float = 30, **env: str
 ) -> RunOutput:
@@ -716,6 +725,11 @@ async def test_installers_run_no_planted_code(
         "pip/__main__.py": marker.format(f"{home}/PIP"),
         "evil.js": f"require('fs').writeFileSync('{home}/NODE', '')",
         "evil.sh": f"#!/bin/sh\ntouch {home}/SHELL\n",
+        # Modules and `.pth` files that a Python launcher would load.
+        "json.py": marker.format(f"{home}/JSONMOD") + "from _json import *\n",
+        f".local/lib/python{PYTHON_VERSION}/site-packages/zz.pth": (
+            marker.format(f"{home}/PTH").replace("\n", "") + "\n"
+        ),
         ".npmrc": f"script-shell={home}/evil.sh\nregistry=http://127.0.0.1:9/\n",
         # A dependency that npm would fetch from a host of the code's choosing.
         "package.json": (
@@ -760,7 +774,7 @@ async def test_installers_run_no_planted_code(
         )
     ran = sorted(
         name
-        for name in ("SITE", "PIP", "NODE", "SHELL")
+        for name in ("SITE", "PIP", "NODE", "SHELL", "JSONMOD", "PTH")
         if (backend.folder("box") / name).exists()
     )
     assert ran == []
