@@ -147,6 +147,7 @@ class LocalBackend(SandboxBackend):
         self._anchors: dict[str, subprocess.Popen[bytes]] = {}
         self.spares = spares
         self._spares: list[str] = []
+        self._stale_spares_removed = False
         self._refill: asyncio.Task[None] | None = None
         self._calls_running = 0
         self._last_call = 0.0
@@ -324,6 +325,9 @@ class LocalBackend(SandboxBackend):
             await asyncio.sleep(max(_REFILL_IDLE - quiet, _REFILL_IDLE / 4))
 
     def _refill_spares(self) -> None:
+        if not self._stale_spares_removed:
+            self._stale_spares_removed = True
+            self._remove_stale_spares()
         while len(self._spares) < self.spares:
             spare = f"_spare-{uuid.uuid4().hex[:12]}"
             (self.folder(spare) / ".nexus" / "tmp").mkdir(parents=True)
@@ -334,6 +338,19 @@ class LocalBackend(SandboxBackend):
                 shutil.rmtree(self.root / spare, ignore_errors=True)
                 return
             self._spares.append(spare)
+
+    def _remove_stale_spares(self) -> None:
+        """Remove the folders of spares that outlived their lifetime, which
+        a killed worker and earlier versions left behind. A spare of a live
+        worker is younger than that, so it is left alone."""
+        horizon = time.time() - _SPARE_LIFETIME - 60
+        for folder in self.root.glob("_spare-*"):
+            try:
+                if folder.stat().st_mtime < horizon:
+                    shutil.rmtree(folder)
+                    logger.info("removed the stale spare sandbox %s", folder.name)
+            except OSError as error:
+                logger.warning("could not remove stale spare %s: %s", folder, error)
 
     async def close(self) -> None:
         """End the spare runners (sandboxes themselves stay until their end)."""
@@ -398,9 +415,13 @@ class LocalBackend(SandboxBackend):
             # runner ends at the sandbox's timeout.
             # The folder's path is read from the kernel, not taken from the
             # arguments: a spare's folder is renamed when a sandbox takes it.
+            # A spare that ends unused (its worker was killed) goes whole, with
+            # its state file; a sandbox's own folder keeps its state until
+            # `delete`, which reads it.
             script = (
                 'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
-                'case "$f" in */home) rm -rf -- "$f";; esac'
+                'case "$f" in */_spare-*/home) rm -rf -- "${f%/home}";; '
+                '*/home) rm -rf -- "$f";; esac'
             )
             anchor_args = [str(folder), *command]
             procs = self._make_pids_cgroup()

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ from app.sandbox.local import LocalBackend, ResourceLimits, _pids_cgroup_root
 from app.sandbox.runner import descendants
 from app.settings import Settings
 from tests.support.sandboxes import ISOLATION_MODES
-
 
 # The sandbox's python3 is the host's, whose user site folder is named by it.
 PYTHON_VERSION = subprocess.run(
@@ -608,6 +608,36 @@ async def test_spare_becomes_the_sandbox(use_bwrap: bool, tmp_path: Path) -> Non
         await local.delete("second")
         await local.close()
     assert list((tmp_path / "sandboxes").iterdir()) == []
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_unused_spares_leave_no_folder(use_bwrap: bool, tmp_path: Path) -> None:
+    """A spare whose worker died ends at its lifetime and takes its whole
+    folder with it; folders that earlier workers left are removed."""
+    root = tmp_path / "sandboxes"
+    local = LocalBackend(root, use_bwrap=use_bwrap, spares=1)
+    left = root / "_spare-000000000000"
+    (left / "home").mkdir(parents=True)
+    (left / "state.json").write_text("{}")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    young = root / "_spare-111111111111"
+    (young / "home").mkdir(parents=True)
+    try:
+        # As a killed worker's spare: no worker deletes it, its runner ends.
+        orphan = "_spare-222222222222"
+        (local.folder(orphan) / ".nexus" / "tmp").mkdir(parents=True)
+        local._start_runner(orphan, 1)
+        local._refill_spares()
+        assert not left.exists()
+        assert young.exists()
+        for _ in range(200):
+            if not (root / orphan).exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not (root / orphan).exists()
+    finally:
+        await local.close()
+    assert sorted(p.name for p in root.iterdir()) == [young.name]
 
 
 def _zombie(pid: int) -> bool:
