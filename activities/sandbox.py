@@ -145,11 +145,36 @@ class SandboxActivities:
                 env["ANTHROPIC_API_KEY"] = configured.get_secret_value()
         return env
 
+    def _require_recorded_backend(self, spec: SandboxSpec, backend: str) -> None:
+        """Refuse to recreate a sandbox on another backend than the one it
+        was created on (the worker's NEXUS_SANDBOX_BACKEND changed since). A
+        call there finds no such sandbox, and a recreation would silently
+        replace the sandbox and its files with an empty one elsewhere."""
+        row = store.get_record(self.settings.effective_database_url, spec.sandbox_id)
+        if row is None or row.backend == backend:
+            return
+        activity.logger.warning(
+            "not recreating sandbox %s on %s: it was created on %s",
+            spec.sandbox_id,
+            backend,
+            row.backend,
+        )
+        raise ApplicationError(
+            f"sandbox {spec.sandbox_id} was created on the {row.backend} backend, "
+            f"and this worker uses {backend} (NEXUS_SANDBOX_BACKEND), where it does "
+            f"not exist; run the sandbox worker with NEXUS_SANDBOX_BACKEND="
+            f"{row.backend} to use it, or delete it and create a new sandbox",
+            type=CONFIGURATION_ERROR,
+            non_retryable=True,
+        )
+
     @activity.defn(name="sandbox_create")
     async def create(self, request: CreateInput) -> CreateResult:
         """Create the sandbox, install its packages and run its setup commands."""
         spec = request.spec
         backend = self._backend()
+        if request.reason == "recreate":
+            await asyncio.to_thread(self._require_recorded_backend, spec, backend.name)
         activity.logger.info(
             "%s sandbox %s as %s (template %s)",
             request.reason,

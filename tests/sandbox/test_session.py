@@ -17,8 +17,10 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
+from temporalio.exceptions import ApplicationError
 
-from app.contracts.sandbox import ExecuteRequest
+from activities.sandbox import SandboxActivities
+from app.contracts.sandbox import ExecuteRequest, SandboxSpec
 from app.sandbox import service
 from app.sandbox.backend import SandboxBackendError
 from app.sandbox.local import LocalBackend
@@ -1044,5 +1046,26 @@ async def test_settled_call_counts_removed_by_later_calls(
         assert len(list(calls.iterdir())) == 1
         handle = client.get_workflow_handle(f"sandbox-{sandbox_id}")
         await replay_run(client, handle.id, [SandboxSessionWorkflow])
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_recreation_refused_on_another_backend(tool_ctx: ToolContext) -> None:
+    """A worker whose NEXUS_SANDBOX_BACKEND changed does not recreate a
+    sandbox of the other backend there, which would replace its files."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        spec = SandboxSpec(sandbox_id=sandbox_id, template="base", timeout=60)
+        activities = SandboxActivities(tool_ctx.settings)
+        activities._require_recorded_backend(spec, "local")
+        with pytest.raises(ApplicationError) as refused:
+            activities._require_recorded_backend(spec, "e2b")
+        assert refused.value.non_retryable
+        assert (
+            f"sandbox {sandbox_id} was created on the local backend, and this "
+            "worker uses e2b" in refused.value.message
+        )
+        assert "NEXUS_SANDBOX_BACKEND=local" in refused.value.message
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
