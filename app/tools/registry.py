@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client
@@ -382,7 +382,7 @@ def _given_values(
     given: dict[str, Any] = {}
     for name in fields:
         info = target.model_fields.get(name) if target else None
-        for key in (name, info.alias if info else None):
+        for key in (name, *_spellings(info)):
             if key is not None and key in arguments:
                 given[key] = masked_input((*loc, name), arguments[key], marked)
                 break
@@ -391,6 +391,20 @@ def _given_values(
     if len(given) == 1:
         return next(iter(given.values()))
     return given
+
+
+def _spellings(info: FieldInfo | None) -> list[str]:
+    """Return the other names a field accepts: its alias, or each string of
+    its validation alias choices."""
+    if info is None:
+        return []
+    names = [info.alias] if info.alias else []
+    choices = info.validation_alias
+    if isinstance(choices, str):
+        names.append(choices)
+    elif isinstance(choices, AliasChoices):
+        names += [choice for choice in choices.choices if isinstance(choice, str)]
+    return names
 
 
 def _suggest_field(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> str:
