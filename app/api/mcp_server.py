@@ -3,9 +3,12 @@ server, so every registered tool is listed and callable without code here."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import getpass
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import mcp_types as types
@@ -18,6 +21,7 @@ import app
 from app.api.calls import ToolRunner
 from app.api.keys import Principal
 from app.jsonsafe import encodable, json_type
+from app.services.audit import record_call
 from app.tools import ToolError, all_tools
 
 logger = logging.getLogger(__name__)
@@ -113,7 +117,30 @@ def build_mcp_server(runner: ToolRunner, *, require_principal: bool) -> Server[A
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
-    server.middleware.append(_explain_invalid_params)
+
+    async def audit_invalid_params(ctx: Any, message: str) -> None:
+        principal = _principal(ctx)
+        event: dict[str, Any] = {
+            "user_id": principal.user_id if principal else local_user,
+            "key_id": principal.key_id if principal else None,
+            "tool": "mcp",
+            "arguments": {},
+            "outcome": "error",
+            "duration_ms": 0.0,
+            "error": f"rejected with -32602: {message}",
+        }
+        try:
+            if runner.audit_writer is not None:
+                runner.audit_writer.submit(**event)
+            else:
+                url = runner.settings.effective_database_url
+                await asyncio.to_thread(record_call, url, **event)
+        except Exception:
+            logger.exception("could not audit a request with invalid params")
+
+    server.middleware.append(
+        functools.partial(_explain_invalid_params, audit=audit_invalid_params)
+    )
     return server
 
 
@@ -168,7 +195,12 @@ _PARAMS_SHAPES = {
 }
 
 
-async def _explain_invalid_params(ctx: Any, call_next: Any) -> Any:
+async def _explain_invalid_params(
+    ctx: Any,
+    call_next: Any,
+    *,
+    audit: Callable[[Any, str], Awaitable[None]],
+) -> Any:
     """Reply to params that fail the SDK's validation with the field, the JSON
     type it got and the shape expected, where the SDK sends an empty
     -32602. The value itself is left out: tool arguments may hold secrets."""
@@ -191,6 +223,8 @@ async def _explain_invalid_params(ctx: Any, call_next: Any) -> Any:
         shape = _PARAMS_SHAPES.get(method)
         fix = f"; {method} params are {shape}" if shape else ""
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        # Like every request rejected before a tool ran.
+        await audit(ctx, f"Invalid params of {method}: {summary}")
         raise MCPError(
             code=types.INVALID_PARAMS,
             message=f"Invalid params of {method}: {summary}{fix}",

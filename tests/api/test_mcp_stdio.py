@@ -223,6 +223,16 @@ def test_invalid_params_name_the_field(settings: Settings) -> None:
     assert secret not in stdout.decode() + stderr.decode()
     assert missing["code"] == -32602
     assert "params.name: it is missing" in missing["message"]
+    audited = [
+        event.error or ""
+        for event in list_calls(settings.effective_database_url, tool="mcp")
+    ]
+    assert any(
+        error.startswith("rejected with -32602: Invalid params of tools/call: ")
+        and "params.arguments" in error
+        for error in audited
+    ), audited
+    assert not any(secret in error for error in audited)
     # JSON-RPC itself requires params to be an object or an array.
     assert not_object["code"] == -32600
     assert '"params": {...}' in not_object["message"]
