@@ -50,9 +50,16 @@ class ToolError(Exception):
 class ToolInputError(ToolError):
     """Arguments that do not match the tool's input model."""
 
-    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        message: str,
+        errors: list[dict[str, Any]],
+        lines: list[str] | None = None,
+    ) -> None:
         super().__init__(message, kind="invalid_argument")
         self.errors = errors
+        # The message's part for each error, in order, for merging two.
+        self.lines = lines if lines is not None else [message]
 
 
 @dataclass
@@ -297,6 +304,45 @@ def _reject_unencodable_values(
                 ) from None
 
 
+def _validate_arguments(name: str, spec: ToolSpec, raw: dict[str, Any]) -> Any:
+    """Return the tool's input model for `raw`.
+
+    Raises:
+        ToolInputError: naming every invalid field: the booleans given for
+            numbers, which pydantic would take as 0 and 1, and the model's
+            own errors on the other fields.
+    """
+    marked = secret_fields(spec.input_model)
+    booleans = boolean_number_errors(spec.input_model, raw)
+    invalid: ToolInputError | None
+    try:
+        args = spec.input_model.model_validate(raw)
+    except ValidationError as error:
+        invalid = describe_validation_error(name, error, marked, model=spec.input_model)
+        if not booleans:
+            raise invalid from None
+    else:
+        if not booleans:
+            return args
+        invalid = None
+    found = describe_validation_error(
+        name,
+        ValidationError.from_exception_data(spec.input_model.__name__, booleans),
+        marked,
+        model=spec.input_model,
+    )
+    if invalid is None:
+        raise found
+    # Both lists, each field once, the boolean's error first.
+    named = {detail["field"] for detail in found.errors}
+    lines, details = list(found.lines), list(found.errors)
+    for detail, line in zip(invalid.errors, invalid.lines, strict=False):
+        if detail["field"] not in named:
+            details.append(detail)
+            lines.append(line)
+    raise ToolInputError(f"invalid arguments for {name}: " + "; ".join(lines), details)
+
+
 def describe_validation_error(
     tool_name: str,
     error: ValidationError,
@@ -345,7 +391,7 @@ def describe_validation_error(
             lines.append(f"{path}: {value!r} is invalid: {message}")
         details.append({"field": path, "value": _jsonable(value), "message": message})
     message = f"invalid arguments for {tool_name}: " + "; ".join(lines)
-    return ToolInputError(message, details)
+    return ToolInputError(message, details, lines)
 
 
 # Longest value that an error repeats; a long string is cut, and a long
@@ -529,18 +575,8 @@ async def invoke_tool(
     error_text: str | None = None
     result: dict[str, Any] = {}
     try:
-        try:
-            _reject_unencodable_values(name, raw, secret_fields(spec.input_model))
-            booleans = boolean_number_errors(spec.input_model, raw)
-            if booleans:
-                raise ValidationError.from_exception_data(
-                    spec.input_model.__name__, booleans
-                )
-            args = spec.input_model.model_validate(raw)
-        except ValidationError as error:
-            raise describe_validation_error(
-                name, error, secret_fields(spec.input_model), model=spec.input_model
-            ) from None
+        _reject_unencodable_values(name, raw, secret_fields(spec.input_model))
+        args = _validate_arguments(name, spec, raw)
         model = await spec.handler(ctx, args)
         result = model.model_dump(mode="json", by_alias=True)
         outcome = "success"

@@ -248,3 +248,29 @@ async def test_audit_log_tool_filters(client: Client, settings: Settings) -> Non
     result = await invoke_tool(ctx, "audit_log", {"user_id": "carol"})
     assert result["count"] >= 1
     assert {e["user_id"] for e in result["events"]} == {"carol"}
+
+
+async def test_boolean_and_other_errors_reported_together(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    arguments = {
+        "name": "both",
+        "priority": "7",
+        "steps": [
+            {
+                "name": "a",
+                "type": "echo",
+                "retry_attempts": True,
+                "continue_on_failure": 1,
+            }
+        ],
+    }
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ctx, "workflow_create", arguments)
+    fields = [detail["field"] for detail in caught.value.errors]
+    assert fields == [
+        "steps.0.retry_attempts",
+        "priority",
+        "steps.0.continue_on_failure",
+    ]
+    for field in fields:
+        assert f"{field}: " in caught.value.message
