@@ -22,6 +22,7 @@ from stat import S_ISREG
 from sqlalchemy import Connection, RootTransaction, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
+from app.contracts.object_paths import path_problem, shown
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,8 @@ logger = logging.getLogger(__name__)
 # S3's rules, without dots, so a bucket name is always a plain folder name.
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 
-# C0 controls and DEL. A signed URL's route does not match a newline, and
-# these characters garble shells and logs.
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
-
-# The widths of the storage_objects columns, checked before anything is written.
-MAX_PATH_LENGTH = 1024
+# The width of the storage_objects column, checked before anything is written.
 MAX_CONTENT_TYPE_LENGTH = 200
-# NAME_MAX of the common Linux filesystems, in bytes of the encoded name.
-MAX_SEGMENT_BYTES = 255
 
 # A media type as HTTP defines it: type/subtype, then `; name=value`
 # parameters whose values are tokens or quoted strings, ASCII only, so a
@@ -110,7 +104,7 @@ def validate_bucket(bucket: str) -> str:
     """Return `bucket`, or raise StorageError if it is not a valid bucket name."""
     if not _BUCKET_NAME.fullmatch(bucket):
         raise StorageError(
-            f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits "
+            f"invalid bucket name {shown(bucket)}: use 3-63 lowercase letters, digits "
             "and hyphens, starting and ending with a letter or digit"
         )
     return bucket
@@ -125,51 +119,9 @@ def validate_path(path: str) -> str:
             control character, or is longer than the metadata column or the
             filesystem allow.
     """
-    control = _CONTROL_CHARACTER.search(path)
-    if control is not None:
-        raise StorageError(
-            f"invalid object path {path!r}: it contains the control character "
-            f"U+{ord(control.group()):04X} at position {control.start()}; control "
-            "characters (U+0000 to U+001F and U+007F) break URLs, shells and logs, "
-            "so remove it"
-        )
-    if not path or path.startswith("/") or "\\" in path:
-        raise StorageError(
-            f"invalid object path {path!r}: use a relative path such as "
-            "'reports/run-1.md', without a leading slash or backslashes"
-        )
-    segments = path.split("/")
-    if ".." in segments:
-        raise StorageError(
-            f"invalid object path {path!r}: '..' segments are not allowed, "
-            "because they could reach outside the bucket"
-        )
-    if any(segment in ("", ".") for segment in segments):
-        cleaned = "/".join(s for s in segments if s not in ("", "."))
-        raise StorageError(
-            f"invalid object path {path!r}: empty and '.' segments (such as '//', "
-            f"'/./' or a trailing '/') are not allowed, because they would give "
-            f"one object several names; write it as {cleaned!r}"
-        )
-    if len(path) > MAX_PATH_LENGTH:
-        raise StorageError(
-            f"invalid object path {path[:40]!r}... ({len(path)} characters): "
-            f"an object path is at most {MAX_PATH_LENGTH} characters"
-        )
-    for segment in segments:
-        try:
-            size = len(segment.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise StorageError(
-                f"invalid object path {path!r}: it is not valid Unicode text "
-                "(it holds a lone surrogate); send the path as UTF-8"
-            ) from None
-        if size > MAX_SEGMENT_BYTES:
-            raise StorageError(
-                f"invalid object path: segment {segment[:40]!r}... is {size} bytes "
-                f"in UTF-8; each '/'-separated segment is at most "
-                f"{MAX_SEGMENT_BYTES} bytes, as the filesystem allows"
-            )
+    problem = path_problem(path)
+    if problem is not None:
+        raise StorageError(problem)
     return path
 
 

@@ -365,7 +365,8 @@ def describe_validation_error(
     lines: list[str] = []
     for item in error.errors(include_url=False):
         loc = tuple(item["loc"])
-        message = item["msg"]
+        # pydantic puts "Value error, " before a validator's own message.
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == ARGUMENTS_ERROR:
             fields = tuple(item.get("ctx", {}).get("fields", ()))
             path = ", ".join(

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from app.contracts.object_paths import path_problem, shown
 from app.contracts.queues import ORCHESTRATION, STREAMING
 
 UNAVAILABLE_ACTIVITY = "step_unavailable"
@@ -114,7 +115,7 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 def _bucket_name(bucket: str) -> str:
     if not _BUCKET_NAME.match(bucket):
         raise ValueError(
-            f"invalid bucket name {bucket!r}: use 3-63 lowercase letters, digits "
+            f"invalid bucket name {shown(bucket)}: use 3-63 lowercase letters, digits "
             "and hyphens, starting and ending with a letter or digit"
         )
     return bucket
@@ -157,14 +158,25 @@ class StorageParams(BaseModel):
         if self.operation == "list":
             if self.path:
                 raise ValueError(
-                    f"path {self.path!r} is not read by list; give the folder "
-                    "to list as prefix"
+                    f"path {shown(self.path)} is not read by list; give the "
+                    "folder to list as prefix"
                 )
-        elif not self.path:
+            return self
+        if self.prefix:
+            raise ValueError(
+                f"prefix {shown(self.prefix)} is read only by list; {self.operation} "
+                "takes the object's path"
+            )
+        if not self.path:
             raise ValueError(
                 f"path is missing; {self.operation} needs the object's path, "
                 "such as reports/run-1.md"
             )
+        # A path with a reference is checked once the run renders it.
+        if "{{" not in self.path:
+            problem = path_problem(self.path)
+            if problem is not None:
+                raise ValueError(f"path: {problem}")
         return self
 
 

@@ -390,9 +390,9 @@ def check_step_params(definition: WorkflowDefinition) -> None:
             for item in error.errors(include_url=False):
                 if item["loc"] and item["loc"][0] in templated:
                     continue
-                field = ".".join(str(part) for part in item["loc"]) or "params"
+                where = ".".join(["params", *(str(part) for part in item["loc"])])
                 problems.append(
-                    f"{label}: params.{field}: {item['msg']}{_shown(item)} "
+                    f"{label}: {where}: {_message(item)}{_shown(item)} "
                     f"(step type {step.type})"
                 )
     if problems:
@@ -426,9 +426,14 @@ def describe_input_errors(error: ValidationError) -> list[str]:
     "definition.priority: Input should be less than or equal to 10, got 99"."""
     return [
         f"{'.'.join(str(part) for part in item['loc']) or 'input'}: "
-        f"{item['msg']}{_shown(item)}"
+        f"{_message(item)}{_shown(item)}"
         for item in error.errors(include_url=False)
     ]
+
+
+def _message(item: Any) -> str:
+    # pydantic puts "Value error, " before a validator's own message.
+    return str(item["msg"]).removeprefix("Value error, ")
 
 
 def _shown(item: Any) -> str:

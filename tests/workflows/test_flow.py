@@ -345,6 +345,14 @@ async def test_storage_step_path_checked_at_create(tools: ToolContext) -> None:
             {"operation": "list", "bucket": "data", "path": "keep/"},
             "path 'keep/' is not read by list; give the folder to list as prefix",
         ),
+        (
+            {"operation": "get", "bucket": "data", "path": "../../escape.txt"},
+            "'..' segments are not allowed",
+        ),
+        (
+            {"operation": "get", "bucket": "data", "path": "a", "prefix": "b/"},
+            "prefix 'b/' is read only by list",
+        ),
     ):
         with pytest.raises(ToolError) as caught:
             await call(
@@ -354,6 +362,8 @@ async def test_storage_step_path_checked_at_create(tools: ToolContext) -> None:
                 steps=[{"name": "s", "type": "storage", "params": params}],
             )
         assert problem in caught.value.message, caught.value.message
+        assert "params.params" not in caught.value.message
+        assert "Value error" not in caught.value.message
 
 
 async def test_versions_and_audit_trail(

@@ -393,7 +393,7 @@ async def test_create_and_assign_check_agent_type_and_params(
         ),
         (
             {"type": "storage", "params": {"operation": "list", "bucket": "../../etc"}},
-            "step 's': params.bucket: Value error, invalid bucket name '../../etc'",
+            "step 's': params.bucket: invalid bucket name '../../etc'",
         ),
         (
             {"type": "echo", "params": {"x": "{{steps.a.output"}},

@@ -308,12 +308,12 @@ BAD_PARAMS = [
     ),
     (
         {"type": "storage", "params": {"operation": "list", "bucket": "../../etc"}},
-        "step 's': params.bucket: Value error, invalid bucket name '../../etc': "
+        "step 's': params.bucket: invalid bucket name '../../etc': "
         "use 3-63 lowercase letters",
     ),
     (
         {"type": "reporting", "params": {"bucket": "Reports"}},
-        "step 's': params.bucket: Value error, invalid bucket name 'Reports'",
+        "step 's': params.bucket: invalid bucket name 'Reports'",
     ),
     (
         {"type": "echo", "params": {"x": {"y": ["{{steps.a.output"]}}},
