@@ -14,7 +14,7 @@ import typer
 
 from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
-from app.jsonsafe import MAX_JSON_DEPTH, DuplicateKeyError, unique_object
+from app.jsonsafe import MAX_JSON_DEPTH, DuplicateKeyError, repeated_key_path
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -231,18 +231,22 @@ def call_command(
     """Call any tool with JSON arguments and print its JSON result."""
     problem = None
     try:
-        parsed = json.loads(arguments, object_pairs_hook=unique_object)
+        parsed = json.loads(arguments)
+        repeated = repeated_key_path(arguments)
+        if repeated is not None:
+            where = ".".join(repeated)
+            problem = (
+                f"the arguments are invalid: {where}: {DuplicateKeyError(repeated[-1])}"
+            )
     except json.JSONDecodeError as error:
         problem = f"the arguments are not valid JSON: {error}"
-    except DuplicateKeyError as error:
-        problem = f"the arguments are invalid: {error}"
     except RecursionError:
         problem = (
             "the arguments nest objects and arrays too deep to read; send at "
             f"most {MAX_JSON_DEPTH} levels"
         )
     else:
-        if not isinstance(parsed, dict):
+        if problem is None and not isinstance(parsed, dict):
             problem = "the arguments must be a JSON object"
     if problem is not None:
         _audit_rejected(name, problem)

@@ -176,56 +176,61 @@ class DuplicateKeyError(ValueError):
         self.key = key
 
 
-def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Build a dict from a JSON object's pairs, for `json.loads`'s
-    `object_pairs_hook`.
-
-    Raises:
-        DuplicateKeyError: a key appears twice. RFC 8259 leaves the meaning
-            of such an object to the parser, and most keep the last value.
-    """
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DuplicateKeyError(key)
-        result[key] = value
-    return result
+def repeated_key_path(text: bytes | str) -> tuple[str, ...] | None:
+    """Return the path to the first key that an object of the JSON `text`
+    repeats, ending with that key, or None. Raises as `json.loads` does."""
+    return _first_repeated_key(
+        json.loads(text, object_pairs_hook=_MarkedObject.from_pairs)
+    )
 
 
 def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
     # orjson keeps the last of repeated keys without telling, so the body is
-    # parsed again with a hook that receives every pair.
-    try:
-        json.loads(body, object_pairs_hook=unique_object)
-    except DuplicateKeyError as duplicate:
-        field = ".".join(
-            replace_lone_surrogates(part)
-            for part in _path_to_key(document, duplicate.key)
-        )
-        raise InvalidJSONError(
-            f"the request body is invalid: {duplicate}",
-            field=field,
-            problem=str(duplicate),
-            document=_cleaned(document),
-            lenient=True,
-        ) from None
+    # parsed again with a hook that receives every pair and marks the object.
+    found = repeated_key_path(body)
+    if found is None:
+        return
+    duplicate = DuplicateKeyError(found[-1])
+    raise InvalidJSONError(
+        f"the request body is invalid: {duplicate}",
+        field=".".join(replace_lone_surrogates(part) for part in found),
+        problem=str(duplicate),
+        document=_cleaned(document),
+        lenient=True,
+    )
 
 
-def _path_to_key(document: Any, key: str) -> tuple[str, ...]:
-    """Return the path to the first object, breadth first, that has `key`,
-    with the key at its end. The parser's hook that found the repeated key
-    does not know where its object lies; an object with the key is the
-    likely one."""
+class _MarkedObject(dict[str, Any]):
+    """A parsed JSON object that remembers the first key it got twice."""
+
+    repeated: str | None = None
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _MarkedObject:
+        made = cls()
+        for key, value in pairs:
+            if key in made and made.repeated is None:
+                made.repeated = key
+            made[key] = value
+        return made
+
+
+def _first_repeated_key(document: Any) -> tuple[str, ...] | None:
+    """Return the path to the first repeated key, in the body's order."""
     pending: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
     while pending:
-        item, path = pending.pop(0)
-        if isinstance(item, dict):
-            if key in item:
-                return (*path, key)
-            pending += [(child, (*path, str(name))) for name, child in item.items()]
+        item, path = pending.pop()
+        if isinstance(item, _MarkedObject):
+            if item.repeated is not None:
+                return (*path, item.repeated)
+            children = [(child, (*path, str(key))) for key, child in item.items()]
         elif isinstance(item, list):
-            pending += [(child, (*path, str(i))) for i, child in enumerate(item)]
-    return (key,)
+            children = [(child, (*path, str(i))) for i, child in enumerate(item)]
+        else:
+            continue
+        # Reversed, so that the stack pops them in the body's order.
+        pending.extend(reversed(children))
+    return None
 
 
 def has_wide_float(value: Any) -> bool:

@@ -308,7 +308,7 @@ def test_calls_that_reach_no_tool_are_audited(api_settings: Settings) -> None:
     assert probe.user_id.startswith("cli:")
     rejected = list_calls(url, tool="audit_log", limit=5)
     assert any(
-        event.error == "rejected: the arguments are invalid: the key 'limit' "
-        "appears more than once in one object; send each key once"
+        event.error == "rejected: the arguments are invalid: limit: the key "
+        "'limit' appears more than once in one object; send each key once"
         for event in rejected
     )

@@ -416,3 +416,11 @@ async def test_query_string_on_tool_route_rejected(server: ApiServer) -> None:
     error = response.json()["error"]
     assert error["errors"][0]["field"] == "query"
     assert "the query string (limit, tool) is not read" in error["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_repeated_key_blames_its_own_object(server: ApiServer) -> None:
+    body = '{"meta": {"A": "x"}, "user_id": {"B": 0, "A": 1, "A": 2}}'
+    response = await send(server, "/api/tools/audit_log", body)
+    assert response.status_code == 422
+    assert response.json()["error"]["errors"][0]["field"] == "user_id.A"
