@@ -631,6 +631,20 @@ async def _record(ctx: ToolContext, event: dict[str, Any], *, wait: bool) -> Non
                 await ctx.audit_writer.committed()
         else:
             await asyncio.to_thread(record_call, ctx.database_url, **event)
-    except Exception:
+    except Exception as error:
+        if _no_audit_table(error):
+            # A database that no command migrated yet, as `nexus health` on a
+            # new data folder reports it.
+            logger.warning(
+                "audit event for tool %s not written: the database has no audit "
+                "table yet; run `nexus db upgrade`",
+                event["tool"],
+            )
+            return
         # The call itself already ran; losing its audit row must be loud.
         logger.exception("could not write the audit event for tool %s", event["tool"])
+
+
+def _no_audit_table(error: Exception) -> bool:
+    text = str(getattr(error, "orig", error))
+    return "audit_log" in text and ("no such table" in text or "does not exist" in text)
