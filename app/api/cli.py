@@ -127,7 +127,8 @@ def revoke_command(
     if default_key_file_id(settings) == key_id:
         typer.echo(
             f"warning: {default_key_path(settings)} holds this key's token, which "
-            "no longer works; rotate another key into it or delete the file",
+            "no longer works; write the token of an active key into it (`nexus "
+            "keys create NAME` prints a new one), or delete the file",
             err=True,
         )
 

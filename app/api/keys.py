@@ -377,9 +377,9 @@ def ensure_default_key(settings: Settings) -> str | None:
         if file_key_id is not None and verify_token(url, _read_token(path)) is None:
             print(
                 f"warning: {path} holds the token of key {file_key_id}, which is "
-                "revoked or unknown, so requests sent with it get 401. Rotate an "
-                "active key with `nexus keys rotate KEY_ID` and write its token "
-                "there, or delete the file",
+                "revoked or unknown, so requests sent with it get 401. Write the "
+                "token of an active key into it (`nexus keys create NAME` prints "
+                "a new one), or delete the file",
                 file=sys.stderr,
             )
         return None
