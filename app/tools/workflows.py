@@ -625,6 +625,14 @@ async def workflow_agent_assign(
     try:
         state = await asyncio.to_thread(store.get_execution, url, owner)
     except store.NotFoundError as error:
+        named = await asyncio.to_thread(store.definition_id_named, url, owner)
+        if named is not None:
+            raise ToolError(
+                f"execution {owner!r} not found: that is the name of workflow "
+                f"{named!r}; use {named}/{step} to assign an agent in its "
+                "definition",
+                kind="not_found",
+            ) from None
         raise _not_found(error) from None
     if state.status != "running":
         raise ToolError(

@@ -179,15 +179,11 @@ def get_definition(
     with session_scope(url) as session:
         row = session.get(WorkflowDefinitionRow, workflow_id)
         if row is None:
-            named = session.exec(
-                select(WorkflowDefinitionRow).where(
-                    WorkflowDefinitionRow.name == workflow_id
-                )
-            ).first()
+            named = _id_of_name(session, workflow_id)
             if named is not None:
                 raise NotFoundError(
                     f"workflow {workflow_id!r} not found: that is the name of "
-                    f"workflow {named.id!r}; pass its id as workflow_id"
+                    f"workflow {named!r}; pass its id as workflow_id"
                 )
             raise NotFoundError(
                 f"workflow {workflow_id!r} not found; create it with "
@@ -196,6 +192,19 @@ def get_definition(
         chosen = version or row.latest_version
         spec = _version_row(session, workflow_id, chosen).spec
         return row, chosen, WorkflowDefinition.model_validate(spec)
+
+
+def _id_of_name(session: Any, name: str) -> str | None:
+    row = session.exec(
+        select(WorkflowDefinitionRow).where(WorkflowDefinitionRow.name == name)
+    ).first()
+    return None if row is None else str(row.id)
+
+
+def definition_id_named(url: str, name: str) -> str | None:
+    """Return the id of the definition called `name`, or None."""
+    with session_scope(url) as session:
+        return _id_of_name(session, name)
 
 
 def delete_definition(url: str, workflow_id: str) -> WorkflowDefinitionRow:

@@ -507,3 +507,9 @@ async def test_name_given_as_id_points_to_id(tools: ToolContext) -> None:
         f"that is the name of workflow {created['workflow_id']!r}; pass its id"
         in caught.value.message
     )
+    with pytest.raises(ToolError) as assign:
+        await call(
+            tools, "workflow_agent_assign", task_id="named-run/a", agent_type="coder"
+        )
+    assert assign.value.kind == "not_found"
+    assert f"use {created['workflow_id']}/a to assign" in assign.value.message
