@@ -11,6 +11,7 @@ import typer
 
 from app.cli_group import NexusGroup
 from app.contracts.swarm import (
+    AGENT_TYPES,
     Language,
     Priority,
     SwarmStrategy,
@@ -33,9 +34,10 @@ SwarmOption = Annotated[
 
 
 def _one_of(values: Any) -> Callable[[str | None], str | None]:
-    """Check a value against the tool's own Literal type, so that a typo is a
-    usage error (exit 2) that lists the allowed values."""
-    allowed = typing.get_args(values)
+    """Check a value against the tool's own Literal type (or tuple of
+    values), so that a typo is a usage error (exit 2) that lists the allowed
+    values."""
+    allowed = values if isinstance(values, tuple) else typing.get_args(values)
 
     def check(value: str | None) -> str | None:
         if value is not None and value not in allowed:
@@ -78,7 +80,10 @@ def init_command(
 
 @swarm_cli.command("spawn")
 def spawn_command(
-    agent_type: Annotated[str, typer.Argument(help="Agent type, e.g. coder.")],
+    agent_type: Annotated[
+        str,
+        typer.Argument(help="Agent type, e.g. coder.", callback=_one_of(AGENT_TYPES)),
+    ],
     name: Annotated[str | None, typer.Option(help="Agent name.")] = None,
     capability: Annotated[
         list[str] | None, typer.Option("--capability", help="Repeatable.")

@@ -214,6 +214,7 @@ def test_choice_flags_are_usage_errors() -> None:
         (["swarm", "task", "x", "--priority", "urgent"], "'--priority'", "critical"),
         (["swarm", "task", "x", "--strategy", "fast"], "'--strategy'", "adaptive"),
         (["swarm", "task", "x", "--language", "ruby"], "'--language'", "bash"),
+        (["swarm", "spawn", "wizard"], "'agent_type'", "coder"),
     ):
         result = runner.invoke(cli, args)
         assert result.exit_code == 2, result.output
