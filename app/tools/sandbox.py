@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.contracts.sandbox import (
     BackendState,
@@ -48,20 +48,25 @@ def _check_packages(value: list[str] | None) -> list[str] | None:
     return value
 
 
-def _check_commands(value: list[str] | None) -> list[str] | None:
-    for index, command in enumerate(value or []):
-        # bash runs an empty command as success, so a blank item would be
-        # counted in `commands_run` without running anything.
-        if not command.strip():
-            raise ValueError(
-                f"run_commands[{index}] is empty; give one shell command per "
-                "item or leave the item out"
-            )
-        if "\x00" in command:
-            raise ValueError(
-                f"run_commands[{index}] contains a NUL character, which a "
-                "shell command cannot hold; remove it"
-            )
+def _check_command(command: str) -> str:
+    # bash runs an empty command as success, so a blank item would be
+    # counted in `commands_run` without running anything.
+    if not command.strip():
+        raise ValueError(
+            "the command is empty; give one shell command per item or leave the "
+            "item out"
+        )
+    return _without_nul("the command", command)
+
+
+def _without_nul(field: str, value: str) -> str:
+    # Neither a program text nor a command line can hold one: the sandbox
+    # would be started, or the program run, only to fail.
+    if "\x00" in value:
+        raise ValueError(
+            f"{field} contains a NUL character at position {value.index(chr(0))}, "
+            "which no program text can hold; remove it"
+        )
     return value
 
 
@@ -90,6 +95,11 @@ class SandboxCreateInput(BaseModel):
         None, description="pip packages (npm for node templates; `npm:`/`pip:` prefix)."
     )
     startup_script: str | None = Field(None, description="bash run after installs.")
+
+    @field_validator("startup_script")
+    @classmethod
+    def _script(cls, value: str | None) -> str | None:
+        return None if value is None else _without_nul("startup_script", value)
 
     @field_validator("install_packages")
     @classmethod
@@ -188,7 +198,7 @@ class SandboxExecuteInput(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("code is empty; pass the program to run")
-        return value
+        return _without_nul("code", value)
 
 
 @tool("sandbox_execute", group="sandbox")
@@ -331,17 +341,12 @@ class SandboxConfigureInput(BaseModel):
     env_vars: dict[str, str] | None = None
     anthropic_key: str | None = Field(None, json_schema_extra={"secret": True})
     install_packages: list[str] | None = None
-    run_commands: list[str] | None = None
+    run_commands: list[Annotated[str, AfterValidator(_check_command)]] | None = None
 
     @field_validator("install_packages")
     @classmethod
     def _packages(cls, value: list[str] | None) -> list[str] | None:
         return _check_packages(value)
-
-    @field_validator("run_commands")
-    @classmethod
-    def _commands(cls, value: list[str] | None) -> list[str] | None:
-        return _check_commands(value)
 
     @field_validator("env_vars")
     @classmethod

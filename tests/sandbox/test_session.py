@@ -555,6 +555,11 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
             )
         assert "install_packages" in bad_package.value.message
         assert f"package {package!r} is invalid" in bad_package.value.message
+    with pytest.raises(ToolInputError) as nul_script:
+        await call(
+            tool_ctx, "sandbox_create", template="base", startup_script="echo a\x00"
+        )
+    assert "startup_script contains a NUL character" in nul_script.value.message
     # Rejected before any session started.
     assert (await call(tool_ctx, "sandbox_list"))["count"] == 0
     created = await call(tool_ctx, "sandbox_create", template="base")
@@ -562,6 +567,11 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
     try:
         with pytest.raises(ToolInputError):
             await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="  ")
+        with pytest.raises(ToolInputError) as nul_code:
+            await call(
+                tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(1)\x00"
+            )
+        assert "code contains a NUL character at position 8" in nul_code.value.message
         with pytest.raises(ToolInputError):
             await call(
                 tool_ctx,
@@ -591,8 +601,8 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
             )
         assert "package '-e.' is invalid" in bad_configure.value.message
         for commands, problem in (
-            (["echo a", "  "], "run_commands[1] is empty"),
-            (["echo \x00"], "run_commands[0] contains a NUL"),
+            (["echo a", "  "], "run_commands.1: '  ' is invalid: the command is empty"),
+            (["echo \x00"], "run_commands.0: 'echo \\x00' is invalid: the command "),
         ):
             with pytest.raises(ToolInputError) as bad_command:
                 await call(
