@@ -120,7 +120,10 @@ class ToolRunner:
                 await asyncio.wait({running}, timeout=self.stop_grace_seconds)
             if running.done():
                 return running.result()
-            running.cancel()
+            running.cancel(
+                "the server is stopping; the caller got 503, and the call may "
+                "still take effect"
+            )
             with contextlib.suppress(asyncio.CancelledError):
                 await running
             raise ToolError(

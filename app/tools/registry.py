@@ -585,10 +585,12 @@ async def invoke_tool(
     except ToolError as error:
         error_text = error.message
         raise
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as stopped:
         # The caller stopped waiting, as a workflow step at its timeout or
-        # a stopping worker does.
+        # a stopping worker does, and may have said why.
         error_text = f"{name} was cancelled before it finished"
+        if stopped.args:
+            error_text += f": {stopped.args[0]}"
         cancelled = True
         raise
     except Exception as error:

@@ -103,6 +103,12 @@ async def test_stop_answers_call_in_flight(
     assert "the server is stopping, and workflow_execute had not" in error["message"]
     assert "It may still take effect" in error["message"]
     assert answered_after >= STOP_GRACE_SECONDS - 0.5
+    # The audit row says why the call ended, and what its caller got.
+    [event] = list_calls(
+        api_settings.effective_database_url, tool="workflow_execute", limit=1
+    )
+    assert event.error is not None
+    assert "the caller got 503, and the call may still take effect" in event.error
 
 
 async def test_killed_server_keeps_audit_rows_of_answered_calls(
