@@ -116,20 +116,16 @@ class WorkflowActivities:
                 request.input.definition,
                 key=load_key(self.settings),
             )
-        except store.DefinitionDeletedError as error:
+        except (store.DefinitionDeletedError, store.DefinitionMismatchError) as error:
             activity.logger.warning(
                 "rejected execution %s: %s", request.state.execution_id, error
             )
-            raise ApplicationError(
-                str(error), type="DefinitionDeleted", non_retryable=True
-            ) from None
-        except store.DefinitionMismatchError as error:
-            activity.logger.warning(
-                "rejected execution %s: %s", request.state.execution_id, error
+            kind = (
+                "DefinitionDeleted"
+                if isinstance(error, store.DefinitionDeletedError)
+                else "InvalidDefinition"
             )
-            raise ApplicationError(
-                str(error), type="InvalidDefinition", non_retryable=True
-            ) from None
+            raise ApplicationError(str(error), type=kind, non_retryable=True) from None
         agents: dict[str, str | None] = {}
         for step in request.state.steps:
             if not (step.agent or step.agent_type):
