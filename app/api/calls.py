@@ -77,7 +77,7 @@ class ToolRunner:
         health_snapshots: the server's shared `system_health` reading; None
             reads live on every call.
         stop_grace_seconds: how long a call may still run once `begin_stop`
-            was called before it is answered as unavailable; None leaves
+            was called before it gets an unavailable error; None leaves
             calls alone (stdio, which finishes its calls itself).
     """
 

@@ -113,7 +113,7 @@ def main() -> None:
 
 
 class StoppingServer(uvicorn.Server):
-    """uvicorn's server, which also tells the tool runner when a stop signal
+    """uvicorn's server, which also notifies the tool runner when a stop signal
     arrives: uvicorn waits for every request in flight before it exits, and
     the runner answers those that outlast its grace (see `ToolRunner`)."""
 

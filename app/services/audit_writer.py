@@ -29,7 +29,7 @@ from app.services.audit import audit_fields, insert_statement, list_calls
 logger = logging.getLogger(__name__)
 
 # How long a call's response waits for its audit event's commit (see
-# `AuditWriter.committed`) while the database does not answer.
+# `AuditWriter.committed`) while the database does not respond.
 COMMIT_WAIT_SECONDS = 5.0
 # Attempts at writing a batch once `close` was called, before the events
 # are given up and logged as lost.

@@ -395,7 +395,7 @@ def describe_validation_error(
     return ToolInputError(message, details, lines)
 
 
-# Longest value that an error repeats; a long string is cut, and a long
+# Maximum length of a value that an error repeats; a long string is cut, and a long
 # array or object is described, so that a 1 MB argument is not echoed in
 # the message, its details and the audit row.
 _SHOWN_LIMIT = 1000
@@ -587,7 +587,7 @@ async def invoke_tool(
         raise
     except asyncio.CancelledError as stopped:
         # The caller stopped waiting, as a workflow step at its timeout or
-        # a stopping worker does, and may have said why.
+        # a stopping worker does, and may have given the reason.
         error_text = f"{name} was cancelled before it finished"
         if stopped.args:
             error_text += f": {stopped.args[0]}"
@@ -628,8 +628,8 @@ async def _record(ctx: ToolContext, event: dict[str, Any], *, wait: bool) -> Non
         if ctx.audit_writer is not None:
             ctx.audit_writer.submit(**event)
             if wait:
-                # Answered only once its row is stored, so that a server
-                # killed after the answer has not lost the row.
+                # Responded to only once its row is stored, so that a server
+                # killed after the response has not lost the row.
                 await ctx.audit_writer.committed()
         else:
             await asyncio.to_thread(record_call, ctx.database_url, **event)
