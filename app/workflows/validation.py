@@ -170,9 +170,32 @@ def validate_definition(
         if trigger.type == "schedule":
             problems += _check_cron(index, trigger.cron)
     if problems:
-        raise DefinitionError(problems)
+        # The references are checked too, so that one reply lists every
+        # problem; which steps are upstream is known only without a broken
+        # dependency.
+        try:
+            upstream: dict[str, set[str]] | None = ancestors(definition.steps)
+        except (DefinitionError, KeyError):
+            upstream = None
+        raise DefinitionError(
+            problems + _reference_problems(definition.steps, names, upstream)
+        )
     upstream = ancestors(definition.steps)  # raises on a cycle
-    for step in definition.steps:
+    problems = _reference_problems(definition.steps, names, upstream)
+    if problems:
+        raise DefinitionError(problems)
+
+
+def _reference_problems(
+    steps: Iterable[StepSpec],
+    names: set[str],
+    upstream: dict[str, set[str]] | None,
+) -> list[str]:
+    """Return the problems of the `{{...}}` references in the steps' params:
+    malformed ones, unknown steps, and, where `upstream` is known, steps
+    that are not upstream."""
+    problems: list[str] = []
+    for step in steps:
         try:
             references = find_references(step.params)
         except TemplateError as error:
@@ -186,14 +209,15 @@ def validate_definition(
                     f"step {step.name!r}: {{{{{reference.text}}}}} names unknown "
                     f"step {reference.step!r}"
                 )
-            elif reference.step not in upstream[step.name]:
+            elif upstream is not None and reference.step not in upstream.get(
+                step.name, set()
+            ):
                 problems.append(
                     f"step {step.name!r}: {{{{{reference.text}}}}} names step "
                     f"{reference.step!r}, which is not upstream; add it to "
                     "depends_on (directly or through another step)"
                 )
-    if problems:
-        raise DefinitionError(problems)
+    return problems
 
 
 def _check_cron(index: int, cron: str | None) -> list[str]:

@@ -557,3 +557,24 @@ async def test_public_param_reference_shown(tools: ToolContext) -> None:
     with pytest.raises(ToolError) as caught:
         await call(tools, "workflow_create", name="shown", steps=[step])
     assert "invalid reference {{nope}}" in caught.value.message
+
+
+async def test_step_and_reference_problems_reported_together(
+    tools: ToolContext,
+) -> None:
+    steps = [
+        {
+            "name": "a",
+            "type": "echo",
+            "params": {"x": "{{steps.b.output.x}}", "y": "{{steps.zz.output.y}}"},
+        },
+        {"name": "b", "type": "echo"},
+        {"name": "c", "type": "teleport", "depends_on": ["b"]},
+    ]
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_create", name="many-problems", steps=steps)
+    message = caught.value.message
+    assert "step 'c'" in message, message
+    assert "names unknown step 'zz'" in message
+    # Upstream is known here, so the reference to a step outside it is named.
+    assert "names step 'b', which is not upstream" in message
