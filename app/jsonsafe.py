@@ -207,12 +207,12 @@ class _MarkedObject(dict[str, Any]):
 
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _MarkedObject:
-        made = cls()
+        parsed = cls()
         for key, value in pairs:
-            if key in made and made.repeated is None:
-                made.repeated = key
-            made[key] = value
-        return made
+            if key in parsed and parsed.repeated is None:
+                parsed.repeated = key
+            parsed[key] = value
+        return parsed
 
 
 def _first_repeated_key(document: Any) -> tuple[str, ...] | None:
@@ -279,7 +279,7 @@ def depth_problem() -> str:
 
 
 def _reject_too_deep(document: Any, *, valid: bool) -> None:
-    """Raise for a document nested too deep. `valid`: the document holds no
+    """Raise for a document nested too deep. `valid`: the document contains no
     rejected value, so the error may carry it for the caller to read its
     shape (a JSON-RPC id, a plain `/mcp` call)."""
     path = too_deep(document)

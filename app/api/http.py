@@ -803,8 +803,8 @@ def _validation_message(error: RequestValidationError) -> str:
 
 # How long a call may still run after the server got SIGTERM or SIGINT. The
 # workers stop at the same time and drain their activities for 10 s, and the
-# supervisor kills what still runs after 20 s; a call still waiting after
-# this is answered 503 so that its caller does not get a dropped connection.
+# supervisor kills what still runs after 20 s. A call still waiting after
+# this gets a 503 response, so its caller does not see a dropped connection.
 STOP_GRACE_SECONDS = 10.0
 
 

@@ -115,7 +115,7 @@ def main() -> None:
 class StoppingServer(uvicorn.Server):
     """uvicorn's server, which also notifies the tool runner when a stop signal
     arrives: uvicorn waits for every request in flight before it exits, and
-    the runner answers those that outlast its grace (see `ToolRunner`)."""
+    the runner responds to those that outlast its grace (see `ToolRunner`)."""
 
     def __init__(self, config: uvicorn.Config, runner: ToolRunner) -> None:
         super().__init__(config)

@@ -46,7 +46,7 @@ def ensure_current(url: str) -> None:
     """Migrate the database unless it is at the heads of this code already.
 
     Commands that call tools without `nexus up` (`nexus call`, `nexus mcp`)
-    may be the first to open a data folder; without the tables every tool
+    may be the first to open a data folder. Without the tables, every tool
     that reads the database failed with "no such table". Reading the heads
     costs one query, where an upgrade that finds nothing to do takes longer.
     """

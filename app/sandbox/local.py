@@ -415,9 +415,9 @@ class LocalBackend(SandboxBackend):
             # runner ends at the sandbox's timeout.
             # The folder's path is read from the kernel, not taken from the
             # arguments: a spare's folder is renamed when a sandbox takes it.
-            # A spare that ends unused (its worker was killed) goes whole, with
-            # its state file; a sandbox's own folder keeps its state until
-            # `delete`, which reads it.
+            # A spare that ends unused (its worker was killed) is removed with its
+            # state file. A sandbox's own folder keeps its state until `delete`,
+            # because `delete` reads it.
             script = (
                 'shift; "$@"; f=$(readlink "/proc/$$/cwd") && '
                 'case "$f" in */_spare-*/home) rm -rf -- "${f%/home}";; '

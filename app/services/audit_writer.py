@@ -157,7 +157,7 @@ class AuditWriter:
         """Wait until every event submitted so far is committed, for at most
         `timeout` seconds; return whether it was.
 
-        A call's response waits for this, so that a call that got its answer
+        A call's response waits for this, so that a call that got its response
         has its audit row even if the server is killed right after. Waiting
         calls share commits: the writer writes at once, without lingering,
         and a commit covers every event queued before it.

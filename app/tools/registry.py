@@ -395,9 +395,9 @@ def describe_validation_error(
     return ToolInputError(message, details, lines)
 
 
-# Maximum length of a value that an error repeats; a long string is cut, and a long
-# array or object is described, so that a 1 MB argument is not echoed in
-# the message, its details and the audit row.
+# Maximum length of a value that an error repeats. A longer string is cut
+# and a longer array or object is described, so a 1 MB argument is not
+# echoed in the message, its details and the audit row.
 _SHOWN_LIMIT = 1000
 
 

@@ -230,7 +230,7 @@ async def listed_schedule_indexes(client: Client, workflow_id: str) -> set[int]:
     """Return the indexes of the definition's schedules that Temporal lists.
 
     A version that was rolled back is no longer stored, so its trigger count
-    cannot say which schedules a failed roll-back left; the list can. The
+    cannot show which schedules a failed roll-back left, and the list can. The
     list comes from visibility and lags a create by up to a second, so
     callers add the indexes of the stored version too.
     """

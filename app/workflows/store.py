@@ -335,21 +335,17 @@ def _require_same_body(
             f"workflow {workflow_id!r} not found, so this run cannot be one of its "
             f"executions; {fix}"
         )
-    stored = session.exec(
-        select(WorkflowVersionRow).where(
-            WorkflowVersionRow.definition_id == workflow_id,
-            WorkflowVersionRow.version == version,
-        )
-    ).first()
-    if stored is None:
+    try:
+        stored = _version_row(session, workflow_id, version)
+    except NotFoundError:
         raise DefinitionMismatchError(
             f"workflow {workflow_id!r} ({row.name!r}) has no version {version} "
             f"(its latest is {row.latest_version}); {fix}"
-        )
-    # Compared by the hash that versions use, through the model, so that
-    # fields added since the version was stored compare as their defaults,
-    # and secret values compare by their plain value, sealed or not (a
-    # version stored before sealing runs with its values sealed).
+        ) from None
+    # Compared by the hash that versions use, through the model, so fields
+    # added since the version was stored compare as their defaults. Secret
+    # values compare by their plain value, sealed or not, because a version
+    # stored before sealing existed runs with its values sealed.
     body = WorkflowDefinition.model_validate(stored.spec)
     try:
         same = (

@@ -305,7 +305,7 @@ async def test_group_limited_key_sees_only_its_groups_calls(
     assert content not in response.text
     assert {event["tool"] for event in events} <= {"system_health", "audit_log"}
     assert any(event["key_id"] == key_id for event in events)
-    # A key for every group still sees the upload.
+    # A key for every group still reads the upload.
     everything = await audit_events(api_server, tool="storage_upload", limit=5)
     assert any(event["arguments"].get("content") == content for event in everything)
 

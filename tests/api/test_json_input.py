@@ -359,8 +359,8 @@ async def test_deep_nesting_rejected_with_json_error(server: ApiServer) -> None:
                 server, path, body, {"Content-Type": "application/json"}
             )
             if path == "/mcp" and levels >= 1024:
-                # Beyond every parser's limit, nothing tells a plain call
-                # from JSON-RPC, so the answer is JSON-RPC's parse error.
+                # Beyond every parser's limit, nothing distinguishes a plain
+                # call from JSON-RPC, so the response is JSON-RPC's parse error.
                 assert response.status_code == 400, response.text
                 assert response.json()["error"]["code"] == -32700
                 assert "more than 64 levels deep" in response.text

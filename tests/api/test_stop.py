@@ -1,6 +1,6 @@
 """The HTTP server as its own process, stopped or killed while calls run:
-a call still waiting at a stop gets a 503 that says so, not a dropped
-connection, and a call that got its answer keeps its audit row."""
+a call still waiting at a stop gets a 503 response, not a dropped
+connection, and a call that got its response keeps its audit row."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tests.workflows.conftest import call
 async def http_server(
     settings: Settings,
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], httpx.AsyncClient]]:
-    """Start `python -m app.api` and yield it with a client once it answers;
+    """Start `python -m app.api` and yield it with a client once it responds;
     kill it afterwards unless the test ended it."""
     port = free_port()
     env = {
@@ -103,7 +103,7 @@ async def test_stop_answers_call_in_flight(
     assert "the server is stopping, and workflow_execute had not" in error["message"]
     assert "It may still take effect" in error["message"]
     assert answered_after >= STOP_GRACE_SECONDS - 0.5
-    # The audit row says why the call ended, and what its caller got.
+    # The audit row gives the reason the call ended, and the caller's response.
     [event] = list_calls(
         api_settings.effective_database_url, tool="workflow_execute", limit=1
     )
@@ -114,7 +114,7 @@ async def test_stop_answers_call_in_flight(
 async def test_killed_server_keeps_audit_rows_of_answered_calls(
     api_settings: Settings,
 ) -> None:
-    """A call answered 200 has its audit row even when the server is killed
+    """A call that got a 200 response has its audit row even when the server is killed
     (SIGKILL, no shutdown) while other calls run."""
     token, info = create_key(api_settings.effective_database_url, "kill-test")
     answered: list[str] = []

@@ -813,7 +813,8 @@ async def test_installers_run_no_planted_code(
         # package is in the sandbox's node_modules.
         assert (backend.folder("box") / "DEP").exists()
         installed = backend.folder("box") / "node_modules" / "dep" / "package.json"
-        assert installed.is_file() and not installed.is_symlink()
+        assert installed.is_file()
+        assert not installed.is_symlink()
         assert not (backend.folder("box") / "node_modules" / "evil").exists()
 
 

@@ -1035,7 +1035,7 @@ async def test_settled_call_counts_removed_by_later_calls(
     tool_ctx: ToolContext,
 ) -> None:
     """A call's start count stays in the sandbox until a later execution,
-    in a later workflow task, knows its result was recorded."""
+    in a later workflow task, confirms that its result was recorded."""
     client = await tool_ctx.client()
     created = await call(tool_ctx, "sandbox_create", template="base")
     sandbox_id = created["sandbox_id"]
