@@ -46,6 +46,9 @@ _INPUT_ERRORS = ["InvalidDataset", "InvalidInput"]
 # Runs that started before this patch left a diverged worker out of the
 # round as missing, and went on training without it.
 _PATCH_DIVERGED_NODE_FAILS_SESSION = "diverged-node-fails-session"
+# Runs that started before this patch completed when the validators rejected
+# every round, and stored the untrained initial model as the result.
+_PATCH_ALL_ROUNDS_REJECTED_FAILS = "all-rounds-rejected-fails-session"
 
 
 def _error_text(error: BaseException) -> str:
@@ -150,6 +153,20 @@ class DistributedTrainingWorkflow:
                     )
                     workflow.continue_as_new(SessionInput(plan=plan, state=state))
                 await self._round(plan, state, total)
+            if (
+                total > 0
+                and state.rejected >= total
+                and workflow.patched(_PATCH_ALL_ROUNDS_REJECTED_FAILS)
+            ):
+                raise ApplicationError(
+                    f"the validators rejected every round ({state.rejected} of "
+                    f"{total}), so the global model is still the untrained "
+                    "initial one and no model is stored; raise "
+                    f"validation_tolerance (now {plan.validation_tolerance:g}) "
+                    f"or lower learning_rate (now {plan.learning_rate:g})",
+                    type="AllRoundsRejected",
+                    non_retryable=True,
+                )
             assert state.data_path is not None and state.global_path is not None
             result: SessionResult = await workflow.execute_activity(
                 "neural_finish_session",

@@ -14,7 +14,7 @@ from app.contracts.neural import NodeTrainInput, NodeTrainResult
 from app.neural import jobs, store
 from app.neural.training import dump_params, load_params
 from app.settings import Settings
-from app.tools import ToolContext, invoke_tool, load_tools
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from tests.neural.conftest import node_workers
 from tests.support.replay import replay_run
 from workers.registry import all_workflows
@@ -214,6 +214,50 @@ async def test_proof_of_learning_rejects_corrupt_node(
         _all(nodes),
         {bad: [fake.node_train, fake.aggregate, fake.validate]},
     ):
+        with pytest.raises(ToolError) as raised:
+            await invoke_tool(
+                ctx,
+                "neural_train_distributed",
+                {
+                    "cluster_id": cluster_id,
+                    "dataset": "digits",
+                    "epochs": 2,
+                    "rounds": 2,
+                    "batch_size": 64,
+                    "learning_rate": 0.01,
+                    "federated": True,
+                    "wait": True,
+                },
+            )
+    # The model learned nothing, so the session fails rather than store the
+    # untrained initial model as its result.
+    assert "the validators rejected every round (2 of 2)" in raised.value.message
+    assert "validation_tolerance (now 0.1)" in raised.value.message
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    session = status["sessions"][0]
+    assert session["status"] == "failed"
+    assert session["rounds_rejected"] == 2
+    assert session["model_id"] is None
+    rejected = [e for e in session["events"] if e["kind"] == "rejected"]
+    assert len(rejected) == 2
+    assert all(e["candidate_loss"] > e["previous_loss"] for e in rejected)
+
+
+async def test_proof_of_learning_keeps_accepted_rounds(
+    client: Client, neural_workers: Settings
+) -> None:
+    """A session that has some rounds rejected and others accepted completes
+    with the accepted model."""
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    cluster_id, nodes = await _cluster(ctx, ["worker", "worker", "validator"])
+    bad = nodes["worker"][1]
+    fake = FirstRoundCorruptingNode(neural_workers, bad)
+    async with node_workers(
+        client,
+        neural_workers,
+        _all(nodes),
+        {bad: [fake.node_train, fake.aggregate, fake.validate]},
+    ):
         started = await invoke_tool(
             ctx,
             "neural_train_distributed",
@@ -229,12 +273,7 @@ async def test_proof_of_learning_rejects_corrupt_node(
             },
         )
     result = started["result"]
-    assert result["rounds_rejected"] == 2
-    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
-    rejected = [e for e in status["sessions"][0]["events"] if e["kind"] == "rejected"]
-    assert len(rejected) == 2
-    assert all(e["candidate_loss"] > e["previous_loss"] for e in rejected)
-    # Both rounds fell back, so the global model is still the initial one.
+    assert result["rounds_rejected"] == 1
     final, _ = load_params(
         store.get_object(neural_workers, f"models/{result['model_id']}.npz")
     )
@@ -243,7 +282,17 @@ async def test_proof_of_learning_rejects_corrupt_node(
             neural_workers, f"sessions/{started['session_id']}/global-0.npz"
         )
     )
-    np.testing.assert_allclose(final["dense_0"]["w"], initial["dense_0"]["w"])
+    assert not np.allclose(final["dense_0"]["w"], initial["dense_0"]["w"])
+
+
+class FirstRoundCorruptingNode(CorruptingNode):
+    """A worker that scrambles its weights in round 0 only."""
+
+    @activity.defn(name="neural_node_train")
+    def node_train(self, request: NodeTrainInput) -> NodeTrainResult:
+        if request.round == 0:
+            return super().node_train(request)
+        return NodeActivities.node_train(self, request)
 
 
 async def test_killed_node_resumes_from_checkpoint(
