@@ -259,6 +259,7 @@ class Gate:
         *,
         key_id: str | None = None,
         principal: Principal | None = None,
+        jsonrpc_code: int | None = None,
     ) -> None:
         """Queue the audit event of a request rejected before a tool ran.
 
@@ -269,7 +270,13 @@ class Gate:
             message: the message sent.
             key_id: the id part of a well-formed but rejected token.
             principal: the caller, when the key was valid.
+            jsonrpc_code: the JSON-RPC error code sent in the body, if any.
         """
+        code = (
+            f"{status}"
+            if jsonrpc_code is None
+            else f"{status}, JSON-RPC {jsonrpc_code}"
+        )
         # NOTE: every rejected request adds a row, so a client without a key
         # can grow the audit log as fast as the server responds.
         try:
@@ -280,7 +287,7 @@ class Gate:
                 arguments={},
                 outcome="error",
                 duration_ms=(time.perf_counter() - started) * 1000,
-                error=f"rejected with {status}: {message}",
+                error=f"rejected with {code}: {message}",
             )
         except Exception:
             logger.exception("could not queue the audit event of a rejected call")
@@ -467,7 +474,12 @@ class McpEndpoint:
             # accepts NaN and lone surrogates, and its parse errors would
             # not reach the audit log.
             self.gate.audit_rejection(
-                "mcp", started, 400, invalid.message, principal=admitted
+                "mcp",
+                started,
+                400,
+                invalid.message,
+                principal=admitted,
+                jsonrpc_code=PARSE_ERROR,
             )
             message = f"Parse error: {invalid.message}"
             await _jsonrpc_error(message, PARSE_ERROR)(scope, receive, send)
@@ -475,7 +487,14 @@ class McpEndpoint:
         shape = jsonrpc_shape_problem(parsed)
         if shape is not None:
             # The MCP transport would reply with pydantic's raw errors.
-            self.gate.audit_rejection("mcp", started, 400, shape, principal=admitted)
+            self.gate.audit_rejection(
+                "mcp",
+                started,
+                400,
+                shape,
+                principal=admitted,
+                jsonrpc_code=INVALID_REQUEST,
+            )
             await _jsonrpc_error(f"Invalid request: {shape}")(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
