@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -453,6 +454,7 @@ class LocalBackend(SandboxBackend):
                 "backend_id": backend_id,
                 "anchor_pid": anchor.pid,
                 "anchor_start": _process_start(anchor.pid),
+                "cgroup": None if procs is None else str(procs.parent),
                 "socket": str(socket_path),
                 "timeout": timeout,
                 "expires_at": now + timeout,
@@ -468,9 +470,10 @@ class LocalBackend(SandboxBackend):
 
         The kernel does not apply RLIMIT_NPROC to root, and a worker run by
         root runs sandbox code as host root, so only the cgroup limits its
-        processes there. Empty cgroups of earlier sandboxes are removed here
-        (`rmdir` fails on one that has processes), because a killed anchor
-        cannot remove its own.
+        processes there. A sandbox's cgroup is removed when it is stopped or
+        deleted, and an installer's when it ends. Empty cgroups that are left,
+        such as those of sandboxes that expired or whose worker was killed,
+        are removed here (`rmdir` fails on one that has processes).
         """
         if os.geteuid() != 0:
             return None  # RLIMIT_NPROC applies
@@ -565,6 +568,13 @@ class LocalBackend(SandboxBackend):
         if anchor is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 anchor.wait(timeout=5)
+        cgroup = None if state is None else state.get("cgroup")
+        if isinstance(cgroup, str):
+            # Off the event loop: the killed processes may take a moment to
+            # leave the cgroup.
+            threading.Thread(
+                target=_remove_cgroup, args=(Path(cgroup),), daemon=True
+            ).start()
 
     async def _request(
         self,
@@ -999,6 +1009,8 @@ class LocalBackend(SandboxBackend):
                 os.killpg(process.pid, signal.SIGKILL)
         if timed_out:
             await process.wait()
+        if procs is not None:
+            await asyncio.to_thread(_remove_cgroup, procs.parent)
         elapsed = time.perf_counter() - started
         (out, out_dropped), (err, err_dropped) = await asyncio.gather(*readers)
         return RunOutput(
@@ -1402,6 +1414,34 @@ def _restore_owner_permissions(path: Path) -> None:
             os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
             with os.scandir(folder) as entries:
                 folders += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    """Kill what is left in a sandbox's pids cgroup and remove it.
+
+    `rmdir` fails while a process is in it, and a killed process leaves it
+    only once the kernel has ended it, so this tries for up to a second. A
+    cgroup still there after that is removed by the sweep in
+    `_make_pids_cgroup` when the next sandbox starts.
+    """
+    if not cgroup.name.startswith("nexus-sandbox-"):
+        return  # only ever a cgroup that this backend made
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                logger.debug("pids cgroup %s is still busy; left for the sweep", cgroup)
+                return
+        with contextlib.suppress(OSError, ValueError):
+            for line in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(line), signal.SIGKILL)
+        time.sleep(0.02)
 
 
 def _kill_tree(pid: int) -> None:

@@ -861,6 +861,60 @@ async def test_process_limit_holds_for_root(use_bwrap: bool, tmp_path: Path) -> 
         await limited.delete("box")
 
 
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_pids_cgroups_removed_when_done(
+    use_bwrap: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox's pids cgroup goes with its delete, and an installer's when
+    it ends, even with processes left in them, rather than at the next
+    sandbox's start."""
+    if os.geteuid() != 0 or _pids_cgroup_root() is None:
+        pytest.skip("pids cgroups are made only by root, where they are writable")
+    backend = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    made: list[Path] = []
+    make = backend._make_pids_cgroup
+
+    def recording() -> Path | None:
+        procs = make()
+        assert procs is not None
+        made.append(procs.parent)
+        return procs
+
+    monkeypatch.setattr(backend, "_make_pids_cgroup", recording)
+    await backend.create("box", template="base", timeout=300, env={}, metadata={})
+    try:
+        # A child that outlives the installer's own process.
+        result = await backend.run(
+            "box",
+            ["sh", "-c", "sleep 30 & echo started"],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=65536,
+            network=True,
+        )
+        assert result.stdout.strip() == "started", result.stderr
+        # Without bubblewrap there is no installer of its own to run.
+        assert len(made) == (2 if use_bwrap else 1)
+        assert not any(cgroup.exists() for cgroup in made[1:])
+        await backend.run(
+            "box",
+            ["sh", "-c", "setsid sleep 30 >/dev/null 2>&1 &"],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=65536,
+        )
+        assert made[0].is_dir()
+    finally:
+        await backend.delete("box")
+    for _ in range(100):
+        if not made[0].exists():
+            break
+        await asyncio.sleep(0.02)
+    assert not made[0].exists()
+
+
 async def test_setup_retry_resumes_and_refuses_step_cut_short(
     backend: LocalBackend, tmp_path: Path
 ) -> None:
