@@ -105,6 +105,7 @@ class IntegrationActivities:
         return ToolContext(
             self.settings,
             user_id=step_user(request.execution_id, request.step),
+            groups=None if request.groups is None else tuple(request.groups),
             temporal_client=activity.client(),
         )
 
@@ -126,8 +127,9 @@ class IntegrationActivities:
                 request,
                 f"{tool} failed: {error.message}",
                 kind="ToolFailed",
-                # Invalid or missing things stay wrong on a retry.
-                non_retryable=error.kind in ("invalid_argument", "not_found"),
+                # Invalid, missing or forbidden things stay so on a retry.
+                non_retryable=error.kind
+                in ("invalid_argument", "not_found", "forbidden"),
             ) from None
 
     @activity.defn(name="step_sandbox_execution")

@@ -45,6 +45,25 @@ def _attempt() -> int:
     return activity.info().attempt
 
 
+def require_group(request: StepRequest, group: str) -> None:
+    """Fail a step that would do what its run's key may not: a step type that
+    works without the tool layer needs the group of the tools it stands for.
+
+    Raises:
+        ApplicationError: `group` is not among the run's groups.
+    """
+    if request.groups is not None and group not in request.groups:
+        allowed = ", ".join(request.groups) or "none"
+        raise step_error(
+            request,
+            f"a {request.type} step needs the tool group {group}, and this run "
+            f"was started by a key limited to the groups: {allowed}; run it "
+            f"with a key that may call {group} tools",
+            kind="Forbidden",
+            non_retryable=True,
+        )
+
+
 def step_error(
     request: StepRequest, message: str, *, kind: str, non_retryable: bool
 ) -> ApplicationError:
@@ -184,6 +203,7 @@ class WorkflowActivities:
     @activity.defn(name="step_system_initialization")
     async def system_initialization(self, request: StepRequest) -> StepOutcome:
         params = parse_params(request, SystemInitializationParams)
+        require_group(request, "system")
         report = await system_health(self.settings, activity.client())
         problems: list[str] = []
         if report.database.status == "unhealthy":
@@ -227,6 +247,7 @@ class WorkflowActivities:
     @activity.defn(name="step_storage")
     def storage(self, request: StepRequest) -> StepOutcome:
         params = parse_params(request, StorageParams)
+        require_group(request, "storage")
         storage = storage_for(self.settings)
         output: dict[str, Any]
         with storage_errors(request):
@@ -305,6 +326,7 @@ class WorkflowActivities:
     @activity.defn(name="step_reporting")
     def reporting(self, request: StepRequest) -> StepOutcome:
         params = parse_params(request, ReportingParams)
+        require_group(request, "storage")
         names = params.steps if params.steps is not None else sorted(request.upstream)
         unknown = [n for n in names if n not in request.upstream]
         if unknown:

@@ -373,6 +373,7 @@ class FlowNexusWorkflow:
             type=spec.type,
             params=params,
             agent_id=step.agent_id,
+            groups=request.groups,
             upstream=(
                 {n: outputs[n] for n in sorted(upstream) if n in outputs}
                 if step_type.wants_upstream

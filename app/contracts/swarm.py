@@ -72,6 +72,11 @@ class TaskWork(BaseModel):
     action: str | None = None
     action_args: dict[str, object] = Field(default_factory=dict)
     timeout_seconds: float = Field(300.0, gt=0)
+    groups: list[str] | None = Field(
+        None,
+        description="The tool groups of the key that submitted the task; an "
+        "action calls only those groups' tools. None for every group.",
+    )
 
 
 # Limits on what one task carries. A part of the task text reaches a program

@@ -97,6 +97,12 @@ class FlowInput(BaseModel):
     workflow_id: str | None = None
     version: int | None = None
     input_data: dict[str, Any] = Field(default_factory=dict)
+    groups: list[str] | None = Field(
+        None,
+        description="The tool groups of the key that started the run (or "
+        "created its schedule); its steps call only those groups' tools. "
+        "None for every group.",
+    )
 
 
 class StepState(BaseModel):
@@ -175,6 +181,9 @@ class StepRequest(BaseModel):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
     agent_id: str | None = None
+    groups: list[str] | None = Field(
+        None, description="The tool groups that the step's tool calls may use."
+    )
     upstream: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Outputs of every upstream step, for step types that ask "

@@ -12,7 +12,15 @@ from typing import Any
 
 from temporalio.client import Client
 
+from app.sandbox.secrets import PREFIX, load_key, seal, unseal
 from app.settings import Settings
+
+# The action argument whose values are secrets: a sandbox's env vars.
+_SECRET_MAP = "env_vars"
+
+
+def is_sealed(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(PREFIX)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,53 @@ def check_action(name: str) -> BuiltinAction:
     return action
 
 
+def _sealed_context(task_id: str) -> str:
+    return f"swarm-task:{task_id}"
+
+
+def seal_action_args(
+    key: bytes, task_id: str, arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """Return `arguments` with the values of `env_vars` sealed, so that the
+    task's submission, its workflows' inputs and the swarm's state carry only
+    `sealed:v1:` ciphertext. Every env var of an action is a secret, as in a
+    workflow step."""
+    env = arguments.get(_SECRET_MAP)
+    if not isinstance(env, dict) or not env:
+        return arguments
+    context = _sealed_context(task_id)
+    return {
+        **arguments,
+        _SECRET_MAP: {
+            name: value
+            if not isinstance(value, str) or is_sealed(value)
+            else seal(key, context, name, value)
+            for name, value in env.items()
+        },
+    }
+
+
+def unseal_action_args(
+    key: bytes, task_id: str, arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """Open what `seal_action_args` sealed, and have the sandbox mask every env
+    var's value in the output, which the task's result keeps.
+
+    Raises:
+        app.sandbox.secrets.SealError: a value sealed for another task or key.
+    """
+    env = arguments.get(_SECRET_MAP)
+    if not isinstance(env, dict) or not env:
+        return arguments
+    context = _sealed_context(task_id)
+    plain = {
+        name: unseal(key, context, name, value) if is_sealed(value) else value
+        for name, value in env.items()
+    }
+    masked = sorted({*(arguments.get("mask_env_vars") or ()), *plain})
+    return {**arguments, _SECRET_MAP: plain, "mask_env_vars": masked}
+
+
 async def run_action(
     settings: Settings,
     client: Client | None,
@@ -77,15 +132,25 @@ async def run_action(
     arguments: dict[str, Any],
     *,
     caller: str,
+    task_id: str,
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run a built-in action through the tool layer, audited like any call.
+    """Run a built-in action through the tool layer, audited like any call,
+    with the tool groups of the key that submitted it.
 
     Raises:
         ActionNotAvailableError: see `check_action`.
-        app.tools.ToolError: the tool failed.
+        app.tools.ToolError: the tool failed, or its group is not in `groups`.
     """
     from app.tools import ToolContext, invoke_tool
 
     action = check_action(name)
-    ctx = ToolContext(settings, user_id=caller, temporal_client=client)
+    if action.tool == "sandbox_execute":
+        arguments = unseal_action_args(load_key(settings), task_id, arguments)
+    ctx = ToolContext(
+        settings,
+        user_id=caller,
+        groups=None if groups is None else tuple(groups),
+        temporal_client=client,
+    )
     return await invoke_tool(ctx, action.tool, arguments)

@@ -381,6 +381,8 @@ async def run_step(
                 work.action or "",
                 arguments,
                 caller=f"swarm:{request.swarm_id}:{agent.agent_id}",
+                task_id=request.task_id,
+                groups=work.groups,
             )
         except ActionNotAvailableError as error:
             raise StepFailedError(str(error)) from error

@@ -576,6 +576,17 @@ async def invoke_tool(
     error_text: str | None = None
     result: dict[str, Any] = {}
     try:
+        if ctx.groups is not None and spec.group not in ctx.groups:
+            # The API checks a key's groups before it calls in here. This
+            # check covers the calls that run for a key later, as workflow
+            # steps and swarm actions, which must not do more than the key.
+            allowed = ", ".join(ctx.groups) or "none"
+            raise ToolError(
+                f"{name} is in the tool group {spec.group}, and this call runs "
+                f"for a key limited to the groups: {allowed}; run it with a "
+                f"key that may call {spec.group} tools",
+                kind="forbidden",
+            )
         _reject_unencodable_values(name, raw, secret_fields(spec.input_model))
         args = _validate_arguments(name, spec, raw)
         model = await spec.handler(ctx, args)

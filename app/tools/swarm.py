@@ -60,12 +60,14 @@ from app.contracts.swarm import (
     task_workflow_id,
 )
 from app.contracts.types import UtcDateTime
+from app.sandbox.secrets import load_key
 from app.swarm import planning, service
 from app.swarm.actions import (
     BUILTIN_ACTIONS,
     ActionNotAvailableError,
     BuiltinAction,
     check_action,
+    seal_action_args,
 )
 from app.swarm.executor import agent_sandbox_id, build_executor
 from app.temporal.search_attributes import SWARM_ID
@@ -592,11 +594,27 @@ async def task_orchestrate(
         except ActionNotAvailableError as error:
             raise ToolError(str(error), kind="invalid_argument") from None
         _check_action_args(action, args.action_args)
+        group = get_tool(action.tool).group
+        if ctx.groups is not None and group not in ctx.groups:
+            raise ToolError(
+                f"action {args.action!r} calls {action.tool}, a tool of the group "
+                f"{group}, and this key is limited to the groups: "
+                f"{', '.join(ctx.groups) or 'none'}; submit it with a key that "
+                f"may call {group} tools",
+                kind="forbidden",
+            )
     client = await ctx.client()
     swarm_id = await _resolve_swarm(ctx, args.swarm_id)
+    task_id = service.new_task_id(swarm_id)
+    work = _work(args)
+    work.groups = None if ctx.groups is None else list(ctx.groups)
+    if args.action is not None:
+        work.action_args = seal_action_args(
+            load_key(ctx.settings), task_id, work.action_args
+        )
     spec = TaskSpec(
-        task_id=service.new_task_id(swarm_id),
-        work=_work(args),
+        task_id=task_id,
+        work=work,
         priority=args.priority,
         strategy=args.strategy,
         max_agents=args.max_agents,

@@ -133,7 +133,7 @@ async def _create(ctx: ToolContext, args: WorkflowDefinition) -> WorkflowCreateR
         try:
             # The sealed body, so that schedules and their runs carry no secret.
             schedules = await engine.sync_schedules(
-                client, row.id, version, stored, previous_count
+                client, row.id, version, stored, previous_count, ctx.groups
             )
         except (engine.ScheduleSyncError, RPCError) as error:
             await _roll_back(ctx, row.id, version, is_new, previous, count)
@@ -199,6 +199,7 @@ async def _roll_back(
                 previous.version,
                 previous.definition,
                 total,
+                ctx.groups,
             )
         else:
             await engine.delete_schedules(await ctx.client(), workflow_id, range(total))
@@ -357,7 +358,7 @@ async def workflow_execute(
         definition = seal_plain_values(load_key(ctx.settings), row.id, definition)
     client = await ctx.client()
     handle = await engine.start_execution(
-        client, row.id, version, definition, args.input_data
+        client, row.id, version, definition, args.input_data, groups=ctx.groups
     )
     result = WorkflowExecuteResult(
         execution_id=handle.id,

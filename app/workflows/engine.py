@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,6 +70,7 @@ async def start_execution(
     input_data: dict[str, Any],
     *,
     execution_id: str | None = None,
+    groups: Sequence[str] | None = None,
 ) -> WorkflowHandle[FlowNexusWorkflow, ExecutionState]:
     """Start one run of a stored definition version on the orchestration queue.
 
@@ -85,6 +86,7 @@ async def start_execution(
             workflow_id=workflow_id,
             version=version,
             input_data=input_data,
+            groups=None if groups is None else list(groups),
         ),
         id=execution_id,
         task_queue=ORCHESTRATION,
@@ -145,6 +147,7 @@ async def sync_schedules(
     version: int,
     definition: WorkflowDefinition | None,
     previous_count: int,
+    groups: Sequence[str] | None = None,
 ) -> list[str]:
     """Make the definition's Temporal Schedules match its schedule triggers.
 
@@ -171,6 +174,7 @@ async def sync_schedules(
                     workflow_id=workflow_id,
                     version=version,
                     input_data=trigger.input_data,
+                    groups=None if groups is None else list(groups),
                 ),
                 id=f"{workflow_id}-scheduled",
                 task_queue=ORCHESTRATION,

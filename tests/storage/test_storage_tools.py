@@ -215,3 +215,32 @@ async def test_folder_path_download_not_found_no_leak(settings: Settings) -> Non
     # No descriptor of the folder stays open (a few may come and go with
     # the thread pool, but not one per call).
     assert len(os.listdir("/proc/self/fd")) < before + 5
+
+
+async def test_calls_for_a_limited_key_keep_to_its_groups(settings: Settings) -> None:
+    """A call made for a key later, as a workflow step or a swarm action is,
+    may not use a tool outside the key's groups, and the refusal is audited."""
+    await invoke_tool(
+        ToolContext(settings),
+        "storage_upload",
+        {"bucket": "private", "path": "s.txt", "content": "not for this key"},
+    )
+    limited = ToolContext(
+        settings, user_id="workflow:wfx_1/peek", groups=("workflows",)
+    )
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            limited, "storage_download", {"bucket": "private", "path": "s.txt"}
+        )
+    assert refused.value.kind == "forbidden"
+    assert "storage_download is in the tool group storage" in refused.value.message
+    assert "limited to the groups: workflows" in refused.value.message
+    allowed = ToolContext(settings, groups=("storage",))
+    got = await invoke_tool(
+        allowed, "storage_download", {"bucket": "private", "path": "s.txt"}
+    )
+    assert got["content"] == "not for this key"
+    events = await invoke_tool(
+        ToolContext(settings), "audit_log", {"user_id": "workflow:wfx_1/peek"}
+    )
+    assert [e["outcome"] for e in events["events"]] == ["error"]

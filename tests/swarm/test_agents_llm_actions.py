@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,10 +15,11 @@ from pydantic import SecretStr
 from temporalio.client import Client
 
 from app.settings import Settings
-from app.tools import ToolError, ToolInputError
+from app.tools import ToolError, ToolInputError, invoke_tool
 from app.tools import registry as tool_registry
 from tests.conftest import running_workers
 from tests.swarm.conftest import SWARM_QUEUES, Swarms
+from tests.workflows.test_secrets import payload_bytes
 
 
 class MessagesStandIn(ThreadingHTTPServer):
@@ -337,3 +339,61 @@ async def test_valid_action_args_run(swarms: Swarms) -> None:
     assert result["status"] == "completed", result["error"]
     [step] = result["results"]
     assert step["output"]["count"] == 2
+
+
+async def test_action_keeps_to_the_groups_of_the_key(swarms: Swarms) -> None:
+    """A key limited to the swarm group cannot run another group's tool as a
+    task's action, and a task it submits runs its actions with its groups."""
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    limited = replace(swarms.ctx, groups=("swarm",))
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            limited,
+            "task_orchestrate",
+            {"task": "read", "action": "audit_log", "swarm_id": swarm_id},
+        )
+    assert refused.value.kind == "forbidden"
+    assert "calls audit_log, a tool of the group system" in refused.value.message
+    state = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert state["tasks"] == []
+    # A submission that the check let through (a key with both groups) runs
+    # with those groups, whatever the agent's own caller may call.
+    both = replace(swarms.ctx, groups=("swarm", "system"))
+    task = await invoke_tool(
+        both,
+        "task_orchestrate",
+        {"task": "read", "action": "audit_log", "swarm_id": swarm_id},
+    )
+    result = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=120
+    )
+    assert result["status"] == "completed", result["error"]
+
+
+async def test_action_env_vars_sealed_in_history(swarms: Swarms) -> None:
+    """The env vars of a sandbox_execute action reach the program but not the
+    swarm's or the task's history, and the output masks them."""
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    sandbox = await swarms.call("sandbox_create", template="python")
+    swarms.workflow_ids.append(f"sandbox-{sandbox['sandbox_id']}")
+    token = "act-token-5d1e0c"
+    task = await swarms.call(
+        "task_orchestrate",
+        task="use the token",
+        action="sandbox_execute",
+        action_args={
+            "sandbox_id": sandbox["sandbox_id"],
+            "code": "import os; t = os.environ['ACT_TOKEN']; print(t, len(t))",
+            "env_vars": {"ACT_TOKEN": token},
+        },
+        swarm_id=swarm_id,
+    )
+    result = await swarms.call(
+        "task_results", task_id=task["task_id"], wait_seconds=120
+    )
+    assert result["status"] == "completed", result["error"]
+    [step] = result["results"]
+    assert step["output"]["stdout"] == f"******** {len(token)}\n"
+    for workflow_id in (f"swarm-{swarm_id}", task["workflow_id"]):
+        history = await swarms.client.get_workflow_handle(workflow_id).fetch_history()
+        assert token.encode() not in payload_bytes(history.events), workflow_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -336,6 +337,43 @@ async def test_storage_step_binary_get(
     steps = _steps(stored["execution"])
     assert steps["b64"]["output"]["content"] == "AAEC/w=="
     assert steps["text"]["status"] == "failed"
+
+
+async def test_steps_keep_to_the_groups_of_the_key(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    """A run started by a key limited to some tool groups calls no tool of
+    another group through its steps, as the key itself cannot."""
+    storage_for(flow_workers).put("private", "s.txt", b"not for this key", None)
+    limited = replace(tools, groups=("workflows",))
+    workflow_id = await _create(
+        limited,
+        "limited-key",
+        [
+            {"name": "echo", "type": "echo", "params": {"n": 1}},
+            {
+                "name": "peek",
+                "type": "storage",
+                "params": {"operation": "get", "bucket": "private", "path": "s.txt"},
+            },
+        ],
+    )
+    with pytest.raises(ToolError) as failed:
+        await _run(limited, workflow_id)
+    assert "a storage step needs the tool group storage" in failed.value.message
+    assert "limited to the groups: workflows" in failed.value.message
+    assert "not for this key" not in failed.value.message
+    named = re.search(r"execution (wfx_\w+)", failed.value.message)
+    assert named is not None
+    stored = await call(tools, "workflow_status", execution_id=named.group(1))
+    steps = _steps(stored["execution"])
+    assert steps["echo"]["status"] == "completed"
+    assert steps["peek"]["status"] == "failed"
+    # Only one attempt: the key's groups stay the same on a retry.
+    assert steps["peek"]["attempts"] == 1
+    # The same run by an unlimited caller reads the object.
+    result = await _run(tools, workflow_id)
+    assert _steps(result["result"])["peek"]["output"]["content"] == "not for this key"
 
 
 async def test_storage_step_path_checked_at_create(tools: ToolContext) -> None:
