@@ -139,14 +139,52 @@ def installer_env() -> dict[str, str]:
     }
 
 
-def install_command(
-    template: str, packages: Iterable[str], index_url: str | None
-) -> list[list[str]]:
-    """Return the installer commands for `packages`.
+# An npm package from the registry: `name`, `@scope/name`, each with an
+# optional `@version`, range or tag, or a folder in the sandbox.
+_NPM_SPEC = re.compile(r"(@[^/@\s:\\]+/)?[^/@\s:\\.][^/@\s:\\]*(@[^/:\\]+)?")
 
-    A `pip:` or `npm:` prefix picks the installer; otherwise node templates
-    use npm and every other template uses pip (into `.nexus/python`).
+
+# pip reads a requirement with one of these endings as a file to install.
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def package_problem(installer: str, spec: str) -> str | None:
+    """Return why `spec` may not be installed, or None.
+
+    An installer has the network, so it may fetch only from the package
+    index and run no code of the packages. A URL, a git repository or (for
+    pip) a folder would make it fetch from elsewhere or build a package from
+    source, which runs the package's own code with the network.
     """
+    if installer == "pip":
+        if (
+            any(mark in spec for mark in ("/", "\\", "@", ":"))
+            or spec.startswith(".")
+            or spec.lower().endswith(_ARCHIVES)
+        ):
+            return (
+                "pip installs only requirements from the package index (such as "
+                "requests or requests==2.32.3), not URLs, git repositories, "
+                "folders or archive files"
+            )
+        return None
+    if spec.startswith(("./", "../")) and ":" not in spec:
+        return None
+    if _NPM_SPEC.fullmatch(spec) is None:
+        return (
+            "npm installs only packages from the registry (such as lodash, "
+            "lodash@4 or @scope/name@1.2.3) or folders in the sandbox (./pkg), "
+            "not URLs, git repositories or GitHub shorthands"
+        )
+    return None
+
+
+def split_packages(
+    template: str, packages: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """Return the pip and the npm packages of `packages`: a `pip:` or `npm:`
+    prefix picks the installer; otherwise node templates use npm and every
+    other template uses pip."""
     pip: list[str] = []
     npm: list[str] = []
     for package in packages:
@@ -158,6 +196,18 @@ def install_command(
             npm.append(package)
         else:
             pip.append(package)
+    return pip, npm
+
+
+def install_command(
+    template: str, packages: Iterable[str], index_url: str | None
+) -> list[list[str]]:
+    """Return the installer commands for `packages`.
+
+    A `pip:` or `npm:` prefix picks the installer; otherwise node templates
+    use npm and every other template uses pip (into `.nexus/python`).
+    """
+    pip, npm = split_packages(template, packages)
     commands: list[list[str]] = []
     # Installers get the network, which the sandbox's code may lack, so they
     # must run no code that the sandbox can write. `-I` keeps the sandbox
@@ -168,6 +218,9 @@ def install_command(
         command = ["python3", "-I", "-m", "pip", "install", "--no-input"]
         command += ["--retries", "1", "--no-cache-dir"]
         command += ["--target", ".nexus/python", "--upgrade"]
+        # Wheels only: building a source distribution runs its own code, and
+        # the installer has the network.
+        command += ["--only-binary", ":all:"]
         if index_url:
             command += ["--index-url", index_url]
         commands.append([*command, *pip])
@@ -181,6 +234,9 @@ def install_command(
         command += ["--userconfig", "/dev/null", "--script-shell", "/bin/sh"]
         command += ["--node-options=", "--git", "git"]
         command += ["--cache", "/tmp/nexus-npm-cache", "--install-links"]
+        # No lifecycle scripts (preinstall, install, postinstall): they are
+        # the packages' own code, and the installer has the network.
+        command += ["--ignore-scripts"]
         if index_url:
             command += ["--registry", index_url]
         commands.append([*command, *npm])
@@ -255,6 +311,18 @@ async def apply_setup(
             an earlier attempt was cut short in the middle of a step. The
             steps before it ran, and their changes to the sandbox stay.
     """
+    for installer, specs in zip(
+        ("pip", "npm"), split_packages(template, packages), strict=True
+    ):
+        for spec in specs:
+            problem = package_problem(installer, spec)
+            if problem is not None:
+                raise SandboxSetupError(
+                    f"package {spec!r} cannot be installed: {problem}",
+                    "",
+                    [],
+                    advice="Name the package as the index knows it.",
+                )
     home = await backend.home(backend_id)
     full_env = {**package_env(home), **env}
     outputs: list[str] = []

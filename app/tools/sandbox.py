@@ -20,6 +20,7 @@ from app.contracts.types import UtcDateTime
 from app.sandbox import service
 from app.sandbox.backend import SandboxConfigurationError
 from app.sandbox.health import register_isolation_check
+from app.sandbox.runtime import package_problem
 from app.sandbox.service import CreateOptions, SandboxServiceError
 from app.tools.registry import ToolContext, ToolError, tool
 
@@ -45,6 +46,15 @@ def _check_packages(value: list[str] | None) -> list[str] | None:
                 "requirement per item (for example requests==2.32.3 or "
                 "npm:lodash), not an installer option"
             )
+        # Which installer an item without a prefix goes to depends on the
+        # template, so such an item is checked here only where neither would
+        # take it, and against its installer when the sandbox is set up.
+        if package.startswith(("pip:", "npm:")):
+            problems = [package_problem(package[:3], name)]
+        else:
+            problems = [package_problem("pip", name), package_problem("npm", name)]
+        if all(problem is not None for problem in problems):
+            raise ValueError(f"package {package!r} cannot be installed: {problems[-1]}")
     return value
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.settings import Settings
-from app.tools import ToolContext, invoke_tool
+from app.tools import ToolContext, ToolError, invoke_tool
 from tests.support.sandboxes import sandbox_test_settings
 
 
@@ -151,3 +151,27 @@ async def test_configure_installs_and_recreation_reinstalls(
         assert again["stdout"] == "installed from the local index\n", again
     finally:
         await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
+
+
+async def test_installers_build_nothing_from_source(
+    tool_ctx: ToolContext, package_index: str
+) -> None:
+    """pip takes wheels only, and a folder for pip is refused before any
+    installer runs: building a package runs its own code, with the network."""
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            tool_ctx,
+            "sandbox_create",
+            {"template": "python", "install_packages": ["./pkg"]},
+        )
+    assert "package './pkg' cannot be installed: pip installs only" in (
+        refused.value.message
+    )
+    listed = await invoke_tool(tool_ctx, "sandbox_list", {"status": "running"})
+    assert listed["sandboxes"] == []
+    from app.sandbox.runtime import install_command
+
+    [pip] = install_command("python", ["requests"], package_index)
+    assert pip[pip.index("--only-binary") + 1] == ":all:"
+    [npm] = install_command("node", ["lodash"], package_index)
+    assert "--ignore-scripts" in npm

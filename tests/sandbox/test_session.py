@@ -555,6 +555,21 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
             )
         assert "install_packages" in bad_package.value.message
         assert f"package {package!r} is invalid" in bad_package.value.message
+    # The installers have the network: nothing that fetches from elsewhere.
+    for package in (
+        "http://127.0.0.1:9/pkg.tar.gz",
+        "git+https://127.0.0.1:9/repo",
+        "npm:github:user/repo",
+        "npm:user/repo",
+        "pip:./pkg",
+        "pip:name @ file:///tmp/pkg",
+        "pip:pkg.tar.gz",
+    ):
+        with pytest.raises(ToolInputError) as fetching:
+            await call(
+                tool_ctx, "sandbox_create", template="base", install_packages=[package]
+            )
+        assert f"package {package!r} cannot be installed" in fetching.value.message
     with pytest.raises(ToolInputError) as nul_script:
         await call(
             tool_ctx, "sandbox_create", template="base", startup_script="echo a\x00"
