@@ -476,10 +476,14 @@ def prepare(
     order = np.random.default_rng(seed).permutation(len(x))
     test_count = max(1, round(len(x) * test_fraction))
     test, train = order[:test_count], order[test_count:]
-    mean = x[train].mean(axis=0)
-    std = x[train].std(axis=0)
+    # In float64: features up to float32's limit (3.4e38) overflow a float32
+    # sum or square, which made the standardized column NaN or all zeros.
+    # Their mean and standard deviation fit float32 again.
+    wide = x.astype(np.float64)
+    mean = wide[train].mean(axis=0)
+    std = wide[train].std(axis=0)
     std[std < 1e-6] = 1.0
-    standardized = ((x - mean) / std).astype(np.float32)
+    standardized = ((wide - mean) / std).astype(np.float32)
     return Dataset(
         name=describe_source(source),
         x_train=standardized[train],

@@ -197,7 +197,8 @@ def predict_logits(
     trainer = get_trainer(spec, "sgd", 0.1, jit)
     # Overflows surface below as non-finite probabilities, with a message.
     with np.errstate(invalid="ignore", over="ignore"):
-        x = (samples - mean) / std
+        # In float64, as the training data were standardized.
+        x = (samples.astype(np.float64) - mean) / std
         logits = np.asarray(trainer.logits(params, x.astype(np.float32)))
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)

@@ -253,3 +253,19 @@ def test_binary_csv_named(tmp_path: Path) -> None:
         data.DatasetError, match=r"bad\.csv cannot be read: it is not UTF-8"
     ):
         data.prepare({"bucket": "datasets", "path": "bad.csv"}, settings)
+
+
+def test_large_feature_values_standardize() -> None:
+    """Features near float32's limit keep their information: a column that
+    separates the classes stays finite and separating once standardized."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(200) % 2
+    big = np.where(labels == 1, 1.0, -1.0) * 1e20 * (1 + rng.random(200))
+    edge = np.where(rng.random(200) < 0.5, 3e38, 2.9e38)
+    source = {"X": np.column_stack([big, edge]).tolist(), "y": labels.tolist()}
+    dataset = data.prepare(source, Settings(), seed=0)
+    assert np.isfinite(dataset.x_train).all() and np.isfinite(dataset.x_test).all()
+    column = dataset.x_train[:, 0]
+    assert (np.sign(column) == np.where(dataset.y_train == 1, 1, -1)).all()
+    assert np.isfinite(dataset.mean).all() and np.isfinite(dataset.std).all()
+    assert dataset.x_train[:, 1].std() > 0.5
