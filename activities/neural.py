@@ -145,7 +145,8 @@ class NeuralRecordActivities:
 
     @activity.defn(name="neural_fail_session")
     def fail_session(self, failure: SessionFailure) -> None:
-        store.update_session(
+        # A session that its cluster's terminate cancelled stays cancelled.
+        store.end_session(
             self.settings, failure.session_id, status="failed", error=failure.error
         )
 

@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.15
 
 
+class SessionEndedError(ValueError):
+    """The session ended (its cluster was terminated) while its last activity
+    ran; a retry would find it ended too."""
+
+
 class SessionData:
     """A session's prepared split: the worker pool, the validators' hold-out
     and the test split, all standardized."""
@@ -408,10 +413,11 @@ def record_round(settings: Settings, record: RoundRecord) -> None:
                     detail=event.detail,
                 )
             )
+    # The counters only: a session that its cluster's terminate cancelled
+    # while this round was recorded stays cancelled.
     store.update_session(
         settings,
         record.session_id,
-        status="running",
         rounds_completed=record.rounds_completed,
         rounds_rejected=record.rounds_rejected,
     )
@@ -492,13 +498,11 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
             )
         )
         node_models.append(node_model_id)
-    with session_scope(settings.effective_database_url) as db:
-        for row in rows:
-            db.add(row)
     rate = request.samples / request.train_seconds if request.train_seconds > 0 else 0.0
-    store.update_session(
+    ended = store.end_session(
         settings,
         plan.session_id,
+        rows,
         status="completed",
         model_id=model_id,
         loss=loss,
@@ -508,6 +512,13 @@ def finish_session(settings: Settings, request: FinishInput) -> SessionResult:
         samples_per_second=rate,
         training_time=request.train_seconds,
     )
+    if not ended:
+        for row in rows:
+            store.delete_object(settings, row.storage_path)
+        raise SessionEndedError(
+            f"session {plan.session_id} ended before its models were stored (its "
+            "cluster was terminated); no model is kept"
+        )
     return SessionResult(
         session_id=plan.session_id,
         model_id=model_id,

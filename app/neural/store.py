@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 
 from app.contracts.neural import MODELS_BUCKET
 from app.db import session_scope
@@ -38,6 +38,10 @@ def put_object(settings: Settings, path: str, data: bytes) -> str:
 
 def get_object(settings: Settings, path: str) -> bytes:
     return storage_for(settings).get(MODELS_BUCKET, path)
+
+
+def delete_object(settings: Settings, path: str) -> None:
+    storage_for(settings).delete(MODELS_BUCKET, path)
 
 
 def object_exists(settings: Settings, path: str) -> bool:
@@ -83,6 +87,33 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
             setattr(job, key, value)
         job.updated_at = utc_now()
         session.add(job)
+
+
+def end_session(
+    settings: Settings,
+    session_id: str,
+    rows: list[Any] | None = None,
+    **values: Any,
+) -> bool:
+    """Set a running session's columns to `values` and add `rows`, in one
+    transaction, unless the session is no longer running.
+
+    Returns False, and changes nothing, for a session that ended already:
+    a terminated cluster's session, whose last activity may still finish,
+    stays cancelled and gets no models.
+    """
+    with session_scope(settings.effective_database_url) as session:
+        changed = session.exec(
+            update(NeuralSession)
+            .where(col(NeuralSession.id) == session_id)
+            .where(col(NeuralSession.status) == "running")
+            .values(**values, updated_at=utc_now())
+        )
+        if changed.rowcount != 1:
+            return False
+        for row in rows or []:
+            session.add(row)
+        return True
 
 
 def update_session(settings: Settings, session_id: str, **values: Any) -> None:

@@ -848,10 +848,13 @@ async def neural_cluster_terminate(
             await client.get_workflow_handle(session.workflow_id).terminate(
                 reason=f"cluster {cluster.id} terminated"
             )
-        await asyncio.to_thread(
-            store.update_session, ctx.settings, session.id, status="cancelled"
-        )
-        cancelled.append(session.id)
+        # Only a session still running is cancelled. One whose last activity
+        # stored its models first stays completed, and that activity, when it
+        # ends after this, keeps no model.
+        if await asyncio.to_thread(
+            store.end_session, ctx.settings, session.id, status="cancelled"
+        ):
+            cancelled.append(session.id)
 
     def mark() -> int:
         count = 0

@@ -269,3 +269,43 @@ def test_large_feature_values_standardize() -> None:
     assert (np.sign(column) == np.where(dataset.y_train == 1, 1, -1)).all()
     assert np.isfinite(dataset.mean).all() and np.isfinite(dataset.std).all()
     assert dataset.x_train[:, 1].std() > 0.5
+
+
+def test_ended_session_keeps_its_status(offline_settings: Settings) -> None:
+    """A session that its cluster's terminate cancelled is not completed, and
+    gets no models, by a last activity that finishes after the terminate."""
+    from app.db import session_scope
+    from app.neural import store
+    from app.neural.models import NeuralModel, NeuralSession
+
+    store.add_record(
+        offline_settings,
+        NeuralSession(
+            id="session_t",
+            cluster_id="c",
+            workflow_id="w",
+            status="running",
+            rounds_total=1,
+        ),
+    )
+    assert store.end_session(offline_settings, "session_t", status="cancelled")
+    model = NeuralModel(
+        id="model_t",
+        session_id="session_t",
+        cluster_id="c",
+        node_id=None,
+        architecture="feedforward",
+        spec={},
+        dataset="digits",
+        storage_path="models/model_t.npz",
+        loss=0.1,
+        accuracy=0.9,
+    )
+    assert not store.end_session(
+        offline_settings, "session_t", [model], status="completed", model_id="model_t"
+    )
+    assert not store.end_session(offline_settings, "session_t", status="failed")
+    with session_scope(offline_settings.effective_database_url) as db:
+        row = db.get(NeuralSession, "session_t")
+        assert row is not None and row.status == "cancelled" and row.model_id is None
+        assert db.get(NeuralModel, "model_t") is None
