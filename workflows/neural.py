@@ -279,6 +279,8 @@ class DistributedTrainingWorkflow:
         )
         contributions: dict[str, list[WeightedRef]] = {}
         diverged: dict[str, str] = {}
+        # Kept as the workers' models only if the validators accept the round.
+        updates: dict[str, str] = {}
         for node, answer in zip(plan.workers, answers, strict=True):
             if isinstance(answer, NodeTrainResult):
                 reducer = self._reducer(plan, node)
@@ -286,7 +288,7 @@ class DistributedTrainingWorkflow:
                     WeightedRef(path=answer.update_path, weight=answer.samples)
                 )
                 state.samples += answer.processed_samples
-                state.node_updates[node.node_id] = answer.update_path
+                updates[node.node_id] = answer.update_path
                 events.append(
                     RoundEventRecord(
                         node_id=node.node_id,
@@ -339,6 +341,7 @@ class DistributedTrainingWorkflow:
         root = await self._reduce(plan, state, round_index, contributions, events)
         accepted = await self._validate(plan, state, round_index, root, events)
         if accepted:
+            state.node_updates.update(updates)
             state.global_path = root.path
             if root.optimizer_state_path:
                 state.optimizer_state_path = root.optimizer_state_path

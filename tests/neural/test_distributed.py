@@ -247,11 +247,12 @@ async def test_proof_of_learning_keeps_accepted_rounds(
     client: Client, neural_workers: Settings
 ) -> None:
     """A session that has some rounds rejected and others accepted completes
-    with the accepted model."""
+    with the accepted model, and each worker's model is its update from the
+    last accepted round, not from a rejected one."""
     ctx = ToolContext(neural_workers, temporal_client=client)
     cluster_id, nodes = await _cluster(ctx, ["worker", "worker", "validator"])
     bad = nodes["worker"][1]
-    fake = FirstRoundCorruptingNode(neural_workers, bad)
+    fake = LastRoundCorruptingNode(neural_workers, bad)
     async with node_workers(
         client,
         neural_workers,
@@ -274,6 +275,10 @@ async def test_proof_of_learning_keeps_accepted_rounds(
         )
     result = started["result"]
     assert result["rounds_rejected"] == 1
+    models = await invoke_tool(ctx, "neural_list_models", {"cluster_id": cluster_id})
+    by_node = {m["node_id"]: m for m in models["models"]}
+    # Its scrambled update of round 1 would score about 0.1.
+    assert by_node[bad]["accuracy"] > 0.5, by_node[bad]
     final, _ = load_params(
         store.get_object(neural_workers, f"models/{result['model_id']}.npz")
     )
@@ -285,12 +290,12 @@ async def test_proof_of_learning_keeps_accepted_rounds(
     assert not np.allclose(final["dense_0"]["w"], initial["dense_0"]["w"])
 
 
-class FirstRoundCorruptingNode(CorruptingNode):
-    """A worker that scrambles its weights in round 0 only."""
+class LastRoundCorruptingNode(CorruptingNode):
+    """A worker that scrambles its weights in round 1 only."""
 
     @activity.defn(name="neural_node_train")
     def node_train(self, request: NodeTrainInput) -> NodeTrainResult:
-        if request.round == 0:
+        if request.round == 1:
             return super().node_train(request)
         return NodeActivities.node_train(self, request)
 
