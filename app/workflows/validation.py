@@ -20,6 +20,7 @@ from app.contracts.workflows import (
     StepSpec,
     WorkflowDefinition,
 )
+from app.services.audit import is_secret_name
 from app.workflows.templates import TemplateError, find_references, unclosed_reference
 
 _STEP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\- ]{0,99}$")
@@ -462,9 +463,12 @@ def _message(item: Any) -> str:
 
 def _shown(item: Any) -> str:
     """Return ", got VALUE" for a short scalar input; never for env_vars, whose
-    values may be secrets."""
+    values may be secrets, or a field whose name marks a secret."""
     value = item.get("input")
-    secret = any(part in SECRET_PARAMS for part in item["loc"])
+    secret = any(
+        part in SECRET_PARAMS or (isinstance(part, str) and is_secret_name(part))
+        for part in item["loc"]
+    )
     if secret or not isinstance(value, str | int | float):
         return ""
     text = repr(value)

@@ -388,3 +388,29 @@ def test_code_failure_message_is_complete() -> None:
     )
     tail = describe_code_failure("failed", 1, "out", "x" * 600 + "boom\n")
     assert tail.endswith("; stderr ends: " + ("x" * 496) + "boom")
+
+
+def test_secret_named_param_value_not_shown() -> None:
+    """An error on a step param whose name marks a secret names the field but
+    not its value."""
+    definition = _definition(
+        [
+            {
+                "name": "s",
+                "type": "storage",
+                "params": {
+                    "operation": "get",
+                    "bucket": "abc",
+                    "path": "x",
+                    "password": "S3CV02storagepw",
+                    "colour": "plain-value",
+                },
+            }
+        ]
+    )
+    with pytest.raises(DefinitionError) as caught:
+        check_step_params(definition)
+    message = str(caught.value)
+    assert "params.password: Extra inputs are not permitted" in message
+    assert "S3CV02storagepw" not in message
+    assert "got 'plain-value'" in message
