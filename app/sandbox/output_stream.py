@@ -49,10 +49,12 @@ class StreamRedactor:
         self._withheld = text[cut:]
         return redact(text[:cut], self._all_secrets)
 
-    def finish(self) -> str:
-        """Return the redacted text still held back."""
+    def finish(self, rest: str = "") -> str:
+        """Return the redacted text still held back, followed by `rest`, the
+        last text of the stream (which may end where the output limit cut a
+        secret)."""
         withheld, self._withheld = self._withheld, ""
-        return redact(withheld, self._all_secrets)
+        return redact(withheld + rest, self._all_secrets)
 
     def _safe_cut(self, text: str) -> int:
         # Text after len - hold may be the start of a secret. Before that, the
@@ -135,8 +137,7 @@ class ExecutionStream:
                 tail = self._decoders[stream].decode(b"", final=True)
                 streamed = self._streamed[stream] + len(tail)
                 redactor = self._redactors[stream]
-                self._add(stream, redactor.push(tail + whole[streamed:]))
-                self._add(stream, redactor.finish())
+                self._add(stream, redactor.finish(tail + whole[streamed:]))
             self._ended = True
             exit_event = {
                 "call_id": self.call_id,

@@ -641,9 +641,35 @@ def masked_values(env: Mapping[str, str], request: ExecuteRequest) -> list[str]:
     return secret_values(env) + [env[name] for name in request.mask_env if name in env]
 
 
+# The marker that a backend puts where it cut a stream at the output limit.
+_CUT_MARKER = re.compile(r"\n\[output truncated: \d+ bytes dropped\]")
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret value of 4 or more characters in `text`."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, REDACTED)
-    return text
+    """Replace every secret value of 4 or more characters in `text`, and the
+    start of one that the output limit cut off."""
+    ordered = [s for s in sorted(set(secrets), key=len, reverse=True) if len(s) >= 4]
+    for secret in ordered:
+        text = text.replace(secret, REDACTED)
+    if not ordered or "[output truncated: " not in text:
+        return text
+    pieces: list[str] = []
+    start = 0
+    for marker in _CUT_MARKER.finditer(text):
+        pieces.append(_mask_cut_secret(text[start : marker.start()], ordered))
+        pieces.append(marker.group())
+        start = marker.end()
+    pieces.append(text[start:])
+    return "".join(pieces)
+
+
+def _mask_cut_secret(text: str, secrets: list[str]) -> str:
+    """Replace the end of `text` where it is the start of a secret: the rest
+    of that secret was cut off with the output after it."""
+    longest = 0
+    for secret in secrets:
+        for length in range(min(len(secret) - 1, len(text)), longest, -1):
+            if text.endswith(secret[:length]):
+                longest = length
+                break
+    return text[: len(text) - longest] + REDACTED if longest else text

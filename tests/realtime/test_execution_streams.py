@@ -311,6 +311,35 @@ async def test_call_made_again_appends_again(
     assert [final for _, _, final in chunks] == [False, False, True] * 2
 
 
+async def test_cut_secret_masked_in_result_and_stream(
+    box: LocalBackend, database_url: str, tmp_path: Path
+) -> None:
+    """Where the output limit cuts a secret, the start that was kept is masked
+    in the result and in the stream, as the whole secret would be."""
+    secret = "S3CAPWDsecret-7"
+    settings = Settings(data_dir=tmp_path, sandbox_output_limit=8192)
+    writer = OutputWriter(database_url, "sandbox", "sbx_cut")
+    stream = ExecutionStream(writer, [secret], "call-cut")
+    code = (
+        "import os, sys\n"
+        "sys.stdout.write('x' * (8192 - 10) + os.environ['DB_PASSWORD'] + '\\n')\n"
+    )
+    result = await runtime.execute(
+        box,
+        "box",
+        ExecuteRequest(code=code),
+        {"DB_PASSWORD": secret},
+        settings,
+        stream=stream,
+    )
+    await wait_for_output_writes()
+    chunks = stored_chunks(database_url, "sandbox", "sbx_cut")
+    assert result.stdout_dropped_bytes == len(secret) - 10 + 1
+    assert result.stdout.endswith("x********\n[output truncated: 6 bytes dropped]")
+    assert secret[:3] not in result.stdout
+    assert joined(chunks, "stdout") == result.stdout
+
+
 def test_redactor_matches_redact_on_any_split() -> None:
     secrets = ["abcd", "bcde", "aaaa", "abcdabcd", "cdXY", "dabc", "ab"]
     rng = random.Random(7)
