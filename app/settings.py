@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -306,6 +307,23 @@ def _mask_url(value: str) -> str:
 _SECRET_FIELDS = frozenset({"database_url"})
 # The password of `scheme://user:password@host` in any text.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):[^@/\s'\"]*@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """Replace the password of every `scheme://user:password@host` in `text`."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def url_passwords(url: str | None) -> list[str]:
+    """Return the password of `url`, as written and percent-decoded, for
+    masking in output that an installer or server may print; none without."""
+    if not url:
+        return []
+    found = re.search(r"://[^:/@\s]*:([^@/\s]+)@", url)
+    if found is None:
+        return []
+    written = found.group(1)
+    return sorted({written, urllib.parse.unquote(written)})
 
 
 def environment_variable(name: str) -> str:

@@ -27,7 +27,7 @@ from app.sandbox.backend import (
     SandboxConfigurationError,
     SandboxSetupError,
 )
-from app.settings import Settings
+from app.settings import Settings, mask_url_passwords, url_passwords
 
 if TYPE_CHECKING:
     from app.sandbox.local import LocalBackend
@@ -328,14 +328,18 @@ async def apply_setup(
     outputs: list[str] = []
     # Installers need the package index, so they get the network even where
     # the sandbox's own code has none; setup commands run like user code.
+    # The index URL may carry a password, which neither the output nor the
+    # errors may show.
+    index = settings.sandbox_package_index
+    secrets = [*secret_values(env), *url_passwords(index)]
     steps = [
         (
-            f"the installer `{shlex.join(argv)}`",
-            shlex.join(argv),
+            f"the installer `{mask_url_passwords(shlex.join(argv))}`",
+            mask_url_passwords(shlex.join(argv)),
             in_scratch_project(argv, home) if argv[0] == "npm" else argv,
             True,
         )
-        for argv in install_command(template, packages, settings.sandbox_package_index)
+        for argv in install_command(template, packages, index)
     ]
     for index, command in enumerate(commands):
         if index < len(command_names):
@@ -367,7 +371,7 @@ async def apply_setup(
             output_limit=settings.sandbox_output_limit,
             network=network,
         )
-        text = redact(result.stdout + result.stderr, secret_values(env))
+        text = redact(result.stdout + result.stderr, secrets)
         outputs.append(f"$ {command_text}\n{text}")
         if result.timed_out or result.exit_code != 0:
             if result.timed_out:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.settings import Settings
+from app.settings import Settings, mask_url_passwords
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             "`command` or `action` instead"
         )
     url = settings.anthropic_base_url.rstrip("/") + "/v1/messages"
+    # Messages show the URL without a password that the setting may carry.
+    shown = mask_url_passwords(url)
     body = {
         "model": settings.anthropic_model,
         "max_tokens": settings.anthropic_max_tokens,
@@ -70,7 +72,8 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             response = await client.post(url, json=body, headers=headers)
     except httpx.HTTPError as error:
         raise LLMRequestError(
-            f"request to {url} failed: {type(error).__name__}: {error}",
+            f"request to {shown} failed: {type(error).__name__}: "
+            f"{mask_url_passwords(str(error))}",
             retryable=True,
         ) from error
     if response.status_code != 200:
@@ -78,7 +81,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             response.status_code >= 500
         )
         raise LLMRequestError(
-            f"Messages API at {url} returned HTTP {response.status_code}: "
+            f"Messages API at {shown} returned HTTP {response.status_code}: "
             f"{response.text[:500]}",
             retryable=retryable,
         )
@@ -91,7 +94,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
         # respond with 200 too, and its body would otherwise fail with a bare
         # parser error that names neither the URL nor the setting.
         raise LLMRequestError(
-            f"Messages API at {url} returned HTTP 200 with a body that is not a "
+            f"Messages API at {shown} returned HTTP 200 with a body that is not a "
             f"JSON object: {response.text[:200]!r}; check that "
             "NEXUS_ANTHROPIC_BASE_URL is the base URL of the Messages API",
             retryable=False,
@@ -105,7 +108,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
     ]
     if not texts:
         raise LLMRequestError(
-            f"Messages API at {url} returned no text block (stop_reason "
+            f"Messages API at {shown} returned no text block (stop_reason "
             f"{data.get('stop_reason')!r})",
             retryable=False,
         )

@@ -960,3 +960,26 @@ async def test_setup_retry_resumes_and_refuses_step_cut_short(
     # The refusal ends the call: the same key starts afresh next time.
     await setup("second")
     assert log.read_text() == "one\ntwo\nthree\n"
+
+
+async def test_index_password_not_shown(backend: LocalBackend, tmp_path: Path) -> None:
+    """The package index URL's password stays out of the setup's output and
+    its error, where the installer's command line is shown."""
+    password = "S3CP01pkgindexpw"
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        sandbox_package_index=f"http://pkguser:{password}@127.0.0.1:9/simple/",
+    )
+    with pytest.raises(SandboxSetupError) as failed:
+        await runtime.apply_setup(
+            backend,
+            "box",
+            template="python",
+            packages=["nexus-no-such-package"],
+            commands=[],
+            env={},
+            settings=settings,
+        )
+    shown = f"{failed.value} {failed.value.failure} {failed.value.output}"
+    assert "--index-url http://pkguser:***@127.0.0.1:9/simple/" in shown
+    assert password not in shown

@@ -151,10 +151,11 @@ async def test_llm_rejected_key_is_reported(
     client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
 ) -> None:
     host, port = messages_api.server_address[:2]
+    # A base URL may carry a password (a proxy's), which no error shows.
     settings = swarm_settings.model_copy(
         update={
             "anthropic_api_key": SecretStr("wrong"),
-            "anthropic_base_url": f"http://{host}:{port}",
+            "anthropic_base_url": f"http://llmuser:S3CQ01baseurlpw@{host}:{port}",
         }
     )
     helper = Swarms(client, settings)
@@ -166,6 +167,11 @@ async def test_llm_rejected_key_is_reported(
         await helper.cleanup()
     assert result["status"] == "failed"
     assert "HTTP 401" in result["error"]
+    assert (
+        f"Messages API at http://llmuser:***@{host}:{port}/v1/messages"
+        in (result["error"])
+    )
+    assert "S3CQ01baseurlpw" not in json.dumps(result)
 
 
 def stand_in_settings(settings: Settings, messages_api: MessagesStandIn) -> Settings:
