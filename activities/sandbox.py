@@ -139,7 +139,13 @@ class SandboxActivities:
         key = load_key(self.settings)
         env = unseal_env(key, spec.sandbox_id, spec.sealed_env)
         env.update(unseal_env(key, spec.sandbox_id, dict(extra or {})))
-        if spec.template == "claude-code" and "ANTHROPIC_API_KEY" not in env:
+        # The worker's own key goes into sandboxes, where their code can read
+        # it, only where the operator chose to share it.
+        if (
+            spec.template == "claude-code"
+            and "ANTHROPIC_API_KEY" not in env
+            and self.settings.sandbox_share_anthropic_key
+        ):
             configured = self.settings.anthropic_api_key
             if configured is not None and configured.get_secret_value():
                 env["ANTHROPIC_API_KEY"] = configured.get_secret_value()

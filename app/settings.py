@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("ANTHROPIC_API_KEY", "NEXUS_ANTHROPIC_API_KEY"),
     )
+    sandbox_share_anthropic_key: bool = Field(
+        False,
+        description="Give claude-code sandboxes created without anthropic_key "
+        "the worker's own ANTHROPIC_API_KEY. Their code can read it, so every "
+        "caller allowed sandbox tools can.",
+    )
     reports_dir: Path = Field(
         Path("reports"), description="Folder for benchmark reports."
     )

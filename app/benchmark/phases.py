@@ -115,6 +115,14 @@ async def sandbox_integration(runner: PhaseRunner) -> None:
 
     template = "claude-code" if claude_code_ready(runner.settings) else "python"
     runner.metrics["template"] = template
+    # The operator's own run: its key goes to the sandbox as anthropic_key,
+    # sealed like any caller's.
+    own_key = runner.settings.anthropic_api_key
+    key_argument = (
+        {"anthropic_key": own_key.get_secret_value()}
+        if template == "claude-code" and own_key is not None
+        else {}
+    )
     creation = asyncio.ensure_future(
         runner.call(
             "sandbox_create",
@@ -127,6 +135,7 @@ async def sandbox_integration(runner: PhaseRunner) -> None:
                     "BENCH_API_KEY": "bench-secret-value",
                 },
                 "timeout": 7200,
+                **key_argument,
             },
         )
     )

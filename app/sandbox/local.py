@@ -374,7 +374,9 @@ class LocalBackend(SandboxBackend):
         if not env.get("ANTHROPIC_API_KEY"):
             raise SandboxConfigurationError(
                 "template claude-code needs an Anthropic API key; pass "
-                "anthropic_key, or set ANTHROPIC_API_KEY on the sandbox worker"
+                "anthropic_key, or set ANTHROPIC_API_KEY on the sandbox worker "
+                "with NEXUS_SANDBOX_SHARE_ANTHROPIC_KEY=true, which lets every "
+                "caller of sandbox tools read it"
             )
 
     def _socket_path(self, backend_id: str) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from temporalio.client import (
     Client,
     WorkflowHandle,
@@ -24,7 +25,9 @@ from app.contracts.sandbox import ExecuteRequest, SandboxSpec
 from app.sandbox import service
 from app.sandbox.backend import SandboxBackendError
 from app.sandbox.local import LocalBackend
+from app.settings import Settings
 from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool
+from tests.conftest import TEST_ENCRYPTION_KEY
 from tests.support.replay import replay_run, replay_saved
 from workflows.sandbox import SandboxSessionWorkflow
 
@@ -1094,3 +1097,19 @@ async def test_recreation_refused_on_another_backend(tool_ctx: ToolContext) -> N
         assert "NEXUS_SANDBOX_BACKEND=local" in refused.value.message
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+def test_worker_anthropic_key_shared_only_when_chosen(tmp_path: Path) -> None:
+    """A claude-code sandbox gets the worker's own key only where the
+    operator chose to share it, since the sandbox's code can read it."""
+    spec = SandboxSpec(sandbox_id="sbx_key", template="claude-code", timeout=60)
+    base = Settings(
+        data_dir=tmp_path,
+        anthropic_api_key=SecretStr("sk-ant-worker-own"),
+        encryption_key=TEST_ENCRYPTION_KEY,
+    )
+    assert "ANTHROPIC_API_KEY" not in SandboxActivities(base)._env(spec)
+    shared = base.model_copy(update={"sandbox_share_anthropic_key": True})
+    assert SandboxActivities(shared)._env(spec)["ANTHROPIC_API_KEY"] == (
+        "sk-ant-worker-own"
+    )
