@@ -330,8 +330,8 @@ async def apply_setup(
     # the sandbox's own code has none; setup commands run like user code.
     # The index URL may carry a password, which neither the output nor the
     # errors may show.
-    index = settings.sandbox_package_index
-    secrets = [*secret_values(env), *url_passwords(index)]
+    index_url = settings.sandbox_package_index
+    secrets = [*secret_values(env), *url_passwords(index_url)]
     steps = [
         (
             f"the installer `{mask_url_passwords(shlex.join(argv))}`",
@@ -339,7 +339,7 @@ async def apply_setup(
             in_scratch_project(argv, home) if argv[0] == "npm" else argv,
             True,
         )
-        for argv in install_command(template, packages, index)
+        for argv in install_command(template, packages, index_url)
     ]
     for index, command in enumerate(commands):
         if index < len(command_names):
