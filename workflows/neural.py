@@ -4,6 +4,7 @@ over a cluster's nodes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +50,8 @@ _PATCH_DIVERGED_NODE_FAILS_SESSION = "diverged-node-fails-session"
 # Runs that started before this patch completed when the validators rejected
 # every round, and stored the untrained initial model as the result.
 _PATCH_ALL_ROUNDS_REJECTED_FAILS = "all-rounds-rejected-fails-session"
+# Runs that started before this patch cleaned every queue at once.
+_PATCH_CLEANUPS_ONE_AT_A_TIME = "memory-cleanups-one-at-a-time"
 
 
 def _error_text(error: BaseException) -> str:
@@ -561,21 +564,30 @@ class NeuralMaintenanceWorkflow:
 
     @workflow.run
     async def run(self, request: MemoryCleanupInput) -> MemoryCleanupResult:
-        answers = await asyncio.gather(
-            *(
-                workflow.execute_activity(
-                    "neural_memory_cleanup",
-                    task_queue=queue,
-                    schedule_to_close_timeout=timedelta(
-                        seconds=request.timeout_seconds
-                    ),
-                    retry_policy=RetryPolicy(maximum_attempts=1),
-                    result_type=MemoryCleanupReport,
-                )
-                for queue in request.queues
-            ),
-            return_exceptions=True,
-        )
+        def cleanup(queue: str) -> Awaitable[MemoryCleanupReport]:
+            return workflow.execute_activity(
+                "neural_memory_cleanup",
+                task_queue=queue,
+                schedule_to_close_timeout=timedelta(seconds=request.timeout_seconds),
+                retry_policy=RetryPolicy(maximum_attempts=1),
+                result_type=MemoryCleanupReport,
+            )
+
+        answers: list[MemoryCleanupReport | BaseException]
+        if workflow.patched(_PATCH_CLEANUPS_ONE_AT_A_TIME):
+            # One at a time: several queues are often served by one process,
+            # whose memory before and after each cleanup must not overlap
+            # with another's.
+            answers = []
+            for queue in request.queues:
+                try:
+                    answers.append(await cleanup(queue))
+                except ActivityError as error:
+                    answers.append(error)
+        else:
+            answers = await asyncio.gather(
+                *(cleanup(queue) for queue in request.queues), return_exceptions=True
+            )
         result = MemoryCleanupResult(processes=[])
         for queue, answer in zip(request.queues, answers, strict=True):
             if isinstance(answer, MemoryCleanupReport):

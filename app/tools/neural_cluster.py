@@ -800,9 +800,20 @@ async def neural_cluster_optimize(
         task_queue=ORCHESTRATION,
         result_type=MemoryCleanupResult,
     )
+    # One report per process. The cleanups ran one after another, so a
+    # process's memory before the first of its cleanups and after the last
+    # one measure all that its cleanups freed.
     by_pid: dict[tuple[str, int], MemoryCleanupReport] = {}
     for process in report.processes:
-        by_pid.setdefault((process.hostname, process.pid), process)
+        key = (process.hostname, process.pid)
+        first = by_pid.get(key)
+        if first is None:
+            by_pid[key] = process.model_copy()
+            continue
+        first.task_queue = f"{first.task_queue}, {process.task_queue}"
+        first.rss_after = process.rss_after
+        first.compiled_trainers_cleared += process.compiled_trainers_cleared
+        first.datasets_cleared += process.datasets_cleared
     processes = list(by_pid.values())
     return ClusterOptimizeResult(
         cluster_id=cluster.id,

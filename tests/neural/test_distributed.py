@@ -135,6 +135,14 @@ async def test_federated_session_and_predictions(
     )
     assert cleaned["processes"]
     assert all(p["rss_before"] > 0 and p["rss_after"] > 0 for p in cleaned["processes"])
+    # The nodes' workers run in this process: one report covers all of its
+    # queues, and counts the trainers that the nodes' training compiled.
+    pids = [(p["hostname"], p["pid"]) for p in cleaned["processes"]]
+    assert len(pids) == len(set(pids))
+    assert sum(p["compiled_trainers_cleared"] for p in cleaned["processes"]) >= 1
+    assert cleaned["freed_bytes"] == sum(
+        max(0, p["rss_before"] - p["rss_after"]) for p in cleaned["processes"]
+    )
     ended = await invoke_tool(
         ctx, "neural_cluster_terminate", {"cluster_id": cluster_id}
     )
