@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import time
 import uuid
 from typing import Any
@@ -48,6 +49,13 @@ SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "storage": ("storage_list", {"bucket": "workflow-checks"}),
     "workflows": ("workflow_list", {"limit": 1}),
 }
+
+
+def step_call_id(request: StepRequest) -> str:
+    """Return the sandbox call id of a step, the same for all its attempts; a
+    digest, since ids and step names may hold characters a call id may not."""
+    digest = hashlib.sha256(f"{request.execution_id}/{request.step}".encode())
+    return f"step-{digest.hexdigest()[:32]}"
 
 
 def step_user(execution_id: str, step: str) -> str:
@@ -171,6 +179,11 @@ class IntegrationActivities:
                         "code": params.code,
                         "language": params.language,
                         "timeout": params.timeout,
+                        # One call id for every attempt of the step: when a
+                        # worker dies, the next attempt gets the program's
+                        # run in the named sandbox, which its session goes on
+                        # with, rather than start a second run beside it.
+                        "call_id": step_call_id(request),
                         **run,
                     },
                 )

@@ -191,6 +191,17 @@ class SandboxExecuteInput(BaseModel):
     working_dir: str | None = Field(None, description="Inside the sandbox folder.")
     timeout: float = Field(60, gt=0, le=86400, description="Seconds; kills the run.")
     capture_output: bool = True
+    call_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description=(
+            "An idempotency key: a call with the call_id of an earlier call to "
+            "this sandbox gets that call's result, or waits for it, rather than "
+            "run the code again. Letters, digits and _ . : - only."
+        ),
+    )
 
     @field_validator("env_vars")
     @classmethod
@@ -234,7 +245,7 @@ async def sandbox_execute(ctx: ToolContext, args: SandboxExecuteInput) -> Execut
             args.sandbox_id,
             request,
             args.env_vars,
-            call_id=f"execute-{uuid.uuid4().hex}",
+            call_id=args.call_id or f"execute-{uuid.uuid4().hex}",
         )
     except SandboxServiceError as error:
         raise _tool_error(error) from None

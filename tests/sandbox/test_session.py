@@ -1113,3 +1113,49 @@ def test_worker_anthropic_key_shared_only_when_chosen(tmp_path: Path) -> None:
     assert SandboxActivities(shared)._env(spec)["ANTHROPIC_API_KEY"] == (
         "sk-ant-worker-own"
     )
+
+
+async def test_call_id_runs_the_code_once(tool_ctx: ToolContext) -> None:
+    """A call with an earlier call's call_id gets that call's result, without
+    running the program again; another call_id runs it."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    code = "echo run >> runs.txt; wc -l < runs.txt"
+    try:
+        first = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            language="bash",
+            call_id="step-abc.1:x",
+        )
+        again = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            language="bash",
+            call_id="step-abc.1:x",
+        )
+        other = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            language="bash",
+            call_id="step-abc.2",
+        )
+        assert first["stdout"] == again["stdout"] == "1\n"
+        assert other["stdout"] == "2\n"
+        with pytest.raises(ToolInputError) as bad:
+            await call(
+                tool_ctx,
+                "sandbox_execute",
+                sandbox_id=sandbox_id,
+                code=code,
+                call_id="has space",
+            )
+        assert "call_id" in bad.value.message
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)

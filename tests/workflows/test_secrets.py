@@ -14,6 +14,8 @@ import pytest
 from sqlmodel import select
 from temporalio.client import Client
 
+from activities.integration import step_call_id
+from app.contracts.workflows import StepRequest
 from app.db import session_scope
 from app.realtime.models import ExecutionOutput
 from app.settings import Settings
@@ -169,6 +171,15 @@ async def test_step_secret_kept_out_of_session(
         assert outputs["own"]["stdout"] == "out ********\n"
         own_id = outputs["own"]["sandbox_id"]
         assert own_id != given_id
+        # Every attempt of the step sends one call id, so a retry after its
+        # worker died gets the run that the session goes on with.
+        step = StepRequest(
+            execution_id=run["execution_id"], step="given", type="sandbox_execution"
+        )
+        given_history = await client.get_workflow_handle(
+            f"sandbox-{given_id}"
+        ).fetch_history()
+        assert step_call_id(step).encode() in payload_bytes(given_history.events)
 
         for sandbox_id, secret in ((given_id, given_secret), (own_id, own_secret)):
             logs = await call(ctx, "sandbox_logs", sandbox_id=sandbox_id)
