@@ -315,6 +315,20 @@ _SECRET_FIELDS = frozenset({"database_url"})
 _URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):[^@/\s'\"]*@")
 
 
+def keep_private(folder: Path) -> None:
+    """Create `folder` for its owner only, or take group and other access
+    from it: a data folder holds the databases, logs and stored objects,
+    which carry program output and the audit log."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        status = folder.stat()
+        if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+            folder.chmod(status.st_mode & 0o700)
+            logger.info("took group and other access from %s", folder)
+    except OSError as error:
+        logger.warning("could not make %s private: %s", folder, error)
+
+
 def mask_url_passwords(text: str) -> str:
     """Replace the password of every `scheme://user:password@host` in `text`."""
     return _URL_PASSWORD.sub(r"\1:***@", text)

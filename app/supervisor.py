@@ -17,7 +17,7 @@ from app.api.keys import ensure_default_key
 from app.contracts.queues import ALL_QUEUES
 from app.db.migrate import upgrade
 from app.processes import ManagedProcess, stop_all
-from app.settings import Settings
+from app.settings import Settings, keep_private
 from app.temporal.devserver import EmbeddedServerError, EmbeddedTemporal
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> 
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
+        keep_private(settings.resolved_data_dir)
         stack.start()
         for line in address_lines(settings, stack):
             print(line, file=sys.stderr)

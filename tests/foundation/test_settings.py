@@ -150,3 +150,18 @@ def test_known_variables_not_reported() -> None:
         "PATH": "/bin",
     }
     assert unknown_variable_lines(environ) == []
+
+
+def test_data_folder_kept_private(tmp_path: Path) -> None:
+    """A data folder is made for its owner only, and an existing one loses
+    group and other access."""
+    from app.settings import keep_private
+
+    new = tmp_path / "new" / "data"
+    keep_private(new)
+    assert new.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    keep_private(shared)
+    assert shared.stat().st_mode & 0o777 == 0o700
