@@ -171,6 +171,14 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
     if "method" in document and not isinstance(document["method"], str):
         kind = json_type(document["method"])
         return f"method: a JSON {kind} is invalid: send the method name as a string"
+    if "id" in document and isinstance(document["id"], dict | list | bool):
+        # The SDK would read such a request as a notification, answer 202
+        # with no body and run nothing.
+        kind = json_type(document["id"])
+        return (
+            f"id: a JSON {kind} is invalid: send the request id as a string or "
+            "an integer"
+        )
     if "params" in document and not isinstance(document["params"], dict | list):
         kind = json_type(document["params"])
         return f"params: a JSON {kind} is invalid: send an object; {JSONRPC_SHAPE}"

@@ -407,6 +407,21 @@ async def test_jsonrpc_version_named_on_mcp(server: ApiServer) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_jsonrpc_object_id_rejected(server: ApiServer) -> None:
+    """An id that is an object would make the request a notification that
+    runs nothing and gets 202; it is rejected, naming the field."""
+    body = (
+        '{"jsonrpc": "2.0", "id": {"x": "1"}, "method": "tools/call", '
+        '"params": {"name": "system_health", "arguments": {}}}'
+    )
+    response = await send(server, "/mcp", body, JSONRPC_HEADERS)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == -32600
+    assert error["message"].startswith("Invalid request: id: a JSON object is invalid")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_repeated_nested_key_named_by_path(server: ApiServer) -> None:
     body = '{"limit": 5, "tool": "x", "user_id": null, "meta": {"A": "x", "A": "y"}}'
     response = await send(server, "/api/tools/audit_log", body)
