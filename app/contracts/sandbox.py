@@ -33,6 +33,34 @@ def check_env_names(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+# Linux's MAX_ARG_STRLEN: the most bytes of one environment string, its NUL
+# terminator included.
+ENV_STRING_LIMIT = 131072
+
+
+def check_env_values(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Return `value`; raise for a value that no program's environment can
+    take, so that it fails where it is given rather than at every run. A
+    value sealed already, or one that refers to `{{...}}` and is filled in
+    when the step runs, is checked then."""
+    for name, text in (value or {}).items():
+        if not isinstance(text, str) or text.startswith("sealed:") or "{{" in text:
+            continue
+        if "\0" in text:
+            raise ValueError(
+                f"env var {name!r} is invalid: its value contains a NUL byte, "
+                "which an environment variable cannot hold; remove it"
+            )
+        size = len(f"{name}={text}".encode()) + 1
+        if size > ENV_STRING_LIMIT:
+            raise ValueError(
+                f"env var {name!r} is invalid: NAME=value takes {size} bytes, over "
+                f"Linux's limit of {ENV_STRING_LIMIT} bytes for one environment "
+                "string; pass a long value as a file instead"
+            )
+    return value
+
+
 ExecutionStatus = Literal["completed", "failed", "timed_out"]
 SessionStatus = Literal["creating", "running", "failed", "stopped", "deleted"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.contracts.queues import ORCHESTRATION
-from app.contracts.sandbox import Template, check_env_names
+from app.contracts.sandbox import Template, check_env_names, check_env_values
 from app.workflows.steps import StepType, register_step_type
 
 
@@ -36,6 +36,7 @@ class SandboxExecutionParams(BaseModel):
     # The same rule as sandbox_create, checked when the definition is stored
     # rather than at every run.
     _env_names = field_validator("env_vars")(check_env_names)
+    _env_values = field_validator("env_vars")(check_env_values)
 
 
 class NeuralComputationParams(BaseModel):

@@ -43,6 +43,7 @@ from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import (
     CONFIGURATION_ERROR,
     ENDED_ERROR,
+    ENV_STRING_LIMIT,
     INTERRUPTED_ERROR,
     INVALID_ERROR,
     SETUP_ERROR,
@@ -110,11 +111,6 @@ class CreateOptions:
     install_packages: list[str] = field(default_factory=list)
     startup_script: str | None = None
     sandbox_id: str | None = None
-
-
-# Linux's MAX_ARG_STRLEN: the max bytes of one argv or environment string,
-# its NUL terminator included.
-ENV_STRING_LIMIT = 131072
 
 
 def workflow_id(sandbox_id: str) -> str:

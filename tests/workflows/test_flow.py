@@ -529,6 +529,20 @@ async def test_sandbox_step_env_names_checked_at_create(tools: ToolContext) -> N
         await call(tools, "workflow_create", name="bad-env", steps=[step])
     assert "env var name 'bad name' is invalid" in caught.value.message
     assert "SpaceNameSecret" not in caught.value.message
+    # Values that no run could pass to a program fail here too, without the
+    # value; one that a reference fills in is checked when the step runs.
+    for value, problem in (
+        ("Nul\x00Secret", "its value contains a NUL byte"),
+        ("L" * 131072, "NAME=value takes 131079 bytes, over Linux's limit"),
+    ):
+        step["params"]["env_vars"] = {"TOKEN": value}
+        with pytest.raises(ToolError) as bad_value:
+            await call(tools, "workflow_create", name="bad-env", steps=[step])
+        assert f"env var 'TOKEN' is invalid: {problem}" in bad_value.value.message
+        assert "Secret" not in bad_value.value.message
+        assert "LLLL" not in bad_value.value.message
+    step["params"]["env_vars"] = {"TOKEN": "{{input.token}}"}
+    await call(tools, "workflow_create", name="ref-env", steps=[step])
 
 
 async def test_name_given_as_id_points_to_id(tools: ToolContext) -> None:
