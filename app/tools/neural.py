@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCError
 
 from app.contracts.neural import (
@@ -25,7 +25,7 @@ from app.neural.architectures import (
     MAX_PARAMETERS,
     TRAIN_ARCHITECTURES,
 )
-from app.tools.registry import ToolContext, ToolError, ToolInputError, tool
+from app.tools.registry import ErrorKind, ToolContext, ToolError, ToolInputError, tool
 
 if TYPE_CHECKING:
     from app.neural.data import Dataset
@@ -303,6 +303,25 @@ def failure_message(error: WorkflowFailureError) -> str:
     return str(getattr(cause, "message", cause))
 
 
+# Failures that the same arguments repeat: a retry, such as a workflow
+# step's, would train again to the same end.
+_ARGUMENT_FAILURES = frozenset(
+    {"TrainingDiverged", "AllRoundsRejected", "InvalidDataset", "InvalidInput"}
+)
+
+
+def failure_kind(error: WorkflowFailureError) -> ErrorKind:
+    """Return `invalid_argument` for a run that failed because of its
+    arguments (its training diverged, its data set is invalid), else
+    `failed`."""
+    cause: BaseException | None = error.cause
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.type in _ARGUMENT_FAILURES:
+            return "invalid_argument"
+        cause = cause.cause if isinstance(cause, FailureError) else None
+    return "failed"
+
+
 def _widths(tier: str, layers: list[Any]) -> list[int]:
     from app.neural.nets import layer_widths
 
@@ -395,7 +414,7 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     try:
         done: TrainJobResult = await handle.result()
     except WorkflowFailureError as error:
-        raise ToolError(failure_message(error), kind="failed") from None
+        raise ToolError(failure_message(error), kind=failure_kind(error)) from None
     return result.model_copy(
         update={
             "status": "completed",

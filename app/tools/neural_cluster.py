@@ -30,6 +30,7 @@ from app.tools.neural import (
     check_dataset,
     check_features,
     dataset_reference,
+    failure_kind,
     failure_message,
     model_size_problem,
     start_recorded_workflow,
@@ -537,7 +538,7 @@ async def neural_train_distributed(
     try:
         done: SessionResult = await handle.result()
     except WorkflowFailureError as error:
-        raise ToolError(failure_message(error)) from None
+        raise ToolError(failure_message(error), kind=failure_kind(error)) from None
     return result.model_copy(
         update={"status": "completed", "rounds": done.rounds_completed, "result": done}
     )

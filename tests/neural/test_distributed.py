@@ -241,6 +241,7 @@ async def test_proof_of_learning_rejects_corrupt_node(
     # untrained initial model as its result.
     assert "the validators rejected every round (2 of 2)" in raised.value.message
     assert "validation_tolerance (now 0.1)" in raised.value.message
+    assert raised.value.kind == "invalid_argument"
     status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
     session = status["sessions"][0]
     assert session["status"] == "failed"

@@ -96,6 +96,8 @@ async def test_diverged_job_fails_once(
     expected = "training diverged: loss is NaN at epoch 1; lower learning_rate (now 10)"
     message = caught.value.message
     assert re.fullmatch(rf"training job job_\w+ failed: {re.escape(expected)}", message)
+    # The arguments caused it, so a workflow step does not train again.
+    assert caught.value.kind == "invalid_argument"
     with session_scope(neural_workers.effective_database_url) as session:
         job = session.exec(select(NeuralJob)).one()
     assert job.status == "failed"
