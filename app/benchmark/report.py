@@ -423,12 +423,18 @@ def render_markdown(metrics: dict[str, Any]) -> str:
     totals = metrics["totals"]
     timeline = metrics["timeline"]
     memory = metrics["memory"]
-    all_passed = (
-        totals["phases_passed"] == totals["phases_run"] and totals["phases_run"]
+    closed = metrics.get("workflow_closed")
+    every_run_passed = bool(totals["phases_run"]) and (
+        totals["phases_passed"] == totals["phases_run"]
     )
+    # A run that closed before its end did not run all of its phases, so it
+    # never counts as all passed, as the command's result says too.
+    all_passed = every_run_passed and not closed
     verdict = "all phases passed" if all_passed else "some phases failed"
-    if metrics.get("workflow_closed"):
-        verdict = f"{metrics['workflow_closed']} before its end, {verdict}"
+    if closed:
+        verdict = f"{closed} before its end, " + (
+            "every phase that ended passed" if every_run_passed else verdict
+        )
     lines = [
         f"# Extended-duration benchmark {metrics['run_id']}: {verdict}",
         "",
@@ -584,6 +590,13 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         lines.append(
             f"Every phase passed in each of {timeline['cycles']} cycles; "
             f"{totals['succeeded']} of {totals['operations']} operations succeeded."
+        )
+    elif closed:
+        lines.append(
+            f"The run was {closed} before its end, so not every phase ran; "
+            f"{totals['phases_passed']} of the {totals['phases_run']} phases that "
+            f"ended passed, and {totals['succeeded']} of {totals['operations']} "
+            "operations succeeded."
         )
     else:
         lines.append(

@@ -952,3 +952,17 @@ async def test_simultaneous_scheduled_runs_pick_one(
     assert second.id not in before_first
     assert first.id in before_second
     assert second.id in recorded_second
+
+
+def test_closed_run_never_all_passed(settings: Settings) -> None:
+    """A run terminated before its end ran only some phases: the report
+    does not call it all passed, as the command's result does not."""
+    _seed(settings, "run-closed")
+    metrics = build_metrics(settings, "run-closed", None)
+    metrics["totals"]["phases_passed"] = metrics["totals"]["phases_run"] = 5
+    metrics["workflow_closed"] = "terminated"
+    markdown = render_markdown(metrics)
+    title = markdown.splitlines()[0]
+    assert title.endswith(": terminated before its end, every phase that ended passed")
+    assert "Every phase passed" not in markdown
+    assert "so not every phase ran; 5 of the 5 phases that ended passed" in markdown
