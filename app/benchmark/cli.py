@@ -818,6 +818,10 @@ async def _run_benchmark(
 
     stack: Stack | None = None
     leaving = False  # between a first and a second Ctrl-C
+    # The settings below name the address of the server that the stack
+    # started, which no longer says that it is the embedded server whose
+    # web UI port is known; the link comes from these.
+    link_settings = settings
     if start_workers:
         # The benchmark calls the tools through the workers; the HTTP
         # server would only take a port and print where its key is.
@@ -850,7 +854,7 @@ async def _run_benchmark(
         if started is not None:
             started.append(this_run)
         console.print(
-            f"Benchmark {run_id}: {web_ui_link(settings, run_id)}",
+            f"Benchmark {run_id}: {web_ui_link(link_settings, run_id)}",
             soft_wrap=True,
             markup=False,
         )

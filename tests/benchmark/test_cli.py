@@ -887,7 +887,13 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path, stop: str) -> None
     process, output = _start_cli(_RUN, env)
     address = f"127.0.0.1:{env['NEXUS_TEMPORAL_PORT']}"
     try:
-        run_id = (await output.wait_for(r"Benchmark (benchmark-\S+):", 240))[1]
+        started = await output.wait_for(r"Benchmark (benchmark-\S+): (\S+)", 240)
+        run_id = started[1]
+        # The embedded server's web UI, not its gRPC address.
+        assert started[2] == (
+            f"http://127.0.0.1:{env['NEXUS_TEMPORAL_UI_PORT']}/namespaces/"
+            f"default/workflows/{run_id}"
+        ), output.text
         client = await Client.connect(address)
         phase_id = await _running_phase(client, run_id, 120)
         if stop == "ctrl-c":
