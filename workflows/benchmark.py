@@ -61,6 +61,9 @@ _FAILED_PHASE_WORKFLOW_RECORDED_PATCH = "benchmark-failed-phase-workflow-recorde
 # A cancellation that arrives while a phase workflow is being started waits
 # for the start and then cancels the phase like a running one.
 _PHASE_START_SHIELDED_PATCH = "benchmark-phase-start-shielded"
+# Runs before this patch completed a phase whose activity failed after the
+# phase was asked to cancel, with the failure as its result.
+_FAILED_AFTER_CANCEL_PATCH = "benchmark-phase-failed-after-cancel-cancelled"
 
 
 async def _run_phase_child(request: PhaseInput, child_id: str) -> PhaseResult:
@@ -169,6 +172,16 @@ class BenchmarkPhaseWorkflow:
         except ActivityError as error:
             if is_cancelled_exception(error) and workflow.patched(CANCELLED_RUN_PATCH):
                 raise
+            task = asyncio.current_task()
+            if (
+                task is not None
+                and task.cancelling()
+                and workflow.patched(_FAILED_AFTER_CANCEL_PATCH)
+            ):
+                # Asked to cancel while the activity failed on its own (its
+                # worker died, so its heartbeat timed out): the phase ends
+                # Canceled, as one that completed after the request does.
+                raise asyncio.CancelledError() from error
             record = PhaseRecord(
                 run_id=request.run_id,
                 result=PhaseResult(

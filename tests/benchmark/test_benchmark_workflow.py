@@ -3,11 +3,16 @@ import json
 import subprocess
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from app.benchmark import recording
 from app.benchmark.cli import SCHEDULE_CATCHUP, create_schedule
@@ -21,12 +26,14 @@ from app.contracts.benchmark import (
     BenchmarkResult,
     BenchmarkState,
     PhaseInput,
+    PhaseRecord,
 )
 from app.contracts.queues import ORCHESTRATION
 from app.settings import Settings
 from app.temporal.devserver import temporal_binary
 from tests.support.replay import replay_run, replay_saved
 from workers.registry import all_workflows
+from workflows.benchmark import BenchmarkPhaseWorkflow
 
 
 def small_config(**overrides: object) -> BenchmarkConfig:
@@ -381,3 +388,52 @@ async def test_schedule_is_listed(client: Client, temporal_address: str) -> None
         assert described.schedule.policy.catchup_window == SCHEDULE_CATCHUP
     finally:
         await client.get_schedule_handle(schedule_id).delete()
+
+
+async def test_phase_failing_after_cancel_ends_cancelled(
+    time_skipping_env: WorkflowEnvironment,
+) -> None:
+    """A phase asked to cancel whose activity then fails on its own (its
+    worker died, so no heartbeat came) ends Canceled, not with a result."""
+    started = asyncio.Event()
+    recorded: list[object] = []
+
+    @activity.defn(name="run_benchmark_phase")
+    async def failing_phase(request: PhaseInput) -> PhaseRecord:
+        started.set()
+        try:
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            # Fails on its own once the cancel is asked for, as the attempt
+            # of a worker that died then does with its heartbeat timeout.
+            raise ApplicationError("worker died", non_retryable=True) from None
+
+    @activity.defn(name="record_benchmark_phase")
+    async def record(record: PhaseRecord) -> None:
+        recorded.append(record)
+
+    env_client = time_skipping_env.client
+    async with Worker(
+        env_client,
+        task_queue=ORCHESTRATION,
+        workflows=[BenchmarkPhaseWorkflow],
+        activities=[failing_phase, record],
+        max_heartbeat_throttle_interval=timedelta(milliseconds=100),
+        default_heartbeat_throttle_interval=timedelta(milliseconds=100),
+    ):
+        handle = await env_client.start_workflow(
+            BenchmarkPhaseWorkflow.run,
+            PhaseInput(
+                run_id="run-x", phase="neural_training", cycle=0, config=small_config()
+            ),
+            id=f"phase-{uuid.uuid4().hex[:8]}",
+            task_queue=ORCHESTRATION,
+        )
+        await asyncio.wait_for(started.wait(), 30)
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError) as ended:
+            await handle.result()
+    assert isinstance(ended.value.cause, CancelledError), ended.value.cause
+    assert recorded == []
