@@ -353,7 +353,9 @@ class SandboxSessionWorkflow:
         heartbeat: bool = True,
     ) -> T:
         """Run one backend call: a local activity where the session allows it,
-        else an activity on the sandbox queue."""
+        else an activity on the sandbox queue. `timeout` bounds each attempt
+        and all attempts together, so a backend that stops answering fails
+        the call within it rather than after every retry's full time."""
         if self._state.local_calls:
             # The local backend's runner listens on a socket under the data
             # folder, so this worker can make the call itself and skip the
@@ -362,6 +364,7 @@ class SandboxSessionWorkflow:
                 name,
                 arg,
                 start_to_close_timeout=timeout,
+                schedule_to_close_timeout=timeout,
                 retry_policy=_CALL_RETRY,
                 result_type=result_type,
             )
@@ -370,6 +373,7 @@ class SandboxSessionWorkflow:
             arg,
             task_queue=SANDBOX,
             start_to_close_timeout=timeout,
+            schedule_to_close_timeout=timeout,
             heartbeat_timeout=timedelta(seconds=60) if heartbeat else None,
             retry_policy=_CALL_RETRY,
             result_type=result_type,

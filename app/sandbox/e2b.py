@@ -11,8 +11,8 @@ import contextlib
 import logging
 import shlex
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import e2b
 import httpx
@@ -31,6 +31,7 @@ from app.sandbox.backend import (
     resolve_workdir,
 )
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 E2B_HOME = "/home/user"
@@ -90,6 +91,13 @@ class E2BBackend(SandboxBackend):
             )
         if isinstance(error, e2b.InvalidArgumentException | e2b.TemplateException):
             return SandboxConfigurationError(f"{message}; fix the request")
+        status = _status(error)
+        if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+            # E2B refused the request as made, which a retry repeats.
+            return SandboxConfigurationError(
+                f"{message}; E2B rejected the request with HTTP {status}, so "
+                "check the request and E2B's API address"
+            )
         if isinstance(error, e2b.RateLimitException | e2b.ServiceBusyException):
             return SandboxRetryLaterError(f"{message}; retry later")
         if isinstance(error, e2b.TimeoutException):
@@ -97,7 +105,9 @@ class E2BBackend(SandboxBackend):
             # timeout, or one request was slow. Ask the sandbox.
             if sandbox is not None:
                 try:
-                    running = await sandbox.is_running()
+                    running = await self._within(
+                        self.probe_seconds, sandbox.is_running()
+                    )
                 except Exception as probe:
                     # A failed probe leaves the state unknown. Recreating
                     # here would kill a live sandbox and its files.
@@ -112,7 +122,6 @@ class E2BBackend(SandboxBackend):
                     self._forget(backend_id)
                     return SandboxLostError(f"{message}; it is no longer running")
             return SandboxRetryLaterError(f"{message}; retry later")
-        status = _status(error)
         if status is not None and status >= 500:
             return SandboxRetryLaterError(
                 f"{message}; E2B failed with HTTP {status}, so retry later"
@@ -137,16 +146,37 @@ class E2BBackend(SandboxBackend):
     def _forget(self, backend_id: str) -> None:
         self._sandboxes.pop(backend_id, None)
 
+    # Bounds on one request to E2B, so that an API or sandbox that stops
+    # answering fails the call (to be retried later) instead of holding it
+    # for the SDK's own 60 s per request and more.
+    request_seconds = 30.0
+    create_seconds = 90.0
+    probe_seconds = 10.0
+
+    @staticmethod
+    async def _within(seconds: float, call: Awaitable[T]) -> T:
+        """Await `call` for at most `seconds`, failing as E2B's own request
+        timeout does."""
+        try:
+            return await asyncio.wait_for(call, seconds)
+        except TimeoutError:
+            raise e2b.TimeoutException(
+                f"E2B did not answer within {seconds:g} s"
+            ) from None
+
     async def _sandbox(self, backend_id: str, timeout: int | None = None) -> Any:
         sandbox = self._sandboxes.get(backend_id)
         if sandbox is not None:
             return sandbox
         try:
             # Without a timeout, connect resets a long-lived sandbox to 300 s.
-            sandbox = await self.sandbox_class.connect(
-                backend_id,
-                timeout=timeout or self._timeouts.get(backend_id, 3600),
-                api_key=self.api_key,
+            sandbox = await self._within(
+                self.request_seconds,
+                self.sandbox_class.connect(
+                    backend_id,
+                    timeout=timeout or self._timeouts.get(backend_id, 3600),
+                    api_key=self.api_key,
+                ),
             )
         except Exception as error:
             raise await self._translate(error, backend_id) from error
@@ -168,12 +198,15 @@ class E2BBackend(SandboxBackend):
         if adopted is not None:
             return adopted
         try:
-            sandbox = await self.sandbox_class.create(
-                template=_E2B_TEMPLATES.get(template, template),
-                timeout=timeout,
-                envs=dict(env),
-                metadata={"nexus_backend_id": backend_id, **metadata},
-                api_key=self.api_key,
+            sandbox = await self._within(
+                self.create_seconds,
+                self.sandbox_class.create(
+                    template=_E2B_TEMPLATES.get(template, template),
+                    timeout=timeout,
+                    envs=dict(env),
+                    metadata={"nexus_backend_id": backend_id, **metadata},
+                    api_key=self.api_key,
+                ),
             )
             sandbox_id = sandbox.sandbox_id
             if not isinstance(sandbox_id, str) or not sandbox_id:
@@ -202,7 +235,8 @@ class E2BBackend(SandboxBackend):
         )
         found: list[str] = []
         while paginator.has_next:
-            found.extend(info.sandbox_id for info in await paginator.next_items())
+            page = await self._within(self.request_seconds, paginator.next_items())
+            found.extend(info.sandbox_id for info in page)
         return found
 
     async def _adopt_earlier(
@@ -224,8 +258,9 @@ class E2BBackend(SandboxBackend):
         for sandbox_id in extra:
             await self._kill_quietly(sandbox_id, backend_id)
         try:
-            sandbox = await self.sandbox_class.connect(
-                keep, timeout=timeout, api_key=self.api_key
+            sandbox = await self._within(
+                self.request_seconds,
+                self.sandbox_class.connect(keep, timeout=timeout, api_key=self.api_key),
             )
         except Exception as error:
             raise await self._translate(error, keep) from error
@@ -253,7 +288,10 @@ class E2BBackend(SandboxBackend):
 
     async def _kill_quietly(self, sandbox_id: str, backend_id: str) -> None:
         try:
-            await self.sandbox_class.kill(sandbox_id, api_key=self.api_key)
+            await self._within(
+                self.request_seconds,
+                self.sandbox_class.kill(sandbox_id, api_key=self.api_key),
+            )
         except Exception as error:
             logger.warning(
                 "could not kill E2B sandbox %s created for %s: %s",
@@ -294,8 +332,11 @@ class E2BBackend(SandboxBackend):
         command = "exec setsid " + shlex.join(argv)
         started = time.perf_counter()
         try:
-            handle = await sandbox.commands.run(
-                command, background=True, envs=dict(env), cwd=workdir, timeout=0
+            handle = await self._within(
+                self.request_seconds,
+                sandbox.commands.run(
+                    command, background=True, envs=dict(env), cwd=workdir, timeout=0
+                ),
             )
         except Exception as error:
             raise await self._translate(error, backend_id, sandbox) from error
@@ -310,7 +351,9 @@ class E2BBackend(SandboxBackend):
         except TimeoutError:
             timed_out = True
             try:
-                await self._kill_group(sandbox, handle.pid)
+                await self._within(
+                    self.request_seconds, self._kill_group(sandbox, handle.pid)
+                )
             except Exception as error:
                 raise await self._translate(error, backend_id, sandbox) from error
         except asyncio.CancelledError:
@@ -347,7 +390,9 @@ class E2BBackend(SandboxBackend):
         inside = resolve_inside(E2B_HOME, path)
         sandbox = await self._sandbox(backend_id)
         try:
-            await sandbox.files.write(inside, content)
+            await self._within(
+                self.create_seconds, sandbox.files.write(inside, content)
+            )
         except Exception as error:
             raise await self._translate(error, backend_id, sandbox) from error
         return inside
@@ -356,7 +401,9 @@ class E2BBackend(SandboxBackend):
         inside = resolve_inside(E2B_HOME, path)
         sandbox = await self._sandbox(backend_id)
         try:
-            content = await sandbox.files.read(inside, format="bytes")
+            content = await self._within(
+                self.create_seconds, sandbox.files.read(inside, format="bytes")
+            )
         except e2b.NotFoundException:
             return None
         except Exception as error:
@@ -367,7 +414,7 @@ class E2BBackend(SandboxBackend):
         inside = resolve_inside(E2B_HOME, path)
         sandbox = await self._sandbox(backend_id)
         try:
-            await sandbox.files.remove(inside)
+            await self._within(self.request_seconds, sandbox.files.remove(inside))
         except e2b.NotFoundException:
             return
         except Exception as error:
@@ -377,14 +424,14 @@ class E2BBackend(SandboxBackend):
         self._timeouts[backend_id] = timeout
         sandbox = await self._sandbox(backend_id, timeout)
         try:
-            await sandbox.set_timeout(timeout)
+            await self._within(self.request_seconds, sandbox.set_timeout(timeout))
         except Exception as error:
             raise await self._translate(error, backend_id, sandbox) from error
 
     async def describe(self, backend_id: str) -> BackendState:
         try:
             sandbox = await self._sandbox(backend_id)
-            running = await sandbox.is_running()
+            running = await self._within(self.probe_seconds, sandbox.is_running())
         except SandboxLostError as error:
             return BackendState(
                 backend=self.name,

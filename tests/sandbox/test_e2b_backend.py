@@ -245,6 +245,18 @@ async def test_errors_map_to_interface(backend: E2BBackend) -> None:
     FakeSandbox.create_fault = e2b.AuthenticationException("invalid API key")
     with pytest.raises(SandboxConfigurationError):
         await backend.create("y", template="base", timeout=60, env={}, metadata={})
+    # A request that E2B refuses as made fails at once; a retry repeats it.
+    refused = e2b.SandboxException("400: bad request")
+    refused.status_code = 400  # type: ignore[attr-defined]
+    FakeSandbox.create_fault = refused
+    with pytest.raises(SandboxConfigurationError) as bad_request:
+        await backend.create("z", template="base", timeout=60, env={}, metadata={})
+    assert "rejected the request with HTTP 400" in str(bad_request.value)
+    busy = e2b.SandboxException("500: oops")
+    busy.status_code = 500  # type: ignore[attr-defined]
+    FakeSandbox.create_fault = busy
+    with pytest.raises(SandboxRetryLaterError):
+        await backend.create("w", template="base", timeout=60, env={}, metadata={})
 
 
 async def test_reconnect_passes_timeout(backend: E2BBackend) -> None:
@@ -444,3 +456,27 @@ async def test_health_silent_e2b(
     report = await backend.health()
     assert report["status"] == "unhealthy"
     assert "did not answer a sandbox listing within 0.2 s" in str(report["error"])
+
+
+async def test_silent_e2b_fails_within_bounds(backend: E2BBackend) -> None:
+    """A sandbox whose agent stops answering fails a run within the backend's
+    bounds, as retry-later, instead of holding the call."""
+    created = await backend.create(
+        "sbx_s-g1", template="base", timeout=600, env={}, metadata={}
+    )
+    sandbox = FakeSandbox.live[created.backend_id]
+    backend.request_seconds = backend.probe_seconds = 0.2
+
+    async def silent(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    sandbox.run = silent  # type: ignore[method-assign]
+    sandbox.is_running = silent  # type: ignore[method-assign]
+    # The outer bound only keeps a regression from hanging the suite.
+    with pytest.raises(SandboxRetryLaterError) as raised:
+        await asyncio.wait_for(run(backend, created.backend_id), 60)
+    assert "did not answer within 0.2 s" in str(raised.value)
+    assert created.backend_id in FakeSandbox.live
+    with pytest.raises(SandboxRetryLaterError) as unknown:
+        await asyncio.wait_for(backend.describe(created.backend_id), 60)
+    assert "did not answer within 0.2 s" in str(unknown.value)
