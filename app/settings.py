@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         le=4 * 1024 * 1024,
         description="Bytes of stdout and of stderr kept per execution.",
     )
+    sandbox_disk_limit: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="Bytes of disk that one local sandbox's files may take; an "
+        "execution that grows them past it is stopped (0: no limit).",
+    )
     sandbox_max_recreations: int = Field(
         3, ge=0, le=20, description="Times one call may recreate a lost sandbox."
     )

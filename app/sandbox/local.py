@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -105,6 +106,9 @@ class ResourceLimits:
     file_size_bytes: int = 1024**3
     processes: int = 512
     open_files: int = 1024
+    # All files of the sandbox folder, checked while a program runs (0: no
+    # limit). RLIMIT_FSIZE caps each file only.
+    disk_bytes: int = 0
 
 
 def find_bwrap() -> str | None:
@@ -787,7 +791,12 @@ class LocalBackend(SandboxBackend):
                 path = Path("/etc") / entry
                 if path.exists():
                     base += ["--ro-bind", str(path), str(path)]
-            base += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+            base += ["--proc", "/proc", "--dev", "/dev"]
+            if self.limits.disk_bytes and _bwrap_sizes_tmpfs(self.bwrap):
+                # /tmp is memory, outside the sandbox folder that the disk
+                # limit measures, so it gets the same bound.
+                base += ["--size", str(self.limits.disk_bytes)]
+            base += ["--tmpfs", "/tmp"]
             self._bwrap_base = base
         return [
             *self._bwrap_base,
@@ -876,6 +885,11 @@ class LocalBackend(SandboxBackend):
                     asyncio.create_task(_read_fd_capped(loop, read, output_limit, sink))
                 )
             hung = False
+            watch = (
+                asyncio.create_task(self._watch_disk(backend_id, connection))
+                if self.limits.disk_bytes
+                else None
+            )
             try:
                 if expires_at is not None:
                     # Recorded while the runner starts the program. A failure
@@ -887,6 +901,11 @@ class LocalBackend(SandboxBackend):
             except TimeoutError:
                 replies, hung = [], True
             finally:
+                over_disk = False
+                if watch is not None:
+                    if watch.done() and not watch.cancelled():
+                        over_disk = watch.exception() is None and watch.result()
+                    watch.cancel()
                 connection.close()
             # The last: a warm supervisor that died taking over may have sent one.
             started_pid = next(
@@ -910,7 +929,14 @@ class LocalBackend(SandboxBackend):
             elapsed = time.perf_counter() - started
             outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
             (out, out_dropped), (err, err_dropped) = outputs
-            if reply is None or "error" in reply:
+            if over_disk:
+                err += (
+                    f"\n[the sandbox's files took more than its disk limit of "
+                    f"{self.limits.disk_bytes} bytes, so the program was stopped; "
+                    "remove files, or raise NEXUS_SANDBOX_DISK_LIMIT]"
+                )
+                reply = {"exit_code": None, "timed_out": False}
+            elif reply is None or "error" in reply:
                 err += self._runner_failure_note(backend_id, reply)
                 reply = {"exit_code": None, "timed_out": False}
             exit_code = reply.get("exit_code")
@@ -923,6 +949,26 @@ class LocalBackend(SandboxBackend):
                 stdout_dropped_bytes=out_dropped,
                 stderr_dropped_bytes=err_dropped,
             )
+
+    async def _watch_disk(self, backend_id: str, connection: socket.socket) -> bool:
+        """Stop the running program once the sandbox's files take more than
+        the disk limit; return True if it did. Shutting the connection down
+        makes the runner kill the program, as a hung caller's close does."""
+        folder = self.folder(backend_id)
+        while True:
+            await asyncio.sleep(_DISK_CHECK_SECONDS)
+            used = await asyncio.to_thread(_folder_bytes, folder)
+            if used > self.limits.disk_bytes:
+                logger.warning(
+                    "sandbox %s takes %d bytes of disk, over its limit of %d; "
+                    "stopping its program",
+                    backend_id,
+                    used,
+                    self.limits.disk_bytes,
+                )
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                return True
 
     def _runner_failure_note(
         self, backend_id: str, reply: Mapping[str, object] | None
@@ -1416,6 +1462,45 @@ def _restore_owner_permissions(path: Path) -> None:
             os.chmod(folder, stat.S_IMODE(mode) | stat.S_IRWXU)
             with os.scandir(folder) as entries:
                 folders += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+# How often a running program's sandbox folder is measured against the disk
+# limit. A walk of a folder of some thousand files takes a few milliseconds.
+_DISK_CHECK_SECONDS = 1.0
+
+
+@functools.cache
+def _bwrap_sizes_tmpfs(bwrap: str) -> bool:
+    """Return whether this bubblewrap takes `--size` for a tmpfs (0.8 on)."""
+    try:
+        shown = subprocess.run(
+            [bwrap, "--help"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in shown.stdout + shown.stderr
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Return the disk that the files below `folder` take (allocated blocks,
+    so a sparse file counts what it uses), without following links."""
+    total = 0
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+    return total
 
 
 def _remove_cgroup(cgroup: Path) -> None:

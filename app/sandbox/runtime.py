@@ -50,6 +50,7 @@ def _backend_for(
     use_bwrap: bool | None,
     api_key: str,
     spares: int = 0,
+    disk_bytes: int = 0,
 ) -> SandboxBackend:
     if kind == "e2b":
         from app.sandbox.e2b import E2BBackend
@@ -57,10 +58,14 @@ def _backend_for(
         return E2BBackend(api_key=api_key)
     from pathlib import Path
 
-    from app.sandbox.local import LocalBackend
+    from app.sandbox.local import LocalBackend, ResourceLimits
 
     local = LocalBackend(
-        Path(root), use_bwrap=use_bwrap, allow_network=allow_network, spares=spares
+        Path(root),
+        use_bwrap=use_bwrap,
+        allow_network=allow_network,
+        spares=spares,
+        limits=ResourceLimits(disk_bytes=disk_bytes),
     )
     _local_backends.append(local)
     return local
@@ -100,6 +105,7 @@ def get_backend(settings: Settings) -> SandboxBackend:
         settings.sandbox_bwrap,
         api_key,
         settings.sandbox_spares,
+        settings.sandbox_disk_limit,
     )
 
 

@@ -983,3 +983,61 @@ async def test_index_password_not_shown(backend: LocalBackend, tmp_path: Path) -
     shown = f"{failed.value} {failed.value.failure} {failed.value.output}"
     assert "--index-url http://pkguser:***@127.0.0.1:9/simple/" in shown
     assert password not in shown
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_disk_limit_stops_program(use_bwrap: bool, tmp_path: Path) -> None:
+    """A program whose files grow past the sandbox's disk limit is stopped,
+    where the per-file limit alone would let many files fill the disk."""
+    limited = LocalBackend(
+        tmp_path / "sandboxes",
+        use_bwrap=use_bwrap,
+        limits=ResourceLimits(disk_bytes=20 * 1024**2),
+    )
+    await limited.create("box", template="base", timeout=300, env={}, metadata={})
+    code = (
+        "import time\n"
+        "for i in range(100):\n"
+        "    with open(f'f{i}', 'wb') as out:\n"
+        "        out.write(b'x' * 1024**2)\n"
+        "    time.sleep(0.05)\n"
+        "print('wrote all')\n"
+    )
+    try:
+        result = await limited.run(
+            "box",
+            ["python3", "-c", code],
+            env={},
+            cwd=None,
+            timeout=60,
+            output_limit=65536,
+        )
+        assert result.exit_code is None, result
+        assert "wrote all" not in result.stdout
+        assert "took more than its disk limit of 20971520 bytes" in result.stderr
+        written = list(limited.folder("box").glob("f*"))
+        assert 20 <= len(written) < 100
+        # Once the files are removed, the sandbox runs programs again.
+        cleaned = await limited.run(
+            "box",
+            ["sh", "-c", "rm -f f*; echo clean"],
+            env={},
+            cwd=None,
+            timeout=30,
+            output_limit=65536,
+        )
+        assert cleaned.stdout == "clean\n"
+        if use_bwrap:
+            # /tmp is a tmpfs of its own, in memory, with the same bound.
+            filled = await limited.run(
+                "box",
+                ["sh", "-c", "head -c 31457280 /dev/zero > /tmp/big; echo $?"],
+                env={},
+                cwd=None,
+                timeout=30,
+                output_limit=65536,
+            )
+            assert filled.stdout.strip() != "0", filled
+            assert "No space left on device" in filled.stderr
+    finally:
+        await limited.delete("box")
