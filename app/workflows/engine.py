@@ -115,10 +115,27 @@ async def live_state(client: Client, execution_id: str) -> ExecutionState | None
     if description.status != WorkflowExecutionStatus.RUNNING:
         return None
     try:
-        return await handle.query("state", result_type=ExecutionState)
+        state = await handle.query("state", result_type=ExecutionState)
     except RPCError as error:
         logger.warning("query of execution %s failed: %s", execution_id, error)
         return None
+    # The workflow learns of a step's attempts only when the step ends; the
+    # server knows the attempt in progress and why the last one failed.
+    pending = {
+        activity.activity_id: activity
+        for activity in description.raw_description.pending_activities
+    }
+    for step in state.steps:
+        activity = pending.get(step.name)
+        if step.status != "running" or activity is None:
+            continue
+        step.attempts = max(step.attempts, activity.attempt)
+        if activity.attempt > 1 and activity.last_failure.message:
+            step.error = (
+                f"attempt {activity.attempt - 1} failed: "
+                f"{activity.last_failure.message}; retrying"
+            )
+    return state
 
 
 def schedule_id(workflow_id: str, index: int) -> str:

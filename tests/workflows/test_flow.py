@@ -565,3 +565,41 @@ async def test_name_given_as_id_points_to_id(tools: ToolContext) -> None:
         )
     assert assign.value.kind == "not_found"
     assert f"use {created['workflow_id']}/a to assign" in assign.value.message
+
+
+async def test_status_shows_attempt_in_progress(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    """While a step retries, its live status gives the attempt in progress
+    and why the last one failed."""
+    workflow_id = await _create(
+        tools,
+        "retrying",
+        [
+            {
+                "name": "wait",
+                "type": "system_initialization",
+                "retry_attempts": 8,
+                "timeout": 20,
+                "params": {"queues": ["nexus-neural-nosuchnode"]},
+            }
+        ],
+    )
+    started = await call(
+        tools, "workflow_execute", workflow_id=workflow_id, **{"async": True}
+    )
+    execution_id = started["execution_id"]
+    try:
+        step: dict[str, Any] = {}
+        for _ in range(200):
+            state = await call(tools, "workflow_status", execution_id=execution_id)
+            step = _steps(state["execution"])["wait"]
+            if step["attempts"] >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert step["status"] == "running"
+        assert step["attempts"] >= 2, step
+        assert step["error"].startswith(f"attempt {step['attempts'] - 1} failed: ")
+        assert "no worker polls task queue 'nexus-neural-nosuchnode'" in step["error"]
+    finally:
+        await client.get_workflow_handle(execution_id).cancel()
