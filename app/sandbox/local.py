@@ -1125,9 +1125,18 @@ def _check_workdir_link(folder: Path, inside_home: str, link: Path, cwd: str) ->
     if target == inside_home or target.startswith(inside_home + "/"):
         resolved = folder / target[len(inside_home) + 1 :]
     elif target.startswith("/"):
-        return  # outside the sandbox folder: only the runner can tell
+        resolved = None
     else:
         resolved = link.parent / target
+    inside = resolved is not None and (
+        os.path.normpath(resolved) == str(folder)
+        or os.path.normpath(resolved).startswith(str(folder) + os.sep)
+    )
+    if resolved is None or not inside:
+        raise ValueError(
+            f"working_dir {cwd!r} is invalid: it is a symlink to {target!r}, "
+            "outside the sandbox folder; use a folder inside it"
+        )
     if not os.path.lexists(resolved):
         raise _workdir_error(cwd, "is a dangling symlink")
 

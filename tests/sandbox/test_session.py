@@ -1003,13 +1003,20 @@ async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) ->
             tool_ctx,
             "sandbox_execute",
             sandbox_id=sandbox_id,
-            code="touch plain && ln -s missing dangling",
+            code=(
+                "touch plain && ln -s missing dangling && ln -s /etc etclink && "
+                "ln -s ../.. up && ln -s /nonexistent gone && mkdir real && "
+                "ln -s real inlink"
+            ),
             language="bash",
         )
         for working_dir, problem in [
             ("plain", "runs into a file"),
             ("plain/sub", "runs into a file"),
             ("dangling", "dangling symlink"),
+            ("etclink", "is a symlink to '/etc', outside the sandbox folder"),
+            ("up", "is a symlink to '../..', outside the sandbox folder"),
+            ("gone", "is a symlink to '/nonexistent', outside the sandbox folder"),
         ]:
             with pytest.raises(ToolError) as bad_dir:
                 await call(
@@ -1022,6 +1029,14 @@ async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) ->
             assert bad_dir.value.kind == "invalid_argument"
             assert f"working_dir {working_dir!r}" in bad_dir.value.message
             assert problem in bad_dir.value.message
+        linked = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="import os; print(os.path.basename(os.getcwd()))",
+            working_dir="inlink",
+        )
+        assert linked["stdout"] == "real\n", linked
         made = await call(
             tool_ctx,
             "sandbox_execute",
