@@ -48,6 +48,9 @@ SAMPLER_STOP_SECONDS = 60.0
 # The cancel activity's time for the second pass over what the orchestration
 # phase left open; its own timeout is 2 minutes.
 LEFTOVERS_SECONDS = 45.0
+# The same pass after a failed orchestration phase, within the 60 s of the
+# activity that records the phase.
+FAILED_PHASE_LEFTOVERS_SECONDS = 20.0
 # Ways a run's workflow can close without stopping its sampler.
 _RUN_CLOSED_WITHOUT_SAMPLER_STOP = (
     WorkflowExecutionStatus.TERMINATED,
@@ -218,9 +221,11 @@ class BenchmarkActivities:
         activity.logger.info("benchmark %s recorded as cancelled", request.run_id)
         await self._end_leftovers(request.run_id)
 
-    async def _end_leftovers(self, run_id: str) -> None:
-        """Cancel the orchestration executions that the cancelled phase missed
-        and destroy their swarms.
+    async def _end_leftovers(
+        self, run_id: str, seconds: float = LEFTOVERS_SECONDS
+    ) -> None:
+        """Cancel the orchestration executions that the cancelled or failed
+        phase left open and destroy their swarms.
 
         The phase cancels its executions as it is cancelled, from the
         server's list of workflows, which lags behind their starts. By now
@@ -230,7 +235,7 @@ class BenchmarkActivities:
         try:
             executions, swarms = await asyncio.wait_for(
                 end_phase_leftovers(activity.client(), self.settings, run_id),
-                LEFTOVERS_SECONDS,
+                seconds,
             )
         except Exception as error:  # a second pass; see the docstring
             activity.logger.warning(
@@ -243,7 +248,7 @@ class BenchmarkActivities:
         if executions or swarms:
             activity.logger.warning(
                 "benchmark %s: cancelled %d orchestration execution(s) and "
-                "destroyed %d swarm(s) that its cancelled phase left open",
+                "destroyed %d swarm(s) that its orchestration phase left open",
                 run_id,
                 len(executions),
                 len(swarms),
@@ -252,6 +257,13 @@ class BenchmarkActivities:
     @activity.defn(name="record_benchmark_phase")
     async def record_phase(self, record: PhaseRecord) -> None:
         await asyncio.to_thread(recording.record_phase, self.url, record)
+        if record.result.phase == "multi_workflow_orchestration" and not (
+            record.result.ok
+        ):
+            # A phase whose activity died with its worker left the executions
+            # it started running, waiting on steps of the dead worker; they
+            # would load the phases and runs after it.
+            await self._end_leftovers(record.run_id, FAILED_PHASE_LEFTOVERS_SECONDS)
 
     @activity.defn(name="record_worker_samples")
     async def record_samples(self, batch: SampleBatch) -> int:

@@ -22,7 +22,13 @@ from app.benchmark.leftovers import (
 )
 from app.benchmark.models import BenchmarkRun
 from app.benchmark.phases import PhaseRunner, multi_workflow_orchestration
-from app.contracts.benchmark import BenchmarkConfig, CancelRunRequest, PhaseInput
+from app.contracts.benchmark import (
+    BenchmarkConfig,
+    CancelRunRequest,
+    PhaseInput,
+    PhaseRecord,
+    PhaseResult,
+)
 from app.db import session_scope
 from app.settings import Settings
 from app.tools import ToolContext, invoke_tool, load_tools
@@ -133,6 +139,45 @@ async def test_cancel_activity_ends_leftovers(
         run = session.get(BenchmarkRun, run_id)
         assert run is not None
         assert run.status == "cancelled"
+    await handle.terminate("test cleanup")
+
+
+async def test_failed_phase_record_ends_leftovers(
+    client: Client, workers: Settings
+) -> None:
+    """Recording an orchestration phase that failed (its activity died with
+    its worker) cancels the executions it left open; other phases' records
+    leave them alone."""
+    run_id = f"benchmark-failed-{uuid.uuid4().hex[:6]}"
+    handle = await start_leftover(client, run_id)
+    now = datetime.now(UTC)
+    activities = BenchmarkActivities(workers)
+
+    def record(phase: str, ok: bool) -> PhaseRecord:
+        result = PhaseResult(
+            phase=phase, cycle=1, ok=ok, started_at=now, ended_at=now, error="x"
+        )
+        return PhaseRecord(run_id=run_id, result=result)
+
+    environment = ActivityEnvironment(client=client)
+    await environment.run(activities.record_phase, record("neural_training", False))
+    await environment.run(
+        activities.record_phase, record("multi_workflow_orchestration", True)
+    )
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    history = await handle.fetch_history()
+    assert not any(
+        event.HasField("workflow_execution_cancel_requested_event_attributes")
+        for event in history.events
+    )
+    await environment.run(
+        activities.record_phase, record("multi_workflow_orchestration", False)
+    )
+    history = await handle.fetch_history()
+    assert any(
+        event.HasField("workflow_execution_cancel_requested_event_attributes")
+        for event in history.events
+    )
     await handle.terminate("test cleanup")
 
 
