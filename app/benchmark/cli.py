@@ -535,12 +535,17 @@ async def follow(
 
 
 async def cancel_run(
-    handle: WorkflowHandle[Any, Any], timeout: float = 60.0, *, announce: bool = True
+    handle: WorkflowHandle[Any, Any],
+    timeout: float = 60.0,
+    *,
+    announce: bool = True,
+    completed: list[BenchmarkResult] | None = None,
 ) -> bool:
     """Cancel the run and wait for it to end, so that the run, its sampler and
     its phase workflows are closed before the embedded server stops. Without
     that, the next embedded start resumes the run beside the new one. Return
-    whether it ended within `timeout`."""
+    whether it ended within `timeout`; a run that completed all the same
+    adds its result to `completed`."""
     run_id = handle.id
     if announce:
         console.print(
@@ -569,6 +574,8 @@ async def cancel_run(
             f"Benchmark {run_id} completed before the cancellation took effect; "
             f"report: {result.report.markdown_path}"
         )
+        if completed is not None:
+            completed.append(result)
     return True
 
 
@@ -863,13 +870,18 @@ async def _run_benchmark(
         except asyncio.CancelledError:
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.
-            if started_server:
-                leaving = True
-                this_run.ended = await cancel_run(handle)
-                leaving = False
-            else:
+            if not started_server:
                 print_run_continues(settings, run_id)
-            raise
+                raise
+            leaving = True
+            completed: list[BenchmarkResult] = []
+            this_run.ended = await cancel_run(handle, completed=completed)
+            leaving = False
+            if not completed:
+                raise
+            # It completed with its report, so the command ends as a run
+            # that completed does, with its summary and exit status.
+            result = completed[0]
         except RPCError as error:
             if not server_unreachable(error):
                 raise
