@@ -50,6 +50,9 @@ _PATCH_DIVERGED_NODE_FAILS_SESSION = "diverged-node-fails-session"
 # Runs that started before this patch completed when the validators rejected
 # every round, and stored the untrained initial model as the result.
 _PATCH_ALL_ROUNDS_REJECTED_FAILS = "all-rounds-rejected-fails-session"
+# Runs that started before this patch failed a round that no worker answered
+# without recording its `missing` events.
+_PATCH_EMPTY_ROUND_RECORDED = "neural-empty-round-recorded"
 # Runs that started before this patch cleaned every queue at once.
 _PATCH_CLEANUPS_ONE_AT_A_TIME = "memory-cleanups-one-at-a-time"
 
@@ -336,6 +339,20 @@ class DistributedTrainingWorkflow:
                 non_retryable=True,
             )
         if not contributions:
+            reasons = sorted(
+                {str(event.detail.get("reason")) for event in events if event.detail}
+            )
+            if workflow.patched(_PATCH_EMPTY_ROUND_RECORDED):
+                # The session shows why each node was left out.
+                await self._record_round(plan, state, round_index, events)
+                raise ApplicationError(
+                    f"no worker node answered in round {round_index} "
+                    f"({'; '.join(reasons)}); check that the cluster's node "
+                    "workers run (nexus worker --neural-node NODE_ID), or raise "
+                    "round_timeout_seconds (now "
+                    f"{plan.round_timeout_seconds:g}) if they train for longer",
+                    type="NoWorkers",
+                )
             raise ApplicationError(
                 f"no worker node answered in round {round_index}; check that the "
                 "cluster's node workers run (nexus worker --neural-node NODE_ID)",

@@ -575,3 +575,34 @@ async def test_list_models_unknown_cluster(offline_settings: Settings) -> None:
     cluster_id, _ = await _cluster(ctx, ["worker"])
     listed = await invoke_tool(ctx, "neural_list_models", {"cluster_id": cluster_id})
     assert listed == {"models": [], "count": 0}
+
+
+async def test_round_without_answers_recorded(
+    client: Client, neural_workers: Settings
+) -> None:
+    """A round that no worker answers in time fails the session, names the
+    timeout it may raise, and records each worker as missing."""
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    cluster_id, nodes = await _cluster(ctx, ["worker", "worker"])
+    # No node worker polls the nodes' queues.
+    with pytest.raises(ToolError) as raised:
+        await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {
+                "cluster_id": cluster_id,
+                "dataset": "iris",
+                "epochs": 1,
+                "federated": True,
+                "round_timeout_seconds": 1,
+                "wait": True,
+            },
+        )
+    message = raised.value.message
+    assert "no worker node answered in round 0 (no answer within 1 s)" in message
+    assert "raise round_timeout_seconds (now 1)" in message
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    [session] = status["sessions"]
+    assert session["status"] == "failed"
+    missing = sorted(e["node_id"] for e in session["events"] if e["kind"] == "missing")
+    assert missing == sorted(nodes["worker"])
