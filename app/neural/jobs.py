@@ -53,6 +53,8 @@ def run_job(
     params: Params = init_params(spec, request.seed)
     opt_state = trainer.init_state(params)
     start_epoch = 0
+    # Seconds that earlier attempts spent on the epochs they finished.
+    earlier_seconds = 0.0
     params_path, state_path = checkpoint_paths(request.job_id)
     if store.object_exists(settings, params_path):
         saved, extra = load_params(store.get_object(settings, params_path))
@@ -60,6 +62,8 @@ def run_job(
         opt_state = load_state(store.get_object(settings, state_path), opt_state)
         start_epoch = int(extra["epoch"])
         logger.info("job %s resumes after epoch %d", request.job_id, start_epoch)
+        _, rows = store.get_job(settings, request.job_id)
+        earlier_seconds = sum(row.seconds for row in rows if row.epoch <= start_epoch)
 
     def on_epoch(metrics: Any, params: Params, opt_state: Any) -> None:
         store.record_epoch(settings, request.job_id, metrics)
@@ -92,7 +96,8 @@ def run_job(
     path = store.save_model_params(
         settings, model_path(request.model_id), params, dataset.mean, dataset.std
     )
-    seconds = time.perf_counter() - started
+    # Every attempt's time, so a resumed job's time covers all its epochs.
+    seconds = earlier_seconds + time.perf_counter() - started
     spec_record = {**spec.to_dict(), "label_names": dataset.label_names}
     store.add_record(
         settings,

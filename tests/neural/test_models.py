@@ -309,3 +309,31 @@ def test_ended_session_keeps_its_status(offline_settings: Settings) -> None:
         row = db.get(NeuralSession, "session_t")
         assert row is not None and row.status == "cancelled" and row.model_id is None
         assert db.get(NeuralModel, "model_t") is None
+
+
+def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None:
+    """A job that resumes from its checkpoint reports the time of all its
+    epochs, the earlier attempt's included."""
+    from app.contracts.neural import ModelConfig, TrainJobInput
+    from app.neural import jobs, store
+
+    def request(epochs: int, model_id: str) -> TrainJobInput:
+        return TrainJobInput(
+            job_id="job_resume",
+            model_id=model_id,
+            model=ModelConfig(architecture="feedforward", widths=[16]),
+            dataset="iris",
+            epochs=epochs,
+            batch_size=16,
+            learning_rate=0.01,
+            optimizer="adam",
+        )
+
+    first = jobs.run_job(offline_settings, request(2, "model_a"), lambda _: None)
+    assert first.resumed_from_epoch == 0
+    # A later attempt with more epochs finds the checkpoint of epoch 2.
+    resumed = jobs.run_job(offline_settings, request(3, "model_b"), lambda _: None)
+    assert resumed.resumed_from_epoch == 2
+    _, rows = store.get_job(offline_settings, "job_resume")
+    assert [row.epoch for row in rows] == [1, 2, 3]
+    assert resumed.training_time >= sum(row.seconds for row in rows)
