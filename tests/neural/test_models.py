@@ -314,8 +314,12 @@ def test_ended_session_keeps_its_status(offline_settings: Settings) -> None:
 def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None:
     """A job that resumes from its checkpoint reports the time of all its
     epochs, the earlier attempt's included."""
+    from sqlmodel import select
+
     from app.contracts.neural import ModelConfig, TrainJobInput
+    from app.db import session_scope
     from app.neural import jobs, store
+    from app.neural.models import NeuralEpoch
 
     def request(epochs: int, model_id: str) -> TrainJobInput:
         return TrainJobInput(
@@ -331,9 +335,14 @@ def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None
 
     first = jobs.run_job(offline_settings, request(2, "model_a"), lambda _: None)
     assert first.resumed_from_epoch == 0
+    # As if the first attempt's epochs had been slow.
+    with session_scope(offline_settings.effective_database_url) as db:
+        for row in db.exec(select(NeuralEpoch)):
+            row.seconds = 100.0
+            db.add(row)
     # A later attempt with more epochs finds the checkpoint of epoch 2.
     resumed = jobs.run_job(offline_settings, request(3, "model_b"), lambda _: None)
     assert resumed.resumed_from_epoch == 2
     _, rows = store.get_job(offline_settings, "job_resume")
     assert [row.epoch for row in rows] == [1, 2, 3]
-    assert resumed.training_time >= sum(row.seconds for row in rows)
+    assert resumed.training_time >= sum(row.seconds for row in rows) >= 200
