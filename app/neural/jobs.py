@@ -41,7 +41,9 @@ def run_job(
     """Train the job's model, recording each epoch and a checkpoint; a retry
     resumes after the last checkpointed epoch."""
     started = time.perf_counter()
-    store.update_job(settings, request.job_id, status="running")
+    # Conditional, as the end below: a job that a status read found ended
+    # (its workflow terminated) stays so.
+    store.end_job(settings, request.job_id, status="running")
     dataset = data.prepare(request.dataset, settings, seed=request.seed)
     spec = ModelSpec(
         request.model.architecture,
@@ -112,7 +114,7 @@ def run_job(
             accuracy=accuracy,
         ),
     )
-    store.update_job(
+    store.end_job(
         settings,
         request.job_id,
         status="completed",

@@ -116,6 +116,19 @@ def end_session(
         return True
 
 
+def end_job(settings: Settings, job_id: str, **values: Any) -> bool:
+    """Set a queued or running job's columns to `values`, unless it ended
+    already; return whether it changed."""
+    with session_scope(settings.effective_database_url) as session:
+        changed = session.exec(
+            update(NeuralJob)
+            .where(col(NeuralJob.id) == job_id)
+            .where(col(NeuralJob.status).in_(("queued", "running")))
+            .values(**values, updated_at=utc_now())
+        )
+        return bool(changed.rowcount == 1)
+
+
 def update_session(settings: Settings, session_id: str, **values: Any) -> None:
     with session_scope(settings.effective_database_url) as session:
         row = session.get(NeuralSession, session_id)

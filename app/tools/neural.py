@@ -9,7 +9,12 @@ import logging
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCError
 
@@ -466,6 +471,25 @@ async def neural_predict(
     return NeuralPredictResult(**result)
 
 
+async def _ended_without_record(ctx: ToolContext, workflow_id: str) -> str | None:
+    """Return why a job's workflow ended, when it ended without code of its
+    own to record that (terminated, timed out), else None."""
+    client = await ctx.optional_client()
+    if client is None:
+        return None
+    try:
+        described = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError:
+        return None
+    ending = {
+        WorkflowExecutionStatus.TERMINATED: "terminated",
+        WorkflowExecutionStatus.TIMED_OUT: "timed out",
+    }.get(described.status)  # type: ignore[arg-type]
+    if ending is None:
+        return None
+    return f"its workflow {workflow_id} was {ending} before the job ended"
+
+
 class JobStatusInput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -512,6 +536,15 @@ async def neural_training_status(
             f"training job {args.job_id!r} not found; neural_train returns job ids",
             kind="not_found",
         )
+    if job.status in ("queued", "running"):
+        ended = await _ended_without_record(ctx, job.workflow_id)
+        if ended is not None and await asyncio.to_thread(
+            store.end_job, ctx.settings, job.id, status="failed", error=ended
+        ):
+            job, epochs = await asyncio.to_thread(
+                store.get_job, ctx.settings, args.job_id
+            )
+            assert job is not None
     model = None
     if job.status == "completed":
         model = await asyncio.to_thread(

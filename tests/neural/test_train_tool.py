@@ -433,3 +433,36 @@ async def test_empty_layers_use_tier(offline_settings: Settings) -> None:
         await invoke_tool(
             ctx, "neural_train", {"config": config, "dataset": "iris", "tier": "nano"}
         )
+
+
+async def test_terminated_job_reported_failed(
+    client: Client, neural_workers: Settings
+) -> None:
+    """A job whose workflow is terminated from outside, which runs no code of
+    its own to record it, is reported failed with the reason, not running."""
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    started = await invoke_tool(
+        ctx,
+        "neural_train",
+        {
+            "config": {
+                "architecture": {"type": "feedforward"},
+                "training": {"epochs": 500, "batch_size": 4},
+            },
+            "dataset": "digits",
+            "tier": "nano",
+            "wait": False,
+        },
+    )
+    with session_scope(neural_workers.effective_database_url) as session:
+        job = session.get(NeuralJob, started["job_id"])
+        assert job is not None
+        workflow_id = job.workflow_id
+    await client.get_workflow_handle(workflow_id).terminate("operator")
+    status = await invoke_tool(
+        ctx, "neural_training_status", {"job_id": started["job_id"]}
+    )
+    assert status["status"] == "failed"
+    assert status["error"] == (
+        f"its workflow {workflow_id} was terminated before the job ended"
+    )
