@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import numbers
 import zipfile
 import zlib
@@ -334,9 +335,21 @@ def _parse_csv(
             rows.pop(0)
     if not rows:
         raise DatasetError(f"CSV object {name} has a header row but no data rows")
-    labels = [row[index] for row in rows]
+    labels = [row[index].strip() for row in rows]
     features = [[value for i, value in enumerate(row) if i != index] for row in rows]
-    return _to_features(features), np.asarray(labels)
+    return _to_features(features), _csv_labels(labels)
+
+
+def _csv_labels(labels: list[str]) -> np.ndarray:
+    """Return CSV labels as whole numbers where every one is a whole number,
+    as inline labels are, so that `1` and `1.0` are one class; else as text."""
+    try:
+        numbers = [float(label) for label in labels]
+    except ValueError:
+        return np.asarray(labels)
+    if all(math.isfinite(n) and n == int(n) for n in numbers):
+        return np.asarray([int(n) for n in numbers])
+    return np.asarray(labels)
 
 
 def _column_index(value: Any, columns: int, name: str) -> int:
@@ -439,11 +452,15 @@ def prepare(
     source: Any, settings: Settings, *, seed: int = 0, test_fraction: float = 0.2
 ) -> Dataset:
     """Load, check, split (a seeded permutation) and standardize a data set.
+    A built-in set given as `{"name": ..., "seed": ..., "test_fraction": ...}`
+    takes its split's seed and test fraction from there.
 
     Raises:
         DatasetError: shapes or labels do not fit a classifier; the message
             names the value.
     """
+    if isinstance(source, dict) and "name" in source:
+        seed, test_fraction = _split_options(source, seed, test_fraction)
     x, labels = load_arrays(source, settings)
     if x.ndim != 2:
         raise DatasetError(
@@ -495,6 +512,37 @@ def prepare(
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
     )
+
+
+def _split_options(
+    source: dict[str, Any], seed: int, test_fraction: float
+) -> tuple[int, float]:
+    """Return the split's seed and test fraction that a named data set gives.
+
+    Raises:
+        DatasetError: a value that is not a whole number of 0 or more (seed)
+            or a number in (0, 0.9] (test_fraction).
+    """
+    given_seed = source.get("seed", seed)
+    if (
+        isinstance(given_seed, bool)
+        or not isinstance(given_seed, int)
+        or given_seed < 0
+    ):
+        raise DatasetError(
+            f"dataset.seed {given_seed!r} is invalid; give a whole number of 0 or more"
+        )
+    fraction = source.get("test_fraction", test_fraction)
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not 0 < fraction <= 0.9
+    ):
+        raise DatasetError(
+            f"dataset.test_fraction {fraction!r} is invalid; give a number above 0 "
+            "and at most 0.9"
+        )
+    return given_seed, float(fraction)
 
 
 def save_dataset(dataset: Dataset) -> bytes:

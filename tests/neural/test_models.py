@@ -147,6 +147,12 @@ def test_csv_from_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
     dataset = data.prepare({"bucket": "datasets", "path": "toy.csv"}, settings)
     assert dataset.features == 2
     assert dataset.label_names == ["x", "y"]
+    # Whole-number labels written two ways are one class, as inline.
+    numbered = "\n".join(f"{i},{i % 3},{['1', '1.0', '2'][i % 3]}" for i in range(20))
+    storage_for(settings).put("datasets", "numbers.csv", numbered.encode())
+    counted = data.prepare({"bucket": "datasets", "path": "numbers.csv"}, settings)
+    assert counted.classes == 2
+    assert counted.label_names == ["1", "2"]
 
 
 def test_unknown_architecture_named() -> None:
@@ -346,3 +352,16 @@ def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None
     _, rows = store.get_job(offline_settings, "job_resume")
     assert [row.epoch for row in rows] == [1, 2, 3]
     assert resumed.training_time >= sum(row.seconds for row in rows) >= 200
+
+
+def test_named_dataset_split_options() -> None:
+    """A named data set's seed and test_fraction choose its split."""
+    plain = data.prepare("iris", Settings(), seed=0)
+    halved = data.prepare({"name": "iris", "test_fraction": 0.5, "seed": 7}, Settings())
+    assert len(plain.x_test) == 30
+    assert len(halved.x_test) == 75
+    again = data.prepare({"name": "iris", "test_fraction": 0.5, "seed": 7}, Settings())
+    np.testing.assert_array_equal(halved.x_test, again.x_test)
+    for bad, field in (({"test_fraction": 0}, "test_fraction"), ({"seed": -1}, "seed")):
+        with pytest.raises(data.DatasetError, match=f"dataset.{field}"):
+            data.prepare({"name": "iris", **bad}, Settings())
