@@ -459,7 +459,7 @@ def prepare(
         DatasetError: shapes or labels do not fit a classifier; the message
             names the value.
     """
-    if isinstance(source, dict) and "name" in source:
+    if isinstance(source, dict) and set(source) <= {"name", "seed", "test_fraction"}:
         seed, test_fraction = _split_options(source, seed, test_fraction)
     x, labels = load_arrays(source, settings)
     if x.ndim != 2:
