@@ -6,18 +6,20 @@ They all run on the orchestration queue: a step only waits on tools whose own
 activities run on the capability's queue, and a step that held a neural or
 sandbox slot while waiting could starve the work it waits for.
 
-This module imports only pydantic and the standard library, because the
-workflow reads the step registry inside the workflow sandbox.
+This module imports only pydantic, the standard library and modules without
+imports, because the workflow reads the step registry inside the workflow
+sandbox.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import Template, check_env_names, check_env_values
+from app.neural.architectures import TRAIN_ARCHITECTURES
 from app.workflows.steps import StepType, register_step_type
 
 
@@ -44,15 +46,30 @@ class NeuralComputationParams(BaseModel):
 
     mode: Literal["train", "predict"] = "train"
     dataset: Any = "digits"
-    architecture: Literal[
-        "feedforward", "cnn", "lstm", "transformer", "autoencoder"
-    ] = "feedforward"
+    architecture: str = "feedforward"
     tier: Literal["nano", "mini", "small", "medium", "large"] = "nano"
+    # The same bounds as neural_train's; the defaults are lighter, for a step.
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=512)
-    learning_rate: float = Field(0.01, gt=0)
+    learning_rate: float = Field(0.01, gt=0, le=10)
     model_id: str | None = Field(None, description="Model to predict with.")
     input: list[Any] | None = Field(None, description="Rows to predict.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, value: str) -> str:
+        if value not in TRAIN_ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {value!r}; choose one of "
+                f"{', '.join(TRAIN_ARCHITECTURES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _predict_needs_model(self) -> NeuralComputationParams:
+        if self.mode == "predict" and (self.model_id is None or self.input is None):
+            raise ValueError("mode predict needs params model_id and input")
+        return self
 
 
 class SwarmOrchestrationParams(BaseModel):

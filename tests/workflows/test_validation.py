@@ -414,3 +414,52 @@ def test_secret_named_param_value_not_shown() -> None:
     assert "params.password: Extra inputs are not permitted" in message
     assert "S3CV02storagepw" not in message
     assert "got 'plain-value'" in message
+
+
+def test_neural_step_params_match_the_tool() -> None:
+    """A neural_computation step takes what neural_train takes, and a predict
+    step without its model fails when the workflow is created."""
+    import app.integration.steps  # noqa: F401  (registers the step types)
+
+    fine = _definition(
+        [
+            {
+                "name": "train",
+                "type": "neural_computation",
+                "params": {"architecture": "hybrid", "learning_rate": 10},
+            },
+            {
+                "name": "predict",
+                "type": "neural_computation",
+                "depends_on": ["train"],
+                "params": {
+                    "mode": "predict",
+                    "input": [[1, 2]],
+                    "model_id": "{{steps.train.output.model_id}}",
+                },
+            },
+        ]
+    )
+    check_step_params(fine)
+    bad = _definition(
+        [
+            {
+                "name": "p",
+                "type": "neural_computation",
+                "params": {"mode": "predict", "input": [[1]]},
+            },
+            {
+                "name": "q",
+                "type": "neural_computation",
+                "params": {"learning_rate": 100},
+            },
+        ]
+    )
+    with pytest.raises(DefinitionError) as caught:
+        check_step_params(bad)
+    message = str(caught.value)
+    assert "step 'p': params: mode predict needs params model_id and input" in message
+    assert (
+        "step 'q': params.learning_rate: Input should be less than or equal to 10"
+        in (message)
+    )
