@@ -51,7 +51,7 @@ def _check_architecture(value: str) -> str:
 
 
 class ArchitectureConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     type: str = Field(
         description="feedforward, cnn, lstm, transformer, autoencoder, hybrid."
@@ -79,7 +79,7 @@ class ArchitectureConfig(BaseModel):
 
 
 class TrainingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=512)
@@ -88,15 +88,17 @@ class TrainingConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     architecture: ArchitectureConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
 class NeuralTrainInput(BaseModel):
+    # Strict, as the workflow tools: "2" is not a number of epochs, nor
+    # "false" a flag.
     model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False, populate_by_name=True
+        extra="forbid", allow_inf_nan=False, populate_by_name=True, strict=True
     )
 
     config: TrainConfig

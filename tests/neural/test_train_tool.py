@@ -22,7 +22,7 @@ from app.neural.data import load_arrays
 from app.neural.models import NeuralJob, NeuralSession
 from app.settings import Settings
 from app.storage import storage_for
-from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool, load_tools
 from tests.conftest import running_workers, wait_for_pollers
 from tests.support.replay import replay_run
 from workers.registry import all_workflows
@@ -319,10 +319,11 @@ async def test_bad_label_column_rejected(
 
 @pytest.mark.parametrize(
     ("label_column", "labels"),
-    [(-1, ["0", "1", "0"]), (0, ["1", "3", "5"]), (1.0, ["2", "4", "6"])],
+    # Whole-number labels are read as numbers.
+    [(-1, [0, 1, 0]), (0, [1, 3, 5]), (1.0, [2, 4, 6])],
 )
 def test_label_column_picks_column(
-    label_column: Any, labels: list[str], offline_settings: Settings
+    label_column: Any, labels: list[int], offline_settings: Settings
 ) -> None:
     storage_for(offline_settings).put("uploads", "a.csv", _CSV)
     source = {"bucket": "uploads", "path": "a.csv", "label_column": label_column}
@@ -466,3 +467,29 @@ async def test_terminated_job_reported_failed(
     assert status["error"] == (
         f"its workflow {workflow_id} was terminated before the job ended"
     )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            {
+                "config": {
+                    "architecture": {"type": "feedforward"},
+                    "training": {"epochs": "2"},
+                }
+            },
+            "config.training.epochs",
+        ),
+        ({"wasmOptimization": "false"}, "wasmOptimization"),
+    ],
+)
+async def test_train_numbers_and_flags_strict(
+    offline_settings: Settings, change: dict[str, Any], field: str
+) -> None:
+    """Numbers and flags given as strings are rejected, as the workflow tools
+    reject them."""
+    arguments = {"config": {"architecture": {"type": "feedforward"}}, **change}
+    with pytest.raises(ToolInputError) as caught:
+        await invoke_tool(ToolContext(offline_settings), "neural_train", arguments)
+    assert [e["field"] for e in caught.value.errors] == [field]
