@@ -63,6 +63,11 @@ def loss_and_accuracy(
     return loss, accuracy
 
 
+# How many times the starting model's test loss an epoch's loss may reach
+# before the training counts as diverged.
+LOSS_GROWTH_LIMIT = 1000.0
+
+
 class TrainingDivergedError(ValueError):
     """A loss that became NaN or infinite, after which training cannot recover.
 
@@ -227,11 +232,15 @@ class Trainer:
         """Train epochs `start_epoch`..`epochs - 1`, calling `on_epoch` after each.
 
         Raises:
-            TrainingDivergedError: an epoch's training or test loss is NaN or
-                infinite. That epoch never reaches `on_epoch`, so only the
+            TrainingDivergedError: an epoch's training or test loss is NaN,
+                infinite, or over LOSS_GROWTH_LIMIT times the starting model's
+                test loss. That epoch never reaches `on_epoch`, so only the
                 epochs before it are recorded.
         """
         history: list[EpochMetrics] = []
+        # A loss that grows this far past the starting model's has run away,
+        # even while it is finite: the model it leaves predicts no better.
+        start_loss, _ = self.evaluate(params, x_val, y_val)
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             params, opt_state, loss, accuracy, samples = self.run_epoch(
@@ -251,6 +260,14 @@ class Trainer:
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
                         f"{name} is {non_finite_name(value)}",
+                        f"epoch {epoch + 1}",
+                        self.learning_rate,
+                        epoch + 1,
+                    )
+                if 0 < start_loss < math.inf and value > LOSS_GROWTH_LIMIT * start_loss:
+                    raise TrainingDivergedError(
+                        f"{name} is {value:.4g}, over {LOSS_GROWTH_LIMIT:g} times the "
+                        f"starting model's test loss of {start_loss:.4g},",
                         f"epoch {epoch + 1}",
                         self.learning_rate,
                         epoch + 1,

@@ -365,3 +365,28 @@ def test_named_dataset_split_options() -> None:
     for bad, field in (({"test_fraction": 0}, "test_fraction"), ({"seed": -1}, "seed")):
         with pytest.raises(data.DatasetError, match=f"dataset.{field}"):
             data.prepare({"name": "iris", **bad}, Settings())
+
+
+def test_runaway_finite_loss_is_divergence() -> None:
+    """A loss that stays finite but grows past 1000 times the starting
+    model's test loss stops training as diverged, naming both losses."""
+    dataset = data.prepare("digits", Settings(), seed=0)
+    spec = nets.ModelSpec("feedforward", dataset.features, dataset.classes, (64, 32))
+    trainer = training.get_trainer(spec, "adam", 10.0)
+    params = nets.init_params(spec, 0)
+    with pytest.raises(training.TrainingDivergedError) as caught:
+        trainer.train(
+            params,
+            trainer.init_state(params),
+            dataset.x_train,
+            dataset.y_train,
+            dataset.x_test,
+            dataset.y_test,
+            epochs=3,
+            batch_size=32,
+            seed=0,
+        )
+    message = str(caught.value)
+    assert "over 1000 times the starting model's test loss" in message
+    assert message.endswith("at epoch 1; lower learning_rate (now 10)")
+    assert caught.value.epoch == 1
