@@ -30,11 +30,14 @@ def parse_env(items: list[str]) -> dict[str, str]:
         typer.BadParameter: an item has no `=` or an empty name.
     """
     env: dict[str, str] = {}
-    for item in items:
+    for position, item in enumerate(items, start=1):
         name, equals, value = item.partition("=")
         if not equals or not name:
+            # The item may be a secret value without its name, so the error
+            # names the item by its place, not by its text.
             raise typer.BadParameter(
-                f"{item!r} is not NAME=VALUE; write for example --env API_URL=x",
+                f"item {position} ({len(item)} characters) is not NAME=VALUE; "
+                "write for example --env API_URL=x",
                 param_hint="'--env'",
             )
         env[name] = value

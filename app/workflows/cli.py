@@ -22,6 +22,18 @@ def _call(name: str, arguments: dict[str, Any]) -> None:
     print_json(call_tool(name, arguments))
 
 
+def _parse_problem(error: yaml.YAMLError | json.JSONDecodeError) -> str:
+    """Say what is wrong and where, without the text around it, which may
+    hold a secret value (an env var of a step)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno}, column {error.colno}"
+    problem = getattr(error, "problem", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def read_definition(path: Path) -> dict[str, Any]:
     """Read a definition from a .json, .yaml or .yml file."""
     if not path.is_file():
@@ -34,7 +46,10 @@ def read_definition(path: Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:
-        typer.echo(f"error: {path} is not valid JSON or YAML: {error}", err=True)
+        typer.echo(
+            f"error: {path} is not valid JSON or YAML: {_parse_problem(error)}",
+            err=True,
+        )
         raise typer.Exit(2) from None
     if not isinstance(data, dict):
         typer.echo(f"error: {path} must contain one definition object", err=True)

@@ -94,7 +94,7 @@ def test_list_options_still_repeat() -> None:
         cli, ["sandbox", "create", "python", "--env", "A=1", "--env", "NOEQUALS"]
     )
     assert env.exit_code == 2, env.output
-    assert "'NOEQUALS' is not NAME=VALUE" in flat(env.output)
+    assert "item 2 (8 characters) is not NAME=VALUE" in flat(env.output)
     assert "given twice" not in flat(env.output)
     groups = CliRunner().invoke(
         cli, ["keys", "create", "k", "--group", "nope1", "--group", "nope2"]

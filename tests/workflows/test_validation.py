@@ -1,5 +1,6 @@
 """Definition validation and template rendering, without a server."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -463,3 +464,36 @@ def test_neural_step_params_match_the_tool() -> None:
         "step 'q': params.learning_rate: Input should be less than or equal to 10"
         in (message)
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        (
+            "bad.yaml",
+            'name: x\nsteps:\n  - env:\n      DB_PASSWORD: "S3CY01yamlpw\n',
+            "line",
+        ),
+        (
+            "bad.json",
+            '{"name": "x", "steps": [{"env": {"TOKEN": "S3CJ01jsonpw"}]}',
+            "line 1",
+        ),
+    ],
+)
+def test_unreadable_definition_file_shows_no_text(
+    tmp_path: Path, name: str, text: str, where: str
+) -> None:
+    """A definition file that does not parse is named with the problem and
+    its place, not with the text there, which may be a secret."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    path = tmp_path / name
+    path.write_text(text)
+    result = CliRunner().invoke(cli, ["workflow", "create", str(path)])
+    assert result.exit_code == 2
+    assert "is not valid JSON or YAML" in result.output
+    assert where in result.output
+    assert "S3C" not in result.output
