@@ -22,6 +22,7 @@ from app.sandbox.backend import SandboxConfigurationError
 from app.sandbox.health import register_isolation_check
 from app.sandbox.runtime import package_problem
 from app.sandbox.service import CreateOptions, SandboxServiceError
+from app.services.audit import is_secret_name
 from app.tools.registry import ToolContext, ToolError, tool
 
 _KINDS: dict[str, Any] = {
@@ -120,6 +121,20 @@ class SandboxCreateInput(BaseModel):
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_env_names(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_secret_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # Metadata is labels: shown by sandbox_list and sandbox_status and
+        # stored in plain text, so a key that names a secret is refused.
+        for key in value or {}:
+            if is_secret_name(key):
+                raise ValueError(
+                    f"metadata key {key!r} names a secret, and metadata is shown "
+                    "and stored in plain text; pass secrets as env_vars, which "
+                    "are sealed"
+                )
+        return value
 
 
 class SandboxCreateResult(BaseModel):

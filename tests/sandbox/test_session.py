@@ -573,6 +573,15 @@ async def test_bad_input_rejected(tool_ctx: ToolContext) -> None:
                 tool_ctx, "sandbox_create", template="base", install_packages=[package]
             )
         assert f"package {package!r} cannot be installed" in fetching.value.message
+    with pytest.raises(ToolInputError) as secret_label:
+        await call(
+            tool_ctx,
+            "sandbox_create",
+            template="base",
+            metadata={"team": "a", "api_token": "S3CEMETATOKEN5"},
+        )
+    assert "metadata key 'api_token' names a secret" in secret_label.value.message
+    assert "S3CEMETATOKEN5" not in secret_label.value.message
     with pytest.raises(ToolInputError) as nul_script:
         await call(
             tool_ctx, "sandbox_create", template="base", startup_script="echo a\x00"
