@@ -271,6 +271,9 @@ def _connect(ctx: ToolContext, cluster_id: str, topology: str) -> list[Any]:
     from app.neural.models import NeuralCluster, NeuralNode
 
     nodes = store.cluster_nodes(ctx.settings, cluster_id)
+    if not nodes:
+        # Nothing to wire, and the cluster's topology stays as it was.
+        return []
     wiring = wire(nodes, topology)
     with session_scope(ctx.settings.effective_database_url) as session:
         cluster = session.get(NeuralCluster, cluster_id)

@@ -606,3 +606,20 @@ async def test_round_without_answers_recorded(
     assert session["status"] == "failed"
     missing = sorted(e["node_id"] for e in session["events"] if e["kind"] == "missing")
     assert missing == sorted(nodes["worker"])
+
+
+async def test_connect_without_nodes_changes_nothing(
+    client: Client, neural_workers: Settings
+) -> None:
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    cluster_id, _ = await _cluster(ctx, [], topology="mesh")
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            ctx,
+            "neural_cluster_connect",
+            {"cluster_id": cluster_id, "topology": "ring"},
+        )
+    assert refused.value.kind == "conflict"
+    assert "has no nodes" in refused.value.message
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert status["topology"] == "mesh"
