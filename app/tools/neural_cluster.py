@@ -140,6 +140,16 @@ class NodeDeployInput(BaseModel):
         f"{MAX_LAYER_WIDTH}.",
     )
 
+    @model_validator(mode="after")
+    def _layers_for_custom(self) -> NodeDeployInput:
+        if self.layers and self.model != "custom":
+            raise ValueError(
+                f"layers are the widths of a custom model, and model is "
+                f"{self.model!r}, whose widths are fixed; leave layers out or "
+                "use model custom"
+            )
+        return self
+
 
 class NodeRecord(BaseModel):
     node_id: str

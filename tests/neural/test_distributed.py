@@ -14,7 +14,7 @@ from app.contracts.neural import NodeTrainInput, NodeTrainResult
 from app.neural import jobs, store
 from app.neural.training import dump_params, load_params
 from app.settings import Settings
-from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from app.tools import ToolContext, ToolError, ToolInputError, invoke_tool, load_tools
 from tests.neural.conftest import node_workers
 from tests.support.replay import replay_run
 from workers.registry import all_workflows
@@ -623,3 +623,17 @@ async def test_connect_without_nodes_changes_nothing(
     assert "has no nodes" in refused.value.message
     status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
     assert status["topology"] == "mesh"
+
+
+async def test_layers_only_for_custom_nodes(
+    client: Client, neural_workers: Settings
+) -> None:
+    ctx = ToolContext(neural_workers, temporal_client=client)
+    cluster_id, _ = await _cluster(ctx, [])
+    with pytest.raises(ToolInputError) as refused:
+        await invoke_tool(
+            ctx,
+            "neural_node_deploy",
+            {"cluster_id": cluster_id, "model": "large", "layers": [8]},
+        )
+    assert "model is 'large', whose widths are fixed" in refused.value.message
