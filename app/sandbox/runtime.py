@@ -390,6 +390,9 @@ async def apply_setup(
                     f"{lifetime} s, which counts setup too; give a timeout "
                     "longer than the setup takes"
                 )
+                # The runner's own note promises a recreation, which a
+                # sandbox that ended during its setup does not get.
+                text = _RUNNER_NOTE.sub("", text)
             else:
                 outcome = "was cut short: the sandbox ended while it ran"
             if progress is not None:
@@ -651,6 +654,9 @@ def masked_values(env: Mapping[str, str], request: ExecuteRequest) -> list[str]:
     return secret_values(env) + [env[name] for name in request.mask_env if name in env]
 
 
+# The note that the local backend adds to the output of an execution whose
+# runner ended.
+_RUNNER_NOTE = re.compile(r"\n\[sandbox runner failed during this execution: [^\]]*\]")
 # The marker that a backend puts where it cut a stream at the output limit.
 _CUT_MARKER = re.compile(r"\n\[output truncated: \d+ bytes dropped\]")
 

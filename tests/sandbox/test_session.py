@@ -1071,6 +1071,8 @@ async def test_startup_script_cut_short_by_timeout(tool_ctx: ToolContext) -> Non
     assert "the startup script was cut short" in message, message
     assert "timeout of 3 s, which counts setup too" in message
     assert "exited with code None" not in message
+    # No promise of a recreation that a sandbox ended in its setup never gets.
+    assert "recreates the sandbox" not in message
 
 
 async def test_settled_call_counts_removed_by_later_calls(
