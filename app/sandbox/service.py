@@ -46,6 +46,7 @@ from app.contracts.sandbox import (
     ENV_STRING_LIMIT,
     INTERRUPTED_ERROR,
     INVALID_ERROR,
+    RETRY_LATER_ERROR,
     SETUP_ERROR,
     BackendState,
     ConfigureRequest,
@@ -163,7 +164,15 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
         cause = error.cause
         message = str(getattr(cause, "message", None) or cause or error)
         kind = "failed"
-        if isinstance(cause, ApplicationError):
+        # The session may pass on its activity's error as that error's cause.
+        inner = getattr(cause, "cause", None)
+        if isinstance(inner, ApplicationError) and inner.type == RETRY_LATER_ERROR:
+            cause = inner
+        if isinstance(cause, ApplicationError) and cause.type == RETRY_LATER_ERROR:
+            # The backend (E2B) could not be reached or was busy: a later
+            # call may work, unlike a configuration error.
+            kind = "connection_lost"
+        elif isinstance(cause, ApplicationError):
             if cause.type == CONFIGURATION_ERROR:
                 kind = "configuration"
             elif cause.type in (INVALID_ERROR, SETUP_ERROR, "ValueError"):

@@ -394,7 +394,7 @@ async def test_session_when_e2b_is_down(
     backend: E2BBackend, tool_ctx: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.sandbox import runtime
-    from app.tools import invoke_tool
+    from app.tools import ToolError, invoke_tool
 
     monkeypatch.setattr(runtime, "get_backend", lambda settings: backend)
     created = await invoke_tool(tool_ctx, "sandbox_create", {"template": "base"})
@@ -409,6 +409,24 @@ async def test_session_when_e2b_is_down(
         assert status["status"] == "running"
         assert status["live"] is None
         FakeSandbox.probe_fault = None
+        # Every attempt of an execution finds E2B failing: the caller may try
+        # later, so the error is `unavailable` (503), not a plain failure.
+        sandbox = next(iter(FakeSandbox.live.values()))
+        original_run = sandbox.run
+
+        async def failing_run(*args: Any, **kwargs: Any) -> Any:
+            raise down
+
+        sandbox.run = failing_run  # type: ignore[method-assign]
+        with pytest.raises(ToolError) as unavailable:
+            await invoke_tool(
+                tool_ctx,
+                "sandbox_execute",
+                {"sandbox_id": sandbox_id, "code": "print(1)"},
+            )
+        assert unavailable.value.kind == "unavailable", unavailable.value.message
+        assert "E2B failed with HTTP 500, so retry later" in unavailable.value.message
+        sandbox.run = original_run  # type: ignore[method-assign]
         FakeSandbox.kill_fault = down
         with pytest.raises(Exception) as raised:
             await invoke_tool(tool_ctx, "sandbox_stop", {"sandbox_id": sandbox_id})
