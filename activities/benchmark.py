@@ -260,9 +260,9 @@ class BenchmarkActivities:
         if record.result.phase == "multi_workflow_orchestration" and not (
             record.result.ok
         ):
-            # A phase whose activity died with its worker left the executions
-            # it started running, waiting on steps of the dead worker; they
-            # would load the phases and runs after it.
+            # A phase whose activity died with its worker left its executions
+            # running, waiting on steps of the dead worker. They would load
+            # the phases and runs after it.
             await self._end_leftovers(record.run_id, FAILED_PHASE_LEFTOVERS_SECONDS)
 
     @activity.defn(name="record_worker_samples")

@@ -52,8 +52,9 @@ SYSTEM_PROBES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def step_call_id(request: StepRequest) -> str:
-    """Return the sandbox call id of a step, the same for all its attempts; a
-    digest, since ids and step names may hold characters a call id may not."""
+    """Return the sandbox call id of a step, the same for all its attempts.
+    It is a digest, because ids and step names may contain characters that a
+    call id may not."""
     digest = hashlib.sha256(f"{request.execution_id}/{request.step}".encode())
     return f"step-{digest.hexdigest()[:32]}"
 

@@ -172,7 +172,7 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
         kind = json_type(document["method"])
         return f"method: a JSON {kind} is invalid: send the method name as a string"
     if "id" in document and isinstance(document["id"], dict | list | bool):
-        # The SDK would read such a request as a notification, answer 202
+        # The SDK would read such a request as a notification, respond 202
         # with no body and run nothing.
         kind = json_type(document["id"])
         return (

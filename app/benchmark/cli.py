@@ -825,9 +825,9 @@ async def _run_benchmark(
 
     stack: Stack | None = None
     leaving = False  # between a first and a second Ctrl-C
-    # The settings below name the address of the server that the stack
-    # started, which no longer says that it is the embedded server whose
-    # web UI port is known; the link comes from these.
+    # The settings below get the address of the server that the stack
+    # started, and then no longer mark it as the embedded server whose web
+    # UI port is known. So the link uses these.
     link_settings = settings
     if start_workers:
         # The benchmark calls the tools through the workers; the HTTP

@@ -428,7 +428,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         totals["phases_passed"] == totals["phases_run"]
     )
     # A run that closed before its end did not run all of its phases, so it
-    # never counts as all passed, as the command's result says too.
+    # never counts as all passed, as in the command's result.
     all_passed = every_run_passed and not closed
     verdict = "all phases passed" if all_passed else "some phases failed"
     if closed:

@@ -341,8 +341,9 @@ def _parse_csv(
 
 
 def _csv_labels(labels: list[str]) -> np.ndarray:
-    """Return CSV labels as whole numbers where every one is a whole number,
-    as inline labels are, so that `1` and `1.0` are one class; else as text."""
+    """Return CSV labels as whole numbers when every one is a whole number,
+    as inline labels are, so that `1` and `1.0` are one class. Other labels
+    stay text."""
     try:
         numbers = [float(label) for label in labels]
     except ValueError:
