@@ -323,8 +323,8 @@ _URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):[^@/\s'\"]*@")
 
 def keep_private(folder: Path) -> None:
     """Create `folder` for its owner only, or take group and other access
-    from it: a data folder holds the databases, logs and stored objects,
-    which carry program output and the audit log."""
+    from it. A data folder contains the databases, logs and stored objects,
+    which include program output and the audit log."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         status = folder.stat()

@@ -147,8 +147,8 @@ class E2BBackend(SandboxBackend):
         self._sandboxes.pop(backend_id, None)
 
     # Bounds on one request to E2B, so that an API or sandbox that stops
-    # answering fails the call (to be retried later) instead of holding it
-    # for the SDK's own 60 s per request and more.
+    # responding fails the call (to be retried later) rather than keep it
+    # waiting for the SDK's own 60 s per request and more.
     request_seconds = 30.0
     create_seconds = 90.0
     probe_seconds = 10.0
@@ -161,7 +161,7 @@ class E2BBackend(SandboxBackend):
             return await asyncio.wait_for(call, seconds)
         except TimeoutError:
             raise e2b.TimeoutException(
-                f"E2B did not answer within {seconds:g} s"
+                f"E2B did not respond within {seconds:g} s"
             ) from None
 
     async def _sandbox(self, backend_id: str, timeout: int | None = None) -> Any:

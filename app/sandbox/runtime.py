@@ -188,8 +188,8 @@ def package_problem(installer: str, spec: str) -> str | None:
 def split_packages(
     template: str, packages: Iterable[str]
 ) -> tuple[list[str], list[str]]:
-    """Return the pip and the npm packages of `packages`: a `pip:` or `npm:`
-    prefix picks the installer; otherwise node templates use npm and every
+    """Return the pip and the npm packages of `packages`. A `pip:` or `npm:`
+    prefix picks the installer. Otherwise node templates use npm and every
     other template uses pip."""
     pip: list[str] = []
     npm: list[str] = []
@@ -662,8 +662,8 @@ _CUT_MARKER = re.compile(r"\n\[output truncated: \d+ bytes dropped\]")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret value of 4 or more characters in `text`, and the
-    start of one that the output limit cut off."""
+    """Replace every secret value of 4 or more characters in `text`. Also
+    replace the start of a secret value that the output limit cut off."""
     ordered = [s for s in sorted(set(secrets), key=len, reverse=True) if len(s) >= 4]
     for secret in ordered:
         text = text.replace(secret, REDACTED)

@@ -119,8 +119,8 @@ async def live_state(client: Client, execution_id: str) -> ExecutionState | None
     except RPCError as error:
         logger.warning("query of execution %s failed: %s", execution_id, error)
         return None
-    # The workflow learns of a step's attempts only when the step ends; the
-    # server knows the attempt in progress and why the last one failed.
+    # The workflow learns of a step's attempts only when the step ends. The
+    # server's description has the attempt in progress and its last failure.
     pending = {
         activity.activity_id: activity
         for activity in description.raw_description.pending_activities

@@ -493,8 +493,8 @@ async def test_silent_e2b_fails_within_bounds(backend: E2BBackend) -> None:
     # The outer bound only keeps a regression from hanging the suite.
     with pytest.raises(SandboxRetryLaterError) as raised:
         await asyncio.wait_for(run(backend, created.backend_id), 60)
-    assert "did not answer within 0.2 s" in str(raised.value)
+    assert "did not respond within 0.2 s" in str(raised.value)
     assert created.backend_id in FakeSandbox.live
     with pytest.raises(SandboxRetryLaterError) as unknown:
         await asyncio.wait_for(backend.describe(created.backend_id), 60)
-    assert "did not answer within 0.2 s" in str(unknown.value)
+    assert "did not respond within 0.2 s" in str(unknown.value)
