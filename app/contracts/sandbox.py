@@ -46,19 +46,30 @@ def check_env_values(value: dict[str, str] | None) -> dict[str, str] | None:
     for name, text in (value or {}).items():
         if not isinstance(text, str) or text.startswith("sealed:") or "{{" in text:
             continue
-        if "\0" in text:
-            raise ValueError(
-                f"env var {name!r} is invalid: its value contains a NUL byte, "
-                "which an environment variable cannot hold; remove it"
-            )
-        size = len(f"{name}={text}".encode()) + 1
-        if size > ENV_STRING_LIMIT:
-            raise ValueError(
-                f"env var {name!r} is invalid: NAME=value takes {size} bytes, over "
-                f"Linux's limit of {ENV_STRING_LIMIT} bytes for one environment "
-                "string; pass a long value as a file instead"
-            )
+        problem = env_value_problem(name, text)
+        if problem is not None:
+            raise ValueError(problem)
     return value
+
+
+def env_value_problem(name: str, value: str) -> str | None:
+    """Return why env var `name` cannot take `value`, or None."""
+    if "\0" in value:
+        # No process environment can carry a NUL byte.
+        return (
+            f"env var {name!r} is invalid: its value contains a NUL byte, which "
+            "an environment variable cannot contain; remove it"
+        )
+    size = len(f"{name}={value}".encode()) + 1
+    if size > ENV_STRING_LIMIT:
+        # Every later exec of the sandbox would fail with E2BIG.
+        return (
+            f"env var {name!r} is invalid: NAME=value takes {size} bytes, over "
+            f"Linux's limit of {ENV_STRING_LIMIT} bytes for one environment "
+            "string; upload a long value as a file with sandbox_upload and read "
+            "it from there"
+        )
+    return None
 
 
 ExecutionStatus = Literal["completed", "failed", "timed_out"]

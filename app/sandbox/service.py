@@ -43,7 +43,6 @@ from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import (
     CONFIGURATION_ERROR,
     ENDED_ERROR,
-    ENV_STRING_LIMIT,
     INTERRUPTED_ERROR,
     INVALID_ERROR,
     RETRY_LATER_ERROR,
@@ -61,6 +60,7 @@ from app.contracts.sandbox import (
     Template,
     UploadRequest,
     UploadResult,
+    env_value_problem,
 )
 from app.sandbox import store
 from app.sandbox.backend import (
@@ -134,24 +134,9 @@ def seal_for(
     if not env:
         return {}
     for name, value in env.items():
-        size = len(f"{name}={value}".encode()) + 1
-        if size > ENV_STRING_LIMIT:
-            # Every later exec of the sandbox would fail with E2BIG.
-            raise SandboxServiceError(
-                f"env var {name!r} is invalid: NAME=value takes {size} bytes, "
-                f"over Linux's limit of {ENV_STRING_LIMIT} bytes for one "
-                "environment string; upload a long value as a file with "
-                "sandbox_upload and read it from there",
-                "invalid_argument",
-            )
-        if "\0" in value:
-            # No process environment can carry a NUL byte, so every later
-            # execution of the sandbox would fail to start its program.
-            raise SandboxServiceError(
-                f"env var {name!r} is invalid: its value contains a NUL byte, "
-                "which an environment variable cannot hold; remove it",
-                "invalid_argument",
-            )
+        problem = env_value_problem(name, value)
+        if problem is not None:
+            raise SandboxServiceError(problem, "invalid_argument")
     return seal_env(load_key(settings), sandbox_id, dict(env))
 
 
