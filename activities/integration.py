@@ -13,7 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeat_every
-from activities.workflows import parse_params, step_error
+from activities.workflows import parse_params, require_group, step_error
 from app.benchmark.integration import run_stream_load
 from app.benchmark.load import run_load
 from app.contracts.benchmark import LoadRequest
@@ -297,6 +297,9 @@ class IntegrationActivities:
         agent's sandbox, so the swarm's events and the agent's counters show
         the step."""
         assert request.agent_id is not None
+        # The task runs without the tool layer, as task_orchestrate's code
+        # tasks do, so it needs what that tool needs.
+        require_group(request, "swarm")
         if params.sandbox_id is not None or params.env_vars:
             raise step_error(
                 request,

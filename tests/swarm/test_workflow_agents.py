@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,7 +30,7 @@ from app.swarm.agent_tasks import (
 from app.swarm.models import AgentRow, SwarmRow
 from app.swarm.resolver import resolve_swarm_agent
 from app.swarm.service import exit_error
-from app.tools import ToolContext, invoke_tool, load_tools
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from app.workflows.agents import resolve_agent
 from tests.support.replay import replay_run
 from tests.swarm.conftest import (
@@ -217,6 +218,35 @@ async def test_step_runs_on_resolved_agent(client: Client, workers: Settings) ->
         task = await _call(ctx, "task_results", task_id=by_type["output"]["task_id"])
         assert task["status"] == "completed"
         assert [r["agent_id"] for r in task["results"]] == [first]
+    finally:
+        await _call(ctx, "swarm_destroy", swarm_id=swarm_id)
+
+
+async def test_agent_step_keeps_to_key_groups(
+    client: Client, workers: Settings
+) -> None:
+    """A step on an agent runs code as a task of the agent's swarm, so a run
+    by a key without the swarm group may not run it."""
+    ctx = ToolContext(workers, temporal_client=client)
+    swarm_id, _ = await _swarm(ctx)
+    limited = replace(ctx, groups=("workflows",))
+    try:
+        with pytest.raises(ToolError) as refused:
+            await _execute(
+                limited,
+                "agent-step-limited",
+                [
+                    {
+                        "name": "run",
+                        "type": "sandbox_execution",
+                        "agent_type": "coder",
+                        "params": {"code": AGENT_PROGRAM},
+                    }
+                ],
+            )
+        assert "needs the tool group swarm" in refused.value.message
+        status = await _call(ctx, "swarm_status", swarm_id=swarm_id)
+        assert status["tasks"] == []
     finally:
         await _call(ctx, "swarm_destroy", swarm_id=swarm_id)
 
