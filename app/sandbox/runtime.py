@@ -145,8 +145,8 @@ def installer_env() -> dict[str, str]:
     }
 
 
-# An npm package from the registry: `name`, `@scope/name`, each with an
-# optional `@version`, range or tag, or a folder in the sandbox.
+# An npm package from the registry: `name` or `@scope/name`, each with an
+# optional `@version`, range or tag.
 _NPM_SPEC = re.compile(r"(@[^/@\s:\\]+/)?[^/@\s:\\.][^/@\s:\\]*(@[^/:\\]+)?")
 
 
@@ -174,13 +174,13 @@ def package_problem(installer: str, spec: str) -> str | None:
                 "folders or archive files"
             )
         return None
-    if spec.startswith(("./", "../")) and ":" not in spec:
-        return None
+    # A folder's package.json can name URL dependencies, which npm would
+    # fetch with the installer's network, so folders are refused too.
     if _NPM_SPEC.fullmatch(spec) is None:
         return (
             "npm installs only packages from the registry (such as lodash, "
-            "lodash@4 or @scope/name@1.2.3) or folders in the sandbox (./pkg), "
-            "not URLs, git repositories or GitHub shorthands"
+            "lodash@4 or @scope/name@1.2.3), not folders, URLs, git "
+            "repositories or GitHub shorthands"
         )
     return None
 
@@ -283,6 +283,23 @@ def in_scratch_project(command: list[str], home: str) -> list[str]:
     return ["bash", "-c", _NPM_IN_SCRATCH, "nexus-npm", home, *absolute]
 
 
+# pip reads a requirement that names a file in its working folder (such as
+# `pkg.tbz`) as that file, and builds it, which runs its code with the
+# installer's network. So pip runs in an empty folder of its own, and
+# installs into the sandbox by an absolute path.
+_PIP_IN_SCRATCH = 'cd "$(mktemp -d)" || exit 1; exec "$@"'
+
+
+def in_scratch_folder(command: list[str], home: str) -> list[str]:
+    """Wrap a `pip install` command so that it runs in an empty folder and
+    installs into `home`'s `.nexus/python`."""
+    absolute = [
+        f"{home}/{argument}" if argument == ".nexus/python" else argument
+        for argument in command
+    ]
+    return ["sh", "-c", _PIP_IN_SCRATCH, "nexus-pip", *absolute]
+
+
 async def apply_setup(
     backend: SandboxBackend,
     backend_id: str,
@@ -342,7 +359,9 @@ async def apply_setup(
         (
             f"the installer `{mask_url_passwords(shlex.join(argv))}`",
             mask_url_passwords(shlex.join(argv)),
-            in_scratch_project(argv, home) if argv[0] == "npm" else argv,
+            in_scratch_project(argv, home)
+            if argv[0] == "npm"
+            else in_scratch_folder(argv, home),
             True,
         )
         for argv in install_command(template, packages, index_url)

@@ -175,3 +175,73 @@ async def test_installers_build_nothing_from_source(
     assert pip[pip.index("--only-binary") + 1] == ":all:"
     [npm] = install_command("node", ["lodash"], package_index)
     assert "--ignore-scripts" in npm
+
+
+async def test_pip_builds_no_planted_archive(
+    tool_ctx: ToolContext, tmp_path: Path
+) -> None:
+    """An item that names an archive that sandbox code wrote into the sandbox
+    folder is not built: pip runs in an empty folder of its own."""
+    import io
+    import tarfile
+
+    backend_code = (
+        "import pathlib\n"
+        "for home in ('/home/user', '.'):\n"
+        "    try:\n"
+        "        pathlib.Path(home, 'BUILT').write_text('x')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "def get_requires_for_build_wheel(config=None):\n"
+        "    return []\n"
+    )
+    files = {
+        "evil/pyproject.toml": (
+            '[build-system]\nrequires = []\nbuild-backend = "backend"\n'
+            'backend-path = ["."]\n'
+        ),
+        "evil/backend.py": backend_code,
+    }
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:bz2") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    created = await invoke_tool(tool_ctx, "sandbox_create", {"template": "python"})
+    sandbox_id = created["sandbox_id"]
+    try:
+        encoded = base64.b64encode(archive.getvalue()).decode()
+        await invoke_tool(
+            tool_ctx,
+            "sandbox_execute",
+            {
+                "sandbox_id": sandbox_id,
+                "code": (
+                    "import base64, pathlib\n"
+                    f"pathlib.Path('evil.tbz').write_bytes(base64.b64decode('{encoded}'))"
+                ),
+            },
+        )
+        with pytest.raises(ToolError) as failed:
+            await invoke_tool(
+                tool_ctx,
+                "sandbox_configure",
+                {"sandbox_id": sandbox_id, "install_packages": ["evil.tbz"]},
+            )
+        assert "looks like a filename, but the file does not exist" in (
+            failed.value.message
+        )
+        assert "Preparing metadata" not in failed.value.message
+        listed = await invoke_tool(
+            tool_ctx,
+            "sandbox_execute",
+            {
+                "sandbox_id": sandbox_id,
+                "code": "import os; print(os.path.exists('BUILT'))",
+            },
+        )
+        assert listed["stdout"] == "False\n"
+    finally:
+        await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
