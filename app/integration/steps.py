@@ -42,7 +42,7 @@ class SandboxExecutionParams(BaseModel):
 
 
 class NeuralComputationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: Literal["train", "predict"] = "train"
     dataset: Any = "digits"

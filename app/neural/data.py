@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import math
 import numbers
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from app.settings import Settings
 from app.storage import StorageError, storage_for
 
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+# The keys of a bundled data set given as an object.
+_SPLIT_KEYS = frozenset({"name", "seed", "test_fraction"})
 DEFAULT_DATASET = "digits"
 # Models compute in float32, so a larger feature value would become infinite.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -90,6 +92,8 @@ def describe_source(source: Any) -> str:
             return str(source["name"])
         if "bucket" in source:
             return f"storage:{source['bucket']}/{source.get('path')}"
+        if set(source) <= _SPLIT_KEYS:
+            return DEFAULT_DATASET
         return "inline"
     return type(source).__name__
 
@@ -107,8 +111,13 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
     """
     if source is None:
         source = DEFAULT_DATASET
-    if isinstance(source, dict) and set(source) <= {"name", "seed", "test_fraction"}:
+    if isinstance(source, dict) and set(source) <= _SPLIT_KEYS:
         source = source.get("name", DEFAULT_DATASET)
+    if isinstance(source, dict) and "name" in source:
+        raise DatasetError(
+            f"dataset names a bundled set and has the keys {sorted(source)}; "
+            f"give only {', '.join(sorted(_SPLIT_KEYS))}"
+        )
     if isinstance(source, str):
         if source not in BUILTIN_DATASETS:
             raise DatasetError(
@@ -344,13 +353,14 @@ def _csv_labels(labels: list[str]) -> np.ndarray:
     """Return CSV labels as whole numbers when every one is a whole number,
     as inline labels are, so that `1` and `1.0` are one class. Other labels
     stay text."""
-    try:
-        numbers = [float(label) for label in labels]
-    except ValueError:
-        return np.asarray(labels)
-    if all(math.isfinite(n) and n == int(n) for n in numbers):
-        return np.asarray([int(n) for n in numbers])
+    # Exact: a float would merge whole numbers above 2**53.
+    if all(_WHOLE_NUMBER.fullmatch(label) for label in labels):
+        return np.asarray([int(label.split(".")[0]) for label in labels])
     return np.asarray(labels)
+
+
+# A whole number as a CSV cell may write it: digits, then `.` and zeros.
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+(\.0*)?")
 
 
 def _column_index(value: Any, columns: int, name: str) -> int:
@@ -460,7 +470,7 @@ def prepare(
         DatasetError: shapes or labels do not fit a classifier; the message
             names the value.
     """
-    if isinstance(source, dict) and set(source) <= {"name", "seed", "test_fraction"}:
+    if isinstance(source, dict) and set(source) <= _SPLIT_KEYS:
         seed, test_fraction = _split_options(source, seed, test_fraction)
     x, labels = load_arrays(source, settings)
     if x.ndim != 2:
@@ -501,7 +511,17 @@ def prepare(
     mean = wide[train].mean(axis=0)
     std = wide[train].std(axis=0)
     std[std < 1e-6] = 1.0
-    standardized = ((wide - mean) / std).astype(np.float32)
+    scaled = (wide - mean) / std
+    too_far = np.argwhere(np.abs(scaled) > np.finfo(np.float32).max)
+    if too_far.size:
+        sample, feature = (int(i) for i in too_far[0])
+        raise DatasetError(
+            f"X[{sample}][{feature}] = {x[sample, feature]!r} lies "
+            f"{abs(scaled[sample, feature]):.3g} standard deviations from its "
+            "feature's mean on the training split, too far for a model to take; "
+            "remove that sample or rescale the feature"
+        )
+    standardized = scaled.astype(np.float32)
     return Dataset(
         name=describe_source(source),
         x_train=standardized[train],

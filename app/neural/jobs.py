@@ -101,28 +101,34 @@ def run_job(
     # Every attempt's time, so a resumed job's time covers all its epochs.
     seconds = earlier_seconds + time.perf_counter() - started
     spec_record = {**spec.to_dict(), "label_names": dataset.label_names}
-    store.add_record(
-        settings,
-        NeuralModel(
-            id=request.model_id,
-            job_id=request.job_id,
-            architecture=spec.architecture,
-            spec={**spec_record, "evaluated_on": "test"},
-            dataset=dataset.name,
-            storage_path=path,
-            loss=val_loss,
-            accuracy=accuracy,
-        ),
+    model = NeuralModel(
+        id=request.model_id,
+        job_id=request.job_id,
+        architecture=spec.architecture,
+        spec={**spec_record, "evaluated_on": "test"},
+        dataset=dataset.name,
+        storage_path=path,
+        loss=val_loss,
+        accuracy=accuracy,
     )
-    store.end_job(
+    ended = store.end_job(
         settings,
         request.job_id,
+        [model],
         status="completed",
         loss=loss,
         accuracy=accuracy,
         training_time=seconds,
         epochs_completed=request.epochs,
     )
+    if not ended:
+        # A status read found the job's workflow terminated: it stays failed,
+        # without a model.
+        store.delete_object(settings, path)
+        raise ValueError(
+            f"training job {request.job_id} ended before its model was stored "
+            "(its workflow was terminated); no model is kept"
+        )
     return TrainJobResult(
         job_id=request.job_id,
         model_id=request.model_id,

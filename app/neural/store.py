@@ -116,9 +116,12 @@ def end_session(
         return True
 
 
-def end_job(settings: Settings, job_id: str, **values: Any) -> bool:
-    """Set a queued or running job's columns to `values`, unless it ended
-    already; return whether it changed."""
+def end_job(
+    settings: Settings, job_id: str, rows: list[Any] | None = None, **values: Any
+) -> bool:
+    """Set a queued or running job's columns to `values` and add `rows`, in
+    one transaction, unless the job ended already; return whether it
+    changed."""
     with session_scope(settings.effective_database_url) as session:
         changed = session.exec(
             update(NeuralJob)
@@ -126,7 +129,11 @@ def end_job(settings: Settings, job_id: str, **values: Any) -> bool:
             .where(col(NeuralJob.status).in_(("queued", "running")))
             .values(**values, updated_at=utc_now())
         )
-        return bool(changed.rowcount == 1)
+        if changed.rowcount != 1:
+            return False
+        for row in rows or []:
+            session.add(row)
+        return True
 
 
 def update_session(settings: Settings, session_id: str, **values: Any) -> None:

@@ -271,16 +271,8 @@ fi
 
 def in_scratch_project(command: list[str], home: str) -> list[str]:
     """Wrap an `npm install` command so that it runs in an empty project and
-    copies what it installed into `home`'s `node_modules`. A package given
-    as a relative folder or tarball (`./pkg`) still names one in `home`;
-    `--install-links` copies a folder package instead of linking to it."""
-    absolute = [
-        f"{home}/{argument.removeprefix('file:')}"
-        if argument.removeprefix("file:").startswith(("./", "../"))
-        else argument
-        for argument in command
-    ]
-    return ["bash", "-c", _NPM_IN_SCRATCH, "nexus-npm", home, *absolute]
+    copies what it installed into `home`'s `node_modules`."""
+    return ["bash", "-c", _NPM_IN_SCRATCH, "nexus-npm", home, *command]
 
 
 # pip reads a requirement that names a file in its working folder (such as

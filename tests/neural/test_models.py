@@ -325,7 +325,7 @@ def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None
     from app.contracts.neural import ModelConfig, TrainJobInput
     from app.db import session_scope
     from app.neural import jobs, store
-    from app.neural.models import NeuralEpoch
+    from app.neural.models import NeuralEpoch, NeuralJob
 
     def request(epochs: int, model_id: str) -> TrainJobInput:
         return TrainJobInput(
@@ -339,8 +339,30 @@ def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None
             optimizer="adam",
         )
 
+    def queued(model_id: str) -> None:
+        store.add_record(
+            offline_settings,
+            NeuralJob(
+                id="job_resume",
+                workflow_id="w",
+                status="queued",
+                architecture="feedforward",
+                tier="custom",
+                dataset="iris",
+                model_id=model_id,
+                epochs_requested=3,
+            ),
+        )
+
+    queued("model_a")
     first = jobs.run_job(offline_settings, request(2, "model_a"), lambda _: None)
     assert first.resumed_from_epoch == 0
+    with session_scope(offline_settings.effective_database_url) as db:
+        job = db.get(NeuralJob, "job_resume")
+        assert job is not None and job.status == "completed"
+        # As for the next attempt of a job that its worker left running.
+        job.status = "running"
+        db.add(job)
     # As if the first attempt's epochs had been slow.
     with session_scope(offline_settings.effective_database_url) as db:
         for row in db.exec(select(NeuralEpoch)):
@@ -390,3 +412,29 @@ def test_runaway_finite_loss_is_divergence() -> None:
     assert "over 1000 times the starting model's test loss" in message
     assert message.endswith("at epoch 1; lower learning_rate (now 10)")
     assert caught.value.epoch == 1
+
+
+def test_csv_whole_number_labels_exact(tmp_path: Path) -> None:
+    """Whole-number labels are read exactly, so large ids stay apart, and
+    only plain digits count as numbers."""
+    labels = data._csv_labels(["9007199254740993", "9007199254740992", "1.00"])
+    assert labels.tolist() == [9007199254740993, 9007199254740992, 1]
+    assert data._csv_labels(["1_000", "1000"]).tolist() == ["1_000", "1000"]
+
+
+def test_outlier_beyond_float32_rejected() -> None:
+    """A value so far from its feature's training mean that it would not fit
+    a float32 once standardized is named, not turned into infinity."""
+    features = [[i * 1e-5, (i * 7) % 5] for i in range(40)]
+    labels = [i % 2 for i in range(40)]
+    # The split's first test sample, which the training statistics leave out.
+    first_test = int(np.random.default_rng(0).permutation(40)[0])
+    features[first_test][0] = 3e38
+    with pytest.raises(data.DatasetError, match="standard deviations from its"):
+        data.prepare({"X": features, "y": labels}, Settings(), seed=0)
+
+
+def test_named_dataset_keys_and_name() -> None:
+    assert data.describe_source({"seed": 3}) == "digits"
+    with pytest.raises(data.DatasetError, match="give only name, seed, test_fraction"):
+        data.load_arrays({"name": "iris", "extra": 1}, Settings())

@@ -460,6 +460,19 @@ def test_neural_step_params_match_the_tool() -> None:
         check_step_params(bad)
     message = str(caught.value)
     assert "step 'p': params: mode predict needs params model_id and input" in message
+    strict = _definition(
+        [
+            {
+                "name": "e",
+                "type": "neural_computation",
+                "params": {"epochs": True, "batch_size": "8"},
+            }
+        ]
+    )
+    with pytest.raises(DefinitionError) as loose:
+        check_step_params(strict)
+    assert "params.epochs: Input should be a valid integer" in str(loose.value)
+    assert "params.batch_size: Input should be a valid integer" in str(loose.value)
     assert (
         "step 'q': params.learning_rate: Input should be less than or equal to 10"
         in (message)
