@@ -692,11 +692,20 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 def _mask_cut_secret(text: str, secrets: list[str]) -> str:
     """Replace the end of `text` where it is the start of a secret: the rest
-    of that secret was cut off with the output after it."""
+    of that secret was cut off with the output after it. A cut inside a
+    character leaves U+FFFD there, which counts as part of the secret."""
+    kept = text.rstrip("\ufffd")
+    cut_inside = len(kept) < len(text)
     longest = 0
     for secret in secrets:
-        for length in range(min(len(secret) - 1, len(text)), longest, -1):
-            if text.endswith(secret[:length]):
+        for length in range(min(len(secret) - 1, len(kept)), longest, -1):
+            if kept.endswith(secret[:length]):
                 longest = length
                 break
-    return text[: len(text) - longest] + REDACTED if longest else text
+    if longest:
+        return kept[: len(kept) - longest] + REDACTED
+    if cut_inside and any(len(secret[0].encode()) > 1 for secret in secrets):
+        # A secret whose first character was cut: only the replacement
+        # characters are left of it.
+        return kept + REDACTED
+    return text

@@ -340,6 +340,20 @@ async def test_cut_secret_masked_in_result_and_stream(
     assert joined(chunks, "stdout") == result.stdout
 
 
+def test_cut_inside_character_of_secret_masked() -> None:
+    """A cut inside a character of a secret leaves U+FFFD after its start;
+    the start is masked all the same."""
+    secret = "pässwörd-LONGSECRET-42"
+    cut = "AAApässw\ufffd\n[output truncated: 18 bytes dropped]"
+    assert runtime.redact(cut, [secret]) == (
+        "AAA********\n[output truncated: 18 bytes dropped]"
+    )
+    first_cut = "AAA\ufffd\n[output truncated: 3 bytes dropped]"
+    assert runtime.redact(first_cut, ["ösecret-value"]).startswith("AAA********")
+    # Output cut inside an unrelated character keeps its replacement.
+    assert runtime.redact(first_cut, ["plain-secret"]) == first_cut
+
+
 def test_redactor_matches_redact_on_any_split() -> None:
     secrets = ["abcd", "bcde", "aaaa", "abcdabcd", "cdXY", "dabc", "ab"]
     rng = random.Random(7)
