@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from app.contracts.sandbox import BackendState
 
+# The words of the local backend's note on a program that the disk limit
+# stopped, which setup errors look for.
+DISK_LIMIT_NOTE = "took more than its disk limit"
+
 
 class SandboxBackendError(Exception):
     """Base class of backend failures; the message names the sandbox and fix."""

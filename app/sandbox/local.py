@@ -39,6 +39,7 @@ from pathlib import Path
 
 from app.contracts.sandbox import BackendState
 from app.sandbox.backend import (
+    DISK_LIMIT_NOTE,
     BackendSandbox,
     OutputSink,
     RunOutput,
@@ -931,7 +932,7 @@ class LocalBackend(SandboxBackend):
             (out, out_dropped), (err, err_dropped) = outputs
             if over_disk:
                 err += (
-                    f"\n[the sandbox's files took more than its disk limit of "
+                    f"\n[the sandbox's files {DISK_LIMIT_NOTE} of "
                     f"{self.limits.disk_bytes} bytes, so the program was stopped; "
                     "remove files, or raise NEXUS_SANDBOX_DISK_LIMIT]"
                 )

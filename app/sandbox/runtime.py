@@ -21,6 +21,7 @@ from app.contracts.sandbox import (
     ExecutionStatus,
 )
 from app.sandbox.backend import (
+    DISK_LIMIT_NOTE,
     RunOutput,
     SandboxBackend,
     SandboxBackendError,
@@ -395,6 +396,11 @@ async def apply_setup(
                 outcome = f"timed out after {_SETUP_TIMEOUT:g} s"
             elif result.exit_code is not None:
                 outcome = f"exited with code {result.exit_code}"
+            elif DISK_LIMIT_NOTE in result.stderr:
+                outcome = (
+                    "was stopped because the sandbox's files took more than its "
+                    "disk limit; remove files, or raise NEXUS_SANDBOX_DISK_LIMIT"
+                )
             elif lifetime is not None and time.monotonic() - started >= lifetime - 1:
                 outcome = (
                     f"was cut short when the sandbox reached its timeout of "

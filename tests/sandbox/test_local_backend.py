@@ -1049,3 +1049,31 @@ async def test_disk_limit_stops_program(use_bwrap: bool, tmp_path: Path) -> None
             assert "No space left on device" in filled.stderr
     finally:
         await limited.delete("box")
+
+
+async def test_disk_limit_named_in_setup_error(tmp_path: Path) -> None:
+    """A setup command that the disk limit stops is blamed on the limit, not
+    on a sandbox that ended."""
+    limited = LocalBackend(
+        tmp_path / "sandboxes", limits=ResourceLimits(disk_bytes=10 * 1024**2)
+    )
+    await limited.create("box", template="base", timeout=300, env={}, metadata={})
+    command = (
+        "for i in $(seq 60); do head -c 1000000 /dev/zero >> big; sleep 0.05; done"
+    )
+    try:
+        with pytest.raises(SandboxSetupError) as failed:
+            await runtime.apply_setup(
+                limited,
+                "box",
+                template="base",
+                packages=[],
+                commands=[command],
+                env={},
+                settings=Settings(data_dir=tmp_path / "data"),
+            )
+        assert "was stopped because the sandbox's files took more than its disk" in (
+            failed.value.failure
+        )
+    finally:
+        await limited.delete("box")
