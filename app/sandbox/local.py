@@ -1095,51 +1095,64 @@ class LocalBackend(SandboxBackend):
 
 def _check_workdir(folder: Path, inside_home: str, workdir: str, cwd: str) -> None:
     """Raise ValueError if the working directory `workdir` (as seen inside)
-    runs into a file, or ends in a dangling symlink, below `folder`.
+    runs into a file, ends in a dangling symlink, or leads through symlinks
+    out of `folder`.
 
     The runner creates a missing working directory, and its `makedirs` would
-    fail with EEXIST or ENOTDIR there. A symlink is read one level, with a
-    target inside the sandbox mapped to `folder`. A symlink before the last
-    component, or one that leads outside the sandbox folder, is left to the
-    runner.
+    fail with EEXIST or ENOTDIR there. Symlinks are followed as the kernel
+    would, up to 40 of them, with a target inside the sandbox mapped to
+    `folder`.
     """
     if workdir == inside_home:
         return
-    parts = workdir[len(inside_home) + 1 :].split("/")
+    pending = workdir[len(inside_home) + 1 :].split("/")
     path = folder
-    for index, part in enumerate(parts):
-        path = path / part
+    hops = 0
+    # How many of the next pending parts come from a symlink's target: a
+    # missing one of those makes that symlink dangle.
+    from_link = 0
+    while pending:
+        part = pending.pop(0)
+        in_target = from_link > 0
+        from_link = max(0, from_link - 1)
+        if part in ("", "."):
+            continue
+        path = path.parent if part == ".." else path / part
+        if path != folder and not str(path).startswith(str(folder) + os.sep):
+            # Only a symlink's target can climb out: the request's own `..`
+            # was rejected before.
+            raise _workdir_error(cwd, "leads through symlinks out of the folder")
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
-            return
+            if in_target:
+                raise _workdir_error(cwd, "is a dangling symlink") from None
+            return  # the runner creates the rest
         if stat.S_ISLNK(mode):
-            if index == len(parts) - 1:
-                _check_workdir_link(folder, inside_home, path, cwd)
-            return
+            hops += 1
+            if hops > 40:
+                raise _workdir_error(cwd, "leads through too many symlinks")
+            target = os.readlink(path)
+            if target == inside_home or target.startswith(inside_home + "/"):
+                path = folder
+                target = target[len(inside_home) + 1 :]
+            elif target.startswith("/"):
+                raise _outside_error(cwd, target)
+            else:
+                path = path.parent
+            parts = target.split("/")
+            pending = [*parts, *pending]
+            from_link = len(parts)
+            continue
         if not stat.S_ISDIR(mode):
             raise _workdir_error(cwd, "runs into a file")
 
 
-def _check_workdir_link(folder: Path, inside_home: str, link: Path, cwd: str) -> None:
-    target = os.readlink(link)
-    if target == inside_home or target.startswith(inside_home + "/"):
-        resolved = folder / target[len(inside_home) + 1 :]
-    elif target.startswith("/"):
-        resolved = None
-    else:
-        resolved = link.parent / target
-    inside = resolved is not None and (
-        os.path.normpath(resolved) == str(folder)
-        or os.path.normpath(resolved).startswith(str(folder) + os.sep)
+def _outside_error(cwd: str, target: str) -> ValueError:
+    return ValueError(
+        f"working_dir {cwd!r} is invalid: it leads through a symlink to "
+        f"{target!r}, outside the sandbox folder; use a folder inside it"
     )
-    if resolved is None or not inside:
-        raise ValueError(
-            f"working_dir {cwd!r} is invalid: it is a symlink to {target!r}, "
-            "outside the sandbox folder; use a folder inside it"
-        )
-    if not os.path.lexists(resolved):
-        raise _workdir_error(cwd, "is a dangling symlink")
 
 
 def _workdir_error(cwd: str, problem: str) -> ValueError:

@@ -1015,7 +1015,8 @@ async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) ->
             code=(
                 "touch plain && ln -s missing dangling && ln -s /etc etclink && "
                 "ln -s ../.. up && ln -s /nonexistent gone && mkdir real && "
-                "ln -s real inlink"
+                "ln -s real inlink && ln -s etclink chain && mkdir d && "
+                "ln -s ../../.. d/up && ln -s missing2 hop && ln -s hop twice"
             ),
             language="bash",
         )
@@ -1023,9 +1024,12 @@ async def test_invalid_create_and_call_inputs_rejected(tool_ctx: ToolContext) ->
             ("plain", "runs into a file"),
             ("plain/sub", "runs into a file"),
             ("dangling", "dangling symlink"),
-            ("etclink", "is a symlink to '/etc', outside the sandbox folder"),
-            ("up", "is a symlink to '../..', outside the sandbox folder"),
-            ("gone", "is a symlink to '/nonexistent', outside the sandbox folder"),
+            ("etclink", "a symlink to '/etc', outside the sandbox folder"),
+            ("up", "leads through symlinks out of the folder"),
+            ("gone", "a symlink to '/nonexistent', outside the sandbox folder"),
+            ("chain", "a symlink to '/etc', outside the sandbox folder"),
+            ("d/up/etc", "leads through symlinks out of the folder"),
+            ("twice", "dangling symlink"),
         ]:
             with pytest.raises(ToolError) as bad_dir:
                 await call(
