@@ -74,7 +74,11 @@ async def test_non_finite_number_in_object_rejected(
     [
         ("audit_log", {"limit": True}, "limit"),
         ("task_results", {"task_id": "task_x", "wait_seconds": False}, "wait_seconds"),
-        ("neural_node_deploy", {"cluster_id": "c", "layers": [3, True]}, "layers.1"),
+        (
+            "neural_node_deploy",
+            {"cluster_id": "c", "model": "custom", "layers": [3, True]},
+            "layers.1",
+        ),
         (
             "workflow_create",
             {
