@@ -164,9 +164,9 @@ async def test_installers_build_nothing_from_source(
             "sandbox_create",
             {"template": "python", "install_packages": ["./pkg"]},
         )
-    assert "package './pkg' cannot be installed: pip installs only" in (
-        refused.value.message
-    )
+    # Neither installer takes a folder, so the item fails validation.
+    assert "package './pkg' cannot be installed" in refused.value.message
+    assert "not folders" in refused.value.message
     listed = await invoke_tool(tool_ctx, "sandbox_list", {"status": "running"})
     assert listed["sandboxes"] == []
     from app.sandbox.runtime import install_command
