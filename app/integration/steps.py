@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.contracts.queues import ORCHESTRATION
 from app.contracts.sandbox import Template, check_env_names, check_env_values
-from app.neural.architectures import TRAIN_ARCHITECTURES
+from app.neural.architectures import check_architecture
 from app.workflows.steps import StepType, register_step_type
 
 
@@ -55,15 +55,9 @@ class NeuralComputationParams(BaseModel):
     model_id: str | None = Field(None, description="Model to predict with.")
     input: list[Any] | None = Field(None, description="Rows to predict.")
 
-    @field_validator("architecture")
-    @classmethod
-    def _architecture(cls, value: str) -> str:
-        if value not in TRAIN_ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {value!r}; choose one of "
-                f"{', '.join(TRAIN_ARCHITECTURES)}"
-            )
-        return value
+    _architecture = field_validator("architecture")(
+        classmethod(lambda cls, value: check_architecture(value))
+    )
 
     @model_validator(mode="after")
     def _predict_needs_model(self) -> NeuralComputationParams:

@@ -33,3 +33,17 @@ CLUSTER_ARCHITECTURES = {
 # thousands of features can still exhaust a worker's memory.
 MAX_LAYER_WIDTH = 4096
 MAX_PARAMETERS = 20_000_000
+
+
+def check_architecture(value: str) -> str:
+    """Return `value` if it names an architecture that training accepts.
+
+    Raises:
+        ValueError: an unknown architecture, with the ones to choose from.
+    """
+    if value not in TRAIN_ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {value!r}; choose one of "
+            f"{', '.join(TRAIN_ARCHITECTURES)}"
+        )
+    return value

@@ -89,6 +89,31 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
         session.add(job)
 
 
+def _end_row(
+    settings: Settings,
+    table: Any,
+    row_id: str,
+    open_statuses: tuple[str, ...],
+    rows: list[Any] | None,
+    values: dict[str, Any],
+) -> bool:
+    """Set the columns of `table`'s row `row_id` to `values` and add `rows`,
+    in one transaction, if its status is one of `open_statuses`; return
+    whether it changed."""
+    with session_scope(settings.effective_database_url) as session:
+        changed = session.exec(
+            update(table)
+            .where(col(table.id) == row_id)
+            .where(col(table.status).in_(open_statuses))
+            .values(**values, updated_at=utc_now())
+        )
+        if changed.rowcount != 1:
+            return False
+        for row in rows or []:
+            session.add(row)
+        return True
+
+
 def end_session(
     settings: Settings,
     session_id: str,
@@ -102,38 +127,16 @@ def end_session(
     a terminated cluster's session, whose last activity may still finish,
     stays cancelled and gets no models.
     """
-    with session_scope(settings.effective_database_url) as session:
-        changed = session.exec(
-            update(NeuralSession)
-            .where(col(NeuralSession.id) == session_id)
-            .where(col(NeuralSession.status) == "running")
-            .values(**values, updated_at=utc_now())
-        )
-        if changed.rowcount != 1:
-            return False
-        for row in rows or []:
-            session.add(row)
-        return True
+    return _end_row(settings, NeuralSession, session_id, ("running",), rows, values)
 
 
 def end_job(
     settings: Settings, job_id: str, rows: list[Any] | None = None, **values: Any
 ) -> bool:
     """Set a queued or running job's columns to `values` and add `rows`, in
-    one transaction, unless the job ended already; return whether it
+    one transaction, unless the job ended already. Return whether it
     changed."""
-    with session_scope(settings.effective_database_url) as session:
-        changed = session.exec(
-            update(NeuralJob)
-            .where(col(NeuralJob.id) == job_id)
-            .where(col(NeuralJob.status).in_(("queued", "running")))
-            .values(**values, updated_at=utc_now())
-        )
-        if changed.rowcount != 1:
-            return False
-        for row in rows or []:
-            session.add(row)
-        return True
+    return _end_row(settings, NeuralJob, job_id, ("queued", "running"), rows, values)
 
 
 def update_session(settings: Settings, session_id: str, **values: Any) -> None:

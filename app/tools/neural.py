@@ -28,7 +28,7 @@ from app.contracts.queues import ORCHESTRATION
 from app.neural.architectures import (
     MAX_LAYER_WIDTH,
     MAX_PARAMETERS,
-    TRAIN_ARCHITECTURES,
+    check_architecture,
 )
 from app.tools.registry import ErrorKind, ToolContext, ToolError, ToolInputError, tool
 
@@ -39,15 +39,6 @@ logger = logging.getLogger(__name__)
 
 Optimizer = Literal["adam", "sgd", "rmsprop", "adagrad"]
 Tier = Literal["nano", "mini", "small", "medium", "large"]
-
-
-def _check_architecture(value: str) -> str:
-    if value not in TRAIN_ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {value!r}; choose one of "
-            f"{', '.join(TRAIN_ARCHITECTURES)}"
-        )
-    return value
 
 
 class ArchitectureConfig(BaseModel):
@@ -63,7 +54,7 @@ class ArchitectureConfig(BaseModel):
         f"{MAX_PARAMETERS:,} parameters.",
     )
 
-    _type = field_validator("type")(classmethod(lambda cls, v: _check_architecture(v)))
+    _type = field_validator("type")(classmethod(lambda cls, v: check_architecture(v)))
 
     @field_validator("layers")
     @classmethod
