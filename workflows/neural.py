@@ -50,8 +50,8 @@ _PATCH_DIVERGED_NODE_FAILS_SESSION = "diverged-node-fails-session"
 # Runs that started before this patch completed when the validators rejected
 # every round, and stored the untrained initial model as the result.
 _PATCH_ALL_ROUNDS_REJECTED_FAILS = "all-rounds-rejected-fails-session"
-# Runs that started before this patch failed a round that no worker answered
-# without recording its `missing` events.
+# Runs that started before this patch failed a round without a worker's
+# result, and recorded none of its `missing` events.
 _PATCH_EMPTY_ROUND_RECORDED = "neural-empty-round-recorded"
 # Runs that started before this patch cleaned every queue at once.
 _PATCH_CLEANUPS_ONE_AT_A_TIME = "memory-cleanups-one-at-a-time"

@@ -1496,12 +1496,12 @@ _DISK_CHECK_SECONDS = 1.0
 def _bwrap_sizes_tmpfs(bwrap: str) -> bool:
     """Return whether this bubblewrap takes `--size` for a tmpfs (0.8 on)."""
     try:
-        shown = subprocess.run(
+        help_text = subprocess.run(
             [bwrap, "--help"], capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return "--size" in shown.stdout + shown.stderr
+    return "--size" in help_text.stdout + help_text.stderr
 
 
 def _folder_bytes(folder: Path) -> int:

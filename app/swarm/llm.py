@@ -55,7 +55,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
         )
     url = settings.anthropic_base_url.rstrip("/") + "/v1/messages"
     # Messages show the URL without a password that the setting may carry.
-    shown = mask_url_passwords(url)
+    masked_url = mask_url_passwords(url)
     body = {
         "model": settings.anthropic_model,
         "max_tokens": settings.anthropic_max_tokens,
@@ -72,7 +72,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             response = await client.post(url, json=body, headers=headers)
     except httpx.HTTPError as error:
         raise LLMRequestError(
-            f"request to {shown} failed: {type(error).__name__}: "
+            f"request to {masked_url} failed: {type(error).__name__}: "
             f"{mask_url_passwords(str(error))}",
             retryable=True,
         ) from error
@@ -81,7 +81,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
             response.status_code >= 500
         )
         raise LLMRequestError(
-            f"Messages API at {shown} returned HTTP {response.status_code}: "
+            f"Messages API at {masked_url} returned HTTP {response.status_code}: "
             f"{response.text[:500]}",
             retryable=retryable,
         )
@@ -94,7 +94,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
         # respond with 200 too, and its body would otherwise fail with a bare
         # parser error that names neither the URL nor the setting.
         raise LLMRequestError(
-            f"Messages API at {shown} returned HTTP 200 with a body that is not a "
+            f"Messages API at {masked_url} returned HTTP 200 with a body that is not a "
             f"JSON object: {response.text[:200]!r}; check that "
             "NEXUS_ANTHROPIC_BASE_URL is the base URL of the Messages API",
             retryable=False,
@@ -108,7 +108,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
     ]
     if not texts:
         raise LLMRequestError(
-            f"Messages API at {shown} returned no text block (stop_reason "
+            f"Messages API at {masked_url} returned no text block (stop_reason "
             f"{data.get('stop_reason')!r})",
             retryable=False,
         )

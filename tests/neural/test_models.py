@@ -270,10 +270,12 @@ def test_large_feature_values_standardize() -> None:
     edge = np.where(rng.random(200) < 0.5, 3e38, 2.9e38)
     source = {"X": np.column_stack([big, edge]).tolist(), "y": labels.tolist()}
     dataset = data.prepare(source, Settings(), seed=0)
-    assert np.isfinite(dataset.x_train).all() and np.isfinite(dataset.x_test).all()
+    assert np.isfinite(dataset.x_train).all()
+    assert np.isfinite(dataset.x_test).all()
     column = dataset.x_train[:, 0]
     assert (np.sign(column) == np.where(dataset.y_train == 1, 1, -1)).all()
-    assert np.isfinite(dataset.mean).all() and np.isfinite(dataset.std).all()
+    assert np.isfinite(dataset.mean).all()
+    assert np.isfinite(dataset.std).all()
     assert dataset.x_train[:, 1].std() > 0.5
 
 
@@ -313,7 +315,9 @@ def test_ended_session_keeps_its_status(offline_settings: Settings) -> None:
     assert not store.end_session(offline_settings, "session_t", status="failed")
     with session_scope(offline_settings.effective_database_url) as db:
         row = db.get(NeuralSession, "session_t")
-        assert row is not None and row.status == "cancelled" and row.model_id is None
+        assert row is not None
+        assert row.status == "cancelled"
+        assert row.model_id is None
         assert db.get(NeuralModel, "model_t") is None
 
 

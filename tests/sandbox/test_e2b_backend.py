@@ -477,7 +477,7 @@ async def test_health_silent_e2b(
 
 
 async def test_silent_e2b_fails_within_bounds(backend: E2BBackend) -> None:
-    """A sandbox whose agent stops answering fails a run within the backend's
+    """A sandbox whose agent stops responding fails a run within the backend's
     bounds, as retry-later, instead of holding the call."""
     created = await backend.create(
         "sbx_s-g1", template="base", timeout=600, env={}, metadata={}
