@@ -47,6 +47,9 @@ from app.storage import storage_for
 
 logger = logging.getLogger(__name__)
 
+# Least seconds between a training node's reads of its session's status.
+SESSION_CHECK_SECONDS = 1.0
+
 # Share of the training split held out for validator nodes.
 HOLDOUT_FRACTION = 0.15
 
@@ -249,27 +252,45 @@ def train_node(
         )
     x_test, y_test = session.split("test")
     pending: list[Any] = []
-    last_checkpoint = time.monotonic()
+    last_checkpoint = last_check = time.monotonic()
+
+    def ended() -> SessionEndedError:
+        return SessionEndedError(
+            f"session {request.session_id} ended (its cluster was terminated) "
+            f"while node {request.node_id} trained round {request.round}"
+        )
 
     def record_pending() -> None:
-        for item in pending:
-            store.record_epoch(
-                settings,
+        rows = [
+            store.epoch_row(
                 request.session_id,
                 item,
                 node_id=request.node_id,
                 round_index=request.round,
             )
+            for item in pending
+        ]
         pending.clear()
+        if not store.add_session_rows(settings, request.session_id, rows):
+            raise ended()
 
     def on_epoch(metrics: Any, params: Params, opt_state: Any) -> None:
         # Checkpoints and epoch rows are written at most every
         # `checkpoint_seconds` (and after the last epoch), because a write
-        # per epoch costs more than a small model's epoch.
-        nonlocal last_checkpoint
+        # per epoch costs more than a small model's epoch. In between, the
+        # session's status is read at most every SESSION_CHECK_SECONDS, so a
+        # terminated cluster's node stops soon after: its cancel only reaches
+        # the activity with a heartbeat's answer, up to 80% of the heartbeat
+        # timeout later.
+        nonlocal last_checkpoint, last_check
         pending.append(metrics)
-        due = time.monotonic() - last_checkpoint >= request.checkpoint_seconds
+        now = time.monotonic()
+        due = now - last_checkpoint >= request.checkpoint_seconds
         if not due and metrics.epoch < request.local_epochs:
+            if now - last_check >= SESSION_CHECK_SECONDS:
+                last_check = now
+                if not store.session_running(settings, request.session_id):
+                    raise ended()
             heartbeat({"round": request.round, "epoch": metrics.epoch})
             return
         record_pending()
@@ -277,7 +298,7 @@ def train_node(
         store.put_object(
             settings, ckpt, dump_params(params, {"epoch": np.asarray(metrics.epoch)})
         )
-        last_checkpoint = time.monotonic()
+        last_checkpoint = last_check = time.monotonic()
         heartbeat({"round": request.round, "epoch": metrics.epoch, "checkpoint": ckpt})
 
     try:

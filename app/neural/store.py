@@ -89,7 +89,7 @@ def update_job(settings: Settings, job_id: str, **values: Any) -> None:
         session.add(job)
 
 
-def _end_row(
+def _change_open_row(
     settings: Settings,
     table: Any,
     row_id: str,
@@ -99,7 +99,8 @@ def _end_row(
 ) -> bool:
     """Set the columns of `table`'s row `row_id` to `values` and add `rows`,
     in one transaction, if its status is one of `open_statuses`; return
-    whether it changed."""
+    whether it changed. The update locks the row first, so an end that
+    another process commits meanwhile waits for this transaction or wins."""
     with session_scope(settings.effective_database_url) as session:
         changed = session.exec(
             update(table)
@@ -127,7 +128,9 @@ def end_session(
     a terminated cluster's session, whose last activity may still finish,
     stays cancelled and gets no models.
     """
-    return _end_row(settings, NeuralSession, session_id, ("running",), rows, values)
+    return _change_open_row(
+        settings, NeuralSession, session_id, ("running",), rows, values
+    )
 
 
 def end_job(
@@ -136,7 +139,21 @@ def end_job(
     """Set a queued or running job's columns to `values` and add `rows`, in
     one transaction, unless the job ended already. Return whether it
     changed."""
-    return _end_row(settings, NeuralJob, job_id, ("queued", "running"), rows, values)
+    return _change_open_row(
+        settings, NeuralJob, job_id, ("queued", "running"), rows, values
+    )
+
+
+def add_session_rows(settings: Settings, session_id: str, rows: list[Any]) -> bool:
+    """Add `rows` in one transaction if the session is still running; return
+    False, and add nothing, once it ended (its cluster was terminated)."""
+    return _change_open_row(settings, NeuralSession, session_id, ("running",), rows, {})
+
+
+def session_running(settings: Settings, session_id: str) -> bool:
+    with session_scope(settings.effective_database_url) as session:
+        row = session.get(NeuralSession, session_id)
+        return row is not None and row.status == "running"
 
 
 def update_session(settings: Settings, session_id: str, **values: Any) -> None:
@@ -150,28 +167,28 @@ def update_session(settings: Settings, session_id: str, **values: Any) -> None:
         session.add(row)
 
 
-def record_epoch(
-    settings: Settings,
+def epoch_row(
     run_id: str,
     metrics: Any,
     *,
     node_id: str | None = None,
     round_index: int | None = None,
-) -> None:
-    add_record(
-        settings,
-        NeuralEpoch(
-            run_id=run_id,
-            node_id=node_id,
-            round=round_index,
-            epoch=metrics.epoch,
-            loss=metrics.loss,
-            accuracy=metrics.accuracy,
-            val_loss=metrics.val_loss,
-            val_accuracy=metrics.val_accuracy,
-            seconds=metrics.seconds,
-        ),
+) -> NeuralEpoch:
+    return NeuralEpoch(
+        run_id=run_id,
+        node_id=node_id,
+        round=round_index,
+        epoch=metrics.epoch,
+        loss=metrics.loss,
+        accuracy=metrics.accuracy,
+        val_loss=metrics.val_loss,
+        val_accuracy=metrics.val_accuracy,
+        seconds=metrics.seconds,
     )
+
+
+def record_epoch(settings: Settings, run_id: str, metrics: Any) -> None:
+    add_record(settings, epoch_row(run_id, metrics))
 
 
 def get_job(

@@ -321,6 +321,94 @@ def test_ended_session_keeps_its_status(offline_settings: Settings) -> None:
         assert db.get(NeuralModel, "model_t") is None
 
 
+@pytest.mark.parametrize("checkpoint_seconds", [0.0, 3600.0])
+def test_node_stops_when_its_session_ends(
+    offline_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_seconds: float,
+) -> None:
+    """A node whose session its cluster's terminate ended stops at its next
+    epoch, and writes no epoch rows for it, whether that epoch checkpoints
+    (0 s) or only reads the session's status (3600 s)."""
+    from sqlmodel import select
+
+    from app.contracts.neural import (
+        ModelConfig,
+        NodeRef,
+        NodeTrainInput,
+        PrepareInput,
+        SessionPlan,
+    )
+    from app.db import session_scope
+    from app.neural import distributed, store
+    from app.neural.models import NeuralEpoch, NeuralSession
+
+    monkeypatch.setattr(distributed, "SESSION_CHECK_SECONDS", 0.0)
+    worker = NodeRef(node_id="node_a", task_queue="nexus-neural-node_a", role="worker")
+    plan = SessionPlan(
+        session_id="session_end",
+        cluster_id="dnc_end",
+        model=ModelConfig(architecture="feedforward", widths=[8]),
+        dataset="iris",
+        epochs=1,
+        batch_size=32,
+        learning_rate=0.01,
+        optimizer="adam",
+        federated=True,
+        consensus="raft",
+        jit=True,
+        workers=[worker],
+        default_queue="nexus-neural",
+        rounds=1,
+    )
+    store.add_record(
+        offline_settings,
+        NeuralSession(
+            id="session_end",
+            cluster_id="dnc_end",
+            workflow_id="w",
+            status="running",
+            rounds_total=1,
+        ),
+    )
+    prepared = distributed.prepare_session(offline_settings, PrepareInput(plan=plan))
+    beats: list[dict[str, object]] = []
+
+    def heartbeat(details: dict[str, object]) -> None:
+        beats.append(details)
+        if len(beats) == 1:
+            assert store.end_session(
+                offline_settings, "session_end", status="cancelled"
+            )
+
+    request = NodeTrainInput(
+        session_id="session_end",
+        node_id="node_a",
+        round=0,
+        model=plan.model,
+        data_path=prepared.data_path,
+        shard=0,
+        shards=1,
+        global_path=prepared.global_path,
+        federated=True,
+        local_epochs=20,
+        batch_size=32,
+        learning_rate=0.01,
+        optimizer="adam",
+        jit=True,
+        checkpoint_seconds=checkpoint_seconds,
+    )
+    with pytest.raises(
+        distributed.SessionEndedError, match="session session_end ended"
+    ):
+        distributed.train_node(offline_settings, request, heartbeat)
+    assert len(beats) == 1
+    with session_scope(offline_settings.effective_database_url) as db:
+        epochs = list(db.exec(select(NeuralEpoch.epoch)))
+    # The first epoch's row when it checkpointed, before the end; none after.
+    assert epochs == ([1] if checkpoint_seconds == 0 else [])
+
+
 def test_resumed_job_time_covers_every_epoch(offline_settings: Settings) -> None:
     """A job that resumes from its checkpoint reports the time of all its
     epochs, the earlier attempt's included."""
