@@ -259,10 +259,21 @@ class ExecutionStreamSubscribeInput(BaseModel):
         return "workflow", self.execution_id
 
 
+async def _execution_started(ctx: ToolContext, execution_id: str) -> bool:
+    try:
+        from app.workflows.engine import execution_started
+    except ImportError:
+        # The workflows capability is not installed.
+        return False
+    return await execution_started(await ctx.client(), execution_id)
+
+
 async def _require_stream_target(ctx: ToolContext, kind: str, stream_id: str) -> None:
     """Raise not_found unless the sandbox or workflow execution exists or
     has output."""
     if await asyncio.to_thread(stream_target_exists, ctx.database_url, kind, stream_id):
+        return
+    if kind == "workflow" and await _execution_started(ctx, stream_id):
         return
     if kind == "sandbox":
         hint = "sandbox_list shows the sandboxes; sandbox_create makes one"

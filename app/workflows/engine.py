@@ -103,6 +103,23 @@ async def start_execution(
     return handle
 
 
+async def execution_started(client: Client, execution_id: str) -> bool:
+    """Return whether Temporal has a run of a stored workflow under this id.
+
+    A run's row is written by its first activity, so a run that
+    `workflow_execute` has just started is in Temporal before it is in the
+    database.
+    """
+    handle = client.get_workflow_handle(execution_id)
+    try:
+        description = await handle.describe(rpc_timeout=_RPC_TIMEOUT)
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return description.workflow_type == FlowNexusWorkflow.__name__
+
+
 async def live_state(client: Client, execution_id: str) -> ExecutionState | None:
     """Query a running execution's state; None when it is closed or unknown."""
     handle = client.get_workflow_handle(execution_id)
