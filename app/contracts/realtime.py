@@ -50,6 +50,12 @@ class SubscriptionInfo(BaseModel):
     lag_exact: bool | None = Field(
         None, description="False when `lag` is a lower bound (see `lag`)."
     )
+    missed_chunks: int | None = Field(
+        None,
+        description="Execution streams, when subscribed: the run's earliest "
+        "chunks whose changes were pruned from the change log before the "
+        "subscription, so it does not deliver them.",
+    )
 
 
 class ConsumeChangesInput(BaseModel):

@@ -793,6 +793,37 @@ def prune_changes(url: str, retention_seconds: float) -> int:
     return deleted
 
 
+def pruned_output_chunks(url: str, stream_kind: str, stream_id: str) -> int:
+    """Count the chunks of one run whose changes were pruned from the log,
+    which an execution stream subscribed now does not deliver.
+
+    Pruning deletes the oldest changes, so those are the run's chunks older
+    than the oldest `execution_output` change still in the log (all of them
+    when none is left).
+    """
+    with get_engine(url).connect() as connection:
+        oldest = connection.execute(
+            text(
+                "SELECT record FROM realtime_changes WHERE id = (SELECT MIN(id) "
+                "FROM realtime_changes WHERE table_name = 'execution_output')"
+            )
+        ).first()
+        record = _document(oldest[0]) if oldest is not None else None
+        first_kept = record.get("id") if record is not None else None
+        query = (
+            "SELECT COUNT(*) FROM execution_output WHERE stream_kind = :kind "
+            "AND stream_id = :sid"
+        )
+        if isinstance(first_kept, int):
+            query += " AND id < :first"
+        return int(
+            connection.execute(
+                text(query),
+                {"kind": stream_kind, "sid": stream_id, "first": first_kept},
+            ).scalar_one()
+        )
+
+
 _last_prune: dict[str, float] = {}
 
 

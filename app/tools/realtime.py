@@ -28,6 +28,7 @@ from app.realtime.service import (
     get_subscription,
     list_subscriptions,
     prune_if_due,
+    pruned_output_chunks,
 )
 from app.realtime.stream import close_streams, next_events
 from app.tools.registry import ToolContext, ToolError, arguments_error, tool
@@ -315,7 +316,11 @@ async def execution_stream_subscribe(
         )
     except SubscriptionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
-    return await _described(ctx, created)
+    described = await _described(ctx, created)
+    missed = await asyncio.to_thread(
+        pruned_output_chunks, ctx.database_url, kind, stream_id
+    )
+    return described.model_copy(update={"missed_chunks": missed})
 
 
 class ExecutionStreamStatusInput(BaseModel):

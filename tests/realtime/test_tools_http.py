@@ -11,7 +11,7 @@ from app.contracts.realtime import ConsumeChangesInput
 from app.db import session_scope
 from app.realtime.http import build_realtime_router
 from app.realtime.output import append_output
-from app.realtime.service import create_subscription, get_subscription
+from app.realtime.service import create_subscription, get_subscription, prune_changes
 from app.sandbox.models import SandboxRecord
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, get_tool, invoke_tool, load_tools
@@ -99,6 +99,45 @@ async def test_execution_stream_of_sandbox(settings: Settings) -> None:
     assert status["finished"] is True
     assert status["last_chunk"] == "second\n"
     assert status["subscriptions"][0]["lag"] == 0
+
+
+async def test_execution_stream_counts_pruned_chunks(settings: Settings) -> None:
+    """A stream subscribed after its run's first chunks were pruned from the
+    change log says how many it misses, and delivers the rest."""
+    ctx = ToolContext(settings)
+    url = settings.effective_database_url
+    for index in range(3):
+        append_output(url, "sandbox", "sbx_old", f"old {index}\n")
+    append_output(url, "sandbox", "sbx_other", "other\n")
+    fresh = await invoke_tool(
+        ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_old"}
+    )
+    assert fresh["missed_chunks"] == 0
+    await invoke_tool(
+        ctx, "realtime_unsubscribe", {"subscription_id": fresh["subscription_id"]}
+    )
+    assert prune_changes(url, retention_seconds=0) >= 4
+    append_output(url, "sandbox", "sbx_old", "new\n", final=True)
+    created = await invoke_tool(
+        ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_old"}
+    )
+    assert created["missed_chunks"] == 3
+    assert created["lag"] == 1
+    batch = await invoke_tool(
+        ctx, "realtime_events", {"subscription_id": created["subscription_id"]}
+    )
+    assert [e["new"]["text"] for e in batch["events"]] == ["new\n"]
+    status = await invoke_tool(
+        ctx, "execution_stream_status", {"sandbox_id": "sbx_old"}
+    )
+    assert status["chunks"] == 4
+    # Nothing of a run is left in the log: every chunk is missed.
+    assert prune_changes(url, retention_seconds=0) >= 1
+    other = await invoke_tool(
+        ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_other"}
+    )
+    assert other["missed_chunks"] == 1
+    assert other["lag"] == 0
 
 
 async def test_execution_stream_needs_one_target(settings: Settings) -> None:
