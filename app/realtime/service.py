@@ -24,7 +24,13 @@ from app.contracts.realtime import SubscriptionInfo
 from app.db import get_engine, get_stream_engine
 from app.jsonsafe import has_wide_float
 from app.realtime.filters import RowFilter, parse_filter
-from app.realtime.triggers import column_kinds, enabled_tables, validate_table_name
+from app.realtime.triggers import (
+    capture_is_current,
+    column_kinds,
+    enable_realtime,
+    enabled_tables,
+    validate_table_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +119,23 @@ def compile_matcher(url: str, table: str, event: str, filter_text: str) -> Match
     return Matcher(event=event, row_filter=row_filter)
 
 
+def stored_matcher(url: str, info: SubscriptionInfo) -> Matcher:
+    """Compile a stored subscription's matcher.
+
+    Raises:
+        SubscriptionError: its table was dropped, or changed so that its
+            filter no longer applies; the message says to subscribe again.
+    """
+    try:
+        return compile_matcher(url, info.table, info.event, info.filter)
+    except SubscriptionError as error:
+        raise SubscriptionError(
+            f"subscription {info.subscription_id} no longer fits its table: "
+            f"{error}. The table was dropped or changed after the subscription "
+            "was created; unsubscribe it and subscribe again"
+        ) from None
+
+
 def create_subscription(
     url: str,
     table: str,
@@ -138,17 +161,26 @@ def create_subscription(
         table = validate_table_name(table)
     except ValueError as error:
         raise SubscriptionError(str(error)) from None
+    if max_buffer_size < batch_size:
+        raise SubscriptionError(
+            f"max_buffer_size {max_buffer_size} is smaller than batch_size "
+            f"{batch_size}; raise max_buffer_size or lower batch_size"
+        )
     compile_matcher(url, table, event, filter_text)
     if table not in enabled_tables(url):
         raise SubscriptionError(
             f"realtime is not enabled on table {table!r}; run "
             f"`nexus realtime enable {table}` first"
         )
-    if max_buffer_size < batch_size:
-        raise SubscriptionError(
-            f"max_buffer_size {max_buffer_size} is smaller than batch_size "
-            f"{batch_size}; raise max_buffer_size or lower batch_size"
+    if not capture_is_current(url, table):
+        # A SQLite table created again, or given a column, since it was
+        # enabled: its changes would go uncaptured, or without that column.
+        logger.warning(
+            "the realtime capture triggers of table %s were missing or out of "
+            "date; installing them again",
+            table,
         )
+        enable_realtime(url, table)
     subscription_id = new_subscription_id()
     now = datetime.now(UTC)
     with get_engine(url).begin() as connection:
@@ -294,7 +326,7 @@ def _lag(connection: Connection, url: str, info: SubscriptionInfo) -> tuple[int,
             {"t": info.table, "c": info.cursor, "e": info.event},
         ).scalar()
         return int(value or 0), True
-    matcher = compile_matcher(url, info.table, info.event, info.filter)
+    matcher = stored_matcher(url, info)
     return count_matching(
         url, info.table, matcher, info.cursor, max_changes=LAG_SCAN_CHANGES
     )
@@ -453,7 +485,7 @@ def confirm_cursor(
     info = get_subscription(url, subscription_id)
     check_client_cursor(url, info, cursor, name)
     if cursor > info.cursor:
-        matcher = compile_matcher(url, info.table, info.event, info.filter)
+        matcher = stored_matcher(url, info)
 
         def counted(stored: int) -> int:
             return count_matching(url, info.table, matcher, stored, cursor)[0]

@@ -24,11 +24,11 @@ from app.realtime.service import (
     Matcher,
     SubscriptionNotFound,
     advance_cursor,
-    compile_matcher,
     get_subscription,
     read_ticket,
     save_cursor,
     scan,
+    stored_matcher,
     subscription_exists,
 )
 from app.realtime.triggers import NOTIFY_CHANNEL
@@ -345,9 +345,7 @@ class Subscriber:
         self.batch_size = self._batch_size or info.batch_size
         self.buffer_timeout = (self._buffer_timeout_ms or info.buffer_timeout) / 1000
         self.max_buffer_size = self._max_buffer_size or info.max_buffer_size
-        self.matcher: Matcher = await asyncio.to_thread(
-            compile_matcher, self.url, info.table, info.event, info.filter
-        )
+        self.matcher: Matcher = await asyncio.to_thread(stored_matcher, self.url, info)
         start = info.cursor if self._start_after is None else self._start_after
         self._scanned = self._acked = self._saved = start
         self._unsaved = (start, [])
@@ -673,9 +671,7 @@ async def next_events(
             during the wait.
     """
     info = await asyncio.to_thread(get_subscription, url, subscription_id)
-    matcher = await asyncio.to_thread(
-        compile_matcher, url, info.table, info.event, info.filter
-    )
+    matcher = await asyncio.to_thread(stored_matcher, url, info)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_ms / 1000
     next_check = loop.time() + SUBSCRIPTION_CHECK_SECONDS

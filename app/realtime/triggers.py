@@ -435,11 +435,9 @@ def _sqlite_trigger_sql(table: str, event: str, record: str, old: str) -> str:
     )
 
 
-def _enable_sqlite(
-    connection: Connection, table: str, kinds: dict[str, ColumnKind]
-) -> None:
-    """Create or replace the triggers; the caller holds SQLite's write lock."""
-    del kinds  # the column list is read again with its declared types
+def _sqlite_expected_triggers(connection: Connection, table: str) -> dict[str, str]:
+    """Return each capture trigger's name and SQL for the table's current
+    columns, in the form sqlite_master stores."""
     new_record = _sqlite_record(connection, table, "NEW")
     old_record = _sqlite_record(connection, table, "OLD")
     bodies = {
@@ -447,6 +445,15 @@ def _enable_sqlite(
         "UPDATE": (new_record, old_record),
         "DELETE": ("NULL", old_record),
     }
+    return {
+        f"nexus_realtime_{table}_{event.lower()}": _sqlite_trigger_sql(
+            table, event, record, old
+        )
+        for event, (record, old) in bodies.items()
+    }
+
+
+def _sqlite_stored_triggers(connection: Connection, table: str) -> dict[str, str]:
     rows = connection.execute(
         text(
             "SELECT name, sql FROM sqlite_master "
@@ -454,10 +461,16 @@ def _enable_sqlite(
         ),
         {"t": table},
     )
-    stored = {name: sql for name, sql in rows}
-    for event, (record, old) in bodies.items():
-        trigger = f"nexus_realtime_{table}_{event.lower()}"
-        expected_sql = _sqlite_trigger_sql(table, event, record, old)
+    return {name: sql for name, sql in rows}
+
+
+def _enable_sqlite(
+    connection: Connection, table: str, kinds: dict[str, ColumnKind]
+) -> None:
+    """Create or replace the triggers; the caller holds SQLite's write lock."""
+    del kinds  # the column list is read again with its declared types
+    stored = _sqlite_stored_triggers(connection, table)
+    for trigger, expected_sql in _sqlite_expected_triggers(connection, table).items():
         if stored.get(trigger) == expected_sql:
             # Unchanged: every worker start runs this, and leaving the
             # trigger alone changes neither the schema nor other writers.
@@ -468,6 +481,25 @@ def _enable_sqlite(
             f"DROP TRIGGER IF EXISTS {_quote_identifier(trigger)}"
         )
         connection.exec_driver_sql(expected_sql)
+
+
+def capture_is_current(url: str, table: str) -> bool:
+    """Return whether an existing table's capture triggers are in place and,
+    on SQLite, cover its current columns; True for a missing table.
+
+    Dropping a table drops its triggers, and SQLite's usual way to alter a
+    table (create a copy, drop, rename) does that too. A column added later
+    is not in a SQLite trigger's column list; PostgreSQL's statement
+    triggers log whole rows.
+    """
+    with get_engine(url).connect() as connection:
+        if not inspect(connection).has_table(table):
+            return True
+        if connection.dialect.name == "postgresql":
+            return _has_capture_triggers(connection, table)
+        stored = _sqlite_stored_triggers(connection, table)
+        expected = _sqlite_expected_triggers(connection, table)
+    return all(stored.get(name) == sql for name, sql in expected.items())
 
 
 def disable_realtime(url: str, table: str) -> None:
@@ -664,9 +696,10 @@ def enable_default_tables(url: str) -> list[str]:
 
     On PostgreSQL it also re-enables every other table recorded in
     `realtime_tables` that exists, which moves a table still on the row
-    trigger of an earlier version to the statement triggers. SQLite skips
-    those tables: a user table enabled there may need `nexus realtime
-    enable` again after a column change, which stays the user's step.
+    trigger of an earlier version to the statement triggers. On SQLite it
+    re-enables those whose triggers are missing or miss a column (see
+    `capture_is_current`); the others it leaves alone, since enabling takes
+    the write lock.
     """
     with get_engine(url).connect() as connection:
         if not inspect(connection).has_table("realtime_changes"):
@@ -678,13 +711,21 @@ def enable_default_tables(url: str) -> list[str]:
     with get_engine(url).connect() as connection:
         inspector = inspect(connection)
         present = [t for t in DEFAULT_TABLES if inspector.has_table(t)]
-        if connection.dialect.name == "postgresql":
-            recorded = connection.execute(
-                text("SELECT table_name FROM realtime_tables ORDER BY table_name")
-            ).scalars()
-            present += [
-                t for t in recorded if t not in present and inspector.has_table(t)
-            ]
+        postgresql = connection.dialect.name == "postgresql"
+        recorded = connection.execute(
+            text("SELECT table_name FROM realtime_tables ORDER BY table_name")
+        ).scalars()
+        others = [t for t in recorded if t not in present and inspector.has_table(t)]
+    if not postgresql:
+        others = [t for t in others if not capture_is_current(url, t)]
+        for table in others:
+            logger.warning(
+                "the realtime capture triggers of table %s were missing or out of "
+                "date (the table was created again or its columns changed); "
+                "installing them again",
+                table,
+            )
+    present += others
     for table in present:
         enable_realtime(url, table)
     return present

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.db import get_engine
 from app.realtime import triggers
-from app.realtime.service import create_subscription
+from app.realtime.service import SubscriptionError, create_subscription
 from app.realtime.stream import next_events
 from app.realtime.triggers import (
     RealtimeEnableError,
@@ -131,6 +131,46 @@ async def test_column_names_with_quotes_and_colons(database_url: str) -> None:
         )
     events, _ = await next_events(database_url, subscription.subscription_id)
     assert [event["new"] for event in events] == [{"id": 1, "it's": "x", 'a"b:c': "y"}]
+
+
+async def test_table_created_again_is_captured_again(database_url: str) -> None:
+    """A table dropped and created again (SQLite drops its triggers with it),
+    or given a column, is captured in full again by the next subscription or
+    worker start; an older subscription whose filter no longer fits says to
+    subscribe again."""
+    with get_engine(database_url).begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE redo (id INTEGER PRIMARY KEY, v TEXT)")
+    enable_realtime(database_url, "redo")
+    old = create_subscription(database_url, "redo", filter_text="v=eq.a")
+    with get_engine(database_url).begin() as connection:
+        connection.exec_driver_sql("DROP TABLE redo")
+        connection.exec_driver_sql(
+            "CREATE TABLE redo (id INTEGER PRIMARY KEY, v INTEGER)"
+        )
+    fresh = create_subscription(database_url, "redo")
+    with get_engine(database_url).begin() as connection:
+        connection.exec_driver_sql("INSERT INTO redo (id, v) VALUES (1, 5)")
+    events, _ = await next_events(database_url, fresh.subscription_id)
+    assert [event["new"] for event in events] == [{"id": 1, "v": 5}]
+    with pytest.raises(SubscriptionError) as stale:
+        await next_events(database_url, old.subscription_id)
+    assert f"subscription {old.subscription_id} no longer fits its table" in str(
+        stale.value
+    )
+    assert "unsubscribe it and subscribe again" in str(stale.value)
+    # A column added later, then the table created again: the next worker
+    # start (enable_default_tables) puts the capture back, with the column.
+    with get_engine(database_url).begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE redo ADD COLUMN w TEXT")
+    assert triggers.capture_is_current(database_url, "redo") == (
+        database_url.startswith("postgresql")
+    )
+    assert "redo" in triggers.enable_default_tables(database_url)
+    assert triggers.capture_is_current(database_url, "redo")
+    with get_engine(database_url).begin() as connection:
+        connection.exec_driver_sql("INSERT INTO redo (id, v, w) VALUES (2, 6, 'c')")
+    events, _ = await next_events(database_url, fresh.subscription_id)
+    assert [event["new"] for event in events] == [{"id": 2, "v": 6, "w": "c"}]
 
 
 def _break_update_trigger(monkeypatch: pytest.MonkeyPatch) -> None:
