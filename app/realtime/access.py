@@ -30,7 +30,6 @@ from app.tools.registry import ToolContext, ToolError
 # table of the metadata has one of these rules. Only tables the platform does
 # not own (user tables) need "realtime" alone.
 TABLE_GROUPS: dict[str, tuple[str, ...]] = {
-    "audit_log": ("system",),
     "benchmark_claims": ("system",),
     "benchmark_operations": ("system",),
     "benchmark_phases": ("system",),
@@ -55,6 +54,14 @@ TABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "workflow_executions": ("workflows",),
     "workflow_steps": ("workflows",),
 }
+# Tables whose rows a limited key's tools show only in part, so that only a
+# key without groups may subscribe: the audit log holds every key's call
+# arguments, and the `audit_log` tool shows a limited key only the calls of
+# its groups' tools and its own.
+UNLIMITED_TABLES: dict[str, str] = {
+    "audit_log": "the arguments of every key's calls, which the audit_log tool "
+    "shows a limited key only for its groups' tools and its own calls",
+}
 # The group that serves the output of each kind of execution stream.
 STREAM_GROUPS: dict[str, str] = {"sandbox": "sandbox", "workflow": "workflows"}
 
@@ -70,7 +77,12 @@ def platform_tables() -> frozenset[str]:
 
 def unruled_tables() -> list[str]:
     """Return the platform's tables that have no access rule."""
-    ruled = INTERNAL_TABLES | SECRET_TABLES.keys() | TABLE_GROUPS.keys()
+    ruled = (
+        INTERNAL_TABLES
+        | SECRET_TABLES.keys()
+        | TABLE_GROUPS.keys()
+        | UNLIMITED_TABLES.keys()
+    )
     return sorted(platform_tables() - ruled)
 
 
@@ -89,6 +101,13 @@ def check_table(ctx: ToolContext, table: str) -> None:
     except RealtimeTableError as error:
         # The message names the table already.
         raise ToolError(str(error), kind="invalid_argument") from None
+    if table in UNLIMITED_TABLES and ctx.groups is not None:
+        raise ToolError(
+            f"table: {table!r} holds {UNLIMITED_TABLES[table]}, so API key "
+            f"{ctx.key_id} may not subscribe to it; read it with the {table} tool, "
+            "or subscribe with a key created without --group",
+            kind="forbidden",
+        )
     needed = TABLE_GROUPS.get(table)
     if needed is None and table in platform_tables() and ctx.groups is not None:
         # A table added to the platform without a rule: only a key with
@@ -121,6 +140,17 @@ def check_stream(ctx: ToolContext, kind: str, field: str) -> None:
             f"created with `nexus keys create NAME --group {missing[0]}`",
             kind="forbidden",
         )
+
+
+def check_subscription(ctx: ToolContext, info: SubscriptionInfo) -> None:
+    """Raise a ToolError unless the caller may still read what the
+    subscription delivers, by the rules above as they are now: a rule made
+    stricter after the subscription was created applies to its next read."""
+    if info.stream_kind is not None:
+        field = "sandbox_id" if info.stream_kind == "sandbox" else "execution_id"
+        check_stream(ctx, info.stream_kind, field)
+    else:
+        check_table(ctx, info.table)
 
 
 def owns(ctx: ToolContext, info: SubscriptionInfo) -> bool:

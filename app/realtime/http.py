@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.contracts.realtime import SubscriptionInfo
 from app.jsonsafe import InvalidJSONError, dumps, load_strict
+from app.realtime.access import check_subscription
 from app.realtime.service import (
     SubscriptionError,
     SubscriptionNotFound,
@@ -24,6 +25,7 @@ from app.realtime.service import (
 )
 from app.realtime.stream import Subscriber, SubscriptionClosed
 from app.settings import Settings
+from app.tools.registry import ToolContext, ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,17 @@ def build_realtime_router(settings: Settings) -> APIRouter:
                 detail=f"subscription {subscription_id!r} not found; realtime_list "
                 "shows your subscriptions",
             )
+        if principal is not None:
+            caller = ToolContext(
+                settings,
+                user_id=principal.user_id,
+                key_id=principal.key_id,
+                groups=principal.groups,
+            )
+            try:
+                check_subscription(caller, info)
+            except ToolError as error:
+                raise HTTPException(status_code=403, detail=error.message) from None
         return info
 
     async def confirm(subscription_id: str, cursor: int, name: str) -> SubscriptionInfo:

@@ -11,6 +11,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from app.contracts.realtime import EventType, SubscriptionInfo
 from app.realtime.access import (
     check_stream,
+    check_subscription,
     check_table,
     not_found_unless_owned,
     owns,
@@ -130,6 +131,13 @@ async def _owned(ctx: ToolContext, subscription_id: str) -> SubscriptionInfo:
     return info
 
 
+async def _readable(ctx: ToolContext, subscription_id: str) -> SubscriptionInfo:
+    """Return the caller's subscription if the caller may still read it."""
+    info = await _owned(ctx, subscription_id)
+    check_subscription(ctx, info)
+    return info
+
+
 @tool("realtime_events", group="realtime")
 async def realtime_events(
     ctx: ToolContext, args: RealtimeEventsInput
@@ -139,7 +147,7 @@ async def realtime_events(
     the reply does not get that batch again. Each event has id, schema,
     table, commit_timestamp, eventType, new and old. Pass wait_ms to wait for
     changes when none are ready."""
-    await _owned(ctx, args.subscription_id)
+    await _readable(ctx, args.subscription_id)
     try:
         events, cursor = await next_events(
             ctx.database_url, args.subscription_id, args.limit, args.wait_ms
@@ -371,7 +379,7 @@ async def execution_stream_status(
     sandbox when its latest execution ended. The run must exist or have
     output."""
     if args.subscription_id is not None:
-        info = await _owned(ctx, args.subscription_id)
+        info = await _readable(ctx, args.subscription_id)
         if info.stream_kind is None or info.stream_id is None:
             raise ToolError(
                 f"subscription {args.subscription_id!r} is a table subscription, "

@@ -14,7 +14,7 @@ from fastapi import HTTPException
 
 from app.api.http import create_app
 from app.api.keys import revoke_key, rotate_key
-from app.realtime.service import get_subscription
+from app.realtime.service import create_subscription, get_subscription
 from app.services.audit import list_calls
 from app.tools import all_tools
 from tests.api.conftest import ApiServer
@@ -543,7 +543,10 @@ async def test_realtime_stream_checks_group_and_audits(
 ) -> None:
     url = api_server.settings.effective_database_url
     system_only, system_key_id = key_factory("stream-system-only", ["system"])
-    reader, _ = key_factory("stream-reader", ["realtime", "system"])
+    # The audit log's table needs a key without groups.
+    reader, _ = key_factory("stream-reader")
+    dashboards, _ = key_factory("stream-dashboards", ["realtime", "system"])
+    earlier = create_subscription(url, "audit_log", user_id="key:stream-dashboards")
     created = await post(
         api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}, reader
     )
@@ -579,6 +582,14 @@ async def test_realtime_stream_checks_group_and_audits(
         )
         assert streamed.status_code == 200
         assert "event: changes" in streamed.text
+        # A subscription made before that rule is no longer read.
+        stale = await http.get(
+            f"/realtime/v1/subscriptions/{earlier.subscription_id}/stream",
+            params={"max_batches": 1},
+            headers={"Authorization": f"Bearer {dashboards}"},
+        )
+        assert stale.status_code == 403
+        assert "table: 'audit_log' holds" in stale.json()["error"]["message"]
         missing = await http.get(
             "/realtime/v1/subscriptions/sub_missing/stream",
             headers={"Authorization": f"Bearer {reader}"},

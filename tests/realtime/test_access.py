@@ -18,6 +18,7 @@ from app.realtime import triggers
 from app.realtime.access import (
     STREAM_GROUPS,
     TABLE_GROUPS,
+    UNLIMITED_TABLES,
     platform_tables,
     unruled_tables,
 )
@@ -70,7 +71,7 @@ def test_rules_name_tool_groups() -> None:
 
 def test_default_tables_are_subscribable() -> None:
     for table in DEFAULT_TABLES:
-        assert table in TABLE_GROUPS, table
+        assert table in TABLE_GROUPS.keys() | UNLIMITED_TABLES.keys(), table
 
 
 def test_secret_columns_only_in_secret_tables() -> None:
@@ -222,6 +223,48 @@ async def test_events_of_dropped_table_rejected(settings: Settings) -> None:
     assert "'items' not found" in rejected.value.message
 
 
+async def test_audit_log_needs_a_key_without_groups(settings: Settings) -> None:
+    """The audit log holds every key's call arguments, which the audit_log
+    tool shows a limited key only in part, so only a key without groups may
+    subscribe to it, and a subscription made before this rule stops being
+    read."""
+    url = settings.effective_database_url
+    enable_realtime(url, "audit_log")
+    dashboards = ToolContext(
+        settings, user_id="key:dash", key_id="k_dash", groups=("system", "realtime")
+    )
+    with pytest.raises(ToolError) as denied:
+        await invoke_tool(dashboards, "realtime_subscribe", {"table": "audit_log"})
+    assert denied.value.kind == "forbidden"
+    assert denied.value.message.startswith(
+        "table: 'audit_log' holds the arguments of every key's calls"
+    )
+    assert "a key created without --group" in denied.value.message
+    earlier = create_subscription(url, "audit_log", user_id="key:dash")
+    record_call(
+        url,
+        user_id="key:other",
+        tool="storage_upload",
+        arguments={"content": "PRIVATE"},
+        outcome="success",
+        duration_ms=1.0,
+    )
+    with pytest.raises(ToolError) as stopped:
+        await invoke_tool(
+            dashboards, "realtime_events", {"subscription_id": earlier.subscription_id}
+        )
+    assert stopped.value.kind == "forbidden"
+    # Its owner may still delete it.
+    await invoke_tool(
+        dashboards, "realtime_unsubscribe", {"subscription_id": earlier.subscription_id}
+    )
+    every_group = ToolContext(settings, user_id="key:admin", key_id="k_admin")
+    created = await invoke_tool(
+        every_group, "realtime_subscribe", {"table": "audit_log"}
+    )
+    assert created["table"] == "audit_log"
+
+
 def _audit_call(url: str) -> None:
     record_call(
         url,
@@ -249,7 +292,7 @@ async def test_table_rules_ignore_letter_case(settings: Settings) -> None:
         with pytest.raises(ToolError) as denied:
             await invoke_tool(limited, "realtime_subscribe", {"table": table})
         assert denied.value.kind == "forbidden", table
-        assert "--group system" in denied.value.message
+        assert "table: 'audit_log' holds" in denied.value.message
     create_items(url)
     assert enable_realtime(url, "ITEMS") == "items"
     assert "ITEMS" not in enabled_tables(url)
