@@ -621,13 +621,13 @@ async def test_realtime_keeps_groups_and_owners(
     denied = await post(
         api_server,
         "/api/tools/realtime_subscribe",
-        {"table": "audit_log"},
+        {"table": "benchmark_runs"},
         realtime_only,
     )
     assert denied.status_code == 403, denied.text
     error = denied.json()["error"]
     assert error["kind"] == "forbidden"
-    assert "'audit_log'" in error["message"]
+    assert "'benchmark_runs'" in error["message"]
     assert "--group system" in error["message"]
     stream = await post(
         api_server,
