@@ -24,7 +24,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 import app
-from app.contracts.queues import ALL_QUEUES
+from app.contracts.queues import ALL_QUEUES, ORCHESTRATION
 from app.contracts.system import (
     DatabaseHealth,
     HealthReport,
@@ -270,8 +270,15 @@ async def system_health(
     client: Client | None,
     *,
     queues: tuple[str, ...] = ALL_QUEUES,
+    required_queue: str = ORCHESTRATION,
 ) -> HealthReport:
-    """Read the health of the database, Temporal, every queue and this process."""
+    """Read the health of the database, Temporal, every queue and this process.
+
+    The platform is unhealthy when the database, Temporal or
+    `required_queue` is: every Flow Nexus workflow runs on the orchestration
+    queue, so with no worker there no tool that starts one does any work.
+    Another queue without a worker makes it degraded.
+    """
     address = settings.effective_temporal_address
     # The queues are described while the namespace is checked, so that a
     # reading waits for one round of RPCs instead of two. Their results are
@@ -300,7 +307,12 @@ async def system_health(
     statuses += [q.status for q in workers.values()]
     statuses += [str(c.get("status", "unhealthy")) for c in components.values()]
     overall: Status = "healthy"
-    if database.status == "unhealthy" or temporal.status == "unhealthy":
+    required = workers.get(required_queue)
+    if (
+        database.status == "unhealthy"
+        or temporal.status == "unhealthy"
+        or (required is not None and required.status == "unhealthy")
+    ):
         overall = "unhealthy"
     elif any(s != "healthy" for s in statuses):
         overall = "degraded"

@@ -48,6 +48,41 @@ async def test_health_without_temporal_is_unhealthy(settings: Settings) -> None:
     assert all(q.status == "unhealthy" for q in report.workers.values())
 
 
+async def test_health_without_orchestration_worker_is_unhealthy(
+    settings: Settings, client: Client
+) -> None:
+    """No worker on the orchestration queue means no workflow runs: the
+    platform is unhealthy. Another queue without a worker only degrades it."""
+    orchestration = f"health-orchestration-{uuid.uuid4().hex[:8]}"
+    other = f"health-other-{uuid.uuid4().hex[:8]}"
+    report = await system_health(
+        settings, client, queues=(orchestration, other), required_queue=orchestration
+    )
+    assert report.temporal.status == "healthy"
+    assert report.workers[orchestration].status == "unhealthy"
+    assert report.status == "unhealthy"
+    async with Worker(
+        client,
+        task_queue=orchestration,
+        activities=[_noop],
+        identity=f"{orchestration}@{socket.gethostname()}:{os.getpid()}",
+    ):
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            report = await system_health(
+                settings,
+                client,
+                queues=(orchestration, other),
+                required_queue=orchestration,
+            )
+            if report.workers[orchestration].status == "healthy":
+                break
+            assert asyncio.get_running_loop().time() < deadline, report
+            await asyncio.sleep(0.2)
+    assert report.workers[other].status == "unhealthy"
+    assert report.status == "degraded"
+
+
 async def test_health_with_dead_database(tmp_path, client: Client) -> None:
     settings = Settings(
         data_dir=tmp_path,
