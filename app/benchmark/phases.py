@@ -26,6 +26,8 @@ from app.contracts.benchmark import (
     PhaseRecord,
     PhaseResult,
 )
+from app.contracts.queues import NEURAL, SANDBOX, STREAMING
+from app.services.health import describe_queue
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
 from app.tools.registry import _registry
@@ -447,6 +449,83 @@ PHASES: dict[str, PhaseFunction] = {
 }
 
 
+# The queues each phase's work runs on besides the orchestration queue, whose
+# worker runs the phase itself. An activity on a queue without a worker waits
+# for one without end, as Temporal intends, so the phase watches them.
+PHASE_QUEUES: dict[str, tuple[str, ...]] = {
+    "sandbox_integration": (SANDBOX,),
+    "multi_workflow_orchestration": (NEURAL, SANDBOX, STREAMING),
+    "neural_training": (NEURAL,),
+    "realtime_streaming": (),
+    "cross_system_integration": (NEURAL, SANDBOX, STREAMING),
+    "performance_scalability": (STREAMING,),
+}
+# Seconds between two looks at a phase's queues, and how long a queue may
+# have no live worker before the phase fails.
+QUEUE_CHECK_SECONDS = 5.0
+QUEUE_LOST_SECONDS = 30.0
+# Seconds a phase that lost a queue's worker gets to end after its cancel.
+LOST_PHASE_GRACE_SECONDS = 30.0
+
+
+async def _watched(
+    work: Awaitable[None], client: Client, namespace: str, queues: tuple[str, ...]
+) -> None:
+    """Run a phase's work; fail it once one of `queues` has had no live
+    worker for QUEUE_LOST_SECONDS.
+
+    Raises:
+        PhaseFailed: a queue lost its workers; the message names the queue.
+    """
+    task = asyncio.ensure_future(work)
+    if not queues:
+        await task
+        return
+    try:
+        await _watch(task, client, namespace, queues)
+    except asyncio.CancelledError:
+        # asyncio.wait leaves the awaited task alone: pass the phase's
+        # cancel on, and let its work clean up as a cancelled phase does.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+
+
+async def _watch(
+    task: asyncio.Future[None],
+    client: Client,
+    namespace: str,
+    queues: tuple[str, ...],
+) -> None:
+    lost_since: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=QUEUE_CHECK_SECONDS)
+        if done:
+            task.result()
+            return
+        healths = await asyncio.gather(
+            *(describe_queue(client, namespace, queue) for queue in queues)
+        )
+        now = loop.time()
+        for queue, health in zip(queues, healths, strict=True):
+            if health.status != "unhealthy":
+                lost_since.pop(queue, None)
+                continue
+            since = lost_since.setdefault(queue, now)
+            if now - since < QUEUE_LOST_SECONDS:
+                continue
+            task.cancel()
+            await asyncio.wait({task}, timeout=LOST_PHASE_GRACE_SECONDS)
+            if not task.done():
+                logger.warning("a phase that lost queue %s is still ending", queue)
+            raise PhaseFailed(
+                f"no live worker has polled {queue} for {QUEUE_LOST_SECONDS:.0f} s "
+                f"({health.error}), so this phase's work there cannot run; start "
+                "that queue's worker (`nexus up` starts every worker)"
+            )
+
+
 async def run_phase(
     settings: Settings, client: Client, request: PhaseInput
 ) -> PhaseRecord:
@@ -459,7 +538,12 @@ async def run_phase(
             raise PhaseFailed(
                 f"fault injected into {request.phase} by the run's config"
             )
-        await PHASES[request.phase](runner)
+        await _watched(
+            PHASES[request.phase](runner),
+            client,
+            settings.namespace,
+            PHASE_QUEUES[request.phase],
+        )
     except PhaseFailed as failure:
         error = str(failure)
     except Exception as failure:  # a phase's bug must not stop the run
