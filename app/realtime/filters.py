@@ -289,6 +289,14 @@ def _parse_value(column: str, operator: str, raw: str, kind: ColumnKind) -> Any:
                 f"invalid value {raw!r} for is on column {column!r}: use is.null, "
                 "is.true or is.false"
             )
+        if raw != "null" and kind != "boolean":
+            # As PostgreSQL rejects `integer IS TRUE`: such a filter would
+            # match nothing.
+            raise FilterError(
+                f"is.{raw} tests a boolean, but column {column!r} is a "
+                f"{_KIND_NAMES[kind]} column; use is.null, or compare it with eq "
+                "or neq"
+            )
         return raw
     if operator in ("like", "ilike") and kind != "text":
         raise FilterError(

@@ -322,6 +322,8 @@ async def test_json_numbers_beyond_float_range(database_url: str) -> None:
         ("ts=like.2026*", "column 'ts' is a date and time column"),
         ('doc=eq.{"a": 1}', "column 'doc' contains JSON"),
         ("doc=is.true", "column 'doc' contains JSON"),
+        ("big=is.true", "is.true tests a boolean, but column 'big' is a numeric"),
+        ("ts=is.false", "is.false tests a boolean, but column 'ts' is a date and"),
         ("big=eq.nan", "value 'nan' for column 'big' is not a number"),
         ("big=eq.inf", "value 'inf' for column 'big' is not a number"),
         ("big=gt.-inf", "value '-inf' for column 'big' is not a number"),
