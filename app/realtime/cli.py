@@ -69,7 +69,8 @@ def tail_command(
     ] = None,
     event: Annotated[str, typer.Option(help="INSERT, UPDATE, DELETE or *.")] = "*",
     count: Annotated[
-        int | None, typer.Option(help="Exit after this many events.")
+        int | None,
+        typer.Option(min=1, help="Exit after this many events (at least 1)."),
     ] = None,
 ) -> None:
     """Print each matching change of TABLE as one JSON line until Ctrl-C.

@@ -74,3 +74,16 @@ def test_tail_count_prints_exactly_that_many(settings: Settings) -> None:
     printed = [json.loads(line) for line in out.splitlines()]
     assert [event["new"]["n"] for event in printed] == [0, 1]
     assert list_subscriptions(url) == []
+
+
+def test_tail_count_below_one_rejected() -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    for value in ("0", "-1"):
+        result = CliRunner().invoke(
+            cli, ["realtime", "tail", "items", "--count", value]
+        )
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--count'" in result.output
