@@ -453,6 +453,16 @@ def _typed_value(column: str, value: str, kind: ColumnKind) -> Any:
 _INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
 
 
+_BOOLEAN_WORDS = {
+    "true": True,
+    "t": True,
+    "1": True,
+    "false": False,
+    "f": False,
+    "0": False,
+}
+
+
 def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
     if value is None:
         return None
@@ -469,6 +479,11 @@ def _coerce_record_value(value: Any, kind: ColumnKind) -> Any:
     if kind == "float":
         return _to_float(_coerce_record_value(value, "number"))
     if kind == "boolean":
+        if isinstance(value, str):
+            # Text that SQLite kept in a boolean column: spelled as a filter
+            # spells booleans, or no boolean at all, as a number that does
+            # not parse is no number.
+            return _BOOLEAN_WORDS.get(value.lower())
         # Changes logged by earlier SQLite triggers hold booleans as 0 and 1.
         return bool(value)
     if kind in _TEMPORAL_PARSERS:

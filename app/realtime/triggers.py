@@ -412,10 +412,18 @@ def _sqlite_record(connection: Connection, table: str, alias: str) -> str:
             value = f"CASE WHEN json_valid({value}) THEN json({value}) ELSE {value} END"
         elif isinstance(column_type, sqltypes.Boolean):
             # SQLite stores booleans as 0 and 1; PostgreSQL's to_json writes
-            # true and false, and events carry the same on both.
+            # true and false, and events carry the same on both. SQLite also
+            # keeps any other value in the column: text that spells a boolean
+            # as filters do is that boolean, and other text is carried as
+            # stored, so that no boolean filter matches it.
             value = (
-                f"CASE WHEN {value} IS NULL THEN NULL WHEN {value} "
-                "THEN json('true') ELSE json('false') END"
+                f"CASE WHEN {value} IS NULL THEN NULL "
+                f"WHEN typeof({value}) IN ('integer', 'real') THEN "
+                f"CASE WHEN {value} <> 0 THEN json('true') ELSE json('false') END "
+                f"WHEN typeof({value}) = 'blob' THEN {_sqlite_binary(value)} "
+                f"WHEN lower({value}) IN ('true', 't', '1') THEN json('true') "
+                f"WHEN lower({value}) IN ('false', 'f', '0') THEN json('false') "
+                f"ELSE {value} END"
             )
         pairs.append(f"{_quote_literal(name)}, {value}")
     return f"json_object({', '.join(pairs)})"

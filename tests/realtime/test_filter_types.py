@@ -374,3 +374,39 @@ def test_number_values_parse_exactly() -> None:
     assert parse_filter("n=eq.0.1", kinds).matches({"n": 0.1})
     with pytest.raises(FilterError, match="'NaN' for column 'n' is not a number"):
         parse_filter("n=in.(1,NaN)", kinds)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_boolean_text_is_not_false(database_url: str) -> None:
+    """SQLite keeps any value in a boolean column: text that spells a
+    boolean is that boolean, and other text arrives as stored and matches no
+    boolean filter."""
+    create_typed(database_url)
+    filters = ("flag=is.false", "flag=is.true", "flag=eq.false")
+    subscriptions = {
+        text: create_subscription(database_url, "typed", filter_text=text)
+        for text in (*filters, "")
+    }
+    with get_engine(database_url).begin() as connection:
+        for index, stored in enumerate(["true", "F", "yes", "garbage", 0, 2]):
+            connection.exec_driver_sql(
+                "INSERT INTO typed (id, flag) VALUES (?, ?)", (index + 1, stored)
+            )
+    everything, _ = await next_events(database_url, subscriptions[""].subscription_id)
+    assert [event["new"]["flag"] for event in everything] == [
+        True,
+        False,
+        "yes",
+        "garbage",
+        False,
+        True,
+    ]
+    matched = {}
+    for text in filters:
+        events, _ = await next_events(database_url, subscriptions[text].subscription_id)
+        matched[text] = [event["new"]["id"] for event in events]
+    assert matched == {
+        "flag=is.false": [2, 5],
+        "flag=is.true": [1, 6],
+        "flag=eq.false": [2, 5],
+    }
