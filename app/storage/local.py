@@ -195,7 +195,13 @@ class LocalStorage:
         target = (self.root / validate_bucket(bucket) / validate_path(path)).resolve()
         bucket_root = (self.root / bucket).resolve()
         if not target.is_relative_to(bucket_root) or target == bucket_root:
-            raise StorageError(f"invalid object path {path!r}: it leaves the bucket")
+            # validate_path allows no `..`, so only a link put in the bucket's
+            # folder by hand leads out of it.
+            raise StorageError(
+                f"invalid object path {path!r}: on disk it is a symbolic link "
+                f"that leads out of the bucket; remove the link from "
+                f"{bucket_root}"
+            )
         return target
 
     def put(
@@ -384,6 +390,13 @@ class LocalStorage:
         names.sort(key=lambda name: name.split("/"))
         for name in names:
             if not name.startswith(prefix) or not (root / name).is_file():
+                continue
+            if (root / name).is_symlink():
+                # Put there by hand: no tool writes links, and one may lead
+                # out of the bucket, which no tool may read.
+                logger.warning(
+                    "bucket %s: symbolic link %r left out of the list", bucket, name
+                )
                 continue
             try:
                 validate_path(name)

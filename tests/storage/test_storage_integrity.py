@@ -411,6 +411,26 @@ async def test_list_leaves_out_invalid_file_names(
     assert "U+0009" in caplog.text
 
 
+async def test_list_leaves_out_links_out_of_the_bucket(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await upload(settings, bucket="bkt", path="ok.txt", content="hi")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not in the bucket")
+    (settings.resolved_data_dir / "storage/bkt/link").symlink_to(outside)
+    listed = await invoke_tool(ToolContext(settings), "storage_list", {"bucket": "bkt"})
+    assert [item["path"] for item in listed["objects"]] == ["ok.txt"]
+    assert "symbolic link 'link' left out of the list" in caplog.text
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            ToolContext(settings), "storage_delete", {"bucket": "bkt", "path": "link"}
+        )
+    assert (
+        "'link': on disk it is a symbolic link that leads out" in refused.value.message
+    )
+    assert outside.read_text() == "not in the bucket"
+
+
 async def test_upload_with_empty_segment_rejected(settings: Settings) -> None:
     await upload(settings, bucket="bkt", path="a/b.txt", content="first")
     error = await upload_error(settings, bucket="bkt", path="a//b.txt", content="2nd")
