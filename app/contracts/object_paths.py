@@ -50,10 +50,15 @@ def path_problem(path: str) -> str | None:
         )
     if any(segment in ("", ".") for segment in segments):
         cleaned = "/".join(s for s in segments if s not in ("", "."))
+        fix = (
+            f"write it as {cleaned!r}"
+            if cleaned
+            else "name the object, for example 'notes.txt'"
+        )
         return (
             f"invalid object path {shown(path)}: empty and '.' segments (such as '//', "
             f"'/./' or a trailing '/') are not allowed, because they would give "
-            f"one object several names; write it as {cleaned!r}"
+            f"one object several names; {fix}"
         )
     if len(path) > MAX_PATH_LENGTH:
         return (

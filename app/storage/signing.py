@@ -61,7 +61,8 @@ def sign_path(key: bytes, bucket: str, path: str, expires_in: int) -> tuple[str,
 def verify(key: bytes, bucket: str, path: str, expires: int, token: str) -> None:
     """Raises: SignatureError when the signature is wrong or expired."""
     expected = signature(key, bucket, path, expires)
-    if not hmac.compare_digest(expected, token):
+    # compare_digest takes ASCII text only.
+    if not token.isascii() or not hmac.compare_digest(expected, token):
         raise SignatureError(
             "invalid signature for this object; request a new URL with storage_get_url"
         )

@@ -165,7 +165,7 @@ class StorageListResult(BaseModel):
 
 @tool("storage_list", group="storage")
 async def storage_list(ctx: ToolContext, args: StorageListInput) -> StorageListResult:
-    """List objects of a bucket, sorted by path, optionally under a path prefix,
+    """List objects of a bucket, sorted by path segment by segment, optionally under a path prefix,
     with size, sha256 and content type."""
     storage = storage_for(ctx.settings)
     try:

@@ -445,6 +445,9 @@ async def test_upload_with_empty_segment_rejected(settings: Settings) -> None:
             "storage_download",
             {"bucket": "bkt", "path": "a/./b.txt"},
         )
+    # Nothing is left to suggest for a path of '.' segments alone.
+    dot = await upload_error(settings, bucket="bkt", path=".", content="x")
+    assert dot.message.endswith("name the object, for example 'notes.txt'")
 
 
 async def test_upload_prefix_names_are_ordinary_objects(settings: Settings) -> None:

@@ -139,6 +139,9 @@ async def test_signed_url_checks(settings: Settings) -> None:
         assert good.content == BINARY
         forged = parts.query[:-4] + "0000"
         assert (await http.get(f"{parts.path}?{forged}")).status_code == 403
+        # A shortened or non-ASCII signature is a wrong one too.
+        for wrong in (parts.query[:-10], parts.query[:-1] + "\u00e9"):
+            assert (await http.get(f"{parts.path}?{wrong}")).status_code == 403, wrong
         other = parts.path.replace("f.bin", "g.bin")
         assert (await http.get(f"{other}?{parts.query}")).status_code == 403
         key = signing_key(settings)
