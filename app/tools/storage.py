@@ -165,8 +165,8 @@ class StorageListResult(BaseModel):
 
 @tool("storage_list", group="storage")
 async def storage_list(ctx: ToolContext, args: StorageListInput) -> StorageListResult:
-    """List objects of a bucket, sorted by path segment by segment, optionally under a path prefix,
-    with size, sha256 and content type."""
+    """List objects of a bucket, sorted by path segment by segment, optionally
+    under a path prefix, with size, sha256 and content type."""
     storage = storage_for(ctx.settings)
     try:
         infos = await asyncio.to_thread(
