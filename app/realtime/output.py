@@ -345,7 +345,7 @@ def output_status(url: str, stream_kind: str, stream_id: str) -> dict[str, Any]:
         "chunks": int(row[0]),
         "characters": int(row[1]),
         "finished": bool(tail[1]) if tail is not None else False,
-        "last_output_at": last.isoformat() if isinstance(last, datetime) else last,
+        "last_output_at": last,
         "last_chunk": tail[0] if tail is not None else None,
     }
 

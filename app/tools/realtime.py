@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from app.contracts.realtime import EventType, SubscriptionInfo
+from app.contracts.types import UtcDateTime
 from app.realtime.access import (
     check_stream,
     check_subscription,
@@ -363,7 +364,7 @@ class ExecutionStreamStatusResult(BaseModel):
     chunks: int
     characters: int
     finished: bool
-    last_output_at: str | None
+    last_output_at: UtcDateTime | None
     last_chunk: str | None
     subscriptions: list[SubscriptionInfo]
 

@@ -1,5 +1,6 @@
 import gzip as gzip_module
 import json
+import re
 
 import httpx
 import pytest
@@ -98,6 +99,10 @@ async def test_execution_stream_of_sandbox(settings: Settings) -> None:
     assert status["chunks"] == 2
     assert status["finished"] is True
     assert status["last_chunk"] == "second\n"
+    # In the form of every other time of the tools.
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", status["last_output_at"]
+    ), status["last_output_at"]
     assert status["subscriptions"][0]["lag"] == 0
 
 
