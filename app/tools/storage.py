@@ -48,20 +48,35 @@ def _storage_error(error: StorageError) -> ToolError:
 
 
 # The whitespace `base64` and most encoders put between and after lines.
-_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r")
+_BASE64_FIX = (
+    "send standard base64 (A-Z, a-z, 0-9, '+', '/', '=' padding; ASCII spaces, "
+    "tabs and line breaks are ignored), or encoding utf-8 for text"
+)
 
 
 def _decode_base64(content: str) -> bytes:
-    """Decode standard base64, ignoring ASCII whitespace and line breaks."""
+    """Decode standard base64, ignoring ASCII spaces, tabs and line breaks.
+
+    Only the one encoding of the bytes is accepted: binascii ignores
+    padding after the first `=` pair and unused low bits of the last
+    character, so two different texts could store the same object.
+    """
+    cleaned = content.translate(_ASCII_WHITESPACE)
     try:
-        return base64.b64decode(content.translate(_ASCII_WHITESPACE), validate=True)
+        data = base64.b64decode(cleaned, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ToolError(
-            f"content is not valid base64 ({error}); send standard base64 "
-            "(A-Z, a-z, 0-9, '+', '/', '=' padding; ASCII spaces and line breaks "
-            "are ignored), or encoding utf-8 for text",
+            f"content is not valid base64 ({error}); {_BASE64_FIX}",
             kind="invalid_argument",
         ) from None
+    if base64.b64encode(data).decode("ascii") != cleaned:
+        raise ToolError(
+            "content is not valid base64: its padding or its last character is "
+            f"not the encoding of the bytes it holds; {_BASE64_FIX}",
+            kind="invalid_argument",
+        )
+    return data
 
 
 class StorageUploadInput(BaseModel):

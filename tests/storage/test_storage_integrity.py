@@ -460,10 +460,26 @@ async def test_upload_prefix_names_are_ordinary_objects(settings: Settings) -> N
 
 
 @pytest.mark.parametrize(
-    "content", ["aGVsbG8=\n", "aGVs\nbG8=\r\n", " aGVsbG8= ", "aGVs\tbG8=\x0b\x0c"]
+    "content", ["aGVsbG8=\n", "aGVs\nbG8=\r\n", " aGVsbG8= ", "aGVs\tbG8="]
 )
 def test_base64_ascii_whitespace_is_ignored(content: str) -> None:
     assert _decode_base64(content) == b"hello"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        # Extra padding, and a last character whose unused bits are set: each
+        # decodes to the bytes of another text, so only that text is accepted.
+        ("YWJj=", "its padding or its last character"),
+        ("aGVsbG9=", "its padding or its last character"),
+        ("aGVs\x0bbG8=", "Only base64 data is allowed"),
+    ],
+)
+def test_base64_other_forms_rejected(content: str, problem: str) -> None:
+    with pytest.raises(ToolError, match="not valid base64") as caught:
+        _decode_base64(content)
+    assert problem in caught.value.message
 
 
 def test_base64_non_ascii_whitespace_rejected() -> None:
