@@ -171,14 +171,10 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
     if "method" in document and not isinstance(document["method"], str):
         kind = json_type(document["method"])
         return f"method: a JSON {kind} is invalid: send the method name as a string"
-    if "id" in document and isinstance(document["id"], dict | list | bool):
-        # The SDK would read such a request as a notification, respond 202
-        # with no body and run nothing.
-        kind = json_type(document["id"])
-        return (
-            f"id: a JSON {kind} is invalid: send the request id as a string or "
-            "an integer"
-        )
+    if "id" in document:
+        problem = _id_problem(document["id"], is_request="method" in document)
+        if problem is not None:
+            return problem
     if "params" in document and not isinstance(document["params"], dict | list):
         kind = json_type(document["params"])
         return f"params: a JSON {kind} is invalid: send an object; {JSONRPC_SHAPE}"
@@ -189,6 +185,30 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
             "the message is not a JSON-RPC 2.0 request, notification or "
             f"response; {JSONRPC_SHAPE}"
         )
+    return None
+
+
+def _id_problem(request_id: Any, *, is_request: bool) -> str | None:
+    """Say why a message's `id` is invalid, or return None for a string or
+    an integer, or for null in a response.
+
+    The SDK reads a request with any other id as a notification (its model
+    allows extra fields), so it would respond 202 with no body over HTTP,
+    nothing over stdio, and run nothing. A notification has no `id` member
+    at all, so a request with `"id": null` is invalid too. Only an error
+    response may have a null id, when the request's id was unreadable.
+    """
+    fix = "send the request id as a string or an integer"
+    if request_id is None and not is_request:
+        return None
+    if request_id is None:
+        return f"id: null is invalid: {fix}, or leave out id for a notification"
+    if isinstance(request_id, bool):
+        return f"id: a JSON boolean is invalid: {fix}"
+    if isinstance(request_id, float):
+        return f"id: {request_id!r} is invalid: {fix}"
+    if not isinstance(request_id, str | int):
+        return f"id: a JSON {json_type(request_id)} is invalid: {fix}"
     return None
 
 

@@ -822,3 +822,33 @@ async def test_doc_pages_load_nothing_from_other_hosts(
                 assert len(asset.content) > 1000, source
             assert "http://" not in page.text
             assert "https://" not in page.text
+
+
+@pytest.mark.parametrize("request_id", [None, 2.5, True])
+async def test_jsonrpc_invalid_id_rejected(
+    api_server: ApiServer, request_id: object
+) -> None:
+    bucket = f"invalid-id-{str(request_id).lower().replace('.', '-')}"
+    call = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "tools/call",
+        "params": {
+            "name": "storage_upload",
+            "arguments": {"bucket": bucket, "path": "a.txt", "content": "hi"},
+        },
+    }
+    headers = {**api_server.headers, "Accept": "application/json"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        response = await http.post("/mcp", json=call, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == -32600
+    assert error["message"].startswith("Invalid request: id: ")
+    assert "send the request id as a string or an integer" in error["message"]
+    listed = await post(api_server, "/api/tools/storage_list", {"bucket": bucket})
+    assert listed.json()["count"] == 0
+    audited = [event["error"] or "" for event in await audit_events(api_server)]
+    assert any(
+        text.startswith("rejected with 400, JSON-RPC -32600: id: ") for text in audited
+    ), audited
