@@ -340,14 +340,17 @@ def parse_line(line: bytes) -> types.JSONRPCMessage | Rejection | None:
             ]
         request_id = _request_id(error.document) if error.lenient else None
         return Rejection(request_id, PARSE_ERROR, error.message, errors)
+    # Checked before the SDK's validation, which accepts a request whose id
+    # is null, a fraction, a boolean, an object or an array as a
+    # notification, so it would get no response at all.
+    problem = jsonrpc_shape_problem(document)
+    if problem is not None:
+        return Rejection(_request_id(document), INVALID_REQUEST, problem)
     try:
         return types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValidationError:
-        pass
-    problem = jsonrpc_shape_problem(document) or (
-        f"the line is not a JSON-RPC 2.0 message; {JSONRPC_SHAPE}"
-    )
-    return Rejection(_request_id(document), INVALID_REQUEST, problem)
+        message = f"the line is not a JSON-RPC 2.0 message; {JSONRPC_SHAPE}"
+        return Rejection(_request_id(document), INVALID_REQUEST, message)
 
 
 def _request_id(document: Any) -> str | int | None:

@@ -328,3 +328,38 @@ def test_wrong_version_and_repeated_keys_named(settings: Settings) -> None:
     assert "pydantic" not in version["message"]
     assert twice["code"] == -32700
     assert "the key 'id' appears more than once" in twice["message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_invalid_request_ids_answered(settings: Settings) -> None:
+    invalid_ids: list[Any] = [True, {"a": 1}, None, 1.5, [1]]
+    sent = b"".join(
+        line({"jsonrpc": "2.0", "id": request_id, "method": "tools/list"})
+        for request_id in invalid_ids
+    )
+    upload = {
+        "name": "storage_upload",
+        "arguments": {"bucket": "stdio-ids", "path": "a.txt", "content": "hi"},
+    }
+    sent += line(
+        {"jsonrpc": "2.0", "id": 8.5, "method": "tools/call", "params": upload}
+    )
+    sent += line({"jsonrpc": "2.0", "id": "ok", "method": "ping"})
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        line(INITIALIZE) + line(INITIALIZED) + sent, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    answered = [json.loads(text) for text in stdout.splitlines()]
+    # The initialize response, one error per invalid id, then the ping.
+    assert len(answered) == 1 + len(invalid_ids) + 2, answered
+    for rejected in answered[1:-1]:
+        assert rejected["id"] is None
+        assert rejected["error"]["code"] == -32600
+        assert rejected["error"]["message"].startswith("Invalid request: id: ")
+    assert answered[-1] == {"jsonrpc": "2.0", "id": "ok", "result": {}}
+    assert storage_for(settings).list("stdio-ids") == []
+    events = list_calls(settings.effective_database_url, tool="mcp")
+    assert len(events) == len(invalid_ids) + 1
+    for event in events:
+        assert (event.error or "").startswith("rejected with -32600: id: ")
