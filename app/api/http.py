@@ -45,7 +45,7 @@ from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.tools import ToolError, ToolSpec, all_tools, load_tools
-from app.tools.registry import masked_input, secret_fields
+from app.tools.registry import brief_value, masked_input, secret_fields
 
 logger = logging.getLogger(__name__)
 
@@ -809,7 +809,7 @@ def _validation_errors(error: RequestValidationError) -> list[dict[str, Any]]:
     return [
         {
             "field": ".".join(str(part) for part in item["loc"]),
-            "value": masked_input(tuple(item["loc"]), item.get("input")),
+            "value": brief_value(masked_input(tuple(item["loc"]), item.get("input"))),
             "message": item["msg"],
         }
         for item in error.errors()

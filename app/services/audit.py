@@ -38,14 +38,20 @@ TRUNCATION_MARKER = "...[truncated]"
 _truncation_logged: set[str] = set()
 
 
-def mask_secrets(value: Any, *, name: str = "", depth: int = 0) -> Any:
+def mask_secrets(
+    value: Any,
+    *,
+    name: str = "",
+    depth: int = 0,
+    string_limit: int | None = AUDIT_STRING_LIMIT,
+) -> Any:
     """Return a copy of `value` with secret values replaced by a mask.
 
     A secret-named argument and every value of an env var mapping are masked
     whatever their type: a list or mapping there keeps its shape (mapping
-    keys stay) with every leaf masked. A string longer than
-    `AUDIT_STRING_LIMIT` keeps its start and ends with the count of
-    characters cut.
+    keys stay) with every leaf masked. A string longer than `string_limit`
+    keeps its start and ends with the count of characters cut; None keeps
+    every string whole, for a copy that is masked again before it is stored.
 
     The copy is valid JSON for every database: lone surrogates in strings
     and keys become U+FFFD, and a non-finite float becomes its text
@@ -59,15 +65,20 @@ def mask_secrets(value: Any, *, name: str = "", depth: int = 0) -> Any:
         return _TOO_DEEP
     if isinstance(value, Mapping):
         return {
-            _text(key): mask_secrets(item, name=str(key), depth=depth + 1)
+            _text(key): mask_secrets(
+                item, name=str(key), depth=depth + 1, string_limit=string_limit
+            )
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):
-        return [mask_secrets(item, name=name, depth=depth + 1) for item in value]
+        return [
+            mask_secrets(item, name=name, depth=depth + 1, string_limit=string_limit)
+            for item in value
+        ]
     if isinstance(value, str):
-        if len(value) > AUDIT_STRING_LIMIT:
-            dropped = len(value) - AUDIT_STRING_LIMIT
-            value = f"{value[:AUDIT_STRING_LIMIT]}... [{dropped} more characters]"
+        if string_limit is not None and len(value) > string_limit:
+            dropped = len(value) - string_limit
+            value = f"{value[:string_limit]}... [{dropped} more characters]"
         return replace_lone_surrogates(value)
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)

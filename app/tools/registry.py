@@ -194,9 +194,15 @@ def mask_arguments(
     arguments: Mapping[str, Any], marked: frozenset[str] = frozenset()
 ) -> dict[str, Any]:
     """Mask the secret values of tool arguments: the fields the tool marks
-    secret and every argument `mask_secrets` treats as one."""
+    secret and every argument `mask_secrets` treats as one.
+
+    Strings stay whole: the audit log cuts them when it stores the event,
+    and an error cuts the value it shows, each once with the true count.
+    """
     return {
-        str(key): mask_all(value) if key in marked else mask_secrets(value, name=key)
+        str(key): mask_all(value)
+        if key in marked
+        else mask_secrets(value, name=key, string_limit=None)
         for key, value in arguments.items()
     }
 
@@ -217,7 +223,7 @@ def masked_input(
     if not loc and isinstance(value, Mapping):
         return mask_arguments(value, marked)
     last = loc[-1] if loc and isinstance(loc[-1], str) else ""
-    return mask_secrets(value, name=last)
+    return mask_secrets(value, name=last, string_limit=None)
 
 
 # The pydantic error type of a rule across arguments; see `arguments_error`.
@@ -291,7 +297,7 @@ def _reject_unencodable_values(
                 path = ".".join(str(part) for part in loc)
                 # The masked value is valid JSON, with U+FFFD for the
                 # surrogate, so the message names the surrogate by its escape.
-                masked = masked_input(loc, value, marked)
+                masked = brief_value(masked_input(loc, value, marked))
                 message = (
                     f"it contains the lone UTF-16 surrogate "
                     f"{value[error.start]!r} at character {error.start}, which "
@@ -377,7 +383,7 @@ def describe_validation_error(
             path = ".".join(str(part) for part in (*prefix, *loc))
             value = masked_input(loc, item.get("input"), marked)
         path = path or "(arguments)"
-        value = _brief(value)
+        value = brief_value(value)
         if item["type"] == "missing":
             # Pydantic reports the object that lacks the field as its input,
             # so showing it would echo every other argument.
@@ -401,7 +407,10 @@ def describe_validation_error(
 _SHOWN_LIMIT = 1000
 
 
-def _brief(value: Any) -> Any:
+def brief_value(value: Any) -> Any:
+    """Return `value` fit to repeat in an error: a string over
+    `_SHOWN_LIMIT` characters cut with the count of characters cut, a long
+    array or object described by its length and size."""
     if isinstance(value, str) and len(value) > _SHOWN_LIMIT:
         cut = len(value) - _SHOWN_LIMIT
         return f"{value[:_SHOWN_LIMIT]}... [{cut} more characters]"

@@ -852,3 +852,23 @@ async def test_jsonrpc_invalid_id_rejected(
     assert any(
         text.startswith("rejected with 400, JSON-RPC -32600: id: ") for text in audited
     ), audited
+
+
+async def test_cut_strings_count_what_was_cut(api_server: ApiServer) -> None:
+    content = "b" * 5000
+    uploaded = await post(
+        api_server,
+        "/api/tools/storage_upload",
+        {"bucket": "cut-count", "path": "a.txt", "content": content},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    [event] = [
+        event
+        for event in await audit_events(api_server, tool="storage_upload")
+        if event["arguments"].get("bucket") == "cut-count"
+    ]
+    assert event["arguments"]["content"] == "b" * 4096 + "... [904 more characters]"
+    invalid = await post(api_server, "/api/tools/audit_log", {"limit": "x" * 5000})
+    assert invalid.status_code == 422, invalid.text
+    [detail] = invalid.json()["error"]["errors"]
+    assert detail["value"] == "x" * 1000 + "... [4000 more characters]"
