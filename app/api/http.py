@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from mcp.server.streamable_http import check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -455,49 +456,59 @@ class McpEndpoint:
                 response = await self._plain_call(admitted, parsed, started)
             await response(scope, receive, send)
             return
-        content_type = request.headers.get("content-type", "").lower()
-        if not content_type.startswith("application/json"):
-            # The MCP transport would reply in plain text.
-            message = (
-                f"Content-Type {content_type[:100]!r} is not application/json; "
-                "send JSON-RPC with Content-Type: application/json"
-            )
-            await _jsonrpc_error(message)(scope, receive, send)
-            return
-        if isinstance(parsed, list):
-            # The MCP transport would reply with pydantic's validation errors.
-            message = "JSON-RPC batches are not supported; send one request per POST"
-            await _jsonrpc_error(message)(scope, receive, send)
-            return
-        if invalid is not None:
-            # Rejected here, not by the MCP transport, because its parser
-            # accepts NaN and lone surrogates, and its parse errors would
-            # not reach the audit log.
+        rejection = self._jsonrpc_rejection(request, parsed, invalid)
+        if rejection is not None:
+            status, code, label, message = rejection
             self.gate.audit_rejection(
-                "mcp",
-                started,
-                400,
-                invalid.message,
-                principal=admitted,
-                jsonrpc_code=PARSE_ERROR,
+                "mcp", started, status, message, principal=admitted, jsonrpc_code=code
             )
-            message = f"Parse error: {invalid.message}"
-            await _jsonrpc_error(message, PARSE_ERROR)(scope, receive, send)
-            return
-        shape = jsonrpc_shape_problem(parsed)
-        if shape is not None:
-            # The MCP transport would reply with pydantic's raw errors.
-            self.gate.audit_rejection(
-                "mcp",
-                started,
-                400,
-                shape,
-                principal=admitted,
-                jsonrpc_code=INVALID_REQUEST,
-            )
-            await _jsonrpc_error(f"Invalid request: {shape}")(scope, receive, send)
+            response = _jsonrpc_error(label + message, code, status)
+            await response(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
+
+    def _jsonrpc_rejection(
+        self, request: Request, parsed: Any, invalid: InvalidJSONError | None
+    ) -> tuple[int, int, str, str] | None:
+        """Return the HTTP status, JSON-RPC code, label and message of a
+        JSON-RPC body that this endpoint rejects, or None to pass it to the
+        MCP transport. The response's message is the label and the message,
+        the audit log's the message alone.
+
+        The transport's own rejections are checked here first, because they
+        would not reach the audit log, and their messages are pydantic's
+        raw errors or plain text.
+        """
+        content_type = request.headers.get("content-type", "").lower()
+        if not content_type.startswith("application/json"):
+            return (
+                400,
+                INVALID_REQUEST,
+                "",
+                f"Content-Type {content_type[:100]!r} is not application/json; "
+                "send JSON-RPC with Content-Type: application/json",
+            )
+        if isinstance(parsed, list):
+            message = "JSON-RPC batches are not supported; send one request per POST"
+            return 400, INVALID_REQUEST, "", message
+        if invalid is not None:
+            # The transport's parser accepts NaN and lone surrogates.
+            return 400, PARSE_ERROR, "Parse error: ", invalid.message
+        shape = jsonrpc_shape_problem(parsed)
+        if shape is not None:
+            return 400, INVALID_REQUEST, "Invalid request: ", shape
+        accepts_json, _ = check_accept_headers(request)
+        if not accepts_json:
+            accept = request.headers.get("accept", "")
+            # 406, as the transport responds: its responses are JSON only.
+            return (
+                406,
+                INVALID_REQUEST,
+                "Not Acceptable: ",
+                f"Accept {accept[:100]!r} does not include "
+                "application/json; send Accept: application/json",
+            )
+        return None
 
     def _check_host_and_origin(self, request: Request) -> Response | None:
         started = time.perf_counter()
@@ -610,12 +621,14 @@ def _is_plain_call(parsed: Any) -> bool:
     return not (isinstance(parsed, dict) and "jsonrpc" in parsed)
 
 
-def _jsonrpc_error(message: str, code: int = INVALID_REQUEST) -> Response:
-    """Build a 400 response with a JSON-RPC error (by default "invalid
-    request"), the shape of the MCP transport's own rejections."""
+def _jsonrpc_error(
+    message: str, code: int = INVALID_REQUEST, status: int = 400
+) -> Response:
+    """Build a response with a JSON-RPC error (by default "invalid request"
+    with status 400), the shape of the MCP transport's own rejections."""
     return _json_response(
         {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}},
-        400,
+        status,
     )
 
 

@@ -872,3 +872,43 @@ async def test_cut_strings_count_what_was_cut(api_server: ApiServer) -> None:
     assert invalid.status_code == 422, invalid.text
     [detail] = invalid.json()["error"]["errors"]
     assert detail["value"] == "x" * 1000 + "... [4000 more characters]"
+
+
+async def test_jsonrpc_transport_rejections_audited(api_server: ApiServer) -> None:
+    request = json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/list"})
+    json_headers = {**api_server.headers, "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        batched = await http.post(
+            "/mcp",
+            content=f"[{request}]",
+            headers={**json_headers, "Accept": "application/json"},
+        )
+        untyped = await http.post(
+            "/mcp",
+            content=request,
+            headers={
+                **api_server.headers,
+                "Content-Type": "text/plain",
+                "Accept": "application/json",
+            },
+        )
+        unacceptable = await http.post(
+            "/mcp", content=request, headers={**json_headers, "Accept": "text/html"}
+        )
+    assert batched.status_code == 400, batched.text
+    assert untyped.status_code == 400, untyped.text
+    assert unacceptable.status_code == 406, unacceptable.text
+    assert unacceptable.json()["error"]["message"] == (
+        "Not Acceptable: Accept 'text/html' does not include application/json; "
+        "send Accept: application/json"
+    )
+    newest = [event["error"] for event in await audit_events(api_server, tool="mcp")]
+    assert newest[0] == (
+        "rejected with 406, JSON-RPC -32600: Accept 'text/html' does not "
+        "include application/json; send Accept: application/json"
+    )
+    assert newest[1].startswith("rejected with 400, JSON-RPC -32600: Content-Type ")
+    assert newest[2] == (
+        "rejected with 400, JSON-RPC -32600: JSON-RPC batches are not supported; "
+        "send one request per POST"
+    )
