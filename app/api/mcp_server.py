@@ -234,6 +234,17 @@ async def _explain_invalid_params(
     -32602. The value itself is left out: tool arguments may hold secrets."""
     try:
         return await call_next(ctx)
+    except MCPError as error:
+        if not _before_initialize(ctx, error):
+            raise
+        method = str(getattr(ctx, "method", ""))
+        message = (
+            f"{method[:100]} was sent before initialize: this session is not "
+            "initialized yet; send an initialize request first, then the "
+            "notifications/initialized notification (only ping may come before)"
+        )
+        await audit(ctx, message)
+        raise MCPError(code=types.INVALID_PARAMS, message=message) from None
     except ValidationError as error:
         method = str(getattr(ctx, "method", ""))
         errors = []
@@ -258,6 +269,24 @@ async def _explain_invalid_params(
             message=f"Invalid params of {method}: {summary}{fix}",
             data={"errors": errors},
         ) from None
+
+
+def _before_initialize(ctx: Any, error: MCPError) -> bool:
+    """Return whether `error` is the SDK's rejection of a request sent before
+    `initialize` on a stateful session (stdio).
+
+    NOTE: the SDK (mcp 2.x, `ServerRunner`) gives that rejection no type of
+    its own: it is INVALID_PARAMS with an empty `data`, where every other
+    INVALID_PARAMS of this server carries the errors. A stateless HTTP
+    session never raises it, since it starts initialized.
+    """
+    session = getattr(ctx, "session", None)
+    return (
+        error.error.code == types.INVALID_PARAMS
+        and error.error.data == ""
+        and session is not None
+        and session.client_params is None
+    )
 
 
 def _error_result(message: str) -> types.CallToolResult:

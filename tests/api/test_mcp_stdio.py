@@ -363,3 +363,27 @@ def test_invalid_request_ids_answered(settings: Settings) -> None:
     assert len(events) == len(invalid_ids) + 1
     for event in events:
         assert (event.error or "").startswith("rejected with -32600: id: ")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_request_before_initialize_explained(settings: Settings) -> None:
+    early = line({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    ping = line({"jsonrpc": "2.0", "id": 2, "method": "ping"})
+    later = line({"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    initialize = line({**INITIALIZE, "id": 4})
+    process = start_server(settings)
+    stdout, stderr = process.communicate(
+        early + ping + initialize + line(INITIALIZED) + later, timeout=60
+    )
+    assert process.returncode == 0, stderr.decode()
+    by_id = responses(stdout)
+    error = by_id[1]["error"]
+    assert error["code"] == -32602
+    assert error["message"].startswith("tools/list was sent before initialize: ")
+    assert "send an initialize request first" in error["message"]
+    assert by_id[2]["result"] == {}
+    assert by_id[3]["result"]["tools"]
+    [event] = list_calls(settings.effective_database_url, tool="mcp")
+    assert (event.error or "").startswith(
+        "rejected with -32602: tools/list was sent before initialize"
+    )
