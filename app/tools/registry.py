@@ -161,8 +161,10 @@ def get_tool(name: str) -> ToolSpec:
         return _registry[name]
     except KeyError:
         hint = did_you_mean(name, _registry)
+        # Cut like any invalid value, since the name is the caller's input.
+        shown = brief_value(name)
         raise ToolError(
-            f"unknown tool {name!r}{hint}; list the tools with `nexus tools`",
+            f"unknown tool {shown!r}{hint}; list the tools with `nexus tools`",
             kind="not_found",
         ) from None
 

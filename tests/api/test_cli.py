@@ -312,3 +312,15 @@ def test_calls_that_reach_no_tool_are_audited(api_settings: Settings) -> None:
         "'limit' appears more than once in one object; send each key once"
         for event in rejected
     )
+
+
+def test_long_unknown_tool_name_cut(api_settings: Settings) -> None:
+    name = "c" * 5000
+    unknown = nexus(api_settings, "call", name, "{}")
+    assert unknown.returncode == 1
+    assert name not in unknown.stderr
+    assert f"unknown tool '{'c' * 1000}... [4000 more characters]'" in unknown.stderr
+    [probe] = list_calls(api_settings.effective_database_url, limit=1)
+    assert probe.error is not None
+    assert name not in probe.error
+    assert "[4000 more characters]" in probe.error

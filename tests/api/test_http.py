@@ -912,3 +912,36 @@ async def test_jsonrpc_transport_rejections_audited(api_server: ApiServer) -> No
         "rejected with 400, JSON-RPC -32600: JSON-RPC batches are not supported; "
         "send one request per POST"
     )
+
+
+async def test_long_unknown_tool_name_cut(api_server: ApiServer) -> None:
+    name = "a" * 5000
+    shown = f"unknown tool '{'a' * 1000}... [4000 more characters]'"
+    routed = await post(api_server, f"/api/tools/{name}", {})
+    plain = await post(api_server, "/mcp", {"tool": name})
+    for response in (routed, plain):
+        assert response.status_code == 404, response.text
+        message = response.json()["error"]["message"]
+        assert message.startswith(shown)
+        assert name not in message
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {}},
+    }
+    headers = {**api_server.headers, "Accept": "application/json"}
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        rpc = await http.post("/mcp", json=call, headers=headers)
+    text = rpc.json()["result"]["content"][0]["text"]
+    assert text.startswith(shown)
+    assert name not in text
+    probes = [
+        event["error"]
+        for event in await audit_events(api_server)
+        if event["tool"].startswith("a" * 50)
+    ]
+    assert len(probes) == 3
+    for error in probes:
+        assert error.startswith(shown)
+        assert name not in error
