@@ -8,8 +8,10 @@ import contextlib
 import importlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -208,17 +210,14 @@ class Gate:
             target: the tool name, or the path, that the audit log records.
         """
         started = time.perf_counter()
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            message = (
-                "missing API key; send `Authorization: Bearer <key>` (create one "
-                "with `nexus keys create NAME`)"
-            )
-            self.audit_rejection(target, started, 401, message)
+        token = _bearer_token(request.headers.getlist("authorization"))
+        if isinstance(token, _Unauthorized):
+            self.audit_rejection(target, started, 401, token.message)
             return _error_response(
-                401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}
+                401,
+                "unauthorized",
+                token.message,
+                {"WWW-Authenticate": token.challenge},
             )
         principal = await self.keys.verify(token)
         if principal is None:
@@ -292,6 +291,47 @@ class Gate:
             )
         except Exception:
             logger.exception("could not queue the audit event of a rejected call")
+
+
+@dataclass(frozen=True)
+class _Unauthorized:
+    """Why a request's Authorization headers carry no bearer token."""
+
+    message: str
+    challenge: str = "Bearer"
+
+
+_BEARER_FIX = (
+    "send `Authorization: Bearer <key>` (create a key with `nexus keys create NAME`)"
+)
+# An authentication scheme as RFC 9110 writes one, short enough to be no key.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^`|~-]{0,19}")
+
+
+def _bearer_token(headers: list[str]) -> str | _Unauthorized:
+    """Return the token of the `Authorization: Bearer <token>` header,
+    or why there is none. A message never shows the header's value, which
+    may be a key sent with another scheme."""
+    header = headers[0].strip() if headers else ""
+    if not header:
+        return _Unauthorized(f"missing API key; {_BEARER_FIX}")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer":
+        if token:
+            return token
+        return _Unauthorized(
+            f"the Authorization header has the Bearer scheme but no key; {_BEARER_FIX}"
+        )
+    if token and _SCHEME.fullmatch(scheme) and parse_token(scheme) is None:
+        return _Unauthorized(
+            f"the Authorization header uses the scheme {scheme!r}, which this "
+            f"server does not accept; {_BEARER_FIX}"
+        )
+    return _Unauthorized(
+        "the Authorization header does not start with a scheme (a bare key?); "
+        f"{_BEARER_FIX}"
+    )
 
 
 def _tool_response(result: dict[str, Any]) -> Response:

@@ -945,3 +945,25 @@ async def test_long_unknown_tool_name_cut(api_server: ApiServer) -> None:
     for error in probes:
         assert error.startswith(shown)
         assert name not in error
+
+
+async def test_other_authorization_scheme_named(api_server: ApiServer) -> None:
+    secret = api_server.token.split("_", 2)[2]
+    cases = {
+        f"Token {api_server.token}": "uses the scheme 'Token'",
+        api_server.token: "does not start with a scheme",
+        "Bearer": "has the Bearer scheme but no key",
+    }
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        for header, expected in cases.items():
+            response = await http.post(
+                "/api/tools/system_health", headers={"Authorization": header}
+            )
+            assert response.status_code == 401, header
+            message = response.json()["error"]["message"]
+            assert expected in message
+            assert "send `Authorization: Bearer <key>`" in message
+            assert secret not in message
+    events = await audit_events(api_server, user_id="anonymous", tool="system_health")
+    assert "uses the scheme 'Token'" in events[2]["error"]
+    assert secret not in json.dumps(events)
