@@ -309,9 +309,18 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^`|~-]{0,19}")
 
 
 def _bearer_token(headers: list[str]) -> str | _Unauthorized:
-    """Return the token of the `Authorization: Bearer <token>` header,
+    """Return the token of the one `Authorization: Bearer <token>` header,
     or why there is none. A message never shows the header's value, which
     may be a key sent with another scheme."""
+    if len(headers) > 1:
+        # Authorization is not a list header (RFC 9110), and a proxy that
+        # reads another of the headers would disagree with this server.
+        return _Unauthorized(
+            f"the request has {len(headers)} Authorization headers, and the "
+            "server does not pick one; send one `Authorization: Bearer <key>` "
+            "header",
+            'Bearer error="invalid_request"',
+        )
     header = headers[0].strip() if headers else ""
     if not header:
         return _Unauthorized(f"missing API key; {_BEARER_FIX}")

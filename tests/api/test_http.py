@@ -967,3 +967,26 @@ async def test_other_authorization_scheme_named(api_server: ApiServer) -> None:
     events = await audit_events(api_server, user_id="anonymous", tool="system_health")
     assert "uses the scheme 'Token'" in events[2]["error"]
     assert secret not in json.dumps(events)
+
+
+async def test_two_authorization_headers_rejected(
+    api_server: ApiServer, key_factory
+) -> None:
+    limited, _ = key_factory("two-headers", ["system"])
+    pairs = [(limited, api_server.token), (api_server.token, limited)]
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        for first, second in pairs:
+            for path in ("/api/tools/storage_list", "/mcp"):
+                response = await http.post(
+                    path,
+                    json={"tool": "storage_list", "args": {"bucket": "x"}}
+                    if path == "/mcp"
+                    else {"bucket": "x"},
+                    headers=[
+                        ("Authorization", f"Bearer {first}"),
+                        ("Authorization", f"Bearer {second}"),
+                    ],
+                )
+                assert response.status_code == 401, (path, response.text)
+                message = response.json()["error"]["message"]
+                assert message.startswith("the request has 2 Authorization headers")
