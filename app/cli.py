@@ -295,7 +295,9 @@ def main() -> None:
         elif done.code is not None:
             print(done.code, file=sys.stderr)
             code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # Either is None when the process started with that fd closed.
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     logging.shutdown()
     os._exit(code)

@@ -170,6 +170,20 @@ def mcp_command() -> None:
     from app.api.stdio import serve_stdio
     from app.cli import load_settings
 
+    # Python sets these to None when it started with fd 0 or 1 closed. A
+    # file opened later could take that number and be read or written as the
+    # protocol stream.
+    for stream, name, use in (
+        (sys.stdin, "stdin", "reads JSON-RPC requests from"),
+        (sys.stdout, "stdout", "writes JSON-RPC responses to"),
+    ):
+        if stream is None:
+            typer.echo(
+                f"error: {name} is closed; nexus mcp {use} {name}, so start it "
+                "from an MCP client (or a shell) with both stdin and stdout open",
+                err=True,
+            )
+            raise typer.Exit(2)
     asyncio.run(serve_stdio(load_settings()))
 
 

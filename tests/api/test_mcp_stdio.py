@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,26 @@ def test_request_before_initialize_explained(settings: Settings) -> None:
     assert (event.error or "").startswith(
         "rejected with -32602: tools/list was sent before initialize"
     )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("closed_fd, name", [(0, "stdin"), (1, "stdout")])
+def test_closed_standard_stream_one_line_error(
+    settings: Settings, closed_fd: int, name: str
+) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "app", "mcp"],
+        cwd=REPO_ROOT,
+        env=server_env(settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # Runs in the child after its pipes are set up, as `nexus mcp <&-`.
+        preexec_fn=lambda: os.close(closed_fd),
+        timeout=60,
+    )
+    stderr = finished.stderr.decode()
+    assert finished.returncode == 2, stderr
+    assert stderr.startswith(f"error: {name} is closed; ")
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
