@@ -990,3 +990,14 @@ async def test_two_authorization_headers_rejected(
                 assert response.status_code == 401, (path, response.text)
                 message = response.json()["error"]["message"]
                 assert message.startswith("the request has 2 Authorization headers")
+
+
+async def test_trailing_slash_not_redirected(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        for path in ("/mcp/", "/api/tools/audit_log/"):
+            response = await http.post(
+                path, json={}, headers={**api_server.headers, "Host": "evil.example"}
+            )
+            assert response.status_code == 404, (path, response.text)
+            assert "location" not in response.headers
+            assert response.json()["error"]["kind"] == "not_found"
