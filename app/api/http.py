@@ -945,7 +945,7 @@ def create_app(settings: Settings) -> FastAPI:
         # pages load their scripts from a CDN.
         docs_url=None,
         redoc_url=None,
-        # Starlette answers `/mcp/` with a 307 to `/mcp` before the Host, key
+        # Starlette responds to `/mcp/` with a 307 to `/mcp` before the Host, key
         # and audit checks, with a Location built from the Host header, so a
         # trailing slash gets the 404 of any unknown path instead.
         redirect_slashes=False,

@@ -277,8 +277,8 @@ def _before_initialize(ctx: Any, error: MCPError) -> bool:
 
     NOTE: the SDK (mcp 2.x, `ServerRunner`) gives that rejection no type of
     its own: it is INVALID_PARAMS with an empty `data`, where every other
-    INVALID_PARAMS of this server carries the errors. A stateless HTTP
-    session never raises it, since it starts initialized.
+    INVALID_PARAMS of this server carries the errors. The stateless HTTP
+    transport starts each session initialized, so only stdio meets it.
     """
     session = getattr(ctx, "session", None)
     return (

@@ -162,9 +162,9 @@ def get_tool(name: str) -> ToolSpec:
     except KeyError:
         hint = did_you_mean(name, _registry)
         # Cut like any invalid value, since the name is the caller's input.
-        shown = brief_value(name)
+        shown_name = brief_value(name)
         raise ToolError(
-            f"unknown tool {shown!r}{hint}; list the tools with `nexus tools`",
+            f"unknown tool {shown_name!r}{hint}; list the tools with `nexus tools`",
             kind="not_found",
         ) from None
 
