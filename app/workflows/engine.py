@@ -114,7 +114,8 @@ async def execution_started(client: Client, execution_id: str) -> bool:
     try:
         description = await handle.describe(rpc_timeout=_RPC_TIMEOUT)
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
+        # INVALID_ARGUMENT: an id that Temporal could not hold (empty, too long).
+        if error.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
             return False
         raise
     return description.workflow_type == FlowNexusWorkflow.__name__

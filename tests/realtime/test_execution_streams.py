@@ -26,7 +26,7 @@ from app.sandbox import runtime
 from app.sandbox.local import LocalBackend
 from app.sandbox.output_stream import ExecutionStream, StreamRedactor
 from app.settings import Settings
-from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from app.tools import ToolContext, invoke_tool, load_tools
 from tests.conftest import running_workers
 
 load_tools()
