@@ -9,10 +9,33 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
+from app.contracts.neural import ModelConfig, NodeRef, SessionPlan
 from app.contracts.queues import NEURAL, ORCHESTRATION, neural_node_queue
 from app.db.migrate import upgrade
 from app.settings import Settings
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers, wait_for_pollers
+
+
+def one_worker_plan(session_id: str, **changes: object) -> SessionPlan:
+    """A one-round federated plan on iris for a single worker node_a."""
+    worker = NodeRef(node_id="node_a", task_queue="nexus-neural-node_a", role="worker")
+    fields: dict[str, object] = {
+        "session_id": session_id,
+        "cluster_id": f"dnc_{session_id}",
+        "model": ModelConfig(architecture="feedforward", widths=[8]),
+        "dataset": "iris",
+        "epochs": 1,
+        "batch_size": 32,
+        "learning_rate": 0.01,
+        "optimizer": "adam",
+        "federated": True,
+        "consensus": "raft",
+        "jit": True,
+        "workers": [worker],
+        "default_queue": NEURAL,
+        "rounds": 1,
+    }
+    return SessionPlan.model_validate(fields | changes)
 
 
 @pytest.fixture

@@ -16,12 +16,9 @@ from temporalio.client import Client
 from activities.neural import NodeActivities
 from app.contracts.neural import (
     FinishInput,
-    ModelConfig,
-    NodeRef,
     NodeTrainInput,
     NodeTrainResult,
     PrepareInput,
-    SessionPlan,
 )
 from app.db import session_scope
 from app.neural import distributed, store
@@ -29,7 +26,7 @@ from app.neural.models import NeuralJob
 from app.neural.training import TrainingDivergedError, dump_params, load_params
 from app.settings import Settings
 from app.tools import ToolContext, ToolError, invoke_tool, load_tools
-from tests.neural.conftest import node_workers
+from tests.neural.conftest import node_workers, one_worker_plan
 from tests.support.replay import replay_run, replay_saved
 from workers.registry import all_workflows
 
@@ -254,23 +251,7 @@ async def test_session_before_divergence_patch_replays(client: Client) -> None:
 
 
 def test_diverged_global_model_fails_finish(neural_settings: Settings) -> None:
-    worker = NodeRef(node_id="node_a", task_queue="nexus-neural-node_a", role="worker")
-    plan = SessionPlan(
-        session_id="session_nan",
-        cluster_id="dnc_nan",
-        model=ModelConfig(architecture="feedforward", widths=[8]),
-        dataset="iris",
-        epochs=1,
-        batch_size=32,
-        learning_rate=10.0,
-        optimizer="sgd",
-        federated=True,
-        consensus="raft",
-        jit=True,
-        workers=[worker],
-        default_queue="nexus-neural",
-        rounds=1,
-    )
+    plan = one_worker_plan("session_nan", learning_rate=10.0, optimizer="sgd")
     prepared = distributed.prepare_session(neural_settings, PrepareInput(plan=plan))
     params, _ = load_params(store.get_object(neural_settings, prepared.global_path))
     broken = jax.tree_util.tree_map(lambda leaf: np.full_like(leaf, np.nan), params)

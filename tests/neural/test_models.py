@@ -11,6 +11,7 @@ import pytest
 
 from app.neural import data, nets, training
 from app.settings import Settings
+from tests.neural.conftest import one_worker_plan
 
 
 @pytest.fixture(scope="module")
@@ -333,39 +334,20 @@ def test_node_stops_when_its_session_ends(
     from sqlmodel import select
 
     from app.contracts.neural import (
-        ModelConfig,
-        NodeRef,
         NodeTrainInput,
         PrepareInput,
-        SessionPlan,
     )
     from app.db import session_scope
     from app.neural import distributed, store
     from app.neural.models import NeuralEpoch, NeuralSession
 
     monkeypatch.setattr(distributed, "SESSION_CHECK_SECONDS", 0.0)
-    worker = NodeRef(node_id="node_a", task_queue="nexus-neural-node_a", role="worker")
-    plan = SessionPlan(
-        session_id="session_end",
-        cluster_id="dnc_end",
-        model=ModelConfig(architecture="feedforward", widths=[8]),
-        dataset="iris",
-        epochs=1,
-        batch_size=32,
-        learning_rate=0.01,
-        optimizer="adam",
-        federated=True,
-        consensus="raft",
-        jit=True,
-        workers=[worker],
-        default_queue="nexus-neural",
-        rounds=1,
-    )
+    plan = one_worker_plan("session_end")
     store.add_record(
         offline_settings,
         NeuralSession(
             id="session_end",
-            cluster_id="dnc_end",
+            cluster_id=plan.cluster_id,
             workflow_id="w",
             status="running",
             rounds_total=1,
