@@ -39,8 +39,13 @@ class LLMReply:
     stop_reason: str | None
 
 
-async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
+async def ask(
+    settings: Settings, system: str, prompt: str, *, timeout: float = 120.0
+) -> LLMReply:
     """Send one user message to the Messages API and return the reply text.
+
+    `timeout` is httpx's limit in seconds on connecting and on each read; the
+    caller limits the whole request.
 
     Raises:
         LLMUnavailableError: ANTHROPIC_API_KEY is not set.
@@ -68,7 +73,7 @@ async def ask(settings: Settings, system: str, prompt: str) -> LLMReply:
         "content-type": "application/json",
     }
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout)) as client:
             response = await client.post(url, json=body, headers=headers)
     except httpx.HTTPError as error:
         raise LLMRequestError(

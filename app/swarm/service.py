@@ -365,25 +365,26 @@ async def run_step(
         result.program_runs = output.runs
         if output.timed_out:
             result.status = "failed"
-            result.error = (
-                f"timed out after {work.timeout_seconds:g} s; raise the task's "
-                "timeout or shorten the program"
-            )
+            result.error = _timed_out_error(work.timeout_seconds, "the program")
         elif output.exit_code != 0:
             result.status = "failed"
             result.error = exit_error(output.exit_code, output.stderr)
     elif work.kind == "action":
         arguments = dict(work.action_args)
         try:
-            result.output = await run_action(
-                settings,
-                client,
-                work.action or "",
-                arguments,
-                caller=f"swarm:{request.swarm_id}:{agent.agent_id}",
-                task_id=request.task_id,
-                groups=work.groups,
-            )
+            async with asyncio.timeout(work.timeout_seconds):
+                result.output = await run_action(
+                    settings,
+                    client,
+                    work.action or "",
+                    arguments,
+                    caller=f"swarm:{request.swarm_id}:{agent.agent_id}",
+                    task_id=request.task_id,
+                    groups=work.groups,
+                )
+        except TimeoutError:
+            result.status = "failed"
+            result.error = _timed_out_error(work.timeout_seconds, "the action")
         except ActionNotAvailableError as error:
             raise StepFailedError(str(error)) from error
         except Exception as error:
@@ -397,23 +398,43 @@ async def run_step(
             capabilities=", ".join(agent.capabilities) or "general",
         )
         inputs = await dependency_outputs(client, request)
+        reply: llm.LLMReply | None = None
         try:
-            reply = await llm.ask(settings, system, llm_prompt(request, inputs))
+            async with asyncio.timeout(work.timeout_seconds):
+                reply = await llm.ask(
+                    settings,
+                    system,
+                    llm_prompt(request, inputs),
+                    timeout=work.timeout_seconds,
+                )
+        except TimeoutError:
+            result.status = "failed"
+            result.error = _timed_out_error(work.timeout_seconds, "the model's reply")
         except llm.LLMUnavailableError as error:
             raise StepFailedError(str(error)) from error
         except llm.LLMRequestError as error:
             raise StepFailedError(str(error), retryable=error.retryable) from error
-        result.text = reply.text
-        result.output = {
-            "model": reply.model,
-            "input_tokens": reply.input_tokens,
-            "output_tokens": reply.output_tokens,
-            "stop_reason": reply.stop_reason,
-        }
+        if reply is not None:
+            result.text = reply.text
+            result.output = {
+                "model": reply.model,
+                "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens,
+                "stop_reason": reply.stop_reason,
+            }
     finished = datetime.now(UTC)
     result.finished_at = finished
     result.duration_ms = round((finished - started).total_seconds() * 1000, 3)
     return result
+
+
+def _timed_out_error(timeout_seconds: float, slow_work: str) -> str:
+    # A step that ran out of its task's timeout fails without a retry, which
+    # would only run out of it again.
+    return (
+        f"timed out after {timeout_seconds:g} s; raise the task's timeout or "
+        f"shorten {slow_work}"
+    )
 
 
 def write_mirror(url: str, mirror: SwarmMirror) -> int:

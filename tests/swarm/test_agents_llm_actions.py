@@ -31,11 +31,15 @@ class MessagesStandIn(ThreadingHTTPServer):
             before the normal responses.
         bodies: raw bodies to send with HTTP 200, one per request in order,
             after the failures and before the normal responses.
+        delay: seconds to wait before each normal response; `release` ends
+            the wait early.
     """
 
     requests: list[dict[str, Any]]
     failures: list[int]
     bodies: list[bytes]
+    delay: float
+    release: threading.Event
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -58,6 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.bodies:
             self._send_raw(200, self.server.bodies.pop(0))
             return
+        self.server.release.wait(self.server.delay)
         prompt = body["messages"][0]["content"]
         reply = {
             "id": "msg_test",
@@ -92,11 +97,14 @@ def messages_api() -> Iterator[MessagesStandIn]:
     server.requests = []
     server.failures = []
     server.bodies = []
+    server.delay = 0.0
+    server.release = threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server
     finally:
+        server.release.set()
         server.shutdown()
         server.server_close()
 
@@ -261,6 +269,50 @@ async def test_llm_reply_not_json_object(
     assert quoted in step["error"]
     assert settings.anthropic_base_url in step["error"]
     assert "NEXUS_ANTHROPIC_BASE_URL" in step["error"]
+
+
+async def test_llm_step_keeps_task_timeout(
+    client: Client, swarm_settings: Settings, messages_api: MessagesStandIn
+) -> None:
+    messages_api.delay = 30.0
+    settings = stand_in_settings(swarm_settings, messages_api)
+    helper = Swarms(client, settings)
+    try:
+        async with running_workers(client, settings, SWARM_QUEUES):
+            swarm_id, _ = await helper.swarm("mesh", ["analyst"])
+            result = await helper.run_task(
+                task="slow answer", timeout=1, swarm_id=swarm_id
+            )
+    finally:
+        await helper.cleanup()
+    assert result["status"] == "failed"
+    [step] = result["results"]
+    assert step["text"] is None
+    assert step["attempt"] == 1
+    assert step["error"].startswith("timed out after 1 s; raise the task's timeout")
+    # A step that ran out of its time is not sent again.
+    assert len(messages_api.requests) == 1
+
+
+async def test_action_step_keeps_task_timeout(swarms: Swarms) -> None:
+    swarm_id, _ = await swarms.swarm("star", ["specialist"])
+    sandbox = await swarms.call("sandbox_create", template="python")
+    swarms.workflow_ids.append(f"sandbox-{sandbox['sandbox_id']}")
+    result = await swarms.run_task(
+        task="run slowly",
+        action="sandbox_execute",
+        action_args={
+            "sandbox_id": sandbox["sandbox_id"],
+            "code": "import time; time.sleep(20)",
+            "timeout": 30,
+        },
+        timeout=1,
+        swarm_id=swarm_id,
+    )
+    assert result["status"] == "failed"
+    [step] = result["results"]
+    assert step["output"] is None
+    assert step["error"].startswith("timed out after 1 s; raise the task's timeout")
 
 
 async def test_builtin_action_runs_tool(swarms: Swarms) -> None:
