@@ -271,11 +271,19 @@ def trimmed_output(output: str) -> str:
 def trimmed_step(step: StepResult, part_count: int) -> StepResult:
     """Return `step` as the task's record keeps it: its stdout, stderr and
     text within an equal share of MAX_STEPS_TEXT_BYTES, and its part within
-    MAX_STEP_PART_CHARS. `trimmed_bytes` counts what was left out."""
+    MAX_STEP_PART_CHARS. `trimmed_bytes` counts what was left out.
+
+    Stdout and stderr split the share. When both are too long, stdout keeps
+    3/4 and stderr 1/4. Either one may use what the other leaves unused.
+    """
     share = MAX_STEPS_TEXT_BYTES // max(1, part_count)
     update: dict[str, object] = {}
     trimmed = 0
-    for field, limit in (("stdout", share * 3 // 4), ("stderr", share // 4)):
+    stdout_bytes = len((step.stdout or "").encode())
+    stderr_bytes = len((step.stderr or "").encode())
+    stderr_limit = max(share // 4, share - stdout_bytes)
+    stdout_limit = share - min(stderr_bytes, stderr_limit)
+    for field, limit in (("stdout", stdout_limit), ("stderr", stderr_limit)):
         value = getattr(step, field)
         if value:
             update[field], dropped = cut_text(value, limit)

@@ -483,7 +483,8 @@ def test_record_keeps_steps_within_budget() -> None:
     assert kept.stdout is not None
     assert kept.stdout.endswith(" bytes left out of the task's record]\n")
     kept_bytes = len(kept.stdout.split("\n[")[0].encode())
-    assert share * 3 // 4 - 1 <= kept_bytes <= share * 3 // 4
+    # Stdout keeps the share less what stderr takes.
+    assert share - 10 - 1 <= kept_bytes <= share - 10
     assert kept.stderr == "e" * 10
     assert kept.part == "ü" * MAX_STEP_PART_CHARS + "…"
     # The part's cut counts bytes too: "ü" takes 2 in UTF-8.
@@ -495,6 +496,56 @@ def test_record_keeps_steps_within_budget() -> None:
     )
     output = planning.trimmed_output("o" * (MAX_TASK_OUTPUT_BYTES + 10))
     assert output.startswith("o" * MAX_TASK_OUTPUT_BYTES + "\n[10 bytes left out")
+
+
+def _step_with_output(stdout: str, stderr: str) -> StepResult:
+    return StepResult(
+        step=0,
+        agent_id="agent_1",
+        agent_name="coder-1",
+        agent_type="coder",
+        part_index=0,
+        part="a",
+        kind="code",
+        status="completed",
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def _kept_bytes(text: str | None) -> int:
+    assert text is not None
+    return len(text.split("\n[")[0].encode())
+
+
+def test_record_stdout_takes_unused_stderr_share() -> None:
+    share = MAX_STEPS_TEXT_BYTES // 4
+    step = _step_with_output("a" * 150_000, "")
+    assert share * 3 // 4 < 150_000 < share
+    kept = planning.trimmed_step(step, part_count=4)
+    assert kept.stdout == "a" * 150_000
+    assert kept.trimmed_bytes == 0
+    # Stdout gets the whole share when stderr is empty.
+    kept = planning.trimmed_step(_step_with_output("a" * 400_000, ""), 4)
+    assert _kept_bytes(kept.stdout) == share
+    assert kept.trimmed_bytes == 400_000 - share
+
+
+def test_record_stderr_takes_unused_stdout_share() -> None:
+    share = MAX_STEPS_TEXT_BYTES // 4
+    kept = planning.trimmed_step(_step_with_output("o" * 100, "e" * 400_000), 4)
+    assert kept.stdout == "o" * 100
+    assert _kept_bytes(kept.stderr) == share - 100
+
+
+def test_record_splits_share_when_both_long() -> None:
+    share = MAX_STEPS_TEXT_BYTES // 4
+    kept = planning.trimmed_step(
+        _step_with_output("o" * 400_000, "e" * 400_000), part_count=4
+    )
+    assert _kept_bytes(kept.stdout) == share * 3 // 4
+    assert _kept_bytes(kept.stderr) == share // 4
+    assert kept.trimmed_bytes == 800_000 - share
 
 
 @pytest.mark.parametrize("topology", ["ring", "mesh"])

@@ -471,12 +471,12 @@ async def test_large_parallel_outputs_trimmed(
 
 
 async def test_broken_chain_keeps_whole_last_output(swarms: Swarms) -> None:
-    # Three parts give each step a 196,608-byte share of the record's
+    # Four parts give each step a 196,608-byte share of the record's
     # stdout, so the record of a 250,000-byte step is trimmed. The task's
     # output is capped at 262,144 bytes, so it keeps that output whole.
     swarm_id, _ = await swarms.swarm("ring", ["coder", "coder"])
     results = await swarms.run_task(
-        task="first\nsecond\nthird",
+        task="first\nsecond\nthird\nfourth",
         strategy="sequential",
         code=(
             "import os, sys\n"
@@ -489,7 +489,7 @@ async def test_broken_chain_keeps_whole_last_output(swarms: Swarms) -> None:
 
     assert results["status"] == "failed"
     statuses = [step["status"] for step in results["results"]]
-    assert statuses == ["completed", "failed", "skipped"]
+    assert statuses == ["completed", "failed", "skipped", "skipped"]
     assert results["results"][0]["trimmed_bytes"] > 0
     assert results["output"] == "x" * 250_000
 
@@ -830,7 +830,7 @@ async def test_destroy_keeps_finished_steps(
 async def test_destroy_keeps_whole_finished_outputs(
     swarms: Swarms, strategy: str
 ) -> None:
-    # Four parts give each step a 147,456-byte share of the record's stdout,
+    # Four parts give each step a 196,608-byte share of the record's stdout,
     # so the records of the two finished steps are trimmed. The output
     # comes from the whole outputs, as for a task that was not cancelled.
     command = (
