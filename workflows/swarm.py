@@ -151,6 +151,11 @@ _PATCH_WATCH_CHILD_CLOSE = "swarm-watch-task-close"
 # swarm started and that still run.
 _PATCH_WATCH_CARRIED_TASKS = "swarm-watch-carried-tasks"
 
+# Patch id of the change that makes `adaptive` count only the agents that run
+# parts, not a star's hub or a hierarchy's root, so that a hub and one worker
+# run a task's parts in sequence.
+_PATCH_STRATEGY_WORKING_AGENTS = "swarm-strategy-counts-working-agents"
+
 # Heartbeat timeout of `watch_task_close`: a worker that dies during the
 # wait is noticed after this long, and the retry waits on.
 WATCH_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
@@ -1264,12 +1269,13 @@ class SwarmTaskWorkflow:
         spec = self.input.spec
         agents = assignment.agents
         topology = assignment.topology
-        workers = len(agents)
-        if topology in ("hierarchical", "star") and workers > 1:
-            workers -= 1
+        workers = planning.working_agent_count(topology, len(agents))
         parts = planning.split_parts(spec, workers)
         self.parts = parts
-        strategy, reason = planning.choose_strategy(spec, parts, len(agents))
+        counted = len(agents)
+        if workers != counted and workflow.patched(_PATCH_STRATEGY_WORKING_AGENTS):
+            counted = workers
+        strategy, reason = planning.choose_strategy(spec, parts, counted)
         self.progress.strategy_used = strategy  # type: ignore[assignment]
         self.progress.strategy_reason = reason
         self.progress.steps_total = len(parts)

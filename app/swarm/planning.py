@@ -140,10 +140,11 @@ def choose_strategy(
 ) -> tuple[str, str]:
     """Resolve `adaptive` into `parallel` or `sequential`, with the reason.
 
+    `agent_count` counts the agents that run parts (`working_agent_count`).
     Parts that build on each other (the text says "then" or "after", or each
     step needs the previous output) run in sequence. Independent parts run in
-    parallel when the task has more than one agent; with one part, or one
-    agent, they run one after another anyway.
+    parallel when more than one agent works on them; with one part, or one
+    working agent, they run one after another anyway.
     """
     if spec.strategy != "adaptive":
         return spec.strategy, f"requested {spec.strategy}"
@@ -155,11 +156,19 @@ def choose_strategy(
     if len(parts) <= 1:
         return "sequential", "the task has 1 part"
     if agent_count <= 1:
-        return "sequential", f"{len(parts)} parts and only 1 agent is assigned"
+        return "sequential", f"{len(parts)} parts and only 1 working agent"
     return (
         "parallel",
-        f"{len(parts)} independent parts and {agent_count} free agents",
+        f"{len(parts)} independent parts and {agent_count} working agents",
     )
+
+
+def working_agent_count(topology: str, agent_count: int) -> int:
+    """Return how many of a task's agents run parts: all of them, less the hub
+    or root of a star or hierarchical swarm unless it is the only agent."""
+    if topology in ("hierarchical", "star") and agent_count > 1:
+        return agent_count - 1
+    return agent_count
 
 
 def part_owners(topology: str, agent_count: int, part_count: int) -> list[int]:

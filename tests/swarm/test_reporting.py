@@ -440,7 +440,7 @@ def test_adaptive_reason_single_part() -> None:
         "the task has 1 part",
     )
     assert planning.choose_strategy(spec, ["a", "b"], 1)[1] == (
-        "2 parts and only 1 agent is assigned"
+        "2 parts and only 1 working agent"
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from temporalio.client import Client
+
+from app.contracts.swarm import task_workflow_id
+from tests.support.replay import replay_run, replay_saved
 from tests.swarm.conftest import Swarms
+from workers.registry import all_workflows
 
 # Prints who ran which part, and what the previous agent passed along.
 PART_PROGRAM = (
@@ -127,7 +132,7 @@ async def test_mesh_agents_claim_from_queue(swarms: Swarms) -> None:
         swarm_id=swarm_id,
     )
     assert result["status"] == "completed", result["error"]
-    # Adaptive: 7 independent parts and 3 free agents run in parallel.
+    # Adaptive: 7 independent parts and 3 working agents run in parallel.
     assert result["strategy_used"] == "parallel"
     assert "7 independent parts" in result["strategy_reason"]
     claims = [e for e in result["flow"] if e["kind"] == "claim"]
@@ -154,3 +159,26 @@ async def test_adaptive_chain_runs_sequentially(swarms: Swarms) -> None:
     # Two data-parallel parts chained: 0+1, then 1+1.
     assert [s["stdout"].strip() for s in result["results"]] == ["1", "2"]
     assert result["output"].strip() == "2"
+
+
+async def test_hub_and_one_worker_adaptive_sequential(swarms: Swarms) -> None:
+    # The hub runs no part, so its one worker runs both parts, and adaptive
+    # chains them as it does for a task of one agent.
+    swarm_id, agents = await swarms.swarm("star", ["coordinator", "coder"])
+    result = await swarms.run_task(
+        task="a\nb", code=PART_PROGRAM, swarm_id=swarm_id, maxAgents=2
+    )
+    assert result["status"] == "completed", result["error"]
+    assert result["strategy_used"] == "sequential"
+    assert result["strategy_reason"] == "2 parts and only 1 working agent"
+    assert {step["agent_id"] for step in result["results"]} == {agents[1]["agent_id"]}
+    assert result["output"].split() == ["coder-1:0", "coder-1:1"]
+    await replay_run(
+        swarms.client, task_workflow_id(result["task_id"]), all_workflows()
+    )
+
+
+async def test_hub_task_replays_older_strategy(client: Client) -> None:
+    """A star task of a hub and one worker recorded when adaptive counted the
+    hub, so it ran the two parts in parallel."""
+    await replay_saved(client, "swarm_task_hub_counted", all_workflows())
