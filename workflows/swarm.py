@@ -1318,6 +1318,15 @@ class SwarmTaskWorkflow:
         plural = "" if len(parts) == 1 else "s"
         self._flow("split", root, root, note=f"{len(parts)} subtask{plural}")
         owners = planning.part_owners("hierarchical", len(agents), len(parts))
+        if len(agents) == 1:
+            # A root without children works every part itself. As a star's
+            # lone hub does, it delegates each part to itself and collects it.
+            for j in range(len(parts)):
+                self._flow("delegate", root, root, part_index=j)
+            outputs = await self._run_parts([root] * len(parts), parts, sequential)
+            for j in range(len(outputs)):
+                self._flow("collect", root, root, part_index=j, note="aggregate")
+            return outputs
         for j, node in enumerate(owners):
             path = planning.tree_path(node)
             for upper, lower in itertools.pairwise(path):

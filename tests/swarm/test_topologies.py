@@ -182,3 +182,26 @@ async def test_hub_task_replays_older_strategy(client: Client) -> None:
     """A star task of a hub and one worker recorded when adaptive counted the
     hub, so it ran the two parts in parallel."""
     await replay_saved(client, "swarm_task_hub_counted", all_workflows())
+
+
+async def test_hierarchy_of_one_delegates_to_itself(swarms: Swarms) -> None:
+    swarm_id, agents = await swarms.swarm("hierarchical", ["coder"])
+    root = agents[0]["agent_id"]
+    result = await swarms.run_task(
+        task="1. a\n2. b",
+        command="echo $NEXUS_PART",
+        strategy="parallel",
+        swarm_id=swarm_id,
+    )
+    assert result["status"] == "completed", result["error"]
+    edges = [
+        (e["kind"], e["source"], e["target"], e["part_index"]) for e in result["flow"]
+    ]
+    assert edges == [
+        ("split", root, root, None),
+        ("delegate", root, root, 0),
+        ("delegate", root, root, 1),
+        ("collect", root, root, 0),
+        ("collect", root, root, 1),
+    ]
+    assert result["output"] == "a\nb\n"
