@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         MAX_QUEUED_WORK_BYTES,
         MAX_TASK_TEXT_BYTES,
         MAX_TASK_WORK_BYTES,
+        SWARM_NOT_ACTIVE_ERROR,
         AgentState,
         AgentStepRequest,
         Assignment,
@@ -957,9 +958,11 @@ class SwarmWorkflow:
 
     def _require_active(self) -> None:
         if self.state.status != "active":
-            raise ValueError(
+            raise ApplicationError(
                 f"swarm {self.state.swarm_id} is {self.state.status}; start a new "
-                "one with swarm_init"
+                "one with swarm_init",
+                type=SWARM_NOT_ACTIVE_ERROR,
+                non_retryable=True,
             )
 
     def _active_agents(self) -> list[AgentState]:

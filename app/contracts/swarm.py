@@ -119,6 +119,10 @@ def capability_error(field: str, capabilities: list[str]) -> str | None:
 # same error. A task cancelled for any other reason reports to its swarm.
 DESTROYED_WHILE_RUNNING = "the swarm was destroyed while the task ran"
 
+# Error type of an update that a swarm rejects because it is destroying or
+# destroyed, which the tools report as a conflict, not as a bad argument.
+SWARM_NOT_ACTIVE_ERROR = "SwarmNotActive"
+
 
 # Limits on what a task's record keeps, for the same 2 MB payload limit: the
 # record is the task workflow's state, its status query and its result. A

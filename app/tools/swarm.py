@@ -37,6 +37,7 @@ from app.contracts.queues import ORCHESTRATION
 from app.contracts.swarm import (
     DESTROYED_WHILE_RUNNING,
     MAX_CAPABILITIES,
+    SWARM_NOT_ACTIVE_ERROR,
     AgentState,
     Language,
     Priority,
@@ -185,8 +186,13 @@ async def _update(
             message = (
                 cause.message if isinstance(cause, ApplicationError) else str(cause)
             )
+            not_active = (
+                isinstance(cause, ApplicationError)
+                and cause.type == SWARM_NOT_ACTIVE_ERROR
+            )
             raise ToolError(
-                f"{what} rejected: {message}", kind="invalid_argument"
+                f"{what} rejected: {message}",
+                kind="conflict" if not_active else "invalid_argument",
             ) from None
         except RPCError as error:
             busy = error.status == RPCStatusCode.RESOURCE_EXHAUSTED

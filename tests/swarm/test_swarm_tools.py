@@ -3,6 +3,7 @@ destruction and the database mirror."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowUpdateFailedError
 
-from app.contracts.queues import ORCHESTRATION
+from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import (
     MAX_CAPABILITIES,
     MAX_CAPABILITY_CHARS,
@@ -1153,3 +1154,42 @@ async def test_queued_tasks_start_with_assignment(swarms: Swarms) -> None:
     ]
     signal = EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
     assert signal not in parent_events
+
+
+async def test_destroying_swarm_rejects_as_conflict(
+    client: Client, swarm_settings: Settings
+) -> None:
+    # Without a sandbox worker the destroy cannot stop the agent's sandbox,
+    # so the swarm stays destroying until the test starts one.
+    helper = Swarms(client, swarm_settings)
+    try:
+        async with running_workers(client, swarm_settings, (ORCHESTRATION,)):
+            swarm_id, _ = await helper.swarm("mesh", ["coder"])
+            await helper.call(
+                "task_orchestrate", task="wait", command="true", swarm_id=swarm_id
+            )
+            destroy = asyncio.create_task(
+                helper.call("swarm_destroy", swarm_id=swarm_id)
+            )
+            while (await helper.call("swarm_status", swarm_id=swarm_id))[
+                "status"
+            ] != "destroying":
+                await asyncio.sleep(0.05)
+            calls: list[tuple[str, dict[str, Any]]] = [
+                ("agent_spawn", {"type": "coder"}),
+                ("task_orchestrate", {"task": "more", "command": "true"}),
+                ("swarm_scale", {"target_agents": 1}),
+            ]
+            for tool, arguments in calls:
+                with pytest.raises(ToolError) as caught:
+                    await helper.call(tool, swarm_id=swarm_id, **arguments)
+                assert caught.value.kind == "conflict", tool
+                assert f"swarm {swarm_id} is destroying" in caught.value.message
+            async with running_workers(client, swarm_settings, (SANDBOX,)):
+                await destroy
+            with pytest.raises(ToolError) as caught:
+                await helper.call("agent_spawn", type="coder", swarm_id=swarm_id)
+            assert caught.value.kind == "conflict"
+            assert f"swarm {swarm_id} is destroyed" in caught.value.message
+    finally:
+        await helper.cleanup()
