@@ -23,6 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.swarm import (
     MAX_STEP_INPUT_BYTES,
+    AgentState,
     AgentStepRequest,
     StepResult,
     SwarmMirror,
@@ -47,10 +48,23 @@ _PERMANENT_SANDBOX_ERRORS = ("configuration", "invalid_argument", "interrupted")
 INTERRUPT_SECONDS = 10.0
 
 LLM_SYSTEM_PROMPT = (
-    "You are {name}, a {type} agent in a multi-agent swarm. Your capabilities: "
-    "{capabilities}. Do the part of the task you are given and answer with the "
-    "result only."
+    "You are {name}, {article} {type} agent in a multi-agent swarm. Your "
+    "capabilities: {capabilities}. Do the part of the task you are given and "
+    "answer with the result only."
 )
+
+
+def llm_system_prompt(agent: AgentState) -> str:
+    """Build the system prompt of an agent's natural-language step."""
+    # Every agent type is an English noun, and those that start with a vowel
+    # letter (analyst, architect, optimizer) are also spoken with a vowel.
+    article = "an" if agent.type[:1].lower() in "aeiou" else "a"
+    return LLM_SYSTEM_PROMPT.format(
+        name=agent.name,
+        article=article,
+        type=agent.type,
+        capabilities=", ".join(agent.capabilities) or "general",
+    )
 
 
 class StepFailedError(Exception):
@@ -392,11 +406,7 @@ async def run_step(
             result.status = "failed"
             result.error = f"action {work.action!r} failed: {message}"
     else:
-        system = LLM_SYSTEM_PROMPT.format(
-            name=agent.name,
-            type=agent.type,
-            capabilities=", ".join(agent.capabilities) or "general",
-        )
+        system = llm_system_prompt(agent)
         inputs = await dependency_outputs(client, request)
         reply: llm.LLMReply | None = None
         try:

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,7 +15,9 @@ import pytest
 from pydantic import SecretStr
 from temporalio.client import Client
 
+from app.contracts.swarm import AGENT_TYPES, AgentState
 from app.settings import Settings
+from app.swarm import service
 from app.tools import ToolError, ToolInputError, invoke_tool
 from app.tools import registry as tool_registry
 from tests.conftest import running_workers
@@ -144,6 +147,19 @@ async def test_llm_task_uses_messages_api(
     assert result["output"] == "answer to: Task: summarise the findings"
 
 
+@pytest.mark.parametrize("kind", AGENT_TYPES)
+def test_llm_system_prompt_article(kind: str) -> None:
+    agent = AgentState(
+        agent_id="agent_1",
+        type=kind,
+        name="agent-1",
+        joined_at=datetime(2026, 1, 1, tzinfo=UTC),
+        seq=1,
+    )
+    article = "an" if kind in ("analyst", "architect", "optimizer") else "a"
+    assert f"agent-1, {article} {kind} agent" in service.llm_system_prompt(agent)
+
+
 async def test_llm_task_without_key_fails(swarms: Swarms) -> None:
     assert swarms.settings.anthropic_api_key is None
     swarm_id, _ = await swarms.swarm("mesh", ["researcher"])
@@ -212,6 +228,8 @@ async def test_llm_server_errors_are_retried(
     result = await run_llm_task(client, settings, "retry me")
     assert result["status"] == "completed", result["error"]
     assert len(messages_api.requests) == 3
+    system = messages_api.requests[0]["body"]["system"]
+    assert system.startswith("You are analyst-0, an analyst agent in a")
     [step] = result["results"]
     assert step["attempt"] == 3
     assert step["error"] is None
