@@ -203,8 +203,12 @@ def build_metrics(
     warmup_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Collect every figure of the report from the database; memory growth
-    is also fitted after the first `warmup_minutes` of samples (default: a
-    third of the sampled time, at most 10 minutes, as `bench.soak` does).
+    is also fitted after the first `warmup_minutes` of samples.
+
+    The default warm-up is a third of the time from the first sample to the
+    last, at most 10 minutes. `bench.soak` passes a third of its `--minutes`
+    instead, so a report written with the default may start that fit at
+    another sample than the soak's own output.
 
     Args:
         health_note: where `health` comes from, when it is not the health
