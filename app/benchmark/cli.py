@@ -1016,7 +1016,10 @@ def check_run_id(run_id: str) -> None:
 
 @benchmark_cli.command("cancel")
 def cancel_command(
-    run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
+    run_id: Annotated[
+        str,
+        typer.Argument(metavar="RUN_ID", help="Run id, as `benchmark run` printed."),
+    ],
 ) -> None:
     """Cancel a running benchmark on the configured Temporal server (under
     `nexus up`) and wait up to a minute for it to end. A cancelled run has no
@@ -1192,7 +1195,10 @@ def unknown_run_lines(settings: Settings, run_id: str) -> list[str]:
 
 @benchmark_cli.command("report")
 def report_command(
-    run_id: Annotated[str, typer.Argument(help="Run id, as `benchmark run` printed.")],
+    run_id: Annotated[
+        str,
+        typer.Argument(metavar="RUN_ID", help="Run id, as `benchmark run` printed."),
+    ],
 ) -> None:
     """Write the report of a finished run again, keeping the system health
     recorded as it ended."""

@@ -87,6 +87,16 @@ REJECTED = [
 ]
 
 
+@pytest.mark.parametrize("command", ["cancel", "report"])
+def test_usage_names_run_id(command: str) -> None:
+    result = CliRunner().invoke(cli, ["benchmark", command, "--help"])
+    assert result.exit_code == 0, result.output
+    usage = result.output.split("Usage:", 1)[1].splitlines()[0]
+    # Typer puts a required argument in braces.
+    assert usage.split()[-1] == "{RUN_ID}"
+    assert "run_id" not in result.output
+
+
 @pytest.mark.parametrize(("arguments", "option", "value"), REJECTED)
 def test_bad_option_rejected(arguments: list[str], option: str, value: str) -> None:
     # A closed address, so that an option accepted by mistake fails at once
