@@ -540,13 +540,18 @@ async def cancel_run(
     *,
     announce: bool = True,
     completed: list[BenchmarkResult] | None = None,
+    started: StartedRun | None = None,
 ) -> bool:
     """Cancel the run and wait for it to end, so that the run, its sampler and
     its phase workflows are closed before the embedded server stops. Without
     that, the next embedded start resumes the run beside the new one. Return
     whether it ended within `timeout`; a run that completed all the same
-    adds its result to `completed`."""
+    adds its result to `completed`. `started.cancel_requested` is set once
+    the server has recorded the request."""
     run_id = handle.id
+    await handle.cancel()
+    if started is not None:
+        started.cancel_requested = True
     if announce:
         console.print(
             f"Interrupted: cancelling benchmark {run_id} (a second Ctrl-C or "
@@ -554,7 +559,6 @@ async def cancel_run(
             soft_wrap=True,
             markup=False,
         )
-    await handle.cancel()
     try:
         result = await asyncio.wait_for(handle.result(), timeout)
     except TimeoutError:
@@ -579,17 +583,27 @@ async def cancel_run(
     return True
 
 
-def print_left_running(settings: Settings, run_id: str) -> None:
+def print_left_running(settings: Settings, run: StartedRun) -> None:
     """Say what becomes of a run on this command's own server that a second
     Ctrl-C left without waiting for its cancellation."""
-    console.print(
-        f"Exited without waiting: benchmark {run_id} was not cancelled and stays "
-        f"open in the history of {settings.resolved_data_dir}. The next `nexus "
-        "benchmark run` there cancels it first; under `nexus up` it runs on "
-        f"until `nexus benchmark cancel {run_id}`.",
-        soft_wrap=True,
-        markup=False,
-    )
+    run_id = run.run_id
+    data_dir = settings.resolved_data_dir
+    if run.cancel_requested:
+        message = (
+            f"Exited without waiting: the cancellation of benchmark {run_id} was "
+            f"requested but has not completed. The run stays open in the history "
+            f"of {data_dir} and ends as cancelled once workers process the "
+            "request: under `nexus up`, or when the next `nexus benchmark run` "
+            "there starts."
+        )
+    else:
+        message = (
+            f"Exited without waiting: benchmark {run_id} was not cancelled and "
+            f"stays open in the history of {data_dir}. The next `nexus benchmark "
+            "run` there cancels it first; under `nexus up` it runs on until "
+            f"`nexus benchmark cancel {run_id}`."
+        )
+    console.print(message, soft_wrap=True, markup=False)
 
 
 def run_commands(settings: Settings, run_id: str) -> str:
@@ -670,6 +684,7 @@ class StartedRun:
     run_id: str
     own_server: bool
     ended: bool = False
+    cancel_requested: bool = False
 
 
 @contextlib.contextmanager
@@ -875,7 +890,9 @@ async def _run_benchmark(
                 raise
             leaving = True
             completed: list[BenchmarkResult] = []
-            this_run.ended = await cancel_run(handle, completed=completed)
+            this_run.ended = await cancel_run(
+                handle, completed=completed, started=this_run
+            )
             leaving = False
             if not completed:
                 raise
@@ -951,7 +968,7 @@ def run_command(
     except KeyboardInterrupt:
         if started and started[0].own_server and not started[0].ended:
             # On another server the first Ctrl-C printed that the run goes on.
-            print_left_running(settings, started[0].run_id)
+            print_left_running(settings, started[0])
         raise typer.Exit(130) from None
     except asyncio.CancelledError:  # SIGTERM
         raise typer.Exit(128 + signal.SIGTERM) from None
