@@ -13,10 +13,10 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from pydantic import ValidationError
@@ -52,6 +52,9 @@ from app.contracts.benchmark import (
 )
 from app.contracts.queues import ALL_QUEUES, ORCHESTRATION
 from app.settings import Settings, environment_variable
+
+if TYPE_CHECKING:
+    from app.processes import ManagedProcess
 
 benchmark_cli = typer.Typer(
     cls=NexusGroup,
@@ -236,12 +239,18 @@ async def _deployment_serves(settings: Settings) -> bool:
 
 
 async def _every_queue_polled(client: Client, settings: Settings) -> bool:
+    return not await _unpolled_queues(client, settings)
+
+
+async def _unpolled_queues(client: Client, settings: Settings) -> list[str]:
+    """Return the queues that no worker polls for activities."""
     from app.services.health import describe_queue
 
     described = [
-        await describe_queue(client, settings.namespace, q) for q in ALL_QUEUES
+        (queue, await describe_queue(client, settings.namespace, queue))
+        for queue in ALL_QUEUES
     ]
-    return all(q.activity_pollers for q in described)
+    return [queue for queue, info in described if not info.activity_pollers]
 
 
 async def cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedRun:
@@ -258,13 +267,39 @@ async def cancel_on_sigterm(run: Coroutine[Any, Any, FinishedRun]) -> FinishedRu
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def _wait_for_workers(client: Client, settings: Settings) -> None:
-    deadline = time.monotonic() + 120
+WORKER_START_SECONDS = 120
+
+
+async def _wait_for_workers(
+    client: Client, settings: Settings, children: Sequence[ManagedProcess] = ()
+) -> None:
+    """Wait until a worker polls every queue.
+
+    Raises:
+        BenchmarkStartError: one of `children` (the workers that this command
+            started) exited, or a queue has no poller after
+            WORKER_START_SECONDS.
+    """
+    deadline = time.monotonic() + WORKER_START_SECONDS
+    unpolled = list(ALL_QUEUES)
     while time.monotonic() < deadline:
-        if await _every_queue_polled(client, settings):
+        unpolled = await _unpolled_queues(client, settings)
+        if not unpolled:
             return
+        for child in children:
+            process = child.process
+            if process is not None and process.poll() is not None:
+                raise BenchmarkStartError(
+                    f"{child.name} (pid {process.pid}) exited with code "
+                    f"{process.returncode} before it polled its queue; see "
+                    f"{child.log_path} for why"
+                )
         await asyncio.sleep(0.5)
-    raise RuntimeError("workers did not start polling every queue within 120 s")
+    raise BenchmarkStartError(
+        f"no worker polled the queue(s) {', '.join(unpolled)} within "
+        f"{WORKER_START_SECONDS} s; see the worker logs in "
+        f"{settings.resolved_data_dir / 'logs'}"
+    )
 
 
 def format_seconds(seconds: float) -> str:
@@ -861,7 +896,9 @@ async def _run_benchmark(
         client = await connect(
             settings, wait_seconds=30 if stack else 3, runtime=quiet_runtime()
         )
-        await _wait_for_workers(client, settings)
+        await _wait_for_workers(
+            client, settings, stack.children if stack is not None else ()
+        )
         await _check_no_other_run(client, settings, started_server)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         run_id = f"benchmark-{stamp}-{uuid.uuid4().hex[:6]}"

@@ -946,6 +946,30 @@ async def test_interrupt_cancels_embedded_run(tmp_path: Path, stop: str) -> None
         server.stop()
 
 
+@pytest.mark.timeout(300)
+async def test_worker_exit_at_start_fails_at_once(tmp_path: Path) -> None:
+    env = _cli_env(tmp_path)
+    process, output = _start_cli(_RUN, env)
+    try:
+        started = await output.wait_for(
+            r"started worker nexus-sandbox \(pid (\d+)\)", 240
+        )
+        os.kill(int(started[1]), signal.SIGKILL)
+        # Well below the 120 s that the command gives workers to poll.
+        exit_code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = " ".join(output.text.split())
+    assert exit_code == 1, text
+    assert (
+        f"error: worker nexus-sandbox (pid {started[1]}) exited with code -9 "
+        "before it polled its queue" in text
+    )
+    assert str(tmp_path / "logs" / "nexus-sandbox.log") in text
+
+
 @pytest.mark.timeout(420)
 async def test_second_interrupt_leaves_embedded_run(tmp_path: Path) -> None:
     env = _cli_env(tmp_path)
