@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import re
 import shlex
@@ -13,15 +14,16 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.text import Text
 from temporalio.client import (
     Client,
     Schedule,
@@ -329,43 +331,149 @@ _NOT_RUN = "not run"
 _STILL_RUNNING = "still running"
 
 
-class PhaseLines:
-    """One printed line per phase as it ends, for output that is not a
-    terminal, where rich draws the bars only once, when the run has ended.
+class PhaseEnd(NamedTuple):
+    """A phase of a cycle that ended, as the command learned of it."""
+
+    cycle: int
+    name: str
+    ok: bool
+    seconds: float | None
+    error: str | None
+
+
+class RecordedPhase(NamedTuple):
+    ok: bool
+    seconds: float
+    error: str | None
+
+
+def read_recorded_phase(
+    url: str, run_id: str, cycle: int, phase: str
+) -> RecordedPhase | None:
+    """Read the row that the run recorded for a phase of a cycle. Return None
+    when there is none or the database cannot be read, since the display
+    then shows what the progress query returned."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlmodel import col, select
+
+    from app.benchmark.models import BenchmarkPhase
+    from app.db import session_scope
+
+    try:
+        with session_scope(url) as session:
+            row = session.exec(
+                select(BenchmarkPhase)
+                .where(BenchmarkPhase.run_id == run_id)
+                .where(BenchmarkPhase.cycle == cycle)
+                .where(BenchmarkPhase.phase == phase)
+                .order_by(col(BenchmarkPhase.id).desc())
+            ).first()
+            if row is None:
+                return None
+            seconds = (row.ended_at - row.started_at).total_seconds()
+            return RecordedPhase(row.ok, seconds, row.error)
+    except SQLAlchemyError:
+        return None
+
+
+PhaseLookup = Callable[[int, str], RecordedPhase | None]
+
+
+class PhaseEnds:
+    """Finds the phases that ended since the last poll of the progress query.
 
     A phase can end between two polls together with its cycle, which then
-    continues as new: the last phase nearly always does. So when a poll finds
-    a new cycle, every phase of the last one not printed yet gets its line,
-    marked from the failed-cycle counts, without its time.
+    continues as new: the last phase nearly always does. The new cycle's
+    state has neither the time nor the error of that phase, so they come
+    from the row that the run recorded (`lookup`). Without a row, the
+    outcome comes from the failed-cycle counts, and the time is unknown.
     """
 
-    def __init__(self) -> None:
-        self.printed: set[tuple[int, str]] = set()
+    def __init__(self, lookup: PhaseLookup | None = None) -> None:
+        self.lookup = lookup
+        self.reported: set[tuple[int, str]] = set()
         self.cycle: int | None = None
         self.failed: dict[str, int] = {}
 
-    def update(self, state: BenchmarkProgress) -> None:
+    def update(self, state: BenchmarkProgress) -> list[PhaseEnd]:
+        ended: list[PhaseEnd] = []
         if self.cycle is not None and state.cycle != self.cycle:
-            for name, title in PHASE_TITLES.items():
-                if (self.cycle, name) in self.printed:
+            for name in PHASE_TITLES:
+                if (self.cycle, name) in self.reported:
                     continue
                 failed = state.failed_cycles.get(name, 0) > self.failed.get(name, 0)
-                self._print(self.cycle, name, title, "❌" if failed else "✅", "")
+                ended.append(self._ended(self.cycle, name, not failed, None))
         self.cycle = state.cycle
         self.failed = dict(state.failed_cycles)
-        for name, title in PHASE_TITLES.items():
-            if name not in state.completed or (state.cycle, name) in self.printed:
+        for name in PHASE_TITLES:
+            if name not in state.completed or (state.cycle, name) in self.reported:
                 continue
-            mark = "✅" if state.completed[name] else "❌"
             times = state.phase_times.get(name)
-            took = f" {format_seconds(times.seconds)}" if times is not None else ""
-            self._print(state.cycle, name, title, mark, took)
+            seconds = times.seconds if times is not None else None
+            ended.append(self._ended(state.cycle, name, state.completed[name], seconds))
+        return ended
 
-    def _print(self, cycle: int, name: str, title: str, mark: str, took: str) -> None:
-        self.printed.add((cycle, name))
-        console.print(
-            f"Cycle {cycle + 1}: {title} {mark}{took}", soft_wrap=True, markup=False
-        )
+    def _ended(
+        self, cycle: int, name: str, ok: bool, seconds: float | None
+    ) -> PhaseEnd:
+        self.reported.add((cycle, name))
+        recorded = None
+        if self.lookup is not None and (seconds is None or not ok):
+            recorded = self.lookup(cycle, name)
+        if recorded is None:
+            return PhaseEnd(cycle, name, ok, seconds, None)
+        if seconds is None:
+            # The row is this phase's own record, unlike the failed-cycle
+            # counts, which a failure of the same phase in a later cycle moves.
+            ok, seconds = recorded.ok, recorded.seconds
+        return PhaseEnd(cycle, name, ok, seconds, recorded.error)
+
+
+# A failed phase's error line is cut after this many characters; the report
+# has the whole error.
+_ERROR_CHARS = 300
+
+
+def failure_line(end: PhaseEnd) -> str:
+    """Return the line that shows why a phase failed: its recorded error's
+    first line, or where to find the error when none was recorded yet."""
+    title = PHASE_TITLES[end.name]
+    error = (end.error or "").strip().splitlines()
+    reason = error[0][:_ERROR_CHARS] if error else "its error is in the report"
+    return f"Cycle {end.cycle + 1}: {title} failed: {reason}"
+
+
+class PhaseLines:
+    """One printed line per phase as it ends, for output that is not a
+    terminal, where rich draws the bars only once, when the run has ended.
+    A failed phase gets a second line with its error."""
+
+    def show(self, ended: Sequence[PhaseEnd]) -> None:
+        for end in ended:
+            mark = "✅" if end.ok else "❌"
+            took = f" {format_seconds(end.seconds)}" if end.seconds is not None else ""
+            title = PHASE_TITLES[end.name]
+            console.print(
+                f"Cycle {end.cycle + 1}: {title} {mark}{took}",
+                soft_wrap=True,
+                markup=False,
+            )
+            if not end.ok:
+                console.print(f"  {failure_line(end)}", soft_wrap=True, markup=False)
+
+
+class NotedProgress(Progress):
+    """A rich progress display with lines of text under its bars."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Progress's own __init__ draws the display, which reads the notes.
+        self.notes: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for note in self.notes:
+            yield Text(note)
 
 
 class PhaseBars:
@@ -391,25 +499,15 @@ class PhaseBars:
             self.progress.update(
                 self.overall, completed=fraction, status=f"cycle {state.cycle + 1}"
             )
-        ended_unseen = self.running
-        if (
-            ended_unseen is not None
-            and state.cycle != self.cycle
-            and ended_unseen not in (state.phase, *state.completed)
-        ):
-            # The phase ended and its cycle continued as new between two
-            # polls. Its outcome is in the failed cycles, its time is not.
-            # In the same cycle, a running phase that is gone without an
-            # outcome was cancelled, and its bar stays running until stop().
-            self._show(ended_unseen, _phase_mark(ended_unseen, state), "")
-        else:
-            ended_unseen = None
+        # In the same cycle, a running phase that is gone without an outcome
+        # was cancelled, and its bar stays running until stop().
         self.running = state.phase
         if state.cycle != self.cycle:
-            # A new cycle: the other bars still show the last cycle's outcomes.
+            # A new cycle: reset the bars that still show the last cycle's
+            # outcomes, also that of a phase that ended unseen between polls.
             self.cycle = state.cycle
             for name in self.tasks:
-                if name not in (state.phase, ended_unseen, *state.completed):
+                if name not in (state.phase, *state.completed):
                     self._show(name, "waiting", "")
         for name in self.tasks:
             if name == state.phase:
@@ -504,11 +602,14 @@ async def follow(
     poll_seconds: float = 1.0,
     *,
     interrupt_cancels: bool = True,
+    database_url: str | None = None,
 ) -> BenchmarkResult:
     """Show a progress bar per phase, driven by the workflow's query, and
     once the run ends, every bar in its final state. `interrupt_cancels` is
     true when the caller cancels the run after Ctrl-C or SIGTERM stops this
-    function, and false when the run goes on."""
+    function, and false when the run goes on. Under the bars, a line per
+    failed phase shows its error, read with its time from the phase rows in
+    `database_url`."""
     columns = (
         TextColumn("{task.description}", justify="left"),
         BarColumn(),
@@ -516,8 +617,21 @@ async def follow(
         TextColumn("{task.fields[elapsed]}"),
     )
     started = time.monotonic()
+    lookup = (
+        functools.partial(read_recorded_phase, database_url, handle.id)
+        if database_url is not None
+        else None
+    )
+    ends = PhaseEnds(lookup)
     lines = None if console.is_terminal else PhaseLines()
-    with Progress(*columns, console=console) as progress:
+
+    def show_ended(state: BenchmarkProgress) -> None:
+        ended = ends.update(state)
+        if lines is not None:
+            lines.show(ended)
+        progress.notes += [failure_line(end) for end in ended if not end.ok]
+
+    with NotedProgress(*columns, console=console) as progress:
         bars = PhaseBars(progress)
         result_task = asyncio.create_task(handle.result())
         try:
@@ -528,8 +642,7 @@ async def follow(
                     state = None
                 if state is not None:
                     bars.update(state, datetime.now(UTC))
-                    if lines is not None:
-                        lines.update(state)
+                    show_ended(state)
                 progress.update(
                     bars.overall,
                     elapsed=format_seconds(time.monotonic() - started),
@@ -561,8 +674,8 @@ async def follow(
             final = None
             console.print(f"Could not read the phases' final outcomes: {error}")
         bars.finish(final, result)
-        if lines is not None and final is not None:
-            lines.update(final)
+        if final is not None:
+            show_ended(final)
         progress.update(
             bars.overall, elapsed=format_seconds(time.monotonic() - started)
         )
@@ -918,7 +1031,11 @@ async def _run_benchmark(
             markup=False,
         )
         try:
-            result = await follow(handle, interrupt_cancels=started_server)
+            result = await follow(
+                handle,
+                interrupt_cancels=started_server,
+                database_url=settings.effective_database_url,
+            )
         except asyncio.CancelledError:
             # asyncio.run cancels this task on the first Ctrl-C, and raises
             # KeyboardInterrupt at once on the second.

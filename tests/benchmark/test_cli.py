@@ -47,6 +47,8 @@ from app.contracts.benchmark import (
     BenchmarkProgress,
     BenchmarkResult,
     BenchmarkState,
+    PhaseRecord,
+    PhaseResult,
     PhaseTimes,
     ReportResult,
 )
@@ -181,6 +183,7 @@ class _ScriptedRun:
         final: BenchmarkProgress | None,
         result: BenchmarkResult | BaseException,
     ) -> None:
+        self.id = "run"
         self.answers = answers
         self.final = final
         self.outcome = result
@@ -522,12 +525,104 @@ async def test_bar_of_phase_ended_between_polls(
     ]
     run = _ScriptedRun(answers, None, _result(cycles=2))
     lines = await _follow_output(monkeypatch, run)
+    # Like the other bars of the new cycle, it waits for its next run.
     assert lines["Performance and scalability"] == (
-        "Performance and scalability ❌ failed in 1 cycle"
+        "Performance and scalability waiting"
+    )
+    out = benchmark_cli.console.file.getvalue()  # type: ignore[attr-defined]
+    # Without the run's database the error is not known here.
+    assert (
+        "Cycle 1: Performance and scalability failed: its error is in the report" in out
     )
     # Without the final progress, the last poll's state is what is known.
     assert lines["Sandbox integration"].startswith("Sandbox integration running 1 min")
     assert lines["Run"].startswith("Run 2 cycles, report written ")
+
+
+def _record_phase(
+    url: str, cycle: int, phase: str, seconds: float, error: str | None
+) -> None:
+    start = 100.0 * cycle
+    recording.record_phase(
+        url,
+        PhaseRecord(
+            run_id="run",
+            result=PhaseResult(
+                phase=phase,  # type: ignore[arg-type]
+                cycle=cycle,
+                ok=error is None,
+                error=error,
+                started_at=_START + timedelta(seconds=start),
+                ended_at=_START + timedelta(seconds=start + seconds),
+            ),
+        ),
+    )
+
+
+def _cycle_change_answers() -> list[BenchmarkProgress]:
+    # Neural training fails in cycle 1, and performance and scalability
+    # fails and the run continues as new into cycle 2 between two polls.
+    return [
+        BenchmarkProgress(
+            cycle=0,
+            phase="performance_scalability",
+            phase_started_at=datetime.now(UTC),
+            completed={"sandbox_integration": True, "neural_training": False},
+            phase_times={
+                "sandbox_integration": _times(0, 3),
+                "neural_training": _times(3, 5),
+            },
+            failed_cycles={"neural_training": 1},
+            **_BASE,
+        ),
+        BenchmarkProgress(
+            cycle=1,
+            phase="sandbox_integration",
+            phase_started_at=datetime.now(UTC),
+            failed_cycles={"neural_training": 1, "performance_scalability": 1},
+            **_BASE,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+async def test_failed_phase_errors_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, terminal: bool
+) -> None:
+    url = f"sqlite:///{tmp_path / 'nexus.db'}"
+    upgrade(url)
+    recording.start_run(url, "run", BenchmarkConfig(duration_seconds=60))
+    _record_phase(url, 0, "sandbox_integration", 3, None)
+    _record_phase(url, 0, "neural_training", 2, "training diverged\nat round 3")
+    _record_phase(url, 0, "performance_scalability", 12.5, "no poller on nexus-x")
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=terminal)
+    monkeypatch.setattr(benchmark_cli, "console", console)
+    run = _ScriptedRun(_cycle_change_answers(), None, _result(cycles=2))
+    await benchmark_cli.follow(
+        run,  # type: ignore[arg-type]
+        poll_seconds=0.01,
+        database_url=url,
+    )
+    text = out.getvalue()
+    neural = "Cycle 1: Neural training failed: training diverged"
+    performance = "Cycle 1: Performance and scalability failed: no poller on nexus-x"
+    if terminal:
+        # The live display draws its notes under the bars.
+        last = text.rsplit("Cross-system integration", 1)[1]
+        assert neural in last
+        assert performance in last
+        return
+    printed = text.splitlines()
+    assert printed[:3] == [
+        "Cycle 1: Sandbox integration ✅ 3.0 s",
+        "Cycle 1: Neural training ❌ 2.0 s",
+        f"  {neural}",
+    ]
+    # The last phase of the cycle gets its time from the database.
+    ended = printed.index("Cycle 1: Performance and scalability ❌ 12.5 s")
+    assert printed[ended + 1] == f"  {performance}"
+    assert not any(line.startswith("Cycle 2:") for line in printed)
 
 
 async def test_final_progress_failure_is_reported(
