@@ -59,6 +59,9 @@ EXECUTION_KIND_VALUE = "flow_nexus_workflow"
 # Errors that no retry can fix; the activities raise them with these types.
 NON_RETRYABLE_TYPES = ["InvalidStepParams", "StepTypeNotAvailable"]
 _RECORD_TIMEOUT = timedelta(seconds=30)
+# Bytes a run's result may take, with room below Temporal's 2 MB payload
+# limit for the encoding and the history event around it.
+RESULT_LIMIT = 1_500_000
 # Executions started before this patch wrote progress before every wait.
 _PATCH_BATCH_LOCAL_PROGRESS = "batch-local-step-progress"
 # Executions started before this patch ran `sandbox_execution` steps with no
@@ -486,7 +489,7 @@ class FlowNexusWorkflow:
             raise ApplicationError(
                 state.error or "a step failed", type="StepFailed", non_retryable=True
             )
-        return state
+        return _bounded_result(state)
 
     async def _finish_cancelled(self) -> None:
         assert self._state is not None
@@ -501,6 +504,9 @@ class FlowNexusWorkflow:
                 step.status = "cancelled"
                 step.error = "cancelled while running"
                 step.finished_at = now
+                # The workflow learns of an activity's attempts when it ends,
+                # and a cancelled one reports none: count the one that ran.
+                step.attempts = max(step.attempts, 1)
                 self._event(step.name, "step.cancelled", "cancelled")
             elif step.status == "pending":
                 step.status = "skipped"
@@ -513,6 +519,41 @@ class FlowNexusWorkflow:
         self._event(None, "execution.cancelled", "cancelled")
         await self._flush()
         workflow.logger.info("execution %s cancelled", self._state.execution_id)
+
+
+def _payload_size(value: object) -> int:
+    return workflow.payload_converter().to_payloads([value])[0].ByteSize()
+
+
+def _bounded_result(state: ExecutionState) -> ExecutionState:
+    """Return the run's result within RESULT_LIMIT bytes.
+
+    Temporal refuses a payload over 2 MB, and a workflow task whose result
+    it refuses fails and is tried again without end: the run would stay
+    running while its steps ran again. The largest step outputs, then the
+    input, are left out and named in `omitted`; the database has them all.
+    """
+    if _payload_size(state) <= RESULT_LIMIT:
+        return state
+    result = state.model_copy(deep=True)
+    sizes = sorted(
+        (
+            (_payload_size(step.output), index)
+            for index, step in enumerate(result.steps)
+        ),
+        reverse=True,
+    )
+    for _, index in sizes:
+        step = result.steps[index]
+        if step.output is None:
+            continue
+        step.output = None
+        result.omitted.append(f"steps.{step.name}.output")
+        if _payload_size(result) <= RESULT_LIMIT:
+            return result
+    result.input_data = {}
+    result.omitted.append("input_data")
+    return result
 
 
 def _describe_failure(error: FailureError, max_attempts: int) -> tuple[str, int]:

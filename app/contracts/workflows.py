@@ -136,6 +136,12 @@ class ExecutionState(BaseModel):
     closed_at: UtcDateTime | None = None
     error: str | None = None
     steps: list[StepState] = Field(default_factory=list)
+    omitted: list[str] = Field(
+        default_factory=list,
+        description="What the run's Temporal result leaves out to stay under "
+        "Temporal's payload limit (`input_data`, `steps.NAME.output`); the "
+        "database keeps it, and workflow_status shows it.",
+    )
 
 
 class AuditEntry(BaseModel):

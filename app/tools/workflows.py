@@ -379,6 +379,12 @@ async def workflow_execute(
             "steps with workflow_status",
             kind="failed",
         ) from None
+    if final.omitted:
+        # The run's result left out what Temporal could not carry; the
+        # database has the whole execution.
+        final = await asyncio.to_thread(
+            store.get_execution, ctx.database_url, handle.id
+        )
     result.status = final.status
     result.result = final
     return result

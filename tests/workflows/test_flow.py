@@ -237,6 +237,8 @@ async def test_cancel_stops_running_step(
     assert status["source"] == "database"
     assert status["execution"]["status"] == "cancelled"
     assert steps["long"]["status"] == "cancelled"
+    # The attempt that was running counts.
+    assert steps["long"]["attempts"] == 1
     assert steps["after"]["status"] == "skipped"
     for _ in range(50):
         if f"{execution_id}/long" in CANCELLED:
@@ -603,3 +605,37 @@ async def test_status_shows_attempt_in_progress(
         assert "no worker polls task queue 'nexus-neural-nosuchnode'" in step["error"]
     finally:
         await client.get_workflow_handle(execution_id).cancel()
+
+
+async def test_result_over_payload_limit_leaves_outputs_out(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    """Two outputs of 800 KB and their input would make a result over
+    Temporal's 2 MB limit, which it refuses: the run would stay running and
+    its steps run again. The result leaves the largest parts out, names
+    them, and the database keeps them."""
+    blob = "q" * 800_000
+    workflow_id = await _create(
+        tools,
+        "big-outputs",
+        [
+            {"name": "a", "type": "echo", "params": {"b": "{{input.blob}}"}},
+            {"name": "b", "type": "echo", "params": {"b": "{{input.blob}}"}},
+        ],
+    )
+    result = await asyncio.wait_for(_run(tools, workflow_id, {"blob": blob}), 120)
+    assert result["status"] == "completed"
+    # The tool answers with the whole execution, from the database.
+    assert {step["output"]["b"] for step in result["result"]["steps"]} == {blob}
+    handle = client.get_workflow_handle(
+        result["execution_id"], result_type=ExecutionState
+    )
+    carried = await handle.result()
+    # 2.4 MB in all: both outputs go, and the input fits.
+    assert sorted(carried.omitted) == ["steps.a.output", "steps.b.output"]
+    assert carried.input_data == {"blob": blob}
+    trail = await call(tools, "workflow_audit_trail", workflow_id=workflow_id)
+    events = [(e["step"], e["event"]) for e in trail["events"]]
+    assert events.count((None, "execution.started")) == 1
+    assert events.count((None, "execution.completed")) == 1
+    await replay_run(client, result["execution_id"], all_workflows())
