@@ -7,6 +7,7 @@ import gc
 import hashlib
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
@@ -106,6 +107,28 @@ def describe_code_failure(
     return f"{text}; it printed nothing to stdout or stderr"
 
 
+# Seconds an attempt needs before its start-to-close deadline to begin a
+# sandbox or a program; with less, the server reports the attempt timed out
+# (and maybe the run failed) before that work would even start.
+START_MARGIN_SECONDS = 1.0
+
+
+def _require_time_left(request: StepRequest, what: str) -> None:
+    """Raise an ApplicationError when less than START_MARGIN_SECONDS is left
+    of this attempt's start-to-close timeout."""
+    info = activity.info()
+    if info.start_to_close_timeout is None:
+        return
+    deadline = info.started_time + info.start_to_close_timeout
+    left = (deadline - datetime.now(UTC)).total_seconds()
+    if left < START_MARGIN_SECONDS:
+        raise ApplicationError(
+            f"step {request.step!r}: this attempt's timeout ran out before {what}; "
+            "raise the step's timeout",
+            type="StepTimedOut",
+        )
+
+
 class IntegrationActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -156,6 +179,7 @@ class IntegrationActivities:
         try:
             if sandbox_id is None:
                 await self._delete_earlier_sandboxes(request)
+                _require_time_left(request, "its sandbox was created")
                 new_sandbox = await self._call(
                     request,
                     "sandbox_create",
@@ -172,6 +196,7 @@ class IntegrationActivities:
                 # session's history and logs.
                 run["mask_env_vars"] = sorted(env)
             try:
+                _require_time_left(request, "its program started")
                 result = await self._call(
                     request,
                     "sandbox_execute",

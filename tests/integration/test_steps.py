@@ -8,9 +8,11 @@ import re
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.integration import IntegrationActivities, step_user
@@ -271,7 +273,12 @@ async def test_sandbox_step_retry_deletes_earlier(
         assert left["sandbox_id"] in {s["sandbox_id"] for s in listed["sandboxes"]}
 
         environment = ActivityEnvironment(client=client)
-        environment.info = dataclasses.replace(environment.info, attempt=2)
+        environment.info = dataclasses.replace(
+            environment.info,
+            attempt=2,
+            started_time=datetime.now(UTC),
+            start_to_close_timeout=timedelta(seconds=60),
+        )
         outcome = await environment.run(activities.sandbox_execution, request)
         assert outcome.output["stdout"] == "7\n"
         listed = await invoke_tool(step, "sandbox_list", {"status": "all"})
@@ -281,6 +288,38 @@ async def test_sandbox_step_retry_deletes_earlier(
         assert kept["sandbox_id"] in present
     finally:
         await invoke_tool(sibling, "sandbox_delete", {"sandbox_id": kept["sandbox_id"]})
+
+
+async def test_sandbox_step_starts_nothing_past_its_deadline(
+    client: Client, workers: Settings
+) -> None:
+    """An attempt with less than a second left of its start-to-close timeout
+    (its cleanup took the rest) starts no sandbox and no program: the server
+    has reported it timed out, and maybe the run failed, by then."""
+    execution_id = f"late-{uuid.uuid4().hex[:8]}"
+    step = ToolContext(
+        workers, user_id=step_user(execution_id, "code"), temporal_client=client
+    )
+    request = StepRequest(
+        execution_id=execution_id,
+        step="code",
+        type="sandbox_execution",
+        params={"code": "print(7)", "timeout": 60},
+    )
+    environment = ActivityEnvironment(client=client)
+    environment.info = dataclasses.replace(
+        environment.info,
+        started_time=datetime.now(UTC) - timedelta(seconds=2.5),
+        start_to_close_timeout=timedelta(seconds=3),
+    )
+    with pytest.raises(ApplicationError) as late:
+        await environment.run(IntegrationActivities(workers).sandbox_execution, request)
+    assert late.value.message == (
+        "step 'code': this attempt's timeout ran out before its sandbox was "
+        "created; raise the step's timeout"
+    )
+    listed = await invoke_tool(step, "sandbox_list", {"status": "all"})
+    assert listed["sandboxes"] == []
 
 
 async def test_first_attempt_destroys_nothing(
