@@ -406,14 +406,13 @@ def check_step_params(definition: WorkflowDefinition) -> None:
         try:
             if any(find_references(key) for key in step.params):
                 continue  # a templated key: nothing to check before the run
-            templated = {k for k, v in step.params.items() if find_references(v)}
         except TemplateError:
             continue  # validate_definition reports it
         try:
             step_type.params_model.model_validate(step.params)
         except ValidationError as error:
             for item in error.errors(include_url=False):
-                if item["loc"] and item["loc"][0] in templated:
+                if item["loc"] and _reference_on_path(step.params, item["loc"]):
                     continue
                 where = ".".join(["params", *(str(part) for part in item["loc"])])
                 problems.append(
@@ -422,6 +421,32 @@ def check_step_params(definition: WorkflowDefinition) -> None:
                 )
     if problems:
         raise DefinitionError(problems)
+
+
+def _reference_on_path(params: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    """Return whether a reference fills in the value at `loc` or a value that
+    contains it, so that only the run can check it. A reference elsewhere in
+    the same dict, such as another env var, does not count."""
+    current: Any = params
+    for part in loc:
+        if isinstance(part, str) and _has_reference(part):
+            return True
+        found = (isinstance(current, dict) and part in current) or (
+            isinstance(current, list) and isinstance(part, int) and part < len(current)
+        )
+        if not found:
+            return False
+        current = current[part]
+        if isinstance(current, str) and _has_reference(current):
+            return True
+    return False
+
+
+def _has_reference(text: str) -> bool:
+    try:
+        return bool(find_references(text))
+    except TemplateError:
+        return False  # validate_definition reports it
 
 
 def _is_secret_path(path: str) -> bool:

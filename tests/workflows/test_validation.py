@@ -308,6 +308,14 @@ BAD_PARAMS = [
         "step 's': params.template: Input should be",
     ),
     (
+        # A reference in one env var leaves the others to be checked now.
+        {
+            "type": "sandbox_execution",
+            "params": {"code": "x", "env_vars": {"Y": 5, "Z": "{{input.z}}"}},
+        },
+        "step 's': params.env_vars.Y: Input should be a valid string",
+    ),
+    (
         {"type": "storage", "params": {"operation": "list", "bucket": "../../etc"}},
         "step 's': params.bucket: invalid bucket name '../../etc': "
         "use 3-63 lowercase letters",
@@ -335,6 +343,24 @@ def test_params_checked_at_create(step: dict[str, Any], expected: str) -> None:
     with pytest.raises(DefinitionError) as caught:
         check_step_params(definition)
     assert expected in str(caught.value)
+
+
+def test_referenced_env_var_waits_for_the_run() -> None:
+    definition = _definition(
+        [
+            {
+                "name": "s",
+                "type": "sandbox_execution",
+                "params": {"code": "x", "env_vars": {"Y": "5", "Z": "{{input.z}}"}},
+            },
+            {
+                "name": "t",
+                "type": "sandbox_execution",
+                "params": {"code": "x", "env_vars": "{{input.env}}"},
+            },
+        ]
+    )
+    check_step_params(definition)
 
 
 def test_env_var_values_are_not_echoed() -> None:
