@@ -641,6 +641,12 @@ async def workflow_agent_assign(
                 kind="not_found",
             ) from None
         raise _not_found(error) from None
+    names = [s.name for s in state.steps]
+    if step not in names:
+        raise ToolError(
+            f"execution {owner!r} has no step {step!r}; its steps: {names}",
+            kind="not_found",
+        )
     if state.status != "running":
         raise ToolError(
             f"execution {owner!r} is {state.status}; assign agents to a running "

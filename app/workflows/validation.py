@@ -179,12 +179,36 @@ def validate_definition(
         except (DefinitionError, KeyError):
             upstream = None
         raise DefinitionError(
-            problems + _reference_problems(definition.steps, names, upstream)
+            problems
+            + _cycle_problems(definition.steps, names)
+            + _reference_problems(definition.steps, names, upstream)
         )
     upstream = ancestors(definition.steps)  # raises on a cycle
     problems = _reference_problems(definition.steps, names, upstream)
     if problems:
         raise DefinitionError(problems)
+
+
+def _cycle_problems(steps: Iterable[StepSpec], names: set[str]) -> list[str]:
+    """Return the cycle among the known dependencies, if any. Unknown steps
+    and self-dependencies are left out, since they have their own problems."""
+    known = [
+        step.model_copy(
+            update={
+                "depends_on": [
+                    d
+                    for d in dict.fromkeys(step.depends_on)
+                    if d in names and d != step.name
+                ]
+            }
+        )
+        for step in {s.name: s for s in steps}.values()
+    ]
+    try:
+        topological_order(known)
+    except DefinitionError as error:
+        return error.problems
+    return []
 
 
 def _reference_problems(
@@ -209,6 +233,12 @@ def _reference_problems(
                 problems.append(
                     f"step {step.name!r}: {{{{{reference.text}}}}} names unknown "
                     f"step {reference.step!r}"
+                )
+            elif reference.step == step.name:
+                problems.append(
+                    f"step {step.name!r}: {{{{{reference.text}}}}} names the step "
+                    "itself, whose output does not exist while it runs; take the "
+                    "value from an upstream step or from {{input.FIELD}}"
                 )
             elif upstream is not None and reference.step not in upstream.get(
                 step.name, set()

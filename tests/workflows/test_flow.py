@@ -483,6 +483,15 @@ async def test_agent_assignment(
     # No swarm runs in this test, so nothing resolves and the reason is kept.
     assert assigned["agent_id"] is None
     assert "type 'reviewer'" in assigned["unresolved_reason"]
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_agent_assign",
+            task_id=f"{execution_id}/nostep",
+            agent_type="coder",
+        )
+    assert caught.value.kind == "not_found"
+    assert "has no step 'nostep'" in caught.value.message
     with pytest.raises(ToolError, match="only a pending step"):
         await call(
             tools,

@@ -103,6 +103,30 @@ BAD_DEFINITIONS = [
         "step 'a': invalid reference {{step.a.v}}",
     ),
     (
+        "reference to the step itself",
+        [{"name": "a", "type": "echo", "params": {"x": "{{steps.a.output.y}}"}}],
+        "step 'a': {{steps.a.output.y}} names the step itself, whose output "
+        "does not exist while it runs",
+    ),
+    (
+        "cycle next to an unknown dependency",
+        [
+            {"name": "a", "type": "echo", "depends_on": ["b"]},
+            {"name": "b", "type": "echo", "depends_on": ["a"]},
+            {"name": "c", "type": "echo", "depends_on": ["q"]},
+        ],
+        "steps a -> b -> a form a dependency cycle",
+    ),
+    (
+        "unknown dependency next to a cycle",
+        [
+            {"name": "a", "type": "echo", "depends_on": ["b"]},
+            {"name": "b", "type": "echo", "depends_on": ["a"]},
+            {"name": "c", "type": "echo", "depends_on": ["q"]},
+        ],
+        "step 'c': depends_on names unknown step 'q'",
+    ),
+    (
         "dot in a step name",
         [{"name": "a.b", "type": "echo"}],
         "step 'a.b': invalid name",
