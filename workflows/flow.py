@@ -11,6 +11,7 @@ first failed step's error, unless that step has `continue_on_failure`.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from datetime import timedelta
 from typing import Any
 
@@ -89,7 +90,9 @@ class FlowNexusWorkflow:
 
     def __init__(self) -> None:
         self._state: ExecutionState | None = None
-        self._changed: list[str] = []
+        # Insertion-ordered set of the steps changed since the last write.
+        self._changed: dict[str, None] = {}
+        self._by_name: dict[str, StepState] = {}
         self._events: list[AuditEntry] = []
         self._running: dict[asyncio.Task[StepOutcome], str] = {}
         self._max_attempts: dict[str, int] = {}
@@ -174,6 +177,7 @@ class FlowNexusWorkflow:
             ],
         )
         self._state = state
+        self._by_name = {step.name: step for step in state.steps}
         registered: RegisteredExecution = await workflow.execute_local_activity(
             "workflow_register_execution",
             RegisterExecution(state=state, input=request),
@@ -206,11 +210,7 @@ class FlowNexusWorkflow:
         return found
 
     def _step(self, name: str) -> StepState:
-        assert self._state is not None
-        for step in self._state.steps:
-            if step.name == name:
-                return step
-        raise KeyError(name)
+        return self._by_name[name]
 
     def _publish_visibility(self, state: ExecutionState) -> None:
         assert state.workflow_id is not None
@@ -238,8 +238,8 @@ class FlowNexusWorkflow:
         **details: Any,
     ) -> None:
         assert self._state is not None
-        if step is not None and step not in self._changed:
-            self._changed.append(step)
+        if step is not None:
+            self._changed[step] = None
         self._events.append(
             AuditEntry(
                 execution_id=self._state.execution_id,
@@ -280,30 +280,55 @@ class FlowNexusWorkflow:
         types: dict[str, StepType],
     ) -> None:
         upstream = ancestors(specs.values())
-        pending = topological_order(specs.values())
+        order = topological_order(specs.values())
+        position = {name: index for index, name in enumerate(order)}
+        # Each step counts its dependencies that have not reached a final
+        # status; at zero it can be decided, so it goes on the heap.
+        # Deciding in topological order, as one scan over the pending steps
+        # did, keeps the order of the commands that recorded runs replay.
+        dependents: dict[str, list[str]] = {name: [] for name in order}
+        unsettled: dict[str, int] = {}
+        for name in order:
+            dependencies = set(specs[name].depends_on)
+            unsettled[name] = len(dependencies)
+            for dependency in dependencies:
+                dependents[dependency].append(name)
+        decidable = [position[name] for name in order if not unsettled[name]]
+        heapq.heapify(decidable)
+        undecided = len(order)
+
+        def settle(name: str) -> None:
+            for dependent in dependents[name]:
+                unsettled[dependent] -= 1
+                if not unsettled[dependent]:
+                    heapq.heappush(decidable, position[dependent])
+
         outputs: dict[str, dict[str, Any]] = {}
         running = self._running
         while True:
-            for name in list(pending):
+            while decidable:
+                name = order[heapq.heappop(decidable)]
+                undecided -= 1
                 decision = self._readiness(specs[name], specs)
-                if decision == "wait":
-                    continue
-                pending.remove(name)
                 if decision != "ready":
                     self._skip(name, decision)
+                    settle(name)
                     continue
                 task = self._start(
                     request, specs[name], types[name], outputs, upstream[name]
                 )
-                if task is not None:
+                if task is None:
+                    settle(name)
+                else:
                     running[task] = name
-            if not running and not pending:
+            if not running and not undecided:
                 return
             if self._flush_now(running, types):
                 await self._flush()
             if not running:
                 # Only reachable when every remaining step waits on nothing
                 # that runs, which validation rules out; guard against a loop.
+                pending = [n for n in order if self._step(n).status == "pending"]
                 raise ApplicationError(
                     f"steps {pending} can never start", non_retryable=True
                 )
@@ -313,6 +338,7 @@ class FlowNexusWorkflow:
             for task in done:
                 name = running.pop(task)
                 self._complete(name, task, outputs)
+                settle(name)
 
     def _flush_now(
         self, running: dict[asyncio.Task[StepOutcome], str], types: dict[str, StepType]

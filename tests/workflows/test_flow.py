@@ -115,6 +115,42 @@ async def test_independent_steps_overlap(
     await replay_run(client, result["execution_id"], all_workflows())
 
 
+async def test_long_chain_runs_in_order(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    count = 300
+    steps: list[dict[str, Any]] = [
+        {"name": "s0", "type": "echo", "params": {"path": "0"}}
+    ]
+    for index in range(1, count):
+        steps.append(
+            {
+                "name": f"s{index}",
+                "type": "echo",
+                "depends_on": [f"s{index - 1}"],
+                "params": {"path": f"{{{{steps.s{index - 1}.output.path}}}}.{index}"},
+            }
+        )
+    workflow_id = await _create(tools, "long-chain", steps)
+    result = await _run(tools, workflow_id)
+    assert result["status"] == "completed"
+    final = _steps(result["result"])[f"s{count - 1}"]
+    assert final["output"]["path"] == ".".join(str(i) for i in range(count))
+    trail = await call(
+        tools, "workflow_audit_trail", workflow_id=workflow_id, limit=10000
+    )
+    transitions = [
+        (e["step"], e["event"]) for e in trail["events"] if e["step"] is not None
+    ]
+    expected = [
+        (f"s{i}", event)
+        for i in range(count)
+        for event in ("step.running", "step.completed")
+    ]
+    assert transitions == expected
+    await replay_run(client, result["execution_id"], all_workflows())
+
+
 async def test_flaky_step_succeeds_on_retry(
     flow_workers: Settings, tools: ToolContext
 ) -> None:
