@@ -65,8 +65,25 @@ class WorkflowCreateResult(BaseModel):
     )
 
 
+# The Temporal server rejects a payload over 2 MiB (its default
+# limit.blobSize.error). A run's input carries the definition together with
+# its input_data, and sealing secrets makes the stored body larger, so a
+# definition may use half of that and leaves the rest to them.
+MAX_DEFINITION_BYTES = 1024 * 1024
+
+
 def check_definition(definition: WorkflowDefinition) -> None:
     """Raise a ToolError naming every problem of `definition`."""
+    size = len(definition.model_dump_json().encode())
+    if size > MAX_DEFINITION_BYTES:
+        raise ToolError(
+            f"the definition is {size} bytes as JSON, over the limit of "
+            f"{MAX_DEFINITION_BYTES} bytes, because each run carries it in a "
+            "Temporal payload of at most 2 MiB; make the params smaller, for "
+            "example by passing large values as input_data or as storage "
+            "objects that a step reads",
+            kind="invalid_argument",
+        )
     problems = workflow_name_problems(definition.name)
     try:
         validate_definition(definition, step_type_names())
@@ -357,9 +374,21 @@ async def workflow_execute(
     if has_plain_secrets(definition):
         definition = seal_plain_values(load_key(ctx.settings), row.id, definition)
     client = await ctx.client()
-    handle = await engine.start_execution(
-        client, row.id, version, definition, args.input_data, groups=ctx.groups
-    )
+    try:
+        handle = await engine.start_execution(
+            client, row.id, version, definition, args.input_data, groups=ctx.groups
+        )
+    except RPCError as error:
+        if not _too_large(error):
+            raise
+        raise ToolError(
+            f"the Temporal server rejected the start of workflow {row.id} as too "
+            f"large ({error.message}): a run's input, the definition together "
+            "with input_data, must fit in 2 MiB. Make input_data smaller, and "
+            "pass large values as storage objects that a step reads; nothing "
+            "was started",
+            kind="invalid_argument",
+        ) from None
     result = WorkflowExecuteResult(
         execution_id=handle.id,
         workflow_id=row.id,
@@ -388,6 +417,16 @@ async def workflow_execute(
     result.status = final.status
     result.result = final
     return result
+
+
+def _too_large(error: RPCError) -> bool:
+    """Return whether the server rejected a request for its size: a payload
+    over its blob size limit, or a message over the gRPC limit."""
+    statuses = (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.RESOURCE_EXHAUSTED)
+    message = error.message.lower()
+    return error.status in statuses and (
+        "size exceeds limit" in message or "larger than max" in message
+    )
 
 
 class WorkflowStatusInput(BaseModel):

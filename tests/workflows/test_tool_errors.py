@@ -578,3 +578,30 @@ async def test_step_and_reference_problems_reported_together(
     assert "names unknown step 'zz'" in message
     # Upstream is known here, so the reference to a step outside it is named.
     assert "names step 'b', which is not upstream" in message
+
+
+async def test_oversized_definition_and_input_rejected(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    big = [
+        {"name": f"s{i}", "type": "echo", "params": {"blob": "x" * 300_000}}
+        for i in range(4)
+    ]
+    with pytest.raises(ToolError) as caught:
+        await call(tools, "workflow_create", name="too-big", steps=big)
+    assert caught.value.kind == "invalid_argument"
+    assert "over the limit of 1048576 bytes" in caught.value.message
+    listed = await call(tools, "workflow_list", limit=1000)
+    assert "too-big" not in [w["name"] for w in listed["workflows"]]
+    created = await call(tools, "workflow_create", name="big-input", steps=STEPS)
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_execute",
+            workflow_id=created["workflow_id"],
+            input_data={"blob": "x" * 2_500_000},
+        )
+    assert caught.value.kind == "invalid_argument"
+    assert "must fit in 2 MiB" in caught.value.message
+    status = await call(tools, "workflow_status", workflow_id=created["workflow_id"])
+    assert status["executions"] == []
