@@ -17,7 +17,11 @@ from app.contracts.types import UtcDateTime
 StepStatus = Literal[
     "pending", "running", "completed", "failed", "skipped", "cancelled"
 ]
-ExecutionStatus = Literal["running", "completed", "failed", "cancelled"]
+# terminated and timed_out are recorded by the tools, not by the workflow,
+# because Temporal ends such a run without running its code again.
+ExecutionStatus = Literal[
+    "running", "completed", "failed", "cancelled", "terminated", "timed_out"
+]
 
 DEFAULT_STEP_TIMEOUT_SECONDS = 300.0
 DEFAULT_RETRY_ATTEMPTS = 2

@@ -505,6 +505,11 @@ async def workflow_status(
         rows = await asyncio.to_thread(
             store.list_executions, url, workflow_id=args.workflow_id, limit=20
         )
+        running = [r.id for r in rows if r.status == "running"]
+        if running and await _record_unrecorded_closes(ctx, running):
+            rows = await asyncio.to_thread(
+                store.list_executions, url, workflow_id=args.workflow_id, limit=20
+            )
         return WorkflowStatusResult(
             executions=[
                 ExecutionSummary(
@@ -528,6 +533,10 @@ async def workflow_status(
             state = await asyncio.to_thread(store.get_execution, url, args.execution_id)
         except store.NotFoundError as error:
             raise _not_found(error) from None
+        if state.status == "running" and await _record_unrecorded_closes(
+            ctx, [args.execution_id]
+        ):
+            state = await asyncio.to_thread(store.get_execution, url, args.execution_id)
     if args.workflow_id is not None and state.workflow_id != args.workflow_id:
         raise ToolError(
             f"execution {args.execution_id!r} belongs to workflow "
@@ -536,6 +545,29 @@ async def workflow_status(
         )
     metrics = execution_metrics(state) if args.include_metrics else None
     return WorkflowStatusResult(execution=state, source=source, metrics=metrics)
+
+
+async def _record_unrecorded_closes(ctx: ToolContext, execution_ids: list[str]) -> bool:
+    """Record the closes of the runs that the database still has as running
+    and Temporal terminated or timed out; return whether any was recorded."""
+    client = await ctx.client()
+    recorded = False
+    for execution_id in execution_ids:
+        closed = await engine.unrecorded_close(client, execution_id)
+        if closed is None:
+            continue
+        status, error, closed_at = closed
+        if await asyncio.to_thread(
+            store.close_abandoned,
+            ctx.database_url,
+            execution_id,
+            status,
+            error,
+            closed_at,
+        ):
+            logger.warning("recorded execution %s as %s", execution_id, status)
+            recorded = True
+    return recorded
 
 
 async def _require_definition(url: str, workflow_id: str) -> None:
@@ -552,12 +584,21 @@ class WorkflowListInput(BaseModel):
     limit: int = Field(10, ge=1, le=1000, strict=True)
     offset: int = Field(0, ge=0, strict=True)
     status: (
-        Literal["active", "deleted", "running", "completed", "failed", "cancelled"]
+        Literal[
+            "active",
+            "deleted",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "terminated",
+            "timed_out",
+        ]
         | None
     ) = Field(
         None,
         description="active or deleted (the definition), or running, completed, "
-        "failed, cancelled (its latest execution).",
+        "failed, cancelled, terminated, timed_out (its latest execution).",
     )
 
 
@@ -589,13 +630,20 @@ async def workflow_list(
 ) -> WorkflowListResult:
     """List stored workflow definitions, newest first, with their latest
     version and latest execution."""
-    listed = await asyncio.to_thread(
-        store.list_definitions,
-        ctx.database_url,
-        limit=args.limit,
-        offset=args.offset,
-        status=args.status,
-    )
+
+    def list_definitions() -> list[dict[str, Any]]:
+        return store.list_definitions(
+            ctx.database_url, limit=args.limit, offset=args.offset, status=args.status
+        )
+
+    listed = await asyncio.to_thread(list_definitions)
+    running = [
+        item["last_execution_id"]
+        for item in listed
+        if item["last_execution_status"] == "running"
+    ]
+    if running and await _record_unrecorded_closes(ctx, running):
+        listed = await asyncio.to_thread(list_definitions)
     return WorkflowListResult(
         workflows=[WorkflowListItem.model_validate(item) for item in listed],
         count=len(listed),

@@ -156,6 +156,32 @@ async def live_state(client: Client, execution_id: str) -> ExecutionState | None
     return state
 
 
+# Closed statuses that the workflow cannot record itself, because the server
+# ends the run without running its code again.
+_UNRECORDED_CLOSES = {
+    WorkflowExecutionStatus.TERMINATED: ("terminated", "the execution was terminated"),
+    WorkflowExecutionStatus.TIMED_OUT: ("timed_out", "the execution timed out"),
+}
+
+
+async def unrecorded_close(
+    client: Client, execution_id: str
+) -> tuple[str, str, datetime] | None:
+    """Return (status, error, close time) of a run that Temporal closed by
+    terminating it or timing it out, or None for any other run."""
+    handle = client.get_workflow_handle(execution_id)
+    try:
+        description = await handle.describe(rpc_timeout=_RPC_TIMEOUT)
+    except RPCError as error:
+        if error.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return None
+        raise
+    if description.status not in _UNRECORDED_CLOSES:
+        return None
+    status, message = _UNRECORDED_CLOSES[description.status]
+    return status, message, description.close_time or datetime.now(UTC)
+
+
 def schedule_id(workflow_id: str, index: int) -> str:
     return f"{workflow_id}-schedule-{index}"
 

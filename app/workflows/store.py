@@ -494,6 +494,50 @@ def get_execution(url: str, execution_id: str) -> ExecutionState:
         )
 
 
+def close_abandoned(
+    url: str, execution_id: str, status: str, error: str, closed_at: datetime
+) -> bool:
+    """Record that Temporal closed a run that could not record it, such as a
+    terminated one: the execution gets `status`, its running steps become
+    cancelled and its pending steps skipped. Returns False, changing
+    nothing, when the row no longer says running."""
+    with session_scope(url) as session:
+        row = session.get(WorkflowExecutionRow, execution_id)
+        if row is None or row.status != "running":
+            return False
+        row.status = status
+        row.error = error
+        row.closed_at = closed_at
+        row.updated_at = utc_now()
+        session.add(row)
+        steps = session.exec(
+            select(WorkflowStepRow).where(
+                WorkflowStepRow.execution_id == execution_id,
+                col(WorkflowStepRow.status).in_(["running", "pending"]),
+            )
+        ).all()
+        for step in steps:
+            if step.status == "running":
+                step.status = "cancelled"
+                step.error = f"cancelled because {error}"
+            else:
+                step.status = "skipped"
+                step.error = f"skipped because {error}"
+            step.finished_at = closed_at
+            session.add(step)
+        session.add(
+            WorkflowAuditRow(
+                definition_id=row.definition_id,
+                execution_id=execution_id,
+                event=f"execution.{status}",
+                status=status,
+                at=closed_at,
+                details={"error": error},
+            )
+        )
+    return True
+
+
 def list_executions(
     url: str, *, workflow_id: str | None, limit: int
 ) -> list[WorkflowExecutionRow]:

@@ -151,6 +151,50 @@ async def test_long_chain_runs_in_order(
     await replay_run(client, result["execution_id"], all_workflows())
 
 
+async def test_terminated_execution_reported_closed(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "terminated",
+        [
+            {"name": "long", "type": "test_sleep", "params": {"seconds": 30}},
+            {"name": "after", "type": "echo", "depends_on": ["long"]},
+        ],
+    )
+    started = await call(tools, "workflow_execute", workflow_id=workflow_id)
+    execution_id = started["execution_id"]
+    await _wait_for_step(tools, execution_id, "long", "running")
+    await client.get_workflow_handle(execution_id).terminate(reason="test")
+    status = await call(tools, "workflow_status", execution_id=execution_id)
+    assert status["source"] == "database"
+    assert status["execution"]["status"] == "terminated"
+    steps = _steps(status["execution"])
+    assert steps["long"]["status"] == "cancelled"
+    assert steps["after"]["status"] == "skipped"
+    listed = await call(tools, "workflow_list", status="terminated")
+    assert workflow_id in [w["workflow_id"] for w in listed["workflows"]]
+    running = await call(tools, "workflow_list", status="running")
+    assert workflow_id not in [w["workflow_id"] for w in running["workflows"]]
+
+
+async def test_terminated_execution_listed_closed(
+    client: Client, flow_workers: Settings, tools: ToolContext
+) -> None:
+    workflow_id = await _create(
+        tools,
+        "terminated-listed",
+        [{"name": "long", "type": "test_sleep", "params": {"seconds": 30}}],
+    )
+    started = await call(tools, "workflow_execute", workflow_id=workflow_id)
+    execution_id = started["execution_id"]
+    await _wait_for_step(tools, execution_id, "long", "running")
+    await client.get_workflow_handle(execution_id).terminate(reason="test")
+    listed = await call(tools, "workflow_list", limit=1000)
+    item = next(w for w in listed["workflows"] if w["workflow_id"] == workflow_id)
+    assert item["last_execution_status"] == "terminated"
+
+
 async def test_flaky_step_succeeds_on_retry(
     flow_workers: Settings, tools: ToolContext
 ) -> None:
