@@ -16,6 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from app.contracts.workflows import (
+    SECRET_PARAMS,
     AuditEntry,
     ProgressRecord,
     RegisteredExecution,
@@ -24,6 +25,7 @@ from app.contracts.workflows import (
     StepRequest,
 )
 from app.sandbox.secrets import load_key
+from app.services.audit import is_secret_name
 from app.services.health import system_health
 from app.settings import Settings
 from app.storage.local import StorageError, storage_for
@@ -82,8 +84,7 @@ def parse_params(request: StepRequest, model: type[ParamsT]) -> ParamsT:
         return model.model_validate(request.params)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or 'params'}: {item['msg']}"
-            for item in error.errors(include_url=False)
+            _params_problem(request, item) for item in error.errors(include_url=False)
         )
         raise step_error(
             request,
@@ -91,6 +92,36 @@ def parse_params(request: StepRequest, model: type[ParamsT]) -> ParamsT:
             kind="InvalidStepParams",
             non_retryable=True,
         ) from None
+
+
+_JSON_KINDS = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def _params_problem(request: StepRequest, item: Any) -> str:
+    """Describe one invalid params field; a value that a reference filled in
+    is shown with that reference, unless the field may hold a secret."""
+    path = ".".join(str(p) for p in item["loc"]) or "params"
+    reference = request.references.get(path)
+    secret = any(
+        part in SECRET_PARAMS or (isinstance(part, str) and is_secret_name(part))
+        for part in item["loc"]
+    )
+    if reference is None or secret:
+        return f"{path}: {item['msg']}"
+    value = item.get("input")
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    kind = _JSON_KINDS.get(type(value), type(value).__name__)
+    return f"{path}: {{{{{reference}}}}} gave {shown} ({kind}); {item['msg']}"
 
 
 @contextlib.contextmanager

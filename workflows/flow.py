@@ -47,7 +47,7 @@ with workflow.unsafe.imports_passed_through():
         EXECUTION_KIND,
     )
     from app.workflows.steps import StepType, get_step_type, step_type_names
-    from app.workflows.templates import TemplateError, render
+    from app.workflows.templates import TemplateError, render, whole_references
     from app.workflows.validation import (
         DefinitionError,
         ancestors,
@@ -408,6 +408,7 @@ class FlowNexusWorkflow:
                 if step_type.wants_upstream
                 else {}
             ),
+            references=whole_references(spec.params),
         )
         return asyncio.create_task(self._execute(spec, step_type, step_request))
 

@@ -199,6 +199,11 @@ class StepRequest(BaseModel):
         description="Outputs of every upstream step, for step types that ask "
         "for them (reporting).",
     )
+    references: dict[str, str] = Field(
+        default_factory=dict,
+        description="For each params path whose whole value was one reference, "
+        "that reference, so that an invalid value can name its source.",
+    )
 
 
 class StepOutcome(BaseModel):

@@ -149,3 +149,21 @@ def render(
     if isinstance(value, list):
         return [render(item, input_data, outputs) for item in value]
     return value
+
+
+def whole_references(value: Any, path: str = "") -> dict[str, str]:
+    """Return {dotted path: reference text} for each string in `value` that is
+    exactly one reference, the strings that `render` replaces by a typed
+    value."""
+    if isinstance(value, str):
+        whole = _REFERENCE.fullmatch(value)
+        return {path: whole.group(1)} if whole else {}
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value)]
+    found: dict[str, str] = {}
+    for item_path, item in items:
+        found.update(whole_references(item, item_path))
+    return found

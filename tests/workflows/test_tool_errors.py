@@ -605,3 +605,34 @@ async def test_oversized_definition_and_input_rejected(
     assert "must fit in 2 MiB" in caught.value.message
     status = await call(tools, "workflow_status", workflow_id=created["workflow_id"])
     assert status["executions"] == []
+
+
+async def test_invalid_referenced_value_names_reference(
+    flow_workers: Settings, tools: ToolContext
+) -> None:
+    steps = [
+        {"name": "first", "type": "echo", "params": {"code": 0}},
+        {
+            "name": "save",
+            "type": "storage",
+            "depends_on": ["first"],
+            "params": {
+                "operation": "put",
+                "bucket": "data",
+                "path": "out.txt",
+                "content": "{{steps.first.output.code}}",
+            },
+        },
+    ]
+    created = await call(tools, "workflow_create", name="typed-ref", steps=steps)
+    with pytest.raises(ToolError) as caught:
+        await call(
+            tools,
+            "workflow_execute",
+            workflow_id=created["workflow_id"],
+            **{"async": False},
+        )
+    assert (
+        "content: {{steps.first.output.code}} gave 0 (an integer); "
+        "Input should be a valid string" in caught.value.message
+    )
