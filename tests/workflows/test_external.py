@@ -406,7 +406,9 @@ async def test_oversized_schedule_named_as_too_large(
         )
     message = caught.value.message
     assert caught.value.kind == "invalid_argument", message
-    assert "refused the schedule as too large" in message
+    # The size check of the definition, which includes each trigger's
+    # input_data, rejects it before a schedule is made.
+    assert "over the limit of 1048576 bytes" in message
     assert "Try again once the server is reachable" not in message
     listed = store.list_definitions(
         flow_workers.effective_database_url, limit=500, offset=0, status=None
