@@ -398,7 +398,9 @@ async def test_swarm_survives_worker_restart(
                 task="- a\n- b", code="print('after restart')", swarm_id=swarm_id
             )
             assert result["status"] == "completed", result["error"]
-            assert result["output"] == "after restart\nafter restart\n"
+            # The hub distributes, so its one worker runs both parts in
+            # sequence, and the task's output is the last part's.
+            assert result["output"] == "after restart\n"
             listed = await helper.call("swarm_list")
             [row] = [s for s in listed["swarms"] if s["swarm_id"] == swarm_id]
             assert row["agent_count"] == 2
