@@ -107,9 +107,9 @@ def describe_code_failure(
     return f"{text}; it printed nothing to stdout or stderr"
 
 
-# Seconds an attempt needs before its start-to-close deadline to begin a
-# sandbox or a program; with less, the server reports the attempt timed out
-# (and maybe the run failed) before that work would even start.
+# Minimum seconds left before an attempt's start-to-close deadline to create
+# a sandbox or start a program. With less, the server reports the attempt
+# timed out (and maybe the run failed) before that work would even start.
 START_MARGIN_SECONDS = 1.0
 
 

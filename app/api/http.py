@@ -295,7 +295,7 @@ class Gate:
 
 @dataclass(frozen=True)
 class _Unauthorized:
-    """Why a request's Authorization headers carry no bearer token."""
+    """The reason that a request's Authorization headers carry no bearer token."""
 
     message: str
     challenge: str = "Bearer"

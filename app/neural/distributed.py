@@ -47,7 +47,7 @@ from app.storage import storage_for
 
 logger = logging.getLogger(__name__)
 
-# Least seconds between a training node's reads of its session's status.
+# Minimum seconds between two reads of its session's status by a training node.
 SESSION_CHECK_SECONDS = 1.0
 
 # Share of the training split held out for validator nodes.
@@ -279,9 +279,9 @@ def train_node(
         # `checkpoint_seconds` (and after the last epoch), because a write
         # per epoch costs more than a small model's epoch. In between, the
         # session's status is read at most every SESSION_CHECK_SECONDS, so a
-        # terminated cluster's node stops soon after: its cancel only reaches
-        # the activity with a heartbeat's answer, up to 80% of the heartbeat
-        # timeout later.
+        # terminated cluster's node stops soon after. Its cancel reaches the
+        # activity only in the response to a heartbeat, and the SDK throttles
+        # heartbeats to one per 80% of the heartbeat timeout.
         nonlocal last_checkpoint, last_check
         pending.append(metrics)
         now = time.monotonic()

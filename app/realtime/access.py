@@ -54,8 +54,8 @@ TABLE_GROUPS: dict[str, tuple[str, ...]] = {
     "workflow_executions": ("workflows",),
     "workflow_steps": ("workflows",),
 }
-# Tables whose rows a limited key's tools show only in part, so that only a
-# key without groups may subscribe: the audit log holds every key's call
+# Tables whose rows a limited key's tools show only in part, so only a key
+# without groups may subscribe. The audit log contains every key's call
 # arguments, and the `audit_log` tool shows a limited key only the calls of
 # its groups' tools and its own.
 UNLIMITED_TABLES: dict[str, str] = {
@@ -103,7 +103,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
         raise ToolError(str(error), kind="invalid_argument") from None
     if table in UNLIMITED_TABLES and ctx.groups is not None:
         raise ToolError(
-            f"table: {table!r} holds {UNLIMITED_TABLES[table]}, so API key "
+            f"table: {table!r} contains {UNLIMITED_TABLES[table]}, so API key "
             f"{ctx.key_id} may not subscribe to it; read it with the {table} tool, "
             "or subscribe with a key created without --group",
             kind="forbidden",

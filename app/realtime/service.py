@@ -124,7 +124,8 @@ def stored_matcher(url: str, info: SubscriptionInfo) -> Matcher:
 
     Raises:
         SubscriptionError: its table was dropped, or changed so that its
-            filter no longer applies; the message says to subscribe again.
+            filter no longer applies. The message asks the caller to
+            subscribe again.
     """
     try:
         return compile_matcher(url, info.table, info.event, info.filter)

@@ -500,7 +500,7 @@ def close_abandoned(
     """Record that Temporal closed a run that could not record it, such as a
     terminated one: the execution gets `status`, its running steps become
     cancelled and its pending steps skipped. Returns False, changing
-    nothing, when the row no longer says running."""
+    nothing, when the row's status is no longer running."""
     with session_scope(url) as session:
         row = session.get(WorkflowExecutionRow, execution_id)
         if row is None or row.status != "running":

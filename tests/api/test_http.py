@@ -593,7 +593,7 @@ async def test_realtime_stream_checks_group_and_audits(
             headers={"Authorization": f"Bearer {dashboards}"},
         )
         assert stale.status_code == 403
-        assert "table: 'audit_log' holds" in stale.json()["error"]["message"]
+        assert "table: 'audit_log' contains" in stale.json()["error"]["message"]
         missing = await http.get(
             "/realtime/v1/subscriptions/sub_missing/stream",
             headers={"Authorization": f"Bearer {reader}"},

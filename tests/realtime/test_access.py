@@ -224,9 +224,9 @@ async def test_events_of_dropped_table_rejected(settings: Settings) -> None:
 
 
 async def test_audit_log_needs_a_key_without_groups(settings: Settings) -> None:
-    """The audit log holds every key's call arguments, which the audit_log
-    tool shows a limited key only in part, so only a key without groups may
-    subscribe to it, and a subscription made before this rule stops being
+    """The audit log contains every key's call arguments, and the audit_log
+    tool shows a limited key only part of them. So only a key without groups
+    may subscribe, and a subscription made before this rule is no longer
     read."""
     url = settings.effective_database_url
     enable_realtime(url, "audit_log")
@@ -237,9 +237,10 @@ async def test_audit_log_needs_a_key_without_groups(settings: Settings) -> None:
         await invoke_tool(dashboards, "realtime_subscribe", {"table": "audit_log"})
     assert denied.value.kind == "forbidden"
     assert denied.value.message.startswith(
-        "table: 'audit_log' holds the arguments of every key's calls"
+        "table: 'audit_log' contains the arguments of every key's calls"
     )
     assert "a key created without --group" in denied.value.message
+
     earlier = create_subscription(url, "audit_log", user_id="key:dash")
     record_call(
         url,
@@ -254,10 +255,12 @@ async def test_audit_log_needs_a_key_without_groups(settings: Settings) -> None:
             dashboards, "realtime_events", {"subscription_id": earlier.subscription_id}
         )
     assert stopped.value.kind == "forbidden"
+
     # Its owner may still delete it.
     await invoke_tool(
         dashboards, "realtime_unsubscribe", {"subscription_id": earlier.subscription_id}
     )
+
     every_group = ToolContext(settings, user_id="key:admin", key_id="k_admin")
     created = await invoke_tool(
         every_group, "realtime_subscribe", {"table": "audit_log"}
@@ -292,7 +295,7 @@ async def test_table_rules_ignore_letter_case(settings: Settings) -> None:
         with pytest.raises(ToolError) as denied:
             await invoke_tool(limited, "realtime_subscribe", {"table": table})
         assert denied.value.kind == "forbidden", table
-        assert "table: 'audit_log' holds" in denied.value.message
+        assert "table: 'audit_log' contains" in denied.value.message
     create_items(url)
     assert enable_realtime(url, "ITEMS") == "items"
     assert "ITEMS" not in enabled_tables(url)

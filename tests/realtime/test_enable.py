@@ -136,8 +136,8 @@ async def test_column_names_with_quotes_and_colons(database_url: str) -> None:
 async def test_table_created_again_is_captured_again(database_url: str) -> None:
     """A table dropped and created again (SQLite drops its triggers with it),
     or given a column, is captured in full again by the next subscription or
-    worker start; an older subscription whose filter no longer fits says to
-    subscribe again."""
+    worker start. An older subscription whose filter no longer fits asks the
+    caller to subscribe again."""
     with get_engine(database_url).begin() as connection:
         connection.exec_driver_sql("CREATE TABLE redo (id INTEGER PRIMARY KEY, v TEXT)")
     enable_realtime(database_url, "redo")
@@ -147,6 +147,7 @@ async def test_table_created_again_is_captured_again(database_url: str) -> None:
         connection.exec_driver_sql(
             "CREATE TABLE redo (id INTEGER PRIMARY KEY, v INTEGER)"
         )
+
     fresh = create_subscription(database_url, "redo")
     with get_engine(database_url).begin() as connection:
         connection.exec_driver_sql("INSERT INTO redo (id, v) VALUES (1, 5)")
@@ -158,6 +159,7 @@ async def test_table_created_again_is_captured_again(database_url: str) -> None:
         stale.value
     )
     assert "unsubscribe it and subscribe again" in str(stale.value)
+
     # A column added later, then the table created again: the next worker
     # start (enable_default_tables) puts the capture back, with the column.
     with get_engine(database_url).begin() as connection:

@@ -387,6 +387,7 @@ async def test_sqlite_boolean_text_is_not_false(database_url: str) -> None:
         text: create_subscription(database_url, "typed", filter_text=text)
         for text in (*filters, "")
     }
+
     with get_engine(database_url).begin() as connection:
         for index, stored in enumerate(["true", "F", "yes", "garbage", 0, 2]):
             connection.exec_driver_sql(
@@ -401,6 +402,7 @@ async def test_sqlite_boolean_text_is_not_false(database_url: str) -> None:
         False,
         True,
     ]
+
     matched = {}
     for text in filters:
         events, _ = await next_events(database_url, subscriptions[text].subscription_id)

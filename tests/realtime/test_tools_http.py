@@ -108,7 +108,7 @@ async def test_execution_stream_of_sandbox(settings: Settings) -> None:
 
 async def test_execution_stream_counts_pruned_chunks(settings: Settings) -> None:
     """A stream subscribed after its run's first chunks were pruned from the
-    change log says how many it misses, and delivers the rest."""
+    change log reports how many it misses, and delivers the rest."""
     ctx = ToolContext(settings)
     url = settings.effective_database_url
     for index in range(3):
@@ -118,6 +118,7 @@ async def test_execution_stream_counts_pruned_chunks(settings: Settings) -> None
         ctx, "execution_stream_subscribe", {"sandbox_id": "sbx_old"}
     )
     assert fresh["missed_chunks"] == 0
+
     await invoke_tool(
         ctx, "realtime_unsubscribe", {"subscription_id": fresh["subscription_id"]}
     )
@@ -136,6 +137,7 @@ async def test_execution_stream_counts_pruned_chunks(settings: Settings) -> None
         ctx, "execution_stream_status", {"sandbox_id": "sbx_old"}
     )
     assert status["chunks"] == 4
+
     # Nothing of a run is left in the log: every chunk is missed.
     assert prune_changes(url, retention_seconds=0) >= 1
     other = await invoke_tool(

@@ -714,7 +714,7 @@ async def test_result_over_payload_limit_leaves_outputs_out(
     )
     result = await asyncio.wait_for(_run(tools, workflow_id, {"blob": blob}), 120)
     assert result["status"] == "completed"
-    # The tool answers with the whole execution, from the database.
+    # The tool returns the whole execution, read from the database.
     assert {step["output"]["b"] for step in result["result"]["steps"]} == {blob}
     handle = client.get_workflow_handle(
         result["execution_id"], result_type=ExecutionState
