@@ -158,7 +158,7 @@ def load_strict(
     except orjson.JSONDecodeError as error:
         loaded = _load_rejected(body, error, is_secret)
     else:
-        _reject_too_deep(loaded, valid=True)
+        _reject_too_deep(loaded)
         if has_wide_float(loaded):
             loaded = json.loads(body)
     if isinstance(loaded, dict | list):
@@ -278,10 +278,10 @@ def depth_problem() -> str:
     )
 
 
-def _reject_too_deep(document: Any, *, valid: bool) -> None:
-    """Raise for a document nested too deep. `valid`: the document contains no
-    rejected value, so the error may carry it for the caller to read its
-    shape (a JSON-RPC id, a plain `/mcp` call)."""
+def _reject_too_deep(document: Any) -> None:
+    """Raise for a document nested too deep. The error carries the document
+    for the caller to read its shape (a JSON-RPC id, a plain `/mcp` call),
+    so it must hold only JSON values."""
     path = too_deep(document)
     if path is None:
         return
@@ -291,8 +291,8 @@ def _reject_too_deep(document: Any, *, valid: bool) -> None:
         f"the request body is invalid: {field}: {problem}",
         field=field,
         problem=problem,
-        document=document if valid else None,
-        lenient=valid,
+        document=document,
+        lenient=True,
     )
 
 
@@ -318,26 +318,27 @@ def _load_rejected(
             ) from None
 
     try:
-        document = json.loads(
-            body,
-            parse_float=_parse_float,
-            parse_constant=_Rejected,
-        )
+        document = _load_lenient(body, cut=False)
     except (ValueError, RecursionError) as lenient_error:
-        if isinstance(lenient_error, RecursionError) or "depth" in error.msg:
-            # Beyond orjson's limit of 1024 levels and the json module's.
+        if not isinstance(lenient_error, RecursionError) and "depth" not in error.msg:
+            # orjson's message names the position, and reads better than the
+            # json module's for the same text.
+            raise InvalidJSONError(
+                f"the request body is not valid JSON: {error.msg} at {position}"
+            ) from None
+        # Beyond orjson's limit of 1024 levels or the json module's. Parsed
+        # again without what lies below 65 levels, so that the error still
+        # names the path and the caller can read the JSON-RPC id.
+        try:
+            document = _load_lenient(body, cut=True)
+        except (ValueError, RecursionError):
             problem = f"{depth_problem()} (stopped at {position})"
             raise InvalidJSONError(
                 f"the request body is invalid: {problem}",
                 field="(body)",
                 problem=problem,
             ) from None
-        # orjson's message names the position, and reads better than the
-        # json module's for the same text.
-        raise InvalidJSONError(
-            f"the request body is not valid JSON: {error.msg} at {position}"
-        ) from None
-    _reject_too_deep(document, valid=False)
+    _reject_too_deep(_cleaned(_without_rejected(document)))
     found = _first_invalid(document, ())
     if found is None:
         return document
@@ -355,6 +356,44 @@ def _load_rejected(
         document=_cleaned(_without_rejected(document)),
         lenient=True,
     )
+
+
+def _load_lenient(text: str, *, cut: bool) -> Any:
+    """Parse `text` with the json module, keeping rejected numbers as
+    `_Rejected`. With `cut`, each object or array deeper than
+    `MAX_JSON_DEPTH` levels is first replaced by `[]`, which `too_deep`
+    still finds at the same path."""
+    if cut:
+        text = _cut_too_deep(text)
+    return json.loads(text, parse_float=_parse_float, parse_constant=_Rejected)
+
+
+# A JSON string, or one bracket or brace outside any string.
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _cut_too_deep(text: str) -> str:
+    """Return `text` with each object or array at level `MAX_JSON_DEPTH + 1`
+    replaced by `[]`. Brackets of invalid JSON are counted all the same, so
+    the result may still be invalid."""
+    kept: list[str] = []
+    depth = 0
+    kept_until = 0
+    cut_from = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth == MAX_JSON_DEPTH + 1:
+                cut_from = match.start()
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth == MAX_JSON_DEPTH:
+                kept.append(text[kept_until:cut_from])
+                kept.append("[]")
+                kept_until = match.end()
+    kept.append(text[kept_until:])
+    return "".join(kept)
 
 
 def _describe(invalid: _Rejected | str, secret: bool) -> tuple[str, str]:

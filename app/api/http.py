@@ -38,6 +38,7 @@ from app.api.mcp_server import (
     PRINCIPAL_SCOPE_KEY,
     build_mcp_server,
     jsonrpc_shape_problem,
+    readable_request_id,
 )
 from app.api.ratelimit import RateLimiter, retry_after_header
 from app.db.engine import BackgroundCheckpoints
@@ -511,7 +512,10 @@ class McpEndpoint:
             self.gate.audit_rejection(
                 "mcp", started, status, message, principal=admitted, jsonrpc_code=code
             )
-            response = _jsonrpc_error(label + message, code, status)
+            # A parse error keeps the id null, as JSON-RPC 2.0 requires,
+            # because the client's JSON was not read as it meant it.
+            request_id = None if code == PARSE_ERROR else readable_request_id(parsed)
+            response = _jsonrpc_error(label + message, code, status, request_id)
             await response(scope, receive, send)
             return
         await self.manager.handle_request(scope, _replay(body, receive), send)
@@ -671,14 +675,15 @@ def _is_plain_call(parsed: Any) -> bool:
 
 
 def _jsonrpc_error(
-    message: str, code: int = INVALID_REQUEST, status: int = 400
+    message: str,
+    code: int = INVALID_REQUEST,
+    status: int = 400,
+    request_id: str | int | None = None,
 ) -> Response:
     """Build a response with a JSON-RPC error (by default "invalid request"
     with status 400), the shape of the MCP transport's own rejections."""
-    return _json_response(
-        {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}},
-        status,
-    )
+    error = {"code": code, "message": message}
+    return _json_response({"jsonrpc": "2.0", "id": request_id, "error": error}, status)
 
 
 def _is_loopback_host(value: str) -> bool:

@@ -188,6 +188,17 @@ def jsonrpc_shape_problem(document: Any) -> str | None:
     return None
 
 
+def readable_request_id(document: Any) -> str | int | None:
+    """Return the id of a request, so that its error response reaches the
+    caller waiting for it; None where the document has no usable id."""
+    if not isinstance(document, dict):
+        return None
+    request_id = document.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        return None
+    return request_id
+
+
 def _id_problem(request_id: Any, *, is_request: bool) -> str | None:
     """Say why a message's `id` is invalid, or return None for a string or
     an integer, or for null in a response.

@@ -35,6 +35,7 @@ from app.api.mcp_server import (
     build_mcp_server,
     jsonrpc_shape_problem,
     local_user_name,
+    readable_request_id,
 )
 from app.db.migrate import ensure_current
 from app.jsonsafe import InvalidJSONError, load_strict
@@ -338,27 +339,16 @@ def parse_line(line: bytes) -> types.JSONRPCMessage | Rejection | None:
             errors = [
                 {"field": error.field, "value": error.value, "message": error.problem}
             ]
-        request_id = _request_id(error.document) if error.lenient else None
+        request_id = readable_request_id(error.document) if error.lenient else None
         return Rejection(request_id, PARSE_ERROR, error.message, errors)
     # Checked before the SDK's validation, which accepts a request whose id
     # is null, a fraction, a boolean, an object or an array as a
     # notification, so it would get no response at all.
     problem = jsonrpc_shape_problem(document)
     if problem is not None:
-        return Rejection(_request_id(document), INVALID_REQUEST, problem)
+        return Rejection(readable_request_id(document), INVALID_REQUEST, problem)
     try:
         return types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValidationError:
         message = f"the line is not a JSON-RPC 2.0 message; {JSONRPC_SHAPE}"
-        return Rejection(_request_id(document), INVALID_REQUEST, message)
-
-
-def _request_id(document: Any) -> str | int | None:
-    """Return the id of a request, so that its error response reaches the
-    caller waiting for it; None where the document has no usable id."""
-    if not isinstance(document, dict):
-        return None
-    request_id = document.get("id")
-    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
-        return None
-    return request_id
+        return Rejection(readable_request_id(document), INVALID_REQUEST, message)

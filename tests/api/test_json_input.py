@@ -363,20 +363,14 @@ async def test_deep_nesting_rejected_with_json_error(server: ApiServer) -> None:
             response = await send(
                 server, path, body, {"Content-Type": "application/json"}
             )
-            if path == "/mcp" and levels >= 1024:
-                # Beyond every parser's limit, nothing distinguishes a plain
-                # call from JSON-RPC, so the response is JSON-RPC's parse error.
-                assert response.status_code == 400, response.text
-                assert response.json()["error"]["code"] == -32700
-                assert "more than 64 levels deep" in response.text
-                continue
+            # Beyond orjson's limit of 1024 levels too, the body is still
+            # read as a plain call and the path is named.
             assert response.status_code == 422, (levels, path, response.text)
             error = response.json()["error"]
             assert "nested more than 64 levels deep" in error["message"], error
-            if levels < 1024:  # orjson's own limit
-                assert error["errors"][0]["field"].startswith(
-                    "user_id.0.0" if path != "/mcp" else "args.user_id.0"
-                )
+            assert error["errors"][0]["field"].startswith(
+                "user_id.0.0" if path != "/mcp" else "args.user_id.0"
+            )
     # Each rejection is audited, and the log still reads back.
     events = await audit_log(server, limit=6)
     assert len(events) == 6
@@ -404,6 +398,37 @@ async def test_jsonrpc_version_named_on_mcp(server: ApiServer) -> None:
     assert error["code"] == -32600
     assert error["message"].startswith("Invalid request: jsonrpc: '1.0' is invalid")
     assert "errors.pydantic.dev" not in response.text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_mcp_invalid_request_keeps_id(server: ApiServer) -> None:
+    old_version = '{"jsonrpc": "1.0", "id": 7, "method": "tools/list"}'
+    response = await send(server, "/mcp", old_version, JSONRPC_HEADERS)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32600
+    assert response.json()["id"] == 7
+
+    listing = '{"jsonrpc": "2.0", "id": "list-1", "method": "tools/list"}'
+    plain_text = {**JSONRPC_HEADERS, "Content-Type": "text/plain"}
+    response = await send(server, "/mcp", listing, plain_text)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32600
+    assert response.json()["id"] == "list-1"
+
+    no_json = {**JSONRPC_HEADERS, "Accept": "text/event-stream"}
+    response = await send(server, "/mcp", listing, no_json)
+    assert response.status_code == 406
+    assert response.json()["id"] == "list-1"
+
+    # A parse error keeps the id null, although the lenient reading shows one.
+    with_nan = (
+        '{"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": '
+        '{"name": "audit_log", "arguments": {"limit": NaN}}}'
+    )
+    response = await send(server, "/mcp", with_nan, JSONRPC_HEADERS)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == -32700
+    assert response.json()["id"] is None
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

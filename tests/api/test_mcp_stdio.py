@@ -284,15 +284,22 @@ def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
         b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":'
         b'"audit_log","arguments":{"tool":' + b"[" * 450 + b"]" * 450 + b"}}}\n"
     )
+    # Beyond orjson's limit of 1024 levels.
+    deeper = too_deep.replace(b'"id":2', b'"id":4').replace(b"[" * 450, b"[" * 2000)
+    deeper = deeper.replace(b"]" * 450, b"]" * 2000)
     ping = line({"jsonrpc": "2.0", "id": 3, "method": "ping"})
     process = start_server(settings)
     stdout, stderr = process.communicate(
-        line(INITIALIZE) + line(INITIALIZED) + too_deep + ping, timeout=60
+        line(INITIALIZE) + line(INITIALIZED) + too_deep + deeper + ping, timeout=60
     )
     assert process.returncode == 0, stderr.decode()
     answered = responses(stdout)
     assert answered[2]["error"]["code"] == -32700
     assert "more than 64 levels deep" in answered[2]["error"]["message"]
+    assert answered[4]["error"]["code"] == -32700
+    assert "more than 64 levels deep" in answered[4]["error"]["message"]
+    field = answered[4]["error"]["data"]["errors"][0]["field"]
+    assert field.startswith("params.arguments.tool.0.0")
     assert answered[3] == {"jsonrpc": "2.0", "id": 3, "result": {}}
 
     arguments = '{"user_id": ' + "[" * 70 + "]" * 70 + "}"
