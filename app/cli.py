@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 import logging
 import os
 import sys
@@ -14,7 +13,7 @@ import typer
 
 from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
-from app.jsonsafe import MAX_JSON_DEPTH, DuplicateKeyError, repeated_key_path
+from app.jsonsafe import InvalidJSONError, load_strict
 from app.logs import configure_logging
 from app.neural.cli import neural_cli
 from app.realtime.cli import realtime_cli
@@ -229,24 +228,17 @@ def call_command(
     ] = "{}",
 ) -> None:
     """Call any tool with JSON arguments and print its JSON result."""
+    from app.services.audit import is_secret_name
+
     problem = None
     try:
-        parsed = json.loads(arguments)
-        repeated = repeated_key_path(arguments)
-        if repeated is not None:
-            where = ".".join(repeated)
-            problem = (
-                f"the arguments are invalid: {where}: {DuplicateKeyError(repeated[-1])}"
-            )
-    except json.JSONDecodeError as error:
-        problem = f"the arguments are not valid JSON: {error}"
-    except RecursionError:
-        problem = (
-            "the arguments nest objects and arrays too deep to read; send at "
-            f"most {MAX_JSON_DEPTH} levels"
-        )
+        parsed = load_strict(arguments, is_secret=is_secret_name)
+    except InvalidJSONError as error:
+        # The same strict parser as the HTTP API's, so NaN, 1e400 and
+        # repeated keys get the same message, naming the field as written.
+        problem = error.message.replace("the request body is", "the arguments are", 1)
     else:
-        if problem is None and not isinstance(parsed, dict):
+        if not isinstance(parsed, dict):
             problem = "the arguments must be a JSON object"
     if problem is not None:
         _audit_rejected(name, problem)

@@ -191,9 +191,10 @@ def _reject_duplicate_keys(body: bytes | str, document: Any) -> None:
     if found is None:
         return
     duplicate = DuplicateKeyError(found[-1])
+    field = ".".join(replace_lone_surrogates(part) for part in found)
     raise InvalidJSONError(
-        f"the request body is invalid: {duplicate}",
-        field=".".join(replace_lone_surrogates(part) for part in found),
+        f"the request body is invalid: {field}: {duplicate}",
+        field=field,
         problem=str(duplicate),
         document=_cleaned(document),
         lenient=True,

@@ -148,6 +148,17 @@ def test_call_rejects_boolean_and_repeated_key(api_settings: Settings) -> None:
     assert "the key 'limit' appears more than once" in repeated.stderr
 
 
+def test_call_rejects_non_finite_numbers(api_settings: Settings) -> None:
+    beyond = nexus(api_settings, "call", "audit_log", '{"limit": 1e400}')
+    assert beyond.returncode == 2, beyond.stdout
+    assert "limit: 1e400 is beyond the range of a double" in beyond.stderr
+    assert "inf" not in beyond.stderr
+    not_a_number = nexus(api_settings, "call", "audit_log", '{"limit": NaN}')
+    assert not_a_number.returncode == 2, not_a_number.stdout
+    assert "limit: NaN is not a JSON number" in not_a_number.stderr
+    assert "'nan'" not in not_a_number.stderr
+
+
 async def _status_until(
     server: ApiServer, token: str, expected: int, deadline_seconds: float = 60
 ) -> int:

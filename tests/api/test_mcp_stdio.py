@@ -278,7 +278,7 @@ def test_fresh_data_folder_gets_its_tables(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
-    """Over stdio the whole line is checked; through `nexus call` the tool
+    """Over stdio the whole line is checked; through `nexus tool` the tool
     layer rejects the arguments, and the audit log keeps 64 levels."""
     too_deep = (
         b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":'
@@ -302,9 +302,14 @@ def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
     assert field.startswith("params.arguments.tool.0.0")
     assert answered[3] == {"jsonrpc": "2.0", "id": 3, "result": {}}
 
-    arguments = '{"user_id": ' + "[" * 70 + "]" * 70 + "}"
+    # `nexus call` parses its JSON as strictly as stdio does, but a JSON
+    # object option of `nexus tool` reaches the tool layer, which rejects it.
+    too_deep_data = '{"a": ' + "[" * 70 + "]" * 70 + "}"
     called = subprocess.run(
-        [sys.executable, "-m", "app", "call", "audit_log", arguments],
+        [
+            *(sys.executable, "-m", "app", "tool", "workflow_execute"),
+            *("--workflow-id", "wf_absent", "--input-data", too_deep_data),
+        ],
         cwd=REPO_ROOT,
         env=server_env(settings),
         capture_output=True,
@@ -313,9 +318,11 @@ def test_deep_nesting_answered_and_log_readable(settings: Settings) -> None:
     )
     assert called.returncode == 1
     assert "more than 64 levels deep" in called.stderr
-    stored = list_calls(settings.effective_database_url, tool="audit_log", limit=1)[0]
-    value = stored.arguments["user_id"]
-    for _ in range(63):
+    stored = list_calls(
+        settings.effective_database_url, tool="workflow_execute", limit=1
+    )[0]
+    value = stored.arguments["input_data"]["a"]
+    for _ in range(62):
         value = value[0]
     assert value == "[nested deeper than 64 levels]"
 
