@@ -232,7 +232,9 @@ def call_command(
 
     problem = None
     try:
-        parsed = load_strict(arguments, is_secret=is_secret_name)
+        # Back to the bytes given, because Python decodes invalid UTF-8 in
+        # argv to lone surrogates, and the error should name the byte.
+        parsed = load_strict(os.fsencode(arguments), is_secret=is_secret_name)
     except InvalidJSONError as error:
         # The same strict parser as the HTTP API's, so NaN, 1e400 and
         # repeated keys get the same message, naming the field as written.

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import sys
 from typing import Annotated, Any
 
@@ -231,9 +232,9 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
     field takes one item per option, repeated, or a JSON list.
 
     Raises:
-        ValueError: a token is not an option, a non-list option is repeated,
-            a list option has no value, or a list or object field gets a
-            value of another form.
+        ValueError: a token is not an option or not valid UTF-8, a non-list
+            option is repeated, a list option has no value, or a list or
+            object field gets a value of another form.
     """
     schema = model.model_json_schema(by_alias=True)
     properties = {
@@ -245,6 +246,8 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
     # The option spelling and raw value that first set each field.
     first_given: dict[str, tuple[str, str | None]] = {}
     index = 0
+    for token in tokens:
+        _reject_invalid_utf8(token)
     while index < len(tokens):
         token = tokens[index]
         if not token.startswith("--") or token == "--":
@@ -280,6 +283,20 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
         first_given.setdefault(key, (option, raw))
         index += 1
     return arguments
+
+
+def _reject_invalid_utf8(token: str) -> None:
+    """Raise ValueError for a command-line argument that is not valid UTF-8,
+    which Python decodes from argv with a lone surrogate per invalid byte."""
+    raw = os.fsencode(token)
+    try:
+        raw.decode()
+    except UnicodeDecodeError as error:
+        shown = raw.decode(errors="replace")
+        raise ValueError(
+            f"the argument {shown!r} is not valid UTF-8 (byte {error.start}); "
+            "pass text encoded as UTF-8"
+        ) from None
 
 
 def _repeated_field(

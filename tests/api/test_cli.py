@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -157,6 +158,20 @@ def test_call_rejects_non_finite_numbers(api_settings: Settings) -> None:
     assert not_a_number.returncode == 2, not_a_number.stdout
     assert "limit: NaN is not a JSON number" in not_a_number.stderr
     assert "'nan'" not in not_a_number.stderr
+
+
+def test_invalid_utf8_argument_named(api_settings: Settings) -> None:
+    # os.fsdecode keeps the byte 0xFF, which the child process receives.
+    arguments = os.fsdecode(b'{"limit": 1, "tool": "\xff"}')
+    called = nexus(api_settings, "call", "audit_log", arguments)
+    assert called.returncode == 2, called.stdout
+    assert "the arguments are not valid UTF-8 (byte 22)" in called.stderr
+    assert "surrogate" not in called.stderr
+
+    option = nexus(api_settings, "tool", "audit_log", "--tool", os.fsdecode(b"a\xff"))
+    assert option.returncode == 2, option.stdout
+    assert "is not valid UTF-8 (byte 1)" in option.stderr
+    assert "surrogate" not in option.stderr
 
 
 async def _status_until(
