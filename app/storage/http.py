@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
+from app.api.calls import ErrorBody
 from app.settings import Settings
 from app.storage.local import (
     ObjectNotFound,
@@ -61,13 +63,43 @@ def download_headers(path: str, content_type: str) -> tuple[str, dict[str, str]]
     return media_type, headers
 
 
+def _error_response(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Responses of the signed-URL route, as the OpenAPI schema lists them. Every
+# error has the API's error body, which the HTTP server's handlers write.
+_SIGNED_URL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The object's bytes, with its content type and ETag.",
+        "content": {
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
+    },
+    400: _error_response("The bucket or path is invalid."),
+    403: _error_response("The signature is wrong or the URL has expired."),
+    404: _error_response("No object is stored at the path."),
+    422: _error_response(
+        "The expires or signature query parameter is missing or invalid."
+    ),
+}
+
+
 def build_storage_router(settings: Settings) -> APIRouter:
     """Return a router serving `GET /storage/v1/object/sign/{bucket}/{path}`
     with `expires` (Unix seconds) and `signature` query parameters."""
     router = APIRouter(tags=["storage"])
     storage = storage_for(settings)
 
-    @router.get(URL_PREFIX + "/{bucket}/{path:path}")
+    @router.get(
+        URL_PREFIX + "/{bucket}/{path:path}",
+        response_class=Response,
+        # The signature is the credential, so the route needs no API key.
+        openapi_extra={"security": []},
+        responses=_SIGNED_URL_RESPONSES,
+    )
     async def download_signed(
         bucket: str,
         path: str,

@@ -51,6 +51,25 @@ async def test_openapi_one_operation_per_tool(api_server: ApiServer) -> None:
         assert "422" in operation["responses"]
 
 
+async def test_openapi_signed_url_route(api_server: ApiServer) -> None:
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        schema = (await http.get("/openapi.json")).json()
+    operation = schema["paths"]["/storage/v1/object/sign/{bucket}/{path}"]["get"]
+    # The signature in the URL is the credential, not the bearer key.
+    assert operation["security"] == []
+    responses = operation["responses"]
+    assert "application/octet-stream" in responses["200"]["content"]
+    for status in ("400", "403", "404", "422"):
+        body = responses[status]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/ErrorBody"}, status
+
+    # The 422 that the schema documents has that shape.
+    async with httpx.AsyncClient(base_url=api_server.base_url) as http:
+        unsigned = await http.get("/storage/v1/object/sign/reports/a.txt")
+    assert unsigned.status_code == 422
+    assert unsigned.json()["error"]["kind"] == "invalid_argument"
+
+
 async def test_health_needs_no_key(api_server: ApiServer) -> None:
     async with httpx.AsyncClient(base_url=api_server.base_url) as http:
         response = await http.get("/health")
