@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import logging
 import os
+import re
 import sys
 from typing import Annotated, Any
 
@@ -216,8 +217,18 @@ def tools_command() -> None:
 
     load_tools()
     for spec in all_tools():
-        summary = spec.description.splitlines()[0]
-        typer.echo(f"{spec.group:10} {spec.name:28} {summary}")
+        typer.echo(f"{spec.group:10} {spec.name:28} {first_sentence(spec.description)}")
+
+
+def first_sentence(description: str) -> str:
+    """Return the first sentence of a tool description's first paragraph, on
+    one line. A sentence ends at `.`, `!` or `?` before a space and a capital
+    letter, so `e.g. x` and `1.5` do not end one."""
+    paragraph = " ".join(description.split("\n\n")[0].split())
+    return _SENTENCE_END.split(paragraph, maxsplit=1)[0]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`])")
 
 
 @cli.command("call")

@@ -798,9 +798,10 @@ class ClusterOptimizeResult(BaseModel):
 async def neural_cluster_optimize(
     ctx: ToolContext, args: ClusterOptimizeInput
 ) -> ClusterOptimizeResult:
-    """memory_cleanup: in the nexus-neural worker and every node's worker
-    process, clear JAX's compiled-function caches and the cached data sets,
-    and report each process's resident memory measured before and after."""
+    """Free memory in a cluster's worker processes. The only optimization,
+    memory_cleanup, clears JAX's compiled-function caches and the cached data
+    sets in the nexus-neural worker and every node's worker process, and
+    reports each process's resident memory measured before and after."""
     cluster = _cluster(ctx, args.cluster_id, active=False)
     from app.neural import store
 

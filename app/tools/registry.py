@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 import secrets
@@ -146,7 +147,7 @@ def tool(name: str, *, group: str) -> Callable[[Handler], Handler]:
         _registry[name] = ToolSpec(
             name=name,
             group=group,
-            description=(handler.__doc__ or name).strip(),
+            description=inspect.cleandoc(handler.__doc__ or name),
             input_model=input_model,
             result_model=result_model,
             handler=handler,

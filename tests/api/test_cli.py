@@ -20,10 +20,12 @@ from app.api.keys import (
     ensure_default_key,
     verify_token,
 )
+from app.api.mcp_server import tool_definitions
+from app.cli import first_sentence
 from app.db.migrate import upgrade
 from app.services.audit import list_calls
 from app.settings import Settings
-from app.tools import get_tool, load_tools
+from app.tools import all_tools, get_tool, load_tools
 from tests.api.conftest import REPO_ROOT, ApiServer, server_env
 from tests.conftest import TEST_ENCRYPTION_KEY
 
@@ -50,6 +52,21 @@ def test_field_options_follow_schema() -> None:
         parse_field_options(["--limit", "1", "--limit", "2"], model)
     with pytest.raises(ValueError, match="not a --FIELD option"):
         parse_field_options(["limit"], model)
+
+
+def test_tool_summaries_whole_sentences() -> None:
+    load_tools()
+    for definition in tool_definitions():
+        assert definition.description is not None
+        # MCP clients show the description as it is, so no indentation.
+        assert "\n " not in definition.description, definition.name
+    for spec in all_tools():
+        summary = first_sentence(spec.description)
+        assert summary[-1] in ".!?", (spec.name, summary)
+        assert summary[0].isupper(), (spec.name, summary)
+    optimize = first_sentence(get_tool("neural_cluster_optimize").description)
+    assert optimize.startswith("Free memory in a cluster's worker processes")
+    assert first_sentence("Run a, e.g. b.\nSecond line.\n\nMore.") == ("Run a, e.g. b.")
 
 
 def test_field_options_take_lists_and_aliases() -> None:
