@@ -463,6 +463,14 @@ def _shown_string(text: str) -> str:
     return shown
 
 
+def format_shown_value(value: Any) -> str:
+    """Return `value` as an error shows it: JSON's true, false and null,
+    which the caller wrote, in place of Python's True, False and None."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return repr(value)
+
+
 def json_type(value: Any) -> str:
     """Return the JSON type name of a value parsed from JSON."""
     if isinstance(value, dict):

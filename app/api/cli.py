@@ -227,14 +227,15 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
 
     Dashes in a field name become underscores, so `--user-id` sets
     `user_id`, and a field with an alias takes either spelling
-    (`--max-agents` or `--maxAgents`). A bare `--flag` sets true. A value of
+    (`--max-agents` or `--maxAgents`). A bare `--flag` sets true, for a
+    boolean field only. A value of
     a string-only field stays a string, so `--user-id 42` sends "42". A list
     field takes one item per option, repeated, or a JSON list.
 
     Raises:
         ValueError: a token is not an option or not valid UTF-8, a non-list
-            option is repeated, a list option has no value, or a list or
-            object field gets a value of another form.
+            option is repeated, a list or non-boolean option has no value,
+            or a list or object field gets a value of another form.
     """
     schema = model.model_json_schema(by_alias=True)
     properties = {
@@ -272,6 +273,12 @@ def parse_field_options(tokens: list[str], model: Any) -> dict[str, Any]:
             )
         elif key in arguments:
             raise ValueError(_repeated_field(key, first_given[key], (option, raw)))
+        elif raw is None and not types & {"boolean", "any"}:
+            kinds = " or ".join(sorted(types - {"null"}))
+            raise ValueError(
+                f"{option} has no value; give {option} VALUE, where VALUE is "
+                f"a JSON {kinds}"
+            )
         elif raw is None:
             arguments[key] = True
         elif types <= {"string", "null"}:

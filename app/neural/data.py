@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.npyio import NpzFile
 
+from app.jsonsafe import format_shown_value
 from app.settings import Settings
 from app.storage import StorageError, storage_for
 
@@ -147,7 +148,8 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
     if found is not None:
         index, value, problem = found
         position = "".join(f"[{i}]" for i in index)
-        raise DatasetError(f"{x_key}{position} = {value!r} is invalid: {problem}")
+        shown = format_shown_value(value)
+        raise DatasetError(f"{x_key}{position} = {shown} is invalid: {problem}")
     x = _to_features(features)
     if x.ndim == 2 and x.shape[1] == 0:
         raise DatasetError(
@@ -376,7 +378,8 @@ def _column_index(value: Any, columns: int, name: str) -> int:
     )
     if isinstance(value, bool):
         raise DatasetError(
-            f"label_column {value!r} is invalid: a boolean is not a column index; {fix}"
+            f"label_column {format_shown_value(value)} is invalid: a boolean is "
+            f"not a column index; {fix}"
         )
     if not _is_integer(value):
         raise DatasetError(

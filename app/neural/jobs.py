@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from app.contracts.neural import TrainJobInput, TrainJobResult
+from app.jsonsafe import format_shown_value
 from app.neural import data, store
 from app.neural.models import NeuralModel
 from app.neural.nets import ModelSpec, Params, init_params
@@ -155,7 +156,8 @@ class InvalidFeatureError(ValueError):
 
     def __init__(self, index: tuple[int, ...], value: Any, problem: str) -> None:
         position = "".join(f"[{i}]" for i in index)
-        super().__init__(f"input{position} = {value!r} is invalid: {problem}")
+        shown = format_shown_value(value)
+        super().__init__(f"input{position} = {shown} is invalid: {problem}")
         self.index = index
         self.value = value
         self.problem = problem

@@ -25,6 +25,7 @@ from app.contracts.neural import (
     TrainJobResult,
 )
 from app.contracts.queues import ORCHESTRATION
+from app.jsonsafe import format_shown_value
 from app.neural.architectures import (
     MAX_LAYER_WIDTH,
     MAX_PARAMETERS,
@@ -286,8 +287,9 @@ def check_features(tool_name: str, field: str, values: Any) -> None:
         return
     index, value, problem = found
     path = ".".join([field, *(str(i) for i in index)])
+    shown = format_shown_value(value)
     raise ToolInputError(
-        f"invalid arguments for {tool_name}: {path}: {value!r} is invalid: {problem}",
+        f"invalid arguments for {tool_name}: {path}: {shown} is invalid: {problem}",
         [{"field": path, "value": value, "message": problem}],
     )
 

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client
 
-from app.jsonsafe import MAX_JSON_DEPTH, depth_problem, dumps
+from app.jsonsafe import MAX_JSON_DEPTH, depth_problem, dumps, format_shown_value
 from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
 from app.services.audit_writer import AuditWriter
 from app.services.health_cache import HealthSnapshots
@@ -394,11 +394,11 @@ def describe_validation_error(
             lines.append(f"{path} is required: the arguments have no {loc[-1]}")
         elif item["type"] == "extra_forbidden":
             message = _extra_field_message(model, loc, message)
-            lines.append(f"{path}: {value!r} is invalid: {message}")
+            lines.append(f"{path}: {format_shown_value(value)} is invalid: {message}")
         elif value is None and item["type"] == ARGUMENTS_ERROR:
             lines.append(f"{path}: {message}")
         else:
-            lines.append(f"{path}: {value!r} is invalid: {message}")
+            lines.append(f"{path}: {format_shown_value(value)} is invalid: {message}")
         details.append({"field": path, "value": _jsonable(value), "message": message})
     message = f"invalid arguments for {tool_name}: " + "; ".join(lines)
     return ToolInputError(message, details, lines)

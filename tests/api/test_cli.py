@@ -52,6 +52,10 @@ def test_field_options_follow_schema() -> None:
         parse_field_options(["--limit", "1", "--limit", "2"], model)
     with pytest.raises(ValueError, match="not a --FIELD option"):
         parse_field_options(["limit"], model)
+    with pytest.raises(ValueError, match="--limit has no value; give --limit VALUE"):
+        parse_field_options(["--limit"], model)
+    with pytest.raises(ValueError, match="--limit has no value"):
+        parse_field_options(["--limit", "--tool", "x"], model)
 
 
 def test_tool_summaries_whole_sentences() -> None:
@@ -160,7 +164,7 @@ def test_tool_command_calls_and_rejects(api_settings: Settings) -> None:
 def test_call_rejects_boolean_and_repeated_key(api_settings: Settings) -> None:
     boolean = nexus(api_settings, "call", "audit_log", '{"limit": true}')
     assert boolean.returncode == 1, boolean.stdout
-    assert "limit: True is invalid: Input should be a valid integer" in (boolean.stderr)
+    assert "limit: true is invalid: Input should be a valid integer" in (boolean.stderr)
     repeated = nexus(api_settings, "call", "audit_log", '{"limit": 1, "limit": 2}')
     assert repeated.returncode == 2, repeated.stdout
     assert "the key 'limit' appears more than once" in repeated.stderr

@@ -167,7 +167,7 @@ async def test_boolean_for_integer_rejected(api_server: ApiServer) -> None:
     assert error["errors"][0]["field"] == "limit"
     assert error["errors"][0]["value"] is True
     assert (
-        "limit: True is invalid: Input should be a valid integer" in (error["message"])
+        "limit: true is invalid: Input should be a valid integer" in (error["message"])
     )
     plain = await post(
         api_server, "/mcp", {"tool": "audit_log", "args": {"limit": True}}

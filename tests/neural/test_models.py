@@ -196,8 +196,8 @@ def test_inline_labels_keep_plain_arrays() -> None:
 @pytest.mark.parametrize(
     ("features", "message"),
     [
-        ([[1, None], [3, 4], [5, 6], [7, 8]], r"X\[0\]\[1\] = None is invalid: .*null"),
-        ([[1, 2], [True, 4], [5, 6], [7, 8]], r"X\[1\]\[0\] = True is invalid"),
+        ([[1, None], [3, 4], [5, 6], [7, 8]], r"X\[0\]\[1\] = null is invalid: .*null"),
+        ([[1, 2], [True, 4], [5, 6], [7, 8]], r"X\[1\]\[0\] = true is invalid"),
         ([[1, 2], [3, "4"], [5, 6], [7, 8]], r"X\[1\]\[1\] = '4' is invalid"),
     ],
 )

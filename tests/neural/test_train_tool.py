@@ -238,7 +238,7 @@ _NOTHING: dict[str, list[str]] = {"jobs": [], "sessions": [], "datasets": []}
         ),
         (
             {**_INLINE, "X": [[1, 2], [3, True], [5, 6], [7, 8], [1, 1]]},
-            r"invalid dataset: X\[1\]\[1\] = True is invalid",
+            r"invalid dataset: X\[1\]\[1\] = true is invalid",
         ),
         (
             {"bucket": "datasets", "path": "junk.npz"},
@@ -309,8 +309,10 @@ async def test_bad_label_column_rejected(
             {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"},
         )
     assert caught.value.kind == "invalid_argument"
+    # A boolean is written as JSON's true, as the caller sent it.
+    shown = "true" if label_column is True else repr(label_column)
     assert re.fullmatch(
-        rf"invalid dataset: label_column {re.escape(repr(label_column))} is "
+        rf"invalid dataset: label_column {re.escape(shown)} is "
         rf"invalid: {problem}; {_COLUMN_FIX}",
         caught.value.message,
     ), caught.value.message
