@@ -71,7 +71,13 @@ def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """Run a registered tool as the local user and return its result, or exit 1
     with the tool's error message."""
     from app.db.migrate import ensure_current
-    from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+    from app.tools import (
+        ToolContext,
+        ToolError,
+        invoke_tool,
+        known_tool,
+        load_tools,
+    )
 
     settings = load_settings()
     if name != "system_health":
@@ -88,7 +94,8 @@ def call_tool(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return asyncio.run(run())
     except ToolError as error:
         typer.echo(f"error: {error.message}", err=True)
-        raise typer.Exit(1) from None
+        # An unknown tool name is a usage error, as in `nexus tool NAME`.
+        raise typer.Exit(2 if known_tool(name) is None else 1) from None
 
 
 @cli.command("config")

@@ -347,7 +347,8 @@ def test_calls_that_reach_no_tool_are_audited(api_settings: Settings) -> None:
     repeated = nexus(api_settings, "call", "audit_log", '{"limit": 1, "limit": 2}')
     assert repeated.returncode == 2
     unknown = nexus(api_settings, "call", "nope_tool_w", '{"x": 1}')
-    assert unknown.returncode == 1
+    # The same exit status as `nexus tool nope_tool_w`.
+    assert unknown.returncode == 2
     assert "unknown tool 'nope_tool_w'" in unknown.stderr
     [probe] = list_calls(url, tool="nope_tool_w", limit=5)
     assert probe.outcome == "error"
@@ -364,7 +365,7 @@ def test_calls_that_reach_no_tool_are_audited(api_settings: Settings) -> None:
 def test_long_unknown_tool_name_cut(api_settings: Settings) -> None:
     name = "c" * 5000
     unknown = nexus(api_settings, "call", name, "{}")
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2
     assert name not in unknown.stderr
     assert f"unknown tool '{'c' * 1000}... [4000 more characters]'" in unknown.stderr
     [probe] = list_calls(api_settings.effective_database_url, limit=1)
