@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from temporalio import exceptions as temporal_errors
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -358,7 +359,8 @@ async def workflow_execute(
 ) -> WorkflowExecuteResult:
     """Start a Temporal run of the latest version of a stored workflow and
     return execution_id. With async=false, wait for the run and return every
-    step's final state; a failed run is an error naming the failed step."""
+    step's final state; a failed run is an error naming the failed step, and
+    a cancelled, terminated or timed-out run returns with that status."""
     try:
         row, version, definition = await asyncio.to_thread(
             store.get_definition, ctx.database_url, args.workflow_id
@@ -402,6 +404,11 @@ async def workflow_execute(
         final = await handle.result()
     except WorkflowFailureError as error:
         cause = error.cause
+        closed = await _closed_without_result(ctx, handle.id, cause)
+        if closed is not None:
+            result.status = closed.status
+            result.result = closed
+            return result
         raise ToolError(
             f"execution {handle.id} of workflow {row.id} failed: "
             f"{cause.message if hasattr(cause, 'message') else cause}; see the "
@@ -417,6 +424,27 @@ async def workflow_execute(
     result.status = final.status
     result.result = final
     return result
+
+
+async def _closed_without_result(
+    ctx: ToolContext, execution_id: str, cause: BaseException | None
+) -> ExecutionState | None:
+    """Read the recorded state of a run that was cancelled, terminated or
+    timed out, or return None when the run failed.
+
+    Such a run did not fail, so it is reported the way workflow_status reports
+    it: with its status and every step's state.
+    """
+    if isinstance(
+        cause, (temporal_errors.TerminatedError, temporal_errors.TimeoutError)
+    ):
+        # The server closed the run without running its code again.
+        await _record_unrecorded_closes(ctx, [execution_id])
+    elif not isinstance(cause, temporal_errors.CancelledError):
+        return None
+    state = await asyncio.to_thread(store.get_execution, ctx.database_url, execution_id)
+    # A close that could not be recorded is reported as the failure it is.
+    return None if state.status == "running" else state
 
 
 def _too_large(error: RPCError) -> bool:

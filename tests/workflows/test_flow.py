@@ -328,6 +328,39 @@ async def test_cancel_stops_running_step(
     await replay_run(client, execution_id, all_workflows())
 
 
+@pytest.mark.parametrize(
+    ("close", "status"), [("cancel", "cancelled"), ("terminate", "terminated")]
+)
+async def test_sync_execute_reports_close(
+    client: Client, flow_workers: Settings, tools: ToolContext, close: str, status: str
+) -> None:
+    workflow_id = await _create(
+        tools,
+        f"{close}-while-waited",
+        [{"name": "long", "type": "test_sleep", "params": {"seconds": 60}}],
+    )
+    waiting = asyncio.create_task(_run(tools, workflow_id))
+    execution_id = None
+    for _ in range(100):
+        listed = await call(tools, "workflow_status", workflow_id=workflow_id)
+        if listed["executions"]:
+            execution_id = listed["executions"][0]["execution_id"]
+            break
+        await asyncio.sleep(0.1)
+    assert execution_id is not None
+    await _wait_for_step(tools, execution_id, "long", "running")
+    handle = client.get_workflow_handle(execution_id)
+    if close == "cancel":
+        await handle.cancel()
+    else:
+        await handle.terminate(reason="test")
+
+    result = await waiting
+    assert result["status"] == status
+    assert result["result"]["status"] == status
+    assert _steps(result["result"])["long"]["status"] == "cancelled"
+
+
 async def _wait_for_step(
     ctx: ToolContext, execution_id: str, step: str, wanted: str
 ) -> dict[str, Any]:
