@@ -313,3 +313,8 @@ def main() -> None:
             stream.flush()
     logging.shutdown()
     os._exit(code)
+
+
+# `python -m app.cli` runs the command line too, as `python -m app` does.
+if __name__ == "__main__":
+    main()

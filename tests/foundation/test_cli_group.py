@@ -265,3 +265,19 @@ def test_json_text_writes_null_for_nan() -> None:
         "probabilities": [[None, None, 0.5]],
         "loss": None,
     }
+
+
+@pytest.mark.parametrize("module", ["app", "app.cli"])
+def test_module_runs_command_line(module: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env["NEXUS_DATA_DIR"] = str(tmp_path)
+    completed = subprocess.run(
+        [sys.executable, "-m", module, "benchmark", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert f"Usage: python -m {module} benchmark" in completed.stdout
