@@ -167,13 +167,21 @@ async def _resolve_swarm(ctx: ToolContext, swarm_id: str | None) -> str:
 
 
 async def _update(
-    ctx: ToolContext, swarm_id: str, call: Callable[[], Awaitable[T]], what: str
+    ctx: ToolContext,
+    swarm_id: str,
+    call: Callable[[], Awaitable[T]],
+    what: str,
+    check: str | None = None,
 ) -> T:
     """Run an update of a swarm workflow and turn its failures into tool errors.
 
     The server limits in-flight updates per workflow (10 by default), so a
     busy swarm returns RESOURCE_EXHAUSTED; the update is retried with backoff
     for up to UPDATE_RETRY_SECONDS.
+
+    Args:
+        check: the call that shows whether the update took effect, for the
+            error after a lost connection (default: swarm_status on the swarm).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + UPDATE_RETRY_SECONDS
@@ -201,11 +209,31 @@ async def _update(
                 delay = min(delay * 2, 1.0)
                 continue
             tool_error = _swarm_rpc_error(swarm_id, error)
+            if tool_error.kind == "unavailable":
+                raise _update_unavailable(swarm_id, error, what, check) from None
             if tool_error.kind == "conflict":
                 ended = await _ended_workflow(await ctx.client(), swarm_id)
                 if ended is not None:
                     raise SwarmEndedError(swarm_id, ended[0]) from None
             raise tool_error from None
+
+
+def _update_unavailable(
+    swarm_id: str, error: RPCError, what: str, check: str | None
+) -> ToolError:
+    """Build the error of an update whose Temporal call failed in transport.
+
+    The server may have accepted the update before the connection failed, and
+    then it takes effect, so a caller that sends it again may apply it twice.
+    """
+    logger.warning("%s: the Temporal call failed: %s", what, error.message)
+    check = check or f"swarm_status with swarm_id {swarm_id}"
+    return ToolError(
+        f"{what} failed: the Temporal call failed ({error.message}), and the "
+        "server may have accepted the change before that, in which case it "
+        f"takes effect. Check with {check} before you send it again",
+        kind="unavailable",
+    )
 
 
 class SwarmEndedError(ToolError):
@@ -635,6 +663,8 @@ async def task_orchestrate(
             "submit_task", spec, id=f"submit-{spec.task_id}", result_type=TaskRecord
         ),
         f"task_orchestrate on swarm {swarm_id}",
+        # Each call submits a new task, so a retry would run the work twice.
+        check=f"task_status with task_id {task_id}",
     )
     return TaskOrchestrateResult(
         task_id=spec.task_id,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from app.contracts.queues import ORCHESTRATION, SANDBOX
 from app.contracts.swarm import (
@@ -60,6 +62,52 @@ async def test_spawn_limit_rejects_past_max(swarms: Swarms) -> None:
     assert "maxAgents is 2" in caught.value.message
     status = await swarms.call("swarm_status", swarm_id=swarm["swarm_id"])
     assert len(status["agents"]) == 2
+
+
+_real_execute_update = WorkflowHandle.execute_update
+
+
+async def _apply_then_lose_reply(
+    self: WorkflowHandle, *args: Any, **kwargs: Any
+) -> Any:
+    """Apply the update, then fail as a connection lost before its reply does."""
+    await _real_execute_update(self, *args, **kwargs)
+    raise RPCError("http2 error", RPCStatusCode.UNAVAILABLE, b"")
+
+
+async def test_lost_update_reply_names_check(
+    swarms: Swarms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swarm = await swarms.call("swarm_init", topology="mesh", maxAgents=2)
+    swarm_id = swarm["swarm_id"]
+    with monkeypatch.context() as patch:
+        patch.setattr(WorkflowHandle, "execute_update", _apply_then_lose_reply)
+        with pytest.raises(ToolError) as spawn_error:
+            await swarms.call("agent_spawn", type="coder", swarm_id=swarm_id)
+        with pytest.raises(ToolError) as task_error:
+            await swarms.call(
+                "task_orchestrate", task="greet", command="echo hi", swarm_id=swarm_id
+            )
+
+    assert spawn_error.value.kind == "unavailable"
+    assert "http2 error" in spawn_error.value.message
+    assert "may have accepted the change" in spawn_error.value.message
+    assert (
+        f"Check with swarm_status with swarm_id {swarm_id} before you send it again"
+        in spawn_error.value.message
+    )
+    status = await swarms.call("swarm_status", swarm_id=swarm_id)
+    assert len(status["agents"]) == 1
+
+    assert task_error.value.kind == "unavailable"
+    found = re.search(
+        r"Check with task_status with task_id (\S+) ", task_error.value.message
+    )
+    assert found is not None, task_error.value.message
+    task = await swarms.call("task_results", task_id=found[1], wait_seconds=120)
+    assert task["swarm_id"] == swarm_id
+    assert task["status"] == "completed"
+    await swarms.call("swarm_destroy", swarm_id=swarm_id)
 
 
 async def test_generated_names_skip_taken_names(swarms: Swarms) -> None:
