@@ -151,6 +151,9 @@ class LocalBackend(SandboxBackend):
         self.allow_network = allow_network
         self.limits = limits or ResourceLimits()
         self._anchors: dict[str, subprocess.Popen[bytes]] = {}
+        # The write end of each unclaimed spare's pipe. The kernel closes it
+        # when this worker is killed, and the spare's runner then exits.
+        self._ties: dict[str, int] = {}
         self.spares = spares
         self._spares: list[str] = []
         self._stale_spares_removed = False
@@ -275,10 +278,11 @@ class LocalBackend(SandboxBackend):
             try:
                 if state is None or self._lost_reason(spare, state) is not None:
                     raise SandboxLostError(f"spare {spare} ended")
-                await self._ping(spare, state, timeout)
+                await self._ping(spare, state, timeout, claim=True)
             except SandboxLostError:
                 await self.delete(spare)
                 continue
+            self._untie(spare)
             source, target = self.root / spare, self.root / backend_id
             source.rename(target)
             anchor = self._anchors.pop(spare, None)
@@ -338,7 +342,7 @@ class LocalBackend(SandboxBackend):
             spare = f"_spare-{uuid.uuid4().hex[:12]}"
             (self.folder(spare) / ".nexus" / "tmp").mkdir(parents=True)
             try:
-                self._start_runner(spare, _SPARE_LIFETIME)
+                self._start_runner(spare, _SPARE_LIFETIME, tie=True)
             except OSError as error:
                 logger.warning("could not start a spare sandbox runner: %s", error)
                 shutil.rmtree(self.root / spare, ignore_errors=True)
@@ -394,12 +398,17 @@ class LocalBackend(SandboxBackend):
         digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
         return folder / f"{digest}.sock"
 
-    def _start_runner(self, backend_id: str, timeout: int) -> None:
-        """Start the anchor and its runner, which responds once it is up."""
+    def _start_runner(self, backend_id: str, timeout: int, tie: bool = False) -> None:
+        """Start the anchor and its runner, which responds once it is up.
+
+        With `tie`, for a spare, the runner also exits when this process
+        dies, until `_take_spare` claims it.
+        """
         folder = self.folder(backend_id)
         socket_path = self._socket_path(backend_id)
         socket_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tie_write: int | None = None
         try:
             listener.bind(str(socket_path))
             listener.listen(64)
@@ -407,6 +416,12 @@ class LocalBackend(SandboxBackend):
             arguments = [str(fd), str(timeout)]
             env = self.base_env(backend_id)
             inherited = [fd]
+            if tie:
+                # os.pipe() fds are not inherited, so only this runner gets
+                # the read end and no other child keeps the write end open.
+                tie_read, tie_write = os.pipe()
+                inherited.append(tie_read)
+                arguments.append(str(tie_read))
             if self.bwrap:
                 options = self._bwrap_options(backend_id, self.allow_network)
                 options += ["--ro-bind", str(_RUNNER_PATH), _INSIDE_RUNNER]
@@ -448,10 +463,16 @@ class LocalBackend(SandboxBackend):
                 start_new_session=True,
                 pass_fds=inherited,
             )
+        except BaseException:
+            if tie_write is not None:
+                os.close(tie_write)
+            raise
         finally:
             listener.close()
             for passed in inherited[1:]:
                 os.close(passed)
+        if tie_write is not None:
+            self._ties[backend_id] = tie_write
         self._reap_exited_anchors()
         self._anchors[backend_id] = anchor
         now = time.time()
@@ -628,11 +649,18 @@ class LocalBackend(SandboxBackend):
         return [line for line in lines if isinstance(line, dict)]
 
     async def _ping(
-        self, backend_id: str, state: Mapping[str, object], lifetime: int | None
+        self,
+        backend_id: str,
+        state: Mapping[str, object],
+        lifetime: int | None,
+        claim: bool = False,
     ) -> None:
         message: dict[str, object] = {"op": "ping"}
         if lifetime is not None:
             message["lifetime"] = lifetime
+        if claim:
+            # A claimed spare is a sandbox, which outlives its worker.
+            message["claim"] = True
         connection = await self._request(backend_id, state, message)
         try:
             replies = await self._reply(connection, _RUNNER_START_TIMEOUT)
@@ -721,11 +749,17 @@ class LocalBackend(SandboxBackend):
             state["deleted"] = True
             self._write_state(backend_id, state)
         self._kill_anchor(backend_id, state)
+        self._untie(backend_id)
         folder = self.root / backend_id
         if folder.exists():
             await self._remove(backend_id, self.folder(backend_id))
             await self._remove(backend_id, folder)
             logger.info("deleted local sandbox %s", backend_id)
+
+    def _untie(self, backend_id: str) -> None:
+        tie = self._ties.pop(backend_id, None)
+        if tie is not None:
+            os.close(tie)
 
     async def _remove(self, backend_id: str, path: Path) -> None:
         try:

@@ -15,6 +15,9 @@ socket whose path only the host can see. Each execution is two forks:
   the command (node, bash, installers).
 
 The runner exits when its lifetime ends without a keep-alive, which ends the
+sandbox. A spare runner (`python3 runner.py LISTEN_FD LIFETIME TIE_FD`) also
+exits when the read end TIE_FD of its worker's pipe reaches end of file, which
+happens when the worker dies, until a request with `claim` makes it a
 sandbox. It must run on the host's `python3` (3.9 or later) with the standard
 library only: nothing of the application is visible inside the sandbox.
 """
@@ -53,6 +56,9 @@ _ACK_TIMEOUT = 2.0
 # the runner's wait for the supervisor.
 _PROBE_TIMEOUT = 1.0
 _LIBC = ctypes.CDLL(None, use_errno=True)
+# The read end of the spare's pipe to its worker, or None once claimed (or for
+# a sandbox started as itself). Forked supervisors and programs close it.
+_tie: int | None = None
 # sys.path as `python3 -c` starts it, without the script's folder first.
 _BASE_PATH = [entry for entry in sys.path[1:]]
 
@@ -463,6 +469,7 @@ def _fork_warm(server: socket.socket, runner: int) -> Warm | None:
         return None
     if pid == 0:
         server.close()
+        _close_tie()
         control.close()
         program.close()
         warm_supervisor(their_control, their_program, runner)
@@ -518,12 +525,15 @@ def _serve_connection(
         request = json.loads(body.decode())
         if "lifetime" in request:
             lifetime = float(request["lifetime"])
+        if request.get("claim"):
+            _close_tie()
         if request.get("op") == "exec":
             conn.settimeout(None)
             handed = warm is not None and _hand_over(warm, conn, body, request, fds)
             warm = None
             if not handed and os.fork() == 0:
                 server.close()
+                _close_tie()
                 supervise(conn, request, fds, runner)
         elif request.get("op") == "stop":
             send_reply(conn, {"stopped": True})
@@ -540,8 +550,26 @@ def _serve_connection(
     return lifetime, False, warm
 
 
-def serve(listen_fd: int, lifetime: float) -> None:
-    """Accept requests until the lifetime ends without a keep-alive."""
+def _close_tie() -> None:
+    global _tie
+    if _tie is not None:
+        os.close(_tie)
+        _tie = None
+
+
+def _worker_died() -> bool:
+    """Return whether the spare's worker closed its end of the pipe."""
+    if _tie is None:
+        return False
+    ready, _, _ = select.select([_tie], [], [], 0)
+    return bool(ready) and os.read(_tie, 1) == b""
+
+
+def serve(listen_fd: int, lifetime: float, tie: int | None = None) -> None:
+    """Accept requests until the lifetime ends without a keep-alive, or
+    until the worker of an unclaimed spare dies."""
+    global _tie
+    _tie = tie
     server = socket.socket(fileno=listen_fd)
     server.setblocking(True)
     # Code in the sandbox runs as the same user; keep it out of this
@@ -561,10 +589,11 @@ def serve(listen_fd: int, lifetime: float) -> None:
         except ChildProcessError:
             pass
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or _worker_died():
             break
-        ready, _, _ = select.select([server], [], [], min(left, 1.0))
-        if not ready:
+        watched = [listen_fd] if _tie is None else [listen_fd, _tie]
+        ready, _, _ = select.select(watched, [], [], min(left, 1.0))
+        if listen_fd not in ready:
             if warm is None:
                 warm = _fork_warm(server, runner)
             continue
@@ -584,4 +613,8 @@ def serve(listen_fd: int, lifetime: float) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), float(sys.argv[2]))
+    serve(
+        int(sys.argv[1]),
+        float(sys.argv[2]),
+        int(sys.argv[3]) if len(sys.argv) > 3 else None,
+    )

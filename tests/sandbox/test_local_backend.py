@@ -640,6 +640,50 @@ async def test_unused_spares_leave_no_folder(use_bwrap: bool, tmp_path: Path) ->
     assert sorted(p.name for p in root.iterdir()) == [young.name]
 
 
+# A worker that starts one spare, prints its folder and anchor pid, and waits.
+_SPARE_WORKER = """
+import sys, time
+from pathlib import Path
+from app.sandbox.local import LocalBackend
+local = LocalBackend(Path(sys.argv[1]), use_bwrap=sys.argv[2] == "bwrap", spares=1)
+local._refill_spares()
+[spare] = local._spares
+print(spare, local._read_state(spare)["anchor_pid"], flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+def test_spare_dies_with_killed_worker(use_bwrap: bool, tmp_path: Path) -> None:
+    root = tmp_path / "sandboxes"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _SPARE_WORKER,
+            str(root),
+            "bwrap" if use_bwrap else "plain",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        spare, anchor = worker.stdout.readline().split()
+    finally:
+        worker.kill()
+        worker.wait()
+
+    # Its lifetime is 5 minutes, so only the worker's death can end it here.
+    for _ in range(600):
+        if not Path(f"/proc/{anchor}").exists() and not (root / spare).exists():
+            break
+        time.sleep(0.05)
+    assert not Path(f"/proc/{anchor}").exists()
+    assert not (root / spare).exists()
+
+
 def _zombie(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     try:
