@@ -18,7 +18,7 @@ from app.contracts.sandbox import (
 )
 from app.contracts.types import UtcDateTime
 from app.sandbox import service
-from app.sandbox.backend import SandboxConfigurationError
+from app.sandbox.backend import SandboxConfigurationError, SandboxSetupError
 from app.sandbox.health import register_isolation_check
 from app.sandbox.runtime import package_problem
 from app.sandbox.service import CreateOptions, SandboxServiceError
@@ -28,7 +28,9 @@ from app.tools.registry import ToolContext, ToolError, tool
 _KINDS: dict[str, Any] = {
     "not_found": "not_found",
     "invalid_argument": "invalid_argument",
-    "configuration": "failed",
+    # The server's settings (such as E2B_API_KEY) or the E2B request are
+    # wrong, so a retry fails the same way until someone fixes them.
+    "configuration": "conflict",
     "timed_out": "unavailable",
     "connection_lost": "unavailable",
     "failed": "failed",
@@ -172,8 +174,10 @@ async def sandbox_create(
         info = await service.create_sandbox(await ctx.client(), ctx.settings, options)
     except SandboxServiceError as error:
         raise _tool_error(error) from None
+    except SandboxSetupError as error:
+        raise ToolError(str(error), kind="invalid_argument") from None
     except SandboxConfigurationError as error:
-        raise ToolError(str(error)) from None
+        raise ToolError(str(error), kind="conflict") from None
     return SandboxCreateResult(
         sandbox_id=info.sandbox_id,
         name=info.name,

@@ -4,18 +4,27 @@ real exception types, to prove the error mapping and recreation."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import e2b
 import httpx
 import pytest
+from temporalio.client import Client
 
+from app.api.calls import error_status
+from app.contracts.queues import ORCHESTRATION, SANDBOX
+from app.sandbox import runtime
 from app.sandbox.backend import (
     SandboxConfigurationError,
     SandboxLostError,
     SandboxRetryLaterError,
 )
 from app.sandbox.e2b import E2BBackend
+from app.tools import ToolContext, ToolError, invoke_tool, load_tools
+from tests.conftest import running_workers
+from tests.support.sandboxes import sandbox_test_settings
 
 
 class FakeHandle:
@@ -498,3 +507,37 @@ async def test_silent_e2b_fails_within_bounds(backend: E2BBackend) -> None:
     with pytest.raises(SandboxRetryLaterError) as unknown:
         await asyncio.wait_for(backend.describe(created.backend_id), 60)
     assert "did not respond within 0.2 s" in str(unknown.value)
+
+
+@pytest.fixture
+async def e2b_tools(
+    client: Client, tmp_path: Path, temporal_address: str
+) -> AsyncIterator[ToolContext]:
+    """Tools and workers with NEXUS_SANDBOX_BACKEND=e2b and no E2B_API_KEY."""
+    settings = sandbox_test_settings(
+        tmp_path, temporal_address, sandbox_backend="e2b", e2b_api_key=None
+    )
+    load_tools()
+    async with running_workers(client, settings, [ORCHESTRATION, SANDBOX]):
+        yield ToolContext(settings, user_id="test", temporal_client=client)
+
+
+async def test_missing_key_is_client_error(e2b_tools: ToolContext) -> None:
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(e2b_tools, "sandbox_create", {"template": "base"})
+    assert caught.value.kind == "conflict"
+    assert error_status(caught.value) == 409
+    assert "needs E2B_API_KEY" in caught.value.message
+    assert "NEXUS_SANDBOX_BACKEND=local" in caught.value.message
+
+
+async def test_rejected_key_is_client_error(
+    backend: E2BBackend, e2b_tools: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "get_backend", lambda settings: backend)
+    FakeSandbox.create_fault = e2b.AuthenticationException("invalid API key")
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(e2b_tools, "sandbox_create", {"template": "base"})
+    assert caught.value.kind == "conflict"
+    assert error_status(caught.value) == 409
+    assert "set a valid E2B_API_KEY" in caught.value.message
