@@ -416,9 +416,24 @@ class StepResult(BaseModel):
             "the program ran and the sandbox ran it again."
         ),
     )
-    started_at: UtcDateTime | None = None
+    started_at: UtcDateTime | None = Field(
+        None,
+        description=(
+            "When the step began: for code and shell steps, when its program "
+            "started; for other steps, when its first attempt started."
+        ),
+    )
     finished_at: UtcDateTime | None = None
     duration_ms: float | None = None
+    waited_ms: float | None = Field(
+        None,
+        description=(
+            "Code and shell steps: milliseconds from the start of the step's "
+            "activity to the start of its program, spent creating the agent's "
+            "sandbox or waiting while it ran another program. Not part of "
+            "duration_ms."
+        ),
+    )
 
     def output_text(self) -> str:
         """Return the output that a next agent receives."""

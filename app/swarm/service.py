@@ -9,7 +9,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
@@ -228,6 +228,27 @@ def llm_prompt(
     return "\n\n".join(lines)
 
 
+def _program_start(
+    result: StepResult, started: datetime, output: ExecutionOutput
+) -> datetime:
+    """Move the step's start to its program's start, and record the time
+    before it in `waited_ms`.
+
+    Parts of one task that a parallel strategy gives to one agent wait for
+    each other at its sandbox, because with local calls a session takes the
+    next call only after the running one ends or its workflow task
+    heartbeats.
+    The program's start is estimated as now minus the run time that the
+    sandbox measured, so it is late by the latency of the sandbox's reply.
+    """
+    program_started = datetime.now(UTC) - timedelta(milliseconds=output.duration_ms)
+    if program_started <= started:
+        return started
+    result.waited_ms = round((program_started - started).total_seconds() * 1000, 3)
+    result.started_at = program_started
+    return program_started
+
+
 async def _run_program(
     executor: AgentExecutor,
     sandbox_id: str,
@@ -332,7 +353,9 @@ async def run_step(
     """Execute one agent's step and return what really happened.
 
     `started_at` is when the step's first attempt started (default: now);
-    the result's `started_at` and `duration_ms` count from it.
+    the result's `started_at` and `duration_ms` count from it. A code or
+    shell step on its first attempt counts from its program's start instead,
+    and records the time before it in `waited_ms`.
 
     A program that exits non-zero is a failed step with its output, not an
     exception: it ran, and a retry would run it again.
@@ -373,6 +396,8 @@ async def run_step(
             ) from error
         except RuntimeError as error:
             raise StepFailedError(str(error)) from error
+        if attempt == 1:
+            started = _program_start(result, started, output)
         result.stdout = output.stdout
         result.stderr = output.stderr
         result.exit_code = output.exit_code

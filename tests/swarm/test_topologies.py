@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from temporalio.client import Client
 
 from app.contracts.swarm import task_workflow_id
@@ -205,3 +207,29 @@ async def test_hierarchy_of_one_delegates_to_itself(swarms: Swarms) -> None:
         ("collect", root, root, 1),
     ]
     assert result["output"] == "a\nb\n"
+
+
+async def test_step_start_excludes_agent_wait(swarms: Swarms) -> None:
+    """Parallel parts given to the hub's one worker run one after another,
+    and the second step starts when its program does."""
+    swarm_id, agents = await swarms.swarm("star", ["coordinator", "coder"])
+    result = await swarms.run_task(
+        task="a\nb",
+        command="date +%s.%N; sleep 2",
+        strategy="parallel",
+        swarm_id=swarm_id,
+        maxAgents=2,
+    )
+    assert result["status"] == "completed", result["error"]
+    first, second = sorted(
+        result["results"], key=lambda step: float(step["stdout"].split()[0])
+    )
+    assert first["agent_id"] == second["agent_id"] == agents[1]["agent_id"]
+    first_program_start = float(first["stdout"].split()[0])
+    second_started = datetime.fromisoformat(second["started_at"]).timestamp()
+    # The second program started after the first one's 2 s sleep.
+    assert second_started >= first_program_start + 2
+    assert second["waited_ms"] > 0
+    await replay_run(
+        swarms.client, task_workflow_id(result["task_id"]), all_workflows()
+    )
