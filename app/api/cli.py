@@ -78,8 +78,9 @@ def create_command(
         unknown = sorted(set(group) - known)
         if unknown:
             typer.echo(
-                f"error: unknown tool group(s) {', '.join(unknown)}; the groups are "
-                f"{', '.join(sorted(known))}",
+                # repr, so that an empty or padded value can be seen.
+                f"error: unknown tool group(s) {', '.join(map(repr, unknown))}; "
+                f"the groups are {', '.join(sorted(known))}",
                 err=True,
             )
             raise typer.Exit(2)

@@ -100,7 +100,14 @@ def test_list_options_still_repeat() -> None:
         cli, ["keys", "create", "k", "--group", "nope1", "--group", "nope2"]
     )
     assert groups.exit_code == 2, groups.output
-    assert "unknown tool group(s) nope1, nope2" in flat(groups.output)
+    assert "unknown tool group(s) 'nope1', 'nope2'" in flat(groups.output)
+
+
+def test_keys_create_quotes_blank_group() -> None:
+    for value, shown in [("", "''"), (" storage", "' storage'")]:
+        result = CliRunner().invoke(cli, ["keys", "create", "k", "--group", value])
+        assert result.exit_code == 2, result.output
+        assert f"unknown tool group(s) {shown};" in flat(result.output)
 
 
 def test_tool_fields_repeat_by_type() -> None:
