@@ -92,6 +92,15 @@ def _missing(ctx: ToolContext, needed: tuple[str, ...]) -> list[str]:
     return [group for group in needed if group not in ctx.groups]
 
 
+def _caller(ctx: ToolContext) -> str:
+    """Name the limited caller in an error: its key, or for a workflow step
+    or swarm action, which runs without one, the groups of its run."""
+    if ctx.key_id is not None:
+        return f"API key {ctx.key_id}"
+    allowed = ", ".join(ctx.groups or ()) or "none"
+    return f"a run limited to the groups: {allowed}"
+
+
 def check_table(ctx: ToolContext, table: str) -> None:
     """Raise a ToolError unless the caller may read `table`: invalid_argument
     for a table that no caller may subscribe to, forbidden for a table of a
@@ -103,8 +112,9 @@ def check_table(ctx: ToolContext, table: str) -> None:
         raise ToolError(str(error), kind="invalid_argument") from None
     if table in UNLIMITED_TABLES and ctx.groups is not None:
         raise ToolError(
-            f"table: {table!r} contains {UNLIMITED_TABLES[table]}, so API key "
-            f"{ctx.key_id} may not subscribe to it; read it with the {table} tool, "
+            f"table: {table!r} contains {UNLIMITED_TABLES[table]}, so "
+            f"{_caller(ctx)} may not subscribe to it; read it with the {table} "
+            "tool, "
             "or subscribe with a key created without --group",
             kind="forbidden",
         )
@@ -114,7 +124,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
         # every group may read it until it gets one.
         raise ToolError(
             f"table: {table!r} belongs to the platform and has no realtime access "
-            f"rule, so API key {ctx.key_id} may not subscribe to it; use a key "
+            f"rule, so {_caller(ctx)} may not subscribe to it; use a key "
             "created without --group",
             kind="forbidden",
         )
@@ -122,7 +132,7 @@ def check_table(ctx: ToolContext, table: str) -> None:
     if missing:
         raise ToolError(
             f"table: {table!r} contains data of the tool group(s) "
-            f"{', '.join(missing)}, which API key {ctx.key_id} may not call; "
+            f"{', '.join(missing)}, which {_caller(ctx)} may not call; "
             "subscribe with a key created with `nexus keys create NAME --group "
             f"{missing[0]}` (and the realtime group)",
             kind="forbidden",
@@ -136,7 +146,7 @@ def check_stream(ctx: ToolContext, kind: str, field: str) -> None:
     if missing:
         raise ToolError(
             f"{field}: the output of a {kind} belongs to the tool group "
-            f"{missing[0]}, which API key {ctx.key_id} may not call; use a key "
+            f"{missing[0]}, which {_caller(ctx)} may not call; use a key "
             f"created with `nexus keys create NAME --group {missing[0]}`",
             kind="forbidden",
         )

@@ -268,6 +268,26 @@ async def test_audit_log_needs_a_key_without_groups(settings: Settings) -> None:
     assert created["table"] == "audit_log"
 
 
+async def test_run_without_key_named_by_groups(settings: Settings) -> None:
+    """A workflow step or swarm action calls tools with its run's groups and
+    no key id, so a rejection names those groups."""
+    enable_realtime(settings.effective_database_url, "audit_log")
+    step = ToolContext(
+        settings, user_id="workflow:exec_1/m", groups=("realtime", "workflows")
+    )
+    with pytest.raises(ToolError) as denied:
+        await invoke_tool(step, "realtime_subscribe", {"table": "audit_log"})
+    assert denied.value.kind == "forbidden"
+    assert "a run limited to the groups: realtime, workflows" in denied.value.message
+    assert "None" not in denied.value.message
+    with pytest.raises(ToolError) as stream:
+        await invoke_tool(
+            step, "execution_stream_subscribe", {"sandbox_id": "sbx_000000000000"}
+        )
+    assert stream.value.kind == "forbidden"
+    assert "a run limited to the groups: realtime, workflows" in stream.value.message
+
+
 def _audit_call(url: str) -> None:
     record_call(
         url,
