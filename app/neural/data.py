@@ -82,6 +82,11 @@ def clear_dataset_cache() -> int:
     return count
 
 
+def is_stored(source: Any) -> bool:
+    """Return whether `source` names an object in storage."""
+    return isinstance(source, dict) and "bucket" in source
+
+
 def describe_source(source: Any) -> str:
     """A short name of a data set source, for records and messages."""
     if source is None:
@@ -267,10 +272,12 @@ def _inline_labels(values: Any, key: str) -> np.ndarray:
 def _to_features(values: Any) -> np.ndarray:
     try:
         x = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError):
+        # Without numpy's message, which quotes the value: a stored object's
+        # cells are not shown to the caller.
         raise DatasetError(
-            f"features are not a rectangular array of numbers ({error}); give one "
-            "list of numbers per sample, all of the same length"
+            "features are not a rectangular array of numbers; give one list of "
+            "numbers per sample, all of the same length"
         ) from None
     return x
 
@@ -335,9 +342,9 @@ def _parse_csv(
         header = rows.pop(0)
         if label_column not in header:
             raise DatasetError(
-                f"label_column {label_column!r} is not a column of {name}, whose "
-                f"first row is {header}; give a header name or a column index "
-                f"from {-columns} to {columns - 1}"
+                f"label_column {label_column!r} is not a name in the first row of "
+                f"{name}; give a header name or a column index from {-columns} to "
+                f"{columns - 1}"
             )
         index = header.index(label_column)
     else:
@@ -348,6 +355,16 @@ def _parse_csv(
         raise DatasetError(f"CSV object {name} has a header row but no data rows")
     labels = [row[index].strip() for row in rows]
     features = [[value for i, value in enumerate(row) if i != index] for row in rows]
+    data_lines = [line for line, _ in numbered][len(numbered) - len(rows) :]
+    for line, row in zip(data_lines, rows, strict=True):
+        for column, value in enumerate(row):
+            if column != index and not _is_number(value):
+                # The position only: the cell may contain anything stored.
+                raise DatasetError(
+                    f"CSV object {name} has a feature that is not a number on "
+                    f"line {line}, column {column + 1}; give numbers in every "
+                    "column but the label column"
+                )
     return _to_features(features), _csv_labels(labels)
 
 
@@ -500,9 +517,10 @@ def prepare(
         labels = labels.astype(str)
     names, y = np.unique(labels, return_inverse=True)
     if len(names) < 2:
+        # A stored object's label is a cell, which is not shown to the caller.
+        shown = "" if is_stored(source) else f" {names[0].item()!r}"
         raise DatasetError(
-            f"labels have a single class {names[0].item()!r}; a classifier needs "
-            "at least 2"
+            f"labels have a single class{shown}; a classifier needs at least 2"
         )
     order = np.random.default_rng(seed).permutation(len(x))
     test_count = max(1, round(len(x) * test_fraction))

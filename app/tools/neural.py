@@ -143,6 +143,19 @@ async def check_dataset(ctx: ToolContext, source: Any) -> Dataset:
     anything is written. Return the prepared data set."""
     from app.neural import data
 
+    groups = ctx.groups
+    if data.is_stored(source) and groups is not None and "storage" not in groups:
+        # Training would read the object, so a key without the storage
+        # group could learn what it contains from the model or errors.
+        allowed = ", ".join(groups) or "none"
+        caller = f"API key {ctx.key_id}" if ctx.key_id else "this run"
+        raise ToolError(
+            "dataset: an object in storage is data of the tool group "
+            f"storage, and {caller} is limited to the groups: {allowed}; use "
+            "a key created with `nexus keys create NAME --group neural "
+            "--group storage`, or pass the samples inline",
+            kind="forbidden",
+        )
     try:
         return await asyncio.to_thread(data.prepare, source, ctx.settings)
     except data.DatasetError as error:

@@ -495,3 +495,60 @@ async def test_train_numbers_and_flags_strict(
     with pytest.raises(ToolInputError) as caught:
         await invoke_tool(ToolContext(offline_settings), "neural_train", arguments)
     assert [e["field"] for e in caught.value.errors] == [field]
+
+
+_SECRET_CSV = b"a,b,label\n1,2,0\npostgresql://app:sk-test-CELL@db/prod,1,1\n"
+
+
+async def test_stored_dataset_needs_storage_group(offline_settings: Settings) -> None:
+    storage_for(offline_settings).put("priv", "db.csv", _SECRET_CSV)
+    arguments = {
+        "config": _config(epochs=1),
+        "dataset": {"bucket": "priv", "path": "db.csv"},
+        "tier": "nano",
+    }
+    neural_only = ToolContext(
+        offline_settings, user_id="key:n", key_id="k_neural", groups=("neural",)
+    )
+    for missing in ["db.csv", "nope.csv"]:
+        arguments["dataset"] = {"bucket": "priv", "path": missing}
+        with pytest.raises(ToolError) as denied:
+            await invoke_tool(neural_only, "neural_train", arguments)
+        assert denied.value.kind == "forbidden"
+        assert "tool group storage" in denied.value.message
+        assert "API key k_neural" in denied.value.message
+        assert "--group storage" in denied.value.message
+
+    # A key with both groups gets the data set's own error, without the cell.
+    both = ToolContext(
+        offline_settings, user_id="key:ns", key_id="k_ns", groups=("neural", "storage")
+    )
+    arguments["dataset"] = {"bucket": "priv", "path": "db.csv"}
+    with pytest.raises(ToolError) as invalid:
+        await invoke_tool(both, "neural_train", arguments)
+    assert invalid.value.kind == "invalid_argument"
+    assert "line 3, column 1" in invalid.value.message
+    assert "sk-test-CELL" not in invalid.value.message
+    assert _leftovers(offline_settings) == _NOTHING
+
+
+async def test_stored_labels_not_quoted(offline_settings: Settings) -> None:
+    single = (
+        b"a,label\n1,sk-test-LABEL\n2,sk-test-LABEL\n3,sk-test-LABEL\n4,sk-test-LABEL\n"
+    )
+    storage_for(offline_settings).put("priv", "one.csv", single)
+    storage_for(offline_settings).put("priv", "named.csv", b"a,b\n1,0\n")
+    ctx = ToolContext(offline_settings)
+    for dataset in [
+        {"bucket": "priv", "path": "one.csv"},
+        {"bucket": "priv", "path": "named.csv", "label_column": "sk-test-NAME"},
+    ]:
+        with pytest.raises(ToolError) as invalid:
+            await invoke_tool(
+                ctx,
+                "neural_train",
+                {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"},
+            )
+        assert invalid.value.kind == "invalid_argument"
+        assert "sk-test-LABEL" not in invalid.value.message
+        assert "['a', 'b']" not in invalid.value.message
