@@ -256,6 +256,14 @@ class Settings(BaseSettings):
                 "use sqlite:///path/to/file.db or "
                 "postgresql+psycopg://user:password@host:5432/name"
             ) from None
+        except ValueError:
+            # SQLAlchemy reads the port with int(), which also rejects a
+            # libpq list of several hosts.
+            raise ValueError(
+                f"NEXUS_DATABASE_URL={_mask_url(value)!r} has an invalid port "
+                f"{_port_text(_mask_url(value))!r}; give one host with a numeric "
+                "port, as in postgresql+psycopg://user:password@host:5432/name"
+            ) from None
         driver = _DATABASE_SCHEMES.get(url.drivername)
         if driver is None:
             raise ValueError(
@@ -299,7 +307,7 @@ class Settings(BaseSettings):
                 values[name] = str(value)
             elif isinstance(value, str):
                 # A URL setting such as a package index may carry a password.
-                values[name] = _URL_PASSWORD.sub(r"\1:***@", value)
+                values[name] = mask_url_passwords(value)
             else:
                 values[name] = value
         values["database_url"] = _mask_url(self.effective_database_url)
@@ -309,16 +317,32 @@ class Settings(BaseSettings):
 
 
 def _mask_url(value: str) -> str:
-    try:
-        return make_url(value).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"
+    # Not SQLAlchemy's `render_as_string(hide_password=True)`: it shows a
+    # password given as a query parameter, and the rest of a password that
+    # contains an unencoded `@`.
+    return mask_url_passwords(value)
+
+
+def _port_text(url: str) -> str:
+    """Return the text after the host in `url`'s authority, for an error."""
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    host = authority.rpartition("@")[2]
+    return host.rpartition("]")[2].partition(":")[2]
 
 
 # Fields whose value an error message must not repeat, besides SecretStr ones.
 _SECRET_FIELDS = frozenset({"database_url"})
-# The password of `scheme://user:password@host` in any text.
-_URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):[^@/\s'\"]*@")
+# The password of `scheme://user:password@host` in any text. It runs to the
+# last `@` before the path, because a password may contain an unencoded `@`.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s'\"]*):([^/?#\s'\"]*)@")
+# A query parameter whose name marks a credential: libpq's `password` and
+# `sslpassword`, and the `token`, `key` or `secret` of a package index or an
+# API address.
+_SECRET_QUERY_PARAMETER = re.compile(
+    r"([?&;][^=&#\s'\"]*(?:password|passwd|pwd|token|key|secret|signature|"
+    r"credential|auth)[^=&#\s'\"]*=)([^&#\s'\"]*)",
+    re.IGNORECASE,
+)
 
 
 def keep_private(folder: Path) -> None:
@@ -336,20 +360,26 @@ def keep_private(folder: Path) -> None:
 
 
 def mask_url_passwords(text: str) -> str:
-    """Replace the password of every `scheme://user:password@host` in `text`."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    """Replace with `***` the password of every `scheme://user:password@host`
+    in `text`, and the value of every query parameter named like a
+    credential (`?password=`, `&token=`, `api_key=`)."""
+    masked = _URL_PASSWORD.sub(r"\1:***@", text)
+    return _SECRET_QUERY_PARAMETER.sub(r"\1***", masked)
 
 
 def url_passwords(url: str | None) -> list[str]:
-    """Return the password of `url`, as written and percent-decoded, for
-    masking in output that an installer or server may print; none without."""
+    """Return the secrets of `url` that `mask_url_passwords` masks, each as
+    written and percent-decoded, for masking in output that an installer,
+    a server or a driver may print; none without."""
     if not url:
         return []
-    found = re.search(r"://[^:/@\s]*:([^@/\s]+)@", url)
-    if found is None:
-        return []
-    written = found.group(1)
-    return sorted({written, urllib.parse.unquote(written)})
+    written = [found.group(2) for found in _URL_PASSWORD.finditer(url)]
+    written += [found.group(2) for found in _SECRET_QUERY_PARAMETER.finditer(url)]
+    secrets = {value for value in written if value}
+    # A parser that splits at the first `@` reads the rest of such a
+    # password as part of the host, and a driver then quotes that host.
+    secrets |= {part for value in secrets for part in value.split("@")[1:] if part}
+    return sorted(secrets | {urllib.parse.unquote(value) for value in secrets})
 
 
 def environment_variable(name: str) -> str:
@@ -391,7 +421,7 @@ def _shown_value(name: str, value: Any) -> str:
             return repr(_mask_url(value))
         return "(hidden: a secret)"
     # A URL such as a package index may carry a password.
-    return _URL_PASSWORD.sub(r"\1:***@", repr(value))
+    return mask_url_passwords(repr(value))
 
 
 def _default_text(name: str) -> str:

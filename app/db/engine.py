@@ -15,6 +15,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, create_engine
 
+from app.settings import mask_url_passwords
+
 logger = logging.getLogger(__name__)
 
 _engines: dict[str, Engine] = {}
@@ -187,7 +189,7 @@ def session_scope(url: str) -> Iterator[Session]:
 
 
 def compiled_cache_sizes() -> list[tuple[str, int]]:
-    """Return each engine, named by its URL without the password (and
+    """Return each engine, named by its URL with its secrets masked (and
     `stream` for a stream engine), with the entries in its compiled statement
     cache. A count that keeps rising names a statement that is built anew on
     every call; the cache grows to 750 entries before it prunes back to 500."""
@@ -196,7 +198,7 @@ def compiled_cache_sizes() -> list[tuple[str, int]]:
     return [
         (
             ("stream " if key.startswith("stream:") else "")
-            + engine.url.render_as_string(hide_password=True),
+            + mask_url_passwords(engine.url.render_as_string(hide_password=False)),
             len(engine._compiled_cache or {}),
         )
         for key, engine in engines

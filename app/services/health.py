@@ -36,7 +36,7 @@ from app.contracts.system import (
 from app.db import get_engine
 from app.db.migrate import current_heads, expected_heads
 from app.services.memory import read_memory
-from app.settings import Settings
+from app.settings import Settings, mask_url_passwords, url_passwords
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def register_component_check(name: str, check: ComponentCheck) -> None:
 def check_database(settings: Settings) -> DatabaseHealth:
     url = settings.effective_database_url
     parsed = make_url(url)
-    masked = parsed.render_as_string(hide_password=True)
+    masked = mask_url_passwords(url)
     started = time.perf_counter()
     try:
         with get_engine(url).connect() as connection:
@@ -73,12 +73,17 @@ def check_database(settings: Settings) -> DatabaseHealth:
         latency = (time.perf_counter() - started) * 1000
         heads = current_heads(url)
     except Exception as error:  # any driver error means the database is down
-        logger.warning("database health check failed for %s: %s", masked, error)
+        # The driver's message may quote the URL or a part of its password,
+        # as a host name that an unencoded `@` split off.
+        reason = mask_url_passwords(str(error))
+        for secret in url_passwords(url):
+            reason = reason.replace(secret, "***")
+        logger.warning("database health check failed for %s: %s", masked, reason)
         return DatabaseHealth(
             status="unhealthy",
             backend=parsed.get_backend_name(),
             url=masked,
-            error=str(error).splitlines()[0],
+            error=reason.splitlines()[0],
         )
     expected = expected_heads()
     status: Status = "healthy" if heads == expected else "degraded"

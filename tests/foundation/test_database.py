@@ -1,8 +1,10 @@
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect
 
 from app.db import get_engine
@@ -50,6 +52,24 @@ def test_reading_the_heads_reuses_one_compiled_statement(
         assert current_heads(database_url) == expected_heads()
         assert check_database(settings).status == "healthy"
     assert len(engine._compiled_cache) == cached  # type: ignore[arg-type]
+
+
+def test_failed_health_check_masks_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing listens on port 9 of 127.0.0.1, so the check fails at once.
+    for url in [
+        "postgresql+psycopg://u@127.0.0.1:9/db?password=query-secret",
+        "postgresql+psycopg://u:at-secret@part@127.0.0.1:9/db",
+    ]:
+        settings = Settings(data_dir=tmp_path, database_url=url)
+        with caplog.at_level(logging.WARNING, logger="app.services.health"):
+            health = check_database(settings)
+        assert health.status == "unhealthy"
+        shown = f"{health.url} {health.error} {caplog.text}"
+        for part in ["query-secret", "at-secret", "part@"]:
+            assert part not in shown
+        caplog.clear()
 
 
 def test_audit_round_trip_newest_first(database_url: str) -> None:

@@ -75,6 +75,30 @@ def test_masked_hides_secrets_and_password() -> None:
     assert masked["e2b_api_key"] is None
 
 
+def test_masked_hides_query_credentials() -> None:
+    settings = Settings(
+        database_url="postgresql+psycopg://nexus@127.0.0.1:5432/nx?password=pg-pw"
+        "&sslpassword=ssl-pw&sslmode=require",
+        sandbox_package_index="http://127.0.0.1:9/simple?token=idx-token",
+        anthropic_base_url="http://127.0.0.1:9/?x=1&api_key=base-key",
+    )
+    masked = settings.masked()
+    text = repr(masked)
+    for secret in ["pg-pw", "ssl-pw", "idx-token", "base-key"]:
+        assert secret not in text
+    assert "password=***" in masked["database_url"]
+    assert "sslpassword=***" in masked["database_url"]
+    assert "sslmode=require" in masked["database_url"]
+    assert masked["sandbox_package_index"] == "http://127.0.0.1:9/simple?token=***"
+    assert masked["anthropic_base_url"] == "http://127.0.0.1:9/?x=1&api_key=***"
+
+
+def test_masked_hides_password_with_at() -> None:
+    settings = Settings(database_url="postgresql+psycopg://u:pw@part@127.0.0.1:9/db")
+    masked = settings.masked()["database_url"]
+    assert masked == "postgresql+psycopg://u:***@127.0.0.1:9/db"
+
+
 def _error_lines(**values: object) -> list[str]:
     with pytest.raises(ValidationError) as caught:
         Settings(**values)  # type: ignore[arg-type]
@@ -110,6 +134,24 @@ def test_error_lines_hide_secret_values(monkeypatch: pytest.MonkeyPatch) -> None
     assert "E2B_API_KEY=(hidden: a secret)" in text
     assert "NEXUS_DATABASE_URL='postgresql+psycopg://nexus:***@127.0.0.1:5432'" in text
     assert "NEXUS_SANDBOX_PACKAGE_INDEX=" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("postgresql+psycopg://u:hunter2@127.0.0.1:abc/db", "abc"),
+        (
+            "postgresql+psycopg://u:hunter2@127.0.0.1:5432,127.0.0.1:5433/db",
+            "5432,127.0.0.1:5433",
+        ),
+    ],
+)
+def test_error_lines_name_invalid_port(url: str, port: str) -> None:
+    (line,) = _error_lines(database_url=url)
+    assert "hunter2" not in line
+    assert line.startswith("invalid setting: NEXUS_DATABASE_URL='")
+    assert f"has an invalid port {port!r}" in line
+    assert "postgresql+psycopg://user:password@host:5432/name" in line
 
 
 def test_error_lines_mask_url_credentials() -> None:
