@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -250,6 +251,15 @@ class Gate:
             return _error_response(429, "rate_limited", message, {"Retry-After": retry})
         request.scope[ADMITTED_SCOPE_KEY] = (target, principal)
         return principal
+
+    async def key_is_active(self, request: Request) -> bool:
+        """Return whether the request's key is still valid: a revocation or
+        rotation in this process applies at once, and one made by another
+        process within `NEXUS_API_KEY_CACHE_SECONDS`."""
+        token = _bearer_token(request.headers.getlist("authorization"))
+        if isinstance(token, _Unauthorized):
+            return False
+        return await self.keys.verify(token) is not None
 
     def audit_rejection(
         self,
@@ -745,6 +755,8 @@ def _key_dependency(gate: Gate, group: str) -> Any:
             raise HTTPException(403, detail={"kind": "forbidden", "message": message})
         # Routes that serve a caller's own records (subscriptions) read it.
         request.state.principal = admitted
+        # A stream outlives this check, so it asks again while it runs.
+        request.state.key_is_active = functools.partial(gate.key_is_active, request)
         arguments = {**request.path_params, **request.query_params}
         outcome, error = "success", None
         audited_elsewhere = False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -131,7 +131,11 @@ def build_realtime_router(settings: Settings) -> APIRouter:
             # The client proves it received everything up to this id.
             await confirm(subscription_id, start_after, "Last-Event-ID")
         compress = gzip and "gzip" in accept_encoding.lower()
-        body = _events(request, url, subscription_id, start_after, max_batches)
+        # Set by the API's key check; absent only where no key is required.
+        key_is_active = getattr(request.state, "key_is_active", None)
+        body = _events(
+            request, url, subscription_id, start_after, max_batches, key_is_active
+        )
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if compress:
             headers["Content-Encoding"] = "gzip"
@@ -195,12 +199,43 @@ async def _read_ack_body(request: Request) -> AckBody:
         raise RequestValidationError(errors, body=parsed) from None
 
 
+# Seconds between two checks that an open stream's API key is still valid.
+KEY_CHECK_SECONDS = 1.0
+
+_KEY_REVOKED_EVENT = (
+    b"event: error\ndata: "
+    + dumps(
+        {
+            "kind": "unauthorized",
+            "message": "the API key of this stream was revoked or rotated; "
+            "reconnect with an active key",
+        }
+    )
+    + b"\n\n"
+)
+
+
+async def _until_key_inactive(key_is_active: Callable[[], Awaitable[bool]]) -> None:
+    """Return once the stream's key is no longer valid, or its check failed."""
+    while True:
+        await asyncio.sleep(KEY_CHECK_SECONDS)
+        try:
+            if not await key_is_active():
+                return
+        except Exception:
+            # Ends the stream as a rejected key would: an unchecked key
+            # must not keep reading.
+            logger.exception("could not check the API key of a realtime stream")
+            return
+
+
 async def _events(
     request: Request,
     url: str,
     subscription_id: str,
     start_after: int | None,
     max_batches: int | None,
+    key_is_active: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[bytes]:
     sent = 0
     yield b": connected\n\n"
@@ -212,9 +247,44 @@ async def _events(
         store_cursor=False,
         store_skipped=True,
     )
+    key_check = (
+        asyncio.create_task(_until_key_inactive(key_is_active))
+        if key_is_active is not None
+        else None
+    )
     try:
         async with subscriber:
-            async for batch in subscriber.batches(idle=True):
+            batches = subscriber.batches(idle=True)
+            while True:
+                next_batch = asyncio.ensure_future(anext(batches))
+                waited = {next_batch} if key_check is None else {next_batch, key_check}
+                await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+                revoked = key_check is not None and key_check.done()
+                if (
+                    not revoked
+                    and key_is_active is not None
+                    and next_batch.exception() is None
+                ):
+                    # Checked before each batch too, so that a revocation in
+                    # this process stops the very next batch.
+                    revoked = not await key_is_active()
+                if revoked:
+                    # Nothing read after the revocation is sent.
+                    next_batch.cancel()
+                    await asyncio.wait({next_batch})
+                    if not next_batch.cancelled():
+                        next_batch.exception()  # retrieved, so never logged
+                    logger.info(
+                        "ended the stream of subscription %s: its API key is "
+                        "no longer valid",
+                        subscription_id,
+                    )
+                    yield _KEY_REVOKED_EVENT
+                    return
+                try:
+                    batch = next_batch.result()
+                except StopAsyncIteration:
+                    return
                 if not batch:
                     yield b": keep-alive\n\n"
                 else:
@@ -234,6 +304,9 @@ async def _events(
     except SubscriptionNotFound:
         # Deleted between the request's check and the stream's start.
         yield b"event: closed\ndata: {}\n\n"
+    finally:
+        if key_check is not None:
+            key_check.cancel()
 
 
 async def _gzip(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

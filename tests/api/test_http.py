@@ -635,6 +635,46 @@ async def test_realtime_stream_checks_group_and_audits(
     assert (not_found.error or "").startswith("404: ")
 
 
+async def test_realtime_stream_ends_on_revoke(
+    api_server: ApiServer, key_factory
+) -> None:
+    """A stream opened before its key is revoked ends with an error event
+    instead of sending later changes."""
+    url = api_server.settings.effective_database_url
+    token, key_id = key_factory("stream-revoked")
+    # Only the call made after the revocation matches.
+    created = await post(
+        api_server,
+        "/api/tools/realtime_subscribe",
+        {"table": "audit_log", "filter": "tool=eq.system_health"},
+        token,
+    )
+    assert created.status_code == 200, created.text
+    subscription_id = created.json()["subscription_id"]
+    path = f"/realtime/v1/subscriptions/{subscription_id}/stream?max_batches=1"
+    received = ""
+    # max_batches=1 ends a stream that sends the change instead of an error.
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http,
+        http.stream("GET", path, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        async for text in response.aiter_text():
+            received += text
+            if ": connected" in received and key_id:
+                await asyncio.to_thread(revoke_key, url, key_id)
+                key_id = ""
+                # A change after the revocation, which must not be sent.
+                health = await post(api_server, "/api/tools/system_health", {})
+                assert health.status_code == 200, health.text
+    assert "event: error" in received
+    assert '"kind":"unauthorized"' in received.replace(" ", "")
+    assert "event: changes" not in received
+    rejected = await post(api_server, "/api/tools/realtime_list", {}, token)
+    assert rejected.status_code == 401
+
+
 async def test_realtime_keeps_groups_and_owners(
     api_server: ApiServer, key_factory
 ) -> None:
