@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlmodel import col, select
 
 from app.api.models import ApiKey
 from app.db import session_scope
 from app.db.models import AuditEvent, utc_now
+from app.realtime.models import RealtimeSubscription
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,7 @@ def revoke_key(database_url: str, key_id: str) -> KeyInfo:
 
 def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
     """Replace a key by a new one with the same name and groups, and revoke it.
+    The new key owns the old key's realtime subscriptions.
 
     Raises:
         KeyNotFoundError: no active key has this id.
@@ -228,6 +231,12 @@ def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
         row.revoked_at = utc_now()
         row.replaced_by = info.id
         session.add(row)
+        # The new key takes over what the old one owns.
+        session.execute(
+            update(RealtimeSubscription)
+            .where(col(RealtimeSubscription.key_id) == key_id)
+            .values(key_id=info.id)
+        )
     _bump_revocation()
     logger.info("rotated API key %s to %s", key_id, info.id)
     return token, info

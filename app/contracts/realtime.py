@@ -32,8 +32,11 @@ class SubscriptionInfo(BaseModel):
     max_buffer_size: int
     stream_kind: str | None = None
     stream_id: str | None = None
-    user_id: str = Field(
-        "local", description="The caller that created it, who alone may use it."
+    user_id: str = Field("local", description="The caller that created it.")
+    key_id: str | None = Field(
+        None,
+        description="Id of the API key that created it, which alone may use it "
+        "(a rotation hands it to the new key); null for the CLI and local calls.",
     )
     created_at: UtcDateTime
     updated_at: UtcDateTime

@@ -165,7 +165,9 @@ def check_subscription(ctx: ToolContext, info: SubscriptionInfo) -> None:
 
 def owns(ctx: ToolContext, info: SubscriptionInfo) -> bool:
     """Return whether the caller may read, confirm and delete the subscription."""
-    return ctx.key_id is None or info.user_id == ctx.user_id
+    # By key id, not by the caller's name: two keys may share a name, and a
+    # revoked key's name may be given to a new key.
+    return ctx.key_id is None or info.key_id == ctx.key_id
 
 
 def not_found_unless_owned(ctx: ToolContext, info: SubscriptionInfo) -> None:

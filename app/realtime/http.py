@@ -72,7 +72,7 @@ def build_realtime_router(settings: Settings) -> APIRouter:
             raise HTTPException(status_code=404, detail=str(error)) from None
         # Set by the API's key check; absent only where no key is required.
         principal = getattr(request.state, "principal", None)
-        if principal is not None and info.user_id != principal.user_id:
+        if principal is not None and info.key_id != principal.key_id:
             raise HTTPException(
                 status_code=404,
                 detail=f"subscription {subscription_id!r} not found; realtime_list "

@@ -64,6 +64,8 @@ class RealtimeSubscription(SQLModel, table=True):
     buffer_timeout_ms: int = 1000
     max_buffer_size: int = 10000
     user_id: str = Field(default="local", max_length=200)
+    # The API key that owns it; None for the CLI and local calls.
+    key_id: str | None = Field(default=None, max_length=32)
     stream_kind: str | None = Field(default=None, max_length=20)
     stream_id: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(

@@ -147,6 +147,7 @@ def create_subscription(
     buffer_timeout_ms: int = DEFAULT_BUFFER_TIMEOUT_MS,
     max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE,
     user_id: str = "local",
+    key_id: str | None = None,
     stream_kind: str | None = None,
     stream_id: str | None = None,
     from_start: bool = False,
@@ -190,10 +191,10 @@ def create_subscription(
             text(
                 "INSERT INTO realtime_subscriptions (id, table_name, event_type, "
                 "filter, cursor, delivered, batch_size, buffer_timeout_ms, "
-                "max_buffer_size, user_id, stream_kind, stream_id, created_at, "
-                "updated_at) VALUES (:id, :table, :event, :filter, :cursor, 0, "
-                ":batch_size, :buffer_timeout, :max_buffer, :user_id, :stream_kind, "
-                ":stream_id, :now, :now)"
+                "max_buffer_size, user_id, key_id, stream_kind, stream_id, "
+                "created_at, updated_at) VALUES (:id, :table, :event, :filter, "
+                ":cursor, 0, :batch_size, :buffer_timeout, :max_buffer, :user_id, "
+                ":key_id, :stream_kind, :stream_id, :now, :now)"
             ),
             {
                 "id": subscription_id,
@@ -205,6 +206,7 @@ def create_subscription(
                 "buffer_timeout": buffer_timeout_ms,
                 "max_buffer": max_buffer_size,
                 "user_id": user_id,
+                "key_id": key_id,
                 "stream_kind": stream_kind,
                 "stream_id": stream_id,
                 "now": now,
@@ -229,7 +231,7 @@ def _head(connection: Connection) -> int:
 _SUBSCRIPTION_COLUMNS = (
     "id, table_name, event_type, filter, cursor, delivered, batch_size, "
     "buffer_timeout_ms, max_buffer_size, stream_kind, stream_id, created_at, "
-    "updated_at, user_id"
+    "updated_at, user_id, key_id"
 )
 
 
@@ -249,6 +251,7 @@ def _info(row: Sequence[Any]) -> SubscriptionInfo:
         created_at=row[11],
         updated_at=row[12],
         user_id=row[13],
+        key_id=row[14],
     )
 
 

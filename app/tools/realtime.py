@@ -78,6 +78,7 @@ async def realtime_subscribe(
             buffer_timeout_ms=args.buffer_timeout,
             max_buffer_size=args.max_buffer_size,
             user_id=ctx.user_id,
+            key_id=ctx.key_id,
         )
     except SubscriptionError as error:
         raise ToolError(str(error), kind="invalid_argument") from None
@@ -319,6 +320,7 @@ async def execution_stream_subscribe(
             event="INSERT",
             filter_text=f'stream_kind=eq.{kind},stream_id=eq."{quoted}"',
             user_id=ctx.user_id,
+            key_id=ctx.key_id,
             stream_kind=kind,
             stream_id=stream_id,
             from_start=True,

@@ -568,8 +568,12 @@ async def test_realtime_stream_checks_group_and_audits(
     system_only, system_key_id = key_factory("stream-system-only", ["system"])
     # The audit log's table needs a key without groups.
     reader, _ = key_factory("stream-reader")
-    dashboards, _ = key_factory("stream-dashboards", ["realtime", "system"])
-    earlier = create_subscription(url, "audit_log", user_id="key:stream-dashboards")
+    dashboards, dashboards_key_id = key_factory(
+        "stream-dashboards", ["realtime", "system"]
+    )
+    earlier = create_subscription(
+        url, "audit_log", user_id="key:stream-dashboards", key_id=dashboards_key_id
+    )
     created = await post(
         api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}, reader
     )
@@ -673,6 +677,52 @@ async def test_realtime_stream_ends_on_revoke(
     assert "event: changes" not in received
     rejected = await post(api_server, "/api/tools/realtime_list", {}, token)
     assert rejected.status_code == 401
+
+
+async def test_subscription_owned_by_key_id(api_server: ApiServer, key_factory) -> None:
+    """A second key with the same name gets 404 for the first key's
+    subscription from every tool and route, and a rotation hands it over."""
+    first, first_id = key_factory("same-name", ["realtime", "sandbox"])
+    second, _ = key_factory("same-name", ["realtime", "sandbox"])
+    created = await post(
+        api_server, "/api/tools/realtime_subscribe", {"table": "sandboxes"}, first
+    )
+    assert created.status_code == 200, created.text
+    subscription_id = created.json()["subscription_id"]
+    assert created.json()["key_id"] == first_id
+    listed = await post(api_server, "/api/tools/realtime_list", {}, second)
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["subscriptions"] == []
+    for tool in ["realtime_events", "execution_stream_status", "realtime_unsubscribe"]:
+        response = await post(
+            api_server,
+            f"/api/tools/{tool}",
+            {"subscription_id": subscription_id},
+            second,
+        )
+        assert response.status_code == 404, (tool, response.text)
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        stream = await http.get(
+            f"/realtime/v1/subscriptions/{subscription_id}/stream",
+            headers={"Authorization": f"Bearer {second}"},
+        )
+        assert stream.status_code == 404
+        ack = await http.post(
+            f"/realtime/v1/subscriptions/{subscription_id}/ack",
+            json={"cursor": 0},
+            headers={"Authorization": f"Bearer {second}"},
+        )
+        assert ack.status_code == 404
+
+    url = api_server.settings.effective_database_url
+    rotated, _ = await asyncio.to_thread(rotate_key, url, first_id)
+    events = await post(
+        api_server,
+        "/api/tools/realtime_events",
+        {"subscription_id": subscription_id},
+        rotated,
+    )
+    assert events.status_code == 200, events.text
 
 
 async def test_realtime_keeps_groups_and_owners(

@@ -200,7 +200,11 @@ async def test_ack_reads_json_of_any_content_type(
     )
     assert missing.status_code == 404, missing.text
     sub = create_subscription(
-        database_url, "audit_log", from_start=True, user_id="key:json-tests"
+        database_url,
+        "audit_log",
+        from_start=True,
+        user_id="key:json-tests",
+        key_id=server.key_id,
     )
     for _ in range(3):  # each call's audit row is a change in the log
         await audit_log(server)
@@ -247,6 +251,7 @@ async def test_events_with_stored_lone_surrogate(
         "audit_log",
         filter_text="user_id=in.(older-server,older-server-2)",
         user_id="key:json-tests",
+        key_id=server.key_id,
     )
     insert_audit_row_with_lone_surrogate(database_url, "older-server")
     insert_audit_row_with_lone_surrogate(database_url, "older-server-2")

@@ -2,6 +2,7 @@ import logging
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,83 @@ def test_workers_starting_together_migrate_once(tmp_path: Path) -> None:
         _, stderr = process.communicate(timeout=180)
         assert process.returncode == 0, stderr
     assert current_heads(url) == expected_heads()
+
+
+def test_subscriptions_migrate_to_key_ids(empty_database_url: str) -> None:
+    """Subscriptions made before ownership by key id go to the key of their
+    name that was active when they were made, through its rotations."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from app.db.migrate import alembic_config
+
+    url = empty_database_url
+    config = alembic_config(url)
+    with get_engine(url).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "realtime_0002")
+        command.upgrade(config, "api_0001_keys")
+    keys = [
+        # id, name, created, revoked, replaced by
+        ("solo", "solo", "2026-01-01", None, None),
+        ("rot1", "rotated", "2026-01-01", "2026-01-03", "rot2"),
+        ("rot2", "rotated", "2026-01-03", None, None),
+        ("dup1", "dup", "2026-01-01", None, None),
+        ("dup2", "dup", "2026-01-01", None, None),
+        ("old", "reused", "2026-01-01", "2026-01-03", None),
+        ("new", "reused", "2026-01-04", None, None),
+    ]
+    subscriptions = [
+        ("sub_solo", "key:solo"),
+        ("sub_rotated", "key:rotated"),
+        ("sub_dup", "key:dup"),
+        ("sub_reused", "key:reused"),
+        ("sub_cli", "cli:someone"),
+    ]
+    with get_engine(url).begin() as connection:
+        for key_id, name, created, revoked, replaced_by in keys:
+            connection.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, salt, secret_hash, "
+                    "created_at, revoked_at, replaced_by) VALUES (:id, :name, "
+                    "'00', '00', :created, :revoked, :replaced_by)"
+                ),
+                {
+                    "id": key_id,
+                    "name": name,
+                    "created": datetime.fromisoformat(created).replace(tzinfo=UTC),
+                    "revoked": None
+                    if revoked is None
+                    else datetime.fromisoformat(revoked).replace(tzinfo=UTC),
+                    "replaced_by": replaced_by,
+                },
+            )
+        for subscription_id, user_id in subscriptions:
+            connection.execute(
+                text(
+                    "INSERT INTO realtime_subscriptions (id, table_name, "
+                    "event_type, filter, cursor, delivered, batch_size, "
+                    "buffer_timeout_ms, max_buffer_size, user_id, created_at, "
+                    "updated_at) VALUES (:id, 'audit_log', '*', '', 0, 0, 100, "
+                    "1000, 10000, :user_id, :created, :created)"
+                ),
+                {
+                    "id": subscription_id,
+                    "user_id": user_id,
+                    "created": datetime(2026, 1, 2, tzinfo=UTC),
+                },
+            )
+    upgrade(url)
+    with get_engine(url).connect() as connection:
+        owners = dict(
+            connection.execute(
+                text("SELECT id, key_id FROM realtime_subscriptions")
+            ).all()
+        )
+    assert owners == {
+        "sub_solo": "solo",
+        "sub_rotated": "rot2",
+        "sub_dup": None,
+        "sub_reused": "old",
+        "sub_cli": None,
+    }
