@@ -30,6 +30,8 @@ from app.sandbox.backend import (
     resolve_inside,
     resolve_workdir,
 )
+from app.sandbox.runtime import REDACTED
+from app.settings import mask_url_passwords
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class E2BBackend(SandboxBackend):
         """Map an SDK exception to the backend interface's errors."""
         if isinstance(error, SandboxBackendError):
             return error
-        message = f"E2B sandbox {self._describe_id(backend_id)}: {_reason(error)}"
+        message = f"E2B sandbox {self._describe_id(backend_id)}: {self._reason(error)}"
         if isinstance(
             error, e2b.SandboxNotFoundException | e2b.SandboxNotRunningException
         ):
@@ -279,7 +281,7 @@ class E2BBackend(SandboxBackend):
             )
             return (
                 f". Listing E2B sandboxes to remove one this create may have "
-                f"made also failed ({_reason(error)}); the next create "
+                f"made also failed ({self._reason(error)}); the next create "
                 "checks again"
             )
         for sandbox_id in found:
@@ -297,10 +299,18 @@ class E2BBackend(SandboxBackend):
                 "could not kill E2B sandbox %s created for %s: %s",
                 sandbox_id,
                 backend_id,
-                error,
+                self._reason(error),
             )
         else:
             logger.info("killed E2B sandbox %s created for %s", sandbox_id, backend_id)
+
+    def _reason(self, error: BaseException) -> str:
+        """Return the error's class and text with the API key masked, because
+        an E2B reply may quote the key it rejected."""
+        text = mask_url_passwords(str(error))
+        if self.api_key:
+            text = text.replace(self.api_key, REDACTED)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
     async def home(self, backend_id: str) -> str:
         await self._sandbox(backend_id)
@@ -480,7 +490,7 @@ class E2BBackend(SandboxBackend):
                 "check the network path to E2B"
             )
         except Exception as error:
-            problem = f"E2B failed a sandbox listing: {_reason(error)}"
+            problem = f"E2B failed a sandbox listing: {self._reason(error)}"
             if isinstance(error, e2b.AuthenticationException) or _status(error) in (
                 401,
                 403,
@@ -513,11 +523,6 @@ def _rejected(error: BaseException) -> bool:
 def _status(error: BaseException) -> int | None:
     status = getattr(error, "status_code", None)
     return status if isinstance(status, int) else None
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _cap(text: str, limit: int) -> tuple[str, int]:

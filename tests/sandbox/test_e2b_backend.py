@@ -464,6 +464,24 @@ async def test_health_rejected_key(backend: E2BBackend) -> None:
     assert "test-key" not in str(report)
 
 
+async def test_errors_mask_quoted_key(
+    backend: E2BBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reply that quotes the key it rejected, as a stand-in for E2B can.
+    FakeSandbox.list_fault = e2b.AuthenticationException("Invalid API key test-key")
+    report = await backend.health()
+    assert report["status"] == "unhealthy"
+    assert "test-key" not in str(report)
+    assert "Invalid API key ********" in str(report["error"])
+    FakeSandbox.list_fault = None
+    FakeSandbox.create_fault = e2b.AuthenticationException("bad key test-key")
+    with pytest.raises(SandboxConfigurationError) as rejected:
+        await backend.create("y", template="base", timeout=60, env={}, metadata={})
+    assert "test-key" not in str(rejected.value)
+    assert "bad key ********" in str(rejected.value)
+    assert "test-key" not in caplog.text
+
+
 async def test_health_unreachable_e2b(backend: E2BBackend) -> None:
     FakeSandbox.list_fault = httpx.ConnectError("connection refused")
     report = await backend.health()
