@@ -753,6 +753,19 @@ def _key_dependency(gate: Gate, group: str) -> Any:
             message = _forbidden_message(admitted, target, group)
             gate.audit_rejection(target, started, 403, message, principal=admitted)
             raise HTTPException(403, detail={"kind": "forbidden", "message": message})
+        unknown = sorted(set(request.query_params) - _declared_query(request))
+        if unknown:
+            # Their values are neither read nor stored, since a client may put
+            # anything there, a key included.
+            names = ", ".join(name[:100] for name in unknown)
+            message = (
+                f"unknown query parameter(s) {names} on {target}; remove them "
+                "(the route's parameters are listed in /openapi.json)"
+            )
+            gate.audit_rejection(target, started, 422, message, principal=admitted)
+            raise HTTPException(
+                422, detail={"kind": "invalid_argument", "message": message}
+            )
         # Routes that serve a caller's own records (subscriptions) read it.
         request.state.principal = admitted
         # A stream outlives this check, so it asks again while it runs.
@@ -790,6 +803,18 @@ def _key_dependency(gate: Gate, group: str) -> Any:
     # Scope "function": the audit row is written once the route has accepted
     # or rejected the request, not when a long-lived stream ends.
     return Depends(require_key, scope="function")
+
+
+def _declared_query(request: Request) -> set[str]:
+    """Names of the query parameters the matched route declares."""
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    names: set[str] = set()
+    while pending:
+        dependant = pending.pop()
+        if dependant is not None:
+            names.update(field.alias for field in dependant.query_params)
+            pending.extend(dependant.dependencies)
+    return names
 
 
 def _forbidden_message(principal: Principal, target: str, group: str) -> str:

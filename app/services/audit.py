@@ -24,6 +24,10 @@ MASK = "********"
 _SECRET_NAME = re.compile(
     r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
 )
+# The platform's own API key (`nxk_<id>_<secret>`, app.api.keys) wherever it
+# appears in a value, since a caller may paste one into any field. The id
+# stays, so the row still shows which key it was.
+_API_TOKEN = re.compile(r"(nxk_[0-9a-f]{12}_)[A-Za-z0-9_-]+")
 # Mappings whose every value is treated as a secret, because users put API
 # keys in them (sandbox env vars).
 _SECRET_MAPPINGS = {"env_vars", "envs", "env"}
@@ -76,6 +80,7 @@ def mask_secrets(
             for item in value
         ]
     if isinstance(value, str):
+        value = _API_TOKEN.sub(rf"\g<1>{MASK}", value)
         if string_limit is not None and len(value) > string_limit:
             dropped = len(value) - string_limit
             value = f"{value[:string_limit]}... [{dropped} more characters]"

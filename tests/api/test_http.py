@@ -679,6 +679,47 @@ async def test_realtime_stream_ends_on_revoke(
     assert rejected.status_code == 401
 
 
+async def test_api_keys_masked_in_audit_and_unknown_query_rejected(
+    api_server: ApiServer, key_factory
+) -> None:
+    """A platform key pasted into any argument is stored masked, and the
+    stream route rejects a query parameter it does not declare, without
+    storing its value."""
+    url = api_server.settings.effective_database_url
+    token, key_id = key_factory("masked-reader")
+    pasted, pasted_id = key_factory("masked-pasted")
+    response = await post(
+        api_server, "/api/tools/audit_log", {"limit": 1, "user_id": pasted}, token
+    )
+    assert response.status_code == 200, response.text
+    created = await post(
+        api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}, token
+    )
+    assert created.status_code == 200, created.text
+    subscription_id = created.json()["subscription_id"]
+    path = f"/realtime/v1/subscriptions/{subscription_id}/stream"
+    async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
+        unknown = await http.get(
+            path,
+            params={"max_batches": 1, "bearer": pasted},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert unknown.status_code == 422
+    message = unknown.json()["error"]["message"]
+    assert "bearer" in message and "remove" in message
+    assert pasted not in unknown.text
+    await audit_events(api_server, limit=1)
+    rows = list_calls(url, user_id="key:masked-reader")
+    stored = json.dumps([[row.arguments, row.error] for row in rows])
+    assert pasted not in stored
+    secret = pasted.split("_", 2)[2]
+    assert secret not in stored
+    assert f"nxk_{pasted_id}_********" in stored
+    by_tool = {row.tool: row for row in rows}
+    assert by_tool[path].outcome == "error"
+    assert by_tool[path].key_id == key_id
+
+
 async def test_subscription_owned_by_key_id(api_server: ApiServer, key_factory) -> None:
     """A second key with the same name gets 404 for the first key's
     subscription from every tool and route, and a rotation hands it over."""
