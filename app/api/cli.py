@@ -8,11 +8,14 @@ import json
 import math
 import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from app.cli_group import NexusGroup
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 keys_cli = typer.Typer(
     cls=NexusGroup, help="API keys of the HTTP API.", no_args_is_help=True
@@ -48,11 +51,27 @@ def _print(value: Any) -> None:
     typer.echo(json_text(value))
 
 
-def _database_url() -> str:
+def _keys_settings() -> Settings:
+    """Read the settings, and raise the log level INFO to WARNING. The levels
+    DEBUG, WARNING and ERROR of NEXUS_LOG_LEVEL apply as set.
+
+    Each command migrates the database first, which logs one INFO line per
+    realtime table. Those lines belong in the logs of `nexus up` and the
+    workers, not around the one result a `nexus keys` command prints.
+    """
     from app.cli import load_settings
-    from app.db.migrate import upgrade
+    from app.logs import configure_logging
 
     settings = load_settings()
+    if settings.log_level == "INFO":
+        configure_logging("WARNING")
+    return settings
+
+
+def _database_url() -> str:
+    from app.db.migrate import upgrade
+
+    settings = _keys_settings()
     upgrade(settings.effective_database_url)
     return settings.effective_database_url
 
@@ -117,7 +136,6 @@ def revoke_command(
         default_key_path,
         revoke_key,
     )
-    from app.cli import load_settings
 
     try:
         info = revoke_key(_database_url(), key_id)
@@ -125,7 +143,7 @@ def revoke_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     _print(dataclasses.asdict(info))
-    settings = load_settings()
+    settings = _keys_settings()
     if default_key_file_id(settings) == key_id:
         typer.echo(
             f"warning: {default_key_path(settings)} holds this key's token, which "
@@ -148,7 +166,6 @@ def rotate_command(
         rotate_key,
         write_default_key_file,
     )
-    from app.cli import load_settings
 
     try:
         token, info = rotate_key(_database_url(), key_id)
@@ -156,7 +173,7 @@ def rotate_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     _print({"key": token, "replaces": key_id, **dataclasses.asdict(info)})
-    settings = load_settings()
+    settings = _keys_settings()
     if default_key_file_id(settings) == key_id:
         # The README's requests read the token from this file.
         path = default_key_path(settings)

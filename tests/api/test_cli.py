@@ -229,6 +229,32 @@ async def test_cli_revoke_reaches_cached_server(api_server: ApiServer) -> None:
     assert await _status_until(api_server, new["key"], 401) == 401
 
 
+def test_keys_commands_keep_info_logs_off(api_settings: Settings) -> None:
+    # server_env sets NEXUS_LOG_LEVEL=INFO, the default.
+    created = nexus(api_settings, "keys", "create", "quiet-key")
+    assert created.returncode == 0, created.stderr
+    assert created.stderr == "Store the key now: it cannot be shown again.\n"
+    listed = nexus(api_settings, "keys", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    revoked = nexus(api_settings, "keys", "revoke", json.loads(created.stdout)["id"])
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stderr == ""
+
+
+def test_keys_commands_log_at_debug(api_settings: Settings) -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "app", "keys", "list"],
+        cwd=REPO_ROOT,
+        env={**server_env(api_settings), "NEXUS_LOG_LEVEL": "DEBUG"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "realtime enabled on table audit_log" in listed.stderr
+
+
 @pytest.mark.parametrize("name", ["", "   "])
 def test_keys_create_rejects_empty_name(api_settings: Settings, name: str) -> None:
     before = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
