@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import typer
 from app.cli_group import NexusGroup
 
 if TYPE_CHECKING:
+    from app.api.keys import KeyInfo
     from app.settings import Settings
 
 keys_cli = typer.Typer(
@@ -49,6 +49,16 @@ def _replace_non_finite(value: Any) -> Any:
 
 def _print(value: Any) -> None:
     typer.echo(json_text(value))
+
+
+def _key_document(info: KeyInfo) -> dict[str, Any]:
+    from pydantic import TypeAdapter
+
+    from app.api.keys import KeyInfo
+
+    # Through pydantic, so that dates read `2026-01-02T03:04:05.123456Z` as
+    # in tool results.
+    return TypeAdapter(KeyInfo).dump_python(info, mode="json")
 
 
 def _keys_settings() -> Settings:
@@ -108,7 +118,7 @@ def create_command(
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    _print({"key": token, **dataclasses.asdict(info)})
+    _print({"key": token, **_key_document(info)})
     typer.echo("Store the key now: it cannot be shown again.", err=True)
 
 
@@ -122,7 +132,7 @@ def list_command(
     from app.api.keys import list_keys
 
     keys = list_keys(_database_url(), include_revoked=all_keys)
-    _print([dataclasses.asdict(info) for info in keys])
+    _print([_key_document(info) for info in keys])
 
 
 @keys_cli.command("revoke")
@@ -142,7 +152,7 @@ def revoke_command(
     except KeyNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    _print(dataclasses.asdict(info))
+    _print(_key_document(info))
     settings = _keys_settings()
     if default_key_file_id(settings) == key_id:
         typer.echo(
@@ -172,7 +182,7 @@ def rotate_command(
     except KeyNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    _print({"key": token, "replaces": key_id, **dataclasses.asdict(info)})
+    _print({"key": token, "replaces": key_id, **_key_document(info)})
     settings = _keys_settings()
     if default_key_file_id(settings) == key_id:
         # The README's requests read the token from this file.

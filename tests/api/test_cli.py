@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -253,6 +254,20 @@ def test_keys_commands_log_at_debug(api_settings: Settings) -> None:
     )
     assert listed.returncode == 0, listed.stderr
     assert "realtime enabled on table audit_log" in listed.stderr
+
+
+def test_keys_dates_iso_8601_utc(api_settings: Settings) -> None:
+    iso_utc = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+    created = json.loads(nexus(api_settings, "keys", "create", "dated-key").stdout)
+    assert iso_utc.fullmatch(created["created_at"])
+    rotated = json.loads(nexus(api_settings, "keys", "rotate", created["id"]).stdout)
+    assert iso_utc.fullmatch(rotated["created_at"])
+    revoked = json.loads(nexus(api_settings, "keys", "revoke", rotated["id"]).stdout)
+    assert iso_utc.fullmatch(revoked["revoked_at"])
+    listed = json.loads(nexus(api_settings, "keys", "list", "--all").stdout)
+    old = next(item for item in listed if item["id"] == created["id"])
+    assert iso_utc.fullmatch(old["created_at"])
+    assert iso_utc.fullmatch(old["revoked_at"])
 
 
 @pytest.mark.parametrize("name", ["", "   "])
