@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import update
-from sqlmodel import col, select
+from sqlalchemy import text, update
+from sqlmodel import Session, col, select
 
 from app.api.models import ApiKey
 from app.db import session_scope
@@ -51,6 +51,9 @@ MAX_KEY_NAME_LENGTH = AuditEvent.model_fields["user_id"].metadata[0].max_length 
 # line and paragraph separators (Zl, Zp). Each would split or disguise the
 # log lines and audit entries that show the name.
 _REJECTED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# PostgreSQL advisory lock that serializes key creation, so that concurrent
+# creates cannot give two active keys the same name.
+_CREATE_LOCK_KEY = 7233004
 
 # Bumped by every revocation and rotation in this process; a cached key
 # verified under an older value is verified again.
@@ -65,6 +68,11 @@ def _bump_revocation() -> None:
 
 class KeyNotFoundError(Exception):
     """A key operation on an id that does not exist or is already revoked."""
+
+
+class DuplicateKeyNameError(ValueError):
+    """A new key named like an active key, whose audit entries would read the
+    same `key:<name>`."""
 
 
 @dataclass(frozen=True)
@@ -150,13 +158,14 @@ def create_key(
 
     Raises:
         ValueError: an invalid `name` (see `validate_key_name`).
+        DuplicateKeyNameError: an active key already has this name.
     """
     validate_key_name(name)
-    return _insert_key(database_url, name, groups)
+    return _insert_key(database_url, name, groups, unique_name=True)
 
 
 def _insert_key(
-    database_url: str, name: str, groups: list[str] | None
+    database_url: str, name: str, groups: list[str] | None, *, unique_name: bool
 ) -> tuple[str, KeyInfo]:
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
@@ -171,10 +180,38 @@ def _insert_key(
     with session_scope(database_url) as session:
         session.add(row)
         session.flush()
+        if unique_name:
+            _check_name_unique(session, row)
         info = _info(row)
     # repr: a name stored by an earlier version may contain a line break.
     logger.info("created API key %s (%r)", key_id, name)
     return f"{KEY_PREFIX}_{key_id}_{secret}", info
+
+
+def _check_name_unique(session: Session, row: ApiKey) -> None:
+    # Checked after the insert, in its transaction: on SQLite the insert takes
+    # the database's one write lock, so a concurrent create waits for this
+    # commit and then finds this row. Under PostgreSQL's READ COMMITTED two
+    # creates would not see each other's uncommitted rows, so creates there
+    # also hold an advisory lock until they commit.
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection().execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY}
+        )
+    active = session.exec(
+        select(ApiKey.id).where(
+            ApiKey.name == row.name,
+            ApiKey.id != row.id,
+            col(ApiKey.revoked_at).is_(None),
+        )
+    ).first()
+    if active is not None:
+        raise DuplicateKeyNameError(
+            f"key name {row.name!r} is already used by the active key {active}, "
+            f"and the audit log would record both as `{USER_ID_PREFIX}{row.name}`; "
+            f"choose another name, or replace that key with `nexus keys rotate "
+            f"{active}`"
+        )
 
 
 def list_keys(database_url: str, *, include_revoked: bool = True) -> list[KeyInfo]:
@@ -224,7 +261,7 @@ def rotate_key(database_url: str, key_id: str) -> tuple[str, KeyInfo]:
         name, groups = row.name, row.groups
     # Not `create_key`: a name that an earlier version accepted stays valid
     # for its key, and the audit log shortens an over-long caller id.
-    token, info = _insert_key(database_url, name, groups)
+    token, info = _insert_key(database_url, name, groups, unique_name=False)
     with session_scope(database_url) as session:
         row = session.get(ApiKey, key_id)
         assert row is not None

@@ -13,7 +13,7 @@ import pytest
 from temporalio.client import Client
 
 from app.api.http import create_app
-from app.api.keys import create_key
+from app.api.keys import create_key, revoke_key
 from app.db.migrate import upgrade
 from app.settings import Settings
 from tests.conftest import TEST_ENCRYPTION_KEY, running_workers
@@ -72,11 +72,19 @@ async def api_server(
     client: Client, api_settings: Settings
 ) -> AsyncIterator[ApiServer]:
     """The HTTP API with workers on every queue, so tools run end to end."""
-    token, info = create_key(api_settings.effective_database_url, "tests")
+    url = api_settings.effective_database_url
+    token, info = create_key(url, "tests")
     port = free_port()
-    async with running_workers(client, api_settings):
-        with ThreadedServer(create_app(api_settings), port):
-            yield ApiServer(f"http://127.0.0.1:{port}", api_settings, token, info.id)
+    try:
+        async with running_workers(client, api_settings):
+            with ThreadedServer(create_app(api_settings), port):
+                yield ApiServer(
+                    f"http://127.0.0.1:{port}", api_settings, token, info.id
+                )
+    finally:
+        # The next module's server creates its own key named "tests", and no
+        # two active keys may share a name.
+        revoke_key(url, info.id)
 
 
 @pytest.fixture

@@ -281,6 +281,24 @@ def test_keys_create_rejects_empty_name(api_settings: Settings, name: str) -> No
     assert len(after) == len(before)
 
 
+def test_keys_create_rejects_active_name(api_settings: Settings) -> None:
+    first = nexus(api_settings, "keys", "create", "shared-name")
+    assert first.returncode == 0, first.stderr
+    first_id = json.loads(first.stdout)["id"]
+    second = nexus(api_settings, "keys", "create", "shared-name")
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert f"already used by the active key {first_id}" in second.stderr
+    assert f"nexus keys rotate {first_id}" in second.stderr
+    listed = json.loads(nexus(api_settings, "keys", "list").stdout)
+    assert [item["id"] for item in listed if item["name"] == "shared-name"] == [
+        first_id
+    ]
+    assert nexus(api_settings, "keys", "revoke", first_id).returncode == 0
+    third = nexus(api_settings, "keys", "create", "shared-name")
+    assert third.returncode == 0, third.stderr
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

@@ -7,7 +7,9 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from sqlmodel import select
 from app.api import keys
 from app.api.keys import (
     MAX_KEY_NAME_LENGTH,
+    DuplicateKeyNameError,
     KeyNotFoundError,
     create_key,
     ensure_default_key,
@@ -74,6 +77,39 @@ def test_wrong_revoked_rotated_keys(database_url: str) -> None:
         revoke_key(database_url, new_info.id)
     with pytest.raises(KeyNotFoundError):
         rotate_key(database_url, "missing")
+
+
+def test_active_key_name_unique(database_url: str) -> None:
+    _, first = create_key(database_url, "ci-bot")
+    with pytest.raises(DuplicateKeyNameError) as raised:
+        create_key(database_url, "ci-bot", ["system"])
+    message = str(raised.value)
+    assert f"key name 'ci-bot' is already used by the active key {first.id}" in message
+    assert f"`nexus keys rotate {first.id}`" in message
+    assert [key.id for key in list_keys(database_url)] == [first.id]
+    # Rotation keeps the name while the old key is still active.
+    _, rotated = rotate_key(database_url, first.id)
+    assert rotated.name == "ci-bot"
+    revoke_key(database_url, rotated.id)
+    _, again = create_key(database_url, "ci-bot")
+    assert again.name == "ci-bot"
+
+
+def test_concurrent_creates_one_name(database_url: str) -> None:
+    attempts = 6
+    barrier = threading.Barrier(attempts)
+
+    def create() -> str:
+        barrier.wait()
+        try:
+            return create_key(database_url, "racer")[1].id
+        except DuplicateKeyNameError:
+            return "duplicate"
+
+    with ThreadPoolExecutor(attempts) as pool:
+        results = list(pool.map(lambda _: create(), range(attempts)))
+    assert results.count("duplicate") == attempts - 1
+    assert len(list_keys(database_url, include_revoked=False)) == 1
 
 
 def test_key_name_fits_audit_column(database_url: str) -> None:
