@@ -80,3 +80,21 @@ def path_problem(path: str) -> str | None:
                 f"{MAX_SEGMENT_BYTES} bytes, as the filesystem allows"
             )
     return None
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Say why no valid object path can start with `prefix`, in the words of
+    `path_problem`, or return None when one can. The empty prefix matches
+    every path.
+
+    The last segment of a prefix may be cut short, so `reports/`, `.` and
+    `..` are valid prefixes (of `reports/a.md`, `.env` and `..data`), where
+    `/`, `../` and `a//` are not.
+    """
+    if not prefix:
+        return None
+    # A valid path that is the prefix itself, or the prefix with one more
+    # character, shows that some valid path starts with it.
+    if path_problem(prefix + "x") is None:
+        return None
+    return path_problem(prefix)

@@ -22,7 +22,7 @@ from stat import S_ISREG
 from sqlalchemy import Connection, RootTransaction, inspect, text
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
-from app.contracts.object_paths import path_problem, shown
+from app.contracts.object_paths import path_problem, prefix_problem, shown
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,18 @@ def validate_path(path: str) -> str:
     if problem is not None:
         raise StorageError(problem)
     return path
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return `prefix` if some valid object path can start with it.
+
+    Raises:
+        StorageError: the message that `validate_path` gives for `prefix`.
+    """
+    problem = prefix_problem(prefix)
+    if problem is not None:
+        raise StorageError(problem)
+    return prefix
 
 
 def validate_content_type(content_type: str | None) -> str | None:
@@ -361,7 +373,12 @@ class LocalStorage:
 
     def list(self, bucket: str, prefix: str = "", limit: int = 1000) -> list[str]:
         """Return the paths of up to `limit` objects that start with `prefix`,
-        sorted by their `/`-separated segments."""
+        sorted by their `/`-separated segments.
+
+        Raises:
+            StorageError: an invalid bucket, or a prefix that no valid path
+                starts with (see `validate_prefix`).
+        """
         return list(islice(self._paths(bucket, prefix), limit))
 
     def list_objects(
@@ -381,6 +398,7 @@ class LocalStorage:
 
     def _paths(self, bucket: str, prefix: str) -> Iterator[str]:
         root = self.root / validate_bucket(bucket)
+        validate_prefix(prefix)
         names: builtins.list[str] = []
         # os.walk skips a folder that a delete removes while it walks, where
         # Path.rglob of Python 3.11 raises FileNotFoundError.

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.contracts.object_paths import path_problem, shown
+from app.contracts.object_paths import path_problem, prefix_problem, shown
 from app.contracts.queues import ORCHESTRATION, STREAMING
 
 UNAVAILABLE_ACTIVITY = "step_unavailable"
@@ -161,6 +161,10 @@ class StorageParams(BaseModel):
                     f"path {shown(self.path)} is not read by list; give the "
                     "folder to list as prefix"
                 )
+            if "{{" not in self.prefix:
+                problem = prefix_problem(self.prefix)
+                if problem is not None:
+                    raise ValueError(f"prefix: {problem}")
             return self
         if self.prefix:
             raise ValueError(

@@ -93,6 +93,43 @@ async def test_list_and_delete(settings: Settings) -> None:
         assert list(paths) == ["other.txt", "r/2.json"]
 
 
+@pytest.mark.parametrize("prefix", ["/", "../", "a//", "a/./", "a\\"])
+async def test_list_invalid_prefix_rejected(settings: Settings, prefix: str) -> None:
+    ctx = ToolContext(settings)
+    await invoke_tool(
+        ctx, "storage_upload", {"bucket": "pre", "path": "a/b.txt", "content": "x"}
+    )
+    with pytest.raises(ToolError) as uploaded:
+        await invoke_tool(
+            ctx, "storage_upload", {"bucket": "pre", "path": prefix, "content": "x"}
+        )
+    with pytest.raises(ToolError) as listed:
+        await invoke_tool(ctx, "storage_list", {"bucket": "pre", "path": prefix})
+    assert listed.value.kind == "invalid_argument"
+    assert listed.value.message == uploaded.value.message
+
+
+async def test_list_partial_segment_prefixes(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    paths = ["a/b.txt", "a.txt", ".env", "..data", "a/.hidden"]
+    for path in paths:
+        await invoke_tool(
+            ctx, "storage_upload", {"bucket": "part", "path": path, "content": "x"}
+        )
+    for prefix, expected in (
+        ("", ["..data", ".env", "a/.hidden", "a/b.txt", "a.txt"]),
+        ("a", ["a/.hidden", "a/b.txt", "a.txt"]),
+        ("a/", ["a/.hidden", "a/b.txt"]),
+        ("a/.", ["a/.hidden"]),
+        (".", ["..data", ".env"]),
+        ("..", ["..data"]),
+    ):
+        listed = await invoke_tool(
+            ctx, "storage_list", {"bucket": "part", "path": prefix}
+        )
+        assert [o["path"] for o in listed["objects"]] == expected, prefix
+
+
 @pytest.mark.parametrize("path", ["../x", "a/../../x", "/etc/passwd", "a\\b"])
 async def test_traversal_rejected(settings: Settings, path: str) -> None:
     with pytest.raises(ToolError, match="invalid object path"):

@@ -506,6 +506,10 @@ async def test_storage_step_path_checked_at_create(tools: ToolContext) -> None:
             {"operation": "get", "bucket": "data", "path": "a", "prefix": "b/"},
             "prefix 'b/' is read only by list",
         ),
+        (
+            {"operation": "list", "bucket": "data", "prefix": "../"},
+            "prefix: invalid object path '../': '..' segments are not allowed",
+        ),
     ):
         with pytest.raises(ToolError) as caught:
             await call(
