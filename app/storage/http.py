@@ -103,7 +103,16 @@ def build_storage_router(settings: Settings) -> APIRouter:
     async def download_signed(
         bucket: str,
         path: str,
-        expires: int = Query(..., description="Unix time the URL expires."),
+        # Text, because an int parameter also accepts `0123` and `+123`, which
+        # would make several URLs of one signature. The largest signed 64-bit
+        # number has 19 digits.
+        expires: str = Query(
+            ...,
+            pattern=r"^(0|[1-9][0-9]*)$",
+            max_length=19,
+            description="Unix time the URL expires, in decimal without leading "
+            "zeros or a sign, as storage_get_url writes it.",
+        ),
         # Any other length is a wrong signature (403), not an invalid
         # argument; the cap only bounds the work of reading it.
         signature: str = Query(..., max_length=1024),
@@ -115,7 +124,7 @@ def build_storage_router(settings: Settings) -> APIRouter:
             raise HTTPException(status_code=400, detail=str(error)) from None
         key = await asyncio.to_thread(signing_key, settings)
         try:
-            verify(key, bucket, normalized, expires, signature)
+            verify(key, bucket, normalized, int(expires), signature)
         except SignatureError as error:
             raise HTTPException(status_code=403, detail=str(error)) from None
         try:

@@ -1,7 +1,7 @@
 import base64
 import os
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -192,6 +192,30 @@ async def test_signed_url_checks(settings: Settings) -> None:
             f"&signature={token}"
         )
         assert traversal.status_code in (400, 404)
+
+
+async def test_signed_url_expires_canonical(settings: Settings) -> None:
+    ctx = ToolContext(settings)
+    await invoke_tool(
+        ctx, "storage_upload", {"bucket": "share", "path": "c.txt", "content": "x"}
+    )
+    signed = await invoke_tool(
+        ctx, "storage_get_url", {"bucket": "share", "path": "c.txt"}
+    )
+    parts = urlsplit(signed["url"])
+    expires = str(signed["expires_at"])
+    token = parse_qs(parts.query)["signature"][0]
+    app = FastAPI()
+    app.include_router(build_storage_router(settings))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        good = await http.get(f"{parts.path}?expires={expires}&signature={token}")
+        assert good.status_code == 200
+        # The same number written another way is not the signed URL.
+        for spelling in (f"0{expires}", f"%2B{expires}", f"{expires}.0", " " + expires):
+            other = await http.get(f"{parts.path}?expires={spelling}&signature={token}")
+            assert other.status_code == 422, spelling
+            assert "expires" in other.json()["detail"][0]["loc"], spelling
 
 
 async def test_url_expiry_range(settings: Settings) -> None:
