@@ -721,16 +721,26 @@ async def test_api_keys_masked_in_audit_and_unknown_query_rejected(
 
 
 async def test_subscription_owned_by_key_id(api_server: ApiServer, key_factory) -> None:
-    """A second key with the same name gets 404 for the first key's
-    subscription from every tool and route, and a rotation hands it over."""
+    """A rotation hands a subscription over, and a later key with the name of
+    the revoked one gets 404 for it from every tool and route."""
+    url = api_server.settings.effective_database_url
     first, first_id = key_factory("same-name", ["realtime", "sandbox"])
-    second, _ = key_factory("same-name", ["realtime", "sandbox"])
     created = await post(
         api_server, "/api/tools/realtime_subscribe", {"table": "sandboxes"}, first
     )
     assert created.status_code == 200, created.text
     subscription_id = created.json()["subscription_id"]
     assert created.json()["key_id"] == first_id
+    rotated, rotated_info = await asyncio.to_thread(rotate_key, url, first_id)
+    events = await post(
+        api_server,
+        "/api/tools/realtime_events",
+        {"subscription_id": subscription_id},
+        rotated,
+    )
+    assert events.status_code == 200, events.text
+    await asyncio.to_thread(revoke_key, url, rotated_info.id)
+    second, _ = key_factory("same-name", ["realtime", "sandbox"])
     listed = await post(api_server, "/api/tools/realtime_list", {}, second)
     assert listed.status_code == 200, listed.text
     assert listed.json()["subscriptions"] == []
@@ -754,16 +764,6 @@ async def test_subscription_owned_by_key_id(api_server: ApiServer, key_factory) 
             headers={"Authorization": f"Bearer {second}"},
         )
         assert ack.status_code == 404
-
-    url = api_server.settings.effective_database_url
-    rotated, _ = await asyncio.to_thread(rotate_key, url, first_id)
-    events = await post(
-        api_server,
-        "/api/tools/realtime_events",
-        {"subscription_id": subscription_id},
-        rotated,
-    )
-    assert events.status_code == 200, events.text
 
 
 async def test_realtime_keeps_groups_and_owners(
