@@ -10,6 +10,7 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from app.contracts.types import UtcDateTime
 
@@ -70,6 +71,55 @@ def env_value_problem(name: str, value: str) -> str | None:
             "it from there"
         )
     return None
+
+
+# Temporal's default limit on one payload (its blob size limit), in bytes. A
+# workflow task whose command carries a larger one fails on every retry.
+PAYLOAD_LIMIT = 2 * 1024 * 1024
+# Shares of that limit, by JSON-encoded size. A call's input is recorded
+# beside the sandbox's spec, and the session's state carries the spec, its
+# kept log lines and its events, so each sum stays under PAYLOAD_LIMIT.
+SPEC_LIMIT = 512 * 1024
+CALL_INPUT_LIMIT = 1024 * 1024
+RESULT_OUTPUT_LIMIT = 1024 * 1024
+LOG_BYTES_KEPT = 512 * 1024
+STATE_LIMIT = 1536 * 1024
+# The marker that ends a stream cut at the output limit or to fit a result.
+CUT_MARKER = re.compile(r"\n\[output truncated: (\d+) bytes dropped\]\Z")
+
+
+def encoded_size(value: object) -> int:
+    """Return the bytes that `value` takes in a Temporal payload: its JSON
+    encoding, where a control character takes 6 bytes and a CJK one 3."""
+    return len(to_json(value))
+
+
+def fit_encoded(text: str, limit: int) -> str:
+    """Return the longest start of `text` whose JSON encoding, quotes
+    included, takes at most `limit` bytes."""
+    if encoded_size(text) <= limit:
+        return text
+    low, high = 0, min(len(text), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if encoded_size(text[:middle]) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+def payload_size_problem(field: str, value: object, limit: int) -> str | None:
+    """Return why `value` is too large for `field`, or None."""
+    size = encoded_size(value)
+    if size <= limit:
+        return None
+    return (
+        f"{field} is too large: it takes {size} bytes encoded as JSON, over the "
+        f"limit of {limit} bytes that keeps each sandbox call within Temporal's "
+        f"{PAYLOAD_LIMIT}-byte payload limit; send less, or upload large data in "
+        "smaller files"
+    )
 
 
 ExecutionStatus = Literal["completed", "failed", "timed_out"]

@@ -15,10 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from app.contracts.sandbox import (
+    CUT_MARKER,
     NODE_TEMPLATES,
+    RESULT_OUTPUT_LIMIT,
     ExecuteRequest,
     ExecuteResult,
     ExecutionStatus,
+    encoded_size,
+    fit_encoded,
 )
 from app.sandbox.backend import (
     DISK_LIMIT_NOTE,
@@ -549,16 +553,58 @@ async def _execute(
             if name is not None:
                 await _remove_code_file(backend, backend_id, name)
     secrets = masked_values(env, request)
+    stdout, stdout_dropped = redact(output.stdout, secrets), output.stdout_dropped_bytes
+    stderr, stderr_dropped = redact(output.stderr, secrets), output.stderr_dropped_bytes
+    stdout_budget, stderr_budget = split_output_budget(
+        encoded_size(stdout), encoded_size(stderr), RESULT_OUTPUT_LIMIT
+    )
+    stdout, stdout_dropped = fit_output(stdout, stdout_dropped, stdout_budget)
+    stderr, stderr_dropped = fit_output(stderr, stderr_dropped, stderr_budget)
     return ExecuteResult(
-        stdout=redact(output.stdout, secrets),
-        stderr=redact(output.stderr, secrets),
+        stdout=stdout,
+        stderr=stderr,
         exit_code=output.exit_code,
         status=status,
         execution_time=round(output.execution_time, 6),
-        stdout_dropped_bytes=output.stdout_dropped_bytes,
-        stderr_dropped_bytes=output.stderr_dropped_bytes,
+        stdout_dropped_bytes=stdout_dropped,
+        stderr_dropped_bytes=stderr_dropped,
         runs=runs,
     )
+
+
+def split_output_budget(stdout: int, stderr: int, limit: int) -> tuple[int, int]:
+    """Share `limit` encoded bytes between the two streams of a result: each
+    gets half, and a stream that needs less than half leaves the rest to the
+    other."""
+    half = limit // 2
+    if stdout <= half:
+        return stdout, limit - stdout
+    if stderr <= half:
+        return limit - stderr, stderr
+    return half, limit - half
+
+
+def fit_output(text: str, dropped: int, limit: int) -> tuple[str, int]:
+    """Cut one stream of a result so that its JSON encoding takes at most
+    `limit` bytes, and return it with its count of dropped bytes.
+
+    The output limit counts raw bytes, but a control character takes 6 bytes
+    in JSON and the result must fit in one Temporal payload. The cut ends
+    with the usual truncation marker, whose count adds the UTF-8 bytes cut
+    here to those that the output limit dropped already.
+    """
+    if encoded_size(text) <= limit:
+        return text, dropped
+    marker = CUT_MARKER.search(text)
+    if marker is not None:
+        text = text[: marker.start()]
+    # The marker with the largest count it can get, less its quotes, which
+    # the kept text's encoding counts already.
+    most = dropped + len(text.encode())
+    marker_size = encoded_size(f"\n[output truncated: {most} bytes dropped]") - 2
+    kept = fit_encoded(text, max(limit - marker_size, 2))
+    dropped += len(text[len(kept) :].encode())
+    return f"{kept}\n[output truncated: {dropped} bytes dropped]", dropped
 
 
 def _status(output: RunOutput) -> ExecutionStatus:

@@ -21,7 +21,13 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 
 from activities.sandbox import SandboxActivities
-from app.contracts.sandbox import ExecuteRequest, SandboxSpec
+from app.contracts.sandbox import (
+    CUT_MARKER,
+    RESULT_OUTPUT_LIMIT,
+    ExecuteRequest,
+    SandboxSpec,
+    encoded_size,
+)
 from app.sandbox import service
 from app.sandbox.backend import SandboxBackendError
 from app.sandbox.local import LocalBackend
@@ -1189,3 +1195,45 @@ async def test_call_id_runs_the_code_once(tool_ctx: ToolContext) -> None:
         assert "call_id" in bad.value.message
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_output_over_payload_limit_cut(tool_ctx: ToolContext) -> None:
+    # Each \x01 takes 6 bytes in JSON, so both streams at the output limit
+    # encode to 3 MiB, over Temporal's 2 MiB payload limit.
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    limit = tool_ctx.settings.sandbox_output_limit
+    code = (
+        "import sys\n"
+        "open('count.txt', 'a').write('x')\n"
+        f"sys.stdout.write('\\x01' * {limit}); sys.stderr.write('\\x01' * {limit})"
+    )
+    try:
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=code,
+            call_id="big-output",
+        )
+        assert result["status"] == "completed", result["status"]
+        assert result["runs"] == 1
+        size = encoded_size(result["stdout"]) + encoded_size(result["stderr"])
+        assert size <= RESULT_OUTPUT_LIMIT
+        marker = CUT_MARKER.search(result["stdout"])
+        assert marker is not None
+        assert int(marker.group(1)) == result["stdout_dropped_bytes"]
+        kept = result["stdout"][: marker.start()]
+        assert kept == "\x01" * len(kept)
+        assert result["stdout_dropped_bytes"] == limit - len(kept)
+        assert result["stderr_dropped_bytes"] > 0
+        count = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="print(open('count.txt').read())",
+        )
+        assert count["stdout"].strip() == "x"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
