@@ -25,7 +25,9 @@ with workflow.unsafe.imports_passed_through():
         ENDED_ERROR,
         INTERRUPTED_ERROR,
         INVALID_ERROR,
+        LOG_BYTES_KEPT,
         LOST_ERROR,
+        STATE_LIMIT,
         BackendRef,
         BackendState,
         ConfigureInput,
@@ -44,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         UploadInput,
         UploadRequest,
         UploadResult,
+        encoded_size,
     )
 
 T = TypeVar("T")
@@ -106,6 +109,11 @@ _FAILED_CREATE_UNLISTED = "sandbox-failed-create-unlisted"
 # backend's own error.
 _NO_RECREATE_AFTER_END = "sandbox-no-recreate-after-end"
 
+# Runs begun before this patch keep their log lines by count and characters
+# only, so CJK or control characters could grow the state that continues as
+# new past Temporal's payload limit.
+_BOUNDED_STATE = "sandbox-bounded-state"
+
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
 # activation, which costs each execute and create call milliseconds per
@@ -151,6 +159,10 @@ class SandboxSessionWorkflow:
             )
         await workflow.wait_condition(workflow.all_handlers_finished)
         if state.status == "running" and state.end_request is None:
+            if workflow.patched(_BOUNDED_STATE):
+                # Also shrinks the state of a run begun before the patch,
+                # which could not continue as new otherwise.
+                self._fit_state()
             workflow.logger.info(
                 "sandbox session %s continues as new", state.spec.sandbox_id
             )
@@ -433,6 +445,28 @@ class SandboxSessionWorkflow:
         lines = self._state.log_lines
         lines += [f"[{stream}] {line[:_LOG_LINE_CHARS]}" for line in text.splitlines()]
         del lines[:-LOG_LINES_KEPT]
+        if workflow.patched(_BOUNDED_STATE):
+            _drop_old_lines(lines, LOG_BYTES_KEPT)
+
+    def _fit_state(self) -> None:
+        """Drop the oldest log lines, then the oldest events, until the state
+        that continues as new takes at most STATE_LIMIT bytes encoded."""
+        state = self._state
+        _drop_old_lines(state.log_lines, LOG_BYTES_KEPT)
+        excess = encoded_size(SessionInput(state=state)) - STATE_LIMIT
+        while excess > 0 and state.log_lines:
+            excess -= encoded_size(state.log_lines.pop(0)) + 1
+        while excess > 0 and state.events:
+            excess -= encoded_size(state.events.pop(0)) + 1
+        if excess > 0:
+            # Only the spec is left, which the calls' size checks keep small.
+            workflow.logger.warning(
+                "sandbox session %s state is %d bytes over %d after dropping "
+                "its logs and events",
+                state.spec.sandbox_id,
+                excess,
+                STATE_LIMIT,
+            )
 
     async def _wait_running(self) -> None:
         await workflow.wait_condition(lambda: self._state.status != "creating")
@@ -780,6 +814,17 @@ class SandboxSessionWorkflow:
     @workflow.query
     def logs(self, lines: int) -> list[str]:
         return self._state.log_lines[-lines:] if lines > 0 else []
+
+
+def _drop_old_lines(lines: list[str], limit: int) -> None:
+    """Drop the oldest of `lines` until their JSON encoding takes at most
+    `limit` bytes."""
+    total = 2 + sum(encoded_size(line) + 1 for line in lines)
+    dropped = 0
+    while total > limit and dropped < len(lines):
+        total -= encoded_size(lines[dropped]) + 1
+        dropped += 1
+    del lines[:dropped]
 
 
 def _application_failure(

@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from activities.sandbox import SandboxActivities
 from app.contracts.sandbox import (
     CUT_MARKER,
+    LOG_BYTES_KEPT,
     RESULT_OUTPUT_LIMIT,
     ExecuteRequest,
     SandboxSpec,
@@ -1237,3 +1238,35 @@ async def test_output_over_payload_limit_cut(tool_ctx: ToolContext) -> None:
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
+
+async def test_kept_logs_bounded_in_bytes(tool_ctx: ToolContext) -> None:
+    # 2000 CJK characters take 6000 bytes, and 2000 control characters 12000
+    # bytes in JSON: 1000 such lines would be 6 to 12 MB of session state.
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        for character in ("\\u4e2d", "\\x01"):
+            code = (
+                "import sys\n"
+                f"for i in range(150): sys.stdout.write('{character}' * 2000 + '\\n')"
+            )
+            for _ in range(4):
+                result = await call(
+                    tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=code
+                )
+                assert result["status"] == "completed", result["stderr"][-300:]
+            logs = await call(
+                tool_ctx, "sandbox_logs", sandbox_id=sandbox_id, lines=1000
+            )
+            assert logs["count"] > 0
+            assert encoded_size(logs["lines"]) <= LOG_BYTES_KEPT
+        after = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(1)"
+        )
+        assert after["stdout"] == "1\n"
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        assert status["status"] == "running"
+        last = await call(tool_ctx, "sandbox_logs", sandbox_id=sandbox_id, lines=1)
+        assert last["lines"] == ["[stdout] 1"]
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
