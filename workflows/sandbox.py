@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.queues import ORCHESTRATION, SANDBOX
@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         LOG_BYTES_KEPT,
         LOST_ERROR,
         STATE_LIMIT,
+        TIMED_OUT_ERROR,
         BackendRef,
         BackendState,
         ConfigureInput,
@@ -113,6 +114,10 @@ _NO_RECREATE_AFTER_END = "sandbox-no-recreate-after-end"
 # only, so CJK or control characters could grow the state that continues as
 # new past Temporal's payload limit.
 _BOUNDED_STATE = "sandbox-bounded-state"
+
+# Runs begun before this patch fail a call whose activity timed out with the
+# error type SandboxInvalidArgument, which reads as the caller's mistake.
+_TIMED_OUT_CALLS = "sandbox-timed-out-calls"
 
 
 # Unsandboxed: the workflow sandbox re-imports modules and wraps every
@@ -351,10 +356,27 @@ class SandboxSessionWorkflow:
                     try:
                         await self._recreate(backend_id, _cause_message(error))
                     except ActivityError as failure:
-                        raise _update_error(failure) from None
+                        raise self._call_error(failure) from None
                     recreated += 1
                     continue
-                raise _update_error(error) from None
+                raise self._call_error(error) from None
+
+    def _call_error(self, error: ActivityError | ApplicationError) -> ApplicationError:
+        """Build the error that an update returns for a failed backend call."""
+        if (
+            isinstance(error, ActivityError)
+            and isinstance(error.cause, TimeoutError)
+            and workflow.patched(_TIMED_OUT_CALLS)
+        ):
+            return ApplicationError(
+                f"a call to sandbox {self._state.spec.sandbox_id} timed out: the "
+                f"sandbox did not answer ({error.cause.message}). A program "
+                "that it ran may have run in part. Retry the call; a sandbox "
+                "whose runner stopped answering is recreated",
+                type=TIMED_OUT_ERROR,
+                non_retryable=True,
+            )
+        return _update_error(error)
 
     async def _call(
         self,

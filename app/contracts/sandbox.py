@@ -150,6 +150,8 @@ BACKEND_ERROR = "SandboxBackendFailure"
 INTERRUPTED_ERROR = "SandboxCallInterrupted"
 # A call that a stop or delete of its sandbox ended or turned away.
 ENDED_ERROR = "SandboxEnded"
+# A backend call that got no answer within its timeout.
+TIMED_OUT_ERROR = "SandboxCallTimedOut"
 
 
 class SandboxSpec(BaseModel):

@@ -953,8 +953,24 @@ class LocalBackend(SandboxBackend):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(started_pid, signal.SIGKILL)
             if hung:
-                reply = {"exit_code": None, "timed_out": True}
-            elif started_pid is None and reply is None:
+                # A runner that does not answer (stopped with SIGSTOP, say)
+                # is treated as dead, as a killed one is: ending it closes
+                # the pipes it holds, even those of a request it never took,
+                # and the next call finds the sandbox lost and recreates it.
+                logger.warning(
+                    "runner of sandbox %s did not answer within %g s; ending it",
+                    backend_id,
+                    timeout + _REPLY_MARGIN,
+                )
+                self._kill_anchor(backend_id, state)
+            if hung and started_pid is None:
+                for reader in readers:
+                    reader.cancel()
+                raise SandboxLostError(
+                    f"sandbox {backend_id} is lost: its runner did not answer "
+                    f"within {timeout + _REPLY_MARGIN:g} s and was ended"
+                )
+            if not hung and started_pid is None and reply is None:
                 # Nothing started, so the call is safe to repeat on a new sandbox.
                 for reader in readers:
                     reader.cancel()
@@ -964,7 +980,14 @@ class LocalBackend(SandboxBackend):
             elapsed = time.perf_counter() - started
             outputs = [await reader for reader in readers] or [("", 0), ("", 0)]
             (out, out_dropped), (err, err_dropped) = outputs
-            if over_disk:
+            if hung:
+                err += (
+                    f"\n[sandbox runner did not answer within "
+                    f"{timeout + _REPLY_MARGIN:g} s and was ended; the next call "
+                    "recreates the sandbox]"
+                )
+                reply = {"exit_code": None, "timed_out": True}
+            elif over_disk:
                 err += (
                     f"\n[the sandbox's files {DISK_LIMIT_NOTE} of "
                     f"{self.limits.disk_bytes} bytes, so the program was stopped; "

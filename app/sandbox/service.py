@@ -47,6 +47,7 @@ from app.contracts.sandbox import (
     INVALID_ERROR,
     RETRY_LATER_ERROR,
     SETUP_ERROR,
+    TIMED_OUT_ERROR,
     BackendState,
     ConfigureRequest,
     ConfigureResult,
@@ -166,6 +167,8 @@ def _translate(error: Exception, sandbox_id: str) -> SandboxServiceError:
                 kind = "invalid_argument"
             elif cause.type == INTERRUPTED_ERROR:
                 kind = "interrupted"
+            elif cause.type == TIMED_OUT_ERROR:
+                kind = "timed_out"
             elif cause.type == ENDED_ERROR:
                 # As for any call to a stopped or deleted sandbox.
                 kind = "not_found"

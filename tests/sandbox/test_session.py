@@ -1270,3 +1270,85 @@ async def test_kept_logs_bounded_in_bytes(tool_ctx: ToolContext) -> None:
         assert last["lines"] == ["[stdout] 1"]
     finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+def stop_runners(anchor_pid: int) -> list[int]:
+    """SIGSTOP every runner process below a sandbox's anchor."""
+    import os
+    import signal
+
+    from app.sandbox.runner import descendants
+
+    stopped = []
+    for pid in descendants(anchor_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"runner.py" in command:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+    return stopped
+
+
+async def test_frozen_runner_is_recreated(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        status = await call(tool_ctx, "sandbox_status", sandbox_id=sandbox_id)
+        state_file = sandbox_home(tool_ctx, status["backend_id"]).parent / "state.json"
+        anchor = json.loads(state_file.read_text())["anchor_pid"]
+        stopped = stop_runners(anchor)
+        assert stopped, "no runner process found below the anchor"
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="print('after')",
+            timeout=1,
+        )
+        assert result["recreated"] == 1
+        assert result["stdout"] == "after\n"
+        for pid in stopped:
+            stat = Path(f"/proc/{pid}/stat")
+            alive = stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0]
+            assert alive in (False, "Z"), f"stopped runner {pid} was left running"
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_call_timeout_is_timed_out(
+    tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import timedelta
+
+    from app.contracts.sandbox import ExecuteInput, ExecuteResult
+
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+
+    async def hang(*args: object, **kwargs: object) -> object:
+        # A backend that never answers, so the activity reaches its timeout.
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def short_call(
+        self: SandboxSessionWorkflow, execute: ExecuteInput
+    ) -> ExecuteResult:
+        return await self._call(
+            "sandbox_execute", execute, ExecuteResult, timedelta(seconds=3)
+        )
+
+    try:
+        monkeypatch.setattr(LocalBackend, "run", hang)
+        monkeypatch.setattr(SandboxSessionWorkflow, "_execute_call", short_call)
+        with pytest.raises(ToolError) as caught:
+            await call(tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="1")
+        monkeypatch.undo()
+        assert caught.value.kind == "unavailable"
+        message = caught.value.message
+        assert f"a call to sandbox {sandbox_id} timed out" in message
+        assert "Retry the call" in message
+    finally:
+        monkeypatch.undo()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
