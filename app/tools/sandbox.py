@@ -57,7 +57,11 @@ def _check_packages(value: list[str] | None) -> list[str] | None:
         else:
             problems = [package_problem("pip", name), package_problem("npm", name)]
         if all(problem is not None for problem in problems):
-            raise ValueError(f"package {package!r} cannot be installed: {problems[-1]}")
+            # Each reason names its installer. Both are given for an item
+            # without a prefix, because the template that picks one is not
+            # known here.
+            reasons = ", and ".join(str(problem) for problem in problems)
+            raise ValueError(f"package {package!r} cannot be installed: {reasons}")
     return value
 
 

@@ -245,3 +245,23 @@ async def test_pip_builds_no_planted_archive(
         assert listed["stdout"] == "False\n"
     finally:
         await invoke_tool(tool_ctx, "sandbox_delete", {"sandbox_id": sandbox_id})
+
+
+async def test_unprefixed_package_error_names_both(tool_ctx: ToolContext) -> None:
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            tool_ctx,
+            "sandbox_create",
+            {"template": "python", "install_packages": ["https://evil/x.whl"]},
+        )
+    message = refused.value.message
+    assert "package 'https://evil/x.whl' cannot be installed" in message
+    assert "pip installs only requirements from the package index" in message
+    assert "npm installs only packages from the registry" in message
+    with pytest.raises(ToolError) as prefixed:
+        await invoke_tool(
+            tool_ctx,
+            "sandbox_create",
+            {"template": "python", "install_packages": ["pip:https://evil/x.whl"]},
+        )
+    assert "npm" not in prefixed.value.message
