@@ -265,3 +265,17 @@ async def test_unprefixed_package_error_names_both(tool_ctx: ToolContext) -> Non
             {"template": "python", "install_packages": ["pip:https://evil/x.whl"]},
         )
     assert "npm" not in prefixed.value.message
+
+
+async def test_npm_failure_names_no_lost_log(tool_ctx: ToolContext) -> None:
+    # The test settings point the installers at a closed local port.
+    with pytest.raises(ToolError) as failure:
+        await invoke_tool(
+            tool_ctx,
+            "sandbox_create",
+            {"template": "node", "install_packages": ["lodash"]},
+        )
+    message = failure.value.message
+    assert "npm install" in message
+    assert "A complete log of this run can be found in" not in message
+    assert "Log files were not written" in message
