@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         INVALID_ERROR,
         LOG_BYTES_KEPT,
         LOST_ERROR,
+        SPEC_LIMIT,
         STATE_LIMIT,
         TIMED_OUT_ERROR,
         BackendRef,
@@ -733,6 +734,25 @@ class SandboxSessionWorkflow:
             raise ValueError(
                 "nothing to configure; pass env_vars, anthropic_key, "
                 "install_packages or run_commands"
+            )
+        spec = self._state.spec
+        changed = spec.model_copy(
+            update={
+                "sealed_env": {**spec.sealed_env, **request.sealed_env},
+                "install_packages": spec.install_packages + request.install_packages,
+                "setup_commands": spec.setup_commands + request.run_commands,
+            }
+        )
+        size = encoded_size(changed)
+        if size > SPEC_LIMIT:
+            # The spec goes into every later call's input and the state that
+            # continues as new, each within Temporal's payload limit.
+            raise ValueError(
+                f"this configure would make the configuration of sandbox "
+                f"{spec.sandbox_id} (env_vars, install_packages, run_commands "
+                f"and what earlier calls set) take {size} bytes, over the limit "
+                f"of {SPEC_LIMIT} bytes; set fewer or smaller env vars, or "
+                "upload large values as files with sandbox_upload"
             )
 
     @workflow.update

@@ -5,9 +5,18 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from app.contracts.sandbox import (
+    CALL_INPUT_LIMIT,
+    SPEC_LIMIT,
     BackendState,
     ExecuteRequest,
     ExecuteResult,
@@ -15,6 +24,7 @@ from app.contracts.sandbox import (
     SessionEvent,
     Template,
     check_env_names,
+    payload_size_problem,
 )
 from app.contracts.types import UtcDateTime
 from app.sandbox import service
@@ -87,6 +97,27 @@ def _without_nul(field: str, value: str) -> str:
     return value
 
 
+# The most bytes, encoded as JSON, of an input that the sandbox's spec keeps
+# (env vars, packages, commands, metadata). Sealing makes an env var value
+# about a third larger, and the spec as a whole has SPEC_LIMIT bytes.
+_SPEC_FIELD_LIMIT = SPEC_LIMIT // 4
+# Env vars get more, so that one value at Linux's limit for an environment
+# string (131072 bytes) fails with that limit's own error.
+_ENV_FIELD_LIMIT = SPEC_LIMIT * 3 // 8
+
+
+def _check_sizes(model: BaseModel, limits: dict[str, int]) -> None:
+    """Reject a field whose JSON encoding is over its limit, before the call
+    reaches a workflow, where Temporal would fail it on every retry."""
+    for field, limit in limits.items():
+        value = getattr(model, field)
+        if value is None:
+            continue
+        problem = payload_size_problem(field, value, limit)
+        if problem is not None:
+            raise ValueError(problem)
+
+
 def _tool_error(error: SandboxServiceError) -> ToolError:
     return ToolError(error.message, kind=_KINDS.get(error.kind, "failed"))
 
@@ -127,6 +158,14 @@ class SandboxCreateInput(BaseModel):
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_env_names(value)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SandboxCreateInput:
+        spec_fields = ("anthropic_key", "metadata", "install_packages")
+        limits = dict.fromkeys(spec_fields, _SPEC_FIELD_LIMIT)
+        limits["startup_script"] = _SPEC_FIELD_LIMIT
+        _check_sizes(self, {**limits, "env_vars": _ENV_FIELD_LIMIT})
+        return self
 
     @field_validator("metadata")
     @classmethod
@@ -236,6 +275,13 @@ class SandboxExecuteInput(BaseModel):
     def _mask_names(cls, value: list[str] | None) -> list[str] | None:
         check_env_names(dict.fromkeys(value or [], ""))
         return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SandboxExecuteInput:
+        _check_sizes(
+            self, {"code": CALL_INPUT_LIMIT // 2, "env_vars": _ENV_FIELD_LIMIT}
+        )
+        return self
 
     @field_validator("code")
     @classmethod
@@ -397,6 +443,13 @@ class SandboxConfigureInput(BaseModel):
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_env_names(value)
 
+    @model_validator(mode="after")
+    def _sizes(self) -> SandboxConfigureInput:
+        fields = ("anthropic_key", "install_packages", "run_commands")
+        limits = dict.fromkeys(fields, _SPEC_FIELD_LIMIT)
+        _check_sizes(self, {**limits, "env_vars": _ENV_FIELD_LIMIT})
+        return self
+
 
 class SandboxConfigureResult(BaseModel):
     sandbox_id: str
@@ -435,6 +488,11 @@ class SandboxUploadInput(BaseModel):
     sandbox_id: str = Field(min_length=1)
     file_path: str = Field(min_length=1, description="Relative to the sandbox folder.")
     content: str
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SandboxUploadInput:
+        _check_sizes(self, {"content": CALL_INPUT_LIMIT})
+        return self
 
 
 class SandboxUploadResult(BaseModel):

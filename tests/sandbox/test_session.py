@@ -22,9 +22,11 @@ from temporalio.exceptions import ApplicationError
 
 from activities.sandbox import SandboxActivities
 from app.contracts.sandbox import (
+    CALL_INPUT_LIMIT,
     CUT_MARKER,
     LOG_BYTES_KEPT,
     RESULT_OUTPUT_LIMIT,
+    SPEC_LIMIT,
     ExecuteRequest,
     SandboxSpec,
     encoded_size,
@@ -1351,4 +1353,52 @@ async def test_call_timeout_is_timed_out(
         assert "Retry the call" in message
     finally:
         monkeypatch.undo()
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
+async def test_oversized_inputs_rejected(tool_ctx: ToolContext) -> None:
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    try:
+        with pytest.raises(ToolInputError) as upload:
+            await call(
+                tool_ctx,
+                "sandbox_upload",
+                sandbox_id=sandbox_id,
+                file_path="big.txt",
+                content="a" * 3_000_000,
+            )
+        assert "content is too large" in str(upload.value)
+        assert "3000002 bytes" in str(upload.value)
+        assert f"limit of {CALL_INPUT_LIMIT} bytes" in str(upload.value)
+        listing = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code="import os; print(os.path.exists('big.txt'))",
+        )
+        assert listing["stdout"] == "False\n"
+        # Each configure fits, but together they would pass the spec limit.
+        values = {f"V{index}": "a" * 60000 for index in range(2)}
+        configured = 0
+        with pytest.raises(ToolError) as configure:
+            for _ in range(5):
+                await call(
+                    tool_ctx,
+                    "sandbox_configure",
+                    sandbox_id=sandbox_id,
+                    env_vars={
+                        f"{name}_{configured}": value for name, value in values.items()
+                    },
+                )
+                configured += 1
+        assert configure.value.kind == "invalid_argument"
+        assert f"sandbox {sandbox_id}" in configure.value.message
+        assert f"limit of {SPEC_LIMIT} bytes" in configure.value.message
+        assert 0 < configured < 5
+        after = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(1)"
+        )
+        assert after["stdout"] == "1\n"
+    finally:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
