@@ -3,7 +3,9 @@ node's own queue, and database records on `nexus-orchestration`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from temporalio import activity
@@ -42,8 +44,47 @@ T = TypeVar("T")
 TRAIN_HEARTBEAT_SECONDS = 10.0
 
 
-def _heartbeat(details: dict[str, Any]) -> None:
-    activity.heartbeat(details)
+# Locks of the node training attempts that run in this process, by session
+# and node. An attempt that timed out may still be inside a compiled epoch,
+# where its cancellation cannot interrupt it, so the next attempt waits for
+# it to stop instead of competing for the same cores.
+_attempt_locks: dict[tuple[str, str], tuple[threading.Lock, int]] = {}
+_attempt_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _one_attempt_at_a_time(session_id: str, node_id: str) -> Iterator[None]:
+    key = (session_id, node_id)
+    with _attempt_locks_guard:
+        lock, users = _attempt_locks.get(key, (threading.Lock(), 0))
+        _attempt_locks[key] = (lock, users + 1)
+    try:
+        # Waiting in short steps lets a cancellation of this attempt end the
+        # wait.
+        while not lock.acquire(timeout=0.5):
+            pass
+        try:
+            yield
+        finally:
+            lock.release()
+    finally:
+        # The last user drops the entry, so the map stays as small as the
+        # number of attempts running.
+        with _attempt_locks_guard:
+            lock, users = _attempt_locks[key]
+            if users == 1:
+                del _attempt_locks[key]
+            else:
+                _attempt_locks[key] = (lock, users - 1)
+
+
+def _node_heartbeat_seconds() -> float:
+    """Return the interval of a node attempt's repeated heartbeats: a third
+    of its heartbeat timeout, so that two repeats may be lost or late."""
+    timeout = activity.info().heartbeat_timeout
+    if not timeout:
+        return TRAIN_HEARTBEAT_SECONDS
+    return max(0.1, timeout.total_seconds() / 3)
 
 
 def _guard(work: Callable[[], T]) -> T:
@@ -106,11 +147,17 @@ class NodeActivities:
             request.round,
             info.attempt,
         )
-        return _guard(
-            lambda: distributed.train_node(
-                self.settings, request, _heartbeat, attempt=info.attempt
+        # The helper thread heartbeats while an epoch or its compilation
+        # runs, since the node reports progress only between epochs.
+        with (
+            ThreadHeartbeat(_node_heartbeat_seconds()) as heartbeat,
+            _one_attempt_at_a_time(request.session_id, request.node_id),
+        ):
+            return _guard(
+                lambda: distributed.train_node(
+                    self.settings, request, heartbeat, attempt=info.attempt
+                )
             )
-        )
 
     @activity.defn(name="neural_aggregate")
     def aggregate(self, request: AggregateInput) -> AggregateResult:

@@ -131,6 +131,13 @@ class Settings(BaseSettings):
         "nexus-neural worker process; false leaves nodes to `nexus worker "
         "--neural-node`.",
     )
+    neural_node_heartbeat_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds without a heartbeat after which a cluster node's "
+        "training attempt times out and is retried. A node heartbeats every "
+        "third of this, during long epochs too.",
+    )
     anthropic_base_url: str = Field(
         "https://api.anthropic.com",
         description="Base URL of the Anthropic Messages API used by swarm agents.",

@@ -10,7 +10,12 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    TimeoutError,
+    TimeoutType,
+)
 
 with workflow.unsafe.imports_passed_through():
     from app.contracts.neural import (
@@ -348,9 +353,10 @@ class DistributedTrainingWorkflow:
                 raise ApplicationError(
                     f"no worker node answered in round {round_index} "
                     f"({'; '.join(reasons)}); check that the cluster's node "
-                    "workers run (nexus worker --neural-node NODE_ID), or raise "
-                    "round_timeout_seconds (now "
-                    f"{plan.round_timeout_seconds:g}) if they train for longer",
+                    "workers run (nexus worker --neural-node NODE_ID), or, if "
+                    "they train for longer, raise round_timeout_seconds (now "
+                    f"{plan.round_timeout_seconds:g}) or train fewer local "
+                    f"epochs per round (now {plan.local_epochs}) with more rounds",
                     type="NoWorkers",
                 )
             raise ApplicationError(
@@ -419,11 +425,7 @@ class DistributedTrainingWorkflow:
         timed_out = isinstance(error, ActivityError) and isinstance(
             error.cause, TimeoutError
         )
-        reason = (
-            f"no answer within {plan.round_timeout_seconds:g} s"
-            if timed_out
-            else _error_text(error)
-        )
+        reason = self._timeout_reason(plan, error) if timed_out else _error_text(error)
         workflow.logger.warning(
             "session %s: node %s left out of round %d: %s",
             plan.session_id,
@@ -434,6 +436,33 @@ class DistributedTrainingWorkflow:
         return RoundEventRecord(
             node_id=node.node_id, kind="missing", detail={"reason": reason}
         )
+
+    @staticmethod
+    def _timeout_reason(plan: SessionPlan, error: BaseException) -> str:
+        """Describe a node's timeout with the setting that would change it."""
+        reason = f"no answer within {plan.round_timeout_seconds:g} s"
+        timeouts: list[TimeoutError] = []
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, TimeoutError):
+                timeouts.append(cause)
+            cause = cause.__cause__
+        # A heartbeat timeout is either the error itself or, once the round's
+        # timeout ends the retries, the cause of that timeout.
+        if any(t.type == TimeoutType.HEARTBEAT for t in timeouts):
+            return (
+                f"{reason}; its last attempt sent no heartbeat for "
+                f"{plan.heartbeat_timeout_seconds:g} s, so check that the node's "
+                "worker process runs and is not stalled"
+            )
+        details = timeouts[0].last_heartbeat_details if timeouts else ()
+        last = details[-1] if details else None
+        if isinstance(last, dict) and "epoch" in last:
+            return (
+                f"{reason}, still training after local epoch {last['epoch']} of "
+                f"{plan.local_epochs}"
+            )
+        return reason
 
     async def _reduce(
         self,

@@ -468,6 +468,7 @@ def _plan(
         rounds=rounds,
         local_epochs=local_epochs,
         round_timeout_seconds=args.round_timeout_seconds,
+        heartbeat_timeout_seconds=ctx.settings.neural_node_heartbeat_timeout_seconds,
         validation_tolerance=args.validation_tolerance,
         checkpoint_seconds=args.checkpoint_seconds,
     )

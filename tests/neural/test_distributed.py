@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -601,6 +604,7 @@ async def test_round_without_answers_recorded(
     message = raised.value.message
     assert "no worker node answered in round 0 (no answer within 1 s)" in message
     assert "raise round_timeout_seconds (now 1)" in message
+    assert "or train fewer local epochs per round (now 1) with more rounds" in message
     status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
     [session] = status["sessions"]
     assert session["status"] == "failed"
@@ -637,3 +641,100 @@ async def test_layers_only_for_custom_nodes(
             {"cluster_id": cluster_id, "model": "large", "layers": [8]},
         )
     assert "model is 'large', whose widths are fixed" in refused.value.message
+
+
+async def test_long_epoch_keeps_heartbeating(
+    client: Client, neural_workers: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose epoch lasts longer than the heartbeat timeout finishes its
+    round in its first attempt."""
+    from app.neural import distributed
+
+    settings = neural_workers.model_copy(
+        update={"neural_node_heartbeat_timeout_seconds": 2.0}
+    )
+    real_get_trainer = distributed.get_trainer
+
+    class SlowEpochTrainer:
+        """A trainer whose first epoch takes 6 s, like a first compilation
+        on a loaded machine, without a report in between."""
+
+        def __init__(self, trainer: Any) -> None:
+            self.trainer = trainer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.trainer, name)
+
+        def train(self, *args: Any, on_epoch: Any, **kwargs: Any) -> Any:
+            def slow_on_epoch(metrics: Any, *rest: Any) -> None:
+                if metrics.epoch == 1:
+                    time.sleep(6)
+                on_epoch(metrics, *rest)
+
+            return self.trainer.train(*args, on_epoch=slow_on_epoch, **kwargs)
+
+    monkeypatch.setattr(
+        distributed,
+        "get_trainer",
+        lambda *args: SlowEpochTrainer(real_get_trainer(*args)),
+    )
+    ctx = ToolContext(settings, temporal_client=client)
+    cluster_id, nodes = await _cluster(ctx, ["worker"])
+    async with node_workers(client, settings, nodes["worker"]):
+        started = await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {
+                "cluster_id": cluster_id,
+                "dataset": "iris",
+                "epochs": 2,
+                "rounds": 1,
+                "batch_size": 64,
+                "federated": True,
+                "round_timeout_seconds": 60,
+                "wait": True,
+            },
+        )
+    assert started["status"] == "completed"
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    [update] = [e for e in status["sessions"][0]["events"] if e["kind"] == "update"]
+    assert update["attempt"] == 1
+    assert update["resumed_from_epoch"] == 0
+
+
+def test_node_attempts_never_overlap() -> None:
+    """A node's next attempt starts only after the older one, which its
+    cancellation cannot stop inside an epoch, has ended."""
+    from activities.neural import _one_attempt_at_a_time
+
+    order: list[str] = []
+    old_entered = threading.Event()
+    new_waiting = threading.Event()
+
+    def old_attempt() -> None:
+        with _one_attempt_at_a_time("session_x", "node_a"):
+            old_entered.set()
+            new_waiting.wait(10)
+            # Still inside its epoch when the next attempt begins.
+            time.sleep(0.5)
+            order.append("old ended")
+
+    def new_attempt() -> None:
+        old_entered.wait(10)
+        new_waiting.set()
+        with _one_attempt_at_a_time("session_x", "node_a"):
+            order.append("new started")
+
+    threads = [
+        threading.Thread(target=old_attempt),
+        threading.Thread(target=new_attempt),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert order == ["old ended", "new started"]
+    # Another session's attempt of the same node does not wait.
+    with _one_attempt_at_a_time("session_y", "node_a"):
+        order.append("other session")
+    assert order[-1] == "other session"
