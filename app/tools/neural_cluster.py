@@ -8,7 +8,7 @@ import contextlib
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
@@ -126,6 +126,11 @@ async def neural_cluster_init(
     )
 
 
+# Prefix of the capability in which a node record stores a custom model's
+# layer widths, such as `layers:128,64`.
+LAYERS_CAPABILITY = "layers:"
+
+
 class NodeDeployInput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -139,6 +144,20 @@ class NodeDeployInput(BaseModel):
         description=f"Layer widths of a `custom` model, each at most "
         f"{MAX_LAYER_WIDTH}.",
     )
+
+    @field_validator("capabilities")
+    @classmethod
+    def _no_layers_capability(cls, value: list[str]) -> list[str]:
+        # The node record keeps a custom model's widths as a `layers:`
+        # capability, which only the validated `layers` field may set.
+        for entry in value:
+            if entry.startswith(LAYERS_CAPABILITY):
+                raise ValueError(
+                    f"{entry!r} sets layer widths, which only the layers field "
+                    "does; remove it from capabilities and give model custom "
+                    "with layers, e.g. [128, 64]"
+                )
+        return value
 
     @model_validator(mode="after")
     def _layers_for_custom(self) -> NodeDeployInput:
@@ -208,7 +227,8 @@ async def neural_node_deploy(
     node_id = store.new_id("node_")
     capabilities = list(args.capabilities)
     if args.model == "custom":
-        capabilities = [*capabilities, f"layers:{','.join(map(str, args.layers))}"]
+        widths = ",".join(map(str, args.layers))
+        capabilities = [*capabilities, f"{LAYERS_CAPABILITY}{widths}"]
     node = NeuralNode(
         id=node_id,
         cluster_id=cluster.id,
@@ -248,7 +268,9 @@ def _node_record(node: Any, pollers: int | None = None) -> NodeRecord:
         cluster_id=node.cluster_id,
         role=node.role,
         model=node.model,
-        capabilities=[c for c in node.capabilities if not c.startswith("layers:")],
+        capabilities=[
+            c for c in node.capabilities if not c.startswith(LAYERS_CAPABILITY)
+        ],
         autonomy=node.autonomy,
         status=node.status,
         task_queue=node.task_queue,
@@ -380,11 +402,30 @@ class TrainDistributedResult(BaseModel):
 
 
 def _node_widths(node: Any) -> list[int]:
+    """Return a node's layer widths: a custom model's stored widths, checked
+    as the layers field is, or its tier's.
+
+    Raises:
+        ToolError: the stored widths are invalid, as in a node that an
+            older version deployed with a `layers:` capability of its own.
+    """
     from app.neural.nets import NODE_MODEL_TIERS, layer_widths
 
     for capability in node.capabilities:
-        if capability.startswith("layers:"):
-            return [int(v) for v in capability[7:].split(",")]
+        if not capability.startswith(LAYERS_CAPABILITY):
+            continue
+        entries = capability.removeprefix(LAYERS_CAPABILITY).split(",")
+        try:
+            values = [int(entry) for entry in entries]
+            return list(layer_widths("custom", values))
+        except ValueError as error:
+            raise ToolError(
+                f"node {node.id} has the invalid layer widths {capability!r} "
+                f"({error}); deploy a new node with model custom and layers "
+                "such as [128, 64], each from 1 to "
+                f"{MAX_LAYER_WIDTH}, and train on a cluster without this node",
+                kind="conflict",
+            ) from None
     return list(layer_widths(NODE_MODEL_TIERS[node.model], None))
 
 

@@ -738,3 +738,55 @@ def test_node_attempts_never_overlap() -> None:
     with _one_attempt_at_a_time("session_y", "node_a"):
         order.append("other session")
     assert order[-1] == "other session"
+
+
+@pytest.mark.parametrize(
+    "capability", ["layers:100000", "layers:abc", "layers:", "layers:-5", "layers:8"]
+)
+async def test_layers_capability_rejected(
+    capability: str, neural_settings: Settings
+) -> None:
+    ctx = ToolContext(neural_settings)
+    cluster_id, _ = await _cluster(ctx, [])
+    with pytest.raises(ToolInputError) as refused:
+        await invoke_tool(
+            ctx,
+            "neural_node_deploy",
+            {"cluster_id": cluster_id, "capabilities": ["training", capability]},
+        )
+    assert refused.value.kind == "invalid_argument"
+    assert refused.value.errors[0]["field"] == "capabilities"  # type: ignore[attr-defined]
+    assert f"{capability!r} sets layer widths" in refused.value.message
+    assert "give model custom with layers" in refused.value.message
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert status["nodes"] == []
+
+
+@pytest.mark.parametrize("stored", ["layers:100000", "layers:abc", "layers:-5"])
+async def test_stored_invalid_widths_rejected(
+    stored: str, offline_settings: Settings
+) -> None:
+    """A node stored with invalid widths, as an older version accepted from
+    capabilities, fails the training call with a conflict, not a crash."""
+    from app.db import session_scope
+    from app.neural.models import NeuralNode
+
+    ctx = ToolContext(offline_settings)
+    cluster_id, nodes = await _cluster(ctx, ["worker"])
+    [node_id] = nodes["worker"]
+    with session_scope(offline_settings.effective_database_url) as session:
+        row = session.get(NeuralNode, node_id)
+        assert row is not None
+        row.capabilities = ["training", stored]
+        session.add(row)
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            ctx,
+            "neural_train_distributed",
+            {"cluster_id": cluster_id, "dataset": "iris", "federated": True},
+        )
+    assert refused.value.kind == "conflict"
+    assert f"node {node_id} has the invalid layer widths {stored!r}" in (
+        refused.value.message
+    )
+    assert "deploy a new node with model custom" in refused.value.message
