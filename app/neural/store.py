@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import zipfile
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from app.neural.nets import ModelSpec, Params
 from app.neural.training import dump_params, load_params
 from app.settings import Settings
 from app.storage import storage_for
+from app.storage.local import ObjectNotFound, StorageError
 
 
 def new_id(prefix: str, length: int = 12) -> str:
@@ -54,6 +56,16 @@ def save_model_params(
     return put_object(settings, path, dump_params(params, {"mean": mean, "std": std}))
 
 
+class ModelFileError(Exception):
+    """A model's record exists, but its stored weights are missing or cannot
+    be read. It is neither a ValueError nor a LookupError, so that callers
+    do not report it as bad input or as an unknown model id."""
+
+    def __init__(self, message: str, *, missing: bool) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 def load_model(
     settings: Settings, model_id: str
 ) -> tuple[NeuralModel, ModelSpec, Params, np.ndarray, np.ndarray]:
@@ -61,6 +73,7 @@ def load_model(
 
     Raises:
         LookupError: no model has this id.
+        ModelFileError: the model's weights file is missing or unreadable.
     """
     with session_scope(settings.effective_database_url) as session:
         record = session.get(NeuralModel, model_id)
@@ -68,9 +81,26 @@ def load_model(
         raise LookupError(
             f"model {model_id!r} not found; list models with neural_list_models"
         )
-    params, extra = load_params(get_object(settings, record.storage_path))
+    where = f"{record.storage_path!r} in bucket {MODELS_BUCKET!r}"
+    try:
+        params, extra = load_params(get_object(settings, record.storage_path))
+        mean, std = extra["mean"], extra["std"]
+    except ObjectNotFound:
+        raise ModelFileError(
+            f"the stored weights of model {model_id} at {where} are missing; "
+            "train the model again",
+            missing=True,
+        ) from None
+    # numpy's own messages (such as its advice on allow_pickle) describe the
+    # file's bytes, not anything the caller can change, so they are dropped.
+    except (StorageError, ValueError, KeyError, OSError, zipfile.BadZipFile):
+        raise ModelFileError(
+            f"the stored weights of model {model_id} at {where} cannot be read "
+            "as a model file; train the model again",
+            missing=False,
+        ) from None
     spec = ModelSpec.from_dict(record.spec)
-    return record, spec, params, extra["mean"], extra["std"]
+    return record, spec, params, mean, std
 
 
 def add_record(settings: Settings, record: Any) -> None:

@@ -35,6 +35,7 @@ from app.tools.registry import ErrorKind, ToolContext, ToolError, ToolInputError
 
 if TYPE_CHECKING:
     from app.neural.data import Dataset
+    from app.neural.store import ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -456,6 +457,13 @@ class NeuralPredictResult(BaseModel):
     label_names: list[str]
 
 
+def model_file_error(error: ModelFileError) -> ToolError:
+    """Report a model whose weights file is missing (not_found) or unreadable
+    (failed); the caller's input is not at fault in either case."""
+    logger.error("prediction failed: %s", error)
+    return ToolError(str(error), kind="not_found" if error.missing else "failed")
+
+
 @tool("neural_predict", group="neural")
 async def neural_predict(
     ctx: ToolContext, args: NeuralPredictInput
@@ -464,6 +472,7 @@ async def neural_predict(
     way its training data was). Returns labels, class indices and
     probabilities."""
     from app.neural import jobs
+    from app.neural.store import ModelFileError
 
     check_features("neural_predict", "input", args.input)
     try:
@@ -472,6 +481,8 @@ async def neural_predict(
         )
     except LookupError as error:
         raise ToolError(str(error.args[0]), kind="not_found") from None
+    except ModelFileError as error:
+        raise model_file_error(error) from None
     except ValueError as error:
         raise ToolError(
             f"invalid input for model {args.model_id}: {error}", kind="invalid_argument"

@@ -32,6 +32,7 @@ from app.tools.neural import (
     dataset_reference,
     failure_kind,
     failure_message,
+    model_file_error,
     model_size_problem,
     start_recorded_workflow,
     store_inline_dataset,
@@ -765,7 +766,10 @@ def _predict_distributed(
     weights: dict[str, float] = {}
     labels: list[str] = []
     for record in sorted(models, key=lambda m: m.node_id or ""):
-        _, spec, params, mean, std = store.load_model(ctx.settings, record.id)
+        try:
+            _, spec, params, mean, std = store.load_model(ctx.settings, record.id)
+        except store.ModelFileError as error:
+            raise model_file_error(error) from None
         try:
             probabilities[record.node_id or record.id] = jobs.predict_logits(
                 spec, params, mean, std, args.input_data

@@ -148,3 +148,36 @@ async def test_predict_non_finite_output_rejected(
             ctx, "neural_predict", {"model_id": model_id, "input": values}
         )
     assert caught.value.kind == "invalid_argument"
+
+
+@pytest.mark.parametrize(
+    ("content", "kind", "problem"),
+    [
+        (None, "not_found", "are missing"),
+        (b"garbage", "failed", "cannot be read as a model file"),
+        (b"PK\x03\x04truncated", "failed", "cannot be read as a model file"),
+    ],
+)
+async def test_predict_broken_model_file(
+    content: bytes | None, kind: str, problem: str, offline_settings: Settings
+) -> None:
+    """A missing or corrupt weights file is the server's fault, not the
+    input's, and numpy's advice on pickled data is not passed on."""
+    model_id = _stored_model(offline_settings)
+    path = jobs.model_path(model_id)
+    if content is None:
+        store.delete_object(offline_settings, path)
+    else:
+        store.put_object(offline_settings, path, content)
+    ctx = ToolContext(offline_settings)
+    with pytest.raises(ToolError) as caught:
+        await invoke_tool(
+            ctx, "neural_predict", {"model_id": model_id, "input": [5.1, 3.5, 1.4, 0.2]}
+        )
+    assert caught.value.kind == kind
+    assert caught.value.message == (
+        f"the stored weights of model {model_id} at {path!r} in bucket 'models' "
+        f"{problem}; train the model again"
+    )
+    assert "pickle" not in caught.value.message
+    assert "invalid input" not in caught.value.message
