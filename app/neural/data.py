@@ -4,6 +4,7 @@ CSV or NPZ objects in storage, split deterministically and standardized."""
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import numbers
@@ -23,6 +24,9 @@ from app.storage import StorageError, storage_for
 BUILTIN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
 # The keys of a bundled data set given as an object.
 _SPLIT_KEYS = frozenset({"name", "seed", "test_fraction"})
+# The keys of an object in storage and of an inline data set.
+_STORED_KEYS = frozenset({"bucket", "path", "label_column"})
+_INLINE_KEYS = frozenset({"X", "data", "y", "labels"})
 DEFAULT_DATASET = "digits"
 # Models compute in float32, so a larger feature value would become infinite.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -139,7 +143,9 @@ def load_arrays(source: Any, settings: Settings) -> tuple[np.ndarray, np.ndarray
             '"digits" or {"X": [[...]], "y": [...]}'
         )
     if "bucket" in source:
+        _reject_unknown_keys(source, _STORED_KEYS, "an object in storage")
         return _load_stored(source, settings)
+    _reject_unknown_keys(source, _INLINE_KEYS, "an inline data set")
     x_key = "X" if "X" in source else "data"
     y_key = "y" if "y" in source else "labels"
     features = source.get(x_key)
@@ -280,6 +286,23 @@ def _to_features(values: Any) -> np.ndarray:
             "numbers per sample, all of the same length"
         ) from None
     return x
+
+
+def _reject_unknown_keys(
+    source: dict[str, Any], allowed: frozenset[str], kind: str
+) -> None:
+    """Raise for a key that `kind` does not read, since a misspelt option
+    such as `label_col` would otherwise train on a default silently."""
+    unknown = sorted(str(key) for key in source if key not in allowed)
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DatasetError(
+        f"dataset has the unknown key {key!r}; {hint}{kind} takes only the keys "
+        f"{', '.join(sorted(allowed))}"
+    )
 
 
 def _load_stored(

@@ -241,6 +241,17 @@ _NOTHING: dict[str, list[str]] = {"jobs": [], "sessions": [], "datasets": []}
             r"invalid dataset: X\[1\]\[1\] = true is invalid",
         ),
         (
+            {"bucket": "uploads", "path": "semicolons.csv", "label_col": "label"},
+            "invalid dataset: dataset has the unknown key 'label_col'; did you mean "
+            "'label_column'\\? an object in storage takes only the keys bucket, "
+            "label_column, path",
+        ),
+        (
+            {**_INLINE, "label_column": 0},
+            "invalid dataset: dataset has the unknown key 'label_column'; an "
+            "inline data set takes only the keys X, data, labels, y",
+        ),
+        (
             {"bucket": "datasets", "path": "junk.npz"},
             "invalid dataset: NPZ object datasets/junk.npz cannot be read: it is not "
             r"an NPZ \(ZIP\) archive",
