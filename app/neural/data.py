@@ -560,7 +560,7 @@ def prepare(
     if too_far.size:
         sample, feature = (int(i) for i in too_far[0])
         raise DatasetError(
-            f"X[{sample}][{feature}] = {x[sample, feature]!r} lies "
+            f"X[{sample}][{feature}] = {float(x[sample, feature]):g} lies "
             f"{abs(scaled[sample, feature]):.3g} standard deviations from its "
             "feature's mean on the training split, too far for a model to take; "
             "remove that sample or rescale the feature"

@@ -139,9 +139,10 @@ class NeuralTrainResult(TrainingScores):
     compilation: str
 
 
-async def check_dataset(ctx: ToolContext, source: Any) -> Dataset:
-    """Load and check a data set, so that a bad one fails the call before
-    anything is written. Return the prepared data set."""
+async def check_dataset(ctx: ToolContext, source: Any, seed: int) -> Dataset:
+    """Load and check a data set, split with the `seed` that the workflow
+    will use, so that a bad one fails the call before anything is written.
+    Return the prepared data set."""
     from app.neural import data
 
     groups = ctx.groups
@@ -158,7 +159,7 @@ async def check_dataset(ctx: ToolContext, source: Any) -> Dataset:
             kind="forbidden",
         )
     try:
-        return await asyncio.to_thread(data.prepare, source, ctx.settings)
+        return await asyncio.to_thread(data.prepare, source, ctx.settings, seed=seed)
     except data.DatasetError as error:
         raise ToolError(f"invalid dataset: {error}", kind="invalid_argument") from None
 
@@ -361,7 +362,7 @@ async def neural_train(ctx: ToolContext, args: NeuralTrainInput) -> NeuralTrainR
     model_id = store.new_id("model_")
     architecture = args.config.architecture.type
     widths = _widths(args.tier, args.config.architecture.layers)
-    prepared = await check_dataset(ctx, args.dataset)
+    prepared = await check_dataset(ctx, args.dataset, args.seed)
     problem = await asyncio.to_thread(
         model_size_problem, architecture, widths, prepared
     )

@@ -530,7 +530,7 @@ async def neural_train_distributed(
 
     cluster = _cluster(ctx, args.cluster_id)
     session_id = store.new_id("session_")
-    prepared = await check_dataset(ctx, args.dataset)
+    prepared = await check_dataset(ctx, args.dataset, args.seed)
     dataset = dataset_reference(args.dataset, session_id)
     plan = await asyncio.to_thread(_plan, ctx, cluster, args, session_id, dataset)
     problem = await asyncio.to_thread(

@@ -563,3 +563,40 @@ async def test_stored_labels_not_quoted(offline_settings: Settings) -> None:
         assert invalid.value.kind == "invalid_argument"
         assert "sk-test-LABEL" not in invalid.value.message
         assert "['a', 'b']" not in invalid.value.message
+
+
+async def test_dataset_checked_with_call_seed(offline_settings: Settings) -> None:
+    """A value that lies in the test split under the call's seed, far from
+    the training split's mean, is rejected before a job or session exists,
+    though under seed 0 it lies in the training split and passes."""
+    features = [[0.2 * (i % 2)] for i in range(20)]
+    features[1] = [3e38]
+    dataset = {"X": features, "y": [i % 2 for i in range(20)]}
+    # The test split is the permutation's first 4 samples. Under seed 0,
+    # the check passes and only the unreachable Temporal fails the call.
+    assert 1 not in np.random.default_rng(0).permutation(20)[:4]
+    assert 1 in np.random.default_rng(1).permutation(20)[:4]
+    ctx = ToolContext(offline_settings)
+    cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "seeded"})
+    await invoke_tool(ctx, "neural_node_deploy", {"cluster_id": cluster["cluster_id"]})
+    calls = [
+        (
+            "neural_train",
+            {"config": _config(epochs=1), "dataset": dataset, "tier": "nano"},
+        ),
+        (
+            "neural_train_distributed",
+            {"cluster_id": cluster["cluster_id"], "dataset": dataset},
+        ),
+    ]
+    for name, arguments in calls:
+        with pytest.raises(ToolError, match="cannot reach Temporal"):
+            await invoke_tool(ctx, name, {**arguments, "seed": 0})
+        with pytest.raises(ToolError) as caught:
+            await invoke_tool(ctx, name, {**arguments, "seed": 1})
+        assert caught.value.kind == "invalid_argument"
+        assert caught.value.message.startswith(
+            "invalid dataset: X[1][0] = 3e+38 lies "
+        ), caught.value.message
+        assert "np.float32" not in caught.value.message
+    assert _leftovers(offline_settings) == _NOTHING
