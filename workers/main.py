@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import uvloop
 
@@ -63,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         python_objects,
     )
     upgrade(settings.effective_database_url)
+    if options.neural_node:
+        # Imported here, because it loads JAX, which the other queues'
+        # workers do not need.
+        from workers.neural_nodes import node_problem
+    for node_id in options.neural_node:
+        # A worker for a node that does not exist, or no longer trains,
+        # would poll a queue that no session ever uses.
+        problem = node_problem(settings, node_id)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
 
     async def run() -> None:
         client = await connect(

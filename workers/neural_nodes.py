@@ -95,6 +95,30 @@ class NodeWorkerPool:
                 await self.stop(node_id)
 
 
+def node_problem(settings: Settings, node_id: str) -> str | None:
+    """Return why `node_id` has no queue worth polling (an unknown node, or
+    one that was terminated), or None for a node of an active cluster."""
+    from app.db import session_scope
+    from app.neural.models import NeuralCluster, NeuralNode
+
+    with session_scope(settings.effective_database_url) as session:
+        node = session.get(NeuralNode, node_id)
+        cluster = session.get(NeuralCluster, node.cluster_id) if node else None
+    if node is None:
+        return (
+            f"node {node_id} not found; give the node_id that neural_node_deploy "
+            "returned"
+        )
+    if cluster is not None and cluster.status != "active":
+        return (
+            f"node {node_id} belongs to the {cluster.status} cluster "
+            f"{cluster.id}; deploy a node on an active cluster"
+        )
+    if node.status == "terminated":
+        return f"node {node_id} is terminated; deploy a new node"
+    return None
+
+
 async def run_node(
     client: Client, settings: Settings, node_id: str, stop: asyncio.Event
 ) -> None:

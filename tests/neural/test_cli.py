@@ -75,3 +75,65 @@ def test_cluster_deploy_takes_layers(tmp_path: Path) -> None:
     malformed = runner.invoke(cli, [*deploy, "--layers", "[32,"], env=env)
     assert malformed.exit_code == 2
     assert "--layers is not valid JSON" in malformed.stderr
+
+
+def test_node_worker_rejects_unknown_and_terminated(tmp_path: Path) -> None:
+    """`python -m workers --neural-node` exits with one line for a node that
+    does not exist or whose cluster was terminated, before it connects."""
+    import asyncio
+
+    from app.tools import ToolContext, invoke_tool, load_tools
+
+    load_tools()
+    settings = Settings(data_dir=tmp_path, neural_embedded_nodes=False)
+    upgrade(settings.effective_database_url)
+    ctx = ToolContext(settings)
+
+    async def terminated_node() -> tuple[str, str]:
+        cluster = await invoke_tool(ctx, "neural_cluster_init", {"name": "gone"})
+        node = await invoke_tool(
+            ctx, "neural_node_deploy", {"cluster_id": cluster["cluster_id"]}
+        )
+        # Terminating needs Temporal only for running sessions; mark it here.
+        from app.db import session_scope
+        from app.neural.models import NeuralCluster
+
+        with session_scope(settings.effective_database_url) as session:
+            row = session.get(NeuralCluster, cluster["cluster_id"])
+            assert row is not None
+            row.status = "terminated"
+            session.add(row)
+        return cluster["cluster_id"], node["node_id"]
+
+    cluster_id, node_id = asyncio.run(terminated_node())
+    env = {
+        "NEXUS_DATA_DIR": str(tmp_path),
+        # Nothing listens here, so a worker that went on would fail to connect.
+        "NEXUS_TEMPORAL_ADDRESS": "127.0.0.1:1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "PATH": "/usr/bin:/bin",
+    }
+    expected = {
+        "node_doesnotexist": "error: node node_doesnotexist not found; give the "
+        "node_id that neural_node_deploy returned",
+        node_id: f"error: node {node_id} belongs to the terminated cluster "
+        f"{cluster_id}; deploy a node on an active cluster",
+    }
+    for node, line in expected.items():
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "--neural-node",
+                node,
+                "--connect-wait",
+                "0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == line
