@@ -604,6 +604,9 @@ class ClusterStatusInput(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cluster_id: str
+    session_limit: int = Field(
+        10, ge=1, le=100, description="Most sessions listed, newest first."
+    )
 
 
 class SessionRecord(BaseModel):
@@ -636,6 +639,11 @@ class ClusterStatusResult(BaseModel):
     daa_enabled: bool
     nodes: list[NodeRecord]
     sessions: list[SessionRecord]
+    sessions_omitted: int = Field(
+        0,
+        description="Older sessions left out of `sessions` by session_limit; "
+        "metrics count them.",
+    )
     metrics: dict[str, Any]
 
 
@@ -671,7 +679,7 @@ async def neural_cluster_status(
         records.append(_node_record(node, pollers))
     sessions = await asyncio.to_thread(store.cluster_sessions, ctx.settings, cluster.id)
     session_records = []
-    for session in sessions[:10]:
+    for session in sessions[: args.session_limit]:
         events = await asyncio.to_thread(store.session_events, ctx.settings, session.id)
         session_records.append(
             SessionRecord(
@@ -711,6 +719,7 @@ async def neural_cluster_status(
         daa_enabled=cluster.daa_enabled,
         nodes=records,
         sessions=session_records,
+        sessions_omitted=len(sessions) - len(session_records),
         metrics=metrics,
     )
 

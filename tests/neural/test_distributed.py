@@ -790,3 +790,35 @@ async def test_stored_invalid_widths_rejected(
         refused.value.message
     )
     assert "deploy a new node with model custom" in refused.value.message
+
+
+async def test_status_counts_omitted_sessions(offline_settings: Settings) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.neural.models import NeuralSession
+
+    ctx = ToolContext(offline_settings)
+    cluster_id, _ = await _cluster(ctx, ["worker"])
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    for index in range(12):
+        store.add_record(
+            offline_settings,
+            NeuralSession(
+                id=f"session_{index:02d}",
+                cluster_id=cluster_id,
+                workflow_id=f"neural-session-session_{index:02d}",
+                status="completed",
+                rounds_total=1,
+                created_at=start + timedelta(minutes=index),
+            ),
+        )
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert len(status["sessions"]) == 10
+    assert status["sessions"][0]["session_id"] == "session_11"
+    assert status["sessions_omitted"] == 2
+    assert status["metrics"]["sessions"] == 12
+    status = await invoke_tool(
+        ctx, "neural_cluster_status", {"cluster_id": cluster_id, "session_limit": 12}
+    )
+    assert [s["session_id"] for s in status["sessions"]][-1] == "session_00"
+    assert status["sessions_omitted"] == 0
