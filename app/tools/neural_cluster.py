@@ -225,6 +225,8 @@ async def neural_node_deploy(
                 "worker, aggregator or validator",
                 kind="conflict",
             )
+    if args.role == "worker" and "training" in args.capabilities:
+        await asyncio.to_thread(_check_same_model, ctx, cluster.id, args)
     node_id = store.new_id("node_")
     capabilities = list(args.capabilities)
     if args.model == "custom":
@@ -247,6 +249,34 @@ async def neural_node_deploy(
         else f"a process started with `nexus worker --neural-node {node_id}`"
     )
     return NodeDeployResult(**_node_record(node).model_dump(), runs_in=runs_in)
+
+
+def _check_same_model(ctx: ToolContext, cluster_id: str, args: NodeDeployInput) -> None:
+    """Reject a training worker whose model differs from the cluster's
+    training workers, because federated averaging needs one model shape and
+    no tool removes a node once it is deployed."""
+    from app.neural import store
+    from app.neural.nets import NODE_MODEL_TIERS, layer_widths
+
+    widths = (
+        list(args.layers)
+        if args.model == "custom"
+        else list(layer_widths(NODE_MODEL_TIERS[args.model], None))
+    )
+    for node in store.cluster_nodes(ctx.settings, cluster_id):
+        if not _trains(node):
+            continue
+        existing = _node_widths(node)
+        if existing != widths:
+            raise ToolError(
+                f"cluster {cluster_id} trains a model with layers {existing} "
+                f"(worker {node.id}, model {node.model!r}), and this worker's "
+                f"model {args.model!r} has layers {widths}; averaging needs one "
+                "model shape, so deploy the worker with the same model, or "
+                "create a new cluster for the other model",
+                kind="conflict",
+            )
+        return
 
 
 def _trains(node: Any) -> bool:
@@ -456,7 +486,8 @@ def _plan(
         raise ToolError(
             f"worker nodes of cluster {cluster.id} have different models "
             f"{sorted(widths)}; "
-            "averaging needs one model shape, so deploy workers with the same model",
+            "averaging needs one model shape and no tool removes a node, so "
+            "create a new cluster and deploy workers with one model there",
             kind="conflict",
         )
 

@@ -822,3 +822,37 @@ async def test_status_counts_omitted_sessions(offline_settings: Settings) -> Non
     )
     assert [s["session_id"] for s in status["sessions"]][-1] == "session_00"
     assert status["sessions_omitted"] == 0
+
+
+async def test_worker_with_other_model_rejected(neural_settings: Settings) -> None:
+    ctx = ToolContext(neural_settings)
+    cluster_id, nodes = await _cluster(ctx, ["worker"])
+    with pytest.raises(ToolError) as refused:
+        await invoke_tool(
+            ctx,
+            "neural_node_deploy",
+            {
+                "cluster_id": cluster_id,
+                "role": "worker",
+                "model": "custom",
+                "layers": [8],
+            },
+        )
+    assert refused.value.kind == "conflict"
+    assert refused.value.message == (
+        f"cluster {cluster_id} trains a model with layers [32] (worker "
+        f"{nodes['worker'][0]}, model 'custom'), and this worker's model 'custom' "
+        "has layers [8]; averaging needs one model shape, so deploy the worker "
+        "with the same model, or create a new cluster for the other model"
+    )
+    # The same model, a worker that does not train, and a validator pass.
+    for arguments in [
+        {"role": "worker", "model": "custom", "layers": [32]},
+        {"role": "worker", "model": "large", "capabilities": ["inference"]},
+        {"role": "validator", "model": "large"},
+    ]:
+        await invoke_tool(
+            ctx, "neural_node_deploy", {"cluster_id": cluster_id, **arguments}
+        )
+    status = await invoke_tool(ctx, "neural_cluster_status", {"cluster_id": cluster_id})
+    assert len(status["nodes"]) == 4
