@@ -222,8 +222,10 @@ def test_upgrade_stores_documents_as_json(database_url: str) -> None:
         "USING record::jsonb",
         "ALTER TABLE realtime_changes ALTER COLUMN old_record TYPE jsonb "
         "USING old_record::jsonb",
+        # The later realtime migrations run again, so their changes go too.
+        "ALTER TABLE realtime_subscriptions DROP COLUMN key_id",
         "UPDATE alembic_version SET version_num = 'realtime_0001' "
-        "WHERE version_num = 'realtime_0002'",
+        "WHERE version_num LIKE 'realtime_%'",
     )
     run(database_url, "UPDATE items SET n = 2")
 
