@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,26 @@ def die_with_parent() -> None:
             )
 
 
+# A child that ran this long before it exited starts again at once: its
+# exit is not part of a crash loop.
+STABLE_SECONDS = 60.0
+# The maximum wait between two starts of a child that keeps exiting.
+MAX_BACKOFF_SECONDS = 60.0
+
+
+def restart_delay(failures: int) -> float:
+    """Return the seconds to wait before the start that follows `failures`
+    quick exits in a row: none after the first, then 1, 2, 4 ... up to
+    MAX_BACKOFF_SECONDS."""
+    if failures <= 1:
+        return 0.0
+    return min(MAX_BACKOFF_SECONDS, 2.0 ** (failures - 2))
+
+
 class ManagedProcess:
-    """One supervised child: started in its own process group, restarted when
-    it dies unexpectedly, stopped with SIGTERM and then SIGKILL."""
+    """One supervised child: started in its own process group, restarted with
+    a back-off whenever it dies unexpectedly, stopped with SIGTERM and then
+    SIGKILL."""
 
     def __init__(
         self,
@@ -60,54 +77,78 @@ class ManagedProcess:
         *,
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        self.restarts: list[float] = []
+        # Exits in a row of a child that ran for less than STABLE_SECONDS.
+        self.failures = 0
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self.clock = clock
 
     def start(self) -> None:
         stdout = self.log_path.open("ab") if self.log_path else None
-        self.process = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout else None,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        if stdout:
-            stdout.close()
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout else None,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if stdout:
+                stdout.close()
+        self.started_at = self.clock()
         logger.info("started %s (pid %d)", self.name, self.process.pid)
 
-    def poll_and_restart(self, max_restarts_per_minute: int = 5) -> None:
-        """Restart the child if it exited; give up after too many restarts."""
-        process = self.process
-        if process is None or process.poll() is None:
+    def poll_and_restart(self) -> None:
+        """Restart the child if it exited, after a back-off that doubles with
+        each quick exit in a row up to MAX_BACKOFF_SECONDS.
+
+        A child is never given up on: a worker that exits while its database
+        or Temporal is down starts again once they are back.
+        """
+        now = self.clock()
+        if self.restart_at is None:
+            process = self.process
+            if process is None or process.poll() is None:
+                return
+            if now - self.started_at >= STABLE_SECONDS:
+                self.failures = 0
+            self.failures += 1
+            delay = restart_delay(self.failures)
+            logger.warning(
+                "%s (pid %d) exited with code %s; restarting it in %.0f s "
+                "(exit %d in a row)",
+                self.name,
+                process.pid,
+                process.returncode,
+                delay,
+                self.failures,
+            )
+            self.restart_at = now + delay
+        if now < self.restart_at:
             return
-        now = time.monotonic()
-        self.restarts = [t for t in self.restarts if now - t < 60]
-        if len(self.restarts) >= max_restarts_per_minute:
-            if self.process is not None:
-                logger.error(
-                    "%s exited with code %s %d times in a minute; not restarting it",
-                    self.name,
-                    process.returncode,
-                    len(self.restarts),
-                )
-                self.process = None
-            return
-        logger.warning(
-            "%s (pid %d) exited with code %s; restarting it",
-            self.name,
-            process.pid,
-            process.returncode,
-        )
-        self.restarts.append(now)
-        self.start()
+        self.restart_at = None
+        try:
+            self.start()
+        except OSError as error:
+            self.failures += 1
+            delay = restart_delay(self.failures)
+            logger.error(
+                "failed to start %s (%s); trying again in %.0f s",
+                self.name,
+                error,
+                delay,
+            )
+            self.restart_at = now + delay
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
