@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from app.api.keys import ensure_default_key
 from app.contracts.queues import ALL_QUEUES
+from app.datalock import DataFolderLock
 from app.db.migrate import upgrade
 from app.processes import ManagedProcess, stop_all
 from app.settings import Settings, keep_private
@@ -180,12 +181,18 @@ def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> 
     """Run everything until SIGINT or SIGTERM (or `stop_event`), then stop it all."""
     stop = stop_event or threading.Event()
     stack = Stack(settings)
+    lock = DataFolderLock(settings.resolved_data_dir)
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
         keep_private(settings.resolved_data_dir)
+        # Taken before the ports are checked, so that a second `nexus up` of
+        # this folder gets this error whatever its ports are.
+        lock.acquire(
+            {"Temporal": stack.address, "HTTP API": http_url(settings)},
+        )
         stack.start()
         for line in address_lines(settings, stack):
             print(line, file=sys.stderr)
@@ -197,6 +204,7 @@ def run_up(settings: Settings, *, stop_event: threading.Event | None = None) -> 
             stack.supervise()
     finally:
         stack.stop()
+        lock.release()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     logger.info("nexus up stopped")

@@ -16,9 +16,10 @@ import psutil
 import pytest
 
 from app.contracts.queues import ALL_QUEUES
+from app.datalock import OWNER_FILE
 from app.settings import Settings
 from app.supervisor import Stack, address_lines, http_url, reports_folder_warning
-from app.temporal.devserver import temporal_binary
+from app.temporal.devserver import port_is_open, temporal_binary
 from tests.support.postgres import free_port
 
 
@@ -251,3 +252,30 @@ def test_up_busy_port_writes_nothing(tmp_path: Path, port: str) -> None:
         sorted(p.name for p in up.data_dir.rglob("*")) if up.data_dir.exists() else []
     )
     assert written == []
+
+
+def test_second_up_same_folder_rejected(nexus_up: NexusUp) -> None:
+    nexus_up.start()
+    assert nexus_up.process is not None
+    owner = nexus_up.data_dir / OWNER_FILE
+    deadline = time.monotonic() + 120
+    while not owner.exists() and time.monotonic() < deadline:
+        assert nexus_up.process.poll() is None, nexus_up.log()
+        time.sleep(0.2)
+    assert owner.exists(), nexus_up.log()
+
+    # Other ports, so that only the folder is shared.
+    second = NexusUp(nexus_up.data_dir)
+    done = second.nexus("up")
+    assert done.returncode == 1, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: the data folder {nexus_up.data_dir} is in use")
+    assert f"pid {nexus_up.process.pid}" in error
+    assert f"Temporal {nexus_up.address}" in error
+    assert "NEXUS_DATA_DIR" in error
+    # The second one started nothing and left the first one's record.
+    assert not port_is_open("127.0.0.1", second.port)
+    assert owner.exists()
+
+    assert nexus_up.stop() == 0
+    assert not owner.exists()
