@@ -11,13 +11,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from app.api.keys import ensure_default_key
 from app.contracts.queues import ALL_QUEUES
 from app.datalock import DataFolderLock
 from app.db.migrate import upgrade
-from app.processes import ManagedProcess, stop_all
+from app.processes import STABLE_SECONDS, ManagedProcess, restart_delay, stop_all
 from app.settings import Settings, keep_private
 from app.temporal.devserver import EmbeddedServerError, EmbeddedTemporal
 
@@ -78,6 +79,9 @@ class Stack:
         self.children: list[ManagedProcess] = []
         self.want_api = serve_api
         self.serves_api = False
+        self.server_started_at = 0.0
+        self.server_failures = 0
+        self.server_restart_at: float | None = None
 
     def start(self) -> str:
         """Migrate, start everything and return the Temporal address.
@@ -100,6 +104,7 @@ class Stack:
             ensure_default_key(self.settings)
         if self.server is not None:
             self.address = asyncio.run(self.server.start())
+            self.server_started_at = time.monotonic()
         self.children = worker_processes(self.settings, self.address)
         api = api_process(self.settings, self.address) if self.want_api else None
         if api is not None:
@@ -126,9 +131,53 @@ class Stack:
                 ) from None
 
     def supervise(self) -> None:
-        """Restart children that died; call this about once a second."""
+        """Restart the embedded server and children that died; call this
+        about once a second."""
+        self._restart_server_if_exited()
         for child in self.children:
             child.poll_and_restart()
+
+    def _restart_server_if_exited(self) -> None:
+        """Restart the embedded server that this stack started, with the
+        workers' back-off, when it exited.
+
+        A restart rather than a stop of `nexus up`, because the history is
+        in temporal.db and the workers and the HTTP server reconnect on their
+        own, so runs go on where they were.
+        """
+        server = self.server
+        if server is None or server.reused:
+            return
+        now = time.monotonic()
+        if self.server_restart_at is None:
+            ended = server.reap()
+            if ended is None:
+                return
+            if now - self.server_started_at >= STABLE_SECONDS:
+                self.server_failures = 0
+            self.server_failures += 1
+            delay = restart_delay(self.server_failures)
+            logger.error("%s; restarting it in %.0f s", ended, delay)
+            self.server_restart_at = now + delay
+        if now < self.server_restart_at:
+            return
+        self.server_restart_at = None
+        try:
+            # NOTE: this blocks the supervisor, and so a stop request, until
+            # the server answers or its start times out (60 s).
+            asyncio.run(server.start())
+        except EmbeddedServerError as error:
+            self.server_failures += 1
+            delay = restart_delay(self.server_failures)
+            logger.error(
+                "failed to restart the embedded Temporal server (%s); trying "
+                "again in %.0f s",
+                error,
+                delay,
+            )
+            self.server_restart_at = time.monotonic() + delay
+            return
+        self.server_started_at = time.monotonic()
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop every child, killing those that have not drained their work

@@ -296,6 +296,20 @@ class EmbeddedTemporal:
             log.seek(self._log_start)
             return b"database is locked" in log.read()
 
+    def reap(self) -> str | None:
+        """Return how the server that this object started ended, or None
+        while it runs or when this object started none. The call reaps an
+        exited server, which would otherwise stay a zombie."""
+        process = self.process
+        if process is None or process.poll() is None:
+            return None
+        error = self._last_log_error()
+        detail = f" ({error})" if error else ""
+        return (
+            f"the embedded Temporal server (pid {process.pid}) exited with code "
+            f"{process.returncode}{detail}; its log is {self.log_path}"
+        )
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server this object started; a reused server is left running."""
         process = self.process

@@ -279,3 +279,30 @@ def test_second_up_same_folder_rejected(nexus_up: NexusUp) -> None:
 
     assert nexus_up.stop() == 0
     assert not owner.exists()
+
+
+def _temporal_servers(up: NexusUp) -> list[psutil.Process]:
+    assert up.process is not None
+    return [
+        child
+        for child in psutil.Process(up.process.pid).children(recursive=True)
+        if "start-dev" in child.cmdline()
+    ]
+
+
+def test_up_restarts_killed_temporal_server(nexus_up: NexusUp) -> None:
+    nexus_up.start()
+    nexus_up.wait_healthy()
+    [server] = _temporal_servers(nexus_up)
+    server.kill()
+    # psutil waits until the pid is gone, which a zombie is not: `nexus up`
+    # must reap its dead server.
+    server.wait(timeout=60)
+
+    report = nexus_up.wait_healthy()
+    assert report["temporal"]["status"] == "healthy"  # type: ignore[index]
+    [restarted] = _temporal_servers(nexus_up)
+    assert restarted.pid != server.pid
+    log = nexus_up.log()
+    assert f"embedded Temporal server (pid {server.pid}) exited with code" in log
+    assert nexus_up.stop() == 0
