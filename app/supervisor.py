@@ -202,8 +202,11 @@ def http_url(settings: Settings) -> str:
 def address_lines(settings: Settings, stack: Stack) -> list[str]:
     """Return the lines that tell where each part of a started stack is."""
     lines = [f"Temporal   {stack.address} (namespace {settings.namespace})"]
-    if stack.server is not None:
-        lines.append(f"Web UI     {stack.server.ui_url}")
+    server = stack.server
+    if server is not None and not server.reused:
+        lines.append(f"Web UI     {server.ui_url}")
+    elif server is not None and server.reused_ui_url is not None:
+        lines.append(f"Web UI     {server.reused_ui_url} (of the reused server)")
     if stack.serves_api:
         base = http_url(settings)
         lines.append(f"HTTP API   {base} (POST /api/tools/TOOL, /openapi.json)")

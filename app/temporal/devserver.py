@@ -14,11 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from temporalio.api.namespace.v1 import UpdateNamespaceInfo
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeNamespaceRequest,
+    UpdateNamespaceRequest,
+)
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -41,6 +45,13 @@ _INDEXED_VALUE_TYPES = {
 
 class EmbeddedServerError(RuntimeError):
     """The embedded server could not be started or reused."""
+
+
+# Keys of the namespace's `data` map, where a server that `nexus up` or
+# `nexus server` started records the data folder of its history and its
+# web UI. Kept in temporal.db, so they outlive restarts of that server.
+OWNER_DATA_DIR_KEY = "flow-nexus.data-dir"
+OWNER_WEB_UI_KEY = "flow-nexus.web-ui"
 
 
 def temporal_binary() -> Path:
@@ -133,6 +144,8 @@ class EmbeddedTemporal:
         self.address = f"{self.host}:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.reused = False
+        # The web UI of a reused server, when its owner recorded one.
+        self.reused_ui_url: str | None = None
         self._log_start = 0
 
     @property
@@ -194,6 +207,7 @@ class EmbeddedTemporal:
                     "not a Temporal server; stop that process, or set "
                     "NEXUS_TEMPORAL_PORT to a free port"
                 )
+            await self._check_owner()
             # A running server that is reused keeps its own web UI.
             return True
         if port_is_open(self.host, self.ui_port):
@@ -202,6 +216,50 @@ class EmbeddedTemporal:
                 "process, or set NEXUS_TEMPORAL_UI_PORT to a free port"
             )
         return False
+
+    async def _check_owner(self) -> None:
+        """Raise EmbeddedServerError when the Temporal server on the port is
+        the embedded server of another data folder.
+
+        Its workers poll the same task queues with another database, so they
+        would take runs of this folder and fail them as not found. A server
+        that records no data folder, such as a plain external one, passes.
+        """
+        data = await self._namespace_data()
+        owner = data.get(OWNER_DATA_DIR_KEY)
+        if owner is None or owner == str(self.settings.resolved_data_dir):
+            self.reused_ui_url = data.get(OWNER_WEB_UI_KEY)
+            return
+        raise EmbeddedServerError(
+            f"the Temporal server on port {self.port} is the embedded server of "
+            f"the data folder {owner}, and sharing it would mix that folder's "
+            f"runs with those of {self.settings.resolved_data_dir}; set "
+            "NEXUS_TEMPORAL_PORT and NEXUS_TEMPORAL_UI_PORT to free ports for "
+            f"this data folder, or set NEXUS_DATA_DIR={owner}"
+        )
+
+    async def _namespace_data(self) -> dict[str, str]:
+        client = await Client.connect(self.address)
+        described = await client.workflow_service.describe_namespace(
+            DescribeNamespaceRequest(namespace=self.settings.namespace)
+        )
+        return dict(described.namespace_info.data)
+
+    async def _record_owner(self) -> None:
+        """Record this data folder and web UI in the namespace of the server
+        that this object started, for `_check_owner` of a later start."""
+        client = await Client.connect(self.address)
+        await client.workflow_service.update_namespace(
+            UpdateNamespaceRequest(
+                namespace=self.settings.namespace,
+                update_info=UpdateNamespaceInfo(
+                    data={
+                        OWNER_DATA_DIR_KEY: str(self.settings.resolved_data_dir),
+                        OWNER_WEB_UI_KEY: self.ui_url,
+                    }
+                ),
+            )
+        )
 
     async def start(self, timeout: float = 60.0) -> str:
         """Start or reuse the server and return its gRPC address.
@@ -255,6 +313,17 @@ class EmbeddedTemporal:
             if port_is_open(self.host, self.port) and await is_temporal(
                 self.address, namespace, timeout=2.0
             ):
+                try:
+                    await self._record_owner()
+                except RPCError as error:
+                    # The server runs; only the check of a later reuse is lost.
+                    logger.warning(
+                        "failed to record the data folder in namespace %s of "
+                        "the Temporal server at %s: %s",
+                        namespace,
+                        self.address,
+                        error,
+                    )
                 logger.info("embedded Temporal server is up (pid %d)", self.process.pid)
                 return self.address
             await asyncio.sleep(0.3)

@@ -30,4 +30,42 @@ async def test_running_server_is_reused(tmp_path: Path, temporal_address: str) -
     assert await server.start() == f"127.0.0.1:{port}"
     assert server.reused
     assert server.process is None
+    # A plain server records no web UI, so `nexus up` prints none.
+    assert server.reused_ui_url is None
     server.stop()  # a reused server is left running
+
+
+async def test_other_folders_server_is_rejected(tmp_path: Path) -> None:
+    owner_dir = (tmp_path / "a").resolve()
+    owner = Settings(
+        data_dir=owner_dir, temporal_port=free_port(), temporal_ui_port=free_port()
+    )
+    server = EmbeddedTemporal(owner)
+    await server.start()
+    try:
+        # The same folder reuses its own server and finds its web UI.
+        same = EmbeddedTemporal(
+            owner.model_copy(update={"temporal_ui_port": free_port()})
+        )
+        assert await same.start() == server.address
+        assert same.reused
+        assert same.reused_ui_url == server.ui_url
+
+        other_dir = tmp_path / "b"
+        other = EmbeddedTemporal(
+            Settings(
+                data_dir=other_dir,
+                temporal_port=owner.temporal_port,
+                temporal_ui_port=free_port(),
+            )
+        )
+        with pytest.raises(EmbeddedServerError) as caught:
+            await other.check_startable()
+        message = str(caught.value)
+        assert f"the Temporal server on port {owner.temporal_port}" in message
+        assert f"embedded server of the data folder {owner_dir}" in message
+        assert "NEXUS_TEMPORAL_PORT" in message
+        assert f"NEXUS_DATA_DIR={owner_dir}" in message
+        assert not other_dir.exists()
+    finally:
+        server.stop()

@@ -19,7 +19,7 @@ from app.contracts.queues import ALL_QUEUES
 from app.datalock import OWNER_FILE
 from app.settings import Settings
 from app.supervisor import Stack, address_lines, http_url, reports_folder_warning
-from app.temporal.devserver import port_is_open, temporal_binary
+from app.temporal.devserver import EmbeddedTemporal, port_is_open, temporal_binary
 from tests.support.postgres import free_port
 
 
@@ -221,6 +221,18 @@ def test_addresses_include_http_api_and_mcp(tmp_path: Path) -> None:
         line.startswith(("HTTP API", "MCP"))
         for line in address_lines(secure, Stack(secure))
     )
+
+
+def test_addresses_of_reused_server(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, temporal_ui_port=3200)
+    stack = Stack(settings)
+    stack.server = EmbeddedTemporal(settings)
+    stack.server.reused = True
+    # The UI port of this process's settings is not where anything listens.
+    assert not any(line.startswith("Web UI") for line in address_lines(settings, stack))
+    stack.server.reused_ui_url = "http://127.0.0.1:3300"
+    lines = address_lines(settings, stack)
+    assert "Web UI     http://127.0.0.1:3300 (of the reused server)" in lines
 
 
 def test_health_without_server_exits_nonzero(tmp_path: Path) -> None:
