@@ -11,6 +11,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.exc import DBAPIError
 
 from app.api.cli import json_text, keys_cli, mcp_command, tool_command
 from app.cli_group import NexusGroup
@@ -289,6 +290,19 @@ def _audit_rejected(name: str, problem: str) -> None:
 _add_capability_commands()
 
 
+def _database_error_message(error: DBAPIError) -> str | None:
+    """Return the one-line error of a database that cannot be reached, or
+    None when the database accepts connections and `error` has another cause."""
+    from app.db.engine import unreachable_database_message
+
+    settings = settings_or_exit()
+    message = unreachable_database_message(settings.effective_database_url)
+    if message is not None:
+        # The traceback only with NEXUS_LOG_LEVEL=DEBUG: the message has the cause.
+        logging.getLogger(__name__).debug("database error", exc_info=error)
+    return message
+
+
 def main() -> None:
     """Run the command line, then leave without the interpreter's teardown.
 
@@ -307,6 +321,12 @@ def main() -> None:
         elif done.code is not None:
             print(done.code, file=sys.stderr)
             code = 1
+    except DBAPIError as error:
+        message = _database_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        code = 1
     # Either is None when the process started with that fd closed.
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:

@@ -13,9 +13,10 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, create_engine
 
-from app.settings import mask_url_passwords
+from app.settings import mask_url_passwords, url_passwords
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,31 @@ def get_engine(url: str) -> Engine:
             engine = _create_engine(url)
             _engines[url] = engine
         return engine
+
+
+def unreachable_database_message(url: str) -> str | None:
+    """Connect to `url` once, and return a one-line error with the masked URL
+    and the fix when that fails, or None when it succeeds.
+
+    Commands call it after a database error, to tell a database that cannot
+    be reached from a failed statement.
+    """
+    try:
+        with get_engine(url).connect():
+            pass
+    except DBAPIError as error:
+        # The driver's first line, such as psycopg's `connection failed:
+        # connection to server at "HOST", port N failed: Connection refused`,
+        # ends with the cause. Its host and port are in the URL already.
+        first_line = str(error.orig).strip().splitlines()[0] if error.orig else ""
+        reason = first_line.rpartition("failed: ")[2] or type(error).__name__
+        for secret in url_passwords(url):
+            reason = reason.replace(secret, "***")
+        return (
+            f"the database at {mask_url_passwords(url)} cannot be reached "
+            f"({reason}); start it or fix NEXUS_DATABASE_URL"
+        )
+    return None
 
 
 def get_stream_engine(url: str) -> Engine:

@@ -78,12 +78,13 @@ def check_database(settings: Settings) -> DatabaseHealth:
         reason = mask_url_passwords(str(error))
         for secret in url_passwords(url):
             reason = reason.replace(secret, "***")
+        reason = reason.splitlines()[0]
         logger.warning("database health check failed for %s: %s", masked, reason)
         return DatabaseHealth(
             status="unhealthy",
             backend=parsed.get_backend_name(),
             url=masked,
-            error=reason.splitlines()[0],
+            error=reason,
         )
     expected = expected_heads()
     status: Status = "healthy" if heads == expected else "degraded"

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from temporalio.client import Client
 
+from app.db.engine import unreachable_database_message
 from app.jsonsafe import MAX_JSON_DEPTH, depth_problem, dumps, format_shown_value
 from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
 from app.services.audit_writer import AuditWriter
@@ -664,6 +665,15 @@ async def _record(ctx: ToolContext, event: dict[str, Any], *, wait: bool) -> Non
                 "audit event for tool %s not written: the database has no audit "
                 "table yet; run `nexus db upgrade`",
                 event["tool"],
+            )
+            return
+        unreachable = await asyncio.to_thread(
+            unreachable_database_message, ctx.database_url
+        )
+        if unreachable is not None:
+            # One line per call while the database is down, not a traceback.
+            logger.error(
+                "audit event for tool %s not written: %s", event["tool"], unreachable
             )
             return
         # The call itself already ran; losing its audit row must be loud.

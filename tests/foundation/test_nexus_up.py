@@ -318,3 +318,27 @@ def test_up_restarts_killed_temporal_server(nexus_up: NexusUp) -> None:
     log = nexus_up.log()
     assert f"embedded Temporal server (pid {server.pid}) exited with code" in log
     assert nexus_up.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "command", [("up",), ("db", "upgrade"), ("workflow", "list"), ("health",)]
+)
+def test_unreachable_database_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    up = NexusUp(tmp_path)
+    # A port where nothing listens, so every connection is refused.
+    url = f"postgresql+psycopg://nexus:s3cretPW@127.0.0.1:{free_port()}/nexus"
+    up.env["NEXUS_DATABASE_URL"] = url
+    done = up.nexus(*command)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "s3cretPW" not in done.stdout + done.stderr
+    masked = url.replace("s3cretPW", "***")
+    expected = (
+        f"the database at {masked} cannot be reached (Connection refused); "
+        "start it or fix NEXUS_DATABASE_URL"
+    )
+    assert expected in done.stderr
+    if command != ("health",):
+        assert done.stderr.strip().splitlines()[-1] == f"error: {expected}"
