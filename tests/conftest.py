@@ -183,6 +183,29 @@ def postgres() -> Iterator[PostgresHandle]:
         server.stop()
 
 
+@pytest.fixture
+def restartable(request: pytest.FixtureRequest) -> PostgresHandle:
+    """The session's PostgreSQL server, which a test may stop and start; the
+    test is skipped where NEXUS_TEST_DATABASE_URL names another server."""
+    handle: PostgresHandle = request.getfixturevalue("postgres")
+    if handle.server is None:
+        pytest.skip("needs a PostgreSQL started by the test setup, to restart it")
+    return handle
+
+
+@contextlib.asynccontextmanager
+async def postgres_stopped(handle: PostgresHandle) -> AsyncIterator[None]:
+    """Stop the PostgreSQL server of `handle` for the body of the block, and
+    start it again at the end, even when the body fails."""
+    assert handle.server is not None
+    server = handle.server
+    await asyncio.to_thread(server.pg_ctl, "stop")
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(server.pg_ctl, "start")
+
+
 def _fresh_postgres_database(admin_url: str) -> tuple[str, str]:
     name = f"nexus_test_{uuid.uuid4().hex[:12]}"
     engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")

@@ -19,6 +19,7 @@ from temporalio.worker import Worker
 
 from activities.neural import node_queue_activities
 from app.contracts.queues import neural_node_queue
+from app.logs import RepeatedFailureLog
 from app.neural import store
 from app.processes import worker_identity
 from app.settings import Settings
@@ -58,6 +59,9 @@ class NodeWorkerPool:
         self.settings = settings
         self.interval = interval
         self.workers: dict[str, tuple[Worker, asyncio.Task[None]]] = {}
+        self.sync_failures = RepeatedFailureLog(
+            logger, "the sync of neural node workers"
+        )
 
     async def sync(self) -> None:
         nodes = await asyncio.to_thread(store.active_nodes, self.settings)
@@ -87,7 +91,9 @@ class NodeWorkerPool:
                 try:
                     await self.sync()
                 except Exception:
-                    logger.exception("could not sync neural node workers")
+                    self.sync_failures.failed()
+                else:
+                    self.sync_failures.succeeded()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval)
         finally:

@@ -171,14 +171,6 @@ async def test_prune_keeps_unread_changes(database_url: str) -> None:
     assert [e["new"]["n"] for e in rest] == list(range(4, 10))
 
 
-@pytest.fixture
-def restartable(request: pytest.FixtureRequest) -> PostgresHandle:
-    handle: PostgresHandle = request.getfixturevalue("postgres")
-    if handle.server is None:
-        pytest.skip("needs a PostgreSQL started by the test setup, to restart it")
-    return handle
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_postgres_restart_loses_nothing(
     database_url: str, restartable: PostgresHandle
