@@ -276,10 +276,11 @@ async def running_workers(
     *,
     graceful_shutdown_timeout: timedelta | None = None,
 ) -> AsyncIterator[None]:
-    """Run the project's typed workers for `queues` in this process. At the
-    end they stop as under `nexus up`, with the running activities cancelled
-    after `graceful_shutdown_timeout` (default: the workers' own)."""
-    from workers.run import GRACEFUL_SHUTDOWN_TIMEOUT, build_worker
+    """Run the project's typed workers for `queues` in this process, with the
+    audit writer of a worker process. At the end they stop as under `nexus
+    up`, with the running activities cancelled after
+    `graceful_shutdown_timeout` (default: the workers' own)."""
+    from workers.run import GRACEFUL_SHUTDOWN_TIMEOUT, build_worker, worker_audit
 
     grace = (
         GRACEFUL_SHUTDOWN_TIMEOUT
@@ -291,6 +292,9 @@ async def running_workers(
         for queue in queues
     ]
     async with contextlib.AsyncExitStack() as stack:
+        # Entered first, so it writes its queued events after the workers
+        # stopped, as in a worker process.
+        await stack.enter_async_context(worker_audit(settings))
         for worker in workers:
             await stack.enter_async_context(worker)
         await wait_for_pollers(client, settings.namespace, queues)

@@ -17,7 +17,7 @@ from app.temporal.client import connect
 from workers.allocator import jemalloc_loaded
 from workers.malloc import fix_mmap_threshold, limit_malloc_arenas
 from workers.registry import QUEUE_LIMITS
-from workers.run import run_node_workers, run_workers
+from workers.run import run_node_workers, run_workers, worker_audit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
                 options.queue[0] if options.queue else f"node-{options.neural_node[0]}"
             ),
         )
-        if options.neural_node:
-            await run_node_workers(client, settings, options.queue, options.neural_node)
-        else:
-            await run_workers(client, settings, options.queue)
+        async with worker_audit(settings):
+            if options.neural_node:
+                await run_node_workers(
+                    client, settings, options.queue, options.neural_node
+                )
+            else:
+                await run_workers(client, settings, options.queue)
 
     # uvloop's faster wake-ups matter here, because a sandbox call crosses
     # the loop many times (SDK core to Python and back, the runner's socket

@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -16,6 +17,7 @@ from temporalio.worker import Worker
 from app.contracts.queues import NEURAL
 from app.processes import freeze_startup_objects, worker_identity
 from app.sandbox.runtime import close_local_backends
+from app.services.audit_writer import AuditWriter, queued_audit
 from app.settings import Settings
 from workers.allocator import jemalloc_loaded
 from workers.malloc import trim_malloc_every
@@ -24,6 +26,21 @@ from workers.registry import QUEUE_WARM_UPS, queue_spec
 from workers.warmup import warm_up
 
 logger = logging.getLogger(__name__)
+
+
+# Audit events of tool calls that a worker keeps queued while its database
+# does not take writes, before it drops new ones. An estimate of the memory:
+# most events take well under 10 KB (each string is cut at 4096 characters),
+# so a full queue takes some tens of MB.
+WORKER_AUDIT_QUEUE_EVENTS = 10_000
+
+
+def worker_audit(settings: Settings) -> AbstractAsyncContextManager[AuditWriter]:
+    """Queue and retry the audit events of the tool calls that this process's
+    activities make, as the HTTP server does, until the block ends."""
+    return queued_audit(
+        settings.effective_database_url, max_pending=WORKER_AUDIT_QUEUE_EVENTS
+    )
 
 
 # How long a stopping worker lets its running activities go on before it

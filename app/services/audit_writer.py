@@ -7,6 +7,12 @@ shares its database round trip with the calls beside it. Events are masked
 when they are submitted, so a secret never waits in the queue. A batch
 leaves the queue only after its transaction committed; a failed write is
 retried, and `close` writes what is left before the server exits.
+
+Worker processes install a writer with `queued_audit`, so that the tool
+calls that run inside their activities (workflow steps, swarm actions) are
+queued and retried too. Their queue has a maximum size: a worker whose
+database is down for long drops new events once the queue is full, and logs
+how many.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +30,7 @@ from sqlalchemy import text
 
 from app.contracts.system import AuditRecord
 from app.db import get_engine
+from app.logs import RepeatedFailureLog
 from app.services.audit import audit_fields, insert_statement, list_calls
 
 logger = logging.getLogger(__name__)
@@ -89,6 +96,9 @@ class AuditWriter:
         retry_seconds: wait after a failed write before the next attempt.
         linger_seconds: how long the task waits for more events before it
             writes a batch, unless a `flush` or `close` waits for the write.
+        max_pending: maximum number of events queued and not yet committed;
+            None for no limit. A full queue drops each new event, and the
+            writer logs how many it dropped.
     """
 
     def __init__(
@@ -98,11 +108,18 @@ class AuditWriter:
         max_batch: int = 1000,
         retry_seconds: float = 0.5,
         linger_seconds: float = 0.01,
+        max_pending: int | None = None,
     ) -> None:
         self.database_url = database_url
         self.max_batch = max_batch
         self.retry_seconds = retry_seconds
         self.linger_seconds = linger_seconds
+        self.max_pending = max_pending
+        # Events dropped because the queue was full, not yet logged.
+        self.dropped = 0
+        self._write_failures = RepeatedFailureLog(
+            logger, "the write of queued audit events"
+        )
         self._flush_waiters = 0
         self._urgent = asyncio.Event()
         self._pending: list[dict[str, Any]] = []
@@ -132,6 +149,20 @@ class AuditWriter:
         event = audit_fields(**fields)
         if self._closed:
             write_events(self.database_url, [event])
+            return
+        if self.max_pending is not None and len(self._pending) >= self.max_pending:
+            # The newest event is dropped, because the oldest ones may be in
+            # the batch that is being written.
+            if not self.dropped:
+                logger.error(
+                    "the audit queue is full with %d events that the database "
+                    "did not take; dropping new audit events, starting with "
+                    "the event of tool %r by %r, until a write succeeds",
+                    len(self._pending),
+                    event["tool"],
+                    event["user_id"],
+                )
+            self.dropped += 1
             return
         self._pending.append(event)
         self._submitted += 1
@@ -292,6 +323,7 @@ class AuditWriter:
             self._written += len(self._pending)
             self._pending = []
         await self._serve_reads()
+        self._log_dropped()
         logger.info("audit writer stopped after %d events", self._written)
 
     def _start(self) -> None:
@@ -329,11 +361,7 @@ class AuditWriter:
                     if waiting is not future:
                         _chain(future, waiting)
                 failures += 1
-                logger.exception(
-                    "could not write %d audit events (attempt %d); retrying",
-                    len(batch),
-                    failures,
-                )
+                self._write_failures.failed()
                 kept = await asyncio.to_thread(self._write_one_by_one, batch)
                 self._pending[: len(batch)] = kept
                 self._written += len(batch) - len(kept)
@@ -342,6 +370,8 @@ class AuditWriter:
                 await self._serve_reads()
                 if not kept:
                     failures = 0
+                    self._write_failures.succeeded()
+                    self._log_dropped()
                     continue
                 if self._closed and failures >= _CLOSE_ATTEMPTS:
                     logger.error(
@@ -358,6 +388,8 @@ class AuditWriter:
                 await asyncio.sleep(self.retry_seconds)
                 continue
             failures = 0
+            self._write_failures.succeeded()
+            self._log_dropped()
             # Only a committed batch leaves the queue, so none is lost when a
             # write fails.
             self._done(len(batch))
@@ -381,6 +413,16 @@ class AuditWriter:
         self._urgent.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._urgent.wait(), self.linger_seconds)
+
+    def _log_dropped(self) -> None:
+        if self.dropped:
+            logger.error(
+                "dropped %d audit events because the audit queue was full "
+                "(maximum %s events) while the database did not take writes",
+                self.dropped,
+                self.max_pending,
+            )
+            self.dropped = 0
 
     def _done(self, count: int) -> None:
         del self._pending[:count]
@@ -464,3 +506,46 @@ def _chain(source: _Rows, target: _Rows) -> None:
             source.set_result(done.result())
 
     target.add_done_callback(copy)
+
+
+# The writers that `queued_audit` installed, by event loop and database URL,
+# each with the number of blocks that use it.
+_installed: dict[tuple[asyncio.AbstractEventLoop, str], tuple[AuditWriter, int]] = {}
+
+
+@contextlib.asynccontextmanager
+async def queued_audit(database_url: str, **options: Any) -> AsyncIterator[AuditWriter]:
+    """Queue the audit events of tool calls on this event loop that have no
+    writer of their own (see `installed_writer`), and write what is left at
+    the end of the block.
+
+    A block inside another one for the same database uses the outer block's
+    writer, which the outer block closes.
+
+    Args:
+        options: keyword arguments of `AuditWriter`, for the first block.
+    """
+    key = (asyncio.get_running_loop(), database_url)
+    writer, users = _installed.get(key, (None, 0))
+    if writer is None:
+        writer = AuditWriter(database_url, **options)
+    _installed[key] = (writer, users + 1)
+    try:
+        yield writer
+    finally:
+        writer, users = _installed.pop(key)
+        if users > 1:
+            _installed[key] = (writer, users - 1)
+        else:
+            await writer.close()
+
+
+def installed_writer(database_url: str) -> AuditWriter | None:
+    """Return the writer that `queued_audit` installed on the running event
+    loop for `database_url`, or None."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    installed = _installed.get((loop, database_url))
+    return None if installed is None else installed[0]

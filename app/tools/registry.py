@@ -22,7 +22,7 @@ from temporalio.client import Client
 from app.db.engine import unreachable_database_message
 from app.jsonsafe import MAX_JSON_DEPTH, depth_problem, dumps, format_shown_value
 from app.services.audit import is_secret_name, mask_all, mask_secrets, record_call
-from app.services.audit_writer import AuditWriter
+from app.services.audit_writer import AuditWriter, installed_writer
 from app.services.health_cache import HealthSnapshots
 from app.settings import Settings
 from app.suggest import did_you_mean
@@ -647,14 +647,19 @@ async def invoke_tool(
 
 async def _record(ctx: ToolContext, event: dict[str, Any], *, wait: bool) -> None:
     """Write or queue one call's audit event; with `wait`, return once a
-    queued event is committed."""
+    queued event is committed.
+
+    The event goes to the context's writer, else to the writer that a worker
+    process installed with `queued_audit`, else straight to the database.
+    """
+    writer = ctx.audit_writer or installed_writer(ctx.database_url)
     try:
-        if ctx.audit_writer is not None:
-            ctx.audit_writer.submit(**event)
+        if writer is not None:
+            writer.submit(**event)
             if wait:
                 # Responded to only once its row is stored, so that a server
                 # killed after the response has not lost the row.
-                await ctx.audit_writer.committed()
+                await writer.committed()
         else:
             await asyncio.to_thread(record_call, ctx.database_url, **event)
     except Exception as error:

@@ -4,6 +4,7 @@ real uvicorn server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -17,7 +18,11 @@ from app.db import get_engine
 from app.services import audit_writer
 from app.services.audit import MASK, TRUNCATION_MARKER, list_calls
 from app.services.audit_writer import AuditWriter
+from app.settings import Settings
+from app.tools import ToolContext, invoke_tool, load_tools
 from tests.api.conftest import ApiServer, ThreadedServer, free_port
+from tests.conftest import PostgresHandle, postgres_stopped
+from workers.run import worker_audit
 
 
 def _event(tool: str = "system_health", **overrides: Any) -> dict[str, Any]:
@@ -468,3 +473,47 @@ async def test_partial_retry_keeps_order(
     # The event queued before the call is in its result, although a later
     # one could be written while it still failed.
     assert "first" in [row.tool for row in rows]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_worker_call_audited_after_outage(
+    settings: Settings, restartable: PostgresHandle
+) -> None:
+    load_tools()
+    ctx = ToolContext(settings, user_id="workflow:wfx_outage/step")
+    async with worker_audit(settings) as writer:
+        async with postgres_stopped(restartable):
+            result = await invoke_tool(ctx, "storage_list", {"bucket": "data"})
+            # The call returned after its commit wait; its event is queued.
+            assert writer.pending == 1
+        await asyncio.wait_for(writer.flush(), 60)
+    rows = list_calls(settings.effective_database_url, user_id=ctx.user_id)
+    assert result["objects"] == []
+    assert [row.tool for row in rows] == ["storage_list"]
+    assert rows[0].outcome == "success"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_full_queue_drops_and_logs(
+    database_url: str, restartable: PostgresHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="app.services.audit_writer")
+    writer = AuditWriter(database_url, retry_seconds=0.05, max_pending=2)
+    try:
+        async with postgres_stopped(restartable):
+            for index in range(5):
+                writer.submit(**_event(arguments={"index": index}))
+            assert writer.pending == 2
+            assert writer.dropped == 3
+        await asyncio.wait_for(writer.flush(), 60)
+    finally:
+        await writer.close()
+    rows = list_calls(database_url, user_id="key:writer-test", limit=100)
+    messages = [r.getMessage() for r in caplog.records]
+    full = [m for m in messages if m.startswith("the audit queue is full")]
+    dropped = [m for m in messages if m.startswith("dropped 3 audit events")]
+    assert sorted(row.arguments["index"] for row in rows) == [0, 1]
+    assert len(full) == 1
+    assert "the event of tool 'system_health' by 'key:writer-test'" in full[0]
+    assert len(dropped) == 1
+    assert writer.dropped == 0
