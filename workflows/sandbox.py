@@ -58,6 +58,16 @@ _LOG_LINE_CHARS = 2000
 _EVENTS_KEPT = 100
 # Interrupts that arrived before their execution, kept in case it comes.
 _EARLY_INTERRUPTS_KEPT = 100
+# The first write of each mirror change; a call waits for these attempts.
+_RECORD_RETRY = RetryPolicy(maximum_attempts=5)
+# The write of a mirror change that failed its first attempts: until the
+# database takes it, at least once every 30 s.
+_PENDING_RECORD_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=0,
+)
 _CALL_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -106,6 +116,12 @@ _END_FAILURE = "sandbox-end-failure-recorded"
 # creation failed, until `sandbox_delete`.
 _FAILED_CREATE_UNLISTED = "sandbox-failed-create-unlisted"
 
+# Runs begun before this patch fail the call whose mirror write failed five
+# times, and leave the mirror row as it was, such as a deleted sandbox that
+# `sandbox_list` still shows as running. Newer runs keep that change pending
+# and retry it until the database takes it, before the run ends.
+_MIRROR_RETRIED = "sandbox-mirror-retried"
+
 # Runs begun before this patch let a call that finds its sandbox lost after a
 # stop or delete recreate it, and fail a call that the end cut short with the
 # backend's own error.
@@ -150,6 +166,12 @@ class SandboxSessionWorkflow:
         # failed setup reads as the caller's error. A failed session never
         # continues as new, so this needs no place in the state.
         self._create_failure_type = CONFIGURATION_ERROR
+        # The newest mirror change not yet written, and the lock that keeps
+        # the writes in order. The run retries a pending change until it is
+        # written, so this never needs to outlive the run.
+        self._mirror_pending: RecordInput | None = None
+        self._mirror_lock = asyncio.Lock()
+        self._mirror_retrying = False
 
     @workflow.run
     async def run(self, request: SessionInput) -> SessionResult:
@@ -157,13 +179,19 @@ class SandboxSessionWorkflow:
         if state.backend_id is None and state.status == "creating":
             await self._create_first()
         if state.status == "running":
-            await workflow.wait_condition(
-                lambda: (
-                    state.end_request is not None
-                    or workflow.info().is_continue_as_new_suggested()
+            while True:
+                await workflow.wait_condition(
+                    lambda: (
+                        state.end_request is not None
+                        or workflow.info().is_continue_as_new_suggested()
+                        or self._mirror_failed()
+                    )
                 )
-            )
+                if not self._mirror_failed():
+                    break
+                await self._write_pending_record()
         await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._write_pending_record()
         if state.status == "running" and state.end_request is None:
             if workflow.patched(_BOUNDED_STATE):
                 # Also shrinks the state of a run begun before the patch,
@@ -188,6 +216,7 @@ class SandboxSessionWorkflow:
             # this delete is the next try.
             await self._delete_backend(state.backend_id, "ended")
             await workflow.wait_condition(workflow.all_handlers_finished)
+            await self._write_pending_record()
         return SessionResult(
             sandbox_id=state.spec.sandbox_id,
             status=state.status,
@@ -415,6 +444,12 @@ class SandboxSessionWorkflow:
         )
 
     async def _record(self, status: str, *, delete: bool = False) -> None:
+        """Write a change of the mirror row.
+
+        A write that fails its first attempts stays pending, and the run
+        retries it until the database takes it, so the call that made the
+        change does not fail for it.
+        """
         state = self._state
         change = RecordInput(
             spec=state.spec,
@@ -424,6 +459,30 @@ class SandboxSessionWorkflow:
             recreated=state.recreated,
             delete=delete,
         )
+        if workflow.patched(_MIRROR_RETRIED):
+            self._mirror_pending = change
+            if self._mirror_retrying:
+                # The run's retry loop writes the newest change next. Waiting
+                # for it would hold the call for as long as the database is
+                # down.
+                return
+            async with self._mirror_lock:
+                if self._mirror_pending is not change:
+                    return  # a newer change, written after this one's turn
+                try:
+                    await self._write_record(change, _RECORD_RETRY)
+                except (ActivityError, ApplicationError) as error:
+                    workflow.logger.warning(
+                        "sandbox %s: the mirror row update to %r failed (%s); "
+                        "retrying it until the database takes it",
+                        state.spec.sandbox_id,
+                        "deleted" if delete else status,
+                        _cause_message(error),
+                    )
+                    return
+                if self._mirror_pending is change:
+                    self._mirror_pending = None
+            return
         if workflow.patched(_LOCAL_RECORDS):
             # One database write, registered on this workflow's own worker:
             # a local activity saves the round trip through the server.
@@ -440,6 +499,39 @@ class SandboxSessionWorkflow:
             task_queue=ORCHESTRATION,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=5),
+        )
+
+    def _mirror_failed(self) -> bool:
+        """Return whether a mirror change failed its first write and no
+        write of it is under way."""
+        return self._mirror_pending is not None and not self._mirror_lock.locked()
+
+    async def _write_pending_record(self) -> None:
+        """Write the pending mirror change, retrying until the database
+        takes it; the newest change wins when calls make more meanwhile."""
+        async with self._mirror_lock:
+            self._mirror_retrying = True
+            try:
+                while (change := self._mirror_pending) is not None:
+                    await self._write_record(change, _PENDING_RECORD_RETRY)
+                    if self._mirror_pending is change:
+                        self._mirror_pending = None
+                    workflow.logger.info(
+                        "sandbox %s: the mirror row update to %r was written",
+                        self._state.spec.sandbox_id,
+                        "deleted" if change.delete else change.status,
+                    )
+            finally:
+                self._mirror_retrying = False
+
+    async def _write_record(self, change: RecordInput, retry: RetryPolicy) -> None:
+        # One database write, registered on this workflow's own worker: a
+        # local activity saves the round trip through the server.
+        await workflow.execute_local_activity(
+            "sandbox_record",
+            change,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=retry,
         )
 
     def _event(
