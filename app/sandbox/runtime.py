@@ -32,6 +32,7 @@ from app.sandbox.backend import (
     SandboxConfigurationError,
     SandboxSetupError,
 )
+from app.secret_names import is_secret_name
 from app.settings import Settings, mask_url_passwords, url_passwords
 
 if TYPE_CHECKING:
@@ -701,16 +702,10 @@ async def _remove_code_file(
         )
 
 
-# Env var names whose values are redacted from output, the same rule the
-# audit log uses for argument names.
-SECRET_NAME = re.compile(
-    r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
-)
-
-
 def secret_values(env: Mapping[str, str]) -> list[str]:
-    """Return the values of env vars whose names mark them as secrets."""
-    return [value for name, value in env.items() if SECRET_NAME.search(name)]
+    """Return the values of env vars whose names mark them as secrets, by the
+    rule that the audit log uses for argument names."""
+    return [value for name, value in env.items() if is_secret_name(name)]
 
 
 def masked_values(env: Mapping[str, str], request: ExecuteRequest) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Insert, Select, bindparam, func, insert, or_
 from sqlalchemy import select as sa_select
 
+from app import secret_names
 from app.contracts.system import AuditRecord
 from app.db import get_engine
 from app.db.models import AuditEvent, utc_now
@@ -20,10 +21,6 @@ from app.jsonsafe import MAX_JSON_DEPTH, replace_lone_surrogates
 logger = logging.getLogger(__name__)
 
 MASK = "********"
-# Argument names whose values are secrets wherever they appear.
-_SECRET_NAME = re.compile(
-    r"(key|secret|token|password|passwd|credential|authorization)", re.IGNORECASE
-)
 # The platform's own API key (`nxk_<id>_<secret>`, app.api.keys) wherever it
 # appears in a value, since a caller may paste one into any field. The id
 # stays, so the row still shows which key it was.
@@ -63,7 +60,7 @@ def mask_secrets(
     An object or array nested deeper than `MAX_JSON_DEPTH` levels is
     replaced by a note, so that every stored event can be read back.
     """
-    if name in _SECRET_MAPPINGS or (name and _SECRET_NAME.search(name)):
+    if is_secret_name(name):
         return mask_all(value, depth=depth)
     if isinstance(value, Mapping | list | tuple) and depth >= MAX_JSON_DEPTH:
         return _TOO_DEEP
@@ -108,9 +105,9 @@ def mask_all(value: Any, *, depth: int = 0) -> Any:
 
 
 def is_secret_name(name: str) -> bool:
-    """Return whether an argument of this name contains secrets (see
-    `mask_secrets`)."""
-    return name in _SECRET_MAPPINGS or bool(_SECRET_NAME.search(name))
+    """Return whether an argument of this name contains secrets: an env var
+    mapping, or a name that `app.secret_names.is_secret_name` matches."""
+    return name in _SECRET_MAPPINGS or secret_names.is_secret_name(name)
 
 
 def audit_fields(

@@ -119,6 +119,32 @@ def test_mask_secrets_by_name_and_nesting() -> None:
     assert masked["max_key_count"] is None
 
 
+def test_mask_secrets_by_name_segment() -> None:
+    """Argument names are secrets by whole segments, so ordinary words that
+    contain "key" or "token" stay readable."""
+    secret = [
+        "key",
+        "api_key",
+        "apikey",
+        "OPENAI_API_KEY",
+        "X-Api-Key",
+        "secretToken",
+        "authToken",
+        "db_password",
+        "passwd",
+        "credentials",
+        "Authorization",
+        "APIKey",
+        "private_keys",
+    ]
+    plain = ["keyboard", "turkey_count", "monkeys", "tokenizer", "secretary"]
+    masked = mask_secrets({name: "value" for name in secret + plain})
+    for name in secret:
+        assert masked[name] == MASK, name
+    for name in plain:
+        assert masked[name] == "value", name
+
+
 def test_mask_secrets_cuts_long_strings() -> None:
     content = "x" * (AUDIT_STRING_LIMIT + 10)
     masked = mask_secrets({"content": content, "path": "a.txt"})

@@ -181,6 +181,45 @@ async def test_mask_env_vars_masks_any_name(
     assert b"shown-value" in stored
 
 
+async def test_secret_names_match_segments(tool_ctx: ToolContext) -> None:
+    """Metadata keys and env var names are secrets by whole name segments:
+    `keyboard` and `turkey_count` are ordinary labels, while `api_key` and
+    the names users give secrets, with or without separators, still are."""
+    for key in ("api_key", "apikey", "X-Api-Key", "authToken", "db_password"):
+        with pytest.raises(ToolInputError) as secret_metadata:
+            await call(tool_ctx, "sandbox_create", template="base", metadata={key: "v"})
+        assert f"metadata key {key!r} names a secret" in secret_metadata.value.message
+    secret_names = ["OPENAI_API_KEY", "apikey", "authToken", "db_password", "KEYS"]
+    plain_names = ["keyboard", "turkey_count", "TOKENIZER"]
+    created = await call(
+        tool_ctx,
+        "sandbox_create",
+        template="base",
+        metadata={"keyboard": "us", "turkey_count": "3"},
+        env_vars={name: f"value-of-{name}" for name in secret_names + plain_names},
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        assert created["metadata"] == {"keyboard": "us", "turkey_count": "3"}
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=(
+                "import os\n"
+                f"for name in {secret_names + plain_names!r}: "
+                "print(name, os.environ[name])"
+            ),
+        )
+        shown = dict(line.split(" ", 1) for line in result["stdout"].splitlines())
+        for name in secret_names:
+            assert shown[name] == "********", name
+        for name in plain_names:
+            assert shown[name] == f"value-of-{name}", name
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_unanswered_call_times_out(
     tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
