@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from app.realtime.output import OutputWriter
 from app.sandbox.backend import RunOutput
-from app.sandbox.runtime import redact
+from app.sandbox.runtime import redact, with_secret_lines
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ class StreamRedactor:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # Passed to `redact` as given: it replaces secrets of equal length in
-        # its set's order, which depends on the order they were added.
-        self._all_secrets = list(secrets)
+        # its set's order, which depends on the order they were added. The
+        # lines of multi-line secrets are included here too, so that the cut
+        # never splits one of them either.
+        self._all_secrets = with_secret_lines(secrets)
         # `redact` leaves values of fewer than 4 characters alone.
         self._secrets = [secret for secret in self._all_secrets if len(secret) >= 4]
         self._hold = max((len(secret) for secret in self._secrets), default=1) - 1

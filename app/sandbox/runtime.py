@@ -723,10 +723,33 @@ _RUNNER_NOTE = re.compile(r"\n\[sandbox runner failed during this execution: [^\
 _CUT_MARKER = re.compile(r"\n\[output truncated: \d+ bytes dropped\]")
 
 
+# Lines of a multi-line secret shorter than this are not masked on their own,
+# because short lines (`}`, `-----`, an indented blank) also appear in
+# ordinary output, and masking them would garble it.
+SECRET_LINE_MIN_CHARS = 8
+
+
+def with_secret_lines(secrets: Iterable[str]) -> list[str]:
+    """Return `secrets` followed by each line of every multi-line secret, with
+    surrounding whitespace stripped, that has `SECRET_LINE_MIN_CHARS` or
+    more characters. A program that prints a PEM key line by line, or with
+    other line ends, then shows none of its lines."""
+    whole = list(secrets)
+    lines = [
+        line.strip()
+        for secret in whole
+        for line in secret.splitlines()
+        if len(line.strip()) >= SECRET_LINE_MIN_CHARS
+    ]
+    return whole + [line for line in lines if line not in whole]
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret value of 4 or more characters in `text`. Also
-    replace the start of a secret value that the output limit cut off."""
-    ordered = [s for s in sorted(set(secrets), key=len, reverse=True) if len(s) >= 4]
+    """Replace every secret value of 4 or more characters in `text`, and each
+    line of a multi-line one (see `with_secret_lines`). Also replace the
+    start of a secret value or line that the output limit cut off."""
+    candidates = set(with_secret_lines(secrets))
+    ordered = [s for s in sorted(candidates, key=len, reverse=True) if len(s) >= 4]
     for secret in ordered:
         text = text.replace(secret, REDACTED)
     if not ordered or "[output truncated: " not in text:

@@ -371,6 +371,28 @@ def test_redactor_matches_redact_on_any_split() -> None:
         assert "".join(pieces) == runtime.redact(whole, chosen), (chosen, whole)
 
 
+def test_redactor_masks_secret_lines_on_any_split() -> None:
+    """The lines of a multi-line secret are masked however the stream splits
+    them, as `redact` masks them in the whole text."""
+    secret = "abcdXYab\ncdcdXYXY\r\nab"
+    rng = random.Random(11)
+    for _ in range(3000):
+        parts = ["abcdXYab", "cdcdXYXY", secret, "ab", "\n", " ", "cd"]
+        whole = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        redactor = StreamRedactor([secret])
+        pieces = []
+        start = 0
+        while start < len(whole):
+            end = start + rng.randint(1, 6)
+            pieces.append(redactor.push(whole[start:end]))
+            start = end
+        pieces.append(redactor.finish())
+        streamed = "".join(pieces)
+        assert streamed == runtime.redact(whole, [secret]), whole
+        assert "abcdXYab" not in streamed, whole
+        assert "cdcdXYXY" not in streamed, whole
+
+
 async def subscribe_execution(ctx: ToolContext, execution_id: str) -> dict[str, Any]:
     """Subscribe at once, before the run's first activity records it: the
     run exists in Temporal, which is enough."""

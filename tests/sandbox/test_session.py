@@ -440,6 +440,59 @@ async def test_secret_absent_from_history_and_logs(
     assert SECRET not in caplog.text
 
 
+async def test_multiline_secret_lines_masked(
+    tool_ctx: ToolContext, client: Client
+) -> None:
+    """Each line of a multi-line secret is masked wherever the whole value is:
+    in the result, the kept logs, the history and the database, also when
+    printed a line at a time or with CRLF line ends. Lines under 8
+    characters stay, because they are too common to mask."""
+    body = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC"
+    short = "Zq7x"
+    pem = f"-----BEGIN KEY-----\n{body}\n{short}\n-----END KEY-----"
+    created = await call(
+        tool_ctx, "sandbox_create", template="base", env_vars={"PRIVATE_KEY": pem}
+    )
+    sandbox_id = created["sandbox_id"]
+    try:
+        result = await call(
+            tool_ctx,
+            "sandbox_execute",
+            sandbox_id=sandbox_id,
+            code=(
+                "import os\n"
+                "v = os.environ['PRIVATE_KEY']\n"
+                "print(v)\n"
+                "print(v.splitlines()[1])\n"
+                "print(v.replace('\\n', '\\r\\n'))\n"
+                "print(f'  {v.splitlines()[1]}  ', v.splitlines()[2])\n"
+            ),
+        )
+        assert result["stdout"].split("\n") == [
+            "********",
+            "********",
+            "********\r",
+            "********\r",
+            f"{short}\r",
+            "********",
+            f"  ********   {short}",
+            "",
+        ]
+        logs = await call(tool_ctx, "sandbox_logs", sandbox_id=sandbox_id)
+        assert logs["lines"]
+        assert body not in json.dumps(logs)
+        assert "********" in json.dumps(logs)
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+    history = await client.get_workflow_handle(f"sandbox-{sandbox_id}").fetch_history()
+    stored = b"".join(event.SerializeToString() for event in history.events)
+    assert body.encode() not in stored
+    # The SQLite database with its write-ahead log, where recent rows are.
+    data_dir = tool_ctx.settings.resolved_data_dir
+    for database_file in data_dir.glob("nexus.db*"):
+        assert body.encode() not in database_file.read_bytes(), database_file
+
+
 async def test_bwrap_blocks_files_and_network(tool_ctx: ToolContext) -> None:
     import asyncio
 
