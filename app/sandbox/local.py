@@ -73,6 +73,10 @@ _SPARE_LIFETIME = 300
 # seconds: starting bubblewrap and an interpreter beside the first call of
 # a new sandbox made that call 4 ms slower on a 2-core machine.
 _REFILL_IDLE = 0.2
+# The name (`$0`) of the anchor shell, which with its cwd finds it in /proc.
+_ANCHOR_NAME = "nexus-sandbox-anchor"
+# The suffix that the kernel appends to a /proc cwd whose folder was removed.
+_DELETED = " (deleted)"
 # How long past an execution's timeout the host waits for the runner's reply.
 _REPLY_MARGIN = 30.0
 
@@ -363,7 +367,8 @@ class LocalBackend(SandboxBackend):
                 logger.warning("could not remove stale spare %s: %s", folder, error)
 
     async def close(self) -> None:
-        """End the spare runners (sandboxes themselves stay until their end)."""
+        """End the spare runners and the runners of sandboxes whose folder was
+        removed (other sandboxes stay until their end)."""
         if self._refilling():
             assert self._refill is not None
             self._refill.cancel()
@@ -373,6 +378,7 @@ class LocalBackend(SandboxBackend):
         spares, self._spares = self._spares, []
         for spare in spares:
             await self.delete(spare)
+        self._end_orphaned_anchors()
 
     def _check_claude(self, env: Mapping[str, str]) -> None:
         if shutil.which("claude") is None:
@@ -454,7 +460,7 @@ class LocalBackend(SandboxBackend):
                 script = f'echo $$ > "$1" || exit 1; shift; {script}'
                 anchor_args = [str(procs), *anchor_args]
             anchor = subprocess.Popen(
-                ["/bin/sh", "-c", script, "nexus-sandbox-anchor", *anchor_args],
+                ["/bin/sh", "-c", script, _ANCHOR_NAME, *anchor_args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -581,6 +587,7 @@ class LocalBackend(SandboxBackend):
     def _kill_anchor(self, backend_id: str, state: Mapping[str, object] | None) -> None:
         anchor = self._anchors.pop(backend_id, None)
         pids = []
+        cgroups: set[Path] = set()
         if state is not None:
             pid = int(state.get("anchor_pid", 0))  # type: ignore[call-overload]
             if _process_alive(pid, str(state.get("anchor_start", ""))):
@@ -589,20 +596,59 @@ class LocalBackend(SandboxBackend):
             if isinstance(socket_path, str):
                 with contextlib.suppress(OSError):
                     os.unlink(socket_path)
+            cgroup = state.get("cgroup")
+            if isinstance(cgroup, str):
+                cgroups.add(Path(cgroup))
         if anchor is not None and anchor.pid not in pids and anchor.poll() is None:
             pids.append(anchor.pid)
-        for pid in pids:
-            _kill_tree(pid)
+        # The state file is gone when the sandbox's folder was removed from
+        # outside, and another worker process (or one since restarted) may
+        # have started the anchor, so the anchor is also found by its cwd.
+        home = _real_path(self.folder(backend_id))
+        for pid, cwd in _anchor_processes(_real_path(self.root)).items():
+            if cwd in (home, f"{home}{_DELETED}") and pid not in pids:
+                pids.append(pid)
+        self._end_anchors(pids, cgroups)
         if anchor is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 anchor.wait(timeout=5)
-        cgroup = None if state is None else state.get("cgroup")
-        if isinstance(cgroup, str):
+
+    def _end_anchors(self, pids: Sequence[int], cgroups: set[Path]) -> None:
+        """SIGKILL each anchor with everything below it, and remove the pids
+        cgroups of their sandboxes, which ends processes that left the tree."""
+        for pid in pids:
+            # Read before the kill, which takes the process's /proc entry.
+            cgroup = _sandbox_cgroup_of(pid)
+            if cgroup is not None:
+                cgroups.add(cgroup)
+            _kill_tree(pid)
+        for cgroup in cgroups:
             # Off the event loop: the killed processes may take a moment to
             # leave the cgroup.
-            threading.Thread(
-                target=_remove_cgroup, args=(Path(cgroup),), daemon=True
-            ).start()
+            threading.Thread(target=_remove_cgroup, args=(cgroup,), daemon=True).start()
+
+    def _end_orphaned_anchors(self) -> None:
+        """End the anchors below `root` whose sandbox folder was removed.
+
+        Such a sandbox is lost for good: its session recreates it under a
+        new id, and nothing else would end the old runner before its own
+        timeout.
+        """
+        root = _real_path(self.root)
+        orphans = {
+            pid: cwd
+            for pid, cwd in _anchor_processes(root).items()
+            # Only a sandbox's own `<root>/<id>/home`, which code inside the
+            # sandbox cannot make an anchor's cwd.
+            if cwd[len(root) + 1 :].split("/")[1:] == [f"home{_DELETED}"]
+        }
+        for pid, cwd in orphans.items():
+            logger.warning(
+                "ending anchor process %s of a sandbox whose folder %s was removed",
+                pid,
+                cwd.removesuffix(_DELETED),
+            )
+        self._end_anchors(list(orphans), set())
 
     async def _request(
         self,
@@ -1609,6 +1655,54 @@ def _remove_cgroup(cgroup: Path) -> None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(line), signal.SIGKILL)
         time.sleep(0.02)
+
+
+def _real_path(path: Path) -> str:
+    """Return `path` as the kernel shows a process's cwd: absolute, with no
+    symlinks."""
+    return os.path.realpath(path)
+
+
+def _anchor_processes(root: str) -> dict[int, str]:
+    """Return the cwd of each anchor process whose cwd is below `root`, by pid.
+
+    A process is an anchor by its command line (`/bin/sh -c SCRIPT
+    nexus-sandbox-anchor ...`) and its cwd, a sandbox folder, together. The
+    cwd of a removed folder ends with `_DELETED`. Processes whose cwd cannot
+    be read (another user's, without root) are skipped.
+    """
+    prefix = f"{root}/"
+    found: dict[int, str] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            if not cwd.startswith(prefix):
+                continue
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"/bin/sh", b"-c"] and argv[3:4] == [_ANCHOR_NAME.encode()]:
+            found[int(name)] = cwd
+    return found
+
+
+def _sandbox_cgroup_of(pid: int) -> Path | None:
+    """Return the pids cgroup that `_make_pids_cgroup` made and `pid` is in,
+    or None."""
+    root = _pids_cgroup_root()
+    if root is None:
+        return None
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name = line.rsplit("/", 1)[-1]
+        if name.startswith("nexus-sandbox-") and (root / name).is_dir():
+            return root / name
+    return None
 
 
 def _kill_tree(pid: int) -> None:

@@ -714,6 +714,100 @@ async def test_anchor_killed_elsewhere_is_reaped(tmp_path: Path) -> None:
         await creator.delete("second")
 
 
+def _sandbox_processes(backend: LocalBackend, backend_id: str) -> list[int]:
+    """Return the pids of a sandbox's anchor and every process below it."""
+    state = backend._read_state(backend_id)
+    assert state is not None
+    anchor = int(state["anchor_pid"])  # type: ignore[call-overload]
+    below = descendants(anchor)
+    assert below, "the anchor has no runner below it"
+    return [anchor, *below]
+
+
+async def _wait_ended(pids: list[int]) -> list[int]:
+    """Wait up to 10 s for `pids` to end, and return those still running."""
+    running = pids
+    for _ in range(200):
+        running = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        running = [pid for pid in running if not _zombie(pid)]
+        if not running:
+            break
+        await asyncio.sleep(0.05)
+    return running
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_lost_check_ends_removed_folder_processes(
+    use_bwrap: bool, tmp_path: Path
+) -> None:
+    """A sandbox whose folder, state file included, was removed from outside
+    is lost, and the lost check of another worker process's backend ends its
+    anchor, bubblewrap and runner."""
+    creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    other = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    await creator.create("box", template="base", timeout=300, env={}, metadata={})
+    processes = _sandbox_processes(creator, "box")
+    try:
+        shutil.rmtree(tmp_path / "sandboxes" / "box")
+        with pytest.raises(SandboxLostError, match="state file is missing"):
+            await other.run(
+                "box", ["true"], env={}, cwd=None, timeout=30, output_limit=65536
+            )
+        assert await _wait_ended(processes) == []
+        await other.delete("box")
+    finally:
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_delete_ends_removed_folder_processes(
+    use_bwrap: bool, tmp_path: Path
+) -> None:
+    creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    other = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    await creator.create("box", template="base", timeout=300, env={}, metadata={})
+    processes = _sandbox_processes(creator, "box")
+    try:
+        shutil.rmtree(tmp_path / "sandboxes" / "box")
+        await other.delete("box")
+        assert await _wait_ended(processes) == []
+    finally:
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
+async def test_close_ends_removed_folder_processes(
+    use_bwrap: bool, tmp_path: Path
+) -> None:
+    """Closing a backend, as a worker does when `nexus up` stops, ends the
+    processes of sandboxes whose folder was removed, and only those."""
+    creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    other = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
+    await creator.create("lost", template="base", timeout=300, env={}, metadata={})
+    await creator.create("kept", template="base", timeout=300, env={}, metadata={})
+    lost = _sandbox_processes(creator, "lost")
+    kept = _sandbox_processes(creator, "kept")
+    try:
+        shutil.rmtree(tmp_path / "sandboxes" / "lost")
+        await other.close()
+        assert await _wait_ended(lost) == []
+        assert all(Path(f"/proc/{pid}").exists() for pid in kept)
+        assert not any(_zombie(pid) for pid in kept)
+        result = await creator.run(
+            "kept", ["echo", "alive"], env={}, cwd=None, timeout=30, output_limit=65536
+        )
+        assert result.stdout == "alive\n"
+    finally:
+        await creator.delete("kept")
+        for pid in lost:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def test_upload_never_follows_symlinks(
     backend: LocalBackend, tmp_path: Path
 ) -> None:
