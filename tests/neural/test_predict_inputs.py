@@ -108,9 +108,9 @@ async def test_predict_empty_input_rejected(offline_settings: Settings) -> None:
 
 def test_parse_input_rejects_non_numbers() -> None:
     # Callers other than the tools get the same check.
-    with pytest.raises(jobs.InvalidFeatureError, match=r"input\[0\]\[0\] = None"):
+    with pytest.raises(jobs.InvalidFeatureError, match=r"input\[0\]\[0\] = null"):
         jobs.parse_input([[None, 1, 2, 3]], 4)
-    with pytest.raises(jobs.InvalidFeatureError, match=r"input\[2\] = True"):
+    with pytest.raises(jobs.InvalidFeatureError, match=r"input\[2\] = true"):
         jobs.parse_input([1, 2, True, 3], 4)
 
 
