@@ -677,11 +677,20 @@ class LocalBackend(SandboxBackend):
         return connection
 
     async def _reply(
-        self, connection: socket.socket, timeout: float | None
+        self,
+        connection: socket.socket,
+        timeout: float | None,
+        data: bytearray | None = None,
     ) -> list[dict[str, object]]:
-        """Read the runner's reply lines until it closes the connection."""
+        """Read the runner's reply lines until it closes the connection.
+
+        Args:
+            data: receives the bytes as they come, so that a caller whose
+                wait timed out can still read the lines that arrived.
+        """
         loop = asyncio.get_running_loop()
-        data = bytearray()
+        if data is None:
+            data = bytearray()
 
         async def read() -> None:
             # A runner that died leaves its socket to the anchor until that
@@ -691,8 +700,7 @@ class LocalBackend(SandboxBackend):
                     data.extend(chunk)
 
         await asyncio.wait_for(read(), timeout)
-        lines = [json.loads(line) for line in bytes(data).splitlines() if line]
-        return [line for line in lines if isinstance(line, dict)]
+        return _reply_lines(data)
 
     async def _ping(
         self,
@@ -966,6 +974,7 @@ class LocalBackend(SandboxBackend):
                     asyncio.create_task(_read_fd_capped(loop, read, output_limit, sink))
                 )
             hung = False
+            received = bytearray()
             watch = (
                 asyncio.create_task(self._watch_disk(backend_id, connection))
                 if self.limits.disk_bytes
@@ -978,9 +987,13 @@ class LocalBackend(SandboxBackend):
                     self._record_expiry(backend_id, expires_at)
                 # The runner enforces `timeout`; this bound only covers a runner
                 # that hangs. Closing the connection makes it kill the program.
-                replies = await self._reply(connection, timeout + _REPLY_MARGIN)
+                replies = await self._reply(
+                    connection, timeout + _REPLY_MARGIN, received
+                )
             except TimeoutError:
-                replies, hung = [], True
+                # A pid that came before the runner stopped answering shows
+                # that the program started, so the call must not run again.
+                replies, hung = _reply_lines(received, complete_only=True), True
             finally:
                 over_disk = False
                 if watch is not None:
@@ -1764,3 +1777,14 @@ def _process_alive(pid: int, start: str) -> bool:
         return False
     fields = stat.rsplit(")", 1)[1].split()
     return fields[0] not in ("Z", "X") and fields[19] == start
+
+
+def _reply_lines(data: bytes | bytearray, complete_only: bool = False) -> list[dict]:
+    """The JSON objects of the runner's reply lines in `data`; with
+    `complete_only`, a last line without its newline (still arriving) is
+    left out."""
+    chunks = bytes(data).split(b"\n")
+    if complete_only:
+        chunks = chunks[:-1]
+    lines = [json.loads(chunk) for chunk in chunks if chunk.strip()]
+    return [line for line in lines if isinstance(line, dict)]

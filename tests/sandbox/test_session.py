@@ -1411,6 +1411,37 @@ async def test_frozen_runner_is_recreated(tool_ctx: ToolContext) -> None:
         await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
 
 
+async def test_program_that_stops_its_runner_runs_once(tool_ctx: ToolContext) -> None:
+    """A program that freezes its runner after it started is not run again
+    on a new sandbox: the call ends as timed out, with what it printed."""
+    created = await call(tool_ctx, "sandbox_create", template="base")
+    sandbox_id = created["sandbox_id"]
+    code = (
+        "import os, signal\n"
+        "print('before', flush=True)\n"
+        "os.kill(os.getppid(), signal.SIGSTOP)\n"
+        "print('after')\n"
+    )
+    try:
+        result = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code=code, timeout=1
+        )
+        assert result["recreated"] == 0
+        assert result["runs"] == 1
+        assert result["status"] == "timed_out"
+        # Ending the runner also lets the program go on until it is killed.
+        assert result["stdout"].startswith("before\n")
+        assert "did not answer" in result["stderr"]
+        # The next call finds the ended runner and recreates the sandbox.
+        after = await call(
+            tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(2)"
+        )
+        assert after["stdout"] == "2\n"
+        assert after["recreated"] == 1
+    finally:
+        await call(tool_ctx, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 async def test_call_timeout_is_timed_out(
     tool_ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
