@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -147,6 +148,9 @@ class EmbeddedTemporal:
         # The web UI of a reused server, when its owner recorded one.
         self.reused_ui_url: str | None = None
         self._log_start = 0
+        # The lock on temporal.db's folder that this object holds while it
+        # runs a server there (`_lock_history`).
+        self._history_lock: int | None = None
 
     @property
     def ui_url(self) -> str:
@@ -277,6 +281,7 @@ class EmbeddedTemporal:
             )
             return self.address
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_history()
         logger.info(
             "starting the embedded Temporal server at %s (web UI %s, history in %s)",
             self.address,
@@ -333,6 +338,41 @@ class EmbeddedTemporal:
             f"{timeout:.0f} s; its log is {self.log_path}"
         )
 
+    def _lock_history(self) -> None:
+        """Take the lock that allows one embedded server per temporal.db,
+        kept across restarts until `stop`.
+
+        Two servers on one SQLite history take its shards from each other and
+        fail with SQLITE_BUSY, and SQLite's own lock does not stop the second
+        from starting. `nexus server` and `nexus up` both start servers here,
+        on any ports, so the lock is on the history, not on the port.
+
+        Raises:
+            EmbeddedServerError: another process runs a server on this history.
+        """
+        if self._history_lock is not None:
+            return
+        path = self.db_path.with_name("temporal.db.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with os.fdopen(fd) as held:
+                owner = held.read().strip() or "a process that is starting it"
+            raise EmbeddedServerError(
+                f"the Temporal history {self.db_path} is in use by the server of "
+                f"{owner}; set NEXUS_TEMPORAL_PORT to that server's port to use "
+                "it, stop it, or set NEXUS_DATA_DIR to another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} at {self.address}".encode(), 0)
+        self._history_lock = fd
+
+    def _unlock_history(self) -> None:
+        if self._history_lock is not None:
+            os.close(self._history_lock)
+            self._history_lock = None
+
     def _spawn(self) -> None:
         with self.log_path.open("ab") as log:
             self._log_start = log.tell()
@@ -383,6 +423,7 @@ class EmbeddedTemporal:
         """Stop the server this object started; a reused server is left running."""
         process = self.process
         if process is None or process.poll() is not None:
+            self._unlock_history()
             return
         logger.info("stopping the embedded Temporal server (pid %d)", process.pid)
         with contextlib.suppress(ProcessLookupError):
@@ -395,3 +436,4 @@ class EmbeddedTemporal:
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         self.process = None
+        self._unlock_history()

@@ -69,3 +69,35 @@ async def test_other_folders_server_is_rejected(tmp_path: Path) -> None:
         assert not other_dir.exists()
     finally:
         server.stop()
+
+
+async def test_second_server_on_one_history_is_rejected(tmp_path: Path) -> None:
+    """A server on other ports over a history that a server already uses
+    (`nexus server` beside `nexus up`) is refused before it starts; once the
+    first stops, the history is free again."""
+    first = EmbeddedTemporal(
+        Settings(
+            data_dir=tmp_path, temporal_port=free_port(), temporal_ui_port=free_port()
+        )
+    )
+    await first.start()
+    second = EmbeddedTemporal(
+        Settings(
+            data_dir=tmp_path, temporal_port=free_port(), temporal_ui_port=free_port()
+        )
+    )
+    try:
+        with pytest.raises(EmbeddedServerError) as caught:
+            await second.start()
+        message = str(caught.value)
+        assert f"the Temporal history {tmp_path / 'temporal.db'} is in use" in message
+        assert f"at {first.address}" in message
+        assert "NEXUS_TEMPORAL_PORT" in message
+        assert second.process is None
+    finally:
+        first.stop()
+    try:
+        assert await second.start() == second.address
+        assert not second.reused
+    finally:
+        second.stop()
