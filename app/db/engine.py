@@ -85,6 +85,7 @@ def get_stream_engine(url: str) -> Engine:
                 max_overflow=20,
                 isolation_level="AUTOCOMMIT",
                 hide_parameters=True,
+                connect_args=_postgres_connect_args(url),
             )
             _engines[key] = engine
         return engine
@@ -111,7 +112,21 @@ def _create_engine(url: str) -> Engine:
         pool_size=10,
         max_overflow=20,
         hide_parameters=True,
+        connect_args=_postgres_connect_args(url),
     )
+
+
+# Seconds a PostgreSQL connection may take to open. libpq waits forever by
+# default, so a host that accepts connections and never answers would hang
+# every command instead of giving the one-line unreachable-database error.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def _postgres_connect_args(url: str) -> dict[str, Any]:
+    # A `connect_timeout` in the URL's query is the user's choice and wins.
+    if "connect_timeout" in make_url(url).query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
 
 
 def _configure_sqlite(url: str, dbapi_connection: Any, _record: Any) -> None:

@@ -299,3 +299,33 @@ def test_subscriptions_migrate_to_key_ids(empty_database_url: str) -> None:
         "sub_reused": "old",
         "sub_cli": None,
     }
+
+
+def test_silent_database_host_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that accepts connections and never answers gives the
+    unreachable-database error after the connect timeout, not a hang."""
+    import socket
+    import threading
+
+    from app.db import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CONNECT_TIMEOUT_SECONDS", 1, raising=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        url = f"postgresql+psycopg://u:pw@127.0.0.1:{port}/db"
+        found: list[str | None] = []
+        checker = threading.Thread(
+            target=lambda: found.append(
+                engine_module.unreachable_database_message(url)
+            ),
+            daemon=True,
+        )
+        checker.start()
+        checker.join(60)
+    assert found, "the connection attempt still waits after 60 s"
+    message = found[0]
+    assert message is not None
+    assert "cannot be reached" in message
+    assert ":pw@" not in message
