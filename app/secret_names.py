@@ -3,26 +3,32 @@
 The audit log and tool errors mask arguments by this rule, sandbox output
 masks the values of env vars by it, and sandbox metadata keys that match it
 are rejected. See "Secret names" in docs/sandboxes.md for why it matches name
-segments rather than substrings.
+segments, with a list of ordinary words.
 """
 
 from __future__ import annotations
 
 import re
 
-# Words whose name segment marks a secret, also at the end of a segment
-# written without separators (`apikey`, `dbpassword`, `authtoken`).
+# Words that mark a secret anywhere in a name segment, so run-together
+# names (`apikey`, `PRIVATEKEYPEM`, `GITHUBTOKENFILE`) match too.
 SECRET_WORDS = (
     "key",
     "secret",
     "token",
     "password",
     "passwd",
+    "passphrase",
     "credential",
     "authorization",
 )
-# Ordinary words that end in "key" but name no secret.
-_ORDINARY_KEY_WORDS = frozenset(
+# Short words that mark a secret only as a whole segment (`DB_PASS`,
+# `MYSQL_PWD`, `GITHUB_PAT`), since inside longer words (`compass`) they
+# are ordinary.
+SECRET_SEGMENTS = frozenset({"pass", "pwd", "pw", "pat"})
+# Ordinary words that contain a secret word but name no secret, as whole
+# segments (singular).
+ORDINARY_WORDS = frozenset(
     {
         "donkey",
         "flunkey",
@@ -30,11 +36,24 @@ _ORDINARY_KEY_WORDS = frozenset(
         "hokey",
         "hotkey",
         "jockey",
+        "keyboard",
+        "keyed",
+        "keyframe",
+        "keynote",
+        "keypad",
+        "keystroke",
+        "keyword",
         "lackey",
         "malarkey",
         "monkey",
         "pokey",
+        "secretariat",
+        "secretary",
         "smokey",
+        "tokenization",
+        "tokenize",
+        "tokenized",
+        "tokenizer",
         "turkey",
         "turnkey",
         "whiskey",
@@ -53,19 +72,19 @@ def name_segments(name: str) -> list[str]:
 
 
 def _is_secret_segment(segment: str) -> bool:
-    singular = segment.removesuffix("s")
-    if singular in _ORDINARY_KEY_WORDS:
+    if segment in SECRET_SEGMENTS:
+        return True
+    if segment.removesuffix("s") in ORDINARY_WORDS:
         return False
-    return any(singular.endswith(word) for word in SECRET_WORDS)
+    return any(word in segment for word in SECRET_WORDS)
 
 
 def is_secret_name(name: str) -> bool:
-    """Return whether a segment of `name` is, or ends with, one of
-    `SECRET_WORDS`, optionally plural.
+    """Return whether a segment of `name` contains one of `SECRET_WORDS`
+    and is not one of `ORDINARY_WORDS`, or is one of `SECRET_SEGMENTS`.
 
-    `OPENAI_API_KEY`, `apikey`, `X-Api-Key`, `authToken` and `db_passwords`
-    match. `keyboard`, `tokenizer` and `turkey_count` do not, because their
-    segments only start with such a word or are an ordinary word ending in
-    "key".
+    `OPENAI_API_KEY`, `apikey`, `PRIVATEKEYPEM`, `X-Api-Key`, `authToken`,
+    `db_passwords`, `DB_PASS` and `MYSQL_PWD` match. `keyboard`, `tokenizer`
+    and `turkey_count` do not, because those segments are ordinary words.
     """
     return any(_is_secret_segment(segment) for segment in name_segments(name))

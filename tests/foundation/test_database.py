@@ -120,8 +120,9 @@ def test_mask_secrets_by_name_and_nesting() -> None:
 
 
 def test_mask_secrets_by_name_segment() -> None:
-    """Argument names are secrets by whole segments, so ordinary words that
-    contain "key" or "token" stay readable."""
+    """A name segment that contains a secret word is a secret unless it is
+    an ordinary word, so `keyboard` stays readable while run-together names
+    such as `PRIVATEKEYPEM` are masked."""
     secret = [
         "key",
         "api_key",
@@ -136,8 +137,23 @@ def test_mask_secrets_by_name_segment() -> None:
         "Authorization",
         "APIKey",
         "private_keys",
+        "SECRETVALUE",
+        "PRIVATEKEYPEM",
+        "GITHUBTOKENFILE",
+        "DB_PASS",
+        "MYSQL_PWD",
+        "passphrase",
+        "GITHUB_PAT",
     ]
-    plain = ["keyboard", "turkey_count", "monkeys", "tokenizer", "secretary"]
+    plain = [
+        "keyboard",
+        "turkey_count",
+        "monkeys",
+        "tokenizer",
+        "secretary",
+        "compass",
+        "path",
+    ]
     masked = mask_secrets({name: "value" for name in secret + plain})
     for name in secret:
         assert masked[name] == MASK, name

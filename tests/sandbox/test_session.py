@@ -189,7 +189,15 @@ async def test_secret_names_match_segments(tool_ctx: ToolContext) -> None:
         with pytest.raises(ToolInputError) as secret_metadata:
             await call(tool_ctx, "sandbox_create", template="base", metadata={key: "v"})
         assert f"metadata key {key!r} names a secret" in secret_metadata.value.message
-    secret_names = ["OPENAI_API_KEY", "apikey", "authToken", "db_password", "KEYS"]
+    secret_names = [
+        "OPENAI_API_KEY",
+        "apikey",
+        "authToken",
+        "db_password",
+        "KEYS",
+        "PRIVATEKEYPEM",
+        "MYSQL_PWD",
+    ]
     plain_names = ["keyboard", "turkey_count", "TOKENIZER"]
     created = await call(
         tool_ctx,
