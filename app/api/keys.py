@@ -129,12 +129,18 @@ def _info(row: ApiKey) -> KeyInfo:
 
 def validate_key_name(name: str) -> None:
     """Raise a ValueError naming the problem and the fix unless `name` is a
-    valid key name: not blank, at most `MAX_KEY_NAME_LENGTH` characters, and
-    without control or format characters."""
+    valid key name: not blank, without white space at either end, at most
+    `MAX_KEY_NAME_LENGTH` characters, and without control or format
+    characters."""
     if not name.strip():
         raise ValueError(
             f"key name {name!r} is empty; name the key after who or what uses "
             "it, for example `nexus keys create ci-bot`"
+        )
+    if name != name.strip():
+        # `alice ` beside `alice` would read as one caller in the audit log.
+        raise ValueError(
+            f"key name {name!r} starts or ends with white space; use {name.strip()!r}"
         )
     if len(name) > MAX_KEY_NAME_LENGTH:
         raise ValueError(

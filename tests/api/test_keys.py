@@ -164,6 +164,20 @@ def test_key_name_control_characters_rejected(
     assert list_keys(database_url) == []
 
 
+@pytest.mark.parametrize("name", ["alice ", " alice", "alice\u00a0"])
+def test_key_name_with_white_space_at_ends_rejected(
+    database_url: str, name: str
+) -> None:
+    """`alice ` beside an active `alice` would show as the same caller."""
+    create_key(database_url, "alice")
+    with pytest.raises(ValueError) as raised:
+        create_key(database_url, name)
+    message = str(raised.value)
+    assert f"key name {name!r} starts or ends with white space" in message
+    assert "use 'alice'" in message
+    assert [key.name for key in list_keys(database_url)] == ["alice"]
+
+
 def test_default_key_created_once(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
