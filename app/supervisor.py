@@ -182,7 +182,10 @@ class Stack:
     def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop every child, killing those that have not drained their work
         within `timeout` seconds, then the embedded server."""
-        logger.info("stopping %d processes", len(self.children))
+        if self.children:
+            # A start refused before any child (a locked data folder, a busy
+            # port) prints its one-line error alone.
+            logger.info("stopping %d processes", len(self.children))
         stop_all(self.children, timeout)
         self.children = []
         if self.server is not None:

@@ -280,7 +280,8 @@ def test_second_up_same_folder_rejected(nexus_up: NexusUp) -> None:
     second = NexusUp(nexus_up.data_dir)
     done = second.nexus("up")
     assert done.returncode == 1, done.stderr
-    error = done.stderr.strip().splitlines()[-1]
+    # The error is the only line.
+    [error] = done.stderr.strip().splitlines()
     assert error.startswith(f"error: the data folder {nexus_up.data_dir} is in use")
     assert f"pid {nexus_up.process.pid}" in error
     assert f"Temporal {nexus_up.address}" in error
