@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 import zipfile
+import zlib
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +24,7 @@ from app.neural.models import (
     NeuralRoundEvent,
     NeuralSession,
 )
-from app.neural.nets import ModelSpec, Params
+from app.neural.nets import ModelSpec, Params, init_params
 from app.neural.training import dump_params, load_params
 from app.settings import Settings
 from app.storage import storage_for
@@ -82,9 +84,14 @@ def load_model(
             f"model {model_id!r} not found; list models with neural_list_models"
         )
     where = f"{record.storage_path!r} in bucket {MODELS_BUCKET!r}"
+    spec = ModelSpec.from_dict(record.spec)
     try:
         params, extra = load_params(get_object(settings, record.storage_path))
         mean, std = extra["mean"], extra["std"]
+        if _shapes(params) != _expected_shapes(spec) or (
+            np.shape(mean) != (spec.features,) or np.shape(std) != (spec.features,)
+        ):
+            raise ValueError("the arrays do not fit the model's architecture")
     except ObjectNotFound:
         raise ModelFileError(
             f"the stored weights of model {model_id} at {where} are missing; "
@@ -93,14 +100,39 @@ def load_model(
         ) from None
     # numpy's own messages (such as its advice on allow_pickle) describe the
     # file's bytes, not anything the caller can change, so they are dropped.
-    except (StorageError, ValueError, KeyError, OSError, zipfile.BadZipFile):
+    except (
+        StorageError,
+        ValueError,
+        KeyError,
+        OSError,
+        EOFError,
+        TypeError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ):
         raise ModelFileError(
             f"the stored weights of model {model_id} at {where} cannot be read "
             "as a model file; train the model again",
             missing=False,
         ) from None
-    spec = ModelSpec.from_dict(record.spec)
     return record, spec, params, mean, std
+
+
+def _shapes(params: Any) -> list[tuple[str, tuple[int, ...]]]:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return [
+        (jax.tree_util.keystr(path), tuple(np.shape(leaf))) for path, leaf in leaves
+    ]
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    # Shapes alone, from a trace of the initializer: nothing is allocated.
+    import jax
+
+    return _shapes(jax.eval_shape(lambda: init_params(spec, 0)))
 
 
 def add_record(settings: Settings, record: Any) -> None:

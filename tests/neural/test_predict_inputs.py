@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -150,12 +151,18 @@ async def test_predict_non_finite_output_rejected(
     assert caught.value.kind == "invalid_argument"
 
 
+# Stands for a model file rewritten with one array of the wrong shape.
+RESHAPED = b"reshaped"
+
+
 @pytest.mark.parametrize(
     ("content", "kind", "problem"),
     [
         (None, "not_found", "are missing"),
         (b"garbage", "failed", "cannot be read as a model file"),
         (b"PK\x03\x04truncated", "failed", "cannot be read as a model file"),
+        (b"", "failed", "cannot be read as a model file"),
+        (RESHAPED, "failed", "cannot be read as a model file"),
     ],
 )
 async def test_predict_broken_model_file(
@@ -167,6 +174,15 @@ async def test_predict_broken_model_file(
     path = jobs.model_path(model_id)
     if content is None:
         store.delete_object(offline_settings, path)
+    elif content == RESHAPED:
+        # A readable archive whose first weight array has the wrong shape.
+        with np.load(io.BytesIO(store.get_object(offline_settings, path))) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        first = next(name for name in arrays if not name.startswith("__"))
+        arrays[first] = np.zeros((1, 1), dtype=np.float32)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        store.put_object(offline_settings, path, buffer.getvalue())
     else:
         store.put_object(offline_settings, path, content)
     ctx = ToolContext(offline_settings)
