@@ -1752,11 +1752,30 @@ async def _read_capped(
 
 
 def _captured(kept: bytearray, dropped: int) -> tuple[str, int]:
-    """Return the kept output as text, with a marker when bytes were dropped."""
+    """Return the kept output as text, with a marker when bytes were dropped.
+
+    A cut that split a character drops its first bytes too, so the text does
+    not end in a replacement character that the program never wrote.
+    """
+    if dropped:
+        end = _utf8_complete_end(kept)
+        dropped += len(kept) - end
+        del kept[end:]
     text = kept.decode("utf-8", errors="replace")
     if dropped:
         text += f"\n[output truncated: {dropped} bytes dropped]"
     return text, dropped
+
+
+def _utf8_complete_end(data: bytes | bytearray) -> int:
+    """Return the length of `data` without a UTF-8 sequence cut at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back
+            continue
+        needed = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
+        return len(data) - back if needed > back else len(data)
+    return len(data)
 
 
 def _process_start(pid: int) -> str:

@@ -28,7 +28,12 @@ from app.sandbox.backend import (
     SandboxLostError,
     SandboxSetupError,
 )
-from app.sandbox.local import LocalBackend, ResourceLimits, _pids_cgroup_root
+from app.sandbox.local import (
+    LocalBackend,
+    ResourceLimits,
+    _captured,
+    _pids_cgroup_root,
+)
 from app.sandbox.runner import descendants
 from app.settings import Settings
 from tests.support.sandboxes import ISOLATION_MODES
@@ -1215,3 +1220,17 @@ async def test_disk_limit_named_in_setup_error(tmp_path: Path) -> None:
         )
     finally:
         await limited.delete("box")
+
+
+@pytest.mark.parametrize(
+    ("cut", "shown", "dropped"), [(3, "ab", 4), (4, "ab", 4), (5, "ab€", 1)]
+)
+def test_cut_inside_a_character_drops_it_whole(
+    cut: int, shown: str, dropped: int
+) -> None:
+    """A cut inside a multi-byte character drops that character's first
+    bytes too, and counts them, instead of showing U+FFFD."""
+    data = "ab€x".encode()  # 6 bytes; the euro sign is bytes 2 to 4
+    text, counted = _captured(bytearray(data[:cut]), len(data) - cut)
+    assert text == f"{shown}\n[output truncated: {dropped} bytes dropped]"
+    assert counted == dropped
