@@ -164,7 +164,7 @@ class Stack:
         self.server_restart_at = None
         try:
             # NOTE: this blocks the supervisor, and so a stop request, until
-            # the server answers or its start times out (60 s).
+            # the server responds or its start times out (60 s).
             asyncio.run(server.start())
         except EmbeddedServerError as error:
             self.server_failures += 1

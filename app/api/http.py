@@ -768,7 +768,7 @@ def _key_dependency(gate: Gate, group: str) -> Any:
             )
         # Routes that serve a caller's own records (subscriptions) read it.
         request.state.principal = admitted
-        # A stream outlives this check, so it asks again while it runs.
+        # A stream outlives this check, so it checks the key again while it runs.
         request.state.key_is_active = functools.partial(gate.key_is_active, request)
         arguments = {**request.path_params, **request.query_params}
         outcome, error = "success", None

@@ -150,7 +150,7 @@ BACKEND_ERROR = "SandboxBackendFailure"
 INTERRUPTED_ERROR = "SandboxCallInterrupted"
 # A call that a stop or delete of its sandbox ended or turned away.
 ENDED_ERROR = "SandboxEnded"
-# A backend call that got no answer within its timeout.
+# A backend call that got no response within its timeout.
 TIMED_OUT_ERROR = "SandboxCallTimedOut"
 
 

@@ -117,7 +117,7 @@ def _create_engine(url: str) -> Engine:
 
 
 # Seconds a PostgreSQL connection may take to open. libpq waits forever by
-# default, so a host that accepts connections and never answers would hang
+# default, so a host that accepts connections and never responds would hang
 # every command instead of giving the one-line unreachable-database error.
 CONNECT_TIMEOUT_SECONDS = 10
 

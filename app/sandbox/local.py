@@ -14,6 +14,7 @@ workflow then recreates it.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -991,7 +992,7 @@ class LocalBackend(SandboxBackend):
                     connection, timeout + _REPLY_MARGIN, received
                 )
             except TimeoutError:
-                # A pid that came before the runner stopped answering shows
+                # A pid received before the runner stopped responding shows
                 # that the program started, so the call must not run again.
                 replies, hung = _reply_lines(received, complete_only=True), True
             finally:
@@ -1012,12 +1013,13 @@ class LocalBackend(SandboxBackend):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(started_pid, signal.SIGKILL)
             if hung:
-                # A runner that does not answer (stopped with SIGSTOP, say)
-                # is treated as dead, as a killed one is: ending it closes
-                # the pipes it holds, even those of a request it never took,
-                # and the next call finds the sandbox lost and recreates it.
+                # A runner that does not respond (stopped with SIGSTOP, for
+                # example) is treated as dead, as a killed one is. Ending it
+                # closes the pipes it holds, even those of a request it never
+                # took, and the next call finds the sandbox lost and
+                # recreates it.
                 logger.warning(
-                    "runner of sandbox %s did not answer within %g s; ending it",
+                    "runner of sandbox %s did not respond within %g s; ending it",
                     backend_id,
                     timeout + _REPLY_MARGIN,
                 )
@@ -1026,7 +1028,7 @@ class LocalBackend(SandboxBackend):
                 for reader in readers:
                     reader.cancel()
                 raise SandboxLostError(
-                    f"sandbox {backend_id} is lost: its runner did not answer "
+                    f"sandbox {backend_id} is lost: its runner did not respond "
                     f"within {timeout + _REPLY_MARGIN:g} s and was ended"
                 )
             if not hung and started_pid is None and reply is None:
@@ -1041,7 +1043,7 @@ class LocalBackend(SandboxBackend):
             (out, out_dropped), (err, err_dropped) = outputs
             if hung:
                 err += (
-                    f"\n[sandbox runner did not answer within "
+                    f"\n[sandbox runner did not respond within "
                     f"{timeout + _REPLY_MARGIN:g} s and was ended; the next call "
                     "recreates the sandbox]"
                 )
@@ -1769,13 +1771,11 @@ def _captured(kept: bytearray, dropped: int) -> tuple[str, int]:
 
 def _utf8_complete_end(data: bytes | bytearray) -> int:
     """Return the length of `data` without a UTF-8 sequence cut at its end."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:  # a continuation byte: look further back
-            continue
-        needed = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
-        return len(data) - back if needed > back else len(data)
-    return len(data)
+    # The incremental decoder keeps an incomplete last sequence buffered.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data, final=False)
+    pending, _ = decoder.getstate()
+    return len(data) - len(pending)
 
 
 def _process_start(pid: int) -> str:
@@ -1799,9 +1799,11 @@ def _process_alive(pid: int, start: str) -> bool:
 
 
 def _reply_lines(data: bytes | bytearray, complete_only: bool = False) -> list[dict]:
-    """The JSON objects of the runner's reply lines in `data`; with
-    `complete_only`, a last line without its newline (still arriving) is
-    left out."""
+    """Parse the runner's reply lines in `data` and return the JSON objects.
+
+    With `complete_only`, a last line without its newline is left out,
+    because it may still be arriving.
+    """
     chunks = bytes(data).split(b"\n")
     if complete_only:
         chunks = chunks[:-1]

@@ -248,7 +248,8 @@ def install_command(
         command += ["--cache", "/tmp/nexus-npm-cache", "--install-links"]
         # npm writes its debug log under the cache, in the installer's
         # private /tmp, which is gone before anyone could read the path
-        # that its error names. With no log, the error says none was kept.
+        # that its error names. With no log, the error states that none
+        # was written.
         command += ["--logs-max", "0"]
         # No lifecycle scripts (preinstall, install, postinstall): they are
         # the packages' own code, and the installer has the network.

@@ -97,9 +97,9 @@ def _without_nul(field: str, value: str) -> str:
     return value
 
 
-# The most bytes, encoded as JSON, of an input that the sandbox's spec keeps
-# (env vars, packages, commands, metadata). Sealing makes an env var value
-# about a third larger, and the spec as a whole has SPEC_LIMIT bytes.
+# The maximum size in bytes, encoded as JSON, of an input that the sandbox's
+# spec keeps (env vars, packages, commands, metadata). Sealing makes an env
+# var value about a third larger, and the spec as a whole has SPEC_LIMIT bytes.
 _SPEC_FIELD_LIMIT = SPEC_LIMIT // 4
 # Env vars get more, so that one value at Linux's limit for an environment
 # string (131072 bytes) fails with that limit's own error.

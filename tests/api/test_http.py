@@ -679,25 +679,37 @@ async def test_realtime_stream_ends_on_revoke(
     assert rejected.status_code == 401
 
 
-async def test_api_keys_masked_in_audit_and_unknown_query_rejected(
-    api_server: ApiServer, key_factory
-) -> None:
-    """A platform key pasted into any argument is stored masked, and the
-    stream route rejects a query parameter it does not declare, without
-    storing its value."""
+async def test_audit_masks_pasted_api_keys(api_server: ApiServer, key_factory) -> None:
+    """A platform key pasted into any argument is stored masked, with its id."""
     url = api_server.settings.effective_database_url
-    token, key_id = key_factory("masked-reader")
+    token, _ = key_factory("masked-reader")
     pasted, pasted_id = key_factory("masked-pasted")
+
     response = await post(
         api_server, "/api/tools/audit_log", {"limit": 1, "user_id": pasted}, token
     )
     assert response.status_code == 200, response.text
+
+    await audit_events(api_server, limit=1)
+    rows = list_calls(url, user_id="key:masked-reader", tool="audit_log")
+    stored = json.dumps([row.arguments for row in rows])
+    assert pasted not in stored
+    assert pasted.split("_", 2)[2] not in stored
+    assert f"nxk_{pasted_id}_********" in stored
+
+
+async def test_stream_rejects_unknown_query(api_server: ApiServer, key_factory) -> None:
+    """The stream route rejects a query parameter it does not declare, and
+    neither the response nor the audit log contains its value."""
+    url = api_server.settings.effective_database_url
+    token, key_id = key_factory("unknown-query")
+    pasted, _ = key_factory("unknown-query-pasted")
     created = await post(
         api_server, "/api/tools/realtime_subscribe", {"table": "audit_log"}, token
     )
     assert created.status_code == 200, created.text
-    subscription_id = created.json()["subscription_id"]
-    path = f"/realtime/v1/subscriptions/{subscription_id}/stream"
+    path = f"/realtime/v1/subscriptions/{created.json()['subscription_id']}/stream"
+
     async with httpx.AsyncClient(base_url=api_server.base_url, timeout=30) as http:
         unknown = await http.get(
             path,
@@ -706,18 +718,15 @@ async def test_api_keys_masked_in_audit_and_unknown_query_rejected(
         )
     assert unknown.status_code == 422
     message = unknown.json()["error"]["message"]
-    assert "bearer" in message and "remove" in message
+    assert "bearer" in message
+    assert "remove" in message
     assert pasted not in unknown.text
+
     await audit_events(api_server, limit=1)
-    rows = list_calls(url, user_id="key:masked-reader")
-    stored = json.dumps([[row.arguments, row.error] for row in rows])
-    assert pasted not in stored
-    secret = pasted.split("_", 2)[2]
-    assert secret not in stored
-    assert f"nxk_{pasted_id}_********" in stored
-    by_tool = {row.tool: row for row in rows}
-    assert by_tool[path].outcome == "error"
-    assert by_tool[path].key_id == key_id
+    [row] = list_calls(url, user_id="key:unknown-query", tool=path)
+    assert row.outcome == "error"
+    assert row.key_id == key_id
+    assert pasted not in json.dumps([row.arguments, row.error])
 
 
 async def test_subscription_owned_by_key_id(api_server: ApiServer, key_factory) -> None:

@@ -318,7 +318,7 @@ def test_subscriptions_migrate_to_key_ids(empty_database_url: str) -> None:
 
 
 def test_silent_database_host_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A host that accepts connections and never answers gives the
+    """A host that accepts connections and never responds gives the
     unreachable-database error after the connect timeout, not a hang."""
     import socket
     import threading

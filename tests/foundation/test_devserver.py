@@ -72,9 +72,9 @@ async def test_other_folders_server_is_rejected(tmp_path: Path) -> None:
 
 
 async def test_second_server_on_one_history_is_rejected(tmp_path: Path) -> None:
-    """A server on other ports over a history that a server already uses
-    (`nexus server` beside `nexus up`) is refused before it starts; once the
-    first stops, the history is free again."""
+    """A second server on other ports over the same history (`nexus server`
+    beside `nexus up`) is rejected before it starts. Once the first server
+    stops, the history is free again."""
     first = EmbeddedTemporal(
         Settings(
             data_dir=tmp_path, temporal_port=free_port(), temporal_ui_port=free_port()

@@ -1439,7 +1439,7 @@ async def test_program_that_stops_its_runner_runs_once(tool_ctx: ToolContext) ->
         assert result["status"] == "timed_out"
         # Ending the runner also lets the program go on until it is killed.
         assert result["stdout"].startswith("before\n")
-        assert "did not answer" in result["stderr"]
+        assert "did not respond" in result["stderr"]
         # The next call finds the ended runner and recreates the sandbox.
         after = await call(
             tool_ctx, "sandbox_execute", sandbox_id=sandbox_id, code="print(2)"
@@ -1461,7 +1461,7 @@ async def test_call_timeout_is_timed_out(
     sandbox_id = created["sandbox_id"]
 
     async def hang(*args: object, **kwargs: object) -> object:
-        # A backend that never answers, so the activity reaches its timeout.
+        # A backend that never responds, so the activity reaches its timeout.
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
