@@ -742,40 +742,25 @@ async def _wait_ended(pids: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
-async def test_lost_check_ends_removed_folder_processes(
-    use_bwrap: bool, tmp_path: Path
+@pytest.mark.parametrize("ending", ["lost check", "delete"])
+async def test_removed_folder_processes_ended(
+    use_bwrap: bool, ending: str, tmp_path: Path
 ) -> None:
     """A sandbox whose folder, state file included, was removed from outside
-    is lost, and the lost check of another worker process's backend ends its
-    anchor, bubblewrap and runner."""
+    is lost. The lost check or the delete of another worker process's backend
+    ends its anchor, bubblewrap and runner."""
     creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
     other = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
     await creator.create("box", template="base", timeout=300, env={}, metadata={})
     processes = _sandbox_processes(creator, "box")
     try:
         shutil.rmtree(tmp_path / "sandboxes" / "box")
-        with pytest.raises(SandboxLostError, match="state file is missing"):
-            await other.run(
-                "box", ["true"], env={}, cwd=None, timeout=30, output_limit=65536
-            )
-        assert await _wait_ended(processes) == []
-        await other.delete("box")
-    finally:
-        for pid in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.mark.parametrize("use_bwrap", ISOLATION_MODES)
-async def test_delete_ends_removed_folder_processes(
-    use_bwrap: bool, tmp_path: Path
-) -> None:
-    creator = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
-    other = LocalBackend(tmp_path / "sandboxes", use_bwrap=use_bwrap)
-    await creator.create("box", template="base", timeout=300, env={}, metadata={})
-    processes = _sandbox_processes(creator, "box")
-    try:
-        shutil.rmtree(tmp_path / "sandboxes" / "box")
+        if ending == "lost check":
+            with pytest.raises(SandboxLostError, match="state file is missing"):
+                await other.run(
+                    "box", ["true"], env={}, cwd=None, timeout=30, output_limit=65536
+                )
+            assert await _wait_ended(processes) == []
         await other.delete("box")
         assert await _wait_ended(processes) == []
     finally:
